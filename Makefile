@@ -1,0 +1,168 @@
+# lora-merge — build, test, bench, install.  `make V=1` shows the commands.
+# The user's CFLAGS are added to ours, never replace them.  BUILD= picks the build directory.
+CC ?= cc
+CFLAGS ?= -O2 -g
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKG_CONFIG ?= pkg-config
+BUILD ?= build
+Q = $(if $(V),,@)
+
+# Debian packages the build and the tests need (installed by `make deps` when missing)
+DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev
+DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
+
+PKGS = libcjson openblas libzip
+LM_CPPFLAGS = -Iinclude -Isrc -Ikernels -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
+              $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
+LM_CFLAGS = -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
+            -fopenmp -ffp-contract=off -fvisibility=hidden -pthread
+LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -fopenmp -lm -pthread
+
+SRCS = $(sort $(wildcard src/*.c) $(wildcard kernels/*.c))
+OBJS = $(SRCS:%.c=$(BUILD)/%.o)
+LIB = $(BUILD)/liblora_merge.a
+BIN = $(BUILD)/lora-merge
+CLI_OBJS = $(BUILD)/src/cli/main.o
+TEST_SRCS = $(sort $(wildcard tests/*.c))
+TEST_OBJS = $(TEST_SRCS:%.c=$(BUILD)/%.o)
+UNIT = $(BUILD)/tests/unit
+FUZZ_SRCS = $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_REPLAY = $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/fuzz/%-replay)
+BENCH_BINS = $(patsubst bench/%.c,$(BUILD)/bench/%,$(sort $(wildcard bench/*.c)))
+
+# vector flags for the SIMD kernel files only
+$(BUILD)/kernels/%_avx2.o: LM_VEC = -mavx2 -mf16c -mfma
+$(BUILD)/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx512vl -mavx512dq -mf16c -mfma
+
+.PHONY: all deps lib check test unit-test fuzz-replay fuzz fuzz-smoke asan demo bench \
+        bench-kernels install uninstall clean
+
+all: deps-quiet $(BIN)
+
+lib: $(LIB)
+
+# Install missing Debian packages (needs root, as on a fresh CI machine).
+deps:
+	$(Q)missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	opt=""; for p in $(DEB_PKGS_OPTIONAL); do dpkg -s $$p >/dev/null 2>&1 || opt="$$opt $$p"; done; \
+	if [ -n "$$missing$$opt" ]; then \
+	  echo "deps: installing$$missing$$opt"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "deps: not root: install$$missing$$opt yourself" >&2; \
+	     [ -z "$$missing" ] || exit 1; \
+	  else \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q $$missing $$opt >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q $$missing $$opt >/dev/null; } || \
+	      { [ -z "$$missing" ] || { echo "deps: apt-get failed for$$missing" >&2; exit 1; }; }; \
+	  fi; \
+	fi
+
+deps-quiet:
+	$(Q)$(MAKE) --no-print-directory deps
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(@D)
+	$(Q)$(CC) $(CPPFLAGS) $(LM_CPPFLAGS) $(LM_CFLAGS) $(LM_VEC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(LIB): $(OBJS)
+	$(Q)rm -f $@
+	$(Q)ar rcs $@ $^
+
+$(BIN): $(CLI_OBJS) $(LIB)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
+	@echo "built $@"
+
+$(UNIT): $(TEST_OBJS) $(LIB)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ -lcriterion $(LM_LDLIBS)
+
+# fuzz targets replayed over their corpus by a plain main() (no clang needed)
+$(BUILD)/fuzz/%-replay: $(BUILD)/tests/fuzz/%.o $(BUILD)/tests/fuzz/replay_main.o $(LIB)
+	@mkdir -p $(@D)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
+
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
+	@mkdir -p $(@D)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
+
+# fast tier: unit tests, conformance, fixtures
+check: all $(UNIT)
+	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
+
+unit-test: all $(UNIT)
+	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
+
+fuzz-replay: all $(FUZZ_REPLAY)
+	$(Q)for f in $(FUZZ_REPLAY); do n=$$(basename $$f -replay); $$f tests/fuzz/corpus/$$n || exit 1; done
+
+# everything: sanitizer build, fuzz corpus replay and smoke, then the unit suite last
+# (its summary line is the last thing printed)
+test: all $(UNIT)
+	$(Q)$(MAKE) --no-print-directory fuzz-replay
+	$(Q)$(MAKE) --no-print-directory asan
+	$(Q)$(MAKE) --no-print-directory fuzz-smoke
+	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
+
+asan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan \
+	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
+	  LDFLAGS="-fsanitize=address,undefined" build-asan/lora-merge build-asan/tests/unit $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%)
+	$(Q)for f in $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%); do n=$$(basename $$f -replay); \
+	  ASAN_OPTIONS=detect_leaks=1 $$f tests/fuzz/corpus/$$n >/dev/null || exit 1; done
+	@echo "asan: unit tests under AddressSanitizer+UBSan"
+	$(Q)ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LM_BIN=build-asan/lora-merge LM_ASAN=1 \
+	  build-asan/tests/unit --jobs 2 >build-asan/unit.log 2>&1 || { tail -50 build-asan/unit.log; exit 1; }
+	@tail -1 build-asan/unit.log
+
+# libFuzzer (clang): `make fuzz` runs each target FUZZ_SECONDS (default 60); fuzz-smoke ~30 s total
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined
+FUZZ_LIB_SRCS = $(SRCS)
+fuzz-bin:
+	$(Q)mkdir -p $(BUILD)/libfuzzer
+	$(Q)for t in $(FUZZ_SRCS); do n=$$(basename $$t .c); \
+	  $(FUZZ_CC) $(FUZZ_FLAGS) $(LM_CPPFLAGS) -std=c11 -fopenmp -ffp-contract=off -Wno-unused-command-line-argument \
+	    -o $(BUILD)/libfuzzer/$$n $$t $(FUZZ_LIB_SRCS) $(LM_LDLIBS) || exit 1; done
+
+fuzz: fuzz-bin
+	$(Q)for t in $(FUZZ_SRCS); do n=$$(basename $$t .c); mkdir -p $(BUILD)/libfuzzer/corpus-$$n; \
+	  $(BUILD)/libfuzzer/$$n -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+	    $(BUILD)/libfuzzer/corpus-$$n tests/fuzz/corpus/$$n || exit 1; done
+
+fuzz-smoke:
+	$(Q)if command -v $(FUZZ_CC) >/dev/null 2>&1; then \
+	  n=$$(ls $(FUZZ_SRCS) | wc -l); s=$$((30 / (n > 0 ? n : 1))); [ $$s -ge 5 ] || s=5; \
+	  $(MAKE) --no-print-directory fuzz-bin && \
+	  $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$$s 2>&1 | grep -E "^#[0-9]+ *DONE|ERROR|SUMMARY|Done" ; \
+	  test $${PIPESTATUS[0]:-0} -eq 0; \
+	else echo "fuzz-smoke: SKIPPED (no $(FUZZ_CC); install clang to run it)"; fi
+
+demo: all $(BUILD)/bench/gen_model
+	$(Q)sh bench/demo.sh $(BUILD)
+
+bench: all $(BENCH_BINS)
+	$(Q)sh bench/run_bench.sh $(BUILD) $(BENCH)
+
+bench-kernels: all $(BUILD)/bench/bench_kernels
+	$(Q)$(BUILD)/bench/bench_kernels
+
+install: all
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 755 $(BIN) $(DESTDIR)$(BINDIR)/lora-merge
+	install -m 644 $(LIB) $(DESTDIR)$(LIBDIR)/liblora_merge.a
+	install -m 644 include/lora_merge.h $(DESTDIR)$(INCLUDEDIR)/lora_merge.h
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+	    -e 's|@VERSION@|$(shell sed -n 's/.*LM_VERSION_STRING "\(.*\)"/\1/p' include/lora_merge.h)|' \
+	    lora_merge.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/lora_merge.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/lora-merge $(DESTDIR)$(LIBDIR)/liblora_merge.a \
+	      $(DESTDIR)$(INCLUDEDIR)/lora_merge.h $(DESTDIR)$(LIBDIR)/pkgconfig/lora_merge.pc
+
+clean:
+	rm -rf build build-asan
+
+-include $(OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(CLI_OBJS:.o=.d)

@@ -1,0 +1,164 @@
+/* lora_merge.h : the public API of lora-merge, a library that folds PEFT adapters (LoRA and
+ * relatives) into a base model's weights and writes a merged safetensors checkpoint.
+ *
+ * Ways to use it:
+ *   - read safetensors files strictly:   lm_st_open() / lm_st_open_buffer(), lm_st_tensor() ...
+ *   - read a model (file, sharded index or directory):   lm_model_open()
+ *   - merge:   lm_merge_run() with an lm_merge_job (what the command-line tool does)
+ *
+ * safetensors byte layout (what the reader checks):
+ *   [8 bytes: N, little-endian u64][N bytes: UTF-8 JSON object, may be padded with spaces][data]
+ *   The JSON maps tensor names to {"dtype": D, "shape": [u64...], "data_offsets": [begin, end]}
+ *   (offsets relative to the start of data) and may hold "__metadata__": {string: string}.
+ *   Tensors must cover the data exactly: no gaps, no overlaps, no trailing bytes.
+ *
+ * Conventions: opaque types come in open/close or create/free pairs; close/free accept NULL.  A
+ * function that can fail returns lm_code (or NULL) and takes `lm_err *err` last; err may be NULL.
+ * The library never prints, exits or aborts on bad input. */
+#ifndef LORA_MERGE_H
+#define LORA_MERGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) && __GNUC__ >= 4
+#define LM_API __attribute__((visibility("default")))
+#else
+#define LM_API
+#endif
+
+#define LM_VERSION_MAJOR 0
+#define LM_VERSION_MINOR 1
+#define LM_VERSION_PATCH 0
+#define LM_VERSION_STRING "0.1.0"
+
+/* ---------------------------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------------------------- */
+typedef enum {
+    LM_OK = 0,
+    LM_E_IO,          /* open/read/write/rename failed; sys_errno is set */
+    LM_E_NOMEM,
+    LM_E_FORMAT,      /* malformed safetensors, JSON, zip or pickle */
+    LM_E_UNSUPPORTED, /* well-formed but refused: unmergeable peft_type, unknown dtype */
+    LM_E_MISMATCH,    /* names, shapes or dtypes do not line up */
+    LM_E_USAGE,       /* bad options */
+    LM_E_INTERRUPTED, /* a signal asked the job to stop */
+    /* append only, never renumber */
+} lm_code;
+
+typedef struct lm_err {
+    lm_code code;
+    int sys_errno;   /* 0 unless an OS call failed */
+    uint64_t offset; /* byte offset in path, or UINT64_MAX */
+    char kind[40];   /* stable short name: "HeaderTooLarge", "DuplicateKey", "ShapeMismatch" ... */
+    char path[512];  /* file being read or written, "" if none */
+    char tensor[256];/* tensor or module name, "" if none */
+    char msg[320];   /* one line, no newline, no trailing period */
+} lm_err;
+
+/*! lm_err_clear() : resets *err to "no error" (offset = UINT64_MAX).  NULL is a no-op. */
+LM_API void lm_err_clear(lm_err *err);
+/*! lm_code_name() : stable name of a code ("IoError", "InvalidFormat" ...); static storage. */
+LM_API const char *lm_code_name(lm_code code);
+/*! lm_err_format() : one line "error: <path>: <Kind>: '<tensor>': <msg> (at byte N)", empty
+ *  parts left out, into buf (always NUL-terminated when cap > 0).  @return the length written. */
+LM_API size_t lm_err_format(const lm_err *err, char *buf, size_t cap);
+
+/* ---------------------------------------------------------------------------------------------
+ * Data types of the safetensors format
+ * ------------------------------------------------------------------------------------------- */
+typedef enum {
+    LM_DT_BOOL = 0,
+    LM_DT_U8, LM_DT_I8, LM_DT_I16, LM_DT_U16, LM_DT_I32, LM_DT_U32, LM_DT_I64, LM_DT_U64,
+    LM_DT_F16, LM_DT_BF16, LM_DT_F32, LM_DT_F64, LM_DT_C64,
+    LM_DT_F8_E4M3, LM_DT_F8_E5M2, LM_DT_F8_E8M0, LM_DT_F8_E4M3FNUZ, LM_DT_F8_E5M2FNUZ,
+    LM_DT_F4, LM_DT_F6_E2M3, LM_DT_F6_E3M2,
+    LM_DT_COUNT
+} lm_dtype;
+
+/*! lm_dtype_name() : the format's spelling ("BF16"); "?" for an invalid value. */
+LM_API const char *lm_dtype_name(lm_dtype dt);
+/*! lm_dtype_bits() : bits per element (4 for F4, 6 for F6_*, 16 for BF16 ...). */
+LM_API unsigned lm_dtype_bits(lm_dtype dt);
+/*! lm_dtype_parse() : name (n_bytes long, not necessarily NUL-terminated) -> dtype.
+ *  @return 1 if known, 0 otherwise. */
+LM_API int lm_dtype_parse(const char *name, size_t n_bytes, lm_dtype *out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Reading safetensors files
+ * ------------------------------------------------------------------------------------------- */
+typedef struct lm_st_file lm_st_file;
+
+typedef struct lm_tensor_info {
+    const char *name;      /* NUL-terminated, UTF-8; owned by the file */
+    lm_dtype dtype;
+    size_t n_dims;
+    const uint64_t *shape; /* n_dims entries; owned by the file */
+    uint64_t n_elems;      /* product of shape (1 for a scalar) */
+    uint64_t begin, end;   /* byte range relative to the start of the data section */
+} lm_tensor_info;
+
+/*! lm_st_open() :
+ *  Opens path read-only, maps it, parses and validates the header strictly.
+ *  @return the file, or NULL with *err filled (err->kind names the problem, err->path = path).
+ *  Ownership: close with lm_st_close(); tensor infos and data pointers stay valid until then. */
+LM_API lm_st_file *lm_st_open(const char *path, lm_err *err);
+/*! lm_st_open_buffer() : the same checks on bytes in memory.  name is used in errors.
+ *  Ownership: buf is borrowed and must outlive the returned file. */
+LM_API lm_st_file *lm_st_open_buffer(const void *buf, size_t n_bytes, const char *name,
+                                     lm_err *err);
+LM_API void lm_st_close(lm_st_file *f);
+
+LM_API const char *lm_st_path(const lm_st_file *f);
+LM_API size_t lm_st_n_tensors(const lm_st_file *f);
+/*! lm_st_tensor() : i-th tensor in header order (i < lm_st_n_tensors()). */
+LM_API const lm_tensor_info *lm_st_tensor(const lm_st_file *f, size_t i);
+/*! lm_st_find() : tensor by exact name, or NULL. *index receives its position when not NULL. */
+LM_API const lm_tensor_info *lm_st_find(const lm_st_file *f, const char *name, size_t *index);
+LM_API size_t lm_st_n_metadata(const lm_st_file *f);
+/*! lm_st_metadata() : i-th "__metadata__" entry in header order; pointers owned by the file. */
+LM_API void lm_st_metadata(const lm_st_file *f, size_t i, const char **key, const char **value);
+/*! lm_st_data() : start of the data section (read-only mapping); tensor bytes are at
+ *  lm_st_data(f) + info->begin.  lm_st_data_offset() is its offset in the file (8 + N). */
+LM_API const uint8_t *lm_st_data(const lm_st_file *f);
+LM_API uint64_t lm_st_data_offset(const lm_st_file *f);
+LM_API uint64_t lm_st_data_bytes(const lm_st_file *f);
+/*! lm_st_fd() : the open file descriptor (-1 for a buffer). */
+LM_API int lm_st_fd(const lm_st_file *f);
+
+/* ---------------------------------------------------------------------------------------------
+ * Models: a single file, a sharded checkpoint (model.safetensors.index.json) or a directory
+ * ------------------------------------------------------------------------------------------- */
+typedef struct lm_model lm_model;
+
+typedef struct lm_model_tensor {
+    const lm_tensor_info *info; /* owned by the shard file */
+    size_t file;                /* index of the shard: lm_model_file(m, file) */
+} lm_model_tensor;
+
+/*! lm_model_open() :
+ *  path is a .safetensors file, a model.safetensors.index.json, or a directory holding
+ *  model.safetensors or model.safetensors.index.json.  Every referenced shard is opened and
+ *  checked; the index must route every tensor to the shard that holds it.
+ *  Ownership: close with lm_model_close(). */
+LM_API lm_model *lm_model_open(const char *path, lm_err *err);
+LM_API void lm_model_close(lm_model *m);
+LM_API size_t lm_model_n_files(const lm_model *m);
+LM_API const lm_st_file *lm_model_file(const lm_model *m, size_t i);
+/*! lm_model_n_tensors() / lm_model_tensor() : all tensors, shard by shard, header order. */
+LM_API size_t lm_model_n_tensors(const lm_model *m);
+LM_API const lm_model_tensor *lm_model_tensor(const lm_model *m, size_t i);
+/*! lm_model_find() : tensor by name, or NULL (*index receives its position if not NULL). */
+LM_API const lm_model_tensor *lm_model_find(const lm_model *m, const char *name, size_t *index);
+/*! lm_model_index_path() : the index file when the model is sharded, else NULL. */
+LM_API const char *lm_model_index_path(const lm_model *m);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,119 @@
+/* lm_error.c : recording and formatting lm_err (see lm_error.h). */
+#include "lm_error.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+static void copy_field(char *dst, size_t cap, const char *src)
+{
+    if (dst[0] != '\0' || src == NULL)
+        return;
+    snprintf(dst, cap, "%s", src);
+}
+
+void lm_err_clear(lm_err *err)
+{
+    if (err == NULL)
+        return;
+    memset(err, 0, sizeof *err);
+    err->offset = UINT64_MAX;
+}
+
+const char *lm_code_name(lm_code code)
+{
+    switch (code) {
+    case LM_OK: return "OK";
+    case LM_E_IO: return "IoError";
+    case LM_E_NOMEM: return "OutOfMemory";
+    case LM_E_FORMAT: return "InvalidFormat";
+    case LM_E_UNSUPPORTED: return "Unsupported";
+    case LM_E_MISMATCH: return "Mismatch";
+    case LM_E_USAGE: return "Usage";
+    case LM_E_INTERRUPTED: return "Interrupted";
+    }
+    return "Unknown";
+}
+
+static void vfail(lm_err *err, lm_code code, const char *kind, const char *fmt, va_list ap)
+{
+    if (err == NULL || err->code != LM_OK)
+        return;
+    err->code = code;
+    snprintf(err->kind, sizeof err->kind, "%s", kind != NULL ? kind : lm_code_name(code));
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    /* one line: no newline may survive (file names and tensor names come from input) */
+    for (char *p = err->msg; *p; p++)
+        if (*p == '\n' || *p == '\r')
+            *p = ' ';
+}
+
+lm_code lm_fail(lm_err *err, lm_code code, const char *kind, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(err, code, kind, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+lm_code lm_fail_errno(lm_err *err, int errnum, const char *fmt, ...)
+{
+    if (err == NULL || err->code != LM_OK)
+        return errnum == ENOMEM ? LM_E_NOMEM : LM_E_IO;
+    lm_code code = errnum == ENOMEM ? LM_E_NOMEM : LM_E_IO;
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(err, code, NULL, fmt, ap);
+    va_end(ap);
+    err->sys_errno = errnum;
+    size_t n = strlen(err->msg);
+    snprintf(err->msg + n, sizeof err->msg - n, ": %s", strerror(errnum));
+    return code;
+}
+
+void lm_err_set_path(lm_err *err, const char *path)
+{
+    if (err != NULL)
+        copy_field(err->path, sizeof err->path, path);
+}
+
+void lm_err_set_tensor(lm_err *err, const char *tensor)
+{
+    if (err != NULL)
+        copy_field(err->tensor, sizeof err->tensor, tensor);
+}
+
+void lm_err_set_offset(lm_err *err, uint64_t offset)
+{
+    if (err != NULL && err->offset == UINT64_MAX)
+        err->offset = offset;
+}
+
+/* error: <path>: <Kind>: tensor '<name>': <msg> (at byte N) */
+size_t lm_err_format(const lm_err *err, char *buf, size_t cap)
+{
+    if (cap == 0)
+        return 0;
+    int n = snprintf(buf, cap, "error: ");
+    size_t used = n > 0 ? (size_t)n : 0;
+#define APPEND(...)                                                                                \
+    do {                                                                                           \
+        if (used < cap) {                                                                          \
+            int k_ = snprintf(buf + used, cap - used, __VA_ARGS__);                                \
+            if (k_ > 0)                                                                            \
+                used += (size_t)k_;                                                                \
+        }                                                                                          \
+    } while (0)
+    if (err->path[0])
+        APPEND("%s: ", err->path);
+    APPEND("%s: ", err->kind[0] ? err->kind : lm_code_name(err->code));
+    if (err->tensor[0])
+        APPEND("'%s': ", err->tensor);
+    APPEND("%s", err->msg[0] ? err->msg : "unknown error");
+    if (err->offset != UINT64_MAX)
+        APPEND(" (at byte %llu)", (unsigned long long)err->offset);
+#undef APPEND
+    return used < cap ? used : cap - 1;
+}

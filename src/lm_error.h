@@ -1,0 +1,26 @@
+/* lm_error.h : the one error type of lora-merge.
+ * An lm_err carries a code, a stable kind name (e.g. "HeaderTooLarge"), the file, the tensor or
+ * module, a byte offset and a one-line message.  The first, most specific cause wins: lm_fail()
+ * writes only while err->code == LM_OK, and callers on the way up fill only empty fields. */
+#ifndef LM_ERROR_H
+#define LM_ERROR_H
+
+#include "lora_merge.h"
+
+/*! lm_fail() :
+ *  Records (code, kind, message) in *err if nothing was recorded yet.  kind may be NULL (a
+ *  default is derived from code).  @return code, so callers can `return lm_fail(...)`.
+ *  err may be NULL (then nothing is recorded). */
+lm_code lm_fail(lm_err *err, lm_code code, const char *kind, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/*! lm_fail_errno() : as lm_fail(), with sys_errno = errnum and ": strerror(errnum)" appended. */
+lm_code lm_fail_errno(lm_err *err, int errnum, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Fill context fields if they are still empty (no-op on NULL err or NULL value). */
+void lm_err_set_path(lm_err *err, const char *path);
+void lm_err_set_tensor(lm_err *err, const char *tensor);
+void lm_err_set_offset(lm_err *err, uint64_t offset);
+
+#endif

@@ -1,0 +1,44 @@
+/* tensor_set.h : a named set of tensors held in memory or borrowed from a mapping.
+ * Adapter weights come as a tensor set, whether they were read from adapter_model.safetensors
+ * (data borrowed from the file mapping) or from adapter_model.bin (data copied out of the
+ * archive, made contiguous and little-endian).  The set owns its names and any copied data. */
+#ifndef LM_TENSOR_SET_H
+#define LM_TENSOR_SET_H
+
+#include "lora_merge.h"
+
+#define LM_TS_MAX_DIMS 8
+
+typedef struct lm_ts_tensor {
+    char *name;        /* owned */
+    lm_dtype dtype;
+    size_t n_dims;
+    uint64_t shape[LM_TS_MAX_DIMS];
+    uint64_t n_elems;
+    uint64_t n_bytes;  /* n_elems * bits / 8 */
+    const void *data;  /* contiguous, row-major, little-endian; owned or borrowed (see set) */
+} lm_ts_tensor;
+
+typedef struct lm_tensor_set {
+    size_t n, cap;
+    lm_ts_tensor *t;     /* owned array */
+    void **owned;        /* data blocks freed with the set */
+    size_t n_owned, cap_owned;
+    lm_st_file *st;      /* when the data is borrowed from a safetensors file: closed with the set */
+    char *source_path;   /* owned: the file the tensors came from */
+} lm_tensor_set;
+
+/*! lm_ts_create() : an empty set. @return NULL on allocation failure. */
+lm_tensor_set *lm_ts_create(const char *source_path);
+void lm_ts_free(lm_tensor_set *ts);
+
+/*! lm_ts_add() : appends a tensor.  name is copied.  If take_ownership, data (from malloc) is
+ *  freed with the set, else it is borrowed and must outlive the set.  n_dims <= LM_TS_MAX_DIMS.
+ *  Fails with a "DuplicateKey" error if the name exists already. */
+lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_dims,
+                  const uint64_t *shape, const void *data, int take_ownership, lm_err *err);
+
+/*! lm_ts_find() : by exact name, or NULL. (linear scan: adapters hold at most a few thousand) */
+const lm_ts_tensor *lm_ts_find(const lm_tensor_set *ts, const char *name);
+
+#endif
