@@ -1,5 +1,6 @@
 # lora-merge — build, test, bench, install.  `make V=1` shows the commands.
 # The user's CFLAGS are added to ours, never replace them.  BUILD= picks the build directory.
+SHELL := /bin/bash
 CC ?= cc
 CFLAGS ?= -O2 -g
 PREFIX ?= /usr/local

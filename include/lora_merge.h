@@ -136,10 +136,10 @@ LM_API int lm_st_fd(const lm_st_file *f);
  * ------------------------------------------------------------------------------------------- */
 typedef struct lm_model lm_model;
 
-typedef struct lm_model_tensor {
+typedef struct lm_model_entry {
     const lm_tensor_info *info; /* owned by the shard file */
     size_t file;                /* index of the shard: lm_model_file(m, file) */
-} lm_model_tensor;
+} lm_model_entry;
 
 /*! lm_model_open() :
  *  path is a .safetensors file, a model.safetensors.index.json, or a directory holding
@@ -152,9 +152,9 @@ LM_API size_t lm_model_n_files(const lm_model *m);
 LM_API const lm_st_file *lm_model_file(const lm_model *m, size_t i);
 /*! lm_model_n_tensors() / lm_model_tensor() : all tensors, shard by shard, header order. */
 LM_API size_t lm_model_n_tensors(const lm_model *m);
-LM_API const lm_model_tensor *lm_model_tensor(const lm_model *m, size_t i);
+LM_API const lm_model_entry *lm_model_tensor(const lm_model *m, size_t i);
 /*! lm_model_find() : tensor by name, or NULL (*index receives its position if not NULL). */
-LM_API const lm_model_tensor *lm_model_find(const lm_model *m, const char *name, size_t *index);
+LM_API const lm_model_entry *lm_model_find(const lm_model *m, const char *name, size_t *index);
 /*! lm_model_index_path() : the index file when the model is sharded, else NULL. */
 LM_API const char *lm_model_index_path(const lm_model *m);
 

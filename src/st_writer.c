@@ -1,0 +1,402 @@
+/* st_writer.c : safetensors writer with a precomputed header, temp file and rename
+ * (see st_writer.h).  Also the signal-time cleanup of temporary files. */
+#include "st_writer.h"
+
+#include "compat.h"
+#include "lm_error.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+struct lm_st_writer {
+    char *out_path;
+    char *tmp_path;
+    int fd;
+    int cleanup_slot;
+    size_t n;
+    uint64_t *offsets;  /* absolute */
+    uint64_t *n_bytes;
+    uint64_t file_bytes;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* signal-time cleanup                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+#define LM_CLEANUP_SLOTS 8
+static char g_cleanup_paths[LM_CLEANUP_SLOTS][PATH_MAX];
+static volatile sig_atomic_t g_cleanup_used[LM_CLEANUP_SLOTS];
+
+static void cleanup_on_signal(int sig)
+{
+    for (int i = 0; i < LM_CLEANUP_SLOTS; i++)
+        if (g_cleanup_used[i])
+            unlink(g_cleanup_paths[i]); /* async-signal-safe */
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void lm_cleanup_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = cleanup_on_signal;
+    sigemptyset(&sa.sa_mask);
+    int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT};
+    for (size_t i = 0; i < LM_ARRAY_LEN(sigs); i++)
+        sigaction(sigs[i], &sa, NULL);
+    signal(SIGXFSZ, SIG_IGN);
+}
+
+int lm_cleanup_register(const char *path)
+{
+    for (int i = 0; i < LM_CLEANUP_SLOTS; i++) {
+        if (!g_cleanup_used[i]) {
+            snprintf(g_cleanup_paths[i], sizeof g_cleanup_paths[i], "%s", path);
+            g_cleanup_used[i] = 1;
+            return i;
+        }
+    }
+    return -1;
+}
+
+void lm_cleanup_unregister(int slot)
+{
+    if (slot >= 0 && slot < LM_CLEANUP_SLOTS)
+        g_cleanup_used[slot] = 0;
+}
+
+int lm_same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (stat(a, &sa) != 0 || stat(b, &sb) != 0)
+        return 0;
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* header                                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+size_t lm_json_escape(char *buf, size_t used, size_t cap, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        char tmp[7];
+        size_t k;
+        if (*p == '"' || *p == '\\') {
+            tmp[0] = '\\';
+            tmp[1] = (char)*p;
+            k = 2;
+        } else if (*p < 0x20) {
+            tmp[0] = '\\';
+            tmp[1] = 'u';
+            tmp[2] = '0';
+            tmp[3] = '0';
+            tmp[4] = hex[*p >> 4];
+            tmp[5] = hex[*p & 15];
+            k = 6;
+        } else {
+            tmp[0] = (char)*p;
+            k = 1;
+        }
+        if (used + k >= cap)
+            return (size_t)-1;
+        memcpy(buf + used, tmp, k);
+        used += k;
+    }
+    buf[used] = '\0';
+    return used;
+}
+
+typedef struct {
+    char *buf;
+    size_t used, cap;
+    int oom;
+} strbuf;
+
+static void sb_reserve(strbuf *sb, size_t extra)
+{
+    if (sb->oom || sb->used + extra + 1 <= sb->cap)
+        return;
+    size_t cap = sb->cap ? sb->cap : 4096;
+    while (cap < sb->used + extra + 1)
+        cap *= 2;
+    char *p = realloc(sb->buf, cap);
+    if (p == NULL) {
+        sb->oom = 1;
+        return;
+    }
+    sb->buf = p;
+    sb->cap = cap;
+}
+
+static void sb_puts(strbuf *sb, const char *s)
+{
+    size_t k = strlen(s);
+    sb_reserve(sb, k);
+    if (sb->oom)
+        return;
+    memcpy(sb->buf + sb->used, s, k + 1);
+    sb->used += k;
+}
+
+static void sb_str(strbuf *sb, const char *s)
+{
+    sb_reserve(sb, strlen(s) * 6 + 2);
+    if (sb->oom)
+        return;
+    sb->buf[sb->used++] = '"';
+    sb->used = lm_json_escape(sb->buf, sb->used, sb->cap, s);
+    sb->buf[sb->used++] = '"';
+    sb->buf[sb->used] = '\0';
+}
+
+static void sb_u64(strbuf *sb, uint64_t v)
+{
+    char tmp[32];
+    snprintf(tmp, sizeof tmp, "%llu", (unsigned long long)v);
+    sb_puts(sb, tmp);
+}
+
+static lm_code tensor_bytes(const lm_out_tensor *t, uint64_t *out, lm_err *err)
+{
+    uint64_t n = 1, bits;
+    for (size_t d = 0; d < t->n_dims; d++)
+        if (lm_mul_overflow_u64(n, t->shape[d], &n))
+            return lm_fail(err, LM_E_FORMAT, "ValidationOverflow", "tensor '%s': shape overflows", t->name);
+    if (lm_mul_overflow_u64(n, lm_dtype_bits(t->dtype), &bits) || bits % 8 != 0)
+        return lm_fail(err, LM_E_FORMAT, "MisalignedSlice", "tensor '%s': size is not whole bytes", t->name);
+    *out = bits / 8;
+    return LM_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* open / write / commit                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+static void writer_free(lm_st_writer *w)
+{
+    if (w == NULL)
+        return;
+    if (w->fd >= 0)
+        close(w->fd);
+    lm_cleanup_unregister(w->cleanup_slot);
+    free(w->out_path);
+    free(w->tmp_path);
+    free(w->offsets);
+    free(w->n_bytes);
+    free(w);
+}
+
+void lm_st_writer_abort(lm_st_writer *w)
+{
+    if (w == NULL)
+        return;
+    if (w->tmp_path != NULL)
+        unlink(w->tmp_path);
+    writer_free(w);
+}
+
+static char *temp_name_for(const char *out_path)
+{
+    const char *slash = strrchr(out_path, '/');
+    size_t dir_len = slash ? (size_t)(slash - out_path + 1) : 0;
+    const char *base = slash ? slash + 1 : out_path;
+    size_t cap = strlen(out_path) + 32;
+    char *t = malloc(cap);
+    if (t != NULL)
+        snprintf(t, cap, "%.*s.%s.lm-tmp-XXXXXX", (int)dir_len, out_path, base);
+    return t;
+}
+
+lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tensors, size_t n,
+                                const size_t *data_order, const char *const *meta_keys,
+                                const char *const *meta_values, size_t n_meta, lm_err *err)
+{
+    lm_st_writer *w = calloc(1, sizeof *w);
+    strbuf sb = {0};
+    if (w == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    w->fd = -1;
+    w->cleanup_slot = -1;
+    w->n = n;
+    w->out_path = strdup(out_path);
+    w->offsets = calloc(n ? n : 1, sizeof *w->offsets);
+    w->n_bytes = calloc(n ? n : 1, sizeof *w->n_bytes);
+    if (w->out_path == NULL || w->offsets == NULL || w->n_bytes == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    /* relative offsets in data order */
+    uint64_t pos = 0;
+    for (size_t k = 0; k < n; k++) {
+        size_t i = data_order ? data_order[k] : k;
+        if (tensor_bytes(&tensors[i], &w->n_bytes[i], err) != LM_OK)
+            goto fail;
+        w->offsets[i] = pos;
+        if (lm_add_overflow_u64(pos, w->n_bytes[i], &pos)) {
+            lm_fail(err, LM_E_FORMAT, "ValidationOverflow", "output size overflows");
+            goto fail;
+        }
+    }
+    /* header JSON */
+    sb_puts(&sb, "{");
+    if (n_meta > 0) {
+        sb_puts(&sb, "\"__metadata__\":{");
+        for (size_t m = 0; m < n_meta; m++) {
+            if (m)
+                sb_puts(&sb, ",");
+            sb_str(&sb, meta_keys[m]);
+            sb_puts(&sb, ":");
+            sb_str(&sb, meta_values[m]);
+        }
+        sb_puts(&sb, "}");
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (i || n_meta)
+            sb_puts(&sb, ",");
+        sb_str(&sb, tensors[i].name);
+        sb_puts(&sb, ":{\"dtype\":\"");
+        sb_puts(&sb, lm_dtype_name(tensors[i].dtype));
+        sb_puts(&sb, "\",\"shape\":[");
+        for (size_t d = 0; d < tensors[i].n_dims; d++) {
+            if (d)
+                sb_puts(&sb, ",");
+            sb_u64(&sb, tensors[i].shape[d]);
+        }
+        sb_puts(&sb, "],\"data_offsets\":[");
+        sb_u64(&sb, w->offsets[i]);
+        sb_puts(&sb, ",");
+        sb_u64(&sb, w->offsets[i] + w->n_bytes[i]);
+        sb_puts(&sb, "]}");
+    }
+    sb_puts(&sb, "}");
+    while (!sb.oom && sb.used % 8 != 0)
+        sb_puts(&sb, " ");
+    if (sb.oom) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory building the header");
+        goto fail;
+    }
+    uint64_t header_len = sb.used;
+    for (size_t i = 0; i < n; i++)
+        w->offsets[i] += 8 + header_len;
+    w->file_bytes = 8 + header_len + pos;
+
+    /* temporary file beside the destination */
+    w->tmp_path = temp_name_for(out_path);
+    if (w->tmp_path == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    w->fd = mkostemp(w->tmp_path, O_CLOEXEC);
+    if (w->fd < 0) {
+        int e = errno;
+        free(w->tmp_path);
+        w->tmp_path = NULL;
+        lm_fail_errno(err, e, "cannot create the output file in its directory");
+        lm_err_set_path(err, out_path);
+        goto fail;
+    }
+    w->cleanup_slot = lm_cleanup_register(w->tmp_path);
+    /* reserve the space now so a full disk is found before the work starts */
+    if (w->file_bytes > 0) {
+        int rc = posix_fallocate(w->fd, 0, (off_t)w->file_bytes);
+        if (rc == EOPNOTSUPP || rc == EINVAL) {
+            if (ftruncate(w->fd, (off_t)w->file_bytes) != 0)
+                rc = errno;
+            else
+                rc = 0;
+        }
+        if (rc != 0) {
+            lm_fail_errno(err, rc, "cannot reserve %llu bytes for the output",
+                          (unsigned long long)w->file_bytes);
+            lm_err_set_path(err, out_path);
+            goto fail;
+        }
+    }
+    uint8_t len8[8];
+    lm_store_le64(len8, header_len);
+    if (lm_st_writer_pwrite(w, len8, 8, 0, err) != LM_OK ||
+        lm_st_writer_pwrite(w, sb.buf, sb.used, 8, err) != LM_OK)
+        goto fail;
+    free(sb.buf);
+    return w;
+fail:
+    free(sb.buf);
+    lm_st_writer_abort(w);
+    return NULL;
+}
+
+uint64_t lm_st_writer_tensor_offset(const lm_st_writer *w, size_t i) { return w->offsets[i]; }
+uint64_t lm_st_writer_tensor_bytes(const lm_st_writer *w, size_t i) { return w->n_bytes[i]; }
+uint64_t lm_st_writer_file_bytes(const lm_st_writer *w) { return w->file_bytes; }
+int lm_st_writer_fd(const lm_st_writer *w) { return w->fd; }
+const char *lm_st_writer_temp_path(const lm_st_writer *w) { return w->tmp_path; }
+
+lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
+                            lm_err *err)
+{
+    const uint8_t *p = buf;
+    while (n_bytes > 0) {
+        size_t chunk = n_bytes > ((size_t)1 << 30) ? ((size_t)1 << 30) : n_bytes;
+        ssize_t k = pwrite(w->fd, p, chunk, (off_t)offset);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            lm_fail_errno(err, e, "write failed at byte %llu", (unsigned long long)offset);
+            lm_err_set_path(err, w->out_path);
+            return LM_E_IO;
+        }
+        if (k == 0) {
+            lm_fail(err, LM_E_IO, NULL, "write made no progress at byte %llu", (unsigned long long)offset);
+            lm_err_set_path(err, w->out_path);
+            return LM_E_IO;
+        }
+        p += k;
+        n_bytes -= (size_t)k;
+        offset += (uint64_t)k;
+    }
+    return LM_OK;
+}
+
+lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
+{
+    /* the temp file was created 0600; give it the permissions a new file would get */
+    mode_t mask = umask(0);
+    umask(mask);
+    if (fchmod(w->fd, 0666 & ~mask) != 0 || (do_fsync && fsync(w->fd) != 0)) {
+        int e = errno;
+        lm_fail_errno(err, e, "cannot finish the output file");
+        lm_err_set_path(err, w->out_path);
+        lm_st_writer_abort(w);
+        return LM_E_IO;
+    }
+    if (close(w->fd) != 0) {
+        int e = errno;
+        w->fd = -1;
+        lm_fail_errno(err, e, "cannot close the output file");
+        lm_err_set_path(err, w->out_path);
+        lm_st_writer_abort(w);
+        return LM_E_IO;
+    }
+    w->fd = -1;
+    if (rename(w->tmp_path, w->out_path) != 0) {
+        int e = errno;
+        lm_fail_errno(err, e, "cannot rename the temporary file into place");
+        lm_err_set_path(err, w->out_path);
+        lm_st_writer_abort(w);
+        return LM_E_IO;
+    }
+    free(w->tmp_path);
+    w->tmp_path = NULL;
+    writer_free(w);
+    return LM_OK;
+}

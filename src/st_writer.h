@@ -1,0 +1,67 @@
+/* st_writer.h : writes a safetensors file whose header is known up front.
+ * The header (names, dtypes, shapes, offsets, metadata; padded with spaces to a multiple of 8)
+ * is computed and written first, so tensor data can then go to fixed offsets in any order,
+ * from any thread (pwrite).  Data goes to a temporary file beside the destination, which is
+ * renamed over it by lm_st_writer_commit() only when complete; lm_st_writer_abort() (and every
+ * failure) removes the temporary file.  Does not check that the destination differs from the
+ * inputs: the caller does that before opening (lm_same_file()). */
+#ifndef LM_ST_WRITER_H
+#define LM_ST_WRITER_H
+
+#include "lora_merge.h"
+
+typedef struct lm_out_tensor {
+    const char *name;      /* borrowed until lm_st_writer_open() returns */
+    lm_dtype dtype;
+    size_t n_dims;
+    const uint64_t *shape; /* borrowed until lm_st_writer_open() returns */
+} lm_out_tensor;
+
+typedef struct lm_st_writer lm_st_writer;
+
+/*! lm_st_writer_open() :
+ *  Creates the temporary file beside out_path, writes the header and reserves the file size.
+ *  Tensors appear in the header in the order given; their data is laid out in data_order
+ *  (a permutation of 0..n-1), or in the given order when data_order is NULL.
+ *  @return the writer, or NULL with *err filled (err->path names the file or directory).
+ *  Ownership: finish with lm_st_writer_commit() or lm_st_writer_abort(), which free it. */
+lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tensors, size_t n,
+                                const size_t *data_order, const char *const *meta_keys,
+                                const char *const *meta_values, size_t n_meta, lm_err *err);
+
+/*! lm_st_writer_tensor_offset() : absolute file offset of tensor i's data. */
+uint64_t lm_st_writer_tensor_offset(const lm_st_writer *w, size_t i);
+uint64_t lm_st_writer_tensor_bytes(const lm_st_writer *w, size_t i);
+uint64_t lm_st_writer_file_bytes(const lm_st_writer *w);
+int lm_st_writer_fd(const lm_st_writer *w);
+const char *lm_st_writer_temp_path(const lm_st_writer *w);
+
+/*! lm_st_writer_pwrite() : writes n_bytes at absolute offset (thread-safe; retries short
+ *  writes; EFBIG, ENOSPC ... become an error naming the output file). */
+lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
+                            lm_err *err);
+
+/*! lm_st_writer_commit() : optionally fsyncs, closes and renames the temporary file over
+ *  out_path; frees w.  On failure the temporary file is removed. */
+lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err);
+/*! lm_st_writer_abort() : removes the temporary file and frees w.  NULL is a no-op. */
+void lm_st_writer_abort(lm_st_writer *w);
+
+/*! lm_json_escape() : appends s as a JSON string body (no quotes) to buf; @return new length,
+ *  or (size_t)-1 if cap is too small. */
+size_t lm_json_escape(char *buf, size_t used, size_t cap, const char *s);
+
+/* ---- temporary-file cleanup on signals ----------------------------------------------------
+ * The one piece of process-wide state: a signal handler can only see globals.  The writer
+ * registers its temporary file here; lm_cleanup_install() (called by the CLI) makes SIGINT,
+ * SIGTERM, SIGHUP and SIGPIPE remove registered files before the default action, and ignores
+ * SIGXFSZ so that a file-size limit becomes an EFBIG error instead of killing the process. */
+void lm_cleanup_install(void);
+int lm_cleanup_register(const char *path);  /* @return slot, or -1 if full */
+void lm_cleanup_unregister(int slot);
+
+/*! lm_same_file() : 1 if a and b name the same existing file (device and inode, links
+ *  followed), 0 otherwise. */
+int lm_same_file(const char *a, const char *b);
+
+#endif
