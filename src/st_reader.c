@@ -1,0 +1,730 @@
+/* st_reader.c : strict safetensors reader: length, JSON header, validation, read-only mapping.
+ * Every check runs before a file is handed out, so users of lm_st_* never see a tensor whose
+ * bytes are not all inside the data section.  Error kinds follow the conformance manifests in
+ * ../shared/fixtures/safetensors (HeaderTooSmall ... IncompleteDataCoverage).
+ * Does not read tensor data, and does not touch pages of the mapping beyond the header. */
+#include "st_reader.h"
+
+#include "compat.h"
+#include "lm_error.h"
+#include "st_json.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdalign.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ---- name set --------------------------------------------------------------------------- */
+
+uint32_t st_hash_name(const char *s)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+int st_strmap_init(st_strmap *m, size_t n_max)
+{
+    m->slots = NULL;
+    m->cap = 0;
+    if (n_max >= UINT32_MAX / 2)
+        return -1;
+    size_t cap = 16;
+    while (cap < n_max * 2)
+        cap *= 2;
+    m->slots = calloc(cap, sizeof *m->slots);
+    if (m->slots == NULL)
+        return -1;
+    m->cap = cap;
+    return 0;
+}
+
+void st_strmap_free(st_strmap *m)
+{
+    free(m->slots);
+    m->slots = NULL;
+    m->cap = 0;
+}
+
+size_t st_strmap_find(const st_strmap *m, const char *name, st_key_of_fn key_of, const void *ctx)
+{
+    if (m->cap == 0)
+        return SIZE_MAX;
+    size_t h = st_hash_name(name) & (m->cap - 1);
+    while (m->slots[h] != 0) {
+        const size_t idx = m->slots[h] - 1;
+        if (strcmp(key_of(ctx, idx), name) == 0)
+            return idx;
+        h = (h + 1) & (m->cap - 1);
+    }
+    return SIZE_MAX;
+}
+
+size_t st_strmap_insert(st_strmap *m, const char *name, size_t index, st_key_of_fn key_of,
+                        const void *ctx)
+{
+    size_t h = st_hash_name(name) & (m->cap - 1);
+    while (m->slots[h] != 0) {
+        const size_t idx = m->slots[h] - 1;
+        if (strcmp(key_of(ctx, idx), name) == 0)
+            return idx;
+        h = (h + 1) & (m->cap - 1);
+    }
+    m->slots[h] = (uint32_t)(index + 1);
+    return SIZE_MAX;
+}
+
+/* ---- the file object --------------------------------------------------------------------- */
+
+/* Names, shapes and metadata strings live in a chain of chunks freed together: one allocation
+ * per few thousand tensors instead of two per tensor. */
+typedef struct st_chunk {
+    struct st_chunk *next;
+    size_t used, cap;
+    alignas(8) unsigned char data[];
+} st_chunk;
+
+struct lm_st_file {
+    char *path;                /* owned: the path, or the name given to lm_st_open_buffer */
+    int fd;                    /* -1 for a buffer */
+    void *map;                 /* owned mapping (munmap), NULL for buffers and short files */
+    size_t map_bytes;
+    const uint8_t *bytes;      /* whole file: map, or the borrowed buffer */
+    uint64_t n_bytes;
+    uint64_t data_offset;      /* 8 + N */
+    uint64_t data_bytes;
+    size_t n_tensors;
+    lm_tensor_info *tensors;   /* owned, header order */
+    size_t n_meta;
+    const char **meta;         /* owned array of 2 * n_meta pointers into chunks: key, value */
+    st_strmap names;
+    st_chunk *chunks;          /* owned */
+};
+
+static void *chunk_alloc(lm_st_file *f, size_t n_bytes)
+{
+    n_bytes = (n_bytes + 7) & ~(size_t)7;
+    st_chunk *c = f->chunks;
+    if (c == NULL || c->cap - c->used < n_bytes) {
+        size_t cap = c ? c->cap * 2 : 4096;
+        if (cap > ((size_t)1 << 20))
+            cap = (size_t)1 << 20;
+        if (cap < n_bytes)
+            cap = n_bytes;
+        st_chunk *nc = malloc(sizeof *nc + cap);
+        if (nc == NULL)
+            return NULL;
+        nc->next = c;
+        nc->used = 0;
+        nc->cap = cap;
+        f->chunks = nc;
+        c = nc;
+    }
+    void *p = c->data + c->used;
+    c->used += n_bytes;
+    return p;
+}
+
+static char *chunk_strdup(lm_st_file *f, const char *s, size_t n)
+{
+    char *p = chunk_alloc(f, n + 1);
+    if (p != NULL) {
+        memcpy(p, s, n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
+static const char *tensor_name_of(const void *ctx, size_t i)
+{
+    return ((const lm_st_file *)ctx)->tensors[i].name;
+}
+
+void lm_st_close(lm_st_file *f)
+{
+    if (f == NULL)
+        return;
+    if (f->map != NULL)
+        munmap(f->map, f->map_bytes);
+    if (f->fd >= 0)
+        close(f->fd);
+    st_chunk *c = f->chunks;
+    while (c != NULL) {
+        st_chunk *next = c->next;
+        free(c);
+        c = next;
+    }
+    st_strmap_free(&f->names);
+    free(f->tensors);
+    free(f->meta);
+    free(f->path);
+    free(f);
+}
+
+static lm_st_file *file_new(const char *path, lm_err *err)
+{
+    lm_st_file *f = calloc(1, sizeof *f);
+    if (f == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    f->fd = -1;
+    f->path = strdup(path != NULL ? path : "");
+    if (f->path == NULL) {
+        free(f);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    return f;
+}
+
+/* ---- validation ------------------------------------------------------------------------- */
+
+#define NAME_FMT "%.160s" /* names are quoted in messages, cut to keep room for the rest */
+
+typedef struct {
+    lm_st_file *f;
+    const st_json_doc *doc;
+    lm_err *err;
+} st_ctx;
+
+static uint64_t at(const st_ctx *c, uint32_t pos)
+{
+    return 8 + (uint64_t)pos;
+}
+
+/* fail with kind and tensor context; offset = file position of the offending JSON value */
+static lm_code tfail(const st_ctx *c, lm_code code, const char *kind, const char *tensor,
+                     uint32_t pos, const char *fmt, const char *what)
+{
+    if (tensor != NULL)
+        lm_fail(c->err, code, kind, "tensor '" NAME_FMT "': %s%s", tensor, fmt, what ? what : "");
+    else
+        lm_fail(c->err, code, kind, "%s%s", fmt, what ? what : "");
+    lm_err_set_tensor(c->err, tensor);
+    lm_err_set_offset(c->err, at(c, pos));
+    return code;
+}
+
+static const char *type_name(uint8_t t)
+{
+    switch (t) {
+    case ST_JSON_NULL: return "null";
+    case ST_JSON_FALSE:
+    case ST_JSON_TRUE: return "a boolean";
+    case ST_JSON_NUMBER: return "a number";
+    case ST_JSON_STRING: return "a string";
+    case ST_JSON_ARRAY: return "an array";
+    case ST_JSON_OBJECT: return "an object";
+    }
+    return "?";
+}
+
+static int has_nul(const st_json_doc *d, const char *s, uint32_t n)
+{
+    (void)d;
+    return memchr(s, '\0', n) != NULL;
+}
+
+static lm_code check_metadata(st_ctx *c, const st_json_node *md)
+{
+    const st_json_doc *d = c->doc;
+    lm_st_file *f = c->f;
+    if (md->type != ST_JSON_OBJECT) {
+        lm_fail(c->err, LM_E_FORMAT, "InvalidMetadata", "__metadata__ is %s, not an object",
+                type_name(md->type));
+        lm_err_set_offset(c->err, at(c, md->pos));
+        return LM_E_FORMAT;
+    }
+    f->n_meta = md->n;
+    if (md->n > 0) {
+        f->meta = calloc(2 * (size_t)md->n, sizeof *f->meta);
+        if (f->meta == NULL)
+            return lm_fail(c->err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    size_t i = 0;
+    for (const st_json_node *m = st_json_child(d, md); m; m = st_json_next(d, m), i++) {
+        const char *key = st_json_key(d, m);
+        if (m->type != ST_JSON_STRING) {
+            lm_fail(c->err, LM_E_FORMAT, "InvalidFieldType",
+                    "__metadata__ '" NAME_FMT "': value is %s, not a string", key,
+                    type_name(m->type));
+            lm_err_set_offset(c->err, at(c, m->pos));
+            return LM_E_FORMAT;
+        }
+        if (has_nul(d, key, m->key_len) || has_nul(d, st_json_str(d, m), m->n)) {
+            lm_fail(c->err, LM_E_FORMAT, "InvalidMetadata",
+                    "__metadata__ '" NAME_FMT "': U+0000 in a key or value is not supported", key);
+            lm_err_set_offset(c->err, at(c, m->key_pos));
+            return LM_E_FORMAT;
+        }
+        const char *k = chunk_strdup(f, key, m->key_len);
+        const char *v = chunk_strdup(f, st_json_str(d, m), m->n);
+        if (k == NULL || v == NULL)
+            return lm_fail(c->err, LM_E_NOMEM, NULL, "out of memory");
+        f->meta[2 * i] = k;
+        f->meta[2 * i + 1] = v;
+    }
+    return LM_OK;
+}
+
+static const char *const KNOWN_FIELDS[] = {"dtype", "shape", "data_offsets"};
+
+static lm_code check_tensor(st_ctx *c, const st_json_node *desc, lm_tensor_info *t)
+{
+    const st_json_doc *d = c->doc;
+    lm_st_file *f = c->f;
+    const char *name = st_json_key(d, desc);
+    if (has_nul(d, name, desc->key_len))
+        return tfail(c, LM_E_FORMAT, "InvalidFieldType", name, desc->key_pos,
+                     "U+0000 in a tensor name is not supported", NULL);
+    if (desc->type != ST_JSON_OBJECT)
+        return tfail(c, LM_E_FORMAT, "InvalidFieldType", name, desc->pos,
+                     "descriptor is not an object but ", type_name(desc->type));
+
+    /* presence and JSON types of the three fields */
+    const st_json_node *fld[3];
+    for (int k = 0; k < 3; k++) {
+        fld[k] = st_json_get(d, desc, KNOWN_FIELDS[k], strlen(KNOWN_FIELDS[k]));
+        if (fld[k] == NULL)
+            return tfail(c, LM_E_FORMAT, "MissingField", name, desc->pos, "missing field ",
+                         KNOWN_FIELDS[k]);
+        const uint8_t want = k == 0 ? ST_JSON_STRING : ST_JSON_ARRAY;
+        if (fld[k]->type != want) {
+            char what[64];
+            snprintf(what, sizeof what, "%s is %s, not %s", KNOWN_FIELDS[k],
+                     type_name(fld[k]->type), type_name(want));
+            return tfail(c, LM_E_FORMAT, "InvalidFieldType", name, fld[k]->pos, what, NULL);
+        }
+    }
+    const st_json_node *dt = fld[0], *shape = fld[1], *offs = fld[2];
+
+    /* unknown fields are ignored, but must still be JSON (a lexed "01" there is not) */
+    for (const st_json_node *m = st_json_child(d, desc); m; m = st_json_next(d, m)) {
+        if (m == dt || m == shape || m == offs)
+            continue;
+        const st_json_node *bad = st_json_bad_number(d, m);
+        if (bad != NULL)
+            return tfail(c, LM_E_FORMAT, "InvalidJson", name, bad->pos,
+                         "invalid JSON number in field ", st_json_key(d, m));
+    }
+
+    if (!lm_dtype_parse(st_json_str(d, dt), dt->n, &t->dtype)) {
+        lm_fail(c->err, LM_E_UNSUPPORTED, "UnsupportedDType",
+                "tensor '" NAME_FMT "': unknown dtype '%.40s'", name, st_json_str(d, dt));
+        lm_err_set_tensor(c->err, name);
+        lm_err_set_offset(c->err, at(c, dt->pos));
+        return LM_E_UNSUPPORTED;
+    }
+
+    t->n_dims = shape->n;
+    uint64_t *dims = NULL;
+    if (shape->n > 0) {
+        dims = chunk_alloc(f, (size_t)shape->n * sizeof *dims);
+        if (dims == NULL)
+            return lm_fail(c->err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    size_t k = 0;
+    for (const st_json_node *e = st_json_child(d, shape); e; e = st_json_next(d, e), k++) {
+        const st_json_u64_status st = st_json_u64(d, e, &dims[k]);
+        if (st == ST_JSON_U64_OVERFLOW)
+            return tfail(c, LM_E_FORMAT, "ValidationOverflow", name, e->pos,
+                         "shape dimension does not fit in 64 bits", NULL);
+        if (st != ST_JSON_U64_OK)
+            return tfail(c, LM_E_FORMAT, "InvalidShape", name, e->pos,
+                         "shape entries must be non-negative integers written as plain digits",
+                         NULL);
+    }
+    t->shape = dims;
+
+    if (offs->n != 2) {
+        char what[64];
+        snprintf(what, sizeof what, "data_offsets has %u entries, not 2", (unsigned)offs->n);
+        return tfail(c, LM_E_FORMAT, "InvalidOffsets", name, offs->pos, what, NULL);
+    }
+    uint64_t be[2];
+    k = 0;
+    for (const st_json_node *e = st_json_child(d, offs); e; e = st_json_next(d, e), k++) {
+        const st_json_u64_status st = st_json_u64(d, e, &be[k]);
+        if (st == ST_JSON_U64_OVERFLOW)
+            return tfail(c, LM_E_FORMAT, "ValidationOverflow", name, e->pos,
+                         "data_offsets entry does not fit in 64 bits", NULL);
+        if (st != ST_JSON_U64_OK)
+            return tfail(c, LM_E_FORMAT, "InvalidOffsets", name, e->pos,
+                         "data_offsets entries must be non-negative integers written as plain "
+                         "digits",
+                         NULL);
+    }
+    t->begin = be[0];
+    t->end = be[1];
+
+    /* element count left to right with checked multiplies: [2^64-1, 0, 2^64-1] is 0 elements */
+    uint64_t n_elems = 1;
+    for (size_t i = 0; i < t->n_dims; i++)
+        if (lm_mul_overflow_u64(n_elems, dims[i], &n_elems))
+            return tfail(c, LM_E_FORMAT, "ValidationOverflow", name, shape->pos,
+                         "shape product overflows 64 bits", NULL);
+    t->n_elems = n_elems;
+    uint64_t n_bits;
+    if (lm_mul_overflow_u64(n_elems, lm_dtype_bits(t->dtype), &n_bits))
+        return tfail(c, LM_E_FORMAT, "ValidationOverflow", name, shape->pos,
+                     "size in bits overflows 64 bits", NULL);
+    if (n_bits % 8 != 0) {
+        lm_fail(c->err, LM_E_FORMAT, "MisalignedSlice",
+                "tensor '" NAME_FMT "': %llu elements of %s make %llu bits, not whole bytes",
+                name, (unsigned long long)n_elems, lm_dtype_name(t->dtype),
+                (unsigned long long)n_bits);
+        lm_err_set_tensor(c->err, name);
+        lm_err_set_offset(c->err, at(c, shape->pos));
+        return LM_E_FORMAT;
+    }
+    /* order as in the reference implementation: begin <= end, then the length, then the
+     * bounds, so a range of the wrong length is InvalidTensorSize even if it also runs past
+     * the data (rust's test_invalid_info) */
+    if (t->begin > t->end) {
+        lm_fail(c->err, LM_E_FORMAT, "InvalidOffsets",
+                "tensor '" NAME_FMT "': data_offsets [%llu, %llu]: begin after end", name,
+                (unsigned long long)t->begin, (unsigned long long)t->end);
+        lm_err_set_tensor(c->err, name);
+        lm_err_set_offset(c->err, at(c, offs->pos));
+        return LM_E_FORMAT;
+    }
+    if (t->end - t->begin != n_bits / 8) {
+        lm_fail(c->err, LM_E_FORMAT, "InvalidTensorSize",
+                "tensor '" NAME_FMT "': data_offsets [%llu, %llu] hold %llu bytes, %s x %llu "
+                "elements needs %llu",
+                name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                (unsigned long long)(t->end - t->begin), lm_dtype_name(t->dtype),
+                (unsigned long long)n_elems, (unsigned long long)(n_bits / 8));
+        lm_err_set_tensor(c->err, name);
+        lm_err_set_offset(c->err, at(c, offs->pos));
+        return LM_E_FORMAT;
+    }
+    if (t->end > f->data_bytes) {
+        lm_fail(c->err, LM_E_FORMAT, "InvalidOffsets",
+                "tensor '" NAME_FMT "': data_offsets [%llu, %llu]: end beyond the %llu-byte "
+                "data section",
+                name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                (unsigned long long)f->data_bytes);
+        lm_err_set_tensor(c->err, name);
+        lm_err_set_offset(c->err, at(c, offs->pos));
+        return LM_E_FORMAT;
+    }
+    t->name = chunk_strdup(f, name, desc->key_len);
+    if (t->name == NULL)
+        return lm_fail(c->err, LM_E_NOMEM, NULL, "out of memory");
+    return LM_OK;
+}
+
+typedef struct {
+    uint64_t begin, end;
+    size_t index;
+} st_range;
+
+static int range_cmp(const void *a, const void *b)
+{
+    const st_range *x = a, *y = b;
+    if (x->begin != y->begin)
+        return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end)
+        return x->end < y->end ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* Sorted by (begin, end), the ranges must tile [0, data_bytes): each begins where the previous
+ * one ended.  A zero-size tensor inside another one's range is an overlap, as in the reference
+ * implementation. */
+static lm_code check_coverage(st_ctx *c)
+{
+    lm_st_file *f = c->f;
+    st_range *r = NULL;
+    if (f->n_tensors > 0) {
+        r = malloc(f->n_tensors * sizeof *r);
+        if (r == NULL)
+            return lm_fail(c->err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    for (size_t i = 0; i < f->n_tensors; i++)
+        r[i] = (st_range){f->tensors[i].begin, f->tensors[i].end, i};
+    if (f->n_tensors > 1)
+        qsort(r, f->n_tensors, sizeof *r, range_cmp);
+    uint64_t pos = 0;
+    size_t prev = SIZE_MAX;
+    lm_code rc = LM_OK;
+    for (size_t i = 0; i < f->n_tensors && rc == LM_OK; i++) {
+        const lm_tensor_info *t = &f->tensors[r[i].index];
+        if (t->begin == pos) {
+            pos = t->end;
+            prev = r[i].index;
+            continue;
+        }
+        if (t->begin > pos) {
+            rc = lm_fail(c->err, LM_E_FORMAT, "IncompleteDataCoverage",
+                         "tensor '" NAME_FMT "': data_offsets [%llu, %llu] leave data bytes "
+                         "[%llu, %llu) covered by no tensor",
+                         t->name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                         (unsigned long long)pos, (unsigned long long)t->begin);
+            lm_err_set_offset(c->err, f->data_offset + pos);
+        } else {
+            rc = lm_fail(c->err, LM_E_FORMAT, "IncompleteDataCoverage",
+                         "tensor '" NAME_FMT "': data_offsets [%llu, %llu] overlap tensor '%.60s'"
+                         " (ends at %llu)",
+                         t->name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                         f->tensors[prev].name, (unsigned long long)pos);
+            lm_err_set_offset(c->err, f->data_offset + t->begin);
+        }
+        lm_err_set_tensor(c->err, t->name);
+    }
+    if (rc == LM_OK && pos != f->data_bytes) {
+        rc = lm_fail(c->err, LM_E_FORMAT, "IncompleteDataCoverage",
+                     "data section holds %llu bytes but tensors cover only the first %llu",
+                     (unsigned long long)f->data_bytes, (unsigned long long)pos);
+        lm_err_set_offset(c->err, f->data_offset + pos);
+    }
+    free(r);
+    return rc;
+}
+
+static lm_code json_status_fail(lm_err *err, const st_json_doc *doc)
+{
+    const char *kind = "InvalidJson";
+    lm_code code = LM_E_FORMAT;
+    switch (doc->status) {
+    case ST_JSON_E_UTF8: kind = "InvalidUtf8"; break;
+    case ST_JSON_E_DUPKEY: kind = "DuplicateKey"; break;
+    case ST_JSON_E_TRAILING: kind = "InvalidHeaderPadding"; break;
+    case ST_JSON_E_NOMEM: kind = NULL, code = LM_E_NOMEM; break;
+    default: break;
+    }
+    lm_fail(err, code, kind, "header: %s", doc->err_msg);
+    lm_err_set_offset(err, 8 + (uint64_t)doc->err_pos);
+    return code;
+}
+
+/* All checks on the whole file's bytes; fills f's tables.  The first failure wins. */
+static lm_code st_validate(lm_st_file *f, const uint8_t *bytes, uint64_t n_bytes, lm_err *err)
+{
+    f->bytes = bytes;
+    f->n_bytes = n_bytes;
+    if (n_bytes < 8) {
+        lm_fail(err, LM_E_FORMAT, "HeaderTooSmall",
+                "file is %llu bytes, shorter than the 8-byte header length",
+                (unsigned long long)n_bytes);
+        lm_err_set_offset(err, 0);
+        return LM_E_FORMAT;
+    }
+    const uint64_t n_hdr = lm_load_le64(bytes);
+    if (n_hdr > ST_MAX_HEADER_BYTES) {
+        lm_fail(err, LM_E_FORMAT, "HeaderTooLarge",
+                "header length %llu exceeds the limit of %u bytes", (unsigned long long)n_hdr,
+                ST_MAX_HEADER_BYTES);
+        lm_err_set_offset(err, 0);
+        return LM_E_FORMAT;
+    }
+    if (n_hdr > n_bytes - 8) {
+        lm_fail(err, LM_E_FORMAT, "InvalidHeaderLength",
+                "header length %llu exceeds the %llu bytes after the length field",
+                (unsigned long long)n_hdr, (unsigned long long)(n_bytes - 8));
+        lm_err_set_offset(err, 0);
+        return LM_E_FORMAT;
+    }
+    f->data_offset = 8 + n_hdr;
+    f->data_bytes = n_bytes - 8 - n_hdr;
+    const uint8_t *hdr = bytes + 8;
+    const size_t n = (size_t)n_hdr;
+
+    const size_t bad = st_json_utf8_check(hdr, n);
+    if (bad != n) {
+        lm_fail(err, LM_E_FORMAT, "InvalidUtf8", "header: invalid UTF-8 byte 0x%02x", hdr[bad]);
+        lm_err_set_offset(err, 8 + (uint64_t)bad);
+        return LM_E_FORMAT;
+    }
+    size_t first = 0;
+    while (first < n && (hdr[first] == ' ' || hdr[first] == '\t' || hdr[first] == '\n' ||
+                         hdr[first] == '\r'))
+        first++;
+    if (first == n || hdr[first] != '{') {
+        if (first == n)
+            lm_fail(err, LM_E_FORMAT, "InvalidHeaderStart", "header holds no JSON object");
+        else
+            lm_fail(err, LM_E_FORMAT, "InvalidHeaderStart",
+                    "header must start with '{', found byte 0x%02x", hdr[first]);
+        lm_err_set_offset(err, 8 + (uint64_t)first);
+        return LM_E_FORMAT;
+    }
+
+    st_json_doc doc;
+    lm_code rc = LM_OK;
+    if (st_json_parse(&doc, (const char *)hdr, n) != ST_JSON_OK) {
+        rc = json_status_fail(err, &doc);
+        goto done;
+    }
+    st_ctx c = {f, &doc, err};
+    const st_json_node *root = st_json_root(&doc);
+    const st_json_node *md = st_json_get(&doc, root, "__metadata__", 12);
+    f->n_tensors = root->n - (md != NULL);
+    if (f->n_tensors > 0) {
+        f->tensors = calloc(f->n_tensors, sizeof *f->tensors);
+        if (f->tensors == NULL || st_strmap_init(&f->names, f->n_tensors) != 0) {
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            goto done;
+        }
+    }
+    if (md != NULL && (rc = check_metadata(&c, md)) != LM_OK)
+        goto done;
+    size_t i = 0;
+    for (const st_json_node *m = st_json_child(&doc, root); m; m = st_json_next(&doc, m)) {
+        if (m == md)
+            continue;
+        if ((rc = check_tensor(&c, m, &f->tensors[i])) != LM_OK)
+            goto done;
+        /* the parser refused duplicate keys already; a hit here would be our bug */
+        const size_t dup = st_strmap_insert(&f->names, f->tensors[i].name, i, tensor_name_of, f);
+        if (dup != SIZE_MAX) {
+            rc = tfail(&c, LM_E_FORMAT, "DuplicateKey", f->tensors[i].name, m->key_pos,
+                       "duplicate tensor name", NULL);
+            goto done;
+        }
+        i++;
+    }
+    rc = check_coverage(&c);
+done:
+    st_json_free(&doc);
+    return rc;
+}
+
+/* ---- opening ------------------------------------------------------------------------------ */
+
+lm_st_file *lm_st_open_buffer(const void *buf, size_t n_bytes, const char *name, lm_err *err)
+{
+    lm_st_file *f = file_new(name, err);
+    if (f == NULL)
+        goto fail;
+    if (buf == NULL && n_bytes > 0) {
+        lm_fail(err, LM_E_USAGE, NULL, "NULL buffer of %zu bytes", n_bytes);
+        goto fail;
+    }
+    if (st_validate(f, buf != NULL ? buf : (const void *)"", n_bytes, err) != LM_OK)
+        goto fail;
+    return f;
+fail:
+    lm_err_set_path(err, name);
+    lm_st_close(f);
+    return NULL;
+}
+
+lm_st_file *lm_st_open(const char *path, lm_err *err)
+{
+    static const uint8_t no_bytes[8];
+    lm_st_file *f = file_new(path, err);
+    if (f == NULL)
+        goto fail;
+    f->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (f->fd < 0) {
+        lm_fail_errno(err, errno, "cannot open");
+        goto fail;
+    }
+    struct stat st;
+    if (fstat(f->fd, &st) != 0) {
+        lm_fail_errno(err, errno, "cannot stat");
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        lm_fail_errno(err, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "not a regular file");
+        goto fail;
+    }
+    const uint64_t n_bytes = (uint64_t)st.st_size;
+    if (n_bytes > SIZE_MAX) {
+        lm_fail_errno(err, EFBIG, "file of %llu bytes cannot be mapped",
+                      (unsigned long long)n_bytes);
+        goto fail;
+    }
+    if (n_bytes < 8) {
+        /* too short to hold the length: nothing to map (mmap of 0 bytes fails anyway) */
+        if (st_validate(f, no_bytes, n_bytes, err) != LM_OK)
+            goto fail;
+        return f;
+    }
+    f->map = mmap(NULL, (size_t)n_bytes, PROT_READ, MAP_SHARED, f->fd, 0);
+    if (f->map == MAP_FAILED) {
+        f->map = NULL;
+        lm_fail_errno(err, errno, "cannot map %llu bytes", (unsigned long long)n_bytes);
+        goto fail;
+    }
+    f->map_bytes = (size_t)n_bytes;
+    if (st_validate(f, f->map, n_bytes, err) != LM_OK)
+        goto fail;
+    return f;
+fail:
+    lm_err_set_path(err, path);
+    lm_st_close(f);
+    return NULL;
+}
+
+/* ---- accessors ---------------------------------------------------------------------------- */
+
+const char *lm_st_path(const lm_st_file *f)
+{
+    return f->path;
+}
+
+size_t lm_st_n_tensors(const lm_st_file *f)
+{
+    return f->n_tensors;
+}
+
+const lm_tensor_info *lm_st_tensor(const lm_st_file *f, size_t i)
+{
+    return i < f->n_tensors ? &f->tensors[i] : NULL;
+}
+
+const lm_tensor_info *lm_st_find(const lm_st_file *f, const char *name, size_t *index)
+{
+    if (name == NULL)
+        return NULL;
+    const size_t i = st_strmap_find(&f->names, name, tensor_name_of, f);
+    if (i == SIZE_MAX)
+        return NULL;
+    if (index != NULL)
+        *index = i;
+    return &f->tensors[i];
+}
+
+size_t lm_st_n_metadata(const lm_st_file *f)
+{
+    return f->n_meta;
+}
+
+void lm_st_metadata(const lm_st_file *f, size_t i, const char **key, const char **value)
+{
+    const int ok = i < f->n_meta;
+    if (key != NULL)
+        *key = ok ? f->meta[2 * i] : NULL;
+    if (value != NULL)
+        *value = ok ? f->meta[2 * i + 1] : NULL;
+}
+
+const uint8_t *lm_st_data(const lm_st_file *f)
+{
+    return f->bytes + f->data_offset;
+}
+
+uint64_t lm_st_data_offset(const lm_st_file *f)
+{
+    return f->data_offset;
+}
+
+uint64_t lm_st_data_bytes(const lm_st_file *f)
+{
+    return f->data_bytes;
+}
+
+int lm_st_fd(const lm_st_file *f)
+{
+    return f->fd;
+}

@@ -1,0 +1,47 @@
+/* st_reader.h : internal helpers shared by the safetensors reader (st_reader.c) and the model
+ * loader (st_index.c).  The public side is in lora_merge.h ("Reading safetensors files").
+ *
+ * Byte layout checked by the reader:
+ *   [8: N, u64 little-endian][N: UTF-8 JSON object, optional whitespace before and after][data]
+ *   N <= ST_MAX_HEADER_BYTES; every tensor's [begin, end) lies in data, has exactly the bytes its
+ *   dtype and shape need, and the ranges tile [0, data_bytes) with no gap or overlap. */
+#ifndef ST_READER_H
+#define ST_READER_H
+
+#include "lora_merge.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ST_MAX_HEADER_BYTES 100000000u
+
+/* An open-addressing set of names, each identified by an index into the owner's array.  The
+ * capacity is fixed at init for the expected count (never more than half full), so inserting
+ * never reallocates.  Names are looked up through key_of(ctx, index), so the table stores only
+ * 32-bit indices (4 bytes x 2 per name). */
+typedef const char *(*st_key_of_fn)(const void *ctx, size_t index);
+
+typedef struct st_strmap {
+    uint32_t *slots; /* owned: index + 1, 0 = empty */
+    size_t cap;      /* power of two */
+} st_strmap;
+
+uint32_t st_hash_name(const char *s);
+/*! st_strmap_init() : room for n_max names.  @return 0, or -1 when out of memory (or n_max
+ *  does not fit in 32 bits). */
+int st_strmap_init(st_strmap *m, size_t n_max);
+void st_strmap_free(st_strmap *m);
+/*! st_strmap_find() : @return the index of name, or SIZE_MAX. */
+size_t st_strmap_find(const st_strmap *m, const char *name, st_key_of_fn key_of, const void *ctx);
+/*! st_strmap_insert() : adds index under name unless the name is there already.
+ *  @return SIZE_MAX when added, else the index already holding that name. */
+size_t st_strmap_insert(st_strmap *m, const char *name, size_t index, st_key_of_fn key_of,
+                        const void *ctx);
+
+/*! st_tensor_bytes() : info->end - info->begin (validated equal to the dtype x shape size). */
+static inline uint64_t st_tensor_bytes(const lm_tensor_info *t)
+{
+    return t->end - t->begin;
+}
+
+#endif
