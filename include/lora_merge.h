@@ -158,6 +158,65 @@ LM_API const lm_model_entry *lm_model_find(const lm_model *m, const char *name, 
 /*! lm_model_index_path() : the index file when the model is sharded, else NULL. */
 LM_API const char *lm_model_index_path(const lm_model *m);
 
+
+/* ---------------------------------------------------------------------------------------------
+ * Merging
+ * ------------------------------------------------------------------------------------------- */
+typedef struct lm_merge_adapter {
+    const char *dir; /* PEFT adapter directory (or a multi-adapter save with one sub-folder) */
+    double weight;   /* multiplies the adapter's delta (1 = as trained; negative un-merges) */
+} lm_merge_adapter;
+
+typedef struct lm_merge_job {
+    const char *base_path;  /* .safetensors, model.safetensors.index.json or a model directory */
+    const char *out_path;   /* .safetensors file to write (through a temp file + rename) */
+    const lm_merge_adapter *adapters;
+    size_t n_adapters;
+    int n_threads;          /* <= 0: all cores; the output does not depend on it */
+    int dry_run;            /* plan and check everything, write nothing */
+    int do_fsync;           /* fsync the output before the rename */
+    const char *out_dtype;  /* NULL or "auto" (keep), "bf16", "f16", "f32" */
+    const char *kernels;    /* NULL (auto), "ref", "avx2", "avx512" */
+    /* progress: may be NULL; called from worker threads, one at a time */
+    void (*progress)(void *ctx, uint64_t done_bytes, uint64_t total_bytes);
+    void *progress_ctx;
+} lm_merge_job;
+
+typedef struct lm_merge_report {
+    size_t n_tensors;        /* tensors in the output */
+    size_t n_changed;        /* computed (merged, replaced, converted) */
+    size_t n_lowrank;        /* low-rank deltas applied */
+    size_t n_replaced;       /* base tensors replaced by adapter tensors */
+    size_t n_added;          /* tensors the adapters add */
+    uint64_t out_bytes;      /* size of the output file (0 on a dry run) */
+    double lowrank_gflop;    /* work of the low-rank products */
+    double seconds;          /* wall time of the whole job */
+    int n_threads;
+    const char *kernels;     /* kernel variant used ("avx2" ...) */
+    size_t n_notes;
+    const char *const *notes; /* one-line remarks: skipped modules, orientation guesses ... */
+    const char *plan_text;   /* one line per changed tensor: "name dtype shape <- ops" */
+    const char *json;        /* the whole report as a JSON object */
+} lm_merge_report;
+
+/*! lm_merge_run() :
+ *  Opens the base and the adapters, plans (every check), then writes the merged file.
+ *  @return LM_OK with *report filled (when report is not NULL), or an error with *err filled;
+ *  no output or temporary file is left behind on error.  An OUT that is the same file as an
+ *  input (by device and inode) is refused before anything is opened for writing.
+ *  Ownership: free *report with lm_merge_report_free(). */
+LM_API lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err);
+LM_API void lm_merge_report_free(lm_merge_report *report);
+
+/*! lm_adapter_describe() :
+ *  What an adapter directory is: type and variant, rank/alpha and patterns, scale per module
+ *  group, targets, tensor count and dtypes, and anything lora-merge would refuse.
+ *  @return LM_OK with *text (malloc'd, several lines) or an error.  Ownership: free(*text). */
+LM_API lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err);
+
+/*! lm_version_text() : "lora-merge 0.1.0 (kernels avx2, OpenBLAS ...)" (static storage). */
+LM_API const char *lm_version_text(void);
+
 #ifdef __cplusplus
 }
 #endif

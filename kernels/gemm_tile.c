@@ -1,0 +1,40 @@
+/* gemm_tile.c : see gemm_tile.h.  One single-threaded cblas_sgemm per tile with beta = 1, so
+ * the tile is updated in place; tile shapes never depend on the thread count, so neither do
+ * the results. */
+#include "gemm_tile.h"
+
+#include <cblas.h>
+#include <stdio.h>
+
+void lm_blas_single_thread(void)
+{
+    openblas_set_num_threads(1);
+}
+
+const char *lm_blas_name(void)
+{
+    static char buf[128];
+    if (buf[0] == '\0') {
+        const char *cfg = openblas_get_config();
+        snprintf(buf, sizeof buf, "OpenBLAS %s (%s)", cfg ? cfg : "?", openblas_get_corename());
+    }
+    return buf;
+}
+
+void lm_gemm_tile_nn(float *W, size_t rows, size_t cols, const float *B, const float *A, size_t r,
+                     float s)
+{
+    if (rows == 0 || cols == 0 || r == 0)
+        return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)rows, (blasint)cols, (blasint)r, s, B,
+                (blasint)r, A, (blasint)cols, 1.0f, W, (blasint)cols);
+}
+
+void lm_gemm_tile_tt(float *W, size_t rows, size_t cols, const float *A_col0, size_t lda,
+                     const float *B, size_t r, float s)
+{
+    if (rows == 0 || cols == 0 || r == 0)
+        return;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, (blasint)rows, (blasint)cols, (blasint)r, s, A_col0,
+                (blasint)lda, B, (blasint)r, 1.0f, W, (blasint)cols);
+}

@@ -1,0 +1,23 @@
+/* gemm_tile.h : the low-rank product of one row tile, through BLAS (sgemm, beta = 1).
+ * gemm_tile.c is the only file that includes cblas.h. */
+#ifndef LM_GEMM_TILE_H
+#define LM_GEMM_TILE_H
+
+#include <stddef.h>
+
+/* Process-wide: OpenBLAS's own threads off (lora-merge's OpenMP workers call it). */
+void lm_blas_single_thread(void);
+/* "OpenBLAS 0.3.21 ..." (static storage) */
+const char *lm_blas_name(void);
+
+/* W[rows, cols] += s * B[rows, r] @ A[r, cols]            (Linear, conv: W stored [out, in])
+ * B points at the tile's first row of B (ld r); A has leading dimension cols. */
+void lm_gemm_tile_nn(float *W, size_t rows, size_t cols, const float *B, const float *A, size_t r,
+                     float s);
+
+/* W[rows, cols] += s * (A[:, row0 : row0+rows])^T @ B^T  (Conv1D, Embedding: W stored [in, out])
+ * A_col0 = A + row0, A has leading dimension lda (= in); B is [cols, r]. */
+void lm_gemm_tile_tt(float *W, size_t rows, size_t cols, const float *A_col0, size_t lda,
+                     const float *B, size_t r, float s);
+
+#endif

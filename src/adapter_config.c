@@ -1,0 +1,494 @@
+/* adapter_config.c : adapter_config.json through cJSON (see adapter_config.h). */
+#include "adapter_config.h"
+
+#include "lm_error.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const PROMPT_TYPES[] = {
+    "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE",
+    "ADAPTION_PROMPT",
+};
+static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
+/* PEFT merges these; lora-merge does not implement them yet */
+static const char *const NOT_YET[] = {
+    "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "VBLORA", "FOURIERFT", "HRA", "MISS",
+    "BONE", "RANDLORA", "SHIRA", "C3A", "ROAD", "DELORA", "GRALORA", "HIRA", "BEFT", "LN_TUNING",
+    "TRAINABLE_TOKENS", "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
+    "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
+};
+
+static int in_list(const char *s, const char *const *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(s, list[i]) == 0)
+            return 1;
+    return 0;
+}
+
+int lm_peft_type_kind(const char *t, const char **why)
+{
+    if (strcmp(t, "LORA") == 0)
+        return 1;
+    if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
+        *why = "cannot be merged into weights (it adds virtual tokens or prompts, not weight deltas)";
+        return 0;
+    }
+    if (in_list(t, PEFT_REFUSES, sizeof PEFT_REFUSES / sizeof *PEFT_REFUSES)) {
+        *why = "cannot be merged into weights (PEFT itself does not merge it)";
+        return 0;
+    }
+    if (in_list(t, NOT_YET, sizeof NOT_YET / sizeof *NOT_YET)) {
+        *why = "is mergeable in PEFT but not supported by lora-merge yet";
+        return 0;
+    }
+    return -1;
+}
+
+static void str_list_free(lm_str_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+void lm_adapter_config_free(lm_adapter_config *c)
+{
+    if (c == NULL)
+        return;
+    free(c->path);
+    free(c->peft_type);
+    free(c->bias);
+    str_list_free(&c->rank_keys);
+    free(c->rank_vals);
+    str_list_free(&c->alpha_keys);
+    free(c->alpha_vals);
+    free(c->target_regex);
+    str_list_free(&c->target_list);
+    free(c->exclude_regex);
+    str_list_free(&c->exclude_list);
+    str_list_free(&c->modules_to_save);
+    free(c->layers_to_transform);
+    str_list_free(&c->layers_pattern);
+    for (size_t i = 0; i < c->tt_modules.n; i++)
+        free(c->tt_indices[i]);
+    free(c->tt_indices);
+    free(c->tt_n);
+    str_list_free(&c->tt_modules);
+    free(c->init_lora_weights);
+    free(c);
+}
+
+static const cJSON *field(const cJSON *root, const char *name)
+{
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(root, name);
+    return (f == NULL || cJSON_IsNull(f)) ? NULL : f;
+}
+
+static lm_code get_bool(const cJSON *root, const char *name, int *out, lm_err *err)
+{
+    const cJSON *f = field(root, name);
+    if (f == NULL)
+        return LM_OK;
+    if (!cJSON_IsBool(f))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be true or false", name);
+    *out = cJSON_IsTrue(f);
+    return LM_OK;
+}
+
+static int is_integer(double v) { return isfinite(v) && v == floor(v) && fabs(v) < 9.0e15; }
+
+static lm_code get_int(const cJSON *root, const char *name, long *out, lm_err *err)
+{
+    const cJSON *f = field(root, name);
+    if (f == NULL)
+        return LM_OK;
+    if (!cJSON_IsNumber(f) || !is_integer(f->valuedouble))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be an integer", name);
+    *out = (long)f->valuedouble;
+    return LM_OK;
+}
+
+static lm_code get_num(const cJSON *root, const char *name, double *out, lm_err *err)
+{
+    const cJSON *f = field(root, name);
+    if (f == NULL)
+        return LM_OK;
+    if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be a number", name);
+    *out = f->valuedouble;
+    return LM_OK;
+}
+
+static lm_code dup_str(const char *s, char **out, lm_err *err)
+{
+    *out = strdup(s);
+    return *out ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+}
+
+/* a JSON array of strings (or a single string when allow_string) -> list */
+static lm_code get_str_list(const cJSON *f, const char *name, lm_str_list *out, lm_err *err)
+{
+    if (cJSON_IsString(f)) {
+        out->v = calloc(1, sizeof *out->v);
+        if (out->v == NULL || dup_str(f->valuestring, &out->v[0], err) != LM_OK)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        out->n = 1;
+        return LM_OK;
+    }
+    if (!cJSON_IsArray(f))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be a list of strings", name);
+    int n = cJSON_GetArraySize(f);
+    out->v = calloc(n > 0 ? (size_t)n : 1, sizeof *out->v);
+    if (out->v == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, f)
+    {
+        if (!cJSON_IsString(e))
+            return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be a list of strings", name);
+        if (dup_str(e->valuestring, &out->v[out->n], err) != LM_OK)
+            return LM_E_NOMEM;
+        out->n++;
+    }
+    return LM_OK;
+}
+
+static lm_code get_int_list(const cJSON *f, const char *name, long **out, size_t *n_out, lm_err *err)
+{
+    if (cJSON_IsNumber(f)) {
+        if (!is_integer(f->valuedouble))
+            return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must hold integers", name);
+        *out = malloc(sizeof **out);
+        if (*out == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        (*out)[0] = (long)f->valuedouble;
+        *n_out = 1;
+        return LM_OK;
+    }
+    if (!cJSON_IsArray(f))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be an integer or a list of integers", name);
+    int n = cJSON_GetArraySize(f);
+    *out = calloc(n > 0 ? (size_t)n : 1, sizeof **out);
+    if (*out == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    *n_out = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, f)
+    {
+        if (!cJSON_IsNumber(e) || !is_integer(e->valuedouble))
+            return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must hold integers", name);
+        (*out)[(*n_out)++] = (long)e->valuedouble;
+    }
+    return LM_OK;
+}
+
+/* {"pattern": number, ...} in file order */
+static lm_code get_pattern(const cJSON *root, const char *name, lm_str_list *keys, long *ivals_unused,
+                           double **vals, int want_int, lm_err *err)
+{
+    (void)ivals_unused;
+    const cJSON *f = field(root, name);
+    if (f == NULL)
+        return LM_OK;
+    if (!cJSON_IsObject(f))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be an object", name);
+    int n = cJSON_GetArraySize(f);
+    keys->v = calloc(n > 0 ? (size_t)n : 1, sizeof *keys->v);
+    *vals = calloc(n > 0 ? (size_t)n : 1, sizeof **vals);
+    if (keys->v == NULL || *vals == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, f)
+    {
+        if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || (want_int && !is_integer(e->valuedouble)))
+            return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' entry '%s' must be a%s number", name,
+                           e->string, want_int ? "n integer" : "");
+        if (dup_str(e->string, &keys->v[keys->n], err) != LM_OK)
+            return LM_E_NOMEM;
+        (*vals)[keys->n] = e->valuedouble;
+        keys->n++;
+    }
+    return LM_OK;
+}
+
+static int truthy(const cJSON *f)
+{
+    if (f == NULL || cJSON_IsFalse(f))
+        return 0;
+    if (cJSON_IsArray(f) || cJSON_IsObject(f))
+        return cJSON_GetArraySize(f) > 0;
+    if (cJSON_IsString(f))
+        return f->valuestring[0] != '\0';
+    if (cJSON_IsNumber(f))
+        return f->valuedouble != 0;
+    return 1;
+}
+
+/* LoRA settings PEFT does not merge, or that would need the base's SVD (peft-merge.md §7.2) */
+static lm_code check_lora_variants(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    static const struct {
+        const char *key, *what;
+    } refused[] = {
+        {"alora_invocation_tokens", "aLoRA (alora_invocation_tokens): PEFT does not support merging aLoRA"},
+        {"arrow_config", "Arrow routing (arrow_config): a router adapter cannot be merged"},
+        {"use_qalora", "QA-LoRA (use_qalora): made for GPTQ-quantized layers, not mergeable into a float base"},
+        {"kasa_config", "KaSA (kasa_config): the merge needs an SVD of the base weights"},
+        {"layer_replication", "layer_replication: the merged model would have more layers than the base"},
+        {"enable_lora", "'enable_lora' (PEFT <= 0.2 MergedLinear): unsupported old format, re-save the adapter with a current PEFT"},
+        {"target_parameters", "LoRA on raw parameters (target_parameters) is not supported by lora-merge yet"},
+        {"use_bdlora", "BD-LoRA (use_bdlora) is not supported by lora-merge yet"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+        if (truthy(field(root, refused[i].key)))
+            return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type LORA with %s", refused[i].what);
+    const cJSON *init = field(root, "init_lora_weights");
+    if (init != NULL) {
+        char buf[64];
+        if (cJSON_IsBool(init))
+            snprintf(buf, sizeof buf, "%s", cJSON_IsTrue(init) ? "true" : "false");
+        else if (cJSON_IsString(init))
+            snprintf(buf, sizeof buf, "%s", init->valuestring);
+        else
+            snprintf(buf, sizeof buf, "?");
+        if (dup_str(buf, &c->init_lora_weights, err) != LM_OK)
+            return LM_E_NOMEM;
+        static const char *const mutating[] = {"pissa", "olora", "corda", "loftq", "lora_ga", "eva"};
+        for (size_t i = 0; i < sizeof mutating / sizeof *mutating; i++)
+            if (strncmp(buf, mutating[i], strlen(mutating[i])) == 0 && strcmp(buf, "eva") != 0)
+                return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant",
+                               "peft_type LORA with init_lora_weights '%s': PEFT re-runs this init on load and "
+                               "modifies the base weights; convert the adapter to plain LoRA first "
+                               "(path_initial_model_for_weight_conversion)", buf);
+    }
+    return LM_OK;
+}
+
+lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, const char *path,
+                                           lm_err *err)
+{
+    lm_adapter_config *c = calloc(1, sizeof *c);
+    const char *end = NULL;
+    cJSON *root = NULL;
+    if (c == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    c->r = 8;
+    c->lora_alpha = 8;
+    if ((c->path = strdup(path)) == NULL || (c->bias = strdup("none")) == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    root = cJSON_ParseWithLengthOpts(json, n_bytes, &end, 0);
+    if (root == NULL) {
+        size_t off = end ? (size_t)(end - json) : 0, line = 1, col = 1;
+        for (size_t i = 0; i < off && i < n_bytes; i++) {
+            if (json[i] == '\n') {
+                line++;
+                col = 1;
+            } else {
+                col++;
+            }
+        }
+        lm_fail(err, LM_E_FORMAT, "InvalidJson", "invalid JSON at line %zu, column %zu", line, col);
+        lm_err_set_offset(err, off);
+        goto fail;
+    }
+    if (!cJSON_IsObject(root)) {
+        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "the config is not a JSON object");
+        goto fail;
+    }
+    const cJSON *pt = field(root, "peft_type");
+    if (pt == NULL || !cJSON_IsString(pt)) {
+        lm_fail(err, LM_E_FORMAT, "MissingField", "no 'peft_type' string: not a PEFT adapter config");
+        goto fail;
+    }
+    if (dup_str(pt->valuestring, &c->peft_type, err) != LM_OK)
+        goto fail;
+    const char *why = NULL;
+    int kind = lm_peft_type_kind(c->peft_type, &why);
+    if (kind < 0) {
+        lm_fail(err, LM_E_UNSUPPORTED, "UnknownPeftType", "unknown peft_type %s (PEFT cannot load it either)",
+                c->peft_type);
+        goto fail;
+    }
+    if (kind == 0) {
+        lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedPeftType", "peft_type %s %s", c->peft_type, why);
+        goto fail;
+    }
+    if (check_lora_variants(root, c, err) != LM_OK)
+        goto fail;
+    if (get_int(root, "r", &c->r, err) || get_num(root, "lora_alpha", &c->lora_alpha, err) ||
+        get_bool(root, "use_rslora", &c->use_rslora, err) || get_bool(root, "use_dora", &c->use_dora, err) ||
+        get_bool(root, "lora_bias", &c->lora_bias, err) ||
+        get_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||
+        get_bool(root, "ensure_weight_tying", &c->ensure_weight_tying, err))
+        goto fail;
+    if (c->r <= 0) {
+        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'r' must be positive (it is %ld)", c->r);
+        goto fail;
+    }
+    const cJSON *bias = field(root, "bias");
+    if (bias != NULL) {
+        if (!cJSON_IsString(bias)) {
+            lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'bias' must be a string");
+            goto fail;
+        }
+        free(c->bias);
+        if (dup_str(bias->valuestring, &c->bias, err) != LM_OK)
+            goto fail;
+    }
+    double *rank_d = NULL;
+    if (get_pattern(root, "rank_pattern", &c->rank_keys, NULL, &rank_d, 1, err) != LM_OK) {
+        free(rank_d);
+        goto fail;
+    }
+    if (c->rank_keys.n) {
+        c->rank_vals = calloc(c->rank_keys.n, sizeof *c->rank_vals);
+        if (c->rank_vals == NULL) {
+            free(rank_d);
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            goto fail;
+        }
+        for (size_t i = 0; i < c->rank_keys.n; i++)
+            c->rank_vals[i] = (long)rank_d[i];
+    }
+    free(rank_d);
+    if (get_pattern(root, "alpha_pattern", &c->alpha_keys, NULL, &c->alpha_vals, 0, err) != LM_OK)
+        goto fail;
+
+    const cJSON *tm = field(root, "target_modules");
+    if (tm != NULL) {
+        c->has_target = 1;
+        if (cJSON_IsString(tm)) {
+            if (strcmp(tm->valuestring, "all-linear") == 0)
+                c->all_linear = 1;
+            else {
+                c->target_is_regex = 1;
+                if (dup_str(tm->valuestring, &c->target_regex, err) != LM_OK)
+                    goto fail;
+            }
+        } else if (get_str_list(tm, "target_modules", &c->target_list, err) != LM_OK) {
+            goto fail;
+        }
+    }
+    const cJSON *ex = field(root, "exclude_modules");
+    if (ex != NULL) {
+        if (cJSON_IsString(ex)) {
+            c->exclude_is_regex = 1;
+            if (dup_str(ex->valuestring, &c->exclude_regex, err) != LM_OK)
+                goto fail;
+        } else if (get_str_list(ex, "exclude_modules", &c->exclude_list, err) != LM_OK) {
+            goto fail;
+        }
+    }
+    const cJSON *mts = field(root, "modules_to_save");
+    if (mts != NULL && get_str_list(mts, "modules_to_save", &c->modules_to_save, err) != LM_OK)
+        goto fail;
+    const cJSON *ltt = field(root, "layers_to_transform");
+    if (ltt != NULL && get_int_list(ltt, "layers_to_transform", &c->layers_to_transform, &c->n_layers, err) != LM_OK)
+        goto fail;
+    const cJSON *lp = field(root, "layers_pattern");
+    if (lp != NULL && get_str_list(lp, "layers_pattern", &c->layers_pattern, err) != LM_OK)
+        goto fail;
+
+    const cJSON *tti = field(root, "trainable_token_indices");
+    if (tti != NULL) {
+        size_t n = cJSON_IsObject(tti) ? (size_t)cJSON_GetArraySize(tti) : 1;
+        c->tt_modules.v = calloc(n ? n : 1, sizeof *c->tt_modules.v);
+        c->tt_indices = calloc(n ? n : 1, sizeof *c->tt_indices);
+        c->tt_n = calloc(n ? n : 1, sizeof *c->tt_n);
+        if (c->tt_modules.v == NULL || c->tt_indices == NULL || c->tt_n == NULL) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            goto fail;
+        }
+        if (cJSON_IsObject(tti)) {
+            const cJSON *e;
+            cJSON_ArrayForEach(e, tti)
+            {
+                if (dup_str(e->string, &c->tt_modules.v[c->tt_modules.n], err) != LM_OK)
+                    goto fail;
+                c->tt_modules.n++;
+                if (get_int_list(e, "trainable_token_indices", &c->tt_indices[c->tt_modules.n - 1],
+                                 &c->tt_n[c->tt_modules.n - 1], err) != LM_OK)
+                    goto fail;
+            }
+        } else {
+            if (dup_str("", &c->tt_modules.v[0], err) != LM_OK)
+                goto fail;
+            c->tt_modules.n = 1;
+            if (get_int_list(tti, "trainable_token_indices", &c->tt_indices[0], &c->tt_n[0], err) != LM_OK)
+                goto fail;
+        }
+    }
+    cJSON_Delete(root);
+    return c;
+fail:
+    cJSON_Delete(root);
+    lm_err_set_path(err, path);
+    lm_adapter_config_free(c);
+    return NULL;
+}
+
+lm_adapter_config *lm_adapter_config_load(const char *path, lm_err *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        int e = errno;
+        lm_fail_errno(err, e, e == ENOENT ? "no adapter_config.json (not a PEFT adapter directory?)"
+                                          : "cannot open the adapter config");
+        lm_err_set_path(err, path);
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    while (buf != NULL) {
+        size_t k = fread(buf + n, 1, cap - n, f);
+        n += k;
+        if (k == 0)
+            break;
+        if (n == cap) {
+            if (cap >= (size_t)64 << 20) { /* configs are a few KB */
+                free(buf);
+                buf = NULL;
+                fclose(f);
+                lm_fail(err, LM_E_FORMAT, "InvalidConfig", "adapter config larger than 64 MiB");
+                lm_err_set_path(err, path);
+                return NULL;
+            }
+            char *nb = realloc(buf, cap * 2);
+            if (nb == NULL) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    int read_error = ferror(f);
+    fclose(f);
+    if (buf == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        lm_err_set_path(err, path);
+        return NULL;
+    }
+    if (read_error) {
+        free(buf);
+        lm_fail(err, LM_E_IO, NULL, "cannot read the adapter config");
+        lm_err_set_path(err, path);
+        return NULL;
+    }
+    lm_adapter_config *c = lm_adapter_config_parse(buf, n, path, err);
+    free(buf);
+    return c;
+}

@@ -1,0 +1,260 @@
+/* adapter_load.c : see adapter_load.h. */
+#include "adapter_load.h"
+
+#include "lm_error.h"
+#if __has_include("torch_bin.h")
+#include "torch_bin.h"
+#define LM_HAVE_TORCH_BIN 1
+#endif
+
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static char *join(const char *a, const char *b)
+{
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *p = malloc(n);
+    if (p != NULL)
+        snprintf(p, n, "%s%s%s", a, (a[0] && a[strlen(a) - 1] == '/') ? "" : "/", b);
+    return p;
+}
+
+static int is_file(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int has_weights(const char *dir)
+{
+    char *a = join(dir, "adapter_model.safetensors"), *b = join(dir, "adapter_model.bin");
+    int r = (a && is_file(a)) || (b && is_file(b));
+    free(a);
+    free(b);
+    return r;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+char *lm_adapter_locate(const char *dir, char **name_out, lm_err *err)
+{
+    struct stat st;
+    *name_out = NULL;
+    if (stat(dir, &st) != 0) {
+        lm_fail_errno(err, errno, "cannot open the adapter directory");
+        lm_err_set_path(err, dir);
+        return NULL;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        lm_fail(err, LM_E_USAGE, "NotADirectory", "the adapter must be a directory holding adapter_config.json");
+        lm_err_set_path(err, dir);
+        return NULL;
+    }
+    char *cfg = join(dir, "adapter_config.json");
+    if (cfg == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    int here = is_file(cfg);
+    free(cfg);
+    if (here) {
+        *name_out = strdup("default");
+        return strdup(dir);
+    }
+    /* a multi-adapter save: no files here, NAME/ sub-folders with their own config + weights */
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        lm_fail_errno(err, errno, "cannot list the adapter directory");
+        lm_err_set_path(err, dir);
+        return NULL;
+    }
+    char *found[16];
+    size_t n_found = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        char *sub = join(dir, de->d_name);
+        char *sub_cfg = sub ? join(sub, "adapter_config.json") : NULL;
+        if (sub_cfg && is_file(sub_cfg) && has_weights(sub) && n_found < 16)
+            found[n_found++] = strdup(de->d_name);
+        free(sub);
+        free(sub_cfg);
+    }
+    closedir(d);
+    char *cfg_path = join(dir, "adapter_config.json");
+    if (n_found == 0) {
+        lm_fail(err, LM_E_IO, "MissingConfig", "no adapter_config.json (not a PEFT adapter directory?)");
+        lm_err_set_path(err, cfg_path);
+        free(cfg_path);
+        return NULL;
+    }
+    free(cfg_path);
+    if (n_found > 1) {
+        qsort(found, n_found, sizeof *found, cmp_str);
+        char list[256] = "";
+        for (size_t i = 0; i < n_found; i++) {
+            size_t k = strlen(list);
+            snprintf(list + k, sizeof list - k, "%s%s", i ? ", " : "", found[i]);
+        }
+        lm_fail(err, LM_E_USAGE, "AmbiguousAdapter",
+                "holds several adapters (%s) and no default one: name the sub-folder, e.g. %s/%s", list, dir,
+                found[0]);
+        lm_err_set_path(err, dir);
+        for (size_t i = 0; i < n_found; i++)
+            free(found[i]);
+        return NULL;
+    }
+    char *sub = join(dir, found[0]);
+    *name_out = found[0];
+    return sub;
+}
+
+void lm_adapter_free(lm_adapter *a)
+{
+    if (a == NULL)
+        return;
+    free(a->dir);
+    free(a->name);
+    free(a->config_path);
+    free(a->weights_path);
+    lm_adapter_config_free(a->cfg);
+    lm_ts_free(a->ts);
+    free(a);
+}
+
+static lm_code load_safetensors(lm_adapter *a, lm_err *err)
+{
+    lm_st_file *f = lm_st_open(a->weights_path, err);
+    if (f == NULL)
+        return err ? err->code : LM_E_FORMAT;
+    a->ts = lm_ts_create(a->weights_path);
+    if (a->ts == NULL) {
+        lm_st_close(f);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    a->ts->st = f;
+    for (size_t i = 0; i < lm_st_n_tensors(f); i++) {
+        const lm_tensor_info *t = lm_st_tensor(f, i);
+        if (t->n_dims > LM_TS_MAX_DIMS)
+            return lm_fail(err, LM_E_UNSUPPORTED, "TooManyDims", "adapter tensor '%s' has %zu dimensions",
+                           t->name, t->n_dims);
+        if (lm_ts_add(a->ts, t->name, t->dtype, t->n_dims, t->shape, lm_st_data(f) + t->begin, 0, err) != LM_OK)
+            return err ? err->code : LM_E_FORMAT;
+    }
+    return LM_OK;
+}
+
+/* index of the first non-finite value, or -1 */
+static long first_non_finite(const lm_ts_tensor *t)
+{
+    const uint8_t *p = t->data;
+    for (uint64_t i = 0; i < t->n_elems; i++) {
+        switch (t->dtype) {
+        case LM_DT_F32: {
+            uint32_t u;
+            memcpy(&u, p + 4 * i, 4);
+            if ((u & 0x7f800000u) == 0x7f800000u)
+                return (long)i;
+            break;
+        }
+        case LM_DT_F16: {
+            uint16_t u;
+            memcpy(&u, p + 2 * i, 2);
+            if ((u & 0x7c00u) == 0x7c00u)
+                return (long)i;
+            break;
+        }
+        case LM_DT_BF16: {
+            uint16_t u;
+            memcpy(&u, p + 2 * i, 2);
+            if ((u & 0x7f80u) == 0x7f80u)
+                return (long)i;
+            break;
+        }
+        case LM_DT_F64: {
+            uint64_t u;
+            memcpy(&u, p + 8 * i, 8);
+            if ((u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
+                return (long)i;
+            break;
+        }
+        default:
+            return -1;
+        }
+    }
+    return -1;
+}
+
+lm_adapter *lm_adapter_open(const char *dir, double weight, lm_err *err)
+{
+    lm_adapter *a = calloc(1, sizeof *a);
+    if (a == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    a->weight = weight;
+    a->dir = lm_adapter_locate(dir, &a->name, err);
+    if (a->dir == NULL)
+        goto fail;
+    a->config_path = join(a->dir, "adapter_config.json");
+    if (a->config_path == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    a->cfg = lm_adapter_config_load(a->config_path, err);
+    if (a->cfg == NULL)
+        goto fail;
+    char *st = join(a->dir, "adapter_model.safetensors"), *bin = join(a->dir, "adapter_model.bin");
+    if (st == NULL || bin == NULL) {
+        free(st);
+        free(bin);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    lm_code rc;
+    if (is_file(st)) { /* PEFT prefers safetensors when both exist */
+        a->weights_path = st;
+        free(bin);
+        rc = load_safetensors(a, err);
+    } else if (is_file(bin)) {
+        a->weights_path = bin;
+        free(st);
+#ifdef LM_HAVE_TORCH_BIN
+        rc = lm_torch_bin_load(a->weights_path, &a->ts, err);
+#else
+        rc = lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "adapter_model.bin is not supported by this build");
+#endif
+    } else {
+        lm_fail(err, LM_E_IO, "MissingWeights", "no adapter_model.safetensors or adapter_model.bin");
+        lm_err_set_path(err, st);
+        free(st);
+        free(bin);
+        goto fail;
+    }
+    if (rc != LM_OK) {
+        lm_err_set_path(err, a->weights_path);
+        goto fail;
+    }
+    for (size_t i = 0; i < a->ts->n; i++) {
+        long bad = first_non_finite(&a->ts->t[i]);
+        if (bad >= 0) {
+            lm_fail(err, LM_E_FORMAT, "NonFinite", "adapter tensor '%s' holds a non-finite value (inf or NaN) at element %ld",
+                    a->ts->t[i].name, bad);
+            lm_err_set_path(err, a->weights_path);
+            goto fail;
+        }
+    }
+    return a;
+fail:
+    lm_adapter_free(a);
+    return NULL;
+}

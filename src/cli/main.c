@@ -1,0 +1,346 @@
+/* main.c : the lora-merge command line.  argv -> options -> lm_merge_run() / inspect.
+ * The only code that prints or exits; it sees only include/lora_merge.h. */
+#include "lora_merge.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* from st_writer.c: temporary-file cleanup on signals, SIGXFSZ ignored */
+void lm_cleanup_install(void);
+
+enum { EXIT_INPUT = 1, EXIT_USAGE = 2, EXIT_IO = 3, EXIT_NOMEM = 4 };
+
+static const char USAGE[] =
+    "usage: lora-merge [options] BASE ADAPTER_DIR OUT\n"
+    "       lora-merge inspect PATH\n"
+    "\n"
+    "Folds PEFT adapters into a base model and writes a merged safetensors file.\n"
+    "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
+    "  ADAPTER_DIR  a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin)\n"
+    "  OUT          the .safetensors file to write (written to a temp file, renamed when complete)\n"
+    "\n"
+    "options:\n"
+    "  --scale S               multiply the main adapter's delta by S (default 1; negative un-merges)\n"
+    "  --adapter DIR           merge one more adapter, weight 1 (repeatable)\n"
+    "  --adapter-scaled DIR S  merge one more adapter with weight S (repeatable)\n"
+    "  --threads N             worker threads (default: all cores); output identical for every N\n"
+    "  --dtype auto|bf16|f16|f32  dtype of floating output tensors (default auto: keep the base's)\n"
+    "  --dry-run               check everything and print the plan; write nothing\n"
+    "  --json                  machine-readable report on stdout\n"
+    "  --fsync                 flush the output to disk before renaming it into place\n"
+    "  --kernels ref|avx2|avx512  force a kernel variant (default: best for this CPU)\n"
+    "  -q, --quiet             no summary, no notes, no progress bar\n"
+    "  --progress              progress bar even when stderr is not a terminal\n"
+    "  -h, --help              this text\n"
+    "  --version               version, kernel variant and BLAS\n"
+    "\n"
+    "inspect PATH: list a model's tensors (file, index or directory) or describe an adapter directory.\n"
+    "\n"
+    "exit status: 0 success, 1 invalid or unsupported input, 2 usage error, 3 I/O error\n"
+    "(cannot read or write, disk full, file too large), 4 out of memory.\n";
+
+static int exit_code_for(lm_code c)
+{
+    switch (c) {
+    case LM_OK: return 0;
+    case LM_E_USAGE: return EXIT_USAGE;
+    case LM_E_IO: return EXIT_IO;
+    case LM_E_NOMEM: return EXIT_NOMEM;
+    default: return EXIT_INPUT;
+    }
+}
+
+static int report_error(const lm_err *err)
+{
+    char line[2048];
+    lm_err_format(err, line, sizeof line);
+    fprintf(stderr, "%s\n", line);
+    return exit_code_for(err->code);
+}
+
+static int usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "error: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, " (see lora-merge --help)\n");
+    return EXIT_USAGE;
+}
+
+static int parse_double(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (s[0] == '\0' || *end != '\0' || errno != 0 || !isfinite(v))
+        return 0;
+    *out = v;
+    return 1;
+}
+
+/* ---- progress bar --------------------------------------------------------------------------- */
+typedef struct {
+    double last;
+    int shown;
+} progress_state;
+
+static double mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void progress_cb(void *ctx, uint64_t done, uint64_t total)
+{
+    progress_state *ps = ctx;
+    double t = mono_now();
+    if (done < total && t - ps->last < 0.1)
+        return;
+    ps->last = t;
+    ps->shown = 1;
+    int width = 30, fill = total ? (int)((double)done / (double)total * width) : width;
+    char bar[64];
+    for (int i = 0; i < width; i++)
+        bar[i] = i < fill ? '#' : '.';
+    bar[width] = '\0';
+    fprintf(stderr, "\r[%s] %3.0f%% %.2f/%.2f GB", bar, total ? 100.0 * (double)done / (double)total : 100.0,
+            (double)done * 1e-9, (double)total * 1e-9);
+    fflush(stderr);
+}
+
+/* ---- inspect -------------------------------------------------------------------------------- */
+static int is_adapter_dir(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s/adapter_config.json", path);
+    if (stat(buf, &st) == 0)
+        return 1;
+    snprintf(buf, sizeof buf, "%s/model.safetensors", path);
+    if (stat(buf, &st) == 0)
+        return 0;
+    snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
+    if (stat(buf, &st) == 0)
+        return 0;
+    return 1; /* let the adapter reader explain (multi-adapter save, or nothing there) */
+}
+
+static void print_shape(const lm_tensor_info *t)
+{
+    printf("[");
+    for (size_t d = 0; d < t->n_dims; d++)
+        printf("%s%llu", d ? ", " : "", (unsigned long long)t->shape[d]);
+    printf("]");
+}
+
+static int cmd_inspect(const char *path)
+{
+    lm_err err;
+    lm_err_clear(&err);
+    if (is_adapter_dir(path)) {
+        char *text = NULL;
+        if (lm_adapter_describe(path, &text, &err) != LM_OK)
+            return report_error(&err);
+        fputs(text, stdout);
+        free(text);
+        return 0;
+    }
+    lm_model *m = lm_model_open(path, &err);
+    if (m == NULL)
+        return report_error(&err);
+    uint64_t total_bytes = 0, total_elems = 0;
+    size_t per_dtype[LM_DT_COUNT] = {0};
+    if (lm_model_index_path(m))
+        printf("index: %s (%zu shards)\n", lm_model_index_path(m), lm_model_n_files(m));
+    for (size_t f = 0; f < lm_model_n_files(m); f++) {
+        const lm_st_file *sf = lm_model_file(m, f);
+        printf("file: %s (header %llu bytes, data %llu bytes)\n", lm_st_path(sf),
+               (unsigned long long)(lm_st_data_offset(sf) - 8), (unsigned long long)lm_st_data_bytes(sf));
+        for (size_t i = 0; i < lm_st_n_metadata(sf); i++) {
+            const char *k, *v;
+            lm_st_metadata(sf, i, &k, &v);
+            printf("  metadata %s = %s\n", k, v);
+        }
+    }
+    for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
+        const lm_model_entry *e = lm_model_tensor(m, i);
+        const lm_tensor_info *t = e->info;
+        printf("  %s %s ", t->name, lm_dtype_name(t->dtype));
+        print_shape(t);
+        printf(" %llu bytes\n", (unsigned long long)(t->end - t->begin));
+        total_bytes += t->end - t->begin;
+        total_elems += t->n_elems;
+        per_dtype[t->dtype]++;
+    }
+    printf("total: %zu tensors, %llu elements, %llu bytes;", lm_model_n_tensors(m), (unsigned long long)total_elems,
+           (unsigned long long)total_bytes);
+    for (int d = 0; d < LM_DT_COUNT; d++)
+        if (per_dtype[d])
+            printf(" %s x%zu", lm_dtype_name((lm_dtype)d), per_dtype[d]);
+    printf("\n");
+    lm_model_close(m);
+    return 0;
+}
+
+/* ---- main ----------------------------------------------------------------------------------- */
+int main(int argc, char **argv)
+{
+    lm_cleanup_install();
+    const char *pos[8];
+    size_t n_pos = 0;
+    lm_merge_adapter adapters[64];
+    size_t n_extra = 0;
+    lm_merge_adapter extra[63];
+    double scale = 1.0;
+    lm_merge_job job;
+    memset(&job, 0, sizeof job);
+    int json = 0, quiet = 0, force_progress = 0, only_positional = 0;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (only_positional || a[0] != '-' || a[1] == '\0') {
+            if (n_pos == sizeof pos / sizeof *pos)
+                return usage_error("too many arguments ('%s')", a);
+            pos[n_pos++] = a;
+            continue;
+        }
+        if (strcmp(a, "--") == 0) {
+            only_positional = 1;
+            continue;
+        }
+        const char *val = NULL;
+        char name[64];
+        const char *eq = strchr(a, '=');
+        if (a[1] == '-' && eq != NULL) {
+            snprintf(name, sizeof name, "%.*s", (int)(eq - a), a);
+            val = eq + 1;
+        } else {
+            snprintf(name, sizeof name, "%s", a);
+        }
+#define NEED_VALUE()                                                                               \
+    do {                                                                                           \
+        if (val == NULL) {                                                                         \
+            if (i + 1 >= argc)                                                                     \
+                return usage_error("%s needs a value", name);                                     \
+            val = argv[++i];                                                                       \
+        }                                                                                          \
+    } while (0)
+        if (strcmp(name, "-h") == 0 || strcmp(name, "--help") == 0) {
+            fputs(USAGE, stdout);
+            return 0;
+        } else if (strcmp(name, "--version") == 0) {
+            printf("%s\n", lm_version_text());
+            return 0;
+        } else if (strcmp(name, "--scale") == 0) {
+            NEED_VALUE();
+            if (!parse_double(val, &scale))
+                return usage_error("--scale needs a number, not '%s'", val);
+        } else if (strcmp(name, "--adapter") == 0) {
+            NEED_VALUE();
+            if (n_extra == sizeof extra / sizeof *extra)
+                return usage_error("too many adapters (%s)", val);
+            extra[n_extra].dir = val;
+            extra[n_extra++].weight = 1.0;
+        } else if (strcmp(name, "--adapter-scaled") == 0) {
+            NEED_VALUE();
+            if (i + 1 >= argc)
+                return usage_error("--adapter-scaled needs a directory and a weight (after '%s')", val);
+            double w;
+            if (!parse_double(argv[i + 1], &w))
+                return usage_error("--adapter-scaled needs a numeric weight, not '%s'", argv[i + 1]);
+            i++;
+            if (n_extra == sizeof extra / sizeof *extra)
+                return usage_error("too many adapters (%s)", val);
+            extra[n_extra].dir = val;
+            extra[n_extra++].weight = w;
+        } else if (strcmp(name, "--threads") == 0) {
+            NEED_VALUE();
+            char *end;
+            long n = strtol(val, &end, 10);
+            if (*val == '\0' || *end != '\0' || n < 1 || n > 1024)
+                return usage_error("--threads needs a whole number from 1 to 1024, not '%s'", val);
+            job.n_threads = (int)n;
+        } else if (strcmp(name, "--dtype") == 0) {
+            NEED_VALUE();
+            job.out_dtype = val;
+        } else if (strcmp(name, "--kernels") == 0) {
+            NEED_VALUE();
+            job.kernels = val;
+        } else if (strcmp(name, "--dry-run") == 0) {
+            job.dry_run = 1;
+        } else if (strcmp(name, "--json") == 0) {
+            json = 1;
+        } else if (strcmp(name, "--fsync") == 0) {
+            job.do_fsync = 1;
+        } else if (strcmp(name, "-q") == 0 || strcmp(name, "--quiet") == 0) {
+            quiet = 1;
+        } else if (strcmp(name, "--progress") == 0) {
+            force_progress = 1;
+        } else if (strcmp(name, "--max-shard-size") == 0) {
+            return usage_error("%s: sharded output is not supported yet", name);
+        } else {
+            return usage_error("unknown option '%s'", a);
+        }
+#undef NEED_VALUE
+    }
+    if (n_pos >= 1 && strcmp(pos[0], "inspect") == 0) {
+        if (n_pos != 2)
+            return usage_error("inspect takes one PATH%s", "");
+        return cmd_inspect(pos[1]);
+    }
+    if (n_pos != 3 && !(job.dry_run && n_pos == 2)) {
+        fprintf(stderr, "error: expected BASE ADAPTER_DIR OUT, got %zu argument%s (see lora-merge --help)\n", n_pos,
+                n_pos == 1 ? "" : "s");
+        return EXIT_USAGE;
+    }
+    adapters[0].dir = pos[1];
+    adapters[0].weight = scale;
+    for (size_t i = 0; i < n_extra; i++)
+        adapters[1 + i] = extra[i];
+    job.base_path = pos[0];
+    job.out_path = n_pos == 3 ? pos[2] : NULL;
+    job.adapters = adapters;
+    job.n_adapters = 1 + n_extra;
+    progress_state ps = {0, 0};
+    if (!quiet && !json && !job.dry_run && (force_progress || isatty(STDERR_FILENO))) {
+        job.progress = progress_cb;
+        job.progress_ctx = &ps;
+    }
+    lm_err err;
+    lm_err_clear(&err);
+    lm_merge_report *rep = NULL;
+    lm_code rc = lm_merge_run(&job, &rep, &err);
+    if (ps.shown)
+        fprintf(stderr, "\n");
+    if (rc != LM_OK)
+        return report_error(&err);
+    if (json) {
+        printf("%s\n", rep->json);
+    } else if (!quiet || job.dry_run) {
+        for (size_t i = 0; i < rep->n_notes; i++)
+            fprintf(stderr, "note: %s\n", rep->notes[i]);
+        if (job.dry_run) {
+            printf("plan: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, %zu added), %.3f GFLOP\n",
+                   rep->n_tensors, rep->n_changed, rep->n_lowrank, rep->n_replaced, rep->n_added, rep->lowrank_gflop);
+            fputs(rep->plan_text, stdout);
+            printf("dry run: nothing written\n");
+        } else {
+            printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
+                   "%zu added), %.2f GB in %.2f s (%.2f GB/s, %d threads, kernels %s)\n",
+                   job.n_adapters, job.n_adapters == 1 ? "" : "s", job.out_path, rep->n_tensors, rep->n_changed,
+                   rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
+                   rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, rep->n_threads,
+                   rep->kernels);
+        }
+    }
+    lm_merge_report_free(rep);
+    return 0;
+}

@@ -1,0 +1,486 @@
+/* exec.c : the executor (see exec.h). */
+#include "exec.h"
+
+#include "compat.h"
+#include "gemm_tile.h"
+#include "lm_error.h"
+#include "st_writer.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE_ELEMS ((uint64_t)1 << 18)      /* f32 elements per tile (1 MiB) */
+#define COPY_CHUNK ((uint64_t)8 << 20)      /* bytes per copy task */
+
+uint64_t lm_exec_tile_rows(uint64_t cols)
+{
+    if (cols == 0 || cols >= TILE_ELEMS)
+        return 1;
+    return TILE_ELEMS / cols;
+}
+
+static int is_float_dtype(lm_dtype dt)
+{
+    return dt == LM_DT_F16 || dt == LM_DT_BF16 || dt == LM_DT_F32 || dt == LM_DT_F64;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* f32 views of adapter tensors                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    const lm_ts_tensor *src;
+    const float *f32; /* borrowed (aligned F32 data) or owned */
+    float *owned;
+} f32_view;
+
+typedef struct {
+    f32_view *v;
+    size_t n, cap;
+} view_cache;
+
+static void to_f32(const lm_kernels *k, lm_dtype dt, const void *src, float *dst, size_t n)
+{
+    switch (dt) {
+    case LM_DT_F32:
+        memcpy(dst, src, n * sizeof(float));
+        break;
+    case LM_DT_F16:
+        k->f16_to_f32(src, dst, n);
+        break;
+    case LM_DT_BF16:
+        k->bf16_to_f32(src, dst, n);
+        break;
+    case LM_DT_F64:
+        k->f64_to_f32(src, dst, n);
+        break;
+    default:
+        memset(dst, 0, n * sizeof(float)); /* the planner allows float types only */
+        break;
+    }
+}
+
+static void from_f32(const lm_kernels *k, lm_dtype dt, const float *src, void *dst, size_t n)
+{
+    switch (dt) {
+    case LM_DT_F32:
+        memcpy(dst, src, n * sizeof(float));
+        break;
+    case LM_DT_F16:
+        k->f32_to_f16(src, dst, n);
+        break;
+    case LM_DT_BF16:
+        k->f32_to_bf16(src, dst, n);
+        break;
+    case LM_DT_F64:
+        k->f32_to_f64(src, dst, n);
+        break;
+    default:
+        break;
+    }
+}
+
+static const float *view_get(view_cache *c, const lm_ts_tensor *t, const lm_kernels *k, lm_err *err)
+{
+    for (size_t i = 0; i < c->n; i++)
+        if (c->v[i].src == t)
+            return c->v[i].f32;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 64;
+        f32_view *v = realloc(c->v, cap * sizeof *v);
+        if (v == NULL) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            return NULL;
+        }
+        c->v = v;
+        c->cap = cap;
+    }
+    f32_view *v = &c->v[c->n];
+    memset(v, 0, sizeof *v);
+    v->src = t;
+    if (t->dtype == LM_DT_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
+        v->f32 = t->data;
+    } else {
+        v->owned = malloc((t->n_elems ? t->n_elems : 1) * sizeof(float));
+        if (v->owned == NULL) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory converting '%s'", t->name);
+            return NULL;
+        }
+        to_f32(k, t->dtype, t->data, v->owned, t->n_elems);
+        v->f32 = v->owned;
+    }
+    c->n++;
+    return v->f32;
+}
+
+static void view_cache_free(view_cache *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        free(c->v[i].owned);
+    free(c->v);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* tasks                                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    size_t tensor;   /* plan index */
+    uint64_t first;  /* copy: byte offset in the tensor; compute: first row */
+    uint64_t count;  /* copy: bytes; compute: rows */
+    int copy;
+} task;
+
+typedef struct {
+    const lm_plan *plan;
+    const lm_model *model;
+    lm_st_writer *w;
+    const lm_kernels *k;
+    const float **fa, **fb; /* per tensor, per op: f32 views (flattened [tensor][op]) */
+    size_t *op_base;        /* index of tensor i's first op in fa/fb */
+    double **col_scale;     /* per tensor: column DoRA factors (pass 1), or NULL */
+    size_t *col_dora_op;    /* per tensor: index of the column DoRA op */
+} job;
+
+static const uint8_t *tensor_src_bytes(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE)
+        return t->ops[0].a->data;
+    const lm_st_file *f = lm_model_file(J->model, t->base->file);
+    return lm_st_data(f) + t->base->info->begin;
+}
+
+/* Applies ops [from, to) of tensor ti to the f32 tile acc (rows r0 .. r0+nr). */
+static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *acc, uint64_t r0, uint64_t nr)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint64_t cols = t->cols;
+    for (size_t o = from; o < to; o++) {
+        const lm_op *op = &t->ops[o];
+        const float *A = J->fa[J->op_base[ti] + o], *B = J->fb[J->op_base[ti] + o];
+        switch (op->kind) {
+        case LM_OP_REPLACE:
+            break; /* the tile was loaded from the replacement */
+        case LM_OP_LOWRANK:
+            if (!op->transposed)
+                lm_gemm_tile_nn(acc, nr, cols, B + r0 * op->rank, A, op->rank, op->scale);
+            else
+                lm_gemm_tile_tt(acc, nr, cols, A + r0, op->in, B, op->rank, op->scale);
+            break;
+        case LM_OP_BIAS_ADD:
+            /* a bias is 1-D: one row holding every element */
+            J->k->axpy(acc, op->scale, A, (size_t)(nr * cols));
+            break;
+        case LM_OP_ROWS:
+            for (size_t q = 0; q < op->n_rows; q++) {
+                uint64_t row = (uint64_t)op->rows[q];
+                if (row >= r0 && row < r0 + nr)
+                    memcpy(acc + (row - r0) * cols, A + q * cols, cols * sizeof(float));
+            }
+            break;
+        case LM_OP_DORA:
+            if (op->dora_axis == 0) {
+                for (uint64_t r = 0; r < nr; r++) {
+                    float *row = acc + r * cols;
+                    double ss = 0;
+                    for (uint64_t c = 0; c < cols; c++)
+                        ss += (double)row[c] * (double)row[c];
+                    float f = (float)((double)A[r0 + r] / sqrt(ss));
+                    for (uint64_t c = 0; c < cols; c++)
+                        row[c] *= f;
+                }
+            } else {
+                const double *cs = J->col_scale[ti];
+                for (uint64_t r = 0; r < nr; r++) {
+                    float *row = acc + r * cols;
+                    for (uint64_t c = 0; c < cols; c++)
+                        row[c] = (float)((double)row[c] * cs[c]);
+                }
+            }
+            break;
+        }
+    }
+}
+
+static void load_tile(const job *J, size_t ti, float *acc, uint64_t r0, uint64_t nr)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint8_t *src = tensor_src_bytes(J, ti);
+    size_t esz = lm_dtype_bits(t->src_dtype) / 8;
+    to_f32(J->k, t->src_dtype, src + r0 * t->cols * esz, acc, (size_t)(nr * t->cols));
+}
+
+static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[tk->tensor];
+    uint64_t dst = lm_st_writer_tensor_offset(J->w, tk->tensor);
+    if (tk->copy) {
+        const uint8_t *src = tensor_src_bytes(J, tk->tensor);
+        return lm_st_writer_pwrite(J->w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
+    }
+    uint64_t r0 = tk->first, nr = tk->count, n = nr * t->cols;
+    load_tile(J, tk->tensor, acc, r0, nr);
+    apply_ops(J, tk->tensor, 0, t->n_ops, acc, r0, nr);
+    from_f32(J->k, t->dtype, acc, out, (size_t)n);
+    size_t esz = lm_dtype_bits(t->dtype) / 8;
+    return lm_st_writer_pwrite(J->w, out, (size_t)(n * esz), dst + r0 * t->cols * esz, err);
+}
+
+/* Column DoRA (Conv1D, Embedding): the norm of every column of W + dW needs all rows first.
+ * Partial sums per tile, reduced in tile order: the same sums for every thread count. */
+static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    size_t d = J->col_dora_op[ti];
+    uint64_t tr = lm_exec_tile_rows(t->cols), n_tiles = (t->rows + tr - 1) / tr;
+    double *part = calloc((size_t)(n_tiles * t->cols) + 1, sizeof *part);
+    double *scale = calloc((size_t)t->cols + 1, sizeof *scale);
+    if (part == NULL || scale == NULL) {
+        free(part);
+        free(scale);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the DoRA column norms of '%s'", t->name);
+    }
+    int oom = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *acc = malloc((size_t)(tr * t->cols) * sizeof *acc + 1);
+        if (acc == NULL) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (uint64_t k = 0; k < n_tiles; k++) {
+            if (acc == NULL)
+                continue;
+            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
+            load_tile(J, ti, acc, r0, nr);
+            apply_ops(J, ti, 0, d, acc, r0, nr);
+            double *p = part + k * t->cols;
+            for (uint64_t r = 0; r < nr; r++)
+                for (uint64_t c = 0; c < t->cols; c++)
+                    p[c] += (double)acc[r * t->cols + c] * (double)acc[r * t->cols + c];
+        }
+        free(acc);
+    }
+    if (oom) {
+        free(part);
+        free(scale);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    const float *m = J->fa[J->op_base[ti] + d];
+    for (uint64_t c = 0; c < t->cols; c++) {
+        double ss = 0;
+        for (uint64_t k = 0; k < n_tiles; k++)
+            ss += part[k * t->cols + c];
+        scale[c] = (double)m[c] / sqrt(ss);
+    }
+    free(part);
+    J->col_scale[ti] = scale;
+    return LM_OK;
+}
+
+lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *const *adapters,
+                    const char *out_path, const lm_exec_opts *opts, lm_exec_stats *stats,
+                    lm_err *err)
+{
+    (void)adapters;
+    lm_code rc = LM_OK;
+    lm_kernels kern;
+    const lm_kernels *k = opts && opts->kernels ? opts->kernels : NULL;
+    if (k == NULL) {
+        lm_kernels_select(&kern, NULL);
+        k = &kern;
+    }
+    int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : omp_get_num_procs();
+    lm_blas_single_thread();
+    lm_exec_stats st;
+    memset(&st, 0, sizeof st);
+    st.n_threads = n_threads;
+
+    lm_out_tensor *outs = calloc(plan->n ? plan->n : 1, sizeof *outs);
+    job J;
+    memset(&J, 0, sizeof J);
+    J.plan = plan;
+    J.model = model;
+    J.k = k;
+    view_cache vc = {0};
+    task *tasks = NULL;
+    size_t n_tasks = 0, cap_tasks = 0, total_ops = 0;
+    if (outs == NULL)
+        goto nomem;
+    for (size_t i = 0; i < plan->n; i++) {
+        outs[i].name = plan->t[i].name;
+        outs[i].dtype = plan->t[i].dtype;
+        outs[i].n_dims = plan->t[i].n_dims;
+        outs[i].shape = plan->t[i].shape;
+        total_ops += plan->t[i].n_ops;
+    }
+    J.op_base = calloc(plan->n + 1, sizeof *J.op_base);
+    J.fa = calloc(total_ops + 1, sizeof *J.fa);
+    J.fb = calloc(total_ops + 1, sizeof *J.fb);
+    J.col_scale = calloc(plan->n + 1, sizeof *J.col_scale);
+    J.col_dora_op = calloc(plan->n + 1, sizeof *J.col_dora_op);
+    if (J.op_base == NULL || J.fa == NULL || J.fb == NULL || J.col_scale == NULL || J.col_dora_op == NULL)
+        goto nomem;
+    /* f32 views of every factor (borrowed when already aligned f32) */
+    size_t pos = 0;
+    for (size_t i = 0; i < plan->n; i++) {
+        const lm_plan_tensor *t = &plan->t[i];
+        J.op_base[i] = pos;
+        size_t n_col_dora = 0;
+        for (size_t o = 0; o < t->n_ops; o++, pos++) {
+            const lm_op *op = &t->ops[o];
+            if (op->kind == LM_OP_REPLACE)
+                continue;
+            if ((J.fa[pos] = view_get(&vc, op->a, k, err)) == NULL)
+                goto fail;
+            if (op->b != NULL && (J.fb[pos] = view_get(&vc, op->b, k, err)) == NULL)
+                goto fail;
+            if (op->kind == LM_OP_DORA && op->dora_axis == 1) {
+                J.col_dora_op[i] = o;
+                n_col_dora++;
+            }
+        }
+        if (n_col_dora > 1) {
+            rc = lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "several DoRA adapters on one Conv1D/Embedding tensor");
+            lm_err_set_tensor(err, t->name);
+            goto fail;
+        }
+    }
+    /* tasks in data order */
+    for (size_t q = 0; q < plan->n; q++) {
+        size_t i = plan->data_order[q];
+        const lm_plan_tensor *t = &plan->t[i];
+        int copy = t->n_ops == 0 && t->dtype == t->src_dtype;
+        if (t->n_ops == 1 && t->ops[0].kind == LM_OP_REPLACE && t->dtype == t->src_dtype)
+            copy = 1;
+        if (!copy && (!is_float_dtype(t->dtype) || !is_float_dtype(t->src_dtype))) {
+            rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "cannot convert %s to %s",
+                         lm_dtype_name(t->src_dtype), lm_dtype_name(t->dtype));
+            lm_err_set_tensor(err, t->name);
+            goto fail;
+        }
+        uint64_t bytes = t->base ? t->base->info->end - t->base->info->begin : t->ops[0].a->n_bytes;
+        uint64_t unit = copy ? COPY_CHUNK : lm_exec_tile_rows(t->cols);
+        uint64_t total = copy ? bytes : t->rows;
+        if (copy) {
+            st.n_copied_tensors++;
+            st.bytes_copied += bytes;
+        } else {
+            st.n_computed_tensors++;
+        }
+        for (uint64_t first = 0; first < total; first += unit) {
+            if (n_tasks == cap_tasks) {
+                size_t cap = cap_tasks ? cap_tasks * 2 : 1024;
+                task *nt = realloc(tasks, cap * sizeof *nt);
+                if (nt == NULL)
+                    goto nomem;
+                tasks = nt;
+                cap_tasks = cap;
+            }
+            task *tk = &tasks[n_tasks++];
+            tk->tensor = i;
+            tk->first = first;
+            tk->count = first + unit <= total ? unit : total - first;
+            tk->copy = copy;
+            if (!copy)
+                st.n_tiles++;
+        }
+    }
+    /* every check is done: now the output file exists */
+    J.w = lm_st_writer_open(out_path, outs, plan->n, plan->data_order, plan->meta_keys, plan->meta_values,
+                            plan->n_meta, err);
+    if (J.w == NULL) {
+        rc = err ? err->code : LM_E_IO;
+        goto fail;
+    }
+    st.bytes_written = lm_st_writer_file_bytes(J.w);
+    for (size_t i = 0; i < plan->n; i++) {
+        const lm_plan_tensor *t = &plan->t[i];
+        int has_col = 0;
+        for (size_t o = 0; o < t->n_ops; o++)
+            has_col |= t->ops[o].kind == LM_OP_DORA && t->ops[o].dora_axis == 1;
+        if (has_col && (rc = column_dora_pass(&J, i, n_threads, err)) != LM_OK)
+            goto fail;
+    }
+    size_t max_elems = 1;
+    for (size_t i = 0; i < plan->n; i++) {
+        uint64_t e = lm_exec_tile_rows(plan->t[i].cols) * plan->t[i].cols;
+        if (e > max_elems)
+            max_elems = (size_t)e;
+    }
+    int failed = 0;
+    uint64_t done_bytes = 0;
+    lm_err shared_err;
+    lm_err_clear(&shared_err);
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *acc = malloc(max_elems * sizeof(float));
+        uint8_t *out = malloc(max_elems * sizeof(double));
+        lm_err local;
+        lm_err_clear(&local);
+        if (acc == NULL || out == NULL)
+            lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
+#pragma omp for schedule(dynamic, 1)
+        for (size_t q = 0; q < n_tasks; q++) {
+            int stop;
+#pragma omp atomic read
+            stop = failed;
+            if (stop || local.code != LM_OK)
+                continue;
+            if (run_task(&J, &tasks[q], acc, out, &local) != LM_OK)
+                continue;
+            if (opts && opts->progress) {
+                const lm_plan_tensor *t = &plan->t[tasks[q].tensor];
+                uint64_t b = tasks[q].copy ? tasks[q].count : tasks[q].count * t->cols * (lm_dtype_bits(t->dtype) / 8);
+#pragma omp critical(lm_progress)
+                {
+                    done_bytes += b;
+                    opts->progress(opts->progress_ctx, done_bytes, st.bytes_written);
+                }
+            }
+        }
+        if (local.code != LM_OK) {
+#pragma omp critical(lm_error)
+            {
+                if (!failed)
+                    shared_err = local;
+                failed = 1;
+            }
+        }
+        free(acc);
+        free(out);
+    }
+    if (failed) {
+        if (err != NULL && err->code == LM_OK)
+            *err = shared_err;
+        rc = shared_err.code;
+        goto fail;
+    }
+    st.bytes_computed = st.bytes_written - st.bytes_copied;
+    rc = lm_st_writer_commit(J.w, opts ? opts->do_fsync : 0, err);
+    J.w = NULL;
+    if (rc != LM_OK)
+        goto fail;
+    if (stats)
+        *stats = st;
+    goto done;
+nomem:
+    rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+fail:
+    lm_st_writer_abort(J.w);
+done:
+    if (J.col_scale)
+        for (size_t i = 0; i < plan->n; i++)
+            free(J.col_scale[i]);
+    free(J.col_scale);
+    free(J.col_dora_op);
+    free(J.op_base);
+    free(J.fa);
+    free(J.fb);
+    free(tasks);
+    free(outs);
+    view_cache_free(&vc);
+    return rc;
+}

@@ -1,0 +1,37 @@
+/* exec.h : the executor.  Walks a plan in output order and writes the merged file: untouched
+ * tensors are copied as bytes, the others computed in row tiles (convert to f32, apply every
+ * operation in f32, round once to the output dtype) and written at their final offsets.
+ * OpenMP threads take tasks (copy chunks and tiles); tile bounds depend on shapes only, so the
+ * output is byte-identical for every thread count. */
+#ifndef LM_EXEC_H
+#define LM_EXEC_H
+
+#include "lm_kernels.h"
+#include "plan.h"
+
+typedef struct lm_exec_opts {
+    int n_threads;              /* <= 0: all cores */
+    int do_fsync;
+    const lm_kernels *kernels;  /* NULL: selected automatically */
+    /* progress: called from worker threads, serialized; may be NULL */
+    void (*progress)(void *ctx, uint64_t done_bytes, uint64_t total_bytes);
+    void *progress_ctx;
+} lm_exec_opts;
+
+typedef struct lm_exec_stats {
+    uint64_t bytes_written, bytes_copied, bytes_computed;
+    size_t n_tiles, n_copied_tensors, n_computed_tensors;
+    int n_threads;
+} lm_exec_stats;
+
+/*! lm_exec_run() :
+ *  Writes the plan's output to out_path (through a temporary file and a rename).
+ *  @return LM_OK, or an error with *err filled; no output or temporary file is left then. */
+lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *const *adapters,
+                    const char *out_path, const lm_exec_opts *opts, lm_exec_stats *stats,
+                    lm_err *err);
+
+/* rows per tile for a tensor with `cols` columns (depends on the shape only) */
+uint64_t lm_exec_tile_rows(uint64_t cols);
+
+#endif

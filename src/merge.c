@@ -1,0 +1,406 @@
+/* merge.c : lm_merge_run(): base + adapters -> plan -> executor, and the report. */
+#include "lora_merge.h"
+
+#include "adapter_load.h"
+#include "exec.h"
+#include "gemm_tile.h"
+#include "lm_error.h"
+#include "lm_kernels.h"
+#include "plan.h"
+#include "st_writer.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+typedef struct {
+    lm_merge_report pub;
+    char **notes;
+    char *plan_text;
+    char *json;
+} report_impl;
+
+void lm_merge_report_free(lm_merge_report *r)
+{
+    if (r == NULL)
+        return;
+    report_impl *ri = (report_impl *)r;
+    for (size_t i = 0; i < r->n_notes; i++)
+        free(ri->notes[i]);
+    free(ri->notes);
+    free(ri->plan_text);
+    free(ri->json);
+    free(ri);
+}
+
+const char *lm_version_text(void)
+{
+    static char buf[256];
+    if (buf[0] == '\0') {
+        lm_kernels k;
+        lm_kernels_select(&k, NULL);
+        snprintf(buf, sizeof buf, "lora-merge %s (kernels %s, %s)", LM_VERSION_STRING, k.name, lm_blas_name());
+    }
+    return buf;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static const char *op_kind_name(lm_op_kind k)
+{
+    switch (k) {
+    case LM_OP_REPLACE: return "replace";
+    case LM_OP_LOWRANK: return "lora";
+    case LM_OP_BIAS_ADD: return "lora_bias";
+    case LM_OP_ROWS: return "trainable_tokens";
+    case LM_OP_DORA: return "dora";
+    }
+    return "?";
+}
+
+static void shape_text(char *buf, size_t cap, size_t n_dims, const uint64_t *shape)
+{
+    size_t used = (size_t)snprintf(buf, cap, "[");
+    for (size_t d = 0; d < n_dims && used < cap; d++)
+        used += (size_t)snprintf(buf + used, cap - used, "%s%llu", d ? ", " : "", (unsigned long long)shape[d]);
+    if (used < cap)
+        snprintf(buf + used, cap - used, "]");
+}
+
+/* builds plan_text and json */
+static lm_code build_report(report_impl *ri, const lm_merge_job *job, lm_adapter *const *ads, const lm_plan *p,
+                            lm_err *err)
+{
+    size_t cap = 4096, used = 0;
+    char *text = malloc(cap);
+    cJSON *root = cJSON_CreateObject();
+    if (text == NULL || root == NULL)
+        goto nomem;
+    text[0] = '\0';
+    cJSON_AddStringToObject(root, "base", job->base_path);
+    cJSON_AddStringToObject(root, "out", job->out_path ? job->out_path : "");
+    cJSON_AddBoolToObject(root, "dry_run", job->dry_run != 0);
+    cJSON *ja = cJSON_AddArrayToObject(root, "adapters");
+    for (size_t i = 0; i < job->n_adapters; i++) {
+        cJSON *a = cJSON_CreateObject();
+        cJSON_AddStringToObject(a, "dir", ads[i]->dir);
+        cJSON_AddStringToObject(a, "name", ads[i]->name);
+        cJSON_AddStringToObject(a, "peft_type", ads[i]->cfg->peft_type);
+        cJSON_AddStringToObject(a, "weights", ads[i]->weights_path);
+        cJSON_AddNumberToObject(a, "weight", ads[i]->weight);
+        cJSON_AddNumberToObject(a, "n_tensors", (double)ads[i]->ts->n);
+        cJSON_AddItemToArray(ja, a);
+    }
+    cJSON *jt = cJSON_AddArrayToObject(root, "changed_tensors");
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        if (t->n_ops == 0 && t->dtype == t->src_dtype)
+            continue;
+        char sh[128], line[1024];
+        shape_text(sh, sizeof sh, t->n_dims, t->shape);
+        size_t k = (size_t)snprintf(line, sizeof line, "  %s %s %s%s:", t->name, lm_dtype_name(t->dtype), sh,
+                                    t->base ? "" : " (new)");
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", t->name);
+        cJSON_AddStringToObject(o, "dtype", lm_dtype_name(t->dtype));
+        cJSON_AddBoolToObject(o, "new", t->base == NULL);
+        cJSON *ops = cJSON_AddArrayToObject(o, "ops");
+        if (t->n_ops == 0 && k < sizeof line)
+            k += (size_t)snprintf(line + k, sizeof line - k, " convert %s -> %s", lm_dtype_name(t->src_dtype),
+                                  lm_dtype_name(t->dtype));
+        for (size_t q = 0; q < t->n_ops; q++) {
+            const lm_op *op = &t->ops[q];
+            cJSON *jo = cJSON_CreateObject();
+            cJSON_AddStringToObject(jo, "op", op_kind_name(op->kind));
+            cJSON_AddStringToObject(jo, "module", op->module ? op->module : "");
+            cJSON_AddNumberToObject(jo, "adapter", (double)op->adapter);
+            if (op->kind == LM_OP_LOWRANK) {
+                cJSON_AddNumberToObject(jo, "rank", (double)op->rank);
+                cJSON_AddNumberToObject(jo, "scale", op->scale_f64);
+                cJSON_AddBoolToObject(jo, "transposed", op->transposed);
+                if (k < sizeof line)
+                    k += (size_t)snprintf(line + k, sizeof line - k, " lora(r=%llu, scale=%g%s, #%zu)",
+                                          (unsigned long long)op->rank, op->scale_f64,
+                                          op->transposed ? ", transposed" : "", op->adapter);
+            } else if (k < sizeof line) {
+                k += (size_t)snprintf(line + k, sizeof line - k, " %s(#%zu)", op_kind_name(op->kind), op->adapter);
+            }
+            cJSON_AddItemToArray(ops, jo);
+        }
+        cJSON_AddItemToArray(jt, o);
+        size_t ll = strlen(line);
+        if (used + ll + 2 > cap) {
+            while (used + ll + 2 > cap)
+                cap *= 2;
+            char *nt = realloc(text, cap);
+            if (nt == NULL)
+                goto nomem;
+            text = nt;
+        }
+        memcpy(text + used, line, ll);
+        used += ll;
+        text[used++] = '\n';
+        text[used] = '\0';
+    }
+    cJSON *jn = cJSON_AddArrayToObject(root, "notes");
+    for (size_t i = 0; i < p->n_notes; i++)
+        cJSON_AddItemToArray(jn, cJSON_CreateString(p->notes[i]));
+    ri->plan_text = text;
+    ri->json = NULL;
+    /* numbers filled by the caller after the run: kept as a tree until then */
+    ri->pub.json = (const char *)root;
+    return LM_OK;
+nomem:
+    free(text);
+    cJSON_Delete(root);
+    return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+}
+
+static lm_code finish_json(report_impl *ri, lm_err *err)
+{
+    cJSON *root = (cJSON *)ri->pub.json;
+    lm_merge_report *r = &ri->pub;
+    cJSON *s = cJSON_CreateObject();
+    cJSON_AddNumberToObject(s, "n_tensors", (double)r->n_tensors);
+    cJSON_AddNumberToObject(s, "n_changed", (double)r->n_changed);
+    cJSON_AddNumberToObject(s, "n_lowrank", (double)r->n_lowrank);
+    cJSON_AddNumberToObject(s, "n_replaced", (double)r->n_replaced);
+    cJSON_AddNumberToObject(s, "n_added", (double)r->n_added);
+    cJSON_AddNumberToObject(s, "out_bytes", (double)r->out_bytes);
+    cJSON_AddNumberToObject(s, "lowrank_gflop", r->lowrank_gflop);
+    cJSON_AddNumberToObject(s, "seconds", r->seconds);
+    cJSON_AddNumberToObject(s, "threads", r->n_threads);
+    cJSON_AddStringToObject(s, "kernels", r->kernels);
+    cJSON_AddItemToObject(root, "summary", s);
+    ri->json = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    r->json = ri->json;
+    if (ri->json == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    return LM_OK;
+}
+
+static int parse_dtype_opt(const char *s, int *set, lm_dtype *dt)
+{
+    *set = 0;
+    if (s == NULL || strcmp(s, "auto") == 0)
+        return 1;
+    *set = 1;
+    if (strcmp(s, "bf16") == 0 || strcmp(s, "BF16") == 0)
+        *dt = LM_DT_BF16;
+    else if (strcmp(s, "f16") == 0 || strcmp(s, "F16") == 0 || strcmp(s, "fp16") == 0)
+        *dt = LM_DT_F16;
+    else if (strcmp(s, "f32") == 0 || strcmp(s, "F32") == 0 || strcmp(s, "fp32") == 0)
+        *dt = LM_DT_F32;
+    else
+        return 0;
+    return 1;
+}
+
+/* OUT must not be any input, through any alias (symlink, hard link) */
+static lm_code check_out_not_input(const lm_merge_job *job, const lm_model *m, lm_adapter *const *ads, lm_err *err)
+{
+    struct stat st;
+    if (stat(job->out_path, &st) != 0)
+        return LM_OK;
+    const char *inputs[8];
+    size_t n_in = 0;
+    if (lm_model_index_path(m))
+        inputs[n_in++] = lm_model_index_path(m);
+    for (size_t i = 0; i < lm_model_n_files(m); i++)
+        if (lm_same_file(job->out_path, lm_st_path(lm_model_file(m, i))))
+            return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the base '%s'",
+                           lm_st_path(lm_model_file(m, i)));
+    for (size_t a = 0; a < job->n_adapters; a++) {
+        n_in = 0;
+        inputs[n_in++] = ads[a]->weights_path;
+        inputs[n_in++] = ads[a]->config_path;
+        for (size_t i = 0; i < n_in; i++)
+            if (lm_same_file(job->out_path, inputs[i]))
+                return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the input '%s'",
+                               inputs[i]);
+    }
+    if (lm_model_index_path(m) && lm_same_file(job->out_path, lm_model_index_path(m)))
+        return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the index '%s'",
+                       lm_model_index_path(m));
+    if (S_ISDIR(st.st_mode))
+        return lm_fail(err, LM_E_USAGE, "OutputIsDirectory",
+                       "the output is a directory: give a file name (e.g. %s/model.safetensors)", job->out_path);
+    return LM_OK;
+}
+
+lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
+{
+    double t0 = now_seconds();
+    lm_code rc = LM_OK;
+    lm_model *model = NULL;
+    lm_adapter **ads = NULL;
+    lm_plan *plan = NULL;
+    report_impl *ri = NULL;
+    lm_kernels kern;
+    if (report)
+        *report = NULL;
+    if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "a merge needs a base, at least one adapter and an output");
+    lm_plan_opts popts;
+    memset(&popts, 0, sizeof popts);
+    if (!parse_dtype_opt(job->out_dtype, &popts.out_dtype_set, &popts.out_dtype))
+        return lm_fail(err, LM_E_USAGE, "Usage", "--dtype must be auto, bf16, f16 or f32 (not '%s')", job->out_dtype);
+    if (lm_kernels_select(&kern, job->kernels) != 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "kernel variant '%s' cannot run on this CPU", job->kernels);
+    ri = calloc(1, sizeof *ri);
+    ads = calloc(job->n_adapters, sizeof *ads);
+    if (ri == NULL || ads == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    model = lm_model_open(job->base_path, err);
+    if (model == NULL) {
+        rc = err ? err->code : LM_E_FORMAT;
+        goto done;
+    }
+    for (size_t i = 0; i < job->n_adapters; i++) {
+        ads[i] = lm_adapter_open(job->adapters[i].dir, job->adapters[i].weight, err);
+        if (ads[i] == NULL) {
+            rc = err ? err->code : LM_E_FORMAT;
+            goto done;
+        }
+    }
+    if (job->out_path && (rc = check_out_not_input(job, model, ads, err)) != LM_OK) {
+        lm_err_set_path(err, job->out_path);
+        goto done;
+    }
+    plan = lm_plan_create(model, ads, job->n_adapters, &popts, err);
+    if (plan == NULL) {
+        rc = err ? err->code : LM_E_FORMAT;
+        goto done;
+    }
+    if ((rc = build_report(ri, job, ads, plan, err)) != LM_OK)
+        goto done;
+    lm_exec_stats st;
+    memset(&st, 0, sizeof st);
+    st.n_threads = job->n_threads;
+    if (!job->dry_run) {
+        lm_exec_opts eo;
+        memset(&eo, 0, sizeof eo);
+        eo.n_threads = job->n_threads;
+        eo.do_fsync = job->do_fsync;
+        eo.kernels = &kern;
+        eo.progress = job->progress;
+        eo.progress_ctx = job->progress_ctx;
+        if ((rc = lm_exec_run(plan, model, ads, job->out_path, &eo, &st, err)) != LM_OK) {
+            cJSON_Delete((cJSON *)ri->pub.json);
+            ri->pub.json = NULL;
+            goto done;
+        }
+    }
+    lm_merge_report *r = &ri->pub;
+    r->n_tensors = plan->n;
+    r->n_changed = plan->n_changed;
+    r->n_lowrank = plan->n_lowrank;
+    r->n_replaced = plan->n_replaced;
+    r->n_added = plan->n_new;
+    r->out_bytes = st.bytes_written;
+    r->lowrank_gflop = plan->lowrank_flops * 1e-9;
+    r->n_threads = st.n_threads;
+    r->kernels = kern.name;
+    r->plan_text = ri->plan_text;
+    ri->notes = plan->notes;
+    r->n_notes = plan->n_notes;
+    r->notes = (const char *const *)plan->notes;
+    plan->notes = NULL;
+    plan->n_notes = 0;
+    r->seconds = now_seconds() - t0;
+    if ((rc = finish_json(ri, err)) != LM_OK)
+        goto done;
+    if (report) {
+        *report = r;
+        ri = NULL;
+    }
+done:
+    if (ri != NULL) {
+        if (ri->pub.json != NULL && ri->json == NULL)
+            cJSON_Delete((cJSON *)ri->pub.json);
+        ri->pub.json = NULL;
+        lm_merge_report_free(&ri->pub);
+    }
+    lm_plan_free(plan);
+    if (ads)
+        for (size_t i = 0; i < job->n_adapters; i++)
+            lm_adapter_free(ads[i]);
+    free(ads);
+    lm_model_close(model);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* lm_adapter_describe                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
+{
+    *text = NULL;
+    lm_adapter *a = lm_adapter_open(dir, 1.0, err);
+    if (a == NULL)
+        return err ? err->code : LM_E_FORMAT;
+    size_t cap = 1 << 16, used = 0;
+    char *buf = malloc(cap);
+    if (buf == NULL) {
+        lm_adapter_free(a);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+#define OUT(...)                                                                                   \
+    do {                                                                                           \
+        if (used < cap)                                                                            \
+            used += (size_t)snprintf(buf + used, cap - used, __VA_ARGS__);                         \
+    } while (0)
+    const lm_adapter_config *c = a->cfg;
+    OUT("adapter: %s (name '%s')\n", a->dir, a->name);
+    OUT("config: %s\nweights: %s\n", a->config_path, a->weights_path);
+    OUT("type: %s%s%s\n", c->peft_type, c->use_dora ? " (DoRA)" : "", c->use_rslora ? " (rsLoRA)" : "");
+    OUT("r: %ld, lora_alpha: %g, scale: %g\n", c->r, c->lora_alpha,
+        c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r);
+    for (size_t i = 0; i < c->rank_keys.n; i++)
+        OUT("rank_pattern: %s -> %ld\n", c->rank_keys.v[i], c->rank_vals[i]);
+    for (size_t i = 0; i < c->alpha_keys.n; i++)
+        OUT("alpha_pattern: %s -> %g\n", c->alpha_keys.v[i], c->alpha_vals[i]);
+    if (c->all_linear)
+        OUT("target_modules: all-linear\n");
+    else if (c->target_is_regex)
+        OUT("target_modules: regex %s\n", c->target_regex);
+    else if (c->target_list.n) {
+        OUT("target_modules:");
+        for (size_t i = 0; i < c->target_list.n; i++)
+            OUT(" %s", c->target_list.v[i]);
+        OUT("\n");
+    }
+    if (c->modules_to_save.n) {
+        OUT("modules_to_save:");
+        for (size_t i = 0; i < c->modules_to_save.n; i++)
+            OUT(" %s", c->modules_to_save.v[i]);
+        OUT("\n");
+    }
+    OUT("bias: %s, lora_bias: %s, fan_in_fan_out: %s\n", c->bias, c->lora_bias ? "true" : "false",
+        c->fan_in_fan_out ? "true" : "false");
+    size_t per_dtype[LM_DT_COUNT] = {0};
+    for (size_t i = 0; i < a->ts->n; i++)
+        per_dtype[a->ts->t[i].dtype]++;
+    OUT("tensors: %zu;", a->ts->n);
+    for (int d = 0; d < LM_DT_COUNT; d++)
+        if (per_dtype[d])
+            OUT(" %s x%zu", lm_dtype_name((lm_dtype)d), per_dtype[d]);
+    OUT("\n");
+#undef OUT
+    lm_adapter_free(a);
+    *text = buf;
+    return LM_OK;
+}

@@ -1,0 +1,909 @@
+/* plan.c : the planner (see plan.h).  Adapter keys -> modules -> base tensors -> operations. */
+#include "plan.h"
+
+#include "compat.h"
+#include "lm_error.h"
+#include "peft_match.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* small helpers                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+static int is_float_dtype(lm_dtype dt)
+{
+    return dt == LM_DT_F16 || dt == LM_DT_BF16 || dt == LM_DT_F32 || dt == LM_DT_F64;
+}
+
+static int is_numeric_comp(const char *s, size_t n)
+{
+    if (n == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isdigit((unsigned char)s[i]))
+            return 0;
+    return 1;
+}
+
+static void shape_str(char *buf, size_t cap, size_t n_dims, const uint64_t *shape)
+{
+    size_t used = 0;
+    used += (size_t)snprintf(buf + used, cap - used, "[");
+    for (size_t d = 0; d < n_dims && used < cap; d++)
+        used += (size_t)snprintf(buf + used, cap - used, "%s%llu", d ? ", " : "", (unsigned long long)shape[d]);
+    if (used < cap)
+        snprintf(buf + used, cap - used, "]");
+}
+
+static lm_code plan_note(lm_plan *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static lm_code plan_note(lm_plan *p, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    char **n = realloc(p->notes, (p->n_notes + 1) * sizeof *n);
+    if (n == NULL)
+        return LM_E_NOMEM;
+    p->notes = n;
+    if ((p->notes[p->n_notes] = strdup(buf)) == NULL)
+        return LM_E_NOMEM;
+    p->n_notes++;
+    return LM_OK;
+}
+
+static const char *plan_str(lm_plan *p, const char *s)
+{
+    if (p->n_modules == p->cap_modules) {
+        size_t cap = p->cap_modules ? p->cap_modules * 2 : 64;
+        char **m = realloc(p->modules, cap * sizeof *m);
+        if (m == NULL)
+            return NULL;
+        p->modules = m;
+        p->cap_modules = cap;
+    }
+    char *c = strdup(s);
+    if (c != NULL)
+        p->modules[p->n_modules++] = c;
+    return c;
+}
+
+void lm_plan_free(lm_plan *p)
+{
+    if (p == NULL)
+        return;
+    for (size_t i = 0; i < p->n; i++) {
+        free(p->t[i].name);
+        free(p->t[i].ops);
+    }
+    free(p->t);
+    free(p->data_order);
+    free(p->meta_keys);
+    free(p->meta_values);
+    for (size_t i = 0; i < p->n_notes; i++)
+        free(p->notes[i]);
+    free(p->notes);
+    for (size_t i = 0; i < p->n_modules; i++)
+        free(p->modules[i]);
+    free(p->modules);
+    free(p);
+}
+
+static lm_op *add_op(lm_plan_tensor *t, lm_err *err)
+{
+    if (t->n_ops == t->cap_ops) {
+        size_t cap = t->cap_ops ? t->cap_ops * 2 : 4;
+        lm_op *o = realloc(t->ops, cap * sizeof *o);
+        if (o == NULL) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            return NULL;
+        }
+        t->ops = o;
+        t->cap_ops = cap;
+    }
+    lm_op *op = &t->ops[t->n_ops++];
+    memset(op, 0, sizeof *op);
+    return op;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* name resolution: adapter module path -> base tensor                                          */
+/* ------------------------------------------------------------------------------------------ */
+/* does base name T end with "." + s, the part before having no numeric component? */
+static int suffix_match(const char *T, const char *s)
+{
+    size_t nt = strlen(T), ns = strlen(s);
+    if (nt <= ns + 1 || T[nt - ns - 1] != '.' || memcmp(T + nt - ns, s, ns) != 0)
+        return 0;
+    size_t plen = nt - ns - 1, start = 0;
+    for (size_t i = 0; i <= plen; i++) {
+        if (i == plen || T[i] == '.') {
+            if (is_numeric_comp(T + start, i - start))
+                return 0;
+            start = i + 1;
+        }
+    }
+    return 1;
+}
+
+long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err)
+{
+    size_t idx;
+    if (lm_model_find(model, name, &idx) != NULL)
+        return (long)idx;
+    /* candidate spellings: the name with leading non-numeric components dropped */
+    const char *cands[64];
+    size_t n_cands = 0;
+    cands[n_cands++] = name;
+    for (const char *p = name; n_cands < 64;) {
+        const char *dot = strchr(p, '.');
+        if (dot == NULL || is_numeric_comp(p, (size_t)(dot - p)) || strchr(dot + 1, '.') == NULL)
+            break;
+        p = dot + 1;
+        cands[n_cands++] = p;
+    }
+    long found = -1;
+    const char *found_name = NULL;
+    for (size_t c = 1; c < n_cands; c++) {
+        if (lm_model_find(model, cands[c], &idx) != NULL) {
+            if (found >= 0 && (size_t)found != idx) {
+                lm_fail(err, LM_E_MISMATCH, "AmbiguousModule", "matches several base tensors ('%s' and '%s')",
+                        found_name, cands[c]);
+                return -2;
+            }
+            found = (long)idx;
+            found_name = cands[c];
+        }
+    }
+    if (found >= 0)
+        return found;
+    /* the base may carry leading components the adapter lacks (e.g. "model.") */
+    size_t n = lm_model_n_tensors(model);
+    for (size_t c = 0; c < n_cands; c++) {
+        for (size_t i = 0; i < n; i++) {
+            const char *T = lm_model_tensor(model, i)->info->name;
+            if (suffix_match(T, cands[c])) {
+                if (found >= 0 && (size_t)found != i) {
+                    lm_fail(err, LM_E_MISMATCH, "AmbiguousModule", "matches several base tensors ('%s' and '%s')",
+                            found_name, T);
+                    return -2;
+                }
+                found = (long)i;
+                found_name = T;
+            }
+        }
+        if (found >= 0)
+            return found;
+    }
+    lm_fail(err, LM_E_MISMATCH, "NoMatchingTensor", "no base tensor '%s' (nor under another prefix)", name);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* adapter keys -> modules                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+typedef enum { R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_FULL, R_SKIP } key_role;
+
+typedef struct {
+    char *module; /* path of the module inside the model ("model.layers.0.self_attn.q_proj") */
+    const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt;
+} lora_module;
+
+typedef struct {
+    lora_module *v;
+    size_t n, cap;
+} module_list;
+
+static void module_list_free(module_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i].module);
+    free(l->v);
+}
+
+static lora_module *module_get(module_list *l, const char *module, lm_err *err)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (strcmp(l->v[i].module, module) == 0)
+            return &l->v[i];
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        lora_module *v = realloc(l->v, cap * sizeof *v);
+        if (v == NULL) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            return NULL;
+        }
+        l->v = v;
+        l->cap = cap;
+    }
+    lora_module *m = &l->v[l->n];
+    memset(m, 0, sizeof *m);
+    if ((m->module = strdup(module)) == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    l->n++;
+    return m;
+}
+
+/* Splits an adapter key (prefix "base_model.model." already removed) into a role and the
+ * module path (or, for R_FULL, the tensor name), dropping ".base_layer" components. */
+static key_role classify_key(const char *rest, char *out, size_t cap)
+{
+    const char *comps[128];
+    size_t lens[128], n = 0;
+    for (const char *p = rest; n < 128;) {
+        const char *dot = strchr(p, '.');
+        comps[n] = p;
+        lens[n] = dot ? (size_t)(dot - p) : strlen(p);
+        n++;
+        if (dot == NULL)
+            break;
+        p = dot + 1;
+    }
+#define IS(i, lit) (lens[i] == sizeof(lit) - 1 && memcmp(comps[i], lit, sizeof(lit) - 1) == 0)
+    long j = -1;
+    for (long i = (long)n - 1; i >= 0 && j < 0; i--)
+        if (IS(i, "lora_A") || IS(i, "lora_B") || IS(i, "lora_embedding_A") || IS(i, "lora_embedding_B") ||
+            IS(i, "lora_magnitude_vector") || IS(i, "token_adapter"))
+            j = i;
+    size_t end = j >= 0 ? (size_t)j : n;
+    for (size_t i = 0; i < end; i++)
+        if (IS(i, "modules_to_save") || IS(i, "original_module"))
+            return R_SKIP;
+    size_t used = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < end; i++) {
+        if (IS(i, "base_layer"))
+            continue;
+        int k = snprintf(out + used, cap - used, "%s%.*s", used ? "." : "", (int)lens[i], comps[i]);
+        if (k < 0 || (size_t)k >= cap - used)
+            return R_SKIP;
+        used += (size_t)k;
+    }
+    if (j < 0)
+        return R_FULL;
+    size_t tail = n - (size_t)j - 1; /* components after the role */
+    const char *last = comps[n - 1];
+    size_t last_len = lens[n - 1];
+    int last_weight = last_len == 6 && memcmp(last, "weight", 6) == 0;
+    int last_bias = last_len == 4 && memcmp(last, "bias", 4) == 0;
+    size_t ju = (size_t)j;
+    if (IS(ju, "lora_A") || IS(ju, "lora_B")) {
+        if ((tail == 1 || tail == 2) && last_weight)
+            return IS(ju, "lora_A") ? R_A : R_B;
+        if ((tail == 1 || tail == 2) && last_bias && IS(ju, "lora_B"))
+            return R_BBIAS;
+        return R_SKIP;
+    }
+    if (IS(ju, "lora_embedding_A") || IS(ju, "lora_embedding_B"))
+        return tail <= 1 ? (IS(ju, "lora_embedding_A") ? R_EA : R_EB) : R_SKIP;
+    if (IS(ju, "lora_magnitude_vector"))
+        return tail <= 2 ? R_MAG : R_SKIP;
+    if (IS(ju, "token_adapter"))
+        return (tail >= 1 && tail <= 2 && IS(ju + 1, "trainable_tokens_delta")) ? R_TT : R_SKIP;
+#undef IS
+    return R_SKIP;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* planning one adapter                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    const lm_model *model;
+    lm_plan *plan;
+    lm_adapter *const *adapters;
+    size_t n_adapters;
+    const lm_plan_opts *opts;
+    lm_dtype new_dtype; /* dtype of tensors the adapters add */
+} planner;
+
+static lm_code mismatch(lm_err *err, const char *module, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static lm_code mismatch(lm_err *err, const char *module, const char *fmt, ...)
+{
+    char buf[320];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    lm_fail(err, LM_E_MISMATCH, "ShapeMismatch", "%s", buf);
+    lm_err_set_tensor(err, module);
+    return LM_E_MISMATCH;
+}
+
+static int leaf_is(const char *module, const char *leaf)
+{
+    const char *dot = strrchr(module, '.');
+    return strcmp(dot ? dot + 1 : module, leaf) == 0;
+}
+
+static const char *leaf_of(const char *module)
+{
+    const char *dot = strrchr(module, '.');
+    return dot ? dot + 1 : module;
+}
+
+/* find or create the output tensor for a base entry index */
+static lm_plan_tensor *tensor_for(planner *P, long base_idx) { return &P->plan->t[base_idx]; }
+
+static lm_code plan_replace(planner *P, size_t ai, const lm_ts_tensor *src, const char *name, lm_err *err)
+{
+    lm_plan *p = P->plan;
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_resolve_base_name(P->model, name, &local);
+    if (bi == -2) {
+        *err = local;
+        lm_err_set_tensor(err, src->name);
+        return LM_E_MISMATCH;
+    }
+    if (!is_float_dtype(src->dtype))
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "adapter tensor '%s' has dtype %s (expected a float type)",
+                       src->name, lm_dtype_name(src->dtype));
+    if (bi < 0) { /* a tensor the base does not have: added to the output */
+        lm_plan_tensor *nt = realloc(p->t, (p->n + 1) * sizeof *nt);
+        if (nt == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        p->t = nt;
+        lm_plan_tensor *t = &p->t[p->n];
+        memset(t, 0, sizeof *t);
+        if ((t->name = strdup(name)) == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        p->n++;
+        t->dtype = P->opts->out_dtype_set ? P->opts->out_dtype : P->new_dtype;
+        t->src_dtype = src->dtype;
+        t->n_dims = src->n_dims;
+        t->shape = src->shape;
+        t->rows = src->n_dims ? src->shape[0] : 1;
+        t->cols = t->rows ? src->n_elems / t->rows : 0;
+        lm_op *op = add_op(t, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->kind = LM_OP_REPLACE;
+        op->adapter = ai;
+        op->a = src;
+        op->module = plan_str(p, name);
+        p->n_new++;
+        return plan_note(p, "added tensor %s %s from the adapter (no such tensor in the base)", name,
+                         lm_dtype_name(t->dtype));
+    }
+    lm_plan_tensor *t = tensor_for(P, bi);
+    const lm_tensor_info *bt = t->base->info;
+    int same = bt->n_dims == src->n_dims;
+    for (size_t d = 0; same && d < bt->n_dims; d++)
+        same = bt->shape[d] == src->shape[d];
+    if (!same) {
+        char s1[96], s2[96];
+        shape_str(s1, sizeof s1, src->n_dims, src->shape);
+        shape_str(s2, sizeof s2, bt->n_dims, bt->shape);
+        return mismatch(err, src->name, "replacement tensor has shape %s but base tensor '%s' has %s "
+                        "(a resized vocabulary or head is not supported)", s1, bt->name, s2);
+    }
+    if (!is_float_dtype(bt->dtype))
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "base tensor '%s' is %s: only float tensors can be replaced",
+                       bt->name, lm_dtype_name(bt->dtype));
+    for (size_t k = 0; k < t->n_ops; k++)
+        if (t->ops[k].kind == LM_OP_REPLACE)
+            return lm_fail(err, LM_E_MISMATCH, "Conflict", "two adapters replace base tensor '%s'", bt->name);
+    lm_op *op = add_op(t, err);
+    if (op == NULL)
+        return LM_E_NOMEM;
+    /* the replacement comes first: later deltas apply to the replaced values */
+    memmove(&t->ops[1], &t->ops[0], (t->n_ops - 1) * sizeof *op);
+    op = &t->ops[0];
+    memset(op, 0, sizeof *op);
+    op->kind = LM_OP_REPLACE;
+    op->adapter = ai;
+    op->a = src;
+    op->module = plan_str(P->plan, name);
+    t->src_dtype = src->dtype;
+    P->plan->n_replaced++;
+    return LM_OK;
+}
+
+/* orientation of a 2-D low-rank module: 0 Linear ([out, in]), 1 Conv1D ([in, out]), -1 undecided */
+static int orientation_of(const lm_tensor_info *w, uint64_t out, uint64_t in)
+{
+    if (w->n_dims != 2)
+        return -2;
+    if (w->shape[0] == out && w->shape[1] == in)
+        return out == in ? -1 : 0;
+    if (w->shape[0] == in && w->shape[1] == out)
+        return 1;
+    return -2;
+}
+
+typedef struct {
+    lora_module *m;
+    long base;    /* base entry of the weight */
+    int orient;   /* 0, 1, -1 undecided */
+    long rank;
+    double alpha;
+} lowrank_info;
+
+static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
+{
+    lm_adapter *ad = P->adapters[ai];
+    const lm_adapter_config *cfg = ad->cfg;
+    lm_plan *p = P->plan;
+    module_list mods = {0};
+    lowrank_info *li = NULL;
+    lm_code rc = LM_OK;
+    char buf[1024];
+    size_t n_bare = 0;
+
+    /* targeting rules of the config (peft-merge.md §3.4) */
+    lm_target_rules rules;
+    memset(&rules, 0, sizeof rules);
+    rules.has_target = cfg->has_target && !cfg->all_linear;
+    rules.target_is_regex = cfg->target_is_regex;
+    rules.target_regex = cfg->target_regex;
+    rules.target_list = (const char *const *)cfg->target_list.v;
+    rules.n_target = cfg->target_list.n;
+    rules.all_linear = cfg->all_linear;
+    rules.exclude_is_regex = cfg->exclude_is_regex;
+    rules.exclude_regex = cfg->exclude_regex;
+    rules.exclude_list = (const char *const *)cfg->exclude_list.v;
+    rules.n_exclude = cfg->exclude_list.n;
+    rules.modules_to_save = (const char *const *)cfg->modules_to_save.v;
+    rules.n_modules_to_save = cfg->modules_to_save.n;
+    rules.layers_to_transform = cfg->layers_to_transform;
+    rules.n_layers = cfg->n_layers;
+    rules.layers_pattern = (const char *const *)cfg->layers_pattern.v;
+    rules.n_layers_pattern = cfg->layers_pattern.n;
+
+    for (size_t i = 0; i < ad->ts->n; i++) {
+        const lm_ts_tensor *t = &ad->ts->t[i];
+        const char *rest = t->name;
+        if (strncmp(rest, "base_model.model.", 17) == 0) {
+            rest += 17;
+        } else {
+            if (strncmp(rest, "base_model.", 11) == 0)
+                rest += 11;
+            n_bare++;
+        }
+        key_role role = classify_key(rest, buf, sizeof buf);
+        if (role == R_SKIP) {
+            if ((rc = plan_note(p, "%s: ignored adapter tensor %s", ad->dir, t->name)) != LM_OK)
+                goto done;
+            continue;
+        }
+        if (role == R_FULL) {
+            if ((rc = plan_replace(P, ai, t, buf, err)) != LM_OK) {
+                lm_err_set_path(err, ad->weights_path);
+                goto done;
+            }
+            continue;
+        }
+        lora_module *m = module_get(&mods, buf, err);
+        if (m == NULL) {
+            rc = LM_E_NOMEM;
+            goto done;
+        }
+        const lm_ts_tensor **slot = role == R_A ? &m->a : role == R_B ? &m->b : role == R_BBIAS ? &m->bbias
+                                  : role == R_EA ? &m->ea : role == R_EB ? &m->eb : role == R_MAG ? &m->mag : &m->tt;
+        if (*slot != NULL) {
+            rc = lm_fail(err, LM_E_FORMAT, "DuplicateKey", "adapter holds two tensors for the same part ('%s' and '%s')",
+                         (*slot)->name, t->name);
+            lm_err_set_tensor(err, m->module);
+            lm_err_set_path(err, ad->weights_path);
+            goto done;
+        }
+        *slot = t;
+    }
+    if (n_bare > 0 &&
+        (rc = plan_note(p, "%s: %zu adapter keys lack the 'base_model.model.' prefix; merged anyway "
+                           "(PEFT would not load them)", ad->dir, n_bare)) != LM_OK)
+        goto done;
+
+    li = calloc(mods.n ? mods.n : 1, sizeof *li);
+    if (li == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    /* pass 1: pairs, targeting, ranks, base tensors, orientation where the shapes tell */
+    for (size_t k = 0; k < mods.n; k++) {
+        lora_module *m = &mods.v[k];
+        li[k].m = m;
+        li[k].base = -1;
+        li[k].orient = -1;
+        const lm_ts_tensor *A = m->a ? m->a : m->ea, *B = m->b ? m->b : m->eb;
+        if (m->tt != NULL && A == NULL && B == NULL)
+            continue; /* trainable tokens alone: planned below */
+        if ((m->a != NULL) != (m->b != NULL) || (m->ea != NULL) != (m->eb != NULL) || (A == NULL)) {
+            const char *have = m->a ? "lora_A" : m->b ? "lora_B" : m->ea ? "lora_embedding_A"
+                             : m->eb ? "lora_embedding_B" : m->mag ? "lora_magnitude_vector" : "lora_B.bias";
+            const char *miss = m->a ? "lora_B" : m->b ? "lora_A" : m->ea ? "lora_embedding_B"
+                             : m->eb ? "lora_embedding_A" : "lora_A and lora_B";
+            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "adapter has %s but no %s for this module", have, miss);
+            lm_err_set_tensor(err, m->module);
+            lm_err_set_path(err, ad->weights_path);
+            goto done;
+        }
+        if (m->a != NULL && m->ea != NULL) {
+            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "adapter has both lora_A/B and lora_embedding_A/B");
+            lm_err_set_tensor(err, m->module);
+            goto done;
+        }
+        int targeted = lm_target_matches(&rules, m->module, err);
+        if (targeted < 0) {
+            lm_err_set_path(err, ad->config_path);
+            rc = err ? err->code : LM_E_FORMAT;
+            goto done;
+        }
+        if (!targeted) {
+            if ((rc = plan_note(p, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                   "skipped, as PEFT does", ad->dir, m->module)) != LM_OK)
+                goto done;
+            li[k].m = NULL;
+            continue;
+        }
+        /* rank and alpha through rank_pattern / alpha_pattern */
+        long r = cfg->r;
+        double alpha = cfg->lora_alpha;
+        long w = lm_pattern_lookup((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, m->module, err);
+        if (w == -2) {
+            lm_err_set_path(err, ad->config_path);
+            rc = err ? err->code : LM_E_FORMAT;
+            goto done;
+        }
+        if (w >= 0)
+            r = cfg->rank_vals[w];
+        w = lm_pattern_lookup((const char *const *)cfg->alpha_keys.v, cfg->alpha_keys.n, m->module, err);
+        if (w == -2) {
+            lm_err_set_path(err, ad->config_path);
+            rc = err ? err->code : LM_E_FORMAT;
+            goto done;
+        }
+        if (w >= 0)
+            alpha = cfg->alpha_vals[w];
+        li[k].rank = r;
+        li[k].alpha = alpha;
+        if (!is_float_dtype(A->dtype) || !is_float_dtype(B->dtype)) {
+            rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "lora factors must be float (got %s, %s)",
+                         lm_dtype_name(A->dtype), lm_dtype_name(B->dtype));
+            lm_err_set_tensor(err, m->module);
+            goto done;
+        }
+        if (A->n_dims < 2 || B->n_dims < 2) {
+            rc = mismatch(err, m->module, "lora factors must have at least 2 dimensions");
+            goto done;
+        }
+        uint64_t rank = A->shape[0];
+        if (B->shape[1] != rank) {
+            char s1[96], s2[96];
+            shape_str(s1, sizeof s1, A->n_dims, A->shape);
+            shape_str(s2, sizeof s2, B->n_dims, B->shape);
+            rc = mismatch(err, m->module, "lora_A %s and lora_B %s disagree on the rank", s1, s2);
+            goto done;
+        }
+        if ((long)rank != r) {
+            rc = lm_fail(err, LM_E_MISMATCH, "RankMismatch",
+                         "the tensors have rank %llu but adapter_config.json says r=%ld for this module "
+                         "(PEFT would fail to load it)", (unsigned long long)rank, r);
+            lm_err_set_tensor(err, m->module);
+            goto done;
+        }
+        snprintf(buf, sizeof buf, "%s.weight", m->module);
+        lm_err local;
+        lm_err_clear(&local);
+        long bi = lm_resolve_base_name(P->model, buf, &local);
+        if (bi < 0) {
+            *err = local;
+            lm_err_set_tensor(err, m->module);
+            rc = err->code;
+            goto done;
+        }
+        li[k].base = bi;
+        const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)bi)->info;
+        if (!is_float_dtype(W->dtype)) {
+            rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "base tensor '%s' is %s: only float weights can be merged",
+                         W->name, lm_dtype_name(W->dtype));
+            lm_err_set_tensor(err, m->module);
+            goto done;
+        }
+        char sw[96], sa[96], sb[96];
+        shape_str(sw, sizeof sw, W->n_dims, W->shape);
+        shape_str(sa, sizeof sa, A->n_dims, A->shape);
+        shape_str(sb, sizeof sb, B->n_dims, B->shape);
+        if (m->ea != NULL) { /* embedding: W [V, D], A [r, V], B [D, r] */
+            if (A->n_dims != 2 || B->n_dims != 2 || W->n_dims != 2 || W->shape[0] != A->shape[1] ||
+                W->shape[1] != B->shape[0]) {
+                rc = mismatch(err, m->module, "base '%s' is %s but lora_embedding_A %s, lora_embedding_B %s "
+                              "need [%llu, %llu]", W->name, sw, sa, sb, (unsigned long long)A->shape[1],
+                              (unsigned long long)B->shape[0]);
+                goto done;
+            }
+            li[k].orient = 1;
+        } else if (W->n_dims >= 3 || A->n_dims >= 3) { /* convolution */
+            int ok = W->n_dims == A->n_dims && W->n_dims == B->n_dims && W->shape[0] == B->shape[0];
+            for (size_t d = 1; ok && d < W->n_dims; d++)
+                ok = W->shape[d] == A->shape[d];
+            for (size_t d = 2; ok && d < B->n_dims; d++)
+                ok = B->shape[d] == 1;
+            if (!ok) {
+                rc = mismatch(err, m->module, "base '%s' is %s but lora_A is %s and lora_B %s", W->name, sw, sa, sb);
+                goto done;
+            }
+            li[k].orient = 0;
+        } else {
+            int o = orientation_of(W, B->shape[0], A->shape[1]);
+            if (o == -2) {
+                rc = mismatch(err, m->module, "base '%s' is %s but lora_B @ lora_A is [%llu, %llu] "
+                              "(lora_A %s, lora_B %s)", W->name, sw, (unsigned long long)B->shape[0],
+                              (unsigned long long)A->shape[1], sa, sb);
+                goto done;
+            }
+            li[k].orient = o;
+        }
+    }
+    /* pass 2: square modules whose orientation the shapes cannot tell (peft-merge.md §5.1.2) */
+    int any_conv1d = 0;
+    for (size_t k = 0; k < mods.n; k++)
+        if (li[k].m && li[k].base >= 0 && li[k].orient == 1 && li[k].m->a != NULL)
+            any_conv1d = 1;
+    for (size_t k = 0; k < mods.n; k++) {
+        if (li[k].m == NULL || li[k].base < 0 || li[k].orient != -1)
+            continue;
+        int o = -1;
+        const char *why = NULL;
+        for (size_t j = 0; j < mods.n && o < 0; j++)
+            if (li[j].m && li[j].orient >= 0 && li[j].m->a != NULL &&
+                strcmp(leaf_of(li[j].m->module), leaf_of(li[k].m->module)) == 0) {
+                o = li[j].orient;
+                why = "as its non-square siblings";
+            }
+        if (o < 0 && any_conv1d) {
+            o = 1;
+            why = "the adapter's other modules are Conv1D";
+        }
+        if (o < 0 && (leaf_is(li[k].m->module, "c_attn") || leaf_is(li[k].m->module, "c_proj") ||
+                      leaf_is(li[k].m->module, "c_fc"))) {
+            o = 1;
+            why = "GPT-2 Conv1D layer name";
+        }
+        if (o < 0) {
+            o = cfg->fan_in_fan_out ? 1 : 0;
+            why = "fan_in_fan_out of adapter_config.json";
+        }
+        li[k].orient = o;
+        if (o == 1 && (rc = plan_note(p, "%s: square module %s taken as Conv1D ([in, out] storage): %s", ad->dir,
+                                      li[k].m->module, why)) != LM_OK)
+            goto done;
+    }
+    if (any_conv1d && !cfg->fan_in_fan_out &&
+        (rc = plan_note(p, "%s: fan_in_fan_out is false but the base stores these layers as [in, out] (Conv1D); "
+                           "merged transposed, as PEFT does", ad->dir)) != LM_OK)
+        goto done;
+
+    /* pass 3: operations */
+    for (size_t k = 0; k < mods.n; k++) {
+        lora_module *m = li[k].m;
+        if (m == NULL)
+            continue;
+        if (li[k].base >= 0) {
+            const lm_ts_tensor *A = m->a ? m->a : m->ea, *B = m->b ? m->b : m->eb;
+            lm_plan_tensor *t = tensor_for(P, li[k].base);
+            lm_op *op = add_op(t, err);
+            if (op == NULL) {
+                rc = LM_E_NOMEM;
+                goto done;
+            }
+            double s = cfg->use_rslora ? li[k].alpha / sqrt((double)li[k].rank) : li[k].alpha / (double)li[k].rank;
+            op->kind = LM_OP_LOWRANK;
+            op->adapter = ai;
+            op->module = plan_str(p, m->module);
+            op->a = A;
+            op->b = B;
+            op->rank = A->shape[0];
+            op->in = A->n_elems / A->shape[0];
+            op->out = B->shape[0];
+            op->transposed = li[k].orient == 1;
+            op->scale_f64 = s * ad->weight;
+            op->scale = (float)op->scale_f64;
+            p->n_lowrank++;
+            p->lowrank_flops += 2.0 * (double)op->rank * (double)op->in * (double)op->out;
+            if (m->mag != NULL || cfg->use_dora) {
+                if (m->mag == NULL || !cfg->use_dora) {
+                    rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule",
+                                 m->mag ? "adapter has lora_magnitude_vector but use_dora is not set"
+                                        : "use_dora is set but the adapter has no lora_magnitude_vector for this module");
+                    lm_err_set_tensor(err, m->module);
+                    goto done;
+                }
+                uint64_t want = m->ea ? B->shape[0] : B->shape[0];
+                if (m->mag->n_elems != want) {
+                    rc = mismatch(err, m->module, "lora_magnitude_vector has %llu elements, expected %llu",
+                                  (unsigned long long)m->mag->n_elems, (unsigned long long)want);
+                    goto done;
+                }
+                lm_op *d = add_op(t, err);
+                if (d == NULL) {
+                    rc = LM_E_NOMEM;
+                    goto done;
+                }
+                d->kind = LM_OP_DORA;
+                d->adapter = ai;
+                d->module = op->module;
+                d->a = m->mag;
+                d->dora_axis = li[k].orient == 1 ? 1 : 0;
+            }
+            if (m->bbias != NULL) {
+                snprintf(buf, sizeof buf, "%s.bias", m->module);
+                lm_err local;
+                lm_err_clear(&local);
+                long bb = lm_resolve_base_name(P->model, buf, &local);
+                if (bb < 0) {
+                    rc = lm_fail(err, LM_E_MISMATCH, "NoMatchingTensor",
+                                 "lora_bias is set but the base layer has no bias (no '%s')", buf);
+                    lm_err_set_tensor(err, m->module);
+                    goto done;
+                }
+                lm_plan_tensor *bt = tensor_for(P, bb);
+                if (bt->base->info->n_elems != m->bbias->n_elems || m->bbias->n_elems != op->out) {
+                    rc = mismatch(err, m->module, "lora_B.bias has %llu elements but the base bias has %llu",
+                                  (unsigned long long)m->bbias->n_elems, (unsigned long long)bt->base->info->n_elems);
+                    goto done;
+                }
+                lm_op *bo = add_op(bt, err);
+                if (bo == NULL) {
+                    rc = LM_E_NOMEM;
+                    goto done;
+                }
+                bo->kind = LM_OP_BIAS_ADD;
+                bo->adapter = ai;
+                bo->module = op->module;
+                bo->a = m->bbias;
+                bo->scale_f64 = op->scale_f64;
+                bo->scale = op->scale;
+            }
+        }
+        if (m->tt != NULL) {
+            /* trainable tokens: rows of the embedding replaced (peft-merge.md §5.15) */
+            const long *rows = NULL;
+            size_t n_rows = 0;
+            for (size_t q = 0; q < cfg->tt_modules.n; q++) {
+                const char *key = cfg->tt_modules.v[q];
+                size_t nk = strlen(key), nm = strlen(m->module);
+                if (key[0] == '\0' || strcmp(key, m->module) == 0 ||
+                    (nm > nk && m->module[nm - nk - 1] == '.' && strcmp(m->module + nm - nk, key) == 0)) {
+                    rows = cfg->tt_indices[q];
+                    n_rows = cfg->tt_n[q];
+                    if (key[0] != '\0')
+                        break;
+                }
+            }
+            if (rows == NULL) {
+                rc = lm_fail(err, LM_E_FORMAT, "MissingField",
+                             "adapter has trainable_tokens_delta but trainable_token_indices names no indices for it");
+                lm_err_set_tensor(err, m->module);
+                goto done;
+            }
+            snprintf(buf, sizeof buf, "%s.weight", m->module);
+            lm_err local;
+            lm_err_clear(&local);
+            long bi = lm_resolve_base_name(P->model, buf, &local);
+            if (bi < 0) {
+                *err = local;
+                lm_err_set_tensor(err, m->module);
+                rc = err->code;
+                goto done;
+            }
+            lm_plan_tensor *t = tensor_for(P, bi);
+            const lm_tensor_info *W = t->base->info;
+            if (W->n_dims != 2 || m->tt->n_dims != 2 || m->tt->shape[0] != n_rows || m->tt->shape[1] != W->shape[1]) {
+                rc = mismatch(err, m->module, "trainable_tokens_delta must be [%zu, %llu] for embedding '%s'", n_rows,
+                              (unsigned long long)(W->n_dims == 2 ? W->shape[1] : 0), W->name);
+                goto done;
+            }
+            for (size_t q = 0; q < n_rows; q++)
+                if (rows[q] < 0 || (uint64_t)rows[q] >= W->shape[0]) {
+                    rc = lm_fail(err, LM_E_MISMATCH, "IndexOutOfRange", "token index %ld is outside the vocabulary (%llu rows)",
+                                 rows[q], (unsigned long long)W->shape[0]);
+                    lm_err_set_tensor(err, m->module);
+                    goto done;
+                }
+            lm_op *op = add_op(t, err);
+            if (op == NULL) {
+                rc = LM_E_NOMEM;
+                goto done;
+            }
+            op->kind = LM_OP_ROWS;
+            op->adapter = ai;
+            op->module = plan_str(p, m->module);
+            op->a = m->tt;
+            op->rows = rows;
+            op->n_rows = n_rows;
+        }
+    }
+done:
+    if (rc != LM_OK)
+        lm_err_set_path(err, ad->weights_path);
+    free(li);
+    module_list_free(&mods);
+    return rc;
+}
+
+static int cmp_data_order(const void *a, const void *b, void *ctx)
+{
+    const lm_model_entry *x = lm_model_tensor(ctx, *(const size_t *)a);
+    const lm_model_entry *y = lm_model_tensor(ctx, *(const size_t *)b);
+    if (x->file != y->file)
+        return x->file < y->file ? -1 : 1;
+    if (x->info->begin != y->info->begin)
+        return x->info->begin < y->info->begin ? -1 : 1;
+    return 0;
+}
+
+lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size_t n_adapters,
+                        const lm_plan_opts *opts, lm_err *err)
+{
+    static const lm_plan_opts no_opts = {0};
+    lm_plan *p = calloc(1, sizeof *p);
+    if (p == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    planner P = {model, p, adapters, n_adapters, opts ? opts : &no_opts, LM_DT_F32};
+    size_t n = lm_model_n_tensors(model);
+    p->n = n;
+    p->t = calloc(n ? n : 1, sizeof *p->t);
+    if (p->t == NULL)
+        goto nomem;
+    size_t count[LM_DT_COUNT] = {0};
+    for (size_t i = 0; i < n; i++) {
+        const lm_model_entry *e = lm_model_tensor(model, i);
+        lm_plan_tensor *t = &p->t[i];
+        if ((t->name = strdup(e->info->name)) == NULL)
+            goto nomem;
+        t->base = e;
+        t->src_dtype = e->info->dtype;
+        t->dtype = (P.opts->out_dtype_set && is_float_dtype(e->info->dtype)) ? P.opts->out_dtype : e->info->dtype;
+        t->n_dims = e->info->n_dims;
+        t->shape = e->info->shape;
+        t->rows = e->info->n_dims ? e->info->shape[0] : 1;
+        t->cols = t->rows ? e->info->n_elems / t->rows : 0;
+        if (is_float_dtype(e->info->dtype))
+            count[e->info->dtype] += e->info->n_elems;
+    }
+    for (int d = 0; d < LM_DT_COUNT; d++)
+        if (count[d] > count[P.new_dtype])
+            P.new_dtype = (lm_dtype)d;
+    for (size_t ai = 0; ai < n_adapters; ai++)
+        if (plan_adapter(&P, ai, err) != LM_OK)
+            goto fail;
+    /* base metadata (of the first file), kept as it is */
+    if (lm_model_n_files(model) > 0) {
+        const lm_st_file *f0 = lm_model_file(model, 0);
+        p->n_meta = lm_st_n_metadata(f0);
+        p->meta_keys = calloc(p->n_meta ? p->n_meta : 1, sizeof *p->meta_keys);
+        p->meta_values = calloc(p->n_meta ? p->n_meta : 1, sizeof *p->meta_values);
+        if (p->meta_keys == NULL || p->meta_values == NULL)
+            goto nomem;
+        for (size_t i = 0; i < p->n_meta; i++)
+            lm_st_metadata(f0, i, &p->meta_keys[i], &p->meta_values[i]);
+    }
+    /* data layout: the base's own order, then the added tensors */
+    p->data_order = malloc((p->n ? p->n : 1) * sizeof *p->data_order);
+    if (p->data_order == NULL)
+        goto nomem;
+    for (size_t i = 0; i < p->n; i++)
+        p->data_order[i] = i;
+    qsort_r(p->data_order, n, sizeof *p->data_order, cmp_data_order, (void *)model);
+    for (size_t i = 0; i < p->n; i++)
+        if (p->t[i].n_ops > 0 || p->t[i].dtype != p->t[i].src_dtype)
+            p->n_changed++;
+    return p;
+nomem:
+    lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+fail:
+    lm_plan_free(p);
+    return NULL;
+}

@@ -1,0 +1,77 @@
+/* plan.h : the planner.  Turns adapters into a plan: for every output tensor, what it becomes
+ * (copied, converted, or computed by a list of operations).  Reads headers and configs only,
+ * never writes; every check that can fail (names, shapes, ranks, dtypes) runs here, before the
+ * output file exists. */
+#ifndef LM_PLAN_H
+#define LM_PLAN_H
+
+#include "adapter_load.h"
+#include "lora_merge.h"
+
+typedef enum {
+    LM_OP_REPLACE = 0, /* W <- src (modules_to_save, bias="all", saved embeddings) */
+    LM_OP_LOWRANK,     /* W += scale * B@A (transposed: W += scale * (B@A)^T) */
+    LM_OP_BIAS_ADD,    /* b += scale * src (lora_bias) */
+    LM_OP_ROWS,        /* W[rows[k], :] <- src[k, :] (trainable tokens) */
+    LM_OP_DORA,        /* W <- m / ||W|| * W, norm per row (axis 0) or per column (axis 1) */
+} lm_op_kind;
+
+typedef struct lm_op {
+    lm_op_kind kind;
+    size_t adapter;            /* index of the adapter it comes from */
+    const char *module;        /* module path (owned by the plan) */
+    const lm_ts_tensor *a, *b; /* LOWRANK: a = A [rank, in], b = B [out, rank]; others: a = source */
+    uint64_t rank, in, out;
+    int transposed;            /* W is stored [in, out] (Conv1D, Embedding) */
+    int dora_axis;
+    float scale;
+    double scale_f64;
+    const long *rows;          /* ROWS: borrowed from the adapter config */
+    size_t n_rows;
+} lm_op;
+
+typedef struct lm_plan_tensor {
+    char *name;                  /* owned */
+    lm_dtype dtype;              /* output dtype */
+    lm_dtype src_dtype;          /* dtype of the input bytes (base, or the replacing tensor) */
+    size_t n_dims;
+    const uint64_t *shape;       /* borrowed from the base or the adapter tensor */
+    const lm_model_entry *base;  /* NULL for a tensor the adapter adds */
+    uint64_t rows, cols;         /* 2-D view: rows = shape[0], cols = the rest */
+    lm_op *ops;                  /* owned */
+    size_t n_ops, cap_ops;
+} lm_plan_tensor;
+
+typedef struct lm_plan {
+    lm_plan_tensor *t;  /* output tensors in header order: the base's, then new ones */
+    size_t n;
+    size_t *data_order; /* data layout order (the base's data order, then new tensors) */
+    const char **meta_keys, **meta_values; /* borrowed from the base's first file */
+    size_t n_meta;
+    char **notes;       /* owned: one-line remarks for the report (skipped modules ...) */
+    size_t n_notes;
+    char **modules;     /* owned strings referenced by ops */
+    size_t n_modules, cap_modules;
+    size_t n_lowrank, n_replaced, n_new, n_changed;
+    double lowrank_flops;
+} lm_plan;
+
+typedef struct lm_plan_opts {
+    int out_dtype_set;   /* --dtype other than auto: floating tensors become out_dtype */
+    lm_dtype out_dtype;
+} lm_plan_opts;
+
+/*! lm_plan_create() :
+ *  Resolves every adapter module to one base tensor and checks names, shapes, ranks, dtypes.
+ *  @return a plan, or NULL with *err filled (err->tensor names the module).
+ *  Ownership: lm_plan_free(); the plan borrows model and adapters, which must outlive it. */
+lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size_t n_adapters,
+                        const lm_plan_opts *opts, lm_err *err);
+void lm_plan_free(lm_plan *p);
+
+/*! lm_resolve_base_name() : the base tensor for `name` as written in the adapter: the exact
+ *  name, else with non-numeric leading components dropped and/or the base's own leading
+ *  components added.  @return the entry index, or -1 (none; err filled) or -2 (several). */
+long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err);
+
+#endif
