@@ -88,10 +88,10 @@ typedef struct parser {
 
 static void printable(char *dst, size_t cap, const uint8_t *src, size_t n)
 {
-    size_t j = 0;
-    for (size_t i = 0; i < n && j + 4 < cap; i++)
+    size_t i = 0, j = 0;
+    for (; i < n && j + 4 < cap; i++)
         dst[j++] = (src[i] >= 0x20 && src[i] < 0x7f) ? (char)src[i] : '?';
-    if (n > 0 && j + 4 >= cap && j + 3 < cap) {
+    if (i < n) { /* cut short: there is room for the dots */
         memcpy(dst + j, "...", 3);
         j += 3;
     }
@@ -535,14 +535,9 @@ static lm_code op_persid(parser *p)
         while (pk->st_hash[j])
             j = (j + 1) & (pk->hash_cap - 1);
         pk->st_hash[j] = found + 1;
-        if (p->opt->resolve != NULL) {
-            int was_clear = p->err != NULL && p->err->code == LM_OK;
-            if ((rc = p->opt->resolve(p->opt->ctx, found, s, p->err))) {
-                if (was_clear)
-                    p->err->offset = p->opt->base_offset + p->op_pos;
-                return rc;
-            }
-        }
+        /* the callback's message names the storage and the entry; no pickle offset is added */
+        if (p->opt->resolve != NULL && (rc = p->opt->resolve(p->opt->ctx, found, s, p->err)))
+            return rc;
     }
     if ((rc = new_obj(p, LM_PK_STORAGE, &r)))
         return rc;
@@ -755,7 +750,7 @@ static lm_code op_marked(parser *p, lm_pk_kind kind)
         return rc;
     if (kind == LM_PK_DICT && (p->sp - base) % 2 != 0)
         return fail(p, LM_E_FORMAT, "InvalidPickle", "pickle DICT with an odd number of items");
-    if ((rc = make_container(p, kind, p->stack + base, p->sp - base, &r)))
+    if ((rc = make_container(p, kind, p->sp > base ? p->stack + base : NULL, p->sp - base, &r)))
         return rc;
     p->sp = base;
     return push(p, r);

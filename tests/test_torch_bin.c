@@ -1114,3 +1114,22 @@ Test(pickle, torch_pickle_load_with_callback)
     lm_ts_free(ts);
     free(p.b);
 }
+
+Test(pickle, forbidden_global_name_is_sanitized)
+{
+    tb_buf p = {0};
+    uint8_t h[] = {0x80, 2};
+    tb_put(&p, h, 2);
+    char mod[201];
+    memset(mod, 'm', 200);
+    mod[0] = '\x1b';
+    mod[200] = '\0';
+    tb_global(&p, mod, "sys\ttem");
+    tb_op(&p, '.');
+    lm_err err;
+    lm_code rc = tb_parse(p.b, p.n, NULL, &err);
+    tb_expect_err(rc, err, LM_E_UNSUPPORTED, "ForbiddenGlobal", "'?mmm");
+    cr_assert(strstr(err.msg, "....sys?tem'") != NULL, "%s", err.msg);
+    cr_assert(strchr(err.msg, '\x1b') == NULL && strchr(err.msg, '\t') == NULL);
+    free(p.b);
+}
