@@ -122,7 +122,7 @@ fail:
 static char *read_small_file(const char *path, size_t *n_out, lm_err *err)
 {
     char *buf = NULL;
-    const int fd = open(path, O_RDONLY | O_CLOEXEC);
+    const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0) {
         lm_fail_errno(err, errno, "cannot open");
         return NULL;

@@ -304,12 +304,16 @@ static int same_key(const st_json_doc *d, const st_json_node *a, const st_json_n
            memcmp(d->strings + a->key, d->strings + b->key, a->key_len) == 0;
 }
 
-static int dup_found(jp *j, const st_json_node *m)
+static int dup_found(jp *j, uint32_t obj, uint32_t member)
 {
-    const st_json_doc *d = j->d;
+    st_json_doc *d = j->d;
+    const st_json_node *m = &d->nodes[member];
     char msg[96];
     snprintf(msg, sizeof msg, "duplicate key \"%.48s\"", d->strings + m->key);
-    return jp_fail(j, ST_JSON_E_DUPKEY, m->key_pos, msg), -1;
+    jp_fail(j, ST_JSON_E_DUPKEY, m->key_pos, msg);
+    d->err_member = member;
+    d->err_object = obj;
+    return -1;
 }
 
 /* Duplicate keys: pairwise for small objects, a temporary hash set for large ones (the top
@@ -324,7 +328,7 @@ static int check_dups(jp *j, uint32_t obj)
         for (uint32_t a = d->nodes[obj].child; a; a = d->nodes[a].next)
             for (uint32_t b = d->nodes[obj].child; b != a; b = d->nodes[b].next)
                 if (same_key(d, &d->nodes[a], &d->nodes[b]))
-                    return dup_found(j, &d->nodes[a]);
+                    return dup_found(j, obj, a);
         return 0;
     }
     size_t cap = 32;
@@ -339,7 +343,7 @@ static int check_dups(jp *j, uint32_t obj)
         size_t h = key_hash(d->strings + m->key, m->key_len) & (cap - 1);
         while (slots[h] != 0) {
             if (same_key(d, &d->nodes[slots[h]], m)) {
-                rc = dup_found(j, m);
+                rc = dup_found(j, obj, a);
                 break;
             }
             h = (h + 1) & (cap - 1);

@@ -62,6 +62,8 @@ typedef struct st_json_doc {
     /* on error: */
     st_json_status status;
     size_t err_pos;      /* offset in the input where the problem was seen */
+    uint32_t err_member; /* ST_JSON_E_DUPKEY: the second member with that key */
+    uint32_t err_object; /* ST_JSON_E_DUPKEY: the object holding both (0 = the root) */
     char err_msg[96];    /* one line, no trailing period */
 } st_json_doc;
 

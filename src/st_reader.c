@@ -226,9 +226,9 @@ static const char *type_name(uint8_t t)
     return "?";
 }
 
-static int has_nul(const st_json_doc *d, const char *s, uint32_t n)
+/* decoded strings may hold U+0000, which a C string cannot carry */
+static int has_nul(const char *s, uint32_t n)
 {
-    (void)d;
     return memchr(s, '\0', n) != NULL;
 }
 
@@ -258,7 +258,7 @@ static lm_code check_metadata(st_ctx *c, const st_json_node *md)
             lm_err_set_offset(c->err, at(c, m->pos));
             return LM_E_FORMAT;
         }
-        if (has_nul(d, key, m->key_len) || has_nul(d, st_json_str(d, m), m->n)) {
+        if (has_nul(key, m->key_len) || has_nul(st_json_str(d, m), m->n)) {
             lm_fail(c->err, LM_E_FORMAT, "InvalidMetadata",
                     "__metadata__ '" NAME_FMT "': U+0000 in a key or value is not supported", key);
             lm_err_set_offset(c->err, at(c, m->key_pos));
@@ -281,7 +281,7 @@ static lm_code check_tensor(st_ctx *c, const st_json_node *desc, lm_tensor_info 
     const st_json_doc *d = c->doc;
     lm_st_file *f = c->f;
     const char *name = st_json_key(d, desc);
-    if (has_nul(d, name, desc->key_len))
+    if (has_nul(name, desc->key_len))
         return tfail(c, LM_E_FORMAT, "InvalidFieldType", name, desc->key_pos,
                      "U+0000 in a tensor name is not supported", NULL);
     if (desc->type != ST_JSON_OBJECT)
@@ -503,6 +503,11 @@ static lm_code json_status_fail(lm_err *err, const st_json_doc *doc)
     }
     lm_fail(err, code, kind, "header: %s", doc->err_msg);
     lm_err_set_offset(err, 8 + (uint64_t)doc->err_pos);
+    if (doc->status == ST_JSON_E_DUPKEY && doc->err_object == 0) {
+        const char *key = st_json_key(doc, &doc->nodes[doc->err_member]);
+        if (strcmp(key, "__metadata__") != 0)
+            lm_err_set_tensor(err, key); /* a tensor name given twice */
+    }
     return code;
 }
 
@@ -624,7 +629,8 @@ lm_st_file *lm_st_open(const char *path, lm_err *err)
     lm_st_file *f = file_new(path, err);
     if (f == NULL)
         goto fail;
-    f->fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; cleared once it is a file */
+    f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
         lm_fail_errno(err, errno, "cannot open");
         goto fail;
@@ -638,6 +644,9 @@ lm_st_file *lm_st_open(const char *path, lm_err *err)
         lm_fail_errno(err, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "not a regular file");
         goto fail;
     }
+    const int fl = fcntl(f->fd, F_GETFL);
+    if (fl != -1)
+        (void)fcntl(f->fd, F_SETFL, fl & ~O_NONBLOCK);
     const uint64_t n_bytes = (uint64_t)st.st_size;
     if (n_bytes > SIZE_MAX) {
         lm_fail_errno(err, EFBIG, "file of %llu bytes cannot be mapped",

@@ -695,6 +695,7 @@ Test(st_reader, many_tensors)
     lm_err_clear(&e);
     cr_expect_null(lm_st_open_buffer(b2, nb, "dup", &e));
     cr_expect_str_eq(e.kind, "DuplicateKey");
+    cr_expect_str_eq(e.tensor, "model.layers.7.w");
     free(b2);
     free(h);
 }
@@ -734,7 +735,7 @@ static void rdt_rmtree(const char *dir)
     cr_expect_eq(system(cmd), 0);
 }
 
-Test(st_reader, files)
+Test(st_reader, files, .timeout = 30)
 {
     char *dir = rdt_tmpdir();
     char path[1024];
@@ -785,6 +786,18 @@ Test(st_reader, files)
     rdt_check_err("bad", &e, "InvalidOffsets");
     cr_expect_str_eq(e.path, path);
     cr_expect_str_eq(e.tensor, "t");
+
+    /* a FIFO is refused at once, without waiting for a writer */
+    snprintf(path, sizeof path, "%s/fifo.safetensors", dir);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    lm_err_clear(&e);
+    cr_expect_null(lm_st_open(path, &e));
+    rdt_check_err("fifo", &e, "IoError");
+    snprintf(path, sizeof path, "%s/fifo.json", dir);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    lm_err_clear(&e);
+    cr_expect_null(lm_model_open(path, &e));
+    rdt_check_err("fifo index", &e, "IoError");
 
     lm_st_close(NULL);
     lm_model_close(NULL);
