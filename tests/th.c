@@ -1,0 +1,518 @@
+/* th.c : test helpers (see th.h).  Deliberately shares no code with src/. */
+#include "th.h"
+
+#include <cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+int th_have_shared(void)
+{
+    struct stat st;
+    return stat(TH_SHARED "/README.md", &st) == 0;
+}
+
+const char *th_bin(void)
+{
+    const char *b = getenv("LM_BIN");
+    return b && *b ? b : "build/lora-merge";
+}
+
+static char *slurp_fd(int fd)
+{
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    lseek(fd, 0, SEEK_SET);
+    for (;;) {
+        if (n + 1 >= cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+        }
+        ssize_t k = read(fd, buf + n, cap - n - 1);
+        if (k <= 0)
+            break;
+        n += (size_t)k;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
+th_run_result th_run(const char *cwd, const char *const *argv)
+{
+    th_run_result r = {-1, NULL, NULL};
+    char of[] = "/tmp/th-out-XXXXXX", ef[] = "/tmp/th-err-XXXXXX";
+    int ofd = mkstemp(of), efd = mkstemp(ef);
+    unlink(of);
+    unlink(ef);
+    char bin_abs[4096];
+    const char *prog = argv[0];
+    if (cwd != NULL && prog[0] != '/' && strchr(prog, '/') != NULL && realpath(prog, bin_abs) != NULL)
+        prog = bin_abs;
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(ofd, 1);
+        dup2(efd, 2);
+        int nul = open("/dev/null", O_RDONLY);
+        dup2(nul, 0);
+        if (cwd != NULL && chdir(cwd) != 0)
+            _exit(126);
+        execvp(prog, (char *const *)argv);
+        _exit(127);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    r.out = slurp_fd(ofd);
+    r.err = slurp_fd(efd);
+    close(ofd);
+    close(efd);
+    return r;
+}
+
+th_run_result th_sh(const char *cmd)
+{
+    const char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    return th_run(NULL, argv);
+}
+
+void th_run_free(th_run_result *r)
+{
+    free(r->out);
+    free(r->err);
+    r->out = r->err = NULL;
+}
+
+char *th_tmpdir(void)
+{
+    const char *base = getenv("TMPDIR");
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s/lm-test-XXXXXX", base && *base ? base : "/tmp");
+    char *d = mkdtemp(buf);
+    return d ? strdup(d) : NULL;
+}
+
+void th_rmrf(const char *path)
+{
+    if (path == NULL)
+        return;
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
+    if (system(cmd) != 0)
+        fprintf(stderr, "th_rmrf: could not remove %s\n", path);
+}
+
+int th_exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+int th_count_entries(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+            n++;
+    closedir(d);
+    return n;
+}
+
+uint8_t *th_read_file(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *buf = malloc(len > 0 ? (size_t)len : 1);
+    size_t got = fread(buf, 1, (size_t)len, f);
+    fclose(f);
+    if (got != (size_t)len) {
+        free(buf);
+        return NULL;
+    }
+    *n = (size_t)len;
+    return buf;
+}
+
+int th_write_file(const char *path, const void *data, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    if (f == NULL)
+        return -1;
+    size_t k = fwrite(data, 1, n, f);
+    return (fclose(f) == 0 && k == n) ? 0 : -1;
+}
+
+uint64_t th_file_hash(const char *path)
+{
+    size_t n;
+    uint8_t *b = th_read_file(path, &n);
+    if (b == NULL)
+        return 0;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    free(b);
+    return h ^ n;
+}
+
+int th_files_equal(const char *a, const char *b)
+{
+    size_t na, nb;
+    uint8_t *x = th_read_file(a, &na), *y = th_read_file(b, &nb);
+    int eq = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return eq;
+}
+
+/* ---- safetensors ------------------------------------------------------------------------------ */
+static int dtype_size(const char *dt)
+{
+    if (!strcmp(dt, "F64") || !strcmp(dt, "I64") || !strcmp(dt, "U64"))
+        return 8;
+    if (!strcmp(dt, "F32") || !strcmp(dt, "I32") || !strcmp(dt, "U32"))
+        return 4;
+    if (!strcmp(dt, "F16") || !strcmp(dt, "BF16") || !strcmp(dt, "I16") || !strcmp(dt, "U16"))
+        return 2;
+    if (!strcmp(dt, "U8") || !strcmp(dt, "I8") || !strcmp(dt, "BOOL") || !strncmp(dt, "F8_", 3))
+        return 1;
+    return -1;
+}
+
+int th_st_read(const char *path, th_st *out)
+{
+    memset(out, 0, sizeof *out);
+    out->buf = th_read_file(path, &out->n_buf);
+    if (out->buf == NULL || out->n_buf < 8)
+        return -1;
+    uint64_t hl = 0;
+    for (int i = 7; i >= 0; i--)
+        hl = (hl << 8) | out->buf[i];
+    if (hl > out->n_buf - 8)
+        return -1;
+    cJSON *root = cJSON_ParseWithLength((const char *)out->buf + 8, (size_t)hl);
+    if (root == NULL || !cJSON_IsObject(root))
+        return -1;
+    const uint8_t *data = out->buf + 8 + hl;
+    uint64_t data_len = out->n_buf - 8 - hl;
+    size_t n = (size_t)cJSON_GetArraySize(root);
+    out->t = calloc(n ? n : 1, sizeof *out->t);
+    cJSON *e;
+    int rc = 0;
+    cJSON_ArrayForEach(e, root)
+    {
+        if (strcmp(e->string, "__metadata__") == 0) {
+            out->meta_json = cJSON_PrintUnformatted(e);
+            continue;
+        }
+        th_tensor *t = &out->t[out->n];
+        const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
+        const cJSON *sh = cJSON_GetObjectItemCaseSensitive(e, "shape");
+        const cJSON *of = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
+        if (!cJSON_IsString(dt) || !cJSON_IsArray(sh) || !cJSON_IsArray(of) || cJSON_GetArraySize(of) != 2 ||
+            cJSON_GetArraySize(sh) > 8) {
+            rc = -1;
+            break;
+        }
+        t->name = strdup(e->string);
+        snprintf(t->dtype, sizeof t->dtype, "%s", dt->valuestring);
+        t->n_elems = 1;
+        const cJSON *d;
+        cJSON_ArrayForEach(d, sh)
+        {
+            t->shape[t->n_dims++] = (uint64_t)d->valuedouble;
+            t->n_elems *= (uint64_t)d->valuedouble;
+        }
+        uint64_t b = (uint64_t)cJSON_GetArrayItem(of, 0)->valuedouble, en = (uint64_t)cJSON_GetArrayItem(of, 1)->valuedouble;
+        int es = dtype_size(t->dtype);
+        if (es < 0 || b > en || en > data_len || en - b != t->n_elems * (uint64_t)es) {
+            free(t->name);
+            rc = -1;
+            break;
+        }
+        t->data = data + b;
+        t->n_bytes = en - b;
+        out->n++;
+    }
+    cJSON_Delete(root);
+    return rc;
+}
+
+void th_st_free(th_st *st)
+{
+    for (size_t i = 0; i < st->n; i++)
+        free(st->t[i].name);
+    free(st->t);
+    free(st->buf);
+    free(st->meta_json);
+    memset(st, 0, sizeof *st);
+}
+
+const th_tensor *th_st_find(const th_st *st, const char *name)
+{
+    for (size_t i = 0; i < st->n; i++)
+        if (strcmp(st->t[i].name, name) == 0)
+            return &st->t[i];
+    return NULL;
+}
+
+static double half_to_double(uint16_t h)
+{
+    int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double v;
+    if (e == 0)
+        v = ldexp((double)m, -24);
+    else if (e == 31)
+        v = m ? NAN : INFINITY;
+    else
+        v = ldexp((double)(m + 1024), e - 25);
+    return s ? -v : v;
+}
+
+double *th_to_f64(const th_tensor *t)
+{
+    double *v = malloc((t->n_elems ? t->n_elems : 1) * sizeof *v);
+    for (uint64_t i = 0; i < t->n_elems; i++) {
+        const uint8_t *p = t->data;
+        if (!strcmp(t->dtype, "F64")) {
+            memcpy(&v[i], p + 8 * i, 8);
+        } else if (!strcmp(t->dtype, "F32")) {
+            float f;
+            memcpy(&f, p + 4 * i, 4);
+            v[i] = f;
+        } else if (!strcmp(t->dtype, "BF16")) {
+            uint32_t u = (uint32_t)(p[2 * i] | (p[2 * i + 1] << 8)) << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            v[i] = f;
+        } else if (!strcmp(t->dtype, "F16")) {
+            v[i] = half_to_double((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
+        } else {
+            v[i] = NAN;
+        }
+    }
+    return v;
+}
+
+/* ---- rounding ------------------------------------------------------------------------------------ */
+static void fmt_params(const char *dt, int *mb, int *emin, double *vmax)
+{
+    if (!strcmp(dt, "BF16")) {
+        *mb = 7;
+        *emin = -126;
+        *vmax = ldexp(2.0 - ldexp(1, -7), 127);
+    } else if (!strcmp(dt, "F16")) {
+        *mb = 10;
+        *emin = -14;
+        *vmax = 65504.0;
+    } else {
+        *mb = 23;
+        *emin = -126;
+        *vmax = ldexp(2.0 - ldexp(1, -23), 127);
+    }
+}
+
+double th_spacing(double x, const char *dtype)
+{
+    int mb, emin;
+    double vmax;
+    fmt_params(dtype, &mb, &emin, &vmax);
+    x = fabs(x);
+    int e;
+    frexp(x, &e);
+    e = x == 0 ? emin : (e - 1 < emin ? emin : e - 1);
+    return ldexp(1.0, e - mb);
+}
+
+double th_round_to(double x, const char *dtype)
+{
+    if (!isfinite(x))
+        return x;
+    int mb, emin;
+    double vmax;
+    fmt_params(dtype, &mb, &emin, &vmax);
+    double q = th_spacing(x, dtype);
+    double y = rint(x / q) * q;
+    if (fabs(x) >= vmax + th_spacing(vmax, dtype) / 2)
+        y = copysign(INFINITY, x);
+    return y;
+}
+
+uint64_t th_encode(double x, const char *dtype)
+{
+    double y = th_round_to(x, dtype);
+    if (!strcmp(dtype, "F64")) {
+        uint64_t u;
+        memcpy(&u, &x, 8);
+        return u;
+    }
+    if (!strcmp(dtype, "F32") || !strcmp(dtype, "BF16")) {
+        float f = (float)y; /* exact: y is representable */
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (isnan(y))
+            u = 0x7fc00000u;
+        return !strcmp(dtype, "BF16") ? (u >> 16) : u;
+    }
+    /* F16 */
+    uint16_t s = signbit(y) ? 0x8000 : 0;
+    if (isnan(y))
+        return 0x7e00;
+    if (isinf(y))
+        return s | 0x7c00;
+    double a = fabs(y);
+    if (a == 0)
+        return s;
+    int e;
+    frexp(a, &e);
+    int E = e - 1;
+    if (E < -14)
+        return s | (uint16_t)(a / ldexp(1, -24));
+    return s | (uint16_t)((E + 15) << 10) | (uint16_t)((a / ldexp(1, E) - 1.0) * 1024.0);
+}
+
+int th_st_write(const char *path, const th_out_tensor *t, size_t n)
+{
+    cJSON *root = cJSON_CreateObject();
+    uint64_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "dtype", t[i].dtype);
+        cJSON *sh = cJSON_AddArrayToObject(e, "shape");
+        uint64_t ne = 1;
+        for (int d = 0; d < t[i].n_dims; d++) {
+            cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)t[i].shape[d]));
+            ne *= t[i].shape[d];
+        }
+        uint64_t nb = ne * (uint64_t)dtype_size(t[i].dtype);
+        cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
+        cJSON_AddItemToArray(of, cJSON_CreateNumber((double)off));
+        cJSON_AddItemToArray(of, cJSON_CreateNumber((double)(off + nb)));
+        off += nb;
+        cJSON_AddItemToObject(root, t[i].name, e);
+    }
+    char *hdr = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    size_t hl = strlen(hdr), padded = (hl + 7) / 8 * 8;
+    FILE *f = fopen(path, "wb");
+    if (f == NULL) {
+        free(hdr);
+        return -1;
+    }
+    uint8_t len8[8];
+    for (int i = 0; i < 8; i++)
+        len8[i] = (uint8_t)(padded >> (8 * i));
+    fwrite(len8, 1, 8, f);
+    fwrite(hdr, 1, hl, f);
+    for (size_t i = hl; i < padded; i++)
+        fputc(' ', f);
+    free(hdr);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t ne = 1;
+        for (int d = 0; d < t[i].n_dims; d++)
+            ne *= t[i].shape[d];
+        int es = dtype_size(t[i].dtype);
+        uint8_t *buf = malloc(ne * (uint64_t)es + 1);
+        for (uint64_t k = 0; k < ne; k++) {
+            uint64_t bits = th_encode(t[i].values[k], t[i].dtype);
+            if (!strcmp(t[i].dtype, "F64"))
+                memcpy(&bits, &t[i].values[k], 8);
+            for (int b = 0; b < es; b++)
+                buf[k * (uint64_t)es + (uint64_t)b] = (uint8_t)((bits >> (8 * b)) & 0xff);
+        }
+        fwrite(buf, 1, ne * (uint64_t)es, f);
+        free(buf);
+    }
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+/* ---- the golden rule ---------------------------------------------------------------------------- */
+th_cmp th_compare(const char *dt, const double *out, const double *ref, size_t n)
+{
+    th_cmp c;
+    memset(&c, 0, sizeof c);
+    c.ok = 1;
+    c.nearest_frac = 1.0;
+    double maxref = 0, sumref = 0;
+    size_t n_fin = 0, n_exact = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isfinite(ref[i]) != isfinite(out[i]) ||
+            (!isfinite(ref[i]) && !(isnan(ref[i]) ? isnan(out[i]) : out[i] == ref[i]))) {
+            c.ok = 0;
+            snprintf(c.why, sizeof c.why, "non-finite values differ at element %zu", i);
+            return c;
+        }
+        if (isfinite(ref[i])) {
+            maxref = fmax(maxref, fabs(ref[i]));
+            sumref += fabs(ref[i]);
+            n_fin++;
+        }
+    }
+    if (n_fin == 0)
+        return c;
+    int lowp = !strcmp(dt, "BF16") || !strcmp(dt, "F16");
+    if (lowp) {
+        double slack = ldexp(1, -20) * maxref;
+        for (size_t i = 0; i < n; i++) {
+            if (!isfinite(ref[i]))
+                continue;
+            double err = fabs(out[i] - ref[i]), near = th_round_to(ref[i], dt);
+            double ulp = fmax(th_spacing(ref[i], dt), th_spacing(near, dt));
+            if (err > ulp + slack)
+                c.n_beyond++;
+            if (out[i] == near || err <= fabs(near - ref[i]) + slack)
+                n_exact++;
+            else
+                c.n_off++;
+            c.max_ulp = fmax(c.max_ulp, err / ulp);
+        }
+        c.nearest_frac = (double)n_exact / (double)n_fin;
+        c.ok = c.n_beyond == 0 && c.nearest_frac >= 0.999;
+        if (!c.ok)
+            snprintf(c.why, sizeof c.why, "max %.3g ulp, %zu beyond 1 ulp, nearest %.4f%%", c.max_ulp, c.n_beyond,
+                     100 * c.nearest_frac);
+        return c;
+    }
+    c.tol = (!strcmp(dt, "F32") ? 1e-5 : 1e-12) * (sumref / (double)n_fin);
+    for (size_t i = 0; i < n; i++)
+        if (isfinite(ref[i]))
+            c.max_abs_err = fmax(c.max_abs_err, fabs(out[i] - ref[i]));
+    c.ok = c.max_abs_err <= c.tol;
+    if (!c.ok)
+        snprintf(c.why, sizeof c.why, "max abs err %.3g > tol %.3g", c.max_abs_err, c.tol);
+    return c;
+}
+
+uint64_t th_rand_u64(uint64_t *s)
+{
+    uint64_t x = (*s += 0x9E3779B97F4A7C15ull);
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+double th_rand_uniform(uint64_t *s)
+{
+    return (double)(th_rand_u64(s) >> 11) * ldexp(1, -52) - 1.0;
+}
+
+double th_rand_normal(uint64_t *s)
+{
+    double u1 = ((double)(th_rand_u64(s) >> 11) + 0.5) * ldexp(1, -53);
+    double u2 = (double)(th_rand_u64(s) >> 11) * ldexp(1, -53);
+    return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
+}

@@ -1,0 +1,100 @@
+/* th.h : helpers shared by the test files (not tests themselves).
+ * - running the lora-merge binary (LM_BIN) and capturing its exit status and output
+ * - temporary directories, file hashes
+ * - an INDEPENDENT safetensors reader (cJSON-based, no code from src/), so merges are checked
+ *   against something other than the code under test
+ * - exact rounding of doubles to bf16/f16/f32 (double arithmetic, ties to even) and the golden
+ *   comparison rule of ../shared/tools/golden_check.py */
+#ifndef LM_TH_H
+#define LM_TH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TH_SHARED "../shared/fixtures"
+
+/* 1 if ../shared/fixtures is present (tests that need it skip visibly otherwise) */
+int th_have_shared(void);
+
+typedef struct {
+    int status;     /* exit status, or 128+signal */
+    char *out, *err; /* captured stdout / stderr (NUL-terminated, malloc'd) */
+} th_run_result;
+
+/* path of the binary under test: $LM_BIN or build/lora-merge */
+const char *th_bin(void);
+/* runs argv (argv[0] = program) in cwd (NULL = current); captures output. */
+th_run_result th_run(const char *cwd, const char *const *argv);
+/* runs a shell command line (sh -c), e.g. with ulimit */
+th_run_result th_sh(const char *cmd);
+void th_run_free(th_run_result *r);
+
+/* mkdtemp under $TMPDIR; th_rmrf() removes a tree */
+char *th_tmpdir(void);
+void th_rmrf(const char *path);
+int th_exists(const char *path);
+/* number of entries in a directory (excluding . and ..) */
+int th_count_entries(const char *dir);
+/* FNV-1a 64 of a whole file (0 if unreadable) */
+uint64_t th_file_hash(const char *path);
+/* whole file into memory */
+uint8_t *th_read_file(const char *path, size_t *n);
+int th_write_file(const char *path, const void *data, size_t n);
+int th_files_equal(const char *a, const char *b);
+
+/* ---- independent safetensors ---------------------------------------------------------------- */
+typedef struct {
+    char *name;
+    char dtype[16];
+    int n_dims;
+    uint64_t shape[8];
+    uint64_t n_elems;
+    const uint8_t *data; /* into the file buffer */
+    uint64_t n_bytes;
+} th_tensor;
+
+typedef struct {
+    uint8_t *buf;
+    size_t n_buf;
+    th_tensor *t;
+    size_t n;
+    char *meta_json; /* the __metadata__ object as JSON text, or NULL */
+} th_st;
+
+/* returns 0 on success */
+int th_st_read(const char *path, th_st *out);
+void th_st_free(th_st *st);
+const th_tensor *th_st_find(const th_st *st, const char *name);
+/* float tensor -> doubles (exact); returns malloc'd array */
+double *th_to_f64(const th_tensor *t);
+
+/* writing a safetensors file from doubles (values rounded to dtype, ties to even) */
+typedef struct {
+    const char *name;
+    const char *dtype; /* "F32", "F16", "BF16", "F64" */
+    int n_dims;
+    uint64_t shape[8];
+    const double *values;
+} th_out_tensor;
+int th_st_write(const char *path, const th_out_tensor *t, size_t n);
+
+/* ---- exact rounding from double --------------------------------------------------------------- */
+double th_round_to(double x, const char *dtype);   /* nearest value of dtype, ties to even */
+double th_spacing(double x, const char *dtype);    /* ulp of dtype at |x| (subnormals included) */
+uint64_t th_encode(double x, const char *dtype);   /* bits of th_round_to(x) in dtype */
+
+/* ---- the golden rule (golden_check.py compare_tensor) ------------------------------------------ */
+typedef struct {
+    int ok;
+    double max_ulp, nearest_frac, max_abs_err, tol;
+    size_t n_off, n_beyond;
+    char why[128];
+} th_cmp;
+th_cmp th_compare(const char *dtype, const double *out, const double *ref, size_t n);
+
+/* deterministic random numbers for generated data */
+uint64_t th_rand_u64(uint64_t *state);
+double th_rand_uniform(uint64_t *state); /* [-1, 1) */
+double th_rand_normal(uint64_t *state);
+
+#endif
