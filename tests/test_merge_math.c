@@ -1,0 +1,234 @@
+/* test_merge_math.c : merges of generated models checked against a double-precision reference
+ * computed here: convolution LoRA (Conv1d/2d/3d kernels, which the golden set lacks), several
+ * adapters with weights summed and rounded once, adapter keys that keep the adapter name, --dtype,
+ * and a sharded base.  No ../shared needed. */
+#include "th.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+typedef struct {
+    char name[160];
+    int n_dims;
+    uint64_t shape[8];
+    uint64_t n;
+    double *v;
+} mm_t;
+
+static uint64_t mm_seed = 777;
+
+static mm_t mm_make(const char *name, int n_dims, const uint64_t *shape, double sd, const char *dtype)
+{
+    mm_t t;
+    memset(&t, 0, sizeof t);
+    snprintf(t.name, sizeof t.name, "%s", name);
+    t.n_dims = n_dims;
+    t.n = 1;
+    for (int d = 0; d < n_dims; d++) {
+        t.shape[d] = shape[d];
+        t.n *= shape[d];
+    }
+    t.v = malloc(t.n * sizeof(double));
+    for (uint64_t i = 0; i < t.n; i++)
+        t.v[i] = th_round_to(sd * th_rand_normal(&mm_seed), dtype);
+    return t;
+}
+
+static void mm_write(const char *path, mm_t *t, size_t n, const char *dtype)
+{
+    th_out_tensor *o = calloc(n, sizeof *o);
+    for (size_t i = 0; i < n; i++) {
+        o[i].name = t[i].name;
+        o[i].dtype = dtype;
+        o[i].n_dims = t[i].n_dims;
+        memcpy(o[i].shape, t[i].shape, sizeof o[i].shape);
+        o[i].values = t[i].v;
+    }
+    cr_assert_eq(th_st_write(path, o, n), 0, "cannot write %s", path);
+    free(o);
+}
+
+static void mm_adapter(const char *dir, mm_t *t, size_t n, const char *config)
+{
+    char p[1024];
+    mkdir(dir, 0777);
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    mm_write(p, t, n, "F32");
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    cr_assert_eq(th_write_file(p, config, strlen(config)), 0);
+}
+
+/* ref[o, rest] += s * sum_k B[o, k] * A[k, rest] */
+static void mm_add_lowrank(double *ref, const mm_t *A, const mm_t *B, double s)
+{
+    uint64_t r = A->shape[0], in = A->n / r, out = B->shape[0];
+    for (uint64_t o = 0; o < out; o++)
+        for (uint64_t i = 0; i < in; i++) {
+            double acc = 0;
+            for (uint64_t k = 0; k < r; k++)
+                acc += B->v[o * r + k] * A->v[k * in + i];
+            ref[o * in + i] += s * acc;
+        }
+}
+
+static void mm_check(const char *out_path, const char *name, const char *dtype, const double *ref, uint64_t n)
+{
+    th_st st;
+    cr_assert_eq(th_st_read(out_path, &st), 0, "output unreadable");
+    const th_tensor *t = th_st_find(&st, name);
+    cr_assert_not_null(t, "no %s in the output", name);
+    cr_assert_str_eq(t->dtype, dtype);
+    cr_assert_eq(t->n_elems, n);
+    double *v = th_to_f64(t);
+    th_cmp c = th_compare(dtype, v, ref, (size_t)n);
+    cr_assert(c.ok, "%s: %s", name, c.why);
+    free(v);
+    th_st_free(&st);
+}
+
+static void mm_merge_ok(const char *const *argv)
+{
+    th_run_result r = th_run(NULL, argv);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+}
+
+Test(merge_math, conv_lora_1d_2d_3d)
+{
+    const char *dts[] = {"BF16", "F16", "F32"};
+    for (int di = 0; di < 3; di++) {
+        const char *dt = dts[di];
+        char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+        snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+        snprintf(ad, sizeof ad, "%s/adapter", tmp);
+        snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+        uint64_t w1[] = {12, 5, 3}, w2[] = {16, 6, 3, 3}, w3[] = {8, 4, 2, 3, 3}, w4[] = {10, 6, 1, 1};
+        mm_t b[4] = {mm_make("net.c1.weight", 3, w1, 0.05, dt), mm_make("net.c2.weight", 4, w2, 0.05, dt),
+                     mm_make("net.c3.weight", 5, w3, 0.05, dt), mm_make("net.pw.weight", 4, w4, 0.05, dt)};
+        mm_write(base, b, 4, dt);
+        uint64_t a1[] = {4, 5, 3}, b1[] = {12, 4, 1}, a2[] = {4, 6, 3, 3}, b2[] = {16, 4, 1, 1};
+        uint64_t a3[] = {4, 4, 2, 3, 3}, b3[] = {8, 4, 1, 1, 1}, a4[] = {4, 6, 1, 1}, b4[] = {10, 4, 1, 1};
+        mm_t a[8] = {mm_make("base_model.model.net.c1.lora_A.weight", 3, a1, 0.2, "F32"),
+                     mm_make("base_model.model.net.c1.lora_B.weight", 3, b1, 0.2, "F32"),
+                     mm_make("base_model.model.net.c2.lora_A.weight", 4, a2, 0.2, "F32"),
+                     mm_make("base_model.model.net.c2.lora_B.weight", 4, b2, 0.2, "F32"),
+                     mm_make("base_model.model.net.c3.lora_A.weight", 5, a3, 0.2, "F32"),
+                     mm_make("base_model.model.net.c3.lora_B.weight", 5, b3, 0.2, "F32"),
+                     mm_make("base_model.model.net.pw.lora_A.weight", 4, a4, 0.2, "F32"),
+                     mm_make("base_model.model.net.pw.lora_B.weight", 4, b4, 0.2, "F32")};
+        mm_adapter(ad, a, 8,
+                   "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 6, \"target_modules\": [\"c1\", \"c2\", \"c3\", \"pw\"]}");
+        const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+        mm_merge_ok(argv);
+        for (int k = 0; k < 4; k++) {
+            double *ref = malloc(b[k].n * sizeof(double));
+            memcpy(ref, b[k].v, b[k].n * sizeof(double));
+            mm_add_lowrank(ref, &a[2 * k], &a[2 * k + 1], 6.0 / 4.0);
+            mm_check(out, b[k].name, dt, ref, b[k].n);
+            free(ref);
+            free(b[k].v);
+        }
+        for (int k = 0; k < 8; k++)
+            free(a[k].v);
+        th_rmrf(tmp);
+        free(tmp);
+    }
+}
+
+/* three adapters, weights 1 (via --scale 0.5), -0.75, 2: one rounding of the f32 sum */
+Test(merge_math, weighted_adapters_round_once)
+{
+    char *tmp = th_tmpdir(), base[512], a1[512], a2[512], a3[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(a1, sizeof a1, "%s/a1", tmp);
+    snprintf(a2, sizeof a2, "%s/a2", tmp);
+    snprintf(a3, sizeof a3, "%s/a3", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {96, 80};
+    mm_t w = mm_make("model.layers.0.mlp.proj.weight", 2, ws, 0.02, "BF16");
+    mm_write(base, &w, 1, "BF16");
+    uint64_t as[] = {8, 80}, bs[] = {96, 8};
+    mm_t f[6];
+    for (int k = 0; k < 3; k++) {
+        f[2 * k] = mm_make("base_model.model.model.layers.0.mlp.proj.lora_A.weight", 2, as, 0.1, "F32");
+        f[2 * k + 1] = mm_make("base_model.model.model.layers.0.mlp.proj.lora_B.weight", 2, bs, 0.1, "F32");
+    }
+    /* the second adapter keeps the adapter name in its keys (lora_A.default.weight) */
+    snprintf(f[2].name, sizeof f[2].name, "base_model.model.model.layers.0.mlp.proj.lora_A.default.weight");
+    snprintf(f[3].name, sizeof f[3].name, "base_model.model.model.layers.0.mlp.proj.lora_B.default.weight");
+    mm_adapter(a1, &f[0], 2, "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, \"target_modules\": [\"proj\"]}");
+    mm_adapter(a2, &f[2], 2, "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 8, \"target_modules\": [\"proj\"]}");
+    mm_adapter(a3, &f[4], 2,
+               "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4, \"use_rslora\": true, \"target_modules\": [\"proj\"]}");
+    const char *argv[] = {th_bin(), "-q", "--scale", "0.5", base, a1, "--adapter-scaled", a2, "-0.75", out,
+                          "--adapter", a3, NULL};
+    mm_merge_ok(argv);
+    double *ref = malloc(w.n * sizeof(double));
+    memcpy(ref, w.v, w.n * sizeof(double));
+    mm_add_lowrank(ref, &f[0], &f[1], 0.5 * 16.0 / 8.0);
+    mm_add_lowrank(ref, &f[2], &f[3], -0.75 * 8.0 / 8.0);
+    mm_add_lowrank(ref, &f[4], &f[5], 1.0 * 4.0 / sqrt(8.0));
+    mm_check(out, w.name, "BF16", ref, w.n);
+    /* --dtype f32: the same sum, not rounded to bf16 */
+    const char *argv2[] = {th_bin(), "-q", "--dtype", "f32", "--scale", "0.5", base, a1, "--adapter-scaled", a2,
+                           "-0.75", "--adapter", a3, out, NULL};
+    mm_merge_ok(argv2);
+    mm_check(out, w.name, "F32", ref, w.n);
+    free(ref);
+    free(w.v);
+    for (int k = 0; k < 6; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* a base split in two shards with an index: merged into one file with every tensor */
+Test(merge_math, sharded_base)
+{
+    char *tmp = th_tmpdir(), p[1024], ad[512], out[512];
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t s1[] = {32, 24}, s2[] = {24, 32}, s3[] = {32};
+    mm_t t1 = mm_make("model.layers.0.q_proj.weight", 2, s1, 0.02, "F16");
+    mm_t t2 = mm_make("model.layers.1.q_proj.weight", 2, s2, 0.02, "F16");
+    mm_t t3 = mm_make("model.norm.weight", 1, s3, 0.5, "F16");
+    snprintf(p, sizeof p, "%s/model-00001-of-00002.safetensors", tmp);
+    mm_write(p, &t1, 1, "F16");
+    mm_t rest[2] = {t2, t3};
+    snprintf(p, sizeof p, "%s/model-00002-of-00002.safetensors", tmp);
+    mm_write(p, rest, 2, "F16");
+    const char *index = "{\"metadata\": {\"total_size\": 3136}, \"weight_map\": {"
+                        "\"model.layers.0.q_proj.weight\": \"model-00001-of-00002.safetensors\","
+                        "\"model.layers.1.q_proj.weight\": \"model-00002-of-00002.safetensors\","
+                        "\"model.norm.weight\": \"model-00002-of-00002.safetensors\"}}";
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", tmp);
+    cr_assert_eq(th_write_file(p, index, strlen(index)), 0);
+    uint64_t a0[] = {2, 24}, b0[] = {32, 2}, a1s[] = {2, 32}, b1s[] = {24, 2};
+    mm_t f[4] = {mm_make("base_model.model.model.layers.0.q_proj.lora_A.weight", 2, a0, 0.3, "F32"),
+                 mm_make("base_model.model.model.layers.0.q_proj.lora_B.weight", 2, b0, 0.3, "F32"),
+                 mm_make("base_model.model.model.layers.1.q_proj.lora_A.weight", 2, a1s, 0.3, "F32"),
+                 mm_make("base_model.model.model.layers.1.q_proj.lora_B.weight", 2, b1s, 0.3, "F32")};
+    mm_adapter(ad, f, 4, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 2, \"target_modules\": [\"q_proj\"]}");
+    const char *argv[] = {th_bin(), "-q", tmp, ad, out, NULL}; /* the directory: the index is found */
+    mm_merge_ok(argv);
+    double *ref = malloc(t1.n * sizeof(double));
+    memcpy(ref, t1.v, t1.n * sizeof(double));
+    mm_add_lowrank(ref, &f[0], &f[1], 1.0);
+    mm_check(out, t1.name, "F16", ref, t1.n);
+    memcpy(ref, t2.v, t2.n * sizeof(double));
+    mm_add_lowrank(ref, &f[2], &f[3], 1.0);
+    mm_check(out, t2.name, "F16", ref, t2.n);
+    mm_check(out, t3.name, "F16", t3.v, t3.n);
+    free(ref);
+    free(t1.v);
+    free(t2.v);
+    free(t3.v);
+    for (int k = 0; k < 4; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
