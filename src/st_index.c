@@ -258,7 +258,6 @@ static lm_model *open_index(const char *index_path, lm_err *err)
     index_map map = {0};
     st_strmap route_set = {0}, shard_set = {0};
     lm_model *m = NULL;
-    lm_code rc = LM_OK;
     char *text = read_small_file(index_path, &n_text, err);
     if (text == NULL)
         goto fail;
@@ -409,12 +408,10 @@ static lm_model *open_index(const char *index_path, lm_err *err)
     }
     goto done;
 fail:
-    rc = LM_E_FORMAT;
     lm_model_close(m);
     m = NULL;
     lm_err_set_path(err, index_path);
 done:
-    (void)rc;
     st_strmap_free(&route_set);
     st_strmap_free(&shard_set);
     free(map.routes);
