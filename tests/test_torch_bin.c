@@ -5,6 +5,7 @@
  * with the expected kind and a message naming what was found. */
 #include <criterion/criterion.h>
 
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,6 +148,29 @@ static void tb_tmpdir(void)
         cr_assert(mkdtemp(tb_dir) != NULL);
     }
 }
+
+/* Removes the temp dir of this test (Criterion runs each test in its own process). */
+static void tb_cleanup(void)
+{
+    if (tb_dir[0] == '\0')
+        return;
+    DIR *d = opendir(tb_dir);
+    struct dirent *de;
+    char path[512];
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        snprintf(path, sizeof path, "%s/%s", tb_dir, de->d_name);
+        unlink(path);
+    }
+    if (d != NULL)
+        closedir(d);
+    rmdir(tb_dir);
+    tb_dir[0] = '\0';
+}
+
+TestSuite(torch_bin, .fini = tb_cleanup);
+TestSuite(pickle, .fini = tb_cleanup);
 
 /* Writes a zip to a file under the temp dir; returns its bytes (malloc'd) in *out. */
 static char *tb_zip(const char *file, const tb_entry *e, size_t n, int deflate, uint8_t **out, size_t *n_out)
