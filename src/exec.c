@@ -6,10 +6,13 @@
 #include "lm_error.h"
 #include "st_writer.h"
 
+#include <errno.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define TILE_ELEMS ((uint64_t)1 << 18)      /* f32 elements per tile (1 MiB) */
 #define COPY_CHUNK ((uint64_t)8 << 20)      /* bytes per copy task */
@@ -142,6 +145,27 @@ typedef struct {
     size_t *col_dora_op;    /* per tensor: index of the column DoRA op */
 } job;
 
+/* Drops the pages of [p, p + n) from this process's mapping once processed, so that resident
+ * memory stays bounded by the tiles in flight, not the model (the data stays in the page cache). */
+static void release_pages(const void *p, uint64_t n)
+{
+    static long page;
+    if (page == 0)
+        page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
+    if (n > 0)
+        madvise((void *)a, (size_t)(e - a), MADV_DONTNEED);
+}
+
+/* the base file a tensor's bytes come from (NULL when they come from an adapter) */
+static const lm_st_file *tensor_src_file(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (t->base == NULL || (t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE))
+        return NULL;
+    return lm_model_file(J->model, t->base->file);
+}
+
 static const uint8_t *tensor_src_bytes(const job *J, size_t ti)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
@@ -203,24 +227,75 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
     }
 }
 
-static void load_tile(const job *J, size_t ti, float *acc, uint64_t r0, uint64_t nr)
+/* Loads rows [r0, r0+nr) of tensor ti as f32.  Base bytes are read with pread into `raw`
+ * rather than through the mapping: the mapping would leave pages resident (the kernel maps
+ * neighbouring pages on every fault), and resident memory must stay bounded by the tiles in
+ * flight, not the model. */
+static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    const uint8_t *src = tensor_src_bytes(J, ti);
     size_t esz = lm_dtype_bits(t->src_dtype) / 8;
-    to_f32(J->k, t->src_dtype, src + r0 * t->cols * esz, acc, (size_t)(nr * t->cols));
+    uint64_t n_bytes = nr * t->cols * esz, rel = r0 * t->cols * esz;
+    const lm_st_file *f = tensor_src_file(J, ti);
+    const uint8_t *src;
+    if (f != NULL && lm_st_fd(f) >= 0 && raw != NULL) {
+        uint64_t off = lm_st_data_offset(f) + t->base->info->begin + rel, got = 0;
+        while (got < n_bytes) {
+            ssize_t k = pread(lm_st_fd(f), raw + got, (size_t)(n_bytes - got), (off_t)(off + got));
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k <= 0) {
+                int e = k < 0 ? errno : EIO;
+                lm_fail_errno(err, e, "cannot read tensor '%s'", t->name);
+                lm_err_set_path(err, lm_st_path(f));
+                return LM_E_IO;
+            }
+            got += (uint64_t)k;
+        }
+        src = raw;
+    } else {
+        src = tensor_src_bytes(J, ti) + rel;
+    }
+    to_f32(J->k, t->src_dtype, src, acc, (size_t)(nr * t->cols));
+    return LM_OK;
 }
 
-static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, lm_err *err)
+static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, uint8_t *raw, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
     uint64_t dst = lm_st_writer_tensor_offset(J->w, tk->tensor);
     if (tk->copy) {
         const uint8_t *src = tensor_src_bytes(J, tk->tensor);
+        const lm_st_file *f = tensor_src_file(J, tk->tensor);
+        if (f != NULL && lm_st_fd(f) >= 0) {
+            /* in-kernel copy: the bytes never pass through (or stay in) this process */
+            loff_t in = (loff_t)(lm_st_data_offset(f) + t->base->info->begin + tk->first);
+            loff_t outp = (loff_t)(dst + tk->first);
+            uint64_t left = tk->count;
+            while (left > 0) {
+                ssize_t k = copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(J->w), &outp, (size_t)left, 0);
+                if (k <= 0) {
+                    if (k < 0 && errno == EINTR)
+                        continue;
+                    if (k < 0 && (errno == ENOSPC || errno == EFBIG || errno == EIO || errno == EDQUOT))
+                        return lm_st_writer_pwrite(J->w, src + (tk->count - left) + tk->first, (size_t)left,
+                                                   dst + tk->first + (tk->count - left), err);
+                    break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
+                }
+                left -= (uint64_t)k;
+            }
+            if (left == 0)
+                return LM_OK;
+            uint64_t done = tk->count - left;
+            lm_code rc = lm_st_writer_pwrite(J->w, src + tk->first + done, (size_t)left, dst + tk->first + done, err);
+            release_pages(src + tk->first + done, left);
+            return rc;
+        }
         return lm_st_writer_pwrite(J->w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
     }
     uint64_t r0 = tk->first, nr = tk->count, n = nr * t->cols;
-    load_tile(J, tk->tensor, acc, r0, nr);
+    if (load_tile(J, tk->tensor, acc, raw, r0, nr, err) != LM_OK)
+        return LM_E_IO;
     apply_ops(J, tk->tensor, 0, t->n_ops, acc, r0, nr);
     from_f32(J->k, t->dtype, acc, out, (size_t)n);
     size_t esz = lm_dtype_bits(t->dtype) / 8;
@@ -245,16 +320,23 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
 #pragma omp parallel num_threads(n_threads)
     {
         float *acc = malloc((size_t)(tr * t->cols) * sizeof *acc + 1);
-        if (acc == NULL) {
+        uint8_t *raw = malloc((size_t)(tr * t->cols) * sizeof(double) + 1);
+        lm_err lerr;
+        lm_err_clear(&lerr);
+        if (acc == NULL || raw == NULL) {
 #pragma omp atomic write
             oom = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (uint64_t k = 0; k < n_tiles; k++) {
-            if (acc == NULL)
+            if (acc == NULL || raw == NULL)
                 continue;
             uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
-            load_tile(J, ti, acc, r0, nr);
+            if (load_tile(J, ti, acc, raw, r0, nr, &lerr) != LM_OK) {
+#pragma omp atomic write
+                oom = 2;
+                continue;
+            }
             apply_ops(J, ti, 0, d, acc, r0, nr);
             double *p = part + k * t->cols;
             for (uint64_t r = 0; r < nr; r++)
@@ -262,11 +344,13 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
                     p[c] += (double)acc[r * t->cols + c] * (double)acc[r * t->cols + c];
         }
         free(acc);
+        free(raw);
     }
     if (oom) {
         free(part);
         free(scale);
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return oom == 2 ? lm_fail(err, LM_E_IO, NULL, "cannot read '%s'", t->name)
+                        : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
     const float *m = J->fa[J->op_base[ti] + d];
     for (uint64_t c = 0; c < t->cols; c++) {
@@ -418,9 +502,10 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     {
         float *acc = malloc(max_elems * sizeof(float));
         uint8_t *out = malloc(max_elems * sizeof(double));
+        uint8_t *raw = malloc(max_elems * sizeof(double));
         lm_err local;
         lm_err_clear(&local);
-        if (acc == NULL || out == NULL)
+        if (acc == NULL || out == NULL || raw == NULL)
             lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (size_t q = 0; q < n_tasks; q++) {
@@ -429,7 +514,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             stop = failed;
             if (stop || local.code != LM_OK)
                 continue;
-            if (run_task(&J, &tasks[q], acc, out, &local) != LM_OK)
+            if (run_task(&J, &tasks[q], acc, out, raw, &local) != LM_OK)
                 continue;
             if (opts && opts->progress) {
                 const lm_plan_tensor *t = &plan->t[tasks[q].tensor];
@@ -451,6 +536,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         }
         free(acc);
         free(out);
+        free(raw);
     }
     if (failed) {
         if (err != NULL && err->code == LM_OK)

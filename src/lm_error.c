@@ -109,8 +109,13 @@ size_t lm_err_format(const lm_err *err, char *buf, size_t cap)
     if (err->path[0])
         APPEND("%s: ", err->path);
     APPEND("%s: ", err->kind[0] ? err->kind : lm_code_name(err->code));
-    if (err->tensor[0])
-        APPEND("'%s': ", err->tensor);
+    /* the message may name the tensor already ("tensor 'a': ..."): say it once */
+    if (err->tensor[0]) {
+        char quoted[sizeof err->tensor + 2];
+        snprintf(quoted, sizeof quoted, "'%s'", err->tensor);
+        if (strstr(err->msg, quoted) == NULL)
+            APPEND("'%s': ", err->tensor);
+    }
     APPEND("%s", err->msg[0] ? err->msg : "unknown error");
     if (err->offset != UINT64_MAX)
         APPEND(" (at byte %llu)", (unsigned long long)err->offset);
