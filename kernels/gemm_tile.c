@@ -16,7 +16,7 @@ const char *lm_blas_name(void)
     static char buf[128];
     if (buf[0] == '\0') {
         const char *cfg = openblas_get_config();
-        snprintf(buf, sizeof buf, "OpenBLAS %s (%s)", cfg ? cfg : "?", openblas_get_corename());
+        snprintf(buf, sizeof buf, "%s (core %s)", cfg ? cfg : "OpenBLAS ?", openblas_get_corename());
     }
     return buf;
 }

@@ -1,0 +1,9 @@
+#!/bin/sh
+# make bench [BENCH=small|1b|8b]: the merge benchmark (bench/bench_merge.c) for one case.
+# BENCH_DIR=DIR caches the generated models between runs (the 8b case needs ~40 GB of disk).
+set -e
+BUILD=${1:-build}
+CASE=${2:-1b}
+LM_GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
+export LM_GIT_REV
+exec "$BUILD/bench/bench_merge" --case "$CASE" --runs "${BENCH_RUNS:-3}" --threads "${BENCH_THREADS:-2}"
