@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,7 @@ struct lm_st_writer {
 #define LM_CLEANUP_SLOTS 8
 static char g_cleanup_paths[LM_CLEANUP_SLOTS][PATH_MAX];
 static volatile sig_atomic_t g_cleanup_used[LM_CLEANUP_SLOTS];
+static int g_cleanup_claimed[LM_CLEANUP_SLOTS];
 
 static void cleanup_on_signal(int sig)
 {
@@ -49,16 +51,41 @@ void lm_cleanup_install(void)
     sa.sa_handler = cleanup_on_signal;
     sigemptyset(&sa.sa_mask);
     int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT};
-    for (size_t i = 0; i < LM_ARRAY_LEN(sigs); i++)
+    for (size_t i = 0; i < LM_ARRAY_LEN(sigs); i++) {
+        /* a signal the caller ignores stays ignored: `nohup lora-merge ...` must survive the
+         * hangup, a background job of a script its SIGINT */
+        struct sigaction old;
+        if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+            continue;
         sigaction(sigs[i], &sa, NULL);
+    }
     signal(SIGXFSZ, SIG_IGN);
+}
+
+/* the signals whose handler removes the registered files: blocked while a temporary file is
+ * created and registered, so that none can come in between */
+static void cleanup_block(sigset_t *old)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT};
+    for (size_t i = 0; i < LM_ARRAY_LEN(sigs); i++)
+        sigaddset(&set, sigs[i]);
+    pthread_sigmask(SIG_BLOCK, &set, old);
+}
+
+static void cleanup_unblock(const sigset_t *old)
+{
+    pthread_sigmask(SIG_SETMASK, old, NULL);
 }
 
 int lm_cleanup_register(const char *path)
 {
     for (int i = 0; i < LM_CLEANUP_SLOTS; i++) {
-        if (!g_cleanup_used[i]) {
+        /* claim the slot atomically: writers may be opened from several threads */
+        if (__atomic_exchange_n(&g_cleanup_claimed[i], 1, __ATOMIC_ACQ_REL) == 0) {
             snprintf(g_cleanup_paths[i], sizeof g_cleanup_paths[i], "%s", path);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
             g_cleanup_used[i] = 1;
             return i;
         }
@@ -68,8 +95,10 @@ int lm_cleanup_register(const char *path)
 
 void lm_cleanup_unregister(int slot)
 {
-    if (slot >= 0 && slot < LM_CLEANUP_SLOTS)
+    if (slot >= 0 && slot < LM_CLEANUP_SLOTS) {
         g_cleanup_used[slot] = 0;
+        __atomic_store_n(&g_cleanup_claimed[slot], 0, __ATOMIC_RELEASE);
+    }
 }
 
 int lm_same_file(const char *a, const char *b)
@@ -202,15 +231,24 @@ void lm_st_writer_abort(lm_st_writer *w)
     writer_free(w);
 }
 
+/* ".<name>.lm-tmp-XXXXXX" beside out_path; <name> is shortened (never inside a UTF-8
+ * sequence) when the temporary name would pass NAME_MAX, so any valid OUT name can be written */
 static char *temp_name_for(const char *out_path)
 {
+    static const char suffix[] = ".lm-tmp-XXXXXX";
     const char *slash = strrchr(out_path, '/');
     size_t dir_len = slash ? (size_t)(slash - out_path + 1) : 0;
     const char *base = slash ? slash + 1 : out_path;
-    size_t cap = strlen(out_path) + 32;
+    size_t base_len = strlen(base), max_base = NAME_MAX - 1 - (sizeof suffix - 1);
+    if (base_len > max_base) {
+        base_len = max_base;
+        while (base_len > 0 && ((unsigned char)base[base_len] & 0xC0) == 0x80)
+            base_len--;
+    }
+    size_t cap = strlen(out_path) + sizeof suffix + 2;
     char *t = malloc(cap);
     if (t != NULL)
-        snprintf(t, cap, "%.*s.%s.lm-tmp-XXXXXX", (int)dir_len, out_path, base);
+        snprintf(t, cap, "%.*s.%.*s%s", (int)dir_len, out_path, (int)base_len, base, suffix);
     return t;
 }
 
@@ -295,16 +333,21 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto fail;
     }
+    sigset_t old_mask;
+    cleanup_block(&old_mask);
     w->fd = mkostemp(w->tmp_path, O_CLOEXEC);
+    int mk_errno = errno;
+    if (w->fd >= 0)
+        w->cleanup_slot = lm_cleanup_register(w->tmp_path);
+    cleanup_unblock(&old_mask);
     if (w->fd < 0) {
-        int e = errno;
+        int e = mk_errno;
         free(w->tmp_path);
         w->tmp_path = NULL;
         lm_fail_errno(err, e, "cannot create the output file in its directory");
         lm_err_set_path(err, out_path);
         goto fail;
     }
-    w->cleanup_slot = lm_cleanup_register(w->tmp_path);
     /* reserve the space now so a full disk is found before the work starts */
     if (w->file_bytes > 0) {
         int rc = posix_fallocate(w->fd, 0, (off_t)w->file_bytes);
@@ -397,6 +440,26 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
     }
     free(w->tmp_path);
     w->tmp_path = NULL;
+    if (do_fsync) {
+        /* the rename itself is only durable once the directory is flushed too */
+        char *dir = strdup(w->out_path);
+        if (dir != NULL) {
+            char *slash = strrchr(dir, '/');
+            const char *d = dir;
+            if (slash == NULL)
+                d = ".";
+            else if (slash == dir)
+                slash[1] = '\0';
+            else
+                *slash = '\0';
+            int dfd = open(d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (dfd >= 0) {
+                fsync(dfd); /* best effort: some file systems refuse fsync on a directory */
+                close(dfd);
+            }
+            free(dir);
+        }
+    }
     writer_free(w);
     return LM_OK;
 }
