@@ -349,26 +349,41 @@ done:
 lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
 {
     *text = NULL;
-    lm_adapter *a = lm_adapter_open(dir, 1.0, err);
-    if (a == NULL)
-        return err ? err->code : LM_E_FORMAT;
-    size_t cap = 1 << 16, used = 0;
+    lm_err open_err;
+    lm_err_clear(&open_err);
+    lm_adapter *a = lm_adapter_open(dir, 1.0, &open_err);
+    if (a == NULL && open_err.code != LM_E_UNSUPPORTED) {
+        if (err)
+            *err = open_err;
+        return open_err.code;
+    }
+    size_t cap = 1 << 17, used = 0;
     char *buf = malloc(cap);
     if (buf == NULL) {
         lm_adapter_free(a);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
+    buf[0] = '\0';
 #define OUT(...)                                                                                   \
     do {                                                                                           \
         if (used < cap)                                                                            \
             used += (size_t)snprintf(buf + used, cap - used, __VA_ARGS__);                         \
     } while (0)
+    if (a == NULL) { /* a well-formed adapter lora-merge refuses: say what and why */
+        char line[1024];
+        lm_err_format(&open_err, line, sizeof line);
+        OUT("adapter: %s\nrefused: lora-merge cannot merge this adapter\n  %s\n", dir, line);
+        *text = buf;
+        return LM_OK;
+    }
     const lm_adapter_config *c = a->cfg;
     OUT("adapter: %s (name '%s')\n", a->dir, a->name);
     OUT("config: %s\nweights: %s\n", a->config_path, a->weights_path);
-    OUT("type: %s%s%s\n", c->peft_type, c->use_dora ? " (DoRA)" : "", c->use_rslora ? " (rsLoRA)" : "");
-    OUT("r: %ld, lora_alpha: %g, scale: %g\n", c->r, c->lora_alpha,
-        c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r);
+    OUT("type: %s, variant: %s%s%s%s\n", c->peft_type, c->use_dora ? "DoRA" : "LoRA", c->use_rslora ? " + rsLoRA" : "",
+        c->lora_bias ? " + lora_bias" : "", c->tt_modules.n ? " + trainable tokens" : "");
+    OUT("r: %ld, lora_alpha: %g, scale: %g (%s)\n", c->r, c->lora_alpha,
+        c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r,
+        c->use_rslora ? "alpha/sqrt(r)" : "alpha/r");
     for (size_t i = 0; i < c->rank_keys.n; i++)
         OUT("rank_pattern: %s -> %ld\n", c->rank_keys.v[i], c->rank_vals[i]);
     for (size_t i = 0; i < c->alpha_keys.n; i++)
@@ -383,14 +398,27 @@ lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
             OUT(" %s", c->target_list.v[i]);
         OUT("\n");
     }
+    if (c->exclude_is_regex)
+        OUT("exclude_modules: regex %s\n", c->exclude_regex);
+    else if (c->exclude_list.n) {
+        OUT("exclude_modules:");
+        for (size_t i = 0; i < c->exclude_list.n; i++)
+            OUT(" %s", c->exclude_list.v[i]);
+        OUT("\n");
+    }
+    if (c->n_layers) {
+        OUT("layers_to_transform:");
+        for (size_t i = 0; i < c->n_layers; i++)
+            OUT(" %ld", c->layers_to_transform[i]);
+        OUT("\n");
+    }
     if (c->modules_to_save.n) {
         OUT("modules_to_save:");
         for (size_t i = 0; i < c->modules_to_save.n; i++)
             OUT(" %s", c->modules_to_save.v[i]);
         OUT("\n");
     }
-    OUT("bias: %s, lora_bias: %s, fan_in_fan_out: %s\n", c->bias, c->lora_bias ? "true" : "false",
-        c->fan_in_fan_out ? "true" : "false");
+    OUT("bias: %s, fan_in_fan_out: %s\n", c->bias, c->fan_in_fan_out ? "true" : "false");
     size_t per_dtype[LM_DT_COUNT] = {0};
     for (size_t i = 0; i < a->ts->n; i++)
         per_dtype[a->ts->t[i].dtype]++;
@@ -399,8 +427,17 @@ lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
         if (per_dtype[d])
             OUT(" %s x%zu", lm_dtype_name((lm_dtype)d), per_dtype[d]);
     OUT("\n");
+    char *mods = NULL;
+    lm_code rc = lm_plan_describe_modules(a, &mods, err);
+    if (rc == LM_OK)
+        OUT("%s", mods);
+    free(mods);
 #undef OUT
     lm_adapter_free(a);
+    if (rc != LM_OK) {
+        free(buf);
+        return rc;
+    }
     *text = buf;
     return LM_OK;
 }

@@ -330,6 +330,26 @@ static const char *leaf_of(const char *module)
     return dot ? dot + 1 : module;
 }
 
+/* the input embedding of the base (for tied heads), or -1 when there is none or several */
+static long find_input_embedding(const lm_model *model)
+{
+    static const char *const names[] = {"embed_tokens.weight", "wte.weight", "shared.weight",
+                                        "word_embeddings.weight", "embed_in.weight"};
+    long found = -1;
+    for (size_t i = 0; i < lm_model_n_tensors(model); i++) {
+        const char *n = lm_model_tensor(model, i)->info->name;
+        for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+            size_t ln = strlen(n), lk = strlen(names[k]);
+            if (ln >= lk && strcmp(n + ln - lk, names[k]) == 0 && (ln == lk || n[ln - lk - 1] == '.')) {
+                if (found >= 0)
+                    return -1;
+                found = (long)i;
+            }
+        }
+    }
+    return found;
+}
+
 /* find or create the output tensor for a base entry index */
 static lm_plan_tensor *tensor_for(planner *P, long base_idx) { return &P->plan->t[base_idx]; }
 
@@ -595,6 +615,18 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         lm_err local;
         lm_err_clear(&local);
         long bi = lm_resolve_base_name(P->model, buf, &local);
+        if (bi == -1 && (leaf_is(m->module, "lm_head") || leaf_is(m->module, "embed_out"))) {
+            /* a tied output head: the checkpoint stores only the input embedding, which is the
+             * same tensor in the model, so the head's delta goes there (peft-merge.md §6.4) */
+            long tied = find_input_embedding(P->model);
+            if (tied >= 0) {
+                bi = tied;
+                if ((rc = plan_note(p, "%s: %s is tied to the input embedding %s (no separate head in the base): "
+                                       "its delta is applied to the shared tensor", ad->dir, m->module,
+                                    lm_model_tensor(P->model, (size_t)tied)->info->name)) != LM_OK)
+                    goto done;
+            }
+        }
         if (bi < 0) {
             *err = local;
             lm_err_set_tensor(err, m->module);
@@ -906,4 +938,139 @@ nomem:
 fail:
     lm_plan_free(p);
     return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* describing an adapter (lora-merge inspect ADAPTER_DIR)                                        */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    char leaf[96];
+    char kind[96];
+    long rank, r_cfg;
+    double alpha, scale;
+    int targeted;
+    size_t count;
+    char example[256];
+} desc_group;
+
+lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
+{
+    const lm_adapter_config *cfg = ad->cfg;
+    module_list mods = {0};
+    desc_group *g = NULL;
+    size_t ng = 0, n_full = 0, n_skip = 0, cap = 1 << 16, used = 0;
+    char *out = malloc(cap), buf[1024], full_names[512] = "";
+    lm_code rc = LM_OK;
+    if (out == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    out[0] = '\0';
+    lm_target_rules rules;
+    memset(&rules, 0, sizeof rules);
+    rules.has_target = cfg->has_target && !cfg->all_linear;
+    rules.target_is_regex = cfg->target_is_regex;
+    rules.target_regex = cfg->target_regex;
+    rules.target_list = (const char *const *)cfg->target_list.v;
+    rules.n_target = cfg->target_list.n;
+    rules.exclude_is_regex = cfg->exclude_is_regex;
+    rules.exclude_regex = cfg->exclude_regex;
+    rules.exclude_list = (const char *const *)cfg->exclude_list.v;
+    rules.n_exclude = cfg->exclude_list.n;
+    rules.modules_to_save = (const char *const *)cfg->modules_to_save.v;
+    rules.n_modules_to_save = cfg->modules_to_save.n;
+    rules.layers_to_transform = cfg->layers_to_transform;
+    rules.n_layers = cfg->n_layers;
+    rules.layers_pattern = (const char *const *)cfg->layers_pattern.v;
+    rules.n_layers_pattern = cfg->layers_pattern.n;
+    for (size_t i = 0; i < ad->ts->n; i++) {
+        const char *rest = ad->ts->t[i].name;
+        if (strncmp(rest, "base_model.model.", 17) == 0)
+            rest += 17;
+        else if (strncmp(rest, "base_model.", 11) == 0)
+            rest += 11;
+        key_role role = classify_key(rest, buf, sizeof buf);
+        if (role == R_SKIP) {
+            n_skip++;
+            continue;
+        }
+        if (role == R_FULL) {
+            size_t k = strlen(full_names);
+            if (n_full < 6)
+                snprintf(full_names + k, sizeof full_names - k, "%s%.200s", n_full ? ", " : "", buf);
+            n_full++;
+            continue;
+        }
+        lora_module *m = module_get(&mods, buf, err);
+        if (m == NULL) {
+            rc = LM_E_NOMEM;
+            goto done;
+        }
+        const lm_ts_tensor **slot = role == R_A ? &m->a : role == R_B ? &m->b : role == R_BBIAS ? &m->bbias
+                                  : role == R_EA ? &m->ea : role == R_EB ? &m->eb : role == R_MAG ? &m->mag : &m->tt;
+        *slot = &ad->ts->t[i];
+    }
+    g = calloc(mods.n ? mods.n : 1, sizeof *g);
+    if (g == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    for (size_t k = 0; k < mods.n; k++) {
+        lora_module *m = &mods.v[k];
+        desc_group d;
+        memset(&d, 0, sizeof d);
+        snprintf(d.leaf, sizeof d.leaf, "%s", leaf_of(m->module));
+        const lm_ts_tensor *A = m->a ? m->a : m->ea;
+        snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
+                 m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
+        if (A == NULL && m->tt == NULL)
+            snprintf(d.kind, sizeof d.kind, "incomplete (refused: %s without its pair)", m->b ? "lora_B" : "a part");
+        d.rank = A && A->n_dims >= 1 ? (long)A->shape[0] : 0;
+        d.r_cfg = cfg->r;
+        d.alpha = cfg->lora_alpha;
+        long w = lm_pattern_lookup((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, m->module, NULL);
+        if (w >= 0)
+            d.r_cfg = cfg->rank_vals[w];
+        w = lm_pattern_lookup((const char *const *)cfg->alpha_keys.v, cfg->alpha_keys.n, m->module, NULL);
+        if (w >= 0)
+            d.alpha = cfg->alpha_vals[w];
+        d.scale = cfg->use_rslora ? d.alpha / sqrt((double)d.r_cfg) : d.alpha / (double)d.r_cfg;
+        d.targeted = lm_target_matches(&rules, m->module, NULL) == 1;
+        size_t j;
+        for (j = 0; j < ng; j++)
+            if (!strcmp(g[j].leaf, d.leaf) && !strcmp(g[j].kind, d.kind) && g[j].rank == d.rank &&
+                g[j].r_cfg == d.r_cfg && g[j].alpha == d.alpha && g[j].targeted == d.targeted)
+                break;
+        if (j == ng) {
+            g[ng] = d;
+            snprintf(g[ng].example, sizeof g[ng].example, "%s", m->module);
+            ng++;
+        }
+        g[j].count++;
+    }
+#define OUT(...)                                                                                   \
+    do {                                                                                           \
+        if (used < cap)                                                                            \
+            used += (size_t)snprintf(out + used, cap - used, __VA_ARGS__);                         \
+    } while (0)
+    OUT("modules: %zu in %zu group%s\n", mods.n, ng, ng == 1 ? "" : "s");
+    for (size_t j = 0; j < ng; j++) {
+        OUT("  %-16s x%-4zu %s r=%ld alpha=%g scale=%g%s  (e.g. %s)\n", g[j].leaf, g[j].count, g[j].kind, g[j].rank,
+            g[j].alpha, g[j].scale * 1.0, g[j].targeted ? "" : "  NOT TARGETED by the config: skipped, as PEFT does",
+            g[j].example);
+        if (g[j].rank != g[j].r_cfg && g[j].rank > 0)
+            OUT("    refused: the tensors have rank %ld but the config says r=%ld\n", g[j].rank, g[j].r_cfg);
+    }
+    if (n_full)
+        OUT("full tensors (replace or add base tensors): %zu: %s%s\n", n_full, full_names, n_full > 6 ? ", ..." : "");
+    if (n_skip)
+        OUT("ignored keys: %zu\n", n_skip);
+#undef OUT
+done:
+    free(g);
+    module_list_free(&mods);
+    if (rc != LM_OK) {
+        free(out);
+        return rc;
+    }
+    *text = out;
+    return LM_OK;
 }

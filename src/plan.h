@@ -74,4 +74,9 @@ void lm_plan_free(lm_plan *p);
  *  components added.  @return the entry index, or -1 (none; err filled) or -2 (several). */
 long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err);
 
+/*! lm_plan_describe_modules() : the adapter's modules grouped by leaf name, kind, rank, alpha
+ *  and scale (through the patterns), whether the config targets them, and the full tensors.
+ *  @return LM_OK with *text (malloc'd lines). */
+lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err);
+
 #endif

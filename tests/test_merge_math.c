@@ -232,3 +232,89 @@ Test(merge_math, sharded_base)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* a tied model whose checkpoint stores only the input embedding: the lm_head adapter and the
+ * embedding adapter both land on the one shared tensor (peft-merge.md §6.4) */
+Test(merge_math, tied_head_goes_to_embedding)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t es[] = {50, 24}, ns[] = {24};
+    mm_t emb = mm_make("model.embed_tokens.weight", 2, es, 0.05, "BF16");
+    mm_t norm = mm_make("model.norm.weight", 1, ns, 0.5, "BF16");
+    mm_t b2[2] = {emb, norm};
+    mm_write(base, b2, 2, "BF16");
+    uint64_t ha[] = {4, 24}, hb[] = {50, 4}, ea[] = {4, 50}, eb[] = {24, 4};
+    mm_t f[4] = {mm_make("base_model.model.lm_head.lora_A.weight", 2, ha, 0.2, "F32"),
+                 mm_make("base_model.model.lm_head.lora_B.weight", 2, hb, 0.2, "F32"),
+                 mm_make("base_model.model.model.embed_tokens.lora_embedding_A", 2, ea, 0.2, "F32"),
+                 mm_make("base_model.model.model.embed_tokens.lora_embedding_B", 2, eb, 0.2, "F32")};
+    mm_adapter(ad, f, 4,
+               "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"embed_tokens\", \"lm_head\"]}");
+    const char *argv[] = {th_bin(), base, ad, out, NULL};
+    th_run_result r = th_run(NULL, argv);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "tied") != NULL, "the tie is not reported: %s", r.err);
+    th_run_free(&r);
+    double *ref = malloc(emb.n * sizeof(double));
+    memcpy(ref, emb.v, emb.n * sizeof(double));
+    mm_add_lowrank(ref, &f[0], &f[1], 2.0); /* head: (B@A) is [V, D] like the embedding */
+    for (uint64_t v = 0; v < 50; v++)       /* embedding: (B@A)^T */
+        for (uint64_t d = 0; d < 24; d++) {
+            double s = 0;
+            for (uint64_t k = 0; k < 4; k++)
+                s += f[3].v[d * 4 + k] * f[2].v[k * 50 + v];
+            ref[v * 24 + d] += 2.0 * s;
+        }
+    mm_check(out, emb.name, "BF16", ref, emb.n);
+    th_st st;
+    cr_assert_eq(th_st_read(out, &st), 0);
+    cr_assert_eq(st.n, 2, "the output must not add lm_head.weight");
+    th_st_free(&st);
+    free(ref);
+    free(emb.v);
+    free(norm.v);
+    for (int k = 0; k < 4; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* inspect ADAPTER_DIR: type, variant, r/alpha, patterns, per-group scales, targets, dtypes */
+Test(merge_math, inspect_adapter)
+{
+    char *tmp = th_tmpdir(), ad[512];
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    uint64_t as[] = {8, 16}, bs[] = {16, 8}, a2[] = {2, 16}, b2[] = {16, 2};
+    mm_t f[4] = {mm_make("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", 2, as, 0.1, "F32"),
+                 mm_make("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", 2, bs, 0.1, "F32"),
+                 mm_make("base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight", 2, a2, 0.1, "F32"),
+                 mm_make("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight", 2, b2, 0.1, "F32")};
+    mm_adapter(ad, f, 4,
+               "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, \"use_rslora\": true, "
+               "\"rank_pattern\": {\"v_proj\": 2}, \"target_modules\": [\"q_proj\", \"v_proj\"]}");
+    const char *argv[] = {th_bin(), "inspect", ad, NULL};
+    th_run_result r = th_run(NULL, argv);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "type: LORA") && strstr(r.out, "rsLoRA"), "%s", r.out);
+    cr_assert(strstr(r.out, "rank_pattern: v_proj -> 2"), "%s", r.out);
+    cr_assert(strstr(r.out, "q_proj") && strstr(r.out, "r=8 alpha=16 scale=5.65685"), "%s", r.out);
+    cr_assert(strstr(r.out, "r=2 alpha=16 scale=11.3137"), "%s", r.out);
+    cr_assert(strstr(r.out, "F32 x4"), "%s", r.out);
+    th_run_free(&r);
+    /* a refused variant is described, not merged */
+    const char *cfg = "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, \"layer_replication\": [[0, 1]]}";
+    char p[600];
+    snprintf(p, sizeof p, "%s/adapter_config.json", ad);
+    cr_assert_eq(th_write_file(p, cfg, strlen(cfg)), 0);
+    r = th_run(NULL, argv);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "refused") && strstr(r.out, "layer_replication"), "%s", r.out);
+    th_run_free(&r);
+    for (int k = 0; k < 4; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
