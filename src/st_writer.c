@@ -256,6 +256,15 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
                                 const size_t *data_order, const char *const *meta_keys,
                                 const char *const *meta_values, size_t n_meta, lm_err *err)
 {
+    size_t out_len = out_path ? strlen(out_path) : 0;
+    if (out_len == 0 || out_path[out_len - 1] == '/') {
+        /* nothing could be renamed there: refuse before creating anything */
+        lm_fail(err, LM_E_USAGE, "InvalidOutput", out_len == 0 ? "the output path is empty"
+                                                               : "the output path ends with '/': give a file name");
+        if (out_len > 0)
+            lm_err_set_path(err, out_path);
+        return NULL;
+    }
     lm_st_writer *w = calloc(1, sizeof *w);
     strbuf sb = {0};
     if (w == NULL) {

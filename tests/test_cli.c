@@ -1020,3 +1020,19 @@ Test(cli, usage_threads_bad_values)
 }
 
 Test(cli, usage_dtype_unknown) { cli_usage_error(KEYS("--dtype", "int4", "BASE", "ADAPTER", "OUT"), "int4"); }
+
+/* OUT "" : refused as a usage error before any work (TOOL BUG: the whole merge ran, then the
+ * rename into "" failed with "error: IoError: cannot rename the temporary file into place",
+ * exit 3, no path named).  The writer now refuses it (exit 2); main.c/merge.c should check it
+ * before opening anything. */
+Test(cli, out_empty_string)
+{
+    cli_fx f;
+    cli_fx_make(&f, "F32", 0);
+    cli_fx_snapshot(&f);
+    const char *argv[] = {th_bin(), "-q", f.base, f.adir, "", NULL};
+    th_run_result r = th_run(f.outdir, argv);
+    cli_expect_refused(&f, &r, 2, KEYS("output"));
+    th_run_free(&r);
+    cli_fx_free(&f);
+}

@@ -648,6 +648,30 @@ Test(writer, concurrent_writers)
     free(tmp);
 }
 
+/* an empty path, or one ending with '/', can never be renamed into: refused up front */
+Test(writer, unusable_destination_refused)
+{
+    char *tmp = th_tmpdir();
+    char cwd[4096];
+    cr_assert_not_null(getcwd(cwd, sizeof cwd));
+    cr_assert_eq(chdir(tmp), 0);
+    uint64_t shape[1] = {2};
+    lm_out_tensor t = {"x", LM_DT_F32, 1, shape};
+    char slash[1300];
+    snprintf(slash, sizeof slash, "%s/newdir/", tmp);
+    const char *bad[] = {"", slash};
+    for (int i = 0; i < 2; i++) {
+        lm_err err;
+        lm_err_clear(&err);
+        cr_assert_null(lm_st_writer_open(bad[i], &t, 1, NULL, NULL, NULL, 0, &err), "'%s' accepted", bad[i]);
+        cr_assert_eq(err.code, LM_E_USAGE, "'%s': code %d", bad[i], err.code);
+    }
+    cr_assert_eq(th_count_entries("."), 0);
+    cr_assert_eq(chdir(cwd), 0);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
 /* ---- EFBIG ------------------------------------------------------------------------------------- */
 /* In a child (RLIMIT_FSIZE is per process): a reservation over the limit, then a write past the
  * limit after a successful open.  The child reports "OK" or what went wrong through a pipe. */
