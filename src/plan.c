@@ -448,6 +448,30 @@ typedef struct {
     double alpha;
 } lowrank_info;
 
+/* The config's targeting fields as lm_target_rules.  "all-linear", or no target_modules at all
+ * (PEFT writes its per-architecture defaults into saved configs, so only hand-written ones lack
+ * it), take every module present in the file, still subject to exclusions and layer filters. */
+static void rules_from_config(const lm_adapter_config *cfg, lm_target_rules *rules)
+{
+    memset(rules, 0, sizeof *rules);
+    rules->has_target = 1;
+    rules->all_linear = cfg->all_linear || !cfg->has_target;
+    rules->target_is_regex = cfg->target_is_regex;
+    rules->target_regex = cfg->target_regex;
+    rules->target_list = (const char *const *)cfg->target_list.v;
+    rules->n_target = cfg->target_list.n;
+    rules->exclude_is_regex = cfg->exclude_is_regex;
+    rules->exclude_regex = cfg->exclude_regex;
+    rules->exclude_list = (const char *const *)cfg->exclude_list.v;
+    rules->n_exclude = cfg->exclude_list.n;
+    rules->modules_to_save = (const char *const *)cfg->modules_to_save.v;
+    rules->n_modules_to_save = cfg->modules_to_save.n;
+    rules->layers_to_transform = cfg->layers_to_transform;
+    rules->n_layers = cfg->n_layers;
+    rules->layers_pattern = (const char *const *)cfg->layers_pattern.v;
+    rules->n_layers_pattern = cfg->layers_pattern.n;
+}
+
 static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 {
     lm_adapter *ad = P->adapters[ai];
@@ -459,25 +483,14 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     char buf[1024];
     size_t n_bare = 0;
 
-    /* targeting rules of the config (peft-merge.md §3.4) */
+    /* targeting rules of the config (peft-merge.md §3.4), compiled once */
     lm_target_rules rules;
-    memset(&rules, 0, sizeof rules);
-    rules.has_target = cfg->has_target && !cfg->all_linear;
-    rules.target_is_regex = cfg->target_is_regex;
-    rules.target_regex = cfg->target_regex;
-    rules.target_list = (const char *const *)cfg->target_list.v;
-    rules.n_target = cfg->target_list.n;
-    rules.all_linear = cfg->all_linear;
-    rules.exclude_is_regex = cfg->exclude_is_regex;
-    rules.exclude_regex = cfg->exclude_regex;
-    rules.exclude_list = (const char *const *)cfg->exclude_list.v;
-    rules.n_exclude = cfg->exclude_list.n;
-    rules.modules_to_save = (const char *const *)cfg->modules_to_save.v;
-    rules.n_modules_to_save = cfg->modules_to_save.n;
-    rules.layers_to_transform = cfg->layers_to_transform;
-    rules.n_layers = cfg->n_layers;
-    rules.layers_pattern = (const char *const *)cfg->layers_pattern.v;
-    rules.n_layers_pattern = cfg->layers_pattern.n;
+    rules_from_config(cfg, &rules);
+    lm_target_matcher *tm = lm_target_matcher_create(&rules, err);
+    if (tm == NULL) {
+        lm_err_set_path(err, ad->config_path);
+        return err ? err->code : LM_E_FORMAT;
+    }
 
     for (size_t i = 0; i < ad->ts->n; i++) {
         const lm_ts_tensor *t = &ad->ts->t[i];
@@ -552,7 +565,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             lm_err_set_tensor(err, m->module);
             goto done;
         }
-        int targeted = lm_target_matches(&rules, m->module, err);
+        int targeted = lm_target_matcher_test(tm, m->module, err);
         if (targeted < 0) {
             lm_err_set_path(err, ad->config_path);
             rc = err ? err->code : LM_E_FORMAT;
@@ -858,6 +871,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 done:
     if (rc != LM_OK)
         lm_err_set_path(err, ad->weights_path);
+    lm_target_matcher_free(tm);
     free(li);
     module_list_free(&mods);
     return rc;
@@ -965,22 +979,7 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     out[0] = '\0';
     lm_target_rules rules;
-    memset(&rules, 0, sizeof rules);
-    rules.has_target = cfg->has_target && !cfg->all_linear;
-    rules.target_is_regex = cfg->target_is_regex;
-    rules.target_regex = cfg->target_regex;
-    rules.target_list = (const char *const *)cfg->target_list.v;
-    rules.n_target = cfg->target_list.n;
-    rules.exclude_is_regex = cfg->exclude_is_regex;
-    rules.exclude_regex = cfg->exclude_regex;
-    rules.exclude_list = (const char *const *)cfg->exclude_list.v;
-    rules.n_exclude = cfg->exclude_list.n;
-    rules.modules_to_save = (const char *const *)cfg->modules_to_save.v;
-    rules.n_modules_to_save = cfg->modules_to_save.n;
-    rules.layers_to_transform = cfg->layers_to_transform;
-    rules.n_layers = cfg->n_layers;
-    rules.layers_pattern = (const char *const *)cfg->layers_pattern.v;
-    rules.n_layers_pattern = cfg->layers_pattern.n;
+    rules_from_config(cfg, &rules);
     for (size_t i = 0; i < ad->ts->n; i++) {
         const char *rest = ad->ts->t[i].name;
         if (strncmp(rest, "base_model.model.", 17) == 0)

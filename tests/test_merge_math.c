@@ -318,3 +318,35 @@ Test(merge_math, inspect_adapter)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* "all-linear" and a hand-written config without target_modules take every module in the file */
+Test(merge_math, all_linear_and_no_targets)
+{
+    const char *cfgs[] = {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": \"all-linear\"}",
+                          "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4}"};
+    for (int c = 0; c < 2; c++) {
+        char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+        snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+        snprintf(ad, sizeof ad, "%s/adapter", tmp);
+        snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+        uint64_t ws[] = {20, 12};
+        mm_t w = mm_make("model.layers.0.mlp.fc.weight", 2, ws, 0.05, "F32");
+        mm_write(base, &w, 1, "F32");
+        uint64_t as[] = {2, 12}, bs[] = {20, 2};
+        mm_t f[2] = {mm_make("base_model.model.model.layers.0.mlp.fc.lora_A.weight", 2, as, 0.2, "F32"),
+                     mm_make("base_model.model.model.layers.0.mlp.fc.lora_B.weight", 2, bs, 0.2, "F32")};
+        mm_adapter(ad, f, 2, cfgs[c]);
+        const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+        mm_merge_ok(argv);
+        double *ref = malloc(w.n * sizeof(double));
+        memcpy(ref, w.v, w.n * sizeof(double));
+        mm_add_lowrank(ref, &f[0], &f[1], 2.0);
+        mm_check(out, w.name, "F32", ref, w.n);
+        free(ref);
+        free(w.v);
+        free(f[0].v);
+        free(f[1].v);
+        th_rmrf(tmp);
+        free(tmp);
+    }
+}
