@@ -273,7 +273,10 @@ Test(cli, unreadable_adapter_config)
     cli_fx_make(&f, "F32", 0);
     cr_assert_eq(unlink(f.acfg), 0);
     cr_assert_eq(mkdir(f.acfg, 0777), 0);
-    cli_fx_snapshot(&f);
+    /* not cli_fx_snapshot: th_file_hash() of a directory asks malloc for LONG_MAX bytes */
+    f.h_base = th_file_hash(f.base);
+    f.h_w = th_file_hash(f.aw);
+    f.n_in_entries = th_count_entries(f.indir);
     th_run_result r = cli_run(f.base, f.adir, f.out, NULL);
     cli_expect_refused(&f, &r, 3, KEYS(f.acfg));
     /* TOOL BUG (src/adapter_load.c): the message says "no adapter_config.json (not a PEFT adapter
