@@ -64,6 +64,14 @@ char *lm_adapter_locate(const char *dir, char **name_out, lm_err *err)
         return NULL;
     }
     int here = is_file(cfg);
+    struct stat cst;
+    if (!here && stat(cfg, &cst) == 0) { /* there, but not a file */
+        lm_fail(err, LM_E_IO, "UnreadableConfig", "adapter_config.json is not a regular file (%s)",
+                S_ISDIR(cst.st_mode) ? "it is a directory" : "a special file");
+        lm_err_set_path(err, cfg);
+        free(cfg);
+        return NULL;
+    }
     free(cfg);
     if (here) {
         *name_out = strdup("default");

@@ -252,6 +252,10 @@ lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *
         *report = NULL;
     if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
         return lm_fail(err, LM_E_USAGE, "Usage", "a merge needs a base, at least one adapter and an output");
+    if (job->out_path != NULL &&
+        (job->out_path[0] == '\0' || job->out_path[strlen(job->out_path) - 1] == '/'))
+        return lm_fail(err, LM_E_USAGE, "Usage", "the output must be a file name ending in .safetensors, not '%s'",
+                       job->out_path);
     lm_plan_opts popts;
     memset(&popts, 0, sizeof popts);
     if (!parse_dtype_opt(job->out_dtype, &popts.out_dtype_set, &popts.out_dtype))

@@ -130,6 +130,9 @@ int th_count_entries(const char *dir)
 
 uint8_t *th_read_file(const char *path, size_t *n)
 {
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
+        return NULL;
     FILE *f = fopen(path, "rb");
     if (f == NULL)
         return NULL;
