@@ -38,6 +38,8 @@ BENCH_BINS = $(patsubst bench/%.c,$(BUILD)/bench/%,$(sort $(wildcard bench/*.c))
 $(BUILD)/kernels/%_avx2.o: LM_VEC = -mavx2 -mf16c -mfma
 $(BUILD)/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx512vl -mavx512dq -mf16c -mfma
 
+.SECONDARY:
+
 .PHONY: all deps lib check test unit-test fuzz-replay fuzz fuzz-smoke asan demo bench \
         bench-kernels install uninstall clean
 

@@ -206,7 +206,7 @@ static char *tb_ckpt(const char *file, const tb_buf *pkl, const void *const *st,
                      size_t n_st, const char *byteorder, int deflate, uint8_t **out, size_t *n_out)
 {
     tb_entry e[16];
-    static char names[16][32];
+    static char names[16][48];
     size_t n = 0;
     e[n++] = (tb_entry){"archive/data.pkl", pkl->b, pkl->n};
     if (byteorder != NULL)
