@@ -91,10 +91,10 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
 
 # fast tier: unit tests, conformance, fixtures
-check: all $(UNIT)
+check: all $(UNIT) $(BUILD)/bench/gen_model
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
-unit-test: all $(UNIT)
+unit-test: all $(UNIT) $(BUILD)/bench/gen_model
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
 fuzz-replay: all $(FUZZ_REPLAY)
@@ -102,7 +102,7 @@ fuzz-replay: all $(FUZZ_REPLAY)
 
 # everything: sanitizer build, fuzz corpus replay and smoke, then the unit suite last
 # (its summary line is the last thing printed)
-test: all $(UNIT)
+test: all $(UNIT) $(BUILD)/bench/gen_model
 	$(Q)$(MAKE) --no-print-directory fuzz-replay
 	$(Q)$(MAKE) --no-print-directory asan
 	$(Q)$(MAKE) --no-print-directory fuzz-smoke
@@ -111,7 +111,8 @@ test: all $(UNIT)
 asan:
 	$(Q)$(MAKE) --no-print-directory BUILD=build-asan \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" build-asan/lora-merge build-asan/tests/unit $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%)
+	  LDFLAGS="-fsanitize=address,undefined" build-asan/lora-merge build-asan/tests/unit build-asan/bench/gen_model \
+	  $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%)
 	$(Q)for f in $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%); do n=$$(basename $$f -replay); \
 	  ASAN_OPTIONS=detect_leaks=1 $$f tests/fuzz/corpus/$$n >/dev/null || exit 1; done
 	@echo "asan: unit tests under AddressSanitizer+UBSan"

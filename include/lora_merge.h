@@ -180,6 +180,8 @@ typedef struct lm_merge_job {
     /* progress: may be NULL; called from worker threads, one at a time */
     void (*progress)(void *ctx, uint64_t done_bytes, uint64_t total_bytes);
     void *progress_ctx;
+    uint64_t tile_elems;    /* f32 elements per row tile (0 = default 2^18); tuning and tests: the
+                               output is the same for every value */
 } lm_merge_job;
 
 typedef struct lm_merge_report {

@@ -14,14 +14,16 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define TILE_ELEMS ((uint64_t)1 << 18)      /* f32 elements per tile (1 MiB) */
+#define TILE_ELEMS ((uint64_t)1 << 18)      /* default f32 elements per tile (1 MiB) */
 #define COPY_CHUNK ((uint64_t)8 << 20)      /* bytes per copy task */
 
-uint64_t lm_exec_tile_rows(uint64_t cols)
+uint64_t lm_exec_tile_rows(uint64_t cols, uint64_t tile_elems)
 {
-    if (cols == 0 || cols >= TILE_ELEMS)
+    if (tile_elems == 0)
+        tile_elems = TILE_ELEMS;
+    if (cols == 0 || cols >= tile_elems)
         return 1;
-    return TILE_ELEMS / cols;
+    return tile_elems / cols;
 }
 
 static int is_float_dtype(lm_dtype dt)
@@ -143,6 +145,7 @@ typedef struct {
     size_t *op_base;        /* index of tensor i's first op in fa/fb */
     double **col_scale;     /* per tensor: column DoRA factors (pass 1), or NULL */
     size_t *col_dora_op;    /* per tensor: index of the column DoRA op */
+    uint64_t tile_elems;    /* f32 elements per tile (0: default) */
 } job;
 
 /* Drops the pages of [p, p + n) from this process's mapping once processed, so that resident
@@ -164,6 +167,13 @@ static const lm_st_file *tensor_src_file(const job *J, size_t ti)
     if (t->base == NULL || (t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE))
         return NULL;
     return lm_model_file(J->model, t->base->file);
+}
+
+/* rows per tile for plan tensor t: never more than the tensor has */
+static uint64_t tile_rows_for(const lm_plan_tensor *t, uint64_t tile_elems)
+{
+    uint64_t tr = lm_exec_tile_rows(t->cols, tile_elems);
+    return tr > t->rows && t->rows > 0 ? t->rows : tr;
 }
 
 static const uint8_t *tensor_src_bytes(const job *J, size_t ti)
@@ -308,7 +318,7 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     size_t d = J->col_dora_op[ti];
-    uint64_t tr = lm_exec_tile_rows(t->cols), n_tiles = (t->rows + tr - 1) / tr;
+    uint64_t tr = tile_rows_for(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
     double *part = calloc((size_t)(n_tiles * t->cols) + 1, sizeof *part);
     double *scale = calloc((size_t)t->cols + 1, sizeof *scale);
     if (part == NULL || scale == NULL) {
@@ -388,6 +398,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     J.plan = plan;
     J.model = model;
     J.k = k;
+    J.tile_elems = opts ? opts->tile_elems : 0;
     view_cache vc = {0};
     task *tasks = NULL;
     size_t n_tasks = 0, cap_tasks = 0, total_ops = 0;
@@ -446,7 +457,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             goto fail;
         }
         uint64_t bytes = t->base ? t->base->info->end - t->base->info->begin : t->ops[0].a->n_bytes;
-        uint64_t unit = copy ? COPY_CHUNK : lm_exec_tile_rows(t->cols);
+        uint64_t unit = copy ? COPY_CHUNK : tile_rows_for(t, J.tile_elems);
         uint64_t total = copy ? bytes : t->rows;
         if (copy) {
             st.n_copied_tensors++;
@@ -490,7 +501,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     }
     size_t max_elems = 1;
     for (size_t i = 0; i < plan->n; i++) {
-        uint64_t e = lm_exec_tile_rows(plan->t[i].cols) * plan->t[i].cols;
+        uint64_t e = tile_rows_for(&plan->t[i], J.tile_elems) * plan->t[i].cols;
         if (e > max_elems)
             max_elems = (size_t)e;
     }

@@ -302,6 +302,7 @@ lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *
         eo.kernels = &kern;
         eo.progress = job->progress;
         eo.progress_ctx = job->progress_ctx;
+        eo.tile_elems = job->tile_elems;
         if ((rc = lm_exec_run(plan, model, ads, job->out_path, &eo, &st, err)) != LM_OK) {
             cJSON_Delete((cJSON *)ri->pub.json);
             ri->pub.json = NULL;

@@ -121,3 +121,23 @@ Test(determinism, f16, .timeout = 120) { det_check("f16", "f32", NULL, NULL); }
 Test(determinism, f32, .timeout = 120) { det_check("f32", "bf16", NULL, NULL); }
 /* a conversion of every tensor on the way (bf16 -> f16) and a negative scale */
 Test(determinism, bf16_to_f16_negative_scale, .timeout = 120) { det_check("bf16", "f16", "--dtype=f16", "--scale=-0.75"); }
+
+/* the streaming result equals the straightforward one: each tensor in a single tile (the whole
+ * matrix at once, as a non-streaming merge does it), one row per tile, and an odd tile size all
+ * give the bytes of the default tiling */
+Test(determinism, tile_size_does_not_change_the_output, .timeout = 120)
+{
+    char *tmp = th_tmpdir();
+    char base[1300], adir[1300], ref[1300], out[1300];
+    det_generate(tmp, "bf16", "f32", base, adir, sizeof base);
+    snprintf(ref, sizeof ref, "%s/default.safetensors", tmp);
+    snprintf(out, sizeof out, "%s/tiled.safetensors", tmp);
+    det_merge(base, adir, ref, "2", NULL, NULL, NULL);
+    static const char *const sizes[] = {"17179869184", "1", "77777"};
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        det_merge(base, adir, out, "2", NULL, "--tile-elems", sizes[i]);
+        cr_assert(th_files_equal(ref, out), "--tile-elems %s changes the output", sizes[i]);
+    }
+    th_rmrf(tmp);
+    free(tmp);
+}
