@@ -112,6 +112,20 @@ static lm_op *add_op(lm_plan_tensor *t, lm_err *err)
     return op;
 }
 
+/* appends an op of `kind` from adapter ai on `module`, reading `a` */
+static lm_op *new_op(lm_plan_tensor *t, lm_op_kind kind, size_t ai, const char *module, const lm_ts_tensor *a,
+                     lm_err *err)
+{
+    lm_op *op = add_op(t, err);
+    if (op != NULL) {
+        op->kind = kind;
+        op->adapter = ai;
+        op->module = module;
+        op->a = a;
+    }
+    return op;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* name resolution: adapter module path -> base tensor                                          */
 /* ------------------------------------------------------------------------------------------ */
@@ -736,16 +750,12 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         if (li[k].base >= 0) {
             const lm_ts_tensor *A = m->a ? m->a : m->ea, *B = m->b ? m->b : m->eb;
             lm_plan_tensor *t = tensor_for(P, li[k].base);
-            lm_op *op = add_op(t, err);
+            lm_op *op = new_op(t, LM_OP_LOWRANK, ai, plan_str(p, m->module), A, err);
             if (op == NULL) {
                 rc = LM_E_NOMEM;
                 goto done;
             }
             double s = cfg->use_rslora ? li[k].alpha / sqrt((double)li[k].rank) : li[k].alpha / (double)li[k].rank;
-            op->kind = LM_OP_LOWRANK;
-            op->adapter = ai;
-            op->module = plan_str(p, m->module);
-            op->a = A;
             op->b = B;
             op->rank = A->shape[0];
             op->in = A->n_elems / A->shape[0];
@@ -763,21 +773,17 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
                     lm_err_set_tensor(err, m->module);
                     goto done;
                 }
-                uint64_t want = m->ea ? B->shape[0] : B->shape[0];
-                if (m->mag->n_elems != want) {
+                /* one magnitude per output feature (per embedding dimension for an Embedding) */
+                if (m->mag->n_elems != B->shape[0]) {
                     rc = mismatch(err, m->module, "lora_magnitude_vector has %llu elements, expected %llu",
-                                  (unsigned long long)m->mag->n_elems, (unsigned long long)want);
+                                  (unsigned long long)m->mag->n_elems, (unsigned long long)B->shape[0]);
                     goto done;
                 }
-                lm_op *d = add_op(t, err);
+                lm_op *d = new_op(t, LM_OP_DORA, ai, op->module, m->mag, err);
                 if (d == NULL) {
                     rc = LM_E_NOMEM;
                     goto done;
                 }
-                d->kind = LM_OP_DORA;
-                d->adapter = ai;
-                d->module = op->module;
-                d->a = m->mag;
                 d->dora_axis = li[k].orient == 1 ? 1 : 0;
             }
             if (m->bbias != NULL) {
@@ -797,15 +803,11 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
                                   (unsigned long long)m->bbias->n_elems, (unsigned long long)bt->base->info->n_elems);
                     goto done;
                 }
-                lm_op *bo = add_op(bt, err);
+                lm_op *bo = new_op(bt, LM_OP_BIAS_ADD, ai, op->module, m->bbias, err);
                 if (bo == NULL) {
                     rc = LM_E_NOMEM;
                     goto done;
                 }
-                bo->kind = LM_OP_BIAS_ADD;
-                bo->adapter = ai;
-                bo->module = op->module;
-                bo->a = m->bbias;
                 bo->scale_f64 = op->scale_f64;
                 bo->scale = op->scale;
             }
@@ -855,15 +857,11 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
                     lm_err_set_tensor(err, m->module);
                     goto done;
                 }
-            lm_op *op = add_op(t, err);
+            lm_op *op = new_op(t, LM_OP_ROWS, ai, plan_str(p, m->module), m->tt, err);
             if (op == NULL) {
                 rc = LM_E_NOMEM;
                 goto done;
             }
-            op->kind = LM_OP_ROWS;
-            op->adapter = ai;
-            op->module = plan_str(p, m->module);
-            op->a = m->tt;
             op->rows = rows;
             op->n_rows = n_rows;
         }
