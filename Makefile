@@ -66,7 +66,9 @@ deps:
 deps-quiet:
 	$(Q)$(MAKE) --no-print-directory deps
 
-$(BUILD)/%.o: %.c
+# on a fresh machine the packages (and pkg-config) arrive first (order-only): the flags above
+# are expanded only when a recipe runs, so they see them
+$(BUILD)/%.o: %.c | deps-quiet
 	@mkdir -p $(@D)
 	$(Q)$(CC) $(CPPFLAGS) $(LM_CPPFLAGS) $(LM_CFLAGS) $(LM_VEC) $(CFLAGS) -MMD -MP -c $< -o $@
 
