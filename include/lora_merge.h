@@ -169,7 +169,11 @@ typedef struct lm_merge_adapter {
 
 typedef struct lm_merge_job {
     const char *base_path;  /* .safetensors, model.safetensors.index.json or a model directory */
-    const char *out_path;   /* .safetensors file to write (through a temp file + rename) */
+    const char *out_path;   /* .safetensors file to write (through a temp file + rename), or a
+                               directory (existing, or written with a trailing '/'): then a model
+                               directory comes out: model.safetensors, or shards + index, plus
+                               the base directory's other files (config.json, tokenizer ...) */
+    uint64_t max_shard_bytes; /* directory OUT: bytes per shard at most (0 = 5 GB) */
     const lm_merge_adapter *adapters;
     size_t n_adapters;
     int n_threads;          /* <= 0: all cores; the output does not depend on it */

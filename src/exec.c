@@ -139,7 +139,10 @@ typedef struct {
 typedef struct {
     const lm_plan *plan;
     const lm_model *model;
-    lm_st_writer *w;
+    lm_st_writer **w;        /* one writer per output shard */
+    size_t n_shards;
+    const size_t *shard_of;  /* plan tensor -> shard */
+    size_t *local;           /* plan tensor -> its index inside its shard */
     const lm_kernels *k;
     const float **fa, **fb; /* per tensor, per op: f32 views (flattened [tensor][op]) */
     size_t *op_base;        /* index of tensor i's first op in fa/fb */
@@ -273,7 +276,8 @@ static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint
 static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, uint8_t *raw, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
-    uint64_t dst = lm_st_writer_tensor_offset(J->w, tk->tensor);
+    lm_st_writer *w = J->w[J->shard_of ? J->shard_of[tk->tensor] : 0];
+    uint64_t dst = lm_st_writer_tensor_offset(w, J->local[tk->tensor]);
     if (tk->copy) {
         const uint8_t *src = tensor_src_bytes(J, tk->tensor);
         const lm_st_file *f = tensor_src_file(J, tk->tensor);
@@ -283,12 +287,12 @@ static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, 
             loff_t outp = (loff_t)(dst + tk->first);
             uint64_t left = tk->count;
             while (left > 0) {
-                ssize_t k = copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(J->w), &outp, (size_t)left, 0);
+                ssize_t k = copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left, 0);
                 if (k <= 0) {
                     if (k < 0 && errno == EINTR)
                         continue;
                     if (k < 0 && (errno == ENOSPC || errno == EFBIG || errno == EIO || errno == EDQUOT))
-                        return lm_st_writer_pwrite(J->w, src + (tk->count - left) + tk->first, (size_t)left,
+                        return lm_st_writer_pwrite(w, src + (tk->count - left) + tk->first, (size_t)left,
                                                    dst + tk->first + (tk->count - left), err);
                     break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
                 }
@@ -297,11 +301,11 @@ static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, 
             if (left == 0)
                 return LM_OK;
             uint64_t done = tk->count - left;
-            lm_code rc = lm_st_writer_pwrite(J->w, src + tk->first + done, (size_t)left, dst + tk->first + done, err);
+            lm_code rc = lm_st_writer_pwrite(w, src + tk->first + done, (size_t)left, dst + tk->first + done, err);
             release_pages(src + tk->first + done, left);
             return rc;
         }
-        return lm_st_writer_pwrite(J->w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
+        return lm_st_writer_pwrite(w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
     }
     uint64_t r0 = tk->first, nr = tk->count, n = nr * t->cols;
     if (load_tile(J, tk->tensor, acc, raw, r0, nr, err) != LM_OK)
@@ -309,7 +313,7 @@ static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, 
     apply_ops(J, tk->tensor, 0, t->n_ops, acc, r0, nr);
     from_f32(J->k, t->dtype, acc, out, (size_t)n);
     size_t esz = lm_dtype_bits(t->dtype) / 8;
-    return lm_st_writer_pwrite(J->w, out, (size_t)(n * esz), dst + r0 * t->cols * esz, err);
+    return lm_st_writer_pwrite(w, out, (size_t)(n * esz), dst + r0 * t->cols * esz, err);
 }
 
 /* Column DoRA (Conv1D, Embedding): the norm of every column of W + dW needs all rows first.
@@ -483,14 +487,42 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                 st.n_tiles++;
         }
     }
-    /* every check is done: now the output file exists */
-    J.w = lm_st_writer_open(out_path, outs, plan->n, plan->data_order, plan->meta_keys, plan->meta_values,
-                            plan->n_meta, err);
-    if (J.w == NULL) {
-        rc = err ? err->code : LM_E_IO;
-        goto fail;
+    /* every check is done: now the output files exist (as temporary files) */
+    J.n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
+    J.shard_of = opts && opts->n_shards > 1 ? opts->shard_of : NULL;
+    J.w = calloc(J.n_shards, sizeof *J.w);
+    J.local = calloc(plan->n + 1, sizeof *J.local);
+    lm_out_tensor *souts = calloc(plan->n + 1, sizeof *souts);
+    size_t *sorder = calloc(plan->n + 1, sizeof *sorder);
+    if (J.w == NULL || J.local == NULL || souts == NULL || sorder == NULL) {
+        free(souts);
+        free(sorder);
+        goto nomem;
     }
-    st.bytes_written = lm_st_writer_file_bytes(J.w);
+    for (size_t sh = 0; sh < J.n_shards; sh++) {
+        size_t n_in = 0, n_ord = 0;
+        for (size_t i = 0; i < plan->n; i++) /* header order */
+            if ((J.shard_of ? J.shard_of[i] : 0) == sh) {
+                J.local[i] = n_in;
+                souts[n_in++] = outs[i];
+            }
+        for (size_t q = 0; q < plan->n; q++) { /* data order */
+            size_t i = plan->data_order[q];
+            if ((J.shard_of ? J.shard_of[i] : 0) == sh)
+                sorder[n_ord++] = J.local[i];
+        }
+        const char *path = J.n_shards > 1 ? opts->shard_paths[sh] : out_path;
+        J.w[sh] = lm_st_writer_open(path, souts, n_in, sorder, plan->meta_keys, plan->meta_values, plan->n_meta, err);
+        if (J.w[sh] == NULL) {
+            free(souts);
+            free(sorder);
+            rc = err ? err->code : LM_E_IO;
+            goto fail;
+        }
+        st.bytes_written += lm_st_writer_file_bytes(J.w[sh]);
+    }
+    free(souts);
+    free(sorder);
     for (size_t i = 0; i < plan->n; i++) {
         const lm_plan_tensor *t = &plan->t[i];
         int has_col = 0;
@@ -556,18 +588,28 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         goto fail;
     }
     st.bytes_computed = st.bytes_written - st.bytes_copied;
-    rc = lm_st_writer_commit(J.w, opts ? opts->do_fsync : 0, err);
-    J.w = NULL;
-    if (rc != LM_OK)
-        goto fail;
+    /* every shard complete and closed before any is renamed into place */
+    for (size_t sh = 0; sh < J.n_shards; sh++)
+        if ((rc = lm_st_writer_finish(J.w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
+            goto fail;
+    for (size_t sh = 0; sh < J.n_shards; sh++) {
+        rc = lm_st_writer_commit(J.w[sh], opts ? opts->do_fsync : 0, err);
+        J.w[sh] = NULL;
+        if (rc != LM_OK)
+            goto fail;
+    }
     if (stats)
         *stats = st;
     goto done;
 nomem:
     rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
 fail:
-    lm_st_writer_abort(J.w);
+    if (J.w)
+        for (size_t sh = 0; sh < J.n_shards; sh++)
+            lm_st_writer_abort(J.w[sh]);
 done:
+    free(J.w);
+    free(J.local);
     if (J.col_scale)
         for (size_t i = 0; i < plan->n; i++)
             free(J.col_scale[i]);

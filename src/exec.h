@@ -17,6 +17,11 @@ typedef struct lm_exec_opts {
     void (*progress)(void *ctx, uint64_t done_bytes, uint64_t total_bytes);
     void *progress_ctx;
     uint64_t tile_elems;        /* f32 elements per tile; 0 = default */
+    /* sharded output: n_shards > 1 files shard_paths[], plan tensor i goes to shard_of[i]
+     * (out_path is then unused); all are renamed into place only when all are complete */
+    size_t n_shards;
+    const char *const *shard_paths;
+    const size_t *shard_of;
 } lm_exec_opts;
 
 typedef struct lm_exec_stats {

@@ -15,8 +15,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef struct {
     lm_merge_report pub;
@@ -152,9 +154,6 @@ static lm_code build_report(report_impl *ri, const lm_merge_job *job, lm_adapter
         text[used++] = '\n';
         text[used] = '\0';
     }
-    cJSON *jn = cJSON_AddArrayToObject(root, "notes");
-    for (size_t i = 0; i < p->n_notes; i++)
-        cJSON_AddItemToArray(jn, cJSON_CreateString(p->notes[i]));
     ri->plan_text = text;
     ri->json = NULL;
     /* numbers filled by the caller after the run: kept as a tree until then */
@@ -182,6 +181,9 @@ static lm_code finish_json(report_impl *ri, lm_err *err)
     cJSON_AddNumberToObject(s, "threads", r->n_threads);
     cJSON_AddStringToObject(s, "kernels", r->kernels);
     cJSON_AddItemToObject(root, "summary", s);
+    cJSON *jn = cJSON_AddArrayToObject(root, "notes");
+    for (size_t i = 0; i < r->n_notes; i++)
+        cJSON_AddItemToArray(jn, cJSON_CreateString(r->notes[i]));
     ri->json = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     r->json = ri->json;
@@ -207,36 +209,186 @@ static int parse_dtype_opt(const char *s, int *set, lm_dtype *dt)
     return 1;
 }
 
-/* OUT must not be any input, through any alias (symlink, hard link) */
-static lm_code check_out_not_input(const lm_merge_job *job, const lm_model *m, lm_adapter *const *ads, lm_err *err)
+/* An output file must not be any input, through any alias (symlink, hard link). */
+static lm_code check_not_input(const char *out, const lm_model *m, lm_adapter *const *ads, size_t n_ads, lm_err *err)
 {
     struct stat st;
-    if (stat(job->out_path, &st) != 0)
+    if (stat(out, &st) != 0)
         return LM_OK;
-    const char *inputs[8];
-    size_t n_in = 0;
-    if (lm_model_index_path(m))
-        inputs[n_in++] = lm_model_index_path(m);
     for (size_t i = 0; i < lm_model_n_files(m); i++)
-        if (lm_same_file(job->out_path, lm_st_path(lm_model_file(m, i))))
+        if (lm_same_file(out, lm_st_path(lm_model_file(m, i))))
             return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the base '%s'",
                            lm_st_path(lm_model_file(m, i)));
-    for (size_t a = 0; a < job->n_adapters; a++) {
-        n_in = 0;
-        inputs[n_in++] = ads[a]->weights_path;
-        inputs[n_in++] = ads[a]->config_path;
-        for (size_t i = 0; i < n_in; i++)
-            if (lm_same_file(job->out_path, inputs[i]))
+    if (lm_model_index_path(m) && lm_same_file(out, lm_model_index_path(m)))
+        return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the index '%s'",
+                       lm_model_index_path(m));
+    for (size_t a = 0; a < n_ads; a++) {
+        const char *inputs[2] = {ads[a]->weights_path, ads[a]->config_path};
+        for (size_t i = 0; i < 2; i++)
+            if (lm_same_file(out, inputs[i]))
                 return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the input '%s'",
                                inputs[i]);
     }
-    if (lm_model_index_path(m) && lm_same_file(job->out_path, lm_model_index_path(m)))
-        return lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as the index '%s'",
-                       lm_model_index_path(m));
-    if (S_ISDIR(st.st_mode))
-        return lm_fail(err, LM_E_USAGE, "OutputIsDirectory",
-                       "the output is a directory: give a file name (e.g. %s/model.safetensors)", job->out_path);
     return LM_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the output: one file, or a model directory (shards + index + the base's other files)         */
+/* ------------------------------------------------------------------------------------------ */
+#define LM_DEFAULT_SHARD_BYTES 5000000000ull /* transformers' "5GB" */
+
+typedef struct {
+    int is_dir, created_dir;
+    char *dir;        /* directory OUT, without a trailing slash */
+    size_t n_shards;
+    char **paths;     /* the files written */
+    size_t *shard_of; /* plan tensor -> shard */
+    uint64_t total_bytes;
+} out_target;
+
+static void out_target_free(out_target *o)
+{
+    for (size_t i = 0; i < o->n_shards && o->paths; i++)
+        free(o->paths[i]);
+    free(o->paths);
+    free(o->shard_of);
+    free(o->dir);
+    memset(o, 0, sizeof *o);
+}
+
+static char *path_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p != NULL)
+        snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* shards in data order, each at most max_bytes (a larger tensor gets a shard of its own) */
+static lm_code plan_shards(out_target *o, const lm_merge_job *job, const lm_plan *p, lm_err *err)
+{
+    o->shard_of = calloc(p->n + 1, sizeof *o->shard_of);
+    if (o->shard_of == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    uint64_t max_bytes = job->max_shard_bytes ? job->max_shard_bytes : LM_DEFAULT_SHARD_BYTES, used = 0;
+    size_t sh = 0;
+    for (size_t q = 0; q < p->n; q++) {
+        const lm_plan_tensor *t = &p->t[p->data_order[q]];
+        uint64_t n = 1;
+        for (size_t d = 0; d < t->n_dims; d++)
+            n *= t->shape[d];
+        uint64_t bytes = n * lm_dtype_bits(t->dtype) / 8;
+        if (o->is_dir && used > 0 && used + bytes > max_bytes) {
+            sh++;
+            used = 0;
+        }
+        used += bytes;
+        o->total_bytes += bytes;
+        o->shard_of[p->data_order[q]] = sh;
+    }
+    size_t n_shards = sh + 1;
+    o->paths = calloc(n_shards, sizeof *o->paths);
+    if (o->paths == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    o->n_shards = n_shards;
+    for (size_t i = 0; i < n_shards; i++) {
+        char name[64];
+        if (!o->is_dir) {
+            o->paths[i] = strdup(job->out_path);
+        } else {
+            if (n_shards == 1)
+                snprintf(name, sizeof name, "model.safetensors");
+            else
+                snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n_shards);
+            o->paths[i] = path_join(o->dir, name);
+        }
+        if (o->paths[i] == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    return LM_OK;
+}
+
+static lm_code write_index(const out_target *o, const lm_plan *p, lm_err *err)
+{
+    cJSON *root = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(root, "metadata");
+    cJSON_AddNumberToObject(meta, "total_size", (double)o->total_bytes);
+    cJSON *map = cJSON_AddObjectToObject(root, "weight_map");
+    for (size_t i = 0; i < p->n; i++) {
+        const char *slash = strrchr(o->paths[o->shard_of[i]], '/');
+        cJSON_AddStringToObject(map, p->t[i].name, slash ? slash + 1 : o->paths[o->shard_of[i]]);
+    }
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    if (text == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    char *path = path_join(o->dir, "model.safetensors.index.json");
+    lm_code rc = path ? lm_write_file_atomic(path, text, strlen(text), err)
+                      : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    free(path);
+    free(text);
+    return rc;
+}
+
+static int is_weight_file(const char *name)
+{
+    static const char *const ends[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                                       ".onnx", ".index.json"};
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof ends / sizeof *ends; i++) {
+        size_t k = strlen(ends[i]);
+        if (n >= k && strcmp(name + n - k, ends[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* the base directory's other files (config.json, tokenizer files ...) into the output directory;
+ * @return the number copied, or -1 with *err */
+static long copy_model_files(const out_target *o, const char *base_dir, lm_err *err)
+{
+    DIR *d = opendir(base_dir);
+    if (d == NULL)
+        return 0;
+    long n_copied = 0;
+    struct dirent *de;
+    while (n_copied >= 0 && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.' || is_weight_file(de->d_name))
+            continue;
+        char *src = path_join(base_dir, de->d_name), *dst = path_join(o->dir, de->d_name);
+        struct stat st;
+        if (src && dst && stat(src, &st) == 0 && S_ISREG(st.st_mode) && st.st_size < (64 << 20) &&
+            !lm_same_file(src, dst)) {
+            FILE *f = fopen(src, "rb");
+            char *buf = malloc((size_t)st.st_size + 1);
+            size_t got = (f && buf) ? fread(buf, 1, (size_t)st.st_size, f) : 0;
+            if (f)
+                fclose(f);
+            if (buf && got == (size_t)st.st_size)
+                n_copied = lm_write_file_atomic(dst, buf, got, err) == LM_OK ? n_copied + 1 : -1;
+            free(buf);
+        }
+        free(src);
+        free(dst);
+    }
+    closedir(d);
+    return n_copied;
+}
+
+/* the directory holding the base's files (the base itself when it is a directory) */
+static char *base_directory(const char *base_path)
+{
+    struct stat st;
+    if (stat(base_path, &st) == 0 && S_ISDIR(st.st_mode))
+        return strdup(base_path);
+    const char *slash = strrchr(base_path, '/');
+    if (slash == NULL)
+        return strdup(".");
+    size_t n = (size_t)(slash - base_path);
+    char *d = malloc(n + 2);
+    if (d != NULL)
+        snprintf(d, n + 2, "%.*s", (int)(n ? n : 1), n ? base_path : "/");
+    return d;
 }
 
 lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
@@ -248,14 +400,29 @@ lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *
     lm_plan *plan = NULL;
     report_impl *ri = NULL;
     lm_kernels kern;
+    out_target ot;
+    memset(&ot, 0, sizeof ot);
+    char *base_dir = NULL;
     if (report)
         *report = NULL;
     if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
         return lm_fail(err, LM_E_USAGE, "Usage", "a merge needs a base, at least one adapter and an output");
-    if (job->out_path != NULL &&
-        (job->out_path[0] == '\0' || job->out_path[strlen(job->out_path) - 1] == '/'))
-        return lm_fail(err, LM_E_USAGE, "Usage", "the output must be a file name ending in .safetensors, not '%s'",
-                       job->out_path);
+    if (job->out_path != NULL && job->out_path[0] == '\0')
+        return lm_fail(err, LM_E_USAGE, "Usage", "the output path is empty");
+    if (job->out_path != NULL) { /* a directory OUT: a model directory comes out */
+        struct stat st;
+        size_t n = strlen(job->out_path);
+        ot.is_dir = job->out_path[n - 1] == '/' || (stat(job->out_path, &st) == 0 && S_ISDIR(st.st_mode));
+        if (ot.is_dir) {
+            while (n > 1 && job->out_path[n - 1] == '/')
+                n--;
+            ot.dir = strndup(job->out_path, n);
+            if (ot.dir == NULL)
+                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+    }
+    if (job->max_shard_bytes && !ot.is_dir && !job->dry_run)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--max-shard-size needs a directory OUT (e.g. 'merged/')");
     lm_plan_opts popts;
     memset(&popts, 0, sizeof popts);
     if (!parse_dtype_opt(job->out_dtype, &popts.out_dtype_set, &popts.out_dtype))
@@ -280,14 +447,40 @@ lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *
             goto done;
         }
     }
-    if (job->out_path && (rc = check_out_not_input(job, model, ads, err)) != LM_OK) {
-        lm_err_set_path(err, job->out_path);
-        goto done;
-    }
     plan = lm_plan_create(model, ads, job->n_adapters, &popts, err);
     if (plan == NULL) {
         rc = err ? err->code : LM_E_FORMAT;
         goto done;
+    }
+    if (job->out_path != NULL) {
+        if ((rc = plan_shards(&ot, job, plan, err)) != LM_OK)
+            goto done;
+        for (size_t i = 0; i < ot.n_shards; i++)
+            if ((rc = check_not_input(ot.paths[i], model, ads, job->n_adapters, err)) != LM_OK) {
+                lm_err_set_path(err, ot.paths[i]);
+                goto done;
+            }
+        base_dir = base_directory(job->base_path);
+        if (ot.is_dir && base_dir != NULL && lm_same_file(ot.dir, base_dir)) {
+            rc = lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output directory is the base model's directory");
+            lm_err_set_path(err, ot.dir);
+            goto done;
+        }
+        if (ot.is_dir) {
+            struct stat st;
+            if (stat(ot.dir, &st) != 0) {
+                if (mkdir(ot.dir, 0777) != 0) {
+                    rc = lm_fail_errno(err, errno, "cannot create the output directory");
+                    lm_err_set_path(err, ot.dir);
+                    goto done;
+                }
+                ot.created_dir = 1;
+            }
+            if (ot.n_shards > 1)
+                plan_note(plan, "output in %zu shards of at most %llu bytes, with model.safetensors.index.json",
+                          ot.n_shards, (unsigned long long)(job->max_shard_bytes ? job->max_shard_bytes
+                                                                                  : LM_DEFAULT_SHARD_BYTES));
+        }
     }
     if ((rc = build_report(ri, job, ads, plan, err)) != LM_OK)
         goto done;
@@ -303,10 +496,34 @@ lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *
         eo.progress = job->progress;
         eo.progress_ctx = job->progress_ctx;
         eo.tile_elems = job->tile_elems;
-        if ((rc = lm_exec_run(plan, model, ads, job->out_path, &eo, &st, err)) != LM_OK) {
+        eo.n_shards = ot.n_shards;
+        eo.shard_paths = (const char *const *)ot.paths;
+        eo.shard_of = ot.shard_of;
+        if ((rc = lm_exec_run(plan, model, ads, ot.paths[0], &eo, &st, err)) != LM_OK) {
             cJSON_Delete((cJSON *)ri->pub.json);
             ri->pub.json = NULL;
             goto done;
+        }
+        if (ot.is_dir) {
+            char *old_index = path_join(ot.dir, "model.safetensors.index.json");
+            if (ot.n_shards > 1)
+                rc = write_index(&ot, plan, err);
+            else if (old_index != NULL && unlink(old_index) == 0) /* it listed an earlier output */
+                plan_note(plan, "removed a stale model.safetensors.index.json from the output directory");
+            free(old_index);
+            long n_copied = rc == LM_OK && base_dir ? copy_model_files(&ot, base_dir, err) : 0;
+            if (n_copied < 0)
+                rc = err ? err->code : LM_E_IO;
+            if (rc != LM_OK) {
+                cJSON_Delete((cJSON *)ri->pub.json);
+                ri->pub.json = NULL;
+                goto done;
+            }
+            if (n_copied > 0)
+                plan_note(plan, "copied %ld non-weight file%s (config, tokenizer ...) from %s", n_copied,
+                          n_copied == 1 ? "" : "s", base_dir);
+            if (n_copied > 0 && popts.out_dtype_set)
+                plan_note(plan, "the copied config.json keeps the base's torch_dtype although --dtype changed the weights");
         }
     }
     lm_merge_report *r = &ri->pub;
@@ -339,6 +556,10 @@ done:
         ri->pub.json = NULL;
         lm_merge_report_free(&ri->pub);
     }
+    if (rc != LM_OK && ot.created_dir)
+        rmdir(ot.dir); /* only if still empty: nothing of ours is left in it */
+    out_target_free(&ot);
+    free(base_dir);
     lm_plan_free(plan);
     if (ads)
         for (size_t i = 0; i < job->n_adapters; i++)

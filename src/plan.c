@@ -40,8 +40,7 @@ static void shape_str(char *buf, size_t cap, size_t n_dims, const uint64_t *shap
         snprintf(buf + used, cap - used, "]");
 }
 
-static lm_code plan_note(lm_plan *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static lm_code plan_note(lm_plan *p, const char *fmt, ...)
+lm_code plan_note(lm_plan *p, const char *fmt, ...)
 {
     char buf[512];
     va_list ap;

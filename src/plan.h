@@ -74,6 +74,9 @@ void lm_plan_free(lm_plan *p);
  *  components added.  @return the entry index, or -1 (none; err filled) or -2 (several). */
 long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err);
 
+/*! plan_note() : appends a one-line remark to the plan's notes (shown in the report). */
+lm_code plan_note(lm_plan *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 /*! lm_plan_describe_modules() : the adapter's modules grouped by leaf name, kind, rank, alpha
  *  and scale (through the patterns), whether the config targets them, and the full tensors.
  *  @return LM_OK with *text (malloc'd lines). */

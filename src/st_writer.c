@@ -30,7 +30,7 @@ struct lm_st_writer {
 /* ------------------------------------------------------------------------------------------ */
 /* signal-time cleanup                                                                          */
 /* ------------------------------------------------------------------------------------------ */
-#define LM_CLEANUP_SLOTS 8
+#define LM_CLEANUP_SLOTS 1024 /* temporary files at once: one per output shard */
 static char g_cleanup_paths[LM_CLEANUP_SLOTS][PATH_MAX];
 static volatile sig_atomic_t g_cleanup_used[LM_CLEANUP_SLOTS];
 static int g_cleanup_claimed[LM_CLEANUP_SLOTS];
@@ -419,8 +419,10 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
     return LM_OK;
 }
 
-lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
+lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
 {
+    if (w->fd < 0)
+        return LM_OK;
     /* the temp file was created 0600; give it the permissions a new file would get */
     mode_t mask = umask(0);
     umask(mask);
@@ -428,7 +430,6 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
         int e = errno;
         lm_fail_errno(err, e, "cannot finish the output file");
         lm_err_set_path(err, w->out_path);
-        lm_st_writer_abort(w);
         return LM_E_IO;
     }
     if (close(w->fd) != 0) {
@@ -436,10 +437,18 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
         w->fd = -1;
         lm_fail_errno(err, e, "cannot close the output file");
         lm_err_set_path(err, w->out_path);
-        lm_st_writer_abort(w);
         return LM_E_IO;
     }
     w->fd = -1;
+    return LM_OK;
+}
+
+lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
+{
+    if (lm_st_writer_finish(w, do_fsync, err) != LM_OK) {
+        lm_st_writer_abort(w);
+        return LM_E_IO;
+    }
     if (rename(w->tmp_path, w->out_path) != 0) {
         int e = errno;
         lm_fail_errno(err, e, "cannot rename the temporary file into place");
@@ -470,5 +479,56 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
         }
     }
     writer_free(w);
+    return LM_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* small files (index, copied config files): temp file beside the destination + rename          */
+/* ------------------------------------------------------------------------------------------ */
+lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes, lm_err *err)
+{
+    char *tmp = temp_name_for(path);
+    if (tmp == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    int fd = mkostemp(tmp, O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        free(tmp);
+        lm_fail_errno(err, e, "cannot create the file in its directory");
+        lm_err_set_path(err, path);
+        return LM_E_IO;
+    }
+    int slot = lm_cleanup_register(tmp);
+    const uint8_t *p = data;
+    size_t left = n_bytes;
+    int e = 0;
+    while (left > 0 && e == 0) {
+        ssize_t k = write(fd, p, left);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            e = k < 0 ? errno : EIO;
+        else {
+            p += k;
+            left -= (size_t)k;
+        }
+    }
+    mode_t mask = umask(0);
+    umask(mask);
+    if (e == 0 && fchmod(fd, 0666 & ~mask) != 0)
+        e = errno;
+    if (close(fd) != 0 && e == 0)
+        e = errno;
+    if (e == 0 && rename(tmp, path) != 0)
+        e = errno;
+    if (e != 0)
+        unlink(tmp);
+    lm_cleanup_unregister(slot);
+    free(tmp);
+    if (e != 0) {
+        lm_fail_errno(err, e, "cannot write the file");
+        lm_err_set_path(err, path);
+        return LM_E_IO;
+    }
     return LM_OK;
 }

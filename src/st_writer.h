@@ -41,11 +41,20 @@ const char *lm_st_writer_temp_path(const lm_st_writer *w);
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err);
 
+/*! lm_st_writer_finish() : optionally fsyncs and closes the temporary file, which stays
+ *  registered for cleanup until lm_st_writer_commit() renames it or lm_st_writer_abort()
+ *  removes it (several shards are all finished before any is renamed).  No more writes. */
+lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err);
+
 /*! lm_st_writer_commit() : optionally fsyncs, closes and renames the temporary file over
  *  out_path; frees w.  On failure the temporary file is removed. */
 lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err);
 /*! lm_st_writer_abort() : removes the temporary file and frees w.  NULL is a no-op. */
 void lm_st_writer_abort(lm_st_writer *w);
+
+/*! lm_write_file_atomic() : writes a small file through a temporary file beside it and a
+ *  rename (index files, copied config files). */
+lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes, lm_err *err);
 
 /*! lm_json_escape() : appends s as a JSON string body (no quotes) to buf; @return new length,
  *  or (size_t)-1 if cap is too small. */

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,7 +24,9 @@ static const char USAGE[] =
     "Folds PEFT adapters into a base model and writes a merged safetensors file.\n"
     "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
     "  ADAPTER_DIR  a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin)\n"
-    "  OUT          the .safetensors file to write (written to a temp file, renamed when complete)\n"
+    "  OUT          the .safetensors file to write (written to a temp file, renamed when complete),\n"
+    "               or a directory (existing, or given with a trailing '/'): a model directory comes\n"
+    "               out (model.safetensors or shards + index, plus the base's config and tokenizer files)\n"
     "\n"
     "options:\n"
     "  --scale S               multiply the main adapter's delta by S (default 1; negative un-merges)\n"
@@ -31,6 +34,7 @@ static const char USAGE[] =
     "  --adapter-scaled DIR S  merge one more adapter with weight S (repeatable)\n"
     "  --threads N             worker threads (default: all cores); output identical for every N\n"
     "  --dtype auto|bf16|f16|f32  dtype of floating output tensors (default auto: keep the base's)\n"
+    "  --max-shard-size SIZE   with a directory OUT: shards of at most SIZE (default 5GB)\n"
     "  --dry-run               check everything and print the plan; write nothing\n"
     "  --json                  machine-readable report on stdout\n"
     "  --fsync                 flush the output to disk before renaming it into place\n"
@@ -82,6 +86,30 @@ static int parse_double(const char *s, double *out)
         return 0;
     *out = v;
     return 1;
+}
+
+/* "5GB", "500MB", "2GiB", "123" (bytes) -> bytes; 0 on error */
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (s[0] == '\0' || end == s || errno != 0 || !(v > 0))
+        return 0;
+    static const struct {
+        const char *suffix;
+        double mult;
+    } units[] = {{"", 1}, {"B", 1}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+                 {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+    for (size_t i = 0; i < sizeof units / sizeof *units; i++)
+        if (strcasecmp(end, units[i].suffix) == 0) {
+            double b = v * units[i].mult;
+            if (b < 1 || b > 1e18)
+                return 0;
+            *out = (uint64_t)b;
+            return 1;
+        }
+    return 0;
 }
 
 /* ---- progress bar --------------------------------------------------------------------------- */
@@ -293,7 +321,9 @@ int main(int argc, char **argv)
         } else if (strcmp(name, "--progress") == 0) {
             force_progress = 1;
         } else if (strcmp(name, "--max-shard-size") == 0) {
-            return usage_error("%s: sharded output is not supported yet", name);
+            NEED_VALUE();
+            if (!parse_size(val, &job.max_shard_bytes))
+                return usage_error("--max-shard-size needs a size such as 5GB, 500MB, 2GiB or a byte count, not '%s'", val);
         } else {
             return usage_error("unknown option '%s'", a);
         }
