@@ -37,6 +37,8 @@ BENCH_BINS = $(patsubst bench/%.c,$(BUILD)/bench/%,$(sort $(wildcard bench/*.c))
 # vector flags for the SIMD kernel files only
 $(BUILD)/kernels/%_avx2.o: LM_VEC = -mavx2 -mf16c -mfma
 $(BUILD)/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx512vl -mavx512dq -mf16c -mfma
+$(BUILD)/libfuzzer/obj/kernels/%_avx2.o: LM_VEC = -mavx2 -mf16c -mfma
+$(BUILD)/libfuzzer/obj/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx512vl -mavx512dq -mf16c -mfma
 
 .SECONDARY:
 
@@ -126,17 +128,26 @@ asan:
 FUZZ_SECONDS ?= 60
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined
-FUZZ_LIB_SRCS = $(SRCS)
-fuzz-bin:
-	$(Q)mkdir -p $(BUILD)/libfuzzer
-	$(Q)for t in $(FUZZ_SRCS); do n=$$(basename $$t .c); \
-	  $(FUZZ_CC) $(FUZZ_FLAGS) $(LM_CPPFLAGS) -std=c11 -fopenmp -ffp-contract=off -Wno-unused-command-line-argument \
-	    -o $(BUILD)/libfuzzer/$$n $$t $(FUZZ_LIB_SRCS) $(LM_LDLIBS) || exit 1; done
+FUZZ_OBJS = $(SRCS:%.c=$(BUILD)/libfuzzer/obj/%.o)
+$(BUILD)/libfuzzer/obj/%.o: %.c | deps-quiet
+	@mkdir -p $(@D)
+	$(Q)$(FUZZ_CC) -g -O1 -fsanitize=fuzzer-no-link,address,undefined $(LM_CPPFLAGS) -std=c11 -fopenmp \
+	  -ffp-contract=off $(LM_VEC) -c $< -o $@
 
+$(BUILD)/libfuzzer/%: tests/fuzz/%.c $(FUZZ_OBJS)
+	$(Q)$(FUZZ_CC) $(FUZZ_FLAGS) $(LM_CPPFLAGS) -std=c11 -fopenmp -o $@ $< $(FUZZ_OBJS) $(LM_LDLIBS)
+
+fuzz-bin: $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/libfuzzer/%)
+
+# the shared fixtures (when present) seed the corpora too: read in place, never copied
+FUZZ_SEEDS_fuzz_st_header = $(wildcard ../shared/fixtures/safetensors/*/ ../shared/fixtures/safetensors/*/*/)
+FUZZ_SEEDS_fuzz_adapter_config = $(wildcard ../shared/fixtures/adapters/*/ ../shared/fixtures/peft-golden/*/adapter/)
 fuzz: fuzz-bin
 	$(Q)for t in $(FUZZ_SRCS); do n=$$(basename $$t .c); mkdir -p $(BUILD)/libfuzzer/corpus-$$n; \
+	  seeds="$(FUZZ_SEEDS_fuzz_st_header)"; [ $$n = fuzz_st_header ] || seeds=""; \
+	  [ $$n != fuzz_adapter_config ] || seeds="$(FUZZ_SEEDS_fuzz_adapter_config)"; \
 	  $(BUILD)/libfuzzer/$$n -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
-	    $(BUILD)/libfuzzer/corpus-$$n tests/fuzz/corpus/$$n || exit 1; done
+	    $(BUILD)/libfuzzer/corpus-$$n tests/fuzz/corpus/$$n $$seeds || exit 1; done
 
 fuzz-smoke:
 	$(Q)if command -v $(FUZZ_CC) >/dev/null 2>&1; then \
