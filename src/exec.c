@@ -8,7 +8,9 @@
 
 #include <errno.h>
 #include <math.h>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -390,7 +392,11 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         lm_kernels_select(&kern, NULL);
         k = &kern;
     }
+#ifdef _OPENMP
     int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : omp_get_num_procs();
+#else
+    int n_threads = 1; /* built without OpenMP (the fuzz builds): one worker */
+#endif
     lm_blas_single_thread();
     lm_exec_stats st;
     memset(&st, 0, sizeof st);
