@@ -4,6 +4,7 @@
 #define LM_COMPAT_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline uint64_t lm_load_le64(const void *p)
@@ -56,5 +57,21 @@ static inline int lm_add_overflow_u64(uint64_t a, uint64_t b, uint64_t *out)
 }
 
 #define LM_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Makes room for one more element in a growable array (*arr, with *cap slots, n used):
+ * doubles the capacity (first: `initial`) when full.  @return 0, or -1 when out of memory
+ * (the array is left as it was). */
+static inline int lm_grow(void **arr, size_t *cap, size_t n, size_t elem_bytes, size_t initial)
+{
+    if (n < *cap)
+        return 0;
+    size_t new_cap = *cap ? *cap * 2 : initial;
+    void *p = realloc(*arr, new_cap * elem_bytes);
+    if (p == NULL)
+        return -1;
+    *arr = p;
+    *cap = new_cap;
+    return 0;
+}
 
 #endif

@@ -93,15 +93,9 @@ static const float *view_get(view_cache *c, const lm_ts_tensor *t, const lm_kern
     for (size_t i = 0; i < c->n; i++)
         if (c->v[i].src == t)
             return c->v[i].f32;
-    if (c->n == c->cap) {
-        size_t cap = c->cap ? c->cap * 2 : 64;
-        f32_view *v = realloc(c->v, cap * sizeof *v);
-        if (v == NULL) {
-            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            return NULL;
-        }
-        c->v = v;
-        c->cap = cap;
+    if (lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
     }
     f32_view *v = &c->v[c->n];
     memset(v, 0, sizeof *v);
@@ -476,14 +470,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             st.n_computed_tensors++;
         }
         for (uint64_t first = 0; first < total; first += unit) {
-            if (n_tasks == cap_tasks) {
-                size_t cap = cap_tasks ? cap_tasks * 2 : 1024;
-                task *nt = realloc(tasks, cap * sizeof *nt);
-                if (nt == NULL)
-                    goto nomem;
-                tasks = nt;
-                cap_tasks = cap;
-            }
+            if (lm_grow((void **)&tasks, &cap_tasks, n_tasks, sizeof *tasks, 1024) != 0)
+                goto nomem;
             task *tk = &tasks[n_tasks++];
             tk->tensor = i;
             tk->first = first;

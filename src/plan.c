@@ -59,14 +59,8 @@ lm_code plan_note(lm_plan *p, const char *fmt, ...)
 
 static const char *plan_str(lm_plan *p, const char *s)
 {
-    if (p->n_modules == p->cap_modules) {
-        size_t cap = p->cap_modules ? p->cap_modules * 2 : 64;
-        char **m = realloc(p->modules, cap * sizeof *m);
-        if (m == NULL)
-            return NULL;
-        p->modules = m;
-        p->cap_modules = cap;
-    }
+    if (lm_grow((void **)&p->modules, &p->cap_modules, p->n_modules, sizeof *p->modules, 64) != 0)
+        return NULL;
     char *c = strdup(s);
     if (c != NULL)
         p->modules[p->n_modules++] = c;
@@ -96,15 +90,9 @@ void lm_plan_free(lm_plan *p)
 
 static lm_op *add_op(lm_plan_tensor *t, lm_err *err)
 {
-    if (t->n_ops == t->cap_ops) {
-        size_t cap = t->cap_ops ? t->cap_ops * 2 : 4;
-        lm_op *o = realloc(t->ops, cap * sizeof *o);
-        if (o == NULL) {
-            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            return NULL;
-        }
-        t->ops = o;
-        t->cap_ops = cap;
+    if (lm_grow((void **)&t->ops, &t->cap_ops, t->n_ops, sizeof *t->ops, 4) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
     }
     lm_op *op = &t->ops[t->n_ops++];
     memset(op, 0, sizeof *op);
@@ -225,15 +213,9 @@ static lora_module *module_get(module_list *l, const char *module, lm_err *err)
     for (size_t i = 0; i < l->n; i++)
         if (strcmp(l->v[i].module, module) == 0)
             return &l->v[i];
-    if (l->n == l->cap) {
-        size_t cap = l->cap ? l->cap * 2 : 64;
-        lora_module *v = realloc(l->v, cap * sizeof *v);
-        if (v == NULL) {
-            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            return NULL;
-        }
-        l->v = v;
-        l->cap = cap;
+    if (lm_grow((void **)&l->v, &l->cap, l->n, sizeof *l->v, 64) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
     }
     lora_module *m = &l->v[l->n];
     memset(m, 0, sizeof *m);

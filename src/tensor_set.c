@@ -56,23 +56,11 @@ lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_
             return lm_fail(err, LM_E_FORMAT, "ValidationOverflow", "tensor '%s': shape product overflows", name);
     if (lm_mul_overflow_u64(n_elems, lm_dtype_bits(dtype), &bits))
         return lm_fail(err, LM_E_FORMAT, "ValidationOverflow", "tensor '%s': byte size overflows", name);
-    if (ts->n == ts->cap) {
-        size_t cap = ts->cap ? ts->cap * 2 : 64;
-        lm_ts_tensor *t = realloc(ts->t, cap * sizeof *t);
-        if (t == NULL)
-            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        ts->t = t;
-        ts->cap = cap;
-    }
+    if (lm_grow((void **)&ts->t, &ts->cap, ts->n, sizeof *ts->t, 64) != 0)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     if (take_ownership) {
-        if (ts->n_owned == ts->cap_owned) {
-            size_t cap = ts->cap_owned ? ts->cap_owned * 2 : 64;
-            void **o = realloc(ts->owned, cap * sizeof *o);
-            if (o == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            ts->owned = o;
-            ts->cap_owned = cap;
-        }
+        if (lm_grow((void **)&ts->owned, &ts->cap_owned, ts->n_owned, sizeof *ts->owned, 64) != 0)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         ts->owned[ts->n_owned++] = (void *)data;
     }
     lm_ts_tensor *t = &ts->t[ts->n];
