@@ -350,3 +350,53 @@ Test(merge_math, all_linear_and_no_targets)
         free(tmp);
     }
 }
+
+/* GPT-2's published checkpoint says h.0.attn.c_attn.weight where the adapter says
+ * transformer.h.0.attn.c_attn; Conv1D weights are stored [in, out] (delta transposed); the
+ * square c_proj follows its non-square sibling.  And a base with an extra leading component. */
+Test(merge_math, module_names_and_conv1d_orientation)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ca[] = {16, 48}, cp[] = {16, 16}, q[] = {8, 16};
+    mm_t b[3] = {mm_make("h.0.attn.c_attn.weight", 2, ca, 0.05, "F16"), mm_make("h.0.attn.c_proj.weight", 2, cp, 0.05, "F16"),
+                 mm_make("language_model.model.layers.0.q.weight", 2, q, 0.05, "F16")};
+    mm_write(base, b, 3, "F16");
+    uint64_t a1[] = {2, 16}, b1[] = {48, 2}, a2[] = {2, 16}, b2[] = {16, 2}, a3[] = {2, 16}, b3[] = {8, 2};
+    mm_t f[6] = {mm_make("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight", 2, a1, 0.3, "F32"),
+                 mm_make("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight", 2, b1, 0.3, "F32"),
+                 mm_make("base_model.model.transformer.h.0.attn.c_proj.lora_A.weight", 2, a2, 0.3, "F32"),
+                 mm_make("base_model.model.transformer.h.0.attn.c_proj.lora_B.weight", 2, b2, 0.3, "F32"),
+                 mm_make("base_model.model.model.layers.0.q.lora_A.weight", 2, a3, 0.3, "F32"),
+                 mm_make("base_model.model.model.layers.0.q.lora_B.weight", 2, b3, 0.3, "F32")};
+    mm_adapter(ad, f, 6, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 2, \"fan_in_fan_out\": false, "
+                         "\"target_modules\": [\"c_attn\", \"c_proj\", \"q\"]}");
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    mm_merge_ok(argv);
+    for (int k = 0; k < 3; k++) {
+        const mm_t *A = &f[2 * k], *B = &f[2 * k + 1];
+        uint64_t in = A->shape[1], o = B->shape[0];
+        double *ref = malloc(b[k].n * sizeof(double));
+        memcpy(ref, b[k].v, b[k].n * sizeof(double));
+        for (uint64_t i = 0; i < o; i++)
+            for (uint64_t j = 0; j < in; j++) {
+                double s = 0;
+                for (uint64_t r = 0; r < 2; r++)
+                    s += B->v[i * 2 + r] * A->v[r * in + j];
+                if (k < 2)
+                    ref[j * o + i] += s; /* Conv1D: W[in, out] += (B@A)^T */
+                else
+                    ref[i * in + j] += s;
+            }
+        mm_check(out, b[k].name, "F16", ref, b[k].n);
+        free(ref);
+    }
+    for (int k = 0; k < 3; k++)
+        free(b[k].v);
+    for (int k = 0; k < 6; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
