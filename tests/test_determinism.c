@@ -11,24 +11,12 @@
 #include <string.h>
 #include <unistd.h>
 
-/* path of gen_model: dirname($LM_BIN)/bench/gen_model */
-static int det_gen_model_path(char *buf, size_t cap)
-{
-    const char *bin = th_bin();
-    const char *slash = strrchr(bin, '/');
-    if (slash == NULL)
-        snprintf(buf, cap, "bench/gen_model");
-    else
-        snprintf(buf, cap, "%.*s/bench/gen_model", (int)(slash - bin), bin);
-    return access(buf, X_OK) == 0;
-}
-
 /* generates a model under tmp/m with the given gen_model dtype options */
 static void det_generate(const char *tmp, const char *dtype, const char *adapter_dtype, char *base, char *adir,
                          size_t cap)
 {
     char gen[4096];
-    if (!det_gen_model_path(gen, sizeof gen))
+    if (!th_gen_model_path(gen, sizeof gen))
         cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
     char out[1200];
     snprintf(out, sizeof out, "%s/m", tmp);

@@ -15,12 +15,7 @@
 static void mem_gen(const char *dir, const char *layers)
 {
     char gen[4096];
-    const char *bin = th_bin(), *slash = strrchr(bin, '/');
-    if (slash)
-        snprintf(gen, sizeof gen, "%.*s/bench/gen_model", (int)(slash - bin), bin);
-    else
-        snprintf(gen, sizeof gen, "bench/gen_model");
-    if (!th_exists(gen))
+    if (!th_gen_model_path(gen, sizeof gen))
         cr_skip_test("needs %s", gen);
     const char *argv[] = {gen, "--out", dir, "--hidden", "1024", "--inter", "2816", "--layers", layers, "--vocab",
                           "4096", "--heads", "16", "--kv-heads", "4", "--rank", "4", "--dtype", "f32", NULL};

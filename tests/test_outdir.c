@@ -14,12 +14,7 @@
 static void od_gen(const char *dir)
 {
     char gen[4096];
-    const char *bin = th_bin(), *slash = strrchr(bin, '/');
-    if (slash)
-        snprintf(gen, sizeof gen, "%.*s/bench/gen_model", (int)(slash - bin), bin);
-    else
-        snprintf(gen, sizeof gen, "bench/gen_model");
-    if (!th_exists(gen))
+    if (!th_gen_model_path(gen, sizeof gen))
         cr_skip_test("needs %s", gen);
     const char *argv[] = {gen, "--out", dir, "--hidden", "128", "--inter", "344", "--layers", "4", "--vocab", "512",
                           "--heads", "4", "--kv-heads", "2", "--rank", "4", NULL};

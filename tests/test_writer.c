@@ -793,17 +793,6 @@ Test(writer, same_file_through_links)
 }
 
 /* ---- signals through the CLI --------------------------------------------------------------------- */
-static int wr_gen_model_path(char *buf, size_t cap)
-{
-    const char *bin = th_bin();
-    const char *slash = strrchr(bin, '/');
-    if (slash == NULL)
-        snprintf(buf, cap, "bench/gen_model");
-    else
-        snprintf(buf, cap, "%.*s/bench/gen_model", (int)(slash - bin), bin);
-    return access(buf, X_OK) == 0;
-}
-
 static double wr_now(void)
 {
     struct timespec ts;
@@ -916,7 +905,7 @@ static int wr_interrupt_merge(const char *base, const char *adir, const char *ou
 Test(writer, cli_signal_removes_temp_file, .timeout = 240)
 {
     char gen[4096];
-    if (!wr_gen_model_path(gen, sizeof gen))
+    if (!th_gen_model_path(gen, sizeof gen))
         cr_skip_test("needs %s (build <build>/bench/gen_model)", gen);
     char *tmp = th_tmpdir();
     char outdir[1200];

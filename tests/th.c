@@ -89,6 +89,17 @@ void th_run_free(th_run_result *r)
     r->out = r->err = NULL;
 }
 
+int th_gen_model_path(char *buf, size_t cap)
+{
+    const char *bin = th_bin();
+    const char *slash = strrchr(bin, '/');
+    if (slash == NULL)
+        snprintf(buf, cap, "bench/gen_model");
+    else
+        snprintf(buf, cap, "%.*s/bench/gen_model", (int)(slash - bin), bin);
+    return access(buf, X_OK) == 0;
+}
+
 char *th_tmpdir(void)
 {
     const char *base = getenv("TMPDIR");

@@ -29,6 +29,10 @@ th_run_result th_run(const char *cwd, const char *const *argv);
 th_run_result th_sh(const char *cmd);
 void th_run_free(th_run_result *r);
 
+/* bench/gen_model beside $LM_BIN (e.g. build/bench/gen_model): 1 and the path in buf if it is
+ * there and executable, else 0 (the caller skips visibly) */
+int th_gen_model_path(char *buf, size_t cap);
+
 /* mkdtemp under $TMPDIR; th_rmrf() removes a tree */
 char *th_tmpdir(void);
 void th_rmrf(const char *path);
