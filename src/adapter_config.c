@@ -17,7 +17,7 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "VBLORA", "FOURIERFT", "HRA", "MISS",
+    "LOHA", "LOKR", "OFT", "BOFT", "VERA", "VBLORA", "FOURIERFT", "HRA", "MISS",
     "BONE", "RANDLORA", "SHIRA", "C3A", "ROAD", "DELORA", "GRALORA", "HIRA", "BEFT", "LN_TUNING",
     "TRAINABLE_TOKENS", "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
@@ -33,7 +33,7 @@ static int in_list(const char *s, const char *const *list, size_t n)
 
 int lm_peft_type_kind(const char *t, const char **why)
 {
-    if (strcmp(t, "LORA") == 0)
+    if (strcmp(t, "LORA") == 0 || strcmp(t, "ADALORA") == 0 || strcmp(t, "IA3") == 0)
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
         *why = "cannot be merged into weights (it adds virtual tokens or prompts, not weight deltas)";
@@ -83,6 +83,8 @@ void lm_adapter_config_free(lm_adapter_config *c)
     free(c->tt_n);
     str_list_free(&c->tt_modules);
     free(c->init_lora_weights);
+    free(c->ff_regex);
+    str_list_free(&c->ff_list);
     free(c);
 }
 
@@ -325,8 +327,28 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedPeftType", "peft_type %s %s", c->peft_type, why);
         goto fail;
     }
-    if (check_lora_variants(root, c, err) != LM_OK)
+    c->kind = strcmp(c->peft_type, "ADALORA") == 0 ? LM_PEFT_ADALORA
+            : strcmp(c->peft_type, "IA3") == 0     ? LM_PEFT_IA3
+                                                   : LM_PEFT_LORA;
+    c->init_r = 12;
+    if (c->kind != LM_PEFT_IA3 && check_lora_variants(root, c, err) != LM_OK)
         goto fail;
+    if (c->kind == LM_PEFT_ADALORA && get_int(root, "init_r", &c->init_r, err) != LM_OK)
+        goto fail;
+    if (c->kind == LM_PEFT_ADALORA && c->init_r <= 0) {
+        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'init_r' must be positive (it is %ld)", c->init_r);
+        goto fail;
+    }
+    const cJSON *ff = field(root, "feedforward_modules");
+    if (c->kind == LM_PEFT_IA3 && ff != NULL) {
+        if (cJSON_IsString(ff)) {
+            c->ff_is_regex = 1;
+            if (dup_str(ff->valuestring, &c->ff_regex, err) != LM_OK)
+                goto fail;
+        } else if (get_str_list(ff, "feedforward_modules", &c->ff_list, err) != LM_OK) {
+            goto fail;
+        }
+    }
     if (get_int(root, "r", &c->r, err) || get_num(root, "lora_alpha", &c->lora_alpha, err) ||
         get_bool(root, "use_rslora", &c->use_rslora, err) || get_bool(root, "use_dora", &c->use_dora, err) ||
         get_bool(root, "lora_bias", &c->lora_bias, err) ||
@@ -348,7 +370,9 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             goto fail;
     }
     double *rank_d = NULL;
-    if (get_pattern(root, "rank_pattern", &c->rank_keys, NULL, &rank_d, 1, err) != LM_OK) {
+    /* AdaLoRA's rank_pattern holds the kept ranks as booleans: the tensors already have them */
+    if (c->kind == LM_PEFT_LORA &&
+        get_pattern(root, "rank_pattern", &c->rank_keys, NULL, &rank_d, 1, err) != LM_OK) {
         free(rank_d);
         goto fail;
     }
@@ -363,7 +387,8 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             c->rank_vals[i] = (long)rank_d[i];
     }
     free(rank_d);
-    if (get_pattern(root, "alpha_pattern", &c->alpha_keys, NULL, &c->alpha_vals, 0, err) != LM_OK)
+    if (c->kind == LM_PEFT_LORA &&
+        get_pattern(root, "alpha_pattern", &c->alpha_keys, NULL, &c->alpha_vals, 0, err) != LM_OK)
         goto fail;
 
     const cJSON *tm = field(root, "target_modules");

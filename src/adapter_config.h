@@ -12,9 +12,17 @@ typedef struct lm_str_list {
     size_t n;
 } lm_str_list;
 
+typedef enum { LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3 } lm_peft_kind;
+
 typedef struct lm_adapter_config {
     char *path;          /* owned: the adapter_config.json path */
     char *peft_type;     /* owned, as written (e.g. "LORA") */
+    lm_peft_kind kind;
+    long init_r;         /* AdaLoRA: the divisor of the scale (default 12) */
+    /* IA3: feedforward_modules, a list (key ends with an entry, no dot boundary) or a regex */
+    int ff_is_regex;
+    char *ff_regex;
+    lm_str_list ff_list;
     long r;              /* default 8 */
     double lora_alpha;   /* default 8 */
     int use_rslora, use_dora, lora_bias;

@@ -115,6 +115,31 @@ static const float *view_get(view_cache *c, const lm_ts_tensor *t, const lm_kern
     return v->f32;
 }
 
+/* AdaLoRA: A with row i scaled by e[i] (A [rank, in] f32), kept with the views */
+static const float *scaled_rows(view_cache *c, const lm_ts_tensor *a, const float *A, const lm_ts_tensor *e,
+                                const lm_kernels *k, lm_err *err)
+{
+    const float *E = view_get(c, e, k, err);
+    if (E == NULL || lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    uint64_t rank = a->shape[0], in = rank ? a->n_elems / rank : 0;
+    float *out = malloc((a->n_elems ? a->n_elems : 1) * sizeof *out);
+    if (out == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory scaling '%s'", a->name);
+        return NULL;
+    }
+    for (uint64_t r = 0; r < rank; r++)
+        for (uint64_t i = 0; i < in; i++)
+            out[r * in + i] = A[r * in + i] * E[r];
+    f32_view *v = &c->v[c->n++];
+    memset(v, 0, sizeof *v); /* src NULL: never found by view_get, only freed */
+    v->owned = out;
+    v->f32 = out;
+    return out;
+}
+
 static void view_cache_free(view_cache *c)
 {
     for (size_t i = 0; i < c->n; i++)
@@ -202,8 +227,21 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
                 lm_gemm_tile_tt(acc, nr, cols, A + r0, op->in, B, op->rank, op->scale);
             break;
         case LM_OP_BIAS_ADD:
-            /* a bias is 1-D: one row holding every element */
-            J->k->axpy(acc, op->scale, A, (size_t)(nr * cols));
+            /* a bias [o] is viewed [o, 1]: the tile holds elements r0 .. r0+nr */
+            J->k->axpy(acc, op->scale, A + r0 * cols, (size_t)(nr * cols));
+            break;
+        case LM_OP_SCALE:
+            for (uint64_t r = 0; r < nr; r++) {
+                float *row = acc + r * cols;
+                if (op->dora_axis == 0) {
+                    const float f = A[r0 + r];
+                    for (uint64_t c = 0; c < cols; c++)
+                        row[c] *= f;
+                } else {
+                    for (uint64_t c = 0; c < cols; c++)
+                        row[c] *= A[c];
+                }
+            }
             break;
         case LM_OP_ROWS:
             for (size_t q = 0; q < op->n_rows; q++) {
@@ -435,6 +473,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             if ((J.fa[pos] = view_get(&vc, op->a, k, err)) == NULL)
                 goto fail;
             if (op->b != NULL && (J.fb[pos] = view_get(&vc, op->b, k, err)) == NULL)
+                goto fail;
+            if (op->e != NULL && (J.fa[pos] = scaled_rows(&vc, op->a, J.fa[pos], op->e, k, err)) == NULL)
                 goto fail;
             if (op->kind == LM_OP_DORA && op->dora_axis == 1) {
                 J.col_dora_op[i] = o;

@@ -66,6 +66,7 @@ static const char *op_kind_name(lm_op_kind k)
     case LM_OP_BIAS_ADD: return "lora_bias";
     case LM_OP_ROWS: return "trainable_tokens";
     case LM_OP_DORA: return "dora";
+    case LM_OP_SCALE: return "ia3";
     }
     return "?";
 }
@@ -605,11 +606,24 @@ lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
     const lm_adapter_config *c = a->cfg;
     OUT("adapter: %s (name '%s')\n", a->dir, a->name);
     OUT("config: %s\nweights: %s\n", a->config_path, a->weights_path);
-    OUT("type: %s, variant: %s%s%s%s\n", c->peft_type, c->use_dora ? "DoRA" : "LoRA", c->use_rslora ? " + rsLoRA" : "",
+    OUT("type: %s, variant: %s%s%s%s\n", c->peft_type,
+        c->kind == LM_PEFT_IA3 ? "IA3" : c->kind == LM_PEFT_ADALORA ? "AdaLoRA" : c->use_dora ? "DoRA" : "LoRA", c->use_rslora ? " + rsLoRA" : "",
         c->lora_bias ? " + lora_bias" : "", c->tt_modules.n ? " + trainable tokens" : "");
-    OUT("r: %ld, lora_alpha: %g, scale: %g (%s)\n", c->r, c->lora_alpha,
-        c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r,
-        c->use_rslora ? "alpha/sqrt(r)" : "alpha/r");
+    if (c->kind == LM_PEFT_LORA)
+        OUT("r: %ld, lora_alpha: %g, scale: %g (%s)\n", c->r, c->lora_alpha,
+            c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r,
+            c->use_rslora ? "alpha/sqrt(r)" : "alpha/r");
+    else if (c->kind == LM_PEFT_ADALORA)
+        OUT("init_r: %ld, lora_alpha: %g, scale: %g (alpha/(init_r+1e-5), whatever rank each module kept)\n",
+            c->init_r, c->lora_alpha, (c->lora_alpha > 0 ? c->lora_alpha : (double)c->init_r) / ((double)c->init_r + 1e-5));
+    if (c->ff_is_regex)
+        OUT("feedforward_modules: regex %s\n", c->ff_regex);
+    else if (c->ff_list.n) {
+        OUT("feedforward_modules:");
+        for (size_t i = 0; i < c->ff_list.n; i++)
+            OUT(" %s", c->ff_list.v[i]);
+        OUT("\n");
+    }
     for (size_t i = 0; i < c->rank_keys.n; i++)
         OUT("rank_pattern: %s -> %ld\n", c->rank_keys.v[i], c->rank_vals[i]);
     for (size_t i = 0; i < c->alpha_keys.n; i++)

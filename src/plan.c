@@ -4,6 +4,7 @@
 #include "compat.h"
 #include "lm_error.h"
 #include "peft_match.h"
+#include "pyregex.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -189,11 +190,11 @@ long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err)
 /* ------------------------------------------------------------------------------------------ */
 /* adapter keys -> modules                                                                      */
 /* ------------------------------------------------------------------------------------------ */
-typedef enum { R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_FULL, R_SKIP } key_role;
+typedef enum { R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_E, R_IA3, R_FULL, R_SKIP } key_role;
 
 typedef struct {
     char *module; /* path of the module inside the model ("model.layers.0.self_attn.q_proj") */
-    const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt;
+    const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt, *e, *ia3;
 } lora_module;
 
 typedef struct {
@@ -206,6 +207,21 @@ static void module_list_free(module_list *l)
     for (size_t i = 0; i < l->n; i++)
         free(l->v[i].module);
     free(l->v);
+}
+
+static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
+{
+    switch (role) {
+    case R_A: return &m->a;
+    case R_B: return &m->b;
+    case R_BBIAS: return &m->bbias;
+    case R_EA: return &m->ea;
+    case R_EB: return &m->eb;
+    case R_MAG: return &m->mag;
+    case R_E: return &m->e;
+    case R_IA3: return &m->ia3;
+    default: return &m->tt;
+    }
 }
 
 static lora_module *module_get(module_list *l, const char *module, lm_err *err)
@@ -246,6 +262,7 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
     long j = -1;
     for (long i = (long)n - 1; i >= 0 && j < 0; i--)
         if (IS(i, "lora_A") || IS(i, "lora_B") || IS(i, "lora_embedding_A") || IS(i, "lora_embedding_B") ||
+            IS(i, "lora_E") || IS(i, "ia3_l") ||
             IS(i, "lora_magnitude_vector") || IS(i, "token_adapter"))
             j = i;
     size_t end = j >= 0 ? (size_t)j : n;
@@ -271,12 +288,18 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
     int last_bias = last_len == 4 && memcmp(last, "bias", 4) == 0;
     size_t ju = (size_t)j;
     if (IS(ju, "lora_A") || IS(ju, "lora_B")) {
+        key_role ab = IS(ju, "lora_A") ? R_A : R_B;
         if ((tail == 1 || tail == 2) && last_weight)
-            return IS(ju, "lora_A") ? R_A : R_B;
+            return ab;
         if ((tail == 1 || tail == 2) && last_bias && IS(ju, "lora_B"))
             return R_BBIAS;
-        return R_SKIP;
+        /* AdaLoRA keeps parameters without ".weight": "lora_A" or "lora_A.<adapter name>" */
+        return tail <= 1 ? ab : R_SKIP;
     }
+    if (IS(ju, "lora_E"))
+        return tail <= 1 ? R_E : R_SKIP;
+    if (IS(ju, "ia3_l"))
+        return tail <= 1 ? R_IA3 : R_SKIP;
     if (IS(ju, "lora_embedding_A") || IS(ju, "lora_embedding_B"))
         return tail <= 1 ? (IS(ju, "lora_embedding_A") ? R_EA : R_EB) : R_SKIP;
     if (IS(ju, "lora_magnitude_vector"))
@@ -467,6 +490,95 @@ static void rules_from_config(const lm_adapter_config *cfg, lm_target_rules *rul
     rules->n_layers_pattern = cfg->layers_pattern.n;
 }
 
+/* IA3 (peft-merge.md §5.3): W *= l per output feature, or per input feature for the config's
+ * feed-forward modules; the bias of a non-feed-forward layer is scaled too. */
+static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm, lm_err *err)
+{
+    const lm_adapter *ad = P->adapters[ai];
+    const lm_adapter_config *cfg = ad->cfg;
+    const lm_ts_tensor *l = m->ia3;
+    char buf[1100];
+    int targeted = lm_target_matcher_test(tm, m->module, err);
+    if (targeted < 0)
+        return err ? err->code : LM_E_FORMAT;
+    if (!targeted)
+        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                  "skipped, as PEFT does", ad->dir, m->module);
+    /* feed-forward: a list entry the module path ends with (no dot boundary), or a regex */
+    int ff = 0;
+    if (cfg->ff_is_regex) {
+        lm_regex *re = lm_regex_compile(cfg->ff_regex, err);
+        if (re == NULL) {
+            lm_err_set_path(err, ad->config_path);
+            return err ? err->code : LM_E_FORMAT;
+        }
+        ff = lm_regex_fullmatch(re, m->module) == 1;
+        lm_regex_free(re);
+    } else {
+        for (size_t q = 0; q < cfg->ff_list.n; q++) {
+            size_t nm = strlen(m->module), ne = strlen(cfg->ff_list.v[q]);
+            ff |= nm >= ne && strcmp(m->module + nm - ne, cfg->ff_list.v[q]) == 0;
+        }
+    }
+    snprintf(buf, sizeof buf, "%s.weight", m->module);
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_resolve_base_name(P->model, buf, &local);
+    if (bi < 0) {
+        *err = local;
+        lm_err_set_tensor(err, m->module);
+        return err->code;
+    }
+    lm_plan_tensor *t = tensor_for(P, bi);
+    const lm_tensor_info *W = t->base->info;
+    uint64_t n = l->n_elems;
+    int shape_ff = l->n_dims == 2 && l->shape[0] == 1 && l->shape[1] == n && n > 1;
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "IA3 on a %zu-D weight ('%s') is not supported yet",
+                       W->n_dims, W->name);
+    if (l->n_dims == 2 && n > 1 && shape_ff != ff)
+        return mismatch(err, m->module, "ia3_l is [%llu, %llu] but feedforward_modules says this module is %s",
+                        (unsigned long long)l->shape[0], (unsigned long long)l->shape[1],
+                        ff ? "feed-forward" : "not feed-forward");
+    /* the scaled dimension: output features (non-FF) or input features (FF); a Conv1D weight is
+     * stored [in, out], so the axes swap */
+    int axis;
+    uint64_t d0 = W->shape[0], d1 = W->shape[1];
+    int gpt2 = leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") || leaf_is(m->module, "c_fc");
+    int first = ff ? 1 : 0; /* the axis in Linear storage [out, in] */
+    if (d0 == d1 && d0 == n)
+        axis = gpt2 ? 1 - first : first;
+    else if ((first == 0 ? d0 : d1) == n)
+        axis = first;
+    else if ((first == 0 ? d1 : d0) == n)
+        axis = 1 - first;
+    else
+        return mismatch(err, m->module, "ia3_l has %llu elements but base '%s' is [%llu, %llu]",
+                        (unsigned long long)n, W->name, (unsigned long long)d0, (unsigned long long)d1);
+    const char *module = plan_str(P->plan, m->module);
+    lm_op *op = new_op(t, LM_OP_SCALE, ai, module, l, err);
+    if (op == NULL)
+        return LM_E_NOMEM;
+    op->dora_axis = axis;
+    if (!ff) {
+        snprintf(buf, sizeof buf, "%s.bias", m->module);
+        lm_err_clear(&local);
+        long bb = lm_resolve_base_name(P->model, buf, &local);
+        if (bb >= 0) {
+            lm_plan_tensor *bt = tensor_for(P, bb);
+            if (bt->base->info->n_elems != n)
+                return mismatch(err, m->module, "ia3_l has %llu elements but the bias has %llu", (unsigned long long)n,
+                                (unsigned long long)bt->base->info->n_elems);
+            lm_op *bo = new_op(bt, LM_OP_SCALE, ai, module, l, err);
+            if (bo == NULL)
+                return LM_E_NOMEM;
+            bo->dora_axis = bt->cols == 1 ? 0 : 1; /* a bias [o] is viewed [o, 1] */
+        }
+    }
+    P->plan->n_lowrank++;
+    return LM_OK;
+}
+
 static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 {
     lm_adapter *ad = P->adapters[ai];
@@ -515,8 +627,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             rc = LM_E_NOMEM;
             goto done;
         }
-        const lm_ts_tensor **slot = role == R_A ? &m->a : role == R_B ? &m->b : role == R_BBIAS ? &m->bbias
-                                  : role == R_EA ? &m->ea : role == R_EB ? &m->eb : role == R_MAG ? &m->mag : &m->tt;
+        const lm_ts_tensor **slot = module_slot(m, role);
         if (*slot != NULL) {
             rc = lm_fail(err, LM_E_FORMAT, "DuplicateKey", "adapter holds two tensors for the same part ('%s' and '%s')",
                          (*slot)->name, t->name);
@@ -543,8 +654,16 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         li[k].base = -1;
         li[k].orient = -1;
         const lm_ts_tensor *A = m->a ? m->a : m->ea, *B = m->b ? m->b : m->eb;
-        if (m->tt != NULL && A == NULL && B == NULL)
-            continue; /* trainable tokens alone: planned below */
+        if ((m->tt != NULL || m->ia3 != NULL) && A == NULL && B == NULL && m->e == NULL)
+            continue; /* trainable tokens or IA3 alone: planned below */
+        if (m->ia3 != NULL || (m->e != NULL) != (cfg->kind == LM_PEFT_ADALORA)) {
+            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%s tensor in a %s adapter",
+                         m->ia3 ? "ia3_l and lora" : m->e ? "an AdaLoRA lora_E" : "no lora_E (AdaLoRA needs it)",
+                         cfg->peft_type);
+            lm_err_set_tensor(err, m->module);
+            lm_err_set_path(err, ad->weights_path);
+            goto done;
+        }
         if ((m->a != NULL) != (m->b != NULL) || (m->ea != NULL) != (m->eb != NULL) || (A == NULL)) {
             const char *have = m->a ? "lora_A" : m->b ? "lora_B" : m->ea ? "lora_embedding_A"
                              : m->eb ? "lora_embedding_B" : m->mag ? "lora_magnitude_vector" : "lora_B.bias";
@@ -612,7 +731,18 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             rc = mismatch(err, m->module, "lora_A %s and lora_B %s disagree on the rank", s1, s2);
             goto done;
         }
-        if ((long)rank != r) {
+        if (cfg->kind == LM_PEFT_ADALORA) {
+            /* the file holds the kept ranks (any k <= init_r); k = 0 adds nothing */
+            if (m->e->n_elems != rank) {
+                rc = mismatch(err, m->module, "lora_E has %llu elements but lora_A has rank %llu",
+                              (unsigned long long)m->e->n_elems, (unsigned long long)rank);
+                goto done;
+            }
+            if (rank == 0) {
+                li[k].m = NULL;
+                continue;
+            }
+        } else if ((long)rank != r) {
             rc = lm_fail(err, LM_E_MISMATCH, "RankMismatch",
                          "the tensors have rank %llu but adapter_config.json says r=%ld for this module "
                          "(PEFT would fail to load it)", (unsigned long long)rank, r);
@@ -737,6 +867,9 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
                 goto done;
             }
             double s = cfg->use_rslora ? li[k].alpha / sqrt((double)li[k].rank) : li[k].alpha / (double)li[k].rank;
+            if (cfg->kind == LM_PEFT_ADALORA) /* PEFT divides by init_r, not the kept rank (§5.2) */
+                s = (cfg->lora_alpha > 0 ? cfg->lora_alpha : (double)cfg->init_r) / ((double)cfg->init_r + 1e-5);
+            op->e = m->e;
             op->b = B;
             op->rank = A->shape[0];
             op->in = A->n_elems / A->shape[0];
@@ -846,6 +979,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             op->rows = rows;
             op->n_rows = n_rows;
         }
+        if (m->ia3 != NULL && (rc = plan_ia3(P, ai, m, tm, err)) != LM_OK)
+            goto done;
     }
 done:
     if (rc != LM_OK)
@@ -982,8 +1117,7 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
             rc = LM_E_NOMEM;
             goto done;
         }
-        const lm_ts_tensor **slot = role == R_A ? &m->a : role == R_B ? &m->b : role == R_BBIAS ? &m->bbias
-                                  : role == R_EA ? &m->ea : role == R_EB ? &m->eb : role == R_MAG ? &m->mag : &m->tt;
+        const lm_ts_tensor **slot = module_slot(m, role);
         *slot = &ad->ts->t[i];
     }
     g = calloc(mods.n ? mods.n : 1, sizeof *g);
@@ -999,10 +1133,15 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         const lm_ts_tensor *A = m->a ? m->a : m->ea;
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
-        if (A == NULL && m->tt == NULL)
+        if (A == NULL && m->tt == NULL && m->ia3 == NULL)
             snprintf(d.kind, sizeof d.kind, "incomplete (refused: %s without its pair)", m->b ? "lora_B" : "a part");
+        if (m->ia3 != NULL)
+            snprintf(d.kind, sizeof d.kind, "ia3 (%s features scaled)",
+                     m->ia3->n_dims == 2 && m->ia3->shape[0] == 1 && m->ia3->n_elems > 1 ? "input, feed-forward" : "output");
+        else if (cfg->kind == LM_PEFT_ADALORA && A != NULL)
+            snprintf(d.kind, sizeof d.kind, "adalora (kept rank)");
         d.rank = A && A->n_dims >= 1 ? (long)A->shape[0] : 0;
-        d.r_cfg = cfg->r;
+        d.r_cfg = cfg->kind == LM_PEFT_LORA ? cfg->r : d.rank;
         d.alpha = cfg->lora_alpha;
         long w = lm_pattern_lookup((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, m->module, NULL);
         if (w >= 0)
@@ -1011,6 +1150,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         if (w >= 0)
             d.alpha = cfg->alpha_vals[w];
         d.scale = cfg->use_rslora ? d.alpha / sqrt((double)d.r_cfg) : d.alpha / (double)d.r_cfg;
+        if (cfg->kind == LM_PEFT_ADALORA)
+            d.scale = (cfg->lora_alpha > 0 ? cfg->lora_alpha : (double)cfg->init_r) / ((double)cfg->init_r + 1e-5);
         d.targeted = lm_target_matches(&rules, m->module, NULL) == 1;
         size_t j;
         for (j = 0; j < ng; j++)
@@ -1031,9 +1172,13 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     } while (0)
     OUT("modules: %zu in %zu group%s\n", mods.n, ng, ng == 1 ? "" : "s");
     for (size_t j = 0; j < ng; j++) {
-        OUT("  %-16s x%-4zu %s r=%ld alpha=%g scale=%g%s  (e.g. %s)\n", g[j].leaf, g[j].count, g[j].kind, g[j].rank,
-            g[j].alpha, g[j].scale * 1.0, g[j].targeted ? "" : "  NOT TARGETED by the config: skipped, as PEFT does",
-            g[j].example);
+        if (cfg->kind == LM_PEFT_IA3)
+            OUT("  %-16s x%-4zu %s%s  (e.g. %s)\n", g[j].leaf, g[j].count, g[j].kind,
+                g[j].targeted ? "" : "  NOT TARGETED by the config: skipped, as PEFT does", g[j].example);
+        else
+            OUT("  %-16s x%-4zu %s r=%ld alpha=%g scale=%g%s  (e.g. %s)\n", g[j].leaf, g[j].count, g[j].kind,
+                g[j].rank, g[j].alpha, g[j].scale * 1.0,
+                g[j].targeted ? "" : "  NOT TARGETED by the config: skipped, as PEFT does", g[j].example);
         if (g[j].rank != g[j].r_cfg && g[j].rank > 0)
             OUT("    refused: the tensors have rank %ld but the config says r=%ld\n", g[j].rank, g[j].r_cfg);
     }

@@ -14,6 +14,7 @@ typedef enum {
     LM_OP_BIAS_ADD,    /* b += scale * src (lora_bias) */
     LM_OP_ROWS,        /* W[rows[k], :] <- src[k, :] (trainable tokens) */
     LM_OP_DORA,        /* W <- m / ||W|| * W, norm per row (axis 0) or per column (axis 1) */
+    LM_OP_SCALE,       /* IA3: W[r, :] *= a[r] (axis 0) or W[:, c] *= a[c] (axis 1) */
 } lm_op_kind;
 
 typedef struct lm_op {
@@ -21,9 +22,10 @@ typedef struct lm_op {
     size_t adapter;            /* index of the adapter it comes from */
     const char *module;        /* module path (owned by the plan) */
     const lm_ts_tensor *a, *b; /* LOWRANK: a = A [rank, in], b = B [out, rank]; others: a = source */
+    const lm_ts_tensor *e;     /* LOWRANK (AdaLoRA): row k of A is scaled by e[k] */
     uint64_t rank, in, out;
     int transposed;            /* W is stored [in, out] (Conv1D, Embedding) */
-    int dora_axis;
+    int dora_axis;             /* DORA and SCALE: 0 per row, 1 per column of the 2-D view */
     float scale;
     double scale_f64;
     const long *rows;          /* ROWS: borrowed from the adapter config */

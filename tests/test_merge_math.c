@@ -400,3 +400,90 @@ Test(merge_math, module_names_and_conv1d_orientation)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* IA3 on GPT-2 Conv1D weights ([in, out] storage): output features are columns, a feed-forward
+ * module (regex feedforward_modules) scales rows, and a non-FF bias is scaled too */
+Test(merge_math, ia3_conv1d_and_regex_feedforward)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ca[] = {8, 24}, cab[] = {24}, cf[] = {8, 32};
+    mm_t b[3] = {mm_make("transformer.h.0.attn.c_attn.weight", 2, ca, 0.05, "BF16"),
+                 mm_make("transformer.h.0.attn.c_attn.bias", 1, cab, 0.05, "BF16"),
+                 mm_make("transformer.h.0.mlp.c_fc.weight", 2, cf, 0.05, "BF16")};
+    mm_write(base, b, 3, "BF16");
+    uint64_t l1[] = {24, 1}, l2[] = {1, 8};
+    mm_t f[2] = {mm_make("base_model.model.transformer.h.0.attn.c_attn.ia3_l", 2, l1, 0.3, "F32"),
+                 mm_make("base_model.model.transformer.h.0.mlp.c_fc.ia3_l", 2, l2, 0.3, "F32")};
+    for (int k = 0; k < 2; k++)
+        for (uint64_t i = 0; i < f[k].n; i++)
+            f[k].v[i] += 1.0;
+    mm_adapter(ad, f, 2, "{\"peft_type\": \"IA3\", \"target_modules\": [\"c_attn\", \"c_fc\"], "
+                         "\"feedforward_modules\": \".*mlp\\\\.c_f.\", \"fan_in_fan_out\": true}");
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    mm_merge_ok(argv);
+    double *ref = malloc(32 * 8 * sizeof(double));
+    for (uint64_t i = 0; i < 8; i++) /* c_attn [in 8, out 24]: column o scaled by l[o] */
+        for (uint64_t o = 0; o < 24; o++)
+            ref[i * 24 + o] = b[0].v[i * 24 + o] * f[0].v[o];
+    mm_check(out, b[0].name, "BF16", ref, b[0].n);
+    for (uint64_t o = 0; o < 24; o++)
+        ref[o] = b[1].v[o] * f[0].v[o];
+    mm_check(out, b[1].name, "BF16", ref, b[1].n);
+    for (uint64_t i = 0; i < 8; i++) /* c_fc [in 8, out 32], feed-forward: row i scaled by l[i] */
+        for (uint64_t o = 0; o < 32; o++)
+            ref[i * 32 + o] = b[2].v[i * 32 + o] * f[1].v[i];
+    mm_check(out, b[2].name, "BF16", ref, b[2].n);
+    free(ref);
+    for (int k = 0; k < 3; k++)
+        free(b[k].v);
+    for (int k = 0; k < 2; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* AdaLoRA: B @ (A * E) * alpha / (init_r + 1e-5) whatever rank a module kept; a module pruned to
+ * rank 0 is left alone */
+Test(merge_math, adalora_kept_ranks)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {20, 12};
+    mm_t w[2] = {mm_make("m.layers.0.q.weight", 2, ws, 0.05, "F16"), mm_make("m.layers.0.v.weight", 2, ws, 0.05, "F16")};
+    mm_write(base, w, 2, "F16");
+    uint64_t as[] = {3, 12}, bs[] = {20, 3}, es[] = {3, 1}, a0[] = {0, 12}, b0[] = {20, 0}, e0[] = {0, 1};
+    mm_t f[6] = {mm_make("base_model.model.m.layers.0.q.lora_A", 2, as, 0.3, "F32"),
+                 mm_make("base_model.model.m.layers.0.q.lora_B", 2, bs, 0.3, "F32"),
+                 mm_make("base_model.model.m.layers.0.q.lora_E", 2, es, 0.5, "F32"),
+                 mm_make("base_model.model.m.layers.0.v.lora_A", 2, a0, 0.3, "F32"),
+                 mm_make("base_model.model.m.layers.0.v.lora_B", 2, b0, 0.3, "F32"),
+                 mm_make("base_model.model.m.layers.0.v.lora_E", 2, e0, 0.5, "F32")};
+    mm_adapter(ad, f, 6, "{\"peft_type\": \"ADALORA\", \"init_r\": 5, \"r\": 8, \"lora_alpha\": 4, "
+                         "\"target_modules\": [\"q\", \"v\"], \"rank_pattern\": {\"m.layers.0.q.lora_E\": "
+                         "[true, false, true, true, false]}}");
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    mm_merge_ok(argv);
+    double *ref = malloc(w[0].n * sizeof(double));
+    memcpy(ref, w[0].v, w[0].n * sizeof(double));
+    for (uint64_t o = 0; o < 20; o++)
+        for (uint64_t i = 0; i < 12; i++) {
+            double s = 0;
+            for (uint64_t k = 0; k < 3; k++)
+                s += f[1].v[o * 3 + k] * f[0].v[k * 12 + i] * f[2].v[k];
+            ref[o * 12 + i] += s * 4.0 / (5.0 + 1e-5);
+        }
+    mm_check(out, w[0].name, "F16", ref, w[0].n);
+    mm_check(out, w[1].name, "F16", w[1].v, w[1].n);
+    free(ref);
+    for (int k = 0; k < 2; k++)
+        free(w[k].v);
+    for (int k = 0; k < 6; k++)
+        free(f[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
