@@ -17,7 +17,7 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "LOHA", "LOKR", "OFT", "BOFT", "VERA", "VBLORA", "FOURIERFT", "HRA", "MISS",
+    "OFT", "BOFT", "VERA", "VBLORA", "FOURIERFT", "HRA", "MISS",
     "BONE", "RANDLORA", "SHIRA", "C3A", "ROAD", "DELORA", "GRALORA", "HIRA", "BEFT", "LN_TUNING",
     "TRAINABLE_TOKENS", "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
@@ -33,7 +33,8 @@ static int in_list(const char *s, const char *const *list, size_t n)
 
 int lm_peft_type_kind(const char *t, const char **why)
 {
-    if (strcmp(t, "LORA") == 0 || strcmp(t, "ADALORA") == 0 || strcmp(t, "IA3") == 0)
+    if (strcmp(t, "LORA") == 0 || strcmp(t, "ADALORA") == 0 || strcmp(t, "IA3") == 0 || strcmp(t, "LOHA") == 0 ||
+        strcmp(t, "LOKR") == 0)
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
         *why = "cannot be merged into weights (it adds virtual tokens or prompts, not weight deltas)";
@@ -329,9 +330,12 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
     }
     c->kind = strcmp(c->peft_type, "ADALORA") == 0 ? LM_PEFT_ADALORA
             : strcmp(c->peft_type, "IA3") == 0     ? LM_PEFT_IA3
+            : strcmp(c->peft_type, "LOHA") == 0    ? LM_PEFT_LOHA
+            : strcmp(c->peft_type, "LOKR") == 0    ? LM_PEFT_LOKR
                                                    : LM_PEFT_LORA;
+    int lycoris = c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR;
     c->init_r = 12;
-    if (c->kind != LM_PEFT_IA3 && check_lora_variants(root, c, err) != LM_OK)
+    if ((c->kind == LM_PEFT_LORA || c->kind == LM_PEFT_ADALORA) && check_lora_variants(root, c, err) != LM_OK)
         goto fail;
     if (c->kind == LM_PEFT_ADALORA && get_int(root, "init_r", &c->init_r, err) != LM_OK)
         goto fail;
@@ -349,7 +353,8 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             goto fail;
         }
     }
-    if (get_int(root, "r", &c->r, err) || get_num(root, "lora_alpha", &c->lora_alpha, err) ||
+    /* LoHa/LoKr call it 'alpha'; LoRA's 'alpha' (hand-written configs) means nothing */
+    if (get_int(root, "r", &c->r, err) || get_num(root, lycoris ? "alpha" : "lora_alpha", &c->lora_alpha, err) ||
         get_bool(root, "use_rslora", &c->use_rslora, err) || get_bool(root, "use_dora", &c->use_dora, err) ||
         get_bool(root, "lora_bias", &c->lora_bias, err) ||
         get_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||
@@ -371,7 +376,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
     }
     double *rank_d = NULL;
     /* AdaLoRA's rank_pattern holds the kept ranks as booleans: the tensors already have them */
-    if (c->kind == LM_PEFT_LORA &&
+    if ((c->kind == LM_PEFT_LORA || lycoris) &&
         get_pattern(root, "rank_pattern", &c->rank_keys, NULL, &rank_d, 1, err) != LM_OK) {
         free(rank_d);
         goto fail;
@@ -387,7 +392,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             c->rank_vals[i] = (long)rank_d[i];
     }
     free(rank_d);
-    if (c->kind == LM_PEFT_LORA &&
+    if ((c->kind == LM_PEFT_LORA || lycoris) &&
         get_pattern(root, "alpha_pattern", &c->alpha_keys, NULL, &c->alpha_vals, 0, err) != LM_OK)
         goto fail;
 

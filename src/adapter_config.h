@@ -12,7 +12,7 @@ typedef struct lm_str_list {
     size_t n;
 } lm_str_list;
 
-typedef enum { LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3 } lm_peft_kind;
+typedef enum { LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR } lm_peft_kind;
 
 typedef struct lm_adapter_config {
     char *path;          /* owned: the adapter_config.json path */
@@ -24,7 +24,7 @@ typedef struct lm_adapter_config {
     char *ff_regex;
     lm_str_list ff_list;
     long r;              /* default 8 */
-    double lora_alpha;   /* default 8 */
+    double lora_alpha;   /* default 8 (LoHa/LoKr: their key 'alpha') */
     int use_rslora, use_dora, lora_bias;
     int fan_in_fan_out;  /* as saved; PEFT overrides it by module type */
     char *bias;          /* owned: "none", "all", "lora_only" */

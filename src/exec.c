@@ -140,6 +140,24 @@ static const float *scaled_rows(view_cache *c, const lm_ts_tensor *a, const floa
     return out;
 }
 
+/* an owned f32 product A [m, k] @ B [k, n] (f32 arithmetic, as PEFT), kept with the views */
+static const float *matmul_owned(view_cache *c, const float *A, const float *B, uint64_t m, uint64_t k, uint64_t n,
+                                 lm_err *err)
+{
+    float *out = calloc((size_t)(m * n) + 1, sizeof *out);
+    if (out == NULL || lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
+        free(out);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    lm_gemm_tile_nn(out, (size_t)m, (size_t)n, A, B, (size_t)k, 1.0f);
+    f32_view *v = &c->v[c->n++];
+    memset(v, 0, sizeof *v);
+    v->owned = out;
+    v->f32 = out;
+    return out;
+}
+
 static void view_cache_free(view_cache *c)
 {
     for (size_t i = 0; i < c->n; i++)
@@ -165,7 +183,7 @@ typedef struct {
     const size_t *shard_of;  /* plan tensor -> shard */
     size_t *local;           /* plan tensor -> its index inside its shard */
     const lm_kernels *k;
-    const float **fa, **fb; /* per tensor, per op: f32 views (flattened [tensor][op]) */
+    const float **fa, **fb, **fc, **fd; /* per tensor, per op: f32 views (flattened [tensor][op]) */
     size_t *op_base;        /* index of tensor i's first op in fa/fb */
     double **col_scale;     /* per tensor: column DoRA factors (pass 1), or NULL */
     size_t *col_dora_op;    /* per tensor: index of the column DoRA op */
@@ -210,7 +228,9 @@ static const uint8_t *tensor_src_bytes(const job *J, size_t ti)
 }
 
 /* Applies ops [from, to) of tensor ti to the f32 tile acc (rows r0 .. r0+nr). */
-static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *acc, uint64_t r0, uint64_t nr)
+/* scratch: room for 2 * nr * cols floats (the tile's raw read buffer, free once converted) */
+static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *acc, float *scratch, uint64_t r0,
+                      uint64_t nr)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     const uint64_t cols = t->cols;
@@ -230,6 +250,34 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
             /* a bias [o] is viewed [o, 1]: the tile holds elements r0 .. r0+nr */
             J->k->axpy(acc, op->scale, A + r0 * cols, (size_t)(nr * cols));
             break;
+        case LM_OP_HADAMARD: {
+            /* (w1a@w1b) * (w2a@w2b) for these rows, then scaled and added */
+            const float *C = J->fc[J->op_base[ti] + o], *D = J->fd[J->op_base[ti] + o];
+            float *t1 = scratch, *t2 = scratch + nr * cols;
+            size_t n = (size_t)(nr * cols), r = (size_t)op->rank;
+            memset(scratch, 0, 2 * n * sizeof *scratch);
+            lm_gemm_tile_nn(t1, (size_t)nr, (size_t)cols, A + r0 * r, B, r, 1.0f);
+            lm_gemm_tile_nn(t2, (size_t)nr, (size_t)cols, C + r0 * r, D, r, 1.0f);
+            for (size_t i = 0; i < n; i++)
+                acc[i] += t1[i] * t2[i] * op->scale;
+            break;
+        }
+        case LM_OP_KRON: {
+            /* W[p*kb + q, u*kd + v] += w1[p, u] * w2[q, v] * scale */
+            const float *w2 = J->fc[J->op_base[ti] + o];
+            uint64_t w1_cols = cols / op->kd;
+            for (uint64_t r = 0; r < nr; r++) {
+                uint64_t R = r0 + r, p = R / op->kb, q = R % op->kb;
+                float *row = acc + r * cols;
+                for (uint64_t u = 0; u < w1_cols; u++) {
+                    const float a = A[p * w1_cols + u];
+                    const float *w2row = w2 + q * op->kd;
+                    for (uint64_t v = 0; v < op->kd; v++)
+                        row[u * op->kd + v] += a * w2row[v] * op->scale;
+                }
+            }
+            break;
+        }
         case LM_OP_SCALE:
             for (uint64_t r = 0; r < nr; r++) {
                 float *row = acc + r * cols;
@@ -344,7 +392,7 @@ static lm_code run_task(const job *J, const task *tk, float *acc, uint8_t *out, 
     uint64_t r0 = tk->first, nr = tk->count, n = nr * t->cols;
     if (load_tile(J, tk->tensor, acc, raw, r0, nr, err) != LM_OK)
         return LM_E_IO;
-    apply_ops(J, tk->tensor, 0, t->n_ops, acc, r0, nr);
+    apply_ops(J, tk->tensor, 0, t->n_ops, acc, (float *)raw, r0, nr);
     from_f32(J->k, t->dtype, acc, out, (size_t)n);
     size_t esz = lm_dtype_bits(t->dtype) / 8;
     return lm_st_writer_pwrite(w, out, (size_t)(n * esz), dst + r0 * t->cols * esz, err);
@@ -385,7 +433,7 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
                 oom = 2;
                 continue;
             }
-            apply_ops(J, ti, 0, d, acc, r0, nr);
+            apply_ops(J, ti, 0, d, acc, (float *)raw, r0, nr);
             double *p = part + k * t->cols;
             for (uint64_t r = 0; r < nr; r++)
                 for (uint64_t c = 0; c < t->cols; c++)
@@ -456,9 +504,12 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     J.op_base = calloc(plan->n + 1, sizeof *J.op_base);
     J.fa = calloc(total_ops + 1, sizeof *J.fa);
     J.fb = calloc(total_ops + 1, sizeof *J.fb);
+    J.fc = calloc(total_ops + 1, sizeof *J.fc);
+    J.fd = calloc(total_ops + 1, sizeof *J.fd);
     J.col_scale = calloc(plan->n + 1, sizeof *J.col_scale);
     J.col_dora_op = calloc(plan->n + 1, sizeof *J.col_dora_op);
-    if (J.op_base == NULL || J.fa == NULL || J.fb == NULL || J.col_scale == NULL || J.col_dora_op == NULL)
+    if (J.op_base == NULL || J.fa == NULL || J.fb == NULL || J.fc == NULL || J.fd == NULL || J.col_scale == NULL ||
+        J.col_dora_op == NULL)
         goto nomem;
     /* f32 views of every factor (borrowed when already aligned f32) */
     size_t pos = 0;
@@ -476,6 +527,20 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                 goto fail;
             if (op->e != NULL && (J.fa[pos] = scaled_rows(&vc, op->a, J.fa[pos], op->e, k, err)) == NULL)
                 goto fail;
+            if (op->c != NULL && (J.fc[pos] = view_get(&vc, op->c, k, err)) == NULL)
+                goto fail;
+            if (op->d != NULL && (J.fd[pos] = view_get(&vc, op->d, k, err)) == NULL)
+                goto fail;
+            if (op->kind == LM_OP_KRON) { /* whole w1 and w2 (small): products of their halves */
+                if (op->b != NULL &&
+                    (J.fa[pos] = matmul_owned(&vc, J.fa[pos], J.fb[pos], op->a->shape[0], op->a->shape[1],
+                                              op->b->shape[1], err)) == NULL)
+                    goto fail;
+                if (op->d != NULL &&
+                    (J.fc[pos] = matmul_owned(&vc, J.fc[pos], J.fd[pos], op->c->shape[0], op->c->shape[1],
+                                              op->d->shape[1], err)) == NULL)
+                    goto fail;
+            }
             if (op->kind == LM_OP_DORA && op->dora_axis == 1) {
                 J.col_dora_op[i] = o;
                 n_col_dora++;
@@ -652,6 +717,8 @@ done:
     free(J.op_base);
     free(J.fa);
     free(J.fb);
+    free(J.fc);
+    free(J.fd);
     free(tasks);
     free(outs);
     view_cache_free(&vc);

@@ -67,6 +67,8 @@ static const char *op_kind_name(lm_op_kind k)
     case LM_OP_ROWS: return "trainable_tokens";
     case LM_OP_DORA: return "dora";
     case LM_OP_SCALE: return "ia3";
+    case LM_OP_HADAMARD: return "loha";
+    case LM_OP_KRON: return "lokr";
     }
     return "?";
 }
@@ -607,9 +609,16 @@ lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
     OUT("adapter: %s (name '%s')\n", a->dir, a->name);
     OUT("config: %s\nweights: %s\n", a->config_path, a->weights_path);
     OUT("type: %s, variant: %s%s%s%s\n", c->peft_type,
-        c->kind == LM_PEFT_IA3 ? "IA3" : c->kind == LM_PEFT_ADALORA ? "AdaLoRA" : c->use_dora ? "DoRA" : "LoRA", c->use_rslora ? " + rsLoRA" : "",
+        c->kind == LM_PEFT_IA3       ? "IA3"
+        : c->kind == LM_PEFT_ADALORA ? "AdaLoRA"
+        : c->kind == LM_PEFT_LOHA    ? "LoHa"
+        : c->kind == LM_PEFT_LOKR    ? "LoKr"
+        : c->use_dora                ? "DoRA"
+                                     : "LoRA", c->use_rslora ? " + rsLoRA" : "",
         c->lora_bias ? " + lora_bias" : "", c->tt_modules.n ? " + trainable tokens" : "");
-    if (c->kind == LM_PEFT_LORA)
+    if (c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR)
+        OUT("r: %ld, alpha: %g, scale: %g (alpha/r)\n", c->r, c->lora_alpha, c->lora_alpha / (double)c->r);
+    else if (c->kind == LM_PEFT_LORA)
         OUT("r: %ld, lora_alpha: %g, scale: %g (%s)\n", c->r, c->lora_alpha,
             c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r,
             c->use_rslora ? "alpha/sqrt(r)" : "alpha/r");

@@ -190,11 +190,28 @@ long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err)
 /* ------------------------------------------------------------------------------------------ */
 /* adapter keys -> modules                                                                      */
 /* ------------------------------------------------------------------------------------------ */
-typedef enum { R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_E, R_IA3, R_FULL, R_SKIP } key_role;
+typedef enum {
+    R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_E, R_IA3,
+    R_H1A, R_H1B, R_H2A, R_H2B, R_HT, /* LoHa */
+    R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
+    R_FULL, R_SKIP
+} key_role;
+
+/* LoHa / LoKr parameter names (no ".weight"), each maybe followed by the adapter name */
+static const struct {
+    const char *name;
+    key_role role;
+} LYCORIS_PARTS[] = {
+    {"hada_w1_a", R_H1A}, {"hada_w1_b", R_H1B}, {"hada_w2_a", R_H2A}, {"hada_w2_b", R_H2B},
+    {"hada_t1", R_HT},    {"hada_t2", R_HT},    {"lokr_w1", R_K1},    {"lokr_w1_a", R_K1A},
+    {"lokr_w1_b", R_K1B}, {"lokr_w2", R_K2},    {"lokr_w2_a", R_K2A}, {"lokr_w2_b", R_K2B},
+    {"lokr_t2", R_KT},
+};
 
 typedef struct {
     char *module; /* path of the module inside the model ("model.layers.0.self_attn.q_proj") */
     const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt, *e, *ia3;
+    const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
 } lora_module;
 
 typedef struct {
@@ -220,6 +237,18 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_MAG: return &m->mag;
     case R_E: return &m->e;
     case R_IA3: return &m->ia3;
+    case R_H1A: return &m->h1a;
+    case R_H1B: return &m->h1b;
+    case R_H2A: return &m->h2a;
+    case R_H2B: return &m->h2b;
+    case R_HT: return &m->ht;
+    case R_K1: return &m->k1;
+    case R_K1A: return &m->k1a;
+    case R_K1B: return &m->k1b;
+    case R_K2: return &m->k2;
+    case R_K2A: return &m->k2a;
+    case R_K2B: return &m->k2b;
+    case R_KT: return &m->kt;
     default: return &m->tt;
     }
 }
@@ -260,11 +289,20 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
     }
 #define IS(i, lit) (lens[i] == sizeof(lit) - 1 && memcmp(comps[i], lit, sizeof(lit) - 1) == 0)
     long j = -1;
-    for (long i = (long)n - 1; i >= 0 && j < 0; i--)
+    key_role lyco = R_SKIP;
+    for (long i = (long)n - 1; i >= 0 && j < 0; i--) {
+        for (size_t q = 0; q < sizeof LYCORIS_PARTS / sizeof *LYCORIS_PARTS && j < 0; q++)
+            if (lens[i] == strlen(LYCORIS_PARTS[q].name) && memcmp(comps[i], LYCORIS_PARTS[q].name, lens[i]) == 0) {
+                j = i;
+                lyco = LYCORIS_PARTS[q].role;
+            }
+        if (j >= 0)
+            break;
         if (IS(i, "lora_A") || IS(i, "lora_B") || IS(i, "lora_embedding_A") || IS(i, "lora_embedding_B") ||
             IS(i, "lora_E") || IS(i, "ia3_l") ||
             IS(i, "lora_magnitude_vector") || IS(i, "token_adapter"))
             j = i;
+    }
     size_t end = j >= 0 ? (size_t)j : n;
     for (size_t i = 0; i < end; i++)
         if (IS(i, "modules_to_save") || IS(i, "original_module"))
@@ -287,6 +325,8 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
     int last_weight = last_len == 6 && memcmp(last, "weight", 6) == 0;
     int last_bias = last_len == 4 && memcmp(last, "bias", 4) == 0;
     size_t ju = (size_t)j;
+    if (lyco != R_SKIP)
+        return tail <= 1 ? lyco : R_SKIP;
     if (IS(ju, "lora_A") || IS(ju, "lora_B")) {
         key_role ab = IS(ju, "lora_A") ? R_A : R_B;
         if ((tail == 1 || tail == 2) && last_weight)
@@ -579,6 +619,148 @@ static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_ta
     return LM_OK;
 }
 
+static int is_lycoris(const lora_module *m)
+{
+    return m->h1a || m->h1b || m->h2a || m->h2b || m->ht || m->k1 || m->k1a || m->k1b || m->k2 || m->k2a || m->k2b ||
+           m->kt;
+}
+
+/* LoHa (§5.4) and LoKr (§5.5) on Linear weights: W += (w1a@w1b)*(w2a@w2b)*alpha/r, or
+ * W += kron(w1, w2)*alpha/r with r always from the config (PEFT does so even for full factors) */
+static lm_code plan_lycoris(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm, lm_err *err)
+{
+    const lm_adapter *ad = P->adapters[ai];
+    const lm_adapter_config *cfg = ad->cfg;
+    int loha = m->h1a || m->h1b || m->h2a || m->h2b || m->ht;
+    char buf[1100];
+    if (loha != (cfg->kind == LM_PEFT_LOHA) || (!loha && cfg->kind != LM_PEFT_LOKR)) {
+        lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%s tensors in a %s adapter", loha ? "LoHa" : "LoKr", cfg->peft_type);
+        lm_err_set_tensor(err, m->module);
+        return LM_E_FORMAT;
+    }
+    int targeted = lm_target_matcher_test(tm, m->module, err);
+    if (targeted < 0)
+        return err ? err->code : LM_E_FORMAT;
+    if (!targeted)
+        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                  "skipped, as PEFT does", ad->dir, m->module);
+    if (m->ht || m->kt) {
+        lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s with a CP-decomposed convolution (use_effective_conv2d) "
+                "is not supported by lora-merge yet", cfg->peft_type);
+        lm_err_set_tensor(err, m->module);
+        return LM_E_UNSUPPORTED;
+    }
+    const lm_ts_tensor *parts[4];
+    size_t n_parts;
+    if (loha) {
+        const lm_ts_tensor *p4[4] = {m->h1a, m->h1b, m->h2a, m->h2b};
+        memcpy(parts, p4, sizeof p4);
+        n_parts = 4;
+    } else {
+        const lm_ts_tensor *w1 = m->k1 ? m->k1 : m->k1a, *w2 = m->k2 ? m->k2 : m->k2a;
+        const lm_ts_tensor *p4[4] = {w1, m->k1 ? m->k1 : m->k1b, w2, m->k2 ? m->k2 : m->k2b};
+        memcpy(parts, p4, sizeof p4);
+        n_parts = 4;
+        if ((m->k1 && (m->k1a || m->k1b)) || (m->k2 && (m->k2a || m->k2b)))
+            return mismatch(err, m->module, "LoKr factor given both whole and decomposed");
+    }
+    for (size_t q = 0; q < n_parts; q++) {
+        if (parts[q] == NULL) {
+            lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%s module lacks a factor (%s)", cfg->peft_type,
+                    loha ? "hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b are needed"
+                         : "lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b are needed");
+            lm_err_set_tensor(err, m->module);
+            return LM_E_FORMAT;
+        }
+        if (parts[q]->n_dims != 2 || !is_float_dtype(parts[q]->dtype))
+            return mismatch(err, m->module, "%s factor '%s' is not a 2-D float tensor (convolution forms are not "
+                            "supported yet)", cfg->peft_type, parts[q]->name);
+    }
+    long r = cfg->r;
+    double alpha = cfg->lora_alpha;
+    long w = lm_pattern_lookup((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, m->module, err);
+    if (w == -2)
+        return err ? err->code : LM_E_FORMAT;
+    if (w >= 0)
+        r = cfg->rank_vals[w];
+    w = lm_pattern_lookup((const char *const *)cfg->alpha_keys.v, cfg->alpha_keys.n, m->module, err);
+    if (w == -2)
+        return err ? err->code : LM_E_FORMAT;
+    if (w >= 0)
+        alpha = cfg->alpha_vals[w];
+    snprintf(buf, sizeof buf, "%s.weight", m->module);
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_resolve_base_name(P->model, buf, &local);
+    if (bi < 0) {
+        *err = local;
+        lm_err_set_tensor(err, m->module);
+        return err->code;
+    }
+    lm_plan_tensor *t = tensor_for(P, bi);
+    const lm_tensor_info *W = t->base->info;
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s on a %zu-D weight ('%s') is not supported yet",
+                       cfg->peft_type, W->n_dims, W->name);
+    const char *module = plan_str(P->plan, m->module);
+    lm_op *op;
+    if (loha) {
+        /* [o, r1] @ [r1, i] and [o, r2] @ [r2, i], all equal to W's [o, i] */
+        if (parts[0]->shape[1] != parts[1]->shape[0] || parts[2]->shape[1] != parts[3]->shape[0] ||
+            parts[0]->shape[0] != W->shape[0] || parts[2]->shape[0] != W->shape[0] ||
+            parts[1]->shape[1] != W->shape[1] || parts[3]->shape[1] != W->shape[1])
+            return mismatch(err, m->module, "LoHa factors [%llu, %llu]@[%llu, %llu] and [%llu, %llu]@[%llu, %llu] "
+                            "do not make base '%s' [%llu, %llu]",
+                            (unsigned long long)parts[0]->shape[0], (unsigned long long)parts[0]->shape[1],
+                            (unsigned long long)parts[1]->shape[0], (unsigned long long)parts[1]->shape[1],
+                            (unsigned long long)parts[2]->shape[0], (unsigned long long)parts[2]->shape[1],
+                            (unsigned long long)parts[3]->shape[0], (unsigned long long)parts[3]->shape[1], W->name,
+                            (unsigned long long)W->shape[0], (unsigned long long)W->shape[1]);
+        if ((long)parts[0]->shape[1] != r || (long)parts[2]->shape[1] != r) {
+            lm_fail(err, LM_E_MISMATCH, "RankMismatch", "the tensors have rank %llu but adapter_config.json says r=%ld",
+                    (unsigned long long)parts[0]->shape[1], r);
+            lm_err_set_tensor(err, m->module);
+            return LM_E_MISMATCH;
+        }
+        op = new_op(t, LM_OP_HADAMARD, ai, module, parts[0], err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->b = parts[1];
+        op->c = parts[2];
+        op->d = parts[3];
+        op->rank = (uint64_t)r;
+        P->plan->lowrank_flops += 4.0 * (double)r * (double)W->n_elems;
+    } else {
+        /* w1 [a, c] (or w1_a [a, r] @ w1_b [r, c]), w2 [b, d] likewise; W [a*b, c*d] */
+        int w1_split = m->k1 == NULL, w2_split = m->k2 == NULL;
+        if ((w1_split && parts[0]->shape[1] != parts[1]->shape[0]) ||
+            (w2_split && parts[2]->shape[1] != parts[3]->shape[0]))
+            return mismatch(err, m->module, "LoKr factors' inner dimensions disagree");
+        uint64_t a = parts[0]->shape[0], c = w1_split ? parts[1]->shape[1] : parts[0]->shape[1];
+        uint64_t b = parts[2]->shape[0], d = w2_split ? parts[3]->shape[1] : parts[2]->shape[1];
+        if (a * b != W->shape[0] || c * d != W->shape[1])
+            return mismatch(err, m->module, "kron of w1 [%llu, %llu] and w2 [%llu, %llu] is [%llu, %llu] but base "
+                            "'%s' is [%llu, %llu]", (unsigned long long)a, (unsigned long long)c,
+                            (unsigned long long)b, (unsigned long long)d, (unsigned long long)(a * b),
+                            (unsigned long long)(c * d), W->name, (unsigned long long)W->shape[0],
+                            (unsigned long long)W->shape[1]);
+        op = new_op(t, LM_OP_KRON, ai, module, parts[0], err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->b = w1_split ? parts[1] : NULL;
+        op->c = parts[2];
+        op->d = w2_split ? parts[3] : NULL;
+        op->kb = b;
+        op->kd = d;
+        op->rank = (uint64_t)r;
+        P->plan->lowrank_flops += 2.0 * (double)W->n_elems;
+    }
+    op->scale_f64 = alpha / (double)r * ad->weight;
+    op->scale = (float)op->scale_f64;
+    P->plan->n_lowrank++;
+    return LM_OK;
+}
+
 static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 {
     lm_adapter *ad = P->adapters[ai];
@@ -654,8 +836,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         li[k].base = -1;
         li[k].orient = -1;
         const lm_ts_tensor *A = m->a ? m->a : m->ea, *B = m->b ? m->b : m->eb;
-        if ((m->tt != NULL || m->ia3 != NULL) && A == NULL && B == NULL && m->e == NULL)
-            continue; /* trainable tokens or IA3 alone: planned below */
+        if ((m->tt != NULL || m->ia3 != NULL || is_lycoris(m)) && A == NULL && B == NULL && m->e == NULL)
+            continue; /* trainable tokens, IA3, LoHa, LoKr: planned below */
         if (m->ia3 != NULL || (m->e != NULL) != (cfg->kind == LM_PEFT_ADALORA)) {
             rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%s tensor in a %s adapter",
                          m->ia3 ? "ia3_l and lora" : m->e ? "an AdaLoRA lora_E" : "no lora_E (AdaLoRA needs it)",
@@ -981,6 +1163,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         }
         if (m->ia3 != NULL && (rc = plan_ia3(P, ai, m, tm, err)) != LM_OK)
             goto done;
+        if (is_lycoris(m) && (rc = plan_lycoris(P, ai, m, tm, err)) != LM_OK)
+            goto done;
     }
 done:
     if (rc != LM_OK)
@@ -1133,15 +1317,18 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         const lm_ts_tensor *A = m->a ? m->a : m->ea;
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
-        if (A == NULL && m->tt == NULL && m->ia3 == NULL)
+        if (A == NULL && m->tt == NULL && m->ia3 == NULL && !is_lycoris(m))
             snprintf(d.kind, sizeof d.kind, "incomplete (refused: %s without its pair)", m->b ? "lora_B" : "a part");
+        if (is_lycoris(m))
+            snprintf(d.kind, sizeof d.kind, "%s%s", m->h1a || m->h2a ? "loha" : "lokr",
+                     m->ht || m->kt ? " (CP form: refused, not supported yet)" : "");
         if (m->ia3 != NULL)
             snprintf(d.kind, sizeof d.kind, "ia3 (%s features scaled)",
                      m->ia3->n_dims == 2 && m->ia3->shape[0] == 1 && m->ia3->n_elems > 1 ? "input, feed-forward" : "output");
         else if (cfg->kind == LM_PEFT_ADALORA && A != NULL)
             snprintf(d.kind, sizeof d.kind, "adalora (kept rank)");
-        d.rank = A && A->n_dims >= 1 ? (long)A->shape[0] : 0;
-        d.r_cfg = cfg->kind == LM_PEFT_LORA ? cfg->r : d.rank;
+        d.rank = A && A->n_dims >= 1 ? (long)A->shape[0] : m->h1a && m->h1a->n_dims == 2 ? (long)m->h1a->shape[1] : 0;
+        d.r_cfg = cfg->kind == LM_PEFT_LORA || cfg->kind == LM_PEFT_LOHA || cfg->kind == LM_PEFT_LOKR ? cfg->r : d.rank;
         d.alpha = cfg->lora_alpha;
         long w = lm_pattern_lookup((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, m->module, NULL);
         if (w >= 0)
@@ -1149,6 +1336,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         w = lm_pattern_lookup((const char *const *)cfg->alpha_keys.v, cfg->alpha_keys.n, m->module, NULL);
         if (w >= 0)
             d.alpha = cfg->alpha_vals[w];
+        if (cfg->kind == LM_PEFT_LOKR) /* no tensor shows the rank: the config's is the one used */
+            d.rank = d.r_cfg;
         d.scale = cfg->use_rslora ? d.alpha / sqrt((double)d.r_cfg) : d.alpha / (double)d.r_cfg;
         if (cfg->kind == LM_PEFT_ADALORA)
             d.scale = (cfg->lora_alpha > 0 ? cfg->lora_alpha : (double)cfg->init_r) / ((double)cfg->init_r + 1e-5);
@@ -1179,7 +1368,7 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
             OUT("  %-16s x%-4zu %s r=%ld alpha=%g scale=%g%s  (e.g. %s)\n", g[j].leaf, g[j].count, g[j].kind,
                 g[j].rank, g[j].alpha, g[j].scale * 1.0,
                 g[j].targeted ? "" : "  NOT TARGETED by the config: skipped, as PEFT does", g[j].example);
-        if (g[j].rank != g[j].r_cfg && g[j].rank > 0)
+        if (g[j].rank != g[j].r_cfg && g[j].rank > 0 && cfg->kind != LM_PEFT_LOKR)
             OUT("    refused: the tensors have rank %ld but the config says r=%ld\n", g[j].rank, g[j].r_cfg);
     }
     if (n_full)

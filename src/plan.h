@@ -15,6 +15,8 @@ typedef enum {
     LM_OP_ROWS,        /* W[rows[k], :] <- src[k, :] (trainable tokens) */
     LM_OP_DORA,        /* W <- m / ||W|| * W, norm per row (axis 0) or per column (axis 1) */
     LM_OP_SCALE,       /* IA3: W[r, :] *= a[r] (axis 0) or W[:, c] *= a[c] (axis 1) */
+    LM_OP_HADAMARD,    /* LoHa: W += scale * (a@b) * (c@d) (elementwise) */
+    LM_OP_KRON,        /* LoKr: W += scale * kron(w1, w2), w1 = a (or a@b), w2 = c (or c@d) */
 } lm_op_kind;
 
 typedef struct lm_op {
@@ -23,6 +25,8 @@ typedef struct lm_op {
     const char *module;        /* module path (owned by the plan) */
     const lm_ts_tensor *a, *b; /* LOWRANK: a = A [rank, in], b = B [out, rank]; others: a = source */
     const lm_ts_tensor *e;     /* LOWRANK (AdaLoRA): row k of A is scaled by e[k] */
+    const lm_ts_tensor *c, *d; /* HADAMARD, KRON: the second factor pair (d may be NULL for KRON) */
+    uint64_t kb, kd;           /* KRON: w2 is [kb, kd] */
     uint64_t rank, in, out;
     int transposed;            /* W is stored [in, out] (Conv1D, Embedding) */
     int dora_axis;             /* DORA and SCALE: 0 per row, 1 per column of the 2-D view */

@@ -142,7 +142,10 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
     argv[na] = NULL;
     th_run_result r = th_run(case_dir, argv);
     /* the types lora-merge merges; the others must be refused cleanly */
-    int lora = strcmp(peft_type, "LORA") == 0 || strcmp(peft_type, "ADALORA") == 0 || strcmp(peft_type, "IA3") == 0;
+    static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR"};
+    int lora = 0;
+    for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)
+        lora |= strcmp(peft_type, merged[i]) == 0;
     if (strcmp(expected, "merge") == 0 && lora) {
         cr_assert_eq(r.status, 0, "%s: exit %d: %s", gc->name, r.status, r.err);
         cr_assert(th_exists(out_path), "%s: no output file", gc->name);

@@ -487,3 +487,55 @@ Test(merge_math, adalora_kept_ranks)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* LoHa: (w1a@w1b) * (w2a@w2b) * alpha/r with alpha_pattern; LoKr: kron(w1_a@w1_b, w2) * alpha/r,
+ * r from the config (rank_pattern) even where no tensor shows it */
+Test(merge_math, loha_and_lokr)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], ad2[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/loha", tmp);
+    snprintf(ad2, sizeof ad2, "%s/lokr", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {12, 20};
+    mm_t w = mm_make("net.fc.weight", 2, ws, 0.05, "BF16");
+    mm_write(base, &w, 1, "BF16");
+    uint64_t s1a[] = {12, 3}, s1b[] = {3, 20};
+    mm_t h[4] = {mm_make("base_model.model.net.fc.hada_w1_a", 2, s1a, 0.3, "F32"),
+                 mm_make("base_model.model.net.fc.hada_w1_b", 2, s1b, 0.3, "F32"),
+                 mm_make("base_model.model.net.fc.hada_w2_a", 2, s1a, 0.3, "F32"),
+                 mm_make("base_model.model.net.fc.hada_w2_b", 2, s1b, 0.3, "F32")};
+    mm_adapter(ad, h, 4, "{\"peft_type\": \"LOHA\", \"r\": 3, \"alpha\": 2, \"alpha_pattern\": {\"fc\": 6}, "
+                         "\"target_modules\": [\"fc\"]}");
+    /* kron: w1 [3, 4] = w1_a [3, 2] @ w1_b [2, 4]; w2 [4, 5]: [12, 20] */
+    uint64_t k1a[] = {3, 2}, k1b[] = {2, 4}, k2[] = {4, 5};
+    mm_t k[3] = {mm_make("base_model.model.net.fc.lokr_w1_a", 2, k1a, 0.5, "F32"),
+                 mm_make("base_model.model.net.fc.lokr_w1_b", 2, k1b, 0.5, "F32"),
+                 mm_make("base_model.model.net.fc.lokr_w2", 2, k2, 0.5, "F32")};
+    mm_adapter(ad2, k, 3, "{\"peft_type\": \"LOKR\", \"r\": 8, \"alpha\": 4, \"rank_pattern\": {\"net.fc\": 16}, "
+                          "\"target_modules\": [\"fc\"]}");
+    const char *argv[] = {th_bin(), "-q", base, ad, "--adapter-scaled", ad2, "-1.5", out, NULL};
+    mm_merge_ok(argv);
+    double *ref = malloc(w.n * sizeof(double));
+    for (uint64_t o = 0; o < 12; o++)
+        for (uint64_t i = 0; i < 20; i++) {
+            double t1 = 0, t2 = 0, w1 = 0;
+            for (uint64_t r = 0; r < 3; r++) {
+                t1 += h[0].v[o * 3 + r] * h[1].v[r * 20 + i];
+                t2 += h[2].v[o * 3 + r] * h[3].v[r * 20 + i];
+            }
+            uint64_t p = o / 4, q = o % 4, u = i / 5, v = i % 5;
+            for (uint64_t r = 0; r < 2; r++)
+                w1 += k[0].v[p * 2 + r] * k[1].v[r * 4 + u];
+            ref[o * 20 + i] = w.v[o * 20 + i] + t1 * t2 * 6.0 / 3.0 - 1.5 * w1 * k[2].v[q * 5 + v] * 4.0 / 16.0;
+        }
+    mm_check(out, w.name, "BF16", ref, w.n);
+    free(ref);
+    free(w.v);
+    for (int i = 0; i < 4; i++)
+        free(h[i].v);
+    for (int i = 0; i < 3; i++)
+        free(k[i].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
