@@ -17,9 +17,9 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "OFT", "BOFT", "VERA", "VBLORA", "FOURIERFT", "HRA", "MISS",
-    "BONE", "RANDLORA", "SHIRA", "C3A", "ROAD", "DELORA", "GRALORA", "HIRA", "BEFT", "LN_TUNING",
-    "TRAINABLE_TOKENS", "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
+    "OFT", "BOFT", "VBLORA", "FOURIERFT", "HRA", "MISS",
+    "BONE", "RANDLORA", "SHIRA", "C3A", "ROAD", "DELORA", "GRALORA", 
+    "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
 };
 
@@ -33,8 +33,9 @@ static int in_list(const char *s, const char *const *list, size_t n)
 
 int lm_peft_type_kind(const char *t, const char **why)
 {
-    if (strcmp(t, "LORA") == 0 || strcmp(t, "ADALORA") == 0 || strcmp(t, "IA3") == 0 || strcmp(t, "LOHA") == 0 ||
-        strcmp(t, "LOKR") == 0)
+    static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
+                                         "BEFT", "LN_TUNING", "HIRA", "VERA"};
+    if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
         *why = "cannot be merged into weights (it adds virtual tokens or prompts, not weight deltas)";
@@ -332,7 +333,36 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "IA3") == 0     ? LM_PEFT_IA3
             : strcmp(c->peft_type, "LOHA") == 0    ? LM_PEFT_LOHA
             : strcmp(c->peft_type, "LOKR") == 0    ? LM_PEFT_LOKR
+            : strcmp(c->peft_type, "TRAINABLE_TOKENS") == 0 ? LM_PEFT_TRAINABLE_TOKENS
+            : strcmp(c->peft_type, "BEFT") == 0    ? LM_PEFT_BEFT
+            : strcmp(c->peft_type, "LN_TUNING") == 0 ? LM_PEFT_LN_TUNING
+            : strcmp(c->peft_type, "HIRA") == 0    ? LM_PEFT_HIRA
+            : strcmp(c->peft_type, "VERA") == 0    ? LM_PEFT_VERA
                                                    : LM_PEFT_LORA;
+    if (c->kind == LM_PEFT_VERA && cJSON_IsFalse(field(root, "save_projection"))) {
+        lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type VERA with save_projection false: the shared "
+                "projections would have to be regenerated from torch's random generator; not supported");
+        goto fail;
+    }
+    /* the standalone trainable-tokens type: token_indices for its target module */
+    const cJSON *tok = field(root, "token_indices");
+    if (c->kind == LM_PEFT_TRAINABLE_TOKENS) {
+        if (tok == NULL) {
+            lm_fail(err, LM_E_FORMAT, "MissingField", "TRAINABLE_TOKENS without 'token_indices'");
+            goto fail;
+        }
+        c->tt_modules.v = calloc(1, sizeof *c->tt_modules.v);
+        c->tt_indices = calloc(1, sizeof *c->tt_indices);
+        c->tt_n = calloc(1, sizeof *c->tt_n);
+        if (c->tt_modules.v == NULL || c->tt_indices == NULL || c->tt_n == NULL ||
+            dup_str("", &c->tt_modules.v[0], err) != LM_OK) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            goto fail;
+        }
+        c->tt_modules.n = 1;
+        if (get_int_list(tok, "token_indices", &c->tt_indices[0], &c->tt_n[0], err) != LM_OK)
+            goto fail;
+    }
     int lycoris = c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR;
     c->init_r = 12;
     if ((c->kind == LM_PEFT_LORA || c->kind == LM_PEFT_ADALORA) && check_lora_variants(root, c, err) != LM_OK)
@@ -432,7 +462,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         goto fail;
 
     const cJSON *tti = field(root, "trainable_token_indices");
-    if (tti != NULL) {
+    if (tti != NULL && c->kind != LM_PEFT_TRAINABLE_TOKENS) {
         size_t n = cJSON_IsObject(tti) ? (size_t)cJSON_GetArraySize(tti) : 1;
         c->tt_modules.v = calloc(n ? n : 1, sizeof *c->tt_modules.v);
         c->tt_indices = calloc(n ? n : 1, sizeof *c->tt_indices);

@@ -12,7 +12,10 @@ typedef struct lm_str_list {
     size_t n;
 } lm_str_list;
 
-typedef enum { LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR } lm_peft_kind;
+typedef enum {
+    LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR,
+    LM_PEFT_TRAINABLE_TOKENS, LM_PEFT_BEFT, LM_PEFT_LN_TUNING, LM_PEFT_HIRA, LM_PEFT_VERA
+} lm_peft_kind;
 
 typedef struct lm_adapter_config {
     char *path;          /* owned: the adapter_config.json path */

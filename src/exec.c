@@ -158,6 +158,36 @@ static const float *matmul_owned(view_cache *c, const float *A, const float *B, 
     return out;
 }
 
+/* VeRA: A' = lambda_d * A[:, :in] ([rank, in]) and B' = lambda_b * B[:out, :] ([out, rank]) from
+ * the shared projections; *A and *B hold the full projections' views on entry */
+static lm_code vera_factors(view_cache *c, const lm_op *op, const float **A, const float **B, const float *lb,
+                            const float *ld, lm_err *err)
+{
+    uint64_t r = op->rank, lda = op->a->shape[1];
+    float *a2 = malloc((size_t)(r * op->in) * sizeof *a2 + 1), *b2 = malloc((size_t)(op->out * r) * sizeof *b2 + 1);
+    if (a2 == NULL || b2 == NULL || lm_grow((void **)&c->v, &c->cap, c->n + 1, sizeof *c->v, 64) != 0) {
+        free(a2);
+        free(b2);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    for (uint64_t k = 0; k < r; k++)
+        for (uint64_t j = 0; j < op->in; j++)
+            a2[k * op->in + j] = ld[k] * (*A)[k * lda + j];
+    for (uint64_t p = 0; p < op->out; p++)
+        for (uint64_t k = 0; k < r; k++)
+            b2[p * r + k] = lb[p] * (*B)[p * r + k];
+    float *owned[2] = {a2, b2};
+    for (int i = 0; i < 2; i++) {
+        f32_view *v = &c->v[c->n++];
+        memset(v, 0, sizeof *v);
+        v->owned = owned[i];
+        v->f32 = owned[i];
+    }
+    *A = a2;
+    *B = b2;
+    return LM_OK;
+}
+
 static void view_cache_free(view_cache *c)
 {
     for (size_t i = 0; i < c->n; i++)
@@ -276,6 +306,19 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
                         row[u * op->kd + v] += a * w2row[v] * op->scale;
                 }
             }
+            break;
+        }
+        case LM_OP_HIRA: {
+            /* W += scale * W * (B@A): the product for these rows, then elementwise */
+            float *t1 = scratch;
+            size_t n = (size_t)(nr * cols);
+            memset(t1, 0, n * sizeof *t1);
+            if (!op->transposed)
+                lm_gemm_tile_nn(t1, (size_t)nr, (size_t)cols, B + r0 * op->rank, A, (size_t)op->rank, 1.0f);
+            else
+                lm_gemm_tile_tt(t1, (size_t)nr, (size_t)cols, A + r0, (size_t)op->in, B, (size_t)op->rank, 1.0f);
+            for (size_t i = 0; i < n; i++)
+                acc[i] += acc[i] * t1[i] * op->scale;
             break;
         }
         case LM_OP_SCALE:
@@ -530,6 +573,9 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             if (op->c != NULL && (J.fc[pos] = view_get(&vc, op->c, k, err)) == NULL)
                 goto fail;
             if (op->d != NULL && (J.fd[pos] = view_get(&vc, op->d, k, err)) == NULL)
+                goto fail;
+            if (op->kind == LM_OP_LOWRANK && op->c != NULL &&
+                vera_factors(&vc, op, &J.fa[pos], &J.fb[pos], J.fc[pos], J.fd[pos], err) != LM_OK)
                 goto fail;
             if (op->kind == LM_OP_KRON) { /* whole w1 and w2 (small): products of their halves */
                 if (op->b != NULL &&

@@ -69,6 +69,7 @@ static const char *op_kind_name(lm_op_kind k)
     case LM_OP_SCALE: return "ia3";
     case LM_OP_HADAMARD: return "loha";
     case LM_OP_KRON: return "lokr";
+    case LM_OP_HIRA: return "hira";
     }
     return "?";
 }

@@ -194,6 +194,7 @@ typedef enum {
     R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_E, R_IA3,
     R_H1A, R_H1B, R_H2A, R_H2B, R_HT, /* LoHa */
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
+    R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD,
     R_FULL, R_SKIP
 } key_role;
 
@@ -206,12 +207,16 @@ static const struct {
     {"hada_t1", R_HT},    {"hada_t2", R_HT},    {"lokr_w1", R_K1},    {"lokr_w1_a", R_K1A},
     {"lokr_w1_b", R_K1B}, {"lokr_w2", R_K2},    {"lokr_w2_a", R_K2A}, {"lokr_w2_b", R_K2B},
     {"lokr_t2", R_KT},
+    /* other single-tensor parameters, handled the same way */
+    {"trainable_tokens_delta", R_TT}, {"beft_bias", R_BEFT}, {"hira_A", R_HA}, {"hira_B", R_HB},
+    {"hira_embedding_A", R_HEA}, {"hira_embedding_B", R_HEB}, {"vera_lambda_b", R_VLB}, {"vera_lambda_d", R_VLD},
 };
 
 typedef struct {
     char *module; /* path of the module inside the model ("model.layers.0.self_attn.q_proj") */
     const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt, *e, *ia3;
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
+    const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld;
 } lora_module;
 
 typedef struct {
@@ -249,6 +254,13 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_K2A: return &m->k2a;
     case R_K2B: return &m->k2b;
     case R_KT: return &m->kt;
+    case R_BEFT: return &m->beft;
+    case R_HA: return &m->ha;
+    case R_HB: return &m->hb;
+    case R_HEA: return &m->hea;
+    case R_HEB: return &m->heb;
+    case R_VLB: return &m->vlb;
+    case R_VLD: return &m->vld;
     default: return &m->tt;
     }
 }
@@ -300,7 +312,7 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
             break;
         if (IS(i, "lora_A") || IS(i, "lora_B") || IS(i, "lora_embedding_A") || IS(i, "lora_embedding_B") ||
             IS(i, "lora_E") || IS(i, "ia3_l") ||
-            IS(i, "lora_magnitude_vector") || IS(i, "token_adapter"))
+            IS(i, "lora_magnitude_vector"))
             j = i;
     }
     size_t end = j >= 0 ? (size_t)j : n;
@@ -310,7 +322,7 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
     size_t used = 0;
     out[0] = '\0';
     for (size_t i = 0; i < end; i++) {
-        if (IS(i, "base_layer"))
+        if (IS(i, "base_layer") || IS(i, "token_adapter") || IS(i, "ln_tuning_layers"))
             continue;
         int k = snprintf(out + used, cap - used, "%s%.*s", used ? "." : "", (int)lens[i], comps[i]);
         if (k < 0 || (size_t)k >= cap - used)
@@ -344,8 +356,6 @@ static key_role classify_key(const char *rest, char *out, size_t cap)
         return tail <= 1 ? (IS(ju, "lora_embedding_A") ? R_EA : R_EB) : R_SKIP;
     if (IS(ju, "lora_magnitude_vector"))
         return tail <= 2 ? R_MAG : R_SKIP;
-    if (IS(ju, "token_adapter"))
-        return (tail >= 1 && tail <= 2 && IS(ju + 1, "trainable_tokens_delta")) ? R_TT : R_SKIP;
 #undef IS
     return R_SKIP;
 }
@@ -761,6 +771,164 @@ static lm_code plan_lycoris(planner *P, size_t ai, const lora_module *m, const l
     return LM_OK;
 }
 
+/* the base weight of a module, orientation from shapes: 0 [out, in], 1 [in, out] (Conv1D);
+ * the square case follows the GPT-2 layer names.  @return base entry or -1 with *err */
+static long weight_for(planner *P, const char *module, uint64_t out, uint64_t in, int *orient, lm_err *err)
+{
+    char buf[1100];
+    snprintf(buf, sizeof buf, "%s.weight", module);
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_resolve_base_name(P->model, buf, &local);
+    if (bi < 0) {
+        *err = local;
+        lm_err_set_tensor(err, module);
+        return -1;
+    }
+    const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)bi)->info;
+    int o = orientation_of(W, out, in);
+    if (o == -1)
+        o = leaf_is(module, "c_attn") || leaf_is(module, "c_proj") || leaf_is(module, "c_fc");
+    if (o < 0) {
+        mismatch(err, module, "base '%s' does not have the shape [%llu, %llu] the adapter needs", W->name,
+                 (unsigned long long)out, (unsigned long long)in);
+        return -1;
+    }
+    *orient = o;
+    return bi;
+}
+
+/* BEFT (bias += beft_bias), HiRA (W += W * (B@A)), VeRA ((lb * B[:o]) @ (ld * A[:, :i])) */
+static lm_code plan_single(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm,
+                           const lm_ts_tensor *vera_a, const lm_ts_tensor *vera_b, lm_err *err)
+{
+    const lm_adapter *ad = P->adapters[ai];
+    const lm_adapter_config *cfg = ad->cfg;
+    int targeted = lm_target_matcher_test(tm, m->module, err);
+    if (targeted < 0)
+        return err ? err->code : LM_E_FORMAT;
+    if (!targeted)
+        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                  "skipped, as PEFT does", ad->dir, m->module);
+    const char *module = plan_str(P->plan, m->module);
+    char buf[1100];
+    if (m->beft != NULL) {
+        if (cfg->kind != LM_PEFT_BEFT)
+            return mismatch(err, m->module, "beft_bias in a %s adapter", cfg->peft_type);
+        snprintf(buf, sizeof buf, "%s.bias", m->module);
+        lm_err local;
+        lm_err_clear(&local);
+        long bb = lm_resolve_base_name(P->model, buf, &local);
+        if (bb < 0) {
+            lm_fail(err, LM_E_MISMATCH, "NoMatchingTensor", "BEFT needs a bias but the base layer has none (no '%s')", buf);
+            lm_err_set_tensor(err, m->module);
+            return LM_E_MISMATCH;
+        }
+        lm_plan_tensor *bt = tensor_for(P, bb);
+        if (bt->base->info->n_elems != m->beft->n_elems || !is_float_dtype(m->beft->dtype))
+            return mismatch(err, m->module, "beft_bias has %llu elements but the base bias has %llu",
+                            (unsigned long long)m->beft->n_elems, (unsigned long long)bt->base->info->n_elems);
+        lm_op *op = new_op(bt, LM_OP_BIAS_ADD, ai, module, m->beft, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->scale_f64 = ad->weight;
+        op->scale = (float)ad->weight;
+        P->plan->n_lowrank++;
+        return LM_OK;
+    }
+    const lm_ts_tensor *A, *B;
+    int embedding = 0, vera = m->vlb || m->vld;
+    if (vera) {
+        if (m->vlb == NULL || m->vld == NULL || vera_a == NULL || vera_b == NULL || cfg->kind != LM_PEFT_VERA) {
+            lm_fail(err, LM_E_FORMAT, "IncompleteModule", "VeRA needs vera_lambda_b, vera_lambda_d and the shared "
+                    "base_model.vera_A / base_model.vera_B");
+            lm_err_set_tensor(err, m->module);
+            return LM_E_FORMAT;
+        }
+        A = vera_a;
+        B = vera_b;
+    } else {
+        embedding = m->hea || m->heb;
+        A = embedding ? m->hea : m->ha;
+        B = embedding ? m->heb : m->hb;
+        if (A == NULL || B == NULL || cfg->kind != LM_PEFT_HIRA) {
+            lm_fail(err, LM_E_FORMAT, "IncompleteModule", "HiRA needs both hira_A and hira_B (in a HIRA adapter)");
+            lm_err_set_tensor(err, m->module);
+            return LM_E_FORMAT;
+        }
+    }
+    if (A->n_dims != 2 || B->n_dims != 2 || A->shape[0] != B->shape[1] || !is_float_dtype(A->dtype) ||
+        !is_float_dtype(B->dtype))
+        return mismatch(err, m->module, "the factors are not [r, in] and [out, r] float matrices");
+    uint64_t r = A->shape[0], out, in;
+    if (vera) { /* lambda_b: out; lambda_d: r; the projections are sliced to the layer */
+        out = m->vlb->n_elems;
+        if (m->vld->n_elems != r)
+            return mismatch(err, m->module, "vera_lambda_d has %llu elements but the projections have rank %llu",
+                            (unsigned long long)m->vld->n_elems, (unsigned long long)r);
+        if (out > B->shape[0])
+            return mismatch(err, m->module, "vera_lambda_b has %llu elements, more than base_model.vera_B's %llu rows",
+                            (unsigned long long)out, (unsigned long long)B->shape[0]);
+        in = 0;
+    } else {
+        out = B->shape[0];
+        in = A->shape[1];
+    }
+    int orient = 0;
+    long bi;
+    if (vera) {
+        /* the input size comes from the base: [out, in] or, for Conv1D, [in, out] */
+        snprintf(buf, sizeof buf, "%s.weight", m->module);
+        lm_err local;
+        lm_err_clear(&local);
+        bi = lm_resolve_base_name(P->model, buf, &local);
+        if (bi < 0) {
+            *err = local;
+            lm_err_set_tensor(err, m->module);
+            return err->code;
+        }
+        const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)bi)->info;
+        if (W->n_dims != 2 || (W->shape[0] != out && W->shape[1] != out))
+            return mismatch(err, m->module, "vera_lambda_b has %llu elements but base '%s' has no such dimension",
+                            (unsigned long long)out, W->name);
+        orient = W->shape[0] == out && !(W->shape[1] == out && (leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") ||
+                                                                 leaf_is(m->module, "c_fc"))) ? 0 : 1;
+        in = orient ? W->shape[0] : W->shape[1];
+        if (in > A->shape[1])
+            return mismatch(err, m->module, "the layer has %llu inputs, more than base_model.vera_A's %llu columns",
+                            (unsigned long long)in, (unsigned long long)A->shape[1]);
+    } else if (embedding) { /* W [V, D], A [r, V], B [D, r]: (B@A)^T */
+        bi = weight_for(P, m->module, in, out, &orient, err);
+        if (bi < 0)
+            return err ? err->code : LM_E_MISMATCH;
+        if (orient != 0)
+            return mismatch(err, m->module, "embedding weight is not [vocab, dim]");
+        orient = 1;
+    } else {
+        bi = weight_for(P, m->module, out, in, &orient, err);
+        if (bi < 0)
+            return err ? err->code : LM_E_MISMATCH;
+    }
+    lm_plan_tensor *t = tensor_for(P, bi);
+    lm_op *op = new_op(t, vera ? LM_OP_LOWRANK : LM_OP_HIRA, ai, module, A, err);
+    if (op == NULL)
+        return LM_E_NOMEM;
+    op->b = B;
+    op->rank = r;
+    op->in = in;
+    op->out = out;
+    op->transposed = orient == 1;
+    if (vera) {
+        op->c = m->vlb; /* the executor slices and scales the shared projections */
+        op->d = m->vld;
+    }
+    op->scale_f64 = ad->weight;
+    op->scale = (float)ad->weight;
+    P->plan->n_lowrank++;
+    P->plan->lowrank_flops += 2.0 * (double)r * (double)in * (double)out;
+    return LM_OK;
+}
+
 static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 {
     lm_adapter *ad = P->adapters[ai];
@@ -768,6 +936,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     lm_plan *p = P->plan;
     module_list mods = {0};
     lowrank_info *li = NULL;
+    const lm_ts_tensor *vera_a = NULL, *vera_b = NULL;
     lm_code rc = LM_OK;
     char buf[1024];
     size_t n_bare = 0;
@@ -784,6 +953,10 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     for (size_t i = 0; i < ad->ts->n; i++) {
         const lm_ts_tensor *t = &ad->ts->t[i];
         const char *rest = t->name;
+        if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0) {
+            *(rest[16] == 'A' ? &vera_a : &vera_b) = t; /* VeRA's projections, shared by every layer */
+            continue;
+        }
         if (strncmp(rest, "base_model.model.", 17) == 0) {
             rest += 17;
         } else {
@@ -836,8 +1009,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         li[k].base = -1;
         li[k].orient = -1;
         const lm_ts_tensor *A = m->a ? m->a : m->ea, *B = m->b ? m->b : m->eb;
-        if ((m->tt != NULL || m->ia3 != NULL || is_lycoris(m)) && A == NULL && B == NULL && m->e == NULL)
-            continue; /* trainable tokens, IA3, LoHa, LoKr: planned below */
+        if (A == NULL && B == NULL && m->e == NULL && m->mag == NULL && m->bbias == NULL)
+            continue; /* trainable tokens, IA3, LoHa, LoKr, BEFT, HiRA, VeRA: planned below */
         if (m->ia3 != NULL || (m->e != NULL) != (cfg->kind == LM_PEFT_ADALORA)) {
             rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%s tensor in a %s adapter",
                          m->ia3 ? "ia3_l and lora" : m->e ? "an AdaLoRA lora_E" : "no lora_E (AdaLoRA needs it)",
@@ -1165,6 +1338,9 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             goto done;
         if (is_lycoris(m) && (rc = plan_lycoris(P, ai, m, tm, err)) != LM_OK)
             goto done;
+        if ((m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb || m->vld) &&
+            (rc = plan_single(P, ai, m, tm, vera_a, vera_b, err)) != LM_OK)
+            goto done;
     }
 done:
     if (rc != LM_OK)
@@ -1278,8 +1454,13 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     out[0] = '\0';
     lm_target_rules rules;
     rules_from_config(cfg, &rules);
+    size_t n_shared = 0;
     for (size_t i = 0; i < ad->ts->n; i++) {
         const char *rest = ad->ts->t[i].name;
+        if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0) {
+            n_shared++;
+            continue;
+        }
         if (strncmp(rest, "base_model.model.", 17) == 0)
             rest += 17;
         else if (strncmp(rest, "base_model.", 11) == 0)
@@ -1317,8 +1498,16 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         const lm_ts_tensor *A = m->a ? m->a : m->ea;
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
-        if (A == NULL && m->tt == NULL && m->ia3 == NULL && !is_lycoris(m))
+        int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
+                    m->vld;
+        if (A == NULL && !other)
             snprintf(d.kind, sizeof d.kind, "incomplete (refused: %s without its pair)", m->b ? "lora_B" : "a part");
+        if (m->beft)
+            snprintf(d.kind, sizeof d.kind, "beft (bias added)");
+        if (m->ha || m->hb || m->hea || m->heb)
+            snprintf(d.kind, sizeof d.kind, "hira (W += W * B@A)");
+        if (m->vlb || m->vld)
+            snprintf(d.kind, sizeof d.kind, "vera (shared projections, per-layer lambdas)");
         if (is_lycoris(m))
             snprintf(d.kind, sizeof d.kind, "%s%s", m->h1a || m->h2a ? "loha" : "lokr",
                      m->ht || m->kt ? " (CP form: refused, not supported yet)" : "");
@@ -1361,7 +1550,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     } while (0)
     OUT("modules: %zu in %zu group%s\n", mods.n, ng, ng == 1 ? "" : "s");
     for (size_t j = 0; j < ng; j++) {
-        if (cfg->kind == LM_PEFT_IA3)
+        if (cfg->kind != LM_PEFT_LORA && cfg->kind != LM_PEFT_ADALORA && cfg->kind != LM_PEFT_LOHA &&
+            cfg->kind != LM_PEFT_LOKR)
             OUT("  %-16s x%-4zu %s%s  (e.g. %s)\n", g[j].leaf, g[j].count, g[j].kind,
                 g[j].targeted ? "" : "  NOT TARGETED by the config: skipped, as PEFT does", g[j].example);
         else
@@ -1373,6 +1563,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     }
     if (n_full)
         OUT("full tensors (replace or add base tensors): %zu: %s%s\n", n_full, full_names, n_full > 6 ? ", ..." : "");
+    if (n_shared)
+        OUT("shared projections: base_model.vera_A, base_model.vera_B\n");
     if (n_skip)
         OUT("ignored keys: %zu\n", n_skip);
 #undef OUT

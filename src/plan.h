@@ -17,6 +17,7 @@ typedef enum {
     LM_OP_SCALE,       /* IA3: W[r, :] *= a[r] (axis 0) or W[:, c] *= a[c] (axis 1) */
     LM_OP_HADAMARD,    /* LoHa: W += scale * (a@b) * (c@d) (elementwise) */
     LM_OP_KRON,        /* LoKr: W += scale * kron(w1, w2), w1 = a (or a@b), w2 = c (or c@d) */
+    LM_OP_HIRA,        /* HiRA: W += scale * W * (B@A) (transposed like LOWRANK) */
 } lm_op_kind;
 
 typedef struct lm_op {
@@ -25,7 +26,8 @@ typedef struct lm_op {
     const char *module;        /* module path (owned by the plan) */
     const lm_ts_tensor *a, *b; /* LOWRANK: a = A [rank, in], b = B [out, rank]; others: a = source */
     const lm_ts_tensor *e;     /* LOWRANK (AdaLoRA): row k of A is scaled by e[k] */
-    const lm_ts_tensor *c, *d; /* HADAMARD, KRON: the second factor pair (d may be NULL for KRON) */
+    const lm_ts_tensor *c, *d; /* HADAMARD, KRON: the second factor pair (d may be NULL for KRON);
+                                  LOWRANK (VeRA): lambda_b, lambda_d scaling B[:out] and A[:, :in] */
     uint64_t kb, kd;           /* KRON: w2 is [kb, kd] */
     uint64_t rank, in, out;
     int transposed;            /* W is stored [in, out] (Conv1D, Embedding) */

@@ -539,3 +539,57 @@ Test(merge_math, loha_and_lokr)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* HiRA (W += W * (B@A)^T) and VeRA ((lb * B[:o]) @ (ld * A[:, :i]), transposed) on a GPT-2 Conv1D
+ * weight stored [in, out]; BEFT refused where the base layer has no bias */
+Test(merge_math, hira_vera_conv1d_and_beft_without_bias)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], ad2[512], ad3[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/hira", tmp);
+    snprintf(ad2, sizeof ad2, "%s/vera", tmp);
+    snprintf(ad3, sizeof ad3, "%s/beft", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {6, 10}; /* [in 6, out 10] */
+    mm_t w = mm_make("transformer.h.0.mlp.c_fc.weight", 2, ws, 0.1, "F32");
+    mm_write(base, &w, 1, "F32");
+    uint64_t as[] = {2, 6}, bs[] = {10, 2}, va[] = {3, 8}, vb[] = {12, 3}, lbs[] = {10}, lds[] = {3};
+    mm_t h[2] = {mm_make("base_model.model.transformer.h.0.mlp.c_fc.hira_A", 2, as, 0.5, "F32"),
+                 mm_make("base_model.model.transformer.h.0.mlp.c_fc.hira_B", 2, bs, 0.5, "F32")};
+    mm_adapter(ad, h, 2, "{\"peft_type\": \"HIRA\", \"r\": 2, \"target_modules\": [\"c_fc\"]}");
+    mm_t v[4] = {mm_make("base_model.vera_A", 2, va, 0.5, "F32"), mm_make("base_model.vera_B", 2, vb, 0.5, "F32"),
+                 mm_make("base_model.model.transformer.h.0.mlp.c_fc.vera_lambda_b", 1, lbs, 0.5, "F32"),
+                 mm_make("base_model.model.transformer.h.0.mlp.c_fc.vera_lambda_d", 1, lds, 0.5, "F32")};
+    mm_adapter(ad2, v, 4, "{\"peft_type\": \"VERA\", \"r\": 3, \"target_modules\": [\"c_fc\"]}");
+    const char *argv[] = {th_bin(), "-q", base, ad, "--adapter", ad2, out, NULL};
+    mm_merge_ok(argv);
+    double *ref = malloc(w.n * sizeof(double));
+    for (uint64_t i = 0; i < 6; i++)
+        for (uint64_t o = 0; o < 10; o++) {
+            double ba = 0, vv = 0;
+            for (uint64_t k = 0; k < 2; k++)
+                ba += h[1].v[o * 2 + k] * h[0].v[k * 6 + i];
+            for (uint64_t k = 0; k < 3; k++)
+                vv += v[2].v[o] * v[1].v[o * 3 + k] * v[3].v[k] * v[0].v[k * 8 + i];
+            double w0 = w.v[i * 10 + o];
+            ref[i * 10 + o] = w0 + w0 * ba + vv;
+        }
+    mm_check(out, w.name, "F32", ref, w.n);
+    uint64_t bb[] = {1, 10};
+    mm_t be = mm_make("base_model.model.transformer.h.0.mlp.c_fc.beft_bias", 2, bb, 0.5, "F32");
+    mm_adapter(ad3, &be, 1, "{\"peft_type\": \"BEFT\", \"target_modules\": [\"c_fc\"]}");
+    const char *argv2[] = {th_bin(), base, ad3, out, NULL};
+    th_run_result r = th_run(NULL, argv2);
+    cr_assert_eq(r.status, 1, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "bias") && strstr(r.err, "c_fc"), "%s", r.err);
+    th_run_free(&r);
+    free(ref);
+    free(w.v);
+    free(be.v);
+    for (int k = 0; k < 2; k++)
+        free(h[k].v);
+    for (int k = 0; k < 4; k++)
+        free(v[k].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
