@@ -613,7 +613,9 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         }
         uint64_t bytes = t->base ? t->base->info->end - t->base->info->begin : t->ops[0].a->n_bytes;
         uint64_t unit = copy ? COPY_CHUNK : tile_rows_for(t, J.tile_elems);
-        uint64_t total = copy ? bytes : t->rows;
+        /* a tensor with no elements (a zero in its shape; other dimensions may be huge) has no
+         * work; an output dtype of another width changes nothing to that */
+        uint64_t total = bytes == 0 ? 0 : copy ? bytes : t->rows;
         if (copy) {
             st.n_copied_tensors++;
             st.bytes_copied += bytes;

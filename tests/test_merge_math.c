@@ -593,3 +593,40 @@ Test(merge_math, hira_vera_conv1d_and_beft_without_bias)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* a tensor with no elements but huge other dimensions ([2^64-1, 0, 2^64-1], valid safetensors)
+ * converted with --dtype: no work, no allocation, a valid output */
+Test(merge_math, empty_tensor_with_huge_dims_converted, .timeout = 30)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    const char *hdr = "{\"empty\":{\"dtype\":\"F32\",\"shape\":[18446744073709551615,0,18446744073709551615],"
+                      "\"data_offsets\":[0,0]},\"w.weight\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]}}";
+    size_t hl = strlen(hdr), pad = (8 - hl % 8) % 8;
+    uint8_t buf[512] = {0};
+    uint64_t n = hl + pad;
+    for (int i = 0; i < 8; i++)
+        buf[i] = (uint8_t)(n >> (8 * i));
+    memcpy(buf + 8, hdr, hl);
+    memset(buf + 8 + hl, ' ', pad);
+    float vals[4] = {1, 2, 3, 4};
+    memcpy(buf + 8 + n, vals, 16);
+    cr_assert_eq(th_write_file(base, buf, 8 + n + 16), 0);
+    uint64_t as[] = {1, 2}, bs[] = {2, 1};
+    mm_t f[2] = {mm_make("base_model.model.w.lora_A.weight", 2, as, 0.5, "F32"),
+                 mm_make("base_model.model.w.lora_B.weight", 2, bs, 0.5, "F32")};
+    mm_adapter(ad, f, 2, "{\"peft_type\": \"LORA\", \"r\": 1, \"lora_alpha\": 1, \"target_modules\": [\"w\"]}");
+    const char *argv[] = {th_bin(), "-q", "--dtype", "bf16", base, ad, out, NULL};
+    mm_merge_ok(argv);
+    const char *argv2[] = {th_bin(), "inspect", out, NULL};
+    th_run_result r = th_run(NULL, argv2);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.out, "empty BF16 [18446744073709551615, 0, 18446744073709551615] 0 bytes"), "%s", r.out);
+    th_run_free(&r);
+    free(f[0].v);
+    free(f[1].v);
+    th_rmrf(tmp);
+    free(tmp);
+}
