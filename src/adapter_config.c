@@ -17,8 +17,8 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "OFT", "BOFT", "VBLORA", "FOURIERFT", "HRA", "MISS",
-    "BONE", "RANDLORA", "SHIRA", "C3A", "ROAD", "DELORA", "GRALORA", 
+    "OFT", "BOFT", "VBLORA", "FOURIERFT", 
+    "BONE", "RANDLORA", "C3A", "ROAD", "DELORA", "GRALORA", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
 };
@@ -34,7 +34,7 @@ static int in_list(const char *s, const char *const *list, size_t n)
 int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
-                                         "BEFT", "LN_TUNING", "HIRA", "VERA"};
+                                         "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -338,7 +338,28 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "LN_TUNING") == 0 ? LM_PEFT_LN_TUNING
             : strcmp(c->peft_type, "HIRA") == 0    ? LM_PEFT_HIRA
             : strcmp(c->peft_type, "VERA") == 0    ? LM_PEFT_VERA
+            : strcmp(c->peft_type, "SHIRA") == 0   ? LM_PEFT_SHIRA
+            : strcmp(c->peft_type, "HRA") == 0     ? LM_PEFT_HRA
+            : strcmp(c->peft_type, "MISS") == 0    ? LM_PEFT_MISS
                                                    : LM_PEFT_LORA;
+    if (c->kind == LM_PEFT_HRA && get_bool(root, "apply_GS", &c->hra_gs, err) != LM_OK)
+        goto fail;
+    if (c->kind == LM_PEFT_MISS) {
+        const cJSON *iw = field(root, "init_weights");
+        c->mini_r = 1;
+        if (get_int(root, "mini_r", &c->mini_r, err) != LM_OK)
+            goto fail;
+        if (cJSON_IsString(iw) && strcmp(iw->valuestring, "bat") == 0) {
+            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant",
+                    "peft_type MISS with init_weights \"bat\" (block-wise form) is not supported by lora-merge yet");
+            goto fail;
+        }
+        c->miss_mini = cJSON_IsString(iw) && strcmp(iw->valuestring, "mini") == 0;
+        if (c->miss_mini && c->mini_r <= 0) {
+            lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'mini_r' must be positive");
+            goto fail;
+        }
+    }
     if (c->kind == LM_PEFT_VERA && cJSON_IsFalse(field(root, "save_projection"))) {
         lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type VERA with save_projection false: the shared "
                 "projections would have to be regenerated from torch's random generator; not supported");

@@ -14,7 +14,8 @@ typedef struct lm_str_list {
 
 typedef enum {
     LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR,
-    LM_PEFT_TRAINABLE_TOKENS, LM_PEFT_BEFT, LM_PEFT_LN_TUNING, LM_PEFT_HIRA, LM_PEFT_VERA
+    LM_PEFT_TRAINABLE_TOKENS, LM_PEFT_BEFT, LM_PEFT_LN_TUNING, LM_PEFT_HIRA, LM_PEFT_VERA,
+    LM_PEFT_SHIRA, LM_PEFT_HRA, LM_PEFT_MISS
 } lm_peft_kind;
 
 typedef struct lm_adapter_config {
@@ -22,6 +23,9 @@ typedef struct lm_adapter_config {
     char *peft_type;     /* owned, as written (e.g. "LORA") */
     lm_peft_kind kind;
     long init_r;         /* AdaLoRA: the divisor of the scale (default 12) */
+    int hra_gs;          /* HRA: apply_GS */
+    long mini_r;         /* MiSS "mini": the block's width */
+    int miss_mini;       /* MiSS init_weights "mini" (default form otherwise) */
     /* IA3: feedforward_modules, a list (key ends with an entry, no dot boundary) or a regex */
     int ff_is_regex;
     char *ff_regex;

@@ -188,6 +188,45 @@ static lm_code vera_factors(view_cache *c, const lm_op *op, const float **A, con
     return LM_OK;
 }
 
+/* HRA: the unit vectors of the reflections, column j at [j * in]: U's columns normalized, or
+ * (apply_GS) made orthonormal by classical Gram-Schmidt in order */
+static const float *hra_vectors(view_cache *c, const lm_op *op, const float *U, lm_err *err)
+{
+    uint64_t n = op->in, r = op->rank;
+    float *q = malloc((size_t)(n * r) * sizeof *q + 1);
+    double *v = malloc((size_t)n * sizeof *v + 1);
+    if (q == NULL || v == NULL || lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
+        free(q);
+        free(v);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    for (uint64_t j = 0; j < r; j++) {
+        for (uint64_t x = 0; x < n; x++)
+            v[x] = U[x * r + j];
+        if (op->dora_axis) /* Gram-Schmidt: remove the earlier directions (of U_j, classical) */
+            for (uint64_t l = 0; l < j; l++) {
+                double d = 0;
+                for (uint64_t x = 0; x < n; x++)
+                    d += (double)q[l * n + x] * (double)U[x * r + j];
+                for (uint64_t x = 0; x < n; x++)
+                    v[x] -= d * q[l * n + x];
+            }
+        double ss = 0;
+        for (uint64_t x = 0; x < n; x++)
+            ss += v[x] * v[x];
+        double inv = ss > 0 ? 1.0 / sqrt(ss) : 0.0;
+        for (uint64_t x = 0; x < n; x++)
+            q[j * n + x] = (float)(v[x] * inv);
+    }
+    free(v);
+    f32_view *fv = &c->v[c->n++];
+    memset(fv, 0, sizeof *fv);
+    fv->owned = q;
+    fv->f32 = q;
+    return q;
+}
+
 static void view_cache_free(view_cache *c)
 {
     for (size_t i = 0; i < c->n; i++)
@@ -321,6 +360,51 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
                 acc[i] += acc[i] * t1[i] * op->scale;
             break;
         }
+        case LM_OP_SPARSE:
+            for (size_t q = 0; q < op->n_rows; q++) {
+                uint64_t row = (uint64_t)op->rows[q];
+                if (row >= r0 && row < r0 + nr)
+                    acc[(row - r0) * cols + (uint64_t)op->rows[op->n_rows + q]] += A[q] * op->scale;
+            }
+            break;
+        case LM_OP_HRA:
+            /* each row x <- x @ H: reflections in order, or x - 2 (x Q) Q^T after Gram-Schmidt */
+            for (uint64_t r = 0; r < nr; r++) {
+                float *x = acc + r * cols;
+                if (!op->dora_axis) {
+                    for (uint64_t j = 0; j < op->rank; j++) {
+                        const float *u = A + j * cols;
+                        double d = 0;
+                        for (uint64_t c = 0; c < cols; c++)
+                            d += (double)x[c] * (double)u[c];
+                        for (uint64_t c = 0; c < cols; c++)
+                            x[c] = (float)((double)x[c] - 2.0 * d * (double)u[c]);
+                    }
+                } else {
+                    double *dq = (double *)scratch; /* rank values */
+                    for (uint64_t j = 0; j < op->rank; j++) {
+                        double d = 0;
+                        for (uint64_t c = 0; c < cols; c++)
+                            d += (double)x[c] * (double)A[j * cols + c];
+                        dq[j] = d;
+                    }
+                    for (uint64_t c = 0; c < cols; c++) {
+                        double y = x[c];
+                        for (uint64_t j = 0; j < op->rank; j++)
+                            y -= 2.0 * dq[j] * (double)A[j * cols + c];
+                        x[c] = (float)y;
+                    }
+                }
+            }
+            break;
+        case LM_OP_MISS:
+            for (uint64_t r = 0; r < nr; r++) {
+                float *row = acc + r * cols;
+                uint64_t oi = (r0 + r) % op->kd;
+                for (uint64_t c = 0; c < cols; c++)
+                    row[c] += A[(c % op->rank) * op->kd + oi] * op->scale;
+            }
+            break;
         case LM_OP_SCALE:
             for (uint64_t r = 0; r < nr; r++) {
                 float *row = acc + r * cols;
@@ -576,6 +660,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                 goto fail;
             if (op->kind == LM_OP_LOWRANK && op->c != NULL &&
                 vera_factors(&vc, op, &J.fa[pos], &J.fb[pos], J.fc[pos], J.fd[pos], err) != LM_OK)
+                goto fail;
+            if (op->kind == LM_OP_HRA && (J.fa[pos] = hra_vectors(&vc, op, J.fa[pos], err)) == NULL)
                 goto fail;
             if (op->kind == LM_OP_KRON) { /* whole w1 and w2 (small): products of their halves */
                 if (op->b != NULL &&

@@ -70,6 +70,9 @@ static const char *op_kind_name(lm_op_kind k)
     case LM_OP_HADAMARD: return "loha";
     case LM_OP_KRON: return "lokr";
     case LM_OP_HIRA: return "hira";
+    case LM_OP_SPARSE: return "shira";
+    case LM_OP_HRA: return "hra";
+    case LM_OP_MISS: return "miss";
     }
     return "?";
 }

@@ -86,6 +86,9 @@ void lm_plan_free(lm_plan *p)
     for (size_t i = 0; i < p->n_modules; i++)
         free(p->modules[i]);
     free(p->modules);
+    for (size_t i = 0; i < p->n_blobs; i++)
+        free(p->blobs[i]);
+    free(p->blobs);
     free(p);
 }
 
@@ -194,7 +197,7 @@ typedef enum {
     R_A, R_B, R_BBIAS, R_EA, R_EB, R_MAG, R_TT, R_E, R_IA3,
     R_H1A, R_H1B, R_H2A, R_H2B, R_HT, /* LoHa */
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
-    R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD,
+    R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
     R_FULL, R_SKIP
 } key_role;
 
@@ -210,13 +213,14 @@ static const struct {
     /* other single-tensor parameters, handled the same way */
     {"trainable_tokens_delta", R_TT}, {"beft_bias", R_BEFT}, {"hira_A", R_HA}, {"hira_B", R_HB},
     {"hira_embedding_A", R_HEA}, {"hira_embedding_B", R_HEB}, {"vera_lambda_b", R_VLB}, {"vera_lambda_d", R_VLD},
+    {"shira_weight", R_SW}, {"shira_indices", R_SI}, {"hra_u", R_HRA}, {"miss_block", R_MISS},
 };
 
 typedef struct {
     char *module; /* path of the module inside the model ("model.layers.0.self_attn.q_proj") */
     const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt, *e, *ia3;
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
-    const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld;
+    const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
 } lora_module;
 
 typedef struct {
@@ -261,6 +265,10 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_HEB: return &m->heb;
     case R_VLB: return &m->vlb;
     case R_VLD: return &m->vld;
+    case R_SW: return &m->sw;
+    case R_SI: return &m->si;
+    case R_HRA: return &m->hra;
+    case R_MISS: return &m->miss;
     default: return &m->tt;
     }
 }
@@ -929,6 +937,117 @@ static lm_code plan_single(planner *P, size_t ai, const lora_module *m, const lm
     return LM_OK;
 }
 
+/* SHiRA (§5.14), HRA (§5.11), MiSS (§5.12): Linear weights [out, in] only */
+static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm, lm_err *err)
+{
+    const lm_adapter *ad = P->adapters[ai];
+    const lm_adapter_config *cfg = ad->cfg;
+    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : LM_OP_MISS;
+    lm_peft_kind want = kind == LM_OP_SPARSE ? LM_PEFT_SHIRA : kind == LM_OP_HRA ? LM_PEFT_HRA : LM_PEFT_MISS;
+    if (cfg->kind != want)
+        return mismatch(err, m->module, "%s tensors in a %s adapter",
+                        kind == LM_OP_SPARSE ? "SHiRA" : kind == LM_OP_HRA ? "HRA" : "MiSS", cfg->peft_type);
+    int targeted = lm_target_matcher_test(tm, m->module, err);
+    if (targeted < 0)
+        return err ? err->code : LM_E_FORMAT;
+    if (!targeted)
+        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                  "skipped, as PEFT does", ad->dir, m->module);
+    char buf[1100];
+    snprintf(buf, sizeof buf, "%s.weight", m->module);
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_resolve_base_name(P->model, buf, &local);
+    if (bi < 0) {
+        *err = local;
+        lm_err_set_tensor(err, m->module);
+        return err->code;
+    }
+    lm_plan_tensor *t = tensor_for(P, bi);
+    const lm_tensor_info *W = t->base->info;
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s on a %zu-D weight ('%s') is not supported yet",
+                       cfg->peft_type, W->n_dims, W->name);
+    uint64_t o = W->shape[0], in = W->shape[1];
+    const char *module = plan_str(P->plan, m->module);
+    lm_op *op;
+    if (kind == LM_OP_SPARSE) {
+        const lm_ts_tensor *w = m->sw, *ix = m->si;
+        if (w == NULL || ix == NULL || ix->n_dims != 2 || ix->shape[0] != 2 || ix->shape[1] != w->n_elems ||
+            !is_float_dtype(w->dtype))
+            return mismatch(err, m->module, "SHiRA needs shira_weight [nnz] and shira_indices [2, nnz]");
+        /* the indices are data: read and checked here so that a bad one fails before any write */
+        uint64_t nnz = w->n_elems;
+        long *rc = malloc((size_t)(2 * nnz + 1) * sizeof *rc);
+        if (rc == NULL || lm_grow((void **)&P->plan->blobs, &P->plan->cap_blobs, P->plan->n_blobs,
+                                  sizeof *P->plan->blobs, 16) != 0) {
+            free(rc);
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+        P->plan->blobs[P->plan->n_blobs++] = rc;
+        for (uint64_t q = 0; q < 2 * nnz; q++) {
+            const uint8_t *d = ix->data;
+            double v;
+            if (ix->dtype == LM_DT_I32) {
+                int32_t x;
+                memcpy(&x, d + 4 * q, 4);
+                v = x;
+            } else if (ix->dtype == LM_DT_I64) {
+                int64_t x;
+                memcpy(&x, d + 8 * q, 8);
+                v = (double)x;
+            } else if (ix->dtype == LM_DT_F32) { /* saved on Windows */
+                float x;
+                memcpy(&x, d + 4 * q, 4);
+                v = x;
+            } else {
+                return mismatch(err, m->module, "shira_indices has dtype %s", lm_dtype_name(ix->dtype));
+            }
+            uint64_t lim = q < nnz ? o : in;
+            if (!(v >= 0) || v != (double)(long)v || (uint64_t)v >= lim) {
+                lm_fail(err, LM_E_MISMATCH, "IndexOutOfRange", "shira_indices holds %g, outside [0, %llu)", v,
+                        (unsigned long long)lim);
+                lm_err_set_tensor(err, m->module);
+                return LM_E_MISMATCH;
+            }
+            rc[q] = (long)v;
+        }
+        op = new_op(t, LM_OP_SPARSE, ai, module, w, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->rows = rc;
+        op->n_rows = (size_t)nnz;
+    } else if (kind == LM_OP_HRA) {
+        const lm_ts_tensor *u = m->hra;
+        if (u->n_dims != 2 || u->shape[0] != in || u->shape[1] > in || !is_float_dtype(u->dtype))
+            return mismatch(err, m->module, "hra_u must be [%llu, r] for base '%s'", (unsigned long long)in, W->name);
+        op = new_op(t, LM_OP_HRA, ai, module, u, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->rank = u->shape[1];
+        op->in = in;
+        op->dora_axis = cfg->hra_gs;
+        if (ad->weight != 1.0)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "HRA rotates the weight: a weight other than 1 "
+                           "(--scale, --adapter-scaled) has no meaning for it");
+    } else {
+        const lm_ts_tensor *b = m->miss;
+        uint64_t r = b->n_dims == 2 ? b->shape[0] : 0, width = cfg->miss_mini ? (uint64_t)cfg->mini_r : o;
+        if (b->n_dims != 2 || r == 0 || b->shape[1] != width || !is_float_dtype(b->dtype))
+            return mismatch(err, m->module, "miss_block must be [r, %llu] for base '%s'", (unsigned long long)width,
+                            W->name);
+        op = new_op(t, LM_OP_MISS, ai, module, b, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->rank = r;
+        op->kd = width;
+    }
+    op->scale_f64 = ad->weight;
+    op->scale = (float)ad->weight;
+    P->plan->n_lowrank++;
+    return LM_OK;
+}
+
 static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 {
     lm_adapter *ad = P->adapters[ai];
@@ -1341,6 +1460,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         if ((m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb || m->vld) &&
             (rc = plan_single(P, ai, m, tm, vera_a, vera_b, err)) != LM_OK)
             goto done;
+        if ((m->sw || m->si || m->hra || m->miss) && (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
+            goto done;
     }
 done:
     if (rc != LM_OK)
@@ -1499,7 +1620,13 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
-                    m->vld;
+                    m->vld || m->sw || m->si || m->hra || m->miss;
+        if (m->sw || m->si)
+            snprintf(d.kind, sizeof d.kind, "shira (sparse entries added)");
+        if (m->hra)
+            snprintf(d.kind, sizeof d.kind, "hra (W @ Householder reflections%s)", cfg->hra_gs ? ", Gram-Schmidt" : "");
+        if (m->miss)
+            snprintf(d.kind, sizeof d.kind, "miss (%s block added)", cfg->miss_mini ? "mini" : "tiled");
         if (A == NULL && !other)
             snprintf(d.kind, sizeof d.kind, "incomplete (refused: %s without its pair)", m->b ? "lora_B" : "a part");
         if (m->beft)

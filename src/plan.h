@@ -18,6 +18,9 @@ typedef enum {
     LM_OP_HADAMARD,    /* LoHa: W += scale * (a@b) * (c@d) (elementwise) */
     LM_OP_KRON,        /* LoKr: W += scale * kron(w1, w2), w1 = a (or a@b), w2 = c (or c@d) */
     LM_OP_HIRA,        /* HiRA: W += scale * W * (B@A) (transposed like LOWRANK) */
+    LM_OP_SPARSE,      /* SHiRA: W[rows[t], cols[t]] += scale * a[t] */
+    LM_OP_HRA,         /* HRA: W <- W @ H, Householder reflections from a = hra_u [in, r] */
+    LM_OP_MISS,        /* MiSS: W[o, c] += scale * a[c mod r, o mod kd] */
 } lm_op_kind;
 
 typedef struct lm_op {
@@ -34,7 +37,8 @@ typedef struct lm_op {
     int dora_axis;             /* DORA and SCALE: 0 per row, 1 per column of the 2-D view */
     float scale;
     double scale_f64;
-    const long *rows;          /* ROWS: borrowed from the adapter config */
+    const long *rows;          /* ROWS: borrowed from the adapter config; SPARSE: rows then columns
+                                  (2 * n_rows, owned by the plan) */
     size_t n_rows;
 } lm_op;
 
@@ -57,6 +61,8 @@ typedef struct lm_plan {
     const char **meta_keys, **meta_values; /* borrowed from the base's first file */
     size_t n_meta;
     char **notes;       /* owned: one-line remarks for the report (skipped modules ...) */
+    void **blobs;       /* owned arrays referenced by ops */
+    size_t n_blobs, cap_blobs;
     size_t n_notes;
     char **modules;     /* owned strings referenced by ops */
     size_t n_modules, cap_modules;

@@ -630,3 +630,67 @@ Test(merge_math, empty_tensor_with_huge_dims_converted, .timeout = 30)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* HRA with apply_GS (W @ (I - 2 Q Q^T), Q from classical Gram-Schmidt of U's columns) and MiSS
+ * "mini" (B [r, mini_r] tiled to [r, out]: W[o, c] += B[c mod r, o mod mini_r]) */
+Test(merge_math, hra_gram_schmidt_and_miss_mini)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], ad2[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/hra", tmp);
+    snprintf(ad2, sizeof ad2, "%s/miss", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {7, 9};
+    mm_t w[2] = {mm_make("m.q.weight", 2, ws, 0.2, "F32"), mm_make("m.v.weight", 2, ws, 0.2, "F32")};
+    mm_write(base, w, 2, "F32");
+    uint64_t us[] = {9, 3}, bs[] = {4, 2};
+    mm_t u = mm_make("base_model.model.m.q.hra_u", 2, us, 1.0, "F32");
+    mm_adapter(ad, &u, 1, "{\"peft_type\": \"HRA\", \"r\": 3, \"apply_GS\": true, \"target_modules\": [\"q\"]}");
+    mm_t b = mm_make("base_model.model.m.v.miss_block", 2, bs, 0.3, "F32");
+    mm_adapter(ad2, &b, 1, "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 2, \"init_weights\": \"mini\", "
+                           "\"target_modules\": [\"v\"]}");
+    const char *argv[] = {th_bin(), "-q", base, ad, "--adapter", ad2, out, NULL};
+    mm_merge_ok(argv);
+    /* Gram-Schmidt in double, independently */
+    double q[3][9];
+    for (int j = 0; j < 3; j++) {
+        double v[9];
+        for (int x = 0; x < 9; x++)
+            v[x] = u.v[x * 3 + j];
+        for (int l = 0; l < j; l++) {
+            double d = 0;
+            for (int x = 0; x < 9; x++)
+                d += q[l][x] * u.v[x * 3 + j];
+            for (int x = 0; x < 9; x++)
+                v[x] -= d * q[l][x];
+        }
+        double nn = 0;
+        for (int x = 0; x < 9; x++)
+            nn += v[x] * v[x];
+        for (int x = 0; x < 9; x++)
+            q[j][x] = v[x] / sqrt(nn);
+    }
+    double ref[63];
+    for (int o = 0; o < 7; o++)
+        for (int c = 0; c < 9; c++) {
+            double y = 0; /* (W (I - 2QQ^T))[o, c] */
+            for (int k = 0; k < 9; k++) {
+                double h = (k == c) ? 1.0 : 0.0;
+                for (int j = 0; j < 3; j++)
+                    h -= 2.0 * q[j][k] * q[j][c];
+                y += w[0].v[o * 9 + k] * h;
+            }
+            ref[o * 9 + c] = y;
+        }
+    mm_check(out, w[0].name, "F32", ref, 63);
+    for (int o = 0; o < 7; o++)
+        for (int c = 0; c < 9; c++)
+            ref[o * 9 + c] = w[1].v[o * 9 + c] + b.v[(c % 4) * 2 + (o % 2)];
+    mm_check(out, w[1].name, "F32", ref, 63);
+    free(w[0].v);
+    free(w[1].v);
+    free(u.v);
+    free(b.v);
+    th_rmrf(tmp);
+    free(tmp);
+}
