@@ -17,8 +17,8 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "OFT", "BOFT", "VBLORA", "FOURIERFT", 
-    "BONE", "RANDLORA", "C3A", "ROAD", "DELORA", "GRALORA", 
+    "OFT", "BOFT", "FOURIERFT", 
+    "BONE", "RANDLORA", "C3A", "ROAD", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
 };
@@ -34,7 +34,8 @@ static int in_list(const char *s, const char *const *list, size_t n)
 int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
-                                         "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS"};
+                                         "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
+                                         "VBLORA"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -341,7 +342,25 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "SHIRA") == 0   ? LM_PEFT_SHIRA
             : strcmp(c->peft_type, "HRA") == 0     ? LM_PEFT_HRA
             : strcmp(c->peft_type, "MISS") == 0    ? LM_PEFT_MISS
+            : strcmp(c->peft_type, "DELORA") == 0  ? LM_PEFT_DELORA
+            : strcmp(c->peft_type, "GRALORA") == 0 ? LM_PEFT_GRALORA
+            : strcmp(c->peft_type, "VBLORA") == 0  ? LM_PEFT_VBLORA
                                                    : LM_PEFT_LORA;
+    c->gralora_k = 2;
+    c->topk = 2;
+    if (c->kind == LM_PEFT_GRALORA &&
+        (get_int(root, "hybrid_r", &c->hybrid_r, err) != LM_OK || get_int(root, "gralora_k", &c->gralora_k, err) != LM_OK))
+        goto fail;
+    if (c->kind == LM_PEFT_GRALORA && (c->gralora_k <= 0 || c->hybrid_r < 0)) {
+        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'gralora_k' must be positive and 'hybrid_r' not negative");
+        goto fail;
+    }
+    if (c->kind == LM_PEFT_VBLORA && get_int(root, "topk", &c->topk, err) != LM_OK)
+        goto fail;
+    if (c->kind == LM_PEFT_VBLORA && c->topk <= 0) {
+        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'topk' must be positive");
+        goto fail;
+    }
     if (c->kind == LM_PEFT_HRA && get_bool(root, "apply_GS", &c->hra_gs, err) != LM_OK)
         goto fail;
     if (c->kind == LM_PEFT_MISS) {
@@ -384,7 +403,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         if (get_int_list(tok, "token_indices", &c->tt_indices[0], &c->tt_n[0], err) != LM_OK)
             goto fail;
     }
-    int lycoris = c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR;
+    int lycoris = c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR || c->kind == LM_PEFT_GRALORA; /* 'alpha' */
     c->init_r = 12;
     if ((c->kind == LM_PEFT_LORA || c->kind == LM_PEFT_ADALORA) && check_lora_variants(root, c, err) != LM_OK)
         goto fail;

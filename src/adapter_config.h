@@ -15,7 +15,7 @@ typedef struct lm_str_list {
 typedef enum {
     LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR,
     LM_PEFT_TRAINABLE_TOKENS, LM_PEFT_BEFT, LM_PEFT_LN_TUNING, LM_PEFT_HIRA, LM_PEFT_VERA,
-    LM_PEFT_SHIRA, LM_PEFT_HRA, LM_PEFT_MISS
+    LM_PEFT_SHIRA, LM_PEFT_HRA, LM_PEFT_MISS, LM_PEFT_DELORA, LM_PEFT_GRALORA, LM_PEFT_VBLORA
 } lm_peft_kind;
 
 typedef struct lm_adapter_config {
@@ -26,6 +26,8 @@ typedef struct lm_adapter_config {
     int hra_gs;          /* HRA: apply_GS */
     long mini_r;         /* MiSS "mini": the block's width */
     int miss_mini;       /* MiSS init_weights "mini" (default form otherwise) */
+    long hybrid_r, gralora_k; /* GraLoRA (defaults 0, 2) */
+    long topk;           /* VB-LoRA (default 2) */
     /* IA3: feedforward_modules, a list (key ends with an entry, no dot boundary) or a regex */
     int ff_is_regex;
     char *ff_regex;

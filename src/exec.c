@@ -227,6 +227,161 @@ static const float *hra_vectors(view_cache *c, const lm_op *op, const float *U, 
     return q;
 }
 
+/* keeps an owned array with the views (freed with them) */
+static float *keep_owned(view_cache *c, size_t n_floats, lm_err *err)
+{
+    float *p = calloc(n_floats ? n_floats : 1, sizeof *p);
+    if (p == NULL || lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
+        free(p);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    f32_view *v = &c->v[c->n++];
+    memset(v, 0, sizeof *v);
+    v->owned = p;
+    v->f32 = p;
+    return p;
+}
+
+static int64_t read_index(const lm_ts_tensor *t, uint64_t i)
+{
+    const uint8_t *d = t->data;
+    switch (t->dtype) {
+    case LM_DT_U8: return d[i];
+    case LM_DT_I8: return (int8_t)d[i];
+    case LM_DT_I16: { int16_t x; memcpy(&x, d + 2 * i, 2); return x; }
+    case LM_DT_I32: { int32_t x; memcpy(&x, d + 4 * i, 4); return x; }
+    case LM_DT_I64: { int64_t x; memcpy(&x, d + 8 * i, 8); return x; }
+    default: return -1;
+    }
+}
+
+/* VB-LoRA: one mixed vector (length L) from logits z[N] (top-k, softmax) or stored top-k
+ * indices and k-1 weights (the last weight completes them to 1) */
+static lm_code vb_mix(const float *bank, uint64_t N, uint64_t L, uint64_t topk, const float *z,
+                      const lm_ts_tensor *ix, const float *wk, uint64_t slot, float *out, lm_err *err)
+{
+    int64_t idx[64];
+    double w[64];
+    if (topk > 64)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "VB-LoRA topk %llu is larger than 64",
+                       (unsigned long long)topk);
+    if (z != NULL) {
+        for (uint64_t t = 0; t < topk; t++) { /* the t-th largest; ties: the lower index first */
+            int64_t best = -1;
+            for (uint64_t n = 0; n < N; n++) {
+                int used = 0;
+                for (uint64_t u = 0; u < t; u++)
+                    used |= idx[u] == (int64_t)n;
+                if (!used && (best < 0 || z[n] > z[best]))
+                    best = (int64_t)n;
+            }
+            idx[t] = best;
+        }
+        double mx = z[idx[0]], sum = 0;
+        for (uint64_t t = 0; t < topk; t++)
+            sum += (w[t] = exp((double)z[idx[t]] - mx));
+        for (uint64_t t = 0; t < topk; t++)
+            w[t] /= sum;
+    } else {
+        double sum = 0;
+        for (uint64_t t = 0; t < topk; t++) {
+            idx[t] = read_index(ix, slot * topk + t);
+            if (idx[t] < 0 || (uint64_t)idx[t] >= N)
+                return lm_fail(err, LM_E_FORMAT, "IndexOutOfRange", "'%s' holds index %lld outside the bank (%llu)",
+                               ix->name, (long long)idx[t], (unsigned long long)N);
+            if (t + 1 < topk)
+                sum += (w[t] = wk[slot * (topk - 1) + t]);
+        }
+        w[topk - 1] = 1.0 - sum;
+    }
+    for (uint64_t l = 0; l < L; l++) {
+        double v = 0;
+        for (uint64_t t = 0; t < topk; t++)
+            v += w[t] * (double)bank[(uint64_t)idx[t] * L + l];
+        out[l] = (float)v;
+    }
+    return LM_OK;
+}
+
+/* builds A' [rank, in] and B' [out, rank] of a derived low-rank op (DeLoRA, GraLoRA, VB-LoRA) */
+static lm_code derive_factors(view_cache *c, const lm_op *op, const lm_kernels *k, const float **fa,
+                              const float **fb, lm_err *err)
+{
+    const float *x[4] = {NULL, NULL, NULL, NULL};
+    int vb_topk_only = op->derive == LM_DERIVE_VBLORA && op->k2;
+    for (int q = 0; q < 4; q++)
+        if (op->x[q] != NULL && !(vb_topk_only && (q == 0 || q == 2)) &&
+            (x[q] = view_get(c, op->x[q], k, err)) == NULL)
+            return LM_E_NOMEM;
+    uint64_t K = op->rank, in = op->in, out = op->out;
+    float *A = keep_owned(c, (size_t)(K * in), err), *B = keep_owned(c, (size_t)(out * K), err);
+    if (A == NULL || B == NULL)
+        return LM_E_NOMEM;
+    if (op->derive == LM_DERIVE_DELORA) {
+        /* B diag(lambda / r / (max(|A_j|, 1e-4) max(|B_.j|, 1e-4))) A, columns times w_norm */
+        double lambda = x[2][0];
+        for (uint64_t j = 0; j < K; j++) {
+            double na = 0, nb = 0;
+            for (uint64_t i = 0; i < in; i++)
+                na += (double)x[0][j * in + i] * (double)x[0][j * in + i];
+            for (uint64_t o = 0; o < out; o++)
+                nb += (double)x[1][o * K + j] * (double)x[1][o * K + j];
+            double d = lambda / (double)K / (fmax(sqrt(na), 1e-4) * fmax(sqrt(nb), 1e-4));
+            for (uint64_t i = 0; i < in; i++)
+                A[j * in + i] = (float)((double)x[0][j * in + i] * d * (double)x[3][i]);
+        }
+        memcpy(B, x[1], (size_t)(out * K) * sizeof *B);
+    } else if (op->derive == LM_DERIVE_GRALORA) {
+        /* block (j, n): sum_t A3[n, x, j*s + t] * B3[j, n*s + t, y]; inner index j*R + n*s + t */
+        uint64_t kk = op->k1, R = op->k2, sg = R / kk, ik = in / kk, ok = out / kk, h = K - kk * R;
+        for (uint64_t j = 0; j < kk; j++)
+            for (uint64_t n = 0; n < kk; n++)
+                for (uint64_t t = 0; t < sg; t++) {
+                    uint64_t p = j * R + n * sg + t;
+                    for (uint64_t y = 0; y < ok; y++)
+                        B[(j * ok + y) * K + p] = x[1][(j * R + n * sg + t) * ok + y];
+                    for (uint64_t xx = 0; xx < ik; xx++)
+                        A[p * in + n * ik + xx] = x[0][(n * ik + xx) * R + j * sg + t];
+                }
+        for (uint64_t q = 0; q < h; q++) { /* the hybrid (ordinary low-rank) part */
+            for (uint64_t o = 0; o < out; o++)
+                B[o * K + kk * R + q] = x[3][o * h + q];
+            for (uint64_t i = 0; i < in; i++)
+                A[(kk * R + q) * in + i] = x[2][q * in + i];
+        }
+    } else {
+        const float *bank = view_get(c, op->b, k, err);
+        if (bank == NULL)
+            return LM_E_NOMEM;
+        uint64_t N = op->b->shape[0], L = op->b->shape[1], topk = op->k1, ci = in / L, co = out / L;
+        float v[4096];
+        if (L > 4096)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "VB-LoRA vector_length %llu is too large",
+                           (unsigned long long)L);
+        for (uint64_t a = 0; a < K; a++) /* A [r, in]: row a, chunk q */
+            for (uint64_t q = 0; q < ci; q++) {
+                uint64_t slot = a * ci + q;
+                lm_code rc = vb_mix(bank, N, L, topk, vb_topk_only ? NULL : x[0] + slot * N, op->x[0], x[1], slot, v, err);
+                if (rc != LM_OK)
+                    return rc;
+                memcpy(A + a * in + q * L, v, (size_t)L * sizeof *v);
+            }
+        for (uint64_t q = 0; q < co; q++) /* B: logits [out/L, r, N] -> [out, r] */
+            for (uint64_t a = 0; a < K; a++) {
+                uint64_t slot = q * K + a;
+                lm_code rc = vb_mix(bank, N, L, topk, vb_topk_only ? NULL : x[2] + slot * N, op->x[2], x[3], slot, v, err);
+                if (rc != LM_OK)
+                    return rc;
+                for (uint64_t l = 0; l < L; l++)
+                    B[(q * L + l) * K + a] = v[l];
+            }
+    }
+    *fa = A;
+    *fb = B;
+    return LM_OK;
+}
+
 static void view_cache_free(view_cache *c)
 {
     for (size_t i = 0; i < c->n; i++)
@@ -648,6 +803,11 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             const lm_op *op = &t->ops[o];
             if (op->kind == LM_OP_REPLACE)
                 continue;
+            if (op->derive != LM_DERIVE_NONE) { /* factors built from several stored tensors */
+                if (derive_factors(&vc, op, k, &J.fa[pos], &J.fb[pos], err) != LM_OK)
+                    goto fail;
+                continue;
+            }
             if ((J.fa[pos] = view_get(&vc, op->a, k, err)) == NULL)
                 goto fail;
             if (op->b != NULL && (J.fb[pos] = view_get(&vc, op->b, k, err)) == NULL)

@@ -198,6 +198,7 @@ typedef enum {
     R_H1A, R_H1B, R_H2A, R_H2B, R_HT, /* LoHa */
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
     R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
+    R_DA, R_DB, R_DL, R_DN, R_GA, R_GB, R_GAG, R_GBG, R_VZA, R_VZB, R_VIA, R_VWA, R_VIB, R_VWB,
     R_FULL, R_SKIP
 } key_role;
 
@@ -214,6 +215,11 @@ static const struct {
     {"trainable_tokens_delta", R_TT}, {"beft_bias", R_BEFT}, {"hira_A", R_HA}, {"hira_B", R_HB},
     {"hira_embedding_A", R_HEA}, {"hira_embedding_B", R_HEB}, {"vera_lambda_b", R_VLB}, {"vera_lambda_d", R_VLD},
     {"shira_weight", R_SW}, {"shira_indices", R_SI}, {"hra_u", R_HRA}, {"miss_block", R_MISS},
+    {"delora_A", R_DA}, {"delora_B", R_DB}, {"delora_lambda", R_DL}, {"delora_w_norm", R_DN},
+    {"gralora_A", R_GA}, {"gralora_B", R_GB}, {"gralora_A_general", R_GAG}, {"gralora_B_general", R_GBG},
+    {"vblora_logits_A", R_VZA}, {"vblora_logits_B", R_VZB}, {"vblora_logits_A_topk_indices", R_VIA},
+    {"vblora_logits_A_topk_weights", R_VWA}, {"vblora_logits_B_topk_indices", R_VIB},
+    {"vblora_logits_B_topk_weights", R_VWB},
 };
 
 typedef struct {
@@ -221,6 +227,7 @@ typedef struct {
     const lm_ts_tensor *a, *b, *bbias, *ea, *eb, *mag, *tt, *e, *ia3;
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
     const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
+    const lm_ts_tensor *da, *db, *dl, *dn, *ga, *gb, *gag, *gbg, *vza, *vzb, *via, *vwa, *vib, *vwb;
 } lora_module;
 
 typedef struct {
@@ -269,6 +276,20 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_SI: return &m->si;
     case R_HRA: return &m->hra;
     case R_MISS: return &m->miss;
+    case R_DA: return &m->da;
+    case R_DB: return &m->db;
+    case R_DL: return &m->dl;
+    case R_DN: return &m->dn;
+    case R_GA: return &m->ga;
+    case R_GB: return &m->gb;
+    case R_GAG: return &m->gag;
+    case R_GBG: return &m->gbg;
+    case R_VZA: return &m->vza;
+    case R_VZB: return &m->vzb;
+    case R_VIA: return &m->via;
+    case R_VWA: return &m->vwa;
+    case R_VIB: return &m->vib;
+    case R_VWB: return &m->vwb;
     default: return &m->tt;
     }
 }
@@ -1048,6 +1069,118 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
     return LM_OK;
 }
 
+static int is_derived(const lora_module *m)
+{
+    return m->da || m->db || m->dl || m->dn || m->ga || m->gb || m->gag || m->gbg || m->vza || m->vzb || m->via ||
+           m->vwa || m->vib || m->vwb;
+}
+
+/* DeLoRA (§5.14), GraLoRA (§5.14), VB-LoRA (§5.9): low-rank deltas whose factors the executor
+ * builds from the stored tensors (x[]); shapes are checked here */
+static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm,
+                            const lm_ts_tensor *bank, lm_err *err)
+{
+    const lm_adapter *ad = P->adapters[ai];
+    const lm_adapter_config *cfg = ad->cfg;
+    int derive = (m->da || m->db || m->dl || m->dn) ? LM_DERIVE_DELORA
+               : (m->ga || m->gb || m->gag || m->gbg) ? LM_DERIVE_GRALORA : LM_DERIVE_VBLORA;
+    lm_peft_kind want = derive == LM_DERIVE_DELORA ? LM_PEFT_DELORA : derive == LM_DERIVE_GRALORA ? LM_PEFT_GRALORA
+                                                                                              : LM_PEFT_VBLORA;
+    if (cfg->kind != want)
+        return mismatch(err, m->module, "tensors of another method in a %s adapter", cfg->peft_type);
+    int targeted = lm_target_matcher_test(tm, m->module, err);
+    if (targeted < 0)
+        return err ? err->code : LM_E_FORMAT;
+    if (!targeted)
+        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                  "skipped, as PEFT does", ad->dir, m->module);
+    const lm_ts_tensor *x[4] = {NULL, NULL, NULL, NULL};
+    uint64_t out = 0, in = 0, K = 0, k1 = 0, k2 = 0;
+    double scale = ad->weight;
+    if (derive == LM_DERIVE_DELORA) {
+        x[0] = m->da, x[1] = m->db, x[2] = m->dl, x[3] = m->dn;
+        if (!m->da || !m->db || !m->dl || !m->dn || m->da->n_dims != 2 || m->db->n_dims != 2 ||
+            m->da->shape[0] != m->db->shape[1] || m->dl->n_elems != 1 || m->dn->n_elems != m->da->shape[1])
+            return mismatch(err, m->module, "DeLoRA needs delora_A [r, in], delora_B [out, r], delora_lambda [1] "
+                            "and delora_w_norm [in]");
+        K = m->da->shape[0];
+        in = m->da->shape[1];
+        out = m->db->shape[0];
+    } else if (derive == LM_DERIVE_GRALORA) {
+        x[0] = m->ga, x[1] = m->gb, x[2] = m->gag, x[3] = m->gbg;
+        uint64_t k = (uint64_t)cfg->gralora_k, h = (uint64_t)cfg->hybrid_r, R = (uint64_t)cfg->r;
+        if (!m->ga || !m->gb || m->ga->n_dims != 3 || m->gb->n_dims != 3 || m->ga->shape[0] != k ||
+            m->gb->shape[0] != k || m->ga->shape[2] != R || m->gb->shape[1] != R || R % k != 0)
+            return mismatch(err, m->module, "GraLoRA needs gralora_A [k, in/k, r] and gralora_B [k, r, out/k] "
+                            "with k=%ld and r=%ld (divisible by k) from the config", cfg->gralora_k, cfg->r);
+        in = k * m->ga->shape[1];
+        out = k * m->gb->shape[2];
+        if ((h > 0) != (m->gag != NULL && m->gbg != NULL) ||
+            (h > 0 && (m->gag->n_dims != 2 || m->gbg->n_dims != 2 || m->gag->shape[0] != h ||
+                       m->gag->shape[1] != in || m->gbg->shape[0] != out || m->gbg->shape[1] != h)))
+            return mismatch(err, m->module, "GraLoRA's hybrid part does not match hybrid_r=%ld", cfg->hybrid_r);
+        K = k * R + h;
+        k1 = k;
+        k2 = R;
+        scale *= cfg->lora_alpha / (double)(R + h);
+    } else {
+        int topk_only = m->via || m->vwa || m->vib || m->vwb;
+        x[0] = topk_only ? m->via : m->vza;
+        x[1] = topk_only ? m->vwa : NULL;
+        x[2] = topk_only ? m->vib : m->vzb;
+        x[3] = topk_only ? m->vwb : NULL;
+        if (bank == NULL || bank->n_dims != 2 || !x[0] || !x[2] || (topk_only && (!x[1] || !x[3])))
+            return mismatch(err, m->module, "VB-LoRA needs both logits (or top-k indices and weights) and "
+                            "base_model.vblora_vector_bank");
+        uint64_t L = bank->shape[1], N = bank->shape[0];
+        const lm_ts_tensor *za = x[0], *zb = x[2];
+        uint64_t last = topk_only ? (uint64_t)cfg->topk : N;
+        if (za->n_dims != 3 || zb->n_dims != 3 || za->shape[2] != last || zb->shape[2] != last ||
+            za->shape[0] != zb->shape[1] || (uint64_t)cfg->topk > N ||
+            (topk_only && (x[1]->n_elems * (uint64_t)cfg->topk != za->n_elems * (uint64_t)(cfg->topk - 1) ||
+                           x[3]->n_elems * (uint64_t)cfg->topk != zb->n_elems * (uint64_t)(cfg->topk - 1))))
+            return mismatch(err, m->module, "VB-LoRA logits do not fit the bank [%llu, %llu] and topk=%ld",
+                            (unsigned long long)N, (unsigned long long)L, cfg->topk);
+        if (topk_only && !is_float_dtype(x[1]->dtype))
+            return mismatch(err, m->module, "VB-LoRA top-k weights are not float");
+        if (topk_only && is_float_dtype(x[0]->dtype))
+            return mismatch(err, m->module, "VB-LoRA top-k indices must be integers");
+        K = za->shape[0];
+        in = za->shape[1] * L;
+        out = zb->shape[0] * L;
+        k1 = (uint64_t)cfg->topk;
+        k2 = topk_only;
+    }
+    for (int q = 0; q < 4; q++)
+        if (x[q] && !is_float_dtype(x[q]->dtype) && !(derive == LM_DERIVE_VBLORA && (q == 0 || q == 2) && k2))
+            return mismatch(err, m->module, "'%s' is not a float tensor", x[q]->name);
+    int orient = 0;
+    long bi = weight_for(P, m->module, out, in, &orient, err);
+    if (bi < 0)
+        return err ? err->code : LM_E_MISMATCH;
+    if (orient == 1 && derive == LM_DERIVE_DELORA)
+        return mismatch(err, m->module, "DeLoRA on a Conv1D layer is not supported (PEFT does not either)");
+    lm_plan_tensor *t = tensor_for(P, bi);
+    lm_op *op = new_op(t, LM_OP_LOWRANK, ai, plan_str(P->plan, m->module), x[0], err);
+    if (op == NULL)
+        return LM_E_NOMEM;
+    op->derive = derive;
+    memcpy(op->x, x, sizeof x);
+    op->rank = K;
+    op->in = in;
+    op->out = out;
+    op->k1 = k1;
+    op->k2 = k2;
+    op->transposed = orient == 1;
+    op->scale_f64 = scale;
+    op->scale = (float)scale;
+    if (derive == LM_DERIVE_VBLORA)
+        op->b = bank; /* the bank's f32 view is built with the others */
+    P->plan->n_lowrank++;
+    P->plan->lowrank_flops += 2.0 * (double)K * (double)in * (double)out;
+    return LM_OK;
+}
+
 static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
 {
     lm_adapter *ad = P->adapters[ai];
@@ -1055,7 +1188,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     lm_plan *p = P->plan;
     module_list mods = {0};
     lowrank_info *li = NULL;
-    const lm_ts_tensor *vera_a = NULL, *vera_b = NULL;
+    const lm_ts_tensor *vera_a = NULL, *vera_b = NULL, *vb_bank = NULL;
     lm_code rc = LM_OK;
     char buf[1024];
     size_t n_bare = 0;
@@ -1072,6 +1205,10 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     for (size_t i = 0; i < ad->ts->n; i++) {
         const lm_ts_tensor *t = &ad->ts->t[i];
         const char *rest = t->name;
+        if (strcmp(rest, "base_model.vblora_vector_bank") == 0) {
+            vb_bank = t; /* VB-LoRA's vector bank, shared by every layer */
+            continue;
+        }
         if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0) {
             *(rest[16] == 'A' ? &vera_a : &vera_b) = t; /* VeRA's projections, shared by every layer */
             continue;
@@ -1462,6 +1599,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             goto done;
         if ((m->sw || m->si || m->hra || m->miss) && (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
             goto done;
+        if (is_derived(m) && (rc = plan_derived(P, ai, m, tm, vb_bank, err)) != LM_OK)
+            goto done;
     }
 done:
     if (rc != LM_OK)
@@ -1578,7 +1717,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     size_t n_shared = 0;
     for (size_t i = 0; i < ad->ts->n; i++) {
         const char *rest = ad->ts->t[i].name;
-        if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0) {
+        if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0 ||
+            strcmp(rest, "base_model.vblora_vector_bank") == 0) {
             n_shared++;
             continue;
         }
@@ -1620,7 +1760,9 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
-                    m->vld || m->sw || m->si || m->hra || m->miss;
+                    m->vld || m->sw || m->si || m->hra || m->miss || is_derived(m);
+        if (is_derived(m))
+            snprintf(d.kind, sizeof d.kind, "%s", m->da ? "delora" : m->ga ? "gralora" : "vblora");
         if (m->sw || m->si)
             snprintf(d.kind, sizeof d.kind, "shira (sparse entries added)");
         if (m->hra)
@@ -1691,7 +1833,7 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     if (n_full)
         OUT("full tensors (replace or add base tensors): %zu: %s%s\n", n_full, full_names, n_full > 6 ? ", ..." : "");
     if (n_shared)
-        OUT("shared projections: base_model.vera_A, base_model.vera_B\n");
+        OUT("shared tensors: %zu (base_model.vera_A/B or base_model.vblora_vector_bank)\n", n_shared);
     if (n_skip)
         OUT("ignored keys: %zu\n", n_skip);
 #undef OUT

@@ -23,6 +23,8 @@ typedef enum {
     LM_OP_MISS,        /* MiSS: W[o, c] += scale * a[c mod r, o mod kd] */
 } lm_op_kind;
 
+enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA };
+
 typedef struct lm_op {
     lm_op_kind kind;
     size_t adapter;            /* index of the adapter it comes from */
@@ -32,6 +34,9 @@ typedef struct lm_op {
     const lm_ts_tensor *c, *d; /* HADAMARD, KRON: the second factor pair (d may be NULL for KRON);
                                   LOWRANK (VeRA): lambda_b, lambda_d scaling B[:out] and A[:, :in] */
     uint64_t kb, kd;           /* KRON: w2 is [kb, kd] */
+    int derive;                /* LOWRANK whose factors the executor builds from x[] (LM_DERIVE_*) */
+    const lm_ts_tensor *x[4];
+    uint64_t k1, k2;           /* derive parameters (GraLoRA: k, rank r; VB-LoRA: topk) */
     uint64_t rank, in, out;
     int transposed;            /* W is stored [in, out] (Conv1D, Embedding) */
     int dora_axis;             /* DORA and SCALE: 0 per row, 1 per column of the 2-D view */
