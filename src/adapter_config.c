@@ -18,7 +18,7 @@ static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
     "OFT", "BOFT", "FOURIERFT", 
-    "BONE", "RANDLORA", "C3A", "ROAD", 
+    "BONE", "C3A", "ROAD", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
 };
@@ -35,7 +35,7 @@ int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
                                          "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
-                                         "VBLORA"};
+                                         "VBLORA", "RANDLORA"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -345,7 +345,18 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "DELORA") == 0  ? LM_PEFT_DELORA
             : strcmp(c->peft_type, "GRALORA") == 0 ? LM_PEFT_GRALORA
             : strcmp(c->peft_type, "VBLORA") == 0  ? LM_PEFT_VBLORA
+            : strcmp(c->peft_type, "RANDLORA") == 0 ? LM_PEFT_RANDLORA
                                                    : LM_PEFT_LORA;
+    if (c->kind == LM_PEFT_RANDLORA) {
+        if (cJSON_IsFalse(field(root, "save_projection"))) {
+            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type RANDLORA with save_projection false: the "
+                    "random bases would have to be regenerated from torch's generator; not supported");
+            goto fail;
+        }
+        c->lora_alpha = 640; /* randlora_alpha's default */
+        if (get_num(root, "randlora_alpha", &c->lora_alpha, err) != LM_OK)
+            goto fail;
+    }
     c->gralora_k = 2;
     c->topk = 2;
     if (c->kind == LM_PEFT_GRALORA &&
@@ -424,7 +435,8 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         }
     }
     /* LoHa/LoKr call it 'alpha'; LoRA's 'alpha' (hand-written configs) means nothing */
-    if (get_int(root, "r", &c->r, err) || get_num(root, lycoris ? "alpha" : "lora_alpha", &c->lora_alpha, err) ||
+    if (get_int(root, "r", &c->r, err) ||
+        (c->kind != LM_PEFT_RANDLORA && get_num(root, lycoris ? "alpha" : "lora_alpha", &c->lora_alpha, err)) ||
         get_bool(root, "use_rslora", &c->use_rslora, err) || get_bool(root, "use_dora", &c->use_dora, err) ||
         get_bool(root, "lora_bias", &c->lora_bias, err) ||
         get_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||

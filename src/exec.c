@@ -350,6 +350,33 @@ static lm_code derive_factors(view_cache *c, const lm_op *op, const lm_kernels *
             for (uint64_t i = 0; i < in; i++)
                 A[(kk * R + q) * in + i] = x[2][q * in + i];
         }
+    } else if (op->derive == LM_DERIVE_RANDLORA) {
+        /* A_flat [r*nb, m]: row k*nb + b = lambda[k, b] * A_all[k, 0, :m] * gamma[b, :];
+         * B_flat [M, nb*r]: column b*r + k = B_all[:M, b, k]; delta = B_flat @ A_flat is [M, m],
+         * transposed when the layer's out is the smaller side */
+        uint64_t r = op->x[0]->shape[0], nb = op->x[0]->shape[1], M = op->k1, mn = op->k2;
+        uint64_t dmin = op->x[2]->shape[2], NB = op->x[3]->shape[1];
+        int flip = !(out == M && in == mn);
+        for (uint64_t kk = 0; kk < r; kk++)
+            for (uint64_t b = 0; b < nb; b++)
+                for (uint64_t j = 0; j < mn; j++) {
+                    uint64_t p = kk * nb + b;
+                    float v = x[0][kk * nb + b] * x[2][kk * dmin + j] * x[1][b * mn + j];
+                    if (!flip)
+                        A[p * in + j] = v;
+                    else
+                        B[j * K + p] = v;
+                }
+        for (uint64_t row = 0; row < M; row++)
+            for (uint64_t b = 0; b < nb; b++)
+                for (uint64_t kk = 0; kk < r; kk++) {
+                    uint64_t p = b * r + kk;
+                    float v = x[3][(row * NB + b) * r + kk];
+                    if (!flip)
+                        B[row * K + p] = v;
+                    else
+                        A[p * in + row] = v;
+                }
     } else {
         const float *bank = view_get(c, op->b, k, err);
         if (bank == NULL)

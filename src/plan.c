@@ -199,6 +199,7 @@ typedef enum {
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
     R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
     R_DA, R_DB, R_DL, R_DN, R_GA, R_GB, R_GAG, R_GBG, R_VZA, R_VZB, R_VIA, R_VWA, R_VIB, R_VWB,
+    R_RL, R_RG, R_RA, R_RB,
     R_FULL, R_SKIP
 } key_role;
 
@@ -219,7 +220,8 @@ static const struct {
     {"gralora_A", R_GA}, {"gralora_B", R_GB}, {"gralora_A_general", R_GAG}, {"gralora_B_general", R_GBG},
     {"vblora_logits_A", R_VZA}, {"vblora_logits_B", R_VZB}, {"vblora_logits_A_topk_indices", R_VIA},
     {"vblora_logits_A_topk_weights", R_VWA}, {"vblora_logits_B_topk_indices", R_VIB},
-    {"vblora_logits_B_topk_weights", R_VWB},
+    {"vblora_logits_B_topk_weights", R_VWB}, {"randlora_lambda", R_RL}, {"randlora_gamma", R_RG},
+    {"randlora_A", R_RA}, {"randlora_B", R_RB},
 };
 
 typedef struct {
@@ -228,6 +230,7 @@ typedef struct {
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
     const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
     const lm_ts_tensor *da, *db, *dl, *dn, *ga, *gb, *gag, *gbg, *vza, *vzb, *via, *vwa, *vib, *vwb;
+    const lm_ts_tensor *rl, *rg, *ra, *rb;
 } lora_module;
 
 typedef struct {
@@ -290,6 +293,10 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_VWA: return &m->vwa;
     case R_VIB: return &m->vib;
     case R_VWB: return &m->vwb;
+    case R_RL: return &m->rl;
+    case R_RG: return &m->rg;
+    case R_RA: return &m->ra;
+    case R_RB: return &m->rb;
     default: return &m->tt;
     }
 }
@@ -1072,20 +1079,24 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
 static int is_derived(const lora_module *m)
 {
     return m->da || m->db || m->dl || m->dn || m->ga || m->gb || m->gag || m->gbg || m->vza || m->vzb || m->via ||
-           m->vwa || m->vib || m->vwb;
+           m->vwa || m->vib || m->vwb || m->rl || m->rg || m->ra || m->rb;
 }
 
 /* DeLoRA (§5.14), GraLoRA (§5.14), VB-LoRA (§5.9): low-rank deltas whose factors the executor
  * builds from the stored tensors (x[]); shapes are checked here */
 static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm,
-                            const lm_ts_tensor *bank, lm_err *err)
+                            const lm_ts_tensor *bank, const lm_ts_tensor *rl_a, const lm_ts_tensor *rl_b, lm_err *err)
 {
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
-    int derive = (m->da || m->db || m->dl || m->dn) ? LM_DERIVE_DELORA
-               : (m->ga || m->gb || m->gag || m->gbg) ? LM_DERIVE_GRALORA : LM_DERIVE_VBLORA;
-    lm_peft_kind want = derive == LM_DERIVE_DELORA ? LM_PEFT_DELORA : derive == LM_DERIVE_GRALORA ? LM_PEFT_GRALORA
-                                                                                              : LM_PEFT_VBLORA;
+    int derive = (m->da || m->db || m->dl || m->dn)     ? LM_DERIVE_DELORA
+               : (m->ga || m->gb || m->gag || m->gbg)   ? LM_DERIVE_GRALORA
+               : (m->rl || m->rg || m->ra || m->rb)     ? LM_DERIVE_RANDLORA
+                                                        : LM_DERIVE_VBLORA;
+    lm_peft_kind want = derive == LM_DERIVE_DELORA    ? LM_PEFT_DELORA
+                      : derive == LM_DERIVE_GRALORA   ? LM_PEFT_GRALORA
+                      : derive == LM_DERIVE_RANDLORA  ? LM_PEFT_RANDLORA
+                                                      : LM_PEFT_VBLORA;
     if (cfg->kind != want)
         return mismatch(err, m->module, "tensors of another method in a %s adapter", cfg->peft_type);
     int targeted = lm_target_matcher_test(tm, m->module, err);
@@ -1123,6 +1134,47 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
         k1 = k;
         k2 = R;
         scale *= cfg->lora_alpha / (double)(R + h);
+    } else if (derive == LM_DERIVE_RANDLORA) {
+        /* lambda [r, nb], gamma [nb, min(o,i)], bases A [r, 1, >=min], B [>=max, >=nb, r] (the
+         * layer's own copies, else the shared ones) */
+        const lm_ts_tensor *ba = m->ra ? m->ra : rl_a, *bb = m->rb ? m->rb : rl_b;
+        x[0] = m->rl, x[1] = m->rg, x[2] = ba, x[3] = bb;
+        if (!m->rl || !m->rg || !ba || !bb || m->rl->n_dims != 2 || m->rg->n_dims != 2 || ba->n_dims != 3 ||
+            bb->n_dims != 3 || m->rl->shape[1] != m->rg->shape[0] || ba->shape[0] != m->rl->shape[0] ||
+            ba->shape[1] != 1 || bb->shape[2] != m->rl->shape[0] || bb->shape[1] < m->rl->shape[1] ||
+            ba->shape[2] < m->rg->shape[1])
+            return mismatch(err, m->module, "RandLoRA needs randlora_lambda [r, nb], randlora_gamma [nb, min(out, in)] "
+                            "and the bases randlora_A [r, 1, D], randlora_B [D, NB, r]");
+        uint64_t r = m->rl->shape[0], nb = m->rl->shape[1], mn = m->rg->shape[1];
+        /* the base tells which of out and in is the smaller one */
+        char wbuf[1100];
+        snprintf(wbuf, sizeof wbuf, "%s.weight", m->module);
+        lm_err local;
+        lm_err_clear(&local);
+        long wi = lm_resolve_base_name(P->model, wbuf, &local);
+        if (wi < 0) {
+            *err = local;
+            lm_err_set_tensor(err, m->module);
+            return err->code;
+        }
+        const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)wi)->info;
+        if (W->n_dims != 2 || (W->shape[0] != mn && W->shape[1] != mn))
+            return mismatch(err, m->module, "randlora_gamma's width %llu is neither dimension of '%s'",
+                            (unsigned long long)mn, W->name);
+        uint64_t mx = W->shape[0] == mn ? W->shape[1] : W->shape[0];
+        if (bb->shape[0] < mx)
+            return mismatch(err, m->module, "randlora_B has %llu rows, fewer than %llu", (unsigned long long)bb->shape[0],
+                            (unsigned long long)mx);
+        /* Linear orientation [out, in] with out >= in unless the stored layout says otherwise:
+         * decided with the base below; here: delta = B_flat @ A_flat is [max, min] */
+        int conv1d_names = leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") || leaf_is(m->module, "c_fc");
+        uint64_t o_lin = conv1d_names ? W->shape[1] : W->shape[0], i_lin = conv1d_names ? W->shape[0] : W->shape[1];
+        out = o_lin;
+        in = i_lin;
+        K = r * nb;
+        k1 = mx;
+        k2 = mn;
+        scale *= cfg->lora_alpha / (double)cfg->r;
     } else {
         int topk_only = m->via || m->vwa || m->vib || m->vwb;
         x[0] = topk_only ? m->via : m->vza;
@@ -1188,7 +1240,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     lm_plan *p = P->plan;
     module_list mods = {0};
     lowrank_info *li = NULL;
-    const lm_ts_tensor *vera_a = NULL, *vera_b = NULL, *vb_bank = NULL;
+    const lm_ts_tensor *vera_a = NULL, *vera_b = NULL, *vb_bank = NULL, *rl_a = NULL, *rl_b = NULL;
     lm_code rc = LM_OK;
     char buf[1024];
     size_t n_bare = 0;
@@ -1207,6 +1259,10 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         const char *rest = t->name;
         if (strcmp(rest, "base_model.vblora_vector_bank") == 0) {
             vb_bank = t; /* VB-LoRA's vector bank, shared by every layer */
+            continue;
+        }
+        if (strcmp(rest, "base_model.randlora_A") == 0 || strcmp(rest, "base_model.randlora_B") == 0) {
+            *(rest[20] == 'A' ? &rl_a : &rl_b) = t; /* RandLoRA's random bases, shared */
             continue;
         }
         if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0) {
@@ -1599,7 +1655,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             goto done;
         if ((m->sw || m->si || m->hra || m->miss) && (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
             goto done;
-        if (is_derived(m) && (rc = plan_derived(P, ai, m, tm, vb_bank, err)) != LM_OK)
+        if (is_derived(m) && (rc = plan_derived(P, ai, m, tm, vb_bank, rl_a, rl_b, err)) != LM_OK)
             goto done;
     }
 done:
@@ -1718,7 +1774,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
     for (size_t i = 0; i < ad->ts->n; i++) {
         const char *rest = ad->ts->t[i].name;
         if (strcmp(rest, "base_model.vera_A") == 0 || strcmp(rest, "base_model.vera_B") == 0 ||
-            strcmp(rest, "base_model.vblora_vector_bank") == 0) {
+            strcmp(rest, "base_model.vblora_vector_bank") == 0 || strcmp(rest, "base_model.randlora_A") == 0 ||
+            strcmp(rest, "base_model.randlora_B") == 0) {
             n_shared++;
             continue;
         }
@@ -1762,7 +1819,7 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
                     m->vld || m->sw || m->si || m->hra || m->miss || is_derived(m);
         if (is_derived(m))
-            snprintf(d.kind, sizeof d.kind, "%s", m->da ? "delora" : m->ga ? "gralora" : "vblora");
+            snprintf(d.kind, sizeof d.kind, "%s", m->da ? "delora" : m->ga ? "gralora" : m->rl ? "randlora" : "vblora");
         if (m->sw || m->si)
             snprintf(d.kind, sizeof d.kind, "shira (sparse entries added)");
         if (m->hra)

@@ -23,7 +23,7 @@ typedef enum {
     LM_OP_MISS,        /* MiSS: W[o, c] += scale * a[c mod r, o mod kd] */
 } lm_op_kind;
 
-enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA };
+enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA, LM_DERIVE_RANDLORA };
 
 typedef struct lm_op {
     lm_op_kind kind;
