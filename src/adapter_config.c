@@ -17,7 +17,7 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "OFT", "BOFT", "FOURIERFT", 
+    "BOFT", "FOURIERFT", 
     "BONE", "C3A", "ROAD", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
@@ -35,7 +35,7 @@ int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
                                          "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
-                                         "VBLORA", "RANDLORA"};
+                                         "VBLORA", "RANDLORA", "OFT"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -346,7 +346,23 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "GRALORA") == 0 ? LM_PEFT_GRALORA
             : strcmp(c->peft_type, "VBLORA") == 0  ? LM_PEFT_VBLORA
             : strcmp(c->peft_type, "RANDLORA") == 0 ? LM_PEFT_RANDLORA
+            : strcmp(c->peft_type, "OFT") == 0     ? LM_PEFT_OFT
                                                    : LM_PEFT_LORA;
+    if (c->kind == LM_PEFT_OFT) {
+        long bs = 0;
+        c->oft_neumann = 1;
+        c->oft_terms = 5;
+        c->oft_eps = 6e-5;
+        if (field(root, "oft_block_size") == NULL) {
+            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type OFT without oft_block_size: an adapter "
+                    "from PEFT < 0.14, which today's PEFT refuses too (OFT was changed incompatibly)");
+            goto fail;
+        }
+        if (get_int(root, "oft_block_size", &bs, err) || get_bool(root, "coft", &c->oft_coft, err) ||
+            get_bool(root, "use_cayley_neumann", &c->oft_neumann, err) ||
+            get_int(root, "num_cayley_neumann_terms", &c->oft_terms, err) || get_num(root, "eps", &c->oft_eps, err))
+            goto fail;
+    }
     if (c->kind == LM_PEFT_RANDLORA) {
         if (cJSON_IsFalse(field(root, "save_projection"))) {
             lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type RANDLORA with save_projection false: the "
@@ -442,7 +458,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         get_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||
         get_bool(root, "ensure_weight_tying", &c->ensure_weight_tying, err))
         goto fail;
-    if (c->r <= 0) {
+    if (c->r <= 0 && c->kind != LM_PEFT_OFT) { /* OFT: r = 0 when oft_block_size is given */
         lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'r' must be positive (it is %ld)", c->r);
         goto fail;
     }

@@ -227,6 +227,111 @@ static const float *hra_vectors(view_cache *c, const lm_op *op, const float *U, 
     return q;
 }
 
+/* OFT (peft-merge.md §5.6): per block, the skew matrix Q from the stored upper triangle
+ * (row-major), optionally projected (coft), then R by the Cayley-Neumann series of k1 terms or
+ * exactly, R = (I - Q)(I + Q)^-1.  Returns [blocks, bs, bs] in f32 (computed in double). */
+static const float *oft_rotations(view_cache *c, const lm_op *op, const float *q, lm_err *err)
+{
+    uint64_t bs = op->kd, nbl = op->a->shape[0], tri = op->a->shape[1], T = op->k1;
+    int neumann = (op->k2 & 1) != 0, coft = (op->k2 & 2) != 0;
+    double *Q = malloc((size_t)(bs * bs) * 4 * sizeof *Q);
+    float *R = malloc((size_t)(nbl * bs * bs) * sizeof *R + 1);
+    if (Q == NULL || R == NULL || lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
+        free(Q);
+        free(R);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    double *P = Q + bs * bs, *S = P + bs * bs, *X = S + bs * bs; /* power, sum, scratch */
+    for (uint64_t j = 0; j < nbl; j++) {
+        memset(Q, 0, (size_t)(bs * bs) * sizeof *Q);
+        uint64_t t = 0;
+        for (uint64_t a = 0; a < bs; a++)
+            for (uint64_t b = a + 1; b < bs; b++, t++) {
+                Q[a * bs + b] = q[j * tri + t];
+                Q[b * bs + a] = -q[j * tri + t];
+            }
+        if (coft) {
+            double fro = 0, lim = op->scale_f64 / sqrt((double)nbl);
+            for (uint64_t i = 0; i < bs * bs; i++)
+                fro += Q[i] * Q[i];
+            fro = sqrt(fro);
+            if (fro > lim)
+                for (uint64_t i = 0; i < bs * bs; i++)
+                    Q[i] *= lim / fro;
+        }
+        /* S = the rotation */
+        memset(S, 0, (size_t)(bs * bs) * sizeof *S);
+        for (uint64_t a = 0; a < bs; a++)
+            S[a * bs + a] = 1.0;
+        if (neumann) {
+            /* T<=1: I; T=2: I+2Q; T=3: I+2Q+2Q^2+Q^3; T>=4: I + 2 sum_{k=1}^{T-2} Q^k + Q^(T-1) */
+            uint64_t top = T <= 1 ? 0 : T == 2 ? 1 : T == 3 ? 3 : T - 1;
+            memcpy(P, Q, (size_t)(bs * bs) * sizeof *P); /* P = Q^k */
+            for (uint64_t k = 1; k <= top; k++) {
+                double f = (T == 3 && k == 3) || (T >= 4 && k == T - 1) ? 1.0 : 2.0;
+                for (uint64_t i = 0; i < bs * bs; i++)
+                    S[i] += f * P[i];
+                if (k < top) { /* P <- P @ Q */
+                    for (uint64_t a = 0; a < bs; a++)
+                        for (uint64_t b = 0; b < bs; b++) {
+                            double v = 0;
+                            for (uint64_t x = 0; x < bs; x++)
+                                v += P[a * bs + x] * Q[x * bs + b];
+                            X[a * bs + b] = v;
+                        }
+                    memcpy(P, X, (size_t)(bs * bs) * sizeof *P);
+                }
+            }
+        } else {
+            /* S = (I - Q) (I + Q)^-1: solve S (I + Q) = (I - Q), i.e. (I + Q)^T S^T = (I - Q)^T */
+            for (uint64_t a = 0; a < bs; a++)
+                for (uint64_t b = 0; b < bs; b++) {
+                    P[a * bs + b] = (a == b) + Q[b * bs + a];  /* (I + Q)^T */
+                    X[a * bs + b] = (a == b) - Q[b * bs + a];  /* (I - Q)^T, becomes S^T */
+                }
+            for (uint64_t col = 0; col < bs; col++) { /* Gauss-Jordan with partial pivoting */
+                uint64_t piv = col;
+                for (uint64_t r = col + 1; r < bs; r++)
+                    if (fabs(P[r * bs + col]) > fabs(P[piv * bs + col]))
+                        piv = r;
+                for (uint64_t x = 0; x < bs && piv != col; x++) {
+                    double t1 = P[col * bs + x], t2 = X[col * bs + x];
+                    P[col * bs + x] = P[piv * bs + x];
+                    X[col * bs + x] = X[piv * bs + x];
+                    P[piv * bs + x] = t1;
+                    X[piv * bs + x] = t2;
+                }
+                double d = P[col * bs + col];
+                for (uint64_t x = 0; x < bs; x++) {
+                    P[col * bs + x] /= d;
+                    X[col * bs + x] /= d;
+                }
+                for (uint64_t r = 0; r < bs; r++) {
+                    double f = P[r * bs + col];
+                    if (r == col || f == 0)
+                        continue;
+                    for (uint64_t x = 0; x < bs; x++) {
+                        P[r * bs + x] -= f * P[col * bs + x];
+                        X[r * bs + x] -= f * X[col * bs + x];
+                    }
+                }
+            }
+            for (uint64_t a = 0; a < bs; a++)
+                for (uint64_t b = 0; b < bs; b++)
+                    S[a * bs + b] = X[b * bs + a];
+        }
+        for (uint64_t i = 0; i < bs * bs; i++)
+            R[j * bs * bs + i] = (float)S[i];
+    }
+    free(Q);
+    f32_view *v = &c->v[c->n++];
+    memset(v, 0, sizeof *v);
+    v->owned = R;
+    v->f32 = R;
+    return R;
+}
+
 /* keeps an owned array with the views (freed with them) */
 static float *keep_owned(view_cache *c, size_t n_floats, lm_err *err)
 {
@@ -579,6 +684,25 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
                 }
             }
             break;
+        case LM_OP_OFT: {
+            /* each row: block j <- R_j @ block j (W @ blockdiag(R)^T) */
+            uint64_t bs = op->kd, nbl = op->a->shape[0];
+            for (uint64_t r = 0; r < nr; r++) {
+                float *x = acc + r * cols;
+                for (uint64_t j = 0; j < cols / bs; j++) {
+                    const float *Rj = A + (nbl == 1 ? 0 : j) * bs * bs;
+                    float *blk = x + j * bs;
+                    for (uint64_t a = 0; a < bs; a++) {
+                        double v = 0;
+                        for (uint64_t b = 0; b < bs; b++)
+                            v += (double)Rj[a * bs + b] * (double)blk[b];
+                        scratch[a] = (float)v;
+                    }
+                    memcpy(blk, scratch, (size_t)bs * sizeof *blk);
+                }
+            }
+            break;
+        }
         case LM_OP_MISS:
             for (uint64_t r = 0; r < nr; r++) {
                 float *row = acc + r * cols;
@@ -849,6 +973,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                 vera_factors(&vc, op, &J.fa[pos], &J.fb[pos], J.fc[pos], J.fd[pos], err) != LM_OK)
                 goto fail;
             if (op->kind == LM_OP_HRA && (J.fa[pos] = hra_vectors(&vc, op, J.fa[pos], err)) == NULL)
+                goto fail;
+            if (op->kind == LM_OP_OFT && (J.fa[pos] = oft_rotations(&vc, op, J.fa[pos], err)) == NULL)
                 goto fail;
             if (op->kind == LM_OP_KRON) { /* whole w1 and w2 (small): products of their halves */
                 if (op->b != NULL &&

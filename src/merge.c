@@ -73,6 +73,7 @@ static const char *op_kind_name(lm_op_kind k)
     case LM_OP_SPARSE: return "shira";
     case LM_OP_HRA: return "hra";
     case LM_OP_MISS: return "miss";
+    case LM_OP_OFT: return "oft";
     }
     return "?";
 }

@@ -199,7 +199,7 @@ typedef enum {
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
     R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
     R_DA, R_DB, R_DL, R_DN, R_GA, R_GB, R_GAG, R_GBG, R_VZA, R_VZB, R_VIA, R_VWA, R_VIB, R_VWB,
-    R_RL, R_RG, R_RA, R_RB,
+    R_RL, R_RG, R_RA, R_RB, R_OFT,
     R_FULL, R_SKIP
 } key_role;
 
@@ -221,7 +221,7 @@ static const struct {
     {"vblora_logits_A", R_VZA}, {"vblora_logits_B", R_VZB}, {"vblora_logits_A_topk_indices", R_VIA},
     {"vblora_logits_A_topk_weights", R_VWA}, {"vblora_logits_B_topk_indices", R_VIB},
     {"vblora_logits_B_topk_weights", R_VWB}, {"randlora_lambda", R_RL}, {"randlora_gamma", R_RG},
-    {"randlora_A", R_RA}, {"randlora_B", R_RB},
+    {"randlora_A", R_RA}, {"randlora_B", R_RB}, {"oft_R", R_OFT}, {"oft_embedding_R", R_OFT},
 };
 
 typedef struct {
@@ -230,7 +230,7 @@ typedef struct {
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
     const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
     const lm_ts_tensor *da, *db, *dl, *dn, *ga, *gb, *gag, *gbg, *vza, *vzb, *via, *vwa, *vib, *vwb;
-    const lm_ts_tensor *rl, *rg, *ra, *rb;
+    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft;
 } lora_module;
 
 typedef struct {
@@ -297,6 +297,7 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_RG: return &m->rg;
     case R_RA: return &m->ra;
     case R_RB: return &m->rb;
+    case R_OFT: return &m->oft;
     default: return &m->tt;
     }
 }
@@ -970,8 +971,11 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
 {
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
-    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : LM_OP_MISS;
-    lm_peft_kind want = kind == LM_OP_SPARSE ? LM_PEFT_SHIRA : kind == LM_OP_HRA ? LM_PEFT_HRA : LM_PEFT_MISS;
+    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : m->oft ? LM_OP_OFT : LM_OP_MISS;
+    lm_peft_kind want = kind == LM_OP_SPARSE ? LM_PEFT_SHIRA
+                      : kind == LM_OP_HRA    ? LM_PEFT_HRA
+                      : kind == LM_OP_OFT    ? LM_PEFT_OFT
+                                             : LM_PEFT_MISS;
     if (cfg->kind != want)
         return mismatch(err, m->module, "%s tensors in a %s adapter",
                         kind == LM_OP_SPARSE ? "SHiRA" : kind == LM_OP_HRA ? "HRA" : "MiSS", cfg->peft_type);
@@ -1045,6 +1049,31 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
             return LM_E_NOMEM;
         op->rows = rc;
         op->n_rows = (size_t)nnz;
+    } else if (kind == LM_OP_OFT) {
+        /* oft_R [blocks (1 with block_share), bs(bs-1)/2]; the blocks tile the input features */
+        const lm_ts_tensor *q = m->oft;
+        uint64_t n = q->n_dims == 2 ? q->shape[1] : 0, bs = 1;
+        while (bs * (bs - 1) / 2 < n)
+            bs++;
+        if (q->n_dims != 2 || bs * (bs - 1) / 2 != n || bs < 2 || in % bs != 0 ||
+            (q->shape[0] != 1 && q->shape[0] != in / bs) || !is_float_dtype(q->dtype))
+            return mismatch(err, m->module, "oft_R must be [%llu or 1, bs(bs-1)/2] for base '%s' with in=%llu",
+                            (unsigned long long)(bs > 1 ? in / bs : 0), W->name, (unsigned long long)in);
+        if (strstr(q->name, "oft_embedding_R") != NULL)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "OFT on an embedding is not supported yet");
+        if (ad->weight != 1.0)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "OFT rotates the weight: a weight other than 1 "
+                           "(--scale, --adapter-scaled) has no meaning for it");
+        op = new_op(t, LM_OP_OFT, ai, module, q, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->kd = bs;
+        op->in = in;
+        op->k1 = (uint64_t)(cfg->oft_terms > 0 ? cfg->oft_terms : 0);
+        op->k2 = (uint64_t)(cfg->oft_neumann ? 1 : 0) | (uint64_t)(cfg->oft_coft ? 2 : 0);
+        op->scale_f64 = cfg->oft_eps; /* the executor builds the rotations from these */
+        P->plan->n_lowrank++;
+        return LM_OK;
     } else if (kind == LM_OP_HRA) {
         const lm_ts_tensor *u = m->hra;
         if (u->n_dims != 2 || u->shape[0] != in || u->shape[1] > in || !is_float_dtype(u->dtype))
@@ -1653,7 +1682,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         if ((m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb || m->vld) &&
             (rc = plan_single(P, ai, m, tm, vera_a, vera_b, err)) != LM_OK)
             goto done;
-        if ((m->sw || m->si || m->hra || m->miss) && (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
+        if ((m->sw || m->si || m->hra || m->miss || m->oft) && (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
             goto done;
         if (is_derived(m) && (rc = plan_derived(P, ai, m, tm, vb_bank, rl_a, rl_b, err)) != LM_OK)
             goto done;
@@ -1817,13 +1846,15 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
-                    m->vld || m->sw || m->si || m->hra || m->miss || is_derived(m);
+                    m->vld || m->sw || m->si || m->hra || m->miss || m->oft || is_derived(m);
         if (is_derived(m))
             snprintf(d.kind, sizeof d.kind, "%s", m->da ? "delora" : m->ga ? "gralora" : m->rl ? "randlora" : "vblora");
         if (m->sw || m->si)
             snprintf(d.kind, sizeof d.kind, "shira (sparse entries added)");
         if (m->hra)
             snprintf(d.kind, sizeof d.kind, "hra (W @ Householder reflections%s)", cfg->hra_gs ? ", Gram-Schmidt" : "");
+        if (m->oft)
+            snprintf(d.kind, sizeof d.kind, "oft (block rotations%s)", cfg->oft_neumann ? ", Cayley-Neumann" : ", Cayley");
         if (m->miss)
             snprintf(d.kind, sizeof d.kind, "miss (%s block added)", cfg->miss_mini ? "mini" : "tiled");
         if (A == NULL && !other)

@@ -21,6 +21,7 @@ typedef enum {
     LM_OP_SPARSE,      /* SHiRA: W[rows[t], cols[t]] += scale * a[t] */
     LM_OP_HRA,         /* HRA: W <- W @ H, Householder reflections from a = hra_u [in, r] */
     LM_OP_MISS,        /* MiSS: W[o, c] += scale * a[c mod r, o mod kd] */
+    LM_OP_OFT,         /* OFT: W <- W @ blockdiag(R_j)^T, R_j from a = oft_R [blocks, bs(bs-1)/2] */
 } lm_op_kind;
 
 enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA, LM_DERIVE_RANDLORA };

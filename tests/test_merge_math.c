@@ -694,3 +694,45 @@ Test(merge_math, hra_gram_schmidt_and_miss_mini)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* OFT with the exact Cayley transform (use_cayley_neumann false), shared blocks and coft: each
+ * block of each row is rotated (its norm kept, its values changed); the rotation is the same
+ * for every block (block_share) */
+Test(merge_math, oft_exact_cayley_rotates_blocks)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/oft", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {5, 12};
+    mm_t w = mm_make("m.q.weight", 2, ws, 0.3, "F32");
+    mm_write(base, &w, 1, "F32");
+    uint64_t rs[] = {1, 6}; /* block size 4: 4*3/2 = 6 values, shared by the 3 blocks */
+    mm_t r = mm_make("base_model.model.m.q.oft_R.weight", 2, rs, 0.5, "F32");
+    mm_adapter(ad, &r, 1, "{\"peft_type\": \"OFT\", \"r\": 0, \"oft_block_size\": 4, \"block_share\": true, "
+                          "\"coft\": true, \"eps\": 0.5, \"use_cayley_neumann\": false, \"target_modules\": [\"q\"]}");
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    mm_merge_ok(argv);
+    th_st st;
+    cr_assert_eq(th_st_read(out, &st), 0);
+    double *v = th_to_f64(th_st_find(&st, "m.q.weight"));
+    double maxdiff = 0;
+    for (int o = 0; o < 5; o++)
+        for (int j = 0; j < 3; j++) {
+            double n0 = 0, n1 = 0;
+            for (int b = 0; b < 4; b++) {
+                n0 += w.v[o * 12 + j * 4 + b] * w.v[o * 12 + j * 4 + b];
+                n1 += v[o * 12 + j * 4 + b] * v[o * 12 + j * 4 + b];
+                maxdiff = fmax(maxdiff, fabs(v[o * 12 + j * 4 + b] - w.v[o * 12 + j * 4 + b]));
+            }
+            cr_assert_float_eq(sqrt(n1), sqrt(n0), 1e-5 * (1 + sqrt(n0)), "row %d block %d: norm %g -> %g", o, j,
+                               sqrt(n0), sqrt(n1));
+        }
+    cr_assert_gt(maxdiff, 1e-3, "the rotation changed nothing");
+    free(v);
+    th_st_free(&st);
+    free(w.v);
+    free(r.v);
+    th_rmrf(tmp);
+    free(tmp);
+}
