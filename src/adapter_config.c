@@ -17,7 +17,7 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "BOFT", "FOURIERFT", 
+    "BOFT", 
     "BONE", "C3A", "ROAD", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
@@ -35,7 +35,7 @@ int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
                                          "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
-                                         "VBLORA", "RANDLORA", "OFT"};
+                                         "VBLORA", "RANDLORA", "OFT", "FOURIERFT"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -347,7 +347,14 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "VBLORA") == 0  ? LM_PEFT_VBLORA
             : strcmp(c->peft_type, "RANDLORA") == 0 ? LM_PEFT_RANDLORA
             : strcmp(c->peft_type, "OFT") == 0     ? LM_PEFT_OFT
+            : strcmp(c->peft_type, "FOURIERFT") == 0 ? LM_PEFT_FOURIERFT
                                                    : LM_PEFT_LORA;
+    if (c->kind == LM_PEFT_FOURIERFT) {
+        c->ft_scaling = 150.0;
+        c->ft_seed = 777;
+        if (get_num(root, "scaling", &c->ft_scaling, err) || get_int(root, "random_loc_seed", &c->ft_seed, err))
+            goto fail;
+    }
     if (c->kind == LM_PEFT_OFT) {
         long bs = 0;
         c->oft_neumann = 1;

@@ -409,6 +409,96 @@ static lm_code vb_mix(const float *bank, uint64_t N, uint64_t L, uint64_t topk, 
     return LM_OK;
 }
 
+/* torch's CPU generator: MT19937 seeded as torch's manual_seed (peft-merge.md Appendix A) */
+typedef struct {
+    uint32_t mt[624];
+    int i;
+} mt19937;
+
+static void mt_seed(mt19937 *g, uint64_t seed)
+{
+    g->mt[0] = (uint32_t)seed;
+    for (int k = 1; k < 624; k++)
+        g->mt[k] = 1812433253u * (g->mt[k - 1] ^ (g->mt[k - 1] >> 30)) + (uint32_t)k;
+    g->i = 624;
+}
+
+static uint32_t mt_next(mt19937 *g)
+{
+    if (g->i >= 624) {
+        for (int k = 0; k < 624; k++) {
+            uint32_t y = (g->mt[k] & 0x80000000u) | (g->mt[(k + 1) % 624] & 0x7fffffffu);
+            g->mt[k] = g->mt[(k + 397) % 624] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+        }
+        g->i = 0;
+    }
+    uint32_t y = g->mt[g->i++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= y >> 18;
+    return y;
+}
+
+/* a sparse permutation: position -> value for the positions that moved (open addressing) */
+typedef struct {
+    uint64_t *key, *val, cap;
+} perm_map;
+
+static uint64_t perm_slot(const perm_map *m, uint64_t k)
+{
+    uint64_t h = (k * 0x9E3779B97F4A7C15ull) & (m->cap - 1);
+    while (m->key[h] != UINT64_MAX && m->key[h] != k)
+        h = (h + 1) & (m->cap - 1);
+    return h;
+}
+
+static uint64_t perm_get(const perm_map *m, uint64_t k)
+{
+    uint64_t h = perm_slot(m, k);
+    return m->key[h] == k ? m->val[h] : k;
+}
+
+static void perm_set(perm_map *m, uint64_t k, uint64_t v)
+{
+    uint64_t h = perm_slot(m, k);
+    m->key[h] = k;
+    m->val[h] = v;
+}
+
+/* the first n entries of torch.randperm(N, generator=manual_seed(seed)) (N < 2^32 / 20):
+ * Fisher-Yates from the front; only the moved positions are stored */
+static int randperm_prefix(uint64_t N, uint64_t seed, uint64_t n, uint64_t *out)
+{
+    perm_map m;
+    m.cap = 16;
+    while (m.cap < 4 * n + 16)
+        m.cap *= 2;
+    m.key = malloc(m.cap * sizeof *m.key);
+    m.val = malloc(m.cap * sizeof *m.val);
+    if (m.key == NULL || m.val == NULL) {
+        free(m.key);
+        free(m.val);
+        return -1;
+    }
+    for (uint64_t i = 0; i < m.cap; i++)
+        m.key[i] = UINT64_MAX;
+    mt19937 g;
+    mt_seed(&g, seed);
+    for (uint64_t t = 0; t < n; t++) {
+        if (t + 1 < N) {
+            uint64_t b = t + mt_next(&g) % (N - t);
+            uint64_t va = perm_get(&m, t), vb = perm_get(&m, b);
+            perm_set(&m, t, vb);
+            perm_set(&m, b, va);
+        }
+        out[t] = perm_get(&m, t);
+    }
+    free(m.key);
+    free(m.val);
+    return 0;
+}
+
 /* builds A' [rank, in] and B' [out, rank] of a derived low-rank op (DeLoRA, GraLoRA, VB-LoRA) */
 static lm_code derive_factors(view_cache *c, const lm_op *op, const lm_kernels *k, const float **fa,
                               const float **fb, lm_err *err)
@@ -423,7 +513,33 @@ static lm_code derive_factors(view_cache *c, const lm_op *op, const lm_kernels *
     float *A = keep_owned(c, (size_t)(K * in), err), *B = keep_owned(c, (size_t)(out * K), err);
     if (A == NULL || B == NULL)
         return LM_E_NOMEM;
-    if (op->derive == LM_DERIVE_DELORA) {
+    if (op->derive == LM_DERIVE_FOURIER) {
+        /* Re(ifft2(S)) with S sparse: sum_t s_t cos(2 pi (a r_t / out + b c_t / in)) / (out in)
+         * = B' A' with B'[a, 2t] = cos(2 pi a r_t/out), B'[a, 2t+1] = -sin(...) and
+         * A'[2t, b] = s_t cos(2 pi b c_t/in) / (out in), A'[2t+1, b] = s_t sin(...) / (out in) */
+        uint64_t n = op->x[0]->n_elems;
+        uint64_t *perm = malloc((n ? n : 1) * sizeof *perm);
+        if (perm == NULL || randperm_prefix(out * in, op->k1, n, perm) != 0) {
+            free(perm);
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+        const double two_pi = 6.283185307179586476925286766559, norm = 1.0 / ((double)out * (double)in);
+        for (uint64_t t = 0; t < n; t++) {
+            uint64_t rt = perm[t] / in, ct = perm[t] % in;
+            double st = x[0][t];
+            for (uint64_t a = 0; a < out; a++) {
+                double ang = two_pi * (double)((a * rt) % out) / (double)out;
+                B[a * K + 2 * t] = (float)cos(ang);
+                B[a * K + 2 * t + 1] = (float)-sin(ang);
+            }
+            for (uint64_t b = 0; b < in; b++) {
+                double ang = two_pi * (double)((b * ct) % in) / (double)in;
+                A[(2 * t) * in + b] = (float)(st * cos(ang) * norm);
+                A[(2 * t + 1) * in + b] = (float)(st * sin(ang) * norm);
+            }
+        }
+        free(perm);
+    } else if (op->derive == LM_DERIVE_DELORA) {
         /* B diag(lambda / r / (max(|A_j|, 1e-4) max(|B_.j|, 1e-4))) A, columns times w_norm */
         double lambda = x[2][0];
         for (uint64_t j = 0; j < K; j++) {

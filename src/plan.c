@@ -199,7 +199,7 @@ typedef enum {
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
     R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
     R_DA, R_DB, R_DL, R_DN, R_GA, R_GB, R_GAG, R_GBG, R_VZA, R_VZB, R_VIA, R_VWA, R_VIB, R_VWB,
-    R_RL, R_RG, R_RA, R_RB, R_OFT,
+    R_RL, R_RG, R_RA, R_RB, R_OFT, R_FS,
     R_FULL, R_SKIP
 } key_role;
 
@@ -222,6 +222,7 @@ static const struct {
     {"vblora_logits_A_topk_weights", R_VWA}, {"vblora_logits_B_topk_indices", R_VIB},
     {"vblora_logits_B_topk_weights", R_VWB}, {"randlora_lambda", R_RL}, {"randlora_gamma", R_RG},
     {"randlora_A", R_RA}, {"randlora_B", R_RB}, {"oft_R", R_OFT}, {"oft_embedding_R", R_OFT},
+    {"fourierft_spectrum", R_FS},
 };
 
 typedef struct {
@@ -230,7 +231,7 @@ typedef struct {
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
     const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
     const lm_ts_tensor *da, *db, *dl, *dn, *ga, *gb, *gag, *gbg, *vza, *vzb, *via, *vwa, *vib, *vwb;
-    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft;
+    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft, *fs;
 } lora_module;
 
 typedef struct {
@@ -298,6 +299,7 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_RA: return &m->ra;
     case R_RB: return &m->rb;
     case R_OFT: return &m->oft;
+    case R_FS: return &m->fs;
     default: return &m->tt;
     }
 }
@@ -1108,7 +1110,7 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
 static int is_derived(const lora_module *m)
 {
     return m->da || m->db || m->dl || m->dn || m->ga || m->gb || m->gag || m->gbg || m->vza || m->vzb || m->via ||
-           m->vwa || m->vib || m->vwb || m->rl || m->rg || m->ra || m->rb;
+           m->vwa || m->vib || m->vwb || m->rl || m->rg || m->ra || m->rb || m->fs;
 }
 
 /* DeLoRA (§5.14), GraLoRA (§5.14), VB-LoRA (§5.9): low-rank deltas whose factors the executor
@@ -1118,11 +1120,13 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
 {
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
-    int derive = (m->da || m->db || m->dl || m->dn)     ? LM_DERIVE_DELORA
+    int derive = m->fs != NULL                          ? LM_DERIVE_FOURIER
+               : (m->da || m->db || m->dl || m->dn)     ? LM_DERIVE_DELORA
                : (m->ga || m->gb || m->gag || m->gbg)   ? LM_DERIVE_GRALORA
                : (m->rl || m->rg || m->ra || m->rb)     ? LM_DERIVE_RANDLORA
                                                         : LM_DERIVE_VBLORA;
-    lm_peft_kind want = derive == LM_DERIVE_DELORA    ? LM_PEFT_DELORA
+    lm_peft_kind want = derive == LM_DERIVE_FOURIER   ? LM_PEFT_FOURIERFT
+                      : derive == LM_DERIVE_DELORA    ? LM_PEFT_DELORA
                       : derive == LM_DERIVE_GRALORA   ? LM_PEFT_GRALORA
                       : derive == LM_DERIVE_RANDLORA  ? LM_PEFT_RANDLORA
                                                       : LM_PEFT_VBLORA;
@@ -1137,7 +1141,35 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
     const lm_ts_tensor *x[4] = {NULL, NULL, NULL, NULL};
     uint64_t out = 0, in = 0, K = 0, k1 = 0, k2 = 0;
     double scale = ad->weight;
-    if (derive == LM_DERIVE_DELORA) {
+    if (derive == LM_DERIVE_FOURIER) {
+        /* the spectrum's positions are torch.randperm(out*in, seed)[:n] (peft-merge.md §5.10, App. A):
+         * the delta is rank 2n through the separable inverse DFT */
+        char wbuf[1100];
+        snprintf(wbuf, sizeof wbuf, "%s.weight", m->module);
+        lm_err local;
+        lm_err_clear(&local);
+        long wi = lm_resolve_base_name(P->model, wbuf, &local);
+        if (wi < 0) {
+            *err = local;
+            lm_err_set_tensor(err, m->module);
+            return err->code;
+        }
+        const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)wi)->info;
+        int conv1d_names = leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") || leaf_is(m->module, "c_fc");
+        if (W->n_dims != 2 || m->fs->n_dims != 1 || !is_float_dtype(m->fs->dtype))
+            return mismatch(err, m->module, "FourierFT needs a 1-D fourierft_spectrum and a 2-D base weight");
+        out = conv1d_names ? W->shape[1] : W->shape[0];
+        in = conv1d_names ? W->shape[0] : W->shape[1];
+        if (m->fs->n_elems > out * in)
+            return mismatch(err, m->module, "fourierft_spectrum has more entries than the weight");
+        if (out * in >= 214748364ull)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "FourierFT on a %llu-element weight: torch's randperm "
+                           "switches to another draw there, not reproduced by lora-merge yet", (unsigned long long)(out * in));
+        x[0] = m->fs;
+        K = 2 * m->fs->n_elems;
+        k1 = (uint64_t)cfg->ft_seed;
+        scale *= cfg->ft_scaling;
+    } else if (derive == LM_DERIVE_DELORA) {
         x[0] = m->da, x[1] = m->db, x[2] = m->dl, x[3] = m->dn;
         if (!m->da || !m->db || !m->dl || !m->dn || m->da->n_dims != 2 || m->db->n_dims != 2 ||
             m->da->shape[0] != m->db->shape[1] || m->dl->n_elems != 1 || m->dn->n_elems != m->da->shape[1])
@@ -1848,7 +1880,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
                     m->vld || m->sw || m->si || m->hra || m->miss || m->oft || is_derived(m);
         if (is_derived(m))
-            snprintf(d.kind, sizeof d.kind, "%s", m->da ? "delora" : m->ga ? "gralora" : m->rl ? "randlora" : "vblora");
+            snprintf(d.kind, sizeof d.kind, "%s",
+                     m->fs ? "fourierft" : m->da ? "delora" : m->ga ? "gralora" : m->rl ? "randlora" : "vblora");
         if (m->sw || m->si)
             snprintf(d.kind, sizeof d.kind, "shira (sparse entries added)");
         if (m->hra)

@@ -24,7 +24,8 @@ typedef enum {
     LM_OP_OFT,         /* OFT: W <- W @ blockdiag(R_j)^T, R_j from a = oft_R [blocks, bs(bs-1)/2] */
 } lm_op_kind;
 
-enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA, LM_DERIVE_RANDLORA };
+enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA, LM_DERIVE_RANDLORA,
+       LM_DERIVE_FOURIER };
 
 typedef struct lm_op {
     lm_op_kind kind;
