@@ -18,7 +18,7 @@ static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
     "BOFT", 
-    "BONE", "C3A", "ROAD", 
+    "BONE", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
 };
@@ -35,7 +35,7 @@ int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
                                          "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
-                                         "VBLORA", "RANDLORA", "OFT", "FOURIERFT"};
+                                         "VBLORA", "RANDLORA", "OFT", "FOURIERFT", "ROAD", "C3A"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -348,7 +348,28 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "RANDLORA") == 0 ? LM_PEFT_RANDLORA
             : strcmp(c->peft_type, "OFT") == 0     ? LM_PEFT_OFT
             : strcmp(c->peft_type, "FOURIERFT") == 0 ? LM_PEFT_FOURIERFT
+            : strcmp(c->peft_type, "ROAD") == 0    ? LM_PEFT_ROAD
+            : strcmp(c->peft_type, "C3A") == 0     ? LM_PEFT_C3A
                                                    : LM_PEFT_LORA;
+    if (c->kind == LM_PEFT_ROAD) {
+        const cJSON *var = field(root, "variant");
+        c->road_variant = 1;
+        c->road_group = 64;
+        if (var != NULL) {
+            if (!cJSON_IsString(var) || strncmp(var->valuestring, "road_", 5) != 0 ||
+                (strcmp(var->valuestring + 5, "1") && strcmp(var->valuestring + 5, "2") && strcmp(var->valuestring + 5, "4"))) {
+                lm_fail(err, LM_E_FORMAT, "InvalidConfig", "RoAd 'variant' must be road_1, road_2 or road_4");
+                goto fail;
+            }
+            c->road_variant = var->valuestring[5] - '0';
+        }
+        if (get_int(root, "group_size", &c->road_group, err) != LM_OK)
+            goto fail;
+        if (c->road_group <= 0 || c->road_group % 2 != 0) {
+            lm_fail(err, LM_E_FORMAT, "InvalidConfig", "RoAd 'group_size' must be positive and even");
+            goto fail;
+        }
+    }
     if (c->kind == LM_PEFT_FOURIERFT) {
         c->ft_scaling = 150.0;
         c->ft_seed = 777;

@@ -16,7 +16,7 @@ typedef enum {
     LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR,
     LM_PEFT_TRAINABLE_TOKENS, LM_PEFT_BEFT, LM_PEFT_LN_TUNING, LM_PEFT_HIRA, LM_PEFT_VERA,
     LM_PEFT_SHIRA, LM_PEFT_HRA, LM_PEFT_MISS, LM_PEFT_DELORA, LM_PEFT_GRALORA, LM_PEFT_VBLORA,
-    LM_PEFT_RANDLORA, LM_PEFT_OFT, LM_PEFT_FOURIERFT
+    LM_PEFT_RANDLORA, LM_PEFT_OFT, LM_PEFT_FOURIERFT, LM_PEFT_ROAD, LM_PEFT_C3A
 } lm_peft_kind;
 
 typedef struct lm_adapter_config {
@@ -34,6 +34,8 @@ typedef struct lm_adapter_config {
     double oft_eps;      /* OFT: eps (6e-5) */
     double ft_scaling;   /* FourierFT: scaling (150) */
     long ft_seed;        /* FourierFT: random_loc_seed (777) */
+    int road_variant;    /* RoAd: 1, 2 or 4 (road_1 ...) */
+    long road_group;     /* RoAd: group_size (64) */
     /* IA3: feedforward_modules, a list (key ends with an entry, no dot boundary) or a regex */
     int ff_is_regex;
     char *ff_regex;

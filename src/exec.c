@@ -332,6 +332,35 @@ static const float *oft_rotations(view_cache *c, const lm_op *op, const float *q
     return R;
 }
 
+static float *keep_owned(view_cache *c, size_t n_floats, lm_err *err);
+
+/* RoAd: per output row p, c[p] (cos part) then s[p] (sin part), from theta and alpha by variant */
+static const float *road_coefficients(view_cache *c, const lm_op *op, const float *th, const float *al, lm_err *err)
+{
+    uint64_t o = op->out, g = op->kd, h = g / 2;
+    float *cs = keep_owned(c, (size_t)(2 * o), err);
+    if (cs == NULL)
+        return NULL;
+    for (uint64_t p = 0; p < o; p++) {
+        uint64_t G = p / g, x = p % g;
+        double cv, sv;
+        if (op->k2 == 1) { /* one angle per pair (x, x + h) */
+            uint64_t t = G * h + (x % h);
+            cv = (double)al[t] * cos((double)th[t]);
+            sv = (double)al[t] * sin((double)th[t]);
+        } else if (op->k2 == 2) {
+            cv = (double)al[p] * cos((double)th[p]);
+            sv = (double)al[p] * sin((double)th[p]);
+        } else { /* [o/g, 2, g]: cos part, then sin part */
+            cv = (double)al[G * 2 * g + x] * cos((double)th[G * 2 * g + x]);
+            sv = (double)al[G * 2 * g + g + x] * sin((double)th[G * 2 * g + g + x]);
+        }
+        cs[p] = (float)cv;
+        cs[o + p] = (float)sv;
+    }
+    return cs;
+}
+
 /* keeps an owned array with the views (freed with them) */
 static float *keep_owned(view_cache *c, size_t n_floats, lm_err *err)
 {
@@ -683,11 +712,19 @@ static const lm_st_file *tensor_src_file(const job *J, size_t ti)
     return lm_model_file(J->model, t->base->file);
 }
 
-/* rows per tile for plan tensor t: never more than the tensor has */
+/* rows per tile for plan tensor t: never more than the tensor has; whole RoAd groups (their
+ * rotations mix rows p and p + g/2) */
 static uint64_t tile_rows_for(const lm_plan_tensor *t, uint64_t tile_elems)
 {
     uint64_t tr = lm_exec_tile_rows(t->cols, tile_elems);
-    return tr > t->rows && t->rows > 0 ? t->rows : tr;
+    if (tr > t->rows && t->rows > 0)
+        tr = t->rows;
+    for (size_t o = 0; o < t->n_ops; o++)
+        if (t->ops[o].kind == LM_OP_ROAD) {
+            uint64_t g = t->ops[o].kd;
+            tr = tr < g ? g : tr - tr % g;
+        }
+    return tr;
 }
 
 static const uint8_t *tensor_src_bytes(const job *J, size_t ti)
@@ -815,6 +852,37 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
                         scratch[a] = (float)v;
                     }
                     memcpy(blk, scratch, (size_t)bs * sizeof *blk);
+                }
+            }
+            break;
+        }
+        case LM_OP_ROAD: {
+            /* rows p, q = p + g/2 of each group: p <- c_p W_p - s_p W_q, q <- s_q W_p + c_q W_q */
+            uint64_t g = op->kd, h = g / 2, n_out = op->out;
+            for (uint64_t G = 0; G < nr / g; G++)
+                for (uint64_t x = 0; x < h; x++) {
+                    uint64_t p = G * g + x, q = p + h, P0 = r0 + p, Q0 = r0 + q;
+                    float *wp = acc + p * cols, *wq = acc + q * cols;
+                    double cp = A[P0], sp = A[n_out + P0], cq = A[Q0], sq = A[n_out + Q0];
+                    for (uint64_t c = 0; c < cols; c++) {
+                        double a = wp[c], b = wq[c];
+                        wp[c] = (float)(cp * a - sp * b);
+                        wq[c] = (float)(sq * a + cq * b);
+                    }
+                }
+            break;
+        }
+        case LM_OP_C3A: {
+            /* block-circulant: row p b + u, column q b + v gets kernel[p, q, (v - u) mod b] / in */
+            uint64_t b = op->kd, nq = cols / b;
+            double inv = 1.0 / (double)op->in;
+            for (uint64_t r = 0; r < nr; r++) {
+                uint64_t R = r0 + r, p = R / b, u = R % b;
+                float *row = acc + r * cols;
+                for (uint64_t q = 0; q < nq; q++) {
+                    const float *kv = A + (p * nq + q) * b;
+                    for (uint64_t v = 0; v < b; v++)
+                        row[q * b + v] += (float)((double)kv[(v + b - u) % b] * inv) * op->scale;
                 }
             }
             break;
@@ -1091,6 +1159,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             if (op->kind == LM_OP_HRA && (J.fa[pos] = hra_vectors(&vc, op, J.fa[pos], err)) == NULL)
                 goto fail;
             if (op->kind == LM_OP_OFT && (J.fa[pos] = oft_rotations(&vc, op, J.fa[pos], err)) == NULL)
+                goto fail;
+            if (op->kind == LM_OP_ROAD && (J.fa[pos] = road_coefficients(&vc, op, J.fa[pos], J.fb[pos], err)) == NULL)
                 goto fail;
             if (op->kind == LM_OP_KRON) { /* whole w1 and w2 (small): products of their halves */
                 if (op->b != NULL &&

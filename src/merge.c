@@ -74,6 +74,8 @@ static const char *op_kind_name(lm_op_kind k)
     case LM_OP_HRA: return "hra";
     case LM_OP_MISS: return "miss";
     case LM_OP_OFT: return "oft";
+    case LM_OP_ROAD: return "road";
+    case LM_OP_C3A: return "c3a";
     }
     return "?";
 }

@@ -199,7 +199,7 @@ typedef enum {
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
     R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
     R_DA, R_DB, R_DL, R_DN, R_GA, R_GB, R_GAG, R_GBG, R_VZA, R_VZB, R_VIA, R_VWA, R_VIB, R_VWB,
-    R_RL, R_RG, R_RA, R_RB, R_OFT, R_FS,
+    R_RL, R_RG, R_RA, R_RB, R_OFT, R_FS, R_RT, R_RAL, R_C3,
     R_FULL, R_SKIP
 } key_role;
 
@@ -222,7 +222,7 @@ static const struct {
     {"vblora_logits_A_topk_weights", R_VWA}, {"vblora_logits_B_topk_indices", R_VIB},
     {"vblora_logits_B_topk_weights", R_VWB}, {"randlora_lambda", R_RL}, {"randlora_gamma", R_RG},
     {"randlora_A", R_RA}, {"randlora_B", R_RB}, {"oft_R", R_OFT}, {"oft_embedding_R", R_OFT},
-    {"fourierft_spectrum", R_FS},
+    {"fourierft_spectrum", R_FS}, {"road_theta", R_RT}, {"road_alpha", R_RAL}, {"c3a_kernel", R_C3},
 };
 
 typedef struct {
@@ -231,7 +231,7 @@ typedef struct {
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
     const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
     const lm_ts_tensor *da, *db, *dl, *dn, *ga, *gb, *gag, *gbg, *vza, *vzb, *via, *vwa, *vib, *vwb;
-    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft, *fs;
+    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft, *fs, *rt, *ral, *c3;
 } lora_module;
 
 typedef struct {
@@ -300,6 +300,9 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_RB: return &m->rb;
     case R_OFT: return &m->oft;
     case R_FS: return &m->fs;
+    case R_RT: return &m->rt;
+    case R_RAL: return &m->ral;
+    case R_C3: return &m->c3;
     default: return &m->tt;
     }
 }
@@ -973,10 +976,13 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
 {
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
-    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : m->oft ? LM_OP_OFT : LM_OP_MISS;
+    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : m->oft ? LM_OP_OFT
+                    : (m->rt || m->ral) ? LM_OP_ROAD : m->c3 ? LM_OP_C3A : LM_OP_MISS;
     lm_peft_kind want = kind == LM_OP_SPARSE ? LM_PEFT_SHIRA
                       : kind == LM_OP_HRA    ? LM_PEFT_HRA
                       : kind == LM_OP_OFT    ? LM_PEFT_OFT
+                      : kind == LM_OP_ROAD   ? LM_PEFT_ROAD
+                      : kind == LM_OP_C3A    ? LM_PEFT_C3A
                                              : LM_PEFT_MISS;
     if (cfg->kind != want)
         return mismatch(err, m->module, "%s tensors in a %s adapter",
@@ -1051,6 +1057,50 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
             return LM_E_NOMEM;
         op->rows = rc;
         op->n_rows = (size_t)nnz;
+    } else if (kind == LM_OP_ROAD) {
+        /* theta, alpha: [out/2] (road_1), [out] (road_2), [2 out] (road_4); groups of g rows */
+        uint64_t g = (uint64_t)cfg->road_group, v = (uint64_t)cfg->road_variant;
+        uint64_t want_n = v == 1 ? o / 2 : v == 2 ? o : 2 * o;
+        if (!m->rt || !m->ral || m->rt->n_elems != want_n || m->ral->n_elems != want_n || o % g != 0 ||
+            !is_float_dtype(m->rt->dtype) || !is_float_dtype(m->ral->dtype))
+            return mismatch(err, m->module, "RoAd road_%llu needs road_theta and road_alpha of %llu elements and "
+                            "%llu output rows divisible by group_size %llu", (unsigned long long)v,
+                            (unsigned long long)want_n, (unsigned long long)o, (unsigned long long)g);
+        if (ad->weight != 1.0)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "RoAd rotates the weight: a weight other than 1 "
+                           "(--scale, --adapter-scaled) has no meaning for it");
+        op = new_op(t, LM_OP_ROAD, ai, module, m->rt, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->b = m->ral;
+        op->kd = g;
+        op->k2 = v;
+        op->out = o;
+        /* the bias rotates with its rows */
+        snprintf(buf, sizeof buf, "%s.bias", m->module);
+        lm_err_clear(&local);
+        long bb = lm_resolve_base_name(P->model, buf, &local);
+        if (bb >= 0) {
+            lm_plan_tensor *bt = tensor_for(P, bb);
+            if (bt->base->info->n_elems != o)
+                return mismatch(err, m->module, "the bias has %llu elements, not %llu",
+                                (unsigned long long)bt->base->info->n_elems, (unsigned long long)o);
+            lm_op *bo = new_op(bt, LM_OP_ROAD, ai, module, m->rt, err);
+            if (bo == NULL)
+                return LM_E_NOMEM;
+            *bo = *op;
+        }
+    } else if (kind == LM_OP_C3A) {
+        const lm_ts_tensor *kr = m->c3;
+        uint64_t b = kr->n_dims == 3 ? kr->shape[2] : 0;
+        if (kr->n_dims != 3 || b == 0 || kr->shape[0] * b != o || kr->shape[1] * b != in || !is_float_dtype(kr->dtype))
+            return mismatch(err, m->module, "c3a_kernel must be [out/b, in/b, b] for base '%s' [%llu, %llu]", W->name,
+                            (unsigned long long)o, (unsigned long long)in);
+        op = new_op(t, LM_OP_C3A, ai, module, kr, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->kd = b;
+        op->in = in;
     } else if (kind == LM_OP_OFT) {
         /* oft_R [blocks (1 with block_share), bs(bs-1)/2]; the blocks tile the input features */
         const lm_ts_tensor *q = m->oft;
@@ -1714,7 +1764,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         if ((m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb || m->vld) &&
             (rc = plan_single(P, ai, m, tm, vera_a, vera_b, err)) != LM_OK)
             goto done;
-        if ((m->sw || m->si || m->hra || m->miss || m->oft) && (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
+        if ((m->sw || m->si || m->hra || m->miss || m->oft || m->rt || m->ral || m->c3) &&
+            (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
             goto done;
         if (is_derived(m) && (rc = plan_derived(P, ai, m, tm, vb_bank, rl_a, rl_b, err)) != LM_OK)
             goto done;
@@ -1878,7 +1929,13 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
-                    m->vld || m->sw || m->si || m->hra || m->miss || m->oft || is_derived(m);
+                    m->vld || m->sw || m->si || m->hra || m->miss || m->oft || m->rt || m->ral || m->c3 ||
+                    is_derived(m);
+        if (m->rt || m->ral)
+            snprintf(d.kind, sizeof d.kind, "road_%d (row-pair rotations, groups of %ld)", cfg->road_variant,
+                     cfg->road_group);
+        if (m->c3)
+            snprintf(d.kind, sizeof d.kind, "c3a (block-circulant delta)");
         if (is_derived(m))
             snprintf(d.kind, sizeof d.kind, "%s",
                      m->fs ? "fourierft" : m->da ? "delora" : m->ga ? "gralora" : m->rl ? "randlora" : "vblora");

@@ -22,6 +22,8 @@ typedef enum {
     LM_OP_HRA,         /* HRA: W <- W @ H, Householder reflections from a = hra_u [in, r] */
     LM_OP_MISS,        /* MiSS: W[o, c] += scale * a[c mod r, o mod kd] */
     LM_OP_OFT,         /* OFT: W <- W @ blockdiag(R_j)^T, R_j from a = oft_R [blocks, bs(bs-1)/2] */
+    LM_OP_ROAD,        /* RoAd: W <- R @ W, 2x2 rotations of row pairs (p, p + g/2) in groups of kd rows */
+    LM_OP_C3A,         /* C3A: W[p b + u, q b + v] += scale * a[p, q, (v - u) mod b] / in */
 } lm_op_kind;
 
 enum { LM_DERIVE_NONE = 0, LM_DERIVE_DELORA, LM_DERIVE_GRALORA, LM_DERIVE_VBLORA, LM_DERIVE_RANDLORA,

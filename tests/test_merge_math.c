@@ -736,3 +736,50 @@ Test(merge_math, oft_exact_cayley_rotates_blocks)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* RoAd road_2 (one angle per row) rotating row pairs (p, p + g/2) of each group, bias too, with
+ * tiles smaller than a group (they are widened to whole groups): same bytes, right values */
+Test(merge_math, road_rotations_and_tiles)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512], out2[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/road", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    snprintf(out2, sizeof out2, "%s/out2.safetensors", tmp);
+    uint64_t ws[] = {8, 5}, bs[] = {8};
+    mm_t b[2] = {mm_make("m.q.weight", 2, ws, 0.3, "F32"), mm_make("m.q.bias", 1, bs, 0.3, "F32")};
+    mm_write(base, b, 2, "F32");
+    uint64_t ts[] = {8};
+    mm_t f[2] = {mm_make("base_model.model.m.q.road_theta", 1, ts, 0.7, "F32"),
+                 mm_make("base_model.model.m.q.road_alpha", 1, ts, 0.2, "F32")};
+    for (int i = 0; i < 8; i++)
+        f[1].v[i] += 1.0;
+    mm_adapter(ad, f, 2, "{\"peft_type\": \"ROAD\", \"variant\": \"road_2\", \"group_size\": 4, "
+                         "\"target_modules\": [\"q\"]}");
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    mm_merge_ok(argv);
+    const char *argv2[] = {th_bin(), "-q", "--tile-elems", "3", base, ad, out2, NULL};
+    mm_merge_ok(argv2);
+    cr_assert(th_files_equal(out, out2), "tiles smaller than a RoAd group change the output");
+    double ref[40], refb[8];
+    for (int G = 0; G < 2; G++)
+        for (int x = 0; x < 2; x++) {
+            int p = G * 4 + x, q = p + 2;
+            double cp = f[1].v[p] * cos(f[0].v[p]), sp = f[1].v[p] * sin(f[0].v[p]);
+            double cq = f[1].v[q] * cos(f[0].v[q]), sq = f[1].v[q] * sin(f[0].v[q]);
+            for (int c = 0; c < 5; c++) {
+                ref[p * 5 + c] = cp * b[0].v[p * 5 + c] - sp * b[0].v[q * 5 + c];
+                ref[q * 5 + c] = sq * b[0].v[p * 5 + c] + cq * b[0].v[q * 5 + c];
+            }
+            refb[p] = cp * b[1].v[p] - sp * b[1].v[q];
+            refb[q] = sq * b[1].v[p] + cq * b[1].v[q];
+        }
+    mm_check(out, b[0].name, "F32", ref, 40);
+    mm_check(out, b[1].name, "F32", refb, 8);
+    for (int k = 0; k < 2; k++) {
+        free(b[k].v);
+        free(f[k].v);
+    }
+    th_rmrf(tmp);
+    free(tmp);
+}
