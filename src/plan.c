@@ -582,6 +582,44 @@ static void rules_from_config(const lm_adapter_config *cfg, lm_target_rules *rul
     rules->n_layers_pattern = cfg->layers_pattern.n;
 }
 
+/* the config's decision on a module (peft-merge.md §3.4): 1 targeted, 0 not (a note says it is
+ * skipped, as PEFT does), -1 error */
+static int module_targeted(planner *P, const lm_adapter *ad, const lm_target_matcher *tm, const char *module,
+                           lm_err *err)
+{
+    int targeted = lm_target_matcher_test(tm, module, err);
+    if (targeted < 0)
+        return -1;
+    if (!targeted && plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
+                                        "skipped, as PEFT does", ad->dir, module) != LM_OK)
+        return -1;
+    return targeted;
+}
+
+/* the base bias "<module>.bias": entry index, or -1 when the layer has none */
+static long module_bias(planner *P, const char *module)
+{
+    char buf[1100];
+    snprintf(buf, sizeof buf, "%s.bias", module);
+    return lm_resolve_base_name(P->model, buf, NULL);
+}
+
+/* the base weight "<module>.weight" (under any prefix, §4.2): entry index, or -1 with *err */
+static long module_weight(planner *P, const char *module, lm_err *err)
+{
+    char buf[1100];
+    snprintf(buf, sizeof buf, "%s.weight", module);
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_resolve_base_name(P->model, buf, &local);
+    if (bi < 0) {
+        *err = local;
+        lm_err_set_tensor(err, module);
+        return -1;
+    }
+    return bi;
+}
+
 /* IA3 (peft-merge.md §5.3): W *= l per output feature, or per input feature for the config's
  * feed-forward modules; the bias of a non-feed-forward layer is scaled too. */
 static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_target_matcher *tm, lm_err *err)
@@ -589,13 +627,9 @@ static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_ta
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
     const lm_ts_tensor *l = m->ia3;
-    char buf[1100];
-    int targeted = lm_target_matcher_test(tm, m->module, err);
-    if (targeted < 0)
-        return err ? err->code : LM_E_FORMAT;
-    if (!targeted)
-        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
-                                  "skipped, as PEFT does", ad->dir, m->module);
+    int targeted = module_targeted(P, ad, tm, m->module, err);
+    if (targeted <= 0)
+        return targeted < 0 ? (err ? err->code : LM_E_FORMAT) : LM_OK;
     /* feed-forward: a list entry the module path ends with (no dot boundary), or a regex */
     int ff = 0;
     if (cfg->ff_is_regex) {
@@ -612,15 +646,9 @@ static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_ta
             ff |= nm >= ne && strcmp(m->module + nm - ne, cfg->ff_list.v[q]) == 0;
         }
     }
-    snprintf(buf, sizeof buf, "%s.weight", m->module);
-    lm_err local;
-    lm_err_clear(&local);
-    long bi = lm_resolve_base_name(P->model, buf, &local);
-    if (bi < 0) {
-        *err = local;
-        lm_err_set_tensor(err, m->module);
-        return err->code;
-    }
+    long bi = module_weight(P, m->module, err);
+    if (bi < 0)
+        return err ? err->code : LM_E_MISMATCH;
     lm_plan_tensor *t = tensor_for(P, bi);
     const lm_tensor_info *W = t->base->info;
     uint64_t n = l->n_elems;
@@ -653,9 +681,7 @@ static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_ta
         return LM_E_NOMEM;
     op->dora_axis = axis;
     if (!ff) {
-        snprintf(buf, sizeof buf, "%s.bias", m->module);
-        lm_err_clear(&local);
-        long bb = lm_resolve_base_name(P->model, buf, &local);
+        long bb = module_bias(P, m->module);
         if (bb >= 0) {
             lm_plan_tensor *bt = tensor_for(P, bb);
             if (bt->base->info->n_elems != n)
@@ -684,18 +710,14 @@ static lm_code plan_lycoris(planner *P, size_t ai, const lora_module *m, const l
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
     int loha = m->h1a || m->h1b || m->h2a || m->h2b || m->ht;
-    char buf[1100];
     if (loha != (cfg->kind == LM_PEFT_LOHA) || (!loha && cfg->kind != LM_PEFT_LOKR)) {
         lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%s tensors in a %s adapter", loha ? "LoHa" : "LoKr", cfg->peft_type);
         lm_err_set_tensor(err, m->module);
         return LM_E_FORMAT;
     }
-    int targeted = lm_target_matcher_test(tm, m->module, err);
-    if (targeted < 0)
-        return err ? err->code : LM_E_FORMAT;
-    if (!targeted)
-        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
-                                  "skipped, as PEFT does", ad->dir, m->module);
+    int targeted = module_targeted(P, ad, tm, m->module, err);
+    if (targeted <= 0)
+        return targeted < 0 ? (err ? err->code : LM_E_FORMAT) : LM_OK;
     if (m->ht || m->kt) {
         lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s with a CP-decomposed convolution (use_effective_conv2d) "
                 "is not supported by lora-merge yet", cfg->peft_type);
@@ -740,15 +762,9 @@ static lm_code plan_lycoris(planner *P, size_t ai, const lora_module *m, const l
         return err ? err->code : LM_E_FORMAT;
     if (w >= 0)
         alpha = cfg->alpha_vals[w];
-    snprintf(buf, sizeof buf, "%s.weight", m->module);
-    lm_err local;
-    lm_err_clear(&local);
-    long bi = lm_resolve_base_name(P->model, buf, &local);
-    if (bi < 0) {
-        *err = local;
-        lm_err_set_tensor(err, m->module);
-        return err->code;
-    }
+    long bi = module_weight(P, m->module, err);
+    if (bi < 0)
+        return err ? err->code : LM_E_MISMATCH;
     lm_plan_tensor *t = tensor_for(P, bi);
     const lm_tensor_info *W = t->base->info;
     if (W->n_dims != 2)
@@ -846,12 +862,9 @@ static lm_code plan_single(planner *P, size_t ai, const lora_module *m, const lm
 {
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
-    int targeted = lm_target_matcher_test(tm, m->module, err);
-    if (targeted < 0)
-        return err ? err->code : LM_E_FORMAT;
-    if (!targeted)
-        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
-                                  "skipped, as PEFT does", ad->dir, m->module);
+    int targeted = module_targeted(P, ad, tm, m->module, err);
+    if (targeted <= 0)
+        return targeted < 0 ? (err ? err->code : LM_E_FORMAT) : LM_OK;
     const char *module = plan_str(P->plan, m->module);
     char buf[1100];
     if (m->beft != NULL) {
@@ -987,22 +1000,12 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
     if (cfg->kind != want)
         return mismatch(err, m->module, "%s tensors in a %s adapter",
                         kind == LM_OP_SPARSE ? "SHiRA" : kind == LM_OP_HRA ? "HRA" : "MiSS", cfg->peft_type);
-    int targeted = lm_target_matcher_test(tm, m->module, err);
-    if (targeted < 0)
-        return err ? err->code : LM_E_FORMAT;
-    if (!targeted)
-        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
-                                  "skipped, as PEFT does", ad->dir, m->module);
-    char buf[1100];
-    snprintf(buf, sizeof buf, "%s.weight", m->module);
-    lm_err local;
-    lm_err_clear(&local);
-    long bi = lm_resolve_base_name(P->model, buf, &local);
-    if (bi < 0) {
-        *err = local;
-        lm_err_set_tensor(err, m->module);
-        return err->code;
-    }
+    int targeted = module_targeted(P, ad, tm, m->module, err);
+    if (targeted <= 0)
+        return targeted < 0 ? (err ? err->code : LM_E_FORMAT) : LM_OK;
+    long bi = module_weight(P, m->module, err);
+    if (bi < 0)
+        return err ? err->code : LM_E_MISMATCH;
     lm_plan_tensor *t = tensor_for(P, bi);
     const lm_tensor_info *W = t->base->info;
     if (W->n_dims != 2)
@@ -1077,9 +1080,7 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
         op->k2 = v;
         op->out = o;
         /* the bias rotates with its rows */
-        snprintf(buf, sizeof buf, "%s.bias", m->module);
-        lm_err_clear(&local);
-        long bb = lm_resolve_base_name(P->model, buf, &local);
+        long bb = module_bias(P, m->module);
         if (bb >= 0) {
             lm_plan_tensor *bt = tensor_for(P, bb);
             if (bt->base->info->n_elems != o)
@@ -1182,12 +1183,9 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
                                                       : LM_PEFT_VBLORA;
     if (cfg->kind != want)
         return mismatch(err, m->module, "tensors of another method in a %s adapter", cfg->peft_type);
-    int targeted = lm_target_matcher_test(tm, m->module, err);
-    if (targeted < 0)
-        return err ? err->code : LM_E_FORMAT;
-    if (!targeted)
-        return plan_note(P->plan, "%s: module %s is in the file but not targeted by adapter_config.json; "
-                                  "skipped, as PEFT does", ad->dir, m->module);
+    int targeted = module_targeted(P, ad, tm, m->module, err);
+    if (targeted <= 0)
+        return targeted < 0 ? (err ? err->code : LM_E_FORMAT) : LM_OK;
     const lm_ts_tensor *x[4] = {NULL, NULL, NULL, NULL};
     uint64_t out = 0, in = 0, K = 0, k1 = 0, k2 = 0;
     double scale = ad->weight;
