@@ -6,9 +6,17 @@
 #include <cblas.h>
 #include <stdio.h>
 
+/* OpenBLAS's pthread build starts its own worker threads when it loads; they spin (sched_yield)
+ * for a while before sleeping, taking CPU from lora-merge's own workers even though every
+ * sgemm here runs single-threaded.  Where the library exports its shutdown (a weak reference:
+ * other builds simply lack it), stop them; OpenBLAS restarts them itself if ever needed. */
+extern int blas_thread_shutdown_(void) __attribute__((weak));
+
 void lm_blas_single_thread(void)
 {
     openblas_set_num_threads(1);
+    if (blas_thread_shutdown_ != NULL)
+        blas_thread_shutdown_();
 }
 
 const char *lm_blas_name(void)
