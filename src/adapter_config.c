@@ -17,7 +17,7 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "BOFT", 
+    
     "BONE", 
     "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
@@ -35,7 +35,7 @@ int lm_peft_type_kind(const char *t, const char **why)
 {
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
                                          "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
-                                         "VBLORA", "RANDLORA", "OFT", "FOURIERFT", "ROAD", "C3A"};
+                                         "VBLORA", "RANDLORA", "OFT", "FOURIERFT", "ROAD", "C3A", "BOFT"};
     if (in_list(t, merged, sizeof merged / sizeof *merged))
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
@@ -350,6 +350,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             : strcmp(c->peft_type, "FOURIERFT") == 0 ? LM_PEFT_FOURIERFT
             : strcmp(c->peft_type, "ROAD") == 0    ? LM_PEFT_ROAD
             : strcmp(c->peft_type, "C3A") == 0     ? LM_PEFT_C3A
+            : strcmp(c->peft_type, "BOFT") == 0    ? LM_PEFT_BOFT
                                                    : LM_PEFT_LORA;
     if (c->kind == LM_PEFT_ROAD) {
         const cJSON *var = field(root, "variant");
@@ -486,7 +487,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         get_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||
         get_bool(root, "ensure_weight_tying", &c->ensure_weight_tying, err))
         goto fail;
-    if (c->r <= 0 && c->kind != LM_PEFT_OFT) { /* OFT: r = 0 when oft_block_size is given */
+    if (c->r <= 0 && c->kind != LM_PEFT_OFT && c->kind != LM_PEFT_BOFT) { /* (B)OFT: r = 0 with a block size */
         lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'r' must be positive (it is %ld)", c->r);
         goto fail;
     }

@@ -232,8 +232,9 @@ static const float *hra_vectors(view_cache *c, const lm_op *op, const float *U, 
  * exactly, R = (I - Q)(I + Q)^-1.  Returns [blocks, bs, bs] in f32 (computed in double). */
 static const float *oft_rotations(view_cache *c, const lm_op *op, const float *q, lm_err *err)
 {
-    uint64_t bs = op->kd, nbl = op->a->shape[0], tri = op->a->shape[1], T = op->k1;
-    int neumann = (op->k2 & 1) != 0, coft = (op->k2 & 2) != 0;
+    int boft = (op->k2 & 4) != 0; /* BOFT: full [bs, bs] blocks X, skew part (X - X^T)/2, exact */
+    uint64_t bs = op->kd, nbl = boft ? op->a->shape[1] : op->a->shape[0], tri = op->a->shape[1], T = op->k1;
+    int neumann = !boft && (op->k2 & 1) != 0, coft = !boft && (op->k2 & 2) != 0;
     double *Q = malloc((size_t)(bs * bs) * 4 * sizeof *Q);
     float *R = malloc((size_t)(nbl * bs * bs) * sizeof *R + 1);
     if (Q == NULL || R == NULL || lm_grow((void **)&c->v, &c->cap, c->n, sizeof *c->v, 64) != 0) {
@@ -246,11 +247,14 @@ static const float *oft_rotations(view_cache *c, const lm_op *op, const float *q
     for (uint64_t j = 0; j < nbl; j++) {
         memset(Q, 0, (size_t)(bs * bs) * sizeof *Q);
         uint64_t t = 0;
-        for (uint64_t a = 0; a < bs; a++)
+        for (uint64_t a = 0; a < bs && !boft; a++)
             for (uint64_t b = a + 1; b < bs; b++, t++) {
                 Q[a * bs + b] = q[j * tri + t];
                 Q[b * bs + a] = -q[j * tri + t];
             }
+        for (uint64_t a = 0; a < bs && boft; a++)
+            for (uint64_t b = 0; b < bs; b++)
+                Q[a * bs + b] = 0.5 * ((double)q[(j * bs + a) * bs + b] - (double)q[(j * bs + b) * bs + a]);
         if (coft) {
             double fro = 0, lim = op->scale_f64 / sqrt((double)nbl);
             for (uint64_t i = 0; i < bs * bs; i++)
@@ -839,7 +843,7 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
             break;
         case LM_OP_OFT: {
             /* each row: block j <- R_j @ block j (W @ blockdiag(R)^T) */
-            uint64_t bs = op->kd, nbl = op->a->shape[0];
+            uint64_t bs = op->kd, nbl = (op->k2 & 4) ? op->a->shape[1] : op->a->shape[0];
             for (uint64_t r = 0; r < nr; r++) {
                 float *x = acc + r * cols;
                 for (uint64_t j = 0; j < cols / bs; j++) {
@@ -853,6 +857,9 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, float *ac
                     }
                     memcpy(blk, scratch, (size_t)bs * sizeof *blk);
                 }
+                if (op->k2 & 4) /* BOFT: then each output row scaled by s */
+                    for (uint64_t c = 0; c < cols; c++)
+                        x[c] *= B[r0 + r];
             }
             break;
         }

@@ -199,7 +199,7 @@ typedef enum {
     R_K1, R_K1A, R_K1B, R_K2, R_K2A, R_K2B, R_KT, /* LoKr */
     R_BEFT, R_HA, R_HB, R_HEA, R_HEB, R_VLB, R_VLD, R_SW, R_SI, R_HRA, R_MISS,
     R_DA, R_DB, R_DL, R_DN, R_GA, R_GB, R_GAG, R_GBG, R_VZA, R_VZB, R_VIA, R_VWA, R_VIB, R_VWB,
-    R_RL, R_RG, R_RA, R_RB, R_OFT, R_FS, R_RT, R_RAL, R_C3,
+    R_RL, R_RG, R_RA, R_RB, R_OFT, R_FS, R_RT, R_RAL, R_C3, R_BR, R_BS,
     R_FULL, R_SKIP
 } key_role;
 
@@ -223,6 +223,7 @@ static const struct {
     {"vblora_logits_B_topk_weights", R_VWB}, {"randlora_lambda", R_RL}, {"randlora_gamma", R_RG},
     {"randlora_A", R_RA}, {"randlora_B", R_RB}, {"oft_R", R_OFT}, {"oft_embedding_R", R_OFT},
     {"fourierft_spectrum", R_FS}, {"road_theta", R_RT}, {"road_alpha", R_RAL}, {"c3a_kernel", R_C3},
+    {"boft_R", R_BR}, {"boft_s", R_BS},
 };
 
 typedef struct {
@@ -231,7 +232,7 @@ typedef struct {
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt;
     const lm_ts_tensor *beft, *ha, *hb, *hea, *heb, *vlb, *vld, *sw, *si, *hra, *miss;
     const lm_ts_tensor *da, *db, *dl, *dn, *ga, *gb, *gag, *gbg, *vza, *vzb, *via, *vwa, *vib, *vwb;
-    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft, *fs, *rt, *ral, *c3;
+    const lm_ts_tensor *rl, *rg, *ra, *rb, *oft, *fs, *rt, *ral, *c3, *br, *bsv;
 } lora_module;
 
 typedef struct {
@@ -303,6 +304,8 @@ static const lm_ts_tensor **module_slot(lora_module *m, key_role role)
     case R_RT: return &m->rt;
     case R_RAL: return &m->ral;
     case R_C3: return &m->c3;
+    case R_BR: return &m->br;
+    case R_BS: return &m->bsv;
     default: return &m->tt;
     }
 }
@@ -989,11 +992,11 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
 {
     const lm_adapter *ad = P->adapters[ai];
     const lm_adapter_config *cfg = ad->cfg;
-    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : m->oft ? LM_OP_OFT
+    lm_op_kind kind = (m->sw || m->si) ? LM_OP_SPARSE : m->hra ? LM_OP_HRA : (m->oft || m->br || m->bsv) ? LM_OP_OFT
                     : (m->rt || m->ral) ? LM_OP_ROAD : m->c3 ? LM_OP_C3A : LM_OP_MISS;
     lm_peft_kind want = kind == LM_OP_SPARSE ? LM_PEFT_SHIRA
                       : kind == LM_OP_HRA    ? LM_PEFT_HRA
-                      : kind == LM_OP_OFT    ? LM_PEFT_OFT
+                      : kind == LM_OP_OFT    ? (m->oft ? LM_PEFT_OFT : LM_PEFT_BOFT)
                       : kind == LM_OP_ROAD   ? LM_PEFT_ROAD
                       : kind == LM_OP_C3A    ? LM_PEFT_C3A
                                              : LM_PEFT_MISS;
@@ -1102,6 +1105,28 @@ static lm_code plan_structured(planner *P, size_t ai, const lora_module *m, cons
             return LM_E_NOMEM;
         op->kd = b;
         op->in = in;
+    } else if (kind == LM_OP_OFT && !m->oft) {
+        /* BOFT with one butterfly factor (the only portable one, §5.7): R [1, nb, bs, bs], s [o, 1] */
+        const lm_ts_tensor *R = m->br, *sv = m->bsv;
+        if (!R || !sv || R->n_dims != 4 || R->shape[2] != R->shape[3] || R->shape[1] * R->shape[2] != in ||
+            sv->n_elems != o || !is_float_dtype(R->dtype) || !is_float_dtype(sv->dtype))
+            return mismatch(err, m->module, "BOFT needs boft_R [m, in/bs, bs, bs] and boft_s [%llu, 1] for base '%s'",
+                            (unsigned long long)o, W->name);
+        if (R->shape[0] != 1)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT with %llu butterfly factors: PEFT itself can "
+                           "only load 1 without its CUDA extension; not supported", (unsigned long long)R->shape[0]);
+        if (ad->weight != 1.0)
+            return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT rotates the weight: a weight other than 1 "
+                           "(--scale, --adapter-scaled) has no meaning for it");
+        op = new_op(t, LM_OP_OFT, ai, module, R, err);
+        if (op == NULL)
+            return LM_E_NOMEM;
+        op->b = sv;
+        op->kd = R->shape[2];
+        op->in = in;
+        op->k2 = 4; /* exact Cayley of (X - X^T)/2, rows scaled by s */
+        P->plan->n_lowrank++;
+        return LM_OK;
     } else if (kind == LM_OP_OFT) {
         /* oft_R [blocks (1 with block_share), bs(bs-1)/2]; the blocks tile the input features */
         const lm_ts_tensor *q = m->oft;
@@ -1762,7 +1787,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         if ((m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb || m->vld) &&
             (rc = plan_single(P, ai, m, tm, vera_a, vera_b, err)) != LM_OK)
             goto done;
-        if ((m->sw || m->si || m->hra || m->miss || m->oft || m->rt || m->ral || m->c3) &&
+        if ((m->sw || m->si || m->hra || m->miss || m->oft || m->rt || m->ral || m->c3 || m->br || m->bsv) &&
             (rc = plan_structured(P, ai, m, tm, err)) != LM_OK)
             goto done;
         if (is_derived(m) && (rc = plan_derived(P, ai, m, tm, vb_bank, rl_a, rl_b, err)) != LM_OK)
@@ -1927,7 +1952,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
         snprintf(d.kind, sizeof d.kind, "%s%s%s%s", m->ea ? "embedding lora" : A ? "lora" : "",
                  m->mag ? " + dora" : "", m->bbias ? " + lora_bias" : "", m->tt ? (A ? " + trainable tokens" : "trainable tokens") : "");
         int other = m->tt || m->ia3 || is_lycoris(m) || m->beft || m->ha || m->hb || m->hea || m->heb || m->vlb ||
-                    m->vld || m->sw || m->si || m->hra || m->miss || m->oft || m->rt || m->ral || m->c3 ||
+                    m->vld || m->sw || m->si || m->hra || m->miss || m->oft || m->rt || m->ral || m->c3 || m->br ||
+                    m->bsv ||
                     is_derived(m);
         if (m->rt || m->ral)
             snprintf(d.kind, sizeof d.kind, "road_%d (row-pair rotations, groups of %ld)", cfg->road_variant,
@@ -1943,6 +1969,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
             snprintf(d.kind, sizeof d.kind, "hra (W @ Householder reflections%s)", cfg->hra_gs ? ", Gram-Schmidt" : "");
         if (m->oft)
             snprintf(d.kind, sizeof d.kind, "oft (block rotations%s)", cfg->oft_neumann ? ", Cayley-Neumann" : ", Cayley");
+        if (m->br || m->bsv)
+            snprintf(d.kind, sizeof d.kind, "boft (block rotations, rows scaled)");
         if (m->miss)
             snprintf(d.kind, sizeof d.kind, "miss (%s block added)", cfg->miss_mini ? "mini" : "tiled");
         if (A == NULL && !other)

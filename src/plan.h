@@ -21,7 +21,9 @@ typedef enum {
     LM_OP_SPARSE,      /* SHiRA: W[rows[t], cols[t]] += scale * a[t] */
     LM_OP_HRA,         /* HRA: W <- W @ H, Householder reflections from a = hra_u [in, r] */
     LM_OP_MISS,        /* MiSS: W[o, c] += scale * a[c mod r, o mod kd] */
-    LM_OP_OFT,         /* OFT: W <- W @ blockdiag(R_j)^T, R_j from a = oft_R [blocks, bs(bs-1)/2] */
+    LM_OP_OFT,         /* OFT: W <- W @ blockdiag(R_j)^T, R_j from a = oft_R [blocks, bs(bs-1)/2];
+                          BOFT (one butterfly factor, k2 & 4): R_j = Cayley(X_j - X_j^T)/2 from
+                          a = boft_R [1, blocks, bs, bs], rows then scaled by b = boft_s */
     LM_OP_ROAD,        /* RoAd: W <- R @ W, 2x2 rotations of row pairs (p, p + g/2) in groups of kd rows */
     LM_OP_C3A,         /* C3A: W[p b + u, q b + v] += scale * a[p, q, (v - u) mod b] / in */
 } lm_op_kind;

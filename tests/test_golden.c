@@ -145,7 +145,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
     static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS", "BEFT",
                                          "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS",
                                          "DELORA", "GRALORA", "VBLORA", "RANDLORA", "OFT",
-                                         "FOURIERFT", "ROAD", "C3A"};
+                                         "FOURIERFT", "ROAD", "C3A", "BOFT"};
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)
         lora |= strcmp(peft_type, merged[i]) == 0;
