@@ -399,9 +399,9 @@ static int64_t read_index(const lm_ts_tensor *t, uint64_t i)
 static lm_code vb_mix(const float *bank, uint64_t N, uint64_t L, uint64_t topk, const float *z,
                       const lm_ts_tensor *ix, const float *wk, uint64_t slot, float *out, lm_err *err)
 {
-    int64_t idx[64];
+    int64_t idx[64] = {0};
     double w[64];
-    if (topk > 64)
+    if (topk == 0 || topk > 64)
         return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "VB-LoRA topk %llu is larger than 64",
                        (unsigned long long)topk);
     if (z != NULL) {
