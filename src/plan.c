@@ -437,6 +437,12 @@ static int leaf_is(const char *module, const char *leaf)
     return strcmp(dot ? dot + 1 : module, leaf) == 0;
 }
 
+/* GPT-2's Conv1D layers (stored [in, out]) by name: what decides a square layer's orientation */
+static int is_gpt2_conv1d(const char *module)
+{
+    return leaf_is(module, "c_attn") || leaf_is(module, "c_proj") || leaf_is(module, "c_fc");
+}
+
 static const char *leaf_of(const char *module)
 {
     const char *dot = strrchr(module, '.');
@@ -667,7 +673,7 @@ static lm_code plan_ia3(planner *P, size_t ai, const lora_module *m, const lm_ta
      * stored [in, out], so the axes swap */
     int axis;
     uint64_t d0 = W->shape[0], d1 = W->shape[1];
-    int gpt2 = leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") || leaf_is(m->module, "c_fc");
+    int gpt2 = is_gpt2_conv1d(m->module);
     int first = ff ? 1 : 0; /* the axis in Linear storage [out, in] */
     if (d0 == d1 && d0 == n)
         axis = gpt2 ? 1 - first : first;
@@ -849,7 +855,7 @@ static long weight_for(planner *P, const char *module, uint64_t out, uint64_t in
     const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)bi)->info;
     int o = orientation_of(W, out, in);
     if (o == -1)
-        o = leaf_is(module, "c_attn") || leaf_is(module, "c_proj") || leaf_is(module, "c_fc");
+        o = is_gpt2_conv1d(module);
     if (o < 0) {
         mismatch(err, module, "base '%s' does not have the shape [%llu, %llu] the adapter needs", W->name,
                  (unsigned long long)out, (unsigned long long)in);
@@ -949,8 +955,7 @@ static lm_code plan_single(planner *P, size_t ai, const lora_module *m, const lm
         if (W->n_dims != 2 || (W->shape[0] != out && W->shape[1] != out))
             return mismatch(err, m->module, "vera_lambda_b has %llu elements but base '%s' has no such dimension",
                             (unsigned long long)out, W->name);
-        orient = W->shape[0] == out && !(W->shape[1] == out && (leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") ||
-                                                                 leaf_is(m->module, "c_fc"))) ? 0 : 1;
+        orient = W->shape[0] == out && !(W->shape[1] == out && is_gpt2_conv1d(m->module)) ? 0 : 1;
         in = orient ? W->shape[0] : W->shape[1];
         if (in > A->shape[1])
             return mismatch(err, m->module, "the layer has %llu inputs, more than base_model.vera_A's %llu columns",
@@ -1217,18 +1222,11 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
     if (derive == LM_DERIVE_FOURIER) {
         /* the spectrum's positions are torch.randperm(out*in, seed)[:n] (peft-merge.md §5.10, App. A):
          * the delta is rank 2n through the separable inverse DFT */
-        char wbuf[1100];
-        snprintf(wbuf, sizeof wbuf, "%s.weight", m->module);
-        lm_err local;
-        lm_err_clear(&local);
-        long wi = lm_resolve_base_name(P->model, wbuf, &local);
-        if (wi < 0) {
-            *err = local;
-            lm_err_set_tensor(err, m->module);
-            return err->code;
-        }
+        long wi = module_weight(P, m->module, err);
+        if (wi < 0)
+            return err ? err->code : LM_E_MISMATCH;
         const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)wi)->info;
-        int conv1d_names = leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") || leaf_is(m->module, "c_fc");
+        int conv1d_names = is_gpt2_conv1d(m->module);
         if (W->n_dims != 2 || m->fs->n_dims != 1 || !is_float_dtype(m->fs->dtype))
             return mismatch(err, m->module, "FourierFT needs a 1-D fourierft_spectrum and a 2-D base weight");
         out = conv1d_names ? W->shape[1] : W->shape[0];
@@ -1281,16 +1279,9 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
                             "and the bases randlora_A [r, 1, D], randlora_B [D, NB, r]");
         uint64_t r = m->rl->shape[0], nb = m->rl->shape[1], mn = m->rg->shape[1];
         /* the base tells which of out and in is the smaller one */
-        char wbuf[1100];
-        snprintf(wbuf, sizeof wbuf, "%s.weight", m->module);
-        lm_err local;
-        lm_err_clear(&local);
-        long wi = lm_resolve_base_name(P->model, wbuf, &local);
-        if (wi < 0) {
-            *err = local;
-            lm_err_set_tensor(err, m->module);
-            return err->code;
-        }
+        long wi = module_weight(P, m->module, err);
+        if (wi < 0)
+            return err ? err->code : LM_E_MISMATCH;
         const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)wi)->info;
         if (W->n_dims != 2 || (W->shape[0] != mn && W->shape[1] != mn))
             return mismatch(err, m->module, "randlora_gamma's width %llu is neither dimension of '%s'",
@@ -1301,7 +1292,7 @@ static lm_code plan_derived(planner *P, size_t ai, const lora_module *m, const l
                             (unsigned long long)mx);
         /* Linear orientation [out, in] with out >= in unless the stored layout says otherwise:
          * decided with the base below; here: delta = B_flat @ A_flat is [max, min] */
-        int conv1d_names = leaf_is(m->module, "c_attn") || leaf_is(m->module, "c_proj") || leaf_is(m->module, "c_fc");
+        int conv1d_names = is_gpt2_conv1d(m->module);
         uint64_t o_lin = conv1d_names ? W->shape[1] : W->shape[0], i_lin = conv1d_names ? W->shape[0] : W->shape[1];
         out = o_lin;
         in = i_lin;
@@ -1635,8 +1626,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             o = 1;
             why = "the adapter's other modules are Conv1D";
         }
-        if (o < 0 && (leaf_is(li[k].m->module, "c_attn") || leaf_is(li[k].m->module, "c_proj") ||
-                      leaf_is(li[k].m->module, "c_fc"))) {
+        if (o < 0 && is_gpt2_conv1d(li[k].m->module)) {
             o = 1;
             why = "GPT-2 Conv1D layer name";
         }
