@@ -401,7 +401,7 @@ static char *base_directory(const char *base_path)
     return d;
 }
 
-lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
+static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
 {
     double t0 = now_seconds();
     lm_code rc = LM_OK;
@@ -576,6 +576,20 @@ done:
             lm_adapter_free(ads[i]);
     free(ads);
     lm_model_close(model);
+    return rc;
+}
+
+/* the work always records its error in a local lm_err, so the code returned is the real one even
+ * when the caller passes err == NULL */
+lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
+{
+    lm_err e;
+    lm_err_clear(&e);
+    lm_code rc = merge_run(job, report, &e);
+    if (rc != LM_OK && e.code == LM_OK) /* every failure path names itself; this is a safety net */
+        lm_fail(&e, rc, NULL, "merge failed");
+    if (err != NULL && rc != LM_OK)
+        *err = e;
     return rc;
 }
 

@@ -479,7 +479,8 @@ static lm_code plan_replace(planner *P, size_t ai, const lm_ts_tensor *src, cons
     lm_err_clear(&local);
     long bi = lm_resolve_base_name(P->model, name, &local);
     if (bi == -2) {
-        *err = local;
+        if (err != NULL)
+            *err = local;
         lm_err_set_tensor(err, src->name);
         return LM_E_MISMATCH;
     }
@@ -622,7 +623,8 @@ static long module_weight(planner *P, const char *module, lm_err *err)
     lm_err_clear(&local);
     long bi = lm_resolve_base_name(P->model, buf, &local);
     if (bi < 0) {
-        *err = local;
+        if (err != NULL) /* err may be NULL: the library's callers need not ask for details */
+            *err = local;
         lm_err_set_tensor(err, module);
         return -1;
     }
@@ -842,16 +844,9 @@ static lm_code plan_lycoris(planner *P, size_t ai, const lora_module *m, const l
  * the square case follows the GPT-2 layer names.  @return base entry or -1 with *err */
 static long weight_for(planner *P, const char *module, uint64_t out, uint64_t in, int *orient, lm_err *err)
 {
-    char buf[1100];
-    snprintf(buf, sizeof buf, "%s.weight", module);
-    lm_err local;
-    lm_err_clear(&local);
-    long bi = lm_resolve_base_name(P->model, buf, &local);
-    if (bi < 0) {
-        *err = local;
-        lm_err_set_tensor(err, module);
+    long bi = module_weight(P, module, err);
+    if (bi < 0)
         return -1;
-    }
     const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)bi)->info;
     int o = orientation_of(W, out, in);
     if (o == -1)
@@ -942,15 +937,9 @@ static lm_code plan_single(planner *P, size_t ai, const lora_module *m, const lm
     long bi;
     if (vera) {
         /* the input size comes from the base: [out, in] or, for Conv1D, [in, out] */
-        snprintf(buf, sizeof buf, "%s.weight", m->module);
-        lm_err local;
-        lm_err_clear(&local);
-        bi = lm_resolve_base_name(P->model, buf, &local);
-        if (bi < 0) {
-            *err = local;
-            lm_err_set_tensor(err, m->module);
-            return err->code;
-        }
+        bi = module_weight(P, m->module, err);
+        if (bi < 0)
+            return err ? err->code : LM_E_MISMATCH;
         const lm_tensor_info *W = lm_model_tensor(P->model, (size_t)bi)->info;
         if (W->n_dims != 2 || (W->shape[0] != out && W->shape[1] != out))
             return mismatch(err, m->module, "vera_lambda_b has %llu elements but base '%s' has no such dimension",
@@ -1558,9 +1547,10 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
             }
         }
         if (bi < 0) {
-            *err = local;
+            if (err != NULL)
+                *err = local;
             lm_err_set_tensor(err, m->module);
-            rc = err->code;
+            rc = local.code;
             goto done;
         }
         li[k].base = bi;
@@ -1738,14 +1728,9 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
                 lm_err_set_tensor(err, m->module);
                 goto done;
             }
-            snprintf(buf, sizeof buf, "%s.weight", m->module);
-            lm_err local;
-            lm_err_clear(&local);
-            long bi = lm_resolve_base_name(P->model, buf, &local);
+            long bi = module_weight(P, m->module, err);
             if (bi < 0) {
-                *err = local;
-                lm_err_set_tensor(err, m->module);
-                rc = err->code;
+                rc = err ? err->code : LM_E_MISMATCH;
                 goto done;
             }
             lm_plan_tensor *t = tensor_for(P, bi);

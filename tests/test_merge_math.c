@@ -4,6 +4,8 @@
  * and a sharded base.  No ../shared needed. */
 #include "th.h"
 
+#include "lora_merge.h"
+
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -780,6 +782,35 @@ Test(merge_math, road_rotations_and_tiles)
         free(b[k].v);
         free(f[k].v);
     }
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* the library with err == NULL: refusals still come back as codes, never a crash */
+Test(merge_math, library_without_error_details)
+{
+    char *tmp = th_tmpdir(), base[512], ad[512], out[512];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t ws[] = {4, 4}, as[] = {1, 4}, bs[] = {4, 1};
+    mm_t w = mm_make("m.other.weight", 2, ws, 0.1, "F32");
+    mm_write(base, &w, 1, "F32");
+    mm_t f[2] = {mm_make("base_model.model.m.q.lora_A.weight", 2, as, 0.1, "F32"),
+                 mm_make("base_model.model.m.q.lora_B.weight", 2, bs, 0.1, "F32")};
+    mm_adapter(ad, f, 2, "{\"peft_type\": \"LORA\", \"r\": 1, \"target_modules\": [\"q\"]}");
+    lm_merge_adapter a = {ad, 1.0};
+    lm_merge_job job;
+    memset(&job, 0, sizeof job);
+    job.base_path = base;
+    job.out_path = out;
+    job.adapters = &a;
+    job.n_adapters = 1;
+    cr_assert_eq(lm_merge_run(&job, NULL, NULL), LM_E_MISMATCH, "no base tensor for m.q must be refused");
+    cr_assert(!th_exists(out));
+    free(w.v);
+    free(f[0].v);
+    free(f[1].v);
     th_rmrf(tmp);
     free(tmp);
 }
