@@ -16,13 +16,13 @@ DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev
 DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
 
 PKGS = libcjson openblas libzip
-LM_CPPFLAGS = -Iinclude -Isrc -Ikernels -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
+LM_CPPFLAGS = -Iinclude -Isrc/core -Isrc/format -Isrc/peft -Isrc/methods -Isrc/engine -Ikernels -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
               $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 LM_CFLAGS = -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
             -fopenmp -ffp-contract=off -fvisibility=hidden -pthread
 LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -fopenmp -lm -pthread
 
-SRCS = $(sort $(wildcard src/*.c) $(wildcard kernels/*.c))
+SRCS = $(sort $(wildcard src/core/*.c src/format/*.c src/peft/*.c src/methods/*.c src/engine/*.c) $(wildcard kernels/*.c))
 OBJS = $(SRCS:%.c=$(BUILD)/%.o)
 LIB = $(BUILD)/liblora_merge.a
 BIN = $(BUILD)/lora-merge
