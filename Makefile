@@ -12,10 +12,10 @@ BUILD ?= build
 Q = $(if $(V),,@)
 
 # Debian packages the build and the tests need (installed by `make deps` when missing)
-DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev
+DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev libfftw3-dev
 DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
 
-PKGS = libcjson openblas libzip
+PKGS = libcjson openblas libzip fftw3
 LM_CPPFLAGS = -Iinclude -Isrc/core -Isrc/format -Isrc/peft -Isrc/methods -Isrc/engine -Ikernels -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
               $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 LM_CFLAGS = -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \

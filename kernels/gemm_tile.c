@@ -46,3 +46,18 @@ void lm_gemm_tile_tt(float *W, size_t rows, size_t cols, const float *A_col0, si
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, (blasint)rows, (blasint)cols, (blasint)r, s, A_col0,
                 (blasint)lda, B, (blasint)r, 1.0f, W, (blasint)cols);
 }
+
+void lm_sgemm_rm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A, size_t lda,
+                 const float *B, size_t ldb, float beta, float *C, size_t ldc)
+{
+    if (m == 0 || n == 0)
+        return;
+    if (k == 0) { /* BLAS leaves C * beta; say so explicitly (beta 0 must clear NaNs too) */
+        for (size_t i = 0; i < m; i++)
+            for (size_t j = 0; j < n; j++)
+                C[i * ldc + j] = beta == 0.0f ? 0.0f : C[i * ldc + j] * beta;
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, (blasint)m,
+                (blasint)n, (blasint)k, alpha, A, (blasint)lda, B, (blasint)ldb, beta, C, (blasint)ldc);
+}

@@ -20,4 +20,9 @@ void lm_gemm_tile_nn(float *W, size_t rows, size_t cols, const float *B, const f
 void lm_gemm_tile_tt(float *W, size_t rows, size_t cols, const float *A_col0, size_t lda,
                      const float *B, size_t r, float s);
 
+/* C[m, n] = alpha * op(A) @ op(B) + beta * C, row-major, op = transpose when trans_* is set
+ * (op(A) is [m, k], op(B) is [k, n]); single-threaded like the others. */
+void lm_sgemm_rm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A, size_t lda,
+                 const float *B, size_t ldb, float beta, float *C, size_t ldc);
+
 #endif

@@ -124,15 +124,15 @@ Test(adapter_config, real_method_configs)
         lm_adapter_config *c = lm_adapter_config_load(p, &err);
         cr_assert_not_null(c, "%s: %s", de->d_name, err.msg);
         static const struct {
-            const char *prefix;
-            lm_peft_kind kind;
-        } kinds[] = {{"lora_", LM_PEFT_LORA}, {"text_generation", LM_PEFT_LORA}, {"ia3_", LM_PEFT_IA3},
-                     {"adalora_", LM_PEFT_ADALORA}, {"loha_", LM_PEFT_LOHA}, {"lokr_", LM_PEFT_LOKR},
-                     {"vblora_", LM_PEFT_VBLORA}, {"trainable_tokens_", LM_PEFT_TRAINABLE_TOKENS}};
+            const char *prefix, *type;
+        } kinds[] = {{"lora_", "LORA"}, {"text_generation", "LORA"}, {"ia3_", "IA3"},
+                     {"adalora_", "ADALORA"}, {"loha_", "LOHA"}, {"lokr_", "LOKR"},
+                     {"vblora_", "VBLORA"}, {"trainable_tokens_", "TRAINABLE_TOKENS"}};
         int found = 0;
         for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++)
             if (strncmp(de->d_name, kinds[k].prefix, strlen(kinds[k].prefix)) == 0) {
-                cr_assert_eq(c->kind, kinds[k].kind, "%s: kind %d", de->d_name, c->kind);
+                cr_assert_str_eq(c->peft_type, kinds[k].type, "%s: type %s", de->d_name, c->peft_type);
+                cr_assert_not_null(c->method, "%s: no method", de->d_name);
                 found = 1;
             }
         cr_assert(found, "unexpected config %s", de->d_name);

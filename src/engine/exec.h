@@ -37,8 +37,5 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                     const char *out_path, const lm_exec_opts *opts, lm_exec_stats *stats,
                     lm_err *err);
 
-/* rows per tile for a tensor with `cols` columns (depends on the shape and tile_elems only;
- * tile_elems 0 = the default, 2^18) */
-uint64_t lm_exec_tile_rows(uint64_t cols, uint64_t tile_elems);
 
 #endif

@@ -58,28 +58,6 @@ static double now_seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static const char *op_kind_name(lm_op_kind k)
-{
-    switch (k) {
-    case LM_OP_REPLACE: return "replace";
-    case LM_OP_LOWRANK: return "lora";
-    case LM_OP_BIAS_ADD: return "lora_bias";
-    case LM_OP_ROWS: return "trainable_tokens";
-    case LM_OP_DORA: return "dora";
-    case LM_OP_SCALE: return "ia3";
-    case LM_OP_HADAMARD: return "loha";
-    case LM_OP_KRON: return "lokr";
-    case LM_OP_HIRA: return "hira";
-    case LM_OP_SPARSE: return "shira";
-    case LM_OP_HRA: return "hra";
-    case LM_OP_MISS: return "miss";
-    case LM_OP_OFT: return "oft";
-    case LM_OP_ROAD: return "road";
-    case LM_OP_C3A: return "c3a";
-    }
-    return "?";
-}
-
 static void shape_text(char *buf, size_t cap, size_t n_dims, const uint64_t *shape)
 {
     size_t used = (size_t)snprintf(buf, cap, "[");
@@ -133,19 +111,19 @@ static lm_code build_report(report_impl *ri, const lm_merge_job *job, lm_adapter
         for (size_t q = 0; q < t->n_ops; q++) {
             const lm_op *op = &t->ops[q];
             cJSON *jo = cJSON_CreateObject();
-            cJSON_AddStringToObject(jo, "op", op_kind_name(op->kind));
+            cJSON_AddStringToObject(jo, "op", op->name);
             cJSON_AddStringToObject(jo, "module", op->module ? op->module : "");
             cJSON_AddNumberToObject(jo, "adapter", (double)op->adapter);
             if (op->kind == LM_OP_LOWRANK) {
                 cJSON_AddNumberToObject(jo, "rank", (double)op->rank);
-                cJSON_AddNumberToObject(jo, "scale", op->scale_f64);
-                cJSON_AddBoolToObject(jo, "transposed", op->transposed);
+                cJSON_AddNumberToObject(jo, "scale", op->scale);
+                cJSON_AddBoolToObject(jo, "transposed", op->axis);
                 if (k < sizeof line)
-                    k += (size_t)snprintf(line + k, sizeof line - k, " lora(r=%llu, scale=%g%s, #%zu)",
-                                          (unsigned long long)op->rank, op->scale_f64,
-                                          op->transposed ? ", transposed" : "", op->adapter);
+                    k += (size_t)snprintf(line + k, sizeof line - k, " %s(r=%llu, scale=%g%s, #%zu)", op->name,
+                                          (unsigned long long)op->rank, op->scale, op->axis ? ", transposed" : "",
+                                          op->adapter);
             } else if (k < sizeof line) {
-                k += (size_t)snprintf(line + k, sizeof line - k, " %s(#%zu)", op_kind_name(op->kind), op->adapter);
+                k += (size_t)snprintf(line + k, sizeof line - k, " %s(#%zu)", op->name, op->adapter);
             }
             cJSON_AddItemToArray(ops, jo);
         }
@@ -629,30 +607,11 @@ lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
     const lm_adapter_config *c = a->cfg;
     OUT("adapter: %s (name '%s')\n", a->dir, a->name);
     OUT("config: %s\nweights: %s\n", a->config_path, a->weights_path);
-    OUT("type: %s, variant: %s%s%s%s\n", c->peft_type,
-        c->kind == LM_PEFT_IA3       ? "IA3"
-        : c->kind == LM_PEFT_ADALORA ? "AdaLoRA"
-        : c->kind == LM_PEFT_LOHA    ? "LoHa"
-        : c->kind == LM_PEFT_LOKR    ? "LoKr"
-        : c->use_dora                ? "DoRA"
-                                     : "LoRA", c->use_rslora ? " + rsLoRA" : "",
-        c->lora_bias ? " + lora_bias" : "", c->tt_modules.n ? " + trainable tokens" : "");
-    if (c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR)
-        OUT("r: %ld, alpha: %g, scale: %g (alpha/r)\n", c->r, c->lora_alpha, c->lora_alpha / (double)c->r);
-    else if (c->kind == LM_PEFT_LORA)
-        OUT("r: %ld, lora_alpha: %g, scale: %g (%s)\n", c->r, c->lora_alpha,
-            c->use_rslora ? c->lora_alpha / sqrt((double)c->r) : c->lora_alpha / (double)c->r,
-            c->use_rslora ? "alpha/sqrt(r)" : "alpha/r");
-    else if (c->kind == LM_PEFT_ADALORA)
-        OUT("init_r: %ld, lora_alpha: %g, scale: %g (alpha/(init_r+1e-5), whatever rank each module kept)\n",
-            c->init_r, c->lora_alpha, (c->lora_alpha > 0 ? c->lora_alpha : (double)c->init_r) / ((double)c->init_r + 1e-5));
-    if (c->ff_is_regex)
-        OUT("feedforward_modules: regex %s\n", c->ff_regex);
-    else if (c->ff_list.n) {
-        OUT("feedforward_modules:");
-        for (size_t i = 0; i < c->ff_list.n; i++)
-            OUT(" %s", c->ff_list.v[i]);
-        OUT("\n");
+    OUT("type: %s\n", c->peft_type);
+    if (c->method->describe_config != NULL) {
+        char mc[2048];
+        c->method->describe_config(c, mc, sizeof mc);
+        OUT("%s", mc);
     }
     for (size_t i = 0; i < c->rank_keys.n; i++)
         OUT("rank_pattern: %s -> %ld\n", c->rank_keys.v[i], c->rank_vals[i]);

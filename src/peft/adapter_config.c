@@ -2,6 +2,7 @@
 #include "adapter_config.h"
 
 #include "lm_error.h"
+#include "method.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -17,9 +18,7 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    
-    "BONE", 
-    "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
+    "BONE", "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
     "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
 };
 
@@ -33,10 +32,7 @@ static int in_list(const char *s, const char *const *list, size_t n)
 
 int lm_peft_type_kind(const char *t, const char **why)
 {
-    static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS",
-                                         "BEFT", "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS", "DELORA", "GRALORA",
-                                         "VBLORA", "RANDLORA", "OFT", "FOURIERFT", "ROAD", "C3A", "BOFT"};
-    if (in_list(t, merged, sizeof merged / sizeof *merged))
+    if (lm_method_find(t) != NULL)
         return 1;
     if (in_list(t, PROMPT_TYPES, sizeof PROMPT_TYPES / sizeof *PROMPT_TYPES)) {
         *why = "cannot be merged into weights (it adds virtual tokens or prompts, not weight deltas)";
@@ -53,7 +49,7 @@ int lm_peft_type_kind(const char *t, const char **why)
     return -1;
 }
 
-static void str_list_free(lm_str_list *l)
+void lm_str_list_free(lm_str_list *l)
 {
     for (size_t i = 0; i < l->n; i++)
         free(l->v[i]);
@@ -69,37 +65,39 @@ void lm_adapter_config_free(lm_adapter_config *c)
     free(c->path);
     free(c->peft_type);
     free(c->bias);
-    str_list_free(&c->rank_keys);
+    lm_str_list_free(&c->rank_keys);
     free(c->rank_vals);
-    str_list_free(&c->alpha_keys);
+    lm_str_list_free(&c->alpha_keys);
     free(c->alpha_vals);
     free(c->target_regex);
-    str_list_free(&c->target_list);
+    lm_str_list_free(&c->target_list);
     free(c->exclude_regex);
-    str_list_free(&c->exclude_list);
-    str_list_free(&c->modules_to_save);
+    lm_str_list_free(&c->exclude_list);
+    lm_str_list_free(&c->modules_to_save);
     free(c->layers_to_transform);
-    str_list_free(&c->layers_pattern);
+    lm_str_list_free(&c->layers_pattern);
     for (size_t i = 0; i < c->tt_modules.n; i++)
         free(c->tt_indices[i]);
     free(c->tt_indices);
     free(c->tt_n);
-    str_list_free(&c->tt_modules);
+    lm_str_list_free(&c->tt_modules);
     free(c->init_lora_weights);
-    free(c->ff_regex);
-    str_list_free(&c->ff_list);
+    if (c->method != NULL && c->method->free_config != NULL)
+        c->method->free_config(c->mcfg);
+    else
+        free(c->mcfg);
     free(c);
 }
 
-static const cJSON *field(const cJSON *root, const char *name)
+const cJSON *lm_cfg_field(const cJSON *root, const char *name)
 {
     const cJSON *f = cJSON_GetObjectItemCaseSensitive(root, name);
     return (f == NULL || cJSON_IsNull(f)) ? NULL : f;
 }
 
-static lm_code get_bool(const cJSON *root, const char *name, int *out, lm_err *err)
+lm_code lm_cfg_bool(const cJSON *root, const char *name, int *out, lm_err *err)
 {
-    const cJSON *f = field(root, name);
+    const cJSON *f = lm_cfg_field(root, name);
     if (f == NULL)
         return LM_OK;
     if (!cJSON_IsBool(f))
@@ -110,9 +108,9 @@ static lm_code get_bool(const cJSON *root, const char *name, int *out, lm_err *e
 
 static int is_integer(double v) { return isfinite(v) && v == floor(v) && fabs(v) < 9.0e15; }
 
-static lm_code get_int(const cJSON *root, const char *name, long *out, lm_err *err)
+lm_code lm_cfg_int(const cJSON *root, const char *name, long *out, lm_err *err)
 {
-    const cJSON *f = field(root, name);
+    const cJSON *f = lm_cfg_field(root, name);
     if (f == NULL)
         return LM_OK;
     if (!cJSON_IsNumber(f) || !is_integer(f->valuedouble))
@@ -121,9 +119,9 @@ static lm_code get_int(const cJSON *root, const char *name, long *out, lm_err *e
     return LM_OK;
 }
 
-static lm_code get_num(const cJSON *root, const char *name, double *out, lm_err *err)
+lm_code lm_cfg_num(const cJSON *root, const char *name, double *out, lm_err *err)
 {
-    const cJSON *f = field(root, name);
+    const cJSON *f = lm_cfg_field(root, name);
     if (f == NULL)
         return LM_OK;
     if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble))
@@ -132,18 +130,18 @@ static lm_code get_num(const cJSON *root, const char *name, double *out, lm_err 
     return LM_OK;
 }
 
-static lm_code dup_str(const char *s, char **out, lm_err *err)
+lm_code lm_cfg_dup(const char *s, char **out, lm_err *err)
 {
     *out = strdup(s);
     return *out ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
 }
 
 /* a JSON array of strings (or a single string when allow_string) -> list */
-static lm_code get_str_list(const cJSON *f, const char *name, lm_str_list *out, lm_err *err)
+lm_code lm_cfg_str_list(const cJSON *f, const char *name, lm_str_list *out, lm_err *err)
 {
     if (cJSON_IsString(f)) {
         out->v = calloc(1, sizeof *out->v);
-        if (out->v == NULL || dup_str(f->valuestring, &out->v[0], err) != LM_OK)
+        if (out->v == NULL || lm_cfg_dup(f->valuestring, &out->v[0], err) != LM_OK)
             return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         out->n = 1;
         return LM_OK;
@@ -159,14 +157,14 @@ static lm_code get_str_list(const cJSON *f, const char *name, lm_str_list *out, 
     {
         if (!cJSON_IsString(e))
             return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be a list of strings", name);
-        if (dup_str(e->valuestring, &out->v[out->n], err) != LM_OK)
+        if (lm_cfg_dup(e->valuestring, &out->v[out->n], err) != LM_OK)
             return LM_E_NOMEM;
         out->n++;
     }
     return LM_OK;
 }
 
-static lm_code get_int_list(const cJSON *f, const char *name, long **out, size_t *n_out, lm_err *err)
+lm_code lm_cfg_int_list(const cJSON *f, const char *name, long **out, size_t *n_out, lm_err *err)
 {
     if (cJSON_IsNumber(f)) {
         if (!is_integer(f->valuedouble))
@@ -200,7 +198,7 @@ static lm_code get_pattern(const cJSON *root, const char *name, lm_str_list *key
                            double **vals, int want_int, lm_err *err)
 {
     (void)ivals_unused;
-    const cJSON *f = field(root, name);
+    const cJSON *f = lm_cfg_field(root, name);
     if (f == NULL)
         return LM_OK;
     if (!cJSON_IsObject(f))
@@ -216,7 +214,7 @@ static lm_code get_pattern(const cJSON *root, const char *name, lm_str_list *key
         if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || (want_int && !is_integer(e->valuedouble)))
             return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' entry '%s' must be a%s number", name,
                            e->string, want_int ? "n integer" : "");
-        if (dup_str(e->string, &keys->v[keys->n], err) != LM_OK)
+        if (lm_cfg_dup(e->string, &keys->v[keys->n], err) != LM_OK)
             return LM_E_NOMEM;
         (*vals)[keys->n] = e->valuedouble;
         keys->n++;
@@ -224,7 +222,7 @@ static lm_code get_pattern(const cJSON *root, const char *name, lm_str_list *key
     return LM_OK;
 }
 
-static int truthy(const cJSON *f)
+int lm_cfg_truthy(const cJSON *f)
 {
     if (f == NULL || cJSON_IsFalse(f))
         return 0;
@@ -235,46 +233,6 @@ static int truthy(const cJSON *f)
     if (cJSON_IsNumber(f))
         return f->valuedouble != 0;
     return 1;
-}
-
-/* LoRA settings PEFT does not merge, or that would need the base's SVD (peft-merge.md §7.2) */
-static lm_code check_lora_variants(const cJSON *root, lm_adapter_config *c, lm_err *err)
-{
-    static const struct {
-        const char *key, *what;
-    } refused[] = {
-        {"alora_invocation_tokens", "aLoRA (alora_invocation_tokens): PEFT does not support merging aLoRA"},
-        {"arrow_config", "Arrow routing (arrow_config): a router adapter cannot be merged"},
-        {"use_qalora", "QA-LoRA (use_qalora): made for GPTQ-quantized layers, not mergeable into a float base"},
-        {"kasa_config", "KaSA (kasa_config): the merge needs an SVD of the base weights"},
-        {"layer_replication", "layer_replication: the merged model would have more layers than the base"},
-        {"enable_lora", "'enable_lora' (PEFT <= 0.2 MergedLinear): unsupported old format, re-save the adapter with a current PEFT"},
-        {"target_parameters", "LoRA on raw parameters (target_parameters) is not supported by lora-merge yet"},
-        {"use_bdlora", "BD-LoRA (use_bdlora) is not supported by lora-merge yet"},
-    };
-    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
-        if (truthy(field(root, refused[i].key)))
-            return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type LORA with %s", refused[i].what);
-    const cJSON *init = field(root, "init_lora_weights");
-    if (init != NULL) {
-        char buf[64];
-        if (cJSON_IsBool(init))
-            snprintf(buf, sizeof buf, "%s", cJSON_IsTrue(init) ? "true" : "false");
-        else if (cJSON_IsString(init))
-            snprintf(buf, sizeof buf, "%s", init->valuestring);
-        else
-            snprintf(buf, sizeof buf, "?");
-        if (dup_str(buf, &c->init_lora_weights, err) != LM_OK)
-            return LM_E_NOMEM;
-        static const char *const mutating[] = {"pissa", "olora", "corda", "loftq", "lora_ga", "eva"};
-        for (size_t i = 0; i < sizeof mutating / sizeof *mutating; i++)
-            if (strncmp(buf, mutating[i], strlen(mutating[i])) == 0 && strcmp(buf, "eva") != 0)
-                return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant",
-                               "peft_type LORA with init_lora_weights '%s': PEFT re-runs this init on load and "
-                               "modifies the base weights; convert the adapter to plain LoRA first "
-                               "(path_initial_model_for_weight_conversion)", buf);
-    }
-    return LM_OK;
 }
 
 lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, const char *path,
@@ -312,12 +270,12 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         lm_fail(err, LM_E_FORMAT, "InvalidConfig", "the config is not a JSON object");
         goto fail;
     }
-    const cJSON *pt = field(root, "peft_type");
+    const cJSON *pt = lm_cfg_field(root, "peft_type");
     if (pt == NULL || !cJSON_IsString(pt)) {
         lm_fail(err, LM_E_FORMAT, "MissingField", "no 'peft_type' string: not a PEFT adapter config");
         goto fail;
     }
-    if (dup_str(pt->valuestring, &c->peft_type, err) != LM_OK)
+    if (lm_cfg_dup(pt->valuestring, &c->peft_type, err) != LM_OK)
         goto fail;
     const char *why = NULL;
     int kind = lm_peft_type_kind(c->peft_type, &why);
@@ -330,180 +288,36 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedPeftType", "peft_type %s %s", c->peft_type, why);
         goto fail;
     }
-    c->kind = strcmp(c->peft_type, "ADALORA") == 0 ? LM_PEFT_ADALORA
-            : strcmp(c->peft_type, "IA3") == 0     ? LM_PEFT_IA3
-            : strcmp(c->peft_type, "LOHA") == 0    ? LM_PEFT_LOHA
-            : strcmp(c->peft_type, "LOKR") == 0    ? LM_PEFT_LOKR
-            : strcmp(c->peft_type, "TRAINABLE_TOKENS") == 0 ? LM_PEFT_TRAINABLE_TOKENS
-            : strcmp(c->peft_type, "BEFT") == 0    ? LM_PEFT_BEFT
-            : strcmp(c->peft_type, "LN_TUNING") == 0 ? LM_PEFT_LN_TUNING
-            : strcmp(c->peft_type, "HIRA") == 0    ? LM_PEFT_HIRA
-            : strcmp(c->peft_type, "VERA") == 0    ? LM_PEFT_VERA
-            : strcmp(c->peft_type, "SHIRA") == 0   ? LM_PEFT_SHIRA
-            : strcmp(c->peft_type, "HRA") == 0     ? LM_PEFT_HRA
-            : strcmp(c->peft_type, "MISS") == 0    ? LM_PEFT_MISS
-            : strcmp(c->peft_type, "DELORA") == 0  ? LM_PEFT_DELORA
-            : strcmp(c->peft_type, "GRALORA") == 0 ? LM_PEFT_GRALORA
-            : strcmp(c->peft_type, "VBLORA") == 0  ? LM_PEFT_VBLORA
-            : strcmp(c->peft_type, "RANDLORA") == 0 ? LM_PEFT_RANDLORA
-            : strcmp(c->peft_type, "OFT") == 0     ? LM_PEFT_OFT
-            : strcmp(c->peft_type, "FOURIERFT") == 0 ? LM_PEFT_FOURIERFT
-            : strcmp(c->peft_type, "ROAD") == 0    ? LM_PEFT_ROAD
-            : strcmp(c->peft_type, "C3A") == 0     ? LM_PEFT_C3A
-            : strcmp(c->peft_type, "BOFT") == 0    ? LM_PEFT_BOFT
-                                                   : LM_PEFT_LORA;
-    if (c->kind == LM_PEFT_ROAD) {
-        const cJSON *var = field(root, "variant");
-        c->road_variant = 1;
-        c->road_group = 64;
-        if (var != NULL) {
-            if (!cJSON_IsString(var) || strncmp(var->valuestring, "road_", 5) != 0 ||
-                (strcmp(var->valuestring + 5, "1") && strcmp(var->valuestring + 5, "2") && strcmp(var->valuestring + 5, "4"))) {
-                lm_fail(err, LM_E_FORMAT, "InvalidConfig", "RoAd 'variant' must be road_1, road_2 or road_4");
-                goto fail;
-            }
-            c->road_variant = var->valuestring[5] - '0';
-        }
-        if (get_int(root, "group_size", &c->road_group, err) != LM_OK)
-            goto fail;
-        if (c->road_group <= 0 || c->road_group % 2 != 0) {
-            lm_fail(err, LM_E_FORMAT, "InvalidConfig", "RoAd 'group_size' must be positive and even");
-            goto fail;
-        }
-    }
-    if (c->kind == LM_PEFT_FOURIERFT) {
-        c->ft_scaling = 150.0;
-        c->ft_seed = 777;
-        if (get_num(root, "scaling", &c->ft_scaling, err) || get_int(root, "random_loc_seed", &c->ft_seed, err))
-            goto fail;
-    }
-    if (c->kind == LM_PEFT_OFT) {
-        long bs = 0;
-        c->oft_neumann = 1;
-        c->oft_terms = 5;
-        c->oft_eps = 6e-5;
-        if (field(root, "oft_block_size") == NULL) {
-            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type OFT without oft_block_size: an adapter "
-                    "from PEFT < 0.14, which today's PEFT refuses too (OFT was changed incompatibly)");
-            goto fail;
-        }
-        if (get_int(root, "oft_block_size", &bs, err) || get_bool(root, "coft", &c->oft_coft, err) ||
-            get_bool(root, "use_cayley_neumann", &c->oft_neumann, err) ||
-            get_int(root, "num_cayley_neumann_terms", &c->oft_terms, err) || get_num(root, "eps", &c->oft_eps, err))
-            goto fail;
-    }
-    if (c->kind == LM_PEFT_RANDLORA) {
-        if (cJSON_IsFalse(field(root, "save_projection"))) {
-            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type RANDLORA with save_projection false: the "
-                    "random bases would have to be regenerated from torch's generator; not supported");
-            goto fail;
-        }
-        c->lora_alpha = 640; /* randlora_alpha's default */
-        if (get_num(root, "randlora_alpha", &c->lora_alpha, err) != LM_OK)
-            goto fail;
-    }
-    c->gralora_k = 2;
-    c->topk = 2;
-    if (c->kind == LM_PEFT_GRALORA &&
-        (get_int(root, "hybrid_r", &c->hybrid_r, err) != LM_OK || get_int(root, "gralora_k", &c->gralora_k, err) != LM_OK))
+    const lm_method *m = lm_method_find(c->peft_type);
+    c->method = m;
+    /* the fields every type may have; a type's own keys are read by its parse_config below.
+     * LoHa/LoKr/GraLoRA call the alpha 'alpha'; LoRA's 'alpha' (hand-written configs) means nothing */
+    if (lm_cfg_int(root, "r", &c->r, err) ||
+        lm_cfg_num(root, (m->flags & LM_M_ALPHA_KEY) ? "alpha" : "lora_alpha", &c->lora_alpha, err) ||
+        lm_cfg_bool(root, "use_rslora", &c->use_rslora, err) || lm_cfg_bool(root, "use_dora", &c->use_dora, err) ||
+        lm_cfg_bool(root, "lora_bias", &c->lora_bias, err) ||
+        lm_cfg_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||
+        lm_cfg_bool(root, "ensure_weight_tying", &c->ensure_weight_tying, err))
         goto fail;
-    if (c->kind == LM_PEFT_GRALORA && (c->gralora_k <= 0 || c->hybrid_r < 0)) {
-        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'gralora_k' must be positive and 'hybrid_r' not negative");
+    if (m->parse_config != NULL && m->parse_config(root, c, err) != LM_OK)
         goto fail;
-    }
-    if (c->kind == LM_PEFT_VBLORA && get_int(root, "topk", &c->topk, err) != LM_OK)
-        goto fail;
-    if (c->kind == LM_PEFT_VBLORA && c->topk <= 0) {
-        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'topk' must be positive");
-        goto fail;
-    }
-    if (c->kind == LM_PEFT_HRA && get_bool(root, "apply_GS", &c->hra_gs, err) != LM_OK)
-        goto fail;
-    if (c->kind == LM_PEFT_MISS) {
-        const cJSON *iw = field(root, "init_weights");
-        c->mini_r = 1;
-        if (get_int(root, "mini_r", &c->mini_r, err) != LM_OK)
-            goto fail;
-        if (cJSON_IsString(iw) && strcmp(iw->valuestring, "bat") == 0) {
-            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant",
-                    "peft_type MISS with init_weights \"bat\" (block-wise form) is not supported by lora-merge yet");
-            goto fail;
-        }
-        c->miss_mini = cJSON_IsString(iw) && strcmp(iw->valuestring, "mini") == 0;
-        if (c->miss_mini && c->mini_r <= 0) {
-            lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'mini_r' must be positive");
-            goto fail;
-        }
-    }
-    if (c->kind == LM_PEFT_VERA && cJSON_IsFalse(field(root, "save_projection"))) {
-        lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type VERA with save_projection false: the shared "
-                "projections would have to be regenerated from torch's random generator; not supported");
-        goto fail;
-    }
-    /* the standalone trainable-tokens type: token_indices for its target module */
-    const cJSON *tok = field(root, "token_indices");
-    if (c->kind == LM_PEFT_TRAINABLE_TOKENS) {
-        if (tok == NULL) {
-            lm_fail(err, LM_E_FORMAT, "MissingField", "TRAINABLE_TOKENS without 'token_indices'");
-            goto fail;
-        }
-        c->tt_modules.v = calloc(1, sizeof *c->tt_modules.v);
-        c->tt_indices = calloc(1, sizeof *c->tt_indices);
-        c->tt_n = calloc(1, sizeof *c->tt_n);
-        if (c->tt_modules.v == NULL || c->tt_indices == NULL || c->tt_n == NULL ||
-            dup_str("", &c->tt_modules.v[0], err) != LM_OK) {
-            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            goto fail;
-        }
-        c->tt_modules.n = 1;
-        if (get_int_list(tok, "token_indices", &c->tt_indices[0], &c->tt_n[0], err) != LM_OK)
-            goto fail;
-    }
-    int lycoris = c->kind == LM_PEFT_LOHA || c->kind == LM_PEFT_LOKR || c->kind == LM_PEFT_GRALORA; /* 'alpha' */
-    c->init_r = 12;
-    if ((c->kind == LM_PEFT_LORA || c->kind == LM_PEFT_ADALORA) && check_lora_variants(root, c, err) != LM_OK)
-        goto fail;
-    if (c->kind == LM_PEFT_ADALORA && get_int(root, "init_r", &c->init_r, err) != LM_OK)
-        goto fail;
-    if (c->kind == LM_PEFT_ADALORA && c->init_r <= 0) {
-        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'init_r' must be positive (it is %ld)", c->init_r);
-        goto fail;
-    }
-    const cJSON *ff = field(root, "feedforward_modules");
-    if (c->kind == LM_PEFT_IA3 && ff != NULL) {
-        if (cJSON_IsString(ff)) {
-            c->ff_is_regex = 1;
-            if (dup_str(ff->valuestring, &c->ff_regex, err) != LM_OK)
-                goto fail;
-        } else if (get_str_list(ff, "feedforward_modules", &c->ff_list, err) != LM_OK) {
-            goto fail;
-        }
-    }
-    /* LoHa/LoKr call it 'alpha'; LoRA's 'alpha' (hand-written configs) means nothing */
-    if (get_int(root, "r", &c->r, err) ||
-        (c->kind != LM_PEFT_RANDLORA && get_num(root, lycoris ? "alpha" : "lora_alpha", &c->lora_alpha, err)) ||
-        get_bool(root, "use_rslora", &c->use_rslora, err) || get_bool(root, "use_dora", &c->use_dora, err) ||
-        get_bool(root, "lora_bias", &c->lora_bias, err) ||
-        get_bool(root, "fan_in_fan_out", &c->fan_in_fan_out, err) ||
-        get_bool(root, "ensure_weight_tying", &c->ensure_weight_tying, err))
-        goto fail;
-    if (c->r <= 0 && c->kind != LM_PEFT_OFT && c->kind != LM_PEFT_BOFT) { /* (B)OFT: r = 0 with a block size */
+    if (c->r <= 0 && !(m->flags & LM_M_NO_RANK)) {
         lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'r' must be positive (it is %ld)", c->r);
         goto fail;
     }
-    const cJSON *bias = field(root, "bias");
+    const cJSON *bias = lm_cfg_field(root, "bias");
     if (bias != NULL) {
         if (!cJSON_IsString(bias)) {
             lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'bias' must be a string");
             goto fail;
         }
         free(c->bias);
-        if (dup_str(bias->valuestring, &c->bias, err) != LM_OK)
+        if (lm_cfg_dup(bias->valuestring, &c->bias, err) != LM_OK)
             goto fail;
     }
     double *rank_d = NULL;
     /* AdaLoRA's rank_pattern holds the kept ranks as booleans: the tensors already have them */
-    if ((c->kind == LM_PEFT_LORA || lycoris) &&
+    if ((m->flags & LM_M_PATTERNS) &&
         get_pattern(root, "rank_pattern", &c->rank_keys, NULL, &rank_d, 1, err) != LM_OK) {
         free(rank_d);
         goto fail;
@@ -519,11 +333,11 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
             c->rank_vals[i] = (long)rank_d[i];
     }
     free(rank_d);
-    if ((c->kind == LM_PEFT_LORA || lycoris) &&
+    if ((m->flags & LM_M_PATTERNS) &&
         get_pattern(root, "alpha_pattern", &c->alpha_keys, NULL, &c->alpha_vals, 0, err) != LM_OK)
         goto fail;
 
-    const cJSON *tm = field(root, "target_modules");
+    const cJSON *tm = lm_cfg_field(root, "target_modules");
     if (tm != NULL) {
         c->has_target = 1;
         if (cJSON_IsString(tm)) {
@@ -531,59 +345,56 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
                 c->all_linear = 1;
             else {
                 c->target_is_regex = 1;
-                if (dup_str(tm->valuestring, &c->target_regex, err) != LM_OK)
+                if (lm_cfg_dup(tm->valuestring, &c->target_regex, err) != LM_OK)
                     goto fail;
             }
-        } else if (get_str_list(tm, "target_modules", &c->target_list, err) != LM_OK) {
+        } else if (lm_cfg_str_list(tm, "target_modules", &c->target_list, err) != LM_OK) {
             goto fail;
         }
     }
-    const cJSON *ex = field(root, "exclude_modules");
+    const cJSON *ex = lm_cfg_field(root, "exclude_modules");
     if (ex != NULL) {
         if (cJSON_IsString(ex)) {
             c->exclude_is_regex = 1;
-            if (dup_str(ex->valuestring, &c->exclude_regex, err) != LM_OK)
+            if (lm_cfg_dup(ex->valuestring, &c->exclude_regex, err) != LM_OK)
                 goto fail;
-        } else if (get_str_list(ex, "exclude_modules", &c->exclude_list, err) != LM_OK) {
+        } else if (lm_cfg_str_list(ex, "exclude_modules", &c->exclude_list, err) != LM_OK) {
             goto fail;
         }
     }
-    const cJSON *mts = field(root, "modules_to_save");
-    if (mts != NULL && get_str_list(mts, "modules_to_save", &c->modules_to_save, err) != LM_OK)
+    const cJSON *mts = lm_cfg_field(root, "modules_to_save");
+    if (mts != NULL && lm_cfg_str_list(mts, "modules_to_save", &c->modules_to_save, err) != LM_OK)
         goto fail;
-    const cJSON *ltt = field(root, "layers_to_transform");
-    if (ltt != NULL && get_int_list(ltt, "layers_to_transform", &c->layers_to_transform, &c->n_layers, err) != LM_OK)
+    const cJSON *ltt = lm_cfg_field(root, "layers_to_transform");
+    if (ltt != NULL && lm_cfg_int_list(ltt, "layers_to_transform", &c->layers_to_transform, &c->n_layers, err) != LM_OK)
         goto fail;
-    const cJSON *lp = field(root, "layers_pattern");
-    if (lp != NULL && get_str_list(lp, "layers_pattern", &c->layers_pattern, err) != LM_OK)
+    const cJSON *lp = lm_cfg_field(root, "layers_pattern");
+    if (lp != NULL && lm_cfg_str_list(lp, "layers_pattern", &c->layers_pattern, err) != LM_OK)
         goto fail;
 
-    const cJSON *tti = field(root, "trainable_token_indices");
-    if (tti != NULL && c->kind != LM_PEFT_TRAINABLE_TOKENS) {
+    /* trainable_token_indices: a list (for the embedding) or {module: [ids]}; the standalone
+     * TRAINABLE_TOKENS type fills the same fields from its token_indices */
+    const cJSON *tti = lm_cfg_field(root, "trainable_token_indices");
+    if (tti != NULL && c->tt_modules.n == 0) {
         size_t n = cJSON_IsObject(tti) ? (size_t)cJSON_GetArraySize(tti) : 1;
-        c->tt_modules.v = calloc(n ? n : 1, sizeof *c->tt_modules.v);
-        c->tt_indices = calloc(n ? n : 1, sizeof *c->tt_indices);
-        c->tt_n = calloc(n ? n : 1, sizeof *c->tt_n);
-        if (c->tt_modules.v == NULL || c->tt_indices == NULL || c->tt_n == NULL) {
-            lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        if (lm_adapter_config_tt_alloc(c, n, err) != LM_OK)
             goto fail;
-        }
         if (cJSON_IsObject(tti)) {
             const cJSON *e;
             cJSON_ArrayForEach(e, tti)
             {
-                if (dup_str(e->string, &c->tt_modules.v[c->tt_modules.n], err) != LM_OK)
+                if (lm_cfg_dup(e->string, &c->tt_modules.v[c->tt_modules.n], err) != LM_OK)
                     goto fail;
                 c->tt_modules.n++;
-                if (get_int_list(e, "trainable_token_indices", &c->tt_indices[c->tt_modules.n - 1],
+                if (lm_cfg_int_list(e, "trainable_token_indices", &c->tt_indices[c->tt_modules.n - 1],
                                  &c->tt_n[c->tt_modules.n - 1], err) != LM_OK)
                     goto fail;
             }
         } else {
-            if (dup_str("", &c->tt_modules.v[0], err) != LM_OK)
+            if (lm_cfg_dup("", &c->tt_modules.v[0], err) != LM_OK)
                 goto fail;
             c->tt_modules.n = 1;
-            if (get_int_list(tti, "trainable_token_indices", &c->tt_indices[0], &c->tt_n[0], err) != LM_OK)
+            if (lm_cfg_int_list(tti, "trainable_token_indices", &c->tt_indices[0], &c->tt_n[0], err) != LM_OK)
                 goto fail;
         }
     }
@@ -594,6 +405,16 @@ fail:
     lm_err_set_path(err, path);
     lm_adapter_config_free(c);
     return NULL;
+}
+
+lm_code lm_adapter_config_tt_alloc(lm_adapter_config *c, size_t n, lm_err *err)
+{
+    c->tt_modules.v = calloc(n ? n : 1, sizeof *c->tt_modules.v);
+    c->tt_indices = calloc(n ? n : 1, sizeof *c->tt_indices);
+    c->tt_n = calloc(n ? n : 1, sizeof *c->tt_n);
+    if (c->tt_modules.v == NULL || c->tt_indices == NULL || c->tt_n == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    return LM_OK;
 }
 
 lm_adapter_config *lm_adapter_config_load(const char *path, lm_err *err)

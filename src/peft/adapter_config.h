@@ -12,34 +12,11 @@ typedef struct lm_str_list {
     size_t n;
 } lm_str_list;
 
-typedef enum {
-    LM_PEFT_LORA = 0, LM_PEFT_ADALORA, LM_PEFT_IA3, LM_PEFT_LOHA, LM_PEFT_LOKR,
-    LM_PEFT_TRAINABLE_TOKENS, LM_PEFT_BEFT, LM_PEFT_LN_TUNING, LM_PEFT_HIRA, LM_PEFT_VERA,
-    LM_PEFT_SHIRA, LM_PEFT_HRA, LM_PEFT_MISS, LM_PEFT_DELORA, LM_PEFT_GRALORA, LM_PEFT_VBLORA,
-    LM_PEFT_RANDLORA, LM_PEFT_OFT, LM_PEFT_FOURIERFT, LM_PEFT_ROAD, LM_PEFT_C3A, LM_PEFT_BOFT
-} lm_peft_kind;
-
 typedef struct lm_adapter_config {
     char *path;          /* owned: the adapter_config.json path */
     char *peft_type;     /* owned, as written (e.g. "LORA") */
-    lm_peft_kind kind;
-    long init_r;         /* AdaLoRA: the divisor of the scale (default 12) */
-    int hra_gs;          /* HRA: apply_GS */
-    long mini_r;         /* MiSS "mini": the block's width */
-    int miss_mini;       /* MiSS init_weights "mini" (default form otherwise) */
-    long hybrid_r, gralora_k; /* GraLoRA (defaults 0, 2) */
-    long topk;           /* VB-LoRA (default 2) */
-    int oft_coft, oft_neumann; /* OFT: coft (false), use_cayley_neumann (true) */
-    long oft_terms;      /* OFT: num_cayley_neumann_terms (5) */
-    double oft_eps;      /* OFT: eps (6e-5) */
-    double ft_scaling;   /* FourierFT: scaling (150) */
-    long ft_seed;        /* FourierFT: random_loc_seed (777) */
-    int road_variant;    /* RoAd: 1, 2 or 4 (road_1 ...) */
-    long road_group;     /* RoAd: group_size (64) */
-    /* IA3: feedforward_modules, a list (key ends with an entry, no dot boundary) or a regex */
-    int ff_is_regex;
-    char *ff_regex;
-    lm_str_list ff_list;
+    const struct lm_method *method; /* the type (methods/registry.c) */
+    void *mcfg;          /* owned: the method's own settings (its parse_config), or NULL */
     long r;              /* default 8 */
     double lora_alpha;   /* default 8 (LoHa/LoKr: their key 'alpha') */
     int use_rslora, use_dora, lora_bias;
@@ -69,6 +46,23 @@ typedef struct lm_adapter_config {
     int ensure_weight_tying;
 } lm_adapter_config;
 
+#include <cJSON.h>
+
+/* Readers of one config key for the methods' parse_config (null counts as absent).
+ * @return LM_OK leaving *out as it was when the key is absent, else an InvalidConfig error. */
+const cJSON *lm_cfg_field(const cJSON *root, const char *name);
+lm_code lm_cfg_bool(const cJSON *root, const char *name, int *out, lm_err *err);
+lm_code lm_cfg_int(const cJSON *root, const char *name, long *out, lm_err *err);
+lm_code lm_cfg_num(const cJSON *root, const char *name, double *out, lm_err *err);
+lm_code lm_cfg_str_list(const cJSON *f, const char *name, lm_str_list *out, lm_err *err);
+lm_code lm_cfg_int_list(const cJSON *f, const char *name, long **out, size_t *n_out, lm_err *err);
+lm_code lm_cfg_dup(const char *s, char **out, lm_err *err);
+void lm_str_list_free(lm_str_list *l);
+/* room for n trainable_token_indices entries (tt_modules, tt_indices, tt_n), none used yet */
+lm_code lm_adapter_config_tt_alloc(lm_adapter_config *c, size_t n, lm_err *err);
+/* JSON truthiness as Python's bool() of the parsed value */
+int lm_cfg_truthy(const cJSON *f);
+
 /*! lm_adapter_config_load() :
  *  Parses path (an adapter_config.json).  Refuses (LM_E_UNSUPPORTED, the message names the
  *  peft_type or the variant) anything lora-merge cannot merge exactly.
@@ -79,8 +73,8 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
                                            lm_err *err);
 void lm_adapter_config_free(lm_adapter_config *c);
 
-/*! lm_peft_type_kind() : 1 mergeable and implemented, 0 known but refused (message in *why,
- *  static), -1 unknown. */
+/*! lm_peft_type_kind() : 1 mergeable and implemented (a method in the registry), 0 known but
+ *  refused (message in *why, static), -1 unknown. */
 int lm_peft_type_kind(const char *peft_type, const char **why);
 
 #endif

@@ -1,0 +1,98 @@
+/* boft.c : BOFT (peft-merge.md §5.7) with one butterfly factor (the only form PEFT loads without
+ * its CUDA extension): W <- diag(s) (W @ blockdiag(R_j)^T), R_j the exact Cayley transform of
+ * the skew part (X_j - X_j^T)/2 of boft_R's blocks, s = boft_s [out, 1]. */
+#include "oft.h"
+
+#include "linalg.h"
+#include "lm_error.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum { BR, BS };
+
+typedef struct {
+    const lm_ts_tensor *R, *s; /* [1, nb, bs, bs], [out, 1] */
+} boft_params;
+
+static lm_code boft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    if (bi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT on a %zu-D weight ('%s') is not supported yet",
+                       W->n_dims, W->name);
+    uint64_t o = W->shape[0], in = W->shape[1];
+    const lm_ts_tensor *R = m->part[BR], *sv = m->part[BS];
+    if (!R || !sv || R->n_dims != 4 || R->shape[2] != R->shape[3] || R->shape[1] * R->shape[2] != in ||
+        sv->n_elems != o || !lm_is_float_dtype(R->dtype) || !lm_is_float_dtype(sv->dtype))
+        return lm_mismatch(err, m->path, "BOFT needs boft_R [m, in/bs, bs, bs] and boft_s [%llu, 1] for base '%s'",
+                           (unsigned long long)o, W->name);
+    if (R->shape[0] != 1)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT with %llu butterfly factors: PEFT itself can "
+                       "only load 1 without its CUDA extension; not supported", (unsigned long long)R->shape[0]);
+    if (lm_require_unit_weight(ctx, "BOFT", err) != LM_OK)
+        return err->code;
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "boft", m->path, err);
+    boft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    pr->R = R;
+    pr->s = sv;
+    op->in = in;
+    op->scale = 1.0;
+    op->flops = 2.0 * (double)R->shape[2] * (double)W->n_elems;
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    const boft_params *pr = op->params;
+    uint64_t nbl = pr->R->shape[1], bs = pr->R->shape[2];
+    const float *X = lm_prep_view(p, pr->R, k, err), *s = X ? lm_prep_view(p, pr->s, k, err) : NULL;
+    float *R = s ? lm_prep_floats(p, (size_t)(nbl * bs * bs), err) : NULL;
+    double *Q = R ? malloc((size_t)(bs * bs) * 4 * sizeof *Q) : NULL;
+    if (Q == NULL)
+        return R ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+    double *S = Q + bs * bs, *work = S + bs * bs;
+    for (uint64_t j = 0; j < nbl; j++) {
+        for (uint64_t a = 0; a < bs; a++)
+            for (uint64_t b = 0; b < bs; b++)
+                Q[a * bs + b] = 0.5 * ((double)X[(j * bs + a) * bs + b] - (double)X[(j * bs + b) * bs + a]);
+        lm_cayley_exact(Q, S, (size_t)bs, work);
+        for (uint64_t i = 0; i < bs * bs; i++)
+            R[j * bs * bs + i] = (float)S[i];
+    }
+    free(Q);
+    p->a = R;
+    p->b = s;
+    return LM_OK;
+}
+
+static void boft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    const boft_params *pr = op->params;
+    lm_rotate_blocks(t, p->a, pr->R->shape[1], pr->R->shape[2]);
+    for (uint64_t r = 0; r < t->nr; r++) { /* then each output row scaled by s */
+        float *x = t->acc + r * t->cols;
+        const float f = p->b[t->r0 + r];
+        for (uint64_t c = 0; c < t->cols; c++)
+            x[c] *= f;
+    }
+}
+
+static const lm_part boft_parts[] = {{"boft_R", BR, -1, 1}, {"boft_s", BS, -1, 1}};
+
+const lm_method lm_method_boft = {
+    .peft_type = "BOFT",
+    .summary = "boft (block rotations, rows scaled)",
+    .parts = boft_parts,
+    .n_parts = 2,
+    .flags = LM_M_NO_RANK,
+    .plan_module = boft_plan_module,
+    .prepare = boft_prepare,
+    .apply_tile = boft_apply,
+};

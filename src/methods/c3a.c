@@ -1,0 +1,67 @@
+/* c3a.c : C3A (peft-merge.md §5.14): a block-circulant delta, W[p b + u, q b + v] +=
+ * scale * kernel[p, q, (v - u) mod b] / in, kernel [out/b, in/b, b]. */
+#include "method.h"
+
+#include "lm_error.h"
+
+static lm_code c3a_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    if (bi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "C3A on a %zu-D weight ('%s') is not supported yet",
+                       W->n_dims, W->name);
+    uint64_t o = W->shape[0], in = W->shape[1];
+    const lm_ts_tensor *kr = m->part[0];
+    uint64_t b = kr->n_dims == 3 ? kr->shape[2] : 0;
+    if (kr->n_dims != 3 || b == 0 || kr->shape[0] * b != o || kr->shape[1] * b != in || !lm_is_float_dtype(kr->dtype))
+        return lm_mismatch(err, m->path, "c3a_kernel must be [out/b, in/b, b] for base '%s' [%llu, %llu]", W->name,
+                           (unsigned long long)o, (unsigned long long)in);
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "c3a", m->path, err);
+    if (op == NULL)
+        return LM_E_NOMEM;
+    op->src = kr;
+    op->in = in;
+    op->rank = b; /* the block size */
+    op->scale = lm_ctx_adapter(ctx)->weight;
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+static lm_code c3a_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    return (p->a = lm_prep_view(p, op->src, k, err)) != NULL ? LM_OK : LM_E_NOMEM;
+}
+
+static void c3a_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    const uint64_t b = op->rank, nq = t->cols / b;
+    const double inv = 1.0 / (double)op->in;
+    const float s = (float)op->scale;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r, pp = R / b, u = R % b;
+        float *row = t->acc + r * t->cols;
+        for (uint64_t q = 0; q < nq; q++) {
+            const float *kv = p->a + (pp * nq + q) * b;
+            float *seg = row + q * b;
+            for (uint64_t v = 0; v < u; v++) /* (v - u) mod b = v + b - u */
+                seg[v] += (float)((double)kv[v + b - u] * inv) * s;
+            for (uint64_t v = u; v < b; v++)
+                seg[v] += (float)((double)kv[v - u] * inv) * s;
+        }
+    }
+}
+
+static const lm_part c3a_parts[] = {{"c3a_kernel", 0, -1, 1}};
+
+const lm_method lm_method_c3a = {
+    .peft_type = "C3A",
+    .summary = "c3a (block-circulant delta)",
+    .parts = c3a_parts,
+    .n_parts = 1,
+    .plan_module = c3a_plan_module,
+    .prepare = c3a_prepare,
+    .apply_tile = c3a_apply,
+};

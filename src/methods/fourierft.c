@@ -1,0 +1,194 @@
+/* fourierft.c : FourierFT (peft-merge.md §5.10, Appendix A): W += scale * Re(ifft2(S)), S the
+ * out x in spectrum holding fourierft_spectrum at the positions torch.randperm(out * in,
+ * seed)[:n] draws (torch_rng.c).  Each row of the delta is one inverse real FFT (FFTW, double)
+ * of that row's sparse spectrum, so a tile costs its rows x (n + in log in), not a rank-2n
+ * product; memory is the positions and one twiddle table per tensor. */
+#include "method.h"
+
+#include "lm_error.h"
+#include "torch_rng.h"
+
+#include <fftw3.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FT_MAX_ELEMS 214748364ull /* torch's randperm switches to 64-bit draws beyond (not reproduced) */
+
+typedef struct {
+    double scaling; /* (150) */
+    long seed;      /* random_loc_seed (777) */
+} fourierft_cfg;
+
+typedef struct {
+    const lm_ts_tensor *spectrum;
+    uint64_t out, in;
+    uint64_t seed;
+    int transposed; /* W stored [in, out]: tile rows run along `in` */
+} fourierft_params;
+
+typedef struct {
+    uint64_t n_rows, n_cols; /* the tile-row and tile-column extents of the delta */
+    uint64_t n;              /* entries */
+    uint64_t *rho, *gamma;   /* per entry: its tile-row and tile-column coordinate */
+    double *s;               /* per entry: its value */
+    double *tw;              /* [n_rows, 2]: cos, sin of 2 pi k / n_rows */
+    double norm;             /* scale / (out in) */
+    fftw_plan plan;          /* c2r of length n_cols, unaligned arrays */
+} fourierft_prep;
+
+static lm_code fourierft_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    fourierft_cfg *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    c->mcfg = f;
+    f->scaling = 150.0;
+    f->seed = 777;
+    if (lm_cfg_num(root, "scaling", &f->scaling, err) || lm_cfg_int(root, "random_loc_seed", &f->seed, err))
+        return err->code;
+    return LM_OK;
+}
+
+static lm_code fourierft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    const fourierft_cfg *fc = lm_ctx_adapter(ctx)->cfg->mcfg;
+    const lm_ts_tensor *sp = m->part[0];
+    long wi = lm_ctx_module_weight(ctx, m->path, err);
+    if (wi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, wi);
+    int conv1d_names = lm_is_gpt2_conv1d(m->path);
+    if (W->n_dims != 2 || sp->n_dims != 1 || !lm_is_float_dtype(sp->dtype))
+        return lm_mismatch(err, m->path, "FourierFT needs a 1-D fourierft_spectrum and a 2-D base weight");
+    uint64_t out = conv1d_names ? W->shape[1] : W->shape[0], in = conv1d_names ? W->shape[0] : W->shape[1];
+    if (sp->n_elems > out * in)
+        return lm_mismatch(err, m->path, "fourierft_spectrum has more entries than the weight");
+    if (out * in >= FT_MAX_ELEMS)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "FourierFT on a %llu-element weight: torch's randperm "
+                       "switches to another draw there, not reproduced by lora-merge yet", (unsigned long long)(out * in));
+    int orient = 0;
+    long bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err);
+    if (bi < 0)
+        return err->code;
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "fourierft", m->path, err);
+    fourierft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    *pr = (fourierft_params){sp, out, in, (uint64_t)fc->seed, orient == 1};
+    op->in = in;
+    op->out = out;
+    op->scale = lm_ctx_adapter(ctx)->weight * fc->scaling;
+    op->flops = (double)(orient ? in : out) * ((double)sp->n_elems + 5.0 * (double)(orient ? out : in) *
+                                                                     log2((double)(orient ? out : in) + 1.0));
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+static void fourierft_destroy(lm_prepared *p)
+{
+    const fourierft_prep *fp = p->data;
+    if (fp != NULL && fp->plan != NULL)
+        fftw_destroy_plan(fp->plan);
+}
+
+static lm_code fourierft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    const fourierft_params *pr = op->params;
+    uint64_t n = pr->spectrum->n_elems;
+    fourierft_prep *fp = lm_prep_alloc(p, sizeof *fp, err);
+    const float *s = fp ? lm_prep_view(p, pr->spectrum, k, err) : NULL;
+    uint64_t *pos = s ? lm_prep_alloc(p, (size_t)(2 * n + 1) * sizeof *pos, err) : NULL;
+    if (pos == NULL)
+        return LM_E_NOMEM;
+    fp->n_rows = pr->transposed ? pr->in : pr->out;
+    fp->n_cols = pr->transposed ? pr->out : pr->in;
+    fp->n = n;
+    fp->rho = pos;
+    fp->gamma = pos + n;
+    fp->s = lm_prep_alloc(p, (size_t)(n + 1) * sizeof *fp->s, err);
+    fp->tw = fp->s ? lm_prep_alloc(p, (size_t)(2 * fp->n_rows) * sizeof *fp->tw, err) : NULL;
+    uint64_t *perm = fp->tw ? malloc((size_t)(n + 1) * sizeof *perm) : NULL;
+    if (perm == NULL || lm_randperm_prefix(pr->out * pr->in, pr->seed, n, perm) != 0) {
+        free(perm);
+        return fp->tw ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+    }
+    for (uint64_t t = 0; t < n; t++) { /* position perm[t] of the [out, in] spectrum */
+        uint64_t r = perm[t] / pr->in, c = perm[t] % pr->in;
+        fp->rho[t] = pr->transposed ? c : r;
+        fp->gamma[t] = pr->transposed ? r : c;
+        fp->s[t] = s[t];
+    }
+    free(perm);
+    const double two_pi = 6.283185307179586476925286766559;
+    for (uint64_t q = 0; q < fp->n_rows; q++) {
+        fp->tw[2 * q] = cos(two_pi * (double)q / (double)fp->n_rows);
+        fp->tw[2 * q + 1] = sin(two_pi * (double)q / (double)fp->n_rows);
+    }
+    fp->norm = op->scale / ((double)pr->out * (double)pr->in);
+    size_t nc = (size_t)fp->n_cols;
+    fftw_complex *h = fftw_malloc((nc / 2 + 1) * sizeof *h);
+    double *y = fftw_malloc(nc * sizeof *y);
+    if (h != NULL && y != NULL)
+        fp->plan = fftw_plan_dft_c2r_1d((int)nc, h, y, FFTW_ESTIMATE | FFTW_UNALIGNED | FFTW_DESTROY_INPUT);
+    fftw_free(h);
+    fftw_free(y);
+    p->data = fp;
+    p->destroy = fourierft_destroy;
+    if (fp->plan == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory planning an FFT of %zu points", nc);
+    return LM_OK;
+}
+
+/* row x of the delta: Re(sum_t s_t e^{2 pi i (x rho_t / R + c gamma_t / C)}) * norm, as the real
+ * inverse FFT of the Hermitian half-spectrum X[k] = (G[k] + conj(G[C - k])) / 2 */
+static void fourierft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    (void)op;
+    const fourierft_prep *fp = p->data;
+    const uint64_t C = fp->n_cols, half = C / 2, R = fp->n_rows;
+    double *h = (double *)t->scratch; /* (C/2 + 1) complex, then C reals */
+    double *y = h + 2 * (half + 1);
+    for (uint64_t i = 0; i < t->nr; i++) {
+        uint64_t x = t->r0 + i;
+        memset(h, 0, (size_t)(half + 1) * 2 * sizeof *h);
+        for (uint64_t e = 0; e < fp->n; e++) {
+            uint64_t ph = (x * fp->rho[e]) % R, g = fp->gamma[e], g2 = (C - g) % C;
+            double zr = fp->s[e] * fp->tw[2 * ph], zi = fp->s[e] * fp->tw[2 * ph + 1];
+            if (g <= half) {
+                h[2 * g] += 0.5 * zr;
+                h[2 * g + 1] += 0.5 * zi;
+            }
+            if (g2 <= half) {
+                h[2 * g2] += 0.5 * zr;
+                h[2 * g2 + 1] -= 0.5 * zi;
+            }
+        }
+        fftw_execute_dft_c2r(fp->plan, (fftw_complex *)h, y);
+        float *row = t->acc + i * t->cols;
+        for (uint64_t c = 0; c < C; c++)
+            row[c] += (float)(y[c] * fp->norm);
+    }
+}
+
+static void fourierft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
+{
+    const fourierft_cfg *fc = cfg->mcfg;
+    snprintf(buf, cap, "fourierft (%llu frequencies, scaling %g, seed %ld)", (unsigned long long)m->part[0]->n_elems,
+             fc->scaling, fc->seed);
+}
+
+static const lm_part fourierft_parts[] = {{"fourierft_spectrum", 0, -1, 1}};
+
+const lm_method lm_method_fourierft = {
+    .peft_type = "FOURIERFT",
+    .summary = "sparse spectrum, inverse 2-D DFT",
+    .parts = fourierft_parts,
+    .n_parts = 1,
+    .parse_config = fourierft_parse,
+    .plan_module = fourierft_plan_module,
+    .prepare = fourierft_prepare,
+    .apply_tile = fourierft_apply,
+    .describe = fourierft_describe,
+};

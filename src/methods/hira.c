@@ -1,0 +1,90 @@
+/* hira.c : HiRA (peft-merge.md §5.14): W += scale * W * (B @ A) (Hadamard product with the base),
+ * for Linear, Conv1D (transposed) and Embedding (hira_embedding_A/B, transposed). */
+#include "method.h"
+
+#include "gemm_tile.h"
+#include "lm_error.h"
+
+#include <string.h>
+
+enum { HA, HB, HEA, HEB };
+
+typedef struct {
+    const lm_ts_tensor *A, *B;
+} hira_params;
+
+static lm_code hira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    int embedding = m->part[HEA] || m->part[HEB];
+    const lm_ts_tensor *A = embedding ? m->part[HEA] : m->part[HA], *B = embedding ? m->part[HEB] : m->part[HB];
+    if (A == NULL || B == NULL)
+        return lm_module_fail(err, LM_E_FORMAT, "IncompleteModule", m->path,
+                              "HiRA needs both hira_A and hira_B (in a HIRA adapter)");
+    if (A->n_dims != 2 || B->n_dims != 2 || A->shape[0] != B->shape[1] || !lm_is_float_dtype(A->dtype) ||
+        !lm_is_float_dtype(B->dtype))
+        return lm_mismatch(err, m->path, "the factors are not [r, in] and [out, r] float matrices");
+    uint64_t r = A->shape[0], out = B->shape[0], in = A->shape[1];
+    int orient = 0;
+    long bi;
+    if (embedding) { /* W [V, D], A [r, V], B [D, r]: (B@A)^T */
+        bi = lm_ctx_weight_for(ctx, m->path, in, out, &orient, err);
+        if (bi < 0)
+            return err->code;
+        if (orient != 0)
+            return lm_mismatch(err, m->path, "embedding weight is not [vocab, dim]");
+        orient = 1;
+    } else if ((bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err)) < 0) {
+        return err->code;
+    }
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "hira", m->path, err);
+    hira_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    pr->A = A;
+    pr->B = B;
+    op->rank = r;
+    op->in = in;
+    op->out = out;
+    op->axis = orient == 1;
+    op->scale = lm_ctx_adapter(ctx)->weight;
+    op->flops = 2.0 * (double)r * (double)in * (double)out;
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+static lm_code hira_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    const hira_params *pr = op->params;
+    if ((p->a = lm_prep_view(p, pr->A, k, err)) == NULL || (p->b = lm_prep_view(p, pr->B, k, err)) == NULL)
+        return LM_E_NOMEM;
+    return LM_OK;
+}
+
+/* the product for these rows, then elementwise */
+static void hira_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    float *t1 = t->scratch;
+    size_t n = (size_t)(t->nr * t->cols);
+    const float s = (float)op->scale;
+    memset(t1, 0, n * sizeof *t1);
+    if (!op->axis)
+        lm_gemm_tile_nn(t1, (size_t)t->nr, (size_t)t->cols, p->b + t->r0 * op->rank, p->a, (size_t)op->rank, 1.0f);
+    else
+        lm_gemm_tile_tt(t1, (size_t)t->nr, (size_t)t->cols, p->a + t->r0, (size_t)op->in, p->b, (size_t)op->rank, 1.0f);
+    for (size_t i = 0; i < n; i++)
+        t->acc[i] += t->acc[i] * t1[i] * s;
+}
+
+static const lm_part hira_parts[] = {
+    {"hira_A", HA, -1, 1}, {"hira_B", HB, -1, 1}, {"hira_embedding_A", HEA, -1, 1}, {"hira_embedding_B", HEB, -1, 1},
+};
+
+const lm_method lm_method_hira = {
+    .peft_type = "HIRA",
+    .summary = "hira (W += W * B@A)",
+    .parts = hira_parts,
+    .n_parts = sizeof hira_parts / sizeof *hira_parts,
+    .plan_module = hira_plan_module,
+    .prepare = hira_prepare,
+    .apply_tile = hira_apply,
+};

@@ -1,0 +1,35 @@
+/* linalg.h : the small dense math some methods need, as pure functions on row-major arrays
+ * (no allocation, no failure): Cayley transforms of skew matrices (OFT, BOFT), the compact WY
+ * form of a product of Householder reflections and Gram-Schmidt (HRA).  Unit-tested on
+ * hand-checkable matrices (tests/test_linalg.c). */
+#ifndef LM_LINALG_H
+#define LM_LINALG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*! lm_cayley_exact() : R = (I - Q) (I + Q)^-1 for a bs x bs matrix Q (skew in use, so I + Q is
+ *  invertible), by Gauss-Jordan elimination with partial pivoting.  work: 2 bs^2 doubles. */
+void lm_cayley_exact(const double *Q, double *R, size_t bs, double *work);
+
+/*! lm_cayley_neumann() : PEFT's Cayley-Neumann approximation with `terms` terms:
+ *  terms <= 1: I;  2: I + 2Q;  3: I + 2Q + 2Q^2 + Q^3;  >= 4: I + 2 sum_{k=1}^{terms-2} Q^k + Q^(terms-1).
+ *  Powers are accumulated one by one up to 64 terms (as PEFT does); beyond, by doubling
+ *  (sum_{k=1}^{2m} Q^k = S_m + Q^m S_m), so any count costs O(log terms) products.
+ *  work: 4 bs^2 doubles. */
+void lm_cayley_neumann(const double *Q, double *R, size_t bs, uint64_t terms, double *work);
+
+/*! lm_householder_wy() : the r x r upper triangular T with H_0 H_1 ... H_{r-1} = I - U^T T U,
+ *  H_j = I - 2 u_j u_j^T, for unit rows u_j of U [r, n] (LAPACK's dlarft, forward, tau = 2).
+ *  work: r doubles. */
+void lm_householder_wy(const float *U, size_t r, size_t n, double *T, double *work);
+
+/*! lm_unit_rows() : Q [r, n] from the columns of V [n, r]: each normalised (or, with
+ *  gram_schmidt, made orthonormal in order by classical Gram-Schmidt), in double, rounded to
+ *  f32.  A zero column stays zero.  work: n doubles. */
+void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q, double *work);
+
+/* C [m, n] = A [m, k] @ B [k, n] in double, plain loops (small matrices) */
+void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n);
+
+#endif

@@ -1,0 +1,157 @@
+/* lokr.c : LoKr (peft-merge.md §5.5) on Linear weights: W += kron(w1, w2) * alpha/r, w1 whole or
+ * w1_a @ w1_b, w2 likewise; r always comes from the config (PEFT does so even for whole
+ * factors).  The CP form of convolutions (lokr_t2) is refused. */
+#include "method.h"
+
+#include "gemm_tile.h"
+#include "lm_error.h"
+
+#include <stdio.h>
+#include <string.h>
+
+enum { W1, W1A, W1B, W2, W2A, W2B, T2 };
+
+typedef struct {
+    const lm_ts_tensor *w1, *w1b, *w2, *w2b; /* w1 (or w1_a with w1b = w1_b), w2 likewise */
+    uint64_t kb, kd;                         /* w2 is [kb, kd] */
+} lokr_params;
+
+typedef struct {
+    const float *w1, *w2; /* whole factors [a, c] and [kb, kd] */
+} lokr_prep;
+
+static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
+    if (m->part[T2])
+        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "%s with a CP-decomposed convolution "
+                              "(use_effective_conv2d) is not supported by lora-merge yet", cfg->peft_type);
+    const lm_ts_tensor *k1 = m->part[W1], *k2 = m->part[W2];
+    const lm_ts_tensor *f[4] = {k1 ? k1 : m->part[W1A], k1 ? k1 : m->part[W1B], k2 ? k2 : m->part[W2A],
+                                k2 ? k2 : m->part[W2B]};
+    if ((k1 && (m->part[W1A] || m->part[W1B])) || (k2 && (m->part[W2A] || m->part[W2B])))
+        return lm_mismatch(err, m->path, "LoKr factor given both whole and decomposed");
+    for (int q = 0; q < 4; q++) {
+        if (f[q] == NULL)
+            return lm_module_fail(err, LM_E_FORMAT, "IncompleteModule", m->path, "%s module lacks a factor (%s)",
+                                  cfg->peft_type,
+                                  "lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b are needed");
+        if (f[q]->n_dims != 2 || !lm_is_float_dtype(f[q]->dtype))
+            return lm_mismatch(err, m->path, "%s factor '%s' is not a 2-D float tensor (convolution forms are not "
+                               "supported yet)", cfg->peft_type, f[q]->name);
+    }
+    long r;
+    double alpha;
+    if (lm_ctx_rank_alpha(ctx, m->path, &r, &alpha, err) != LM_OK)
+        return err->code;
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    if (bi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s on a %zu-D weight ('%s') is not supported yet",
+                       cfg->peft_type, W->n_dims, W->name);
+    /* w1 [a, c] (or w1_a [a, r] @ w1_b [r, c]), w2 [b, d] likewise; W [a*b, c*d] */
+    int w1_split = k1 == NULL, w2_split = k2 == NULL;
+    if ((w1_split && f[0]->shape[1] != f[1]->shape[0]) || (w2_split && f[2]->shape[1] != f[3]->shape[0]))
+        return lm_mismatch(err, m->path, "LoKr factors' inner dimensions disagree");
+    uint64_t a = f[0]->shape[0], c = w1_split ? f[1]->shape[1] : f[0]->shape[1];
+    uint64_t b = f[2]->shape[0], d = w2_split ? f[3]->shape[1] : f[2]->shape[1];
+    if (a * b != W->shape[0] || c * d != W->shape[1])
+        return lm_mismatch(err, m->path, "kron of w1 [%llu, %llu] and w2 [%llu, %llu] is [%llu, %llu] but base "
+                           "'%s' is [%llu, %llu]", (unsigned long long)a, (unsigned long long)c,
+                           (unsigned long long)b, (unsigned long long)d, (unsigned long long)(a * b),
+                           (unsigned long long)(c * d), W->name, (unsigned long long)W->shape[0],
+                           (unsigned long long)W->shape[1]);
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "lokr", m->path, err);
+    lokr_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    pr->w1 = f[0];
+    pr->w1b = w1_split ? f[1] : NULL;
+    pr->w2 = f[2];
+    pr->w2b = w2_split ? f[3] : NULL;
+    pr->kb = b;
+    pr->kd = d;
+    op->rank = (uint64_t)r;
+    op->scale = alpha / (double)r * lm_ctx_adapter(ctx)->weight;
+    op->flops = 2.0 * (double)W->n_elems;
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+/* a whole factor: x, or x @ y when decomposed (f32 products, as PEFT) */
+static const float *whole(lm_prepared *p, const lm_ts_tensor *x, const lm_ts_tensor *y, const lm_kernels *k,
+                          lm_err *err)
+{
+    const float *X = lm_prep_view(p, x, k, err);
+    if (X == NULL || y == NULL)
+        return X;
+    const float *Y = lm_prep_view(p, y, k, err);
+    float *out = Y ? lm_prep_floats(p, (size_t)(x->shape[0] * y->shape[1]), err) : NULL;
+    if (out == NULL)
+        return NULL;
+    lm_gemm_tile_nn(out, (size_t)x->shape[0], (size_t)y->shape[1], X, Y, (size_t)x->shape[1], 1.0f);
+    return out;
+}
+
+static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    const lokr_params *pr = op->params;
+    lokr_prep *lp = lm_prep_alloc(p, sizeof *lp, err);
+    if (lp == NULL || (lp->w1 = whole(p, pr->w1, pr->w1b, k, err)) == NULL ||
+        (lp->w2 = whole(p, pr->w2, pr->w2b, k, err)) == NULL)
+        return LM_E_NOMEM;
+    p->data = lp;
+    return LM_OK;
+}
+
+/* W[p*kb + q, u*kd + v] += w1[p, u] * w2[q, v] * scale */
+static void lokr_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    const lokr_params *pr = op->params;
+    const lokr_prep *lp = p->data;
+    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
+    const float s = (float)op->scale;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
+        float *row = t->acc + r * t->cols;
+        const float *w2row = lp->w2 + q * kd;
+        for (uint64_t u = 0; u < w1_cols; u++) {
+            const float a = lp->w1[pi * w1_cols + u];
+            float *seg = row + u * kd;
+            for (uint64_t v = 0; v < kd; v++)
+                seg[v] += a * w2row[v] * s;
+        }
+    }
+}
+
+static void lokr_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "lokr%s r=%ld alpha=%g", m->part[T2] ? " (CP form: refused, not supported yet)" : "", cfg->r,
+             cfg->lora_alpha);
+}
+
+static void lokr_describe_config(const lm_adapter_config *c, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "variant: LoKr\nr: %ld, alpha: %g, scale: %g (alpha/r)\n", c->r, c->lora_alpha,
+             c->lora_alpha / (double)c->r);
+}
+
+static const lm_part lokr_parts[] = {
+    {"lokr_w1", W1, -1, 1},   {"lokr_w1_a", W1A, -1, 1}, {"lokr_w1_b", W1B, -1, 1}, {"lokr_w2", W2, -1, 1},
+    {"lokr_w2_a", W2A, -1, 1}, {"lokr_w2_b", W2B, -1, 1}, {"lokr_t2", T2, -1, 1},
+};
+
+const lm_method lm_method_lokr = {
+    .peft_type = "LOKR",
+    .summary = "W += kron(w1, w2) * alpha/r",
+    .parts = lokr_parts,
+    .n_parts = sizeof lokr_parts / sizeof *lokr_parts,
+    .flags = LM_M_PATTERNS | LM_M_ALPHA_KEY,
+    .plan_module = lokr_plan_module,
+    .prepare = lokr_prepare,
+    .apply_tile = lokr_apply,
+    .describe = lokr_describe,
+    .describe_config = lokr_describe_config,
+};

@@ -1,0 +1,186 @@
+/* method.h : what an adapter type is to the rest of lora-merge.
+ * A type (LoRA, IA3, OFT ...) is one file in src/methods/ that ends with a `const lm_method`;
+ * registry.c is the only list of them.  A method declares the tensor names it owns (parts), reads
+ * its own adapter_config.json keys, plans its modules (every check that can fail on input runs
+ * there, so --dry-run refuses exactly what a real run refuses), prepares its factors for one
+ * tensor at a time (when the tensor's first tile is claimed; freed after its last), and applies
+ * itself to a row tile.  The engine keeps a few op kinds (lm_op_kind); anything else is a
+ * method's own tile function.  Nothing here reads files or writes output. */
+#ifndef LM_METHOD_H
+#define LM_METHOD_H
+
+#include "adapter_load.h"
+#include "lm_kernels.h"
+#include "lora_merge.h"
+
+#include <cJSON.h>
+
+struct lm_method;
+typedef struct lm_plan_ctx lm_plan_ctx; /* the planner's state for one adapter (engine/plan.c) */
+
+/* ---- the engine's op kinds -------------------------------------------------------------- */
+typedef enum {
+    LM_OP_REPLACE = 0, /* the tile is loaded from op->src instead of the base (always op 0) */
+    LM_OP_ROWS,        /* W[rows[k], :] <- src[k, :] */
+    LM_OP_LOWRANK,     /* W += scale * B' @ A' (axis 1: W stored [in, out], so (B' @ A')^T);
+                          A' [rank, in] and B' [out, rank] come from the method's prepare */
+    LM_OP_ADD,         /* W += scale * src (same number of elements: bias deltas) */
+    LM_OP_SCALE,       /* W[r, :] *= src[r] (axis 0) or W[:, c] *= src[c] (axis 1) */
+    LM_OP_NORM,        /* DoRA: W <- src / ||W|| * W, norm per row (axis 0) or per column (axis 1) */
+    LM_OP_METHOD,      /* op->method->apply_tile() */
+    LM_OP_COUNT
+} lm_op_kind;
+
+typedef struct lm_op {
+    lm_op_kind kind;
+    const struct lm_method *method; /* the type that planned it */
+    const char *name;        /* what the report calls it ("lora", "dora", "ia3" ...; static) */
+    size_t adapter;          /* index of the adapter it comes from */
+    const char *module;      /* module path (owned by the plan) */
+    const lm_ts_tensor *src; /* REPLACE, ROWS, ADD, SCALE, NORM: the adapter tensor read */
+    double scale;            /* LOWRANK, ADD, METHOD: the factor applied (user weight included) */
+    int axis;                /* SCALE, NORM: 0 per row, 1 per column; LOWRANK: 1 = transposed */
+    uint64_t rank, in, out;  /* LOWRANK: the factors' shapes */
+    const long *rows;        /* ROWS: target rows (borrowed from the config) */
+    size_t n_rows;
+    uint64_t row_align;      /* tiles of this tensor start at multiples of it (0, 1: any row) */
+    double flops;            /* arithmetic per merge of this op (for the report) */
+    void *params;            /* LOWRANK, METHOD: the method's own parameters (owned by the plan,
+                                freed with free()) */
+} lm_op;
+
+/* What prepare() builds for one op; everything in owned[] is freed with free() after the
+ * tensor's last tile. */
+#define LM_PREP_OWNED 8
+typedef struct lm_prepared {
+    const float *a, *b; /* LOWRANK: A' [rank, in] and B' [out, rank], row-major f32;
+                           generic ops: a = op->src as f32 */
+    const void *data;   /* METHOD: the method's own */
+    void *owned[LM_PREP_OWNED];
+    size_t n_owned;
+    /* called (serialized with every prepare) before owned[] is freed; may be NULL */
+    void (*destroy)(struct lm_prepared *p);
+} lm_prepared;
+
+/* One row tile in f32: rows r0 .. r0+nr of the tensor's 2-D view [rows, cols]. */
+typedef struct lm_tile {
+    float *acc;      /* nr * cols, row-major: W on entry, the result on return */
+    float *scratch;  /* room for 2 * nr * cols floats, contents undefined */
+    uint64_t r0, nr, rows, cols;
+    const lm_kernels *k;
+} lm_tile;
+
+/* ---- the adapter's tensors, grouped by module -------------------------------------------- */
+#define LM_MAX_PARTS 16
+
+/* A tensor name a method owns: "<module>.<name>[.<adapter name>][.weight|.bias]". */
+typedef struct lm_part {
+    const char *name;  /* "lora_A", "hada_w1_a" ... */
+    int slot;          /* index into lm_module.part[] */
+    int bias_slot;     /* slot of "<name>.bias" (lora_B.bias), or -1 */
+    int max_tail;      /* components allowed after the name: 1 ("default" or "weight"), 2 */
+} lm_part;
+
+typedef struct lm_module {
+    char *path;                             /* owned: "model.layers.0.self_attn.q_proj" */
+    const struct lm_method *method;         /* whose parts these are */
+    const lm_ts_tensor *part[LM_MAX_PARTS]; /* by slot; NULL when absent */
+} lm_module;
+
+/* ---- a method -------------------------------------------------------------------------- */
+enum {
+    LM_M_PATTERNS = 1,      /* rank_pattern / alpha_pattern apply */
+    LM_M_ALPHA_KEY = 2,     /* its alpha is the config key "alpha", not "lora_alpha" */
+    LM_M_PARTS_ANYWHERE = 4, /* its parts are accepted in adapters of any type (trainable tokens) */
+    LM_M_NO_RANK = 8         /* 'r' means nothing to it (OFT, BOFT: a block size instead) */
+};
+
+typedef struct lm_method {
+    const char *peft_type; /* as adapter_config.json says: "OFT" */
+    const char *summary;   /* one line for inspect and the README */
+    const lm_part *parts;
+    size_t n_parts;
+    const char *const *shared; /* adapter-level tensors after "base_model." ("vera_A"), NULL-ended */
+    unsigned flags;            /* LM_M_* */
+    /* reads the method's own keys into cfg->mcfg (may be NULL: nothing to read) */
+    lm_code (*parse_config)(const cJSON *root, lm_adapter_config *cfg, lm_err *err);
+    void (*free_config)(void *mcfg);
+    /* plans one targeted module: checks its parts and adds ops through the lm_ctx_* calls */
+    lm_code (*plan_module)(lm_plan_ctx *ctx, const lm_module *m, lm_err *err);
+    /* instead of plan_module, when a module's plan depends on its siblings (LoRA orientation) */
+    lm_code (*plan_adapter)(lm_plan_ctx *ctx, const lm_module *const *mods, size_t n, lm_err *err);
+    /* LOWRANK and METHOD ops: builds what apply needs; fails only when out of memory */
+    lm_code (*prepare)(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err);
+    /* METHOD ops: updates the tile; never fails */
+    void (*apply_tile)(const lm_op *op, const lm_prepared *p, const lm_tile *t);
+    /* inspect: what the module does ("oft (block rotations, Cayley-Neumann)"); may be NULL */
+    void (*describe)(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap);
+    /* inspect: the type's settings, whole lines ("r: 8, lora_alpha: 16, scale: 2 (alpha/r)\n");
+     * may be NULL */
+    void (*describe_config)(const lm_adapter_config *cfg, char *buf, size_t cap);
+} lm_method;
+
+/* ---- registry.c ------------------------------------------------------------------------- */
+/*! lm_method_find() : the method for a peft_type, or NULL. */
+const lm_method *lm_method_find(const char *peft_type);
+/*! lm_method_count() / lm_method_at() : every method, in registry order. */
+size_t lm_method_count(void);
+const lm_method *lm_method_at(size_t i);
+/*! lm_method_part() : the part `name` of m, or NULL. */
+const lm_part *lm_method_part(const lm_method *m, const char *name, size_t name_len);
+
+/* ---- what a method may call while planning (engine/plan.c) ------------------------------ */
+const lm_adapter *lm_ctx_adapter(const lm_plan_ctx *ctx);
+size_t lm_ctx_adapter_index(const lm_plan_ctx *ctx);
+/* a shared tensor of the adapter by its name after "base_model." ("vera_A"), or NULL */
+const lm_ts_tensor *lm_ctx_shared(const lm_plan_ctx *ctx, const char *name);
+/* base tensor i's header */
+const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i);
+/* "<module>.weight" under any prefix: entry index, or -1 with *err (NoMatchingTensor ...) */
+long lm_ctx_module_weight(lm_plan_ctx *ctx, const char *module, lm_err *err);
+/* "<module>.bias": entry index, or -1 when the layer has none */
+long lm_ctx_module_bias(lm_plan_ctx *ctx, const char *module);
+/* the weight of a module whose delta is [out, in]: *orient 0 when stored [out, in], 1 when
+ * [in, out] (Conv1D; a square weight follows GPT-2's layer names).  -1 with *err otherwise */
+long lm_ctx_weight_for(lm_plan_ctx *ctx, const char *module, uint64_t out, uint64_t in, int *orient,
+                       lm_err *err);
+/* the input embedding of the base (for tied heads), or -1 when there is none or several */
+long lm_ctx_input_embedding(lm_plan_ctx *ctx);
+/* r and alpha of a module through rank_pattern / alpha_pattern (defaults: the config's) */
+lm_code lm_ctx_rank_alpha(lm_plan_ctx *ctx, const char *module, long *r, double *alpha, lm_err *err);
+/* appends an op of `kind` to base tensor `base` (REPLACE goes first); params zeroed,
+ * module/adapter/method filled.  @return the op or NULL (out of memory, *err filled) */
+lm_op *lm_ctx_add_op(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char *name, const char *module,
+                     lm_err *err);
+/* typed parameters for an op, zeroed, owned by the plan */
+void *lm_ctx_params(lm_plan_ctx *ctx, lm_op *op, size_t n_bytes, lm_err *err);
+/* memory owned by the plan (data read from adapter tensors at plan time, such as indices) */
+void *lm_ctx_alloc(lm_plan_ctx *ctx, size_t n_bytes, lm_err *err);
+/* counts one adapted module (the report's n_lowrank) */
+void lm_ctx_count_module(lm_plan_ctx *ctx);
+/* a one-line remark for the report */
+lm_code lm_ctx_note(lm_plan_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- helpers for methods (methods/method_util.c) ----------------------------------------- */
+int lm_is_float_dtype(lm_dtype dt);
+/* ShapeMismatch naming the module.  @return LM_E_MISMATCH */
+lm_code lm_mismatch(lm_err *err, const char *module, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* an error of (code, kind) naming the module.  @return code */
+lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *module, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+/* refuses a user weight other than 1 for a method that rotates the weight */
+lm_code lm_require_unit_weight(const lm_plan_ctx *ctx, const char *what, lm_err *err);
+int lm_is_gpt2_conv1d(const char *module);
+const char *lm_leaf_of(const char *module);
+void lm_shape_str(char *buf, size_t cap, size_t n_dims, const uint64_t *shape);
+/* f32 view of an adapter tensor: borrowed when it is aligned F32, else converted into memory
+ * owned by p.  @return NULL when out of memory (*err filled) */
+const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernels *k, lm_err *err);
+/* n_floats zeroed floats owned by p */
+float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err);
+/* n_bytes (zeroed) owned by p */
+void *lm_prep_alloc(lm_prepared *p, size_t n_bytes, lm_err *err);
+/* an integer element of an integer (or float holding integers) tensor; -1 for other dtypes */
+int64_t lm_ts_index(const lm_ts_tensor *t, uint64_t i);
+
+#endif

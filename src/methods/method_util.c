@@ -1,0 +1,120 @@
+/* method_util.c : small helpers the method files share (see method.h): error helpers, layer
+ * names, f32 views of adapter tensors for prepare(). */
+#include "method.h"
+
+#include "lm_error.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int lm_is_float_dtype(lm_dtype dt)
+{
+    return dt == LM_DT_F16 || dt == LM_DT_BF16 || dt == LM_DT_F32 || dt == LM_DT_F64;
+}
+
+lm_code lm_mismatch(lm_err *err, const char *module, const char *fmt, ...)
+{
+    char buf[320];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    lm_fail(err, LM_E_MISMATCH, "ShapeMismatch", "%s", buf);
+    lm_err_set_tensor(err, module);
+    return LM_E_MISMATCH;
+}
+
+lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *module, const char *fmt, ...)
+{
+    char buf[320];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    lm_fail(err, code, kind, "%s", buf);
+    lm_err_set_tensor(err, module);
+    return code;
+}
+
+lm_code lm_require_unit_weight(const lm_plan_ctx *ctx, const char *what, lm_err *err)
+{
+    if (lm_ctx_adapter(ctx)->weight == 1.0)
+        return LM_OK;
+    return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s rotates the weight: a weight other than 1 "
+                   "(--scale, --adapter-scaled) has no meaning for it", what);
+}
+
+const char *lm_leaf_of(const char *module)
+{
+    const char *dot = strrchr(module, '.');
+    return dot ? dot + 1 : module;
+}
+
+/* GPT-2's Conv1D layers (stored [in, out]) by name: what decides a square layer's orientation */
+int lm_is_gpt2_conv1d(const char *module)
+{
+    const char *leaf = lm_leaf_of(module);
+    return strcmp(leaf, "c_attn") == 0 || strcmp(leaf, "c_proj") == 0 || strcmp(leaf, "c_fc") == 0;
+}
+
+void lm_shape_str(char *buf, size_t cap, size_t n_dims, const uint64_t *shape)
+{
+    size_t used = 0;
+    used += (size_t)snprintf(buf + used, cap - used, "[");
+    for (size_t d = 0; d < n_dims && used < cap; d++)
+        used += (size_t)snprintf(buf + used, cap - used, "%s%llu", d ? ", " : "", (unsigned long long)shape[d]);
+    if (used < cap)
+        snprintf(buf + used, cap - used, "]");
+}
+
+void *lm_prep_alloc(lm_prepared *p, size_t n_bytes, lm_err *err)
+{
+    if (p->n_owned >= LM_PREP_OWNED) {
+        lm_fail(err, LM_E_NOMEM, NULL, "too many prepared blocks");
+        return NULL;
+    }
+    void *b = calloc(1, n_bytes ? n_bytes : 1);
+    if (b == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    p->owned[p->n_owned++] = b;
+    return b;
+}
+
+float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err)
+{
+    return lm_prep_alloc(p, n_floats * sizeof(float), err);
+}
+
+const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernels *k, lm_err *err)
+{
+    if (t->dtype == LM_DT_F32 && ((uintptr_t)t->data % sizeof(float)) == 0)
+        return t->data;
+    float *v = lm_prep_floats(p, (size_t)t->n_elems, err);
+    if (v == NULL)
+        return NULL;
+    switch (t->dtype) {
+    case LM_DT_F32: memcpy(v, t->data, (size_t)t->n_elems * sizeof(float)); break;
+    case LM_DT_F16: k->f16_to_f32(t->data, v, (size_t)t->n_elems); break;
+    case LM_DT_BF16: k->bf16_to_f32(t->data, v, (size_t)t->n_elems); break;
+    case LM_DT_F64: k->f64_to_f32(t->data, v, (size_t)t->n_elems); break;
+    default: break; /* planners accept float tensors only */
+    }
+    return v;
+}
+
+int64_t lm_ts_index(const lm_ts_tensor *t, uint64_t i)
+{
+    const uint8_t *d = t->data;
+    switch (t->dtype) {
+    case LM_DT_U8: return d[i];
+    case LM_DT_I8: return (int8_t)d[i];
+    case LM_DT_I16: { int16_t x; memcpy(&x, d + 2 * i, 2); return x; }
+    case LM_DT_I32: { int32_t x; memcpy(&x, d + 4 * i, 4); return x; }
+    case LM_DT_I64: { int64_t x; memcpy(&x, d + 8 * i, 8); return x; }
+    default: return -1;
+    }
+}

@@ -1,0 +1,162 @@
+/* oft.c : OFT (peft-merge.md §5.6) on Linear weights: W <- W @ blockdiag(R_j)^T, R_j the Cayley
+ * transform (exact, or PEFT's Cayley-Neumann series) of the skew matrix whose upper triangle
+ * oft_R stores (optionally projected: coft); block_share keeps one block.  The rotations are
+ * built in double when a tensor's first tile is claimed and applied to each tile through BLAS,
+ * one small product per block. */
+#include "oft.h"
+
+#include "gemm_tile.h"
+#include "linalg.h"
+#include "lm_error.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int coft, neumann; /* coft (false), use_cayley_neumann (true) */
+    long terms;        /* num_cayley_neumann_terms (5) */
+    double eps;        /* eps (6e-5) */
+} oft_cfg;
+
+typedef struct {
+    const lm_ts_tensor *q; /* [n_rot, bs(bs-1)/2] */
+    uint64_t bs;
+    oft_cfg cfg;
+} oft_params;
+
+static lm_code oft_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    oft_cfg *o = calloc(1, sizeof *o);
+    if (o == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    c->mcfg = o;
+    long bs = 0;
+    o->neumann = 1;
+    o->terms = 5;
+    o->eps = 6e-5;
+    if (lm_cfg_field(root, "oft_block_size") == NULL)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type OFT without oft_block_size: an adapter "
+                       "from PEFT < 0.14, which today's PEFT refuses too (OFT was changed incompatibly)");
+    if (lm_cfg_int(root, "oft_block_size", &bs, err) || lm_cfg_bool(root, "coft", &o->coft, err) ||
+        lm_cfg_bool(root, "use_cayley_neumann", &o->neumann, err) ||
+        lm_cfg_int(root, "num_cayley_neumann_terms", &o->terms, err) || lm_cfg_num(root, "eps", &o->eps, err))
+        return err->code;
+    return LM_OK;
+}
+
+static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    if (m->part[1] != NULL)
+        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "OFT on an embedding is not supported yet");
+    const lm_ts_tensor *q = m->part[0];
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    if (bi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "OFT on a %zu-D weight ('%s') is not supported yet",
+                       W->n_dims, W->name);
+    /* oft_R [blocks (1 with block_share), bs(bs-1)/2]; the blocks tile the input features */
+    uint64_t in = W->shape[1], n = q->n_dims == 2 ? q->shape[1] : 0, bs = 1;
+    while (bs * (bs - 1) / 2 < n)
+        bs++;
+    if (q->n_dims != 2 || bs * (bs - 1) / 2 != n || bs < 2 || in % bs != 0 ||
+        (q->shape[0] != 1 && q->shape[0] != in / bs) || !lm_is_float_dtype(q->dtype))
+        return lm_mismatch(err, m->path, "oft_R must be [%llu or 1, bs(bs-1)/2] for base '%s' with in=%llu",
+                           (unsigned long long)(bs > 1 ? in / bs : 0), W->name, (unsigned long long)in);
+    if (lm_require_unit_weight(ctx, "OFT", err) != LM_OK)
+        return err->code;
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "oft", m->path, err);
+    oft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    pr->q = q;
+    pr->bs = bs;
+    pr->cfg = *(const oft_cfg *)lm_ctx_adapter(ctx)->cfg->mcfg;
+    op->in = in;
+    op->scale = 1.0;
+    op->flops = 2.0 * (double)bs * (double)W->n_elems;
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+/* per block, the skew matrix Q from the stored upper triangle (row-major), optionally projected
+ * (coft), then R by the Cayley-Neumann series or exactly; [n_rot, bs, bs] in f32 */
+static lm_code oft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    const oft_params *pr = op->params;
+    uint64_t bs = pr->bs, nbl = pr->q->shape[0], tri = pr->q->shape[1];
+    const float *q = lm_prep_view(p, pr->q, k, err);
+    float *R = q ? lm_prep_floats(p, (size_t)(nbl * bs * bs), err) : NULL;
+    double *Q = R ? malloc((size_t)(bs * bs) * 6 * sizeof *Q) : NULL;
+    if (Q == NULL)
+        return R ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+    double *S = Q + bs * bs, *work = S + bs * bs;
+    for (uint64_t j = 0; j < nbl; j++) {
+        memset(Q, 0, (size_t)(bs * bs) * sizeof *Q);
+        uint64_t t = 0;
+        for (uint64_t a = 0; a < bs; a++)
+            for (uint64_t b = a + 1; b < bs; b++, t++) {
+                Q[a * bs + b] = q[j * tri + t];
+                Q[b * bs + a] = -q[j * tri + t];
+            }
+        if (pr->cfg.coft) {
+            double fro = 0, lim = pr->cfg.eps / sqrt((double)nbl);
+            for (uint64_t i = 0; i < bs * bs; i++)
+                fro += Q[i] * Q[i];
+            fro = sqrt(fro);
+            if (fro > lim)
+                for (uint64_t i = 0; i < bs * bs; i++)
+                    Q[i] *= lim / fro;
+        }
+        if (pr->cfg.neumann)
+            lm_cayley_neumann(Q, S, (size_t)bs, pr->cfg.terms > 0 ? (uint64_t)pr->cfg.terms : 0, work);
+        else
+            lm_cayley_exact(Q, S, (size_t)bs, work);
+        for (uint64_t i = 0; i < bs * bs; i++)
+            R[j * bs * bs + i] = (float)S[i];
+    }
+    free(Q);
+    p->a = R;
+    return LM_OK;
+}
+
+void lm_rotate_blocks(const lm_tile *t, const float *R, uint64_t n_rot, uint64_t bs)
+{
+    size_t nr = (size_t)t->nr, cols = (size_t)t->cols, nb = (size_t)(t->cols / bs), b = (size_t)bs;
+    if (n_rot == 1) /* one rotation: the tile is [nr * nb, bs] */
+        lm_sgemm_rm(0, 1, nr * nb, b, b, 1.0f, t->acc, b, R, b, 0.0f, t->scratch, b);
+    else
+        for (size_t j = 0; j < nb; j++)
+            lm_sgemm_rm(0, 1, nr, b, b, 1.0f, t->acc + j * b, cols, R + j * b * b, b, 0.0f, t->scratch + j * b, cols);
+    memcpy(t->acc, t->scratch, nr * cols * sizeof *t->acc);
+}
+
+static void oft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    const oft_params *pr = op->params;
+    lm_rotate_blocks(t, p->a, pr->q->shape[0], pr->bs);
+}
+
+static void oft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
+{
+    (void)m;
+    snprintf(buf, cap, "oft (block rotations%s)", ((const oft_cfg *)cfg->mcfg)->neumann ? ", Cayley-Neumann" : ", Cayley");
+}
+
+static const lm_part oft_parts[] = {{"oft_R", 0, -1, 1}, {"oft_embedding_R", 1, -1, 1}};
+
+const lm_method lm_method_oft = {
+    .peft_type = "OFT",
+    .summary = "W @ blockdiag(Cayley(Q_j))^T",
+    .parts = oft_parts,
+    .n_parts = 2,
+    .flags = LM_M_NO_RANK,
+    .parse_config = oft_parse,
+    .plan_module = oft_plan_module,
+    .prepare = oft_prepare,
+    .apply_tile = oft_apply,
+    .describe = oft_describe,
+};

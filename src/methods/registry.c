@@ -1,0 +1,38 @@
+/* registry.c : the one list of adapter types.  Adding a type: its file in src/methods/, one line
+ * here, one README row, one row in tests/test_methods.c. */
+#include "method.h"
+
+#include <string.h>
+
+extern const lm_method lm_method_lora, lm_method_adalora, lm_method_ia3, lm_method_loha, lm_method_lokr,
+    lm_method_trainable_tokens, lm_method_beft, lm_method_ln_tuning, lm_method_hira, lm_method_vera,
+    lm_method_shira, lm_method_hra, lm_method_miss, lm_method_delora, lm_method_gralora, lm_method_vblora,
+    lm_method_randlora, lm_method_oft, lm_method_fourierft, lm_method_road, lm_method_c3a, lm_method_boft;
+
+static const lm_method *const METHODS[] = {
+    &lm_method_lora,    &lm_method_adalora, &lm_method_ia3,       &lm_method_loha,   &lm_method_lokr,
+    &lm_method_trainable_tokens, &lm_method_beft, &lm_method_ln_tuning, &lm_method_hira, &lm_method_vera,
+    &lm_method_shira,   &lm_method_hra,     &lm_method_miss,      &lm_method_delora, &lm_method_gralora,
+    &lm_method_vblora,  &lm_method_randlora, &lm_method_oft,      &lm_method_fourierft, &lm_method_road,
+    &lm_method_c3a,     &lm_method_boft,
+};
+
+const lm_method *lm_method_find(const char *peft_type)
+{
+    for (size_t i = 0; i < sizeof METHODS / sizeof *METHODS; i++)
+        if (strcmp(METHODS[i]->peft_type, peft_type) == 0)
+            return METHODS[i];
+    return NULL;
+}
+
+size_t lm_method_count(void) { return sizeof METHODS / sizeof *METHODS; }
+
+const lm_method *lm_method_at(size_t i) { return i < lm_method_count() ? METHODS[i] : NULL; }
+
+const lm_part *lm_method_part(const lm_method *m, const char *name, size_t name_len)
+{
+    for (size_t i = 0; i < m->n_parts; i++)
+        if (strlen(m->parts[i].name) == name_len && memcmp(m->parts[i].name, name, name_len) == 0)
+            return &m->parts[i];
+    return NULL;
+}

@@ -1,0 +1,22 @@
+/* torch_rng.h : torch's CPU random generator as far as PEFT's seeded draws need it
+ * (peft-merge.md Appendix A): MT19937 seeded as torch.manual_seed, and torch.randperm's
+ * Fisher-Yates from the front for n < 2^28 - 1 elements (32-bit draws). */
+#ifndef LM_TORCH_RNG_H
+#define LM_TORCH_RNG_H
+
+#include <stdint.h>
+
+typedef struct {
+    uint32_t mt[624];
+    int i;
+} lm_mt19937;
+
+void lm_mt_seed(lm_mt19937 *g, uint64_t seed);
+uint32_t lm_mt_next(lm_mt19937 *g);
+
+/*! lm_randperm_prefix() : the first n entries of torch.randperm(N, generator=manual_seed(seed))
+ *  (N < 2^28 - 1: torch draws 32-bit numbers there).  Only the moved positions are stored, so
+ *  memory is O(n) whatever N.  @return 0, or -1 when out of memory. */
+int lm_randperm_prefix(uint64_t N, uint64_t seed, uint64_t n, uint64_t *out);
+
+#endif

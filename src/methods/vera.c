@@ -1,0 +1,104 @@
+/* vera.c : VeRA (peft-merge.md §5.8): W += (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) from the
+ * projections A, B shared by every layer (saved as base_model.vera_A / vera_B).  The scaled
+ * slices are built per tensor when its first tile is claimed, so memory does not grow with the
+ * number of layers. */
+#include "method.h"
+
+#include "lm_error.h"
+
+#include <stdio.h>
+
+enum { LB, LD };
+
+typedef struct {
+    const lm_ts_tensor *A, *B, *lb, *ld; /* shared A [r, >= in], B [>= out, r]; lambdas [out], [r] */
+} vera_params;
+
+static lm_code vera_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    (void)c;
+    if (cJSON_IsFalse(lm_cfg_field(root, "save_projection")))
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type VERA with save_projection false: the "
+                       "shared projections would have to be regenerated from torch's random generator; not supported");
+    return LM_OK;
+}
+
+static lm_code vera_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
+{
+    const lm_ts_tensor *A = lm_ctx_shared(ctx, "vera_A"), *B = lm_ctx_shared(ctx, "vera_B");
+    const lm_ts_tensor *lb = m->part[LB], *ld = m->part[LD];
+    if (lb == NULL || ld == NULL || A == NULL || B == NULL)
+        return lm_module_fail(err, LM_E_FORMAT, "IncompleteModule", m->path,
+                              "VeRA needs vera_lambda_b, vera_lambda_d and the shared base_model.vera_A / base_model.vera_B");
+    if (A->n_dims != 2 || B->n_dims != 2 || A->shape[0] != B->shape[1] || !lm_is_float_dtype(A->dtype) ||
+        !lm_is_float_dtype(B->dtype) || !lm_is_float_dtype(lb->dtype) || !lm_is_float_dtype(ld->dtype))
+        return lm_mismatch(err, m->path, "the factors are not [r, in] and [out, r] float matrices");
+    uint64_t r = A->shape[0], out = lb->n_elems;
+    if (ld->n_elems != r)
+        return lm_mismatch(err, m->path, "vera_lambda_d has %llu elements but the projections have rank %llu",
+                           (unsigned long long)ld->n_elems, (unsigned long long)r);
+    if (out > B->shape[0])
+        return lm_mismatch(err, m->path, "vera_lambda_b has %llu elements, more than base_model.vera_B's %llu rows",
+                           (unsigned long long)out, (unsigned long long)B->shape[0]);
+    /* the input size comes from the base: [out, in] or, for Conv1D, [in, out] */
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    if (bi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2 || (W->shape[0] != out && W->shape[1] != out))
+        return lm_mismatch(err, m->path, "vera_lambda_b has %llu elements but base '%s' has no such dimension",
+                           (unsigned long long)out, W->name);
+    int orient = W->shape[0] == out && !(W->shape[1] == out && lm_is_gpt2_conv1d(m->path)) ? 0 : 1;
+    uint64_t in = orient ? W->shape[0] : W->shape[1];
+    if (in > A->shape[1])
+        return lm_mismatch(err, m->path, "the layer has %llu inputs, more than base_model.vera_A's %llu columns",
+                           (unsigned long long)in, (unsigned long long)A->shape[1]);
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_LOWRANK, "vera", m->path, err);
+    vera_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    *pr = (vera_params){A, B, lb, ld};
+    op->rank = r;
+    op->in = in;
+    op->out = out;
+    op->axis = orient == 1;
+    op->scale = lm_ctx_adapter(ctx)->weight;
+    op->flops = 2.0 * (double)r * (double)in * (double)out;
+    lm_ctx_count_module(ctx);
+    return LM_OK;
+}
+
+/* A' = lambda_d * A[:, :in] ([rank, in]) and B' = lambda_b * B[:out, :] ([out, rank]) */
+static lm_code vera_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+{
+    const vera_params *pr = op->params;
+    uint64_t r = op->rank, lda = pr->A->shape[1];
+    const float *A = lm_prep_view(p, pr->A, k, err), *B = lm_prep_view(p, pr->B, k, err);
+    const float *lb = lm_prep_view(p, pr->lb, k, err), *ld = lm_prep_view(p, pr->ld, k, err);
+    float *a2 = lm_prep_floats(p, (size_t)(r * op->in), err), *b2 = lm_prep_floats(p, (size_t)(op->out * r), err);
+    if (A == NULL || B == NULL || lb == NULL || ld == NULL || a2 == NULL || b2 == NULL)
+        return LM_E_NOMEM;
+    for (uint64_t q = 0; q < r; q++)
+        for (uint64_t j = 0; j < op->in; j++)
+            a2[q * op->in + j] = ld[q] * A[q * lda + j];
+    for (uint64_t o = 0; o < op->out; o++)
+        for (uint64_t q = 0; q < r; q++)
+            b2[o * r + q] = lb[o] * B[o * r + q];
+    p->a = a2;
+    p->b = b2;
+    return LM_OK;
+}
+
+static const lm_part vera_parts[] = {{"vera_lambda_b", LB, -1, 1}, {"vera_lambda_d", LD, -1, 1}};
+static const char *const vera_shared[] = {"vera_A", "vera_B", NULL};
+
+const lm_method lm_method_vera = {
+    .peft_type = "VERA",
+    .summary = "vera (shared projections, per-layer lambdas)",
+    .parts = vera_parts,
+    .n_parts = 2,
+    .shared = vera_shared,
+    .parse_config = vera_parse,
+    .plan_module = vera_plan_module,
+    .prepare = vera_prepare,
+};
