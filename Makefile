@@ -12,7 +12,7 @@ BUILD ?= build
 Q = $(if $(V),,@)
 
 # Debian packages the build and the tests need (installed by `make deps` when missing)
-DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev libfftw3-dev
+DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev libfftw3-dev pmccabe
 DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
 
 PKGS = libcjson openblas libzip fftw3
@@ -42,7 +42,7 @@ $(BUILD)/libfuzzer/obj/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx51
 
 .SECONDARY:
 
-.PHONY: all deps lib check test unit-test fuzz-replay fuzz fuzz-smoke asan demo bench \
+.PHONY: all deps lib check test unit-test lint fuzz-replay fuzz fuzz-smoke asan demo bench \
         bench-kernels install uninstall clean
 
 all: deps-quiet $(BIN)
@@ -101,12 +101,17 @@ check: all $(UNIT) $(BUILD)/bench/gen_model
 unit-test: all $(UNIT) $(BUILD)/bench/gen_model
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
+# complexity budget: no function above 50 except the listed ones, whose scores only go down
+lint: deps-quiet
+	$(Q)sh tests/lint/complexity.sh
+
 fuzz-replay: all $(FUZZ_REPLAY)
 	$(Q)for f in $(FUZZ_REPLAY); do n=$$(basename $$f -replay); $$f tests/fuzz/corpus/$$n || exit 1; done
 
 # everything: sanitizer build, fuzz corpus replay and smoke, then the unit suite last
 # (its summary line is the last thing printed)
 test: all $(UNIT) $(BUILD)/bench/gen_model
+	$(Q)$(MAKE) --no-print-directory lint
 	$(Q)$(MAKE) --no-print-directory fuzz-replay
 	$(Q)$(MAKE) --no-print-directory asan
 	$(Q)$(MAKE) --no-print-directory fuzz-smoke

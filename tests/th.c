@@ -442,7 +442,11 @@ int th_st_write(const char *path, const th_out_tensor *t, size_t n)
         int es = dtype_size(t[i].dtype);
         uint8_t *buf = malloc(ne * (uint64_t)es + 1);
         for (uint64_t k = 0; k < ne; k++) {
-            uint64_t bits = th_encode(t[i].values[k], t[i].dtype);
+            uint64_t bits;
+            if (t[i].dtype[0] == 'I' || t[i].dtype[0] == 'U') /* integers: the value, two's complement */
+                bits = (uint64_t)(int64_t)llround(t[i].values[k]);
+            else
+                bits = th_encode(t[i].values[k], t[i].dtype);
             if (!strcmp(t[i].dtype, "F64"))
                 memcpy(&bits, &t[i].values[k], 8);
             for (int b = 0; b < es; b++)

@@ -72,7 +72,8 @@ const th_tensor *th_st_find(const th_st *st, const char *name);
 /* float tensor -> doubles (exact); returns malloc'd array */
 double *th_to_f64(const th_tensor *t);
 
-/* writing a safetensors file from doubles (values rounded to dtype, ties to even) */
+/* writing a safetensors file from doubles (values rounded to dtype, ties to even; integer
+ * dtypes (I64, I32 ...) take the values rounded to integers) */
 typedef struct {
     const char *name;
     const char *dtype; /* "F32", "F16", "BF16", "F64" */

@@ -5,6 +5,7 @@
  * product; memory is the positions and one twiddle table per tensor. */
 #include "method.h"
 
+#include "linalg.h"
 #include "lm_error.h"
 #include "torch_rng.h"
 
@@ -29,13 +30,8 @@ typedef struct {
 } fourierft_params;
 
 typedef struct {
-    uint64_t n_rows, n_cols; /* the tile-row and tile-column extents of the delta */
-    uint64_t n;              /* entries */
-    uint64_t *rho, *gamma;   /* per entry: its tile-row and tile-column coordinate */
-    double *s;               /* per entry: its value */
-    double *tw;              /* [n_rows, 2]: cos, sin of 2 pi k / n_rows */
-    double norm;             /* scale / (out in) */
-    fftw_plan plan;          /* c2r of length n_cols, unaligned arrays */
+    lm_sparse_spectrum sp;
+    fftw_plan plan; /* c2r of length n_cols, unaligned arrays */
 } fourierft_prep;
 
 static lm_code fourierft_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
@@ -102,32 +98,32 @@ static lm_code fourierft_prepare(const lm_op *op, const lm_kernels *k, lm_prepar
     uint64_t *pos = s ? lm_prep_alloc(p, (size_t)(2 * n + 1) * sizeof *pos, err) : NULL;
     if (pos == NULL)
         return LM_E_NOMEM;
-    fp->n_rows = pr->transposed ? pr->in : pr->out;
-    fp->n_cols = pr->transposed ? pr->out : pr->in;
-    fp->n = n;
-    fp->rho = pos;
-    fp->gamma = pos + n;
-    fp->s = lm_prep_alloc(p, (size_t)(n + 1) * sizeof *fp->s, err);
-    fp->tw = fp->s ? lm_prep_alloc(p, (size_t)(2 * fp->n_rows) * sizeof *fp->tw, err) : NULL;
-    uint64_t *perm = fp->tw ? malloc((size_t)(n + 1) * sizeof *perm) : NULL;
+    lm_sparse_spectrum *sp = &fp->sp;
+    sp->n_rows = pr->transposed ? pr->in : pr->out;
+    sp->n_cols = pr->transposed ? pr->out : pr->in;
+    sp->n = n;
+    uint64_t *rho = pos, *gamma = pos + n;
+    double *sv = lm_prep_alloc(p, (size_t)(n + 1) * sizeof *sv, err);
+    double *tw = sv ? lm_prep_alloc(p, (size_t)(2 * sp->n_rows) * sizeof *tw, err) : NULL;
+    uint64_t *perm = tw ? malloc((size_t)(n + 1) * sizeof *perm) : NULL;
     if (perm == NULL || lm_randperm_prefix(pr->out * pr->in, pr->seed, n, perm) != 0) {
         free(perm);
-        return fp->tw ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+        return tw ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
     }
     for (uint64_t t = 0; t < n; t++) { /* position perm[t] of the [out, in] spectrum */
         uint64_t r = perm[t] / pr->in, c = perm[t] % pr->in;
-        fp->rho[t] = pr->transposed ? c : r;
-        fp->gamma[t] = pr->transposed ? r : c;
-        fp->s[t] = s[t];
+        rho[t] = pr->transposed ? c : r;
+        gamma[t] = pr->transposed ? r : c;
+        sv[t] = s[t];
     }
     free(perm);
-    const double two_pi = 6.283185307179586476925286766559;
-    for (uint64_t q = 0; q < fp->n_rows; q++) {
-        fp->tw[2 * q] = cos(two_pi * (double)q / (double)fp->n_rows);
-        fp->tw[2 * q + 1] = sin(two_pi * (double)q / (double)fp->n_rows);
-    }
-    fp->norm = op->scale / ((double)pr->out * (double)pr->in);
-    size_t nc = (size_t)fp->n_cols;
+    lm_twiddles(tw, sp->n_rows);
+    sp->rho = rho;
+    sp->gamma = gamma;
+    sp->s = sv;
+    sp->tw = tw;
+    sp->norm = op->scale / ((double)pr->out * (double)pr->in);
+    size_t nc = (size_t)sp->n_cols;
     fftw_complex *h = fftw_malloc((nc / 2 + 1) * sizeof *h);
     double *y = fftw_malloc(nc * sizeof *y);
     if (h != NULL && y != NULL)
@@ -141,34 +137,18 @@ static lm_code fourierft_prepare(const lm_op *op, const lm_kernels *k, lm_prepar
     return LM_OK;
 }
 
-/* row x of the delta: Re(sum_t s_t e^{2 pi i (x rho_t / R + c gamma_t / C)}) * norm, as the real
- * inverse FFT of the Hermitian half-spectrum X[k] = (G[k] + conj(G[C - k])) / 2 */
 static void fourierft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
     (void)op;
     const fourierft_prep *fp = p->data;
-    const uint64_t C = fp->n_cols, half = C / 2, R = fp->n_rows;
     double *h = (double *)t->scratch; /* (C/2 + 1) complex, then C reals */
-    double *y = h + 2 * (half + 1);
+    double *y = h + 2 * (fp->sp.n_cols / 2 + 1);
     for (uint64_t i = 0; i < t->nr; i++) {
-        uint64_t x = t->r0 + i;
-        memset(h, 0, (size_t)(half + 1) * 2 * sizeof *h);
-        for (uint64_t e = 0; e < fp->n; e++) {
-            uint64_t ph = (x * fp->rho[e]) % R, g = fp->gamma[e], g2 = (C - g) % C;
-            double zr = fp->s[e] * fp->tw[2 * ph], zi = fp->s[e] * fp->tw[2 * ph + 1];
-            if (g <= half) {
-                h[2 * g] += 0.5 * zr;
-                h[2 * g + 1] += 0.5 * zi;
-            }
-            if (g2 <= half) {
-                h[2 * g2] += 0.5 * zr;
-                h[2 * g2 + 1] -= 0.5 * zi;
-            }
-        }
+        lm_half_spectrum_row(&fp->sp, t->r0 + i, h);
         fftw_execute_dft_c2r(fp->plan, (fftw_complex *)h, y);
         float *row = t->acc + i * t->cols;
-        for (uint64_t c = 0; c < C; c++)
-            row[c] += (float)(y[c] * fp->norm);
+        for (uint64_t c = 0; c < fp->sp.n_cols; c++)
+            row[c] += (float)(y[c] * fp->sp.norm);
     }
 }
 

@@ -153,3 +153,30 @@ void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q
             Q[j * n + x] = (float)(v[x] * inv);
     }
 }
+
+void lm_twiddles(double *tw, uint64_t n)
+{
+    const double two_pi = 6.283185307179586476925286766559;
+    for (uint64_t q = 0; q < n; q++) {
+        tw[2 * q] = cos(two_pi * (double)q / (double)n);
+        tw[2 * q + 1] = sin(two_pi * (double)q / (double)n);
+    }
+}
+
+void lm_half_spectrum_row(const lm_sparse_spectrum *sp, uint64_t x, double *h)
+{
+    const uint64_t C = sp->n_cols, half = C / 2, R = sp->n_rows;
+    memset(h, 0, (size_t)(half + 1) * 2 * sizeof *h);
+    for (uint64_t e = 0; e < sp->n; e++) {
+        uint64_t ph = (x * sp->rho[e]) % R, g = sp->gamma[e], g2 = (C - g) % C;
+        double zr = sp->s[e] * sp->tw[2 * ph], zi = sp->s[e] * sp->tw[2 * ph + 1];
+        if (g <= half) {
+            h[2 * g] += 0.5 * zr;
+            h[2 * g + 1] += 0.5 * zi;
+        }
+        if (g2 <= half) {
+            h[2 * g2] += 0.5 * zr;
+            h[2 * g2 + 1] -= 0.5 * zi;
+        }
+    }
+}

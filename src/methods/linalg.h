@@ -29,6 +29,25 @@ void lm_householder_wy(const float *U, size_t r, size_t n, double *T, double *wo
  *  f32.  A zero column stays zero.  work: n doubles. */
 void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q, double *work);
 
+/* A sparse 2-D spectrum whose inverse DFT is wanted row by row (FourierFT): entry t sits at
+ * (rho[t], gamma[t]) of an n_rows x n_cols grid with value s[t]. */
+typedef struct {
+    uint64_t n_rows, n_cols, n;
+    const uint64_t *rho, *gamma;
+    const double *s;
+    const double *tw; /* [n_rows][2]: cos, sin of 2 pi k / n_rows (lm_twiddles) */
+    double norm;      /* the factor applied to each row (scale / (rows cols)) */
+} lm_sparse_spectrum;
+
+/*! lm_twiddles() : tw[2k], tw[2k+1] = cos, sin of 2 pi k / n for k < n. */
+void lm_twiddles(double *tw, uint64_t n);
+
+/*! lm_half_spectrum_row() : h (n_cols/2 + 1 complex numbers as re, im pairs) such that a real
+ *  inverse FFT of length n_cols (FFTW's c2r, unnormalised) gives row x of
+ *  Re(sum_t s_t e^{2 pi i (x rho_t / n_rows + c gamma_t / n_cols)}): the Hermitian half
+ *  X[k] = (G[k] + conj(G[n_cols - k])) / 2 of the row's spectrum G. */
+void lm_half_spectrum_row(const lm_sparse_spectrum *sp, uint64_t x, double *h);
+
 /* C [m, n] = A [m, k] @ B [k, n] in double, plain loops (small matrices) */
 void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n);
 

@@ -27,6 +27,43 @@ typedef struct {
 static const lm_ts_tensor *factor_a(const lm_module *m) { return m->part[LORA_A] ? m->part[LORA_A] : m->part[LORA_EA]; }
 static const lm_ts_tensor *factor_b(const lm_module *m) { return m->part[LORA_B] ? m->part[LORA_B] : m->part[LORA_EB]; }
 
+/* the storage of W for the pair: 0 [out, in], 1 [in, out] (Conv1D, Embedding), -1 square
+ * (decided with the siblings); convolutions are [out, in, k...] */
+static lm_code orientation(const lm_module *m, const lm_tensor_info *W, const lm_ts_tensor *A, const lm_ts_tensor *B,
+                           int *orient, lm_err *err)
+{
+    char sw[96], sa[96], sb[96];
+    lm_shape_str(sw, sizeof sw, W->n_dims, W->shape);
+    lm_shape_str(sa, sizeof sa, A->n_dims, A->shape);
+    lm_shape_str(sb, sizeof sb, B->n_dims, B->shape);
+    if (m->part[LORA_EA] != NULL) { /* embedding: W [V, D], A [r, V], B [D, r] */
+        if (A->n_dims != 2 || B->n_dims != 2 || W->n_dims != 2 || W->shape[0] != A->shape[1] ||
+            W->shape[1] != B->shape[0])
+            return lm_mismatch(err, m->path, "base '%s' is %s but lora_embedding_A %s, lora_embedding_B %s need [%llu, %llu]",
+                               W->name, sw, sa, sb, (unsigned long long)A->shape[1], (unsigned long long)B->shape[0]);
+        *orient = 1;
+    } else if (W->n_dims >= 3 || A->n_dims >= 3) { /* convolution */
+        int ok = W->n_dims == A->n_dims && W->n_dims == B->n_dims && W->shape[0] == B->shape[0];
+        for (size_t d = 1; ok && d < W->n_dims; d++)
+            ok = W->shape[d] == A->shape[d];
+        for (size_t d = 2; ok && d < B->n_dims; d++)
+            ok = B->shape[d] == 1;
+        if (!ok)
+            return lm_mismatch(err, m->path, "base '%s' is %s but lora_A is %s and lora_B %s", W->name, sw, sa, sb);
+        *orient = 0;
+    } else {
+        uint64_t out = B->shape[0], in = A->shape[1];
+        if (W->shape[0] == out && W->shape[1] == in)
+            *orient = out == in ? -1 : 0;
+        else if (W->shape[0] == in && W->shape[1] == out)
+            *orient = 1;
+        else
+            return lm_mismatch(err, m->path, "base '%s' is %s but lora_B @ lora_A is [%llu, %llu] (lora_A %s, lora_B %s)",
+                               W->name, sw, (unsigned long long)out, (unsigned long long)in, sa, sb);
+    }
+    return LM_OK;
+}
+
 /* pass 1 for one module: parts complete, ranks, base tensor, orientation where shapes tell.
  * li->m stays NULL for a module that adds nothing (AdaLoRA rank 0). */
 static lm_code check_pair(lm_plan_ctx *ctx, const lm_module *m, int adalora, pair_info *li, lm_err *err)
@@ -111,35 +148,8 @@ static lm_code check_pair(lm_plan_ctx *ctx, const lm_module *m, int adalora, pai
         return lm_module_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", m->path,
                               "base tensor '%s' is %s: only float weights can be merged", W->name,
                               lm_dtype_name(W->dtype));
-    char sw[96], sa[96], sb[96];
-    lm_shape_str(sw, sizeof sw, W->n_dims, W->shape);
-    lm_shape_str(sa, sizeof sa, A->n_dims, A->shape);
-    lm_shape_str(sb, sizeof sb, B->n_dims, B->shape);
-    if (pea != NULL) { /* embedding: W [V, D], A [r, V], B [D, r] */
-        if (A->n_dims != 2 || B->n_dims != 2 || W->n_dims != 2 || W->shape[0] != A->shape[1] ||
-            W->shape[1] != B->shape[0])
-            return lm_mismatch(err, m->path, "base '%s' is %s but lora_embedding_A %s, lora_embedding_B %s need [%llu, %llu]",
-                               W->name, sw, sa, sb, (unsigned long long)A->shape[1], (unsigned long long)B->shape[0]);
-        li->orient = 1;
-    } else if (W->n_dims >= 3 || A->n_dims >= 3) { /* convolution */
-        int ok = W->n_dims == A->n_dims && W->n_dims == B->n_dims && W->shape[0] == B->shape[0];
-        for (size_t d = 1; ok && d < W->n_dims; d++)
-            ok = W->shape[d] == A->shape[d];
-        for (size_t d = 2; ok && d < B->n_dims; d++)
-            ok = B->shape[d] == 1;
-        if (!ok)
-            return lm_mismatch(err, m->path, "base '%s' is %s but lora_A is %s and lora_B %s", W->name, sw, sa, sb);
-        li->orient = 0;
-    } else {
-        uint64_t out = B->shape[0], in = A->shape[1];
-        if (W->shape[0] == out && W->shape[1] == in)
-            li->orient = out == in ? -1 : 0;
-        else if (W->shape[0] == in && W->shape[1] == out)
-            li->orient = 1;
-        else
-            return lm_mismatch(err, m->path, "base '%s' is %s but lora_B @ lora_A is [%llu, %llu] (lora_A %s, lora_B %s)",
-                               W->name, sw, (unsigned long long)out, (unsigned long long)in, sa, sb);
-    }
+    if (orientation(m, W, A, B, &li->orient, err) != LM_OK)
+        return err->code;
     li->m = m;
     return LM_OK;
 }

@@ -1,0 +1,235 @@
+/* test_linalg.c : the pure math of the methods (src/methods/linalg.c, torch_rng.c) on
+ * hand-checkable matrices: Cayley transforms, the Cayley-Neumann series (one by one and by
+ * doubling), the compact WY form of Householder products, Gram-Schmidt, torch's MT19937 and
+ * randperm, and the FFT glue of FourierFT against a direct double sum. */
+#include "linalg.h"
+#include "torch_rng.h"
+
+#include <criterion/criterion.h>
+#include <fftw3.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static double max_abs_diff(const double *a, const double *b, size_t n)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++)
+        m = fmax(m, fabs(a[i] - b[i]));
+    return m;
+}
+
+Test(linalg, cayley_of_a_2x2_skew_matrix)
+{
+    /* Q = [[0, a], [-a, 0]]: (I - Q)(I + Q)^-1 = [[1 - a^2, -2a], [2a, 1 - a^2]] / (1 + a^2) */
+    const double a = 0.75, Q[4] = {0, a, -a, 0}, d = 1 + a * a;
+    const double want[4] = {(1 - a * a) / d, -2 * a / d, 2 * a / d, (1 - a * a) / d};
+    double R[4], work[8];
+    lm_cayley_exact(Q, R, 2, work);
+    cr_assert_lt(max_abs_diff(R, want, 4), 1e-15);
+}
+
+Test(linalg, cayley_is_orthogonal)
+{
+    enum { N = 7 };
+    double Q[N * N], R[N * N], RtR[N * N], Rt[N * N], work[2 * N * N];
+    uint64_t s = 12345;
+    memset(Q, 0, sizeof Q);
+    for (int i = 0; i < N; i++)
+        for (int j = i + 1; j < N; j++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            double v = (double)(s >> 11) / 9007199254740992.0 - 0.5;
+            Q[i * N + j] = v;
+            Q[j * N + i] = -v;
+        }
+    lm_cayley_exact(Q, R, N, work);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < N; j++)
+            Rt[i * N + j] = R[j * N + i];
+    lm_matmul_d(Rt, R, RtR, N, N, N);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < N; j++)
+            cr_assert_lt(fabs(RtR[i * N + j] - (i == j)), 1e-13, "R^T R [%d, %d] = %g", i, j, RtR[i * N + j]);
+}
+
+Test(linalg, neumann_terms_as_peft_counts_them)
+{
+    /* 1x1 "matrix" q: T<=1 -> 1; 2 -> 1 + 2q; 3 -> 1 + 2q + 2q^2 + q^3; 5 -> 1 + 2(q + q^2 + q^3) + q^4 */
+    const double q = 0.3;
+    double R, work[4];
+    lm_cayley_neumann(&q, &R, 1, 0, work);
+    cr_assert_eq(R, 1.0);
+    lm_cayley_neumann(&q, &R, 1, 1, work);
+    cr_assert_eq(R, 1.0);
+    lm_cayley_neumann(&q, &R, 1, 2, work);
+    cr_assert_lt(fabs(R - (1 + 2 * q)), 1e-15);
+    lm_cayley_neumann(&q, &R, 1, 3, work);
+    cr_assert_lt(fabs(R - (1 + 2 * q + 2 * q * q + q * q * q)), 1e-15);
+    lm_cayley_neumann(&q, &R, 1, 5, work);
+    cr_assert_lt(fabs(R - (1 + 2 * (q + q * q + q * q * q) + q * q * q * q)), 1e-15);
+}
+
+Test(linalg, neumann_by_doubling_matches_one_by_one)
+{
+    /* beyond 64 terms the powers are summed by doubling: same value as summing one by one */
+    enum { N = 4 };
+    double Q[N * N], R[N * N], work[4 * N * N];
+    memset(Q, 0, sizeof Q);
+    Q[0 * N + 1] = 0.2, Q[1 * N + 0] = -0.2, Q[1 * N + 3] = 0.35, Q[3 * N + 1] = -0.35, Q[0 * N + 2] = 0.1,
+    Q[2 * N + 0] = -0.1;
+    for (uint64_t T = 65; T < 200; T += 27) {
+        double S[N * N], P[N * N], X[N * N];
+        memset(S, 0, sizeof S);
+        for (int i = 0; i < N; i++)
+            S[i * N + i] = 1;
+        memcpy(P, Q, sizeof P);
+        for (uint64_t k = 1; k <= T - 1; k++) {
+            double f = k == T - 1 ? 1.0 : 2.0;
+            for (int i = 0; i < N * N; i++)
+                S[i] += f * P[i];
+            lm_matmul_d(P, Q, X, N, N, N);
+            memcpy(P, X, sizeof P);
+        }
+        lm_cayley_neumann(Q, R, N, T, work);
+        cr_assert_lt(max_abs_diff(R, S, N * N), 1e-13, "T=%llu", (unsigned long long)T);
+    }
+    /* a billion terms cost a few dozen products, not a billion */
+    lm_cayley_neumann(Q, R, N, 1000000000ull, work);
+    for (int i = 0; i < N * N; i++)
+        cr_assert(isfinite(R[i]));
+}
+
+Test(linalg, householder_wy_equals_the_product_of_reflections)
+{
+    enum { R = 3, N = 5 };
+    float U[R * N];
+    double V[N], work[R], T[R * R], H[N * N], X[N * N], P[N * N];
+    uint64_t s = 99;
+    for (int j = 0; j < R; j++) { /* unit rows */
+        double ss = 0;
+        for (int x = 0; x < N; x++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            V[x] = (double)(s >> 11) / 9007199254740992.0 - 0.5;
+            ss += V[x] * V[x];
+        }
+        for (int x = 0; x < N; x++)
+            U[j * N + x] = (float)(V[x] / sqrt(ss));
+    }
+    /* P = H_0 H_1 H_2, H_j = I - 2 u_j u_j^T, with the rows as they are (f32 values, exact in double) */
+    memset(P, 0, sizeof P);
+    for (int i = 0; i < N; i++)
+        P[i * N + i] = 1;
+    for (int j = 0; j < R; j++) {
+        for (int a = 0; a < N; a++)
+            for (int b = 0; b < N; b++)
+                H[a * N + b] = (a == b) - 2.0 * (double)U[j * N + a] * (double)U[j * N + b];
+        lm_matmul_d(P, H, X, N, N, N);
+        memcpy(P, X, sizeof P);
+    }
+    lm_householder_wy(U, R, N, T, work);
+    for (int a = 0; a < N; a++)
+        for (int b = 0; b < N; b++) { /* (I - U^T T U)[a, b] */
+            double v = (a == b);
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < R; j++)
+                    v -= (double)U[i * N + a] * T[i * R + j] * (double)U[j * N + b];
+            cr_assert_lt(fabs(v - P[a * N + b]), 1e-6, "[%d, %d]: %g vs %g", a, b, v, P[a * N + b]);
+        }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < i; j++)
+            cr_assert_eq(T[i * R + j], 0.0, "T is upper triangular");
+}
+
+Test(linalg, unit_rows_and_gram_schmidt)
+{
+    /* V [3, 2]: columns (3, 4, 0) and (1, 1, 1) */
+    const float V[6] = {3, 1, 4, 1, 0, 1};
+    float Q[6];
+    double work[3];
+    lm_unit_rows(V, 3, 2, 0, Q, work);
+    cr_assert_float_eq(Q[0], 0.6f, 1e-7);
+    cr_assert_float_eq(Q[1], 0.8f, 1e-7);
+    cr_assert_float_eq(Q[2], 0.0f, 1e-7);
+    cr_assert_float_eq(Q[3], (float)(1 / sqrt(3.0)), 1e-7);
+    lm_unit_rows(V, 3, 2, 1, Q, work);
+    /* (1, 1, 1) - 1.4 (0.6, 0.8, 0) = (0.16, -0.12, 1), normalised */
+    double n = sqrt(0.16 * 0.16 + 0.12 * 0.12 + 1);
+    cr_assert_float_eq(Q[3], (float)(0.16 / n), 1e-6);
+    cr_assert_float_eq(Q[4], (float)(-0.12 / n), 1e-6);
+    cr_assert_float_eq(Q[5], (float)(1 / n), 1e-6);
+    double dot = (double)Q[0] * Q[3] + (double)Q[1] * Q[4] + (double)Q[2] * Q[5];
+    cr_assert_lt(fabs(dot), 1e-7);
+}
+
+Test(torch_rng, mt19937_reference_outputs)
+{
+    /* the standard MT19937 outputs: seed 5489 starts 3499211612, 581869302; seed 0 starts 2357136044 */
+    lm_mt19937 g;
+    lm_mt_seed(&g, 5489);
+    cr_assert_eq(lm_mt_next(&g), 3499211612u);
+    cr_assert_eq(lm_mt_next(&g), 581869302u);
+    lm_mt_seed(&g, 0);
+    cr_assert_eq(lm_mt_next(&g), 2357136044u);
+}
+
+Test(torch_rng, randperm_prefix_is_fisher_yates_from_the_front)
+{
+    const uint64_t cases[][3] = {{10, 0, 10}, {384, 777, 100}, {5000, 42, 5000}, {100000, 777, 1000}, {1, 3, 1}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        uint64_t N = cases[c][0], seed = cases[c][1], n = cases[c][2];
+        uint64_t *full = malloc(N * sizeof *full), *got = malloc(n * sizeof *got);
+        for (uint64_t i = 0; i < N; i++)
+            full[i] = i;
+        lm_mt19937 g;
+        lm_mt_seed(&g, seed);
+        for (uint64_t t = 0; t + 1 < N; t++) {
+            uint64_t z = lm_mt_next(&g) % (N - t), tmp = full[t];
+            full[t] = full[t + z];
+            full[t + z] = tmp;
+        }
+        cr_assert_eq(lm_randperm_prefix(N, seed, n, got), 0);
+        for (uint64_t i = 0; i < n; i++)
+            cr_assert_eq(got[i], full[i], "N=%llu seed=%llu: entry %llu", (unsigned long long)N,
+                         (unsigned long long)seed, (unsigned long long)i);
+        free(full);
+        free(got);
+    }
+    /* (the definition itself was checked against torch: peft-merge.md Appendix A) */
+}
+
+Test(linalg, sparse_inverse_dft_rows_match_a_direct_sum)
+{
+    /* odd and even widths: the Hermitian half has a Nyquist term only for even n_cols */
+    const uint64_t shapes[][2] = {{5, 7}, {6, 8}, {4, 1}, {3, 2}};
+    for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+        uint64_t R = shapes[k][0], C = shapes[k][1];
+        enum { NT = 9 };
+        uint64_t rho[NT], gamma[NT];
+        double s[NT], tw[2 * 8];
+        for (int t = 0; t < NT; t++) { /* repeated positions too, and column 0 / C/2 */
+            rho[t] = (uint64_t)(t * 3 + 1) % R;
+            gamma[t] = (uint64_t)(t * 5) % C;
+            s[t] = 0.5 + 0.25 * t * (t % 2 ? -1 : 1);
+        }
+        lm_twiddles(tw, R);
+        lm_sparse_spectrum sp = {R, C, NT, rho, gamma, s, tw, 1.0};
+        double *h = fftw_malloc((C / 2 + 1) * 2 * sizeof *h), *y = fftw_malloc(C * sizeof *y);
+        fftw_plan plan = fftw_plan_dft_c2r_1d((int)C, (fftw_complex *)h, y, FFTW_ESTIMATE);
+        for (uint64_t x = 0; x < R; x++) {
+            lm_half_spectrum_row(&sp, x, h);
+            fftw_execute(plan);
+            for (uint64_t c = 0; c < C; c++) {
+                double want = 0;
+                for (int t = 0; t < NT; t++)
+                    want += s[t] * cos(6.283185307179586 * ((double)(x * rho[t]) / (double)R +
+                                                            (double)(c * gamma[t]) / (double)C));
+                cr_assert_lt(fabs(y[c] - want), 1e-12, "[%llu x %llu] row %llu col %llu: %g vs %g",
+                             (unsigned long long)R, (unsigned long long)C, (unsigned long long)x,
+                             (unsigned long long)c, y[c], want);
+            }
+        }
+        fftw_destroy_plan(plan);
+        fftw_free(h);
+        fftw_free(y);
+    }
+}
