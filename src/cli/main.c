@@ -39,7 +39,6 @@ static const char USAGE[] =
     "  --json                  machine-readable report on stdout\n"
     "  --fsync                 flush the output to disk before renaming it into place\n"
     "  --kernels ref|avx2|avx512  force a kernel variant (default: best for this CPU)\n"
-    "  --tile-elems N          f32 elements per row tile (default 262144); output identical for every N\n"
     "  -q, --quiet             no summary, no notes, no progress bar\n"
     "  --progress              progress bar even when stderr is not a terminal\n"
     "  -h, --help              this text\n"
@@ -297,7 +296,7 @@ int main(int argc, char **argv)
             if (*val == '\0' || *end != '\0' || n < 1 || n > 1024)
                 return usage_error("--threads needs a whole number from 1 to 1024, not '%s'", val);
             job.n_threads = (int)n;
-        } else if (strcmp(name, "--tile-elems") == 0) {
+        } else if (strcmp(name, "--tile-elems") == 0) { /* hidden: tests and benchmarks (see lora_merge.h) */
             NEED_VALUE();
             char *end;
             unsigned long long n = strtoull(val, &end, 10);
