@@ -105,6 +105,7 @@ static void set_ref(lm_kernels *k)
     k->axpy = lm_axpy_ref;
     k->f64_to_f32 = lm_f64_to_f32_ref;
     k->f32_to_f64 = lm_f32_to_f64_ref;
+    k->sumsq = lm_sumsq_ref;
     k->name = "ref";
 }
 
@@ -118,6 +119,7 @@ static void set_avx2(lm_kernels *k)
     k->axpy = lm_axpy_avx2;
     k->f64_to_f32 = lm_f64_to_f32_avx2;
     k->f32_to_f64 = lm_f32_to_f64_avx2;
+    k->sumsq = lm_sumsq_avx2;
     k->name = "avx2";
 }
 
@@ -130,6 +132,7 @@ static void set_avx512(lm_kernels *k)
     k->axpy = lm_axpy_avx512;
     k->f64_to_f32 = lm_f64_to_f32_avx512;
     k->f32_to_f64 = lm_f32_to_f64_avx512;
+    k->sumsq = lm_sumsq_avx512;
     k->name = "avx512";
 }
 #endif

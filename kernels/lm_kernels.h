@@ -36,6 +36,7 @@ typedef struct lm_kernels {
     void (*axpy)(float *acc, float s, const float *x, size_t n);
     void (*f64_to_f32)(const double *src, float *dst, size_t n);
     void (*f32_to_f64)(const float *src, double *dst, size_t n);
+    double (*sumsq)(const float *x, size_t n); /* sum of x[i]^2 in double, 16 lanes (reduce_ref.c) */
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -79,6 +80,13 @@ void lm_f32_to_f16_avx512(const float *src, uint16_t *dst, size_t n);
 void lm_axpy_avx512(float *acc, float s, const float *x, size_t n);
 void lm_f64_to_f32_avx512(const double *src, float *dst, size_t n);
 void lm_f32_to_f64_avx512(const float *src, double *dst, size_t n);
+
+double lm_sumsq_ref(const float *x, size_t n);
+double lm_sumsq_avx2(const float *x, size_t n);
+double lm_sumsq_avx512(const float *x, size_t n);
+/* the reference's pieces the variants share: the tail into the lanes, and the lanes' sum */
+void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes);
+double lm_sumsq_lanes(const double *lanes);
 
 /* ---- single values: the reference semantics, pure integer bit manipulation ---------------- */
 /* type punning through a union is defined in C11 (and keeps this header free of <string.h>) */

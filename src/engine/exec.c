@@ -222,9 +222,7 @@ static void op_norm(const lm_op *op, const float *m, const double *col_scale, co
     for (uint64_t r = 0; r < t->nr; r++) {
         float *row = t->acc + r * t->cols;
         if (op->axis == 0) {
-            double ss = 0;
-            for (uint64_t c = 0; c < t->cols; c++)
-                ss += (double)row[c] * (double)row[c];
+            const double ss = t->k->sumsq(row, (size_t)t->cols);
             const float f = (float)((double)m[t->r0 + r] / sqrt(ss));
             for (uint64_t c = 0; c < t->cols; c++)
                 row[c] *= f;

@@ -1,0 +1,28 @@
+/* reduce_avx2.c : AVX2 variant of reduce_ref.c, bit for bit: four 4-lane double accumulators
+ * hold lanes 0-15; full blocks of 16 elements here, the tail in the reference's loop. */
+#include "lm_kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+double __attribute__((target("avx,avx2"))) lm_sumsq_avx2(const float *x, size_t n)
+{
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256d x0 = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), x1 = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
+        const __m256d x2 = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 8)), x3 = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 12));
+        a0 = _mm256_add_pd(a0, _mm256_mul_pd(x0, x0));
+        a1 = _mm256_add_pd(a1, _mm256_mul_pd(x1, x1));
+        a2 = _mm256_add_pd(a2, _mm256_mul_pd(x2, x2));
+        a3 = _mm256_add_pd(a3, _mm256_mul_pd(x3, x3));
+    }
+    double lanes[16];
+    _mm256_storeu_pd(lanes, a0);
+    _mm256_storeu_pd(lanes + 4, a1);
+    _mm256_storeu_pd(lanes + 8, a2);
+    _mm256_storeu_pd(lanes + 12, a3);
+    lm_sumsq_ref_tail(x + i, n - i, lanes);
+    return lm_sumsq_lanes(lanes);
+}
+#endif

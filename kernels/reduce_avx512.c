@@ -1,0 +1,23 @@
+/* reduce_avx512.c : AVX-512 variant of reduce_ref.c, bit for bit: two 8-lane double
+ * accumulators hold lanes 0-15; full blocks of 16 elements here, the tail in the reference's. */
+#include "lm_kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+double __attribute__((target("avx,avx2,avx512f"))) lm_sumsq_avx512(const float *x, size_t n)
+{
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512d x0 = _mm512_cvtps_pd(_mm256_loadu_ps(x + i)), x1 = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8));
+        a0 = _mm512_add_pd(a0, _mm512_mul_pd(x0, x0));
+        a1 = _mm512_add_pd(a1, _mm512_mul_pd(x1, x1));
+    }
+    double lanes[16];
+    _mm512_storeu_pd(lanes, a0);
+    _mm512_storeu_pd(lanes + 8, a1);
+    lm_sumsq_ref_tail(x + i, n - i, lanes);
+    return lm_sumsq_lanes(lanes);
+}
+#endif

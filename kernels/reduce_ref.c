@@ -1,0 +1,28 @@
+/* reduce_ref.c : sums of squares in double, the reference.  Element i goes to lane i mod 16
+ * (each square of an f32 is exact in double, so an FMA would change nothing), and the 16 lanes
+ * are added in a fixed tree: every variant that keeps the lanes gives the same bits, and 16
+ * independent sums run at the adder's throughput, not its latency. */
+#include "lm_kernels.h"
+
+double lm_sumsq_lanes(const double *l)
+{
+    double a[8];
+    for (int i = 0; i < 8; i++)
+        a[i] = l[i] + l[i + 8];
+    for (int i = 0; i < 4; i++)
+        a[i] = a[i] + a[i + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes)
+{
+    for (size_t i = 0; i < n; i++)
+        lanes[i % 16] += (double)x[i] * (double)x[i];
+}
+
+double lm_sumsq_ref(const float *x, size_t n)
+{
+    double lanes[16] = {0};
+    lm_sumsq_ref_tail(x, n, lanes);
+    return lm_sumsq_lanes(lanes);
+}
