@@ -106,6 +106,8 @@ static void set_ref(lm_kernels *k)
     k->f64_to_f32 = lm_f64_to_f32_ref;
     k->f32_to_f64 = lm_f32_to_f64_ref;
     k->sumsq = lm_sumsq_ref;
+    k->count_nonfinite_f32 = lm_count_nonfinite_f32_ref;
+    k->count_nonfinite_16 = lm_count_nonfinite_16_ref;
     k->name = "ref";
 }
 
@@ -120,6 +122,8 @@ static void set_avx2(lm_kernels *k)
     k->f64_to_f32 = lm_f64_to_f32_avx2;
     k->f32_to_f64 = lm_f32_to_f64_avx2;
     k->sumsq = lm_sumsq_avx2;
+    k->count_nonfinite_f32 = lm_count_nonfinite_f32_avx2;
+    k->count_nonfinite_16 = lm_count_nonfinite_16_avx2;
     k->name = "avx2";
 }
 
@@ -133,6 +137,8 @@ static void set_avx512(lm_kernels *k)
     k->f64_to_f32 = lm_f64_to_f32_avx512;
     k->f32_to_f64 = lm_f32_to_f64_avx512;
     k->sumsq = lm_sumsq_avx512;
+    k->count_nonfinite_f32 = lm_count_nonfinite_f32_avx512;
+    k->count_nonfinite_16 = lm_count_nonfinite_16_avx512;
     k->name = "avx512";
 }
 #endif

@@ -37,6 +37,8 @@ typedef struct lm_kernels {
     void (*f64_to_f32)(const double *src, float *dst, size_t n);
     void (*f32_to_f64)(const float *src, double *dst, size_t n);
     double (*sumsq)(const float *x, size_t n); /* sum of x[i]^2 in double, 16 lanes (reduce_ref.c) */
+    size_t (*count_nonfinite_f32)(const float *x, size_t n);                 /* inf and NaN */
+    size_t (*count_nonfinite_16)(const uint16_t *x, size_t n, uint16_t exp_mask); /* exponent all ones */
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -81,6 +83,12 @@ void lm_axpy_avx512(float *acc, float s, const float *x, size_t n);
 void lm_f64_to_f32_avx512(const double *src, float *dst, size_t n);
 void lm_f32_to_f64_avx512(const float *src, double *dst, size_t n);
 
+size_t lm_count_nonfinite_f32_ref(const float *x, size_t n);
+size_t lm_count_nonfinite_f32_avx2(const float *x, size_t n);
+size_t lm_count_nonfinite_f32_avx512(const float *x, size_t n);
+size_t lm_count_nonfinite_16_ref(const uint16_t *x, size_t n, uint16_t exp_mask);
+size_t lm_count_nonfinite_16_avx2(const uint16_t *x, size_t n, uint16_t exp_mask);
+size_t lm_count_nonfinite_16_avx512(const uint16_t *x, size_t n, uint16_t exp_mask);
 double lm_sumsq_ref(const float *x, size_t n);
 double lm_sumsq_avx2(const float *x, size_t n);
 double lm_sumsq_avx512(const float *x, size_t n);

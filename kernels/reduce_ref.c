@@ -1,4 +1,5 @@
-/* reduce_ref.c : sums of squares in double, the reference.  Element i goes to lane i mod 16
+/* reduce_ref.c : reductions, the reference: counts of non-finite values (f32, and bf16/f16
+ * given their exponent mask), and sums of squares in double.  Element i goes to lane i mod 16
  * (each square of an f32 is exact in double, so an FMA would change nothing), and the 16 lanes
  * are added in a fixed tree: every variant that keeps the lanes gives the same bits, and 16
  * independent sums run at the adder's throughput, not its latency. */
@@ -25,4 +26,20 @@ double lm_sumsq_ref(const float *x, size_t n)
     double lanes[16] = {0};
     lm_sumsq_ref_tail(x, n, lanes);
     return lm_sumsq_lanes(lanes);
+}
+
+size_t lm_count_nonfinite_f32_ref(const float *x, size_t n)
+{
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += (lm_f32_bits(x[i]) & 0x7F800000u) == 0x7F800000u;
+    return bad;
+}
+
+size_t lm_count_nonfinite_16_ref(const uint16_t *x, size_t n, uint16_t exp_mask)
+{
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += (x[i] & exp_mask) == exp_mask;
+    return bad;
 }

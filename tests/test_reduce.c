@@ -1,7 +1,7 @@
-/* test_reduce.c : the sum-of-squares kernel (DoRA's row norms): every variant bit for bit the
- * reference, on every length 0..67 (every tail) and long random rows, misaligned too; the
- * reference within a few ulps of the exact sum (computed here in long double, then the
- * error bound of a 16-lane sum). */
+/* test_reduce.c : the reduction kernels: sums of squares (DoRA row norms) and counts of
+ * non-finite values (the output check).  Every variant bit for bit the reference, on every
+ * length 0..67 (every tail) and long random rows, misaligned too; the reference's sum within
+ * the error bound of any summation order of the exact (long double) sum. */
 #include "lm_kernels.h"
 
 #include <criterion/criterion.h>
@@ -72,4 +72,42 @@ Test(reduce, sumsq_is_accurate)
     }
     cr_assert_eq(ref.sumsq(buf, 0), 0.0);
     free(buf);
+}
+
+Test(reduce, nonfinite_counts_match_the_reference)
+{
+    static const char *const variants[] = {"avx2", "avx512"};
+    enum { N = 1000 };
+    float f[N + 1];
+    uint16_t h[N + 1];
+    size_t want_f = 0, want_b = 0;
+    for (size_t i = 0; i < N + 1; i++) {
+        rs_state = rs_state * 6364136223846793005ull + 1442695040888963407ull;
+        uint32_t u = (uint32_t)(rs_state >> 32);
+        /* 1 in 8: an inf or a NaN (any payload, either sign) */
+        f[i] = (u & 7) == 0 ? lm_f32_from_bits((u & 0x807FFFFFu) | 0x7F800000u) : rs_value();
+        h[i] = (uint16_t)((u & 7) == 1 ? (0x7F80u | (u >> 16 & 0x807Fu)) : (u >> 16 & 0x7F7Fu));
+    }
+    lm_kernels ref;
+    lm_kernels_select(&ref, "ref");
+    for (size_t i = 1; i < N + 1; i++) { /* independent counts (offset 1: misaligned) */
+        want_f += isnan(f[i]) || isinf(f[i]);
+        want_b += (h[i] & 0x7F80u) == 0x7F80u;
+    }
+    cr_assert_eq(ref.count_nonfinite_f32(f + 1, N), want_f);
+    cr_assert_eq(ref.count_nonfinite_16(h + 1, N, 0x7F80u), want_b);
+    for (size_t v = 0; v < 2; v++) {
+        lm_kernels k;
+        if (lm_kernels_select(&k, variants[v]) != 0) {
+            cr_log_warn("reduce: %s not available on this CPU: skipped", variants[v]);
+            continue;
+        }
+        for (size_t n = 0; n <= N; n += (n < 70 ? 1 : 97)) {
+            cr_assert_eq(k.count_nonfinite_f32(f + 1, n), ref.count_nonfinite_f32(f + 1, n), "%s f32 n=%zu", variants[v], n);
+            cr_assert_eq(k.count_nonfinite_16(h + 1, n, 0x7F80u), ref.count_nonfinite_16(h + 1, n, 0x7F80u), "%s bf16 n=%zu",
+                         variants[v], n);
+            cr_assert_eq(k.count_nonfinite_16(h + 1, n, 0x7C00u), ref.count_nonfinite_16(h + 1, n, 0x7C00u), "%s f16 n=%zu",
+                         variants[v], n);
+        }
+    }
 }

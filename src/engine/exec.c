@@ -290,53 +290,43 @@ static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint
     return LM_OK;
 }
 
-static size_t count_nonfinite(const float *x, size_t n)
-{
-    size_t bad = 0;
-    for (size_t i = 0; i < n; i++)
-        bad += (lm_f32_bits(x[i]) & 0x7F800000u) == 0x7F800000u;
-    return bad;
-}
-
-/* non-finite 16-bit encodings (exponent all ones) */
-static size_t count_nonfinite16(const uint16_t *x, size_t n, uint16_t exp_mask)
-{
-    size_t bad = 0;
-    for (size_t i = 0; i < n; i++)
-        bad += (x[i] & exp_mask) == exp_mask;
-    return bad;
-}
-
-/* a merge must not create inf or NaN: neither in f32 nor when rounding to a narrower dtype */
-static lm_code check_finite(const job *J, size_t ti, size_t bad_in, const float *acc, const uint8_t *out, size_t n,
-                            lm_err *err)
-{
-    const lm_plan_tensor *t = &J->plan->t[ti];
-    size_t bad_f32 = count_nonfinite(acc, n);
-    if (bad_f32 > bad_in) {
-        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%zu inf/NaN in one tile): "
-                "an adapter's delta overflows", bad_f32 - bad_in);
-        lm_err_set_tensor(err, t->name);
-        return LM_E_MISMATCH;
-    }
-    if (t->dtype == LM_DT_F16 || t->dtype == LM_DT_BF16) {
-        size_t bad_out = count_nonfinite16((const uint16_t *)out, n, t->dtype == LM_DT_F16 ? 0x7C00u : 0x7F80u);
-        if (bad_out > bad_f32) {
-            lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
-                    "written as inf)", bad_out - bad_f32, lm_dtype_name(t->dtype));
-            lm_err_set_tensor(err, t->name);
-            return LM_E_MISMATCH;
-        }
-    }
-    return LM_OK;
-}
-
 /* per-thread buffers, room for max_elems f32 elements per tile */
 typedef struct {
     float *acc;
     uint8_t *out;   /* the tile in the output dtype */
     float *scratch; /* the raw read buffer, then the methods' scratch: 4 max_elems + 64 floats */
 } workspace;
+
+/* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
+ * case costs one scan of the output; only when it finds something is the input tile read again
+ * to tell values the base already had from ones the merge made. */
+static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    size_t n = (size_t)(nr * t->cols);
+    int narrow = t->dtype == LM_DT_F16 || t->dtype == LM_DT_BF16;
+    size_t bad_out = narrow ? J->k->count_nonfinite_16((const uint16_t *)ws->out, n, t->dtype == LM_DT_F16 ? 0x7C00u : 0x7F80u)
+                            : J->k->count_nonfinite_f32(ws->acc, n);
+    if (bad_out == 0 || t->dtype == LM_DT_F64)
+        return LM_OK;
+    size_t bad_f32 = J->k->count_nonfinite_f32(ws->acc, n);
+    if (load_tile(J, ti, ws->acc, (uint8_t *)ws->scratch, r0, nr, err) != LM_OK)
+        return LM_E_IO;
+    size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n);
+    if (bad_f32 > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%zu inf/NaN in rows %llu.."
+                "%llu): an adapter's delta overflows", bad_f32 - bad_in, (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
+    else if (bad_out > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
+                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(t->dtype), (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
+    else
+        return LM_OK;
+    lm_err_set_tensor(err, t->name);
+    return LM_E_MISMATCH;
+}
+
 
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
 {
@@ -346,11 +336,10 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
         return err->code;
     if (load_tile(J, ti, ws->acc, (uint8_t *)ws->scratch, r0, nr, err) != LM_OK)
         return LM_E_IO;
-    size_t bad_in = count_nonfinite(ws->acc, n);
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, t->n_ops, &tile);
     from_f32(J->k, t->dtype, ws->acc, ws->out, n);
-    return check_finite(J, ti, bad_in, ws->acc, ws->out, n, err);
+    return check_finite(J, ti, r0, nr, ws, err);
 }
 
 static lm_code run_task(job *J, const task *tk, const workspace *ws, lm_err *err)
