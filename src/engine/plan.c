@@ -502,6 +502,38 @@ lm_op *lm_ctx_add_op(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char *n
     return op;
 }
 
+long lm_ctx_weight_2d(lm_plan_ctx *ctx, const char *module, lm_err *err)
+{
+    long bi = lm_ctx_module_weight(ctx, module, err);
+    if (bi < 0)
+        return -1;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2) {
+        lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s on a %zu-D weight ('%s') is not supported yet",
+                ctx->ad->cfg->peft_type, W->n_dims, W->name);
+        lm_err_set_tensor(err, module);
+        return -1;
+    }
+    return bi;
+}
+
+lm_op *lm_ctx_add_delta(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char *name, const char *module,
+                        uint64_t rank, uint64_t in, uint64_t out, int transposed, double scale, size_t params_bytes,
+                        lm_err *err)
+{
+    lm_op *op = lm_ctx_add_op(ctx, base, kind, name, module, err);
+    if (op == NULL || lm_ctx_params(ctx, op, params_bytes, err) == NULL)
+        return NULL;
+    op->rank = rank;
+    op->in = in;
+    op->out = out;
+    op->axis = transposed != 0;
+    op->scale = scale * ctx->ad->weight;
+    op->flops = 2.0 * (double)rank * (double)in * (double)out;
+    lm_ctx_count_module(ctx);
+    return op;
+}
+
 void *lm_ctx_params(lm_plan_ctx *ctx, lm_op *op, size_t n_bytes, lm_err *err)
 {
     op->params = plan_alloc(ctx->P->plan, n_bytes);

@@ -17,13 +17,10 @@ typedef struct {
 
 static lm_code boft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     uint64_t o = W->shape[0], in = W->shape[1];
     const lm_ts_tensor *R = m->part[BR], *sv = m->part[BS];
     if (!R || !sv || R->n_dims != 4 || R->shape[2] != R->shape[3] || R->shape[1] * R->shape[2] != in ||

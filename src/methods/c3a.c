@@ -6,13 +6,10 @@
 
 static lm_code c3a_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "C3A on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     uint64_t o = W->shape[0], in = W->shape[1];
     const lm_ts_tensor *kr = m->part[0];
     uint64_t b = kr->n_dims == 3 ? kr->shape[2] : 0;

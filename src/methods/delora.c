@@ -32,17 +32,10 @@ static lm_code delora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
         return err->code;
     if (orient == 1)
         return lm_mismatch(err, m->path, "DeLoRA on a Conv1D layer is not supported (PEFT does not either)");
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_LOWRANK, "delora", m->path, err);
-    delora_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, "delora", m->path, K, in, out, 0, 1.0, sizeof(delora_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    *pr = (delora_params){a, b, l, nrm};
-    op->rank = K;
-    op->in = in;
-    op->out = out;
-    op->scale = lm_ctx_adapter(ctx)->weight;
-    op->flops = 2.0 * (double)K * (double)in * (double)out;
-    lm_ctx_count_module(ctx);
+    *(delora_params *)op->params = (delora_params){a, b, l, nrm};
     return LM_OK;
 }
 

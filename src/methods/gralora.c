@@ -56,18 +56,11 @@ static lm_code gralora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err 
     long bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err);
     if (bi < 0)
         return err->code;
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_LOWRANK, "gralora", m->path, err);
-    gralora_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, "gralora", m->path, k * R + h, in, out, orient,
+                                 cfg->lora_alpha / (double)(R + h), sizeof(gralora_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    *pr = (gralora_params){ga, gb, gag, gbg, k, R};
-    op->rank = k * R + h;
-    op->in = in;
-    op->out = out;
-    op->axis = orient == 1;
-    op->scale = lm_ctx_adapter(ctx)->weight * (cfg->lora_alpha / (double)(R + h));
-    op->flops = 2.0 * (double)op->rank * (double)in * (double)out;
-    lm_ctx_count_module(ctx);
+    *(gralora_params *)op->params = (gralora_params){ga, gb, gag, gbg, k, R};
     return LM_OK;
 }
 

@@ -36,19 +36,10 @@ static lm_code hira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     } else if ((bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err)) < 0) {
         return err->code;
     }
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "hira", m->path, err);
-    hira_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_METHOD, "hira", m->path, r, in, out, orient, 1.0, sizeof(hira_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    pr->A = A;
-    pr->B = B;
-    op->rank = r;
-    op->in = in;
-    op->out = out;
-    op->axis = orient == 1;
-    op->scale = lm_ctx_adapter(ctx)->weight;
-    op->flops = 2.0 * (double)r * (double)in * (double)out;
-    lm_ctx_count_module(ctx);
+    *(hira_params *)op->params = (hira_params){A, B};
     return LM_OK;
 }
 

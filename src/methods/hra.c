@@ -38,13 +38,10 @@ static lm_code hra_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
 static lm_code hra_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const lm_ts_tensor *u = m->part[0];
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "HRA on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     uint64_t in = W->shape[1];
     if (u->n_dims != 2 || u->shape[0] != in || u->shape[1] > in || !lm_is_float_dtype(u->dtype))
         return lm_mismatch(err, m->path, "hra_u must be [%llu, r] for base '%s'", (unsigned long long)in, W->name);

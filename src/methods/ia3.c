@@ -71,15 +71,12 @@ static lm_code ia3_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
     int ff = is_feedforward(lm_ctx_adapter(ctx), m->path, err);
     if (ff < 0)
         return err->code;
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
     uint64_t n = l->n_elems;
     int shape_ff = l->n_dims == 2 && l->shape[0] == 1 && l->shape[1] == n && n > 1;
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "IA3 on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     if (!lm_is_float_dtype(l->dtype))
         return lm_mismatch(err, m->path, "ia3_l is not a float tensor");
     if (l->n_dims == 2 && n > 1 && shape_ff != ff)

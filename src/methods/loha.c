@@ -38,13 +38,10 @@ static lm_code loha_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     double alpha;
     if (lm_ctx_rank_alpha(ctx, m->path, &r, &alpha, err) != LM_OK)
         return err->code;
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s on a %zu-D weight ('%s') is not supported yet",
-                       cfg->peft_type, W->n_dims, W->name);
     /* [o, r1] @ [r1, i] and [o, r2] @ [r2, i], all equal to W's [o, i] */
     if (f[0]->shape[1] != f[1]->shape[0] || f[2]->shape[1] != f[3]->shape[0] || f[0]->shape[0] != W->shape[0] ||
         f[2]->shape[0] != W->shape[0] || f[1]->shape[1] != W->shape[1] || f[3]->shape[1] != W->shape[1])

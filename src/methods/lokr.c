@@ -44,13 +44,10 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     double alpha;
     if (lm_ctx_rank_alpha(ctx, m->path, &r, &alpha, err) != LM_OK)
         return err->code;
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s on a %zu-D weight ('%s') is not supported yet",
-                       cfg->peft_type, W->n_dims, W->name);
     /* w1 [a, c] (or w1_a [a, r] @ w1_b [r, c]), w2 [b, d] likewise; W [a*b, c*d] */
     int w1_split = k1 == NULL, w2_split = k2 == NULL;
     if ((w1_split && f[0]->shape[1] != f[1]->shape[0]) || (w2_split && f[2]->shape[1] != f[3]->shape[0]))

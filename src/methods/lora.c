@@ -205,20 +205,12 @@ static lm_code add_pair_ops(lm_plan_ctx *ctx, const pair_info *li, int adalora, 
     const lm_adapter_config *cfg = ad->cfg;
     const lm_module *m = li->m;
     const lm_ts_tensor *A = factor_a(m), *B = factor_b(m), *mag = m->part[LORA_MAG], *bb = m->part[LORA_B_BIAS];
-    lm_op *op = lm_ctx_add_op(ctx, li->base, LM_OP_LOWRANK, adalora ? "adalora" : "lora", m->path, err);
-    lora_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, li->base, LM_OP_LOWRANK, adalora ? "adalora" : "lora", m->path, A->shape[0],
+                                 A->n_elems / A->shape[0], B->shape[0], li->orient == 1,
+                                 scale_of(cfg, li->rank, li->alpha), sizeof(lora_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    pr->A = A;
-    pr->B = B;
-    pr->E = adalora ? m->part[LORA_E] : NULL;
-    op->rank = A->shape[0];
-    op->in = A->n_elems / A->shape[0];
-    op->out = B->shape[0];
-    op->axis = li->orient == 1;
-    op->scale = scale_of(cfg, li->rank, li->alpha) * ad->weight;
-    op->flops = 2.0 * (double)op->rank * (double)op->in * (double)op->out;
-    lm_ctx_count_module(ctx);
+    *(lora_params *)op->params = (lora_params){A, B, adalora ? m->part[LORA_E] : NULL};
     double scale = op->scale;
     uint64_t out = op->out;
     if (mag != NULL || cfg->use_dora) {

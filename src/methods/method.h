@@ -152,6 +152,15 @@ lm_code lm_ctx_rank_alpha(lm_plan_ctx *ctx, const char *module, long *r, double 
  * module/adapter/method filled.  @return the op or NULL (out of memory, *err filled) */
 lm_op *lm_ctx_add_op(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char *name, const char *module,
                      lm_err *err);
+/* "<module>.weight" for a type that handles 2-D weights only: entry index, or -1 with *err
+ * (a missing weight, or "<TYPE> on a N-D weight ... is not supported yet") */
+long lm_ctx_weight_2d(lm_plan_ctx *ctx, const char *module, lm_err *err);
+/* a delta of rank `rank` ([out, in]; transposed: W stored [in, out]) from this module: an op of
+ * `kind` (LOWRANK or METHOD) with zeroed typed parameters of params_bytes (op->params), scale =
+ * scale * the adapter's weight, flops 2 rank in out; counts the module.  NULL when out of memory */
+lm_op *lm_ctx_add_delta(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char *name, const char *module,
+                        uint64_t rank, uint64_t in, uint64_t out, int transposed, double scale, size_t params_bytes,
+                        lm_err *err);
 /* typed parameters for an op, zeroed, owned by the plan */
 void *lm_ctx_params(lm_plan_ctx *ctx, lm_op *op, size_t n_bytes, lm_err *err);
 /* memory owned by the plan (data read from adapter tensors at plan time, such as indices) */

@@ -51,13 +51,10 @@ static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
     if (m->part[1] != NULL)
         return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "OFT on an embedding is not supported yet");
     const lm_ts_tensor *q = m->part[0];
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "OFT on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     /* oft_R [blocks (1 with block_share), bs(bs-1)/2]; the blocks tile the input features */
     uint64_t in = W->shape[1], n = q->n_dims == 2 ? q->shape[1] : 0, bs = 1;
     while (bs * (bs - 1) / 2 < n)

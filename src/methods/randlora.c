@@ -57,18 +57,11 @@ static lm_code randlora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err
     long bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err);
     if (bi < 0)
         return err->code;
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_LOWRANK, "randlora", m->path, err);
-    randlora_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, "randlora", m->path, r * nb, in, out, orient,
+                                 cfg->lora_alpha / (double)cfg->r, sizeof(randlora_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    *pr = (randlora_params){rl, rg, ba, bb, mx, mn};
-    op->rank = r * nb;
-    op->in = in;
-    op->out = out;
-    op->axis = orient == 1;
-    op->scale = lm_ctx_adapter(ctx)->weight * (cfg->lora_alpha / (double)cfg->r);
-    op->flops = 2.0 * (double)op->rank * (double)in * (double)out;
-    lm_ctx_count_module(ctx);
+    *(randlora_params *)op->params = (randlora_params){rl, rg, ba, bb, mx, mn};
     return LM_OK;
 }
 

@@ -47,13 +47,10 @@ static lm_code road_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
 static lm_code road_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const road_cfg *rc = lm_ctx_adapter(ctx)->cfg->mcfg;
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "ROAD on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     /* theta, alpha: [out/2] (road_1), [out] (road_2), [2 out] (road_4); groups of g rows */
     uint64_t o = W->shape[0], g = (uint64_t)rc->group, v = (uint64_t)rc->variant;
     uint64_t want_n = v == 1 ? o / 2 : v == 2 ? o : 2 * o;

@@ -20,13 +20,10 @@ typedef struct {
 static lm_code shira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const lm_ts_tensor *w = m->part[SW], *ix = m->part[SI];
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    long bi = lm_ctx_weight_2d(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "SHIRA on a %zu-D weight ('%s') is not supported yet",
-                       W->n_dims, W->name);
     uint64_t o = W->shape[0], in = W->shape[1];
     if (w == NULL || ix == NULL || ix->n_dims != 2 || ix->shape[0] != 2 || ix->shape[1] != w->n_elems ||
         !lm_is_float_dtype(w->dtype))

@@ -87,18 +87,10 @@ static lm_code vblora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
     long bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err);
     if (bi < 0)
         return err->code;
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_LOWRANK, "vblora", m->path, err);
-    vblora_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, "vblora", m->path, K, in, out, orient, 1.0, sizeof(vblora_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    *pr = (vblora_params){bank, za, zb, wa, wb, topk, topk_only};
-    op->rank = K;
-    op->in = in;
-    op->out = out;
-    op->axis = orient == 1;
-    op->scale = lm_ctx_adapter(ctx)->weight;
-    op->flops = 2.0 * (double)K * (double)in * (double)out;
-    lm_ctx_count_module(ctx);
+    *(vblora_params *)op->params = (vblora_params){bank, za, zb, wa, wb, topk, topk_only};
     return LM_OK;
 }
 

@@ -53,18 +53,10 @@ static lm_code vera_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     if (in > A->shape[1])
         return lm_mismatch(err, m->path, "the layer has %llu inputs, more than base_model.vera_A's %llu columns",
                            (unsigned long long)in, (unsigned long long)A->shape[1]);
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_LOWRANK, "vera", m->path, err);
-    vera_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    if (pr == NULL)
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, "vera", m->path, r, in, out, orient, 1.0, sizeof(vera_params), err);
+    if (op == NULL)
         return LM_E_NOMEM;
-    *pr = (vera_params){A, B, lb, ld};
-    op->rank = r;
-    op->in = in;
-    op->out = out;
-    op->axis = orient == 1;
-    op->scale = lm_ctx_adapter(ctx)->weight;
-    op->flops = 2.0 * (double)r * (double)in * (double)out;
-    lm_ctx_count_module(ctx);
+    *(vera_params *)op->params = (vera_params){A, B, lb, ld};
     return LM_OK;
 }
 
