@@ -390,10 +390,17 @@ static void lora_ab(mt_ctx *c, mt_mod *m, int r, double s)
     }
 }
 
+static void tt_rows(mt_ctx *c, const mt_mod *m, const char *part, const uint64_t *idx, uint64_t n);
+static const uint64_t lora_tt_idx[] = {41, 3, 9}; /* trainable_token_indices of the rsLoRA variant */
+
 static void ref_lora(mt_ctx *c)
 {
     for (int k = 0; k < c->nm; k++) {
         const mt_mod *m = &c->mod[k];
+        if (m->q[2]) { /* trainable_token_indices: embedding rows replaced */
+            tt_rows(c, m, "token_adapter.trainable_tokens_delta", lora_tt_idx, 3);
+            continue;
+        }
         int emb = m->kind == EMB;
         const double *a = mt_get(c, m, emb ? "lora_embedding_A" : "lora_A.weight");
         const double *b = mt_get(c, m, emb ? "lora_embedding_B" : "lora_B.weight");
@@ -435,17 +442,22 @@ static void gen_lora(mt_ctx *c)
     mt_base(c, "model.layers.1.self_attn.v_proj.weight", SH(33, 97), 0, 0.05);
 }
 
+/* r 8, alpha 6, trainable_token_indices [41, 3, 9] (a list: the input embedding) */
 static void gen_lora_rslora(mt_ctx *c)
 {
     lora_ab(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 8, 6.0 / sqrt(8.0));
     lora_ab(c, mt_module(c, "transformer.h.0.mlp.c_fc", C1D, 97, 33, 0), 8, 6.0 / sqrt(8.0));
+    mt_mod *m = mt_module(c, "model.embed_tokens", EMB, 43, 53, 0);
+    m->q[2] = 1;
+    mt_part(c, m, "token_adapter.trainable_tokens_delta", SH(3, 43), 0, 0.05);
 }
 
 static void dora(mt_ctx *c, mt_mod *m)
 {
     lora_ab(c, m, 4, 2.0);
     m->q[0] = 1;
-    mt_t *mag = mt_part(c, m, "lora_magnitude_vector", SH(m->O), 0, 0);
+    mt_t *mag = m->kind == CONV ? mt_part(c, m, "lora_magnitude_vector", SH(1, m->O, 1, 1), 0, 0)
+                                : mt_part(c, m, "lora_magnitude_vector", SH(m->O), 0, 0);
     double *w = mt_W(c, m);
     for (uint64_t o = 0; o < m->O; o++) {
         double n2 = 0;
@@ -461,6 +473,7 @@ static void gen_lora_dora(mt_ctx *c)
     dora(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0));
     dora(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0));
     dora(c, mt_module(c, "model.embed_tokens", EMB, 43, 53, 0));
+    dora(c, mt_conv(c, "model.conv", 7, 5, 3));
 }
 
 static void gen_lora_bias(mt_ctx *c)
@@ -1579,14 +1592,16 @@ static void tt(mt_ctx *c, uint64_t rows)
 static void gen_trainable_tokens(mt_ctx *c) { tt(c, 4); }
 static void bad_trainable_tokens(mt_ctx *c) { tt(c, 3); } /* 3 rows for 4 indices */
 
-static void ref_trainable_tokens(mt_ctx *c)
+/* W[idx[t], :] = delta[t, :] on the stored [V, D] embedding */
+static void tt_rows(mt_ctx *c, const mt_mod *m, const char *part, const uint64_t *idx, uint64_t n)
 {
-    const mt_mod *m = &c->mod[0];
-    const double *delta = mt_get(c, m, "trainable_tokens_delta");
-    double *w = mt_ref_of(c, m->w); /* stored [V, D] */
-    for (uint64_t t = 0; t < 4; t++)
-        memcpy(w + tt_idx[t] * m->O, delta + t * m->O, m->O * sizeof(double));
+    const double *delta = mt_get(c, m, part);
+    double *w = mt_ref_of(c, m->w);
+    for (uint64_t t = 0; t < n; t++)
+        memcpy(w + idx[t] * m->O, delta + t * m->O, m->O * sizeof(double));
 }
+
+static void ref_trainable_tokens(mt_ctx *c) { tt_rows(c, &c->mod[0], "trainable_tokens_delta", tt_idx, 4); }
 
 /* ---- the table ---------------------------------------------------------------------------------- */
 #define TGT_QC "\"target_modules\": [\"q_proj\", \"c_attn\"]"
@@ -1599,11 +1614,13 @@ static const mt_row mt_rows[] = {
        "\"embed_tokens\", \"conv\", \"c_attn\"], \"rank_pattern\": {\"v_proj\": 6}, "
        "\"alpha_pattern\": {\"layers\\\\.1\\\\..*\": 3}}",
        gen_lora},
-      {"rslora", "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 6, \"use_rslora\": true, "
-                 "\"target_modules\": [\"q_proj\", \"c_fc\"]}",
+      {"rslora, trainable tokens",
+       "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 6, \"use_rslora\": true, "
+       "\"target_modules\": [\"q_proj\", \"c_fc\"], \"trainable_token_indices\": [41, 3, 9]}",
        gen_lora_rslora},
-      {"dora", "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"use_dora\": true, "
-               "\"target_modules\": [\"q_proj\", \"c_attn\", \"embed_tokens\"]}",
+      {"dora: linear rows, conv1d and embedding columns, conv",
+       "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"use_dora\": true, "
+       "\"target_modules\": [\"q_proj\", \"c_attn\", \"embed_tokens\", \"conv\"]}",
        gen_lora_dora},
       {"lora_bias", "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 6, \"lora_bias\": true, " TGT_QC "}",
        gen_lora_bias}},
