@@ -78,7 +78,8 @@ typedef struct {
 typedef struct {
     const char *type;
     int additive;              /* --scale S multiplies the change (else it is not passed) */
-    void (*ref)(mt_ctx *c);    /* fills ctx.ref from ctx.base, ctx.ad and ctx.mod */
+    void (*ref)(mt_ctx *c);    /* fills ctx.ref from ctx.base, ctx.ad and ctx.mod, or: */
+    double *(*delta)(const mt_ctx *c, const mt_mod *m); /* W += s * delta for every module */
     mt_variant v[5];           /* v[0] runs in every base dtype */
     mt_variant bad;            /* a malformed adapter (cfg NULL: v[0]'s) ... */
     const char *bad_names;     /* ... refused naming this module */
@@ -148,6 +149,7 @@ static mt_mod *mt_module(mt_ctx *c, const char *path, int kind, uint64_t O, uint
     m->kind = kind;
     m->O = O;
     m->I = I;
+    m->s = 1;
     char name[200];
     snprintf(name, sizeof name, "%s.weight", path);
     if (kind == LIN)
@@ -237,6 +239,17 @@ static void mt_addW(mt_ctx *c, const mt_mod *m, const double *d, double s)
     for (uint64_t o = 0; o < m->O; o++)
         for (uint64_t i = 0; i < m->I; i++)
             r[mt_at(m, o, i)] += s * d[o * m->I + i];
+}
+
+/* every module: W += s * delta(module), the delta logical [O, I] (malloc'd), s the module's scale
+ * (the additive types' reference is their delta) */
+static void mt_add_deltas(mt_ctx *c, double *(*delta)(const mt_ctx *c, const mt_mod *m))
+{
+    for (int k = 0; k < c->nm; k++) {
+        double *d = delta(c, &c->mod[k]);
+        mt_addW(c, &c->mod[k], d, c->mod[k].s);
+        free(d);
+    }
 }
 
 /* X [p, q] @ Y [q, r] */
@@ -510,20 +523,16 @@ static void gen_adalora(mt_ctx *c)
     ada(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0), 6);
 }
 
-static void ref_adalora(mt_ctx *c)
+static double *delta_adalora(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        const double *a = mt_get(c, m, "lora_A"), *e = mt_get(c, m, "lora_E");
-        double *ae = malloc((uint64_t)m->r * m->I * sizeof(double));
-        for (uint64_t j = 0; j < (uint64_t)m->r; j++)
-            for (uint64_t i = 0; i < m->I; i++)
-                ae[j * m->I + i] = a[j * m->I + i] * e[j];
-        double *d = mt_mm(mt_get(c, m, "lora_B"), ae, m->O, (uint64_t)m->r, m->I);
-        mt_addW(c, m, d, m->s);
-        free(d);
-        free(ae);
-    }
+    const double *a = mt_get(c, m, "lora_A"), *e = mt_get(c, m, "lora_E");
+    double *ae = malloc((uint64_t)m->r * m->I * sizeof(double));
+    for (uint64_t j = 0; j < (uint64_t)m->r; j++)
+        for (uint64_t i = 0; i < m->I; i++)
+            ae[j * m->I + i] = a[j * m->I + i] * e[j];
+    double *d = mt_mm(mt_get(c, m, "lora_B"), ae, m->O, (uint64_t)m->r, m->I);
+    free(ae);
+    return d;
 }
 
 static void bad_adalora(mt_ctx *c) /* no lora_E */
@@ -599,19 +608,15 @@ static void gen_loha(mt_ctx *c)
     loha(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 2, 3.0);
 }
 
-static void ref_loha(mt_ctx *c)
+static double *delta_loha(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        uint64_t r = (uint64_t)m->r;
-        double *d1 = mt_mm(mt_get(c, m, "hada_w1_a"), mt_get(c, m, "hada_w1_b"), m->O, r, m->I);
-        double *d2 = mt_mm(mt_get(c, m, "hada_w2_a"), mt_get(c, m, "hada_w2_b"), m->O, r, m->I);
-        for (uint64_t e = 0; e < m->O * m->I; e++)
-            d1[e] *= d2[e];
-        mt_addW(c, m, d1, m->s);
-        free(d1);
-        free(d2);
-    }
+    uint64_t r = (uint64_t)m->r;
+    double *d1 = mt_mm(mt_get(c, m, "hada_w1_a"), mt_get(c, m, "hada_w1_b"), m->O, r, m->I);
+    double *d2 = mt_mm(mt_get(c, m, "hada_w2_a"), mt_get(c, m, "hada_w2_b"), m->O, r, m->I);
+    for (uint64_t e = 0; e < m->O * m->I; e++)
+        d1[e] *= d2[e];
+    free(d2);
+    return d1;
 }
 
 static void bad_loha(mt_ctx *c) /* hada_w2_b missing */
@@ -675,24 +680,20 @@ static double *lokr_dense(const mt_ctx *c, const mt_mod *m, int which, uint64_t 
     return mt_mm(a->v, b->v, a->shape[0], a->shape[1], b->shape[1]);
 }
 
-static void ref_lokr(mt_ctx *c)
+static double *delta_lokr(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        uint64_t p, q, u, v;
-        double *w1 = lokr_dense(c, m, 1, &p, &q), *w2 = lokr_dense(c, m, 2, &u, &v);
-        cr_assert(p * u == m->O && q * v == m->I);
-        double *d = malloc(m->O * m->I * sizeof(double));
-        for (uint64_t a = 0; a < p; a++)
-            for (uint64_t b = 0; b < q; b++)
-                for (uint64_t x = 0; x < u; x++)
-                    for (uint64_t y = 0; y < v; y++)
-                        d[(a * u + x) * m->I + b * v + y] = w1[a * q + b] * w2[x * v + y];
-        mt_addW(c, m, d, m->s);
-        free(d);
-        free(w1);
-        free(w2);
-    }
+    uint64_t p, q, u, v;
+    double *w1 = lokr_dense(c, m, 1, &p, &q), *w2 = lokr_dense(c, m, 2, &u, &v);
+    cr_assert(p * u == m->O && q * v == m->I);
+    double *d = malloc(m->O * m->I * sizeof(double));
+    for (uint64_t a = 0; a < p; a++)
+        for (uint64_t b = 0; b < q; b++)
+            for (uint64_t x = 0; x < u; x++)
+                for (uint64_t y = 0; y < v; y++)
+                    d[(a * u + x) * m->I + b * v + y] = w1[a * q + b] * w2[x * v + y];
+    free(w1);
+    free(w2);
+    return d;
 }
 
 static void bad_lokr(mt_ctx *c) /* kron is [35, 42], the weight [35, 39] */
@@ -719,22 +720,18 @@ static void gen_vera_mods(mt_ctx *c, uint64_t lb_short)
 static void gen_vera(mt_ctx *c) { gen_vera_mods(c, 0); }
 static void bad_vera(mt_ctx *c) { gen_vera_mods(c, 1); } /* q_proj's lambda_b one short */
 
-static void ref_vera(mt_ctx *c)
+static double *delta_vera(const mt_ctx *c, const mt_mod *m)
 {
     const mt_t *A = mt_find(c, "base_model.vera_A"), *B = mt_find(c, "base_model.vera_B");
     cr_assert(A && B);
     uint64_t r = A->shape[0], imax = A->shape[1];
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        const double *lb = mt_get(c, m, "vera_lambda_b"), *ld = mt_get(c, m, "vera_lambda_d");
-        double *d = calloc(m->O * m->I, sizeof(double));
-        for (uint64_t o = 0; o < m->O; o++)
-            for (uint64_t i = 0; i < m->I; i++)
-                for (uint64_t j = 0; j < r; j++)
-                    d[o * m->I + i] += lb[o] * B->v[o * r + j] * ld[j] * A->v[j * imax + i];
-        mt_addW(c, m, d, 1.0);
-        free(d);
-    }
+    const double *lb = mt_get(c, m, "vera_lambda_b"), *ld = mt_get(c, m, "vera_lambda_d");
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < r; j++)
+                d[o * m->I + i] += lb[o] * B->v[o * r + j] * ld[j] * A->v[j * imax + i];
+    return d;
 }
 
 /* ---- RANDLORA (§5.13; layer.py get_scaled_bases): the two flattenings pair different (k, b) ----- */
@@ -762,33 +759,29 @@ static void gen_randlora_mods(mt_ctx *c, int bad)
 static void gen_randlora(mt_ctx *c) { gen_randlora_mods(c, 0); }
 static void bad_randlora(mt_ctx *c) { gen_randlora_mods(c, 1); } /* q_proj's gamma one column short */
 
-static void ref_randlora(mt_ctx *c)
+static double *delta_randlora(const mt_ctx *c, const mt_mod *m)
 {
     const mt_t *A = mt_find(c, "base_model.randlora_A"), *B = mt_find(c, "base_model.randlora_B");
     cr_assert(A && B);
     uint64_t dmin = A->shape[2], NB = B->shape[1];
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        uint64_t r = (uint64_t)m->r, mn = m->O < m->I ? m->O : m->I, mx = m->O < m->I ? m->I : m->O;
-        uint64_t nb = (mn + r - 1) / r;
-        const double *lam = mt_get(c, m, "randlora_lambda"), *gam = mt_get(c, m, "randlora_gamma");
-        double *d = calloc(m->O * m->I, sizeof(double));
-        for (uint64_t x = 0; x < mx; x++)
-            for (uint64_t j = 0; j < mn; j++) {
-                double acc = 0;
-                for (uint64_t t = 0; t < nb * r; t++) {
-                    uint64_t bb = t / r, kb = t % r; /* B_flat column t = b*r + k */
-                    uint64_t ka = t / nb, ba = t % nb; /* A_flat row t = k*nb + b */
-                    acc += B->v[(x * NB + bb) * r + kb] * lam[ka * nb + ba] * A->v[ka * dmin + j] * gam[ba * mn + j];
-                }
-                if (mn == m->I)
-                    d[x * m->I + j] = acc;
-                else
-                    d[j * m->I + x] = acc;
+    uint64_t r = (uint64_t)m->r, mn = m->O < m->I ? m->O : m->I, mx = m->O < m->I ? m->I : m->O;
+    uint64_t nb = (mn + r - 1) / r;
+    const double *lam = mt_get(c, m, "randlora_lambda"), *gam = mt_get(c, m, "randlora_gamma");
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t x = 0; x < mx; x++)
+        for (uint64_t j = 0; j < mn; j++) {
+            double acc = 0;
+            for (uint64_t t = 0; t < nb * r; t++) {
+                uint64_t bb = t / r, kb = t % r;  /* B_flat column t = b*r + k */
+                uint64_t ka = t / nb, ba = t % nb; /* A_flat row t = k*nb + b */
+                acc += B->v[(x * NB + bb) * r + kb] * lam[ka * nb + ba] * A->v[ka * dmin + j] * gam[ba * mn + j];
             }
-        mt_addW(c, m, d, m->s);
-        free(d);
-    }
+            if (mn == m->I)
+                d[x * m->I + j] = acc;
+            else
+                d[j * m->I + x] = acc;
+        }
+    return d;
 }
 
 /* ---- VBLORA (§5.9): rows of A and B mixed from the bank by softmax over the top-k logits -------- */
@@ -892,26 +885,22 @@ static double *vb_mix(const mt_ctx *c, const mt_mod *m, const char *part, uint64
     return out;
 }
 
-static void ref_vblora(mt_ctx *c)
+static double *delta_vblora(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        uint64_t r = (uint64_t)m->r, ob = m->O / VB_L;
-        /* A: [r, i/L, L] -> [r, i]; B: [o/L, r, L] -> [o/L, L, r] -> [o, r] */
-        double *a = vb_mix(c, m, "vblora_logits_A", r * (m->I / VB_L), m->q[0]);
-        double *mb = vb_mix(c, m, "vblora_logits_B", ob * r, m->q[0]);
-        double *b = malloc(m->O * r * sizeof(double));
-        for (uint64_t o = 0; o < ob; o++)
-            for (uint64_t j = 0; j < r; j++)
-                for (uint64_t l = 0; l < VB_L; l++)
-                    b[(o * VB_L + l) * r + j] = mb[(o * r + j) * VB_L + l];
-        double *d = mt_mm(b, a, m->O, r, m->I);
-        mt_addW(c, m, d, 1.0);
-        free(a);
-        free(mb);
-        free(b);
-        free(d);
-    }
+    uint64_t r = (uint64_t)m->r, ob = m->O / VB_L;
+    /* A: [r, i/L, L] -> [r, i]; B: [o/L, r, L] -> [o/L, L, r] -> [o, r] */
+    double *a = vb_mix(c, m, "vblora_logits_A", r * (m->I / VB_L), m->q[0]);
+    double *mb = vb_mix(c, m, "vblora_logits_B", ob * r, m->q[0]);
+    double *b = malloc(m->O * r * sizeof(double));
+    for (uint64_t o = 0; o < ob; o++)
+        for (uint64_t j = 0; j < r; j++)
+            for (uint64_t l = 0; l < VB_L; l++)
+                b[(o * VB_L + l) * r + j] = mb[(o * r + j) * VB_L + l];
+    double *d = mt_mm(b, a, m->O, r, m->I);
+    free(a);
+    free(mb);
+    free(b);
+    return d;
 }
 
 /* ---- DELORA (§5.14): B diag(λ / r / (max(|A_j|, 1e-4) max(|B^j|, 1e-4))) A ⊙ w_norm ------------- */
@@ -947,32 +936,28 @@ static void bad_delora(mt_ctx *c) /* w_norm one short */
     delora(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 4, 1);
 }
 
-static void ref_delora(mt_ctx *c)
+static double *delta_delora(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        uint64_t r = (uint64_t)m->r;
-        const double *a = mt_get(c, m, "delora_A"), *b = mt_get(c, m, "delora_B");
-        const double *lam = mt_get(c, m, "delora_lambda"), *wn = mt_get(c, m, "delora_w_norm");
-        double *bs = malloc(m->O * r * sizeof(double));
-        for (uint64_t j = 0; j < r; j++) {
-            double an = 0, bn = 0;
-            for (uint64_t i = 0; i < m->I; i++)
-                an += a[j * m->I + i] * a[j * m->I + i];
-            for (uint64_t o = 0; o < m->O; o++)
-                bn += b[o * r + j] * b[o * r + j];
-            double f = lam[0] / (double)r / (fmax(sqrt(an), 1e-4) * fmax(sqrt(bn), 1e-4));
-            for (uint64_t o = 0; o < m->O; o++)
-                bs[o * r + j] = b[o * r + j] * f;
-        }
-        double *d = mt_mm(bs, a, m->O, r, m->I);
+    uint64_t r = (uint64_t)m->r;
+    const double *a = mt_get(c, m, "delora_A"), *b = mt_get(c, m, "delora_B");
+    const double *lam = mt_get(c, m, "delora_lambda"), *wn = mt_get(c, m, "delora_w_norm");
+    double *bs = malloc(m->O * r * sizeof(double));
+    for (uint64_t j = 0; j < r; j++) {
+        double an = 0, bn = 0;
+        for (uint64_t i = 0; i < m->I; i++)
+            an += a[j * m->I + i] * a[j * m->I + i];
         for (uint64_t o = 0; o < m->O; o++)
-            for (uint64_t i = 0; i < m->I; i++)
-                d[o * m->I + i] *= wn[i];
-        mt_addW(c, m, d, 1.0);
-        free(bs);
-        free(d);
+            bn += b[o * r + j] * b[o * r + j];
+        double f = lam[0] / (double)r / (fmax(sqrt(an), 1e-4) * fmax(sqrt(bn), 1e-4));
+        for (uint64_t o = 0; o < m->O; o++)
+            bs[o * r + j] = b[o * r + j] * f;
     }
+    double *d = mt_mm(bs, a, m->O, r, m->I);
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            d[o * m->I + i] *= wn[i];
+    free(bs);
+    return d;
 }
 
 /* ---- GRALORA (§5.14): k x k blocks, each a rank r/k product, plus the hybrid LoRA ---------------- */
@@ -1001,39 +986,35 @@ static void gen_gralora(mt_ctx *c) { gen_gralora_h(c, 0); }
 static void gen_gralora_hybrid(mt_ctx *c) { gen_gralora_h(c, 2); }
 static void bad_gralora(mt_ctx *c) { gralora(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 33, 39, 0), 0, 1); }
 
-static void ref_gralora(mt_ctx *c)
+static double *delta_gralora(const mt_ctx *c, const mt_mod *m)
 {
-    for (int km = 0; km < c->nm; km++) {
-        const mt_mod *m = &c->mod[km];
-        uint64_t k = (uint64_t)m->q[0], r = (uint64_t)m->r, sg = r / k, ok = m->O / k, ik = m->I / k;
-        const double *a = mt_get(c, m, "gralora_A"), *b = mt_get(c, m, "gralora_B");
-        double *d = calloc(m->O * m->I, sizeof(double));
-        for (uint64_t j = 0; j < k; j++)
-            for (uint64_t y = 0; y < ok; y++)
-                for (uint64_t n = 0; n < k; n++)
-                    for (uint64_t x = 0; x < ik; x++) {
-                        double acc = 0;
-                        for (uint64_t t = 0; t < sg; t++)
-                            acc += a[(n * ik + x) * r + j * sg + t] * b[(j * r + n * sg + t) * ok + y];
-                        d[(j * ok + y) * m->I + n * ik + x] = acc;
-                    }
-        if (m->q[1] > 0) {
-            double *g = mt_mm(mt_get(c, m, "gralora_B_general.weight"), mt_get(c, m, "gralora_A_general.weight"), m->O,
-                              (uint64_t)m->q[1], m->I);
-            for (uint64_t e = 0; e < m->O * m->I; e++)
-                d[e] += g[e];
-            free(g);
-        }
-        mt_addW(c, m, d, m->s);
-        free(d);
+    uint64_t k = (uint64_t)m->q[0], r = (uint64_t)m->r, sg = r / k, ok = m->O / k, ik = m->I / k;
+    const double *a = mt_get(c, m, "gralora_A"), *b = mt_get(c, m, "gralora_B");
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t j = 0; j < k; j++)
+        for (uint64_t y = 0; y < ok; y++)
+            for (uint64_t n = 0; n < k; n++)
+                for (uint64_t x = 0; x < ik; x++) {
+                    double acc = 0;
+                    for (uint64_t t = 0; t < sg; t++)
+                        acc += a[(n * ik + x) * r + j * sg + t] * b[(j * r + n * sg + t) * ok + y];
+                    d[(j * ok + y) * m->I + n * ik + x] = acc;
+                }
+    if (m->q[1] > 0) {
+        double *g = mt_mm(mt_get(c, m, "gralora_B_general.weight"), mt_get(c, m, "gralora_A_general.weight"), m->O,
+                          (uint64_t)m->q[1], m->I);
+        for (uint64_t e = 0; e < m->O * m->I; e++)
+            d[e] += g[e];
+        free(g);
     }
+    return d;
 }
 
 /* ---- FOURIERFT (§5.10): Re(ifft2(sparse spectrum)) * scaling, positions from torch's randperm ---- */
 static void fourierft(mt_ctx *c, mt_mod *m, uint64_t n, uint32_t seed, double scaling)
 {
     m->r = (int)seed;
-    m->p = scaling;
+    m->s = scaling / (double)(m->O * m->I);
     mt_part(c, m, "fourierft_spectrum", SH(n), 0, 0.2);
 }
 
@@ -1057,26 +1038,22 @@ static void bad_fourierft(mt_ctx *c) /* a 2-D spectrum */
     mt_part(c, m, "fourierft_spectrum", SH(4, 5), 0, 0.2);
 }
 
-static void ref_fourierft(mt_ctx *c)
+static double *delta_fourierft(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        const mt_t *sp = mt_opt(c, m, "fourierft_spectrum");
-        cr_assert_not_null(sp);
-        uint64_t *perm = mt_randperm(m->O * m->I, (uint32_t)m->r, sp->n);
-        double *d = calloc(m->O * m->I, sizeof(double));
-        for (uint64_t t = 0; t < sp->n; t++) {
-            uint64_t row = perm[t] / m->I, col = perm[t] % m->I;
-            for (uint64_t y = 0; y < m->O; y++)
-                for (uint64_t x = 0; x < m->I; x++) {
-                    double ph = (double)(y * row % m->O) / (double)m->O + (double)(x * col % m->I) / (double)m->I;
-                    d[y * m->I + x] += sp->v[t] * cos(2 * M_PI * ph);
-                }
-        }
-        mt_addW(c, m, d, m->p / (double)(m->O * m->I));
-        free(perm);
-        free(d);
+    const mt_t *sp = mt_opt(c, m, "fourierft_spectrum");
+    cr_assert_not_null(sp);
+    uint64_t *perm = mt_randperm(m->O * m->I, (uint32_t)m->r, sp->n);
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t t = 0; t < sp->n; t++) {
+        uint64_t row = perm[t] / m->I, col = perm[t] % m->I;
+        for (uint64_t y = 0; y < m->O; y++)
+            for (uint64_t x = 0; x < m->I; x++) {
+                double ph = (double)(y * row % m->O) / (double)m->O + (double)(x * col % m->I) / (double)m->I;
+                d[y * m->I + x] += sp->v[t] * cos(2 * M_PI * ph);
+            }
     }
+    free(perm);
+    return d;
 }
 
 /* ---- OFT (§5.6): W @ blockdiag(R_j)^T, R_j the Cayley-Neumann series or the exact Cayley
@@ -1392,25 +1369,22 @@ static void gen_shira(mt_ctx *c)
 
 static void bad_shira(mt_ctx *c) { shira(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 60, 1); }
 
-static void ref_shira(mt_ctx *c)
+static double *delta_shira(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        const mt_t *idx = mt_opt(c, m, "shira_indices");
-        const double *w = mt_get(c, m, "shira_weight");
-        cr_assert_not_null(idx);
-        uint64_t nnz = idx->shape[1];
-        double *d = calloc(m->O * m->I, sizeof(double));
-        for (uint64_t t = 0; t < nnz; t++)
-            d[(uint64_t)idx->v[t] * m->I + (uint64_t)idx->v[nnz + t]] += w[t];
-        mt_addW(c, m, d, 1.0);
-        free(d);
-    }
+    const mt_t *idx = mt_opt(c, m, "shira_indices");
+    const double *w = mt_get(c, m, "shira_weight");
+    cr_assert_not_null(idx);
+    uint64_t nnz = idx->shape[1];
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t t = 0; t < nnz; t++)
+        d[(uint64_t)idx->v[t] * m->I + (uint64_t)idx->v[nnz + t]] += w[t];
+    return d;
 }
 
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
+    m->s = 1;
     m->q[0] = mini;
     mt_part(c, m, "miss_block", SH(4, (mini ? (uint64_t)mini : m->O) + bad), 0, 0.03);
 }
@@ -1429,25 +1403,21 @@ static void gen_miss_mini(mt_ctx *c) /* r 4, mini_r 3 */
 
 static void bad_miss(mt_ctx *c) { miss(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 0, 1); }
 
-static void ref_miss(mt_ctx *c)
+static double *delta_miss(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        const mt_t *b = mt_opt(c, m, "miss_block");
-        cr_assert_not_null(b);
-        uint64_t r = b->shape[0], cols = b->shape[1];
-        double *d = malloc(m->O * m->I * sizeof(double));
-        for (uint64_t o = 0; o < m->O; o++)
-            for (uint64_t i = 0; i < m->I; i++)
-                d[o * m->I + i] = b->v[(i % r) * cols + (m->q[0] ? o % (uint64_t)m->q[0] : o)];
-        mt_addW(c, m, d, 1.0);
-        free(d);
-    }
+    const mt_t *b = mt_opt(c, m, "miss_block");
+    cr_assert_not_null(b);
+    double *d = malloc(m->O * m->I * sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            d[o * m->I + i] = b->v[(i % b->shape[0]) * b->shape[1] + (m->q[0] ? o % (uint64_t)m->q[0] : o)];
+    return d;
 }
 
 /* ---- C3A (§5.14): dW[p*b + u, q*b + v] = kernel[p, q, (v - u) mod b] / in ----------------------- */
 static void c3a(mt_ctx *c, mt_mod *m, uint64_t b, uint64_t bad)
 {
+    m->s = 1.0 / (double)m->I;
     mt_part(c, m, "c3a_kernel", SH(m->O / b, m->I / b, b + bad), 0, 0.8);
 }
 
@@ -1460,22 +1430,16 @@ static void gen_c3a(mt_ctx *c)
 
 static void bad_c3a(mt_ctx *c) { c3a(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 33, 39, 0), 3, 1); }
 
-static void ref_c3a(mt_ctx *c)
+static double *delta_c3a(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        const mt_t *K = mt_opt(c, m, "c3a_kernel");
-        cr_assert_not_null(K);
-        uint64_t b = K->shape[2], nq = K->shape[1];
-        double *d = malloc(m->O * m->I * sizeof(double));
-        for (uint64_t o = 0; o < m->O; o++)
-            for (uint64_t i = 0; i < m->I; i++) {
-                uint64_t p = o / b, u = o % b, q = i / b, v = i % b;
-                d[o * m->I + i] = K->v[(p * nq + q) * b + (v + b - u) % b];
-            }
-        mt_addW(c, m, d, 1.0 / (double)m->I);
-        free(d);
-    }
+    const mt_t *K = mt_opt(c, m, "c3a_kernel");
+    cr_assert_not_null(K);
+    uint64_t b = K->shape[2];
+    double *d = malloc(m->O * m->I * sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            d[o * m->I + i] = K->v[((o / b) * K->shape[1] + i / b) * b + (i % b + b - o % b) % b];
+    return d;
 }
 
 /* ---- HIRA (§5.14): W + W ⊙ (B @ A) (Embedding: transposed) -------------------------------------- */
@@ -1495,20 +1459,16 @@ static void gen_hira(mt_ctx *c)
 
 static void bad_hira(mt_ctx *c) { hira(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 1); }
 
-static void ref_hira(mt_ctx *c)
+static double *delta_hira(const mt_ctx *c, const mt_mod *m)
 {
-    for (int k = 0; k < c->nm; k++) {
-        const mt_mod *m = &c->mod[k];
-        int emb = m->kind == EMB;
-        double *d = mt_mm(mt_get(c, m, emb ? "hira_embedding_B" : "hira_B"), mt_get(c, m, emb ? "hira_embedding_A" : "hira_A"),
-                          m->O, 4, m->I);
-        double *w = mt_W(c, m);
-        for (uint64_t e = 0; e < m->O * m->I; e++)
-            d[e] *= w[e];
-        mt_addW(c, m, d, 1.0);
-        free(d);
-        free(w);
-    }
+    int emb = m->kind == EMB;
+    double *d = mt_mm(mt_get(c, m, emb ? "hira_embedding_B" : "hira_B"), mt_get(c, m, emb ? "hira_embedding_A" : "hira_A"),
+                      m->O, 4, m->I);
+    double *w = mt_W(c, m);
+    for (uint64_t e = 0; e < m->O * m->I; e++)
+        d[e] *= w[e];
+    free(w);
+    return d;
 }
 
 /* ---- BEFT (§5.14): b += beft_bias --------------------------------------------------------------- */
@@ -1608,7 +1568,7 @@ static void ref_trainable_tokens(mt_ctx *c) { tt_rows(c, &c->mod[0], "trainable_
 #define TGT_QV "\"target_modules\": [\"q_proj\", \"v_proj\"]"
 
 static const mt_row mt_rows[] = {
-    {"LORA", 1, ref_lora,
+    {"LORA", 1, ref_lora, NULL,
      {{"linear, conv1d, embedding, conv, rank and alpha patterns",
        "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\", \"v_proj\", "
        "\"embed_tokens\", \"conv\", \"c_attn\"], \"rank_pattern\": {\"v_proj\": 6}, "
@@ -1626,7 +1586,7 @@ static const mt_row mt_rows[] = {
        gen_lora_bias}},
      {"lora_A too narrow", NULL, bad_lora},
      "model.layers.0.self_attn.q_proj"},
-    {"ADALORA", 1, ref_adalora,
+    {"ADALORA", 1, NULL, delta_adalora,
      {{"kept ranks 4 and 6 of init_r 6",
        "{\"peft_type\": \"ADALORA\", \"init_r\": 6, \"r\": 8, \"target_r\": 4, \"lora_alpha\": 8, " TGT_QC ", "
        "\"rank_pattern\": {\"model.layers.0.self_attn.q_proj.lora_E\": [true, false, true, true, false, true], "
@@ -1634,7 +1594,7 @@ static const mt_row mt_rows[] = {
        gen_adalora}},
      {"no lora_E", NULL, bad_adalora},
      "model.layers.0.self_attn.q_proj"},
-    {"IA3", 0, ref_ia3,
+    {"IA3", 0, ref_ia3, NULL,
      {{"rows, feed-forward columns, conv1d",
        "{\"peft_type\": \"IA3\", \"target_modules\": [\"q_proj\", \"down_proj\", \"c_attn\"], "
        "\"feedforward_modules\": [\"down_proj\"]}",
@@ -1644,34 +1604,34 @@ static const mt_row mt_rows[] = {
        gen_ia3_conv1d_ff}},
      {"ia3_l one short", NULL, bad_ia3},
      "model.layers.0.self_attn.q_proj"},
-    {"LOHA", 1, ref_loha,
+    {"LOHA", 1, NULL, delta_loha,
      {{"rank and alpha patterns",
        "{\"peft_type\": \"LOHA\", \"r\": 4, \"alpha\": 8, " TGT_QV ", \"rank_pattern\": {\"v_proj\": 2}, "
        "\"alpha_pattern\": {\"v_proj\": 6}}",
        gen_loha}},
      {"hada_w2_b missing", NULL, bad_loha},
      "model.layers.0.self_attn.q_proj"},
-    {"LOKR", 1, ref_lokr,
+    {"LOKR", 1, NULL, delta_lokr,
      {{"whole, decomposed and mixed factors",
        "{\"peft_type\": \"LOKR\", \"r\": 4, \"alpha\": 8, \"target_modules\": [\"q_proj\", \"v_proj\", \"up_proj\"]}",
        gen_lokr}},
      {"kron shape is not the weight's", NULL, bad_lokr},
      "model.layers.0.self_attn.q_proj"},
-    {"VERA", 1, ref_vera,
+    {"VERA", 1, NULL, delta_vera,
      {{"linear and conv1d on shared projections",
        "{\"peft_type\": \"VERA\", \"r\": 8, \"save_projection\": true, "
        "\"target_modules\": [\"q_proj\", \"v_proj\", \"c_attn\"]}",
        gen_vera}},
      {"vera_lambda_b one short", NULL, bad_vera},
      "model.layers.0.self_attn.q_proj"},
-    {"RANDLORA", 1, ref_randlora,
+    {"RANDLORA", 1, NULL, delta_randlora,
      {{"o < i, o > i, conv1d",
        "{\"peft_type\": \"RANDLORA\", \"r\": 4, \"randlora_alpha\": 8, \"save_projection\": true, "
        "\"target_modules\": [\"q_proj\", \"down_proj\", \"c_attn\"]}",
        gen_randlora}},
      {"randlora_gamma one column short", NULL, bad_randlora},
      "model.layers.0.self_attn.q_proj"},
-    {"VBLORA", 1, ref_vblora,
+    {"VBLORA", 1, NULL, delta_vblora,
      {{"logits", "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 2, \"num_vectors\": 7, \"vector_length\": 3, " TGT_QC "}",
        gen_vblora},
       {"saved top-k",
@@ -1680,20 +1640,20 @@ static const mt_row mt_rows[] = {
        gen_vblora_topk}},
      {"logits over fewer vectors than the bank", NULL, bad_vblora},
      "model.layers.0.self_attn.q_proj"},
-    {"DELORA", 1, ref_delora,
+    {"DELORA", 1, NULL, delta_delora,
      {{"rank pattern, a clamped row",
        "{\"peft_type\": \"DELORA\", \"r\": 4, \"delora_lambda\": 15, " TGT_QV ", \"rank_pattern\": {\"v_proj\": 3}}",
        gen_delora}},
      {"delora_w_norm one short", NULL, bad_delora},
      "model.layers.0.self_attn.q_proj"},
-    {"GRALORA", 1, ref_gralora,
+    {"GRALORA", 1, NULL, delta_gralora,
      {{"k 3", "{\"peft_type\": \"GRALORA\", \"r\": 6, \"alpha\": 12, \"gralora_k\": 3, \"hybrid_r\": 0, " TGT_QC "}",
        gen_gralora},
       {"hybrid", "{\"peft_type\": \"GRALORA\", \"r\": 6, \"alpha\": 12, \"gralora_k\": 3, \"hybrid_r\": 2, " TGT_QC "}",
        gen_gralora_hybrid}},
      {"gralora_B block one short", NULL, bad_gralora},
      "model.layers.0.self_attn.q_proj"},
-    {"FOURIERFT", 1, ref_fourierft,
+    {"FOURIERFT", 1, NULL, delta_fourierft,
      {{"seed 777", "{\"peft_type\": \"FOURIERFT\", \"n_frequency\": 20, \"scaling\": 100.0, \"random_loc_seed\": 777, " TGT_QC "}",
        gen_fourierft},
       {"seed 42, n_frequency_pattern",
@@ -1702,7 +1662,7 @@ static const mt_row mt_rows[] = {
        gen_fourierft_pattern}},
      {"2-D spectrum", NULL, bad_fourierft},
      "model.layers.0.self_attn.q_proj"},
-    {"OFT", 0, ref_oft,
+    {"OFT", 0, ref_oft, NULL,
      {{"Cayley-Neumann, 5 terms", "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, " TGT_QV "}", gen_oft},
       {"exact Cayley",
        "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, \"use_cayley_neumann\": false, " TGT_QV "}",
@@ -1717,51 +1677,51 @@ static const mt_row mt_rows[] = {
        gen_oft_share}},
      {"oft_R of a smaller block", NULL, bad_oft},
      "model.layers.0.self_attn.q_proj"},
-    {"BOFT", 0, ref_boft,
+    {"BOFT", 0, ref_boft, NULL,
      {{"one butterfly factor", "{\"peft_type\": \"BOFT\", \"boft_block_size\": 5, \"boft_n_butterfly_factor\": 1, " TGT_QV "}",
        gen_boft}},
      {"boft_s one short", NULL, bad_boft},
      "model.layers.0.self_attn.q_proj"},
-    {"HRA", 0, ref_hra,
+    {"HRA", 0, ref_hra, NULL,
      {{"reflections", "{\"peft_type\": \"HRA\", \"r\": 4, \"apply_GS\": false, " TGT_QV "}", gen_hra},
       {"Gram-Schmidt", "{\"peft_type\": \"HRA\", \"r\": 3, \"apply_GS\": true, " TGT_QV "}", gen_hra_gram_schmidt}},
      {"hra_u one row short", NULL, bad_hra},
      "model.layers.0.self_attn.q_proj"},
-    {"ROAD", 0, ref_road,
+    {"ROAD", 0, ref_road, NULL,
      {{"road_1, groups of 4", "{\"peft_type\": \"ROAD\", \"variant\": \"road_1\", \"group_size\": 4, " TGT_QV "}", gen_road_1},
       {"road_2, groups of 6", "{\"peft_type\": \"ROAD\", \"variant\": \"road_2\", \"group_size\": 6, " TGT_QV "}", gen_road_2},
       {"road_4, groups of 4", "{\"peft_type\": \"ROAD\", \"variant\": \"road_4\", \"group_size\": 4, " TGT_QV "}", gen_road_4}},
      {"road_theta one short", NULL, bad_road},
      "model.layers.0.self_attn.q_proj"},
-    {"SHIRA", 1, ref_shira,
+    {"SHIRA", 1, NULL, delta_shira,
      {{"repeated indices", "{\"peft_type\": \"SHIRA\", \"r\": 4, " TGT_QV "}", gen_shira}},
      {"a row index past the weight", NULL, bad_shira},
      "model.layers.0.self_attn.q_proj"},
-    {"MISS", 1, ref_miss,
+    {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
      {"miss_block one column too many", NULL, bad_miss},
      "model.layers.0.self_attn.q_proj"},
-    {"C3A", 1, ref_c3a,
+    {"C3A", 1, NULL, delta_c3a,
      {{"block sizes 3 and 7 (pattern)",
        "{\"peft_type\": \"C3A\", \"block_size\": 3, \"block_size_pattern\": {\"v_proj\": 7}, " TGT_QV "}", gen_c3a}},
      {"kernel block of 4 in a block-3 adapter", NULL, bad_c3a},
      "model.layers.0.self_attn.q_proj"},
-    {"HIRA", 1, ref_hira,
+    {"HIRA", 1, NULL, delta_hira,
      {{"linear, conv1d, embedding",
        "{\"peft_type\": \"HIRA\", \"r\": 4, \"target_modules\": [\"q_proj\", \"c_attn\", \"embed_tokens\"]}", gen_hira}},
      {"hira_B of rank 3", NULL, bad_hira},
      "model.layers.0.self_attn.q_proj"},
-    {"BEFT", 1, ref_beft,
+    {"BEFT", 1, ref_beft, NULL,
      {{"linear and conv1d biases", "{\"peft_type\": \"BEFT\", " TGT_QC "}", gen_beft}},
      {"a layer without bias", NULL, bad_beft},
      "model.layers.0.self_attn.q_proj"},
-    {"LN_TUNING", 0, ref_ln_tuning,
+    {"LN_TUNING", 0, ref_ln_tuning, NULL,
      {{"weight and bias, weight only",
        "{\"peft_type\": \"LN_TUNING\", \"target_modules\": [\"input_layernorm\", \"norm\"]}", gen_ln_tuning}},
      {"norm weight one short", NULL, bad_ln_tuning},
      "model.norm"},
-    {"TRAINABLE_TOKENS", 0, ref_trainable_tokens,
+    {"TRAINABLE_TOKENS", 0, ref_trainable_tokens, NULL,
      {{"rows in config order",
        "{\"peft_type\": \"TRAINABLE_TOKENS\", \"target_modules\": [\"embed_tokens\"], \"token_indices\": [3, 17, 42, 5]}",
        gen_trainable_tokens}},
@@ -1937,7 +1897,10 @@ static void mt_case(const mt_row *row, int vi, const char *bdt, const char *adt,
         th_run_free(&r);
         mt_tiles(what, out, out2);
     }
-    row->ref(&c);
+    if (row->delta != NULL)
+        mt_add_deltas(&c, row->delta);
+    else
+        row->ref(&c);
     if (scale != 1) /* the change, weighted */
         for (int k = 0; k < c.nb; k++)
             if (c.ref[k] != NULL)
