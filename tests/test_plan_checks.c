@@ -212,3 +212,33 @@ Test(plan_checks, overflowing_deltas_are_refused)
     th_rmrf(tmp);
     free(tmp);
 }
+
+Test(plan_checks, types_that_are_not_deltas_take_no_weight)
+{
+    /* IA3 scales the weight: --scale 0.5 used to be ignored silently; now refused, dry run too */
+    char *tmp = th_tmpdir(), base[600], ad[600], p[700], out[700];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t w[2] = {6, 4}, l[1] = {6};
+    th_out_tensor bt[1] = {pc_tensor("model.layers.0.q_proj.weight", "F32", 2, w, 0.1, 0)};
+    pc_write(base, bt, 1);
+    pc_config(ad, "{\"peft_type\": \"IA3\", \"target_modules\": [\"q_proj\"], \"feedforward_modules\": []}");
+    th_out_tensor at[1] = {pc_tensor("base_model.model.model.layers.0.q_proj.ia3_l", "F32", 1, l, 0, 1.25)};
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", ad);
+    pc_write(p, at, 1);
+    for (int dry = 0; dry < 2; dry++) {
+        const char *argv[] = {th_bin(), "--scale", "0.5", dry ? "--dry-run" : "-q", base, ad, out, NULL};
+        th_run_result r = th_run(NULL, argv);
+        cr_assert_eq(r.status, 1, "exit %d: %s", r.status, r.err);
+        cr_assert_not_null(strstr(r.err, "IA3 adapter is not a delta"), "%s", r.err);
+        cr_assert(!th_exists(out));
+        th_run_free(&r);
+    }
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    th_run_result r = th_run(NULL, argv);
+    cr_assert_eq(r.status, 0, "weight 1 merges: %s", r.err);
+    th_run_free(&r);
+    th_rmrf(tmp);
+    free(tmp);
+}

@@ -791,6 +791,13 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     ctx.P = P;
     ctx.ai = ai;
     ctx.ad = ad;
+    const lm_method *own = ad->cfg->method;
+    if ((own->flags & LM_M_UNIT_WEIGHT) && ad->weight != 1.0) {
+        lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "a %s adapter is not a delta (it rotates, scales or replaces "
+                "weights): a weight other than 1 (--scale, --adapter-scaled) has no meaning for it", own->peft_type);
+        lm_err_set_path(err, ad->config_path);
+        return LM_E_UNSUPPORTED;
+    }
     lm_target_rules rules;
     rules_from_config(ad->cfg, &rules);
     lm_target_matcher *tm = lm_target_matcher_create(&rules, err);

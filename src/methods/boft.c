@@ -30,8 +30,6 @@ static lm_code boft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     if (R->shape[0] != 1)
         return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT with %llu butterfly factors: PEFT itself can "
                        "only load 1 without its CUDA extension; not supported", (unsigned long long)R->shape[0]);
-    if (lm_require_unit_weight(ctx, "BOFT", err) != LM_OK)
-        return err->code;
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "boft", m->path, err);
     boft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)
@@ -88,7 +86,7 @@ const lm_method lm_method_boft = {
     .summary = "boft (block rotations, rows scaled)",
     .parts = boft_parts,
     .n_parts = 2,
-    .flags = LM_M_NO_RANK,
+    .flags = LM_M_NO_RANK | LM_M_UNIT_WEIGHT,
     .plan_module = boft_plan_module,
     .prepare = boft_prepare,
     .apply_tile = boft_apply,

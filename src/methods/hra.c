@@ -45,8 +45,6 @@ static lm_code hra_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
     uint64_t in = W->shape[1];
     if (u->n_dims != 2 || u->shape[0] != in || u->shape[1] > in || !lm_is_float_dtype(u->dtype))
         return lm_mismatch(err, m->path, "hra_u must be [%llu, r] for base '%s'", (unsigned long long)in, W->name);
-    if (lm_require_unit_weight(ctx, "HRA", err) != LM_OK)
-        return err->code;
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "hra", m->path, err);
     hra_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)
@@ -111,6 +109,7 @@ static const lm_part hra_parts[] = {{"hra_u", 0, -1, 1}};
 const lm_method lm_method_hra = {
     .peft_type = "HRA",
     .summary = "W @ Householder reflections",
+    .flags = LM_M_UNIT_WEIGHT,
     .parts = hra_parts,
     .n_parts = 1,
     .parse_config = hra_parse,

@@ -149,6 +149,7 @@ static const lm_part ia3_parts[] = {{"ia3_l", 0, -1, 1}};
 
 const lm_method lm_method_ia3 = {
     .peft_type = "IA3",
+    .flags = LM_M_UNIT_WEIGHT,
     .summary = "W * l per output feature (bias too), per input feature for feedforward_modules",
     .parts = ia3_parts,
     .n_parts = 1,

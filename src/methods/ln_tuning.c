@@ -5,5 +5,6 @@
 
 const lm_method lm_method_ln_tuning = {
     .peft_type = "LN_TUNING",
+    .flags = LM_M_UNIT_WEIGHT,
     .summary = "norm weights replaced",
 };

@@ -92,7 +92,9 @@ enum {
     LM_M_PATTERNS = 1,      /* rank_pattern / alpha_pattern apply */
     LM_M_ALPHA_KEY = 2,     /* its alpha is the config key "alpha", not "lora_alpha" */
     LM_M_PARTS_ANYWHERE = 4, /* its parts are accepted in adapters of any type (trainable tokens) */
-    LM_M_NO_RANK = 8         /* 'r' means nothing to it (OFT, BOFT: a block size instead) */
+    LM_M_NO_RANK = 8,        /* 'r' means nothing to it (OFT, BOFT: a block size instead) */
+    LM_M_UNIT_WEIGHT = 16    /* not a delta (rotations, scalings, replacements): an adapter of this
+                                type takes no weight other than 1 (--scale, --adapter-scaled) */
 };
 
 typedef struct lm_method {
@@ -177,8 +179,6 @@ lm_code lm_mismatch(lm_err *err, const char *module, const char *fmt, ...) __att
 /* an error of (code, kind) naming the module.  @return code */
 lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *module, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
-/* refuses a user weight other than 1 for a method that rotates the weight */
-lm_code lm_require_unit_weight(const lm_plan_ctx *ctx, const char *what, lm_err *err);
 int lm_is_gpt2_conv1d(const char *module);
 const char *lm_leaf_of(const char *module);
 void lm_shape_str(char *buf, size_t cap, size_t n_dims, const uint64_t *shape);

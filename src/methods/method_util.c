@@ -38,14 +38,6 @@ lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *
     return code;
 }
 
-lm_code lm_require_unit_weight(const lm_plan_ctx *ctx, const char *what, lm_err *err)
-{
-    if (lm_ctx_adapter(ctx)->weight == 1.0)
-        return LM_OK;
-    return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "%s rotates the weight: a weight other than 1 "
-                   "(--scale, --adapter-scaled) has no meaning for it", what);
-}
-
 const char *lm_leaf_of(const char *module)
 {
     const char *dot = strrchr(module, '.');

@@ -63,8 +63,6 @@ static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
         (q->shape[0] != 1 && q->shape[0] != in / bs) || !lm_is_float_dtype(q->dtype))
         return lm_mismatch(err, m->path, "oft_R must be [%llu or 1, bs(bs-1)/2] for base '%s' with in=%llu",
                            (unsigned long long)(bs > 1 ? in / bs : 0), W->name, (unsigned long long)in);
-    if (lm_require_unit_weight(ctx, "OFT", err) != LM_OK)
-        return err->code;
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "oft", m->path, err);
     oft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)
@@ -150,7 +148,7 @@ const lm_method lm_method_oft = {
     .summary = "W @ blockdiag(Cayley(Q_j))^T",
     .parts = oft_parts,
     .n_parts = 2,
-    .flags = LM_M_NO_RANK,
+    .flags = LM_M_NO_RANK | LM_M_UNIT_WEIGHT,
     .parse_config = oft_parse,
     .plan_module = oft_plan_module,
     .prepare = oft_prepare,

@@ -60,8 +60,6 @@ static lm_code road_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
         return lm_mismatch(err, m->path, "RoAd road_%llu needs road_theta and road_alpha of %llu elements and "
                            "%llu output rows divisible by group_size %llu", (unsigned long long)v,
                            (unsigned long long)want_n, (unsigned long long)o, (unsigned long long)g);
-    if (lm_require_unit_weight(ctx, "RoAd", err) != LM_OK)
-        return err->code;
     long bb = lm_ctx_module_bias(ctx, m->path);
     if (bb >= 0 && lm_ctx_base(ctx, bb)->n_elems != o)
         return lm_mismatch(err, m->path, "the bias has %llu elements, not %llu",
@@ -136,6 +134,7 @@ static const lm_part road_parts[] = {{"road_theta", RT, -1, 1}, {"road_alpha", R
 const lm_method lm_method_road = {
     .peft_type = "ROAD",
     .summary = "row-pair rotations",
+    .flags = LM_M_UNIT_WEIGHT,
     .parts = road_parts,
     .n_parts = 2,
     .parse_config = road_parse,
