@@ -163,9 +163,45 @@ LM_API const char *lm_model_index_path(const lm_model *m);
  * Merging
  * ------------------------------------------------------------------------------------------- */
 typedef struct lm_merge_adapter {
-    const char *dir; /* PEFT adapter directory (or a multi-adapter save with one sub-folder) */
+    const char *dir; /* PEFT adapter directory (or a multi-adapter save with one sub-folder), or
+                        an adapter file/directory of another tool (see lm_format_opts) */
     double weight;   /* multiplies the adapter's delta (1 = as trained; negative un-merges) */
 } lm_merge_adapter;
+
+/* ---------------------------------------------------------------------------------------------
+ * Adapters from other tools: kohya-ss / LyCORIS, mlx-lm, torchtune, diffusers, lora_diffusion,
+ * LoRA-SAM / LoRA-ViT, microsoft loralib and raw up/down files.  Each is read and normalised into
+ * a PEFT adapter (adapter_config.json + base_model.model.<module>.lora_A/B.weight ...), which the
+ * PEFT path merges; `convert` writes that adapter out.  Module names that need the base (kohya's
+ * flattened names, unnamed up/down lists) are resolved against it.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct lm_format_opts {
+    const char *target_modules; /* unnamed up/down pairs: comma-separated module paths or leaf
+                                   names, in pair order (NULL: the order from the base's config.json) */
+    double lora_alpha;          /* alpha of formats that do not record it (loralib, torchtune):
+                                   scale = alpha / r; 0 = not given */
+    double lora_scale;          /* or the multiplier itself (also settles mlx-lm's version
+                                   question); 0 = not given */
+} lm_format_opts;
+
+/*! lm_adapter_format_detect() : the format of an adapter path that is not a PEFT adapter
+ *  directory ("kohya-ss LoRA", "mlx-lm" ...), read from file names, headers and keys.
+ *  @return a static name, or NULL for a PEFT adapter directory, a model, or nothing known. */
+LM_API const char *lm_adapter_format_detect(const char *path);
+
+/*! lm_adapter_convert() :
+ *  Reads any supported adapter (PEFT directories too) and writes it as a PEFT adapter directory
+ *  out_dir (adapter_config.json + adapter_model.safetensors, created if needed).  base_path
+ *  (may be NULL) is needed by formats whose module names only the base can resolve.  Merging
+ *  out_dir gives the same bytes as merging input.  *notes (may be NULL) receives one line per
+ *  remark (malloc'd, free()).  Nothing is written unless everything checks out. */
+LM_API lm_code lm_adapter_convert(const char *input, const char *out_dir, const char *base_path,
+                                  const lm_format_opts *opts, char **notes, lm_err *err);
+
+/*! lm_adapter_format_describe() : what a non-PEFT adapter is and how it maps (module names,
+ *  scales, the PEFT config it becomes).  @return LM_OK with *text (malloc'd) or an error. */
+LM_API lm_code lm_adapter_format_describe(const char *input, const char *base_path,
+                                          const lm_format_opts *opts, char **text, lm_err *err);
 
 typedef struct lm_merge_job {
     const char *base_path;  /* .safetensors, model.safetensors.index.json or a model directory */
@@ -189,6 +225,7 @@ typedef struct lm_merge_job {
                                products done by BLAS (most types other than LoRA) may differ in
                                the last bit between tile sizes, since BLAS picks its kernel by
                                the matrix shape */
+    const lm_format_opts *formats; /* adapters from other tools (NULL: defaults) */
 } lm_merge_job;
 
 typedef struct lm_merge_report {

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <zip.h>
 
 int th_have_shared(void)
 {
@@ -463,6 +464,172 @@ int th_st_write(const char *path, const th_out_tensor *t, size_t n)
         free(buf);
     }
     return fclose(f) == 0 ? 0 : -1;
+}
+
+/* ---- torch.save() zips ---------------------------------------------------------------------------- */
+typedef struct {
+    uint8_t *b;
+    size_t n, cap;
+} th_pk;
+
+static void pk_bytes(th_pk *p, const void *d, size_t n)
+{
+    if (p->n + n > p->cap) {
+        p->cap = 2 * (p->n + n) + 256;
+        p->b = realloc(p->b, p->cap);
+    }
+    memcpy(p->b + p->n, d, n);
+    p->n += n;
+}
+
+static void pk_op(th_pk *p, int op)
+{
+    uint8_t c = (uint8_t)op;
+    pk_bytes(p, &c, 1);
+}
+
+static void pk_text(th_pk *p, const char *s) /* BINUNICODE */
+{
+    uint32_t n = (uint32_t)strlen(s);
+    uint8_t h[5] = {'X', (uint8_t)n, (uint8_t)(n >> 8), (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
+    pk_bytes(p, h, 5);
+    pk_bytes(p, s, n);
+}
+
+static void pk_uint(th_pk *p, uint64_t v) /* BININT (v < 2^31) or LONG1 */
+{
+    if (v < (1u << 31)) {
+        uint8_t h[5] = {'J', (uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
+        pk_bytes(p, h, 5);
+    } else {
+        uint8_t h[11] = {0x8a, 9};
+        for (int i = 0; i < 8; i++)
+            h[2 + i] = (uint8_t)(v >> (8 * i));
+        pk_bytes(p, h, 11);
+    }
+}
+
+static void pk_global(th_pk *p, const char *module, const char *name)
+{
+    pk_op(p, 'c');
+    pk_bytes(p, module, strlen(module));
+    pk_op(p, '\n');
+    pk_bytes(p, name, strlen(name));
+    pk_op(p, '\n');
+}
+
+static void pk_tensor(th_pk *p, const th_out_tensor *t, size_t key, int as_parameter, const char *location)
+{
+    const char *type = !strcmp(t->dtype, "F16") ? "HalfStorage" : !strcmp(t->dtype, "BF16") ? "BFloat16Storage"
+                                                                                           : "FloatStorage";
+    uint64_t numel = 1, stride[8];
+    for (int d = t->n_dims - 1; d >= 0; d--) {
+        stride[d] = numel;
+        numel *= t->shape[d];
+    }
+    char k[32];
+    snprintf(k, sizeof k, "%zu", key);
+    if (as_parameter)
+        pk_global(p, "torch._utils", "_rebuild_parameter");
+    if (as_parameter)
+        pk_op(p, '(');
+    pk_global(p, "torch._utils", "_rebuild_tensor_v2");
+    pk_op(p, '(');
+    pk_op(p, '(');
+    pk_text(p, "storage");
+    pk_global(p, "torch", type);
+    pk_text(p, k);
+    pk_text(p, location);
+    pk_uint(p, numel);
+    pk_op(p, 't');
+    pk_op(p, 'Q');
+    pk_uint(p, 0);
+    pk_op(p, '(');
+    for (int d = 0; d < t->n_dims; d++)
+        pk_uint(p, t->shape[d]);
+    pk_op(p, 't');
+    pk_op(p, '(');
+    for (int d = 0; d < t->n_dims; d++)
+        pk_uint(p, stride[d]);
+    pk_op(p, 't');
+    pk_op(p, 0x89);
+    pk_global(p, "collections", "OrderedDict");
+    pk_op(p, ')');
+    pk_op(p, 'R');
+    pk_op(p, 't');
+    pk_op(p, 'R');
+    if (as_parameter) {
+        pk_op(p, 0x88);
+        pk_global(p, "collections", "OrderedDict");
+        pk_op(p, ')');
+        pk_op(p, 'R');
+        pk_op(p, 't');
+        pk_op(p, 'R');
+    }
+}
+
+int th_torch_save(const char *path, int root, const th_out_tensor *t, size_t n, int as_parameter,
+                  const char *location)
+{
+    th_pk p = {0};
+    pk_op(&p, 0x80);
+    pk_op(&p, 2);
+    if (root == 0) {
+        pk_op(&p, '}');
+        pk_op(&p, '(');
+    } else if (root == 1) {
+        pk_op(&p, ']');
+        pk_op(&p, '(');
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (root == 0)
+            pk_text(&p, t[i].name);
+        pk_tensor(&p, &t[i], i, as_parameter, location);
+    }
+    if (root == 0)
+        pk_op(&p, 'u');
+    else if (root == 1)
+        pk_op(&p, 'e');
+    pk_op(&p, '.');
+    /* the archive folder is the file's stem, as torch.save names it */
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    char prefix[128];
+    snprintf(prefix, sizeof prefix, "%.*s", (int)strcspn(base, "."), base);
+    int zerr = 0;
+    zip_t *za = zip_open(path, ZIP_CREATE | ZIP_TRUNCATE, &zerr);
+    if (za == NULL) {
+        free(p.b);
+        return -1;
+    }
+    char name[256];
+    uint8_t **bufs = calloc(n + 1, sizeof *bufs);
+    snprintf(name, sizeof name, "%s/data.pkl", prefix);
+    zip_int64_t idx = zip_file_add(za, name, zip_source_buffer(za, p.b, p.n, 0), ZIP_FL_ENC_UTF_8);
+    zip_set_file_compression(za, (zip_uint64_t)idx, ZIP_CM_STORE, 0);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t ne = 1;
+        for (int d = 0; d < t[i].n_dims; d++)
+            ne *= t[i].shape[d];
+        int es = dtype_size(t[i].dtype);
+        bufs[i] = malloc(ne * (uint64_t)es + 1);
+        for (uint64_t k = 0; k < ne; k++) {
+            uint64_t bits = th_encode(t[i].values[k], t[i].dtype);
+            for (int b = 0; b < es; b++)
+                bufs[i][k * (uint64_t)es + (uint64_t)b] = (uint8_t)((bits >> (8 * b)) & 0xff);
+        }
+        snprintf(name, sizeof name, "%s/data/%zu", prefix, i);
+        idx = zip_file_add(za, name, zip_source_buffer(za, bufs[i], ne * (uint64_t)es, 0), ZIP_FL_ENC_UTF_8);
+        zip_set_file_compression(za, (zip_uint64_t)idx, ZIP_CM_STORE, 0);
+    }
+    snprintf(name, sizeof name, "%s/version", prefix);
+    idx = zip_file_add(za, name, zip_source_buffer(za, "3\n", 2, 0), ZIP_FL_ENC_UTF_8);
+    int rc = zip_close(za) == 0 ? 0 : -1;
+    for (size_t i = 0; i < n; i++)
+        free(bufs[i]);
+    free(bufs);
+    free(p.b);
+    return rc;
 }
 
 /* ---- the golden rule ---------------------------------------------------------------------------- */

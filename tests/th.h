@@ -83,6 +83,13 @@ typedef struct {
 } th_out_tensor;
 int th_st_write(const char *path, const th_out_tensor *t, size_t n);
 
+/* writing a torch.save() zip (pickle protocol 2, storages stored uncompressed, as torch >= 1.6
+ * writes them) of F32 / F16 / BF16 tensors: root 0 a dict (names), 1 a list (names unused), 2 one
+ * tensor.  as_parameter wraps each tensor in torch._utils._rebuild_parameter, location is the
+ * storage's device tag ("cpu", "cuda:0"). */
+int th_torch_save(const char *path, int root, const th_out_tensor *t, size_t n, int as_parameter,
+                  const char *location);
+
 /* ---- exact rounding from double --------------------------------------------------------------- */
 double th_round_to(double x, const char *dtype);   /* nearest value of dtype, ties to even */
 double th_spacing(double x, const char *dtype);    /* ulp of dtype at |x| (subnormals included) */

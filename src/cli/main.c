@@ -19,7 +19,8 @@ enum { EXIT_INPUT = 1, EXIT_USAGE = 2, EXIT_IO = 3, EXIT_NOMEM = 4 };
 
 static const char USAGE[] =
     "usage: lora-merge [options] BASE ADAPTER_DIR OUT\n"
-    "       lora-merge inspect PATH\n"
+    "       lora-merge inspect [--base BASE] PATH\n"
+    "       lora-merge convert [--base BASE] ADAPTER OUT_DIR\n"
     "\n"
     "Folds PEFT adapters into a base model and writes a merged safetensors file.\n"
     "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
@@ -44,7 +45,15 @@ static const char USAGE[] =
     "  -h, --help              this text\n"
     "  --version               version, kernel variant and BLAS\n"
     "\n"
-    "inspect PATH: list a model's tensors (file, index or directory) or describe an adapter directory.\n"
+    "adapters from other tools (kohya-ss, LyCORIS, mlx-lm, torchtune, diffusers, lora_diffusion, LoRA-SAM,\n"
+    "loralib, raw up/down files) are read as PEFT adapters; GGUF LoRAs are llama.cpp's to merge:\n"
+    "  --base BASE             inspect / convert: the base model that resolves module names\n"
+    "  --target-modules LIST   unnamed up/down pairs: comma-separated module paths or names, in order\n"
+    "  --lora-alpha A          alpha for files that do not record it (loralib, torchtune): scale A/r\n"
+    "  --lora-scale S          or the multiplier itself (also settles mlx-lm's scale rule)\n"
+    "\n"
+    "inspect PATH: list a model's tensors (file, index or directory) or describe an adapter.\n"
+    "convert ADAPTER OUT_DIR: write any supported adapter as a PEFT adapter directory.\n"
     "\n"
     "exit status: 0 success, 1 invalid or unsupported input, 2 usage error, 3 I/O error\n"
     "(cannot read or write, disk full, file too large), 4 out of memory.\n";
@@ -169,6 +178,37 @@ static void print_shape(const lm_tensor_info *t)
     printf("]");
 }
 
+/* ---- adapters of other tools: inspect and convert ------------------------------------------- */
+static int cmd_describe_foreign(const char *path, const char *base, const lm_format_opts *fo)
+{
+    lm_err err;
+    lm_err_clear(&err);
+    char *text = NULL;
+    if (lm_adapter_format_describe(path, base, fo, &text, &err) != LM_OK)
+        return report_error(&err);
+    fputs(text, stdout);
+    free(text);
+    return 0;
+}
+
+static int cmd_convert(const char *in, const char *out, const char *base, const lm_format_opts *fo, int quiet)
+{
+    lm_err err;
+    lm_err_clear(&err);
+    char *notes = NULL;
+    if (lm_adapter_convert(in, out, base, fo, &notes, &err) != LM_OK)
+        return report_error(&err);
+    if (!quiet) {
+        for (char *line = notes, *nl; line && *line; line = nl + 1) {
+            nl = strchr(line, '\n');
+            fprintf(stderr, "note: %.*s\n", (int)(nl - line), line);
+        }
+        printf("converted %s into the PEFT adapter directory %s\n", in, out);
+    }
+    free(notes);
+    return 0;
+}
+
 static int cmd_inspect(const char *path)
 {
     lm_err err;
@@ -231,6 +271,9 @@ int main(int argc, char **argv)
     lm_merge_job job;
     memset(&job, 0, sizeof job);
     int json = 0, quiet = 0, force_progress = 0, only_positional = 0;
+    lm_format_opts fo;
+    memset(&fo, 0, sizeof fo);
+    const char *base_opt = NULL;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -319,6 +362,18 @@ int main(int argc, char **argv)
             quiet = 1;
         } else if (strcmp(name, "--progress") == 0) {
             force_progress = 1;
+        } else if (strcmp(name, "--base") == 0) {
+            NEED_VALUE();
+            base_opt = val;
+        } else if (strcmp(name, "--target-modules") == 0) {
+            NEED_VALUE();
+            fo.target_modules = val;
+        } else if (strcmp(name, "--lora-alpha") == 0 || strcmp(name, "--lora-scale") == 0) {
+            NEED_VALUE();
+            double v;
+            if (!parse_double(val, &v) || v == 0)
+                return usage_error("--lora-alpha / --lora-scale need a non-zero number, not '%s'", val);
+            *(name[7] == 'a' ? &fo.lora_alpha : &fo.lora_scale) = v;
         } else if (strcmp(name, "--max-shard-size") == 0) {
             NEED_VALUE();
             if (!parse_size(val, &job.max_shard_bytes))
@@ -331,8 +386,17 @@ int main(int argc, char **argv)
     if (n_pos >= 1 && strcmp(pos[0], "inspect") == 0) {
         if (n_pos != 2)
             return usage_error("inspect takes one PATH%s", "");
+        if (lm_adapter_format_detect(pos[1]) != NULL)
+            return cmd_describe_foreign(pos[1], base_opt, &fo);
         return cmd_inspect(pos[1]);
     }
+    if (n_pos >= 1 && strcmp(pos[0], "convert") == 0) {
+        if (n_pos != 3)
+            return usage_error("convert takes ADAPTER OUT_DIR%s", "");
+        return cmd_convert(pos[1], pos[2], base_opt, &fo, quiet);
+    }
+    if (base_opt != NULL)
+        return usage_error("--base is for inspect and convert (a merge takes BASE as its first argument)%s", "");
     if (n_pos != 3 && !(job.dry_run && n_pos == 2)) {
         fprintf(stderr, "error: expected BASE ADAPTER_DIR OUT, got %zu argument%s (see lora-merge --help)\n", n_pos,
                 n_pos == 1 ? "" : "s");
@@ -346,6 +410,7 @@ int main(int argc, char **argv)
     job.out_path = n_pos == 3 ? pos[2] : NULL;
     job.adapters = adapters;
     job.n_adapters = 1 + n_extra;
+    job.formats = &fo;
     progress_state ps = {0, 0};
     if (!quiet && !json && !job.dry_run && (force_progress || isatty(STDERR_FILENO))) {
         job.progress = progress_cb;

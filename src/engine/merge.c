@@ -429,7 +429,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         goto done;
     }
     for (size_t i = 0; i < job->n_adapters; i++) {
-        ads[i] = lm_adapter_open(job->adapters[i].dir, job->adapters[i].weight, err);
+        ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, model, job->formats, err);
         if (ads[i] == NULL) {
             rc = err ? err->code : LM_E_FORMAT;
             goto done;
@@ -440,6 +440,9 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         rc = err ? err->code : LM_E_FORMAT;
         goto done;
     }
+    for (size_t i = 0; i < job->n_adapters; i++) /* what the adapter loader noticed (formats, renames) */
+        for (size_t k = 0; k < ads[i]->n_notes; k++)
+            plan_note(plan, "%s", ads[i]->notes[k]);
     if (job->out_path != NULL) {
         if ((rc = plan_shards(&ot, job, plan, err)) != LM_OK)
             goto done;

@@ -580,7 +580,9 @@ static lm_code st_validate(lm_st_file *f, const uint8_t *bytes, uint64_t n_bytes
             goto done;
         }
     }
-    if (md != NULL && (rc = check_metadata(&c, md)) != LM_OK)
+    /* "__metadata__": null is no metadata: the reference implementation reads it into an
+     * Option (serde), and mlx-lm writes it */
+    if (md != NULL && md->type != ST_JSON_NULL && (rc = check_metadata(&c, md)) != LM_OK)
         goto done;
     size_t i = 0;
     for (const st_json_node *m = st_json_child(&doc, root); m; m = st_json_next(&doc, m)) {

@@ -93,14 +93,20 @@ static void sanitize(char *dst, size_t cap, const uint8_t *s, size_t n)
     dst[j] = '\0';
 }
 
-/* Walks the root dict of pk and adds one tensor per key. */
+/* Walks the root dict of pk and adds one tensor per key.  With root_kind != NULL a list of
+ * tensors (items named "0", "1" ...) or a single tensor (named "tensor") is accepted too, and
+ * *root_kind says which (lm_torch_root). */
 static lm_code build_set(const lm_pickle *pk, fetch_fn fetch, void *ctx, int big_endian,
-                         const char *source, lm_tensor_set **out, lm_err *err)
+                         const char *source, lm_tensor_set **out, int *root_kind, lm_err *err)
 {
     lm_pk_ref root = lm_pk_root(pk);
-    if (lm_pk_kind_of(pk, root) != LM_PK_DICT)
-        return lm_fail(err, LM_E_FORMAT, "NotAStateDict", "checkpoint holds a %s, not a state dict",
-                       lm_pk_kind_name(lm_pk_kind_of(pk, root)));
+    lm_pk_kind kind = lm_pk_kind_of(pk, root);
+    if (kind != LM_PK_DICT && (root_kind == NULL || (kind != LM_PK_LIST && kind != LM_PK_TENSOR)))
+        return lm_fail(err, LM_E_FORMAT, "NotAStateDict", "checkpoint holds a %s, not a state dict%s",
+                       lm_pk_kind_name(kind), root_kind ? ", a list of tensors or a tensor" : "");
+    if (root_kind != NULL)
+        *root_kind = kind == LM_PK_DICT ? LM_TORCH_ROOT_DICT : kind == LM_PK_LIST ? LM_TORCH_ROOT_LIST
+                                                                                 : LM_TORCH_ROOT_TENSOR;
     size_t n_st = lm_pk_n_storages(pk);
     uint64_t storage_bytes = 0, out_bytes = 0, out_limit;
     for (size_t i = 0; i < n_st; i++) /* those with tensors were checked against real data */
@@ -121,12 +127,22 @@ static lm_code build_set(const lm_pickle *pk, fetch_fn fetch, void *ctx, int big
     for (size_t i = 0; i < n_st; i++)
         slot[i].remaining = lm_pk_storage_at(pk, i)->n_tensors;
 
-    size_t n_keys = lm_pk_len(pk, root);
+    size_t n_keys = kind == LM_PK_TENSOR ? 1 : lm_pk_len(pk, root);
     for (size_t k = 0; k < n_keys && rc == LM_OK; k++) {
-        lm_pk_ref key = lm_pk_item(pk, root, 2 * k), val = lm_pk_item(pk, root, 2 * k + 1);
+        lm_pk_ref key = 0, val;
         size_t n_name;
-        const uint8_t *s = lm_pk_bytes(pk, key, &n_name);
-        if (lm_pk_kind_of(pk, key) != LM_PK_STR || memchr(s, '\0', n_name) != NULL) {
+        const uint8_t *s;
+        char index_name[32];
+        if (kind == LM_PK_DICT) {
+            key = lm_pk_item(pk, root, 2 * k);
+            val = lm_pk_item(pk, root, 2 * k + 1);
+            s = lm_pk_bytes(pk, key, &n_name);
+        } else { /* list items and a lone tensor get made-up names */
+            val = kind == LM_PK_LIST ? lm_pk_item(pk, root, k) : root;
+            n_name = (size_t)snprintf(index_name, sizeof index_name, kind == LM_PK_LIST ? "%zu" : "tensor", k);
+            s = (const uint8_t *)index_name;
+        }
+        if (kind == LM_PK_DICT && (lm_pk_kind_of(pk, key) != LM_PK_STR || memchr(s, '\0', n_name) != NULL)) {
             rc = lm_fail(err, LM_E_FORMAT, "InvalidKey", "state dict key %zu is a %s, not a name", k,
                          lm_pk_kind_of(pk, key) == LM_PK_STR ? "string with a NUL byte" :
                          lm_pk_kind_name(lm_pk_kind_of(pk, key)));
@@ -143,8 +159,9 @@ static lm_code build_set(const lm_pickle *pk, fetch_fn fetch, void *ctx, int big
         if (t == NULL) {
             char shown[200];
             sanitize(shown, sizeof shown, s, n_name);
-            rc = lm_fail(err, LM_E_UNSUPPORTED, "NonTensorValue", "state dict value for key '%s' is a %s, not a tensor",
-                         shown, lm_pk_kind_name(lm_pk_kind_of(pk, val)));
+            rc = lm_fail(err, LM_E_UNSUPPORTED, "NonTensorValue", "%s '%s' is a %s, not a tensor",
+                         kind == LM_PK_LIST ? "list item" : "state dict value for key", shown,
+                         lm_pk_kind_name(lm_pk_kind_of(pk, val)));
             lm_err_set_tensor(err, name);
             break;
         }
@@ -348,7 +365,7 @@ static lm_code zip_fetch(void *ctx, size_t i, const lm_pk_storage *st, const uin
     return rc;
 }
 
-static lm_code load_zip(zip_t *za, const char *source, lm_tensor_set **out, lm_err *err)
+static lm_code load_zip(zip_t *za, const char *source, lm_tensor_set **out, int *root_kind, lm_err *err)
 {
     zip_ctx z;
     memset(&z, 0, sizeof z);
@@ -398,7 +415,7 @@ static lm_code load_zip(zip_t *za, const char *source, lm_tensor_set **out, lm_e
     opt.ctx = &z;
     if ((rc = lm_pk_parse(pkl, n_pkl, &opt, &pk, NULL, err)))
         goto done;
-    rc = build_set(pk, zip_fetch, &z, big_endian, source, out, err);
+    rc = build_set(pk, zip_fetch, &z, big_endian, source, out, root_kind, err);
 done:
     lm_pk_free(pk);
     free(pkl);
@@ -444,7 +461,7 @@ static lm_code parse_at(const uint8_t *buf, size_t n_bytes, size_t *pos, lm_pick
     return rc;
 }
 
-static lm_code load_legacy(const uint8_t *buf, size_t n_bytes, const char *source, lm_tensor_set **out,
+static lm_code load_legacy(const uint8_t *buf, size_t n_bytes, const char *source, lm_tensor_set **out, int *root_kind,
                            lm_err *err)
 {
     static const uint8_t magic[10] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19};
@@ -536,7 +553,7 @@ static lm_code load_legacy(const uint8_t *buf, size_t n_bytes, const char *sourc
                          lm_pk_storage_at(pk, s)->key);
             goto done;
         }
-    rc = build_set(pk, legacy_fetch, &l, 0, source, out, err);
+    rc = build_set(pk, legacy_fetch, &l, 0, source, out, root_kind, err);
 done:
     lm_pk_free(hdr);
     lm_pk_free(pk);
@@ -552,8 +569,8 @@ static int looks_like_zip(const uint8_t *b, size_t n)
     return n >= 4 && b[0] == 'P' && b[1] == 'K' && ((b[2] == 3 && b[3] == 4) || (b[2] == 5 && b[3] == 6));
 }
 
-lm_code lm_torch_bin_load_buffer(const void *buf, size_t n_bytes, const char *name,
-                                 lm_tensor_set **out, lm_err *err)
+static lm_code load_buffer(const void *buf, size_t n_bytes, const char *name, lm_tensor_set **out,
+                           int *root_kind, lm_err *err)
 {
     const uint8_t *b = buf;
     lm_code rc;
@@ -568,11 +585,11 @@ lm_code lm_torch_bin_load_buffer(const void *buf, size_t n_bytes, const char *na
             rc = zip_open_error(&ze, err);
         } else {
             zip_error_fini(&ze);
-            rc = load_zip(za, name, out, err);
+            rc = load_zip(za, name, out, root_kind, err);
             zip_discard(za);
         }
     } else if (n_bytes >= 2 && b[0] == 0x80) {
-        rc = load_legacy(b, n_bytes, name, out, err);
+        rc = load_legacy(b, n_bytes, name, out, root_kind, err);
     } else {
         rc = lm_fail(err, LM_E_FORMAT, "NotACheckpoint", "not a torch checkpoint (neither zip nor legacy pickle)");
     }
@@ -580,7 +597,19 @@ lm_code lm_torch_bin_load_buffer(const void *buf, size_t n_bytes, const char *na
     return rc;
 }
 
-lm_code lm_torch_bin_load(const char *path, lm_tensor_set **out, lm_err *err)
+lm_code lm_torch_bin_load_buffer(const void *buf, size_t n_bytes, const char *name,
+                                 lm_tensor_set **out, lm_err *err)
+{
+    return load_buffer(buf, n_bytes, name, out, NULL, err);
+}
+
+lm_code lm_torch_obj_load_buffer(const void *buf, size_t n_bytes, const char *name,
+                                 lm_tensor_set **out, int *root_kind, lm_err *err)
+{
+    return load_buffer(buf, n_bytes, name, out, root_kind, err);
+}
+
+static lm_code load_path(const char *path, lm_tensor_set **out, int *root_kind, lm_err *err)
 {
     lm_code rc;
     *out = NULL;
@@ -611,7 +640,7 @@ lm_code lm_torch_bin_load(const char *path, lm_tensor_set **out, lm_err *err)
             rc = zip_open_error(&ze, err);
             goto done;
         }
-        rc = load_zip(za, path, out, err);
+        rc = load_zip(za, path, out, root_kind, err);
         zip_discard(za);
     } else {
         if ((uint64_t)sb.st_size > SIZE_MAX) {
@@ -623,7 +652,7 @@ lm_code lm_torch_bin_load(const char *path, lm_tensor_set **out, lm_err *err)
             rc = lm_fail_errno(err, errno, "cannot map");
             goto done;
         }
-        rc = lm_torch_bin_load_buffer(map, (size_t)sb.st_size, path, out, err);
+        rc = load_buffer(map, (size_t)sb.st_size, path, out, root_kind, err);
         munmap(map, (size_t)sb.st_size);
     }
 done:
@@ -631,6 +660,16 @@ done:
         close(fd);
     lm_err_set_path(err, path);
     return rc;
+}
+
+lm_code lm_torch_bin_load(const char *path, lm_tensor_set **out, lm_err *err)
+{
+    return load_path(path, out, NULL, err);
+}
+
+lm_code lm_torch_obj_load(const char *path, lm_tensor_set **out, int *root_kind, lm_err *err)
+{
+    return load_path(path, out, root_kind, err);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -662,7 +701,7 @@ lm_code lm_torch_pickle_load(const void *pkl, size_t n_bytes, const char *name,
     *out = NULL;
     lm_code rc = lm_pk_parse(pkl, n_bytes, NULL, &pk, NULL, err);
     if (rc == LM_OK)
-        rc = build_set(pk, user_fetch, &u, 0, name, out, err);
+        rc = build_set(pk, user_fetch, &u, 0, name, out, NULL, err);
     lm_pk_free(pk);
     lm_err_set_path(err, name);
     return rc;

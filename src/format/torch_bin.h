@@ -31,6 +31,17 @@ lm_code lm_torch_bin_load(const char *path, lm_tensor_set **out, lm_err *err);
 lm_code lm_torch_bin_load_buffer(const void *buf, size_t n_bytes, const char *name,
                                  lm_tensor_set **out, lm_err *err);
 
+/* What lm_torch_obj_load() found at the top of the pickle. */
+enum { LM_TORCH_ROOT_DICT = 0, LM_TORCH_ROOT_LIST, LM_TORCH_ROOT_TENSOR };
+
+/*! lm_torch_obj_load() :
+ *  As lm_torch_bin_load(), but the saved object may also be a list of tensors (lora_diffusion's
+ *  [up_0, down_0, up_1, ...]: items are named "0", "1" ... in list order) or one tensor (named
+ *  "tensor"); *root_kind receives LM_TORCH_ROOT_DICT, _LIST or _TENSOR. */
+lm_code lm_torch_obj_load(const char *path, lm_tensor_set **out, int *root_kind, lm_err *err);
+lm_code lm_torch_obj_load_buffer(const void *buf, size_t n_bytes, const char *name,
+                                 lm_tensor_set **out, int *root_kind, lm_err *err);
+
 /* Supplies the bytes of one storage: *data must point to n_bytes bytes that stay valid until
  * lm_torch_pickle_load() returns, or the function fails with err filled. */
 typedef lm_code (*lm_torch_storage_fn)(void *ctx, const char *key, lm_dtype dtype,

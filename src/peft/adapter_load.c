@@ -136,6 +136,10 @@ void lm_adapter_free(lm_adapter *a)
     free(a->weights_path);
     lm_adapter_config_free(a->cfg);
     lm_ts_free(a->ts);
+    for (size_t i = 0; i < a->n_notes; i++)
+        free(a->notes[i]);
+    free(a->notes);
+    lm_norm_adapter_free(a->foreign);
     free(a);
 }
 
@@ -202,6 +206,20 @@ static long first_non_finite(const lm_ts_tensor *t)
     return -1;
 }
 
+static lm_code check_finite(const lm_adapter *a, lm_err *err)
+{
+    for (size_t i = 0; i < a->ts->n; i++) {
+        long bad = first_non_finite(&a->ts->t[i]);
+        if (bad >= 0) {
+            lm_fail(err, LM_E_FORMAT, "NonFinite", "adapter tensor '%s' holds a non-finite value (inf or NaN) at element %ld",
+                    a->ts->t[i].name, bad);
+            lm_err_set_path(err, a->weights_path);
+            return LM_E_FORMAT;
+        }
+    }
+    return LM_OK;
+}
+
 lm_adapter *lm_adapter_open(const char *dir, double weight, lm_err *err)
 {
     lm_adapter *a = calloc(1, sizeof *a);
@@ -252,17 +270,76 @@ lm_adapter *lm_adapter_open(const char *dir, double weight, lm_err *err)
         lm_err_set_path(err, a->weights_path);
         goto fail;
     }
-    for (size_t i = 0; i < a->ts->n; i++) {
-        long bad = first_non_finite(&a->ts->t[i]);
-        if (bad >= 0) {
-            lm_fail(err, LM_E_FORMAT, "NonFinite", "adapter tensor '%s' holds a non-finite value (inf or NaN) at element %ld",
-                    a->ts->t[i].name, bad);
-            lm_err_set_path(err, a->weights_path);
-            goto fail;
-        }
-    }
+    if (check_finite(a, err) != LM_OK)
+        goto fail;
     return a;
 fail:
     lm_adapter_free(a);
     return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* adapters of other tools (adapter_formats.h) and key drift                                   */
+/* ------------------------------------------------------------------------------------------ */
+static lm_adapter *open_foreign(const char *path, double weight, const lm_model *base, const lm_format_opts *opts,
+                                lm_err *err)
+{
+    lm_adapter *a = calloc(1, sizeof *a);
+    lm_norm_adapter *n = NULL;
+    if (a == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    a->weight = weight;
+    if (lm_formats_normalise(path, base, opts, &n, err) != LM_OK)
+        goto fail;
+    a->foreign = n;
+    a->ts = n->ts;
+    n->ts = NULL;
+    a->notes = n->notes;
+    a->n_notes = n->n_notes;
+    n->notes = NULL;
+    n->n_notes = 0;
+    if ((a->dir = strdup(n->dir)) == NULL || (a->name = strdup("default")) == NULL ||
+        (a->config_path = strdup(n->config_path)) == NULL || (a->weights_path = strdup(n->weights_path)) == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    /* what was read is said first; the config the PEFT path sees is the normalised one */
+    char line[400];
+    snprintf(line, sizeof line, "%s: read as %s and normalised into a PEFT adapter (lora-merge convert writes it)",
+             path, n->format);
+    char **nn = realloc(a->notes, (a->n_notes + 1) * sizeof *nn);
+    if (nn == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    memmove(nn + 1, nn, a->n_notes * sizeof *nn);
+    a->notes = nn;
+    a->n_notes++;
+    if ((nn[0] = strdup(line)) == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    a->cfg = lm_adapter_config_parse(n->config_json, strlen(n->config_json), a->config_path, err);
+    if (a->cfg == NULL || check_finite(a, err) != LM_OK)
+        goto fail;
+    return a;
+fail:
+    lm_adapter_free(a);
+    return NULL;
+}
+
+lm_adapter *lm_adapter_open_with(const char *path, double weight, const lm_model *base, const lm_format_opts *opts,
+                                 lm_err *err)
+{
+    if (!lm_formats_is_peft(path))
+        return open_foreign(path, weight, base, opts, err);
+    lm_adapter *a = lm_adapter_open(path, weight, err);
+    if (a != NULL && base != NULL && lm_formats_key_drift(a->ts, base, &a->notes, &a->n_notes, err) != LM_OK) {
+        lm_err_set_path(err, a->weights_path);
+        lm_adapter_free(a);
+        return NULL;
+    }
+    return a;
 }

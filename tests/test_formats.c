@@ -1,0 +1,787 @@
+/* test_formats.c : adapters of other tools (src/peft/adapter_formats.c, formats_*.c).
+ *
+ * Two kinds of checks:
+ *  - generated adapters in every format, small, merged into generated bases and compared element
+ *    by element with each format's rule computed here in double precision from the stored values
+ *    (kohya alpha / r, LoCon's Tucker core, LoHa, LoKr, LyCORIS IA3 and full deltas, mlx-lm's
+ *    transposed factors and its two scale rules, torchtune's per-head row permutation, diffusers'
+ *    three spellings and metadata alphas, loralib, LoRA-SAM's fused qkv, lora_diffusion and raw
+ *    up/down folders with and without names), plus every refusal;
+ *  - the real files of ../shared/fixtures/adapters-other (skipped visibly when absent), against
+ *    bases built from their shapes and names: small ones merged and compared, large ones (SD UNets,
+ *    FLUX) converted with a sparse base and every output tensor compared with the input tensor it
+ *    must be (the mapping and the scale are what those files test).
+ * Convert round trips: merging the converted directory gives the same bytes as merging the input. */
+#include "th.h"
+
+#include "lora_merge.h"
+#include "tensor_set.h"
+#include "torch_bin.h"
+
+#include <cJSON.h>
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define OTHER TH_SHARED "/adapters-other"
+
+/* ============================================================================================ */
+/* helpers                                                                                       */
+/* ============================================================================================ */
+typedef struct {
+    char name[300];
+    char dtype[8];
+    int n_dims;
+    uint64_t shape[8];
+    uint64_t n;
+    double *v; /* values exactly as stored (already rounded to dtype) */
+} tt;
+
+typedef struct {
+    tt t[400];
+    size_t n;
+} tset;
+
+static uint64_t g_seed = 0x5eed;
+
+static tt *tadd(tset *s, const char *dtype, const char *name, int n_dims, ...)
+{
+    cr_assert(s->n < 400);
+    tt *t = &s->t[s->n++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
+    t->n_dims = n_dims;
+    t->n = 1;
+    va_list ap;
+    va_start(ap, n_dims);
+    for (int d = 0; d < n_dims; d++) {
+        t->shape[d] = va_arg(ap, uint64_t);
+        t->n *= t->shape[d];
+    }
+    va_end(ap);
+    t->v = malloc((t->n ? t->n : 1) * sizeof *t->v);
+    for (uint64_t i = 0; i < t->n; i++)
+        t->v[i] = th_round_to(th_rand_uniform(&g_seed), dtype);
+    return t;
+}
+
+/* a scalar with a given value */
+static tt *tscalar(tset *s, const char *dtype, const char *name, double v)
+{
+    tt *t = tadd(s, dtype, name, 0);
+    t->v[0] = th_round_to(v, dtype);
+    return t;
+}
+
+static tt *tfind(tset *s, const char *name)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (strcmp(s->t[i].name, name) == 0)
+            return &s->t[i];
+    cr_assert_fail("no tensor %s in the test set", name);
+    return NULL;
+}
+
+static void tfree(tset *s)
+{
+    for (size_t i = 0; i < s->n; i++)
+        free(s->t[i].v);
+    s->n = 0;
+}
+
+static void twrite(const char *path, const tset *s)
+{
+    th_out_tensor *o = calloc(s->n + 1, sizeof *o);
+    for (size_t i = 0; i < s->n; i++) {
+        o[i].name = s->t[i].name;
+        o[i].dtype = s->t[i].dtype;
+        o[i].n_dims = s->t[i].n_dims;
+        memcpy(o[i].shape, s->t[i].shape, sizeof o[i].shape);
+        o[i].values = s->t[i].v;
+    }
+    cr_assert_eq(th_st_write(path, o, s->n), 0, "cannot write %s", path);
+    free(o);
+}
+
+static void tsave_torch(const char *path, const tset *s, int root)
+{
+    th_out_tensor *o = calloc(s->n + 1, sizeof *o);
+    for (size_t i = 0; i < s->n; i++) {
+        o[i].name = s->t[i].name;
+        o[i].dtype = s->t[i].dtype;
+        o[i].n_dims = s->t[i].n_dims;
+        memcpy(o[i].shape, s->t[i].shape, sizeof o[i].shape);
+        o[i].values = s->t[i].v;
+    }
+    cr_assert_eq(th_torch_save(path, root, o, s->n, 1, "cuda:0"), 0, "cannot write %s", path);
+    free(o);
+}
+
+static char *pjoin(const char *a, const char *b)
+{
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *p = malloc(n);
+    snprintf(p, n, "%s/%s", a, b);
+    return p;
+}
+
+static void write_text(const char *path, const char *text)
+{
+    cr_assert_eq(th_write_file(path, text, strlen(text)), 0, "cannot write %s", path);
+}
+
+/* a base directory: model.safetensors (+ config.json when config != NULL) */
+static void write_base(const char *dir, const tset *s, const char *config)
+{
+    char *p = pjoin(dir, "model.safetensors");
+    twrite(p, s);
+    free(p);
+    if (config) {
+        p = pjoin(dir, "config.json");
+        write_text(p, config);
+        free(p);
+    }
+}
+
+/* a sparse safetensors file (all zeros): names and shapes only, as big as the real thing costs
+ * nothing on disk; enough for convert and dry runs */
+typedef struct {
+    char name[300];
+    int n_dims;
+    uint64_t shape[4];
+} sp_tensor;
+
+typedef struct {
+    sp_tensor *t;
+    size_t n, cap;
+} sp_set;
+
+static void sp_add(sp_set *s, const char *name, int n_dims, const uint64_t *shape)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (strcmp(s->t[i].name, name) == 0)
+            return;
+    if (s->n == s->cap) {
+        s->cap = s->cap ? 2 * s->cap : 64;
+        s->t = realloc(s->t, s->cap * sizeof *s->t);
+    }
+    sp_tensor *t = &s->t[s->n++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->n_dims = n_dims;
+    memcpy(t->shape, shape, (size_t)n_dims * sizeof *shape);
+}
+
+static void sp_add2(sp_set *s, const char *name, uint64_t a, uint64_t b)
+{
+    uint64_t sh[2] = {a, b};
+    sp_add(s, name, 2, sh);
+}
+
+static void sp_write(const char *dir, const sp_set *s, const char *config)
+{
+    cJSON *root = cJSON_CreateObject();
+    uint64_t off = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "dtype", "BF16");
+        cJSON *sh = cJSON_AddArrayToObject(e, "shape");
+        uint64_t ne = 1;
+        for (int d = 0; d < s->t[i].n_dims; d++) {
+            cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)s->t[i].shape[d]));
+            ne *= s->t[i].shape[d];
+        }
+        cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
+        cJSON_AddItemToArray(of, cJSON_CreateNumber((double)off));
+        cJSON_AddItemToArray(of, cJSON_CreateNumber((double)(off + 2 * ne)));
+        off += 2 * ne;
+        cJSON_AddItemToObject(root, s->t[i].name, e);
+    }
+    char *hdr = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    size_t hl = strlen(hdr), padded = (hl + 7) / 8 * 8;
+    char *p = pjoin(dir, "model.safetensors");
+    int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    cr_assert(fd >= 0);
+    uint8_t len8[8];
+    for (int i = 0; i < 8; i++)
+        len8[i] = (uint8_t)(padded >> (8 * i));
+    cr_assert_eq(write(fd, len8, 8), 8);
+    cr_assert_eq(write(fd, hdr, hl), (ssize_t)hl);
+    for (size_t i = hl; i < padded; i++)
+        cr_assert_eq(write(fd, " ", 1), 1);
+    cr_assert_eq(ftruncate(fd, (off_t)(8 + padded + off)), 0);
+    close(fd);
+    free(hdr);
+    free(p);
+    if (config) {
+        p = pjoin(dir, "config.json");
+        write_text(p, config);
+        free(p);
+    }
+}
+
+static void sp_free(sp_set *s)
+{
+    free(s->t);
+    memset(s, 0, sizeof *s);
+}
+
+static void need_other(void)
+{
+    if (!th_exists(OTHER "/README.md"))
+        cr_skip_test("SKIPPED: %s is absent", OTHER);
+}
+
+/* ---- merging ------------------------------------------------------------------------------- */
+typedef struct {
+    lm_code rc;
+    lm_err err;
+    lm_merge_report *rep;
+    char line[2048];
+} mres;
+
+static mres merge_ex(const char *base, const char *adapter, const char *out, const lm_format_opts *fo, double w,
+                     int dry)
+{
+    mres r;
+    memset(&r, 0, sizeof r);
+    lm_err_clear(&r.err);
+    lm_merge_adapter a = {adapter, w};
+    lm_merge_job job;
+    memset(&job, 0, sizeof job);
+    job.base_path = base;
+    job.out_path = out;
+    job.adapters = &a;
+    job.n_adapters = 1;
+    job.n_threads = 2;
+    job.dry_run = dry;
+    job.formats = fo;
+    r.rc = lm_merge_run(&job, &r.rep, &r.err);
+    lm_err_format(&r.err, r.line, sizeof r.line);
+    return r;
+}
+
+static mres merge(const char *base, const char *adapter, const char *out, const lm_format_opts *fo)
+{
+    return merge_ex(base, adapter, out, fo, 1.0, 0);
+}
+
+static void mres_free(mres *r)
+{
+    lm_merge_report_free(r->rep);
+    r->rep = NULL;
+}
+
+static int has_note(const mres *r, const char *needle)
+{
+    for (size_t i = 0; r->rep && i < r->rep->n_notes; i++)
+        if (strstr(r->rep->notes[i], needle))
+            return 1;
+    return 0;
+}
+
+#define expect_ok(r) cr_assert_eq((r).rc, LM_OK, "merge failed: %s", (r).line)
+#define expect_refused(r, kind_, needle)                                                           \
+    do {                                                                                           \
+        cr_assert_neq((r).rc, LM_OK, "expected a refusal (%s)", (kind_));                        \
+        cr_assert_str_eq((r).err.kind, (kind_), "%s", (r).line);                                   \
+        cr_assert(strstr((r).line, (needle)) != NULL, "'%s' not in: %s", (needle), (r).line);     \
+    } while (0)
+
+/* ---- the reference ------------------------------------------------------------------------ */
+typedef struct {
+    char name[300];
+    char dtype[8];
+    uint64_t n;
+    double *w; /* base values, then the expected result */
+} ref_t;
+
+typedef struct {
+    ref_t r[400];
+    size_t n;
+} refs;
+
+static void refs_from(refs *R, const tset *base)
+{
+    R->n = base->n;
+    for (size_t i = 0; i < base->n; i++) {
+        snprintf(R->r[i].name, sizeof R->r[i].name, "%s", base->t[i].name);
+        snprintf(R->r[i].dtype, sizeof R->r[i].dtype, "%s", base->t[i].dtype);
+        R->r[i].n = base->t[i].n;
+        R->r[i].w = malloc((base->t[i].n ? base->t[i].n : 1) * sizeof(double));
+        memcpy(R->r[i].w, base->t[i].v, base->t[i].n * sizeof(double));
+    }
+}
+
+static double *rw(refs *R, const char *name)
+{
+    for (size_t i = 0; i < R->n; i++)
+        if (strcmp(R->r[i].name, name) == 0)
+            return R->r[i].w;
+    cr_assert_fail("no base tensor %s", name);
+    return NULL;
+}
+
+static void refs_free(refs *R)
+{
+    for (size_t i = 0; i < R->n; i++)
+        free(R->r[i].w);
+    R->n = 0;
+}
+
+/* W[o, i] += s * sum_k B[o, k] A[k, i]   (W viewed [out, in]) */
+static void ref_lowrank(double *w, const double *B, const double *A, uint64_t out, uint64_t r, uint64_t in, double s)
+{
+    for (uint64_t o = 0; o < out; o++)
+        for (uint64_t i = 0; i < in; i++) {
+            double acc = 0;
+            for (uint64_t k = 0; k < r; k++)
+                acc += B[o * r + k] * A[k * in + i];
+            w[o * in + i] += s * acc;
+        }
+}
+
+/* every base tensor of the output equals the reference (the golden rule per dtype) */
+static void check_output(const char *out, refs *R)
+{
+    th_st st;
+    cr_assert_eq(th_st_read(out, &st), 0, "cannot read %s", out);
+    for (size_t i = 0; i < R->n; i++) {
+        const th_tensor *t = th_st_find(&st, R->r[i].name);
+        cr_assert(t != NULL, "output lacks %s", R->r[i].name);
+        double *v = th_to_f64(t);
+        th_cmp c = th_compare(R->r[i].dtype, v, R->r[i].w, R->r[i].n);
+        cr_assert(c.ok, "%s (%s): %s (max %.3g ulp, max abs err %.3g)", R->r[i].name, R->r[i].dtype, c.why, c.max_ulp,
+                  c.max_abs_err);
+        free(v);
+    }
+    th_st_free(&st);
+}
+
+/* ---- convert --------------------------------------------------------------------------------- */
+static lm_code convert(const char *in, const char *out_dir, const char *base, const lm_format_opts *fo, lm_err *err,
+                       char **notes)
+{
+    lm_err_clear(err);
+    return lm_adapter_convert(in, out_dir, base, fo, notes, err);
+}
+
+static cJSON *read_json(const char *path)
+{
+    size_t n;
+    uint8_t *b = th_read_file(path, &n);
+    cr_assert(b != NULL, "cannot read %s", path);
+    cJSON *j = cJSON_ParseWithLength((const char *)b, n);
+    free(b);
+    cr_assert(j != NULL, "%s is not JSON", path);
+    return j;
+}
+
+/* the scale PEFT computes for module m from a config: alpha / r through the exact patterns */
+static double config_scale(const cJSON *cfg, const char *module)
+{
+    const cJSON *r = cJSON_GetObjectItem(cfg, "r"), *a = cJSON_GetObjectItem(cfg, "lora_alpha");
+    if (a == NULL)
+        a = cJSON_GetObjectItem(cfg, "alpha");
+    double rv = r->valuedouble, av = a->valuedouble;
+    char key[600] = "^";
+    size_t k = 1;
+    for (const char *p = module; *p && k + 2 < sizeof key; p++) {
+        if (*p == '.')
+            key[k++] = '\\';
+        key[k++] = *p;
+    }
+    key[k] = '\0';
+    const cJSON *rp = cJSON_GetObjectItem(cfg, "rank_pattern"), *ap = cJSON_GetObjectItem(cfg, "alpha_pattern");
+    if (rp && cJSON_GetObjectItem(rp, key))
+        rv = cJSON_GetObjectItem(rp, key)->valuedouble;
+    if (ap && cJSON_GetObjectItem(ap, key))
+        av = cJSON_GetObjectItem(ap, key)->valuedouble;
+    return av / rv;
+}
+
+static int bytes_equal(const th_tensor *t, const void *data, uint64_t n_bytes)
+{
+    return t->n_bytes == n_bytes && memcmp(t->data, data, n_bytes) == 0;
+}
+
+/* ============================================================================================ */
+/* kohya-ss / LyCORIS                                                                            */
+/* ============================================================================================ */
+#define UNET_Q "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+#define UNET_PROJ "down_blocks.0.attentions.0.proj_in"
+#define UNET_CONV "down_blocks.0.resnets.0.conv1"
+
+/* a small diffusers-layout UNet: a Linear, a 1x1 and a 3x3 convolution (with biases), decoys */
+static void unet_base(tset *b, const char *dtype)
+{
+    tadd(b, dtype, UNET_Q ".weight", 2, (uint64_t)8, (uint64_t)8);
+    tadd(b, dtype, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight", 2, (uint64_t)8, (uint64_t)8);
+    tadd(b, dtype, UNET_PROJ ".weight", 4, (uint64_t)8, (uint64_t)8, (uint64_t)1, (uint64_t)1);
+    tadd(b, dtype, UNET_PROJ ".bias", 1, (uint64_t)8);
+    tadd(b, dtype, UNET_CONV ".weight", 4, (uint64_t)6, (uint64_t)8, (uint64_t)3, (uint64_t)3);
+    tadd(b, dtype, UNET_CONV ".bias", 1, (uint64_t)6);
+}
+
+Test(formats, kohya_lora_linear_and_convs)
+{
+    const char *dtypes[] = {"BF16", "F32"};
+    for (int di = 0; di < 2; di++) {
+        char *dir = th_tmpdir();
+        tset base = {0}, ad = {0};
+        unet_base(&base, dtypes[di]);
+        write_base(dir, &base, NULL);
+        /* Linear: alpha 2 (F16 0-d) with r 4: scale 0.5 */
+        tt *qd = tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                      2, (uint64_t)4, (uint64_t)8);
+        tt *qu = tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight", 2,
+                      (uint64_t)8, (uint64_t)4);
+        tscalar(&ad, "F16", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha", 2.0);
+        /* 1x1 conv: alpha 3 (BF16 0-d), r 2: scale 1.5 */
+        tt *pd = tadd(&ad, "BF16", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 4, (uint64_t)2,
+                      (uint64_t)8, (uint64_t)1, (uint64_t)1);
+        tt *pu = tadd(&ad, "BF16", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 4, (uint64_t)8,
+                      (uint64_t)2, (uint64_t)1, (uint64_t)1);
+        tscalar(&ad, "BF16", "lora_unet_down_blocks_0_attentions_0_proj_in.alpha", 3.0);
+        /* 3x3 conv: no alpha: scale 1 */
+        tt *cd = tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", 4, (uint64_t)3, (uint64_t)8,
+                      (uint64_t)3, (uint64_t)3);
+        tt *cu = tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight", 4, (uint64_t)6, (uint64_t)3,
+                      (uint64_t)1, (uint64_t)1);
+        /* a text-encoder module: the UNet base has none, so that component is skipped (noted) */
+        tadd(&ad, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", 2, (uint64_t)2,
+             (uint64_t)8);
+        tadd(&ad, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", 2, (uint64_t)8,
+             (uint64_t)2);
+        char *ap = pjoin(dir, "kohya.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+        twrite(ap, &ad);
+        mres r = merge(bp, ap, out, NULL);
+        expect_ok(r);
+        cr_assert(has_note(&r, "component 'lora_te'"), "the text-encoder part should be noted as skipped");
+        cr_assert(has_note(&r, "kohya-ss"), "the format should be named in the notes");
+        refs R;
+        refs_from(&R, &base);
+        ref_lowrank(rw(&R, UNET_Q ".weight"), qu->v, qd->v, 8, 4, 8, 2.0 / 4);
+        ref_lowrank(rw(&R, UNET_PROJ ".weight"), pu->v, pd->v, 8, 2, 8, 3.0 / 2);
+        ref_lowrank(rw(&R, UNET_CONV ".weight"), cu->v, cd->v, 6, 3, 8 * 9, 1.0);
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        free(ap);
+        free(out);
+        free(bp);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+    }
+}
+
+/* LoCon's Tucker form: dW[p, c, x, y] = sum_ij up[p, i] mid[i, j, x, y] down[j, c] */
+Test(formats, locon_tucker_mid)
+{
+    char *dir = th_tmpdir();
+    tset base = {0}, ad = {0};
+    unet_base(&base, "F32");
+    write_base(dir, &base, NULL);
+    tt *d = tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", 4, (uint64_t)2, (uint64_t)8,
+                 (uint64_t)1, (uint64_t)1);
+    tt *m = tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight", 4, (uint64_t)2, (uint64_t)2,
+                 (uint64_t)3, (uint64_t)3);
+    tt *u = tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight", 4, (uint64_t)6, (uint64_t)2,
+                 (uint64_t)1, (uint64_t)1);
+    tscalar(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.alpha", 1.0);
+    char *ap = pjoin(dir, "locon.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+    twrite(ap, &ad);
+    mres r = merge(bp, ap, out, NULL);
+    expect_ok(r);
+    refs R;
+    refs_from(&R, &base);
+    double *w = rw(&R, UNET_CONV ".weight");
+    for (int p = 0; p < 6; p++)
+        for (int c = 0; c < 8; c++)
+            for (int x = 0; x < 9; x++) {
+                double s = 0;
+                for (int i = 0; i < 2; i++)
+                    for (int j = 0; j < 2; j++)
+                        s += u->v[p * 2 + i] * m->v[(i * 2 + j) * 9 + x] * d->v[j * 8 + c];
+                w[(p * 8 + c) * 9 + x] += 0.5 * s; /* alpha 1, r 2 */
+            }
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    free(ap);
+    free(out);
+    free(bp);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}
+
+/* LoHa and LoKr on a Linear; LoKr with both factors whole has scale 1 whatever alpha says */
+Test(formats, lycoris_loha_and_lokr_linear)
+{
+    for (int kind = 0; kind < 3; kind++) {
+        char *dir = th_tmpdir();
+        tset base = {0}, ad = {0};
+        unet_base(&base, "F32");
+        write_base(dir, &base, NULL);
+        const char *n = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+        char k[300];
+        refs R;
+        refs_from(&R, &base);
+        double *w = rw(&R, UNET_Q ".weight");
+        if (kind == 0) { /* LoHa r 2, alpha 3 */
+            tt *t[4];
+            const char *parts[4] = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
+            for (int i = 0; i < 4; i++) {
+                snprintf(k, sizeof k, "%s.%s", n, parts[i]);
+                t[i] = i % 2 ? tadd(&ad, "F16", k, 2, (uint64_t)2, (uint64_t)8) : tadd(&ad, "F16", k, 2, (uint64_t)8, (uint64_t)2);
+            }
+            snprintf(k, sizeof k, "%s.alpha", n);
+            tscalar(&ad, "F16", k, 3.0);
+            for (int o = 0; o < 8; o++)
+                for (int i = 0; i < 8; i++) {
+                    double a = 0, b = 0;
+                    for (int q = 0; q < 2; q++) {
+                        a += t[0]->v[o * 2 + q] * t[1]->v[q * 8 + i];
+                        b += t[2]->v[o * 2 + q] * t[3]->v[q * 8 + i];
+                    }
+                    w[o * 8 + i] += a * b * 1.5;
+                }
+        } else { /* LoKr: w1 [2, 4] (or w1_a [2, 1] @ w1_b [1, 4]), w2 [4, 2]: kron -> [8, 8] */
+            tt *w1 = NULL, *w1a = NULL, *w1b = NULL, *w2;
+            if (kind == 1) {
+                snprintf(k, sizeof k, "%s.lokr_w1_a", n);
+                w1a = tadd(&ad, "F32", k, 2, (uint64_t)2, (uint64_t)1);
+                snprintf(k, sizeof k, "%s.lokr_w1_b", n);
+                w1b = tadd(&ad, "F32", k, 2, (uint64_t)1, (uint64_t)4);
+            } else {
+                snprintf(k, sizeof k, "%s.lokr_w1", n);
+                w1 = tadd(&ad, "F32", k, 2, (uint64_t)2, (uint64_t)4);
+            }
+            snprintf(k, sizeof k, "%s.lokr_w2", n);
+            w2 = tadd(&ad, "F32", k, 2, (uint64_t)4, (uint64_t)2);
+            snprintf(k, sizeof k, "%s.alpha", n);
+            tscalar(&ad, "F32", k, 7.0); /* kind 1: scale 7 / 1; kind 2 (both whole): ignored, scale 1 */
+            double s = kind == 1 ? 7.0 : 1.0;
+            for (int a = 0; a < 2; a++)
+                for (int c = 0; c < 4; c++) {
+                    double x = kind == 1 ? w1a->v[a] * w1b->v[c] : w1->v[a * 4 + c];
+                    for (int b = 0; b < 4; b++)
+                        for (int d = 0; d < 2; d++)
+                            w[(a * 4 + b) * 8 + c * 2 + d] += s * x * w2->v[b * 2 + d];
+                }
+        }
+        char *ap = pjoin(dir, "lyco.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+        twrite(ap, &ad);
+        mres r = merge(bp, ap, out, NULL);
+        expect_ok(r);
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        free(ap);
+        free(out);
+        free(bp);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+    }
+}
+
+/* IA3 (W *= 1 + weight, per row or, with on_input, per column) and full deltas (diff, diff_b) */
+Test(formats, lycoris_ia3_and_full)
+{
+    for (int kind = 0; kind < 3; kind++) {
+        char *dir = th_tmpdir();
+        tset base = {0}, ad = {0};
+        unet_base(&base, "F32");
+        write_base(dir, &base, NULL);
+        refs R;
+        refs_from(&R, &base);
+        const char *n = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+        char k[300];
+        if (kind < 2) {
+            snprintf(k, sizeof k, "%s.weight", n);
+            tt *l = tadd(&ad, "F32", k, 1, (uint64_t)8);
+            snprintf(k, sizeof k, "%s.on_input", n);
+            tt *on = tscalar(&ad, "F32", k, kind);
+            (void)on;
+            double *w = rw(&R, UNET_Q ".weight");
+            for (int o = 0; o < 8; o++)
+                for (int i = 0; i < 8; i++) /* (1 + l) in float32, as LyCORIS computes it */
+                    w[o * 8 + i] *= (double)((float)l->v[kind ? i : o] + 1.0f);
+        } else {
+            tt *d = tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.diff", 4, (uint64_t)8, (uint64_t)8,
+                         (uint64_t)1, (uint64_t)1);
+            tt *db = tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.diff_b", 1, (uint64_t)8);
+            tt *c = tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.diff", 4, (uint64_t)6, (uint64_t)8,
+                         (uint64_t)3, (uint64_t)3);
+            double *w = rw(&R, UNET_PROJ ".weight"), *b = rw(&R, UNET_PROJ ".bias"), *wc = rw(&R, UNET_CONV ".weight");
+            for (int i = 0; i < 64; i++)
+                w[i] += d->v[i];
+            for (int i = 0; i < 8; i++)
+                b[i] += db->v[i];
+            for (int i = 0; i < 6 * 8 * 9; i++)
+                wc[i] += c->v[i];
+        }
+        char *ap = pjoin(dir, "lyco.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+        twrite(ap, &ad);
+        mres r = merge(bp, ap, out, NULL);
+        expect_ok(r);
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        free(ap);
+        free(out);
+        free(bp);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+    }
+}
+
+/* one module's parts in a small kohya file; the merge must be refused with kind and message */
+static void kohya_refused(const char *const *parts, size_t n_parts, const char *module, const char *kind,
+                          const char *needle)
+{
+    char *dir = th_tmpdir();
+    tset base = {0}, ad = {0};
+    unet_base(&base, "F32");
+    tadd(&base, "F32", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.bias", 1, (uint64_t)8);
+    write_base(dir, &base, NULL);
+    char k[300];
+    for (size_t i = 0; i < n_parts; i++) {
+        snprintf(k, sizeof k, "%s.%s", module, parts[i]);
+        if (strstr(parts[i], "alpha") || strstr(parts[i], "on_input"))
+            tscalar(&ad, "F32", k, 0);
+        else if (strstr(parts[i], "weight") && !strstr(parts[i], "lora_"))
+            tadd(&ad, "F32", k, 1, (uint64_t)8);
+        else if (strstr(parts[i], "up"))
+            tadd(&ad, "F32", k, 2, (uint64_t)8, (uint64_t)2);
+        else if (strstr(parts[i], "scale"))
+            tadd(&ad, "F32", k, 2, (uint64_t)1, (uint64_t)8);
+        else
+            tadd(&ad, "F32", k, 2, (uint64_t)2, (uint64_t)8);
+    }
+    char *ap = pjoin(dir, "bad.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+    twrite(ap, &ad);
+    mres r = merge(bp, ap, out, NULL);
+    expect_refused(r, kind, needle);
+    cr_assert(!th_exists(out), "no output after a refusal");
+    mres_free(&r);
+    free(ap);
+    free(out);
+    free(bp);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}
+
+Test(formats, lycoris_refusals)
+{
+    const char *q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    const char *dora[] = {"lora_down.weight", "lora_up.weight", "dora_scale"};
+    kohya_refused(dora, 3, q, "Unsupported", "dora_scale");
+    const char *norm[] = {"w_norm"};
+    kohya_refused(norm, 1, q, "UnsupportedPart", "w_norm");
+    const char *oft[] = {"oft_blocks"};
+    kohya_refused(oft, 1, q, "UnsupportedPart", "OFT");
+    const char *half[] = {"lora_down.weight"};
+    kohya_refused(half, 1, q, "IncompleteModule", "no lora_up");
+    const char *alone[] = {"alpha"};
+    kohya_refused(alone, 1, q, "IncompleteModule", "only an alpha");
+    /* IA3 on the outputs of a layer with a bias: LyCORIS leaves the bias, PEFT's IA3 scales it */
+    const char *ia3[] = {"weight", "on_input"};
+    kohya_refused(ia3, 2, q, "Unsupported", "bias");
+    /* a name no base module flattens to */
+    const char *pair[] = {"lora_down.weight", "lora_up.weight"};
+    kohya_refused(pair, 2, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_z", "NoMatchingTensor",
+                  "to_z");
+}
+
+/* two base modules whose dotted paths flatten to the same name cannot be told apart */
+Test(formats, kohya_flattening_collision)
+{
+    char *dir = th_tmpdir();
+    tset base = {0}, ad = {0};
+    tadd(&base, "F32", "blocks.a_b.proj.weight", 2, (uint64_t)4, (uint64_t)4);
+    tadd(&base, "F32", "blocks.a.b_proj.weight", 2, (uint64_t)4, (uint64_t)4);
+    write_base(dir, &base, NULL);
+    tadd(&ad, "F32", "lora_unet_blocks_a_b_proj.lora_down.weight", 2, (uint64_t)2, (uint64_t)4);
+    tadd(&ad, "F32", "lora_unet_blocks_a_b_proj.lora_up.weight", 2, (uint64_t)4, (uint64_t)2);
+    char *ap = pjoin(dir, "k.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+    twrite(ap, &ad);
+    mres r = merge(bp, ap, out, NULL);
+    expect_refused(r, "AmbiguousModule", "blocks.a_b.proj");
+    cr_assert(strstr(r.line, "blocks.a.b_proj"), "both candidates named: %s", r.line);
+    mres_free(&r);
+    free(ap);
+    free(out);
+    free(bp);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}
+
+/* diffusers-named kohya modules into an original-layout (LDM) single file: refused, saying what to use */
+Test(formats, kohya_ldm_checkpoint_refused)
+{
+    char *dir = th_tmpdir();
+    tset base = {0}, ad = {0};
+    tadd(&base, "F32", "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", 2, (uint64_t)8,
+         (uint64_t)8);
+    tadd(&base, "F32", "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", 2,
+         (uint64_t)8, (uint64_t)8);
+    write_base(dir, &base, NULL);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight", 2,
+         (uint64_t)2, (uint64_t)8);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight", 2,
+         (uint64_t)8, (uint64_t)2);
+    tadd(&ad, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", 2, (uint64_t)2,
+         (uint64_t)8);
+    tadd(&ad, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", 2, (uint64_t)8,
+         (uint64_t)2);
+    char *ap = pjoin(dir, "k.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+    twrite(ap, &ad);
+    mres r = merge(bp, ap, out, NULL);
+    expect_refused(r, "LayoutMismatch", "diffusion_pytorch_model");
+    mres_free(&r);
+    /* the text-encoder part alone resolves under the LDM prefix (a dotted suffix of the base) */
+    tset te = {0};
+    tt *d = tadd(&te, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", 2, (uint64_t)2,
+                 (uint64_t)8);
+    tt *u = tadd(&te, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", 2, (uint64_t)8,
+                 (uint64_t)2);
+    twrite(ap, &te);
+    r = merge(bp, ap, out, NULL);
+    expect_ok(r);
+    refs R;
+    refs_from(&R, &base);
+    ref_lowrank(rw(&R, "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"), u->v, d->v,
+                8, 2, 8, 1.0);
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    free(ap);
+    free(out);
+    free(bp);
+    tfree(&base);
+    tfree(&ad);
+    tfree(&te);
+    th_rmrf(dir);
+    free(dir);
+}
