@@ -96,7 +96,7 @@ static void tfree(tset *s)
     s->n = 0;
 }
 
-static void twrite(const char *path, const tset *s)
+static void twrite_meta(const char *path, const tset *s, const char *const *mk, const char *const *mv, size_t n_meta)
 {
     th_out_tensor *o = calloc(s->n + 1, sizeof *o);
     for (size_t i = 0; i < s->n; i++) {
@@ -106,8 +106,13 @@ static void twrite(const char *path, const tset *s)
         memcpy(o[i].shape, s->t[i].shape, sizeof o[i].shape);
         o[i].values = s->t[i].v;
     }
-    cr_assert_eq(th_st_write(path, o, s->n), 0, "cannot write %s", path);
+    cr_assert_eq(th_st_write_meta(path, o, s->n, mk, mv, n_meta), 0, "cannot write %s", path);
     free(o);
+}
+
+static void twrite(const char *path, const tset *s)
+{
+    twrite_meta(path, s, NULL, NULL, 0);
 }
 
 static void tsave_torch(const char *path, const tset *s, int root)
@@ -784,4 +789,684 @@ Test(formats, kohya_ldm_checkpoint_refused)
     tfree(&te);
     th_rmrf(dir);
     free(dir);
+}
+
+/* ============================================================================================ */
+/* mlx-lm                                                                                        */
+/* ============================================================================================ */
+#define HF_Q "model.layers.0.self_attn.q_proj"
+#define HF_V "model.layers.0.self_attn.v_proj"
+#define HF_EMB "model.embed_tokens"
+
+static void llm_base(tset *b, const char *dtype)
+{
+    tadd(b, dtype, HF_EMB ".weight", 2, (uint64_t)10, (uint64_t)6);
+    tadd(b, dtype, HF_Q ".weight", 2, (uint64_t)6, (uint64_t)6);
+    tadd(b, dtype, HF_V ".weight", 2, (uint64_t)4, (uint64_t)6);
+    tadd(b, dtype, "model.norm.weight", 1, (uint64_t)6);
+}
+
+/* an mlx-lm adapter directory; returns the tensors (lora_a [in, r], lora_b [r, out], m) */
+static void mlx_dir(const char *dir, const char *config, int embedding, int dora, tset *ad)
+{
+    mkdir(dir, 0777);
+    tadd(ad, "F32", HF_Q ".lora_a", 2, (uint64_t)6, (uint64_t)2);
+    tadd(ad, "F32", HF_Q ".lora_b", 2, (uint64_t)2, (uint64_t)6);
+    tadd(ad, "F32", HF_V ".lora_a", 2, (uint64_t)6, (uint64_t)2);
+    tadd(ad, "F32", HF_V ".lora_b", 2, (uint64_t)2, (uint64_t)4);
+    if (embedding) {
+        tadd(ad, "F32", HF_EMB ".lora_a", 2, (uint64_t)10, (uint64_t)2);
+        tadd(ad, "F32", HF_EMB ".lora_b", 2, (uint64_t)2, (uint64_t)6);
+    }
+    if (dora) {
+        tt *m = tadd(ad, "F32", HF_Q ".m", 1, (uint64_t)6);
+        for (int i = 0; i < 6; i++)
+            m->v[i] = fabs(m->v[i]) + 0.5;
+        m = tadd(ad, "F32", HF_V ".m", 1, (uint64_t)4);
+        for (int i = 0; i < 4; i++)
+            m->v[i] = fabs(m->v[i]) + 0.5;
+    }
+    char *p = pjoin(dir, "adapters.safetensors");
+    twrite(p, ad);
+    free(p);
+    p = pjoin(dir, "adapter_config.json");
+    write_text(p, config);
+    free(p);
+}
+
+/* dW[o, i] = S sum_k a[i, k] b[k, o] (Linear), dW[v, d] = S sum_k a[v, k] b[k, d] (embedding) */
+static void mlx_ref(refs *R, tset *ad, double S, int embedding, int dora)
+{
+    const char *mods[2] = {HF_Q, HF_V};
+    uint64_t outs[2] = {6, 4};
+    char k[200];
+    for (int m = 0; m < 2; m++) {
+        snprintf(k, sizeof k, "%s.lora_a", mods[m]);
+        tt *a = tfind(ad, k);
+        snprintf(k, sizeof k, "%s.lora_b", mods[m]);
+        tt *b = tfind(ad, k);
+        snprintf(k, sizeof k, "%s.weight", mods[m]);
+        double *w = rw(R, k);
+        for (uint64_t o = 0; o < outs[m]; o++)
+            for (uint64_t i = 0; i < 6; i++) {
+                double s = 0;
+                for (int q = 0; q < 2; q++)
+                    s += a->v[i * 2 + q] * b->v[q * outs[m] + o];
+                w[o * 6 + i] += S * s;
+            }
+        if (dora) { /* W <- m / ||W[o, :]|| W[o, :], the norm of the merged row */
+            snprintf(k, sizeof k, "%s.m", mods[m]);
+            tt *mag = tfind(ad, k);
+            for (uint64_t o = 0; o < outs[m]; o++) {
+                double n2 = 0;
+                for (uint64_t i = 0; i < 6; i++)
+                    n2 += w[o * 6 + i] * w[o * 6 + i];
+                for (uint64_t i = 0; i < 6; i++)
+                    w[o * 6 + i] *= mag->v[o] / sqrt(n2);
+            }
+        }
+    }
+    if (embedding) {
+        tt *a = tfind(ad, HF_EMB ".lora_a"), *b = tfind(ad, HF_EMB ".lora_b");
+        double *w = rw(R, HF_EMB ".weight");
+        for (int v = 0; v < 10; v++)
+            for (int d = 0; d < 6; d++)
+                for (int q = 0; q < 2; q++)
+                    w[v * 6 + d] += S * a->v[v * 2 + q] * b->v[q * 6 + d];
+    }
+}
+
+static void mlx_case(const char *config, double S, int embedding, int dora, const lm_format_opts *fo)
+{
+    char *dir = th_tmpdir(), *ad_dir = pjoin(dir, "adapters"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0}, ad = {0};
+    llm_base(&base, "F32");
+    write_base(dir, &base, "{\"model_type\": \"qwen2\"}");
+    mlx_dir(ad_dir, config, embedding, dora, &ad);
+    mres r = merge(dir, ad_dir, out, fo);
+    expect_ok(r);
+    cr_assert(has_note(&r, "mlx-lm"), "the scale rule should be noted");
+    refs R;
+    refs_from(&R, &base);
+    mlx_ref(&R, &ad, S, embedding, dora);
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(ad_dir);
+    free(out);
+}
+
+Test(formats, mlx_lm_scale_rules)
+{
+    /* after mid-2024: scale alone (alpha is written but unused) */
+    mlx_case("{\"fine_tune_type\": \"lora\", \"num_layers\": 1, \"lora_parameters\": {\"rank\": 2, \"alpha\": 16, "
+             "\"scale\": 2.5, \"dropout\": 0.0}}", 2.5, 1, 0, NULL);
+    /* before ml-explore/mlx-examples#614: scale * alpha / rank */
+    mlx_case("{\"lora_layers\": 1, \"lora_parameters\": {\"rank\": 2, \"alpha\": 6, \"scale\": 2.5, \"dropout\": 0.0}}",
+             2.5 * (6.0 / 2.0), 1, 0, NULL);
+    /* between: ambiguous unless the user says */
+    lm_format_opts fo = {0};
+    fo.lora_scale = 2.5;
+    mlx_case("{\"lora_layers\": 1, \"use_dora\": false, \"lora_parameters\": {\"rank\": 2, \"alpha\": 6, \"scale\": 2.5}}",
+             2.5, 0, 0, &fo);
+    /* DoRA: the magnitude rescales each output row of the merged weight */
+    mlx_case("{\"fine_tune_type\": \"dora\", \"num_layers\": 1, \"lora_parameters\": {\"rank\": 2, \"scale\": 1.75}}",
+             1.75, 0, 1, NULL);
+}
+
+Test(formats, mlx_lm_refusals)
+{
+    char *dir = th_tmpdir(), *ad_dir = pjoin(dir, "adapters"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0}, ad = {0};
+    llm_base(&base, "F32");
+    write_base(dir, &base, NULL);
+    mlx_dir(ad_dir, "{\"lora_layers\": 1, \"use_dora\": false, \"lora_parameters\": {\"rank\": 2, \"alpha\": 6, "
+                    "\"scale\": 2.5}}", 0, 0, &ad);
+    mres r = merge(dir, ad_dir, out, NULL);
+    expect_refused(r, "AmbiguousScale", "--lora-scale");
+    mres_free(&r);
+    tfree(&ad);
+    th_rmrf(ad_dir);
+    /* DoRA on an embedding: mlx-lm normalises rows, PEFT columns */
+    mlx_dir(ad_dir, "{\"fine_tune_type\": \"dora\", \"num_layers\": 1, \"lora_parameters\": {\"rank\": 2, \"scale\": 1}}",
+            1, 0, &ad);
+    tt *m = tadd(&ad, "F32", HF_EMB ".m", 1, (uint64_t)10);
+    (void)m;
+    char *p = pjoin(ad_dir, "adapters.safetensors");
+    twrite(p, &ad);
+    r = merge(dir, ad_dir, out, NULL);
+    expect_refused(r, "Unsupported", "embedding");
+    mres_free(&r);
+    /* weights without their config */
+    char *cfg = pjoin(ad_dir, "adapter_config.json");
+    unlink(cfg);
+    r = merge(dir, p, out, NULL);
+    expect_refused(r, "MissingConfig", "adapter_config.json");
+    mres_free(&r);
+    cr_assert(!th_exists(out));
+    free(cfg);
+    free(p);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(ad_dir);
+    free(out);
+}
+
+/* ============================================================================================ */
+/* torchtune                                                                                     */
+/* ============================================================================================ */
+/* 4 heads of 4 (hidden 16), 2 key/value heads */
+static void tune_base(tset *b)
+{
+    tadd(b, "F32", "model.layers.0.self_attn.q_proj.weight", 2, (uint64_t)16, (uint64_t)16);
+    tadd(b, "F32", "model.layers.0.self_attn.k_proj.weight", 2, (uint64_t)8, (uint64_t)16);
+    tadd(b, "F32", "model.layers.0.self_attn.o_proj.weight", 2, (uint64_t)16, (uint64_t)16);
+    tadd(b, "F32", "model.layers.0.mlp.gate_proj.weight", 2, (uint64_t)12, (uint64_t)16);
+    tadd(b, "F32", "lm_head.weight", 2, (uint64_t)20, (uint64_t)16);
+}
+
+static const struct {
+    const char *tune, *hf;
+    uint64_t out;
+    int heads; /* rows permuted per head (0: none) */
+} TUNE_MODS[] = {{"layers.0.attn.q_proj", "model.layers.0.self_attn.q_proj", 16, 4},
+                 {"layers.0.attn.k_proj", "model.layers.0.self_attn.k_proj", 8, 2},
+                 {"layers.0.attn.output_proj", "model.layers.0.self_attn.o_proj", 16, 0},
+                 {"layers.0.mlp.w1", "model.layers.0.mlp.gate_proj", 12, 0},
+                 {"output", "lm_head", 20, 0}};
+
+static void tune_adapter(tset *ad)
+{
+    char k[200];
+    for (size_t i = 0; i < 5; i++) {
+        snprintf(k, sizeof k, "%s.lora_a.weight", TUNE_MODS[i].tune);
+        tadd(ad, "F32", k, 2, (uint64_t)2, (uint64_t)16);
+        snprintf(k, sizeof k, "%s.lora_b.weight", TUNE_MODS[i].tune);
+        tadd(ad, "F32", k, 2, TUNE_MODS[i].out, (uint64_t)2);
+    }
+}
+
+/* the HF row of torchtune row t for heads of 4: torchtune interleaves the rotary halves */
+static uint64_t hf_row(uint64_t t)
+{
+    uint64_t h = t / 4, within = t % 4, i = within / 2, j = within % 2;
+    return h * 4 + j * 2 + i;
+}
+
+static void tune_ref(refs *R, tset *ad, double s)
+{
+    char k[200];
+    for (size_t m = 0; m < 5; m++) {
+        snprintf(k, sizeof k, "%s.lora_a.weight", TUNE_MODS[m].tune);
+        tt *a = tfind(ad, k);
+        snprintf(k, sizeof k, "%s.lora_b.weight", TUNE_MODS[m].tune);
+        tt *b = tfind(ad, k);
+        snprintf(k, sizeof k, "%s.weight", TUNE_MODS[m].hf);
+        double *w = rw(R, k);
+        for (uint64_t t = 0; t < TUNE_MODS[m].out; t++) {
+            uint64_t o = TUNE_MODS[m].heads ? hf_row(t) : t;
+            for (int i = 0; i < 16; i++)
+                w[o * 16 + i] += s * (b->v[t * 2] * a->v[i] + b->v[t * 2 + 1] * a->v[16 + i]);
+        }
+    }
+}
+
+Test(formats, torchtune_names_and_permutation)
+{
+    const char *cfg = "{\"model_type\": \"llama\", \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
+                      "\"hidden_size\": 16}";
+    for (int form = 0; form < 2; form++) {
+        char *dir = th_tmpdir(), *out = pjoin(dir, "out.safetensors"), *tdir = pjoin(dir, "tune");
+        tset base = {0}, ad = {0};
+        tune_base(&base);
+        write_base(dir, &base, cfg);
+        tune_adapter(&ad);
+        mkdir(tdir, 0777);
+        char *pt = pjoin(tdir, form ? "adapter_0.pt" : "adapter_model.pt");
+        tsave_torch(pt, &ad, 0);
+        lm_format_opts fo = {0};
+        if (form == 0) { /* the PEFT config torchtune writes beside it gives alpha */
+            char *c = pjoin(tdir, "adapter_config.json");
+            write_text(c, "{\"r\": 2, \"lora_alpha\": 3, \"peft_type\": \"LORA\", \"target_modules\": [\"q_proj\"]}");
+            free(c);
+        } else {
+            fo.lora_alpha = 3;
+        }
+        mres r = merge(dir, form ? pt : tdir, out, &fo);
+        expect_ok(r);
+        cr_assert(has_note(&r, "permuted per head"), "the permutation should be noted");
+        refs R;
+        refs_from(&R, &base);
+        tune_ref(&R, &ad, 1.5);
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        /* refusals: no alpha anywhere; a model type whose permutation is not known */
+        if (form == 1) {
+            r = merge(dir, pt, out, NULL);
+            expect_refused(r, "MissingAlpha", "--lora-alpha");
+            mres_free(&r);
+            char *c = pjoin(dir, "config.json");
+            write_text(c, "{\"model_type\": \"qwen2\", \"num_attention_heads\": 4, \"hidden_size\": 16}");
+            free(c);
+            r = merge(dir, pt, out, &fo);
+            expect_refused(r, "Unsupported", "qwen2");
+            mres_free(&r);
+        }
+        free(pt);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+        free(out);
+        free(tdir);
+    }
+}
+
+/* ============================================================================================ */
+/* diffusers                                                                                     */
+/* ============================================================================================ */
+#define ATT "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+static void attn_base(tset *b)
+{
+    tadd(b, "F32", ATT ".to_q.weight", 2, (uint64_t)8, (uint64_t)8);
+    tadd(b, "F32", ATT ".to_k.weight", 2, (uint64_t)8, (uint64_t)8);
+    tadd(b, "F32", ATT ".to_out.0.weight", 2, (uint64_t)8, (uint64_t)8);
+    tadd(b, "F32", ATT ".to_out.0.bias", 1, (uint64_t)8);
+}
+
+/* three spellings of the same two modules; scale from .alpha keys or metadata, else 1 */
+Test(formats, diffusers_spellings_and_alphas)
+{
+    for (int style = 0; style < 4; style++) {
+        char *dir = th_tmpdir(), *ap = pjoin(dir, "pytorch_lora_weights.safetensors"), *out = pjoin(dir, "out.safetensors");
+        tset base = {0}, ad = {0};
+        attn_base(&base);
+        write_base(dir, &base, NULL);
+        const char *down[2], *up[2];
+        char kd[2][300], ku[2][300];
+        const char *mods[2] = {"to_q", "to_out"};
+        const char *targets[2] = {ATT ".to_q", ATT ".to_out.0"};
+        double s[2] = {1.0, 1.0};
+        for (int m = 0; m < 2; m++) {
+            if (style == 0) { /* attention processors, no prefix */
+                snprintf(kd[m], 300, ATT ".processor.%s_lora.down.weight", mods[m]);
+                snprintf(ku[m], 300, ATT ".processor.%s_lora.up.weight", mods[m]);
+            } else if (style == 1) { /* unet. prefix, .lora.down, .alpha keys */
+                snprintf(kd[m], 300, "unet.%s.lora.down.weight", targets[m]);
+                snprintf(ku[m], 300, "unet.%s.lora.up.weight", targets[m]);
+            } else { /* PEFT keys under transformer. (2: metadata alphas; 3: none) */
+                snprintf(kd[m], 300, "transformer.%s.lora_A.weight", targets[m]);
+                snprintf(ku[m], 300, "transformer.%s.lora_B.weight", targets[m]);
+            }
+            down[m] = kd[m];
+            up[m] = ku[m];
+        }
+        tt *A[2], *B[2];
+        for (int m = 0; m < 2; m++) {
+            A[m] = tadd(&ad, "BF16", down[m], 2, (uint64_t)2, (uint64_t)8);
+            B[m] = tadd(&ad, "BF16", up[m], 2, (uint64_t)8, (uint64_t)2);
+        }
+        if (style == 1) {
+            char k[300];
+            snprintf(k, sizeof k, "unet.%s.alpha", targets[0]);
+            tscalar(&ad, "F32", k, 3.0);
+            s[0] = 1.5;
+        }
+        if (style == 2) {
+            const char *mk[1] = {"lora_adapter_metadata"};
+            const char *mv[1] = {"{\"transformer.r\": 2, \"transformer.lora_alpha\": 5, \"transformer.alpha_pattern\": "
+                                 "{\"to_out.0\": 1}}"};
+            twrite_meta(ap, &ad, mk, mv, 1);
+            s[0] = 2.5;
+            s[1] = 0.5;
+        } else {
+            twrite(ap, &ad);
+        }
+        mres r = merge(dir, ap, out, NULL);
+        expect_ok(r);
+        refs R;
+        refs_from(&R, &base);
+        for (int m = 0; m < 2; m++) {
+            char k[300];
+            snprintf(k, sizeof k, "%s.weight", targets[m]);
+            ref_lowrank(rw(&R, k), B[m]->v, A[m]->v, 8, 2, 8, s[m]);
+        }
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+        free(ap);
+        free(out);
+    }
+}
+
+/* ============================================================================================ */
+/* loralib, LoRA-SAM                                                                             */
+/* ============================================================================================ */
+Test(formats, loralib_linear_embedding_and_bias)
+{
+    char *dir = th_tmpdir(), *ap = pjoin(dir, "lora_weights.pt"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0}, ad = {0};
+    tadd(&base, "F32", "bert.embeddings.word_embeddings.weight", 2, (uint64_t)10, (uint64_t)6);
+    tadd(&base, "F32", "bert.encoder.layer.0.attention.self.query.weight", 2, (uint64_t)6, (uint64_t)6);
+    tadd(&base, "F32", "bert.encoder.layer.0.attention.self.query.bias", 1, (uint64_t)6);
+    write_base(dir, &base, NULL);
+    /* loralib.Embedding: lora_A [r, vocab], lora_B [dim, r], dW = (B @ A)^T * alpha / r */
+    tt *ea = tadd(&ad, "F32", "bert.embeddings.word_embeddings.lora_A", 2, (uint64_t)2, (uint64_t)10);
+    tt *eb = tadd(&ad, "F32", "bert.embeddings.word_embeddings.lora_B", 2, (uint64_t)6, (uint64_t)2);
+    tt *qa = tadd(&ad, "F32", "bert.encoder.layer.0.attention.self.query.lora_A", 2, (uint64_t)2, (uint64_t)6);
+    tt *qb = tadd(&ad, "F32", "bert.encoder.layer.0.attention.self.query.lora_B", 2, (uint64_t)6, (uint64_t)2);
+    tt *bias = tadd(&ad, "F32", "bert.encoder.layer.0.attention.self.query.bias", 1, (uint64_t)6);
+    tsave_torch(ap, &ad, 0);
+    mres r = merge(dir, ap, out, NULL);
+    expect_refused(r, "MissingAlpha", "--lora-alpha");
+    mres_free(&r);
+    lm_format_opts fo = {0};
+    fo.lora_alpha = 3;
+    r = merge(dir, ap, out, &fo);
+    expect_ok(r);
+    refs R;
+    refs_from(&R, &base);
+    double *we = rw(&R, "bert.embeddings.word_embeddings.weight");
+    for (int v = 0; v < 10; v++)
+        for (int d = 0; d < 6; d++)
+            we[v * 6 + d] += 1.5 * (eb->v[d * 2] * ea->v[v] + eb->v[d * 2 + 1] * ea->v[10 + v]);
+    ref_lowrank(rw(&R, "bert.encoder.layer.0.attention.self.query.weight"), qb->v, qa->v, 6, 2, 6, 1.5);
+    memcpy(rw(&R, "bert.encoder.layer.0.attention.self.query.bias"), bias->v, 6 * sizeof(double));
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(ap);
+    free(out);
+}
+
+/* pair 2k is block k's q (rows [0, d)), 2k + 1 its v (rows [2d, 3d)) of the fused qkv */
+Test(formats, lora_sam_fused_qkv)
+{
+    char *dir = th_tmpdir(), *ap = pjoin(dir, "lora.safetensors"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0}, ad = {0};
+    tadd(&base, "F32", "image_encoder.blocks.0.attn.qkv.weight", 2, (uint64_t)12, (uint64_t)4);
+    tadd(&base, "F32", "image_encoder.blocks.0.attn.qkv.bias", 1, (uint64_t)12);
+    tadd(&base, "F32", "image_encoder.blocks.1.attn.qkv.weight", 2, (uint64_t)12, (uint64_t)4);
+    write_base(dir, &base, NULL);
+    tt *a[4], *b[4];
+    char k[32];
+    for (int i = 0; i < 4; i++) {
+        snprintf(k, sizeof k, "w_a_%03d", i);
+        a[i] = tadd(&ad, "F32", k, 2, (uint64_t)2, (uint64_t)4);
+    }
+    for (int i = 0; i < 4; i++) {
+        snprintf(k, sizeof k, "w_b_%03d", i);
+        b[i] = tadd(&ad, "F32", k, 2, (uint64_t)4, (uint64_t)2);
+    }
+    twrite(ap, &ad);
+    mres r = merge(dir, ap, out, NULL);
+    expect_ok(r);
+    refs R;
+    refs_from(&R, &base);
+    for (int blk = 0; blk < 2; blk++) {
+        snprintf(k, sizeof k, "x");
+        double *w = rw(&R, blk ? "image_encoder.blocks.1.attn.qkv.weight" : "image_encoder.blocks.0.attn.qkv.weight");
+        ref_lowrank(w, b[2 * blk]->v, a[2 * blk]->v, 4, 2, 4, 1.0);
+        ref_lowrank(w + 8 * 4, b[2 * blk + 1]->v, a[2 * blk + 1]->v, 4, 2, 4, 1.0);
+    }
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    /* an odd pair count cannot be q and v of every block */
+    tset half = {0};
+    tadd(&half, "F32", "w_a_000", 2, (uint64_t)2, (uint64_t)4);
+    tadd(&half, "F32", "w_b_000", 2, (uint64_t)4, (uint64_t)2);
+    twrite(ap, &half);
+    r = merge(dir, ap, out, NULL);
+    expect_refused(r, "IncompleteModule", "even");
+    mres_free(&r);
+    tfree(&half);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(ap);
+    free(out);
+}
+
+/* ============================================================================================ */
+/* lora_diffusion and unnamed pairs                                                              */
+/* ============================================================================================ */
+/* a tiny diffusers UNet: down_blocks.0 (dim 4), up_blocks.1 (dim 8), mid_block (dim 6); context
+ * ctx; GEGLU proj of `geglu` rows (0: none) */
+static void tiny_unet(tset *b, uint64_t ctx, uint64_t geglu_rows)
+{
+    const char *blocks[3] = {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "mid_block.attentions.0"};
+    uint64_t dims[3] = {4, 8, 6};
+    char k[300];
+    for (int i = 0; i < 3; i++) {
+        uint64_t d = dims[i];
+        const char *attn[2] = {"attn1", "attn2"};
+        for (int a = 0; a < 2; a++) {
+            const char *proj[4] = {"to_q", "to_k", "to_v", "to_out.0"};
+            for (int p = 0; p < 4; p++) {
+                snprintf(k, sizeof k, "%s.transformer_blocks.0.%s.%s.weight", blocks[i], attn[a], proj[p]);
+                uint64_t in = (a == 1 && (p == 1 || p == 2)) ? ctx : d;
+                tadd(b, "F32", k, 2, d, in);
+            }
+        }
+        snprintf(k, sizeof k, "%s.transformer_blocks.0.ff.net.0.proj.weight", blocks[i]);
+        tadd(b, "F32", k, 2, geglu_rows ? geglu_rows : 4 * d, d);
+        snprintf(k, sizeof k, "%s.proj_in.weight", blocks[i]);
+        tadd(b, "F32", k, 4, d, d, (uint64_t)1, (uint64_t)1);
+    }
+}
+
+/* the modules in lora_diffusion's order, written out: down, up, then mid (UNet2DConditionModel
+ * registers mid_block last); per block attn1, ff, attn2 (diffusers <= 0.14); q, k, v, out */
+static size_t tiny_unet_order(char mods[][300], int geglu)
+{
+    const char *blocks[3] = {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "mid_block.attentions.0"};
+    size_t n = 0;
+    for (int i = 0; i < 3; i++) {
+        const char *seq[3] = {"attn1", "ff", "attn2"};
+        for (int s = 0; s < 3; s++) {
+            if (s == 1) {
+                if (geglu)
+                    snprintf(mods[n++], 300, "%s.transformer_blocks.0.ff.net.0.proj", blocks[i]);
+                continue;
+            }
+            const char *proj[4] = {"to_q", "to_k", "to_v", "to_out.0"};
+            for (int p = 0; p < 4; p++)
+                snprintf(mods[n++], 300, "%s.transformer_blocks.0.%s.%s", blocks[i], seq[s], proj[p]);
+        }
+    }
+    return n;
+}
+
+static tt *tfind_base(tset *b, const char *module)
+{
+    char k[320];
+    snprintf(k, sizeof k, "%s.weight", module);
+    return tfind(b, k);
+}
+
+/* pairs [up_k, down_k] for the modules, into a list/dict set; the reference deltas */
+static void unnamed_pairs(tset *ad, tset *base, char mods[][300], size_t n, refs *R, int dict)
+{
+    char k[64];
+    for (size_t i = 0; i < n; i++) {
+        tt *w = tfind_base(base, mods[i]);
+        snprintf(k, sizeof k, dict ? "unet:%zu:up" : "%zu", dict ? i : 2 * i);
+        tt *u = tadd(ad, "F32", k, 2, w->shape[0], (uint64_t)1);
+        snprintf(k, sizeof k, dict ? "unet:%zu:down" : "%zu", dict ? i : 2 * i + 1);
+        tt *d = tadd(ad, "F32", k, 2, (uint64_t)1, w->shape[1]);
+        ref_lowrank(rw(R, w->name), u->v, d->v, w->shape[0], 1, w->shape[1], 1.0);
+    }
+}
+
+Test(formats, lora_diffusion_list_and_safetensors)
+{
+    for (int form = 0; form < 2; form++) {
+        char *dir = th_tmpdir(), *out = pjoin(dir, "out.safetensors");
+        tset base = {0}, ad = {0};
+        tiny_unet(&base, 5, 0);
+        write_base(dir, &base, "{\"_class_name\": \"UNet2DConditionModel\"}");
+        char mods[64][300];
+        size_t n = tiny_unet_order(mods, 1);
+        refs R;
+        refs_from(&R, &base);
+        unnamed_pairs(&ad, &base, mods, n, &R, form);
+        char *ap;
+        if (form == 0) {
+            ap = pjoin(dir, "lora.pt");
+            tsave_torch(ap, &ad, 1);
+        } else {
+            ap = pjoin(dir, "lora.safetensors");
+            tadd(&ad, "F32", "<s1>", 1, (uint64_t)4);
+            const char *mk[3] = {"unet", "<s1>", "text_encoder"};
+            const char *mv[3] = {"[\"GEGLU\", \"CrossAttention\", \"Attention\"]", "<embed>", "[\"CLIPAttention\"]"};
+            tadd(&ad, "F32", "text_encoder:0:up", 2, (uint64_t)4, (uint64_t)1);
+            tadd(&ad, "F32", "text_encoder:0:down", 2, (uint64_t)1, (uint64_t)4);
+            twrite_meta(ap, &ad, mk, mv, 3);
+        }
+        mres r = merge(dir, ap, out, NULL);
+        expect_ok(r);
+        cr_assert(has_note(&r, "attn1, ff, attn2"), "the order used should be noted");
+        if (form == 1) {
+            cr_assert(has_note(&r, "group 'text_encoder' skipped"), "the text encoder group is another component");
+            cr_assert(has_note(&r, "token embeddings"), "the <embed> tensors are not merged, and it is said");
+        }
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        free(ap);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+        free(out);
+    }
+}
+
+/* when the attention and GEGLU projections have one shape, the two diffusers orders both fit:
+ * refused, naming the pair that differs and what to pass */
+Test(formats, unnamed_order_ambiguous_or_short)
+{
+    char *dir = th_tmpdir(), *out = pjoin(dir, "out.safetensors"), *ap = pjoin(dir, "lora.pt");
+    tset base = {0}, ad = {0};
+    tiny_unet(&base, 0, 0);
+    /* make everything square: context = dim, GEGLU rows = dim */
+    tfree(&base);
+    const char *blocks[1] = {"down_blocks.0.attentions.0"};
+    char k[300];
+    const char *seq[2] = {"attn1", "attn2"}, *proj[4] = {"to_q", "to_k", "to_v", "to_out.0"};
+    for (int a = 0; a < 2; a++)
+        for (int p = 0; p < 4; p++) {
+            snprintf(k, sizeof k, "%s.transformer_blocks.0.%s.%s.weight", blocks[0], seq[a], proj[p]);
+            tadd(&base, "F32", k, 2, (uint64_t)4, (uint64_t)4);
+        }
+    snprintf(k, sizeof k, "%s.transformer_blocks.0.ff.net.0.proj.weight", blocks[0]);
+    tadd(&base, "F32", k, 2, (uint64_t)4, (uint64_t)4);
+    write_base(dir, &base, "{\"_class_name\": \"UNet2DConditionModel\"}");
+    for (int i = 0; i < 18; i++) {
+        snprintf(k, sizeof k, "%d", i);
+        tadd(&ad, "F32", k, 2, (uint64_t)(i % 2 ? 1 : 4), (uint64_t)(i % 2 ? 4 : 1));
+    }
+    tsave_torch(ap, &ad, 1);
+    mres r = merge(dir, ap, out, NULL);
+    expect_refused(r, "AmbiguousOrder", "--target-modules");
+    cr_assert(strstr(r.line, "ff.net.0.proj") != NULL, "the differing module is named: %s", r.line);
+    mres_free(&r);
+    /* --target-modules settles it (leaf names: per layer, in the order given) */
+    lm_format_opts fo = {0};
+    fo.target_modules = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_k,attn2.to_v,"
+                        "attn2.to_out.0,ff.net.0.proj";
+    r = merge(dir, ap, out, &fo);
+    expect_ok(r);
+    refs R;
+    refs_from(&R, &base);
+    const char *order[9] = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                            "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj"};
+    for (int i = 0; i < 9; i++) {
+        snprintf(k, sizeof k, "%s.transformer_blocks.0.%s.weight", blocks[0], order[i]);
+        ref_lowrank(rw(&R, k), ad.t[2 * i].v, ad.t[2 * i + 1].v, 4, 1, 4, 1.0);
+    }
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    unlink(out);
+    /* too few pairs for every order (8 would be the attention-only order) */
+    tset shorter = {0};
+    for (int i = 0; i < 14; i++) {
+        snprintf(k, sizeof k, "%d", i);
+        tadd(&shorter, "F32", k, 2, (uint64_t)(i % 2 ? 1 : 4), (uint64_t)(i % 2 ? 4 : 1));
+    }
+    tsave_torch(ap, &shorter, 1);
+    r = merge(dir, ap, out, NULL);
+    expect_refused(r, "OrderMismatch", "7 (up, down) pairs");
+    mres_free(&r);
+    /* no config.json: nothing says the order */
+    char *cfg = pjoin(dir, "config.json");
+    unlink(cfg);
+    free(cfg);
+    r = merge(dir, ap, out, NULL);
+    expect_refused(r, "UnknownOrder", "--target-modules");
+    mres_free(&r);
+    cr_assert(!th_exists(out));
+    tfree(&shorter);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(out);
+    free(ap);
+}
+
+/* transformers' CLIPAttention registers k_proj, v_proj, q_proj, out_proj */
+Test(formats, lora_diffusion_clip_text_encoder_order)
+{
+    char *dir = th_tmpdir(), *out = pjoin(dir, "out.safetensors"), *ap = pjoin(dir, "lora.text_encoder.pt");
+    tset base = {0}, ad = {0};
+    char mods[8][300], k[300];
+    size_t n = 0;
+    for (int l = 0; l < 2; l++) {
+        const char *order[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+        for (int p = 0; p < 4; p++) {
+            snprintf(mods[n], 300, "text_model.encoder.layers.%d.self_attn.%s", l, order[p]);
+            n++;
+        }
+        const char *reg[4] = {"q_proj", "k_proj", "v_proj", "out_proj"}; /* base file order differs on purpose */
+        for (int p = 0; p < 4; p++) {
+            snprintf(k, sizeof k, "text_model.encoder.layers.%d.self_attn.%s.weight", l, reg[p]);
+            tadd(&base, "F32", k, 2, (uint64_t)4, (uint64_t)4);
+        }
+    }
+    write_base(dir, &base, "{\"architectures\": [\"CLIPTextModel\"]}");
+    refs R;
+    refs_from(&R, &base);
+    unnamed_pairs(&ad, &base, mods, n, &R, 0);
+    tsave_torch(ap, &ad, 1);
+    mres r = merge(dir, ap, out, NULL);
+    expect_ok(r);
+    check_output(out, &R);
+    refs_free(&R);
+    mres_free(&r);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(out);
+    free(ap);
 }

@@ -409,8 +409,19 @@ uint64_t th_encode(double x, const char *dtype)
 
 int th_st_write(const char *path, const th_out_tensor *t, size_t n)
 {
+    return th_st_write_meta(path, t, n, NULL, NULL, 0);
+}
+
+int th_st_write_meta(const char *path, const th_out_tensor *t, size_t n, const char *const *meta_keys,
+                     const char *const *meta_values, size_t n_meta)
+{
     cJSON *root = cJSON_CreateObject();
     uint64_t off = 0;
+    if (n_meta > 0) {
+        cJSON *md = cJSON_AddObjectToObject(root, "__metadata__");
+        for (size_t i = 0; i < n_meta; i++)
+            cJSON_AddStringToObject(md, meta_keys[i], meta_values[i]);
+    }
     for (size_t i = 0; i < n; i++) {
         cJSON *e = cJSON_CreateObject();
         cJSON_AddStringToObject(e, "dtype", t[i].dtype);

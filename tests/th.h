@@ -82,6 +82,9 @@ typedef struct {
     const double *values;
 } th_out_tensor;
 int th_st_write(const char *path, const th_out_tensor *t, size_t n);
+/* the same with a __metadata__ object (string values) */
+int th_st_write_meta(const char *path, const th_out_tensor *t, size_t n, const char *const *meta_keys,
+                     const char *const *meta_values, size_t n_meta);
 
 /* writing a torch.save() zip (pickle protocol 2, storages stored uncompressed, as torch >= 1.6
  * writes them) of F32 / F16 / BF16 tensors: root 0 a dict (names), 1 a list (names unused), 2 one

@@ -174,14 +174,17 @@ static int pair_fits(const lm_tensor_info *W, const lm_ts_tensor *up, const lm_t
 typedef struct {
     const char *mod;
     size_t entry;
-    size_t layer_len; /* path up to its last numeric component */
+    size_t layer_len; /* the path before the entry, up to its last numeric component */
 } tm_item;
 
-static size_t layer_prefix_len(const char *m)
+/* the path up to its last numeric component, looking at the first `len` characters only */
+static size_t layer_prefix_len(const char *m, size_t len)
 {
     size_t last = 0, i = 0;
-    while (m[i]) {
+    while (i < len && m[i]) {
         size_t n = strcspn(m + i, ".");
+        if (i + n > len)
+            n = len - i;
         if (is_num(m + i, n))
             last = i + n;
         i += n + (m[i + n] == '.');
@@ -277,7 +280,7 @@ static lm_code user_order(fm_ctx *c, order *o, char ***owned, size_t *n_owned, l
             }
             items[n_i].mod = m;
             items[n_i].entry = e;
-            items[n_i].layer_len = layer_prefix_len(m);
+            items[n_i].layer_len = layer_prefix_len(m, nm > ne ? nm - ne - 1 : 0); /* before the entry's part */
             n_i++;
             found++;
         }
@@ -386,14 +389,14 @@ lm_code fm_map_unnamed(fm_ctx *c, const lm_ts_tensor *const *up, const lm_ts_ten
         int plain = classes == NULL || !has_class(classes, n_classes, "GEGLU");
         if (arch == 1) {
             if (plain && (rc = make_order(c->base, unet_attn, NULL, UNET_OLD, LM_ARRAY_LEN(UNET_OLD),
-                                          "UNet attention linears", &cand[n_cand++], err)) != LM_OK)
+                                          "UNet attention", &cand[n_cand++], err)) != LM_OK)
                 goto done;
             if (geglu && (rc = make_order(c->base, unet_attn, unet_geglu, UNET_OLD, LM_ARRAY_LEN(UNET_OLD),
-                                          "UNet attention + GEGLU linears (diffusers <= 0.14 order: attn1, ff, attn2)",
+                                          "UNet attention + GEGLU in the order attn1, ff, attn2 (diffusers <= 0.14)",
                                           &cand[n_cand++], err)) != LM_OK)
                 goto done;
             if (geglu && (rc = make_order(c->base, unet_attn, unet_geglu, UNET_NEW, LM_ARRAY_LEN(UNET_NEW),
-                                          "UNet attention + GEGLU linears (later diffusers order: attn1, attn2, ff)",
+                                          "UNet attention + GEGLU in the order attn1, attn2, ff",
                                           &cand[n_cand++], err)) != LM_OK)
                 goto done;
         } else if (arch == 2) {
@@ -415,9 +418,8 @@ lm_code fm_map_unnamed(fm_ctx *c, const lm_ts_tensor *const *up, const lm_ts_ten
         if ((fit[i] = order_fits(c->base, &cand[i], up, down, n, why[i], sizeof why[i])) != 0 && n_fit++ == 0)
             first = i;
     if (n_fit == 0) {
-        rc = lm_fail(err, LM_E_MISMATCH, "OrderMismatch", "%s: no module order fits the %zu (up, down) pairs (%s%s%s); "
-                     "pass --target-modules with the modules in pair order", what, n, why[0],
-                     n_cand > 1 ? "; " : "", n_cand > 1 ? why[1] : "");
+        rc = lm_fail(err, LM_E_MISMATCH, "OrderMismatch", "no module order fits the %zu (up, down) pairs of the %s (pass "
+                     "--target-modules with the modules in pair order): %s", n, what, why[0]);
         goto done;
     }
     for (size_t i = first + 1; i < n_cand; i++)
@@ -425,9 +427,9 @@ lm_code fm_map_unnamed(fm_ctx *c, const lm_ts_tensor *const *up, const lm_ts_ten
             size_t k = 0;
             while (k < n && strcmp(cand[first].mods[k], cand[i].mods[k]) == 0)
                 k++;
-            rc = lm_fail(err, LM_E_MISMATCH, "AmbiguousOrder", "%s: two module orders fit every pair's shapes (%s; %s): "
-                         "pair %zu would be '%s' or '%s'; pass --target-modules with the modules in pair order", what,
-                         cand[first].label, cand[i].label, k, cand[first].mods[k], cand[i].mods[k]);
+            rc = lm_fail(err, LM_E_MISMATCH, "AmbiguousOrder", "two module orders fit every pair's shapes (pass "
+                         "--target-modules with the modules in pair order): pair %zu is '%s' in one, '%s' in the other",
+                         k, cand[first].mods[k], cand[i].mods[k]);
             goto done;
         }
     for (size_t k = 0; k < n && rc == LM_OK; k++) {
