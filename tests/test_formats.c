@@ -1470,3 +1470,451 @@ Test(formats, lora_diffusion_clip_text_encoder_order)
     free(out);
     free(ap);
 }
+
+/* ============================================================================================ */
+/* folders of raw up / down files                                                                */
+/* ============================================================================================ */
+/* 11 layers (so "10" sorts after "2") of q_proj [3, 4] and v_proj [2, 4] */
+static void layers_base(tset *b)
+{
+    char k[200];
+    for (int l = 0; l < 11; l++) {
+        snprintf(k, sizeof k, "model.layers.%d.self_attn.q_proj.weight", l);
+        tadd(b, "F32", k, 2, (uint64_t)3, (uint64_t)4);
+        snprintf(k, sizeof k, "model.layers.%d.self_attn.v_proj.weight", l);
+        tadd(b, "F32", k, 2, (uint64_t)2, (uint64_t)4);
+    }
+}
+
+/* form 0: bare tensors + one full path; 1: lists + leaf names; 2: named dicts (.bin); 3: named
+ * safetensors; 4: dicts keyed 0, 1, ... (.pt) + leaf names */
+static void raw_case(int form)
+{
+    char *dir = th_tmpdir(), *rd = pjoin(dir, "raw"), *out = pjoin(dir, "out.safetensors");
+    mkdir(rd, 0777);
+    tset base = {0}, up = {0}, down = {0};
+    layers_base(&base);
+    write_base(dir, &base, NULL);
+    refs R;
+    refs_from(&R, &base);
+    char k[200];
+    lm_format_opts fo = {0};
+    int n_layers = form == 0 ? 1 : 11;
+    for (int l = 0; l < n_layers; l++)
+        for (int p = 0; p < (form == 0 ? 1 : 2); p++) {
+            const char *proj = p ? "v_proj" : "q_proj";
+            uint64_t out_rows = p ? 2 : 3;
+            if (form == 2 || form == 3)
+                snprintf(k, sizeof k, "model.layers.%d.self_attn.%s%s", l, proj, form == 2 ? ".weight" : "");
+            else
+                snprintf(k, sizeof k, "%zu", up.n);
+            tt *u = tadd(&up, "F32", k, 2, out_rows, (uint64_t)2);
+            tt *d = tadd(&down, "F32", k, 2, (uint64_t)2, (uint64_t)4);
+            snprintf(k, sizeof k, "model.layers.%d.self_attn.%s.weight", l, proj);
+            ref_lowrank(rw(&R, k), u->v, d->v, out_rows, 2, 4, form == 3 ? 0.75 : 1.0);
+        }
+    char *pu, *pd;
+    if (form == 0) {
+        pu = pjoin(rd, "up-param.bin");
+        pd = pjoin(rd, "down-param.bin");
+        tsave_torch(pu, &up, 2);
+        tsave_torch(pd, &down, 2);
+        fo.target_modules = "model.layers.0.self_attn.q_proj";
+    } else if (form == 1 || form == 4) {
+        pu = pjoin(rd, form == 1 ? "lora_up.pt" : "up.pt");
+        pd = pjoin(rd, form == 1 ? "lora_down.pt" : "down.pt");
+        tsave_torch(pu, &up, form == 1 ? 1 : 0);
+        tsave_torch(pd, &down, form == 1 ? 1 : 0);
+        fo.target_modules = "q_proj, v_proj";
+    } else if (form == 2) {
+        pu = pjoin(rd, "up.bin");
+        pd = pjoin(rd, "down.bin");
+        tsave_torch(pu, &up, 0);
+        tsave_torch(pd, &down, 0);
+    } else {
+        pu = pjoin(rd, "up.safetensors");
+        pd = pjoin(rd, "down.safetensors");
+        twrite(pu, &up);
+        twrite(pd, &down);
+        fo.lora_scale = 0.75;
+    }
+    mres r = merge(dir, rd, out, &fo);
+    expect_ok(r);
+    check_output(out, &R);
+    mres_free(&r);
+    refs_free(&R);
+    if (form == 1) { /* the order is needed: no config.json, no --target-modules */
+        unlink(out);
+        r = merge(dir, rd, out, NULL);
+        expect_refused(r, "UnknownOrder", "--target-modules");
+        mres_free(&r);
+        fo.target_modules = "q_proj"; /* 11 modules for 22 pairs */
+        r = merge(dir, rd, out, &fo);
+        expect_refused(r, "OrderMismatch", "11 modules for 22 pairs");
+        mres_free(&r);
+        fo.target_modules = "q_proj,o_proj";
+        r = merge(dir, rd, out, &fo);
+        expect_refused(r, "NoMatchingTensor", "o_proj");
+        mres_free(&r);
+        /* a second up file */
+        char *extra = pjoin(rd, "up.safetensors");
+        twrite(extra, &up);
+        r = merge(dir, rd, out, &fo);
+        expect_refused(r, "AmbiguousAdapter", "two up files");
+        mres_free(&r);
+        unlink(extra);
+        free(extra);
+        /* a truncated down file is refused naming it */
+        size_t n;
+        uint8_t *b = th_read_file(pd, &n);
+        cr_assert(th_write_file(pd, b, n / 2) == 0);
+        free(b);
+        fo.target_modules = "q_proj,v_proj";
+        r = merge(dir, rd, out, &fo);
+        cr_assert_neq(r.rc, LM_OK);
+        cr_assert(strstr(r.line, "lora_down.pt") != NULL, "the file is named: %s", r.line);
+        mres_free(&r);
+        cr_assert(!th_exists(out), "nothing written after a refusal");
+    }
+    free(pu);
+    free(pd);
+    tfree(&base);
+    tfree(&up);
+    tfree(&down);
+    th_rmrf(dir);
+    free(dir);
+    free(rd);
+    free(out);
+}
+
+Test(formats, raw_up_down_tensors) { raw_case(0); }
+Test(formats, raw_up_down_lists_and_errors) { raw_case(1); }
+Test(formats, raw_up_down_named_bin) { raw_case(2); }
+Test(formats, raw_up_down_named_safetensors) { raw_case(3); }
+Test(formats, raw_up_down_numbered_dicts) { raw_case(4); }
+
+/* ============================================================================================ */
+/* key drift (transformers >= 4.52 VLM layout), both directions                                   */
+/* ============================================================================================ */
+static void peft_dir(const char *dir, const char *module, tt **A, tt **B, tset *ad)
+{
+    mkdir(dir, 0777);
+    char k[300];
+    snprintf(k, sizeof k, "base_model.model.%s.lora_A.weight", module);
+    *A = tadd(ad, "F32", k, 2, (uint64_t)2, (uint64_t)4);
+    snprintf(k, sizeof k, "base_model.model.%s.lora_B.weight", module);
+    *B = tadd(ad, "F32", k, 2, (uint64_t)4, (uint64_t)2);
+    char *p = pjoin(dir, "adapter_model.safetensors");
+    twrite(p, ad);
+    free(p);
+    p = pjoin(dir, "adapter_config.json");
+    write_text(p, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": [\"q_proj\"]}");
+    free(p);
+}
+
+Test(formats, key_drift_both_directions)
+{
+    /* adapter (old) -> base (new), base (new) -> adapter (old); a vision tower with the same
+     * leaf names makes the generic prefix search ambiguous, the rename table is not */
+    const char *cases[2][2] = {{"model.layers.0.self_attn.q_proj", "model.language_model.layers.0.self_attn.q_proj"},
+                               {"model.language_model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj"}};
+    for (int c = 0; c < 2; c++) {
+        char *dir = th_tmpdir(), *ad_dir = pjoin(dir, "adapter"), *out = pjoin(dir, "out.safetensors");
+        tset base = {0}, ad = {0};
+        char k[300];
+        snprintf(k, sizeof k, "%s.weight", cases[c][1]);
+        tadd(&base, "F32", k, 2, (uint64_t)4, (uint64_t)4);
+        tadd(&base, "F32", "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight", 2, (uint64_t)4, (uint64_t)4);
+        write_base(dir, &base, NULL);
+        tt *A, *B;
+        peft_dir(ad_dir, cases[c][0], &A, &B, &ad);
+        mres r = merge(dir, ad_dir, out, NULL);
+        expect_ok(r);
+        cr_assert(has_note(&r, "key drift"), "the rename is noted");
+        refs R;
+        refs_from(&R, &base);
+        ref_lowrank(rw(&R, k), B->v, A->v, 4, 2, 4, 2.0);
+        check_output(out, &R);
+        refs_free(&R);
+        mres_free(&r);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+        free(ad_dir);
+        free(out);
+    }
+    /* two renames fit: refused, naming both */
+    char *dir = th_tmpdir(), *ad_dir = pjoin(dir, "adapter"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0}, ad = {0};
+    tadd(&base, "F32", "language_model.model.layers.0.self_attn.q_proj.weight", 2, (uint64_t)4, (uint64_t)4);
+    tadd(&base, "F32", "model.layers.0.self_attn.q_proj.weight", 2, (uint64_t)4, (uint64_t)4);
+    write_base(dir, &base, NULL);
+    tt *A, *B;
+    peft_dir(ad_dir, "model.language_model.layers.0.self_attn.q_proj", &A, &B, &ad);
+    mres r = merge(dir, ad_dir, out, NULL);
+    expect_refused(r, "AmbiguousModule", "language_model.model.layers.0.self_attn.q_proj");
+    cr_assert(strstr(r.line, "'model.layers.0.self_attn.q_proj'"), "%s", r.line);
+    mres_free(&r);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+    free(ad_dir);
+    free(out);
+}
+
+/* ============================================================================================ */
+/* convert                                                                                        */
+/* ============================================================================================ */
+/* merging the converted directory gives the same bytes as merging the input; converting the
+ * converted directory again changes nothing */
+static void round_trip(const char *base, const char *input, const lm_format_opts *fo, const char *work)
+{
+    char *c1 = pjoin(work, "converted"), *c2 = pjoin(work, "converted2");
+    char *o1 = pjoin(work, "merged_input.safetensors"), *o2 = pjoin(work, "merged_converted.safetensors");
+    lm_err err;
+    char *notes = NULL;
+    cr_assert_eq(convert(input, c1, base, fo, &err, &notes), LM_OK, "convert %s: %s", input, err.msg);
+    free(notes);
+    mres a = merge(base, input, o1, fo), b = merge(base, c1, o2, NULL);
+    expect_ok(a);
+    expect_ok(b);
+    cr_assert(th_files_equal(o1, o2), "merging %s and its conversion gave different bytes", input);
+    cr_assert_eq(convert(c1, c2, base, NULL, &err, NULL), LM_OK, "convert again: %s", err.msg);
+    char *f1 = pjoin(c1, "adapter_model.safetensors"), *f2 = pjoin(c2, "adapter_model.safetensors");
+    char *g1 = pjoin(c1, "adapter_config.json"), *g2 = pjoin(c2, "adapter_config.json");
+    cr_assert(th_files_equal(f1, f2) && th_files_equal(g1, g2), "a converted adapter converts to itself");
+    mres_free(&a);
+    mres_free(&b);
+    free(f1);
+    free(f2);
+    free(g1);
+    free(g2);
+    free(c1);
+    free(c2);
+    free(o1);
+    free(o2);
+}
+
+Test(formats, convert_round_trips)
+{
+    char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors");
+    tset base = {0}, ad = {0};
+    unet_base(&base, "BF16");
+    tadd(&base, "BF16", "text_model.encoder.layers.0.self_attn.q_proj.weight", 2, (uint64_t)8, (uint64_t)8);
+    write_base(dir, &base, NULL);
+    /* kohya with mixed ranks and alphas: rank_pattern / alpha_pattern with the exact doubles */
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight", 2,
+         (uint64_t)4, (uint64_t)8);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight", 2,
+         (uint64_t)8, (uint64_t)4);
+    tscalar(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha", 0.1);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", 4, (uint64_t)3, (uint64_t)8,
+         (uint64_t)3, (uint64_t)3);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight", 4, (uint64_t)6, (uint64_t)3,
+         (uint64_t)1, (uint64_t)1);
+    tscalar(&ad, "BF16", "lora_unet_down_blocks_0_resnets_0_conv1.alpha", 1.0 / 3.0);
+    tadd(&ad, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", 2, (uint64_t)4,
+         (uint64_t)8);
+    tadd(&ad, "F32", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", 2, (uint64_t)8,
+         (uint64_t)4);
+    char *ap = pjoin(dir, "kohya.safetensors");
+    twrite(ap, &ad);
+    round_trip(bp, ap, NULL, dir);
+    /* the config holds the exact doubles PEFT would compute alpha / r from */
+    char *cp = pjoin(dir, "converted/adapter_config.json");
+    cJSON *cfg = read_json(cp);
+    cr_assert_str_eq(cJSON_GetObjectItem(cfg, "peft_type")->valuestring, "LORA");
+    cr_assert(config_scale(cfg, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == (double)0.1f / 4,
+              "the F32 alpha 0.1 over r 4, exactly");
+    cr_assert(config_scale(cfg, "down_blocks.0.resnets.0.conv1") == th_round_to(1.0 / 3.0, "BF16") / 3,
+              "the BF16 alpha over r 3, exactly");
+    cr_assert(config_scale(cfg, "text_model.encoder.layers.0.self_attn.q_proj") == 1.0, "no alpha: scale 1");
+    cJSON_Delete(cfg);
+    free(cp);
+    tfree(&ad);
+    /* mlx-lm (transposes) and a PEFT directory with key drift */
+    char *mdir = pjoin(dir, "mlx");
+    tset lb = {0};
+    llm_base(&lb, "F32");
+    char *ldir = pjoin(dir, "llm");
+    mkdir(ldir, 0777);
+    write_base(ldir, &lb, NULL);
+    char *lbp = pjoin(ldir, "model.safetensors");
+    mlx_dir(mdir, "{\"fine_tune_type\": \"lora\", \"lora_parameters\": {\"rank\": 2, \"scale\": 0.3}}", 1, 0, &ad);
+    char *work = pjoin(dir, "w2");
+    mkdir(work, 0777);
+    round_trip(lbp, mdir, NULL, work);
+    free(ap);
+    free(bp);
+    free(mdir);
+    free(ldir);
+    free(lbp);
+    free(work);
+    tfree(&lb);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}
+
+Test(formats, convert_refusals)
+{
+    char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *out = pjoin(dir, "out");
+    tset base = {0}, ad = {0};
+    unet_base(&base, "F32");
+    write_base(dir, &base, NULL);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 2, (uint64_t)8, (uint64_t)2);
+    char *ap = pjoin(dir, "kohya.safetensors");
+    twrite(ap, &ad);
+    lm_err err;
+    /* kohya names need the base */
+    cr_assert_neq(convert(ap, out, NULL, NULL, &err, NULL), LM_OK);
+    cr_assert_str_eq(err.kind, "NeedsBase", "%s", err.msg);
+    cr_assert(!th_exists(out), "no output directory left behind");
+    /* a PEFT directory cannot be converted onto itself */
+    cr_assert_eq(convert(ap, out, bp, NULL, &err, NULL), LM_OK, "%s", err.msg);
+    cr_assert_neq(convert(out, out, bp, NULL, &err, NULL), LM_OK);
+    cr_assert_str_eq(err.kind, "OutputIsInput", "%s", err.msg);
+    /* the 2-D factors of a 1x1 convolution became [r, in, 1, 1] / [out, r, 1, 1] */
+    char *sp = pjoin(out, "adapter_model.safetensors");
+    th_st st;
+    cr_assert_eq(th_st_read(sp, &st), 0);
+    const th_tensor *A = th_st_find(&st, "base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight");
+    cr_assert(A != NULL && A->n_dims == 4 && A->shape[2] == 1 && A->shape[3] == 1, "A viewed as a 1x1 kernel");
+    th_st_free(&st);
+    free(sp);
+    free(ap);
+    free(bp);
+    free(out);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}
+
+/* ============================================================================================ */
+/* malformed inputs                                                                              */
+/* ============================================================================================ */
+Test(formats, malformed_inputs_refused)
+{
+    char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0};
+    unet_base(&base, "F32");
+    write_base(dir, &base, NULL);
+    char *p = pjoin(dir, "a.gguf");
+    write_text(p, "GGUF\x03\x00\x00\x00 and then some");
+    mres r = merge(bp, p, out, NULL);
+    expect_refused(r, "UnsupportedFormat", "llama.cpp");
+    mres_free(&r);
+    free(p);
+    p = pjoin(dir, "adapters.npz");
+    write_text(p, "PK\x03\x04 numpy");
+    r = merge(bp, p, out, NULL);
+    expect_refused(r, "UnsupportedFormat", "mlx");
+    mres_free(&r);
+    free(p);
+    /* keys nobody writes */
+    tset junk = {0};
+    tadd(&junk, "F32", "something.else", 1, (uint64_t)3);
+    p = pjoin(dir, "junk.safetensors");
+    twrite(p, &junk);
+    r = merge(bp, p, out, NULL);
+    expect_refused(r, "UnknownFormat", "something.else");
+    mres_free(&r);
+    /* a non-finite alpha, a non-finite factor */
+    tset ad = {0};
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 2, (uint64_t)8, (uint64_t)2);
+    tt *al = tscalar(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.alpha", 1);
+    al->v[0] = INFINITY;
+    twrite(p, &ad);
+    r = merge(bp, p, out, NULL);
+    expect_refused(r, "NonFinite", "alpha");
+    mres_free(&r);
+    al->v[0] = 1;
+    ad.t[0].v[3] = NAN;
+    twrite(p, &ad);
+    r = merge(bp, p, out, NULL);
+    expect_refused(r, "NonFinite", "non-finite");
+    mres_free(&r);
+    /* a lone tensor, a truncated torch file, an odd list */
+    tset one = {0};
+    tadd(&one, "F32", "x", 2, (uint64_t)2, (uint64_t)2);
+    char *pt = pjoin(dir, "one.pt");
+    tsave_torch(pt, &one, 2);
+    r = merge(bp, pt, out, NULL);
+    expect_refused(r, "NotAnAdapter", "single tensor");
+    mres_free(&r);
+    tsave_torch(pt, &one, 1);
+    r = merge(bp, pt, out, NULL);
+    expect_refused(r, "InvalidList", "even number");
+    mres_free(&r);
+    size_t n;
+    uint8_t *b = th_read_file(pt, &n);
+    cr_assert(th_write_file(pt, b, n - 30) == 0);
+    free(b);
+    r = merge(bp, pt, out, NULL);
+    cr_assert_neq(r.rc, LM_OK);
+    cr_assert(strstr(r.line, "one.pt"), "%s", r.line);
+    mres_free(&r);
+    cr_assert(!th_exists(out), "no output after refusals");
+    free(pt);
+    free(p);
+    free(bp);
+    free(out);
+    tfree(&base);
+    tfree(&junk);
+    tfree(&ad);
+    tfree(&one);
+    th_rmrf(dir);
+    free(dir);
+}
+
+/* the command line: inspect names the format and the mapping; convert; exit codes */
+Test(formats, cli_inspect_and_convert)
+{
+    char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *out = pjoin(dir, "conv");
+    tset base = {0}, ad = {0};
+    unet_base(&base, "F32");
+    write_base(dir, &base, NULL);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 2, (uint64_t)8, (uint64_t)2);
+    char *ap = pjoin(dir, "kohya.safetensors");
+    twrite(ap, &ad);
+    const char *inspect[] = {th_bin(), "inspect", "--base", bp, ap, NULL};
+    th_run_result r = th_run(NULL, inspect);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.out, "format: kohya-ss LoRA"), "%s", r.out);
+    cr_assert(strstr(r.out, "lora_unet_down_blocks_0_attentions_0_proj_in -> down_blocks.0.attentions.0.proj_in"),
+              "%s", r.out);
+    th_run_free(&r);
+    const char *no_base[] = {th_bin(), "convert", ap, out, NULL};
+    r = th_run(NULL, no_base);
+    cr_assert_eq(r.status, 2, "NeedsBase is a usage error: %s", r.err);
+    cr_assert(strstr(r.err, "--base"), "%s", r.err);
+    th_run_free(&r);
+    const char *conv[] = {th_bin(), "convert", "--base", bp, ap, out, NULL};
+    r = th_run(NULL, conv);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    char *merged = pjoin(dir, "m.safetensors");
+    const char *mergecmd[] = {th_bin(), "-q", bp, out, merged, NULL};
+    r = th_run(NULL, mergecmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    const char *bad[] = {th_bin(), "--base", bp, bp, ap, merged, NULL};
+    r = th_run(NULL, bad);
+    cr_assert_eq(r.status, 2, "--base belongs to inspect and convert");
+    th_run_free(&r);
+    free(merged);
+    free(ap);
+    free(bp);
+    free(out);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}

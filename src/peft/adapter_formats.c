@@ -777,7 +777,10 @@ lm_code fm_load_file(fm_ctx *c, const char *path, lm_tensor_set **out, int *root
         if (rc != LM_OK)
             *out = NULL;
     }
-    lm_err_set_path(err, path);
+    if (rc == LM_OK && err != NULL && err->code == LM_OK)
+        lm_err_clear(err); /* the readers name their file even on success; the next failure names its own */
+    else
+        lm_err_set_path(err, path);
     return rc;
 }
 
