@@ -839,7 +839,7 @@ static void mlx_ref(refs *R, tset *ad, double S, int embedding, int dora)
 {
     const char *mods[2] = {HF_Q, HF_V};
     uint64_t outs[2] = {6, 4};
-    char k[200];
+    char k[512];
     for (int m = 0; m < 2; m++) {
         snprintf(k, sizeof k, "%s.lora_a", mods[m]);
         tt *a = tfind(ad, k);
@@ -983,7 +983,7 @@ static const struct {
 
 static void tune_adapter(tset *ad)
 {
-    char k[200];
+    char k[512];
     for (size_t i = 0; i < 5; i++) {
         snprintf(k, sizeof k, "%s.lora_a.weight", TUNE_MODS[i].tune);
         tadd(ad, "F32", k, 2, (uint64_t)2, (uint64_t)16);
@@ -1001,7 +1001,7 @@ static uint64_t hf_row(uint64_t t)
 
 static void tune_ref(refs *R, tset *ad, double s)
 {
-    char k[200];
+    char k[512];
     for (size_t m = 0; m < 5; m++) {
         snprintf(k, sizeof k, "%s.lora_a.weight", TUNE_MODS[m].tune);
         tt *a = tfind(ad, k);
@@ -1477,7 +1477,7 @@ Test(formats, lora_diffusion_clip_text_encoder_order)
 /* 11 layers (so "10" sorts after "2") of q_proj [3, 4] and v_proj [2, 4] */
 static void layers_base(tset *b)
 {
-    char k[200];
+    char k[512];
     for (int l = 0; l < 11; l++) {
         snprintf(k, sizeof k, "model.layers.%d.self_attn.q_proj.weight", l);
         tadd(b, "F32", k, 2, (uint64_t)3, (uint64_t)4);
@@ -1497,7 +1497,7 @@ static void raw_case(int form)
     write_base(dir, &base, NULL);
     refs R;
     refs_from(&R, &base);
-    char k[200];
+    char k[512];
     lm_format_opts fo = {0};
     int n_layers = form == 0 ? 1 : 11;
     for (int l = 0; l < n_layers; l++)
@@ -1917,4 +1917,678 @@ Test(formats, cli_inspect_and_convert)
     tfree(&ad);
     th_rmrf(dir);
     free(dir);
+}
+
+/* ============================================================================================ */
+/* the real files of ../shared/fixtures/adapters-other                                           */
+/* ============================================================================================ */
+/* Stable Diffusion UNet attention and feed-forward linears (diffusers layout) */
+typedef struct {
+    const char *block;
+    uint64_t dim;
+} sd_block;
+
+static const sd_block SD_DOWN[] = {{"down_blocks.0.attentions.0", 320}, {"down_blocks.0.attentions.1", 320},
+                                   {"down_blocks.1.attentions.0", 640}, {"down_blocks.1.attentions.1", 640},
+                                   {"down_blocks.2.attentions.0", 1280}, {"down_blocks.2.attentions.1", 1280}};
+static const sd_block SD_UP[] = {{"up_blocks.1.attentions.0", 1280}, {"up_blocks.1.attentions.1", 1280},
+                                 {"up_blocks.1.attentions.2", 1280}, {"up_blocks.2.attentions.0", 640},
+                                 {"up_blocks.2.attentions.1", 640},  {"up_blocks.2.attentions.2", 640},
+                                 {"up_blocks.3.attentions.0", 320},  {"up_blocks.3.attentions.1", 320},
+                                 {"up_blocks.3.attentions.2", 320}};
+static const sd_block SD_MID[] = {{"mid_block.attentions.0", 1280}};
+
+static void sd_unet_sparse(sp_set *s, uint64_t ctx)
+{
+    const sd_block *groups[3] = {SD_DOWN, SD_UP, SD_MID};
+    size_t sizes[3] = {6, 9, 1};
+    char k[300];
+    for (int g = 0; g < 3; g++)
+        for (size_t b = 0; b < sizes[g]; b++) {
+            uint64_t d = groups[g][b].dim;
+            const char *attn[2] = {"attn1", "attn2"}, *proj[4] = {"to_q", "to_k", "to_v", "to_out.0"};
+            for (int a = 0; a < 2; a++)
+                for (int p = 0; p < 4; p++) {
+                    snprintf(k, sizeof k, "%s.transformer_blocks.0.%s.%s.weight", groups[g][b].block, attn[a], proj[p]);
+                    sp_add2(s, k, d, a == 1 && (p == 1 || p == 2) ? ctx : d);
+                }
+            snprintf(k, sizeof k, "%s.transformer_blocks.0.ff.net.0.proj.weight", groups[g][b].block);
+            sp_add2(s, k, 8 * d, d);
+            snprintf(k, sizeof k, "%s.transformer_blocks.0.ff.net.2.weight", groups[g][b].block);
+            sp_add2(s, k, d, 4 * d);
+        }
+}
+
+/* lora_diffusion's pair order: down, up, mid; attn1, (ff,) attn2; q, k, v, out */
+static size_t sd_unet_order(char mods[][300], int geglu)
+{
+    const sd_block *groups[3] = {SD_DOWN, SD_UP, SD_MID};
+    size_t sizes[3] = {6, 9, 1}, n = 0;
+    for (int g = 0; g < 3; g++)
+        for (size_t b = 0; b < sizes[g]; b++) {
+            const char *seq[3] = {"attn1", "ff", "attn2"}, *proj[4] = {"to_q", "to_k", "to_v", "to_out.0"};
+            for (int q = 0; q < 3; q++) {
+                if (q == 1) {
+                    if (geglu)
+                        snprintf(mods[n++], 300, "%s.transformer_blocks.0.ff.net.0.proj", groups[g][b].block);
+                    continue;
+                }
+                for (int p = 0; p < 4; p++)
+                    snprintf(mods[n++], 300, "%s.transformer_blocks.0.%s.%s", groups[g][b].block, seq[q], proj[p]);
+            }
+        }
+    return n;
+}
+
+static void clip_sparse(sp_set *s)
+{
+    char k[300];
+    const char *p[4] = {"q_proj", "k_proj", "v_proj", "out_proj"};
+    for (int l = 0; l < 12; l++)
+        for (int i = 0; i < 4; i++) {
+            snprintf(k, sizeof k, "text_model.encoder.layers.%d.self_attn.%s.weight", l, p[i]);
+            sp_add2(s, k, 768, 768);
+        }
+}
+
+/* the converted pair for module m holds exactly the bytes of (down, up) */
+static void expect_pair(const th_st *conv, const char *module, const void *down, uint64_t down_bytes, const void *up,
+                        uint64_t up_bytes)
+{
+    char k[400];
+    snprintf(k, sizeof k, "base_model.model.%s.lora_A.weight", module);
+    const th_tensor *a = th_st_find(conv, k);
+    cr_assert(a != NULL, "converted adapter lacks %s", k);
+    cr_assert(bytes_equal(a, down, down_bytes), "%s is not the down matrix it should be", k);
+    snprintf(k, sizeof k, "base_model.model.%s.lora_B.weight", module);
+    const th_tensor *b = th_st_find(conv, k);
+    cr_assert(b != NULL, "converted adapter lacks %s", k);
+    cr_assert(bytes_equal(b, up, up_bytes), "%s is not the up matrix it should be", k);
+}
+
+/* converts input with a base; returns the converted tensors and config */
+static void convert_fixture(const char *input, const char *base_dir, const lm_format_opts *fo, const char *work,
+                            th_st *conv, cJSON **cfg, char **notes)
+{
+    char *bp = pjoin(base_dir, "model.safetensors"), *out = pjoin(work, "converted");
+    lm_err err;
+    cr_assert_eq(convert(input, out, bp, fo, &err, notes), LM_OK, "convert %s: %s (%s)", input, err.msg, err.tensor);
+    char *sp = pjoin(out, "adapter_model.safetensors"), *cp = pjoin(out, "adapter_config.json");
+    cr_assert_eq(th_st_read(sp, conv), 0);
+    *cfg = read_json(cp);
+    free(sp);
+    free(cp);
+    free(bp);
+    free(out);
+}
+
+static void expect_scale_one(const cJSON *cfg, const th_st *conv)
+{
+    for (size_t i = 0; i < conv->n; i++) {
+        const char *k = conv->t[i].name;
+        if (strstr(k, ".lora_A.weight") == NULL)
+            continue;
+        char m[400];
+        snprintf(m, sizeof m, "%.*s", (int)(strlen(k) - 17 - 14), k + 17);
+        cr_assert(config_scale(cfg, m) == 1.0, "module %s: scale %g, expected 1", m, config_scale(cfg, m));
+    }
+}
+
+Test(fixtures_other, lora_diffusion_pt_lists)
+{
+    need_other();
+    for (int which = 0; which < 2; which++) {
+        const char *input = which ? OTHER "/cloneofsimo-pt-list-textenc-sd1/lora_kiriko2.text_encoder.pt"
+                                  : OTHER "/cloneofsimo-pt-list-unet-sd2/lora_illust.pt";
+        char *dir = th_tmpdir();
+        sp_set s = {0};
+        char mods[200][300];
+        size_t n = 0;
+        if (which) {
+            clip_sparse(&s);
+            sp_write(dir, &s, "{\"architectures\": [\"CLIPTextModel\"]}");
+            const char *order[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+            for (int l = 0; l < 12; l++)
+                for (int p = 0; p < 4; p++)
+                    snprintf(mods[n++], 300, "text_model.encoder.layers.%d.self_attn.%s", l, order[p]);
+        } else {
+            sd_unet_sparse(&s, 1024);
+            sp_write(dir, &s, "{\"_class_name\": \"UNet2DConditionModel\", \"cross_attention_dim\": 1024}");
+            n = sd_unet_order(mods, 0);
+        }
+        th_st conv;
+        cJSON *cfg;
+        convert_fixture(input, dir, NULL, dir, &conv, &cfg, NULL);
+        lm_tensor_set *src = NULL;
+        int root;
+        lm_err err;
+        lm_err_clear(&err);
+        cr_assert_eq(lm_torch_obj_load(input, &src, &root, &err), LM_OK, "%s", err.msg);
+        cr_assert_eq(root, LM_TORCH_ROOT_LIST);
+        cr_assert_eq(src->n, 2 * n, "%zu tensors, expected %zu", src->n, 2 * n);
+        for (size_t k = 0; k < n; k++)
+            expect_pair(&conv, mods[k], src->t[2 * k + 1].data, src->t[2 * k + 1].n_bytes, src->t[2 * k].data,
+                        src->t[2 * k].n_bytes);
+        expect_scale_one(cfg, &conv);
+        lm_ts_free(src);
+        th_st_free(&conv);
+        cJSON_Delete(cfg);
+        /* the same mapping is a valid merge plan */
+        char *bp = pjoin(dir, "model.safetensors");
+        mres r = merge_ex(bp, input, NULL, NULL, 1.0, 1);
+        expect_ok(r);
+        cr_assert_eq(r.rep->n_lowrank, n, "every pair becomes one low-rank delta");
+        mres_free(&r);
+        free(bp);
+        sp_free(&s);
+        th_rmrf(dir);
+        free(dir);
+    }
+}
+
+Test(fixtures_other, lora_diffusion_safetensors)
+{
+    need_other();
+    const char *input = OTHER "/cloneofsimo-safetensors-sd1-rank1/lora_disney.safetensors";
+    th_st src;
+    cr_assert_eq(th_st_read(input, &src), 0);
+    for (int which = 0; which < 2; which++) {
+        char *dir = th_tmpdir();
+        sp_set s = {0};
+        char mods[200][300], k[64];
+        size_t n = 0;
+        if (which) {
+            clip_sparse(&s);
+            sp_write(dir, &s, "{\"architectures\": [\"CLIPTextModel\"]}");
+            const char *order[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+            for (int l = 0; l < 12; l++)
+                for (int p = 0; p < 4; p++)
+                    snprintf(mods[n++], 300, "text_model.encoder.layers.%d.self_attn.%s", l, order[p]);
+        } else {
+            sd_unet_sparse(&s, 768);
+            sp_write(dir, &s, "{\"_class_name\": \"UNet2DConditionModel\"}");
+            n = sd_unet_order(mods, 1);
+        }
+        th_st conv;
+        cJSON *cfg;
+        char *notes = NULL;
+        convert_fixture(input, dir, NULL, dir, &conv, &cfg, &notes);
+        cr_assert(strstr(notes, which ? "group 'unet' skipped" : "group 'text_encoder' skipped"), "%s", notes);
+        cr_assert(strstr(notes, "2 textual-inversion token embeddings"), "%s", notes);
+        for (size_t i = 0; i < n; i++) {
+            snprintf(k, sizeof k, "%s:%zu:down", which ? "text_encoder" : "unet", i);
+            const th_tensor *d = th_st_find(&src, k);
+            snprintf(k, sizeof k, "%s:%zu:up", which ? "text_encoder" : "unet", i);
+            const th_tensor *u = th_st_find(&src, k);
+            cr_assert(d && u, "fixture lacks pair %zu", i);
+            expect_pair(&conv, mods[i], d->data, d->n_bytes, u->data, u->n_bytes);
+        }
+        cr_assert_eq(conv.n, 2 * n, "only the base's group is in the adapter");
+        expect_scale_one(cfg, &conv);
+        free(notes);
+        th_st_free(&conv);
+        cJSON_Delete(cfg);
+        sp_free(&s);
+        th_rmrf(dir);
+        free(dir);
+    }
+    th_st_free(&src);
+}
+
+/* the module a diffusers key adapts, spelled out here */
+static int diffusers_expected(const char *key, char *module, size_t cap, int *up)
+{
+    static const struct {
+        const char *suffix, *target;
+        int up;
+    } map[] = {{".processor.to_q_lora.down.weight", ".to_q", 0}, {".processor.to_q_lora.up.weight", ".to_q", 1},
+               {".processor.to_k_lora.down.weight", ".to_k", 0}, {".processor.to_k_lora.up.weight", ".to_k", 1},
+               {".processor.to_v_lora.down.weight", ".to_v", 0}, {".processor.to_v_lora.up.weight", ".to_v", 1},
+               {".processor.to_out_lora.down.weight", ".to_out.0", 0},
+               {".processor.to_out_lora.up.weight", ".to_out.0", 1}, {".lora.down.weight", "", 0},
+               {".lora.up.weight", "", 1}, {".lora_A.weight", "", 0}, {".lora_B.weight", "", 1}};
+    const char *k = key;
+    if (strncmp(k, "unet.", 5) == 0)
+        k += 5;
+    if (strncmp(k, "transformer.", 12) == 0)
+        k += 12;
+    for (size_t i = 0; i < sizeof map / sizeof *map; i++) {
+        size_t nk = strlen(k), ns = strlen(map[i].suffix);
+        if (nk > ns && strcmp(k + nk - ns, map[i].suffix) == 0) {
+            snprintf(module, cap, "%.*s%s", (int)(nk - ns), k, map[i].target);
+            *up = map[i].up;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void diffusers_fixture(const char *input, sp_set *s, const char *config, int from_torch)
+{
+    char *dir = th_tmpdir();
+    sp_write(dir, s, config);
+    th_st conv;
+    cJSON *cfg;
+    convert_fixture(input, dir, NULL, dir, &conv, &cfg, NULL);
+    /* every input tensor is in the converted adapter, under the module spelled out above */
+    size_t n_src = 0;
+    const char **names = NULL;
+    const void **data = NULL;
+    uint64_t *bytes = NULL;
+    lm_tensor_set *ts = NULL;
+    th_st st;
+    if (from_torch) {
+        int root;
+        lm_err err;
+        lm_err_clear(&err);
+        cr_assert_eq(lm_torch_obj_load(input, &ts, &root, &err), LM_OK, "%s", err.msg);
+        n_src = ts->n;
+    } else {
+        cr_assert_eq(th_st_read(input, &st), 0);
+        n_src = st.n;
+    }
+    names = calloc(n_src, sizeof *names);
+    data = calloc(n_src, sizeof *data);
+    bytes = calloc(n_src, sizeof *bytes);
+    for (size_t i = 0; i < n_src; i++) {
+        names[i] = from_torch ? ts->t[i].name : st.t[i].name;
+        data[i] = from_torch ? ts->t[i].data : (const void *)st.t[i].data;
+        bytes[i] = from_torch ? ts->t[i].n_bytes : st.t[i].n_bytes;
+    }
+    for (size_t i = 0; i < n_src; i++) {
+        char module[300], k[400];
+        int up;
+        cr_assert(diffusers_expected(names[i], module, sizeof module, &up), "unexpected key %s", names[i]);
+        snprintf(k, sizeof k, "base_model.model.%s.%s", module, up ? "lora_B.weight" : "lora_A.weight");
+        const th_tensor *t = th_st_find(&conv, k);
+        cr_assert(t != NULL, "%s -> %s missing", names[i], k);
+        cr_assert(bytes_equal(t, data[i], bytes[i]), "%s -> %s: different bytes", names[i], k);
+    }
+    cr_assert_eq(conv.n, n_src, "nothing added, nothing dropped");
+    expect_scale_one(cfg, &conv);
+    free(names);
+    free(data);
+    free(bytes);
+    if (from_torch)
+        lm_ts_free(ts);
+    else
+        th_st_free(&st);
+    th_st_free(&conv);
+    cJSON_Delete(cfg);
+    th_rmrf(dir);
+    free(dir);
+}
+
+Test(fixtures_other, diffusers_files)
+{
+    need_other();
+    sp_set sd1 = {0}, sd2 = {0}, flux = {0};
+    sd_unet_sparse(&sd1, 768);
+    sd_unet_sparse(&sd2, 1024);
+    diffusers_fixture(OTHER "/diffusers-attnproc-noprefix-sd15/pytorch_lora_weights.safetensors", &sd1, NULL, 0);
+    diffusers_fixture(OTHER "/diffusers-attnproc-bin-sd15/pytorch_lora_weights.bin", &sd1, NULL, 1);
+    diffusers_fixture(OTHER "/diffusers-unet-loradown-bf16-sd2/pytorch_lora_weights.safetensors", &sd2, NULL, 0);
+    char k[512];
+    for (int b = 0; b < 38; b++) {
+        snprintf(k, sizeof k, "single_transformer_blocks.%d.proj_out.weight", b);
+        sp_add2(&flux, k, 3072, 15360);
+    }
+    diffusers_fixture(OTHER "/diffusers-peft-flux-aitoolkit-f16/lora.safetensors", &flux, NULL, 0);
+    sp_free(&sd1);
+    sp_free(&sd2);
+    sp_free(&flux);
+}
+
+/* a kohya name -> the module path, by re-joining known words (the tool looks names up instead) */
+static void kohya_dotted(const char *rest, char *out, size_t cap)
+{
+    static const char *const words[] = {"text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+                                        "double_blocks", "single_blocks", "img_attn", "img_mlp", "txt_attn"};
+    size_t used = 0;
+    const char *p = rest;
+    while (*p && used + 1 < cap) {
+        size_t len = 0;
+        for (size_t w = 0; w < sizeof words / sizeof *words && !len; w++) {
+            size_t n = strlen(words[w]);
+            if (strncmp(p, words[w], n) == 0 && (p[n] == '_' || p[n] == '\0'))
+                len = n;
+        }
+        if (!len)
+            len = strcspn(p, "_");
+        used += (size_t)snprintf(out + used, cap - used, "%s%.*s", used ? "." : "", (int)len, p);
+        p += len + (p[len] == '_');
+    }
+}
+
+Test(fixtures_other, kohya_files)
+{
+    need_other();
+    /* the truncated FLUX file is refused (its header promises 306 MB, the file has 475 kB) */
+    const char *trunc = OTHER "/kohya-flux-truncated/test.safetensors";
+    char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *out = pjoin(dir, "out.safetensors");
+    tset base = {0}, ad = {0};
+    const char *names[4] = {"double_blocks_0_img_attn_qkv", "double_blocks_0_img_mlp_0", "single_blocks_0_linear1",
+                            "single_blocks_0_modulation_lin"};
+    char k[512], dotted[300];
+    for (int i = 0; i < 4; i++) {
+        kohya_dotted(names[i], dotted, sizeof dotted);
+        snprintf(k, sizeof k, "%s.weight", dotted);
+        tadd(&base, "BF16", k, 2, (uint64_t)(6 + 2 * i), (uint64_t)8);
+    }
+    tadd(&base, "BF16", "double_blocks.0.img_attn.proj.weight", 2, (uint64_t)8, (uint64_t)8);
+    write_base(dir, &base, NULL);
+    mres r = merge(bp, trunc, out, NULL);
+    expect_refused(r, "InvalidOffsets", "test.safetensors");
+    mres_free(&r);
+    /* its real module names, in a complete small file: 0-d BF16 alphas, alpha 2 over rank 4 */
+    size_t n;
+    uint8_t *raw = th_read_file(trunc, &n);
+    cr_assert(raw && n > 8);
+    uint64_t hl = 0;
+    for (int i = 7; i >= 0; i--)
+        hl = hl << 8 | raw[i];
+    cJSON *hdr = cJSON_ParseWithLength((const char *)raw + 8, hl);
+    cr_assert(hdr != NULL, "the header is complete");
+    refs R;
+    refs_from(&R, &base);
+    for (int i = 0; i < 4; i++) {
+        snprintf(k, sizeof k, "lora_unet_%s.lora_down.weight", names[i]);
+        cr_assert(cJSON_GetObjectItem(hdr, k) != NULL, "%s is a real kohya FLUX name", k);
+        tt *d = tadd(&ad, "BF16", k, 2, (uint64_t)4, (uint64_t)8);
+        snprintf(k, sizeof k, "lora_unet_%s.lora_up.weight", names[i]);
+        tt *u = tadd(&ad, "BF16", k, 2, (uint64_t)(6 + 2 * i), (uint64_t)4);
+        snprintf(k, sizeof k, "lora_unet_%s.alpha", names[i]);
+        const cJSON *a = cJSON_GetObjectItem(hdr, k);
+        cr_assert(a && cJSON_GetArraySize(cJSON_GetObjectItem(a, "shape")) == 0, "the real alpha is 0-d");
+        tscalar(&ad, "BF16", k, 2.0);
+        kohya_dotted(names[i], dotted, sizeof dotted);
+        snprintf(k, sizeof k, "%s.weight", dotted);
+        ref_lowrank(rw(&R, k), u->v, d->v, (uint64_t)(6 + 2 * i), 4, 8, 0.5);
+    }
+    cJSON_Delete(hdr);
+    free(raw);
+    char *ap = pjoin(dir, "flux_kohya.safetensors");
+    twrite(ap, &ad);
+    r = merge(bp, ap, out, NULL);
+    expect_ok(r);
+    check_output(out, &R);
+    mres_free(&r);
+    refs_free(&R);
+    /* the hand-converted file with a doubled prefix and '_lora_down' is refused, not skipped */
+    r = merge(bp, OTHER "/kohya-style-unet-double-prefix-noalpha/new.safetensors", out, NULL);
+    expect_refused(r, "MalformedKohya", "lora_unet_unet_");
+    mres_free(&r);
+    free(ap);
+    free(bp);
+    free(out);
+    tfree(&base);
+    tfree(&ad);
+    th_rmrf(dir);
+    free(dir);
+}
+
+/* LyCORIS LoKr: the text-encoder modules onto a CLIP base (the UNet part is another component) */
+Test(fixtures_other, lycoris_lokr)
+{
+    need_other();
+    const char *input = OTHER "/lycoris-lokr-sd1-dim4/smart_falcon_4_lokr.safetensors";
+    th_st src;
+    cr_assert_eq(th_st_read(input, &src), 0);
+    char *dir = th_tmpdir();
+    sp_set s = {0};
+    char mods[100][300], k[700];
+    size_t n = 0;
+    for (size_t i = 0; i < src.n; i++) {
+        const char *name = src.t[i].name;
+        if (strncmp(name, "lora_te_", 8) != 0 || strstr(name, ".lokr_w1_a") == NULL)
+            continue;
+        char stem[300];
+        snprintf(stem, sizeof stem, "%.*s", (int)(strstr(name, ".lokr_w1_a") - name), name);
+        snprintf(k, sizeof k, "%s.lokr_w2_a", stem);
+        const th_tensor *w1a = &src.t[i], *w2a = th_st_find(&src, k);
+        snprintf(k, sizeof k, "%s.lokr_w1_b", stem);
+        const th_tensor *w1b = th_st_find(&src, k);
+        snprintf(k, sizeof k, "%s.lokr_w2_b", stem);
+        const th_tensor *w2b = th_st_find(&src, k);
+        cr_assert(w2a && w1b && w2b);
+        kohya_dotted(stem + 8, mods[n], sizeof mods[n]);
+        snprintf(k, sizeof k, "%s.weight", mods[n]);
+        sp_add2(&s, k, w1a->shape[0] * w2a->shape[0], w1b->shape[1] * w2b->shape[1]);
+        n++;
+    }
+    cr_assert_eq(n, 72, "12 layers x (q, k, v, out, fc1, fc2)");
+    sp_write(dir, &s, NULL);
+    th_st conv;
+    cJSON *cfg;
+    char *notes = NULL;
+    convert_fixture(input, dir, NULL, dir, &conv, &cfg, &notes);
+    cr_assert(strstr(notes, "component 'lora_unet'"), "the UNet part is noted as skipped: %s", notes);
+    cr_assert_str_eq(cJSON_GetObjectItem(cfg, "peft_type")->valuestring, "LOKR");
+    const char *parts[4] = {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"};
+    for (size_t m = 0; m < n; m++) {
+        /* alpha 4 over r 4: scale 1 */
+        cr_assert(config_scale(cfg, mods[m]) == 1.0, "%s: scale %g", mods[m], config_scale(cfg, mods[m]));
+        for (int p = 0; p < 4; p++) {
+            char stem[300];
+            size_t used = (size_t)snprintf(stem, sizeof stem, "lora_te_");
+            for (const char *c = mods[m]; *c; c++)
+                stem[used++] = *c == '.' ? '_' : *c;
+            stem[used] = '\0';
+            snprintf(k, sizeof k, "%s.%s", stem, parts[p]);
+            const th_tensor *a = th_st_find(&src, k);
+            snprintf(k, sizeof k, "base_model.model.%.280s.%s", mods[m], parts[p]);
+            const th_tensor *b = th_st_find(&conv, k);
+            cr_assert(a && b && bytes_equal(b, a->data, a->n_bytes), "%s passes through unchanged", k);
+        }
+    }
+    /* and the planner takes it (Linear LoKr) */
+    char *bp = pjoin(dir, "model.safetensors");
+    mres r = merge_ex(bp, input, NULL, NULL, 1.0, 1);
+    expect_ok(r);
+    cr_assert_eq(r.rep->n_lowrank, n);
+    mres_free(&r);
+    free(bp);
+    free(notes);
+    th_st_free(&conv);
+    th_st_free(&src);
+    cJSON_Delete(cfg);
+    sp_free(&s);
+    th_rmrf(dir);
+    free(dir);
+}
+
+Test(fixtures_other, lora_sam_and_vit)
+{
+    need_other();
+    const char *input = OTHER "/lora-sam-w_a-w_b-rank4/lora.safetensors";
+    char *dir = th_tmpdir();
+    sp_set s = {0};
+    char k[512];
+    for (int b = 0; b < 12; b++) {
+        snprintf(k, sizeof k, "image_encoder.blocks.%d.attn.qkv.weight", b);
+        sp_add2(&s, k, 2304, 768);
+    }
+    sp_write(dir, &s, NULL);
+    th_st conv, src;
+    cJSON *cfg;
+    convert_fixture(input, dir, NULL, dir, &conv, &cfg, NULL);
+    cr_assert_eq(th_st_read(input, &src), 0);
+    for (int b = 0; b < 12; b++) {
+        snprintf(k, sizeof k, "base_model.model.image_encoder.blocks.%d.attn.qkv.lora_A.weight", b);
+        const th_tensor *A = th_st_find(&conv, k);
+        snprintf(k, sizeof k, "base_model.model.image_encoder.blocks.%d.attn.qkv.lora_B.weight", b);
+        const th_tensor *B = th_st_find(&conv, k);
+        cr_assert(A && B && A->shape[0] == 8 && A->shape[1] == 768 && B->shape[0] == 2304 && B->shape[1] == 8);
+        const th_tensor *aq, *av, *bq, *bv;
+        snprintf(k, sizeof k, "w_a_%03d", 2 * b);
+        aq = th_st_find(&src, k);
+        snprintf(k, sizeof k, "w_a_%03d", 2 * b + 1);
+        av = th_st_find(&src, k);
+        snprintf(k, sizeof k, "w_b_%03d", 2 * b);
+        bq = th_st_find(&src, k);
+        snprintf(k, sizeof k, "w_b_%03d", 2 * b + 1);
+        bv = th_st_find(&src, k);
+        cr_assert(memcmp(A->data, aq->data, aq->n_bytes) == 0 && memcmp(A->data + aq->n_bytes, av->data, av->n_bytes) == 0,
+                  "block %d: A = [a_q; a_v]", b);
+        double *Bv = th_to_f64(B), *q = th_to_f64(bq), *v = th_to_f64(bv);
+        for (int row = 0; row < 2304; row++)
+            for (int c = 0; c < 8; c++) {
+                double want = row < 768 && c < 4 ? q[row * 4 + c] : row >= 1536 && c >= 4 ? v[(row - 1536) * 4 + c - 4] : 0;
+                cr_assert(Bv[row * 8 + c] == want, "block %d B[%d, %d]", b, row, c);
+            }
+        free(Bv);
+        free(q);
+        free(v);
+    }
+    expect_scale_one(cfg, &conv);
+    th_st_free(&conv);
+    th_st_free(&src);
+    cJSON_Delete(cfg);
+    /* LoRA-ViT's file with the A matrices only */
+    char *bp = pjoin(dir, "model.safetensors");
+    mres r = merge_ex(bp, OTHER "/lora-vit-a-only-incomplete/lora.safetensors", NULL, NULL, 1.0, 1);
+    expect_refused(r, "IncompleteModule", "w_b");
+    mres_free(&r);
+    free(bp);
+    sp_free(&s);
+    th_rmrf(dir);
+    free(dir);
+}
+
+Test(fixtures_other, loralib_state_dict)
+{
+    need_other();
+    const char *input = OTHER "/loralib-chinese-clip-qv-pt/lora_weights.pt";
+    char *dir = th_tmpdir();
+    sp_set s = {0};
+    char k[512];
+    for (int l = 0; l < 12; l++) {
+        snprintf(k, sizeof k, "bert.encoder.layer.%d.attention.self.query.weight", l);
+        sp_add2(&s, k, 768, 768);
+        snprintf(k, sizeof k, "bert.encoder.layer.%d.attention.self.value.weight", l);
+        sp_add2(&s, k, 768, 768);
+    }
+    sp_write(dir, &s, NULL);
+    char *bp = pjoin(dir, "model.safetensors");
+    mres r = merge_ex(bp, input, NULL, NULL, 1.0, 1);
+    expect_refused(r, "MissingAlpha", "lora_alpha");
+    mres_free(&r);
+    lm_format_opts fo = {0};
+    fo.lora_alpha = 16; /* the training code's lora.Linear(r=16, lora_alpha=16) */
+    th_st conv;
+    cJSON *cfg;
+    convert_fixture(input, dir, &fo, dir, &conv, &cfg, NULL);
+    lm_tensor_set *src = NULL;
+    int root;
+    lm_err err;
+    lm_err_clear(&err);
+    cr_assert_eq(lm_torch_obj_load(input, &src, &root, &err), LM_OK, "%s", err.msg);
+    for (size_t i = 0; i < src->n; i += 2) {
+        const char *a = src->t[i].name;
+        char module[300];
+        snprintf(module, sizeof module, "%.*s", (int)(strlen(a) - 7), a);
+        expect_pair(&conv, module, src->t[i].data, src->t[i].n_bytes, src->t[i + 1].data, src->t[i + 1].n_bytes);
+    }
+    expect_scale_one(cfg, &conv);
+    lm_ts_free(src);
+    th_st_free(&conv);
+    cJSON_Delete(cfg);
+    free(bp);
+    sp_free(&s);
+    th_rmrf(dir);
+    free(dir);
+}
+
+Test(fixtures_other, mlx_lm_dirs)
+{
+    need_other();
+    /* Qwen2.5-0.5B's last four layers: merged and checked against S (a @ b)^T with S = 10 */
+    const char *qwen = OTHER "/mlx-lm-qwen2.5-0.5b-qv";
+    char *dir = th_tmpdir(), *out = pjoin(dir, "out.safetensors");
+    tset base = {0};
+    char k[512];
+    for (int l = 20; l < 24; l++) {
+        snprintf(k, sizeof k, "model.layers.%d.self_attn.q_proj.weight", l);
+        tadd(&base, "F32", k, 2, (uint64_t)896, (uint64_t)896);
+        snprintf(k, sizeof k, "model.layers.%d.self_attn.v_proj.weight", l);
+        tadd(&base, "F32", k, 2, (uint64_t)128, (uint64_t)896);
+    }
+    write_base(dir, &base, "{\"model_type\": \"qwen2\"}");
+    mres r = merge(dir, qwen, out, NULL);
+    expect_ok(r);
+    th_st src;
+    char *sp = pjoin(qwen, "adapters.safetensors");
+    cr_assert_eq(th_st_read(sp, &src), 0);
+    refs R;
+    refs_from(&R, &base);
+    for (size_t i = 0; i < src.n; i++) {
+        const char *a = src.t[i].name;
+        if (strstr(a, ".lora_a") == NULL)
+            continue;
+        char mod[300];
+        snprintf(mod, sizeof mod, "%.*s", (int)(strlen(a) - 7), a);
+        snprintf(k, sizeof k, "%s.lora_b", mod);
+        const th_tensor *bt = th_st_find(&src, k);
+        double *av = th_to_f64(&src.t[i]), *bv = th_to_f64(bt);
+        uint64_t in = src.t[i].shape[0], rr = src.t[i].shape[1], o = bt->shape[1];
+        snprintf(k, sizeof k, "%s.weight", mod);
+        double *w = rw(&R, k);
+        for (uint64_t oo = 0; oo < o; oo++)
+            for (uint64_t ii = 0; ii < in; ii++) {
+                double acc = 0;
+                for (uint64_t q = 0; q < rr; q++)
+                    acc += av[ii * rr + q] * bv[q * o + oo];
+                w[oo * in + ii] += 10.0 * acc;
+            }
+        free(av);
+        free(bv);
+    }
+    check_output(out, &R);
+    refs_free(&R);
+    th_st_free(&src);
+    mres_free(&r);
+    free(sp);
+    /* MiniCPM's old config: scale * alpha / rank = 20; lora_a transposed into PEFT's A */
+    const char *mini = OTHER "/mlx-lm-minicpm-2b-old-config";
+    sp_set s = {0};
+    for (int l = 36; l < 40; l++) {
+        snprintf(k, sizeof k, "model.layers.%d.self_attn.q_proj.weight", l);
+        sp_add2(&s, k, 2304, 2304);
+        snprintf(k, sizeof k, "model.layers.%d.self_attn.v_proj.weight", l);
+        sp_add2(&s, k, 2304, 2304);
+    }
+    char *sdir = pjoin(dir, "mini");
+    mkdir(sdir, 0777);
+    sp_write(sdir, &s, NULL);
+    th_st conv;
+    cJSON *cfg;
+    convert_fixture(mini, sdir, NULL, sdir, &conv, &cfg, NULL);
+    sp = pjoin(mini, "adapters.safetensors");
+    cr_assert_eq(th_st_read(sp, &src), 0);
+    for (size_t i = 0; i < src.n; i++) {
+        const char *a = src.t[i].name;
+        if (strstr(a, ".lora_a") == NULL)
+            continue;
+        char mod[300];
+        snprintf(mod, sizeof mod, "%.*s", (int)(strlen(a) - 7), a);
+        cr_assert(config_scale(cfg, mod) == 20.0, "%s: scale %g, expected 10 * 16 / 8", mod, config_scale(cfg, mod));
+        snprintf(k, sizeof k, "base_model.model.%s.lora_A.weight", mod);
+        const th_tensor *A = th_st_find(&conv, k);
+        double *x = th_to_f64(&src.t[i]), *y = th_to_f64(A);
+        for (uint64_t ii = 0; ii < 2304; ii++)
+            for (uint64_t q = 0; q < 8; q++)
+                cr_assert(y[q * 2304 + ii] == x[ii * 8 + q], "%s: A is lora_a transposed", mod);
+        free(x);
+        free(y);
+    }
+    th_st_free(&src);
+    th_st_free(&conv);
+    cJSON_Delete(cfg);
+    free(sp);
+    free(sdir);
+    sp_free(&s);
+    tfree(&base);
+    th_rmrf(dir);
+    free(dir);
+    free(out);
 }
