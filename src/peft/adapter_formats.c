@@ -725,6 +725,69 @@ lm_code lm_formats_key_drift(lm_tensor_set *ts, const lm_model *model, char ***n
 /* ------------------------------------------------------------------------------------------ */
 /* loading a weights file                                                                       */
 /* ------------------------------------------------------------------------------------------ */
+/* what the first bytes say: GGUF and .npz are refused with what to do instead */
+typedef enum { SNIFF_SAFETENSORS = 0, SNIFF_TORCH, SNIFF_GGUF, SNIFF_NPZ } sniff_kind;
+
+static sniff_kind sniff(const uint8_t *head, size_t got, const char *name)
+{
+    if (got >= 4 && memcmp(head, "GGUF", 4) == 0)
+        return SNIFF_GGUF;
+    if (got >= 9 && head[8] == '{') /* 8-byte header length, then the JSON */
+        return SNIFF_SAFETENSORS;
+    if (got >= 4 && head[0] == 'P' && head[1] == 'K')
+        return fm_ends_with(name, ".npz") ? SNIFF_NPZ : SNIFF_TORCH;
+    if (got >= 3 && head[0] == 0x80 && head[2] == 0x8a) /* legacy torch.save: PROTO, LONG1 magic */
+        return SNIFF_TORCH;
+    return SNIFF_SAFETENSORS; /* its reader says what is wrong */
+}
+
+static lm_code refuse_sniffed(sniff_kind k, lm_err *err)
+{
+    if (k == SNIFF_GGUF)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedFormat",
+                       "a GGUF file (llama.cpp): merge GGUF LoRA adapters with llama.cpp's own llama-export-lora, or "
+                       "convert the PEFT adapter it came from");
+    return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedFormat",
+                   "a NumPy .npz archive (adapters.npz of mlx-examples' lora.py, 2023): re-save it with a current "
+                   "mlx-lm (adapters.safetensors + adapter_config.json)");
+}
+
+/* a tensor set over an opened safetensors file (data borrowed from it; the set closes it) */
+static lm_code set_of_st(lm_st_file *st, const char *name, lm_tensor_set **out, lm_err *err)
+{
+    lm_tensor_set *ts = lm_ts_create(name);
+    lm_code rc = LM_OK;
+    if (ts == NULL) {
+        lm_st_close(st);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    ts->st = st;
+    for (size_t i = 0; i < lm_st_n_tensors(st) && rc == LM_OK; i++) {
+        const lm_tensor_info *t = lm_st_tensor(st, i);
+        rc = lm_ts_add(ts, t->name, t->dtype, t->n_dims, t->shape, lm_st_data(st) + t->begin, 0, err);
+    }
+    if (rc != LM_OK)
+        lm_ts_free(ts);
+    else
+        *out = ts;
+    return rc;
+}
+
+/* after a load: keep the set, and forget the path the readers record even on success */
+static lm_code loaded(fm_ctx *c, lm_code rc, const char *path, lm_tensor_set **out, lm_err *err)
+{
+    if (rc == LM_OK) {
+        rc = fm_keep(c, *out, err);
+        if (rc != LM_OK)
+            *out = NULL;
+    }
+    if (rc == LM_OK && err != NULL && err->code == LM_OK)
+        lm_err_clear(err);
+    else
+        lm_err_set_path(err, path);
+    return rc;
+}
+
 lm_code fm_load_file(fm_ctx *c, const char *path, lm_tensor_set **out, int *root_kind, lm_err *err)
 {
     *out = NULL;
@@ -738,50 +801,35 @@ lm_code fm_load_file(fm_ctx *c, const char *path, lm_tensor_set **out, int *root
     uint8_t head[16] = {0};
     size_t got = fread(head, 1, sizeof head, f);
     fclose(f);
+    sniff_kind k = sniff(head, got, path);
     lm_code rc;
-    if (got >= 4 && memcmp(head, "GGUF", 4) == 0) {
-        rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedFormat",
-                     "a GGUF file (llama.cpp): merge GGUF LoRA adapters with llama.cpp's own llama-export-lora, or "
-                     "convert the PEFT adapter it came from");
-    } else if (got >= 4 && head[0] == 'P' && head[1] == 'K' && fm_ends_with(path, ".npz")) {
-        rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedFormat",
-                     "a NumPy .npz archive (adapters.npz of mlx-examples' lora.py, 2023): re-save it with a current "
-                     "mlx-lm (adapters.safetensors + adapter_config.json)");
-    } else if (!(got >= 9 && head[8] == '{') &&
-               ((got >= 4 && head[0] == 'P' && head[1] == 'K') || (got >= 3 && head[0] == 0x80 && head[2] == 0x8a))) {
-        /* a zip archive, or a legacy torch.save (PROTO then the LONG1 magic number) */
+    if (k == SNIFF_GGUF || k == SNIFF_NPZ) {
+        rc = refuse_sniffed(k, err);
+    } else if (k == SNIFF_TORCH) {
         rc = lm_torch_obj_load(path, out, root_kind, err);
     } else {
         lm_st_file *st = lm_st_open(path, err);
-        rc = st ? LM_OK : (err ? err->code : LM_E_FORMAT);
-        if (st != NULL) {
-            lm_tensor_set *ts = lm_ts_create(path);
-            if (ts == NULL) {
-                lm_st_close(st);
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            } else {
-                ts->st = st;
-                for (size_t i = 0; i < lm_st_n_tensors(st) && rc == LM_OK; i++) {
-                    const lm_tensor_info *t = lm_st_tensor(st, i);
-                    rc = lm_ts_add(ts, t->name, t->dtype, t->n_dims, t->shape, lm_st_data(st) + t->begin, 0, err);
-                }
-                if (rc != LM_OK)
-                    lm_ts_free(ts);
-                else
-                    *out = ts;
-            }
-        }
+        rc = st ? set_of_st(st, path, out, err) : (err ? err->code : LM_E_FORMAT);
     }
-    if (rc == LM_OK) {
-        rc = fm_keep(c, *out, err);
-        if (rc != LM_OK)
-            *out = NULL;
+    return loaded(c, rc, path, out, err);
+}
+
+static lm_code load_buffer(fm_ctx *c, const void *buf, size_t n, const char *name, lm_tensor_set **out, int *root_kind,
+                           lm_err *err)
+{
+    *out = NULL;
+    *root_kind = LM_TORCH_ROOT_DICT;
+    sniff_kind k = sniff(buf, n, name);
+    lm_code rc;
+    if (k == SNIFF_GGUF || k == SNIFF_NPZ) {
+        rc = refuse_sniffed(k, err);
+    } else if (k == SNIFF_TORCH) {
+        rc = lm_torch_obj_load_buffer(buf, n, name, out, root_kind, err);
+    } else {
+        lm_st_file *st = lm_st_open_buffer(buf, n, name, err);
+        rc = st ? set_of_st(st, name, out, err) : (err ? err->code : LM_E_FORMAT);
     }
-    if (rc == LM_OK && err != NULL && err->code == LM_OK)
-        lm_err_clear(err); /* the readers name their file even on success; the next failure names its own */
-    else
-        lm_err_set_path(err, path);
-    return rc;
+    return loaded(c, rc, name, out, err);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1732,15 +1780,9 @@ void lm_norm_adapter_free(lm_norm_adapter *a)
     free(a);
 }
 
-static lm_code read_file_input(fm_ctx *c, const char *file, const cJSON *dir_config, lm_err *err)
+/* a loaded weights file -> modules, by what its keys look like */
+static lm_code read_set(fm_ctx *c, const lm_tensor_set *ts, int root, const cJSON *dir_config, lm_err *err)
 {
-    lm_tensor_set *ts = NULL;
-    int root = 0;
-    lm_code rc = fm_load_file(c, file, &ts, &root, err);
-    if (rc != LM_OK)
-        return rc;
-    if ((c->weights_path = strdup(file)) == NULL)
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     fm_kind k = classify(ts, root);
     switch (k) {
     case FK_KOHYA: return fm_read_kohya(c, ts, err);
@@ -1765,8 +1807,21 @@ static lm_code read_file_input(fm_ctx *c, const char *file, const cJSON *dir_con
                    ts->n ? ts->t[0].name : "");
 }
 
-lm_code lm_formats_normalise(const char *path, const lm_model *base, const lm_format_opts *opts,
-                             lm_norm_adapter **out, lm_err *err)
+static lm_code read_file_input(fm_ctx *c, const char *file, const cJSON *dir_config, lm_err *err)
+{
+    lm_tensor_set *ts = NULL;
+    int root = 0;
+    lm_code rc = fm_load_file(c, file, &ts, &root, err);
+    if (rc != LM_OK)
+        return rc;
+    if ((c->weights_path = strdup(file)) == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    return read_set(c, ts, root, dir_config, err);
+}
+
+/* path names the input; buf (n_buf bytes), when not NULL, holds its bytes (a file's) */
+static lm_code normalise(const char *path, const void *buf, size_t n_buf, const lm_model *base,
+                         const lm_format_opts *opts, lm_norm_adapter **out, lm_err *err)
 {
     static const lm_format_opts no_opts = {0};
     fm_ctx c;
@@ -1789,7 +1844,12 @@ lm_code lm_formats_normalise(const char *path, const lm_model *base, const lm_fo
     }
     if (base != NULL && (rc = base_build(base, &c.base, err)) != LM_OK)
         goto done;
-    if (fm_is_dir(path)) {
+    if (buf != NULL) {
+        lm_tensor_set *ts = NULL;
+        int root = 0;
+        if ((rc = load_buffer(&c, buf, n_buf, path, &ts, &root, err)) == LM_OK)
+            rc = read_set(&c, ts, root, NULL, err);
+    } else if (fm_is_dir(path)) {
         fm_dir_kind k = dir_kind(path, &file);
         if (k == FD_MLX) {
             rc = fm_read_mlx(&c, path, err);
@@ -1823,8 +1883,8 @@ lm_code lm_formats_normalise(const char *path, const lm_model *base, const lm_fo
         goto done;
     a->format = c.format ? c.format : "?";
     const char *slash = strrchr(path, '/');
-    a->dir = fm_is_dir(path) ? strdup(path) : slash ? strndup(path, (size_t)(slash - path) ? (size_t)(slash - path) : 1)
-                                                   : strdup(".");
+    a->dir = buf == NULL && fm_is_dir(path) ? strdup(path)
+           : slash ? strndup(path, (size_t)(slash - path) ? (size_t)(slash - path) : 1) : strdup(".");
     a->weights_path = strdup(c.weights_path ? c.weights_path : path);
     a->config_path = strdup(c.config_path ? c.config_path : a->weights_path ? a->weights_path : path);
     if (a->dir == NULL || a->weights_path == NULL || a->config_path == NULL) {
@@ -1869,4 +1929,16 @@ done:
     free(box);
     lm_norm_adapter_free(a);
     return rc;
+}
+
+lm_code lm_formats_normalise(const char *path, const lm_model *base, const lm_format_opts *opts,
+                             lm_norm_adapter **out, lm_err *err)
+{
+    return normalise(path, NULL, 0, base, opts, out, err);
+}
+
+lm_code lm_formats_normalise_buffer(const void *buf, size_t n_bytes, const char *name, const lm_model *base,
+                                    const lm_format_opts *opts, lm_norm_adapter **out, lm_err *err)
+{
+    return normalise(name, buf ? buf : "", n_bytes, base, opts, out, err);
 }

@@ -44,6 +44,13 @@ lm_code lm_formats_normalise(const char *path, const lm_model *base, const lm_fo
                              lm_norm_adapter **out, lm_err *err);
 void lm_norm_adapter_free(lm_norm_adapter *n);
 
+/*! lm_formats_normalise_buffer() : the same for the bytes of one weights file (safetensors or
+ *  torch.save) in memory, named `name` in errors (the fuzz target's entry point).  buf is read
+ *  during the call only... except that the result borrows safetensors data from it: buf must
+ *  outlive *out. */
+lm_code lm_formats_normalise_buffer(const void *buf, size_t n_bytes, const char *name, const lm_model *base,
+                                    const lm_format_opts *opts, lm_norm_adapter **out, lm_err *err);
+
 /*! lm_formats_key_drift() :
  *  Module paths of a PEFT tensor set that the base lacks are looked up under the known renames
  *  between transformers versions (VLMs since 4.52: model.language_model.* <-> model.*,

@@ -240,6 +240,8 @@ static lm_code add_diff(fm_ctx *c, fm_module *m, const kparts *p, lm_err *err)
 
 static lm_code add_ia3(fm_ctx *c, fm_module *m, const kparts *p, lm_err *err)
 {
+    if (p->ia3 == NULL)
+        return lm_fail(err, LM_E_FORMAT, "IncompleteModule", "IA3 module has on_input but no weight");
     lm_code rc = need_float(p->ia3, err);
     if (rc != LM_OK)
         return rc;
