@@ -258,6 +258,48 @@ static int cmd_inspect(const char *path)
     return 0;
 }
 
+/* --base, --target-modules, --lora-alpha, --lora-scale */
+static int is_format_option(const char *name)
+{
+    return strcmp(name, "--base") == 0 || strcmp(name, "--target-modules") == 0 || strcmp(name, "--lora-alpha") == 0 ||
+           strcmp(name, "--lora-scale") == 0;
+}
+
+/* @return 0, or non-zero after printing a usage error */
+static int set_format_option(const char *name, const char *val, lm_format_opts *fo, const char **base)
+{
+    double v;
+    if (strcmp(name, "--base") == 0)
+        *base = val;
+    else if (strcmp(name, "--target-modules") == 0)
+        fo->target_modules = val;
+    else if (!parse_double(val, &v) || v == 0)
+        return usage_error("--lora-alpha / --lora-scale need a non-zero number, not '%s'", val);
+    else
+        *(name[7] == 'a' ? &fo->lora_alpha : &fo->lora_scale) = v;
+    return 0;
+}
+
+/* inspect and convert: @return the exit status, or -1 when the arguments are a merge's */
+static int subcommand(const char *const *pos, size_t n_pos, const char *base, const lm_format_opts *fo, int quiet)
+{
+    if (n_pos >= 1 && strcmp(pos[0], "inspect") == 0) {
+        if (n_pos != 2)
+            return usage_error("inspect takes one PATH%s", "");
+        if (lm_adapter_format_detect(pos[1]) != NULL)
+            return cmd_describe_foreign(pos[1], base, fo);
+        return cmd_inspect(pos[1]);
+    }
+    if (n_pos >= 1 && strcmp(pos[0], "convert") == 0) {
+        if (n_pos != 3)
+            return usage_error("convert takes ADAPTER OUT_DIR%s", "");
+        return cmd_convert(pos[1], pos[2], base, fo, quiet);
+    }
+    if (base != NULL)
+        return usage_error("--base is for inspect and convert (a merge takes BASE as its first argument)%s", "");
+    return -1;
+}
+
 /* ---- main ----------------------------------------------------------------------------------- */
 int main(int argc, char **argv)
 {
@@ -362,18 +404,10 @@ int main(int argc, char **argv)
             quiet = 1;
         } else if (strcmp(name, "--progress") == 0) {
             force_progress = 1;
-        } else if (strcmp(name, "--base") == 0) {
+        } else if (is_format_option(name)) {
             NEED_VALUE();
-            base_opt = val;
-        } else if (strcmp(name, "--target-modules") == 0) {
-            NEED_VALUE();
-            fo.target_modules = val;
-        } else if (strcmp(name, "--lora-alpha") == 0 || strcmp(name, "--lora-scale") == 0) {
-            NEED_VALUE();
-            double v;
-            if (!parse_double(val, &v) || v == 0)
-                return usage_error("--lora-alpha / --lora-scale need a non-zero number, not '%s'", val);
-            *(name[7] == 'a' ? &fo.lora_alpha : &fo.lora_scale) = v;
+            if (set_format_option(name, val, &fo, &base_opt) != 0)
+                return EXIT_USAGE;
         } else if (strcmp(name, "--max-shard-size") == 0) {
             NEED_VALUE();
             if (!parse_size(val, &job.max_shard_bytes))
@@ -383,20 +417,9 @@ int main(int argc, char **argv)
         }
 #undef NEED_VALUE
     }
-    if (n_pos >= 1 && strcmp(pos[0], "inspect") == 0) {
-        if (n_pos != 2)
-            return usage_error("inspect takes one PATH%s", "");
-        if (lm_adapter_format_detect(pos[1]) != NULL)
-            return cmd_describe_foreign(pos[1], base_opt, &fo);
-        return cmd_inspect(pos[1]);
-    }
-    if (n_pos >= 1 && strcmp(pos[0], "convert") == 0) {
-        if (n_pos != 3)
-            return usage_error("convert takes ADAPTER OUT_DIR%s", "");
-        return cmd_convert(pos[1], pos[2], base_opt, &fo, quiet);
-    }
-    if (base_opt != NULL)
-        return usage_error("--base is for inspect and convert (a merge takes BASE as its first argument)%s", "");
+    int sub = subcommand(pos, n_pos, base_opt, &fo, quiet);
+    if (sub >= 0)
+        return sub;
     if (n_pos != 3 && !(job.dry_run && n_pos == 2)) {
         fprintf(stderr, "error: expected BASE ADAPTER_DIR OUT, got %zu argument%s (see lora-merge --help)\n", n_pos,
                 n_pos == 1 ? "" : "s");

@@ -379,6 +379,14 @@ static char *base_directory(const char *base_path)
     return d;
 }
 
+/* what the adapter loader noticed (formats read, renames) goes into the report */
+static void note_adapters(lm_plan *plan, lm_adapter *const *ads, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < ads[i]->n_notes; k++)
+            plan_note(plan, "%s", ads[i]->notes[k]);
+}
+
 static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
 {
     double t0 = now_seconds();
@@ -440,9 +448,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         rc = err ? err->code : LM_E_FORMAT;
         goto done;
     }
-    for (size_t i = 0; i < job->n_adapters; i++) /* what the adapter loader noticed (formats, renames) */
-        for (size_t k = 0; k < ads[i]->n_notes; k++)
-            plan_note(plan, "%s", ads[i]->notes[k]);
+    note_adapters(plan, ads, job->n_adapters);
     if (job->out_path != NULL) {
         if ((rc = plan_shards(&ot, job, plan, err)) != LM_OK)
             goto done;

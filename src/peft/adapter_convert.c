@@ -4,6 +4,7 @@
 #include "lora_merge.h"
 
 #include "adapter_load.h"
+#include "formats_internal.h"
 #include "lm_error.h"
 #include "st_writer.h"
 
@@ -17,15 +18,6 @@
 const char *lm_adapter_format_detect(const char *path)
 {
     return path ? lm_formats_detect(path) : NULL;
-}
-
-static char *path_join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p != NULL)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
 }
 
 /* the notes as one text, a line each */
@@ -43,44 +35,9 @@ static char *join_notes(char *const *notes, size_t n)
     return t;
 }
 
-static char *slurp(const char *path, lm_err *err)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        lm_fail_errno(err, errno, "cannot open");
-        lm_err_set_path(err, path);
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap + 1);
-    while (buf != NULL) {
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap || cap >= ((size_t)64 << 20))
-            break;
-        char *nb = realloc(buf, 2 * cap + 1);
-        if (nb == NULL) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = nb;
-        cap *= 2;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (buf == NULL || bad) {
-        free(buf);
-        lm_fail(err, buf == NULL ? LM_E_NOMEM : LM_E_IO, NULL, "cannot read");
-        lm_err_set_path(err, path);
-        return NULL;
-    }
-    buf[n] = '\0';
-    return buf;
-}
-
 static lm_code write_adapter(const lm_adapter *a, const char *config_text, const char *out_dir, lm_err *err)
 {
-    char *st_path = path_join(out_dir, "adapter_model.safetensors"), *cfg_path = path_join(out_dir, "adapter_config.json");
+    char *st_path = fm_join(out_dir, "adapter_model.safetensors"), *cfg_path = fm_join(out_dir, "adapter_config.json");
     lm_out_tensor *ot = calloc(a->ts->n ? a->ts->n : 1, sizeof *ot);
     lm_st_writer *w = NULL;
     lm_code rc = LM_OK;
@@ -153,7 +110,7 @@ lm_code lm_adapter_convert(const char *input, const char *out_dir, const char *b
         rc = e.code;
         goto done;
     }
-    config_text = a->foreign ? strdup(a->foreign->config_json) : slurp(a->config_path, &e);
+    config_text = a->foreign ? strdup(a->foreign->config_json) : fm_read_text(a->config_path, (size_t)64 << 20, &e);
     if (config_text == NULL) {
         rc = e.code != LM_OK ? e.code : lm_fail(&e, LM_E_NOMEM, NULL, "out of memory");
         goto done;

@@ -1565,19 +1565,20 @@ static double mode_of(const double *v, size_t n)
     return best;
 }
 
-static lm_code emit(fm_ctx *c, char **config_out, lm_tensor_set **ts_out, char **mapping_out, lm_err *err)
+/* the one PEFT type of the resolved modules (whole tensors go with any); no module twice */
+static lm_code emit_type(const fm_ctx *c, int *type, lm_err *err)
 {
     size_t n = 0;
-    int type = -1;
+    *type = -1;
     for (size_t i = 0; i < c->n; i++) {
         const fm_module *m = &c->m[i];
         if (m->module == NULL)
             continue;
-        if (m->type != FM_FULL && type >= 0 && (int)m->type != type)
+        if (m->type != FM_FULL && *type >= 0 && (int)m->type != *type)
             return lm_fail(err, LM_E_UNSUPPORTED, "MixedTypes", "the adapter mixes %s and %s modules ('%s'); a PEFT "
-                           "adapter has one type: not supported", PEFT_TYPES[type], PEFT_TYPES[m->type], m->src);
+                           "adapter has one type: not supported", PEFT_TYPES[*type], PEFT_TYPES[m->type], m->src);
         if (m->type != FM_FULL)
-            type = (int)m->type;
+            *type = (int)m->type;
         for (size_t j = 0; j < i; j++)
             if (c->m[j].module && strcmp(c->m[j].module, m->module) == 0)
                 return lm_fail(err, LM_E_MISMATCH, "DuplicateModule", "'%s' and '%s' both map to base module '%s'",
@@ -1586,154 +1587,192 @@ static lm_code emit(fm_ctx *c, char **config_out, lm_tensor_set **ts_out, char *
     }
     if (n == 0)
         return lm_fail(err, LM_E_FORMAT, "EmptyAdapter", "the adapter has no module to merge");
-    if (type < 0) /* whole tensors only: a LoRA adapter without LoRA modules carries them */
-        type = FM_LORA;
-    double *rs = malloc(n * sizeof *rs), *as = malloc(n * sizeof *as);
-    lm_tensor_set *ts = lm_ts_create(c->weights_path ? c->weights_path : c->path);
-    cJSON *root = cJSON_CreateObject();
-    size_t map_cap = 1 << 14, map_used = 0;
-    char *mapping = malloc(map_cap);
-    lm_code rc = LM_OK;
-    if (rs == NULL || as == NULL || ts == NULL || root == NULL || mapping == NULL) {
-        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done;
+    if (*type < 0) /* whole tensors only: a LoRA adapter without LoRA modules carries them */
+        *type = FM_LORA;
+    return LM_OK;
+}
+
+typedef struct {
+    double g_r, g_a;             /* the config's r and alpha: the most frequent ones */
+    int dora, bias, w1_split;
+} emit_stats;
+
+static lm_code emit_stats_of(const fm_ctx *c, int type, emit_stats *st, lm_err *err)
+{
+    double *rs = malloc((c->n ? c->n : 1) * sizeof *rs), *as = malloc((c->n ? c->n : 1) * sizeof *as);
+    if (rs == NULL || as == NULL) {
+        free(rs);
+        free(as);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
-    mapping[0] = '\0';
     size_t k = 0;
-    int dora = 0, bias = 0, w1_split = 0;
+    memset(st, 0, sizeof *st);
     for (size_t i = 0; i < c->n; i++) {
         const fm_module *m = &c->m[i];
         if (m->module == NULL || m->type == FM_FULL)
             continue;
         rs[k] = (double)m->r;
         as[k++] = m->alpha;
-        dora += fm_part_get(m, "lora_magnitude_vector") != NULL;
-        bias |= fm_part_get(m, "lora_B.bias") != NULL;
-        w1_split |= fm_part_get(m, "lokr_w1_a") != NULL;
+        st->dora += fm_part_get(m, "lora_magnitude_vector") != NULL;
+        st->bias |= fm_part_get(m, "lora_B.bias") != NULL;
+        st->w1_split |= fm_part_get(m, "lokr_w1_a") != NULL;
     }
-    if (type == FM_LORA && dora != 0 && (size_t)dora != k) {
-        rc = lm_fail(err, LM_E_UNSUPPORTED, "MixedTypes", "%d of %zu modules are DoRA (have a magnitude): PEFT's "
-                     "use_dora is all or nothing", dora, k);
-        goto done;
+    st->g_r = k ? mode_of(rs, k) : 8;
+    st->g_a = k ? mode_of(as, k) : 8;
+    free(rs);
+    free(as);
+    if (type == FM_LORA && st->dora != 0 && (size_t)st->dora != k)
+        return lm_fail(err, LM_E_UNSUPPORTED, "MixedTypes", "%d of %zu modules are DoRA (have a magnitude): PEFT's "
+                       "use_dora is all or nothing", st->dora, k);
+    return LM_OK;
+}
+
+/* a module's tensors under PEFT's names */
+static lm_code emit_tensors(const fm_module *m, lm_tensor_set *ts, lm_err *err)
+{
+    for (size_t p = 0; p < m->n_parts; p++) {
+        const lm_ts_tensor *t = m->part[p].t;
+        const char *suffix = m->part[p].suffix;
+        if (m->embedding && strcmp(suffix, "lora_A.weight") == 0)
+            suffix = "lora_embedding_A";
+        else if (m->embedding && strcmp(suffix, "lora_B.weight") == 0)
+            suffix = "lora_embedding_B";
+        size_t nk = 17 + strlen(m->module) + 1 + strlen(suffix) + 1;
+        char *key = malloc(nk);
+        if (key == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        snprintf(key, nk, "base_model.model.%s%s%s", m->module, suffix[0] ? "." : "", suffix);
+        lm_code rc = lm_ts_add(ts, key, t->dtype, t->n_dims, t->shape, t->data, 0, err);
+        free(key);
+        if (rc != LM_OK)
+            return rc;
     }
-    double g_r = k ? mode_of(rs, k) : 8, g_a = k ? mode_of(as, k) : 8;
+    return LM_OK;
+}
+
+/* a growable text */
+typedef struct {
+    char *p;
+    size_t n, cap;
+} text_buf;
+
+static int text_add(text_buf *t, const char *s)
+{
+    size_t k = strlen(s);
+    if (t->n + k + 1 > t->cap) {
+        size_t cap = t->cap ? t->cap : 4096;
+        while (t->n + k + 1 > cap)
+            cap *= 2;
+        char *np = realloc(t->p, cap);
+        if (np == NULL)
+            return -1;
+        t->p = np;
+        t->cap = cap;
+    }
+    memcpy(t->p + t->n, s, k + 1);
+    t->n += k;
+    return 0;
+}
+
+static int emit_mapping(const fm_ctx *c, const fm_module *m, int type, text_buf *map)
+{
+    char line[1400];
+    double s = type == FM_IA3 ? 1.0 : c->rslora ? m->alpha / sqrt((double)m->r) : m->alpha / (double)m->r;
+    if (m->type == FM_FULL)
+        snprintf(line, sizeof line, "  %s -> %s (replaces the base tensor)\n", m->src, m->module);
+    else
+        snprintf(line, sizeof line, "  %s -> %s (%s%s, r %ld, scale %.9g)\n", m->src, m->module,
+                 m->embedding ? "embedding " : "", PEFT_TYPES[m->type], m->r, s);
+    return text_add(map, line);
+}
+
+/* adapter_config.json: type, the most frequent r / alpha, exact per-module patterns for the rest */
+static cJSON *emit_config(const fm_ctx *c, int type, const emit_stats *st)
+{
+    cJSON *root = cJSON_CreateObject(), *targets = cJSON_CreateArray(), *rank_pat = cJSON_CreateObject(),
+          *alpha_pat = cJSON_CreateObject(), *ff = cJSON_CreateArray();
+    int ok = root && targets && rank_pat && alpha_pat && ff;
     cJSON_AddStringToObject(root, "peft_type", PEFT_TYPES[type]);
-    cJSON *rank_pat = NULL, *alpha_pat = NULL, *targets = cJSON_CreateArray(), *ff = NULL;
     if (type != FM_IA3) {
-        cJSON_AddItemToObject(root, "r", raw_number(g_r));
-        cJSON_AddItemToObject(root, type == FM_LORA ? "lora_alpha" : "alpha", raw_number(g_a));
-        rank_pat = cJSON_CreateObject();
-        alpha_pat = cJSON_CreateObject();
-    } else {
-        ff = cJSON_CreateArray();
+        cJSON_AddItemToObject(root, "r", raw_number(st->g_r));
+        cJSON_AddItemToObject(root, type == FM_LORA ? "lora_alpha" : "alpha", raw_number(st->g_a));
     }
-    for (size_t i = 0; i < c->n; i++) {
+    for (size_t i = 0; ok && i < c->n; i++) {
         const fm_module *m = &c->m[i];
-        if (m->module == NULL)
+        if (m->module == NULL || m->type == FM_FULL)
             continue;
-        if (m->type != FM_FULL)
-            cJSON_AddItemToArray(targets, cJSON_CreateString(m->module));
-        if (type != FM_IA3 && m->type != FM_FULL && ((double)m->r != g_r || m->alpha != g_a)) {
-            char *pat = exact_pattern(m->module);
-            if (pat == NULL) {
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-                goto done_json;
-            }
-            if ((double)m->r != g_r)
-                cJSON_AddItemToObject(rank_pat, pat, raw_number((double)m->r));
-            if (m->alpha != g_a)
-                cJSON_AddItemToObject(alpha_pat, pat, raw_number(m->alpha));
-            free(pat);
-        }
+        cJSON_AddItemToArray(targets, cJSON_CreateString(m->module));
         if (type == FM_IA3 && m->ia3_ff)
             cJSON_AddItemToArray(ff, cJSON_CreateString(m->module));
-        /* the tensors */
-        for (size_t p = 0; p < m->n_parts; p++) {
-            const lm_ts_tensor *t = m->part[p].t;
-            const char *suffix = m->part[p].suffix;
-            if (m->embedding && strcmp(suffix, "lora_A.weight") == 0)
-                suffix = "lora_embedding_A";
-            else if (m->embedding && strcmp(suffix, "lora_B.weight") == 0)
-                suffix = "lora_embedding_B";
-            size_t nk = 17 + strlen(m->module) + 1 + strlen(suffix) + 1;
-            char *key = malloc(nk);
-            if (key == NULL) {
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-                goto done_json;
-            }
-            snprintf(key, nk, "base_model.model.%s%s%s", m->module, suffix[0] ? "." : "", suffix);
-            rc = lm_ts_add(ts, key, t->dtype, t->n_dims, t->shape, t->data, 0, err);
-            free(key);
-            if (rc != LM_OK)
-                goto done_json;
-        }
-        /* the mapping line */
-        char line[1400];
-        double s = type == FM_IA3 ? 1.0 : c->rslora ? m->alpha / sqrt((double)m->r) : m->alpha / (double)m->r;
-        int ln = m->type == FM_FULL ? snprintf(line, sizeof line, "  %s -> %s (replaces the base tensor)\n", m->src,
-                                               m->module)
-                                    : snprintf(line, sizeof line, "  %s -> %s (%s%s, r %ld, scale %.9g)\n", m->src,
-                                               m->module, m->embedding ? "embedding " : "", PEFT_TYPES[m->type], m->r, s);
-        if (ln > 0 && map_used + (size_t)ln + 1 > map_cap) {
-            while (map_used + (size_t)ln + 1 > map_cap)
-                map_cap *= 2;
-            char *nm = realloc(mapping, map_cap);
-            if (nm == NULL) {
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-                goto done_json;
-            }
-            mapping = nm;
-        }
-        if (ln > 0) {
-            memcpy(mapping + map_used, line, (size_t)ln + 1);
-            map_used += (size_t)ln;
-        }
+        if (type == FM_IA3 || ((double)m->r == st->g_r && m->alpha == st->g_a))
+            continue;
+        char *pat = exact_pattern(m->module);
+        ok = pat != NULL;
+        if (ok && (double)m->r != st->g_r)
+            cJSON_AddItemToObject(rank_pat, pat, raw_number((double)m->r));
+        if (ok && m->alpha != st->g_a)
+            cJSON_AddItemToObject(alpha_pat, pat, raw_number(m->alpha));
+        free(pat);
     }
     cJSON_AddItemToObject(root, "target_modules", targets);
-    if (rank_pat) {
-        if (cJSON_GetArraySize(rank_pat) > 0)
-            cJSON_AddItemToObject(root, "rank_pattern", rank_pat);
+    cJSON *parts[3] = {rank_pat, alpha_pat, ff};
+    const char *names[3] = {"rank_pattern", "alpha_pattern", "feedforward_modules"};
+    for (int i = 0; i < 3; i++) {
+        if (cJSON_GetArraySize(parts[i]) > 0)
+            cJSON_AddItemToObject(root, names[i], parts[i]);
         else
-            cJSON_Delete(rank_pat);
-        if (cJSON_GetArraySize(alpha_pat) > 0)
-            cJSON_AddItemToObject(root, "alpha_pattern", alpha_pat);
-        else
-            cJSON_Delete(alpha_pat);
-        rank_pat = alpha_pat = NULL;
-    }
-    if (ff) {
-        cJSON_AddItemToObject(root, "feedforward_modules", ff);
-        ff = NULL;
+            cJSON_Delete(parts[i]);
     }
     if (type == FM_LORA) {
-        cJSON_AddBoolToObject(root, "use_dora", dora > 0);
+        cJSON_AddBoolToObject(root, "use_dora", st->dora > 0);
         cJSON_AddBoolToObject(root, "use_rslora", c->rslora != 0);
-        cJSON_AddBoolToObject(root, "lora_bias", bias != 0);
+        cJSON_AddBoolToObject(root, "lora_bias", st->bias != 0);
     }
     if (type == FM_LOKR)
-        cJSON_AddBoolToObject(root, "decompose_both", w1_split != 0);
+        cJSON_AddBoolToObject(root, "decompose_both", st->w1_split != 0);
     cJSON_AddStringToObject(root, "bias", "none");
-    char *text = cJSON_Print(root);
-    if (text == NULL) {
+    if (!ok) {
+        cJSON_Delete(root);
+        return NULL;
+    }
+    return root;
+}
+
+static lm_code emit(fm_ctx *c, char **config_out, lm_tensor_set **ts_out, char **mapping_out, lm_err *err)
+{
+    int type;
+    emit_stats st;
+    lm_code rc = emit_type(c, &type, err);
+    if (rc == LM_OK)
+        rc = emit_stats_of(c, type, &st, err);
+    if (rc != LM_OK)
+        return rc;
+    lm_tensor_set *ts = lm_ts_create(c->weights_path ? c->weights_path : c->path);
+    text_buf map = {0};
+    if (ts == NULL || text_add(&map, "") != 0)
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done_json;
+    for (size_t i = 0; i < c->n && rc == LM_OK; i++) {
+        if (c->m[i].module == NULL)
+            continue;
+        rc = emit_tensors(&c->m[i], ts, err);
+        if (rc == LM_OK && emit_mapping(c, &c->m[i], type, &map) != 0)
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    cJSON *root = rc == LM_OK ? emit_config(c, type, &st) : NULL;
+    char *text = root ? cJSON_Print(root) : NULL;
+    cJSON_Delete(root);
+    if (rc == LM_OK && text == NULL)
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    if (rc != LM_OK) {
+        lm_ts_free(ts);
+        free(map.p);
+        free(text);
+        return rc;
     }
     *config_out = text;
     *ts_out = ts;
-    *mapping_out = mapping;
-    ts = NULL;
-    mapping = NULL;
-done_json:
-    cJSON_Delete(rank_pat);
-    cJSON_Delete(alpha_pat);
-    cJSON_Delete(ff);
-done:
-    cJSON_Delete(root);
-    free(rs);
-    free(as);
-    lm_ts_free(ts);
-    free(mapping);
-    return rc;
+    *mapping_out = map.p;
+    return LM_OK;
 }
 
 /* ------------------------------------------------------------------------------------------ */

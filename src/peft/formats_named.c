@@ -90,20 +90,29 @@ static lm_code set_slot(const lm_ts_tensor **slot, const lm_ts_tensor *t, lm_err
     return LM_OK;
 }
 
-static lm_code need_pair(const nmod *m, const char *a_name, const char *b_name, lm_err *err)
+/* the LoRA module of a named pair (both factors float matrices), r from A's rows; NULL with *rc */
+static fm_module *pair_module(fm_ctx *c, const nmod *n, const char *a_name, const char *b_name, lm_code *rc,
+                              lm_err *err)
 {
-    if (m->a == NULL || m->b == NULL) {
-        lm_fail(err, LM_E_FORMAT, "IncompleteModule", "has %s but no %s", m->a ? a_name : b_name, m->a ? b_name : a_name);
-        lm_err_set_tensor(err, m->src);
-        return LM_E_FORMAT;
+    if (n->a == NULL || n->b == NULL) {
+        *rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "has %s but no %s", n->a ? a_name : b_name,
+                      n->a ? b_name : a_name);
+        lm_err_set_tensor(err, n->src);
+        return NULL;
     }
-    if (!fm_is_float(m->a->dtype) || !fm_is_float(m->b->dtype) || m->a->n_dims < 2 || m->b->n_dims < 2) {
-        lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "factors must be float matrices (got %s %zu-D, %s %zu-D)",
-                lm_dtype_name(m->a->dtype), m->a->n_dims, lm_dtype_name(m->b->dtype), m->b->n_dims);
-        lm_err_set_tensor(err, m->src);
-        return LM_E_UNSUPPORTED;
+    if (!fm_is_float(n->a->dtype) || !fm_is_float(n->b->dtype) || n->a->n_dims < 2 || n->b->n_dims < 2) {
+        *rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "factors must be float matrices (got %s %zu-D, %s %zu-D)",
+                      lm_dtype_name(n->a->dtype), n->a->n_dims, lm_dtype_name(n->b->dtype), n->b->n_dims);
+        lm_err_set_tensor(err, n->src);
+        return NULL;
     }
-    return LM_OK;
+    fm_module *m = fm_add(c, FM_LORA, n->src, n->group, n->path, FM_NAME_PATH, err);
+    if (m == NULL) {
+        *rc = LM_E_NOMEM;
+        return NULL;
+    }
+    m->r = (long)n->a->shape[0];
+    return m;
 }
 
 /* the scale the user gave for formats without one: alpha / r or the multiplier; 1 if given */
@@ -252,7 +261,8 @@ lm_code fm_read_mlx(fm_ctx *c, const char *dir, lm_err *err)
     }
     for (size_t i = 0; i < l.n && rc == LM_OK; i++) {
         nmod *n = &l.v[i];
-        if ((rc = need_pair(n, "lora_a", "lora_b", err)) != LM_OK)
+        fm_module *m = pair_module(c, n, "lora_a", "lora_b", &rc, err);
+        if (m == NULL)
             break;
         if (n->a->n_dims != 2 || n->b->n_dims != 2 || n->a->shape[1] != n->b->shape[0]) {
             rc = lm_fail(err, LM_E_MISMATCH, "ShapeMismatch", "lora_a [%llu, %llu] and lora_b [%llu, %llu] disagree "
@@ -262,8 +272,7 @@ lm_code fm_read_mlx(fm_ctx *c, const char *dir, lm_err *err)
             lm_err_set_tensor(err, n->src);
             break;
         }
-        fm_module *m = fm_add(c, FM_LORA, n->src, NULL, n->path, FM_NAME_PATH, err);
-        const lm_ts_tensor *A = m ? fm_transposed(c, n->a, err) : NULL, *B = A ? fm_transposed(c, n->b, err) : NULL;
+        const lm_ts_tensor *A = fm_transposed(c, n->a, err), *B = A ? fm_transposed(c, n->b, err) : NULL;
         if (B == NULL) {
             rc = err ? err->code : LM_E_NOMEM;
             break;
@@ -351,6 +360,35 @@ static const lm_ts_tensor *permute_heads(fm_ctx *c, const lm_ts_tensor *t, long 
     return fm_made(c, t->dtype, t->n_dims, t->shape, d, err);
 }
 
+typedef struct {
+    int permute;            /* some module is a q_proj or k_proj */
+    long heads, kv, head_dim;
+} tune_heads;
+
+/* the attention geometry torchtune's q/k permutation needs, from the base's config.json */
+static lm_code tune_heads_of(const fm_ctx *c, const nlist *l, tune_heads *h, lm_err *err)
+{
+    long hidden = 0;
+    for (size_t i = 0; i < l->n && !h->permute; i++)
+        h->permute = strstr(l->v[i].path, "q_proj") || strstr(l->v[i].path, "k_proj");
+    if (!h->permute)
+        return LM_OK;
+    const char *model_type = c->base ? fm_base_config_str(c->base, "model_type") : NULL;
+    if (c->base == NULL || !fm_base_config_int(c->base, "num_attention_heads", &h->heads) ||
+        !fm_base_config_int(c->base, "hidden_size", &hidden))
+        return lm_fail(err, LM_E_USAGE, "NeedsBase", "torchtune permutes q_proj / k_proj rows per attention head: the "
+                       "base's config.json (num_attention_heads, hidden_size) is needed");
+    if (model_type == NULL || (strcmp(model_type, "llama") && strcmp(model_type, "mistral")))
+        return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "torchtune keys for a base of model_type '%s': lora-merge "
+                       "knows torchtune's q/k row permutation for llama and mistral only; use the PEFT adapter "
+                       "torchtune writes beside it (adapter_model.safetensors)", model_type ? model_type : "?");
+    if (!fm_base_config_int(c->base, "num_key_value_heads", &h->kv))
+        h->kv = h->heads;
+    if (!fm_base_config_int(c->base, "head_dim", &h->head_dim))
+        h->head_dim = h->heads > 0 ? hidden / h->heads : 0;
+    return LM_OK;
+}
+
 lm_code fm_read_torchtune(fm_ctx *c, const lm_tensor_set *ts, const cJSON *config, lm_err *err)
 {
     nlist l = {0};
@@ -380,39 +418,18 @@ lm_code fm_read_torchtune(fm_ctx *c, const lm_tensor_set *ts, const cJSON *confi
         }
         rc = set_slot(cut == 10 ? &m->mag : k[strlen(k) - 8] == 'a' ? &m->a : &m->b, t, err);
     }
-    long heads = 0, kv = 0, hidden = 0, head_dim = 0;
-    const char *model_type = c->base ? fm_base_config_str(c->base, "model_type") : NULL;
-    int permute = 0;
-    for (size_t i = 0; i < l.n && !permute; i++)
-        permute = strstr(l.v[i].path, "q_proj") || strstr(l.v[i].path, "k_proj");
-    if (rc == LM_OK && permute) {
-        if (c->base == NULL || !fm_base_config_int(c->base, "num_attention_heads", &heads) ||
-            !fm_base_config_int(c->base, "hidden_size", &hidden))
-            rc = lm_fail(err, LM_E_USAGE, "NeedsBase", "torchtune permutes q_proj / k_proj rows per attention head: "
-                         "the base's config.json (num_attention_heads, hidden_size) is needed");
-        else if (model_type == NULL || (strcmp(model_type, "llama") && strcmp(model_type, "mistral")))
-            rc = lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "torchtune keys for a base of model_type '%s': lora-merge "
-                         "knows torchtune's q/k row permutation for llama and mistral only; use the PEFT adapter "
-                         "torchtune writes beside it (adapter_model.safetensors)", model_type ? model_type : "?");
-        if (rc == LM_OK && !fm_base_config_int(c->base, "num_key_value_heads", &kv))
-            kv = heads;
-        if (rc == LM_OK && !fm_base_config_int(c->base, "head_dim", &head_dim))
-            head_dim = heads > 0 ? hidden / heads : 0;
-    }
+    tune_heads h = {0};
+    if (rc == LM_OK)
+        rc = tune_heads_of(c, &l, &h, err);
     double cfg_alpha = 0;
     const cJSON *ca = config ? jget(config, "lora_alpha") : NULL;
     if (cJSON_IsNumber(ca) && isfinite(ca->valuedouble))
         cfg_alpha = ca->valuedouble;
     for (size_t i = 0; i < l.n && rc == LM_OK; i++) {
         nmod *n = &l.v[i];
-        if ((rc = need_pair(n, "lora_a.weight", "lora_b.weight", err)) != LM_OK)
+        fm_module *m = pair_module(c, n, "lora_a.weight", "lora_b.weight", &rc, err);
+        if (m == NULL)
             break;
-        fm_module *m = fm_add(c, FM_LORA, n->src, NULL, n->path, FM_NAME_PATH, err);
-        if (m == NULL) {
-            rc = LM_E_NOMEM;
-            break;
-        }
-        m->r = (long)n->a->shape[0];
         if (!user_alpha(c, m->r, &m->alpha, err, &rc)) {
             if (cfg_alpha == 0) {
                 rc = lm_fail(err, LM_E_USAGE, "MissingAlpha", "torchtune's adapter file does not hold lora_alpha and "
@@ -425,10 +442,10 @@ lm_code fm_read_torchtune(fm_ctx *c, const lm_tensor_set *ts, const cJSON *confi
         if (rc != LM_OK)
             break;
         const lm_ts_tensor *B = n->b, *mag = n->mag;
-        long nh = strstr(n->path, "q_proj") ? heads : strstr(n->path, "k_proj") ? kv : 0;
+        long nh = strstr(n->path, "q_proj") ? h.heads : strstr(n->path, "k_proj") ? h.kv : 0;
         if (nh > 0) {
-            if ((B = permute_heads(c, n->b, nh, head_dim, err)) == NULL ||
-                (mag && (mag = permute_heads(c, n->mag, nh, head_dim, err)) == NULL)) {
+            if ((B = permute_heads(c, n->b, nh, h.head_dim, err)) == NULL ||
+                (mag && (mag = permute_heads(c, n->mag, nh, h.head_dim, err)) == NULL)) {
                 rc = err ? err->code : LM_E_NOMEM;
                 lm_err_set_tensor(err, n->src);
                 break;
@@ -438,10 +455,10 @@ lm_code fm_read_torchtune(fm_ctx *c, const lm_tensor_set *ts, const cJSON *confi
             (mag && (rc = fm_part_add(m, "lora_magnitude_vector", mag, err))))
             break;
     }
-    if (rc == LM_OK && permute)
+    if (rc == LM_OK && h.permute)
         rc = fm_note(c, "%s: torchtune names mapped to Hugging Face's; q_proj / k_proj lora_B rows%s permuted per head "
                      "(%ld heads, %ld key/value heads, head_dim %ld) as torchtune permutes the base weights",
-                     c->path, l.n && l.v[0].mag ? " and magnitudes" : "", heads, kv, head_dim);
+                     c->path, l.n && l.v[0].mag ? " and magnitudes" : "", h.heads, h.kv, h.head_dim);
     nlist_free(&l);
     return rc;
 }
@@ -580,13 +597,10 @@ static void dmeta_read(const lm_tensor_set *ts, const char *group, dmeta *d)
 static lm_code diffusers_module(fm_ctx *c, const lm_tensor_set *ts, nmod *n, dmeta *metas, const char **groups,
                                 size_t n_groups, lm_err *err)
 {
-    lm_code rc = need_pair(n, "down", "up", err);
-    if (rc != LM_OK)
-        return rc;
-    fm_module *m = fm_add(c, FM_LORA, n->src, n->group, n->path, FM_NAME_PATH, err);
+    lm_code rc = LM_OK;
+    fm_module *m = pair_module(c, n, "down", "up", &rc, err);
     if (m == NULL)
-        return LM_E_NOMEM;
-    m->r = (long)n->a->shape[0];
+        return rc;
     m->alpha = (double)m->r; /* no alpha anywhere: scale 1 */
     dmeta *d = NULL;
     for (size_t g = 0; g < n_groups; g++)
@@ -725,14 +739,9 @@ lm_code fm_read_loralib(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
     }
     for (size_t i = 0; i < l.n && rc == LM_OK; i++) {
         nmod *n = &l.v[i];
-        if ((rc = need_pair(n, "lora_A", "lora_B", err)) != LM_OK)
+        fm_module *m = pair_module(c, n, "lora_A", "lora_B", &rc, err);
+        if (m == NULL)
             break;
-        fm_module *m = fm_add(c, FM_LORA, n->src, NULL, n->path, FM_NAME_PATH, err);
-        if (m == NULL) {
-            rc = LM_E_NOMEM;
-            break;
-        }
-        m->r = (long)n->a->shape[0];
         m->orient_by_base = 1;
         m->embedding = c->base == NULL && strstr(n->path, "embed") != NULL;
         if (!user_alpha(c, m->r, &m->alpha, err, &rc)) {

@@ -366,6 +366,21 @@ static int same_order(const order *a, const order *b)
     return 1;
 }
 
+/* a plain pair: r from down's rows, scale 1 unless the user gave alpha or the multiplier */
+static lm_code add_pair(fm_ctx *c, fm_module *m, const lm_ts_tensor *up, const lm_ts_tensor *down, lm_err *err)
+{
+    lm_code rc = LM_OK;
+    m->r = (long)down->shape[0];
+    m->alpha = (double)m->r;
+    if (c->opts->lora_alpha != 0)
+        m->alpha = c->opts->lora_alpha;
+    else if (c->opts->lora_scale != 0)
+        rc = fm_alpha_for_scale(c->opts->lora_scale, m->r, &m->alpha, err);
+    if (rc == LM_OK)
+        rc = fm_part_add(m, "lora_A.weight", down, err);
+    return rc == LM_OK ? fm_part_add(m, "lora_B.weight", up, err) : rc;
+}
+
 lm_code fm_map_unnamed(fm_ctx *c, const lm_ts_tensor *const *up, const lm_ts_tensor *const *down, size_t n,
                        const char *group, const char *const *classes, size_t n_classes, const char *what,
                        lm_err *err)
@@ -437,18 +452,7 @@ lm_code fm_map_unnamed(fm_ctx *c, const lm_ts_tensor *const *up, const lm_ts_ten
         snprintf(src, sizeof src, "%s pair %zu", group ? group : what, k);
         fm_module *m = fm_add(c, FM_LORA, src, group, cand[first].mods[k], c->base ? FM_NAME_RESOLVED : FM_NAME_PATH,
                               err);
-        if (m == NULL) {
-            rc = LM_E_NOMEM;
-            break;
-        }
-        m->r = (long)down[k]->shape[0];
-        m->alpha = (double)m->r;
-        if (c->opts->lora_alpha != 0)
-            m->alpha = c->opts->lora_alpha;
-        else if (c->opts->lora_scale != 0)
-            rc = fm_alpha_for_scale(c->opts->lora_scale, m->r, &m->alpha, err);
-        if (rc == LM_OK && ((rc = fm_part_add(m, "lora_A.weight", down[k], err)) == LM_OK))
-            rc = fm_part_add(m, "lora_B.weight", up[k], err);
+        rc = m ? add_pair(c, m, up[k], down[k], err) : LM_E_NOMEM;
     }
     if (rc == LM_OK)
         rc = fm_note(c, "%s: %zu unnamed pairs mapped in the order %s", c->path, n, cand[first].label);
@@ -497,111 +501,114 @@ lm_code fm_read_clone_list(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
     return rc;
 }
 
+/* the groups ("unet", "text_encoder") of a lora_diffusion file, named by the metadata key that
+ * lists their target classes (borrowed from the file); token embeddings are counted */
+static lm_code clone_groups(const lm_tensor_set *ts, const char **groups, size_t cap, size_t *n_groups,
+                            size_t *n_embeds, lm_err *err)
+{
+    for (size_t i = 0; i < ts->n; i++) {
+        const char *k = ts->t[i].name, *colon = strchr(k, ':'), *meta = fm_st_meta(ts, k);
+        if (colon == NULL && meta != NULL && strcmp(meta, "<embed>") == 0) {
+            (*n_embeds)++;
+            continue;
+        }
+        if (colon == NULL) {
+            lm_fail(err, LM_E_FORMAT, "UnknownKey", "not a lora_diffusion key ('<group>:<index>:up|down', or a token "
+                    "embedding marked <embed>)");
+            lm_err_set_tensor(err, k);
+            return LM_E_FORMAT;
+        }
+        size_t len = (size_t)(colon - k), g = 0;
+        while (g < *n_groups && !(strncmp(groups[g], k, len) == 0 && groups[g][len] == '\0'))
+            g++;
+        if (g < *n_groups)
+            continue;
+        const char *gname = NULL;
+        for (size_t m = 0; ts->st && m < lm_st_n_metadata(ts->st) && gname == NULL; m++) {
+            const char *mk, *mv;
+            lm_st_metadata(ts->st, m, &mk, &mv);
+            if (strncmp(mk, k, len) == 0 && mk[len] == '\0')
+                gname = mk;
+        }
+        if (gname == NULL || *n_groups == cap)
+            return lm_fail(err, LM_E_FORMAT, "MissingMetadata", "group '%.*s' has no metadata entry naming its target "
+                           "classes (or too many groups)", (int)len, k);
+        groups[(*n_groups)++] = gname;
+    }
+    return LM_OK;
+}
+
+/* the pairs gname:0 .. gname:n-1 (up, down), every one present, ranks as the metadata says */
+static lm_code clone_pairs(const lm_tensor_set *ts, const char *gname, size_t n, const lm_ts_tensor **up,
+                           const lm_ts_tensor **down, lm_err *err)
+{
+    char key[300];
+    size_t total = 0, ng = strlen(gname);
+    for (size_t i = 0; i < ts->n; i++)
+        total += strncmp(ts->t[i].name, gname, ng) == 0 && ts->t[i].name[ng] == ':';
+    if (total != 2 * n)
+        return lm_fail(err, LM_E_FORMAT, "IncompleteModule", "group '%s' has %zu tensors, not the %zu of pairs 0 .. %zu",
+                       gname, total, 2 * n, n ? n - 1 : 0);
+    for (size_t k = 0; k < n; k++) {
+        snprintf(key, sizeof key, "%s:%zu:up", gname, k);
+        up[k] = lm_ts_find(ts, key);
+        snprintf(key, sizeof key, "%s:%zu:down", gname, k);
+        if ((down[k] = lm_ts_find(ts, key)) == NULL)
+            return lm_fail(err, LM_E_FORMAT, "IncompleteModule", "no '%s' for '%s:%zu:up'", key, gname, k);
+        lm_code rc = check_pair(up[k], down[k], gname, err);
+        snprintf(key, sizeof key, "%s:%zu:rank", gname, k);
+        const char *rank = fm_st_meta(ts, key);
+        if (rc == LM_OK && rank != NULL && strtoull(rank, NULL, 10) != down[k]->shape[0])
+            rc = lm_fail(err, LM_E_MISMATCH, "RankMismatch", "metadata says rank %s for pair %zu of '%s' but down has "
+                         "%llu rows", rank, k, gname, (unsigned long long)down[k]->shape[0]);
+        if (rc != LM_OK)
+            return rc;
+    }
+    return LM_OK;
+}
+
+/* one group: its pairs in the order of the target classes lora_diffusion recorded (a JSON list) */
+static lm_code clone_group(fm_ctx *c, const lm_tensor_set *ts, const char *gname, size_t n, lm_err *err)
+{
+    const lm_ts_tensor **up = malloc((n ? n : 1) * sizeof *up), **down = malloc((n ? n : 1) * sizeof *down);
+    lm_code rc = up && down ? clone_pairs(ts, gname, n, up, down, err) : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    const char *classes[8];
+    size_t n_classes = 0;
+    cJSON *cl = cJSON_Parse(fm_st_meta(ts, gname));
+    const cJSON *e;
+    if (cJSON_IsArray(cl))
+        cJSON_ArrayForEach(e, cl) if (cJSON_IsString(e) && n_classes < LM_ARRAY_LEN(classes)) classes[n_classes++] =
+            e->valuestring;
+    if (rc == LM_OK)
+        rc = fm_map_unnamed(c, up, down, n, gname, n_classes ? classes : NULL, n_classes, "lora_diffusion", err);
+    cJSON_Delete(cl);
+    free(up);
+    free(down);
+    return rc;
+}
+
 lm_code fm_read_clone_st(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
 {
     c->format = "lora_diffusion .safetensors";
-    const char *groups[8];
+    const char *groups[8], *cls = NULL;
     size_t n_groups = 0, n_embeds = 0;
-    lm_code rc = LM_OK;
-    for (size_t i = 0; i < ts->n && rc == LM_OK; i++) {
-        const char *k = ts->t[i].name, *colon = strchr(k, ':');
-        const char *meta = fm_st_meta(ts, k);
-        if (colon == NULL) {
-            if (meta != NULL && strcmp(meta, "<embed>") == 0) {
-                n_embeds++;
-                continue;
-            }
-            rc = lm_fail(err, LM_E_FORMAT, "UnknownKey", "not a lora_diffusion key ('<group>:<index>:up|down', or a "
-                         "token embedding marked <embed>)");
-            lm_err_set_tensor(err, k);
-            break;
-        }
-        size_t g = 0;
-        while (g < n_groups && !(strncmp(groups[g], k, (size_t)(colon - k)) == 0 && groups[g][colon - k] == '\0'))
-            g++;
-        if (g == n_groups) {
-            if (n_groups == LM_ARRAY_LEN(groups)) {
-                rc = lm_fail(err, LM_E_FORMAT, "InvalidKey", "too many groups");
-                break;
-            }
-            /* the group's name, borrowed from the metadata key that names its classes */
-            const char *gname = NULL;
-            for (size_t m = 0; ts->st && m < lm_st_n_metadata(ts->st) && gname == NULL; m++) {
-                const char *mk, *mv;
-                lm_st_metadata(ts->st, m, &mk, &mv);
-                if (strncmp(mk, k, (size_t)(colon - k)) == 0 && mk[colon - k] == '\0')
-                    gname = mk;
-            }
-            if (gname == NULL) {
-                rc = lm_fail(err, LM_E_FORMAT, "MissingMetadata", "group '%.*s' has no metadata entry naming its target "
-                             "classes", (int)(colon - k), k);
-                break;
-            }
-            groups[n_groups++] = gname;
-        }
-    }
-    const char *cls = NULL;
-    int arch = c->base ? base_arch(c->base, &cls) : 0;
-    int mapped = 0;
+    int mapped = 0, arch = c->base ? base_arch(c->base, &cls) : 0;
+    lm_code rc = clone_groups(ts, groups, LM_ARRAY_LEN(groups), &n_groups, &n_embeds, err);
     for (size_t g = 0; g < n_groups && rc == LM_OK; g++) {
         const char *gname = groups[g];
         int wanted = arch == 1 ? strcmp(gname, "unet") == 0 : arch == 2 ? strcmp(gname, "text_encoder") == 0
                                                                         : n_groups == 1;
         size_t n = 0;
         char key[300];
-        for (;; n++) {
+        do
             snprintf(key, sizeof key, "%s:%zu:up", gname, n);
-            if (lm_ts_find(ts, key) == NULL)
-                break;
-        }
+        while (lm_ts_find(ts, key) != NULL && ++n);
         if (!wanted) {
             rc = fm_note(c, "%s: %zu pairs of group '%s' skipped (the base is %s; merge them into that component "
                          "separately)", c->path, n, gname, cls ? cls : "another component");
             continue;
         }
-        const lm_ts_tensor **up = malloc((n ? n : 1) * sizeof *up), **down = malloc((n ? n : 1) * sizeof *down);
-        if (up == NULL || down == NULL) {
-            free(up);
-            free(down);
-            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            break;
-        }
-        size_t total = 0;
-        for (size_t i = 0; i < ts->n; i++)
-            if (strncmp(ts->t[i].name, gname, strlen(gname)) == 0 && ts->t[i].name[strlen(gname)] == ':')
-                total++;
-        if (total != 2 * n)
-            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "group '%s' has %zu tensors, not the %zu of pairs 0 .. %zu",
-                         gname, total, 2 * n, n ? n - 1 : 0);
-        for (size_t k = 0; k < n && rc == LM_OK; k++) {
-            snprintf(key, sizeof key, "%s:%zu:up", gname, k);
-            up[k] = lm_ts_find(ts, key);
-            snprintf(key, sizeof key, "%s:%zu:down", gname, k);
-            down[k] = lm_ts_find(ts, key);
-            if (down[k] == NULL) {
-                rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "no '%s' for '%s:%zu:up'", key, gname, k);
-                break;
-            }
-            rc = check_pair(up[k], down[k], gname, err);
-            snprintf(key, sizeof key, "%s:%zu:rank", gname, k);
-            const char *rank = fm_st_meta(ts, key);
-            if (rc == LM_OK && rank != NULL && strtoull(rank, NULL, 10) != down[k]->shape[0])
-                rc = lm_fail(err, LM_E_MISMATCH, "RankMismatch", "metadata says rank %s for pair %zu of '%s' but down has "
-                             "%llu rows", rank, k, gname, (unsigned long long)down[k]->shape[0]);
-        }
-        /* the target classes lora_diffusion recorded: a JSON list in the group's metadata */
-        const char *classes[8];
-        size_t n_classes = 0;
-        cJSON *cl = cJSON_Parse(fm_st_meta(ts, gname));
-        const cJSON *e;
-        if (cJSON_IsArray(cl))
-            cJSON_ArrayForEach(e, cl) if (cJSON_IsString(e) && n_classes < LM_ARRAY_LEN(classes)) classes[n_classes++] =
-                e->valuestring;
-        if (rc == LM_OK)
-            rc = fm_map_unnamed(c, up, down, n, gname, n_classes ? classes : NULL, n_classes, "lora_diffusion", err);
-        cJSON_Delete(cl);
-        free(up);
-        free(down);
+        rc = clone_group(c, ts, gname, n, err);
         mapped++;
     }
     if (rc == LM_OK && n_embeds > 0)
@@ -769,10 +776,9 @@ static int cmp_num_name(const void *x, const void *y)
     return p < q ? -1 : p > q;
 }
 
-lm_code fm_read_raw_dir(fm_ctx *c, const char *dir, lm_err *err)
+/* the up and the down file of a folder; exactly one each */
+static lm_code raw_files(const char *dir, char *files[2], lm_err *err)
 {
-    c->format = "raw up/down files";
-    char *files[2] = {NULL, NULL};
     lm_code rc = LM_OK;
     DIR *d = opendir(dir);
     if (d == NULL)
@@ -782,86 +788,104 @@ lm_code fm_read_raw_dir(fm_ctx *c, const char *dir, lm_err *err)
         int role = raw_role(de->d_name);
         if (role == 0)
             continue;
-        if (files[role - 1] != NULL) {
+        if (files[role - 1] != NULL)
             rc = lm_fail(err, LM_E_USAGE, "AmbiguousAdapter", "two %s files ('%s' and '%s'): keep one", role == 1 ? "up"
                          : "down", strrchr(files[role - 1], '/') + 1, de->d_name);
-            break;
-        }
-        files[role - 1] = fm_join(dir, de->d_name);
+        else if ((files[role - 1] = fm_join(dir, de->d_name)) == NULL)
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
     closedir(d);
     if (rc == LM_OK && (files[0] == NULL || files[1] == NULL))
         rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "a %s file but no %s file (up-param.bin / down-param.bin, "
                      "up.pt / down.pt, lora_up.safetensors ...)", files[0] ? "up" : "down", files[0] ? "down" : "up");
+    return rc;
+}
+
+/* unnamed: lone tensors, lists, or dicts keyed 0, 1, ... (in number order) */
+static lm_code raw_unnamed(fm_ctx *c, lm_tensor_set *const ts[2], const int root[2], char *const files[2], lm_err *err)
+{
+    lm_code rc = LM_OK;
+    for (int i = 0; i < 2 && rc == LM_OK; i++)
+        if (root[i] == LM_TORCH_ROOT_DICT && !all_numeric_names(ts[i]))
+            rc = lm_fail(err, LM_E_FORMAT, "MixedNaming", "'%s' names its tensors but '%s' does not: both or neither",
+                         files[i], files[1 - i]);
+    if (rc == LM_OK && ts[0]->n != ts[1]->n)
+        rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%zu up tensors but %zu down tensors", ts[0]->n, ts[1]->n);
+    if (rc != LM_OK)
+        return rc;
+    size_t n = ts[0]->n;
+    const lm_ts_tensor **up = malloc((n ? n : 1) * sizeof *up), **down = malloc((n ? n : 1) * sizeof *down);
+    if (up == NULL || down == NULL)
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t k = 0; k < n && rc == LM_OK; k++) {
+        up[k] = &ts[0]->t[k];
+        down[k] = &ts[1]->t[k];
+    }
+    if (rc == LM_OK && root[0] == LM_TORCH_ROOT_DICT) {
+        qsort(up, n, sizeof *up, cmp_num_name);
+        qsort(down, n, sizeof *down, cmp_num_name);
+    }
+    for (size_t k = 0; k < n && rc == LM_OK; k++)
+        rc = check_pair(up[k], down[k], "up/down files", err);
+    if (rc == LM_OK)
+        rc = fm_map_unnamed(c, up, down, n, NULL, NULL, 0, "up/down files", err);
+    free(up);
+    free(down);
+    return rc;
+}
+
+/* the down tensor whose name matches an up tensor's module name */
+static const lm_ts_tensor *raw_partner(const lm_tensor_set *downs, const char *name)
+{
+    for (size_t j = 0; j < downs->n; j++) {
+        char *other = raw_module_name(downs->t[j].name);
+        int same = other && strcmp(other, name) == 0;
+        free(other);
+        if (same)
+            return &downs->t[j];
+    }
+    return NULL;
+}
+
+/* named: dicts (or safetensors) whose keys are the module paths */
+static lm_code raw_named(fm_ctx *c, lm_tensor_set *const ts[2], lm_err *err)
+{
+    lm_code rc = LM_OK;
+    for (size_t k = 0; k < ts[0]->n && rc == LM_OK; k++) {
+        const lm_ts_tensor *up = &ts[0]->t[k], *down;
+        char *name = raw_module_name(up->name);
+        if (name == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        if ((down = raw_partner(ts[1], name)) == NULL)
+            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "up tensor '%s' has no down tensor of the same name",
+                         up->name);
+        if (rc == LM_OK)
+            rc = check_pair(up, down, "up/down files", err);
+        fm_module *m = rc == LM_OK ? fm_add(c, FM_LORA, up->name, NULL, name, FM_NAME_PATH, err) : NULL;
+        free(name);
+        if (rc == LM_OK)
+            rc = m ? add_pair(c, m, up, down, err) : LM_E_NOMEM;
+    }
+    if (rc == LM_OK && ts[1]->n != ts[0]->n)
+        rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%zu down tensors but %zu up tensors", ts[1]->n, ts[0]->n);
+    return rc;
+}
+
+lm_code fm_read_raw_dir(fm_ctx *c, const char *dir, lm_err *err)
+{
+    c->format = "raw up/down files";
+    char *files[2] = {NULL, NULL};
     lm_tensor_set *ts[2] = {NULL, NULL};
     int root[2] = {0, 0};
+    lm_code rc = raw_files(dir, files, err);
     for (int i = 0; i < 2 && rc == LM_OK; i++)
         rc = fm_load_file(c, files[i], &ts[i], &root[i], err);
+    if (rc == LM_OK && (c->weights_path = strdup(files[0])) == NULL)
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     if (rc == LM_OK) {
-        c->weights_path = strdup(files[0]);
-        if (c->weights_path == NULL)
-            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    }
-    int named = rc == LM_OK && root[0] == LM_TORCH_ROOT_DICT && root[1] == LM_TORCH_ROOT_DICT &&
-                !all_numeric_names(ts[0]) && !all_numeric_names(ts[1]);
-    if (rc == LM_OK && !named) {
-        /* unnamed: lone tensors, lists, or dicts keyed 0, 1, ... */
-        for (int i = 0; i < 2 && rc == LM_OK; i++)
-            if (root[i] == LM_TORCH_ROOT_DICT && !all_numeric_names(ts[i]))
-                rc = lm_fail(err, LM_E_FORMAT, "MixedNaming", "'%s' names its tensors but '%s' does not: both or "
-                             "neither", files[i], files[1 - i]);
-        if (rc == LM_OK && ts[0]->n != ts[1]->n)
-            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%zu up tensors but %zu down tensors", ts[0]->n, ts[1]->n);
-        size_t n = rc == LM_OK ? ts[0]->n : 0;
-        const lm_ts_tensor **up = malloc((n ? n : 1) * sizeof *up), **down = malloc((n ? n : 1) * sizeof *down);
-        if (rc == LM_OK && (up == NULL || down == NULL))
-            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        for (size_t k = 0; k < n && rc == LM_OK; k++) {
-            up[k] = &ts[0]->t[k];
-            down[k] = &ts[1]->t[k];
-        }
-        if (rc == LM_OK && root[0] == LM_TORCH_ROOT_DICT) {
-            qsort(up, n, sizeof *up, cmp_num_name);
-            qsort(down, n, sizeof *down, cmp_num_name);
-        }
-        for (size_t k = 0; k < n && rc == LM_OK; k++)
-            rc = check_pair(up[k], down[k], "up/down files", err);
-        if (rc == LM_OK)
-            rc = fm_map_unnamed(c, up, down, n, NULL, NULL, 0, "up/down files", err);
-        free(up);
-        free(down);
-    } else if (rc == LM_OK) {
-        for (size_t k = 0; k < ts[0]->n && rc == LM_OK; k++) {
-            const lm_ts_tensor *up = &ts[0]->t[k], *down = NULL;
-            char *name = raw_module_name(up->name);
-            for (size_t j = 0; name && j < ts[1]->n && down == NULL; j++) {
-                char *other = raw_module_name(ts[1]->t[j].name);
-                if (other && strcmp(other, name) == 0)
-                    down = &ts[1]->t[j];
-                free(other);
-            }
-            if (name == NULL)
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            else if (down == NULL)
-                rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "up tensor '%s' has no down tensor of the same name",
-                             up->name);
-            fm_module *m = rc == LM_OK ? fm_add(c, FM_LORA, up->name, NULL, name, FM_NAME_PATH, err) : NULL;
-            free(name);
-            if (rc == LM_OK && m == NULL)
-                rc = LM_E_NOMEM;
-            if (rc == LM_OK && (rc = check_pair(up, down, "up/down files", err)) == LM_OK) {
-                m->r = (long)down->shape[0];
-                m->alpha = (double)m->r;
-                if (c->opts->lora_alpha != 0)
-                    m->alpha = c->opts->lora_alpha;
-                else if (c->opts->lora_scale != 0)
-                    rc = fm_alpha_for_scale(c->opts->lora_scale, m->r, &m->alpha, err);
-                if (rc == LM_OK && (rc = fm_part_add(m, "lora_A.weight", down, err)) == LM_OK)
-                    rc = fm_part_add(m, "lora_B.weight", up, err);
-            }
-        }
-        if (rc == LM_OK && ts[1]->n != ts[0]->n)
-            rc = lm_fail(err, LM_E_FORMAT, "IncompleteModule", "%zu down tensors but %zu up tensors", ts[1]->n, ts[0]->n);
+        int named = root[0] == LM_TORCH_ROOT_DICT && root[1] == LM_TORCH_ROOT_DICT && !all_numeric_names(ts[0]) &&
+                    !all_numeric_names(ts[1]);
+        rc = named ? raw_named(c, ts, err) : raw_unnamed(c, ts, root, files, err);
     }
     if (rc == LM_OK && c->opts->lora_alpha == 0 && c->opts->lora_scale == 0)
         rc = fm_note(c, "%s: up/down files record no scale: merged with scale 1 (give --lora-scale or --lora-alpha "
