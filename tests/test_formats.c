@@ -115,6 +115,20 @@ static void twrite(const char *path, const tset *s)
     twrite_meta(path, s, NULL, NULL, 0);
 }
 
+/* removes the test directory and frees what a test made (NULL entries are skipped) */
+static void cleanup(char *dir, tset *s1, tset *s2, tset *s3, char *p1, char *p2, char *p3, char *p4)
+{
+    tset *sets[3] = {s1, s2, s3};
+    char *strs[4] = {p1, p2, p3, p4};
+    for (int i = 0; i < 3; i++)
+        if (sets[i])
+            tfree(sets[i]);
+    for (int i = 0; i < 4; i++)
+        free(strs[i]);
+    th_rmrf(dir);
+    free(dir);
+}
+
 static void tsave_torch(const char *path, const tset *s, int root)
 {
     th_out_tensor *o = calloc(s->n + 1, sizeof *o);
@@ -371,6 +385,14 @@ static void check_output(const char *out, refs *R)
     th_st_free(&st);
 }
 
+/* the output equals the reference; then both are freed */
+static void check_and_free(const char *out, refs *R, mres *r)
+{
+    check_output(out, R);
+    refs_free(R);
+    mres_free(r);
+}
+
 /* ---- convert --------------------------------------------------------------------------------- */
 static lm_code convert(const char *in, const char *out_dir, const char *base, const lm_format_opts *fo, lm_err *err,
                        char **notes)
@@ -477,16 +499,8 @@ Test(formats, kohya_lora_linear_and_convs)
         ref_lowrank(rw(&R, UNET_Q ".weight"), qu->v, qd->v, 8, 4, 8, 2.0 / 4);
         ref_lowrank(rw(&R, UNET_PROJ ".weight"), pu->v, pd->v, 8, 2, 8, 3.0 / 2);
         ref_lowrank(rw(&R, UNET_CONV ".weight"), cu->v, cd->v, 6, 3, 8 * 9, 1.0);
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
-        free(ap);
-        free(out);
-        free(bp);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
+        check_and_free(out, &R, &r);
+        cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
     }
 }
 
@@ -520,16 +534,8 @@ Test(formats, locon_tucker_mid)
                         s += u->v[p * 2 + i] * m->v[(i * 2 + j) * 9 + x] * d->v[j * 8 + c];
                 w[(p * 8 + c) * 9 + x] += 0.5 * s; /* alpha 1, r 2 */
             }
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
-    free(ap);
-    free(out);
-    free(bp);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
+    check_and_free(out, &R, &r);
+    cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
 }
 
 /* LoHa and LoKr on a Linear; LoKr with both factors whole has scale 1 whatever alpha says */
@@ -591,16 +597,8 @@ Test(formats, lycoris_loha_and_lokr_linear)
         twrite(ap, &ad);
         mres r = merge(bp, ap, out, NULL);
         expect_ok(r);
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
-        free(ap);
-        free(out);
-        free(bp);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
+        check_and_free(out, &R, &r);
+        cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
     }
 }
 
@@ -644,16 +642,8 @@ Test(formats, lycoris_ia3_and_full)
         twrite(ap, &ad);
         mres r = merge(bp, ap, out, NULL);
         expect_ok(r);
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
-        free(ap);
-        free(out);
-        free(bp);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
+        check_and_free(out, &R, &r);
+        cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
     }
 }
 
@@ -686,13 +676,7 @@ static void kohya_refused(const char *const *parts, size_t n_parts, const char *
     expect_refused(r, kind, needle);
     cr_assert(!th_exists(out), "no output after a refusal");
     mres_free(&r);
-    free(ap);
-    free(out);
-    free(bp);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
+    cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
 }
 
 Test(formats, lycoris_refusals)
@@ -733,13 +717,7 @@ Test(formats, kohya_flattening_collision)
     expect_refused(r, "AmbiguousModule", "blocks.a_b.proj");
     cr_assert(strstr(r.line, "blocks.a.b_proj"), "both candidates named: %s", r.line);
     mres_free(&r);
-    free(ap);
-    free(out);
-    free(bp);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
+    cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
 }
 
 /* diffusers-named kohya modules into an original-layout (LDM) single file: refused, saying what to use */
@@ -778,17 +756,8 @@ Test(formats, kohya_ldm_checkpoint_refused)
     refs_from(&R, &base);
     ref_lowrank(rw(&R, "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"), u->v, d->v,
                 8, 2, 8, 1.0);
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
-    free(ap);
-    free(out);
-    free(bp);
-    tfree(&base);
-    tfree(&ad);
-    tfree(&te);
-    th_rmrf(dir);
-    free(dir);
+    check_and_free(out, &R, &r);
+    cleanup(dir, &base, &ad, &te, ap, out, bp, NULL);
 }
 
 /* ============================================================================================ */
@@ -889,15 +858,8 @@ static void mlx_case(const char *config, double S, int embedding, int dora, cons
     refs R;
     refs_from(&R, &base);
     mlx_ref(&R, &ad, S, embedding, dora);
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(ad_dir);
-    free(out);
+    check_and_free(out, &R, &r);
+    cleanup(dir, &base, &ad, NULL, ad_dir, out, NULL, NULL);
 }
 
 Test(formats, mlx_lm_scale_rules)
@@ -948,14 +910,7 @@ Test(formats, mlx_lm_refusals)
     expect_refused(r, "MissingConfig", "adapter_config.json");
     mres_free(&r);
     cr_assert(!th_exists(out));
-    free(cfg);
-    free(p);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(ad_dir);
-    free(out);
+    cleanup(dir, &base, &ad, NULL, cfg, p, ad_dir, out);
 }
 
 /* ============================================================================================ */
@@ -1044,9 +999,7 @@ Test(formats, torchtune_names_and_permutation)
         refs R;
         refs_from(&R, &base);
         tune_ref(&R, &ad, 1.5);
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
+        check_and_free(out, &R, &r);
         /* refusals: no alpha anywhere; a model type whose permutation is not known */
         if (form == 1) {
             r = merge(dir, pt, out, NULL);
@@ -1059,13 +1012,7 @@ Test(formats, torchtune_names_and_permutation)
             expect_refused(r, "Unsupported", "qwen2");
             mres_free(&r);
         }
-        free(pt);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
-        free(out);
-        free(tdir);
+        cleanup(dir, &base, &ad, NULL, pt, out, tdir, NULL);
     }
 }
 
@@ -1139,15 +1086,8 @@ Test(formats, diffusers_spellings_and_alphas)
             snprintf(k, sizeof k, "%s.weight", targets[m]);
             ref_lowrank(rw(&R, k), B[m]->v, A[m]->v, 8, 2, 8, s[m]);
         }
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
-        free(ap);
-        free(out);
+        check_and_free(out, &R, &r);
+        cleanup(dir, &base, &ad, NULL, ap, out, NULL, NULL);
     }
 }
 
@@ -1184,15 +1124,8 @@ Test(formats, loralib_linear_embedding_and_bias)
             we[v * 6 + d] += 1.5 * (eb->v[d * 2] * ea->v[v] + eb->v[d * 2 + 1] * ea->v[10 + v]);
     ref_lowrank(rw(&R, "bert.encoder.layer.0.attention.self.query.weight"), qb->v, qa->v, 6, 2, 6, 1.5);
     memcpy(rw(&R, "bert.encoder.layer.0.attention.self.query.bias"), bias->v, 6 * sizeof(double));
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(ap);
-    free(out);
+    check_and_free(out, &R, &r);
+    cleanup(dir, &base, &ad, NULL, ap, out, NULL, NULL);
 }
 
 /* pair 2k is block k's q (rows [0, d)), 2k + 1 its v (rows [2d, 3d)) of the fused qkv */
@@ -1225,9 +1158,7 @@ Test(formats, lora_sam_fused_qkv)
         ref_lowrank(w, b[2 * blk]->v, a[2 * blk]->v, 4, 2, 4, 1.0);
         ref_lowrank(w + 8 * 4, b[2 * blk + 1]->v, a[2 * blk + 1]->v, 4, 2, 4, 1.0);
     }
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
+    check_and_free(out, &R, &r);
     /* an odd pair count cannot be q and v of every block */
     tset half = {0};
     tadd(&half, "F32", "w_a_000", 2, (uint64_t)2, (uint64_t)4);
@@ -1236,13 +1167,7 @@ Test(formats, lora_sam_fused_qkv)
     r = merge(dir, ap, out, NULL);
     expect_refused(r, "IncompleteModule", "even");
     mres_free(&r);
-    tfree(&half);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(ap);
-    free(out);
+    cleanup(dir, &half, &base, &ad, ap, out, NULL, NULL);
 }
 
 /* ============================================================================================ */
@@ -1348,15 +1273,8 @@ Test(formats, lora_diffusion_list_and_safetensors)
             cr_assert(has_note(&r, "group 'text_encoder' skipped"), "the text encoder group is another component");
             cr_assert(has_note(&r, "token embeddings"), "the <embed> tensors are not merged, and it is said");
         }
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
-        free(ap);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
-        free(out);
+        check_and_free(out, &R, &r);
+        cleanup(dir, &base, &ad, NULL, ap, out, NULL, NULL);
     }
 }
 
@@ -1403,9 +1321,7 @@ Test(formats, unnamed_order_ambiguous_or_short)
         snprintf(k, sizeof k, "%s.transformer_blocks.0.%s.weight", blocks[0], order[i]);
         ref_lowrank(rw(&R, k), ad.t[2 * i].v, ad.t[2 * i + 1].v, 4, 1, 4, 1.0);
     }
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
+    check_and_free(out, &R, &r);
     unlink(out);
     /* too few pairs for every order (8 would be the attention-only order) */
     tset shorter = {0};
@@ -1425,13 +1341,7 @@ Test(formats, unnamed_order_ambiguous_or_short)
     expect_refused(r, "UnknownOrder", "--target-modules");
     mres_free(&r);
     cr_assert(!th_exists(out));
-    tfree(&shorter);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(out);
-    free(ap);
+    cleanup(dir, &shorter, &base, &ad, out, ap, NULL, NULL);
 }
 
 /* transformers' CLIPAttention registers k_proj, v_proj, q_proj, out_proj */
@@ -1460,15 +1370,8 @@ Test(formats, lora_diffusion_clip_text_encoder_order)
     tsave_torch(ap, &ad, 1);
     mres r = merge(dir, ap, out, NULL);
     expect_ok(r);
-    check_output(out, &R);
-    refs_free(&R);
-    mres_free(&r);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(out);
-    free(ap);
+    check_and_free(out, &R, &r);
+    cleanup(dir, &base, &ad, NULL, out, ap, NULL, NULL);
 }
 
 /* ============================================================================================ */
@@ -1540,9 +1443,7 @@ static void raw_case(int form)
     }
     mres r = merge(dir, rd, out, &fo);
     expect_ok(r);
-    check_output(out, &R);
-    mres_free(&r);
-    refs_free(&R);
+    check_and_free(out, &R, &r);
     if (form == 1) { /* the order is needed: no config.json, no --target-modules */
         unlink(out);
         r = merge(dir, rd, out, NULL);
@@ -1576,15 +1477,7 @@ static void raw_case(int form)
         mres_free(&r);
         cr_assert(!th_exists(out), "nothing written after a refusal");
     }
-    free(pu);
-    free(pd);
-    tfree(&base);
-    tfree(&up);
-    tfree(&down);
-    th_rmrf(dir);
-    free(dir);
-    free(rd);
-    free(out);
+    cleanup(dir, &base, &up, &down, pu, pd, rd, out);
 }
 
 Test(formats, raw_up_down_tensors) { raw_case(0); }
@@ -1634,15 +1527,8 @@ Test(formats, key_drift_both_directions)
         refs R;
         refs_from(&R, &base);
         ref_lowrank(rw(&R, k), B->v, A->v, 4, 2, 4, 2.0);
-        check_output(out, &R);
-        refs_free(&R);
-        mres_free(&r);
-        tfree(&base);
-        tfree(&ad);
-        th_rmrf(dir);
-        free(dir);
-        free(ad_dir);
-        free(out);
+        check_and_free(out, &R, &r);
+        cleanup(dir, &base, &ad, NULL, ad_dir, out, NULL, NULL);
     }
     /* two renames fit: refused, naming both */
     char *dir = th_tmpdir(), *ad_dir = pjoin(dir, "adapter"), *out = pjoin(dir, "out.safetensors");
@@ -1656,12 +1542,7 @@ Test(formats, key_drift_both_directions)
     expect_refused(r, "AmbiguousModule", "language_model.model.layers.0.self_attn.q_proj");
     cr_assert(strstr(r.line, "'model.layers.0.self_attn.q_proj'"), "%s", r.line);
     mres_free(&r);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
-    free(ad_dir);
-    free(out);
+    cleanup(dir, &base, &ad, NULL, ad_dir, out, NULL, NULL);
 }
 
 /* ============================================================================================ */
@@ -1759,16 +1640,23 @@ Test(formats, convert_round_trips)
     free(dir);
 }
 
+/* the small UNet base and a kohya file with one module (its 1x1 proj_in) in dir; the file's path */
+static char *kohya_proj_in(const char *dir, tset *base, tset *ad)
+{
+    unet_base(base, "F32");
+    write_base(dir, base, NULL);
+    tadd(ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
+    tadd(ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 2, (uint64_t)8, (uint64_t)2);
+    char *ap = pjoin(dir, "kohya.safetensors");
+    twrite(ap, ad);
+    return ap;
+}
+
 Test(formats, convert_refusals)
 {
     char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *out = pjoin(dir, "out");
     tset base = {0}, ad = {0};
-    unet_base(&base, "F32");
-    write_base(dir, &base, NULL);
-    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
-    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 2, (uint64_t)8, (uint64_t)2);
-    char *ap = pjoin(dir, "kohya.safetensors");
-    twrite(ap, &ad);
+    char *ap = kohya_proj_in(dir, &base, &ad);
     lm_err err;
     /* kohya names need the base */
     cr_assert_neq(convert(ap, out, NULL, NULL, &err, NULL), LM_OK);
@@ -1785,14 +1673,7 @@ Test(formats, convert_refusals)
     const th_tensor *A = th_st_find(&st, "base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight");
     cr_assert(A != NULL && A->n_dims == 4 && A->shape[2] == 1 && A->shape[3] == 1, "A viewed as a 1x1 kernel");
     th_st_free(&st);
-    free(sp);
-    free(ap);
-    free(bp);
-    free(out);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
+    cleanup(dir, &base, &ad, NULL, sp, ap, bp, out);
 }
 
 /* ============================================================================================ */
@@ -1878,12 +1759,7 @@ Test(formats, cli_inspect_and_convert)
 {
     char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *out = pjoin(dir, "conv");
     tset base = {0}, ad = {0};
-    unet_base(&base, "F32");
-    write_base(dir, &base, NULL);
-    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
-    tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", 2, (uint64_t)8, (uint64_t)2);
-    char *ap = pjoin(dir, "kohya.safetensors");
-    twrite(ap, &ad);
+    char *ap = kohya_proj_in(dir, &base, &ad);
     const char *inspect[] = {th_bin(), "inspect", "--base", bp, ap, NULL};
     th_run_result r = th_run(NULL, inspect);
     cr_assert_eq(r.status, 0, "%s", r.err);
@@ -1909,14 +1785,7 @@ Test(formats, cli_inspect_and_convert)
     r = th_run(NULL, bad);
     cr_assert_eq(r.status, 2, "--base belongs to inspect and convert");
     th_run_free(&r);
-    free(merged);
-    free(ap);
-    free(bp);
-    free(out);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
+    cleanup(dir, &base, &ad, NULL, merged, ap, bp, out);
 }
 
 /* ============================================================================================ */
@@ -2034,6 +1903,27 @@ static void expect_scale_one(const cJSON *cfg, const th_st *conv)
     }
 }
 
+/* a sparse CLIP text encoder (config.json names it) and lora_diffusion's order: k, v, q, out */
+static size_t clip_base_and_order(const char *dir, sp_set *s, char mods[][300])
+{
+    size_t n = 0;
+    clip_sparse(s);
+    sp_write(dir, s, "{\"architectures\": [\"CLIPTextModel\"]}");
+    const char *order[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+    for (int l = 0; l < 12; l++)
+        for (int p = 0; p < 4; p++)
+            snprintf(mods[n++], 300, "text_model.encoder.layers.%d.self_attn.%s", l, order[p]);
+    return n;
+}
+
+/* a sparse SD UNet with context ctx and lora_diffusion's order (with or without GEGLU) */
+static size_t sd_base_and_order(const char *dir, sp_set *s, char mods[][300], uint64_t ctx, int geglu)
+{
+    sd_unet_sparse(s, ctx);
+    sp_write(dir, s, "{\"_class_name\": \"UNet2DConditionModel\"}");
+    return sd_unet_order(mods, geglu);
+}
+
 Test(fixtures_other, lora_diffusion_pt_lists)
 {
     need_other();
@@ -2043,19 +1933,7 @@ Test(fixtures_other, lora_diffusion_pt_lists)
         char *dir = th_tmpdir();
         sp_set s = {0};
         char mods[200][300];
-        size_t n = 0;
-        if (which) {
-            clip_sparse(&s);
-            sp_write(dir, &s, "{\"architectures\": [\"CLIPTextModel\"]}");
-            const char *order[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
-            for (int l = 0; l < 12; l++)
-                for (int p = 0; p < 4; p++)
-                    snprintf(mods[n++], 300, "text_model.encoder.layers.%d.self_attn.%s", l, order[p]);
-        } else {
-            sd_unet_sparse(&s, 1024);
-            sp_write(dir, &s, "{\"_class_name\": \"UNet2DConditionModel\", \"cross_attention_dim\": 1024}");
-            n = sd_unet_order(mods, 0);
-        }
+        size_t n = which ? clip_base_and_order(dir, &s, mods) : sd_base_and_order(dir, &s, mods, 1024, 0);
         th_st conv;
         cJSON *cfg;
         convert_fixture(input, dir, NULL, dir, &conv, &cfg, NULL);
@@ -2096,19 +1974,7 @@ Test(fixtures_other, lora_diffusion_safetensors)
         char *dir = th_tmpdir();
         sp_set s = {0};
         char mods[200][300], k[64];
-        size_t n = 0;
-        if (which) {
-            clip_sparse(&s);
-            sp_write(dir, &s, "{\"architectures\": [\"CLIPTextModel\"]}");
-            const char *order[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
-            for (int l = 0; l < 12; l++)
-                for (int p = 0; p < 4; p++)
-                    snprintf(mods[n++], 300, "text_model.encoder.layers.%d.self_attn.%s", l, order[p]);
-        } else {
-            sd_unet_sparse(&s, 768);
-            sp_write(dir, &s, "{\"_class_name\": \"UNet2DConditionModel\"}");
-            n = sd_unet_order(mods, 1);
-        }
+        size_t n = which ? clip_base_and_order(dir, &s, mods) : sd_base_and_order(dir, &s, mods, 768, 1);
         th_st conv;
         cJSON *cfg;
         char *notes = NULL;
@@ -2311,20 +2177,12 @@ Test(fixtures_other, kohya_files)
     twrite(ap, &ad);
     r = merge(bp, ap, out, NULL);
     expect_ok(r);
-    check_output(out, &R);
-    mres_free(&r);
-    refs_free(&R);
+    check_and_free(out, &R, &r);
     /* the hand-converted file with a doubled prefix and '_lora_down' is refused, not skipped */
     r = merge(bp, OTHER "/kohya-style-unet-double-prefix-noalpha/new.safetensors", out, NULL);
     expect_refused(r, "MalformedKohya", "lora_unet_unet_");
     mres_free(&r);
-    free(ap);
-    free(bp);
-    free(out);
-    tfree(&base);
-    tfree(&ad);
-    th_rmrf(dir);
-    free(dir);
+    cleanup(dir, &base, &ad, NULL, ap, bp, out, NULL);
 }
 
 /* LyCORIS LoKr: the text-encoder modules onto a CLIP base (the UNet part is another component) */
