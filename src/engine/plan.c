@@ -374,6 +374,7 @@ struct lm_plan_ctx {
     const lm_ts_tensor *shared[MAX_SHARED];
     size_t n_shared;
     const char *last_module; /* plan copy of the last module string handed out */
+    lm_pattern_set *rank_pat, *alpha_pat; /* the config's patterns, compiled once (owned) */
 };
 
 const lm_adapter *lm_ctx_adapter(const lm_plan_ctx *ctx) { return ctx->ad; }
@@ -459,14 +460,21 @@ lm_code lm_ctx_rank_alpha(lm_plan_ctx *ctx, const char *module, long *r, double 
     const lm_adapter_config *cfg = ctx->ad->cfg;
     *r = cfg->r;
     *alpha = cfg->lora_alpha;
-    long w = lm_pattern_lookup((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, module, err);
+    if ((cfg->rank_keys.n && ctx->rank_pat == NULL &&
+         (ctx->rank_pat = lm_pattern_set_create((const char *const *)cfg->rank_keys.v, cfg->rank_keys.n, err)) == NULL) ||
+        (cfg->alpha_keys.n && ctx->alpha_pat == NULL &&
+         (ctx->alpha_pat = lm_pattern_set_create((const char *const *)cfg->alpha_keys.v, cfg->alpha_keys.n, err)) == NULL)) {
+        lm_err_set_path(err, ctx->ad->config_path);
+        return err->code;
+    }
+    long w = lm_pattern_set_lookup(ctx->rank_pat, module, err);
     if (w == -2) {
         lm_err_set_path(err, ctx->ad->config_path);
         return err->code;
     }
     if (w >= 0)
         *r = cfg->rank_vals[w];
-    w = lm_pattern_lookup((const char *const *)cfg->alpha_keys.v, cfg->alpha_keys.n, module, err);
+    w = lm_pattern_set_lookup(ctx->alpha_pat, module, err);
     if (w == -2) {
         lm_err_set_path(err, ctx->ad->config_path);
         return err->code;
@@ -817,6 +825,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     if (rc != LM_OK)
         lm_err_set_path(err, ad->weights_path);
     lm_target_matcher_free(tm);
+    lm_pattern_set_free(ctx.rank_pat);
+    lm_pattern_set_free(ctx.alpha_pat);
     module_list_free(&mods);
     return rc;
 }

@@ -75,6 +75,63 @@ long lm_pattern_lookup(const char *const *keys, size_t n_keys, const char *modul
     return -1;
 }
 
+struct lm_pattern_set {
+    size_t n;
+    lm_regex **re; /* owned: "(.*\.)?(" key ")$" per key */
+    char **what;   /* owned: "pattern key '...'" for messages */
+};
+
+void lm_pattern_set_free(lm_pattern_set *s)
+{
+    if (s == NULL)
+        return;
+    for (size_t i = 0; i < s->n; i++) {
+        lm_regex_free(s->re[i]);
+        free(s->what[i]);
+    }
+    free(s->re);
+    free(s->what);
+    free(s);
+}
+
+lm_pattern_set *lm_pattern_set_create(const char *const *keys, size_t n_keys, lm_err *err)
+{
+    lm_pattern_set *s = calloc(1, sizeof *s);
+    if (s == NULL || (s->re = calloc(n_keys + 1, sizeof *s->re)) == NULL ||
+        (s->what = calloc(n_keys + 1, sizeof *s->what)) == NULL) {
+        lm_pattern_set_free(s);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < n_keys; i++, s->n++) {
+        char what[160];
+        snprintf(what, sizeof what, "pattern key '%.100s'", keys[i] ? keys[i] : "(null)");
+        if (keys[i] == NULL || (s->what[i] = strdup(what)) == NULL ||
+            (s->re[i] = compile_wrapped("(.*\\.)?(", keys[i], ")$", what, err)) == NULL) {
+            if (keys[i] == NULL || s->what[i] == NULL)
+                lm_fail(err, keys[i] == NULL ? LM_E_USAGE : LM_E_NOMEM, NULL, "%s", keys[i] ? "out of memory" : "NULL key");
+            s->n++;
+            lm_pattern_set_free(s);
+            return NULL;
+        }
+    }
+    return s;
+}
+
+long lm_pattern_set_lookup(const lm_pattern_set *s, const char *module, lm_err *err)
+{
+    for (size_t i = 0; s != NULL && i < s->n; i++) {
+        int rc = lm_regex_match(s->re[i], module, NULL, NULL);
+        if (rc < 0) {
+            budget_error(err, s->what[i], module);
+            return -2;
+        }
+        if (rc == 1)
+            return (long)i;
+    }
+    return -1;
+}
+
 struct lm_target_matcher {
     lm_target_rules rules;   /* shallow copy: arrays and strings borrowed */
     lm_regex *target_re;     /* owned; target_modules as a regex */

@@ -15,6 +15,13 @@
  *  a valid (or supported) regex, named in the message, or the step budget exceeded. */
 long lm_pattern_lookup(const char *const *keys, size_t n_keys, const char *module, lm_err *err);
 
+/* The same with the keys compiled once, for looking up many modules.  create: NULL with *err
+ * (a bad key, named); lookup: as lm_pattern_lookup(); free(NULL) is a no-op. */
+typedef struct lm_pattern_set lm_pattern_set;
+lm_pattern_set *lm_pattern_set_create(const char *const *keys, size_t n_keys, lm_err *err);
+long lm_pattern_set_lookup(const lm_pattern_set *s, const char *module, lm_err *err);
+void lm_pattern_set_free(lm_pattern_set *s);
+
 typedef struct lm_target_rules {
     /* target_modules: a regex string (target_is_regex = 1, full match) or a list of names;
      * "all-linear" is reported as all_linear = 1.  has_target = 0: no target_modules (null), so
