@@ -3,14 +3,17 @@
  * memory-bound, so GB/s relative to memcpy is the figure that matters.  Not run by `make check`.
  *
  * Usage: bench_kernels [--csv] [--runs N] [--max-size BYTES] [--kernel NAME] [--variant NAME]
+ *   --kernel lowrank runs only the low-rank tile kernel's comparison (see bk_lowrank). 
  *   size = bytes of the f32 side of the operation (n_elems = size / 4); GB/s counts bytes read
  *   plus bytes written, at the fastest run; memcpy copies half that many bytes (same traffic). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <time.h>
 
+#include "gemm_tile.h"
 #include "lm_kernels.h"
 
 #define BK_MAX_RUNS 101
@@ -131,6 +134,232 @@ static const char *bk_size_name(size_t bytes, char *buf, size_t cap)
     else
         snprintf(buf, cap, "%zuKiB", bytes >> 10);
     return buf;
+}
+
+/* ---- the low-rank tile kernel against OpenBLAS ----------------------------------------------
+ * One tile (rows x cols, rank K = 16) of a tensor, the factors prepared once.  For each variant and
+ * dtype (W and output alike): the kernel with exactness on and off (LM_LOWRANK_UNCERTIFIED), its
+ * GFLOP/s per core (2 K flops per element) and the fraction of elements recomputed; against
+ * cblas_sgemm on the same f32 tile (beta = 1, single thread), alone and in the pipeline the engine
+ * runs today (convert W to f32, sgemm, convert back), and memcpy of the tile's bytes in and out. */
+
+typedef struct bk_lr_case {
+    size_t rows, cols, K;
+} bk_lr_case;
+
+static double bk_gauss(uint64_t *rng)
+{
+    double sum = 0;
+    for (int j = 0; j < 4; j++) {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        sum += (double)(*rng >> 11) * 0x1p-53 - 0.5;
+    }
+    return sum * 1.7320508075688772; /* unit variance */
+}
+
+/* min over runs of the per-call ns of fn(ctx), each run repeating it to >= ~2 ms */
+typedef void (*bk_fn)(void *ctx);
+static double bk_time_fn(bk_fn fn, void *ctx, int runs)
+{
+    fn(ctx); /* warm-up */
+    double t1 = bk_now_ns();
+    fn(ctx);
+    const double one = bk_now_ns() - t1;
+    const size_t reps = one >= 2e6 ? 1 : (size_t)(2e6 / (one + 1)) + 1;
+    double best = 1e300;
+    for (int r = 0; r < runs; r++) {
+        const double t0 = bk_now_ns();
+        for (size_t i = 0; i < reps; i++)
+            fn(ctx);
+        const double dt = (bk_now_ns() - t0) / (double)reps;
+        if (dt < best)
+            best = dt;
+    }
+    return best;
+}
+
+typedef struct bk_lr_ctx {
+    const lm_kernels *k;
+    const lm_lowrank *lr;
+    size_t row0, rows, cols, K;
+    lm_kdtype dt;
+    const void *w;
+    void *out;
+    unsigned flags;
+    lm_lowrank_stats st;
+    float *wf, *Bf, *Af; /* sgemm operands: f32 tile, B [rows x K] (s folded), A [K x cols] */
+    const void *w_raw;   /* pipeline: W in dt */
+    void *out_raw;
+} bk_lr_ctx;
+
+static void bk_lr_kernel(void *p)
+{
+    bk_lr_ctx *c = p;
+    c->st = (lm_lowrank_stats){0};
+    c->k->lowrank(c->lr, c->row0, c->rows, c->w, c->dt, c->cols, c->out, c->dt, c->cols, c->flags, &c->st);
+    bk_clobber(c->out);
+}
+
+static void bk_lr_sgemm(void *p)
+{
+    bk_lr_ctx *c = p;
+    lm_gemm_tile_nn(c->wf, c->rows, c->cols, c->Bf, c->Af, c->K, 1.0f);
+    bk_clobber(c->wf);
+}
+
+static void bk_lr_pipeline(void *p) /* what exec.c does per tile today */
+{
+    bk_lr_ctx *c = p;
+    const size_t n = c->rows * c->cols;
+    if (c->dt == LM_KDT_BF16)
+        c->k->bf16_to_f32(c->w_raw, c->wf, n);
+    else if (c->dt == LM_KDT_F16)
+        c->k->f16_to_f32(c->w_raw, c->wf, n);
+    else
+        memcpy(c->wf, c->w_raw, n * 4);
+    lm_gemm_tile_nn(c->wf, c->rows, c->cols, c->Bf, c->Af, c->K, 1.0f);
+    if (c->dt == LM_KDT_BF16)
+        c->k->f32_to_bf16(c->wf, c->out_raw, n);
+    else if (c->dt == LM_KDT_F16)
+        c->k->f32_to_f16(c->wf, c->out_raw, n);
+    else
+        memcpy(c->out_raw, c->wf, n * 4);
+    bk_clobber(c->out_raw);
+}
+
+static void bk_lr_memcpy(void *p)
+{
+    bk_lr_ctx *c = p;
+    memcpy(c->out, c->w, c->rows * c->cols * (c->dt == LM_KDT_F32 ? 4 : 2));
+    bk_clobber(c->out);
+}
+
+static int bk_lowrank(const lm_kernels *variants, size_t n_variants, int runs, int csv)
+{
+    static const bk_lr_case cases[] = {{64, 4096, 16}, {16, 16384, 16}, {64, 4096, 64}};
+    static const lm_kdtype dts[] = {LM_KDT_BF16, LM_KDT_F16, LM_KDT_F32};
+    static const char *const dt_names[] = {"bf16", "f16", "f32"};
+    lm_blas_single_thread();
+    if (csv)
+        printf("# lowrank: %s\nlowrank,rows,cols,K,dtype,what,variant,ns_per_elem,gflops,gb_per_s,recomputed_frac\n",
+               lm_blas_name());
+    else
+        printf("\nlow-rank tile kernel, one core, W and output in the same dtype; %s\n"
+               "%-11s %-5s %-22s %-7s %9s %8s %8s %10s\n",
+               lm_blas_name(), "tile", "dtype", "what", "variant", "ns/elem", "GFLOP/s", "GB/s", "recomputed");
+    int rc = 0;
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const size_t rows = cases[ci].rows, cols = cases[ci].cols, K = cases[ci].K, n = rows * cols;
+        /* a tensor of 4 tiles; the tile timed is its second one */
+        const size_t trows = 4 * rows;
+        double *B = malloc(trows * K * sizeof *B), *A = malloc(K * cols * sizeof *A), *s = malloc(K * sizeof *s);
+        const size_t ws_n = lm_lowrank_ws_bytes(trows, cols, K);
+        void *ws = malloc(ws_n);
+        float *wf = aligned_alloc(64, n * 4), *Bf = malloc(rows * K * 4), *Af = malloc(K * cols * 4);
+        void *w = aligned_alloc(64, n * 4), *out = aligned_alloc(64, n * 4 + 4096);
+        double *wd = malloc(n * sizeof *wd);
+        if (!B || !A || !s || !ws || !wf || !Bf || !Af || !w || !out || !wd) {
+            fprintf(stderr, "bench_kernels: out of memory\n");
+            return 1;
+        }
+        uint64_t rng = 0x9E3779B97F4A7C15ull ^ ci;
+        for (size_t k = 0; k < K; k++)
+            s[k] = 2.0; /* alpha / r = 32 / 16 */
+        for (size_t e = 0; e < trows * K; e++)
+            B[e] = (double)(float)(0.01 * bk_gauss(&rng));
+        for (size_t e = 0; e < K * cols; e++)
+            A[e] = (double)(float)(bk_gauss(&rng) / sqrt((double)cols));
+        for (size_t e = 0; e < n; e++)
+            wd[e] = 0.0376 * bk_gauss(&rng); /* 1.7 / sqrt(2048), as bench/gen_model */
+        lm_lowrank lr;
+        if (lm_lowrank_prepare(&lr, trows, cols, K, B, A, s, ws, ws_n) != 0) {
+            fprintf(stderr, "bench_kernels: lm_lowrank_prepare failed\n");
+            return 1;
+        }
+        for (size_t e = 0; e < rows * K; e++)
+            Bf[e] = (float)(s[e % K] * B[rows * K + e]);
+        for (size_t e = 0; e < K * cols; e++)
+            Af[e] = (float)A[e];
+        for (size_t d = 0; d < 3; d++) {
+            const lm_kdtype dt = dts[d];
+            for (size_t e = 0; e < n; e++) {
+                const float f = (float)wd[e];
+                if (dt == LM_KDT_BF16)
+                    ((uint16_t *)w)[e] = lm_f32_to_bf16_1(f);
+                else if (dt == LM_KDT_F16)
+                    ((uint16_t *)w)[e] = lm_f32_to_f16_1(f);
+                else
+                    ((float *)w)[e] = f;
+            }
+            const size_t tile_bytes = n * (dt == LM_KDT_F32 ? 4 : 2) * 2; /* read + written */
+            const double flops = 2.0 * (double)K * (double)n;
+            char tile[32];
+            snprintf(tile, sizeof tile, "%zux%zu K%zu", rows, cols, K);
+            bk_lr_ctx c = {0};
+            c.lr = &lr;
+            c.row0 = rows; /* the timed tile: rows [rows, 2 rows) of the tensor */
+            c.rows = rows;
+            c.cols = cols;
+            c.K = K;
+            c.dt = dt;
+            c.w = w;
+            c.out = (char *)out + 2048; /* away from 4K aliasing with w */
+            c.wf = wf;
+            c.Bf = Bf;
+            c.Af = Af;
+            c.w_raw = w;
+            c.out_raw = c.out;
+            struct { const char *what; bk_fn fn; unsigned flags; int per_variant; } rowsdef[] = {
+                {"fused, exact", bk_lr_kernel, 0, 1},
+                {"fused, exactness off", bk_lr_kernel, LM_LOWRANK_UNCERTIFIED, 1},
+                {"convert+sgemm+convert", bk_lr_pipeline, 0, 1},
+                {"sgemm alone (f32)", bk_lr_sgemm, 0, 0},
+                {"memcpy in+out", bk_lr_memcpy, 0, 0},
+            };
+            for (size_t r = 0; r < sizeof rowsdef / sizeof rowsdef[0]; r++) {
+                const size_t nv = rowsdef[r].per_variant ? n_variants : 1;
+                for (size_t v = 0; v < nv; v++) {
+                    c.k = rowsdef[r].per_variant ? &variants[v] : &variants[n_variants - 1];
+                    c.flags = rowsdef[r].flags;
+                    if (rowsdef[r].fn == bk_lr_sgemm)
+                        for (size_t e = 0; e < n; e++)
+                            wf[e] = (float)wd[e];
+                    const double ns = bk_time_fn(rowsdef[r].fn, &c, runs);
+                    const double frac = rowsdef[r].fn == bk_lr_kernel && c.st.n_elems
+                                            ? (double)c.st.n_recomputed / (double)c.st.n_elems : 0;
+                    const int has_flops = rowsdef[r].fn != bk_lr_memcpy;
+                    const char *vname = rowsdef[r].per_variant ? variants[v].name : "-";
+                    if (csv)
+                        printf("lowrank,%zu,%zu,%zu,%s,%s,%s,%.4f,%.2f,%.2f,%.3g\n", rows, cols, K, dt_names[d],
+                               rowsdef[r].what, vname, ns / (double)n, has_flops ? flops / ns : 0,
+                               (double)tile_bytes / ns, frac);
+                    else {
+                        char fr[32] = "", gf[32] = "-";
+                        if (rowsdef[r].fn == bk_lr_kernel && !(c.flags & LM_LOWRANK_UNCERTIFIED))
+                            snprintf(fr, sizeof fr, "%.2e", frac);
+                        if (has_flops)
+                            snprintf(gf, sizeof gf, "%.1f", flops / ns);
+                        printf("%-11s %-5s %-22s %-7s %9.4f %8s %8.2f %10s\n", tile, dt_names[d], rowsdef[r].what,
+                               vname, ns / (double)n, gf, (double)tile_bytes / ns, fr);
+                    }
+                    fflush(stdout);
+                }
+            }
+        }
+        free(B);
+        free(A);
+        free(s);
+        free(ws);
+        free(wf);
+        free(Bf);
+        free(Af);
+        free(w);
+        free(out);
+        free(wd);
+    }
+    return rc;
 }
 
 static void bk_usage(FILE *f)
@@ -279,6 +508,9 @@ int main(int argc, char **argv)
             }
         }
     }
+    if (only_kernel == NULL || strcmp(only_kernel, "lowrank") == 0)
+        if (bk_lowrank(variants, n_variants, runs, csv) != 0)
+            return 1;
     free(b.src_block);
     free(b.dst_block);
     free(b.f32);

@@ -108,6 +108,7 @@ static void set_ref(lm_kernels *k)
     k->sumsq = lm_sumsq_ref;
     k->count_nonfinite_f32 = lm_count_nonfinite_f32_ref;
     k->count_nonfinite_16 = lm_count_nonfinite_16_ref;
+    k->lowrank = lm_lowrank_ref;
     k->name = "ref";
 }
 
@@ -124,6 +125,7 @@ static void set_avx2(lm_kernels *k)
     k->sumsq = lm_sumsq_avx2;
     k->count_nonfinite_f32 = lm_count_nonfinite_f32_avx2;
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx2;
+    k->lowrank = lm_lowrank_avx2;
     k->name = "avx2";
 }
 
@@ -139,6 +141,7 @@ static void set_avx512(lm_kernels *k)
     k->sumsq = lm_sumsq_avx512;
     k->count_nonfinite_f32 = lm_count_nonfinite_f32_avx512;
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx512;
+    k->lowrank = lm_lowrank_avx512;
     k->name = "avx512";
 }
 #endif

@@ -28,6 +28,97 @@ extern "C" {
  *                first operand's, and compilers order the operands of + and * as they like
  *                (gcc -O1 and -O2 differ), so payloads would not be reproducible otherwise. */
 #define LM_AXPY_NAN 0x7FC00000u /* the default quiet NaN, positive */
+
+/* ---- correctly rounded low-rank update of a row tile (kernels/lowrank_*.c) ----------------------
+ *
+ *   out[i][j] = RNE_out( W[i][j] + sum_k s_k * B[row0+i][k] * A[k][j] )
+ *
+ * where the sum is the EXACT real value of the expression (W, s, B, A taken as the exact values
+ * of their floating-point representations), rounded once to the output dtype, ties to even.
+ * Several adapters' terms are concatenated along k, each with its own scale s_k.  The inputs are
+ * prepared once per tensor by lm_lowrank_prepare() (f32 and f64 copies with s folded into B,
+ * plus per-row and per-column error-bound factors), then any number of row tiles are processed
+ * by the kernel, from any number of threads (lm_lowrank is read-only after preparation).
+ *
+ * How (the proof is in lowrank_exact.c):
+ *  1. fast path, vectorised: bf16/f16 outputs accumulate d = sum_k fl32(s_k B_ik) A_kj in f32 with
+ *     FMAs in four interleaved chains (chain m takes k = m, m+4, ...; d = (c0 + c1) + (c2 + c3)),
+ *     r = W + d in f32; f32 outputs accumulate in f64 (one chain, k ascending).  A rigorous bound e
+ *     on |exact - r| (from the row norm of B and the column norm of A) gives an interval
+ *     [r - e, r + e]; when both ends round to the same finite output value, that value is the
+ *     correctly rounded result (rounding is monotone) and is written.
+ *  2. otherwise (typically 1e-5 to 1e-3 of the elements), scalar code shared by every variant
+ *     recomputes the element in f64 with a tighter bound (sum_k |s_k B_ik A_kj| evaluated
+ *     per element) and certifies it the same way;
+ *  3. if that still straddles a rounding boundary (the exact value lies within about 2^-50
+ *     relative of a midpoint, an exact midpoint, or an exact cancellation), the exact value is
+ *     formed in a 6400-bit fixed-point accumulator (exact products of three doubles) and rounded.
+ * So every variant writes the same bytes (the exact answer) and the same counters: level-1
+ * decisions use identical f32/f64 operations in every variant, levels 2 and 3 are one function.
+ *
+ * Special values, all variants alike:
+ *  - an exact result outside the output's finite range (f16: |v| >= 65520) is written as +-inf
+ *    and counted in n_overflow: the caller must refuse the tensor (never write the tile);
+ *  - any NaN or infinity among the inputs of an element (W, s_k, B_ik, A_kj for its k's): the
+ *    result is the IEEE f64 evaluation W + sum_k fma(s_k B_ik, A_kj, .) (k ascending), i.e. +-inf
+ *    or NaN; NaN is written as the canonical quiet NaN of the output dtype (f32 0x7FC00000, bf16
+ *    0x7FC0, f16 0x7E00) whatever its payload; counted in n_nonfinite;
+ *  - an exact zero: +0, except where every term s_k B_ik A_kj is zero (the delta is exactly
+ *    zero), where the result is RNE_out(W) itself, so a -0 in the base stays -0;
+ *  - subnormal inputs and results are exact like any other value (no FTZ/DAZ anywhere).
+ * LM_LOWRANK_UNCERTIFIED (benchmark switch, "exactness off"): the plain fused f32 kernel, i.e.
+ * out = RNE_out(fl32(W + d32)) for every element with no bound, no recomputation (f32 outputs
+ * too); NaN results canonical as above, overflow still counted. */
+typedef enum lm_kdtype { LM_KDT_F32 = 0, LM_KDT_BF16 = 1, LM_KDT_F16 = 2 } lm_kdtype;
+
+#define LM_LOWRANK_MAX_K 65536u         /* terms per tensor (the error bounds assume K <= 2^20) */
+#define LM_LOWRANK_UNCERTIFIED 1u       /* flags: exactness off (benchmark comparison only) */
+
+typedef struct lm_lowrank {
+    size_t rows, cols, K;
+    const double *B;  /* [rows x K], B[i*K + k]  (borrowed: must outlive every kernel call) */
+    const double *A;  /* [K x cols], A[k*cols + j] (borrowed) */
+    const double *s;  /* [K] scales (borrowed) */
+    /* in the caller's workspace (lm_lowrank_prepare fills them; read-only afterwards): */
+    double *Bs;       /* [rows x K] fl64(s_k * B_ik) */
+    float *Bf;        /* [rows x K] fl32(Bs) */
+    float *Af;        /* [K x cols] fl32(A) */
+    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time) */
+    uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
+    uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
+    int bs_exact;     /* 1 if every Bs[i,k] == s_k * B_ik exactly */
+    float *bnd_rf, *bnd_cf;  /* [rows], [cols]: f32 path, e_ij = fma(bnd_rf[i], bnd_cf[j], c0) */
+    double *bnd_rd, *bnd_cd; /* [rows], [cols]: f64 path, same form; +inf: never certified */
+} lm_lowrank;
+
+typedef struct lm_lowrank_stats {
+    uint64_t n_elems;       /* elements written */
+    uint64_t n_recomputed;  /* not certified by the vector path: recomputed by scalar f64 code */
+    uint64_t n_exact;       /* of those, rounded from the exact fixed-point value (level 3) */
+    uint64_t n_overflow;    /* finite exact value beyond the output's range: written as +-inf */
+    uint64_t n_nonfinite;   /* NaN or inf inputs (see above) */
+} lm_lowrank_stats;
+
+static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_stats *src)
+{
+    dst->n_elems += src->n_elems;
+    dst->n_recomputed += src->n_recomputed;
+    dst->n_exact += src->n_exact;
+    dst->n_overflow += src->n_overflow;
+    dst->n_nonfinite += src->n_nonfinite;
+}
+
+/* the tile kernel (slot lowrank of lm_kernels):
+ *  lr: prepared factors; rows row0 .. row0+n_rows-1 of the tensor, all lr->cols columns.
+ *  w: the base tile, w_dtype, row i at element offset i*ldw (ldw >= cols).
+ *  out: the result, out_dtype, row i at i*ldo (ldo >= cols).  out may be w itself (same dtype
+ *  and ld); no other overlap.  Any alignment.  flags: 0 or LM_LOWRANK_UNCERTIFIED.
+ *  st: counters are ADDED to (so one struct can sum a tensor's tiles).  Never fails, never
+ *  allocates (uses about 2 KiB of stack in the rare exact path). */
+typedef void (*lm_lowrank_fn)(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w,
+                              lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype,
+                              size_t ldo, unsigned flags, lm_lowrank_stats *st);
+
 typedef struct lm_kernels {
     void (*bf16_to_f32)(const uint16_t *src, float *dst, size_t n);
     void (*f32_to_bf16)(const float *src, uint16_t *dst, size_t n);
@@ -39,6 +130,7 @@ typedef struct lm_kernels {
     double (*sumsq)(const float *x, size_t n); /* sum of x[i]^2 in double, 16 lanes (reduce_ref.c) */
     size_t (*count_nonfinite_f32)(const float *x, size_t n);                 /* inf and NaN */
     size_t (*count_nonfinite_16)(const uint16_t *x, size_t n, uint16_t exp_mask); /* exponent all ones */
+    lm_lowrank_fn lowrank;
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -95,6 +187,77 @@ double lm_sumsq_avx512(const float *x, size_t n);
 /* the reference's pieces the variants share: the tail into the lanes, and the lanes' sum */
 void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes);
 double lm_sumsq_lanes(const double *lanes);
+/* ---- low-rank kernel: preparation, variants, shared scalar code (kernels/lowrank_*.c) ------- */
+/*! lm_lowrank_ws_bytes() :
+ *  @return the workspace lm_lowrank_prepare() needs for these sizes (64-byte aligned inside),
+ *  or 0 if K > LM_LOWRANK_MAX_K or the size overflows. */
+size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K);
+/*! lm_lowrank_prepare() :
+ *  Fills *lr for B [rows x K], A [K x cols] and s [K] (all f64, contiguous, borrowed: they must
+ *  stay valid and unchanged while lr is used), using ws (ws_bytes >= lm_lowrank_ws_bytes()).
+ *  Any values are accepted (NaN, inf, subnormals, zeros); rows or columns whose f32/f64 copies
+ *  would not meet the documented relative error (underflow, overflow, non-finite) simply never
+ *  take the fast path.  Cost O((rows + cols) * K).  Single-threaded, no allocation.
+ *  @return 0, or -1 (ws too small, K too large, sizes overflow): lr is then unusable. */
+int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                       const double *A, const double *s, void *ws, size_t ws_bytes);
+/*! lm_lowrank_fallback_1() :
+ *  Levels 2 and 3 for element (i, j) of the tensor with base value w (exact in f32): the
+ *  correctly rounded result as out_dtype bits (low 16 bits for bf16/f16).  Updates st's
+ *  n_exact, n_overflow, n_nonfinite (not n_elems / n_recomputed: the caller counts those).
+ *  Shared by every variant, so uncertified elements get identical bytes everywhere. */
+uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, size_t j, float w,
+                               lm_kdtype out_dtype, lm_lowrank_stats *st);
+/*! lm_lowrank_patch() :
+ *  Recomputes the elements (i, j + l) for every bit l set in `lanes` (l < 32) with
+ *  lm_lowrank_fallback_1(), base values w[l], and stores them at out (the element (i, j) of the
+ *  output, dtype out_dtype); counts them in n_recomputed.  The SIMD variants' cold path. */
+void lm_lowrank_patch(const lm_lowrank *lr, size_t i, size_t j, const float *w, uint32_t lanes,
+                      void *out, lm_kdtype out_dtype, lm_lowrank_stats *st);
+/*! lm_lowrank_row_ref() :
+ *  The reference computation (levels 1 to 3) of the elements j0 .. j1-1 of tensor row i; w_row
+ *  and out_row point at that row's element 0.  The SIMD variants use it for column tails. */
+void lm_lowrank_row_ref(const lm_lowrank *lr, size_t i, size_t j0, size_t j1, const void *w_row,
+                        lm_kdtype w_dtype, void *out_row, lm_kdtype out_dtype, unsigned flags,
+                        lm_lowrank_stats *st);
+void lm_lowrank_ref(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w,
+                    lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype, size_t ldo,
+                    unsigned flags, lm_lowrank_stats *st);
+void lm_lowrank_avx2(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w,
+                     lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype, size_t ldo,
+                     unsigned flags, lm_lowrank_stats *st);
+void lm_lowrank_avx512(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w,
+                       lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype, size_t ldo,
+                       unsigned flags, lm_lowrank_stats *st);
+
+/* the constants every variant's level-1 bound uses (see lowrank_exact.c for the proof) */
+#define LM_LR_C0F 0x1p-125f  /* f32 path: absolute term of e (normal, covers underflow) */
+#define LM_LR_CRF 0x1p-22f   /* f32 path: coefficient of |r| in e (4u) */
+#define LM_LR_C0D 0x1p-1020  /* f64 path */
+#define LM_LR_CRD 0x1p-51    /* f64 path (4u) */
+/* level 1 certifies an element only if |r| < LM_LR_RMAX_<out>: then equal roundings of lo and hi
+ * are finite (see (f) in lowrank_exact.c) */
+#define LM_LR_RMAX_F32 0x1p127f   /* bf16 and f32 outputs */
+#define LM_LR_RMAX_F16 65504.0f
+/* canonical NaN of each output dtype */
+#define LM_LR_NAN_F32 0x7FC00000u
+#define LM_LR_NAN_BF16 0x7FC0u
+#define LM_LR_NAN_F16 0x7E00u
+
+static inline uint32_t lm_lr_nan_bits(lm_kdtype t)
+{
+    return t == LM_KDT_BF16 ? LM_LR_NAN_BF16 : t == LM_KDT_F16 ? LM_LR_NAN_F16 : LM_LR_NAN_F32;
+}
+
+/* 1 if the output bits are a finite value (not inf, not NaN) */
+static inline int lm_lr_finite_bits(uint32_t b, lm_kdtype t)
+{
+    switch (t) {
+    case LM_KDT_BF16: return (b & 0x7F80u) != 0x7F80u;
+    case LM_KDT_F16: return (b & 0x7C00u) != 0x7C00u;
+    default: return (b & 0x7F800000u) != 0x7F800000u;
+    }
+}
 
 /* ---- single values: the reference semantics, pure integer bit manipulation ---------------- */
 /* type punning through a union is defined in C11 (and keeps this header free of <string.h>) */

@@ -1,0 +1,305 @@
+/* lowrank_avx512.c : AVX-512 (F, BW, VL, DQ) + F16C variant of the low-rank tile kernel, bit for
+ * bit the reference (lowrank_ref.c; contract in lm_kernels.h, proof in lowrank_exact.c).
+ * Blocks of 4 rows x 16 columns with four accumulation chains each (f32 path, bf16/f16 outputs) or
+ * 4 rows x 16 columns in one chain (f64 path, f32 outputs): the accumulators stay in registers
+ * over k, one A vector load serves four rows, B is broadcast.  Each lane performs the reference's operations in the reference's order, so r,
+ * the bound and the certification decision are the reference's; lanes that fail it go to the
+ * shared scalar code (lm_lowrank_patch), column tails to lm_lowrank_row_ref. */
+#include "lm_kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#define LR5_TARGET __attribute__((target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+#define LR5_INLINE static inline __attribute__((always_inline)) LR5_TARGET
+
+#define LR5_MR 4     /* rows per block, at most */
+#define LR5_MR_F32 3 /* f32 path: 3 rows x 2 vectors x 4 chains = 24 accumulators of the 32 zmm */
+
+/* 16 base values (dtype t) from p -> f32, exactly as lm_bf16_to_f32_1 / lm_f16_to_f32_1 */
+LR5_INLINE __m512 lr5_load_w16(const void *p, lm_kdtype t)
+{
+    if (t == LM_KDT_F32)
+        return _mm512_loadu_ps(p);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (t == LM_KDT_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* 8 base values -> f32 */
+LR5_INLINE __m256 lr5_load_w8(const void *p, lm_kdtype t)
+{
+    if (t == LM_KDT_F32)
+        return _mm256_loadu_ps(p);
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (t == LM_KDT_F16)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* f32 -> bf16 bits in 32-bit lanes, RNE as lm_f32_to_bf16_1 (NaN lanes: garbage, masked out) */
+LR5_INLINE __m512i lr5_bf16(__m512 x)
+{
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
+/* the "exactness off" finish of 16 lanes: RNE of r, NaN canonical; counters as the reference */
+LR5_INLINE void lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_lowrank_stats *st)
+{
+    const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    __mmask16 fin;
+    if (ot == LM_KDT_BF16) {
+        const __m512i b = _mm512_mask_blend_epi32(nan, lr5_bf16(r), _mm512_set1_epi32(LM_LR_NAN_BF16));
+        fin = _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7F80)),
+                                       _mm512_set1_epi32(0x7F80));
+        _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(b));
+    } else if (ot == LM_KDT_F16) {
+        const __m256i h = _mm256_mask_blend_epi16(nan, _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT),
+                                                  _mm256_set1_epi16((short)LM_LR_NAN_F16));
+        fin = _mm256_cmpneq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x7C00)),
+                                       _mm256_set1_epi16(0x7C00));
+        _mm256_storeu_si256((__m256i *)o, h);
+    } else {
+        const __m512i b = _mm512_mask_blend_epi32(nan, _mm512_castps_si512(r),
+                                                  _mm512_set1_epi32((int)LM_LR_NAN_F32));
+        fin = _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7F800000)),
+                                       _mm512_set1_epi32(0x7F800000));
+        _mm512_storeu_si512(o, b);
+    }
+    if (__builtin_expect((unsigned)nan | (~(unsigned)fin & 0xFFFFu), 0)) {
+        st->n_nonfinite += (uint64_t)__builtin_popcount(nan);
+        st->n_overflow += (uint64_t)__builtin_popcount((unsigned)(~fin & ~nan) & 0xFFFFu);
+    }
+}
+
+/* 16 lanes of the f32 path: r = W + d, bound, certify, store; failures to the shared code */
+LR5_INLINE void lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
+                               lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
+                               lm_lowrank_stats *st)
+{
+    const __m512 w = lr5_load_w16(wp, wt);
+    const __m512 r = _mm512_add_ps(w, d);
+    if (flags & LM_LOWRANK_UNCERTIFIED) {
+        lr5_store_uncertified(r, op, ot, st);
+        return;
+    }
+    __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(lr->bnd_rf[i]), _mm512_loadu_ps(lr->bnd_cf + j),
+                               _mm512_set1_ps(LM_LR_C0F));
+    const __m512 absr = _mm512_abs_ps(r);
+    e = _mm512_fmadd_ps(absr, _mm512_set1_ps(LM_LR_CRF), e);
+    const __m512 lo = _mm512_sub_ps(r, e), hi = _mm512_add_ps(r, e);
+    const float rmax = ot == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
+    __mmask16 ok = _mm512_cmp_ps_mask(absr, _mm512_set1_ps(rmax), _CMP_LT_OQ);
+    if (ot == LM_KDT_BF16) {
+        const __m512i blo = lr5_bf16(lo), bhi = lr5_bf16(hi);
+        ok = _mm512_mask_cmpeq_epi32_mask(ok, blo, bhi);
+        _mm256_storeu_si256((__m256i *)op, _mm512_cvtepi32_epi16(blo));
+    } else {
+        const __m256i hlo = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
+        const __m256i hhi = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT);
+        ok = _mm256_mask_cmpeq_epi16_mask(ok, hlo, hhi);
+        _mm256_storeu_si256((__m256i *)op, hlo);
+    }
+    if (__builtin_expect(ok != 0xFFFF, 0)) {
+        float wv[16];
+        _mm512_storeu_ps(wv, w);
+        lm_lowrank_patch(lr, i, j, wv, (uint32_t)(uint16_t)~ok, op, ot, st);
+    }
+}
+
+/* 8 lanes of the f64 path (f32 output) */
+LR5_INLINE void lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
+                               lm_kdtype wt, void *op, lm_lowrank_stats *st)
+{
+    const __m256 w = lr5_load_w8(wp, wt);
+    const __m512d r = _mm512_add_pd(_mm512_cvtps_pd(w), d);
+    __m512d e = _mm512_fmadd_pd(_mm512_set1_pd(lr->bnd_rd[i]), _mm512_loadu_pd(lr->bnd_cd + j),
+                                _mm512_set1_pd(LM_LR_C0D));
+    const __m512d absr = _mm512_abs_pd(r);
+    e = _mm512_fmadd_pd(absr, _mm512_set1_pd(LM_LR_CRD), e);
+    const __m512d lo = _mm512_sub_pd(r, e), hi = _mm512_add_pd(r, e);
+    const __m256i flo = _mm256_castps_si256(_mm512_cvtpd_ps(lo));
+    const __m256i fhi = _mm256_castps_si256(_mm512_cvtpd_ps(hi));
+    const __mmask8 ok = _mm256_mask_cmpeq_epi32_mask(
+        _mm512_cmp_pd_mask(absr, _mm512_set1_pd((double)LM_LR_RMAX_F32), _CMP_LT_OQ), flo, fhi);
+    _mm256_storeu_si256((__m256i *)op, flo);
+    if (__builtin_expect(ok != 0xFF, 0)) {
+        float wv[8];
+        _mm256_storeu_ps(wv, w);
+        lm_lowrank_patch(lr, i, j, wv, (uint32_t)(uint8_t)~ok, op, LM_KDT_F32, st);
+    }
+}
+
+/* mr rows (tensor rows i ..) x 16*nv columns from j, f32 path: four accumulators per row and
+ * vector, chain m taking k = m, m+4, ... (24 zmm for mr = 3, nv = 2); each broadcast of B serves
+ * nv vectors.  mr and nv are constants at every call, so the loops unroll and the accumulators
+ * live in registers. */
+LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t j, size_t nv,
+                              const char *wp, size_t wstride, lm_kdtype wt, char *op, size_t ostride,
+                              lm_kdtype ot, unsigned flags, lm_lowrank_stats *st)
+{
+    const size_t K = lr->K, cols = lr->cols;
+    const size_t wsz = wt == LM_KDT_F32 ? 4 : 2, osz = ot == LM_KDT_F32 ? 4 : 2;
+    __m512 acc[LR5_MR][2][4];
+#pragma GCC unroll 4
+    for (size_t r = 0; r < mr; r++)
+#pragma GCC unroll 2
+        for (size_t v = 0; v < nv; v++)
+            acc[r][v][0] = acc[r][v][1] = acc[r][v][2] = acc[r][v][3] = _mm512_setzero_ps();
+    const float *b = lr->Bf + i * K, *a = lr->Af + j;
+    size_t k = 0;
+    for (; k + 4 <= K; k += 4)
+#pragma GCC unroll 4
+        for (size_t m = 0; m < 4; m++) {
+            __m512 a0 = _mm512_loadu_ps(a + (k + m) * cols);
+            __m512 a1 = nv > 1 ? _mm512_loadu_ps(a + (k + m) * cols + 16) : a0;
+            __asm__("" : "+v"(a0), "+v"(a1)); /* in registers: gcc would fold a load into each FMA */
+#pragma GCC unroll 4
+            for (size_t r = 0; r < mr; r++) {
+                const __m512 bk = _mm512_set1_ps(b[r * K + k + m]);
+                acc[r][0][m] = _mm512_fmadd_ps(bk, a0, acc[r][0][m]);
+                if (nv > 1)
+                    acc[r][1][m] = _mm512_fmadd_ps(bk, a1, acc[r][1][m]);
+            }
+        }
+    /* K % 4 leftover terms, with constant indices so the accumulators stay in registers */
+#pragma GCC unroll 3
+    for (size_t m = 0; m < 3; m++)
+        if (k + m < K) {
+            __m512 a0 = _mm512_loadu_ps(a + (k + m) * cols);
+            __m512 a1 = nv > 1 ? _mm512_loadu_ps(a + (k + m) * cols + 16) : a0;
+            __asm__("" : "+v"(a0), "+v"(a1)); /* in registers: gcc would fold a load into each FMA */
+#pragma GCC unroll 4
+            for (size_t r = 0; r < mr; r++) {
+                const __m512 bk = _mm512_set1_ps(b[r * K + k + m]);
+                acc[r][0][m] = _mm512_fmadd_ps(bk, a0, acc[r][0][m]);
+                if (nv > 1)
+                    acc[r][1][m] = _mm512_fmadd_ps(bk, a1, acc[r][1][m]);
+            }
+        }
+#pragma GCC unroll 4
+    for (size_t r = 0; r < mr; r++)
+#pragma GCC unroll 2
+        for (size_t v = 0; v < nv; v++) {
+            const __m512 d = _mm512_add_ps(_mm512_add_ps(acc[r][v][0], acc[r][v][1]),
+                                           _mm512_add_ps(acc[r][v][2], acc[r][v][3]));
+            lr5_finish_f32(lr, i + r, j + 16 * v, d, wp + r * wstride + (j + 16 * v) * wsz, wt,
+                           op + r * ostride + (j + 16 * v) * osz, ot, flags, st);
+        }
+}
+
+/* the same for the f64 path: mr rows x 8*nv columns */
+LR5_INLINE void lr5_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t j, size_t nv,
+                              const char *wp, size_t wstride, lm_kdtype wt, char *op, size_t ostride,
+                              lm_lowrank_stats *st)
+{
+    const size_t K = lr->K, cols = lr->cols;
+    const size_t wsz = wt == LM_KDT_F32 ? 4 : 2;
+    __m512d acc[LR5_MR][2];
+#pragma GCC unroll 4
+    for (size_t r = 0; r < mr; r++)
+        acc[r][0] = acc[r][1] = _mm512_setzero_pd();
+    const double *b = lr->Bs + i * K, *a = lr->A + j;
+    for (size_t k = 0; k < K; k++, a += cols) {
+        const __m512d a0 = _mm512_loadu_pd(a);
+        const __m512d a1 = nv > 1 ? _mm512_loadu_pd(a + 8) : a0;
+#pragma GCC unroll 4
+        for (size_t r = 0; r < mr; r++) {
+            const __m512d bk = _mm512_set1_pd(b[r * K + k]);
+            acc[r][0] = _mm512_fmadd_pd(bk, a0, acc[r][0]);
+            if (nv > 1)
+                acc[r][1] = _mm512_fmadd_pd(bk, a1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (size_t r = 0; r < mr; r++)
+#pragma GCC unroll 2
+        for (size_t v = 0; v < nv; v++)
+            lr5_finish_f64(lr, i + r, j + 8 * v, acc[r][v], wp + r * wstride + (j + 8 * v) * wsz, wt,
+                           op + r * ostride + (j + 8 * v) * 4, st);
+}
+
+/* Loop order: column panels outside, rows inside, so the panel of A (K x 16 values) stays in L1
+ * while every row of the tile passes over it (rows in blocks of mr, then one by one); the column
+ * tail goes to the reference, row by row. */
+/* the whole tile for one (W dtype, output dtype) pair: both are constants at each call below, so
+ * every dtype test in the loops disappears */
+LR5_INLINE void lr5_tile(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w, lm_kdtype w_dtype,
+                            size_t ldw, void *out, lm_kdtype out_dtype, size_t ldo, unsigned flags,
+                            lm_lowrank_stats *st)
+{
+    lm_lowrank_stats c = {0};
+    const size_t cols = lr->cols;
+    const size_t wstride = ldw * (w_dtype == LM_KDT_F32 ? 4 : 2);
+    const size_t ostride = ldo * (out_dtype == LM_KDT_F32 ? 4 : 2);
+    const char *wp = w;
+    char *op = out;
+    size_t j = 0;
+    if (out_dtype != LM_KDT_F32 || (flags & LM_LOWRANK_UNCERTIFIED)) {
+        for (; j + 32 <= cols; j += 32) {
+            size_t i = 0;
+            for (; i + LR5_MR_F32 <= n_rows; i += LR5_MR_F32)
+                lr5_block_f32(lr, row0 + i, LR5_MR_F32, j, 2, wp + i * wstride, wstride, w_dtype,
+                              op + i * ostride, ostride, out_dtype, flags, &c);
+            for (; i < n_rows; i++)
+                lr5_block_f32(lr, row0 + i, 1, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, out_dtype, flags, &c);
+        }
+        if (j + 16 <= cols) {
+            for (size_t i = 0; i < n_rows; i++)
+                lr5_block_f32(lr, row0 + i, 1, j, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, out_dtype, flags, &c);
+            j += 16;
+        }
+    } else {
+        for (; j + 16 <= cols; j += 16) {
+            size_t i = 0;
+            for (; i + LR5_MR <= n_rows; i += LR5_MR)
+                lr5_block_f64(lr, row0 + i, LR5_MR, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, &c);
+            for (; i < n_rows; i++)
+                lr5_block_f64(lr, row0 + i, 1, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, &c);
+        }
+        if (j + 8 <= cols) {
+            for (size_t i = 0; i < n_rows; i++)
+                lr5_block_f64(lr, row0 + i, 1, j, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, &c);
+            j += 8;
+        }
+    }
+    if (j < cols)
+        for (size_t i = 0; i < n_rows; i++)
+            lm_lowrank_row_ref(lr, row0 + i, j, cols, wp + i * wstride, w_dtype, op + i * ostride, out_dtype,
+                               flags, &c);
+    c.n_elems = n_rows * cols;
+    lm_lowrank_stats_add(st, &c);
+}
+
+void LR5_TARGET lm_lowrank_avx512(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w,
+                                  lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype,
+                                  size_t ldo, unsigned flags, lm_lowrank_stats *st)
+{
+#define LR_CASE(wt, ot)                                                                            \
+    if (w_dtype == (wt) && out_dtype == (ot)) {                                                    \
+        lr5_tile(lr, row0, n_rows, w, (wt), ldw, out, (ot), ldo, flags, st);                       \
+        return;                                                                                    \
+    }
+    LR_CASE(LM_KDT_BF16, LM_KDT_BF16)
+    LR_CASE(LM_KDT_F16, LM_KDT_F16)
+    LR_CASE(LM_KDT_F32, LM_KDT_F32)
+    LR_CASE(LM_KDT_F32, LM_KDT_BF16)
+    LR_CASE(LM_KDT_F32, LM_KDT_F16)
+    LR_CASE(LM_KDT_BF16, LM_KDT_F32)
+    LR_CASE(LM_KDT_F16, LM_KDT_F32)
+    LR_CASE(LM_KDT_BF16, LM_KDT_F16)
+    LR_CASE(LM_KDT_F16, LM_KDT_BF16)
+#undef LR_CASE
+}
+
+#else
+typedef int lm_lowrank_avx512_unused; /* not x86: nothing to build */
+#endif

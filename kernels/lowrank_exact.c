@@ -1,0 +1,534 @@
+/* lowrank_exact.c : what every variant of the low-rank kernel shares: lm_lowrank_prepare() (the
+ * f32/f64 factor copies and the per-row / per-column bound factors) and the scalar recomputation
+ * of the elements the vector path could not certify (lm_lowrank_fallback_1: f64 with a per-element
+ * bound, then, rarely, the exact value in a fixed-point accumulator).  The proof that a certified
+ * element is the correctly rounded result is here, beside the constants it justifies.  No
+ * intrinsics, no allocation; the default rounding mode (to nearest) is assumed throughout.
+ *
+ * ---- Proof (level 1, f32 path; element (i, j), K terms) --------------------------------------
+ * u = 2^-24, eta = 2^-150.  Model of one rounding to nearest (no overflow): fl(x) = x(1 + t) + n
+ * with |t| <= u, |n| <= eta, t n = 0 (n only in the subnormal range, where a SUM of two floats is
+ * exact, so additions have n = 0).  Let P_k = s_k B_ik A_kj (exact reals), b_k = Bf[i,k] =
+ * fl32(fl64(s_k B_ik)), a_k = Af[k,j] = fl32(A_kj), S = sum_k |b_k a_k|, v = W + sum_k P_k.
+ * (a) Copies.  prepare() lets a row (column) certify only if every nonzero fl64(s_k B_ik) (A_kj) is
+ *     finite with magnitude in [2^-126, FLT_MAX] and s_k B_ik did not underflow in f64; then
+ *     |b_k - s_k B_ik| <= rB |s_k B_ik| with rB = 2^-24 + 2^-53 + 2^-77 <= 2^-24 (1 + 2^-22)
+ *     (two roundings, both in the normal range), or rB = 0 if every copy of the tensor was exact;
+ *     likewise |a_k - A_kj| <= rA |A_kj|.  With r' = r / (1 - r), |s_k B_ik| <= |b_k| / (1 - rB), so
+ *     |P_k - b_k a_k| <= |s_k B_ik - b_k||A_kj| + |b_k||A_kj - a_k| <= (r'B (1 + r'A) + r'A)|b_k a_k|
+ *     and |sum P_k - sum b_k a_k| <= (r'A + r'B + r'A r'B) S.
+ * (b) Accumulation.  Chain m (m = 0..3) is c_m = fl(b_k a_k + c_m) over k = m, m+4, ... (one FMA
+ *     each, from c_m = 0), then d = fl(fl(c0 + c1) + fl(c2 + c3)).  Each product passes through at
+ *     most h = ceil(K/4) + 2 roundings and there are at most K + 3 of them, so
+ *     |d - sum b_k a_k| <= ((1 + u)^h - 1) S + (K + 3) eta (1 + u)^h <= g S + 2 (K + 3) eta,
+ *     g = h u / (1 - h u) <= 1.07 h u for K <= 2^20 (h u <= 2^-6).
+ * (c) r = fl(W + d): |r - (W + d)| <= u|W + d| <= u'|r|, u' = u / (1 - u).
+ *     So |v - r| <= D := u'|r| + c S + 2 (K + 3) eta,   c = g + r'A + r'B + r'A r'B.
+ * (d) Cauchy-Schwarz: S <= ||b_i.||_2 ||a_.j||_2.  prepare() stores bnd_rf[i] >= c (1 + 2^-20)
+ *     ||b_i.||_2 and bnd_cf[j] >= (1 + 2^-20) ||a_.j||_2: norms of the f32 copies computed in f64
+ *     (relative error < 2^-32 for K <= 2^20), times (1 + 2^-19), rounded up to f32.
+ * (e) Every variant computes, in f32 with RNE:  e1 = fma(bnd_rf[i], bnd_cf[j], c0),
+ *     e2 = fma(|r|, 4u, e1), lo = r - e2, hi = r + e2, with c0 = 2^-125 (LM_LR_C0F, LM_LR_CRF).
+ *     e1 >= c0 is normal, so e1 >= (1 - u)(bnd_rf bnd_cf + c0) and e2 >= (1 - u)(4u|r| + e1).
+ *     lo = fl(r - e2) <= r - e2 + u|r - e2| <= r - e2 + u(|r| + e2), so lo <= r - D holds if
+ *     (1 - u) e2 >= D + u|r| = (u + u')|r| + c S + 2 (K + 3) eta, which it does term by term:
+ *     (1 - u)^2 4u >= u + u';  (1 - u)^3 (1 + 2^-20)^2 >= 1;  (1 - u)^3 2^-125 >= 2^22 eta.
+ *     Symmetrically hi >= r + D.  Overflow or NaN anywhere leaves lo or hi NaN or infinite.
+ * (f) So lo <= v <= hi.  Rounding to the output dtype is monotone: if RNE(lo) and RNE(hi) are the
+ *     same finite value, RNE(v) is that value.  The test every variant applies is |r| < T and
+ *     RNE(lo) == RNE(hi), T = 2^127 (bf16, f32) or 65504 (f16): e2 is never NaN (prepare keeps the
+ *     bound factors >= 2^-149, so no 0 * inf) and e2 > 0, so NaN or infinite r fails |r| < T, an
+ *     infinite e2 gives RNE(lo) = -inf != +inf = RNE(hi), and equal roundings are finite because
+ *     lo <= r < T and hi >= r > -T lie inside the finite range.  The same f32 operations in the
+ *     same order give the same r, e2, lo, hi in every variant, so even the decision (hence the
+ *     counters) is identical.
+ * f64 path (f32 outputs): the same with u = 2^-53, eta = 2^-1075, one chain (h = K), b_k = Bs[i,k]
+ * = fl64(s_k B_ik) (rB = 2^-53, or 0 if all exact; rows with a nonzero |b_k| < 2^-1022 or a
+ * non-finite one never certify), a_k = A_kj (exact: rA = 0), c0 = 2^-1020 (LM_LR_C0D, LM_LR_CRD),
+ * and lo, hi rounded once from f64 to f32.
+ * Level 2 (lm_lowrank_fallback_1, f64): four chains as in (b), and S evaluated for the element,
+ * S' = fl(sum_k |b_k||A_kj|) by the same tree, so S <= (S' + 2(K+3) eta) / (1 - u)^h.  Then
+ * e1 = fma((h + 2) u, S', c0): (g + r'B) / (1 - u)^h <= (h + 1) u (1 + 2^-32) <= (h + 2) u (1 - u)^3.
+ * lo and hi are rounded directly from f64 to the output dtype (lr_round_f64, no double rounding).
+ * If that does not certify either, level 2 may still prove its own result exact: when s_k B_ik
+ * was exact in f64 for the whole tensor and W and every product b_k A_kj are multiples of 2^q
+ * with |W| + sum |b_k A_kj| < 2^(q+52) (bounded through S'), every product, partial sum and
+ * r = W + d is a multiple of 2^q below 2^(q+53), representable, so computed exactly: r = v and
+ * RNE(r) is the answer (ties included) without level 3.
+ * Level 3: the exact value (a sum of exact products of three doubles in a fixed-point integer of up
+ * to 6400 bits), rounded by inspecting its bits: no approximation left. */
+#include "lm_kernels.h"
+
+#include <float.h>
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+/* ---- output formats ------------------------------------------------------------------------ */
+
+typedef struct lr_fmt {
+    int p;    /* significand bits, hidden bit included */
+    int emin; /* exponent of the smallest normal */
+    int emax; /* exponent of the largest finite */
+} lr_fmt;
+
+static lr_fmt lr_fmt_of(lm_kdtype t)
+{
+    static const lr_fmt f32 = {24, -126, 127}, bf16 = {8, -126, 127}, f16 = {11, -14, 15};
+    return t == LM_KDT_BF16 ? bf16 : t == LM_KDT_F16 ? f16 : f32;
+}
+
+/* x (any double) rounded to nearest, ties to even, in the output dtype, as bits.  Exact by
+ * construction: scale |x| (a power of two, exact) so that the output's quantum at |x| becomes 1,
+ * rint() (to nearest even), scale back; the result is representable in f32, so the last
+ * conversion is exact.  NaN -> canonical NaN; overflow -> +-inf. */
+static uint32_t lr_round_f64(double x, lm_kdtype t)
+{
+    if (isnan(x))
+        return lm_lr_nan_bits(t);
+    const lr_fmt f = lr_fmt_of(t);
+    const int neg = signbit(x) != 0;
+    double a = fabs(x);
+    if (a != 0 && !isinf(a)) {
+        int e;
+        frexp(a, &e); /* a in [2^(e-1), 2^e) */
+        const int E = e - 1 < f.emin ? f.emin : e - 1;
+        const int q = E - (f.p - 1); /* exponent of the output's quantum at a */
+        a = ldexp(rint(ldexp(a, -q)), q);
+    }
+    if (a >= ldexp(1.0, f.emax + 1))
+        a = INFINITY;
+    const float v = neg ? -(float)a : (float)a;
+    switch (t) {
+    case LM_KDT_BF16: return lm_f32_bits(v) >> 16; /* representable: the low half is zero */
+    case LM_KDT_F16: return lm_f32_to_f16_1(v);    /* representable: no rounding happens */
+    default: return lm_f32_bits(v);
+    }
+}
+
+/* ---- preparation ---------------------------------------------------------------------------- */
+
+/* bytes of n items of sz bytes, rounded up to 64, added to *total; 0 on overflow */
+static int lr_ws_add(size_t *total, size_t n, size_t sz)
+{
+    if (sz != 0 && n > (SIZE_MAX - 128) / sz)
+        return 0;
+    const size_t b = (n * sz + 63) & ~(size_t)63;
+    if (*total > SIZE_MAX - b)
+        return 0;
+    *total += b;
+    return 1;
+}
+
+/* the K-dependent constant of level 1's f32 bound: h = ceil(K/4) + 2 roundings per product */
+static size_t lr_depth4(size_t K)
+{
+    return (K + 3) / 4 + 2;
+}
+
+size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K)
+{
+    if (K > LM_LOWRANK_MAX_K || (K != 0 && (rows > SIZE_MAX / K || cols > SIZE_MAX / K)))
+        return 0;
+    size_t t = 64; /* alignment slack */
+    if (!lr_ws_add(&t, rows * K, sizeof(double)) || !lr_ws_add(&t, rows * K, sizeof(float)) ||
+        !lr_ws_add(&t, K * cols, sizeof(float)) || !lr_ws_add(&t, K * cols, sizeof(double)) ||
+        !lr_ws_add(&t, rows, sizeof(float)) || !lr_ws_add(&t, cols, sizeof(float)) ||
+        !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
+        !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
+        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1))
+        return 0;
+    return t;
+}
+
+static void *lr_carve(unsigned char **p, size_t n, size_t sz)
+{
+    void *r = *p;
+    *p += (n * sz + 63) & ~(size_t)63;
+    return r;
+}
+
+/* the smallest float >= x (x >= 0); +inf for NaN, inf or beyond FLT_MAX */
+static float lr_up_f32(double x)
+{
+    if (!(x <= FLT_MAX))
+        return INFINITY;
+    float f = (float)x;
+    if ((double)f < x)
+        f = nextafterf(f, INFINITY);
+    return f;
+}
+
+int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                       const double *A, const double *s, void *ws, size_t ws_bytes)
+{
+    const size_t need = lm_lowrank_ws_bytes(rows, cols, K);
+    if (need == 0 || ws == NULL || ws_bytes < need)
+        return -1;
+    unsigned char *p = (unsigned char *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
+    lr->rows = rows;
+    lr->cols = cols;
+    lr->K = K;
+    lr->B = B;
+    lr->A = A;
+    lr->s = s;
+    lr->Bs = lr_carve(&p, rows * K, sizeof(double));
+    lr->Bf = lr_carve(&p, rows * K, sizeof(float));
+    lr->Af = lr_carve(&p, K * cols, sizeof(float));
+    lr->At = lr_carve(&p, K * cols, sizeof(double));
+    lr->bnd_rf = lr_carve(&p, rows, sizeof(float));
+    lr->bnd_cf = lr_carve(&p, cols, sizeof(float));
+    lr->bnd_rd = lr_carve(&p, rows, sizeof(double));
+    lr->bnd_cd = lr_carve(&p, cols, sizeof(double));
+    double *n32r = lr_carve(&p, rows, sizeof(double)); /* raw norms of the f32 copies */
+    double *n32c = lr_carve(&p, cols, sizeof(double));
+    lr->row_nf = lr_carve(&p, rows, 1);
+    lr->col_nf = lr_carve(&p, cols, 1);
+
+    /* rows of B: copies, exactness, sums of squares (+inf marks a row that never certifies) */
+    int exactB32 = 1, exactB64 = 1, exactA32 = 1;
+    for (size_t i = 0; i < rows; i++) {
+        double ss32 = 0, ss64 = 0;
+        lr->row_nf[i] = 0;
+        for (size_t k = 0; k < K; k++) {
+            const double x = s[k] * B[i * K + k];
+            const float f = (float)x;
+            lr->Bs[i * K + k] = x;
+            lr->Bf[i * K + k] = f;
+            if (!isfinite(s[k]) || !isfinite(B[i * K + k]))
+                lr->row_nf[i] = 1;
+            const double ax = fabs(x);
+            if (!isfinite(x) || (x == 0 && s[k] != 0 && B[i * K + k] != 0)) {
+                ss32 = ss64 = INFINITY; /* non-finite, or the product underflowed to zero */
+                continue;
+            }
+            if (x != 0) {
+                const int exact64 = ax >= 0x1p-960 && fma(s[k], B[i * K + k], -x) == 0;
+                if (ax < 0x1p-1022)
+                    ss64 = INFINITY;
+                exactB64 &= exact64;
+                if (ax < 0x1p-126 || !isfinite(f))
+                    ss32 = INFINITY;
+                else
+                    exactB32 &= exact64 && (double)f == x;
+            }
+            ss32 += (double)f * (double)f;
+            ss64 += x * x;
+        }
+        n32r[i] = sqrt(ss32);
+        lr->bnd_rd[i] = sqrt(ss64);
+    }
+    /* columns of A, summed row by row (A is row-major) */
+    for (size_t j = 0; j < cols; j++) {
+        n32c[j] = lr->bnd_cd[j] = 0;
+        lr->col_nf[j] = 0;
+    }
+    for (size_t k = 0; k < K; k++) {
+        for (size_t j = 0; j < cols; j++) {
+            const double a = A[k * cols + j];
+            const float f = (float)a;
+            lr->Af[k * cols + j] = f;
+            lr->At[j * K + k] = a;
+            if (!isfinite(a)) {
+                n32c[j] = lr->bnd_cd[j] = INFINITY;
+                lr->col_nf[j] = 1;
+                continue;
+            }
+            if (a != 0 && (fabs(a) < 0x1p-126 || !isfinite(f)))
+                n32c[j] = INFINITY;
+            exactA32 &= (double)f == a;
+            n32c[j] += (double)f * (double)f;
+            lr->bnd_cd[j] += a * a;
+        }
+    }
+    lr->bs_exact = exactB64;
+    /* the constants of the proof (r' = r / (1 - r) rounded up generously) */
+    const double rB32 = exactB32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
+    const double rA32 = exactA32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
+    const double c32 = 1.07 * (double)lr_depth4(K) * 0x1p-24 + rA32 + rB32 + rA32 * rB32;
+    const double c64 = 1.07 * (double)K * 0x1p-53 + (exactB64 ? 0 : 0x1p-53 * (1 + 0x1p-50));
+    const double margin = 1 + 0x1p-19;
+    /* never below the smallest subnormal, so that a product of two factors is never 0 * inf */
+    for (size_t i = 0; i < rows; i++) {
+        lr->bnd_rf[i] = fmaxf(lr_up_f32(c32 * margin * n32r[i]), 0x1p-149f);
+        lr->bnd_rd[i] = fmax(c64 * margin * lr->bnd_rd[i], 0x1p-1074);
+        if (isnan(lr->bnd_rd[i]))
+            lr->bnd_rd[i] = INFINITY;
+    }
+    for (size_t j = 0; j < cols; j++) {
+        lr->bnd_cf[j] = fmaxf(lr_up_f32(margin * sqrt(n32c[j])), 0x1p-149f);
+        lr->bnd_cd[j] = fmax(margin * sqrt(lr->bnd_cd[j]), 0x1p-1074);
+        if (isnan(lr->bnd_cd[j]))
+            lr->bnd_cd[j] = INFINITY;
+    }
+    return 0;
+}
+
+/* ---- level 3: the exact value in fixed point ------------------------------------------------- */
+
+/* Bit b of the accumulator weighs 2^(b + LR_XMIN).  A finite double is m 2^e with m < 2^53 and
+ * -1074 <= e <= 971; a product of three is M 2^X with M < 2^159 and -3222 <= X <= 2913, so its
+ * top bit is below bit 6294; with W and up to 65536 terms the sum stays below bit 6312.  Two
+ * magnitudes (positive and negative terms) are kept; only the words in [lo, hi] are valid (the
+ * rest are zero by definition), so a typical element touches a handful of words. */
+#define LR_XMIN (-3222)
+#define LR_WORDS 100
+
+__extension__ typedef unsigned __int128 lr_u128;
+
+typedef struct lr_acc {
+    uint64_t pos[LR_WORDS], neg[LR_WORDS];
+    int lo, hi; /* valid words; lo > hi when empty */
+} lr_acc;
+
+static void lr_decompose(double x, uint64_t *m, int *e)
+{
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    const int ef = (int)((u >> 52) & 0x7FF);
+    *m = (u & 0xFFFFFFFFFFFFFull) | (ef ? 1ull << 52 : 0);
+    *e = (ef ? ef : 1) - 1075;
+}
+
+/* makes words [w0, w1] valid (zero where new) */
+static void lr_acc_touch(lr_acc *a, int w0, int w1)
+{
+    if (a->lo > a->hi) {
+        a->lo = w0;
+        a->hi = w0 - 1;
+    }
+    for (int w = w0; w < a->lo; w++)
+        a->pos[w] = a->neg[w] = 0;
+    for (int w = a->hi + 1; w <= w1; w++)
+        a->pos[w] = a->neg[w] = 0;
+    if (w0 < a->lo)
+        a->lo = w0;
+    if (w1 > a->hi)
+        a->hi = w1;
+}
+
+/* (negative ? neg : pos) += M << pos, M given as three words (M < 2^192) */
+static void lr_acc_add(lr_acc *a, int negative, const uint64_t M[3], int bitpos)
+{
+    const int wi = bitpos / 64;
+    const unsigned sh = (unsigned)bitpos % 64;
+    uint64_t t[4];
+    if (sh == 0) {
+        t[0] = M[0];
+        t[1] = M[1];
+        t[2] = M[2];
+        t[3] = 0;
+    } else {
+        t[0] = M[0] << sh;
+        t[1] = (M[1] << sh) | (M[0] >> (64 - sh));
+        t[2] = (M[2] << sh) | (M[1] >> (64 - sh));
+        t[3] = M[2] >> (64 - sh);
+    }
+    lr_acc_touch(a, wi, wi + 3);
+    uint64_t *acc = negative ? a->neg : a->pos;
+    uint64_t carry = 0;
+    for (int k = 0; k < 4; k++) {
+        const uint64_t s1 = acc[wi + k] + t[k];
+        const uint64_t c1 = s1 < t[k];
+        const uint64_t s2 = s1 + carry;
+        carry = c1 | (s2 < carry);
+        acc[wi + k] = s2;
+    }
+    for (int k = wi + 4; carry && k < LR_WORDS; k++) {
+        lr_acc_touch(a, k, k);
+        acc[k] += 1;
+        carry = acc[k] == 0;
+    }
+}
+
+static int lr_acc_bit(const uint64_t *D, int lo, int b)
+{
+    return (b >> 6) < lo ? 0 : (int)((D[b >> 6] >> (b & 63)) & 1u);
+}
+
+/* the magnitude D (valid words [lo, hi], sign neg) rounded to the output dtype; 0 gives +0 */
+static uint32_t lr_round_acc(const uint64_t *D, int lo, int hi, int neg, lm_kdtype t)
+{
+    int hw = hi;
+    while (hw >= lo && D[hw] == 0)
+        hw--;
+    if (hw < lo)
+        return lr_round_f64(0.0, t);
+    const int h = hw * 64 + 63 - __builtin_clzll(D[hw]); /* top bit: D in [2^E, 2^(E+1)) */
+    const lr_fmt f = lr_fmt_of(t);
+    int E = h + LR_XMIN;
+    if (E < f.emin)
+        E = f.emin;
+    const int q = E - (f.p - 1); /* the output's quantum at D: 2^q, q >= -149 */
+    const int bq = q - LR_XMIN;  /* its bit (>= 3073, so bits below it exist) */
+    uint64_t T = 0;
+    for (int b = h; b >= bq; b--)
+        T = (T << 1) | (uint64_t)lr_acc_bit(D, lo, b);
+    const int round = lr_acc_bit(D, lo, bq - 1);
+    int sticky = 0;
+    const int nb = bq - 1; /* bits [0, nb) */
+    for (int w = lo; w < nb / 64 && w <= hi && !sticky; w++)
+        sticky = D[w] != 0;
+    if (!sticky && nb % 64 && nb / 64 >= lo && nb / 64 <= hi)
+        sticky = (D[nb / 64] & ((1ull << (nb % 64)) - 1)) != 0;
+    if (round && (sticky || (T & 1u)))
+        T++;
+    const double v = ldexp((double)T, q); /* exact, or inf beyond the double range */
+    return lr_round_f64(neg ? -v : v, t); /* representable: no second rounding */
+}
+
+/* W + sum_k s_k B_ik A_kj, exactly, rounded to the output dtype (all inputs finite) */
+static uint32_t lr_exact(const lm_lowrank *lr, size_t i, size_t j, float w, lm_kdtype t)
+{
+    lr_acc a;
+    a.lo = 1;
+    a.hi = 0;
+    uint64_t m;
+    int e;
+    if (w != 0) {
+        lr_decompose((double)w, &m, &e);
+        const uint64_t M[3] = {m, 0, 0};
+        lr_acc_add(&a, w < 0, M, e - LR_XMIN);
+    }
+    const double *Bi = lr->B + i * lr->K, *Aj = lr->At + j * lr->K;
+    for (size_t k = 0; k < lr->K; k++) {
+        const double x = lr->s[k], y = Bi[k], z = Aj[k];
+        if (x == 0 || y == 0 || z == 0)
+            continue;
+        uint64_t mx, my, mz;
+        int ex, ey, ez;
+        lr_decompose(x, &mx, &ex);
+        lr_decompose(y, &my, &ey);
+        lr_decompose(z, &mz, &ez);
+        const lr_u128 p1 = (lr_u128)mx * my; /* < 2^106 */
+        const lr_u128 plo = (lr_u128)(uint64_t)p1 * mz, phi = (lr_u128)(uint64_t)(p1 >> 64) * mz;
+        const lr_u128 mid = (plo >> 64) + (lr_u128)(uint64_t)phi;
+        const uint64_t M[3] = {(uint64_t)plo, (uint64_t)mid, (uint64_t)(phi >> 64) + (uint64_t)(mid >> 64)};
+        lr_acc_add(&a, (x < 0) ^ (y < 0) ^ (z < 0), M, ex + ey + ez - LR_XMIN);
+    }
+    if (a.lo > a.hi)
+        return lr_round_f64(0.0, t);
+    /* |pos - neg| with its sign */
+    int cmp = 0;
+    for (int k = a.hi; k >= a.lo && cmp == 0; k--)
+        cmp = a.pos[k] > a.neg[k] ? 1 : a.pos[k] < a.neg[k] ? -1 : 0;
+    uint64_t *big = cmp >= 0 ? a.pos : a.neg;
+    const uint64_t *small = cmp >= 0 ? a.neg : a.pos;
+    uint64_t borrow = 0;
+    for (int k = a.lo; k <= a.hi; k++) {
+        const uint64_t x = big[k], y = small[k];
+        const uint64_t d1 = x - y;
+        const uint64_t b1 = x < y;
+        big[k] = d1 - borrow;
+        borrow = b1 | (d1 < borrow);
+    }
+    return lr_round_acc(big, a.lo, a.hi, cmp < 0, t);
+}
+
+/* ---- levels 2 and 3 ----------------------------------------------------------------------- */
+
+/* the exponent of the lowest set bit of x (finite, nonzero) */
+static int lr_lowbit(double x)
+{
+    uint64_t m;
+    int e;
+    lr_decompose(x, &m, &e);
+    return e + __builtin_ctzll(m);
+}
+
+/* 1 if level 2's evaluation of element (i, j) was exact (see the proof above) */
+static int lr_level2_exact(const lm_lowrank *lr, const double *Bs, const double *Aj, float w,
+                           double S)
+{
+    if (!lr->bs_exact)
+        return 0;
+    int q = w != 0 ? lr_lowbit((double)w) : INT32_MAX;
+    for (size_t k = 0; k < lr->K; k++)
+        if (Bs[k] != 0 && Aj[k] != 0) {
+            const int qk = lr_lowbit(Bs[k]) + lr_lowbit(Aj[k]);
+            q = qk < q ? qk : q;
+        }
+    /* S' underestimates sum |b_k A_kj| by a factor (1 - u)^h at most: 2^(q+52) leaves room */
+    return q != INT32_MAX && q + 52 < 1024 && (S + fabs((double)w)) * (1 + 0x1p-30) < ldexp(1.0, q + 52);
+}
+
+/* 1 if every term s_k B_ik A_kj of element (i, j) is zero */
+static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, size_t j)
+{
+    const double *Bi = lr->B + i * lr->K, *Aj = lr->At + j * lr->K;
+    for (size_t k = 0; k < lr->K; k++)
+        if (lr->s[k] != 0 && Bi[k] != 0 && Aj[k] != 0)
+            return 0;
+    return 1;
+}
+
+uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, size_t j, float w,
+                               lm_kdtype out_dtype, lm_lowrank_stats *st)
+{
+    const size_t K = lr->K;
+    const double *Bs = lr->Bs + i * K, *Aj = lr->At + j * K;
+    uint32_t bits;
+    if (!isfinite(w) || lr->row_nf[i] || lr->col_nf[j]) { /* the IEEE evaluation: +-inf or NaN */
+        double d = 0;
+        for (size_t k = 0; k < K; k++)
+            d = fma(Bs[k], Aj[k], d);
+        st->n_nonfinite++;
+        return lr_round_f64((double)w + d, out_dtype);
+    }
+    if (lr->bnd_rd[i] < INFINITY) { /* every fl64(s_k B_ik) normal or zero: level 2 */
+        double d[4] = {0, 0, 0, 0}, S[4] = {0, 0, 0, 0};
+        size_t k = 0;
+        for (; k + 4 <= K; k += 4)
+            for (size_t m = 0; m < 4; m++) {
+                d[m] = fma(Bs[k + m], Aj[k + m], d[m]);
+                S[m] = fma(fabs(Bs[k + m]), fabs(Aj[k + m]), S[m]);
+            }
+        for (size_t m = 0; k + m < K; m++) {
+            d[m] = fma(Bs[k + m], Aj[k + m], d[m]);
+            S[m] = fma(fabs(Bs[k + m]), fabs(Aj[k + m]), S[m]);
+        }
+        const double dd = (d[0] + d[1]) + (d[2] + d[3]), SS = (S[0] + S[1]) + (S[2] + S[3]);
+        if (SS == 0 && lr_all_terms_zero(lr, i, j)) { /* the delta is exactly zero: W, rounded */
+            bits = lr_round_f64((double)w, out_dtype);
+            goto done;
+        }
+        const double r = (double)w + dd;
+        double e = fma((double)(lr_depth4(K) + 2) * 0x1p-53, SS, LM_LR_C0D);
+        e = fma(fabs(r), LM_LR_CRD, e);
+        const double lo = r - e, hi = r + e;
+        if (!isnan(lo) && !isnan(hi)) {
+            bits = lr_round_f64(lo, out_dtype);
+            if (bits == lr_round_f64(hi, out_dtype) && lm_lr_finite_bits(bits, out_dtype))
+                return bits;
+        }
+        if (isfinite(r) && lr_level2_exact(lr, Bs, Aj, w, SS)) {
+            bits = lr_round_f64(r, out_dtype);
+            goto done;
+        }
+    } else if (lr_all_terms_zero(lr, i, j)) {
+        bits = lr_round_f64((double)w, out_dtype);
+        goto done;
+    }
+    st->n_exact++;
+    bits = lr_exact(lr, i, j, w, out_dtype);
+done:
+    if (!lm_lr_finite_bits(bits, out_dtype))
+        st->n_overflow++;
+    return bits;
+}
+void lm_lowrank_patch(const lm_lowrank *lr, size_t i, size_t j, const float *w, uint32_t lanes,
+                      void *out, lm_kdtype out_dtype, lm_lowrank_stats *st)
+{
+    while (lanes) {
+        const unsigned l = (unsigned)__builtin_ctz(lanes);
+        lanes &= lanes - 1;
+        st->n_recomputed++;
+        const uint32_t bits = lm_lowrank_fallback_1(lr, i, j + l, w[l], out_dtype, st);
+        if (out_dtype == LM_KDT_F32)
+            memcpy((char *)out + 4 * (size_t)l, &bits, 4);
+        else {
+            const uint16_t h = (uint16_t)bits;
+            memcpy((char *)out + 2 * (size_t)l, &h, 2);
+        }
+    }
+}
