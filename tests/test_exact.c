@@ -592,7 +592,38 @@ Test(exact, exact_midpoints)
         const lm_lowrank_stats st = xt_verify(&c, 0, 6, "result at midpoints");
         cr_assert_gt(st.n_exact, 0, "midpoints +- 2^-80 need the exact path");
         xt_case_free(&c);
+
+        /* an exact tie that only the fixed-point path can see: s B is not exact in f64
+         * (3 * fl64(1/3) = 1 - 2^-54), a second term adds the 2^-54 back, so v = W + A exactly,
+         * a midpoint (rows 0-1), or the midpoint - 2^-63 (rows 2-3, no second term) */
+        xt_case t = xt_case_new(4, 17, 2, LM_KDT_F32, ot);
+        t.s[0] = 3;
+        t.s[1] = 1;
+        for (size_t i = 0; i < 4; i++) {
+            t.B[i * 2] = 1.0 / 3.0;
+            t.B[i * 2 + 1] = i < 2 ? 0x1p-54 : 0;
+        }
+        for (size_t j = 0; j < 17; j++) {
+            const double m = (double)(1 << mb) + (double)(th_rand_u64(&rng) % (1u << mb)) + 0.5;
+            const double a = ldexp(1, -mb - 2) * (double)(1 + j % 3); /* W = midpoint - a */
+            t.A[j] = t.A[17 + j] = a;
+            for (size_t i = 0; i < 4; i++)
+                t.W[i * 17 + j] = ldexp(m, -mb) - a;
+        }
+        const lm_lowrank_stats st2 = xt_verify(&t, 0, 4, "tie behind an inexact s*B");
+        cr_assert_geq(st2.n_exact, 17, "the ties need the exact path (%" PRIu64 ")", st2.n_exact);
+        xt_case_free(&t);
     }
+}
+
+/* every variant's table has the kernel, and the ref table the reference */
+Test(exact, kernel_slot_filled)
+{
+    lm_kernels ks[3];
+    const size_t nk = xt_variants(ks, "kernel_slot_filled");
+    cr_assert_eq(ks[0].lowrank, lm_lowrank_ref);
+    for (size_t v = 0; v < nk; v++)
+        cr_assert_not_null(ks[v].lowrank, "%s", ks[v].name);
 }
 
 /* results in the subnormal range of the output (and of f32) */
