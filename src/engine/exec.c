@@ -2,6 +2,7 @@
 #include "exec.h"
 
 #include "compat.h"
+#include "exec_lowrank.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
 #include "st_writer.h"
@@ -77,7 +78,10 @@ typedef struct {
 typedef struct {
     lm_prepared *prep;   /* [n_ops], or NULL */
     double *col_scale;   /* column DoRA: per-column factors (the column pass), or NULL */
+    lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
+    int uses_exact;      /* the tensor takes the exact path (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
+    uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
 } tensor_rt;
 
@@ -92,6 +96,7 @@ typedef struct {
     tensor_rt *rt;           /* per plan tensor */
     pthread_mutex_t prep_lock; /* prepare and release one at a time (FFTW's planner is not reentrant) */
     uint64_t tile_elems;     /* f32 elements per tile (0: default) */
+    unsigned lowrank_flags;  /* 0, or LM_LOWRANK_UNCERTIFIED (exactness off) */
 } job;
 
 /* Drops the pages of [p, p + n) from this process's mapping once processed, so that resident
@@ -142,8 +147,10 @@ static void tensor_release(job *J, size_t ti)
             prepared_free(&rt->prep[o]);
     free(rt->prep);
     free(rt->col_scale);
+    lm_lowrank_tensor_free(rt->exact);
     rt->prep = NULL;
     rt->col_scale = NULL;
+    rt->exact = NULL;
     __atomic_store_n(&rt->ready, 0, __ATOMIC_RELEASE);
 }
 
@@ -168,6 +175,8 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
         }
+        if (rc == LM_OK && rt->uses_exact && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
+            rc = LM_E_NOMEM;
         if (rc != LM_OK) {
             lm_err_set_tensor(err, t->name);
             tensor_release(J, ti);
@@ -261,7 +270,7 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, const lm_
  * rather than through the mapping: the mapping would leave pages resident (the kernel maps
  * neighbouring pages on every fault), and resident memory must stay bounded by the tiles in
  * flight, not the model. */
-static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
+static const uint8_t *tile_bytes(const job *J, size_t ti, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     size_t esz = lm_dtype_bits(t->src_dtype) / 8;
@@ -278,7 +287,7 @@ static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint
                 int e = k < 0 ? errno : EIO;
                 lm_fail_errno(err, e, "cannot read tensor '%s'", t->name);
                 lm_err_set_path(err, lm_st_path(f));
-                return LM_E_IO;
+                return NULL;
             }
             got += (uint64_t)k;
         }
@@ -286,6 +295,15 @@ static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint
     } else {
         src = tensor_src_bytes(J, ti) + rel;
     }
+    return src;
+}
+
+static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint8_t *src = tile_bytes(J, ti, raw, r0, nr, err);
+    if (src == NULL)
+        return LM_E_IO;
     to_f32(J->k, t->src_dtype, src, acc, (size_t)(nr * t->cols));
     return LM_OK;
 }
@@ -328,12 +346,61 @@ static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
 }
 
 
+/* the exact path: base bytes -> output bytes in one kernel call; the same refusals as
+ * check_finite (a finite exact value beyond the output's range, or inf/NaN made from finite
+ * base values) */
+static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    tensor_rt *rt = &J->rt[ti];
+    size_t n = (size_t)(nr * t->cols);
+    const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
+    if (src == NULL)
+        return LM_E_IO;
+    lm_lowrank_stats st = {0};
+    J->k->lowrank(lm_lowrank_tensor_factors(rt->exact), (size_t)r0, (size_t)nr, src, lm_kdtype_of(t->src_dtype),
+                  (size_t)t->cols, ws->out, lm_kdtype_of(t->dtype), (size_t)t->cols, J->lowrank_flags, &st);
+    __atomic_add_fetch(&rt->n_recomputed, st.n_recomputed, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&rt->n_fixed_point, st.n_exact, __ATOMIC_RELAXED);
+    if (st.n_overflow + st.n_nonfinite == 0)
+        return LM_OK;
+    size_t bad_in = 0; /* non-finite base values (src may be unaligned: a mapping) */
+    for (size_t e = 0; e < n; e++) {
+        if (t->src_dtype == LM_DT_F32) {
+            uint32_t u;
+            memcpy(&u, src + 4 * e, 4);
+            bad_in += (u & 0x7F800000u) == 0x7F800000u;
+        } else {
+            uint16_t h;
+            memcpy(&h, src + 2 * e, 2);
+            const uint16_t m = t->src_dtype == LM_DT_F16 ? 0x7C00u : 0x7F80u;
+            bad_in += (h & m) == m;
+        }
+    }
+    /* exactness off counts every infinite result as an overflow, inf base values included */
+    const uint64_t made = J->lowrank_flags ? st.n_overflow + st.n_nonfinite : st.n_nonfinite;
+    if (made > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%llu inf/NaN in rows %llu.."
+                "%llu): an adapter's delta overflows", (unsigned long long)(made - bad_in), (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
+    else if (st.n_overflow > 0 && !J->lowrank_flags)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%llu merged values exceed the %s range (they would be "
+                "written as inf; rows %llu..%llu)", (unsigned long long)st.n_overflow, lm_dtype_name(t->dtype),
+                (unsigned long long)r0, (unsigned long long)(r0 + nr - 1));
+    else
+        return LM_OK;
+    lm_err_set_tensor(err, t->name);
+    return LM_E_MISMATCH;
+}
+
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     size_t n = (size_t)(nr * t->cols);
     if (tensor_prepare(J, ti, err) != LM_OK)
         return err->code;
+    if (J->rt[ti].uses_exact)
+        return compute_tile_exact(J, ti, r0, nr, ws, err);
     if (load_tile(J, ti, ws->acc, (uint8_t *)ws->scratch, r0, nr, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
@@ -595,6 +662,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     J.model = model;
     J.k = k;
     J.tile_elems = opts ? opts->tile_elems : 0;
+    J.lowrank_flags = opts && opts->exactness_off ? LM_LOWRANK_UNCERTIFIED : 0;
     J.n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
     J.shard_of = opts && opts->n_shards > 1 ? opts->shard_of : NULL;
     pthread_mutex_init(&J.prep_lock, NULL);
@@ -607,6 +675,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     }
     if ((rc = make_tasks(&J, &tasks, &n_tasks, &st, &local_err)) != LM_OK)
         goto fail;
+    for (size_t i = 0; i < plan->n; i++)
+        J.rt[i].uses_exact = J.rt[i].tiles_left > 0 && lm_lowrank_tensor_eligible(&plan->t[i]);
     /* every check is done: now the output files exist (as temporary files) */
     if ((rc = open_writers(&J, out_path, opts, &st.bytes_written, &local_err)) != LM_OK)
         goto fail;
@@ -667,6 +737,17 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         goto fail;
     }
     st.bytes_computed = st.bytes_written - st.bytes_copied;
+    for (size_t i = 0; i < plan->n; i++) {
+        const tensor_rt *rt = &J.rt[i];
+        if (opts && opts->recomputed)
+            opts->recomputed[i] = rt->uses_exact ? rt->n_recomputed : UINT64_MAX;
+        if (rt->uses_exact) {
+            st.n_exact_tensors++;
+            st.n_exact_elems += plan->t[i].rows * plan->t[i].cols;
+            st.n_recomputed += rt->n_recomputed;
+            st.n_fixed_point += rt->n_fixed_point;
+        }
+    }
     /* every shard complete and closed before any is renamed into place */
     for (size_t sh = 0; sh < J.n_shards; sh++)
         if ((rc = lm_st_writer_finish(J.w[sh], opts ? opts->do_fsync : 0, &local_err)) != LM_OK)

@@ -22,12 +22,22 @@ typedef struct lm_exec_opts {
     size_t n_shards;
     const char *const *shard_paths;
     const size_t *shard_of;
+    /* tensors whose every op is low-rank are computed exactly (exec_lowrank.h); exactness_off
+     * (hidden benchmark switch) runs the same fused kernel without the certification */
+    int exactness_off;
+    /* NULL, or [plan->n]: per tensor, the elements recomputed in f64 by the exact path, or
+     * UINT64_MAX for a tensor that did not take it (filled by lm_exec_run) */
+    uint64_t *recomputed;
 } lm_exec_opts;
 
 typedef struct lm_exec_stats {
     uint64_t bytes_written, bytes_copied, bytes_computed;
     size_t n_tiles, n_copied_tensors, n_computed_tensors;
     int n_threads;
+    size_t n_exact_tensors;   /* tensors computed by the exact low-rank path */
+    uint64_t n_exact_elems;   /* their elements */
+    uint64_t n_recomputed;    /* of those, recomputed in f64 (not certified by the fast path) */
+    uint64_t n_fixed_point;   /* of those, rounded from the exact fixed-point value */
 } lm_exec_stats;
 
 /*! lm_exec_run() :

@@ -274,12 +274,17 @@ lm_code lm_lora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm
     if (pr->E != NULL) { /* AdaLoRA: A with row i scaled by E[i] */
         const float *E = lm_prep_view(p, pr->E, k, err);
         float *As = lm_prep_floats(p, (size_t)(op->rank * op->in), err);
-        if (E == NULL || As == NULL)
+        /* the exact products too (two f32 multiply exactly in f64), for the exact path */
+        double *A64 = lm_prep_alloc(p, (size_t)(op->rank * op->in) * sizeof *A64, err);
+        if (E == NULL || As == NULL || A64 == NULL)
             return LM_E_NOMEM;
         for (uint64_t r = 0; r < op->rank; r++)
-            for (uint64_t i = 0; i < op->in; i++)
+            for (uint64_t i = 0; i < op->in; i++) {
                 As[r * op->in + i] = A[r * op->in + i] * E[r];
+                A64[r * op->in + i] = (double)A[r * op->in + i] * (double)E[r];
+            }
         A = As;
+        p->a64 = A64;
     }
     p->a = A;
     p->b = B;

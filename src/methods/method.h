@@ -55,6 +55,9 @@ typedef struct lm_op {
 typedef struct lm_prepared {
     const float *a, *b; /* LOWRANK: A' [rank, in] and B' [out, rank], row-major f32;
                            generic ops: a = op->src as f32 */
+    const double *a64, *b64; /* LOWRANK, optional: the same factors in f64 when the method derives
+                                them in f64 (the exact path then uses these, not a and b); NULL:
+                                a and b are the factors exactly */
     const void *data;   /* METHOD: the method's own */
     void *owned[LM_PREP_OWNED];
     size_t n_owned;

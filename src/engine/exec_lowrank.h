@@ -1,0 +1,34 @@
+/* exec_lowrank.h : the executor's correctly rounded path for a tensor whose every op is a
+ * low-rank delta (LoRA, AdaLoRA, VeRA, DeLoRA, GraLoRA, RandLoRA, VB-LoRA: LM_OP_LOWRANK).  The
+ * terms of all its ops (several adapters included) are concatenated along k with their own
+ * scales, in f64 (the prepared factors, exact, or the method's own f64 factors), and each row tile
+ * goes through the lowrank kernel from the base bytes straight to the output bytes: every element
+ * is the exact value rounded once (kernels/lm_kernels.h).  Other tensors keep the f32 path. */
+#ifndef LM_EXEC_LOWRANK_H
+#define LM_EXEC_LOWRANK_H
+
+#include "lm_error.h"
+#include "lm_kernels.h"
+#include "method.h"
+#include "plan.h"
+
+typedef struct lm_lowrank_tensor lm_lowrank_tensor;
+
+/*! lm_lowrank_tensor_eligible() : 1 if tensor t takes this path: a base tensor in bf16, f16 or
+ *  f32, output in one of those, every op LM_OP_LOWRANK with factors that fit its 2-D view. */
+int lm_lowrank_tensor_eligible(const lm_plan_tensor *t);
+
+/*! lm_lowrank_tensor_create() :
+ *  The f64 factors of every op of t (prep[o] from the op's method prepare) in the kernel's
+ *  layout, prepared for the kernel.  @return the state, or NULL with *err (out of memory).
+ *  Ownership: lm_lowrank_tensor_free(); it borrows nothing from prep after returning. */
+lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err);
+void lm_lowrank_tensor_free(lm_lowrank_tensor *f);
+
+/*! lm_lowrank_tensor_factors() : what the kernel reads (valid until the free). */
+const lm_lowrank *lm_lowrank_tensor_factors(const lm_lowrank_tensor *f);
+
+/*! lm_kdtype_of() : the kernel's name for a dtype (bf16, f16, f32 only). */
+lm_kdtype lm_kdtype_of(lm_dtype dt);
+
+#endif
