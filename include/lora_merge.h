@@ -226,6 +226,8 @@ typedef struct lm_merge_job {
                                the last bit between tile sizes, since BLAS picks its kernel by
                                the matrix shape */
     const lm_format_opts *formats; /* adapters from other tools (NULL: defaults) */
+    int exactness_off;      /* benchmarks only: tensors whose deltas are all low-rank are then
+                               computed in f32 without the correct-rounding certification */
 } lm_merge_job;
 
 typedef struct lm_merge_report {
@@ -239,6 +241,10 @@ typedef struct lm_merge_report {
     double seconds;          /* wall time of the whole job */
     int n_threads;
     const char *kernels;     /* kernel variant used ("avx2" ...) */
+    size_t n_exact_tensors;  /* tensors computed exactly (every delta low-rank): each element the
+                                exact value rounded once */
+    uint64_t n_recomputed;   /* elements of those the fast path could not certify, recomputed
+                                in f64 (per tensor in the JSON report: "recomputed") */
     size_t n_notes;
     const char *const *notes; /* one-line remarks: skipped modules, orientation guesses ... */
     const char *plan_text;   /* one line per changed tensor: "name dtype shape <- ops" */

@@ -388,6 +388,8 @@ int main(int argc, char **argv)
             if (*val == '\0' || *end != '\0' || n < 1 || n > (1ull << 34))
                 return usage_error("--tile-elems needs a whole number from 1 to 2^34, not '%s'", val);
             job.tile_elems = n;
+        } else if (strcmp(name, "--exactness-off") == 0) { /* hidden: benchmarks (see lora_merge.h) */
+            job.exactness_off = 1;
         } else if (strcmp(name, "--dtype") == 0) {
             NEED_VALUE();
             job.out_dtype = val;

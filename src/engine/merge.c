@@ -153,6 +153,24 @@ nomem:
     return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
 }
 
+/* per changed tensor of the JSON report: "exact" (every element the exact value rounded once)
+ * and "recomputed" (its elements recomputed in f64); the array follows build_report's order */
+static void add_exactness(report_impl *ri, const lm_plan *p, const uint64_t *recomputed, int exactness_off)
+{
+    cJSON *jt = cJSON_GetObjectItemCaseSensitive((cJSON *)ri->pub.json, "changed_tensors");
+    cJSON *o = jt ? jt->child : NULL;
+    for (size_t i = 0; i < p->n && o != NULL; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        if (t->n_ops == 0 && t->dtype == t->src_dtype)
+            continue;
+        const int exact = recomputed[i] != UINT64_MAX;
+        cJSON_AddBoolToObject(o, "exact", exact && !exactness_off);
+        if (exact)
+            cJSON_AddNumberToObject(o, "recomputed", (double)recomputed[i]);
+        o = o->next;
+    }
+}
+
 static lm_code finish_json(report_impl *ri, lm_err *err)
 {
     cJSON *root = (cJSON *)ri->pub.json;
@@ -168,6 +186,8 @@ static lm_code finish_json(report_impl *ri, lm_err *err)
     cJSON_AddNumberToObject(s, "seconds", r->seconds);
     cJSON_AddNumberToObject(s, "threads", r->n_threads);
     cJSON_AddStringToObject(s, "kernels", r->kernels);
+    cJSON_AddNumberToObject(s, "n_exact_tensors", (double)r->n_exact_tensors);
+    cJSON_AddNumberToObject(s, "n_recomputed", (double)r->n_recomputed);
     cJSON_AddItemToObject(root, "summary", s);
     cJSON *jn = cJSON_AddArrayToObject(root, "notes");
     for (size_t i = 0; i < r->n_notes; i++)
@@ -399,6 +419,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     out_target ot;
     memset(&ot, 0, sizeof ot);
     char *base_dir = NULL;
+    uint64_t *recomputed = NULL; /* per plan tensor, from the executor */
     if (report)
         *report = NULL;
     if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
@@ -493,6 +514,15 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         eo.progress = job->progress;
         eo.progress_ctx = job->progress_ctx;
         eo.tile_elems = job->tile_elems;
+        eo.exactness_off = job->exactness_off;
+        recomputed = calloc(plan->n + 1, sizeof *recomputed);
+        if (recomputed == NULL) {
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            cJSON_Delete((cJSON *)ri->pub.json);
+            ri->pub.json = NULL;
+            goto done;
+        }
+        eo.recomputed = recomputed;
         eo.n_shards = ot.n_shards;
         eo.shard_paths = (const char *const *)ot.paths;
         eo.shard_of = ot.shard_of;
@@ -533,6 +563,10 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     r->lowrank_gflop = plan->lowrank_flops * 1e-9;
     r->n_threads = st.n_threads;
     r->kernels = kern.name;
+    r->n_exact_tensors = st.n_exact_tensors;
+    r->n_recomputed = st.n_recomputed;
+    if (recomputed != NULL)
+        add_exactness(ri, plan, recomputed, job->exactness_off);
     r->plan_text = ri->plan_text;
     ri->notes = plan->notes;
     r->n_notes = plan->n_notes;
@@ -557,6 +591,7 @@ done:
         rmdir(ot.dir); /* only if still empty: nothing of ours is left in it */
     out_target_free(&ot);
     free(base_dir);
+    free(recomputed);
     lm_plan_free(plan);
     if (ads)
         for (size_t i = 0; i < job->n_adapters; i++)
