@@ -160,7 +160,10 @@ int main(int argc, char **argv)
     snprintf(thr, sizeof thr, "%d", threads);
     char *cat_argv[] = {"cat", base, NULL};
     char *merge_argv[] = {bin, "-q", "--threads", thr, base, adapter, out, NULL};
+    /* the same merge without the correct-rounding certification (hidden switch): what exactness costs */
+    char *loose_argv[] = {bin, "-q", "--exactness-off", "--threads", thr, base, adapter, out, NULL};
     double *tf = calloc((size_t)runs, sizeof *tf), *tm = calloc((size_t)runs, sizeof *tm);
+    double *tx = calloc((size_t)runs, sizeof *tx);
     long rss_f = 0, rss_m = 0;
     for (int r = 0; r < runs; r++) {
         unlink(out);
@@ -183,10 +186,17 @@ int main(int argc, char **argv)
             fprintf(stderr, "bench: no output\n");
             return 1;
         }
+        unlink(out);
+        sync();
+        tx[r] = run_timed(loose_argv, NULL, &rss, &st);
+        if (st != 0) {
+            fprintf(stderr, "bench: lora-merge --exactness-off failed with status %d\n", st);
+            return 1;
+        }
     }
     unlink(out);
     sync();
-    double mf = median(tf, runs), mm = median(tm, runs);
+    double mf = median(tf, runs), mm = median(tm, runs), mx = median(tx, runs);
     lm_kernels k;
     lm_kernels_select(&k, NULL);
     char cpu[256];
@@ -197,9 +207,10 @@ int main(int argc, char **argv)
     double ratio = mm / mf, rss_mb = (double)rss_m / 1024.0;
     if (csv) {
         printf("case,bytes,runs,floor_median_s,floor_min_s,floor_max_s,merge_median_s,merge_min_s,merge_max_s,ratio,"
-               "merge_gb_s,lowrank_gflop_s,merge_peak_rss_mb,floor_peak_rss_mb\n");
-        printf("%s,%.0f,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.2f,%.2f,%.1f,%.1f\n", bc->name, bytes, runs, mf, tf[0],
-               tf[runs - 1], mm, tm[0], tm[runs - 1], ratio, bytes * 1e-9 / mm, gflop / mm, rss_mb, rss_f / 1024.0);
+               "merge_gb_s,lowrank_gflop_s,merge_peak_rss_mb,floor_peak_rss_mb,exactness_off_median_s,exactness_cost\n");
+        printf("%s,%.0f,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.2f,%.2f,%.1f,%.1f,%.3f,%.4f\n", bc->name, bytes, runs, mf,
+               tf[0], tf[runs - 1], mm, tm[0], tm[runs - 1], ratio, bytes * 1e-9 / mm, gflop / mm, rss_mb,
+               rss_f / 1024.0, mx, mm / mx - 1);
     } else {
         printf("%-6s %9s %22s %22s %7s %7s %9s %10s %s\n", "case", "GB", "copy floor s (min-max)", "merge s (min-max)",
                "ratio", "GB/s", "GFLOP/s", "peak RSS", "targets");
@@ -212,9 +223,13 @@ int main(int argc, char **argv)
                      ratio <= bc->max_ratio ? "ok" : "MISSED", bc->max_rss_mb, rss_mb <= bc->max_rss_mb ? "ok" : "MISSED");
         printf("%-6s %9.2f %22s %22s %7.3f %7.2f %9.1f %7.0f MB %s\n", bc->name, bytes * 1e-9, f1, m1, ratio,
                bytes * 1e-9 / mm, gflop / mm, rss_mb, targets);
+        printf("exactness: merge %.3f s exact, %.3f s (%.3f-%.3f) with --exactness-off: it costs %+.1f%%%s\n", mm, mx,
+               tx[0], tx[runs - 1], 100 * (mm / mx - 1),
+               bc->max_ratio > 0 ? (mm / mx - 1 <= 0.05 ? " (target <= 5% ok)" : " (target <= 5% MISSED)") : "");
     }
     free(tf);
     free(tm);
+    free(tx);
     if (own_dir && !keep) {
         char cmd[4400];
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);

@@ -13,13 +13,14 @@
  * Random seeds are printed; LM_TEST_SEED repeats a run. */
 #include <criterion/criterion.h>
 
-#include <cjson/cJSON.h>
+#include <cJSON.h>
 #include <dirent.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "lm_kernels.h"
@@ -987,4 +988,252 @@ Test(exact, fixture_adapters_recomputed_fraction, .timeout = 600)
                 total[o].n_elems, total[o].n_recomputed, f, total[o].n_exact);
         (void)f;
     }
+}
+
+/* ---- end to end: the executor's exact path through the CLI ------------------------------------
+ * A base with two Linear layers (one of them W = -(delta rounded), the cancellation case), a GPT-2
+ * Conv1D layer ([in, out] storage) and an untouched tensor; adapter 1 (f32 factors, r 8, alpha 16)
+ * on the three layers, adapter 2 (bf16 factors, r 4, alpha 4) on one of them with weight 0.3.
+ * Every element of the output must be the exact value rounded once (checked with the independent
+ * proof above), whatever the kernel variant, the base dtype or --dtype. */
+
+typedef struct xt_layer {
+    const char *module;
+    int conv1d;                  /* base stored [in, out] */
+    size_t out, in;
+    double *W;                   /* base values as stored (rows x cols of the stored shape) */
+    double *A1, *B1, *A2, *B2;   /* adapter factors: A [r, in], B [out, r] (A2, B2: NULL if none) */
+} xt_layer;
+
+#define XT_R1 8
+#define XT_R2 4
+
+static void xt_write_adapter(const char *dir, const xt_layer *L, size_t n, int second, const char *fdtype)
+{
+    cr_assert_eq(mkdir(dir, 0777), 0);
+    th_out_tensor t[8];
+    char names[8][200];
+    size_t k = 0;
+    const size_t r = second ? XT_R2 : XT_R1;
+    for (size_t i = 0; i < n; i++) {
+        const double *A = second ? L[i].A2 : L[i].A1, *B = second ? L[i].B2 : L[i].B1;
+        if (A == NULL)
+            continue;
+        snprintf(names[k], sizeof names[k], "base_model.model.%s.lora_A.weight", L[i].module);
+        t[k] = (th_out_tensor){names[k], fdtype, 2, {r, L[i].in}, A};
+        k++;
+        snprintf(names[k], sizeof names[k], "base_model.model.%s.lora_B.weight", L[i].module);
+        t[k] = (th_out_tensor){names[k], fdtype, 2, {L[i].out, r}, B};
+        k++;
+    }
+    char path[1200];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    cr_assert_eq(th_st_write(path, t, k), 0);
+    char cfg[600];
+    snprintf(cfg, sizeof cfg,
+             "{\"peft_type\": \"LORA\", \"r\": %zu, \"lora_alpha\": %d, \"target_modules\": [\"q_proj\", "
+             "\"down_proj\", \"c_attn\"], \"fan_in_fan_out\": false, \"bias\": \"none\"}",
+             r, second ? 4 : 16);
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    cr_assert_eq(th_write_file(path, cfg, strlen(cfg)), 0);
+}
+
+/* every element of tensor `o` (the merged layer L) is the exact value rounded once */
+static void xt_check_layer(const th_tensor *o, const xt_layer *L, lm_kdtype ot)
+{
+    const double s1 = 16.0 / XT_R1, s2 = (4.0 / XT_R2) * 0.3;
+    const size_t rows = L->conv1d ? L->in : L->out, cols = L->conv1d ? L->out : L->in;
+    cr_assert_eq(o->n_elems, rows * cols);
+    double buf[300];
+    xt_exp x = {buf, 0, 300};
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < cols; j++) {
+            const size_t oo = L->conv1d ? j : i, ii = L->conv1d ? i : j; /* delta index [out, in] */
+            const double w = L->W[i * cols + j];
+            x.n = 0;
+            xt_grow(&x, w);
+            int zero = 1;
+            for (int a = 0; a < 2; a++) {
+                const double *A = a ? L->A2 : L->A1, *B = a ? L->B2 : L->B1;
+                const size_t r = a ? XT_R2 : XT_R1;
+                if (A == NULL)
+                    continue;
+                for (size_t k = 0; k < r; k++) {
+                    double h, l, p1, e1, p2, e2;
+                    xt_two_prod(a ? s2 : s1, B[oo * r + k], &h, &l);
+                    xt_two_prod(h, A[k * L->in + ii], &p1, &e1);
+                    xt_two_prod(l, A[k * L->in + ii], &p2, &e2);
+                    xt_grow(&x, p1);
+                    xt_grow(&x, e1);
+                    xt_grow(&x, p2);
+                    xt_grow(&x, e2);
+                    zero &= B[oo * r + k] == 0 || A[k * L->in + ii] == 0;
+                }
+            }
+            uint32_t bits;
+            if (ot == LM_KDT_F32)
+                memcpy(&bits, o->data + 4 * (i * cols + j), 4);
+            else
+                bits = (uint32_t)(o->data[2 * (i * cols + j)] | (o->data[2 * (i * cols + j) + 1] << 8));
+            char why[200];
+            cr_assert(xt_is_rne(&x, zero, w, bits, ot, why, sizeof why), "%s (%zu, %zu): %s", o->name, i, j, why);
+        }
+}
+
+static lm_kdtype xt_kdt(const char *dt)
+{
+    return !strcmp(dt, "BF16") ? LM_KDT_BF16 : !strcmp(dt, "F16") ? LM_KDT_F16 : LM_KDT_F32;
+}
+
+Test(exact, cli_exact_path_end_to_end, .timeout = 300)
+{
+    uint64_t rng = xt_seed("cli_exact_path_end_to_end");
+    static const struct {
+        const char *base_dt, *out_opt; /* --dtype, or NULL */
+    } runs[] = {{"BF16", NULL}, {"F16", NULL}, {"F32", NULL}, {"BF16", "f32"}, {"F32", "bf16"}, {"F32", "f16"}};
+    for (size_t ru = 0; ru < sizeof runs / sizeof *runs; ru++) {
+        const char *bdt = runs[ru].base_dt;
+        const char *odt = runs[ru].out_opt ? (!strcmp(runs[ru].out_opt, "f32") ? "F32" : !strcmp(runs[ru].out_opt, "bf16") ? "BF16" : "F16") : bdt;
+        xt_layer L[3] = {{"model.layers.0.self_attn.q_proj", 0, 40, 56, NULL, NULL, NULL, NULL, NULL},
+                         {"model.layers.0.mlp.down_proj", 0, 56, 40, NULL, NULL, NULL, NULL, NULL},
+                         {"transformer.h.0.attn.c_attn", 1, 72, 56, NULL, NULL, NULL, NULL, NULL}};
+        for (size_t l = 0; l < 3; l++) {
+            L[l].W = xt_alloc(L[l].out * L[l].in * sizeof(double));
+            L[l].A1 = xt_alloc(XT_R1 * L[l].in * sizeof(double));
+            L[l].B1 = xt_alloc(L[l].out * XT_R1 * sizeof(double));
+            for (size_t e = 0; e < XT_R1 * L[l].in; e++)
+                L[l].A1[e] = (double)(float)(th_rand_normal(&rng) / sqrt((double)L[l].in));
+            for (size_t e = 0; e < L[l].out * XT_R1; e++)
+                L[l].B1[e] = (double)(float)(0.02 * th_rand_normal(&rng));
+            for (size_t e = 0; e < L[l].out * L[l].in; e++)
+                L[l].W[e] = th_round_to(0.03 * th_rand_normal(&rng), bdt);
+        }
+        L[0].A2 = xt_alloc(XT_R2 * L[0].in * sizeof(double));
+        L[0].B2 = xt_alloc(L[0].out * XT_R2 * sizeof(double));
+        for (size_t e = 0; e < XT_R2 * L[0].in; e++)
+            L[0].A2[e] = th_round_to(0.1 * th_rand_normal(&rng), "BF16");
+        for (size_t e = 0; e < L[0].out * XT_R2; e++)
+            L[0].B2[e] = th_round_to(0.05 * th_rand_normal(&rng), "BF16");
+        /* down_proj: W = -(its delta) rounded to the base dtype: the result is the rounding residual */
+        for (size_t i = 0; i < L[1].out; i++)
+            for (size_t j = 0; j < L[1].in; j++) {
+                double d = 0;
+                for (size_t k = 0; k < XT_R1; k++)
+                    d += 2.0 * L[1].B1[i * XT_R1 + k] * L[1].A1[k * L[1].in + j];
+                L[1].W[i * L[1].in + j] = th_round_to(-d, bdt);
+            }
+        char *tmp = th_tmpdir();
+        char base[1100], ad1[1100], ad2[1100], out[1100];
+        snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+        snprintf(ad1, sizeof ad1, "%s/ad1", tmp);
+        snprintf(ad2, sizeof ad2, "%s/ad2", tmp);
+        double untouched[64];
+        for (size_t e = 0; e < 64; e++)
+            untouched[e] = th_round_to(th_rand_normal(&rng), bdt);
+        th_out_tensor bt[4] = {{"model.layers.0.self_attn.q_proj.weight", bdt, 2, {40, 56}, L[0].W},
+                               {"model.layers.0.mlp.down_proj.weight", bdt, 2, {56, 40}, L[1].W},
+                               {"transformer.h.0.attn.c_attn.weight", bdt, 2, {56, 72}, L[2].W},
+                               {"untouched.weight", bdt, 2, {8, 8}, untouched}};
+        cr_assert_eq(th_st_write(base, bt, 4), 0);
+        xt_write_adapter(ad1, L, 3, 0, "F32");
+        xt_write_adapter(ad2, L, 3, 1, "BF16");
+        lm_kernels ks[3];
+        const size_t nk = xt_variants(ks, "cli_exact_path_end_to_end");
+        char first[1200] = "";
+        for (size_t v = 0; v < nk; v++) {
+            snprintf(out, sizeof out, "%s/out-%s.safetensors", tmp, ks[v].name);
+            const char *argv[16] = {th_bin(), "--json", "--threads", v == 1 ? "1" : "2", "--kernels", ks[v].name,
+                                    "--adapter-scaled", ad2, "0.3"};
+            size_t na = 9;
+            if (runs[ru].out_opt) {
+                argv[na++] = "--dtype";
+                argv[na++] = runs[ru].out_opt;
+            }
+            argv[na++] = base;
+            argv[na++] = ad1;
+            argv[na++] = out;
+            argv[na] = NULL;
+            th_run_result rr = th_run(NULL, argv);
+            cr_assert_eq(rr.status, 0, "%s -> %s, %s: exit %d: %s", bdt, odt, ks[v].name, rr.status, rr.err);
+            cJSON *js = cJSON_Parse(rr.out);
+            cr_assert_not_null(js, "--json output is not JSON: %s", rr.out);
+            const cJSON *sum = cJSON_GetObjectItemCaseSensitive(js, "summary");
+            cr_assert_eq(cJSON_GetObjectItemCaseSensitive(sum, "n_exact_tensors")->valuedouble, 3);
+            const cJSON *ct = cJSON_GetObjectItemCaseSensitive(js, "changed_tensors"), *t;
+            double rec_down = -1;
+            cJSON_ArrayForEach(t, ct)
+            {
+                const char *nm = cJSON_GetObjectItemCaseSensitive(t, "name")->valuestring;
+                if (!strcmp(nm, "untouched.weight"))
+                    continue; /* changed only by --dtype: not a low-rank tensor */
+                cr_assert(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(t, "exact")), "%s not exact", nm);
+                const cJSON *rc = cJSON_GetObjectItemCaseSensitive(t, "recomputed");
+                cr_assert(cJSON_IsNumber(rc), "%s: no recomputed count", nm);
+                if (!strcmp(nm, "model.layers.0.mlp.down_proj.weight"))
+                    rec_down = rc->valuedouble;
+            }
+            cr_assert_gt(rec_down, 0, "the cancelled layer needs recomputation");
+            cJSON_Delete(js);
+            th_run_free(&rr);
+            if (v == 0) {
+                snprintf(first, sizeof first, "%s", out);
+                th_st st;
+                cr_assert_eq(th_st_read(out, &st), 0);
+                for (size_t l = 0; l < 3; l++) {
+                    char nm[256];
+                    snprintf(nm, sizeof nm, "%s.weight", L[l].module);
+                    const th_tensor *o = th_st_find(&st, nm);
+                    cr_assert_not_null(o);
+                    cr_assert_str_eq(o->dtype, odt);
+                    xt_check_layer(o, &L[l], xt_kdt(odt));
+                }
+                th_st_free(&st);
+            } else {
+                cr_assert(th_files_equal(out, first), "%s -> %s: output with --kernels %s differs from ref", bdt, odt,
+                          ks[v].name);
+            }
+        }
+        th_rmrf(tmp);
+        free(tmp);
+        for (size_t l = 0; l < 3; l++) {
+            free(L[l].W);
+            free(L[l].A1);
+            free(L[l].B1);
+            free(L[l].A2);
+            free(L[l].B2);
+        }
+    }
+}
+
+/* an exact value beyond f16's range is refused with an error naming the tensor, no output left */
+Test(exact, cli_f16_overflow_refused)
+{
+    char *tmp = th_tmpdir();
+    char base[1100], ad[1100], out[1100];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/ad", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    double W[32], A[8 * 8], B[4 * 8];
+    for (size_t e = 0; e < 32; e++)
+        W[e] = e == 9 ? 65504 : 1.0;
+    for (size_t e = 0; e < 64; e++)
+        A[e] = 0;
+    for (size_t e = 0; e < 32; e++)
+        B[e] = 0;
+    A[0 * 8 + 1] = 1; /* the delta is (16/8) * 8 * 1 at (1, 1) only: 65504 + 16 = 65520 -> inf */
+    B[1 * 8 + 0] = 8;
+    xt_layer L = {"model.layers.0.self_attn.q_proj", 0, 4, 8, W, A, B, NULL, NULL};
+    th_out_tensor bt = {"model.layers.0.self_attn.q_proj.weight", "F16", 2, {4, 8}, W};
+    cr_assert_eq(th_st_write(base, &bt, 1), 0);
+    xt_write_adapter(ad, &L, 1, 0, "F32");
+    const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+    th_run_result rr = th_run(NULL, argv);
+    cr_assert_eq(rr.status, 1, "exit %d: %s", rr.status, rr.err);
+    cr_assert(strstr(rr.err, "model.layers.0.self_attn.q_proj.weight") != NULL, "no tensor named: %s", rr.err);
+    cr_assert(strstr(rr.err, "range") != NULL, "no range error: %s", rr.err);
+    cr_assert(!th_exists(out), "output left behind");
+    cr_assert_eq(th_count_entries(tmp), 2, "temporary file left behind");
+    th_run_free(&rr);
+    th_rmrf(tmp);
+    free(tmp);
 }
