@@ -166,19 +166,12 @@ LR2_INLINE void lr2_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
     for (size_t r = 0; r < mr; r++)
         acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
     const float *b = lr->Bf + i * K, *a = lr->Af + j;
-    size_t k = 0;
-    for (; k + 4 <= K; k += 4)
+    /* term k goes to chain k % 4; the test on k + m < K only matters in the last round */
+    for (size_t k = 0; k < K; k += 4)
 #pragma GCC unroll 4
         for (size_t m = 0; m < 4; m++) {
-            const __m256 av = _mm256_loadu_ps(a + (k + m) * cols);
-#pragma GCC unroll 3
-            for (size_t r = 0; r < mr; r++)
-                acc[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(b + r * K + k + m), av, acc[r][m]);
-        }
-    /* K % 4 leftover terms, with constant indices so the accumulators stay in registers */
-#pragma GCC unroll 3
-    for (size_t m = 0; m < 3; m++)
-        if (k + m < K) {
+            if (k + m >= K)
+                break;
             const __m256 av = _mm256_loadu_ps(a + (k + m) * cols);
 #pragma GCC unroll 3
             for (size_t r = 0; r < mr; r++)

@@ -150,25 +150,12 @@ LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
         for (size_t v = 0; v < nv; v++)
             acc[r][v][0] = acc[r][v][1] = acc[r][v][2] = acc[r][v][3] = _mm512_setzero_ps();
     const float *b = lr->Bf + i * K, *a = lr->Af + j;
-    size_t k = 0;
-    for (; k + 4 <= K; k += 4)
+    /* term k goes to chain k % 4; the test on k + m < K only matters in the last round */
+    for (size_t k = 0; k < K; k += 4)
 #pragma GCC unroll 4
         for (size_t m = 0; m < 4; m++) {
-            __m512 a0 = _mm512_loadu_ps(a + (k + m) * cols);
-            __m512 a1 = nv > 1 ? _mm512_loadu_ps(a + (k + m) * cols + 16) : a0;
-            __asm__("" : "+v"(a0), "+v"(a1)); /* in registers: gcc would fold a load into each FMA */
-#pragma GCC unroll 4
-            for (size_t r = 0; r < mr; r++) {
-                const __m512 bk = _mm512_set1_ps(b[r * K + k + m]);
-                acc[r][0][m] = _mm512_fmadd_ps(bk, a0, acc[r][0][m]);
-                if (nv > 1)
-                    acc[r][1][m] = _mm512_fmadd_ps(bk, a1, acc[r][1][m]);
-            }
-        }
-    /* K % 4 leftover terms, with constant indices so the accumulators stay in registers */
-#pragma GCC unroll 3
-    for (size_t m = 0; m < 3; m++)
-        if (k + m < K) {
+            if (k + m >= K)
+                break;
             __m512 a0 = _mm512_loadu_ps(a + (k + m) * cols);
             __m512 a1 = nv > 1 ? _mm512_loadu_ps(a + (k + m) * cols + 16) : a0;
             __asm__("" : "+v"(a0), "+v"(a1)); /* in registers: gcc would fold a load into each FMA */

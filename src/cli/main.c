@@ -301,6 +301,32 @@ static int subcommand(const char *const *pos, size_t n_pos, const char *base, co
 }
 
 /* ---- main ----------------------------------------------------------------------------------- */
+/* the options that take no value and set a flag: the flag, or NULL for another name */
+typedef struct {
+    int *json, *quiet, *force_progress;
+    lm_merge_job *job;
+} cli_flags;
+
+static int *flag_option(const char *name, const cli_flags *f)
+{
+    const struct {
+        const char *name;
+        int *target;
+    } table[] = {
+        {"--dry-run", &f->job->dry_run},
+        {"--json", f->json},
+        {"--fsync", &f->job->do_fsync},
+        {"-q", f->quiet},
+        {"--quiet", f->quiet},
+        {"--progress", f->force_progress},
+        {"--exactness-off", &f->job->exactness_off}, /* hidden: benchmarks (see lora_merge.h) */
+    };
+    for (size_t i = 0; i < sizeof table / sizeof *table; i++)
+        if (strcmp(name, table[i].name) == 0)
+            return table[i].target;
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     lm_cleanup_install();
@@ -316,6 +342,7 @@ int main(int argc, char **argv)
     lm_format_opts fo;
     memset(&fo, 0, sizeof fo);
     const char *base_opt = NULL;
+    const cli_flags flags = {&json, &quiet, &force_progress, &job};
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -388,24 +415,14 @@ int main(int argc, char **argv)
             if (*val == '\0' || *end != '\0' || n < 1 || n > (1ull << 34))
                 return usage_error("--tile-elems needs a whole number from 1 to 2^34, not '%s'", val);
             job.tile_elems = n;
-        } else if (strcmp(name, "--exactness-off") == 0) { /* hidden: benchmarks (see lora_merge.h) */
-            job.exactness_off = 1;
+        } else if (flag_option(name, &flags) != NULL) {
+            *flag_option(name, &flags) = 1;
         } else if (strcmp(name, "--dtype") == 0) {
             NEED_VALUE();
             job.out_dtype = val;
         } else if (strcmp(name, "--kernels") == 0) {
             NEED_VALUE();
             job.kernels = val;
-        } else if (strcmp(name, "--dry-run") == 0) {
-            job.dry_run = 1;
-        } else if (strcmp(name, "--json") == 0) {
-            json = 1;
-        } else if (strcmp(name, "--fsync") == 0) {
-            job.do_fsync = 1;
-        } else if (strcmp(name, "-q") == 0 || strcmp(name, "--quiet") == 0) {
-            quiet = 1;
-        } else if (strcmp(name, "--progress") == 0) {
-            force_progress = 1;
         } else if (is_format_option(name)) {
             NEED_VALUE();
             if (set_format_option(name, val, &fo, &base_opt) != 0)

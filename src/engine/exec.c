@@ -633,6 +633,29 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
     return LM_OK;
 }
 
+/* the tensors that take the exact low-rank path (exec_lowrank.h) */
+static void mark_exact_tensors(job *J)
+{
+    for (size_t i = 0; i < J->plan->n; i++)
+        J->rt[i].uses_exact = J->rt[i].tiles_left > 0 && lm_lowrank_tensor_eligible(&J->plan->t[i]);
+}
+
+/* the exact path's counters, per tensor (opts->recomputed) and in total */
+static void exact_stats(const job *J, const lm_exec_opts *opts, lm_exec_stats *st)
+{
+    for (size_t i = 0; i < J->plan->n; i++) {
+        const tensor_rt *rt = &J->rt[i];
+        if (opts && opts->recomputed)
+            opts->recomputed[i] = rt->uses_exact ? rt->n_recomputed : UINT64_MAX;
+        if (rt->uses_exact) {
+            st->n_exact_tensors++;
+            st->n_exact_elems += J->plan->t[i].rows * J->plan->t[i].cols;
+            st->n_recomputed += rt->n_recomputed;
+            st->n_fixed_point += rt->n_fixed_point;
+        }
+    }
+}
+
 lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *const *adapters,
                     const char *out_path, const lm_exec_opts *opts, lm_exec_stats *stats,
                     lm_err *err)
@@ -675,8 +698,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     }
     if ((rc = make_tasks(&J, &tasks, &n_tasks, &st, &local_err)) != LM_OK)
         goto fail;
-    for (size_t i = 0; i < plan->n; i++)
-        J.rt[i].uses_exact = J.rt[i].tiles_left > 0 && lm_lowrank_tensor_eligible(&plan->t[i]);
+    mark_exact_tensors(&J);
     /* every check is done: now the output files exist (as temporary files) */
     if ((rc = open_writers(&J, out_path, opts, &st.bytes_written, &local_err)) != LM_OK)
         goto fail;
@@ -737,17 +759,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         goto fail;
     }
     st.bytes_computed = st.bytes_written - st.bytes_copied;
-    for (size_t i = 0; i < plan->n; i++) {
-        const tensor_rt *rt = &J.rt[i];
-        if (opts && opts->recomputed)
-            opts->recomputed[i] = rt->uses_exact ? rt->n_recomputed : UINT64_MAX;
-        if (rt->uses_exact) {
-            st.n_exact_tensors++;
-            st.n_exact_elems += plan->t[i].rows * plan->t[i].cols;
-            st.n_recomputed += rt->n_recomputed;
-            st.n_fixed_point += rt->n_fixed_point;
-        }
-    }
+    exact_stats(&J, opts, &st);
     /* every shard complete and closed before any is renamed into place */
     for (size_t sh = 0; sh < J.n_shards; sh++)
         if ((rc = lm_st_writer_finish(J.w[sh], opts ? opts->do_fsync : 0, &local_err)) != LM_OK)

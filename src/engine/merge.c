@@ -3,6 +3,7 @@
 
 #include "adapter_load.h"
 #include "exec.h"
+#include "exec_lowrank.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
 #include "lm_kernels.h"
@@ -25,6 +26,7 @@ typedef struct {
     char **notes;
     char *plan_text;
     char *json;
+    uint64_t *recomputed; /* [plan->n], filled by the executor (exec.h); freed with the report */
 } report_impl;
 
 void lm_merge_report_free(lm_merge_report *r)
@@ -37,6 +39,7 @@ void lm_merge_report_free(lm_merge_report *r)
     free(ri->notes);
     free(ri->plan_text);
     free(ri->json);
+    free(ri->recomputed);
     free(ri);
 }
 
@@ -74,8 +77,11 @@ static lm_code build_report(report_impl *ri, const lm_merge_job *job, lm_adapter
     size_t cap = 4096, used = 0;
     char *text = malloc(cap);
     cJSON *root = cJSON_CreateObject();
-    if (text == NULL || root == NULL)
+    ri->recomputed = malloc((p->n + 1) * sizeof *ri->recomputed);
+    if (text == NULL || root == NULL || ri->recomputed == NULL)
         goto nomem;
+    for (size_t i = 0; i < p->n; i++) /* a dry run does not change them */
+        ri->recomputed[i] = lm_lowrank_tensor_eligible(&p->t[i]) ? 0 : UINT64_MAX;
     text[0] = '\0';
     cJSON_AddStringToObject(root, "base", job->base_path);
     cJSON_AddStringToObject(root, "out", job->out_path ? job->out_path : "");
@@ -154,9 +160,11 @@ nomem:
 }
 
 /* per changed tensor of the JSON report: "exact" (every element the exact value rounded once)
- * and "recomputed" (its elements recomputed in f64); the array follows build_report's order */
-static void add_exactness(report_impl *ri, const lm_plan *p, const uint64_t *recomputed, int exactness_off)
+ * and, after a real run, "recomputed" (its elements recomputed in f64); the array follows
+ * build_report's order */
+static void add_exactness(report_impl *ri, const lm_plan *p, int exactness_off, int ran)
 {
+    const uint64_t *recomputed = ri->recomputed;
     cJSON *jt = cJSON_GetObjectItemCaseSensitive((cJSON *)ri->pub.json, "changed_tensors");
     cJSON *o = jt ? jt->child : NULL;
     for (size_t i = 0; i < p->n && o != NULL; i++) {
@@ -165,7 +173,7 @@ static void add_exactness(report_impl *ri, const lm_plan *p, const uint64_t *rec
             continue;
         const int exact = recomputed[i] != UINT64_MAX;
         cJSON_AddBoolToObject(o, "exact", exact && !exactness_off);
-        if (exact)
+        if (exact && ran)
             cJSON_AddNumberToObject(o, "recomputed", (double)recomputed[i]);
         o = o->next;
     }
@@ -419,7 +427,6 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     out_target ot;
     memset(&ot, 0, sizeof ot);
     char *base_dir = NULL;
-    uint64_t *recomputed = NULL; /* per plan tensor, from the executor */
     if (report)
         *report = NULL;
     if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
@@ -515,14 +522,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         eo.progress_ctx = job->progress_ctx;
         eo.tile_elems = job->tile_elems;
         eo.exactness_off = job->exactness_off;
-        recomputed = calloc(plan->n + 1, sizeof *recomputed);
-        if (recomputed == NULL) {
-            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            cJSON_Delete((cJSON *)ri->pub.json);
-            ri->pub.json = NULL;
-            goto done;
-        }
-        eo.recomputed = recomputed;
+        eo.recomputed = ri->recomputed;
         eo.n_shards = ot.n_shards;
         eo.shard_paths = (const char *const *)ot.paths;
         eo.shard_of = ot.shard_of;
@@ -565,8 +565,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     r->kernels = kern.name;
     r->n_exact_tensors = st.n_exact_tensors;
     r->n_recomputed = st.n_recomputed;
-    if (recomputed != NULL)
-        add_exactness(ri, plan, recomputed, job->exactness_off);
+    add_exactness(ri, plan, job->exactness_off, !job->dry_run);
     r->plan_text = ri->plan_text;
     ri->notes = plan->notes;
     r->n_notes = plan->n_notes;
@@ -591,7 +590,6 @@ done:
         rmdir(ot.dir); /* only if still empty: nothing of ours is left in it */
     out_target_free(&ot);
     free(base_dir);
-    free(recomputed);
     lm_plan_free(plan);
     if (ads)
         for (size_t i = 0; i < job->n_adapters; i++)
