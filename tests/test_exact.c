@@ -481,7 +481,11 @@ Test(exact, cancellation_residual)
             for (size_t j = 0; j < c.cols; j++)
                 c.W[i * c.cols + j] = th_round_to(-xt_delta_approx(&c, i, j), xt_dt_name(c.wt));
         const lm_lowrank_stats st = xt_verify(&c, 0, 8, "cancellation");
-        cr_assert_gt(st.n_recomputed, 0, "no element needed recomputation: the test is too weak");
+        /* f32 outputs of a 16-bit W are computed in f64, which resolves a 16-bit residual easily;
+         * everywhere else the residual is below what the fast path can certify */
+        if (c.ot != LM_KDT_F32 || c.wt == LM_KDT_F32)
+            cr_assert_gt(st.n_recomputed, 0, "%s->%s: no element needed recomputation: the test is too weak",
+                         xt_dt_name(c.wt), xt_dt_name(c.ot));
         xt_case_free(&c);
     }
 }
