@@ -189,4 +189,4 @@ uninstall:
 clean:
 	rm -rf build build-asan
 
--include $(OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(CLI_OBJS:.o=.d)
+-include $(OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(CLI_OBJS:.o=.d) $(BENCH_BINS:=.d)

@@ -8,8 +8,7 @@
  *             [--adapter-dtype f32|bf16|f16] [--targets qv|all] [--seed S] [--no-adapter]
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
-#include "lm_kernels.h"
-#include "st_writer.h"
+#include "gen_common.h"
 
 #include <errno.h>
 #include <math.h>
@@ -18,103 +17,12 @@
 #include <string.h>
 #include <sys/stat.h>
 
-typedef struct {
-    char name[160];
-    lm_dtype dtype;
-    size_t n_dims;
-    uint64_t shape[2];
-    float amp;  /* values uniform in [-amp, amp] (plus offset for norms) */
-    float offset;
-} gen_tensor;
-
-static uint64_t splitmix(uint64_t x)
-{
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
-/* element i of tensor t: uniform in [-1, 1) */
-static inline float uval(uint64_t seed, uint64_t t, uint64_t i)
-{
-    uint64_t r = splitmix(seed ^ (t * 0xD1B54A32D192ED03ull) ^ splitmix(i));
-    return (float)((double)(r >> 40) * (1.0 / (double)(1ull << 23)) - 1.0);
-}
-
-static int write_tensors(const char *path, gen_tensor *g, size_t n, uint64_t seed, const lm_kernels *k)
-{
-    lm_out_tensor *o = calloc(n, sizeof *o);
-    const char *mk[] = {"format"}, *mv[] = {"pt"};
-    lm_err err;
-    lm_err_clear(&err);
-    for (size_t i = 0; i < n; i++) {
-        o[i].name = g[i].name;
-        o[i].dtype = g[i].dtype;
-        o[i].n_dims = g[i].n_dims;
-        o[i].shape = g[i].shape;
-    }
-    lm_st_writer *w = lm_st_writer_open(path, o, n, NULL, mk, mv, 1, &err);
-    free(o);
-    if (w == NULL) {
-        char line[1024];
-        lm_err_format(&err, line, sizeof line);
-        fprintf(stderr, "gen_model: %s\n", line);
-        return -1;
-    }
-    const size_t CH = 1 << 20;
-    int failed = 0;
-    for (size_t t = 0; t < n && !failed; t++) {
-        uint64_t ne = g[t].shape[0] * (g[t].n_dims > 1 ? g[t].shape[1] : 1);
-        size_t esz = lm_dtype_bits(g[t].dtype) / 8;
-        uint64_t n_chunks = (ne + CH - 1) / CH;
-#pragma omp parallel for schedule(dynamic, 1)
-        for (uint64_t c = 0; c < n_chunks; c++) {
-            uint64_t first = c * CH, cnt = first + CH <= ne ? CH : ne - first;
-            float *f = malloc(cnt * sizeof *f);
-            void *out = malloc(cnt * esz);
-            if (f == NULL || out == NULL) {
-                failed = 1;
-            } else {
-                for (uint64_t i = 0; i < cnt; i++)
-                    f[i] = g[t].offset + g[t].amp * uval(seed, t, first + i);
-                if (g[t].dtype == LM_DT_BF16)
-                    k->f32_to_bf16(f, out, cnt);
-                else if (g[t].dtype == LM_DT_F16)
-                    k->f32_to_f16(f, out, cnt);
-                else
-                    memcpy(out, f, cnt * 4);
-                lm_err e2;
-                lm_err_clear(&e2);
-                if (lm_st_writer_pwrite(w, out, cnt * esz, lm_st_writer_tensor_offset(w, t) + first * esz, &e2) != LM_OK)
-                    failed = 1;
-            }
-            free(f);
-            free(out);
-        }
-    }
-    if (failed) {
-        fprintf(stderr, "gen_model: cannot write %s\n", path);
-        lm_st_writer_abort(w);
-        return -1;
-    }
-    if (lm_st_writer_commit(w, 0, &err) != LM_OK) {
-        fprintf(stderr, "gen_model: cannot finish %s\n", path);
-        return -1;
-    }
-    return 0;
-}
-
 static lm_dtype parse_dt(const char *s)
 {
-    if (strcmp(s, "bf16") == 0)
-        return LM_DT_BF16;
-    if (strcmp(s, "f16") == 0)
-        return LM_DT_F16;
-    if (strcmp(s, "f32") == 0)
-        return LM_DT_F32;
-    fprintf(stderr, "gen_model: dtype must be bf16, f16 or f32 (not %s)\n", s);
-    exit(2);
+    lm_dtype dt;
+    if (gen_parse_dt("gen_model", s, &dt) != 0)
+        exit(2);
+    return dt;
 }
 
 int main(int argc, char **argv)
@@ -197,7 +105,7 @@ int main(int argc, char **argv)
     T("model.norm.weight", hidden, 1, 1, 0.1f, 1.0f);
     T("lm_head.weight", vocab, hidden, 2, 0.05f, 0.0f);
     snprintf(path, sizeof path, "%s/base/model.safetensors", out);
-    if (write_tensors(path, g, n, seed, &k) != 0)
+    if (gen_write_tensors("gen_model", path, g, n, seed, &k) != 0)
         return 1;
     snprintf(path, sizeof path, "%s/base/config.json", out);
     FILE *f = fopen(path, "w");
@@ -238,7 +146,7 @@ int main(int argc, char **argv)
         }
     }
     snprintf(path, sizeof path, "%s/adapter/adapter_model.safetensors", out);
-    if (write_tensors(path, ga, na, seed + 1000, &k) != 0)
+    if (gen_write_tensors("gen_model", path, ga, na, seed + 1000, &k) != 0)
         return 1;
     snprintf(path, sizeof path, "%s/adapter/adapter_config.json", out);
     f = fopen(path, "w");
