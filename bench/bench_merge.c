@@ -4,15 +4,25 @@
  * run, and prints median and min-max wall times, the ratio merge/floor, GB/s, GFLOP/s of the
  * low-rank work and the peak resident memory of each (getrusage of the child).
  *
- *   bench_merge [--case 1b|8b|small] [--runs N] [--threads N] [--dir DIR] [--csv] [--keep]
- *   BENCH_DIR=DIR caches the generated models (default: a temporary directory, removed after). */
+ * --case methods (and methods-small): the same base, then an adapter of every adapter type
+ * (bench/gen_adapter); per type, --dry-run once (the plan's GFLOP), then the LoRA r=16 merge and
+ * that type's merge alternated; prints the type's time, its ratio to the LoRA merge of the same
+ * runs, GFLOP/s, peak RSS, how much of the base the merge changed, and issue 9's targets.
+ *
+ *   bench_merge [--case 1b|8b|small|methods|methods-small] [--runs N] [--threads N] [--dir DIR]
+ *               [--types T1,T2...] [--csv] [--keep]
+ *   BENCH_DIR=DIR caches the generated models (default: a temporary directory, removed after);
+ *   BENCH_TYPES=T1,T2 (or --types) limits the methods case to some types. */
 #include "gemm_tile.h"
 #include "lm_kernels.h"
 #include "lora_merge.h"
 
+#include <cJSON.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,15 +33,18 @@
 #include <unistd.h>
 
 typedef struct {
-    const char *name;
+    const char *name, *shape; /* shape: the generated model (cached as DIR/<shape>-r<rank>) */
     long hidden, inter, layers, vocab, heads, kv, rank;
     double max_ratio, max_rss_mb; /* the targets of the speed issue */
+    int methods;                  /* every adapter type against LoRA (issue 9) */
 } bench_case;
 
 static const bench_case CASES[] = {
-    {"small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0}, /* a quick look: no target */
-    {"1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256},
-    {"8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024},
+    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0}, /* a quick look: no target */
+    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0},
+    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0},
+    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1},
+    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1}, /* no target */
 };
 
 static double now(void)
@@ -82,9 +95,307 @@ static long file_size(const char *p)
     return stat(p, &st) == 0 ? (long)st.st_size : -1;
 }
 
+static void print_machine(int threads)
+{
+    lm_kernels k;
+    lm_kernels_select(&k, NULL);
+    char cpu[256];
+    lm_cpu_name(cpu, sizeof cpu);
+    const char *rev = getenv("LM_GIT_REV");
+    printf("machine: %s, %ld cores, kernels %s, %s, threads %d, rev %s\n", cpu, sysconf(_SC_NPROCESSORS_ONLN), k.name,
+           lm_blas_name(), threads, rev && *rev ? rev : "?");
+    fflush(stdout);
+}
+
+static void remove_own_dir(int remove, const char *dir)
+{
+    if (!remove)
+        return;
+    char cmd[4400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench: could not remove %s\n", dir);
+}
+
+/* ---- --case methods --------------------------------------------------------------------- */
+
+/* issue 9's configurations and targets (max_ratio 0: no target); options go to gen_adapter */
+typedef struct {
+    const char *type, *options;
+    double max_ratio;
+} method_case;
+
+static const method_case METHOD_CASES[] = {
+    {"lora", "--rank 16 --alpha 32 --targets all", 0}, /* the reference, generated again: ratio ~1 */
+    {"dora", "--rank 16 --alpha 32 --targets all", 1.5},
+    {"ia3", "--targets all", 1.5},
+    {"loha", "--rank 16 --alpha 16 --targets all", 2.0},
+    {"lokr", "--rank 16 --alpha 16 --factor -1 --targets all", 1.5},
+    {"oft", "--block 32 --targets all", 2.0},
+    {"hra", "--rank 8 --targets all", 2.0},
+    {"boft", "--block 8 --targets all", 1.5},
+    {"miss", "--rank 64 --targets all", 1.5},
+    {"fourierft", "--n-frequency 1000 --targets qv", 1.5},
+    {"vera", "--rank 256 --targets all", 6.0},
+    {"road", "--block 64 --targets all", 1.5},
+    {"adalora", "--rank 12 --alpha 8 --targets all", 0},
+    {"randlora", "--rank 32 --alpha 640 --targets v_proj", 0},
+    {"vblora", "--rank 4 --block 256 --targets all", 0},
+    {"delora", "--rank 8 --targets all", 0},
+    {"gralora", "--rank 32 --alpha 64 --targets all", 0},
+    {"shira", "--rank 32 --targets all", 0},
+    {"c3a", "--block 256 --targets all", 0},
+    {"hira", "--rank 32 --targets all", 0},
+    {"ln_tuning", "", 0},
+    {"trainable_tokens", "", 0},
+};
+/* bump when gen_adapter's output changes: cached adapters are then generated again */
+#define GEN_ADAPTER_VERSION "1"
+
+/* what a merge changed: tensors whose bytes differ from the base, and over those, the share of
+ * elements changed and the size of the change relative to the weights (root mean squares) */
+typedef struct {
+    size_t tensors;
+    double elems, changed, d2, b2;
+} diff_stats;
+
+static void to_f32(const lm_kernels *k, lm_dtype dt, const uint8_t *src, float *dst, size_t n)
+{
+    if (dt == LM_DT_BF16)
+        k->bf16_to_f32((const uint16_t *)src, dst, n);
+    else if (dt == LM_DT_F16)
+        k->f16_to_f32((const uint16_t *)src, dst, n);
+    else
+        memcpy(dst, src, n * sizeof *dst);
+}
+
+static int compare_files(const char *base_path, const char *out_path, const lm_kernels *k, diff_stats *ds)
+{
+    lm_err err;
+    memset(ds, 0, sizeof *ds);
+    lm_st_file *b = lm_st_open(base_path, &err), *o = b ? lm_st_open(out_path, &err) : NULL;
+    const size_t CH = 1 << 20;
+    float *fb = malloc(CH * sizeof *fb), *fo = malloc(CH * sizeof *fo);
+    int rc = b && o && fb && fo ? 0 : -1;
+    for (size_t i = 0; rc == 0 && i < lm_st_n_tensors(o); i++) {
+        const lm_tensor_info *to = lm_st_tensor(o, i), *tb = lm_st_find(b, to->name, NULL);
+        const uint8_t *po = lm_st_data(o) + to->begin, *pb = tb ? lm_st_data(b) + tb->begin : NULL;
+        if (tb && to->end - to->begin == tb->end - tb->begin && memcmp(po, pb, to->end - to->begin) == 0)
+            continue;
+        ds->tensors++;
+        if (tb == NULL || tb->dtype != to->dtype || tb->n_elems != to->n_elems ||
+            (to->dtype != LM_DT_BF16 && to->dtype != LM_DT_F16 && to->dtype != LM_DT_F32))
+            continue; /* added or converted: counted, not measured */
+        size_t esz = lm_dtype_bits(to->dtype) / 8;
+        for (uint64_t e = 0; e < to->n_elems; e += CH) {
+            size_t n = to->n_elems - e < CH ? (size_t)(to->n_elems - e) : CH;
+            to_f32(k, to->dtype, pb + e * esz, fb, n);
+            to_f32(k, to->dtype, po + e * esz, fo, n);
+            for (size_t j = 0; j < n; j++) {
+                double d = (double)fo[j] - (double)fb[j];
+                ds->changed += memcmp(po + (e + j) * esz, pb + (e + j) * esz, esz) != 0;
+                ds->d2 += d * d;
+                ds->b2 += (double)fb[j] * fb[j];
+            }
+            ds->elems += (double)n;
+        }
+    }
+    free(fb);
+    free(fo);
+    lm_st_close(o);
+    lm_st_close(b);
+    return rc;
+}
+
+/* summary.<key> of lora-merge's --json report, or NAN */
+static double json_summary(const char *path, const char *key)
+{
+    FILE *f = fopen(path, "rb");
+    char *buf = f ? malloc(1 << 24) : NULL;
+    size_t n = buf ? fread(buf, 1, (1 << 24) - 1, f) : 0;
+    double v = NAN;
+    if (buf) {
+        buf[n] = '\0';
+        cJSON *root = cJSON_Parse(buf);
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "summary"), key);
+        if (cJSON_IsNumber(x))
+            v = x->valuedouble;
+        cJSON_Delete(root);
+    }
+    free(buf);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+static int type_selected(const char *list, const char *type)
+{
+    if (list == NULL || !*list)
+        return 1;
+    size_t n = strlen(type);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t l = e ? (size_t)(e - p) : strlen(p);
+        if (l == n && strncasecmp(p, type, n) == 0)
+            return 1;
+        p += l + (e != NULL);
+    }
+    return 0;
+}
+
+/* generates dir/<type> unless it holds an adapter made with the same options */
+static int ensure_adapter(const char *gen_adapter, const char *base, const char *adir, const method_case *mc)
+{
+    char stamp[4500], want[512], have[512] = "", wpath[4600];
+    snprintf(stamp, sizeof stamp, "%s/bench-options.txt", adir);
+    snprintf(want, sizeof want, "gen_adapter v" GEN_ADAPTER_VERSION " --type %s %s\n", mc->type, mc->options);
+    snprintf(wpath, sizeof wpath, "%s/adapter_model.safetensors", adir);
+    FILE *f = fopen(stamp, "r");
+    if (f) {
+        if (fgets(have, sizeof have, f) == NULL)
+            have[0] = '\0';
+        fclose(f);
+    }
+    if (file_size(wpath) > 0 && strcmp(have, want) == 0)
+        return 0;
+    char cmd[20000];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && '%s' --base '%s' --out '%s' --type %s %s 1>&2", adir, gen_adapter, base,
+             adir, mc->type, mc->options);
+    if (system(cmd) != 0)
+        return -1;
+    f = fopen(stamp, "w");
+    if (f == NULL || fputs(want, f) < 0 || fclose(f) != 0)
+        return -1;
+    return 0;
+}
+
+static int run_methods(const bench_case *bc, const char *bdir, const char *bin, const char *dir, const char *mdir,
+                       const char *base, const char *lora_adapter, const char *out, int runs, int threads, int csv,
+                       const char *types)
+{
+    char gen_adapter[4200], thr[16], plan[4400];
+    snprintf(gen_adapter, sizeof gen_adapter, "%s/gen_adapter", bdir);
+    snprintf(thr, sizeof thr, "%d", threads);
+    snprintf(plan, sizeof plan, "%s/plan.json", dir);
+    lm_kernels k;
+    lm_kernels_select(&k, NULL);
+    int targets = bc->max_rss_mb > 0, n_failed = 0, n_targets = 0, n_met = 0;
+    if (csv)
+        printf("case,type,options,runs,merge_median_s,merge_min_s,merge_max_s,lora_median_s,lora_min_s,lora_max_s,"
+               "ratio,lowrank_gflop,lowrank_gflop_s,merge_peak_rss_mb,lora_peak_rss_mb,changed_tensors,"
+               "changed_elems_pct,rel_rms_change_pct,max_ratio,ratio_ok,rss_ok,status\n");
+    else
+        printf("%-16s %21s %21s %6s %6s %7s %8s %-19s %-24s %s\n", "type", "merge s (min-max)", "LoRA s (min-max)",
+               "ratio", "GFLOP", "GFLOP/s", "peak RSS", "changed", "targets (issue 9)", "gen_adapter options");
+    fflush(stdout);
+    double *tm = calloc((size_t)runs, sizeof *tm), *tl = calloc((size_t)runs, sizeof *tl);
+    for (size_t c = 0; c < sizeof METHOD_CASES / sizeof *METHOD_CASES; c++) {
+        const method_case *mc = &METHOD_CASES[c];
+        if (!type_selected(types, mc->type))
+            continue;
+        char adir[4400];
+        snprintf(adir, sizeof adir, "%s/methods/%s", mdir, mc->type);
+        const char *status = "ok";
+        double gflop = NAN;
+        long rss, rss_m = 0, rss_l = 0;
+        int st = 0;
+        diff_stats ds;
+        memset(&ds, 0, sizeof ds);
+        if (ensure_adapter(gen_adapter, base, adir, mc) != 0) {
+            status = "generation failed";
+        } else {
+            /* the plan (and the check that --dry-run accepts what the merge will do) */
+            char *dry_argv[] = {(char *)bin, "--dry-run", "--json", "--threads", thr, (char *)base, adir, (char *)out, NULL};
+            run_timed(dry_argv, plan, &rss, &st);
+            gflop = json_summary(plan, "lowrank_gflop");
+            unlink(plan);
+            if (st != 0)
+                status = "dry run failed";
+        }
+        char *lora_argv[] = {(char *)bin, "-q", "--threads", thr, (char *)base, (char *)lora_adapter, (char *)out, NULL};
+        char *type_argv[] = {(char *)bin, "-q", "--threads", thr, (char *)base, adir, (char *)out, NULL};
+        for (int r = 0; r < runs && !strcmp(status, "ok"); r++) {
+            unlink(out);
+            sync();
+            tl[r] = run_timed(lora_argv, NULL, &rss, &st);
+            rss_l = rss > rss_l ? rss : rss_l;
+            if (st != 0 || file_size(out) <= 0) {
+                status = "LoRA merge failed";
+                break;
+            }
+            unlink(out);
+            sync();
+            tm[r] = run_timed(type_argv, NULL, &rss, &st);
+            rss_m = rss > rss_m ? rss : rss_m;
+            if (st != 0 || file_size(out) <= 0)
+                status = "merge failed";
+        }
+        if (!strcmp(status, "ok") && (compare_files(base, out, &k, &ds) != 0 || ds.tensors == 0))
+            status = "output unchanged or unreadable";
+        unlink(out);
+        sync();
+        if (strcmp(status, "ok") != 0) {
+            n_failed++;
+            if (csv)
+                printf("%s,%s,%s,%d,,,,,,,,,,,,,,,,,,%s\n", bc->name, mc->type, mc->options, runs, status);
+            else
+                printf("%-16s FAILED: %s (see the messages above)\n", mc->type, status);
+            fflush(stdout);
+            continue;
+        }
+        double mm = median(tm, runs), ml = median(tl, runs), ratio = mm / ml, rss_mb = (double)rss_m / 1024.0;
+        double elem_pct = ds.elems > 0 ? 100.0 * ds.changed / ds.elems : 0, rms_pct = ds.b2 > 0 ? 100.0 * sqrt(ds.d2 / ds.b2) : 0;
+        int has_ratio = targets && mc->max_ratio > 0, ratio_ok = ratio <= mc->max_ratio, rss_ok = rss_mb <= bc->max_rss_mb;
+        if (targets) {
+            n_targets += 1 + has_ratio;
+            n_met += rss_ok + (has_ratio && ratio_ok);
+        }
+        if (csv) {
+            printf("%s,%s,%s,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.2f,%.2f,%.1f,%.1f,%zu,%.2f,%.3f,", bc->name, mc->type,
+                   mc->options, runs, mm, tm[0], tm[runs - 1], ml, tl[0], tl[runs - 1], ratio, gflop, gflop / mm, rss_mb,
+                   rss_l / 1024.0, ds.tensors, elem_pct, rms_pct);
+            if (has_ratio)
+                printf("%.2f,%d,", mc->max_ratio, ratio_ok);
+            else
+                printf(",,");
+            if (targets)
+                printf("%d,ok\n", rss_ok);
+            else
+                printf(",ok\n");
+        } else {
+            char m1[64], l1[64], gf[16] = "-", gs[16] = "-", chg[64], tg[96] = "(no target for this case)";
+            snprintf(m1, sizeof m1, "%.3f (%.3f-%.3f)", mm, tm[0], tm[runs - 1]);
+            snprintf(l1, sizeof l1, "%.3f (%.3f-%.3f)", ml, tl[0], tl[runs - 1]);
+            if (gflop > 0) {
+                snprintf(gf, sizeof gf, "%.1f", gflop);
+                snprintf(gs, sizeof gs, "%.1f", gflop / mm);
+            }
+            snprintf(chg, sizeof chg, "%zu, %.2g%%, %.2g%%", ds.tensors, elem_pct, rms_pct);
+            if (targets && has_ratio)
+                snprintf(tg, sizeof tg, "<=%.1fx %s, <=%.0fMB %s", mc->max_ratio, ratio_ok ? "ok" : "MISSED",
+                         bc->max_rss_mb, rss_ok ? "ok" : "MISSED");
+            else if (targets)
+                snprintf(tg, sizeof tg, "<=%.0fMB %s", bc->max_rss_mb, rss_ok ? "ok" : "MISSED");
+            printf("%-16s %21s %21s %6.2f %6s %7s %5.0f MB %-19s %-24s %s\n", mc->type, m1, l1, ratio, gf, gs, rss_mb,
+                   chg, tg, mc->options);
+        }
+        fflush(stdout);
+    }
+    if (!csv) {
+        printf("ratio: the type's median merge time over the LoRA r=16 merge's median, alternated in the same runs;\n"
+               "changed: tensors changed, %% of their elements changed, RMS of the change / RMS of those weights.\n"
+               "not benchmarked: beft (adapts biases; this Llama-shaped base has none).\n");
+        if (targets)
+            printf("targets met: %d of %d%s\n", n_met, n_targets, n_failed ? " (and some types failed)" : "");
+    }
+    free(tm);
+    free(tl);
+    return n_failed ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
-    const char *case_name = "1b", *dir = getenv("BENCH_DIR");
+    const char *case_name = "1b", *dir = getenv("BENCH_DIR"), *types = getenv("BENCH_TYPES");
     int runs = 3, threads = 2, csv = 0, keep = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--case") && i + 1 < argc)
@@ -95,12 +406,15 @@ int main(int argc, char **argv)
             threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc)
             dir = argv[++i];
+        else if (!strcmp(argv[i], "--types") && i + 1 < argc)
+            types = argv[++i];
         else if (!strcmp(argv[i], "--csv"))
             csv = 1;
         else if (!strcmp(argv[i], "--keep"))
             keep = 1;
         else {
-            fprintf(stderr, "usage: bench_merge [--case small|1b|8b] [--runs N] [--threads N] [--dir DIR] [--csv] [--keep]\n");
+            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small] [--runs N] [--threads N] "
+                            "[--dir DIR] [--types T1,T2...] [--csv] [--keep]\n");
             return 2;
         }
     }
@@ -109,10 +423,11 @@ int main(int argc, char **argv)
         if (!strcmp(CASES[i].name, case_name))
             bc = &CASES[i];
     if (bc == NULL || runs < 1 || threads < 1) {
-        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b) or bad --runs/--threads\n", case_name);
+        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small) or bad --runs/--threads\n",
+                case_name);
         return 2;
     }
-    /* tools beside this binary: BUILD/bench/gen_model and BUILD/lora-merge */
+    /* tools beside this binary: BUILD/bench/gen_model, gen_adapter and BUILD/lora-merge */
     char self[4096], gen[4200], bin[4200];
     snprintf(self, sizeof self, "%s", argv[0]);
     char *bdir = dirname(self);
@@ -125,7 +440,7 @@ int main(int argc, char **argv)
         own_dir = 1;
     }
     char mdir[4300], base[4400], adapter[4400], out[4400];
-    snprintf(mdir, sizeof mdir, "%s/%s-r%ld", dir, bc->name, bc->rank);
+    snprintf(mdir, sizeof mdir, "%s/%s-r%ld", dir, bc->shape, bc->rank);
     snprintf(base, sizeof base, "%s/base/model.safetensors", mdir);
     snprintf(adapter, sizeof adapter, "%s/adapter", mdir);
     snprintf(out, sizeof out, "%s/out.safetensors", dir);
@@ -136,7 +451,7 @@ int main(int argc, char **argv)
                  "'%s' --out '%s' --hidden %ld --inter %ld --layers %ld --vocab %ld --heads %ld --kv-heads %ld "
                  "--rank %ld --alpha %ld --dtype bf16 --targets all",
                  gen, mdir, bc->hidden, bc->inter, bc->layers, bc->vocab, bc->heads, bc->kv, bc->rank, 2 * bc->rank);
-        fprintf(stderr, "bench: generating the %s model in %s ...\n", bc->name, mdir);
+        fprintf(stderr, "bench: generating the %s model in %s ...\n", bc->shape, mdir);
         double t0 = now();
         if (system(cmd) != 0) {
             fprintf(stderr, "bench: generation failed (disk space? the 8b case needs ~40 GB)\n");
@@ -156,6 +471,12 @@ int main(int argc, char **argv)
     long rss;
     int st;
     run_timed(cat_warm, NULL, &rss, &st);
+    if (bc->methods) {
+        print_machine(threads);
+        int rc = run_methods(bc, bdir, bin, dir, mdir, base, adapter, out, runs, threads, csv, types);
+        remove_own_dir(own_dir && !keep, dir);
+        return rc;
+    }
     char thr[16];
     snprintf(thr, sizeof thr, "%d", threads);
     char *cat_argv[] = {"cat", base, NULL};
@@ -197,13 +518,7 @@ int main(int argc, char **argv)
     unlink(out);
     sync();
     double mf = median(tf, runs), mm = median(tm, runs), mx = median(tx, runs);
-    lm_kernels k;
-    lm_kernels_select(&k, NULL);
-    char cpu[256];
-    lm_cpu_name(cpu, sizeof cpu);
-    const char *rev = getenv("LM_GIT_REV");
-    printf("machine: %s, %ld cores, kernels %s, %s, threads %d, rev %s\n", cpu, sysconf(_SC_NPROCESSORS_ONLN), k.name,
-           lm_blas_name(), threads, rev && *rev ? rev : "?");
+    print_machine(threads);
     double ratio = mm / mf, rss_mb = (double)rss_m / 1024.0;
     if (csv) {
         printf("case,bytes,runs,floor_median_s,floor_min_s,floor_max_s,merge_median_s,merge_min_s,merge_max_s,ratio,"
@@ -230,11 +545,6 @@ int main(int argc, char **argv)
     free(tf);
     free(tm);
     free(tx);
-    if (own_dir && !keep) {
-        char cmd[4400];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "bench: could not remove %s\n", dir);
-    }
+    remove_own_dir(own_dir && !keep, dir);
     return 0;
 }
