@@ -14,6 +14,7 @@
  *   BENCH_DIR=DIR caches the generated models (default: a temporary directory, removed after);
  *   BENCH_TYPES=T1,T2 (or --types) limits the methods case to some types. */
 #include "gemm_tile.h"
+#include "gen_common.h"
 #include "lm_kernels.h"
 #include "lora_merge.h"
 
@@ -228,21 +229,6 @@ static double json_summary(const char *path, const char *key)
     return v;
 }
 
-static int type_selected(const char *list, const char *type)
-{
-    if (list == NULL || !*list)
-        return 1;
-    size_t n = strlen(type);
-    for (const char *p = list; *p;) {
-        const char *e = strchr(p, ',');
-        size_t l = e ? (size_t)(e - p) : strlen(p);
-        if (l == n && strncasecmp(p, type, n) == 0)
-            return 1;
-        p += l + (e != NULL);
-    }
-    return 0;
-}
-
 /* generates dir/<type> unless it holds an adapter made with the same options */
 static int ensure_adapter(const char *gen_adapter, const char *base, const char *adir, const method_case *mc)
 {
@@ -291,7 +277,7 @@ static int run_methods(const bench_case *bc, const char *bdir, const char *bin, 
     double *tm = calloc((size_t)runs, sizeof *tm), *tl = calloc((size_t)runs, sizeof *tl);
     for (size_t c = 0; c < sizeof METHOD_CASES / sizeof *METHOD_CASES; c++) {
         const method_case *mc = &METHOD_CASES[c];
-        if (!type_selected(types, mc->type))
+        if (types && *types && !gen_in_list(types, mc->type, 1))
             continue;
         char adir[4400];
         snprintf(adir, sizeof adir, "%s/methods/%s", mdir, mc->type);

@@ -275,7 +275,7 @@ static int shared_randlora(gen_out *g, const gen_opts *o)
     return 0;
 }
 
-enum { VB_NUM_VECTORS = 256, VB_TOPK = 2 };
+enum { VB_NUM_VECTORS = 256 }; /* num_vectors (its config template says so too) */
 static int emit_vblora(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t L = (uint64_t)o->block, r = (uint64_t)o->rank;
@@ -303,7 +303,7 @@ static int emit_delora(gen_out *g, const gen_module *m, const gen_opts *o)
     return 0;
 }
 
-enum { GRALORA_K = 2 };
+enum { GRALORA_K = 2 }; /* gralora_k (its config template says so too) */
 static int emit_gralora(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t k = GRALORA_K, r = (uint64_t)o->rank;
@@ -374,125 +374,6 @@ static int emit_trainable_tokens(gen_out *g, const gen_module *m, const gen_opts
     return 0;
 }
 
-/* the type's own adapter_config.json keys */
-static void cfg_lora(FILE *f, const gen_opts *o, int dora)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"lora_alpha\": %g,\n  \"lora_dropout\": 0.0,\n  \"bias\": \"none\",\n"
-               "  \"use_rslora\": false,\n  \"use_dora\": %s,\n  \"fan_in_fan_out\": false,\n"
-               "  \"init_lora_weights\": true,\n  \"rank_pattern\": {},\n  \"alpha_pattern\": {},\n",
-            o->rank, o->alpha, dora ? "true" : "false");
-}
-static void cfg_plain_lora(FILE *f, const gen_opts *o) { cfg_lora(f, o, 0); }
-static void cfg_dora(FILE *f, const gen_opts *o) { cfg_lora(f, o, 1); }
-static void cfg_ia3(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"feedforward_modules\": [%s%s%s],\n  \"fan_in_fan_out\": false,\n  \"init_ia3_weights\": true,\n",
-            o->ff ? "\"" : "", o->ff ? o->ff : "", o->ff ? "\"" : "");
-}
-static void cfg_lycoris(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"alpha\": %g,\n  \"rank_dropout\": 0.0,\n  \"module_dropout\": 0.0,\n"
-               "  \"use_effective_conv2d\": false,\n  \"init_weights\": true,\n  \"rank_pattern\": {},\n"
-               "  \"alpha_pattern\": {},\n", o->rank, o->alpha);
-}
-static void cfg_lokr(FILE *f, const gen_opts *o)
-{
-    cfg_lycoris(f, o);
-    fprintf(f, "  \"decompose_both\": false,\n  \"decompose_factor\": %ld,\n  \"rank_dropout_scale\": false,\n",
-            o->factor);
-}
-static void cfg_oft(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": 0,\n  \"oft_block_size\": %ld,\n  \"use_cayley_neumann\": true,\n"
-               "  \"num_cayley_neumann_terms\": 5,\n  \"block_share\": false,\n  \"coft\": false,\n  \"eps\": 6e-05,\n"
-               "  \"module_dropout\": 0.0,\n  \"fan_in_fan_out\": false,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n",
-            o->block);
-}
-static void cfg_boft(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"boft_block_size\": %ld,\n  \"boft_block_num\": 0,\n  \"boft_n_butterfly_factor\": 1,\n"
-               "  \"boft_dropout\": 0.0,\n  \"fan_in_fan_out\": false,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n",
-            o->block);
-}
-static void cfg_hra(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"apply_GS\": false,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n", o->rank);
-}
-static void cfg_miss(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"mini_r\": 1,\n  \"miss_dropout\": 0.0,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n",
-            o->rank);
-}
-static void cfg_fourierft(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"n_frequency\": %ld,\n  \"n_frequency_pattern\": {},\n  \"scaling\": 150.0,\n"
-               "  \"random_loc_seed\": 777,\n  \"fan_in_fan_out\": false,\n  \"bias\": \"none\",\n  \"init_weights\": false,\n",
-            o->n_freq);
-}
-static void cfg_vera(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"projection_prng_key\": 0,\n  \"save_projection\": true,\n  \"vera_dropout\": 0.0,\n"
-               "  \"d_initial\": 0.1,\n  \"fan_in_fan_out\": false,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n",
-            o->rank);
-}
-static void cfg_road(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"variant\": \"road_1\",\n  \"group_size\": %ld,\n  \"init_weights\": true,\n", o->block);
-}
-static void cfg_adalora(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": 8,\n  \"init_r\": %ld,\n  \"target_r\": 8,\n  \"lora_alpha\": %g,\n  \"lora_dropout\": 0.0,\n"
-               "  \"bias\": \"none\",\n  \"fan_in_fan_out\": false,\n  \"use_rslora\": false,\n  \"use_dora\": false,\n"
-               "  \"init_lora_weights\": true,\n  \"rank_pattern\": null,\n  \"tinit\": 0,\n  \"tfinal\": 0,\n"
-               "  \"deltaT\": 1,\n  \"beta1\": 0.85,\n  \"beta2\": 0.85,\n  \"orth_reg_weight\": 0.5,\n  \"total_step\": 1000,\n",
-            o->rank, o->alpha);
-}
-static void cfg_randlora(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"randlora_alpha\": %g,\n  \"projection_prng_key\": 0,\n  \"save_projection\": true,\n"
-               "  \"sparse\": false,\n  \"very_sparse\": false,\n  \"randlora_dropout\": 0.0,\n  \"fan_in_fan_out\": false,\n"
-               "  \"bias\": \"none\",\n  \"init_weights\": true,\n", o->rank, o->alpha);
-}
-static void cfg_vblora(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"num_vectors\": %d,\n  \"vector_length\": %ld,\n  \"topk\": %d,\n"
-               "  \"save_only_topk_weights\": false,\n  \"init_vector_bank_bound\": 0.02,\n  \"init_logits_std\": 0.1,\n"
-               "  \"vblora_dropout\": 0.0,\n  \"fan_in_fan_out\": false,\n  \"bias\": \"none\",\n",
-            o->rank, VB_NUM_VECTORS, o->block, VB_TOPK);
-}
-static void cfg_delora(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"delora_lambda\": 15,\n  \"rank_pattern\": {},\n  \"lambda_pattern\": {},\n"
-               "  \"module_dropout\": 0.0,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n", o->rank);
-}
-static void cfg_gralora(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"alpha\": %g,\n  \"gralora_k\": %d,\n  \"hybrid_r\": 0,\n  \"gralora_dropout\": 0.0,\n"
-               "  \"fan_in_fan_out\": false,\n  \"bias\": \"none\",\n  \"init_weights\": true,\n",
-            o->rank, o->alpha, GRALORA_K);
-}
-static void cfg_shira(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"mask_type\": \"random\",\n  \"random_seed\": null,\n  \"fan_in_fan_out\": false,\n"
-               "  \"init_weights\": true,\n", o->rank);
-}
-static void cfg_c3a(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"block_size\": %ld,\n  \"block_size_pattern\": {},\n  \"init_weights\": \"xavier_uniform\",\n"
-               "  \"bias\": \"none\",\n", o->block);
-}
-static void cfg_hira(FILE *f, const gen_opts *o)
-{
-    fprintf(f, "  \"r\": %ld,\n  \"rank_pattern\": {},\n  \"hira_dropout\": 0.0,\n  \"fan_in_fan_out\": false,\n"
-               "  \"init_weights\": true,\n", o->rank);
-}
-static void cfg_init_only(FILE *f, const gen_opts *o)
-{
-    (void)o;
-    fprintf(f, "  \"init_weights\": true,\n");
-}
-static void cfg_trainable_tokens(FILE *f, const gen_opts *o);
-
 typedef enum { MOD_LINEAR, MOD_NORM, MOD_EMBED } mod_kind;
 
 typedef struct {
@@ -503,51 +384,114 @@ typedef struct {
     mod_kind kind;
     int (*emit)(gen_out *g, const gen_module *m, const gen_opts *o);
     int (*shared)(gen_out *g, const gen_opts *o); /* adapter-level tensors, or NULL */
-    void (*config)(FILE *f, const gen_opts *o);
+    /* the type's own adapter_config.json keys, one per line; $r, $alpha, $block, $nfreq, $factor,
+     * $ff (IA3's feed-forward list) and $tokens (trainable token indices) are filled in */
+    const char *config;
 } type_spec;
 
 static const char ALL_LINEAR[] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
 
+#define LORA_KEYS(dora)                                                                                          \
+    "\"r\": $r,\n\"lora_alpha\": $alpha,\n\"lora_dropout\": 0.0,\n\"bias\": \"none\",\n\"use_rslora\": false,\n" \
+    "\"use_dora\": " dora ",\n\"fan_in_fan_out\": false,\n\"init_lora_weights\": true,\n\"rank_pattern\": {},\n"  \
+    "\"alpha_pattern\": {},\n"
+#define LYCORIS_KEYS                                                                                             \
+    "\"r\": $r,\n\"alpha\": $alpha,\n\"rank_dropout\": 0.0,\n\"module_dropout\": 0.0,\n"                          \
+    "\"use_effective_conv2d\": false,\n\"init_weights\": true,\n\"rank_pattern\": {},\n\"alpha_pattern\": {},\n"
+#define NO_BIAS "\"fan_in_fan_out\": false,\n\"bias\": \"none\",\n"
+
 /* defaults: issue 9's table where it names a configuration, PEFT's defaults otherwise */
 static const type_spec TYPES[] = {
-    {"lora", "LORA", 16, 0, 32, ALL_LINEAR, MOD_LINEAR, emit_plain_lora, NULL, cfg_plain_lora},
-    {"dora", "LORA", 16, 0, 32, ALL_LINEAR, MOD_LINEAR, emit_dora, NULL, cfg_dora},
-    {"ia3", "IA3", 0, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_ia3, NULL, cfg_ia3},
-    {"loha", "LOHA", 16, 0, 16, ALL_LINEAR, MOD_LINEAR, emit_loha, NULL, cfg_lycoris},
-    {"lokr", "LOKR", 16, 0, 16, ALL_LINEAR, MOD_LINEAR, emit_lokr, NULL, cfg_lokr},
-    {"oft", "OFT", 0, 32, 0, ALL_LINEAR, MOD_LINEAR, emit_oft, NULL, cfg_oft},
-    {"boft", "BOFT", 0, 8, 0, ALL_LINEAR, MOD_LINEAR, emit_boft, NULL, cfg_boft},
-    {"hra", "HRA", 8, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_hra, NULL, cfg_hra},
-    {"miss", "MISS", 64, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_miss, NULL, cfg_miss},
-    {"fourierft", "FOURIERFT", 0, 0, 0, "q_proj,v_proj", MOD_LINEAR, emit_fourierft, NULL, cfg_fourierft},
-    {"vera", "VERA", 256, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_vera, shared_vera, cfg_vera},
-    {"road", "ROAD", 0, 64, 0, ALL_LINEAR, MOD_LINEAR, emit_road, NULL, cfg_road},
-    {"adalora", "ADALORA", 12, 0, 8, ALL_LINEAR, MOD_LINEAR, emit_adalora, NULL, cfg_adalora},
+    {"lora", "LORA", 16, 0, 32, ALL_LINEAR, MOD_LINEAR, emit_plain_lora, NULL, LORA_KEYS("false")},
+    {"dora", "LORA", 16, 0, 32, ALL_LINEAR, MOD_LINEAR, emit_dora, NULL, LORA_KEYS("true")},
+    {"ia3", "IA3", 0, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_ia3, NULL,
+     "\"feedforward_modules\": [$ff],\n\"fan_in_fan_out\": false,\n\"init_ia3_weights\": true,\n"},
+    {"loha", "LOHA", 16, 0, 16, ALL_LINEAR, MOD_LINEAR, emit_loha, NULL, LYCORIS_KEYS},
+    {"lokr", "LOKR", 16, 0, 16, ALL_LINEAR, MOD_LINEAR, emit_lokr, NULL,
+     LYCORIS_KEYS "\"decompose_both\": false,\n\"decompose_factor\": $factor,\n\"rank_dropout_scale\": false,\n"},
+    {"oft", "OFT", 0, 32, 0, ALL_LINEAR, MOD_LINEAR, emit_oft, NULL,
+     "\"r\": 0,\n\"oft_block_size\": $block,\n\"use_cayley_neumann\": true,\n\"num_cayley_neumann_terms\": 5,\n"
+     "\"block_share\": false,\n\"coft\": false,\n\"eps\": 6e-05,\n\"module_dropout\": 0.0,\n" NO_BIAS
+     "\"init_weights\": true,\n"},
+    {"boft", "BOFT", 0, 8, 0, ALL_LINEAR, MOD_LINEAR, emit_boft, NULL,
+     "\"boft_block_size\": $block,\n\"boft_block_num\": 0,\n\"boft_n_butterfly_factor\": 1,\n\"boft_dropout\": 0.0,\n"
+     NO_BIAS "\"init_weights\": true,\n"},
+    {"hra", "HRA", 8, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_hra, NULL,
+     "\"r\": $r,\n\"apply_GS\": false,\n\"bias\": \"none\",\n\"init_weights\": true,\n"},
+    {"miss", "MISS", 64, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_miss, NULL,
+     "\"r\": $r,\n\"mini_r\": 1,\n\"miss_dropout\": 0.0,\n\"bias\": \"none\",\n\"init_weights\": true,\n"},
+    {"fourierft", "FOURIERFT", 0, 0, 0, "q_proj,v_proj", MOD_LINEAR, emit_fourierft, NULL,
+     "\"n_frequency\": $nfreq,\n\"n_frequency_pattern\": {},\n\"scaling\": 150.0,\n\"random_loc_seed\": 777,\n"
+     NO_BIAS "\"init_weights\": false,\n"},
+    {"vera", "VERA", 256, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_vera, shared_vera,
+     "\"r\": $r,\n\"projection_prng_key\": 0,\n\"save_projection\": true,\n\"vera_dropout\": 0.0,\n"
+     "\"d_initial\": 0.1,\n" NO_BIAS "\"init_weights\": true,\n"},
+    {"road", "ROAD", 0, 64, 0, ALL_LINEAR, MOD_LINEAR, emit_road, NULL,
+     "\"variant\": \"road_1\",\n\"group_size\": $block,\n\"init_weights\": true,\n"},
+    {"adalora", "ADALORA", 12, 0, 8, ALL_LINEAR, MOD_LINEAR, emit_adalora, NULL,
+     "\"r\": 8,\n\"init_r\": $r,\n\"target_r\": 8,\n\"lora_alpha\": $alpha,\n\"lora_dropout\": 0.0,\n" NO_BIAS
+     "\"use_rslora\": false,\n\"use_dora\": false,\n\"init_lora_weights\": true,\n\"rank_pattern\": null,\n"
+     "\"tinit\": 0,\n\"tfinal\": 0,\n\"deltaT\": 1,\n\"beta1\": 0.85,\n\"beta2\": 0.85,\n\"orth_reg_weight\": 0.5,\n"
+     "\"total_step\": 1000,\n"},
     /* v_proj only: PEFT saves a copy of the shared projections (sized for the largest layer)
      * under every module, 46 MB each for all linear layers of a 1.1B model */
-    {"randlora", "RANDLORA", 32, 0, 640, "v_proj", MOD_LINEAR, emit_randlora, shared_randlora, cfg_randlora},
-    {"vblora", "VBLORA", 4, 256, 0, ALL_LINEAR, MOD_LINEAR, emit_vblora, shared_vblora, cfg_vblora},
-    {"delora", "DELORA", 8, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_delora, NULL, cfg_delora},
-    {"gralora", "GRALORA", 32, 0, 64, ALL_LINEAR, MOD_LINEAR, emit_gralora, NULL, cfg_gralora},
-    {"shira", "SHIRA", 32, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_shira, NULL, cfg_shira},
-    {"c3a", "C3A", 0, 256, 0, ALL_LINEAR, MOD_LINEAR, emit_c3a, NULL, cfg_c3a},
-    {"hira", "HIRA", 32, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_hira, NULL, cfg_hira},
-    {"beft", "BEFT", 0, 0, 0, "q_proj,k_proj,v_proj", MOD_LINEAR, emit_beft, NULL, cfg_init_only},
+    {"randlora", "RANDLORA", 32, 0, 640, "v_proj", MOD_LINEAR, emit_randlora, shared_randlora,
+     "\"r\": $r,\n\"randlora_alpha\": $alpha,\n\"projection_prng_key\": 0,\n\"save_projection\": true,\n"
+     "\"sparse\": false,\n\"very_sparse\": false,\n\"randlora_dropout\": 0.0,\n" NO_BIAS "\"init_weights\": true,\n"},
+    {"vblora", "VBLORA", 4, 256, 0, ALL_LINEAR, MOD_LINEAR, emit_vblora, shared_vblora,
+     "\"r\": $r,\n\"num_vectors\": 256,\n\"vector_length\": $block,\n\"topk\": 2,\n\"save_only_topk_weights\": false,\n"
+     "\"init_vector_bank_bound\": 0.02,\n\"init_logits_std\": 0.1,\n\"vblora_dropout\": 0.0,\n" NO_BIAS},
+    {"delora", "DELORA", 8, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_delora, NULL,
+     "\"r\": $r,\n\"delora_lambda\": 15,\n\"rank_pattern\": {},\n\"lambda_pattern\": {},\n\"module_dropout\": 0.0,\n"
+     "\"bias\": \"none\",\n\"init_weights\": true,\n"},
+    {"gralora", "GRALORA", 32, 0, 64, ALL_LINEAR, MOD_LINEAR, emit_gralora, NULL,
+     "\"r\": $r,\n\"alpha\": $alpha,\n\"gralora_k\": 2,\n\"hybrid_r\": 0,\n\"gralora_dropout\": 0.0,\n" NO_BIAS
+     "\"init_weights\": true,\n"},
+    {"shira", "SHIRA", 32, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_shira, NULL,
+     "\"r\": $r,\n\"mask_type\": \"random\",\n\"random_seed\": null,\n\"fan_in_fan_out\": false,\n\"init_weights\": true,\n"},
+    {"c3a", "C3A", 0, 256, 0, ALL_LINEAR, MOD_LINEAR, emit_c3a, NULL,
+     "\"block_size\": $block,\n\"block_size_pattern\": {},\n\"init_weights\": \"xavier_uniform\",\n\"bias\": \"none\",\n"},
+    {"hira", "HIRA", 32, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_hira, NULL,
+     "\"r\": $r,\n\"rank_pattern\": {},\n\"hira_dropout\": 0.0,\n\"fan_in_fan_out\": false,\n\"init_weights\": true,\n"},
+    {"beft", "BEFT", 0, 0, 0, "q_proj,k_proj,v_proj", MOD_LINEAR, emit_beft, NULL, "\"init_weights\": true,\n"},
     {"ln_tuning", "LN_TUNING", 0, 0, 0, "input_layernorm,post_attention_layernorm,norm", MOD_NORM, emit_ln_tuning,
-     NULL, NULL},
+     NULL, ""},
     {"trainable_tokens", "TRAINABLE_TOKENS", 0, 0, 0, "embed_tokens", MOD_EMBED, emit_trainable_tokens, NULL,
-     cfg_trainable_tokens},
+     "\"token_indices\": [$tokens],\n\"init_weights\": true,\n"},
 };
 
-static long g_vocab; /* rows of the embedding (trainable tokens) */
-static void cfg_trainable_tokens(FILE *f, const gen_opts *o)
+/* writes a type's config template, two spaces before each line */
+static void write_config(FILE *f, const char *tmpl, const gen_opts *o, uint64_t vocab)
 {
-    (void)o;
-    long step = g_vocab / N_TOKENS; /* spread over the vocabulary */
-    fprintf(f, "  \"token_indices\": [");
-    for (int t = 0; t < N_TOKENS; t++)
-        fprintf(f, "%s%ld", t ? ", " : "", (long)t * step + (step > 7 ? 7 : 0));
-    fprintf(f, "],\n  \"init_weights\": true,\n");
+    for (const char *p = tmpl; *p; p++) {
+        if (p == tmpl || p[-1] == '\n')
+            fputs("  ", f);
+        if (*p != '$') {
+            fputc(*p, f);
+            continue;
+        }
+        size_t n = strspn(p + 1, "abcdefghijklmnopqrstuvwxyz");
+#define KEY(k) (n == sizeof k - 1 && strncmp(p + 1, k, n) == 0)
+        if (KEY("r"))
+            fprintf(f, "%ld", o->rank);
+        else if (KEY("alpha"))
+            fprintf(f, "%g", o->alpha);
+        else if (KEY("block"))
+            fprintf(f, "%ld", o->block);
+        else if (KEY("nfreq"))
+            fprintf(f, "%ld", o->n_freq);
+        else if (KEY("factor"))
+            fprintf(f, "%ld", o->factor);
+        else if (KEY("ff") && o->ff)
+            fprintf(f, "\"%s\"", o->ff);
+        else if (KEY("tokens")) {
+            uint64_t step = vocab / N_TOKENS; /* spread over the vocabulary */
+            for (int t = 0; t < N_TOKENS; t++)
+                fprintf(f, "%s%llu", t ? ", " : "", (unsigned long long)(t * step + (step > 7 ? 7 : 0)));
+        }
+#undef KEY
+        p += n;
+    }
 }
 
 /* ---- the base ----------------------------------------------------------------------------- */
@@ -576,20 +520,6 @@ static double sample_rms(const lm_model *mdl, const lm_model_entry *e, const lm_
     return n ? sqrt(s / (double)n) : 0;
 }
 
-/* is leaf one of the comma-separated names? */
-static int in_list(const char *list, const char *leaf)
-{
-    size_t n = strlen(leaf);
-    for (const char *p = list; *p;) {
-        const char *e = strchr(p, ',');
-        size_t l = e ? (size_t)(e - p) : strlen(p);
-        if (l == n && memcmp(p, leaf, n) == 0)
-            return 1;
-        p += l + (e != NULL);
-    }
-    return 0;
-}
-
 /* the targeted modules of the base, in header order */
 static gen_module *find_modules(const lm_model *mdl, const char *targets, mod_kind kind, size_t *n_out,
                                 const lm_kernels *k)
@@ -610,7 +540,7 @@ static gen_module *find_modules(const lm_model *mdl, const char *targets, mod_ki
         const char *dot = strrchr(m->path, '.');
         m->leaf = dot ? dot + 1 : m->path;
         size_t want_dims = kind == MOD_NORM ? 1 : 2;
-        if (e->info->n_dims != want_dims || !in_list(targets, m->leaf))
+        if (e->info->n_dims != want_dims || !gen_in_list(targets, m->leaf, 0))
             continue;
         m->out = e->info->shape[0];
         m->in = want_dims == 2 ? e->info->shape[1] : 0;
@@ -734,8 +664,6 @@ int main(int argc, char **argv)
         if (strcmp(ms[i].leaf, "down_proj") == 0)
             o.ff = "down_proj"; /* IA3: PEFT's feed-forward module for Llama */
     }
-    if (ts->kind == MOD_EMBED)
-        g_vocab = (long)ms[0].out;
     gen_out g = {.adt = o.adt};
     for (size_t i = 0; i < nm; i++)
         if (ts->emit(&g, &ms[i], &o) != 0)
@@ -758,8 +686,7 @@ int main(int argc, char **argv)
     }
     fprintf(f, "{\n  \"peft_type\": \"%s\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"base_model_name_or_path\": null,\n"
                "  \"inference_mode\": true,\n  \"modules_to_save\": null,\n", ts->peft_type);
-    if (ts->config)
-        ts->config(f, &o);
+    write_config(f, ts->config, &o, ms[0].out);
     fprintf(f, "  \"target_modules\": [");
     int first = 1;
     for (size_t i = 0; i < nm; i++) { /* each name once, in the order met */

@@ -1,7 +1,7 @@
 /* gen_common.h : what the generators (gen_model.c, gen_adapter.c) share: a counter-based
  * pseudo-random generator (the same seed gives the same bytes for any thread count) and a writer
- * that fills tensors through the library's safetensors writer.  Header-only: every file in bench/
- * is a program of its own. */
+ * that fills tensors through the library's safetensors writer; and a helper bench_merge.c uses too.
+ * Header-only: every file in bench/ is a program of its own. */
 #ifndef LM_GEN_COMMON_H
 #define LM_GEN_COMMON_H
 
@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 typedef enum {
     GEN_UNIFORM = 0, /* offset + amp * u, u uniform in [-1, 1) */
@@ -79,8 +80,8 @@ static inline float gen_value(const gen_tensor *g, uint64_t seed, uint64_t t, ui
 }
 
 /* writes the n tensors to path (through a temporary file, renamed when complete) */
-static int gen_write_tensors(const char *prog, const char *path, const gen_tensor *g, size_t n, uint64_t seed,
-                             const lm_kernels *k)
+static inline int gen_write_tensors(const char *prog, const char *path, const gen_tensor *g, size_t n, uint64_t seed,
+                                    const lm_kernels *k)
 {
     lm_out_tensor *o = calloc(n ? n : 1, sizeof *o);
     const char *mk[] = {"format"}, *mv[] = {"pt"};
@@ -164,6 +165,20 @@ static inline int gen_parse_dt(const char *prog, const char *s, lm_dtype *dt)
     else {
         fprintf(stderr, "%s: dtype must be bf16, f16 or f32 (not %s)\n", prog, s);
         return -1;
+    }
+    return 0;
+}
+
+/* is name one of the comma-separated entries of list (ignoring case when nocase)? */
+static inline int gen_in_list(const char *list, const char *name, int nocase)
+{
+    size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t l = e ? (size_t)(e - p) : strlen(p);
+        if (l == n && (nocase ? strncasecmp(p, name, n) : strncmp(p, name, n)) == 0)
+            return 1;
+        p += l + (e != NULL);
     }
     return 0;
 }
