@@ -95,10 +95,10 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
 
 # fast tier: unit tests, conformance, fixtures
-check: all $(UNIT) $(BUILD)/bench/gen_model
+check: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
-unit-test: all $(UNIT) $(BUILD)/bench/gen_model
+unit-test: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
 # complexity budget: no function above 50 except the listed ones, whose scores only go down
@@ -110,7 +110,7 @@ fuzz-replay: all $(FUZZ_REPLAY)
 
 # everything: sanitizer build, fuzz corpus replay and smoke, then the unit suite last
 # (its summary line is the last thing printed)
-test: all $(UNIT) $(BUILD)/bench/gen_model
+test: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)$(MAKE) --no-print-directory lint
 	$(Q)$(MAKE) --no-print-directory fuzz-replay
 	$(Q)$(MAKE) --no-print-directory asan
@@ -120,7 +120,7 @@ test: all $(UNIT) $(BUILD)/bench/gen_model
 asan:
 	$(Q)$(MAKE) --no-print-directory BUILD=build-asan \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" build-asan/lora-merge build-asan/tests/unit build-asan/bench/gen_model \
+	  LDFLAGS="-fsanitize=address,undefined" build-asan/lora-merge build-asan/tests/unit build-asan/bench/gen_model build-asan/bench/gen_adapter \
 	  $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%)
 	$(Q)for f in $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%); do n=$$(basename $$f -replay); \
 	  ASAN_OPTIONS=detect_leaks=1 $$f tests/fuzz/corpus/$$n >/dev/null || exit 1; done

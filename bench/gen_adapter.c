@@ -8,11 +8,13 @@
  * vectors in nearly-cancelling pairs, low-rank products of ~5e-4.
  *
  *   gen_adapter --base PATH --out DIR --type TYPE [--rank R] [--alpha A] [--targets T]
- *               [--block N] [--n-frequency N] [--factor F] [--seed S] [--adapter-dtype f32|bf16|f16]
+ *               [--block N] [--n-frequency N] [--factor F] [--num-vectors N] [--tokens N] [--seed S]
+ *               [--adapter-dtype f32|bf16|f16]
  *   TYPE: lora dora ia3 loha lokr oft boft hra miss fourierft vera road adalora randlora vblora
  *         delora gralora shira c3a hira beft ln_tuning trainable_tokens (or the peft_type)
  *   T: all (q, k, v, o, gate, up, down projections), qv, or a comma list of module names
  *   --block: OFT and BOFT block size, RoAd group size, C3A block size, VB-LoRA vector length
+ *   --num-vectors: VB-LoRA's bank (256); --tokens: trainable tokens (16, spread over the vocabulary)
  *   Defaults (`gen_adapter --help` lists them) are the configurations of issue 9's table. */
 #include "gen_common.h"
 #include "lora_merge.h"
@@ -36,7 +38,7 @@ typedef struct {
 } gen_module;
 
 typedef struct {
-    long rank, block, n_freq, factor;
+    long rank, block, n_freq, factor, n_vectors, n_tokens;
     double alpha;
     lm_dtype adt;
     uint64_t seed;
@@ -275,20 +277,19 @@ static int shared_randlora(gen_out *g, const gen_opts *o)
     return 0;
 }
 
-enum { VB_NUM_VECTORS = 256 }; /* num_vectors (its config template says so too) */
 static int emit_vblora(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t L = (uint64_t)o->block, r = (uint64_t)o->rank;
     if (m->in % L || m->out % L)
         return fail("%s: [%llu, %llu] is not a multiple of the VB-LoRA vector length %llu", m->path,
                     (unsigned long long)m->out, (unsigned long long)m->in, (unsigned long long)L);
-    add(g, m, "vblora_logits_A", SHAPE(r, m->in / L, VB_NUM_VECTORS), 1.0, 0);
-    add(g, m, "vblora_logits_B", SHAPE(m->out / L, r, VB_NUM_VECTORS), 1.0, 0);
+    add(g, m, "vblora_logits_A", SHAPE(r, m->in / L, (uint64_t)o->n_vectors), 1.0, 0);
+    add(g, m, "vblora_logits_B", SHAPE(m->out / L, r, (uint64_t)o->n_vectors), 1.0, 0);
     return 0;
 }
 static int shared_vblora(gen_out *g, const gen_opts *o)
 {
-    add(g, NULL, "vblora_vector_bank", SHAPE(VB_NUM_VECTORS, (uint64_t)o->block), 0.04, 0);
+    add(g, NULL, "vblora_vector_bank", SHAPE((uint64_t)o->n_vectors, (uint64_t)o->block), 0.04, 0);
     return 0;
 }
 
@@ -364,13 +365,11 @@ static int emit_ln_tuning(gen_out *g, const gen_module *m, const gen_opts *o)
     return 0;
 }
 
-enum { N_TOKENS = 16 };
 static int emit_trainable_tokens(gen_out *g, const gen_module *m, const gen_opts *o)
 {
-    (void)o;
-    if (m->out < N_TOKENS)
-        return fail("%s: fewer than %d rows", m->path, N_TOKENS);
-    add(g, m, "trainable_tokens_delta", SHAPE(N_TOKENS, m->in), m->rms * sqrt(3.0), 0);
+    if (m->out < (uint64_t)o->n_tokens)
+        return fail("%s: fewer than %ld rows", m->path, o->n_tokens);
+    add(g, m, "trainable_tokens_delta", SHAPE((uint64_t)o->n_tokens, m->in), m->rms * sqrt(3.0), 0);
     return 0;
 }
 
@@ -385,7 +384,7 @@ typedef struct {
     int (*emit)(gen_out *g, const gen_module *m, const gen_opts *o);
     int (*shared)(gen_out *g, const gen_opts *o); /* adapter-level tensors, or NULL */
     /* the type's own adapter_config.json keys, one per line; $r, $alpha, $block, $nfreq, $factor,
-     * $ff (IA3's feed-forward list) and $tokens (trainable token indices) are filled in */
+     * $nvectors, $ff (IA3's feed-forward list) and $tokens (trainable token indices) are filled in */
     const char *config;
 } type_spec;
 
@@ -439,7 +438,7 @@ static const type_spec TYPES[] = {
      "\"r\": $r,\n\"randlora_alpha\": $alpha,\n\"projection_prng_key\": 0,\n\"save_projection\": true,\n"
      "\"sparse\": false,\n\"very_sparse\": false,\n\"randlora_dropout\": 0.0,\n" NO_BIAS "\"init_weights\": true,\n"},
     {"vblora", "VBLORA", 4, 256, 0, ALL_LINEAR, MOD_LINEAR, emit_vblora, shared_vblora,
-     "\"r\": $r,\n\"num_vectors\": 256,\n\"vector_length\": $block,\n\"topk\": 2,\n\"save_only_topk_weights\": false,\n"
+     "\"r\": $r,\n\"num_vectors\": $nvectors,\n\"vector_length\": $block,\n\"topk\": 2,\n\"save_only_topk_weights\": false,\n"
      "\"init_vector_bank_bound\": 0.02,\n\"init_logits_std\": 0.1,\n\"vblora_dropout\": 0.0,\n" NO_BIAS},
     {"delora", "DELORA", 8, 0, 0, ALL_LINEAR, MOD_LINEAR, emit_delora, NULL,
      "\"r\": $r,\n\"delora_lambda\": 15,\n\"rank_pattern\": {},\n\"lambda_pattern\": {},\n\"module_dropout\": 0.0,\n"
@@ -482,12 +481,14 @@ static void write_config(FILE *f, const char *tmpl, const gen_opts *o, uint64_t 
             fprintf(f, "%ld", o->n_freq);
         else if (KEY("factor"))
             fprintf(f, "%ld", o->factor);
+        else if (KEY("nvectors"))
+            fprintf(f, "%ld", o->n_vectors);
         else if (KEY("ff") && o->ff)
             fprintf(f, "\"%s\"", o->ff);
         else if (KEY("tokens")) {
-            uint64_t step = vocab / N_TOKENS; /* spread over the vocabulary */
-            for (int t = 0; t < N_TOKENS; t++)
-                fprintf(f, "%s%llu", t ? ", " : "", (unsigned long long)(t * step + (step > 7 ? 7 : 0)));
+            uint64_t step = vocab / (uint64_t)o->n_tokens; /* spread over the vocabulary */
+            for (long t = 0; t < o->n_tokens; t++)
+                fprintf(f, "%s%llu", t ? ", " : "", (unsigned long long)((uint64_t)t * step + (step > 7 ? 7 : 0)));
         }
 #undef KEY
         p += n;
@@ -571,7 +572,8 @@ static int mkdir_p(const char *dir)
 static void usage(void)
 {
     fprintf(stderr, "usage: " PROG " --base PATH --out DIR --type TYPE [--rank R] [--alpha A] [--targets all|qv|NAME,...]\n"
-                    "       [--block N] [--n-frequency N] [--factor F] [--seed S] [--adapter-dtype f32|bf16|f16]\n"
+                    "       [--block N] [--n-frequency N] [--factor F] [--num-vectors N] [--tokens N] [--seed S]\n"
+                    "       [--adapter-dtype f32|bf16|f16]\n"
                     "types and their defaults:\n");
     for (size_t i = 0; i < sizeof TYPES / sizeof *TYPES; i++) {
         const type_spec *t = &TYPES[i];
@@ -593,7 +595,8 @@ static void usage(void)
 int main(int argc, char **argv)
 {
     const char *base = NULL, *out = NULL, *type = NULL, *targets = NULL;
-    gen_opts o = {.rank = -1, .block = -1, .n_freq = 1000, .factor = -1, .alpha = -1, .adt = LM_DT_F32, .seed = 7};
+    gen_opts o = {.rank = -1, .block = -1, .n_freq = 1000, .factor = -1, .n_vectors = 256, .n_tokens = 16, .alpha = -1,
+                  .adt = LM_DT_F32, .seed = 7};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define ARG(flag) (strcmp(a, flag) == 0 && v != NULL && ++i)
@@ -606,6 +609,8 @@ int main(int argc, char **argv)
         else if (ARG("--block")) o.block = atol(v);
         else if (ARG("--n-frequency")) o.n_freq = atol(v);
         else if (ARG("--factor")) o.factor = atol(v);
+        else if (ARG("--num-vectors")) o.n_vectors = atol(v);
+        else if (ARG("--tokens")) o.n_tokens = atol(v);
         else if (ARG("--seed")) o.seed = strtoull(v, NULL, 10);
         else if (ARG("--adapter-dtype")) {
             if (gen_parse_dt(PROG, v, &o.adt) != 0)
@@ -632,8 +637,9 @@ int main(int argc, char **argv)
         o.alpha = ts->alpha;
     if (o.block < 0)
         o.block = ts->block;
-    if ((ts->rank && o.rank <= 0) || (ts->block && o.block <= 1) || o.n_freq <= 0 || o.factor == 0) {
-        fail("--rank, --block, --n-frequency must be positive, --factor positive or -1");
+    if ((ts->rank && o.rank <= 0) || (ts->block && o.block <= 1) || o.n_freq <= 0 || o.factor == 0 ||
+        o.n_vectors <= 0 || o.n_tokens <= 0) {
+        fail("--rank, --block, --n-frequency, --num-vectors, --tokens must be positive, --factor positive or -1");
         return 2;
     }
     if (targets == NULL || strcmp(targets, "all") == 0)
@@ -685,7 +691,7 @@ int main(int argc, char **argv)
         return 1;
     }
     fprintf(f, "{\n  \"peft_type\": \"%s\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"base_model_name_or_path\": null,\n"
-               "  \"inference_mode\": true,\n  \"modules_to_save\": null,\n", ts->peft_type);
+               "  \"inference_mode\": true,\n", ts->peft_type);
     write_config(f, ts->config, &o, ms[0].out);
     fprintf(f, "  \"target_modules\": [");
     int first = 1;
