@@ -592,28 +592,36 @@ static void usage(void)
     }
 }
 
-int main(int argc, char **argv)
+typedef struct {
+    const char *base, *out, *targets;
+    const type_spec *ts;
+    gen_opts o;
+} gen_args;
+
+/* the command line, the type's defaults filled in.  @return 0, or 2 (usage error) */
+static int parse_args(int argc, char **argv, gen_args *ga)
 {
-    const char *base = NULL, *out = NULL, *type = NULL, *targets = NULL;
-    gen_opts o = {.rank = -1, .block = -1, .n_freq = 1000, .factor = -1, .n_vectors = 256, .n_tokens = 16, .alpha = -1,
-                  .adt = LM_DT_F32, .seed = 7};
+    const char *type = NULL, *targets = NULL;
+    gen_opts *o = &ga->o;
+    *o = (gen_opts){.rank = -1, .block = -1, .n_freq = 1000, .factor = -1, .n_vectors = 256, .n_tokens = 16, .alpha = -1,
+                    .adt = LM_DT_F32, .seed = 7};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define ARG(flag) (strcmp(a, flag) == 0 && v != NULL && ++i)
-        if (ARG("--base")) base = v;
-        else if (ARG("--out")) out = v;
+        if (ARG("--base")) ga->base = v;
+        else if (ARG("--out")) ga->out = v;
         else if (ARG("--type")) type = v;
-        else if (ARG("--rank")) o.rank = atol(v);
-        else if (ARG("--alpha")) o.alpha = atof(v);
+        else if (ARG("--rank")) o->rank = atol(v);
+        else if (ARG("--alpha")) o->alpha = atof(v);
         else if (ARG("--targets")) targets = v;
-        else if (ARG("--block")) o.block = atol(v);
-        else if (ARG("--n-frequency")) o.n_freq = atol(v);
-        else if (ARG("--factor")) o.factor = atol(v);
-        else if (ARG("--num-vectors")) o.n_vectors = atol(v);
-        else if (ARG("--tokens")) o.n_tokens = atol(v);
-        else if (ARG("--seed")) o.seed = strtoull(v, NULL, 10);
+        else if (ARG("--block")) o->block = atol(v);
+        else if (ARG("--n-frequency")) o->n_freq = atol(v);
+        else if (ARG("--factor")) o->factor = atol(v);
+        else if (ARG("--num-vectors")) o->n_vectors = atol(v);
+        else if (ARG("--tokens")) o->n_tokens = atol(v);
+        else if (ARG("--seed")) o->seed = strtoull(v, NULL, 10);
         else if (ARG("--adapter-dtype")) {
-            if (gen_parse_dt(PROG, v, &o.adt) != 0)
+            if (gen_parse_dt(PROG, v, &o->adt) != 0)
                 return 2;
         } else {
             usage();
@@ -621,32 +629,64 @@ int main(int argc, char **argv)
         }
 #undef ARG
     }
-    const type_spec *ts = NULL;
     for (size_t i = 0; type && i < sizeof TYPES / sizeof *TYPES; i++)
         if (strcmp(type, TYPES[i].name) == 0 || strcmp(type, TYPES[i].peft_type) == 0)
-            ts = &TYPES[i];
-    if (base == NULL || out == NULL || ts == NULL) {
+            ga->ts = &TYPES[i];
+    const type_spec *ts = ga->ts;
+    if (ga->base == NULL || ga->out == NULL || ts == NULL) {
         if (type && ts == NULL)
             fail("unknown type '%s'", type);
         usage();
         return 2;
     }
-    if (o.rank < 0)
-        o.rank = ts->rank;
-    if (o.alpha < 0)
-        o.alpha = ts->alpha;
-    if (o.block < 0)
-        o.block = ts->block;
-    if ((ts->rank && o.rank <= 0) || (ts->block && o.block <= 1) || o.n_freq <= 0 || o.factor == 0 ||
-        o.n_vectors <= 0 || o.n_tokens <= 0) {
+    o->rank = o->rank < 0 ? ts->rank : o->rank;
+    o->alpha = o->alpha < 0 ? ts->alpha : o->alpha;
+    o->block = o->block < 0 ? ts->block : o->block;
+    if ((ts->rank && o->rank <= 0) || (ts->block && o->block <= 1) || o->n_freq <= 0 || o->factor == 0 ||
+        o->n_vectors <= 0 || o->n_tokens <= 0) {
         fail("--rank, --block, --n-frequency, --num-vectors, --tokens must be positive, --factor positive or -1");
         return 2;
     }
-    if (targets == NULL || strcmp(targets, "all") == 0)
-        targets = targets ? ALL_LINEAR : ts->targets;
-    else if (strcmp(targets, "qv") == 0)
-        targets = "q_proj,v_proj";
+    if (targets == NULL)
+        targets = ts->targets;
+    ga->targets = !strcmp(targets, "all") ? ALL_LINEAR : !strcmp(targets, "qv") ? "q_proj,v_proj" : targets;
+    return 0;
+}
 
+/* adapter_config.json: the common keys, the type's, and the modules' names */
+static int write_adapter_config(const char *path, const type_spec *ts, const gen_opts *o, const gen_module *ms,
+                                size_t nm)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL)
+        return fail("cannot write %s: %s", path, strerror(errno));
+    fprintf(f, "{\n  \"peft_type\": \"%s\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"base_model_name_or_path\": null,\n"
+               "  \"inference_mode\": true,\n", ts->peft_type);
+    write_config(f, ts->config, o, ms[0].out);
+    fprintf(f, "  \"target_modules\": [");
+    int first = 1;
+    for (size_t i = 0; i < nm; i++) { /* each name once, in the order met */
+        size_t j = 0;
+        while (j < i && strcmp(ms[j].leaf, ms[i].leaf) != 0)
+            j++;
+        if (j == i) {
+            fprintf(f, "%s\"%s\"", first ? "" : ", ", ms[i].leaf);
+            first = 0;
+        }
+    }
+    fprintf(f, "]\n}\n");
+    return fclose(f) != 0 ? fail("cannot write %s", path) : 0;
+}
+
+int main(int argc, char **argv)
+{
+    gen_args ga = {0};
+    int rc = parse_args(argc, argv, &ga);
+    if (rc != 0)
+        return rc;
+    const type_spec *ts = ga.ts;
+    const char *base = ga.base, *out = ga.out, *targets = ga.targets;
+    gen_opts o = ga.o;
     lm_kernels k;
     lm_kernels_select(&k, NULL);
     lm_err err;
@@ -660,9 +700,11 @@ int main(int argc, char **argv)
     }
     size_t nm = 0;
     gen_module *ms = find_modules(mdl, targets, ts->kind, &nm, &k);
+    gen_out g = {.adt = o.adt};
+    rc = 1;
     if (ms == NULL || nm == 0) {
         fail("no module of %s matches the targets %s", base, targets);
-        return 1;
+        goto done;
     }
     for (size_t i = 0; i < nm; i++) {
         o.max_out = ms[i].out > o.max_out ? ms[i].out : o.max_out;
@@ -670,55 +712,33 @@ int main(int argc, char **argv)
         if (strcmp(ms[i].leaf, "down_proj") == 0)
             o.ff = "down_proj"; /* IA3: PEFT's feed-forward module for Llama */
     }
-    gen_out g = {.adt = o.adt};
     for (size_t i = 0; i < nm; i++)
         if (ts->emit(&g, &ms[i], &o) != 0)
-            return 1;
+            goto done;
     if (ts->shared && ts->shared(&g, &o) != 0)
-        return 1;
-
+        goto done;
     /* adapter_config.json first: the weights file, renamed into place when complete, marks a
      * finished adapter */
     char path[4096];
     if (mkdir_p(out) != 0) {
         fail("cannot create %s: %s", out, strerror(errno));
-        return 1;
+        goto done;
     }
     snprintf(path, sizeof path, "%s/adapter_config.json", out);
-    FILE *f = fopen(path, "w");
-    if (f == NULL) {
-        fail("cannot write %s: %s", path, strerror(errno));
-        return 1;
-    }
-    fprintf(f, "{\n  \"peft_type\": \"%s\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"base_model_name_or_path\": null,\n"
-               "  \"inference_mode\": true,\n", ts->peft_type);
-    write_config(f, ts->config, &o, ms[0].out);
-    fprintf(f, "  \"target_modules\": [");
-    int first = 1;
-    for (size_t i = 0; i < nm; i++) { /* each name once, in the order met */
-        size_t j = 0;
-        while (j < i && strcmp(ms[j].leaf, ms[i].leaf) != 0)
-            j++;
-        if (j == i) {
-            fprintf(f, "%s\"%s\"", first ? "" : ", ", ms[i].leaf);
-            first = 0;
-        }
-    }
-    fprintf(f, "]\n}\n");
-    if (fclose(f) != 0) {
-        fail("cannot write %s", path);
-        return 1;
-    }
+    if (write_adapter_config(path, ts, &o, ms, nm) != 0)
+        goto done;
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", out);
     if (gen_write_tensors(PROG, path, g.t, g.n, o.seed, &k) != 0)
-        return 1;
+        goto done;
     double bytes = 0;
     for (size_t i = 0; i < g.n; i++)
         bytes += (double)gen_n_elems(&g.t[i]) * (lm_dtype_bits(g.t[i].dtype) / 8);
     printf(PROG ": %s (%s), %zu modules, %zu tensors, %.1f MB -> %s\n", ts->name, ts->peft_type, nm, g.n, bytes / 1e6,
            out);
+    rc = 0;
+done:
     free(g.t);
     free(ms);
     lm_model_close(mdl);
-    return 0;
+    return rc;
 }
