@@ -117,6 +117,7 @@ int main(int argc, char **argv)
                 hidden, inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32");
         fclose(f);
     }
+    free(g);
     if (no_adapter)
         return 0;
     /* the adapter */
@@ -161,7 +162,6 @@ int main(int argc, char **argv)
             all ? "\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\""
                 : "\"q_proj\", \"v_proj\"");
     fclose(f);
-    free(g);
     free(ga);
     return 0;
 }
