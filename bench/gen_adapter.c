@@ -171,12 +171,20 @@ static int emit_lokr(gen_out *g, const gen_module *m, const gen_opts *o)
     return 0;
 }
 
+/* 0 when the weight's outputs (if outs) and inputs (if ins) are multiples of b, else an error */
+static int need_multiple(const gen_module *m, int outs, int ins, uint64_t b, const char *what)
+{
+    if ((outs && m->out % b) || (ins && m->in % b))
+        return fail("%s: the weight [%llu, %llu] does not divide into the %s %llu", m->path,
+                    (unsigned long long)m->out, (unsigned long long)m->in, what, (unsigned long long)b);
+    return 0;
+}
+
 static int emit_oft(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t bs = (uint64_t)o->block;
-    if (m->in % bs)
-        return fail("%s: %llu inputs are not a multiple of the OFT block size %llu", m->path,
-                    (unsigned long long)m->in, (unsigned long long)bs);
+    if (need_multiple(m, 0, 1, bs, "OFT block size") != 0)
+        return -1;
     add(g, m, "oft_R.weight", SHAPE(m->in / bs, bs * (bs - 1) / 2), 0.003, 0);
     return 0;
 }
@@ -184,9 +192,8 @@ static int emit_oft(gen_out *g, const gen_module *m, const gen_opts *o)
 static int emit_boft(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t bs = (uint64_t)o->block;
-    if (m->in % bs)
-        return fail("%s: %llu inputs are not a multiple of the BOFT block size %llu", m->path,
-                    (unsigned long long)m->in, (unsigned long long)bs);
+    if (need_multiple(m, 0, 1, bs, "BOFT block size") != 0)
+        return -1;
     add(g, m, "boft_R", SHAPE(1, m->in / bs, bs, bs), 0.005, 0);
     add(g, m, "boft_s", SHAPE(m->out, 1), 0.05, 1.0);
     return 0;
@@ -231,9 +238,8 @@ static int shared_vera(gen_out *g, const gen_opts *o)
 
 static int emit_road(gen_out *g, const gen_module *m, const gen_opts *o)
 {
-    if (m->out % (uint64_t)o->block)
-        return fail("%s: %llu outputs are not a multiple of the RoAd group size %ld", m->path,
-                    (unsigned long long)m->out, o->block);
+    if (need_multiple(m, 1, 0, (uint64_t)o->block, "RoAd group size") != 0)
+        return -1;
     add(g, m, "road_theta", SHAPE(m->out / 2), 0.05, 0); /* road_1: one angle per output pair */
     add(g, m, "road_alpha", SHAPE(m->out / 2), 0.05, 1.0);
     return 0;
@@ -280,9 +286,8 @@ static int shared_randlora(gen_out *g, const gen_opts *o)
 static int emit_vblora(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t L = (uint64_t)o->block, r = (uint64_t)o->rank;
-    if (m->in % L || m->out % L)
-        return fail("%s: [%llu, %llu] is not a multiple of the VB-LoRA vector length %llu", m->path,
-                    (unsigned long long)m->out, (unsigned long long)m->in, (unsigned long long)L);
+    if (need_multiple(m, 1, 1, L, "VB-LoRA vector length") != 0)
+        return -1;
     add(g, m, "vblora_logits_A", SHAPE(r, m->in / L, (uint64_t)o->n_vectors), 1.0, 0);
     add(g, m, "vblora_logits_B", SHAPE(m->out / L, r, (uint64_t)o->n_vectors), 1.0, 0);
     return 0;
@@ -308,10 +313,10 @@ enum { GRALORA_K = 2 }; /* gralora_k (its config template says so too) */
 static int emit_gralora(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t k = GRALORA_K, r = (uint64_t)o->rank;
-    if (m->in % k || m->out % k || r % k)
-        return fail("%s: [%llu, %llu] and r %llu must be multiples of gralora_k %llu", m->path,
-                    (unsigned long long)m->out, (unsigned long long)m->in, (unsigned long long)r,
-                    (unsigned long long)k);
+    if (r % k)
+        return fail("r %llu is not a multiple of gralora_k %llu", (unsigned long long)r, (unsigned long long)k);
+    if (need_multiple(m, 1, 1, k, "gralora_k blocks") != 0)
+        return -1;
     add(g, m, "gralora_A", SHAPE(k, m->in / k, r), 1.0 / sqrt((double)m->in), 0);
     add(g, m, "gralora_B", SHAPE(k, r, m->out / k), 0.01, 0);
     return 0;
@@ -334,9 +339,8 @@ static int emit_shira(gen_out *g, const gen_module *m, const gen_opts *o)
 static int emit_c3a(gen_out *g, const gen_module *m, const gen_opts *o)
 {
     uint64_t b = (uint64_t)o->block;
-    if (m->in % b || m->out % b)
-        return fail("%s: [%llu, %llu] is not a multiple of the C3A block size %llu", m->path,
-                    (unsigned long long)m->out, (unsigned long long)m->in, (unsigned long long)b);
+    if (need_multiple(m, 1, 1, b, "C3A block size") != 0)
+        return -1;
     add(g, m, "c3a_kernel", SHAPE(m->out / b, m->in / b, b), 2.0, 0); /* the delta is kernel / in */
     return 0;
 }
