@@ -1,7 +1,7 @@
 /* shira.c : SHiRA (peft-merge.md §5.14): W[rows[t], cols[t]] += scale * shira_weight[t].
- * The indices are data: read and checked when planning (a bad one fails before anything is
- * written) and kept sorted by row (stable, so repeated entries add in file order), so a tile
- * touches only its own entries. */
+ * The indices are data: checked when planning (a bad one fails before anything is written) and
+ * sorted by row per tensor when its first tile is claimed, so a tile touches only its own
+ * entries and memory is one module's indices at a time. */
 #include "method.h"
 
 #include "lm_error.h"
@@ -12,10 +12,34 @@
 enum { SW, SI };
 
 typedef struct {
-    const lm_ts_tensor *w;
-    uint64_t *row_start; /* [out + 1]: entries of row o are row_start[o] .. row_start[o+1] */
-    uint64_t *col, *wi;  /* per entry (row order): its column and its index into shira_weight */
+    const lm_ts_tensor *w, *ix; /* shira_weight [nnz], shira_indices [2, nnz] (rows, then columns) */
+    uint64_t rows;
 } shira_params;
+
+/* built per tensor: the entries sorted by row (stable, so repeated entries add in file order) */
+typedef struct {
+    uint64_t *row_start; /* [rows + 1]: entries of row o are row_start[o] .. row_start[o+1] */
+    uint64_t *col, *wi;  /* per entry (row order): its column and its index into shira_weight */
+} shira_prep;
+
+/* index q of shira_indices (I32, I64, or F32 as saved on Windows) */
+static double index_at(const lm_ts_tensor *ix, uint64_t q)
+{
+    const uint8_t *d = ix->data;
+    if (ix->dtype == LM_DT_I32) {
+        int32_t x;
+        memcpy(&x, d + 4 * q, 4);
+        return x;
+    }
+    if (ix->dtype == LM_DT_I64) {
+        int64_t x;
+        memcpy(&x, d + 8 * q, 8);
+        return (double)x;
+    }
+    float x;
+    memcpy(&x, d + 4 * q, 4);
+    return x;
+}
 
 static lm_code shira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
@@ -30,47 +54,21 @@ static lm_code shira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *e
         return lm_mismatch(err, m->path, "SHiRA needs shira_weight [nnz] and shira_indices [2, nnz]");
     if (ix->dtype != LM_DT_I32 && ix->dtype != LM_DT_I64 && ix->dtype != LM_DT_F32)
         return lm_mismatch(err, m->path, "shira_indices has dtype %s", lm_dtype_name(ix->dtype));
+    /* the indices are data: checked here, so that a bad one fails before anything is written;
+     * kept in the adapter, not copied (prepare sorts them per tensor) */
     uint64_t nnz = w->n_elems;
-    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "shira", m->path, err);
-    shira_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
-    uint64_t *rc = pr ? lm_ctx_alloc(ctx, (size_t)(2 * nnz) * sizeof *rc, err) : NULL;
-    if (pr == NULL || rc == NULL || (pr->row_start = lm_ctx_alloc(ctx, (size_t)(o + 2) * sizeof(uint64_t), err)) == NULL ||
-        (pr->col = lm_ctx_alloc(ctx, (size_t)nnz * sizeof(uint64_t), err)) == NULL ||
-        (pr->wi = lm_ctx_alloc(ctx, (size_t)nnz * sizeof(uint64_t), err)) == NULL)
-        return LM_E_NOMEM;
     for (uint64_t q = 0; q < 2 * nnz; q++) {
-        const uint8_t *d = ix->data;
-        double v;
-        if (ix->dtype == LM_DT_I32) {
-            int32_t x;
-            memcpy(&x, d + 4 * q, 4);
-            v = x;
-        } else if (ix->dtype == LM_DT_I64) {
-            int64_t x;
-            memcpy(&x, d + 8 * q, 8);
-            v = (double)x;
-        } else { /* F32: saved on Windows */
-            float x;
-            memcpy(&x, d + 4 * q, 4);
-            v = x;
-        }
+        double v = index_at(ix, q);
         uint64_t lim = q < nnz ? o : in;
         if (!(v >= 0) || v != (double)(long)v || (uint64_t)v >= lim)
             return lm_module_fail(err, LM_E_MISMATCH, "IndexOutOfRange", m->path,
                                   "shira_indices holds %g, outside [0, %llu)", v, (unsigned long long)lim);
-        rc[q] = (uint64_t)v;
     }
-    /* counting sort by row: stable */
-    for (uint64_t t = 0; t < nnz; t++)
-        pr->row_start[rc[t] + 2]++;
-    for (uint64_t r = 2; r < o + 2; r++)
-        pr->row_start[r] += pr->row_start[r - 1];
-    for (uint64_t t = 0; t < nnz; t++) {
-        uint64_t at = pr->row_start[rc[t] + 1]++;
-        pr->col[at] = rc[nnz + t];
-        pr->wi[at] = t;
-    }
-    pr->w = w;
+    lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "shira", m->path, err);
+    shira_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
+    if (pr == NULL)
+        return LM_E_NOMEM;
+    *pr = (shira_params){w, ix, o};
     op->scale = lm_ctx_adapter(ctx)->weight;
     lm_ctx_count_module(ctx);
     return LM_OK;
@@ -79,18 +77,36 @@ static lm_code shira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *e
 static lm_code shira_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const shira_params *pr = op->params;
-    return (p->a = lm_prep_view(p, pr->w, k, err)) != NULL ? LM_OK : LM_E_NOMEM;
+    uint64_t nnz = pr->w->n_elems, o = pr->rows;
+    shira_prep *sp = lm_prep_alloc(p, sizeof *sp, err);
+    if (sp == NULL || (p->a = lm_prep_view(p, pr->w, k, err)) == NULL ||
+        (sp->row_start = lm_prep_alloc(p, (size_t)(o + 2) * sizeof(uint64_t), err)) == NULL ||
+        (sp->col = lm_prep_alloc(p, (size_t)(nnz + 1) * sizeof(uint64_t), err)) == NULL ||
+        (sp->wi = lm_prep_alloc(p, (size_t)(nnz + 1) * sizeof(uint64_t), err)) == NULL)
+        return LM_E_NOMEM;
+    /* counting sort by row: stable */
+    for (uint64_t t = 0; t < nnz; t++)
+        sp->row_start[(uint64_t)index_at(pr->ix, t) + 2]++;
+    for (uint64_t r = 2; r < o + 2; r++)
+        sp->row_start[r] += sp->row_start[r - 1];
+    for (uint64_t t = 0; t < nnz; t++) {
+        uint64_t at = sp->row_start[(uint64_t)index_at(pr->ix, t) + 1]++;
+        sp->col[at] = (uint64_t)index_at(pr->ix, nnz + t);
+        sp->wi[at] = t;
+    }
+    p->data = sp;
+    return LM_OK;
 }
 
 static void shira_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
-    const shira_params *pr = op->params;
+    const shira_prep *sp = p->data;
     const float s = (float)op->scale;
     for (uint64_t r = 0; r < t->nr; r++) {
         uint64_t R = t->r0 + r;
         float *row = t->acc + r * t->cols;
-        for (uint64_t e = pr->row_start[R]; e < pr->row_start[R + 1]; e++)
-            row[pr->col[e]] += p->a[pr->wi[e]] * s;
+        for (uint64_t e = sp->row_start[R]; e < sp->row_start[R + 1]; e++)
+            row[sp->col[e]] += p->a[sp->wi[e]] * s;
     }
 }
 
