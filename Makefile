@@ -18,7 +18,7 @@ DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
 PKGS = libcjson openblas libzip fftw3
 LM_CPPFLAGS = -Iinclude -Isrc/core -Isrc/format -Isrc/peft -Isrc/methods -Isrc/engine -Ikernels -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
               $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
-LM_CFLAGS = -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
+LM_CFLAGS = -std=c11 -fvect-cost-model=cheap -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
             -fopenmp -ffp-contract=off -fvisibility=hidden -pthread
 LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -fopenmp -lm -pthread
 

@@ -109,6 +109,7 @@ static void set_ref(lm_kernels *k)
     k->count_nonfinite_f32 = lm_count_nonfinite_f32_ref;
     k->count_nonfinite_16 = lm_count_nonfinite_16_ref;
     k->lowrank = lm_lowrank_ref;
+    k->rot_blocks = lm_rot_blocks_ref;
     k->name = "ref";
 }
 
@@ -126,6 +127,7 @@ static void set_avx2(lm_kernels *k)
     k->count_nonfinite_f32 = lm_count_nonfinite_f32_avx2;
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx2;
     k->lowrank = lm_lowrank_avx2;
+    k->rot_blocks = lm_rot_blocks_avx2;
     k->name = "avx2";
 }
 
@@ -142,6 +144,7 @@ static void set_avx512(lm_kernels *k)
     k->count_nonfinite_f32 = lm_count_nonfinite_f32_avx512;
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx512;
     k->lowrank = lm_lowrank_avx512;
+    k->rot_blocks = lm_rot_blocks_avx512;
     k->name = "avx512";
 }
 #endif

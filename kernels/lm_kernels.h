@@ -131,6 +131,9 @@ typedef struct lm_kernels {
     size_t (*count_nonfinite_f32)(const float *x, size_t n);                 /* inf and NaN */
     size_t (*count_nonfinite_16)(const uint16_t *x, size_t n, uint16_t exp_mask); /* exponent all ones */
     lm_lowrank_fn lowrank;
+    /* every row of acc [n_rows, cols] becomes x @ blockdiag(R_j)^T; RT: the blocks transposed,
+     * [n_rot, bs, bs] with n_rot 1 (shared) or cols/bs; y: scratch of 8 bs floats (rotate_ref.c) */
+    void (*rot_blocks)(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -181,6 +184,12 @@ size_t lm_count_nonfinite_f32_avx512(const float *x, size_t n);
 size_t lm_count_nonfinite_16_ref(const uint16_t *x, size_t n, uint16_t exp_mask);
 size_t lm_count_nonfinite_16_avx2(const uint16_t *x, size_t n, uint16_t exp_mask);
 size_t lm_count_nonfinite_16_avx512(const uint16_t *x, size_t n, uint16_t exp_mask);
+void lm_rot_blocks_ref(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+void lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+void lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y);
+void lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t a0, float *y);
+void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a0, size_t a1, float *y);
 double lm_sumsq_ref(const float *x, size_t n);
 double lm_sumsq_avx2(const float *x, size_t n);
 double lm_sumsq_avx512(const float *x, size_t n);

@@ -58,8 +58,9 @@ static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
             for (uint64_t b = 0; b < bs; b++)
                 Q[a * bs + b] = 0.5 * ((double)X[(j * bs + a) * bs + b] - (double)X[(j * bs + b) * bs + a]);
         lm_cayley_exact(Q, S, (size_t)bs, work);
-        for (uint64_t i = 0; i < bs * bs; i++)
-            R[j * bs * bs + i] = (float)S[i];
+        for (uint64_t a = 0; a < bs; a++) /* transposed, for lm_rotate_blocks */
+            for (uint64_t b = 0; b < bs; b++)
+                R[j * bs * bs + b * bs + a] = (float)S[a * bs + b];
     }
     free(Q);
     p->a = R;

@@ -4,15 +4,21 @@
 #include <math.h>
 #include <string.h>
 
+/* C[a, b] accumulates its terms in x order, as a dot product would, but row by row so the b
+ * loop vectorizes */
 void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n)
 {
-    for (size_t a = 0; a < m; a++)
-        for (size_t b = 0; b < n; b++) {
-            double v = 0;
-            for (size_t x = 0; x < k; x++)
-                v += A[a * k + x] * B[x * n + b];
-            C[a * n + b] = v;
+    for (size_t a = 0; a < m; a++) {
+        double *restrict c = C + a * n;
+        for (size_t b = 0; b < n; b++)
+            c[b] = 0;
+        for (size_t x = 0; x < k; x++) {
+            const double f = A[a * k + x];
+            const double *restrict brow = B + x * n;
+            for (size_t b = 0; b < n; b++)
+                c[b] += f * brow[b];
         }
+    }
 }
 
 void lm_cayley_exact(const double *Q, double *R, size_t bs, double *work)

@@ -1,11 +1,10 @@
 /* oft.c : OFT (peft-merge.md §5.6) on Linear weights: W <- W @ blockdiag(R_j)^T, R_j the Cayley
  * transform (exact, or PEFT's Cayley-Neumann series) of the skew matrix whose upper triangle
  * oft_R stores (optionally projected: coft); block_share keeps one block.  The rotations are
- * built in double when a tensor's first tile is claimed and applied to each tile through BLAS,
- * one small product per block. */
+ * built in double when a tensor's first tile is claimed and applied to each tile by the
+ * rot_blocks kernel (one fused multiply-add chain per element, SIMD across a block's lanes). */
 #include "oft.h"
 
-#include "gemm_tile.h"
 #include "linalg.h"
 #include "lm_error.h"
 
@@ -110,23 +109,18 @@ static lm_code oft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
             lm_cayley_neumann(Q, S, (size_t)bs, pr->cfg.terms > 0 ? (uint64_t)pr->cfg.terms : 0, work);
         else
             lm_cayley_exact(Q, S, (size_t)bs, work);
-        for (uint64_t i = 0; i < bs * bs; i++)
-            R[j * bs * bs + i] = (float)S[i];
+        for (uint64_t a = 0; a < bs; a++) /* transposed, for lm_rotate_blocks */
+            for (uint64_t b = 0; b < bs; b++)
+                R[j * bs * bs + b * bs + a] = (float)S[a * bs + b];
     }
     free(Q);
     p->a = R;
     return LM_OK;
 }
 
-void lm_rotate_blocks(const lm_tile *t, const float *R, uint64_t n_rot, uint64_t bs)
+void lm_rotate_blocks(const lm_tile *t, const float *RT, uint64_t n_rot, uint64_t bs)
 {
-    size_t nr = (size_t)t->nr, cols = (size_t)t->cols, nb = (size_t)(t->cols / bs), b = (size_t)bs;
-    if (n_rot == 1) /* one rotation: the tile is [nr * nb, bs] */
-        lm_sgemm_rm(0, 1, nr * nb, b, b, 1.0f, t->acc, b, R, b, 0.0f, t->scratch, b);
-    else
-        for (size_t j = 0; j < nb; j++)
-            lm_sgemm_rm(0, 1, nr, b, b, 1.0f, t->acc + j * b, cols, R + j * b * b, b, 0.0f, t->scratch + j * b, cols);
-    memcpy(t->acc, t->scratch, nr * cols * sizeof *t->acc);
+    t->k->rot_blocks(t->acc, (size_t)t->nr, (size_t)t->cols, RT, (size_t)n_rot, (size_t)bs, t->scratch);
 }
 
 static void oft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)

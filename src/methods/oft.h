@@ -5,8 +5,8 @@
 #include "method.h"
 
 /*! lm_rotate_blocks() : every row x of the tile becomes x @ blockdiag(R_j)^T (block j of x
- *  <- R_j @ block j), R [n_rot, bs, bs] with n_rot 1 (one rotation shared by all blocks) or
- *  cols / bs.  Uses the tile's scratch. */
-void lm_rotate_blocks(const lm_tile *t, const float *R, uint64_t n_rot, uint64_t bs);
+ *  <- R_j @ block j); RT holds the blocks transposed, [n_rot, bs, bs] with n_rot 1 (one
+ *  rotation shared by all blocks) or cols / bs.  Uses the tile's scratch. */
+void lm_rotate_blocks(const lm_tile *t, const float *RT, uint64_t n_rot, uint64_t bs);
 
 #endif
