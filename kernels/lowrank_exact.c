@@ -136,7 +136,7 @@ size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K)
         !lr_ws_add(&t, rows, sizeof(float)) || !lr_ws_add(&t, cols, sizeof(float)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
-        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1))
+        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1) || !lr_ws_add(&t, K, 1))
         return 0;
     return t;
 }
@@ -187,6 +187,12 @@ int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const
 
     /* rows of B: copies, exactness, sums of squares (+inf marks a row that never certifies) */
     int exactB32 = 1, exactB64 = 1, exactA32 = 1;
+    uint8_t *pow2 = lr_carve(&p, K, 1);
+    for (size_t k = 0; k < K; k++) {
+        int e;
+        const double m = frexp(s[k], &e);
+        pow2[k] = isfinite(s[k]) && (m == 0.5 || m == -0.5);
+    }
     for (size_t i = 0; i < rows; i++) {
         double ss32 = 0, ss64 = 0;
         lr->row_nf[i] = 0;
@@ -203,7 +209,9 @@ int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const
                 continue;
             }
             if (x != 0) {
-                const int exact64 = ax >= 0x1p-960 && fma(s[k], B[i * K + k], -x) == 0;
+                /* a power-of-two scale (1 included) multiplies exactly in this range; else
+                 * the product's rounding error tells */
+                const int exact64 = ax >= 0x1p-960 && (pow2[k] || fma(s[k], B[i * K + k], -x) == 0);
                 if (ax < 0x1p-1022)
                     ss64 = INFINITY;
                 exactB64 &= exact64;
@@ -223,12 +231,17 @@ int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const
         n32c[j] = lr->bnd_cd[j] = 0;
         lr->col_nf[j] = 0;
     }
+    /* A transposed in 32 x 32 blocks (a column at a time would miss the cache on every write) */
+    for (size_t k0 = 0; k0 < K; k0 += 32)
+        for (size_t j0 = 0; j0 < cols; j0 += 32)
+            for (size_t j = j0; j < j0 + 32 && j < cols; j++)
+                for (size_t k = k0; k < k0 + 32 && k < K; k++)
+                    lr->At[j * K + k] = A[k * cols + j];
     for (size_t k = 0; k < K; k++) {
         for (size_t j = 0; j < cols; j++) {
             const double a = A[k * cols + j];
             const float f = (float)a;
             lr->Af[k * cols + j] = f;
-            lr->At[j * K + k] = a;
             if (!isfinite(a)) {
                 n32c[j] = lr->bnd_cd[j] = INFINITY;
                 lr->col_nf[j] = 1;
