@@ -125,7 +125,7 @@ asan:
 	$(Q)for f in $(FUZZ_REPLAY:$(BUILD)/%=build-asan/%); do n=$$(basename $$f -replay); \
 	  ASAN_OPTIONS=detect_leaks=1 $$f tests/fuzz/corpus/$$n >/dev/null || exit 1; done
 	@echo "asan: unit tests under AddressSanitizer+UBSan"
-	$(Q)ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LM_BIN=build-asan/lora-merge LM_ASAN=1 \
+	$(Q)ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp LM_BIN=build-asan/lora-merge LM_ASAN=1 \
 	  build-asan/tests/unit --jobs 2 >build-asan/unit.log 2>&1 || { tail -50 build-asan/unit.log; exit 1; }
 	@tail -1 build-asan/unit.log
 
