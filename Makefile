@@ -104,6 +104,7 @@ unit-test: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 # complexity budget: no function above 50 except the listed ones, whose scores only go down
 lint: deps-quiet
 	$(Q)sh tests/lint/complexity.sh
+	$(Q)sh tests/lint/kinds.sh
 
 fuzz-replay: all $(FUZZ_REPLAY)
 	$(Q)for f in $(FUZZ_REPLAY); do n=$$(basename $$f -replay); $$f tests/fuzz/corpus/$$n || exit 1; done

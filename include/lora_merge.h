@@ -68,6 +68,9 @@ LM_API const char *lm_code_name(lm_code code);
 /*! lm_err_format() : one line "error: <path>: <Kind>: '<tensor>': <msg> (at byte N)", empty
  *  parts left out, into buf (always NUL-terminated when cap > 0).  @return the length written. */
 LM_API size_t lm_err_format(const lm_err *err, char *buf, size_t cap);
+/*! lm_error_kind() : the i-th entry of the table of error kinds (every kind an lm_err can carry,
+ *  the code it always has, its one-line meaning).  @return 0 when i is past the end. */
+LM_API int lm_error_kind(size_t i, const char **name, lm_code *code, const char **meaning);
 
 /* ---------------------------------------------------------------------------------------------
  * Data types of the safetensors format

@@ -806,7 +806,7 @@ Test(torch_bin, refuses_views_outside_storage)
     tb_tensor(&b, "FloatStorage", "0", 4, 0, 1, big, zero);
     tb_dict_end(&b);
     rc = tb_load_pickle_zip(&b, &err);
-    tb_expect_err(rc, err, LM_E_UNSUPPORTED, "InvalidStorage", "broadcast");
+    tb_expect_err(rc, err, LM_E_UNSUPPORTED, "UnsupportedStorage", "broadcast");
     free(b.b);
 }
 

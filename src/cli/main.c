@@ -55,6 +55,7 @@ static const char USAGE[] =
     "\n"
     "inspect PATH: list a model's tensors (file, index or directory) or describe an adapter.\n"
     "convert ADAPTER OUT_DIR: write any supported adapter as a PEFT adapter directory.\n"
+    "errors: list every error kind, the exit status it gives and what it means.\n"
     "\n"
     "exit status: 0 success, 1 invalid or unsupported input, 2 usage error, 3 I/O error\n"
     "(cannot read or write, disk full, file too large), 4 out of memory.\n";
@@ -281,7 +282,18 @@ static int set_format_option(const char *name, const char *val, lm_format_opts *
     return 0;
 }
 
-/* inspect and convert: @return the exit status, or -1 when the arguments are a merge's */
+/* errors: the table of error kinds with the exit status each gives */
+static int cmd_errors(void)
+{
+    const char *name, *meaning;
+    lm_code code;
+    printf("%-24s %s  %s\n", "kind", "exit", "meaning");
+    for (size_t i = 0; lm_error_kind(i, &name, &code, &meaning); i++)
+        printf("%-24s %4d  %s\n", name, exit_code_for(code), meaning);
+    return 0;
+}
+
+/* inspect, convert and errors: @return the exit status, or -1 when the arguments are a merge's */
 static int subcommand(const char *const *pos, size_t n_pos, const char *base, const lm_format_opts *fo, int quiet)
 {
     if (n_pos >= 1 && strcmp(pos[0], "inspect") == 0) {
@@ -291,6 +303,8 @@ static int subcommand(const char *const *pos, size_t n_pos, const char *base, co
             return cmd_describe_foreign(pos[1], base, fo);
         return cmd_inspect(pos[1]);
     }
+    if (n_pos == 1 && strcmp(pos[0], "errors") == 0)
+        return cmd_errors();
     if (n_pos >= 1 && strcmp(pos[0], "convert") == 0) {
         if (n_pos != 3)
             return usage_error("convert takes ADAPTER OUT_DIR%s", "");

@@ -36,6 +36,41 @@ const char *lm_code_name(lm_code code)
     return "Unknown";
 }
 
+/* the one table of error kinds: a listed kind always carries its listed code */
+static const struct {
+    const char *name;
+    lm_code code;
+    const char *meaning;
+} kinds[] = {
+#define LM_KIND(name, code, meaning) {#name, code, meaning},
+#include "lm_kinds.def"
+#undef LM_KIND
+};
+
+static int kind_index(const char *kind)
+{
+    for (size_t i = 0; kind != NULL && i < sizeof kinds / sizeof kinds[0]; i++)
+        if (strcmp(kinds[i].name, kind) == 0)
+            return (int)i;
+    return -1;
+}
+
+int lm_error_kind(size_t i, const char **name, lm_code *code, const char **meaning)
+{
+    if (i >= sizeof kinds / sizeof kinds[0])
+        return 0;
+    *name = kinds[i].name;
+    *code = kinds[i].code;
+    *meaning = kinds[i].meaning;
+    return 1;
+}
+
+const char *lm_kind_meaning(const char *kind)
+{
+    int i = kind_index(kind);
+    return i < 0 ? NULL : kinds[i].meaning;
+}
+
 static void vfail(lm_err *err, lm_code code, const char *kind, const char *fmt, va_list ap)
 {
     if (err == NULL || err->code != LM_OK)
@@ -51,6 +86,9 @@ static void vfail(lm_err *err, lm_code code, const char *kind, const char *fmt, 
 
 lm_code lm_fail(lm_err *err, lm_code code, const char *kind, const char *fmt, ...)
 {
+    int k = kind_index(kind);
+    if (k >= 0)
+        code = kinds[k].code;
     va_list ap;
     va_start(ap, fmt);
     vfail(err, code, kind, fmt, ap);

@@ -9,10 +9,14 @@
 
 /*! lm_fail() :
  *  Records (code, kind, message) in *err if nothing was recorded yet.  kind may be NULL (a
- *  default is derived from code).  @return code, so callers can `return lm_fail(...)`.
+ *  default is derived from code); a kind listed in lm_kinds.def always gets the code listed there.  @return code, so callers can `return lm_fail(...)`.
  *  err may be NULL (then nothing is recorded). */
 lm_code lm_fail(lm_err *err, lm_code code, const char *kind, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/*! lm_kind_meaning() : the one-line meaning of an error kind listed in lm_kinds.def (the table
+ *  lm_fail() takes codes from), or NULL for a kind not listed. */
+const char *lm_kind_meaning(const char *kind);
 
 /*! lm_fail_errno() : as lm_fail(), with sys_errno = errnum and ": strerror(errnum)" appended. */
 lm_code lm_fail_errno(lm_err *err, int errnum, const char *fmt, ...)

@@ -482,7 +482,7 @@ static lm_code op_persid(parser *p)
     const pk_obj *type = obj(p, it[1]), *key = obj(p, it[2]), *loc = obj(p, it[3]);
     uint64_t n_elems;
     if (type->kind != LM_PK_GLOBAL || type->u.global < G_STORAGE)
-        return fail(p, LM_E_UNSUPPORTED, "InvalidStorage", "persistent id names a %s, not a storage type",
+        return fail(p, LM_E_FORMAT, "InvalidStorage", "persistent id names a %s, not a storage type",
                     lm_pk_kind_name((lm_pk_kind)type->kind));
     if (key->kind != LM_PK_STR || key->u.s.n_bytes == 0 || key->u.s.n_bytes > 255 ||
         memchr(p->pk->buf + key->u.s.off, '\0', key->u.s.n_bytes) ||
@@ -491,7 +491,7 @@ static lm_code op_persid(parser *p)
     if (loc->kind != LM_PK_STR || !obj_uint(p, it[4], &n_elems))
         return fail(p, LM_E_FORMAT, "InvalidStorage", "storage location or element count is malformed");
     if (o->n == 6 && it[5] != REF_NONE)
-        return fail(p, LM_E_UNSUPPORTED, "InvalidStorage", "legacy storage views are not supported");
+        return fail(p, LM_E_UNSUPPORTED, "UnsupportedStorage", "legacy storage views are not supported");
     size_t ti = (size_t)(type->u.global - G_STORAGE);
     uint64_t n_bytes;
     if (lm_mul_overflow_u64(n_elems, k_storages[ti].elem_bytes, &n_bytes))
@@ -513,7 +513,7 @@ static lm_code op_persid(parser *p)
     if (found != SIZE_MAX) {
         const lm_pk_storage *s = &pk->st[found];
         if (s->dtype != k_storages[ti].dtype || s->n_elems != n_elems)
-            return fail(p, LM_E_UNSUPPORTED, "InvalidStorage",
+            return fail(p, LM_E_UNSUPPORTED, "UnsupportedStorage",
                         "storage '%s' is referenced as %s[%llu] and as %s[%llu]", kbuf,
                         lm_dtype_name(s->dtype), (unsigned long long)s->n_elems,
                         lm_dtype_name(k_storages[ti].dtype), (unsigned long long)n_elems);
@@ -606,7 +606,7 @@ static lm_code rebuild_tensor(parser *p, lm_pk_ref args, lm_pk_ref *out)
                         (unsigned long long)t.offset, (unsigned long long)last, s->key,
                         (unsigned long long)s->n_elems);
         if (n_elems > s->n_elems)
-            return fail(p, LM_E_UNSUPPORTED, "InvalidStorage",
+            return fail(p, LM_E_UNSUPPORTED, "UnsupportedStorage",
                         "tensor of %llu elements overlaps itself in storage '%s' of %llu (broadcast views are not supported)",
                         (unsigned long long)n_elems, s->key, (unsigned long long)s->n_elems);
     } else if (t.offset > s->n_elems) {

@@ -169,7 +169,7 @@ static lm_code build_set(const lm_pickle *pk, fetch_fn fetch, void *ctx, int big
         storage_slot *sl = &slot[t->storage];
         uint64_t n_bytes = t->n_elems * st->elem_bytes; /* <= st->n_bytes: checked by the parser */
         if (lm_add_overflow_u64(out_bytes, n_bytes, &out_bytes) || out_bytes > out_limit) {
-            rc = lm_fail(err, LM_E_UNSUPPORTED, "InvalidStorage",
+            rc = lm_fail(err, LM_E_FORMAT, "InvalidStorage",
                          "tensors add up to more than %llu bytes from %llu bytes of storage",
                          (unsigned long long)out_limit, (unsigned long long)storage_bytes);
             lm_err_set_tensor(err, name);
@@ -254,9 +254,9 @@ static lm_code read_entry(zip_t *za, zip_uint64_t idx, const char *entry, uint64
     if ((sb.valid & need) != need)
         return lm_fail(err, LM_E_FORMAT, "InvalidZip", "archive entry '%s' has no size", entry);
     if ((sb.valid & ZIP_STAT_ENCRYPTION_METHOD) && sb.encryption_method != ZIP_EM_NONE)
-        return lm_fail(err, LM_E_UNSUPPORTED, "InvalidZip", "archive entry '%s' is encrypted", entry);
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedZip", "archive entry '%s' is encrypted", entry);
     if (sb.comp_method != ZIP_CM_STORE && sb.comp_method != ZIP_CM_DEFLATE)
-        return lm_fail(err, LM_E_UNSUPPORTED, "InvalidZip", "archive entry '%s' uses compression method %d",
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedZip", "archive entry '%s' uses compression method %d",
                        entry, (int)sb.comp_method);
     if (sb.size > max_bytes || sb.size > SIZE_MAX - 1 ||
         (sb.comp_method == ZIP_CM_STORE && sb.size != sb.comp_size) ||
@@ -483,7 +483,7 @@ static lm_code load_legacy(const uint8_t *buf, size_t n_bytes, const char *sourc
     if ((rc = parse_at(buf, n_bytes, &pos, &hdr, err)))
         goto done;
     if (!lm_pk_int(hdr, lm_pk_root(hdr), &v) || v != 1001) {
-        rc = lm_fail(err, LM_E_UNSUPPORTED, "NotACheckpoint", "legacy checkpoint has an unsupported protocol version");
+        rc = lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "legacy checkpoint has an unsupported protocol version");
         goto done;
     }
     lm_pk_free(hdr);

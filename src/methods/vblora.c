@@ -74,7 +74,7 @@ static lm_code vblora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
             for (uint64_t i = 0; i < ix[s]->n_elems; i++) { /* data, checked before anything is written */
                 int64_t v = lm_ts_index(ix[s], i);
                 if (v < 0 || (uint64_t)v >= N)
-                    return lm_module_fail(err, LM_E_FORMAT, "IndexOutOfRange", m->path,
+                    return lm_module_fail(err, LM_E_MISMATCH, "IndexOutOfRange", m->path,
                                           "'%s' holds index %lld outside the bank (%llu)", ix[s]->name, (long long)v,
                                           (unsigned long long)N);
             }

@@ -111,7 +111,7 @@ lm_code fm_scalar(const lm_ts_tensor *t, double *v, lm_err *err)
     else if (t->dtype == LM_DT_I8 || t->dtype == LM_DT_U8 || t->dtype == LM_DT_BOOL)
         *v = t->dtype == LM_DT_I8 ? (double)(int8_t)p[0] : (double)p[0];
     else
-        return lm_fail(err, LM_E_UNSUPPORTED, "InvalidAlpha", "tensor '%s' is %s, not a number", t->name,
+        return lm_fail(err, LM_E_FORMAT, "InvalidAlpha", "tensor '%s' is %s, not a number", t->name,
                        lm_dtype_name(t->dtype));
     if (!isfinite(*v))
         return lm_fail(err, LM_E_FORMAT, "NonFinite", "tensor '%s' holds a non-finite value", t->name);
@@ -294,7 +294,7 @@ lm_code fm_alpha_for_scale(double s, long r, double *alpha, lm_err *err)
         }
         a = (a / (double)r < s) ? nextafter(a, INFINITY) : nextafter(a, -INFINITY);
     }
-    return lm_fail(err, LM_E_UNSUPPORTED, "InvalidScale",
+    return lm_fail(err, LM_E_UNSUPPORTED, "InexactScale",
                    "scale %.17g has no exact alpha / %ld in double precision", s, r);
 }
 
@@ -1837,7 +1837,7 @@ static lm_code read_set(fm_ctx *c, const lm_tensor_set *ts, int root, const cJSO
     case FK_CLONE_ST: return fm_read_clone_st(c, ts, err);
     case FK_CLONE_LIST: return fm_read_clone_list(c, ts, err);
     case FK_MLX_KEYS:
-        return lm_fail(err, LM_E_FORMAT, "MissingConfig", "mlx-lm adapter weights (.lora_a / .lora_b) without their "
+        return lm_fail(err, LM_E_IO, "MissingConfig", "mlx-lm adapter weights (.lora_a / .lora_b) without their "
                        "adapter_config.json: the scale is in that file; give the directory that holds both");
     case FK_SINGLE:
         return lm_fail(err, LM_E_FORMAT, "NotAnAdapter", "the file holds a single tensor: a raw up or down matrix "

@@ -193,7 +193,7 @@ lm_code fm_read_mlx(fm_ctx *c, const char *dir, lm_err *err)
         goto done;
     }
     if (!fm_is_file(cfg_path)) {
-        rc = lm_fail(err, LM_E_FORMAT, "MissingConfig", "mlx-lm adapters.safetensors without its adapter_config.json: "
+        rc = lm_fail(err, LM_E_IO, "MissingConfig", "mlx-lm adapters.safetensors without its adapter_config.json: "
                      "the scale is in that file");
         lm_err_set_path(err, cfg_path);
         goto done;
@@ -239,7 +239,7 @@ lm_code fm_read_mlx(fm_ctx *c, const char *dir, lm_err *err)
         }
         const char *k = t->name, *dot = strrchr(k, '.');
         if (dot == NULL || (strcmp(dot, ".lora_a") && strcmp(dot, ".lora_b") && strcmp(dot, ".m"))) {
-            rc = lm_fail(err, LM_E_FORMAT, "UnknownKey", "not an mlx-lm adapter tensor (expected <module>.lora_a, "
+            rc = lm_fail(err, LM_E_UNSUPPORTED, "UnknownKey", "not an mlx-lm adapter tensor (expected <module>.lora_a, "
                          ".lora_b or .m)");
             lm_err_set_tensor(err, k);
             break;

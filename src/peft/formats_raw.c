@@ -285,7 +285,7 @@ static lm_code user_order(fm_ctx *c, order *o, char ***owned, size_t *n_owned, l
             found++;
         }
         if (found == 0) {
-            rc = lm_fail(err, LM_E_USAGE, "NoMatchingTensor", "--target-modules entry '%s' matches no base module "
+            rc = lm_fail(err, LM_E_MISMATCH, "NoMatchingTensor", "--target-modules entry '%s' matches no base module "
                          "(a module path, or the last part(s) of one such as 'q_proj' or 'self_attn.q_proj')",
                          entries[e]);
             goto done;
@@ -472,7 +472,7 @@ static lm_code check_pair(const lm_ts_tensor *up, const lm_ts_tensor *down, cons
 {
     if (!fm_is_float(up->dtype) || !fm_is_float(down->dtype) || up->n_dims < 2 || down->n_dims < 2 ||
         up->shape[1] != down->shape[0])
-        return lm_fail(err, LM_E_FORMAT, "ShapeMismatch", "%s: up '%s' and down '%s' are not float [out, r] and [r, "
+        return lm_fail(err, LM_E_MISMATCH, "ShapeMismatch", "%s: up '%s' and down '%s' are not float [out, r] and [r, "
                        "in] matrices of one rank", what, up->name, down->name);
     return LM_OK;
 }
@@ -513,7 +513,7 @@ static lm_code clone_groups(const lm_tensor_set *ts, const char **groups, size_t
             continue;
         }
         if (colon == NULL) {
-            lm_fail(err, LM_E_FORMAT, "UnknownKey", "not a lora_diffusion key ('<group>:<index>:up|down', or a token "
+            lm_fail(err, LM_E_UNSUPPORTED, "UnknownKey", "not a lora_diffusion key ('<group>:<index>:up|down', or a token "
                     "embedding marked <embed>)");
             lm_err_set_tensor(err, k);
             return LM_E_FORMAT;
@@ -639,7 +639,7 @@ lm_code fm_read_lora_sam(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
         else if (fm_starts_with(k, "w_b_"))
             n_b++;
         else
-            return lm_fail(err, LM_E_FORMAT, "UnknownKey", "'%s' is not w_a_NNN / w_b_NNN", k);
+            return lm_fail(err, LM_E_UNSUPPORTED, "UnknownKey", "'%s' is not w_a_NNN / w_b_NNN", k);
     }
     char key[32];
     for (size_t i = 0; i < n_a; i++) {

@@ -885,7 +885,7 @@ lm_regex *lm_regex_compile(const char *pattern, lm_err *err)
     memset(&p, 0, sizeof p);
     memset(&g, 0, sizeof g);
     if (pattern == NULL) {
-        lm_fail(err, LM_E_USAGE, "InvalidRegex", "NULL regex pattern");
+        lm_fail(err, LM_E_USAGE, "Usage", "NULL regex pattern");
         return NULL;
     }
     p.pat = pattern;
