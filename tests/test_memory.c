@@ -172,3 +172,13 @@ Test(memory, vera_does_not_grow_with_the_modules, .timeout = 180)
     mm_check_flat("{\"peft_type\": \"VERA\", \"r\": 256, \"target_modules\": [\"q_proj\", \"v_proj\"]}", parts, 1 + 1,
                   shared, 2);
 }
+
+/* An adapter is read from its file mapping; pages already merged (and the pages the load-time
+ * non-finite check reads) are dropped, so a large adapter is not resident as a whole: r=256 LoRA
+ * factors are 1 MB per module here, 24 MB more with 32 modules than with 8. */
+Test(memory, adapter_pages_are_not_kept_resident, .timeout = 180)
+{
+    static const mm_part parts[] = {{"lora_A.weight", 2, {256, MM_DIM}}, {"lora_B.weight", 2, {MM_DIM, 256}}};
+    mm_check_flat("{\"peft_type\": \"LORA\", \"r\": 256, \"lora_alpha\": 16, \"target_modules\": [\"q_proj\", "
+                  "\"v_proj\"]}", parts, 2, NULL, 0);
+}

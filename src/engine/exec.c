@@ -5,6 +5,7 @@
 #include "exec_lowrank.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
+#include "st_reader.h"
 #include "st_writer.h"
 
 #include <errno.h>
@@ -99,18 +100,6 @@ typedef struct {
     unsigned lowrank_flags;  /* 0, or LM_LOWRANK_UNCERTIFIED (exactness off) */
 } job;
 
-/* Drops the pages of [p, p + n) from this process's mapping once processed, so that resident
- * memory stays bounded by the tiles in flight, not the model (the data stays in the page cache). */
-static void release_pages(const void *p, uint64_t n)
-{
-    static long page;
-    if (page == 0)
-        page = sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
-    if (n > 0)
-        madvise((void *)a, (size_t)(e - a), MADV_DONTNEED);
-}
-
 /* the base file a tensor's bytes come from (NULL when they come from an adapter) */
 static const lm_st_file *tensor_src_file(const job *J, size_t ti)
 {
@@ -135,6 +124,8 @@ static void prepared_free(lm_prepared *p)
         p->destroy(p);
     for (size_t i = 0; i < p->n_owned; i++)
         free(p->owned[i]);
+    for (size_t i = 0; i < p->n_read; i++)
+        lm_ts_drop_pages(p->read[i]);
     memset(p, 0, sizeof *p);
 }
 
@@ -438,7 +429,7 @@ static lm_code run_task(job *J, const task *tk, const workspace *ws, lm_err *err
                 return LM_OK;
             uint64_t done = tk->count - left;
             lm_code rc = lm_st_writer_pwrite(w, src + tk->first + done, (size_t)left, dst + tk->first + done, err);
-            release_pages(src + tk->first + done, left);
+            lm_drop_mapped_pages(src + tk->first + done, left);
             return rc;
         }
         return lm_st_writer_pwrite(w, src + tk->first, (size_t)tk->count, dst + tk->first, err);

@@ -679,6 +679,22 @@ fail:
 
 /* ---- accessors ---------------------------------------------------------------------------- */
 
+int lm_st_in_mapping(const lm_st_file *f, const void *p, uint64_t n)
+{
+    const uint8_t *b = p, *m = f != NULL ? f->map : NULL;
+    return m != NULL && b >= m && n <= f->map_bytes && (size_t)(b - m) <= f->map_bytes - n;
+}
+
+void lm_drop_mapped_pages(const void *p, uint64_t n)
+{
+    static long page;
+    if (page == 0)
+        page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
+    if (n > 0)
+        madvise((void *)a, (size_t)(e - a), MADV_DONTNEED);
+}
+
 const char *lm_st_path(const lm_st_file *f)
 {
     return f->path;

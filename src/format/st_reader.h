@@ -15,6 +15,14 @@
 
 #define ST_MAX_HEADER_BYTES 100000000u
 
+/* 1 when [p, p + n) lies inside f's read-only file mapping (not a buffer) */
+int lm_st_in_mapping(const lm_st_file *f, const void *p, uint64_t n);
+/* Drops this process's pages of [p, p + n), a range of a read-only shared file mapping, once it
+ * has been read: resident memory stays bounded by what is in flight (the data stays in the page
+ * cache, and a later read faults it back in).  Never call it on anonymous memory (it would zero
+ * it). */
+void lm_drop_mapped_pages(const void *p, uint64_t n);
+
 /* An open-addressing set of names, each identified by an index into the owner's array.  The
  * capacity is fixed at init for the expected count (never more than half full), so inserting
  * never reallocates.  Names are looked up through key_of(ctx, index), so the table stores only

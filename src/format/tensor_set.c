@@ -3,6 +3,7 @@
 
 #include "compat.h"
 #include "lm_error.h"
+#include "st_reader.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -73,7 +74,14 @@ lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_
         memcpy(t->shape, shape, n_dims * sizeof *shape);
     t->n_elems = n_elems;
     t->n_bytes = bits / 8;
+    t->file_backed = !take_ownership && lm_st_in_mapping(ts->st, data, t->n_bytes);
     t->data = data;
     ts->n++;
     return LM_OK;
+}
+
+void lm_ts_drop_pages(const lm_ts_tensor *t)
+{
+    if (t != NULL && t->file_backed)
+        lm_drop_mapped_pages(t->data, t->n_bytes);
 }

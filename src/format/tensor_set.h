@@ -17,6 +17,7 @@ typedef struct lm_ts_tensor {
     uint64_t n_elems;
     uint64_t n_bytes;  /* n_elems * bits / 8 */
     const void *data;  /* contiguous, row-major, little-endian; owned or borrowed (see set) */
+    int file_backed;   /* data lies in the set's safetensors file mapping (lm_ts_drop_pages) */
 } lm_ts_tensor;
 
 typedef struct lm_tensor_set {
@@ -37,6 +38,11 @@ void lm_ts_free(lm_tensor_set *ts);
  *  Fails with a "DuplicateKey" error if the name exists already. */
 lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_dims,
                   const uint64_t *shape, const void *data, int take_ownership, lm_err *err);
+
+/*! lm_ts_drop_pages() : once a tensor's data has been read, drops its pages from this process
+ *  when they come from a file mapping (no-op otherwise): adapters larger than memory's budget
+ *  are not kept resident by having been looked at. */
+void lm_ts_drop_pages(const lm_ts_tensor *t);
 
 /*! lm_ts_find() : by exact name, or NULL. (linear scan: adapters hold at most a few thousand) */
 const lm_ts_tensor *lm_ts_find(const lm_tensor_set *ts, const char *name);

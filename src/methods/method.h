@@ -61,6 +61,9 @@ typedef struct lm_prepared {
     const void *data;   /* METHOD: the method's own */
     void *owned[LM_PREP_OWNED];
     size_t n_owned;
+    const lm_ts_tensor *read[LM_PREP_OWNED]; /* adapter tensors read (lm_prep_read): their mapped
+                                                pages are dropped after the tensor's last tile */
+    size_t n_read;
     /* called (serialized with every prepare) before owned[] is freed; may be NULL */
     void (*destroy)(struct lm_prepared *p);
 } lm_prepared;
@@ -188,6 +191,9 @@ void lm_shape_str(char *buf, size_t cap, size_t n_dims, const uint64_t *shape);
 /* f32 view of an adapter tensor: borrowed when it is aligned F32, else converted into memory
  * owned by p.  @return NULL when out of memory (*err filled) */
 const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernels *k, lm_err *err);
+/* records that prepare (or the tiles) read t: its pages are dropped from memory with p (lm_prep_view
+ * records what it views; call this for tensors read otherwise, e.g. through lm_ts_index) */
+void lm_prep_read(lm_prepared *p, const lm_ts_tensor *t);
 /* n_floats zeroed floats owned by p */
 float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err);
 /* n_bytes (zeroed) owned by p */

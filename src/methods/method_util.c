@@ -81,8 +81,18 @@ float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err)
     return lm_prep_alloc(p, n_floats * sizeof(float), err);
 }
 
+void lm_prep_read(lm_prepared *p, const lm_ts_tensor *t)
+{
+    for (size_t i = 0; i < p->n_read; i++)
+        if (p->read[i] == t)
+            return;
+    if (t->file_backed && p->n_read < LM_PREP_OWNED)
+        p->read[p->n_read++] = t;
+}
+
 const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernels *k, lm_err *err)
 {
+    lm_prep_read(p, t);
     if (t->dtype == LM_DT_F32 && ((uintptr_t)t->data % sizeof(float)) == 0)
         return t->data;
     float *v = lm_prep_floats(p, (size_t)t->n_elems, err);

@@ -64,6 +64,7 @@ static lm_code shira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *e
             return lm_module_fail(err, LM_E_MISMATCH, "IndexOutOfRange", m->path,
                                   "shira_indices holds %g, outside [0, %llu)", v, (unsigned long long)lim);
     }
+    lm_ts_drop_pages(ix); /* read again when the tensor is merged: not kept resident meanwhile */
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "shira", m->path, err);
     shira_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)
@@ -84,6 +85,7 @@ static lm_code shira_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *
         (sp->col = lm_prep_alloc(p, (size_t)(nnz + 1) * sizeof(uint64_t), err)) == NULL ||
         (sp->wi = lm_prep_alloc(p, (size_t)(nnz + 1) * sizeof(uint64_t), err)) == NULL)
         return LM_E_NOMEM;
+    lm_prep_read(p, pr->ix);
     /* counting sort by row: stable */
     for (uint64_t t = 0; t < nnz; t++)
         sp->row_start[(uint64_t)index_at(pr->ix, t) + 2]++;

@@ -78,6 +78,7 @@ static lm_code vblora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
                                           "'%s' holds index %lld outside the bank (%llu)", ix[s]->name, (long long)v,
                                           (unsigned long long)N);
             }
+            lm_ts_drop_pages(ix[s]);
         }
     } else if (!lm_is_float_dtype(za->dtype) || !lm_is_float_dtype(zb->dtype)) {
         return lm_mismatch(err, m->path, "VB-LoRA logits are not float");

@@ -210,6 +210,7 @@ static lm_code check_finite(const lm_adapter *a, lm_err *err)
 {
     for (size_t i = 0; i < a->ts->n; i++) {
         long bad = first_non_finite(&a->ts->t[i]);
+        lm_ts_drop_pages(&a->ts->t[i]); /* read again when merged: not kept resident meanwhile */
         if (bad >= 0) {
             lm_fail(err, LM_E_FORMAT, "NonFinite", "adapter tensor '%s' holds a non-finite value (inf or NaN) at element %ld",
                     a->ts->t[i].name, bad);
