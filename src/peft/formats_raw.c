@@ -516,7 +516,7 @@ static lm_code clone_groups(const lm_tensor_set *ts, const char **groups, size_t
             lm_fail(err, LM_E_UNSUPPORTED, "UnknownKey", "not a lora_diffusion key ('<group>:<index>:up|down', or a token "
                     "embedding marked <embed>)");
             lm_err_set_tensor(err, k);
-            return LM_E_FORMAT;
+            return LM_E_UNSUPPORTED;
         }
         size_t len = (size_t)(colon - k), g = 0;
         while (g < *n_groups && !(strncmp(groups[g], k, len) == 0 && groups[g][len] == '\0'))

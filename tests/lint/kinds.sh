@@ -25,6 +25,17 @@ while read -r kind code f; do
         fail=1
     fi
 done < "$tmp.used"
+# a call site that raises one code and returns another (the caller sees a code the message does not
+# have): "lm_fail(err, LM_E_X, ...); ... return LM_E_Y;" within a few lines
+for f in $(find src -name '*.c' | sort); do
+    awk -v F="$f" '
+        /lm_fail\(/ && !/return|= *lm_fail/ { if (match($0, /LM_E_[A-Z_]+/)) { code = substr($0, RSTART, RLENGTH); at = NR } }
+        /return LM_E_[A-Z_]+;/ { if (at && NR - at < 6) { match($0, /LM_E_[A-Z_]+/); r = substr($0, RSTART, RLENGTH)
+            if (r != code) print "lint: " F ":" NR ": raises " code " but returns " r } at = 0 }
+        /^}/ { at = 0 }' "$f"
+done > "$tmp.ret"
+if [ -s "$tmp.ret" ]; then cat "$tmp.ret" >&2; fail=1; fi
+rm -f "$tmp.ret"
 # the generic kinds come from the code (lm_code_name), the rest must be raised somewhere
 while read -r kind code; do
     case $kind in IoError|OutOfMemory|InvalidFormat|Mismatch|Interrupted|Unsupported|Usage) continue ;; esac
