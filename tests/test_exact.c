@@ -1176,7 +1176,14 @@ Test(exact, cli_exact_path_end_to_end, .timeout = 300)
                 if (!strcmp(nm, "model.layers.0.mlp.down_proj.weight"))
                     rec_down = rc->valuedouble;
             }
-            cr_assert_gt(rec_down, 0, "the cancelled layer needs recomputation");
+            /* W + delta cancels down to the base dtype's rounding residual: the f32 path (bf16 and f16
+             * outputs) cannot certify such elements, nor can the f64 path an f32 output of an f32 base.
+             * An f32 output of a bf16/f16 base keeps 24 bits of a residual the f64 path resolves to
+             * 2^-50 of the delta: it certifies all but a few elements, and whether any of those
+             * occur depends on the seed (it is not asserted there). */
+            if (!(strcmp(odt, "F32") == 0 && strcmp(bdt, "F32") != 0))
+                cr_assert_gt(rec_down, 0, "%s -> %s, %s: the cancelled layer needs recomputation", bdt, odt,
+                             ks[v].name);
             cJSON_Delete(js);
             th_run_free(&rr);
             if (v == 0) {
