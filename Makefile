@@ -7,24 +7,34 @@ PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
+MANDIR ?= $(PREFIX)/share/man
 PKG_CONFIG ?= pkg-config
 BUILD ?= build
 Q = $(if $(V),,@)
 
-# Debian packages the build and the tests need (installed by `make deps` when missing)
-DEB_PKGS = pkg-config libopenblas-dev libcjson-dev libcriterion-dev libzip-dev libfftw3-dev pmccabe
+# Debian packages (installed when missing, as root): `make` installs only what the build needs;
+# `make test` / `make check` (through `make deps`) add the test framework, the lint tool and the
+# optional checkers (clang for the fuzz smoke, python3-numpy for independent checks)
+DEB_PKGS_BUILD = pkg-config libopenblas-dev libcjson-dev libzip-dev libfftw3-dev libssl-dev
+DEB_PKGS = $(DEB_PKGS_BUILD) libcriterion-dev pmccabe
 DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
 
-PKGS = libcjson openblas libzip fftw3
+PKGS = libcjson openblas libzip fftw3 libcrypto
 LM_CPPFLAGS = -Iinclude -Isrc/core -Isrc/format -Isrc/peft -Isrc/methods -Isrc/engine -Ikernels -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
               $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
+# -fPIC: the same objects make the static and the shared library
 LM_CFLAGS = -std=c11 -fvect-cost-model=cheap -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
-            -fopenmp -ffp-contract=off -fvisibility=hidden -pthread
+            -fopenmp -ffp-contract=off -fvisibility=hidden -pthread -fPIC
 LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -fopenmp -lm -pthread
 
 SRCS = $(sort $(wildcard src/core/*.c src/format/*.c src/peft/*.c src/methods/*.c src/engine/*.c) $(wildcard kernels/*.c))
 OBJS = $(SRCS:%.c=$(BUILD)/%.o)
 LIB = $(BUILD)/liblora_merge.a
+# the shared library: its SONAME changes with LM_SOVERSION, bumped whenever the ABI breaks
+VERSION := $(shell sed -n 's/.*LM_VERSION_STRING "\(.*\)"/\1/p' include/lora_merge.h)
+LM_SOVERSION = 0
+SONAME = liblora_merge.so.$(LM_SOVERSION)
+SOLIB = $(BUILD)/liblora_merge.so.$(VERSION)
 BIN = $(BUILD)/lora-merge
 CLI_OBJS = $(BUILD)/src/cli/main.o
 TEST_SRCS = $(sort $(wildcard tests/*.c))
@@ -42,17 +52,24 @@ $(BUILD)/libfuzzer/obj/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx51
 
 .SECONDARY:
 
-.PHONY: all deps lib check test unit-test lint fuzz-replay fuzz fuzz-smoke asan demo bench \
-        bench-kernels install uninstall clean
+.PHONY: all deps deps-build deps-install deps-quiet deps-build-quiet lib check test unit-test lint fuzz-replay fuzz \
+        fuzz-smoke asan demo bench bench-kernels install uninstall clean packaging-test
 
-all: deps-quiet $(BIN)
+all: deps-build-quiet $(BIN) $(SOLIB)
 
-lib: $(LIB)
+lib: $(LIB) $(SOLIB)
 
-# Install missing Debian packages (needs root, as on a fresh CI machine).
+# Install missing Debian packages (needs root, as on a fresh CI machine).  deps: everything the
+# tests use; deps-build: only what `make` needs (no optional package).
 deps:
-	$(Q)missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	opt=""; for p in $(DEB_PKGS_OPTIONAL); do dpkg -s $$p >/dev/null 2>&1 || opt="$$opt $$p"; done; \
+	$(Q)$(MAKE) --no-print-directory deps-install DEPS_REQ="$(DEB_PKGS)" DEPS_OPT="$(DEB_PKGS_OPTIONAL)"
+
+deps-build:
+	$(Q)$(MAKE) --no-print-directory deps-install DEPS_REQ="$(DEB_PKGS_BUILD)" DEPS_OPT=
+
+deps-install:
+	$(Q)missing=""; for p in $(DEPS_REQ); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	opt=""; for p in $(DEPS_OPT); do dpkg -s $$p >/dev/null 2>&1 || opt="$$opt $$p"; done; \
 	if [ -n "$$missing$$opt" ]; then \
 	  echo "deps: installing$$missing$$opt"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "deps: not root: install$$missing$$opt yourself" >&2; \
@@ -68,9 +85,19 @@ deps:
 deps-quiet:
 	$(Q)$(MAKE) --no-print-directory deps
 
+deps-build-quiet:
+	$(Q)$(MAKE) --no-print-directory deps-build
+
+# the compile flags, rewritten (when the Makefile is read) only when they change: objects built
+# with other flags (say, before -fPIC) are rebuilt
+ifeq ($(filter clean deps deps-build deps-install,$(MAKECMDGOALS)),)
+FLAGS_LINE = $(CC) $(CPPFLAGS) $(LM_CFLAGS) $(CFLAGS)
+$(shell mkdir -p $(BUILD) && { echo '$(FLAGS_LINE)' | cmp -s - $(BUILD)/.flags || echo '$(FLAGS_LINE)' > $(BUILD)/.flags; })
+endif
+
 # on a fresh machine the packages (and pkg-config) arrive first (order-only): the flags above
 # are expanded only when a recipe runs, so they see them
-$(BUILD)/%.o: %.c | deps-quiet
+$(BUILD)/%.o: %.c $(BUILD)/.flags | deps-build-quiet
 	@mkdir -p $(@D)
 	$(Q)$(CC) $(CPPFLAGS) $(LM_CPPFLAGS) $(LM_CFLAGS) $(LM_VEC) $(CFLAGS) -MMD -MP -c $< -o $@
 
@@ -78,10 +105,19 @@ $(LIB): $(OBJS)
 	$(Q)rm -f $@
 	$(Q)ar rcs $@ $^
 
+# only the LM_API symbols are exported (-fvisibility=hidden); it records its own dependencies,
+# so `cc prog.c -llora_merge` needs nothing more
+$(SOLIB): $(OBJS)
+	$(Q)$(CC) -shared $(CFLAGS) $(LDFLAGS) -Wl,-soname,$(SONAME) -Wl,--no-undefined -o $@ $^ $(LM_LDLIBS)
+	$(Q)ln -sf $(notdir $@) $(BUILD)/$(SONAME)
+	$(Q)ln -sf $(SONAME) $(BUILD)/liblora_merge.so
+
 $(BIN): $(CLI_OBJS) $(LIB)
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
 	@echo "built $@"
 
+# the tests need the test framework (deps), the library only the build packages (deps-build)
+$(TEST_OBJS): | deps-quiet
 $(UNIT): $(TEST_OBJS) $(LIB)
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ -lcriterion $(LM_LDLIBS)
 
@@ -95,10 +131,10 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
 
 # fast tier: unit tests, conformance, fixtures
-check: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
+check: deps-quiet all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
-unit-test: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
+unit-test: deps-quiet all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
 # complexity budget: no function above 50 except the listed ones, whose scores only go down
@@ -111,9 +147,10 @@ fuzz-replay: all $(FUZZ_REPLAY)
 
 # everything: sanitizer build, fuzz corpus replay and smoke, then the unit suite last
 # (its summary line is the last thing printed)
-test: all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
+test: deps-quiet all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)$(MAKE) --no-print-directory lint
 	$(Q)$(MAKE) --no-print-directory fuzz-replay
+	$(Q)$(MAKE) --no-print-directory packaging-test
 	$(Q)$(MAKE) --no-print-directory asan
 	$(Q)$(MAKE) --no-print-directory fuzz-smoke
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
@@ -137,7 +174,7 @@ FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined
 # built without OpenMP: clang's OpenMP runtime is another package, and the targets need no threads
 FUZZ_OBJS = $(SRCS:%.c=$(BUILD)/libfuzzer/obj/%.o)
 FUZZ_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -lm -pthread
-$(BUILD)/libfuzzer/obj/%.o: %.c | deps-quiet
+$(BUILD)/libfuzzer/obj/%.o: %.c | deps-build-quiet
 	@mkdir -p $(@D)
 	$(Q)$(FUZZ_CC) -g -O1 -fsanitize=fuzzer-no-link,address,undefined $(LM_CPPFLAGS) -std=c11 \
 	  -Wno-unknown-pragmas -ffp-contract=off $(LM_VEC) -c $< -o $@
@@ -174,18 +211,29 @@ bench: all $(BENCH_BINS)
 bench-kernels: all $(BUILD)/bench/bench_kernels
 	$(Q)$(BUILD)/bench/bench_kernels
 
-install: all
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+install: all $(LIB)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(BIN) $(DESTDIR)$(BINDIR)/lora-merge
 	install -m 644 $(LIB) $(DESTDIR)$(LIBDIR)/liblora_merge.a
+	install -m 755 $(SOLIB) $(DESTDIR)$(LIBDIR)/$(notdir $(SOLIB))
+	ln -sf $(notdir $(SOLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/liblora_merge.so
 	install -m 644 include/lora_merge.h $(DESTDIR)$(INCLUDEDIR)/lora_merge.h
+	install -m 644 doc/lora-merge.1 $(DESTDIR)$(MANDIR)/man1/lora-merge.1
 	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|' \
-	    -e 's|@VERSION@|$(shell sed -n 's/.*LM_VERSION_STRING "\(.*\)"/\1/p' include/lora_merge.h)|' \
+	    -e 's|@VERSION@|$(VERSION)|; s|@PKGS@|$(PKGS)|' \
 	    lora_merge.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/lora_merge.pc
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/lora-merge $(DESTDIR)$(LIBDIR)/liblora_merge.a \
-	      $(DESTDIR)$(INCLUDEDIR)/lora_merge.h $(DESTDIR)$(LIBDIR)/pkgconfig/lora_merge.pc
+	      $(DESTDIR)$(LIBDIR)/$(notdir $(SOLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME) $(DESTDIR)$(LIBDIR)/liblora_merge.so \
+	      $(DESTDIR)$(INCLUDEDIR)/lora_merge.h $(DESTDIR)$(LIBDIR)/pkgconfig/lora_merge.pc \
+	      $(DESTDIR)$(MANDIR)/man1/lora-merge.1
+
+# install into a scratch DESTDIR, then build a program against the installed library through
+# pkg-config, once with the shared library and once with the static one
+packaging-test: all $(LIB)
+	$(Q)sh tests/packaging.sh "$(MAKE)" "$(BUILD)" "$(CC)"
 
 clean:
 	rm -rf build build-asan
