@@ -252,9 +252,10 @@ static char *temp_name_for(const char *out_path)
     return t;
 }
 
-lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tensors, size_t n,
-                                const size_t *data_order, const char *const *meta_keys,
-                                const char *const *meta_values, size_t n_meta, lm_err *err)
+/* the writer's layout: offsets, sizes and the header text in *sb (no file yet) */
+static lm_st_writer *writer_layout(const char *out_path, const lm_out_tensor *tensors, size_t n,
+                                   const size_t *data_order, const char *const *meta_keys,
+                                   const char *const *meta_values, size_t n_meta, strbuf *sb_out, lm_err *err)
 {
     size_t out_len = out_path ? strlen(out_path) : 0;
     if (out_len == 0 || out_path[out_len - 1] == '/') {
@@ -335,6 +336,37 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
     for (size_t i = 0; i < n; i++)
         w->offsets[i] += 8 + header_len;
     w->file_bytes = 8 + header_len + pos;
+    *sb_out = sb;
+    return w;
+fail:
+    free(sb.buf);
+    lm_st_writer_abort(w);
+    return NULL;
+}
+
+lm_code lm_st_layout_bytes(const lm_out_tensor *tensors, size_t n, const size_t *data_order,
+                           const char *const *meta_keys, const char *const *meta_values, size_t n_meta,
+                           uint64_t *file_bytes, lm_err *err)
+{
+    strbuf sb = {0};
+    lm_st_writer *w = writer_layout("layout", tensors, n, data_order, meta_keys, meta_values, n_meta, &sb, err);
+    if (w == NULL)
+        return err ? err->code : LM_E_NOMEM;
+    *file_bytes = w->file_bytes;
+    free(sb.buf);
+    lm_st_writer_abort(w);
+    return LM_OK;
+}
+
+lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tensors, size_t n,
+                                const size_t *data_order, const char *const *meta_keys,
+                                const char *const *meta_values, size_t n_meta, lm_err *err)
+{
+    strbuf sb = {0};
+    lm_st_writer *w = writer_layout(out_path, tensors, n, data_order, meta_keys, meta_values, n_meta, &sb, err);
+    if (w == NULL)
+        return NULL;
+    uint64_t header_len = sb.used;
 
     /* temporary file beside the destination */
     w->tmp_path = temp_name_for(out_path);
@@ -487,6 +519,11 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
 /* ------------------------------------------------------------------------------------------ */
 lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes, lm_err *err)
 {
+    return lm_write_file_atomic_mode(path, data, n_bytes, 0666, err);
+}
+
+lm_code lm_write_file_atomic_mode(const char *path, const void *data, size_t n_bytes, unsigned mode, lm_err *err)
+{
     char *tmp = temp_name_for(path);
     if (tmp == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
@@ -515,7 +552,7 @@ lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes,
     }
     mode_t mask = umask(0);
     umask(mask);
-    if (e == 0 && fchmod(fd, 0666 & ~mask) != 0)
+    if (e == 0 && fchmod(fd, (mode_t)(mode & 0777) & ~mask) != 0)
         e = errno;
     if (close(fd) != 0 && e == 0)
         e = errno;

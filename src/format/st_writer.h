@@ -29,6 +29,12 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
                                 const size_t *data_order, const char *const *meta_keys,
                                 const char *const *meta_values, size_t n_meta, lm_err *err);
 
+/*! lm_st_layout_bytes() : the size of the file lm_st_writer_open() would write for these
+ *  arguments (header included), without creating anything (dry runs). */
+lm_code lm_st_layout_bytes(const lm_out_tensor *tensors, size_t n, const size_t *data_order,
+                           const char *const *meta_keys, const char *const *meta_values, size_t n_meta,
+                           uint64_t *file_bytes, lm_err *err);
+
 /*! lm_st_writer_tensor_offset() : absolute file offset of tensor i's data. */
 uint64_t lm_st_writer_tensor_offset(const lm_st_writer *w, size_t i);
 uint64_t lm_st_writer_tensor_bytes(const lm_st_writer *w, size_t i);
@@ -55,6 +61,10 @@ void lm_st_writer_abort(lm_st_writer *w);
 /*! lm_write_file_atomic() : writes a small file through a temporary file beside it and a
  *  rename (index files, copied config files). */
 lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes, lm_err *err);
+/*! lm_write_file_atomic_mode() : the same, the file getting permission bits mode & ~umask (it
+ *  is never more open than that, even while being written). */
+lm_code lm_write_file_atomic_mode(const char *path, const void *data, size_t n_bytes, unsigned mode,
+                                  lm_err *err);
 
 /*! lm_json_escape() : appends s as a JSON string body (no quotes) to buf; @return new length,
  *  or (size_t)-1 if cap is too small. */
