@@ -48,6 +48,7 @@ typedef enum {
     LM_E_MISMATCH,    /* names, shapes or dtypes do not line up */
     LM_E_USAGE,       /* bad options */
     LM_E_INTERRUPTED, /* a signal asked the job to stop */
+    LM_E_WARNING,     /* a warning under lm_merge_job.strict (err->kind holds its code) */
     /* append only, never renumber */
 } lm_code;
 
@@ -65,6 +66,14 @@ typedef struct lm_err {
 LM_API void lm_err_clear(lm_err *err);
 /*! lm_code_name() : stable name of a code ("IoError", "InvalidFormat" ...); static storage. */
 LM_API const char *lm_code_name(lm_code code);
+/*! lm_code_exit_status() : the command line's exit status for a code: 0 OK, 1 invalid or
+ *  unsupported input, 2 usage, 3 I/O, 4 out of memory, 5 a warning under --strict. */
+LM_API int lm_code_exit_status(lm_code code);
+/*! lm_err_json() : the error as one JSON object (no newline) into buf, always NUL-terminated when
+ *  cap > 0: {"report_version":1,"tool":"lora-merge","version":...,"ok":false,"error":{"code",
+ *  "kind","exit_status","path","tensor","offset","errno","message"}} (fields that are empty are
+ *  null).  @return the length the whole object needs (as snprintf). */
+LM_API size_t lm_err_json(const lm_err *err, char *buf, size_t cap);
 /*! lm_err_format() : one line "error: <path>: <Kind>: '<tensor>': <msg> (at byte N)", empty
  *  parts left out, into buf (always NUL-terminated when cap > 0).  @return the length written. */
 LM_API size_t lm_err_format(const lm_err *err, char *buf, size_t cap);
@@ -196,8 +205,9 @@ LM_API const char *lm_adapter_format_detect(const char *path);
  *  Reads any supported adapter (PEFT directories too) and writes it as a PEFT adapter directory
  *  out_dir (adapter_config.json + adapter_model.safetensors, created if needed).  base_path
  *  (may be NULL) is needed by formats whose module names only the base can resolve.  Merging
- *  out_dir gives the same bytes as merging input.  *notes (may be NULL) receives one line per
- *  remark (malloc'd, free()).  Nothing is written unless everything checks out. */
+ *  out_dir gives the same tensors, byte for byte, as merging input (only the provenance metadata
+ *  names another adapter).  *notes (may be NULL) receives one line per remark (malloc'd, free()).
+ *  Nothing is written unless everything checks out. */
 LM_API lm_code lm_adapter_convert(const char *input, const char *out_dir, const char *base_path,
                                   const lm_format_opts *opts, char **notes, lm_err *err);
 
@@ -208,10 +218,13 @@ LM_API lm_code lm_adapter_format_describe(const char *input, const char *base_pa
 
 typedef struct lm_merge_job {
     const char *base_path;  /* .safetensors, model.safetensors.index.json or a model directory */
-    const char *out_path;   /* .safetensors file to write (through a temp file + rename), or a
-                               directory (existing, or written with a trailing '/'): then a model
-                               directory comes out: model.safetensors, or shards + index, plus
-                               the base directory's other files (config.json, tokenizer ...) */
+    const char *out_path;   /* a *.safetensors file (or an existing regular file) to write
+                               through a temp file + rename; or a directory: an existing one, a
+                               path ending in '/', or any other name that does not exist yet
+                               (*.gguf, *.bin, *.pt ... are refused): then a model directory
+                               comes out: model.safetensors or shards + index, config.json
+                               adjusted, the allow-listed model files (tokenizer, chat template
+                               ...), a model card */
     uint64_t max_shard_bytes; /* directory OUT: bytes per shard at most (0 = 5 GB) */
     const lm_merge_adapter *adapters;
     size_t n_adapters;
@@ -231,7 +244,29 @@ typedef struct lm_merge_job {
     const lm_format_opts *formats; /* adapters from other tools (NULL: defaults) */
     int exactness_off;      /* benchmarks only: tensors whose deltas are all low-rank are then
                                computed in f32 without the correct-rounding certification */
+    /* fields added in 0.2 (a zeroed job keeps the 0.1 meaning, except where said) */
+    int allow_noop;         /* accept a merge that changes nothing (otherwise LM_E_MISMATCH "NoOp") */
+    int strict;             /* a warning is an error (LM_E_WARNING), before anything is written */
+    int hash_outputs;       /* sha256 of every file written, in the report (reads them back) */
+    const char *const *copy_files; /* directory OUT: more file names to copy from the base (or the
+                                      adapter) directory, beside the allow-listed model files */
+    size_t n_copy_files;
 } lm_merge_job;
+
+typedef struct lm_merge_warning {
+    const char *code;    /* stable: "BaseModelMismatch", "ConfigMissing" ... (README lists them) */
+    const char *message; /* one line */
+} lm_merge_warning;
+
+typedef struct lm_merge_file {
+    const char *name;    /* name in OUT ("model-00001-of-00002.safetensors", "config.json") */
+    const char *path;    /* where it is (or would be, on a dry run) */
+    const char *kind;    /* "weights", "index", "config", "generation_config", "tokenizer",
+                            "chat_template", "processor", "license", "model_card", "extra" */
+    const char *origin;  /* "merge", "base", "adapter", "generated" */
+    uint64_t n_bytes;
+    const char *sha256;  /* 64 lowercase hex digits, or NULL (not asked for, or a dry run) */
+} lm_merge_file;
 
 typedef struct lm_merge_report {
     size_t n_tensors;        /* tensors in the output */
@@ -251,7 +286,16 @@ typedef struct lm_merge_report {
     size_t n_notes;
     const char *const *notes; /* one-line remarks: skipped modules, orientation guesses ... */
     const char *plan_text;   /* one line per changed tensor: "name dtype shape <- ops" */
-    const char *json;        /* the whole report as a JSON object */
+    const char *json;        /* the whole report as a JSON object (README: "The JSON report") */
+    /* added in 0.2 */
+    size_t n_warnings;
+    const lm_merge_warning *warnings;
+    size_t n_files;
+    const lm_merge_file *files;  /* what was written (or would be, on a dry run), in order */
+    size_t n_removed;
+    const char *const *removed;  /* stale files of an earlier merge removed from a directory OUT */
+    uint64_t bytes_to_write;     /* all files, weights and others */
+    const char *out_kind;        /* "file", "directory", or NULL (a dry run without OUT) */
 } lm_merge_report;
 
 /*! lm_merge_run() :
@@ -268,6 +312,13 @@ LM_API void lm_merge_report_free(lm_merge_report *report);
  *  group, targets, tensor count and dtypes, and anything lora-merge would refuse.
  *  @return LM_OK with *text (malloc'd, several lines) or an error.  Ownership: free(*text). */
 LM_API lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err);
+
+/*! lm_inspect() :
+ *  What PATH is: a model (file, index or directory: tensors, metadata, totals, and what its
+ *  config.json says) or an adapter directory (as lm_adapter_describe(), plus the base it
+ *  declares).  as_json: one JSON object instead of text.
+ *  @return LM_OK with *text (malloc'd) or an error.  Ownership: free(*text). */
+LM_API lm_code lm_inspect(const char *path, int as_json, char **text, lm_err *err);
 
 /*! lm_version_text() : "lora-merge 0.1.0 (kernels avx2, OpenBLAS ...)" (static storage). */
 LM_API const char *lm_version_text(void);

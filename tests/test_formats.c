@@ -1548,7 +1548,8 @@ Test(formats, key_drift_both_directions)
 /* ============================================================================================ */
 /* convert                                                                                        */
 /* ============================================================================================ */
-/* merging the converted directory gives the same bytes as merging the input; converting the
+/* merging the converted directory gives the same tensors, byte for byte, as merging the input (the
+ * provenance in __metadata__, lora_merge.adapters, names each adapter and its hash); converting the
  * converted directory again changes nothing */
 static void round_trip(const char *base, const char *input, const lm_format_opts *fo, const char *work)
 {
@@ -1561,7 +1562,8 @@ static void round_trip(const char *base, const char *input, const lm_format_opts
     mres a = merge(base, input, o1, fo), b = merge(base, c1, o2, NULL);
     expect_ok(a);
     expect_ok(b);
-    cr_assert(th_files_equal(o1, o2), "merging %s and its conversion gave different bytes", input);
+    cr_assert(th_st_same_except(o1, o2, "lora_merge.adapters"), "merging %s and its conversion gave different bytes",
+              input);
     cr_assert_eq(convert(c1, c2, base, NULL, &err, NULL), LM_OK, "convert again: %s", err.msg);
     char *f1 = pjoin(c1, "adapter_model.safetensors"), *f2 = pjoin(c2, "adapter_model.safetensors");
     char *g1 = pjoin(c1, "adapter_config.json"), *g2 = pjoin(c2, "adapter_config.json");

@@ -284,6 +284,37 @@ void th_st_free(th_st *st)
     memset(st, 0, sizeof *st);
 }
 
+/* 1 when the two safetensors files hold the same tensors in the same order (names, dtypes,
+ * shapes, bytes) and the same __metadata__ apart from the key skip_meta (may be NULL) */
+int th_st_same_except(const char *a, const char *b, const char *skip_meta)
+{
+    th_st x, y;
+    memset(&x, 0, sizeof x);
+    memset(&y, 0, sizeof y);
+    int eq = th_st_read(a, &x) == 0 && th_st_read(b, &y) == 0 && x.n == y.n;
+    for (size_t i = 0; eq && i < x.n; i++) {
+        const th_tensor *p = &x.t[i], *q = &y.t[i];
+        eq = strcmp(p->name, q->name) == 0 && strcmp(p->dtype, q->dtype) == 0 && p->n_dims == q->n_dims &&
+             memcmp(p->shape, q->shape, sizeof p->shape) == 0 && p->n_bytes == q->n_bytes &&
+             memcmp(p->data, q->data, p->n_bytes) == 0;
+    }
+    if (eq && (x.meta_json == NULL) != (y.meta_json == NULL))
+        eq = 0;
+    if (eq && x.meta_json != NULL) {
+        cJSON *mx = cJSON_Parse(x.meta_json), *my = cJSON_Parse(y.meta_json);
+        if (skip_meta != NULL) {
+            cJSON_DeleteItemFromObjectCaseSensitive(mx, skip_meta);
+            cJSON_DeleteItemFromObjectCaseSensitive(my, skip_meta);
+        }
+        eq = mx != NULL && my != NULL && cJSON_Compare(mx, my, 1);
+        cJSON_Delete(mx);
+        cJSON_Delete(my);
+    }
+    th_st_free(&x);
+    th_st_free(&y);
+    return eq;
+}
+
 const th_tensor *th_st_find(const th_st *st, const char *name)
 {
     for (size_t i = 0; i < st->n; i++)

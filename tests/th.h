@@ -69,6 +69,9 @@ typedef struct {
 int th_st_read(const char *path, th_st *out);
 void th_st_free(th_st *st);
 const th_tensor *th_st_find(const th_st *st, const char *name);
+/* 1 when two files hold the same tensors (names, order, dtypes, shapes, bytes) and the same
+ * __metadata__ but for the key skip_meta (NULL: all of it) */
+int th_st_same_except(const char *a, const char *b, const char *skip_meta);
 /* float tensor -> doubles (exact); returns malloc'd array */
 double *th_to_f64(const th_tensor *t);
 

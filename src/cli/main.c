@@ -16,19 +16,23 @@
 /* from st_writer.c: temporary-file cleanup on signals, SIGXFSZ ignored */
 void lm_cleanup_install(void);
 
-enum { EXIT_INPUT = 1, EXIT_USAGE = 2, EXIT_IO = 3, EXIT_NOMEM = 4 };
+enum { EXIT_USAGE = 2 };
+
+static int g_json; /* --json anywhere on the command line: errors are JSON objects on stdout too */
 
 static const char USAGE[] =
     "usage: lora-merge [options] BASE ADAPTER_DIR OUT\n"
-    "       lora-merge inspect [--base BASE] PATH\n"
+    "       lora-merge inspect [--json] [--base BASE] PATH\n"
     "       lora-merge convert [--base BASE] ADAPTER OUT_DIR\n"
     "\n"
-    "Folds PEFT adapters into a base model and writes a merged safetensors file.\n"
+    "Folds PEFT adapters into a base model and writes a merged safetensors checkpoint.\n"
     "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
     "  ADAPTER_DIR  a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin)\n"
-    "  OUT          the .safetensors file to write (written to a temp file, renamed when complete),\n"
-    "               or a directory (existing, or given with a trailing '/'): a model directory comes\n"
-    "               out (model.safetensors or shards + index, plus the base's config and tokenizer files)\n"
+    "  OUT          a *.safetensors file (written to a temp file, renamed when complete), or a\n"
+    "               directory: an existing one, or any other new name: a model directory comes out\n"
+    "               (model.safetensors or shards + index, config.json adjusted to the weights,\n"
+    "               tokenizer and chat template from the adapter when it has them, else from the\n"
+    "               base, the base's other model files, a model card).  *.gguf, *.bin ... refused.\n"
     "\n"
     "options:\n"
     "  --scale S               multiply the main adapter's delta by S (default 1; negative un-merges)\n"
@@ -37,8 +41,12 @@ static const char USAGE[] =
     "  --threads N             worker threads (default: all cores); output identical for every N\n"
     "  --dtype auto|bf16|f16|f32  dtype of floating output tensors (default auto: keep the base's)\n"
     "  --max-shard-size SIZE   with a directory OUT: shards of at most SIZE (default 5GB)\n"
-    "  --dry-run               check everything and print the plan; write nothing\n"
-    "  --json                  machine-readable report on stdout\n"
+    "  --copy-file NAME        with a directory OUT: copy NAME from the base (or adapter) directory too\n"
+    "                          (repeatable; only model files are copied by default)\n"
+    "  --allow-noop            accept a merge that changes nothing (by default an error)\n"
+    "  --strict                warnings are errors (exit status 5), found before anything is written\n"
+    "  --dry-run               check everything, print the plan and the files; write nothing\n"
+    "  --json                  machine-readable report on stdout (errors too), with sha256 of the files\n"
     "  --fsync                 flush the output to disk before renaming it into place\n"
     "  --kernels ref|avx2|avx512  force a kernel variant (default: best for this CPU)\n"
     "  -q, --quiet             no summary, no notes, no progress bar\n"
@@ -53,37 +61,44 @@ static const char USAGE[] =
     "  --lora-alpha A          alpha for files that do not record it (loralib, torchtune): scale A/r\n"
     "  --lora-scale S          or the multiplier itself (also settles mlx-lm's scale rule)\n"
     "\n"
-    "inspect PATH: list a model's tensors (file, index or directory) or describe an adapter.\n"
+    "inspect PATH: list a model's tensors (file, index or directory) and what its config.json says,\n"
+    "or describe an adapter; --json for a JSON object (PEFT adapters and models).\n"
     "convert ADAPTER OUT_DIR: write any supported adapter as a PEFT adapter directory.\n"
     "errors: list every error kind, the exit status it gives and what it means.\n"
     "\n"
-    "exit status: 0 success, 1 invalid or unsupported input, 2 usage error, 3 I/O error\n"
-    "(cannot read or write, disk full, file too large), 4 out of memory.\n";
+    "exit status: 0 success, 1 invalid or unsupported input (a merge that changes nothing too),\n"
+    "2 usage error, 3 I/O error (cannot read or write, disk full, file too large), 4 out of memory,\n"
+    "5 a warning under --strict.\n";
 
-static int exit_code_for(lm_code c)
-{
-    switch (c) {
-    case LM_OK: return 0;
-    case LM_E_USAGE: return EXIT_USAGE;
-    case LM_E_IO: return EXIT_IO;
-    case LM_E_NOMEM: return EXIT_NOMEM;
-    default: return EXIT_INPUT;
-    }
-}
-
+/* one line on stderr; under --json the same error as a JSON object on stdout too */
 static int report_error(const lm_err *err)
 {
     char line[2048];
     lm_err_format(err, line, sizeof line);
     fprintf(stderr, "%s\n", line);
-    return exit_code_for(err->code);
+    if (g_json) {
+        char js[4096];
+        lm_err_json(err, js, sizeof js);
+        printf("%s\n", js);
+    }
+    return lm_code_exit_status(err->code);
 }
 
 static int usage_error(const char *fmt, const char *arg)
 {
-    fprintf(stderr, "error: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, " (see lora-merge --help)\n");
+    lm_err err;
+    lm_err_clear(&err);
+    err.code = LM_E_USAGE;
+    snprintf(err.kind, sizeof err.kind, "Usage");
+    char msg[280];
+    snprintf(msg, sizeof msg, fmt, arg);
+    snprintf(err.msg, sizeof err.msg, "%s (see lora-merge --help)", msg);
+    fprintf(stderr, "error: %s\n", err.msg);
+    if (g_json) {
+        char js[4096];
+        lm_err_json(&err, js, sizeof js);
+        printf("%s\n", js);
+    }
     return EXIT_USAGE;
 }
 
@@ -124,7 +139,7 @@ static int parse_size(const char *s, uint64_t *out)
 
 /* ---- progress bar --------------------------------------------------------------------------- */
 typedef struct {
-    double last;
+    double start, last;
     int shown;
 } progress_state;
 
@@ -135,6 +150,8 @@ static double mono_now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* "[#####.....]  45%  1.23/2.70 GB  812 MB/s  ETA 0:02" (the last call, done == total: 100% and
+ * the time it took) */
 static void progress_cb(void *ctx, uint64_t done, uint64_t total)
 {
     progress_state *ps = ctx;
@@ -143,41 +160,27 @@ static void progress_cb(void *ctx, uint64_t done, uint64_t total)
         return;
     ps->last = t;
     ps->shown = 1;
-    int width = 30, fill = total ? (int)((double)done / (double)total * width) : width;
+    double frac = total ? (double)done / (double)total : 1.0;
+    if (frac > 1)
+        frac = 1;
+    int width = 30, fill = (int)(frac * width);
     char bar[64];
     for (int i = 0; i < width; i++)
         bar[i] = i < fill ? '#' : '.';
     bar[width] = '\0';
-    fprintf(stderr, "\r[%s] %3.0f%% %.2f/%.2f GB", bar, total ? 100.0 * (double)done / (double)total : 100.0,
-            (double)done * 1e-9, (double)total * 1e-9);
+    double el = t - ps->start, rate = el > 0 ? (double)done / el : 0;
+    char tail[64];
+    if (done >= total) {
+        snprintf(tail, sizeof tail, "in %.1f s", el);
+    } else if (rate > 0 && el > 0.3) {
+        double eta = (double)(total - done) / rate;
+        snprintf(tail, sizeof tail, "ETA %d:%02d", (int)(eta / 60), (int)eta % 60);
+    } else {
+        snprintf(tail, sizeof tail, "ETA -:--");
+    }
+    fprintf(stderr, "\r[%s] %3.0f%% %.2f/%.2f GB %6.0f MB/s  %s   ", bar, 100.0 * frac, (double)done * 1e-9,
+            (double)total * 1e-9, rate * 1e-6, tail);
     fflush(stderr);
-}
-
-/* ---- inspect -------------------------------------------------------------------------------- */
-static int is_adapter_dir(const char *path)
-{
-    struct stat st;
-    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
-        return 0;
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s/adapter_config.json", path);
-    if (stat(buf, &st) == 0)
-        return 1;
-    snprintf(buf, sizeof buf, "%s/model.safetensors", path);
-    if (stat(buf, &st) == 0)
-        return 0;
-    snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
-    if (stat(buf, &st) == 0)
-        return 0;
-    return 1; /* let the adapter reader explain (multi-adapter save, or nothing there) */
-}
-
-static void print_shape(const lm_tensor_info *t)
-{
-    printf("[");
-    for (size_t d = 0; d < t->n_dims; d++)
-        printf("%s%llu", d ? ", " : "", (unsigned long long)t->shape[d]);
-    printf("]");
 }
 
 /* ---- adapters of other tools: inspect and convert ------------------------------------------- */
@@ -211,53 +214,33 @@ static int cmd_convert(const char *in, const char *out, const char *base, const 
     return 0;
 }
 
-static int cmd_inspect(const char *path)
+/* ---- inspect -------------------------------------------------------------------------------- */
+static int cmd_inspect(const char *path, int as_json)
 {
     lm_err err;
     lm_err_clear(&err);
-    if (is_adapter_dir(path)) {
-        char *text = NULL;
-        if (lm_adapter_describe(path, &text, &err) != LM_OK)
-            return report_error(&err);
-        fputs(text, stdout);
-        free(text);
-        return 0;
-    }
-    lm_model *m = lm_model_open(path, &err);
-    if (m == NULL)
+    char *text = NULL;
+    if (lm_inspect(path, as_json, &text, &err) != LM_OK)
         return report_error(&err);
-    uint64_t total_bytes = 0, total_elems = 0;
-    size_t per_dtype[LM_DT_COUNT] = {0};
-    if (lm_model_index_path(m))
-        printf("index: %s (%zu shards)\n", lm_model_index_path(m), lm_model_n_files(m));
-    for (size_t f = 0; f < lm_model_n_files(m); f++) {
-        const lm_st_file *sf = lm_model_file(m, f);
-        printf("file: %s (header %llu bytes, data %llu bytes)\n", lm_st_path(sf),
-               (unsigned long long)(lm_st_data_offset(sf) - 8), (unsigned long long)lm_st_data_bytes(sf));
-        for (size_t i = 0; i < lm_st_n_metadata(sf); i++) {
-            const char *k, *v;
-            lm_st_metadata(sf, i, &k, &v);
-            printf("  metadata %s = %s\n", k, v);
-        }
-    }
-    for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
-        const lm_model_entry *e = lm_model_tensor(m, i);
-        const lm_tensor_info *t = e->info;
-        printf("  %s %s ", t->name, lm_dtype_name(t->dtype));
-        print_shape(t);
-        printf(" %llu bytes\n", (unsigned long long)(t->end - t->begin));
-        total_bytes += t->end - t->begin;
-        total_elems += t->n_elems;
-        per_dtype[t->dtype]++;
-    }
-    printf("total: %zu tensors, %llu elements, %llu bytes;", lm_model_n_tensors(m), (unsigned long long)total_elems,
-           (unsigned long long)total_bytes);
-    for (int d = 0; d < LM_DT_COUNT; d++)
-        if (per_dtype[d])
-            printf(" %s x%zu", lm_dtype_name((lm_dtype)d), per_dtype[d]);
-    printf("\n");
-    lm_model_close(m);
+    fputs(text, stdout);
+    if (as_json)
+        fputs("\n", stdout);
+    free(text);
     return 0;
+}
+
+static void print_files(const lm_merge_report *rep, int dry_run)
+{
+    if (rep->n_files == 0)
+        return;
+    printf("%s %zu file%s, %llu bytes:\n", dry_run ? "would write" : "wrote", rep->n_files, rep->n_files == 1 ? "" : "s",
+           (unsigned long long)rep->bytes_to_write);
+    for (size_t i = 0; i < rep->n_files; i++) {
+        const lm_merge_file *f = &rep->files[i];
+        printf("  %-36s %12llu bytes  %s (%s)\n", f->path, (unsigned long long)f->n_bytes, f->kind, f->origin);
+    }
+    for (size_t i = 0; i < rep->n_removed; i++)
+        printf("  %s %s (left by an earlier merge)\n", dry_run ? "would remove" : "removed", rep->removed[i]);
 }
 
 /* --base, --target-modules, --lora-alpha, --lora-scale */
@@ -289,19 +272,20 @@ static int cmd_errors(void)
     lm_code code;
     printf("%-24s %s  %s\n", "kind", "exit", "meaning");
     for (size_t i = 0; lm_error_kind(i, &name, &code, &meaning); i++)
-        printf("%-24s %4d  %s\n", name, exit_code_for(code), meaning);
+        printf("%-24s %4d  %s\n", name, lm_code_exit_status(code), meaning);
     return 0;
 }
 
 /* inspect, convert and errors: @return the exit status, or -1 when the arguments are a merge's */
-static int subcommand(const char *const *pos, size_t n_pos, const char *base, const lm_format_opts *fo, int quiet)
+static int subcommand(const char *const *pos, size_t n_pos, const char *base, const lm_format_opts *fo, int quiet,
+                      int json)
 {
     if (n_pos >= 1 && strcmp(pos[0], "inspect") == 0) {
         if (n_pos != 2)
             return usage_error("inspect takes one PATH%s", "");
         if (lm_adapter_format_detect(pos[1]) != NULL)
             return cmd_describe_foreign(pos[1], base, fo);
-        return cmd_inspect(pos[1]);
+        return cmd_inspect(pos[1], json);
     }
     if (n_pos == 1 && strcmp(pos[0], "errors") == 0)
         return cmd_errors();
@@ -328,6 +312,8 @@ static int *flag_option(const char *name, const cli_flags *f)
         const char *name;
         int *target;
     } table[] = {
+        {"--allow-noop", &f->job->allow_noop},
+        {"--strict", &f->job->strict},
         {"--dry-run", &f->job->dry_run},
         {"--json", f->json},
         {"--fsync", &f->job->do_fsync},
@@ -356,6 +342,8 @@ int main(int argc, char **argv)
     size_t n_extra = 0;
     lm_merge_adapter extra[63];
     double scale = 1.0;
+    const char *copy_files[64];
+    size_t n_copy = 0;
     lm_merge_job job;
     memset(&job, 0, sizeof job);
     int json = 0, quiet = 0, force_progress = 0, only_positional = 0;
@@ -363,6 +351,8 @@ int main(int argc, char **argv)
     memset(&fo, 0, sizeof fo);
     const char *base_opt = NULL;
     const cli_flags flags = {&json, &quiet, &force_progress, &job};
+    for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) /* before any error can be reported */
+        g_json |= strcmp(argv[i], "--json") == 0;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -443,6 +433,11 @@ int main(int argc, char **argv)
         } else if (strcmp(name, "--kernels") == 0) {
             NEED_VALUE();
             job.kernels = val;
+        } else if (strcmp(name, "--copy-file") == 0) {
+            NEED_VALUE();
+            if (n_copy == sizeof copy_files / sizeof *copy_files)
+                return usage_error("too many --copy-file (%s)", val);
+            copy_files[n_copy++] = val;
         } else if (is_format_option(name)) {
             NEED_VALUE();
             if (set_format_option(name, val, &fo, &base_opt) != 0)
@@ -456,13 +451,13 @@ int main(int argc, char **argv)
         }
 #undef NEED_VALUE
     }
-    int sub = subcommand(pos, n_pos, base_opt, &fo, quiet);
+    int sub = subcommand(pos, n_pos, base_opt, &fo, quiet, json);
     if (sub >= 0)
         return sub;
     if (n_pos != 3 && !(job.dry_run && n_pos == 2)) {
-        fprintf(stderr, "error: expected BASE ADAPTER_DIR OUT, got %zu argument%s (see lora-merge --help)\n", n_pos,
-                n_pos == 1 ? "" : "s");
-        return EXIT_USAGE;
+        char got[64];
+        snprintf(got, sizeof got, "%zu argument%s", n_pos, n_pos == 1 ? "" : "s");
+        return usage_error("expected BASE ADAPTER_DIR OUT, got %s", got);
     }
     adapters[0].dir = pos[1];
     adapters[0].weight = scale;
@@ -473,7 +468,10 @@ int main(int argc, char **argv)
     job.adapters = adapters;
     job.n_adapters = 1 + n_extra;
     job.formats = &fo;
-    progress_state ps = {0, 0};
+    job.copy_files = copy_files;
+    job.n_copy_files = n_copy;
+    job.hash_outputs = json;
+    progress_state ps = {mono_now(), 0, 0};
     if (!quiet && !json && !job.dry_run && (force_progress || isatty(STDERR_FILENO))) {
         job.progress = progress_cb;
         job.progress_ctx = &ps;
@@ -491,10 +489,13 @@ int main(int argc, char **argv)
     } else if (!quiet || job.dry_run) {
         for (size_t i = 0; i < rep->n_notes; i++)
             fprintf(stderr, "note: %s\n", rep->notes[i]);
+        for (size_t i = 0; i < rep->n_warnings; i++)
+            fprintf(stderr, "warning: [%s] %s\n", rep->warnings[i].code, rep->warnings[i].message);
         if (job.dry_run) {
             printf("plan: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, %zu added), %.3f GFLOP\n",
                    rep->n_tensors, rep->n_changed, rep->n_lowrank, rep->n_replaced, rep->n_added, rep->lowrank_gflop);
             fputs(rep->plan_text, stdout);
+            print_files(rep, 1);
             printf("dry run: nothing written\n");
         } else {
             printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
@@ -503,7 +504,12 @@ int main(int argc, char **argv)
                    rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
                    rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, rep->n_threads,
                    rep->kernels);
+            if (rep->out_kind != NULL && strcmp(rep->out_kind, "directory") == 0)
+                print_files(rep, 0);
         }
+    } else {
+        for (size_t i = 0; i < rep->n_warnings; i++) /* quiet, but a warning is not a note */
+            fprintf(stderr, "warning: [%s] %s\n", rep->warnings[i].code, rep->warnings[i].message);
     }
     lm_merge_report_free(rep);
     return 0;

@@ -32,6 +32,7 @@ const char *lm_code_name(lm_code code)
     case LM_E_MISMATCH: return "Mismatch";
     case LM_E_USAGE: return "Usage";
     case LM_E_INTERRUPTED: return "Interrupted";
+    case LM_E_WARNING: return "WarningAsError";
     }
     return "Unknown";
 }
@@ -69,6 +70,18 @@ const char *lm_kind_meaning(const char *kind)
 {
     int i = kind_index(kind);
     return i < 0 ? NULL : kinds[i].meaning;
+}
+
+int lm_code_exit_status(lm_code code)
+{
+    switch (code) {
+    case LM_OK: return 0;
+    case LM_E_USAGE: return 2;
+    case LM_E_IO: return 3;
+    case LM_E_NOMEM: return 4;
+    case LM_E_WARNING: return 5;
+    default: return 1;
+    }
 }
 
 static void vfail(lm_err *err, lm_code code, const char *kind, const char *fmt, va_list ap)

@@ -5,13 +5,16 @@
 #include "adapter_load.h"
 #include "exec.h"
 #include "gemm_tile.h"
+#include "inputs.h"
 #include "lm_error.h"
 #include "lm_kernels.h"
+#include "model_files.h"
 #include "output.h"
 #include "plan.h"
 #include "report.h"
 #include "st_writer.h"
 
+#include <cJSON.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,191 +81,638 @@ static lm_code check_not_input(const char *out, const lm_model *m, lm_adapter *c
     return LM_OK;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* the state of one merge                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    const lm_merge_job *job;
+    lm_report_impl *ri;
+    lm_model *model;
+    lm_adapter **ads;           /* job->n_adapters */
+    char (*ad_sha256)[65];      /* of each adapter's weights file */
+    lm_plan *plan;
+    lm_plan_opts popts;
+    lm_kernels kern;
+    lm_out_target ot;
+    lm_side_plan side;
+    lm_base_info bi;
+    char *base_dir;
+    char *meta_text[3];         /* provenance values in the output's __metadata__ */
+    const char *out_dtype;      /* "BF16", "mixed" or NULL */
+    lm_exec_stats st;
+    double t_phase;
+} merge_state;
+
+static void phase_end(merge_state *S, int phase)
+{
+    double t = now_seconds();
+    S->ri->phase_seconds[phase] += t - S->t_phase;
+    S->t_phase = t;
+}
+
+/* the base and the adapters, with an error that says what a file is when it is not what was
+ * expected (an LFS pointer, a GGUF file ...) */
+static lm_code open_inputs(merge_state *S, lm_err *err)
+{
+    const lm_merge_job *job = S->job;
+    lm_code rc = lm_inputs_precheck(job, err);
+    if (rc != LM_OK)
+        return rc;
+    S->model = lm_model_open(job->base_path, err);
+    if (S->model == NULL) {
+        lm_inputs_explain("base", job->base_path, err);
+        return err->code;
+    }
+    for (size_t i = 0; i < job->n_adapters; i++) {
+        S->ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, S->model, job->formats, err);
+        if (S->ads[i] == NULL) {
+            lm_inputs_explain("adapter", job->adapters[i].dir, err);
+            return err->code;
+        }
+    }
+    return LM_OK;
+}
+
 /* what the adapter loader noticed (formats read, renames) goes into the report */
-static void note_adapters(lm_plan *plan, lm_adapter *const *ads, size_t n)
+static void note_adapters(lm_report_impl *ri, lm_adapter *const *ads, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         for (size_t k = 0; k < ads[i]->n_notes; k++)
-            plan_note(plan, "%s", ads[i]->notes[k]);
+            lm_report_note(ri, "%s", ads[i]->notes[k]);
+}
+
+/* 1 when the n floats at x are all +0 or -0 */
+static int f32_all_zero(const float *x, uint64_t n)
+{
+    if (x == NULL)
+        return 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        if ((u & 0x7fffffffu) != 0)
+            return 0;
+    }
+    return 1;
+}
+
+/* 1 when every element of x is exactly one (a scaling that scales nothing) */
+static int f32_all_one(const float *x, uint64_t n)
+{
+    if (x == NULL)
+        return 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (x[i] != 1.0f)
+            return 0;
+    return 1;
+}
+
+/* 1 when op provably changes nothing: a low-rank delta with a zero factor (lora_B is zero until
+ * trained), a zero delta added, a scaling by ones.  Low-rank factors come from the method's own
+ * prepare(), so this holds for every type whose delta is low-rank (LoRA, AdaLoRA, VeRA ...); the
+ * check stops at the first non-zero element, so a trained adapter costs one prepare per op.
+ * Ops whose effect cannot be read off their factors (replacements, DoRA norms, rotations and
+ * other method ops) count as changing.  @return 1, 0, or -1 when out of memory */
+static int op_is_noop(const lm_op *op, const lm_kernels *k)
+{
+    if (op->kind != LM_OP_LOWRANK && op->kind != LM_OP_ADD && op->kind != LM_OP_SCALE)
+        return 0;
+    lm_prepared p;
+    memset(&p, 0, sizeof p);
+    lm_err e;
+    lm_err_clear(&e);
+    int noop = 0;
+    if (op->kind == LM_OP_LOWRANK) {
+        if (op->method == NULL || op->method->prepare == NULL)
+            return 0;
+        if (op->method->prepare(op, k, &p, &e) != LM_OK)
+            noop = -1;
+        else
+            noop = f32_all_zero(p.a, op->rank * op->in) || f32_all_zero(p.b, op->out * op->rank);
+    } else if (op->src != NULL) {
+        const float *x = lm_prep_view(&p, op->src, k, &e);
+        if (x == NULL)
+            noop = -1;
+        else
+            noop = op->kind == LM_OP_ADD ? f32_all_zero(x, op->src->n_elems) : f32_all_one(x, op->src->n_elems);
+    }
+    if (p.destroy != NULL)
+        p.destroy(&p);
+    for (size_t i = 0; i < p.n_owned; i++)
+        free(p.owned[i]);
+    return noop;
+}
+
+/* A merge must change something: an adapter that lands nowhere, or whose deltas are all zero,
+ * is an error (a warning with allow_noop). */
+static lm_code check_noop(merge_state *S, lm_err *err)
+{
+    const lm_plan *p = S->plan;
+    size_t n_ads = S->job->n_adapters;
+    size_t *n_ops = calloc(n_ads, sizeof *n_ops), *n_live = calloc(n_ads, sizeof *n_live);
+    if (n_ops == NULL || n_live == NULL) {
+        free(n_ops);
+        free(n_live);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        for (size_t q = 0; q < t->n_ops; q++) {
+            const lm_op *op = &t->ops[q];
+            if (op->adapter >= n_ads)
+                continue;
+            n_ops[op->adapter]++;
+            if (n_live[op->adapter] > 0)
+                continue; /* one live op is enough */
+            int noop = op_is_noop(op, &S->kern);
+            if (noop < 0) {
+                free(n_ops);
+                free(n_live);
+                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+            }
+            n_live[op->adapter] += !noop;
+        }
+    }
+    lm_code rc = LM_OK;
+    for (size_t a = 0; a < n_ads && rc == LM_OK; a++) {
+        const char *dir = S->ads[a]->dir;
+        char msg[600];
+        if (n_ops[a] == 0)
+            snprintf(msg, sizeof msg, "the adapter changes no tensor of the base: none of its %zu tensors lands on "
+                                      "a module the base has and the config targets (see the notes)",
+                     S->ads[a]->ts->n);
+        else if (n_live[a] == 0)
+            snprintf(msg, sizeof msg, "every delta of the adapter is zero (%zu operations; lora_B is zero until "
+                                      "trained): the merged model would be the base", n_ops[a]);
+        else
+            continue;
+        if (S->job->allow_noop) {
+            lm_report_warn(S->ri, "NoOpAllowed", "%s: %s", dir, msg);
+        } else {
+            rc = lm_fail(err, LM_E_MISMATCH, "NoOp", "%s (--allow-noop accepts it)", msg);
+            lm_err_set_path(err, S->ads[a]->weights_path);
+        }
+    }
+    free(n_ops);
+    free(n_live);
+    return rc;
+}
+
+static const char *torch_dtype_name(const char *dt)
+{
+    if (dt == NULL)
+        return NULL;
+    if (strcmp(dt, "BF16") == 0)
+        return "bfloat16";
+    if (strcmp(dt, "F16") == 0)
+        return "float16";
+    if (strcmp(dt, "F32") == 0)
+        return "float32";
+    if (strcmp(dt, "F64") == 0)
+        return "float64";
+    return NULL;
+}
+
+/* the one floating dtype of the output's tensors, "mixed", or NULL when none is floating */
+static const char *output_dtype(const lm_plan *p)
+{
+    int seen = -1;
+    for (size_t i = 0; i < p->n; i++) {
+        lm_dtype d = p->t[i].dtype;
+        if (d != LM_DT_F16 && d != LM_DT_BF16 && d != LM_DT_F32 && d != LM_DT_F64)
+            continue;
+        if (seen >= 0 && seen != (int)d)
+            return "mixed";
+        seen = (int)d;
+    }
+    return seen < 0 ? NULL : lm_dtype_name((lm_dtype)seen);
+}
+
+static int name_ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0 && (n == k || s[n - k - 1] == '.' || suffix[0] == '.');
+}
+
+/* the output still holds quantized weights (packed integers, scales ...), so config.json's
+ * quantization_config still describes them */
+static int output_quantized(const lm_plan *p)
+{
+    static const char *const quant[] = {".qweight", ".qzeros", ".g_idx", ".absmax", ".quant_map", ".SCB",
+                                        ".weight_scale", ".weight_scale_inv", ".weight_packed", ".weight_zero_point",
+                                        ".input_scale", ".weight_format", ".nested_absmax"};
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        for (size_t k = 0; k < sizeof quant / sizeof *quant; k++)
+            if (name_ends_with(t->name, quant[k]) || strstr(t->name, ".quant_state.") != NULL)
+                return 1;
+        lm_dtype d = t->dtype;
+        if (name_ends_with(t->name, ".weight") && d != LM_DT_F16 && d != LM_DT_BF16 && d != LM_DT_F32 &&
+            d != LM_DT_F64 && d != LM_DT_BOOL)
+            return 1;
+    }
+    return 0;
+}
+
+/* the output's tensor whose name ends with one of names (as a whole component), or NULL */
+static const lm_plan_tensor *find_output(const lm_plan *p, const char *const *names, size_t n_names)
+{
+    const lm_plan_tensor *found = NULL;
+    for (size_t i = 0; i < p->n; i++)
+        for (size_t k = 0; k < n_names; k++)
+            if (name_ends_with(p->t[i].name, names[k])) {
+                if (found != NULL)
+                    return NULL; /* ambiguous: leave the config alone */
+                found = &p->t[i];
+            }
+    return found;
+}
+
+/* what config.json must say about the weights written */
+static void config_edits(merge_state *S, lm_config_edits *e)
+{
+    static const char *const embeds[] = {"embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                                         "embed_in.weight", "shared.weight"};
+    static const char *const heads[] = {"lm_head.weight", "embed_out.weight"};
+    const lm_plan *p = S->plan;
+    e->torch_dtype = S->out_dtype ? torch_dtype_name(S->out_dtype) : NULL;
+    e->tie_word_embeddings = -1;
+    e->vocab_size = -1;
+    e->drop_quantization = S->bi.has_quantization && !output_quantized(p);
+    const lm_plan_tensor *emb = find_output(p, embeds, 5), *head = find_output(p, heads, 2);
+    /* a tied base whose output has a head of its own (trained, from modules_to_save): a loader
+     * that honours the flag would tie it back to the embedding and drop the trained head */
+    if (S->bi.tie_word_embeddings == 1 && head != NULL && (head->base == NULL || head->n_ops > 0)) {
+        e->tie_word_embeddings = 0;
+        lm_report_note(S->ri, "tie_word_embeddings set to false: the output has its own %s (%s), which a loader "
+                              "would otherwise replace by the input embedding", head->name,
+                       head->base == NULL ? "added by the adapter" : "changed by the merge");
+    }
+    else if (S->bi.tie_word_embeddings == 1 && head == NULL && emb != NULL && emb->n_ops > 0)
+        lm_report_note(S->ri, "the output head is tied to %s (tie_word_embeddings true): it changes with the embedding, "
+                              "as in PEFT's merge", emb->name);
+    if (emb != NULL && emb->n_dims == 2 && S->bi.vocab_size >= 0 && (int64_t)emb->shape[0] != S->bi.vocab_size)
+        e->vocab_size = (int64_t)emb->shape[0];
+}
+
+/* the output's __metadata__: the base's (format: pt kept, or added, as transformers requires it
+ * once there is metadata), then the tool version, the adapters (name, sha256, weight) and the
+ * output dtype */
+static lm_code provenance(merge_state *S, lm_err *err)
+{
+    lm_plan *p = S->plan;
+    cJSON *arr = cJSON_CreateArray();
+    for (size_t i = 0; i < S->job->n_adapters && arr; i++) {
+        char leaf[256];
+        const char *d = S->job->adapters[i].dir;
+        size_t n = strlen(d);
+        while (n > 1 && d[n - 1] == '/')
+            n--;
+        size_t b = n;
+        while (b > 0 && d[b - 1] != '/')
+            b--;
+        snprintf(leaf, sizeof leaf, "%.*s", (int)(n - b), d + b);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", leaf);
+        cJSON_AddStringToObject(o, "adapter_name", S->ads[i]->name);
+        cJSON_AddStringToObject(o, "peft_type", S->ads[i]->cfg->peft_type);
+        cJSON_AddStringToObject(o, "sha256", S->ad_sha256[i]);
+        cJSON_AddNumberToObject(o, "weight", S->ads[i]->weight);
+        cJSON_AddItemToArray(arr, o);
+    }
+    S->meta_text[0] = arr ? cJSON_PrintUnformatted(arr) : NULL;
+    cJSON_Delete(arr);
+    S->meta_text[1] = strdup(LM_VERSION_STRING);
+    S->meta_text[2] = strdup(S->out_dtype ? S->out_dtype : "none");
+    const char **keys = calloc(p->n_meta + 4, sizeof *keys), **vals = calloc(p->n_meta + 4, sizeof *vals);
+    if (S->meta_text[0] == NULL || S->meta_text[1] == NULL || S->meta_text[2] == NULL || keys == NULL || vals == NULL) {
+        free(keys);
+        free(vals);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    size_t n = 0;
+    int has_format = 0;
+    for (size_t i = 0; i < p->n_meta; i++) {
+        if (strncmp(p->meta_keys[i], "lora_merge.", 11) == 0) /* a merged model merged again: ours replace them */
+            continue;
+        has_format |= strcmp(p->meta_keys[i], "format") == 0;
+        keys[n] = p->meta_keys[i];
+        vals[n++] = p->meta_values[i];
+    }
+    if (!has_format) {
+        memmove(keys + 1, keys, n * sizeof *keys);
+        memmove(vals + 1, vals, n * sizeof *vals);
+        keys[0] = "format";
+        vals[0] = "pt";
+        n++;
+    }
+    static const char *const ours[3] = {"lora_merge.adapters", "lora_merge.version", "lora_merge.dtype"};
+    for (int k = 0; k < 3; k++) {
+        keys[n] = ours[k];
+        vals[n++] = S->meta_text[k];
+    }
+    free(p->meta_keys);
+    free(p->meta_values);
+    p->meta_keys = keys;
+    p->meta_values = vals;
+    p->n_meta = n;
+    return LM_OK;
+}
+
+static lm_code hash_adapters(merge_state *S, lm_err *err)
+{
+    for (size_t i = 0; i < S->job->n_adapters; i++) {
+        lm_code rc = lm_file_sha256(S->ads[i]->weights_path, S->ad_sha256[i], err);
+        if (rc != LM_OK)
+            return rc;
+    }
+    return LM_OK;
+}
+
+static char *leaf_dup(const char *path)
+{
+    size_t n = strlen(path);
+    while (n > 1 && path[n - 1] == '/')
+        n--;
+    size_t b = n;
+    while (b > 0 && path[b - 1] != '/')
+        b--;
+    return strndup(path + b, n - b);
+}
+
+/* README.md of a directory OUT */
+static char *model_card(merge_state *S)
+{
+    size_t n = S->job->n_adapters;
+    lm_card_adapter *ca = calloc(n, sizeof *ca);
+    char **names = calloc(n, sizeof *names), **declared = calloc(n, sizeof *declared);
+    char *title = leaf_dup(S->ot.dir), *bdir_leaf = S->base_dir ? leaf_dup(S->base_dir) : NULL, *card = NULL;
+    if (ca == NULL || names == NULL || declared == NULL || title == NULL)
+        goto done;
+    for (size_t i = 0; i < n; i++) {
+        names[i] = leaf_dup(S->job->adapters[i].dir);
+        declared[i] = S->ads[i]->foreign ? NULL : lm_adapter_declared_base(S->ads[i]->config_path);
+        ca[i] = (lm_card_adapter){names[i], S->ads[i]->cfg->peft_type, S->ads[i]->weight, S->ad_sha256[i], declared[i]};
+    }
+    const char *bn = S->bi.name_or_path;
+    int hub = bn != NULL && bn[0] != '/' && bn[0] != '.' && strchr(bn, '/') != NULL && strchr(strchr(bn, '/') + 1, '/') == NULL;
+    lm_card_info ci = {title, hub ? bn : bdir_leaf, hub, S->bi.license, ca, n, S->out_dtype, S->plan->n,
+                       S->plan->n_changed};
+    card = lm_model_card(&ci);
+done:
+    for (size_t i = 0; names && i < n; i++) {
+        free(names[i]);
+        free(declared[i]);
+    }
+    free(names);
+    free(declared);
+    free(ca);
+    free(title);
+    free(bdir_leaf);
+    return card;
+}
+
+static const char *name_in(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+/* everything about OUT decided and checked before anything is written: the weight files and
+ * their sizes, the side files (read now), the stale files of an earlier merge */
+static lm_code prepare_output(merge_state *S, lm_err *err)
+{
+    const lm_merge_job *job = S->job;
+    lm_code rc;
+    if ((rc = lm_out_plan_shards(&S->ot, job, S->plan, err)) != LM_OK)
+        return rc;
+    for (size_t i = 0; i < S->ot.n_shards; i++)
+        if ((rc = check_not_input(S->ot.paths[i], S->model, S->ads, job->n_adapters, err)) != LM_OK) {
+            lm_err_set_path(err, S->ot.paths[i]);
+            return rc;
+        }
+    if (S->ot.is_dir && S->base_dir != NULL && lm_same_file(S->ot.dir, S->base_dir)) {
+        rc = lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output directory is the base model's directory");
+        lm_err_set_path(err, S->ot.dir);
+        return rc;
+    }
+    if (S->ot.is_dir) {
+        lm_config_edits edits;
+        config_edits(S, &edits);
+        char *card = model_card(S);
+        const char **adirs = calloc(job->n_adapters, sizeof *adirs);
+        const char *reserved[2] = {"model.safetensors", LM_INDEX_NAME};
+        if (card == NULL || adirs == NULL) {
+            free(card);
+            free(adirs);
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+        for (size_t i = 0; i < job->n_adapters; i++)
+            adirs[i] = S->ads[i]->dir;
+        lm_side_inputs in = {S->base_dir, adirs, job->n_adapters, job->copy_files, job->n_copy_files, &edits, card,
+                             reserved, 2};
+        rc = lm_side_plan_build(&S->side, &in, S->ri, err);
+        free(card);
+        free(adirs);
+        if (rc != LM_OK)
+            return rc;
+        if (S->bi.has_auto_map) {
+            int code = 0;
+            for (size_t i = 0; i < S->side.n; i++)
+                code |= strlen(S->side.f[i].name) > 3 && strcmp(S->side.f[i].name + strlen(S->side.f[i].name) - 3, ".py") == 0;
+            if (!code)
+                lm_report_warn(S->ri, "RemoteCodeNotCopied",
+                               "the base's config.json names custom code (auto_map) and no .py file is copied: give "
+                               "each with --copy-file NAME to load the output with trust_remote_code");
+        }
+        if ((rc = lm_out_scan_existing(&S->ot, &S->side, err)) != LM_OK)
+            return rc;
+        for (size_t i = 0; job->dry_run && i < S->ot.n_stale; i++) /* what a real run would remove */
+            lm_report_removed(S->ri, S->ot.stale[i]);
+        if (S->ot.n_shards > 1)
+            lm_report_note(S->ri, "output in %zu shards of at most %llu bytes, with " LM_INDEX_NAME, S->ot.n_shards,
+                           (unsigned long long)(job->max_shard_bytes ? job->max_shard_bytes : LM_DEFAULT_SHARD_BYTES));
+    }
+    /* the files, in the order they are written */
+    for (size_t i = 0; i < S->ot.n_shards; i++)
+        lm_report_file(S->ri, name_in(S->ot.paths[i]), S->ot.paths[i], "weights", "merge", S->ot.shard_bytes[i], NULL);
+    if (S->ot.index_text != NULL) {
+        char *p = lm_path_join(S->ot.dir, LM_INDEX_NAME);
+        if (p != NULL)
+            lm_report_file(S->ri, LM_INDEX_NAME, p, "index", "generated", strlen(S->ot.index_text), NULL);
+        free(p);
+    }
+    for (size_t i = 0; i < S->side.n; i++) {
+        char *p = lm_path_join(S->ot.dir, S->side.f[i].name);
+        if (p != NULL)
+            lm_report_file(S->ri, S->side.f[i].name, p, S->side.f[i].kind, S->side.f[i].origin, S->side.f[i].n_bytes,
+                           NULL);
+        free(p);
+    }
+    return S->ri->oom ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_OK;
+}
+
+/* under strict, a warning stops the merge before anything is written */
+static lm_code check_strict(merge_state *S, lm_err *err)
+{
+    if (!S->job->strict || S->ri->n_warnings == 0)
+        return LM_OK;
+    const lm_merge_warning *w = &S->ri->warnings[0];
+    return lm_fail(err, LM_E_WARNING, w->code, "%s (a warning, an error under --strict%s)", w->message,
+                   S->ri->n_warnings > 1 ? "; more warnings follow" : "");
+}
+
+static lm_code write_output(merge_state *S, lm_err *err)
+{
+    const lm_merge_job *job = S->job;
+    lm_code rc;
+    if ((rc = lm_out_make_dir(&S->ot, err)) != LM_OK)
+        return rc;
+    lm_exec_opts eo;
+    memset(&eo, 0, sizeof eo);
+    eo.n_threads = job->n_threads;
+    eo.do_fsync = job->do_fsync;
+    eo.kernels = &S->kern;
+    eo.progress = job->progress;
+    eo.progress_ctx = job->progress_ctx;
+    eo.tile_elems = job->tile_elems;
+    eo.exactness_off = job->exactness_off;
+    eo.recomputed = S->ri->recomputed;
+    eo.n_shards = S->ot.n_shards;
+    eo.shard_paths = (const char *const *)S->ot.paths;
+    eo.shard_of = S->ot.shard_of;
+    if ((rc = lm_exec_run(S->plan, S->model, S->ads, S->ot.paths[0], &eo, &S->st, err)) != LM_OK)
+        return rc;
+    if (job->progress) /* the last call says "all of it" */
+        job->progress(job->progress_ctx, S->st.bytes_written, S->st.bytes_written);
+    phase_end(S, LM_PHASE_WRITE);
+    if (S->ot.is_dir) {
+        if ((rc = lm_out_put_index_and_side_files(&S->ot, &S->side, err)) != LM_OK)
+            return rc;
+        lm_out_remove_stale(&S->ot, S->ri);
+    }
+    phase_end(S, LM_PHASE_FINISH);
+    if (job->hash_outputs) {
+        for (size_t i = 0; i < S->ri->n_files; i++) {
+            char hex[65];
+            if ((rc = lm_file_sha256(S->ri->files[i].path, hex, err)) != LM_OK)
+                return rc;
+            S->ri->files[i].sha256 = strdup(hex);
+            if (S->ri->files[i].sha256 == NULL)
+                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+        phase_end(S, LM_PHASE_HASH);
+    }
+    return LM_OK;
+}
+
+static void state_free(merge_state *S)
+{
+    lm_report_free(S->ri);
+    lm_out_target_free(&S->ot);
+    lm_side_plan_free(&S->side);
+    lm_base_info_free(&S->bi);
+    free(S->base_dir);
+    lm_plan_free(S->plan);
+    if (S->ads)
+        for (size_t i = 0; i < S->job->n_adapters; i++)
+            lm_adapter_free(S->ads[i]);
+    free(S->ads);
+    free(S->ad_sha256);
+    for (int k = 0; k < 3; k++)
+        free(S->meta_text[k]);
+    lm_model_close(S->model);
 }
 
 static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
 {
     double t0 = now_seconds();
     lm_code rc = LM_OK;
-    lm_model *model = NULL;
-    lm_adapter **ads = NULL;
-    lm_plan *plan = NULL;
-    lm_report_impl *ri = NULL;
-    lm_kernels kern;
-    lm_out_target ot;
-    memset(&ot, 0, sizeof ot);
-    char *base_dir = NULL;
+    merge_state S;
+    memset(&S, 0, sizeof S);
+    S.job = job;
+    S.t_phase = t0;
+    lm_base_info_free(&S.bi); /* fields "absent" */
     if (report)
         *report = NULL;
     if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
         return lm_fail(err, LM_E_USAGE, "Usage", "a merge needs a base, at least one adapter and an output");
-    if (job->out_path != NULL && job->out_path[0] == '\0')
-        return lm_fail(err, LM_E_USAGE, "Usage", "the output path is empty");
-    if (job->out_path != NULL) { /* a directory OUT: a model directory comes out */
-        struct stat st;
-        size_t n = strlen(job->out_path);
-        ot.is_dir = job->out_path[n - 1] == '/' || (stat(job->out_path, &st) == 0 && S_ISDIR(st.st_mode));
-        if (ot.is_dir) {
-            while (n > 1 && job->out_path[n - 1] == '/')
-                n--;
-            ot.dir = strndup(job->out_path, n);
-            if (ot.dir == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        }
-    }
-    if (job->max_shard_bytes && !ot.is_dir && !job->dry_run)
+    if (job->out_path != NULL && (rc = lm_out_resolve(&S.ot, job->out_path, err)) != LM_OK)
+        return rc;
+    if (job->max_shard_bytes && !S.ot.is_dir && job->out_path != NULL) {
+        lm_out_target_free(&S.ot);
         return lm_fail(err, LM_E_USAGE, "Usage", "--max-shard-size needs a directory OUT (e.g. 'merged/')");
-    lm_plan_opts popts;
-    memset(&popts, 0, sizeof popts);
-    if (!parse_dtype_opt(job->out_dtype, &popts.out_dtype_set, &popts.out_dtype))
+    }
+    if (job->n_copy_files && !S.ot.is_dir && job->out_path != NULL) {
+        lm_out_target_free(&S.ot);
+        return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file needs a directory OUT (e.g. 'merged/')");
+    }
+    if (!parse_dtype_opt(job->out_dtype, &S.popts.out_dtype_set, &S.popts.out_dtype)) {
+        lm_out_target_free(&S.ot);
         return lm_fail(err, LM_E_USAGE, "Usage", "--dtype must be auto, bf16, f16 or f32 (not '%s')", job->out_dtype);
-    if (lm_kernels_select(&kern, job->kernels) != 0)
+    }
+    if (lm_kernels_select(&S.kern, job->kernels) != 0) {
+        lm_out_target_free(&S.ot);
         return lm_fail(err, LM_E_USAGE, "Usage", "kernel variant '%s' cannot run on this CPU", job->kernels);
-    ri = calloc(1, sizeof *ri);
-    ads = calloc(job->n_adapters, sizeof *ads);
-    if (ri == NULL || ads == NULL) {
+    }
+    S.ri = lm_report_new();
+    S.ads = calloc(job->n_adapters, sizeof *S.ads);
+    S.ad_sha256 = calloc(job->n_adapters, sizeof *S.ad_sha256);
+    S.base_dir = lm_base_directory(job->base_path);
+    if (S.ri == NULL || S.ads == NULL || S.ad_sha256 == NULL || S.base_dir == NULL) {
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto done;
     }
-    model = lm_model_open(job->base_path, err);
-    if (model == NULL) {
-        rc = err ? err->code : LM_E_FORMAT;
+    if ((rc = open_inputs(&S, err)) != LM_OK)
+        goto done;
+    phase_end(&S, LM_PHASE_OPEN);
+    S.plan = lm_plan_create(S.model, S.ads, job->n_adapters, &S.popts, err);
+    if (S.plan == NULL) {
+        rc = err->code;
         goto done;
     }
-    for (size_t i = 0; i < job->n_adapters; i++) {
-        ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, model, job->formats, err);
-        if (ads[i] == NULL) {
-            rc = err ? err->code : LM_E_FORMAT;
-            goto done;
-        }
-    }
-    plan = lm_plan_create(model, ads, job->n_adapters, &popts, err);
-    if (plan == NULL) {
-        rc = err ? err->code : LM_E_FORMAT;
+    lm_report_take_notes(S.ri, S.plan);
+    note_adapters(S.ri, S.ads, job->n_adapters);
+    if ((rc = check_noop(&S, err)) != LM_OK || (rc = lm_report_plan_exact(S.ri, S.plan, err)) != LM_OK)
+        goto done;
+    phase_end(&S, LM_PHASE_PLAN);
+    S.out_dtype = output_dtype(S.plan);
+    lm_base_info_read(S.base_dir, &S.bi);
+    lm_inputs_check_base(&S.bi, job->base_path, S.ads, job->n_adapters, S.ri);
+    if ((rc = hash_adapters(&S, err)) != LM_OK || (rc = provenance(&S, err)) != LM_OK)
+        goto done;
+    if (job->out_path != NULL && (rc = prepare_output(&S, err)) != LM_OK)
+        goto done;
+    if ((rc = check_strict(&S, err)) != LM_OK)
+        goto done;
+    phase_end(&S, LM_PHASE_PREPARE);
+    if (!job->dry_run && (rc = write_output(&S, err)) != LM_OK)
+        goto done;
+    S.ri->pub.seconds = now_seconds() - t0;
+    lm_report_ctx c = {job, S.ads, (const char *const *)NULL, S.plan, NULL, job->out_path ? (S.ot.is_dir ? "directory" : "file") : NULL,
+                       S.out_dtype, S.st.n_threads ? S.st.n_threads : job->n_threads, S.kern.name, S.st.bytes_written,
+                       S.st.n_exact_tensors, S.st.n_recomputed};
+    const char *shas[64];
+    const char **sha_ptrs = job->n_adapters <= 64 ? shas : malloc(job->n_adapters * sizeof *sha_ptrs);
+    if (sha_ptrs == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto done;
     }
-    note_adapters(plan, ads, job->n_adapters);
-    if (job->out_path != NULL) {
-        if ((rc = lm_out_plan_shards(&ot, job, plan, err)) != LM_OK)
-            goto done;
-        for (size_t i = 0; i < ot.n_shards; i++)
-            if ((rc = check_not_input(ot.paths[i], model, ads, job->n_adapters, err)) != LM_OK) {
-                lm_err_set_path(err, ot.paths[i]);
-                goto done;
-            }
-        base_dir = lm_base_directory(job->base_path);
-        if (ot.is_dir && base_dir != NULL && lm_same_file(ot.dir, base_dir)) {
-            rc = lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output directory is the base model's directory");
-            lm_err_set_path(err, ot.dir);
-            goto done;
-        }
-        if (ot.is_dir) {
-            struct stat st;
-            if (stat(ot.dir, &st) != 0) {
-                if (mkdir(ot.dir, 0777) != 0) {
-                    rc = lm_fail_errno(err, errno, "cannot create the output directory");
-                    lm_err_set_path(err, ot.dir);
-                    goto done;
-                }
-                ot.created_dir = 1;
-            }
-            if (ot.n_shards > 1)
-                plan_note(plan, "output in %zu shards of at most %llu bytes, with model.safetensors.index.json",
-                          ot.n_shards, (unsigned long long)(job->max_shard_bytes ? job->max_shard_bytes
-                                                                                  : LM_DEFAULT_SHARD_BYTES));
-        }
-    }
-    if ((rc = lm_report_build(ri, job, ads, plan, err)) != LM_OK)
-        goto done;
-    lm_exec_stats st;
-    memset(&st, 0, sizeof st);
-    st.n_threads = job->n_threads;
-    if (!job->dry_run) {
-        lm_exec_opts eo;
-        memset(&eo, 0, sizeof eo);
-        eo.n_threads = job->n_threads;
-        eo.do_fsync = job->do_fsync;
-        eo.kernels = &kern;
-        eo.progress = job->progress;
-        eo.progress_ctx = job->progress_ctx;
-        eo.tile_elems = job->tile_elems;
-        eo.exactness_off = job->exactness_off;
-        eo.recomputed = ri->recomputed;
-        eo.n_shards = ot.n_shards;
-        eo.shard_paths = (const char *const *)ot.paths;
-        eo.shard_of = ot.shard_of;
-        if ((rc = lm_exec_run(plan, model, ads, ot.paths[0], &eo, &st, err)) != LM_OK) {
-            lm_report_drop_tree(ri);
-            goto done;
-        }
-        if (ot.is_dir) {
-            char *old_index = lm_path_join(ot.dir, "model.safetensors.index.json");
-            if (ot.n_shards > 1)
-                rc = lm_out_write_index(&ot, plan, err);
-            else if (old_index != NULL && unlink(old_index) == 0) /* it listed an earlier output */
-                plan_note(plan, "removed a stale model.safetensors.index.json from the output directory");
-            free(old_index);
-            long n_copied = rc == LM_OK && base_dir ? lm_out_copy_model_files(&ot, base_dir, err) : 0;
-            if (n_copied < 0)
-                rc = err ? err->code : LM_E_IO;
-            if (rc != LM_OK) {
-                lm_report_drop_tree(ri);
-                goto done;
-            }
-            if (n_copied > 0)
-                plan_note(plan, "copied %ld non-weight file%s (config, tokenizer ...) from %s", n_copied,
-                          n_copied == 1 ? "" : "s", base_dir);
-            if (n_copied > 0 && popts.out_dtype_set)
-                plan_note(plan, "the copied config.json keeps the base's torch_dtype although --dtype changed the weights");
-        }
-    }
-    lm_merge_report *r = &ri->pub;
-    r->n_tensors = plan->n;
-    r->n_changed = plan->n_changed;
-    r->n_lowrank = plan->n_lowrank;
-    r->n_replaced = plan->n_replaced;
-    r->n_added = plan->n_new;
-    r->out_bytes = st.bytes_written;
-    r->lowrank_gflop = plan->lowrank_flops * 1e-9;
-    r->n_threads = st.n_threads;
-    r->kernels = kern.name;
-    r->n_exact_tensors = st.n_exact_tensors;
-    r->n_recomputed = st.n_recomputed;
-    lm_report_add_exactness(ri, plan, job->exactness_off, !job->dry_run);
-    r->plan_text = ri->plan_text;
-    ri->notes = plan->notes;
-    r->n_notes = plan->n_notes;
-    r->notes = (const char *const *)plan->notes;
-    plan->notes = NULL;
-    plan->n_notes = 0;
-    r->seconds = now_seconds() - t0;
-    if ((rc = lm_report_finish_json(ri, err)) != LM_OK)
+    for (size_t i = 0; i < job->n_adapters; i++)
+        sha_ptrs[i] = S.ad_sha256[i];
+    c.adapter_sha256 = sha_ptrs;
+    rc = lm_report_finish(S.ri, &c, err);
+    if (sha_ptrs != shas)
+        free(sha_ptrs);
+    if (rc != LM_OK)
         goto done;
     if (report) {
-        *report = r;
-        ri = NULL;
+        *report = &S.ri->pub;
+        S.ri = NULL;
     }
 done:
-    if (ri != NULL) {
-        lm_report_drop_tree(ri);
-        lm_merge_report_free(&ri->pub);
-    }
-    if (rc != LM_OK && ot.created_dir)
-        rmdir(ot.dir); /* only if still empty: nothing of ours is left in it */
-    lm_out_target_free(&ot);
-    free(base_dir);
-    lm_plan_free(plan);
-    if (ads)
-        for (size_t i = 0; i < job->n_adapters; i++)
-            lm_adapter_free(ads[i]);
-    free(ads);
-    lm_model_close(model);
+    if (rc != LM_OK && S.ot.created_dir)
+        rmdir(S.ot.dir); /* only if still empty: nothing of ours is left in it */
+    state_free(&S);
     return rc;
 }
 

@@ -1,5 +1,4 @@
-/* output.c : what goes into OUT (see output.h): shard names and boundaries, the index, the
- * base directory's model files. */
+/* output.c : what goes into OUT, and where (see output.h). */
 #include "output.h"
 
 #include "lm_error.h"
@@ -8,10 +7,14 @@
 #include <cJSON.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 void lm_out_target_free(lm_out_target *o)
 {
@@ -19,7 +22,12 @@ void lm_out_target_free(lm_out_target *o)
         free(o->paths[i]);
     free(o->paths);
     free(o->shard_of);
+    free(o->shard_bytes);
     free(o->dir);
+    free(o->index_text);
+    for (size_t i = 0; i < o->n_stale; i++)
+        free(o->stale[i]);
+    free(o->stale);
     memset(o, 0, sizeof *o);
 }
 
@@ -32,7 +40,92 @@ char *lm_path_join(const char *dir, const char *name)
     return p;
 }
 
-/* shards in data order, each at most max_bytes (a larger tensor gets a shard of its own) */
+static int ends_with_ci(const char *s, size_t n, const char *suffix)
+{
+    size_t k = strlen(suffix);
+    return n >= k && strncasecmp(s + n - k, suffix, k) == 0;
+}
+
+lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err)
+{
+    memset(o, 0, sizeof *o);
+    size_t n = strlen(out_path);
+    if (n == 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "the output path is empty");
+    struct stat st;
+    int exists = stat(out_path, &st) == 0;
+    if (out_path[n - 1] == '/' || (exists && S_ISDIR(st.st_mode))) {
+        o->is_dir = 1;
+    } else if (!exists || S_ISREG(st.st_mode)) {
+        static const char *const foreign[] = {".gguf", ".ggml", ".bin", ".pt", ".pth", ".ckpt", ".h5",
+                                              ".msgpack", ".onnx", ".pkl", ".npz"};
+        for (size_t i = 0; i < sizeof foreign / sizeof *foreign; i++)
+            if (ends_with_ci(out_path, n, foreign[i])) {
+                lm_fail(err, LM_E_USAGE, "InvalidOutput",
+                        "lora-merge writes safetensors, not %s: name OUT *.safetensors, or a directory (a model "
+                        "directory comes out)", foreign[i]);
+                lm_err_set_path(err, out_path);
+                return LM_E_USAGE;
+            }
+        /* a new name without .safetensors: a model directory */
+        o->is_dir = !exists && !ends_with_ci(out_path, n, ".safetensors");
+    }
+    if (o->is_dir) {
+        while (n > 1 && out_path[n - 1] == '/')
+            n--;
+        o->dir = strndup(out_path, n);
+        if (o->dir == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        o->dir_exists = exists;
+    }
+    return LM_OK;
+}
+
+/* the index: every tensor -> its shard's file name, and the data size of all shards */
+static char *index_text(const lm_out_target *o, const lm_plan *p)
+{
+    cJSON *root = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(root, "metadata");
+    cJSON_AddNumberToObject(meta, "total_size", (double)o->total_bytes);
+    cJSON *map = cJSON_AddObjectToObject(root, "weight_map");
+    for (size_t i = 0; i < p->n && map; i++) {
+        const char *slash = strrchr(o->paths[o->shard_of[i]], '/');
+        cJSON_AddStringToObject(map, p->t[i].name, slash ? slash + 1 : o->paths[o->shard_of[i]]);
+    }
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    return text;
+}
+
+/* the exact size of every shard file, as the executor's writers will lay them out */
+static lm_code shard_sizes(lm_out_target *o, const lm_plan *p, lm_err *err)
+{
+    lm_out_tensor *outs = calloc(p->n + 1, sizeof *outs);
+    size_t *local = calloc(p->n + 1, sizeof *local), *order = calloc(p->n + 1, sizeof *order);
+    o->shard_bytes = calloc(o->n_shards, sizeof *o->shard_bytes);
+    lm_code rc = LM_OK;
+    if (outs == NULL || local == NULL || order == NULL || o->shard_bytes == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    for (size_t sh = 0; sh < o->n_shards && rc == LM_OK; sh++) {
+        size_t n_in = 0, n_ord = 0;
+        for (size_t i = 0; i < p->n; i++)
+            if (o->shard_of[i] == sh) {
+                local[i] = n_in;
+                outs[n_in++] = (lm_out_tensor){p->t[i].name, p->t[i].dtype, p->t[i].n_dims, p->t[i].shape};
+            }
+        for (size_t q = 0; q < p->n; q++)
+            if (o->shard_of[p->data_order[q]] == sh)
+                order[n_ord++] = local[p->data_order[q]];
+        rc = lm_st_layout_bytes(outs, n_in, order, p->meta_keys, p->meta_values, p->n_meta, &o->shard_bytes[sh], err);
+    }
+done:
+    free(outs);
+    free(local);
+    free(order);
+    return rc;
+}
+
 lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, lm_err *err)
 {
     o->shard_of = calloc(p->n + 1, sizeof *o->shard_of);
@@ -40,6 +133,7 @@ lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_p
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     uint64_t max_bytes = job->max_shard_bytes ? job->max_shard_bytes : LM_DEFAULT_SHARD_BYTES, used = 0;
     size_t sh = 0;
+    o->total_bytes = 0;
     for (size_t q = 0; q < p->n; q++) {
         const lm_plan_tensor *t = &p->t[p->data_order[q]];
         uint64_t n = 1;
@@ -73,73 +167,169 @@ lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_p
         if (o->paths[i] == NULL)
             return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
-    return LM_OK;
+    if (n_shards > 1 && (o->index_text = index_text(o, p)) == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    return shard_sizes(o, p, err);
 }
 
-lm_code lm_out_write_index(const lm_out_target *o, const lm_plan *p, lm_err *err)
+/* model.safetensors, model-00001-of-00004.safetensors, model.safetensors.index.json: the names
+ * transformers (and lora-merge) give a model's weights */
+static int is_hf_weight_name(const char *name)
 {
-    cJSON *root = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(root, "metadata");
-    cJSON_AddNumberToObject(meta, "total_size", (double)o->total_bytes);
-    cJSON *map = cJSON_AddObjectToObject(root, "weight_map");
-    for (size_t i = 0; i < p->n; i++) {
-        const char *slash = strrchr(o->paths[o->shard_of[i]], '/');
-        cJSON_AddStringToObject(map, p->t[i].name, slash ? slash + 1 : o->paths[o->shard_of[i]]);
+    if (strcmp(name, "model.safetensors") == 0 || strcmp(name, LM_INDEX_NAME) == 0)
+        return 1;
+    unsigned a, b;
+    int end = 0;
+    /* model-NNNNN-of-NNNNN.safetensors: 32 characters */
+    return strlen(name) == 32 && sscanf(name, "model-%5u-of-%5u.safetensors%n", &a, &b, &end) == 2 && end == 32;
+}
+
+static int is_new_name(const lm_out_target *o, const lm_side_plan *side, const char *name)
+{
+    for (size_t i = 0; i < o->n_shards; i++) {
+        const char *slash = strrchr(o->paths[i], '/');
+        if (strcmp(slash ? slash + 1 : o->paths[i], name) == 0)
+            return 1;
     }
-    char *text = cJSON_Print(root);
-    cJSON_Delete(root);
-    if (text == NULL)
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    char *path = lm_path_join(o->dir, "model.safetensors.index.json");
-    lm_code rc = path ? lm_write_file_atomic(path, text, strlen(text), err)
-                      : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    free(path);
-    free(text);
+    if (o->n_shards > 1 && strcmp(name, LM_INDEX_NAME) == 0)
+        return 1;
+    return side != NULL && lm_side_find(side, name) != NULL;
+}
+
+lm_code lm_out_scan_existing(lm_out_target *o, const lm_side_plan *side, lm_err *err)
+{
+    if (!o->is_dir)
+        return LM_OK;
+    DIR *d = opendir(o->dir);
+    if (d == NULL)
+        return errno == ENOENT ? LM_OK : LM_OK; /* not there yet, or unreadable: the writes will say */
+    lm_code rc = LM_OK;
+    struct dirent *de;
+    size_t cap = 0;
+    char foreign[300];
+    foreign[0] = '\0';
+    while (rc == LM_OK && (de = readdir(d)) != NULL) {
+        const char *name = de->d_name, *kind;
+        int group;
+        if (name[0] == '.' || is_new_name(o, side, name))
+            continue;
+        int stale = is_hf_weight_name(name) || lm_side_is_allowed(name, &kind, &group);
+        if (!stale) {
+            if (lm_is_weight_name(name) && foreign[0] == '\0')
+                snprintf(foreign, sizeof foreign, "%s", name);
+            continue;
+        }
+        if (o->n_stale == cap) {
+            size_t nc = cap ? 2 * cap : 8;
+            char **ns = realloc(o->stale, nc * sizeof *ns);
+            if (ns == NULL) {
+                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+                break;
+            }
+            o->stale = ns;
+            cap = nc;
+        }
+        if ((o->stale[o->n_stale] = strdup(name)) == NULL)
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        else
+            o->n_stale++;
+    }
+    closedir(d);
+    if (rc == LM_OK && foreign[0] != '\0') {
+        rc = lm_fail(err, LM_E_USAGE, "OutputNotEmpty",
+                     "the output directory holds '%s', weights lora-merge did not write: a loader could take them "
+                     "for the merged model's (remove them or choose another directory)", foreign);
+        lm_err_set_path(err, o->dir);
+    }
     return rc;
 }
 
-static int is_weight_file(const char *name)
+lm_code lm_out_make_dir(lm_out_target *o, lm_err *err)
 {
-    static const char *const ends[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
-                                       ".onnx", ".index.json"};
-    size_t n = strlen(name);
-    for (size_t i = 0; i < sizeof ends / sizeof *ends; i++) {
-        size_t k = strlen(ends[i]);
-        if (n >= k && strcmp(name + n - k, ends[i]) == 0)
-            return 1;
+    struct stat st;
+    if (!o->is_dir || stat(o->dir, &st) == 0)
+        return LM_OK;
+    if (mkdir(o->dir, 0777) != 0) {
+        lm_fail_errno(err, errno, "cannot create the output directory");
+        lm_err_set_path(err, o->dir);
+        return LM_E_IO;
     }
-    return 0;
+    o->created_dir = 1;
+    return LM_OK;
 }
 
-/* the base directory's other files (config.json, tokenizer files ...) into the output directory;
- * @return the number copied, or -1 with *err */
-long lm_out_copy_model_files(const lm_out_target *o, const char *base_dir, lm_err *err)
+lm_code lm_out_put_index_and_side_files(lm_out_target *o, const lm_side_plan *side, lm_err *err)
 {
-    DIR *d = opendir(base_dir);
-    if (d == NULL)
-        return 0;
-    long n_copied = 0;
-    struct dirent *de;
-    while (n_copied >= 0 && (de = readdir(d)) != NULL) {
-        if (de->d_name[0] == '.' || is_weight_file(de->d_name))
-            continue;
-        char *src = lm_path_join(base_dir, de->d_name), *dst = lm_path_join(o->dir, de->d_name);
-        struct stat st;
-        if (src && dst && stat(src, &st) == 0 && S_ISREG(st.st_mode) && st.st_size < (64 << 20) &&
-            !lm_same_file(src, dst)) {
-            FILE *f = fopen(src, "rb");
-            char *buf = malloc((size_t)st.st_size + 1);
-            size_t got = (f && buf) ? fread(buf, 1, (size_t)st.st_size, f) : 0;
-            if (f)
-                fclose(f);
-            if (buf && got == (size_t)st.st_size)
-                n_copied = lm_write_file_atomic(dst, buf, got, err) == LM_OK ? n_copied + 1 : -1;
-            free(buf);
-        }
-        free(src);
-        free(dst);
+    lm_code rc = LM_OK;
+    if (o->index_text != NULL) {
+        char *path = lm_path_join(o->dir, LM_INDEX_NAME);
+        rc = path ? lm_write_file_atomic(path, o->index_text, strlen(o->index_text), err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        free(path);
     }
-    closedir(d);
-    return n_copied;
+    for (size_t i = 0; i < side->n && rc == LM_OK; i++) {
+        const lm_side_file *f = &side->f[i];
+        char *path = lm_path_join(o->dir, f->name);
+        rc = path ? lm_write_file_atomic_mode(path, f->data, f->n_bytes, f->mode, err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        free(path);
+    }
+    return rc;
+}
+
+void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r)
+{
+    for (size_t i = 0; i < o->n_stale; i++) {
+        char *path = lm_path_join(o->dir, o->stale[i]);
+        if (path != NULL && unlink(path) == 0)
+            lm_report_removed(r, o->stale[i]);
+        else if (path != NULL && errno != ENOENT)
+            lm_report_warn(r, "StaleFileKept", "%s is left from an earlier merge and could not be removed: %s", path,
+                           strerror(errno));
+        free(path);
+    }
+}
+
+lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        lm_fail_errno(err, errno, "cannot read the file back to hash it");
+        lm_err_set_path(err, path);
+        return LM_E_IO;
+    }
+    lm_code rc = LM_OK;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    size_t cap = (size_t)4 << 20;
+    unsigned char *buf = malloc(cap);
+    if (ctx == NULL || buf == NULL || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    for (;;) {
+        ssize_t k = read(fd, buf, cap);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            lm_fail_errno(err, errno, "cannot read the file back to hash it");
+            lm_err_set_path(err, path);
+            rc = LM_E_IO;
+            goto done;
+        }
+        if (k == 0)
+            break;
+        EVP_DigestUpdate(ctx, buf, (size_t)k);
+    }
+    unsigned char md[32];
+    unsigned n_md = 0;
+    EVP_DigestFinal_ex(ctx, md, &n_md);
+    for (unsigned i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+done:
+    EVP_MD_CTX_free(ctx);
+    free(buf);
+    close(fd);
+    return rc;
 }
 
 /* the directory holding the base's files (the base itself when it is a directory) */

@@ -1,36 +1,62 @@
-/* output.h : what goes into OUT.  A .safetensors file, or a model directory: model.safetensors
- * or shards with model.safetensors.index.json, plus the base directory's model files
- * (config.json, tokenizer files ...).  Decides names and contents; the executor writes the
- * tensor data. */
+/* output.h : what goes into OUT, and where.  OUT is a .safetensors file, or a model directory:
+ * model.safetensors or shards with model.safetensors.index.json, plus the side files chosen by
+ * model_files.c.  This module names the files, predicts their sizes (dry runs), finds what an
+ * earlier merge left in a directory OUT, and puts the small files in place.  The executor writes
+ * the tensor data. */
 #ifndef LM_OUTPUT_H
 #define LM_OUTPUT_H
 
 #include "lora_merge.h"
+#include "model_files.h"
 #include "plan.h"
 
 #define LM_DEFAULT_SHARD_BYTES 5000000000ull /* transformers' "5GB" */
+#define LM_INDEX_NAME "model.safetensors.index.json"
 
 typedef struct lm_out_target {
-    int is_dir, created_dir;
-    char *dir;        /* owned: directory OUT, without a trailing slash */
+    int is_dir, created_dir, dir_exists;
+    char *dir;           /* owned: directory OUT, without a trailing slash */
     size_t n_shards;
-    char **paths;     /* owned: the weight files to write */
-    size_t *shard_of; /* owned: plan tensor -> shard */
-    uint64_t total_bytes;
+    char **paths;        /* owned: the weight files to write */
+    size_t *shard_of;    /* owned: plan tensor -> shard */
+    uint64_t *shard_bytes; /* owned: size of each weight file, header included */
+    uint64_t total_bytes;  /* tensor data of all shards (the index's total_size) */
+    char *index_text;    /* owned: model.safetensors.index.json (sharded output only) */
+    char **stale;        /* owned: names in a directory OUT left by an earlier merge, removed
+                            once the new model is in place */
+    size_t n_stale;
 } lm_out_target;
 
 void lm_out_target_free(lm_out_target *o);
 
-/*! lm_out_plan_shards() : shards in data order, each at most max_bytes (a larger tensor gets a
- *  shard of its own), and the paths of the files to write. */
+/*! lm_out_resolve() :
+ *  What out_path is: an existing directory, a path ending in '/', or a name that does not exist
+ *  and does not end in .safetensors give a directory; *.safetensors or an existing file give a
+ *  file.  Names of other weight formats (*.gguf, *.bin, *.pt ...) are refused (LM_E_USAGE):
+ *  lora-merge writes safetensors.  Creates nothing. */
+lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err);
+
+/*! lm_out_plan_shards() : shards in data order, each at most the job's max_shard_bytes (a larger
+ *  tensor gets a shard of its own), their paths and exact sizes (the plan's metadata included),
+ *  and the index text when there are several. */
 lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, lm_err *err);
 
-/*! lm_out_write_index() : model.safetensors.index.json of a sharded output. */
-lm_code lm_out_write_index(const lm_out_target *o, const lm_plan *p, lm_err *err);
+/*! lm_out_scan_existing() :
+ *  For a directory OUT that exists: the files of an earlier merge that the new one does not
+ *  replace (other shards, an index, side files no longer chosen) become o->stale; weight files
+ *  lora-merge would not have written (pytorch_model.bin, foo.safetensors, a GGUF ...) are refused
+ *  before anything is written, since a loader could pick them instead of the merged weights. */
+lm_code lm_out_scan_existing(lm_out_target *o, const lm_side_plan *side, lm_err *err);
 
-/*! lm_out_copy_model_files() : the base directory's other files into the output directory.
- *  @return the number copied, or -1 with *err. */
-long lm_out_copy_model_files(const lm_out_target *o, const char *base_dir, lm_err *err);
+/*! lm_out_make_dir() : creates a directory OUT that does not exist yet (o->created_dir). */
+lm_code lm_out_make_dir(lm_out_target *o, lm_err *err);
+
+/*! lm_out_put_index_and_side_files() : model.safetensors.index.json (or the removal of an index
+ *  an earlier single-file merge left) and every side file, each with its permission bits. */
+lm_code lm_out_put_index_and_side_files(lm_out_target *o, const lm_side_plan *side, lm_err *err);
+
+/*! lm_out_remove_stale() : removes o->stale; each removed name is recorded in r. */
+void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r);
 
 /*! lm_base_directory() : the directory holding the base's files (the base itself when it is a
  *  directory); malloc'd, NULL when out of memory. */
@@ -38,5 +64,8 @@ char *lm_base_directory(const char *base_path);
 
 /*! lm_path_join() : "dir/name", malloc'd (NULL when out of memory). */
 char *lm_path_join(const char *dir, const char *name);
+
+/*! lm_file_sha256() : sha256 of a whole file, as 64 lowercase hex digits into hex[65]. */
+lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err);
 
 #endif

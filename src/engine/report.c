@@ -1,30 +1,167 @@
-/* report.c : the plan text, the JSON report and the description of an adapter (inspect).
- * Builds text from the plan and the run's numbers; prints nothing (the CLI does). */
+/* report.c : notes, warnings, the files written, the plan text, the JSON report (its format is
+ * documented in the README and versioned by LM_REPORT_VERSION), and inspect.  Builds text;
+ * prints nothing (the CLI does). */
 #include "report.h"
 
 #include "exec_lowrank.h"
+#include "inputs.h"
 #include "lm_error.h"
+#include "model_files.h"
+#include "output.h"
 
 #include <cJSON.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
-void lm_merge_report_free(lm_merge_report *r)
+/* ------------------------------------------------------------------------------------------ */
+/* the report object                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+lm_report_impl *lm_report_new(void)
 {
-    if (r == NULL)
+    return calloc(1, sizeof(lm_report_impl));
+}
+
+void lm_report_free(lm_report_impl *ri)
+{
+    if (ri == NULL)
         return;
-    lm_report_impl *ri = (lm_report_impl *)r;
-    for (size_t i = 0; i < r->n_notes; i++)
+    for (size_t i = 0; i < ri->n_notes; i++)
         free(ri->notes[i]);
     free(ri->notes);
+    for (size_t i = 0; i < ri->n_warnings; i++) {
+        free((char *)ri->warnings[i].code);
+        free((char *)ri->warnings[i].message);
+    }
+    free(ri->warnings);
+    for (size_t i = 0; i < ri->n_files; i++) {
+        free((char *)ri->files[i].name);
+        free((char *)ri->files[i].path);
+        free((char *)ri->files[i].sha256);
+    }
+    free(ri->files);
+    for (size_t i = 0; i < ri->n_removed; i++)
+        free(ri->removed[i]);
+    free(ri->removed);
     free(ri->plan_text);
     free(ri->json);
     free(ri->recomputed);
     free(ri);
 }
 
+void lm_merge_report_free(lm_merge_report *r)
+{
+    lm_report_free((lm_report_impl *)r);
+}
+
+/* room for one more element of size elem in *arr (capacity *cap, n used); 0 on success */
+static int grow(void **arr, size_t *cap, size_t n, size_t elem)
+{
+    if (n < *cap)
+        return 0;
+    size_t nc = *cap ? 2 * *cap : 16;
+    void *na = realloc(*arr, nc * elem);
+    if (na == NULL)
+        return -1;
+    *arr = na;
+    *cap = nc;
+    return 0;
+}
+
+static char *vformat(const char *fmt, va_list ap)
+{
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0)
+        return NULL;
+    for (char *p = s; *p; p++) /* one line: names come from input */
+        if (*p == '\n' || *p == '\r')
+            *p = ' ';
+    return s;
+}
+
+void lm_report_note(lm_report_impl *ri, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = vformat(fmt, ap);
+    va_end(ap);
+    if (s == NULL || grow((void **)&ri->notes, &ri->cap_notes, ri->n_notes, sizeof *ri->notes) != 0) {
+        free(s);
+        ri->oom = 1;
+        return;
+    }
+    ri->notes[ri->n_notes++] = s;
+}
+
+void lm_report_warn(lm_report_impl *ri, const char *code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = vformat(fmt, ap), *c = strdup(code);
+    va_end(ap);
+    if (s == NULL || c == NULL ||
+        grow((void **)&ri->warnings, &ri->cap_warnings, ri->n_warnings, sizeof *ri->warnings) != 0) {
+        free(s);
+        free(c);
+        ri->oom = 1;
+        return;
+    }
+    ri->warnings[ri->n_warnings++] = (lm_merge_warning){c, s};
+}
+
+void lm_report_take_notes(lm_report_impl *ri, lm_plan *plan)
+{
+    if (plan == NULL || plan->n_notes == 0)
+        return;
+    char **all = malloc((plan->n_notes + ri->n_notes + 1) * sizeof *all);
+    if (all == NULL) {
+        ri->oom = 1;
+        return;
+    }
+    memcpy(all, plan->notes, plan->n_notes * sizeof *all);
+    if (ri->n_notes)
+        memcpy(all + plan->n_notes, ri->notes, ri->n_notes * sizeof *all);
+    free(ri->notes);
+    free(plan->notes);
+    ri->notes = all;
+    ri->n_notes += plan->n_notes;
+    ri->cap_notes = ri->n_notes + 1;
+    plan->notes = NULL;
+    plan->n_notes = 0;
+}
+
+void lm_report_file(lm_report_impl *ri, const char *name, const char *path, const char *kind, const char *origin,
+                    uint64_t n_bytes, const char *sha256)
+{
+    char *n = strdup(name), *p = strdup(path), *h = sha256 ? strdup(sha256) : NULL;
+    if (n == NULL || p == NULL || (sha256 && h == NULL) ||
+        grow((void **)&ri->files, &ri->cap_files, ri->n_files, sizeof *ri->files) != 0) {
+        free(n);
+        free(p);
+        free(h);
+        ri->oom = 1;
+        return;
+    }
+    ri->files[ri->n_files++] = (lm_merge_file){n, p, kind, origin, n_bytes, h};
+}
+
+void lm_report_removed(lm_report_impl *ri, const char *name)
+{
+    char *n = strdup(name);
+    if (n == NULL || grow((void **)&ri->removed, &ri->cap_removed, ri->n_removed, sizeof *ri->removed) != 0) {
+        free(n);
+        ri->oom = 1;
+        return;
+    }
+    ri->removed[ri->n_removed++] = n;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* plan text and JSON                                                                           */
+/* ------------------------------------------------------------------------------------------ */
 static void shape_text(char *buf, size_t cap, size_t n_dims, const uint64_t *shape)
 {
     size_t used = (size_t)snprintf(buf, cap, "[");
@@ -34,50 +171,162 @@ static void shape_text(char *buf, size_t cap, size_t n_dims, const uint64_t *sha
         snprintf(buf + used, cap - used, "]");
 }
 
-/* builds plan_text and json */
-lm_code lm_report_build(lm_report_impl *ri, const lm_merge_job *job, lm_adapter *const *ads, const lm_plan *p,
-                            lm_err *err)
+static cJSON *json_str_or_null(const char *s)
 {
-    size_t cap = 4096, used = 0;
-    char *text = malloc(cap);
-    cJSON *root = cJSON_CreateObject();
+    return s != NULL && s[0] != '\0' ? cJSON_CreateString(s) : cJSON_CreateNull();
+}
+
+static cJSON *json_shape(size_t n_dims, const uint64_t *shape)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (size_t d = 0; d < n_dims && a; d++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber((double)shape[d]));
+    return a;
+}
+
+/* a growing text buffer */
+typedef struct {
+    char *s;
+    size_t used, cap;
+    int oom;
+} tbuf;
+
+static void tb_printf(tbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void tb_printf(tbuf *b, const char *fmt, ...)
+{
+    for (;;) {
+        if (b->oom)
+            return;
+        va_list ap;
+        va_start(ap, fmt);
+        int k = b->s ? vsnprintf(b->s + b->used, b->cap - b->used, fmt, ap) : -1;
+        va_end(ap);
+        if (k >= 0 && b->used + (size_t)k < b->cap) {
+            b->used += (size_t)k;
+            return;
+        }
+        size_t nc = b->cap ? 2 * b->cap : 4096;
+        while (k >= 0 && nc < b->used + (size_t)k + 1)
+            nc *= 2;
+        char *ns = realloc(b->s, nc);
+        if (ns == NULL) {
+            b->oom = 1;
+            return;
+        }
+        if (b->s == NULL)
+            ns[0] = '\0';
+        b->s = ns;
+        b->cap = nc;
+    }
+}
+
+static const char *const PHASE_NAMES[LM_PHASE_COUNT] = {"open", "plan", "prepare", "write", "finish", "hash"};
+
+static cJSON *tensor_stats_json(const lm_tensor_stats *st)
+{
+    if (st == NULL || !st->valid)
+        return cJSON_CreateNull();
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "n_elems", (double)st->n_elems);
+    cJSON_AddNumberToObject(o, "n_changed", (double)st->n_changed);
+    cJSON_AddNumberToObject(o, "changed_fraction", st->n_elems ? (double)st->n_changed / (double)st->n_elems : 0.0);
+    cJSON_AddNumberToObject(o, "n_nonfinite", (double)st->n_nonfinite);
+    cJSON_AddNumberToObject(o, "delta_norm", st->delta_norm);
+    cJSON_AddNumberToObject(o, "base_norm", st->base_norm);
+    if (st->base_norm > 0)
+        cJSON_AddNumberToObject(o, "rel_delta_norm", st->delta_norm / st->base_norm);
+    else
+        cJSON_AddNullToObject(o, "rel_delta_norm");
+    return o;
+}
+
+lm_code lm_report_plan_exact(lm_report_impl *ri, const lm_plan *p, lm_err *err)
+{
+    free(ri->recomputed);
     ri->recomputed = malloc((p->n + 1) * sizeof *ri->recomputed);
-    if (text == NULL || root == NULL || ri->recomputed == NULL)
-        goto nomem;
+    if (ri->recomputed == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (size_t i = 0; i < p->n; i++) /* a dry run does not change them */
         ri->recomputed[i] = lm_lowrank_tensor_eligible(&p->t[i]) ? 0 : UINT64_MAX;
-    text[0] = '\0';
-    cJSON_AddStringToObject(root, "base", job->base_path);
-    cJSON_AddStringToObject(root, "out", job->out_path ? job->out_path : "");
+    return LM_OK;
+}
+
+/* per changed tensor: "exact" (every element the exact value rounded once) and, after a real
+ * run, "recomputed" (its elements recomputed in f64) */
+static void tensor_exactness_json(cJSON *o, const lm_report_impl *ri, const lm_merge_job *job, size_t i)
+{
+    const int exact = ri->recomputed != NULL && ri->recomputed[i] != UINT64_MAX;
+    cJSON_AddBoolToObject(o, "exact", exact && !job->exactness_off);
+    if (exact && !job->dry_run)
+        cJSON_AddNumberToObject(o, "recomputed", (double)ri->recomputed[i]);
+}
+
+lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err)
+{
+    const lm_merge_job *job = c->job;
+    const lm_plan *p = c->plan;
+    lm_merge_report *r = &ri->pub;
+    tbuf text = {0};
+    cJSON *root = cJSON_CreateObject();
+    if (root == NULL)
+        goto nomem;
+    r->n_tensors = p->n;
+    r->n_changed = p->n_changed;
+    r->n_lowrank = p->n_lowrank;
+    r->n_replaced = p->n_replaced;
+    r->n_added = p->n_new;
+    r->out_bytes = c->out_bytes;
+    r->lowrank_gflop = p->lowrank_flops * 1e-9;
+    r->n_threads = c->n_threads;
+    r->kernels = c->kernels;
+    r->n_exact_tensors = c->n_exact_tensors;
+    r->n_recomputed = c->n_recomputed;
+    r->out_kind = c->out_kind;
+    r->bytes_to_write = 0;
+    for (size_t i = 0; i < ri->n_files; i++)
+        r->bytes_to_write += ri->files[i].n_bytes;
+
+    cJSON_AddNumberToObject(root, "report_version", LM_REPORT_VERSION);
+    cJSON_AddStringToObject(root, "tool", "lora-merge");
+    cJSON_AddStringToObject(root, "version", LM_VERSION_STRING);
+    cJSON_AddBoolToObject(root, "ok", 1);
     cJSON_AddBoolToObject(root, "dry_run", job->dry_run != 0);
+    cJSON_AddStringToObject(root, "base", job->base_path);
+    cJSON_AddItemToObject(root, "out", json_str_or_null(job->out_path));
+    cJSON_AddItemToObject(root, "out_kind", json_str_or_null(c->out_kind));
+    cJSON_AddItemToObject(root, "out_dtype", json_str_or_null(c->out_dtype));
     cJSON *ja = cJSON_AddArrayToObject(root, "adapters");
-    for (size_t i = 0; i < job->n_adapters; i++) {
+    for (size_t i = 0; i < job->n_adapters && ja; i++) {
         cJSON *a = cJSON_CreateObject();
-        cJSON_AddStringToObject(a, "dir", ads[i]->dir);
-        cJSON_AddStringToObject(a, "name", ads[i]->name);
-        cJSON_AddStringToObject(a, "peft_type", ads[i]->cfg->peft_type);
-        cJSON_AddStringToObject(a, "weights", ads[i]->weights_path);
-        cJSON_AddNumberToObject(a, "weight", ads[i]->weight);
-        cJSON_AddNumberToObject(a, "n_tensors", (double)ads[i]->ts->n);
+        cJSON_AddStringToObject(a, "dir", c->ads[i]->dir);
+        cJSON_AddStringToObject(a, "name", c->ads[i]->name);
+        cJSON_AddStringToObject(a, "peft_type", c->ads[i]->cfg->peft_type);
+        cJSON_AddStringToObject(a, "weights", c->ads[i]->weights_path);
+        cJSON_AddItemToObject(a, "sha256", json_str_or_null(c->adapter_sha256 ? c->adapter_sha256[i] : NULL));
+        cJSON_AddNumberToObject(a, "weight", c->ads[i]->weight);
+        cJSON_AddNumberToObject(a, "n_tensors", (double)c->ads[i]->ts->n);
         cJSON_AddItemToArray(ja, a);
     }
     cJSON *jt = cJSON_AddArrayToObject(root, "changed_tensors");
-    for (size_t i = 0; i < p->n; i++) {
+    uint64_t total_changed = 0, total_elems = 0;
+    int all_stats = 1;
+    for (size_t i = 0; i < p->n && jt; i++) {
         const lm_plan_tensor *t = &p->t[i];
         if (t->n_ops == 0 && t->dtype == t->src_dtype)
             continue;
-        char sh[128], line[1024];
+        const lm_tensor_stats *st = c->stats ? &c->stats[i] : NULL;
+        char sh[128];
         shape_text(sh, sizeof sh, t->n_dims, t->shape);
-        size_t k = (size_t)snprintf(line, sizeof line, "  %s %s %s%s:", t->name, lm_dtype_name(t->dtype), sh,
-                                    t->base ? "" : " (new)");
+        tb_printf(&text, "  %s %s %s%s:", t->name, lm_dtype_name(t->dtype), sh, t->base ? "" : " (new)");
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "name", t->name);
         cJSON_AddStringToObject(o, "dtype", lm_dtype_name(t->dtype));
+        cJSON_AddStringToObject(o, "src_dtype", lm_dtype_name(t->src_dtype));
+        cJSON_AddItemToObject(o, "shape", json_shape(t->n_dims, t->shape));
         cJSON_AddBoolToObject(o, "new", t->base == NULL);
         cJSON *ops = cJSON_AddArrayToObject(o, "ops");
-        if (t->n_ops == 0 && k < sizeof line)
-            k += (size_t)snprintf(line + k, sizeof line - k, " convert %s -> %s", lm_dtype_name(t->src_dtype),
-                                  lm_dtype_name(t->dtype));
+        if (t->n_ops == 0)
+            tb_printf(&text, " convert %s -> %s", lm_dtype_name(t->src_dtype), lm_dtype_name(t->dtype));
         for (size_t q = 0; q < t->n_ops; q++) {
             const lm_op *op = &t->ops[q];
             cJSON *jo = cJSON_CreateObject();
@@ -88,93 +337,147 @@ lm_code lm_report_build(lm_report_impl *ri, const lm_merge_job *job, lm_adapter 
                 cJSON_AddNumberToObject(jo, "rank", (double)op->rank);
                 cJSON_AddNumberToObject(jo, "scale", op->scale);
                 cJSON_AddBoolToObject(jo, "transposed", op->axis);
-                if (k < sizeof line)
-                    k += (size_t)snprintf(line + k, sizeof line - k, " %s(r=%llu, scale=%g%s, #%zu)", op->name,
-                                          (unsigned long long)op->rank, op->scale, op->axis ? ", transposed" : "",
-                                          op->adapter);
-            } else if (k < sizeof line) {
-                k += (size_t)snprintf(line + k, sizeof line - k, " %s(#%zu)", op->name, op->adapter);
+                tb_printf(&text, " %s(r=%llu, scale=%g%s, #%zu)", op->name, (unsigned long long)op->rank, op->scale,
+                          op->axis ? ", transposed" : "", op->adapter);
+            } else {
+                tb_printf(&text, " %s(#%zu)", op->name, op->adapter);
             }
             cJSON_AddItemToArray(ops, jo);
         }
-        cJSON_AddItemToArray(jt, o);
-        size_t ll = strlen(line);
-        if (used + ll + 2 > cap) {
-            while (used + ll + 2 > cap)
-                cap *= 2;
-            char *nt = realloc(text, cap);
-            if (nt == NULL)
-                goto nomem;
-            text = nt;
+        if (st != NULL && st->valid) {
+            tb_printf(&text, "  [%llu of %llu changed, |dW|/|W| %.3g]", (unsigned long long)st->n_changed,
+                      (unsigned long long)st->n_elems, st->base_norm > 0 ? st->delta_norm / st->base_norm : 0.0);
+            total_changed += st->n_changed;
+            total_elems += st->n_elems;
+        } else {
+            all_stats = 0;
         }
-        memcpy(text + used, line, ll);
-        used += ll;
-        text[used++] = '\n';
-        text[used] = '\0';
+        tb_printf(&text, "\n");
+        tensor_exactness_json(o, ri, job, i);
+        cJSON_AddItemToObject(o, "stats", tensor_stats_json(st));
+        cJSON_AddItemToArray(jt, o);
     }
-    ri->plan_text = text;
-    ri->json = NULL;
-    /* numbers filled by the caller after the run: kept as a tree until then */
-    ri->pub.json = (const char *)root;
+    if (text.s == NULL)
+        tb_printf(&text, "%s", "");
+    cJSON *jf = cJSON_AddArrayToObject(root, "files");
+    for (size_t i = 0; i < ri->n_files && jf; i++) {
+        const lm_merge_file *f = &ri->files[i];
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", f->name);
+        cJSON_AddStringToObject(o, "path", f->path);
+        cJSON_AddStringToObject(o, "kind", f->kind);
+        cJSON_AddStringToObject(o, "origin", f->origin);
+        cJSON_AddNumberToObject(o, "bytes", (double)f->n_bytes);
+        cJSON_AddItemToObject(o, "sha256", json_str_or_null(f->sha256));
+        cJSON_AddItemToArray(jf, o);
+    }
+    cJSON *jr = cJSON_AddArrayToObject(root, "removed");
+    for (size_t i = 0; i < ri->n_removed && jr; i++)
+        cJSON_AddItemToArray(jr, cJSON_CreateString(ri->removed[i]));
+    cJSON *jw = cJSON_AddArrayToObject(root, "warnings");
+    for (size_t i = 0; i < ri->n_warnings && jw; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "code", ri->warnings[i].code);
+        cJSON_AddStringToObject(o, "message", ri->warnings[i].message);
+        cJSON_AddItemToArray(jw, o);
+    }
+    cJSON *jn = cJSON_AddArrayToObject(root, "notes");
+    for (size_t i = 0; i < ri->n_notes && jn; i++)
+        cJSON_AddItemToArray(jn, cJSON_CreateString(ri->notes[i]));
+    cJSON *jtm = cJSON_AddObjectToObject(root, "timings");
+    for (int k = 0; k < LM_PHASE_COUNT && jtm; k++)
+        cJSON_AddNumberToObject(jtm, PHASE_NAMES[k], ri->phase_seconds[k]);
+    if (jtm)
+        cJSON_AddNumberToObject(jtm, "total", r->seconds);
+    cJSON *s = cJSON_AddObjectToObject(root, "summary");
+    if (s) {
+        cJSON_AddNumberToObject(s, "n_tensors", (double)r->n_tensors);
+        cJSON_AddNumberToObject(s, "n_changed", (double)r->n_changed);
+        cJSON_AddNumberToObject(s, "n_lowrank", (double)r->n_lowrank);
+        cJSON_AddNumberToObject(s, "n_replaced", (double)r->n_replaced);
+        cJSON_AddNumberToObject(s, "n_added", (double)r->n_added);
+        if (all_stats && total_elems > 0) {
+            cJSON_AddNumberToObject(s, "n_elements_changed", (double)total_changed);
+            cJSON_AddNumberToObject(s, "n_elements_computed", (double)total_elems);
+        } else {
+            cJSON_AddNullToObject(s, "n_elements_changed");
+            cJSON_AddNullToObject(s, "n_elements_computed");
+        }
+        cJSON_AddNumberToObject(s, "out_bytes", (double)r->out_bytes);
+        cJSON_AddNumberToObject(s, "bytes_to_write", (double)r->bytes_to_write);
+        cJSON_AddNumberToObject(s, "n_files", (double)ri->n_files);
+        cJSON_AddNumberToObject(s, "n_warnings", (double)ri->n_warnings);
+        cJSON_AddNumberToObject(s, "lowrank_gflop", r->lowrank_gflop);
+        cJSON_AddNumberToObject(s, "seconds", r->seconds);
+        cJSON_AddNumberToObject(s, "threads", r->n_threads);
+        cJSON_AddStringToObject(s, "kernels", r->kernels ? r->kernels : "");
+        cJSON_AddNumberToObject(s, "n_exact_tensors", (double)r->n_exact_tensors);
+        cJSON_AddNumberToObject(s, "n_recomputed", (double)r->n_recomputed);
+    }
+    if (text.oom || ri->oom)
+        goto nomem;
+    ri->json = cJSON_PrintUnformatted(root);
+    if (ri->json == NULL)
+        goto nomem;
+    cJSON_Delete(root);
+    ri->plan_text = text.s;
+    r->plan_text = ri->plan_text;
+    r->json = ri->json;
+    r->notes = (const char *const *)ri->notes;
+    r->n_notes = ri->n_notes;
+    r->warnings = ri->warnings;
+    r->n_warnings = ri->n_warnings;
+    r->files = ri->files;
+    r->n_files = ri->n_files;
+    r->removed = (const char *const *)ri->removed;
+    r->n_removed = ri->n_removed;
     return LM_OK;
 nomem:
-    free(text);
     cJSON_Delete(root);
+    free(text.s);
     return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
 }
 
-/* the array follows lm_report_build's order */
-void lm_report_add_exactness(lm_report_impl *ri, const lm_plan *p, int exactness_off, int ran)
+size_t lm_err_json(const lm_err *err, char *buf, size_t cap)
 {
-    const uint64_t *recomputed = ri->recomputed;
-    cJSON *jt = cJSON_GetObjectItemCaseSensitive((cJSON *)ri->pub.json, "changed_tensors");
-    cJSON *o = jt ? jt->child : NULL;
-    for (size_t i = 0; i < p->n && o != NULL; i++) {
-        const lm_plan_tensor *t = &p->t[i];
-        if (t->n_ops == 0 && t->dtype == t->src_dtype)
-            continue;
-        const int exact = recomputed[i] != UINT64_MAX;
-        cJSON_AddBoolToObject(o, "exact", exact && !exactness_off);
-        if (exact && ran)
-            cJSON_AddNumberToObject(o, "recomputed", (double)recomputed[i]);
-        o = o->next;
+    cJSON *root = cJSON_CreateObject(), *e = cJSON_CreateObject();
+    char *text = NULL;
+    size_t need = 0;
+    if (root != NULL && e != NULL) {
+        cJSON_AddNumberToObject(root, "report_version", LM_REPORT_VERSION);
+        cJSON_AddStringToObject(root, "tool", "lora-merge");
+        cJSON_AddStringToObject(root, "version", LM_VERSION_STRING);
+        cJSON_AddBoolToObject(root, "ok", 0);
+        cJSON_AddStringToObject(e, "code", lm_code_name(err->code));
+        cJSON_AddItemToObject(e, "kind", json_str_or_null(err->kind));
+        cJSON_AddNumberToObject(e, "exit_status", lm_code_exit_status(err->code));
+        cJSON_AddItemToObject(e, "path", json_str_or_null(err->path));
+        cJSON_AddItemToObject(e, "tensor", json_str_or_null(err->tensor));
+        if (err->offset != UINT64_MAX)
+            cJSON_AddNumberToObject(e, "offset", (double)err->offset);
+        else
+            cJSON_AddNullToObject(e, "offset");
+        if (err->sys_errno != 0)
+            cJSON_AddNumberToObject(e, "errno", err->sys_errno);
+        else
+            cJSON_AddNullToObject(e, "errno");
+        cJSON_AddStringToObject(e, "message", err->msg);
+        cJSON_AddItemToObject(root, "error", e);
+        e = NULL;
+        text = cJSON_PrintUnformatted(root);
     }
-}
-
-lm_code lm_report_finish_json(lm_report_impl *ri, lm_err *err)
-{
-    cJSON *root = (cJSON *)ri->pub.json;
-    lm_merge_report *r = &ri->pub;
-    cJSON *s = cJSON_CreateObject();
-    cJSON_AddNumberToObject(s, "n_tensors", (double)r->n_tensors);
-    cJSON_AddNumberToObject(s, "n_changed", (double)r->n_changed);
-    cJSON_AddNumberToObject(s, "n_lowrank", (double)r->n_lowrank);
-    cJSON_AddNumberToObject(s, "n_replaced", (double)r->n_replaced);
-    cJSON_AddNumberToObject(s, "n_added", (double)r->n_added);
-    cJSON_AddNumberToObject(s, "out_bytes", (double)r->out_bytes);
-    cJSON_AddNumberToObject(s, "lowrank_gflop", r->lowrank_gflop);
-    cJSON_AddNumberToObject(s, "seconds", r->seconds);
-    cJSON_AddNumberToObject(s, "threads", r->n_threads);
-    cJSON_AddStringToObject(s, "kernels", r->kernels);
-    cJSON_AddNumberToObject(s, "n_exact_tensors", (double)r->n_exact_tensors);
-    cJSON_AddNumberToObject(s, "n_recomputed", (double)r->n_recomputed);
-    cJSON_AddItemToObject(root, "summary", s);
-    cJSON *jn = cJSON_AddArrayToObject(root, "notes");
-    for (size_t i = 0; i < r->n_notes; i++)
-        cJSON_AddItemToArray(jn, cJSON_CreateString(r->notes[i]));
-    ri->json = cJSON_PrintUnformatted(root);
+    cJSON_Delete(e);
     cJSON_Delete(root);
-    r->json = ri->json;
-    if (ri->json == NULL)
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    return LM_OK;
-}
-
-void lm_report_drop_tree(lm_report_impl *ri)
-{
-    if (ri->pub.json != NULL && ri->json == NULL)
-        cJSON_Delete((cJSON *)ri->pub.json);
-    ri->pub.json = NULL;
+    if (text == NULL) { /* out of memory: a fixed object still says what happened */
+        text = strdup("{\"ok\":false,\"error\":{\"code\":\"OutOfMemory\",\"exit_status\":4}}");
+        if (text == NULL)
+            return 0;
+    }
+    need = strlen(text);
+    if (cap > 0)
+        snprintf(buf, cap, "%s", text);
+    free(text);
+    return need;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -275,4 +578,227 @@ lm_code lm_adapter_describe(const char *dir, char **text, lm_err *err)
     }
     *text = buf;
     return LM_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* lm_inspect                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+/* an adapter directory (or something only the adapter reader can explain), not a model */
+static int is_adapter_dir(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    static const char *const model_files[] = {"model.safetensors", "model.safetensors.index.json"};
+    char *p = lm_path_join(path, "adapter_config.json");
+    int has = p != NULL && stat(p, &st) == 0;
+    free(p);
+    if (has)
+        return 1;
+    for (size_t i = 0; i < 2; i++) {
+        p = lm_path_join(path, model_files[i]);
+        has = p != NULL && stat(p, &st) == 0;
+        free(p);
+        if (has)
+            return 0;
+    }
+    return 1; /* let the adapter reader explain (multi-adapter save, or nothing there) */
+}
+
+static lm_code inspect_adapter(const char *path, int as_json, char **text, lm_err *err)
+{
+    char *desc = NULL;
+    lm_code rc = lm_adapter_describe(path, &desc, err);
+    if (rc != LM_OK)
+        return rc;
+    char *cfg = lm_path_join(path, "adapter_config.json");
+    char *declared = NULL;
+    if (cfg != NULL)
+        declared = lm_adapter_declared_base(cfg);
+    free(cfg);
+    tbuf b = {0};
+    if (!as_json) {
+        tb_printf(&b, "%s", desc);
+        tb_printf(&b, "base_model_name_or_path: %s\n", declared ? declared : "(not declared)");
+    } else {
+        cJSON *root = cJSON_CreateObject(), *lines = NULL;
+        cJSON_AddNumberToObject(root, "report_version", LM_REPORT_VERSION);
+        cJSON_AddStringToObject(root, "tool", "lora-merge");
+        cJSON_AddStringToObject(root, "version", LM_VERSION_STRING);
+        cJSON_AddStringToObject(root, "kind", "adapter");
+        cJSON_AddStringToObject(root, "path", path);
+        cJSON_AddItemToObject(root, "base_model_name_or_path", json_str_or_null(declared));
+        cJSON_AddBoolToObject(root, "refused", strncmp(strchr(desc, '\n') ? strchr(desc, '\n') + 1 : "", "refused:", 8) == 0);
+        lines = cJSON_AddArrayToObject(root, "description");
+        for (char *line = desc, *nl; line && *line; line = nl ? nl + 1 : NULL) {
+            nl = strchr(line, '\n');
+            if (nl)
+                *nl = '\0';
+            cJSON_AddItemToArray(lines, cJSON_CreateString(line));
+        }
+        char *js = cJSON_PrintUnformatted(root);
+        cJSON_Delete(root);
+        if (js != NULL)
+            tb_printf(&b, "%s", js);
+        else
+            b.oom = 1;
+        free(js);
+    }
+    free(desc);
+    free(declared);
+    if (b.oom || b.s == NULL) {
+        free(b.s);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    *text = b.s;
+    return LM_OK;
+}
+
+static lm_code inspect_model(const char *path, int as_json, char **text, lm_err *err)
+{
+    lm_model *m = lm_model_open(path, err);
+    if (m == NULL)
+        return err->code;
+    char *dir = lm_base_directory(path);
+    lm_base_info bi;
+    memset(&bi, 0, sizeof bi);
+    bi.tie_word_embeddings = -1;
+    bi.vocab_size = -1;
+    if (dir != NULL)
+        lm_base_info_read(dir, &bi);
+    free(dir);
+    uint64_t total_bytes = 0, total_elems = 0;
+    size_t per_dtype[LM_DT_COUNT] = {0};
+    tbuf b = {0};
+    cJSON *root = as_json ? cJSON_CreateObject() : NULL, *jfiles = NULL, *jt = NULL;
+    if (root) {
+        cJSON_AddNumberToObject(root, "report_version", LM_REPORT_VERSION);
+        cJSON_AddStringToObject(root, "tool", "lora-merge");
+        cJSON_AddStringToObject(root, "version", LM_VERSION_STRING);
+        cJSON_AddStringToObject(root, "kind", "model");
+        cJSON_AddStringToObject(root, "path", path);
+        cJSON_AddItemToObject(root, "index", json_str_or_null(lm_model_index_path(m)));
+        jfiles = cJSON_AddArrayToObject(root, "files");
+        jt = cJSON_AddArrayToObject(root, "tensors");
+    }
+    if (!as_json && lm_model_index_path(m))
+        tb_printf(&b, "index: %s (%zu shards)\n", lm_model_index_path(m), lm_model_n_files(m));
+    for (size_t f = 0; f < lm_model_n_files(m); f++) {
+        const lm_st_file *sf = lm_model_file(m, f);
+        cJSON *jf = root ? cJSON_CreateObject() : NULL, *jm = NULL;
+        if (jf) {
+            cJSON_AddStringToObject(jf, "path", lm_st_path(sf));
+            cJSON_AddNumberToObject(jf, "header_bytes", (double)(lm_st_data_offset(sf) - 8));
+            cJSON_AddNumberToObject(jf, "data_bytes", (double)lm_st_data_bytes(sf));
+            jm = cJSON_AddObjectToObject(jf, "metadata");
+            cJSON_AddItemToArray(jfiles, jf);
+        } else {
+            tb_printf(&b, "file: %s (header %llu bytes, data %llu bytes)\n", lm_st_path(sf),
+                      (unsigned long long)(lm_st_data_offset(sf) - 8), (unsigned long long)lm_st_data_bytes(sf));
+        }
+        for (size_t i = 0; i < lm_st_n_metadata(sf); i++) {
+            const char *k, *v;
+            lm_st_metadata(sf, i, &k, &v);
+            if (jm)
+                cJSON_AddStringToObject(jm, k, v);
+            else
+                tb_printf(&b, "  metadata %s = %s\n", k, v);
+        }
+    }
+    for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
+        const lm_model_entry *e = lm_model_tensor(m, i);
+        const lm_tensor_info *t = e->info;
+        if (jt) {
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "name", t->name);
+            cJSON_AddStringToObject(o, "dtype", lm_dtype_name(t->dtype));
+            cJSON_AddItemToObject(o, "shape", json_shape(t->n_dims, t->shape));
+            cJSON_AddNumberToObject(o, "bytes", (double)(t->end - t->begin));
+            cJSON_AddNumberToObject(o, "file", (double)e->file);
+            cJSON_AddItemToArray(jt, o);
+        } else {
+            char sh[256];
+            shape_text(sh, sizeof sh, t->n_dims, t->shape);
+            tb_printf(&b, "  %s %s %s %llu bytes\n", t->name, lm_dtype_name(t->dtype), sh,
+                      (unsigned long long)(t->end - t->begin));
+        }
+        total_bytes += t->end - t->begin;
+        total_elems += t->n_elems;
+        per_dtype[t->dtype]++;
+    }
+    if (root) {
+        cJSON *tot = cJSON_AddObjectToObject(root, "totals"), *jd = NULL;
+        cJSON_AddNumberToObject(tot, "tensors", (double)lm_model_n_tensors(m));
+        cJSON_AddNumberToObject(tot, "elements", (double)total_elems);
+        cJSON_AddNumberToObject(tot, "bytes", (double)total_bytes);
+        jd = cJSON_AddObjectToObject(tot, "dtypes");
+        for (int d = 0; d < LM_DT_COUNT; d++)
+            if (per_dtype[d])
+                cJSON_AddNumberToObject(jd, lm_dtype_name((lm_dtype)d), (double)per_dtype[d]);
+        if (bi.has_config) {
+            cJSON *c = cJSON_AddObjectToObject(root, "config");
+            cJSON_AddItemToObject(c, "model_type", json_str_or_null(bi.model_type));
+            cJSON_AddItemToObject(c, "_name_or_path", json_str_or_null(bi.name_or_path));
+            cJSON_AddItemToObject(c, "torch_dtype", json_str_or_null(bi.torch_dtype));
+            if (bi.tie_word_embeddings >= 0)
+                cJSON_AddBoolToObject(c, "tie_word_embeddings", bi.tie_word_embeddings);
+            else
+                cJSON_AddNullToObject(c, "tie_word_embeddings");
+            if (bi.vocab_size >= 0)
+                cJSON_AddNumberToObject(c, "vocab_size", (double)bi.vocab_size);
+            else
+                cJSON_AddNullToObject(c, "vocab_size");
+            cJSON_AddBoolToObject(c, "quantization_config", bi.has_quantization);
+        } else {
+            cJSON_AddNullToObject(root, "config");
+        }
+        char *js = cJSON_PrintUnformatted(root);
+        if (js)
+            tb_printf(&b, "%s", js);
+        else
+            b.oom = 1;
+        free(js);
+        cJSON_Delete(root);
+    } else {
+        tb_printf(&b, "total: %zu tensors, %llu elements, %llu bytes;", lm_model_n_tensors(m),
+                  (unsigned long long)total_elems, (unsigned long long)total_bytes);
+        for (int d = 0; d < LM_DT_COUNT; d++)
+            if (per_dtype[d])
+                tb_printf(&b, " %s x%zu", lm_dtype_name((lm_dtype)d), per_dtype[d]);
+        tb_printf(&b, "\n");
+        if (bi.has_config) {
+            tb_printf(&b, "config: model_type %s, _name_or_path %s, torch_dtype %s, tie_word_embeddings %s", 
+                      bi.model_type ? bi.model_type : "-", bi.name_or_path ? bi.name_or_path : "-",
+                      bi.torch_dtype ? bi.torch_dtype : "-",
+                      bi.tie_word_embeddings < 0 ? "-" : bi.tie_word_embeddings ? "true" : "false");
+            if (bi.vocab_size >= 0)
+                tb_printf(&b, ", vocab_size %lld", (long long)bi.vocab_size);
+            tb_printf(&b, "%s\n", bi.has_quantization ? ", quantization_config" : "");
+        }
+    }
+    lm_base_info_free(&bi);
+    lm_model_close(m);
+    if (b.oom || b.s == NULL) {
+        free(b.s);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    *text = b.s;
+    return LM_OK;
+}
+
+lm_code lm_inspect(const char *path, int as_json, char **text, lm_err *err)
+{
+    lm_err e;
+    lm_err_clear(&e);
+    *text = NULL;
+    lm_code rc;
+    if (path == NULL || path[0] == '\0')
+        rc = lm_fail(&e, LM_E_USAGE, "Usage", "inspect needs a path");
+    else if (is_adapter_dir(path))
+        rc = inspect_adapter(path, as_json, text, &e);
+    else
+        rc = inspect_model(path, as_json, text, &e);
+    if (rc != LM_OK && err != NULL)
+        *err = e;
+    return rc;
 }

@@ -1,0 +1,453 @@
+/* test_report.c : what lora-merge says, for people and for CI pipelines.
+ *   - a merge that changes nothing is an error (an adapter that lands nowhere, deltas all zero),
+ *     accepted with a warning under --allow-noop
+ *   - the base an adapter declares is compared with the base given (BaseModelMismatch), and
+ *     --strict turns warnings into exit status 5 before anything is written
+ *   - inputs that are not what they seem (Git LFS pointers, GGUF, PyTorch pickles, Hub ids,
+ *     swapped arguments) get an error that says what they are
+ *   - --json: errors are JSON objects on stdout with the same exit status; inspect --json
+ *   - the progress bar ends at 100% with a rate
+ *   - every warning code the sources can emit is documented in the README and the man page
+ * Everything is generated here. */
+#include "th.h"
+
+#include <cJSON.h>
+#include <criterion/criterion.h>
+#include <dirent.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct {
+    char *tmp;
+    char base[700], ad[700], out[700];
+} rp_fx;
+
+static void rp_path(char *dst, size_t cap, const char *dir, const char *name)
+{
+    int n = snprintf(dst, cap, "%s/%s", dir, name);
+    cr_assert(n > 0 && (size_t)n < cap);
+}
+
+static void rp_write(const char *dir, const char *name, const char *text)
+{
+    char p[1400];
+    rp_path(p, sizeof p, dir, name);
+    cr_assert_eq(th_write_file(p, text, strlen(text)), 0, "cannot write %s", p);
+}
+
+/* base/model.safetensors (q_proj [4, 6], norm [6]) + config.json; adapter: LoRA r=2 on q_proj;
+ * b_scale multiplies lora_B (0: an untrained adapter) */
+static void rp_adapter(rp_fx *f, const char *config, double b_scale)
+{
+    double A[2 * 6], B[4 * 2];
+    uint64_t seed = 7;
+    for (int i = 0; i < 12; i++)
+        A[i] = th_round_to(0.3 * th_rand_uniform(&seed), "F32");
+    for (int i = 0; i < 8; i++)
+        B[i] = th_round_to(b_scale * th_rand_uniform(&seed), "F32");
+    th_out_tensor t[] = {{"base_model.model.model.layers.0.q_proj.lora_A.weight", "F32", 2, {2, 6}, A},
+                         {"base_model.model.model.layers.0.q_proj.lora_B.weight", "F32", 2, {4, 2}, B}};
+    char p[1400];
+    rp_path(p, sizeof p, f->ad, "adapter_model.safetensors");
+    cr_assert_eq(th_st_write(p, t, 2), 0);
+    rp_write(f->ad, "adapter_config.json", config);
+}
+
+static const char RP_ADAPTER_CONFIG[] =
+    "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": [\"q_proj\"], "
+    "\"base_model_name_or_path\": \"meta-llama/Llama-3.2-1B\"}";
+
+static void rp_make(rp_fx *f)
+{
+    memset(f, 0, sizeof *f);
+    f->tmp = th_tmpdir();
+    cr_assert_not_null(f->tmp);
+    rp_path(f->base, sizeof f->base, f->tmp, "base");
+    rp_path(f->ad, sizeof f->ad, f->tmp, "adapter");
+    rp_path(f->out, sizeof f->out, f->tmp, "out.safetensors");
+    cr_assert_eq(mkdir(f->base, 0777), 0);
+    cr_assert_eq(mkdir(f->ad, 0777), 0);
+    double W[4 * 6], n[6];
+    uint64_t seed = 3;
+    for (int i = 0; i < 24; i++)
+        W[i] = th_round_to(th_rand_uniform(&seed), "BF16");
+    for (int i = 0; i < 6; i++)
+        n[i] = 1;
+    th_out_tensor t[] = {{"model.layers.0.q_proj.weight", "BF16", 2, {4, 6}, W}, {"model.norm.weight", "BF16", 1, {6}, n}};
+    char p[1400];
+    rp_path(p, sizeof p, f->base, "model.safetensors");
+    cr_assert_eq(th_st_write(p, t, 2), 0);
+    rp_write(f->base, "config.json",
+             "{\"_name_or_path\": \"meta-llama/Llama-3.2-1B\", \"model_type\": \"llama\", \"torch_dtype\": \"bfloat16\"}");
+    rp_adapter(f, RP_ADAPTER_CONFIG, 0.1);
+}
+
+static void rp_free(rp_fx *f)
+{
+    th_rmrf(f->tmp);
+    free(f->tmp);
+}
+
+static th_run_result rp_run(const char *first, ...)
+{
+    const char *argv[32];
+    int n = 0;
+    argv[n++] = th_bin();
+    va_list ap;
+    va_start(ap, first);
+    for (const char *a = first; a != NULL; a = va_arg(ap, const char *)) {
+        cr_assert_lt(n, 31);
+        argv[n++] = a;
+    }
+    va_end(ap);
+    argv[n] = NULL;
+    return th_run(NULL, argv);
+}
+
+/* a refusal: status, one error line with every key, nothing written */
+static void rp_refused(const rp_fx *f, const th_run_result *r, int status, const char *k1, const char *k2)
+{
+    cr_assert_eq(r->status, status, "exit %d (expected %d): %s", r->status, status, r->err);
+    cr_assert(strncmp(r->err, "error: ", 7) == 0 && strchr(r->err, '\n') == r->err + strlen(r->err) - 1,
+              "not one error line: [%s]", r->err);
+    cr_assert(k1 == NULL || strstr(r->err, k1) != NULL, "stderr lacks '%s': %s", k1, r->err);
+    cr_assert(k2 == NULL || strstr(r->err, k2) != NULL, "stderr lacks '%s': %s", k2, r->err);
+    cr_assert(!th_exists(f->out), "something was written: %s", f->out);
+}
+
+/* ============================================================================================ */
+/* no silent no-ops                                                                              */
+/* ============================================================================================ */
+Test(report, adapter_that_lands_nowhere_is_an_error)
+{
+    rp_fx f;
+    rp_make(&f);
+    rp_adapter(&f, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": [\"v_proj\"]}", 0.1);
+    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "NoOp", "changes no tensor");
+    th_run_free(&r);
+    r = rp_run("--allow-noop", "--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "\"code\":\"NoOpAllowed\"") != NULL, "%s", r.out);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+Test(report, all_zero_deltas_are_an_error)
+{
+    rp_fx f;
+    rp_make(&f);
+    rp_adapter(&f, RP_ADAPTER_CONFIG, 0.0); /* lora_B as PEFT initialises it */
+    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "NoOp", "zero");
+    th_run_free(&r);
+    r = rp_run("--allow-noop", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "warning: [NoOpAllowed]") != NULL, "%s", r.err);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* ============================================================================================ */
+/* the base an adapter declares; --strict                                                        */
+/* ============================================================================================ */
+Test(report, base_model_mismatch_warning_and_strict)
+{
+    rp_fx f;
+    rp_make(&f);
+    rp_adapter(&f,
+               "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": [\"q_proj\"], "
+               "\"base_model_name_or_path\": \"mistralai/Mistral-7B-v0.1\"}", 0.1);
+    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "warning: [BaseModelMismatch]") && strstr(r.err, "Mistral-7B-v0.1"), "%s", r.err);
+    th_run_free(&r);
+    unlink(f.out);
+    r = rp_run("--strict", f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 5, "BaseModelMismatch", "--strict");
+    th_run_free(&r);
+    /* under --json the strict error is a JSON object with the same status */
+    r = rp_run("--strict", "--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 5);
+    cJSON *j = cJSON_Parse(r.out);
+    cr_assert_not_null(j, "stdout is not JSON: %s", r.out);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(e, "kind")->valuestring, "BaseModelMismatch");
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(e, "exit_status")->valuedouble, 5);
+    cJSON_Delete(j);
+    th_run_free(&r);
+    /* the same declared base as the base's config: no warning, --strict passes */
+    rp_adapter(&f, RP_ADAPTER_CONFIG, 0.1);
+    r = rp_run("--strict", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "warning") == NULL, "%s", r.err);
+    th_run_free(&r);
+    /* inspect shows the declared base */
+    r = rp_run("inspect", f.ad, NULL);
+    cr_assert(strstr(r.out, "base_model_name_or_path: meta-llama/Llama-3.2-1B") != NULL, "%s", r.out);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* ============================================================================================ */
+/* inputs that are not what they seem                                                            */
+/* ============================================================================================ */
+static const char LFS_POINTER[] = "version https://git-lfs.github.com/spec/v1\n"
+                                  "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+                                  "size 2336927755\n";
+
+Test(report, git_lfs_pointer_base_and_adapter)
+{
+    rp_fx f;
+    rp_make(&f);
+    rp_write(f.base, "model.safetensors", LFS_POINTER);
+    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "git lfs pull", "model.safetensors");
+    cr_assert(strstr(r.err, "header length") == NULL, "%s", r.err);
+    th_run_free(&r);
+    rp_fx g;
+    rp_make(&g);
+    rp_write(g.ad, "adapter_model.safetensors", LFS_POINTER);
+    r = rp_run(g.base, g.ad, g.out, NULL);
+    rp_refused(&g, &r, 1, "git lfs pull", "adapter_model.safetensors");
+    th_run_free(&r);
+    rp_free(&f);
+    rp_free(&g);
+}
+
+Test(report, gguf_and_pickle_bases)
+{
+    rp_fx f;
+    rp_make(&f);
+    char p[1400];
+    rp_path(p, sizeof p, f.tmp, "model.gguf");
+    cr_assert_eq(th_write_file(p, "GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", 24), 0);
+    th_run_result r = rp_run(p, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "GGUF", "model.gguf");
+    th_run_free(&r);
+    /* a torch.save() zip as the base file, then a directory holding only pytorch_model.bin */
+    rp_path(p, sizeof p, f.tmp, "pytorch_model.bin");
+    cr_assert_eq(th_write_file(p, "PK\x03\x04\x14\0\0\0\0\0archive/data.pkl", 26), 0);
+    r = rp_run(p, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "PyTorch", "safetensors");
+    th_run_free(&r);
+    char d[1400];
+    rp_path(d, sizeof d, f.tmp, "binmodel");
+    cr_assert_eq(mkdir(d, 0777), 0);
+    rp_path(p, sizeof p, d, "pytorch_model.bin");
+    cr_assert_eq(th_write_file(p, "PK\x03\x04\x14\0\0\0\0\0archive/data.pkl", 26), 0);
+    r = rp_run(d, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "PyTorch", "pytorch_model.bin");
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+Test(report, hub_ids_and_swapped_arguments)
+{
+    rp_fx f;
+    rp_make(&f);
+    th_run_result r = rp_run("meta-llama/Llama-3.2-1B", f.ad, f.out, NULL);
+    rp_refused(&f, &r, 2, "Hub id", "huggingface-cli download");
+    th_run_free(&r);
+    r = rp_run(f.base, "someone/my-lora", f.out, NULL);
+    rp_refused(&f, &r, 2, "Hub id", "someone/my-lora");
+    th_run_free(&r);
+    r = rp_run(f.ad, f.base, f.out, NULL);
+    rp_refused(&f, &r, 2, "order is BASE ADAPTER_DIR OUT", NULL);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* ============================================================================================ */
+/* --json                                                                                         */
+/* ============================================================================================ */
+static cJSON *rp_json_error(const th_run_result *r, int status)
+{
+    cr_assert_eq(r->status, status, "exit %d: %s", r->status, r->err);
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithOpts(r->out, &end, 0);
+    cr_assert_not_null(j, "stdout is not one JSON object: [%s]", r->out);
+    cr_assert(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(j, "ok")), "%s", r->out);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+    cr_assert(cJSON_IsObject(e), "%s", r->out);
+    static const char *const keys[] = {"code", "kind", "exit_status", "path", "tensor", "message"};
+    for (size_t i = 0; i < 6; i++)
+        cr_assert_not_null(cJSON_GetObjectItemCaseSensitive(e, keys[i]), "error lacks %s: %s", keys[i], r->out);
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(e, "exit_status")->valuedouble, status);
+    return j;
+}
+
+Test(report, json_errors_on_stdout)
+{
+    rp_fx f;
+    rp_make(&f);
+    /* a shape mismatch: code, kind, the adapter's module as the tensor */
+    rp_adapter(&f, "{\"peft_type\": \"LORA\", \"r\": 3, \"lora_alpha\": 4, \"target_modules\": [\"q_proj\"]}", 0.1);
+    th_run_result r = rp_run("--json", f.base, f.ad, f.out, NULL);
+    cJSON *j = rp_json_error(&r, 1);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+    cr_assert(strstr(cJSON_GetObjectItemCaseSensitive(e, "tensor")->valuestring, "q_proj") != NULL, "%s", r.out);
+    cr_assert(strncmp(r.err, "error: ", 7) == 0, "the stderr line is gone: %s", r.err);
+    cJSON_Delete(j);
+    th_run_free(&r);
+    /* a missing base: an I/O error, status 3 */
+    char missing[800];
+    rp_path(missing, sizeof missing, f.tmp, "nothing/here.safetensors");
+    r = rp_run("--json", missing, f.ad, f.out, NULL);
+    j = rp_json_error(&r, 3);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "error"), "code")->valuestring,
+                     "IoError");
+    cJSON_Delete(j);
+    th_run_free(&r);
+    /* a usage error */
+    r = rp_run("--json", "--threads", "0", f.base, f.ad, f.out, NULL);
+    j = rp_json_error(&r, 2);
+    cJSON_Delete(j);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+Test(report, json_report_fields)
+{
+    rp_fx f;
+    rp_make(&f);
+    th_run_result r = rp_run("--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cJSON *j = cJSON_Parse(r.out);
+    cr_assert_not_null(j);
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(j, "report_version")->valuedouble, 1);
+    cr_assert(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "ok")));
+    const cJSON *t = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "changed_tensors"), 0);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(t, "name")->valuestring, "model.layers.0.q_proj.weight");
+    const cJSON *shape = cJSON_GetObjectItemCaseSensitive(t, "shape");
+    cr_assert(cJSON_GetArraySize(shape) == 2 && cJSON_GetArrayItem(shape, 0)->valuedouble == 4 &&
+              cJSON_GetArrayItem(shape, 1)->valuedouble == 6, "%s", r.out);
+    cr_assert_not_null(cJSON_GetObjectItemCaseSensitive(t, "stats"));
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(j, "files");
+    cr_assert_eq(cJSON_GetArraySize(files), 1);
+    const cJSON *f0 = cJSON_GetArrayItem(files, 0);
+    struct stat st;
+    cr_assert_eq(stat(f.out, &st), 0);
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(f0, "bytes")->valuedouble, (double)st.st_size);
+    char cmd[1600];
+    snprintf(cmd, sizeof cmd, "sha256sum '%s' | cut -c1-64", f.out);
+    th_run_result s = th_sh(cmd);
+    s.out[64] = '\0';
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(f0, "sha256")->valuestring, s.out);
+    th_run_free(&s);
+    const cJSON *a0 = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "adapters"), 0);
+    snprintf(cmd, sizeof cmd, "sha256sum '%s/adapter_model.safetensors' | cut -c1-64", f.ad);
+    s = th_sh(cmd);
+    s.out[64] = '\0';
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(a0, "sha256")->valuestring, s.out);
+    th_run_free(&s);
+    static const char *const keys[] = {"warnings", "notes", "timings", "summary", "removed", "out_dtype"};
+    for (size_t i = 0; i < 6; i++)
+        cr_assert_not_null(cJSON_GetObjectItemCaseSensitive(j, keys[i]), "no %s: %s", keys[i], r.out);
+    const cJSON *tm = cJSON_GetObjectItemCaseSensitive(j, "timings");
+    static const char *const phases[] = {"open", "plan", "prepare", "write", "finish", "hash", "total"};
+    for (size_t i = 0; i < 7; i++)
+        cr_assert(cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(tm, phases[i])), "no timing %s", phases[i]);
+    cJSON_Delete(j);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+Test(report, inspect_json)
+{
+    rp_fx f;
+    rp_make(&f);
+    th_run_result r = rp_run("inspect", "--json", f.base, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cJSON *j = cJSON_Parse(r.out);
+    cr_assert_not_null(j, "not JSON: %s", r.out);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(j, "kind")->valuestring, "model");
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(j, "tensors")), 2);
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "config");
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(c, "model_type")->valuestring, "llama");
+    cJSON_Delete(j);
+    th_run_free(&r);
+    r = rp_run("inspect", f.ad, "--json", NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    j = cJSON_Parse(r.out);
+    cr_assert_not_null(j, "not JSON: %s", r.out);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(j, "kind")->valuestring, "adapter");
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(j, "base_model_name_or_path")->valuestring, "meta-llama/Llama-3.2-1B");
+    cJSON_Delete(j);
+    th_run_free(&r);
+    /* an error under inspect --json */
+    char bad[800];
+    rp_path(bad, sizeof bad, f.tmp, "nope.safetensors");
+    r = rp_run("inspect", "--json", bad, NULL);
+    j = rp_json_error(&r, 3);
+    cJSON_Delete(j);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* the bar's last state: 100%, with a rate */
+Test(report, progress_bar_ends_at_100_percent)
+{
+    rp_fx f;
+    rp_make(&f);
+    th_run_result r = rp_run("--progress", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    const char *last = strrchr(r.err, '\r');
+    cr_assert_not_null(last, "no progress bar: %s", r.err);
+    cr_assert(strstr(last, "100%") != NULL && strstr(last, "MB/s") != NULL, "last state: %s", last);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* ============================================================================================ */
+/* stable warning codes, documented                                                              */
+/* ============================================================================================ */
+static char *rp_slurp(const char *path)
+{
+    size_t n;
+    uint8_t *b = th_read_file(path, &n);
+    cr_assert_not_null(b, "cannot read %s", path);
+    char *s = realloc(b, n + 1);
+    s[n] = '\0';
+    return s;
+}
+
+Test(report, every_warning_code_is_documented)
+{
+    char *readme = rp_slurp("README.md"), *man = rp_slurp("doc/lora-merge.1");
+    DIR *d = opendir("src/engine");
+    cr_assert_not_null(d);
+    struct dirent *de;
+    int n_codes = 0;
+    while ((de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (len < 3 || strcmp(de->d_name + len - 2, ".c") != 0)
+            continue;
+        char p[600];
+        snprintf(p, sizeof p, "src/engine/%s", de->d_name);
+        char *src = rp_slurp(p);
+        for (const char *s = strstr(src, "lm_report_warn("); s; s = strstr(s + 1, "lm_report_warn(")) {
+            const char *q = strchr(s, '"'), *semi = strchr(s, ';');
+            if (q == NULL || (semi && semi < q))
+                continue; /* the declaration or a call with a variable code */
+            const char *e = strchr(q + 1, '"');
+            char code[64];
+            snprintf(code, sizeof code, "%.*s", (int)(e - q - 1), q + 1);
+            char md[80], roff[80];
+            snprintf(md, sizeof md, "`%s`", code);
+            snprintf(roff, sizeof roff, ".B %s\n", code);
+            cr_expect(strstr(readme, md) != NULL, "warning code %s (%s) is not in the README", code, p);
+            cr_expect(strstr(man, roff) != NULL, "warning code %s (%s) is not in the man page", code, p);
+            n_codes++;
+        }
+        free(src);
+    }
+    closedir(d);
+    cr_assert_geq(n_codes, 5, "found only %d warning codes", n_codes);
+    free(readme);
+    free(man);
+}
