@@ -842,3 +842,147 @@ Test(modeldir, provenance_metadata)
     th_st_free(&st);
     md_free(&f);
 }
+
+/* ============================================================================================ */
+/* saved heads and embeddings: every key form, resized vocabularies                             */
+/* ============================================================================================ */
+/* the adapter's weights with the trained head saved under `head_key` */
+static void md_adapter_with_head_key(const md_fx *f, const char *head_key)
+{
+    th_out_tensor t[3] = {
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "F32", 2, {MD_R, MD_D}, f->A},
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", "F32", 2, {MD_D, MD_R}, f->B},
+        {head_key, "F32", 2, {MD_V, MD_D}, f->trained_head}};
+    char p[1400];
+    md_path(p, sizeof p, f->ad, "adapter_model.safetensors");
+    cr_assert_eq(th_st_write(p, t, 3), 0);
+}
+
+/* PEFT has saved modules_to_save as X.weight, X.modules_to_save.weight and
+ * X.modules_to_save.default.weight: each lands on the head (it was skipped with a note) */
+Test(modeldir, saved_head_every_key_form)
+{
+    static const char *const keys[] = {"base_model.model.lm_head.weight", "base_model.model.lm_head.modules_to_save.weight",
+                                       "base_model.model.lm_head.modules_to_save.default.weight"};
+    for (int k = 0; k < 3; k++) {
+        md_fx f;
+        md_make(&f, MD_TIED | MD_HEAD_MTS);
+        md_adapter_with_head_key(&f, keys[k]);
+        th_run_result r = md_run("-q", f.base, f.ad, f.out, NULL);
+        cr_assert_eq(r.status, 0, "%s: exit %d: %s", keys[k], r.status, r.err);
+        th_run_free(&r);
+        double *h = md_head(f.out);
+        md_expect_values(h, f.trained_head, MD_V * MD_D, keys[k]);
+        free(h);
+        md_free(&f);
+    }
+}
+
+/* an adapter tensor that lands nowhere is an error, never a note */
+Test(modeldir, unused_adapter_tensor_is_an_error)
+{
+    md_fx f;
+    md_make(&f, 0);
+    th_out_tensor t[3] = {
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "F32", 2, {MD_R, MD_D}, f.A},
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", "F32", 2, {MD_D, MD_R}, f.B},
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.extra", "F32", 2, {MD_R, MD_D}, f.A}};
+    char p[1400];
+    md_path(p, sizeof p, f.ad, "adapter_model.safetensors");
+    cr_assert_eq(th_st_write(p, t, 3), 0);
+    th_run_result r = md_run(f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 1, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "UnusedTensor") && strstr(r.err, "lora_A.default.extra"), "%s", r.err);
+    cr_assert(!th_exists(f.out));
+    th_run_free(&r);
+    md_free(&f);
+}
+
+/* tokens added while training: embedding and head saved with more rows; the output takes them,
+ * config.json's vocab_size follows, the tokenizer comes from the adapter */
+static void md_resized_adapter(md_fx *f, int save_head, double *emb14, double *head14)
+{
+    uint64_t seed = 99;
+    for (int i = 0; i < 14 * MD_D; i++) {
+        emb14[i] = th_round_to(th_rand_uniform(&seed), "F32");
+        head14[i] = th_round_to(th_rand_uniform(&seed), "F32");
+    }
+    th_out_tensor t[4] = {
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "F32", 2, {MD_R, MD_D}, f->A},
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", "F32", 2, {MD_D, MD_R}, f->B},
+        {"base_model.model.model.embed_tokens.weight", "F32", 2, {14, MD_D}, emb14},
+        {"base_model.model.lm_head.weight", "F32", 2, {14, MD_D}, head14}};
+    char p[1400];
+    md_path(p, sizeof p, f->ad, "adapter_model.safetensors");
+    cr_assert_eq(th_st_write(p, t, save_head ? 4 : 3), 0);
+    md_adapter_config(f, save_head ? ", \"modules_to_save\": [\"embed_tokens\", \"lm_head\"]"
+                                   : ", \"modules_to_save\": [\"embed_tokens\"]");
+    md_write(f->ad, "tokenizer.json", "{\"added_tokens\": [\"<|im_start|>\", \"<|im_end|>\"]}");
+}
+
+static int64_t md_config_int(const char *dir, const char *key)
+{
+    char *cfg = md_read(dir, "config.json");
+    cJSON *j = cJSON_Parse(cfg);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    int64_t r = cJSON_IsNumber(v) ? (int64_t)v->valuedouble : -1;
+    cJSON_Delete(j);
+    free(cfg);
+    return r;
+}
+
+Test(modeldir, added_tokens_untied)
+{
+    md_fx f;
+    md_make(&f, 0);
+    double emb14[14 * MD_D], head14[14 * MD_D];
+    md_resized_adapter(&f, 1, emb14, head14);
+    th_run_result r = md_run("--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "resized from 12 to 14 rows") != NULL, "%s", r.out);
+    th_run_free(&r);
+    uint64_t n = 0;
+    double *e = md_tensor(f.out, "model.embed_tokens.weight", &n);
+    cr_assert_eq(n, 14 * MD_D);
+    md_expect_values(e, emb14, 14 * MD_D, "embedding");
+    free(e);
+    double *h = md_head(f.out);
+    md_expect_values(h, head14, 14 * MD_D, "head");
+    free(h);
+    cr_assert_eq(md_config_int(f.out, "vocab_size"), 14);
+    char *tok = md_read(f.out, "tokenizer.json");
+    cr_assert(strstr(tok, "im_start") != NULL);
+    free(tok);
+    md_free(&f);
+}
+
+Test(modeldir, added_tokens_tied)
+{
+    md_fx f;
+    md_make(&f, MD_TIED);
+    double emb14[14 * MD_D], head14[14 * MD_D];
+    md_resized_adapter(&f, 0, emb14, head14);
+    th_run_result r = md_run("-q", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    double *h = md_head(f.out); /* tied: the resized embedding */
+    md_expect_values(h, emb14, 14 * MD_D, "head (the resized embedding)");
+    free(h);
+    cr_assert_eq(md_config_int(f.out, "vocab_size"), 14);
+    md_free(&f);
+}
+
+/* a resized embedding with the untied head left at the old size: two vocabularies, refused */
+Test(modeldir, added_tokens_without_the_head_refused)
+{
+    md_fx f;
+    md_make(&f, 0);
+    double emb14[14 * MD_D], head14[14 * MD_D];
+    md_resized_adapter(&f, 0, emb14, head14);
+    th_run_result r = md_run(f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 1, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "ResizedVocabulary") && strstr(r.err, "lm_head.weight"), "%s", r.err);
+    cr_assert(!th_exists(f.out));
+    th_run_free(&r);
+    md_free(&f);
+}

@@ -592,7 +592,8 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
         size_t i = plan->data_order[q];
         const lm_plan_tensor *t = &plan->t[i];
         int copy = (t->n_ops == 0 || (t->n_ops == 1 && t->ops[0].kind == LM_OP_REPLACE)) && t->dtype == t->src_dtype;
-        uint64_t bytes = t->base ? t->base->info->end - t->base->info->begin : t->ops[0].src->n_bytes;
+        int replaced = t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE; /* maybe resized: the saved tensor's size */
+        uint64_t bytes = t->base && !replaced ? t->base->info->end - t->base->info->begin : t->ops[0].src->n_bytes;
         uint64_t unit = copy ? COPY_CHUNK : lm_plan_tile_rows(t, J->tile_elems);
         /* a tensor with no elements (a zero in its shape; other dimensions may be huge) has no
          * work; an output dtype of another width changes nothing to that */

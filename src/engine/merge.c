@@ -257,6 +257,68 @@ static lm_code check_noop(merge_state *S, lm_err *err)
     return rc;
 }
 
+static int name_ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0 && (n == k || s[n - k - 1] == '.' || suffix[0] == '.');
+}
+
+/* the names transformers gives input embeddings and output heads (the last components) */
+static const char *const EMBED_NAMES[] = {"embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                                          "shared.weight"};
+static const char *const HEAD_NAMES[] = {"lm_head.weight", "embed_out.weight"};
+#define N_EMBED_NAMES (sizeof EMBED_NAMES / sizeof *EMBED_NAMES)
+#define N_HEAD_NAMES (sizeof HEAD_NAMES / sizeof *HEAD_NAMES)
+
+/* the output's tensor whose name ends with one of names (as a whole component), or NULL */
+static const lm_plan_tensor *find_output(const lm_plan *p, const char *const *names, size_t n_names)
+{
+    const lm_plan_tensor *found = NULL;
+    for (size_t i = 0; i < p->n; i++)
+        for (size_t k = 0; k < n_names; k++)
+            if (name_ends_with(p->t[i].name, names[k])) {
+                if (found != NULL)
+                    return NULL; /* ambiguous: leave the config alone */
+                found = &p->t[i];
+            }
+    return found;
+}
+
+/* A vocabulary resized by a saved embedding or head must stay one vocabulary: the input
+ * embedding and a separate output head with the same number of rows, and nothing else applied to
+ * a resized tensor (its other ops were planned for the base's shape). */
+static lm_code check_vocabulary(merge_state *S, lm_err *err)
+{
+    const lm_plan *p = S->plan;
+    int resized = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        if (t->base == NULL || t->n_dims != 2 || t->base->info->shape[0] == t->shape[0])
+            continue;
+        resized = 1;
+        if (t->n_ops != 1) {
+            lm_fail(err, LM_E_MISMATCH, "ResizedVocabulary", "resized from %llu to %llu rows by a saved tensor, and "
+                    "changed by another adapter operation planned for the old size", (unsigned long long)t->base->info->shape[0],
+                    (unsigned long long)t->shape[0]);
+            lm_err_set_tensor(err, t->name);
+            return LM_E_MISMATCH;
+        }
+    }
+    if (!resized)
+        return LM_OK;
+    const lm_plan_tensor *emb = find_output(p, EMBED_NAMES, N_EMBED_NAMES), *head = find_output(p, HEAD_NAMES, N_HEAD_NAMES);
+    if (emb != NULL && head != NULL && emb->n_dims == 2 && head->n_dims == 2 && emb->shape[0] != head->shape[0]) {
+        const lm_plan_tensor *old = emb->base && emb->base->info->shape[0] == emb->shape[0] ? emb : head;
+        lm_fail(err, LM_E_MISMATCH, "ResizedVocabulary", "the adapter resizes the vocabulary to %llu rows (%s) but "
+                "'%s' keeps %llu: save both the embedding and the head (modules_to_save)",
+                (unsigned long long)(old == emb ? head : emb)->shape[0], (old == emb ? head : emb)->name, old->name,
+                (unsigned long long)old->shape[0]);
+        lm_err_set_tensor(err, old->name);
+        return LM_E_MISMATCH;
+    }
+    return LM_OK;
+}
+
 static const char *torch_dtype_name(const char *dt)
 {
     if (dt == NULL)
@@ -287,12 +349,6 @@ static const char *output_dtype(const lm_plan *p)
     return seen < 0 ? NULL : lm_dtype_name((lm_dtype)seen);
 }
 
-static int name_ends_with(const char *s, const char *suffix)
-{
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && strcmp(s + n - k, suffix) == 0 && (n == k || s[n - k - 1] == '.' || suffix[0] == '.');
-}
-
 /* the output still holds quantized weights (packed integers, scales ...), so config.json's
  * quantization_config still describes them */
 static int output_quantized(const lm_plan *p)
@@ -313,32 +369,15 @@ static int output_quantized(const lm_plan *p)
     return 0;
 }
 
-/* the output's tensor whose name ends with one of names (as a whole component), or NULL */
-static const lm_plan_tensor *find_output(const lm_plan *p, const char *const *names, size_t n_names)
-{
-    const lm_plan_tensor *found = NULL;
-    for (size_t i = 0; i < p->n; i++)
-        for (size_t k = 0; k < n_names; k++)
-            if (name_ends_with(p->t[i].name, names[k])) {
-                if (found != NULL)
-                    return NULL; /* ambiguous: leave the config alone */
-                found = &p->t[i];
-            }
-    return found;
-}
-
 /* what config.json must say about the weights written */
 static void config_edits(merge_state *S, lm_config_edits *e)
 {
-    static const char *const embeds[] = {"embed_tokens.weight", "wte.weight", "word_embeddings.weight",
-                                         "embed_in.weight", "shared.weight"};
-    static const char *const heads[] = {"lm_head.weight", "embed_out.weight"};
     const lm_plan *p = S->plan;
     e->torch_dtype = S->out_dtype ? torch_dtype_name(S->out_dtype) : NULL;
     e->tie_word_embeddings = -1;
     e->vocab_size = -1;
     e->drop_quantization = S->bi.has_quantization && !output_quantized(p);
-    const lm_plan_tensor *emb = find_output(p, embeds, 5), *head = find_output(p, heads, 2);
+    const lm_plan_tensor *emb = find_output(p, EMBED_NAMES, N_EMBED_NAMES), *head = find_output(p, HEAD_NAMES, N_HEAD_NAMES);
     /* a tied base whose output has a head of its own (trained, from modules_to_save): a loader
      * that honours the flag would tie it back to the embedding and drop the trained head */
     if (S->bi.tie_word_embeddings == 1 && head != NULL && (head->base == NULL || head->n_ops > 0)) {
@@ -672,7 +711,8 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     }
     lm_report_take_notes(S.ri, S.plan);
     note_adapters(S.ri, S.ads, job->n_adapters);
-    if ((rc = check_noop(&S, err)) != LM_OK || (rc = lm_report_plan_exact(S.ri, S.plan, err)) != LM_OK)
+    if ((rc = check_noop(&S, err)) != LM_OK || (rc = check_vocabulary(&S, err)) != LM_OK ||
+        (rc = lm_report_plan_exact(S.ri, S.plan, err)) != LM_OK)
         goto done;
     phase_end(&S, LM_PHASE_PLAN);
     S.out_dtype = output_dtype(S.plan);

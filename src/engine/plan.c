@@ -572,6 +572,26 @@ lm_code lm_ctx_note(lm_plan_ctx *ctx, const char *fmt, ...)
 /* ------------------------------------------------------------------------------------------ */
 /* full tensors: modules_to_save, bias="all", saved embeddings, LN tuning                       */
 /* ------------------------------------------------------------------------------------------ */
+/* a saved embedding or output head with another number of rows than the base's (tokens added
+ * or removed when training): 2-D, the same width, a name transformers gives these layers */
+static int is_resized_vocabulary(const lm_tensor_info *bt, const lm_ts_tensor *src)
+{
+    static const char *const leaves[] = {"embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "lm_head",
+                                         "embed_out", "output", "tok_embeddings"};
+    if (bt->n_dims != 2 || src->n_dims != 2 || bt->shape[1] != src->shape[1] || src->shape[0] == 0)
+        return 0;
+    const char *dot = strrchr(bt->name, '.');
+    if (dot == NULL || strcmp(dot, ".weight") != 0)
+        return 0;
+    size_t end = (size_t)(dot - bt->name), b = end;
+    while (b > 0 && bt->name[b - 1] != '.')
+        b--;
+    for (size_t i = 0; i < sizeof leaves / sizeof *leaves; i++)
+        if (strlen(leaves[i]) == end - b && strncmp(bt->name + b, leaves[i], end - b) == 0)
+            return 1;
+    return 0;
+}
+
 static lm_code plan_replace(lm_plan_ctx *ctx, const lm_ts_tensor *src, const char *name, lm_err *err)
 {
     planner *P = ctx->P;
@@ -614,12 +634,13 @@ static lm_code plan_replace(lm_plan_ctx *ctx, const lm_ts_tensor *src, const cha
     int same = bt->n_dims == src->n_dims;
     for (size_t d = 0; same && d < bt->n_dims; d++)
         same = bt->shape[d] == src->shape[d];
-    if (!same) {
+    int resized = !same && is_resized_vocabulary(bt, src);
+    if (!same && !resized) {
         char s1[96], s2[96];
         lm_shape_str(s1, sizeof s1, src->n_dims, src->shape);
         lm_shape_str(s2, sizeof s2, bt->n_dims, bt->shape);
         return lm_mismatch(err, src->name, "replacement tensor has shape %s but base tensor '%s' has %s "
-                           "(a resized vocabulary or head is not supported)", s1, bt->name, s2);
+                           "(only an embedding or output head may change its number of rows)", s1, bt->name, s2);
     }
     if (!lm_is_float_dtype(bt->dtype))
         return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "base tensor '%s' is %s: only float tensors can be replaced",
@@ -633,6 +654,12 @@ static lm_code plan_replace(lm_plan_ctx *ctx, const lm_ts_tensor *src, const cha
     op->src = src;
     t->src_dtype = src->dtype;
     p->n_replaced++;
+    if (resized) { /* the output takes the saved tensor's shape (the merge checks the vocabulary agrees) */
+        t->shape = src->shape;
+        t->rows = src->shape[0];
+        return plan_note(p, "%s resized from %llu to %llu rows by the adapter's saved %s (added tokens)", bt->name,
+                         (unsigned long long)bt->shape[0], (unsigned long long)src->shape[0], src->name);
+    }
     return LM_OK;
 }
 
@@ -672,6 +699,38 @@ static const char *first_part_name(const lm_module *m)
     return "?";
 }
 
+/* modules_to_save in every form PEFT has saved it: "<module>.<param>" (today), and
+ * "<module>.modules_to_save.<param>" or "<module>.modules_to_save.<adapter name>.<param>" (older
+ * releases).  @return 1 with the full tensor name "<module>.<param>" in out, 2 for a saved copy of
+ * the base's own module ("<module>.original_module.<param>"), 0 for any other key */
+static int saved_module_key(const char *rest, const char *adapter_name, char *out, size_t cap)
+{
+    static const char *const markers[2] = {".modules_to_save.", ".original_module."};
+    for (int k = 0; k < 2; k++) {
+        const char *m = strstr(rest, markers[k]);
+        if (m == NULL)
+            continue;
+        if (k == 1)
+            return 2;
+        const char *param = m + strlen(markers[k]);
+        size_t an = strlen(adapter_name);
+        if (an > 0 && strncmp(param, adapter_name, an) == 0 && param[an] == '.')
+            param += an + 1; /* the adapter's name ("default"), as the oldest releases kept it */
+        int n = snprintf(out, cap, "%.*s.%s", (int)(m - rest), rest, param);
+        return n > 0 && (size_t)n < cap ? 1 : 0;
+    }
+    return 0;
+}
+
+/* an adapter tensor that lands nowhere is an error: its training would be silently lost */
+static lm_code unused_tensor(const lm_adapter *ad, const lm_ts_tensor *t, const char *why, lm_err *err)
+{
+    lm_fail(err, LM_E_FORMAT, "UnusedTensor", "adapter tensor '%s' %s: merging without it would lose what it holds",
+            t->name, why);
+    lm_err_set_path(err, ad->weights_path);
+    return LM_E_FORMAT;
+}
+
 /* Groups the adapter's tensors into modules; full tensors are planned as replacements here. */
 static lm_code group_tensors(lm_plan_ctx *ctx, module_list *mods, lm_err *err)
 {
@@ -692,11 +751,8 @@ static lm_code group_tensors(lm_plan_ctx *ctx, module_list *mods, lm_err *err)
                 ctx->shared[ctx->n_shared++] = t;
                 continue;
             }
-            if (known) {
-                if (plan_note(p, "%s: ignored adapter tensor %s (of another adapter type)", ad->dir, t->name) != LM_OK)
-                    return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-                continue;
-            }
+            if (known)
+                return unused_tensor(ad, t, "belongs to another adapter type", err);
         }
         if (strncmp(rest, "base_model.model.", 17) == 0) {
             rest += 17;
@@ -705,12 +761,16 @@ static lm_code group_tensors(lm_plan_ctx *ctx, module_list *mods, lm_err *err)
                 rest += 11;
             n_bare++;
         }
-        key_class kc = classify_key(own, rest, buf, sizeof buf);
-        if (kc.kind == KEY_SKIP) {
-            if (plan_note(p, "%s: ignored adapter tensor %s", ad->dir, t->name) != LM_OK)
+        int saved = saved_module_key(rest, ad->name, buf, sizeof buf);
+        if (saved == 2) { /* PEFT's untouched copy of the base module: the base already has it */
+            if (plan_note(p, "%s: %s is a copy of the base's own module (original_module); not needed", ad->dir,
+                          t->name) != LM_OK)
                 return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
             continue;
         }
+        key_class kc = saved == 1 ? (key_class){KEY_FULL, NULL, -1} : classify_key(own, rest, buf, sizeof buf);
+        if (kc.kind == KEY_SKIP)
+            return unused_tensor(ad, t, "is no part of any adapter type lora-merge knows, and no base tensor", err);
         if (kc.kind == KEY_FULL) {
             lm_code rc = plan_replace(ctx, t, buf, err);
             if (rc != LM_OK) {
