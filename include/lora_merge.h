@@ -251,6 +251,8 @@ typedef struct lm_merge_job {
     const char *const *copy_files; /* directory OUT: more file names to copy from the base (or the
                                       adapter) directory, beside the allow-listed model files */
     size_t n_copy_files;
+    int tensor_norms;       /* measure ||dW|| and ||W|| of every computed tensor for the report
+                               (a pass in double over them; changed elements are always counted) */
 } lm_merge_job;
 
 typedef struct lm_merge_warning {

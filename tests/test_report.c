@@ -14,6 +14,7 @@
 #include <cJSON.h>
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -450,4 +451,144 @@ Test(report, every_warning_code_is_documented)
     cr_assert_geq(n_codes, 5, "found only %d warning codes", n_codes);
     free(readme);
     free(man);
+}
+
+/* ============================================================================================ */
+/* what the merge changed, measured on the values written                                        */
+/* ============================================================================================ */
+#define RS_O 128
+#define RS_I 64
+
+typedef struct {
+    double W[RS_O * RS_I], A[2 * RS_I], B[RS_O * 2];
+} rs_data;
+
+/* base: one BF16 tensor [128, 64] (plus a norm); adapter: r=2, alpha 4 (scale 2); lora_B row o
+ * is b_row(o) times random values */
+static void rs_make(rp_fx *f, rs_data *d, double (*b_row)(int o))
+{
+    rp_make(f);
+    uint64_t seed = 11;
+    for (int i = 0; i < RS_O * RS_I; i++)
+        d->W[i] = th_round_to(0.5 + 0.4 * th_rand_uniform(&seed), "BF16");
+    for (int i = 0; i < 2 * RS_I; i++)
+        d->A[i] = th_round_to(0.5 * th_rand_uniform(&seed), "F32");
+    for (int o = 0; o < RS_O; o++)
+        for (int k = 0; k < 2; k++)
+            d->B[o * 2 + k] = th_round_to(b_row(o) * th_rand_uniform(&seed), "F32");
+    double n[6] = {1, 1, 1, 1, 1, 1};
+    th_out_tensor t[] = {{"model.layers.0.q_proj.weight", "BF16", 2, {RS_O, RS_I}, d->W},
+                         {"model.norm.weight", "BF16", 1, {6}, n}};
+    char p[1400];
+    rp_path(p, sizeof p, f->base, "model.safetensors");
+    cr_assert_eq(th_st_write(p, t, 2), 0);
+    th_out_tensor a[] = {{"base_model.model.model.layers.0.q_proj.lora_A.weight", "F32", 2, {2, RS_I}, d->A},
+                         {"base_model.model.model.layers.0.q_proj.lora_B.weight", "F32", 2, {RS_O, 2}, d->B}};
+    rp_path(p, sizeof p, f->ad, "adapter_model.safetensors");
+    cr_assert_eq(th_st_write(p, a, 2), 0);
+}
+
+static double rs_normal(int o) { (void)o; return 0.05; }
+static double rs_tiny(int o) { (void)o; return 1e-7; }
+static double rs_one_row(int o) { return o == 0 ? 0.5 : 1e-7; }
+
+/* n_changed, ||dW|| and ||W|| in the JSON report against a computation in double written here */
+Test(report, tensor_stats_exact)
+{
+    rp_fx f;
+    rs_data d;
+    rs_make(&f, &d, rs_normal);
+    th_run_result r = rp_run("--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    uint64_t want_changed = 0;
+    double d2 = 0, b2 = 0;
+    for (int o = 0; o < RS_O; o++)
+        for (int i = 0; i < RS_I; i++) {
+            double w = d.W[o * RS_I + i], delta = 2.0 * (d.B[o * 2] * d.A[i] + d.B[o * 2 + 1] * d.A[RS_I + i]);
+            double written = th_round_to(w + delta, "BF16"); /* the norms are of the values written */
+            want_changed += written != w;
+            d2 += (written - w) * (written - w);
+            b2 += w * w;
+        }
+    cJSON *j = cJSON_Parse(r.out);
+    const cJSON *t = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "changed_tensors"), 0);
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(t, "stats");
+    cr_assert(cJSON_IsObject(st), "no stats: %s", r.out);
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(st, "n_elems")->valuedouble, RS_O * RS_I);
+    double got = cJSON_GetObjectItemCaseSensitive(st, "n_changed")->valuedouble;
+    /* f32 arithmetic may land the other side of a rounding boundary for a handful of elements */
+    cr_assert(fabs(got - (double)want_changed) <= 3, "n_changed %.0f, expected %llu", got, (unsigned long long)want_changed);
+    cr_assert_gt(want_changed, RS_O * RS_I / 2);
+    double dn = cJSON_GetObjectItemCaseSensitive(st, "delta_norm")->valuedouble;
+    double bn = cJSON_GetObjectItemCaseSensitive(st, "base_norm")->valuedouble;
+    cr_assert(fabs(dn - sqrt(d2)) <= 1e-5 * sqrt(d2), "delta_norm %.9g, expected %.9g", dn, sqrt(d2));
+    cr_assert(fabs(bn - sqrt(b2)) <= 1e-9 * sqrt(b2), "base_norm %.12g, expected %.12g", bn, sqrt(b2));
+    cr_assert(fabs(cJSON_GetObjectItemCaseSensitive(st, "rel_delta_norm")->valuedouble - sqrt(d2) / sqrt(b2)) <=
+              1e-5 * sqrt(d2) / sqrt(b2));
+    const cJSON *s = cJSON_GetObjectItemCaseSensitive(j, "summary");
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(s, "n_elements_changed")->valuedouble, got);
+    cJSON_Delete(j);
+    th_run_free(&r);
+    /* the same numbers for every thread count */
+    char out2[800];
+    rp_path(out2, sizeof out2, f.tmp, "t1.safetensors");
+    th_run_result r1 = rp_run("--json", "--threads", "1", "--tile-elems", "100", f.base, f.ad, out2, NULL);
+    cr_assert_eq(r1.status, 0);
+    cJSON *j1 = cJSON_Parse(r1.out);
+    const cJSON *st1 = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j1, "changed_tensors"), 0), "stats");
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(st1, "n_changed")->valuedouble, got);
+    cJSON_Delete(j1);
+    th_run_free(&r1);
+    rp_free(&f);
+}
+
+/* deltas below bf16's precision: the merge would write the base again, an error (NoOp) */
+Test(report, deltas_lost_in_rounding_are_a_noop)
+{
+    rp_fx f;
+    rs_data d;
+    rs_make(&f, &d, rs_tiny);
+    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "NoOp", "rounded to BF16");
+    th_run_free(&r);
+    r = rp_run("--allow-noop", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "[NoOpAllowed]") != NULL, "%s", r.err);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* one row of 128 changes: under 1% of the elements, a warning; an error under --strict */
+Test(report, few_elements_changed_warning)
+{
+    rp_fx f;
+    rs_data d;
+    rs_make(&f, &d, rs_one_row);
+    th_run_result r = rp_run("--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "\"code\":\"FewElementsChanged\"") != NULL, "%s", r.out);
+    th_run_free(&r);
+    unlink(f.out);
+    r = rp_run("--strict", f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 5, "FewElementsChanged", NULL);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
+/* a delta that overflows f16: refused naming the tensor, nothing written */
+Test(report, non_finite_result_refused)
+{
+    rp_fx f;
+    rs_data d;
+    rs_make(&f, &d, rs_normal);
+    rp_adapter(&f, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4e20, \"target_modules\": [\"q_proj\"]}", 0.1);
+    th_out_tensor a[] = {{"base_model.model.model.layers.0.q_proj.lora_A.weight", "F32", 2, {2, RS_I}, d.A},
+                         {"base_model.model.model.layers.0.q_proj.lora_B.weight", "F32", 2, {RS_O, 2}, d.B}};
+    char p[1400];
+    rp_path(p, sizeof p, f.ad, "adapter_model.safetensors");
+    cr_assert_eq(th_st_write(p, a, 2), 0);
+    th_run_result r = rp_run("--dtype", "f16", f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "NonFiniteResult", "model.layers.0.q_proj.weight");
+    th_run_free(&r);
+    rp_free(&f);
 }

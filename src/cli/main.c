@@ -471,6 +471,7 @@ int main(int argc, char **argv)
     job.copy_files = copy_files;
     job.n_copy_files = n_copy;
     job.hash_outputs = json;
+    job.tensor_norms = json;
     progress_state ps = {mono_now(), 0, 0};
     if (!quiet && !json && !job.dry_run && (force_progress || isatty(STDERR_FILENO))) {
         job.progress = progress_cb;

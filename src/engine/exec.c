@@ -98,6 +98,8 @@ typedef struct {
     pthread_mutex_t prep_lock; /* prepare and release one at a time (FFTW's planner is not reentrant) */
     uint64_t tile_elems;     /* f32 elements per tile (0: default) */
     unsigned lowrank_flags;  /* 0, or LM_LOWRANK_UNCERTIFIED (exactness off) */
+    struct tile_stat *tstat; /* per task (compute tasks only), or NULL: statistics not measured */
+    int stats_norms;
 } job;
 
 /* the base file a tensor's bytes come from (NULL when they come from an adapter) */
@@ -257,6 +259,26 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, const lm_
 /* ------------------------------------------------------------------------------------------ */
 /* tiles                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
+/* n_bytes of base file f at offset (from the start of its file) into dst */
+static lm_code pread_all(const lm_st_file *f, uint64_t off, uint8_t *dst, uint64_t n_bytes, const char *tensor,
+                         lm_err *err)
+{
+    uint64_t got = 0;
+    while (got < n_bytes) {
+        ssize_t k = pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            int e = k < 0 ? errno : EIO;
+            lm_fail_errno(err, e, "cannot read tensor '%s'", tensor);
+            lm_err_set_path(err, lm_st_path(f));
+            return LM_E_IO;
+        }
+        got += (uint64_t)k;
+    }
+    return LM_OK;
+}
+
 /* Loads rows [r0, r0+nr) of tensor ti as f32.  Base bytes are read with pread into `raw`
  * rather than through the mapping: the mapping would leave pages resident (the kernel maps
  * neighbouring pages on every fault), and resident memory must stay bounded by the tiles in
@@ -269,19 +291,8 @@ static const uint8_t *tile_bytes(const job *J, size_t ti, uint8_t *raw, uint64_t
     const lm_st_file *f = tensor_src_file(J, ti);
     const uint8_t *src;
     if (f != NULL && lm_st_fd(f) >= 0 && raw != NULL) {
-        uint64_t off = lm_st_data_offset(f) + t->base->info->begin + rel, got = 0;
-        while (got < n_bytes) {
-            ssize_t k = pread(lm_st_fd(f), raw + got, (size_t)(n_bytes - got), (off_t)(off + got));
-            if (k < 0 && errno == EINTR)
-                continue;
-            if (k <= 0) {
-                int e = k < 0 ? errno : EIO;
-                lm_fail_errno(err, e, "cannot read tensor '%s'", t->name);
-                lm_err_set_path(err, lm_st_path(f));
-                return NULL;
-            }
-            got += (uint64_t)k;
-        }
+        if (pread_all(f, lm_st_data_offset(f) + t->base->info->begin + rel, raw, n_bytes, t->name, err) != LM_OK)
+            return NULL;
         src = raw;
     } else {
         src = tensor_src_bytes(J, ti) + rel;
@@ -304,6 +315,8 @@ typedef struct {
     float *acc;
     uint8_t *out;   /* the tile in the output dtype */
     float *scratch; /* the raw read buffer, then the methods' scratch: 4 max_elems + 64 floats */
+    uint8_t *base_out; /* statistics: the base tile in the output dtype (NULL: not measured) */
+    float *base_f32;   /* statistics: the base tile in f32 */
 } workspace;
 
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
@@ -340,14 +353,12 @@ static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
 /* the exact path: base bytes -> output bytes in one kernel call; the same refusals as
  * check_finite (a finite exact value beyond the output's range, or inf/NaN made from finite
  * base values) */
-static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
+                                  const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
     size_t n = (size_t)(nr * t->cols);
-    const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
-    if (src == NULL)
-        return LM_E_IO;
     lm_lowrank_stats st = {0};
     J->k->lowrank(lm_lowrank_tensor_factors(rt->exact), (size_t)r0, (size_t)nr, src, lm_kdtype_of(t->src_dtype),
                   (size_t)t->cols, ws->out, lm_kdtype_of(t->dtype), (size_t)t->cols, J->lowrank_flags, &st);
@@ -384,23 +395,201 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     return LM_E_MISMATCH;
 }
 
-static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+/* ------------------------------------------------------------------------------------------ */
+/* what the merge changed: per tile, reduced per tensor in task order (so the numbers do not   */
+/* depend on the thread count)                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+struct tile_stat {
+    uint64_t n_changed;
+    double d2, b2; /* sum of (W' - W)^2 and of W^2 */
+};
+
+/* elements of esz bytes that differ between a and b.  A pass over every computed tile, so GCC
+ * is asked to vectorize it (at -O2 its cost model leaves these reductions scalar). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define LM_VECTORIZE __attribute__((optimize("tree-vectorize", "vect-cost-model=cheap")))
+#else
+#define LM_VECTORIZE
+#endif
+LM_VECTORIZE static uint64_t count_changed16(const uint16_t *x, const uint16_t *y, size_t n)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < n;) { /* 32-bit partial sums vectorize; 2^30 elements cannot overflow them */
+        size_t e = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;
+        uint32_t c = 0;
+        for (; i < e; i++)
+            c += (uint32_t)(x[i] != y[i]);
+        total += c;
+    }
+    return total;
+}
+
+LM_VECTORIZE static uint64_t count_changed32(const uint32_t *x, const uint32_t *y, size_t n)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < n;) {
+        size_t e = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;
+        uint32_t c = 0;
+        for (; i < e; i++)
+            c += (uint32_t)(x[i] != y[i]);
+        total += c;
+    }
+    return total;
+}
+
+static uint64_t count_changed(const uint8_t *a, const uint8_t *b, size_t n, size_t esz)
+{
+    if (esz == 2)
+        return count_changed16((const uint16_t *)(const void *)a, (const uint16_t *)(const void *)b, n);
+    if (esz == 4)
+        return count_changed32((const uint32_t *)(const void *)a, (const uint32_t *)(const void *)b, n);
+    uint64_t c = 0;
+    for (size_t i = 0; i < n; i++)
+        c += memcmp(a + i * esz, b + i * esz, esz) != 0;
+    return c;
+}
+
+/* The base's own values of rows [r0, r0 + nr) of tensor ti as f32 into dst, when its tiles start
+ * from a replacement (modules_to_save, LN tuning ...).  @return the number of those rows the base
+ * has (the others are new: an added tensor, a resized vocabulary), or UINT64_MAX on a read error */
+static uint64_t load_base_rows(const job *J, size_t ti, float *dst, uint8_t *raw, uint64_t r0, uint64_t nr,
+                               lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    size_t n = (size_t)(nr * t->cols);
+    if (t->base == NULL)
+        return 0;
+    const lm_tensor_info *bt = t->base->info;
+    uint64_t base_rows = bt->n_dims ? bt->shape[0] : 1, cols = t->cols;
+    uint64_t have = r0 >= base_rows ? 0 : (r0 + nr <= base_rows ? nr : base_rows - r0);
+    if (have == 0 || (base_rows ? bt->n_elems / base_rows : 0) != cols)
+        return 0;
+    size_t esz = lm_dtype_bits(bt->dtype) / 8;
+    const lm_st_file *f = lm_model_file(J->model, t->base->file);
+    uint64_t rel = r0 * cols * esz, n_bytes = have * cols * esz;
+    const uint8_t *src = lm_st_data(f) + bt->begin + rel;
+    if (lm_st_fd(f) >= 0) {
+        if (pread_all(f, lm_st_data_offset(f) + bt->begin + rel, raw, n_bytes, t->name, err) != LM_OK)
+            return UINT64_MAX;
+        src = raw;
+    }
+    to_f32(J->k, bt->dtype, src, dst, (size_t)(have * cols));
+    return have;
+}
+
+/* before the ops: the base tile as it would be written (and in f32 for the norms); *n_base
+ * receives how many of the n elements the base has (the rest count as changed) */
+static lm_code stats_before(const job *J, size_t ti, const workspace *ws, uint64_t r0, uint64_t nr, size_t n,
+                            size_t *n_base, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) { /* the tile holds the base */
+        *n_base = n;
+        from_f32(J->k, t->dtype, ws->acc, ws->base_out, n);
+        if (J->stats_norms)
+            memcpy(ws->base_f32, ws->acc, n * sizeof(float));
+        return LM_OK;
+    }
+    uint64_t rows = load_base_rows(J, ti, ws->base_f32, ws->base_out, r0, nr, err);
+    if (rows == UINT64_MAX)
+        return LM_E_IO;
+    *n_base = (size_t)(rows * t->cols);
+    memset(ws->base_f32 + *n_base, 0, (n - *n_base) * sizeof(float));
+    from_f32(J->k, t->dtype, ws->base_f32, ws->base_out, *n_base);
+    return LM_OK;
+}
+
+/* the tile's values as written (ws->out), in f32: exact for every output dtype but F64, whose
+ * values are the f32 tile widened (only the non-exact path writes F64) */
+static const float *written_f32(const job *J, const lm_plan_tensor *t, const workspace *ws, size_t n)
+{
+    if (t->dtype == LM_DT_F32)
+        return (const float *)(const void *)ws->out;
+    if (t->dtype == LM_DT_F64)
+        return ws->acc;
+    to_f32(J->k, t->dtype, ws->out, ws->scratch, n); /* the methods' scratch is free again */
+    return ws->scratch;
+}
+
+/* after the ops and the rounding: the counts and norms of the values written */
+static void stats_after(const job *J, const lm_plan_tensor *t, const workspace *ws, size_t n, size_t n_base,
+                        struct tile_stat *ts)
+{
+    ts->n_changed = count_changed(ws->out, ws->base_out, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
+    if (J->stats_norms) {
+        const float *w = written_f32(J, t, ws, n);
+        double d2[4] = {0, 0, 0, 0}, b2[4] = {0, 0, 0, 0}; /* four chains: the same sums every run */
+        for (size_t i = 0; i < n; i++) {
+            double b = ws->base_f32[i], d = (double)w[i] - b;
+            d2[i & 3] += d * d;
+            b2[i & 3] += b * b;
+        }
+        ts->d2 = (d2[0] + d2[1]) + (d2[2] + d2[3]);
+        ts->b2 = (b2[0] + b2[1]) + (b2[2] + b2[3]);
+    }
+}
+
+/* the tiles' numbers summed per tensor, in task order */
+static void stats_reduce(const job *J, const task *tasks, size_t n_tasks, lm_tensor_stats *out)
+{
+    const lm_plan *plan = J->plan;
+    memset(out, 0, plan->n * sizeof *out);
+    double *d2 = calloc(plan->n + 1, sizeof *d2), *b2 = calloc(plan->n + 1, sizeof *b2);
+    for (size_t q = 0; q < n_tasks; q++) {
+        if (tasks[q].copy)
+            continue;
+        size_t i = tasks[q].tensor;
+        lm_tensor_stats *st = &out[i];
+        st->valid = 1;
+        st->n_elems += tasks[q].count * plan->t[i].cols;
+        st->n_changed += J->tstat[q].n_changed;
+        if (d2 != NULL && b2 != NULL) {
+            d2[i] += J->tstat[q].d2;
+            b2[i] += J->tstat[q].b2;
+        }
+    }
+    for (size_t i = 0; i < plan->n && d2 != NULL && b2 != NULL; i++)
+        if (out[i].valid && J->stats_norms) {
+            out[i].has_norms = 1;
+            out[i].delta_norm = sqrt(d2[i]);
+            out[i].base_norm = sqrt(b2[i]);
+        }
+    free(d2);
+    free(b2);
+}
+
+static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, struct tile_stat *ts,
+                            lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    size_t n = (size_t)(nr * t->cols), n_base = 0;
     if (tensor_prepare(J, ti, err) != LM_OK)
         return err->code;
-    if (J->rt[ti].uses_exact)
-        return compute_tile_exact(J, ti, r0, nr, ws, err);
-    if (load_tile(J, ti, ws->acc, (uint8_t *)ws->scratch, r0, nr, err) != LM_OK)
+    const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
+    if (src == NULL)
+        return LM_E_IO;
+    if (J->rt[ti].uses_exact) { /* base bytes -> output bytes; the statistics from the bytes written */
+        if (ts != NULL) {
+            to_f32(J->k, t->src_dtype, src, ws->acc, n);
+            if (stats_before(J, ti, ws, r0, nr, n, &n_base, err) != LM_OK)
+                return LM_E_IO;
+        }
+        lm_code rc = compute_tile_exact(J, ti, r0, nr, src, ws, err);
+        if (rc == LM_OK && ts != NULL)
+            stats_after(J, t, ws, n, n_base, ts);
+        return rc;
+    }
+    to_f32(J->k, t->src_dtype, src, ws->acc, n);
+    if (ts != NULL && stats_before(J, ti, ws, r0, nr, n, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, t->n_ops, &tile);
     from_f32(J->k, t->dtype, ws->acc, ws->out, n);
+    if (ts != NULL)
+        stats_after(J, t, ws, n, n_base, ts);
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
-static lm_code run_task(job *J, const task *tk, const workspace *ws, lm_err *err)
+static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
     lm_st_writer *w = J->w[J->shard_of ? J->shard_of[tk->tensor] : 0];
@@ -435,7 +624,7 @@ static lm_code run_task(job *J, const task *tk, const workspace *ws, lm_err *err
         return lm_st_writer_pwrite(w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
     }
     uint64_t r0 = tk->first, nr = tk->count;
-    lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, err);
+    lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, ts, err);
     size_t esz = lm_dtype_bits(t->dtype) / 8;
     if (rc == LM_OK)
         rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * t->cols * esz), dst + r0 * t->cols * esz, err);
@@ -450,10 +639,19 @@ static lm_code run_task(job *J, const task *tk, const workspace *ws, lm_err *err
 
 static int alloc_workspace(workspace *ws, size_t max_elems)
 {
+    memset(ws, 0, sizeof *ws);
     ws->acc = malloc(max_elems * sizeof(float));
     ws->out = malloc(max_elems * sizeof(double));
     ws->scratch = malloc((4 * max_elems + 64) * sizeof(float));
     return ws->acc != NULL && ws->out != NULL && ws->scratch != NULL;
+}
+
+/* the statistics' buffers (only when they are measured) */
+static int alloc_stats_workspace(workspace *ws, size_t max_elems)
+{
+    ws->base_out = malloc(max_elems * sizeof(double));
+    ws->base_f32 = malloc(max_elems * sizeof(float));
+    return ws->base_out != NULL && ws->base_f32 != NULL;
 }
 
 static void free_workspace(workspace *ws)
@@ -461,6 +659,8 @@ static void free_workspace(workspace *ws)
     free(ws->acc);
     free(ws->out);
     free(ws->scratch);
+    free(ws->base_out);
+    free(ws->base_f32);
 }
 
 /* Column DoRA (Conv1D, Embedding): the norm of every column of W + dW needs all rows first.
@@ -691,6 +891,11 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     if ((rc = make_tasks(&J, &tasks, &n_tasks, &st, &local_err)) != LM_OK)
         goto fail;
     mark_exact_tensors(&J);
+    if (opts && opts->stats && (J.tstat = calloc(n_tasks + 1, sizeof *J.tstat)) == NULL) {
+        rc = lm_fail(&local_err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    J.stats_norms = opts && opts->stats_norms;
     /* every check is done: now the output files exist (as temporary files) */
     if ((rc = open_writers(&J, out_path, opts, &st.bytes_written, &local_err)) != LM_OK)
         goto fail;
@@ -715,7 +920,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         workspace ws;
         lm_err local;
         lm_err_clear(&local);
-        if (!alloc_workspace(&ws, max_elems))
+        if (!alloc_workspace(&ws, max_elems) || (J.tstat != NULL && !alloc_stats_workspace(&ws, max_elems)))
             lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (size_t q = 0; q < n_tasks; q++) {
@@ -724,7 +929,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
             stop = failed;
             if (stop || local.code != LM_OK)
                 continue;
-            if (run_task(&J, &tasks[q], &ws, &local) != LM_OK)
+            if (run_task(&J, &tasks[q], J.tstat ? &J.tstat[q] : NULL, &ws, &local) != LM_OK)
                 continue;
             if (opts && opts->progress) {
                 const lm_plan_tensor *t = &plan->t[tasks[q].tensor];
@@ -756,6 +961,10 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     for (size_t sh = 0; sh < J.n_shards; sh++)
         if ((rc = lm_st_writer_finish(J.w[sh], opts ? opts->do_fsync : 0, &local_err)) != LM_OK)
             goto fail;
+    if (J.tstat != NULL)
+        stats_reduce(&J, tasks, n_tasks, opts->stats);
+    if (opts && opts->before_commit && (rc = opts->before_commit(opts->before_commit_ctx, &local_err)) != LM_OK)
+        goto fail;
     for (size_t sh = 0; sh < J.n_shards; sh++) {
         rc = lm_st_writer_commit(J.w[sh], opts ? opts->do_fsync : 0, &local_err);
         J.w[sh] = NULL;
@@ -779,6 +988,7 @@ done:
     free(J.rt);
     free(J.w);
     free(J.local);
+    free(J.tstat);
     free(tasks);
     return rc;
 }

@@ -8,6 +8,7 @@
 
 #include "lm_kernels.h"
 #include "plan.h"
+#include "tensor_stats.h"
 
 typedef struct lm_exec_opts {
     int n_threads;              /* <= 0: all cores */
@@ -28,6 +29,14 @@ typedef struct lm_exec_opts {
     /* NULL, or [plan->n]: per tensor, the elements recomputed in f64 by the exact path, or
      * UINT64_MAX for a tensor that did not take it (filled by lm_exec_run) */
     uint64_t *recomputed;
+    /* per plan tensor: what the merge changed in each computed tensor (NULL: not measured);
+     * the norms too when stats_norms.  Filled before before_commit is called. */
+    lm_tensor_stats *stats;
+    int stats_norms;
+    /* called once every file is complete, before any is renamed into place (may be NULL); an
+     * error aborts the run and leaves nothing */
+    lm_code (*before_commit)(void *ctx, lm_err *err);
+    void *before_commit_ctx;
 } lm_exec_opts;
 
 typedef struct lm_exec_stats {

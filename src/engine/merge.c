@@ -99,6 +99,7 @@ typedef struct {
     char *base_dir;
     char *meta_text[3];         /* provenance values in the output's __metadata__ */
     const char *out_dtype;      /* "BF16", "mixed" or NULL */
+    lm_tensor_stats *tstats;    /* per plan tensor, measured by the executor */
     lm_exec_stats st;
     double t_phase;
 } merge_state;
@@ -600,6 +601,40 @@ static lm_code check_strict(merge_state *S, lm_err *err)
                    S->ri->n_warnings > 1 ? "; more warnings follow" : "");
 }
 
+#define LM_FEW_CHANGED_FRACTION 0.01 /* below 1% of the adapted tensors' elements: a warning */
+
+/* Once every file is complete and before any is renamed into place: what the merge really
+ * changed, after rounding.  Nothing at all is an error (NoOp), as is any warning under strict. */
+static lm_code check_changes(void *ctx, lm_err *err)
+{
+    merge_state *S = ctx;
+    uint64_t changed = 0, elems = 0;
+    size_t n_adapted = 0;
+    for (size_t i = 0; i < S->plan->n; i++)
+        if (S->plan->t[i].n_ops > 0 && S->tstats[i].valid) {
+            changed += S->tstats[i].n_changed;
+            elems += S->tstats[i].n_elems;
+            n_adapted++;
+        }
+    if (n_adapted == 0)
+        return LM_OK;
+    const char *dt = S->out_dtype ? S->out_dtype : "the output dtype";
+    if (changed == 0) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "the merge changes no element of the %zu tensor%s it adapts once rounded to %s: "
+                 "every delta is below the output's precision", n_adapted, n_adapted == 1 ? "" : "s", dt);
+        if (!S->job->allow_noop)
+            return lm_fail(err, LM_E_MISMATCH, "NoOp", "%s (--allow-noop accepts it)", msg);
+        lm_report_warn(S->ri, "NoOpAllowed", "%s", msg);
+    } else if ((double)changed < LM_FEW_CHANGED_FRACTION * (double)elems) {
+        lm_report_warn(S->ri, "FewElementsChanged", "the merge changes only %.3g%% of the elements of the %zu tensor%s "
+                       "it adapts (%llu of %llu): most deltas vanish when rounded to %s",
+                       100.0 * (double)changed / (double)elems, n_adapted, n_adapted == 1 ? "" : "s",
+                       (unsigned long long)changed, (unsigned long long)elems, dt);
+    }
+    return check_strict(S, err);
+}
+
 static lm_code write_output(merge_state *S, lm_err *err)
 {
     const lm_merge_job *job = S->job;
@@ -619,6 +654,10 @@ static lm_code write_output(merge_state *S, lm_err *err)
     eo.n_shards = S->ot.n_shards;
     eo.shard_paths = (const char *const *)S->ot.paths;
     eo.shard_of = S->ot.shard_of;
+    eo.stats = S->tstats;
+    eo.stats_norms = job->tensor_norms;
+    eo.before_commit = check_changes;
+    eo.before_commit_ctx = S;
     if ((rc = lm_exec_run(S->plan, S->model, S->ads, S->ot.paths[0], &eo, &S->st, err)) != LM_OK)
         return rc;
     if (job->progress) /* the last call says "all of it" */
@@ -657,6 +696,7 @@ static void state_free(merge_state *S)
             lm_adapter_free(S->ads[i]);
     free(S->ads);
     free(S->ad_sha256);
+    free(S->tstats);
     for (int k = 0; k < 3; k++)
         free(S->meta_text[k]);
     lm_model_close(S->model);
@@ -714,6 +754,10 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     if ((rc = check_noop(&S, err)) != LM_OK || (rc = check_vocabulary(&S, err)) != LM_OK ||
         (rc = lm_report_plan_exact(S.ri, S.plan, err)) != LM_OK)
         goto done;
+    if ((S.tstats = calloc(S.plan->n + 1, sizeof *S.tstats)) == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
     phase_end(&S, LM_PHASE_PLAN);
     S.out_dtype = output_dtype(S.plan);
     lm_base_info_read(S.base_dir, &S.bi);
@@ -728,7 +772,8 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     if (!job->dry_run && (rc = write_output(&S, err)) != LM_OK)
         goto done;
     S.ri->pub.seconds = now_seconds() - t0;
-    lm_report_ctx c = {job, S.ads, (const char *const *)NULL, S.plan, NULL, job->out_path ? (S.ot.is_dir ? "directory" : "file") : NULL,
+    lm_report_ctx c = {job, S.ads, (const char *const *)NULL, S.plan, job->dry_run ? NULL : S.tstats,
+                       job->out_path ? (S.ot.is_dir ? "directory" : "file") : NULL,
                        S.out_dtype, S.st.n_threads ? S.st.n_threads : job->n_threads, S.kern.name, S.st.bytes_written,
                        S.st.n_exact_tensors, S.st.n_recomputed};
     const char *shas[64];

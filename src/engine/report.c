@@ -230,10 +230,14 @@ static cJSON *tensor_stats_json(const lm_tensor_stats *st)
     cJSON_AddNumberToObject(o, "n_elems", (double)st->n_elems);
     cJSON_AddNumberToObject(o, "n_changed", (double)st->n_changed);
     cJSON_AddNumberToObject(o, "changed_fraction", st->n_elems ? (double)st->n_changed / (double)st->n_elems : 0.0);
-    cJSON_AddNumberToObject(o, "n_nonfinite", (double)st->n_nonfinite);
-    cJSON_AddNumberToObject(o, "delta_norm", st->delta_norm);
-    cJSON_AddNumberToObject(o, "base_norm", st->base_norm);
-    if (st->base_norm > 0)
+    if (st->has_norms) {
+        cJSON_AddNumberToObject(o, "delta_norm", st->delta_norm);
+        cJSON_AddNumberToObject(o, "base_norm", st->base_norm);
+    } else {
+        cJSON_AddNullToObject(o, "delta_norm");
+        cJSON_AddNullToObject(o, "base_norm");
+    }
+    if (st->has_norms && st->base_norm > 0)
         cJSON_AddNumberToObject(o, "rel_delta_norm", st->delta_norm / st->base_norm);
     else
         cJSON_AddNullToObject(o, "rel_delta_norm");
@@ -345,8 +349,10 @@ lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err
             cJSON_AddItemToArray(ops, jo);
         }
         if (st != NULL && st->valid) {
-            tb_printf(&text, "  [%llu of %llu changed, |dW|/|W| %.3g]", (unsigned long long)st->n_changed,
-                      (unsigned long long)st->n_elems, st->base_norm > 0 ? st->delta_norm / st->base_norm : 0.0);
+            tb_printf(&text, "  [%llu of %llu changed", (unsigned long long)st->n_changed, (unsigned long long)st->n_elems);
+            if (st->has_norms && st->base_norm > 0)
+                tb_printf(&text, ", |dW|/|W| %.3g", st->delta_norm / st->base_norm);
+            tb_printf(&text, "]");
             total_changed += st->n_changed;
             total_elems += st->n_elems;
         } else {

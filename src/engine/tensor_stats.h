@@ -8,10 +8,11 @@
 typedef struct lm_tensor_stats {
     int valid;            /* 1 when the numbers below were measured */
     uint64_t n_elems;
-    uint64_t n_changed;   /* elements whose written value differs from the base's */
-    uint64_t n_nonfinite; /* elements written as inf or NaN */
-    double delta_norm;    /* ||W_out - W_base|| (Frobenius, in double) */
-    double base_norm;     /* ||W_base|| */
+    uint64_t n_changed;   /* elements whose written value differs from the base's (both in the
+                             output dtype: a conversion alone changes nothing) */
+    int has_norms;        /* the norms below were measured (they cost a pass in double) */
+    double delta_norm;    /* ||W' - W|| over the values written (Frobenius, in double) */
+    double base_norm;     /* ||W|| */
 } lm_tensor_stats;
 
 #endif
