@@ -110,6 +110,8 @@ static void set_ref(lm_kernels *k)
     k->count_nonfinite_16 = lm_count_nonfinite_16_ref;
     k->lowrank = lm_lowrank_ref;
     k->rot_blocks = lm_rot_blocks_ref;
+    k->count_diff_16 = lm_count_diff_16_ref;
+    k->count_diff_32 = lm_count_diff_32_ref;
     k->name = "ref";
 }
 
@@ -128,6 +130,8 @@ static void set_avx2(lm_kernels *k)
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx2;
     k->lowrank = lm_lowrank_avx2;
     k->rot_blocks = lm_rot_blocks_avx2;
+    k->count_diff_16 = lm_count_diff_16_avx2;
+    k->count_diff_32 = lm_count_diff_32_avx2;
     k->name = "avx2";
 }
 
@@ -145,6 +149,8 @@ static void set_avx512(lm_kernels *k)
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx512;
     k->lowrank = lm_lowrank_avx512;
     k->rot_blocks = lm_rot_blocks_avx512;
+    k->count_diff_16 = lm_count_diff_16_avx512;
+    k->count_diff_32 = lm_count_diff_32_avx512;
     k->name = "avx512";
 }
 #endif

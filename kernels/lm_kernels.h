@@ -134,6 +134,8 @@ typedef struct lm_kernels {
     /* every row of acc [n_rows, cols] becomes x @ blockdiag(R_j)^T; RT: the blocks transposed,
      * [n_rot, bs, bs] with n_rot 1 (shared) or cols/bs; y: scratch of 8 bs floats (rotate_ref.c) */
     void (*rot_blocks)(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+    size_t (*count_diff_16)(const uint16_t *a, const uint16_t *b, size_t n); /* i with a[i] != b[i] */
+    size_t (*count_diff_32)(const uint32_t *a, const uint32_t *b, size_t n);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -190,6 +192,12 @@ void lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *R
 void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a0, size_t a1, float *y);
+size_t lm_count_diff_16_ref(const uint16_t *a, const uint16_t *b, size_t n);
+size_t lm_count_diff_16_avx2(const uint16_t *a, const uint16_t *b, size_t n);
+size_t lm_count_diff_16_avx512(const uint16_t *a, const uint16_t *b, size_t n);
+size_t lm_count_diff_32_ref(const uint32_t *a, const uint32_t *b, size_t n);
+size_t lm_count_diff_32_avx2(const uint32_t *a, const uint32_t *b, size_t n);
+size_t lm_count_diff_32_avx512(const uint32_t *a, const uint32_t *b, size_t n);
 double lm_sumsq_ref(const float *x, size_t n);
 double lm_sumsq_avx2(const float *x, size_t n);
 double lm_sumsq_avx512(const float *x, size_t n);

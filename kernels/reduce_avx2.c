@@ -49,4 +49,26 @@ size_t __attribute__((target("avx,avx2"))) lm_count_nonfinite_16_avx2(const uint
     }
     return bad + lm_count_nonfinite_16_ref(x + i, n - i, exp_mask);
 }
+
+size_t __attribute__((target("avx,avx2"))) lm_count_diff_16_avx2(const uint16_t *a, const uint16_t *b, size_t n)
+{
+    size_t same = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(a + i));
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(const void *)(b + i));
+        same += (size_t)__builtin_popcount((unsigned)_mm256_movemask_epi8(_mm256_cmpeq_epi16(x, y))) / 2;
+    }
+    return (i - same) + lm_count_diff_16_ref(a + i, b + i, n - i);
+}
+
+size_t __attribute__((target("avx,avx2"))) lm_count_diff_32_avx2(const uint32_t *a, const uint32_t *b, size_t n)
+{
+    size_t same = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(a + i));
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(const void *)(b + i));
+        same += (size_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(x, y))));
+    }
+    return (i - same) + lm_count_diff_32_ref(a + i, b + i, n - i);
+}
 #endif

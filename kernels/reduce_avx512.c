@@ -44,4 +44,26 @@ size_t __attribute__((target("avx,avx2,avx512f,avx512bw"))) lm_count_nonfinite_1
     }
     return bad + lm_count_nonfinite_16_ref(x + i, n - i, exp_mask);
 }
+
+size_t __attribute__((target("avx,avx2,avx512f,avx512bw"))) lm_count_diff_16_avx512(const uint16_t *a, const uint16_t *b,
+                                                                                  size_t n)
+{
+    size_t diff = 0, i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512i x = _mm512_loadu_si512((const void *)(a + i)), y = _mm512_loadu_si512((const void *)(b + i));
+        diff += (size_t)__builtin_popcount((unsigned)_mm512_cmpneq_epi16_mask(x, y));
+    }
+    return diff + lm_count_diff_16_ref(a + i, b + i, n - i);
+}
+
+size_t __attribute__((target("avx,avx2,avx512f,avx512bw"))) lm_count_diff_32_avx512(const uint32_t *a, const uint32_t *b,
+                                                                                  size_t n)
+{
+    size_t diff = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i x = _mm512_loadu_si512((const void *)(a + i)), y = _mm512_loadu_si512((const void *)(b + i));
+        diff += (size_t)__builtin_popcount((unsigned)_mm512_cmpneq_epi32_mask(x, y));
+    }
+    return diff + lm_count_diff_32_ref(a + i, b + i, n - i);
+}
 #endif

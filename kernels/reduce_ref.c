@@ -1,5 +1,6 @@
 /* reduce_ref.c : reductions, the reference: counts of non-finite values (f32, and bf16/f16
- * given their exponent mask), and sums of squares in double.  Element i goes to lane i mod 16
+ * given their exponent mask), counts of elements that differ between two arrays (what a merge
+ * changed), and sums of squares in double.  Element i goes to lane i mod 16
  * (each square of an f32 is exact in double, so an FMA would change nothing), and the 16 lanes
  * are added in a fixed tree: every variant that keeps the lanes gives the same bits, and 16
  * independent sums run at the adder's throughput, not its latency. */
@@ -42,4 +43,20 @@ size_t lm_count_nonfinite_16_ref(const uint16_t *x, size_t n, uint16_t exp_mask)
     for (size_t i = 0; i < n; i++)
         bad += (x[i] & exp_mask) == exp_mask;
     return bad;
+}
+
+size_t lm_count_diff_16_ref(const uint16_t *a, const uint16_t *b, size_t n)
+{
+    size_t c = 0;
+    for (size_t i = 0; i < n; i++)
+        c += a[i] != b[i];
+    return c;
+}
+
+size_t lm_count_diff_32_ref(const uint32_t *a, const uint32_t *b, size_t n)
+{
+    size_t c = 0;
+    for (size_t i = 0; i < n; i++)
+        c += a[i] != b[i];
+    return c;
 }

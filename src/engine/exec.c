@@ -404,45 +404,13 @@ struct tile_stat {
     double d2, b2; /* sum of (W' - W)^2 and of W^2 */
 };
 
-/* elements of esz bytes that differ between a and b.  A pass over every computed tile, so GCC
- * is asked to vectorize it (at -O2 its cost model leaves these reductions scalar). */
-#if defined(__GNUC__) && !defined(__clang__)
-#define LM_VECTORIZE __attribute__((optimize("tree-vectorize", "vect-cost-model=cheap")))
-#else
-#define LM_VECTORIZE
-#endif
-LM_VECTORIZE static uint64_t count_changed16(const uint16_t *x, const uint16_t *y, size_t n)
-{
-    uint64_t total = 0;
-    for (size_t i = 0; i < n;) { /* 32-bit partial sums vectorize; 2^30 elements cannot overflow them */
-        size_t e = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;
-        uint32_t c = 0;
-        for (; i < e; i++)
-            c += (uint32_t)(x[i] != y[i]);
-        total += c;
-    }
-    return total;
-}
-
-LM_VECTORIZE static uint64_t count_changed32(const uint32_t *x, const uint32_t *y, size_t n)
-{
-    uint64_t total = 0;
-    for (size_t i = 0; i < n;) {
-        size_t e = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;
-        uint32_t c = 0;
-        for (; i < e; i++)
-            c += (uint32_t)(x[i] != y[i]);
-        total += c;
-    }
-    return total;
-}
-
-static uint64_t count_changed(const uint8_t *a, const uint8_t *b, size_t n, size_t esz)
+/* elements of esz bytes that differ between a and b */
+static uint64_t count_changed(const lm_kernels *k, const uint8_t *a, const uint8_t *b, size_t n, size_t esz)
 {
     if (esz == 2)
-        return count_changed16((const uint16_t *)(const void *)a, (const uint16_t *)(const void *)b, n);
+        return k->count_diff_16((const uint16_t *)(const void *)a, (const uint16_t *)(const void *)b, n);
     if (esz == 4)
-        return count_changed32((const uint32_t *)(const void *)a, (const uint32_t *)(const void *)b, n);
+        return k->count_diff_32((const uint32_t *)(const void *)a, (const uint32_t *)(const void *)b, n);
     uint64_t c = 0;
     for (size_t i = 0; i < n; i++)
         c += memcmp(a + i * esz, b + i * esz, esz) != 0;
@@ -476,17 +444,21 @@ static uint64_t load_base_rows(const job *J, size_t ti, float *dst, uint8_t *raw
     return have;
 }
 
-/* before the ops: the base tile as it would be written (and in f32 for the norms); *n_base
- * receives how many of the n elements the base has (the rest count as changed) */
-static lm_code stats_before(const job *J, size_t ti, const workspace *ws, uint64_t r0, uint64_t nr, size_t n,
-                            size_t *n_base, lm_err *err)
+/* before the ops: the base tile as it would be written (and in f32 for the norms), from src, the
+ * tile's input bytes; *n_base receives how many of the n elements the base has (the rest count
+ * as changed) */
+static lm_code stats_before(const job *J, size_t ti, const workspace *ws, const uint8_t *src, uint64_t r0,
+                            uint64_t nr, size_t n, size_t *n_base, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    if (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) { /* the tile holds the base */
+    if (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) { /* src holds the base */
         *n_base = n;
-        from_f32(J->k, t->dtype, ws->acc, ws->base_out, n);
-        if (J->stats_norms)
-            memcpy(ws->base_f32, ws->acc, n * sizeof(float));
+        if (J->stats_norms || t->dtype != t->src_dtype)
+            to_f32(J->k, t->src_dtype, src, ws->base_f32, n);
+        if (t->dtype == t->src_dtype) /* the bytes read are the base as written */
+            memcpy(ws->base_out, src, n * (lm_dtype_bits(t->dtype) / 8));
+        else
+            from_f32(J->k, t->dtype, ws->base_f32, ws->base_out, n);
         return LM_OK;
     }
     uint64_t rows = load_base_rows(J, ti, ws->base_f32, ws->base_out, r0, nr, err);
@@ -514,17 +486,13 @@ static const float *written_f32(const job *J, const lm_plan_tensor *t, const wor
 static void stats_after(const job *J, const lm_plan_tensor *t, const workspace *ws, size_t n, size_t n_base,
                         struct tile_stat *ts)
 {
-    ts->n_changed = count_changed(ws->out, ws->base_out, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
-    if (J->stats_norms) {
+    ts->n_changed = count_changed(J->k, ws->out, ws->base_out, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
+    if (J->stats_norms) { /* the differences in f32 (rounded once each), their squares summed in double */
         const float *w = written_f32(J, t, ws, n);
-        double d2[4] = {0, 0, 0, 0}, b2[4] = {0, 0, 0, 0}; /* four chains: the same sums every run */
-        for (size_t i = 0; i < n; i++) {
-            double b = ws->base_f32[i], d = (double)w[i] - b;
-            d2[i & 3] += d * d;
-            b2[i & 3] += b * b;
-        }
-        ts->d2 = (d2[0] + d2[1]) + (d2[2] + d2[3]);
-        ts->b2 = (b2[0] + b2[1]) + (b2[2] + b2[3]);
+        for (size_t i = 0; i < n; i++)
+            ws->scratch[i] = w[i] - ws->base_f32[i];
+        ts->d2 = J->k->sumsq(ws->scratch, n);
+        ts->b2 = J->k->sumsq(ws->base_f32, n);
     }
 }
 
@@ -568,18 +536,15 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     if (src == NULL)
         return LM_E_IO;
     if (J->rt[ti].uses_exact) { /* base bytes -> output bytes; the statistics from the bytes written */
-        if (ts != NULL) {
-            to_f32(J->k, t->src_dtype, src, ws->acc, n);
-            if (stats_before(J, ti, ws, r0, nr, n, &n_base, err) != LM_OK)
-                return LM_E_IO;
-        }
+        if (ts != NULL && stats_before(J, ti, ws, src, r0, nr, n, &n_base, err) != LM_OK)
+            return LM_E_IO;
         lm_code rc = compute_tile_exact(J, ti, r0, nr, src, ws, err);
         if (rc == LM_OK && ts != NULL)
             stats_after(J, t, ws, n, n_base, ts);
         return rc;
     }
     to_f32(J->k, t->src_dtype, src, ws->acc, n);
-    if (ts != NULL && stats_before(J, ti, ws, r0, nr, n, &n_base, err) != LM_OK)
+    if (ts != NULL && stats_before(J, ti, ws, src, r0, nr, n, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, t->n_ops, &tile);
