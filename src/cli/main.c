@@ -299,35 +299,164 @@ static int subcommand(const char *const *pos, size_t n_pos, const char *base, co
     return -1;
 }
 
-/* ---- main ----------------------------------------------------------------------------------- */
-/* the options that take no value and set a flag: the flag, or NULL for another name */
+/* ---- the command line ----------------------------------------------------------------------- */
 typedef struct {
-    int *json, *quiet, *force_progress;
-    lm_merge_job *job;
-} cli_flags;
+    const char *pos[8];
+    size_t n_pos;
+    lm_merge_adapter extra[63];
+    size_t n_extra;
+    double scale;
+    const char *copy_files[64];
+    size_t n_copy;
+    lm_merge_job job;
+    int json, quiet, force_progress;
+    lm_format_opts fo;    /* adapters of other tools */
+    const char *base_opt; /* --base (inspect, convert) */
+} cli_args;
 
-static int *flag_option(const char *name, const cli_flags *f)
+#define CLI_CONTINUE (-1)
+
+/* the value of option `name`: after '=' (val), else the next argument.  NULL with a usage error */
+static const char *option_value(const char *name, const char *val, int argc, char **argv, int *i, int *status)
 {
-    const struct {
-        const char *name;
-        int *target;
-    } table[] = {
-        {"--allow-noop", &f->job->allow_noop},
-        {"--strict", &f->job->strict},
-        {"--dry-run", &f->job->dry_run},
-        {"--json", f->json},
-        {"--fsync", &f->job->do_fsync},
-        {"-q", f->quiet},
-        {"--quiet", f->quiet},
-        {"--progress", f->force_progress},
-        {"--exactness-off", &f->job->exactness_off}, /* hidden: benchmarks (see lora_merge.h) */
-    };
-    for (size_t i = 0; i < sizeof table / sizeof *table; i++)
-        if (strcmp(name, table[i].name) == 0)
-            return table[i].target;
-    return NULL;
+    if (val != NULL)
+        return val;
+    if (*i + 1 >= argc) {
+        *status = usage_error("%s needs a value", name);
+        return NULL;
+    }
+    return argv[++*i];
 }
 
+/* options that set a number or a size */
+static int parse_numeric_option(cli_args *c, const char *name, const char *val)
+{
+    char *end;
+    if (strcmp(name, "--scale") == 0) {
+        if (!parse_double(val, &c->scale))
+            return usage_error("--scale needs a number, not '%s'", val);
+    } else if (strcmp(name, "--threads") == 0) {
+        long n = strtol(val, &end, 10);
+        if (*val == '\0' || *end != '\0' || n < 1 || n > 1024)
+            return usage_error("--threads needs a whole number from 1 to 1024, not '%s'", val);
+        c->job.n_threads = (int)n;
+    } else if (strcmp(name, "--tile-elems") == 0) { /* hidden: tests and benchmarks (see lora_merge.h) */
+        unsigned long long n = strtoull(val, &end, 10);
+        if (*val == '\0' || *end != '\0' || n < 1 || n > (1ull << 34))
+            return usage_error("--tile-elems needs a whole number from 1 to 2^34, not '%s'", val);
+        c->job.tile_elems = n;
+    } else if (strcmp(name, "--max-shard-size") == 0) {
+        if (!parse_size(val, &c->job.max_shard_bytes))
+            return usage_error("--max-shard-size needs a size such as 5GB, 500MB, 2GiB or a byte count, not '%s'", val);
+    }
+    return CLI_CONTINUE;
+}
+
+/* an option that takes a value; *i advances past it.  @return CLI_CONTINUE or an exit status */
+static int parse_valued_option(cli_args *c, const char *name, const char *val, int argc, char **argv, int *i)
+{
+    int status = CLI_CONTINUE;
+    if ((val = option_value(name, val, argc, argv, i, &status)) == NULL)
+        return status;
+    if (strcmp(name, "--adapter") == 0 || strcmp(name, "--adapter-scaled") == 0) {
+        double w = 1.0;
+        if (strcmp(name, "--adapter-scaled") == 0) {
+            if (*i + 1 >= argc)
+                return usage_error("--adapter-scaled needs a directory and a weight (after '%s')", val);
+            if (!parse_double(argv[*i + 1], &w))
+                return usage_error("--adapter-scaled needs a numeric weight, not '%s'", argv[*i + 1]);
+            ++*i;
+        }
+        if (c->n_extra == sizeof c->extra / sizeof *c->extra)
+            return usage_error("too many adapters (%s)", val);
+        c->extra[c->n_extra].dir = val;
+        c->extra[c->n_extra++].weight = w;
+    } else if (strcmp(name, "--dtype") == 0) {
+        c->job.out_dtype = val;
+    } else if (strcmp(name, "--kernels") == 0) {
+        c->job.kernels = val;
+    } else if (strcmp(name, "--copy-file") == 0) {
+        if (c->n_copy == sizeof c->copy_files / sizeof *c->copy_files)
+            return usage_error("too many --copy-file (%s)", val);
+        c->copy_files[c->n_copy++] = val;
+    } else {
+        return parse_numeric_option(c, name, val);
+    }
+    return CLI_CONTINUE;
+}
+
+/* argv[*i], an option.  @return CLI_CONTINUE, or the exit status to return now */
+static int parse_option(cli_args *c, int argc, char **argv, int *i)
+{
+    static const char *const valued[] = {"--scale", "--adapter", "--adapter-scaled", "--threads", "--tile-elems",
+                                         "--dtype", "--kernels", "--copy-file", "--max-shard-size"};
+    const char *a = argv[*i], *val = NULL, *eq = strchr(a, '=');
+    char name[64];
+    if (a[1] == '-' && eq != NULL) {
+        snprintf(name, sizeof name, "%.*s", (int)(eq - a), a);
+        val = eq + 1;
+    } else {
+        snprintf(name, sizeof name, "%s", a);
+    }
+    for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
+        if (strcmp(name, valued[k]) == 0)
+            return parse_valued_option(c, name, val, argc, argv, i);
+    if (is_format_option(name)) {
+        int status = CLI_CONTINUE;
+        if ((val = option_value(name, val, argc, argv, i, &status)) == NULL)
+            return status;
+        return set_format_option(name, val, &c->fo, &c->base_opt) != 0 ? EXIT_USAGE : CLI_CONTINUE;
+    }
+    if (strcmp(name, "-h") == 0 || strcmp(name, "--help") == 0) {
+        fputs(USAGE, stdout);
+        return 0;
+    }
+    if (strcmp(name, "--version") == 0) {
+        printf("%s\n", lm_version_text());
+        return 0;
+    }
+    static const char *const flags[] = {"--allow-noop", "--strict", "--dry-run", "--json", "--fsync", "-q", "--quiet",
+                                        "--progress", "--exactness-off" /* hidden: benchmarks (see lora_merge.h) */};
+    int *const targets[] = {&c->job.allow_noop, &c->job.strict, &c->job.dry_run, &c->json, &c->job.do_fsync,
+                            &c->quiet, &c->quiet, &c->force_progress, &c->job.exactness_off};
+    for (size_t k = 0; k < sizeof flags / sizeof *flags; k++)
+        if (strcmp(name, flags[k]) == 0) {
+            *targets[k] = 1;
+            return CLI_CONTINUE;
+        }
+    return usage_error("unknown option '%s'", a);
+}
+
+static void print_report(const cli_args *c, const lm_merge_report *rep)
+{
+    const lm_merge_job *job = &c->job;
+    if (c->json) {
+        printf("%s\n", rep->json);
+        return;
+    }
+    if (!c->quiet || job->dry_run)
+        for (size_t i = 0; i < rep->n_notes; i++)
+            fprintf(stderr, "note: %s\n", rep->notes[i]);
+    for (size_t i = 0; i < rep->n_warnings; i++) /* even quiet: a warning is not a note */
+        fprintf(stderr, "warning: [%s] %s\n", rep->warnings[i].code, rep->warnings[i].message);
+    if (job->dry_run) {
+        printf("plan: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, %zu added), %.3f GFLOP\n",
+               rep->n_tensors, rep->n_changed, rep->n_lowrank, rep->n_replaced, rep->n_added, rep->lowrank_gflop);
+        fputs(rep->plan_text, stdout);
+        print_files(rep, 1);
+        printf("dry run: nothing written\n");
+    } else if (!c->quiet) {
+        printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
+               "%zu added), %.2f GB in %.2f s (%.2f GB/s, %d threads, kernels %s)\n",
+               job->n_adapters, job->n_adapters == 1 ? "" : "s", job->out_path, rep->n_tensors, rep->n_changed,
+               rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
+               rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, rep->n_threads, rep->kernels);
+        if (rep->out_kind != NULL && strcmp(rep->out_kind, "directory") == 0)
+            print_files(rep, 0);
+    }
+}
+
+/* ---- main ----------------------------------------------------------------------------------- */
 int main(int argc, char **argv)
 {
     lm_cleanup_install();
@@ -336,182 +465,62 @@ int main(int argc, char **argv)
      * to the kernel and faulting fresh zero pages in again (peak memory is unchanged) */
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
     mallopt(M_TRIM_THRESHOLD, 1024 << 20);
-    const char *pos[8];
-    size_t n_pos = 0;
+    static cli_args c;
     lm_merge_adapter adapters[64];
-    size_t n_extra = 0;
-    lm_merge_adapter extra[63];
-    double scale = 1.0;
-    const char *copy_files[64];
-    size_t n_copy = 0;
-    lm_merge_job job;
-    memset(&job, 0, sizeof job);
-    int json = 0, quiet = 0, force_progress = 0, only_positional = 0;
-    lm_format_opts fo;
-    memset(&fo, 0, sizeof fo);
-    const char *base_opt = NULL;
-    const cli_flags flags = {&json, &quiet, &force_progress, &job};
+    c.scale = 1.0;
+    int only_positional = 0;
     for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) /* before any error can be reported */
         g_json |= strcmp(argv[i], "--json") == 0;
-
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (only_positional || a[0] != '-' || a[1] == '\0') {
-            if (n_pos == sizeof pos / sizeof *pos)
+            if (c.n_pos == sizeof c.pos / sizeof *c.pos)
                 return usage_error("too many arguments ('%s')", a);
-            pos[n_pos++] = a;
-            continue;
-        }
-        if (strcmp(a, "--") == 0) {
+            c.pos[c.n_pos++] = a;
+        } else if (strcmp(a, "--") == 0) {
             only_positional = 1;
-            continue;
-        }
-        const char *val = NULL;
-        char name[64];
-        const char *eq = strchr(a, '=');
-        if (a[1] == '-' && eq != NULL) {
-            snprintf(name, sizeof name, "%.*s", (int)(eq - a), a);
-            val = eq + 1;
         } else {
-            snprintf(name, sizeof name, "%s", a);
+            int status = parse_option(&c, argc, argv, &i);
+            if (status != CLI_CONTINUE)
+                return status;
         }
-#define NEED_VALUE()                                                                               \
-    do {                                                                                           \
-        if (val == NULL) {                                                                         \
-            if (i + 1 >= argc)                                                                     \
-                return usage_error("%s needs a value", name);                                     \
-            val = argv[++i];                                                                       \
-        }                                                                                          \
-    } while (0)
-        if (strcmp(name, "-h") == 0 || strcmp(name, "--help") == 0) {
-            fputs(USAGE, stdout);
-            return 0;
-        } else if (strcmp(name, "--version") == 0) {
-            printf("%s\n", lm_version_text());
-            return 0;
-        } else if (strcmp(name, "--scale") == 0) {
-            NEED_VALUE();
-            if (!parse_double(val, &scale))
-                return usage_error("--scale needs a number, not '%s'", val);
-        } else if (strcmp(name, "--adapter") == 0) {
-            NEED_VALUE();
-            if (n_extra == sizeof extra / sizeof *extra)
-                return usage_error("too many adapters (%s)", val);
-            extra[n_extra].dir = val;
-            extra[n_extra++].weight = 1.0;
-        } else if (strcmp(name, "--adapter-scaled") == 0) {
-            NEED_VALUE();
-            if (i + 1 >= argc)
-                return usage_error("--adapter-scaled needs a directory and a weight (after '%s')", val);
-            double w;
-            if (!parse_double(argv[i + 1], &w))
-                return usage_error("--adapter-scaled needs a numeric weight, not '%s'", argv[i + 1]);
-            i++;
-            if (n_extra == sizeof extra / sizeof *extra)
-                return usage_error("too many adapters (%s)", val);
-            extra[n_extra].dir = val;
-            extra[n_extra++].weight = w;
-        } else if (strcmp(name, "--threads") == 0) {
-            NEED_VALUE();
-            char *end;
-            long n = strtol(val, &end, 10);
-            if (*val == '\0' || *end != '\0' || n < 1 || n > 1024)
-                return usage_error("--threads needs a whole number from 1 to 1024, not '%s'", val);
-            job.n_threads = (int)n;
-        } else if (strcmp(name, "--tile-elems") == 0) { /* hidden: tests and benchmarks (see lora_merge.h) */
-            NEED_VALUE();
-            char *end;
-            unsigned long long n = strtoull(val, &end, 10);
-            if (*val == '\0' || *end != '\0' || n < 1 || n > (1ull << 34))
-                return usage_error("--tile-elems needs a whole number from 1 to 2^34, not '%s'", val);
-            job.tile_elems = n;
-        } else if (flag_option(name, &flags) != NULL) {
-            *flag_option(name, &flags) = 1;
-        } else if (strcmp(name, "--dtype") == 0) {
-            NEED_VALUE();
-            job.out_dtype = val;
-        } else if (strcmp(name, "--kernels") == 0) {
-            NEED_VALUE();
-            job.kernels = val;
-        } else if (strcmp(name, "--copy-file") == 0) {
-            NEED_VALUE();
-            if (n_copy == sizeof copy_files / sizeof *copy_files)
-                return usage_error("too many --copy-file (%s)", val);
-            copy_files[n_copy++] = val;
-        } else if (is_format_option(name)) {
-            NEED_VALUE();
-            if (set_format_option(name, val, &fo, &base_opt) != 0)
-                return EXIT_USAGE;
-        } else if (strcmp(name, "--max-shard-size") == 0) {
-            NEED_VALUE();
-            if (!parse_size(val, &job.max_shard_bytes))
-                return usage_error("--max-shard-size needs a size such as 5GB, 500MB, 2GiB or a byte count, not '%s'", val);
-        } else {
-            return usage_error("unknown option '%s'", a);
-        }
-#undef NEED_VALUE
     }
-    int sub = subcommand(pos, n_pos, base_opt, &fo, quiet, json);
+    lm_merge_job *job = &c.job;
+    int sub = subcommand(c.pos, c.n_pos, c.base_opt, &c.fo, c.quiet, c.json);
     if (sub >= 0)
         return sub;
-    if (n_pos != 3 && !(job.dry_run && n_pos == 2)) {
+    if (c.n_pos != 3 && !(job->dry_run && c.n_pos == 2)) {
         char got[64];
-        snprintf(got, sizeof got, "%zu argument%s", n_pos, n_pos == 1 ? "" : "s");
+        snprintf(got, sizeof got, "%zu argument%s", c.n_pos, c.n_pos == 1 ? "" : "s");
         return usage_error("expected BASE ADAPTER_DIR OUT, got %s", got);
     }
-    adapters[0].dir = pos[1];
-    adapters[0].weight = scale;
-    for (size_t i = 0; i < n_extra; i++)
-        adapters[1 + i] = extra[i];
-    job.base_path = pos[0];
-    job.out_path = n_pos == 3 ? pos[2] : NULL;
-    job.adapters = adapters;
-    job.n_adapters = 1 + n_extra;
-    job.formats = &fo;
-    job.copy_files = copy_files;
-    job.n_copy_files = n_copy;
-    job.hash_outputs = json;
-    job.tensor_norms = json;
+    adapters[0].dir = c.pos[1];
+    adapters[0].weight = c.scale;
+    for (size_t i = 0; i < c.n_extra; i++)
+        adapters[1 + i] = c.extra[i];
+    job->base_path = c.pos[0];
+    job->out_path = c.n_pos == 3 ? c.pos[2] : NULL;
+    job->adapters = adapters;
+    job->n_adapters = 1 + c.n_extra;
+    job->formats = &c.fo;
+    job->copy_files = c.copy_files;
+    job->n_copy_files = c.n_copy;
+    job->hash_outputs = c.json;
+    job->tensor_norms = c.json;
     progress_state ps = {mono_now(), 0, 0};
-    if (!quiet && !json && !job.dry_run && (force_progress || isatty(STDERR_FILENO))) {
-        job.progress = progress_cb;
-        job.progress_ctx = &ps;
+    if (!c.quiet && !c.json && !job->dry_run && (c.force_progress || isatty(STDERR_FILENO))) {
+        job->progress = progress_cb;
+        job->progress_ctx = &ps;
     }
     lm_err err;
     lm_err_clear(&err);
     lm_merge_report *rep = NULL;
-    lm_code rc = lm_merge_run(&job, &rep, &err);
+    lm_code rc = lm_merge_run(job, &rep, &err);
     if (ps.shown)
         fprintf(stderr, "\n");
     if (rc != LM_OK)
         return report_error(&err);
-    if (json) {
-        printf("%s\n", rep->json);
-    } else if (!quiet || job.dry_run) {
-        for (size_t i = 0; i < rep->n_notes; i++)
-            fprintf(stderr, "note: %s\n", rep->notes[i]);
-        for (size_t i = 0; i < rep->n_warnings; i++)
-            fprintf(stderr, "warning: [%s] %s\n", rep->warnings[i].code, rep->warnings[i].message);
-        if (job.dry_run) {
-            printf("plan: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, %zu added), %.3f GFLOP\n",
-                   rep->n_tensors, rep->n_changed, rep->n_lowrank, rep->n_replaced, rep->n_added, rep->lowrank_gflop);
-            fputs(rep->plan_text, stdout);
-            print_files(rep, 1);
-            printf("dry run: nothing written\n");
-        } else {
-            printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
-                   "%zu added), %.2f GB in %.2f s (%.2f GB/s, %d threads, kernels %s)\n",
-                   job.n_adapters, job.n_adapters == 1 ? "" : "s", job.out_path, rep->n_tensors, rep->n_changed,
-                   rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
-                   rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, rep->n_threads,
-                   rep->kernels);
-            if (rep->out_kind != NULL && strcmp(rep->out_kind, "directory") == 0)
-                print_files(rep, 0);
-        }
-    } else {
-        for (size_t i = 0; i < rep->n_warnings; i++) /* quiet, but a warning is not a note */
-            fprintf(stderr, "warning: [%s] %s\n", rep->warnings[i].code, rep->warnings[i].message);
-    }
+    print_report(&c, rep);
     lm_merge_report_free(rep);
     return 0;
 }

@@ -813,6 +813,37 @@ static void exact_stats(const job *J, const lm_exec_opts *opts, lm_exec_stats *s
     }
 }
 
+/* the per-task statistics, when the caller asks for them */
+static lm_code stats_alloc(job *J, const lm_exec_opts *opts, size_t n_tasks, lm_err *err)
+{
+    J->stats_norms = opts && opts->stats_norms;
+    if (opts == NULL || opts->stats == NULL)
+        return LM_OK;
+    J->tstat = calloc(n_tasks + 1, sizeof *J->tstat);
+    return J->tstat ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+}
+
+/* Every shard complete and closed, what the merge changed measured and judged by the caller
+ * (before_commit), then every shard renamed into place. */
+static lm_code finish_and_commit(job *J, const lm_exec_opts *opts, const task *tasks, size_t n_tasks, lm_err *err)
+{
+    lm_code rc;
+    for (size_t sh = 0; sh < J->n_shards; sh++)
+        if ((rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
+            return rc;
+    if (J->tstat != NULL)
+        stats_reduce(J, tasks, n_tasks, opts->stats);
+    if (opts && opts->before_commit && (rc = opts->before_commit(opts->before_commit_ctx, err)) != LM_OK)
+        return rc;
+    for (size_t sh = 0; sh < J->n_shards; sh++) {
+        rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
+        J->w[sh] = NULL;
+        if (rc != LM_OK)
+            return rc;
+    }
+    return LM_OK;
+}
+
 lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *const *adapters,
                     const char *out_path, const lm_exec_opts *opts, lm_exec_stats *stats,
                     lm_err *err)
@@ -856,11 +887,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     if ((rc = make_tasks(&J, &tasks, &n_tasks, &st, &local_err)) != LM_OK)
         goto fail;
     mark_exact_tensors(&J);
-    if (opts && opts->stats && (J.tstat = calloc(n_tasks + 1, sizeof *J.tstat)) == NULL) {
-        rc = lm_fail(&local_err, LM_E_NOMEM, NULL, "out of memory");
+    if ((rc = stats_alloc(&J, opts, n_tasks, &local_err)) != LM_OK)
         goto fail;
-    }
-    J.stats_norms = opts && opts->stats_norms;
     /* every check is done: now the output files exist (as temporary files) */
     if ((rc = open_writers(&J, out_path, opts, &st.bytes_written, &local_err)) != LM_OK)
         goto fail;
@@ -922,20 +950,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     }
     st.bytes_computed = st.bytes_written - st.bytes_copied;
     exact_stats(&J, opts, &st);
-    /* every shard complete and closed before any is renamed into place */
-    for (size_t sh = 0; sh < J.n_shards; sh++)
-        if ((rc = lm_st_writer_finish(J.w[sh], opts ? opts->do_fsync : 0, &local_err)) != LM_OK)
-            goto fail;
-    if (J.tstat != NULL)
-        stats_reduce(&J, tasks, n_tasks, opts->stats);
-    if (opts && opts->before_commit && (rc = opts->before_commit(opts->before_commit_ctx, &local_err)) != LM_OK)
+    if ((rc = finish_and_commit(&J, opts, tasks, n_tasks, &local_err)) != LM_OK)
         goto fail;
-    for (size_t sh = 0; sh < J.n_shards; sh++) {
-        rc = lm_st_writer_commit(J.w[sh], opts ? opts->do_fsync : 0, &local_err);
-        J.w[sh] = NULL;
-        if (rc != LM_OK)
-            goto fail;
-    }
     if (stats)
         *stats = st;
     goto done;

@@ -771,131 +771,168 @@ static lm_code add_config(lm_side_plan *sp, const lm_side_inputs *in, char *data
     return rc;
 }
 
-lm_code lm_side_plan_build(lm_side_plan *sp, const lm_side_inputs *in, lm_report_impl *r, lm_err *err)
+/* what lm_side_plan_build() works with */
+typedef struct {
+    lm_side_plan *sp;
+    const lm_side_inputs *in;
+    lm_report_impl *r;
+    char *base_real, *ad_real; /* owned: realpath of the base and the main adapter directory */
+    const char *adir;          /* the main adapter's directory, or NULL */
+    unsigned has;              /* groups the adapter directory holds files of */
+    unsigned from_adapter;     /* groups taken from the adapter (a tokenizer brings its template) */
+    char skipped[600];         /* the base's files left behind, for a note */
+    size_t n_skipped, used;
+    int truncated;             /* some names did not fit in skipped */
+} side_ctx;
+
+static void note_skipped(side_ctx *c, const char *name)
 {
+    char item[300];
+    int k = snprintf(item, sizeof item, "%s%s", c->n_skipped ? ", " : "", name);
+    if (k > 0 && c->used + (size_t)k < sizeof c->skipped) {
+        memcpy(c->skipped + c->used, item, (size_t)k + 1);
+        c->used += (size_t)k;
+    } else {
+        c->truncated = 1;
+    }
+    c->n_skipped++;
+}
+
+/* the base's files: allow-listed ones, unless the adapter supplies their group */
+static lm_code side_base_files(side_ctx *c, const name_list *base, lm_err *err)
+{
+    const lm_side_inputs *in = c->in;
     lm_code rc = LM_OK;
-    name_list base = {0}, ad = {0}, other = {0};
-    char *base_real = realpath(in->base_dir, NULL), *ad_real = NULL;
-    const char *adir = in->n_adapter_dirs ? in->adapter_dirs[0] : NULL;
-    char skipped[600];
-    size_t n_skipped = 0, used = 0;
-    skipped[0] = '\0';
-    if (list_dir(in->base_dir, &base) == -2) {
-        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done;
-    }
-    unsigned has = adapter_groups(adir, &ad), from_adapter = has;
-    /* a tokenizer saved with the adapter carries its chat template (tokenizer_config.json, or a
-     * chat_template.jinja beside it): the base's template must not override it */
-    if (from_adapter & (1u << G_TOKENIZER))
-        from_adapter |= 1u << G_TEMPLATE;
-    ad_real = adir ? realpath(adir, NULL) : NULL;
-    for (size_t a = 1; a < in->n_adapter_dirs; a++) {
-        unsigned g = adapter_groups(in->adapter_dirs[a], &other);
-        names_free(&other);
-        memset(&other, 0, sizeof other);
-        if (g & (1u << G_TOKENIZER))
-            lm_report_warn(r, "TokenizerConflict", "%s also holds tokenizer files; those of %s are used%s",
-                           in->adapter_dirs[a], from_adapter & (1u << G_TOKENIZER) ? adir : in->base_dir,
-                           from_adapter & (1u << G_TOKENIZER) ? "" : " (the base's)");
-    }
-    /* the base's files: allow-listed ones, unless the adapter supplies their group */
-    for (size_t i = 0; i < base.n && rc == LM_OK; i++) {
-        const char *name = base.v[i], *kind;
+    for (size_t i = 0; i < base->n && rc == LM_OK; i++) {
+        const char *name = base->v[i], *kind;
         int g;
         if (!lm_side_is_allowed(name, &kind, &g)) {
             struct stat st;
             char *p = lm_path_join(in->base_dir, name);
             int regular = p && lstat(p, &st) == 0 && (S_ISREG(st.st_mode) || S_ISLNK(st.st_mode));
             free(p);
-            if (regular && name[0] != '.' && !lm_is_weight_name(name) && strcmp(name, "README.md") != 0) {
-                int k = snprintf(skipped + used, sizeof skipped - used, "%s%s", n_skipped ? ", " : "", name);
-                if (k > 0 && used + (size_t)k < sizeof skipped - 8)
-                    used += (size_t)k;
-                n_skipped++;
-            }
+            if (regular && name[0] != '.' && !lm_is_weight_name(name) && strcmp(name, "README.md") != 0)
+                note_skipped(c, name);
             continue;
         }
-        if (g != G_BASE && (from_adapter & (1u << g)))
-            continue;
-        if (is_reserved(in, name))
+        if ((g != G_BASE && (c->from_adapter & (1u << g))) || is_reserved(in, name))
             continue;
         char *data;
         size_t n;
         unsigned mode;
-        int got = read_side_file(in->base_dir, base_real, name, &data, &n, &mode, err);
-        if (got < 0) {
-            rc = err->code;
-            break;
-        }
+        int got = read_side_file(in->base_dir, c->base_real, name, &data, &n, &mode, err);
+        if (got < 0)
+            return err->code;
         if (got == 0)
             continue; /* vanished since the listing */
         if (strcmp(name, "config.json") == 0)
-            rc = add_config(sp, in, data, n, mode, r, err);
+            rc = add_config(c->sp, in, data, n, mode, c->r, err);
         else
-            rc = side_add(sp, name, in->base_dir, "base", kind, data, n, mode, err);
+            rc = side_add(c->sp, name, in->base_dir, "base", kind, data, n, mode, err);
     }
-    /* the adapter's tokenizer, chat template and processor files */
-    for (size_t i = 0; i < ad.n && rc == LM_OK; i++) {
-        const char *name = ad.v[i], *kind;
+    return rc;
+}
+
+/* the adapter's tokenizer, chat template and processor files */
+static lm_code side_adapter_files(side_ctx *c, const name_list *ad, lm_err *err)
+{
+    lm_code rc = LM_OK;
+    for (size_t i = 0; i < ad->n && rc == LM_OK; i++) {
+        const char *name = ad->v[i], *kind;
         int g;
-        if (!lm_side_is_allowed(name, &kind, &g) || g == G_BASE || is_reserved(in, name))
+        if (!lm_side_is_allowed(name, &kind, &g) || g == G_BASE || is_reserved(c->in, name))
             continue;
         char *data;
         size_t n;
         unsigned mode;
-        int got = read_side_file(adir, ad_real, name, &data, &n, &mode, err);
-        if (got < 0) {
-            rc = err->code;
-            break;
-        }
+        int got = read_side_file(c->adir, c->ad_real, name, &data, &n, &mode, err);
+        if (got < 0)
+            return err->code;
         if (got == 1)
-            rc = side_add(sp, name, adir, "adapter", kind, data, n, mode, err);
+            rc = side_add(c->sp, name, c->adir, "adapter", kind, data, n, mode, err);
     }
     for (int g = G_TOKENIZER; g <= G_PROCESSOR && rc == LM_OK; g++)
-        if (has & (1u << g))
-            lm_report_note(r, "%s files taken from the adapter directory %s, as a whole (none from the base)%s",
-                           GROUP_NAMES[g], adir,
-                           g == G_TOKENIZER && !(has & (1u << G_TEMPLATE)) ? "; its chat template too" : "");
-    /* --copy-file NAME: from the base directory, else the main adapter's */
-    for (size_t i = 0; i < in->n_copy_files && rc == LM_OK; i++) {
-        const char *name = in->copy_files[i];
-        if (name[0] == '\0' || strchr(name, '/') != NULL || strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
-            rc = lm_fail(err, LM_E_USAGE, "Usage", "--copy-file takes a plain file name, not '%s'", name);
+        if (c->has & (1u << g))
+            lm_report_note(c->r, "%s files taken from the adapter directory %s, as a whole (none from the base)%s",
+                           GROUP_NAMES[g], c->adir,
+                           g == G_TOKENIZER && !(c->has & (1u << G_TEMPLATE)) ? "; its chat template too" : "");
+    return rc;
+}
+
+/* --copy-file NAME: from the base directory, else the main adapter's; replaces a file of that
+ * name already chosen */
+static lm_code side_copy_file(side_ctx *c, const char *name, lm_err *err)
+{
+    const lm_side_inputs *in = c->in;
+    lm_side_plan *sp = c->sp;
+    if (name[0] == '\0' || strchr(name, '/') != NULL || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file takes a plain file name, not '%s'", name);
+    if (is_reserved(in, name))
+        return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file %s: that name is the merged weights' own", name);
+    for (size_t k = 0; k < sp->n; k++)
+        if (strcmp(sp->f[k].name, name) == 0) {
+            free(sp->f[k].name);
+            free(sp->f[k].src);
+            free(sp->f[k].data);
+            sp->f[k] = sp->f[--sp->n];
             break;
         }
-        if (is_reserved(in, name)) {
-            rc = lm_fail(err, LM_E_USAGE, "Usage", "--copy-file %s: that name is the merged weights' own", name);
-            break;
-        }
-        for (size_t k = 0; k < sp->n; k++)
-            if (strcmp(sp->f[k].name, name) == 0) { /* already there: replaced by the asked one */
-                free(sp->f[k].name);
-                free(sp->f[k].src);
-                free(sp->f[k].data);
-                sp->f[k] = sp->f[--sp->n];
-                break;
-            }
-        char *data;
-        size_t n;
-        unsigned mode;
-        const char *from = in->base_dir;
-        int got = read_side_file(in->base_dir, base_real, name, &data, &n, &mode, err);
-        if (got == 0 && adir != NULL) {
-            from = adir;
-            got = read_side_file(adir, ad_real, name, &data, &n, &mode, err);
-        }
-        if (got < 0) {
-            rc = err->code;
-            break;
-        }
-        if (got == 0) {
-            rc = lm_fail(err, LM_E_USAGE, "Usage", "--copy-file %s: no such file in the base directory %s%s%s", name,
-                         in->base_dir, adir ? " or the adapter directory " : "", adir ? adir : "");
-            break;
-        }
-        rc = side_add(sp, name, from, from == adir ? "adapter" : "base", "extra", data, n, mode, err);
+    char *data;
+    size_t n;
+    unsigned mode;
+    const char *from = in->base_dir;
+    int got = read_side_file(in->base_dir, c->base_real, name, &data, &n, &mode, err);
+    if (got == 0 && c->adir != NULL) {
+        from = c->adir;
+        got = read_side_file(c->adir, c->ad_real, name, &data, &n, &mode, err);
     }
+    if (got < 0)
+        return err->code;
+    if (got == 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file %s: no such file in the base directory %s%s%s", name,
+                       in->base_dir, c->adir ? " or the adapter directory " : "", c->adir ? c->adir : "");
+    return side_add(sp, name, from, from == c->adir ? "adapter" : "base", "extra", data, n, mode, err);
+}
+
+/* several adapter directories with tokenizer files: the first adapter's win, and it is said */
+static void warn_tokenizer_conflicts(side_ctx *c)
+{
+    for (size_t a = 1; a < c->in->n_adapter_dirs; a++) {
+        name_list other;
+        unsigned g = adapter_groups(c->in->adapter_dirs[a], &other);
+        names_free(&other);
+        if (g & (1u << G_TOKENIZER))
+            lm_report_warn(c->r, "TokenizerConflict", "%s also holds tokenizer files; those of %s are used%s",
+                           c->in->adapter_dirs[a], c->from_adapter & (1u << G_TOKENIZER) ? c->adir : c->in->base_dir,
+                           c->from_adapter & (1u << G_TOKENIZER) ? "" : " (the base's)");
+    }
+}
+
+lm_code lm_side_plan_build(lm_side_plan *sp, const lm_side_inputs *in, lm_report_impl *r, lm_err *err)
+{
+    lm_code rc = LM_OK;
+    name_list base = {0}, ad = {0};
+    side_ctx c;
+    memset(&c, 0, sizeof c);
+    c.sp = sp;
+    c.in = in;
+    c.r = r;
+    c.adir = in->n_adapter_dirs ? in->adapter_dirs[0] : NULL;
+    c.base_real = realpath(in->base_dir, NULL);
+    c.ad_real = c.adir ? realpath(c.adir, NULL) : NULL;
+    if (list_dir(in->base_dir, &base) == -2) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    c.has = adapter_groups(c.adir, &ad);
+    /* a tokenizer saved with the adapter carries its chat template (tokenizer_config.json, or a
+     * chat_template.jinja beside it): the base's template must not override it */
+    c.from_adapter = c.has | (c.has & (1u << G_TOKENIZER) ? 1u << G_TEMPLATE : 0);
+    warn_tokenizer_conflicts(&c);
+    if ((rc = side_base_files(&c, &base, err)) != LM_OK || (rc = side_adapter_files(&c, &ad, err)) != LM_OK)
+        goto done;
+    for (size_t i = 0; i < in->n_copy_files && rc == LM_OK; i++)
+        rc = side_copy_file(&c, in->copy_files[i], err);
     if (rc != LM_OK)
         goto done;
     if (lm_side_find(sp, "config.json") == NULL)
@@ -909,14 +946,14 @@ lm_code lm_side_plan_build(lm_side_plan *sp, const lm_side_inputs *in, lm_report
         }
         rc = side_add(sp, "README.md", NULL, "generated", "model_card", card, strlen(card), 0666, err);
     }
-    if (n_skipped > 0)
+    if (c.n_skipped > 0)
         lm_report_note(r, "not copied from %s (not model files; --copy-file NAME copies one): %s%s", in->base_dir,
-                       skipped, used + 8 >= sizeof skipped ? " ..." : "");
+                       c.skipped, c.truncated ? " ..." : "");
 done:
     names_free(&base);
     names_free(&ad);
-    free(base_real);
-    free(ad_real);
+    free(c.base_real);
+    free(c.ad_real);
     return rc;
 }
 
