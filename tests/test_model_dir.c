@@ -986,3 +986,118 @@ Test(modeldir, added_tokens_without_the_head_refused)
     th_run_free(&r);
     md_free(&f);
 }
+
+/* ============================================================================================ */
+/* a PyTorch checkpoint as the base                                                              */
+/* ============================================================================================ */
+/* torch.save()'s zip layout (archive/data.pkl with persistent storage ids, archive/data/<key>,
+ * byteorder, version), written by Python's own pickle module with stand-ins for the torch
+ * globals: an independent writer of the format the restricted reader reads */
+static const char MD_TORCH_SAVE_PY[] =
+    "import sys, io, json, pickle, zipfile, types, collections\n"
+    "spec = json.load(open(sys.argv[1]))\n"
+    "torch = types.ModuleType('torch'); sys.modules['torch'] = torch\n"
+    "utils = types.ModuleType('torch._utils'); sys.modules['torch._utils'] = utils; torch._utils = utils\n"
+    "def _rebuild_tensor_v2(*a): pass\n"
+    "_rebuild_tensor_v2.__module__ = 'torch._utils'; utils._rebuild_tensor_v2 = _rebuild_tensor_v2\n"
+    "kinds = {}\n"
+    "for nm in ('FloatStorage', 'BFloat16Storage'):\n"
+    "    c = type(nm, (), {}); c.__module__ = 'torch'; setattr(torch, nm, c); kinds[nm] = c\n"
+    "class Storage:\n"
+    "    def __init__(s, key, cls, numel): s.key, s.cls, s.numel = key, cls, numel\n"
+    "class Tensor:\n"
+    "    def __init__(s, st, shape): s.st, s.shape = st, shape\n"
+    "    def __reduce_ex__(s, proto):\n"
+    "        stride, acc = [], 1\n"
+    "        for d in reversed(s.shape): stride.insert(0, acc); acc *= d\n"
+    "        return (_rebuild_tensor_v2, (s.st, 0, tuple(s.shape), tuple(stride), False, collections.OrderedDict()))\n"
+    "class P(pickle.Pickler):\n"
+    "    def persistent_id(s, o):\n"
+    "        return ('storage', o.cls, o.key, 'cpu', o.numel) if isinstance(o, Storage) else None\n"
+    "sd, blobs = collections.OrderedDict(), {}\n"
+    "for i, t in enumerate(spec['tensors']):\n"
+    "    n = 1\n"
+    "    for d in t['shape']: n *= d\n"
+    "    sd[t['name']] = Tensor(Storage(str(i), kinds[t['storage']], n), t['shape'])\n"
+    "    blobs[str(i)] = open(t['file'], 'rb').read()\n"
+    "buf = io.BytesIO(); P(buf, protocol=2).dump(sd)\n"
+    "with zipfile.ZipFile(spec['out'], 'w', zipfile.ZIP_STORED) as z:\n"
+    "    z.writestr('archive/data.pkl', buf.getvalue())\n"
+    "    z.writestr('archive/byteorder', 'little')\n"
+    "    for k, v in blobs.items(): z.writestr('archive/data/' + k, v)\n"
+    "    z.writestr('archive/version', '3\\n')\n";
+
+static void md_raw_f32(const char *path, const double *v, size_t n)
+{
+    float *f = malloc(n * sizeof *f);
+    for (size_t i = 0; i < n; i++)
+        f[i] = (float)v[i]; /* the values are f32 already: exact */
+    cr_assert_eq(th_write_file(path, f, n * sizeof *f), 0);
+    free(f);
+}
+
+Test(modeldir, pytorch_bin_base)
+{
+    th_run_result probe = th_sh("python3 -c 'import pickle, zipfile' 2>&1");
+    int have_python = probe.status == 0;
+    th_run_free(&probe);
+    if (!have_python)
+        cr_skip_test("needs python3 to write a torch.save() checkpoint (skipped: python3 absent)");
+    md_fx f;
+    md_make(&f, 0);
+    char p[1400], spec[4000], raw[4][1400];
+    const char *names[4] = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight",
+                            "lm_head.weight"};
+    const double *vals[4] = {f.embed, f.q, f.norm, f.head};
+    const size_t counts[4] = {MD_V * MD_D, MD_D * MD_D, MD_D, MD_V * MD_D};
+    const char *shapes[4] = {"[12, 8]", "[8, 8]", "[8]", "[12, 8]"};
+    int used = snprintf(spec, sizeof spec, "{\"tensors\": [");
+    for (int i = 0; i < 4; i++) {
+        snprintf(raw[i], sizeof raw[i], "%s/raw%d", f.tmp, i);
+        md_raw_f32(raw[i], vals[i], counts[i]);
+        used += snprintf(spec + used, sizeof spec - used, "%s{\"name\": \"%s\", \"storage\": \"FloatStorage\", "
+                         "\"shape\": %s, \"file\": \"%s\"}", i ? ", " : "", names[i], shapes[i], raw[i]);
+    }
+    md_path(p, sizeof p, f.base, "model.safetensors");
+    cr_assert_eq(unlink(p), 0);
+    snprintf(spec + used, sizeof spec - used, "], \"out\": \"%s/pytorch_model.bin\"}", f.base);
+    char specp[1400], pyp[1400], cmd[3000];
+    md_path(specp, sizeof specp, f.tmp, "spec.json");
+    md_path(pyp, sizeof pyp, f.tmp, "torch_save.py");
+    cr_assert_eq(th_write_file(specp, spec, strlen(spec)), 0);
+    cr_assert_eq(th_write_file(pyp, MD_TORCH_SAVE_PY, strlen(MD_TORCH_SAVE_PY)), 0);
+    snprintf(cmd, sizeof cmd, "python3 '%s' '%s' 2>&1", pyp, specp);
+    th_run_result py = th_sh(cmd);
+    cr_assert_eq(py.status, 0, "the checkpoint writer failed: %s", py.out);
+    th_run_free(&py);
+    /* the directory holding pytorch_model.bin is the base: a safetensors model directory comes out */
+    th_run_result r = md_run("--json", f.base, f.ad, f.out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    double want[MD_D * MD_D];
+    for (int o = 0; o < MD_D; o++)
+        for (int i = 0; i < MD_D; i++) {
+            double s = 0;
+            for (int k = 0; k < MD_R; k++)
+                s += f.B[o * MD_R + k] * f.A[k * MD_D + i];
+            want[o * MD_D + i] = th_round_to(f.q[o * MD_D + i] + 2.0 * s, "F32");
+        }
+    double *got = md_tensor(f.out, "model.layers.0.self_attn.q_proj.weight", NULL);
+    cr_assert_not_null(got, "q_proj missing from the output");
+    md_expect_values(got, want, MD_D * MD_D, "q_proj");
+    free(got);
+    for (int i = 0; i < 4; i += 2) { /* untouched tensors come through exactly */
+        got = md_tensor(f.out, names[i], NULL);
+        cr_assert_not_null(got, "%s missing", names[i]);
+        md_expect_values(got, vals[i], counts[i], names[i]);
+        free(got);
+    }
+    /* the file directly, too */
+    char bin[1400], out2[800];
+    md_path(bin, sizeof bin, f.base, "pytorch_model.bin");
+    md_path(out2, sizeof out2, f.tmp, "direct.safetensors");
+    r = md_run("-q", bin, f.ad, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    md_free(&f);
+}

@@ -27,6 +27,7 @@ static const char USAGE[] =
     "\n"
     "Folds PEFT adapters into a base model and writes a merged safetensors checkpoint.\n"
     "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
+    "               (a PyTorch pytorch_model.bin checkpoint too, read into memory)\n"
     "  ADAPTER_DIR  a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin)\n"
     "  OUT          a *.safetensors file (written to a temp file, renamed when complete), or a\n"
     "               directory: an existing one, or any other new name: a model directory comes out\n"

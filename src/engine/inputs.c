@@ -15,7 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-typedef enum { K_MISSING, K_OTHER, K_DIR, K_LFS, K_GGUF, K_TORCH_ZIP, K_PICKLE, K_SAFETENSORS_NAME } file_kind;
+typedef enum { K_MISSING, K_OTHER, K_DIR, K_LFS, K_GGUF } file_kind;
 
 static const char LFS_MAGIC[] = "version https://git-lfs.github.com/spec/v1";
 
@@ -42,10 +42,6 @@ static file_kind sniff(const char *path)
         return K_LFS;
     if (n >= 4 && memcmp(b, "GGUF", 4) == 0)
         return K_GGUF;
-    if (n >= 4 && memcmp(b, "PK\x03\x04", 4) == 0)
-        return K_TORCH_ZIP;
-    if (n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5) /* pickle protocol 2..5 (torch's legacy format) */
-        return K_PICKLE;
     return K_OTHER;
 }
 
@@ -150,15 +146,6 @@ void lm_inputs_explain(const char *role, const char *path, lm_err *err)
             free(copy);
             copy = inner;
         }
-        if (k == K_DIR && strcmp(role, "base") == 0 && exists_in(path, "pytorch_model.bin.index.json")) {
-            char *idx = lm_path_join(path, "pytorch_model.bin.index.json");
-            replace(err, LM_E_UNSUPPORTED, "PickleCheckpoint", idx ? idx : path,
-                    "a sharded PyTorch .bin checkpoint: lora-merge reads safetensors bases; convert it "
-                    "(transformers: model.save_pretrained(dir, safe_serialization=True)) and merge into that");
-            free(idx);
-            free(copy);
-            return;
-        }
     }
     switch (k) {
     case K_LFS:
@@ -175,13 +162,6 @@ void lm_inputs_explain(const char *role, const char *path, lm_err *err)
             replace(err, LM_E_UNSUPPORTED, "GgufFile", copy,
                     "a GGUF file (llama.cpp): merge GGUF LoRA adapters with llama.cpp's own llama-export-lora, or "
                     "merge the PEFT adapter it came from");
-        break;
-    case K_TORCH_ZIP:
-    case K_PICKLE:
-        if (strcmp(role, "base") == 0)
-            replace(err, LM_E_UNSUPPORTED, "PickleCheckpoint", copy,
-                    "a PyTorch pickle checkpoint (.bin): lora-merge reads safetensors bases; convert it (transformers: "
-                    "model.save_pretrained(dir, safe_serialization=True)) and merge into that");
         break;
     default:
         break;

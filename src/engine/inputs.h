@@ -1,5 +1,5 @@
 /* inputs.h : what a path given as BASE or ADAPTER_DIR really is.  Turns the errors users meet
- * most (a Git LFS pointer, a GGUF or PyTorch pickle file, a Hub id, the two arguments swapped)
+ * most (a Git LFS pointer, a GGUF file, a Hub id, the two arguments swapped)
  * into one line that says what the file is and what to do; and compares the base an adapter
  * declares with the base it is merged into. */
 #ifndef LM_INPUTS_H
@@ -16,9 +16,9 @@
 lm_code lm_inputs_precheck(const lm_merge_job *job, lm_err *err);
 
 /*! lm_inputs_explain() : after opening `path` (role "base" or "adapter") failed with *err: when
- *  the file that failed (err->path, else path) is a Git LFS pointer, a GGUF file or a PyTorch
- *  pickle checkpoint where safetensors was expected, or a directory holding only such files,
- *  *err is replaced by an error that says so.  Otherwise *err is left as it is. */
+ *  the file that failed (err->path, else path) is a Git LFS pointer or a GGUF file, or a directory
+ *  holding such a file, *err is replaced by an error that says so.  Otherwise *err is left as
+ *  it is. */
 void lm_inputs_explain(const char *role, const char *path, lm_err *err);
 
 /*! lm_adapter_declared_base() : "base_model_name_or_path" of an adapter_config.json, or NULL

@@ -124,6 +124,13 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
         lm_inputs_explain("base", job->base_path, err);
         return err->code;
     }
+    if (lm_model_n_files(S->model) > 0 && lm_st_fd(lm_model_file(S->model, 0)) < 0) {
+        uint64_t bytes = 0;
+        for (size_t i = 0; i < lm_model_n_files(S->model); i++)
+            bytes += lm_st_data_bytes(lm_model_file(S->model, i));
+        lm_report_note(S->ri, "the base is a PyTorch checkpoint, read into memory (%.2f GB) by the restricted "
+                              "reader; the safetensors output can be the base of later merges", (double)bytes * 1e-9);
+    }
     for (size_t i = 0; i < job->n_adapters; i++) {
         S->ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, S->model, job->formats, err);
         if (S->ads[i] == NULL) {

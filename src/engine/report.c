@@ -595,13 +595,14 @@ static int is_adapter_dir(const char *path)
     struct stat st;
     if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
         return 0;
-    static const char *const model_files[] = {"model.safetensors", "model.safetensors.index.json"};
+    static const char *const model_files[] = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                              "pytorch_model.bin.index.json"};
     char *p = lm_path_join(path, "adapter_config.json");
     int has = p != NULL && stat(p, &st) == 0;
     free(p);
     if (has)
         return 1;
-    for (size_t i = 0; i < 2; i++) {
+    for (size_t i = 0; i < sizeof model_files / sizeof *model_files; i++) {
         p = lm_path_join(path, model_files[i]);
         has = p != NULL && stat(p, &st) == 0;
         free(p);

@@ -5,6 +5,7 @@
  * the shard that holds it (no ghosts, no omissions, no tensor in two shards).  Shards the map
  * does not name are never opened.  Reads headers only, never tensor data. */
 #include "st_reader.h"
+#include "torch_model.h"
 
 #include "compat.h"
 #include "lm_error.h"
@@ -31,6 +32,8 @@ struct lm_model {
     size_t n_tensors;
     lm_model_entry *tensors;  /* owned, shard by shard, header order */
     st_strmap names;
+    void **images;             /* owned: safetensors images the files read (lm_model_from_images) */
+    size_t n_images;
 };
 
 void lm_model_close(lm_model *m)
@@ -43,6 +46,9 @@ void lm_model_close(lm_model *m)
     free(m->tensors);
     st_strmap_free(&m->names);
     free(m->index_path);
+    for (size_t i = 0; i < m->n_images; i++)
+        free(m->images[i]);
+    free(m->images);
     free(m);
 }
 
@@ -112,6 +118,44 @@ static lm_model *open_single(const char *path, lm_err *err)
     return m;
 fail:
     lm_err_set_path(err, path);
+    lm_model_close(m);
+    return NULL;
+}
+
+lm_model *lm_model_from_images(void **images, const size_t *n_bytes, const char *const *names, size_t n,
+                               const char *index_path, lm_err *err)
+{
+    lm_model *m = model_new(err);
+    if (m == NULL) {
+        for (size_t i = 0; i < n; i++)
+            free(images[i]);
+        return NULL;
+    }
+    m->images = malloc((n ? n : 1) * sizeof *m->images);
+    m->files = calloc(n ? n : 1, sizeof *m->files);
+    if (m->images == NULL || m->files == NULL) {
+        for (size_t i = 0; i < n; i++)
+            free(images[i]);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < n; i++)
+        m->images[m->n_images++] = images[i];
+    for (size_t i = 0; i < n; i++) {
+        if ((m->files[i] = lm_st_open_buffer(images[i], n_bytes[i], names[i], err)) == NULL) {
+            lm_err_set_path(err, names[i]);
+            goto fail;
+        }
+        m->n_files++;
+    }
+    if (index_path != NULL && (m->index_path = strdup(index_path)) == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    if (model_index_tensors(m, err) != LM_OK)
+        goto fail;
+    return m;
+fail:
     lm_model_close(m);
     return NULL;
 }
@@ -455,6 +499,8 @@ lm_model *lm_model_open(const char *path, lm_err *err)
             m = open_index(idx, err);
         else if (is_regular(one))
             m = open_single(one, err);
+        else if (lm_torch_model_in_dir(path))
+            m = lm_torch_model_open(path, err);
         else {
             lm_fail_errno(err, ENOENT, "directory holds neither " INDEX_NAME " nor " SINGLE_NAME);
             lm_err_set_path(err, path);
@@ -463,6 +509,8 @@ lm_model *lm_model_open(const char *path, lm_err *err)
         free(one);
         return m;
     }
+    if (lm_torch_model_is_file(path))
+        return lm_torch_model_open(path, err);
     if (ends_with(path, ".json"))
         return open_index(path, err);
     return open_single(path, err);

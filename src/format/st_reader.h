@@ -46,6 +46,12 @@ size_t st_strmap_find(const st_strmap *m, const char *name, st_key_of_fn key_of,
 size_t st_strmap_insert(st_strmap *m, const char *name, size_t index, st_key_of_fn key_of,
                         const void *ctx);
 
+/*! lm_model_from_images() : a model whose files are safetensors images in memory (converted from
+ *  another format); takes the images (freed with the model, or here on failure).  names[i] is
+ *  what errors and lm_st_path() call image i; index_path may be NULL. */
+lm_model *lm_model_from_images(void **images, const size_t *n_bytes, const char *const *names, size_t n,
+                               const char *index_path, lm_err *err);
+
 /*! st_tensor_bytes() : info->end - info->begin (validated equal to the dtype x shape size). */
 static inline uint64_t st_tensor_bytes(const lm_tensor_info *t)
 {
