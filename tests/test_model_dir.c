@@ -39,18 +39,8 @@ typedef struct {
     int flags;
 } md_fx;
 
-static void md_path(char *dst, size_t cap, const char *dir, const char *name)
-{
-    int n = snprintf(dst, cap, "%s/%s", dir, name);
-    cr_assert(n > 0 && (size_t)n < cap);
-}
-
-static void md_write(const char *dir, const char *name, const char *text)
-{
-    char p[1400];
-    md_path(p, sizeof p, dir, name);
-    cr_assert_eq(th_write_file(p, text, strlen(text)), 0, "cannot write %s", p);
-}
+#define md_path(dst, cap, dir, name) cr_assert_eq(th_path(dst, cap, dir, name), 0, "path too long")
+#define md_write(dir, name, text) cr_assert_eq(th_write_text(dir, name, text), 0, "cannot write %s", name)
 
 static char *md_read(const char *dir, const char *name)
 {
@@ -167,21 +157,7 @@ static void md_free(md_fx *f)
     free(f->tmp);
 }
 
-static th_run_result md_run(const char *first, ...)
-{
-    const char *argv[40];
-    int n = 0;
-    argv[n++] = th_bin();
-    va_list ap;
-    va_start(ap, first);
-    for (const char *a = first; a != NULL; a = va_arg(ap, const char *)) {
-        cr_assert_lt(n, 39);
-        argv[n++] = a;
-    }
-    va_end(ap);
-    argv[n] = NULL;
-    return th_run(NULL, argv);
-}
+#define md_run th_runv
 
 static void md_ok(th_run_result *r)
 {

@@ -27,18 +27,8 @@ typedef struct {
     char base[700], ad[700], out[700];
 } rp_fx;
 
-static void rp_path(char *dst, size_t cap, const char *dir, const char *name)
-{
-    int n = snprintf(dst, cap, "%s/%s", dir, name);
-    cr_assert(n > 0 && (size_t)n < cap);
-}
-
-static void rp_write(const char *dir, const char *name, const char *text)
-{
-    char p[1400];
-    rp_path(p, sizeof p, dir, name);
-    cr_assert_eq(th_write_file(p, text, strlen(text)), 0, "cannot write %s", p);
-}
+#define rp_path(dst, cap, dir, name) cr_assert_eq(th_path(dst, cap, dir, name), 0, "path too long")
+#define rp_write(dir, name, text) cr_assert_eq(th_write_text(dir, name, text), 0, "cannot write %s", name)
 
 /* base/model.safetensors (q_proj [4, 6], norm [6]) + config.json; adapter: LoRA r=2 on q_proj;
  * b_scale multiplies lora_B (0: an untrained adapter) */
@@ -93,21 +83,7 @@ static void rp_free(rp_fx *f)
     free(f->tmp);
 }
 
-static th_run_result rp_run(const char *first, ...)
-{
-    const char *argv[32];
-    int n = 0;
-    argv[n++] = th_bin();
-    va_list ap;
-    va_start(ap, first);
-    for (const char *a = first; a != NULL; a = va_arg(ap, const char *)) {
-        cr_assert_lt(n, 31);
-        argv[n++] = a;
-    }
-    va_end(ap);
-    argv[n] = NULL;
-    return th_run(NULL, argv);
-}
+#define rp_run th_runv
 
 /* a refusal: status, one error line with every key, nothing written */
 static void rp_refused(const rp_fx *f, const th_run_result *r, int status, const char *k1, const char *k2)
@@ -123,6 +99,20 @@ static void rp_refused(const rp_fx *f, const th_run_result *r, int status, const
 /* ============================================================================================ */
 /* no silent no-ops                                                                              */
 /* ============================================================================================ */
+/* refused as a no-op (the message holds key), then accepted with --allow-noop and a warning;
+ * frees f */
+static void rp_noop_then_allowed(rp_fx *f, const char *key)
+{
+    th_run_result r = rp_run(f->base, f->ad, f->out, NULL);
+    rp_refused(f, &r, 1, "NoOp", key);
+    th_run_free(&r);
+    r = rp_run("--allow-noop", f->base, f->ad, f->out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "warning: [NoOpAllowed]") != NULL, "%s", r.err);
+    th_run_free(&r);
+    rp_free(f);
+}
+
 Test(report, adapter_that_lands_nowhere_is_an_error)
 {
     rp_fx f;
@@ -143,14 +133,7 @@ Test(report, all_zero_deltas_are_an_error)
     rp_fx f;
     rp_make(&f);
     rp_adapter(&f, RP_ADAPTER_CONFIG, 0.0); /* lora_B as PEFT initialises it */
-    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
-    rp_refused(&f, &r, 1, "NoOp", "zero");
-    th_run_free(&r);
-    r = rp_run("--allow-noop", f.base, f.ad, f.out, NULL);
-    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
-    cr_assert(strstr(r.err, "warning: [NoOpAllowed]") != NULL, "%s", r.err);
-    th_run_free(&r);
-    rp_free(&f);
+    rp_noop_then_allowed(&f, "zero");
 }
 
 /* ============================================================================================ */
@@ -545,14 +528,7 @@ Test(report, deltas_lost_in_rounding_are_a_noop)
     rp_fx f;
     rs_data d;
     rs_make(&f, &d, rs_tiny);
-    th_run_result r = rp_run(f.base, f.ad, f.out, NULL);
-    rp_refused(&f, &r, 1, "NoOp", "rounded to BF16");
-    th_run_free(&r);
-    r = rp_run("--allow-noop", f.base, f.ad, f.out, NULL);
-    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
-    cr_assert(strstr(r.err, "[NoOpAllowed]") != NULL, "%s", r.err);
-    th_run_free(&r);
-    rp_free(&f);
+    rp_noop_then_allowed(&f, "rounded to BF16");
 }
 
 /* one row of 128 changes: under 1% of the elements, a warning; an error under --strict */

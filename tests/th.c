@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,20 @@ th_run_result th_run(const char *cwd, const char *const *argv)
     close(ofd);
     close(efd);
     return r;
+}
+
+th_run_result th_runv(const char *first, ...)
+{
+    const char *argv[40];
+    int n = 0;
+    argv[n++] = th_bin();
+    va_list ap;
+    va_start(ap, first);
+    for (const char *a = first; a != NULL && n < 39; a = va_arg(ap, const char *))
+        argv[n++] = a;
+    va_end(ap);
+    argv[n] = NULL;
+    return th_run(NULL, argv);
 }
 
 th_run_result th_sh(const char *cmd)
@@ -167,6 +182,18 @@ uint8_t *th_read_file(const char *path, size_t *n)
     }
     *n = (size_t)len;
     return buf;
+}
+
+int th_path(char *dst, size_t cap, const char *dir, const char *name)
+{
+    int n = snprintf(dst, cap, "%s/%s", dir, name);
+    return n > 0 && (size_t)n < cap ? 0 : -1;
+}
+
+int th_write_text(const char *dir, const char *name, const char *text)
+{
+    char p[4096];
+    return th_path(p, sizeof p, dir, name) == 0 ? th_write_file(p, text, strlen(text)) : -1;
 }
 
 int th_write_file(const char *path, const void *data, size_t n)

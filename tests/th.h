@@ -25,6 +25,8 @@ typedef struct {
 const char *th_bin(void);
 /* runs argv (argv[0] = program) in cwd (NULL = current); captures output. */
 th_run_result th_run(const char *cwd, const char *const *argv);
+/* runs the binary under test with the given arguments (NULL-terminated, at most 38) */
+th_run_result th_runv(const char *first, ...);
 /* runs a shell command line (sh -c), e.g. with ulimit */
 th_run_result th_sh(const char *cmd);
 void th_run_free(th_run_result *r);
@@ -41,6 +43,10 @@ int th_exists(const char *path);
 int th_count_entries(const char *dir);
 /* FNV-1a 64 of a whole file (0 if unreadable) */
 uint64_t th_file_hash(const char *path);
+/* "dir/name" into dst: 0, or -1 when it does not fit */
+int th_path(char *dst, size_t cap, const char *dir, const char *name);
+/* text into dir/name: 0, or -1 */
+int th_write_text(const char *dir, const char *name, const char *text);
 /* whole file into memory */
 uint8_t *th_read_file(const char *path, size_t *n);
 int th_write_file(const char *path, const void *data, size_t n);

@@ -193,16 +193,11 @@ char *lm_adapter_declared_base(const char *config_path)
 /* the last path component, lowercased, into buf */
 static void leaf_lower(const char *s, char *buf, size_t cap)
 {
-    size_t n = strlen(s);
-    while (n > 1 && s[n - 1] == '/')
-        n--;
-    size_t b = n;
-    while (b > 0 && s[b - 1] != '/')
-        b--;
-    size_t k = 0;
-    for (size_t i = b; i < n && k + 1 < cap; i++)
-        buf[k++] = (char)tolower((unsigned char)s[i]);
-    buf[k] = '\0';
+    size_t n, used = 0;
+    const char *leaf = lm_path_leaf(s, &n);
+    for (size_t i = 0; i < n && used + 1 < cap; i++)
+        buf[used++] = (char)tolower((unsigned char)leaf[i]);
+    buf[used] = '\0';
 }
 
 /* a model family named in s (lowercase), or NULL; more specific names first */

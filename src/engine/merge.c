@@ -410,14 +410,9 @@ static lm_code provenance(merge_state *S, lm_err *err)
     cJSON *arr = cJSON_CreateArray();
     for (size_t i = 0; i < S->job->n_adapters && arr; i++) {
         char leaf[256];
-        const char *d = S->job->adapters[i].dir;
-        size_t n = strlen(d);
-        while (n > 1 && d[n - 1] == '/')
-            n--;
-        size_t b = n;
-        while (b > 0 && d[b - 1] != '/')
-            b--;
-        snprintf(leaf, sizeof leaf, "%.*s", (int)(n - b), d + b);
+        size_t n;
+        const char *l = lm_path_leaf(S->job->adapters[i].dir, &n);
+        snprintf(leaf, sizeof leaf, "%.*s", (int)n, l);
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "name", leaf);
         cJSON_AddStringToObject(o, "adapter_name", S->ads[i]->name);
@@ -477,13 +472,9 @@ static lm_code hash_adapters(merge_state *S, lm_err *err)
 
 static char *leaf_dup(const char *path)
 {
-    size_t n = strlen(path);
-    while (n > 1 && path[n - 1] == '/')
-        n--;
-    size_t b = n;
-    while (b > 0 && path[b - 1] != '/')
-        b--;
-    return strndup(path + b, n - b);
+    size_t n;
+    const char *l = lm_path_leaf(path, &n);
+    return strndup(l, n);
 }
 
 /* README.md of a directory OUT */

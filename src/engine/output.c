@@ -31,6 +31,18 @@ void lm_out_target_free(lm_out_target *o)
     memset(o, 0, sizeof *o);
 }
 
+const char *lm_path_leaf(const char *path, size_t *n_bytes)
+{
+    size_t n = strlen(path);
+    while (n > 1 && path[n - 1] == '/')
+        n--;
+    size_t b = n;
+    while (b > 0 && path[b - 1] != '/')
+        b--;
+    *n_bytes = n - b;
+    return path + b;
+}
+
 char *lm_path_join(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + strlen(name) + 2;

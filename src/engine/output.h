@@ -62,6 +62,10 @@ void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r);
  *  directory); malloc'd, NULL when out of memory. */
 char *lm_base_directory(const char *base_path);
 
+/*! lm_path_leaf() : the last component of path (trailing slashes ignored): a pointer into path
+ *  and its length in *n_bytes. */
+const char *lm_path_leaf(const char *path, size_t *n_bytes);
+
 /*! lm_path_join() : "dir/name", malloc'd (NULL when out of memory). */
 char *lm_path_join(const char *dir, const char *name);
 
