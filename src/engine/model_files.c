@@ -494,7 +494,8 @@ lm_code lm_config_rewrite(const char *text, size_t n, const lm_config_edits *e, 
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto done;
     }
-    qsort(l.e, l.n, sizeof *l.e, cmp_edit);
+    if (l.n > 1)
+        qsort(l.e, l.n, sizeof *l.e, cmp_edit);
     size_t total = n + 1;
     for (size_t i = 0; i < l.n; i++)
         total += strlen(l.e[i].text);
