@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # lora-merge — build, test, bench, install.  `make V=1` shows the commands.
 # The user's CFLAGS are added to ours, never replace them.  BUILD= picks the build directory.
 SHELL := /bin/bash

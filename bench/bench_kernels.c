@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* bench_kernels.c : times every kernel of every variant this CPU runs, at working sets from L1
  * (4 KiB) to DRAM (64 MiB), against memcpy moving the same number of bytes.  The kernels are
  * memory-bound, so GB/s relative to memcpy is the figure that matters.  Not run by `make check`.

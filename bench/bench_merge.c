@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* bench_merge.c : the merge benchmark.  Generates a model of a given shape (bench/gen_model,
  * cached under BENCH_DIR), then alternates the copy floor (`cat base > out`) and the merge
  * (`lora-merge -q base adapter out`) several times, the output deleted and synced before every

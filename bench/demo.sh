@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # make demo: generate a small Llama-shaped base model and a LoRA adapter, then merge them.
 set -e
 BUILD=${1:-build}

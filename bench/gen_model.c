@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* gen_model.c : writes a synthetic Llama-shaped base model and a LoRA adapter for it, so the
  * demo, the tests and the benchmark need no download.  Values are pseudo-random (a counter-based
  * generator: the same seed gives the same bytes for any thread count), sized like trained

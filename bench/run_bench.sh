@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # make bench [BENCH=small|1b|8b|methods|methods-small]: the merge benchmark (bench/bench_merge.c)
 # for one case.  BENCH_DIR=DIR caches the generated models between runs (the 8b case needs
 # ~40 GB of disk, methods ~6 GB); BENCH_RUNS=N runs (default 3); BENCH_THREADS=N (default 2);

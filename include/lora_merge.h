@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lora_merge.h : the public API of lora-merge, a library that folds PEFT adapters (LoRA and
  * relatives) into a base model's weights and writes a merged safetensors checkpoint.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* convert_avx2.c : AVX2 + F16C variants of the kernels in convert_ref.c, bit for bit the same.
  * Each one runs 16 elements per iteration, then 8, then hands the tail to the _ref function, so
  * tails cannot disagree.  No FMA anywhere (mul then add).  The Makefile gives only this file

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* convert_avx512.c : AVX-512 (F, BW, VL, DQ) + F16C variants of the kernels in convert_ref.c,
  * bit for bit the same.  Always compiled; lm_kernels_select() picks it only when the CPU has
  * AVX-512.  16 elements per iteration, the tail (< 16) goes to the _ref function.  Same

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* convert_ref.c : the scalar reference kernels.  These define the semantics every SIMD variant
  * must reproduce bit for bit (the contract is spelled out in lm_kernels.h and implemented by the
  * single-value helpers there).  Plain C, no intrinsics, no reliance on _Float16, and no FMA:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* cpu.c : CPU feature probe and kernel selection.  Fills an lm_kernels table the caller owns
  * (no global state); the only outside inputs are cpuid (through the compiler's builtins, which
  * also check that the OS saves the vector registers) and the LM_KERNELS environment variable. */

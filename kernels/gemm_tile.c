@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* gemm_tile.c : see gemm_tile.h.  One single-threaded cblas_sgemm per tile with beta = 1, so
  * the tile is updated in place; tile shapes never depend on the thread count, so neither do
  * the results. */

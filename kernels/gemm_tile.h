@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* gemm_tile.h : the low-rank product of one row tile, through BLAS (sgemm, beta = 1).
  * gemm_tile.c is the only file that includes cblas.h. */
 #ifndef LM_GEMM_TILE_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lm_kernels.h : the numeric kernels (f16/bf16/f64 <-> f32 conversion, acc += s*x) as a table of
  * function pointers, plus the CPU probe that fills it.  Each kernel has a scalar _ref variant
  * (kernels/convert_ref.c), which defines the semantics, and SIMD variants that match it bit for

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* reduce_avx2.c : AVX2 variants of reduce_ref.c, bit for bit.  Sums of squares: four 4-lane
  * double accumulators hold lanes 0-15; full blocks of 16 elements here, the tail in the
  * reference's loop. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* reduce_avx512.c : AVX-512 variants of reduce_ref.c, bit for bit.  Sums of squares: two
  * 8-lane double accumulators hold lanes 0-15; full blocks of 16 elements here, the tail in the
  * reference's. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* reduce_ref.c : reductions, the reference: counts of non-finite values (f32, and bf16/f16
  * given their exponent mask), counts of elements that differ between two arrays (what a merge
  * changed), and sums of squares in double.  Element i goes to lane i mod 16

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # packaging.sh MAKE BUILD CC : `make install` into a scratch DESTDIR, then a program built against
 # the installed library through pkg-config links and runs both ways: with the shared library
 # (plain --libs; SONAME checked) and with the static one (--static --libs).  The man page is

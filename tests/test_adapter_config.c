@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_adapter_config.c : adapter_config.json parsing: PEFT's defaults for missing keys, unknown
  * keys ignored, patterns kept in file order, refusals that name the peft_type or the variant,
  * and invalid JSON located by line and column.  The real configs of

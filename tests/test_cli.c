@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_cli.c : the command-line contract of lora-merge, through the binary ($LM_BIN).
  *
  * Every bad input is checked for: the exact exit status; stderr exactly ONE line starting with

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_determinism.c : the same merge gives the same bytes whatever the thread count (1, 2, 3,
  * 7) and whatever the kernel variant (--kernels ref vs the default SIMD one), on a generated
  * Llama-shaped model large enough for several row tiles per adapted tensor (a tile is 256 Ki f32

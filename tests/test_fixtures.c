@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_fixtures.c : every real LoRA adapter of ../shared/fixtures/adapters merged into a base
  * synthesised from its shapes (as that folder's README says), in BF16, F16 and F32, and checked
  * element by element against W + scale * B@A computed here in double precision from the stored

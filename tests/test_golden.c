@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_golden.c : PEFT's own merges (../shared/fixtures/peft-golden, computed in float64) against
  * the tool, judged by the rule of ../shared/tools/golden_check.py, ported to C (th_compare).
  * Every LoRA case must merge and match; the refusal cases must be refused naming the peft_type;

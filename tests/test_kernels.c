@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_kernels.c : the numeric kernels.  Two kinds of check:
  *  - the reference (convert_ref.c) against independent computations in double arithmetic
  *    (ldexp decoding, round-to-nearest-even by choosing the nearer neighbour, Figueroa's double

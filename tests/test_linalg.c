@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_linalg.c : the pure math of the methods (src/methods/linalg.c, torch_rng.c) on
  * hand-checkable matrices: Cayley transforms, the Cayley-Neumann series (one by one and by
  * doubling), the compact WY form of Householder products, Gram-Schmidt, torch's MT19937 and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_memory.c : peak resident memory of a merge does not grow with the model: a model four
  * times larger (same layer shapes, more layers) must merge within a small constant of the
  * smaller one's peak.  Models come from bench/gen_model beside $LM_BIN (skipped visibly when it

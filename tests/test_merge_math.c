@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_merge_math.c : merges of generated models checked against a double-precision reference
  * computed here: convolution LoRA (Conv1d/2d/3d kernels, which the golden set lacks), several
  * adapters with weights summed and rounded once, adapter keys that keep the adapter name, --dtype,

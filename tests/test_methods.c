@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_methods.c : every adapter type that merges today, on generated models with odd shapes, in
  * every base dtype, checked against a double-precision reference written here from
  * ../shared/docs/peft-merge.md and PEFT's tuners/<type>/layer.py (not from src/).  No ../shared

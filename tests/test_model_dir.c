@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_model_dir.c : a directory OUT is a model that loads right.  Generated HF-style model
  * directories (config.json, tokenizer files, tied and untied heads, sharded bases, Hugging Face
  * cache links) are merged, and the output directory is checked file by file: config.json adjusted

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_outdir.c : a directory OUT gives a model directory: one model.safetensors, or shards of
  * at most --max-shard-size with model.safetensors.index.json, plus the base directory's other
  * files; every tensor byte-identical to the single-file merge.  Nothing is left behind when the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_packaging.c : what ships beside the binary.  The man page (doc/lora-merge.1) and
  * `lora-merge --help` name the same options; the LICENSE is there.  (The install, pkg-config and
  * shared/static linking checks are tests/packaging.sh, run by `make test`.) */
@@ -100,4 +101,20 @@ Test(packaging, license_file)
     l0[n] = '\0';
     cr_assert(strstr(l0, "MIT License") != NULL || strstr(l0, "Apache License") != NULL, "LICENSE is not MIT or Apache");
     free(l0);
+}
+
+/* every source file says its license in its first lines (SPDX), so copies of single files keep it;
+ * a new file needs "SPDX-License-Identifier: MIT" in a comment on its first line (after #!) */
+Test(packaging, spdx_tags)
+{
+    th_run_result r = th_sh("for f in $(ls src/*/*.c src/*/*.h include/*.h kernels/*.c kernels/*.h tests/*.c tests/*.h "
+                            "tests/fuzz/*.c bench/*.c tests/*.sh tests/lint/*.sh bench/*.sh Makefile lora_merge.pc.in "
+                            "doc/lora-merge.1 2>/dev/null); do head -3 \"$f\" | grep -q 'SPDX-License-Identifier: MIT' "
+                            "|| echo \"$f\"; done");
+    cr_assert_eq(r.status, 0);
+    cr_assert_eq(r.out[0], '\0', "files without an SPDX tag in their first 3 lines:\n%s", r.out);
+    th_run_free(&r);
+    th_run_result n = th_sh("ls src/*/*.c | wc -l");
+    cr_assert_gt(atoi(n.out), 20, "the source files were not found (run from the repository's root)");
+    th_run_free(&n);
 }

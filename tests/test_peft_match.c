@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_peft_match.c : PEFT's module matching (peft-merge.md §3.3, §3.4): the verified examples of
  * the spec, each rule on its own, and three real PEFT adapters from ../shared/fixtures, whose
  * configs must select exactly the modules PEFT changed. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_plan_checks.c : what the planner refuses, and that --dry-run refuses exactly what a real
  * run refuses: a tensor of another adapter type (one error kind, naming the real type), several
  * column-DoRA adapters on one tensor, VB-LoRA indices outside the bank; and merges whose result

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_pyregex.c : pyregex against Python's re.  Expected values were derived by hand and
  * checked with Python 3.11 (re.ASCII for \d \w \s, which is what pyregex implements); the test
  * itself needs no Python. */

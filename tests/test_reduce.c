@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_reduce.c : the reduction kernels: sums of squares (DoRA row norms) and counts of
  * non-finite values (the output check).  Every variant bit for bit the reference, on every
  * length 0..67 (every tail) and long random rows, misaligned too; the reference's sum within

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_report.c : what lora-merge says, for people and for CI pipelines.
  *   - a merge that changes nothing is an error (an adapter that lands nowhere, deltas all zero),
  *     accepted with a warning under --allow-noop

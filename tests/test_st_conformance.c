@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_st_conformance.c : the shared safetensors fixtures, table-driven over their manifests.
  * Every fixture is accepted, or refused with exactly the kind its manifest names; valid files
  * are checked against what they hold.  Fixtures come from ../shared/fixtures/safetensors

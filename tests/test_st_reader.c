@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_st_reader.c : the safetensors reader and the model loader on generated inputs (no
  * fixtures): every error kind from hand-built headers, escapes and unicode names, big shapes,
  * 16 dimensions, zero-size tensors, many tensors, files on disk, generated sharded models, and

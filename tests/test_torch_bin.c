@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_torch_bin.c : the torch .bin reader (suite "torch_bin") and the restricted pickle machine
  * (suite "pickle").  The real fixtures are checked against HEADERS.txt and against their raw
  * storage entries (read here with libzip directly); generated checkpoints use hand-assembled

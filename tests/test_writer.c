@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_writer.c : the safetensors writer's contract (src/st_writer.h), through the library:
  * header padded with spaces to a multiple of 8, data at the offsets it reports (in header order
  * or in a given data order), data written from two threads in any order reading back the same

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* th.c : test helpers (see th.h).  Deliberately shares no code with src/. */
 #include "th.h"
 

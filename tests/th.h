@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* th.h : helpers shared by the test files (not tests themselves).
  * - running the lora-merge binary (LM_BIN) and capturing its exit status and output
  * - temporary directories, file hashes

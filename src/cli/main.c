@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* main.c : the lora-merge command line.  argv -> options -> lm_merge_run() / inspect.
  * The only code that prints or exits; it sees only include/lora_merge.h. */
 #include "lora_merge.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* compat.h : portability macros only.  On-disk integers are little-endian; read them with
  * lm_load_le64() (memcpy plus a swap on big-endian), never by casting file bytes. */
 #ifndef LM_COMPAT_H

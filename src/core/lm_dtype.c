@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lm_dtype.c : the dtypes of the safetensors format: names and bit widths. */
 #include "lora_merge.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lm_error.c : recording and formatting lm_err (see lm_error.h). */
 #include "lm_error.h"
 

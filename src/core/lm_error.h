@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lm_error.h : the one error type of lora-merge.
  * An lm_err carries a code, a stable kind name (e.g. "HeaderTooLarge"), the file, the tensor or
  * module, a byte offset and a one-line message.  The first, most specific cause wins: lm_fail()

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* exec.c : the executor (see exec.h). */
 #include "exec.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* exec.h : the executor.  Walks a plan in output order and writes the merged file: untouched
  * tensors are copied as bytes, the others computed in row tiles (convert to f32, apply every
  * operation in f32, round once to the output dtype) and written at their final offsets.

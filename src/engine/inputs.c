@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* inputs.c : what a path given as BASE or ADAPTER_DIR really is (see inputs.h). */
 #include "inputs.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* inputs.h : what a path given as BASE or ADAPTER_DIR really is.  Turns the errors users meet
  * most (a Git LFS pointer, a GGUF file, a Hub id, the two arguments swapped)
  * into one line that says what the file is and what to do; and compares the base an adapter

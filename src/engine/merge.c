@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* merge.c : lm_merge_run(): the orchestration.  Opens the base and the adapters, plans, decides
  * the output (output.c), runs the executor, and fills the report (report.c). */
 #include "lora_merge.h"

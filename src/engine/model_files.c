@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* model_files.c : the files around the weights in a model directory OUT (see model_files.h). */
 #include "model_files.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* model_files.h : the files around the weights in a model directory OUT.
  * Which files go in: an allow-list (config, generation config, tokenizer files, chat templates,
  * processor configs, LICENSE-like files) from the base's directory, the tokenizer, chat template

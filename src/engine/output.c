@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* output.c : what goes into OUT, and where (see output.h). */
 #include "output.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* output.h : what goes into OUT, and where.  OUT is a .safetensors file, or a model directory:
  * model.safetensors or shards with model.safetensors.index.json, plus the side files chosen by
  * model_files.c.  This module names the files, predicts their sizes (dry runs), finds what an

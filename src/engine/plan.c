@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* plan.c : the planner (see plan.h).  Adapter keys -> modules -> the method's plan -> operations.
  * Nothing here names an adapter type: the methods' part tables say which tensor belongs to
  * which module, and the methods turn modules into operations through the lm_ctx_* calls. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* plan.h : the planner.  Turns adapters into a plan: for every output tensor, what it becomes
  * (copied, converted, or computed by a list of operations).  The generic loop here names no
  * adapter type: it groups each adapter's tensors into modules by the parts the methods declare

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* report.c : notes, warnings, the files written, the plan text, the JSON report (its format is
  * documented in the README and versioned by LM_REPORT_VERSION), and inspect.  Builds text;
  * prints nothing (the CLI does). */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* report.h : what a merge says about itself: notes, warnings with stable codes, the files
  * written, the plan text and the JSON report (a stable, documented format: README "The JSON
  * report"), the description of a model or an adapter (inspect).  Builds text; prints nothing

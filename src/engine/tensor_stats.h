@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* tensor_stats.h : what the merge did to one output tensor, measured by the executor on the
  * values it writes (for the report and the no-op and non-finite checks). */
 #ifndef LM_TENSOR_STATS_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* pickle_reader.c : the restricted pickle machine (see pickle_reader.h).
  * Nothing here calls out: the only "callables" are three C emulations (OrderedDict(), the
  * tensor rebuild, the parameter rebuild) chosen from a fixed table.  Every count that input can

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* pickle_reader.h : a restricted reader of Python pickles, enough for torch.save() state dicts.
  *
  * A pickle is a program for a small stack machine: one opcode byte, then its argument bytes.

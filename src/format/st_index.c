@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_index.c : models: one safetensors file, a sharded checkpoint (model.safetensors.index.json)
  * or a directory holding either.
  * The index is trusted for nothing: shard names must be plain file names next to the index,

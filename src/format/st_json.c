@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_json.c : strict JSON for safetensors headers (see st_json.h).
  * Recursive descent over the input, nodes appended in pre-order to one array.  The depth limit
  * bounds the recursion.  No global state; nothing here prints. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_json.h : a small strict JSON parser for safetensors headers.
  * RFC 8259 grammar; UTF-8 validated (no overlongs, surrogates, code points above U+10FFFF);
  * string escapes decoded (\uXXXX with surrogate pairs, lone surrogates refused); duplicate

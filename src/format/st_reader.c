@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_reader.c : strict safetensors reader: length, JSON header, validation, read-only mapping.
  * Every check runs before a file is handed out, so users of lm_st_* never see a tensor whose
  * bytes are not all inside the data section.  Error kinds follow the conformance manifests in

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_reader.h : internal helpers shared by the safetensors reader (st_reader.c) and the model
  * loader (st_index.c).  The public side is in lora_merge.h ("Reading safetensors files").
  *

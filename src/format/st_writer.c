@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_writer.c : safetensors writer with a precomputed header, temp file and rename
  * (see st_writer.h).  Also the signal-time cleanup of temporary files. */
 #include "st_writer.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* st_writer.h : writes a safetensors file whose header is known up front.
  * The header (names, dtypes, shapes, offsets, metadata; padded with spaces to a multiple of 8)
  * is computed and written first, so tensor data can then go to fixed offsets in any order,

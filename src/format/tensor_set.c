@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* tensor_set.c : see tensor_set.h. */
 #include "tensor_set.h"
 

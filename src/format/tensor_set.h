@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* tensor_set.h : a named set of tensors held in memory or borrowed from a mapping.
  * Adapter weights come as a tensor set, whether they were read from adapter_model.safetensors
  * (data borrowed from the file mapping) or from adapter_model.bin (data copied out of the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* torch_bin.c : torch.save() checkpoints (zip through libzip, or legacy) into a tensor set.
  * The pickle is read by pickle_reader (nothing executed); this file finds the storages, checks
  * their sizes against what the pickle declares, and gathers every tensor into a contiguous,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* torch_bin.h : tensors from a torch.save() state dict (adapter_model.bin), executing nothing.
  *
  * Two layouts exist:

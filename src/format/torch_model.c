@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* torch_model.c : a PyTorch checkpoint as a base model (see torch_model.h). */
 #include "torch_model.h"
 

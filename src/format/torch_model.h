@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* torch_model.h : a PyTorch checkpoint as a base model: pytorch_model.bin (torch.save of a state
  * dict, zip or legacy), or its shards listed by pytorch_model.bin.index.json.  Each file is read
  * by the restricted reader (torch_bin.c: nothing executed) and laid out in memory as a

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adalora.c : AdaLoRA (peft-merge.md §5.2): W += B @ (A * E) * alpha / (init_r + 1e-5), whatever
  * rank each module kept (the file holds the kept ranks; 0 adds nothing).  The pairs are planned
  * as LoRA's (lora.c). */

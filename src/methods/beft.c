@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* beft.c : BEFT (peft-merge.md §5.14): the layer's bias += beft_bias. */
 #include "method.h"
 

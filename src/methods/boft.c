@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* boft.c : BOFT (peft-merge.md §5.7) with one butterfly factor (the only form PEFT loads without
  * its CUDA extension): W <- diag(s) (W @ blockdiag(R_j)^T), R_j the exact Cayley transform of
  * the skew part (X_j - X_j^T)/2 of boft_R's blocks, s = boft_s [out, 1]. */

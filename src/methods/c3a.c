@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* c3a.c : C3A (peft-merge.md §5.14): a block-circulant delta, W[p b + u, q b + v] +=
  * scale * kernel[p, q, (v - u) mod b] / in, kernel [out/b, in/b, b]. */
 #include "method.h"

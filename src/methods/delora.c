@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* delora.c : DeLoRA (peft-merge.md §5.14): W += B diag(lambda / r / (max(|A_j|, 1e-4)
  * max(|B_.j|, 1e-4))) A, columns scaled by the saved w_norm; a low-rank delta whose factors are
  * built when the tensor's first tile is claimed.  Conv1D layers are refused (PEFT does too). */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* fourierft.c : FourierFT (peft-merge.md §5.10, Appendix A): W += scale * Re(ifft2(S)), S the
  * out x in spectrum holding fourierft_spectrum at the positions torch.randperm(out * in,
  * seed)[:n] draws (torch_rng.c).  Each row of the delta is one inverse real FFT (FFTW, double)

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* gralora.c : GraLoRA (peft-merge.md §5.14): a k x k grid of rank-(r/k) blocks, plus an optional
  * ordinary low-rank hybrid part of rank hybrid_r; scale alpha / (r + hybrid_r).  Planned as one
  * low-rank delta of rank k r + hybrid_r whose factors are built per tensor. */

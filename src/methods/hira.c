@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* hira.c : HiRA (peft-merge.md §5.14): W += scale * W * (B @ A) (Hadamard product with the base),
  * for Linear, Conv1D (transposed) and Embedding (hira_embedding_A/B, transposed). */
 #include "method.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* hra.c : HRA (peft-merge.md §5.11): W <- W @ H, H = H_0 H_1 ... H_{r-1} the Householder
  * reflections I - 2 u u^T of the normalised columns of hra_u [in, r] (or, with apply_GS, of
  * their Gram-Schmidt orthonormalisation: H = I - 2 Q^T Q).  Applied in its compact WY form

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* ia3.c : IA3 (peft-merge.md §5.3): W *= l per output feature, or per input feature for the
  * config's feedforward_modules; the bias of a non-feed-forward layer is scaled too.  Conv1D
  * weights are stored [in, out], so the axes swap. */

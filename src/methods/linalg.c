@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* linalg.c : see linalg.h. */
 #include "linalg.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* linalg.h : the small dense math some methods need, as pure functions on row-major arrays
  * (no allocation, no failure): Cayley transforms of skew matrices (OFT, BOFT), the compact WY
  * form of a product of Householder reflections and Gram-Schmidt (HRA).  Unit-tested on

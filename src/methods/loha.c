@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* loha.c : LoHa (peft-merge.md §5.4) on Linear weights: W += (w1a @ w1b) * (w2a @ w2b) * alpha/r,
  * the two products computed per row tile, then multiplied elementwise.  The CP (Tucker) forms
  * of convolutions (hada_t1/t2) are refused. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lokr.c : LoKr (peft-merge.md §5.5) on Linear weights: W += kron(w1, w2) * alpha/r, w1 whole or
  * w1_a @ w1_b, w2 likewise; r always comes from the config (PEFT does so even for whole
  * factors).  The CP form of convolutions (lokr_t2) is refused. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lora.c : LoRA (peft-merge.md §5.1): W += scale * B @ A for Linear, GPT-2 Conv1D (stored
  * [in, out], so (B @ A)^T), Embedding (lora_embedding_A/B) and convolution kernels; rank and
  * alpha through rank_pattern / alpha_pattern, rsLoRA, DoRA (row norms for Linear, column norms

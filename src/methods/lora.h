@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lora.h : what LoRA shares with AdaLoRA (adalora.c): the pair planner (shapes, orientation,
  * tied heads, DoRA, lora_bias) and the part slots. */
 #ifndef LM_LORA_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* method.h : what an adapter type is to the rest of lora-merge.
  * A type (LoRA, IA3, OFT ...) is one file in src/methods/ that ends with a `const lm_method`;
  * registry.c is the only list of them.  A method declares the tensor names it owns (parts), reads

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* method_util.c : small helpers the method files share (see method.h): error helpers, layer
  * names, f32 views of adapter tensors for prepare(). */
 #include "method.h"

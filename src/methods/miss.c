@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* miss.c : MiSS (peft-merge.md §5.12) on Linear weights: W[o, c] += scale * block[c mod r, o mod w]
  * with block [r, w], w = out ("default" init) or mini_r ("mini").  The "bat" form is refused. */
 #include "method.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* oft.c : OFT (peft-merge.md §5.6) on Linear weights: W <- W @ blockdiag(R_j)^T, R_j the Cayley
  * transform (exact, or PEFT's Cayley-Neumann series) of the skew matrix whose upper triangle
  * oft_R stores (optionally projected: coft); block_share keeps one block.  The rotations are

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* oft.h : what BOFT shares with OFT: applying block-diagonal rotations to a tile. */
 #ifndef LM_OFT_H
 #define LM_OFT_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* randlora.c : RandLoRA (peft-merge.md §5.14): the delta B_flat @ A_flat from the shared random
  * bases (saved: save_projection) scaled by the layer's lambda [r, nb] and gamma [nb, min(o, i)];
  * scale randlora_alpha / r.  Transposed when the layer's out is the smaller side. */

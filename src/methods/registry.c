@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* registry.c : the one list of adapter types.  Adding a type: its file in src/methods/, one line
  * here, one README row, one row in tests/test_methods.c. */
 #include "method.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* road.c : RoAd (peft-merge.md §5.13): W <- R @ W, 2x2 rotations of the row pairs (p, p + g/2) in
  * groups of g = group_size output rows, scaled (alpha) and rotated (theta); road_1 has one angle
  * per pair, road_2 one per row, road_4 separate cos and sin parts.  The bias rotates with its

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* shira.c : SHiRA (peft-merge.md §5.14): W[rows[t], cols[t]] += scale * shira_weight[t].
  * The indices are data: checked when planning (a bad one fails before anything is written) and
  * sorted by row per tensor when its first tile is claimed, so a tile touches only its own

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* torch_rng.c : see torch_rng.h. */
 #include "torch_rng.h"
 

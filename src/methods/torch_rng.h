@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* torch_rng.h : torch's CPU random generator as far as PEFT's seeded draws need it
  * (peft-merge.md Appendix A): MT19937 seeded as torch.manual_seed, and torch.randperm's
  * Fisher-Yates from the front for n < 2^28 - 1 elements (32-bit draws). */

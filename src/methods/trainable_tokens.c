@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* trainable_tokens.c : trainable tokens (peft-merge.md §5.15): rows of an embedding replaced by
  * trainable_tokens_delta, the rows named by trainable_token_indices (in a LoRA adapter's config)
  * or token_indices (the standalone TRAINABLE_TOKENS type).  Its parts are accepted in adapters

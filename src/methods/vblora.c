@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* vblora.c : VB-LoRA (peft-merge.md §5.9): every r x L sub-vector of A and B mixed from the
  * shared vector bank [N, L] (base_model.vblora_vector_bank) with the softmax of its top-k logits
  * (or the saved top-k indices and k-1 weights, the last weight completing them to 1); then a

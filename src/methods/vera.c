@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* vera.c : VeRA (peft-merge.md §5.8): W += (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) from the
  * projections A, B shared by every layer (saved as base_model.vera_A / vera_B).  The scaled
  * slices are built per tensor when its first tile is claimed, so memory does not grow with the

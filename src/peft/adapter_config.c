@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_config.c : adapter_config.json through cJSON (see adapter_config.h). */
 #include "adapter_config.h"
 

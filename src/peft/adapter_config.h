@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_config.h : adapter_config.json -> lm_adapter_config.
  * Reads the fields that change a merge (peft-merge.md §3.2), takes PEFT's defaults for missing
  * ones, ignores unknown ones, and refuses what cannot be merged: non-mergeable peft_types, types

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_load.c : see adapter_load.h. */
 #include "adapter_load.h"
 

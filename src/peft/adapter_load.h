@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_load.h : a PEFT adapter directory -> config + tensors.
  * Finds adapter_config.json and the weights (adapter_model.safetensors, else adapter_model.bin
  * through the restricted reader), follows a single-adapter save under a non-default name

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* peft_match.c : PEFT's module matching (get_pattern_key, check_target_module_exists) on top of
  * pyregex.  Config entries are pasted raw into PEFT's regex templates, as PEFT does, so a '.' in
  * an entry is a wildcard; list entries compared with == or endswith stay literal, as in PEFT. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* peft_match.h : PEFT's module-matching rules as pure functions on strings (peft-merge.md §3.3,
  * §3.4): which rank_pattern / alpha_pattern key applies to a module (get_pattern_key), and whether
  * PEFT adapts a module at all (check_target_module_exists).  Regexes are Python `re` syntax,

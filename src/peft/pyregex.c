@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* pyregex.c : Python-`re`-compatible backtracking matcher (see pyregex.h for the subset).
  * Pattern -> syntax tree (recursive descent, nesting bounded) -> program for a backtracking VM
  * (SPLIT/JMP/SAVE/MARK/CHECK, counted repeats expanded, program size bounded).  The VM runs with

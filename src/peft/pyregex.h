@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* pyregex.h : a small matcher for the subset of Python `re` syntax found in adapter configs.
  * Supported: literals, `.`, escapes (\d \D \w \W \s \S \b \B \A \Z, \n \t \r \f \v \a, \xhh,
  * \uhhhh, \Uhhhhhhhh, octal, escaped punctuation), classes `[...]` (ranges, negation, escapes),

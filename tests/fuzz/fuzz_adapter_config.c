@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* fuzz_adapter_config.c : libFuzzer target for adapter_config.json parsing and PEFT's
  * module-matching rules.  Any bytes are a candidate config; an accepted config's patterns and
  * targeting rules are then exercised on a few module paths (hostile regexes must neither crash

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* fuzz_pickle.c : libFuzzer target for the restricted pickle machine and the state-dict builder.
  * Any bytes are a candidate data.pkl; every storage it names is served from one patterned
  * buffer (up to 64 KiB), so views, gathers and byte counts are exercised without an archive.

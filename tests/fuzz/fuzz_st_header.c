@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* fuzz_st_header.c : libFuzzer target for the safetensors reader.  Any bytes are a candidate
  * file: open them from memory, walk every tensor and metadata entry (touching the first and
  * last byte of each tensor, so a range outside the buffer trips ASan), close. */

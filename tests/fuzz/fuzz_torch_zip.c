@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* fuzz_torch_zip.c : libFuzzer target for whole adapter_model.bin files: zip archives read
  * through libzip, legacy torch files, and anything else (refused).  Checks: a refusal names its
  * kind, message and the file; an accepted tensor's bytes are all readable. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* replay_main.c : runs a libFuzzer target without libFuzzer (zstd's regression_driver.c):
  * every argument that is a directory feeds each regular file in it, in sorted order, to
  * LLVMFuzzerTestOneInput; a file argument feeds that file.  Prints "replay: N inputs OK" and

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # make lint: the complexity budget (curl's scripts/top-complexity).  Every function of src/ and
 # kernels/ scores at most CUTOFF (pmccabe's modified McCabe complexity), except the ones listed in
 # tests/lint/complexity-budget.txt, whose scores may only go down.  Prints the top functions.
