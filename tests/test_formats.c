@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_formats.c : adapters of other tools (src/peft/adapter_formats.c, formats_*.c).
  *
  * Two kinds of checks:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_convert.c : `lora-merge convert` and `inspect` for adapters of other tools: the public
  * face of adapter_formats.h.  convert writes the very config text and tensors the merge path
  * reads, so merging its output and merging its input cannot differ. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_formats.c : the core of the foreign-adapter path (see adapter_formats.h): detection,
  * the base index (module paths, dotted suffixes, kohya's flattened names), name resolution with
  * the component rules and the key-drift table, shape checks, and the PEFT config and tensor set

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* adapter_formats.h : adapters written by other tools -> a PEFT adapter in memory.
  *
  * Every foreign format (kohya-ss / LyCORIS, mlx-lm, torchtune, diffusers, lora_diffusion,

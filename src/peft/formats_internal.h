@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* formats_internal.h : what the format readers share (adapter_formats.c is the core; the
  * readers are formats_kohya.c, formats_named.c and formats_raw.c).  Not part of any API.
  *

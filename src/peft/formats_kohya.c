@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* formats_kohya.c : kohya-ss sd-scripts and LyCORIS files.
  *
  * Keys are "<name>.<part>" with name = prefix + "_" + the module path with '.' replaced by '_'

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* formats_named.c : formats whose keys carry the module path: mlx-lm, torchtune, diffusers (and
  * PEFT-keyed files without their adapter_config.json), microsoft loralib.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* formats_raw.c : up/down matrices without PEFT packaging.
  *
  *   raw folder       up.pt / down.pt (also up-param.bin, lora_up.safetensors ...): each a tensor, a

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* fuzz_adapter_formats.c : libFuzzer target for adapters of other tools: the bytes of one
  * weights file (safetensors or torch.save) normalised without a base and with a small base
  * (diffusers UNet / CLIP / ViT / Llama names, config.json of a UNet2DConditionModel).  Checks: a
