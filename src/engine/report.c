@@ -7,6 +7,7 @@
 #include "exec_lowrank.h"
 #include "inputs.h"
 #include "lm_error.h"
+#include "method.h"
 #include "model_files.h"
 #include "output.h"
 
@@ -163,15 +164,6 @@ void lm_report_removed(lm_report_impl *ri, const char *name)
 /* ------------------------------------------------------------------------------------------ */
 /* plan text and JSON                                                                           */
 /* ------------------------------------------------------------------------------------------ */
-static void shape_text(char *buf, size_t cap, size_t n_dims, const uint64_t *shape)
-{
-    size_t used = (size_t)snprintf(buf, cap, "[");
-    for (size_t d = 0; d < n_dims && used < cap; d++)
-        used += (size_t)snprintf(buf + used, cap - used, "%s%llu", d ? ", " : "", (unsigned long long)shape[d]);
-    if (used < cap)
-        snprintf(buf + used, cap - used, "]");
-}
-
 static cJSON *json_str_or_null(const char *s)
 {
     return s != NULL && s[0] != '\0' ? cJSON_CreateString(s) : cJSON_CreateNull();
@@ -321,7 +313,7 @@ lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err
             continue;
         const lm_tensor_stats *st = c->stats ? &c->stats[i] : NULL;
         char sh[128];
-        shape_text(sh, sizeof sh, t->n_dims, t->shape);
+        lm_shape_str(sh, sizeof sh, t->n_dims, t->shape);
         tb_printf(&text, "  %s %s %s%s:", t->name, lm_dtype_name(t->dtype), sh, t->base ? "" : " (new)");
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "name", t->name);
@@ -726,7 +718,7 @@ static lm_code inspect_model(const char *path, int as_json, char **text, lm_err 
             cJSON_AddItemToArray(jt, o);
         } else {
             char sh[256];
-            shape_text(sh, sizeof sh, t->n_dims, t->shape);
+            lm_shape_str(sh, sizeof sh, t->n_dims, t->shape);
             tb_printf(&b, "  %s %s %s %llu bytes\n", t->name, lm_dtype_name(t->dtype), sh,
                       (unsigned long long)(t->end - t->begin));
         }
