@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* gen_adapter.c : writes a PEFT adapter of any mergeable type for an existing base model, with
  * the tensor names, shapes and adapter_config.json keys PEFT's save_pretrained writes
  * (../shared/docs/peft-merge.md §4.3), so the benchmark (bench_merge --case methods) measures

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* gen_common.h : what the generators (gen_model.c, gen_adapter.c) share: a counter-based
  * pseudo-random generator (the same seed gives the same bytes for any thread count) and a writer
  * that fills tensors through the library's safetensors writer; and a helper bench_merge.c uses too.

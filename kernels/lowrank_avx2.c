@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lowrank_avx2.c : AVX2 + FMA + F16C variant of the low-rank tile kernel, bit for bit the
  * reference (lowrank_ref.c; contract in lm_kernels.h, proof in lowrank_exact.c).  The structure of
  * lowrank_avx512.c at half the width: blocks of 3 rows x 8 columns x 4 chains (f32 path) or 4 rows

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lowrank_avx512.c : AVX-512 (F, BW, VL, DQ) + F16C variant of the low-rank tile kernel, bit for
  * bit the reference (lowrank_ref.c; contract in lm_kernels.h, proof in lowrank_exact.c).
  * Blocks of 4 rows x 16 columns with four accumulation chains each (f32 path, bf16/f16 outputs) or

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lowrank_exact.c : what every variant of the low-rank kernel shares: lm_lowrank_prepare() (the
  * f32/f64 factor copies and the per-row / per-column bound factors) and the scalar recomputation
  * of the elements the vector path could not certify (lm_lowrank_fallback_1: f64 with a per-element

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lowrank_ref.c : the scalar reference of the low-rank tile kernel (contract in lm_kernels.h, proof
  * in lowrank_exact.c).  One element at a time, with exactly the f32 (or f64) operations the SIMD
  * variants perform on each lane, in the same order: fmaf()/fma() for the fused steps, plain

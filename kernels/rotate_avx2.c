@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* rotate_avx2.c : AVX2+FMA variant of rotate_ref.c, bit for bit: each output lane runs the
  * reference's fmaf chain (vfmadd, same operands, same order).  Eight rows of a block are done
  * together, so eight independent chains hide the FMA latency; 8 lanes at a time, the rest in

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* rotate_avx512.c : AVX-512 variant of rotate_ref.c, bit for bit: each output lane runs the
  * reference's fmaf chain (vfmadd, same operands, same order).  Eight rows of a block are done
  * together, so eight independent chains hide the FMA latency; 16 lanes at a time, then 8,

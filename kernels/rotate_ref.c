@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* rotate_ref.c : block-diagonal products of a row tile, the reference (OFT, BOFT): every row x
  * becomes x @ blockdiag(R_j)^T, i.e. block j of the row y_a = sum_b R_j[a, b] x_b, accumulated
  * in b order with one fused multiply-add per term (fmaf), starting from 0.  The SIMD variants

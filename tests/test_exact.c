@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_exact.c : the correctly rounded low-rank kernel (lm_lowrank_*, kernels/lowrank_*.c).
  *  - the reference against an independent proof of correct rounding: for every element the
  *    exact value v = W + sum_k s_k B_ik A_kj is formed here as a Shewchuk expansion (Knuth's

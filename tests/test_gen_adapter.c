@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_gen_adapter.c : bench/gen_adapter, the benchmark's adapter generator.
  * - Against PEFT itself: on the base of each PEFT golden case (../shared, skipped visibly when
  *   absent), the adapter generated with that case's configuration has exactly the tensor names,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_rotate.c : the block-rotation kernel (OFT, BOFT): every variant bit for bit the reference
  * for block sizes that exercise each lane width and remainder (2 .. 40), row counts around the
  * 8-row groups, shared and per-block rotations; the reference against a double-precision

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* exec_lowrank.c : see exec_lowrank.h. */
 #include "exec_lowrank.h"
 

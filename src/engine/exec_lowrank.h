@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* exec_lowrank.h : the executor's correctly rounded path for a tensor whose every op is a
  * low-rank delta (LoRA, AdaLoRA, VeRA, DeLoRA, GraLoRA, RandLoRA, VB-LoRA: LM_OP_LOWRANK).  The
  * terms of all its ops (several adapters included) are concatenated along k with their own
