@@ -446,18 +446,23 @@ static uint64_t load_base_rows(const job *J, size_t ti, float *dst, uint8_t *raw
 }
 
 /* before the ops: the base tile as it would be written (and in f32 for the norms), from src, the
- * tile's input bytes; *n_base receives how many of the n elements the base has (the rest count
- * as changed) */
-static lm_code stats_before(const job *J, size_t ti, const workspace *ws, const uint8_t *src, uint64_t r0,
-                            uint64_t nr, size_t n, size_t *n_base, lm_err *err)
+ * tile's input bytes; *base_bytes receives where it is (ws->base_out, or src itself when
+ * src_stays: the caller keeps src intact until stats_after), *n_base how many of the n elements
+ * the base has (the rest count as changed) */
+static lm_code stats_before(const job *J, size_t ti, const workspace *ws, const uint8_t *src, int src_stays,
+                            uint64_t r0, uint64_t nr, size_t n, const uint8_t **base_bytes, size_t *n_base, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
+    size_t esz = lm_dtype_bits(t->dtype) / 8;
+    *base_bytes = ws->base_out;
     if (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) { /* src holds the base */
         *n_base = n;
         if (J->stats_norms || t->dtype != t->src_dtype)
             to_f32(J->k, t->src_dtype, src, ws->base_f32, n);
-        if (t->dtype == t->src_dtype) /* the bytes read are the base as written */
-            memcpy(ws->base_out, src, n * (lm_dtype_bits(t->dtype) / 8));
+        if (t->dtype == t->src_dtype && src_stays && (uintptr_t)src % esz == 0)
+            *base_bytes = src; /* the bytes read are the base as written: no copy */
+        else if (t->dtype == t->src_dtype)
+            memcpy(ws->base_out, src, n * esz);
         else
             from_f32(J->k, t->dtype, ws->base_f32, ws->base_out, n);
         return LM_OK;
@@ -484,10 +489,10 @@ static const float *written_f32(const job *J, const lm_plan_tensor *t, const wor
 }
 
 /* after the ops and the rounding: the counts and norms of the values written */
-static void stats_after(const job *J, const lm_plan_tensor *t, const workspace *ws, size_t n, size_t n_base,
-                        struct tile_stat *ts)
+static void stats_after(const job *J, const lm_plan_tensor *t, const workspace *ws, const uint8_t *base_bytes,
+                        size_t n, size_t n_base, struct tile_stat *ts)
 {
-    ts->n_changed = count_changed(J->k, ws->out, ws->base_out, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
+    ts->n_changed = count_changed(J->k, ws->out, base_bytes, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
     if (J->stats_norms) { /* the differences in f32 (rounded once each), their squares summed in double */
         const float *w = written_f32(J, t, ws, n);
         for (size_t i = 0; i < n; i++)
@@ -531,27 +536,29 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     size_t n = (size_t)(nr * t->cols), n_base = 0;
+    const uint8_t *base_bytes = NULL;
     if (tensor_prepare(J, ti, err) != LM_OK)
         return err->code;
     const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
     if (J->rt[ti].uses_exact) { /* base bytes -> output bytes; the statistics from the bytes written */
-        if (ts != NULL && stats_before(J, ti, ws, src, r0, nr, n, &n_base, err) != LM_OK)
+        if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
-        lm_code rc = compute_tile_exact(J, ti, r0, nr, src, ws, err);
+        lm_code rc = compute_tile_exact(J, ti, r0, nr, src, ws, err); /* src stays intact */
         if (rc == LM_OK && ts != NULL)
-            stats_after(J, t, ws, n, n_base, ts);
+            stats_after(J, t, ws, base_bytes, n, n_base, ts);
         return rc;
     }
     to_f32(J->k, t->src_dtype, src, ws->acc, n);
-    if (ts != NULL && stats_before(J, ti, ws, src, r0, nr, n, &n_base, err) != LM_OK)
+    /* src may be in the scratch the methods use: the base bytes are copied */
+    if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, t->n_ops, &tile);
     from_f32(J->k, t->dtype, ws->acc, ws->out, n);
     if (ts != NULL)
-        stats_after(J, t, ws, n, n_base, ts);
+        stats_after(J, t, ws, base_bytes, n, n_base, ts);
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
