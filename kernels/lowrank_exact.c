@@ -65,6 +65,16 @@
 #include <math.h>
 #include <string.h>
 
+/* The fused multiply-adds here are fma() calls: without -mfma (this file is built for any x86-64)
+ * each is a call into libm, about ten times the cost of the instruction.  The two functions with
+ * fma() in a loop are built twice, for CPUs with FMA and without, the choice made once at load
+ * (an ifunc).  fma() is correctly rounded either way, so both give the same bits. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define LR_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define LR_FMA_CLONES
+#endif
+
 /* ---- output formats ------------------------------------------------------------------------ */
 
 typedef struct lr_fmt {
@@ -160,7 +170,7 @@ static float lr_up_f32(double x)
     return f;
 }
 
-int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
                        const double *A, const double *s, void *ws, size_t ws_bytes)
 {
     const size_t need = lm_lowrank_ws_bytes(rows, cols, K);
@@ -476,7 +486,7 @@ static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, size_t j)
     return 1;
 }
 
-uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, size_t j, float w,
+LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, size_t j, float w,
                                lm_kdtype out_dtype, lm_lowrank_stats *st)
 {
     const size_t K = lr->K;
