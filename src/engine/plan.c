@@ -238,8 +238,14 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
             return kc;
     size_t used = 0;
     out[0] = '\0';
+    /* "base_layer"s right before a part are kept: they nest wrappers of several parameters of one
+     * module (LoRA target_parameters: "experts.base_layer.lora_A" is another parameter than
+     * "experts.lora_A") */
+    size_t nest = end;
+    while (j >= 0 && nest > 0 && IS(nest - 1, "base_layer"))
+        nest--;
     for (size_t i = 0; i < end; i++) {
-        if (IS(i, "base_layer") || IS(i, "token_adapter") || IS(i, "ln_tuning_layers"))
+        if (i < nest && (IS(i, "base_layer") || IS(i, "token_adapter") || IS(i, "ln_tuning_layers")))
             continue;
         int k = snprintf(out + used, cap - used, "%s%.*s", used ? "." : "", (int)lens[i], comps[i]);
         if (k < 0 || (size_t)k >= cap - used)
@@ -401,6 +407,18 @@ long lm_ctx_module_bias(lm_plan_ctx *ctx, const char *module)
     return lm_resolve_base_name(ctx->P->model, buf, NULL);
 }
 
+long lm_ctx_base_named(lm_plan_ctx *ctx, const char *name, lm_err *err)
+{
+    long bi = lm_resolve_base_name(ctx->P->model, name, err);
+    return bi >= 0 ? bi : -1;
+}
+
+long lm_ctx_base_exact(const lm_plan_ctx *ctx, const char *name)
+{
+    size_t idx;
+    return lm_model_find(ctx->P->model, name, &idx) != NULL ? (long)idx : -1;
+}
+
 long lm_ctx_module_weight(lm_plan_ctx *ctx, const char *module, lm_err *err)
 {
     char buf[1100];
@@ -541,6 +559,25 @@ lm_op *lm_ctx_add_delta(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char
     op->flops = 2.0 * (double)rank * (double)in * (double)out;
     lm_ctx_count_module(ctx);
     return op;
+}
+
+int lm_ctx_view_rows(lm_plan_ctx *ctx, long base, uint64_t rows, lm_err *err)
+{
+    lm_plan_tensor *t = &ctx->P->plan->t[base];
+    uint64_t n = t->rows * t->cols;
+    if (rows == t->rows)
+        return 0;
+    int others = 0;
+    for (size_t o = 0; o < t->n_ops; o++)
+        others += t->ops[o].kind != LM_OP_REPLACE;
+    if (rows == 0 || n % rows != 0 || others > 0) {
+        lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "'%s' cannot be tiled as %llu rows%s", t->name,
+                (unsigned long long)rows, others ? " (another adapter changes it as a whole)" : "");
+        return -1;
+    }
+    t->rows = rows;
+    t->cols = n / rows;
+    return 0;
 }
 
 void *lm_ctx_params(lm_plan_ctx *ctx, lm_op *op, size_t n_bytes, lm_err *err)
@@ -822,6 +859,8 @@ static lm_code plan_method_modules(lm_plan_ctx *ctx, const lm_method *m, const m
         /* trainable tokens name their modules in trainable_token_indices, not target_modules */
         if (!(m->flags & LM_M_PARTS_ANYWHERE)) {
             int targeted = lm_target_matcher_test(tm, mod->path, err);
+            if (targeted == 0 && m->claims_module != NULL)
+                targeted = m->claims_module(ctx, mod);
             if (targeted < 0) {
                 lm_err_set_path(err, ad->config_path);
                 rc = err->code;

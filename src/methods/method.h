@@ -116,6 +116,9 @@ typedef struct lm_method {
     void (*free_config)(void *mcfg);
     /* plans one targeted module: checks its parts and adds ops through the lm_ctx_* calls */
     lm_code (*plan_module)(lm_plan_ctx *ctx, const lm_module *m, lm_err *err);
+    /* may be NULL: 1 when the type targets a module that target_modules does not name (LoRA's
+     * target_parameters, the out_proj of a targeted nn.MultiheadAttention) */
+    int (*claims_module)(lm_plan_ctx *ctx, const lm_module *m);
     /* instead of plan_module, when a module's plan depends on its siblings (LoRA orientation) */
     lm_code (*plan_adapter)(lm_plan_ctx *ctx, const lm_module *const *mods, size_t n, lm_err *err);
     /* LOWRANK and METHOD ops: builds what apply needs; fails only when out of memory */
@@ -147,6 +150,11 @@ const lm_ts_tensor *lm_ctx_shared(const lm_plan_ctx *ctx, const char *name);
 const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i);
 /* "<module>.weight" under any prefix: entry index, or -1 with *err (NoMatchingTensor ...) */
 long lm_ctx_module_weight(lm_plan_ctx *ctx, const char *module, lm_err *err);
+/* base tensor `name` under any prefix (as "<module>.weight" is found): entry index, or -1 with
+ * *err (NoMatchingTensor, AmbiguousModule) */
+long lm_ctx_base_named(lm_plan_ctx *ctx, const char *name, lm_err *err);
+/* base tensor named exactly `name`, or -1 */
+long lm_ctx_base_exact(const lm_plan_ctx *ctx, const char *name);
 /* "<module>.bias": entry index, or -1 when the layer has none */
 long lm_ctx_module_bias(lm_plan_ctx *ctx, const char *module);
 /* the weight of a module whose delta is [out, in]: *orient 0 when stored [out, in], 1 when
@@ -170,6 +178,10 @@ long lm_ctx_weight_2d(lm_plan_ctx *ctx, const char *module, lm_err *err);
 lm_op *lm_ctx_add_delta(lm_plan_ctx *ctx, long base, lm_op_kind kind, const char *name, const char *module,
                         uint64_t rank, uint64_t in, uint64_t out, int transposed, double scale, size_t params_bytes,
                         lm_err *err);
+/* tiles of base tensor `base` see it as [rows, n_elems / rows] instead of [shape[0], rest] (a 3-D
+ * expert stack as [E * d1, d2], so that tiles stay small); refused (-1 with *err) when rows does
+ * not divide the tensor or another op already uses the default view */
+int lm_ctx_view_rows(lm_plan_ctx *ctx, long base, uint64_t rows, lm_err *err);
 /* typed parameters for an op, zeroed, owned by the plan */
 void *lm_ctx_params(lm_plan_ctx *ctx, lm_op *op, size_t n_bytes, lm_err *err);
 /* memory owned by the plan (data read from adapter tensors at plan time, such as indices) */
@@ -195,6 +207,8 @@ const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernel
 /* records that prepare (or the tiles) read t: its pages are dropped from memory with p (lm_prep_view
  * records what it views; call this for tensors read otherwise, e.g. through lm_ts_index) */
 void lm_prep_read(lm_prepared *p, const lm_ts_tensor *t);
+/* elements off .. off+n of a float adapter tensor as f32 into dst */
+void lm_ts_to_f32(const lm_ts_tensor *t, uint64_t off, size_t n, float *dst, const lm_kernels *k);
 /* n_floats zeroed floats owned by p */
 float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err);
 /* n_bytes (zeroed) owned by p */

@@ -91,6 +91,18 @@ void lm_prep_read(lm_prepared *p, const lm_ts_tensor *t)
         p->read[p->n_read++] = t;
 }
 
+void lm_ts_to_f32(const lm_ts_tensor *t, uint64_t off, size_t n, float *dst, const lm_kernels *k)
+{
+    const uint8_t *d = t->data;
+    switch (t->dtype) {
+    case LM_DT_F32: memcpy(dst, d + off * 4, n * sizeof(float)); break;
+    case LM_DT_F16: k->f16_to_f32((const uint16_t *)(const void *)(d + off * 2), dst, n); break;
+    case LM_DT_BF16: k->bf16_to_f32((const uint16_t *)(const void *)(d + off * 2), dst, n); break;
+    case LM_DT_F64: k->f64_to_f32((const double *)(const void *)(d + off * 8), dst, n); break;
+    default: break; /* planners accept float tensors only */
+    }
+}
+
 const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernels *k, lm_err *err)
 {
     lm_prep_read(p, t);
@@ -99,13 +111,7 @@ const float *lm_prep_view(lm_prepared *p, const lm_ts_tensor *t, const lm_kernel
     float *v = lm_prep_floats(p, (size_t)t->n_elems, err);
     if (v == NULL)
         return NULL;
-    switch (t->dtype) {
-    case LM_DT_F32: memcpy(v, t->data, (size_t)t->n_elems * sizeof(float)); break;
-    case LM_DT_F16: k->f16_to_f32(t->data, v, (size_t)t->n_elems); break;
-    case LM_DT_BF16: k->bf16_to_f32(t->data, v, (size_t)t->n_elems); break;
-    case LM_DT_F64: k->f64_to_f32(t->data, v, (size_t)t->n_elems); break;
-    default: break; /* planners accept float tensors only */
-    }
+    lm_ts_to_f32(t, 0, (size_t)t->n_elems, v, k);
     return v;
 }
 
