@@ -6,7 +6,12 @@
  *
  *   gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N]
  *             [--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32]
- *             [--adapter-dtype f32|bf16|f16] [--targets qv|all] [--seed S] [--no-adapter]
+ *             [--adapter-dtype f32|bf16|f16] [--targets qv|all] [--seed S] [--no-adapter] [--experts E]
+ *   --experts E: a Qwen3-MoE-shaped model instead (each layer's MLP is a router mlp.gate [E, H] and
+ *   E experts mlp.experts.<e>.gate_proj/up_proj [I, H], down_proj [H, I], stored per expert as on
+ *   the Hub); the adapter (--targets all) then adapts the attention projections and, through
+ *   target_parameters, the fused expert parameters mlp.experts.gate_up_proj and down_proj
+ *   (lora_A [E*r, in], lora_B [out, r*E], transformers-v5 layout [E, out, in]).
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
 #include "gen_common.h"
@@ -29,7 +34,7 @@ static lm_dtype parse_dt(const char *s)
 int main(int argc, char **argv)
 {
     const char *out = NULL, *targets = "all";
-    long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0;
+    long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0;
     double alpha = 16;
     uint64_t seed = 1;
     lm_dtype dt = LM_DT_BF16, adt = LM_DT_F32;
@@ -49,11 +54,12 @@ int main(int argc, char **argv)
         else if (ARG("--adapter-dtype")) adt = parse_dt(v);
         else if (ARG("--targets")) targets = v;
         else if (ARG("--seed")) seed = strtoull(v, NULL, 10);
+        else if (ARG("--experts")) experts = atol(v);
         else if (strcmp(a, "--no-adapter") == 0) no_adapter = 1;
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E]\n");
             return 2;
         }
 #undef ARG
@@ -73,7 +79,7 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/adapter", out);
     mkdir(path, 0777);
 
-    size_t nb = 3 + 9 * (size_t)layers, n = 0;
+    size_t nb = 3 + (9 + 3 * (size_t)experts) * (size_t)layers, n = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
 #define T(nm, d0, d1, nd, amp_, off_)                                                              \
@@ -94,11 +100,20 @@ int main(int argc, char **argv)
     for (long l = 0; l < layers; l++) {
         snprintf(nm, sizeof nm, "model.layers.%ld.input_layernorm.weight", l);
         T(nm, hidden, 1, 1, 0.1f, 1.0f);
-        for (int p = 0; p < 7; p++) {
+        for (int p = 0; p < (experts ? 4 : 7); p++) {
             long o = p == 1 || p == 2 ? kvd : p >= 4 && p <= 5 ? inter : hidden;
             long in = p == 6 ? inter : hidden;
             snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight", l, proj[p]);
             T(nm, o, in, 2, wamp, 0.0f);
+        }
+        if (experts) {
+            snprintf(nm, sizeof nm, "model.layers.%ld.mlp.gate.weight", l);
+            T(nm, experts, hidden, 2, wamp, 0.0f);
+            for (long e = 0; e < experts; e++)
+                for (int p = 4; p < 7; p++) {
+                    snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight", l, e, proj[p] + 4);
+                    T(nm, p == 6 ? hidden : inter, p == 6 ? inter : hidden, 2, wamp, 0.0f);
+                }
         }
         snprintf(nm, sizeof nm, "model.layers.%ld.post_attention_layernorm.weight", l);
         T(nm, hidden, 1, 1, 0.1f, 1.0f);
@@ -111,11 +126,12 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/base/config.json", out);
     FILE *f = fopen(path, "w");
     if (f) {
-        fprintf(f, "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": %ld, "
+        fprintf(f, "{\"architectures\": [\"%s\"], \"model_type\": \"%s\", \"num_experts\": %ld, \"hidden_size\": %ld, "
                    "\"intermediate_size\": %ld, \"num_hidden_layers\": %ld, \"num_attention_heads\": %ld, "
                    "\"num_key_value_heads\": %ld, \"vocab_size\": %ld, \"tie_word_embeddings\": false, "
                    "\"torch_dtype\": \"%s\"}\n",
-                hidden, inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32");
+                experts ? "Qwen3MoeForCausalLM" : "LlamaForCausalLM", experts ? "qwen3_moe" : "llama", experts, hidden,
+                inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32");
         fclose(f);
     }
     free(g);
@@ -127,22 +143,27 @@ int main(int argc, char **argv)
     gen_tensor *ga = calloc(cap, sizeof *ga);
     for (long l = 0; l < layers; l++) {
         for (int p = 0; p < 7; p++) {
-            if (!all && p != 0 && p != 2)
+            if ((!all && p != 0 && p != 2) || (experts && p == 5))
                 continue;
             long o = p == 1 || p == 2 ? kvd : p >= 4 && p <= 5 ? inter : hidden;
             long in = p == 6 ? inter : hidden;
-            snprintf(ga[na].name, sizeof ga[na].name, "base_model.model.model.layers.%ld.%s.lora_A.weight", l, proj[p]);
+            long ne = experts && p >= 4 ? experts : 1; /* expert parameters: r * E */
+            if (ne > 1 && p == 4)
+                o = 2 * inter; /* gate_up_proj: gate rows, then up rows */
+            /* two parameters of one module: gate_up_proj (registered first) is the inner wrapper */
+            const char *mod = ne == 1 ? proj[p] : p == 4 ? "mlp.experts.base_layer" : "mlp.experts";
+            snprintf(ga[na].name, sizeof ga[na].name, "base_model.model.model.layers.%ld.%s.lora_A.weight", l, mod);
             ga[na].dtype = adt;
             ga[na].n_dims = 2;
-            ga[na].shape[0] = (uint64_t)rank;
+            ga[na].shape[0] = (uint64_t)(rank * ne);
             ga[na].shape[1] = (uint64_t)in;
             ga[na].amp = (float)(1.0 / sqrt((double)in));
             na++;
-            snprintf(ga[na].name, sizeof ga[na].name, "base_model.model.model.layers.%ld.%s.lora_B.weight", l, proj[p]);
+            snprintf(ga[na].name, sizeof ga[na].name, "base_model.model.model.layers.%ld.%s.lora_B.weight", l, mod);
             ga[na].dtype = adt;
             ga[na].n_dims = 2;
             ga[na].shape[0] = (uint64_t)o;
-            ga[na].shape[1] = (uint64_t)rank;
+            ga[na].shape[1] = (uint64_t)(rank * ne);
             ga[na].amp = 0.01f;
             na++;
         }
@@ -158,10 +179,12 @@ int main(int argc, char **argv)
     }
     fprintf(f, "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": %ld,\n  \"lora_alpha\": %g,\n"
                "  \"lora_dropout\": 0.0,\n  \"bias\": \"none\",\n  \"use_rslora\": false,\n  \"use_dora\": false,\n"
-               "  \"fan_in_fan_out\": false,\n  \"target_modules\": [%s]\n}\n",
+               "  \"fan_in_fan_out\": false,\n  \"peft_version\": \"0.21.0\",\n  \"target_modules\": [%s]%s\n}\n",
             rank, alpha,
-            all ? "\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\""
-                : "\"q_proj\", \"v_proj\"");
+            experts && all ? "\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\""
+            : all ? "\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\""
+                : "\"q_proj\", \"v_proj\"",
+            experts && all ? ",\n  \"target_parameters\": [\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"]" : "");
     fclose(f);
     free(ga);
     return 0;

@@ -609,9 +609,63 @@ static void gen_loha(mt_ctx *c)
     loha(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 2, 3.0);
 }
 
+/* convolutions: a Conv2d kernel [6, 4, 3, 3] in the flat form (w_b [r, 4*3*3]), a Conv2d [5, 3, 3, 3]
+ * and a Conv1d [4, 5, 3] in the CP form (use_effective_conv2d: hada_t1/t2 [r, r, kh, kw] with a
+ * trailing 1 for Conv1d, w_a [r, o], w_b [r, i]) */
+static void loha_cp(mt_ctx *c, mt_mod *m, uint64_t i, uint64_t kh, uint64_t kw, int r, double s)
+{
+    m->r = r;
+    m->s = s;
+    m->q[0] = 1;
+    m->q[1] = (int)i;
+    mt_part(c, m, "hada_t1", SH((uint64_t)r, (uint64_t)r, kh, kw), 0, 0.5);
+    mt_part(c, m, "hada_w1_a", SH((uint64_t)r, m->O), 0, 0.4);
+    mt_part(c, m, "hada_w1_b", SH((uint64_t)r, i), 0, 0.4);
+    mt_part(c, m, "hada_t2", SH((uint64_t)r, (uint64_t)r, kh, kw), 0, 0.5);
+    mt_part(c, m, "hada_w2_a", SH((uint64_t)r, m->O), 0, 0.4);
+    mt_part(c, m, "hada_w2_b", SH((uint64_t)r, i), 0, 0.4);
+}
+
+static void gen_loha_conv(mt_ctx *c)
+{
+    loha(c, mt_conv(c, "unet.conv_in", 6, 4, 3), 3, 2.0);
+    loha_cp(c, mt_conv(c, "unet.conv_out", 5, 3, 3), 3, 3, 3, 3, 2.0);
+    mt_mod *m = mt_module(c, "unet.conv1d", LIN, 4, 15, 0); /* stored as the Conv1d kernel [4, 5, 3] */
+    mt_t *w = &c->base[m->w];
+    w->nd = 3;
+    w->shape[1] = 5;
+    w->shape[2] = 3;
+    m->kind = CONV;
+    loha_cp(c, m, 5, 3, 1, 3, 2.0);
+}
+
+/* CP: R_j[p, (q, x)] = sum_{a,b} t_j[a, b, x] w_j_a[a, p] w_j_b[b, q] (PEFT's HadaWeightCP einsum
+ * "i j k l, j r, i p -> p r k l"), x over the kernel positions */
+static double *loha_cp_rebuild(const mt_ctx *c, const mt_mod *m, int j)
+{
+    uint64_t r = (uint64_t)m->r, in = (uint64_t)m->q[1], kk = m->I / in;
+    const double *t = mt_get(c, m, j ? "hada_t2" : "hada_t1"), *wa = mt_get(c, m, j ? "hada_w2_a" : "hada_w1_a"),
+                 *wb = mt_get(c, m, j ? "hada_w2_b" : "hada_w1_b");
+    double *d = calloc(m->O * m->I, sizeof *d);
+    for (uint64_t p = 0; p < m->O; p++)
+        for (uint64_t q = 0; q < in; q++)
+            for (uint64_t x = 0; x < kk; x++)
+                for (uint64_t a = 0; a < r; a++)
+                    for (uint64_t b = 0; b < r; b++)
+                        d[p * m->I + q * kk + x] += t[(a * r + b) * kk + x] * wa[a * m->O + p] * wb[b * in + q];
+    return d;
+}
+
 static double *delta_loha(const mt_ctx *c, const mt_mod *m)
 {
     uint64_t r = (uint64_t)m->r;
+    if (m->q[0]) {
+        double *d1 = loha_cp_rebuild(c, m, 0), *d2 = loha_cp_rebuild(c, m, 1);
+        for (uint64_t e = 0; e < m->O * m->I; e++)
+            d1[e] *= d2[e];
+        free(d2);
+        return d1;
+    }
     double *d1 = mt_mm(mt_get(c, m, "hada_w1_a"), mt_get(c, m, "hada_w1_b"), m->O, r, m->I);
     double *d2 = mt_mm(mt_get(c, m, "hada_w2_a"), mt_get(c, m, "hada_w2_b"), m->O, r, m->I);
     for (uint64_t e = 0; e < m->O * m->I; e++)
@@ -1609,7 +1663,11 @@ static const mt_row mt_rows[] = {
      {{"rank and alpha patterns",
        "{\"peft_type\": \"LOHA\", \"r\": 4, \"alpha\": 8, " TGT_QV ", \"rank_pattern\": {\"v_proj\": 2}, "
        "\"alpha_pattern\": {\"v_proj\": 6}}",
-       gen_loha}},
+       gen_loha},
+      {"convolutions: flat, CP Conv2d, CP Conv1d",
+       "{\"peft_type\": \"LOHA\", \"r\": 3, \"alpha\": 6, \"target_modules\": [\"conv_in\", \"conv_out\", "
+       "\"conv1d\"], \"use_effective_conv2d\": true}",
+       gen_loha_conv}},
      {"hada_w2_b missing", NULL, bad_loha},
      "model.layers.0.self_attn.q_proj"},
     {"LOKR", 1, NULL, delta_lokr,

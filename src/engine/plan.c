@@ -860,7 +860,7 @@ static lm_code plan_method_modules(lm_plan_ctx *ctx, const lm_method *m, const m
         if (!(m->flags & LM_M_PARTS_ANYWHERE)) {
             int targeted = lm_target_matcher_test(tm, mod->path, err);
             if (targeted == 0 && m->claims_module != NULL)
-                targeted = m->claims_module(ctx, mod);
+                targeted = m->claims_module(ctx, ad->cfg, mod);
             if (targeted < 0) {
                 lm_err_set_path(err, ad->config_path);
                 rc = err->code;
@@ -1115,7 +1115,8 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
             m->method->describe(cfg, m, d.kind, sizeof d.kind);
         else
             snprintf(d.kind, sizeof d.kind, "%s", m->method->summary);
-        d.targeted = (m->method->flags & LM_M_PARTS_ANYWHERE) || lm_target_matches(&rules, m->path, NULL) == 1;
+        d.targeted = (m->method->flags & LM_M_PARTS_ANYWHERE) || lm_target_matches(&rules, m->path, NULL) == 1 ||
+                     (m->method->claims_module != NULL && m->method->claims_module(NULL, cfg, m));
         size_t j;
         for (j = 0; j < ng; j++)
             if (!strcmp(g[j].leaf, d.leaf) && !strcmp(g[j].kind, d.kind) && g[j].targeted == d.targeted)

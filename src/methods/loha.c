@@ -1,7 +1,11 @@
 /* SPDX-License-Identifier: MIT */
-/* loha.c : LoHa (peft-merge.md §5.4) on Linear weights: W += (w1a @ w1b) * (w2a @ w2b) * alpha/r,
- * the two products computed per row tile, then multiplied elementwise.  The CP (Tucker) forms
- * of convolutions (hada_t1/t2) are refused. */
+/* loha.c : LoHa (peft-merge.md §5.4): W += (w1a @ w1b) * (w2a @ w2b) * alpha/r, the two
+ * products computed per row tile, then multiplied elementwise.  Linear weights, and convolution
+ * kernels [o, i/groups, k...] seen as [o, i/groups * k...] (PEFT's flat form).  The CP (Tucker)
+ * form of Conv1d/Conv2d (use_effective_conv2d: hada_t1/t2 [r, r, kh, kw], w_a [r, o], w_b [r, i])
+ *     R_j[p, q, x, y] = sum_{a,b} t_j[a, b, x, y] w_j_a[a, p] w_j_b[b, q]
+ * is the same product once prepare has built w_j_a^T [o, r] and U_j[a, (q, x, y)] = sum_b
+ * t_j[a, b, x, y] w_j_b[b, q] (f64, rounded once), so a tile is still two small products. */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -13,19 +17,42 @@
 enum { W1A, W1B, W2A, W2B, T1, T2 };
 
 typedef struct {
-    const lm_ts_tensor *f[4]; /* w1a [o, r], w1b [r, i], w2a [o, r], w2b [r, i] */
+    const lm_ts_tensor *f[4]; /* w1a [o, r], w1b [r, i], w2a [o, r], w2b [r, i]; CP: w1a [r, o], w1b [r, i] */
+    const lm_ts_tensor *t[2]; /* CP: hada_t1, hada_t2 [r, r, kh, kw]; else NULL */
+    uint64_t o, i, kk;        /* CP: the kernel [o, i, kk] (kk = kh * kw) */
 } loha_params;
 
 typedef struct {
     const float *f[4];
 } loha_prep;
 
+/* CP form: t_j [r, r, kh, kw], w_j_a [r, o], w_j_b [r, i] against the kernel W [o, i, k...] */
+static lm_code check_cp(const lm_module *m, const lm_tensor_info *W, const lm_ts_tensor *const *f,
+                        const lm_ts_tensor *const *t, long r, lm_err *err)
+{
+    uint64_t kk = W->n_dims >= 3 ? W->n_elems / (W->shape[0] * W->shape[1]) : 0;
+    for (int j = 0; j < 2; j++) {
+        const lm_ts_tensor *a = f[2 * j], *b = f[2 * j + 1], *tj = t[j];
+        int ok = tj != NULL && tj->n_dims == 4 && lm_is_float_dtype(tj->dtype) && kk > 0 && tj->shape[0] == (uint64_t)r &&
+                 tj->shape[1] == (uint64_t)r && a->shape[0] == (uint64_t)r && b->shape[0] == (uint64_t)r &&
+                 a->shape[1] == W->shape[0] && b->shape[1] == W->shape[1] &&
+                 (W->n_dims == 4 ? tj->shape[2] == W->shape[2] && tj->shape[3] == W->shape[3]
+                                 : W->n_dims == 3 && tj->shape[2] == W->shape[2] && tj->shape[3] == 1);
+        if (!ok) {
+            char sw[96], st[96];
+            lm_shape_str(sw, sizeof sw, W->n_dims, W->shape);
+            lm_shape_str(st, sizeof st, tj ? tj->n_dims : 0, tj ? tj->shape : NULL);
+            return lm_mismatch(err, m->path, "LoHa CP factors (hada_t%d %s, w%d_a/w%d_b [r=%ld, o], [r, i]) do not make "
+                               "the convolution kernel '%s' %s", j + 1, tj ? st : "missing", j + 1, j + 1, r, W->name, sw);
+        }
+    }
+    return LM_OK;
+}
+
 static lm_code loha_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
-    if (m->part[T1] || m->part[T2])
-        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "%s with a CP-decomposed convolution "
-                              "(use_effective_conv2d) is not supported by lora-merge yet", cfg->peft_type);
+    const lm_ts_tensor *t[2] = {m->part[T1], m->part[T2]};
     const lm_ts_tensor *f[4] = {m->part[W1A], m->part[W1B], m->part[W2A], m->part[W2B]};
     for (int q = 0; q < 4; q++) {
         if (f[q] == NULL)
@@ -39,21 +66,24 @@ static lm_code loha_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     double alpha;
     if (lm_ctx_rank_alpha(ctx, m->path, &r, &alpha, err) != LM_OK)
         return err->code;
-    long bi = lm_ctx_weight_2d(ctx, m->path, err);
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    /* [o, r1] @ [r1, i] and [o, r2] @ [r2, i], all equal to W's [o, i] */
-    if (f[0]->shape[1] != f[1]->shape[0] || f[2]->shape[1] != f[3]->shape[0] || f[0]->shape[0] != W->shape[0] ||
-        f[2]->shape[0] != W->shape[0] || f[1]->shape[1] != W->shape[1] || f[3]->shape[1] != W->shape[1])
+    uint64_t cols = W->shape[0] ? W->n_elems / W->shape[0] : 0; /* a conv kernel's i/groups * k... */
+    if (t[0] || t[1]) {
+        if (check_cp(m, W, f, t, r, err) != LM_OK)
+            return err->code;
+    } else if (W->n_dims < 2 || f[0]->shape[1] != f[1]->shape[0] || f[2]->shape[1] != f[3]->shape[0] || f[0]->shape[0] != W->shape[0] ||
+        f[2]->shape[0] != W->shape[0] || f[1]->shape[1] != cols || f[3]->shape[1] != cols)
         return lm_mismatch(err, m->path, "LoHa factors [%llu, %llu]@[%llu, %llu] and [%llu, %llu]@[%llu, %llu] "
                            "do not make base '%s' [%llu, %llu]",
                            (unsigned long long)f[0]->shape[0], (unsigned long long)f[0]->shape[1],
                            (unsigned long long)f[1]->shape[0], (unsigned long long)f[1]->shape[1],
                            (unsigned long long)f[2]->shape[0], (unsigned long long)f[2]->shape[1],
                            (unsigned long long)f[3]->shape[0], (unsigned long long)f[3]->shape[1], W->name,
-                           (unsigned long long)W->shape[0], (unsigned long long)W->shape[1]);
-    if ((long)f[0]->shape[1] != r || (long)f[2]->shape[1] != r)
+                           (unsigned long long)W->shape[0], (unsigned long long)cols);
+    else if ((long)f[0]->shape[1] != r || (long)f[2]->shape[1] != r)
         return lm_module_fail(err, LM_E_MISMATCH, "RankMismatch", m->path,
                               "the tensors have rank %llu but adapter_config.json says r=%ld",
                               (unsigned long long)f[0]->shape[1], r);
@@ -62,6 +92,13 @@ static lm_code loha_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     if (pr == NULL)
         return LM_E_NOMEM;
     memcpy(pr->f, f, sizeof f);
+    if (t[0] != NULL) {
+        pr->t[0] = t[0];
+        pr->t[1] = t[1];
+        pr->o = W->shape[0];
+        pr->i = W->shape[1];
+        pr->kk = cols / W->shape[1];
+    }
     op->rank = (uint64_t)r;
     op->scale = alpha / (double)r * lm_ctx_adapter(ctx)->weight;
     op->flops = 4.0 * (double)r * (double)W->n_elems;
@@ -79,6 +116,32 @@ static lm_code loha_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
         if ((lp->f[q] = lm_prep_view(p, pr->f[q], k, err)) == NULL)
             return LM_E_NOMEM;
     p->data = lp;
+    if (pr->t[0] == NULL)
+        return LM_OK;
+    /* CP: f[2j] <- w_j_a^T [o, r]; f[2j+1] <- U_j [r, i * kk] */
+    const uint64_t r = op->rank, o = pr->o, in = pr->i, kk = pr->kk;
+    float *blk = lm_prep_floats(p, (size_t)(2 * (o * r + r * in * kk)), err); /* one block: at most 8 owned */
+    if (blk == NULL)
+        return LM_E_NOMEM;
+    for (int j = 0; j < 2; j++) {
+        const float *wa = lp->f[2 * j], *wb = lp->f[2 * j + 1], *tj = lm_prep_view(p, pr->t[j], k, err);
+        float *waT = blk + (size_t)j * (o * r + r * in * kk), *U = waT + o * r;
+        if (tj == NULL)
+            return LM_E_NOMEM;
+        for (uint64_t a = 0; a < r; a++)
+            for (uint64_t q = 0; q < o; q++)
+                waT[q * r + a] = wa[a * o + q];
+        for (uint64_t a = 0; a < r; a++)
+            for (uint64_t q = 0; q < in; q++)
+                for (uint64_t x = 0; x < kk; x++) {
+                    double acc = 0;
+                    for (uint64_t b = 0; b < r; b++)
+                        acc += (double)tj[(a * r + b) * kk + x] * (double)wb[b * in + q];
+                    U[(a * in + q) * kk + x] = (float)acc;
+                }
+        lp->f[2 * j] = waT;
+        lp->f[2 * j + 1] = U;
+    }
     return LM_OK;
 }
 
@@ -98,8 +161,9 @@ static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 static void loha_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
     const lm_ts_tensor *a = m->part[W1A];
-    snprintf(buf, cap, "loha%s r=%ld alpha=%g", m->part[T1] || m->part[T2] ? " (CP form: refused, not supported yet)" : "",
-             a && a->n_dims == 2 ? (long)a->shape[1] : cfg->r, cfg->lora_alpha);
+    int cp = m->part[T1] || m->part[T2];
+    snprintf(buf, cap, "loha%s r=%ld alpha=%g", cp ? " (CP form of a convolution)" : "",
+             a && a->n_dims == 2 ? (long)a->shape[cp ? 0 : 1] : cfg->r, cfg->lora_alpha);
 }
 
 static void loha_describe_config(const lm_adapter_config *c, char *buf, size_t cap)

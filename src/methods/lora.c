@@ -494,16 +494,15 @@ static lm_code lora_plan(lm_plan_ctx *ctx, const lm_module *const *mods, size_t 
 }
 
 /* target_parameters, or the out_proj of an nn.MultiheadAttention (its module is the one named) */
-static int lora_claims(lm_plan_ctx *ctx, const lm_module *m)
+static int lora_claims(lm_plan_ctx *ctx, const lm_adapter_config *cfg, const lm_module *m)
 {
-    const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
     if (cfg->method != &lm_method_lora)
         return 0;
     const lm_lora_cfg *lc = cfg->mcfg;
     if (lc->target_params.n > 0 && lm_lora_param_module(lc, m->path))
         return 1;
     size_t n = strlen(m->path);
-    if (n <= 9 || strcmp(m->path + n - 9, ".out_proj") != 0 || n - 9 >= 1024)
+    if (ctx == NULL || n <= 9 || strcmp(m->path + n - 9, ".out_proj") != 0 || n - 9 >= 1024)
         return 0;
     char parent[1024];
     memcpy(parent, m->path, n - 9);
@@ -569,6 +568,12 @@ static void lora_describe(const lm_adapter_config *cfg, const lm_module *m, char
         snprintf(buf, cap, "incomplete (refused: %s without its pair)", m->part[LORA_B] ? "lora_B" : "a part");
         return;
     }
+    const lm_lora_cfg *lc = cfg->method == &lm_method_lora ? cfg->mcfg : NULL;
+    if (lc != NULL && lc->target_params.n > 0 && lm_lora_param_module(lc, m->path)) {
+        snprintf(buf, cap, "lora on a parameter (target_parameters; MoE experts: lora_A has r x experts = %ld rows) "
+                 "alpha=%g", rank, alpha);
+        return;
+    }
     int n = snprintf(buf, cap, "%s%s%s r=%ld alpha=%g scale=%g", m->part[LORA_EA] ? "embedding lora" : "lora",
                      m->part[LORA_MAG] ? " + dora" : "", m->part[LORA_B_BIAS] ? " + lora_bias" : "", rank, alpha,
                      lora_scale(cfg, r, alpha));
@@ -582,6 +587,14 @@ static void lora_describe_config(const lm_adapter_config *c, char *buf, size_t c
              c->use_rslora ? " + rsLoRA" : "", c->lora_bias ? " + lora_bias" : "",
              c->tt_modules.n ? " + trainable tokens" : "", c->r, c->lora_alpha, lora_scale(c, c->r, c->lora_alpha),
              c->use_rslora ? "alpha/sqrt(r)" : "alpha/r");
+    const lm_lora_cfg *lc = c->method == &lm_method_lora ? c->mcfg : NULL;
+    size_t n = strlen(buf);
+    if (lc != NULL && lc->bd_nblocks > 0 && n < cap)
+        n += (size_t)snprintf(buf + n, cap - n, "BD-LoRA: %ld blocks, block-diagonal A for %zu pattern(s), B for %zu\n",
+                              lc->bd_nblocks, lc->bd_a.n, lc->bd_b.n);
+    for (size_t i = 0; lc != NULL && i < lc->target_params.n && n < cap; i++)
+        n += (size_t)snprintf(buf + n, cap - n, "%s%s%s", i ? ", " : "target_parameters: ", lc->target_params.v[i],
+                              i + 1 == lc->target_params.n ? "\n" : "");
 }
 
 static const lm_part lora_parts[] = {

@@ -117,8 +117,9 @@ typedef struct lm_method {
     /* plans one targeted module: checks its parts and adds ops through the lm_ctx_* calls */
     lm_code (*plan_module)(lm_plan_ctx *ctx, const lm_module *m, lm_err *err);
     /* may be NULL: 1 when the type targets a module that target_modules does not name (LoRA's
-     * target_parameters, the out_proj of a targeted nn.MultiheadAttention) */
-    int (*claims_module)(lm_plan_ctx *ctx, const lm_module *m);
+     * target_parameters, the out_proj of a targeted nn.MultiheadAttention); ctx is NULL when
+     * inspect describes an adapter without a base */
+    int (*claims_module)(lm_plan_ctx *ctx, const lm_adapter_config *cfg, const lm_module *m);
     /* instead of plan_module, when a module's plan depends on its siblings (LoRA orientation) */
     lm_code (*plan_adapter)(lm_plan_ctx *ctx, const lm_module *const *mods, size_t n, lm_err *err);
     /* LOWRANK and METHOD ops: builds what apply needs; fails only when out of memory */
