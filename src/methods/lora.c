@@ -114,6 +114,41 @@ static lm_code bd_blocks(const lm_lora_cfg *lc, const lm_module *m, uint64_t ran
     return LM_OK;
 }
 
+/* the base tensor of a pair: "<module>.weight", an nn.MultiheadAttention's in_proj_weight, or the
+ * input embedding for a tied output head; -1 with *err */
+static long pair_base(lm_plan_ctx *ctx, const lm_module *m, pair_info *li, lm_err *err)
+{
+    const lm_adapter *ad = lm_ctx_adapter(ctx);
+    const lm_adapter_config *cfg = ad->cfg;
+    lm_err local;
+    lm_err_clear(&local);
+    long bi = lm_ctx_module_weight(ctx, m->path, &local);
+    const char *leaf = lm_leaf_of(m->path);
+    if (bi < 0 && (bi = mha_in_proj(ctx, m->path)) >= 0) {
+        /* nn.MultiheadAttention: lora_A/B on the module itself adapt in_proj_weight [3E, E] */
+        li->mha = 1;
+        if (m->part[LORA_MAG] != NULL || cfg->use_dora || m->part[LORA_B_BIAS] != NULL)
+            return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path,
+                                  "%s on nn.MultiheadAttention: PEFT does not merge it (in_proj_weight)",
+                                  m->part[LORA_B_BIAS] != NULL ? "lora_bias" : "DoRA"), -1;
+    }
+    if (bi < 0 && (strcmp(leaf, "lm_head") == 0 || strcmp(leaf, "embed_out") == 0)) {
+        /* a tied output head: the checkpoint stores only the input embedding, which is the
+         * same tensor in the model, so the head's delta goes there (peft-merge.md §6.4) */
+        long tied = lm_ctx_input_embedding(ctx);
+        if (tied >= 0) {
+            bi = tied;
+            if (lm_ctx_note(ctx, "%s: %s is tied to the input embedding %s (no separate head in the base): "
+                                 "its delta is applied to the shared tensor", ad->dir, m->path,
+                            lm_ctx_base(ctx, tied)->name) != LM_OK)
+                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory"), -1;
+        }
+    }
+    if (bi < 0)
+        *err = local;
+    return bi < 0 ? -1 : bi;
+}
+
 /* pass 1 for one module: parts complete, ranks, base tensor, orientation where shapes tell.
  * li->m stays NULL for a module that adds nothing (AdaLoRA rank 0). */
 static lm_code check_pair(lm_plan_ctx *ctx, const lm_module *m, int adalora, pair_info *li, lm_err *err)
@@ -184,34 +219,9 @@ static lm_code check_pair(lm_plan_ctx *ctx, const lm_module *m, int adalora, pai
                               "the tensors have rank %llu but adapter_config.json says r=%ld for this module "
                               "(PEFT would fail to load it)", (unsigned long long)rank, r);
     }
-    lm_err local;
-    lm_err_clear(&local);
-    long bi = lm_ctx_module_weight(ctx, m->path, &local);
-    const char *leaf = lm_leaf_of(m->path);
-    if (bi < 0 && (bi = mha_in_proj(ctx, m->path)) >= 0) {
-        /* nn.MultiheadAttention: lora_A/B on the module itself adapt in_proj_weight [3E, E] */
-        li->mha = 1;
-        if (m->part[LORA_MAG] != NULL || cfg->use_dora || m->part[LORA_B_BIAS] != NULL)
-            return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path,
-                                  "%s on nn.MultiheadAttention: PEFT does not merge it (in_proj_weight)",
-                                  m->part[LORA_B_BIAS] != NULL ? "lora_bias" : "DoRA");
-    }
-    if (bi < 0 && (strcmp(leaf, "lm_head") == 0 || strcmp(leaf, "embed_out") == 0)) {
-        /* a tied output head: the checkpoint stores only the input embedding, which is the
-         * same tensor in the model, so the head's delta goes there (peft-merge.md §6.4) */
-        long tied = lm_ctx_input_embedding(ctx);
-        if (tied >= 0) {
-            bi = tied;
-            if (lm_ctx_note(ctx, "%s: %s is tied to the input embedding %s (no separate head in the base): "
-                                 "its delta is applied to the shared tensor", ad->dir, m->path,
-                            lm_ctx_base(ctx, tied)->name) != LM_OK)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        }
-    }
-    if (bi < 0) {
-        *err = local;
-        return local.code;
-    }
+    long bi = pair_base(ctx, m, li, err);
+    if (bi < 0)
+        return err->code;
     li->base = bi;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
     if (!lm_is_float_dtype(W->dtype))
