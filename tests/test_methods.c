@@ -566,6 +566,36 @@ static void gen_ia3_conv1d_ff(mt_ctx *c)
     ia3(c, mt_module(c, "transformer.h.0.mlp.c_proj", C1D, 33, 97, 1), 1);
 }
 
+/* a convolution kernel [o, i, k...] (nk kernel dims of size k), with a bias; logical in = i * k^nk */
+static mt_mod *mt_conv_nd(mt_ctx *c, const char *path, uint64_t o, uint64_t i, uint64_t k, int nk)
+{
+    uint64_t kk = 1;
+    for (int d = 0; d < nk; d++)
+        kk *= k;
+    mt_mod *m = mt_module(c, path, LIN, o, i * kk, 1);
+    mt_t *w = &c->base[m->w];
+    w->nd = 2 + nk;
+    w->shape[1] = i;
+    for (int d = 0; d < nk; d++)
+        w->shape[2 + d] = k;
+    m->kind = CONV;
+    m->q[1] = (int)kk;
+    return m;
+}
+
+/* Conv2d rows (bias too), Conv2d and Conv3d feed-forward input channels: ia3_l [1, C, 1...] */
+static void gen_ia3_conv(mt_ctx *c)
+{
+    mt_mod *m = mt_conv_nd(c, "unet.conv_in", 6, 4, 3, 2);
+    mt_part(c, m, "ia3_l", SH(1, 6, 1, 1), 1, 0.2);
+    m = mt_conv_nd(c, "unet.ff.conv", 5, 7, 3, 2);
+    m->q[0] = 1;
+    mt_part(c, m, "ia3_l", SH(1, 7, 1, 1), 1, 0.2);
+    m = mt_conv_nd(c, "unet.ff.conv3d", 3, 4, 2, 3);
+    m->q[0] = 1;
+    mt_part(c, m, "ia3_l", SH(1, 4, 1, 1, 1), 1, 0.2);
+}
+
 static void ref_ia3(mt_ctx *c)
 {
     for (int k = 0; k < c->nm; k++) {
@@ -574,7 +604,7 @@ static void ref_ia3(mt_ctx *c)
         double *w = mt_W(c, m);
         for (uint64_t o = 0; o < m->O; o++)
             for (uint64_t i = 0; i < m->I; i++)
-                w[o * m->I + i] *= m->q[0] ? l[i] : l[o];
+                w[o * m->I + i] *= m->q[0] ? l[i / (uint64_t)(m->q[1] ? m->q[1] : 1)] : l[o];
         mt_setW(c, m, w);
         free(w);
         if (m->b >= 0 && !m->q[0]) {
@@ -1656,7 +1686,11 @@ static const mt_row mt_rows[] = {
        gen_ia3},
       {"conv1d feed-forward by regex",
        "{\"peft_type\": \"IA3\", \"target_modules\": [\"c_fc\", \"c_proj\"], \"feedforward_modules\": \".*c_proj\"}",
-       gen_ia3_conv1d_ff}},
+       gen_ia3_conv1d_ff},
+      {"Conv2d rows and bias, Conv2d/Conv3d feed-forward channels",
+       "{\"peft_type\": \"IA3\", \"target_modules\": [\"conv_in\", \"conv\", \"conv3d\"], "
+       "\"feedforward_modules\": [\"ff.conv\", \"ff.conv3d\"]}",
+       gen_ia3_conv}},
      {"ia3_l one short", NULL, bad_ia3},
      "model.layers.0.self_attn.q_proj"},
     {"LOHA", 1, NULL, delta_loha,
