@@ -765,8 +765,102 @@ static double *lokr_dense(const mt_ctx *c, const mt_mod *m, int which, uint64_t 
     return mt_mm(a->v, b->v, a->shape[0], a->shape[1], b->shape[1]);
 }
 
+/* convolutions (PEFT's lokr Conv2d/Conv1d): flat (w2_b [r, d*kh*kw]: 2-D kron, reshaped), a whole
+ * 4-D lokr_w2 [b, d, kh, kw] and the CP forms (lokr_t2 [r, r, kh, kw], w2_a [r, b], w2_b [r, d];
+ * Conv1d: kw = 1); w1 [a, c] is unsqueezed to [a, c, 1, 1] for the 4-D kron */
+static void lokr_conv_cp(mt_ctx *c, mt_mod *m, uint64_t b, uint64_t d, uint64_t kh, uint64_t kw)
+{
+    mt_part(c, m, "lokr_t2", SH(4, 4, kh, kw), 0, 0.4);
+    mt_part(c, m, "lokr_w2_a", SH(4, b), 0, 0.4);
+    mt_part(c, m, "lokr_w2_b", SH(4, d), 0, 0.4);
+}
+
+static void gen_lokr_conv(mt_ctx *c)
+{
+    mt_mod *m = mt_conv(c, "unet.conv_a", 6, 4, 3); /* flat: w1 [2, 2] whole, w2_a [3, 4] @ w2_b [4, 2*9] */
+    m->q[0] = 1, m->q[1] = 3, m->q[2] = 3;
+    lokr_factor(c, m, 1, 2, 2, 0);
+    lokr_factor(c, m, 2, 3, 18, 4);
+    m = mt_conv(c, "unet.conv_b", 6, 6, 3); /* w1_a @ w1_b [3, 2], whole lokr_w2 [2, 3, 3, 3] */
+    m->q[0] = 2, m->q[1] = 3, m->q[2] = 3;
+    lokr_factor(c, m, 1, 3, 2, 4);
+    mt_part(c, m, "lokr_w2", SH(2, 3, 3, 3), 0, 0.25);
+    m = mt_conv(c, "unet.conv_c", 4, 6, 3); /* CP Conv2d: w1 [2, 3], w2 [2, 2, 3, 3] */
+    m->q[0] = 2, m->q[1] = 3, m->q[2] = 3;
+    lokr_factor(c, m, 1, 2, 3, 0);
+    lokr_conv_cp(c, m, 2, 2, 3, 3);
+    m = mt_module(c, "unet.conv1d", LIN, 4, 18, 0); /* CP Conv1d [4, 6, 3]: w1 [2, 2], w2 [2, 3, 3, 1] */
+    mt_t *w = &c->base[m->w];
+    w->nd = 3;
+    w->shape[1] = 6;
+    w->shape[2] = 3;
+    m->kind = CONV;
+    m->q[0] = 2, m->q[1] = 3, m->q[2] = 1;
+    lokr_factor(c, m, 1, 2, 2, 0);
+    lokr_conv_cp(c, m, 2, 3, 3, 1);
+    for (int k = 0; k < c->nm; k++)
+        c->mod[k].s = 2.0;
+}
+
+/* w2 of a conv module as [b, d, kk] (q[0] 2: whole 4-D or CP) */
+static double *lokr_w2_4d(const mt_ctx *c, const mt_mod *m, uint64_t *b, uint64_t *d, uint64_t kk)
+{
+    const mt_t *w2 = mt_opt(c, m, "lokr_w2"), *t = mt_opt(c, m, "lokr_t2");
+    if (w2 != NULL) {
+        *b = w2->shape[0];
+        *d = w2->shape[1];
+        double *x = malloc(w2->n * sizeof(double));
+        memcpy(x, w2->v, w2->n * sizeof(double));
+        return x;
+    }
+    cr_assert_not_null(t, "reference: no lokr_w2 or lokr_t2 for %s", m->path);
+    const mt_t *wa = mt_opt(c, m, "lokr_w2_a"), *wb = mt_opt(c, m, "lokr_w2_b");
+    uint64_t r = t->shape[0];
+    *b = wa->shape[1];
+    *d = wb->shape[1];
+    double *x = calloc(*b * *d * kk, sizeof(double));
+    /* einsum("i j k l, i p, j r -> p r k l", t2, w2_a, w2_b) */
+    for (uint64_t p = 0; p < *b; p++)
+        for (uint64_t q = 0; q < *d; q++)
+            for (uint64_t e = 0; e < kk; e++)
+                for (uint64_t i = 0; i < r; i++)
+                    for (uint64_t j = 0; j < r; j++)
+                        x[(p * *d + q) * kk + e] += t->v[(i * r + j) * kk + e] * wa->v[i * *b + p] * wb->v[j * *d + q];
+    return x;
+}
+
+static double *delta_lokr_conv(const mt_ctx *c, const mt_mod *m)
+{
+    uint64_t a, cc, b, d, kk = (uint64_t)(m->q[1] * m->q[2]);
+    double *w1 = lokr_dense(c, m, 1, &a, &cc), *dl = malloc(m->O * m->I * sizeof(double));
+    if (m->q[0] == 1) { /* 2-D kron(w1, w2_a @ w2_b), reshaped to the kernel */
+        uint64_t u, v;
+        double *w2 = lokr_dense(c, m, 2, &u, &v);
+        for (uint64_t ia = 0; ia < a; ia++)
+            for (uint64_t ic = 0; ic < cc; ic++)
+                for (uint64_t x = 0; x < u; x++)
+                    for (uint64_t y = 0; y < v; y++)
+                        dl[(ia * u + x) * (cc * v) + ic * v + y] = w1[ia * cc + ic] * w2[x * v + y];
+        free(w2);
+    } else { /* 4-D kron([a, c, 1, 1], [b, d, kh, kw]) = [a*b, c*d, kh, kw] */
+        double *w2 = lokr_w2_4d(c, m, &b, &d, kk);
+        uint64_t in = cc * d;
+        for (uint64_t ia = 0; ia < a; ia++)
+            for (uint64_t ib = 0; ib < b; ib++)
+                for (uint64_t ic = 0; ic < cc; ic++)
+                    for (uint64_t id = 0; id < d; id++)
+                        for (uint64_t e = 0; e < kk; e++)
+                            dl[((ia * b + ib) * in + ic * d + id) * kk + e] = w1[ia * cc + ic] * w2[(ib * d + id) * kk + e];
+        free(w2);
+    }
+    free(w1);
+    return dl;
+}
+
 static double *delta_lokr(const mt_ctx *c, const mt_mod *m)
 {
+    if (m->q[0])
+        return delta_lokr_conv(c, m);
     uint64_t p, q, u, v;
     double *w1 = lokr_dense(c, m, 1, &p, &q), *w2 = lokr_dense(c, m, 2, &u, &v);
     cr_assert(p * u == m->O && q * v == m->I);
@@ -1707,7 +1801,11 @@ static const mt_row mt_rows[] = {
     {"LOKR", 1, NULL, delta_lokr,
      {{"whole, decomposed and mixed factors",
        "{\"peft_type\": \"LOKR\", \"r\": 4, \"alpha\": 8, \"target_modules\": [\"q_proj\", \"v_proj\", \"up_proj\"]}",
-       gen_lokr}},
+       gen_lokr},
+      {"convolutions: flat, whole 4-D w2, CP Conv2d, CP Conv1d",
+       "{\"peft_type\": \"LOKR\", \"r\": 4, \"alpha\": 8, \"target_modules\": [\"conv_a\", \"conv_b\", \"conv_c\", "
+       "\"conv1d\"], \"use_effective_conv2d\": true}",
+       gen_lokr_conv}},
      {"kron shape is not the weight's", NULL, bad_lokr},
      "model.layers.0.self_attn.q_proj"},
     {"VERA", 1, NULL, delta_vera,

@@ -1,7 +1,12 @@
 /* SPDX-License-Identifier: MIT */
-/* lokr.c : LoKr (peft-merge.md §5.5) on Linear weights: W += kron(w1, w2) * alpha/r, w1 whole or
- * w1_a @ w1_b, w2 likewise; r always comes from the config (PEFT does so even for whole
- * factors).  The CP form of convolutions (lokr_t2) is refused. */
+/* lokr.c : LoKr (peft-merge.md §5.5): W += kron(w1, w2) * alpha/r, w1 whole or w1_a @ w1_b, w2
+ * likewise; r always comes from the config (PEFT does so even for whole factors).  Linear
+ * weights, and convolution kernels W [o, i, k...] seen as [o, i*k...]: PEFT's kron of w1 [a, c]
+ * (unsqueezed to [a, c, 1, 1]) with a 4-D w2 [b, d, kh, kw] is the 2-D kron with w2 flattened to
+ * [b, d*kh*kw], and so are the flat form (w2_b [r, d*k...]) and the CP form of Conv1d/Conv2d
+ * (lokr_t2 [r, r, kh, kw]: w2[p, q, x] = sum_{i,j} t2[i, j, x] w2_a[i, p] w2_b[j, q], built in
+ * prepare).  A whole 3-D lokr_w2 (Conv1d) is refused: PEFT's kron then pads w1 in front and
+ * reshapes a scrambled kernel. */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -14,19 +19,51 @@ enum { W1, W1A, W1B, W2, W2A, W2B, T2 };
 
 typedef struct {
     const lm_ts_tensor *w1, *w1b, *w2, *w2b; /* w1 (or w1_a with w1b = w1_b), w2 likewise */
-    uint64_t kb, kd;                         /* w2 is [kb, kd] */
+    const lm_ts_tensor *t2;                  /* CP: lokr_t2 [r, r, kh, kw] (w2 = w2_a [r, b], w2b = w2_b [r, d]) */
+    uint64_t kb, kd;                         /* w2 is [kb, kd] (a conv's kd is d * kh * kw) */
 } lokr_params;
 
 typedef struct {
     const float *w1, *w2; /* whole factors [a, c] and [kb, kd] */
 } lokr_prep;
 
+/* w2's [b, d*k...] for the kron, from its whole, flat or CP form; 0 with *err when it does not fit */
+static int w2_shape(const lm_module *m, const lm_tensor_info *W, const lm_ts_tensor *const *f, long r, uint64_t *b,
+                    uint64_t *d, lm_err *err)
+{
+    const lm_ts_tensor *t2 = m->part[T2];
+    uint64_t kk = W->n_dims >= 3 ? W->n_elems / (W->shape[0] * W->shape[1]) : 1;
+    if (t2 != NULL) {
+        int ok = m->part[W2] == NULL && W->n_dims >= 3 && t2->n_dims == 4 && lm_is_float_dtype(t2->dtype) &&
+                 t2->shape[0] == (uint64_t)r && t2->shape[1] == (uint64_t)r && f[2]->shape[0] == (uint64_t)r &&
+                 f[3]->shape[0] == (uint64_t)r &&
+                 (W->n_dims == 4 ? t2->shape[2] == W->shape[2] && t2->shape[3] == W->shape[3]
+                                 : W->n_dims == 3 && t2->shape[2] == W->shape[2] && t2->shape[3] == 1);
+        if (!ok) {
+            char st[96], sw[96];
+            lm_shape_str(st, sizeof st, t2->n_dims, t2->shape);
+            lm_shape_str(sw, sizeof sw, W->n_dims, W->shape);
+            return lm_mismatch(err, m->path, "LoKr CP factors (lokr_t2 %s, lokr_w2_a/_b [r=%ld, ...]) do not fit the "
+                               "kernel '%s' %s", st, r, W->name, sw), 0;
+        }
+        *b = f[2]->shape[1];
+        *d = f[3]->shape[1] * kk;
+        return 1;
+    }
+    if (m->part[W2] != NULL && f[2]->n_dims == 3)
+        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path,
+                              "LoKr with a whole 3-D lokr_w2 (Conv1d): PEFT's kron pads w1 in front and reshapes a "
+                              "scrambled kernel; not supported"), 0;
+    *b = f[2]->shape[0];
+    *d = f[2]->n_elems / (f[2]->shape[0] ? f[2]->shape[0] : 1);
+    if (m->part[W2] == NULL)
+        *d = f[3]->shape[1];
+    return 1;
+}
+
 static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
-    if (m->part[T2])
-        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "%s with a CP-decomposed convolution "
-                              "(use_effective_conv2d) is not supported by lora-merge yet", cfg->peft_type);
     const lm_ts_tensor *k1 = m->part[W1], *k2 = m->part[W2];
     const lm_ts_tensor *f[4] = {k1 ? k1 : m->part[W1A], k1 ? k1 : m->part[W1B], k2 ? k2 : m->part[W2A],
                                 k2 ? k2 : m->part[W2B]};
@@ -37,30 +74,36 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
             return lm_module_fail(err, LM_E_FORMAT, "IncompleteModule", m->path, "%s module lacks a factor (%s)",
                                   cfg->peft_type,
                                   "lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b are needed");
-        if (f[q]->n_dims != 2 || !lm_is_float_dtype(f[q]->dtype))
-            return lm_mismatch(err, m->path, "%s factor '%s' is not a 2-D float tensor (convolution forms are not "
-                               "supported yet)", cfg->peft_type, f[q]->name);
+        int whole_w2 = q >= 2 && k2 != NULL; /* a conv's whole w2 is [b, d, k...] */
+        if ((whole_w2 ? f[q]->n_dims < 2 || f[q]->n_dims > 4 : f[q]->n_dims != 2) || !lm_is_float_dtype(f[q]->dtype))
+            return lm_mismatch(err, m->path, "%s factor '%s' is not a %s float tensor", cfg->peft_type, f[q]->name,
+                               whole_w2 ? "2-D to 4-D" : "2-D");
     }
     long r;
     double alpha;
     if (lm_ctx_rank_alpha(ctx, m->path, &r, &alpha, err) != LM_OK)
         return err->code;
-    long bi = lm_ctx_weight_2d(ctx, m->path, err);
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims < 2 || W->n_dims > 4)
+        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "LoKr on a %zu-D weight ('%s'): PEFT's "
+                              "LoKr has Linear, Conv1d and Conv2d layers only", W->n_dims, W->name);
+    uint64_t cols = W->n_elems / W->shape[0];
     /* w1 [a, c] (or w1_a [a, r] @ w1_b [r, c]), w2 [b, d] likewise; W [a*b, c*d] */
-    int w1_split = k1 == NULL, w2_split = k2 == NULL;
+    int w1_split = k1 == NULL, w2_split = k2 == NULL && m->part[T2] == NULL;
     if ((w1_split && f[0]->shape[1] != f[1]->shape[0]) || (w2_split && f[2]->shape[1] != f[3]->shape[0]))
         return lm_mismatch(err, m->path, "LoKr factors' inner dimensions disagree");
-    uint64_t a = f[0]->shape[0], c = w1_split ? f[1]->shape[1] : f[0]->shape[1];
-    uint64_t b = f[2]->shape[0], d = w2_split ? f[3]->shape[1] : f[2]->shape[1];
-    if (a * b != W->shape[0] || c * d != W->shape[1])
+    uint64_t a = f[0]->shape[0], c = w1_split ? f[1]->shape[1] : f[0]->shape[1], b, d;
+    if (!w2_shape(m, W, f, r, &b, &d, err))
+        return err->code;
+    if (a * b != W->shape[0] || c * d != cols)
         return lm_mismatch(err, m->path, "kron of w1 [%llu, %llu] and w2 [%llu, %llu] is [%llu, %llu] but base "
                            "'%s' is [%llu, %llu]", (unsigned long long)a, (unsigned long long)c,
                            (unsigned long long)b, (unsigned long long)d, (unsigned long long)(a * b),
                            (unsigned long long)(c * d), W->name, (unsigned long long)W->shape[0],
-                           (unsigned long long)W->shape[1]);
+                           (unsigned long long)cols);
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "lokr", m->path, err);
     lokr_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)
@@ -68,7 +111,8 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     pr->w1 = f[0];
     pr->w1b = w1_split ? f[1] : NULL;
     pr->w2 = f[2];
-    pr->w2b = w2_split ? f[3] : NULL;
+    pr->w2b = w2_split || m->part[T2] ? f[3] : NULL;
+    pr->t2 = m->part[T2];
     pr->kb = b;
     pr->kd = d;
     op->rank = (uint64_t)r;
@@ -97,10 +141,28 @@ static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
 {
     const lokr_params *pr = op->params;
     lokr_prep *lp = lm_prep_alloc(p, sizeof *lp, err);
-    if (lp == NULL || (lp->w1 = whole(p, pr->w1, pr->w1b, k, err)) == NULL ||
-        (lp->w2 = whole(p, pr->w2, pr->w2b, k, err)) == NULL)
+    if (lp == NULL || (lp->w1 = whole(p, pr->w1, pr->w1b, k, err)) == NULL)
         return LM_E_NOMEM;
     p->data = lp;
+    if (pr->t2 == NULL)
+        return (lp->w2 = whole(p, pr->w2, pr->w2b, k, err)) == NULL ? LM_E_NOMEM : LM_OK;
+    /* CP: w2[q, (v, x)] = sum_{i,j} t2[i, j, x] w2_a[i, q] w2_b[j, v] (f64, rounded once) */
+    const uint64_t r = pr->t2->shape[0], kb = pr->kb, dd = pr->w2b->shape[1], kk = pr->kd / dd;
+    const float *t = lm_prep_view(p, pr->t2, k, err), *wa = lm_prep_view(p, pr->w2, k, err),
+                *wb = lm_prep_view(p, pr->w2b, k, err);
+    float *w2 = lm_prep_floats(p, (size_t)(kb * pr->kd), err);
+    if (t == NULL || wa == NULL || wb == NULL || w2 == NULL)
+        return LM_E_NOMEM;
+    for (uint64_t q = 0; q < kb; q++)
+        for (uint64_t v = 0; v < dd; v++)
+            for (uint64_t x = 0; x < kk; x++) {
+                double acc = 0;
+                for (uint64_t i = 0; i < r; i++)
+                    for (uint64_t j = 0; j < r; j++)
+                        acc += (double)t[(i * r + j) * kk + x] * (double)wa[i * kb + q] * (double)wb[j * dd + v];
+                w2[(q * dd + v) * kk + x] = (float)acc;
+            }
+    lp->w2 = w2;
     return LM_OK;
 }
 
@@ -126,7 +188,7 @@ static void lokr_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 
 static void lokr_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
-    snprintf(buf, cap, "lokr%s r=%ld alpha=%g", m->part[T2] ? " (CP form: refused, not supported yet)" : "", cfg->r,
+    snprintf(buf, cap, "lokr%s r=%ld alpha=%g", m->part[T2] ? " (CP form of a convolution)" : "", cfg->r,
              cfg->lora_alpha);
 }
 
