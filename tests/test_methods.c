@@ -1266,6 +1266,12 @@ static void gen_oft(mt_ctx *c) { gen_oft_f(c, 0, 5, 6e-5); }
 static void gen_oft_exact(mt_ctx *c) { gen_oft_f(c, OFT_EXACT, 5, 6e-5); }
 static void gen_oft_coft(mt_ctx *c) { gen_oft_f(c, OFT_COFT, 3, 0.2); }
 static void gen_oft_share(mt_ctx *c) { gen_oft_f(c, OFT_SHARE | OFT_EXACT, 5, 6e-5); }
+/* Conv2d kernels seen as [o, i*k*k] (PEFT's OFT Conv2d): a 3x3 [7, 5, 3, 3] (9 blocks of 5) and a 1x1 */
+static void gen_oft_conv(mt_ctx *c)
+{
+    oft(c, mt_conv(c, "unet.conv_in", 7, 5, 3), 5, 0, 5, 6e-5, 0);
+    oft(c, mt_conv(c, "unet.proj", 6, 10, 1), 5, 0, 5, 6e-5, 0);
+}
 static void bad_oft(mt_ctx *c) { oft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 45, 0), 5, 0, 5, 6e-5, 1); }
 
 /* I + 2Q + 2Q^2 ... as PEFT's _cayley_batch sums it */
@@ -1398,6 +1404,12 @@ static void gen_hra_gs(mt_ctx *c, int r, int gs)
 
 static void gen_hra(mt_ctx *c) { gen_hra_gs(c, 4, 0); }
 static void gen_hra_gram_schmidt(mt_ctx *c) { gen_hra_gs(c, 3, 1); }
+/* Conv2d kernels seen as [o, i*k*k] (PEFT's HRAConv2d), ranks 4 and 3 (rank_pattern) */
+static void gen_hra_conv(mt_ctx *c)
+{
+    hra(c, mt_conv(c, "unet.conv_in", 7, 5, 3), 4, 0, 0);
+    hra(c, mt_conv(c, "unet.conv_out", 4, 6, 3), 3, 0, 0);
+}
 static void bad_hra(mt_ctx *c) { hra(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 4, 0, 1); }
 
 static void ref_hra(mt_ctx *c)
@@ -1865,7 +1877,10 @@ static const mt_row mt_rows[] = {
       {"block_share, exact",
        "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, \"block_share\": true, "
        "\"use_cayley_neumann\": false, " TGT_QV "}",
-       gen_oft_share}},
+       gen_oft_share},
+      {"Conv2d 3x3 and 1x1",
+       "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, \"target_modules\": [\"conv_in\", \"proj\"]}",
+       gen_oft_conv}},
      {"oft_R of a smaller block", NULL, bad_oft},
      "model.layers.0.self_attn.q_proj"},
     {"BOFT", 0, ref_boft, NULL,
@@ -1875,7 +1890,11 @@ static const mt_row mt_rows[] = {
      "model.layers.0.self_attn.q_proj"},
     {"HRA", 0, ref_hra, NULL,
      {{"reflections", "{\"peft_type\": \"HRA\", \"r\": 4, \"apply_GS\": false, " TGT_QV "}", gen_hra},
-      {"Gram-Schmidt", "{\"peft_type\": \"HRA\", \"r\": 3, \"apply_GS\": true, " TGT_QV "}", gen_hra_gram_schmidt}},
+      {"Gram-Schmidt", "{\"peft_type\": \"HRA\", \"r\": 3, \"apply_GS\": true, " TGT_QV "}", gen_hra_gram_schmidt},
+      {"Conv2d, rank_pattern",
+       "{\"peft_type\": \"HRA\", \"r\": 4, \"apply_GS\": false, \"target_modules\": [\"conv_in\", \"conv_out\"], "
+       "\"rank_pattern\": {\"conv_out\": 3}}",
+       gen_hra_conv}},
      {"hra_u one row short", NULL, bad_hra},
      "model.layers.0.self_attn.q_proj"},
     {"ROAD", 0, ref_road, NULL,

@@ -18,10 +18,14 @@ typedef struct {
 
 static lm_code boft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
-    long bi = lm_ctx_weight_2d(ctx, m->path, err);
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2) /* boft.layer.Conv2d.merge: (W_flat R^T) * boft_s with boft_s [1, out] */
+        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "BOFT on the %zu-D weight '%s': PEFT's "
+                              "Conv2d merge multiplies boft_s [1, out] across the flattened input dimension (it only "
+                              "runs when in*k*k = out); not supported", W->n_dims, W->name);
     uint64_t o = W->shape[0], in = W->shape[1];
     const lm_ts_tensor *R = m->part[BR], *sv = m->part[BS];
     if (!R || !sv || R->n_dims != 4 || R->shape[2] != R->shape[3] || R->shape[1] * R->shape[2] != in ||

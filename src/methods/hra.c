@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
-/* hra.c : HRA (peft-merge.md §5.11): W <- W @ H, H = H_0 H_1 ... H_{r-1} the Householder
+/* hra.c : HRA (peft-merge.md §5.11): W <- W @ H on Linear weights and square-kernel Conv2d
+ * kernels (seen as [o, i*k*k], as PEFT does), H = H_0 H_1 ... H_{r-1} the Householder
  * reflections I - 2 u u^T of the normalised columns of hra_u [in, r] (or, with apply_GS, of
  * their Gram-Schmidt orthonormalisation: H = I - 2 Q^T Q).  Applied in its compact WY form
  * W - ((W U^T) T) U, two rank-r products through BLAS per tile. */
@@ -39,11 +40,11 @@ static lm_code hra_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
 static lm_code hra_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const lm_ts_tensor *u = m->part[0];
-    long bi = lm_ctx_weight_2d(ctx, m->path, err);
+    uint64_t in;
+    long bi = lm_ctx_weight_2d_or_conv(ctx, m->path, &in, err); /* Conv2d: in = i*k*k */
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    uint64_t in = W->shape[1];
     if (u->n_dims != 2 || u->shape[0] != in || u->shape[1] > in || !lm_is_float_dtype(u->dtype))
         return lm_mismatch(err, m->path, "hra_u must be [%llu, r] for base '%s'", (unsigned long long)in, W->name);
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "hra", m->path, err);

@@ -193,6 +193,10 @@ void lm_ctx_count_module(lm_plan_ctx *ctx);
 lm_code lm_ctx_note(lm_plan_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* ---- helpers for methods (methods/method_util.c) ----------------------------------------- */
+/* "<module>.weight" of a Linear layer, or of a Conv2d with a square kernel [o, i, k, k] that PEFT's
+ * OFT/HRA Conv2d layers see as [o, i*k*k] (the tiles' view too); *cols = its input dimension.
+ * -1 with *err for other shapes (naming the type) */
+long lm_ctx_weight_2d_or_conv(lm_plan_ctx *ctx, const char *module, uint64_t *cols, lm_err *err);
 int lm_is_float_dtype(lm_dtype dt);
 /* ShapeMismatch naming the module.  @return LM_E_MISMATCH */
 lm_code lm_mismatch(lm_err *err, const char *module, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

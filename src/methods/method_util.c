@@ -91,6 +91,23 @@ void lm_prep_read(lm_prepared *p, const lm_ts_tensor *t)
         p->read[p->n_read++] = t;
 }
 
+long lm_ctx_weight_2d_or_conv(lm_plan_ctx *ctx, const char *module, uint64_t *cols, lm_err *err)
+{
+    long bi = lm_ctx_module_weight(ctx, module, err);
+    if (bi < 0)
+        return -1;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims == 2 || (W->n_dims == 4 && W->shape[2] == W->shape[3])) {
+        *cols = W->shape[0] ? W->n_elems / W->shape[0] : 0;
+        return bi;
+    }
+    char sw[96];
+    lm_shape_str(sw, sizeof sw, W->n_dims, W->shape);
+    lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", module, "%s on '%s' %s: PEFT merges it into Linear and "
+                   "square-kernel Conv2d weights only", lm_ctx_adapter(ctx)->cfg->peft_type, W->name, sw);
+    return -1;
+}
+
 void lm_ts_to_f32(const lm_ts_tensor *t, uint64_t off, size_t n, float *dst, const lm_kernels *k)
 {
     const uint8_t *d = t->data;

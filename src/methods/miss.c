@@ -42,10 +42,13 @@ static lm_code miss_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
 {
     const miss_cfg *mc = lm_ctx_adapter(ctx)->cfg->mcfg;
     const lm_ts_tensor *b = m->part[0];
-    long bi = lm_ctx_weight_2d(ctx, m->path, err);
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2)
+        return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "MiSS on the %zu-D weight '%s': PEFT's "
+                              "MiSS has Linear layers only", W->n_dims, W->name);
     uint64_t o = W->shape[0];
     uint64_t r = b->n_dims == 2 ? b->shape[0] : 0, width = mc->mini ? (uint64_t)mc->mini_r : o;
     if (b->n_dims != 2 || r == 0 || b->shape[1] != width || !lm_is_float_dtype(b->dtype))

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
-/* oft.c : OFT (peft-merge.md §5.6) on Linear weights: W <- W @ blockdiag(R_j)^T, R_j the Cayley
+/* oft.c : OFT (peft-merge.md §5.6) on Linear weights and square-kernel Conv2d kernels (seen as
+ * [o, i*k*k], as PEFT does): W <- W @ blockdiag(R_j)^T, R_j the Cayley
  * transform (exact, or PEFT's Cayley-Neumann series) of the skew matrix whose upper triangle
  * oft_R stores (optionally projected: coft); block_share keeps one block.  The rotations are
  * built in double when a tensor's first tile is claimed and applied to each tile by the
@@ -51,12 +52,13 @@ static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
     if (m->part[1] != NULL)
         return lm_module_fail(err, LM_E_UNSUPPORTED, "Unsupported", m->path, "OFT on an embedding is not supported yet");
     const lm_ts_tensor *q = m->part[0];
-    long bi = lm_ctx_weight_2d(ctx, m->path, err);
+    uint64_t in;
+    long bi = lm_ctx_weight_2d_or_conv(ctx, m->path, &in, err); /* Conv2d: in = i*k*k */
     if (bi < 0)
         return err->code;
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
     /* oft_R [blocks (1 with block_share), bs(bs-1)/2]; the blocks tile the input features */
-    uint64_t in = W->shape[1], n = q->n_dims == 2 ? q->shape[1] : 0, bs = 1;
+    uint64_t n = q->n_dims == 2 ? q->shape[1] : 0, bs = 1;
     while (bs * (bs - 1) / 2 < n)
         bs++;
     if (q->n_dims != 2 || bs * (bs - 1) / 2 != n || bs < 2 || in % bs != 0 ||
