@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* test_moe.c : the LoRA forms PEFT merges that have no golden case: target_parameters on
  * mixture-of-experts expert stacks (PEFT's ParamWrapper), nn.MultiheadAttention and BD-LoRA;
  * plus the refusals that go with them.  Generated models; the expected values come from a

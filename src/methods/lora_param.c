@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* lora_param.c : LoRA on parameters (target_parameters, PEFT's ParamWrapper; peft-merge.md
  * §5.1.7), the way mixture-of-experts layers are trained since transformers v5.
  *
@@ -462,6 +463,8 @@ static lm_code prepare_slice(const lm_op *op, const expert_params *ep, const lm_
     float *A = lm_prep_floats(p, (size_t)(op->rank * op->in), err), *B = lm_prep_floats(p, (size_t)(op->out * op->rank), err);
     if (A == NULL || B == NULL)
         return LM_E_NOMEM;
+    lm_prep_read(p, ep->A);
+    lm_prep_read(p, ep->B);
     if (!ep->in_out) { /* A' = A_e (in = d2), B'[x, j] = B[lo + x, j*E + e] */
         lm_ts_to_f32(ep->A, e * r * ep->d2, (size_t)(r * ep->d2), A, k);
         for (uint64_t x = 0; x < op->out; x++)
