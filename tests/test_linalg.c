@@ -234,3 +234,20 @@ Test(linalg, sparse_inverse_dft_rows_match_a_direct_sum)
         fftw_free(y);
     }
 }
+
+/* U[a, q, x] = sum_b core[a, b, x] w[b, q], worked by hand for r = 2, n = 3, kk = 2 */
+Test(linalg, tucker_fold_by_hand)
+{
+    /* core[a][b][x]: a=0: b0 (1, 2), b1 (3, 4); a=1: b0 (-1, 0.5), b1 (0, 2) */
+    const float core[8] = {1, 2, 3, 4, -1, 0.5f, 0, 2};
+    const float w[6] = {1, 0, 2, /* b = 0 */ -1, 1, 0.25f}; /* b = 1 */
+    double U[12];
+    lm_tucker_fold(core, w, 2, 3, 2, U);
+    const double want[12] = {
+        /* a = 0: q = 0: x0 1*1 + 3*-1 = -2, x1 2*1 + 4*-1 = -2; q = 1: 3, 4; q = 2: 2 + 0.75, 4 + 1 */
+        -2, -2, 3, 4, 2.75, 5,
+        /* a = 1: q = 0: -1 + 0, 0.5 - 2; q = 1: 0, 2; q = 2: -2, 1 + 0.5 */
+        -1, -1.5, 0, 2, -2, 1.5};
+    for (int i = 0; i < 12; i++)
+        cr_assert_eq(U[i], want[i], "U[%d] = %g, want %g", i, U[i], want[i]);
+}

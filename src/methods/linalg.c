@@ -187,3 +187,15 @@ void lm_half_spectrum_row(const lm_sparse_spectrum *sp, uint64_t x, double *h)
         }
     }
 }
+
+void lm_tucker_fold(const float *core, const float *w, size_t r, size_t n, size_t kk, double *U)
+{
+    for (size_t a = 0; a < r; a++)
+        for (size_t q = 0; q < n; q++)
+            for (size_t x = 0; x < kk; x++) {
+                double acc = 0;
+                for (size_t b = 0; b < r; b++)
+                    acc += (double)core[(a * r + b) * kk + x] * (double)w[b * n + q];
+                U[(a * n + q) * kk + x] = acc;
+            }
+}

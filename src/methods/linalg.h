@@ -49,6 +49,11 @@ void lm_twiddles(double *tw, uint64_t n);
  *  X[k] = (G[k] + conj(G[n_cols - k])) / 2 of the row's spectrum G. */
 void lm_half_spectrum_row(const lm_sparse_spectrum *sp, uint64_t x, double *h);
 
+/*! lm_tucker_fold() : U [r, n, kk] with U[a, q, x] = sum_b core[a, b, x] w[b, q] (b ascending,
+ *  in double): a Tucker/CP core [r, r, kk] (kk kernel positions) contracted with a factor w [r, n].
+ *  LoHa's hada_t x hada_w_b, LoKr's lokr_t2 x lokr_w2_b, kohya LoCon's lora_mid x lora_down. */
+void lm_tucker_fold(const float *core, const float *w, size_t r, size_t n, size_t kk, double *U);
+
 /* C [m, n] = A [m, k] @ B [k, n] in double, plain loops (small matrices) */
 void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n);
 

@@ -9,9 +9,11 @@
 #include "method.h"
 
 #include "gemm_tile.h"
+#include "linalg.h"
 #include "lm_error.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { W1A, W1B, W2A, W2B, T1, T2 };
@@ -120,28 +122,30 @@ static lm_code loha_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
         return LM_OK;
     /* CP: f[2j] <- w_j_a^T [o, r]; f[2j+1] <- U_j [r, i * kk] */
     const uint64_t r = op->rank, o = pr->o, in = pr->i, kk = pr->kk;
-    float *blk = lm_prep_floats(p, (size_t)(2 * (o * r + r * in * kk)), err); /* one block: at most 8 owned */
-    if (blk == NULL)
-        return LM_E_NOMEM;
-    for (int j = 0; j < 2; j++) {
+    const size_t nu = (size_t)(r * in * kk);
+    float *blk = lm_prep_floats(p, 2 * ((size_t)(o * r) + nu), err); /* one block: at most 8 owned */
+    double *u64 = blk ? malloc(nu * sizeof *u64 + 1) : NULL;
+    if (blk != NULL && u64 == NULL)
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (int j = 0; j < 2 && u64 != NULL; j++) {
         const float *wa = lp->f[2 * j], *wb = lp->f[2 * j + 1], *tj = lm_prep_view(p, pr->t[j], k, err);
-        float *waT = blk + (size_t)j * (o * r + r * in * kk), *U = waT + o * r;
-        if (tj == NULL)
+        float *waT = blk + (size_t)j * ((size_t)(o * r) + nu), *U = waT + o * r;
+        if (tj == NULL) {
+            free(u64);
             return LM_E_NOMEM;
+        }
         for (uint64_t a = 0; a < r; a++)
             for (uint64_t q = 0; q < o; q++)
                 waT[q * r + a] = wa[a * o + q];
-        for (uint64_t a = 0; a < r; a++)
-            for (uint64_t q = 0; q < in; q++)
-                for (uint64_t x = 0; x < kk; x++) {
-                    double acc = 0;
-                    for (uint64_t b = 0; b < r; b++)
-                        acc += (double)tj[(a * r + b) * kk + x] * (double)wb[b * in + q];
-                    U[(a * in + q) * kk + x] = (float)acc;
-                }
+        lm_tucker_fold(tj, wb, (size_t)r, (size_t)in, (size_t)kk, u64);
+        for (size_t e = 0; e < nu; e++)
+            U[e] = (float)u64[e];
         lp->f[2 * j] = waT;
         lp->f[2 * j + 1] = U;
     }
+    if (u64 == NULL)
+        return LM_E_NOMEM;
+    free(u64);
     return LM_OK;
 }
 

@@ -10,9 +10,11 @@
 #include "method.h"
 
 #include "gemm_tile.h"
+#include "linalg.h"
 #include "lm_error.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { W1, W1A, W1B, W2, W2A, W2B, T2 };
@@ -146,22 +148,26 @@ static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     p->data = lp;
     if (pr->t2 == NULL)
         return (lp->w2 = whole(p, pr->w2, pr->w2b, k, err)) == NULL ? LM_E_NOMEM : LM_OK;
-    /* CP: w2[q, (v, x)] = sum_{i,j} t2[i, j, x] w2_a[i, q] w2_b[j, v] (f64, rounded once) */
+    /* CP: w2[q, (v, x)] = sum_i w2_a[i, q] U[i, (v, x)], U[i, v, x] = sum_j t2[i, j, x] w2_b[j, v]
+     * (f64, rounded once) */
     const uint64_t r = pr->t2->shape[0], kb = pr->kb, dd = pr->w2b->shape[1], kk = pr->kd / dd;
     const float *t = lm_prep_view(p, pr->t2, k, err), *wa = lm_prep_view(p, pr->w2, k, err),
                 *wb = lm_prep_view(p, pr->w2b, k, err);
     float *w2 = lm_prep_floats(p, (size_t)(kb * pr->kd), err);
     if (t == NULL || wa == NULL || wb == NULL || w2 == NULL)
         return LM_E_NOMEM;
+    double *U = malloc((size_t)(r * pr->kd) * sizeof *U + 1);
+    if (U == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    lm_tucker_fold(t, wb, (size_t)r, (size_t)dd, (size_t)kk, U);
     for (uint64_t q = 0; q < kb; q++)
-        for (uint64_t v = 0; v < dd; v++)
-            for (uint64_t x = 0; x < kk; x++) {
-                double acc = 0;
-                for (uint64_t i = 0; i < r; i++)
-                    for (uint64_t j = 0; j < r; j++)
-                        acc += (double)t[(i * r + j) * kk + x] * (double)wa[i * kb + q] * (double)wb[j * dd + v];
-                w2[(q * dd + v) * kk + x] = (float)acc;
-            }
+        for (uint64_t e = 0; e < pr->kd; e++) {
+            double acc = 0;
+            for (uint64_t i = 0; i < r; i++)
+                acc += (double)wa[i * kb + q] * U[i * pr->kd + e];
+            w2[q * pr->kd + e] = (float)acc;
+        }
+    free(U);
     lp->w2 = w2;
     return LM_OK;
 }

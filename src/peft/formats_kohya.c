@@ -20,6 +20,7 @@
 #include "formats_internal.h"
 
 #include "compat.h"
+#include "linalg.h"
 #include "lm_error.h"
 
 #include <math.h>
@@ -159,20 +160,29 @@ static const lm_ts_tensor *fold_tucker(fm_ctx *c, const kparts *p, lm_err *err)
         lm_err_set_tensor(err, mid->name);
         return NULL;
     }
-    uint64_t kk = mid->shape[2] * mid->shape[3];
-    float *o = malloc((size_t)(r * in * kk) * sizeof *o + 1);
+    const size_t kk = (size_t)(mid->shape[2] * mid->shape[3]), n = (size_t)(r * in * kk);
+    float *o = malloc(n * sizeof *o + 1), *mf = malloc((size_t)mid->n_elems * sizeof *mf + 1),
+          *df = malloc((size_t)(r * in) * sizeof *df + 1);
+    double *u = malloc(n * sizeof *u + 1);
+    if (o == NULL || mf == NULL || df == NULL || u == NULL) {
+        free(o);
+        o = NULL;
+    } else { /* the factors as f32 (exact for f16/bf16/f32 files), folded in f64, rounded once */
+        for (uint64_t i = 0; i < mid->n_elems; i++)
+            mf[i] = (float)fm_get(mid, i);
+        for (uint64_t i = 0; i < r * in; i++)
+            df[i] = (float)fm_get(down, i);
+        lm_tucker_fold(mf, df, (size_t)r, (size_t)in, kk, u);
+        for (size_t i = 0; i < n; i++)
+            o[i] = (float)u[i];
+    }
+    free(mf);
+    free(df);
+    free(u);
     if (o == NULL) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return NULL;
     }
-    for (uint64_t i = 0; i < r; i++)
-        for (uint64_t ch = 0; ch < in; ch++)
-            for (uint64_t x = 0; x < kk; x++) {
-                double s = 0;
-                for (uint64_t j = 0; j < r; j++)
-                    s += fm_get(mid, (i * r + j) * kk + x) * fm_get(down, j * in + ch);
-                o[(i * in + ch) * kk + x] = (float)s;
-            }
     uint64_t shape[4] = {r, in, mid->shape[2], mid->shape[3]};
     return fm_made(c, LM_DT_F32, 4, shape, o, err);
 }
