@@ -10,6 +10,7 @@
  * --kernels ref and must give the same bytes. */
 #include "th.h"
 
+#include <cJSON.h>
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -203,6 +204,55 @@ static void mo_check(mo_ctx *c, const char *cfg, int sharded)
     cr_assert(th_files_equal(o[1], o[2]), "--kernels ref differs");
 }
 
+/* after mo_check: every targeted base tensor takes the exact path (--json says "exact") and holds
+ * the double-precision reference rounded once to its dtype, bit for bit (the reference's own f64
+ * error could only matter within 1e-16 of a rounding boundary) */
+static void mo_exact(mo_ctx *c)
+{
+    char out[1200];
+    snprintf(out, sizeof out, "%s/exact.safetensors", c->dir);
+    char bcopy[1200], adir[1200];
+    th_path(bcopy, sizeof bcopy, c->dir, "model.safetensors");
+    if (!th_exists(bcopy))
+        th_path(bcopy, sizeof bcopy, c->dir, "model.safetensors.index.json");
+    snprintf(adir, sizeof adir, "%s/adapter", c->dir);
+    th_run_result r = mo_merge(bcopy, adir, out, (const char *const[]){"--json", NULL});
+    cr_assert_eq(r.status, 0, "merge: exit %d: %s", r.status, r.err);
+    cJSON *js = cJSON_Parse(r.out);
+    cr_assert_not_null(js, "--json output is not JSON: %s", r.out);
+    th_st st;
+    cr_assert_eq(th_st_read(out, &st), 0);
+    int n_ref = 0, n_json = 0;
+    for (int i = 0; i < c->base.n; i++) {
+        const mo_t *t = &c->base.t[i];
+        if (t->ref == NULL)
+            continue;
+        n_ref++;
+        const cJSON *ct = cJSON_GetObjectItemCaseSensitive(js, "changed_tensors"), *j;
+        cJSON_ArrayForEach(j, ct)
+        {
+            if (strcmp(cJSON_GetObjectItemCaseSensitive(j, "name")->valuestring, t->name) != 0)
+                continue;
+            cr_assert(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "exact")), "%s is not on the exact path",
+                      t->name);
+            n_json++;
+        }
+        double *v = th_to_f64(th_st_find(&st, t->name));
+        uint64_t bad = 0, first = 0;
+        for (uint64_t k = 0; k < t->n; k++)
+            if (!(v[k] == th_round_to(t->ref[k], t->dt)) && bad++ == 0)
+                first = k;
+        cr_assert_eq(bad, 0, "%s: %llu elements are not the exact value rounded once (first [%llu]: %.17g, "
+                     "reference %.17g)", t->name, (unsigned long long)bad, (unsigned long long)first, v[first],
+                     t->ref[first]);
+        free(v);
+    }
+    cr_assert(n_ref > 0 && n_json == n_ref, "%d tensors targeted, %d reported", n_ref, n_json);
+    th_st_free(&st);
+    cJSON_Delete(js);
+    th_run_free(&r);
+}
+
 /* the merge is refused with one error line holding `kind` and `what`, with and without
  * --dry-run, and nothing is left behind */
 static void mo_refused(mo_ctx *c, const char *cfg, int sharded, const char *kind, const char *what)
@@ -356,6 +406,7 @@ Test(moe, per_expert_base_two_shards_out_in)
                  "\"target_modules\": [\"q_proj\"], \"target_parameters\": [\"mlp.experts.gate_up_proj\", "
                  "\"mlp.experts.down_proj\"], \"rank_pattern\": {\"experts.gate_up_proj\": 2}}",
              1);
+    mo_exact(&c);
     mo_free(&c);
 }
 
@@ -406,6 +457,7 @@ Test(moe, fused_in_out_with_square)
                  "\"target_modules\": null, \"target_parameters\": [\"mlp.experts.gate_up_proj\", "
                  "\"mlp.experts.down_proj\"]}",
              0);
+    mo_exact(&c);
     mo_free(&c);
 }
 
@@ -426,6 +478,7 @@ Test(moe, fused_out_in_and_2d_parameter)
     mo_check(&c, "{\"peft_type\": \"LORA\", \"peft_version\": \"0.21.0\", \"r\": 3, \"lora_alpha\": 6, "
                  "\"target_parameters\": [\"experts.gate_up_proj\", \"shared.w\"]}",
              0);
+    mo_exact(&c);
     mo_free(&c);
 }
 

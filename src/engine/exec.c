@@ -196,12 +196,19 @@ static void op_rows(const lm_op *op, const float *src, const lm_tile *t)
     }
 }
 
+/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out) */
 static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
+    const uint64_t end = op->row0 + (op->axis ? op->in : op->out);
+    const uint64_t lo = t->r0 > op->row0 ? t->r0 : op->row0, hi = t->r0 + t->nr < end ? t->r0 + t->nr : end;
+    if (lo >= hi)
+        return;
+    float *acc = t->acc + (lo - t->r0) * t->cols;
+    const uint64_t i = lo - op->row0;
     if (!op->axis)
-        lm_gemm_tile_nn(t->acc, t->nr, t->cols, p->b + t->r0 * op->rank, p->a, op->rank, (float)op->scale);
+        lm_gemm_tile_nn(acc, hi - lo, t->cols, p->b + i * op->rank, p->a, op->rank, (float)op->scale);
     else
-        lm_gemm_tile_tt(t->acc, t->nr, t->cols, p->a + t->r0, op->in, p->b, op->rank, (float)op->scale);
+        lm_gemm_tile_tt(acc, hi - lo, t->cols, p->a + i, op->in, p->b, op->rank, (float)op->scale);
 }
 
 static void op_scale(const lm_op *op, const float *f, const lm_tile *t)
@@ -361,8 +368,8 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     tensor_rt *rt = &J->rt[ti];
     size_t n = (size_t)(nr * t->cols);
     lm_lowrank_stats st = {0};
-    J->k->lowrank(lm_lowrank_tensor_factors(rt->exact), (size_t)r0, (size_t)nr, src, lm_kdtype_of(t->src_dtype),
-                  (size_t)t->cols, ws->out, lm_kdtype_of(t->dtype), (size_t)t->cols, J->lowrank_flags, &st);
+    lm_lowrank_tensor_run(rt->exact, J->k, r0, nr, src, lm_kdtype_of(t->src_dtype), ws->out, lm_kdtype_of(t->dtype),
+                          t->cols, J->lowrank_flags, &st);
     __atomic_add_fetch(&rt->n_recomputed, st.n_recomputed, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rt->n_fixed_point, st.n_exact, __ATOMIC_RELAXED);
     if (st.n_overflow + st.n_nonfinite == 0)

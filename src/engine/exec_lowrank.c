@@ -5,10 +5,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct lm_lowrank_tensor {
+/* rows lo .. lo+n of the tensor and the terms of the ops that cover them */
+typedef struct {
+    uint64_t lo, n;
     lm_lowrank lr;
-    double *B, *A, *s; /* [rows x K], [K x cols], [K] */
+    double *B, *A, *s; /* [n x K], [K x cols], [K] */
     void *ws;          /* the kernel's workspace */
+} segment;
+
+struct lm_lowrank_tensor {
+    segment *seg;
+    size_t n_seg;
 };
 
 static int kernel_dtype(lm_dtype dt)
@@ -21,12 +28,52 @@ lm_kdtype lm_kdtype_of(lm_dtype dt)
     return dt == LM_DT_BF16 ? LM_KDT_BF16 : dt == LM_DT_F16 ? LM_KDT_F16 : LM_KDT_F32;
 }
 
-/* the op's factors as the tile sees them: rows x rank (B side), rank x cols (A side) */
+/* rows of the view the op's delta covers: row0 .. row0 + op_rows */
+static uint64_t op_rows(const lm_op *op)
+{
+    return op->axis ? op->in : op->out;
+}
+
+/* the op's factors as the tile sees them: its rows x rank (B side), rank x cols (A side) */
 static int op_fits(const lm_op *op, const lm_plan_tensor *t)
 {
-    if (op->kind != LM_OP_LOWRANK)
+    if (op->kind != LM_OP_LOWRANK || (op->axis ? op->out : op->in) != t->cols)
         return 0;
-    return op->axis ? op->in == t->rows && op->out == t->cols : op->out == t->rows && op->in == t->cols;
+    return op_rows(op) <= t->rows && op->row0 <= t->rows - op_rows(op);
+}
+
+static int covers(const lm_op *op, uint64_t lo, uint64_t hi)
+{
+    return op->row0 <= lo && hi <= op->row0 + op_rows(op);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* the row boundaries where the set of ops changes: 0 = b[0] < b[1] < ... < b[n] = rows.
+ * @return n (segments), or 0 when out of memory; *b malloc'ed */
+static size_t boundaries(const lm_plan_tensor *t, uint64_t **b)
+{
+    uint64_t *v = malloc((2 * t->n_ops + 2) * sizeof *v);
+    if (v == NULL)
+        return 0;
+    size_t n = 0;
+    v[n++] = 0;
+    v[n++] = t->rows;
+    for (size_t o = 0; o < t->n_ops; o++) {
+        v[n++] = t->ops[o].row0;
+        v[n++] = t->ops[o].row0 + op_rows(&t->ops[o]);
+    }
+    qsort(v, n, sizeof *v, cmp_u64);
+    size_t u = 1;
+    for (size_t i = 1; i < n; i++)
+        if (v[i] != v[u - 1])
+            v[u++] = v[i];
+    *b = v;
+    return u - 1;
 }
 
 int lm_lowrank_tensor_eligible(const lm_plan_tensor *t)
@@ -34,29 +81,34 @@ int lm_lowrank_tensor_eligible(const lm_plan_tensor *t)
     if (t->base == NULL || t->n_ops == 0 || !kernel_dtype(t->src_dtype) || !kernel_dtype(t->dtype) ||
         t->rows == 0 || t->cols == 0)
         return 0;
-    uint64_t K = 0;
-    for (size_t o = 0; o < t->n_ops; o++) {
+    for (size_t o = 0; o < t->n_ops; o++)
         if (!op_fits(&t->ops[o], t))
             return 0;
-        K += t->ops[o].rank;
+    uint64_t *b = NULL;
+    size_t n_seg = boundaries(t, &b);
+    int ok = n_seg > 0;
+    for (size_t g = 0; g < n_seg && ok; g++) { /* every row changed by some op, K terms at most */
+        uint64_t K = 0;
+        for (size_t o = 0; o < t->n_ops; o++)
+            K += covers(&t->ops[o], b[g], b[g + 1]) ? t->ops[o].rank : 0;
+        ok = K > 0 && K <= LM_LOWRANK_MAX_K;
     }
-    return K <= LM_LOWRANK_MAX_K;
+    free(b);
+    return ok;
 }
 
 void lm_lowrank_tensor_free(lm_lowrank_tensor *f)
 {
     if (f == NULL)
         return;
-    free(f->B);
-    free(f->A);
-    free(f->s);
-    free(f->ws);
+    for (size_t g = 0; f->seg != NULL && g < f->n_seg; g++) {
+        free(f->seg[g].B);
+        free(f->seg[g].A);
+        free(f->seg[g].s);
+        free(f->seg[g].ws);
+    }
+    free(f->seg);
     free(f);
-}
-
-const lm_lowrank *lm_lowrank_tensor_factors(const lm_lowrank_tensor *f)
-{
-    return &f->lr;
 }
 
 /* element (r, i) of the op's A' [rank, in] and (o, r) of B' [out, rank], f64 when the method
@@ -73,44 +125,85 @@ static double fb(const lm_prepared *p, const lm_op *op, uint64_t o, uint64_t r)
     return p->b64 ? p->b64[e] : (double)p->b[e];
 }
 
-lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err)
+/* segment g's factors: the terms of every op covering it, concatenated along k in op order */
+static int segment_create(segment *g, const lm_plan_tensor *t, const lm_prepared *prep)
 {
     size_t K = 0;
     for (size_t o = 0; o < t->n_ops; o++)
-        K += (size_t)t->ops[o].rank;
-    const size_t rows = (size_t)t->rows, cols = (size_t)t->cols;
+        K += covers(&t->ops[o], g->lo, g->lo + g->n) ? (size_t)t->ops[o].rank : 0;
+    const size_t rows = (size_t)g->n, cols = (size_t)t->cols;
     const size_t ws_bytes = lm_lowrank_ws_bytes(rows, cols, K);
-    lm_lowrank_tensor *f = calloc(1, sizeof *f);
-    if (f == NULL || ws_bytes == 0)
-        goto nomem;
-    f->B = malloc(rows * K * sizeof *f->B + 1);
-    f->A = malloc(K * cols * sizeof *f->A + 1);
-    f->s = malloc(K * sizeof *f->s + 1);
-    f->ws = malloc(ws_bytes);
-    if (f->B == NULL || f->A == NULL || f->s == NULL || f->ws == NULL)
-        goto nomem;
+    g->B = malloc(rows * K * sizeof *g->B + 1);
+    g->A = malloc(K * cols * sizeof *g->A + 1);
+    g->s = malloc(K * sizeof *g->s + 1);
+    g->ws = ws_bytes ? malloc(ws_bytes) : NULL;
+    if (g->B == NULL || g->A == NULL || g->s == NULL || g->ws == NULL)
+        return -1;
     /* op o's terms are k0 .. k0 + rank - 1.  axis 0: W [out, in] += B' A'; axis 1: W [in, out]
-     * += (B' A')^T, so the tile's B side is A'^T and its A side B'^T */
+     * += (B' A')^T, so the tile's B side is A'^T and its A side B'^T; the segment's row i is the
+     * op's row lo + i - row0 */
     size_t k0 = 0;
     for (size_t o = 0; o < t->n_ops; o++) {
         const lm_op *op = &t->ops[o];
         const lm_prepared *p = &prep[o];
-        const size_t rank = (size_t)op->rank;
+        const size_t rank = (size_t)op->rank, off = (size_t)(g->lo - op->row0);
+        if (!covers(op, g->lo, g->lo + g->n))
+            continue;
         for (size_t q = 0; q < rank; q++)
-            f->s[k0 + q] = op->scale;
+            g->s[k0 + q] = op->scale;
         for (size_t i = 0; i < rows; i++)
             for (size_t q = 0; q < rank; q++)
-                f->B[i * K + k0 + q] = op->axis ? fa(p, op, q, i) : fb(p, op, i, q);
+                g->B[i * K + k0 + q] = op->axis ? fa(p, op, q, off + i) : fb(p, op, off + i, q);
         for (size_t q = 0; q < rank; q++)
             for (size_t j = 0; j < cols; j++)
-                f->A[(k0 + q) * cols + j] = op->axis ? fb(p, op, j, q) : fa(p, op, q, j);
+                g->A[(k0 + q) * cols + j] = op->axis ? fb(p, op, j, q) : fa(p, op, q, j);
         k0 += rank;
     }
-    if (lm_lowrank_prepare(&f->lr, rows, cols, K, f->B, f->A, f->s, f->ws, ws_bytes) != 0)
+    return lm_lowrank_prepare(&g->lr, rows, cols, K, g->B, g->A, g->s, g->ws, ws_bytes);
+}
+
+lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err)
+{
+    uint64_t *b = NULL;
+    lm_lowrank_tensor *f = calloc(1, sizeof *f);
+    size_t n_seg = f ? boundaries(t, &b) : 0;
+    if (n_seg == 0 || (f->seg = calloc(n_seg, sizeof *f->seg)) == NULL)
         goto nomem;
+    f->n_seg = n_seg;
+    for (size_t g = 0; g < n_seg; g++) {
+        f->seg[g].lo = b[g];
+        f->seg[g].n = b[g + 1] - b[g];
+        if (segment_create(&f->seg[g], t, prep) != 0)
+            goto nomem;
+    }
+    free(b);
     return f;
 nomem:
+    free(b);
     lm_lowrank_tensor_free(f);
     lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the low-rank factors of '%s'", t->name);
     return NULL;
+}
+
+void lm_lowrank_tensor_run(const lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
+                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
+                           lm_lowrank_stats *st)
+{
+    const size_t wsz = w_dtype == LM_KDT_F32 ? 4 : 2, osz = out_dtype == LM_KDT_F32 ? 4 : 2;
+    size_t g = 0, h = f->n_seg; /* the segment holding row r0 */
+    while (h - g > 1) {
+        const size_t mid = g + (h - g) / 2;
+        if (f->seg[mid].lo <= r0)
+            g = mid;
+        else
+            h = mid;
+    }
+    for (uint64_t row = r0; row < r0 + nr; g++) {
+        const segment *s = &f->seg[g];
+        const uint64_t hi = s->lo + s->n < r0 + nr ? s->lo + s->n : r0 + nr;
+        const size_t skip = (size_t)((row - r0) * cols);
+        k->lowrank(&s->lr, (size_t)(row - s->lo), (size_t)(hi - row), (const unsigned char *)w + skip * wsz, w_dtype,
+                   (size_t)cols, (unsigned char *)out + skip * osz, out_dtype, (size_t)cols, flags, st);
+        row = hi;
+    }
 }

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* exec_lowrank.h : the executor's correctly rounded path for a tensor whose every op is a
- * low-rank delta (LoRA, AdaLoRA, VeRA, DeLoRA, GraLoRA, RandLoRA, VB-LoRA: LM_OP_LOWRANK).  The
- * terms of all its ops (several adapters included) are concatenated along k with their own
- * scales, in f64 (the prepared factors, exact, or the method's own f64 factors), and each row tile
+ * low-rank delta (LoRA, AdaLoRA, VeRA, DeLoRA, GraLoRA, RandLoRA, VB-LoRA: LM_OP_LOWRANK), of the
+ * whole tensor or of a block of its rows (op->row0: the experts of a fused MoE stack).  Per block
+ * of rows that the same ops change, the terms of those ops (several adapters included) are
+ * concatenated along k with their own scales, in f64 (the prepared factors, exact, or the method's own f64 factors), and each row tile
  * goes through the lowrank kernel from the base bytes straight to the output bytes: every element
  * is the exact value rounded once (kernels/lm_kernels.h).  Other tensors keep the f32 path. */
 #ifndef LM_EXEC_LOWRANK_H
@@ -16,7 +17,8 @@
 typedef struct lm_lowrank_tensor lm_lowrank_tensor;
 
 /*! lm_lowrank_tensor_eligible() : 1 if tensor t takes this path: a base tensor in bf16, f16 or
- *  f32, output in one of those, every op LM_OP_LOWRANK with factors that fit its 2-D view. */
+ *  f32, output in one of those, every op LM_OP_LOWRANK with factors that fit its 2-D view, every
+ *  row changed by some op. */
 int lm_lowrank_tensor_eligible(const lm_plan_tensor *t);
 
 /*! lm_lowrank_tensor_create() :
@@ -26,8 +28,12 @@ int lm_lowrank_tensor_eligible(const lm_plan_tensor *t);
 lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err);
 void lm_lowrank_tensor_free(lm_lowrank_tensor *f);
 
-/*! lm_lowrank_tensor_factors() : what the kernel reads (valid until the free). */
-const lm_lowrank *lm_lowrank_tensor_factors(const lm_lowrank_tensor *f);
+/*! lm_lowrank_tensor_run() : rows r0 .. r0+nr of the tensor through the kernel k->lowrank, from
+ *  the base bytes w (w_dtype, row-major, cols per row) to out (out_dtype): one call per block of
+ *  rows whose ops are the same (st: counters added to). */
+void lm_lowrank_tensor_run(const lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
+                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
+                           lm_lowrank_stats *st);
 
 /*! lm_kdtype_of() : the kernel's name for a dtype (bf16, f16, f32 only). */
 lm_kdtype lm_kdtype_of(lm_dtype dt);

@@ -213,6 +213,37 @@ static void tb_printf(tbuf *b, const char *fmt, ...)
     }
 }
 
+/* rows of the view a LOWRANK op changes (row0 ..) */
+static uint64_t op_rows(const lm_op *op)
+{
+    return op->axis ? op->in : op->out;
+}
+
+/* b is the next block of rows of the same delta as a (a fused MoE stack: one op per expert) */
+static int same_lowrank_blocks(const lm_op *a, const lm_op *b)
+{
+    return a->kind == LM_OP_LOWRANK && b->kind == LM_OP_LOWRANK && a->name == b->name && a->module == b->module &&
+           a->adapter == b->adapter && a->rank == b->rank && a->scale == b->scale && a->axis == b->axis &&
+           op_rows(a) == op_rows(b) && b->row0 == a->row0 + op_rows(a);
+}
+
+/* the plan line's text for op q of t; a run of row blocks of one delta once, with its count */
+static void op_text(tbuf *text, const lm_plan_tensor *t, size_t q)
+{
+    const lm_op *op = &t->ops[q];
+    if (op->kind != LM_OP_LOWRANK) {
+        tb_printf(text, " %s(#%zu)", op->name, op->adapter);
+        return;
+    }
+    size_t n = 1;
+    while (q + n < t->n_ops && same_lowrank_blocks(&t->ops[q + n - 1], &t->ops[q + n]))
+        n++;
+    tb_printf(text, " %s(r=%llu, scale=%g%s, #%zu)", op->name, (unsigned long long)op->rank, op->scale,
+              op->axis ? ", transposed" : "", op->adapter);
+    if (n > 1 || op_rows(op) != t->rows)
+        tb_printf(text, " x%zu blocks of %llu rows", n, (unsigned long long)op_rows(op));
+}
+
 static const char *const PHASE_NAMES[LM_PHASE_COUNT] = {"open", "plan", "prepare", "write", "finish", "hash"};
 
 static cJSON *tensor_stats_json(const lm_tensor_stats *st)
@@ -334,11 +365,11 @@ lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err
                 cJSON_AddNumberToObject(jo, "rank", (double)op->rank);
                 cJSON_AddNumberToObject(jo, "scale", op->scale);
                 cJSON_AddBoolToObject(jo, "transposed", op->axis);
-                tb_printf(&text, " %s(r=%llu, scale=%g%s, #%zu)", op->name, (unsigned long long)op->rank, op->scale,
-                          op->axis ? ", transposed" : "", op->adapter);
-            } else {
-                tb_printf(&text, " %s(#%zu)", op->name, op->adapter);
+                if (op_rows(op) != t->rows)
+                    cJSON_AddItemToObject(jo, "rows", json_shape(2, (const uint64_t[]){op->row0, op->row0 + op_rows(op)}));
             }
+            if (q == 0 || !same_lowrank_blocks(&t->ops[q - 1], op))
+                op_text(&text, t, q);
             cJSON_AddItemToArray(ops, jo);
         }
         if (st != NULL && st->valid) {

@@ -631,7 +631,6 @@ const lm_method lm_method_lora = {
     .free_config = lora_free_config,
     .claims_module = lora_claims,
     .plan_adapter = lora_plan,
-    .apply_tile = lm_lora_param_apply,
     .prepare = lm_lora_prepare,
     .describe = lora_describe,
     .describe_config = lora_describe_config,

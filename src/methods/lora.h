@@ -42,6 +42,5 @@ int lm_lora_param_module(const lm_lora_cfg *lc, const char *path);
 lm_code lm_lora_plan_params(lm_plan_ctx *ctx, const lm_module *const *mods, size_t n, lm_lora_scale_fn scale_of,
                             lm_err *err);
 lm_code lm_lora_param_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err);
-void lm_lora_param_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t);
 
 #endif

@@ -14,13 +14,15 @@
  * shapes decide; for a square P [E, n, n] the layout of the adapter's non-square expert
  * parameters decides, or peft_version < 0.19 (always in_out); otherwise the merge is refused.
  *
- * The base holds P itself (fused: [E, d1, d2], merged by one METHOD op that tiles the view
- * [E*d1, d2], so that a tile is a few rows of one or two experts), or, as most checkpoints on
+ * The base holds P itself (fused: [E, d1, d2], tiled as the view [E*d1, d2] so that a tile is a
+ * few rows of one or two experts, with one low-rank op per expert on its block of rows
+ * e*d1 .. e*d1+d1-1: op->row0), or, as most checkpoints on
  * disk do, one 2-D tensor per expert: Qwen-MoE style "M.<e>.gate_proj.weight", "up_proj",
  * "down_proj", Mixtral's "block_sparse_moe.experts.<e>.w1/w3/w2" (transformers builds
  * gate_up_proj[e] = cat(gate[e], up[e]), gate rows first; down_proj[e] = down[e]).  Then every
- * expert tensor gets an ordinary low-rank op of rank r with its slice of the factors (the exact
- * low-rank path).  The adapter's expert count must be the base's: every expert of the adapter is
+ * expert tensor gets an ordinary low-rank op of rank r with its slice of the factors.  Either way
+ * every op is LOWRANK, so the tensors take the exact low-rank path (each element the exact
+ * value rounded once).  The adapter's expert count must be the base's: every expert of the adapter is
  * merged exactly once, and a base with more or fewer experts is refused. */
 #include "lora.h"
 
@@ -372,17 +374,20 @@ static lm_code add_ops(lm_plan_ctx *ctx, const param_mod *pm, lm_lora_scale_fn s
     double s = scale_of(cfg, pm->r, pm->alpha);
     uint64_t r = (uint64_t)pm->r, in = pm->in_out ? ps->d1 : ps->d2, out = pm->in_out ? ps->d2 : ps->d1;
     expert_params ep = {LM_LORA_EXPERTS, m->part[LORA_A], m->part[LORA_B], ps->E, r, 0, 0, ps->d1, ps->d2, pm->in_out};
-    if (ps->fused) {
-        if (ps->nd == 3 && lm_ctx_view_rows(ctx, ps->bi, ps->E * ps->d1, err) != 0) {
-            lm_err_set_tensor(err, m->path);
-            return err->code;
+    if (ps->fused && ps->nd == 3 && lm_ctx_view_rows(ctx, ps->bi, ps->E * ps->d1, err) != 0) {
+        lm_err_set_tensor(err, m->path);
+        return err->code;
+    }
+    if (ps->fused) { /* expert e: rows e*d1 .. of the view [E*d1, d2] (a 2-D parameter: E = 1) */
+        for (uint64_t e = 0; e < ps->E; e++) {
+            lm_op *op = lm_ctx_add_delta(ctx, ps->bi, LM_OP_LOWRANK, "lora", m->path, r, in, out, pm->in_out, s,
+                                         sizeof ep, err);
+            if (op == NULL)
+                return LM_E_NOMEM;
+            op->row0 = e * ps->d1;
+            ep.e = e;
+            *(expert_params *)op->params = ep;
         }
-        lm_op *op = lm_ctx_add_delta(ctx, ps->bi, ps->nd == 3 ? LM_OP_METHOD : LM_OP_LOWRANK, "lora", m->path, r, in,
-                                     out, 0, s, sizeof ep, err);
-        if (op == NULL)
-            return LM_E_NOMEM;
-        op->flops *= (double)ps->E;
-        *(expert_params *)op->params = ep;
         return LM_OK;
     }
     char buf[1300];
@@ -454,8 +459,8 @@ static float elem(const lm_ts_tensor *t, uint64_t i, const lm_kernels *k)
     return v;
 }
 
-/* per-expert tensor (or a 2-D parameter): the factors of expert e's slice, as a plain low-rank op
- * expects them: A' [rank, in], B' [out, rank] */
+/* expert e's delta (a per-expert tensor: its slice lo.. of d1; a fused tensor: all of d1; a 2-D
+ * parameter: E = 1), as a plain low-rank op expects its factors: A' [rank, in], B' [out, rank] */
 static lm_code prepare_slice(const lm_op *op, const expert_params *ep, const lm_kernels *k, lm_prepared *p,
                              lm_err *err)
 {
@@ -482,46 +487,7 @@ static lm_code prepare_slice(const lm_op *op, const expert_params *ep, const lm_
     return LM_OK;
 }
 
-typedef struct {
-    const float *A;  /* [E*r, in] as in the file */
-    const float *Bx; /* [E][out][r]: B_e of every expert, contiguous */
-} fused_prep;
-
 lm_code lm_lora_param_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
-    const expert_params *ep = op->params;
-    if (op->kind == LM_OP_LOWRANK)
-        return prepare_slice(op, ep, k, p, err);
-    const uint64_t E = ep->E, r = ep->r, out = op->out;
-    fused_prep *fp = lm_prep_alloc(p, sizeof *fp, err);
-    const float *B = lm_prep_view(p, ep->B, k, err);
-    float *Bx = lm_prep_floats(p, (size_t)(E * out * r), err);
-    if (fp == NULL || B == NULL || Bx == NULL || (fp->A = lm_prep_view(p, ep->A, k, err)) == NULL)
-        return LM_E_NOMEM;
-    for (uint64_t o = 0; o < out; o++)
-        for (uint64_t j = 0; j < r; j++)
-            for (uint64_t e = 0; e < E; e++)
-                Bx[(e * out + o) * r + j] = B[o * E * r + j * E + e];
-    fp->Bx = Bx;
-    p->data = fp;
-    return LM_OK;
-}
-
-/* rows r0 .. r0+nr of the view [E*d1, d2]: row e*d1 + x is row x of expert e */
-void lm_lora_param_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
-{
-    const expert_params *ep = op->params;
-    const fused_prep *fp = p->data;
-    const uint64_t r = ep->r, in = op->in, out = op->out, end = t->r0 + t->nr;
-    for (uint64_t row = t->r0; row < end;) {
-        const uint64_t e = row / ep->d1, x0 = row % ep->d1;
-        const uint64_t nr = ep->d1 - x0 < end - row ? ep->d1 - x0 : end - row;
-        float *acc = t->acc + (row - t->r0) * t->cols;
-        const float *Ae = fp->A + e * r * in, *Be = fp->Bx + e * out * r;
-        if (!ep->in_out) /* P[e] [out, in] += s B_e A_e */
-            lm_gemm_tile_nn(acc, (size_t)nr, (size_t)t->cols, Be + x0 * r, Ae, (size_t)r, (float)op->scale);
-        else /* P[e] [in, out] += s (B_e A_e)^T */
-            lm_gemm_tile_tt(acc, (size_t)nr, (size_t)t->cols, Ae + x0, (size_t)in, Be, (size_t)r, (float)op->scale);
-        row += nr;
-    }
+    return prepare_slice(op, op->params, k, p, err);
 }

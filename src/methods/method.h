@@ -42,6 +42,8 @@ typedef struct lm_op {
     double scale;            /* LOWRANK, ADD, METHOD: the factor applied (user weight included) */
     int axis;                /* SCALE, NORM: 0 per row, 1 per column; LOWRANK: 1 = transposed */
     uint64_t rank, in, out;  /* LOWRANK: the factors' shapes */
+    uint64_t row0;           /* LOWRANK: the delta covers rows row0 .. row0 + (axis ? in : out) - 1
+                                of the tensor's view (a block: one expert of a fused MoE stack) */
     const long *rows;        /* ROWS: target rows (borrowed from the config) */
     size_t n_rows;
     uint64_t row_align;      /* tiles of this tensor start at multiples of it (0, 1: any row) */
