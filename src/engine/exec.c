@@ -368,8 +368,12 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     tensor_rt *rt = &J->rt[ti];
     size_t n = (size_t)(nr * t->cols);
     lm_lowrank_stats st = {0};
-    lm_lowrank_tensor_run(rt->exact, J->k, r0, nr, src, lm_kdtype_of(t->src_dtype), ws->out, lm_kdtype_of(t->dtype),
-                          t->cols, J->lowrank_flags, &st);
+    if (lm_lowrank_tensor_run(rt->exact, J->k, r0, nr, src, lm_kdtype_of(t->src_dtype), ws->out,
+                              lm_kdtype_of(t->dtype), t->cols, J->lowrank_flags, &st) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the low-rank factors");
+        lm_err_set_tensor(err, t->name);
+        return LM_E_NOMEM;
+    }
     __atomic_add_fetch(&rt->n_recomputed, st.n_recomputed, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rt->n_fixed_point, st.n_exact, __ATOMIC_RELAXED);
     if (st.n_overflow + st.n_nonfinite == 0)

@@ -2,18 +2,26 @@
 /* exec_lowrank.c : see exec_lowrank.h. */
 #include "exec_lowrank.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* rows lo .. lo+n of the tensor and the terms of the ops that cover them */
+/* rows lo .. lo+n of the tensor and the terms of the ops that cover them: built when a tile first
+ * needs them, freed when its last row has been computed, so that a fused MoE stack holds the
+ * f64 factors of the experts its tiles are at, not of all E */
 typedef struct {
     uint64_t lo, n;
+    uint64_t rows_left; /* rows not computed yet (atomic) */
+    int state;          /* 0 not built, 1 built, 2 freed (atomic; built under the tensor's lock) */
     lm_lowrank lr;
     double *B, *A, *s; /* [n x K], [K x cols], [K] */
     void *ws;          /* the kernel's workspace */
 } segment;
 
 struct lm_lowrank_tensor {
+    const lm_plan_tensor *t;
+    const lm_prepared *prep; /* borrowed: the ops' prepared factors, alive while f is */
+    pthread_mutex_t lock;
     segment *seg;
     size_t n_seg;
 };
@@ -97,17 +105,24 @@ int lm_lowrank_tensor_eligible(const lm_plan_tensor *t)
     return ok;
 }
 
+static void segment_free(segment *g)
+{
+    free(g->B);
+    free(g->A);
+    free(g->s);
+    free(g->ws);
+    g->B = g->A = g->s = NULL;
+    g->ws = NULL;
+}
+
 void lm_lowrank_tensor_free(lm_lowrank_tensor *f)
 {
     if (f == NULL)
         return;
-    for (size_t g = 0; f->seg != NULL && g < f->n_seg; g++) {
-        free(f->seg[g].B);
-        free(f->seg[g].A);
-        free(f->seg[g].s);
-        free(f->seg[g].ws);
-    }
+    for (size_t g = 0; f->seg != NULL && g < f->n_seg; g++)
+        segment_free(&f->seg[g]);
     free(f->seg);
+    pthread_mutex_destroy(&f->lock);
     free(f);
 }
 
@@ -125,8 +140,9 @@ static double fb(const lm_prepared *p, const lm_op *op, uint64_t o, uint64_t r)
     return p->b64 ? p->b64[e] : (double)p->b[e];
 }
 
-/* segment g's factors: the terms of every op covering it, concatenated along k in op order */
-static int segment_create(segment *g, const lm_plan_tensor *t, const lm_prepared *prep)
+/* segment g's factors: the terms of every op covering it, concatenated along k in op order.
+ * @return 0, or -1 when out of memory */
+static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared *prep)
 {
     size_t K = 0;
     for (size_t o = 0; o < t->n_ops; o++)
@@ -167,27 +183,47 @@ lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_pr
     uint64_t *b = NULL;
     lm_lowrank_tensor *f = calloc(1, sizeof *f);
     size_t n_seg = f ? boundaries(t, &b) : 0;
-    if (n_seg == 0 || (f->seg = calloc(n_seg, sizeof *f->seg)) == NULL)
-        goto nomem;
+    if (n_seg == 0 || (f->seg = calloc(n_seg, sizeof *f->seg)) == NULL) {
+        free(b);
+        if (f != NULL)
+            free(f->seg);
+        free(f);
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the low-rank factors of '%s'", t->name);
+        return NULL;
+    }
+    pthread_mutex_init(&f->lock, NULL);
+    f->t = t;
+    f->prep = prep;
     f->n_seg = n_seg;
     for (size_t g = 0; g < n_seg; g++) {
         f->seg[g].lo = b[g];
-        f->seg[g].n = b[g + 1] - b[g];
-        if (segment_create(&f->seg[g], t, prep) != 0)
-            goto nomem;
+        f->seg[g].n = f->seg[g].rows_left = b[g + 1] - b[g];
     }
     free(b);
     return f;
-nomem:
-    free(b);
-    lm_lowrank_tensor_free(f);
-    lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the low-rank factors of '%s'", t->name);
-    return NULL;
 }
 
-void lm_lowrank_tensor_run(const lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
-                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
-                           lm_lowrank_stats *st)
+/* segment g built (once, by the first tile that needs it).  @return 0, -1 when out of memory */
+static int segment_ready(lm_lowrank_tensor *f, segment *g)
+{
+    if (__atomic_load_n(&g->state, __ATOMIC_ACQUIRE) == 1)
+        return 0;
+    int rc = 0;
+    pthread_mutex_lock(&f->lock);
+    if (g->state == 0) {
+        rc = segment_build(g, f->t, f->prep);
+        if (rc == 0)
+            __atomic_store_n(&g->state, 1, __ATOMIC_RELEASE);
+        else
+            segment_free(g);
+    }
+    pthread_mutex_unlock(&f->lock);
+    return rc;
+}
+
+int lm_lowrank_tensor_run(lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
+                          lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
+                          lm_lowrank_stats *st)
 {
     const size_t wsz = w_dtype == LM_KDT_F32 ? 4 : 2, osz = out_dtype == LM_KDT_F32 ? 4 : 2;
     size_t g = 0, h = f->n_seg; /* the segment holding row r0 */
@@ -199,11 +235,20 @@ void lm_lowrank_tensor_run(const lm_lowrank_tensor *f, const lm_kernels *k, uint
             h = mid;
     }
     for (uint64_t row = r0; row < r0 + nr; g++) {
-        const segment *s = &f->seg[g];
+        segment *s = &f->seg[g];
         const uint64_t hi = s->lo + s->n < r0 + nr ? s->lo + s->n : r0 + nr;
         const size_t skip = (size_t)((row - r0) * cols);
+        if (segment_ready(f, s) != 0)
+            return -1;
         k->lowrank(&s->lr, (size_t)(row - s->lo), (size_t)(hi - row), (const unsigned char *)w + skip * wsz, w_dtype,
                    (size_t)cols, (unsigned char *)out + skip * osz, out_dtype, (size_t)cols, flags, st);
+        if (__atomic_sub_fetch(&s->rows_left, hi - row, __ATOMIC_ACQ_REL) == 0) { /* its last rows */
+            pthread_mutex_lock(&f->lock);
+            segment_free(s);
+            __atomic_store_n(&s->state, 2, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&f->lock);
+        }
         row = hi;
     }
+    return 0;
 }

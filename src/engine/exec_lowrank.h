@@ -22,18 +22,21 @@ typedef struct lm_lowrank_tensor lm_lowrank_tensor;
 int lm_lowrank_tensor_eligible(const lm_plan_tensor *t);
 
 /*! lm_lowrank_tensor_create() :
- *  The f64 factors of every op of t (prep[o] from the op's method prepare) in the kernel's
- *  layout, prepared for the kernel.  @return the state, or NULL with *err (out of memory).
- *  Ownership: lm_lowrank_tensor_free(); it borrows nothing from prep after returning. */
+ *  The state of tensor t's exact path: per block of rows that the same ops change, the f64
+ *  factors of those ops (from prep[o], the op's method prepare) in the kernel's layout, built
+ *  when a tile first reaches the block and freed after its last row.  @return the state, or NULL
+ *  with *err (out of memory).  Ownership: lm_lowrank_tensor_free(); t and prep are borrowed until
+ *  then. */
 lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err);
 void lm_lowrank_tensor_free(lm_lowrank_tensor *f);
 
 /*! lm_lowrank_tensor_run() : rows r0 .. r0+nr of the tensor through the kernel k->lowrank, from
  *  the base bytes w (w_dtype, row-major, cols per row) to out (out_dtype): one call per block of
- *  rows whose ops are the same (st: counters added to). */
-void lm_lowrank_tensor_run(const lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
-                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
-                           lm_lowrank_stats *st);
+ *  rows whose ops are the same (st: counters added to).  Every row of the tensor is computed
+ *  exactly once, by any thread.  @return 0, or -1 when out of memory (building a block) */
+int lm_lowrank_tensor_run(lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
+                          lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
+                          lm_lowrank_stats *st);
 
 /*! lm_kdtype_of() : the kernel's name for a dtype (bf16, f16, f32 only). */
 lm_kdtype lm_kdtype_of(lm_dtype dt);
