@@ -10,7 +10,7 @@
  * that type's merge alternated; prints the type's time, its ratio to the LoRA merge of the same
  * runs, GFLOP/s, peak RSS, how much of the base the merge changed, and issue 9's targets.
  *
- *   bench_merge [--case 1b|8b|small|methods|methods-small|moe] [--runs N] [--threads N] [--dir DIR]
+ *   bench_merge [--case 1b|8b|small|methods|methods-small|moe|moe-fused] [--runs N] [--threads N] [--dir DIR]
  *               [--types T1,T2...] [--csv] [--keep]
  *   BENCH_DIR=DIR caches the generated models (default: a temporary directory, removed after);
  *   BENCH_TYPES=T1,T2 (or --types) limits the methods case to some types. */
@@ -41,15 +41,17 @@ typedef struct {
     int methods;                  /* every adapter type against LoRA (issue 9) */
     long experts;                 /* > 0: a Qwen3-MoE-shaped model, experts per expert on disk, the
                                      adapter through target_parameters (issue 13) */
+    int fused;                    /* experts stored fused [E, 2I, H], [E, H, I] (transformers v5) */
 } bench_case;
 
 static const bench_case CASES[] = {
-    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0}, /* a quick look: no target */
-    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0, 0},
-    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0, 0},
-    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1, 0},
-    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1, 0}, /* no target */
-    {"moe", "moe", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8},
+    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0, 0}, /* a quick look: no target */
+    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0, 0, 0},
+    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0, 0, 0},
+    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1, 0, 0},
+    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1, 0, 0}, /* no target */
+    {"moe", "moe", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 0},
+    {"moe-fused", "moe-fused", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 1},
 };
 
 static double now(void)
@@ -406,7 +408,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--keep"))
             keep = 1;
         else {
-            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small|moe] [--runs N] [--threads N] "
+            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small|moe|moe-fused] [--runs N] [--threads N] "
                             "[--dir DIR] [--types T1,T2...] [--csv] [--keep]\n");
             return 2;
         }
@@ -416,7 +418,7 @@ int main(int argc, char **argv)
         if (!strcmp(CASES[i].name, case_name))
             bc = &CASES[i];
     if (bc == NULL || runs < 1 || threads < 1) {
-        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small, moe) or bad --runs/--threads\n",
+        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small, moe, moe-fused) or bad --runs/--threads\n",
                 case_name);
         return 2;
     }
@@ -442,9 +444,9 @@ int main(int argc, char **argv)
         char cmd[9000];
         snprintf(cmd, sizeof cmd,
                  "'%s' --out '%s' --hidden %ld --inter %ld --layers %ld --vocab %ld --heads %ld --kv-heads %ld "
-                 "--rank %ld --alpha %ld --dtype bf16 --targets all --experts %ld",
+                 "--rank %ld --alpha %ld --dtype bf16 --targets all --experts %ld%s",
                  gen, mdir, bc->hidden, bc->inter, bc->layers, bc->vocab, bc->heads, bc->kv, bc->rank, 2 * bc->rank,
-                 bc->experts);
+                 bc->experts, bc->fused ? " --fused-experts" : "");
         fprintf(stderr, "bench: generating the %s model in %s ...\n", bc->shape, mdir);
         double t0 = now();
         if (system(cmd) != 0) {

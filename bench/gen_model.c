@@ -7,11 +7,14 @@
  *   gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N]
  *             [--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32]
  *             [--adapter-dtype f32|bf16|f16] [--targets qv|all] [--seed S] [--no-adapter] [--experts E]
+ *             [--fused-experts]
  *   --experts E: a Qwen3-MoE-shaped model instead (each layer's MLP is a router mlp.gate [E, H] and
  *   E experts mlp.experts.<e>.gate_proj/up_proj [I, H], down_proj [H, I], stored per expert as on
  *   the Hub); the adapter (--targets all) then adapts the attention projections and, through
  *   target_parameters, the fused expert parameters mlp.experts.gate_up_proj and down_proj
- *   (lora_A [E*r, in], lora_B [out, r*E], transformers-v5 layout [E, out, in]).
+ *   (lora_A [E*r, in], lora_B [out, r*E], transformers-v5 layout [E, out, in]).  --fused-experts:
+ *   the base stores them fused as transformers v5 saves them, mlp.experts.gate_up_proj [E, 2I, H]
+ *   and down_proj [E, H, I].
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
 #include "gen_common.h"
@@ -34,7 +37,8 @@ static lm_dtype parse_dt(const char *s)
 int main(int argc, char **argv)
 {
     const char *out = NULL, *targets = "all";
-    long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0;
+    long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0,
+         fused = 0;
     double alpha = 16;
     uint64_t seed = 1;
     lm_dtype dt = LM_DT_BF16, adt = LM_DT_F32;
@@ -56,10 +60,11 @@ int main(int argc, char **argv)
         else if (ARG("--seed")) seed = strtoull(v, NULL, 10);
         else if (ARG("--experts")) experts = atol(v);
         else if (strcmp(a, "--no-adapter") == 0) no_adapter = 1;
+        else if (strcmp(a, "--fused-experts") == 0) fused = 1;
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts]\n");
             return 2;
         }
 #undef ARG
@@ -109,7 +114,12 @@ int main(int argc, char **argv)
         if (experts) {
             snprintf(nm, sizeof nm, "model.layers.%ld.mlp.gate.weight", l);
             T(nm, experts, hidden, 2, wamp, 0.0f);
-            for (long e = 0; e < experts; e++)
+            for (int p = 0; fused && p < 2; p++) { /* [E, 2I, H], [E, H, I] */
+                snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s", l, p ? "down_proj" : "gate_up_proj");
+                T(nm, experts, p ? hidden : 2 * inter, 3, wamp, 0.0f);
+                g[n - 1].shape[2] = (uint64_t)(p ? inter : hidden);
+            }
+            for (long e = 0; e < experts && !fused; e++)
                 for (int p = 4; p < 7; p++) {
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight", l, e, proj[p] + 4);
                     T(nm, p == 6 ? hidden : inter, p == 6 ? inter : hidden, 2, wamp, 0.0f);
