@@ -621,6 +621,24 @@ Test(moe, bdlora_velora_monteclora_extras)
 
 /* ---- convolutions PEFT cannot merge ----------------------------------------------------------- */
 /* a grouped conv (groups 2): lora_A [r, in, k, k] keeps every input channel, lora_B [out, r/2, 1, 1] */
+/* MiCA (init_lora_weights "mica", PEFT's MiCALinearVariant): B from the base's minor singular
+ * vectors at init, frozen, saved with A; merged as plain LoRA (variants.py: merge adds
+ * get_delta_weight), the base untouched at init, so nothing else to do */
+Test(moe, mica_merges_as_lora)
+{
+    mo_ctx c;
+    mo_init(&c, 25);
+    const uint64_t D = 10, O = 6, r = 2;
+    mo_t *q = mo_add(&c.base, &c.rng, "model.layers.0.self_attn.q_proj.weight", "BF16", SH(O, D), 0.5);
+    mo_t *qa = mo_add(&c.ad, &c.rng, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "F32", SH(r, D), 0.3);
+    mo_t *qb = mo_add(&c.ad, &c.rng, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", "F32", SH(O, r), 0.3);
+    mo_ref_lora(q, qa->v, qb->v, r, 3.0);
+    mo_check(&c, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 6, \"target_modules\": [\"q_proj\"], "
+                 "\"init_lora_weights\": \"mica\"}", 0);
+    mo_exact(&c);
+    mo_free(&c);
+}
+
 Test(moe, refuses_grouped_conv_lora)
 {
     mo_ctx c;
