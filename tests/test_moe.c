@@ -157,54 +157,7 @@ static th_run_result mo_merge(const char *base, const char *adir, const char *ou
     return th_run(NULL, argv);
 }
 
-/* merges, compares every base tensor with its reference (or bit for bit), then checks that
- * --threads 1 and 2 with small tiles and --kernels ref give the same bytes */
-static void mo_check(mo_ctx *c, const char *cfg, int sharded)
-{
-    char base[1100], adir[1100], out[1200];
-    mo_write(c, cfg, sharded, base, adir, sizeof base);
-    snprintf(out, sizeof out, "%s/out.safetensors", c->dir);
-    th_run_result r = mo_merge(base, adir, out, (const char *const[]){"--threads", "2", NULL});
-    cr_assert_eq(r.status, 0, "merge: exit %d: %s", r.status, r.err);
-    th_run_free(&r);
-    th_st st;
-    cr_assert_eq(th_st_read(out, &st), 0);
-    int changed = 0;
-    for (int i = 0; i < c->base.n; i++) {
-        mo_t *t = &c->base.t[i];
-        const th_tensor *o = th_st_find(&st, t->name);
-        cr_assert_not_null(o, "output lacks %s", t->name);
-        cr_assert_str_eq(o->dtype, t->dt, "%s", t->name);
-        double *v = th_to_f64(o);
-        if (t->ref == NULL) {
-            for (uint64_t k = 0; k < t->n; k++)
-                cr_assert(v[k] == t->v[k], "%s[%llu] changed (%g -> %g) but nothing targets it", t->name,
-                          (unsigned long long)k, t->v[k], v[k]);
-        } else {
-            th_cmp cmp = th_compare(t->dt, v, t->ref, (size_t)t->n);
-            cr_assert(cmp.ok, "%s (%s): %s (max %.3g ulp, max abs err %.3g)", t->name, t->dt, cmp.why, cmp.max_ulp,
-                      cmp.max_abs_err);
-            changed++;
-        }
-        free(v);
-    }
-    cr_assert(changed > 0);
-    th_st_free(&st);
-    const char *opts[3][7] = {{"--threads", "1", "--tile-elems", "50", NULL},
-                              {"--threads", "2", "--tile-elems", "50", NULL},
-                              {"--threads", "2", "--tile-elems", "50", "--kernels", "ref", NULL}};
-    char o[3][1200];
-    for (int k = 0; k < 3; k++) {
-        snprintf(o[k], sizeof o[k], "%s/det%d.safetensors", c->dir, k);
-        r = mo_merge(base, adir, o[k], opts[k]);
-        cr_assert_eq(r.status, 0, "run %d: %s", k, r.err);
-        th_run_free(&r);
-    }
-    cr_assert(th_files_equal(o[0], o[1]), "--threads 2 differs from --threads 1");
-    cr_assert(th_files_equal(o[1], o[2]), "--kernels ref differs");
-}
-
-/* after mo_check: every targeted base tensor takes the exact path (--json says "exact") and holds
+/* after a merge by mo_check: every targeted base tensor takes the exact path (--json says "exact") and holds
  * the double-precision reference rounded once to its dtype, bit for bit (the reference's own f64
  * error could only matter within 1e-16 of a rounding boundary) */
 static void mo_exact(mo_ctx *c)
@@ -251,6 +204,54 @@ static void mo_exact(mo_ctx *c)
     th_st_free(&st);
     cJSON_Delete(js);
     th_run_free(&r);
+}
+
+/* merges, compares every base tensor with its reference (or bit for bit), then checks that
+ * --threads 1 and 2 with small tiles and --kernels ref give the same bytes, and mo_exact */
+static void mo_check(mo_ctx *c, const char *cfg, int sharded)
+{
+    char base[1100], adir[1100], out[1200];
+    mo_write(c, cfg, sharded, base, adir, sizeof base);
+    snprintf(out, sizeof out, "%s/out.safetensors", c->dir);
+    th_run_result r = mo_merge(base, adir, out, (const char *const[]){"--threads", "2", NULL});
+    cr_assert_eq(r.status, 0, "merge: exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    th_st st;
+    cr_assert_eq(th_st_read(out, &st), 0);
+    int changed = 0;
+    for (int i = 0; i < c->base.n; i++) {
+        mo_t *t = &c->base.t[i];
+        const th_tensor *o = th_st_find(&st, t->name);
+        cr_assert_not_null(o, "output lacks %s", t->name);
+        cr_assert_str_eq(o->dtype, t->dt, "%s", t->name);
+        double *v = th_to_f64(o);
+        if (t->ref == NULL) {
+            for (uint64_t k = 0; k < t->n; k++)
+                cr_assert(v[k] == t->v[k], "%s[%llu] changed (%g -> %g) but nothing targets it", t->name,
+                          (unsigned long long)k, t->v[k], v[k]);
+        } else {
+            th_cmp cmp = th_compare(t->dt, v, t->ref, (size_t)t->n);
+            cr_assert(cmp.ok, "%s (%s): %s (max %.3g ulp, max abs err %.3g)", t->name, t->dt, cmp.why, cmp.max_ulp,
+                      cmp.max_abs_err);
+            changed++;
+        }
+        free(v);
+    }
+    cr_assert(changed > 0);
+    th_st_free(&st);
+    const char *opts[3][7] = {{"--threads", "1", "--tile-elems", "50", NULL},
+                              {"--threads", "2", "--tile-elems", "50", NULL},
+                              {"--threads", "2", "--tile-elems", "50", "--kernels", "ref", NULL}};
+    char o[3][1200];
+    for (int k = 0; k < 3; k++) {
+        snprintf(o[k], sizeof o[k], "%s/det%d.safetensors", c->dir, k);
+        r = mo_merge(base, adir, o[k], opts[k]);
+        cr_assert_eq(r.status, 0, "run %d: %s", k, r.err);
+        th_run_free(&r);
+    }
+    cr_assert(th_files_equal(o[0], o[1]), "--threads 2 differs from --threads 1");
+    cr_assert(th_files_equal(o[1], o[2]), "--kernels ref differs");
+    mo_exact(c);
 }
 
 /* the merge is refused with one error line holding `kind` and `what`, with and without
@@ -406,7 +407,6 @@ Test(moe, per_expert_base_two_shards_out_in)
                  "\"target_modules\": [\"q_proj\"], \"target_parameters\": [\"mlp.experts.gate_up_proj\", "
                  "\"mlp.experts.down_proj\"], \"rank_pattern\": {\"experts.gate_up_proj\": 2}}",
              1);
-    mo_exact(&c);
     mo_free(&c);
 }
 
@@ -457,7 +457,6 @@ Test(moe, fused_in_out_with_square)
                  "\"target_modules\": null, \"target_parameters\": [\"mlp.experts.gate_up_proj\", "
                  "\"mlp.experts.down_proj\"]}",
              0);
-    mo_exact(&c);
     mo_free(&c);
 }
 
@@ -478,7 +477,6 @@ Test(moe, fused_out_in_and_2d_parameter)
     mo_check(&c, "{\"peft_type\": \"LORA\", \"peft_version\": \"0.21.0\", \"r\": 3, \"lora_alpha\": 6, "
                  "\"target_parameters\": [\"experts.gate_up_proj\", \"shared.w\"]}",
              0);
-    mo_exact(&c);
     mo_free(&c);
 }
 
@@ -635,7 +633,6 @@ Test(moe, mica_merges_as_lora)
     mo_ref_lora(q, qa->v, qb->v, r, 3.0);
     mo_check(&c, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 6, \"target_modules\": [\"q_proj\"], "
                  "\"init_lora_weights\": \"mica\"}", 0);
-    mo_exact(&c);
     mo_free(&c);
 }
 
