@@ -529,6 +529,174 @@ Test(torch_bin, strided_and_offset_views)
     free(pkl.b);
 }
 
+/* Tied weights: torch.save of {"a": w, "b": w, "c": w[1]} memoizes w and writes "b" as a BINGET
+ * of the same tensor object, so the storage is read three times though it has two tensor
+ * records.  The reader crashed on the second read of the storage (issue 15, item 1). */
+static void tb_tied(tb_buf *pkl, const char *key, int legacy)
+{
+    uint64_t s23[2] = {2, 3}, st23[2] = {3, 1}, s3[1] = {3}, st3[1] = {1};
+    tb_dict_begin(pkl);
+    tb_str(pkl, "a");
+    tb_tensor_ex(pkl, "FloatStorage", key, 6, 0, 2, s23, st23, legacy);
+    uint8_t put[2] = {'q', 7}, get[2] = {'h', 7};
+    tb_put(pkl, put, 2); /* BINPUT 7 */
+    tb_str(pkl, "b");
+    tb_put(pkl, get, 2); /* BINGET 7: the same tensor */
+    tb_str(pkl, "c");
+    tb_tensor_ex(pkl, "FloatStorage", key, 6, 3, 1, s3, st3, legacy);
+    tb_str(pkl, "d");
+    tb_put(pkl, get, 2);
+    tb_dict_end(pkl);
+}
+
+static void tb_check_tied(const lm_tensor_set *ts)
+{
+    cr_assert_eq(ts->n, 4);
+    static const char *const names[4] = {"a", "b", "c", "d"};
+    for (size_t i = 0; i < 4; i++) {
+        const lm_ts_tensor *t = lm_ts_find(ts, names[i]);
+        cr_assert(t != NULL, "%s missing", names[i]);
+        size_t n = i == 2 ? 3 : 6;
+        cr_assert_eq(t->n_dims, i == 2 ? 1u : 2u);
+        cr_assert(memcmp(t->data, tb_f6 + (i == 2 ? 3 : 0), n * sizeof(float)) == 0, "%s", names[i]);
+    }
+    cr_assert(lm_ts_find(ts, "a")->data != lm_ts_find(ts, "b")->data);
+}
+
+Test(torch_bin, tied_tensor_under_several_keys)
+{
+    tb_buf pkl = {0};
+    tb_tied(&pkl, "0", 0);
+    const void *st[1] = {tb_f6};
+    size_t nb[1] = {sizeof tb_f6};
+    for (int deflate = 0; deflate <= 1; deflate++) {
+        uint8_t *z;
+        size_t nz;
+        char *path = tb_ckpt(deflate ? "tied_d.bin" : "tied.bin", &pkl, st, nb, 1, "little", deflate, &z, &nz);
+        lm_tensor_set *ts;
+        lm_err err;
+        cr_assert_eq(tb_load(z, nz, &ts, &err), LM_OK, "%s", err.msg);
+        tb_check_tied(ts);
+        lm_ts_free(ts);
+        lm_err_clear(&err);
+        cr_assert_eq(lm_torch_bin_load(path, &ts, &err), LM_OK, "%s", err.msg);
+        tb_check_tied(ts);
+        lm_ts_free(ts);
+        free(z);
+    }
+    free(pkl.b);
+
+    /* legacy layout: storages borrowed from the buffer instead of owned */
+    static const uint8_t magic[] = {0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, '.'};
+    static const uint8_t proto[] = {0x80, 2, 'M', 0xe9, 0x03, '.'};
+    tb_buf f = {0};
+    tb_put(&f, magic, sizeof magic);
+    tb_put(&f, proto, sizeof proto);
+    tb_dict_begin(&f);
+    tb_str(&f, "little_endian");
+    tb_op(&f, 0x88);
+    tb_dict_end(&f);
+    tb_tied(&f, "77", 1);
+    uint8_t list[] = {0x80, 2, ']', '('};
+    tb_put(&f, list, sizeof list);
+    tb_str(&f, "77");
+    tb_op(&f, 'e');
+    tb_op(&f, '.');
+    uint8_t cnt[8] = {6};
+    tb_put(&f, cnt, 8);
+    tb_put(&f, tb_f6, sizeof tb_f6);
+    lm_tensor_set *ts;
+    lm_err err;
+    cr_assert_eq(tb_load(f.b, f.n, &ts, &err), LM_OK, "%s", err.msg);
+    tb_check_tied(ts);
+    lm_ts_free(ts);
+    free(f.b);
+}
+
+/* ---- real torch.save outputs (tests/fuzz/gen_torch_seeds.py, torch 1.13.1) -------------- */
+
+#define TB_SEEDS "tests/fuzz/corpus/fuzz_torch_zip/"
+
+/* Tensor `name` is f32 of the given shape and holds ar[idx[i]] where ar[i] = 0.5 i - 1 (the
+ * generator's values), idx written out here from the Python expression that made the view. */
+static void tb_expect_ar(const lm_tensor_set *ts, const char *name, size_t n_dims, const uint64_t *shape,
+                         const unsigned *idx, size_t n)
+{
+    const lm_ts_tensor *t = lm_ts_find(ts, name);
+    cr_assert(t != NULL, "%s missing", name);
+    cr_assert_eq(t->dtype, LM_DT_F32, "%s", name);
+    cr_assert_eq(t->n_dims, n_dims, "%s", name);
+    for (size_t d = 0; d < n_dims; d++)
+        cr_assert_eq(t->shape[d], shape[d], "%s dim %zu", name, d);
+    const float *v = t->data;
+    for (size_t i = 0; i < n; i++)
+        cr_assert_eq(v[i], 0.5f * (float)idx[i] - 1.0f, "%s[%zu] = %g", name, i, (double)v[i]);
+}
+
+static lm_tensor_set *tb_load_seed(const char *file)
+{
+    char path[256];
+    snprintf(path, sizeof path, TB_SEEDS "%s", file);
+    lm_tensor_set *ts = NULL;
+    lm_err err;
+    lm_err_clear(&err);
+    cr_assert_eq(lm_torch_bin_load(path, &ts, &err), LM_OK, "%s: %s", file, err.msg);
+    return ts;
+}
+
+Test(torch_bin, real_torch_save_tied_views_offsets_legacy_zip64)
+{
+    static const unsigned i12[12] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    static const unsigned row1[4] = {4, 5, 6, 7}, col1[3] = {1, 5, 9};
+    const uint64_t s34[2] = {3, 4}, s4[1] = {4}, s3[1] = {3};
+    static const char *const tied[2] = {"torch_tied.bin", "torch_tied_zip64.bin"};
+    for (int f = 0; f < 2; f++) { /* {"embed.weight": w, "lm_head.weight": w, "row1": w[1]} */
+        lm_tensor_set *ts = tb_load_seed(tied[f]);
+        cr_assert_eq(ts->n, 3);
+        tb_expect_ar(ts, "embed.weight", 2, s34, i12, 12);
+        tb_expect_ar(ts, "lm_head.weight", 2, s34, i12, 12);
+        tb_expect_ar(ts, "row1", 1, s4, row1, 4);
+        lm_ts_free(ts);
+    }
+    lm_tensor_set *ts = tb_load_seed("torch_legacy.bin"); /* _use_new_zipfile_serialization=False */
+    cr_assert_eq(ts->n, 4);
+    tb_expect_ar(ts, "a", 2, s34, i12, 12);
+    tb_expect_ar(ts, "a_tied", 2, s34, i12, 12);
+    tb_expect_ar(ts, "view", 1, s3, col1, 3);
+    const lm_ts_tensor *ti = lm_ts_find(ts, "i");
+    cr_assert(ti != NULL && ti->dtype == LM_DT_I64 && ((const int64_t *)ti->data)[1] == 6);
+    lm_ts_free(ts);
+
+    /* base = ar(24).reshape(4, 6): t = base.t(), col = base[:, 2], every2 = base[1, ::2],
+     * block = base[1:3, 2:5], scalar = base[3, 5], full = base */
+    ts = tb_load_seed("torch_views.bin");
+    cr_assert_eq(ts->n, 6);
+    unsigned tr[24], full[24];
+    for (unsigned i = 0; i < 24; i++) {
+        full[i] = i;
+        tr[i] = (i % 4) * 6 + i / 4;
+    }
+    const uint64_t s64[2] = {6, 4}, s46[2] = {4, 6}, s23[2] = {2, 3}, s0[1] = {0};
+    static const unsigned col2[4] = {2, 8, 14, 20}, ev2[3] = {6, 8, 10}, blk[6] = {8, 9, 10, 14, 15, 16};
+    static const unsigned sc[1] = {23};
+    tb_expect_ar(ts, "t", 2, s64, tr, 24);
+    tb_expect_ar(ts, "col", 1, s4, col2, 4);
+    tb_expect_ar(ts, "every2", 1, s3, ev2, 3);
+    tb_expect_ar(ts, "block", 2, s23, blk, 6);
+    tb_expect_ar(ts, "scalar", 0, NULL, sc, 1);
+    tb_expect_ar(ts, "full", 2, s46, full, 24);
+    lm_ts_free(ts);
+
+    /* big = ar(16): tail = big[10:], mid = big[3:7].view(2, 2), empty = big[5:5] */
+    ts = tb_load_seed("torch_offsets.bin");
+    static const unsigned tail[6] = {10, 11, 12, 13, 14, 15}, mid[4] = {3, 4, 5, 6};
+    const uint64_t s6[1] = {6}, s22[2] = {2, 2};
+    tb_expect_ar(ts, "tail", 1, s6, tail, 6);
+    tb_expect_ar(ts, "mid", 2, s22, mid, 4);
+    tb_expect_ar(ts, "empty", 1, s0, NULL, 0);
+    lm_ts_free(ts);
+}
+
 Test(torch_bin, dtypes_and_big_endian)
 {
     static const uint16_t h[2] = {0x3c00, 0xc000}, bf[2] = {0x3f80, 0x4049};

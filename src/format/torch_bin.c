@@ -94,6 +94,20 @@ static void sanitize(char *dst, size_t cap, const uint8_t *s, size_t n)
     dst[j] = '\0';
 }
 
+/* Uses per storage, counted over the values actually gathered: one tensor object may sit under
+ * several keys (tied weights: the pickle memo shares it), so the parser's count of tensor
+ * records is not the number of times a storage is read (issue 15: the second read copied from
+ * a storage already handed over). */
+static void count_uses(const lm_pickle *pk, lm_pk_ref root, lm_pk_kind kind, size_t n_keys, storage_slot *slot)
+{
+    for (size_t k = 0; k < n_keys; k++) {
+        lm_pk_ref val = kind == LM_PK_TENSOR ? root : lm_pk_item(pk, root, kind == LM_PK_DICT ? 2 * k + 1 : k);
+        const lm_pk_tensor *t = lm_pk_tensor_of(pk, val);
+        if (t != NULL)
+            slot[t->storage].remaining++;
+    }
+}
+
 /* Walks the root dict of pk and adds one tensor per key.  With root_kind != NULL a list of
  * tensors (items named "0", "1" ...) or a single tensor (named "tensor") is accepted too, and
  * *root_kind says which (lm_torch_root). */
@@ -125,10 +139,8 @@ static lm_code build_set(const lm_pickle *pk, fetch_fn fetch, void *ctx, int big
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto done;
     }
-    for (size_t i = 0; i < n_st; i++)
-        slot[i].remaining = lm_pk_storage_at(pk, i)->n_tensors;
-
     size_t n_keys = kind == LM_PK_TENSOR ? 1 : lm_pk_len(pk, root);
+    count_uses(pk, root, kind, n_keys, slot);
     for (size_t k = 0; k < n_keys && rc == LM_OK; k++) {
         lm_pk_ref key = 0, val;
         size_t n_name;
