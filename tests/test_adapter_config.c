@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static lm_adapter_config *ac_parse(const char *json, lm_err *err)
 {
@@ -146,4 +147,94 @@ Test(adapter_config, real_method_configs)
     }
     closedir(d);
     cr_assert_geq(n, 12);
+}
+
+/* Issue 15, item 5: the text is read as Python's json reads it (PEFT: json.load), and a key given
+ * twice in one object is refused because PEFT would silently take the last value. */
+Test(adapter_config, json_as_python_reads_it)
+{
+    static const struct {
+        const char *json, *kind, *word;
+    } bad[] = {
+        {"{\"peft_type\": \"LORA\", \"lora_alpha\": 8, \"r\": 4, \"lora_alpha\": 800}", "DuplicateKey", "'lora_alpha'"},
+        {"{\"peft_type\": \"LORA\", \"rank_pattern\": {\"q\": 4, \"q\": 16}}", "DuplicateKey", "take the last"},
+        {"\xef\xbb\xbf{\"peft_type\": \"LORA\"}", "InvalidJson", "byte order mark"},
+        {"{\"peft_type\": \"LORA\", \"target_modules\": [\"q\xffk\"]}", "InvalidUtf8", "UTF-8"},
+        {"{\"peft_type\": \"LORA\", \"target_modules\": [\"\xc0\xaf\"]}", "InvalidUtf8", "UTF-8"},
+        {"{\"peft_type\": \"LORA\"}\n{\"peft_type\": \"IA3\"}", "InvalidJson", "line 2"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4}x", "InvalidJson", "column 30"},
+        {"{\"peft_type\": \"LORA\", \"r\": 08}", "InvalidJson", "'08'"},
+        {"{\"peft_type\": \"LORA\", \"lora_alpha\": 1.}", "InvalidJson", "'1.'"},
+        {"{\"peft_type\": \"LORA\", \"lora_dropout\": NaN}", "InvalidJson", "line 1"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        lm_err err;
+        lm_adapter_config *c = ac_parse(bad[i].json, &err);
+        cr_assert_null(c, "accepted %s", bad[i].json);
+        cr_assert_str_eq(err.kind, bad[i].kind, "%s: %s (%s)", bad[i].json, err.kind, err.msg);
+        cr_assert(strstr(err.msg, bad[i].word) != NULL, "%s: '%s' lacks %s", bad[i].json, err.msg, bad[i].word);
+        cr_assert_str_eq(err.path, "cfg/adapter_config.json");
+    }
+    /* equal keys in different objects, escapes, non-ASCII and trailing whitespace are fine */
+    lm_err err;
+    lm_adapter_config *c = ac_parse("{\"peft_type\": \"LORA\", \"rank_pattern\": {\"r\": 4}, \"alpha_pattern\": {\"r\": 2},"
+                                    " \"r\": 16, \"target_modules\": [\"caf\xc3\xa9\", \"\\u00e9\"]} \r\n\t",
+                                    &err);
+    cr_assert_not_null(c, "%s", err.msg);
+    cr_assert_eq(c->r, 16);
+    lm_adapter_config_free(c);
+}
+
+/* Differential test against /usr/bin/python3's json over the fuzz corpus and the shared
+ * fixtures' configs: what Python refuses is refused here as JSON; what it accepts as plain JSON
+ * is not refused as JSON; a duplicate key is refused as DuplicateKey.  NaN/Infinity, lone
+ * surrogate escapes and nesting past 64 (Python extensions, "ext") are refused here by design. */
+static int ac_json_refusal(const char *kind)
+{
+    return strcmp(kind, "InvalidJson") == 0 || strcmp(kind, "InvalidUtf8") == 0 || strcmp(kind, "DuplicateKey") == 0;
+}
+
+Test(adapter_config, differential_python_json)
+{
+    if (access("/usr/bin/python3", X_OK) != 0)
+        cr_skip_test("no /usr/bin/python3");
+    char cmd[8192];
+    int n = snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/json_classify.py tests/fuzz/corpus/fuzz_adapter_config/*");
+    if (th_have_shared())
+        snprintf(cmd + n, sizeof cmd - (size_t)n, " %s/adapters/*/adapter_config.json %s/peft-golden/*/adapter/adapter_config.json",
+                 TH_SHARED, TH_SHARED);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    char line[4096];
+    size_t counts[4] = {0};
+    static const char *const cls[4] = {"refuse", "dup", "ext", "ok"};
+    while (fgets(line, sizeof line, p) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        char *path = strchr(line, ' ');
+        cr_assert_not_null(path);
+        *path++ = '\0';
+        size_t k = 0;
+        while (k < 4 && strcmp(line, cls[k]) != 0)
+            k++;
+        cr_assert(k < 4, "python says %s", line);
+        counts[k]++;
+        size_t nb;
+        uint8_t *b = th_read_file(path, &nb);
+        cr_assert_not_null(b, "%s", path);
+        lm_err err;
+        lm_err_clear(&err);
+        lm_adapter_config *c = lm_adapter_config_parse((const char *)b, nb, path, &err);
+        int refused = c == NULL && ac_json_refusal(err.kind);
+        if (k == 3)
+            cr_assert(!refused, "%s: Python's json reads it, we say %s: %s", path, err.kind, err.msg);
+        else
+            cr_assert(refused, "%s: Python says %s, we %s", path, cls[k], c ? "accept it" : err.kind);
+        if (k == 1)
+            cr_assert_str_eq(err.kind, "DuplicateKey", "%s", path);
+        lm_adapter_config_free(c);
+        free(b);
+    }
+    cr_assert_eq(pclose(p), 0);
+    cr_assert(counts[0] >= 5 && counts[1] >= 2 && counts[3] >= 8, "refuse %zu dup %zu ext %zu ok %zu", counts[0],
+              counts[1], counts[2], counts[3]);
 }

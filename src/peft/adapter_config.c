@@ -4,6 +4,7 @@
 
 #include "lm_error.h"
 #include "method.h"
+#include "st_json.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -236,6 +237,71 @@ int lm_cfg_truthy(const cJSON *f)
     return 1;
 }
 
+static void line_col(const char *s, size_t off, size_t *line, size_t *col)
+{
+    *line = *col = 1;
+    for (size_t i = 0; i < off; i++) {
+        if (s[i] == '\n') {
+            (*line)++;
+            *col = 1;
+        } else {
+            (*col)++;
+        }
+    }
+}
+
+/* The document must be what Python's json.load (PEFT's reader) accepts, read the same way:
+ * UTF-8 without a BOM, one value and nothing after it.  cJSON alone is laxer (trailing data,
+ * any bytes in strings) and keeps the first of two equal keys where Python keeps the last, so
+ * the strict parser of the safetensors header checks the text first; a duplicate key is refused
+ * rather than read either way.  (Python also takes NaN and Infinity, which are refused here
+ * with every non-finite config value.) */
+static lm_code strict_json(const char *json, size_t n_bytes, lm_err *err)
+{
+    if (n_bytes >= 3 && memcmp(json, "\xef\xbb\xbf", 3) == 0)
+        return lm_fail(err, LM_E_FORMAT, "InvalidJson",
+                       "the file starts with a UTF-8 byte order mark, which Python's json (and so PEFT) refuses");
+    st_json_doc doc;
+    st_json_status st = st_json_parse(&doc, json, n_bytes);
+    lm_code rc = LM_OK;
+    size_t line, col;
+    if (st != ST_JSON_OK)
+        line_col(json, doc.err_pos < n_bytes ? doc.err_pos : n_bytes, &line, &col);
+    const st_json_node *bad = st == ST_JSON_OK ? st_json_bad_number(&doc, st_json_root(&doc)) : NULL;
+    if (bad != NULL) {
+        line_col(json, bad->pos, &line, &col);
+        rc = lm_fail(err, LM_E_FORMAT, "InvalidJson", "invalid JSON at line %zu, column %zu: number '%.*s' is not "
+                     "JSON (Python's json refuses it)", line, col, (int)(bad->n > 40 ? 40 : bad->n),
+                     st_json_num(&doc, bad));
+        doc.err_pos = bad->pos;
+    }
+    switch (st) {
+    case ST_JSON_OK:
+        break;
+    case ST_JSON_E_NOMEM:
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        break;
+    case ST_JSON_E_DUPKEY:
+        rc = lm_fail(err, LM_E_FORMAT, "DuplicateKey",
+                     "key '%s' appears twice in one object (line %zu, column %zu): Python's json, and so PEFT, "
+                     "would silently take the last value; remove one",
+                     st_json_key(&doc, &doc.nodes[doc.err_member]), line, col);
+        break;
+    case ST_JSON_E_UTF8:
+        rc = lm_fail(err, LM_E_FORMAT, "InvalidUtf8", "not valid UTF-8 at line %zu, column %zu (%s)", line, col,
+                     doc.err_msg);
+        break;
+    default:
+        rc = lm_fail(err, LM_E_FORMAT, "InvalidJson", "invalid JSON at line %zu, column %zu: %s", line, col,
+                     doc.err_msg);
+        break;
+    }
+    if (rc != LM_OK)
+        lm_err_set_offset(err, doc.err_pos);
+    st_json_free(&doc);
+    return rc;
+}
+
 lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, const char *path,
                                            lm_err *err)
 {
@@ -252,17 +318,12 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto fail;
     }
+    if (strict_json(json, n_bytes, err) != LM_OK)
+        goto fail;
     root = cJSON_ParseWithLengthOpts(json, n_bytes, &end, 0);
     if (root == NULL) {
-        size_t off = end ? (size_t)(end - json) : 0, line = 1, col = 1;
-        for (size_t i = 0; i < off && i < n_bytes; i++) {
-            if (json[i] == '\n') {
-                line++;
-                col = 1;
-            } else {
-                col++;
-            }
-        }
+        size_t off = end ? (size_t)(end - json) : 0, line, col;
+        line_col(json, off < n_bytes ? off : n_bytes, &line, &col);
         lm_fail(err, LM_E_FORMAT, "InvalidJson", "invalid JSON at line %zu, column %zu", line, col);
         lm_err_set_offset(err, off);
         goto fail;
