@@ -95,9 +95,9 @@ static void hra_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     const hra_prep *hp = p->data;
     size_t r = (size_t)op->rank, nr = (size_t)t->nr, cols = (size_t)t->cols;
     float *P = t->scratch, *P2 = t->scratch + nr * r;
-    lm_sgemm_rm(0, 1, nr, r, cols, 1.0f, t->acc, cols, hp->U, cols, 0.0f, P, r);   /* P = X U^T */
-    lm_sgemm_rm(0, 0, nr, r, r, 1.0f, P, r, hp->T, r, 0.0f, P2, r);                /* P2 = P T */
-    lm_sgemm_rm(0, 0, nr, cols, r, -1.0f, P2, r, hp->U, cols, 1.0f, t->acc, cols); /* X -= P2 U */
+    lm_sgemm_rows(0, 1, nr, r, cols, 1.0f, t->acc, cols, hp->U, cols, 0.0f, P, r);   /* P = X U^T */
+    lm_sgemm_rows(0, 0, nr, r, r, 1.0f, P, r, hp->T, r, 0.0f, P2, r);                /* P2 = P T */
+    lm_sgemm_rows(0, 0, nr, cols, r, -1.0f, P2, r, hp->U, cols, 1.0f, t->acc, cols); /* X -= P2 U */
 }
 
 static void hra_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
