@@ -120,6 +120,14 @@ typedef void (*lm_lowrank_fn)(const lm_lowrank *lr, size_t row0, size_t n_rows, 
                               lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype,
                               size_t ldo, unsigned flags, lm_lowrank_stats *st);
 
+/* C[m, n] = beta * C + alpha * op(A) @ op(B), row-major, op = transpose when trans_* is set.  Every
+ * element is acc = fmaf(a(i,p), b(p,j), acc) over p = 0 .. k-1 from acc = 0, then alpha * acc (one
+ * rounding), then beta * C (beta 0: C is not read; beta 1: no product) plus that (one rounding):
+ * a row's values depend on that row's inputs only, never on m, the blocking or the variant. */
+typedef void (*lm_gemm_rows_fn)(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+                                const float *A, size_t lda, const float *B, size_t ldb, float beta, float *C,
+                                size_t ldc);
+
 typedef struct lm_kernels {
     void (*bf16_to_f32)(const uint16_t *src, float *dst, size_t n);
     void (*f32_to_bf16)(const float *src, uint16_t *dst, size_t n);
@@ -135,6 +143,8 @@ typedef struct lm_kernels {
     /* every row of acc [n_rows, cols] becomes x @ blockdiag(R_j)^T; RT: the blocks transposed,
      * [n_rot, bs, bs] with n_rot 1 (shared) or cols/bs; y: scratch of 8 bs floats (rotate_ref.c) */
     void (*rot_blocks)(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+    /* C = beta C + alpha op(A) op(B), row-major, row-independent (gemm_rows_ref.c) */
+    lm_gemm_rows_fn gemm_rows;
     size_t (*count_diff_16)(const uint16_t *a, const uint16_t *b, size_t n); /* i with a[i] != b[i] */
     size_t (*count_diff_32)(const uint32_t *a, const uint32_t *b, size_t n);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
@@ -193,6 +203,12 @@ void lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *R
 void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a0, size_t a1, float *y);
+void lm_gemm_rows_ref(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A,
+                      size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc);
+void lm_gemm_rows_avx2(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A,
+                       size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc);
+void lm_gemm_rows_avx512(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A,
+                         size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc);
 size_t lm_count_diff_16_ref(const uint16_t *a, const uint16_t *b, size_t n);
 size_t lm_count_diff_16_avx2(const uint16_t *a, const uint16_t *b, size_t n);
 size_t lm_count_diff_16_avx512(const uint16_t *a, const uint16_t *b, size_t n);

@@ -206,9 +206,9 @@ static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     float *acc = t->acc + (lo - t->r0) * t->cols;
     const uint64_t i = lo - op->row0;
     if (!op->axis)
-        lm_gemm_tile_nn(acc, hi - lo, t->cols, p->b + i * op->rank, p->a, op->rank, (float)op->scale);
+        lm_gemm_tile_nn(t->k, acc, hi - lo, t->cols, p->b + i * op->rank, p->a, op->rank, (float)op->scale);
     else
-        lm_gemm_tile_tt(acc, hi - lo, t->cols, p->a + i, op->in, p->b, op->rank, (float)op->scale);
+        lm_gemm_tile_tt(t->k, acc, hi - lo, t->cols, p->a + i, op->in, p->b, op->rank, (float)op->scale);
 }
 
 static void op_scale(const lm_op *op, const float *f, const lm_tile *t)

@@ -60,9 +60,9 @@ static void hira_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     const float s = (float)op->scale;
     memset(t1, 0, n * sizeof *t1);
     if (!op->axis)
-        lm_gemm_tile_nn(t1, (size_t)t->nr, (size_t)t->cols, p->b + t->r0 * op->rank, p->a, (size_t)op->rank, 1.0f);
+        lm_gemm_tile_nn(t->k, t1, (size_t)t->nr, (size_t)t->cols, p->b + t->r0 * op->rank, p->a, (size_t)op->rank, 1.0f);
     else
-        lm_gemm_tile_tt(t1, (size_t)t->nr, (size_t)t->cols, p->a + t->r0, (size_t)op->in, p->b, (size_t)op->rank, 1.0f);
+        lm_gemm_tile_tt(t->k, t1, (size_t)t->nr, (size_t)t->cols, p->a + t->r0, (size_t)op->in, p->b, (size_t)op->rank, 1.0f);
     for (size_t i = 0; i < n; i++)
         t->acc[i] += t->acc[i] * t1[i] * s;
 }

@@ -24,8 +24,9 @@ typedef struct {
 } hra_params;
 
 typedef struct {
-    const float *U; /* [r, in]: the unit vectors as rows */
-    const float *T; /* [r, r] */
+    const float *U;  /* [r, in]: the unit vectors as rows */
+    const float *Ut; /* [in, r]: U transposed (the tile's first product reads it by rows) */
+    const float *T;  /* [r, r] */
 } hra_prep;
 
 static lm_code hra_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
@@ -68,9 +69,10 @@ static lm_code hra_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
     hra_prep *hp = lm_prep_alloc(p, sizeof *hp, err);
     const float *V = hp ? lm_prep_view(p, pr->u, k, err) : NULL;
     float *U = V ? lm_prep_floats(p, r * n, err) : NULL, *T = U ? lm_prep_floats(p, r * r, err) : NULL;
-    double *work = T ? malloc((n + 2 * r * r + 1) * sizeof *work) : NULL;
+    float *Ut = T ? lm_prep_floats(p, n * r, err) : NULL;
+    double *work = Ut ? malloc((n + 2 * r * r + 1) * sizeof *work) : NULL;
     if (work == NULL)
-        return T ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+        return Ut ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
     lm_unit_rows(V, n, r, pr->gs, U, work);
     double *Td = work + n;
     if (pr->gs) { /* orthonormal rows: H = I - 2 Q^T Q */
@@ -83,7 +85,11 @@ static lm_code hra_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
     for (size_t i = 0; i < r * r; i++)
         T[i] = (float)Td[i];
     free(work);
+    for (size_t q = 0; q < r; q++)
+        for (size_t j = 0; j < n; j++)
+            Ut[j * r + q] = U[q * n + j];
     hp->U = U;
+    hp->Ut = Ut;
     hp->T = T;
     p->data = hp;
     return LM_OK;
@@ -95,9 +101,9 @@ static void hra_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     const hra_prep *hp = p->data;
     size_t r = (size_t)op->rank, nr = (size_t)t->nr, cols = (size_t)t->cols;
     float *P = t->scratch, *P2 = t->scratch + nr * r;
-    lm_sgemm_rows(0, 1, nr, r, cols, 1.0f, t->acc, cols, hp->U, cols, 0.0f, P, r);   /* P = X U^T */
-    lm_sgemm_rows(0, 0, nr, r, r, 1.0f, P, r, hp->T, r, 0.0f, P2, r);                /* P2 = P T */
-    lm_sgemm_rows(0, 0, nr, cols, r, -1.0f, P2, r, hp->U, cols, 1.0f, t->acc, cols); /* X -= P2 U */
+    t->k->gemm_rows(0, 0, nr, r, cols, 1.0f, t->acc, cols, hp->Ut, r, 0.0f, P, r);     /* P = X U^T */
+    t->k->gemm_rows(0, 0, nr, r, r, 1.0f, P, r, hp->T, r, 0.0f, P2, r);                /* P2 = P T */
+    t->k->gemm_rows(0, 0, nr, cols, r, -1.0f, P2, r, hp->U, cols, 1.0f, t->acc, cols); /* X -= P2 U */
 }
 
 static void hra_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)

@@ -156,8 +156,8 @@ static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     size_t n = (size_t)(t->nr * t->cols), r = (size_t)op->rank;
     const float s = (float)op->scale;
     memset(t->scratch, 0, 2 * n * sizeof *t->scratch);
-    lm_gemm_tile_nn(t1, (size_t)t->nr, (size_t)t->cols, lp->f[0] + t->r0 * r, lp->f[1], r, 1.0f);
-    lm_gemm_tile_nn(t2, (size_t)t->nr, (size_t)t->cols, lp->f[2] + t->r0 * r, lp->f[3], r, 1.0f);
+    lm_gemm_tile_nn(t->k, t1, (size_t)t->nr, (size_t)t->cols, lp->f[0] + t->r0 * r, lp->f[1], r, 1.0f);
+    lm_gemm_tile_nn(t->k, t2, (size_t)t->nr, (size_t)t->cols, lp->f[2] + t->r0 * r, lp->f[3], r, 1.0f);
     for (size_t i = 0; i < n; i++)
         t->acc[i] += t1[i] * t2[i] * s;
 }

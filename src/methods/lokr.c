@@ -135,7 +135,7 @@ static const float *whole(lm_prepared *p, const lm_ts_tensor *x, const lm_ts_ten
     float *out = Y ? lm_prep_floats(p, (size_t)(x->shape[0] * y->shape[1]), err) : NULL;
     if (out == NULL)
         return NULL;
-    lm_gemm_tile_nn(out, (size_t)x->shape[0], (size_t)y->shape[1], X, Y, (size_t)x->shape[1], 1.0f);
+    lm_gemm_tile_nn(k, out, (size_t)x->shape[0], (size_t)y->shape[1], X, Y, (size_t)x->shape[1], 1.0f);
     return out;
 }
 
