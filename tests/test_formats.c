@@ -683,10 +683,7 @@ static void kohya_refused(const char *const *parts, size_t n_parts, const char *
 Test(formats, lycoris_refusals)
 {
     const char *q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    const char *dora[] = {"lora_down.weight", "lora_up.weight", "dora_scale"};
-    kohya_refused(dora, 3, q, "Unsupported", "dora_scale");
-    const char *norm[] = {"w_norm"};
-    kohya_refused(norm, 1, q, "UnsupportedPart", "w_norm");
+    /* dora_scale and w_norm / b_norm merge now: tests/test_lycoris.c (and their malformed forms) */
     const char *oft[] = {"oft_blocks"};
     kohya_refused(oft, 1, q, "UnsupportedPart", "OFT");
     const char *half[] = {"lora_down.weight"};

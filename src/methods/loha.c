@@ -11,12 +11,13 @@
 #include "gemm_tile.h"
 #include "linalg.h"
 #include "lm_error.h"
+#include "lycoris.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { W1A, W1B, W2A, W2B, T1, T2 };
+enum { W1A, W1B, W2A, W2B, T1, T2, LYCO_DORA };
 
 typedef struct {
     const lm_ts_tensor *f[4]; /* w1a [o, r], w1b [r, i], w2a [o, r], w2b [r, i]; CP: w1a [r, o], w1b [r, i] */
@@ -105,6 +106,8 @@ static lm_code loha_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     op->scale = alpha / (double)r * lm_ctx_adapter(ctx)->weight;
     op->flops = 4.0 * (double)r * (double)W->n_elems;
     lm_ctx_count_module(ctx);
+    if (m->part[LYCO_DORA] != NULL)
+        return lm_lycoris_dora(ctx, m->path, bi, op, alpha / (double)r, m->part[LYCO_DORA], err);
     return LM_OK;
 }
 
@@ -179,6 +182,7 @@ static void loha_describe_config(const lm_adapter_config *c, char *buf, size_t c
 static const lm_part loha_parts[] = {
     {"hada_w1_a", W1A, -1, 1}, {"hada_w1_b", W1B, -1, 1}, {"hada_w2_a", W2A, -1, 1},
     {"hada_w2_b", W2B, -1, 1}, {"hada_t1", T1, -1, 1},    {"hada_t2", T2, -1, 1},
+    {"lycoris_dora_scale", LYCO_DORA, -1, 0},
 };
 
 const lm_method lm_method_loha = {

@@ -12,12 +12,13 @@
 #include "gemm_tile.h"
 #include "linalg.h"
 #include "lm_error.h"
+#include "lycoris.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { W1, W1A, W1B, W2, W2A, W2B, T2 };
+enum { W1, W1A, W1B, W2, W2A, W2B, T2, LYCO_DORA };
 
 typedef struct {
     const lm_ts_tensor *w1, *w1b, *w2, *w2b; /* w1 (or w1_a with w1b = w1_b), w2 likewise */
@@ -121,6 +122,8 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     op->scale = alpha / (double)r * lm_ctx_adapter(ctx)->weight;
     op->flops = 2.0 * (double)W->n_elems;
     lm_ctx_count_module(ctx);
+    if (m->part[LYCO_DORA] != NULL)
+        return lm_lycoris_dora(ctx, m->path, bi, op, alpha / (double)r, m->part[LYCO_DORA], err);
     return LM_OK;
 }
 
@@ -207,6 +210,7 @@ static void lokr_describe_config(const lm_adapter_config *c, char *buf, size_t c
 static const lm_part lokr_parts[] = {
     {"lokr_w1", W1, -1, 1},   {"lokr_w1_a", W1A, -1, 1}, {"lokr_w1_b", W1B, -1, 1}, {"lokr_w2", W2, -1, 1},
     {"lokr_w2_a", W2A, -1, 1}, {"lokr_w2_b", W2B, -1, 1}, {"lokr_t2", T2, -1, 1},
+    {"lycoris_dora_scale", LYCO_DORA, -1, 0},
 };
 
 const lm_method lm_method_lokr = {

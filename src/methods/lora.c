@@ -8,6 +8,8 @@
  * LoRA on parameters (target_parameters) is lora_param.c.  AdaLoRA reuses the pair planner. */
 #include "lora.h"
 
+#include "lycoris.h"
+
 #include "lm_error.h"
 #include "peft_match.h"
 
@@ -322,6 +324,13 @@ static lm_code add_pair_ops(lm_plan_ctx *ctx, const pair_info *li, int adalora, 
     *(lora_params *)op->params = (lora_params){LM_LORA_PAIR, A, B, adalora ? m->part[LORA_E] : NULL, li->nb_a, li->nb_b};
     double scale = op->scale / twice;
     uint64_t out = op->out;
+    if (m->part[LORA_LYCO_DORA] != NULL) {
+        if (mag != NULL || cfg->use_dora || bb != NULL || li->mha || adalora)
+            return lm_module_fail(err, LM_E_UNSUPPORTED, "MixedTypes", m->path, "LyCORIS dora_scale together with %s",
+                                  bb ? "lora_bias" : li->mha ? "nn.MultiheadAttention" : adalora ? "AdaLoRA" : "PEFT's DoRA");
+        return lm_lycoris_dora(ctx, m->path, li->base, op, scale_of(cfg, li->rank, li->alpha),
+                               m->part[LORA_LYCO_DORA], err);
+    }
     if (mag != NULL || cfg->use_dora) {
         if (mag == NULL || !cfg->use_dora)
             return lm_module_fail(err, LM_E_FORMAT, "IncompleteModule", m->path, "%s",
@@ -470,7 +479,7 @@ static double lora_scale(const lm_adapter_config *cfg, long rank, double alpha)
 
 static int only_extras(const lm_module *m) /* VeLoRA / MonteCLoRA tensors without factors */
 {
-    for (int s = LORA_A; s <= LORA_E; s++)
+    for (int s = LORA_A; s <= LORA_LYCO_DORA; s++)
         if (m->part[s] != NULL)
             return 0;
     return 1;
@@ -585,7 +594,7 @@ static void lora_describe(const lm_adapter_config *cfg, const lm_module *m, char
         return;
     }
     int n = snprintf(buf, cap, "%s%s%s r=%ld alpha=%g scale=%g", m->part[LORA_EA] ? "embedding lora" : "lora",
-                     m->part[LORA_MAG] ? " + dora" : "", m->part[LORA_B_BIAS] ? " + lora_bias" : "", rank, alpha,
+                     m->part[LORA_MAG] ? " + dora" : m->part[LORA_LYCO_DORA] ? " + LyCORIS dora_scale" : "", m->part[LORA_B_BIAS] ? " + lora_bias" : "", rank, alpha,
                      lora_scale(cfg, r, alpha));
     if (rank != r && n > 0 && (size_t)n < cap)
         snprintf(buf + n, cap - (size_t)n, " (refused: the tensors have rank %ld but the config says r=%ld)", rank, r);
@@ -613,6 +622,7 @@ static const lm_part lora_parts[] = {
     {"lora_embedding_A", LORA_EA, -1, 1},
     {"lora_embedding_B", LORA_EB, -1, 1},
     {"lora_magnitude_vector", LORA_MAG, -1, -1},
+    {"lycoris_dora_scale", LORA_LYCO_DORA, -1, 0},
     {"lora_velora_embed", LORA_VELORA, -1, 1},
     {"std_prior", LORA_MC_STD, -1, 0},
     {"expert_weights_prior", LORA_MC_WPRIOR, -1, 0},

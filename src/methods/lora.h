@@ -8,6 +8,7 @@
 
 enum {
     LORA_A, LORA_B, LORA_B_BIAS, LORA_EA, LORA_EB, LORA_MAG, LORA_E,
+    LORA_LYCO_DORA, /* lycoris_dora_scale: LyCORIS's DoRA (lycoris.c), from a LyCORIS file only */
     /* saved with the factors but not part of the merge: VeLoRA's projection, MonteCLoRA's sampler */
     LORA_VELORA, LORA_MC_STD, LORA_MC_WPRIOR, LORA_MC_VAR, LORA_MC_W
 };

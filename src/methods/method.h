@@ -27,7 +27,8 @@ typedef enum {
                           A' [rank, in] and B' [out, rank] come from the method's prepare */
     LM_OP_ADD,         /* W += scale * src (same number of elements: bias deltas) */
     LM_OP_SCALE,       /* W[r, :] *= src[r] (axis 0) or W[:, c] *= src[c] (axis 1) */
-    LM_OP_NORM,        /* DoRA: W <- src / ||W|| * W, norm per row (axis 0) or per column (axis 1) */
+    LM_OP_NORM,        /* DoRA: W <- src / (||W|| + eps) * W, norm per row (axis 0) or per column
+                          (axis 1; or per group of columns) */
     LM_OP_METHOD,      /* op->method->apply_tile() */
     LM_OP_COUNT
 } lm_op_kind;
@@ -47,6 +48,11 @@ typedef struct lm_op {
     const long *rows;        /* ROWS: target rows (borrowed from the config) */
     size_t n_rows;
     uint64_t row_align;      /* tiles of this tensor start at multiples of it (0, 1: any row) */
+    double eps;              /* NORM: added to every norm (LyCORIS DoRA: 2^-23; PEFT: 0) */
+    uint64_t group;          /* NORM axis 1: consecutive columns that share one norm (a conv
+                                kernel's input channel: kh * kw; 0 or 1: each column its own) */
+    int mix;                 /* NORM: the factor f becomes scale * (f - 1) + 1 (LyCORIS's
+                                multiplier of a DoRA module; the delta itself is not weighted) */
     double flops;            /* arithmetic per merge of this op (for the report) */
     void *params;            /* LOWRANK, METHOD: the method's own parameters (owned by the plan,
                                 freed with free()) */

@@ -111,6 +111,12 @@ lm_code lm_adapter_convert(const char *input, const char *out_dir, const char *b
         rc = e.code;
         goto done;
     }
+    if (a->foreign != NULL && a->foreign->not_peft != NULL) { /* merged, but no PEFT adapter says it */
+        rc = lm_fail(&e, LM_E_UNSUPPORTED, "Unsupported", "cannot be written as a PEFT adapter: %s (merge the file "
+                     "itself instead)", a->foreign->not_peft);
+        lm_err_set_path(&e, a->foreign->weights_path);
+        goto done;
+    }
     config_text = a->foreign ? strdup(a->foreign->config_json) : fm_read_text(a->config_path, (size_t)64 << 20, &e);
     if (config_text == NULL) {
         rc = e.code != LM_OK ? e.code : lm_fail(&e, LM_E_NOMEM, NULL, "out of memory");

@@ -1580,10 +1580,10 @@ static lm_code emit_type(const fm_ctx *c, int *type, lm_err *err)
         const fm_module *m = &c->m[i];
         if (m->module == NULL)
             continue;
-        if (m->type != FM_FULL && *type >= 0 && (int)m->type != *type)
+        if (m->type != FM_FULL && m->type != FM_NORM && *type >= 0 && (int)m->type != *type)
             return lm_fail(err, LM_E_UNSUPPORTED, "MixedTypes", "the adapter mixes %s and %s modules ('%s'); a PEFT "
                            "adapter has one type: not supported", PEFT_TYPES[*type], PEFT_TYPES[m->type], m->src);
-        if (m->type != FM_FULL)
+        if (m->type != FM_FULL && m->type != FM_NORM)
             *type = (int)m->type;
         for (size_t j = 0; j < i; j++)
             if (c->m[j].module && strcmp(c->m[j].module, m->module) == 0)
@@ -1593,7 +1593,7 @@ static lm_code emit_type(const fm_ctx *c, int *type, lm_err *err)
     }
     if (n == 0)
         return lm_fail(err, LM_E_FORMAT, "EmptyAdapter", "the adapter has no module to merge");
-    if (*type < 0) /* whole tensors only: a LoRA adapter without LoRA modules carries them */
+    if (*type < 0) /* whole tensors or norms only: a LoRA adapter without LoRA modules carries them */
         *type = FM_LORA;
     return LM_OK;
 }
@@ -1615,7 +1615,7 @@ static lm_code emit_stats_of(const fm_ctx *c, int type, emit_stats *st, lm_err *
     memset(st, 0, sizeof *st);
     for (size_t i = 0; i < c->n; i++) {
         const fm_module *m = &c->m[i];
-        if (m->module == NULL || m->type == FM_FULL)
+        if (m->module == NULL || m->type == FM_FULL || m->type == FM_NORM)
             continue;
         rs[k] = (double)m->r;
         as[k++] = m->alpha;
@@ -1686,6 +1686,9 @@ static int emit_mapping(const fm_ctx *c, const fm_module *m, int type, text_buf 
     double s = type == FM_IA3 ? 1.0 : c->rslora ? m->alpha / sqrt((double)m->r) : m->alpha / (double)m->r;
     if (m->type == FM_FULL)
         snprintf(line, sizeof line, "  %s -> %s (replaces the base tensor)\n", m->src, m->module);
+    else if (m->type == FM_NORM)
+        snprintf(line, sizeof line, "  %s -> %s (LyCORIS norm tuning: weight += w_norm%s)\n", m->src, m->module,
+                 fm_part_get(m, "lycoris_b_norm") ? ", bias += b_norm" : "");
     else
         snprintf(line, sizeof line, "  %s -> %s (%s%s, r %ld, scale %.9g)\n", m->src, m->module,
                  m->embedding ? "embedding " : "", PEFT_TYPES[m->type], m->r, s);
@@ -1705,7 +1708,7 @@ static cJSON *emit_config(const fm_ctx *c, int type, const emit_stats *st)
     }
     for (size_t i = 0; ok && i < c->n; i++) {
         const fm_module *m = &c->m[i];
-        if (m->module == NULL || m->type == FM_FULL)
+        if (m->module == NULL || m->type == FM_FULL || m->type == FM_NORM)
             continue;
         cJSON_AddItemToArray(targets, cJSON_CreateString(m->module));
         if (type == FM_IA3 && m->ia3_ff)
@@ -1781,6 +1784,37 @@ static lm_code emit(fm_ctx *c, char **config_out, lm_tensor_set **ts_out, char *
     return LM_OK;
 }
 
+/* what a PEFT adapter cannot say: lora-merge's own LyCORIS parts (src/methods/lycoris.c) */
+static lm_code not_peft_reason(const fm_ctx *c, char **out, lm_err *err)
+{
+    *out = NULL;
+    for (size_t i = 0; i < c->n; i++) {
+        const fm_module *m = &c->m[i];
+        const char *why = NULL;
+        const lm_ts_tensor *ds = fm_part_get(m, "lycoris_dora_scale");
+        if (m->module == NULL)
+            continue;
+        if (m->type == FM_NORM)
+            why = "LyCORIS norm tuning (w_norm / b_norm) adds to a norm's weight; a PEFT adapter could only replace "
+                  "the whole norm (LN_TUNING) with values computed from this base";
+        else if (ds != NULL)
+            why = ds->n_dims > 1 && ds->shape[0] == 1 && ds->shape[1] != 1
+                      ? "LyCORIS DoRA with one dora_scale per input channel: PEFT's DoRA (lora_magnitude_vector) "
+                        "normalises output rows"
+                      : "LyCORIS DoRA divides by the row norm plus 2^-23, PEFT's lora_magnitude_vector by the norm "
+                        "alone, so the merged weights would differ; and a multiplier other than 1 scales LyCORIS's "
+                        "factor, not the delta";
+        if (why == NULL)
+            continue;
+        size_t n = strlen(m->src) + strlen(why) + 16;
+        if ((*out = malloc(n)) == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        snprintf(*out, n, "'%s': %s", m->src, why);
+        return LM_OK;
+    }
+    return LM_OK;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* normalise                                                                                     */
 /* ------------------------------------------------------------------------------------------ */
@@ -1815,6 +1849,7 @@ void lm_norm_adapter_free(lm_norm_adapter *a)
         free(a->notes[i]);
     free(a->notes);
     free(a->mapping);
+    free(a->not_peft);
     keep_box *k = a->keep;
     if (k != NULL) {
         for (size_t i = 0; i < k->n; i++)
@@ -1924,6 +1959,8 @@ static lm_code normalise(const char *path, const void *buf, size_t n_buf, const 
         rc = check_base(&c, err);
     if (rc == LM_OK)
         rc = emit(&c, &a->config_json, &a->ts, &a->mapping, err);
+    if (rc == LM_OK)
+        rc = not_peft_reason(&c, &a->not_peft, err);
     if (rc != LM_OK)
         goto done;
     a->format = c.format ? c.format : "?";

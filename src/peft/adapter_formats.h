@@ -25,6 +25,8 @@ typedef struct lm_norm_adapter {
     char **notes;        /* owned: remarks for the report ("lora_te: 72 modules skipped ...") */
     size_t n_notes;
     char *mapping;       /* owned: one line per module, "source name -> module (scale)" */
+    char *not_peft;      /* owned: why `convert` cannot write it as a PEFT adapter (LyCORIS DoRA,
+                            norm tuning: merged with lora-merge's own parts), or NULL */
     void *keep;          /* owned: source tensor sets and made tensors the data lives in */
 } lm_norm_adapter;
 

@@ -16,7 +16,9 @@
 
 /* FM_FULL: a whole tensor that replaces the base's (mlx-lm full fine-tuning, loralib biases):
  * its name is the tensor's, its one part has the suffix "" */
-typedef enum { FM_LORA = 0, FM_LOHA, FM_LOKR, FM_IA3, FM_FULL } fm_type;
+/* FM_NORM: LyCORIS norm tuning (w_norm / b_norm added to a norm's weight / bias): lora-merge's
+ * own parts "lycoris_w_norm" / "lycoris_b_norm", which go with any type (src/methods/lycoris.c) */
+typedef enum { FM_LORA = 0, FM_LOHA, FM_LOKR, FM_IA3, FM_FULL, FM_NORM } fm_type;
 
 #define FM_MAX_PARTS 8
 

@@ -16,7 +16,13 @@
  *                 forces alpha = r there, PEFT does not, so the config gets alpha = r).
  *   IA3           weight (+ on_input): W *= (1 + weight), per output row or per input column.
  *   full          diff (+ diff_b): W += diff, b += diff_b: an identity factor makes it an exact LoRA.
- * Refused, saying why: dora_scale, w_norm/b_norm, OFT/BOFT (oft_blocks, oft_diag), GLoRA. */
+ *   dora_scale    (LoRA / LoCon, LoHa, LoKr: LyCORIS's weight decomposition) kept whole as the part
+ *                 "lycoris_dora_scale", merged by src/methods/lycoris.c with LyCORIS's rule (its
+ *                 shape [out, 1, ...] or [1, in, 1, ...] says the axis; eps 2^-23).
+ *   norm          w_norm (+ b_norm): W += w_norm, b += b_norm on a LayerNorm / GroupNorm: the parts
+ *                 "lycoris_w_norm" / "lycoris_b_norm" (src/methods/lycoris.c).
+ * Neither of the last two is a PEFT adapter: `convert` refuses them (adapter_formats.c).
+ * Refused, saying why: OFT/BOFT (oft_blocks, oft_diag), GLoRA, dora_scale on IA3 / full modules. */
 #include "formats_internal.h"
 
 #include "compat.h"
@@ -52,7 +58,7 @@ static int cmp_entry(const void *x, const void *y)
 
 /* parts of one module, by name */
 typedef struct {
-    const lm_ts_tensor *down, *up, *mid, *alpha, *dora, *diff, *diff_b, *ia3, *on_input;
+    const lm_ts_tensor *down, *up, *mid, *alpha, *dora, *diff, *diff_b, *ia3, *on_input, *w_norm, *b_norm;
     const lm_ts_tensor *h1a, *h1b, *h2a, *h2b, *ht1, *ht2, *k1, *k1a, *k1b, *k2, *k2a, *k2b, *kt2;
 } kparts;
 
@@ -73,6 +79,7 @@ static lm_code take_part(kparts *p, const kentry *e, lm_err *err)
         {"lokr_w1_a", offsetof(kparts, k1a)},         {"lokr_w1_b", offsetof(kparts, k1b)},
         {"lokr_w2", offsetof(kparts, k2)},            {"lokr_w2_a", offsetof(kparts, k2a)},
         {"lokr_w2_b", offsetof(kparts, k2b)},         {"lokr_t2", offsetof(kparts, kt2)},
+        {"w_norm", offsetof(kparts, w_norm)},         {"b_norm", offsetof(kparts, b_norm)},
     };
     for (size_t i = 0; i < LM_ARRAY_LEN(table); i++)
         if (strcmp(e->part, table[i].name) == 0) {
@@ -83,10 +90,7 @@ static lm_code take_part(kparts *p, const kentry *e, lm_err *err)
             return LM_OK;
         }
     const char *why = "a part lora-merge does not know";
-    if (strcmp(e->part, "w_norm") == 0 || strcmp(e->part, "b_norm") == 0)
-        why = "LyCORIS norm tuning (w_norm / b_norm): additive deltas on norm weights, which a PEFT adapter can only "
-              "express by copying the base's norm weights; not supported";
-    else if (strstr(e->part, "oft_") || strcmp(e->part, "rescale") == 0)
+    if (strstr(e->part, "oft_") || strcmp(e->part, "rescale") == 0)
         why = "LyCORIS OFT / BOFT: its rotation parametrisation differs from PEFT's OFT; not supported";
     else if (fm_starts_with(e->part, "a1.") || fm_starts_with(e->part, "a2.") || fm_starts_with(e->part, "b1.") ||
              fm_starts_with(e->part, "b2."))
@@ -342,35 +346,53 @@ static lm_code add_lokr(fm_module *m, const kparts *p, lm_err *err)
     return LM_OK;
 }
 
+/* LyCORIS norm tuning: W += w_norm, b += b_norm (src/methods/lycoris.c checks them against the base) */
+static lm_code add_norm(fm_module *m, const kparts *p, lm_err *err)
+{
+    lm_code rc;
+    if (p->w_norm == NULL)
+        return lm_fail(err, LM_E_FORMAT, "IncompleteModule", "b_norm without w_norm (LyCORIS loads a norm module by "
+                       "its w_norm)");
+    if ((rc = need_float(p->w_norm, err)) || (rc = need_float(p->b_norm, err)) ||
+        (rc = fm_part_add(m, "lycoris_w_norm", p->w_norm, err)))
+        return rc;
+    m->r = 1;
+    m->alpha = 1;
+    return p->b_norm ? fm_part_add(m, "lycoris_b_norm", p->b_norm, err) : LM_OK;
+}
+
 static lm_code add_module(fm_ctx *c, const char *name, const char *group, const kparts *p, int *kinds, lm_err *err)
 {
     int lora = p->down || p->up || p->mid, loha = p->h1a || p->h1b || p->h2a || p->h2b || p->ht1 || p->ht2;
     int lokr = p->k1 || p->k1a || p->k1b || p->k2 || p->k2a || p->k2b || p->kt2, full = p->diff || p->diff_b;
-    int ia3 = p->ia3 || p->on_input;
-    if (lora + loha + lokr + full + ia3 != 1) {
-        lm_fail(err, LM_E_FORMAT, lora + loha + lokr + full + ia3 ? "MixedTypes" : "IncompleteModule",
-                lora + loha + lokr + full + ia3 ? "module mixes the parts of several methods"
-                                                : "module has only an alpha (no factors)");
+    int ia3 = p->ia3 || p->on_input, norm = p->w_norm || p->b_norm;
+    if (lora + loha + lokr + full + ia3 + norm != 1) {
+        lm_fail(err, LM_E_FORMAT, lora + loha + lokr + full + ia3 + norm ? "MixedTypes" : "IncompleteModule",
+                lora + loha + lokr + full + ia3 + norm ? "module mixes the parts of several methods"
+                                                       : "module has only an alpha or a dora_scale (no factors)");
         lm_err_set_tensor(err, name);
         return LM_E_FORMAT;
     }
-    if (p->dora != NULL) {
-        lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "LyCORIS DoRA (dora_scale): LyCORIS divides by the weight norm "
-                "plus 2^-23 and, with wd_on_out false, normalises input columns; PEFT's DoRA (lora_magnitude_vector) "
-                "has no epsilon and normalises output rows, so it cannot be expressed as a PEFT adapter");
+    if (p->dora != NULL && (full || ia3 || norm)) {
+        lm_fail(err, LM_E_UNSUPPORTED, "MixedTypes", "dora_scale on a LyCORIS %s module: LyCORIS decomposes only LoRA / "
+                "LoCon, LoHa and LoKr weights", full ? "full (diff)" : ia3 ? "IA3" : "norm");
         lm_err_set_tensor(err, name);
         return LM_E_UNSUPPORTED;
     }
-    fm_type type = loha ? FM_LOHA : lokr ? FM_LOKR : ia3 ? FM_IA3 : FM_LORA;
+    fm_type type = loha ? FM_LOHA : lokr ? FM_LOKR : ia3 ? FM_IA3 : norm ? FM_NORM : FM_LORA;
     fm_module *m = fm_add(c, type, name, group, name + strlen(group) + 1, FM_NAME_FLAT, err);
     if (m == NULL)
         return LM_E_NOMEM;
     lm_code rc = lora ? add_lora(c, m, p, err) : loha ? add_loha(m, p, err) : lokr ? add_lokr(m, p, err)
-               : full ? add_diff(c, m, p, err) : add_ia3(c, m, p, err);
+               : full ? add_diff(c, m, p, err) : norm ? add_norm(m, p, err) : add_ia3(c, m, p, err);
+    if (rc == LM_OK && p->dora != NULL && (rc = need_float(p->dora, err)) == LM_OK)
+        rc = fm_part_add(m, "lycoris_dora_scale", p->dora, err);
     if (rc != LM_OK)
         lm_err_set_tensor(err, name);
     kinds[lora ? (p->mid || (p->down && p->down->n_dims > 2 && p->down->shape[2] > 1) ? 1 : 0)
-               : loha ? 2 : lokr ? 3 : full ? 4 : 5] = 1;
+               : loha ? 2 : lokr ? 3 : full ? 4 : norm ? 6 : 5] = 1;
+    kinds[7] += p->dora != NULL;
+    kinds[8] += norm;
     return rc;
 }
 
@@ -406,7 +428,7 @@ lm_code fm_read_kohya(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
     }
     if (rc == LM_OK)
         qsort(e, n, sizeof *e, cmp_entry);
-    int kinds[6] = {0};
+    int kinds[9] = {0}; /* LoRA, LoCon, LoHa, LoKr, full, IA3, norm; counts: DoRA modules, norm modules */
     char name[1024];
     for (size_t i = 0; i < n && rc == LM_OK;) {
         size_t j = i;
@@ -439,6 +461,15 @@ lm_code fm_read_kohya(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
     if (rc != LM_OK)
         return rc;
     c->format = kinds[2] ? "LyCORIS LoHa" : kinds[3] ? "LyCORIS LoKr" : kinds[5] ? "LyCORIS IA3"
-              : kinds[4] ? "LyCORIS full (diff)" : kinds[1] ? "kohya-ss / LyCORIS LoCon" : "kohya-ss LoRA";
+              : kinds[4] ? "LyCORIS full (diff)" : kinds[1] ? "kohya-ss / LyCORIS LoCon"
+              : kinds[0] ? "kohya-ss LoRA" : "LyCORIS norm tuning";
+    if (kinds[7] > 0 && fm_note(c, "%s: %d module%s with LyCORIS DoRA (dora_scale): merged with LyCORIS's rule "
+                                   "(norm + 2^-23; the multiplier scales the factor)", c->path, kinds[7],
+                                kinds[7] == 1 ? "" : "s") != LM_OK)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    if (kinds[8] > 0 && kinds[8] < (int)c->n && fm_note(c, "%s: %d LyCORIS norm module%s (w_norm / b_norm) added "
+                                                        "to the base's norm weights", c->path, kinds[8],
+                                                        kinds[8] == 1 ? "" : "s") != LM_OK)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     return LM_OK;
 }
