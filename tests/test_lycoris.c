@@ -104,7 +104,8 @@ typedef struct {
     char line[2048];
 } mres;
 
-static mres merge_w(const char *base, const char *adapter, const char *out, double w)
+static mres merge_opts(const char *base, const char *adapter, const char *out, double w, int threads, uint64_t tile,
+                       const char *kernels)
 {
     mres r;
     memset(&r, 0, sizeof r);
@@ -116,10 +117,17 @@ static mres merge_w(const char *base, const char *adapter, const char *out, doub
     job.out_path = out;
     job.adapters = &a;
     job.n_adapters = 1;
-    job.n_threads = 2;
+    job.n_threads = threads;
+    job.tile_elems = tile;
+    job.kernels = kernels;
     r.rc = lm_merge_run(&job, &r.rep, &r.err);
     lm_err_format(&r.err, r.line, sizeof r.line);
     return r;
+}
+
+static mres merge_w(const char *base, const char *adapter, const char *out, double w)
+{
+    return merge_opts(base, adapter, out, w, 2, 0, NULL);
 }
 
 static int has_note(const mres *r, const char *needle)
@@ -418,6 +426,153 @@ Test(lycoris, dora_both_axes_loha_lokr_norms)
         }
 }
 
+/* R[p, q, x] = sum_{a,b} t[a, b, x] wa[a, p] wb[b, q] (LyCORIS's rebuild_tucker; x: kernel position) */
+static void tucker(double *R, const double *t, const double *wa, const double *wb, int r, int P, int Q, int kk)
+{
+    for (int p = 0; p < P; p++)
+        for (int q = 0; q < Q; q++)
+            for (int x = 0; x < kk; x++) {
+                double acc = 0;
+                for (int a = 0; a < r; a++)
+                    for (int b = 0; b < r; b++)
+                        acc += t[(a * r + b) * kk + x] * wa[a * P + p] * wb[b * Q + q];
+                R[(p * Q + q) * kk + x] = acc;
+            }
+}
+
+/* LyCORIS's convolution forms with DoRA: LoHa CP (hada_t1/t2) and flat, LoKr CP (lokr_t2) and
+ * with a whole 4-D lokr_w2 (scale 1), on 3x3 kernels */
+static void conv_loha(tset *ad, tset *base, double **ref, double mult)
+{
+    /* blk.conv [6, 4, 3, 3], CP r 2, alpha 2: scale 1; DoRA per input channel */
+    tt *a1 = tadd(ad, "F32", K "conv.hada_w1_a", 2, U64(2), U64(6)), *b1 = tadd(ad, "F32", K "conv.hada_w1_b", 2, U64(2), U64(4));
+    tt *t1 = tadd(ad, "F32", K "conv.hada_t1", 4, U64(2), U64(2), U64(3), U64(3));
+    tt *a2 = tadd(ad, "F32", K "conv.hada_w2_a", 2, U64(2), U64(6)), *b2 = tadd(ad, "F32", K "conv.hada_w2_b", 2, U64(2), U64(4));
+    tt *t2 = tadd(ad, "F32", K "conv.hada_t2", 4, U64(2), U64(2), U64(3), U64(3));
+    tadd(ad, "F32", K "conv.alpha", 0, 0)->v[0] = 2.0;
+    tt *ds = dora_scale(ad, "conv", 4, 1, 4);
+    double R1[216], R2[216], *w = ref_of(base, ref, "blk.conv.weight");
+    tucker(R1, t1->v, a1->v, b1->v, 2, 6, 4, 9);
+    tucker(R2, t2->v, a2->v, b2->v, 2, 6, 4, 9);
+    for (int i = 0; i < 216; i++)
+        w[i] += R1[i] * R2[i];
+    ref_dora(w, 6, 4, 9, ds->v, 1, mult, EPS);
+    /* blk.conv2 [5, 4, 3, 3], flat: w_a [5, 2] @ w_b [2, 36], alpha 1: scale 0.5; DoRA per output */
+    tt *f1a = tadd(ad, "F32", K "conv2.hada_w1_a", 2, U64(5), U64(2)), *f1b = tadd(ad, "F32", K "conv2.hada_w1_b", 2, U64(2), U64(36));
+    tt *f2a = tadd(ad, "F32", K "conv2.hada_w2_a", 2, U64(5), U64(2)), *f2b = tadd(ad, "F32", K "conv2.hada_w2_b", 2, U64(2), U64(36));
+    tadd(ad, "F32", K "conv2.alpha", 0, 0)->v[0] = 1.0;
+    ds = dora_scale(ad, "conv2", 4, 5, 1);
+    w = ref_of(base, ref, "blk.conv2.weight");
+    for (int o = 0; o < 5; o++)
+        for (int c = 0; c < 36; c++) {
+            double x = 0, y = 0;
+            for (int q = 0; q < 2; q++) {
+                x += f1a->v[o * 2 + q] * f1b->v[q * 36 + c];
+                y += f2a->v[o * 2 + q] * f2b->v[q * 36 + c];
+            }
+            w[o * 36 + c] += 0.5 * x * y;
+        }
+    ref_dora(w, 5, 4, 9, ds->v, 0, mult, EPS);
+}
+
+static void conv_lokr(tset *ad, tset *base, double **ref, double mult)
+{
+    /* blk.conv [6, 4, 3, 3] = kron(w1 [2, 2], w2 [3, 2, 3, 3]), w2 from lokr_t2 [2, 2, 3, 3],
+     * w2_a [2, 3], w2_b [2, 2]: r 2, alpha 1: scale 0.5; DoRA per output */
+    tt *w1 = tadd(ad, "F32", K "conv.lokr_w1", 2, U64(2), U64(2));
+    tt *t2 = tadd(ad, "F32", K "conv.lokr_t2", 4, U64(2), U64(2), U64(3), U64(3));
+    tt *wa = tadd(ad, "F32", K "conv.lokr_w2_a", 2, U64(2), U64(3)), *wb = tadd(ad, "F32", K "conv.lokr_w2_b", 2, U64(2), U64(2));
+    tadd(ad, "F32", K "conv.alpha", 0, 0)->v[0] = 1.0;
+    tt *ds = dora_scale(ad, "conv", 4, 6, 1);
+    double W2[54], *w = ref_of(base, ref, "blk.conv.weight");
+    tucker(W2, t2->v, wa->v, wb->v, 2, 3, 2, 9);
+    for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 2; c++)
+                for (int d = 0; d < 2; d++)
+                    for (int x = 0; x < 9; x++)
+                        w[((a * 3 + b) * 4 + c * 2 + d) * 9 + x] += 0.5 * w1->v[a * 2 + c] * W2[(b * 2 + d) * 9 + x];
+    ref_dora(w, 6, 4, 9, ds->v, 0, mult, EPS);
+    /* blk.conv2 [5, 4, 3, 3] = kron(w1 [1, 2], w2 [5, 2, 3, 3]), both whole: scale 1 whatever alpha
+     * says; DoRA per input channel */
+    tt *v1 = tadd(ad, "F32", K "conv2.lokr_w1", 2, U64(1), U64(2));
+    tt *v2 = tadd(ad, "F32", K "conv2.lokr_w2", 4, U64(5), U64(2), U64(3), U64(3));
+    tadd(ad, "F32", K "conv2.alpha", 0, 0)->v[0] = 3.0;
+    ds = dora_scale(ad, "conv2", 4, 1, 4);
+    w = ref_of(base, ref, "blk.conv2.weight");
+    for (int b = 0; b < 5; b++)
+        for (int c = 0; c < 2; c++)
+            for (int d = 0; d < 2; d++)
+                for (int x = 0; x < 9; x++)
+                    w[(b * 4 + c * 2 + d) * 9 + x] += v1->v[c] * v2->v[(b * 2 + d) * 9 + x];
+    ref_dora(w, 5, 4, 9, ds->v, 1, mult, EPS);
+}
+
+Test(lycoris, conv_forms_with_dora)
+{
+    const char *dts[2] = {"F32", "BF16"};
+    const double mults[2] = {1.0, 0.7};
+    for (int kind = 0; kind < 2; kind++)
+        for (int di = 0; di < 2; di++) {
+            char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *ap = pjoin(dir, "lyco.safetensors"),
+                 *out = pjoin(dir, "out.safetensors");
+            tset base = {0}, ad = {0};
+            lyco_base(&base, dts[di]);
+            twrite(bp, &base);
+            double **ref = refs_of(&base);
+            if (kind == 0)
+                conv_loha(&ad, &base, ref, mults[di]);
+            else
+                conv_lokr(&ad, &base, ref, mults[di]);
+            twrite(ap, &ad);
+            mres r = merge_w(bp, ap, out, mults[di]);
+            cr_assert_eq(r.rc, LM_OK, "merge failed (%s): %s", kind ? "LoKr" : "LoHa", r.line);
+            check_output(out, &base, ref);
+            lm_merge_report_free(r.rep);
+            refs_free(&base, ref);
+            tfree(&base);
+            tfree(&ad);
+            th_rmrf(dir);
+            free(dir);
+            free(bp);
+            free(ap);
+            free(out);
+        }
+}
+
+/* the same bytes for any thread count, tile size and kernel variant (the input-channel norms of
+ * the column pass are summed in a fixed order) */
+Test(lycoris, deterministic)
+{
+    for (int kind = 0; kind < 2; kind++) {
+        char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *ap = pjoin(dir, "lyco.safetensors"),
+             *o1 = pjoin(dir, "o1.safetensors"), *o2 = pjoin(dir, "o2.safetensors"), *o3 = pjoin(dir, "o3.safetensors");
+        tset base = {0}, ad = {0};
+        lyco_base(&base, "BF16");
+        twrite(bp, &base);
+        double **ref = refs_of(&base);
+        lyco_file(kind, &ad, &base, ref, 0.5, EPS);
+        twrite(ap, &ad);
+        mres r1 = merge_opts(bp, ap, o1, 0.5, 1, 0, NULL), r2 = merge_opts(bp, ap, o2, 0.5, 3, 16, NULL),
+             r3 = merge_opts(bp, ap, o3, 0.5, 2, 40, "ref");
+        cr_assert(r1.rc == LM_OK && r2.rc == LM_OK && r3.rc == LM_OK, "%s / %s / %s", r1.line, r2.line, r3.line);
+        cr_assert(th_files_equal(o1, o2) && th_files_equal(o1, o3), "thread count, tile size or kernels changed bytes");
+        lm_merge_report_free(r1.rep);
+        lm_merge_report_free(r2.rep);
+        lm_merge_report_free(r3.rep);
+        refs_free(&base, ref);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+        free(bp);
+        free(ap);
+        free(o1);
+        free(o2);
+        free(o3);
+    }
+}
+
 /* a file of norm modules only merges too (no LoRA module, so no target_modules) */
 Test(lycoris, norm_only_file)
 {
@@ -540,6 +695,10 @@ Test(lycoris, convert_refused)
         const char *why = kind == 0 ? "plus 2^-23" : kind == 1 ? "per input channel" : "norm tuning";
         cr_assert(strstr(line, why) && strstr(line, "PEFT"), "'%s' not in: %s", why, line);
         cr_assert(!th_exists(od), "no output directory");
+        char *text = NULL; /* inspect says so too, instead of a config */
+        cr_assert_eq(lm_adapter_format_describe(ap, bp, NULL, &text, &e), LM_OK);
+        cr_assert(strstr(text, "as a PEFT adapter: none") && strstr(text, why) && !strstr(text, "peft_type"), "%s", text);
+        free(text);
         free(notes);
         tfree(&base);
         tfree(&ad);

@@ -136,8 +136,6 @@ static lm_code norm_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
                                   "b_norm but the base norm has no bias (no '%s.bias')", m->path);
         rc = norm_add(ctx, m, bb, b, "b_norm", err);
     }
-    if (rc == LM_OK)
-        lm_ctx_count_module(ctx);
     return rc;
 }
 

@@ -174,7 +174,7 @@ lm_code lm_adapter_format_describe(const char *input, const char *base_path, con
     size_t modules = 0;
     for (const char *p = n->mapping; (p = strchr(p, '\n')) != NULL; p++)
         modules++;
-    size_t cap = strlen(n->mapping) + strlen(n->config_json) + 4096, used = 0;
+    size_t cap = strlen(n->mapping) + strlen(n->config_json) + (n->not_peft ? strlen(n->not_peft) : 0) + 4096, used = 0;
     for (size_t i = 0; i < n->n_notes; i++)
         cap += strlen(n->notes[i]) + 16;
     char *t = malloc(cap);
@@ -190,7 +190,10 @@ lm_code lm_adapter_format_describe(const char *input, const char *base_path, con
     for (size_t i = 0; i < n->n_notes; i++)
         OUT("note: %s\n", n->notes[i]);
     OUT("modules: %zu (input name -> base module)\n%s", modules, n->mapping);
-    OUT("as a PEFT adapter (lora-merge convert writes this adapter_config.json):\n%s\n", n->config_json);
+    if (n->not_peft != NULL) /* merged directly; no PEFT adapter says it */
+        OUT("as a PEFT adapter: none (lora-merge convert refuses it): %s\n", n->not_peft);
+    else
+        OUT("as a PEFT adapter (lora-merge convert writes this adapter_config.json):\n%s\n", n->config_json);
 #undef OUT
     *text = t;
 done:

@@ -309,8 +309,8 @@ static lm_adapter *open_foreign(const char *path, double weight, const lm_model 
     }
     /* what was read is said first; the config the PEFT path sees is the normalised one */
     char line[400];
-    snprintf(line, sizeof line, "%s: read as %s and normalised into a PEFT adapter (lora-merge convert writes it)",
-             path, n->format);
+    snprintf(line, sizeof line, "%s: read as %s and normalised into a PEFT adapter (%s)", path, n->format,
+             n->not_peft ? "with LyCORIS parts of lora-merge's own: convert refuses it" : "lora-merge convert writes it");
     char **nn = realloc(a->notes, (a->n_notes + 1) * sizeof *nn);
     if (nn == NULL) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
