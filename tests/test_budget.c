@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 
 static double bu_child_cpu(void)
@@ -118,6 +119,98 @@ Test(budget, oft_neumann_terms_do_not_scale_the_work, .timeout = 120)
     th_run_free(&r);
     free(patched);
     free(text);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* ---- item 6: under an address-space limit, every run ends, with 0 or a clean exit 4 -------- */
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* runs argv with RLIMIT_AS = limit bytes, stderr to errf; returns the exit status, or -1 on a
+ * signal, or -2 when it had to be killed after 30 s (a hang) */
+static int bu_run_limited(const char *const *argv, rlim_t limit, const char *errf)
+{
+    pid_t pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        struct rlimit rl = {limit, limit};
+        int fd = open(errf, O_WRONLY | O_CREAT | O_TRUNC, 0600), nul = open("/dev/null", O_WRONLY);
+        if (fd < 0 || nul < 0 || dup2(fd, 2) < 0 || dup2(nul, 1) < 0 || setrlimit(RLIMIT_AS, &rl) != 0)
+            _exit(120);
+        execv(argv[0], (char *const *)argv);
+        _exit(121);
+    }
+    int status = 0;
+    for (int i = 0; i < 3000; i++) {
+        if (waitpid(pid, &status, WNOHANG) == pid)
+            return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        usleep(10000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -2;
+}
+
+Test(budget, address_space_limits_end_cleanly, .timeout = 240)
+{
+    if (getenv("LM_ASAN") != NULL)
+        cr_skip_test("under ASan (its shadow memory needs terabytes of address space)");
+    char gen[4096];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s", gen);
+    char *tmp = th_tmpdir();
+    char m[1200], base[1300], ad[1300], out[1300], ref[1300], errf[1300];
+    snprintf(m, sizeof m, "%s/m", tmp);
+    const char *gargv[] = {gen, "--out", m, "--hidden", "512", "--inter", "1376", "--layers", "2", "--vocab", "2048",
+                           "--rank", "16", NULL};
+    th_run_result r = th_run(NULL, gargv);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    snprintf(base, sizeof base, "%s/base/model.safetensors", m);
+    snprintf(ad, sizeof ad, "%s/adapter", m);
+    snprintf(ref, sizeof ref, "%s/ref.safetensors", tmp);
+    snprintf(errf, sizeof errf, "%s/stderr", tmp);
+    r = th_runv("-q", base, ad, ref, NULL);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    char bin[4096];
+    snprintf(bin, sizeof bin, "%s", th_bin());
+    int n_ok = 0, n_oom = 0;
+    for (rlim_t mb = 30; mb <= 160; mb += 10) {
+        const rlim_t lim = mb << 20;
+        const char *ver[] = {bin, "--version", NULL};
+        int st = bu_run_limited(ver, lim, errf);
+        cr_assert(st == 0 || st == 4, "--version at %lu MB: status %d", (unsigned long)mb, st);
+        for (int t = 0; t < 2; t++) {
+            snprintf(out, sizeof out, "%s/out%d", tmp, t);
+            th_rmrf(out);
+            cr_assert_eq(mkdir(out, 0700), 0);
+            char o[1400];
+            snprintf(o, sizeof o, "%s/model.safetensors", out);
+            const char *margv[] = {bin, "-q", "--threads", t ? "7" : "2", base, ad, o, NULL};
+            st = bu_run_limited(margv, lim, errf);
+            size_t n;
+            char *e = (char *)th_read_file(errf, &n);
+            cr_assert(st == 0 || st == 4, "merge at %lu MB (threads %s): status %d: %s", (unsigned long)mb,
+                      margv[3], st, e ? e : "");
+            if (st == 0) {
+                cr_assert(th_files_equal(o, ref), "merge at %lu MB: not the unlimited run's bytes", (unsigned long)mb);
+                n_ok++;
+            } else {
+                cr_assert(e != NULL && strstr(e, "OutOfMemory") != NULL && strchr(e, '\n') == e + n - 1,
+                          "at %lu MB: %s", (unsigned long)mb, e ? e : "");
+                cr_assert_eq(th_count_entries(out), 0, "at %lu MB a failed merge left files", (unsigned long)mb);
+                n_oom++;
+            }
+            free(e);
+        }
+    }
+    cr_log_info("address-space limits 30..160 MB: %d merges done, %d refused with exit 4", n_ok, n_oom);
+    cr_assert(n_ok > 0 && n_oom > 0, "the sweep should cross the limit (%d done, %d refused)", n_ok, n_oom);
     th_rmrf(tmp);
     free(tmp);
 }
