@@ -103,8 +103,11 @@ Test(budget, oft_neumann_terms_do_not_scale_the_work, .timeout = 120)
     th_run_free(&r);
     snprintf(cfg, sizeof cfg, "%s/adapter_config.json", ad);
     size_t n;
-    char *text = (char *)th_read_file(cfg, &n);
-    cr_assert_not_null(text);
+    uint8_t *raw = th_read_file(cfg, &n);
+    cr_assert_not_null(raw);
+    char *text = calloc(n + 1, 1); /* th_read_file does not terminate */
+    memcpy(text, raw, n);
+    free(raw);
     char *at = strstr(text, "\"num_cayley_neumann_terms\": 5");
     cr_assert_not_null(at, "%s", text);
     char *patched = malloc(n + 32);
@@ -193,15 +196,19 @@ Test(budget, address_space_limits_end_cleanly, .timeout = 240)
             snprintf(o, sizeof o, "%s/model.safetensors", out);
             const char *margv[] = {bin, "-q", "--threads", t ? "7" : "2", base, ad, o, NULL};
             st = bu_run_limited(margv, lim, errf);
-            size_t n;
-            char *e = (char *)th_read_file(errf, &n);
+            size_t n = 0;
+            uint8_t *raw = th_read_file(errf, &n);
+            char *e = calloc(n + 1, 1); /* terminated */
+            cr_assert(raw != NULL && e != NULL);
+            memcpy(e, raw, n);
+            free(raw);
             cr_assert(st == 0 || st == 4, "merge at %lu MB (threads %s): status %d: %s", (unsigned long)mb,
                       margv[3], st, e ? e : "");
             if (st == 0) {
                 cr_assert(th_files_equal(o, ref), "merge at %lu MB: not the unlimited run's bytes", (unsigned long)mb);
                 n_ok++;
             } else {
-                cr_assert(e != NULL && strstr(e, "OutOfMemory") != NULL && strchr(e, '\n') == e + n - 1,
+                cr_assert(e != NULL && strstr(e, "OutOfMemory") != NULL && n > 0 && strchr(e, '\n') == e + n - 1,
                           "at %lu MB: %s", (unsigned long)mb, e ? e : "");
                 cr_assert_eq(th_count_entries(out), 0, "at %lu MB a failed merge left files", (unsigned long)mb);
                 n_oom++;
