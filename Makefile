@@ -26,7 +26,9 @@ LM_CPPFLAGS = -Iinclude -Isrc/core -Isrc/format -Isrc/peft -Isrc/methods -Isrc/e
 # -fPIC: the same objects make the static and the shared library
 LM_CFLAGS = -std=c11 -fvect-cost-model=cheap -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
             -fopenmp -ffp-contract=off -fvisibility=hidden -pthread -fPIC
-LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -fopenmp -lm -pthread
+# OpenBLAS is not linked: kernels/gemm_tile.c loads it with dlopen when first used (issue 15)
+LINK_PKGS = $(filter-out openblas,$(PKGS))
+LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(LINK_PKGS) 2>/dev/null) -ldl -fopenmp -lm -pthread
 
 SRCS = $(sort $(wildcard src/core/*.c src/format/*.c src/peft/*.c src/methods/*.c src/engine/*.c) $(wildcard kernels/*.c))
 OBJS = $(SRCS:%.c=$(BUILD)/%.o)
@@ -174,7 +176,7 @@ FUZZ_CC ?= clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined
 # built without OpenMP: clang's OpenMP runtime is another package, and the targets need no threads
 FUZZ_OBJS = $(SRCS:%.c=$(BUILD)/libfuzzer/obj/%.o)
-FUZZ_LDLIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null) -lm -pthread
+FUZZ_LDLIBS = $(shell $(PKG_CONFIG) --libs $(LINK_PKGS) 2>/dev/null) -ldl -lm -pthread
 $(BUILD)/libfuzzer/obj/%.o: %.c | deps-build-quiet
 	@mkdir -p $(@D)
 	$(Q)$(FUZZ_CC) -g -O1 -fsanitize=fuzzer-no-link,address,undefined $(LM_CPPFLAGS) -std=c11 \

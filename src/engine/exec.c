@@ -853,6 +853,50 @@ static lm_code stats_alloc(job *J, const lm_exec_opts *opts, size_t n_tasks, lm_
     return J->tstat ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
 }
 
+#ifdef _OPENMP
+typedef struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int open;
+} gate;
+
+static void *idle_thread(void *arg)
+{
+    gate *g = arg;
+    pthread_mutex_lock(&g->mu);
+    while (!g->open)
+        pthread_cond_wait(&g->cv, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+    return NULL;
+}
+
+/* How many of `want` workers can exist at once.  libgomp exits the process (status 1, its own
+ * message) when it cannot create a thread, which a tight `ulimit -v` provokes (each thread's
+ * stack is address space); the output does not depend on the thread count, so fewer workers
+ * are used instead (issue 15).  The probes use the default attributes, as libgomp does unless
+ * OMP_STACKSIZE says otherwise (then it is trusted). */
+static int threads_available(int want)
+{
+    if (want <= 1 || getenv("OMP_STACKSIZE") != NULL || getenv("GOMP_STACKSIZE") != NULL)
+        return want < 1 ? 1 : want;
+    pthread_t *t = malloc((size_t)want * sizeof *t);
+    if (t == NULL)
+        return 1;
+    gate g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+    int k = 0;
+    while (k < want - 1 && pthread_create(&t[k], NULL, idle_thread, &g) == 0)
+        k++;
+    pthread_mutex_lock(&g.mu);
+    g.open = 1;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    for (int i = 0; i < k; i++)
+        pthread_join(t[i], NULL);
+    free(t);
+    return k + 1;
+}
+#endif
+
 /* Every shard complete and closed, what the merge changed measured and judged by the caller
  * (before_commit), then every shard renamed into place. */
 static lm_code finish_and_commit(job *J, const lm_exec_opts *opts, const task *tasks, size_t n_tasks, lm_err *err)
@@ -889,7 +933,7 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
         k = &kern;
     }
 #ifdef _OPENMP
-    int n_threads = opts && opts->n_threads > 0 ? opts->n_threads : omp_get_num_procs();
+    int n_threads = threads_available(opts && opts->n_threads > 0 ? opts->n_threads : omp_get_num_procs());
 #else
     int n_threads = 1; /* built without OpenMP (the fuzz builds): one worker */
 #endif

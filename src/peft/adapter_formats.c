@@ -719,8 +719,8 @@ lm_code lm_formats_key_drift(lm_tensor_set *ts, const lm_model *model, char ***n
             free(nn);
             break;
         }
-        free(ts->t[i].name);
-        ts->t[i].name = nn;
+        if ((rc = lm_ts_rename(ts, i, nn, err)) != LM_OK)
+            break;
     }
     if (rc == LM_OK && tally_notes(tally, n_tally, notes, n_notes) != LM_OK)
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
@@ -1571,6 +1571,33 @@ static double mode_of(const double *v, size_t n)
     return best;
 }
 
+static int cmp_module_name(const void *a, const void *b)
+{
+    const fm_module *x = *(const fm_module *const *)a, *y = *(const fm_module *const *)b;
+    int d = strcmp(x->module, y->module);
+    return d != 0 ? d : (x > y) - (x < y); /* equal names in file order */
+}
+
+/* no base module named by two entries: sorted, so 100k modules cost n log n, not n^2 */
+static lm_code emit_unique(const fm_ctx *c, lm_err *err)
+{
+    const fm_module **v = malloc((c->n ? c->n : 1) * sizeof *v);
+    size_t n = 0;
+    if (v == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t i = 0; i < c->n; i++)
+        if (c->m[i].module != NULL)
+            v[n++] = &c->m[i];
+    qsort(v, n, sizeof *v, cmp_module_name);
+    lm_code rc = LM_OK;
+    for (size_t i = 1; i < n && rc == LM_OK; i++)
+        if (strcmp(v[i - 1]->module, v[i]->module) == 0)
+            rc = lm_fail(err, LM_E_MISMATCH, "DuplicateModule", "'%s' and '%s' both map to base module '%s'",
+                         v[i - 1]->src, v[i]->src, v[i]->module);
+    free(v);
+    return rc;
+}
+
 /* the one PEFT type of the resolved modules (whole tensors go with any); no module twice */
 static lm_code emit_type(const fm_ctx *c, int *type, lm_err *err)
 {
@@ -1585,12 +1612,10 @@ static lm_code emit_type(const fm_ctx *c, int *type, lm_err *err)
                            "adapter has one type: not supported", PEFT_TYPES[*type], PEFT_TYPES[m->type], m->src);
         if (m->type != FM_FULL && m->type != FM_NORM)
             *type = (int)m->type;
-        for (size_t j = 0; j < i; j++)
-            if (c->m[j].module && strcmp(c->m[j].module, m->module) == 0)
-                return lm_fail(err, LM_E_MISMATCH, "DuplicateModule", "'%s' and '%s' both map to base module '%s'",
-                               c->m[j].src, m->src, m->module);
         n++;
     }
+    if (n > 1 && emit_unique(c, err) != LM_OK)
+        return err->code;
     if (n == 0)
         return lm_fail(err, LM_E_FORMAT, "EmptyAdapter", "the adapter has no module to merge");
     if (*type < 0) /* whole tensors or norms only: a LoRA adapter without LoRA modules carries them */

@@ -44,6 +44,7 @@ typedef struct {
 typedef struct {
     nmod *v;
     size_t n, cap;
+    size_t *slots, n_slots; /* (group, path) -> index + 1, open addressing, at most half full */
 } nlist;
 
 static void nlist_free(nlist *l)
@@ -54,14 +55,63 @@ static void nlist_free(nlist *l)
         free(l->v[i].src);
     }
     free(l->v);
+    free(l->slots);
 }
 
+static size_t nmod_hash(const char *group, const char *path)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a over group, a separator, path */
+    for (const char *s = group ? group : ""; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    h = (h ^ (group ? 1u : 2u)) * 1099511628211ull;
+    for (const char *s = path; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    return (size_t)(h ^ (h >> 29));
+}
+
+static int nmod_is(const nmod *m, const char *group, const char *path)
+{
+    return strcmp(m->path, path) == 0 &&
+           ((group == NULL && m->group == NULL) || (group && m->group && !strcmp(group, m->group)));
+}
+
+/* the slot of (group, path), or the empty one where it would go */
+static size_t nlist_slot(const nlist *l, const char *group, const char *path)
+{
+    size_t mask = l->n_slots - 1, i = nmod_hash(group, path) & mask;
+    while (l->slots[i] != 0 && !nmod_is(&l->v[l->slots[i] - 1], group, path))
+        i = (i + 1) & mask;
+    return i;
+}
+
+static int nlist_reserve(nlist *l)
+{
+    if (l->n_slots != 0 && 2 * (l->n + 1) <= l->n_slots)
+        return 0;
+    size_t want = 64;
+    while (want < 4 * (l->n + 1))
+        want *= 2;
+    size_t *slots = calloc(want, sizeof *slots);
+    if (slots == NULL)
+        return -1;
+    free(l->slots);
+    l->slots = slots;
+    l->n_slots = want;
+    for (size_t k = 0; k < l->n; k++)
+        l->slots[nlist_slot(l, l->v[k].group, l->v[k].path)] = k + 1;
+    return 0;
+}
+
+/* the module of (group, path), made on first use: hashed, since a file may hold 100k modules */
 static nmod *nlist_get(nlist *l, const char *group, const char *path, const char *src, lm_err *err)
 {
-    for (size_t i = 0; i < l->n; i++)
-        if (strcmp(l->v[i].path, path) == 0 &&
-            ((group == NULL && l->v[i].group == NULL) || (group && l->v[i].group && !strcmp(group, l->v[i].group))))
-            return &l->v[i];
+    if (nlist_reserve(l) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return NULL;
+    }
+    size_t slot = nlist_slot(l, group, path);
+    if (l->slots[slot] != 0)
+        return &l->v[l->slots[slot] - 1];
     if (lm_grow((void **)&l->v, &l->cap, l->n, sizeof *l->v, 64) != 0) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return NULL;
@@ -78,7 +128,7 @@ static nmod *nlist_get(nlist *l, const char *group, const char *path, const char
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return NULL;
     }
-    l->n++;
+    l->slots[slot] = ++l->n;
     return m;
 }
 
