@@ -2238,9 +2238,31 @@ MT_TEST(TRAINABLE_TOKENS)
 /* every row has its test above, and the table has no duplicates */
 Test(methods, table_is_complete)
 {
-    static const char *const tested[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "VERA", "RANDLORA", "VBLORA",
-                                         "DELORA", "GRALORA", "FOURIERFT", "OFT", "BOFT", "HRA", "ROAD", "SHIRA",
-                                         "MISS", "C3A", "HIRA", "BEFT", "LN_TUNING", "TRAINABLE_TOKENS"};
+    /* one type a line (helpers add types in parallel) */
+    static const char *const tested[] = {
+        "LORA",
+        "ADALORA",
+        "IA3",
+        "LOHA",
+        "LOKR",
+        "VERA",
+        "RANDLORA",
+        "VBLORA",
+        "DELORA",
+        "GRALORA",
+        "FOURIERFT",
+        "OFT",
+        "BOFT",
+        "HRA",
+        "ROAD",
+        "SHIRA",
+        "MISS",
+        "C3A",
+        "HIRA",
+        "BEFT",
+        "LN_TUNING",
+        "TRAINABLE_TOKENS",
+    };
     size_t n = sizeof mt_rows / sizeof *mt_rows;
     cr_assert_eq(n, sizeof tested / sizeof *tested);
     for (size_t k = 0; k < n; k++) {
