@@ -164,6 +164,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "RANDLORA",
         "OFT",
         "FOURIERFT",
+        "WAVEFT",
         "ROAD",
         "C3A",
         "BOFT",
