@@ -143,10 +143,32 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
     argv[na] = NULL;
     th_run_result r = th_run(case_dir, argv);
     /* the types lora-merge merges; the others must be refused cleanly */
-    static const char *const merged[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "TRAINABLE_TOKENS", "BEFT",
-                                         "LN_TUNING", "HIRA", "VERA", "SHIRA", "HRA", "MISS",
-                                         "DELORA", "GRALORA", "VBLORA", "RANDLORA", "OFT",
-                                         "FOURIERFT", "ROAD", "C3A", "BOFT"};
+    /* one type a line (helpers add types in parallel) */
+    static const char *const merged[] = {
+        "LORA",
+        "ADALORA",
+        "IA3",
+        "LOHA",
+        "LOKR",
+        "TRAINABLE_TOKENS",
+        "BEFT",
+        "LN_TUNING",
+        "HIRA",
+        "VERA",
+        "SHIRA",
+        "HRA",
+        "MISS",
+        "DELORA",
+        "GRALORA",
+        "VBLORA",
+        "RANDLORA",
+        "OFT",
+        "FOURIERFT",
+        "WAVEFT",
+        "ROAD",
+        "C3A",
+        "BOFT",
+    };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)
         lora |= strcmp(peft_type, merged[i]) == 0;

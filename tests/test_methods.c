@@ -1235,6 +1235,90 @@ static double *delta_fourierft(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- WAVEFT (docs/adapter-types.md): scaling * waverec2d of the sparse spectrum, done densely as
+ * PEFT does (zero-padded spectrum, four quadrants, transposed convolution of stride 2, crops) ---- */
+static const double WF_DB1[2] = {M_SQRT1_2, M_SQRT1_2};
+static double WF_DB2[4]; /* (1 + sqrt3, 3 + sqrt3, 3 - sqrt3, 1 - sqrt3) / (4 sqrt2) */
+
+/* q[0]: filter length (0: use_idwt false), q[1]: the family's reduction; r: the seed */
+static void waveft(mt_ctx *c, mt_mod *m, uint64_t n, uint32_t seed, double scaling, int len, int red)
+{
+    m->r = (int)seed;
+    m->s = scaling;
+    m->q[0] = len;
+    m->q[1] = red;
+    mt_part(c, m, "waveft_spectrum", SH(n), 0, 0.2);
+}
+
+static void gen_waveft(mt_ctx *c) /* db1, scaling 25, seed 777 */
+{
+    waveft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 20, 777, 25, 2, 0);
+    waveft(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0), 20, 777, 25, 2, 0);
+}
+
+static void gen_waveft_db2(mt_ctx *c) /* db2 (reduction 2), scaling 10, seed 42 */
+{
+    waveft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 30, 42, 10, 4, 2);
+    waveft(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 34, 40, 0), 30, 42, 10, 4, 2);
+}
+
+static void gen_waveft_plain(mt_ctx *c) /* use_idwt false */
+{
+    waveft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 25, 5, 3, 0, 0);
+}
+
+static void bad_waveft(mt_ctx *c) /* a 2-D spectrum */
+{
+    mt_mod *m = mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0);
+    mt_part(c, m, "waveft_spectrum", SH(4, 5), 0, 0.2);
+}
+
+static double *delta_waveft(const mt_ctx *c, const mt_mod *m)
+{
+    const mt_t *sp = mt_opt(c, m, "waveft_spectrum");
+    cr_assert_not_null(sp);
+    uint64_t O = m->O, I = m->I, *perm = mt_randperm(O * I, (uint32_t)m->r, sp->n);
+    double *d = calloc(O * I, sizeof(double));
+    if (m->q[0] == 0) {
+        for (uint64_t t = 0; t < sp->n; t++)
+            d[perm[t]] = sp->v[t];
+        free(perm);
+        return d;
+    }
+    for (int k = 0; k < 4; k++)
+        WF_DB2[k] = (double[]){1 + sqrt(3.0), 3 + sqrt(3.0), 3 - sqrt(3.0), 1 - sqrt(3.0)}[k] / (4 * sqrt(2.0));
+    int L = m->q[0];
+    const double *lo = L == 2 ? WF_DB1 : WF_DB2;
+    double hi[4];
+    for (int k = 0; k < L; k++)
+        hi[k] = (k % 2 ? -1 : 1) * lo[L - 1 - k];
+    uint64_t Hp = O + (uint64_t)m->q[1], Wp = I + (uint64_t)m->q[1];
+    Hp += Hp % 2;
+    Wp += Wp % 2;
+    double *S = calloc(Hp * Wp, sizeof(double));
+    for (uint64_t t = 0; t < sp->n; t++)
+        S[(perm[t] / I + (Hp - O) / 2) * Wp + perm[t] % I + (Wp - I) / 2] = sp->v[t];
+    uint64_t H2 = Hp / 2, W2 = Wp / 2, Ho = (H2 - 1) * 2 + (uint64_t)L, Wo = (W2 - 1) * 2 + (uint64_t)L;
+    double *Y = calloc(Ho * Wo, sizeof(double));
+    for (uint64_t i = 0; i < H2; i++)
+        for (uint64_t j = 0; j < W2; j++) {
+            double cA = S[i * Wp + j], cH = S[i * Wp + W2 + j], cV = S[(H2 + i) * Wp + j], cD = S[(H2 + i) * Wp + W2 + j];
+            for (int a = 0; a < L; a++)
+                for (int b = 0; b < L; b++)
+                    Y[(2 * i + (uint64_t)a) * Wo + 2 * j + (uint64_t)b] +=
+                        cA * lo[a] * lo[b] + cH * hi[a] * lo[b] + cV * lo[a] * hi[b] + cD * hi[a] * hi[b];
+        }
+    uint64_t pad = (uint64_t)(2 * L - 3) / 2, rows = Ho - 2 * pad, cols = Wo - 2 * pad;
+    uint64_t sr = pad + (rows - O) / 2, sc = pad + (cols - I) / 2;
+    for (uint64_t y = 0; y < O; y++)
+        for (uint64_t x = 0; x < I; x++)
+            d[y * I + x] = Y[(sr + y) * Wo + sc + x];
+    free(S);
+    free(Y);
+    free(perm);
+    return d;
+}
+
 /* ---- OFT (§5.6): W @ blockdiag(R_j)^T, R_j the Cayley-Neumann series or the exact Cayley
  * transform of the skew block (coft: projected onto a ball of radius eps/sqrt(#rows) first) ------- */
 enum { OFT_EXACT = 1, OFT_COFT = 2, OFT_SHARE = 4 };
@@ -1865,6 +1949,17 @@ static const mt_row mt_rows[] = {
        gen_fourierft_pattern}},
      {"2-D spectrum", NULL, bad_fourierft},
      "model.layers.0.self_attn.q_proj"},
+    {"WAVEFT", 1, NULL, delta_waveft,
+     {{"db1", "{\"peft_type\": \"WAVEFT\", \"n_frequency\": 20, \"scaling\": 25.0, \"random_loc_seed\": 777, " TGT_QC "}",
+       gen_waveft},
+      {"db2", "{\"peft_type\": \"WAVEFT\", \"n_frequency\": 30, \"scaling\": 10.0, \"random_loc_seed\": 42, "
+       "\"wavelet_family\": \"db2\", " TGT_QV "}",
+       gen_waveft_db2},
+      {"use_idwt false", "{\"peft_type\": \"WAVEFT\", \"n_frequency\": 25, \"scaling\": 3.0, \"random_loc_seed\": 5, "
+       "\"use_idwt\": false, " TGT_QV "}",
+       gen_waveft_plain}},
+     {"2-D spectrum", NULL, bad_waveft},
+     "model.layers.0.self_attn.q_proj"},
     {"OFT", 0, ref_oft, NULL,
      {{"Cayley-Neumann, 5 terms", "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, " TGT_QV "}", gen_oft},
       {"exact Cayley",
@@ -2223,6 +2318,7 @@ MT_TEST(VBLORA)
 MT_TEST(DELORA)
 MT_TEST(GRALORA)
 MT_TEST(FOURIERFT)
+MT_TEST(WAVEFT)
 MT_TEST(OFT)
 MT_TEST(BOFT)
 MT_TEST(HRA)
@@ -2238,9 +2334,32 @@ MT_TEST(TRAINABLE_TOKENS)
 /* every row has its test above, and the table has no duplicates */
 Test(methods, table_is_complete)
 {
-    static const char *const tested[] = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "VERA", "RANDLORA", "VBLORA",
-                                         "DELORA", "GRALORA", "FOURIERFT", "OFT", "BOFT", "HRA", "ROAD", "SHIRA",
-                                         "MISS", "C3A", "HIRA", "BEFT", "LN_TUNING", "TRAINABLE_TOKENS"};
+    /* one type a line (helpers add types in parallel) */
+    static const char *const tested[] = {
+        "LORA",
+        "ADALORA",
+        "IA3",
+        "LOHA",
+        "LOKR",
+        "VERA",
+        "RANDLORA",
+        "VBLORA",
+        "DELORA",
+        "GRALORA",
+        "FOURIERFT",
+        "WAVEFT",
+        "OFT",
+        "BOFT",
+        "HRA",
+        "ROAD",
+        "SHIRA",
+        "MISS",
+        "C3A",
+        "HIRA",
+        "BEFT",
+        "LN_TUNING",
+        "TRAINABLE_TOKENS",
+    };
     size_t n = sizeof mt_rows / sizeof *mt_rows;
     cr_assert_eq(n, sizeof tested / sizeof *tested);
     for (size_t k = 0; k < n; k++) {

@@ -5,18 +5,57 @@
 
 #include <string.h>
 
-extern const lm_method lm_method_lora, lm_method_adalora, lm_method_ia3, lm_method_loha, lm_method_lokr,
-    lm_method_trainable_tokens, lm_method_beft, lm_method_ln_tuning, lm_method_hira, lm_method_vera,
-    lm_method_shira, lm_method_hra, lm_method_miss, lm_method_delora, lm_method_gralora, lm_method_vblora,
-    lm_method_randlora, lm_method_oft, lm_method_fourierft, lm_method_road, lm_method_c3a, lm_method_boft,
-    lm_method_lycoris_norm;
+extern const lm_method lm_method_lora;
+extern const lm_method lm_method_adalora;
+extern const lm_method lm_method_ia3;
+extern const lm_method lm_method_loha;
+extern const lm_method lm_method_lokr;
+extern const lm_method lm_method_trainable_tokens;
+extern const lm_method lm_method_beft;
+extern const lm_method lm_method_ln_tuning;
+extern const lm_method lm_method_hira;
+extern const lm_method lm_method_vera;
+extern const lm_method lm_method_shira;
+extern const lm_method lm_method_hra;
+extern const lm_method lm_method_miss;
+extern const lm_method lm_method_delora;
+extern const lm_method lm_method_gralora;
+extern const lm_method lm_method_vblora;
+extern const lm_method lm_method_randlora;
+extern const lm_method lm_method_oft;
+extern const lm_method lm_method_fourierft;
+extern const lm_method lm_method_waveft;
+extern const lm_method lm_method_road;
+extern const lm_method lm_method_c3a;
+extern const lm_method lm_method_boft;
+extern const lm_method lm_method_lycoris_norm;
 
+/* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
-    &lm_method_lora,    &lm_method_adalora, &lm_method_ia3,       &lm_method_loha,   &lm_method_lokr,
-    &lm_method_trainable_tokens, &lm_method_beft, &lm_method_ln_tuning, &lm_method_hira, &lm_method_vera,
-    &lm_method_shira,   &lm_method_hra,     &lm_method_miss,      &lm_method_delora, &lm_method_gralora,
-    &lm_method_vblora,  &lm_method_randlora, &lm_method_oft,      &lm_method_fourierft, &lm_method_road,
-    &lm_method_c3a,     &lm_method_boft,    &lm_method_lycoris_norm,
+    &lm_method_lora,
+    &lm_method_adalora,
+    &lm_method_ia3,
+    &lm_method_loha,
+    &lm_method_lokr,
+    &lm_method_trainable_tokens,
+    &lm_method_beft,
+    &lm_method_ln_tuning,
+    &lm_method_hira,
+    &lm_method_vera,
+    &lm_method_shira,
+    &lm_method_hra,
+    &lm_method_miss,
+    &lm_method_delora,
+    &lm_method_gralora,
+    &lm_method_vblora,
+    &lm_method_randlora,
+    &lm_method_oft,
+    &lm_method_fourierft,
+    &lm_method_waveft,
+    &lm_method_road,
+    &lm_method_c3a,
+    &lm_method_boft,
+    &lm_method_lycoris_norm,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

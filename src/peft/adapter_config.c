@@ -20,8 +20,18 @@ static const char *const PROMPT_TYPES[] = {
 static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
-    "BONE", "OSF", "WAVEFT", "ADAMSS", "DEFT", "FROD", "GLORA", "PEANUT", "PSOFT",
-    "PVERA", "SUPERTUNING", "TINYLORA", "UNILORA",
+    "BONE",
+    "OSF",
+    "ADAMSS",
+    "DEFT",
+    "FROD",
+    "GLORA",
+    "PEANUT",
+    "PSOFT",
+    "PVERA",
+    "SUPERTUNING",
+    "TINYLORA",
+    "UNILORA",
 };
 
 static int in_list(const char *s, const char *const *list, size_t n)
