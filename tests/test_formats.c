@@ -699,6 +699,60 @@ Test(formats, lycoris_refusals)
                   "to_z");
 }
 
+/* the hand-converted form '<name>_lora_down.weight' (with or without the doubled prefix
+ * lora_unet_unet_) reads as kohya's '<name>.lora_down.weight', scale 1 without an alpha; mixing the
+ * two forms, or a joined lora_mid, is refused */
+Test(formats, kohya_joined_part_names)
+{
+    for (int doubled = 0; doubled < 2; doubled++) {
+        char *dir = th_tmpdir();
+        tset base = {0}, ad = {0};
+        unet_base(&base, "F32");
+        write_base(dir, &base, NULL);
+        const char *pre = doubled ? "lora_unet_unet_" : "lora_unet_";
+        char k[300];
+        snprintf(k, sizeof k, "%sdown_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_lora_down.weight", pre);
+        tt *qd = tadd(&ad, "F32", k, 2, (uint64_t)2, (uint64_t)8);
+        snprintf(k, sizeof k, "%sdown_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_lora_up.weight", pre);
+        tt *qu = tadd(&ad, "F32", k, 2, (uint64_t)8, (uint64_t)2);
+        snprintf(k, sizeof k, "%sdown_blocks_0_resnets_0_conv1_lora_down.weight", pre);
+        tt *cd = tadd(&ad, "F32", k, 4, (uint64_t)3, (uint64_t)8, (uint64_t)3, (uint64_t)3);
+        snprintf(k, sizeof k, "%sdown_blocks_0_resnets_0_conv1_lora_up.weight", pre);
+        tt *cu = tadd(&ad, "F32", k, 4, (uint64_t)6, (uint64_t)3, (uint64_t)1, (uint64_t)1);
+        char *ap = pjoin(dir, "k.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+        twrite(ap, &ad);
+        mres r = merge(bp, ap, out, NULL);
+        expect_ok(r);
+        cr_assert(has_note(&r, "hand-converted"), "the reading is noted");
+        refs R;
+        refs_from(&R, &base);
+        ref_lowrank(rw(&R, UNET_Q ".weight"), qu->v, qd->v, 8, 2, 8, 1.0);
+        ref_lowrank(rw(&R, UNET_CONV ".weight"), cu->v, cd->v, 6, 3, 8 * 9, 1.0);
+        check_and_free(out, &R, &r);
+        /* one dotted kohya key among them: refused */
+        unlink(out);
+        tadd(&ad, "F32", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 2, (uint64_t)2, (uint64_t)8);
+        twrite(ap, &ad);
+        r = merge(bp, ap, out, NULL);
+        expect_refused(r, "MalformedKohya", "mixes");
+        cr_assert(!th_exists(out));
+        mres_free(&r);
+        cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
+    }
+    char *dir = th_tmpdir();
+    tset base = {0}, ad = {0};
+    unet_base(&base, "F32");
+    write_base(dir, &base, NULL);
+    tadd(&ad, "F32", "lora_unet_down_blocks_0_resnets_0_conv1_lora_mid.weight", 4, (uint64_t)2, (uint64_t)2, (uint64_t)3,
+         (uint64_t)3);
+    char *ap = pjoin(dir, "k.safetensors"), *out = pjoin(dir, "out.safetensors"), *bp = pjoin(dir, "model.safetensors");
+    twrite(ap, &ad);
+    mres r = merge(bp, ap, out, NULL);
+    expect_refused(r, "MalformedKohya", "lora_mid");
+    mres_free(&r);
+    cleanup(dir, &base, &ad, NULL, ap, out, bp, NULL);
+}
+
 /* two base modules whose dotted paths flatten to the same name cannot be told apart */
 Test(formats, kohya_flattening_collision)
 {
@@ -2178,11 +2232,54 @@ Test(fixtures_other, kohya_files)
     r = merge(bp, ap, out, NULL);
     expect_ok(r);
     check_and_free(out, &R, &r);
-    /* the hand-converted file with a doubled prefix and '_lora_down' is refused, not skipped */
-    r = merge(bp, OTHER "/kohya-style-unet-double-prefix-noalpha/new.safetensors", out, NULL);
-    expect_refused(r, "MalformedKohya", "lora_unet_unet_");
-    mres_free(&r);
     cleanup(dir, &base, &ad, NULL, ap, bp, out, NULL);
+}
+
+/* the hand-converted file with a doubled prefix and '_lora_down' (no alpha) maps exactly onto an
+ * SD 1.5 UNet: every one of its 128 pairs lands on the module its name flattens from, bytes
+ * unchanged, scale 1 */
+Test(fixtures_other, kohya_double_prefix_mapped)
+{
+    need_other();
+    const char *input = OTHER "/kohya-style-unet-double-prefix-noalpha/new.safetensors";
+    th_st src, conv;
+    cr_assert_eq(th_st_read(input, &src), 0);
+    char *dir = th_tmpdir(), *notes = NULL;
+    sp_set s = {0};
+    sd_unet_sparse(&s, 768);
+    sp_write(dir, &s, "{\"_class_name\": \"UNet2DConditionModel\"}");
+    cJSON *cfg;
+    convert_fixture(input, dir, NULL, dir, &conv, &cfg, &notes);
+    cr_assert(notes && strstr(notes, "hand-converted"), "the reading is noted: %s", notes ? notes : "");
+    size_t pairs = 0;
+    char k[600], flat[400];
+    for (size_t i = 0; i < conv.n; i++) {
+        const char *name = conv.t[i].name;
+        if (!strstr(name, ".lora_A.weight"))
+            continue;
+        /* the input's name for this module: lora_unet_unet_ + the path with '.' -> '_' */
+        snprintf(flat, sizeof flat, "%.*s", (int)(strlen(name) - 17 - 14), name + 17);
+        for (char *p = flat; *p; p++)
+            *p = *p == '.' ? '_' : *p;
+        snprintf(k, sizeof k, "lora_unet_unet_%s_lora_down.weight", flat);
+        const th_tensor *d = th_st_find(&src, k);
+        snprintf(k, sizeof k, "lora_unet_unet_%s_lora_up.weight", flat);
+        const th_tensor *u = th_st_find(&src, k);
+        cr_assert(d && u, "no input pair for %s", name);
+        snprintf(k, sizeof k, "%.*s", (int)(strlen(name) - 17 - 14), name + 17);
+        expect_pair(&conv, k, d->data, d->n_bytes, u->data, u->n_bytes);
+        pairs++;
+    }
+    cr_assert_eq(pairs, 128, "all 128 pairs of the 256 tensors are mapped (got %zu)", pairs);
+    cr_assert_eq(src.n, 256);
+    expect_scale_one(cfg, &conv);
+    cJSON_Delete(cfg);
+    th_st_free(&conv);
+    th_st_free(&src);
+    free(notes);
+    sp_free(&s);
+    th_rmrf(dir);
+    free(dir);
 }
 
 /* LyCORIS LoKr: the text-encoder modules onto a CLIP base (the UNet part is another component) */

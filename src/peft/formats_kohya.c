@@ -361,7 +361,8 @@ static lm_code add_norm(fm_module *m, const kparts *p, lm_err *err)
     return p->b_norm ? fm_part_add(m, "lycoris_b_norm", p->b_norm, err) : LM_OK;
 }
 
-static lm_code add_module(fm_ctx *c, const char *name, const char *group, const kparts *p, int *kinds, lm_err *err)
+static lm_code add_module(fm_ctx *c, const char *name, const char *group, const char *rest, const kparts *p, int *kinds,
+                          lm_err *err)
 {
     int lora = p->down || p->up || p->mid, loha = p->h1a || p->h1b || p->h2a || p->h2b || p->ht1 || p->ht2;
     int lokr = p->k1 || p->k1a || p->k1b || p->k2 || p->k2a || p->k2b || p->kt2, full = p->diff || p->diff_b;
@@ -380,7 +381,7 @@ static lm_code add_module(fm_ctx *c, const char *name, const char *group, const 
         return LM_E_UNSUPPORTED;
     }
     fm_type type = loha ? FM_LOHA : lokr ? FM_LOKR : ia3 ? FM_IA3 : norm ? FM_NORM : FM_LORA;
-    fm_module *m = fm_add(c, type, name, group, name + strlen(group) + 1, FM_NAME_FLAT, err);
+    fm_module *m = fm_add(c, type, name, group, rest, FM_NAME_FLAT, err);
     if (m == NULL)
         return LM_E_NOMEM;
     lm_code rc = lora ? add_lora(c, m, p, err) : loha ? add_loha(m, p, err) : lokr ? add_lokr(m, p, err)
@@ -396,35 +397,61 @@ static lm_code add_module(fm_ctx *c, const char *name, const char *group, const 
     return rc;
 }
 
+/* "<name>.<part>"; or the hand-converted "<name>_lora_down.weight" / "_lora_up.weight" (no other
+ * '.'; *joined set), read as "<name>.lora_down.weight": kohya's meaning, and scale 1 without an
+ * alpha as both kohya and the diffusers file it came from say */
+static lm_code split_key(const char *k, kentry *e, int *joined, lm_err *err)
+{
+    const char *dot = strchr(k, '.');
+    static const char *const parts[2] = {"lora_down.weight", "lora_up.weight"};
+    size_t n = strlen(k);
+    for (int i = 0; i < 2; i++) {
+        size_t pl = strlen(parts[i]);
+        if (dot != NULL && n > pl + 1 && dot == k + n - 7 && strcmp(k + n - pl, parts[i]) == 0 && k[n - pl - 1] == '_' &&
+            n - pl - 1 > 0) {
+            e->key = k;
+            e->name_len = n - pl - 1;
+            e->part = parts[i];
+            *joined = 1;
+            return LM_OK;
+        }
+    }
+    if (dot == NULL || dot == k || dot[1] == '\0' || fm_ends_with(k, "_lora_mid.weight")) {
+        if (dot != NULL)
+            lm_fail(err, LM_E_FORMAT, "MalformedKohya", "not kohya naming: kohya writes '<name>.lora_mid.weight', this "
+                    "key joins the part with '_'; re-save it with sd-scripts");
+        else
+            lm_fail(err, LM_E_FORMAT, "MalformedKohya", "key has no '.<part>' (kohya writes '<name>.lora_down.weight', "
+                    "'<name>.alpha' ...)");
+        lm_err_set_tensor(err, k);
+        return LM_E_FORMAT;
+    }
+    e->key = k;
+    e->name_len = (size_t)(dot - k);
+    e->part = dot + 1;
+    return LM_OK;
+}
+
 lm_code fm_read_kohya(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
 {
     kentry *e = calloc(ts->n ? ts->n : 1, sizeof *e);
     if (e == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     lm_code rc = LM_OK;
-    size_t n = 0;
-    for (size_t i = 0; i < ts->n; i++) {
-        const char *k = ts->t[i].name, *dot = strchr(k, '.');
-        int joined = fm_ends_with(k, "_lora_down.weight") || fm_ends_with(k, "_lora_up.weight") ||
-                     fm_ends_with(k, "_lora_mid.weight");
-        if (dot == NULL || dot == k || dot[1] == '\0' || joined) {
-            if (joined || dot != NULL)
-                rc = lm_fail(err, LM_E_FORMAT, "MalformedKohya", "not kohya naming: kohya writes "
-                             "'<name>.lora_down.weight', this key joins the part with '_'%s; re-save it with "
-                             "sd-scripts or convert it from the diffusers file it came from",
-                             fm_starts_with(k, "lora_unet_unet_") ? " and doubles the prefix (lora_unet_unet_)" : "");
-            else
-                rc = lm_fail(err, LM_E_FORMAT, "MalformedKohya", "key has no '.<part>' (kohya writes "
-                             "'<name>.lora_down.weight', '<name>.alpha' ...)");
-            lm_err_set_tensor(err, k);
+    size_t n = 0, n_joined = 0, n_doubled = 0;
+    for (size_t i = 0; i < ts->n && rc == LM_OK; i++) {
+        int joined = 0;
+        if ((rc = split_key(ts->t[i].name, &e[n], &joined, err)) != LM_OK)
             break;
-        }
-        e[n].key = k;
-        e[n].name_len = (size_t)(dot - k);
-        e[n].part = dot + 1;
         e[n].t = &ts->t[i];
         e[n].order = i;
         n++;
+        n_joined += (size_t)joined;
+    }
+    if (rc == LM_OK && n_joined > 0 && n_joined < n) {
+        rc = lm_fail(err, LM_E_FORMAT, "MalformedKohya", "the file mixes kohya's '<name>.lora_down.weight' keys with "
+                     "'<name>_lora_down.weight' ones");
+        lm_err_set_tensor(err, e[0].key);
     }
     if (rc == LM_OK)
         qsort(e, n, sizeof *e, cmp_entry);
@@ -454,7 +481,12 @@ lm_code fm_read_kohya(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
             lm_err_set_tensor(err, name);
             break;
         }
-        rc = add_module(c, name, group, &p, kinds, err);
+        const char *rest = name + strlen(group) + 1;
+        if (n_joined > 0 && strcmp(group, "lora_unet") == 0 && fm_starts_with(rest, "unet_") && rest[5] != '\0') {
+            rest += 5; /* lora_unet_unet_...: the diffusers component prefix kept by a hand conversion */
+            n_doubled++;
+        }
+        rc = add_module(c, name, group, rest, &p, kinds, err);
         i = j;
     }
     free(e);
@@ -463,6 +495,10 @@ lm_code fm_read_kohya(fm_ctx *c, const lm_tensor_set *ts, lm_err *err)
     c->format = kinds[2] ? "LyCORIS LoHa" : kinds[3] ? "LyCORIS LoKr" : kinds[5] ? "LyCORIS IA3"
               : kinds[4] ? "LyCORIS full (diff)" : kinds[1] ? "kohya-ss / LyCORIS LoCon"
               : kinds[0] ? "kohya-ss LoRA" : "LyCORIS norm tuning";
+    if (n_joined > 0 && fm_note(c, "%s: keys in a hand-converted form ('<name>_lora_down.weight'%s) read as kohya's "
+                                "'<name>.lora_down.weight'%s; no alpha in the file means scale 1", c->path,
+                                n_doubled ? ", prefix lora_unet_unet_" : "", n_doubled ? " under lora_unet_" : "") != LM_OK)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     if (kinds[7] > 0 && fm_note(c, "%s: %d module%s with LyCORIS DoRA (dora_scale): merged with LyCORIS's rule "
                                    "(norm + 2^-23; the multiplier scales the factor)", c->path, kinds[7],
                                 kinds[7] == 1 ? "" : "s") != LM_OK)
