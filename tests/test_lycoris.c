@@ -540,6 +540,80 @@ Test(lycoris, conv_forms_with_dora)
         }
 }
 
+/* Conv1d kernels [6, 4, 3]: LyCORIS writes 3-D Tucker cores (lora_mid, hada_t1/t2, lokr_t2
+ * [r, r, k]) and a 3-D whole lokr_w2 [b, d, k] whose kron with w1 [a, c] (unsqueezed at the end)
+ * is w1[a, c] * w2[b, d, x] at [a*b + b, c*d + d, x] */
+Test(lycoris, conv1d_forms)
+{
+    for (int kind = 0; kind < 4; kind++) {
+        char *dir = th_tmpdir(), *bp = pjoin(dir, "model.safetensors"), *ap = pjoin(dir, "lyco.safetensors"),
+             *out = pjoin(dir, "out.safetensors");
+        tset base = {0}, ad = {0};
+        tadd(&base, "F32", "blk.c1.weight", 3, U64(6), U64(4), U64(3));
+        tadd(&base, "F32", "blk.c1.bias", 1, U64(6));
+        twrite(bp, &base);
+        double **ref = refs_of(&base), *w = ref[0], R1[72], R2[72];
+        if (kind == 0) { /* LoCon Tucker, r 2, alpha 2: scale 1; DoRA per input channel */
+            tt *d = tadd(&ad, "F32", K "c1.lora_down.weight", 3, U64(2), U64(4), U64(1));
+            tt *m = tadd(&ad, "F32", K "c1.lora_mid.weight", 3, U64(2), U64(2), U64(3));
+            tt *u = tadd(&ad, "F32", K "c1.lora_up.weight", 3, U64(6), U64(2), U64(1));
+            tadd(&ad, "F32", K "c1.alpha", 0, 0)->v[0] = 2.0;
+            tt *ds = tadd_r(&ad, "F32", K "c1.dora_scale", 0.5, 1.0, 3, U64(1), U64(4), U64(1));
+            for (int p = 0; p < 6; p++)
+                for (int c = 0; c < 4; c++)
+                    for (int x = 0; x < 3; x++)
+                        for (int i = 0; i < 2; i++)
+                            for (int j = 0; j < 2; j++)
+                                w[(p * 4 + c) * 3 + x] += u->v[p * 2 + i] * m->v[(i * 2 + j) * 3 + x] * d->v[j * 4 + c];
+            ref_dora(w, 6, 4, 3, ds->v, 1, 1.0, EPS);
+        } else if (kind == 1) { /* LoHa CP, r 2, alpha 2: scale 1; DoRA per output */
+            tt *a1 = tadd(&ad, "F32", K "c1.hada_w1_a", 2, U64(2), U64(6)), *b1 = tadd(&ad, "F32", K "c1.hada_w1_b", 2, U64(2), U64(4));
+            tt *t1 = tadd(&ad, "F32", K "c1.hada_t1", 3, U64(2), U64(2), U64(3));
+            tt *a2 = tadd(&ad, "F32", K "c1.hada_w2_a", 2, U64(2), U64(6)), *b2 = tadd(&ad, "F32", K "c1.hada_w2_b", 2, U64(2), U64(4));
+            tt *t2 = tadd(&ad, "F32", K "c1.hada_t2", 3, U64(2), U64(2), U64(3));
+            tadd(&ad, "F32", K "c1.alpha", 0, 0)->v[0] = 2.0;
+            tt *ds = tadd_r(&ad, "F32", K "c1.dora_scale", 0.5, 1.0, 3, U64(6), U64(1), U64(1));
+            tucker(R1, t1->v, a1->v, b1->v, 2, 6, 4, 3);
+            tucker(R2, t2->v, a2->v, b2->v, 2, 6, 4, 3);
+            for (int i = 0; i < 72; i++)
+                w[i] += R1[i] * R2[i];
+            ref_dora(w, 6, 4, 3, ds->v, 0, 1.0, EPS);
+        } else { /* LoKr: kron(w1 [2, 2], w2 [3, 2, 3]), w2 from lokr_t2 (r 2, alpha 2: scale 1) or whole
+                    (scale 1 whatever alpha says) */
+            tt *w1 = tadd(&ad, "F32", K "c1.lokr_w1", 2, U64(2), U64(2));
+            if (kind == 2) {
+                tt *t2 = tadd(&ad, "F32", K "c1.lokr_t2", 3, U64(2), U64(2), U64(3));
+                tt *wa = tadd(&ad, "F32", K "c1.lokr_w2_a", 2, U64(2), U64(3));
+                tt *wb = tadd(&ad, "F32", K "c1.lokr_w2_b", 2, U64(2), U64(2));
+                tucker(R2, t2->v, wa->v, wb->v, 2, 3, 2, 3);
+            } else {
+                tt *w2 = tadd(&ad, "F32", K "c1.lokr_w2", 3, U64(3), U64(2), U64(3));
+                memcpy(R2, w2->v, 18 * sizeof *R2);
+            }
+            tadd(&ad, "F32", K "c1.alpha", 0, 0)->v[0] = kind == 2 ? 2.0 : 5.0;
+            for (int a = 0; a < 2; a++)
+                for (int b = 0; b < 3; b++)
+                    for (int c = 0; c < 2; c++)
+                        for (int d = 0; d < 2; d++)
+                            for (int x = 0; x < 3; x++)
+                                w[((a * 3 + b) * 4 + c * 2 + d) * 3 + x] += w1->v[a * 2 + c] * R2[(b * 2 + d) * 3 + x];
+        }
+        twrite(ap, &ad);
+        mres r = merge_w(bp, ap, out, 1.0);
+        cr_assert_eq(r.rc, LM_OK, "merge failed (form %d): %s", kind, r.line);
+        check_output(out, &base, ref);
+        lm_merge_report_free(r.rep);
+        refs_free(&base, ref);
+        tfree(&base);
+        tfree(&ad);
+        th_rmrf(dir);
+        free(dir);
+        free(bp);
+        free(ap);
+        free(out);
+    }
+}
+
 /* the same bytes for any thread count, tile size and kernel variant (the input-channel norms of
  * the column pass are summed in a fixed order) */
 Test(lycoris, deterministic)

@@ -11,6 +11,9 @@
  *                 lora_mid.weight [r, r, kh, kw] (Tucker): dW[p, c, x, y] = sum up[p, i] mid[i, j, x, y]
  *                 down[j, c] -- folded exactly into A' = mid x down (in double, rounded once to F32).
  *   LoHa          hada_w1_a/_b, hada_w2_a/_b (hada_t1/_t2): PEFT's names and layout; r = w1_b's rows.
+ *   Conv1d        LyCORIS's 3-D Tucker cores (lora_mid, hada_t1/_t2, lokr_t2 [r, r, k]) are viewed
+ *                 [r, r, k, 1] (PEFT's form) and a whole 3-D lokr_w2 [b, d, k] as [b, d * k] (LyCORIS's
+ *                 make_kron unsqueezes w1 at the end: the flat kron).
  *   LoKr          lokr_w1 or lokr_w1_a/_b, lokr_w2 or lokr_w2_a/_b (lokr_t2): PEFT's names; r is the
  *                 inner dimension of a decomposed factor; both factors full: scale 1 (LyCORIS
  *                 forces alpha = r there, PEFT does not, so the config gets alpha = r).
@@ -153,7 +156,7 @@ static const lm_ts_tensor *fold_tucker(fm_ctx *c, const kparts *p, lm_err *err)
 {
     const lm_ts_tensor *mid = p->mid, *down = p->down;
     uint64_t r = down->shape[0], in = down->n_elems / (r ? r : 1);
-    int ok = mid->n_dims == 4 && mid->shape[0] == r && mid->shape[1] == r && down->n_dims >= 2;
+    int ok = (mid->n_dims == 4 || mid->n_dims == 3) && mid->shape[0] == r && mid->shape[1] == r && down->n_dims >= 2;
     for (size_t d = 2; ok && d < down->n_dims; d++)
         ok = down->shape[d] == 1;
     if (!ok) {
@@ -164,7 +167,7 @@ static const lm_ts_tensor *fold_tucker(fm_ctx *c, const kparts *p, lm_err *err)
         lm_err_set_tensor(err, mid->name);
         return NULL;
     }
-    const size_t kk = (size_t)(mid->shape[2] * mid->shape[3]), n = (size_t)(r * in * kk);
+    const size_t kk = (size_t)(mid->shape[2] * (mid->n_dims == 4 ? mid->shape[3] : 1)), n = (size_t)(r * in * kk);
     float *o = malloc(n * sizeof *o + 1), *mf = malloc((size_t)mid->n_elems * sizeof *mf + 1),
           *df = malloc((size_t)(r * in) * sizeof *df + 1);
     double *u = malloc(n * sizeof *u + 1);
@@ -187,8 +190,8 @@ static const lm_ts_tensor *fold_tucker(fm_ctx *c, const kparts *p, lm_err *err)
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return NULL;
     }
-    uint64_t shape[4] = {r, in, mid->shape[2], mid->shape[3]};
-    return fm_made(c, LM_DT_F32, 4, shape, o, err);
+    uint64_t shape[4] = {r, in, mid->shape[2], mid->n_dims == 4 ? mid->shape[3] : 1};
+    return fm_made(c, LM_DT_F32, mid->n_dims, shape, o, err); /* Conv1d: [r, in, k] */
 }
 
 static lm_code add_lora(fm_ctx *c, fm_module *m, const kparts *p, lm_err *err)
@@ -291,7 +294,20 @@ static lm_code add_ia3(fm_ctx *c, fm_module *m, const kparts *p, lm_err *err)
     return fm_part_add(m, "ia3_l", t, err);
 }
 
-static lm_code add_loha(fm_module *m, const kparts *p, lm_err *err)
+/* a Conv1d's LyCORIS tensor in PEFT's form: a 3-D Tucker core [r, r, k] viewed [r, r, k, 1]; a
+ * whole 3-D lokr_w2 [b, d, k] viewed [b, d * k] (LyCORIS's make_kron unsqueezes w1 at the end, so
+ * its kron is the flat one, which PEFT reshapes to the kernel alike) */
+static const lm_ts_tensor *conv1d_view(fm_ctx *c, const lm_ts_tensor *t, int whole_w2, lm_err *err)
+{
+    if (t == NULL || t->n_dims != 3)
+        return t;
+    uint64_t s[4] = {t->shape[0], t->shape[1], t->shape[2], 1};
+    if (whole_w2)
+        s[1] *= t->shape[2];
+    return fm_reshaped(c, t, whole_w2 ? 2 : 4, s, err);
+}
+
+static lm_code add_loha(fm_ctx *c, fm_module *m, const kparts *p, lm_err *err)
 {
     const lm_ts_tensor *need[4] = {p->h1a, p->h1b, p->h2a, p->h2b};
     static const char *const names[4] = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
@@ -304,7 +320,10 @@ static lm_code add_loha(fm_module *m, const kparts *p, lm_err *err)
     }
     if ((p->ht1 == NULL) != (p->ht2 == NULL))
         return lm_fail(err, LM_E_FORMAT, "IncompleteModule", "LoHa module has one of hada_t1 / hada_t2 only");
-    if (p->ht1 && ((rc = fm_part_add(m, "hada_t1", p->ht1, err)) || (rc = fm_part_add(m, "hada_t2", p->ht2, err))))
+    const lm_ts_tensor *t1 = conv1d_view(c, p->ht1, 0, err), *t2 = conv1d_view(c, p->ht2, 0, err);
+    if ((p->ht1 && t1 == NULL) || (p->ht2 && t2 == NULL))
+        return LM_E_NOMEM;
+    if (t1 && ((rc = fm_part_add(m, "hada_t1", t1, err)) || (rc = fm_part_add(m, "hada_t2", t2, err))))
         return rc;
     if (p->h1b->n_dims < 1)
         return lm_fail(err, LM_E_MISMATCH, "ShapeMismatch", "hada_w1_b is a scalar");
@@ -312,9 +331,12 @@ static lm_code add_loha(fm_module *m, const kparts *p, lm_err *err)
     return module_alpha(p, m->r, &m->alpha, err);
 }
 
-static lm_code add_lokr(fm_module *m, const kparts *p, lm_err *err)
+static lm_code add_lokr(fm_ctx *c, fm_module *m, const kparts *p, lm_err *err)
 {
     lm_code rc;
+    const lm_ts_tensor *k2 = conv1d_view(c, p->k2, 1, err), *kt2 = conv1d_view(c, p->kt2, 0, err);
+    if ((p->k2 && k2 == NULL) || (p->kt2 && kt2 == NULL))
+        return LM_E_NOMEM;
     if (!(p->k1 || (p->k1a && p->k1b)) || !(p->k2 || (p->k2a && p->k2b)) || (p->k1 && (p->k1a || p->k1b)) ||
         (p->k2 && (p->k2a || p->k2b)))
         return lm_fail(err, LM_E_FORMAT, "IncompleteModule", "LoKr module needs lokr_w1 or lokr_w1_a + lokr_w1_b, and "
@@ -322,8 +344,8 @@ static lm_code add_lokr(fm_module *m, const kparts *p, lm_err *err)
     const struct {
         const char *name;
         const lm_ts_tensor *t;
-    } parts[] = {{"lokr_w1", p->k1}, {"lokr_w1_a", p->k1a}, {"lokr_w1_b", p->k1b}, {"lokr_w2", p->k2},
-                 {"lokr_w2_a", p->k2a}, {"lokr_w2_b", p->k2b}, {"lokr_t2", p->kt2}};
+    } parts[] = {{"lokr_w1", p->k1}, {"lokr_w1_a", p->k1a}, {"lokr_w1_b", p->k1b}, {"lokr_w2", k2},
+                 {"lokr_w2_a", p->k2a}, {"lokr_w2_b", p->k2b}, {"lokr_t2", kt2}};
     for (size_t i = 0; i < LM_ARRAY_LEN(parts); i++)
         if (parts[i].t && ((rc = need_float(parts[i].t, err)) || (rc = fm_part_add(m, parts[i].name, parts[i].t, err))))
             return rc;
@@ -384,7 +406,7 @@ static lm_code add_module(fm_ctx *c, const char *name, const char *group, const 
     fm_module *m = fm_add(c, type, name, group, rest, FM_NAME_FLAT, err);
     if (m == NULL)
         return LM_E_NOMEM;
-    lm_code rc = lora ? add_lora(c, m, p, err) : loha ? add_loha(m, p, err) : lokr ? add_lokr(m, p, err)
+    lm_code rc = lora ? add_lora(c, m, p, err) : loha ? add_loha(c, m, p, err) : lokr ? add_lokr(c, m, p, err)
                : full ? add_diff(c, m, p, err) : norm ? add_norm(m, p, err) : add_ia3(c, m, p, err);
     if (rc == LM_OK && p->dora != NULL && (rc = need_float(p->dora, err)) == LM_OK)
         rc = fm_part_add(m, "lycoris_dora_scale", p->dora, err);
