@@ -599,6 +599,15 @@ Test(lycoris, conv1d_forms)
                                 w[((a * 3 + b) * 4 + c * 2 + d) * 3 + x] += w1->v[a * 2 + c] * R2[(b * 2 + d) * 3 + x];
         }
         twrite(ap, &ad);
+        if (kind == 3) { /* no PEFT adapter says it: convert refuses */
+            char *od = pjoin(dir, "peft");
+            lm_err e;
+            lm_err_clear(&e);
+            cr_assert_neq(lm_adapter_convert(ap, od, bp, NULL, NULL, &e), LM_OK);
+            cr_assert(strstr(e.msg, "Conv1d") != NULL, "%s", e.msg);
+            cr_assert(!th_exists(od));
+            free(od);
+        }
         mres r = merge_w(bp, ap, out, 1.0);
         cr_assert_eq(r.rc, LM_OK, "merge failed (form %d): %s", kind, r.line);
         check_output(out, &base, ref);

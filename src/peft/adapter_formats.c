@@ -1819,7 +1819,12 @@ static lm_code not_peft_reason(const fm_ctx *c, char **out, lm_err *err)
         const lm_ts_tensor *ds = fm_part_get(m, "lycoris_dora_scale");
         if (m->module == NULL)
             continue;
-        if (m->type == FM_NORM)
+        const lm_ts_tensor *w2 = m->type == FM_LOKR ? fm_part_get(m, "lokr_w2") : NULL;
+        long bi = w2 != NULL && c->base != NULL ? fm_base_weight(c->base, m->module) : -1;
+        if (bi >= 0 && fm_base_info(c->base, bi)->n_dims == 3 && w2->n_dims == 2)
+            why = "LyCORIS LoKr with a whole lokr_w2 on a Conv1d kernel: PEFT's LoKr keeps it [b, d, k] and its "
+                  "kron then pads w1 in front, which makes another kernel than LyCORIS's";
+        else if (m->type == FM_NORM)
             why = "LyCORIS norm tuning (w_norm / b_norm) adds to a norm's weight; a PEFT adapter could only replace "
                   "the whole norm (LN_TUNING) with values computed from this base";
         else if (ds != NULL)
