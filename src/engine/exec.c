@@ -283,9 +283,14 @@ static lm_code pread_all(const lm_st_file *f, uint64_t off, uint8_t *dst, uint64
         ssize_t k = pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
         if (k < 0 && errno == EINTR)
             continue;
-        if (k <= 0) {
-            int e = k < 0 ? errno : EIO;
-            lm_fail_errno(err, e, "cannot read tensor '%s'", tensor);
+        if (k == 0) { /* its header said more: the file was cut while the merge read it */
+            lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated while "
+                    "the merge read it; nothing was written", tensor);
+            lm_err_set_path(err, lm_st_path(f));
+            return LM_E_IO;
+        }
+        if (k < 0) {
+            lm_fail_errno(err, errno, "cannot read tensor '%s'", tensor);
             lm_err_set_path(err, lm_st_path(f));
             return LM_E_IO;
         }
@@ -598,6 +603,12 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
                 if (k <= 0) {
                     if (k < 0 && errno == EINTR)
                         continue;
+                    if (k == 0) { /* the mapping would SIGBUS past the new end */
+                        lm_fail(err, LM_E_IO, "InputChanged", "the file ends inside tensor '%s': it was truncated "
+                                "while the merge read it; nothing was written", t->name);
+                        lm_err_set_path(err, lm_st_path(f));
+                        return LM_E_IO;
+                    }
                     if (k < 0 && (errno == ENOSPC || errno == EFBIG || errno == EIO || errno == EDQUOT))
                         return lm_st_writer_pwrite(w, src + (tk->count - left) + tk->first, (size_t)left,
                                                    dst + tk->first + (tk->count - left), err);

@@ -13,7 +13,9 @@
 #include "output.h"
 #include "plan.h"
 #include "report.h"
+#include "st_reader.h"
 #include "st_writer.h"
+#include "tensor_set.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -604,9 +606,52 @@ static lm_code check_strict(merge_state *S, lm_err *err)
 
 /* Once every file is complete and before any is renamed into place: what the merge really
  * changed, after rounding.  Nothing at all is an error (NoOp), as is any warning under strict. */
+/* Every input read through a file (the base's safetensors files, each adapter's original) must
+ * still be what was read: a base truncated or overwritten in place would have mixed old and new
+ * bytes into the output, an adapter changed after its snapshot (adapters are copied once when
+ * opened) is reported too, so that no output claims to be the merge of files that are not
+ * there any more (issue 15). */
+static lm_code check_inputs_unchanged(const merge_state *S, lm_err *err)
+{
+    for (size_t i = 0; i < lm_model_n_files(S->model); i++)
+        if (lm_st_input_changed(lm_model_file(S->model, i))) {
+            lm_fail(err, LM_E_IO, "InputChanged", "the base file changed (truncated, overwritten or replaced) while "
+                    "the merge read it; nothing was written");
+            lm_err_set_path(err, lm_st_path(lm_model_file(S->model, i)));
+            return LM_E_IO;
+        }
+    for (size_t i = 0; S->ads != NULL && i < S->job->n_adapters; i++) {
+        const lm_st_file *f = S->ads[i] && S->ads[i]->ts ? S->ads[i]->ts->st : NULL;
+        if (lm_st_input_changed(f)) {
+            lm_fail(err, LM_E_IO, "InputChanged", "the adapter file changed (truncated, overwritten or replaced) "
+                    "during the merge, which used it as it was when opened; nothing was written");
+            lm_err_set_path(err, lm_st_path(f));
+            return LM_E_IO;
+        }
+    }
+    return LM_OK;
+}
+
+/* Test seam (tests/test_budget.c): with LM_TEST_PAUSE_BEFORE_COMMIT set, one line on stderr and
+ * one byte read from stdin before the output is committed, so that a test can change an input
+ * at that exact point. */
+static void test_pause(void)
+{
+    if (getenv("LM_TEST_PAUSE_BEFORE_COMMIT") == NULL)
+        return;
+    fputs("lora-merge: paused before commit\n", stderr);
+    fflush(stderr);
+    char c;
+    while (read(0, &c, 1) < 0 && errno == EINTR)
+        ;
+}
+
 static lm_code check_changes(void *ctx, lm_err *err)
 {
     merge_state *S = ctx;
+    test_pause();
+    if (check_inputs_unchanged(S, err) != LM_OK)
+        return err->code;
     uint64_t changed = 0, elems = 0;
     size_t n_adapted = 0;
     for (size_t i = 0; i < S->plan->n; i++)

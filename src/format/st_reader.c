@@ -93,7 +93,10 @@ typedef struct st_chunk {
 
 struct lm_st_file {
     char *path;                /* owned: the path, or the name given to lm_st_open_buffer */
-    int fd;                    /* -1 for a buffer */
+    int fd;                    /* -1 for a buffer; a snapshot's memfd */
+    int snapshot;              /* fd is a copy of path's bytes (lm_st_open_snapshot) */
+    int have_stat;             /* opened: the file as it was when read */
+    struct stat opened;
     void *map;                 /* owned mapping (munmap), NULL for buffers and short files */
     size_t map_bytes;
     const uint8_t *bytes;      /* whole file: map, or the borrowed buffer */
@@ -626,6 +629,116 @@ fail:
     return NULL;
 }
 
+static int same_file_state(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+int lm_st_input_changed(const lm_st_file *f)
+{
+    struct stat now;
+    if (f == NULL || !f->have_stat)
+        return 0;
+    if (f->snapshot ? stat(f->path, &now) != 0 : fstat(f->fd, &now) != 0)
+        return 1;
+    return !same_file_state(&f->opened, &now);
+}
+
+/* Copies the n bytes of regular file `in` into a new sealed memfd; -1 with errno (ESTALE: the
+ * file did not hold n bytes while it was copied). */
+static int snapshot_fd(int in, uint64_t n)
+{
+    int m = memfd_create("lora-merge-input", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (m < 0)
+        return -1;
+    if (ftruncate(m, (off_t)n) != 0)
+        goto fail;
+    loff_t off_in = 0, off_out = 0;
+    while ((uint64_t)off_in < n) {
+        ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)(n - (uint64_t)off_in), 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
+            char buf[1 << 16];
+            ssize_t r = pread(in, buf, sizeof buf < n - (uint64_t)off_in ? sizeof buf : (size_t)(n - (uint64_t)off_in),
+                              off_in);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0 || pwrite(m, buf, (size_t)r, off_out) != r) {
+                if (r == 0)
+                    errno = ESTALE;
+                goto fail;
+            }
+            off_in += r;
+            off_out += r;
+            continue;
+        }
+        if (k <= 0) {
+            if (k == 0)
+                errno = ESTALE; /* shorter than its size: truncated while copied */
+            goto fail;
+        }
+    }
+    if (fcntl(m, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
+        goto fail;
+    return m;
+fail:;
+    int e = errno;
+    close(m);
+    errno = e;
+    return -1;
+}
+
+lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err)
+{
+    lm_st_file *f = lm_st_open(path, err);
+    if (f == NULL || f->fd < 0 || f->map == NULL)
+        return f; /* refused, or too short to need a copy: already checked from its bytes */
+    /* the first open validated the file in place; now the bytes are copied once and checked again
+     * from the copy, which is what every later read sees */
+    struct stat before = f->opened, after;
+    int m = snapshot_fd(f->fd, (uint64_t)before.st_size);
+    int e = errno;
+    int changed = m >= 0 && (fstat(f->fd, &after) != 0 || !same_file_state(&before, &after));
+    lm_st_close(f);
+    if (m < 0 || changed) {
+        if (m >= 0)
+            close(m);
+        if (m < 0 && e != ESTALE) {
+            lm_fail_errno(err, e, "cannot copy the file into memory");
+        } else {
+            lm_fail(err, LM_E_IO, "InputChanged", "the file changed while it was being read (%s); nothing was merged",
+                    "truncated, overwritten or replaced");
+        }
+        lm_err_set_path(err, path);
+        return NULL;
+    }
+    if ((f = file_new(path, err)) == NULL) {
+        close(m);
+        goto fail;
+    }
+    f->fd = m;
+    f->snapshot = 1;
+    f->have_stat = 1;
+    f->opened = before;
+    f->map = mmap(NULL, (size_t)before.st_size, PROT_READ, MAP_SHARED, m, 0);
+    if (f->map == MAP_FAILED) {
+        f->map = NULL;
+        lm_fail_errno(err, errno, "cannot map %llu bytes", (unsigned long long)before.st_size);
+        goto fail;
+    }
+    f->map_bytes = (size_t)before.st_size;
+    if (st_validate(f, f->map, (uint64_t)before.st_size, err) != LM_OK)
+        goto fail;
+    return f;
+fail:
+    lm_err_set_path(err, path);
+    lm_st_close(f);
+    return NULL;
+}
+
 lm_st_file *lm_st_open(const char *path, lm_err *err)
 {
     static const uint8_t no_bytes[8];
@@ -647,6 +760,8 @@ lm_st_file *lm_st_open(const char *path, lm_err *err)
         lm_fail_errno(err, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "not a regular file");
         goto fail;
     }
+    f->opened = st;
+    f->have_stat = 1;
     const int fl = fcntl(f->fd, F_GETFL);
     if (fl != -1)
         (void)fcntl(f->fd, F_SETFL, fl & ~O_NONBLOCK);

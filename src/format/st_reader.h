@@ -24,6 +24,18 @@ int lm_st_in_mapping(const lm_st_file *f, const void *p, uint64_t n);
  * it). */
 void lm_drop_mapped_pages(const void *p, uint64_t n);
 
+/*! lm_st_open_snapshot() : lm_st_open() on a copy of the file's bytes taken once, into a sealed
+ *  memfd that is then mapped (for adapters, which are small): the file may be truncated or
+ *  overwritten while the copy is read, never during it unnoticed (its size and times are compared
+ *  before and after the copy).  The mapping is shared memory, so lm_drop_mapped_pages() still
+ *  only drops this process's pages of it.  lm_st_path() is the original path. */
+lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err);
+
+/*! lm_st_input_changed() : 1 when the file f was opened from (the original of a snapshot) is no
+ *  longer what was read: another size, modification or change time, or (by path, for a snapshot)
+ *  another inode.  0 for buffers and unchanged files. */
+int lm_st_input_changed(const lm_st_file *f);
+
 /* An open-addressing set of names, each identified by an index into the owner's array.  The
  * capacity is fixed at init for the expected count (never more than half full), so inserting
  * never reallocates.  Names are looked up through key_of(ctx, index), so the table stores only

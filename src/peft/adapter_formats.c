@@ -814,7 +814,7 @@ lm_code fm_load_file(fm_ctx *c, const char *path, lm_tensor_set **out, int *root
     } else if (k == SNIFF_TORCH) {
         rc = lm_torch_obj_load(path, out, root_kind, err);
     } else {
-        lm_st_file *st = lm_st_open(path, err);
+        lm_st_file *st = lm_st_open_snapshot(path, err);
         rc = st ? set_of_st(st, path, out, err) : (err ? err->code : LM_E_FORMAT);
     }
     return loaded(c, rc, path, out, err);

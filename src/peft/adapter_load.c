@@ -3,6 +3,7 @@
 #include "adapter_load.h"
 
 #include "lm_error.h"
+#include "st_reader.h"
 #if __has_include("torch_bin.h")
 #include "torch_bin.h"
 #define LM_HAVE_TORCH_BIN 1
@@ -146,7 +147,7 @@ void lm_adapter_free(lm_adapter *a)
 
 static lm_code load_safetensors(lm_adapter *a, lm_err *err)
 {
-    lm_st_file *f = lm_st_open(a->weights_path, err);
+    lm_st_file *f = lm_st_open_snapshot(a->weights_path, err); /* read once: later changes cannot reach the merge */
     if (f == NULL)
         return err ? err->code : LM_E_FORMAT;
     a->ts = lm_ts_create(a->weights_path);
