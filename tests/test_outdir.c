@@ -7,10 +7,18 @@
 
 #include <cJSON.h>
 #include <criterion/criterion.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 static void od_gen(const char *dir)
 {
@@ -124,4 +132,219 @@ Test(outdir, refusals_leave_nothing)
     cr_assert(!th_exists(newd), "the refused merge left %s", newd);
     th_rmrf(tmp);
     free(tmp);
+}
+
+/* ---- the commit protocol of a directory OUT (issue 15 item 2) ----------------------------------- */
+/* The model a directory holds: every tensor of its shards (through the index, or model.safetensors)
+ * equal to those of ref_a (1), of ref_b (2); 0 when it holds no model (no index, no
+ * model.safetensors); -1 for anything else: a mixed or broken model. */
+static int od_model_is(const char *dir, const char *ref_a, const char *ref_b)
+{
+    char p[1400];
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
+    size_t n;
+    char *js = (char *)th_read_file(p, &n);
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    if (js == NULL && !th_exists(p))
+        return 0;
+    const char *refs[2] = {ref_a, ref_b};
+    int verdict = -1;
+    for (int k = 0; k < 2 && verdict < 0; k++) {
+        th_st ref;
+        if (th_st_read(refs[k], &ref) != 0)
+            return -1;
+        int same = 1;
+        if (js == NULL) {
+            same = th_files_equal(p, refs[k]);
+        } else {
+            cJSON *idx = cJSON_ParseWithLength(js, n);
+            const cJSON *map = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
+            same = map != NULL && (size_t)cJSON_GetArraySize(map) == ref.n;
+            for (size_t i = 0; i < ref.n && same; i++) {
+                const cJSON *f = cJSON_GetObjectItemCaseSensitive(map, ref.t[i].name);
+                char sp[1400];
+                th_st sh;
+                if (!cJSON_IsString(f) || th_path(sp, sizeof sp, dir, f->valuestring) != 0 || th_st_read(sp, &sh) != 0) {
+                    same = 0;
+                    break;
+                }
+                const th_tensor *t = th_st_find(&sh, ref.t[i].name);
+                same = t != NULL && t->n_bytes == ref.t[i].n_bytes && memcmp(t->data, ref.t[i].data, t->n_bytes) == 0;
+                th_st_free(&sh);
+            }
+            cJSON_Delete(idx);
+        }
+        th_st_free(&ref);
+        if (same)
+            verdict = k + 1;
+    }
+    free(js);
+    return verdict;
+}
+
+/* names in dir that a run leaves only while it runs: stages and temporary files */
+static int od_count_temps(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return 0;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        n += strstr(de->d_name, ".lm-tmp-") != NULL || strncmp(de->d_name, ".lora-merge-stage.", 18) == 0;
+    closedir(d);
+    return n;
+}
+
+typedef struct {
+    char *tmp;
+    char base_dir[700], ad[700], ref_a[700], ref_b[700], out[700];
+} od_fx;
+
+/* a small model, and the single-file merges at --scale 1 (ref_a) and 0.5 (ref_b) */
+static void od_fx_make(od_fx *f)
+{
+    char m[600];
+    f->tmp = th_tmpdir();
+    snprintf(m, sizeof m, "%s/m", f->tmp);
+    od_gen(m);
+    snprintf(f->base_dir, sizeof f->base_dir, "%s/base", m);
+    snprintf(f->ad, sizeof f->ad, "%s/adapter", m);
+    snprintf(f->ref_a, sizeof f->ref_a, "%s/a.safetensors", f->tmp);
+    snprintf(f->ref_b, sizeof f->ref_b, "%s/b.safetensors", f->tmp);
+    snprintf(f->out, sizeof f->out, "%s/out", f->tmp);
+    const char *a1[] = {th_bin(), "-q", f->base_dir, f->ad, f->ref_a, NULL};
+    od_run_ok(a1);
+    const char *a2[] = {th_bin(), "-q", "--scale", "0.5", f->base_dir, f->ad, f->ref_b, NULL};
+    od_run_ok(a2);
+}
+
+/* TOOL BUG before this test (src/engine/merge.c write_output): the shards were renamed into OUT
+ * one by one, then the index, then the side files; a failure on any later file left the new
+ * shards over the earlier model.  Here config.json cannot be replaced (a directory holds its
+ * place): the merge fails, and OUT holds the earlier model or none, never a mix. */
+Test(outdir, failed_commit_leaves_the_earlier_model_or_none)
+{
+    od_fx f;
+    od_fx_make(&f);
+    const char *a1[] = {th_bin(), "-q", "--max-shard-size", "100KB", f.base_dir, f.ad, f.out, NULL};
+    od_run_ok(a1);
+    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 1, "the first merge is not the --scale 1 model");
+    char p[1400];
+    snprintf(p, sizeof p, "%s/config.json", f.out);
+    cr_assert_eq(unlink(p), 0);
+    cr_assert_eq(mkdir(p, 0777), 0);
+    cr_assert_eq(th_write_text(p, "keep", "x"), 0);
+    const char *a2[] = {th_bin(), "--scale", "0.5", "--max-shard-size", "100KB", f.base_dir, f.ad, f.out, NULL};
+    th_run_result r = th_run(NULL, a2);
+    cr_assert_eq(r.status, 3, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "config.json") != NULL, "%s", r.err);
+    cr_assert_eq(strchr(r.err, '\n'), r.err + strlen(r.err) - 1, "not one line: %s", r.err);
+    th_run_free(&r);
+    int m = od_model_is(f.out, f.ref_a, f.ref_b);
+    cr_assert(m == 0 || m == 1, "OUT holds neither the earlier model nor none (%d: the new weights beside the old config.json)", m);
+    cr_assert_eq(od_count_temps(f.out), 0, "a stage or temporary file is left in %s", f.out);
+    /* the obstacle gone, a rerun completes the new model */
+    th_rmrf(p);
+    const char *a3[] = {th_bin(), "-q", "--scale", "0.5", "--max-shard-size", "100KB", f.base_dir, f.ad, f.out, NULL};
+    od_run_ok(a3);
+    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 2);
+    th_rmrf(f.tmp);
+    free(f.tmp);
+}
+
+static double od_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* runs argv, SIGKILLs it after delay seconds (if still running); @return 1 if it was killed */
+static int od_run_killed(const char *const *argv, double delay)
+{
+    pid_t pid;
+    extern char **environ;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+    cr_assert_eq(posix_spawn(&pid, argv[0], &fa, NULL, (char *const *)argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    struct timespec ts = {(time_t)delay, (long)((delay - (double)(time_t)delay) * 1e9)};
+    nanosleep(&ts, NULL);
+    int killed = kill(pid, SIGKILL) == 0, status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    return killed && WIFSIGNALED(status);
+}
+
+/* SIGKILL at points spread over a directory merge (alternately at --scale 1 and 0.5, so that a
+ * mix of two merges shows), each run over what the previous one left: OUT always holds one
+ * complete model or none; a last run completes it and leaves no stage or temporary file. */
+Test(outdir, sigkill_anywhere_then_rerun, .timeout = 240)
+{
+    od_fx f;
+    od_fx_make(&f);
+    const char *argv_a[] = {th_bin(), "-q", "--threads", "1", "--max-shard-size", "100KB", f.base_dir, f.ad, f.out,
+                            NULL};
+    const char *argv_b[] = {th_bin(), "-q", "--threads", "1", "--scale", "0.5", "--max-shard-size", "100KB",
+                            f.base_dir, f.ad, f.out, NULL};
+    const char *const *argvs[2] = {argv_a, argv_b};
+    double t0 = od_now();
+    od_run_ok(argv_a);
+    double t_run = od_now() - t0;
+    int n_points = 24, n_killed = 0;
+    for (int i = 0; i < n_points; i++) {
+        int which = i % 2;
+        n_killed += od_run_killed(argvs[which], t_run * (0.05 + 1.1 * i / n_points));
+        int m = od_model_is(f.out, f.ref_a, f.ref_b);
+        cr_assert(m == 0 || m == 1 || m == 2, "after a SIGKILL at %.0f%% of a run, OUT holds a mixed model",
+                  100.0 * (0.05 + 1.1 * i / n_points));
+    }
+    cr_log_info("sigkill: %d of %d runs killed (a run takes %.3f s)", n_killed, n_points, t_run);
+    cr_assert_geq(n_killed, n_points / 4, "only %d runs were killed: the timing is off", n_killed);
+    od_run_ok(argvs[1]);
+    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 2);
+    cr_assert_eq(od_count_temps(f.out), 0, "a stage or temporary file survives the rerun");
+    th_rmrf(f.tmp);
+    free(f.tmp);
+}
+
+/* What a killed run left is removed by the next run: a stage, a temporary file whose lock is
+ * free.  A temporary file another live process holds locked (a shard worker writing into the same
+ * OUT), and anything under .lora-merge-shards/, are never touched. */
+Test(outdir, stale_temps_removed_live_ones_kept)
+{
+    od_fx f;
+    od_fx_make(&f);
+    cr_assert_eq(mkdir(f.out, 0777), 0);
+    char p[1600], live[1400], dead[1400], stage[1400], shards[1400];
+    snprintf(live, sizeof live, "%s/.model-00001-of-00002.safetensors.lm-tmp-AbC123", f.out);
+    snprintf(dead, sizeof dead, "%s/.model.safetensors.lm-tmp-dEf456", f.out);
+    snprintf(stage, sizeof stage, "%s/.lora-merge-stage.99999.GhI789", f.out);
+    snprintf(shards, sizeof shards, "%s/.lora-merge-shards", f.out);
+    cr_assert_eq(th_write_file(live, "live", 4), 0);
+    cr_assert_eq(th_write_file(dead, "dead", 4), 0);
+    cr_assert_eq(mkdir(stage, 0700), 0);
+    cr_assert_eq(th_write_text(stage, "model.safetensors", "partial"), 0);
+    cr_assert_eq(mkdir(shards, 0777), 0);
+    cr_assert_eq(th_write_text(shards, "00001.json", "{}"), 0);
+    snprintf(p, sizeof p, "%s/.model-00002-of-00002.safetensors.lm-tmp-JkL012", shards);
+    cr_assert_eq(th_write_file(p, "x", 1), 0);
+    int fd = open(live, O_RDONLY);
+    cr_assert(fd >= 0 && flock(fd, LOCK_EX) == 0);
+    const char *a1[] = {th_bin(), "--json", f.base_dir, f.ad, f.out, NULL};
+    th_run_result r = th_run(NULL, a1);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, ".model.safetensors.lm-tmp-dEf456") != NULL, "the removal is not reported: %s", r.out);
+    th_run_free(&r);
+    close(fd);
+    cr_assert(th_exists(live), "the live writer's temporary file was removed");
+    cr_assert(!th_exists(dead), "the dead writer's temporary file is left");
+    cr_assert(!th_exists(stage), "the dead run's stage is left");
+    cr_assert(th_exists(p), "a file under .lora-merge-shards/ was removed");
+    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 1);
+    cr_assert_eq(od_count_temps(f.out), 1); /* the live one */
+    th_rmrf(f.tmp);
+    free(f.tmp);
 }

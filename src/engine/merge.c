@@ -685,6 +685,10 @@ static lm_code write_output(merge_state *S, lm_err *err)
     lm_code rc;
     if ((rc = lm_out_make_dir(&S->ot, err)) != LM_OK)
         return rc;
+    lm_out_clean_stale_temps(&S->ot, S->ri);
+    if ((rc = lm_out_stage_begin(&S->ot, err)) != LM_OK)
+        return rc;
+    char **paths = S->ot.write_paths ? S->ot.write_paths : S->ot.paths;
     lm_exec_opts eo;
     memset(&eo, 0, sizeof eo);
     eo.n_threads = job->n_threads;
@@ -696,22 +700,19 @@ static lm_code write_output(merge_state *S, lm_err *err)
     eo.exactness_off = job->exactness_off;
     eo.recomputed = S->ri->recomputed;
     eo.n_shards = S->ot.n_shards;
-    eo.shard_paths = (const char *const *)S->ot.paths;
+    eo.shard_paths = (const char *const *)paths;
     eo.shard_of = S->ot.shard_of;
     eo.stats = S->tstats;
     eo.stats_norms = job->tensor_norms;
     eo.before_commit = check_changes;
     eo.before_commit_ctx = S;
-    if ((rc = lm_exec_run(S->plan, S->model, S->ads, S->ot.paths[0], &eo, &S->st, err)) != LM_OK)
+    if ((rc = lm_exec_run(S->plan, S->model, S->ads, paths[0], &eo, &S->st, err)) != LM_OK)
         return rc;
     if (job->progress) /* the last call says "all of it" */
         job->progress(job->progress_ctx, S->st.bytes_written, S->st.bytes_written);
     phase_end(S, LM_PHASE_WRITE);
-    if (S->ot.is_dir) {
-        if ((rc = lm_out_put_index_and_side_files(&S->ot, &S->side, err)) != LM_OK)
-            return rc;
-        lm_out_remove_stale(&S->ot, S->ri);
-    }
+    if (S->ot.is_dir && (rc = lm_out_commit(&S->ot, &S->side, job->do_fsync, S->ri, err)) != LM_OK)
+        return rc;
     phase_end(S, LM_PHASE_FINISH);
     if (job->hash_outputs) {
         for (size_t i = 0; i < S->ri->n_files; i++) {
@@ -839,6 +840,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         S.ri = NULL;
     }
 done:
+    lm_out_stage_abort(&S.ot); /* a failure: the stage and what is in it */
     if (rc != LM_OK && S.ot.created_dir)
         rmdir(S.ot.dir); /* only if still empty: nothing of ours is left in it */
     state_free(&S);

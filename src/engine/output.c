@@ -9,11 +9,14 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -29,6 +32,10 @@ void lm_out_target_free(lm_out_target *o)
     for (size_t i = 0; i < o->n_stale; i++)
         free(o->stale[i]);
     free(o->stale);
+    lm_out_stage_abort(o);
+    for (size_t i = 0; i < o->n_shards && o->write_paths; i++)
+        free(o->write_paths[i]);
+    free(o->write_paths);
     memset(o, 0, sizeof *o);
 }
 
@@ -51,6 +58,12 @@ char *lm_path_join(const char *dir, const char *name)
     if (p != NULL)
         snprintf(p, n, "%s/%s", dir, name);
     return p;
+}
+
+static const char *name_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
 }
 
 static int ends_with_ci(const char *s, size_t n, const char *suffix)
@@ -274,16 +287,16 @@ lm_code lm_out_make_dir(lm_out_target *o, lm_err *err)
 lm_code lm_out_put_index_and_side_files(lm_out_target *o, const lm_side_plan *side, lm_err *err)
 {
     lm_code rc = LM_OK;
-    if (o->index_text != NULL) {
-        char *path = lm_path_join(o->dir, LM_INDEX_NAME);
-        rc = path ? lm_write_file_atomic(path, o->index_text, strlen(o->index_text), err)
-                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        free(path);
-    }
     for (size_t i = 0; i < side->n && rc == LM_OK; i++) {
         const lm_side_file *f = &side->f[i];
         char *path = lm_path_join(o->dir, f->name);
         rc = path ? lm_write_file_atomic_mode(path, f->data, f->n_bytes, f->mode, err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        free(path);
+    }
+    if (o->index_text != NULL && rc == LM_OK) { /* the commit record, last */
+        char *path = lm_path_join(o->dir, LM_INDEX_NAME);
+        rc = path ? lm_write_file_atomic(path, o->index_text, strlen(o->index_text), err)
                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         free(path);
     }
@@ -301,6 +314,253 @@ void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r)
                            strerror(errno));
         free(path);
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the commit protocol of a directory OUT (see output.h)                                       */
+/* ------------------------------------------------------------------------------------------ */
+static lm_code fail_path(lm_err *err, int e, const char *path, const char *what)
+{
+    lm_fail_errno(err, e, "%s", what);
+    lm_err_set_path(err, path);
+    return LM_E_IO;
+}
+
+lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
+{
+    if (!o->is_dir || o->stage != NULL)
+        return LM_OK;
+    char name[64];
+    snprintf(name, sizeof name, LM_STAGE_PREFIX "%ld.XXXXXX", (long)getpid());
+    o->stage_fd = -1;
+    if ((o->stage = lm_path_join(o->dir, name)) == NULL ||
+        (o->write_paths = calloc(o->n_shards + 1, sizeof *o->write_paths)) == NULL) {
+        free(o->stage);
+        o->stage = NULL;
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* created and registered with no signal in between */
+    int made = mkdtemp(o->stage) != NULL, e = errno;
+    if (made)
+        o->stage_slot = lm_cleanup_register_dir(o->stage);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!made) {
+        lm_code rc = fail_path(err, e, o->dir, "cannot create the staging directory in the output directory");
+        free(o->stage);
+        o->stage = NULL;
+        return rc;
+    }
+    o->stage_fd = open(o->stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (o->stage_fd < 0 || flock(o->stage_fd, LOCK_EX) != 0) {
+        lm_code rc = fail_path(err, errno, o->stage, "cannot lock the staging directory");
+        lm_out_stage_abort(o);
+        return rc;
+    }
+    for (size_t i = 0; i < o->n_shards; i++)
+        if ((o->write_paths[i] = lm_path_join(o->stage, name_of(o->paths[i]))) == NULL) {
+            lm_out_stage_abort(o);
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+    return LM_OK;
+}
+
+/* removes every entry of the directory dfd (a stage: only files of ours) */
+static void empty_dir(int dfd)
+{
+    int fd = dup(dfd);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    if (d == NULL) {
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+            unlinkat(dfd, de->d_name, 0);
+    closedir(d);
+}
+
+void lm_out_stage_abort(lm_out_target *o)
+{
+    if (o->stage == NULL)
+        return;
+    if (o->stage_fd >= 0) {
+        empty_dir(o->stage_fd);
+        rmdir(o->stage);
+        close(o->stage_fd);
+    } else {
+        rmdir(o->stage);
+    }
+    lm_cleanup_unregister(o->stage_slot);
+    o->stage_slot = NULL;
+    o->stage_fd = -1;
+    free(o->stage);
+    o->stage = NULL;
+}
+
+static int fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    /* some file systems refuse fsync on a directory: not an error of ours */
+    if (rc != 0 && (errno == EINVAL || errno == EROFS || errno == EBADF))
+        rc = 0;
+    int e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+}
+
+static int is_stale(const lm_out_target *o, const char *name)
+{
+    for (size_t i = 0; i < o->n_stale; i++)
+        if (strcmp(o->stale[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+/* the index and side files, into the stage */
+static lm_code stage_small_files(lm_out_target *o, const lm_side_plan *side, int do_fsync, lm_err *err)
+{
+    lm_code rc = LM_OK;
+    if (o->index_text != NULL) {
+        char *path = lm_path_join(o->stage, LM_INDEX_NAME);
+        rc = path ? lm_write_file_atomic_sync(path, o->index_text, strlen(o->index_text), 0666, do_fsync, err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        if (rc != LM_OK)
+            lm_err_set_path(err, path ? path : o->dir);
+        free(path);
+    }
+    for (size_t i = 0; i < side->n && rc == LM_OK; i++) {
+        const lm_side_file *f = &side->f[i];
+        char *path = lm_path_join(o->stage, f->name);
+        rc = path ? lm_write_file_atomic_sync(path, f->data, f->n_bytes, f->mode, do_fsync, err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        free(path);
+    }
+    if (rc == LM_OK && do_fsync && fsync_dir(o->stage) != 0)
+        rc = fail_path(err, errno, o->stage, "cannot flush the staging directory");
+    return rc;
+}
+
+/* one staged file into OUT */
+static lm_code move_in(lm_out_target *o, const char *name, lm_err *err)
+{
+    char *dst = lm_path_join(o->dir, name);
+    if (dst == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    char *src = lm_path_join(o->stage, name);
+    lm_code rc = LM_OK;
+    if (src == NULL)
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    else if (rename(src, dst) != 0)
+        rc = fail_path(err, errno, dst, "cannot move the file into the output directory");
+    free(src);
+    free(dst);
+    return rc;
+}
+
+lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, lm_report_impl *r, lm_err *err)
+{
+    if (o->stage == NULL)
+        return LM_OK;
+    lm_code rc = stage_small_files(o, side, do_fsync, err);
+    if (rc != LM_OK)
+        return rc;
+    const char *record = o->n_shards > 1 ? LM_INDEX_NAME : "model.safetensors";
+    /* (a) OUT holds no model from here on */
+    static const char *const records[] = {LM_INDEX_NAME, "model.safetensors"};
+    for (size_t i = 0; i < 2; i++) {
+        char *p = lm_path_join(o->dir, records[i]);
+        if (p == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        int gone = unlink(p) == 0, e = errno;
+        if (!gone && e != ENOENT)
+            rc = fail_path(err, e, p, "cannot remove the earlier model's file");
+        free(p);
+        if (rc != LM_OK)
+            return rc;
+        if (gone && is_stale(o, records[i]))
+            lm_report_removed(r, records[i]);
+    }
+    if (do_fsync && fsync_dir(o->dir) != 0)
+        return fail_path(err, errno, o->dir, "cannot flush the output directory");
+    /* (b) everything but the record */
+    for (size_t i = 0; i < o->n_shards && rc == LM_OK; i++)
+        if (strcmp(name_of(o->paths[i]), record) != 0)
+            rc = move_in(o, name_of(o->paths[i]), err);
+    for (size_t i = 0; i < side->n && rc == LM_OK; i++)
+        rc = move_in(o, side->f[i].name, err);
+    if (rc != LM_OK)
+        return rc;
+    /* (c) the earlier merge's files the new model does not replace */
+    lm_out_remove_stale(o, r);
+    /* (d) the record, last */
+    if ((rc = move_in(o, record, err)) != LM_OK)
+        return rc;
+    if (do_fsync && fsync_dir(o->dir) != 0)
+        return fail_path(err, errno, o->dir, "cannot flush the output directory");
+    lm_out_stage_abort(o); /* (e) empty by now */
+    return LM_OK;
+}
+
+/* ".<name>.lm-tmp-XXXXXX": a temporary file of st_writer.c */
+static int is_temp_name(const char *name)
+{
+    size_t n = strlen(name), k = strlen(".lm-tmp-");
+    return name[0] == '.' && n > k + 6 + 1 && strncmp(name + n - 6 - k, ".lm-tmp-", k) == 0;
+}
+
+/* open a stale candidate and take its lock without waiting: a file whose lock is free belongs to
+ * a dead process (every writer locks its temporary file from its creation to its rename) */
+static int lock_if_dead(int dfd, const char *name, int dir)
+{
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | (dir ? O_DIRECTORY : 0));
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) ||
+        flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+void lm_out_clean_stale_temps(const lm_out_target *o, lm_report_impl *r)
+{
+    char *dir = o->is_dir ? strdup(o->dir) : lm_base_directory(o->paths ? o->paths[0] : "");
+    size_t n_leaf = 0;
+    const char *leaf = o->is_dir || o->paths == NULL ? "" : lm_path_leaf(o->paths[0], &n_leaf);
+    int dfd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    DIR *d = dfd >= 0 ? fdopendir(dup(dfd)) : NULL;
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        const char *name = de->d_name;
+        int stage = o->is_dir && strncmp(name, LM_STAGE_PREFIX, strlen(LM_STAGE_PREFIX)) == 0;
+        /* beside a file OUT, only the temporary files of that name */
+        int temp = is_temp_name(name) && (o->is_dir || (n_leaf > 0 && strncmp(name + 1, leaf, n_leaf < 200 ? n_leaf : 200) == 0));
+        if (!stage && !temp)
+            continue;
+        int fd = lock_if_dead(dfd, name, stage);
+        if (fd < 0)
+            continue;
+        if (stage)
+            empty_dir(fd);
+        if (unlinkat(dfd, name, stage ? AT_REMOVEDIR : 0) == 0 && r != NULL)
+            lm_report_note(r, "removed %s, left by an interrupted run", name);
+        close(fd);
+    }
+    if (d != NULL)
+        closedir(d);
+    if (dfd >= 0)
+        close(dfd);
+    free(dir);
 }
 
 lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)

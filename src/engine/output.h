@@ -26,7 +26,14 @@ typedef struct lm_out_target {
     char **stale;        /* owned: names in a directory OUT left by an earlier merge, removed
                             once the new model is in place */
     size_t n_stale;
+    /* the commit protocol of a directory OUT (see lm_out_stage_begin) */
+    char *stage;         /* owned: OUT/.lora-merge-stage.<pid>.XXXXXX while the model is written */
+    int stage_fd;        /* the stage, flock'd (LOCK_EX) for the whole run: a live stage is never cleaned */
+    struct lm_cleanup_slot *stage_slot; /* its signal-time cleanup registration */
+    char **write_paths;  /* owned: where each shard is written (in the stage); NULL: paths */
 } lm_out_target;
+
+#define LM_STAGE_PREFIX ".lora-merge-stage."
 
 void lm_out_target_free(lm_out_target *o);
 
@@ -52,12 +59,44 @@ lm_code lm_out_scan_existing(lm_out_target *o, const lm_side_plan *side, lm_err 
 /*! lm_out_make_dir() : creates a directory OUT that does not exist yet (o->created_dir). */
 lm_code lm_out_make_dir(lm_out_target *o, lm_err *err);
 
-/*! lm_out_put_index_and_side_files() : model.safetensors.index.json (or the removal of an index
- *  an earlier single-file merge left) and every side file, each with its permission bits. */
+/* ---- the commit protocol of a directory OUT ---------------------------------------------------
+ * A directory OUT holds a model when it holds its commit record: model.safetensors.index.json
+ * (sharded) or model.safetensors (one file); a directory with neither is not a model (loaders
+ * and lora-merge refuse it).  So:
+ *   1. lm_out_stage_begin(): everything is written into a stage, OUT/.lora-merge-stage.<pid>.XXXXXX,
+ *      created inside OUT so that every later step is a rename within one file system, and
+ *      flock'd for the whole run (a stage whose lock is free belongs to a dead run);
+ *   2. lm_out_commit(): the index and side files into the stage; then (a) OUT's commit records
+ *      are removed (OUT holds no model from here), (b) every staged file but the new record is
+ *      renamed into OUT, (c) the earlier merge's stale files are removed, (d) the new record is
+ *      renamed into OUT last, (e) the stage is removed.  --fsync syncs every file, and OUT after
+ *      (a) and after (d).
+ * A failure before (a) leaves OUT as it was; after (a), OUT holds no model (a rerun completes it).
+ * Shard workers (--shards) write into OUT directly and do not stage: finalize writes the index
+ * last, the same rule. */
+
+/*! lm_out_stage_begin() : creates and locks the stage of a directory OUT (no-op for a file OUT)
+ *  and points o->write_paths into it. */
+lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err);
+
+/*! lm_out_commit() : steps 2 (a)-(e) above; every removed name recorded in r. */
+lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, lm_report_impl *r, lm_err *err);
+
+/*! lm_out_stage_abort() : removes the stage and what is in it (no-op without a stage). */
+void lm_out_stage_abort(lm_out_target *o);
+
+/*! lm_out_put_index_and_side_files() : without a stage (shard workers' finalize): every side
+ *  file, then model.safetensors.index.json last, each through a temporary file and a rename. */
 lm_code lm_out_put_index_and_side_files(lm_out_target *o, const lm_side_plan *side, lm_err *err);
 
 /*! lm_out_remove_stale() : removes o->stale; each removed name is recorded in r. */
 void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r);
+
+/*! lm_out_clean_stale_temps() : removes what a killed run left: stages in a directory OUT, and
+ *  temporary files (".<name>.lm-tmp-XXXXXX") in OUT or beside a file OUT, each only when its
+ *  lock is free (its writer is dead).  Nothing else: never another run's live files, never
+ *  anything under OUT/.lora-merge-shards/.  Each removed name is noted in r (when r != NULL). */
+void lm_out_clean_stale_temps(const lm_out_target *o, lm_report_impl *r);
 
 /*! lm_base_directory() : the directory holding the base's files (the base itself when it is a
  *  directory); malloc'd, NULL when out of memory. */

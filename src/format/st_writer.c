@@ -14,14 +14,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 struct lm_st_writer {
     char *out_path;
     char *tmp_path;
     int fd;
-    int cleanup_slot;
+    lm_cleanup_slot *cleanup_slot;
+    int finished; /* lm_st_writer_finish() done: no more writes; fd kept (and locked) until the rename */
     size_t n;
     uint64_t *offsets;  /* absolute */
     uint64_t *n_bytes;
@@ -31,16 +34,61 @@ struct lm_st_writer {
 /* ------------------------------------------------------------------------------------------ */
 /* signal-time cleanup                                                                          */
 /* ------------------------------------------------------------------------------------------ */
-#define LM_CLEANUP_SLOTS 1024 /* temporary files at once: one per output shard */
-static char g_cleanup_paths[LM_CLEANUP_SLOTS][PATH_MAX];
-static volatile sig_atomic_t g_cleanup_used[LM_CLEANUP_SLOTS];
-static int g_cleanup_claimed[LM_CLEANUP_SLOTS];
+/* A list that only grows (nodes are reused, never freed), so that the handler can walk it at any
+ * moment without a lock and there is no limit on the number of files (one per output shard). */
+typedef struct cleanup_node {
+    struct cleanup_node *next;
+    volatile sig_atomic_t used; /* 1: path is to be removed; 2: path is a directory to empty and remove */
+    int claimed;
+    char path[PATH_MAX];
+} cleanup_node;
+static cleanup_node *volatile g_cleanup_head;
+
+/* the signals whose default action ends the process without a core dump or with one: a temporary
+ * file must not outlive any of them */
+static const int g_cleanup_sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
+                                     SIGXCPU, SIGVTALRM, SIGPROF};
+
+struct lm_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+/* async-signal-safe: the entries of a stage directory (our files only), then the directory */
+static void remove_dir_on_signal(const char *path)
+{
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        char buf[4096] __attribute__((aligned(8)));
+        for (;;) {
+            long n = syscall(SYS_getdents64, dfd, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            for (long pos = 0; pos < n;) {
+                struct lm_dirent64 *d = (struct lm_dirent64 *)(void *)(buf + pos);
+                if (!(d->d_name[0] == '.' && (d->d_name[1] == '\0' || (d->d_name[1] == '.' && d->d_name[2] == '\0'))))
+                    unlinkat(dfd, d->d_name, 0);
+                pos += d->d_reclen;
+            }
+        }
+        close(dfd);
+    }
+    rmdir(path);
+}
 
 static void cleanup_on_signal(int sig)
 {
-    for (int i = 0; i < LM_CLEANUP_SLOTS; i++)
-        if (g_cleanup_used[i])
-            unlink(g_cleanup_paths[i]); /* async-signal-safe */
+    int saved = errno;
+    for (cleanup_node *c = g_cleanup_head; c != NULL; c = c->next)
+        if (c->used == 1)
+            unlink(c->path); /* async-signal-safe */
+    for (cleanup_node *c = g_cleanup_head; c != NULL; c = c->next)
+        if (c->used == 2)
+            remove_dir_on_signal(c->path);
+    errno = saved;
     signal(sig, SIG_DFL);
     raise(sig);
 }
@@ -51,14 +99,15 @@ void lm_cleanup_install(void)
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = cleanup_on_signal;
     sigemptyset(&sa.sa_mask);
-    int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT};
-    for (size_t i = 0; i < LM_ARRAY_LEN(sigs); i++) {
+    for (size_t i = 0; i < LM_ARRAY_LEN(g_cleanup_sigs); i++) /* one handler at a time */
+        sigaddset(&sa.sa_mask, g_cleanup_sigs[i]);
+    for (size_t i = 0; i < LM_ARRAY_LEN(g_cleanup_sigs); i++) {
         /* a signal the caller ignores stays ignored: `nohup lora-merge ...` must survive the
          * hangup, a background job of a script its SIGINT */
         struct sigaction old;
-        if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+        if (sigaction(g_cleanup_sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
             continue;
-        sigaction(sigs[i], &sa, NULL);
+        sigaction(g_cleanup_sigs[i], &sa, NULL);
     }
     signal(SIGXFSZ, SIG_IGN);
 }
@@ -69,9 +118,8 @@ static void cleanup_block(sigset_t *old)
 {
     sigset_t set;
     sigemptyset(&set);
-    int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT};
-    for (size_t i = 0; i < LM_ARRAY_LEN(sigs); i++)
-        sigaddset(&set, sigs[i]);
+    for (size_t i = 0; i < LM_ARRAY_LEN(g_cleanup_sigs); i++)
+        sigaddset(&set, g_cleanup_sigs[i]);
     pthread_sigmask(SIG_BLOCK, &set, old);
 }
 
@@ -80,25 +128,40 @@ static void cleanup_unblock(const sigset_t *old)
     pthread_sigmask(SIG_SETMASK, old, NULL);
 }
 
-int lm_cleanup_register(const char *path)
+static lm_cleanup_slot *cleanup_register_as(const char *path, int kind)
 {
-    for (int i = 0; i < LM_CLEANUP_SLOTS; i++) {
-        /* claim the slot atomically: writers may be opened from several threads */
-        if (__atomic_exchange_n(&g_cleanup_claimed[i], 1, __ATOMIC_ACQ_REL) == 0) {
-            snprintf(g_cleanup_paths[i], sizeof g_cleanup_paths[i], "%s", path);
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            g_cleanup_used[i] = 1;
-            return i;
-        }
+    if (strlen(path) >= PATH_MAX)
+        return NULL;
+    cleanup_node *c;
+    for (c = g_cleanup_head; c != NULL; c = c->next)
+        /* claim a free node atomically: writers may be opened from several threads */
+        if (__atomic_exchange_n(&c->claimed, 1, __ATOMIC_ACQ_REL) == 0)
+            break;
+    if (c == NULL) {
+        if ((c = calloc(1, sizeof *c)) == NULL)
+            return NULL;
+        c->claimed = 1;
+        cleanup_node *head = __atomic_load_n(&g_cleanup_head, __ATOMIC_ACQUIRE);
+        do
+            c->next = head;
+        while (!__atomic_compare_exchange_n(&g_cleanup_head, &head, c, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
     }
-    return -1;
+    snprintf(c->path, sizeof c->path, "%s", path);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    c->used = kind;
+    return (lm_cleanup_slot *)c;
 }
 
-void lm_cleanup_unregister(int slot)
+lm_cleanup_slot *lm_cleanup_register(const char *path) { return cleanup_register_as(path, 1); }
+lm_cleanup_slot *lm_cleanup_register_dir(const char *path) { return cleanup_register_as(path, 2); }
+
+void lm_cleanup_unregister(lm_cleanup_slot *slot)
 {
-    if (slot >= 0 && slot < LM_CLEANUP_SLOTS) {
-        g_cleanup_used[slot] = 0;
-        __atomic_store_n(&g_cleanup_claimed[slot], 0, __ATOMIC_RELEASE);
+    cleanup_node *c = (cleanup_node *)slot;
+    if (c != NULL) {
+        c->used = 0;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        __atomic_store_n(&c->claimed, 0, __ATOMIC_RELEASE);
     }
 }
 
@@ -253,6 +316,34 @@ static char *temp_name_for(const char *out_path)
     return t;
 }
 
+/* mkostemp, then flock(LOCK_EX) held until the file is closed: a temporary file whose lock is
+ * free belongs to a dead process, and only such a file is ever removed by another run's cleanup
+ * (lm_out_clean_stale_temps).  Should a cleanup remove the name between the creation and the
+ * lock, the name no longer leads to our file: another name is tried. */
+static int create_locked_temp(char *tmpl)
+{
+    size_t n = strlen(tmpl);
+    for (int attempt = 0; attempt < 100; attempt++) {
+        memcpy(tmpl + n - 6, "XXXXXX", 6);
+        int fd = mkostemp(tmpl, O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        struct stat a, b;
+        if (flock(fd, LOCK_EX) == 0 && fstat(fd, &a) == 0 && stat(tmpl, &b) == 0 && a.st_dev == b.st_dev &&
+            a.st_ino == b.st_ino)
+            return fd;
+        int e = errno;
+        close(fd);
+        if (e != ENOENT && e != 0) {
+            unlink(tmpl);
+            errno = e;
+            return -1;
+        }
+    }
+    errno = EEXIST;
+    return -1;
+}
+
 /* the writer's layout: offsets, sizes and the header text in *sb (no file yet) */
 static lm_st_writer *writer_layout(const char *out_path, const lm_out_tensor *tensors, size_t n,
                                    const size_t *data_order, const char *const *meta_keys,
@@ -274,7 +365,7 @@ static lm_st_writer *writer_layout(const char *out_path, const lm_out_tensor *te
         return NULL;
     }
     w->fd = -1;
-    w->cleanup_slot = -1;
+    w->cleanup_slot = NULL;
     w->n = n;
     w->out_path = strdup(out_path);
     w->offsets = calloc(n ? n : 1, sizeof *w->offsets);
@@ -377,7 +468,7 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
     }
     sigset_t old_mask;
     cleanup_block(&old_mask);
-    w->fd = mkostemp(w->tmp_path, O_CLOEXEC);
+    w->fd = create_locked_temp(w->tmp_path);
     int mk_errno = errno;
     if (w->fd >= 0)
         w->cleanup_slot = lm_cleanup_register(w->tmp_path);
@@ -454,7 +545,7 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
 
 lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
 {
-    if (w->fd < 0)
+    if (w->fd < 0 || w->finished)
         return LM_OK;
     /* the temp file was created 0600; give it the permissions a new file would get */
     mode_t mask = umask(0);
@@ -465,14 +556,16 @@ lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
         lm_err_set_path(err, w->out_path);
         return LM_E_IO;
     }
-    if (close(w->fd) != 0) {
+    /* what close() reports (a delayed write error on NFS) is reported by the close of a
+     * duplicate too; the file itself stays open, and locked, until it is renamed */
+    int dup_fd = fcntl(w->fd, F_DUPFD_CLOEXEC, 0);
+    if (dup_fd < 0 || close(dup_fd) != 0) {
         int e = errno;
-        w->fd = -1;
         lm_fail_errno(err, e, "cannot close the output file");
         lm_err_set_path(err, w->out_path);
         return LM_E_IO;
     }
-    w->fd = -1;
+    w->finished = 1;
     return LM_OK;
 }
 
@@ -491,6 +584,8 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
     }
     free(w->tmp_path);
     w->tmp_path = NULL;
+    close(w->fd); /* flushed by lm_st_writer_finish(): nothing left to report */
+    w->fd = -1;
     if (do_fsync) {
         /* the rename itself is only durable once the directory is flushed too */
         char *dir = strdup(w->out_path);
@@ -525,18 +620,27 @@ lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes,
 
 lm_code lm_write_file_atomic_mode(const char *path, const void *data, size_t n_bytes, unsigned mode, lm_err *err)
 {
+    return lm_write_file_atomic_sync(path, data, n_bytes, mode, 0, err);
+}
+
+lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_bytes, unsigned mode, int do_fsync,
+                                  lm_err *err)
+{
     char *tmp = temp_name_for(path);
     if (tmp == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    int fd = mkostemp(tmp, O_CLOEXEC);
+    sigset_t old_mask;
+    cleanup_block(&old_mask);
+    int fd = create_locked_temp(tmp), mk_errno = errno;
+    lm_cleanup_slot *slot = fd >= 0 ? lm_cleanup_register(tmp) : NULL;
+    cleanup_unblock(&old_mask);
     if (fd < 0) {
-        int e = errno;
+        int e = mk_errno;
         free(tmp);
         lm_fail_errno(err, e, "cannot create the file in its directory");
         lm_err_set_path(err, path);
         return LM_E_IO;
     }
-    int slot = lm_cleanup_register(tmp);
     const uint8_t *p = data;
     size_t left = n_bytes;
     int e = 0;
@@ -555,12 +659,16 @@ lm_code lm_write_file_atomic_mode(const char *path, const void *data, size_t n_b
     umask(mask);
     if (e == 0 && fchmod(fd, (mode_t)(mode & 0777) & ~mask) != 0)
         e = errno;
+    if (e == 0 && do_fsync && fsync(fd) != 0)
+        e = errno;
+    /* renamed while still locked, so no other run's cleanup can take it for a dead one's */
+    int renamed = e == 0 && rename(tmp, path) == 0;
+    if (e == 0 && !renamed)
+        e = errno;
     if (close(fd) != 0 && e == 0)
         e = errno;
-    if (e == 0 && rename(tmp, path) != 0)
-        e = errno;
     if (e != 0)
-        unlink(tmp);
+        unlink(renamed ? path : tmp);
     lm_cleanup_unregister(slot);
     free(tmp);
     if (e != 0) {

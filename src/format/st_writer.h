@@ -48,9 +48,11 @@ const char *lm_st_writer_temp_path(const lm_st_writer *w);
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err);
 
-/*! lm_st_writer_finish() : optionally fsyncs and closes the temporary file, which stays
- *  registered for cleanup until lm_st_writer_commit() renames it or lm_st_writer_abort()
- *  removes it (several shards are all finished before any is renamed).  No more writes. */
+/*! lm_st_writer_finish() : optionally fsyncs the temporary file and flushes it as close() would
+ *  (reporting what close() reports); it stays open, flock'd and registered for cleanup until
+ *  lm_st_writer_commit() renames it or lm_st_writer_abort() removes it (several shards are all
+ *  finished before any is renamed).  No more writes.  Every temporary file is flock'd (LOCK_EX)
+ *  from its creation to its rename: one whose lock is free belongs to a dead process. */
 lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err);
 
 /*! lm_st_writer_commit() : optionally fsyncs, closes and renames the temporary file over
@@ -66,6 +68,9 @@ lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes,
  *  is never more open than that, even while being written). */
 lm_code lm_write_file_atomic_mode(const char *path, const void *data, size_t n_bytes, unsigned mode,
                                   lm_err *err);
+/*! lm_write_file_atomic_sync() : the same, fsync'd before the rename when do_fsync. */
+lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_bytes, unsigned mode, int do_fsync,
+                                  lm_err *err);
 
 /*! lm_json_escape() : appends s as a JSON string body (no quotes) to buf; @return new length,
  *  or (size_t)-1 if cap is too small. */
@@ -74,11 +79,16 @@ size_t lm_json_escape(char *buf, size_t used, size_t cap, const char *s);
 /* ---- temporary-file cleanup on signals ----------------------------------------------------
  * The one piece of process-wide state: a signal handler can only see globals.  The writer
  * registers its temporary file here; lm_cleanup_install() (called by the CLI) makes SIGINT,
- * SIGTERM, SIGHUP and SIGPIPE remove registered files before the default action, and ignores
+ * SIGTERM, SIGHUP, SIGPIPE, SIGQUIT, SIGUSR1/2, SIGALRM, SIGXCPU, SIGVTALRM and SIGPROF remove
+ * registered files before the default action, and ignores
  * SIGXFSZ so that a file-size limit becomes an EFBIG error instead of killing the process. */
 void lm_cleanup_install(void);
-int lm_cleanup_register(const char *path);  /* @return slot, or -1 if full */
-void lm_cleanup_unregister(int slot);
+typedef struct lm_cleanup_slot lm_cleanup_slot;
+/* @return the registration (no limit on their number), or NULL when out of memory */
+lm_cleanup_slot *lm_cleanup_register(const char *path);
+/* a directory of our own (a stage): its entries, then itself, are removed after every file */
+lm_cleanup_slot *lm_cleanup_register_dir(const char *path);
+void lm_cleanup_unregister(lm_cleanup_slot *slot); /* NULL: no-op */
 
 /*! lm_same_file() : 1 if a and b name the same existing file (device and inode, links
  *  followed), 0 otherwise. */
