@@ -15,6 +15,10 @@
  *   (lora_A [E*r, in], lora_B [out, r*E], transformers-v5 layout [E, out, in]).  --fused-experts:
  *   the base stores them fused as transformers v5 saves them, mlp.experts.gate_up_proj [E, 2I, H]
  *   and down_proj [E, H, I].
+ *   --quant fp8: the linear projections as a block-FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 layout):
+ *   W F8_E4M3 (random codes: every finite code appears) and W_scale_inv F32 [ceil(out/B),
+ *   ceil(in/B)] (B = --block, default 128), config.json with quantization_config
+ *   {"quant_method": "fp8", "weight_block_size": [B, B]}; embeddings, norms and lm_head stay float.
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
 #include "gen_common.h"
@@ -38,7 +42,8 @@ int main(int argc, char **argv)
 {
     const char *out = NULL, *targets = "all";
     long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0,
-         fused = 0;
+         fused = 0, block = 128;
+    const char *quant = NULL;
     double alpha = 16;
     uint64_t seed = 1;
     lm_dtype dt = LM_DT_BF16, adt = LM_DT_F32;
@@ -59,19 +64,22 @@ int main(int argc, char **argv)
         else if (ARG("--targets")) targets = v;
         else if (ARG("--seed")) seed = strtoull(v, NULL, 10);
         else if (ARG("--experts")) experts = atol(v);
+        else if (ARG("--quant")) quant = v;
+        else if (ARG("--block")) block = atol(v);
         else if (strcmp(a, "--no-adapter") == 0) no_adapter = 1;
         else if (strcmp(a, "--fused-experts") == 0) fused = 1;
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8] [--block B]\n");
             return 2;
         }
 #undef ARG
     }
     if (out == NULL || hidden <= 0 || heads <= 0 || hidden % heads != 0 || kv <= 0 || layers <= 0 || vocab <= 0 ||
-        inter <= 0 || rank <= 0) {
-        fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads)\n");
+        inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0)) {
+        fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads); "
+                        "--quant takes fp8\n");
         return 2;
     }
     lm_kernels k;
@@ -84,7 +92,7 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/adapter", out);
     mkdir(path, 0777);
 
-    size_t nb = 3 + (9 + 3 * (size_t)experts) * (size_t)layers, n = 0;
+    size_t nb = 3 + (16 + 3 * (size_t)experts) * (size_t)layers, n = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
 #define T(nm, d0, d1, nd, amp_, off_)                                                              \
@@ -110,6 +118,13 @@ int main(int argc, char **argv)
             long in = p == 6 ? inter : hidden;
             snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight", l, proj[p]);
             T(nm, o, in, 2, wamp, 0.0f);
+            if (quant != NULL) { /* codes, then the block scales (values ~ wamp: scale ~ wamp / 448) */
+                g[n - 1].dtype = LM_DT_F8_E4M3;
+                g[n - 1].fill = GEN_FP8_CODES;
+                snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale_inv", l, proj[p]);
+                T(nm, (o + block - 1) / block, (in + block - 1) / block, 2, 0.5f * wamp / 448.0f, wamp / 448.0f);
+                g[n - 1].dtype = LM_DT_F32;
+            }
         }
         if (experts) {
             snprintf(nm, sizeof nm, "model.layers.%ld.mlp.gate.weight", l);
@@ -133,15 +148,19 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/base/model.safetensors", out);
     if (gen_write_tensors("gen_model", path, g, n, seed, &k) != 0)
         return 1;
+    char qcfg[256] = "";
+    if (quant != NULL)
+        snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", "
+                 "\"quant_method\": \"fp8\", \"weight_block_size\": [%ld, %ld]}", block, block);
     snprintf(path, sizeof path, "%s/base/config.json", out);
     FILE *f = fopen(path, "w");
     if (f) {
         fprintf(f, "{\"architectures\": [\"%s\"], \"model_type\": \"%s\", \"num_experts\": %ld, \"hidden_size\": %ld, "
                    "\"intermediate_size\": %ld, \"num_hidden_layers\": %ld, \"num_attention_heads\": %ld, "
                    "\"num_key_value_heads\": %ld, \"vocab_size\": %ld, \"tie_word_embeddings\": false, "
-                   "\"torch_dtype\": \"%s\"}\n",
+                   "\"torch_dtype\": \"%s\"%s}\n",
                 experts ? "Qwen3MoeForCausalLM" : "LlamaForCausalLM", experts ? "qwen3_moe" : "llama", experts, hidden,
-                inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32");
+                inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32", qcfg);
         fclose(f);
     }
     free(g);

@@ -4,6 +4,7 @@
 
 #include "compat.h"
 #include "exec_lowrank.h"
+#include "exec_quant.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
 #include "st_reader.h"
@@ -85,6 +86,8 @@ typedef struct {
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
+    float *qscale;       /* a quantized weight: its scale grid in f32, or NULL */
+    lm_qstats qst;       /* what requantizing its tiles did (under prep_lock) */
 } tensor_rt;
 
 typedef struct {
@@ -141,7 +144,9 @@ static void tensor_release(job *J, size_t ti)
             prepared_free(&rt->prep[o]);
     free(rt->prep);
     free(rt->col_scale);
+    free(rt->qscale);
     lm_lowrank_tensor_free(rt->exact);
+    rt->qscale = NULL;
     rt->prep = NULL;
     rt->col_scale = NULL;
     rt->exact = NULL;
@@ -169,6 +174,8 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
         }
+        if (rc == LM_OK && t->q != NULL)
+            rc = lm_xq_load_scales(t, J->model, &rt->qscale, err);
         if (rc == LM_OK && rt->uses_exact && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc != LM_OK) {
@@ -320,13 +327,23 @@ static const uint8_t *tile_bytes(const job *J, size_t ti, uint8_t *raw, uint64_t
     return src;
 }
 
-static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
+/* the tile's input bytes (rows r0 ..) as f32: converted, or dequantized (a quantized weight,
+ * prepared) */
+static void src_to_f32(const job *J, size_t ti, const uint8_t *src, uint64_t r0, uint64_t nr, float *dst)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
+    if (t->q != NULL)
+        lm_xq_dequant(t, J->rt[ti].qscale, src, r0, nr, dst);
+    else
+        to_f32(J->k, t->src_dtype, src, dst, (size_t)(nr * t->cols));
+}
+
+static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
+{
     const uint8_t *src = tile_bytes(J, ti, raw, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
-    to_f32(J->k, t->src_dtype, src, acc, (size_t)(nr * t->cols));
+    src_to_f32(J, ti, src, r0, nr, acc);
     return LM_OK;
 }
 
@@ -337,6 +354,8 @@ typedef struct {
     float *scratch; /* the raw read buffer, then the methods' scratch: 4 max_elems + 64 floats */
     uint8_t *base_out; /* statistics: the base tile in the output dtype (NULL: not measured) */
     float *base_f32;   /* statistics: the base tile in f32 */
+    uint8_t *codes;    /* a quantized weight kept quantized: the base's codes of the tile */
+    float *qscales;    /* and the tile's new scales */
 } workspace;
 
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
@@ -481,7 +500,7 @@ static lm_code stats_before(const job *J, size_t ti, const workspace *ws, const 
     if (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) { /* src holds the base */
         *n_base = n;
         if (J->stats_norms || t->dtype != t->src_dtype)
-            to_f32(J->k, t->src_dtype, src, ws->base_f32, n);
+            src_to_f32(J, ti, src, r0, nr, ws->base_f32);
         if (t->dtype == t->src_dtype && src_stays && (uintptr_t)src % esz == 0)
             *base_bytes = src; /* the bytes read are the base as written: no copy */
         else if (t->dtype == t->src_dtype)
@@ -507,6 +526,10 @@ static const float *written_f32(const job *J, const lm_plan_tensor *t, const wor
         return (const float *)(const void *)ws->out;
     if (t->dtype == LM_DT_F64)
         return ws->acc;
+    if (t->q != NULL && t->dtype == t->src_dtype) { /* the codes written, with the tile's new scales */
+        lm_fp8_block_dequant(ws->out, ws->qscales, t->q->scols, t->q->br, t->q->bc, n / t->cols, t->cols, ws->scratch);
+        return ws->scratch;
+    }
     to_f32(J->k, t->dtype, ws->out, ws->scratch, n); /* the methods' scratch is free again */
     return ws->scratch;
 }
@@ -554,6 +577,20 @@ static void stats_reduce(const job *J, const task *tasks, size_t n_tasks, lm_ten
     free(b2);
 }
 
+/* a tile's requantization numbers into its tensor's */
+static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
+{
+    pthread_mutex_lock(&J->prep_lock);
+    lm_qstats *d = &J->rt[ti].qst;
+    d->n_changed += qs->n_changed;
+    d->n_blocks += qs->n_blocks;
+    d->n_blocks_kept += qs->n_blocks_kept;
+    d->err_max = qs->err_max > d->err_max ? qs->err_max : d->err_max;
+    d->err_sum += qs->err_sum;
+    d->n_err += qs->n_err;
+    pthread_mutex_unlock(&J->prep_lock);
+}
+
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, struct tile_stat *ts,
                             lm_err *err)
 {
@@ -573,13 +610,22 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
             stats_after(J, t, ws, base_bytes, n, n_base, ts);
         return rc;
     }
-    to_f32(J->k, t->src_dtype, src, ws->acc, n);
+    src_to_f32(J, ti, src, r0, nr, ws->acc);
+    const int requant = t->q != NULL && t->dtype == t->src_dtype;
+    if (requant) /* src may be in the scratch the methods use */
+        memcpy(ws->codes, src, n);
     /* src may be in the scratch the methods use: the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, t->n_ops, &tile);
-    from_f32(J->k, t->dtype, ws->acc, ws->out, n);
+    if (requant) {
+        lm_qstats qs = {0};
+        lm_xq_requant(t, J->rt[ti].qscale, ws->acc, ws->codes, r0, nr, ws->out, ws->qscales, &qs);
+        quant_stats_add(J, ti, &qs);
+    } else {
+        from_f32(J->k, t->dtype, ws->acc, ws->out, n);
+    }
     if (ts != NULL)
         stats_after(J, t, ws, base_bytes, n, n_base, ts);
     return check_finite(J, ti, r0, nr, ws, err);
@@ -630,6 +676,13 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
     size_t esz = lm_dtype_bits(t->dtype) / 8;
     if (rc == LM_OK)
         rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * t->cols * esz), dst + r0 * t->cols * esz, err);
+    if (rc == LM_OK && t->q != NULL && t->dtype == t->src_dtype) { /* the tile's scales, in the scale tensor */
+        size_t si = t->q->scale_index;
+        uint64_t sdst = lm_st_writer_tensor_offset(J->w[J->shard_of ? J->shard_of[si] : 0], J->local[si]);
+        size_t n_scale = (size_t)((nr + t->q->br - 1) / t->q->br * t->q->scols) * sizeof(float);
+        rc = lm_st_writer_pwrite(J->w[J->shard_of ? J->shard_of[si] : 0], ws->qscales, n_scale,
+                                 sdst + lm_xq_scale_offset(t, r0), err);
+    }
     tensor_rt *rt = &J->rt[tk->tensor];
     if (__atomic_sub_fetch(&rt->tiles_left, 1, __ATOMIC_ACQ_REL) == 0) { /* the tensor's last tile */
         pthread_mutex_lock(&J->prep_lock);
@@ -645,7 +698,9 @@ static int alloc_workspace(workspace *ws, size_t max_elems)
     ws->acc = malloc(max_elems * sizeof(float));
     ws->out = malloc(max_elems * sizeof(double));
     ws->scratch = malloc((4 * max_elems + 64) * sizeof(float));
-    return ws->acc != NULL && ws->out != NULL && ws->scratch != NULL;
+    ws->codes = malloc(max_elems + 64);
+    ws->qscales = malloc((max_elems + 64) * sizeof(float));
+    return ws->acc != NULL && ws->out != NULL && ws->scratch != NULL && ws->codes != NULL && ws->qscales != NULL;
 }
 
 /* the statistics' buffers (only when they are measured) */
@@ -663,6 +718,8 @@ static void free_workspace(workspace *ws)
     free(ws->scratch);
     free(ws->base_out);
     free(ws->base_f32);
+    free(ws->codes);
+    free(ws->qscales);
 }
 
 /* Column DoRA (Conv1D, Embedding): the norm of every column of W + dW needs all rows first.
@@ -803,7 +860,8 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
         uint64_t unit = copy ? COPY_CHUNK : lm_plan_tile_rows(t, J->tile_elems);
         /* a tensor with no elements (a zero in its shape; other dimensions may be huge) has no
          * work; an output dtype of another width changes nothing to that */
-        uint64_t total = bytes == 0 ? 0 : copy ? bytes : t->rows;
+        uint64_t total = bytes == 0 || t->scale_of ? 0 : copy ? bytes : t->rows; /* a scale: its weight's tiles */
+        copy &= !t->scale_of;
         if (copy) {
             st->n_copied_tensors++;
             st->bytes_copied += bytes;
@@ -835,7 +893,8 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
 static void mark_exact_tensors(job *J)
 {
     for (size_t i = 0; i < J->plan->n; i++)
-        J->rt[i].uses_exact = J->rt[i].tiles_left > 0 && lm_lowrank_tensor_eligible(&J->plan->t[i]);
+        J->rt[i].uses_exact = J->rt[i].tiles_left > 0 && J->plan->t[i].q == NULL &&
+                              lm_lowrank_tensor_eligible(&J->plan->t[i]);
 }
 
 /* the exact path's counters, per tensor (opts->recomputed) and in total */

@@ -99,6 +99,7 @@ typedef struct {
     lm_out_target ot;
     lm_side_plan side;
     lm_base_info bi;
+    lm_qscheme qs;              /* the base's quantization_config */
     char *base_dir;
     char *meta_text[3];         /* provenance values in the output's __metadata__ */
     const char *out_dtype;      /* "BF16", "mixed" or NULL */
@@ -734,6 +735,7 @@ static void state_free(merge_state *S)
     lm_out_target_free(&S->ot);
     lm_side_plan_free(&S->side);
     lm_base_info_free(&S->bi);
+    lm_qscheme_free(&S->qs);
     free(S->base_dir);
     lm_plan_free(S->plan);
     if (S->ads)
@@ -789,6 +791,9 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     if ((rc = open_inputs(&S, err)) != LM_OK)
         goto done;
     phase_end(&S, LM_PHASE_OPEN);
+    if ((rc = lm_base_quant_scheme(S.base_dir, &S.qs, err)) != LM_OK)
+        goto done;
+    S.popts.quant = &S.qs;
     S.plan = lm_plan_create(S.model, S.ads, job->n_adapters, &S.popts, err);
     if (S.plan == NULL) {
         rc = err->code;

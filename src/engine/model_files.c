@@ -572,6 +572,26 @@ static char *front_matter_license(const char *card)
     return out;
 }
 
+lm_code lm_base_quant_scheme(const char *dir, lm_qscheme *s, lm_err *err)
+{
+    memset(s, 0, sizeof *s);
+    char *real = realpath(dir, NULL), *data = NULL;
+    size_t n = 0;
+    unsigned mode;
+    lm_err e;
+    lm_err_clear(&e);
+    lm_code rc = LM_OK;
+    if (read_side_file(dir, real, "config.json", &data, &n, &mode, &e) == 1 &&
+        (rc = lm_qscheme_parse(data, n, s, err)) != LM_OK) {
+        char *path = lm_path_join(dir, "config.json");
+        lm_err_set_path(err, path);
+        free(path);
+    }
+    free(data);
+    free(real);
+    return rc;
+}
+
 void lm_base_info_read(const char *dir, lm_base_info *bi)
 {
     memset(bi, 0, sizeof *bi);

@@ -11,6 +11,7 @@
 #define LM_MODEL_FILES_H
 
 #include "lora_merge.h"
+#include "quant.h"
 #include "report.h"
 
 #include <stdint.h>
@@ -69,6 +70,9 @@ typedef struct lm_base_info {
     int has_config;
 } lm_base_info;
 
+/*! lm_base_quant_scheme() : the quantization_config of dir/config.json (none: fmt LM_Q_NONE).
+ *  @return LM_OK, or an error naming config.json (an unknown quant_method ...) */
+lm_code lm_base_quant_scheme(const char *dir, lm_qscheme *s, lm_err *err);
 /*! lm_base_info_read() : reads dir/config.json and dir/README.md's front matter when present.
  *  Unreadable or malformed files leave fields empty (the side-file pass reports them). */
 void lm_base_info_read(const char *dir, lm_base_info *bi);

@@ -62,6 +62,11 @@ static void *plan_alloc(lm_plan *p, size_t n_bytes)
     return b;
 }
 
+void *lm_plan_blob(lm_plan *p, size_t n_bytes)
+{
+    return plan_alloc(p, n_bytes);
+}
+
 static const char *plan_str(lm_plan *p, const char *s)
 {
     size_t n = strlen(s) + 1;
@@ -104,6 +109,8 @@ uint64_t lm_plan_tile_rows(const lm_plan_tensor *t, uint64_t tile_elems)
         if (g > 1)
             tr = tr < g ? g : tr - tr % g;
     }
+    if (t->q != NULL && t->q->br > 1) /* whole blocks: each tile requantizes its own */
+        tr = tr < t->q->br ? t->q->br : tr - tr % t->q->br;
     return tr;
 }
 
@@ -370,6 +377,7 @@ typedef struct {
     size_t n_adapters;
     const lm_plan_opts *opts;
     lm_dtype new_dtype; /* dtype of tensors the adapters add */
+    const lm_tensor_info **views; /* [model tensors]: what the methods see of a quantized weight, or NULL */
 } planner;
 
 #define MAX_SHARED 8
@@ -397,6 +405,8 @@ const lm_ts_tensor *lm_ctx_shared(const lm_plan_ctx *ctx, const char *name)
 
 const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i)
 {
+    if (ctx->P->views != NULL && ctx->P->views[i] != NULL)
+        return ctx->P->views[i];
     return lm_model_tensor(ctx->P->model, (size_t)i)->info;
 }
 
@@ -937,7 +947,8 @@ static lm_code check_tensors(const lm_plan *p, lm_err *err)
     for (size_t i = 0; i < p->n; i++) {
         const lm_plan_tensor *t = &p->t[i];
         int copy = (t->n_ops == 0 || (t->n_ops == 1 && t->ops[0].kind == LM_OP_REPLACE)) && t->dtype == t->src_dtype;
-        if (!copy && (!lm_is_float_dtype(t->dtype) || !lm_is_float_dtype(t->src_dtype))) {
+        if (!copy && t->q == NULL && t->scale_of == 0 &&
+            (!lm_is_float_dtype(t->dtype) || !lm_is_float_dtype(t->src_dtype))) {
             lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "cannot convert %s to %s", lm_dtype_name(t->src_dtype),
                     lm_dtype_name(t->dtype));
             lm_err_set_tensor(err, t->name);
@@ -977,7 +988,7 @@ lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return NULL;
     }
-    planner P = {model, p, adapters, n_adapters, opts ? opts : &no_opts, LM_DT_F32};
+    planner P = {model, p, adapters, n_adapters, opts ? opts : &no_opts, LM_DT_F32, NULL};
     size_t n = lm_model_n_tensors(model);
     p->n = n;
     p->cap = n ? n : 1;
@@ -1003,6 +1014,10 @@ lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size
     for (int d = 0; d < LM_DT_COUNT; d++)
         if (count[d] > count[P.new_dtype])
             P.new_dtype = (lm_dtype)d;
+    if ((P.views = calloc(n + 1, sizeof *P.views)) == NULL)
+        goto nomem;
+    if (lm_plan_quant_attach(p, model, P.opts->quant, P.opts, P.views, &local) != LM_OK)
+        goto fail;
     for (size_t ai = 0; ai < n_adapters; ai++)
         if (plan_adapter(&P, ai, &local) != LM_OK)
             goto fail;
@@ -1026,6 +1041,8 @@ lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size
     for (size_t i = 0; i < p->n; i++)
         p->data_order[i] = i;
     qsort_r(p->data_order, n, sizeof *p->data_order, cmp_data_order, (void *)model);
+    if (lm_plan_quant_finish(p, &local) != LM_OK)
+        goto fail;
     for (size_t i = 0; i < p->n; i++) {
         const lm_plan_tensor *t = &p->t[i];
         if (t->n_ops > 0 || t->dtype != t->src_dtype)
@@ -1033,12 +1050,14 @@ lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size
         for (size_t o = 0; o < t->n_ops; o++)
             p->lowrank_flops += t->ops[o].flops;
     }
+    free(P.views);
     return p;
 nomem:
     lm_fail(&local, LM_E_NOMEM, NULL, "out of memory");
 fail:
     if (err != NULL)
         *err = local;
+    free(P.views);
     lm_plan_free(p);
     return NULL;
 }

@@ -11,6 +11,18 @@
 #include "adapter_load.h"
 #include "lora_merge.h"
 #include "method.h"
+#include "quant.h"
+
+/* a quantized base weight (plan_quant.c): its format and scales; the methods see `view`, the
+ * weight as an F32 tensor of the same shape, and the tile loader dequantizes it */
+typedef struct lm_qtensor {
+    lm_qformat fmt;
+    const lm_model_entry *scale; /* the scale tensor (weight_scale_inv) */
+    size_t scale_index;          /* its model entry / plan index (before dropping) */
+    uint64_t br, bc;             /* block rows and columns */
+    uint64_t srows, scols;       /* the scale grid */
+    lm_tensor_info view;         /* what the methods see (dtype F32) */
+} lm_qtensor;
 
 typedef struct lm_plan_tensor {
     char *name;                  /* owned */
@@ -22,6 +34,9 @@ typedef struct lm_plan_tensor {
     uint64_t rows, cols;         /* 2-D view: rows = shape[0], cols = the rest */
     lm_op *ops;                  /* owned */
     size_t n_ops, cap_ops;
+    const lm_qtensor *q;         /* a quantized base weight (plan blob), or NULL */
+    size_t scale_of;             /* a scale tensor rewritten by the tiles of weight scale_of - 1; 0: none */
+    int drop;                    /* not written (a scale of a weight written dequantized); removed by the planner */
 } lm_plan_tensor;
 
 typedef struct lm_plan {
@@ -41,6 +56,7 @@ typedef struct lm_plan {
 typedef struct lm_plan_opts {
     int out_dtype_set;   /* --dtype other than auto: floating tensors become out_dtype */
     lm_dtype out_dtype;
+    const lm_qscheme *quant; /* the base's quantization_config, or NULL (none) */
 } lm_plan_opts;
 
 /*! lm_plan_create() :
@@ -63,6 +79,17 @@ lm_code plan_note(lm_plan *p, const char *fmt, ...) __attribute__((format(printf
  *  and scale (through the patterns), whether the config targets them, and the full tensors.
  *  @return LM_OK with *text (malloc'd lines). */
 lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err);
+
+/*! lm_plan_quant_attach() : (plan_quant.c) marks the quantized base weights and their scales
+ *  (p->t[i] is model entry i); views[i] receives the F32 view the methods get for entry i.
+ *  @return LM_OK, or an error naming the tensor (missing scale, bad scale shape or dtype). */
+lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
+                             const lm_tensor_info **views, lm_err *err);
+/*! lm_plan_quant_finish() : after planning: the scales of changed weights kept quantized are
+ *  written by the weights' tiles; dropped tensors leave the plan.  @return LM_OK or NOMEM. */
+lm_code lm_plan_quant_finish(lm_plan *p, lm_err *err);
+/*! plan_blob() : n_bytes zeroed, freed with the plan */
+void *lm_plan_blob(lm_plan *p, size_t n_bytes);
 
 /*! lm_plan_tile_rows() : rows per tile of plan tensor t (depends on its shape, its ops and
  *  tile_elems only; 0 = the default) */

@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: MIT */
+/* plan_quant.c : quantized base weights in the plan.  A quantized weight is planned as an F32
+ * tensor of its shape (the methods see that view); the executor dequantizes its tiles and writes
+ * them back quantized (the weight keeps its dtype, its scale tensor is rewritten by the same
+ * tiles) or dequantized (--dtype: the scale tensors are dropped). */
+#include "plan.h"
+
+#include "lm_error.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t ceil_div(uint64_t a, uint64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+static lm_code q_fail(lm_err *err, const char *tensor, const char *fmt, const char *a, const char *b)
+{
+    lm_fail(err, LM_E_MISMATCH, "QuantScale", fmt, a, b);
+    lm_err_set_tensor(err, tensor);
+    return LM_E_MISMATCH;
+}
+
+/* block FP8: W F8_E4M3 [out, in] with W_scale_inv F32 [ceil(out/br), ceil(in/bc)] */
+static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qscheme *s, size_t i, lm_qtensor **out,
+                                lm_err *err)
+{
+    const lm_tensor_info *w = lm_model_tensor(model, i)->info;
+    char name[1100];
+    snprintf(name, sizeof name, "%s_scale_inv", w->name);
+    size_t si;
+    const lm_model_entry *se = lm_model_find(model, name, &si);
+    *out = NULL;
+    if (se == NULL) {
+        if (s == NULL || s->fmt != LM_Q_FP8_BLOCK)
+            return LM_OK; /* an F8 tensor without scales: not a block-quantized weight */
+        return q_fail(err, w->name, "quant_method fp8: the F8_E4M3 weight '%s' has no scale tensor "
+                      "'%s'", w->name, name);
+    }
+    const lm_tensor_info *sc = se->info;
+    uint64_t br = s && s->fmt == LM_Q_FP8_BLOCK ? s->block_rows : 128;
+    uint64_t bc = s && s->fmt == LM_Q_FP8_BLOCK ? s->block_cols : 128;
+    if (w->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "block FP8 weight '%s' is %zu-D: only 2-D "
+                       "weights are dequantized", w->name, w->n_dims);
+    if (sc->dtype != LM_DT_F32)
+        return q_fail(err, sc->name, "scale tensor '%s' is %s: block FP8 scales must be F32", sc->name,
+                      lm_dtype_name(sc->dtype));
+    uint64_t want_r = ceil_div(w->shape[0], br), want_c = ceil_div(w->shape[1], bc);
+    if (sc->n_dims != 2 || sc->shape[0] != want_r || sc->shape[1] != want_c) {
+        char a[160], b[64];
+        snprintf(a, sizeof a, "%s [%llu, %llu]", sc->name, (unsigned long long)want_r, (unsigned long long)want_c);
+        snprintf(b, sizeof b, "%llux%llu", (unsigned long long)br, (unsigned long long)bc);
+        return q_fail(err, sc->name, "scale tensor has the wrong shape: expected %s for blocks of %s",
+                      a, b);
+    }
+    lm_qtensor *q = lm_plan_blob(p, sizeof *q);
+    if (q == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    q->fmt = LM_Q_FP8_BLOCK;
+    q->scale = se;
+    q->scale_index = si;
+    q->br = br;
+    q->bc = bc;
+    q->srows = want_r;
+    q->scols = want_c;
+    q->view = *w;
+    q->view.dtype = LM_DT_F32;
+    *out = q;
+    return LM_OK;
+}
+
+lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
+                             const lm_tensor_info **views, lm_err *err)
+{
+    size_t n = lm_model_n_tensors(model);
+    for (size_t i = 0; i < n; i++) {
+        const lm_tensor_info *w = lm_model_tensor(model, i)->info;
+        if (w->dtype != LM_DT_F8_E4M3 || (s != NULL && lm_qscheme_skips(s, w->name)))
+            continue;
+        lm_qtensor *q;
+        if (attach_fp8_block(p, model, s, i, &q, err) != LM_OK)
+            return err->code;
+        if (q == NULL)
+            continue;
+        p->t[i].q = q;
+        views[i] = &q->view;
+        if (o->out_dtype_set) { /* written dequantized: the scales go */
+            p->t[i].dtype = o->out_dtype;
+            p->t[q->scale_index].drop = 1;
+        }
+    }
+    return LM_OK;
+}
+
+lm_code lm_plan_quant_finish(lm_plan *p, lm_err *err)
+{
+    int any_drop = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        any_drop |= t->drop;
+        if (t->q != NULL && !t->drop && t->dtype == t->src_dtype && t->n_ops > 0)
+            p->t[t->q->scale_index].scale_of = i + 1;
+    }
+    if (!any_drop)
+        return LM_OK;
+    size_t *map = malloc(p->n * sizeof *map), m = 0;
+    if (map == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t i = 0; i < p->n; i++) {
+        map[i] = p->t[i].drop ? SIZE_MAX : m;
+        if (p->t[i].drop) {
+            free(p->t[i].name);
+            free(p->t[i].ops);
+            continue;
+        }
+        p->t[m++] = p->t[i];
+    }
+    size_t k = 0;
+    for (size_t q = 0; q < p->n; q++)
+        if (map[p->data_order[q]] != SIZE_MAX)
+            p->data_order[k++] = map[p->data_order[q]];
+    for (size_t i = 0; i < m; i++)
+        if (p->t[i].scale_of)
+            p->t[i].scale_of = map[p->t[i].scale_of - 1] + 1;
+    p->n = m;
+    free(map);
+    return LM_OK;
+}

@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: MIT */
+/* quant.h : quantized checkpoints, the format side.  What config.json's quantization_config says
+ * (the scheme), and the codecs: every code of a format to its exact f32 value, and f32 back to
+ * codes with the format's own rounding and saturation.  Knows nothing of plans or adapters. */
+#ifndef LM_QUANT_H
+#define LM_QUANT_H
+
+#include "lora_merge.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum {
+    LM_Q_NONE = 0,   /* no quantization_config */
+    LM_Q_FP8_BLOCK,  /* quant_method "fp8": F8_E4M3 weight, weight_scale_inv per block */
+    LM_Q_OTHER,      /* a method lora-merge knows but does not dequantize (the tensors decide) */
+} lm_qformat;
+
+typedef struct lm_qscheme {
+    lm_qformat fmt;
+    char method[32];            /* quant_method as written ("" when absent) */
+    uint64_t block_rows, block_cols; /* weight_block_size (FP8 block) */
+    char **skip;                /* owned: modules_to_not_convert / ignore entries */
+    size_t n_skip;
+} lm_qscheme;
+
+/*! lm_qscheme_parse() : the quantization_config member of config.json text[0..n) (absent:
+ *  fmt LM_Q_NONE).  @return LM_OK, or LM_E_UNSUPPORTED naming an unknown quant_method,
+ *  LM_E_FORMAT for a malformed weight_block_size. */
+lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err);
+void lm_qscheme_free(lm_qscheme *s);
+/*! lm_qscheme_skips() : 1 when the module of tensor name is listed as not quantized */
+int lm_qscheme_skips(const lm_qscheme *s, const char *name);
+
+/* ---- FP8 E4M3FN (no infinities; 0x7F/0xFF NaN; max finite 448) ---- */
+/*! lm_fp8_e4m3_value() : the code's value (exact; NaN for 0x7F/0xFF) */
+float lm_fp8_e4m3_value(uint8_t c);
+/*! lm_f32_to_fp8_e4m3() : round to nearest even, saturating to +-448 (torch's
+ *  x.clamp(-448, 448).to(float8_e4m3fn)); NaN -> 0x7F with the sign kept */
+uint8_t lm_f32_to_fp8_e4m3(float x);
+
+/*! lm_fp8_block_dequant() : rows [0, nr) x cols of codes q (row stride cols) -> f32,
+ *  each element times the scale of its block: scale[(r / br) * scols + c / bc] */
+void lm_fp8_block_dequant(const uint8_t *q, const float *scale, uint64_t scols, uint64_t br, uint64_t bc,
+                          uint64_t nr, uint64_t cols, float *dst);
+
+/* what requantizing a tile did (summed into the tensor's numbers) */
+typedef struct lm_qstats {
+    uint64_t n_changed;     /* codes (or their block's scale) different from the base's */
+    uint64_t n_blocks, n_blocks_kept; /* blocks, and blocks whose codes and scale were kept */
+    double err_max, err_sum; /* |dequant(requant(x)) - x| / amax of its block */
+    uint64_t n_err;
+} lm_qstats;
+
+/*! lm_fp8_block_requant() :
+ *  The merged tile x (nr rows of cols) back to codes and one scale per block, with the rule of
+ *  transformers' FineGrainedFP8 quantizer: s = 448 / amax(|block|), q = fp8(clamp(x * s)),
+ *  scale_inv = 1 / s.  A block whose merged values all equal the base's dequantized values
+ *  (base codes q0, scales scale0) keeps its codes and scale, so an unchanged tensor gives
+ *  identical bytes; a block of zeros keeps its scale.  out_scale: the tile's block rows. */
+void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
+                          uint64_t bc, uint64_t nr, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
+
+#endif

@@ -1,0 +1,371 @@
+/* SPDX-License-Identifier: MIT */
+/* test_quant.c : quantized bases.  The codecs against the formats' definitions written here in
+ * double precision (every code, the rounding ties, saturation, NaN, subnormals); merges into
+ * generated quantized checkpoints (bench/gen_model --quant) checked by an independent reference
+ * (tests/quant/quant_ref.py, numpy only; skipped visibly without /usr/bin/python3 + numpy):
+ * dequantization, the merge in float64, the format's requantization rule, unchanged blocks kept
+ * byte for byte; and the refusals (unknown quant_method, missing scale, bad scale shape/dtype). */
+#include "quant.h"
+#include "th.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ---- FP8 E4M3FN from its definition ---------------------------------------------------------- */
+static double e4m3_def(unsigned c)
+{
+    double s = (c & 0x80) ? -1.0 : 1.0;
+    unsigned e = (c >> 3) & 15, m = c & 7;
+    if (e == 15 && m == 7)
+        return NAN;
+    return e == 0 ? s * m * ldexp(1.0, -9) : s * (1.0 + m / 8.0) * ldexp(1.0, (int)e - 7);
+}
+
+/* the nearest finite code to x by brute force, ties to the even code, beyond 448 saturating */
+static unsigned e4m3_nearest(double x)
+{
+    double a = fabs(x) > 448.0 ? 448.0 : fabs(x);
+    unsigned best = 0;
+    for (unsigned c = 1; c <= 0x7E; c++) {
+        double d = fabs(e4m3_def(c) - a), db = fabs(e4m3_def(best) - a);
+        if (d < db || (d == db && (c & 1) == 0))
+            best = c;
+    }
+    return best | (signbit(x) ? 0x80u : 0u);
+}
+
+Test(quant, e4m3_every_code)
+{
+    for (unsigned c = 0; c < 256; c++) {
+        double want = e4m3_def(c);
+        float got = lm_fp8_e4m3_value((uint8_t)c);
+        if (isnan(want)) {
+            cr_assert(isnan(got), "code %#x: NaN expected", c);
+            continue;
+        }
+        cr_assert_eq((double)got, want, "code %#x: %.9g, want %.9g", c, got, want);
+        cr_assert_eq(!!signbit(got), !!signbit(want), "code %#x: sign", c);
+        cr_assert_eq(lm_f32_to_fp8_e4m3(got), c, "code %#x does not encode back to itself", c);
+    }
+    cr_assert_eq(lm_fp8_e4m3_value(0x7E), 448.0f);
+    cr_assert_eq(lm_fp8_e4m3_value(0x01), 0x1p-9f);
+    cr_assert_eq(lm_fp8_e4m3_value(0x08), 0x1p-6f);
+}
+
+Test(quant, e4m3_rounding_edges)
+{
+    static const struct {
+        float x;
+        unsigned code;
+    } cases[] = {
+        {0x1p-10f, 0x00},         /* half the smallest subnormal: tie to even 0 */
+        {0x1.8p-9f, 0x02},        /* 1.5 steps: tie to 2 */
+        {0x1.0001p-10f, 0x01},    /* just above the tie */
+        {1.0625f, 0x38},          /* 1 and 1.125: tie to 1 (even mantissa) */
+        {1.1875f, 0x3A},          /* 1.125 and 1.25: tie to 1.25 */
+        {0x1.Fp-7f, 0x08},        /* the largest subnormal 7 * 2^-9 and 2^-6: rounds up into the normals */
+        {448.0f, 0x7E}, {464.0f, 0x7E}, {1e9f, 0x7E}, {INFINITY, 0x7E}, {-INFINITY, 0xFE}, /* saturation */
+        {-0.0f, 0x80}, {-1e-30f, 0x80}, {0.0f, 0x00},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        cr_assert_eq(lm_f32_to_fp8_e4m3(cases[i].x), cases[i].code, "%a -> %#x, want %#x", (double)cases[i].x,
+                     lm_f32_to_fp8_e4m3(cases[i].x), cases[i].code);
+    cr_assert_eq(lm_f32_to_fp8_e4m3(NAN) & 0x7F, 0x7F);
+    uint64_t rng = 12345;
+    for (int k = 0; k < 20000; k++) { /* magnitudes from 2^-12 to 2^10 */
+        double x = th_rand_uniform(&rng) * ldexp(1.0, (int)(th_rand_u64(&rng) % 23) - 12);
+        float xf = (float)x;
+        cr_assert_eq(lm_f32_to_fp8_e4m3(xf), e4m3_nearest(xf), "%a -> %#x, want %#x", (double)xf,
+                     lm_f32_to_fp8_e4m3(xf), e4m3_nearest(xf));
+    }
+}
+
+/* dequantize -> requantize of untouched blocks gives the same codes and scales; a changed block
+ * gets amax / 448 */
+Test(quant, fp8_block_round_trip)
+{
+    enum { R = 40, C = 24, BR = 16, BC = 16, SR = 3, SC = 2 };
+    uint8_t q[R * C], q2[R * C];
+    float s[SR * SC], s2[SR * SC], x[R * C];
+    uint64_t rng = 7;
+    for (int i = 0; i < R * C; i++) {
+        q[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+        if ((q[i] & 0x7F) == 0x7F)
+            q[i] ^= 1;
+    }
+    for (int i = 0; i < SR * SC; i++)
+        s[i] = (float)(1e-3 * (1.5 + th_rand_uniform(&rng)));
+    lm_fp8_block_dequant(q, s, SC, BR, BC, R, C, x);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            cr_assert_eq((double)x[r * C + c], (double)(float)(e4m3_def(q[r * C + c]) * s[(r / BR) * SC + c / BC]));
+    lm_qstats st = {0};
+    lm_fp8_block_requant(x, q, s, SC, BR, BC, R, C, q2, s2, &st);
+    cr_assert_eq(memcmp(q, q2, sizeof q), 0, "unchanged blocks must keep their codes");
+    cr_assert_eq(memcmp(s, s2, sizeof s), 0, "unchanged blocks must keep their scales");
+    cr_assert_eq(st.n_blocks, SR * SC);
+    cr_assert_eq(st.n_blocks_kept, SR * SC);
+    x[17 * C + 3] += 0.01f; /* block (1, 0) changes */
+    memset(&st, 0, sizeof st);
+    lm_fp8_block_requant(x, q, s, SC, BR, BC, R, C, q2, s2, &st);
+    cr_assert_eq(st.n_blocks_kept, SR * SC - 1);
+    double amax = 0;
+    for (int r = 16; r < 32; r++)
+        for (int c = 0; c < 16; c++)
+            amax = fmax(amax, fabs(x[r * C + c]));
+    cr_assert_eq((double)s2[1 * SC + 0], (double)(1.0f / (448.0f / (float)amax)));
+    for (int r = 16; r < 32; r++)
+        for (int c = 0; c < 16; c++)
+            cr_assert_eq(q2[r * C + c], e4m3_nearest((double)(x[r * C + c] * (448.0f / (float)amax))));
+    for (int i = 0; i < SR * SC; i++)
+        if (i != SC)
+            cr_assert_eq(s2[i], s[i]);
+}
+
+Test(quant, scheme_parse)
+{
+    lm_qscheme s;
+    lm_err err;
+    lm_err_clear(&err);
+    const char *ok = "{\"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [64, 32], "
+                     "\"modules_to_not_convert\": [\"lm_head\", \"model.layers.0.mlp\"]}}";
+    cr_assert_eq(lm_qscheme_parse(ok, strlen(ok), &s, &err), LM_OK);
+    cr_assert_eq(s.fmt, LM_Q_FP8_BLOCK);
+    cr_assert_eq(s.block_rows, 64);
+    cr_assert_eq(s.block_cols, 32);
+    cr_assert(lm_qscheme_skips(&s, "lm_head.weight"));
+    cr_assert(lm_qscheme_skips(&s, "model.layers.0.mlp.up_proj.weight"));
+    cr_assert(!lm_qscheme_skips(&s, "model.layers.0.mlp_x.weight"));
+    cr_assert(!lm_qscheme_skips(&s, "model.layers.10.mlp.up_proj.weight"));
+    lm_qscheme_free(&s);
+    const char *unknown = "{\"quantization_config\": {\"quant_method\": \"frobnicate\"}}";
+    cr_assert_eq(lm_qscheme_parse(unknown, strlen(unknown), &s, &err), LM_E_UNSUPPORTED);
+    cr_assert(strstr(err.msg, "frobnicate") != NULL, "%s", err.msg);
+    lm_err_clear(&err);
+    const char *bad = "{\"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [128]}}";
+    cr_assert_eq(lm_qscheme_parse(bad, strlen(bad), &s, &err), LM_E_FORMAT);
+    lm_err_clear(&err);
+    cr_assert_eq(lm_qscheme_parse("{}", 2, &s, &err), LM_OK);
+    cr_assert_eq(s.fmt, LM_Q_NONE);
+}
+
+/* ---- merges into generated checkpoints -------------------------------------------------------- */
+typedef struct {
+    char *tmp;
+    char base[1100], ad[1100];
+} qt_fx;
+
+static void qt_gen(qt_fx *f, const char *quant, const char *extra)
+{
+    char gen[1200], cmd[4000];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
+    f->tmp = th_tmpdir();
+    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
+             "--rank 4 --quant %s --block 16 %s 2>&1", gen, f->tmp, quant, extra ? extra : "");
+    th_run_result r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
+    th_run_free(&r);
+    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
+    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
+}
+
+static void qt_free(qt_fx *f)
+{
+    th_rmrf(f->tmp);
+    free(f->tmp);
+}
+
+static int have_numpy(void)
+{
+    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
+    int ok = r.status == 0;
+    th_run_free(&r);
+    return ok;
+}
+
+/* runs the reference in mode on base/adapter/out; skipped visibly without numpy */
+static void qt_ref(const char *mode, const char *a, const char *b, const char *c, const char *d)
+{
+    if (!have_numpy())
+        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
+    char cmd[5000];
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/quant_ref.py %s '%s' '%s' '%s' %s 2>&1", mode, a, b, c,
+             d ? d : "");
+    th_run_result r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "reference %s: %s", mode, r.out);
+    cr_log_info("%s: %s", mode, r.out);
+    th_run_free(&r);
+}
+
+static char *qt_read(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "cannot read %s", path);
+    char *buf = calloc(1, 1 << 16);
+    size_t n = fread(buf, 1, (1 << 16) - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+Test(quant, fp8_block_keep_and_dtype)
+{
+    qt_fx f;
+    qt_gen(&f, "fp8", NULL);
+    char out[1200], out2[1200], outf[1200], p[1300];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    snprintf(outf, sizeof outf, "%s/outf", f.tmp);
+    th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    /* the same bytes for one thread and small tiles */
+    r = th_runv("-q", "--threads", "1", "--tile-elems", "64", f.base, f.ad, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    char a[1300], b[1300];
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    th_st st;
+    cr_assert_eq(th_st_read(a, &st), 0);
+    const th_tensor *w = th_st_find(&st, "model.layers.1.mlp.down_proj.weight");
+    const th_tensor *s = th_st_find(&st, "model.layers.1.mlp.down_proj.weight_scale_inv");
+    cr_assert(w != NULL && s != NULL);
+    cr_assert_str_eq(w->dtype, "F8_E4M3");
+    cr_assert_str_eq(s->dtype, "F32");
+    cr_assert_eq(s->shape[0], 4);
+    cr_assert_eq(s->shape[1], 5); /* 72 columns: the last block is 8 wide */
+    th_st_free(&st);
+    snprintf(p, sizeof p, "%s/config.json", out);
+    char *cfg = qt_read(p);
+    cr_assert(strstr(cfg, "\"quant_method\": \"fp8\"") != NULL, "quantization_config must stay: %s", cfg);
+    free(cfg);
+    r = th_runv("-q", "--dtype", "f32", f.base, f.ad, outf, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(a, sizeof a, "%s/model.safetensors", outf);
+    cr_assert_eq(th_st_read(a, &st), 0);
+    cr_assert_null(th_st_find(&st, "model.layers.1.mlp.down_proj.weight_scale_inv"), "scales must be dropped");
+    cr_assert_str_eq(th_st_find(&st, "model.layers.1.mlp.down_proj.weight")->dtype, "F32");
+    th_st_free(&st);
+    snprintf(p, sizeof p, "%s/config.json", outf);
+    cfg = qt_read(p);
+    cr_assert(strstr(cfg, "quantization_config") == NULL, "quantization_config must go: %s", cfg);
+    free(cfg);
+    qt_ref("fp8-keep", f.base, f.ad, out, NULL);
+    qt_ref("fp8-dtype", f.base, f.ad, outf, NULL);
+    qt_free(&f);
+}
+
+/* an adapter touching the first block row only: every other block keeps its bytes */
+Test(quant, fp8_block_unchanged_blocks_identical)
+{
+    qt_fx f;
+    qt_gen(&f, "fp8", "--no-adapter");
+    char ad[1200], out[1200];
+    snprintf(ad, sizeof ad, "%s/partial", f.tmp);
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    cr_assert_eq(mkdir(ad, 0777), 0);
+    qt_ref("partial-adapter", f.base, ad, "model.layers.1.self_attn.q_proj", "16");
+    th_run_result r = th_runv("-q", f.base, ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    qt_ref("fp8-keep", f.base, ad, out, NULL);
+    qt_free(&f);
+}
+
+/* ---- refusals --------------------------------------------------------------------------------- */
+/* copies model.safetensors without tensor `drop`, or with `reshape` given a new shape/dtype */
+static void qt_rewrite(const char *dir, const char *drop, const char *change, const char *dtype, uint64_t d0,
+                       uint64_t d1)
+{
+    char src[1300], hdr[1 << 16];
+    snprintf(src, sizeof src, "%s/model.safetensors", dir);
+    th_st st;
+    cr_assert_eq(th_st_read(src, &st), 0);
+    size_t used = (size_t)snprintf(hdr, sizeof hdr, "{");
+    uint64_t off = 0;
+    uint64_t *size = calloc(st.n, sizeof *size);
+    for (size_t i = 0; i < st.n; i++) {
+        const th_tensor *t = &st.t[i];
+        if (drop && strcmp(t->name, drop) == 0)
+            continue;
+        int ch = change && strcmp(t->name, change) == 0;
+        const char *dt = ch ? dtype : t->dtype;
+        uint64_t sh0 = ch ? d0 : t->shape[0], sh1 = ch ? d1 : (t->n_dims > 1 ? t->shape[1] : 0);
+        int nd = ch ? 2 : t->n_dims;
+        size[i] = ch ? d0 * d1 * (strcmp(dt, "F32") == 0 ? 4 : 2) : t->n_bytes;
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": [%llu%s",
+                                 off || used > 1 ? ", " : "", t->name, dt, (unsigned long long)sh0, nd > 1 ? ", " : "");
+        if (nd > 1)
+            used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%llu", (unsigned long long)sh1);
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used, "], \"data_offsets\": [%llu, %llu]}",
+                                 (unsigned long long)off, (unsigned long long)(off + size[i]));
+        off += size[i];
+    }
+    used += (size_t)snprintf(hdr + used, sizeof hdr - used, "}");
+    while (used % 8)
+        hdr[used++] = ' ';
+    cr_assert_eq(unlink(src), 0);
+    FILE *f = fopen(src, "wb");
+    uint64_t n = used;
+    fwrite(&n, 8, 1, f);
+    fwrite(hdr, 1, used, f);
+    uint8_t *zero = calloc(1, 1 << 16);
+    for (size_t i = 0; i < st.n; i++) {
+        const th_tensor *t = &st.t[i];
+        if (drop && strcmp(t->name, drop) == 0)
+            continue;
+        if (size[i] == t->n_bytes)
+            fwrite(t->data, 1, t->n_bytes, f);
+        else
+            for (uint64_t k = 0; k < size[i]; k += 4)
+                fwrite("\0\0\x80\x3f", 1, 4, f); /* 1.0f */
+    }
+    fclose(f);
+    free(zero);
+    free(size);
+    th_st_free(&st);
+}
+
+static void qt_refused(qt_fx *f, const char *want1, const char *want2)
+{
+    char out[1200];
+    snprintf(out, sizeof out, "%s/out", f->tmp);
+    th_run_result r = th_runv("-q", f->base, f->ad, out, NULL);
+    cr_assert_neq(r.status, 0, "accepted; want a refusal naming %s", want1);
+    cr_assert(strstr(r.err, want1) != NULL && strstr(r.err, want2) != NULL, "stderr: %s", r.err);
+    cr_assert(!th_exists(out), "an output was left");
+    th_run_free(&r);
+}
+
+Test(quant, fp8_refusals)
+{
+    qt_fx f;
+    qt_gen(&f, "fp8", NULL);
+    qt_rewrite(f.base, "model.layers.0.self_attn.q_proj.weight_scale_inv", NULL, NULL, 0, 0);
+    qt_refused(&f, "model.layers.0.self_attn.q_proj.weight_scale_inv", "no scale tensor");
+    qt_free(&f);
+    qt_gen(&f, "fp8", NULL);
+    qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "F32", 4, 4);
+    qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "expected model.layers.0.mlp.up_proj.weight_scale_inv [5, 4]");
+    qt_free(&f);
+    qt_gen(&f, "fp8", NULL);
+    qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16", 5, 4);
+    qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16");
+    qt_free(&f);
+    qt_gen(&f, "fp8", NULL);
+    char cfg[1300];
+    snprintf(cfg, sizeof cfg, "%s/config.json", f.base);
+    th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
+                                         "\"frobnicate\"}}");
+    qt_refused(&f, "frobnicate", "config.json");
+    qt_free(&f);
+}
