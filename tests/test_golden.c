@@ -168,6 +168,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "ROAD",
         "C3A",
         "BOFT",
+        "PVERA",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

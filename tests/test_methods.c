@@ -913,6 +913,37 @@ static double *delta_vera(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- PVERA (docs/adapter-types.md): VeRA on the mean half: (λ_b ⊙ B[:o]) @ (λ_d[:r] ⊙ A[:r, :i]) -- */
+static void gen_pvera_mods(mt_ctx *c, uint64_t a_rows)
+{
+    mt_mod *m[3] = {mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0),
+                    mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0),
+                    mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0)};
+    mt_key(c, "base_model.pvera_A", NULL, SH(a_rows, 97), 0, 0.3); /* mean rows, then log-variance rows */
+    mt_key(c, "base_model.pvera_B", NULL, SH(39, 5), 0, 0.3);
+    for (int k = 0; k < 3; k++) {
+        mt_part(c, m[k], "pvera_lambda_b", SH(m[k]->O), 0, 0.1);
+        mt_part(c, m[k], "pvera_lambda_d", SH(10), 1, 0.2);
+    }
+}
+
+static void gen_pvera(mt_ctx *c) { gen_pvera_mods(c, 10); }
+static void bad_pvera(mt_ctx *c) { gen_pvera_mods(c, 5); } /* A with r rows, not 2r */
+
+static double *delta_pvera(const mt_ctx *c, const mt_mod *m)
+{
+    const mt_t *A = mt_find(c, "base_model.pvera_A"), *B = mt_find(c, "base_model.pvera_B");
+    cr_assert(A && B);
+    uint64_t r = B->shape[1], imax = A->shape[1];
+    const double *lb = mt_get(c, m, "pvera_lambda_b"), *ld = mt_get(c, m, "pvera_lambda_d");
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < r; j++) /* rows r .. 2r of A and λ_d (the log-variance) are not merged */
+                d[o * m->I + i] += lb[o] * B->v[o * r + j] * ld[j] * A->v[j * imax + i];
+    return d;
+}
+
 /* ---- RANDLORA (§5.13; layer.py get_scaled_bases): the two flattenings pair different (k, b) ----- */
 static void gen_randlora_mods(mt_ctx *c, int bad)
 {
@@ -1911,6 +1942,13 @@ static const mt_row mt_rows[] = {
        gen_vera}},
      {"vera_lambda_b one short", NULL, bad_vera},
      "model.layers.0.self_attn.q_proj"},
+    {"PVERA", 1, NULL, delta_pvera,
+     {{"linear and conv1d on shared projections, mean half",
+       "{\"peft_type\": \"PVERA\", \"r\": 5, \"save_projection\": true, "
+       "\"target_modules\": [\"q_proj\", \"v_proj\", \"c_attn\"]}",
+       gen_pvera}},
+     {"pvera_A with r rows, not 2r", NULL, bad_pvera},
+     "model.layers.0.self_attn.q_proj"},
     {"RANDLORA", 1, NULL, delta_randlora,
      {{"o < i, o > i, conv1d",
        "{\"peft_type\": \"RANDLORA\", \"r\": 4, \"randlora_alpha\": 8, \"save_projection\": true, "
@@ -2313,6 +2351,7 @@ MT_TEST(IA3)
 MT_TEST(LOHA)
 MT_TEST(LOKR)
 MT_TEST(VERA)
+MT_TEST(PVERA)
 MT_TEST(RANDLORA)
 MT_TEST(VBLORA)
 MT_TEST(DELORA)
@@ -2342,6 +2381,7 @@ Test(methods, table_is_complete)
         "LOHA",
         "LOKR",
         "VERA",
+        "PVERA",
         "RANDLORA",
         "VBLORA",
         "DELORA",

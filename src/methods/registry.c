@@ -29,6 +29,7 @@ extern const lm_method lm_method_road;
 extern const lm_method lm_method_c3a;
 extern const lm_method lm_method_boft;
 extern const lm_method lm_method_lycoris_norm;
+extern const lm_method lm_method_pvera;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -56,6 +57,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_c3a,
     &lm_method_boft,
     &lm_method_lycoris_norm,
+    &lm_method_pvera,
 };
 
 const lm_method *lm_method_find(const char *peft_type)
