@@ -169,6 +169,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "C3A",
         "BOFT",
         "PVERA",
+        "SUPERTUNING",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

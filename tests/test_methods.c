@@ -1687,6 +1687,54 @@ static double *delta_shira(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- SUPERTUNING (docs/adapter-types.md): W.flat[idx[t]] += v[t] (repeats add up), + 5/3 B @ A ---- */
+static void supertuning(mt_ctx *c, mt_mod *m, uint64_t n, int lora, int bad)
+{
+    mt_t *idx = mt_part(c, m, "supertuning_indices", SH(n), 0, 0);
+    snprintf(idx->dtype, sizeof idx->dtype, "%s", m->O == 37 ? "I32" : "I64");
+    for (uint64_t t = 0; t < n; t++)
+        mt_set(idx, t, (double)(th_rand_u64(&c->rng) % (m->O * m->I)));
+    for (uint64_t t = 7; t < n; t += 11) /* some repeated positions */
+        idx->v[t] = idx->v[t - 4];
+    idx->v[n - 1] = (double)(m->O * m->I - 1); /* the last element */
+    if (bad)
+        idx->v[5] = (double)(m->O * m->I);
+    mt_part(c, m, "supertuning_values", SH(n), 0, 0.05);
+    if (lora) {
+        mt_part(c, m, "supertuning_lora_A.weight", SH(3, m->I), 0, 0.1);
+        mt_part(c, m, "supertuning_lora_B.weight", SH(m->O, 3), 0, 0.1);
+    }
+}
+
+static void gen_supertuning_k(mt_ctx *c, int lora)
+{
+    supertuning(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 60, lora, 0);
+    supertuning(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 40, lora, 0);
+}
+
+static void gen_supertuning(mt_ctx *c) { gen_supertuning_k(c, 0); }
+static void gen_supertuning_lora(mt_ctx *c) { gen_supertuning_k(c, 1); }
+static void bad_supertuning(mt_ctx *c)
+{
+    supertuning(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 60, 0, 1);
+}
+
+static double *delta_supertuning(const mt_ctx *c, const mt_mod *m)
+{
+    const mt_t *idx = mt_opt(c, m, "supertuning_indices");
+    const double *v = mt_get(c, m, "supertuning_values");
+    cr_assert_not_null(idx);
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t t = 0; t < idx->shape[0]; t++)
+        d[(uint64_t)idx->v[t]] += v[t];
+    const mt_t *A = mt_opt(c, m, "supertuning_lora_A.weight"), *B = mt_opt(c, m, "supertuning_lora_B.weight");
+    for (uint64_t o = 0; A != NULL && B != NULL && o < m->O; o++) /* the variant's lora_alpha 5, r 3 */
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < 3; j++)
+                d[o * m->I + i] += 5.0 / 3.0 * B->v[o * 3 + j] * A->v[j * m->I + i];
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -2040,6 +2088,13 @@ static const mt_row mt_rows[] = {
      {{"repeated indices", "{\"peft_type\": \"SHIRA\", \"r\": 4, " TGT_QV "}", gen_shira}},
      {"a row index past the weight", NULL, bad_shira},
      "model.layers.0.self_attn.q_proj"},
+    {"SUPERTUNING", 1, NULL, delta_supertuning,
+     {{"sparse only, repeated positions", "{\"peft_type\": \"SUPERTUNING\", \"r\": null, " TGT_QV "}",
+       gen_supertuning},
+      {"sparse and LoRA (Supra)",
+       "{\"peft_type\": \"SUPERTUNING\", \"r\": 3, \"lora_alpha\": 5, " TGT_QV "}", gen_supertuning_lora}},
+     {"a position past the weight", NULL, bad_supertuning},
+     "model.layers.0.self_attn.q_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2363,6 +2418,7 @@ MT_TEST(BOFT)
 MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
+MT_TEST(SUPERTUNING)
 MT_TEST(MISS)
 MT_TEST(C3A)
 MT_TEST(HIRA)
@@ -2393,6 +2449,7 @@ Test(methods, table_is_complete)
         "HRA",
         "ROAD",
         "SHIRA",
+        "SUPERTUNING",
         "MISS",
         "C3A",
         "HIRA",

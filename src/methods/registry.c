@@ -30,6 +30,7 @@ extern const lm_method lm_method_c3a;
 extern const lm_method lm_method_boft;
 extern const lm_method lm_method_lycoris_norm;
 extern const lm_method lm_method_pvera;
+extern const lm_method lm_method_supertuning;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -58,6 +59,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_boft,
     &lm_method_lycoris_norm,
     &lm_method_pvera,
+    &lm_method_supertuning,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

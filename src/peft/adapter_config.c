@@ -28,7 +28,6 @@ static const char *const NOT_YET[] = {
     "GLORA",
     "PEANUT",
     "PSOFT",
-    "SUPERTUNING",
     "TINYLORA",
     "UNILORA",
 };
