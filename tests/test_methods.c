@@ -1735,6 +1735,92 @@ static double *delta_supertuning(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- PEANUT (docs/adapter-types.md): ΔW = s · B act-chain(W^T A^T)^T, from the base weight ----------- */
+static void peanut(mt_ctx *c, mt_mod *m, int depth, int gelu, double scaling, int bad)
+{
+    m->r = 3;
+    m->q[0] = depth;
+    m->q[1] = gelu;
+    m->p = scaling;
+    mt_part(c, m, "peanut_A.weight", SH(3, m->O), 0, 0.3);
+    mt_part(c, m, "peanut_B.weight", SH(m->O, 3), 0, 0.3);
+    for (int k = 0; k < depth; k++) {
+        char n[64];
+        snprintf(n, sizeof n, "peanut_encoders.%d.weight", k);
+        if (!(bad && k == 1))
+            mt_part(c, m, n, SH(3, 3), 0, 0.6);
+        snprintf(n, sizeof n, "peanut_decoders.%d.weight", k);
+        mt_part(c, m, n, SH(3, 3), 0, 0.6);
+    }
+}
+
+static void gen_peanut(mt_ctx *c)
+{
+    peanut(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 0, 0, 1.0, 0);
+    peanut(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 0, 0, 1.0, 0);
+}
+
+static void gen_peanut_deep(mt_ctx *c)
+{
+    peanut(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 2, 1, 0.7, 0);
+    peanut(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 2, 1, 0.7, 0);
+}
+
+static void bad_peanut(mt_ctx *c) /* depth 2 without peanut_encoders.1 */
+{
+    peanut(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 2, 1, 0.7, 1);
+}
+
+static double peanut_act(int gelu, double x) { return gelu ? 0.5 * x * (1.0 + erf(x / sqrt(2.0))) : (x > 0 ? x : 0); }
+
+/* y [I, 3] = act(x [I, 3] @ M^T) for M [3, 3] */
+static void peanut_lin(const double *x, const double *M, double *y, uint64_t I, int gelu)
+{
+    for (uint64_t i = 0; i < I; i++)
+        for (int q = 0; q < 3; q++) {
+            double acc = 0;
+            for (int j = 0; j < 3; j++)
+                acc += x[i * 3 + j] * M[q * 3 + j];
+            y[i * 3 + q] = peanut_act(gelu, acc);
+        }
+}
+
+static double *delta_peanut(const mt_ctx *c, const mt_mod *m)
+{
+    const double *W = c->base[m->w].v, *A = mt_get(c, m, "peanut_A.weight"), *B = mt_get(c, m, "peanut_B.weight");
+    int depth = m->q[0], gelu = m->q[1];
+    double *res = calloc((size_t)(depth + 2) * m->I * 3, sizeof(double));
+    double *h = res + (size_t)depth * m->I * 3, *t = h + m->I * 3;
+    for (uint64_t i = 0; i < m->I; i++) /* h = act(W^T @ A^T) */
+        for (int q = 0; q < 3; q++) {
+            double acc = 0;
+            for (uint64_t o = 0; o < m->O; o++)
+                acc += W[o * m->I + i] * A[q * m->O + o];
+            h[i * 3 + q] = peanut_act(gelu, acc);
+        }
+    for (int k = 0; k < depth; k++) {
+        char n[64];
+        snprintf(n, sizeof n, "peanut_encoders.%d.weight", k);
+        memcpy(res + (size_t)k * m->I * 3, h, m->I * 3 * sizeof(double));
+        peanut_lin(h, mt_get(c, m, n), t, m->I, gelu);
+        memcpy(h, t, m->I * 3 * sizeof(double));
+    }
+    for (int k = 0; k < depth; k++) {
+        char n[64];
+        snprintf(n, sizeof n, "peanut_decoders.%d.weight", k);
+        peanut_lin(h, mt_get(c, m, n), t, m->I, gelu);
+        for (uint64_t e = 0; e < m->I * 3; e++)
+            h[e] = t[e] + res[(size_t)(depth - 1 - k) * m->I * 3 + e];
+    }
+    double *d = calloc(m->O * m->I, sizeof(double)); /* (h @ B^T)^T · scaling */
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (int q = 0; q < 3; q++)
+                d[o * m->I + i] += m->p * h[i * 3 + q] * B[o * 3 + q];
+    free(res);
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -2095,6 +2181,15 @@ static const mt_row mt_rows[] = {
        "{\"peft_type\": \"SUPERTUNING\", \"r\": 3, \"lora_alpha\": 5, " TGT_QV "}", gen_supertuning_lora}},
      {"a position past the weight", NULL, bad_supertuning},
      "model.layers.0.self_attn.q_proj"},
+    {"PEANUT", 1, NULL, delta_peanut,
+     {{"depth 0, relu", "{\"peft_type\": \"PEANUT\", \"r\": 3, " TGT_QV "}", gen_peanut},
+      {"depth 2 (numbered encoders, decoders), gelu, scaling",
+       "{\"peft_type\": \"PEANUT\", \"r\": 3, \"depth\": 2, \"act_fn\": \"gelu\", \"scaling\": 0.7, " TGT_QV "}",
+       gen_peanut_deep}},
+     {"depth 2 without peanut_encoders.1",
+      "{\"peft_type\": \"PEANUT\", \"r\": 3, \"depth\": 2, \"act_fn\": \"gelu\", \"scaling\": 0.7, " TGT_QV "}",
+      bad_peanut},
+     "model.layers.0.self_attn.q_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2418,6 +2513,7 @@ MT_TEST(BOFT)
 MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
+MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
 MT_TEST(MISS)
 MT_TEST(C3A)
@@ -2449,6 +2545,7 @@ Test(methods, table_is_complete)
         "HRA",
         "ROAD",
         "SHIRA",
+        "PEANUT",
         "SUPERTUNING",
         "MISS",
         "C3A",

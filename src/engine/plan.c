@@ -257,6 +257,19 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
         return kc;
     }
     size_t tail = n - (size_t)j - 1; /* components after the part */
+    int index = 0;
+    size_t pn = strlen(part->name);
+    if (pn > 2 && strcmp(part->name + pn - 2, ".#") == 0) { /* "<part>.<k>...": k decimal, below n_index */
+        if (tail == 0 || lens[j + 1] == 0 || lens[j + 1] > 6)
+            return kc;
+        for (size_t q = 0; q < lens[j + 1]; q++)
+            if (!isdigit((unsigned char)comps[j + 1][q]))
+                return kc;
+        index = atoi(comps[j + 1]);
+        if ((unsigned)index >= pm->n_index || (lens[j + 1] > 1 && comps[j + 1][0] == '0'))
+            return kc;
+        tail--;
+    }
     size_t last = n - 1;
     int last_weight = IS(last, "weight"), last_bias = IS(last, "bias");
 #undef IS
@@ -272,7 +285,7 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
     if (!ok)
         return kc;
     kc.kind = KEY_PART;
-    kc.slot = part->slot;
+    kc.slot = part->slot + index;
     return kc;
 }
 

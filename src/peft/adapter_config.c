@@ -26,7 +26,6 @@ static const char *const NOT_YET[] = {
     "DEFT",
     "FROD",
     "GLORA",
-    "PEANUT",
     "PSOFT",
     "TINYLORA",
     "UNILORA",
