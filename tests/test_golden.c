@@ -171,6 +171,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "PVERA",
         "SUPERTUNING",
         "PEANUT",
+        "TINYLORA",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

@@ -1821,6 +1821,87 @@ static double *delta_peanut(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- TINYLORA (docs/adapter-types.md): B (Σ_k v_g[k] P[k]) A, v_g the group of PEFT's layer index --- */
+/* torch.normal(0, 1/sqrt(r), (u, r, r), manual_seed(seed)) written from torch's CPU kernel: uniform
+ * floats (low 24 bits), Box-Muller per block of 16, the last 16 drawn again when 16 does not divide n;
+ * in double here (the tool computes in float: they agree to ~1e-6) */
+static void tl_normal(uint32_t seed, uint64_t n, double sd, double *out)
+{
+    mt19937 g;
+    mt19937_seed(&g, seed);
+    for (uint64_t i = 0; i < n; i++)
+        out[i] = (double)(mt19937_next(&g) & 0xffffffu) / 16777216.0;
+    for (uint64_t b = 0; b < n; b += 16) {
+        double *d = b + 16 <= n ? out + b : out + n - 16;
+        if (b + 16 > n) {
+            if (n % 16 == 0)
+                break;
+            for (int i = 0; i < 16; i++)
+                d[i] = (double)(mt19937_next(&g) & 0xffffffu) / 16777216.0;
+        }
+        for (int j = 0; j < 8; j++) {
+            double rad = sqrt(-2.0 * log(1.0 - d[j])), th = 2.0 * M_PI * d[j + 8];
+            d[j] = rad * cos(th) * sd;
+            d[j + 8] = rad * sin(th) * sd;
+        }
+    }
+}
+
+static void tinylora(mt_ctx *c, mt_mod *m, int r, int u, int layer, int group, int bad)
+{
+    m->r = r;
+    m->q[0] = group;
+    mt_part(c, m, "tinylora_A", SH((uint64_t)r, m->I), 0, 0.3);
+    mt_part(c, m, "tinylora_B", SH(m->O, (uint64_t)r), 0, 0.3);
+    mt_t *P = mt_part(c, m, "tinylora_P", SH((uint64_t)u, (uint64_t)r, (uint64_t)r), 0, 1);
+    double *v = malloc(P->n * sizeof(double));
+    tl_normal(7u + (uint32_t)layer + (bad ? 5u : 0u), P->n, 1.0 / sqrt((double)r), v); /* projection_seed 7 */
+    for (uint64_t e = 0; e < P->n; e++)
+        mt_set(P, e, v[e]);
+    free(v);
+}
+
+/* PEFT's layer order q_proj (0), down_proj (1), c_attn (2) is not the names' order */
+static void gen_tinylora_k(mt_ctx *c, int r, int u, const int *group, int bad)
+{
+    mt_mod *m[3] = {mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0),
+                    mt_module(c, "model.layers.0.mlp.down_proj", LIN, 33, 45, 0),
+                    mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0)};
+    for (int k = 0; k < 3; k++)
+        tinylora(c, m[k], r, u, k, group[k], bad && k == 1);
+    for (int g = 0; g <= group[2]; g++) {
+        char n[64];
+        snprintf(n, sizeof n, "base_model.tinylora_v.%d", g);
+        mt_key(c, n, NULL, SH((uint64_t)u), 0, 0.5);
+    }
+}
+
+/* weight_tying 0: a group per layer; 0.5: round(1.5) = 2 groups (Python rounds halves to even), of 1 */
+static void gen_tinylora(mt_ctx *c) { gen_tinylora_k(c, 2, 16, (const int[]){0, 1, 2}, 0); }
+static void gen_tinylora_tied(mt_ctx *c) { gen_tinylora_k(c, 3, 3, (const int[]){0, 1, 1}, 0); }
+static void bad_tinylora(mt_ctx *c) { gen_tinylora_k(c, 2, 16, (const int[]){0, 1, 2}, 1); }
+
+static double *delta_tinylora(const mt_ctx *c, const mt_mod *m)
+{
+    uint64_t r = (uint64_t)m->r;
+    char n[64];
+    snprintf(n, sizeof n, "base_model.tinylora_v.%d", m->q[0]);
+    const mt_t *v = mt_find(c, n), *P = mt_opt(c, m, "tinylora_P");
+    const double *A = mt_get(c, m, "tinylora_A"), *B = mt_get(c, m, "tinylora_B");
+    cr_assert(v && P);
+    double R[9] = {0};
+    for (uint64_t k = 0; k < v->n; k++)
+        for (uint64_t e = 0; e < r * r; e++)
+            R[e] += v->v[k] * P->v[k * r * r + e];
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < r; j++)
+                for (uint64_t q = 0; q < r; q++)
+                    d[o * m->I + i] += B[o * r + j] * R[j * r + q] * A[q * m->I + i];
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -2190,6 +2271,17 @@ static const mt_row mt_rows[] = {
       "{\"peft_type\": \"PEANUT\", \"r\": 3, \"depth\": 2, \"act_fn\": \"gelu\", \"scaling\": 0.7, " TGT_QV "}",
       bad_peanut},
      "model.layers.0.self_attn.q_proj"},
+    {"TINYLORA", 1, NULL, delta_tinylora,
+     {{"a group per layer, layers found from their seeded projections",
+       "{\"peft_type\": \"TINYLORA\", \"r\": 2, \"u\": 16, \"projection_seed\": 7, \"weight_tying\": 0.0, "
+       "\"target_modules\": [\"q_proj\", \"down_proj\", \"c_attn\"]}",
+       gen_tinylora},
+      {"weight_tying 0.5 (two groups), u r^2 = 27 (the last 16 drawn again)",
+       "{\"peft_type\": \"TINYLORA\", \"r\": 3, \"u\": 3, \"projection_seed\": 7, \"weight_tying\": 0.5, "
+       "\"target_modules\": [\"q_proj\", \"down_proj\", \"c_attn\"]}",
+       gen_tinylora_tied}},
+     {"down_proj's tinylora_P drawn from another seed", NULL, bad_tinylora},
+     "model.layers.0.mlp.down_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2513,6 +2605,7 @@ MT_TEST(BOFT)
 MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
+MT_TEST(TINYLORA)
 MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
 MT_TEST(MISS)
@@ -2545,6 +2638,7 @@ Test(methods, table_is_complete)
         "HRA",
         "ROAD",
         "SHIRA",
+        "TINYLORA",
         "PEANUT",
         "SUPERTUNING",
         "MISS",

@@ -32,6 +32,7 @@ extern const lm_method lm_method_lycoris_norm;
 extern const lm_method lm_method_pvera;
 extern const lm_method lm_method_supertuning;
 extern const lm_method lm_method_peanut;
+extern const lm_method lm_method_tinylora;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -62,6 +63,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_pvera,
     &lm_method_supertuning,
     &lm_method_peanut,
+    &lm_method_tinylora,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

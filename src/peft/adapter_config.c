@@ -27,7 +27,6 @@ static const char *const NOT_YET[] = {
     "FROD",
     "GLORA",
     "PSOFT",
-    "TINYLORA",
     "UNILORA",
 };
 
