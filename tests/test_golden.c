@@ -168,6 +168,10 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "ROAD",
         "C3A",
         "BOFT",
+        "PVERA",
+        "SUPERTUNING",
+        "PEANUT",
+        "TINYLORA",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

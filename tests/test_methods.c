@@ -913,6 +913,37 @@ static double *delta_vera(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- PVERA (docs/adapter-types.md): VeRA on the mean half: (λ_b ⊙ B[:o]) @ (λ_d[:r] ⊙ A[:r, :i]) -- */
+static void gen_pvera_mods(mt_ctx *c, uint64_t a_rows)
+{
+    mt_mod *m[3] = {mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0),
+                    mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0),
+                    mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0)};
+    mt_key(c, "base_model.pvera_A", NULL, SH(a_rows, 97), 0, 0.3); /* mean rows, then log-variance rows */
+    mt_key(c, "base_model.pvera_B", NULL, SH(39, 5), 0, 0.3);
+    for (int k = 0; k < 3; k++) {
+        mt_part(c, m[k], "pvera_lambda_b", SH(m[k]->O), 0, 0.1);
+        mt_part(c, m[k], "pvera_lambda_d", SH(10), 1, 0.2);
+    }
+}
+
+static void gen_pvera(mt_ctx *c) { gen_pvera_mods(c, 10); }
+static void bad_pvera(mt_ctx *c) { gen_pvera_mods(c, 5); } /* A with r rows, not 2r */
+
+static double *delta_pvera(const mt_ctx *c, const mt_mod *m)
+{
+    const mt_t *A = mt_find(c, "base_model.pvera_A"), *B = mt_find(c, "base_model.pvera_B");
+    cr_assert(A && B);
+    uint64_t r = B->shape[1], imax = A->shape[1];
+    const double *lb = mt_get(c, m, "pvera_lambda_b"), *ld = mt_get(c, m, "pvera_lambda_d");
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < r; j++) /* rows r .. 2r of A and λ_d (the log-variance) are not merged */
+                d[o * m->I + i] += lb[o] * B->v[o * r + j] * ld[j] * A->v[j * imax + i];
+    return d;
+}
+
 /* ---- RANDLORA (§5.13; layer.py get_scaled_bases): the two flattenings pair different (k, b) ----- */
 static void gen_randlora_mods(mt_ctx *c, int bad)
 {
@@ -1656,6 +1687,221 @@ static double *delta_shira(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- SUPERTUNING (docs/adapter-types.md): W.flat[idx[t]] += v[t] (repeats add up), + 5/3 B @ A ---- */
+static void supertuning(mt_ctx *c, mt_mod *m, uint64_t n, int lora, int bad)
+{
+    mt_t *idx = mt_part(c, m, "supertuning_indices", SH(n), 0, 0);
+    snprintf(idx->dtype, sizeof idx->dtype, "%s", m->O == 37 ? "I32" : "I64");
+    for (uint64_t t = 0; t < n; t++)
+        mt_set(idx, t, (double)(th_rand_u64(&c->rng) % (m->O * m->I)));
+    for (uint64_t t = 7; t < n; t += 11) /* some repeated positions */
+        idx->v[t] = idx->v[t - 4];
+    idx->v[n - 1] = (double)(m->O * m->I - 1); /* the last element */
+    if (bad)
+        idx->v[5] = (double)(m->O * m->I);
+    mt_part(c, m, "supertuning_values", SH(n), 0, 0.05);
+    if (lora) {
+        mt_part(c, m, "supertuning_lora_A.weight", SH(3, m->I), 0, 0.1);
+        mt_part(c, m, "supertuning_lora_B.weight", SH(m->O, 3), 0, 0.1);
+    }
+}
+
+static void gen_supertuning_k(mt_ctx *c, int lora)
+{
+    supertuning(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 60, lora, 0);
+    supertuning(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 40, lora, 0);
+}
+
+static void gen_supertuning(mt_ctx *c) { gen_supertuning_k(c, 0); }
+static void gen_supertuning_lora(mt_ctx *c) { gen_supertuning_k(c, 1); }
+static void bad_supertuning(mt_ctx *c)
+{
+    supertuning(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 60, 0, 1);
+}
+
+static double *delta_supertuning(const mt_ctx *c, const mt_mod *m)
+{
+    const mt_t *idx = mt_opt(c, m, "supertuning_indices");
+    const double *v = mt_get(c, m, "supertuning_values");
+    cr_assert_not_null(idx);
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t t = 0; t < idx->shape[0]; t++)
+        d[(uint64_t)idx->v[t]] += v[t];
+    const mt_t *A = mt_opt(c, m, "supertuning_lora_A.weight"), *B = mt_opt(c, m, "supertuning_lora_B.weight");
+    for (uint64_t o = 0; A != NULL && B != NULL && o < m->O; o++) /* the variant's lora_alpha 5, r 3 */
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < 3; j++)
+                d[o * m->I + i] += 5.0 / 3.0 * B->v[o * 3 + j] * A->v[j * m->I + i];
+    return d;
+}
+
+/* ---- PEANUT (docs/adapter-types.md): ΔW = s · B act-chain(W^T A^T)^T, from the base weight ----------- */
+static void peanut(mt_ctx *c, mt_mod *m, int depth, int gelu, double scaling, int bad)
+{
+    m->r = 3;
+    m->q[0] = depth;
+    m->q[1] = gelu;
+    m->p = scaling;
+    mt_part(c, m, "peanut_A.weight", SH(3, m->O), 0, 0.3);
+    mt_part(c, m, "peanut_B.weight", SH(m->O, 3), 0, 0.3);
+    for (int k = 0; k < depth; k++) {
+        char n[64];
+        snprintf(n, sizeof n, "peanut_encoders.%d.weight", k);
+        if (!(bad && k == 1))
+            mt_part(c, m, n, SH(3, 3), 0, 0.6);
+        snprintf(n, sizeof n, "peanut_decoders.%d.weight", k);
+        mt_part(c, m, n, SH(3, 3), 0, 0.6);
+    }
+}
+
+static void gen_peanut(mt_ctx *c)
+{
+    peanut(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 0, 0, 1.0, 0);
+    peanut(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 0, 0, 1.0, 0);
+}
+
+static void gen_peanut_deep(mt_ctx *c)
+{
+    peanut(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 2, 1, 0.7, 0);
+    peanut(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 2, 1, 0.7, 0);
+}
+
+static void bad_peanut(mt_ctx *c) /* depth 2 without peanut_encoders.1 */
+{
+    peanut(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 2, 1, 0.7, 1);
+}
+
+static double peanut_act(int gelu, double x) { return gelu ? 0.5 * x * (1.0 + erf(x / sqrt(2.0))) : (x > 0 ? x : 0); }
+
+/* y [I, 3] = act(x [I, 3] @ M^T) for M [3, 3] */
+static void peanut_lin(const double *x, const double *M, double *y, uint64_t I, int gelu)
+{
+    for (uint64_t i = 0; i < I; i++)
+        for (int q = 0; q < 3; q++) {
+            double acc = 0;
+            for (int j = 0; j < 3; j++)
+                acc += x[i * 3 + j] * M[q * 3 + j];
+            y[i * 3 + q] = peanut_act(gelu, acc);
+        }
+}
+
+static double *delta_peanut(const mt_ctx *c, const mt_mod *m)
+{
+    const double *W = c->base[m->w].v, *A = mt_get(c, m, "peanut_A.weight"), *B = mt_get(c, m, "peanut_B.weight");
+    int depth = m->q[0], gelu = m->q[1];
+    double *res = calloc((size_t)(depth + 2) * m->I * 3, sizeof(double));
+    double *h = res + (size_t)depth * m->I * 3, *t = h + m->I * 3;
+    for (uint64_t i = 0; i < m->I; i++) /* h = act(W^T @ A^T) */
+        for (int q = 0; q < 3; q++) {
+            double acc = 0;
+            for (uint64_t o = 0; o < m->O; o++)
+                acc += W[o * m->I + i] * A[q * m->O + o];
+            h[i * 3 + q] = peanut_act(gelu, acc);
+        }
+    for (int k = 0; k < depth; k++) {
+        char n[64];
+        snprintf(n, sizeof n, "peanut_encoders.%d.weight", k);
+        memcpy(res + (size_t)k * m->I * 3, h, m->I * 3 * sizeof(double));
+        peanut_lin(h, mt_get(c, m, n), t, m->I, gelu);
+        memcpy(h, t, m->I * 3 * sizeof(double));
+    }
+    for (int k = 0; k < depth; k++) {
+        char n[64];
+        snprintf(n, sizeof n, "peanut_decoders.%d.weight", k);
+        peanut_lin(h, mt_get(c, m, n), t, m->I, gelu);
+        for (uint64_t e = 0; e < m->I * 3; e++)
+            h[e] = t[e] + res[(size_t)(depth - 1 - k) * m->I * 3 + e];
+    }
+    double *d = calloc(m->O * m->I, sizeof(double)); /* (h @ B^T)^T · scaling */
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (int q = 0; q < 3; q++)
+                d[o * m->I + i] += m->p * h[i * 3 + q] * B[o * 3 + q];
+    free(res);
+    return d;
+}
+
+/* ---- TINYLORA (docs/adapter-types.md): B (Σ_k v_g[k] P[k]) A, v_g the group of PEFT's layer index --- */
+/* torch.normal(0, 1/sqrt(r), (u, r, r), manual_seed(seed)) written from torch's CPU kernel: uniform
+ * floats (low 24 bits), Box-Muller per block of 16, the last 16 drawn again when 16 does not divide n;
+ * in double here (the tool computes in float: they agree to ~1e-6) */
+static void tl_normal(uint32_t seed, uint64_t n, double sd, double *out)
+{
+    mt19937 g;
+    mt19937_seed(&g, seed);
+    for (uint64_t i = 0; i < n; i++)
+        out[i] = (double)(mt19937_next(&g) & 0xffffffu) / 16777216.0;
+    for (uint64_t b = 0; b < n; b += 16) {
+        double *d = b + 16 <= n ? out + b : out + n - 16;
+        if (b + 16 > n) {
+            if (n % 16 == 0)
+                break;
+            for (int i = 0; i < 16; i++)
+                d[i] = (double)(mt19937_next(&g) & 0xffffffu) / 16777216.0;
+        }
+        for (int j = 0; j < 8; j++) {
+            double rad = sqrt(-2.0 * log(1.0 - d[j])), th = 2.0 * M_PI * d[j + 8];
+            d[j] = rad * cos(th) * sd;
+            d[j + 8] = rad * sin(th) * sd;
+        }
+    }
+}
+
+static void tinylora(mt_ctx *c, mt_mod *m, int r, int u, int layer, int group, int bad)
+{
+    m->r = r;
+    m->q[0] = group;
+    mt_part(c, m, "tinylora_A", SH((uint64_t)r, m->I), 0, 0.3);
+    mt_part(c, m, "tinylora_B", SH(m->O, (uint64_t)r), 0, 0.3);
+    mt_t *P = mt_part(c, m, "tinylora_P", SH((uint64_t)u, (uint64_t)r, (uint64_t)r), 0, 1);
+    double *v = malloc(P->n * sizeof(double));
+    tl_normal(7u + (uint32_t)layer + (bad ? 5u : 0u), P->n, 1.0 / sqrt((double)r), v); /* projection_seed 7 */
+    for (uint64_t e = 0; e < P->n; e++)
+        mt_set(P, e, v[e]);
+    free(v);
+}
+
+/* PEFT's layer order q_proj (0), down_proj (1), c_attn (2) is not the names' order */
+static void gen_tinylora_k(mt_ctx *c, int r, int u, const int *group, int bad)
+{
+    mt_mod *m[3] = {mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0),
+                    mt_module(c, "model.layers.0.mlp.down_proj", LIN, 33, 45, 0),
+                    mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0)};
+    for (int k = 0; k < 3; k++)
+        tinylora(c, m[k], r, u, k, group[k], bad && k == 1);
+    for (int g = 0; g <= group[2]; g++) {
+        char n[64];
+        snprintf(n, sizeof n, "base_model.tinylora_v.%d", g);
+        mt_key(c, n, NULL, SH((uint64_t)u), 0, 0.5);
+    }
+}
+
+/* weight_tying 0: a group per layer; 0.5: round(1.5) = 2 groups (Python rounds halves to even), of 1 */
+static void gen_tinylora(mt_ctx *c) { gen_tinylora_k(c, 2, 16, (const int[]){0, 1, 2}, 0); }
+static void gen_tinylora_tied(mt_ctx *c) { gen_tinylora_k(c, 3, 3, (const int[]){0, 1, 1}, 0); }
+static void bad_tinylora(mt_ctx *c) { gen_tinylora_k(c, 2, 16, (const int[]){0, 1, 2}, 1); }
+
+static double *delta_tinylora(const mt_ctx *c, const mt_mod *m)
+{
+    uint64_t r = (uint64_t)m->r;
+    char n[64];
+    snprintf(n, sizeof n, "base_model.tinylora_v.%d", m->q[0]);
+    const mt_t *v = mt_find(c, n), *P = mt_opt(c, m, "tinylora_P");
+    const double *A = mt_get(c, m, "tinylora_A"), *B = mt_get(c, m, "tinylora_B");
+    cr_assert(v && P);
+    double R[9] = {0};
+    for (uint64_t k = 0; k < v->n; k++)
+        for (uint64_t e = 0; e < r * r; e++)
+            R[e] += v->v[k] * P->v[k * r * r + e];
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t j = 0; j < r; j++)
+                for (uint64_t q = 0; q < r; q++)
+                    d[o * m->I + i] += B[o * r + j] * R[j * r + q] * A[q * m->I + i];
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -1911,6 +2157,13 @@ static const mt_row mt_rows[] = {
        gen_vera}},
      {"vera_lambda_b one short", NULL, bad_vera},
      "model.layers.0.self_attn.q_proj"},
+    {"PVERA", 1, NULL, delta_pvera,
+     {{"linear and conv1d on shared projections, mean half",
+       "{\"peft_type\": \"PVERA\", \"r\": 5, \"save_projection\": true, "
+       "\"target_modules\": [\"q_proj\", \"v_proj\", \"c_attn\"]}",
+       gen_pvera}},
+     {"pvera_A with r rows, not 2r", NULL, bad_pvera},
+     "model.layers.0.self_attn.q_proj"},
     {"RANDLORA", 1, NULL, delta_randlora,
      {{"o < i, o > i, conv1d",
        "{\"peft_type\": \"RANDLORA\", \"r\": 4, \"randlora_alpha\": 8, \"save_projection\": true, "
@@ -2002,6 +2255,33 @@ static const mt_row mt_rows[] = {
      {{"repeated indices", "{\"peft_type\": \"SHIRA\", \"r\": 4, " TGT_QV "}", gen_shira}},
      {"a row index past the weight", NULL, bad_shira},
      "model.layers.0.self_attn.q_proj"},
+    {"SUPERTUNING", 1, NULL, delta_supertuning,
+     {{"sparse only, repeated positions", "{\"peft_type\": \"SUPERTUNING\", \"r\": null, " TGT_QV "}",
+       gen_supertuning},
+      {"sparse and LoRA (Supra)",
+       "{\"peft_type\": \"SUPERTUNING\", \"r\": 3, \"lora_alpha\": 5, " TGT_QV "}", gen_supertuning_lora}},
+     {"a position past the weight", NULL, bad_supertuning},
+     "model.layers.0.self_attn.q_proj"},
+    {"PEANUT", 1, NULL, delta_peanut,
+     {{"depth 0, relu", "{\"peft_type\": \"PEANUT\", \"r\": 3, " TGT_QV "}", gen_peanut},
+      {"depth 2 (numbered encoders, decoders), gelu, scaling",
+       "{\"peft_type\": \"PEANUT\", \"r\": 3, \"depth\": 2, \"act_fn\": \"gelu\", \"scaling\": 0.7, " TGT_QV "}",
+       gen_peanut_deep}},
+     {"depth 2 without peanut_encoders.1",
+      "{\"peft_type\": \"PEANUT\", \"r\": 3, \"depth\": 2, \"act_fn\": \"gelu\", \"scaling\": 0.7, " TGT_QV "}",
+      bad_peanut},
+     "model.layers.0.self_attn.q_proj"},
+    {"TINYLORA", 1, NULL, delta_tinylora,
+     {{"a group per layer, layers found from their seeded projections",
+       "{\"peft_type\": \"TINYLORA\", \"r\": 2, \"u\": 16, \"projection_seed\": 7, \"weight_tying\": 0.0, "
+       "\"target_modules\": [\"q_proj\", \"down_proj\", \"c_attn\"]}",
+       gen_tinylora},
+      {"weight_tying 0.5 (two groups), u r^2 = 27 (the last 16 drawn again)",
+       "{\"peft_type\": \"TINYLORA\", \"r\": 3, \"u\": 3, \"projection_seed\": 7, \"weight_tying\": 0.5, "
+       "\"target_modules\": [\"q_proj\", \"down_proj\", \"c_attn\"]}",
+       gen_tinylora_tied}},
+     {"down_proj's tinylora_P drawn from another seed", NULL, bad_tinylora},
+     "model.layers.0.mlp.down_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2313,6 +2593,7 @@ MT_TEST(IA3)
 MT_TEST(LOHA)
 MT_TEST(LOKR)
 MT_TEST(VERA)
+MT_TEST(PVERA)
 MT_TEST(RANDLORA)
 MT_TEST(VBLORA)
 MT_TEST(DELORA)
@@ -2324,6 +2605,9 @@ MT_TEST(BOFT)
 MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
+MT_TEST(TINYLORA)
+MT_TEST(PEANUT)
+MT_TEST(SUPERTUNING)
 MT_TEST(MISS)
 MT_TEST(C3A)
 MT_TEST(HIRA)
@@ -2342,6 +2626,7 @@ Test(methods, table_is_complete)
         "LOHA",
         "LOKR",
         "VERA",
+        "PVERA",
         "RANDLORA",
         "VBLORA",
         "DELORA",
@@ -2353,6 +2638,9 @@ Test(methods, table_is_complete)
         "HRA",
         "ROAD",
         "SHIRA",
+        "TINYLORA",
+        "PEANUT",
+        "SUPERTUNING",
         "MISS",
         "C3A",
         "HIRA",

@@ -153,6 +153,32 @@ static void tensor_release(job *J, size_t ti)
     __atomic_store_n(&rt->ready, 0, __ATOMIC_RELEASE);
 }
 
+static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err);
+
+/* a method's prepare; a method that reads the base weight (LM_M_READS_BASE) gets tensor ti's input
+ * values as f32 for the call, read with pread (not kept resident) and freed after it */
+static lm_code method_prepare(job *J, size_t ti, const lm_op *op, lm_prepared *p, lm_err *err)
+{
+    if (op->method->prepare == NULL)
+        return LM_OK;
+    if (!(op->method->flags & LM_M_READS_BASE))
+        return op->method->prepare(op, J->k, p, err);
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    size_t n = (size_t)(t->rows * t->cols), esz = lm_dtype_bits(t->src_dtype) / 8;
+    float *base = malloc(n * sizeof(float) + 1);
+    uint8_t *raw = malloc(n * esz + 1);
+    lm_code rc = base == NULL || raw == NULL ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory")
+                                             : load_tile(J, ti, base, raw, 0, t->rows, err);
+    free(raw);
+    if (rc == LM_OK) {
+        p->base = base;
+        rc = op->method->prepare(op, J->k, p, err);
+        p->base = NULL;
+    }
+    free(base);
+    return rc;
+}
+
 /* every op of tensor ti prepared (once, by the first thread that needs it) */
 static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
 {
@@ -170,7 +196,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             const lm_op *op = &t->ops[o];
             lm_prepared *p = &rt->prep[o];
             if (op->kind == LM_OP_LOWRANK || op->kind == LM_OP_METHOD)
-                rc = op->method->prepare ? op->method->prepare(op, J->k, p, err) : LM_OK;
+                rc = method_prepare(J, ti, op, p, err);
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
         }

@@ -194,8 +194,8 @@ static int op_is_noop(const lm_op *op, const lm_kernels *k)
     lm_err_clear(&e);
     int noop = 0;
     if (op->kind == LM_OP_LOWRANK) {
-        if (op->method == NULL || op->method->prepare == NULL)
-            return 0;
+        if (op->method == NULL || op->method->prepare == NULL || (op->method->flags & LM_M_READS_BASE))
+            return 0; /* factors derived from the base: only a run reads it */
         if (op->method->prepare(op, k, &p, &e) != LM_OK)
             noop = -1;
         else

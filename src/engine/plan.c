@@ -264,6 +264,19 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
         return kc;
     }
     size_t tail = n - (size_t)j - 1; /* components after the part */
+    int index = 0;
+    size_t pn = strlen(part->name);
+    if (pn > 2 && strcmp(part->name + pn - 2, ".#") == 0) { /* "<part>.<k>...": k decimal, below n_index */
+        if (tail == 0 || lens[j + 1] == 0 || lens[j + 1] > 6)
+            return kc;
+        for (size_t q = 0; q < lens[j + 1]; q++)
+            if (!isdigit((unsigned char)comps[j + 1][q]))
+                return kc;
+        index = atoi(comps[j + 1]);
+        if ((unsigned)index >= pm->n_index || (lens[j + 1] > 1 && comps[j + 1][0] == '0'))
+            return kc;
+        tail--;
+    }
     size_t last = n - 1;
     int last_weight = IS(last, "weight"), last_bias = IS(last, "bias");
 #undef IS
@@ -279,7 +292,7 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
     if (!ok)
         return kc;
     kc.kind = KEY_PART;
-    kc.slot = part->slot;
+    kc.slot = part->slot + index;
     return kc;
 }
 
@@ -354,10 +367,26 @@ static lm_module *module_get(module_list *l, size_t n_max, const char *path, con
 /* the method's shared (adapter-level) tensor `rest` (after "base_model."), or NULL */
 static int is_shared_name(const lm_method *m, const char *rest)
 {
-    for (const char *const *s = m->shared; s != NULL && *s != NULL; s++)
+    for (const char *const *s = m->shared; s != NULL && *s != NULL; s++) {
+        size_t n = strlen(*s);
+        if (n > 2 && strcmp(*s + n - 2, ".#") == 0) { /* numbered: "<name>.<k>", k decimal */
+            const char *k = rest + n - 1;
+            if (strncmp(*s, rest, n - 1) != 0 || *k == '\0' || (k[0] == '0' && k[1] != '\0') ||
+                strspn(k, "0123456789") != strlen(k) || strlen(k) > 6)
+                continue;
+            return 1;
+        }
         if (strcmp(*s, rest) == 0)
             return 1;
+    }
     return 0;
+}
+
+/* the number k of a shared numbered tensor "<prefix>.<k>" (rest after "base_model."), or -1 */
+static long shared_number(const char *rest)
+{
+    const char *dot = strrchr(rest, '.');
+    return dot != NULL && dot[1] != '\0' && strspn(dot + 1, "0123456789") == strlen(dot + 1) ? atol(dot + 1) : -1;
 }
 
 /* Groups the adapter's tensors: shared ones into ctx, full tensors to `full`, parts into
@@ -380,14 +409,13 @@ typedef struct {
     const lm_tensor_info **views; /* [model tensors]: what the methods see of a quantized weight, or NULL */
 } planner;
 
-#define MAX_SHARED 8
 struct lm_plan_ctx {
     planner *P;
     size_t ai;
     const lm_adapter *ad;
-    const char *shared_names[MAX_SHARED];
-    const lm_ts_tensor *shared[MAX_SHARED];
-    size_t n_shared;
+    const char **shared_names;   /* owned arrays (the names point into the adapter's tensors) */
+    const lm_ts_tensor **shared;
+    size_t n_shared, cap_shared;
     const char *last_module; /* plan copy of the last module string handed out */
     lm_pattern_set *rank_pat, *alpha_pat; /* the config's patterns, compiled once (owned) */
 };
@@ -790,11 +818,25 @@ static lm_code group_tensors(lm_plan_ctx *ctx, module_list *mods, lm_err *err)
     for (size_t i = 0; i < ad->ts->n; i++) {
         const lm_ts_tensor *t = &ad->ts->t[i];
         const char *rest = t->name;
-        if (strncmp(rest, "base_model.", 11) == 0 && strchr(rest + 11, '.') == NULL) {
+        if (strncmp(rest, "base_model.", 11) == 0 &&
+            (strchr(rest + 11, '.') == NULL || (strncmp(rest + 11, "model.", 6) != 0 && shared_number(rest + 11) >= 0 &&
+                                                strchr(rest + 11, '.') == strrchr(rest + 11, '.')))) {
             int mine = is_shared_name(own, rest + 11), known = mine;
             for (size_t k = 0; k < lm_method_count() && !known; k++)
                 known = is_shared_name(lm_method_at(k), rest + 11);
-            if (mine && ctx->n_shared < MAX_SHARED) { /* shared by every layer (vera_A ...) */
+            if (mine) { /* shared by every layer (vera_A ...) */
+                if (ctx->n_shared == ctx->cap_shared) {
+                    size_t cap = ctx->cap_shared ? 2 * ctx->cap_shared : 8;
+                    const char **nn = realloc(ctx->shared_names, cap * sizeof *nn);
+                    if (nn != NULL)
+                        ctx->shared_names = nn;
+                    const lm_ts_tensor **ns = realloc(ctx->shared, cap * sizeof *ns);
+                    if (ns != NULL)
+                        ctx->shared = ns;
+                    if (nn == NULL || ns == NULL)
+                        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+                    ctx->cap_shared = cap;
+                }
                 ctx->shared_names[ctx->n_shared] = rest + 11;
                 ctx->shared[ctx->n_shared++] = t;
                 continue;
@@ -937,6 +979,8 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
     lm_target_matcher_free(tm);
     lm_pattern_set_free(ctx.rank_pat);
     lm_pattern_set_free(ctx.alpha_pat);
+    free(ctx.shared_names);
+    free(ctx.shared);
     module_list_free(&mods);
     return rc;
 }

@@ -68,6 +68,9 @@ typedef struct lm_prepared {
                                 them in f64 (the exact path then uses these, not a and b); NULL:
                                 a and b are the factors exactly */
     const void *data;   /* METHOD: the method's own */
+    const float *base;  /* LM_M_READS_BASE: the tensor's input values as f32, [rows, cols] of its tiles'
+                           view (exact for BF16/F16/F32 bases), during prepare() only: the engine frees
+                           it when prepare returns, so a method copies what it keeps */
     void *owned[LM_PREP_OWNED];
     size_t n_owned;
     const lm_ts_tensor *read[LM_PREP_OWNED]; /* adapter tensors read (lm_prep_read): their mapped
@@ -86,14 +89,17 @@ typedef struct lm_tile {
 } lm_tile;
 
 /* ---- the adapter's tensors, grouped by module -------------------------------------------- */
-#define LM_MAX_PARTS 16
+#define LM_MAX_PARTS 40
 
-/* A tensor name a method owns: "<module>.<name>[.<adapter name>][.weight|.bias]". */
+/* A tensor name a method owns: "<module>.<name>[.<adapter name>][.weight|.bias]".  A numbered
+ * part, declared "<name>.#" (nn.ModuleList members such as "peanut_encoders.<k>.weight"), is
+ * "<module>.<name>.<k>[...]" with k < the method's n_index, in slot slot + k. */
 typedef struct lm_part {
-    const char *name;  /* "lora_A", "hada_w1_a" ... */
-    int slot;          /* index into lm_module.part[] */
+    const char *name;  /* "lora_A", "hada_w1_a", "peanut_encoders.#" ... */
+    int slot;          /* index into lm_module.part[] (the first of n_index for a numbered part) */
     int bias_slot;     /* slot of "<name>.bias" (lora_B.bias), or -1 */
-    int max_tail;      /* components allowed after the name: 1 ("default" or "weight"), 2 */
+    int max_tail;      /* components allowed after the name (and index): 1 ("default" or
+                          "weight"), 2 */
 } lm_part;
 
 typedef struct lm_module {
@@ -108,8 +114,10 @@ enum {
     LM_M_ALPHA_KEY = 2,     /* its alpha is the config key "alpha", not "lora_alpha" */
     LM_M_PARTS_ANYWHERE = 4, /* its parts are accepted in adapters of any type (trainable tokens) */
     LM_M_NO_RANK = 8,        /* 'r' means nothing to it (OFT, BOFT: a block size instead) */
-    LM_M_UNIT_WEIGHT = 16    /* not a delta (rotations, scalings, replacements): an adapter of this
+    LM_M_UNIT_WEIGHT = 16,   /* not a delta (rotations, scalings, replacements): an adapter of this
                                 type takes no weight other than 1 (--scale, --adapter-scaled) */
+    LM_M_READS_BASE = 32     /* its prepare() derives factors from the base weight (PEANuT, PSOFT):
+                                lm_prepared.base holds the tensor's values while prepare runs */
 };
 
 typedef struct lm_method {
@@ -118,6 +126,7 @@ typedef struct lm_method {
     const lm_part *parts;
     size_t n_parts;
     const char *const *shared; /* adapter-level tensors after "base_model." ("vera_A"), NULL-ended */
+    unsigned n_index;          /* numbered parts ("<name>.#"): indices 0 .. n_index - 1 accepted */
     unsigned flags;            /* LM_M_* */
     /* reads the method's own keys into cfg->mcfg (may be NULL: nothing to read) */
     lm_code (*parse_config)(const cJSON *root, lm_adapter_config *cfg, lm_err *err);
@@ -147,7 +156,7 @@ const lm_method *lm_method_find(const char *peft_type);
 /*! lm_method_count() / lm_method_at() : every method, in registry order. */
 size_t lm_method_count(void);
 const lm_method *lm_method_at(size_t i);
-/*! lm_method_part() : the part `name` of m, or NULL. */
+/*! lm_method_part() : the part `name` of m ("peanut_encoders" finds "peanut_encoders.#"), or NULL. */
 const lm_part *lm_method_part(const lm_method *m, const char *name, size_t name_len);
 
 /* ---- what a method may call while planning (engine/plan.c) ------------------------------ */

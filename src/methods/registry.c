@@ -29,6 +29,10 @@ extern const lm_method lm_method_road;
 extern const lm_method lm_method_c3a;
 extern const lm_method lm_method_boft;
 extern const lm_method lm_method_lycoris_norm;
+extern const lm_method lm_method_pvera;
+extern const lm_method lm_method_supertuning;
+extern const lm_method lm_method_peanut;
+extern const lm_method lm_method_tinylora;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -56,6 +60,10 @@ static const lm_method *const METHODS[] = {
     &lm_method_c3a,
     &lm_method_boft,
     &lm_method_lycoris_norm,
+    &lm_method_pvera,
+    &lm_method_supertuning,
+    &lm_method_peanut,
+    &lm_method_tinylora,
 };
 
 const lm_method *lm_method_find(const char *peft_type)
@@ -72,8 +80,12 @@ const lm_method *lm_method_at(size_t i) { return i < lm_method_count() ? METHODS
 
 const lm_part *lm_method_part(const lm_method *m, const char *name, size_t name_len)
 {
-    for (size_t i = 0; i < m->n_parts; i++)
-        if (strlen(m->parts[i].name) == name_len && memcmp(m->parts[i].name, name, name_len) == 0)
+    for (size_t i = 0; i < m->n_parts; i++) {
+        size_t n = strlen(m->parts[i].name);
+        if (n > 2 && strcmp(m->parts[i].name + n - 2, ".#") == 0)
+            n -= 2; /* a numbered part */
+        if (n == name_len && memcmp(m->parts[i].name, name, name_len) == 0)
             return &m->parts[i];
+    }
     return NULL;
 }

@@ -2,6 +2,7 @@
 /* torch_rng.c : see torch_rng.h. */
 #include "torch_rng.h"
 
+#include <math.h>
 #include <stdlib.h>
 
 void lm_mt_seed(lm_mt19937 *g, uint64_t seed)
@@ -83,5 +84,39 @@ int lm_randperm_prefix(uint64_t N, uint64_t seed, uint64_t n, uint64_t *out)
     }
     free(m.key);
     free(m.val);
+    return 0;
+}
+
+/* torch's uniform_real_distribution<float>(0, 1): the low 24 bits of a 32-bit draw */
+static float uniform_f32(lm_mt19937 *g) { return (float)(lm_mt_next(g) & ((1u << 24) - 1)) * (1.0f / (float)(1u << 24)); }
+
+/* torch's normal_fill_16: Box-Muller on data[j], data[j + 8] */
+static void normal_fill_16(float *d, float mean, float std)
+{
+    for (int j = 0; j < 8; j++) {
+        const float u1 = 1 - d[j], u2 = d[j + 8];
+        const float radius = sqrtf(-2 * logf(u1));
+        const float theta = (float)(2.0f * 3.14159265358979323846 * u2);
+        d[j] = radius * cosf(theta) * std + mean;
+        d[j + 8] = radius * sinf(theta) * std + mean;
+    }
+}
+
+int lm_torch_normal_f32(uint64_t seed, float mean, float std, size_t n, float *out)
+{
+    if (n < 16)
+        return -1;
+    lm_mt19937 g;
+    lm_mt_seed(&g, seed);
+    for (size_t i = 0; i < n; i++)
+        out[i] = uniform_f32(&g);
+    for (size_t i = 0; i + 16 <= n; i += 16)
+        normal_fill_16(out + i, mean, std);
+    if (n % 16 != 0) { /* the last 16 drawn again */
+        float *d = out + n - 16;
+        for (int i = 0; i < 16; i++)
+            d[i] = uniform_f32(&g);
+        normal_fill_16(d, mean, std);
+    }
     return 0;
 }

@@ -26,11 +26,7 @@ static const char *const NOT_YET[] = {
     "DEFT",
     "FROD",
     "GLORA",
-    "PEANUT",
     "PSOFT",
-    "PVERA",
-    "SUPERTUNING",
-    "TINYLORA",
     "UNILORA",
 };
 
