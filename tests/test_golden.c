@@ -165,6 +165,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "OFT",
         "FOURIERFT",
         "WAVEFT",
+        "GLORA",
         "ROAD",
         "C3A",
         "BOFT",

@@ -1350,6 +1350,86 @@ static double *delta_waveft(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- GLORA (docs/adapter-types.md): W + W ⊙ A + B, A and B low-rank / column / scalar / full ---- */
+enum { GL_LORA, GL_VECTOR, GL_CONSTANT, GL_NONE };
+
+static void glora_path(mt_ctx *c, mt_mod *m, char which, int kind, int r, double sd, int bad)
+{
+    char n1[64], n2[64];
+    snprintf(n1, sizeof n1, "glora_%c.%s", which, kind == GL_LORA ? "Xd" : kind == GL_NONE ? "zeros" : "X");
+    snprintf(n2, sizeof n2, "glora_%c.Xu", which);
+    if (kind == GL_LORA) {
+        mt_part(c, m, n1, SH(m->O, (uint64_t)r), 0, sd);
+        mt_part(c, m, n2, SH((uint64_t)r, m->I + (uint64_t)bad), 0, sd);
+    } else if (kind == GL_VECTOR)
+        mt_part(c, m, n1, SH(m->O, 1), 0, sd);
+    else if (kind == GL_CONSTANT)
+        mt_part(c, m, n1, SH(1), 0, sd);
+    else
+        mt_part(c, m, n1, SH(m->O, m->I), 0, sd);
+}
+
+/* q[0]: the form of A and B; r: the rank of the lora form */
+static void glora(mt_ctx *c, mt_mod *m, int kind, int r)
+{
+    m->q[0] = kind;
+    m->r = r;
+    glora_path(c, m, 'A', kind, r, kind == GL_LORA ? 0.3 : 0.2, 0);
+    glora_path(c, m, 'B', kind, r, kind == GL_LORA ? 0.15 : 0.05, 0);
+    if (m->b >= 0) { /* PEFT's empty C, D, E paths on a layer with a bias: zero buffers */
+        mt_part(c, m, "glora_C.zeros", SH(m->I, 1), 0, 0);
+        mt_part(c, m, "glora_D.zeros", SH(m->O), 0, 0);
+        mt_part(c, m, "glora_E.zeros", SH(m->O), 0, 0);
+    }
+}
+
+static void gen_glora(mt_ctx *c)
+{
+    glora(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 1), GL_LORA, 3);
+    glora(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), GL_LORA, 3);
+}
+
+static void gen_glora_vector(mt_ctx *c) { glora(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), GL_VECTOR, 0); }
+static void gen_glora_constant(mt_ctx *c) { glora(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), GL_CONSTANT, 0); }
+static void gen_glora_none(mt_ctx *c) { glora(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), GL_NONE, 0); }
+
+static void bad_glora(mt_ctx *c) /* glora_A.Xu one column too many */
+{
+    mt_mod *m = mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0);
+    glora_path(c, m, 'A', GL_LORA, 3, 0.3, 1);
+    glora_path(c, m, 'B', GL_LORA, 3, 0.1, 0);
+}
+
+/* element e = o * I + i of A or B */
+static double glora_at(const mt_ctx *c, const mt_mod *m, char which, uint64_t o, uint64_t i)
+{
+    char n1[64], n2[64];
+    snprintf(n1, sizeof n1, "glora_%c.%s", which, m->q[0] == GL_LORA ? "Xd" : m->q[0] == GL_NONE ? "zeros" : "X");
+    snprintf(n2, sizeof n2, "glora_%c.Xu", which);
+    const double *x = mt_get(c, m, n1);
+    switch (m->q[0]) {
+    case GL_LORA: {
+        const double *xu = mt_get(c, m, n2);
+        double s = 0;
+        for (int q = 0; q < m->r; q++)
+            s += x[o * (uint64_t)m->r + (uint64_t)q] * xu[(uint64_t)q * m->I + i];
+        return s;
+    }
+    case GL_VECTOR: return x[o];
+    case GL_CONSTANT: return x[0];
+    default: return x[o * m->I + i];
+    }
+}
+
+static double *delta_glora(const mt_ctx *c, const mt_mod *m)
+{
+    double *w = mt_W(c, m);
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            w[o * m->I + i] = w[o * m->I + i] * glora_at(c, m, 'A', o, i) + glora_at(c, m, 'B', o, i);
+    return w;
+}
+
 /* ---- OFT (§5.6): W @ blockdiag(R_j)^T, R_j the Cayley-Neumann series or the exact Cayley
  * transform of the skew block (coft: projected onto a ball of radius eps/sqrt(#rows) first) ------- */
 enum { OFT_EXACT = 1, OFT_COFT = 2, OFT_SHARE = 4 };
@@ -2213,6 +2293,13 @@ static const mt_row mt_rows[] = {
        gen_waveft_plain}},
      {"2-D spectrum", NULL, bad_waveft},
      "model.layers.0.self_attn.q_proj"},
+    {"GLORA", 0, NULL, delta_glora,
+     {{"lora (and zero C, D, E on a biased layer)", "{\"peft_type\": \"GLORA\", \"r\": 3, " TGT_QV "}", gen_glora},
+      {"vector", "{\"peft_type\": \"GLORA\", \"config_A_B\": \"vector\", " TGT_QV "}", gen_glora_vector},
+      {"constant", "{\"peft_type\": \"GLORA\", \"config_A_B\": \"constant\", " TGT_QV "}", gen_glora_constant},
+      {"none (loaded buffers)", "{\"peft_type\": \"GLORA\", \"config_A_B\": \"none\", " TGT_QV "}", gen_glora_none}},
+     {"glora_A.Xu one column too many", NULL, bad_glora},
+     "model.layers.0.self_attn.q_proj"},
     {"OFT", 0, ref_oft, NULL,
      {{"Cayley-Neumann, 5 terms", "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, " TGT_QV "}", gen_oft},
       {"exact Cayley",
@@ -2600,6 +2687,7 @@ MT_TEST(DELORA)
 MT_TEST(GRALORA)
 MT_TEST(FOURIERFT)
 MT_TEST(WAVEFT)
+MT_TEST(GLORA)
 MT_TEST(OFT)
 MT_TEST(BOFT)
 MT_TEST(HRA)
@@ -2633,6 +2721,7 @@ Test(methods, table_is_complete)
         "GRALORA",
         "FOURIERFT",
         "WAVEFT",
+        "GLORA",
         "OFT",
         "BOFT",
         "HRA",

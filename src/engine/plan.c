@@ -216,7 +216,8 @@ static const lm_part *find_part(const lm_method *own, const char *name, size_t n
 
 /* Splits an adapter key (prefix "base_model.model." already removed) into a part and the module
  * path (or, for a full tensor, the tensor name), dropping ".base_layer" components.  The part is
- * the last component that some method declares; after it may come the adapter's name and/or
+ * the last component (or pair of components, "glora_A.Xd") that some method declares; after it
+ * may come the adapter's name and/or
  * "weight" ("bias" for a part with a bias slot). */
 static key_class classify_key(const lm_method *own, const char *rest, char *out, size_t cap)
 {
@@ -234,11 +235,15 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
     }
 #define IS(i, lit) (lens[i] == sizeof(lit) - 1 && memcmp(comps[i], lit, sizeof(lit) - 1) == 0)
     long j = -1;
+    size_t span = 1; /* components the part's name takes: 2 for "glora_A.Xd", "osf_svd_params.U_low" */
     const lm_part *part = NULL;
     const lm_method *pm = NULL;
-    for (long i = (long)n - 1; i >= 0 && j < 0; i--)
-        if ((part = find_part(own, comps[i], lens[i], &pm)) != NULL)
+    for (long i = (long)n - 1; i >= 0 && j < 0; i--) {
+        if ((size_t)i + 1 < n && (part = find_part(own, comps[i], lens[i] + 1 + lens[i + 1], &pm)) != NULL)
+            j = i, span = 2;
+        else if ((part = find_part(own, comps[i], lens[i], &pm)) != NULL)
             j = i;
+    }
     size_t end = j >= 0 ? (size_t)j : n;
     for (size_t i = 0; i < end; i++)
         if (IS(i, "modules_to_save") || IS(i, "original_module"))
@@ -263,7 +268,7 @@ static key_class classify_key(const lm_method *own, const char *rest, char *out,
         kc.kind = KEY_FULL;
         return kc;
     }
-    size_t tail = n - (size_t)j - 1; /* components after the part */
+    size_t tail = n - (size_t)j - span; /* components after the part */
     int index = 0;
     size_t pn = strlen(part->name);
     if (pn > 2 && strcmp(part->name + pn - 2, ".#") == 0) { /* "<part>.<k>...": k decimal, below n_index */

@@ -95,7 +95,8 @@ typedef struct lm_tile {
  * part, declared "<name>.#" (nn.ModuleList members such as "peanut_encoders.<k>.weight"), is
  * "<module>.<name>.<k>[...]" with k < the method's n_index, in slot slot + k. */
 typedef struct lm_part {
-    const char *name;  /* "lora_A", "hada_w1_a", "peanut_encoders.#" ... */
+    const char *name;  /* "lora_A", "hada_w1_a", "peanut_encoders.#" ...; or two components
+                          ("glora_A.Xd": PEFT's ModuleDict of a sub-module's parameters) */
     int slot;          /* index into lm_module.part[] (the first of n_index for a numbered part) */
     int bias_slot;     /* slot of "<name>.bias" (lora_B.bias), or -1 */
     int max_tail;      /* components allowed after the name (and index): 1 ("default" or

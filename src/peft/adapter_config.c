@@ -25,7 +25,6 @@ static const char *const NOT_YET[] = {
     "ADAMSS",
     "DEFT",
     "FROD",
-    "GLORA",
     "PSOFT",
     "UNILORA",
 };
