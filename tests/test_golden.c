@@ -166,6 +166,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "FOURIERFT",
         "WAVEFT",
         "GLORA",
+        "DEFT",
         "ROAD",
         "C3A",
         "BOFT",

@@ -1430,6 +1430,59 @@ static double *delta_glora(const mt_ctx *c, const mt_mod *m)
     return w;
 }
 
+/* ---- DEFT (docs/adapter-types.md): W + P (s R - relu(P)^T W), relu decomposition; para: no R ---- */
+static void deft(mt_ctx *c, mt_mod *m, int r, double s, int para)
+{
+    m->r = r;
+    m->p = s; /* the injection scaling (alpha / r, or 1) */
+    m->q[0] = para;
+    mt_part(c, m, "deft_P", SH(m->O, (uint64_t)r), 0, 0.3);
+    if (!para)
+        mt_part(c, m, "deft_R", SH((uint64_t)r, m->I), 0, 0.1);
+}
+
+static void gen_deft(mt_ctx *c)
+{
+    deft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 3, 1.0, 0);
+    deft(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0), 3, 1.0, 0);
+}
+
+static void gen_deft_alpha(mt_ctx *c) /* alpha 6, r 4: s = 1.5 */
+{
+    deft(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 97, 0), 4, 1.5, 0);
+}
+
+static void gen_deft_para(mt_ctx *c) { deft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 3, 1.0, 1); }
+
+static void bad_deft(mt_ctx *c) /* deft_R with one row too many */
+{
+    mt_mod *m = mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0);
+    mt_part(c, m, "deft_P", SH(37, 3), 0, 0.3);
+    mt_part(c, m, "deft_R", SH(4, 43), 0, 0.1);
+}
+
+static double *delta_deft(const mt_ctx *c, const mt_mod *m)
+{
+    const double *P = mt_get(c, m, "deft_P"), *R = m->q[0] ? NULL : mt_get(c, m, "deft_R");
+    double *w = mt_W(c, m), *d = calloc(m->O * m->I, sizeof(double));
+    uint64_t r = (uint64_t)m->r;
+    double *inj = calloc(r * m->I, sizeof(double)); /* s R - relu(P)^T W */
+    for (uint64_t q = 0; q < r; q++)
+        for (uint64_t i = 0; i < m->I; i++) {
+            double f = 0;
+            for (uint64_t o = 0; o < m->O; o++)
+                f += fmax(P[o * r + q], 0.0) * w[o * m->I + i];
+            inj[q * m->I + i] = (R ? m->p * R[q * m->I + i] : 0.0) - f;
+        }
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            for (uint64_t q = 0; q < r; q++)
+                d[o * m->I + i] += P[o * r + q] * inj[q * m->I + i];
+    free(inj);
+    free(w);
+    return d;
+}
+
 /* ---- OFT (§5.6): W @ blockdiag(R_j)^T, R_j the Cayley-Neumann series or the exact Cayley
  * transform of the skew block (coft: projected onto a ball of radius eps/sqrt(#rows) first) ------- */
 enum { OFT_EXACT = 1, OFT_COFT = 2, OFT_SHARE = 4 };
@@ -2300,6 +2353,12 @@ static const mt_row mt_rows[] = {
       {"none (loaded buffers)", "{\"peft_type\": \"GLORA\", \"config_A_B\": \"none\", " TGT_QV "}", gen_glora_none}},
      {"glora_A.Xu one column too many", NULL, bad_glora},
      "model.layers.0.self_attn.q_proj"},
+    {"DEFT", 0, NULL, delta_deft,
+     {{"relu, Linear and Conv1D", "{\"peft_type\": \"DEFT\", \"r\": 3, " TGT_QC "}", gen_deft},
+      {"alpha 6", "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 6, " TGT_QV "}", gen_deft_alpha},
+      {"para", "{\"peft_type\": \"DEFT\", \"r\": 3, \"para\": true, " TGT_QV "}", gen_deft_para}},
+     {"deft_R one row too many", NULL, bad_deft},
+     "model.layers.0.self_attn.q_proj"},
     {"OFT", 0, ref_oft, NULL,
      {{"Cayley-Neumann, 5 terms", "{\"peft_type\": \"OFT\", \"oft_block_size\": 5, \"r\": 0, " TGT_QV "}", gen_oft},
       {"exact Cayley",
@@ -2688,6 +2747,7 @@ MT_TEST(GRALORA)
 MT_TEST(FOURIERFT)
 MT_TEST(WAVEFT)
 MT_TEST(GLORA)
+MT_TEST(DEFT)
 MT_TEST(OFT)
 MT_TEST(BOFT)
 MT_TEST(HRA)
@@ -2722,6 +2782,7 @@ Test(methods, table_is_complete)
         "FOURIERFT",
         "WAVEFT",
         "GLORA",
+        "DEFT",
         "OFT",
         "BOFT",
         "HRA",

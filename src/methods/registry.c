@@ -26,6 +26,7 @@ extern const lm_method lm_method_oft;
 extern const lm_method lm_method_fourierft;
 extern const lm_method lm_method_waveft;
 extern const lm_method lm_method_glora;
+extern const lm_method lm_method_deft;
 extern const lm_method lm_method_road;
 extern const lm_method lm_method_c3a;
 extern const lm_method lm_method_boft;
@@ -58,6 +59,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_fourierft,
     &lm_method_waveft,
     &lm_method_glora,
+    &lm_method_deft,
     &lm_method_road,
     &lm_method_c3a,
     &lm_method_boft,

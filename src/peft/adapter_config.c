@@ -23,7 +23,6 @@ static const char *const NOT_YET[] = {
     "BONE",
     "OSF",
     "ADAMSS",
-    "DEFT",
     "FROD",
     "PSOFT",
     "UNILORA",
