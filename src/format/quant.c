@@ -251,7 +251,8 @@ void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0
             out_scale[bi] = inv;
             uint64_t changed = 0;
             float emax = (float)st->err_max;
-            double esum = 0;
+            double esum = 0, d2 = 0, e2 = 0;
+            const float s0 = scale0[bi];
             for (uint64_t r = 0; r < h; r++) {
                 const float *xr = xb + r * cols;
                 uint8_t *qr = qb + r * cols;
@@ -260,14 +261,19 @@ void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0
                     const uint8_t code = lm_f32_to_fp8_e4m3(xr[c] * s);
                     qr[c] = code;
                     changed += code != q0r[c] || inv != scale0[bi];
-                    const float e = fabsf(lut[code] * inv - xr[c]) * ramax;
+                    const float dq = lut[code] * inv - xr[c], d = xr[c] - lut[q0r[c]] * s0;
+                    const float e = fabsf(dq) * ramax;
                     emax = e > emax ? e : emax;
                     esum += e;
+                    d2 += (double)d * d;
+                    e2 += (double)dq * dq;
                 }
             }
             st->n_changed += changed;
             st->err_max = emax;
             st->err_sum += esum;
+            st->d2 += d2;
+            st->e2 += e2;
             st->n_err += h * w;
         }
     }
