@@ -481,6 +481,11 @@ static uint64_t count_changed(const lm_kernels *k, const uint8_t *a, const uint8
     if (esz == 4)
         return k->count_diff_32((const uint32_t *)(const void *)a, (const uint32_t *)(const void *)b, n);
     uint64_t c = 0;
+    if (esz == 1) { /* 8-bit codes */
+        for (size_t i = 0; i < n; i++)
+            c += a[i] != b[i];
+        return c;
+    }
     for (size_t i = 0; i < n; i++)
         c += memcmp(a + i * esz, b + i * esz, esz) != 0;
     return c;
