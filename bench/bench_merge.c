@@ -42,16 +42,19 @@ typedef struct {
     long experts;                 /* > 0: a Qwen3-MoE-shaped model, experts per expert on disk, the
                                      adapter through target_parameters (issue 13) */
     int fused;                    /* experts stored fused [E, 2I, H], [E, H, I] (transformers v5) */
+    const char *quant;            /* a quantized base (gen_model --quant: "fp8"), or NULL (issue 12) */
 } bench_case;
 
 static const bench_case CASES[] = {
-    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0, 0}, /* a quick look: no target */
-    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0, 0, 0},
-    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0, 0, 0},
-    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1, 0, 0},
-    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1, 0, 0}, /* no target */
-    {"moe", "moe", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 0},
-    {"moe-fused", "moe-fused", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 1},
+    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0, 0, NULL}, /* a quick look: no target */
+    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0, 0, 0, NULL},
+    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0, 0, 0, NULL},
+    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1, 0, 0, NULL},
+    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1, 0, 0, NULL}, /* no target */
+    {"moe", "moe", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 0, NULL},
+    {"moe-fused", "moe-fused", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 1, NULL},
+    /* block FP8 (128x128) 1.1B: dequantize, merge, requantize every linear weight */
+    {"fp8", "1b-fp8", 2048, 5632, 22, 32000, 32, 4, 16, 1.5, 256, 0, 0, 0, "fp8"},
 };
 
 static double now(void)
@@ -408,7 +411,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--keep"))
             keep = 1;
         else {
-            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small|moe|moe-fused] [--runs N] [--threads N] "
+            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small|moe|moe-fused|fp8] [--runs N] [--threads N] "
                             "[--dir DIR] [--types T1,T2...] [--csv] [--keep]\n");
             return 2;
         }
@@ -418,7 +421,7 @@ int main(int argc, char **argv)
         if (!strcmp(CASES[i].name, case_name))
             bc = &CASES[i];
     if (bc == NULL || runs < 1 || threads < 1) {
-        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small, moe, moe-fused) or bad --runs/--threads\n",
+        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small, moe, moe-fused, fp8) or bad --runs/--threads\n",
                 case_name);
         return 2;
     }
@@ -444,9 +447,9 @@ int main(int argc, char **argv)
         char cmd[9000];
         snprintf(cmd, sizeof cmd,
                  "'%s' --out '%s' --hidden %ld --inter %ld --layers %ld --vocab %ld --heads %ld --kv-heads %ld "
-                 "--rank %ld --alpha %ld --dtype bf16 --targets all --experts %ld%s",
+                 "--rank %ld --alpha %ld --dtype bf16 --targets all --experts %ld%s%s%s",
                  gen, mdir, bc->hidden, bc->inter, bc->layers, bc->vocab, bc->heads, bc->kv, bc->rank, 2 * bc->rank,
-                 bc->experts, bc->fused ? " --fused-experts" : "");
+                 bc->experts, bc->fused ? " --fused-experts" : "", bc->quant ? " --quant " : "", bc->quant ? bc->quant : "");
         fprintf(stderr, "bench: generating the %s model in %s ...\n", bc->shape, mdir);
         double t0 = now();
         if (system(cmd) != 0) {

@@ -274,10 +274,36 @@ Test(quant, fp8_block_unchanged_blocks_identical)
     snprintf(out, sizeof out, "%s/out", f.tmp);
     cr_assert_eq(mkdir(ad, 0777), 0);
     qt_ref("partial-adapter", f.base, ad, "model.layers.1.self_attn.q_proj", "16");
-    th_run_result r = th_runv("-q", f.base, ad, out, NULL);
+    th_run_result r = th_runv("--json", f.base, ad, out, NULL);
     cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    /* the report: 4 of the 16 blocks changed, 12 kept */
+    cr_assert(strstr(r.out, "\"requantized\":{\"blocks\":16,\"blocks_kept\":12,") != NULL, "%s", r.out);
+    cr_assert(strstr(r.out, "QuantizedDeltaLost") == NULL, "%s", r.out);
     th_run_free(&r);
     qt_ref("fp8-keep", f.base, ad, out, NULL);
+    /* a delta far below the FP8 step: said in a warning (and an error under --strict) */
+    char ad2[1200], out2[1200];
+    snprintf(ad2, sizeof ad2, "%s/tiny", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    cr_assert_eq(mkdir(ad2, 0777), 0);
+    qt_ref("partial-adapter", f.base, ad2, "model.layers.1.self_attn.q_proj", "16 0.00005");
+    r = th_runv(f.base, ad2, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL || strstr(r.out, "QuantizedDeltaLost") != NULL,
+              "no warning: %s %s", r.out, r.err);
+    th_run_free(&r);
+    qt_free(&f);
+}
+
+Test(quant, fp8_inspect)
+{
+    qt_fx f;
+    qt_gen(&f, "fp8", "--no-adapter");
+    th_run_result r = th_runv("inspect", f.base, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "quantization: block FP8 (F8_E4M3, weight_scale_inv), quant_method fp8, blocks 16x16, "
+                            "14 quantized weights") != NULL, "%s", r.out);
+    th_run_free(&r);
     qt_free(&f);
 }
 

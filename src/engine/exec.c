@@ -481,6 +481,11 @@ static uint64_t count_changed(const lm_kernels *k, const uint8_t *a, const uint8
     if (esz == 4)
         return k->count_diff_32((const uint32_t *)(const void *)a, (const uint32_t *)(const void *)b, n);
     uint64_t c = 0;
+    if (esz == 1) { /* 8-bit codes */
+        for (size_t i = 0; i < n; i++)
+            c += a[i] != b[i];
+        return c;
+    }
     for (size_t i = 0; i < n; i++)
         c += memcmp(a + i * esz, b + i * esz, esz) != 0;
     return c;
@@ -601,6 +606,18 @@ static void stats_reduce(const job *J, const task *tasks, size_t n_tasks, lm_ten
         }
     free(d2);
     free(b2);
+    for (size_t i = 0; i < plan->n; i++) {
+        const lm_qstats *q = &J->rt[i].qst;
+        if (!out[i].valid || q->n_blocks == 0)
+            continue;
+        out[i].has_quant = 1;
+        out[i].q_blocks = q->n_blocks;
+        out[i].q_blocks_kept = q->n_blocks_kept;
+        out[i].q_err_max = q->err_max;
+        out[i].q_err_mean = q->n_err ? q->err_sum / (double)q->n_err : 0.0;
+        out[i].q_delta_norm = sqrt(q->d2);
+        out[i].q_err_norm = sqrt(q->e2);
+    }
 }
 
 /* a tile's requantization numbers into its tensor's */
@@ -614,6 +631,8 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
     d->err_max = qs->err_max > d->err_max ? qs->err_max : d->err_max;
     d->err_sum += qs->err_sum;
     d->n_err += qs->n_err;
+    d->d2 += qs->d2;
+    d->e2 += qs->e2;
     pthread_mutex_unlock(&J->prep_lock);
 }
 

@@ -605,6 +605,34 @@ static lm_code check_strict(merge_state *S, lm_err *err)
 
 #define LM_FEW_CHANGED_FRACTION 0.01 /* below 1% of the adapted tensors' elements: a warning */
 
+/* tensors written back quantized whose requantization error is as large as the adapter's delta:
+ * most of the delta is below the format's grid step (a near no-op on them) */
+static void warn_requantized(merge_state *S)
+{
+    size_t n = 0, n_lost = 0;
+    const char *first = NULL;
+    double worst = 0;
+    for (size_t i = 0; i < S->plan->n; i++) {
+        const lm_tensor_stats *st = &S->tstats[i];
+        if (!st->valid || !st->has_quant || st->q_delta_norm <= 0)
+            continue;
+        n++;
+        double r = st->q_err_norm / st->q_delta_norm;
+        if (r >= 0.5) {
+            n_lost++;
+            if (first == NULL || r > worst) {
+                first = S->plan->t[i].name;
+                worst = r;
+            }
+        }
+    }
+    if (n_lost > 0)
+        lm_report_warn(S->ri, "QuantizedDeltaLost", "requantizing %zu of the %zu changed quantized tensors loses as "
+                       "much as half of the adapter's delta (requantization error / delta norm up to %.3g, on %s): "
+                       "the delta is mostly below the format's grid step; --dtype bf16 keeps it", n_lost, n, worst,
+                       first);
+}
+
 /* Once every file is complete and before any is renamed into place: what the merge really
  * changed, after rounding.  Nothing at all is an error (NoOp), as is any warning under strict. */
 /* Every input read through a file (the base's safetensors files, each adapter's original) must
@@ -663,6 +691,7 @@ static lm_code check_changes(void *ctx, lm_err *err)
         }
     if (n_adapted == 0)
         return LM_OK;
+    warn_requantized(S);
     const char *dt = S->out_dtype ? S->out_dtype : "the output dtype";
     if (changed == 0) {
         char msg[300];

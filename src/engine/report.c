@@ -254,6 +254,15 @@ static cJSON *tensor_stats_json(const lm_tensor_stats *st)
     cJSON_AddNumberToObject(o, "n_elems", (double)st->n_elems);
     cJSON_AddNumberToObject(o, "n_changed", (double)st->n_changed);
     cJSON_AddNumberToObject(o, "changed_fraction", st->n_elems ? (double)st->n_changed / (double)st->n_elems : 0.0);
+    if (st->has_quant) {
+        cJSON *q = cJSON_AddObjectToObject(o, "requantized");
+        cJSON_AddNumberToObject(q, "blocks", (double)st->q_blocks);
+        cJSON_AddNumberToObject(q, "blocks_kept", (double)st->q_blocks_kept);
+        cJSON_AddNumberToObject(q, "err_max", st->q_err_max);
+        cJSON_AddNumberToObject(q, "err_mean", st->q_err_mean);
+        cJSON_AddNumberToObject(q, "delta_norm", st->q_delta_norm);
+        cJSON_AddNumberToObject(q, "err_norm", st->q_err_norm);
+    }
     if (st->has_norms) {
         cJSON_AddNumberToObject(o, "delta_norm", st->delta_norm);
         cJSON_AddNumberToObject(o, "base_norm", st->base_norm);
@@ -376,6 +385,11 @@ lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err
             tb_printf(&text, "  [%llu of %llu changed", (unsigned long long)st->n_changed, (unsigned long long)st->n_elems);
             if (st->has_norms && st->base_norm > 0)
                 tb_printf(&text, ", |dW|/|W| %.3g", st->delta_norm / st->base_norm);
+            if (st->has_quant) /* what requantization kept of the delta */
+                tb_printf(&text, "; requantized: error %.3g of the delta (|Q-x|/|x-W|), max %.3g mean %.3g of the "
+                          "block amax, %llu of %llu blocks kept", st->q_delta_norm > 0 ? st->q_err_norm / st->q_delta_norm : 0.0,
+                          st->q_err_max, st->q_err_mean, (unsigned long long)st->q_blocks_kept,
+                          (unsigned long long)st->q_blocks);
             tb_printf(&text, "]");
             total_changed += st->n_changed;
             total_elems += st->n_elems;
@@ -685,6 +699,45 @@ static lm_code inspect_adapter(const char *path, int as_json, char **text, lm_er
     return LM_OK;
 }
 
+/* the quantization format of a model: its config's scheme and the quantized weights found */
+static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t cap, cJSON *root)
+{
+    lm_qscheme s;
+    lm_err e;
+    lm_err_clear(&e);
+    buf[0] = '\0';
+    if (dir == NULL)
+        return;
+    if (lm_base_quant_scheme(dir, &s, &e) != LM_OK) {
+        snprintf(buf, cap, "quantization: refused: %s\n", e.msg);
+        if (root)
+            cJSON_AddStringToObject(root, "quantization_error", e.msg);
+        return;
+    }
+    size_t n_q = 0;
+    for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
+        const lm_tensor_info *t = lm_model_tensor(m, i)->info;
+        char name[1100];
+        snprintf(name, sizeof name, "%s_scale_inv", t->name);
+        n_q += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
+    }
+    if (s.fmt == LM_Q_NONE && n_q == 0)
+        return;
+    const char *fmt = s.fmt == LM_Q_FP8_BLOCK || (s.fmt == LM_Q_NONE && n_q) ? "block FP8 (F8_E4M3, weight_scale_inv)"
+                      : "not dequantized by lora-merge";
+    snprintf(buf, cap, "quantization: %s, quant_method %s, blocks %llux%llu, %zu quantized weights\n", fmt,
+             s.method[0] ? s.method : "-", (unsigned long long)s.block_rows, (unsigned long long)s.block_cols,
+             n_q);
+    if (root) {
+        cJSON *q = cJSON_AddObjectToObject(root, "quantization");
+        cJSON_AddStringToObject(q, "format", fmt);
+        cJSON_AddStringToObject(q, "quant_method", s.method);
+        cJSON_AddItemToObject(q, "block", json_shape(2, (const uint64_t[]){s.block_rows, s.block_cols}));
+        cJSON_AddNumberToObject(q, "quantized_weights", (double)n_q);
+    }
+    lm_qscheme_free(&s);
+}
+
 static lm_code inspect_model(const char *path, int as_json, char **text, lm_err *err)
 {
     lm_model *m = lm_model_open(path, err);
@@ -697,11 +750,13 @@ static lm_code inspect_model(const char *path, int as_json, char **text, lm_err 
     bi.vocab_size = -1;
     if (dir != NULL)
         lm_base_info_read(dir, &bi);
-    free(dir);
     uint64_t total_bytes = 0, total_elems = 0;
     size_t per_dtype[LM_DT_COUNT] = {0};
     tbuf b = {0};
     cJSON *root = as_json ? cJSON_CreateObject() : NULL, *jfiles = NULL, *jt = NULL;
+    char qline[512];
+    inspect_quant(m, dir, qline, sizeof qline, root);
+    free(dir);
     if (root) {
         cJSON_AddNumberToObject(root, "report_version", LM_REPORT_VERSION);
         cJSON_AddStringToObject(root, "tool", "lora-merge");
@@ -806,6 +861,7 @@ static lm_code inspect_model(const char *path, int as_json, char **text, lm_err 
                 tb_printf(&b, ", vocab_size %lld", (long long)bi.vocab_size);
             tb_printf(&b, "%s\n", bi.has_quantization ? ", quantization_config" : "");
         }
+        tb_printf(&b, "%s", qline);
     }
     lm_base_info_free(&bi);
     lm_model_close(m);

@@ -14,6 +14,12 @@ typedef struct lm_tensor_stats {
     int has_norms;        /* the norms below were measured (they cost a pass in double) */
     double delta_norm;    /* ||W' - W|| over the values written (Frobenius, in double) */
     double base_norm;     /* ||W|| */
+    /* a weight written back quantized: what requantization kept of the exact merged values x
+     * (W the base's dequantized values, Q the values written) */
+    int has_quant;
+    uint64_t q_blocks, q_blocks_kept; /* blocks, and blocks left as they were (codes and scale) */
+    double q_err_max, q_err_mean;     /* |Q - x| relative to the amax of its block */
+    double q_delta_norm, q_err_norm;  /* ||x - W|| and ||Q - x|| over the changed blocks */
 } lm_tensor_stats;
 
 #endif

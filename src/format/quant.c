@@ -163,31 +163,73 @@ float lm_fp8_e4m3_value(uint8_t c)
     return e4m3_table()[c];
 }
 
-uint8_t lm_f32_to_fp8_e4m3(float x)
+static inline uint32_t f32_bits(float x)
 {
     uint32_t u;
     memcpy(&u, &x, 4);
-    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
-    u &= 0x7FFFFFFFu;
-    if (u > 0x7F800000u)
-        return sign | 0x7F;
-    if (u >= 0x43E00000u) /* >= 448 (and inf): saturate */
-        return sign | 0x7E;
-    if (u < 0x3C800000u) { /* below 2^-6: subnormal steps of 2^-9, rounded to nearest even */
-        float y;
-        memcpy(&y, &u, 4);
-        return sign | (uint8_t)lrintf(y * 512.0f); /* 8 is the smallest normal, code 0x08 */
-    }
-    uint32_t r = u + 0x7FFFFu + ((u >> 20) & 1u); /* round the mantissa to 3 bits, ties to even */
-    uint32_t e = (r >> 23) - 120u, m = (r >> 20) & 7u;
-    uint32_t c = e << 3 | m;
-    return sign | (uint8_t)(c > 0x7E ? 0x7E : c);
+    return u;
 }
 
-void lm_fp8_block_dequant(const uint8_t *q, const float *scale, uint64_t scols, uint64_t br, uint64_t bc,
+static inline float bits_f32(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* The two loops over every element have clones for AVX-512 and AVX2, chosen when the program
+ * loads: their operations are exact or IEEE-rounded one by one (no contraction, fixed partial
+ * sums), so every clone gives the same bytes. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LM_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define LM_CLONES
+#endif
+
+/* f32 -> E4M3FN code without branches (the loops vectorize): below 2^-6 the subnormal steps
+ * of 2^-9 by adding 2^14 (whose f32 ulp is 2^-9: the addition rounds to nearest even), above
+ * the mantissa rounded to 3 bits (ties to even) in the bits; >= 448 and inf saturate, NaN stays
+ * NaN.  *qv receives the magnitude of the value coded (exact). */
+static inline uint32_t e4m3_encode(float x, float *qv)
+{
+    const uint32_t u = f32_bits(x), a = u & 0x7FFFFFFFu;
+    const float sub = bits_f32(a) + 16384.0f;
+    const uint32_t csub = f32_bits(sub) - 0x46800000u;
+    const uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
+    const uint32_t cnorm = (r >> 20) - 960u;
+    /* selects on integers (masks): float selects would count as control flow (-ftrapping-math) */
+    const uint32_t is_sub = 0u - (uint32_t)(a < 0x3C800000u), sat = 0u - (uint32_t)(a >= 0x43E00000u);
+    const uint32_t nan = 0u - (uint32_t)(a > 0x7F800000u);
+    uint32_t c = (csub & is_sub) | (cnorm & ~is_sub);
+    uint32_t vb = (f32_bits(sub - 16384.0f) & is_sub) | (r & 0xFFF00000u & ~is_sub);
+    c = (0x7Eu & sat) | (c & ~sat);
+    vb = (0x43E00000u & sat) | (vb & ~sat);
+    c = (0x7Fu & nan) | (c & ~nan);
+    *qv = bits_f32(vb);
+    return ((u >> 24) & 0x80u) | c;
+}
+
+/* the value of code c from its bits (no table lookup, so the loops vectorize): normal codes
+ * move their exponent and mantissa into an f32's, subnormals are m * 2^-9, 0x7F/0xFF NaN */
+static inline float e4m3_decode(uint32_t c)
+{
+    const uint32_t sign = (c & 0x80u) << 24, m = c & 7u;
+    const uint32_t sub = f32_bits((float)(int32_t)m * 0x1p-9f), norm = ((c & 0x7Fu) << 20) + (120u << 23);
+    const uint32_t is_sub = 0u - (uint32_t)((c & 0x78u) == 0), nan = 0u - (uint32_t)((c & 0x7Fu) == 0x7Fu);
+    uint32_t v = (sub & is_sub) | (norm & ~is_sub);
+    v = (0x7FC00000u & nan) | (v & ~nan);
+    return bits_f32(v | sign);
+}
+
+uint8_t lm_f32_to_fp8_e4m3(float x)
+{
+    float v;
+    return (uint8_t)e4m3_encode(x, &v);
+}
+
+LM_CLONES void lm_fp8_block_dequant(const uint8_t *q, const float *scale, uint64_t scols, uint64_t br, uint64_t bc,
                           uint64_t nr, uint64_t cols, float *dst)
 {
-    const float *lut = e4m3_table();
     for (uint64_t r = 0; r < nr; r++) {
         const float *srow = scale + (r / br) * scols;
         const uint8_t *qr = q + r * cols;
@@ -196,34 +238,83 @@ void lm_fp8_block_dequant(const uint8_t *q, const float *scale, uint64_t scols, 
             const float s = srow[c0 / bc];
             const uint64_t c1 = c0 + bc < cols ? c0 + bc : cols;
             for (uint64_t c = c0; c < c1; c++)
-                dr[c] = lut[qr[c]] * s;
+                dr[c] = e4m3_decode(qr[c]) * s;
         }
     }
 }
 
-/* one block: amax, and whether it equals the base's dequantized values */
-static float block_amax(const float *x, const uint8_t *q0, float s0, const float *lut, uint64_t nr, uint64_t w,
-                        uint64_t cols, int *same)
+/* one block: amax (on the bits: |x| orders as its bits, NaN above everything), and whether it
+ * equals the base's dequantized values (checked up to the first difference) */
+static inline __attribute__((always_inline)) float block_amax(const float *x, const uint8_t *q0, float s0, uint64_t nr, uint64_t w, uint64_t cols,
+                        int *same)
 {
-    float amax = 0.0f;
+    uint32_t amax = 0;
     int eq = 1;
     for (uint64_t r = 0; r < nr; r++) {
         const float *xr = x + r * cols;
         const uint8_t *qr = q0 + r * cols;
+        for (uint64_t c = 0; eq && c < w; c++)
+            eq = xr[c] == e4m3_decode(qr[c]) * s0;
         for (uint64_t c = 0; c < w; c++) {
-            const float a = fabsf(xr[c]);
+            const uint32_t a = f32_bits(xr[c]) & 0x7FFFFFFFu;
             amax = a > amax ? a : amax;
-            eq &= xr[c] == lut[qr[c]] * s0;
         }
     }
     *same = eq;
-    return amax;
+    return bits_f32(amax);
 }
 
-void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
+#define LANES 16
+/* one changed block, h x w, with the new scale s (inv = 1 / s); the error sums go through
+ * LANES partial sums so the loop vectorizes (they are only reported) */
+static inline __attribute__((always_inline)) void block_encode(const float *xb, const uint8_t *q0b, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                         float s, float inv, float amax, uint8_t *qb, lm_qstats *st)
+{
+    const float ramax = 1.0f / amax;
+    uint64_t changed = 0;
+    uint32_t emax = f32_bits((float)st->err_max);
+    float fsum[LANES] = {0}, fd2[LANES] = {0}, fe2[LANES] = {0};
+    for (uint64_t r = 0; r < h; r++) {
+        const float *xr = xb + r * cols;
+        const uint8_t *q0r = q0b + r * cols;
+        uint8_t *qr = qb + r * cols;
+        uint32_t rmax = 0, rchanged = 0;
+        for (uint64_t c0 = 0; c0 < w; c0 += LANES) {
+            const uint64_t n = c0 + LANES <= w ? LANES : w - c0;
+            for (uint64_t k = 0; k < n; k++) {
+                const float x = xr[c0 + k];
+                float v;
+                const uint32_t code = e4m3_encode(x * s, &v);
+                qr[c0 + k] = (uint8_t)code;
+                rchanged += code != q0r[c0 + k];
+                const float dq = copysignf(v, x) * inv - x, d = x - e4m3_decode(q0r[c0 + k]) * s0;
+                const uint32_t e = f32_bits(dq * ramax) & 0x7FFFFFFFu;
+                rmax = e > rmax ? e : rmax;
+                fsum[k] += bits_f32(e);
+                fd2[k] += d * d;
+                fe2[k] += dq * dq;
+            }
+        }
+        changed += inv != s0 ? w : rchanged;
+        emax = rmax > emax ? rmax : emax;
+    }
+    double esum = 0, d2 = 0, e2 = 0;
+    for (int k = 0; k < LANES; k++) {
+        esum += fsum[k];
+        d2 += fd2[k];
+        e2 += fe2[k];
+    }
+    st->n_changed += changed;
+    st->err_max = bits_f32(emax);
+    st->err_sum += esum;
+    st->d2 += d2;
+    st->e2 += e2;
+    st->n_err += h * w;
+}
+
+LM_CLONES void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
                           uint64_t bc, uint64_t nr, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st)
 {
-    const float *lut = e4m3_table();
     for (uint64_t r0 = 0; r0 < nr; r0 += br) {
         const uint64_t h = r0 + br < nr ? br : nr - r0;
         for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
@@ -232,7 +323,7 @@ void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0
             const uint8_t *q0b = q0 + r0 * cols + c0;
             uint8_t *qb = q + r0 * cols + c0;
             int same;
-            const float amax = block_amax(xb, q0b, scale0[bi], lut, h, w, cols, &same);
+            const float amax = block_amax(xb, q0b, scale0[bi], h, w, cols, &same);
             st->n_blocks++;
             if (same || !(amax > 0.0f) || !isfinite(amax)) { /* unchanged, all zero (or non-finite: refused later) */
                 out_scale[bi] = scale0[bi];
@@ -247,28 +338,9 @@ void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0
                         qb[r * cols + c] = lm_f32_to_fp8_e4m3(xb[r * cols + c] / scale0[bi]);
                 continue;
             }
-            const float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
+            const float s = 448.0f / amax, inv = 1.0f / s;
             out_scale[bi] = inv;
-            uint64_t changed = 0;
-            float emax = (float)st->err_max;
-            double esum = 0;
-            for (uint64_t r = 0; r < h; r++) {
-                const float *xr = xb + r * cols;
-                uint8_t *qr = qb + r * cols;
-                const uint8_t *q0r = q0b + r * cols;
-                for (uint64_t c = 0; c < w; c++) {
-                    const uint8_t code = lm_f32_to_fp8_e4m3(xr[c] * s);
-                    qr[c] = code;
-                    changed += code != q0r[c] || inv != scale0[bi];
-                    const float e = fabsf(lut[code] * inv - xr[c]) * ramax;
-                    emax = e > emax ? e : emax;
-                    esum += e;
-                }
-            }
-            st->n_changed += changed;
-            st->err_max = emax;
-            st->err_sum += esum;
-            st->n_err += h * w;
+            block_encode(xb, q0b, scale0[bi], h, w, cols, s, inv, amax, qb, st);
         }
     }
 }

@@ -50,6 +50,7 @@ typedef struct lm_qstats {
     uint64_t n_blocks, n_blocks_kept; /* blocks, and blocks whose codes and scale were kept */
     double err_max, err_sum; /* |dequant(requant(x)) - x| / amax of its block */
     uint64_t n_err;
+    double d2, e2;          /* sums of (x - base)^2 and (dequant(requant(x)) - x)^2, changed blocks */
 } lm_qstats;
 
 /*! lm_fp8_block_requant() :

@@ -6,8 +6,9 @@ computes the merge in float64 and checks lora-merge's output.
 
   quant_ref.py fp8-keep BASE_DIR ADAPTER_DIR OUT_DIR     block FP8 kept quantized
   quant_ref.py fp8-dtype BASE_DIR ADAPTER_DIR OUT_DIR    block FP8 written as F32 (--dtype f32)
-  quant_ref.py partial-adapter BASE_DIR ADAPTER_DIR MODULE ROWS
-        writes a LoRA adapter touching only the first ROWS output rows of MODULE (q_proj)
+  quant_ref.py partial-adapter BASE_DIR ADAPTER_DIR MODULE ROWS [AMP]
+        writes a LoRA adapter touching only the first ROWS output rows of MODULE (q_proj), lora_B
+        values of about AMP (default 0.05)
 Prints one line per check; exit 1 on the first failure."""
 import json
 import struct
@@ -184,14 +185,14 @@ def check_fp8(mode, bdir, adir, odir):
         n_w, n_blocks, n_kept, n_codes, n_near))
 
 
-def partial_adapter(bdir, adir, module, rows):
+def partial_adapter(bdir, adir, module, rows, amp):
     base, _ = read_st(bdir + "/model.safetensors")
     w = base[module + ".weight"]
     o, i = w[1]
     rng = np.random.default_rng(7)
     A = (rng.standard_normal((4, i)) * 0.1).astype(np.float32)
     B = np.zeros((o, 4), np.float32)
-    B[:rows] = rng.standard_normal((rows, 4)).astype(np.float32) * 0.05
+    B[:rows] = rng.standard_normal((rows, 4)).astype(np.float32) * amp
     pre = "base_model.model." + module
     write_st(adir + "/adapter_model.safetensors", {pre + ".lora_A.weight": ("F32", A),
                                                    pre + ".lora_B.weight": ("F32", B)})
@@ -208,6 +209,7 @@ if __name__ == "__main__":
     elif m == "fp8-dtype":
         check_fp8("dtype", *sys.argv[2:5])
     elif m == "partial-adapter":
-        partial_adapter(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        partial_adapter(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                        float(sys.argv[6]) if len(sys.argv) > 6 else 0.05)
     else:
         fail("unknown mode " + m)
