@@ -221,3 +221,57 @@ Test(budget, address_space_limits_end_cleanly, .timeout = 240)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* ---- item 9: finite inputs whose merge is not finite are refused, naming the tensor ---------- */
+/* (LoRA's exact path is covered in test_plan_checks; these go through the f32 tile path) */
+Test(budget, non_finite_results_of_other_methods_refused, .timeout = 120)
+{
+    char gen[4096], ga[4200];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s", gen);
+    snprintf(ga, sizeof ga, "%.*sgen_adapter", (int)(strlen(gen) - strlen("gen_model")), gen);
+    char *tmp = th_tmpdir();
+    char m[1000], base[1100], ad[1100], out[1100], cfg[1200];
+    snprintf(m, sizeof m, "%s/m", tmp);
+    const char *gargv[] = {gen, "--out", m, "--hidden", "128", "--inter", "256", "--layers", "1", "--vocab", "64",
+                           "--rank", "4", "--dtype", "f32", NULL};
+    th_run_result r = th_run(NULL, gargv);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    snprintf(base, sizeof base, "%s/base/model.safetensors", m);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    static const struct {
+        const char *type, *key, *value;
+    } cases[] = {{"fourierft", "\"scaling\": ", "1e308"}, {"loha", "\"alpha\": ", "1e308"},
+                 {"dora", "\"lora_alpha\": ", "1e308"}, {"lokr", "\"alpha\": ", "1e308"}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        snprintf(ad, sizeof ad, "%s/ad%zu", tmp, i);
+        const char *aargv[] = {ga, "--base", base, "--out", ad, "--type", cases[i].type, NULL};
+        r = th_run(NULL, aargv);
+        cr_assert_eq(r.status, 0, "%s", r.err);
+        th_run_free(&r);
+        snprintf(cfg, sizeof cfg, "%s/adapter_config.json", ad);
+        size_t n;
+        uint8_t *raw = th_read_file(cfg, &n);
+        cr_assert_not_null(raw);
+        char *text = calloc(n + 1, 1), *patched = calloc(n + 64, 1);
+        memcpy(text, raw, n);
+        free(raw);
+        char *at = strstr(text, cases[i].key);
+        cr_assert_not_null(at, "%s: no %s in %s", cases[i].type, cases[i].key, text);
+        char *end = at + strlen(cases[i].key) + strspn(at + strlen(cases[i].key), "0123456789.eE+-");
+        snprintf(patched, n + 64, "%.*s%s%s", (int)(at + strlen(cases[i].key) - text), text, cases[i].value, end);
+        cr_assert_eq(th_write_file(cfg, patched, strlen(patched)), 0);
+        r = th_runv("-q", base, ad, out, NULL);
+        cr_assert_eq(r.status, 1, "%s with %s%s: exit %d: %s", cases[i].type, cases[i].key, cases[i].value, r.status,
+                     r.err);
+        cr_assert(strstr(r.err, "NonFiniteResult") != NULL && strstr(r.err, ".weight'") != NULL, "%s: %s",
+                  cases[i].type, r.err);
+        cr_assert(!th_exists(out));
+        th_run_free(&r);
+        free(text);
+        free(patched);
+    }
+    th_rmrf(tmp);
+    free(tmp);
+}
