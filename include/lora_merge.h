@@ -254,7 +254,18 @@ typedef struct lm_merge_job {
     size_t n_copy_files;
     int tensor_norms;       /* measure ||dW|| and ||W|| of every computed tensor for the report
                                (a pass in double over them; changed elements are always counted) */
+    /* shard jobs (0.3): a directory OUT written by several processes (README "Shard jobs").
+     * shard_mode LM_SHARDS_WORKER: this process writes only the output shards k with
+     * k % shard_count == shard_index (each through a temporary name, renamed when complete, with
+     * a sidecar in OUT/.lora-merge-shards/); shards already complete and verified are skipped.
+     * LM_SHARDS_INDEX: checks every shard, then writes the index, side files and report. */
+    int shard_mode;         /* LM_SHARDS_NONE (0), LM_SHARDS_WORKER, LM_SHARDS_INDEX */
+    unsigned shard_index, shard_count;
+    const char *const *record_args; /* worker: the command line recorded for `finalize OUT` */
+    size_t n_record_args;
 } lm_merge_job;
+
+enum { LM_SHARDS_NONE = 0, LM_SHARDS_WORKER = 1, LM_SHARDS_INDEX = 2 };
 
 typedef struct lm_merge_warning {
     const char *code;    /* stable: "BaseModelMismatch", "ConfigMissing" ... (README lists them) */
@@ -325,6 +336,12 @@ LM_API lm_code lm_inspect(const char *path, int as_json, char **text, lm_err *er
 
 /*! lm_version_text() : "lora-merge 0.1.0 (kernels avx2, OpenBLAS ...)" (static storage). */
 LM_API const char *lm_version_text(void);
+
+/*! lm_shards_recorded() : what the shard workers of out_dir recorded for `lora-merge finalize
+ *  OUT`: their command line (without --shards) and working directory.
+ *  @return LM_OK with *args (n_args strings), *cwd, all malloc'd (free each, then the array);
+ *  LM_E_USAGE when out_dir holds no shard plan. */
+LM_API lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, char **cwd, lm_err *err);
 
 #ifdef __cplusplus
 }

@@ -25,6 +25,7 @@ static const char USAGE[] =
     "usage: lora-merge [options] BASE ADAPTER_DIR OUT\n"
     "       lora-merge inspect [--json] [--base BASE] PATH\n"
     "       lora-merge convert [--base BASE] ADAPTER OUT_DIR\n"
+    "       lora-merge --shards I/N [options] BASE ADAPTER_DIR OUT   (then: lora-merge finalize OUT)\n"
     "\n"
     "Folds PEFT adapters into a base model and writes a merged safetensors checkpoint.\n"
     "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
@@ -43,6 +44,9 @@ static const char USAGE[] =
     "  --threads N             worker threads (default: all cores); output identical for every N\n"
     "  --dtype auto|bf16|f16|f32  dtype of floating output tensors (default auto: keep the base's)\n"
     "  --max-shard-size SIZE   with a directory OUT: shards of at most SIZE (default 5GB)\n"
+    "  --shards I/N            worker I of N: write only output shards k with k % N == I into the\n"
+    "                          directory OUT (resumable); `lora-merge finalize OUT` (or the same\n"
+    "                          command with --shards index) then checks them and writes the index\n"
     "  --copy-file NAME        with a directory OUT: copy NAME from the base (or adapter) directory too\n"
     "                          (repeatable; only model files are copied by default)\n"
     "  --allow-noop            accept a merge that changes nothing (by default an error)\n"
@@ -354,6 +358,29 @@ static int parse_numeric_option(cli_args *c, const char *name, const char *val)
     return CLI_CONTINUE;
 }
 
+/* --shards I/N (worker I of N) or --shards index (finalize) */
+static int parse_shards(lm_merge_job *job, const char *val)
+{
+    if (strcmp(val, "index") == 0) {
+        job->shard_mode = LM_SHARDS_INDEX;
+        return CLI_CONTINUE;
+    }
+    char *end;
+    unsigned long i = strtoul(val, &end, 10), n = 0;
+    int ok = end != val && *end == '/' && val[0] != '-';
+    if (ok) {
+        const char *ns = end + 1;
+        n = strtoul(ns, &end, 10);
+        ok = end != ns && *end == '\0' && ns[0] != '-' && n >= 1 && n <= 1000000 && i < n;
+    }
+    if (!ok)
+        return usage_error("--shards needs I/N (worker I of N, 0 <= I < N) or 'index', not '%s'", val);
+    job->shard_mode = LM_SHARDS_WORKER;
+    job->shard_index = (unsigned)i;
+    job->shard_count = (unsigned)n;
+    return CLI_CONTINUE;
+}
+
 /* an option that takes a value; *i advances past it.  @return CLI_CONTINUE or an exit status */
 static int parse_valued_option(cli_args *c, const char *name, const char *val, int argc, char **argv, int *i)
 {
@@ -377,6 +404,8 @@ static int parse_valued_option(cli_args *c, const char *name, const char *val, i
         c->job.out_dtype = val;
     } else if (strcmp(name, "--kernels") == 0) {
         c->job.kernels = val;
+    } else if (strcmp(name, "--shards") == 0) {
+        return parse_shards(&c->job, val);
     } else if (strcmp(name, "--copy-file") == 0) {
         if (c->n_copy == sizeof c->copy_files / sizeof *c->copy_files)
             return usage_error("too many --copy-file (%s)", val);
@@ -391,7 +420,7 @@ static int parse_valued_option(cli_args *c, const char *name, const char *val, i
 static int parse_option(cli_args *c, int argc, char **argv, int *i)
 {
     static const char *const valued[] = {"--scale", "--adapter", "--adapter-scaled", "--threads", "--tile-elems",
-                                         "--dtype", "--kernels", "--copy-file", "--max-shard-size"};
+                                         "--dtype", "--kernels", "--copy-file", "--max-shard-size", "--shards"};
     const char *a = argv[*i], *val = NULL, *eq = strchr(a, '=');
     char name[64];
     if (a[1] == '-' && eq != NULL) {
@@ -459,6 +488,67 @@ static void print_report(const cli_args *c, const lm_merge_report *rep)
 }
 
 /* ---- main ----------------------------------------------------------------------------------- */
+static int run(int argc, char **argv);
+
+/* the command line a shard worker recorded, minus --shards: finalize replays it */
+static void record_args(cli_args *c, int argc, char **argv)
+{
+    static const char *rec[256];
+    size_t n = 0;
+    for (int i = 1; i < argc && n < sizeof rec / sizeof *rec; i++) {
+        if (strcmp(argv[i], "--shards") == 0) {
+            i++;
+            continue;
+        }
+        if (strncmp(argv[i], "--shards=", 9) != 0)
+            rec[n++] = argv[i];
+    }
+    c->job.record_args = rec;
+    c->job.n_record_args = n;
+}
+
+/* lora-merge finalize OUT [options]: the workers' command line with --shards index, run from
+ * their working directory */
+static int cmd_finalize(int argc, char **argv)
+{
+    int at = 1; /* "finalize": the first argument that is not an option; OUT the next */
+    while (at < argc && argv[at][0] == '-')
+        at++;
+    if (at + 1 >= argc || argv[at + 1][0] == '-' || (at + 2 < argc && argv[at + 2][0] != '-'))
+        return usage_error("finalize takes OUT, the directory the shard workers wrote%s", "");
+    char **args = NULL, *cwd = NULL;
+    size_t n = 0;
+    lm_err err;
+    lm_err_clear(&err);
+    int status;
+    if (lm_shards_recorded(argv[at + 1], &args, &n, &cwd, &err) != LM_OK) {
+        status = report_error(&err);
+    } else if (chdir(cwd) != 0) {
+        fprintf(stderr, "lora-merge: %s: cannot enter the workers' working directory: %s\n", cwd, strerror(errno));
+        status = 3;
+    } else {
+        char **av = calloc(n + (size_t)argc + 4, sizeof *av);
+        if (av == NULL)
+            return 4;
+        size_t k = 0;
+        av[k++] = argv[0];
+        for (int i = 1; i < argc; i++) /* finalize's own options (-q, --json ...) */
+            if (i != at && i != at + 1)
+                av[k++] = argv[i];
+        av[k++] = "--shards";
+        av[k++] = "index";
+        for (size_t i = 0; i < n; i++)
+            av[k++] = args[i];
+        status = run((int)k, av);
+        free(av);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(args[i]);
+    free(args);
+    free(cwd);
+    return status;
+}
+
 int main(int argc, char **argv)
 {
     lm_cleanup_install();
@@ -467,6 +557,17 @@ int main(int argc, char **argv)
      * to the kernel and faulting fresh zero pages in again (peak memory is unchanged) */
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
     mallopt(M_TRIM_THRESHOLD, 1024 << 20);
+    for (int i = 1; i < argc; i++)
+        if (argv[i][0] != '-') {
+            if (strcmp(argv[i], "finalize") == 0)
+                return cmd_finalize(argc, argv);
+            break;
+        }
+    return run(argc, argv);
+}
+
+static int run(int argc, char **argv)
+{
     static cli_args c;
     lm_merge_adapter adapters[64];
     c.scale = 1.0;
@@ -508,6 +609,8 @@ int main(int argc, char **argv)
     job->copy_files = c.copy_files;
     job->n_copy_files = c.n_copy;
     job->hash_outputs = c.json;
+    if (job->shard_mode == LM_SHARDS_WORKER)
+        record_args(&c, argc, argv);
     job->tensor_norms = c.json;
     progress_state ps = {mono_now(), 0, 0};
     if (!c.quiet && !c.json && !job->dry_run && (c.force_progress || isatty(STDERR_FILENO))) {

@@ -7,6 +7,7 @@
 #include "exec_quant.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
+#include "output.h"
 #include "st_reader.h"
 #include "st_writer.h"
 
@@ -97,6 +98,8 @@ typedef struct {
     size_t n_shards;
     const size_t *shard_of;  /* plan tensor -> shard */
     size_t *local;           /* plan tensor -> its index inside its shard */
+    int one_shard;           /* only shard only_shard is written (lm_exec_opts) */
+    size_t only_shard;
     const lm_kernels *k;
     tensor_rt *rt;           /* per plan tensor */
     pthread_mutex_t prep_lock; /* prepare and release one at a time (FFTW's planner is not reentrant) */
@@ -843,6 +846,12 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
     return LM_OK;
 }
 
+/* 1 when shard sh is written by this run (a shard worker writes one) */
+static int shard_selected(const job *J, size_t sh)
+{
+    return !J->one_shard || sh == J->only_shard;
+}
+
 /* the output's header, one writer per shard (the files exist from here on, as temporary files) */
 static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *opts, uint64_t *bytes_written,
                             lm_err *err)
@@ -865,6 +874,8 @@ static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *op
     }
     for (size_t sh = 0; sh < J->n_shards; sh++) {
         size_t n_in = 0, n_ord = 0;
+        if (!shard_selected(J, sh))
+            continue;
         for (size_t i = 0; i < plan->n; i++) /* header order */
             if ((J->shard_of ? J->shard_of[i] : 0) == sh) {
                 J->local[i] = n_in;
@@ -899,6 +910,8 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
     for (size_t q = 0; q < plan->n; q++) {
         size_t i = plan->data_order[q];
         const lm_plan_tensor *t = &plan->t[i];
+        if (!shard_selected(J, J->shard_of ? J->shard_of[i] : 0))
+            continue;
         int copy = (t->n_ops == 0 || (t->n_ops == 1 && t->ops[0].kind == LM_OP_REPLACE)) && t->dtype == t->src_dtype;
         int replaced = t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE; /* maybe resized: the saved tensor's size */
         uint64_t bytes = t->base && !replaced ? t->base->info->end - t->base->info->begin : t->ops[0].src->n_bytes;
@@ -1018,13 +1031,18 @@ static lm_code finish_and_commit(job *J, const lm_exec_opts *opts, const task *t
 {
     lm_code rc;
     for (size_t sh = 0; sh < J->n_shards; sh++)
-        if ((rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
+        if (J->w[sh] != NULL && (rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
             return rc;
+    if (J->one_shard && opts->sha256_hex != NULL &&
+        (rc = lm_file_sha256(lm_st_writer_temp_path(J->w[J->only_shard]), opts->sha256_hex, err)) != LM_OK)
+        return rc;
     if (J->tstat != NULL)
         stats_reduce(J, tasks, n_tasks, opts->stats);
     if (opts && opts->before_commit && (rc = opts->before_commit(opts->before_commit_ctx, err)) != LM_OK)
         return rc;
     for (size_t sh = 0; sh < J->n_shards; sh++) {
+        if (J->w[sh] == NULL)
+            continue;
         rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
         J->w[sh] = NULL;
         if (rc != LM_OK)
@@ -1065,6 +1083,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     J.lowrank_flags = opts && opts->exactness_off ? LM_LOWRANK_UNCERTIFIED : 0;
     J.n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
     J.shard_of = opts && opts->n_shards > 1 ? opts->shard_of : NULL;
+    J.one_shard = opts && opts->one_shard;
+    J.only_shard = J.one_shard ? opts->only_shard : 0;
     pthread_mutex_init(&J.prep_lock, NULL);
     task *tasks = NULL;
     size_t n_tasks = 0;

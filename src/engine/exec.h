@@ -38,6 +38,12 @@ typedef struct lm_exec_opts {
      * error aborts the run and leaves nothing */
     lm_code (*before_commit)(void *ctx, lm_err *err);
     void *before_commit_ctx;
+    /* shard workers (shards.h): with one_shard, only shard only_shard is computed and written
+     * (the other shards' tensors are not read); sha256_hex (may be NULL) then receives that
+     * file's sha256, read back from the complete temporary file before it is renamed */
+    int one_shard;
+    size_t only_shard;
+    char *sha256_hex; /* [65] */
 } lm_exec_opts;
 
 typedef struct lm_exec_stats {

@@ -14,6 +14,7 @@
 #include "plan.h"
 #include "report.h"
 #include "st_reader.h"
+#include "shards.h"
 #include "st_writer.h"
 #include "tensor_set.h"
 
@@ -524,8 +525,9 @@ static const char *name_in(const char *path)
 static lm_code prepare_output(merge_state *S, lm_err *err)
 {
     const lm_merge_job *job = S->job;
-    lm_code rc;
-    if ((rc = lm_out_plan_shards(&S->ot, job, S->plan, err)) != LM_OK)
+    lm_code rc = job->shard_mode ? lm_shards_layout(&S->ot, job, S->plan, S->model, err)
+                                 : lm_out_plan_shards(&S->ot, job, S->plan, err);
+    if (rc != LM_OK)
         return rc;
     for (size_t i = 0; i < S->ot.n_shards; i++)
         if ((rc = check_not_input(S->ot.paths[i], S->model, S->ads, job->n_adapters, err)) != LM_OK) {
@@ -570,13 +572,21 @@ static lm_code prepare_output(merge_state *S, lm_err *err)
             return rc;
         for (size_t i = 0; job->dry_run && i < S->ot.n_stale; i++) /* what a real run would remove */
             lm_report_removed(S->ri, S->ot.stale[i]);
-        if (S->ot.n_shards > 1)
+        if (S->ot.n_shards > 1 && job->shard_mode && job->max_shard_bytes == 0 && S->ot.n_shards == lm_model_n_files(S->model))
+            lm_report_note(S->ri, "output in %zu shards, each holding the tensors of the base's shard of the same name",
+                           S->ot.n_shards);
+        else if (S->ot.n_shards > 1)
             lm_report_note(S->ri, "output in %zu shards of at most %llu bytes, with " LM_INDEX_NAME, S->ot.n_shards,
                            (unsigned long long)(job->max_shard_bytes ? job->max_shard_bytes : LM_DEFAULT_SHARD_BYTES));
     }
     /* the files, in the order they are written */
+    int worker = job->shard_mode == LM_SHARDS_WORKER; /* a worker writes its shards only */
     for (size_t i = 0; i < S->ot.n_shards; i++)
-        lm_report_file(S->ri, name_in(S->ot.paths[i]), S->ot.paths[i], "weights", "merge", S->ot.shard_bytes[i], NULL);
+        if (!worker || i % job->shard_count == job->shard_index)
+            lm_report_file(S->ri, name_in(S->ot.paths[i]), S->ot.paths[i], "weights", "merge", S->ot.shard_bytes[i],
+                           NULL);
+    if (worker)
+        return S->ri->oom ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_OK;
     if (S->ot.index_text != NULL) {
         char *p = lm_path_join(S->ot.dir, LM_INDEX_NAME);
         if (p != NULL)
@@ -709,16 +719,9 @@ static lm_code check_changes(void *ctx, lm_err *err)
     return check_strict(S, err);
 }
 
-static lm_code write_output(merge_state *S, lm_err *err)
+static void exec_opts(merge_state *S, char **paths, lm_exec_opts *eo_out)
 {
     const lm_merge_job *job = S->job;
-    lm_code rc;
-    if ((rc = lm_out_make_dir(&S->ot, err)) != LM_OK)
-        return rc;
-    lm_out_clean_stale_temps(&S->ot, S->ri);
-    if ((rc = lm_out_stage_begin(&S->ot, err)) != LM_OK)
-        return rc;
-    char **paths = S->ot.write_paths ? S->ot.write_paths : S->ot.paths;
     lm_exec_opts eo;
     memset(&eo, 0, sizeof eo);
     eo.n_threads = job->n_threads;
@@ -736,6 +739,34 @@ static lm_code write_output(merge_state *S, lm_err *err)
     eo.stats_norms = job->tensor_norms;
     eo.before_commit = check_changes;
     eo.before_commit_ctx = S;
+    *eo_out = eo;
+}
+
+/* shard jobs (shards.h): a worker writes its shards, finalize the rest, straight into OUT (the
+ * workers share it: no staging directory, no stale-temp cleanup but shards.c's own, under each
+ * shard's lock) */
+static lm_code run_shards(merge_state *S, lm_err *err)
+{
+    lm_exec_opts eo;
+    exec_opts(S, S->ot.paths, &eo);
+    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st};
+    lm_code rc = S->job->shard_mode == LM_SHARDS_WORKER ? lm_shards_work(&C, err) : lm_shards_finalize(&C, err);
+    phase_end(S, LM_PHASE_WRITE);
+    return rc;
+}
+
+static lm_code write_output(merge_state *S, lm_err *err)
+{
+    const lm_merge_job *job = S->job;
+    lm_code rc;
+    if ((rc = lm_out_make_dir(&S->ot, err)) != LM_OK)
+        return rc;
+    lm_out_clean_stale_temps(&S->ot, S->ri);
+    if ((rc = lm_out_stage_begin(&S->ot, err)) != LM_OK)
+        return rc;
+    char **paths = S->ot.write_paths ? S->ot.write_paths : S->ot.paths;
+    lm_exec_opts eo;
+    exec_opts(S, paths, &eo);
     if ((rc = lm_exec_run(S->plan, S->model, S->ads, paths[0], &eo, &S->st, err)) != LM_OK)
         return rc;
     if (job->progress) /* the last call says "all of it" */
@@ -778,6 +809,25 @@ static void state_free(merge_state *S)
     lm_model_close(S->model);
 }
 
+/* the job's options that need no input read */
+static lm_code check_options(merge_state *S, lm_err *err)
+{
+    const lm_merge_job *job = S->job;
+    int dir = S->ot.is_dir || job->out_path == NULL;
+    if (job->max_shard_bytes && !dir)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--max-shard-size needs a directory OUT (e.g. 'merged/')");
+    if (job->shard_mode && (!S->ot.is_dir || (job->shard_mode == LM_SHARDS_WORKER &&
+                                               (job->shard_count == 0 || job->shard_index >= job->shard_count))))
+        return lm_fail(err, LM_E_USAGE, "Usage", "--shards I/N needs a directory OUT and 0 <= I < N");
+    if (job->n_copy_files && !dir)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file needs a directory OUT (e.g. 'merged/')");
+    if (!parse_dtype_opt(job->out_dtype, &S->popts.out_dtype_set, &S->popts.out_dtype))
+        return lm_fail(err, LM_E_USAGE, "Usage", "--dtype must be auto, bf16, f16 or f32 (not '%s')", job->out_dtype);
+    if (lm_kernels_select(&S->kern, job->kernels) != 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "kernel variant '%s' cannot run on this CPU", job->kernels);
+    return LM_OK;
+}
+
 static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
 {
     double t0 = now_seconds();
@@ -793,21 +843,9 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
         return lm_fail(err, LM_E_USAGE, "Usage", "a merge needs a base, at least one adapter and an output");
     if (job->out_path != NULL && (rc = lm_out_resolve(&S.ot, job->out_path, err)) != LM_OK)
         return rc;
-    if (job->max_shard_bytes && !S.ot.is_dir && job->out_path != NULL) {
+    if ((rc = check_options(&S, err)) != LM_OK) {
         lm_out_target_free(&S.ot);
-        return lm_fail(err, LM_E_USAGE, "Usage", "--max-shard-size needs a directory OUT (e.g. 'merged/')");
-    }
-    if (job->n_copy_files && !S.ot.is_dir && job->out_path != NULL) {
-        lm_out_target_free(&S.ot);
-        return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file needs a directory OUT (e.g. 'merged/')");
-    }
-    if (!parse_dtype_opt(job->out_dtype, &S.popts.out_dtype_set, &S.popts.out_dtype)) {
-        lm_out_target_free(&S.ot);
-        return lm_fail(err, LM_E_USAGE, "Usage", "--dtype must be auto, bf16, f16 or f32 (not '%s')", job->out_dtype);
-    }
-    if (lm_kernels_select(&S.kern, job->kernels) != 0) {
-        lm_out_target_free(&S.ot);
-        return lm_fail(err, LM_E_USAGE, "Usage", "kernel variant '%s' cannot run on this CPU", job->kernels);
+        return rc;
     }
     S.ri = lm_report_new();
     S.ads = calloc(job->n_adapters, sizeof *S.ads);
@@ -848,7 +886,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     if ((rc = check_strict(&S, err)) != LM_OK)
         goto done;
     phase_end(&S, LM_PHASE_PREPARE);
-    if (!job->dry_run && (rc = write_output(&S, err)) != LM_OK)
+    if (!job->dry_run && (rc = job->shard_mode ? run_shards(&S, err) : write_output(&S, err)) != LM_OK)
         goto done;
     S.ri->pub.seconds = now_seconds() - t0;
     lm_report_ctx c = {job, S.ads, (const char *const *)NULL, S.plan, job->dry_run ? NULL : S.tstats,

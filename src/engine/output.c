@@ -159,7 +159,6 @@ lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_p
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     uint64_t max_bytes = job->max_shard_bytes ? job->max_shard_bytes : LM_DEFAULT_SHARD_BYTES, used = 0;
     size_t sh = 0;
-    o->total_bytes = 0;
     for (size_t q = 0; q < p->n; q++) {
         const lm_plan_tensor *t = &p->t[p->data_order[q]];
         uint64_t n = 1;
@@ -171,18 +170,31 @@ lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_p
             used = 0;
         }
         used += bytes;
-        o->total_bytes += bytes;
         o->shard_of[p->data_order[q]] = sh;
     }
-    size_t n_shards = sh + 1;
+    return lm_out_layout_named(o, job, p, sh + 1, NULL, err);
+}
+
+lm_code lm_out_layout_named(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, size_t n_shards,
+                            const char *const *names, lm_err *err)
+{
     o->paths = calloc(n_shards, sizeof *o->paths);
     if (o->paths == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     o->n_shards = n_shards;
+    o->total_bytes = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        uint64_t n = 1;
+        for (size_t d = 0; d < p->t[i].n_dims; d++)
+            n *= p->t[i].shape[d];
+        o->total_bytes += n * lm_dtype_bits(p->t[i].dtype) / 8;
+    }
     for (size_t i = 0; i < n_shards; i++) {
         char name[64];
         if (!o->is_dir) {
             o->paths[i] = strdup(job->out_path);
+        } else if (names != NULL) {
+            o->paths[i] = lm_path_join(o->dir, names[i]);
         } else {
             if (n_shards == 1)
                 snprintf(name, sizeof name, "model.safetensors");

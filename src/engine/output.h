@@ -49,6 +49,12 @@ lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err);
  *  and the index text when there are several. */
 lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, lm_err *err);
 
+/*! lm_out_layout_named() : the rest of the layout once o->shard_of (n_shards files) is decided:
+ *  paths (names[k] in the directory, or the default names when names is NULL), total size,
+ *  index text and exact shard sizes. */
+lm_code lm_out_layout_named(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, size_t n_shards,
+                            const char *const *names, lm_err *err);
+
 /*! lm_out_scan_existing() :
  *  For a directory OUT that exists: the files of an earlier merge that the new one does not
  *  replace (other shards, an index, side files no longer chosen) become o->stale; weight files

@@ -1,0 +1,573 @@
+/* SPDX-License-Identifier: MIT */
+/* shards.c : shard jobs: workers that each write some output shards, and finalize (shards.h). */
+#include "shards.h"
+
+#include "lm_error.h"
+#include "st_writer.h"
+
+#include <cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_num_procs(void) { return 1; }
+#endif
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define PLAN_NAME "plan.json"
+
+static const char *leaf_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+    return n > k && strcmp(s + n - k, suffix) == 0;
+}
+
+/* the input files' names when output shard k can mirror input shard k, else NULL (then the size
+ * split): a sharded safetensors base, no --max-shard-size, distinct names */
+static const char **mirror_names(const lm_merge_job *job, const lm_model *m)
+{
+    size_t n = lm_model_n_files(m);
+    if (n < 2 || job->max_shard_bytes != 0 || lm_st_fd(lm_model_file(m, 0)) < 0)
+        return NULL;
+    const char **names = calloc(n, sizeof *names);
+    for (size_t k = 0; names != NULL && k < n; k++) {
+        names[k] = leaf_of(lm_st_path(lm_model_file(m, k)));
+        int bad = !ends_with(names[k], ".safetensors") || names[k][0] == '.';
+        for (size_t j = 0; j < k && !bad; j++)
+            bad = strcmp(names[j], names[k]) == 0;
+        if (bad) {
+            free(names);
+            return NULL;
+        }
+    }
+    return names;
+}
+
+lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, const lm_model *m,
+                         lm_err *err)
+{
+    const char **names = mirror_names(job, m);
+    if (names == NULL)
+        return lm_out_plan_shards(o, job, p, err);
+    size_t n = lm_model_n_files(m);
+    o->shard_of = calloc(p->n + 1, sizeof *o->shard_of);
+    if (o->shard_of == NULL) {
+        free(names);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    for (size_t i = 0; i < p->n; i++) /* a tensor the adapter adds goes to the last shard */
+        o->shard_of[i] = p->t[i].base ? p->t[i].base->file : n - 1;
+    lm_code rc = lm_out_layout_named(o, job, p, n, names, err);
+    free(names);
+    return rc;
+}
+
+/* ---- the plan's fingerprint ------------------------------------------------------------------ */
+static void md_str(EVP_MD_CTX *md, const char *s)
+{
+    EVP_DigestUpdate(md, s ? s : "(null)", strlen(s ? s : "(null)") + 1);
+}
+
+static void md_u64(EVP_MD_CTX *md, uint64_t v)
+{
+    char b[32];
+    snprintf(b, sizeof b, "%llu", (unsigned long long)v);
+    md_str(md, b);
+}
+
+static void md_f64(EVP_MD_CTX *md, double v)
+{
+    char b[40];
+    snprintf(b, sizeof b, "%.17g", v);
+    md_str(md, b);
+}
+
+static void hex32(const unsigned char *d, char hex[65])
+{
+    for (int i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", d[i]);
+}
+
+/* every tensor (name, dtype, shape, shard) and what is done to it (op kinds, adapters, ranks,
+ * scales); the op parameters themselves come from the adapters' files, hashed whole */
+static void md_plan(EVP_MD_CTX *md, const lm_plan *p, const size_t *shard_of)
+{
+    md_u64(md, p->n);
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        md_str(md, t->name);
+        md_u64(md, (uint64_t)t->dtype);
+        md_u64(md, (uint64_t)t->src_dtype);
+        for (size_t d = 0; d < t->n_dims; d++)
+            md_u64(md, t->shape[d]);
+        md_u64(md, shard_of[i]);
+        md_u64(md, t->n_ops);
+        for (size_t q = 0; q < t->n_ops; q++) {
+            md_u64(md, (uint64_t)t->ops[q].kind);
+            md_u64(md, t->ops[q].adapter);
+            md_f64(md, t->ops[q].scale);
+        }
+    }
+    for (size_t q = 0; q < p->n; q++)
+        md_u64(md, p->data_order[q]);
+    for (size_t k = 0; k < p->n_meta; k++) {
+        md_str(md, p->meta_keys[k]);
+        md_str(md, p->meta_values[k]);
+    }
+}
+
+lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
+{
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    if (md == NULL || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
+        EVP_MD_CTX_free(md);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    md_str(md, "lora-merge shard plan 1");
+    md_str(md, LM_VERSION_STRING);
+    md_u64(md, C->ot->n_shards);
+    for (size_t k = 0; k < C->ot->n_shards; k++) {
+        md_str(md, leaf_of(C->ot->paths[k]));
+        md_u64(md, C->ot->shard_bytes[k]);
+    }
+    md_plan(md, C->plan, C->ot->shard_of);
+    lm_code rc = LM_OK;
+    for (size_t a = 0; a < C->job->n_adapters && rc == LM_OK; a++) {
+        const lm_adapter *ad = C->ads[a];
+        const char *files[2] = {ad->weights_path, ad->config_path};
+        md_f64(md, ad->weight);
+        for (int f = 0; f < 2 && rc == LM_OK; f++) {
+            char hex[65] = "";
+            if (files[f] != NULL)
+                rc = lm_file_sha256(files[f], hex, err);
+            md_str(md, hex);
+        }
+    }
+    unsigned char d[32];
+    unsigned n_d = 0;
+    EVP_DigestFinal_ex(md, d, &n_d);
+    EVP_MD_CTX_free(md);
+    hex32(d, fp);
+    return rc;
+}
+
+/* ---- files in OUT/.lora-merge-shards ---------------------------------------------------------- */
+static char *sidecar_path(const lm_out_target *o, const char *leaf)
+{
+    size_t n = strlen(o->dir) + strlen(LM_SHARDS_DIR) + strlen(leaf) + 8;
+    char *p = malloc(n);
+    if (p != NULL)
+        snprintf(p, n, "%s/%s/%s%s", o->dir, LM_SHARDS_DIR, leaf, strcmp(leaf, PLAN_NAME) == 0 ? "" : ".json");
+    return p;
+}
+
+/* The lock of shard k: whoever writes the shard holds it (flock, released by the kernel when the
+ * process dies, however it dies), so a temporary file of shard k is known to be abandoned when
+ * the lock can be taken.  @return the locked descriptor, -1 when another live process holds it
+ * (busy), -2 on an I/O error (err filled). */
+static int lock_shard(const lm_out_target *o, size_t k, lm_err *err)
+{
+    char *path = sidecar_path(o, leaf_of(o->paths[k]));
+    if (path == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return -2;
+    }
+    memcpy(path + strlen(path) - 5, ".lock", 5); /* <shard>.json -> <shard>.lock */
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        lm_fail_errno(err, errno, "cannot create the shard's lock file");
+        lm_err_set_path(err, path);
+        free(path);
+        return -2;
+    }
+    free(path);
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int busy = errno == EWOULDBLOCK;
+        if (!busy)
+            lm_fail_errno(err, errno, "cannot lock the shard's lock file");
+        close(fd);
+        return busy ? -1 : -2;
+    }
+    return fd;
+}
+
+/* Removes the temporary files a killed writer of shard k left (".<name>.lm-tmp-XXXXXX"); the
+ * caller holds shard k's lock, so no live process is writing them. */
+static void remove_abandoned_temps(const lm_out_target *o, size_t k, lm_report_impl *ri)
+{
+    const char *leaf = leaf_of(o->paths[k]);
+    size_t n_leaf = strlen(leaf);
+    DIR *d = opendir(o->dir);
+    if (d == NULL)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        const char *nm = de->d_name;
+        if (nm[0] != '.' || strncmp(nm + 1, leaf, n_leaf) != 0 || strncmp(nm + 1 + n_leaf, ".lm-tmp-", 8) != 0 ||
+            strlen(nm + 1 + n_leaf + 8) != 6)
+            continue;
+        char *p = lm_path_join(o->dir, nm);
+        if (p != NULL && unlink(p) == 0)
+            lm_report_note(ri, "removed %s, left by a worker that did not finish", nm);
+        free(p);
+    }
+    closedir(d);
+}
+
+static lm_code make_dir(const char *path, lm_err *err)
+{
+    if (mkdir(path, 0777) == 0 || errno == EEXIST) /* another worker may have made it */
+        return LM_OK;
+    lm_fail_errno(err, errno, "cannot create the directory");
+    lm_err_set_path(err, path);
+    return LM_E_IO;
+}
+
+static cJSON *read_json(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return NULL;
+    char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    return cJSON_ParseWithLength(buf, n);
+}
+
+static const char *json_str(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+/* what the workers share: the plan's fingerprint, its shards, and the command line that
+ * `lora-merge finalize OUT` replays.  The first worker creates it (link: never replaced); the
+ * others check that their plan is the same. */
+static lm_code record_plan(const lm_shard_ctx *C, const char *fp, lm_err *err)
+{
+    char *path = sidecar_path(C->ot, PLAN_NAME);
+    cJSON *root = cJSON_CreateObject(), *shards = cJSON_AddArrayToObject(root, "shards");
+    cJSON_AddStringToObject(root, "fingerprint", fp);
+    for (size_t k = 0; k < C->ot->n_shards && shards; k++)
+        cJSON_AddItemToArray(shards, cJSON_CreateString(leaf_of(C->ot->paths[k])));
+    char cwd[4096];
+    cJSON_AddStringToObject(root, "cwd", getcwd(cwd, sizeof cwd) ? cwd : "");
+    cJSON *args = cJSON_AddArrayToObject(root, "args");
+    for (size_t i = 0; i < C->job->n_record_args && args; i++)
+        cJSON_AddItemToArray(args, cJSON_CreateString(C->job->record_args[i]));
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    size_t n_tmp = path ? strlen(path) + 32 : 0;
+    char *tmp = path ? malloc(n_tmp) : NULL;
+    lm_code rc = LM_OK;
+    if (text == NULL || tmp == NULL) {
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    snprintf(tmp, n_tmp, "%s.%ld.tmp", path, (long)getpid());
+    if ((rc = lm_write_file_atomic(tmp, text, strlen(text), err)) != LM_OK)
+        goto done;
+    int linked = link(tmp, path) == 0, e = errno;
+    unlink(tmp);
+    if (!linked && e != EEXIST) {
+        rc = lm_fail_errno(err, e, "cannot record the shard plan");
+        lm_err_set_path(err, path);
+        goto done;
+    }
+    cJSON *had = linked ? NULL : read_json(path);
+    const char *other = had ? json_str(had, "fingerprint") : NULL;
+    if (!linked && (other == NULL || strcmp(other, fp) != 0)) {
+        rc = lm_fail(err, LM_E_USAGE, "PlanMismatch",
+                     "the output directory holds shards of another plan (fingerprint %.12s, this worker's %.12s): "
+                     "every worker must get the same base, adapters and options (or remove the directory)",
+                     other ? other : "unreadable", fp);
+        lm_err_set_path(err, path);
+    }
+    cJSON_Delete(had);
+done:
+    free(text);
+    free(tmp);
+    free(path);
+    return rc;
+}
+
+/* why shard k is not complete and verified ("" when it is) */
+static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp, lm_err *err)
+{
+    const char *leaf = leaf_of(C->ot->paths[k]);
+    struct stat st;
+    if (stat(C->ot->paths[k], &st) != 0)
+        return "missing";
+    char *sp = sidecar_path(C->ot, leaf);
+    cJSON *sc = sp ? read_json(sp) : NULL;
+    free(sp);
+    const char *why = "";
+    const char *sfp = sc ? json_str(sc, "fingerprint") : NULL, *ssha = sc ? json_str(sc, "sha256") : NULL;
+    char hex[65];
+    if (sfp == NULL || ssha == NULL)
+        why = "no sidecar (not completed by a worker)";
+    else if (strcmp(sfp, fp) != 0)
+        why = "written for another plan";
+    else if ((uint64_t)st.st_size != C->ot->shard_bytes[k])
+        why = "wrong size";
+    else if (lm_file_sha256(C->ot->paths[k], hex, err) != LM_OK)
+        why = "unreadable";
+    else if (strcmp(hex, ssha) != 0)
+        why = "sha256 differs from its sidecar (corrupted)";
+    cJSON_Delete(sc);
+    return why;
+}
+
+static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, const char *sha, lm_err *err)
+{
+    char *path = sidecar_path(C->ot, leaf_of(C->ot->paths[k]));
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "shard", leaf_of(C->ot->paths[k]));
+    cJSON_AddStringToObject(o, "fingerprint", fp);
+    cJSON_AddNumberToObject(o, "bytes", (double)C->ot->shard_bytes[k]);
+    cJSON_AddStringToObject(o, "sha256", sha);
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    lm_code rc = path && text ? lm_write_file_atomic(path, text, strlen(text), err)
+                              : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    free(text);
+    free(path);
+    return rc;
+}
+
+static lm_code prepare_dirs(const lm_shard_ctx *C, lm_err *err)
+{
+    lm_code rc = make_dir(C->ot->dir, err);
+    char *sd = rc == LM_OK ? lm_path_join(C->ot->dir, LM_SHARDS_DIR) : NULL;
+    if (rc == LM_OK)
+        rc = sd ? make_dir(sd, err) : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    free(sd);
+    return rc;
+}
+
+static lm_code write_one_shard(lm_shard_ctx *C, size_t k, const char *fp, lm_err *err)
+{
+    char *sp = sidecar_path(C->ot, leaf_of(C->ot->paths[k]));
+    if (sp == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    unlink(sp); /* a sidecar of an earlier plan: the shard is rewritten */
+    free(sp);
+    lm_exec_opts eo = *C->eo;
+    char sha[65];
+    eo.one_shard = 1;
+    eo.only_shard = k;
+    eo.sha256_hex = sha;
+    eo.before_commit = NULL;
+    lm_exec_stats st;
+    memset(&st, 0, sizeof st);
+    lm_code rc = lm_exec_run(C->plan, C->model, C->ads, C->ot->paths[k], &eo, &st, err);
+    if (rc != LM_OK)
+        return rc;
+    C->st->bytes_written += st.bytes_written;
+    C->st->bytes_copied += st.bytes_copied;
+    C->st->bytes_computed += st.bytes_computed;
+    C->st->n_tiles += st.n_tiles;
+    C->st->n_threads = st.n_threads;
+    return write_sidecar(C, k, fp, sha, err);
+}
+
+lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
+{
+    char fp[65];
+    lm_code rc;
+    if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = prepare_dirs(C, err)) != LM_OK ||
+        (rc = record_plan(C, fp, err)) != LM_OK)
+        return rc;
+    size_t n_mine = 0, n_done = 0;
+    for (size_t k = C->job->shard_index; k < C->ot->n_shards && rc == LM_OK; k += C->job->shard_count) {
+        n_mine++;
+        lm_err e;
+        lm_err_clear(&e);
+        if (shard_problem(C, k, fp, &e)[0] == '\0') {
+            n_done++;
+            lm_report_note(C->ri, "shard %s already complete and verified: kept", leaf_of(C->ot->paths[k]));
+            continue;
+        }
+        int lock = lock_shard(C->ot, k, err);
+        if (lock == -2)
+            return err->code;
+        if (lock == -1) { /* two workers given the same index: one writes, the other says so */
+            rc = lm_fail(err, LM_E_USAGE, "Usage", "shard %s is being written by another live worker (the same "
+                         "--shards index given twice?)", leaf_of(C->ot->paths[k]));
+            break;
+        }
+        remove_abandoned_temps(C->ot, k, C->ri);
+        rc = write_one_shard(C, k, fp, err);
+        close(lock);
+    }
+    if (rc == LM_OK)
+        lm_report_note(C->ri, "shard worker %u of %u: %zu of the %zu shards (%zu written, %zu kept); run "
+                              "`lora-merge finalize %s` once every worker is done",
+                       C->job->shard_index, C->job->shard_count, n_mine, C->ot->n_shards, n_mine - n_done, n_done,
+                       C->ot->dir);
+    return rc;
+}
+
+/* ---- finalize ----------------------------------------------------------------------------------- */
+static lm_code check_all_shards(const lm_shard_ctx *C, const char *fp, lm_err *err)
+{
+    char *plan = sidecar_path(C->ot, PLAN_NAME);
+    cJSON *pj = plan ? read_json(plan) : NULL;
+    const char *pfp = pj ? json_str(pj, "fingerprint") : NULL;
+    lm_code rc = LM_OK;
+    if (pfp != NULL && strcmp(pfp, fp) != 0) {
+        rc = lm_fail(err, LM_E_USAGE, "PlanMismatch", "the shards in the output directory were planned with other "
+                     "inputs or options (fingerprint %.12s, finalize's %.12s)", pfp, fp);
+        lm_err_set_path(err, plan);
+    }
+    cJSON_Delete(pj);
+    free(plan);
+    if (rc != LM_OK)
+        return rc;
+    const char **whys = calloc(C->ot->n_shards, sizeof *whys);
+    if (whys == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    int n_threads = C->eo->n_threads > 0 ? C->eo->n_threads : 0;
+    /* the shards are hashed in parallel: reading them back is most of finalize's time */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads > 0 ? n_threads : omp_get_num_procs())
+    for (size_t k = 0; k < C->ot->n_shards; k++) {
+        lm_err e;
+        lm_err_clear(&e);
+        whys[k] = shard_problem(C, k, fp, &e);
+    }
+    char list[900];
+    size_t used = 0, n_bad = 0;
+    list[0] = '\0';
+    for (size_t k = 0; k < C->ot->n_shards; k++) {
+        const char *why = whys[k];
+        if (why[0] == '\0')
+            continue;
+        if (n_bad++ < 8 && used < sizeof list)
+            used += (size_t)snprintf(list + used, sizeof list - used, "%s%s (%s)", n_bad > 1 ? ", " : "",
+                                     leaf_of(C->ot->paths[k]), why);
+    }
+    free(whys);
+    if (n_bad == 0)
+        return LM_OK;
+    rc = lm_fail(err, LM_E_MISMATCH, "ShardsIncomplete", "%zu of %zu shards not complete and verified: %s%s; rerun "
+                 "their workers, then finalize", n_bad, C->ot->n_shards, list, n_bad > 8 ? ", ..." : "");
+    lm_err_set_path(err, C->ot->dir);
+    return rc;
+}
+
+/* the sidecars and plan record, once the index is in place */
+static void remove_records(const lm_shard_ctx *C)
+{
+    for (size_t k = 0; k < C->ot->n_shards; k++) {
+        char *sp = sidecar_path(C->ot, leaf_of(C->ot->paths[k]));
+        if (sp != NULL) {
+            unlink(sp);
+            memcpy(sp + strlen(sp) - 5, ".lock", 5);
+            unlink(sp);
+        }
+        free(sp);
+    }
+    char *pp = sidecar_path(C->ot, PLAN_NAME), *sd = lm_path_join(C->ot->dir, LM_SHARDS_DIR);
+    if (pp != NULL)
+        unlink(pp);
+    if (sd != NULL)
+        rmdir(sd); /* only when empty: another plan's files are never removed */
+    free(pp);
+    free(sd);
+}
+
+lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
+{
+    char fp[65];
+    lm_code rc;
+    if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = check_all_shards(C, fp, err)) != LM_OK)
+        return rc;
+    for (size_t i = 0; i < C->side->n && rc == LM_OK; i++) {
+        const lm_side_file *f = &C->side->f[i];
+        char *path = lm_path_join(C->ot->dir, f->name);
+        rc = path ? lm_write_file_atomic_mode(path, f->data, f->n_bytes, f->mode, err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        free(path);
+    }
+    if (rc == LM_OK && C->ot->index_text != NULL) { /* last: the commit record */
+        char *path = lm_path_join(C->ot->dir, LM_INDEX_NAME);
+        rc = path ? lm_write_file_atomic(path, C->ot->index_text, strlen(C->ot->index_text), err)
+                  : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        free(path);
+    }
+    if (rc != LM_OK)
+        return rc;
+    lm_out_remove_stale(C->ot, C->ri);
+    for (size_t k = 0; k < C->ot->n_shards; k++) {
+        lm_err e;
+        lm_err_clear(&e);
+        int lock = lock_shard(C->ot, k, &e);
+        if (lock >= 0) { /* every shard is complete: its temporary files are leftovers */
+            remove_abandoned_temps(C->ot, k, C->ri);
+            close(lock);
+        }
+    }
+    remove_records(C);
+    for (size_t k = 0; k < C->ot->n_shards; k++)
+        C->st->bytes_written += C->ot->shard_bytes[k];
+    return LM_OK;
+}
+
+lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, char **cwd, lm_err *err)
+{
+    lm_err local;
+    lm_err_clear(&local);
+    lm_err *e = err ? err : &local;
+    *args = NULL;
+    *n_args = 0;
+    *cwd = NULL;
+    size_t n = strlen(out_dir) + sizeof LM_SHARDS_DIR + sizeof PLAN_NAME + 2;
+    char *path = malloc(n);
+    if (path == NULL)
+        return lm_fail(e, LM_E_NOMEM, NULL, "out of memory");
+    snprintf(path, n, "%s/%s/%s", out_dir, LM_SHARDS_DIR, PLAN_NAME);
+    cJSON *pj = read_json(path);
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(pj, "args");
+    const char *dir = json_str(pj, "cwd");
+    lm_code rc = LM_OK;
+    if (!cJSON_IsArray(a) || dir == NULL) {
+        rc = lm_fail(e, LM_E_USAGE, "Usage", "no shard plan here (no worker ran with --shards I/N into this directory, "
+                     "or finalize already completed it)");
+        lm_err_set_path(e, path);
+        goto done;
+    }
+    size_t k = (size_t)cJSON_GetArraySize(a);
+    *args = calloc(k + 1, sizeof **args);
+    *cwd = strdup(dir);
+    if (*args == NULL || *cwd == NULL) {
+        rc = lm_fail(e, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    const cJSON *it;
+    cJSON_ArrayForEach(it, a)
+    {
+        if (!cJSON_IsString(it) || ((*args)[*n_args] = strdup(it->valuestring)) == NULL) {
+            rc = lm_fail(e, LM_E_NOMEM, NULL, "out of memory");
+            goto done;
+        }
+        ++*n_args;
+    }
+done:
+    cJSON_Delete(pj);
+    free(path);
+    return rc;
+}

@@ -1,0 +1,61 @@
+/* SPDX-License-Identifier: MIT */
+/* shards.h : shard jobs.  One model directory OUT written by N independent processes (a Slurm
+ * job array, a Kubernetes Indexed Job), then committed by one finalize step.
+ *
+ * Every process builds the same global plan from the headers alone (so a tensor that needs data
+ * of another input shard, a tied head or experts split across files, is planned once and each
+ * worker knows what to read), and the same layout: output shard k mirrors input shard k (same
+ * name, same tensors, new tensors in the last one) when the base is sharded safetensors and no
+ * --max-shard-size is given, else the deterministic size split of output.c.  The plan's
+ * fingerprint (layout, tensors, ops, adapters' bytes, options) is recorded in
+ * OUT/.lora-merge-shards/plan.json by the first worker; a worker with another fingerprint
+ * (other adapters or options) is refused.
+ *
+ * Worker I of N writes the shards k with k % N == I and nothing else, straight into OUT (no
+ * staging directory: the workers share OUT).  Each shard goes through a temporary name, its
+ * sha256 is read back from the complete temporary file, it is renamed into place, then its
+ * sidecar OUT/.lora-merge-shards/<shard>.json (fingerprint, size, sha256) is written.  A shard
+ * whose sidecar matches the plan and whose bytes hash to the recorded sha256 is skipped on a
+ * rerun.  Workers never remove anything but their own temporary files.
+ *
+ * Finalize verifies every shard (present, sidecar of this plan, size, sha256), refuses naming
+ * the ones that are not, then writes the side files, model.safetensors.index.json LAST (the
+ * commit record), removes files of an earlier merge and the sidecars. */
+#ifndef LM_SHARDS_H
+#define LM_SHARDS_H
+
+#include "exec.h"
+#include "model_files.h"
+#include "output.h"
+#include "plan.h"
+#include "report.h"
+
+#define LM_SHARDS_DIR ".lora-merge-shards"
+
+typedef struct lm_shard_ctx {
+    const lm_merge_job *job;
+    const lm_plan *plan;
+    const lm_model *model;
+    lm_adapter *const *ads;
+    lm_out_target *ot;           /* layout from lm_shards_layout() */
+    const lm_side_plan *side;
+    lm_report_impl *ri;
+    const lm_exec_opts *eo;      /* threads, kernels ...: copied per shard */
+    lm_exec_stats *st;           /* accumulated over the shards written */
+} lm_shard_ctx;
+
+/*! lm_shards_layout() : the output layout every worker computes alike (see above). */
+lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, const lm_model *m,
+                         lm_err *err);
+
+/*! lm_shards_fingerprint() : sha256 (hex) of everything that decides the output's bytes. */
+lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err);
+
+/*! lm_shards_work() : worker job->shard_index of job->shard_count (see above). */
+lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err);
+
+/*! lm_shards_finalize() : the commit step (see above); LM_E_MISMATCH "ShardsIncomplete" naming
+ *  the shards missing or not verified, nothing written then. */
+lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err);
+
+#endif

@@ -1,0 +1,238 @@
+/* SPDX-License-Identifier: MIT */
+/* test_shards.c : shard jobs (--shards I/N, finalize).  N workers run as separate processes, in
+ * a shuffled order, some at the same time, one killed with SIGKILL and rerun; after finalize the
+ * directory is byte-identical (diff -r) to the single-process merge.  Finalize refuses missing,
+ * unverified and corrupted shards naming them, writing nothing; a worker given other options is
+ * refused by the plan's fingerprint. */
+#include "th.h"
+
+#include <criterion/criterion.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+typedef struct {
+    char *tmp;
+    char bin[PATH_MAX];
+    char base[700], ad[700], ref[700], out[700];
+} sh_fix;
+
+static int sh_ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* runs a shell command line; @return its exit status (stderr kept for the assertion message) */
+static th_run_result sh_run(const char *cmd)
+{
+    return th_sh(cmd);
+}
+
+static int sh_ok(const char *fmt, ...)
+{
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    th_run_result r = sh_run(cmd);
+    int st = r.status;
+    if (st != 0)
+        cr_log_error("`%s` exit %d: %s", cmd, st, r.err);
+    th_run_free(&r);
+    return st;
+}
+
+/* a generated model, merged once into a sharded base (10 files of ~200 KB: model-0000k-of-00010)
+ * and the single-process reference merge of it: REF/out (same leaf name as the workers' OUT so
+ * the model cards match) */
+static void sh_setup(sh_fix *F, const char *gen_extra)
+{
+    char gen[4096];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s", gen);
+    F->tmp = th_tmpdir();
+    cr_assert_not_null(realpath(th_bin(), F->bin));
+    snprintf(F->base, sizeof F->base, "%s/sbase", F->tmp);
+    snprintf(F->ad, sizeof F->ad, "%s/m/adapter", F->tmp);
+    snprintf(F->ref, sizeof F->ref, "%s/ref/out", F->tmp);
+    snprintf(F->out, sizeof F->out, "%s/w/out", F->tmp);
+    cr_assert_eq(sh_ok("%s --out %s/m --hidden 128 --inter 344 --layers 4 --vocab 512 --heads 4 --kv-heads 2 "
+                       "--rank 4 %s >/dev/null", gen, F->tmp, gen_extra), 0);
+    cr_assert_eq(sh_ok("%s -q --allow-noop --max-shard-size 200KB %s/m/base %s %s/", F->bin, F->tmp, F->ad, F->base), 0);
+    cr_assert_eq(sh_ok("mkdir -p %s/ref %s/w && %s -q --max-shard-size 200KB %s %s %s/", F->tmp, F->tmp, F->bin,
+                       F->base, F->ad, F->ref), 0);
+    char p[800];
+    snprintf(p, sizeof p, "%s/model-00002-of-000%s.safetensors", F->ref, gen_extra[0] ? "" : "10");
+    cr_assert(gen_extra[0] || th_exists(p), "the reference is not in 10 shards");
+}
+
+static void sh_teardown(sh_fix *F)
+{
+    th_rmrf(F->tmp);
+    free(F->tmp);
+}
+
+/* worker i of n, from the base's directory as working directory (finalize replays from there) */
+static int worker(const sh_fix *F, int i, int n, const char *extra)
+{
+    return sh_ok("cd %s && %s -q --shards %d/%d %s %s %s %s/", F->tmp, F->bin, i, n, extra, F->base, F->ad, F->out);
+}
+
+static th_run_result finalize(const sh_fix *F)
+{
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd / && %s -q finalize %s", F->bin, F->out);
+    return sh_run(cmd);
+}
+
+Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    /* 4 workers: 3 and 1 together, 0 killed with SIGKILL while it may be writing (whatever it
+     * left, the rerun must complete it), then 2 and 0 again */
+    cr_assert_eq(sh_ok("cd %s && (%s -q --shards 3/4 %s %s %s/ & %s -q --shards 1/4 %s %s %s/ & wait) && "
+                       "(%s -q --threads 1 --shards 0/4 %s %s %s/ & p=$!; sleep 0.03; kill -9 $p; wait $p; true)",
+                       F.tmp, F.bin, F.base, F.ad, F.out, F.bin, F.base, F.ad, F.out, F.bin, F.base, F.ad, F.out), 0);
+    cr_assert_eq(worker(&F, 2, 4, ""), 0);
+    cr_assert_eq(worker(&F, 0, 4, ""), 0);
+    /* a killed writer's leftovers, made deterministic: shard 5 (worker 0's) renamed but its
+     * sidecar never written, and an abandoned temporary file */
+    char p[1000];
+    snprintf(p, sizeof p, "%s/.lora-merge-shards/model-00005-of-00010.safetensors.json", F.out);
+    cr_assert_eq(remove(p), 0);
+    snprintf(p, sizeof p, "%s/.model-00005-of-00010.safetensors.lm-tmp-Ab12Cd", F.out);
+    cr_assert_eq(th_write_file(p, "partial", 7), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 1, "finalize accepted a shard without sidecar: %s", r.err);
+    cr_assert(strstr(r.err, "ShardsIncomplete") && strstr(r.err, "model-00005-of-00010.safetensors (no sidecar"),
+              "%s", r.err);
+    cr_assert(strstr(r.err, "1 of 10 shards"), "%s", r.err);
+    th_run_free(&r);
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", F.out);
+    cr_assert(!th_exists(p), "a refused finalize wrote the index");
+    /* the rerun of worker 0 keeps its verified shards and rewrites shard 5 */
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 0/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.err, "shard model-00001-of-00010.safetensors already complete and verified"), "%s", r.err);
+    cr_assert(strstr(r.err, "removed .model-00005-of-00010.safetensors.lm-tmp-Ab12Cd"), "%s", r.err);
+    cr_assert(strstr(r.err, "(1 written, 2 kept)"), "%s", r.err);
+    th_run_free(&r);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s", F.ref, F.out), 0, "the workers' directory differs from the single merge");
+    sh_teardown(&F);
+}
+
+Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    for (int i = 1; i >= 0; i--)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    char p[1000], q[1000];
+    /* one byte of shard 4's data changed (same size), shard 7 gone */
+    snprintf(p, sizeof p, "%s/model-00004-of-00010.safetensors", F.out);
+    cr_assert_eq(sh_ok("printf 'Z' | dd of=%s bs=1 seek=5000 conv=notrunc 2>/dev/null", p), 0);
+    snprintf(q, sizeof q, "%s/model-00007-of-00010.safetensors", F.out);
+    cr_assert_eq(remove(q), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 1, "%s", r.err);
+    cr_assert(strstr(r.err, "2 of 10 shards"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00007-of-00010.safetensors (missing)"), "%s", r.err);
+    th_run_free(&r);
+    snprintf(p, sizeof p, "%s/config.json", F.out);
+    cr_assert(!th_exists(p), "a refused finalize wrote config.json");
+    /* the same refusal through --shards index with the workers' arguments */
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards index %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 1, "%s", r.err);
+    th_run_free(&r);
+    /* the workers rerun (worker 1 owns 4: it is rewritten; worker 0 owns 7) */
+    cr_assert_eq(worker(&F, 1, 2, ""), 0);
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s", F.ref, F.out), 0);
+    /* finalize twice: nothing left to finalize */
+    r = finalize(&F);
+    cr_assert_eq(r.status, 2, "%s", r.err);
+    cr_assert(strstr(r.err, "no shard plan here"), "%s", r.err);
+    th_run_free(&r);
+    sh_teardown(&F);
+}
+
+Test(shards, fingerprint_refuses_a_worker_with_other_options)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(worker(&F, 0, 3, ""), 0);
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --scale 0.5 --shards 1/3 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "%s", r.err);
+    cr_assert(strstr(r.err, "PlanMismatch"), "%s", r.err);
+    th_run_free(&r);
+    char p[1000];
+    snprintf(p, sizeof p, "%s/model-00002-of-00010.safetensors", F.out);
+    cr_assert(!th_exists(p), "the refused worker wrote its shard");
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --dtype f32 --shards 2/3 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "%s", r.err);
+    th_run_free(&r);
+    /* finalize with other options than the workers' is refused too */
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --scale 2 --shards index %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "%s", r.err);
+    cr_assert(strstr(r.err, "PlanMismatch"), "%s", r.err);
+    th_run_free(&r);
+    sh_teardown(&F);
+}
+
+/* an unsharded base with --max-shard-size: the deterministic size split; a MoE model, whose
+ * fused expert parameters are adapted from tensors the planner reads globally */
+Test(shards, size_split_moe_identical)
+{
+    sh_fix F;
+    sh_setup(&F, "--experts 4 --targets all");
+    cr_assert_eq(sh_ok("%s -q --max-shard-size 150KB %s/m/base %s %s/ref/split/", F.bin, F.tmp, F.ad, F.tmp), 0);
+    for (int i = 2; i >= 0; i--)
+        cr_assert_eq(sh_ok("cd %s && %s -q --max-shard-size 150KB --shards %d/3 m/base m/adapter w/split/", F.tmp, F.bin,
+                           i), 0);
+    cr_assert_eq(sh_ok("cd / && %s -q finalize %s/w/split", F.bin, F.tmp), 0);
+    cr_assert_eq(sh_ok("diff -r %s/ref/split %s/w/split", F.tmp, F.tmp), 0);
+    sh_teardown(&F);
+}
+
+Test(shards, usage_errors)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const char *const bad[] = {"3/3", "1/0", "-1/2", "1", "a/b", "1/2x"};
+    for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "%s --shards %s %s %s %s/", F.bin, bad[k], F.base, F.ad, F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "--shards %s: %s", bad[k], r.err);
+        cr_assert(strstr(r.err, "--shards"), "%s", r.err);
+        th_run_free(&r);
+    }
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "%s --shards 0/2 %s %s %s/x.safetensors", F.bin, F.base, F.ad, F.tmp);
+    th_run_result u = sh_run(cmd);
+    cr_assert_eq(u.status, 2, "%s", u.err);
+    cr_assert(strstr(u.err, "needs a directory OUT"), "%s", u.err);
+    th_run_free(&u);
+    cr_assert(!th_exists(F.out), "a refused worker created OUT");
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 2, "%s", r.err);
+    th_run_free(&r);
+    sh_teardown(&F);
+}
