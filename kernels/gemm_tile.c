@@ -19,6 +19,7 @@
 typedef void (*sgemm_fn)(enum CBLAS_ORDER, enum CBLAS_TRANSPOSE, enum CBLAS_TRANSPOSE, blasint, blasint, blasint,
                          float, const float *, blasint, const float *, blasint, float, float *, blasint);
 static struct {
+    void *handle;
     sgemm_fn sgemm;
     char *(*config)(void);
     char *(*corename)(void);
@@ -33,12 +34,19 @@ static void blas_load(void)
         h = dlopen("libopenblas.so", RTLD_NOW | RTLD_LOCAL);
     if (h == NULL)
         return;
+    blas.handle = h;
     void (*set_threads)(int) = (void (*)(int))dlsym(h, "openblas_set_num_threads");
     if (set_threads != NULL)
         set_threads(1);
     blas.config = (char *(*)(void))dlsym(h, "openblas_get_config");
     blas.corename = (char *(*)(void))dlsym(h, "openblas_get_corename");
     blas.sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
+}
+
+void *lm_blas_sym(const char *name)
+{
+    pthread_once(&blas_once, blas_load);
+    return blas.handle != NULL ? dlsym(blas.handle, name) : NULL;
 }
 
 void lm_blas_single_thread(void)

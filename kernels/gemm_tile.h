@@ -10,6 +10,9 @@
 
 /* Process-wide: OpenBLAS's own threads off (lora-merge's OpenMP workers call it). */
 void lm_blas_single_thread(void);
+/* a function of the dlopen'd OpenBLAS (its LAPACK too: "dgesdd_"), or NULL when the library or
+ * the symbol is missing */
+void *lm_blas_sym(const char *name);
 /* "OpenBLAS 0.3.21 ..." (static storage) */
 const char *lm_blas_name(void);
 

@@ -57,6 +57,19 @@ static char *norm(const char *s)
     return o;
 }
 
+/* Documented exceptions to the golden rule, as narrow as measured.
+ * psoft: PSOFT refuses float64 (case.json's note), so PEFT built its factors from a float32 torch
+ * SVD of the base (MKL sgesdd) and only then upcast: the reference carries float32 SVD rounding
+ * (the singular vectors to ~1e-7), which lora-merge's double SVD does not. Measured: 3.85e-7 on
+ * layers.1.q_proj against the rule's 1.71e-7 (2.25x), every other tensor within the rule; the
+ * F32 tolerance is widened 4x for this case only. A wrong sign of a singular pair (the one way
+ * PSOFT can go wrong that a tolerance could hide) costs 1e-2 here. */
+static double f32_allowance(const char *case_dir)
+{
+    const char *leaf = strrchr(case_dir, '/');
+    return leaf != NULL && strcmp(leaf + 1, "psoft") == 0 ? 4.0 : 1.0;
+}
+
 /* compares the output with merged_f64 by the golden rule; returns a malloc'd problem or NULL */
 static char *judge(const char *case_dir, const char *out_path)
 {
@@ -95,6 +108,8 @@ static char *judge(const char *case_dir, const char *out_path)
         th_cmp c = th_compare(b->dtype, ov, rv, (size_t)o->n_elems);
         free(ov);
         free(rv);
+        if (!c.ok && !strcmp(b->dtype, "F32") && c.max_abs_err <= f32_allowance(case_dir) * c.tol)
+            c.ok = 1;
         if (!c.ok)
             snprintf(msg, sizeof msg, "%s (%s): %s", b->name, b->dtype, c.why);
     }
@@ -174,6 +189,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "SUPERTUNING",
         "PEANUT",
         "TINYLORA",
+        "PSOFT",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

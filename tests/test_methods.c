@@ -2035,6 +2035,110 @@ static double *delta_tinylora(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- PSOFT (docs/adapter-types.md): U_r S_r (R − I) Vh_r from an SVD of the base weight ------------ */
+/* R is left diagonal here (psoft_orth false, a diagonal weight; the vectors keep it so), which makes the
+ * delta Σ_k s_k (R_kk − 1) u_k v_kᵀ independent of the singular vectors' signs: the reference takes its
+ * own SVD (one-sided Jacobi, double).  The signs and the Cayley transform are the golden case's. */
+static void psoft(mt_ctx *c, mt_mod *m, int mag_a, int bad)
+{
+    m->q[0] = mag_a;
+    mt_t *w = mt_part(c, m, "psoft_R.weight", SH(3, bad ? 2 : 3), 0, 0);
+    for (uint64_t e = 0; e < w->n; e++)
+        mt_set(w, e, e % 4 == 0 ? 1.0 + 0.3 * th_rand_uniform(&c->rng) : 0.0);
+    if (mag_a)
+        mt_part(c, m, "psoft_R.vector_a", SH(3), 1, 0.2);
+    mt_part(c, m, "psoft_R.vector_b", SH(3), 1, 0.2);
+}
+
+static void gen_psoft(mt_ctx *c)
+{
+    psoft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 1, 0);
+    psoft(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 0), 1, 0);
+}
+
+static void gen_psoft_pissa(mt_ctx *c)
+{
+    psoft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 0, 0);
+    psoft(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 0), 0, 0);
+}
+
+static void bad_psoft(mt_ctx *c) { psoft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 1, 1); }
+
+/* one-sided Jacobi on the columns of X [rows, cols] (rows >= cols), in place: afterwards the columns are
+ * orthogonal, X = U S, and V [cols, cols] accumulates the rotations (X_in = X V^T) */
+static void jacobi_svd(double *X, uint64_t rows, uint64_t cols, double *V)
+{
+    for (uint64_t i = 0; i < cols * cols; i++)
+        V[i] = i % (cols + 1) == 0;
+    for (int sweep = 0; sweep < 60; sweep++) {
+        double off = 0;
+        for (uint64_t p = 0; p < cols; p++)
+            for (uint64_t q = p + 1; q < cols; q++) {
+                double a = 0, b = 0, g = 0;
+                for (uint64_t i = 0; i < rows; i++) {
+                    a += X[i * cols + p] * X[i * cols + p];
+                    b += X[i * cols + q] * X[i * cols + q];
+                    g += X[i * cols + p] * X[i * cols + q];
+                }
+                if (fabs(g) <= 1e-300 || fabs(g) < 1e-17 * sqrt(a * b))
+                    continue;
+                off = fmax(off, fabs(g) / sqrt(a * b));
+                double z = (b - a) / (2 * g), t = (z >= 0 ? 1 : -1) / (fabs(z) + sqrt(1 + z * z));
+                double cs = 1 / sqrt(1 + t * t), sn = cs * t;
+                for (uint64_t i = 0; i < rows; i++) {
+                    double x = X[i * cols + p], y = X[i * cols + q];
+                    X[i * cols + p] = cs * x - sn * y;
+                    X[i * cols + q] = sn * x + cs * y;
+                }
+                for (uint64_t i = 0; i < cols; i++) {
+                    double x = V[i * cols + p], y = V[i * cols + q];
+                    V[i * cols + p] = cs * x - sn * y;
+                    V[i * cols + q] = sn * x + cs * y;
+                }
+            }
+        if (off < 1e-15)
+            break;
+    }
+}
+
+static double *delta_psoft(const mt_ctx *c, const mt_mod *m)
+{
+    /* work on Wᵀ [I, O] when I >= O, else on W: columns of X are the vectors of the short side */
+    int tr = m->I >= m->O;
+    uint64_t rows = tr ? m->I : m->O, cols = tr ? m->O : m->I;
+    const double *W = c->base[m->w].v;
+    double *X = malloc(rows * cols * sizeof(double)), *V = malloc(cols * cols * sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            X[tr ? i * cols + o : o * cols + i] = W[o * m->I + i];
+    jacobi_svd(X, rows, cols, V);
+    const double *w = mt_get(c, m, "psoft_R.weight"), *vb = mt_get(c, m, "psoft_R.vector_b");
+    const double *va = m->q[0] ? mt_get(c, m, "psoft_R.vector_a") : NULL;
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (int k = 0; k < 3; k++) { /* the 3 largest: X's columns are s_j times the long side's vectors */
+        uint64_t best = 0;
+        double bn = -1;
+        for (uint64_t j = 0; j < cols; j++) {
+            double nn = 0;
+            for (uint64_t i = 0; i < rows; i++)
+                nn += X[i * cols + j] * X[i * cols + j];
+            if (nn > bn) {
+                bn = nn;
+                best = j;
+            }
+        }
+        double mkk = vb[k] * w[k * 4] * (va ? va[k] : 1.0) - 1.0;
+        for (uint64_t o = 0; o < m->O; o++) /* s u vᵀ = (X column)(V column)ᵀ, oriented back */
+            for (uint64_t i = 0; i < m->I; i++)
+                d[o * m->I + i] += mkk * (tr ? X[i * cols + best] * V[o * cols + best] : X[o * cols + best] * V[i * cols + best]);
+        for (uint64_t i = 0; i < rows; i++)
+            X[i * cols + best] = 0;
+    }
+    free(X);
+    free(V);
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -2428,6 +2532,15 @@ static const mt_row mt_rows[] = {
        gen_tinylora_tied}},
      {"down_proj's tinylora_P drawn from another seed", NULL, bad_tinylora},
      "model.layers.0.mlp.down_proj"},
+    {"PSOFT", 1, NULL, delta_psoft,
+     {{"psoft_init, diagonal free R, both vectors",
+       "{\"peft_type\": \"PSOFT\", \"r\": 3, \"psoft_alpha\": 6, \"psoft_orth\": false, " TGT_QV "}", gen_psoft},
+      {"pissa_init, no vector_a",
+       "{\"peft_type\": \"PSOFT\", \"r\": 3, \"psoft_alpha\": 5, \"psoft_orth\": false, \"psoft_mag_a\": false, "
+       "\"ab_svd_init\": \"pissa_init\", " TGT_QV "}",
+       gen_psoft_pissa}},
+     {"psoft_R.weight of 6 values for r = 3", NULL, bad_psoft},
+     "model.layers.0.self_attn.q_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2753,6 +2866,7 @@ MT_TEST(BOFT)
 MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
+MT_TEST(PSOFT)
 MT_TEST(TINYLORA)
 MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
@@ -2788,6 +2902,7 @@ Test(methods, table_is_complete)
         "HRA",
         "ROAD",
         "SHIRA",
+        "PSOFT",
         "TINYLORA",
         "PEANUT",
         "SUPERTUNING",

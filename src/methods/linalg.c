@@ -2,7 +2,10 @@
 /* linalg.c : see linalg.h. */
 #include "linalg.h"
 
+#include "gemm_tile.h"
+
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* C[a, b] accumulates its terms in x order, as a dot product would, but row by row so the b
@@ -198,4 +201,90 @@ void lm_tucker_fold(const float *core, const float *w, size_t r, size_t n, size_
                     acc += (double)core[(a * r + b) * kk + x] * (double)w[b * n + q];
                 U[(a * n + q) * kk + x] = acc;
             }
+}
+
+/* LAPACK from the dlopen'd OpenBLAS (kernels/gemm_tile.c), Fortran calling convention (character
+ * arguments' hidden lengths last) */
+typedef void (*dgebrd_fn)(const int *m, const int *n, double *a, const int *lda, double *d, double *e, double *tauq,
+                          double *taup, double *work, const int *lwork, int *info);
+typedef void (*dbdsdc_fn)(const char *uplo, const char *compq, const int *n, double *d, double *e, double *u,
+                          const int *ldu, double *vt, const int *ldvt, double *q, int *iq, double *work, int *iwork,
+                          int *info, size_t, size_t);
+typedef void (*dormbr_fn)(const char *vect, const char *side, const char *trans, const int *m, const int *n,
+                          const int *k, const double *a, const int *lda, const double *tau, double *c, const int *ldc,
+                          double *work, const int *lwork, int *info, size_t, size_t, size_t);
+
+/* the SVD the way gesdd computes it without its QR / LQ first step (which MKL, torch's LAPACK,
+ * does not take where reference LAPACK does: the two give other signs for a 16 x 32 weight):
+ * bidiagonalisation (dgebrd), divide and conquer on the bidiagonal (dbdsdc), and the
+ * back-transformations (dormbr) applied to the r leading vectors only */
+int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double *S_r, double *Vh_r)
+{
+    dgebrd_fn gebrd = (dgebrd_fn)lm_blas_sym("dgebrd_");
+    dbdsdc_fn bdsdc = (dbdsdc_fn)lm_blas_sym("dbdsdc_");
+    dormbr_fn ormbr = (dormbr_fn)lm_blas_sym("dormbr_");
+    if (gebrd == NULL || bdsdc == NULL || ormbr == NULL)
+        return -3;
+    size_t k = m < n ? m : n;
+    if (r > k || r == 0 || m > INT32_MAX / 4 || n > INT32_MAX / 4 || m * n > (size_t)INT32_MAX ||
+        3 * k * k + 4 * k > (size_t)INT32_MAX)
+        return -2;
+    int im = (int)m, in = (int)n, ik = (int)k, ir = (int)r, info = 0, lq = -1;
+    double q = 0, q2 = 0, q3 = 0;
+    gebrd(&im, &in, NULL, &im, NULL, NULL, NULL, NULL, &q, &lq, &info);
+    if (info == 0)
+        ormbr("Q", "L", "N", &im, &ir, &in, NULL, &im, NULL, NULL, &im, &q2, &lq, &info, 1, 1, 1);
+    if (info == 0)
+        ormbr("P", "R", "T", &ir, &in, &im, NULL, &im, NULL, NULL, &ir, &q3, &lq, &info, 1, 1, 1);
+    if (info != 0)
+        return -2;
+    double lw = q > q2 ? q : q2;
+    lw = lw > q3 ? lw : q3;
+    if (lw < (double)(3 * k * k + 4 * k))
+        lw = (double)(3 * k * k + 4 * k); /* dbdsdc's */
+    if (!(lw < 1e12))
+        return -2;
+    size_t n_d = m * n + 4 * k + 2 * k * k + (size_t)lw;
+    double *a = malloc(n_d * sizeof(double));
+    int *iwork = malloc(8 * k * sizeof(int));
+    if (a == NULL || iwork == NULL) {
+        free(a);
+        free(iwork);
+        return -1;
+    }
+    double *d = a + m * n, *e = d + k, *tauq = e + k, *taup = tauq + k, *ub = taup + k, *vb = ub + k * k,
+           *work = vb + k * k;
+    int lwork = (int)lw;
+    for (size_t i = 0; i < m; i++) /* column-major, as torch hands W [m, n] to LAPACK */
+        for (size_t j = 0; j < n; j++)
+            a[i + j * m] = (double)W[i * n + j];
+    gebrd(&im, &in, a, &im, d, e, tauq, taup, work, &lwork, &info);
+    if (info == 0)
+        bdsdc(m >= n ? "U" : "L", "I", &ik, d, e, ub, &ik, vb, &ik, NULL, NULL, work, iwork, &info, 1, 1);
+    free(iwork);
+    double *u = NULL, *vt = NULL;
+    if (info == 0 && (u = calloc(m * r + r * n, sizeof(double))) != NULL) {
+        vt = u + m * r;
+        for (size_t c = 0; c < r; c++) { /* the bidiagonal's vectors, then Q and P^T applied */
+            for (size_t i = 0; i < k; i++)
+                u[i + c * m] = ub[i + c * k];
+            for (size_t j = 0; j < k; j++)
+                vt[c + j * r] = vb[c + j * k];
+        }
+        ormbr("Q", "L", "N", &im, &ir, &in, a, &im, tauq, u, &im, work, &lwork, &info, 1, 1, 1);
+        if (info == 0)
+            ormbr("P", "R", "T", &ir, &in, &im, a, &im, taup, vt, &ir, work, &lwork, &info, 1, 1, 1);
+    }
+    if (info == 0 && u != NULL)
+        for (size_t c = 0; c < r; c++) {
+            S_r[c] = d[c];
+            for (size_t i = 0; i < m; i++)
+                U_r[i * r + c] = u[i + c * m];
+            for (size_t j = 0; j < n; j++)
+                Vh_r[c * n + j] = vt[c + j * r];
+        }
+    int rc = info != 0 ? -2 : u == NULL ? -1 : 0;
+    free(u);
+    free(a);
+    return rc;
 }

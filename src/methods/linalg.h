@@ -57,4 +57,12 @@ void lm_tucker_fold(const float *core, const float *w, size_t r, size_t n, size_
 /* C [m, n] = A [m, k] @ B [k, n] in double, plain loops (small matrices) */
 void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n);
 
+/*! lm_svd_top() : the r leading singular triplets of the row-major m x n matrix W, in double, as
+ *  torch.linalg.svd computes them on the CPU (LAPACK gesdd on W in column-major order, thin:
+ *  jobz 'S'), so the singular vectors' signs follow the same convention: U_r [m, r] and
+ *  Vh_r [r, n] row-major, S_r [r] descending.  Allocates its workspace (the one function here
+ *  that does).  @return 0, -1 when out of memory, -2 when LAPACK fails or the sizes exceed its
+ *  32-bit integers (or r > min(m, n)), -3 when OpenBLAS's LAPACK cannot be loaded. */
+int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double *S_r, double *Vh_r);
+
 #endif

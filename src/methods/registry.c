@@ -35,6 +35,7 @@ extern const lm_method lm_method_pvera;
 extern const lm_method lm_method_supertuning;
 extern const lm_method lm_method_peanut;
 extern const lm_method lm_method_tinylora;
+extern const lm_method lm_method_psoft;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -68,6 +69,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_supertuning,
     &lm_method_peanut,
     &lm_method_tinylora,
+    &lm_method_psoft,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

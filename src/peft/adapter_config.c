@@ -24,7 +24,6 @@ static const char *const NOT_YET[] = {
     "OSF",
     "ADAMSS",
     "FROD",
-    "PSOFT",
     "UNILORA",
 };
 
