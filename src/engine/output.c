@@ -80,6 +80,22 @@ lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err)
         return lm_fail(err, LM_E_USAGE, "Usage", "the output path is empty");
     struct stat st;
     int exists = stat(out_path, &st) == 0;
+    if (exists && !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) {
+        /* a device, a FIFO, a socket: the rename would replace it (`lora-merge B A /dev/null`
+         * run as root would put a model in place of /dev/null) */
+        const char *what = S_ISCHR(st.st_mode) ? "a character device" : S_ISBLK(st.st_mode) ? "a block device"
+                         : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISSOCK(st.st_mode) ? "a socket" : "not a regular file";
+        lm_fail(err, LM_E_USAGE, "InvalidOutput",
+                "OUT exists and is %s: lora-merge writes a .safetensors file or a model directory, and would replace "
+                "it", what);
+        lm_err_set_path(err, out_path);
+        return LM_E_USAGE;
+    }
+    if (!exists && errno != ENOENT) { /* a symlink loop, a component that is a file ... */
+        lm_fail(err, LM_E_USAGE, "InvalidOutput", "OUT cannot be used: %s", strerror(errno));
+        lm_err_set_path(err, out_path);
+        return LM_E_USAGE;
+    }
     if (out_path[n - 1] == '/' || (exists && S_ISDIR(st.st_mode))) {
         o->is_dir = 1;
     } else if (!exists || S_ISREG(st.st_mode)) {
@@ -105,6 +121,43 @@ lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err)
         o->dir_exists = exists;
     }
     return LM_OK;
+}
+
+/* the real path of a directory that may not exist yet (its parent does) */
+static char *real_dir(const char *dir)
+{
+    char *r = realpath(dir, NULL);
+    if (r != NULL || errno != ENOENT)
+        return r;
+    char *parent = lm_base_directory(dir);
+    size_t n_leaf;
+    const char *leaf = lm_path_leaf(dir, &n_leaf);
+    char *rp = parent ? realpath(parent, NULL) : NULL, *out = NULL;
+    if (rp != NULL && (out = malloc(strlen(rp) + n_leaf + 2)) != NULL)
+        snprintf(out, strlen(rp) + n_leaf + 2, "%s/%.*s", strcmp(rp, "/") == 0 ? "" : rp, (int)n_leaf, leaf);
+    free(parent);
+    free(rp);
+    return out;
+}
+
+lm_code lm_out_check_not_in(const lm_out_target *o, const char *const *dirs, size_t n_dirs, lm_err *err)
+{
+    if (!o->is_dir)
+        return LM_OK;
+    char *out = real_dir(o->dir);
+    lm_code rc = LM_OK;
+    for (size_t i = 0; out != NULL && i < n_dirs && rc == LM_OK; i++) {
+        char *in = dirs[i] ? realpath(dirs[i], NULL) : NULL;
+        size_t k = in ? strlen(in) : 0;
+        if (in != NULL && strncmp(out, in, k) == 0 && (out[k] == '\0' || out[k] == '/' || k == 1)) {
+            rc = lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output directory %s the input directory '%s'",
+                         out[k] == '\0' ? "is" : "is inside", dirs[i]);
+            lm_err_set_path(err, o->dir);
+        }
+        free(in);
+    }
+    free(out);
+    return rc;
 }
 
 /* the index: every tensor -> its shard's file name, and the data size of all shards */
