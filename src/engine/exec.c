@@ -7,6 +7,7 @@
 #include "exec_quant.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
+#include "lm_sys.h"
 #include "st_reader.h"
 #include "st_writer.h"
 
@@ -314,7 +315,7 @@ static lm_code pread_all(const lm_st_file *f, uint64_t off, uint8_t *dst, uint64
 {
     uint64_t got = 0;
     while (got < n_bytes) {
-        ssize_t k = pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
+        ssize_t k = lm_sys_pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
         if (k < 0 && errno == EINTR)
             continue;
         if (k == 0) { /* its header said more: the file was cut while the merge read it */
@@ -687,7 +688,7 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
             loff_t outp = (loff_t)(dst + tk->first);
             uint64_t left = tk->count;
             while (left > 0) {
-                ssize_t k = copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left, 0);
+                ssize_t k = lm_sys_copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left);
                 if (k <= 0) {
                     if (k < 0 && errno == EINTR)
                         continue;

@@ -19,6 +19,9 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+/* last: the allocations below go through the fault-injection seam */
+#define LM_SYS_ALLOC
+#include "lm_sys.h"
 
 void lm_out_target_free(lm_out_target *o)
 {
@@ -395,7 +398,7 @@ lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old); /* created and registered with no signal in between */
-    int made = mkdtemp(o->stage) != NULL, e = errno;
+    int made = lm_sys_mkdtemp(o->stage) != NULL, e = errno;
     if (made)
         o->stage_slot = lm_cleanup_register_dir(o->stage);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -405,8 +408,8 @@ lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
         o->stage = NULL;
         return rc;
     }
-    o->stage_fd = open(o->stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (o->stage_fd < 0 || flock(o->stage_fd, LOCK_EX) != 0) {
+    o->stage_fd = lm_sys_open(o->stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    if (o->stage_fd < 0 || lm_sys_flock(o->stage_fd, LOCK_EX) != 0) {
         lm_code rc = fail_path(err, errno, o->stage, "cannot lock the staging directory");
         lm_out_stage_abort(o);
         return rc;
@@ -456,10 +459,10 @@ void lm_out_stage_abort(lm_out_target *o)
 
 static int fsync_dir(const char *dir)
 {
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = lm_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    int rc = fsync(fd);
+    int rc = lm_sys_fsync(fd);
     /* some file systems refuse fsync on a directory: not an error of ours */
     if (rc != 0 && (errno == EINVAL || errno == EROFS || errno == EBADF))
         rc = 0;
@@ -511,7 +514,7 @@ static lm_code move_in(lm_out_target *o, const char *name, lm_err *err)
     lm_code rc = LM_OK;
     if (src == NULL)
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    else if (rename(src, dst) != 0)
+    else if (lm_sys_rename(src, dst) != 0)
         rc = fail_path(err, errno, dst, "cannot move the file into the output directory");
     free(src);
     free(dst);
@@ -532,7 +535,7 @@ lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, 
         char *p = lm_path_join(o->dir, records[i]);
         if (p == NULL)
             return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        int gone = unlink(p) == 0, e = errno;
+        int gone = lm_sys_unlink(p) == 0, e = errno;
         if (!gone && e != ENOENT)
             rc = fail_path(err, e, p, "cannot remove the earlier model's file");
         free(p);
@@ -618,7 +621,7 @@ void lm_out_clean_stale_temps(const lm_out_target *o, lm_report_impl *r)
 
 lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = lm_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0) {
         lm_fail_errno(err, errno, "cannot read the file back to hash it");
         lm_err_set_path(err, path);
