@@ -8,6 +8,7 @@
 #include <cJSON.h>
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -16,6 +17,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -345,6 +347,179 @@ Test(outdir, stale_temps_removed_live_ones_kept)
     cr_assert(th_exists(p), "a file under .lora-merge-shards/ was removed");
     cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 1);
     cr_assert_eq(od_count_temps(f.out), 1); /* the live one */
+    th_rmrf(f.tmp);
+    free(f.tmp);
+}
+
+/* the entries of the stage in dir (the first one found), -1 without one */
+static int od_stage_entries(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return -1;
+    struct dirent *de;
+    int n = -1;
+    while (n < 0 && (de = readdir(d)) != NULL)
+        if (strncmp(de->d_name, ".lora-merge-stage.", 18) == 0) {
+            char p[1400];
+            snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+            n = th_count_entries(p);
+        }
+    closedir(d);
+    return n;
+}
+
+/* TOOL BUG before this test (src/format/st_writer.c): SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU and
+ * SIGVTALRM killed the merge without removing its temporary files, and above 1024 shards (a
+ * fixed table) SIGTERM left the files past the 1024th.  A merge into ~1080 shards, each signal
+ * sent once more than 1024 files are being written: death by the signal, no stage and no
+ * temporary file left, OUT still the earlier model. */
+Test(outdir, signals_mid_merge_of_1080_shards, .timeout = 240)
+{
+    od_fx f;
+    char m[600], gen[4096];
+    f.tmp = th_tmpdir();
+    cr_assert(th_gen_model_path(gen, sizeof gen));
+    snprintf(m, sizeof m, "%s/m", f.tmp);
+    const char *g[] = {gen, "--out", m, "--hidden", "16", "--inter", "32", "--layers", "120", "--vocab", "64",
+                       "--heads", "2", "--kv-heads", "1", "--rank", "2", NULL};
+    th_run_result r = th_run(NULL, g);
+    cr_assert_eq(r.status, 0, "gen_model: %s", r.err);
+    th_run_free(&r);
+    snprintf(f.base_dir, sizeof f.base_dir, "%s/base", m);
+    snprintf(f.ad, sizeof f.ad, "%s/adapter", m);
+    snprintf(f.ref_a, sizeof f.ref_a, "%s/a.safetensors", f.tmp);
+    snprintf(f.out, sizeof f.out, "%s/out", f.tmp);
+    const char *a0[] = {th_bin(), "-q", f.base_dir, f.ad, f.ref_a, NULL};
+    od_run_ok(a0);
+    const char *a1[] = {th_bin(), "-q", "--max-shard-size", "1", f.base_dir, f.ad, f.out, NULL};
+    od_run_ok(a1);
+    cr_assert_gt(th_count_entries(f.out), 1025);
+    static const int sigs[] = {SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU, SIGVTALRM};
+    int n_tested = 0;
+    for (size_t s = 0; s < sizeof sigs / sizeof *sigs; s++) {
+        const char *a2[] = {th_bin(), "-q", "--scale", "0.5", "--max-shard-size", "1", f.base_dir, f.ad, f.out, NULL};
+        pid_t pid;
+        extern char **environ;
+        cr_assert_eq(posix_spawn(&pid, a2[0], NULL, NULL, (char *const *)a2, environ), 0);
+        int sent = 0, st;
+        double t0 = od_now();
+        while (!sent && od_now() - t0 < 60 && waitpid(pid, &st, WNOHANG) == 0) {
+            if (od_stage_entries(f.out) > 1024)
+                sent = kill(pid, sigs[s]) == 0;
+            else
+                usleep(200);
+        }
+        if (!sent) {
+            cr_log_warn("signal %d: the merge ended before 1025 files were being written", sigs[s]);
+            continue;
+        }
+        cr_assert_eq(waitpid(pid, &st, 0), pid);
+        cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == sigs[s], "signal %d: status 0x%x", sigs[s], st);
+        cr_assert_eq(od_count_temps(f.out), 0, "signal %d left a stage or temporary file", sigs[s]);
+        int got = od_model_is(f.out, f.ref_a, f.ref_a);
+        cr_assert(got == 1 || got == 0, "signal %d: OUT is neither the earlier model nor none", sigs[s]);
+        n_tested++;
+    }
+    th_rmrf(f.tmp);
+    free(f.tmp);
+    if (n_tested < (int)(sizeof sigs / sizeof *sigs))
+        cr_skip_test("TIMING: only %d of 6 signals could be sent mid-merge", n_tested);
+}
+
+/* ---- OUT that must be refused before any work (issue 15 items 10, 11) ---------------------------- */
+static void od_refused(const char *const *argv, int status, const char *needle)
+{
+    th_run_result r = th_run(NULL, argv);
+    cr_assert_eq(r.status, status, "%s: exit %d: %s", argv[4], r.status, r.err);
+    cr_assert(strstr(r.err, needle) != NULL, "%s: %s", argv[4], r.err);
+    cr_assert_eq(strchr(r.err, '\n'), r.err + strlen(r.err) - 1, "not one line: %s", r.err);
+    th_run_free(&r);
+}
+
+/* TOOL BUG before this test (src/engine/output.c lm_out_resolve): an OUT naming a device node or a
+ * FIFO was taken for a file OUT and the merged file renamed over it (as root, over /dev/null); a
+ * symlink loop was taken for a new name.  Now refused, the node left as it was. */
+Test(outdir, device_fifo_and_loop_refused)
+{
+    od_fx f;
+    od_fx_make(&f);
+    char fifo[800], dev[800], loop[800], loop2[800];
+    snprintf(fifo, sizeof fifo, "%s/fifo", f.tmp);
+    snprintf(dev, sizeof dev, "%s/full", f.tmp);
+    snprintf(loop, sizeof loop, "%s/loop", f.tmp);
+    snprintf(loop2, sizeof loop2, "%s/loop2", f.tmp);
+    cr_assert_eq(mkfifo(fifo, 0600), 0);
+    const char *a1[] = {th_bin(), "-q", f.base_dir, f.ad, fifo, NULL};
+    od_refused(a1, 2, "a FIFO");
+    struct stat st;
+    cr_assert(lstat(fifo, &st) == 0 && S_ISFIFO(st.st_mode), "the FIFO was replaced");
+    cr_assert_eq(symlink(loop2, loop), 0);
+    cr_assert_eq(symlink(loop, loop2), 0);
+    const char *a2[] = {th_bin(), "-q", f.base_dir, f.ad, loop, NULL};
+    od_refused(a2, 2, "symbolic links");
+    cr_assert(lstat(loop, &st) == 0 && S_ISLNK(st.st_mode), "the link was replaced");
+    if (mknod(dev, S_IFCHR | 0666, makedev(1, 7)) == 0) { /* a copy of /dev/full (needs root) */
+        const char *a3[] = {th_bin(), "-q", f.base_dir, f.ad, dev, NULL};
+        od_refused(a3, 2, "a character device");
+        cr_assert(lstat(dev, &st) == 0 && S_ISCHR(st.st_mode), "the device node was replaced");
+    } else {
+        cr_log_warn("mknod: %s: the character device case is not tested (not root)", strerror(errno));
+    }
+    th_rmrf(f.tmp);
+    free(f.tmp);
+}
+
+/* TOOL BUG before this test (src/engine/merge.c prepare_output): the adapter's own directory (or
+ * one inside it, or inside a base directory) was accepted as OUT: the merge wrote a model, a
+ * README.md and config files into an input. */
+Test(outdir, out_in_an_input_directory_refused)
+{
+    od_fx f;
+    od_fx_make(&f);
+    char p[800];
+    const char *a1[] = {th_bin(), "-q", f.base_dir, f.ad, f.ad, NULL};
+    int n_before = th_count_entries(f.ad);
+    od_refused(a1, 2, "OutputIsInput");
+    snprintf(p, sizeof p, "%s/merged/", f.ad);
+    const char *a2[] = {th_bin(), "-q", f.base_dir, f.ad, p, NULL};
+    od_refused(a2, 2, "inside the input directory");
+    snprintf(p, sizeof p, "%s/merged", f.base_dir);
+    const char *a3[] = {th_bin(), "-q", f.base_dir, f.ad, p, NULL};
+    od_refused(a3, 2, "inside the input directory");
+    cr_assert_eq(th_count_entries(f.ad), n_before, "the adapter directory changed");
+    cr_assert(!th_exists(p));
+    th_rmrf(f.tmp);
+    free(f.tmp);
+}
+
+/* TOOL BUG before this test (src/cli/main.c): the report printed to /dev/full, to a closed stdout
+ * or to a pipe whose reader is gone was lost with exit status 0, or killed the run by SIGPIPE
+ * (141).  Now: exit 3 and one line on stderr; a quiet run, which prints nothing, still succeeds. */
+Test(outdir, stdout_full_closed_or_broken)
+{
+    od_fx f;
+    od_fx_make(&f);
+    char cmd[4096];
+    static const char *const redirs[] = {"> /dev/full", ">&-", "| true"};
+    static const char *const needles[] = {"No space left", "stdout is closed", "Broken pipe"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(cmd, sizeof cmd, "%s --json '%s' '%s' '%s/o%d.safetensors' %s", th_bin(), f.base_dir, f.ad, f.tmp, i,
+                 redirs[i]);
+        if (i == 2) /* the reader exits at once: bash's PIPESTATUS gives the writer's status */
+            snprintf(cmd, sizeof cmd, "bash -c \"%s --json '%s' '%s' '%s/o2.safetensors' | true; exit \\${PIPESTATUS[0]}\"",
+                     th_bin(), f.base_dir, f.ad, f.tmp);
+        th_run_result r = th_sh(cmd);
+        cr_assert_eq(r.status, 3, "%s: exit %d: %s", redirs[i], r.status, r.err);
+        cr_assert(strstr(r.err, needles[i]) != NULL, "%s: %s", redirs[i], r.err);
+        th_run_free(&r);
+    }
+    snprintf(cmd, sizeof cmd, "%s -q '%s' '%s' '%s/q.safetensors' >&-", th_bin(), f.base_dir, f.ad, f.tmp);
+    th_run_result r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "quiet with stdout closed: exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(cmd, sizeof cmd, "%s/q.safetensors", f.tmp);
+    cr_assert(th_files_equal(cmd, f.ref_a), "the quiet merge with stdout closed differs");
     th_rmrf(f.tmp);
     free(f.tmp);
 }

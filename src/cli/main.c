@@ -4,8 +4,10 @@
 #include "lora_merge.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -487,6 +489,42 @@ static void print_report(const cli_args *c, const lm_merge_report *rep)
     }
 }
 
+/* ---- stdout ---------------------------------------------------------------------------------- */
+static int g_stdout_closed; /* started with no file descriptor 1 */
+
+/* at exit: what was printed must have reached stdout (a full disk, /dev/full, a reader that went
+ * away), else one error line and exit status 3, as for any other write */
+static void close_stdout(void)
+{
+    int failed = fflush(stdout) != 0 || ferror(stdout), e = errno;
+    if (!failed)
+        return;
+    if (g_stdout_closed)
+        fprintf(stderr, "error: <stdout>: IoError: stdout is closed, the report could not be written\n");
+    else
+        fprintf(stderr, "error: <stdout>: IoError: cannot write the report: %s\n", strerror(e));
+    _exit(3);
+}
+
+/* Descriptors 0-2 are kept taken, so no file the merge opens becomes stdout (a report printed into
+ * a model file).  A closed stdout becomes /dev/full: printing to it is then an error (exit 3) and
+ * a quiet run that prints nothing is not. */
+static void std_fds(void)
+{
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0 && errno == EBADF) {
+            int r = open(fd == 1 ? "/dev/full" : "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+            if (r >= 0 && r != fd) {
+                dup2(r, fd);
+                close(r);
+            }
+            g_stdout_closed |= fd == 1;
+        }
+    /* a reader that goes away: EPIPE, reported by close_stdout(), rather than death by SIGPIPE */
+    signal(SIGPIPE, SIG_IGN);
+    atexit(close_stdout);
+}
+
 /* ---- main ----------------------------------------------------------------------------------- */
 static int run(int argc, char **argv);
 
@@ -551,6 +589,7 @@ static int cmd_finalize(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    std_fds();
     lm_cleanup_install();
     /* the executor allocates each tensor's factors when its first tile is claimed and frees them
      * after its last: keep freed blocks in the heap for the next tensor rather than returning them

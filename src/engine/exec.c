@@ -7,6 +7,7 @@
 #include "exec_quant.h"
 #include "gemm_tile.h"
 #include "lm_error.h"
+#include "lm_sys.h"
 #include "output.h"
 #include "st_reader.h"
 #include "st_writer.h"
@@ -20,6 +21,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define COPY_CHUNK ((uint64_t)32 << 20)     /* bytes per copy task: fewer hand-offs of the output inode lock */
@@ -316,7 +318,7 @@ static lm_code pread_all(const lm_st_file *f, uint64_t off, uint8_t *dst, uint64
 {
     uint64_t got = 0;
     while (got < n_bytes) {
-        ssize_t k = pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
+        ssize_t k = lm_sys_pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
         if (k < 0 && errno == EINTR)
             continue;
         if (k == 0) { /* its header said more: the file was cut while the merge read it */
@@ -679,6 +681,21 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
+/* the base file no longer holds `end` bytes: it was truncated during the merge */
+static int base_shrank(const lm_st_file *f, uint64_t end)
+{
+    struct stat st;
+    return fstat(lm_st_fd(f), &st) == 0 && (uint64_t)st.st_size < end;
+}
+
+static lm_code base_ended(const lm_st_file *f, const char *tensor, lm_err *err)
+{
+    lm_fail(err, LM_E_IO, NULL, "cannot read tensor '%s': the file ends before its data (it shrank during the merge)",
+            tensor);
+    lm_err_set_path(err, lm_st_path(f));
+    return LM_E_IO;
+}
+
 static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
@@ -693,7 +710,7 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
             loff_t outp = (loff_t)(dst + tk->first);
             uint64_t left = tk->count;
             while (left > 0) {
-                ssize_t k = copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left, 0);
+                ssize_t k = lm_sys_copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left);
                 if (k <= 0) {
                     if (k < 0 && errno == EINTR)
                         continue;
@@ -706,6 +723,8 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
                     if (k < 0 && (errno == ENOSPC || errno == EFBIG || errno == EIO || errno == EDQUOT))
                         return lm_st_writer_pwrite(w, src + (tk->count - left) + tk->first, (size_t)left,
                                                    dst + tk->first + (tk->count - left), err);
+                    if (k == 0 || base_shrank(f, (uint64_t)in + left))
+                        return base_ended(f, t->name, err); /* a read error on the base, not a write error */
                     break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
                 }
                 left -= (uint64_t)k;

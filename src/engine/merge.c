@@ -540,6 +540,16 @@ static lm_code prepare_output(merge_state *S, lm_err *err)
         return rc;
     }
     if (S->ot.is_dir) {
+        struct stat bst;
+        int base_is_dir = stat(job->base_path, &bst) == 0 && S_ISDIR(bst.st_mode);
+        for (size_t i = 0; i < job->n_adapters; i++)
+            if (S->ads[i]->foreign == NULL && /* a PEFT directory, not a file of another format */
+                (rc = lm_out_check_not_in(&S->ot, (const char *const *)&S->ads[i]->dir, 1, err)) != LM_OK)
+                return rc;
+        if (base_is_dir && (rc = lm_out_check_not_in(&S->ot, (const char *const *)&S->base_dir, 1, err)) != LM_OK)
+            return rc;
+    }
+    if (S->ot.is_dir) {
         lm_config_edits edits;
         config_edits(S, &edits);
         char *card = model_card(S);

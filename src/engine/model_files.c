@@ -3,6 +3,7 @@
 #include "model_files.h"
 
 #include "lm_error.h"
+#include "lm_sys.h"
 #include "output.h"
 #include "st_json.h"
 
@@ -175,7 +176,7 @@ static int read_side_file(const char *dir, const char *dir_real, const char *nam
         }
         open_path = real;
     }
-    fd = open(open_path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    fd = lm_sys_open(open_path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0);
     if (fd < 0) {
         lm_fail_errno(err, errno, "cannot read the file");
         goto fail;
@@ -200,7 +201,7 @@ static int read_side_file(const char *dir, const char *dir_real, const char *nam
         goto fail;
     }
     while (got < want) {
-        ssize_t k = read(fd, buf + got, want - got);
+        ssize_t k = lm_sys_read(fd, buf + got, want - got);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {

@@ -19,6 +19,9 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+/* last: the allocations below go through the fault-injection seam */
+#define LM_SYS_ALLOC
+#include "lm_sys.h"
 
 void lm_out_target_free(lm_out_target *o)
 {
@@ -80,6 +83,22 @@ lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err)
         return lm_fail(err, LM_E_USAGE, "Usage", "the output path is empty");
     struct stat st;
     int exists = stat(out_path, &st) == 0;
+    if (exists && !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) {
+        /* a device, a FIFO, a socket: the rename would replace it (`lora-merge B A /dev/null`
+         * run as root would put a model in place of /dev/null) */
+        const char *what = S_ISCHR(st.st_mode) ? "a character device" : S_ISBLK(st.st_mode) ? "a block device"
+                         : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISSOCK(st.st_mode) ? "a socket" : "not a regular file";
+        lm_fail(err, LM_E_USAGE, "InvalidOutput",
+                "OUT exists and is %s: lora-merge writes a .safetensors file or a model directory, and would replace "
+                "it", what);
+        lm_err_set_path(err, out_path);
+        return LM_E_USAGE;
+    }
+    if (!exists && errno != ENOENT) { /* a symlink loop, a component that is a file ... */
+        lm_fail(err, LM_E_USAGE, "InvalidOutput", "OUT cannot be used: %s", strerror(errno));
+        lm_err_set_path(err, out_path);
+        return LM_E_USAGE;
+    }
     if (out_path[n - 1] == '/' || (exists && S_ISDIR(st.st_mode))) {
         o->is_dir = 1;
     } else if (!exists || S_ISREG(st.st_mode)) {
@@ -105,6 +124,43 @@ lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err)
         o->dir_exists = exists;
     }
     return LM_OK;
+}
+
+/* the real path of a directory that may not exist yet (its parent does) */
+static char *real_dir(const char *dir)
+{
+    char *r = realpath(dir, NULL);
+    if (r != NULL || errno != ENOENT)
+        return r;
+    char *parent = lm_base_directory(dir);
+    size_t n_leaf;
+    const char *leaf = lm_path_leaf(dir, &n_leaf);
+    char *rp = parent ? realpath(parent, NULL) : NULL, *out = NULL;
+    if (rp != NULL && (out = malloc(strlen(rp) + n_leaf + 2)) != NULL)
+        snprintf(out, strlen(rp) + n_leaf + 2, "%s/%.*s", strcmp(rp, "/") == 0 ? "" : rp, (int)n_leaf, leaf);
+    free(parent);
+    free(rp);
+    return out;
+}
+
+lm_code lm_out_check_not_in(const lm_out_target *o, const char *const *dirs, size_t n_dirs, lm_err *err)
+{
+    if (!o->is_dir)
+        return LM_OK;
+    char *out = real_dir(o->dir);
+    lm_code rc = LM_OK;
+    for (size_t i = 0; out != NULL && i < n_dirs && rc == LM_OK; i++) {
+        char *in = dirs[i] ? realpath(dirs[i], NULL) : NULL;
+        size_t k = in ? strlen(in) : 0;
+        if (in != NULL && strncmp(out, in, k) == 0 && (out[k] == '\0' || out[k] == '/' || k == 1)) {
+            rc = lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output directory %s the input directory '%s'",
+                         out[k] == '\0' ? "is" : "is inside", dirs[i]);
+            lm_err_set_path(err, o->dir);
+        }
+        free(in);
+    }
+    free(out);
+    return rc;
 }
 
 /* the index: every tensor -> its shard's file name, and the data size of all shards */
@@ -354,7 +410,7 @@ lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old); /* created and registered with no signal in between */
-    int made = mkdtemp(o->stage) != NULL, e = errno;
+    int made = lm_sys_mkdtemp(o->stage) != NULL, e = errno;
     if (made)
         o->stage_slot = lm_cleanup_register_dir(o->stage);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -364,8 +420,8 @@ lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
         o->stage = NULL;
         return rc;
     }
-    o->stage_fd = open(o->stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (o->stage_fd < 0 || flock(o->stage_fd, LOCK_EX) != 0) {
+    o->stage_fd = lm_sys_open(o->stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    if (o->stage_fd < 0 || lm_sys_flock(o->stage_fd, LOCK_EX) != 0) {
         lm_code rc = fail_path(err, errno, o->stage, "cannot lock the staging directory");
         lm_out_stage_abort(o);
         return rc;
@@ -415,10 +471,10 @@ void lm_out_stage_abort(lm_out_target *o)
 
 static int fsync_dir(const char *dir)
 {
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = lm_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    int rc = fsync(fd);
+    int rc = lm_sys_fsync(fd);
     /* some file systems refuse fsync on a directory: not an error of ours */
     if (rc != 0 && (errno == EINVAL || errno == EROFS || errno == EBADF))
         rc = 0;
@@ -470,7 +526,7 @@ static lm_code move_in(lm_out_target *o, const char *name, lm_err *err)
     lm_code rc = LM_OK;
     if (src == NULL)
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    else if (rename(src, dst) != 0)
+    else if (lm_sys_rename(src, dst) != 0)
         rc = fail_path(err, errno, dst, "cannot move the file into the output directory");
     free(src);
     free(dst);
@@ -491,7 +547,7 @@ lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, 
         char *p = lm_path_join(o->dir, records[i]);
         if (p == NULL)
             return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        int gone = unlink(p) == 0, e = errno;
+        int gone = lm_sys_unlink(p) == 0, e = errno;
         if (!gone && e != ENOENT)
             rc = fail_path(err, e, p, "cannot remove the earlier model's file");
         free(p);
@@ -577,7 +633,7 @@ void lm_out_clean_stale_temps(const lm_out_target *o, lm_report_impl *r)
 
 lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = lm_sys_open(path, O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0) {
         lm_fail_errno(err, errno, "cannot read the file back to hash it");
         lm_err_set_path(err, path);

@@ -44,6 +44,10 @@ void lm_out_target_free(lm_out_target *o);
  *  lora-merge writes safetensors.  Creates nothing. */
 lm_code lm_out_resolve(lm_out_target *o, const char *out_path, lm_err *err);
 
+/*! lm_out_check_not_in() : a directory OUT that is one of dirs (an adapter's directory, a base
+ *  directory) or inside one is refused (OutputIsInput): the merge would write into an input. */
+lm_code lm_out_check_not_in(const lm_out_target *o, const char *const *dirs, size_t n_dirs, lm_err *err);
+
 /*! lm_out_plan_shards() : shards in data order, each at most the job's max_shard_bytes (a larger
  *  tensor gets a shard of its own), their paths and exact sizes (the plan's metadata included),
  *  and the index text when there are several. */

@@ -18,6 +18,9 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+/* last: the allocations below go through the fault-injection seam */
+#define LM_SYS_ALLOC
+#include "lm_sys.h"
 
 struct lm_st_writer {
     char *out_path;
@@ -325,11 +328,11 @@ static int create_locked_temp(char *tmpl)
     size_t n = strlen(tmpl);
     for (int attempt = 0; attempt < 100; attempt++) {
         memcpy(tmpl + n - 6, "XXXXXX", 6);
-        int fd = mkostemp(tmpl, O_CLOEXEC);
+        int fd = lm_sys_mkostemp(tmpl, O_CLOEXEC);
         if (fd < 0)
             return -1;
         struct stat a, b;
-        if (flock(fd, LOCK_EX) == 0 && fstat(fd, &a) == 0 && stat(tmpl, &b) == 0 && a.st_dev == b.st_dev &&
+        if (lm_sys_flock(fd, LOCK_EX) == 0 && lm_sys_fstat(fd, &a) == 0 && stat(tmpl, &b) == 0 && a.st_dev == b.st_dev &&
             a.st_ino == b.st_ino)
             return fd;
         int e = errno;
@@ -483,7 +486,7 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
     }
     /* reserve the space now so a full disk is found before the work starts */
     if (w->file_bytes > 0) {
-        int rc = posix_fallocate(w->fd, 0, (off_t)w->file_bytes);
+        int rc = lm_sys_fallocate(w->fd, (off_t)w->file_bytes);
         if (rc == EOPNOTSUPP || rc == EINVAL) {
             if (ftruncate(w->fd, (off_t)w->file_bytes) != 0)
                 rc = errno;
@@ -522,7 +525,7 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
     const uint8_t *p = buf;
     while (n_bytes > 0) {
         size_t chunk = n_bytes > ((size_t)1 << 30) ? ((size_t)1 << 30) : n_bytes;
-        ssize_t k = pwrite(w->fd, p, chunk, (off_t)offset);
+        ssize_t k = lm_sys_pwrite(w->fd, p, chunk, (off_t)offset);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
@@ -550,7 +553,7 @@ lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
     /* the temp file was created 0600; give it the permissions a new file would get */
     mode_t mask = umask(0);
     umask(mask);
-    if (fchmod(w->fd, 0666 & ~mask) != 0 || (do_fsync && fsync(w->fd) != 0)) {
+    if (lm_sys_fchmod(w->fd, 0666 & ~mask) != 0 || (do_fsync && lm_sys_fsync(w->fd) != 0)) {
         int e = errno;
         lm_fail_errno(err, e, "cannot finish the output file");
         lm_err_set_path(err, w->out_path);
@@ -558,8 +561,8 @@ lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
     }
     /* what close() reports (a delayed write error on NFS) is reported by the close of a
      * duplicate too; the file itself stays open, and locked, until it is renamed */
-    int dup_fd = fcntl(w->fd, F_DUPFD_CLOEXEC, 0);
-    if (dup_fd < 0 || close(dup_fd) != 0) {
+    int dup_fd = lm_sys_dup(w->fd);
+    if (dup_fd < 0 || lm_sys_close_checked(dup_fd) != 0) {
         int e = errno;
         lm_fail_errno(err, e, "cannot close the output file");
         lm_err_set_path(err, w->out_path);
@@ -575,7 +578,7 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
         lm_st_writer_abort(w);
         return LM_E_IO;
     }
-    if (rename(w->tmp_path, w->out_path) != 0) {
+    if (lm_sys_rename(w->tmp_path, w->out_path) != 0) {
         int e = errno;
         lm_fail_errno(err, e, "cannot rename the temporary file into place");
         lm_err_set_path(err, w->out_path);
@@ -645,7 +648,7 @@ lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_b
     size_t left = n_bytes;
     int e = 0;
     while (left > 0 && e == 0) {
-        ssize_t k = write(fd, p, left);
+        ssize_t k = lm_sys_write(fd, p, left);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0)
@@ -657,15 +660,15 @@ lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_b
     }
     mode_t mask = umask(0);
     umask(mask);
-    if (e == 0 && fchmod(fd, (mode_t)(mode & 0777) & ~mask) != 0)
+    if (e == 0 && lm_sys_fchmod(fd, (mode_t)(mode & 0777) & ~mask) != 0)
         e = errno;
-    if (e == 0 && do_fsync && fsync(fd) != 0)
+    if (e == 0 && do_fsync && lm_sys_fsync(fd) != 0)
         e = errno;
     /* renamed while still locked, so no other run's cleanup can take it for a dead one's */
-    int renamed = e == 0 && rename(tmp, path) == 0;
+    int renamed = e == 0 && lm_sys_rename(tmp, path) == 0;
     if (e == 0 && !renamed)
         e = errno;
-    if (close(fd) != 0 && e == 0)
+    if (lm_sys_close_checked(fd) != 0 && e == 0)
         e = errno;
     if (e != 0)
         unlink(renamed ? path : tmp);

@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: MIT */
+/* lm_sys.h : the fault-injection seam.  The system calls and allocations of the output path
+ * (st_writer.c, output.c, model_files.c, the executor's writes and base reads) go through these
+ * wrappers, which are the plain calls unless LM_FAULT is set in the environment:
+ *   LM_FAULT=<k>:<kind>   the k-th call (from 1, over the calls <kind> applies to) fails:
+ *     EIO, ENOSPC  every call fails with that errno (an allocation returns NULL)
+ *     EINTR        every system call fails with EINTR (allocations are not counted)
+ *     short        read/write calls transfer half the bytes asked (at least 1; others not counted)
+ *   LM_FAULT_LOG=<file>   each injection appends "<k> <call>\n" there (no line: k was past the
+ *                          last call, the sweep is over).
+ * tests/test_faults.c sweeps every k for each kind over small merges. */
+#ifndef LM_SYS_H
+#define LM_SYS_H
+
+#include <dirent.h>
+#include <stddef.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+int lm_sys_open(const char *path, int flags, mode_t mode);
+int lm_sys_openat(int dfd, const char *path, int flags, mode_t mode);
+ssize_t lm_sys_read(int fd, void *buf, size_t n);
+ssize_t lm_sys_pread(int fd, void *buf, size_t n, off_t off);
+ssize_t lm_sys_write(int fd, const void *buf, size_t n);
+ssize_t lm_sys_pwrite(int fd, const void *buf, size_t n, off_t off);
+ssize_t lm_sys_copy_file_range(int in, off_t *in_off, int out, off_t *out_off, size_t n);
+int lm_sys_fsync(int fd);
+int lm_sys_fchmod(int fd, mode_t mode);
+int lm_sys_fallocate(int fd, off_t len); /* posix_fallocate: returns the error number */
+int lm_sys_rename(const char *from, const char *to);
+int lm_sys_unlink(const char *path);
+int lm_sys_mkdir(const char *path, mode_t mode);
+char *lm_sys_mkdtemp(char *tmpl);
+int lm_sys_mkostemp(char *tmpl, int flags);
+int lm_sys_flock(int fd, int op);
+int lm_sys_fstat(int fd, struct stat *st);
+int lm_sys_dup(int fd);
+int lm_sys_close_checked(int fd); /* close whose error matters (a flush) */
+DIR *lm_sys_opendir(const char *path);
+void *lm_sys_malloc(size_t n);
+void *lm_sys_calloc(size_t n, size_t size);
+void *lm_sys_realloc(void *p, size_t n);
+char *lm_sys_strdup(const char *s);
+char *lm_sys_strndup(const char *s, size_t n);
+
+#endif
+
+/* LM_SYS_ALLOC: a file that defines it before including lm_sys.h has its allocations counted */
+#if defined(LM_SYS_ALLOC) && !defined(LM_SYS_ALLOC_DONE)
+#define LM_SYS_ALLOC_DONE
+#define malloc(n) lm_sys_malloc(n)
+#define calloc(n, s) lm_sys_calloc(n, s)
+#define realloc(p, n) lm_sys_realloc(p, n)
+#define strdup(s) lm_sys_strdup(s)
+#define strndup(s, n) lm_sys_strndup(s, n)
+#endif
