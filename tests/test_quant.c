@@ -395,3 +395,46 @@ Test(quant, fp8_refusals)
     qt_refused(&f, "frobnicate", "config.json");
     qt_free(&f);
 }
+
+/* a GPTQ/AWQ-packed base (qweight/qzeros/scales/g_idx where weight would be): refused naming the
+ * packed tensor and saying to merge into the unquantized original, for both quant_methods */
+Test(quant, gptq_awq_packed_base_refused)
+{
+    static const char *const methods[] = {"gptq", "awq"};
+    static const char *const proj[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+    for (size_t mi = 0; mi < 2; mi++) {
+        qt_fx f;
+        char gen[1200], cmd[4000], path[1300];
+        if (!th_gen_model_path(gen, sizeof gen))
+            cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
+        f.tmp = th_tmpdir();
+        snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 "
+                 "--kv-heads 2 --rank 4 --targets all 2>&1", gen, f.tmp);
+        th_run_result r = th_sh(cmd);
+        cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
+        th_run_free(&r);
+        snprintf(f.base, sizeof f.base, "%s/m/base", f.tmp);
+        snprintf(f.ad, sizeof f.ad, "%s/m/adapter", f.tmp);
+        /* every projection of both layers packed: qweight I32 [in/8, out], scales F16 [1, out] */
+        static double zeros[64 * 72];
+        th_out_tensor t[2 * 7 * 2];
+        char names[2 * 7 * 2][96];
+        size_t n = 0;
+        for (int l = 0; l < 2; l++)
+            for (size_t p = 0; p < 7; p++)
+                for (int k = 0; k < 2; k++) {
+                    snprintf(names[n], sizeof names[n], "model.layers.%d.%s.%s", l, proj[p], k ? "scales" : "qweight");
+                    t[n] = (th_out_tensor){names[n], k ? "F16" : "I32", 2, {k ? 1 : 8, 72}, zeros};
+                    n++;
+                }
+        snprintf(path, sizeof path, "%s/model.safetensors", f.base);
+        cr_assert_eq(th_st_write(path, t, n), 0);
+        char cfg[200];
+        snprintf(cfg, sizeof cfg, "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": \"%s\", "
+                 "\"bits\": 4, \"group_size\": 128}}", methods[mi]);
+        th_write_text(f.base, "config.json", cfg);
+        qt_refused(&f, ".qweight' (GPTQ/AWQ", "merge into the unquantized original model");
+        qt_free(&f);
+    }
+}

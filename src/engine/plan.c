@@ -134,6 +134,30 @@ static int suffix_match(const char *T, const char *s)
     return 1;
 }
 
+/* a GPTQ/AWQ-style base stores "<module>.qweight" (packed int4 with qzeros, scales, g_idx) where
+ * "<module>.weight" would be: say so (the fix is the unquantized original, as PEFT says) rather
+ * than "no base tensor".  @return 1 when err was set */
+static int packed_weight(const lm_model *model, const char *name, lm_err *err)
+{
+    static const char sfx[] = ".weight";
+    size_t n = strlen(name), ns = sizeof sfx - 1;
+    char want[1024];
+    if (n <= ns || n - ns + 9 > sizeof want || strcmp(name + n - ns, sfx) != 0)
+        return 0;
+    snprintf(want, sizeof want, "%.*s.qweight", (int)(n - ns), name);
+    for (size_t i = 0, nt = lm_model_n_tensors(model); i < nt; i++) {
+        const char *T = lm_model_tensor(model, i)->info->name;
+        if (strcmp(T, want) == 0 || suffix_match(T, want)) {
+            lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization",
+                    "base tensor '%s' is stored packed as '%s' (GPTQ/AWQ int4 with zeros and scales), which "
+                    "lora-merge does not dequantize: merge into the unquantized original model (as PEFT does)",
+                    name, T);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err)
 {
     size_t idx;
@@ -183,6 +207,8 @@ long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err)
         if (found >= 0)
             return found;
     }
+    if (packed_weight(model, name, err))
+        return -1;
     lm_fail(err, LM_E_MISMATCH, "NoMatchingTensor", "no base tensor '%s' (nor under another prefix)", name);
     return -1;
 }
