@@ -418,11 +418,20 @@ static int parse_valued_option(cli_args *c, const char *name, const char *val, i
     return CLI_CONTINUE;
 }
 
-/* argv[*i], an option.  @return CLI_CONTINUE, or the exit status to return now */
-static int parse_option(cli_args *c, int argc, char **argv, int *i)
+/* how many arguments follow option `name` (without "=value"): 0 for a flag */
+static int option_values(const char *name)
 {
     static const char *const valued[] = {"--scale", "--adapter", "--adapter-scaled", "--threads", "--tile-elems",
                                          "--dtype", "--kernels", "--copy-file", "--max-shard-size", "--shards"};
+    for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
+        if (strcmp(name, valued[k]) == 0)
+            return strcmp(name, "--adapter-scaled") == 0 ? 2 : 1;
+    return 0;
+}
+
+/* argv[*i], an option.  @return CLI_CONTINUE, or the exit status to return now */
+static int parse_option(cli_args *c, int argc, char **argv, int *i)
+{
     const char *a = argv[*i], *val = NULL, *eq = strchr(a, '=');
     char name[64];
     if (a[1] == '-' && eq != NULL) {
@@ -431,9 +440,8 @@ static int parse_option(cli_args *c, int argc, char **argv, int *i)
     } else {
         snprintf(name, sizeof name, "%s", a);
     }
-    for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
-        if (strcmp(name, valued[k]) == 0)
-            return parse_valued_option(c, name, val, argc, argv, i);
+    if (option_values(name) > 0)
+        return parse_valued_option(c, name, val, argc, argv, i);
     if (is_format_option(name)) {
         int status = CLI_CONTINUE;
         if ((val = option_value(name, val, argc, argv, i, &status)) == NULL)
@@ -545,13 +553,20 @@ static void record_args(cli_args *c, int argc, char **argv)
     c->job.n_record_args = n;
 }
 
+/* the index of the first argument that is neither an option nor an option's value, or argc */
+static int finalize_at(int argc, char **argv)
+{
+    int i = 1;
+    while (i < argc && argv[i][0] == '-')
+        i += 1 + (strchr(argv[i], '=') ? 0 : option_values(argv[i]));
+    return i < argc ? i : argc;
+}
+
 /* lora-merge finalize OUT [options]: the workers' command line with --shards index, run from
  * their working directory */
 static int cmd_finalize(int argc, char **argv)
 {
-    int at = 1; /* "finalize": the first argument that is not an option; OUT the next */
-    while (at < argc && argv[at][0] == '-')
-        at++;
+    int at = finalize_at(argc, argv); /* "finalize"; OUT the next */
     if (at + 1 >= argc || argv[at + 1][0] == '-' || (at + 2 < argc && argv[at + 2][0] != '-'))
         return usage_error("finalize takes OUT, the directory the shard workers wrote%s", "");
     char **args = NULL, *cwd = NULL;
@@ -596,12 +611,9 @@ int main(int argc, char **argv)
      * to the kernel and faulting fresh zero pages in again (peak memory is unchanged) */
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
     mallopt(M_TRIM_THRESHOLD, 1024 << 20);
-    for (int i = 1; i < argc; i++)
-        if (argv[i][0] != '-') {
-            if (strcmp(argv[i], "finalize") == 0)
-                return cmd_finalize(argc, argv);
-            break;
-        }
+    int at = finalize_at(argc, argv);
+    if (at < argc && strcmp(argv[at], "finalize") == 0)
+        return cmd_finalize(argc, argv);
     return run(argc, argv);
 }
 
