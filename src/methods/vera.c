@@ -3,7 +3,7 @@
  * projections A, B shared by every layer (saved as base_model.vera_A / vera_B).  The scaled
  * slices are built per tensor when its first tile is claimed, so memory does not grow with the
  * number of layers. */
-#include "method.h"
+#include "vera.h"
 
 #include "lm_error.h"
 
@@ -11,16 +11,42 @@
 
 enum { LB, LD };
 
-typedef struct {
-    const lm_ts_tensor *A, *B, *lb, *ld; /* shared A [r, >= in], B [>= out, r]; lambdas [out], [r] */
-} vera_params;
-
 static lm_code vera_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
 {
     (void)c;
     if (cJSON_IsFalse(lm_cfg_field(root, "save_projection")))
         return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type VERA with save_projection false: the "
                        "shared projections would have to be regenerated from torch's random generator; not supported");
+    return LM_OK;
+}
+
+/* the rest of a VeRA-like module's plan (VeRA, PVeRA): lambda_b against B's rows and the base,
+ * the base's inputs against A's columns, then the op.  name: the tensors' prefix and the op's
+ * name ("vera", "pvera"; static storage) */
+lm_code lm_vera_add(lm_plan_ctx *ctx, const lm_module *m, const char *name, const lm_ts_tensor *A,
+                    const lm_ts_tensor *B, const lm_ts_tensor *lb, const lm_ts_tensor *ld, uint64_t r, lm_err *err)
+{
+    uint64_t out = lb->n_elems;
+    if (out > B->shape[0])
+        return lm_mismatch(err, m->path, "%s_lambda_b has %llu elements, more than base_model.%s_B's %llu rows",
+                           name, (unsigned long long)out, name, (unsigned long long)B->shape[0]);
+    /* the input size comes from the base: [out, in] or, for Conv1D, [in, out] */
+    long bi = lm_ctx_module_weight(ctx, m->path, err);
+    if (bi < 0)
+        return err->code;
+    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+    if (W->n_dims != 2 || (W->shape[0] != out && W->shape[1] != out))
+        return lm_mismatch(err, m->path, "%s_lambda_b has %llu elements but base '%s' has no such dimension",
+                           name, (unsigned long long)out, W->name);
+    int orient = W->shape[0] == out && !(W->shape[1] == out && lm_is_gpt2_conv1d(m->path)) ? 0 : 1;
+    uint64_t in = orient ? W->shape[0] : W->shape[1];
+    if (in > A->shape[1])
+        return lm_mismatch(err, m->path, "the layer has %llu inputs, more than base_model.%s_A's %llu columns",
+                           (unsigned long long)in, name, (unsigned long long)A->shape[1]);
+    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, name, m->path, r, in, out, orient, 1.0, sizeof(lm_vera_params), err);
+    if (op == NULL)
+        return LM_E_NOMEM;
+    *(lm_vera_params *)op->params = (lm_vera_params){A, B, lb, ld};
     return LM_OK;
 }
 
@@ -34,37 +60,17 @@ static lm_code vera_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     if (A->n_dims != 2 || B->n_dims != 2 || A->shape[0] != B->shape[1] || !lm_is_float_dtype(A->dtype) ||
         !lm_is_float_dtype(B->dtype) || !lm_is_float_dtype(lb->dtype) || !lm_is_float_dtype(ld->dtype))
         return lm_mismatch(err, m->path, "the factors are not [r, in] and [out, r] float matrices");
-    uint64_t r = A->shape[0], out = lb->n_elems;
+    uint64_t r = A->shape[0];
     if (ld->n_elems != r)
         return lm_mismatch(err, m->path, "vera_lambda_d has %llu elements but the projections have rank %llu",
                            (unsigned long long)ld->n_elems, (unsigned long long)r);
-    if (out > B->shape[0])
-        return lm_mismatch(err, m->path, "vera_lambda_b has %llu elements, more than base_model.vera_B's %llu rows",
-                           (unsigned long long)out, (unsigned long long)B->shape[0]);
-    /* the input size comes from the base: [out, in] or, for Conv1D, [in, out] */
-    long bi = lm_ctx_module_weight(ctx, m->path, err);
-    if (bi < 0)
-        return err->code;
-    const lm_tensor_info *W = lm_ctx_base(ctx, bi);
-    if (W->n_dims != 2 || (W->shape[0] != out && W->shape[1] != out))
-        return lm_mismatch(err, m->path, "vera_lambda_b has %llu elements but base '%s' has no such dimension",
-                           (unsigned long long)out, W->name);
-    int orient = W->shape[0] == out && !(W->shape[1] == out && lm_is_gpt2_conv1d(m->path)) ? 0 : 1;
-    uint64_t in = orient ? W->shape[0] : W->shape[1];
-    if (in > A->shape[1])
-        return lm_mismatch(err, m->path, "the layer has %llu inputs, more than base_model.vera_A's %llu columns",
-                           (unsigned long long)in, (unsigned long long)A->shape[1]);
-    lm_op *op = lm_ctx_add_delta(ctx, bi, LM_OP_LOWRANK, "vera", m->path, r, in, out, orient, 1.0, sizeof(vera_params), err);
-    if (op == NULL)
-        return LM_E_NOMEM;
-    *(vera_params *)op->params = (vera_params){A, B, lb, ld};
-    return LM_OK;
+    return lm_vera_add(ctx, m, "vera", A, B, lb, ld, r, err);
 }
 
-/* A' = lambda_d * A[:, :in] ([rank, in]) and B' = lambda_b * B[:out, :] ([out, rank]) */
-static lm_code vera_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
+/* see vera.h */
+lm_code lm_vera_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
-    const vera_params *pr = op->params;
+    const lm_vera_params *pr = op->params;
     uint64_t r = op->rank, lda = pr->A->shape[1];
     const float *A = lm_prep_view(p, pr->A, k, err), *B = lm_prep_view(p, pr->B, k, err);
     const float *lb = lm_prep_view(p, pr->lb, k, err), *ld = lm_prep_view(p, pr->ld, k, err);
@@ -93,5 +99,5 @@ const lm_method lm_method_vera = {
     .shared = vera_shared,
     .parse_config = vera_parse,
     .plan_module = vera_plan_module,
-    .prepare = vera_prepare,
+    .prepare = lm_vera_prepare,
 };
