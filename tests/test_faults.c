@@ -51,63 +51,6 @@ static void ft_make(ft_fx *f)
     ft_run_ok(a2);
 }
 
-/* a copy of od_model_is (test_outdir.c): 1/2 = the model of ref_a/ref_b, 0 none, -1 a mix */
-static int ft_model_is(const char *dir, const char *ref_a, const char *ref_b)
-{
-    char p[1400];
-    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
-    size_t n;
-    char *js = (char *)th_read_file(p, &n);
-    snprintf(p, sizeof p, "%s/model.safetensors", dir);
-    if (js == NULL && !th_exists(p))
-        return 0;
-    const char *refs[2] = {ref_a, ref_b};
-    int verdict = -1;
-    for (int k = 0; k < 2 && verdict < 0; k++) {
-        th_st ref;
-        if (th_st_read(refs[k], &ref) != 0)
-            break;
-        int same = 1;
-        if (js == NULL) {
-            same = th_files_equal(p, refs[k]);
-        } else {
-            cJSON *idx = cJSON_ParseWithLength(js, n);
-            const cJSON *map = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
-            same = map != NULL && (size_t)cJSON_GetArraySize(map) == ref.n;
-            for (size_t i = 0; i < ref.n && same; i++) {
-                const cJSON *fj = cJSON_GetObjectItemCaseSensitive(map, ref.t[i].name);
-                char sp[1400];
-                th_st sh;
-                if (!cJSON_IsString(fj) || th_path(sp, sizeof sp, dir, fj->valuestring) != 0 || th_st_read(sp, &sh) != 0) {
-                    same = 0;
-                    break;
-                }
-                const th_tensor *t = th_st_find(&sh, ref.t[i].name);
-                same = t != NULL && t->n_bytes == ref.t[i].n_bytes && memcmp(t->data, ref.t[i].data, t->n_bytes) == 0;
-                th_st_free(&sh);
-            }
-            cJSON_Delete(idx);
-        }
-        th_st_free(&ref);
-        if (same)
-            verdict = k + 1;
-    }
-    free(js);
-    return verdict;
-}
-
-static int ft_count_temps(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d == NULL)
-        return 0;
-    int n = 0;
-    struct dirent *de;
-    while ((de = readdir(d)) != NULL)
-        n += strstr(de->d_name, ".lm-tmp-") != NULL || strncmp(de->d_name, ".lora-merge-stage.", 18) == 0;
-    closedir(d);
-    return n;
-}
 
 static void ft_copy(const char *from, const char *to)
 {
@@ -174,7 +117,7 @@ static int ft_sweep(ft_fx *f, int dir, const char *kind, int *n_ok)
         free(log);
         injected++;
         int is_alloc = ft_is(site, allocs), is_io = ft_is(site, io);
-        int got = dir ? ft_model_is(f->out, f->ref_a, f->ref_b) : f->out[0] && th_files_equal(f->out, f->ref_b) ? 2
+        int got = dir ? th_model_is(f->out, f->ref_a, f->ref_b) : f->out[0] && th_files_equal(f->out, f->ref_b) ? 2
                       : th_files_equal(f->out, f->ref_a) ? 1 : -1;
         if (r.status == 0) {
             (*n_ok)++;
@@ -188,7 +131,7 @@ static int ft_sweep(ft_fx *f, int dir, const char *kind, int *n_ok)
             cr_assert(got == 1 || (dir && got == 0), "%s k=%d at %s: OUT holds %s", kind, k, site,
                       got == 2 ? "the new model after a failure" : "a mix or a broken file");
         }
-        cr_assert_eq(ft_count_temps(where), 0, "%s k=%d at %s: a temporary file or stage is left", kind, k, site);
+        cr_assert_eq(th_count_temps(where), 0, "%s k=%d at %s: a temporary file or stage is left", kind, k, site);
         th_run_free(&r);
     }
     return injected;
@@ -203,7 +146,7 @@ static void ft_all_kinds(int dir)
         snprintf(f.pristine, sizeof f.pristine, "%s/pristine", f.tmp);
         const char *a[] = {th_bin(), "-q", "--max-shard-size", "16KB", f.base, f.ad, f.pristine, NULL};
         ft_run_ok(a);
-        cr_assert_eq(ft_model_is(f.pristine, f.ref_a, f.ref_b), 1);
+        cr_assert_eq(th_model_is(f.pristine, f.ref_a, f.ref_b), 1);
     } else {
         snprintf(f.out, sizeof f.out, "%s/out.safetensors", f.tmp);
     }

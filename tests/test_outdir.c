@@ -137,66 +137,6 @@ Test(outdir, refusals_leave_nothing)
 }
 
 /* ---- the commit protocol of a directory OUT (issue 15 item 2) ----------------------------------- */
-/* The model a directory holds: every tensor of its shards (through the index, or model.safetensors)
- * equal to those of ref_a (1), of ref_b (2); 0 when it holds no model (no index, no
- * model.safetensors); -1 for anything else: a mixed or broken model. */
-static int od_model_is(const char *dir, const char *ref_a, const char *ref_b)
-{
-    char p[1400];
-    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
-    size_t n;
-    char *js = (char *)th_read_file(p, &n);
-    snprintf(p, sizeof p, "%s/model.safetensors", dir);
-    if (js == NULL && !th_exists(p))
-        return 0;
-    const char *refs[2] = {ref_a, ref_b};
-    int verdict = -1;
-    for (int k = 0; k < 2 && verdict < 0; k++) {
-        th_st ref;
-        if (th_st_read(refs[k], &ref) != 0)
-            return -1;
-        int same = 1;
-        if (js == NULL) {
-            same = th_files_equal(p, refs[k]);
-        } else {
-            cJSON *idx = cJSON_ParseWithLength(js, n);
-            const cJSON *map = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
-            same = map != NULL && (size_t)cJSON_GetArraySize(map) == ref.n;
-            for (size_t i = 0; i < ref.n && same; i++) {
-                const cJSON *f = cJSON_GetObjectItemCaseSensitive(map, ref.t[i].name);
-                char sp[1400];
-                th_st sh;
-                if (!cJSON_IsString(f) || th_path(sp, sizeof sp, dir, f->valuestring) != 0 || th_st_read(sp, &sh) != 0) {
-                    same = 0;
-                    break;
-                }
-                const th_tensor *t = th_st_find(&sh, ref.t[i].name);
-                same = t != NULL && t->n_bytes == ref.t[i].n_bytes && memcmp(t->data, ref.t[i].data, t->n_bytes) == 0;
-                th_st_free(&sh);
-            }
-            cJSON_Delete(idx);
-        }
-        th_st_free(&ref);
-        if (same)
-            verdict = k + 1;
-    }
-    free(js);
-    return verdict;
-}
-
-/* names in dir that a run leaves only while it runs: stages and temporary files */
-static int od_count_temps(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d == NULL)
-        return 0;
-    int n = 0;
-    struct dirent *de;
-    while ((de = readdir(d)) != NULL)
-        n += strstr(de->d_name, ".lm-tmp-") != NULL || strncmp(de->d_name, ".lora-merge-stage.", 18) == 0;
-    closedir(d);
-    return n;
-}
 
 typedef struct {
     char *tmp;
@@ -231,7 +171,7 @@ Test(outdir, failed_commit_leaves_the_earlier_model_or_none)
     od_fx_make(&f);
     const char *a1[] = {th_bin(), "-q", "--max-shard-size", "100KB", f.base_dir, f.ad, f.out, NULL};
     od_run_ok(a1);
-    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 1, "the first merge is not the --scale 1 model");
+    cr_assert_eq(th_model_is(f.out, f.ref_a, f.ref_b), 1, "the first merge is not the --scale 1 model");
     char p[1400];
     snprintf(p, sizeof p, "%s/config.json", f.out);
     cr_assert_eq(unlink(p), 0);
@@ -243,14 +183,14 @@ Test(outdir, failed_commit_leaves_the_earlier_model_or_none)
     cr_assert(strstr(r.err, "config.json") != NULL, "%s", r.err);
     cr_assert_eq(strchr(r.err, '\n'), r.err + strlen(r.err) - 1, "not one line: %s", r.err);
     th_run_free(&r);
-    int m = od_model_is(f.out, f.ref_a, f.ref_b);
+    int m = th_model_is(f.out, f.ref_a, f.ref_b);
     cr_assert(m == 0 || m == 1, "OUT holds neither the earlier model nor none (%d: the new weights beside the old config.json)", m);
-    cr_assert_eq(od_count_temps(f.out), 0, "a stage or temporary file is left in %s", f.out);
+    cr_assert_eq(th_count_temps(f.out), 0, "a stage or temporary file is left in %s", f.out);
     /* the obstacle gone, a rerun completes the new model */
     th_rmrf(p);
     const char *a3[] = {th_bin(), "-q", "--scale", "0.5", "--max-shard-size", "100KB", f.base_dir, f.ad, f.out, NULL};
     od_run_ok(a3);
-    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 2);
+    cr_assert_eq(th_model_is(f.out, f.ref_a, f.ref_b), 2);
     th_rmrf(f.tmp);
     free(f.tmp);
 }
@@ -299,15 +239,15 @@ Test(outdir, sigkill_anywhere_then_rerun, .timeout = 240)
     for (int i = 0; i < n_points; i++) {
         int which = i % 2;
         n_killed += od_run_killed(argvs[which], t_run * (0.05 + 1.1 * i / n_points));
-        int m = od_model_is(f.out, f.ref_a, f.ref_b);
+        int m = th_model_is(f.out, f.ref_a, f.ref_b);
         cr_assert(m == 0 || m == 1 || m == 2, "after a SIGKILL at %.0f%% of a run, OUT holds a mixed model",
                   100.0 * (0.05 + 1.1 * i / n_points));
     }
     cr_log_info("sigkill: %d of %d runs killed (a run takes %.3f s)", n_killed, n_points, t_run);
     cr_assert_geq(n_killed, n_points / 4, "only %d runs were killed: the timing is off", n_killed);
     od_run_ok(argvs[1]);
-    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 2);
-    cr_assert_eq(od_count_temps(f.out), 0, "a stage or temporary file survives the rerun");
+    cr_assert_eq(th_model_is(f.out, f.ref_a, f.ref_b), 2);
+    cr_assert_eq(th_count_temps(f.out), 0, "a stage or temporary file survives the rerun");
     th_rmrf(f.tmp);
     free(f.tmp);
 }
@@ -345,8 +285,8 @@ Test(outdir, stale_temps_removed_live_ones_kept)
     cr_assert(!th_exists(dead), "the dead writer's temporary file is left");
     cr_assert(!th_exists(stage), "the dead run's stage is left");
     cr_assert(th_exists(p), "a file under .lora-merge-shards/ was removed");
-    cr_assert_eq(od_model_is(f.out, f.ref_a, f.ref_b), 1);
-    cr_assert_eq(od_count_temps(f.out), 1); /* the live one */
+    cr_assert_eq(th_model_is(f.out, f.ref_a, f.ref_b), 1);
+    cr_assert_eq(th_count_temps(f.out), 1); /* the live one */
     th_rmrf(f.tmp);
     free(f.tmp);
 }
@@ -416,8 +356,8 @@ Test(outdir, signals_mid_merge_of_1080_shards, .timeout = 240)
         }
         cr_assert_eq(waitpid(pid, &st, 0), pid);
         cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == sigs[s], "signal %d: status 0x%x", sigs[s], st);
-        cr_assert_eq(od_count_temps(f.out), 0, "signal %d left a stage or temporary file", sigs[s]);
-        int got = od_model_is(f.out, f.ref_a, f.ref_a);
+        cr_assert_eq(th_count_temps(f.out), 0, "signal %d left a stage or temporary file", sigs[s]);
+        int got = th_model_is(f.out, f.ref_a, f.ref_a);
         cr_assert(got == 1 || got == 0, "signal %d: OUT is neither the earlier model nor none", sigs[s]);
         n_tested++;
     }

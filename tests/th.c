@@ -778,3 +778,64 @@ double th_rand_normal(uint64_t *s)
     double u2 = (double)(th_rand_u64(s) >> 11) * ldexp(1, -53);
     return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
 }
+
+/* The model a directory holds: every tensor of its shards (through the index, or model.safetensors)
+ * equal to those of ref_a (1), of ref_b (2); 0 when it holds no model (no index, no
+ * model.safetensors); -1 for anything else: a mixed or broken model. */
+int th_model_is(const char *dir, const char *ref_a, const char *ref_b)
+{
+    char p[1400];
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
+    size_t n;
+    char *js = (char *)th_read_file(p, &n);
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    if (js == NULL && !th_exists(p))
+        return 0;
+    const char *refs[2] = {ref_a, ref_b};
+    int verdict = -1;
+    for (int k = 0; k < 2 && verdict < 0; k++) {
+        th_st ref;
+        if (th_st_read(refs[k], &ref) != 0)
+            return -1;
+        int same = 1;
+        if (js == NULL) {
+            same = th_files_equal(p, refs[k]);
+        } else {
+            cJSON *idx = cJSON_ParseWithLength(js, n);
+            const cJSON *map = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
+            same = map != NULL && (size_t)cJSON_GetArraySize(map) == ref.n;
+            for (size_t i = 0; i < ref.n && same; i++) {
+                const cJSON *f = cJSON_GetObjectItemCaseSensitive(map, ref.t[i].name);
+                char sp[1400];
+                th_st sh;
+                if (!cJSON_IsString(f) || th_path(sp, sizeof sp, dir, f->valuestring) != 0 || th_st_read(sp, &sh) != 0) {
+                    same = 0;
+                    break;
+                }
+                const th_tensor *t = th_st_find(&sh, ref.t[i].name);
+                same = t != NULL && t->n_bytes == ref.t[i].n_bytes && memcmp(t->data, ref.t[i].data, t->n_bytes) == 0;
+                th_st_free(&sh);
+            }
+            cJSON_Delete(idx);
+        }
+        th_st_free(&ref);
+        if (same)
+            verdict = k + 1;
+    }
+    free(js);
+    return verdict;
+}
+
+/* names in dir that a run leaves only while it runs: stages and temporary files */
+int th_count_temps(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return 0;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        n += strstr(de->d_name, ".lm-tmp-") != NULL || strncmp(de->d_name, ".lora-merge-stage.", 18) == 0;
+    closedir(d);
+    return n;
+}

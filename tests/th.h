@@ -122,4 +122,10 @@ uint64_t th_rand_u64(uint64_t *state);
 double th_rand_uniform(uint64_t *state); /* [-1, 1) */
 double th_rand_normal(uint64_t *state);
 
+/* the model directory `dir` holds: 1/2 when every tensor (through the index, or model.safetensors)
+ * equals ref_a's/ref_b's, 0 when it holds none, -1 for a mixed or broken one */
+int th_model_is(const char *dir, const char *ref_a, const char *ref_b);
+/* names in dir that a run leaves only while it runs: stages and temporary files */
+int th_count_temps(const char *dir);
+
 #endif
