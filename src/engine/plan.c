@@ -870,6 +870,7 @@ static lm_code group_tensors(lm_plan_ctx *ctx, module_list *mods, lm_err *err)
                 }
                 ctx->shared_names[ctx->n_shared] = rest + 11;
                 ctx->shared[ctx->n_shared++] = t;
+                ad->ts->t[i].shared = 1; /* every module's prepare reads it: keep it mapped */
                 continue;
             }
             if (known)

@@ -161,6 +161,6 @@ lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_
 
 void lm_ts_drop_pages(const lm_ts_tensor *t)
 {
-    if (t != NULL && t->file_backed)
+    if (t != NULL && t->file_backed && !t->shared)
         lm_drop_mapped_pages(t->data, t->n_bytes);
 }

@@ -19,6 +19,8 @@ typedef struct lm_ts_tensor {
     uint64_t n_bytes;  /* n_elems * bits / 8 */
     const void *data;  /* contiguous, row-major, little-endian; owned or borrowed (see set) */
     int file_backed;   /* data lies in the set's safetensors file mapping (lm_ts_drop_pages) */
+    int shared;        /* read by every module (base_model.vera_A ...): its pages stay mapped for the
+                          whole merge instead of being dropped after each tensor (set by the planner) */
 } lm_ts_tensor;
 
 typedef struct lm_tensor_set {
