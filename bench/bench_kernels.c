@@ -239,7 +239,7 @@ static void bk_lr_memcpy(void *p)
 
 static int bk_lowrank(const lm_kernels *variants, size_t n_variants, int runs, int csv)
 {
-    static const bk_lr_case cases[] = {{64, 4096, 16}, {16, 16384, 16}, {64, 4096, 64}};
+    static const bk_lr_case cases[] = {{64, 4096, 16}, {16, 16384, 16}, {64, 4096, 64}, {64, 2048, 256}, {64, 5632, 256}};
     static const lm_kdtype dts[] = {LM_KDT_BF16, LM_KDT_F16, LM_KDT_F32};
     static const char *const dt_names[] = {"bf16", "f16", "f32"};
     lm_blas_single_thread();

@@ -84,6 +84,11 @@ typedef struct lm_lowrank {
     double *Bs;       /* [rows x K] fl64(s_k * B_ik) */
     float *Bf;        /* [rows x K] fl32(Bs) */
     float *Af;        /* [K x cols] fl32(A) */
+    float *Afp;       /* Af again in panels of LM_LR_PANEL columns, each [K x 32] contiguous (full
+                         panels only: the last cols % 32 columns are read from Af).  The vector
+                         kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
+                         bytes apart, for power-of-two widths all in the same few L1 sets, and for
+                         K = 256 over more 4 KiB pages than the TLB holds (lm_lr_panel) */
     double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time) */
     uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
     uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
@@ -91,6 +96,21 @@ typedef struct lm_lowrank {
     float *bnd_rf, *bnd_cf;  /* [rows], [cols]: f32 path, e_ij = fma(bnd_rf[i], bnd_cf[j], c0) */
     double *bnd_rd, *bnd_cd; /* [rows], [cols]: f64 path, same form; +inf: never certified */
 } lm_lowrank;
+
+#define LM_LR_PANEL 32
+
+/* where columns j .. j + w - 1 (w <= 32, inside one panel when j < the panels' end) of Af's row 0
+ * are, and *stride: the distance between rows k and k + 1 (floats) */
+static inline const float *lm_lr_panel(const lm_lowrank *lr, size_t j, size_t w, size_t *stride)
+{
+    const size_t full = lr->cols / LM_LR_PANEL * LM_LR_PANEL;
+    if (j + w <= full && j / LM_LR_PANEL == (j + w - 1) / LM_LR_PANEL) {
+        *stride = LM_LR_PANEL;
+        return lr->Afp + (j / LM_LR_PANEL) * lr->K * LM_LR_PANEL + j % LM_LR_PANEL;
+    }
+    *stride = lr->cols;
+    return lr->Af + j;
+}
 
 typedef struct lm_lowrank_stats {
     uint64_t n_elems;       /* elements written */

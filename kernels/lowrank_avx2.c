@@ -160,20 +160,21 @@ LR2_INLINE void lr2_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
                               size_t wstride, lm_kdtype wt, char *op, size_t ostride, lm_kdtype ot,
                               unsigned flags, lm_lowrank_stats *st)
 {
-    const size_t K = lr->K, cols = lr->cols;
+    const size_t K = lr->K;
     const size_t wsz = wt == LM_KDT_F32 ? 4 : 2, osz = ot == LM_KDT_F32 ? 4 : 2;
     __m256 acc[LR2_MR][4];
 #pragma GCC unroll 3
     for (size_t r = 0; r < mr; r++)
         acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
-    const float *b = lr->Bf + i * K, *a = lr->Af + j;
+    size_t as;
+    const float *b = lr->Bf + i * K, *a = lm_lr_panel(lr, j, 8, &as);
     /* term k goes to chain k % 4; the test on k + m < K only matters in the last round */
     for (size_t k = 0; k < K; k += 4)
 #pragma GCC unroll 4
         for (size_t m = 0; m < 4; m++) {
             if (k + m >= K)
                 break;
-            const __m256 av = _mm256_loadu_ps(a + (k + m) * cols);
+            const __m256 av = _mm256_loadu_ps(a + (k + m) * as);
 #pragma GCC unroll 3
             for (size_t r = 0; r < mr; r++)
                 acc[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(b + r * K + k + m), av, acc[r][m]);

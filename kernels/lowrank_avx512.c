@@ -142,7 +142,7 @@ LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
                               const char *wp, size_t wstride, lm_kdtype wt, char *op, size_t ostride,
                               lm_kdtype ot, unsigned flags, lm_lowrank_stats *st)
 {
-    const size_t K = lr->K, cols = lr->cols;
+    const size_t K = lr->K;
     const size_t wsz = wt == LM_KDT_F32 ? 4 : 2, osz = ot == LM_KDT_F32 ? 4 : 2;
     __m512 acc[LR5_MR][2][4];
 #pragma GCC unroll 4
@@ -150,15 +150,16 @@ LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
 #pragma GCC unroll 2
         for (size_t v = 0; v < nv; v++)
             acc[r][v][0] = acc[r][v][1] = acc[r][v][2] = acc[r][v][3] = _mm512_setzero_ps();
-    const float *b = lr->Bf + i * K, *a = lr->Af + j;
+    size_t as;
+    const float *b = lr->Bf + i * K, *a = lm_lr_panel(lr, j, 16 * nv, &as);
     /* term k goes to chain k % 4; the test on k + m < K only matters in the last round */
     for (size_t k = 0; k < K; k += 4)
 #pragma GCC unroll 4
         for (size_t m = 0; m < 4; m++) {
             if (k + m >= K)
                 break;
-            __m512 a0 = _mm512_loadu_ps(a + (k + m) * cols);
-            __m512 a1 = nv > 1 ? _mm512_loadu_ps(a + (k + m) * cols + 16) : a0;
+            __m512 a0 = _mm512_loadu_ps(a + (k + m) * as);
+            __m512 a1 = nv > 1 ? _mm512_loadu_ps(a + (k + m) * as + 16) : a0;
             __asm__("" : "+v"(a0), "+v"(a1)); /* in registers: gcc would fold a load into each FMA */
 #pragma GCC unroll 4
             for (size_t r = 0; r < mr; r++) {
@@ -210,8 +211,8 @@ LR5_INLINE void lr5_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t 
                            op + r * ostride + (j + 8 * v) * 4, st);
 }
 
-/* Loop order: column panels outside, rows inside, so the panel of A (K x 16 values) stays in L1
- * while every row of the tile passes over it (rows in blocks of mr, then one by one); the column
+/* Loop order: column panels outside, rows inside, so the panel of A (K x 32 values, contiguous
+ * in Afp) stays in L1 while every row of the tile passes over it (rows in blocks of mr, then one by one); the column
  * tail goes to the reference, row by row. */
 /* the whole tile for one (W dtype, output dtype) pair: both are constants at each call below, so
  * every dtype test in the loops disappears */

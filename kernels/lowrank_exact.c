@@ -144,6 +144,7 @@ size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K)
     size_t t = 64; /* alignment slack */
     if (!lr_ws_add(&t, rows * K, sizeof(double)) || !lr_ws_add(&t, rows * K, sizeof(float)) ||
         !lr_ws_add(&t, K * cols, sizeof(float)) || !lr_ws_add(&t, K * cols, sizeof(double)) ||
+        !lr_ws_add(&t, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float)) ||
         !lr_ws_add(&t, rows, sizeof(float)) || !lr_ws_add(&t, cols, sizeof(float)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
@@ -187,6 +188,7 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
     lr->Bf = lr_carve(&p, rows * K, sizeof(float));
     lr->Af = lr_carve(&p, K * cols, sizeof(float));
     lr->At = lr_carve(&p, K * cols, sizeof(double));
+    lr->Afp = lr_carve(&p, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float));
     lr->bnd_rf = lr_carve(&p, rows, sizeof(float));
     lr->bnd_cf = lr_carve(&p, cols, sizeof(float));
     lr->bnd_rd = lr_carve(&p, rows, sizeof(double));
@@ -265,6 +267,9 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
             lr->bnd_cd[j] += a * a;
         }
     }
+    for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
+        for (size_t k = 0; k < K; k++)
+            memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
     lr->bs_exact = exactB64;
     /* the constants of the proof (r' = r / (1 - r) rounded up generously) */
     const double rB32 = exactB32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
