@@ -608,9 +608,13 @@ int main(int argc, char **argv)
     lm_cleanup_install();
     /* the executor allocates each tensor's factors when its first tile is claimed and frees them
      * after its last: keep freed blocks in the heap for the next tensor rather than returning them
-     * to the kernel and faulting fresh zero pages in again (peak memory is unchanged) */
+     * to the kernel and faulting fresh zero pages in again (peak memory is unchanged).  One arena
+     * for every thread: with one per thread, the blocks one worker freed could not serve the
+     * next tensor claimed by another, and peak memory became the sum of the arenas' high-water
+     * marks (VeRA r=256 on the 1.1B bench, 2 threads: 199-282 MB, with one arena 154-161 MB) */
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
     mallopt(M_TRIM_THRESHOLD, 1024 << 20);
+    mallopt(M_ARENA_MAX, 1);
     int at = finalize_at(argc, argv);
     if (at < argc && strcmp(argv[at], "finalize") == 0)
         return cmd_finalize(argc, argv);
