@@ -65,6 +65,9 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
     const float *s0 = scales + (r0 / q->br) * q->scols;
     qbuf[ns] = scales[q->srows * q->scols];
     switch (q->fmt) {
+    case LM_Q_CT_FP8: /* compressed-tensors' rule, scales in their dtype */
+        lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype, out, qbuf, st);
+        break;
     default: /* block FP8 (transformers' FineGrainedFP8 rule) */
         lm_fp8_block_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, out, qbuf, st);
         break;

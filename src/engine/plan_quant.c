@@ -6,6 +6,7 @@
 #include "plan.h"
 
 #include "lm_error.h"
+#include "plan_quant_ct.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,10 +82,12 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
     size_t n = lm_model_n_tensors(model);
     for (size_t i = 0; i < n; i++) {
         const lm_tensor_info *w = lm_model_tensor(model, i)->info;
-        if (w->dtype != LM_DT_F8_E4M3 || (s != NULL && lm_qscheme_skips(s, w->name)))
+        if (s != NULL && lm_qscheme_skips(s, w->name))
             continue;
         lm_qtensor *q;
-        if (attach_fp8_block(p, model, s, i, &q, err) != LM_OK)
+        if (lm_plan_attach_ct(p, model, s, i, &q, err) != LM_OK)
+            return err->code;
+        if (q == NULL && w->dtype == LM_DT_F8_E4M3 && attach_fp8_block(p, model, s, i, &q, err) != LM_OK)
             return err->code;
         if (q == NULL)
             continue;
@@ -95,6 +98,7 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
             p->t[q->scale_index].drop = 1;
             if (q->scale2 != NULL)
                 p->t[q->scale2_index].drop = 1;
+            lm_plan_ct_drop_extras(p, model, w->name);
         }
     }
     return LM_OK;

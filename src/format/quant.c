@@ -3,6 +3,7 @@
 #include "quant.h"
 
 #include "lm_error.h"
+#include "quant_ct.h"
 #include "st_json.h"
 
 #include <math.h>
@@ -87,7 +88,10 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
         goto done;
     }
     snprintf(s->method, sizeof s->method, "%s", st_json_str(&d, m));
-    if (strcmp(s->method, "fp8") == 0) {
+    if (strcmp(s->method, "compressed-tensors") == 0) {
+        if ((rc = lm_qscheme_parse_ct(&d, qc, s, err)) != LM_OK)
+            goto done;
+    } else if (strcmp(s->method, "fp8") == 0) {
         s->fmt = LM_Q_FP8_BLOCK;
         if ((rc = parse_block(&d, qc, s, err)) != LM_OK)
             goto done;

@@ -22,7 +22,10 @@ typedef enum {
 typedef struct lm_qscheme {
     lm_qformat fmt;
     char method[32];            /* quant_method as written ("" when absent) */
-    uint64_t block_rows, block_cols; /* weight_block_size (FP8 block) */
+    uint64_t block_rows, block_cols; /* weight_block_size (FP8 block); compressed-tensors block_structure */
+    char ct_strategy[16];       /* compressed-tensors: the float weights' strategy ("" when not given) */
+    uint64_t group_size;        /* compressed-tensors group / tensor_group weights; ModelOpt group_size */
+    int asymmetric;             /* compressed-tensors: the float weights are not symmetric (refused) */
     char **skip;                /* owned: modules_to_not_convert / ignore entries */
     size_t n_skip;
 } lm_qscheme;
@@ -75,5 +78,14 @@ typedef struct lm_qstats {
  *  identical bytes; a block of zeros keeps its scale.  out_scale: the tile's block rows. */
 void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
                           uint64_t bc, uint64_t nr, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
+
+/* ---- compressed-tensors and ModelOpt (quant_ct.c) ---- */
+/*! lm_ct_fp8_requant() :
+ *  As lm_fp8_block_requant() (blocks of br x bc, one f32 scale each, unchanged blocks keep codes
+ *  and scale), with compressed-tensors' rule (calculate_qparams + quantize): scale = amax / 448
+ *  rounded to the scale dtype sdt (0 -> that dtype's eps), q = fp8(clamp(x / scale, +-448)). */
+void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
+                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, uint8_t *q, float *out_scale,
+                       lm_qstats *st);
 
 #endif
