@@ -19,6 +19,11 @@
  *   W F8_E4M3 (random codes: every finite code appears) and W_scale_inv F32 [ceil(out/B),
  *   ceil(in/B)] (B = --block, default 128), config.json with quantization_config
  *   {"quant_method": "fp8", "weight_block_size": [B, B]}; embeddings, norms and lm_head stay float.
+ *   --quant ct-fp8[-channel|-group|-block]: a compressed-tensors float-quantized checkpoint
+ *   (llm-compressor's FP8 / FP8_DYNAMIC / group / FP8_BLOCK schemes): W F8_E4M3 and W_scale per
+ *   tensor (F32 [1], with an input_scale F32 [1] as the static FP8 scheme saves), per channel
+ *   (BF16 [out, 1]), per group of B columns (BF16 [out, in/B]) or per B x B block (F32), and the
+ *   quantization_config compressed-tensors writes (config_groups, ignore ["lm_head"]).
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
 #include "gen_common.h"
@@ -44,6 +49,7 @@ int main(int argc, char **argv)
     long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0,
          fused = 0, block = 128;
     const char *quant = NULL;
+    int ct = 0; /* compressed-tensors FP8: 1 tensor, 2 channel, 3 group, 4 block */
     double alpha = 16;
     uint64_t seed = 1;
     lm_dtype dt = LM_DT_BF16, adt = LM_DT_F32;
@@ -71,15 +77,17 @@ int main(int argc, char **argv)
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8] [--block B]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]] [--block B]\n");
             return 2;
         }
 #undef ARG
     }
     if (out == NULL || hidden <= 0 || heads <= 0 || hidden % heads != 0 || kv <= 0 || layers <= 0 || vocab <= 0 ||
-        inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0)) {
+        inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0 &&
+        !(ct = strcmp(quant, "ct-fp8") == 0 ? 1 : strcmp(quant, "ct-fp8-channel") == 0 ? 2
+              : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4 : 0))) {
         fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads); "
-                        "--quant takes fp8\n");
+                        "--quant takes fp8, ct-fp8, ct-fp8-channel, ct-fp8-group or ct-fp8-block\n");
         return 2;
     }
     lm_kernels k;
@@ -92,7 +100,7 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/adapter", out);
     mkdir(path, 0777);
 
-    size_t nb = 3 + (16 + 3 * (size_t)experts) * (size_t)layers, n = 0;
+    size_t nb = 3 + (24 + 3 * (size_t)experts) * (size_t)layers, n = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
 #define T(nm, d0, d1, nd, amp_, off_)                                                              \
@@ -118,7 +126,20 @@ int main(int argc, char **argv)
             long in = p == 6 ? inter : hidden;
             snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight", l, proj[p]);
             T(nm, o, in, 2, wamp, 0.0f);
-            if (quant != NULL) { /* codes, then the block scales (values ~ wamp: scale ~ wamp / 448) */
+            if (ct) { /* codes, then compressed-tensors' weight_scale (scale ~ wamp / 448) */
+                g[n - 1].dtype = LM_DT_F8_E4M3;
+                g[n - 1].fill = GEN_FP8_CODES;
+                snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale", l, proj[p]);
+                long s0 = ct == 1 ? 1 : ct == 4 ? (o + block - 1) / block : o;
+                long s1 = ct == 1 || ct == 2 ? 1 : (in + block - 1) / block;
+                T(nm, s0, s1, ct == 1 ? 1 : 2, 0.5f * wamp / 448.0f, wamp / 448.0f);
+                g[n - 1].dtype = ct == 2 || ct == 3 ? LM_DT_BF16 : LM_DT_F32;
+                if (ct == 1) {
+                    snprintf(nm, sizeof nm, "model.layers.%ld.%s.input_scale", l, proj[p]);
+                    T(nm, 1, 1, 1, 0.001f, 0.01f);
+                    g[n - 1].dtype = LM_DT_F32;
+                }
+            } else if (quant != NULL) { /* codes, then the block scales (values ~ wamp: scale ~ wamp / 448) */
                 g[n - 1].dtype = LM_DT_F8_E4M3;
                 g[n - 1].fill = GEN_FP8_CODES;
                 snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale_inv", l, proj[p]);
@@ -148,8 +169,22 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/base/model.safetensors", out);
     if (gen_write_tensors("gen_model", path, g, n, seed, &k) != 0)
         return 1;
-    char qcfg[256] = "";
-    if (quant != NULL)
+    char qcfg[1024] = "";
+    if (ct) {
+        static const char *const strat[] = {"", "tensor", "channel", "group", "block"};
+        char gs[32] = "null", bs[48] = "null";
+        if (ct == 3)
+            snprintf(gs, sizeof gs, "%ld", block);
+        if (ct == 4)
+            snprintf(bs, sizeof bs, "[%ld, %ld]", block, block);
+        snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"quant_method\": \"compressed-tensors\", "
+                 "\"format\": \"float-quantized\", \"quantization_status\": \"compressed\", \"config_groups\": "
+                 "{\"group_0\": {\"targets\": [\"Linear\"], \"weights\": {\"num_bits\": 8, \"type\": \"float\", "
+                 "\"symmetric\": true, \"strategy\": \"%s\", \"group_size\": %s, \"block_structure\": %s, "
+                 "\"dynamic\": false, \"observer\": \"minmax\"}, \"input_activations\": null, \"output_activations\": null, "
+                 "\"format\": \"float-quantized\"}}, \"ignore\": [\"lm_head\"], \"kv_cache_scheme\": null}",
+                 strat[ct], gs, bs);
+    } else if (quant != NULL)
         snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", "
                  "\"quant_method\": \"fp8\", \"weight_block_size\": [%ld, %ld]}", block, block);
     snprintf(path, sizeof path, "%s/base/config.json", out);

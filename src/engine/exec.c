@@ -344,8 +344,8 @@ static lm_code pread_all(const lm_st_file *f, uint64_t off, uint8_t *dst, uint64
 static const uint8_t *tile_bytes(const job *J, size_t ti, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    size_t esz = lm_dtype_bits(t->src_dtype) / 8;
-    uint64_t n_bytes = nr * t->cols * esz, rel = r0 * t->cols * esz;
+    uint64_t row = t->q != NULL ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->src_dtype) / 8);
+    uint64_t n_bytes = nr * row, rel = r0 * row;
     const lm_st_file *f = tensor_src_file(J, ti);
     const uint8_t *src;
     if (f != NULL && lm_st_fd(f) >= 0 && raw != NULL) {
@@ -386,7 +386,7 @@ typedef struct {
     uint8_t *base_out; /* statistics: the base tile in the output dtype (NULL: not measured) */
     float *base_f32;   /* statistics: the base tile in f32 */
     uint8_t *codes;    /* a quantized weight kept quantized: the base's codes of the tile */
-    float *qscales;    /* and the tile's new scales */
+    float *qscales;    /* and the tile's new scales (lm_xq_requant()'s buffer) */
 } workspace;
 
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
@@ -537,7 +537,9 @@ static lm_code stats_before(const job *J, size_t ti, const workspace *ws, const 
         *n_base = n;
         if (J->stats_norms || t->dtype != t->src_dtype)
             src_to_f32(J, ti, src, r0, nr, ws->base_f32);
-        if (t->dtype == t->src_dtype && src_stays && (uintptr_t)src % esz == 0)
+        if (t->q != NULL && t->dtype == t->src_dtype)
+            *base_bytes = NULL; /* codes kept quantized: the requantizer counts the changes */
+        else if (t->dtype == t->src_dtype && src_stays && (uintptr_t)src % esz == 0)
             *base_bytes = src; /* the bytes read are the base as written: no copy */
         else if (t->dtype == t->src_dtype)
             memcpy(ws->base_out, src, n * esz);
@@ -563,7 +565,7 @@ static const float *written_f32(const job *J, const lm_plan_tensor *t, const wor
     if (t->dtype == LM_DT_F64)
         return ws->acc;
     if (t->q != NULL && t->dtype == t->src_dtype) { /* the codes written, with the tile's new scales */
-        lm_fp8_block_dequant(ws->out, ws->qscales, t->q->scols, t->q->br, t->q->bc, n / t->cols, t->cols, ws->scratch);
+        lm_xq_dequant_written(t, ws->qscales, ws->out, 0, n / t->cols, ws->scratch);
         return ws->scratch;
     }
     to_f32(J->k, t->dtype, ws->out, ws->scratch, n); /* the methods' scratch is free again */
@@ -574,7 +576,8 @@ static const float *written_f32(const job *J, const lm_plan_tensor *t, const wor
 static void stats_after(const job *J, const lm_plan_tensor *t, const workspace *ws, const uint8_t *base_bytes,
                         size_t n, size_t n_base, struct tile_stat *ts)
 {
-    ts->n_changed = count_changed(J->k, ws->out, base_bytes, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
+    if (base_bytes != NULL)
+        ts->n_changed = count_changed(J->k, ws->out, base_bytes, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
     if (J->stats_norms) { /* the differences in f32 (rounded once each), their squares summed in double */
         const float *w = written_f32(J, t, ws, n);
         for (size_t i = 0; i < n; i++)
@@ -642,7 +645,7 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
 }
 
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, struct tile_stat *ts,
-                            lm_err *err)
+                            lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     size_t n = (size_t)(nr * t->cols), n_base = 0;
@@ -663,21 +666,23 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     src_to_f32(J, ti, src, r0, nr, ws->acc);
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
-        memcpy(ws->codes, src, n);
+        memcpy(ws->codes, src, (size_t)(nr * t->q->row_bytes));
     /* src may be in the scratch the methods use: the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, t->n_ops, &tile);
+    lm_qstats qs = {0};
     if (requant) {
-        lm_qstats qs = {0};
-        lm_xq_requant(t, J->rt[ti].qscale, ws->acc, ws->codes, r0, nr, ws->out, ws->qscales, &qs);
+        *n_pieces = lm_xq_requant(t, J->rt[ti].qscale, ws->acc, ws->codes, r0, nr, ws->out, ws->qscales, &qs, pieces);
         quant_stats_add(J, ti, &qs);
     } else {
         from_f32(J->k, t->dtype, ws->acc, ws->out, n);
     }
-    if (ts != NULL)
+    if (ts != NULL) {
+        ts->n_changed = qs.n_changed;
         stats_after(J, t, ws, base_bytes, n, n_base, ts);
+    }
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
@@ -739,16 +744,16 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
         return lm_st_writer_pwrite(w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
     }
     uint64_t r0 = tk->first, nr = tk->count;
-    lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, ts, err);
-    size_t esz = lm_dtype_bits(t->dtype) / 8;
+    lm_xq_piece pieces[2];
+    size_t n_pieces = 0;
+    lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, ts, pieces, &n_pieces, err);
+    uint64_t row = t->q != NULL && t->dtype == t->src_dtype ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->dtype) / 8);
     if (rc == LM_OK)
-        rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * t->cols * esz), dst + r0 * t->cols * esz, err);
-    if (rc == LM_OK && t->q != NULL && t->dtype == t->src_dtype) { /* the tile's scales, in the scale tensor */
-        size_t si = t->q->scale_index;
-        uint64_t sdst = lm_st_writer_tensor_offset(J->w[J->shard_of ? J->shard_of[si] : 0], J->local[si]);
-        size_t n_scale = (size_t)((nr + t->q->br - 1) / t->q->br * t->q->scols) * sizeof(float);
-        rc = lm_st_writer_pwrite(J->w[J->shard_of ? J->shard_of[si] : 0], ws->qscales, n_scale,
-                                 sdst + lm_xq_scale_offset(t, r0), err);
+        rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * row), dst + r0 * row, err);
+    for (size_t k = 0; k < n_pieces && rc == LM_OK; k++) { /* the tile's scales, in the scale tensors */
+        lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];
+        uint64_t sdst = lm_st_writer_tensor_offset(sw, J->local[pieces[k].tensor]);
+        rc = lm_st_writer_pwrite(sw, pieces[k].bytes, pieces[k].n_bytes, sdst + pieces[k].offset, err);
     }
     tensor_rt *rt = &J->rt[tk->tensor];
     if (__atomic_sub_fetch(&rt->tiles_left, 1, __ATOMIC_ACQ_REL) == 0) { /* the tensor's last tile */
@@ -766,7 +771,7 @@ static int alloc_workspace(workspace *ws, size_t max_elems)
     ws->out = malloc(max_elems * sizeof(double));
     ws->scratch = malloc((4 * max_elems + 64) * sizeof(float));
     ws->codes = malloc(max_elems + 64);
-    ws->qscales = malloc((max_elems + 64) * sizeof(float));
+    ws->qscales = malloc(lm_xq_qbuf_floats(max_elems) * sizeof(float));
     return ws->acc != NULL && ws->out != NULL && ws->scratch != NULL && ws->codes != NULL && ws->qscales != NULL;
 }
 

@@ -8,35 +8,86 @@
 #include <stdlib.h>
 #include <string.h>
 
+static const uint8_t *entry_bytes(const lm_model *model, const lm_model_entry *e)
+{
+    return lm_st_data(lm_model_file(model, e->file)) + e->info->begin;
+}
+
 lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float **scales, lm_err *err)
 {
     const lm_qtensor *q = t->q;
-    const lm_tensor_info *si = q->scale->info;
-    *scales = malloc((size_t)(q->srows * q->scols + 1) * sizeof **scales);
+    size_t n = (size_t)(q->srows * q->scols);
+    *scales = malloc((n + 1) * sizeof **scales);
     if (*scales == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", t->name);
-    const lm_st_file *f = lm_model_file(model, q->scale->file);
-    memcpy(*scales, lm_st_data(f) + si->begin, (size_t)(q->srows * q->scols) * sizeof **scales);
+    lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
+    (*scales)[n] = 1.0f;
+    if (q->scale2 != NULL)
+        lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), 1, *scales + n);
     return LM_OK;
+}
+
+/* the tile's scales: the block rows its rows cover */
+static size_t tile_scales(const lm_qtensor *q, uint64_t nr)
+{
+    return (size_t)((nr + q->br - 1) / q->br * q->scols);
+}
+
+static void dequant_tile(const lm_plan_tensor *t, const float *tscales, float global, const uint8_t *codes,
+                         uint64_t nr, float *dst)
+{
+    const lm_qtensor *q = t->q;
+    (void)global;
+    switch (q->fmt) {
+    default: /* FP8 codes times the scale of their block */
+        lm_fp8_block_dequant(codes, tscales, q->scols, q->br, q->bc, nr, t->cols, dst);
+        break;
+    }
 }
 
 void lm_xq_dequant(const lm_plan_tensor *t, const float *scales, const uint8_t *src, uint64_t r0, uint64_t nr,
                    float *dst)
 {
     const lm_qtensor *q = t->q;
-    lm_fp8_block_dequant(src, scales + (r0 / q->br) * q->scols, q->scols, q->br, q->bc, nr, t->cols, dst);
+    dequant_tile(t, scales + (r0 / q->br) * q->scols, scales[q->srows * q->scols], src, nr, dst);
+}
+
+size_t lm_xq_qbuf_floats(size_t max_elems)
+{
+    return 2 * max_elems + 128;
 }
 
 size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *acc, const uint8_t *codes0,
-                     uint64_t r0, uint64_t nr, uint8_t *out, float *out_scales, lm_qstats *st)
+                     uint64_t r0, uint64_t nr, uint8_t *out, float *qbuf, lm_qstats *st, lm_xq_piece pieces[2])
 {
     const lm_qtensor *q = t->q;
-    lm_fp8_block_requant(acc, codes0, scales + (r0 / q->br) * q->scols, q->scols, q->br, q->bc, nr, t->cols, out,
-                         out_scales, st);
-    return (size_t)((nr + q->br - 1) / q->br * q->scols) * sizeof(float);
+    const size_t ns = tile_scales(q, nr);
+    const float *s0 = scales + (r0 / q->br) * q->scols;
+    qbuf[ns] = scales[q->srows * q->scols];
+    switch (q->fmt) {
+    case LM_Q_CT_FP8: /* compressed-tensors' rule, scales in their dtype */
+        lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype, out, qbuf, st);
+        break;
+    default: /* block FP8 (transformers' FineGrainedFP8 rule) */
+        lm_fp8_block_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, out, qbuf, st);
+        break;
+    }
+    const size_t esz = lm_dtype_bits(q->scale_dtype) / 8;
+    void *enc = qbuf;
+    if (q->scale_dtype != LM_DT_F32) {
+        enc = qbuf + ns + 1;
+        lm_q_scales_from_f32(q->scale_dtype, qbuf, ns, enc);
+    }
+    pieces[0] = (lm_xq_piece){q->scale_index, (r0 / q->br) * q->scols * esz, ns * esz, enc};
+    if (q->scale2 == NULL)
+        return 1;
+    pieces[1] = (lm_xq_piece){q->scale2_index, 0, sizeof(float), qbuf + ns};
+    return 2;
 }
 
-uint64_t lm_xq_scale_offset(const lm_plan_tensor *t, uint64_t r0)
+void lm_xq_dequant_written(const lm_plan_tensor *t, const float *qbuf, const uint8_t *out, uint64_t r0,
+                           uint64_t nr, float *dst)
 {
-    return r0 / t->q->br * t->q->scols * sizeof(float);
+    (void)r0;
+    dequant_tile(t, qbuf, qbuf[tile_scales(t->q, nr)], out, nr, dst);
 }

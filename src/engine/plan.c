@@ -109,8 +109,8 @@ uint64_t lm_plan_tile_rows(const lm_plan_tensor *t, uint64_t tile_elems)
         if (g > 1)
             tr = tr < g ? g : tr - tr % g;
     }
-    if (t->q != NULL && t->q->br > 1) /* whole blocks: each tile requantizes its own */
-        tr = tr < t->q->br ? t->q->br : tr - tr % t->q->br;
+    if (t->q != NULL && t->q->tile_rows > 1) /* whole blocks: each tile requantizes its own */
+        tr = tr < t->q->tile_rows ? t->q->tile_rows : tr - tr % t->q->tile_rows;
     return tr;
 }
 

@@ -14,13 +14,20 @@
 #include "quant.h"
 
 /* a quantized base weight (plan_quant.c): its format and scales; the methods see `view`, the
- * weight as an F32 tensor of the same shape, and the tile loader dequantizes it */
+ * weight as an F32 tensor of the same shape, and the tile loader dequantizes it.  Everything the
+ * executor does with its codes and scales goes through exec_quant.c, which dispatches on fmt. */
 typedef struct lm_qtensor {
     lm_qformat fmt;
-    const lm_model_entry *scale; /* the scale tensor (weight_scale_inv) */
+    const lm_model_entry *scale; /* the scale tensor (weight_scale_inv, weight_scale ...) */
     size_t scale_index;          /* its model entry / plan index (before dropping) */
-    uint64_t br, bc;             /* block rows and columns */
+    lm_dtype scale_dtype;        /* of scale: F32, BF16, F16 or F8_E4M3 (read exactly as f32) */
+    const lm_model_entry *scale2; /* a second, per-tensor scale (NVFP4's global scale), or NULL */
+    size_t scale2_index;
+    uint64_t br, bc;             /* block rows and columns (one scale each) */
     uint64_t srows, scols;       /* the scale grid */
+    uint64_t tile_rows;          /* tiles are whole multiples of these rows (br, or every row when
+                                  * requantizing needs the whole tensor's amax) */
+    uint64_t row_bytes;          /* bytes of codes per row (cols for 8-bit codes, cols / 2 packed 4-bit) */
     lm_tensor_info view;         /* what the methods see (dtype F32) */
 } lm_qtensor;
 

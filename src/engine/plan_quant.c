@@ -6,6 +6,7 @@
 #include "plan.h"
 
 #include "lm_error.h"
+#include "plan_quant_ct.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,10 +63,13 @@ static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qsch
     q->fmt = LM_Q_FP8_BLOCK;
     q->scale = se;
     q->scale_index = si;
+    q->scale_dtype = LM_DT_F32;
     q->br = br;
     q->bc = bc;
     q->srows = want_r;
     q->scols = want_c;
+    q->tile_rows = br;
+    q->row_bytes = w->shape[1];
     q->view = *w;
     q->view.dtype = LM_DT_F32;
     *out = q;
@@ -78,10 +82,12 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
     size_t n = lm_model_n_tensors(model);
     for (size_t i = 0; i < n; i++) {
         const lm_tensor_info *w = lm_model_tensor(model, i)->info;
-        if (w->dtype != LM_DT_F8_E4M3 || (s != NULL && lm_qscheme_skips(s, w->name)))
+        if (s != NULL && lm_qscheme_skips(s, w->name))
             continue;
         lm_qtensor *q;
-        if (attach_fp8_block(p, model, s, i, &q, err) != LM_OK)
+        if (lm_plan_attach_ct(p, model, s, i, &q, err) != LM_OK)
+            return err->code;
+        if (q == NULL && w->dtype == LM_DT_F8_E4M3 && attach_fp8_block(p, model, s, i, &q, err) != LM_OK)
             return err->code;
         if (q == NULL)
             continue;
@@ -90,6 +96,9 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
         if (o->out_dtype_set) { /* written dequantized: the scales go */
             p->t[i].dtype = o->out_dtype;
             p->t[q->scale_index].drop = 1;
+            if (q->scale2 != NULL)
+                p->t[q->scale2_index].drop = 1;
+            lm_plan_ct_drop_extras(p, model, w->name);
         }
     }
     return LM_OK;
@@ -101,8 +110,11 @@ lm_code lm_plan_quant_finish(lm_plan *p, lm_err *err)
     for (size_t i = 0; i < p->n; i++) {
         const lm_plan_tensor *t = &p->t[i];
         any_drop |= t->drop;
-        if (t->q != NULL && !t->drop && t->dtype == t->src_dtype && t->n_ops > 0)
+        if (t->q != NULL && !t->drop && t->dtype == t->src_dtype && t->n_ops > 0) {
             p->t[t->q->scale_index].scale_of = i + 1;
+            if (t->q->scale2 != NULL)
+                p->t[t->q->scale2_index].scale_of = i + 1;
+        }
     }
     if (!any_drop)
         return LM_OK;

@@ -714,26 +714,46 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
             cJSON_AddStringToObject(root, "quantization_error", e.msg);
         return;
     }
-    size_t n_q = 0;
+    size_t n_q = 0, n_ct = 0;
     for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
         const lm_tensor_info *t = lm_model_tensor(m, i)->info;
         char name[1100];
         snprintf(name, sizeof name, "%s_scale_inv", t->name);
         n_q += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
+        snprintf(name, sizeof name, "%s_scale", t->name);
+        n_ct += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
     }
-    if (s.fmt == LM_Q_NONE && n_q == 0)
+    if (s.fmt == LM_Q_NONE && n_q == 0 && n_ct == 0)
         return;
-    const char *fmt = s.fmt == LM_Q_FP8_BLOCK || (s.fmt == LM_Q_NONE && n_q) ? "block FP8 (F8_E4M3, weight_scale_inv)"
+    const int ct = s.fmt == LM_Q_CT_FP8 || (s.fmt == LM_Q_NONE && n_ct > n_q);
+    const char *fmt = ct ? "compressed-tensors FP8 (F8_E4M3, weight_scale)"
+                      : s.fmt == LM_Q_FP8_BLOCK || (s.fmt == LM_Q_NONE && n_q) ? "block FP8 (F8_E4M3, weight_scale_inv)"
                       : "not dequantized by lora-merge";
-    snprintf(buf, cap, "quantization: %s, quant_method %s, blocks %llux%llu, %zu quantized weights\n", fmt,
-             s.method[0] ? s.method : "-", (unsigned long long)s.block_rows, (unsigned long long)s.block_cols,
-             n_q);
+    char blocks[96];
+    if (!ct)
+        snprintf(blocks, sizeof blocks, "blocks %llux%llu", (unsigned long long)s.block_rows,
+                 (unsigned long long)s.block_cols);
+    else if (strcmp(s.ct_strategy, "group") == 0)
+        snprintf(blocks, sizeof blocks, "strategy group, group size %llu", (unsigned long long)s.group_size);
+    else if (strcmp(s.ct_strategy, "block") == 0)
+        snprintf(blocks, sizeof blocks, "strategy block, blocks %llux%llu", (unsigned long long)s.block_rows,
+                 (unsigned long long)s.block_cols);
+    else
+        snprintf(blocks, sizeof blocks, "strategy %s", s.ct_strategy[0] ? s.ct_strategy : "from the scale shapes");
+    snprintf(buf, cap, "quantization: %s, quant_method %s, %s, %zu quantized weights\n", fmt,
+             s.method[0] ? s.method : "-", blocks, ct ? n_ct : n_q);
     if (root) {
         cJSON *q = cJSON_AddObjectToObject(root, "quantization");
         cJSON_AddStringToObject(q, "format", fmt);
         cJSON_AddStringToObject(q, "quant_method", s.method);
-        cJSON_AddItemToObject(q, "block", json_shape(2, (const uint64_t[]){s.block_rows, s.block_cols}));
-        cJSON_AddNumberToObject(q, "quantized_weights", (double)n_q);
+        if (ct) {
+            cJSON_AddStringToObject(q, "strategy", s.ct_strategy);
+            if (s.group_size)
+                cJSON_AddNumberToObject(q, "group_size", (double)s.group_size);
+        }
+        if (!ct || strcmp(s.ct_strategy, "block") == 0)
+            cJSON_AddItemToObject(q, "block", json_shape(2, (const uint64_t[]){s.block_rows, s.block_cols}));
+        cJSON_AddNumberToObject(q, "quantized_weights", (double)(ct ? n_ct : n_q));
     }
     lm_qscheme_free(&s);
 }

@@ -3,6 +3,7 @@
 #include "quant.h"
 
 #include "lm_error.h"
+#include "quant_ct.h"
 #include "st_json.h"
 
 #include <math.h>
@@ -87,7 +88,10 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
         goto done;
     }
     snprintf(s->method, sizeof s->method, "%s", st_json_str(&d, m));
-    if (strcmp(s->method, "fp8") == 0) {
+    if (strcmp(s->method, "compressed-tensors") == 0) {
+        if ((rc = lm_qscheme_parse_ct(&d, qc, s, err)) != LM_OK)
+            goto done;
+    } else if (strcmp(s->method, "fp8") == 0) {
         s->fmt = LM_Q_FP8_BLOCK;
         if ((rc = parse_block(&d, qc, s, err)) != LM_OK)
             goto done;
@@ -343,4 +347,98 @@ LM_CLONES void lm_fp8_block_requant(const float *x, const uint8_t *q0, const flo
             block_encode(xb, q0b, scale0[bi], h, w, cols, s, inv, amax, qb, st);
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* scale tensors                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+static float f16_value(uint16_t h)
+{
+    const uint32_t e = (h >> 10) & 31u, m = h & 0x3FFu;
+    float v = e == 0 ? ldexpf((float)m, -24)
+              : e == 31 ? (m ? NAN : INFINITY) : bits_f32(((e + 112u) << 23) | (m << 13));
+    return (h & 0x8000u) ? -v : v;
+}
+
+static uint16_t f32_to_f16(float x)
+{
+    const uint32_t u = f32_bits(x), a = u & 0x7FFFFFFFu;
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (a > 0x7F800000u)
+        return sign | 0x7E00u;
+    if (a >= 0x477FF000u) /* 65520 and above round to inf */
+        return sign | 0x7C00u;
+    if (a < 0x38800000u) /* below 2^-14: steps of 2^-24, the ulp of 0.5f (the addition rounds to even) */
+        return sign | (uint16_t)(f32_bits(bits_f32(a) + 0.5f) - 0x3F000000u);
+    return sign | (uint16_t)((a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13);
+}
+
+static uint16_t f32_to_bf16(float x)
+{
+    const uint32_t u = f32_bits(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+        return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+int lm_q_scale_dtype_ok(lm_dtype dt)
+{
+    return dt == LM_DT_F32 || dt == LM_DT_BF16 || dt == LM_DT_F16 || dt == LM_DT_F8_E4M3;
+}
+
+void lm_q_scales_to_f32(lm_dtype dt, const void *src, size_t n, float *dst)
+{
+    const uint8_t *b = src;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        switch (dt) {
+        case LM_DT_F32:
+            memcpy(&dst[i], b + 4 * i, 4);
+            break;
+        case LM_DT_BF16:
+            memcpy(&h, b + 2 * i, 2);
+            dst[i] = bits_f32((uint32_t)h << 16);
+            break;
+        case LM_DT_F16:
+            memcpy(&h, b + 2 * i, 2);
+            dst[i] = f16_value(h);
+            break;
+        default: /* F8_E4M3 */
+            dst[i] = e4m3_decode(b[i]);
+            break;
+        }
+    }
+}
+
+void lm_q_scales_from_f32(lm_dtype dt, const float *src, size_t n, void *dst)
+{
+    uint8_t *b = dst;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        switch (dt) {
+        case LM_DT_F32:
+            memcpy(b + 4 * i, &src[i], 4);
+            break;
+        case LM_DT_BF16:
+            h = f32_to_bf16(src[i]);
+            memcpy(b + 2 * i, &h, 2);
+            break;
+        case LM_DT_F16:
+            h = f32_to_f16(src[i]);
+            memcpy(b + 2 * i, &h, 2);
+            break;
+        default: /* F8_E4M3 */
+            b[i] = lm_f32_to_fp8_e4m3(src[i]);
+            break;
+        }
+    }
+}
+
+float lm_q_round_to(lm_dtype dt, float x)
+{
+    uint8_t b[4];
+    float v;
+    lm_q_scales_from_f32(dt, &x, 1, b);
+    lm_q_scales_to_f32(dt, b, 1, &v);
+    return v;
 }

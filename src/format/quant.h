@@ -13,13 +13,19 @@
 typedef enum {
     LM_Q_NONE = 0,   /* no quantization_config */
     LM_Q_FP8_BLOCK,  /* quant_method "fp8": F8_E4M3 weight, weight_scale_inv per block */
+    LM_Q_CT_FP8,     /* compressed-tensors float-quantized: F8_E4M3 weight, weight_scale (tensor/channel/group/block) */
+    LM_Q_CT_NVFP4,   /* compressed-tensors nvfp4-pack-quantized: weight_packed, weight_scale, weight_global_scale */
+    LM_Q_MO_NVFP4,   /* ModelOpt NVFP4 (hf_quant_config.json): weight U8, weight_scale, weight_scale_2 */
     LM_Q_OTHER,      /* a method lora-merge knows but does not dequantize (the tensors decide) */
 } lm_qformat;
 
 typedef struct lm_qscheme {
     lm_qformat fmt;
     char method[32];            /* quant_method as written ("" when absent) */
-    uint64_t block_rows, block_cols; /* weight_block_size (FP8 block) */
+    uint64_t block_rows, block_cols; /* weight_block_size (FP8 block); compressed-tensors block_structure */
+    char ct_strategy[16];       /* compressed-tensors: the float weights' strategy ("" when not given) */
+    uint64_t group_size;        /* compressed-tensors group / tensor_group weights; ModelOpt group_size */
+    int asymmetric;             /* compressed-tensors: the float weights are not symmetric (refused) */
     char **skip;                /* owned: modules_to_not_convert / ignore entries */
     size_t n_skip;
 } lm_qscheme;
@@ -31,6 +37,17 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
 void lm_qscheme_free(lm_qscheme *s);
 /*! lm_qscheme_skips() : 1 when the module of tensor name is listed as not quantized */
 int lm_qscheme_skips(const lm_qscheme *s, const char *name);
+
+/* ---- scale tensors: F32, BF16, F16 or F8_E4M3 ---- */
+/*! lm_q_scales_to_f32() : n scales of dtype dt (bytes src, any alignment) to f32, exactly */
+void lm_q_scales_to_f32(lm_dtype dt, const void *src, size_t n, float *dst);
+/*! lm_q_scales_from_f32() : n f32 scales to dtype dt, rounded to nearest even (F8_E4M3
+ *  saturating to +-448) */
+void lm_q_scales_from_f32(lm_dtype dt, const float *src, size_t n, void *dst);
+/*! lm_q_round_to() : x rounded to dtype dt and back (the value lm_q_scales_from_f32() stores) */
+float lm_q_round_to(lm_dtype dt, float x);
+/*! lm_q_scale_dtype_ok() : 1 when dt is a scale dtype these functions read */
+int lm_q_scale_dtype_ok(lm_dtype dt);
 
 /* ---- FP8 E4M3FN (no infinities; 0x7F/0xFF NaN; max finite 448) ---- */
 /*! lm_fp8_e4m3_value() : the code's value (exact; NaN for 0x7F/0xFF) */
@@ -61,5 +78,14 @@ typedef struct lm_qstats {
  *  identical bytes; a block of zeros keeps its scale.  out_scale: the tile's block rows. */
 void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
                           uint64_t bc, uint64_t nr, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
+
+/* ---- compressed-tensors and ModelOpt (quant_ct.c) ---- */
+/*! lm_ct_fp8_requant() :
+ *  As lm_fp8_block_requant() (blocks of br x bc, one f32 scale each, unchanged blocks keep codes
+ *  and scale), with compressed-tensors' rule (calculate_qparams + quantize): scale = amax / 448
+ *  rounded to the scale dtype sdt (0 -> that dtype's eps), q = fp8(clamp(x / scale, +-448)). */
+void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
+                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, uint8_t *q, float *out_scale,
+                       lm_qstats *st);
 
 #endif
