@@ -2139,6 +2139,83 @@ static double *delta_psoft(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- OSF (docs/adapter-types.md): W' = U_high S_high V_high + U_low diag(S_low) V_low, the high part the
+ * k leading singular triplets of W (not saved), the low part the saved trained rest.  The reference sums
+ * s u vᵀ of the k largest Jacobi columns, which no sign convention changes. */
+static void osf(mt_ctx *c, mt_mod *m, int k, int bad)
+{
+    uint64_t mn = m->O < m->I ? m->O : m->I, L = mn - (uint64_t)k;
+    m->r = k;
+    mt_part(c, m, "osf_svd_params.U_low", SH(m->O, L), 0, 0.2);
+    mt_t *s = mt_part(c, m, "osf_svd_params.S_low", SH(L - (uint64_t)bad), 0, 0);
+    for (uint64_t j = 0; j < s->n; j++) /* positive and spread, as trained singular values are */
+        mt_set(s, j, 0.05 + 0.1 * (th_rand_uniform(&c->rng) + 1));
+    mt_part(c, m, "osf_svd_params.V_low", SH(L, m->I), 0, 0.2);
+}
+
+static void gen_osf(mt_ctx *c) /* effective_rank 5 */
+{
+    osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 5, 0);
+    osf(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 1), 5, 0);
+}
+
+static void gen_osf_default(mt_ctx *c) /* effective_rank null: min(out, in) / 2 */
+{
+    osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 18, 0);
+    osf(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 0), 8, 0);
+}
+
+static void gen_osf_fraction(mt_ctx *c) /* effective_rank 0.25: int(min(out, in) * 0.25) */
+{
+    osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 9, 0);
+    osf(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 0), 4, 0);
+}
+
+static void bad_osf(mt_ctx *c) { osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 5, 1); }
+
+static double *delta_osf(const mt_ctx *c, const mt_mod *m)
+{
+    int tr = m->I >= m->O; /* as delta_psoft: Jacobi on the short side's vectors */
+    uint64_t rows = tr ? m->I : m->O, cols = tr ? m->O : m->I, L = cols - (uint64_t)m->r;
+    double *W = mt_W(c, m), *X = malloc(rows * cols * sizeof(double)), *V = malloc(cols * cols * sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            X[tr ? i * cols + o : o * cols + i] = W[o * m->I + i];
+    jacobi_svd(X, rows, cols, V);
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (int k = 0; k < m->r; k++) { /* high part: the k largest columns, s u vᵀ each */
+        uint64_t best = 0;
+        double bn = -1;
+        for (uint64_t j = 0; j < cols; j++) {
+            double nn = 0;
+            for (uint64_t i = 0; i < rows; i++)
+                nn += X[i * cols + j] * X[i * cols + j];
+            if (nn > bn) {
+                bn = nn;
+                best = j;
+            }
+        }
+        for (uint64_t o = 0; o < m->O; o++)
+            for (uint64_t i = 0; i < m->I; i++)
+                d[o * m->I + i] += tr ? X[i * cols + best] * V[o * cols + best] : X[o * cols + best] * V[i * cols + best];
+        for (uint64_t i = 0; i < rows; i++)
+            X[i * cols + best] = 0;
+    }
+    const double *U = mt_get(c, m, "osf_svd_params.U_low"), *S = mt_get(c, m, "osf_svd_params.S_low");
+    const double *Vl = mt_get(c, m, "osf_svd_params.V_low");
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++) {
+            double lo = 0;
+            for (uint64_t j = 0; j < L; j++)
+                lo += U[o * L + j] * S[j] * Vl[j * m->I + i];
+            d[o * m->I + i] += lo - W[o * m->I + i]; /* the delta W' - W */
+        }
+    free(W);
+    free(X);
+    free(V);
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -2541,6 +2618,14 @@ static const mt_row mt_rows[] = {
        gen_psoft_pissa}},
      {"psoft_R.weight of 6 values for r = 3", NULL, bad_psoft},
      "model.layers.0.self_attn.q_proj"},
+    {"OSF", 0, NULL, delta_osf,
+     {{"effective_rank 5, a biased layer", "{\"peft_type\": \"OSF\", \"effective_rank\": 5, " TGT_QV "}", gen_osf},
+      {"effective_rank null (half of min(out, in))", "{\"peft_type\": \"OSF\", \"effective_rank\": null, " TGT_QV "}",
+       gen_osf_default},
+      {"effective_rank 0.25 (a fraction)", "{\"peft_type\": \"OSF\", \"effective_rank\": 0.25, " TGT_QV "}",
+       gen_osf_fraction}},
+     {"S_low one value short", NULL, bad_osf},
+     "model.layers.0.self_attn.q_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2867,6 +2952,7 @@ MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
 MT_TEST(PSOFT)
+MT_TEST(OSF)
 MT_TEST(TINYLORA)
 MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
@@ -2903,6 +2989,7 @@ Test(methods, table_is_complete)
         "ROAD",
         "SHIRA",
         "PSOFT",
+        "OSF",
         "TINYLORA",
         "PEANUT",
         "SUPERTUNING",
