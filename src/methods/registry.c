@@ -37,6 +37,7 @@ extern const lm_method lm_method_peanut;
 extern const lm_method lm_method_tinylora;
 extern const lm_method lm_method_psoft;
 extern const lm_method lm_method_osf;
+extern const lm_method lm_method_frod;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -72,6 +73,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_tinylora,
     &lm_method_psoft,
     &lm_method_osf,
+    &lm_method_frod,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

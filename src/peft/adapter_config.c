@@ -22,7 +22,6 @@ static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 static const char *const NOT_YET[] = {
     "BONE",
     "ADAMSS",
-    "FROD",
     "UNILORA",
 };
 
