@@ -64,7 +64,7 @@ Test(adapter_config, refusals_name_the_reason)
         {"{\"peft_type\": \"PROMPT_TUNING\"}", "UnsupportedPeftType", "PROMPT_TUNING"},
         {"{\"peft_type\": \"PREFIX_TUNING\"}", "UnsupportedPeftType", "virtual tokens"},
         {"{\"peft_type\": \"POLY\"}", "UnsupportedPeftType", "POLY"},
-        {"{\"peft_type\": \"OSF\"}", "UnsupportedPeftType", "not supported by lora-merge yet"},
+        {"{\"peft_type\": \"BONE\"}", "UnsupportedPeftType", "not supported by lora-merge yet"},
         {"{\"peft_type\": \"OFT\", \"r\": 8}", "UnsupportedVariant", "oft_block_size"},
         {"{\"peft_type\": \"FINEGATES\"}", "UnknownPeftType", "FINEGATES"},
         {"{\"r\": 8}", "MissingField", "peft_type"},

@@ -2139,6 +2139,247 @@ static double *delta_psoft(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- OSF (docs/adapter-types.md): W' = U_high S_high V_high + U_low diag(S_low) V_low, the high part the
+ * k leading singular triplets of W (not saved), the low part the saved trained rest.  The reference sums
+ * s u vᵀ of the k largest Jacobi columns, which no sign convention changes. */
+static void osf(mt_ctx *c, mt_mod *m, int k, int bad)
+{
+    uint64_t mn = m->O < m->I ? m->O : m->I, L = mn - (uint64_t)k;
+    m->r = k;
+    mt_part(c, m, "osf_svd_params.U_low", SH(m->O, L), 0, 0.2);
+    mt_t *s = mt_part(c, m, "osf_svd_params.S_low", SH(L - (uint64_t)bad), 0, 0);
+    for (uint64_t j = 0; j < s->n; j++) /* positive and spread, as trained singular values are */
+        mt_set(s, j, 0.05 + 0.1 * (th_rand_uniform(&c->rng) + 1));
+    mt_part(c, m, "osf_svd_params.V_low", SH(L, m->I), 0, 0.2);
+}
+
+static void gen_osf(mt_ctx *c) /* effective_rank 5 */
+{
+    osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 5, 0);
+    osf(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 1), 5, 0);
+}
+
+static void gen_osf_default(mt_ctx *c) /* effective_rank null: min(out, in) / 2 */
+{
+    osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 18, 0);
+    osf(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 0), 8, 0);
+}
+
+static void gen_osf_fraction(mt_ctx *c) /* effective_rank 0.25: int(min(out, in) * 0.25) */
+{
+    osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 9, 0);
+    osf(c, mt_module(c, "model.layers.0.self_attn.v_proj", LIN, 33, 17, 0), 4, 0);
+}
+
+static void bad_osf(mt_ctx *c) { osf(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 5, 1); }
+
+static double *delta_osf(const mt_ctx *c, const mt_mod *m)
+{
+    int tr = m->I >= m->O; /* as delta_psoft: Jacobi on the short side's vectors */
+    uint64_t rows = tr ? m->I : m->O, cols = tr ? m->O : m->I, L = cols - (uint64_t)m->r;
+    double *W = mt_W(c, m), *X = malloc(rows * cols * sizeof(double)), *V = malloc(cols * cols * sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++)
+            X[tr ? i * cols + o : o * cols + i] = W[o * m->I + i];
+    jacobi_svd(X, rows, cols, V);
+    double *d = calloc(m->O * m->I, sizeof(double));
+    for (int k = 0; k < m->r; k++) { /* high part: the k largest columns, s u vᵀ each */
+        uint64_t best = 0;
+        double bn = -1;
+        for (uint64_t j = 0; j < cols; j++) {
+            double nn = 0;
+            for (uint64_t i = 0; i < rows; i++)
+                nn += X[i * cols + j] * X[i * cols + j];
+            if (nn > bn) {
+                bn = nn;
+                best = j;
+            }
+        }
+        for (uint64_t o = 0; o < m->O; o++)
+            for (uint64_t i = 0; i < m->I; i++)
+                d[o * m->I + i] += tr ? X[i * cols + best] * V[o * cols + best] : X[o * cols + best] * V[i * cols + best];
+        for (uint64_t i = 0; i < rows; i++)
+            X[i * cols + best] = 0;
+    }
+    const double *U = mt_get(c, m, "osf_svd_params.U_low"), *S = mt_get(c, m, "osf_svd_params.S_low");
+    const double *Vl = mt_get(c, m, "osf_svd_params.V_low");
+    for (uint64_t o = 0; o < m->O; o++)
+        for (uint64_t i = 0; i < m->I; i++) {
+            double lo = 0;
+            for (uint64_t j = 0; j < L; j++)
+                lo += U[o * L + j] * S[j] * Vl[j * m->I + i];
+            d[o * m->I + i] += lo - W[o * m->I + i]; /* the delta W' - W */
+        }
+    free(W);
+    free(X);
+    free(V);
+    return d;
+}
+
+/* ---- FROD (docs/adapter-types.md): W' = U (S + diag λ) Vᵀ, V shared per category, U = bi with unit
+ * columns rounded to f32, bi = W V^-T (solve), or W pinv(V)ᵀ (rtol 1e-6) when V is singular ----------- */
+/* PEFT's _category_from_key, written again for the paths used here */
+static void frod_cat(const char *path, char *cat, size_t cap)
+{
+    char parts[8][64];
+    int n = 0;
+    const char *s = path;
+    while (n < 8) {
+        const char *d = strchr(s, '.');
+        size_t len = d ? (size_t)(d - s) : strlen(s);
+        snprintf(parts[n++], sizeof parts[0], "%.*s", (int)len, s);
+        if (d == NULL)
+            break;
+        s = d + 1;
+    }
+    const char *a = parts[n - 2], *b = parts[n - 1];
+    int digits = a[0] != '\0' && strspn(a, "0123456789") == strlen(a);
+    if (digits)
+        snprintf(cat, cap, "%.63s", b);
+    else if (!strcmp(a, "output") && !strcmp(b, "dense") && n >= 3 && !strcmp(parts[n - 3], "attention"))
+        snprintf(cat, cap, "attention_output");
+    else
+        snprintf(cat, cap, "%.63s_%.63s", a, b);
+}
+
+/* a category's V [in, in] (singular: column 1 zero), its S positions (dup: the first one again at
+ * the end) and size */
+static void frod_cat_tensors(mt_ctx *c, const char *cat, uint64_t in, uint64_t nnz, int singular, int dup, int bad)
+{
+    char key[200];
+    snprintf(key, sizeof key, "base_model.frod_V.%s", cat);
+    mt_t *V = mt_key(c, key, NULL, SH(in, in), 0, 0.3 / sqrt((double)in));
+    for (uint64_t i = 0; i < in; i++) {
+        mt_set(V, i * in + i, V->v[i * in + i] + 1.0);
+        if (singular)
+            V->v[i * in + 1] = 0;
+    }
+    snprintf(key, sizeof key, "base_model.frod_s_indices.%s", cat);
+    mt_t *ix = mt_key(c, key, "I64", SH(2, nnz), 0, 0);
+    for (uint64_t e = 0; e < nnz; e++) {
+        uint64_t r = th_rand_u64(&c->rng) % in, q = (r + 1 + th_rand_u64(&c->rng) % (in - 1)) % in; /* off-diagonal */
+        ix->v[e] = (double)r;
+        ix->v[nnz + e] = (double)q;
+    }
+    if (dup) {
+        ix->v[nnz - 1] = ix->v[0];
+        ix->v[2 * nnz - 1] = ix->v[nnz];
+    }
+    if (bad)
+        ix->v[nnz + 2] = (double)in;
+    snprintf(key, sizeof key, "base_model.frod_s_size.%s", cat);
+    mt_t *sz = mt_key(c, key, "I64", SH(2), 0, 0);
+    sz->v[0] = sz->v[1] = (double)in;
+}
+
+static void frod(mt_ctx *c, mt_mod *m, uint64_t nnz, int singular)
+{
+    m->q[0] = singular;
+    mt_part(c, m, "frod_lambda_l", SH(m->I), 0.3, 0.1);
+    mt_part(c, m, "frod_lambda_s_values", SH(nnz), 0, 0.1);
+}
+
+static void gen_frod(mt_ctx *c) /* two layers share self_attn_q_proj's V (one S position twice); a Conv1D */
+{
+    frod_cat_tensors(c, "self_attn_q_proj", 43, 9, 0, 1, 0);
+    frod_cat_tensors(c, "attn_c_attn", 43, 5, 0, 0, 0);
+    frod(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 1), 9, 0);
+    frod(c, mt_module(c, "model.layers.1.self_attn.q_proj", LIN, 37, 43, 0), 9, 0);
+    frod(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0), 5, 0);
+}
+
+static void gen_frod_pinv(mt_ctx *c) /* a singular V (pinv fallback); BERT's attention_output; "<n>.fc" */
+{
+    frod_cat_tensors(c, "attention_output", 31, 6, 1, 0, 0);
+    frod_cat_tensors(c, "fc", 31, 4, 0, 0, 0);
+    frod(c, mt_module(c, "encoder.layer.0.attention.output.dense", LIN, 29, 31, 0), 6, 1);
+    frod(c, mt_module(c, "layers.1.fc", LIN, 23, 31, 0), 4, 0);
+}
+
+static void bad_frod(mt_ctx *c) /* an S position outside [0, in) */
+{
+    frod_cat_tensors(c, "self_attn_q_proj", 43, 9, 0, 0, 1);
+    frod(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 9, 0);
+}
+
+static double *delta_frod(const mt_ctx *c, const mt_mod *m)
+{
+    char cat[128], key[200];
+    frod_cat(m->path, cat, sizeof cat);
+    uint64_t n = m->I, O = m->O;
+    snprintf(key, sizeof key, "base_model.frod_V.%s", cat);
+    const mt_t *Vt = mt_find(c, key);
+    snprintf(key, sizeof key, "base_model.frod_s_indices.%s", cat);
+    const mt_t *ix = mt_find(c, key);
+    cr_assert(Vt && ix, "reference: no shared tensors for %s", cat);
+    const double *V = Vt->v, *lam = mt_get(c, m, "frod_lambda_l"), *sv = mt_get(c, m, "frod_lambda_s_values");
+    double *W = mt_W(c, m), *bi = calloc(O * n, sizeof(double));
+    if (!m->q[0]) { /* bi = W V^-T: W times the inverse of Vᵀ */
+        double *vt = malloc(n * n * sizeof(double));
+        for (uint64_t a = 0; a < n; a++)
+            for (uint64_t b = 0; b < n; b++)
+                vt[a * n + b] = V[b * n + a];
+        mt_inverse(vt, (int)n);
+        double *t = mt_mm(W, vt, O, n, n);
+        memcpy(bi, t, O * n * sizeof(double));
+        free(t);
+        free(vt);
+    } else { /* pinv(V)ᵀ = Σ u_c vj_cᵀ / s_c over s_c > 1e-6 s_max; Jacobi: X = U S, V = X Vjᵀ */
+        double *X = malloc(n * n * sizeof(double)), *Vj = malloc(n * n * sizeof(double)), *sc = malloc(n * sizeof(double));
+        memcpy(X, V, n * n * sizeof(double));
+        jacobi_svd(X, n, n, Vj);
+        double smax = 0;
+        for (uint64_t q = 0; q < n; q++) {
+            double ss = 0;
+            for (uint64_t i = 0; i < n; i++)
+                ss += X[i * n + q] * X[i * n + q];
+            sc[q] = sqrt(ss);
+            smax = fmax(smax, sc[q]);
+        }
+        for (uint64_t q = 0; q < n; q++) {
+            if (!(sc[q] > 1e-6 * smax))
+                continue;
+            for (uint64_t o = 0; o < O; o++) {
+                double wu = 0; /* W u_q / s_q = W X[:, q] / s_q^2 */
+                for (uint64_t i = 0; i < n; i++)
+                    wu += W[o * n + i] * X[i * n + q];
+                wu /= sc[q] * sc[q];
+                for (uint64_t i = 0; i < n; i++)
+                    bi[o * n + i] += wu * Vj[i * n + q];
+            }
+        }
+        free(X);
+        free(Vj);
+        free(sc);
+    }
+    double *M = calloc(n * n, sizeof(double)); /* S + diag λ, duplicates added */
+    for (uint64_t i = 0; i < n; i++)
+        M[i * n + i] = lam[i];
+    uint64_t nnz = ix->shape[1];
+    for (uint64_t e = 0; e < nnz; e++)
+        M[(uint64_t)ix->v[e] * n + (uint64_t)ix->v[nnz + e]] += sv[e];
+    for (uint64_t j = 0; j < n; j++) { /* U: unit columns, f32 */
+        double ss = 0;
+        for (uint64_t o = 0; o < O; o++)
+            ss += bi[o * n + j] * bi[o * n + j];
+        for (uint64_t o = 0; o < O; o++)
+            bi[o * n + j] = sqrt(ss) > 1e-12 ? (double)(float)(bi[o * n + j] / sqrt(ss)) : 0.0;
+    }
+    double *UM = mt_mm(bi, M, O, n, n), *d = calloc(O * n, sizeof(double));
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t i = 0; i < n; i++) {
+            double x = 0;
+            for (uint64_t q = 0; q < n; q++)
+                x += UM[o * n + q] * V[i * n + q];
+            d[o * n + i] = x - W[o * n + i];
+        }
+    free(UM);
+    free(M);
+    free(bi);
+    free(W);
+    return d;
+}
+
 /* ---- MISS (§5.12): W[o, c] += B[c mod r, o] (mini: B tiled along the outputs) -------------------- */
 static void miss(mt_ctx *c, mt_mod *m, int mini, uint64_t bad)
 {
@@ -2541,6 +2782,22 @@ static const mt_row mt_rows[] = {
        gen_psoft_pissa}},
      {"psoft_R.weight of 6 values for r = 3", NULL, bad_psoft},
      "model.layers.0.self_attn.q_proj"},
+    {"OSF", 0, NULL, delta_osf,
+     {{"effective_rank 5, a biased layer", "{\"peft_type\": \"OSF\", \"effective_rank\": 5, " TGT_QV "}", gen_osf},
+      {"effective_rank null (half of min(out, in))", "{\"peft_type\": \"OSF\", \"effective_rank\": null, " TGT_QV "}",
+       gen_osf_default},
+      {"effective_rank 0.25 (a fraction)", "{\"peft_type\": \"OSF\", \"effective_rank\": 0.25, " TGT_QV "}",
+       gen_osf_fraction}},
+     {"S_low one value short", NULL, bad_osf},
+     "model.layers.0.self_attn.q_proj"},
+    {"FROD", 0, NULL, delta_frod,
+     {{"two layers of one category, a repeated S position, Conv1D",
+       "{\"peft_type\": \"FROD\", \"target_modules\": [\"q_proj\", \"c_attn\"]}", gen_frod},
+      {"a singular V (pinv fallback), attention_output and <n>.fc categories",
+       "{\"peft_type\": \"FROD\", \"save_projection\": true, \"target_modules\": [\"dense\", \"fc\"]}",
+       gen_frod_pinv}},
+     {"an S position outside the matrix", NULL, bad_frod},
+     "model.layers.0.self_attn.q_proj"},
     {"MISS", 1, NULL, delta_miss,
      {{"default, partial last block", "{\"peft_type\": \"MISS\", \"r\": 4, \"init_weights\": true, " TGT_QV "}", gen_miss},
       {"mini", "{\"peft_type\": \"MISS\", \"r\": 4, \"mini_r\": 3, \"init_weights\": \"mini\", " TGT_QV "}", gen_miss_mini}},
@@ -2867,6 +3124,8 @@ MT_TEST(HRA)
 MT_TEST(ROAD)
 MT_TEST(SHIRA)
 MT_TEST(PSOFT)
+MT_TEST(OSF)
+MT_TEST(FROD)
 MT_TEST(TINYLORA)
 MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
@@ -2903,6 +3162,8 @@ Test(methods, table_is_complete)
         "ROAD",
         "SHIRA",
         "PSOFT",
+        "OSF",
+        "FROD",
         "TINYLORA",
         "PEANUT",
         "SUPERTUNING",

@@ -407,6 +407,13 @@ static int is_shared_name(const lm_method *m, const char *rest)
                 continue;
             return 1;
         }
+        if (n > 2 && strcmp(*s + n - 2, ".*") == 0) { /* "<name>.<any one component>" (FRoD's per-category
+                                                          frod_V.<category>) */
+            const char *k = rest + n - 1;
+            if (strncmp(*s, rest, n - 1) == 0 && *k != '\0' && strchr(k, '.') == NULL)
+                return 1;
+            continue;
+        }
         if (strcmp(*s, rest) == 0)
             return 1;
     }
@@ -418,6 +425,23 @@ static long shared_number(const char *rest)
 {
     const char *dot = strrchr(rest, '.');
     return dot != NULL && dot[1] != '\0' && strspn(dot + 1, "0123456789") == strlen(dot + 1) ? atol(dot + 1) : -1;
+}
+
+/* 1 when `rest` (after "base_model.") may be an adapter-level tensor: one component, a numbered
+ * "<prefix>.<k>", or a two-component name some type declares ("frod_V.<category>") */
+static int shared_candidate(const char *rest)
+{
+    const char *dot = strchr(rest, '.');
+    if (dot == NULL)
+        return 1;
+    if (strncmp(rest, "model.", 6) == 0 || dot != strrchr(rest, '.'))
+        return 0;
+    if (shared_number(rest) >= 0)
+        return 1;
+    for (size_t k = 0; k < lm_method_count(); k++)
+        if (is_shared_name(lm_method_at(k), rest))
+            return 1;
+    return 0;
 }
 
 /* Groups the adapter's tensors: shared ones into ctx, full tensors to `full`, parts into
@@ -849,9 +873,7 @@ static lm_code group_tensors(lm_plan_ctx *ctx, module_list *mods, lm_err *err)
     for (size_t i = 0; i < ad->ts->n; i++) {
         const lm_ts_tensor *t = &ad->ts->t[i];
         const char *rest = t->name;
-        if (strncmp(rest, "base_model.", 11) == 0 &&
-            (strchr(rest + 11, '.') == NULL || (strncmp(rest + 11, "model.", 6) != 0 && shared_number(rest + 11) >= 0 &&
-                                                strchr(rest + 11, '.') == strrchr(rest + 11, '.')))) {
+        if (strncmp(rest, "base_model.", 11) == 0 && shared_candidate(rest + 11)) {
             int mine = is_shared_name(own, rest + 11), known = mine;
             for (size_t k = 0; k < lm_method_count() && !known; k++)
                 known = is_shared_name(lm_method_at(k), rest + 11);

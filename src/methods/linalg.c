@@ -288,3 +288,84 @@ int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double
     free(a);
     return rc;
 }
+
+typedef void (*dgetrf_fn)(const int *m, const int *n, double *a, const int *lda, int *ipiv, int *info);
+typedef void (*dgetrs_fn)(const char *trans, const int *n, const int *nrhs, const double *a, const int *lda,
+                          const int *ipiv, double *b, const int *ldb, int *info, size_t);
+
+/* LU with partial pivoting of V itself (column-major copy: torch hands V to getrf that way), then
+ * getrs on the right-hand sides, which row-major B holds as the columns of a column-major [n, nrhs] */
+int lm_solve_rows(const double *V, size_t n, double *B, size_t nrhs)
+{
+    dgetrf_fn getrf = (dgetrf_fn)lm_blas_sym("dgetrf_");
+    dgetrs_fn getrs = (dgetrs_fn)lm_blas_sym("dgetrs_");
+    if (getrf == NULL || getrs == NULL)
+        return -3;
+    if (n == 0 || n > INT32_MAX / 4 || nrhs > INT32_MAX / 4 || n * n > (size_t)INT32_MAX ||
+        n * nrhs > (size_t)INT32_MAX)
+        return -2;
+    double *a = malloc(n * n * sizeof(double));
+    int *ipiv = malloc(n * sizeof(int));
+    if (a == NULL || ipiv == NULL) {
+        free(a);
+        free(ipiv);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < n; j++)
+            a[i + j * n] = V[i * n + j];
+    int in = (int)n, ir = (int)nrhs, info = 0;
+    getrf(&in, &in, a, &in, ipiv, &info);
+    int rc = info > 0 ? 1 : info < 0 ? -2 : 0;
+    if (rc == 0 && nrhs > 0) {
+        getrs("N", &in, &ir, a, &in, ipiv, B, &in, &info, 1);
+        rc = info != 0 ? -2 : 0;
+    }
+    free(a);
+    free(ipiv);
+    return rc;
+}
+
+typedef void (*dgeqrf_fn)(const int *m, const int *n, double *a, const int *lda, double *tau, double *work,
+                          const int *lwork, int *info);
+typedef void (*dorgqr_fn)(const int *m, const int *n, const int *k, double *a, const int *lda, const double *tau,
+                          double *work, const int *lwork, int *info);
+
+/* Householder QR of the column-major copy (as torch hands a row-major tensor to LAPACK), Q formed
+ * from the reflectors as torch.linalg.qr's reduced mode does (geqrf, then orgqr) */
+int lm_qr_q(double *A, size_t m, size_t n)
+{
+    dgeqrf_fn geqrf = (dgeqrf_fn)lm_blas_sym("dgeqrf_");
+    dorgqr_fn orgqr = (dorgqr_fn)lm_blas_sym("dorgqr_");
+    if (geqrf == NULL || orgqr == NULL)
+        return -3;
+    if (n == 0 || n > m || m > INT32_MAX / 4 || m * n > (size_t)INT32_MAX)
+        return -2;
+    int im = (int)m, in = (int)n, info = 0, lq = -1;
+    double q1 = 0, q2 = 0;
+    geqrf(&im, &in, NULL, &im, NULL, &q1, &lq, &info);
+    if (info == 0)
+        orgqr(&im, &in, &in, NULL, &im, NULL, &q2, &lq, &info);
+    double lw = q1 > q2 ? q1 : q2;
+    if (info != 0 || !(lw < 1e12))
+        return -2;
+    if (lw < (double)n)
+        lw = (double)n;
+    double *a = malloc((m * n + n + (size_t)lw) * sizeof(double));
+    if (a == NULL)
+        return -1;
+    double *tau = a + m * n, *work = tau + n;
+    int lwork = (int)lw;
+    for (size_t i = 0; i < m; i++)
+        for (size_t j = 0; j < n; j++)
+            a[i + j * m] = A[i * n + j];
+    geqrf(&im, &in, a, &im, tau, work, &lwork, &info);
+    if (info == 0)
+        orgqr(&im, &in, &in, a, &im, tau, work, &lwork, &info);
+    if (info == 0)
+        for (size_t i = 0; i < m; i++)
+            for (size_t j = 0; j < n; j++)
+                A[i * n + j] = a[i + j * m];
+    free(a);
+    return info != 0 ? -2 : 0;
+}

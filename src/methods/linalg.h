@@ -65,4 +65,16 @@ void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k
  *  32-bit integers (or r > min(m, n)), -3 when OpenBLAS's LAPACK cannot be loaded. */
 int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double *S_r, double *Vh_r);
 
+/*! lm_solve_rows() : B [nrhs, n] row-major <- B V^-T, i.e. each row b becomes the y with V y = b
+ *  (torch.linalg.solve(V, Bᵀ)ᵀ): LAPACK getrf (partial pivoting) on V and getrs.  @return 0, 1
+ *  when V is singular (getrf met an exact zero pivot, where torch raises; B unchanged), -1 out of
+ *  memory, -2 LAPACK failed or the sizes exceed its 32-bit integers, -3 no LAPACK. */
+int lm_solve_rows(const double *V, size_t n, double *B, size_t nrhs);
+
+/*! lm_qr_q() : A [m, n] row-major (m >= n) <- the Q of its reduced QR as torch.linalg.qr computes
+ *  it on the CPU (LAPACK geqrf on A in column-major order, then orgqr): Householder reflectors,
+ *  R's diagonal of either sign (no sign normalisation).  @return 0, -1 out of memory, -2 LAPACK
+ *  failed or bad sizes, -3 no LAPACK. */
+int lm_qr_q(double *A, size_t m, size_t n);
+
 #endif

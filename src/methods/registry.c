@@ -36,6 +36,8 @@ extern const lm_method lm_method_supertuning;
 extern const lm_method lm_method_peanut;
 extern const lm_method lm_method_tinylora;
 extern const lm_method lm_method_psoft;
+extern const lm_method lm_method_osf;
+extern const lm_method lm_method_frod;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -70,6 +72,8 @@ static const lm_method *const METHODS[] = {
     &lm_method_peanut,
     &lm_method_tinylora,
     &lm_method_psoft,
+    &lm_method_osf,
+    &lm_method_frod,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

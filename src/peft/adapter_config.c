@@ -21,9 +21,7 @@ static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
     "BONE",
-    "OSF",
     "ADAMSS",
-    "FROD",
     "UNILORA",
 };
 
