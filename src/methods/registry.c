@@ -36,6 +36,7 @@ extern const lm_method lm_method_supertuning;
 extern const lm_method lm_method_peanut;
 extern const lm_method lm_method_tinylora;
 extern const lm_method lm_method_psoft;
+extern const lm_method lm_method_unilora;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -70,6 +71,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_peanut,
     &lm_method_tinylora,
     &lm_method_psoft,
+    &lm_method_unilora,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

@@ -24,7 +24,6 @@ static const char *const NOT_YET[] = {
     "OSF",
     "ADAMSS",
     "FROD",
-    "UNILORA",
 };
 
 static int in_list(const char *s, const char *const *list, size_t n)
