@@ -210,6 +210,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "PSOFT",
         "OSF",
         "FROD",
+        "UNILORA",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

@@ -2,8 +2,11 @@
 /* test_linalg.c : the pure math of the methods (src/methods/linalg.c, torch_rng.c) on
  * hand-checkable matrices: Cayley transforms, the Cayley-Neumann series (one by one and by
  * doubling), the compact WY form of Householder products, Gram-Schmidt, torch's MT19937 and
- * randperm, and the FFT glue of FourierFT against a direct double sum. */
+ * randperm, numpy's PCG64 Generator (against numpy's own test vectors and, when /usr/bin/python3
+ * has numpy, numpy itself), and the FFT glue of FourierFT against a direct double sum. */
 #include "linalg.h"
+#include "numpy_rng.h"
+#include "th.h"
 #include "torch_rng.h"
 
 #include <criterion/criterion.h>
@@ -250,4 +253,74 @@ Test(linalg, tucker_fold_by_hand)
         -1, -1.5, 0, 2, -2, 1.5};
     for (int i = 0; i < 12; i++)
         cr_assert_eq(U[i], want[i], "U[%d] = %g, want %g", i, U[i], want[i]);
+}
+
+/* numpy's own reference values: numpy/random/tests/data/pcg64-testset-1.csv (PCG64(0xdeadbeaf),
+ * seeded through SeedSequence) and the quick start of numpy's random documentation
+ * (default_rng(12345).random() == 0.22733602246716966, i.e. (next64 >> 11) * 2^-53) */
+Test(numpy_rng, pcg64_reference_outputs)
+{
+    lm_np_pcg64 g;
+    lm_np_default_rng(&g, 0xdeadbeafu);
+    cr_assert_eq(lm_np_next64(&g), 0x60d24054e17a0698ull);
+    cr_assert_eq(lm_np_next64(&g), 0xd5e79d89856e4f12ull);
+    cr_assert_eq(lm_np_next64(&g), 0xd254972fe64bd782ull);
+    lm_np_default_rng(&g, 12345);
+    cr_assert_eq((double)(lm_np_next64(&g) >> 11) * 0x1p-53, 0.22733602246716966);
+    /* next32 hands out the low half of one 64-bit draw, then its high half */
+    lm_np_pcg64 h;
+    lm_np_default_rng(&g, 7);
+    lm_np_default_rng(&h, 7);
+    uint64_t x = lm_np_next64(&h);
+    cr_assert_eq(lm_np_next32(&g), (uint32_t)x);
+    cr_assert_eq(lm_np_next32(&g), (uint32_t)(x >> 32));
+}
+
+/* choice(replace=False) (Floyd and the tail shuffle), shuffle, and the bounded draws against numpy
+ * itself: the same seeds through /usr/bin/python3 */
+Test(numpy_rng, choice_and_shuffle_match_numpy, .timeout = 60)
+{
+    th_run_result p = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
+    int have = p.status == 0;
+    th_run_free(&p);
+    if (!have)
+        cr_skip_test("numpy's outputs need /usr/bin/python3 with numpy (apt-get install python3-numpy)");
+    static const uint64_t cases[][3] = {{42, 256, 128}, {7, 20000, 1000}, {7, 20000, 100}, {0, 5, 5},
+                                        {123, 100000, 3000}, {1u << 31, 37, 36}, {99, 4294967296ull, 3}};
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        uint64_t seed = cases[k][0], pop = cases[k][1], size = cases[k][2];
+        char cmd[600];
+        snprintf(cmd, sizeof cmd, "/usr/bin/python3 -c 'import numpy as np\n"
+                 "g = np.random.default_rng(%llu)\nc = g.choice(%llu, size=%llu, replace=False)\n"
+                 "x = np.arange(1000, dtype=np.int64)\ng.shuffle(x)\n"
+                 "print(*c, *x, g.integers(0, 2**40), g.integers(0, 1000))'",
+                 (unsigned long long)seed, (unsigned long long)pop, (unsigned long long)size);
+        th_run_result r = th_sh(cmd);
+        cr_assert_eq(r.status, 0, "python: %s", r.err);
+        lm_np_pcg64 g;
+        lm_np_default_rng(&g, seed);
+        uint64_t *c = malloc((size + 1000 + 2) * sizeof *c);
+        uint32_t x[1000];
+        cr_assert_eq(lm_np_choice(&g, pop, size, c), 0);
+        for (uint32_t i = 0; i < 1000; i++)
+            x[i] = i;
+        lm_np_shuffle_u32(&g, x, 1000);
+        for (uint32_t i = 0; i < 1000; i++)
+            c[size + i] = x[i];
+        c[size + 1000] = lm_np_bounded(&g, (1ull << 40) - 1); /* integers(0, high): [0, high - 1] */
+        c[size + 1001] = lm_np_bounded(&g, 999);
+        const char *s = r.out;
+        for (uint64_t i = 0; i < size + 1002; i++) {
+            char *end;
+            unsigned long long v = strtoull(s, &end, 10);
+            cr_assert(end != s, "seed %llu: numpy printed %llu values, expected %llu", (unsigned long long)seed,
+                      (unsigned long long)i, (unsigned long long)(size + 1002));
+            cr_assert_eq(v, c[i], "seed %llu pop %llu size %llu: value %llu is %llu, numpy's %llu",
+                         (unsigned long long)seed, (unsigned long long)pop, (unsigned long long)size,
+                         (unsigned long long)i, (unsigned long long)c[i], v);
+            s = end;
+        }
+        free(c);
+        th_run_free(&r);
+    }
 }

@@ -67,6 +67,7 @@ typedef struct {
     int nm;
     double *ref[MT_MAX]; /* expected values of base[k] (NULL: must be unchanged) */
     const char *cfg;
+    const char *base_config; /* config.json beside the base (NULL: none) */
     char *dir;
 } mt_ctx;
 
@@ -2035,6 +2036,86 @@ static double *delta_tinylora(const mt_ctx *c, const mt_mod *m)
     return d;
 }
 
+/* ---- UNILORA (docs/adapter-types.md): B A with A[j, i] = θ[iA[j, i]] / sqrt(count of iA[j, i]) ------ */
+/* UniLoraModel.generate_index(104, 24, proj_seed 7) as numpy 1.24 computes it (default_rng(7):
+ * repeat(arange(24), 4), 8 extras by choice(24, 8, replace=False), shuffle), printed once with
+ * /usr/bin/python3; PEFT hands it out in model order, A then B of each layer */
+static const int ul_idx[104] = {21, 5, 13, 13, 19, 16, 0, 8, 14, 7, 8, 16, 15, 6, 9, 22, 4, 0, 12, 17, 11, 4, 18, 5, 2, 20, 17, 1, 12, 18, 14, 16, 11, 23, 20, 12, 3, 3, 6, 6, 12, 19, 9, 14, 23, 16, 11, 1, 18, 10, 5, 4, 10, 1, 20, 17, 12, 15, 5, 7, 10, 9, 22, 10, 19, 21, 0, 19, 23, 9, 21, 2, 19, 13, 22, 21, 11, 5, 15, 2, 16, 6, 15, 22, 2, 0, 20, 13, 14, 17, 11, 3, 21, 7, 20, 4, 7, 8, 1, 18, 17, 8, 23, 3};
+
+/* llama's module order (layers by number, self_attn before mlp, q before v) is not the names' order */
+static void gen_unilora(mt_ctx *c)
+{
+    static const char *const paths[4] = {"model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj",
+                                         "model.layers.2.mlp.down_proj", "model.layers.10.self_attn.q_proj"};
+    static const uint64_t oi[4][2] = {{7, 6}, {5, 6}, {6, 9}, {7, 6}};
+    c->base_config = "{\"model_type\": \"llama\", \"architectures\": [\"LlamaForCausalLM\"]}";
+    mt_base(c, "model.layers.2.self_attn.k_proj.weight", SH(5, 6), 0, 0.05); /* not targeted */
+    mt_key(c, "base_model.unilora_theta_d", NULL, SH(24), 0, 0.3);
+    int at = 0;
+    for (int k = 0; k < 4; k++) {
+        mt_mod *m = mt_module(c, paths[k], LIN, oi[k][0], oi[k][1], k == 1);
+        m->r = 2;
+        m->q[0] = at;
+        at += 2 * (int)(oi[k][0] + oi[k][1]);
+    }
+    cr_assert_eq(at, 104);
+}
+
+/* save_indices: each layer's indices and scales in the file (a Linear and a GPT-2 Conv1D) */
+static void gen_unilora_saved_k(mt_ctx *c, int bad)
+{
+    mt_key(c, "base_model.unilora_theta_d", NULL, SH(10), 0, 0.3);
+    mt_mod *m[2] = {mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 7, 6, 0),
+                    mt_module(c, "transformer.h.0.attn.c_attn", C1D, 9, 6, 0)};
+    for (int k = 0; k < 2; k++) {
+        m[k]->r = 3;
+        m[k]->q[1] = 1;
+        mt_t *ia = mt_part(c, m[k], "unilora_indices_A", SH(3, m[k]->I), 0, 0);
+        mt_t *ib = mt_part(c, m[k], "unilora_indices_B", SH(m[k]->O, 3), 0, 0);
+        snprintf(ia->dtype, sizeof ia->dtype, "I64");
+        snprintf(ib->dtype, sizeof ib->dtype, "I64");
+        for (uint64_t e = 0; e < ia->n; e++)
+            ia->v[e] = (double)(th_rand_u64(&c->rng) % 10);
+        for (uint64_t e = 0; e < ib->n; e++)
+            ib->v[e] = (double)(th_rand_u64(&c->rng) % 10);
+        if (bad && k == 0)
+            ib->v[4] = 10; /* theta_d has 10 entries */
+        mt_part(c, m[k], "unilora_scales_A", SH(3, m[k]->I), 0.6, 0.1);
+        mt_part(c, m[k], "unilora_scales_B", SH(m[k]->O, 3), 0.6, 0.1);
+    }
+}
+static void gen_unilora_saved(mt_ctx *c) { gen_unilora_saved_k(c, 0); }
+static void bad_unilora(mt_ctx *c) { gen_unilora_saved_k(c, 1); }
+
+static double *delta_unilora(const mt_ctx *c, const mt_mod *m)
+{
+    const mt_t *th = mt_find(c, "base_model.unilora_theta_d");
+    cr_assert(th);
+    uint64_t r = (uint64_t)m->r, na = r * m->I, nb = m->O * r;
+    double *A = malloc(na * sizeof(double)), *B = malloc(nb * sizeof(double));
+    int count[24] = {0};
+    for (int e = 0; e < 104; e++)
+        count[ul_idx[e]]++;
+    for (uint64_t e = 0; e < na + nb; e++) {
+        int w = e >= na;
+        uint64_t j = w ? e - na : e;
+        double x;
+        if (m->q[1]) {
+            const double *iv = mt_get(c, m, w ? "unilora_indices_B" : "unilora_indices_A");
+            const double *sv = mt_get(c, m, w ? "unilora_scales_B" : "unilora_scales_A");
+            x = th->v[(int)iv[j]] * sv[j];
+        } else {
+            int q = ul_idx[m->q[0] + (int)e];
+            x = th->v[q] / sqrt((double)count[q]);
+        }
+        (w ? B : A)[j] = x;
+    }
+    double *d = mt_mm(B, A, m->O, r, m->I);
+    free(A);
+    free(B);
+    return d;
+}
+
 /* ---- PSOFT (docs/adapter-types.md): U_r S_r (R − I) Vh_r from an SVD of the base weight ------------ */
 /* R is left diagonal here (psoft_orth false, a diagonal weight; the vectors keep it so), which makes the
  * delta Σ_k s_k (R_kk − 1) u_k v_kᵀ independent of the singular vectors' signs: the reference takes its
@@ -2773,6 +2854,18 @@ static const mt_row mt_rows[] = {
        gen_tinylora_tied}},
      {"down_proj's tinylora_P drawn from another seed", NULL, bad_tinylora},
      "model.layers.0.mlp.down_proj"},
+    {"UNILORA", 1, NULL, delta_unilora,
+     {{"indices regenerated (numpy's PCG64) in llama's module order, choice + shuffle",
+       "{\"peft_type\": \"UNILORA\", \"r\": 2, \"theta_d_length\": 24, \"proj_seed\": 7, "
+       "\"target_modules\": [\"q_proj\", \"v_proj\", \"down_proj\"]}",
+       gen_unilora},
+      {"save_indices: saved indices and scales, Linear and Conv1D",
+       "{\"peft_type\": \"UNILORA\", \"r\": 3, \"theta_d_length\": 10, \"save_indices\": true, "
+       "\"target_modules\": [\"q_proj\", \"c_attn\"]}",
+       gen_unilora_saved}},
+     {"a saved index beyond theta_d", "{\"peft_type\": \"UNILORA\", \"r\": 3, \"theta_d_length\": 10, "
+      "\"save_indices\": true, \"target_modules\": [\"q_proj\", \"c_attn\"]}", bad_unilora},
+     "model.layers.0.self_attn.q_proj"},
     {"PSOFT", 1, NULL, delta_psoft,
      {{"psoft_init, diagonal free R, both vectors",
        "{\"peft_type\": \"PSOFT\", \"r\": 3, \"psoft_alpha\": 6, \"psoft_orth\": false, " TGT_QV "}", gen_psoft},
@@ -2890,6 +2983,9 @@ static void mt_write(mt_ctx *c, char *base, char *adir, char *out, size_t cap)
     mt_write_st(p, c->ad, c->na);
     snprintf(p, sizeof p, "%s/adapter_config.json", adir);
     cr_assert_eq(th_write_file(p, c->cfg, strlen(c->cfg)), 0);
+    snprintf(p, sizeof p, "%s/config.json", c->dir);
+    if (c->base_config != NULL)
+        cr_assert_eq(th_write_file(p, c->base_config, strlen(c->base_config)), 0);
 }
 
 /* lora-merge -q [opts...] base adapter out */
@@ -3015,7 +3111,8 @@ static void mt_refusal(const mt_row *row)
                   "%s refusal (%s, %s): not one `error:` line: %s", row->type, row->bad.label, how, e);
         cr_assert(strstr(e, row->bad_names) != NULL, "%s refusal (%s, %s): the error does not name %s: %s", row->type,
                   row->bad.label, how, row->bad_names, e);
-        cr_assert(!th_exists(out) && th_count_entries(c.dir) == 2, "%s refusal (%s, %s): output or temporary file left",
+        cr_assert(!th_exists(out) && th_count_entries(c.dir) == 2 + (c.base_config != NULL),
+                  "%s refusal (%s, %s): output or temporary file left",
                   row->type, row->bad.label, how);
         th_run_free(&r);
     }
@@ -3126,6 +3223,7 @@ MT_TEST(SHIRA)
 MT_TEST(PSOFT)
 MT_TEST(OSF)
 MT_TEST(FROD)
+MT_TEST(UNILORA)
 MT_TEST(TINYLORA)
 MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
@@ -3135,6 +3233,41 @@ MT_TEST(HIRA)
 MT_TEST(BEFT)
 MT_TEST(LN_TUNING)
 MT_TEST(TRAINABLE_TOKENS)
+
+/* Uni-LoRA without saved indices: the layers' order must be known, else the merge is refused */
+Test(methods, unilora_unknown_module_order_refused, .timeout = 60)
+{
+    static const struct {
+        const char *config, *cfg, *says;
+    } cases[] = {
+        {NULL, NULL, "no model_type: lora-merge cannot tell whether"},
+        {"{\"model_type\": \"gemma\"}", NULL, "model_type 'gemma'"},
+        {"{\"model_type\": \"gemma\"}", "{\"peft_type\": \"UNILORA\", \"r\": 2, \"theta_d_length\": 24, "
+         "\"target_modules\": \"all-linear\"}", "target_modules 'all-linear'"},
+        {"{\"model_type\": \"llama\"}", "{\"peft_type\": \"UNILORA\", \"r\": 2, \"theta_d_length\": 24, "
+         "\"target_modules\": [\"nothing\"]}", "selects no 2-D weight"},
+        {"{\"model_type\": \"llama\"}", "{\"peft_type\": \"UNILORA\", \"r\": 2, \"theta_d_length\": 24, "
+         "\"target_modules\": [\"q_proj\", \"v_proj\", \"down_proj\", \"untouched\"]}", "no Linear layer of a llama"},
+    };
+    int ri;
+    const mt_row *row = mt_row_of("UNILORA", &ri);
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        mt_ctx c;
+        mt_init(&c, row, 0, "F16", "F32");
+        c.cfg = cases[k].cfg ? cases[k].cfg : row->v[0].cfg;
+        row->v[0].gen(&c);
+        c.base_config = cases[k].config;
+        char base[1100], adir[1100], out[1100];
+        mt_write(&c, base, adir, out, sizeof base);
+        th_run_result r = mt_merge(base, adir, out, NULL);
+        cr_assert_eq(r.status, 1, "case %zu: exit %d: %s", k, r.status, r.err);
+        cr_assert(strstr(r.err, cases[k].says) != NULL && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                  "case %zu: not one line saying '%s': %s", k, cases[k].says, r.err);
+        cr_assert(!th_exists(out), "case %zu: output left", k);
+        th_run_free(&r);
+        mt_free(&c);
+    }
+}
 
 /* every row has its test above, and the table has no duplicates */
 Test(methods, table_is_complete)
@@ -3164,6 +3297,7 @@ Test(methods, table_is_complete)
         "PSOFT",
         "OSF",
         "FROD",
+        "UNILORA",
         "TINYLORA",
         "PEANUT",
         "SUPERTUNING",

@@ -871,6 +871,8 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     if ((rc = lm_base_quant_scheme(S.base_dir, &S.qs, err)) != LM_OK)
         goto done;
     S.popts.quant = &S.qs;
+    lm_base_info_read(S.base_dir, &S.bi);
+    S.popts.model_type = S.bi.model_type;
     S.plan = lm_plan_create(S.model, S.ads, job->n_adapters, &S.popts, err);
     if (S.plan == NULL) {
         rc = err->code;
@@ -887,7 +889,6 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     }
     phase_end(&S, LM_PHASE_PLAN);
     S.out_dtype = output_dtype(S.plan);
-    lm_base_info_read(S.base_dir, &S.bi);
     lm_inputs_check_base(&S.bi, job->base_path, S.ads, job->n_adapters, S.ri);
     if ((rc = hash_adapters(&S, err)) != LM_OK || (rc = provenance(&S, err)) != LM_OK)
         goto done;

@@ -473,6 +473,7 @@ struct lm_plan_ctx {
     size_t n_shared, cap_shared;
     const char *last_module; /* plan copy of the last module string handed out */
     lm_pattern_set *rank_pat, *alpha_pat; /* the config's patterns, compiled once (owned) */
+    const lm_target_matcher *tm;          /* the config's target rules */
 };
 
 const lm_adapter *lm_ctx_adapter(const lm_plan_ctx *ctx) { return ctx->ad; }
@@ -484,6 +485,18 @@ const lm_ts_tensor *lm_ctx_shared(const lm_plan_ctx *ctx, const char *name)
         if (strcmp(ctx->shared_names[i], name) == 0)
             return ctx->shared[i];
     return NULL;
+}
+
+size_t lm_ctx_n_base(const lm_plan_ctx *ctx) { return lm_model_n_tensors(ctx->P->model); }
+
+const char *lm_ctx_model_type(const lm_plan_ctx *ctx) { return ctx->P->opts->model_type; }
+
+int lm_ctx_targets(lm_plan_ctx *ctx, const char *module, lm_err *err)
+{
+    int t = lm_target_matcher_test(ctx->tm, module, err);
+    if (t < 0)
+        lm_err_set_path(err, ctx->ad->config_path);
+    return t;
 }
 
 const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i)
@@ -1019,6 +1032,7 @@ static lm_code plan_adapter(planner *P, size_t ai, lm_err *err)
         lm_err_set_path(err, ad->config_path);
         return err->code;
     }
+    ctx.tm = tm;
     lm_code rc = group_tensors(&ctx, &mods, err);
     /* the adapter's own type first, then types whose parts may come along (trainable tokens) */
     if (rc == LM_OK)

@@ -64,6 +64,7 @@ typedef struct lm_plan_opts {
     int out_dtype_set;   /* --dtype other than auto: floating tensors become out_dtype */
     lm_dtype out_dtype;
     const lm_qscheme *quant; /* the base's quantization_config, or NULL (none) */
+    const char *model_type;  /* the base's config.json model_type, or NULL (none) */
 } lm_plan_opts;
 
 /*! lm_plan_create() :

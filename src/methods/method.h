@@ -167,6 +167,13 @@ size_t lm_ctx_adapter_index(const lm_plan_ctx *ctx);
 const lm_ts_tensor *lm_ctx_shared(const lm_plan_ctx *ctx, const char *name);
 /* base tensor i's header */
 const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i);
+/* the number of base tensors (entries 0 .. n - 1) */
+size_t lm_ctx_n_base(const lm_plan_ctx *ctx);
+/* the base's config.json model_type ("llama"), or NULL when it has none */
+const char *lm_ctx_model_type(const lm_plan_ctx *ctx);
+/* would PEFT adapt the module at `path` by the adapter's target rules (target_modules,
+ * exclude_modules, layers_to_transform ...)?  1, 0, or -1 with *err (a bad regex) */
+int lm_ctx_targets(lm_plan_ctx *ctx, const char *path, lm_err *err);
 /* "<module>.weight" under any prefix: entry index, or -1 with *err (NoMatchingTensor ...) */
 long lm_ctx_module_weight(lm_plan_ctx *ctx, const char *module, lm_err *err);
 /* base tensor `name` under any prefix (as "<module>.weight" is found): entry index, or -1 with

@@ -38,6 +38,7 @@ extern const lm_method lm_method_tinylora;
 extern const lm_method lm_method_psoft;
 extern const lm_method lm_method_osf;
 extern const lm_method lm_method_frod;
+extern const lm_method lm_method_unilora;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -74,6 +75,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_psoft,
     &lm_method_osf,
     &lm_method_frod,
+    &lm_method_unilora,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

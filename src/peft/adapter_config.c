@@ -22,7 +22,6 @@ static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 static const char *const NOT_YET[] = {
     "BONE",
     "ADAMSS",
-    "UNILORA",
 };
 
 static int in_list(const char *s, const char *const *list, size_t n)
