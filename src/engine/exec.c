@@ -3,6 +3,7 @@
 #include "exec.h"
 
 #include "compat.h"
+#include "exec_exact.h"
 #include "exec_lowrank.h"
 #include "exec_quant.h"
 #include "gemm_tile.h"
@@ -85,7 +86,7 @@ typedef struct {
     lm_prepared *prep;   /* [n_ops], or NULL */
     double *col_scale;   /* column DoRA: per-column factors (the column pass), or NULL */
     lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
-    int uses_exact;      /* the tensor takes the exact path (decided before the run) */
+    lm_exact_kind exact_kind; /* the certified path it takes (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
@@ -207,7 +208,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
         }
         if (rc == LM_OK && t->q != NULL)
             rc = lm_xq_load_scales(t, J->model, &rt->qscale, err);
-        if (rc == LM_OK && rt->uses_exact && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
+        if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc != LM_OK) {
             lm_err_set_tensor(err, t->name);
@@ -655,7 +656,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
-    if (J->rt[ti].uses_exact) { /* base bytes -> output bytes; the statistics from the bytes written */
+    if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
         if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
         lm_code rc = compute_tile_exact(J, ti, r0, nr, src, ws, err); /* src stays intact */
@@ -671,7 +672,13 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
-    apply_ops(J, ti, 0, t->n_ops, &tile);
+    if (J->rt[ti].exact_kind == LM_EXACT_SCALE) /* one rounding of the exact product (exec_exact.h) */
+        __atomic_add_fetch(&J->rt[ti].n_recomputed,
+                           lm_exact_scale_tile(ws->acc, r0, nr, t->cols, J->rt[ti].prep[0].a, t->ops[0].axis,
+                                               lm_kdtype_of(t->dtype), !J->lowrank_flags),
+                           __ATOMIC_RELAXED);
+    else
+        apply_ops(J, ti, 0, t->n_ops, &tile);
     lm_qstats qs = {0};
     if (requant) {
         *n_pieces = lm_xq_requant(t, J->rt[ti].qscale, ws->acc, ws->codes, r0, nr, ws->out, ws->qscales, &qs, pieces);
@@ -971,12 +978,11 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
     return LM_OK;
 }
 
-/* the tensors that take the exact low-rank path (exec_lowrank.h) */
+/* the tensors that take a certified path (exec_exact.h) */
 static void mark_exact_tensors(job *J)
 {
     for (size_t i = 0; i < J->plan->n; i++)
-        J->rt[i].uses_exact = J->rt[i].tiles_left > 0 && J->plan->t[i].q == NULL &&
-                              lm_lowrank_tensor_eligible(&J->plan->t[i]);
+        J->rt[i].exact_kind = J->rt[i].tiles_left > 0 ? lm_exact_kind_of(&J->plan->t[i]) : LM_EXACT_NONE;
 }
 
 /* the exact path's counters, per tensor (opts->recomputed) and in total */
@@ -985,8 +991,8 @@ static void exact_stats(const job *J, const lm_exec_opts *opts, lm_exec_stats *s
     for (size_t i = 0; i < J->plan->n; i++) {
         const tensor_rt *rt = &J->rt[i];
         if (opts && opts->recomputed)
-            opts->recomputed[i] = rt->uses_exact ? rt->n_recomputed : UINT64_MAX;
-        if (rt->uses_exact) {
+            opts->recomputed[i] = rt->exact_kind != LM_EXACT_NONE ? rt->n_recomputed : UINT64_MAX;
+        if (rt->exact_kind != LM_EXACT_NONE) {
             st->n_exact_tensors++;
             st->n_exact_elems += J->plan->t[i].rows * J->plan->t[i].cols;
             st->n_recomputed += rt->n_recomputed;
