@@ -1,0 +1,186 @@
+/* SPDX-License-Identifier: MIT */
+/* test_quant_mx.c : MXFP4 bases (gpt-oss).  The codec against the format's definition written
+ * here in double precision: every E2M1 code with every E8M0 scale (0 = 2^-127, 254 = 2^127, 255
+ * NaN), the rounding ties and saturation, the library's scale rule, dequantize -> requantize
+ * round trips byte for byte. */
+#include "quant_mx.h"
+#include "th.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* E2M1 from its definition: 1 sign, 2 exponent (bias 1), 1 mantissa bit; exponent 0 subnormal */
+static double e2m1_def(unsigned c)
+{
+    unsigned e = (c >> 1) & 3, m = c & 1;
+    double v = e == 0 ? m * 0.5 : (1.0 + m / 2.0) * ldexp(1.0, (int)e - 1);
+    return (c & 8) ? -v : v;
+}
+
+/* the nearest code by brute force, ties to the even code (mantissa bit 0), beyond 6 saturating */
+static unsigned e2m1_nearest(double x)
+{
+    double a = fabs(x) > 6.0 ? 6.0 : fabs(x);
+    unsigned best = 0;
+    for (unsigned c = 1; c < 8; c++) {
+        double d = fabs(e2m1_def(c) - a), db = fabs(e2m1_def(best) - a);
+        if (d < db || (d == db && (c & 1) == 0))
+            best = c;
+    }
+    return best | (signbit(x) ? 8u : 0u);
+}
+
+Test(quant_mx, every_code_with_every_scale)
+{
+    for (unsigned s = 0; s < 256; s++) {
+        double sc = ldexp(1.0, (int)s - 127);
+        if (s == 255)
+            cr_assert(isnan(lm_e8m0_value(255)), "E8M0 255 is NaN");
+        else
+            cr_assert_eq((double)lm_e8m0_value((uint8_t)s), sc, "E8M0 %u", s);
+        for (unsigned c = 0; c < 16; c++) {
+            uint8_t q[16], sb = (uint8_t)s;
+            memset(q, (int)(c | c << 4), sizeof q);
+            float out[32];
+            lm_mxfp4_dequant(q, &sb, 1, 32, out);
+            double want = e2m1_def(c) * sc;
+            for (int i = 0; i < 32; i++) {
+                if (s == 255) {
+                    cr_assert(isnan(out[i]), "scale 255 code %u: NaN expected", c);
+                } else if (fabs(want) > 3.4028234663852886e38) {
+                    cr_assert(isinf(out[i]) && (out[i] < 0) == (want < 0), "scale %u code %u overflows to inf", s, c);
+                } else {
+                    cr_assert_eq((double)out[i], want, "scale %u code %u: %a, want %a", s, c, (double)out[i], want);
+                    cr_assert_eq(!!signbit(out[i]), !!(c & 8), "scale %u code %u: sign", s, c);
+                }
+            }
+        }
+    }
+    cr_assert_eq(lm_e8m0_value(0), 0x1p-127f);
+    cr_assert_eq(lm_e8m0_value(127), 1.0f);
+    cr_assert_eq(lm_e8m0_value(254), 0x1p127f);
+}
+
+Test(quant_mx, nibble_order)
+{
+    /* element 2k is the low nibble of byte k (transformers' convert_moe_packed_tensors) */
+    uint8_t q[16] = {0x71, 0xF8}, s = 128;
+    float out[32];
+    lm_mxfp4_dequant(q, &s, 1, 32, out);
+    cr_assert_eq(out[0], 1.0f);   /* 0x1: 0.5 * 2 */
+    cr_assert_eq(out[1], 12.0f);  /* 0x7: 6 * 2 */
+    cr_assert(out[2] == 0.0f && signbit(out[2])); /* 0x8: -0 */
+    cr_assert_eq(out[3], -12.0f); /* 0xF: -6 * 2 */
+}
+
+Test(quant_mx, e2m1_rounding)
+{
+    static const struct {
+        float x;
+        unsigned code;
+    } cases[] = {
+        {0.25f, 0}, {0.2500001f, 1}, {0.75f, 2}, {0.7499999f, 1}, {1.25f, 2}, {1.2500001f, 3}, {1.75f, 4},
+        {2.5f, 4}, {2.5000002f, 5}, {3.5f, 6}, {3.4999998f, 5}, {5.0f, 6}, {5.0000005f, 7}, {6.0f, 7},
+        {7.9f, 7}, {1e30f, 7}, {INFINITY, 7}, {-INFINITY, 15}, {-0.0f, 8}, {-0.1f, 8}, {0x1p-140f, 0},
+        {-5.0f, 14}, {-0.75f, 10},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        cr_assert_eq(lm_f32_to_e2m1(cases[i].x), cases[i].code, "%a -> %u, want %u", (double)cases[i].x,
+                     lm_f32_to_e2m1(cases[i].x), cases[i].code);
+    cr_assert_eq(lm_f32_to_e2m1(NAN) & 7, 7, "NaN saturates (the library's bit rule)");
+    for (unsigned c = 0; c < 16; c++)
+        cr_assert_eq(lm_f32_to_e2m1(lm_e2m1_value(c)), c, "code %u encodes back to itself", c);
+    uint64_t rng = 99;
+    for (int k = 0; k < 20000; k++) {
+        float x = (float)(th_rand_uniform(&rng) * 7.5);
+        cr_assert_eq(lm_f32_to_e2m1(x), e2m1_nearest(x), "%a -> %u, want %u", (double)x, lm_f32_to_e2m1(x),
+                     e2m1_nearest(x));
+    }
+}
+
+Test(quant_mx, scale_rule)
+{
+    /* amax / 6 rounded up to a power of two; the byte its biased exponent */
+    cr_assert_eq(lm_mx_scale_for(6.0f), 127);
+    cr_assert_eq(lm_mx_scale_for(6.0000005f), 128);
+    cr_assert_eq(lm_mx_scale_for(3.0f), 126);
+    cr_assert_eq(lm_mx_scale_for(4.0f), 127);
+    cr_assert_eq(lm_mx_scale_for(0.0f), 0);
+    cr_assert_eq(lm_mx_scale_for(INFINITY), 255);
+    cr_assert_eq(lm_mx_scale_for(0x1p-140f), 1, "a subnormal amax / 6 rounds up to 2^-126");
+    cr_assert_eq(lm_mx_scale_for(3.4028235e38f), 253);
+    uint64_t rng = 5;
+    for (int k = 0; k < 5000; k++) {
+        float a = (float)ldexp(1.0 + th_rand_uniform(&rng) * 0.999, (int)(th_rand_u64(&rng) % 200) - 100);
+        double want = ceil(log2((double)(a / 6.0f)));
+        cr_assert_eq(lm_mx_scale_for(a), (unsigned)(want + 127), "amax %a", (double)a);
+    }
+}
+
+/* random codes and scales (the edge scales 0, 1, 254 and 255 among them): dequantize ->
+ * requantize gives the same bytes, every group kept */
+Test(quant_mx, round_trip_identical_bytes)
+{
+    enum { R = 6, C = 128, G = C / 32 };
+    uint8_t q[R * C / 2], q2[R * C / 2], s[R * G], s2[R * G];
+    float x[R * C];
+    uint64_t rng = 3;
+    for (size_t i = 0; i < sizeof q; i++)
+        q[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+    for (size_t i = 0; i < sizeof s; i++)
+        s[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+    s[0] = 0;
+    s[1] = 1;
+    s[2] = 254;
+    s[3] = 255;
+    lm_mxfp4_dequant(q, s, R, C, x);
+    lm_qstats st = {0};
+    lm_mxfp4_requant(x, q, s, R, C, q2, s2, &st);
+    cr_assert_eq(memcmp(q, q2, sizeof q), 0, "unchanged groups keep their codes");
+    cr_assert_eq(memcmp(s, s2, sizeof s), 0, "unchanged groups keep their scales");
+    cr_assert_eq(st.n_blocks, R * G);
+    cr_assert_eq(st.n_blocks_kept, R * G);
+    cr_assert_eq(st.n_changed, 0);
+}
+
+/* a changed group follows the library's rule, written here in double precision: bf16 first,
+ * scale 2^ceil(log2(amax / 6)), codes the nearest-even of x / scale */
+Test(quant_mx, changed_group_rule)
+{
+    enum { C = 64 };
+    uint8_t q0[C / 2], q[C / 2], s0[2] = {120, 121}, s[2];
+    float x[C];
+    uint64_t rng = 11;
+    for (int i = 0; i < C / 2; i++)
+        q0[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+    lm_mxfp4_dequant(q0, s0, 1, C, x);
+    for (int i = 32; i < C; i++) /* the second group changes (values off the bf16 grid too) */
+        x[i] = (float)(th_rand_uniform(&rng) * 0.3);
+    lm_qstats st = {0};
+    lm_mxfp4_requant(x, q0, s0, 1, C, q, s, &st);
+    cr_assert_eq(memcmp(q, q0, 16), 0, "the first group is kept");
+    cr_assert_eq(s[0], s0[0]);
+    cr_assert_eq(st.n_blocks_kept, 1);
+    double amax = 0, xb[32];
+    for (int i = 0; i < 32; i++) {
+        uint32_t u;
+        memcpy(&u, &x[32 + i], 4);
+        u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        float f;
+        memcpy(&f, &u, 4);
+        xb[i] = f;
+        amax = fmax(amax, fabs(xb[i]));
+    }
+    int e = (int)ceil(log2(amax / 6.0));
+    cr_assert_eq(s[1], (unsigned)(e + 127), "scale %u, want %d", s[1], e + 127);
+    for (int i = 0; i < 32; i++) {
+        unsigned c = (i & 1) ? q[16 + i / 2] >> 4 : q[16 + i / 2] & 15;
+        cr_assert_eq(c, e2m1_nearest(ldexp(xb[i], -e)), "element %d: code %u, want %u", i, c,
+                     e2m1_nearest(ldexp(xb[i], -e)));
+    }
+    cr_assert(st.err_max > 0 && st.err_max <= 0.34, "error at most half a step (1) over amax (> 3): %g",
+              st.err_max);
+}
