@@ -42,10 +42,11 @@ Test(quant_mx, every_code_with_every_scale)
         else
             cr_assert_eq((double)lm_e8m0_value((uint8_t)s), sc, "E8M0 %u", s);
         for (unsigned c = 0; c < 16; c++) {
-            uint8_t q[16], sb = (uint8_t)s;
+            uint8_t q[16];
             memset(q, (int)(c | c << 4), sizeof q);
-            float out[32];
-            lm_mxfp4_dequant(q, &sb, 1, 32, out);
+            float out[32], sv = lm_e8m0_value((uint8_t)s);
+            cr_assert_eq(lm_e8m0_from_f32(sv), s, "E8M0 %u back to its byte", s);
+            lm_mxfp4_dequant(q, &sv, 1, 32, out);
             double want = e2m1_def(c) * sc;
             for (int i = 0; i < 32; i++) {
                 if (s == 255) {
@@ -67,8 +68,8 @@ Test(quant_mx, every_code_with_every_scale)
 Test(quant_mx, nibble_order)
 {
     /* element 2k is the low nibble of byte k (transformers' convert_moe_packed_tensors) */
-    uint8_t q[16] = {0x71, 0xF8}, s = 128;
-    float out[32];
+    uint8_t q[16] = {0x71, 0xF8};
+    float out[32], s = 2.0f;
     lm_mxfp4_dequant(q, &s, 1, 32, out);
     cr_assert_eq(out[0], 1.0f);   /* 0x1: 0.5 * 2 */
     cr_assert_eq(out[1], 12.0f);  /* 0x7: 6 * 2 */
@@ -125,22 +126,25 @@ Test(quant_mx, scale_rule)
 Test(quant_mx, round_trip_identical_bytes)
 {
     enum { R = 6, C = 128, G = C / 32 };
-    uint8_t q[R * C / 2], q2[R * C / 2], s[R * G], s2[R * G];
-    float x[R * C];
+    uint8_t q[R * C / 2], q2[R * C / 2], sb[R * G];
+    float x[R * C], s[R * G], s2[R * G];
     uint64_t rng = 3;
     for (size_t i = 0; i < sizeof q; i++)
         q[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
-    for (size_t i = 0; i < sizeof s; i++)
-        s[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
-    s[0] = 0;
-    s[1] = 1;
-    s[2] = 254;
-    s[3] = 255;
+    for (size_t i = 0; i < sizeof sb; i++)
+        sb[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+    sb[0] = 0;
+    sb[1] = 1;
+    sb[2] = 254;
+    sb[3] = 255;
+    for (size_t i = 0; i < sizeof sb; i++)
+        s[i] = lm_e8m0_value(sb[i]);
     lm_mxfp4_dequant(q, s, R, C, x);
     lm_qstats st = {0};
     lm_mxfp4_requant(x, q, s, R, C, q2, s2, &st);
     cr_assert_eq(memcmp(q, q2, sizeof q), 0, "unchanged groups keep their codes");
-    cr_assert_eq(memcmp(s, s2, sizeof s), 0, "unchanged groups keep their scales");
+    for (size_t i = 0; i < sizeof sb; i++)
+        cr_assert_eq(lm_e8m0_from_f32(s2[i]), sb[i], "unchanged groups keep their scales");
     cr_assert_eq(st.n_blocks, R * G);
     cr_assert_eq(st.n_blocks_kept, R * G);
     cr_assert_eq(st.n_changed, 0);
@@ -151,7 +155,8 @@ Test(quant_mx, round_trip_identical_bytes)
 Test(quant_mx, changed_group_rule)
 {
     enum { C = 64 };
-    uint8_t q0[C / 2], q[C / 2], s0[2] = {120, 121}, s[2];
+    uint8_t q0[C / 2], q[C / 2];
+    float s0[2] = {0x1p-7f, 0x1p-6f}, s[2];
     float x[C];
     uint64_t rng = 11;
     for (int i = 0; i < C / 2; i++)
@@ -175,7 +180,7 @@ Test(quant_mx, changed_group_rule)
         amax = fmax(amax, fabs(xb[i]));
     }
     int e = (int)ceil(log2(amax / 6.0));
-    cr_assert_eq(s[1], (unsigned)(e + 127), "scale %u, want %d", s[1], e + 127);
+    cr_assert_eq(lm_e8m0_from_f32(s[1]), (unsigned)(e + 127), "scale %u, want %d", lm_e8m0_from_f32(s[1]), e + 127);
     for (int i = 0; i < 32; i++) {
         unsigned c = (i & 1) ? q[16 + i / 2] >> 4 : q[16 + i / 2] & 15;
         cr_assert_eq(c, e2m1_nearest(ldexp(xb[i], -e)), "element %d: code %u, want %u", i, c,

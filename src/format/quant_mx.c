@@ -59,6 +59,14 @@ static inline uint32_t scale_bits(float amax)
     return (bits_of(amax / 6.0f) + 0x007FFFFFu) & 0x7F800000u;
 }
 
+uint8_t lm_e8m0_from_f32(float v)
+{
+    const uint32_t u = bits_of(v);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+        return 255;
+    return u == 0x00400000u ? 0 : (uint8_t)(u >> 23); /* 2^-127 is the one subnormal */
+}
+
 uint8_t lm_mx_scale_for(float amax)
 {
     return (uint8_t)(scale_bits(amax) >> 23);
@@ -73,14 +81,15 @@ static inline float to_bf16(float x)
     return float_of((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
 }
 
-void lm_mxfp4_dequant(const uint8_t *q, const uint8_t *s, uint64_t nr, uint64_t cols, float *dst)
+void lm_mxfp4_dequant(const uint8_t *q, const float *s, uint64_t nr, uint64_t cols, float *dst)
 {
     const uint64_t ng = cols / LM_MX_GROUP;
     for (uint64_t r = 0; r < nr; r++) {
-        const uint8_t *qr = q + r * (cols / 2), *sr = s + r * ng;
+        const uint8_t *qr = q + r * (cols / 2);
+        const float *sr = s + r * ng;
         float *dr = dst + r * cols;
         for (uint64_t g = 0; g < ng; g++) {
-            const float sc = lm_e8m0_value(sr[g]);
+            const float sc = sr[g];
             float t[16];
             for (int c = 0; c < 16; c++)
                 t[c] = E2M1[c] * sc;
@@ -95,7 +104,7 @@ void lm_mxfp4_dequant(const uint8_t *q, const uint8_t *s, uint64_t nr, uint64_t 
 }
 
 /* one group of 32 whose values changed: new codes qg and scale byte, and its numbers */
-static void group_encode(const float *xg, const uint8_t *q0g, uint8_t s0, uint8_t *qg, uint8_t *sg, lm_qstats *st)
+static void group_encode(const float *xg, const uint8_t *q0g, float sc0, uint8_t *qg, float *sg, lm_qstats *st)
 {
     float xb[LM_MX_GROUP];
     uint32_t amax = 0;
@@ -109,8 +118,10 @@ static void group_encode(const float *xg, const uint8_t *q0g, uint8_t s0, uint8_
     const uint32_t sb = scale_bits(nan ? NAN : float_of(amax)); /* torch's max propagates NaN */
     const float ds = float_of(sb), qs = sb == 0 ? 0.0f : 1.0f / ds;
     const uint8_t s = (uint8_t)(sb >> 23);
-    *sg = s;
-    const float sc = lm_e8m0_value(s), sc0 = lm_e8m0_value(s0), ramax = amax > 0 && amax < 0x7F800000u ? 1.0f / float_of(amax) : 0.0f;
+    const float sc = lm_e8m0_value(s);
+    *sg = sc;
+    const uint8_t s0 = lm_e8m0_from_f32(sc0);
+    const float ramax = amax > 0 && amax < 0x7F800000u ? 1.0f / float_of(amax) : 0.0f;
     uint64_t changed = 0;
     for (int k = 0; k < LM_MX_GROUP / 2; k++) {
         const uint32_t lo = e2m1_code(xb[2 * k] * qs), hi = e2m1_code(xb[2 * k + 1] * qs);
@@ -131,15 +142,15 @@ static void group_encode(const float *xg, const uint8_t *q0g, uint8_t s0, uint8_
     st->n_err += LM_MX_GROUP;
 }
 
-void lm_mxfp4_requant(const float *x, const uint8_t *q0, const uint8_t *s0, uint64_t nr, uint64_t cols, uint8_t *q,
-                      uint8_t *s, lm_qstats *st)
+void lm_mxfp4_requant(const float *x, const uint8_t *q0, const float *s0, uint64_t nr, uint64_t cols, uint8_t *q,
+                      float *s, lm_qstats *st)
 {
     const uint64_t ng = cols / LM_MX_GROUP;
     for (uint64_t r = 0; r < nr; r++) {
         for (uint64_t g = 0; g < ng; g++) {
             const uint64_t gi = r * ng + g, bo = gi * (LM_MX_GROUP / 2);
             const float *xg = x + gi * LM_MX_GROUP;
-            const float sc0 = lm_e8m0_value(s0[gi]);
+            const float sc0 = s0[gi];
             int same = 1;
             for (int k = 0; same && k < LM_MX_GROUP / 2; k++) {
                 const float a = E2M1[q0[bo + k] & 15] * sc0, b = E2M1[q0[bo + k] >> 4] * sc0;
