@@ -189,3 +189,186 @@ Test(quant_mx, changed_group_rule)
     cr_assert(st.err_max > 0 && st.err_max <= 0.34, "error at most half a step (1) over amax (> 3): %g",
               st.err_max);
 }
+
+/* ---- merges into generated gpt-oss-shaped checkpoints --------------------------------------- */
+typedef struct {
+    char *tmp;
+    char base[1100], ad[1100];
+} mx_fx;
+
+/* bench/gen_model --quant Q --experts 4 (gpt-oss MXFP4, or FP8 expert stacks) */
+static void mx_gen(mx_fx *f, const char *quant, const char *extra)
+{
+    char gen[1200], cmd[4000];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
+    f->tmp = th_tmpdir();
+    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 96 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
+             "--rank 4 --experts 4 --quant %s %s 2>&1", gen, f->tmp, quant, extra ? extra : "");
+    th_run_result r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
+    th_run_free(&r);
+    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
+    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
+}
+
+static void mx_free(mx_fx *f)
+{
+    th_rmrf(f->tmp);
+    free(f->tmp);
+}
+
+/* tests/quant/mx_ref.py MODE ARGS...; skipped visibly without numpy */
+static void mx_ref(const char *args)
+{
+    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
+    int ok = r.status == 0;
+    th_run_free(&r);
+    if (!ok)
+        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
+    char cmd[5000];
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/mx_ref.py %s 2>&1", args);
+    r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "reference %s: %s", args, r.out);
+    cr_log_info("%s: %s", args, r.out);
+    th_run_free(&r);
+}
+
+static int file_has(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "cannot read %s", path);
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return strstr(buf, needle) != NULL;
+}
+
+Test(quant_mx, mxfp4_keep_and_dtype)
+{
+    mx_fx f;
+    mx_gen(&f, "mxfp4", NULL);
+    char out[1200], out2[1200], outd[1200], a[1300], b[1300], args[4000];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    snprintf(outd, sizeof outd, "%s/outd", f.tmp);
+    th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    r = th_runv("-q", "--threads", "1", "--tile-elems", "64", f.base, f.ad, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    th_st st;
+    cr_assert_eq(th_st_read(a, &st), 0);
+    const th_tensor *w = th_st_find(&st, "model.layers.1.mlp.experts.gate_up_proj_blocks");
+    const th_tensor *s = th_st_find(&st, "model.layers.1.mlp.experts.gate_up_proj_scales");
+    cr_assert(w != NULL && s != NULL && strcmp(w->dtype, "U8") == 0 && w->n_dims == 4 && w->shape[3] == 16);
+    th_st_free(&st);
+    snprintf(a, sizeof a, "%s/config.json", out);
+    cr_assert(file_has(a, "\"quant_method\": \"mxfp4\""), "quantization_config must stay");
+    r = th_runv("-q", "--dtype", "bf16", f.base, f.ad, outd, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(a, sizeof a, "%s/model.safetensors", outd);
+    cr_assert_eq(th_st_read(a, &st), 0);
+    cr_assert_null(th_st_find(&st, "model.layers.1.mlp.experts.gate_up_proj_scales"), "scales must be dropped");
+    w = th_st_find(&st, "model.layers.1.mlp.experts.gate_up_proj");
+    cr_assert(w != NULL && strcmp(w->dtype, "BF16") == 0 && w->n_dims == 3, "gate_up_proj BF16 3-D expected");
+    cr_assert(w->shape[0] == 4 && w->shape[1] == 64 && w->shape[2] == 192, "gpt-oss's [E, in, out]");
+    th_st_free(&st);
+    snprintf(a, sizeof a, "%s/config.json", outd);
+    cr_assert(!file_has(a, "quantization_config"), "quantization_config must go");
+    snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
+    mx_ref(args);
+    snprintf(args, sizeof args, "dtype '%s' '%s' '%s'", f.base, f.ad, outd);
+    mx_ref(args);
+    mx_free(&f);
+}
+
+/* an adapter whose expert 1 has a zero delta: its groups keep their bytes (report: kept) */
+Test(quant_mx, mxfp4_unchanged_expert_identical)
+{
+    mx_fx f;
+    mx_gen(&f, "mxfp4", NULL);
+    char out[1200], args[4000];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(args, sizeof args, "zero-expert '%s' 1", f.ad);
+    mx_ref(args);
+    th_run_result r = th_runv("--json", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    /* gate_up_proj: 4 experts x 192 rows x 2 groups, expert 1's 384 kept */
+    cr_assert(strstr(r.out, "\"requantized\":{\"blocks\":1536,\"blocks_kept\":384,") != NULL, "%s", r.out);
+    th_run_free(&r);
+    snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
+    mx_ref(args);
+    mx_free(&f);
+}
+
+/* E8M0 edge scales in the base: 0 (2^-127, values 2^-128 ..) and 255 (NaN, its group stays NaN,
+ * bytes kept) */
+Test(quant_mx, mxfp4_edge_scales)
+{
+    mx_fx f;
+    mx_gen(&f, "mxfp4", NULL);
+    char out[1200], args[4000];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(args, sizeof args, "edit '%s' model.layers.0.mlp.experts.down_proj_scales set 0,0,0 0", f.base);
+    mx_ref(args);
+    snprintf(args, sizeof args, "edit '%s' model.layers.0.mlp.experts.down_proj_scales set 2,5,1 255", f.base);
+    mx_ref(args);
+    th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
+    mx_ref(args);
+    mx_free(&f);
+}
+
+static void mx_refused(mx_fx *f, const char *edit, const char *want1, const char *want2)
+{
+    char out[1200], args[4000];
+    snprintf(out, sizeof out, "%s/out", f->tmp);
+    snprintf(args, sizeof args, "edit '%s' %s", f->base, edit);
+    mx_ref(args);
+    th_run_result r = th_runv("-q", f->base, f->ad, out, NULL);
+    cr_assert_neq(r.status, 0, "accepted; want a refusal naming %s", want1);
+    cr_assert(strstr(r.err, want1) != NULL && strstr(r.err, want2) != NULL, "stderr: %s", r.err);
+    cr_assert(strchr(r.err, '\n') == r.err + strlen(r.err) - 1, "one line: %s", r.err);
+    cr_assert(!th_exists(out), "an output was left");
+    th_run_free(&r);
+}
+
+Test(quant_mx, mxfp4_refusals)
+{
+    static const struct {
+        const char *edit, *want1, *want2;
+    } cases[] = {
+        {"model.layers.1.mlp.experts.down_proj_scales drop", "model.layers.1.mlp.experts.down_proj_scales",
+         "no scale tensor"},
+        {"model.layers.1.mlp.experts.down_proj_scales shape 4,64,2", "expected [4, 64, 3]", "down_proj_scales"},
+        {"model.layers.0.mlp.experts.gate_up_proj_scales dtype F32", "gate_up_proj_scales", "U8 (E8M0)"},
+        {"model.layers.0.mlp.experts.gate_up_proj_blocks shape 4,192,4,8", "gate_up_proj_blocks", "[4, 192, 4, 8]"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        mx_fx f;
+        mx_gen(&f, "mxfp4", NULL);
+        mx_refused(&f, cases[i].edit, cases[i].want1, cases[i].want2);
+        mx_free(&f);
+    }
+}
+
+Test(quant_mx, mxfp4_inspect)
+{
+    mx_fx f;
+    mx_gen(&f, "mxfp4", "--no-adapter");
+    th_run_result r = th_runv("inspect", f.base, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "quantization: MXFP4 (E2M1 blocks, E8M0 scales per 32), quant_method mxfp4, "
+                            "4 quantized weights") != NULL, "%s", r.out);
+    th_run_free(&r);
+    mx_free(&f);
+}

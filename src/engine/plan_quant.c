@@ -82,6 +82,11 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
     size_t n = lm_model_n_tensors(model);
     for (size_t i = 0; i < n; i++) {
         const lm_tensor_info *w = lm_model_tensor(model, i)->info;
+        if (lm_plan_quant_is_mx_blocks(s, w)) {
+            if (lm_plan_quant_attach_mx(p, model, o, i, views, err) != LM_OK)
+                return err->code;
+            continue;
+        }
         if (s != NULL && lm_qscheme_skips(s, w->name))
             continue;
         lm_qtensor *q;
