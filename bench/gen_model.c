@@ -113,7 +113,7 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/adapter", out);
     mkdir(path, 0777);
 
-    size_t nb = 3 + (24 + 3 * (size_t)experts) * (size_t)layers, n = 0;
+    size_t nb = 3 + (24 + 6 * (size_t)experts) * (size_t)layers, n = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
     /* MXFP4 scales 2^(s - 127) around wamp / 2.5 (E2M1 magnitudes average about 2.6), s0 .. s0 + 4 */
@@ -193,7 +193,7 @@ int main(int argc, char **argv)
                 snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s", l, pn);
                 T(nm, experts, o, 3, wamp, 0.0f);
                 g[n - 1].shape[2] = (uint64_t)in;
-                if (quant != NULL) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
+                if (quant != NULL && !ct) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
                     g[n - 1].dtype = LM_DT_F8_E4M3;
                     g[n - 1].fill = GEN_FP8_CODES;
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_scale_inv", l, pn);
@@ -204,8 +204,16 @@ int main(int argc, char **argv)
             }
             for (long e = 0; e < experts && !fused; e++)
                 for (int p = 4; p < 7; p++) {
+                    long o = p == 6 ? hidden : inter, in = p == 6 ? inter : hidden;
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight", l, e, proj[p] + 4);
-                    T(nm, p == 6 ? hidden : inter, p == 6 ? inter : hidden, 2, wamp, 0.0f);
+                    T(nm, o, in, 2, wamp, 0.0f);
+                    if (quant != NULL && !ct) { /* Qwen3-FP8: every expert's weight with its block scales */
+                        g[n - 1].dtype = LM_DT_F8_E4M3;
+                        g[n - 1].fill = GEN_FP8_CODES;
+                        snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight_scale_inv", l, e, proj[p] + 4);
+                        T(nm, (o + block - 1) / block, (in + block - 1) / block, 2, 0.5f * wamp / 448.0f, wamp / 448.0f);
+                        g[n - 1].dtype = LM_DT_F32;
+                    }
                 }
         }
         snprintf(nm, sizeof nm, "model.layers.%ld.post_attention_layernorm.weight", l);

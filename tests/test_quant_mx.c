@@ -372,3 +372,46 @@ Test(quant_mx, mxfp4_inspect)
     th_run_free(&r);
     mx_free(&f);
 }
+
+/* ---- block FP8 expert parameters ------------------------------------------------------------ */
+/* transformers' FP8Experts stacks (P F8_E4M3 [E, out, in], P_scale_inv [E, out/B, in/B]) and
+ * Qwen3-FP8's per-expert weights, merged through target_parameters: kept FP8 and --dtype f32 */
+Test(quant_mx, fp8_expert_stacks_and_per_expert)
+{
+    static const char *const layouts[] = {"--fused-experts", ""};
+    for (size_t k = 0; k < 2; k++) {
+        mx_fx f;
+        char extra[100], out[1200], outd[1200], args[4000];
+        snprintf(extra, sizeof extra, "--block 32 %s", layouts[k]);
+        mx_gen(&f, "fp8", extra);
+        snprintf(out, sizeof out, "%s/out", f.tmp);
+        snprintf(outd, sizeof outd, "%s/outd", f.tmp);
+        th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
+        cr_assert_eq(r.status, 0, "%s: exit %d: %s", layouts[k], r.status, r.err);
+        th_run_free(&r);
+        r = th_runv("-q", "--dtype", "f32", f.base, f.ad, outd, NULL);
+        cr_assert_eq(r.status, 0, "%s: exit %d: %s", layouts[k], r.status, r.err);
+        th_run_free(&r);
+        snprintf(args, sizeof args, "fp8-experts keep '%s' '%s' '%s'", f.base, f.ad, out);
+        mx_ref(args);
+        snprintf(args, sizeof args, "fp8-experts dtype '%s' '%s' '%s'", f.base, f.ad, outd);
+        mx_ref(args);
+        mx_free(&f);
+    }
+}
+
+/* an expert stack whose rows per expert are not whole blocks: refused in one line */
+Test(quant_mx, fp8_expert_stack_partial_block_refused)
+{
+    mx_fx f;
+    mx_gen(&f, "fp8", "--block 128 --fused-experts");
+    char out[1200];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
+    cr_assert_neq(r.status, 0, "accepted");
+    cr_assert(strstr(r.err, "experts.gate_up_proj' has 192 rows per expert, not a multiple of the block's 128") != NULL,
+              "%s", r.err);
+    cr_assert(!th_exists(out), "an output was left");
+    th_run_free(&r);
+    mx_free(&f);
+}

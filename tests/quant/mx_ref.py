@@ -10,6 +10,10 @@ bits), after transformers' quantize_to_mxfp4 cast to bf16.
 
   mx_ref.py keep BASE_DIR ADAPTER_DIR OUT_DIR     kept as MXFP4 (the default)
   mx_ref.py dtype BASE_DIR ADAPTER_DIR OUT_DIR    written --dtype bf16: gate_up_proj [E, H, 2I] ...
+  mx_ref.py fp8-experts keep|dtype BASE_DIR ADAPTER_DIR OUT_DIR
+        block FP8 expert parameters (transformers' FP8Experts: P [E, out, in], P_scale_inv [E, out/B,
+        in/B]; or one 2-D weight per expert, Qwen3-FP8), the adapter's target_parameters delta added
+        as P[e] += delta_e (transformers v5 experts, not is_transposed); kept FP8 or --dtype f32
   mx_ref.py zero-expert ADAPTER_DIR E             zeroes expert E's lora_B columns (in place)
   mx_ref.py edit BASE_DIR NAME drop|dtype DT|shape D0,D1..|set I0,I1.. V
         rewrites BASE_DIR/model.safetensors: tensor NAME dropped, retyped (zero bytes), reshaped
@@ -22,7 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_ref import fail, read_st, write_st  # noqa: E402  (the safetensors reader, numpy only)
+from quant_ref import e4m3_encode, fail, fp8_dequant, read_st, write_st  # noqa: E402  (numpy only)
 
 FP4_VALUES = np.array([+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 MID = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # between neighbouring magnitudes
@@ -185,6 +189,71 @@ def check(mode, bdir, adir, odir):
         n_w, n_groups, n_kept, n_codes, n_near))
 
 
+def fp8_block_check(name, x, w, a, sinv, oa, osinv, br, bc, counts):
+    """one 2-D FP8 weight: unchanged blocks keep codes and scale, changed ones follow
+    transformers' FineGrainedFP8 rule (scale_inv = amax / 448, codes RNE of x / scale_inv)"""
+    o, i = x.shape
+    for r0 in range(0, o, br):
+        for c0 in range(0, i, bc):
+            xb, b0 = x[r0:r0 + br, c0:c0 + bc], w[r0:r0 + br, c0:c0 + bc]
+            s_out = osinv[r0 // br, c0 // bc]
+            counts[0] += 1
+            if np.array_equal(xb, b0):
+                if not (np.array_equal(oa[r0:r0 + br, c0:c0 + bc], a[r0:r0 + br, c0:c0 + bc])
+                        and s_out == sinv[r0 // br, c0 // bc]):
+                    fail("%s block (%d,%d): unchanged but not kept" % (name, r0, c0))
+                counts[1] += 1
+                continue
+            want_sinv = 1.0 / (448.0 / np.abs(xb).max())
+            if abs(s_out - want_sinv) > 1e-5 * want_sinv:
+                fail("%s block (%d,%d): scale_inv %.9g, want %.9g" % (name, r0, c0, s_out, want_sinv))
+            want, tie = e4m3_encode(xb / s_out)
+            bad = want != oa[r0:r0 + br, c0:c0 + bc]
+            if bad.any() and (tie[bad] > 1e-3).any():
+                fail("%s block (%d,%d): codes differ away from a rounding tie" % (name, r0, c0))
+            counts[2] += int(bad.sum())
+
+
+def check_fp8_experts(mode, bdir, adir, odir):
+    base, _ = read_st(bdir + "/model.safetensors")
+    out, _ = read_st(odir + "/model.safetensors")
+    cfg = json.load(open(bdir + "/config.json"))
+    br, bc = cfg["quantization_config"]["weight_block_size"]
+    E = cfg["num_experts"]
+    deltas = adapter_deltas(adir, E)  # "<layer>.mlp.experts.gate_up_proj": [E, 2I, H] ...
+    n_w, counts = 0, [0, 0, 0]
+    for name, (dt, shp, a, raw) in base.items():
+        if dt != "F8_E4M3" or ".mlp.experts." not in name:
+            continue
+        sinv = base[name + "_scale_inv"][2]
+        layer, rest = name.split(".mlp.experts.")
+        parts = rest.split(".")
+        if len(shp) == 3:  # the stack: expert by expert
+            views = [(e, a[e], sinv[e], deltas.get(layer + ".mlp.experts." + rest)) for e in range(shp[0])]
+        else:  # "<e>.gate_proj.weight": rows of gate_up_proj's delta (gate first, then up)
+            e, proj = int(parts[0]), parts[1]
+            d = deltas.get(layer + ".mlp.experts." + ("down_proj" if proj == "down_proj" else "gate_up_proj"))
+            lo = shp[0] if proj == "up_proj" else 0
+            views = [(None, a, sinv, None if d is None else d[e:e + 1, lo:lo + shp[0]])]
+        odt, oshp, oa, _ = out[name]
+        n_w += 1
+        for e, ae, se, d in views:
+            w = fp8_dequant(ae, se, br, bc)
+            x = w + (d[0] if e is None else d[e]) if d is not None else w
+            oe = oa if e is None else oa[e]
+            if mode == "dtype":
+                if odt != "F32" or name + "_scale_inv" in out:
+                    fail(name + ": not written F32 without its scales")
+                if np.abs(oe.astype(np.float64) - x).max() > 1e-6 * np.abs(x).max():
+                    fail(name + ": dequantized merge differs")
+                continue
+            osinv = out[name + "_scale_inv"][2]
+            fp8_block_check(name, x, w, ae, se, oe, osinv if e is None else osinv[e], br, bc, counts)
+    if n_w == 0:
+        fail("no FP8 expert tensors")
+    print("ok %d FP8 expert tensors, %d blocks (%d kept), %d near-tie differences" % (n_w, *counts))
+
+
 def zero_expert(adir, e):
     t, _ = read_st(adir + "/adapter_model.safetensors")
     cfg = json.load(open(adir + "/adapter_config.json"))
@@ -236,6 +305,8 @@ if __name__ == "__main__":
     m = sys.argv[1]
     if m in ("keep", "dtype"):
         check(m, *sys.argv[2:5])
+    elif m == "fp8-experts":
+        check_fp8_experts(*sys.argv[2:6])
     elif m == "edit":
         edit(sys.argv[2], sys.argv[3], sys.argv[4], *(sys.argv[5:6] or [None]),
              *([int(sys.argv[6])] if len(sys.argv) > 6 else []))
