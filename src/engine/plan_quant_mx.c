@@ -15,6 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* --dtype: tiles of at least this many rows (output channels), so that each of the `in` writes
+ * of a tile (write_transposed() in exec.c) carries this many values (gpt-oss-20b: 512 x 2880 f32
+ * tiles, 2880 writes of 1 KB each) */
+#define MX_T_ROWS 512
+
 static int ends_with(const char *s, const char *suf)
 {
     size_t n = strlen(s), k = strlen(suf);
@@ -125,6 +130,7 @@ lm_code lm_plan_quant_attach_mx(lm_plan *p, const lm_model *model, const lm_plan
     t->n_dims = 3;
     t->dtype = o->out_dtype;
     q->out_transposed = 1;
+    q->tile_rows = MX_T_ROWS;
     p->t[si].drop = 1;
     return LM_OK;
 }
