@@ -415,3 +415,35 @@ Test(quant_mx, fp8_expert_stack_partial_block_refused)
     th_run_free(&r);
     mx_free(&f);
 }
+
+/* a square down_proj [E, H, H] (gpt-oss-20b's is 2880 x 2880): with gate_up_proj in the adapter,
+ * and alone (PEFT >= 0.19 cannot tell [E, in, out] from [E, out, in] by the shapes; gpt-oss's
+ * experts are is_transposed) */
+Test(quant_mx, mxfp4_square_down_proj)
+{
+    for (int alone = 0; alone < 2; alone++) {
+        mx_fx f;
+        char gen[1200], cmd[4000], out[1200], args[4000];
+        if (!th_gen_model_path(gen, sizeof gen))
+            cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
+        f.tmp = th_tmpdir();
+        snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 64 --layers 1 --vocab 32 --heads 4 "
+                 "--kv-heads 2 --rank 4 --experts 2 --quant mxfp4 2>&1", gen, f.tmp);
+        th_run_result r = th_sh(cmd);
+        cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
+        th_run_free(&r);
+        snprintf(f.base, sizeof f.base, "%s/m/base", f.tmp);
+        snprintf(f.ad, sizeof f.ad, "%s/m/adapter", f.tmp);
+        if (alone) {
+            snprintf(args, sizeof args, "only-down '%s'", f.ad);
+            mx_ref(args);
+        }
+        snprintf(out, sizeof out, "%s/out", f.tmp);
+        r = th_runv("-q", f.base, f.ad, out, NULL);
+        cr_assert_eq(r.status, 0, "alone %d: exit %d: %s", alone, r.status, r.err);
+        th_run_free(&r);
+        snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
+        mx_ref(args);
+        mx_free(&f);
+    }
+}

@@ -14,6 +14,7 @@ bits), after transformers' quantize_to_mxfp4 cast to bf16.
         block FP8 expert parameters (transformers' FP8Experts: P [E, out, in], P_scale_inv [E, out/B,
         in/B]; or one 2-D weight per expert, Qwen3-FP8), the adapter's target_parameters delta added
         as P[e] += delta_e (transformers v5 experts, not is_transposed); kept FP8 or --dtype f32
+  mx_ref.py only-down ADAPTER_DIR                  keeps only the down_proj factors (in place)
   mx_ref.py zero-expert ADAPTER_DIR E             zeroes expert E's lora_B columns (in place)
   mx_ref.py edit BASE_DIR NAME drop|dtype DT|shape D0,D1..|set I0,I1.. V
         rewrites BASE_DIR/model.safetensors: tensor NAME dropped, retyped (zero bytes), reshaped
@@ -254,6 +255,17 @@ def check_fp8_experts(mode, bdir, adir, odir):
     print("ok %d FP8 expert tensors, %d blocks (%d kept), %d near-tie differences" % (n_w, *counts))
 
 
+def only_down(adir):
+    """the adapter without its gate_up_proj factors: target_parameters ["mlp.experts.down_proj"]"""
+    t, _ = read_st(adir + "/adapter_model.safetensors")
+    cfg = json.load(open(adir + "/adapter_config.json"))
+    new = {n: (dt, a) for n, (dt, shp, a, raw) in t.items() if ".mlp.experts.base_layer." not in n}
+    write_st(adir + "/adapter_model.safetensors", new)
+    cfg["target_parameters"] = ["mlp.experts.down_proj"]
+    json.dump(cfg, open(adir + "/adapter_config.json", "w"))
+    print("ok")
+
+
 def zero_expert(adir, e):
     t, _ = read_st(adir + "/adapter_model.safetensors")
     cfg = json.load(open(adir + "/adapter_config.json"))
@@ -310,6 +322,8 @@ if __name__ == "__main__":
     elif m == "edit":
         edit(sys.argv[2], sys.argv[3], sys.argv[4], *(sys.argv[5:6] or [None]),
              *([int(sys.argv[6])] if len(sys.argv) > 6 else []))
+    elif m == "only-down":
+        only_down(sys.argv[2])
     elif m == "zero-expert":
         zero_expert(sys.argv[2], int(sys.argv[3]))
     else:
