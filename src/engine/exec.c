@@ -708,6 +708,28 @@ static lm_code base_ended(const lm_st_file *f, const char *tensor, lm_err *err)
     return LM_E_IO;
 }
 
+/* A tile of rows (e, o) of a weight written as [E, in, out] (gpt-oss MXFP4 experts with --dtype,
+ * plan_quant_mx.c): per expert the tile covers, its k rows go transposed into columns o .. o + k
+ * of that expert's `in` rows, one write per row (buf: room for the tile). */
+static lm_code write_transposed(lm_st_writer *w, uint64_t dst, const lm_plan_tensor *t, const uint8_t *out, uint64_t r0,
+                                uint64_t nr, uint8_t *buf, lm_err *err)
+{
+    const uint64_t O = t->q->view.shape[1], In = t->cols;
+    const size_t esz = lm_dtype_bits(t->dtype) / 8;
+    for (uint64_t r = r0; r < r0 + nr;) {
+        const uint64_t e = r / O, o0 = r % O, k = O - o0 < r0 + nr - r ? O - o0 : r0 + nr - r;
+        for (uint64_t i = 0; i < k; i++)
+            for (uint64_t h = 0; h < In; h++)
+                memcpy(buf + (h * k + i) * esz, out + ((r - r0 + i) * In + h) * esz, esz);
+        for (uint64_t h = 0; h < In; h++)
+            if (lm_st_writer_pwrite(w, buf + h * k * esz, (size_t)(k * esz), dst + ((e * In + h) * O + o0) * esz,
+                                    err) != LM_OK)
+                return err->code;
+        r += k;
+    }
+    return LM_OK;
+}
+
 static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
@@ -755,7 +777,9 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
     size_t n_pieces = 0;
     lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, ts, pieces, &n_pieces, err);
     uint64_t row = t->q != NULL && t->dtype == t->src_dtype ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->dtype) / 8);
-    if (rc == LM_OK)
+    if (rc == LM_OK && t->q != NULL && t->q->out_transposed)
+        rc = write_transposed(w, dst, t, ws->out, r0, nr, (uint8_t *)ws->scratch, err);
+    else if (rc == LM_OK)
         rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * row), dst + r0 * row, err);
     for (size_t k = 0; k < n_pieces && rc == LM_OK; k++) { /* the tile's scales, in the scale tensors */
         lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];

@@ -699,6 +699,30 @@ static lm_code inspect_adapter(const char *path, int as_json, char **text, lm_er
     return LM_OK;
 }
 
+/* an MXFP4 (gpt-oss) model: its "P_blocks" U8 tensors that have "P_scales" */
+static void inspect_mx(const lm_model *m, char *buf, size_t cap, cJSON *root)
+{
+    size_t n_q = 0;
+    for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
+        const lm_tensor_info *t = lm_model_tensor(m, i)->info;
+        size_t n = strlen(t->name);
+        char name[1100];
+        if (t->dtype != LM_DT_U8 || n < 7 || strcmp(t->name + n - 7, "_blocks") != 0)
+            continue;
+        snprintf(name, sizeof name, "%.*s_scales", (int)(n - 7), t->name);
+        n_q += lm_model_find(m, name, NULL) != NULL;
+    }
+    const char *fmt = "MXFP4 (E2M1 blocks, E8M0 scales per 32)";
+    snprintf(buf, cap, "quantization: %s, quant_method mxfp4, %zu quantized weights\n", fmt, n_q);
+    if (root) {
+        cJSON *q = cJSON_AddObjectToObject(root, "quantization");
+        cJSON_AddStringToObject(q, "format", fmt);
+        cJSON_AddStringToObject(q, "quant_method", "mxfp4");
+        cJSON_AddNumberToObject(q, "group", 32);
+        cJSON_AddNumberToObject(q, "quantized_weights", (double)n_q);
+    }
+}
+
 /* the quantization format of a model: its config's scheme and the quantized weights found */
 static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t cap, cJSON *root)
 {
@@ -712,6 +736,11 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         snprintf(buf, cap, "quantization: refused: %s\n", e.msg);
         if (root)
             cJSON_AddStringToObject(root, "quantization_error", e.msg);
+        return;
+    }
+    if (s.fmt == LM_Q_MXFP4) {
+        inspect_mx(m, buf, cap, root);
+        lm_qscheme_free(&s);
         return;
     }
     size_t n_q = 0, n_ct = 0;
