@@ -1455,6 +1455,56 @@ static void gen_deft_alpha(mt_ctx *c) /* alpha 6, r 4: s = 1.5 */
 
 static void gen_deft_para(mt_ctx *c) { deft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 3, 1.0, 1); }
 
+static void gen_deft_qr(mt_ctx *c) /* decomposition_method "qr", alpha 6, r 4 (s = 1.5); a Conv1D */
+{
+    deft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 4, 1.5, 0);
+    deft(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0), 4, 1.5, 0);
+    c->mod[0].q[1] = c->mod[1].q[1] = 1;
+}
+
+/* the Q [n, r] of P [n, r]'s reduced QR by Householder reflections with LAPACK's convention (dlarfg:
+ * beta = -sign(alpha) |x|, no reflection when the part below the diagonal is zero), accumulated as
+ * orgqr forms it: Q = H_0 ... H_{r-1} I[:, :r].  torch.linalg.qr's Q (its signs matter: Q R) */
+static double *householder_q(const double *P, uint64_t n, uint64_t r)
+{
+    double *A = malloc(n * r * sizeof(double)), *V = calloc(n * r, sizeof(double)), *tau = calloc(r, sizeof(double));
+    memcpy(A, P, n * r * sizeof(double));
+    for (uint64_t j = 0; j < r; j++) {
+        double alpha = A[j * r + j], xn = 0;
+        for (uint64_t i = j + 1; i < n; i++)
+            xn += A[i * r + j] * A[i * r + j];
+        if (xn == 0)
+            continue; /* H_j = I */
+        double beta = -copysign(sqrt(alpha * alpha + xn), alpha);
+        tau[j] = (beta - alpha) / beta;
+        V[j * r + j] = 1;
+        for (uint64_t i = j + 1; i < n; i++)
+            V[i * r + j] = A[i * r + j] / (alpha - beta);
+        for (uint64_t c = j; c < r; c++) { /* A <- (I - tau v vᵀ) A */
+            double d = 0;
+            for (uint64_t i = j; i < n; i++)
+                d += V[i * r + j] * A[i * r + c];
+            for (uint64_t i = j; i < n; i++)
+                A[i * r + c] -= tau[j] * V[i * r + j] * d;
+        }
+    }
+    double *Q = calloc(n * r, sizeof(double));
+    for (uint64_t c = 0; c < r; c++)
+        Q[c * r + c] = 1;
+    for (uint64_t jj = r; jj-- > 0;) /* Q <- H_j Q, last reflection first */
+        for (uint64_t c = 0; c < r; c++) {
+            double d = 0;
+            for (uint64_t i = jj; i < n; i++)
+                d += V[i * r + jj] * Q[i * r + c];
+            for (uint64_t i = jj; i < n; i++)
+                Q[i * r + c] -= tau[jj] * V[i * r + jj] * d;
+        }
+    free(A);
+    free(V);
+    free(tau);
+    return Q;
+}
+
 static void bad_deft(mt_ctx *c) /* deft_R with one row too many */
 {
     mt_mod *m = mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0);
@@ -1467,19 +1517,21 @@ static double *delta_deft(const mt_ctx *c, const mt_mod *m)
     const double *P = mt_get(c, m, "deft_P"), *R = m->q[0] ? NULL : mt_get(c, m, "deft_R");
     double *w = mt_W(c, m), *d = calloc(m->O * m->I, sizeof(double));
     uint64_t r = (uint64_t)m->r;
+    double *Q = m->q[1] ? householder_q(P, m->O, r) : NULL; /* qr: Q_P = right = Q */
     double *inj = calloc(r * m->I, sizeof(double)); /* s R - relu(P)^T W */
     for (uint64_t q = 0; q < r; q++)
         for (uint64_t i = 0; i < m->I; i++) {
             double f = 0;
             for (uint64_t o = 0; o < m->O; o++)
-                f += fmax(P[o * r + q], 0.0) * w[o * m->I + i];
+                f += (Q ? Q[o * r + q] : fmax(P[o * r + q], 0.0)) * w[o * m->I + i];
             inj[q * m->I + i] = (R ? m->p * R[q * m->I + i] : 0.0) - f;
         }
     for (uint64_t o = 0; o < m->O; o++)
         for (uint64_t i = 0; i < m->I; i++)
             for (uint64_t q = 0; q < r; q++)
-                d[o * m->I + i] += P[o * r + q] * inj[q * m->I + i];
+                d[o * m->I + i] += (Q ? Q[o * r + q] : P[o * r + q]) * inj[q * m->I + i];
     free(inj);
+    free(Q);
     free(w);
     return d;
 }
@@ -3053,7 +3105,10 @@ static const mt_row mt_rows[] = {
     {"DEFT", 0, NULL, delta_deft,
      {{"relu, Linear and Conv1D", "{\"peft_type\": \"DEFT\", \"r\": 3, " TGT_QC "}", gen_deft},
       {"alpha 6", "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 6, " TGT_QV "}", gen_deft_alpha},
-      {"para", "{\"peft_type\": \"DEFT\", \"r\": 3, \"para\": true, " TGT_QV "}", gen_deft_para}},
+      {"para", "{\"peft_type\": \"DEFT\", \"r\": 3, \"para\": true, " TGT_QV "}", gen_deft_para},
+      {"qr, alpha 6, Linear and Conv1D",
+       "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 6, \"decomposition_method\": \"qr\", " TGT_QC "}",
+       gen_deft_qr}},
      {"deft_R one row too many", NULL, bad_deft},
      "model.layers.0.self_attn.q_proj"},
     {"OFT", 0, ref_oft, NULL,
