@@ -37,8 +37,11 @@ static void dequant_tile(const lm_plan_tensor *t, const float *tscales, float gl
                          uint64_t nr, float *dst)
 {
     const lm_qtensor *q = t->q;
-    (void)global;
     switch (q->fmt) {
+    case LM_Q_CT_NVFP4:
+    case LM_Q_MO_NVFP4:
+        lm_nvfp4_dequant(codes, tscales, global, q->fmt == LM_Q_MO_NVFP4, q->bc, nr, t->cols, dst);
+        break;
     default: /* FP8 codes times the scale of their block */
         lm_fp8_block_dequant(codes, tscales, q->scols, q->br, q->bc, nr, t->cols, dst);
         break;
@@ -65,6 +68,11 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
     const float *s0 = scales + (r0 / q->br) * q->scols;
     qbuf[ns] = scales[q->srows * q->scols];
     switch (q->fmt) {
+    case LM_Q_CT_NVFP4: /* the whole tensor (tile_rows = rows): its amax decides the second scale */
+    case LM_Q_MO_NVFP4:
+        lm_nvfp4_requant(acc, codes0, s0, scales[q->srows * q->scols], q->fmt == LM_Q_MO_NVFP4, q->bc, nr, t->cols,
+                         out, qbuf, qbuf + ns, st);
+        break;
     case LM_Q_CT_FP8: /* compressed-tensors' rule, scales in their dtype */
         lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype, out, qbuf, st);
         break;
