@@ -95,14 +95,14 @@ static void ct_round_trip(uint64_t br, uint64_t bc, lm_dtype sdt)
         s[i] = lm_q_round_to(sdt, (float)(1e-3 * (1.5 + th_rand_uniform(&rng))));
     lm_fp8_block_dequant(q, s, sc, br, bc, R, C, x);
     lm_qstats st = {0};
-    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, q2, s2, &st);
+    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, -1.0f, q2, s2, &st);
     cr_assert_eq(memcmp(q, q2, sizeof q), 0, "%llux%llu: unchanged blocks must keep their codes",
                  (unsigned long long)br, (unsigned long long)bc);
     cr_assert_eq(memcmp(s, s2, sr * sc * sizeof *s), 0);
     cr_assert_eq(st.n_blocks_kept, sr * sc);
     x[0] += 0.05f; /* the first block changes */
     memset(&st, 0, sizeof st);
-    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, q2, s2, &st);
+    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, -1.0f, q2, s2, &st);
     cr_assert_eq(st.n_blocks_kept, sr * sc - 1);
     double amax = 0;
     for (uint64_t r = 0; r < br && r < R; r++)
@@ -140,15 +140,15 @@ Test(quant_ct, fp8_edges)
     for (int c = 0; c < C; c++)
         cr_assert_eq((double)x[c], isnan(e4m3_def(q[c])) ? 0.0 : e4m3_def(q[c]) * 0.5);
     lm_qstats st = {0};
-    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, q2, &s2, &st);
+    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, -1.0f, q2, &s2, &st);
     cr_assert_eq(memcmp(q, q2, C), 0, "every code must come back");
     x[3] = 1000.0f; /* amax 1000: scale 1000/448, the max code 0x7E for it */
-    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, q2, &s2, &st);
+    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, -1.0f, q2, &s2, &st);
     cr_assert_eq((double)s2, (double)(1000.0f / 448.0f));
     cr_assert_eq(q2[3], 0x7E);
     float z[4] = {0, 0, 0, 0}, zs;
     uint8_t zq[4] = {1, 2, 3, 4}, zq2[4];
-    lm_ct_fp8_requant(z, zq, &s, 1, 1, 4, 1, 4, LM_DT_BF16, zq2, &zs, &st); /* all zero: scale eps, codes 0 */
+    lm_ct_fp8_requant(z, zq, &s, 1, 1, 4, 1, 4, LM_DT_BF16, -1.0f, zq2, &zs, &st); /* all zero: scale eps, codes 0 */
     cr_assert_eq((double)zs, 0x1p-7);
     cr_assert_eq(zq2[0] | zq2[1] | zq2[2] | zq2[3], 0);
 }
@@ -452,6 +452,14 @@ Test(quant_ct, e2m1_every_code_and_ties)
     }
 }
 
+static float amax_of(const float *x, size_t n)
+{
+    float a = 0;
+    for (size_t i = 0; i < n; i++)
+        a = fmaxf(a, fabsf(x[i]));
+    return a;
+}
+
 /* one tensor, both libraries: dequantize -> requantize keeps every byte and the second scale; a
  * changed group gets the library's scale; an amax beyond the second scale's range recomputes it */
 static void nv_round_trip(int modelopt)
@@ -474,14 +482,14 @@ static void nv_round_trip(int modelopt)
             cr_assert_eq(x[r * C + c], (float)e2m1_def(code) * e);
         }
     lm_qstats st = {0};
-    lm_nvfp4_requant(x, q, s, g, modelopt, G, R, C, q2, s2, &g2, &st);
+    lm_nvfp4_requant(x, q, s, g, modelopt, G, amax_of(x, R * C), R, C, q2, s2, &g2, &st);
     cr_assert_eq(memcmp(q, q2, sizeof q), 0, "modelopt %d: unchanged groups must keep their codes", modelopt);
     cr_assert_eq(memcmp(s, s2, sizeof s), 0);
     cr_assert_eq(g2, g);
     cr_assert_eq(st.n_blocks_kept, R * NG);
     x[C + 3] *= 1.01f; /* row 1, group 0 */
     memset(&st, 0, sizeof st);
-    lm_nvfp4_requant(x, q, s, g, modelopt, G, R, C, q2, s2, &g2, &st);
+    lm_nvfp4_requant(x, q, s, g, modelopt, G, amax_of(x, R * C), R, C, q2, s2, &g2, &st);
     cr_assert_eq(g2, g, "the second scale still covers the tensor");
     cr_assert_eq(st.n_blocks_kept, R * NG - 1);
     float ga = 0;
@@ -494,7 +502,7 @@ static void nv_round_trip(int modelopt)
         cr_assert_eq((q2[(C + c) / 2] >> ((c & 1) * 4)) & 15, e2m1_nearest((double)(x[C + c] / e)));
     x[0] = 10.0f; /* far beyond 6 x 448 / g: the library's rule for the second scale, every group again */
     memset(&st, 0, sizeof st);
-    lm_nvfp4_requant(x, q, s, g, modelopt, G, R, C, q2, s2, &g2, &st);
+    lm_nvfp4_requant(x, q, s, g, modelopt, G, amax_of(x, R * C), R, C, q2, s2, &g2, &st);
     cr_assert_eq(g2, modelopt ? 10.0f / 2688.0f : 2688.0f / 10.0f);
     cr_assert_eq(st.n_blocks_kept, 0);
     cr_assert_eq((q2[0] & 15), 7, "amax maps to 6");

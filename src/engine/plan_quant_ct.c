@@ -90,7 +90,8 @@ static lm_code ct_fp8_grid(const lm_qscheme *s, const lm_tensor_info *w, const l
     }
     q->srows = ceil_div(R, q->br);
     q->scols = ceil_div(C, q->bc);
-    q->tile_rows = q->br;
+    q->needs_amax = q->br == R && R > 1; /* one scale for the tensor: its amax first, then any tiles */
+    q->tile_rows = q->needs_amax ? 1 : q->br;
     return LM_OK;
 }
 
@@ -179,7 +180,8 @@ static lm_code attach_nvfp4(lm_plan *p, const lm_model *model, const lm_qscheme 
     q->bc = gsz;
     q->srows = R;
     q->scols = C / gsz;
-    q->tile_rows = R; /* the second scale follows the whole tensor's amax */
+    q->tile_rows = 1;
+    q->needs_amax = 1; /* the second scale follows the whole tensor's amax */
     q->row_bytes = C / 2;
     shape[0] = R;
     shape[1] = C;

@@ -86,10 +86,12 @@ void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0
 /*! lm_ct_fp8_requant() :
  *  As lm_fp8_block_requant() (blocks of br x bc, one f32 scale each, unchanged blocks keep codes
  *  and scale), with compressed-tensors' rule (calculate_qparams + quantize): scale = amax / 448
- *  rounded to the scale dtype sdt (0 -> that dtype's eps), q = fp8(clamp(x / scale, +-448)). */
+ *  rounded to the scale dtype sdt (0 -> that dtype's eps), q = fp8(clamp(x / scale, +-448)).
+ *  tamax >= 0: a per-tensor scale, the merged tensor's amax (the tile holds some of its rows;
+ *  unchanged rows keep their bytes when the scale stays). */
 void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
-                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, uint8_t *q, float *out_scale,
-                       lm_qstats *st);
+                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, float tamax, uint8_t *q,
+                       float *out_scale, lm_qstats *st);
 
 /* ---- NVFP4: E2M1 codes (4 bits, two a byte, the even element in the low nibble) times an FP8
  * E4M3 scale per group of columns, with a per-tensor second scale g.  compressed-tensors
@@ -107,7 +109,7 @@ unsigned lm_f32_to_e2m1(float x);
 void lm_nvfp4_dequant(const uint8_t *q, const float *s, float g, int modelopt, uint64_t gsz, uint64_t nr,
                       uint64_t cols, float *dst);
 /*! lm_nvfp4_requant() :
- *  The merged tensor x (all nr rows: the rule needs its amax) back to packed codes q, group
+ *  nr merged rows x of a tensor whose merged amax is tamax back to packed codes q, group
  *  scales out_s (f32 values of FP8 codes) and the second scale *out_g.  The second scale g0 is
  *  kept when the merged amax still fits it (every group scale representable in FP8), so groups
  *  whose values are unchanged keep their codes and scale; otherwise it is recomputed by the
@@ -115,6 +117,7 @@ void lm_nvfp4_dequant(const uint8_t *q, const float *s, float g, int modelopt, u
  *  requantized.  A changed group: compressed-tensors s = fp8(amax / 6 x g) (0 -> 0.125), codes
  *  e2m1(x / (s / g)); ModelOpt s = fp8(max(amax / (6 g), 2^-9)) (0 -> 1), codes e2m1(x / (s g)). */
 void lm_nvfp4_requant(const float *x, const uint8_t *q0, const float *s0, float g0, int modelopt, uint64_t gsz,
-                      uint64_t nr, uint64_t cols, uint8_t *q, float *out_s, float *out_g, lm_qstats *st);
+                      float tamax, uint64_t nr, uint64_t cols, uint8_t *q, float *out_s, float *out_g,
+                      lm_qstats *st);
 
 #endif

@@ -152,8 +152,8 @@ static int block_same(const float *x, const uint8_t *q0, float s0, uint64_t h, u
 }
 
 void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
-                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, uint8_t *q, float *out_scale,
-                       lm_qstats *st)
+                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, float tamax, uint8_t *q,
+                       float *out_scale, lm_qstats *st)
 {
     for (uint64_t r0 = 0; r0 < nr; r0 += br) {
         const uint64_t h = r0 + br < nr ? br : nr - r0;
@@ -163,7 +163,13 @@ void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, u
             const uint8_t *q0b = q0 + r0 * cols + c0;
             uint8_t *qb = q + r0 * cols + c0;
             float amax;
-            const int same = block_same(xb, q0b, scale0[bi], h, w, cols, &amax);
+            int same = block_same(xb, q0b, scale0[bi], h, w, cols, &amax);
+            if (tamax >= 0.0f)
+                amax = isfinite(amax) ? tamax : amax;
+            float s = lm_q_round_to(sdt, amax / 448.0f);
+            if (s == 0.0f)
+                s = dtype_eps(sdt);
+            same &= tamax < 0.0f || s == scale0[bi]; /* a per-tensor scale that changes: every row again */
             st->n_blocks++;
             if (same || !isfinite(amax)) { /* unchanged (or non-finite: refused by the executor) */
                 out_scale[bi] = scale0[bi];
@@ -172,9 +178,6 @@ void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, u
                 st->n_blocks_kept += same;
                 continue;
             }
-            float s = lm_q_round_to(sdt, amax / 448.0f);
-            if (s == 0.0f)
-                s = dtype_eps(sdt);
             out_scale[bi] = s;
             const float ramax = amax > 0.0f ? 1.0f / amax : 0.0f;
             for (uint64_t r = 0; r < h; r++)
@@ -256,14 +259,10 @@ static float nv_group_scale(float a, float g, int modelopt)
 }
 
 void lm_nvfp4_requant(const float *x, const uint8_t *q0, const float *s0, float g0, int modelopt, uint64_t gsz,
-                      uint64_t nr, uint64_t cols, uint8_t *q, float *out_s, float *out_g, lm_qstats *st)
+                      float amax, uint64_t nr, uint64_t cols, uint8_t *q, float *out_s, float *out_g,
+                      lm_qstats *st)
 {
     const uint64_t ng = cols / gsz, rb = cols / 2;
-    float amax = 0.0f;
-    for (uint64_t i = 0; i < nr * cols; i++) {
-        const float m = fabsf(x[i]);
-        amax = m > amax || m != m ? m : amax;
-    }
     float g = g0;
     if (isfinite(amax) && amax > 0.0f) {
         const float top = modelopt ? amax / (6.0f * g0) : (amax / 6.0f) * g0;
