@@ -7,6 +7,7 @@
 #define LM_GEN_COMMON_H
 
 #include "lm_kernels.h"
+#include "quant.h"
 #include "st_writer.h"
 
 #include <stdio.h>
@@ -141,7 +142,9 @@ static inline int gen_write_tensors(const char *prog, const char *path, const ge
                 } else {
                     for (uint64_t i = 0; i < cnt; i++)
                         f[i] = gen_value(gt, seed, stream, first + i);
-                    if (gt->dtype == LM_DT_BF16)
+                    if (gt->dtype == LM_DT_F8_E4M3) /* scales: values rounded to E4M3 */
+                        lm_q_scales_from_f32(LM_DT_F8_E4M3, f, cnt, out);
+                    else if (gt->dtype == LM_DT_BF16)
                         k->f32_to_bf16(f, out, cnt);
                     else if (gt->dtype == LM_DT_F16)
                         k->f32_to_f16(f, out, cnt);

@@ -26,6 +26,10 @@
  *   tensor (F32 [1], with an input_scale F32 [1] as the static FP8 scheme saves), per channel
  *   (BF16 [out, 1]), per group of B columns (BF16 [out, in/B]) or per B x B block (F32), and the
  *   quantization_config compressed-tensors writes (config_groups, ignore ["lm_head"]).
+ *   --quant nvfp4: compressed-tensors nvfp4-pack-quantized: W_packed U8 [out, in/2] (random bytes:
+ *   every E2M1 code), W_scale F8_E4M3 [out, in/16], W_global_scale F32 [1].  --quant
+ *   modelopt-nvfp4: ModelOpt's NVFP4 export: W U8 [out, in/2], W_scale F8_E4M3 [out, in/16],
+ *   W_scale_2 F32 [] (= 1 / the global scale), input_scale F32 [], and hf_quant_config.json.
  *   --quant mxfp4 (with --experts E): a gpt-oss-shaped model: mlp.router.weight/bias and the experts
  *   as MXFP4, mlp.experts.gate_up_proj_blocks U8 [E, 2I, H/32, 16] (random bytes: every code)
  *   with _scales U8 [E, 2I, H/32] (E8M0, five exponents around the weights' size) and _bias
@@ -57,6 +61,7 @@ int main(int argc, char **argv)
          fused = 0, block = 128;
     const char *quant = NULL;
     int ct = 0; /* compressed-tensors FP8: 1 tensor, 2 channel, 3 group, 4 block */
+    int nv = 0; /* NVFP4: 1 compressed-tensors, 2 ModelOpt */
     double alpha = 16;
     uint64_t seed = 1;
     lm_dtype dt = LM_DT_BF16, adt = LM_DT_F32;
@@ -84,7 +89,7 @@ int main(int argc, char **argv)
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]] [--block B]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]|nvfp4|modelopt-nvfp4] [--block B]\n");
             return 2;
         }
 #undef ARG
@@ -92,9 +97,10 @@ int main(int argc, char **argv)
     if (out == NULL || hidden <= 0 || heads <= 0 || hidden % heads != 0 || kv <= 0 || layers <= 0 || vocab <= 0 ||
         inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0 && strcmp(quant, "mxfp4") != 0 &&
         !(ct = strcmp(quant, "ct-fp8") == 0 ? 1 : strcmp(quant, "ct-fp8-channel") == 0 ? 2
-              : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4 : 0))) {
+              : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4 : 0) &&
+        !(nv = strcmp(quant, "nvfp4") == 0 ? 1 : strcmp(quant, "modelopt-nvfp4") == 0 ? 2 : 0))) {
         fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads); "
-                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group or ct-fp8-block\n");
+                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group, ct-fp8-block, nvfp4 or modelopt-nvfp4\n");
         return 2;
     }
     const int mx = quant != NULL && strcmp(quant, "mxfp4") == 0;
@@ -113,7 +119,7 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/adapter", out);
     mkdir(path, 0777);
 
-    size_t nb = 3 + (24 + 6 * (size_t)experts) * (size_t)layers, n = 0;
+    size_t nb = 3 + (32 + 6 * (size_t)experts) * (size_t)layers, n = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
     /* MXFP4 scales 2^(s - 127) around wamp / 2.5 (E2M1 magnitudes average about 2.6), s0 .. s0 + 4 */
@@ -141,7 +147,27 @@ int main(int argc, char **argv)
             long in = p == 6 ? inter : hidden;
             snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight", l, proj[p]);
             T(nm, o, in, 2, wamp, 0.0f);
-            if (ct) { /* codes, then compressed-tensors' weight_scale (scale ~ wamp / 448) */
+            if (nv) { /* packed codes, FP8 group scales in [112, 336], the second scale: values ~ wamp */
+                const float gscale = 2688.0f / (2.0f * wamp); /* compressed-tensors' global scale */
+                if (nv == 1) {
+                    snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_packed", l, proj[p]);
+                    snprintf(g[n - 1].name, sizeof g[n - 1].name, "%s", nm);
+                }
+                g[n - 1].dtype = LM_DT_U8;
+                g[n - 1].fill = GEN_FP8_CODES;
+                g[n - 1].shape[1] = (uint64_t)(in / 2);
+                snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale", l, proj[p]);
+                T(nm, o, in / 16, 2, 112.0f, 224.0f); /* [112, 336]: headroom for the merged amax */
+                g[n - 1].dtype = LM_DT_F8_E4M3;
+                snprintf(nm, sizeof nm, "model.layers.%ld.%s.%s", l, proj[p], nv == 1 ? "weight_global_scale" : "weight_scale_2");
+                T(nm, 1, 1, nv == 1 ? 1 : 0, 0.0f, nv == 1 ? gscale : 1.0f / gscale);
+                g[n - 1].dtype = LM_DT_F32;
+                if (nv == 2) {
+                    snprintf(nm, sizeof nm, "model.layers.%ld.%s.input_scale", l, proj[p]);
+                    T(nm, 1, 1, 0, 0.0f, 0.002f);
+                    g[n - 1].dtype = LM_DT_F32;
+                }
+            } else if (ct) { /* codes, then compressed-tensors' weight_scale (scale ~ wamp / 448) */
                 g[n - 1].dtype = LM_DT_F8_E4M3;
                 g[n - 1].fill = GEN_FP8_CODES;
                 snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale", l, proj[p]);
@@ -193,7 +219,7 @@ int main(int argc, char **argv)
                 snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s", l, pn);
                 T(nm, experts, o, 3, wamp, 0.0f);
                 g[n - 1].shape[2] = (uint64_t)in;
-                if (quant != NULL && !ct) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
+                if (quant != NULL && !ct && !nv) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
                     g[n - 1].dtype = LM_DT_F8_E4M3;
                     g[n - 1].fill = GEN_FP8_CODES;
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_scale_inv", l, pn);
@@ -207,7 +233,7 @@ int main(int argc, char **argv)
                     long o = p == 6 ? hidden : inter, in = p == 6 ? inter : hidden;
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight", l, e, proj[p] + 4);
                     T(nm, o, in, 2, wamp, 0.0f);
-                    if (quant != NULL && !ct) { /* Qwen3-FP8: every expert's weight with its block scales */
+                    if (quant != NULL && !ct && !nv) { /* Qwen3-FP8: every expert's weight with its block scales */
                         g[n - 1].dtype = LM_DT_F8_E4M3;
                         g[n - 1].fill = GEN_FP8_CODES;
                         snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight_scale_inv", l, e, proj[p] + 4);
@@ -242,7 +268,15 @@ int main(int argc, char **argv)
                  "\"dynamic\": false, \"observer\": \"minmax\"}, \"input_activations\": null, \"output_activations\": null, "
                  "\"format\": \"float-quantized\"}}, \"ignore\": [\"lm_head\"], \"kv_cache_scheme\": null}",
                  strat[ct], gs, bs);
-    } else if (quant != NULL)
+    } else if (nv == 1) {
+        snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"quant_method\": \"compressed-tensors\", "
+                 "\"format\": \"nvfp4-pack-quantized\", \"quantization_status\": \"compressed\", \"config_groups\": "
+                 "{\"group_0\": {\"targets\": [\"Linear\"], \"weights\": {\"num_bits\": 4, \"type\": \"float\", "
+                 "\"symmetric\": true, \"strategy\": \"tensor_group\", \"group_size\": 16, \"dynamic\": false, "
+                 "\"observer\": \"minmax\", \"scale_dtype\": \"torch.float8_e4m3fn\"}, \"input_activations\": null, "
+                 "\"output_activations\": null, \"format\": \"nvfp4-pack-quantized\"}}, \"ignore\": [\"lm_head\"], "
+                 "\"kv_cache_scheme\": null}");
+    } else if (quant != NULL && nv == 0)
         snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", "
                  "\"quant_method\": \"fp8\", \"weight_block_size\": [%ld, %ld]}", block, block);
     snprintf(path, sizeof path, "%s/base/config.json", out);
@@ -256,6 +290,16 @@ int main(int argc, char **argv)
                 mx ? "gpt_oss" : experts ? "qwen3_moe" : "llama", experts, hidden,
                 inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32", qcfg);
         fclose(f);
+    }
+    if (nv == 2) {
+        snprintf(path, sizeof path, "%s/base/hf_quant_config.json", out);
+        f = fopen(path, "w");
+        if (f) {
+            fprintf(f, "{\n  \"producer\": {\"name\": \"modelopt\", \"version\": \"0.29.0\"},\n  \"quantization\": "
+                       "{\"quant_algo\": \"NVFP4\", \"kv_cache_quant_algo\": null, \"group_size\": 16, "
+                       "\"exclude_modules\": [\"lm_head\"]}\n}\n");
+            fclose(f);
+        }
     }
     free(g);
     if (no_adapter)

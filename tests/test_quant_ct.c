@@ -95,14 +95,14 @@ static void ct_round_trip(uint64_t br, uint64_t bc, lm_dtype sdt)
         s[i] = lm_q_round_to(sdt, (float)(1e-3 * (1.5 + th_rand_uniform(&rng))));
     lm_fp8_block_dequant(q, s, sc, br, bc, R, C, x);
     lm_qstats st = {0};
-    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, q2, s2, &st);
+    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, -1.0f, q2, s2, &st);
     cr_assert_eq(memcmp(q, q2, sizeof q), 0, "%llux%llu: unchanged blocks must keep their codes",
                  (unsigned long long)br, (unsigned long long)bc);
     cr_assert_eq(memcmp(s, s2, sr * sc * sizeof *s), 0);
     cr_assert_eq(st.n_blocks_kept, sr * sc);
     x[0] += 0.05f; /* the first block changes */
     memset(&st, 0, sizeof st);
-    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, q2, s2, &st);
+    lm_ct_fp8_requant(x, q, s, sc, br, bc, R, C, sdt, -1.0f, q2, s2, &st);
     cr_assert_eq(st.n_blocks_kept, sr * sc - 1);
     double amax = 0;
     for (uint64_t r = 0; r < br && r < R; r++)
@@ -140,15 +140,15 @@ Test(quant_ct, fp8_edges)
     for (int c = 0; c < C; c++)
         cr_assert_eq((double)x[c], isnan(e4m3_def(q[c])) ? 0.0 : e4m3_def(q[c]) * 0.5);
     lm_qstats st = {0};
-    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, q2, &s2, &st);
+    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, -1.0f, q2, &s2, &st);
     cr_assert_eq(memcmp(q, q2, C), 0, "every code must come back");
     x[3] = 1000.0f; /* amax 1000: scale 1000/448, the max code 0x7E for it */
-    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, q2, &s2, &st);
+    lm_ct_fp8_requant(x, q, &s, 1, 1, C, 1, C, LM_DT_F32, -1.0f, q2, &s2, &st);
     cr_assert_eq((double)s2, (double)(1000.0f / 448.0f));
     cr_assert_eq(q2[3], 0x7E);
     float z[4] = {0, 0, 0, 0}, zs;
     uint8_t zq[4] = {1, 2, 3, 4}, zq2[4];
-    lm_ct_fp8_requant(z, zq, &s, 1, 1, 4, 1, 4, LM_DT_BF16, zq2, &zs, &st); /* all zero: scale eps, codes 0 */
+    lm_ct_fp8_requant(z, zq, &s, 1, 1, 4, 1, 4, LM_DT_BF16, -1.0f, zq2, &zs, &st); /* all zero: scale eps, codes 0 */
     cr_assert_eq((double)zs, 0x1p-7);
     cr_assert_eq(zq2[0] | zq2[1] | zq2[2] | zq2[3], 0);
 }
@@ -337,6 +337,8 @@ static void ct_rewrite(const char *dir, const char *drop, const char *change, co
             snprintf(shp, sizeof shp, d1 ? "%llu, %llu" : "%llu", (unsigned long long)d0, (unsigned long long)d1);
         else if (t->n_dims == 2)
             snprintf(shp, sizeof shp, "%llu, %llu", (unsigned long long)t->shape[0], (unsigned long long)t->shape[1]);
+        else if (t->n_dims == 0)
+            shp[0] = '\0';
         else
             snprintf(shp, sizeof shp, "%llu", (unsigned long long)t->shape[0]);
         size[i] = ch ? d0 * (d1 ? d1 : 1) * esz : t->n_bytes;
@@ -402,5 +404,226 @@ Test(quant_ct, fp8_refusals)
     ct_gen(&f, "ct-fp8", NULL);
     ct_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale", "I32", 1, 0);
     ct_refused(&f, "model.layers.0.mlp.up_proj.weight_scale", "must be F32, BF16 or F16");
+    ct_free(&f);
+}
+
+/* ---- NVFP4 ------------------------------------------------------------------------------------ */
+/* E2M1 from its definition: sign bit 3, two exponent bits (bias 1), one mantissa bit */
+static double e2m1_def(unsigned c)
+{
+    unsigned e = (c >> 1) & 3, m = c & 1;
+    double mag = e == 0 ? m * 0.5 : (1.0 + m / 2.0) * ldexp(1.0, (int)e - 1);
+    return (c & 8) ? -mag : mag;
+}
+
+/* nearest code by brute force, ties to the even code, saturating at 6 */
+static unsigned e2m1_nearest(double x)
+{
+    double a = fabs(x) > 6.0 ? 6.0 : fabs(x);
+    unsigned best = 0;
+    for (unsigned c = 1; c < 8; c++) {
+        double d = fabs(e2m1_def(c) - a), db = fabs(e2m1_def(best) - a);
+        if (d < db || (d == db && (c & 1) == 0))
+            best = c;
+    }
+    return best | (signbit(x) ? 8u : 0u);
+}
+
+Test(quant_ct, e2m1_every_code_and_ties)
+{
+    for (unsigned c = 0; c < 16; c++) {
+        cr_assert_eq((double)lm_e2m1_value(c), e2m1_def(c), "code %u", c);
+        cr_assert_eq(lm_f32_to_e2m1(lm_e2m1_value(c)), c, "code %u does not encode back", c);
+    }
+    static const struct {
+        float x;
+        unsigned code;
+    } cases[] = {
+        {0.25f, 0}, {0.2500001f, 1}, {0.75f, 2}, {1.25f, 2}, {1.75f, 4}, {2.5f, 4}, {3.5f, 6}, {5.0f, 6},
+        {5.0001f, 7}, {6.0f, 7}, {1e9f, 7}, {INFINITY, 7}, {-INFINITY, 15}, {-0.1f, 8}, {-0.0f, 8}, {0.0f, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        cr_assert_eq(lm_f32_to_e2m1(cases[i].x), cases[i].code, "%a -> %u, want %u", (double)cases[i].x,
+                     lm_f32_to_e2m1(cases[i].x), cases[i].code);
+    uint64_t rng = 5;
+    for (int k = 0; k < 20000; k++) {
+        float x = (float)((th_rand_uniform(&rng) - 0.5) * 16.0);
+        cr_assert_eq(lm_f32_to_e2m1(x), e2m1_nearest(x), "%a", (double)x);
+    }
+}
+
+static float amax_of(const float *x, size_t n)
+{
+    float a = 0;
+    for (size_t i = 0; i < n; i++)
+        a = fmaxf(a, fabsf(x[i]));
+    return a;
+}
+
+/* one tensor, both libraries: dequantize -> requantize keeps every byte and the second scale; a
+ * changed group gets the library's scale; an amax beyond the second scale's range recomputes it */
+static void nv_round_trip(int modelopt)
+{
+    enum { R = 6, C = 64, G = 16, NG = C / G };
+    uint8_t q[R * C / 2], q2[R * C / 2], sc[R * NG];
+    float s[R * NG], s2[R * NG], x[R * C], g2;
+    uint64_t rng = 11 + (uint64_t)modelopt;
+    for (int i = 0; i < R * C / 2; i++)
+        q[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+    for (int i = 0; i < R * NG; i++)
+        sc[i] = lm_f32_to_fp8_e4m3((float)(100.0 + 200.0 * th_rand_uniform(&rng)));
+    lm_q_scales_to_f32(LM_DT_F8_E4M3, sc, R * NG, s);
+    const float g = modelopt ? 0.02f / 2688.0f : 2688.0f / 0.02f;
+    lm_nvfp4_dequant(q, s, g, modelopt, G, R, C, x);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) { /* the libraries' f32 arithmetic: e2m1 * (s / g) or e2m1 * (s * g) */
+            unsigned code = (q[r * C / 2 + c / 2] >> ((c & 1) * 4)) & 15;
+            float e = modelopt ? s[r * NG + c / G] * g : s[r * NG + c / G] / g;
+            cr_assert_eq(x[r * C + c], (float)e2m1_def(code) * e);
+        }
+    lm_qstats st = {0};
+    lm_nvfp4_requant(x, q, s, g, modelopt, G, amax_of(x, R * C), R, C, q2, s2, &g2, &st);
+    cr_assert_eq(memcmp(q, q2, sizeof q), 0, "modelopt %d: unchanged groups must keep their codes", modelopt);
+    cr_assert_eq(memcmp(s, s2, sizeof s), 0);
+    cr_assert_eq(g2, g);
+    cr_assert_eq(st.n_blocks_kept, R * NG);
+    x[C + 3] *= 1.01f; /* row 1, group 0 */
+    memset(&st, 0, sizeof st);
+    lm_nvfp4_requant(x, q, s, g, modelopt, G, amax_of(x, R * C), R, C, q2, s2, &g2, &st);
+    cr_assert_eq(g2, g, "the second scale still covers the tensor");
+    cr_assert_eq(st.n_blocks_kept, R * NG - 1);
+    float ga = 0;
+    for (int c = 0; c < G; c++)
+        ga = fmaxf(ga, fabsf(x[C + c]));
+    float want = modelopt ? lm_q_round_to(LM_DT_F8_E4M3, ga / (6.0f * g)) : lm_q_round_to(LM_DT_F8_E4M3, ga / 6.0f * g);
+    cr_assert_eq(s2[NG], want, "group scale %.9g, want %.9g", s2[NG], want);
+    float e = modelopt ? want * g : want / g;
+    for (int c = 0; c < G; c++)
+        cr_assert_eq((q2[(C + c) / 2] >> ((c & 1) * 4)) & 15, e2m1_nearest((double)(x[C + c] / e)));
+    x[0] = 10.0f; /* far beyond 6 x 448 / g: the library's rule for the second scale, every group again */
+    memset(&st, 0, sizeof st);
+    lm_nvfp4_requant(x, q, s, g, modelopt, G, amax_of(x, R * C), R, C, q2, s2, &g2, &st);
+    cr_assert_eq(g2, modelopt ? 10.0f / 2688.0f : 2688.0f / 10.0f);
+    cr_assert_eq(st.n_blocks_kept, 0);
+    cr_assert_eq((q2[0] & 15), 7, "amax maps to 6");
+}
+
+Test(quant_ct, nvfp4_round_trip_both_libraries)
+{
+    nv_round_trip(0);
+    nv_round_trip(1);
+}
+
+Test(quant_ct, nvfp4_keep_and_dtype, .timeout = 120)
+{
+    static const char *const q[] = {"nvfp4", "modelopt-nvfp4"};
+    static const char *const ref[][2] = {{"nvfp4-keep", "nvfp4-dtype"}, {"mo-nvfp4-keep", "mo-nvfp4-dtype"}};
+    for (size_t k = 0; k < 2; k++) {
+        ct_fx f;
+        ct_gen(&f, q[k], "--inter 80");
+        char out[1200], out2[1200], outf[1200], a[1300], b[1300];
+        snprintf(out, sizeof out, "%s/out", f.tmp);
+        snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+        snprintf(outf, sizeof outf, "%s/outf", f.tmp);
+        ct_merge(f.base, f.ad, out, NULL, NULL, NULL, NULL);
+        ct_merge(f.base, f.ad, out2, "--threads", "1", "--tile-elems", "64");
+        snprintf(a, sizeof a, "%s/model.safetensors", out);
+        snprintf(b, sizeof b, "%s/model.safetensors", out2);
+        cr_assert(th_files_equal(a, b), "%s: thread count or tile size changed the bytes", q[k]);
+        ct_merge(f.base, f.ad, outf, "--dtype", "bf16", NULL, NULL);
+        th_st st;
+        snprintf(a, sizeof a, "%s/model.safetensors", outf);
+        cr_assert_eq(th_st_read(a, &st), 0);
+        const th_tensor *w = th_st_find(&st, "model.layers.1.mlp.down_proj.weight");
+        cr_assert_not_null(w, "%s: the dequantized weight is named .weight", q[k]);
+        cr_assert_str_eq(w->dtype, "BF16");
+        cr_assert(w->shape[0] == 64 && w->shape[1] == 80, "[%llu, %llu]", (unsigned long long)w->shape[0],
+                  (unsigned long long)w->shape[1]);
+        cr_assert_null(th_st_find(&st, "model.layers.1.mlp.down_proj.weight_packed"));
+        cr_assert_null(th_st_find(&st, "model.layers.1.mlp.down_proj.weight_scale"));
+        th_st_free(&st);
+        snprintf(a, sizeof a, "%s/hf_quant_config.json", outf);
+        cr_assert(!th_exists(a), "hf_quant_config.json must not describe a dequantized output");
+        cr_assert(!file_has(outf, "config.json", "quantization_config"));
+        if (k == 1) {
+            snprintf(a, sizeof a, "%s/hf_quant_config.json", out);
+            cr_assert(th_exists(a), "hf_quant_config.json must stay with the quantized output");
+        }
+        th_rmrf(outf);
+        ct_merge(f.base, f.ad, outf, "--dtype", "f32", NULL, NULL);
+        ct_ref("ct_ref.py", ref[k][0], f.base, f.ad, out, NULL);
+        ct_ref("ct_ref.py", ref[k][1], f.base, f.ad, outf, NULL);
+        ct_free(&f);
+    }
+}
+
+/* an adapter touching 16 rows of q_proj: every other group keeps its bytes (the second scale
+ * still covers the merged tensor) */
+Test(quant_ct, nvfp4_unchanged_groups_identical)
+{
+    static const char *const q[] = {"nvfp4", "modelopt-nvfp4"};
+    for (size_t k = 0; k < 2; k++) {
+        ct_fx f;
+        ct_gen(&f, q[k], "--no-adapter --inter 80");
+        char ad[1200], out[1200];
+        snprintf(ad, sizeof ad, "%s/partial", f.tmp);
+        snprintf(out, sizeof out, "%s/out", f.tmp);
+        cr_assert_eq(mkdir(ad, 0777), 0);
+        ct_ref("ct_ref.py", "partial-adapter", f.base, ad, "model.layers.1.self_attn.q_proj", "16 0.005");
+        th_run_result r = th_runv("--json", f.base, ad, out, NULL);
+        cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+        cr_assert(strstr(r.out, "\"requantized\":{\"blocks\":256,\"blocks_kept\":192,") != NULL, "%s", r.out);
+        th_run_free(&r);
+        ct_ref("ct_ref.py", k ? "mo-nvfp4-keep" : "nvfp4-keep", f.base, ad, out, NULL);
+        ct_free(&f);
+    }
+}
+
+Test(quant_ct, nvfp4_inspect)
+{
+    ct_fx f;
+    ct_gen(&f, "modelopt-nvfp4", "--no-adapter --inter 80");
+    th_run_result r = th_runv("inspect", f.base, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "quantization: ModelOpt NVFP4 (U8 E2M1 pairs, weight_scale F8_E4M3 per group, "
+                            "weight_scale_2), quant_method modelopt, group size 16, 14 quantized weights") != NULL,
+              "%s", r.out);
+    th_run_free(&r);
+    ct_free(&f);
+    ct_gen(&f, "nvfp4", "--no-adapter --inter 80");
+    r = th_runv("inspect", f.base, NULL);
+    cr_assert(strstr(r.out, "quantization: compressed-tensors NVFP4 (weight_packed U8 E2M1 pairs, weight_scale "
+                            "F8_E4M3 per group, weight_global_scale), quant_method compressed-tensors, group size 16, "
+                            "14 quantized weights") != NULL, "%s", r.out);
+    th_run_free(&r);
+    ct_free(&f);
+}
+
+Test(quant_ct, nvfp4_refusals)
+{
+    ct_fx f;
+    ct_gen(&f, "nvfp4", "--inter 80");
+    ct_rewrite(f.base, "model.layers.0.self_attn.q_proj.weight_global_scale", NULL, NULL, 0, 0);
+    ct_refused(&f, "model.layers.0.self_attn.q_proj.weight_global_scale", "no scale tensor");
+    ct_free(&f);
+    ct_gen(&f, "modelopt-nvfp4", "--inter 80");
+    ct_rewrite(f.base, "model.layers.0.mlp.up_proj.weight_scale", NULL, NULL, 0, 0);
+    ct_refused(&f, "model.layers.0.mlp.up_proj.weight_scale", "no scale tensor");
+    ct_free(&f);
+    ct_gen(&f, "nvfp4", "--inter 80"); /* up_proj [80, 64]: 4 groups of 16 a row, not 8 */
+    ct_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale", "F8_E4M3", 80, 8);
+    ct_refused(&f, "model.layers.0.mlp.up_proj.weight_scale", "expected [80, 4]");
+    ct_free(&f);
+    ct_gen(&f, "modelopt-nvfp4", "--inter 80");
+    ct_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale", "BF16", 80, 4);
+    ct_refused(&f, "model.layers.0.mlp.up_proj.weight_scale", "must be F8_E4M3");
+    ct_free(&f);
+    ct_gen(&f, "modelopt-nvfp4", "--inter 80");
+    ct_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_2", "F32", 2, 0);
+    ct_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_2", "one F32 value");
+    ct_free(&f);
+    ct_gen(&f, "nvfp4", "--inter 80"); /* compressed-tensors pack-quantized int4: I32 words */
+    ct_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_packed", "I32", 80, 8);
+    ct_refused(&f, "model.layers.0.mlp.up_proj.weight_packed", "pack-quantized integer weights");
     ct_free(&f);
 }

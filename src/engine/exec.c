@@ -91,6 +91,7 @@ typedef struct {
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
     float *qscale;       /* a quantized weight: its scale grid in f32, or NULL */
+    float qamax;         /* q->needs_amax: the merged tensor's amax (quant_amax_pass) */
     lm_qstats qst;       /* what requantizing its tiles did (under prep_lock) */
 } tensor_rt;
 
@@ -206,8 +207,9 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
         }
-        if (rc == LM_OK && t->q != NULL)
-            rc = lm_xq_load_scales(t, J->model, &rt->qscale, err);
+        if (rc == LM_OK && t->q != NULL && (rc = lm_xq_load_scales(t, J->model, &rt->qscale, err)) == LM_OK &&
+            t->q->needs_amax)
+            lm_xq_set_amax(t, rt->qscale, rt->qamax);
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc != LM_OK) {
@@ -825,6 +827,65 @@ static void free_workspace(workspace *ws)
     free(ws->qscales);
 }
 
+/* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
+ * scale): requantizing needs the merged tensor's amax before any tile is written.  The merged
+ * tiles are computed once for it (the max does not depend on the order) and again when written;
+ * memory stays a tile per thread.  release: free the prepared factors after (no column pass
+ * holds them). */
+static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (tensor_prepare(J, ti, err) != LM_OK)
+        return err->code;
+    uint64_t tr = lm_plan_tile_rows(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
+    uint32_t amax = 0;
+    int failed = 0;
+    lm_err shared_err;
+    lm_err_clear(&shared_err);
+#pragma omp parallel num_threads(n_threads) reduction(max : amax)
+    {
+        workspace ws;
+        lm_err lerr;
+        lm_err_clear(&lerr);
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1))
+            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
+#pragma omp for schedule(dynamic, 1)
+        for (uint64_t k = 0; k < n_tiles; k++) {
+            if (lerr.code != LM_OK)
+                continue;
+            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
+            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
+                continue;
+            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
+            apply_ops(J, ti, 0, t->n_ops, &tile);
+            for (uint64_t e = 0; e < nr * t->cols; e++) { /* |x| orders as its bits; NaN above inf */
+                uint32_t u;
+                memcpy(&u, &ws.acc[e], 4);
+                u &= 0x7FFFFFFFu;
+                amax = u > amax ? u : amax;
+            }
+        }
+        if (lerr.code != LM_OK) {
+#pragma omp critical(lm_amaxpass_error)
+            {
+                if (!failed)
+                    shared_err = lerr;
+                failed = 1;
+            }
+        }
+        free_workspace(&ws);
+    }
+    if (failed) {
+        *err = shared_err;
+        return shared_err.code;
+    }
+    memcpy(&J->rt[ti].qamax, &amax, 4);
+    lm_xq_set_amax(t, J->rt[ti].qscale, J->rt[ti].qamax);
+    if (release)
+        tensor_release(J, ti); /* prepared again by its first tile */
+    return LM_OK;
+}
+
 /* Column DoRA (Conv1D, Embedding): the norm of every column of W + dW needs all rows first.
  * Partial sums per block of rows, reduced in block order; the blocks are the default tiles
  * whatever --tile-elems says, so the sums (and the output) do not depend on it or on the
@@ -898,6 +959,23 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
     }
     free(part);
     J->rt[ti].col_scale = scale;
+    return LM_OK;
+}
+
+/* the passes some tensors need over all their rows before their tiles are written */
+static lm_code pre_passes(job *J, int n_threads, lm_err *err)
+{
+    for (size_t i = 0; i < J->plan->n; i++) {
+        const lm_plan_tensor *t = &J->plan->t[i];
+        int has_col = 0;
+        for (size_t o = 0; o < t->n_ops; o++)
+            has_col |= t->ops[o].kind == LM_OP_NORM && t->ops[o].axis == 1;
+        if (has_col && J->rt[i].tiles_left > 0 && column_dora_pass(J, i, n_threads, err) != LM_OK)
+            return err->code;
+        if (t->q != NULL && t->q->needs_amax && t->dtype == t->src_dtype && J->rt[i].tiles_left > 0 &&
+            quant_amax_pass(J, i, n_threads, !has_col, err) != LM_OK)
+            return err->code;
+    }
     return LM_OK;
 }
 
@@ -1155,14 +1233,8 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
     /* every check is done: now the output files exist (as temporary files) */
     if ((rc = open_writers(&J, out_path, opts, &st.bytes_written, &local_err)) != LM_OK)
         goto fail;
-    for (size_t i = 0; i < plan->n; i++) {
-        const lm_plan_tensor *t = &plan->t[i];
-        int has_col = 0;
-        for (size_t o = 0; o < t->n_ops; o++)
-            has_col |= t->ops[o].kind == LM_OP_NORM && t->ops[o].axis == 1;
-        if (has_col && J.rt[i].tiles_left > 0 && (rc = column_dora_pass(&J, i, n_threads, &local_err)) != LM_OK)
-            goto fail;
-    }
+    if ((rc = pre_passes(&J, n_threads, &local_err)) != LM_OK)
+        goto fail;
     size_t max_elems = 1;
     for (size_t i = 0; i < plan->n; i++) {
         uint64_t e = lm_plan_tile_rows(&plan->t[i], J.tile_elems) * plan->t[i].cols;

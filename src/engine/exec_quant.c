@@ -18,11 +18,12 @@ lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float 
 {
     const lm_qtensor *q = t->q;
     size_t n = (size_t)(q->srows * q->scols);
-    *scales = malloc((n + 1) * sizeof **scales);
+    *scales = malloc((n + 2) * sizeof **scales);
     if (*scales == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", t->name);
     lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
     (*scales)[n] = 1.0f;
+    (*scales)[n + 1] = -1.0f; /* the merged amax, when the format needs it (lm_xq_set_amax()) */
     if (q->scale2 != NULL)
         lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), 1, *scales + n);
     return LM_OK;
@@ -38,10 +39,12 @@ static void dequant_tile(const lm_plan_tensor *t, const float *tscales, float gl
                          uint64_t nr, float *dst)
 {
     const lm_qtensor *q = t->q;
-    (void)global;
     switch (q->fmt) {
     case LM_Q_MXFP4: /* E2M1 pairs times the E8M0 scale of their group of 32 */
         lm_mxfp4_dequant(codes, tscales, nr, t->cols, dst);
+    case LM_Q_CT_NVFP4:
+    case LM_Q_MO_NVFP4:
+        lm_nvfp4_dequant(codes, tscales, global, q->fmt == LM_Q_MO_NVFP4, q->bc, nr, t->cols, dst);
         break;
     default: /* FP8 codes times the scale of their block */
         lm_fp8_block_dequant(codes, tscales, q->scols, q->br, q->bc, nr, t->cols, dst);
@@ -54,6 +57,11 @@ void lm_xq_dequant(const lm_plan_tensor *t, const float *scales, const uint8_t *
 {
     const lm_qtensor *q = t->q;
     dequant_tile(t, scales + (r0 / q->br) * q->scols, scales[q->srows * q->scols], src, nr, dst);
+}
+
+void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, float amax)
+{
+    scales[t->q->srows * t->q->scols + 1] = amax;
 }
 
 size_t lm_xq_qbuf_floats(size_t max_elems)
@@ -69,8 +77,14 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
     const float *s0 = scales + (r0 / q->br) * q->scols;
     qbuf[ns] = scales[q->srows * q->scols];
     switch (q->fmt) {
+    case LM_Q_CT_NVFP4: /* the whole tensor (tile_rows = rows): its amax decides the second scale */
+    case LM_Q_MO_NVFP4:
+        lm_nvfp4_requant(acc, codes0, s0, scales[q->srows * q->scols], q->fmt == LM_Q_MO_NVFP4, q->bc,
+                         scales[q->srows * q->scols + 1], nr, t->cols, out, qbuf, qbuf + ns, st);
+        break;
     case LM_Q_CT_FP8: /* compressed-tensors' rule, scales in their dtype */
-        lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype, out, qbuf, st);
+        lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype,
+                          q->needs_amax ? scales[q->srows * q->scols + 1] : -1.0f, out, qbuf, st);
         break;
     case LM_Q_MXFP4: /* triton_kernels' downcast_to_mxfp_torch (transformers' quantize_to_mxfp4) */
         lm_mxfp4_requant(acc, codes0, s0, nr, t->cols, out, qbuf, st);

@@ -20,6 +20,9 @@ typedef struct {
  *  format has none).  @return LM_OK, or LM_E_NOMEM */
 lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float **scales, lm_err *err);
 
+/*! lm_xq_set_amax() : the merged tensor's amax (q->needs_amax), into the loaded scales */
+void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, float amax);
+
 /*! lm_xq_dequant() : rows [r0, r0 + nr) of t from their codes src (q->row_bytes a row) to f32 dst */
 void lm_xq_dequant(const lm_plan_tensor *t, const float *scales, const uint8_t *src, uint64_t r0, uint64_t nr,
                    float *dst);

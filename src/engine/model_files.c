@@ -32,6 +32,7 @@ static const struct {
 } ALLOWED[] = {
     {"config.json", "config", G_BASE},
     {"generation_config.json", "generation_config", G_BASE},
+    {"hf_quant_config.json", "quantization config", G_BASE}, /* ModelOpt's: goes with quantization_config */
     {"tokenizer.json", "tokenizer", G_TOKENIZER},
     {"tokenizer_config.json", "tokenizer", G_TOKENIZER},
     {"tokenizer.model", "tokenizer", G_TOKENIZER},
@@ -589,6 +590,15 @@ lm_code lm_base_quant_scheme(const char *dir, lm_qscheme *s, lm_err *err)
         free(path);
     }
     free(data);
+    data = NULL;
+    /* ModelOpt's exports describe their quantization in hf_quant_config.json */
+    if (rc == LM_OK && s->fmt == LM_Q_NONE && read_side_file(dir, real, "hf_quant_config.json", &data, &n, &mode, &e) == 1 &&
+        (rc = lm_qscheme_parse_hf_quant(data, n, s, err)) != LM_OK) {
+        char *path = lm_path_join(dir, "hf_quant_config.json");
+        lm_err_set_path(err, path);
+        free(path);
+    }
+    free(data);
     free(real);
     return rc;
 }
@@ -628,6 +638,10 @@ void lm_base_info_read(const char *dir, lm_base_info *bi)
             }
             bi->has_quantization = member(&d, root, "quantization_config") != NULL ||
                                    member(&d, root, "compression_config") != NULL;
+            struct stat hq;
+            char *hp = lm_path_join(dir, "hf_quant_config.json");
+            bi->has_quantization |= hp != NULL && stat(hp, &hq) == 0;
+            free(hp);
             bi->has_auto_map = member(&d, root, "auto_map") != NULL;
         }
         st_json_free(&d);
@@ -840,6 +854,8 @@ static lm_code side_base_files(side_ctx *c, const name_list *base, lm_err *err)
         }
         if ((g != G_BASE && (c->from_adapter & (1u << g))) || is_reserved(in, name))
             continue;
+        if (strcmp(name, "hf_quant_config.json") == 0 && in->edits != NULL && in->edits->drop_quantization)
+            continue; /* the weights written are not quantized */
         char *data;
         size_t n;
         unsigned mode;

@@ -210,6 +210,16 @@ long lm_resolve_base_name(const lm_model *model, const char *name, lm_err *err)
         if (found >= 0)
             return found;
     }
+    size_t nn = strlen(name);
+    if (nn > 7 && strcmp(name + nn - 7, ".weight") == 0 && nn + 8 < 1024) { /* compressed-tensors' packed weights */
+        char packed[1024];
+        snprintf(packed, sizeof packed, "%s_packed", name);
+        lm_err quiet;
+        lm_err_clear(&quiet);
+        long k = lm_resolve_base_name(model, packed, &quiet);
+        if (k >= 0)
+            return k;
+    }
     if (packed_weight(model, name, err))
         return -1;
     lm_fail(err, LM_E_MISMATCH, "NoMatchingTensor", "no base tensor '%s' (nor under another prefix)", name);

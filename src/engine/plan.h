@@ -28,6 +28,8 @@ typedef struct lm_qtensor {
     uint64_t tile_rows;          /* tiles are whole multiples of these rows (br, or every row when
                                   * requantizing needs the whole tensor's amax) */
     uint64_t row_bytes;          /* bytes of codes per row (cols for 8-bit codes, cols / 2 packed 4-bit) */
+    int needs_amax;              /* requantizing needs the merged tensor's amax (a per-tensor scale):
+                                  * the executor computes it in a pass before the tiles */
     lm_tensor_info view;         /* what the methods see (dtype F32) */
     int out_transposed;          /* written dequantized as [E, in, out] from the view's rows [E, out, in]
                                   * (gpt-oss MXFP4 experts, plan_quant_mx.c) */

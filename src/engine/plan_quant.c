@@ -109,9 +109,14 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
         if (q == NULL)
             continue;
         p->t[i].q = q;
+        p->t[i].cols = q->view.shape[1];
         views[i] = &q->view;
         if (o->out_dtype_set) { /* written dequantized: the scales go */
             p->t[i].dtype = o->out_dtype;
+            p->t[i].shape = q->view.shape;
+            size_t nl = strlen(p->t[i].name);
+            if (nl > 7 && strcmp(p->t[i].name + nl - 7, "_packed") == 0)
+                p->t[i].name[nl - 7] = '\0'; /* compressed-tensors' weight_packed is a weight again */
             p->t[q->scale_index].drop = 1;
             if (q->scale2 != NULL)
                 p->t[q->scale2_index].drop = 1;

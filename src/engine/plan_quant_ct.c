@@ -33,7 +33,10 @@ static void shape_str(const lm_tensor_info *t, char *buf, size_t cap)
 static const lm_model_entry *sibling(const lm_model *model, const char *wname, const char *suffix, size_t *idx)
 {
     char name[1100];
-    snprintf(name, sizeof name, "%s%s", wname, suffix);
+    if (strlen(wname) + strlen(suffix) >= sizeof name)
+        return NULL;
+    memcpy(name, wname, strlen(wname));
+    memcpy(name + strlen(wname), suffix, strlen(suffix) + 1);
     return lm_model_find(model, name, idx);
 }
 
@@ -87,7 +90,8 @@ static lm_code ct_fp8_grid(const lm_qscheme *s, const lm_tensor_info *w, const l
     }
     q->srows = ceil_div(R, q->br);
     q->scols = ceil_div(C, q->bc);
-    q->tile_rows = q->br;
+    q->needs_amax = q->br == R && R > 1; /* one scale for the tensor: its amax first, then any tiles */
+    q->tile_rows = q->needs_amax ? 1 : q->br;
     return LM_OK;
 }
 
@@ -120,6 +124,81 @@ static lm_code attach_ct_fp8(lm_plan *p, const lm_model *model, const lm_qscheme
     return LM_OK;
 }
 
+/* NVFP4: packed codes U8 [R, C/2], weight_scale F8_E4M3 [R, C/g], the second scale F32 (one
+ * value); name2: weight_global_scale (compressed-tensors) or weight_scale_2 (ModelOpt) */
+static lm_code attach_nvfp4(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_tensor_info *w,
+                            lm_qformat fmt, const char *name2, lm_qtensor **out, lm_err *err)
+{
+    const char *lib = fmt == LM_Q_MO_NVFP4 ? "ModelOpt NVFP4" : "compressed-tensors NVFP4";
+    size_t si, si2;
+    char want[1200], base[1100]; /* base: "<m>.weight" (compressed-tensors: without "_packed") */
+    snprintf(base, sizeof base, "%.*s", (int)(strlen(w->name) - (fmt == LM_Q_MO_NVFP4 ? 0 : 7)), w->name);
+    const lm_model_entry *se = sibling(model, base, "_scale", &si), *se2 = sibling(model, base, name2, &si2);
+    if (se == NULL || se2 == NULL) {
+        snprintf(want, sizeof want, "%s%s", base, se == NULL ? "_scale" : name2);
+        return ct_fail(err, w->name, "%s: the packed weight has no scale tensor '%s'", lib, want);
+    }
+    if (w->n_dims != 2)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "%s weight '%s' is %zu-D: only 2-D weights "
+                       "are dequantized", lib, w->name, w->n_dims);
+    const lm_tensor_info *sc = se->info, *g = se2->info;
+    const uint64_t R = w->shape[0], C = 2 * w->shape[1];
+    uint64_t gsz = s && s->group_size ? s->group_size : 16;
+    if (sc->dtype != LM_DT_F8_E4M3)
+        return ct_fail(err, sc->name, "scale tensor '%s' is %s: NVFP4 group scales must be F8_E4M3", sc->name,
+                       lm_dtype_name(sc->dtype));
+    if (g->dtype != LM_DT_F32 || g->n_elems != 1 || g->n_dims > 1) {
+        snprintf(want, sizeof want, "'%s' (%s, %llu values)", g->name, lm_dtype_name(g->dtype),
+                 (unsigned long long)g->n_elems);
+        return ct_fail(err, g->name, "second scale %s: NVFP4 wants one F32 value (%s)", want, name2 + 1);
+    }
+    if (gsz % 2 != 0 || C % gsz != 0) {
+        char a[160], b[64];
+        snprintf(a, sizeof a, "'%s' has %llu columns", w->name, (unsigned long long)C);
+        snprintf(b, sizeof b, "%llu", (unsigned long long)gsz);
+        return ct_fail(err, w->name, "NVFP4 weight %s: not a whole number of groups of %s", a, b);
+    }
+    if (sc->n_dims != 2 || sc->shape[0] != R || sc->shape[1] != C / gsz) {
+        char a[200], b[200], ss[64];
+        shape_str(sc, ss, sizeof ss);
+        snprintf(a, sizeof a, "'%s' %s", sc->name, ss);
+        snprintf(b, sizeof b, "[%llu, %llu] (weight [%llu, %llu] in groups of %llu)", (unsigned long long)R,
+                 (unsigned long long)(C / gsz), (unsigned long long)R, (unsigned long long)C, (unsigned long long)gsz);
+        return ct_fail(err, sc->name, "scale tensor %s has the wrong shape: expected %s", a, b);
+    }
+    lm_qtensor *q = lm_plan_blob(p, sizeof *q);
+    uint64_t *shape = lm_plan_blob(p, 2 * sizeof *shape);
+    if (q == NULL || shape == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    q->fmt = fmt;
+    q->scale = se;
+    q->scale_index = si;
+    q->scale_dtype = LM_DT_F8_E4M3;
+    q->scale2 = se2;
+    q->scale2_index = si2;
+    q->br = 1;
+    q->bc = gsz;
+    q->srows = R;
+    q->scols = C / gsz;
+    q->tile_rows = 1;
+    q->needs_amax = 1; /* the second scale follows the whole tensor's amax */
+    q->row_bytes = C / 2;
+    shape[0] = R;
+    shape[1] = C;
+    q->view = *w;
+    q->view.shape = shape;
+    q->view.n_elems = R * C;
+    q->view.dtype = LM_DT_F32;
+    *out = q;
+    return LM_OK;
+}
+
+static int ends_with(const char *s, const char *sfx)
+{
+    size_t n = strlen(s), k = strlen(sfx);
+    return n > k && strcmp(s + n - k, sfx) == 0;
+}
+
 lm_code lm_plan_attach_ct(lm_plan *p, const lm_model *model, const lm_qscheme *s, size_t i, lm_qtensor **out,
                           lm_err *err)
 {
@@ -127,13 +206,22 @@ lm_code lm_plan_attach_ct(lm_plan *p, const lm_model *model, const lm_qscheme *s
     size_t si;
     const lm_model_entry *se;
     *out = NULL;
+    if (ends_with(w->name, ".weight_packed")) {
+        if (w->dtype != LM_DT_U8)
+            return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "base tensor '%s' is %s: compressed-"
+                           "tensors pack-quantized integer weights are not dequantized by lora-merge; merge into the "
+                           "unquantized original model", w->name, lm_dtype_name(w->dtype));
+        return attach_nvfp4(p, model, s, w, LM_Q_CT_NVFP4, "_global_scale", out, err);
+    }
+    if (w->dtype == LM_DT_U8 && ends_with(w->name, ".weight") && sibling(model, w->name, "_scale_2", &si) != NULL)
+        return attach_nvfp4(p, model, s, w, LM_Q_MO_NVFP4, "_scale_2", out, err);
     if (w->dtype == LM_DT_F8_E4M3) {
         if (sibling(model, w->name, "_scale_inv", &si) != NULL)
             return LM_OK; /* block FP8 */
         if ((se = sibling(model, w->name, "_scale", &si)) != NULL)
             return attach_ct_fp8(p, model, s, w, se, si, out, err);
         if (s != NULL && s->fmt == LM_Q_CT_FP8) {
-            char name[1100];
+            char name[1200];
             snprintf(name, sizeof name, "%s_scale", w->name);
             return ct_fail(err, w->name, "compressed-tensors FP8: the F8_E4M3 weight '%s' has no scale tensor '%s'",
                            w->name, name);

@@ -743,7 +743,7 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         lm_qscheme_free(&s);
         return;
     }
-    size_t n_q = 0, n_ct = 0;
+    size_t n_q = 0, n_ct = 0, n_nv = 0, n_mo = 0;
     for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
         const lm_tensor_info *t = lm_model_tensor(m, i)->info;
         char name[1100];
@@ -751,15 +751,30 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         n_q += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
         snprintf(name, sizeof name, "%s_scale", t->name);
         n_ct += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
+        snprintf(name, sizeof name, "%s_scale_2", t->name);
+        n_mo += t->dtype == LM_DT_U8 && lm_model_find(m, name, NULL) != NULL;
+        size_t nl = strlen(t->name);
+        n_nv += t->dtype == LM_DT_U8 && nl > 14 && strcmp(t->name + nl - 14, ".weight_packed") == 0;
     }
-    if (s.fmt == LM_Q_NONE && n_q == 0 && n_ct == 0)
+    if (s.fmt == LM_Q_NONE && n_q + n_ct + n_nv + n_mo == 0)
         return;
-    const int ct = s.fmt == LM_Q_CT_FP8 || (s.fmt == LM_Q_NONE && n_ct > n_q);
-    const char *fmt = ct ? "compressed-tensors FP8 (F8_E4M3, weight_scale)"
+    const int nv = s.fmt == LM_Q_CT_NVFP4 || s.fmt == LM_Q_MO_NVFP4 || (s.fmt == LM_Q_NONE && n_nv + n_mo > 0);
+    int ct = !nv && (s.fmt == LM_Q_CT_FP8 || (s.fmt == LM_Q_NONE && n_ct > n_q));
+    const char *fmt = nv && (s.fmt == LM_Q_MO_NVFP4 || n_mo > n_nv)
+                          ? "ModelOpt NVFP4 (U8 E2M1 pairs, weight_scale F8_E4M3 per group, weight_scale_2)"
+                      : nv ? "compressed-tensors NVFP4 (weight_packed U8 E2M1 pairs, weight_scale F8_E4M3 per group, "
+                             "weight_global_scale)"
+                      : ct ? "compressed-tensors FP8 (F8_E4M3, weight_scale)"
                       : s.fmt == LM_Q_FP8_BLOCK || (s.fmt == LM_Q_NONE && n_q) ? "block FP8 (F8_E4M3, weight_scale_inv)"
                       : "not dequantized by lora-merge";
+    if (nv) {
+        n_ct = n_nv + n_mo;
+        ct = 1;
+    }
     char blocks[96];
-    if (!ct)
+    if (nv)
+        snprintf(blocks, sizeof blocks, "group size %llu", (unsigned long long)(s.group_size ? s.group_size : 16));
+    else if (!ct)
         snprintf(blocks, sizeof blocks, "blocks %llux%llu", (unsigned long long)s.block_rows,
                  (unsigned long long)s.block_cols);
     else if (strcmp(s.ct_strategy, "group") == 0)

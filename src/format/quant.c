@@ -94,6 +94,10 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
             goto done;
     } else if (strcmp(s->method, "mxfp4") == 0) {
         s->fmt = LM_Q_MXFP4;
+    } else if (strcmp(s->method, "modelopt") == 0) {
+        if ((rc = lm_qscheme_parse_modelopt_qc(&d, qc, s, err)) != LM_OK)
+            goto done;
+        goto done; /* its ignore list is read with the rest */
     } else if (strcmp(s->method, "fp8") == 0) {
         s->fmt = LM_Q_FP8_BLOCK;
         if ((rc = parse_block(&d, qc, s, err)) != LM_OK)

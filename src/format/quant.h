@@ -36,6 +36,9 @@ typedef struct lm_qscheme {
  *  LM_E_FORMAT for a malformed weight_block_size. */
 lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err);
 void lm_qscheme_free(lm_qscheme *s);
+/*! lm_qscheme_parse_hf_quant() : ModelOpt's hf_quant_config.json text[0..n) ("quantization":
+ *  quant_algo, group_size, exclude_modules).  @return LM_OK, or LM_E_FORMAT (not that object) */
+lm_code lm_qscheme_parse_hf_quant(const char *text, size_t n, lm_qscheme *s, lm_err *err);
 /*! lm_qscheme_skips() : 1 when the module of tensor name is listed as not quantized */
 int lm_qscheme_skips(const lm_qscheme *s, const char *name);
 
@@ -84,9 +87,38 @@ void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0
 /*! lm_ct_fp8_requant() :
  *  As lm_fp8_block_requant() (blocks of br x bc, one f32 scale each, unchanged blocks keep codes
  *  and scale), with compressed-tensors' rule (calculate_qparams + quantize): scale = amax / 448
- *  rounded to the scale dtype sdt (0 -> that dtype's eps), q = fp8(clamp(x / scale, +-448)). */
+ *  rounded to the scale dtype sdt (0 -> that dtype's eps), q = fp8(clamp(x / scale, +-448)).
+ *  tamax >= 0: a per-tensor scale, the merged tensor's amax (the tile holds some of its rows;
+ *  unchanged rows keep their bytes when the scale stays). */
 void lm_ct_fp8_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
-                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, uint8_t *q, float *out_scale,
-                       lm_qstats *st);
+                       uint64_t bc, uint64_t nr, uint64_t cols, lm_dtype sdt, float tamax, uint8_t *q,
+                       float *out_scale, lm_qstats *st);
+
+/* ---- NVFP4: E2M1 codes (4 bits, two a byte, the even element in the low nibble) times an FP8
+ * E4M3 scale per group of columns, with a per-tensor second scale g.  compressed-tensors
+ * (nvfp4-pack-quantized): value = e2m1 x (scale / g), g = weight_global_scale; ModelOpt:
+ * value = e2m1 x (scale x g), g = weight_scale_2 (the two libraries' directions are opposite).
+ * Both products are f32 operations in the libraries' order (forward.py _dequantize;
+ * NVFP4QTensor.dequantize). */
+/*! lm_e2m1_value() : the value of code c (0..15): 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives */
+float lm_e2m1_value(unsigned c);
+/*! lm_f32_to_e2m1() : nearest code, ties to the even code, saturating at +-6 (the libraries'
+ *  thresholds .25 .75 1.25 1.75 2.5 3.5 5); the sign from x's sign bit */
+unsigned lm_f32_to_e2m1(float x);
+/*! lm_nvfp4_dequant() : nr rows of cols values from packed codes q (cols / 2 bytes a row) and
+ *  group scales s (f32 values of the FP8 scales, cols / gsz a row); modelopt selects the direction */
+void lm_nvfp4_dequant(const uint8_t *q, const float *s, float g, int modelopt, uint64_t gsz, uint64_t nr,
+                      uint64_t cols, float *dst);
+/*! lm_nvfp4_requant() :
+ *  nr merged rows x of a tensor whose merged amax is tamax back to packed codes q, group
+ *  scales out_s (f32 values of FP8 codes) and the second scale *out_g.  The second scale g0 is
+ *  kept when the merged amax still fits it (every group scale representable in FP8), so groups
+ *  whose values are unchanged keep their codes and scale; otherwise it is recomputed by the
+ *  library's rule (compressed-tensors 448 x 6 / amax, ModelOpt amax / (6 x 448)) and every group
+ *  requantized.  A changed group: compressed-tensors s = fp8(amax / 6 x g) (0 -> 0.125), codes
+ *  e2m1(x / (s / g)); ModelOpt s = fp8(max(amax / (6 g), 2^-9)) (0 -> 1), codes e2m1(x / (s g)). */
+void lm_nvfp4_requant(const float *x, const uint8_t *q0, const float *s0, float g0, int modelopt, uint64_t gsz,
+                      float tamax, uint64_t nr, uint64_t cols, uint8_t *q, float *out_s, float *out_g,
+                      lm_qstats *st);
 
 #endif

@@ -10,4 +10,8 @@
  *  weights' strategy, group size, block structure).  @return LM_OK or LM_E_FORMAT */
 lm_code lm_qscheme_parse_ct(const st_json_doc *d, const st_json_node *qc, lm_qscheme *s, lm_err *err);
 
+/*! lm_qscheme_parse_modelopt_qc() : config.json's quantization_config with quant_method
+ *  "modelopt" (quant_algo, group_size, ignore).  @return LM_OK or LM_E_NOMEM */
+lm_code lm_qscheme_parse_modelopt_qc(const st_json_doc *d, const st_json_node *qc, lm_qscheme *s, lm_err *err);
+
 #endif

@@ -9,6 +9,9 @@ computed in float64, and the output checked against the library's requantization
 
   ct_ref.py ct-fp8-keep BASE ADAPTER OUT      compressed-tensors FP8 kept quantized
   ct_ref.py ct-fp8-dtype BASE ADAPTER OUT     written as F32 (--dtype f32)
+  ct_ref.py nvfp4-keep|nvfp4-dtype BASE ADAPTER OUT         compressed-tensors NVFP4
+  ct_ref.py mo-nvfp4-keep|mo-nvfp4-dtype BASE ADAPTER OUT   ModelOpt NVFP4
+  ct_ref.py partial-adapter BASE ADAPTER_DIR MODULE ROWS AMP   a LoRA touching ROWS rows of MODULE
 Prints one line; exit 1 on the first failure."""
 import json
 import os
@@ -17,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_ref import E4M3, adapter, e4m3_encode, fail, read_st  # noqa: E402
+from quant_ref import E4M3, adapter, e4m3_encode, fail, read_st, write_st  # noqa: E402
 
 ULP = {"F32": 2.0 ** -23, "BF16": 2.0 ** -7, "F16": 2.0 ** -10}
 
@@ -129,11 +132,172 @@ def check_ct_fp8(mode, bdir, adir, odir):
         n_w, n_blocks, n_kept, n_codes, n_near))
 
 
+def e2m1_table():
+    """value of every E2M1 code from its definition (sign bit 3, 2 exponent bits bias 1, 1 mantissa bit)"""
+    v = np.zeros(16)
+    for c in range(16):
+        e, m = (c >> 1) & 3, c & 1
+        mag = m * 0.5 if e == 0 else (1 + m / 2.0) * 2.0 ** (e - 1)
+        v[c] = -mag if c & 8 else mag
+    return v
+
+
+E2M1 = e2m1_table()
+E2M1_POS = E2M1[:8]
+
+
+def e2m1_encode(y):
+    """nearest code, ties to the even code, saturating at +-6; how close to a tie (0 = on it)"""
+    a = np.minimum(np.abs(y), 6.0)
+    hi = np.clip(np.searchsorted(E2M1_POS, a), 1, 7)
+    lo = hi - 1
+    dlo, dhi = a - E2M1_POS[lo], E2M1_POS[hi] - a
+    code = np.where(dlo < dhi, lo, np.where(dhi < dlo, hi, np.where(lo % 2 == 0, lo, hi)))
+    code = np.where(a >= E2M1_POS[hi], hi, code)
+    tie = np.abs(dlo - dhi) / (E2M1_POS[hi] - E2M1_POS[lo])
+    return (code | np.where(np.signbit(y), 8, 0)).astype(np.uint8), tie
+
+
+def unpack(p):
+    r, h = p.shape
+    out = np.zeros((r, 2 * h), np.uint8)
+    out[:, 0::2] = p & 15
+    out[:, 1::2] = p >> 4
+    return out
+
+
+def nv_eff(s8, g, modelopt):
+    s8 = s8.astype(np.float32)
+    g = np.float32(g)
+    return (s8 * g if modelopt else s8 / g).astype(np.float32)
+
+
+def nv_dequant(codes, s8, g, gsz, modelopt):
+    eff = np.repeat(nv_eff(s8, g, modelopt), gsz, 1)
+    return (E2M1[codes].astype(np.float32) * eff).astype(np.float32).astype(np.float64)
+
+
+def check_nvfp4(mode, bdir, adir, odir, modelopt):
+    base, _ = read_st(bdir + "/model.safetensors")
+    out, _ = read_st(odir + "/model.safetensors")
+    deltas = adapter(adir)
+    ocfg = json.load(open(odir + "/config.json"))
+    hq = os.path.exists(odir + "/hf_quant_config.json")
+    quant_kept = hq if modelopt else ocfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    if mode == "keep" and not quant_kept:
+        fail("the quantization config was not kept")
+    if mode == "dtype" and (hq or "quantization_config" in ocfg):
+        fail("quantization config kept in a dequantized output")
+    wsfx, gsfx = (".weight", ".weight_scale_2") if modelopt else (".weight_packed", ".weight_global_scale")
+    n_w = n_groups = n_kept = n_codes = n_near = n_global = 0
+    for name, (dt, shp, a, raw) in base.items():
+        if name.endswith(".weight_scale") or name.endswith(gsfx) or name.endswith(".input_scale"):
+            if mode == "dtype" and name in out:
+                fail(name + " written in a dequantized output")
+            continue
+        if not (name.endswith(wsfx) and dt == "U8"):
+            same = out[name][3] == raw if mode == "keep" else np.array_equal(out[name][2].astype(np.float64),
+                                                                              a.astype(np.float64))
+            if not same:
+                fail(name + ": an untouched tensor changed")
+            continue
+        stem = name[:-len(wsfx)]
+        mod = stem
+        s8 = E4M3[base[stem + ".weight_scale"][2]]
+        g = float(base[stem + gsfx][2].reshape(-1)[0])
+        codes = unpack(a)
+        gsz = codes.shape[1] // s8.shape[1]
+        w = nv_dequant(codes, s8, g, gsz, modelopt)
+        x = w + deltas[mod] if mod in deltas else w
+        n_w += 1
+        if mode == "dtype":
+            odt, oshp, oa, _ = out[stem + ".weight"]
+            if odt != "F32" or oshp != codes.shape:
+                fail("%s.weight is %s %s, not F32 %s" % (stem, odt, oshp, codes.shape))
+            if not modelopt and name in out:
+                fail(name + " written in a dequantized output")
+            err = np.abs(oa.astype(np.float64) - x).max()
+            if err > 1e-6 * np.abs(x).max():
+                fail("%s: max error %.3g" % (name, err))
+            continue
+        odt, oshp, oa, oraw = out[name]
+        os8 = out[stem + ".weight_scale"]
+        og = float(out[stem + gsfx][2].reshape(-1)[0])
+        if odt != "U8" or oshp != shp or os8[0] != "F8_E4M3":
+            fail(name + " not kept packed")
+        if mod not in deltas:
+            if oraw != raw or os8[3] != base[stem + ".weight_scale"][3] or og != g:
+                fail(name + ": untouched quantized weight or its scales changed")
+            continue
+        amax = np.abs(x).max()
+        top = amax / (6 * g) if modelopt else amax / 6 * g
+        if og != g:  # recomputed by the library's rule: only when the old one no longer covers the tensor
+            want = amax / 2688.0 if modelopt else 2688.0 / amax
+            if top <= 448 * (1 - 1e-6) or abs(og - want) > 1e-6 * want:
+                fail("%s: second scale %.9g (was %.9g), want %s" % (name, og, g, want if top > 448 else "kept"))
+            n_global += 1
+        elif top > 448 * (1 + 1e-6):
+            fail("%s: second scale kept though amax %.6g no longer fits it" % (name, amax))
+        ocodes = unpack(oa)
+        os8v = E4M3[os8[2]]
+        r, c = codes.shape
+        eff = nv_eff(os8v, og, modelopt)
+        for i in range(r):
+            for j in range(c // gsz):
+                sl = slice(j * gsz, (j + 1) * gsz)
+                n_groups += 1
+                if og == g and np.array_equal(x[i, sl], w[i, sl]):
+                    if not (np.array_equal(ocodes[i, sl], codes[i, sl]) and os8v[i, j] == s8[i, j]):
+                        fail("%s group (%d,%d): unchanged but not kept" % (name, i, j))
+                    n_kept += 1
+                    continue
+                ga = np.abs(x[i, sl]).max()
+                target = ga / (6 * og) if modelopt else ga / 6 * og
+                if modelopt:
+                    target = max(target, 2.0 ** -9) if target > 0 else 1.0
+                if abs(os8v[i, j] - target) > target / 16 * 1.001 + 1e-12:
+                    fail("%s group (%d,%d): scale %.6g, want fp8(%.6g)" % (name, i, j, os8v[i, j], target))
+                want, tie = e2m1_encode(x[i, sl] / eff[i, j])
+                got = ocodes[i, sl]
+                bad = want != got
+                n_codes += gsz
+                if bad.any():
+                    if (tie[bad] > 1e-3).any():
+                        k = int(np.argwhere(bad & (tie > 1e-3))[0][0])
+                        fail("%s group (%d,%d) element %d: code %d, want %d" % (name, i, j, k, got[k], want[k]))
+                    n_near += int(bad.sum())
+    print("ok %d weights, %d groups (%d kept), %d codes checked, %d near-tie differences, %d second scales "
+          "recomputed" % (n_w, n_groups, n_kept, n_codes, n_near, n_global))
+
+
+def partial_adapter(bdir, adir, module, rows, amp):
+    """a LoRA adapter touching the first rows output rows of module (its weight stored as
+    .weight, or packed as .weight_packed / a U8 .weight: two values a byte)"""
+    base, _ = read_st(bdir + "/model.safetensors")
+    dt, shp, _, _ = base[module + ".weight"] if module + ".weight" in base else base[module + ".weight_packed"]
+    o, i = shp[0], shp[1] * (2 if dt == "U8" else 1)
+    rng = np.random.default_rng(7)
+    A = (rng.standard_normal((4, i)) * 0.1).astype(np.float32)
+    B = np.zeros((o, 4), np.float32)
+    B[:rows] = rng.standard_normal((rows, 4)).astype(np.float32) * amp
+    pre = "base_model.model." + module
+    write_st(adir + "/adapter_model.safetensors", {pre + ".lora_A.weight": ("F32", A),
+                                                   pre + ".lora_B.weight": ("F32", B)})
+    with open(adir + "/adapter_config.json", "w") as f:
+        json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [module.rsplit(".", 1)[1]],
+                   "lora_dropout": 0.0, "bias": "none"}, f)
+    print("ok")
+
+
 if __name__ == "__main__":
     m = sys.argv[1]
     if m == "ct-fp8-keep":
         check_ct_fp8("keep", *sys.argv[2:5])
     elif m == "ct-fp8-dtype":
         check_ct_fp8("dtype", *sys.argv[2:5])
+    elif m in ("nvfp4-keep", "nvfp4-dtype", "mo-nvfp4-keep", "mo-nvfp4-dtype"):
+        check_nvfp4(m.rsplit("-", 1)[1], *sys.argv[2:5], modelopt=m.startswith("mo-"))
+    elif m == "partial-adapter":
+        partial_adapter(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6]))
     else:
         fail("unknown mode " + m)
