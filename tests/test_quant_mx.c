@@ -89,15 +89,15 @@ Test(quant_mx, e2m1_rounding)
         {-5.0f, 14}, {-0.75f, 10},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
-        cr_assert_eq(lm_f32_to_e2m1(cases[i].x), cases[i].code, "%a -> %u, want %u", (double)cases[i].x,
-                     lm_f32_to_e2m1(cases[i].x), cases[i].code);
-    cr_assert_eq(lm_f32_to_e2m1(NAN) & 7, 7, "NaN saturates (the library's bit rule)");
+        cr_assert_eq(lm_mx_f32_to_e2m1(cases[i].x), cases[i].code, "%a -> %u, want %u", (double)cases[i].x,
+                     lm_mx_f32_to_e2m1(cases[i].x), cases[i].code);
+    cr_assert_eq(lm_mx_f32_to_e2m1(NAN) & 7, 7, "NaN saturates (the library's bit rule)");
     for (unsigned c = 0; c < 16; c++)
-        cr_assert_eq(lm_f32_to_e2m1(lm_e2m1_value(c)), c, "code %u encodes back to itself", c);
+        cr_assert_eq(lm_mx_f32_to_e2m1(lm_mx_e2m1_value(c)), c, "code %u encodes back to itself", c);
     uint64_t rng = 99;
     for (int k = 0; k < 20000; k++) {
         float x = (float)(th_rand_uniform(&rng) * 7.5);
-        cr_assert_eq(lm_f32_to_e2m1(x), e2m1_nearest(x), "%a -> %u, want %u", (double)x, lm_f32_to_e2m1(x),
+        cr_assert_eq(lm_mx_f32_to_e2m1(x), e2m1_nearest(x), "%a -> %u, want %u", (double)x, lm_mx_f32_to_e2m1(x),
                      e2m1_nearest(x));
     }
 }

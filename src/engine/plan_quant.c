@@ -109,7 +109,7 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
         if (q == NULL)
             continue;
         p->t[i].q = q;
-        p->t[i].cols = q->view.shape[1];
+        p->t[i].cols = q->view.shape[q->view.n_dims - 1]; /* 2-D, or an expert stack [E, out, in] */
         views[i] = &q->view;
         if (o->out_dtype_set) { /* written dequantized: the scales go */
             p->t[i].dtype = o->out_dtype;

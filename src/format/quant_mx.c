@@ -8,7 +8,7 @@
 static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-float lm_e2m1_value(unsigned c)
+float lm_mx_e2m1_value(unsigned c)
 {
     return E2M1[c & 15];
 }
@@ -47,7 +47,7 @@ static inline uint32_t e2m1_code(float q)
     return ((u >> 28) & 8u) | c;
 }
 
-unsigned lm_f32_to_e2m1(float q)
+unsigned lm_mx_f32_to_e2m1(float q)
 {
     return e2m1_code(q);
 }

@@ -16,16 +16,17 @@
 
 #define LM_MX_GROUP 32 /* values per scale */
 
-/*! lm_e2m1_value() : the value of 4-bit code c (bit 3 the sign; 8 is -0) */
-float lm_e2m1_value(unsigned c);
+/*! lm_mx_e2m1_value() : the value of 4-bit code c (bit 3 the sign; 8 is -0) (lm_e2m1_value() of NVFP4's
+ *  codec is the same table; lm_mx_f32_to_e2m1() differs from its lm_f32_to_e2m1() on NaN: 7, not 0) */
+float lm_mx_e2m1_value(unsigned c);
 /*! lm_e8m0_value() : 2^(s - 127) (s = 0: 2^-127, a subnormal), NaN for 255 */
 float lm_e8m0_value(uint8_t s);
 /*! lm_e8m0_from_f32() : the byte of a scale value lm_e8m0_value() gives (NaN: 255) */
 uint8_t lm_e8m0_from_f32(float v);
-/*! lm_f32_to_e2m1() : q to the nearest E2M1 code, ties to the even code, |q| > 6, inf and NaN
+/*! lm_mx_f32_to_e2m1() : q to the nearest E2M1 code, ties to the even code, |q| > 6, inf and NaN
  *  saturated to +-6, the sign kept (also for values that round to 0): the rounding of triton_kernels'
  *  downcast_to_mxfp_torch, which transformers' Mxfp4 quantizer calls */
-unsigned lm_f32_to_e2m1(float q);
+unsigned lm_mx_f32_to_e2m1(float q);
 /*! lm_mx_scale_for() : the E8M0 scale the library gives a group whose largest magnitude is amax:
  *  amax / 6 rounded up to a power of two (DequantScaleRoundingMode.ROUND_UP, the default), the
  *  byte its biased exponent (0 for amax 0, 255 for inf) */
@@ -38,7 +39,7 @@ void lm_mxfp4_dequant(const uint8_t *q, const float *s, uint64_t nr, uint64_t co
 /*! lm_mxfp4_requant() :
  *  The merged rows x back to codes q and scales s, group by group, with the rule of transformers'
  *  quantize_to_mxfp4 (triton_kernels downcast_to_mxfp_torch, axis of the 32 values, ROUND_UP):
- *  the values rounded to bf16 first, scale = lm_mx_scale_for(amax), codes lm_f32_to_e2m1(x /
+ *  the values rounded to bf16 first, scale = lm_mx_scale_for(amax), codes lm_mx_f32_to_e2m1(x /
  *  2^(scale - 127)) (a zero scale byte: codes of x * 0).  Scales s0, s as their values.  A group whose merged values all equal
  *  the base's (codes q0, scales s0; NaN equal to NaN) keeps its bytes, so an unchanged tensor is
  *  written back identical.  st: the numbers of lm_qstats (err relative to the group's amax). */
