@@ -42,6 +42,7 @@ static void dequant_tile(const lm_plan_tensor *t, const float *tscales, float gl
     switch (q->fmt) {
     case LM_Q_MXFP4: /* E2M1 pairs times the E8M0 scale of their group of 32 */
         lm_mxfp4_dequant(codes, tscales, nr, t->cols, dst);
+        break;
     case LM_Q_CT_NVFP4:
     case LM_Q_MO_NVFP4:
         lm_nvfp4_dequant(codes, tscales, global, q->fmt == LM_Q_MO_NVFP4, q->bc, nr, t->cols, dst);
