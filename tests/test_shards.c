@@ -124,7 +124,7 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
     th_run_free(&r);
-    cr_assert_eq(sh_ok("diff -r %s %s", F.ref, F.out), 0, "the workers' directory differs from the single merge");
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0, "the workers' directory differs from the single merge");
     sh_teardown(&F);
 }
 
