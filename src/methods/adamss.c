@@ -254,8 +254,9 @@ static lm_code left_vectors(const double *Wa, uint64_t m, uint64_t n, const floa
 static lm_code cluster_rows(lm_plan_ctx *ctx, const lm_module *mod, long bi, long bias, uint64_t m, uint64_t n,
                             const float *newB, uint64_t q, int K, const uint64_t *len, uint32_t *rows, lm_err *err)
 {
-    double *Wa = malloc(m * n * sizeof *Wa), *U = malloc(m * q * sizeof *U), *w = malloc(m * (n - (bias >= 0)) * sizeof *w);
-    double *b = bias >= 0 ? malloc(m * sizeof *b) : NULL;
+    /* without a bias [W | b] is W itself: one copy of the weight in double (plus LAPACK's) */
+    double *w = malloc(m * (n - (bias >= 0)) * sizeof *w), *Wa = bias >= 0 ? malloc(m * n * sizeof *Wa) : w;
+    double *U = malloc(m * q * sizeof *U), *b = bias >= 0 ? malloc(m * sizeof *b) : NULL;
     int *lab = malloc(m * sizeof *lab);
     lm_code rc = LM_OK;
     if (Wa == NULL || U == NULL || w == NULL || lab == NULL || (bias >= 0 && b == NULL)) {
@@ -265,10 +266,9 @@ static lm_code cluster_rows(lm_plan_ctx *ctx, const lm_module *mod, long bi, lon
     if ((rc = lm_ctx_base_f64(ctx, bi, w, err)) != LM_OK || (bias >= 0 && (rc = lm_ctx_base_f64(ctx, bias, b, err)) != LM_OK))
         goto done;
     uint64_t in = n - (bias >= 0);
-    for (uint64_t i = 0; i < m; i++) {
+    for (uint64_t i = 0; i < m && bias >= 0; i++) {
         memcpy(Wa + i * n, w + i * in, in * sizeof *Wa);
-        if (bias >= 0)
-            Wa[i * n + in] = b[i];
+        Wa[i * n + in] = b[i];
     }
     if ((rc = left_vectors(Wa, m, n, newB, q, U, mod, err)) != LM_OK)
         goto done;
@@ -306,7 +306,8 @@ static lm_code cluster_rows(lm_plan_ctx *ctx, const lm_module *mod, long bi, lon
             if (lab[i] == k)
                 rows[at++] = (uint32_t)i;
 done:
-    free(Wa);
+    if (Wa != w)
+        free(Wa);
     free(U);
     free(w);
     free(b);
