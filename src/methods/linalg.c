@@ -217,8 +217,13 @@ typedef void (*dormbr_fn)(const char *vect, const char *side, const char *trans,
 /* the SVD the way gesdd computes it without its QR / LQ first step (which MKL, torch's LAPACK,
  * does not take where reference LAPACK does: the two give other signs for a 16 x 32 weight):
  * bidiagonalisation (dgebrd), divide and conquer on the bidiagonal (dbdsdc), and the
- * back-transformations (dormbr) applied to the r leading vectors only */
+ * back-transformations (dormbr) applied to the r vectors wanted only */
 int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double *S_r, double *Vh_r)
+{
+    return lm_svd_range(W, m, n, 0, r, U_r, S_r, Vh_r);
+}
+
+int lm_svd_range(const float *W, size_t m, size_t n, size_t c0, size_t r, double *U_r, double *S_r, double *Vh_r)
 {
     dgebrd_fn gebrd = (dgebrd_fn)lm_blas_sym("dgebrd_");
     dbdsdc_fn bdsdc = (dbdsdc_fn)lm_blas_sym("dbdsdc_");
@@ -226,7 +231,7 @@ int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double
     if (gebrd == NULL || bdsdc == NULL || ormbr == NULL)
         return -3;
     size_t k = m < n ? m : n;
-    if (r > k || r == 0 || m > INT32_MAX / 4 || n > INT32_MAX / 4 || m * n > (size_t)INT32_MAX ||
+    if (c0 > k || r > k - c0 || r == 0 || m > INT32_MAX / 4 || n > INT32_MAX / 4 || m * n > (size_t)INT32_MAX ||
         3 * k * k + 4 * k > (size_t)INT32_MAX)
         return -2;
     int im = (int)m, in = (int)n, ik = (int)k, ir = (int)r, info = 0, lq = -1;
@@ -267,9 +272,9 @@ int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double
         vt = u + m * r;
         for (size_t c = 0; c < r; c++) { /* the bidiagonal's vectors, then Q and P^T applied */
             for (size_t i = 0; i < k; i++)
-                u[i + c * m] = ub[i + c * k];
+                u[i + c * m] = ub[i + (c0 + c) * k];
             for (size_t j = 0; j < k; j++)
-                vt[c + j * r] = vb[c + j * k];
+                vt[c + j * r] = vb[(c0 + c) + j * k];
         }
         ormbr("Q", "L", "N", &im, &ir, &in, a, &im, tauq, u, &im, work, &lwork, &info, 1, 1, 1);
         if (info == 0)
@@ -277,7 +282,7 @@ int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double
     }
     if (info == 0 && u != NULL)
         for (size_t c = 0; c < r; c++) {
-            S_r[c] = d[c];
+            S_r[c] = d[c0 + c];
             for (size_t i = 0; i < m; i++)
                 U_r[i * r + c] = u[i + c * m];
             for (size_t j = 0; j < n; j++)

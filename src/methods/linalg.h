@@ -65,6 +65,10 @@ void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k
  *  32-bit integers (or r > min(m, n)), -3 when OpenBLAS's LAPACK cannot be loaded. */
 int lm_svd_top(const float *W, size_t m, size_t n, size_t r, double *U_r, double *S_r, double *Vh_r);
 
+/*! lm_svd_range() : lm_svd_top's triplets c0 .. c0 + r - 1 (0: the largest) instead of the r
+ *  leading ones; U_r [m, r], S_r [r], Vh_r [r, n].  Same returns (-2 also when c0 + r > min(m, n)). */
+int lm_svd_range(const float *W, size_t m, size_t n, size_t c0, size_t r, double *U_r, double *S_r, double *Vh_r);
+
 /*! lm_solve_rows() : B [nrhs, n] row-major <- B V^-T, i.e. each row b becomes the y with V y = b
  *  (torch.linalg.solve(V, Bᵀ)ᵀ): LAPACK getrf (partial pivoting) on V and getrs.  @return 0, 1
  *  when V is singular (getrf met an exact zero pivot, where torch raises; B unchanged), -1 out of

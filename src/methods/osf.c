@@ -5,8 +5,8 @@
  * loads the adapter) and the low part is the trained rest (saved: osf_svd_params.U_low [out, L],
  * S_low [L], V_low [L, in], L = min(out, in) - k).  With the exact SVD W = high + rest, so
  * W' = W - U_rest S_rest Vh_rest + U_low diag(S_low) V_low: a low-rank op of rank 2L whose
- * factors come from one SVD of the tensor's original values (LM_M_READS_BASE; lm_svd_top in
- * double).  Each term u s vᵀ is the same whatever the signs of u and v, so the merge does not
+ * factors come from one SVD of the tensor's original values (LM_M_READS_BASE; lm_svd_range in
+ * double, back-transforming the rest's L vectors only).  Each term u s vᵀ is the same whatever the signs of u and v, so the merge does not
  * depend on the SVD's sign conventions (PEFT's does not either). */
 #include "method.h"
 
@@ -117,31 +117,34 @@ static lm_code osf_svd_fail(int rc, lm_err *err)
 static lm_code osf_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const osf_params *pr = op->params;
-    size_t out = (size_t)op->out, in = (size_t)op->in, K = (size_t)op->rank, L = K / 2, mn = (size_t)pr->k + L;
+    size_t out = (size_t)op->out, in = (size_t)op->in, K = (size_t)op->rank, L = K / 2;
+    /* the rest's triplets first (the SVD's workspace is freed before the factors are allocated) */
+    double *Uw = malloc((out * L + L + L * in) * sizeof(double));
+    if (Uw == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    double *Sw = Uw + out * L, *Vw = Sw + L;
+    int rc = lm_svd_range(p->base, out, in, (size_t)pr->k, L, Uw, Sw, Vw);
+    if (rc != 0) {
+        free(Uw);
+        return osf_svd_fail(rc, err);
+    }
     const float *U = lm_prep_view(p, pr->U, k, err), *S = U ? lm_prep_view(p, pr->S, k, err) : NULL;
     const float *V = S ? lm_prep_view(p, pr->V, k, err) : NULL;
     double *b64 = V ? lm_prep_alloc(p, out * K * sizeof(double), err) : NULL;
     double *a64 = b64 ? lm_prep_alloc(p, K * in * sizeof(double), err) : NULL;
     float *a = a64 ? lm_prep_floats(p, K * in, err) : NULL, *b = a ? lm_prep_floats(p, out * K, err) : NULL;
-    if (b == NULL)
-        return LM_E_NOMEM;
-    double *Uw = malloc((out * mn + mn + mn * in) * sizeof(double));
-    if (Uw == NULL)
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    double *Sw = Uw + out * mn, *Vw = Sw + mn;
-    int rc = lm_svd_top(p->base, out, in, mn, Uw, Sw, Vw);
-    if (rc != 0) {
+    if (b == NULL) {
         free(Uw);
-        return osf_svd_fail(rc, err);
+        return LM_E_NOMEM;
     }
     for (size_t o = 0; o < out; o++)
         for (size_t c = 0; c < L; c++) {
-            b64[o * K + c] = -Uw[o * mn + pr->k + c] * Sw[pr->k + c];
+            b64[o * K + c] = -Uw[o * L + c] * Sw[c];
             b64[o * K + L + c] = (double)U[o * L + c] * (double)S[c];
         }
     for (size_t c = 0; c < L; c++)
         for (size_t i = 0; i < in; i++) {
-            a64[c * in + i] = Vw[(pr->k + c) * in + i];
+            a64[c * in + i] = Vw[c * in + i];
             a64[(L + c) * in + i] = V[c * in + i];
         }
     free(Uw);
