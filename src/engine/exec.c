@@ -695,8 +695,8 @@ static int base_shrank(const lm_st_file *f, uint64_t end)
 
 static lm_code base_ended(const lm_st_file *f, const char *tensor, lm_err *err)
 {
-    lm_fail(err, LM_E_IO, NULL, "cannot read tensor '%s': the file ends before its data (it shrank during the merge)",
-            tensor);
+    lm_fail(err, LM_E_IO, "InputChanged", "the file ends inside tensor '%s': it was truncated while the merge read "
+            "it; nothing was written", tensor);
     lm_err_set_path(err, lm_st_path(f));
     return LM_E_IO;
 }
@@ -719,17 +719,14 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
                 if (k <= 0) {
                     if (k < 0 && errno == EINTR)
                         continue;
-                    if (k == 0) { /* the mapping would SIGBUS past the new end */
-                        lm_fail(err, LM_E_IO, "InputChanged", "the file ends inside tensor '%s': it was truncated "
-                                "while the merge read it; nothing was written", t->name);
-                        lm_err_set_path(err, lm_st_path(f));
-                        return LM_E_IO;
-                    }
-                    if (k < 0 && (errno == ENOSPC || errno == EFBIG || errno == EIO || errno == EDQUOT))
+                    /* the base ends early: a changed input, not a write error on OUT (and the
+                     * mapping the fallbacks below read would SIGBUS past the new end) */
+                    int e = k < 0 ? errno : 0;
+                    if (k == 0 || base_shrank(f, (uint64_t)in + left))
+                        return base_ended(f, t->name, err);
+                    if (e == ENOSPC || e == EFBIG || e == EIO || e == EDQUOT) /* said by the plain write */
                         return lm_st_writer_pwrite(w, src + (tk->count - left) + tk->first, (size_t)left,
                                                    dst + tk->first + (tk->count - left), err);
-                    if (k == 0 || base_shrank(f, (uint64_t)in + left))
-                        return base_ended(f, t->name, err); /* a read error on the base, not a write error */
                     break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
                 }
                 left -= (uint64_t)k;

@@ -469,7 +469,7 @@ void lm_out_stage_abort(lm_out_target *o)
     o->stage = NULL;
 }
 
-static int fsync_dir(const char *dir)
+int lm_out_fsync_dir(const char *dir)
 {
     int fd = lm_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (fd < 0)
@@ -511,7 +511,7 @@ static lm_code stage_small_files(lm_out_target *o, const lm_side_plan *side, int
                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         free(path);
     }
-    if (rc == LM_OK && do_fsync && fsync_dir(o->stage) != 0)
+    if (rc == LM_OK && do_fsync && lm_out_fsync_dir(o->stage) != 0)
         rc = fail_path(err, errno, o->stage, "cannot flush the staging directory");
     return rc;
 }
@@ -556,7 +556,7 @@ lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, 
         if (gone && is_stale(o, records[i]))
             lm_report_removed(r, records[i]);
     }
-    if (do_fsync && fsync_dir(o->dir) != 0)
+    if (do_fsync && lm_out_fsync_dir(o->dir) != 0)
         return fail_path(err, errno, o->dir, "cannot flush the output directory");
     /* (b) everything but the record */
     for (size_t i = 0; i < o->n_shards && rc == LM_OK; i++)
@@ -571,7 +571,7 @@ lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, 
     /* (d) the record, last */
     if ((rc = move_in(o, record, err)) != LM_OK)
         return rc;
-    if (do_fsync && fsync_dir(o->dir) != 0)
+    if (do_fsync && lm_out_fsync_dir(o->dir) != 0)
         return fail_path(err, errno, o->dir, "cannot flush the output directory");
     lm_out_stage_abort(o); /* (e) empty by now */
     return LM_OK;

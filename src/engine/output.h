@@ -99,6 +99,10 @@ void lm_out_stage_abort(lm_out_target *o);
  *  file, then model.safetensors.index.json last, each through a temporary file and a rename. */
 lm_code lm_out_put_index_and_side_files(lm_out_target *o, const lm_side_plan *side, lm_err *err);
 
+/*! lm_out_fsync_dir() : fsync of a directory (after renames into it): 0, or -1 with errno; a file
+ *  system that refuses fsync on a directory is not an error. */
+int lm_out_fsync_dir(const char *dir);
+
 /*! lm_out_remove_stale() : removes o->stale; each removed name is recorded in r. */
 void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r);
 

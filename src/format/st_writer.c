@@ -603,7 +603,8 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
                 *slash = '\0';
             int dfd = open(d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
             if (dfd >= 0) {
-                fsync(dfd); /* best effort: some file systems refuse fsync on a directory */
+                if (lm_sys_fsync(dfd) != 0) { /* best effort: some file systems refuse fsync on a directory */
+                }
                 close(dfd);
             }
             free(dir);
