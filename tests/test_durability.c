@@ -298,3 +298,150 @@ Test(durability, base_truncated_mid_copy_is_a_changed_input, .timeout = 120)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* runs argv held inside its k-th pwrite (the output being written), then SIGKILLs it */
+static void du_kill_while_writing(const char *const *argv, int named)
+{
+    int errp[2], in[2];
+    cr_assert_eq(pipe(errp), 0);
+    cr_assert_eq(pipe(in), 0);
+    pid_t pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        dup2(in[0], 0); /* the stall reads stdin: nothing is written there, the kill comes first */
+        dup2(errp[1], 2);
+        close(errp[0]);
+        close(in[1]);
+        setenv("LM_FAULT", "3:stall:pwrite", 1);
+        if (named)
+            setenv("LM_NO_TMPFILE", "1", 1);
+        else
+            unsetenv("LM_NO_TMPFILE");
+        execv(du_bin(), (char *const *)argv);
+        _exit(121);
+    }
+    close(errp[1]);
+    close(in[0]);
+    char buf[4096];
+    size_t n = 0;
+    int stalled = 0;
+    while (!stalled && n + 1 < sizeof buf) {
+        ssize_t k = read(errp[0], buf + n, sizeof buf - 1 - n);
+        if (k <= 0)
+            break;
+        n += (size_t)k;
+        buf[n] = '\0';
+        stalled = strstr(buf, "stalled in pwrite") != NULL;
+    }
+    kill(pid, SIGKILL);
+    int st;
+    waitpid(pid, &st, 0);
+    close(errp[0]);
+    close(in[1]);
+    cr_assert(stalled, "the merge never wrote its output: %s", buf);
+    cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+}
+
+/* entries of dir, stages' contents counted too */
+static int du_entries_deep(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return 0;
+    struct dirent *de;
+    int n = 0;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        n++;
+        if (strncmp(de->d_name, ".lora-merge-stage.", 18) == 0) {
+            char p[1500];
+            snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+            n += th_count_entries(p);
+        }
+    }
+    closedir(d);
+    return n;
+}
+
+/* issue 15 item 10: a SIGKILL while the output is written leaves nothing (O_TMPFILE files have no
+ * name until the commit); where the file system has no O_TMPFILE (LM_NO_TMPFILE) the named,
+ * locked temporary file stays and the next run removes it */
+Test(durability, sigkill_while_writing_leaves_nothing, .timeout = 180)
+{
+    char *tmp = th_tmpdir(), base[800], ad[800], out[1000], d[800], cmd[4000];
+    du_gen(tmp);
+    snprintf(base, sizeof base, "%s/m/base", tmp);
+    snprintf(ad, sizeof ad, "%s/m/adapter", tmp);
+    /* a file OUT in a directory of its own */
+    snprintf(d, sizeof d, "%s/fo", tmp);
+    cr_assert_eq(mkdir(d, 0777), 0);
+    snprintf(out, sizeof out, "%s/merged.safetensors", d);
+    const char *af[] = {du_bin(), "-q", "--threads", "1", base, ad, out, NULL};
+    du_kill_while_writing(af, 0);
+    cr_expect_eq(th_count_entries(d), 0, "file OUT: a SIGKILL while writing left %d names", th_count_entries(d));
+    du_kill_while_writing(af, 1);
+    cr_expect_eq(th_count_temps(d), 1, "named fallback: the locked temporary file is expected to stay");
+    snprintf(cmd, sizeof cmd, "%s -q %s %s %s", du_bin(), base, ad, out);
+    cr_assert_eq(du_sh(cmd), 0);
+    cr_expect_eq(th_count_temps(d), 0, "the rerun did not remove the dead run's temporary file");
+    cr_expect_eq(th_count_entries(d), 1);
+
+    /* a directory OUT: the stage is there (a directory, flock'd) but holds nothing */
+    snprintf(out, sizeof out, "%s/do", tmp);
+    const char *ad_[] = {du_bin(), "-q", "--threads", "1", "--max-shard-size", "30KB", base, ad, out, NULL};
+    du_kill_while_writing(ad_, 0);
+    cr_expect_eq(th_count_temps(out), 1, "one stage expected");
+    cr_expect_eq(du_entries_deep(out), 1, "directory OUT: the stage is not empty (%d names)", du_entries_deep(out));
+    snprintf(cmd, sizeof cmd, "%s -q --max-shard-size 30KB %s %s %s/", du_bin(), base, ad, out);
+    cr_assert_eq(du_sh(cmd), 0);
+    cr_expect_eq(th_count_temps(out), 0);
+
+    /* a shard worker writes into OUT itself: nothing but its records */
+    snprintf(out, sizeof out, "%s/wo", tmp);
+    const char *aw[] = {du_bin(), "-q", "--threads", "1", "--shards", "0/2", "--max-shard-size", "30KB", base, ad, out,
+                        NULL};
+    du_kill_while_writing(aw, 0);
+    cr_expect_eq(th_count_temps(out), 0, "shard worker: a temporary file was left");
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* every shard stays open until the commit: a merge into more shards than the soft open-file limit
+ * (1024 on most systems) raises it toward the hard limit (before: EMFILE, exit 3, after the planning);
+ * more than the hard limit allows is refused before any file is created, saying so */
+Test(durability, more_shards_than_the_soft_open_file_limit, .timeout = 240)
+{
+    char gen[4096];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s", gen);
+    char *tmp = th_tmpdir(), cmd[6000], ref[800], out[800];
+    snprintf(cmd, sizeof cmd, "%s --out %s/m --hidden 32 --inter 64 --layers 24 --vocab 64 --heads 2 --kv-heads 1 "
+             "--rank 2 >/dev/null", gen, tmp);
+    cr_assert_eq(du_sh(cmd), 0);
+    snprintf(ref, sizeof ref, "%s/ref.safetensors", tmp);
+    snprintf(cmd, sizeof cmd, "%s -q %s/m/base %s/m/adapter %s", du_bin(), tmp, tmp, ref);
+    cr_assert_eq(du_sh(cmd), 0);
+    snprintf(out, sizeof out, "%s/out", tmp);
+    /* about 220 shards (one tensor each) under a soft limit of 150 */
+    snprintf(cmd, sizeof cmd, "ulimit -S -n 150 && %s -q --max-shard-size 1 %s/m/base %s/m/adapter %s/", du_bin(), tmp,
+             tmp, out);
+    th_run_result r = th_sh(cmd);
+    cr_expect_eq(r.status, 0, "soft limit 150: exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    cr_expect_gt(th_count_entries(out), 200, "not a merge into more than 150 shards");
+    cr_expect_eq(th_model_is(out, ref, ref), 1, "the sharded merge differs from the single-file one");
+    /* a hard limit of 150: refused before any file, one line that says why */
+    th_rmrf(out);
+    snprintf(cmd, sizeof cmd, "ulimit -n 150 && %s -q --max-shard-size 1 %s/m/base %s/m/adapter %s/", du_bin(), tmp, tmp,
+             out);
+    r = th_sh(cmd);
+    cr_expect_eq(r.status, 3, "hard limit 150: exit %d: %s", r.status, r.err);
+    cr_expect(strstr(r.err, "ulimit -n") != NULL && strstr(r.err, "shards") != NULL, "%s", r.err);
+    const char *nl = strchr(r.err, '\n');
+    cr_expect(nl != NULL && nl[1] == '\0', "not one line: %s", r.err);
+    cr_expect(!th_exists(out) || th_count_entries(out) == 0, "files were left");
+    th_run_free(&r);
+    th_rmrf(tmp);
+    free(tmp);
+}

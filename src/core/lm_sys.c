@@ -115,6 +115,10 @@ int lm_sys_fsync(int fd)
 }
 int lm_sys_fchmod(int fd, mode_t mode) { SYS_CALL("fchmod", fchmod(fd, mode)); }
 int lm_sys_rename(const char *from, const char *to) { SYS_CALL("rename", rename(from, to)); }
+int lm_sys_linkat(int olddfd, const char *oldpath, int newdfd, const char *newpath, int flags)
+{
+    SYS_CALL("linkat", linkat(olddfd, oldpath, newdfd, newpath, flags));
+}
 int lm_sys_unlink(const char *path) { SYS_CALL("unlink", unlink(path)); }
 int lm_sys_mkdir(const char *path, mode_t mode) { SYS_CALL("mkdir", mkdir(path, mode)); }
 int lm_sys_mkostemp(char *tmpl, int flags) { SYS_CALL("mkostemp", mkostemp(tmpl, flags)); }

@@ -35,6 +35,7 @@ int lm_sys_fsync(int fd);
 int lm_sys_fchmod(int fd, mode_t mode);
 int lm_sys_fallocate(int fd, off_t len); /* posix_fallocate: returns the error number */
 int lm_sys_rename(const char *from, const char *to);
+int lm_sys_linkat(int olddfd, const char *oldpath, int newdfd, const char *newpath, int flags);
 int lm_sys_unlink(const char *path);
 int lm_sys_mkdir(const char *path, mode_t mode);
 char *lm_sys_mkdtemp(char *tmpl);

@@ -639,7 +639,15 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
         lm_err_set_path(err, path);
         return LM_E_IO;
     }
+    lm_code rc = lm_fd_sha256(fd, path, hex, err);
+    close(fd);
+    return rc;
+}
+
+lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err)
+{
     lm_code rc = LM_OK;
+    off_t pos = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     size_t cap = (size_t)4 << 20;
     unsigned char *buf = malloc(cap);
@@ -648,9 +656,11 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
         goto done;
     }
     for (;;) {
-        ssize_t k = read(fd, buf, cap);
+        ssize_t k = pread(fd, buf, cap, pos);
         if (k < 0 && errno == EINTR)
             continue;
+        if (k > 0)
+            pos += k;
         if (k < 0) {
             lm_fail_errno(err, errno, "cannot read the file back to hash it");
             lm_err_set_path(err, path);
@@ -669,7 +679,6 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
 done:
     EVP_MD_CTX_free(ctx);
     free(buf);
-    close(fd);
     return rc;
 }
 

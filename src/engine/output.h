@@ -125,5 +125,8 @@ char *lm_path_join(const char *dir, const char *name);
 
 /*! lm_file_sha256() : sha256 of a whole file, as 64 lowercase hex digits into hex[65]. */
 lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err);
+/*! lm_fd_sha256() : the same over an open file (from its first byte; an unnamed temporary file
+ *  too), path naming it in errors. */
+lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err);
 
 #endif
