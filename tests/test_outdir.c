@@ -195,6 +195,14 @@ Test(outdir, failed_commit_leaves_the_earlier_model_or_none)
     free(f.tmp);
 }
 
+/* files the process has open (its unnamed O_TMPFILE shards among them) */
+static int od_open_files(pid_t pid)
+{
+    char p[64];
+    snprintf(p, sizeof p, "/proc/%d/fd", (int)pid);
+    return th_count_entries(p);
+}
+
 static double od_now(void)
 {
     struct timespec ts;
@@ -345,7 +353,7 @@ Test(outdir, signals_mid_merge_of_1080_shards, .timeout = 240)
         int sent = 0, st;
         double t0 = od_now();
         while (!sent && od_now() - t0 < 60 && waitpid(pid, &st, WNOHANG) == 0) {
-            if (od_stage_entries(f.out) > 1024)
+            if (od_stage_entries(f.out) > 1024 || od_open_files(pid) > 1024) /* named or unnamed (O_TMPFILE) */
                 sent = kill(pid, sigs[s]) == 0;
             else
                 usleep(200);

@@ -6,6 +6,8 @@
  * tensor with nothing written.  Generated models; no ../shared needed. */
 #include "th.h"
 
+#include <cJSON.h>
+
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -240,6 +242,66 @@ Test(plan_checks, types_that_are_not_deltas_take_no_weight)
     th_run_result r = th_run(NULL, argv);
     cr_assert_eq(r.status, 0, "weight 1 merges: %s", r.err);
     th_run_free(&r);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* issue 15 item 7: a config value PEFT builds the tensors from (a rank, a block size or count) that
+ * the tensors contradict is refused, naming adapter_config.json, the key and the value (before:
+ * oft_block_size 1e9, boft_block_size 1e9, r 1e9 of HRA, MiSS, VeRA, PVeRA, DeLoRA, HiRA merged
+ * with exit 0, the shapes deciding); the fixtures' own values still merge (golden suite) */
+Test(plan_checks, config_values_the_tensors_contradict_are_refused, .timeout = 120)
+{
+    if (!th_have_shared())
+        cr_skip_test("needs ../shared/fixtures");
+    static const struct {
+        const char *type, *key;
+        double value;
+        const char *kind;
+    } cases[] = {
+        {"oft", "oft_block_size", 1e9, "ConfigMismatch"}, {"oft", "oft_block_size", 3, "ConfigMismatch"},
+        {"oft", "r", 4, "InvalidConfig"}, /* both r and oft_block_size: PEFT's OFTConfig refuses it too */
+        {"boft", "boft_block_size", 1e9, "ConfigMismatch"}, {"boft", "boft_block_size", 8, "ConfigMismatch"},
+        {"boft", "boft_n_butterfly_factor", 1e9, "ConfigMismatch"}, {"boft", "boft_block_num", 1e9, "InvalidConfig"},
+        {"hra", "r", 1e9, "ConfigMismatch"}, {"miss", "r", 1e9, "ConfigMismatch"}, {"vera", "r", 1e9, "ConfigMismatch"},
+        {"vera", "r", 4, "ConfigMismatch"}, {"pvera", "r", 1e9, "ConfigMismatch"}, {"delora", "r", 1e9, "ConfigMismatch"},
+        {"hira", "r", 1e9, "ConfigMismatch"},
+    };
+    char *tmp = th_tmpdir();
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char g[600], ad[700], cfgp[800], out[700], cmd[3000];
+        snprintf(g, sizeof g, TH_SHARED "/peft-golden/%s", cases[i].type);
+        snprintf(ad, sizeof ad, "%s/a", tmp);
+        snprintf(cmd, sizeof cmd, "rm -rf '%s' && cp -r '%s/adapter' '%s'", ad, g, ad);
+        th_run_result r = th_sh(cmd);
+        cr_assert_eq(r.status, 0, "%s", r.err);
+        th_run_free(&r);
+        snprintf(cfgp, sizeof cfgp, "%s/adapter_config.json", ad);
+        size_t n;
+        char *text = (char *)th_read_file(cfgp, &n);
+        cr_assert_not_null(text);
+        cJSON *root = cJSON_ParseWithLength(text, n);
+        free(text);
+        cr_assert_not_null(root);
+        cJSON_DeleteItemFromObjectCaseSensitive(root, cases[i].key);
+        cJSON_AddNumberToObject(root, cases[i].key, cases[i].value);
+        text = cJSON_Print(root);
+        cJSON_Delete(root);
+        cr_assert_eq(th_write_file(cfgp, text, strlen(text)), 0);
+        free(text);
+        snprintf(out, sizeof out, "%s/o.safetensors", tmp);
+        snprintf(g, sizeof g, TH_SHARED "/peft-golden/%s/base", cases[i].type);
+        r = th_runv(g, ad, out, NULL);
+        char val[32];
+        snprintf(val, sizeof val, "%.0f", cases[i].value);
+        cr_expect_eq(r.status, 1, "%s %s=%s: exit %d: %s", cases[i].type, cases[i].key, val, r.status, r.err);
+        cr_expect(strstr(r.err, cases[i].kind) != NULL && strstr(r.err, "adapter_config.json") != NULL &&
+                      strstr(r.err, cases[i].key) != NULL && strstr(r.err, val) != NULL,
+                  "%s %s=%s: expected %s naming the file, key and value: %s", cases[i].type, cases[i].key, val,
+                  cases[i].kind, r.err);
+        cr_expect(!th_exists(out));
+        th_run_free(&r);
+    }
     th_rmrf(tmp);
     free(tmp);
 }

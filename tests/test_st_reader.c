@@ -767,7 +767,9 @@ Test(st_reader, files, .timeout = 30)
 
     lm_err_clear(&e);
     cr_expect_null(lm_st_open(dir, &e));
-    rdt_check_err("dir", &e, "IoError");
+    rdt_check_err("dir", &e, "NotRegularFile"); /* "<leaf> is a directory, not a regular file" */
+    cr_expect_eq(e.code, LM_E_IO);
+    cr_expect(strstr(e.msg, "is a directory, not a regular file") != NULL, "%s", e.msg);
     cr_expect_str_eq(e.path, dir);
 
     rdt_write_st(dir, "ok.safetensors", RDT_T("I16", "[3]", "[0,6]"), 6);
@@ -795,12 +797,14 @@ Test(st_reader, files, .timeout = 30)
     cr_assert_eq(mkfifo(path, 0600), 0);
     lm_err_clear(&e);
     cr_expect_null(lm_st_open(path, &e));
-    rdt_check_err("fifo", &e, "IoError");
+    rdt_check_err("fifo", &e, "NotRegularFile");
+    cr_expect_str_eq(e.msg, "fifo.safetensors is a FIFO, not a regular file");
     snprintf(path, sizeof path, "%s/fifo.json", dir);
     cr_assert_eq(mkfifo(path, 0600), 0);
     lm_err_clear(&e);
     cr_expect_null(lm_model_open(path, &e));
-    rdt_check_err("fifo index", &e, "IoError");
+    rdt_check_err("fifo index", &e, "NotRegularFile");
+    cr_expect_str_eq(e.msg, "fifo.json is a FIFO, not a regular file");
 
     lm_st_close(NULL);
     lm_model_close(NULL);

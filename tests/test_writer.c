@@ -203,6 +203,7 @@ Test(writer, header_padded_with_spaces)
 
 Test(writer, offsets_as_reported)
 {
+    setenv("LM_NO_TMPFILE", "1", 1); /* the named temporary file (where O_TMPFILE is missing) */
     char *tmp = th_tmpdir();
     wr_layout L;
     wr_layout_make(&L);
@@ -442,6 +443,16 @@ Test(writer, abort_leaves_nothing)
     lm_st_writer *w = lm_st_writer_open(path, L.t, L.n, NULL, NULL, NULL, 0, &err);
     cr_assert_not_null(w, "%s", err.msg);
     wr_fill(w, 3);
+    /* an unnamed O_TMPFILE file: nothing to see (and nothing a SIGKILL could leave) */
+    cr_assert_null(lm_st_writer_temp_path(w), "the file has a name while being written");
+    cr_assert_eq(th_count_entries(tmp), 0, "a name appeared while writing");
+    lm_st_writer_abort(w);
+    cr_assert_eq(th_count_entries(tmp), 0, "abort left a file");
+    /* the named fallback (a file system without O_TMPFILE) */
+    setenv("LM_NO_TMPFILE", "1", 1);
+    w = lm_st_writer_open(path, L.t, L.n, NULL, NULL, NULL, 0, &err);
+    cr_assert_not_null(w, "%s", err.msg);
+    wr_fill(w, 3);
     cr_assert_eq(th_count_entries(tmp), 1, "no temporary file while writing");
     lm_st_writer_abort(w);
     cr_assert_eq(th_count_entries(tmp), 0, "abort left a file");
@@ -475,6 +486,7 @@ Test(writer, abort_leaves_nothing)
 
 Test(writer, commit_replaces_atomically)
 {
+    setenv("LM_NO_TMPFILE", "1", 1); /* the named temporary file (where O_TMPFILE is missing) */
     char *tmp = th_tmpdir();
     wr_layout L;
     wr_layout_make(&L);
@@ -535,15 +547,19 @@ Test(writer, longest_names)
         names[1][i + 1] = (char)0xa9;
     }
     names[1][NAME_MAX - 1] = '\0';
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 4; k++) { /* unnamed files (linked under the temporary name), then named ones */
+        if (k == 2)
+            setenv("LM_NO_TMPFILE", "1", 1);
         char path[1600];
-        snprintf(path, sizeof path, "%s/%s", tmp, names[k]);
+        snprintf(path, sizeof path, "%s/%s", tmp, names[k % 2]);
+        unlink(path);
         lm_err err;
         lm_err_clear(&err);
         lm_st_writer *w = lm_st_writer_open(path, &t, 1, NULL, NULL, NULL, 0, &err);
-        cr_assert_not_null(w, "name of %zu bytes: %s", strlen(names[k]), err.msg);
+        cr_assert_not_null(w, "name of %zu bytes: %s", strlen(names[k % 2]), err.msg);
         const char *tp = lm_st_writer_temp_path(w);
-        const char *base = strrchr(tp, '/') + 1;
+        cr_assert((tp == NULL) == (k < 2), "O_TMPFILE %s", k < 2 ? "not used" : "used despite LM_NO_TMPFILE");
+        const char *base = tp ? strrchr(tp, '/') + 1 : ".x.lm-tmp-";
         cr_assert_leq(strlen(base), NAME_MAX);
         cr_assert(strstr(base, ".lm-tmp-") != NULL && base[0] == '.', "%s", base);
         float v[4] = {1, 2, 3, 4};
@@ -560,6 +576,7 @@ Test(writer, longest_names)
 /* a bare file name: the temporary file goes to the current directory */
 Test(writer, relative_name_in_cwd)
 {
+    setenv("LM_NO_TMPFILE", "1", 1); /* the named temporary file (where O_TMPFILE is missing) */
     char *tmp = th_tmpdir();
     char cwd[4096];
     cr_assert_not_null(getcwd(cwd, sizeof cwd));

@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static void copy_field(char *dst, size_t cap, const char *src)
 {
@@ -173,4 +174,28 @@ size_t lm_err_format(const lm_err *err, char *buf, size_t cap)
         APPEND(" (at byte %llu)", (unsigned long long)err->offset);
 #undef APPEND
     return used < cap ? used : cap - 1;
+}
+
+const char *lm_path_not_regular(const char *path)
+{
+    struct stat st;
+    if (path == NULL || lstat(path, &st) != 0)
+        return NULL;
+    if (S_ISLNK(st.st_mode) && stat(path, &st) != 0)
+        return errno == ELOOP ? "a symbolic link loop" : errno == ENOENT ? "a symbolic link to nothing" : NULL;
+    return S_ISREG(st.st_mode) ? NULL : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISSOCK(st.st_mode) ? "a socket"
+         : S_ISCHR(st.st_mode) ? "a character device" : S_ISBLK(st.st_mode) ? "a block device"
+         : S_ISDIR(st.st_mode) ? "a directory" : "a special file";
+}
+
+lm_code lm_fail_not_regular(lm_err *err, const char *path)
+{
+    const char *what = lm_path_not_regular(path);
+    if (what == NULL)
+        return LM_OK;
+    const char *slash = strrchr(path, '/');
+    lm_code rc = lm_fail(err, LM_E_IO, "NotRegularFile", "%s is %s, not a regular file",
+                         slash && slash[1] ? slash + 1 : path, what);
+    lm_err_set_path(err, path);
+    return rc;
 }

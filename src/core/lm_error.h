@@ -28,4 +28,16 @@ void lm_err_set_path(lm_err *err, const char *path);
 void lm_err_set_tensor(lm_err *err, const char *tensor);
 void lm_err_set_offset(lm_err *err, uint64_t offset);
 
+/*! lm_path_not_regular() : what path names when it is there but is no regular file an input can
+ *  be read from: "a FIFO", "a socket", "a character device", "a block device", "a directory", "a
+ *  symbolic link loop", "a symbolic link to nothing"; NULL for a regular file, a name that does
+ *  not exist, or one that cannot be looked at (the open that follows says why).  lstat/stat only:
+ *  never opens it, so never blocks on a FIFO or touches a device. */
+const char *lm_path_not_regular(const char *path);
+
+/*! lm_fail_not_regular() : when lm_path_not_regular(path) names something, records NotRegularFile
+ *  "<leaf of path> is <what>, not a regular file" with the path set and returns its code (LM_E_IO);
+ *  else LM_OK and nothing recorded (the caller goes on to its own "missing" or open error). */
+lm_code lm_fail_not_regular(lm_err *err, const char *path);
+
 #endif

@@ -11,7 +11,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
-enum { K_NONE, K_EIO, K_ENOSPC, K_EINTR, K_SHORT };
+enum { K_NONE, K_EIO, K_ENOSPC, K_EINTR, K_SHORT, K_STALL };
 enum { C_SYS, C_IO, C_ALLOC }; /* a system call, one that transfers bytes, an allocation */
 
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
@@ -19,18 +19,22 @@ static int g_kind;
 static long g_target;
 static long g_count;
 static const char *g_log;
+static char g_only[32];         /* count only the calls of this name ("" all) */
+static const char *g_fsync_log; /* LM_FSYNC_LOG */
 
 static void fault_init(void)
 {
+    g_fsync_log = getenv("LM_FSYNC_LOG");
     const char *s = getenv("LM_FAULT");
     if (s == NULL)
         return;
     char kind[16] = "";
     long k = 0;
-    if (sscanf(s, "%ld:%15s", &k, kind) != 2 || k < 1)
+    if (sscanf(s, "%ld:%15[^:]:%31s", &k, kind, g_only) < 2 || k < 1)
         return;
     g_kind = strcmp(kind, "EIO") == 0 ? K_EIO : strcmp(kind, "ENOSPC") == 0 ? K_ENOSPC
-           : strcmp(kind, "EINTR") == 0 ? K_EINTR : strcmp(kind, "short") == 0 ? K_SHORT : K_NONE;
+           : strcmp(kind, "EINTR") == 0 ? K_EINTR : strcmp(kind, "short") == 0 ? K_SHORT
+           : strcmp(kind, "stall") == 0 ? K_STALL : K_NONE;
     g_target = k;
     g_log = getenv("LM_FAULT_LOG");
 }
@@ -41,7 +45,8 @@ static int fault(int cls, const char *call)
     pthread_once(&g_once, fault_init);
     if (__builtin_expect(g_kind == K_NONE, 1))
         return 0;
-    if ((g_kind == K_EINTR && cls == C_ALLOC) || (g_kind == K_SHORT && cls != C_IO))
+    if ((g_kind == K_EINTR && cls == C_ALLOC) || (g_kind == K_SHORT && cls != C_IO) ||
+        (g_only[0] != '\0' && strcmp(call, g_only) != 0))
         return 0;
     if (__atomic_add_fetch(&g_count, 1, __ATOMIC_SEQ_CST) != g_target)
         return 0;
@@ -55,7 +60,36 @@ static int fault(int cls, const char *call)
             close(fd);
         }
     }
+    if (g_kind == K_STALL) {
+        char line[96], c;
+        int n = snprintf(line, sizeof line, "lora-merge: stalled in %s\n", call);
+        if (write(2, line, (size_t)n) < 0 || read(0, &c, 1) < 0) {
+        }
+        return 0;
+    }
     return g_kind;
+}
+
+/* LM_FSYNC_LOG: what is flushed */
+static void log_fsync(int fd)
+{
+    pthread_once(&g_once, fault_init);
+    struct stat st;
+    if (g_fsync_log == NULL || fstat(fd, &st) != 0)
+        return;
+    char link[64], path[4096] = "?";
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    path[n > 0 ? n : 1] = '\0';
+    int lfd = open(g_fsync_log, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (lfd >= 0) {
+        char line[4200];
+        int k = snprintf(line, sizeof line, "%llu %s %s\n", (unsigned long long)st.st_ino,
+                         S_ISDIR(st.st_mode) ? "dir" : "file", path);
+        if (write(lfd, line, (size_t)(k < (int)sizeof line ? k : (int)sizeof line - 1)) < 0) {
+        }
+        close(lfd);
+    }
 }
 
 static int fail_errno(int kind)
@@ -74,9 +108,17 @@ static int fail_errno(int kind)
 
 int lm_sys_open(const char *path, int flags, mode_t mode) { SYS_CALL("open", open(path, flags, mode)); }
 int lm_sys_openat(int dfd, const char *path, int flags, mode_t mode) { SYS_CALL("openat", openat(dfd, path, flags, mode)); }
-int lm_sys_fsync(int fd) { SYS_CALL("fsync", fsync(fd)); }
+int lm_sys_fsync(int fd)
+{
+    log_fsync(fd);
+    SYS_CALL("fsync", fsync(fd));
+}
 int lm_sys_fchmod(int fd, mode_t mode) { SYS_CALL("fchmod", fchmod(fd, mode)); }
 int lm_sys_rename(const char *from, const char *to) { SYS_CALL("rename", rename(from, to)); }
+int lm_sys_linkat(int olddfd, const char *oldpath, int newdfd, const char *newpath, int flags)
+{
+    SYS_CALL("linkat", linkat(olddfd, oldpath, newdfd, newpath, flags));
+}
 int lm_sys_unlink(const char *path) { SYS_CALL("unlink", unlink(path)); }
 int lm_sys_mkdir(const char *path, mode_t mode) { SYS_CALL("mkdir", mkdir(path, mode)); }
 int lm_sys_mkostemp(char *tmpl, int flags) { SYS_CALL("mkostemp", mkostemp(tmpl, flags)); }

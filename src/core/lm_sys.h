@@ -6,8 +6,15 @@
  *     EIO, ENOSPC  every call fails with that errno (an allocation returns NULL)
  *     EINTR        every system call fails with EINTR (allocations are not counted)
  *     short        read/write calls transfer half the bytes asked (at least 1; others not counted)
+ *     stall        the call waits: "lora-merge: stalled in <call>" on stderr, then one byte read from
+ *                  stdin, then it runs as usual (a test changes an input at that exact point)
+ *   LM_FAULT=<k>:<kind>:<call>   the same, counting only the calls of that name (e.g.
+ *                          "1:stall:copy_file_range": the first copy of base bytes)
  *   LM_FAULT_LOG=<file>   each injection appends "<k> <call>\n" there (no line: k was past the
  *                          last call, the sweep is over).
+ *   LM_FSYNC_LOG=<file>   each lm_sys_fsync() appends "<inode> <file|dir> <path>\n" there (the
+ *                          path as /proc/self/fd says it), whether or not a fault is injected:
+ *                          tests/test_durability.c checks what --fsync flushes.
  * tests/test_faults.c sweeps every k for each kind over small merges. */
 #ifndef LM_SYS_H
 #define LM_SYS_H
@@ -28,6 +35,7 @@ int lm_sys_fsync(int fd);
 int lm_sys_fchmod(int fd, mode_t mode);
 int lm_sys_fallocate(int fd, off_t len); /* posix_fallocate: returns the error number */
 int lm_sys_rename(const char *from, const char *to);
+int lm_sys_linkat(int olddfd, const char *oldpath, int newdfd, const char *newpath, int flags);
 int lm_sys_unlink(const char *path);
 int lm_sys_mkdir(const char *path, mode_t mode);
 char *lm_sys_mkdtemp(char *tmpl);

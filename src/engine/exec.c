@@ -22,6 +22,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -704,8 +705,8 @@ static int base_shrank(const lm_st_file *f, uint64_t end)
 
 static lm_code base_ended(const lm_st_file *f, const char *tensor, lm_err *err)
 {
-    lm_fail(err, LM_E_IO, NULL, "cannot read tensor '%s': the file ends before its data (it shrank during the merge)",
-            tensor);
+    lm_fail(err, LM_E_IO, "InputChanged", "the file ends inside tensor '%s': it was truncated while the merge read "
+            "it; nothing was written", tensor);
     lm_err_set_path(err, lm_st_path(f));
     return LM_E_IO;
 }
@@ -750,17 +751,14 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
                 if (k <= 0) {
                     if (k < 0 && errno == EINTR)
                         continue;
-                    if (k == 0) { /* the mapping would SIGBUS past the new end */
-                        lm_fail(err, LM_E_IO, "InputChanged", "the file ends inside tensor '%s': it was truncated "
-                                "while the merge read it; nothing was written", t->name);
-                        lm_err_set_path(err, lm_st_path(f));
-                        return LM_E_IO;
-                    }
-                    if (k < 0 && (errno == ENOSPC || errno == EFBIG || errno == EIO || errno == EDQUOT))
+                    /* the base ends early: a changed input, not a write error on OUT (and the
+                     * mapping the fallbacks below read would SIGBUS past the new end) */
+                    int e = k < 0 ? errno : 0;
+                    if (k == 0 || base_shrank(f, (uint64_t)in + left))
+                        return base_ended(f, t->name, err);
+                    if (e == ENOSPC || e == EFBIG || e == EIO || e == EDQUOT) /* said by the plain write */
                         return lm_st_writer_pwrite(w, src + (tk->count - left) + tk->first, (size_t)left,
                                                    dst + tk->first + (tk->count - left), err);
-                    if (k == 0 || base_shrank(f, (uint64_t)in + left))
-                        return base_ended(f, t->name, err); /* a read error on the base, not a write error */
                     break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
                 }
                 left -= (uint64_t)k;
@@ -985,6 +983,28 @@ static int shard_selected(const job *J, size_t sh)
     return !J->one_shard || sh == J->only_shard;
 }
 
+/* Every shard stays open from its creation to the commit (an unnamed O_TMPFILE file exists only
+ * through its descriptor), so n files are open at once: the soft RLIMIT_NOFILE (1024 on most
+ * systems, less than a merge into 1080 shards needs) is raised toward the hard limit, and a merge
+ * the hard limit cannot hold is refused before any file is created. */
+static lm_code reserve_descriptors(size_t n, lm_err *err)
+{
+    const rlim_t margin = 64; /* inputs, the stage, standard streams, the libraries' own */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= n + margin)
+        return LM_OK;
+    rlim_t want = n + margin;
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want)
+        return lm_fail_errno(err, EMFILE, "the output has %zu shards, each open until the commit, but at most %llu "
+                             "files may be open here (ulimit -n): raise the limit or give a larger --max-shard-size",
+                             n, (unsigned long long)rl.rlim_max);
+    rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return lm_fail_errno(err, errno, "cannot raise the open-file limit to %llu for %zu shards",
+                             (unsigned long long)want, n);
+    return LM_OK;
+}
+
 /* the output's header, one writer per shard (the files exist from here on, as temporary files) */
 static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *opts, uint64_t *bytes_written,
                             lm_err *err)
@@ -997,6 +1017,10 @@ static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *op
     lm_code rc = LM_OK;
     if (outs == NULL || souts == NULL || sorder == NULL || J->w == NULL || J->local == NULL) {
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    if (!J->one_shard && (rc = reserve_descriptors(J->n_shards, err)) != LM_OK) {
+        lm_err_set_path(err, out_path);
         goto done;
     }
     for (size_t i = 0; i < plan->n; i++) {
@@ -1166,7 +1190,8 @@ static lm_code finish_and_commit(job *J, const lm_exec_opts *opts, const task *t
         if (J->w[sh] != NULL && (rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
             return rc;
     if (J->one_shard && opts->sha256_hex != NULL &&
-        (rc = lm_file_sha256(lm_st_writer_temp_path(J->w[J->only_shard]), opts->sha256_hex, err)) != LM_OK)
+        (rc = lm_fd_sha256(lm_st_writer_fd(J->w[J->only_shard]), lm_st_writer_out_path(J->w[J->only_shard]), opts->sha256_hex,
+                           err)) != LM_OK)
         return rc;
     if (J->tstat != NULL)
         stats_reduce(J, tasks, n_tasks, opts->stats);

@@ -163,6 +163,10 @@ static int read_side_file(const char *dir, const char *dir_real, const char *nam
         goto fail;
     }
     const char *open_path = path;
+    /* a FIFO, a device, a link loop: said as such (a link to nothing: said below) */
+    const char *what = S_ISREG(st.st_mode) ? NULL : lm_path_not_regular(path);
+    if (what != NULL && strstr(what, "to nothing") == NULL && lm_fail_not_regular(err, path) != LM_OK)
+        goto fail;
     if (S_ISLNK(st.st_mode)) {
         real = realpath(path, NULL);
         if (real == NULL) {
@@ -186,8 +190,8 @@ static int read_side_file(const char *dir, const char *dir_real, const char *nam
         lm_fail_errno(err, errno, "cannot read the file");
         goto fail;
     }
-    if (!S_ISREG(st.st_mode)) {
-        lm_fail(err, LM_E_FORMAT, "NotRegularFile", "not a regular file");
+    if (!S_ISREG(st.st_mode)) { /* replaced since the lstat */
+        lm_fail(err, LM_E_IO, "NotRegularFile", "%s is no longer a regular file", name);
         goto fail;
     }
     if ((uint64_t)st.st_size > LM_SIDE_FILE_MAX_BYTES) {
@@ -583,11 +587,17 @@ lm_code lm_base_quant_scheme(const char *dir, lm_qscheme *s, lm_err *err)
     lm_err e;
     lm_err_clear(&e);
     lm_code rc = LM_OK;
-    if (read_side_file(dir, real, "config.json", &data, &n, &mode, &e) == 1 &&
-        (rc = lm_qscheme_parse(data, n, s, err)) != LM_OK) {
+    int got = read_side_file(dir, real, "config.json", &data, &n, &mode, &e);
+    if (got == 1 && (rc = lm_qscheme_parse(data, n, s, err)) != LM_OK) {
         char *path = lm_path_join(dir, "config.json");
         lm_err_set_path(err, path);
         free(path);
+    } else if (got < 0 && strcmp(e.kind, "LinkOutsideDirectory") != 0) {
+        /* there but unreadable (a FIFO, a loop, an I/O error): whether the base is quantized is
+         * not known, so nothing is merged (a link out of the directory is only not copied) */
+        rc = e.code;
+        if (err != NULL && err->code == LM_OK)
+            *err = e;
     }
     free(data);
     data = NULL;

@@ -469,7 +469,7 @@ void lm_out_stage_abort(lm_out_target *o)
     o->stage = NULL;
 }
 
-static int fsync_dir(const char *dir)
+int lm_out_fsync_dir(const char *dir)
 {
     int fd = lm_sys_open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (fd < 0)
@@ -511,7 +511,7 @@ static lm_code stage_small_files(lm_out_target *o, const lm_side_plan *side, int
                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         free(path);
     }
-    if (rc == LM_OK && do_fsync && fsync_dir(o->stage) != 0)
+    if (rc == LM_OK && do_fsync && lm_out_fsync_dir(o->stage) != 0)
         rc = fail_path(err, errno, o->stage, "cannot flush the staging directory");
     return rc;
 }
@@ -556,7 +556,7 @@ lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, 
         if (gone && is_stale(o, records[i]))
             lm_report_removed(r, records[i]);
     }
-    if (do_fsync && fsync_dir(o->dir) != 0)
+    if (do_fsync && lm_out_fsync_dir(o->dir) != 0)
         return fail_path(err, errno, o->dir, "cannot flush the output directory");
     /* (b) everything but the record */
     for (size_t i = 0; i < o->n_shards && rc == LM_OK; i++)
@@ -571,7 +571,7 @@ lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, 
     /* (d) the record, last */
     if ((rc = move_in(o, record, err)) != LM_OK)
         return rc;
-    if (do_fsync && fsync_dir(o->dir) != 0)
+    if (do_fsync && lm_out_fsync_dir(o->dir) != 0)
         return fail_path(err, errno, o->dir, "cannot flush the output directory");
     lm_out_stage_abort(o); /* (e) empty by now */
     return LM_OK;
@@ -639,7 +639,15 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
         lm_err_set_path(err, path);
         return LM_E_IO;
     }
+    lm_code rc = lm_fd_sha256(fd, path, hex, err);
+    close(fd);
+    return rc;
+}
+
+lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err)
+{
     lm_code rc = LM_OK;
+    off_t pos = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     size_t cap = (size_t)4 << 20;
     unsigned char *buf = malloc(cap);
@@ -648,9 +656,11 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
         goto done;
     }
     for (;;) {
-        ssize_t k = read(fd, buf, cap);
+        ssize_t k = pread(fd, buf, cap, pos);
         if (k < 0 && errno == EINTR)
             continue;
+        if (k > 0)
+            pos += k;
         if (k < 0) {
             lm_fail_errno(err, errno, "cannot read the file back to hash it");
             lm_err_set_path(err, path);
@@ -669,7 +679,6 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
 done:
     EVP_MD_CTX_free(ctx);
     free(buf);
-    close(fd);
     return rc;
 }
 

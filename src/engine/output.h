@@ -99,6 +99,10 @@ void lm_out_stage_abort(lm_out_target *o);
  *  file, then model.safetensors.index.json last, each through a temporary file and a rename. */
 lm_code lm_out_put_index_and_side_files(lm_out_target *o, const lm_side_plan *side, lm_err *err);
 
+/*! lm_out_fsync_dir() : fsync of a directory (after renames into it): 0, or -1 with errno; a file
+ *  system that refuses fsync on a directory is not an error. */
+int lm_out_fsync_dir(const char *dir);
+
 /*! lm_out_remove_stale() : removes o->stale; each removed name is recorded in r. */
 void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r);
 
@@ -121,5 +125,8 @@ char *lm_path_join(const char *dir, const char *name);
 
 /*! lm_file_sha256() : sha256 of a whole file, as 64 lowercase hex digits into hex[65]. */
 lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err);
+/*! lm_fd_sha256() : the same over an open file (from its first byte; an unnamed temporary file
+ *  too), path naming it in errors. */
+lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err);
 
 #endif

@@ -496,21 +496,28 @@ lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
     lm_code rc;
     if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = check_all_shards(C, fp, err)) != LM_OK)
         return rc;
+    int do_fsync = C->job->do_fsync; /* the shards were flushed by their workers (--fsync there too) */
     for (size_t i = 0; i < C->side->n && rc == LM_OK; i++) {
         const lm_side_file *f = &C->side->f[i];
         char *path = lm_path_join(C->ot->dir, f->name);
-        rc = path ? lm_write_file_atomic_mode(path, f->data, f->n_bytes, f->mode, err)
+        rc = path ? lm_write_file_atomic_sync(path, f->data, f->n_bytes, f->mode, do_fsync, err)
                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         free(path);
     }
+    if (rc == LM_OK && do_fsync && lm_out_fsync_dir(C->ot->dir) != 0) /* the side files, before the record */
+        rc = lm_fail_errno(err, errno, "cannot flush the output directory");
     if (rc == LM_OK && C->ot->index_text != NULL) { /* last: the commit record */
         char *path = lm_path_join(C->ot->dir, LM_INDEX_NAME);
-        rc = path ? lm_write_file_atomic(path, C->ot->index_text, strlen(C->ot->index_text), err)
+        rc = path ? lm_write_file_atomic_sync(path, C->ot->index_text, strlen(C->ot->index_text), 0666, do_fsync, err)
                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         free(path);
     }
-    if (rc != LM_OK)
+    if (rc == LM_OK && do_fsync && lm_out_fsync_dir(C->ot->dir) != 0)
+        rc = lm_fail_errno(err, errno, "cannot flush the output directory");
+    if (rc != LM_OK) {
+        lm_err_set_path(err, C->ot->dir);
         return rc;
+    }
     lm_out_remove_stale(C->ot, C->ri);
     for (size_t k = 0; k < C->ot->n_shards; k++) {
         lm_err e;

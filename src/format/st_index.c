@@ -167,6 +167,8 @@ fail:
 static char *read_small_file(const char *path, size_t *n_out, lm_err *err)
 {
     char *buf = NULL;
+    if (lm_fail_not_regular(err, path) != LM_OK)
+        return NULL;
     const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0) {
         lm_fail_errno(err, errno, "cannot open");
@@ -498,8 +500,12 @@ lm_model *lm_model_open(const char *path, lm_err *err)
             lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         else if (is_regular(idx))
             m = open_index(idx, err);
+        else if (lm_fail_not_regular(err, idx) != LM_OK)
+            ; /* a FIFO, a loop ... where the index is: said as such, never "missing" */
         else if (is_regular(one))
             m = open_single(one, err);
+        else if (lm_fail_not_regular(err, one) != LM_OK)
+            ;
         else if (lm_torch_model_in_dir(path))
             m = lm_torch_model_open(path, err);
         else {

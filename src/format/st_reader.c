@@ -745,7 +745,10 @@ lm_st_file *lm_st_open(const char *path, lm_err *err)
     lm_st_file *f = file_new(path, err);
     if (f == NULL)
         goto fail;
-    /* O_NONBLOCK: opening a FIFO must not wait for a writer; cleared once it is a file */
+    /* a FIFO, a device ... is named as such before any open; O_NONBLOCK: should one appear in
+     * between, opening it must not wait for a writer (cleared once it is a file) */
+    if (lm_fail_not_regular(err, path) != LM_OK)
+        goto fail;
     f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
         lm_fail_errno(err, errno, "cannot open");

@@ -17,6 +17,7 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 /* last: the allocations below go through the fault-injection seam */
 #define LM_SYS_ALLOC
@@ -28,6 +29,7 @@ struct lm_st_writer {
     int fd;
     lm_cleanup_slot *cleanup_slot;
     int finished; /* lm_st_writer_finish() done: no more writes; fd kept (and locked) until the rename */
+    int anon;     /* an O_TMPFILE file: no name until lm_st_writer_commit() links it (tmp_path NULL) */
     size_t n;
     uint64_t *offsets;  /* absolute */
     uint64_t *n_bytes;
@@ -293,7 +295,7 @@ void lm_st_writer_abort(lm_st_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->tmp_path != NULL)
+    if (w->tmp_path != NULL && !w->anon) /* an unnamed file goes with its descriptor */
         unlink(w->tmp_path);
     writer_free(w);
 }
@@ -339,6 +341,61 @@ static int create_locked_temp(char *tmpl)
         close(fd);
         if (e != ENOENT && e != 0) {
             unlink(tmpl);
+            errno = e;
+            return -1;
+        }
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+/* An unnamed file (O_TMPFILE) in out_path's directory, flock'd: a SIGKILL leaves nothing at all
+ * (the kernel frees it); it gets a name only at the commit.  -1 where the file system has no
+ * O_TMPFILE (or LM_NO_TMPFILE is set: the tests run the named fallback that way). */
+static int create_anon_temp(const char *out_path)
+{
+    if (getenv("LM_NO_TMPFILE") != NULL)
+        return -1;
+    const char *slash = strrchr(out_path, '/');
+    char *dir = slash == NULL ? strdup(".") : slash == out_path ? strdup("/")
+              : strndup(out_path, (size_t)(slash - out_path));
+    int fd = dir ? lm_sys_open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600) : -1;
+    free(dir);
+    if (fd >= 0 && lm_sys_flock(fd, LOCK_EX) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* gives the unnamed file w->fd the name w->tmp_path (".<name>.lm-tmp-XXXXXX", a fresh suffix),
+ * registered for signal-time cleanup; the file stays locked, so no other run's cleanup takes it */
+static int link_anon_temp(lm_st_writer *w)
+{
+    static const char digits[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    static unsigned long seq;
+    size_t n = strlen(w->tmp_path);
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", w->fd);
+    for (int attempt = 0; attempt < 100; attempt++) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        unsigned long v = (unsigned long)ts.tv_nsec ^ ((unsigned long)getpid() << 20) ^
+                          (__atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED) * 2654435761ul);
+        for (int i = 0; i < 6; i++, v /= 62)
+            w->tmp_path[n - 6 + (size_t)i] = digits[v % 62];
+        sigset_t old_mask;
+        cleanup_block(&old_mask);
+        int rc = lm_sys_linkat(AT_FDCWD, proc, AT_FDCWD, w->tmp_path, AT_SYMLINK_FOLLOW);
+        if (rc != 0 && errno != EEXIST) /* no /proc: the same by the descriptor (needs privilege) */
+            rc = lm_sys_linkat(w->fd, "", AT_FDCWD, w->tmp_path, AT_EMPTY_PATH);
+        int e = errno;
+        if (rc == 0)
+            w->cleanup_slot = lm_cleanup_register(w->tmp_path);
+        cleanup_unblock(&old_mask);
+        if (rc == 0)
+            return 0;
+        if (e != EEXIST) {
             errno = e;
             return -1;
         }
@@ -469,13 +526,19 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto fail;
     }
-    sigset_t old_mask;
-    cleanup_block(&old_mask);
-    w->fd = create_locked_temp(w->tmp_path);
+    if ((w->fd = create_anon_temp(out_path)) >= 0) {
+        w->anon = 1; /* tmp_path is the template of the name it gets at the commit */
+    } else {
+        sigset_t old_mask;
+        cleanup_block(&old_mask);
+        w->fd = create_locked_temp(w->tmp_path);
+        int mk_errno = errno;
+        if (w->fd >= 0)
+            w->cleanup_slot = lm_cleanup_register(w->tmp_path);
+        cleanup_unblock(&old_mask);
+        errno = mk_errno;
+    }
     int mk_errno = errno;
-    if (w->fd >= 0)
-        w->cleanup_slot = lm_cleanup_register(w->tmp_path);
-    cleanup_unblock(&old_mask);
     if (w->fd < 0) {
         int e = mk_errno;
         free(w->tmp_path);
@@ -517,7 +580,8 @@ uint64_t lm_st_writer_tensor_offset(const lm_st_writer *w, size_t i) { return w-
 uint64_t lm_st_writer_tensor_bytes(const lm_st_writer *w, size_t i) { return w->n_bytes[i]; }
 uint64_t lm_st_writer_file_bytes(const lm_st_writer *w) { return w->file_bytes; }
 int lm_st_writer_fd(const lm_st_writer *w) { return w->fd; }
-const char *lm_st_writer_temp_path(const lm_st_writer *w) { return w->tmp_path; }
+const char *lm_st_writer_temp_path(const lm_st_writer *w) { return w->anon ? NULL : w->tmp_path; }
+const char *lm_st_writer_out_path(const lm_st_writer *w) { return w->out_path; }
 
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err)
@@ -578,6 +642,15 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
         lm_st_writer_abort(w);
         return LM_E_IO;
     }
+    if (w->anon) { /* a name beside OUT first (linkat cannot replace a file), then the rename */
+        if (link_anon_temp(w) != 0) {
+            lm_fail_errno(err, errno, "cannot link the finished output file into its directory");
+            lm_err_set_path(err, w->out_path);
+            lm_st_writer_abort(w);
+            return LM_E_IO;
+        }
+        w->anon = 0; /* named from here: a failure below removes the name */
+    }
     if (lm_sys_rename(w->tmp_path, w->out_path) != 0) {
         int e = errno;
         lm_fail_errno(err, e, "cannot rename the temporary file into place");
@@ -603,7 +676,8 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
                 *slash = '\0';
             int dfd = open(d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
             if (dfd >= 0) {
-                fsync(dfd); /* best effort: some file systems refuse fsync on a directory */
+                if (lm_sys_fsync(dfd) != 0) { /* best effort: some file systems refuse fsync on a directory */
+                }
                 close(dfd);
             }
             free(dir);

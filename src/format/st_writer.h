@@ -41,7 +41,8 @@ uint64_t lm_st_writer_tensor_offset(const lm_st_writer *w, size_t i);
 uint64_t lm_st_writer_tensor_bytes(const lm_st_writer *w, size_t i);
 uint64_t lm_st_writer_file_bytes(const lm_st_writer *w);
 int lm_st_writer_fd(const lm_st_writer *w);
-const char *lm_st_writer_temp_path(const lm_st_writer *w);
+const char *lm_st_writer_temp_path(const lm_st_writer *w); /* NULL while the file has no name (O_TMPFILE) */
+const char *lm_st_writer_out_path(const lm_st_writer *w);
 
 /*! lm_st_writer_pwrite() : writes n_bytes at absolute offset (thread-safe; retries short
  *  writes; EFBIG, ENOSPC ... become an error naming the output file). */

@@ -626,7 +626,10 @@ static lm_code load_path(const char *path, lm_tensor_set **out, int *root_kind, 
 {
     lm_code rc;
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = -1;
+    if ((rc = lm_fail_not_regular(err, path)) != LM_OK)
+        goto done;
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO appearing here must not block */
     struct stat sb;
     if (fd < 0 || fstat(fd, &sb) != 0) {
         rc = lm_fail_errno(err, errno, "cannot open");

@@ -16,6 +16,28 @@ typedef struct {
     const lm_ts_tensor *R, *s; /* [1, nb, bs, bs], [out, 1] */
 } boft_params;
 
+typedef struct {
+    long block_size, block_num, factor; /* boft_block_size (4), boft_block_num (0), boft_n_butterfly_factor (1) */
+} boft_cfg;
+
+static lm_code boft_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    boft_cfg *b = calloc(1, sizeof *b);
+    if (b == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    c->mcfg = b;
+    b->block_size = 4;
+    b->factor = 1;
+    if (lm_cfg_int(root, "boft_block_size", &b->block_size, err) || lm_cfg_int(root, "boft_block_num", &b->block_num, err) ||
+        lm_cfg_int(root, "boft_n_butterfly_factor", &b->factor, err))
+        return err->code;
+    if ((b->block_size != 0) == (b->block_num != 0) || b->block_size < 0 || b->block_num < 0 || b->factor < 1)
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "peft_type BOFT needs exactly one of 'boft_block_size' (%ld) "
+                       "and 'boft_block_num' (%ld) positive, the other 0, and 'boft_n_butterfly_factor' (%ld) >= 1",
+                       b->block_size, b->block_num, b->factor);
+    return LM_OK;
+}
+
 static lm_code boft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     long bi = lm_ctx_module_weight(ctx, m->path, err);
@@ -35,6 +57,20 @@ static lm_code boft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     if (R->shape[0] != 1)
         return lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "BOFT with %llu butterfly factors: PEFT itself can "
                        "only load 1 without its CUDA extension; not supported", (unsigned long long)R->shape[0]);
+    /* the blocks PEFT builds from the config (BOFTLayer.update_layer): the one given divides in */
+    const boft_cfg *bc = lm_ctx_adapter(ctx)->cfg->mcfg;
+    const char *key = bc->block_num ? "boft_block_num" : "boft_block_size";
+    long v = bc->block_num ? bc->block_num : bc->block_size;
+    if (in % (uint64_t)v != 0)
+        return lm_cfg_disagrees(ctx, err, m->path, key, v, "it does not divide the %llu input features of '%s'",
+                                (unsigned long long)in, W->name);
+    uint64_t nb = bc->block_num ? (uint64_t)bc->block_num : in / (uint64_t)bc->block_size;
+    if (nb != R->shape[1] || bc->factor != 1)
+        return lm_cfg_disagrees(ctx, err, m->path, bc->factor != 1 ? "boft_n_butterfly_factor"
+                                : key, bc->factor != 1 ? bc->factor : v, "PEFT makes %ld butterfly factor%s of %llu "
+                                "blocks of %llu for '%s' and boft_R holds 1 of %llu blocks of %llu", bc->factor,
+                                bc->factor == 1 ? "" : "s", (unsigned long long)nb, (unsigned long long)(in / nb), W->name,
+                                (unsigned long long)R->shape[1], (unsigned long long)R->shape[2]);
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "boft", m->path, err);
     boft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)
@@ -93,6 +129,7 @@ const lm_method lm_method_boft = {
     .parts = boft_parts,
     .n_parts = 2,
     .flags = LM_M_NO_RANK | LM_M_UNIT_WEIGHT,
+    .parse_config = boft_parse,
     .plan_module = boft_plan_module,
     .prepare = boft_prepare,
     .apply_tile = boft_apply,

@@ -27,6 +27,8 @@ static lm_code delora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
         if (!lm_is_float_dtype(x[q]->dtype))
             return lm_mismatch(err, m->path, "'%s' is not a float tensor", x[q]->name);
     uint64_t K = a->shape[0], in = a->shape[1], out = b->shape[0];
+    if (lm_cfg_rank_is(ctx, err, m->path, K, "delora_A") != LM_OK)
+        return err->code;
     int orient = 0;
     long bi = lm_ctx_weight_for(ctx, m->path, out, in, &orient, err);
     if (bi < 0)

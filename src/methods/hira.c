@@ -25,6 +25,8 @@ static lm_code hira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
         !lm_is_float_dtype(B->dtype))
         return lm_mismatch(err, m->path, "the factors are not [r, in] and [out, r] float matrices");
     uint64_t r = A->shape[0], out = B->shape[0], in = A->shape[1];
+    if (lm_cfg_rank_is(ctx, err, m->path, r, embedding ? "hira_embedding_A" : "hira_A") != LM_OK)
+        return err->code;
     int orient = 0;
     long bi;
     if (embedding) { /* W [V, D], A [r, V], B [D, r]: (B@A)^T */

@@ -48,6 +48,8 @@ static lm_code hra_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
     const lm_tensor_info *W = lm_ctx_base(ctx, bi);
     if (u->n_dims != 2 || u->shape[0] != in || u->shape[1] > in || !lm_is_float_dtype(u->dtype))
         return lm_mismatch(err, m->path, "hra_u must be [%llu, r] for base '%s'", (unsigned long long)in, W->name);
+    if (lm_cfg_rank_is(ctx, err, m->path, u->shape[1], "hra_u") != LM_OK)
+        return err->code;
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "hra", m->path, err);
     hra_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)

@@ -98,6 +98,10 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     int w1_split = k1 == NULL, w2_split = k2 == NULL && m->part[T2] == NULL;
     if ((w1_split && f[0]->shape[1] != f[1]->shape[0]) || (w2_split && f[2]->shape[1] != f[3]->shape[0]))
         return lm_mismatch(err, m->path, "LoKr factors' inner dimensions disagree");
+    /* PEFT splits a factor into _a @ _b of inner size r (else keeps it whole) */
+    if ((w1_split && lm_cfg_rank_is(ctx, err, m->path, f[0]->shape[1], "lokr_w1_a") != LM_OK) ||
+        (w2_split && lm_cfg_rank_is(ctx, err, m->path, f[2]->shape[1], "lokr_w2_a") != LM_OK))
+        return err->code;
     uint64_t a = f[0]->shape[0], c = w1_split ? f[1]->shape[1] : f[0]->shape[1], b, d;
     if (!w2_shape(m, W, f, r, &b, &d, err))
         return err->code;

@@ -230,6 +230,17 @@ int lm_is_float_dtype(lm_dtype dt);
 /* ShapeMismatch naming the module.  @return LM_E_MISMATCH */
 lm_code lm_mismatch(lm_err *err, const char *module, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* an error of (code, kind) naming the module.  @return code */
+/*! lm_cfg_disagrees() : adapter_config.json's `key` (value as the config gives it, after any
+ *  pattern) contradicts the module's tensors, which PEFT builds from that value (so PEFT could not
+ *  load them either): refused (ConfigMismatch) naming the config file, the key, the value and, by
+ *  fmt, what the tensors hold. */
+lm_code lm_cfg_disagrees(const lm_plan_ctx *ctx, lm_err *err, const char *module, const char *key, long value,
+                         const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/*! lm_cfg_rank_is() : the config's rank for module ('r', or its rank_pattern entry) against the
+ *  rank the tensors hold (`tensor` names the one that shows it): lm_cfg_disagrees() when they
+ *  differ.  Not checked when the file gives no 'r', when it has a rank_pattern this type does not
+ *  read, or for adapters of other tools (their config is made here). */
+lm_code lm_cfg_rank_is(lm_plan_ctx *ctx, lm_err *err, const char *module, uint64_t rank, const char *tensor);
 lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *module, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 int lm_is_gpt2_conv1d(const char *module);

@@ -39,6 +39,38 @@ lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *
     return code;
 }
 
+lm_code lm_cfg_disagrees(const lm_plan_ctx *ctx, lm_err *err, const char *module, const char *key, long value,
+                         const char *fmt, ...)
+{
+    char buf[320];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    const lm_adapter *a = lm_ctx_adapter(ctx);
+    lm_fail(err, LM_E_MISMATCH, "ConfigMismatch", "adapter_config.json has \"%s\": %ld, but %s (PEFT builds the "
+            "tensors from it, so it could not load them either)", key, value, buf);
+    lm_err_set_tensor(err, module);
+    lm_err_set_path(err, a->config_path);
+    return LM_E_MISMATCH;
+}
+
+lm_code lm_cfg_rank_is(lm_plan_ctx *ctx, lm_err *err, const char *module, uint64_t rank, const char *tensor)
+{
+    const lm_adapter *a = lm_ctx_adapter(ctx);
+    const lm_adapter_config *cfg = a->cfg;
+    if (a->foreign != NULL || !cfg->r_given || (cfg->rank_pattern_given && cfg->rank_keys.n == 0))
+        return LM_OK;
+    long r;
+    double alpha;
+    if (lm_ctx_rank_alpha(ctx, module, &r, &alpha, err) != LM_OK)
+        return err->code;
+    if (r > 0 && (uint64_t)r == rank)
+        return LM_OK;
+    return lm_cfg_disagrees(ctx, err, module, r == cfg->r ? "r" : "rank_pattern", r, "%s holds rank %llu", tensor,
+                            (unsigned long long)rank);
+}
+
 const char *lm_leaf_of(const char *module)
 {
     const char *dot = strrchr(module, '.');

@@ -53,6 +53,8 @@ static lm_code miss_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     uint64_t r = b->n_dims == 2 ? b->shape[0] : 0, width = mc->mini ? (uint64_t)mc->mini_r : o;
     if (b->n_dims != 2 || r == 0 || b->shape[1] != width || !lm_is_float_dtype(b->dtype))
         return lm_mismatch(err, m->path, "miss_block must be [r, %llu] for base '%s'", (unsigned long long)width, W->name);
+    if (lm_cfg_rank_is(ctx, err, m->path, r, "miss_block") != LM_OK)
+        return err->code;
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "miss", m->path, err);
     miss_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)

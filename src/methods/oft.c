@@ -19,6 +19,8 @@ typedef struct {
     int coft, neumann; /* coft (false), use_cayley_neumann (true) */
     long terms;        /* num_cayley_neumann_terms (5) */
     double eps;        /* eps (6e-5) */
+    long r, bs;        /* r (0) and oft_block_size as the config gives them: PEFT derives the blocks */
+    int block_share;
 } oft_cfg;
 
 typedef struct {
@@ -40,11 +42,41 @@ static lm_code oft_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
     if (lm_cfg_field(root, "oft_block_size") == NULL)
         return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedVariant", "peft_type OFT without oft_block_size: an adapter "
                        "from PEFT < 0.14, which today's PEFT refuses too (OFT was changed incompatibly)");
-    if (lm_cfg_int(root, "oft_block_size", &bs, err) || lm_cfg_bool(root, "coft", &o->coft, err) ||
+    if (lm_cfg_int(root, "oft_block_size", &bs, err) || lm_cfg_int(root, "r", &o->r, err) ||
+        lm_cfg_bool(root, "block_share", &o->block_share, err) || lm_cfg_bool(root, "coft", &o->coft, err) ||
         lm_cfg_bool(root, "use_cayley_neumann", &o->neumann, err) ||
         lm_cfg_int(root, "num_cayley_neumann_terms", &o->terms, err) || lm_cfg_num(root, "eps", &o->eps, err))
         return err->code;
+    o->bs = bs;
+    if ((o->r != 0) == (bs != 0) || o->r < 0 || bs < 0) /* PEFT's OFTConfig refuses it too */
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "peft_type OFT needs exactly one of 'r' (%ld) and "
+                       "'oft_block_size' (%ld) positive, the other 0", o->r, bs);
     return LM_OK;
+}
+
+/* PEFT's OFTLayer.adjust_oft_parameters: the divisor of n nearest to p (the lower one on a tie) */
+static uint64_t oft_adjust(uint64_t n, uint64_t p)
+{
+    if (p >= n)
+        return n;
+    uint64_t hi = p, lo = p;
+    while (hi <= n && n % hi != 0)
+        hi++;
+    while (lo > 1 && n % lo != 0)
+        lo--;
+    return p - lo <= hi - p ? lo : hi;
+}
+
+/* the block size PEFT builds for `in` input features from the config (it adjusts a value that does
+ * not divide them, with a warning) */
+static uint64_t lm_oft_peft_block(long r, long bs, uint64_t in)
+{
+    if (r == 0) {
+        uint64_t b = (uint64_t)bs;
+        return in % b != 0 || b > in ? oft_adjust(in, b) : b;
+    }
+    uint64_t n = in % (uint64_t)r != 0 || (uint64_t)r > in ? oft_adjust(in, (uint64_t)r) : (uint64_t)r;
+    return in / n;
 }
 
 static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
@@ -65,6 +97,16 @@ static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
         (q->shape[0] != 1 && q->shape[0] != in / bs) || !lm_is_float_dtype(q->dtype))
         return lm_mismatch(err, m->path, "oft_R must be [%llu or 1, bs(bs-1)/2] for base '%s' with in=%llu",
                            (unsigned long long)(bs > 1 ? in / bs : 0), W->name, (unsigned long long)in);
+    const oft_cfg *oc = lm_ctx_adapter(ctx)->cfg->mcfg;
+    uint64_t want = lm_oft_peft_block(oc->r, oc->bs, in);
+    if (want != bs || (oc->block_share ? q->shape[0] != 1 : q->shape[0] != in / bs))
+        return lm_cfg_disagrees(ctx, err, m->path, oc->r ? "r" : "oft_block_size", oc->r ? oc->r : oc->bs,
+                                "PEFT makes %llu block%s of %llu for '%s' (%llu input features%s) and oft_R holds %llu "
+                                "blocks of %llu", (unsigned long long)(oc->block_share ? 1 : in / want),
+                                oc->block_share ? " (block_share)" : "s", (unsigned long long)want, W->name,
+                                (unsigned long long)in, want == (uint64_t)(oc->r ? in / (uint64_t)oc->r : (uint64_t)oc->bs)
+                                ? "" : ", the value adjusted as PEFT does", (unsigned long long)q->shape[0],
+                                (unsigned long long)bs);
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "oft", m->path, err);
     oft_params *pr = op ? lm_ctx_params(ctx, op, sizeof *pr, err) : NULL;
     if (pr == NULL)

@@ -39,6 +39,8 @@ static lm_code pvera_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *e
                            "PVeRA needs 2r = %llu for both (base_model.pvera_B has r = %llu columns)",
                            (unsigned long long)A->shape[0], (unsigned long long)ld->n_elems,
                            (unsigned long long)(2 * r), (unsigned long long)r);
+    if (lm_cfg_rank_is(ctx, err, m->path, r, "base_model.pvera_B") != LM_OK)
+        return err->code;
     return lm_vera_add(ctx, m, "pvera", A, B, lb, ld, r, err);
 }
 

@@ -64,6 +64,8 @@ static lm_code vera_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     if (ld->n_elems != r)
         return lm_mismatch(err, m->path, "vera_lambda_d has %llu elements but the projections have rank %llu",
                            (unsigned long long)ld->n_elems, (unsigned long long)r);
+    if (lm_cfg_rank_is(ctx, err, m->path, r, "base_model.vera_A") != LM_OK)
+        return err->code;
     return lm_vera_add(ctx, m, "vera", A, B, lb, ld, r, err);
 }
 

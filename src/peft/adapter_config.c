@@ -362,6 +362,9 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         goto fail;
     if (m->parse_config != NULL && m->parse_config(root, c, err) != LM_OK)
         goto fail;
+    c->r_given = lm_cfg_field(root, "r") != NULL;
+    const cJSON *rpat = lm_cfg_field(root, "rank_pattern");
+    c->rank_pattern_given = cJSON_IsObject(rpat) && rpat->child != NULL;
     if (c->r <= 0 && !(m->flags & LM_M_NO_RANK)) {
         lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'r' must be positive (it is %ld)", c->r);
         goto fail;

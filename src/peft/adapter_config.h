@@ -45,6 +45,8 @@ typedef struct lm_adapter_config {
     size_t *tt_n;
     char *init_lora_weights;  /* owned string form: "true", "false", "gaussian", "mica", ... */
     int ensure_weight_tying;
+    int r_given;              /* 'r' is in the file (not PEFT's default of this reader) */
+    int rank_pattern_given;   /* a non-empty 'rank_pattern' is in the file (read or not by the type) */
 } lm_adapter_config;
 
 #include <cJSON.h>

@@ -1980,7 +1980,7 @@ static lm_code normalise(const char *path, const void *buf, size_t n_buf, const 
         }
     } else if (fm_is_file(path)) {
         rc = read_file_input(&c, path, NULL, err);
-    } else {
+    } else if ((rc = lm_fail_not_regular(err, path)) == LM_OK) {
         rc = lm_fail_errno(err, ENOENT, "cannot open the adapter");
     }
     if (rc == LM_OK)

@@ -66,10 +66,9 @@ char *lm_adapter_locate(const char *dir, char **name_out, lm_err *err)
         return NULL;
     }
     int here = is_file(cfg);
-    struct stat cst;
-    if (!here && stat(cfg, &cst) == 0) { /* there, but not a file */
-        lm_fail(err, LM_E_IO, "UnreadableConfig", "adapter_config.json is not a regular file (%s)",
-                S_ISDIR(cst.st_mode) ? "it is a directory" : "a special file");
+    const char *what = here ? NULL : lm_path_not_regular(cfg);
+    if (what != NULL) { /* there, but not a file: a FIFO, a loop ... (never "missing") */
+        lm_fail(err, LM_E_IO, "UnreadableConfig", "adapter_config.json is %s, not a regular file", what);
         lm_err_set_path(err, cfg);
         free(cfg);
         return NULL;
@@ -254,6 +253,11 @@ lm_adapter *lm_adapter_open(const char *dir, double weight, lm_err *err)
         a->weights_path = st;
         free(bin);
         rc = load_safetensors(a, err);
+    } else if (lm_fail_not_regular(err, st) != LM_OK) {
+        /* a FIFO, a loop ... where PEFT would read the weights from (it prefers this name) */
+        free(st);
+        free(bin);
+        goto fail;
     } else if (is_file(bin)) {
         a->weights_path = bin;
         free(st);
@@ -263,7 +267,8 @@ lm_adapter *lm_adapter_open(const char *dir, double weight, lm_err *err)
         rc = lm_fail(err, LM_E_UNSUPPORTED, "Unsupported", "adapter_model.bin is not supported by this build");
 #endif
     } else {
-        lm_fail(err, LM_E_IO, "MissingWeights", "no adapter_model.safetensors or adapter_model.bin");
+        if (lm_fail_not_regular(err, bin) == LM_OK)
+            lm_fail(err, LM_E_IO, "MissingWeights", "no adapter_model.safetensors or adapter_model.bin");
         lm_err_set_path(err, st);
         free(st);
         free(bin);
