@@ -956,18 +956,29 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
 /* ------------------------------------------------------------------------------------------ */
 /* batch: K merges of one base in one pass (lm_merge_batch)                                     */
 /* ------------------------------------------------------------------------------------------ */
-/* OUT as an absolute path without trailing slashes (its directory resolved when it exists), for
- * comparing the jobs' outputs; malloc'd */
+/* OUT as an absolute path without trailing slashes (through realpath as far as it exists), for
+ * comparing the jobs' outputs; malloc'd, NULL when out of memory */
 static char *out_canonical(const char *out)
 {
-    char *real = realpath(out, NULL);
+    char *real = realpath(out, NULL), *c = NULL;
     if (real != NULL)
         return real;
     size_t n;
     const char *leaf = lm_path_leaf(out, &n);
-    char *parent = strndup(out, (size_t)(leaf - out)), *rp = realpath(parent[0] ? parent : ".", NULL), *c = NULL;
-    if (rp != NULL && asprintf(&c, "%s/%.*s", strcmp(rp, "/") == 0 ? "" : rp, (int)n, leaf) < 0)
-        c = NULL;
+    char *parent = strndup(out, (size_t)(leaf - out));
+    if (parent == NULL)
+        return NULL;
+    char *rp = realpath(parent[0] ? parent : ".", NULL);
+    if (rp != NULL) {
+        if (asprintf(&c, "%s/%.*s", strcmp(rp, "/") == 0 ? "" : rp, (int)n, leaf) < 0)
+            c = NULL;
+    } else { /* the parent does not exist either: the path as written, made absolute */
+        char cwd[4096];
+        if (asprintf(&c, "%s/%s", out[0] == '/' || getcwd(cwd, sizeof cwd) == NULL ? "" : cwd, out) < 0)
+            c = NULL;
+        for (size_t k = c ? strlen(c) : 0; k > 1 && c[k - 1] == '/'; k--)
+            c[k - 1] = '\0';
+    }
     free(parent);
     free(rp);
     return c;
@@ -991,7 +1002,7 @@ static lm_code batch_check(const lm_merge_job *jobs, size_t n, char **canon, siz
         if (J->out_path == NULL)
             continue;
         if ((canon[j] = out_canonical(J->out_path)) == NULL)
-            return lm_fail(err, LM_E_USAGE, "Usage", "the directory of OUT '%s' does not exist", J->out_path);
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         for (size_t k = 0; k < j; k++) {
             if (canon[k] == NULL)
                 continue;
