@@ -769,9 +769,28 @@ static lm_code run_shards(merge_state *S, lm_err *err)
 {
     lm_exec_opts eo;
     exec_opts(S, S->ot.paths, &eo);
-    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st};
-    lm_code rc = S->job->shard_mode == LM_SHARDS_WORKER ? lm_shards_work(&C, err) : lm_shards_finalize(&C, err);
+    int fin = S->job->shard_mode == LM_SHARDS_INDEX;
+    char(*sha)[65] = fin && S->job->hash_outputs ? calloc(S->ot.n_shards + 1, sizeof *sha) : NULL;
+    if (fin && S->job->hash_outputs && sha == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st, sha};
+    lm_code rc = fin ? lm_shards_finalize(&C, err) : lm_shards_work(&C, err);
     phase_end(S, LM_PHASE_WRITE);
+    /* finalize --json: the sha256 of every file, the shards' from their verification (not read again) */
+    for (size_t i = 0; sha != NULL && rc == LM_OK && i < S->ri->n_files; i++) {
+        lm_merge_file *f = &S->ri->files[i];
+        char hex[65] = "";
+        for (size_t k = 0; k < S->ot.n_shards && hex[0] == '\0'; k++)
+            if (strcmp(f->path, S->ot.paths[k]) == 0)
+                memcpy(hex, sha[k], sizeof hex);
+        if (hex[0] == '\0')
+            rc = lm_file_sha256(f->path, hex, err);
+        if (rc == LM_OK && (f->sha256 = strdup(hex)) == NULL)
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    if (sha != NULL)
+        phase_end(S, LM_PHASE_HASH);
+    free(sha);
     return rc;
 }
 
