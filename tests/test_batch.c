@@ -360,3 +360,25 @@ Test(batch, faults_leave_every_out_as_before, .timeout = 900)
     }
     bt_teardown(&F);
 }
+
+/* a block-FP8 base: jobs that keep it quantized (changed blocks requantized, scales rewritten by
+ * the weights' tiles) beside one that writes it dequantized (--dtype: the scales leave the plan,
+ * so the jobs' plans have different tensors) */
+Test(batch, fp8_base_kept_and_dequantized, .timeout = 300)
+{
+    bt_fix F;
+    if (!th_gen_model_path(F.gen, sizeof F.gen))
+        cr_skip_test("needs %s", F.gen);
+    F.tmp = th_tmpdir();
+    cr_assert_not_null(realpath(th_bin(), F.bin));
+    BT_OK("%s --out %s/q --hidden 64 --inter 128 --layers 1 --vocab 64 --heads 4 --kv-heads 2 --rank 4 --targets all "
+          "--quant fp8 --block 16 >/dev/null && mkdir -p %s/ref %s/bat", F.gen, F.tmp, F.tmp, F.tmp);
+    char base[900], jb[3][600];
+    snprintf(base, sizeof base, "%s/q/base", F.tmp);
+    snprintf(jb[0], sizeof jb[0], "%s/q/adapter o1/", F.tmp);
+    snprintf(jb[1], sizeof jb[1], "--dtype bf16 %s/q/adapter o2.safetensors", F.tmp);
+    snprintf(jb[2], sizeof jb[2], "--scale 2 %s/q/adapter o3/", F.tmp);
+    bt_job jobs[3] = {{jb[0], "o1"}, {jb[1], "o2.safetensors"}, {jb[2], "o3"}};
+    bt_compare(&F, base, jobs, 3, 1, "");
+    bt_teardown(&F);
+}

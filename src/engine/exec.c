@@ -1191,7 +1191,8 @@ static void job_free(job *J, int abort_writers)
 typedef struct {
     size_t job, task;
     size_t file;      /* base file of the bytes (SIZE_MAX: not from the base: not shared) */
-    uint64_t off;     /* their offset in it */
+    uint64_t begin;   /* the base tensor's offset in it */
+    uint64_t off;     /* the bytes' offset in it */
     uint64_t n_bytes;
     int copy;
 } member;
@@ -1204,6 +1205,8 @@ static int member_cmp(const void *pa, const void *pb)
     if (a->file != SIZE_MAX) {
         if (a->off != b->off)
             return a->off < b->off ? -1 : 1;
+        if (a->begin != b->begin)
+            return a->begin < b->begin ? -1 : 1;
         if (a->copy != b->copy)
             return a->copy - b->copy;
         if (a->n_bytes != b->n_bytes)
@@ -1217,7 +1220,8 @@ static int member_cmp(const void *pa, const void *pb)
 /* 1 when a and b read the same bytes of the base */
 static int member_same(const member *a, const member *b)
 {
-    return a->file != SIZE_MAX && a->file == b->file && a->off == b->off && a->copy == b->copy && a->n_bytes == b->n_bytes;
+    return a->file != SIZE_MAX && a->file == b->file && a->begin == b->begin && a->off == b->off && a->copy == b->copy &&
+           a->n_bytes == b->n_bytes;
 }
 
 static void member_key(const job *J, size_t jb, size_t q, member *m)
@@ -1225,13 +1229,14 @@ static void member_key(const job *J, size_t jb, size_t q, member *m)
     const task *tk = &J->tasks[q];
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
     const lm_st_file *f = tensor_src_file(J, tk->tensor);
-    size_t esz = lm_dtype_bits(t->src_dtype) / 8;
-    *m = (member){jb, q, SIZE_MAX, 0, 0, tk->copy};
-    if (f == NULL || esz == 0)
+    uint64_t row = t->q != NULL ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->src_dtype) / 8); /* as tile_bytes */
+    *m = (member){jb, q, SIZE_MAX, 0, 0, 0, tk->copy};
+    if (f == NULL || row == 0)
         return;
     m->file = t->base->file;
-    m->off = t->base->info->begin + (tk->copy ? tk->first : tk->first * t->cols * esz);
-    m->n_bytes = tk->copy ? tk->count : tk->count * t->cols * esz;
+    m->begin = t->base->info->begin;
+    m->off = m->begin + (tk->copy ? tk->first : tk->first * row);
+    m->n_bytes = tk->copy ? tk->count : tk->count * row;
 }
 
 /* the members in run order and where each group starts (groups[n_groups] = n_members); one job:
