@@ -10,7 +10,7 @@
  * that type's merge alternated; prints the type's time, its ratio to the LoRA merge of the same
  * runs, GFLOP/s, peak RSS, how much of the base the merge changed, and issue 9's targets.
  *
- *   bench_merge [--case 1b|8b|small|methods|methods-small|moe|moe-fused] [--runs N] [--threads N] [--dir DIR]
+ *   bench_merge [--case 1b|8b|small|methods|methods-small|moe|moe-fused|fp8|batch|batch-small|shards] [--runs N] [--threads N] [--dir DIR]
  *               [--types T1,T2...] [--csv] [--keep]
  *   BENCH_DIR=DIR caches the generated models (default: a temporary directory, removed after);
  *   BENCH_TYPES=T1,T2 (or --types) limits the methods case to some types. */
@@ -43,18 +43,27 @@ typedef struct {
                                      adapter through target_parameters (issue 13) */
     int fused;                    /* experts stored fused [E, 2I, H], [E, H, I] (transformers v5) */
     const char *quant;            /* a quantized base (gen_model --quant: "fp8"), or NULL (issue 12) */
+    int batch;                    /* > 0: that many LoRA adapters, one `lora-merge batch` against as many
+                                     merges one after another (issue 14) */
+    int shards;                   /* > 0: the base in that many shards, 4 `--shards i/4` workers of 1
+                                     thread at once (then finalize) against one merge (issue 14) */
 } bench_case;
 
 static const bench_case CASES[] = {
-    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0, 0, NULL}, /* a quick look: no target */
-    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0, 0, 0, NULL},
-    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0, 0, 0, NULL},
-    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1, 0, 0, NULL},
-    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1, 0, 0, NULL}, /* no target */
-    {"moe", "moe", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 0, NULL},
-    {"moe-fused", "moe-fused", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 1, NULL},
+    {"small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0, 0, NULL, 0, 0}, /* a quick look: no target */
+    {"1b", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 1.25, 256, 0, 0, 0, NULL, 0, 0},
+    {"8b", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.30, 1024, 0, 0, 0, NULL, 0, 0},
+    {"methods", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0, 256, 1, 0, 0, NULL, 0, 0},
+    {"methods-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 1, 0, 0, NULL, 0, 0}, /* no target */
+    {"moe", "moe", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 0, NULL, 0, 0},
+    {"moe-fused", "moe-fused", 1024, 2816, 4, 32000, 16, 4, 16, 1.5, 256, 0, 8, 1, NULL, 0, 0},
     /* block FP8 (128x128) 1.1B: dequantize, merge, requantize every linear weight */
-    {"fp8", "1b-fp8", 2048, 5632, 22, 32000, 32, 4, 16, 1.5, 256, 0, 0, 0, "fp8"},
+    {"fp8", "1b-fp8", 2048, 5632, 22, 32000, 32, 4, 16, 1.5, 256, 0, 0, 0, "fp8", 0, 0},
+    /* issue 14: 8 LoRA adapters on the 1.1B base in one pass, at most 0.5x the 8 merges */
+    {"batch", "1b", 2048, 5632, 22, 32000, 32, 4, 16, 0.5, 0, 0, 0, 0, NULL, 8, 0},
+    {"batch-small", "small", 1024, 2816, 8, 32000, 16, 4, 16, 0, 0, 0, 0, 0, NULL, 8, 0}, /* a quick look */
+    /* issue 14: the 8B base in 8 shards, 4 local 1-thread workers within 1.2x one 2-thread merge */
+    {"shards", "8b", 4096, 14336, 32, 128256, 32, 8, 16, 1.2, 0, 0, 0, 0, NULL, 0, 8},
 };
 
 static double now(void)
@@ -391,6 +400,191 @@ static int run_methods(const bench_case *bc, const char *bdir, const char *bin, 
     return n_failed ? 1 : 0;
 }
 
+/* ---- --case batch and --case shards (issue 14) ----------------------------------------- */
+static void rm_rf(const char *path)
+{
+    char cmd[4600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench: could not remove %s\n", path);
+    sync();
+}
+
+/* K LoRA adapters (r 16, every projection, seeds 1..K): 8 merges one after the other against
+ * one batch of the same 8 jobs, alternated; the batch's outputs compared with the merges' */
+static int run_batch(const bench_case *bc, const char *bdir, const char *bin, const char *dir, const char *mdir,
+                     const char *base, int runs, int threads)
+{
+    int K = bc->batch;
+    char gen_adapter[4200], thr[16], opts[64][128], adirs[64][4400], outs[64][4400], refs[64][4400];
+    snprintf(gen_adapter, sizeof gen_adapter, "%s/gen_adapter", bdir);
+    snprintf(thr, sizeof thr, "%d", threads);
+    for (int i = 0; i < K; i++) {
+        snprintf(opts[i], sizeof opts[i], "--rank 16 --alpha 32 --targets all --seed %d", i + 1);
+        snprintf(adirs[i], sizeof adirs[i], "%s/batch/lora%d", mdir, i);
+        snprintf(outs[i], sizeof outs[i], "%s/batch-out/o%d.safetensors", dir, i);
+        snprintf(refs[i], sizeof refs[i], "%s/batch-ref/o%d.safetensors", dir, i);
+        method_case mc = {"lora", opts[i], 0};
+        if (ensure_adapter(gen_adapter, base, adirs[i], &mc) != 0) {
+            fprintf(stderr, "bench: generating adapter %d failed\n", i);
+            return 1;
+        }
+    }
+    char od[4400], rd[4400];
+    snprintf(od, sizeof od, "%s/batch-out", dir);
+    snprintf(rd, sizeof rd, "%s/batch-ref", dir);
+    char *bargv[8 + 3 * 64] = {(char *)bin, "batch", "-q", "--threads", thr, (char *)base};
+    int nb = 6;
+    for (int i = 0; i < K; i++) {
+        bargv[nb++] = "--job";
+        bargv[nb++] = adirs[i];
+        bargv[nb++] = outs[i];
+    }
+    bargv[nb] = NULL;
+    double *ts = calloc((size_t)runs, sizeof *ts), *tb = calloc((size_t)runs, sizeof *tb);
+    long rss, rss_s = 0, rss_b = 0;
+    int st = 0, same = 1;
+    for (int r = 0; r < runs; r++) {
+        rm_rf(rd);
+        mkdir(rd, 0777);
+        ts[r] = 0;
+        for (int i = 0; i < K; i++) {
+            char *margv[] = {(char *)bin, "-q", "--threads", thr, (char *)base, adirs[i], refs[i], NULL};
+            ts[r] += run_timed(margv, NULL, &rss, &st);
+            rss_s = rss > rss_s ? rss : rss_s;
+            if (st != 0) {
+                fprintf(stderr, "bench: merge %d failed with status %d\n", i, st);
+                return 1;
+            }
+        }
+        rm_rf(od);
+        mkdir(od, 0777);
+        tb[r] = run_timed(bargv, NULL, &rss, &st);
+        rss_b = rss > rss_b ? rss : rss_b;
+        if (st != 0) {
+            fprintf(stderr, "bench: batch failed with status %d\n", st);
+            return 1;
+        }
+        for (int i = 0; i < K && r == runs - 1; i++) { /* the batch's outputs are the merges' */
+            char cmd[9000];
+            snprintf(cmd, sizeof cmd, "cmp -s '%.4400s' '%.4400s'", outs[i], refs[i]);
+            same &= system(cmd) == 0;
+        }
+        rm_rf(od); /* room on the disk for the next run's references */
+    }
+    rm_rf(rd);
+    double ms = median(ts, runs), mb = median(tb, runs), ratio = mb / ms;
+    print_machine(threads);
+    printf("%-6s %3s %26s %26s %7s %11s %11s %s\n", "case", "K", "K merges s (min-max)", "one batch s (min-max)",
+           "ratio", "merge RSS", "batch RSS", "targets");
+    char s1[64], b1[64];
+    snprintf(s1, sizeof s1, "%.2f (%.2f-%.2f)", ms, ts[0], ts[runs - 1]);
+    snprintf(b1, sizeof b1, "%.2f (%.2f-%.2f)", mb, tb[0], tb[runs - 1]);
+    printf("%-6s %3d %26s %26s %7.3f %8.0f MB %8.0f MB ratio<=%.2f %s; outputs %s\n", bc->name, K, s1, b1, ratio,
+           rss_s / 1024.0, rss_b / 1024.0, bc->max_ratio, ratio <= bc->max_ratio ? "ok" : "MISSED",
+           same ? "identical to the merges'" : "DIFFER from the merges'");
+    printf("K merges: the %d merges one after another (each reads the base); one batch: `lora-merge batch` with the "
+           "same %d jobs (one read of the base); base %.2f GB, page cache warm\n", K, K, (double)file_size(base) * 1e-9);
+    free(ts);
+    free(tb);
+    return same ? 0 : 1;
+}
+
+/* the base in bc->shards shards (made once by a merge with --max-shard-size); one 2-thread merge
+ * of it against 4 workers of 1 thread started together, then finalize; per worker its wall and
+ * CPU time, and the speed-up N machines would give */
+static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir, const char *mdir, const char *base,
+                          const char *adapter, int runs)
+{
+    char sbase[4400], stamp[4500], out[4400], size[64];
+    snprintf(sbase, sizeof sbase, "%s/base-%dshards", mdir, bc->shards);
+    snprintf(stamp, sizeof stamp, "%s/model.safetensors.index.json", sbase);
+    snprintf(out, sizeof out, "%s/shards-out/", dir);
+    long rss;
+    int st = 0;
+    if (file_size(stamp) <= 0) {
+        rm_rf(sbase);
+        snprintf(size, sizeof size, "%ld", file_size(base) / bc->shards + (1 << 20));
+        char *argv[] = {(char *)bin, "-q", "--allow-noop", "--max-shard-size", size, (char *)base, (char *)adapter, sbase, NULL};
+        fprintf(stderr, "bench: writing the base in %d shards to %s ...\n", bc->shards, sbase);
+        run_timed(argv, NULL, &rss, &st);
+        if (st != 0) {
+            fprintf(stderr, "bench: sharding the base failed (%d)\n", st);
+            return 1;
+        }
+    }
+    enum { W = 4 };
+    double *t1 = calloc((size_t)runs, sizeof *t1), *tw = calloc((size_t)runs, sizeof *tw);
+    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0;
+    for (int r = 0; r < runs; r++) {
+        rm_rf(out);
+        char *margv[] = {(char *)bin, "-q", "--threads", "2", sbase, (char *)adapter, out, NULL};
+        t1[r] = run_timed(margv, NULL, &rss, &st);
+        if (st != 0) {
+            fprintf(stderr, "bench: the 2-thread merge failed (%d)\n", st);
+            return 1;
+        }
+        rm_rf(out);
+        double t0 = now();
+        pid_t pid[W];
+        double start[W];
+        for (int w = 0; w < W; w++) {
+            char spec[32];
+            snprintf(spec, sizeof spec, "%d/%d", w, W);
+            start[w] = now();
+            if ((pid[w] = fork()) == 0) {
+                execl(bin, bin, "-q", "--threads", "1", "--shards", spec, sbase, adapter, out, (char *)NULL);
+                _exit(127);
+            }
+        }
+        for (int done = 0; done < W; done++) {
+            struct rusage ru;
+            int wst;
+            pid_t p = wait4(-1, &wst, 0, &ru);
+            for (int w = 0; w < W; w++)
+                if (pid[w] == p) {
+                    wall[w] = now() - start[w];
+                    cpu[w] = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
+                             1e-6 * ru.ru_stime.tv_usec;
+                    if (!WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
+                        fprintf(stderr, "bench: worker %d failed\n", w);
+                        return 1;
+                    }
+                }
+        }
+        char *fargv[] = {(char *)bin, "-q", "finalize", out, NULL};
+        double tf0 = now();
+        run_timed(fargv, NULL, &rss, &st);
+        t_fin = now() - tf0;
+        tw[r] = now() - t0;
+        if (st != 0) {
+            fprintf(stderr, "bench: finalize failed (%d)\n", st);
+            return 1;
+        }
+    }
+    rm_rf(out);
+    double m1 = median(t1, runs), mw = median(tw, runs), ratio = mw / m1, slowest = 0;
+    print_machine(2);
+    printf("%-6s %6s %24s %30s %7s %s\n", "case", "shards", "one merge 2 thr s", "4 workers 1 thr + finalize s", "ratio",
+           "targets");
+    char a[64], b[64];
+    snprintf(a, sizeof a, "%.2f (%.2f-%.2f)", m1, t1[0], t1[runs - 1]);
+    snprintf(b, sizeof b, "%.2f (%.2f-%.2f)", mw, tw[0], tw[runs - 1]);
+    printf("%-6s %6d %24s %30s %7.3f ratio<=%.2f %s\n", bc->name, bc->shards, a, b, ratio, bc->max_ratio,
+           ratio <= bc->max_ratio ? "ok" : "MISSED");
+    for (int w = 0; w < W; w++) {
+        printf("  worker %d/%d (last run): %.2f s wall, %.2f s CPU\n", w, W, wall[w], cpu[w]);
+        slowest = cpu[w] > slowest ? cpu[w] : slowest;
+    }
+    printf("  finalize (re-hashes every shard): %.2f s\n", t_fin);
+    printf("expected on %d machines (each worker alone, CPU-bound; shared storage fast enough): the slowest worker's "
+           "CPU time %.2f s + finalize %.2f s against the one merge's %.2f s: %.1fx\n", W, slowest, t_fin, m1,
+           m1 / (slowest + t_fin));
+    free(t1);
+    free(tw);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *case_name = "1b", *dir = getenv("BENCH_DIR"), *types = getenv("BENCH_TYPES");
@@ -411,7 +605,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--keep"))
             keep = 1;
         else {
-            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small|moe|moe-fused|fp8] [--runs N] [--threads N] "
+            fprintf(stderr, "usage: bench_merge [--case small|1b|8b|methods|methods-small|moe|moe-fused|fp8|batch|batch-small|shards] [--runs N] [--threads N] "
                             "[--dir DIR] [--types T1,T2...] [--csv] [--keep]\n");
             return 2;
         }
@@ -421,7 +615,7 @@ int main(int argc, char **argv)
         if (!strcmp(CASES[i].name, case_name))
             bc = &CASES[i];
     if (bc == NULL || runs < 1 || threads < 1) {
-        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small, moe, moe-fused, fp8) or bad --runs/--threads\n",
+        fprintf(stderr, "bench_merge: unknown case '%s' (small, 1b, 8b, methods, methods-small, moe, moe-fused, fp8, batch, batch-small, shards) or bad --runs/--threads\n",
                 case_name);
         return 2;
     }
@@ -471,6 +665,16 @@ int main(int argc, char **argv)
     long rss;
     int st;
     run_timed(cat_warm, NULL, &rss, &st);
+    if (bc->batch > 0) {
+        int rc = run_batch(bc, bdir, bin, dir, mdir, base, runs, threads);
+        remove_own_dir(own_dir && !keep, dir);
+        return rc;
+    }
+    if (bc->shards > 0) {
+        int rc = run_shard_jobs(bc, bin, dir, mdir, base, adapter, runs);
+        remove_own_dir(own_dir && !keep, dir);
+        return rc;
+    }
     if (bc->methods) {
         print_machine(threads);
         int rc = run_methods(bc, bdir, bin, dir, mdir, base, adapter, out, runs, threads, csv, types);

@@ -321,6 +321,32 @@ typedef struct lm_merge_report {
 LM_API lm_code lm_merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err);
 LM_API void lm_merge_report_free(lm_merge_report *report);
 
+/*! lm_merge_batch() :
+ *  K merges of one base in one pass (`lora-merge batch`): each base tile (or copy chunk) that
+ *  several jobs need is read once and used by each in turn; job j writes jobs[j].out_path with
+ *  its own adapters, weights and options, byte-identical to lm_merge_run(&jobs[j]) (report
+ *  included, but for its timings).  Every job shares base_path, n_threads, kernels, tile_elems,
+ *  exactness_off and dry_run (the first job's progress callback follows the whole pass); shard
+ *  mode is refused; no two jobs may write the same OUT or one inside another.
+ *  All or nothing: every job is opened, planned and checked (its OUT too) before anything is
+ *  written, and every job's files are written and checked (NoOp, --strict, inputs unchanged)
+ *  before any OUT is committed; only then are the OUTs committed, in job order, each by the
+ *  single merge's protocol.  A failure before that leaves every OUT as it was; a failure while
+ *  committing job j (a rename or directory sync) leaves jobs 0..j-1 committed (*n_committed of
+ *  them), job j as the single merge leaves a failed commit, the later ones as they were.
+ *  @return LM_OK with reports[j] (reports may be NULL) for every job, or an error with *err
+ *  filled and *failed_job the job it concerns (reports are then NULL).
+ *  Ownership: free each reports[j] with lm_merge_report_free(). */
+LM_API lm_code lm_merge_batch(const lm_merge_job *jobs, size_t n_jobs, lm_merge_report **reports, size_t *failed_job,
+                              size_t *n_committed, lm_err *err);
+
+/*! lm_batch_jobs_read() : a batch's JOBS.json: a JSON array with one entry per job, each the
+ *  job's command line after BASE as an array of strings (["--scale", "0.5", "lora-a", "out-a/"]).
+ *  @return LM_OK with *args (n_jobs NULL-terminated arrays of strings), or an error naming the
+ *  file and the job.  Ownership: lm_batch_jobs_free(). */
+LM_API lm_code lm_batch_jobs_read(const char *path, char ****args, size_t *n_jobs, lm_err *err);
+LM_API void lm_batch_jobs_free(char ***args, size_t n_jobs);
+
 /*! lm_adapter_describe() :
  *  What an adapter directory is: type and variant, rank/alpha and patterns, scale per module
  *  group, targets, tensor count and dtypes, and anything lora-merge would refuse.

@@ -6,6 +6,7 @@
  * refused by the plan's fingerprint. */
 #include "th.h"
 
+#include <cJSON.h>
 #include <criterion/criterion.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -157,8 +158,26 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     /* the workers rerun (worker 1 owns 4: it is rewritten; worker 0 owns 7) */
     cr_assert_eq(worker(&F, 1, 2, ""), 0);
     cr_assert_eq(worker(&F, 0, 2, ""), 0);
-    r = finalize(&F);
+    snprintf(cmd, sizeof cmd, "cd / && %s --json finalize %s", F.bin, F.out);
+    r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
+    /* --json: every file's sha256 (the shards' from finalize's verification), as sha256sum says */
+    cJSON *rep = cJSON_Parse(r.out), *f;
+    int n_files = 0;
+    cr_assert_not_null(rep, "%s", r.out);
+    cJSON_ArrayForEach(f, cJSON_GetObjectItemCaseSensitive(rep, "files"))
+    {
+        const cJSON *path = cJSON_GetObjectItemCaseSensitive(f, "path"), *sha = cJSON_GetObjectItemCaseSensitive(f, "sha256");
+        cr_assert(cJSON_IsString(path) && cJSON_IsString(sha), "a file without path or sha256");
+        snprintf(cmd, sizeof cmd, "sha256sum %s", path->valuestring);
+        th_run_result h = sh_run(cmd);
+        cr_assert(h.status == 0 && strncmp(h.out, sha->valuestring, 64) == 0 && strlen(sha->valuestring) == 64,
+                  "%s: sha256 %s, sha256sum %s", path->valuestring, sha->valuestring, h.out);
+        th_run_free(&h);
+        n_files++;
+    }
+    cr_assert_geq(n_files, 12, "finalize reported %d files", n_files); /* 10 shards, the index, config ... */
+    cJSON_Delete(rep);
     th_run_free(&r);
     cr_assert_eq(sh_ok("diff -r %s %s", F.ref, F.out), 0);
     /* finalize twice: nothing left to finalize */

@@ -22,12 +22,32 @@ void lm_cleanup_install(void);
 enum { EXIT_USAGE = 2 };
 
 static int g_json; /* --json anywhere on the command line: errors are JSON objects on stdout too */
+static char g_job[300]; /* a batch: "job N (OUT): ", put in front of the message of an error */
+
+/* g_job in front of err's message */
+static void job_prefix(lm_err *err)
+{
+    if (g_job[0] == '\0')
+        return;
+    char msg[sizeof err->msg];
+    size_t n = strlen(g_job);
+    if (n >= sizeof msg)
+        n = sizeof msg - 1;
+    memcpy(msg, g_job, n);
+    size_t rest = strnlen(err->msg, sizeof err->msg);
+    if (rest > sizeof msg - 1 - n)
+        rest = sizeof msg - 1 - n; /* the message is cut rather than the job's name */
+    memcpy(msg + n, err->msg, rest);
+    msg[n + rest] = '\0';
+    memcpy(err->msg, msg, sizeof msg);
+}
 
 static const char USAGE[] =
     "usage: lora-merge [options] BASE ADAPTER_DIR OUT\n"
     "       lora-merge inspect [--json] [--base BASE] PATH\n"
     "       lora-merge convert [--base BASE] ADAPTER OUT_DIR\n"
     "       lora-merge --shards I/N [options] BASE ADAPTER_DIR OUT   (then: lora-merge finalize OUT)\n"
+    "       lora-merge batch [options] BASE [JOBS.json] [--job ARGS...]...\n"
     "\n"
     "Folds PEFT adapters into a base model and writes a merged safetensors checkpoint.\n"
     "  BASE         a .safetensors file, a model.safetensors.index.json, or a model directory\n"
@@ -72,6 +92,11 @@ static const char USAGE[] =
     "inspect PATH: list a model's tensors (file, index or directory) and what its config.json says,\n"
     "or describe an adapter; --json for a JSON object (PEFT adapters and models).\n"
     "convert ADAPTER OUT_DIR: write any supported adapter as a PEFT adapter directory.\n"
+    "batch BASE JOBS.json: K merges of BASE in one pass (each base tile read once), every output the\n"
+    "same bytes as `lora-merge [options] BASE <job's arguments>`; JOBS.json is a JSON array of jobs,\n"
+    "each the arguments after BASE: [[\"lora-a\", \"out-a/\"], [\"--dtype\", \"f16\", \"lora-b\", \"b.safetensors\"]];\n"
+    "or --job ARGS... (every argument up to the next --job; the batch's own options come first).\n"
+    "Every job is checked before anything is written, and written before any OUT is committed.\n"
     "errors: list every error kind, the exit status it gives and what it means.\n"
     "\n"
     "exit status: 0 success, 1 invalid or unsupported input (a merge that changes nothing too),\n"
@@ -79,9 +104,11 @@ static const char USAGE[] =
     "5 a warning under --strict.\n";
 
 /* one line on stderr; under --json the same error as a JSON object on stdout too */
-static int report_error(const lm_err *err)
+static int report_error(const lm_err *err_in)
 {
     char line[2048];
+    lm_err e = *err_in, *err = &e;
+    job_prefix(err);
     lm_err_format(err, line, sizeof line);
     fprintf(stderr, "%s\n", line);
     if (g_json) {
@@ -101,6 +128,7 @@ static int usage_error(const char *fmt, const char *arg)
     char msg[280];
     snprintf(msg, sizeof msg, fmt, arg);
     snprintf(err.msg, sizeof err.msg, "%s (see lora-merge --help)", msg);
+    job_prefix(&err);
     fprintf(stderr, "error: %s\n", err.msg);
     if (g_json) {
         char js[4096];
@@ -320,6 +348,7 @@ typedef struct {
     int json, quiet, force_progress;
     lm_format_opts fo;    /* adapters of other tools */
     const char *base_opt; /* --base (inspect, convert) */
+    lm_merge_adapter adapters[64];
 } cli_args;
 
 #define CLI_CONTINUE (-1)
@@ -535,6 +564,7 @@ static void std_fds(void)
 
 /* ---- main ----------------------------------------------------------------------------------- */
 static int run(int argc, char **argv);
+static int cmd_batch(int argc, char **argv, int at);
 
 /* the command line a shard worker recorded, minus --shards: finalize replays it */
 static void record_args(cli_args *c, int argc, char **argv)
@@ -618,55 +648,244 @@ int main(int argc, char **argv)
     int at = finalize_at(argc, argv);
     if (at < argc && strcmp(argv[at], "finalize") == 0)
         return cmd_finalize(argc, argv);
+    if (at < argc && strcmp(argv[at], "batch") == 0)
+        return cmd_batch(argc, argv, at);
     return run(argc, argv);
 }
 
-static int run(int argc, char **argv)
+/* argv[1..] into c (c zeroed by the caller).  @return CLI_CONTINUE, or the exit status now */
+static int parse_args(cli_args *c, int argc, char **argv)
 {
-    static cli_args c;
-    lm_merge_adapter adapters[64];
-    c.scale = 1.0;
     int only_positional = 0;
+    c->scale = 1.0;
     for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) /* before any error can be reported */
         g_json |= strcmp(argv[i], "--json") == 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (only_positional || a[0] != '-' || a[1] == '\0') {
-            if (c.n_pos == sizeof c.pos / sizeof *c.pos)
+            if (c->n_pos == sizeof c->pos / sizeof *c->pos)
                 return usage_error("too many arguments ('%s')", a);
-            c.pos[c.n_pos++] = a;
+            c->pos[c->n_pos++] = a;
         } else if (strcmp(a, "--") == 0) {
             only_positional = 1;
         } else {
-            int status = parse_option(&c, argc, argv, &i);
+            int status = parse_option(c, argc, argv, &i);
             if (status != CLI_CONTINUE)
                 return status;
         }
     }
+    return CLI_CONTINUE;
+}
+
+/* c's merge job from its BASE ADAPTER_DIR OUT and options.  @return CLI_CONTINUE or a status */
+static int merge_job_of(cli_args *c, int argc, char **argv)
+{
+    lm_merge_job *job = &c->job;
+    if (c->n_pos != 3 && !(job->dry_run && c->n_pos == 2)) {
+        char got[64];
+        snprintf(got, sizeof got, "%zu argument%s", c->n_pos, c->n_pos == 1 ? "" : "s");
+        return usage_error("expected BASE ADAPTER_DIR OUT, got %s", got);
+    }
+    c->adapters[0].dir = c->pos[1];
+    c->adapters[0].weight = c->scale;
+    for (size_t i = 0; i < c->n_extra; i++)
+        c->adapters[1 + i] = c->extra[i];
+    job->base_path = c->pos[0];
+    job->out_path = c->n_pos == 3 ? c->pos[2] : NULL;
+    job->adapters = c->adapters;
+    job->n_adapters = 1 + c->n_extra;
+    job->formats = &c->fo;
+    job->copy_files = c->copy_files;
+    job->n_copy_files = c->n_copy;
+    job->hash_outputs = c->json;
+    if (job->shard_mode == LM_SHARDS_WORKER)
+        record_args(c, argc, argv);
+    job->tensor_norms = c->json;
+    return CLI_CONTINUE;
+}
+
+/* ---- batch ----------------------------------------------------------------------------------- */
+/* the arguments of a batch: its own (argv[0] first, without "batch", JOBS.json and the --job
+ * groups) and each --job group's */
+typedef struct {
+    char **common;
+    int n_common;
+    int *job_at, *job_n; /* the --job groups: argv + job_at[g], job_n[g] arguments */
+    size_t n_groups;
+    char ***file_args;   /* JOBS.json's jobs */
+    size_t n_file;
+    cli_args *cs;        /* per job */
+    char ***jargv;       /* per job: its command line (common + its own) */
+    lm_merge_job *jobs;
+    lm_merge_report **reps;
+    size_t n_jobs;
+} batch_args;
+
+static void batch_args_free(batch_args *b)
+{
+    for (size_t j = 0; b->jargv && j < b->n_jobs; j++)
+        free(b->jargv[j]);
+    for (size_t j = 0; b->reps && j < b->n_jobs; j++)
+        lm_merge_report_free(b->reps[j]);
+    lm_batch_jobs_free(b->file_args, b->n_file);
+    free(b->common);
+    free(b->job_at);
+    free(b->job_n);
+    free(b->cs);
+    free(b->jargv);
+    free(b->jobs);
+    free(b->reps);
+}
+
+/* "job N (OUT): " in front of the errors that concern job j */
+static void set_job_label(const batch_args *b, size_t j, const char *out, size_t n_committed)
+{
+    int k = snprintf(g_job, sizeof g_job, "job %zu", j + 1);
+    if (out != NULL && k > 0 && (size_t)k < sizeof g_job)
+        k += snprintf(g_job + k, sizeof g_job - (size_t)k, " (%s)", out);
+    if (n_committed == 1 && k > 0 && (size_t)k < sizeof g_job)
+        k += snprintf(g_job + k, sizeof g_job - (size_t)k, ", after job 1 of %zu was committed", b->n_jobs);
+    else if (n_committed > 1 && k > 0 && (size_t)k < sizeof g_job)
+        k += snprintf(g_job + k, sizeof g_job - (size_t)k, ", after jobs 1-%zu of %zu were committed", n_committed,
+                      b->n_jobs);
+    if (k > 0 && (size_t)k < sizeof g_job)
+        snprintf(g_job + k, sizeof g_job - (size_t)k, ": ");
+}
+
+/* splits argv; reads JOBS.json.  @return CLI_CONTINUE or an exit status */
+static int batch_split(batch_args *b, int argc, char **argv, int at)
+{
+    b->common = calloc((size_t)argc + 1, sizeof *b->common);
+    b->job_at = calloc((size_t)argc + 1, sizeof *b->job_at);
+    b->job_n = calloc((size_t)argc + 1, sizeof *b->job_n);
+    cli_args *bc = calloc(1, sizeof *bc);
+    if (b->common == NULL || b->job_at == NULL || b->job_n == NULL || bc == NULL) {
+        free(bc);
+        return 4;
+    }
+    b->common[b->n_common++] = argv[0];
+    for (int i = 1; i < argc; i++) {
+        if (i == at)
+            continue;
+        if (strcmp(argv[i], "--job") == 0) {
+            int e = i + 1;
+            while (e < argc && strcmp(argv[e], "--job") != 0)
+                e++;
+            b->job_at[b->n_groups] = i + 1;
+            b->job_n[b->n_groups++] = e - i - 1;
+            i = e - 1;
+            continue;
+        }
+        b->common[b->n_common++] = argv[i];
+    }
+    int status = parse_args(bc, b->n_common, b->common);
+    if (status == CLI_CONTINUE && (bc->n_pos < 1 || bc->n_pos > 2))
+        status = usage_error("batch takes BASE and an optional JOBS.json (then --job ARGS... for more jobs)%s", "");
+    if (status == CLI_CONTINUE && bc->n_pos == 2) {
+        lm_err err;
+        lm_err_clear(&err);
+        if (lm_batch_jobs_read(bc->pos[1], &b->file_args, &b->n_file, &err) != LM_OK)
+            status = report_error(&err);
+        int k = 0; /* JOBS.json is the batch's, not a job's argument */
+        for (int i = 0; i < b->n_common; i++)
+            if (b->common[i] != bc->pos[1])
+                b->common[k++] = b->common[i];
+        b->n_common = k;
+    }
+    b->n_jobs = b->n_file + b->n_groups;
+    if (status == CLI_CONTINUE && b->n_jobs == 0)
+        status = usage_error("batch needs jobs: a JOBS.json, or --job ADAPTER... OUT%s", "");
+    free(bc);
+    return status;
+}
+
+/* job j's command line (the batch's arguments, then its own) parsed into b->cs[j] */
+static int batch_parse_job(batch_args *b, size_t j, char **argv)
+{
+    char **own = j < b->n_file ? b->file_args[j] : argv + b->job_at[j - b->n_file];
+    int n_own = 0;
+    if (j < b->n_file)
+        while (own[n_own] != NULL)
+            n_own++;
+    else
+        n_own = b->job_n[j - b->n_file];
+    char **av = b->jargv[j] = calloc((size_t)(b->n_common + n_own) + 1, sizeof *av);
+    if (av == NULL)
+        return 4;
+    int n = 0;
+    for (int i = 0; i < b->n_common; i++)
+        av[n++] = b->common[i];
+    for (int i = 0; i < n_own; i++)
+        av[n++] = own[i];
+    set_job_label(b, j, n_own > 0 ? own[n_own - 1] : NULL, 0);
+    int status = parse_args(&b->cs[j], n, av);
+    if (status == CLI_CONTINUE)
+        status = merge_job_of(&b->cs[j], n, av);
+    b->jobs[j] = b->cs[j].job;
+    return status;
+}
+
+/* lora-merge batch [options] BASE [JOBS.json] [--job ARGS...]... */
+static int cmd_batch(int argc, char **argv, int at)
+{
+    batch_args b;
+    memset(&b, 0, sizeof b);
+    int status = batch_split(&b, argc, argv, at);
+    if (status == CLI_CONTINUE) {
+        b.cs = calloc(b.n_jobs, sizeof *b.cs);
+        b.jargv = calloc(b.n_jobs, sizeof *b.jargv);
+        b.jobs = calloc(b.n_jobs, sizeof *b.jobs);
+        b.reps = calloc(b.n_jobs, sizeof *b.reps);
+        if (b.cs == NULL || b.jargv == NULL || b.jobs == NULL || b.reps == NULL)
+            status = 4;
+    }
+    for (size_t j = 0; j < b.n_jobs && status == CLI_CONTINUE; j++)
+        status = batch_parse_job(&b, j, argv);
+    g_job[0] = '\0';
+    if (status != CLI_CONTINUE) {
+        batch_args_free(&b);
+        return status;
+    }
+    progress_state ps = {mono_now(), 0, 0};
+    const cli_args *c0 = &b.cs[0];
+    if (!c0->quiet && !c0->json && !b.jobs[0].dry_run && (c0->force_progress || isatty(STDERR_FILENO))) {
+        b.jobs[0].progress = progress_cb;
+        b.jobs[0].progress_ctx = &ps;
+    }
+    lm_err err;
+    lm_err_clear(&err);
+    size_t failed = 0, n_committed = 0;
+    double t0 = mono_now();
+    lm_code rc = lm_merge_batch(b.jobs, b.n_jobs, b.reps, &failed, &n_committed, &err);
+    if (ps.shown)
+        fprintf(stderr, "\n");
+    if (rc != LM_OK) {
+        set_job_label(&b, failed, b.jobs[failed].out_path, n_committed);
+        status = report_error(&err);
+    } else {
+        for (size_t j = 0; j < b.n_jobs; j++)
+            print_report(&b.cs[j], b.reps[j]);
+        if (!c0->quiet && !c0->json && !b.jobs[0].dry_run)
+            printf("batch: %zu merges of %s in one pass, %.2f s\n", b.n_jobs, b.jobs[0].base_path, mono_now() - t0);
+        status = 0;
+    }
+    g_job[0] = '\0';
+    batch_args_free(&b);
+    return status;
+}
+
+static int run(int argc, char **argv)
+{
+    static cli_args c;
+    int status = parse_args(&c, argc, argv);
+    if (status != CLI_CONTINUE)
+        return status;
     lm_merge_job *job = &c.job;
     int sub = subcommand(c.pos, c.n_pos, c.base_opt, &c.fo, c.quiet, c.json);
     if (sub >= 0)
         return sub;
-    if (c.n_pos != 3 && !(job->dry_run && c.n_pos == 2)) {
-        char got[64];
-        snprintf(got, sizeof got, "%zu argument%s", c.n_pos, c.n_pos == 1 ? "" : "s");
-        return usage_error("expected BASE ADAPTER_DIR OUT, got %s", got);
-    }
-    adapters[0].dir = c.pos[1];
-    adapters[0].weight = c.scale;
-    for (size_t i = 0; i < c.n_extra; i++)
-        adapters[1 + i] = c.extra[i];
-    job->base_path = c.pos[0];
-    job->out_path = c.n_pos == 3 ? c.pos[2] : NULL;
-    job->adapters = adapters;
-    job->n_adapters = 1 + c.n_extra;
-    job->formats = &c.fo;
-    job->copy_files = c.copy_files;
-    job->n_copy_files = c.n_copy;
-    job->hash_outputs = c.json;
-    if (job->shard_mode == LM_SHARDS_WORKER)
-        record_args(&c, argc, argv);
-    job->tensor_norms = c.json;
+    if ((status = merge_job_of(&c, argc, argv)) != CLI_CONTINUE)
+        return status;
     progress_state ps = {mono_now(), 0, 0};
     if (!c.quiet && !c.json && !job->dry_run && (c.force_progress || isatty(STDERR_FILENO))) {
         job->progress = progress_cb;

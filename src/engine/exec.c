@@ -107,11 +107,17 @@ typedef struct {
     size_t only_shard;
     const lm_kernels *k;
     tensor_rt *rt;           /* per plan tensor */
-    pthread_mutex_t prep_lock; /* prepare and release one at a time (FFTW's planner is not reentrant) */
+    pthread_mutex_t *prep_lock; /* prepare and release one at a time (FFTW's planner is not reentrant):
+                                  one lock for every job of a batch */
     uint64_t tile_elems;     /* f32 elements per tile (0: default) */
     unsigned lowrank_flags;  /* 0, or LM_LOWRANK_UNCERTIFIED (exactness off) */
     struct tile_stat *tstat; /* per task (compute tasks only), or NULL: statistics not measured */
     int stats_norms;
+    const lm_exec_opts *opts;
+    task *tasks;             /* in the plan's data order */
+    size_t n_tasks;
+    lm_exec_stats st;
+    size_t max_elems;        /* f32 elements of its largest tile */
 } job;
 
 /* the base file a tensor's bytes come from (NULL when they come from an adapter) */
@@ -194,7 +200,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
     if (__atomic_load_n(&rt->ready, __ATOMIC_ACQUIRE))
         return LM_OK;
     lm_code rc = LM_OK;
-    pthread_mutex_lock(&J->prep_lock);
+    pthread_mutex_lock(J->prep_lock);
     if (!rt->ready) {
         const lm_plan_tensor *t = &J->plan->t[ti];
         rt->prep = calloc(t->n_ops ? t->n_ops : 1, sizeof *rt->prep);
@@ -220,7 +226,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             __atomic_store_n(&rt->ready, 1, __ATOMIC_RELEASE);
         }
     }
-    pthread_mutex_unlock(&J->prep_lock);
+    pthread_mutex_unlock(J->prep_lock);
     return rc;
 }
 
@@ -391,6 +397,7 @@ typedef struct {
     float *base_f32;   /* statistics: the base tile in f32 */
     uint8_t *codes;    /* a quantized weight kept quantized: the base's codes of the tile */
     float *qscales;    /* and the tile's new scales (lm_xq_requant()'s buffer) */
+    uint8_t *raw;      /* a batch: the input bytes of a tile that several jobs compute (else NULL) */
 } workspace;
 
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
@@ -635,7 +642,7 @@ static void stats_reduce(const job *J, const task *tasks, size_t n_tasks, lm_ten
 /* a tile's requantization numbers into its tensor's */
 static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
 {
-    pthread_mutex_lock(&J->prep_lock);
+    pthread_mutex_lock(J->prep_lock);
     lm_qstats *d = &J->rt[ti].qst;
     d->n_changed += qs->n_changed;
     d->n_blocks += qs->n_blocks;
@@ -645,18 +652,19 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
     d->n_err += qs->n_err;
     d->d2 += qs->d2;
     d->e2 += qs->e2;
-    pthread_mutex_unlock(&J->prep_lock);
+    pthread_mutex_unlock(J->prep_lock);
 }
 
-static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, struct tile_stat *ts,
-                            lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
+/* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
+static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
+                            struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     size_t n = (size_t)(nr * t->cols), n_base = 0;
     const uint8_t *base_bytes = NULL;
     if (tensor_prepare(J, ti, err) != LM_OK)
         return err->code;
-    const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
+    const uint8_t *src = shared ? shared : tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
     if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
@@ -733,7 +741,8 @@ static lm_code write_transposed(lm_st_writer *w, uint64_t dst, const lm_plan_ten
     return LM_OK;
 }
 
-static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const workspace *ws, lm_err *err)
+static lm_code run_task(job *J, const task *tk, const uint8_t *shared, struct tile_stat *ts, const workspace *ws,
+                       lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
     lm_st_writer *w = J->w[J->shard_of ? J->shard_of[tk->tensor] : 0];
@@ -775,7 +784,7 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
     uint64_t r0 = tk->first, nr = tk->count;
     lm_xq_piece pieces[2];
     size_t n_pieces = 0;
-    lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, ts, pieces, &n_pieces, err);
+    lm_code rc = compute_tile(J, tk->tensor, r0, nr, shared, ws, ts, pieces, &n_pieces, err);
     uint64_t row = t->q != NULL && t->dtype == t->src_dtype ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->dtype) / 8);
     if (rc == LM_OK && t->q != NULL && t->q->out_transposed)
         rc = write_transposed(w, dst, t, ws->out, r0, nr, (uint8_t *)ws->scratch, err);
@@ -788,9 +797,9 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
     }
     tensor_rt *rt = &J->rt[tk->tensor];
     if (__atomic_sub_fetch(&rt->tiles_left, 1, __ATOMIC_ACQ_REL) == 0) { /* the tensor's last tile */
-        pthread_mutex_lock(&J->prep_lock);
+        pthread_mutex_lock(J->prep_lock);
         tensor_release(J, tk->tensor);
-        pthread_mutex_unlock(&J->prep_lock);
+        pthread_mutex_unlock(J->prep_lock);
     }
     return rc;
 }
@@ -823,6 +832,7 @@ static void free_workspace(workspace *ws)
     free(ws->base_f32);
     free(ws->codes);
     free(ws->qscales);
+    free(ws->raw);
 }
 
 /* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
@@ -1182,9 +1192,10 @@ static int threads_available(int want)
 #endif
 
 /* Every shard complete and closed, what the merge changed measured and judged by the caller
- * (before_commit), then every shard renamed into place. */
-static lm_code finish_and_commit(job *J, const lm_exec_opts *opts, const task *tasks, size_t n_tasks, lm_err *err)
+ * (before_commit).  Nothing is renamed yet. */
+static lm_code finish_job(job *J, lm_err *err)
 {
+    const lm_exec_opts *opts = J->opts;
     lm_code rc;
     for (size_t sh = 0; sh < J->n_shards; sh++)
         if (J->w[sh] != NULL && (rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
@@ -1194,18 +1205,326 @@ static lm_code finish_and_commit(job *J, const lm_exec_opts *opts, const task *t
                            err)) != LM_OK)
         return rc;
     if (J->tstat != NULL)
-        stats_reduce(J, tasks, n_tasks, opts->stats);
+        stats_reduce(J, J->tasks, J->n_tasks, opts->stats);
     if (opts && opts->before_commit && (rc = opts->before_commit(opts->before_commit_ctx, err)) != LM_OK)
         return rc;
+    return LM_OK;
+}
+
+/* every shard renamed into place, then the caller's after_commit */
+static lm_code commit_job(job *J, lm_err *err)
+{
+    const lm_exec_opts *opts = J->opts;
     for (size_t sh = 0; sh < J->n_shards; sh++) {
         if (J->w[sh] == NULL)
             continue;
-        rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
+        lm_code rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
         J->w[sh] = NULL;
         if (rc != LM_OK)
             return rc;
     }
+    return opts && opts->after_commit ? opts->after_commit(opts->before_commit_ctx, err) : LM_OK;
+}
+
+/* one job's state, its tasks and its output files (temporary files from here on) */
+static lm_code job_init(job *J, const lm_plan *plan, const lm_model *model, const char *out_path,
+                        const lm_exec_opts *opts, const lm_kernels *k, pthread_mutex_t *lock, int n_threads, lm_err *err)
+{
+    lm_code rc;
+    memset(J, 0, sizeof *J);
+    J->plan = plan;
+    J->model = model;
+    J->k = k;
+    J->opts = opts;
+    J->prep_lock = lock;
+    J->tile_elems = opts ? opts->tile_elems : 0;
+    J->lowrank_flags = opts && opts->exactness_off ? LM_LOWRANK_UNCERTIFIED : 0;
+    J->n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
+    J->shard_of = opts && opts->n_shards > 1 ? opts->shard_of : NULL;
+    J->one_shard = opts && opts->one_shard;
+    J->only_shard = J->one_shard ? opts->only_shard : 0;
+    J->st.n_threads = n_threads;
+    J->rt = calloc(plan->n + 1, sizeof *J->rt);
+    if (J->rt == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    if ((rc = make_tasks(J, &J->tasks, &J->n_tasks, &J->st, err)) != LM_OK)
+        return rc;
+    mark_exact_tensors(J);
+    if ((rc = stats_alloc(J, opts, J->n_tasks, err)) != LM_OK)
+        return rc;
+    /* every check is done: now the output files exist (as temporary files) */
+    if ((rc = open_writers(J, out_path, opts, &J->st.bytes_written, err)) != LM_OK)
+        return rc;
+    if ((rc = pre_passes(J, n_threads, err)) != LM_OK) /* column DoRA norms, quantized amax */
+        return rc;
+    J->max_elems = 1;
+    for (size_t i = 0; i < plan->n; i++) {
+        uint64_t e = lm_plan_tile_rows(&plan->t[i], J->tile_elems) * plan->t[i].cols;
+        if (e > J->max_elems)
+            J->max_elems = (size_t)e;
+    }
     return LM_OK;
+}
+
+static void job_free(job *J, int abort_writers)
+{
+    if (J->w && abort_writers)
+        for (size_t sh = 0; sh < J->n_shards; sh++)
+            lm_st_writer_abort(J->w[sh]);
+    if (J->rt != NULL)
+        for (size_t i = 0; i < J->plan->n; i++)
+            tensor_release(J, i);
+    free(J->rt);
+    free(J->w);
+    free(J->local);
+    free(J->tstat);
+    free(J->tasks);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* a batch: the tasks of K jobs over one base, grouped so that a tile (or copy chunk) of the   */
+/* base that several jobs need is read once and used by each in turn                           */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    size_t job, task;
+    size_t file;      /* base file of the bytes (SIZE_MAX: not from the base: not shared) */
+    uint64_t begin;   /* the base tensor's offset in it */
+    uint64_t off;     /* the bytes' offset in it */
+    uint64_t n_bytes;
+    int copy;
+} member;
+
+static int member_cmp(const void *pa, const void *pb)
+{
+    const member *a = pa, *b = pb;
+    if (a->file != b->file)
+        return a->file < b->file ? -1 : 1;
+    if (a->file != SIZE_MAX) {
+        if (a->off != b->off)
+            return a->off < b->off ? -1 : 1;
+        if (a->begin != b->begin)
+            return a->begin < b->begin ? -1 : 1;
+        if (a->copy != b->copy)
+            return a->copy - b->copy;
+        if (a->n_bytes != b->n_bytes)
+            return a->n_bytes < b->n_bytes ? -1 : 1;
+    }
+    if (a->job != b->job)
+        return a->job < b->job ? -1 : 1;
+    return a->task < b->task ? -1 : a->task > b->task;
+}
+
+/* 1 when a and b read the same bytes of the base */
+static int member_same(const member *a, const member *b)
+{
+    return a->file != SIZE_MAX && a->file == b->file && a->begin == b->begin && a->off == b->off && a->copy == b->copy &&
+           a->n_bytes == b->n_bytes;
+}
+
+static void member_key(const job *J, size_t jb, size_t q, member *m)
+{
+    const task *tk = &J->tasks[q];
+    const lm_plan_tensor *t = &J->plan->t[tk->tensor];
+    const lm_st_file *f = tensor_src_file(J, tk->tensor);
+    uint64_t row = t->q != NULL ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->src_dtype) / 8); /* as tile_bytes */
+    *m = (member){jb, q, SIZE_MAX, 0, 0, 0, tk->copy};
+    if (f == NULL || row == 0)
+        return;
+    m->file = t->base->file;
+    m->begin = t->base->info->begin;
+    m->off = m->begin + (tk->copy ? tk->first : tk->first * row);
+    m->n_bytes = tk->copy ? tk->count : tk->count * row;
+}
+
+/* the members in run order and where each group starts (groups[n_groups] = n_members); one job:
+ * its tasks in its order, one group each */
+static lm_code make_groups(job *Js, size_t n_jobs, member **members, size_t **groups, size_t *n_groups, lm_err *err)
+{
+    size_t n = 0;
+    for (size_t j = 0; j < n_jobs; j++)
+        n += Js[j].n_tasks;
+    member *m = malloc((n + 1) * sizeof *m);
+    size_t *g = malloc((n + 1) * sizeof *g), k = 0, ng = 0;
+    if (m == NULL || g == NULL) {
+        free(m);
+        free(g);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    for (size_t j = 0; j < n_jobs; j++)
+        for (size_t q = 0; q < Js[j].n_tasks; q++)
+            member_key(&Js[j], j, q, &m[k++]);
+    if (n_jobs > 1)
+        qsort(m, n, sizeof *m, member_cmp);
+    for (size_t i = 0; i < n; i++)
+        if (i == 0 || n_jobs == 1 || !member_same(&m[i - 1], &m[i]))
+            g[ng++] = i;
+    g[ng] = n;
+    *members = m;
+    *groups = g;
+    *n_groups = ng;
+    return LM_OK;
+}
+
+/* what the threads share in a run */
+typedef struct {
+    job *Js;
+    size_t n_jobs;
+    uint64_t done_bytes, total_bytes; /* progress (under lm_progress) */
+} batch;
+
+static void progress_add(batch *B, const job *J, const task *tk)
+{
+    const lm_exec_opts *o0 = B->Js[0].opts;
+    if (o0 == NULL || o0->progress == NULL)
+        return;
+    const lm_plan_tensor *t = &J->plan->t[tk->tensor];
+    uint64_t b = tk->copy ? tk->count : tk->count * t->cols * (lm_dtype_bits(t->dtype) / 8);
+#pragma omp critical(lm_progress)
+    {
+        B->done_bytes += b;
+        o0->progress(o0->progress_ctx, B->done_bytes, B->total_bytes);
+    }
+}
+
+/* one group: the shared tile read once (several jobs computing it), then each job's task */
+static lm_code run_group(batch *B, const member *m, size_t n, const workspace *ws, size_t *failed_job, lm_err *err)
+{
+    const uint8_t *shared = NULL;
+    *failed_job = m[0].job;
+    if (n > 1 && !m[0].copy) {
+        job *J = &B->Js[m[0].job];
+        const task *tk = &J->tasks[m[0].task];
+        if ((shared = tile_bytes(J, tk->tensor, ws->raw, tk->first, tk->count, err)) == NULL)
+            return LM_E_IO;
+    }
+    for (size_t i = 0; i < n; i++) {
+        job *J = &B->Js[m[i].job];
+        const task *tk = &J->tasks[m[i].task];
+        *failed_job = m[i].job;
+        if (run_task(J, tk, shared, J->tstat ? &J->tstat[m[i].task] : NULL, ws, err) != LM_OK)
+            return err->code;
+        progress_add(B, J, tk);
+    }
+    return LM_OK;
+}
+
+/* the groups on n_threads threads; the first error (and its job) into err */
+static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_groups, int n_threads,
+                          size_t *failed_job, lm_err *err)
+{
+    size_t max_elems = 1;
+    for (size_t j = 0; j < B->n_jobs; j++)
+        max_elems = B->Js[j].max_elems > max_elems ? B->Js[j].max_elems : max_elems;
+    int failed = 0, want_stats = 0;
+    for (size_t j = 0; j < B->n_jobs; j++)
+        want_stats |= B->Js[j].tstat != NULL;
+#pragma omp parallel num_threads(n_threads)
+    {
+        workspace ws;
+        lm_err local;
+        lm_err_clear(&local);
+        size_t local_job = 0;
+        if (!alloc_workspace(&ws, max_elems) || (want_stats && !alloc_stats_workspace(&ws, max_elems)) ||
+            (B->n_jobs > 1 && (ws.raw = malloc(max_elems * sizeof(double) + 64)) == NULL))
+            lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
+#pragma omp for schedule(dynamic, 1)
+        for (size_t q = 0; q < n_groups; q++) {
+            int stop;
+#pragma omp atomic read
+            stop = failed;
+            if (stop || local.code != LM_OK)
+                continue;
+            run_group(B, &m[g[q]], g[q + 1] - g[q], &ws, &local_job, &local);
+        }
+        if (local.code != LM_OK) {
+#pragma omp critical(lm_error)
+            {
+                if (!failed) {
+                    *err = local;
+                    *failed_job = local_job;
+                }
+                failed = 1;
+            }
+        }
+        free_workspace(&ws);
+    }
+    return failed ? err->code : LM_OK;
+}
+
+/* the run of n_jobs plans over one model: every job's files written and checked (before_commit)
+ * before any is committed; then job by job, its files renamed into place and its after_commit */
+static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, const lm_model *model,
+                          const char *const *out_paths, const lm_exec_opts *opts, pthread_mutex_t *lock,
+                          size_t *n_init, size_t *failed_job, lm_err *err)
+{
+    const lm_exec_opts *o0 = opts;
+    lm_kernels kern;
+    const lm_kernels *k = o0 && o0->kernels ? o0->kernels : NULL;
+    if (k == NULL) {
+        lm_kernels_select(&kern, NULL);
+        k = &kern;
+    }
+#ifdef _OPENMP
+    int n_threads = threads_available(o0 && o0->n_threads > 0 ? o0->n_threads : omp_get_num_procs());
+#else
+    int n_threads = 1; /* built without OpenMP (the fuzz builds): one worker */
+#endif
+    lm_blas_single_thread();
+    lm_code rc;
+    batch B = {Js, n_jobs, 0, 0};
+    for (size_t j = 0; j < n_jobs; j++) {
+        *failed_job = j;
+        rc = job_init(&Js[j], plans[j], model, out_paths[j], opts ? &opts[j] : NULL, k, lock, n_threads, err);
+        *n_init = j + 1;
+        if (rc != LM_OK)
+            return rc;
+        B.total_bytes += Js[j].st.bytes_written;
+    }
+    member *m = NULL;
+    size_t *g = NULL, n_groups = 0;
+    if ((rc = make_groups(Js, n_jobs, &m, &g, &n_groups, err)) == LM_OK)
+        rc = run_groups(&B, m, g, n_groups, n_threads, failed_job, err);
+    free(m);
+    free(g);
+    for (size_t j = 0; j < n_jobs && rc == LM_OK; j++) {
+        *failed_job = j;
+        Js[j].st.bytes_computed = Js[j].st.bytes_written - Js[j].st.bytes_copied;
+        exact_stats(&Js[j], Js[j].opts, &Js[j].st);
+        rc = finish_job(&Js[j], err);
+    }
+    for (size_t j = 0; j < n_jobs && rc == LM_OK; j++) {
+        *failed_job = j;
+        rc = commit_job(&Js[j], err);
+    }
+    return rc;
+}
+
+lm_code lm_exec_run_batch(size_t n_jobs, const lm_plan *const *plans, const lm_model *model,
+                          const char *const *out_paths, const lm_exec_opts *opts, lm_exec_stats *stats,
+                          size_t *failed_job, lm_err *err)
+{
+    lm_err local_err;
+    lm_err_clear(&local_err);
+    size_t n_init = 0, failed = 0;
+    pthread_mutex_t lock;
+    pthread_mutex_init(&lock, NULL);
+    job *Js = calloc(n_jobs + 1, sizeof *Js);
+    lm_code rc = Js == NULL ? lm_fail(&local_err, LM_E_NOMEM, NULL, "out of memory")
+                            : exec_batch(Js, n_jobs, plans, model, out_paths, opts, &lock, &n_init, &failed, &local_err);
+    for (size_t j = 0; j < n_init; j++) {
+        if (rc == LM_OK && stats)
+            stats[j] = Js[j].st;
+        job_free(&Js[j], rc != LM_OK);
+    }
+    free(Js);
+    pthread_mutex_destroy(&lock);
+    if (rc != LM_OK) {
+        if (err != NULL && err->code == LM_OK)
+            *err = local_err;
+        if (failed_job)
+            *failed_job = failed;
+    }
+    return rc;
 }
 
 lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *const *adapters,
@@ -1213,123 +1532,5 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                     lm_err *err)
 {
     (void)adapters;
-    lm_code rc = LM_OK;
-    lm_err local_err;
-    lm_err_clear(&local_err);
-    lm_kernels kern;
-    const lm_kernels *k = opts && opts->kernels ? opts->kernels : NULL;
-    if (k == NULL) {
-        lm_kernels_select(&kern, NULL);
-        k = &kern;
-    }
-#ifdef _OPENMP
-    int n_threads = threads_available(opts && opts->n_threads > 0 ? opts->n_threads : omp_get_num_procs());
-#else
-    int n_threads = 1; /* built without OpenMP (the fuzz builds): one worker */
-#endif
-    lm_blas_single_thread();
-    lm_exec_stats st;
-    memset(&st, 0, sizeof st);
-    st.n_threads = n_threads;
-    job J;
-    memset(&J, 0, sizeof J);
-    J.plan = plan;
-    J.model = model;
-    J.k = k;
-    J.tile_elems = opts ? opts->tile_elems : 0;
-    J.lowrank_flags = opts && opts->exactness_off ? LM_LOWRANK_UNCERTIFIED : 0;
-    J.n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
-    J.shard_of = opts && opts->n_shards > 1 ? opts->shard_of : NULL;
-    J.one_shard = opts && opts->one_shard;
-    J.only_shard = J.one_shard ? opts->only_shard : 0;
-    pthread_mutex_init(&J.prep_lock, NULL);
-    task *tasks = NULL;
-    size_t n_tasks = 0;
-    J.rt = calloc(plan->n + 1, sizeof *J.rt);
-    if (J.rt == NULL) {
-        rc = lm_fail(&local_err, LM_E_NOMEM, NULL, "out of memory");
-        goto fail;
-    }
-    if ((rc = make_tasks(&J, &tasks, &n_tasks, &st, &local_err)) != LM_OK)
-        goto fail;
-    mark_exact_tensors(&J);
-    if ((rc = stats_alloc(&J, opts, n_tasks, &local_err)) != LM_OK)
-        goto fail;
-    /* every check is done: now the output files exist (as temporary files) */
-    if ((rc = open_writers(&J, out_path, opts, &st.bytes_written, &local_err)) != LM_OK)
-        goto fail;
-    if ((rc = pre_passes(&J, n_threads, &local_err)) != LM_OK)
-        goto fail;
-    size_t max_elems = 1;
-    for (size_t i = 0; i < plan->n; i++) {
-        uint64_t e = lm_plan_tile_rows(&plan->t[i], J.tile_elems) * plan->t[i].cols;
-        if (e > max_elems)
-            max_elems = (size_t)e;
-    }
-    int failed = 0;
-    uint64_t done_bytes = 0;
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err local;
-        lm_err_clear(&local);
-        if (!alloc_workspace(&ws, max_elems) || (J.tstat != NULL && !alloc_stats_workspace(&ws, max_elems)))
-            lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (size_t q = 0; q < n_tasks; q++) {
-            int stop;
-#pragma omp atomic read
-            stop = failed;
-            if (stop || local.code != LM_OK)
-                continue;
-            if (run_task(&J, &tasks[q], J.tstat ? &J.tstat[q] : NULL, &ws, &local) != LM_OK)
-                continue;
-            if (opts && opts->progress) {
-                const lm_plan_tensor *t = &plan->t[tasks[q].tensor];
-                uint64_t b = tasks[q].copy ? tasks[q].count : tasks[q].count * t->cols * (lm_dtype_bits(t->dtype) / 8);
-#pragma omp critical(lm_progress)
-                {
-                    done_bytes += b;
-                    opts->progress(opts->progress_ctx, done_bytes, st.bytes_written);
-                }
-            }
-        }
-        if (local.code != LM_OK) {
-#pragma omp critical(lm_error)
-            {
-                if (!failed)
-                    local_err = local;
-                failed = 1;
-            }
-        }
-        free_workspace(&ws);
-    }
-    if (failed) {
-        rc = local_err.code;
-        goto fail;
-    }
-    st.bytes_computed = st.bytes_written - st.bytes_copied;
-    exact_stats(&J, opts, &st);
-    if ((rc = finish_and_commit(&J, opts, tasks, n_tasks, &local_err)) != LM_OK)
-        goto fail;
-    if (stats)
-        *stats = st;
-    goto done;
-fail:
-    if (err != NULL && err->code == LM_OK)
-        *err = local_err;
-    if (J.w)
-        for (size_t sh = 0; sh < J.n_shards; sh++)
-            lm_st_writer_abort(J.w[sh]);
-done:
-    if (J.rt != NULL)
-        for (size_t i = 0; i < plan->n; i++)
-            tensor_release(&J, i);
-    pthread_mutex_destroy(&J.prep_lock);
-    free(J.rt);
-    free(J.w);
-    free(J.local);
-    free(J.tstat);
-    free(tasks);
-    return rc;
+    return lm_exec_run_batch(1, &plan, model, &out_path, opts, stats, NULL, err);
 }

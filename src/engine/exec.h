@@ -38,6 +38,8 @@ typedef struct lm_exec_opts {
      * error aborts the run and leaves nothing */
     lm_code (*before_commit)(void *ctx, lm_err *err);
     void *before_commit_ctx;
+    /* called once the files are renamed into place (may be NULL), with before_commit_ctx */
+    lm_code (*after_commit)(void *ctx, lm_err *err);
     /* shard workers (shards.h): with one_shard, only shard only_shard is computed and written
      * (the other shards' tensors are not read); sha256_hex (may be NULL) then receives that
      * file's sha256, read back from the complete temporary file before it is renamed */
@@ -63,5 +65,18 @@ lm_code lm_exec_run(const lm_plan *plan, const lm_model *model, lm_adapter *cons
                     const char *out_path, const lm_exec_opts *opts, lm_exec_stats *stats,
                     lm_err *err);
 
+/*! lm_exec_run_batch() :
+ *  Runs n_jobs plans of one model in one pass (lora-merge batch): a tile or copy chunk of the
+ *  base that several jobs need is read once and used by each in turn (a copy chunk: the jobs'
+ *  in-kernel copies follow each other, so the base is read from disk once).  opts[j] and
+ *  stats[j] are job j's; the thread count, kernels and progress callback are opts[0]'s.  Every
+ *  job's files are written and checked (before_commit) before any is committed; then job by job
+ *  its files are renamed and its after_commit runs.  Each job's files are byte-identical to
+ *  lm_exec_run() of its plan alone.
+ *  @return LM_OK, or an error with *err filled and *failed_job (may be NULL) the job it concerns;
+ *  the jobs before it that reached their commit are committed, the others leave nothing. */
+lm_code lm_exec_run_batch(size_t n_jobs, const lm_plan *const *plans, const lm_model *model,
+                          const char *const *out_paths, const lm_exec_opts *opts, lm_exec_stats *stats,
+                          size_t *failed_job, lm_err *err);
 
 #endif

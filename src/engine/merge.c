@@ -106,7 +106,9 @@ typedef struct {
     const char *out_dtype;      /* "BF16", "mixed" or NULL */
     lm_tensor_stats *tstats;    /* per plan tensor, measured by the executor */
     lm_exec_stats st;
-    double t_phase;
+    double t_phase, t0;
+    int model_shared;           /* a batch job: the model is the first job's */
+    int committed;              /* a batch job: its OUT holds the new model */
 } merge_state;
 
 static void phase_end(merge_state *S, int phase)
@@ -124,7 +126,8 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
     lm_code rc = lm_inputs_precheck(job, err);
     if (rc != LM_OK)
         return rc;
-    S->model = lm_model_open(job->base_path, err);
+    if (S->model == NULL) /* a batch job shares the first job's */
+        S->model = lm_model_open(job->base_path, err);
     if (S->model == NULL) {
         lm_inputs_explain("base", job->base_path, err);
         return err->code;
@@ -766,9 +769,28 @@ static lm_code run_shards(merge_state *S, lm_err *err)
 {
     lm_exec_opts eo;
     exec_opts(S, S->ot.paths, &eo);
-    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st};
-    lm_code rc = S->job->shard_mode == LM_SHARDS_WORKER ? lm_shards_work(&C, err) : lm_shards_finalize(&C, err);
+    int fin = S->job->shard_mode == LM_SHARDS_INDEX;
+    char(*sha)[65] = fin && S->job->hash_outputs ? calloc(S->ot.n_shards + 1, sizeof *sha) : NULL;
+    if (fin && S->job->hash_outputs && sha == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st, sha};
+    lm_code rc = fin ? lm_shards_finalize(&C, err) : lm_shards_work(&C, err);
     phase_end(S, LM_PHASE_WRITE);
+    /* finalize --json: the sha256 of every file, the shards' from their verification (not read again) */
+    for (size_t i = 0; sha != NULL && rc == LM_OK && i < S->ri->n_files; i++) {
+        lm_merge_file *f = &S->ri->files[i];
+        char hex[65] = "";
+        for (size_t k = 0; k < S->ot.n_shards && hex[0] == '\0'; k++)
+            if (strcmp(f->path, S->ot.paths[k]) == 0)
+                memcpy(hex, sha[k], sizeof hex);
+        if (hex[0] == '\0')
+            rc = lm_file_sha256(f->path, hex, err);
+        if (rc == LM_OK && (f->sha256 = strdup(hex)) == NULL)
+            rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    if (sha != NULL)
+        phase_end(S, LM_PHASE_HASH);
+    free(sha);
     return rc;
 }
 
@@ -823,7 +845,8 @@ static void state_free(merge_state *S)
     free(S->tstats);
     for (int k = 0; k < 3; k++)
         free(S->meta_text[k]);
-    lm_model_close(S->model);
+    if (!S->model_shared)
+        lm_model_close(S->model);
 }
 
 /* the job's options that need no input read */
@@ -845,95 +868,284 @@ static lm_code check_options(merge_state *S, lm_err *err)
     return LM_OK;
 }
 
-static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
+/* everything up to the first byte written: the inputs opened (model: NULL, or a batch's shared
+ * one), planned and checked, OUT decided and its side files read */
+static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *model, lm_err *err)
 {
-    double t0 = now_seconds();
     lm_code rc = LM_OK;
-    merge_state S;
-    memset(&S, 0, sizeof S);
-    S.job = job;
-    S.t_phase = t0;
-    lm_base_info_free(&S.bi); /* fields "absent" */
-    if (report)
-        *report = NULL;
+    memset(S, 0, sizeof *S);
+    S->job = job;
+    S->t0 = S->t_phase = now_seconds();
+    S->model = model;
+    S->model_shared = model != NULL;
+    lm_base_info_free(&S->bi); /* fields "absent" */
     if (job == NULL || job->base_path == NULL || (job->out_path == NULL && !job->dry_run) || job->n_adapters == 0)
         return lm_fail(err, LM_E_USAGE, "Usage", "a merge needs a base, at least one adapter and an output");
-    if (job->out_path != NULL && (rc = lm_out_resolve(&S.ot, job->out_path, err)) != LM_OK)
+    if (job->out_path != NULL && (rc = lm_out_resolve(&S->ot, job->out_path, err)) != LM_OK)
         return rc;
-    if ((rc = check_options(&S, err)) != LM_OK) {
-        lm_out_target_free(&S.ot);
+    if ((rc = check_options(S, err)) != LM_OK)
         return rc;
-    }
-    S.ri = lm_report_new();
-    S.ads = calloc(job->n_adapters, sizeof *S.ads);
-    S.ad_sha256 = calloc(job->n_adapters, sizeof *S.ad_sha256);
-    S.base_dir = lm_base_directory(job->base_path);
-    if (S.ri == NULL || S.ads == NULL || S.ad_sha256 == NULL || S.base_dir == NULL) {
-        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done;
-    }
-    if ((rc = open_inputs(&S, err)) != LM_OK)
-        goto done;
-    phase_end(&S, LM_PHASE_OPEN);
-    if ((rc = lm_base_quant_scheme(S.base_dir, &S.qs, err)) != LM_OK)
-        goto done;
-    S.popts.quant = &S.qs;
-    lm_base_info_read(S.base_dir, &S.bi);
-    S.popts.model_type = S.bi.model_type;
-    S.plan = lm_plan_create(S.model, S.ads, job->n_adapters, &S.popts, err);
-    if (S.plan == NULL) {
-        rc = err->code;
-        goto done;
-    }
-    lm_report_take_notes(S.ri, S.plan);
-    note_adapters(S.ri, S.ads, job->n_adapters);
-    if ((rc = check_noop(&S, err)) != LM_OK || (rc = check_vocabulary(&S, err)) != LM_OK ||
-        (rc = lm_report_plan_exact(S.ri, S.plan, err)) != LM_OK)
-        goto done;
-    if ((S.tstats = calloc(S.plan->n + 1, sizeof *S.tstats)) == NULL) {
-        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done;
-    }
-    phase_end(&S, LM_PHASE_PLAN);
-    S.out_dtype = output_dtype(S.plan);
-    lm_inputs_check_base(&S.bi, job->base_path, S.ads, job->n_adapters, S.ri);
-    if ((rc = hash_adapters(&S, err)) != LM_OK || (rc = provenance(&S, err)) != LM_OK)
-        goto done;
-    if (job->out_path != NULL && (rc = prepare_output(&S, err)) != LM_OK)
-        goto done;
-    if ((rc = check_strict(&S, err)) != LM_OK)
-        goto done;
-    phase_end(&S, LM_PHASE_PREPARE);
-    if (!job->dry_run && (rc = job->shard_mode ? run_shards(&S, err) : write_output(&S, err)) != LM_OK)
-        goto done;
-    S.ri->pub.seconds = now_seconds() - t0;
-    lm_report_ctx c = {job, S.ads, (const char *const *)NULL, S.plan, job->dry_run ? NULL : S.tstats,
-                       job->out_path ? (S.ot.is_dir ? "directory" : "file") : NULL,
-                       S.out_dtype, S.st.n_threads ? S.st.n_threads : job->n_threads, S.kern.name, S.st.bytes_written,
-                       S.st.n_exact_tensors, S.st.n_recomputed};
+    S->ri = lm_report_new();
+    S->ads = calloc(job->n_adapters, sizeof *S->ads);
+    S->ad_sha256 = calloc(job->n_adapters, sizeof *S->ad_sha256);
+    S->base_dir = lm_base_directory(job->base_path);
+    if (S->ri == NULL || S->ads == NULL || S->ad_sha256 == NULL || S->base_dir == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    if ((rc = open_inputs(S, err)) != LM_OK)
+        return rc;
+    phase_end(S, LM_PHASE_OPEN);
+    if ((rc = lm_base_quant_scheme(S->base_dir, &S->qs, err)) != LM_OK)
+        return rc;
+    S->popts.quant = &S->qs;
+    lm_base_info_read(S->base_dir, &S->bi);
+    S->popts.model_type = S->bi.model_type;
+    S->plan = lm_plan_create(S->model, S->ads, job->n_adapters, &S->popts, err);
+    if (S->plan == NULL)
+        return err->code;
+    lm_report_take_notes(S->ri, S->plan);
+    note_adapters(S->ri, S->ads, job->n_adapters);
+    if ((rc = check_noop(S, err)) != LM_OK || (rc = check_vocabulary(S, err)) != LM_OK ||
+        (rc = lm_report_plan_exact(S->ri, S->plan, err)) != LM_OK)
+        return rc;
+    if ((S->tstats = calloc(S->plan->n + 1, sizeof *S->tstats)) == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    phase_end(S, LM_PHASE_PLAN);
+    S->out_dtype = output_dtype(S->plan);
+    lm_inputs_check_base(&S->bi, job->base_path, S->ads, job->n_adapters, S->ri);
+    if ((rc = hash_adapters(S, err)) != LM_OK || (rc = provenance(S, err)) != LM_OK)
+        return rc;
+    if (job->out_path != NULL && (rc = prepare_output(S, err)) != LM_OK)
+        return rc;
+    if ((rc = check_strict(S, err)) != LM_OK)
+        return rc;
+    phase_end(S, LM_PHASE_PREPARE);
+    return LM_OK;
+}
+
+/* the report of a merge done (or planned) */
+static lm_code merge_report(merge_state *S, lm_merge_report **report, lm_err *err)
+{
+    const lm_merge_job *job = S->job;
+    S->ri->pub.seconds = now_seconds() - S->t0;
+    lm_report_ctx c = {job, S->ads, (const char *const *)NULL, S->plan, job->dry_run ? NULL : S->tstats,
+                       job->out_path ? (S->ot.is_dir ? "directory" : "file") : NULL,
+                       S->out_dtype, S->st.n_threads ? S->st.n_threads : job->n_threads, S->kern.name, S->st.bytes_written,
+                       S->st.n_exact_tensors, S->st.n_recomputed};
     const char *shas[64];
     const char **sha_ptrs = job->n_adapters <= 64 ? shas : malloc(job->n_adapters * sizeof *sha_ptrs);
-    if (sha_ptrs == NULL) {
-        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done;
-    }
+    if (sha_ptrs == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (size_t i = 0; i < job->n_adapters; i++)
-        sha_ptrs[i] = S.ad_sha256[i];
+        sha_ptrs[i] = S->ad_sha256[i];
     c.adapter_sha256 = sha_ptrs;
-    rc = lm_report_finish(S.ri, &c, err);
+    lm_code rc = lm_report_finish(S->ri, &c, err);
     if (sha_ptrs != shas)
         free(sha_ptrs);
-    if (rc != LM_OK)
-        goto done;
-    if (report) {
-        *report = &S.ri->pub;
-        S.ri = NULL;
+    if (rc == LM_OK && report) {
+        *report = &S->ri->pub;
+        S->ri = NULL;
     }
-done:
-    lm_out_stage_abort(&S.ot); /* a failure: the stage and what is in it */
-    if (rc != LM_OK && S.ot.created_dir)
-        rmdir(S.ot.dir); /* only if still empty: nothing of ours is left in it */
-    state_free(&S);
+    return rc;
+}
+
+/* after success or failure: a failure's stage and what is in it, a directory OUT the merge
+ * created (only if still empty: nothing of ours is left in it) */
+static void merge_end(merge_state *S, lm_code rc)
+{
+    lm_out_stage_abort(&S->ot);
+    if (rc != LM_OK && S->ot.created_dir && !S->committed)
+        rmdir(S->ot.dir);
+    state_free(S);
+}
+
+static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_err *err)
+{
+    merge_state S;
+    if (report)
+        *report = NULL;
+    lm_code rc = merge_begin(&S, job, NULL, err);
+    if (rc == LM_OK && !job->dry_run)
+        rc = job->shard_mode ? run_shards(&S, err) : write_output(&S, err);
+    if (rc == LM_OK)
+        rc = merge_report(&S, report, err);
+    merge_end(&S, rc);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* batch: K merges of one base in one pass (lm_merge_batch)                                     */
+/* ------------------------------------------------------------------------------------------ */
+/* OUT as an absolute path without trailing slashes (through realpath as far as it exists), for
+ * comparing the jobs' outputs; malloc'd, NULL when out of memory */
+static char *out_canonical(const char *out)
+{
+    char *real = realpath(out, NULL), *c = NULL;
+    if (real != NULL)
+        return real;
+    size_t n;
+    const char *leaf = lm_path_leaf(out, &n);
+    char *parent = strndup(out, (size_t)(leaf - out));
+    if (parent == NULL)
+        return NULL;
+    char *rp = realpath(parent[0] ? parent : ".", NULL);
+    if (rp != NULL) {
+        if (asprintf(&c, "%s/%.*s", strcmp(rp, "/") == 0 ? "" : rp, (int)n, leaf) < 0)
+            c = NULL;
+    } else { /* the parent does not exist either: the path as written, made absolute */
+        char cwd[4096];
+        if (asprintf(&c, "%s/%s", out[0] == '/' || getcwd(cwd, sizeof cwd) == NULL ? "" : cwd, out) < 0)
+            c = NULL;
+        for (size_t k = c ? strlen(c) : 0; k > 1 && c[k - 1] == '/'; k--)
+            c[k - 1] = '\0';
+    }
+    free(parent);
+    free(rp);
+    return c;
+}
+
+/* the batch's shared options, and no two jobs writing the same OUT (or one inside another's) */
+static lm_code batch_check(const lm_merge_job *jobs, size_t n, char **canon, size_t *bad, lm_err *err)
+{
+    const lm_merge_job *j0 = &jobs[0];
+    for (size_t j = 0; j < n; j++) {
+        const lm_merge_job *J = &jobs[j];
+        *bad = j;
+        if (J->base_path == NULL || strcmp(J->base_path, j0->base_path) != 0 || J->n_threads != j0->n_threads ||
+            J->tile_elems != j0->tile_elems || J->exactness_off != j0->exactness_off || J->dry_run != j0->dry_run ||
+            (J->kernels == NULL) != (j0->kernels == NULL) || (J->kernels && strcmp(J->kernels, j0->kernels) != 0))
+            return lm_fail(err, LM_E_USAGE, "Usage", "every job of a batch has the same base, threads, kernels and "
+                           "dry-run setting");
+        if (J->shard_mode != LM_SHARDS_NONE)
+            return lm_fail(err, LM_E_USAGE, "Usage", "--shards is not available in a batch (run a batch per shard "
+                           "set, or shard jobs one merge at a time)");
+        if (J->out_path == NULL)
+            continue;
+        if ((canon[j] = out_canonical(J->out_path)) == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        for (size_t k = 0; k < j; k++) {
+            if (canon[k] == NULL)
+                continue;
+            size_t a = strlen(canon[k]), b = strlen(canon[j]);
+            int same = strcmp(canon[k], canon[j]) == 0;
+            int nested = (a < b && strncmp(canon[k], canon[j], a) == 0 && canon[j][a] == '/') ||
+                         (b < a && strncmp(canon[j], canon[k], b) == 0 && canon[k][b] == '/');
+            if (same || nested)
+                return lm_fail(err, LM_E_USAGE, "Usage", "OUT '%s' %s the output of job %zu ('%s'): each job needs "
+                               "an output of its own", J->out_path, same ? "is also" : "overlaps", k + 1,
+                               jobs[k].out_path);
+        }
+    }
+    return LM_OK;
+}
+
+/* a batch job's directory OUT, once its weight files are in the stage: the commit */
+static lm_code batch_commit(void *ctx, lm_err *err)
+{
+    merge_state *S = ctx;
+    lm_code rc = S->ot.is_dir ? lm_out_commit(&S->ot, &S->side, S->job->do_fsync, S->ri, err) : LM_OK;
+    S->committed = rc == LM_OK;
+    return rc;
+}
+
+/* every job's OUT made and staged, then the one pass over the base */
+static lm_code batch_write(merge_state *S, size_t n, size_t *bad, lm_err *err)
+{
+    const lm_plan **plans = calloc(n, sizeof *plans);
+    const char **outs = calloc(n, sizeof *outs);
+    lm_exec_opts *eo = calloc(n, sizeof *eo);
+    lm_exec_stats *st = calloc(n, sizeof *st);
+    lm_code rc = plans && outs && eo && st ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t j = 0; j < n && rc == LM_OK; j++) {
+        *bad = j;
+        if ((rc = lm_out_make_dir(&S[j].ot, err)) != LM_OK)
+            break;
+        lm_out_clean_stale_temps(&S[j].ot, S[j].ri);
+        if ((rc = lm_out_stage_begin(&S[j].ot, err)) != LM_OK)
+            break;
+        char **paths = S[j].ot.write_paths ? S[j].ot.write_paths : S[j].ot.paths;
+        exec_opts(&S[j], paths, &eo[j]);
+        eo[j].after_commit = batch_commit;
+        plans[j] = S[j].plan;
+        outs[j] = paths[0];
+    }
+    if (rc == LM_OK)
+        rc = lm_exec_run_batch(n, plans, S[0].model, outs, eo, st, bad, err);
+    for (size_t j = 0; j < n && rc == LM_OK; j++) {
+        S[j].st = st[j];
+        phase_end(&S[j], LM_PHASE_WRITE);
+    }
+    if (rc == LM_OK && S[0].job->progress) /* the last call says "all of it" */
+        S[0].job->progress(S[0].job->progress_ctx, 1, 1);
+    for (size_t j = 0; j < n && rc == LM_OK; j++) {
+        *bad = j;
+        for (size_t i = 0; S[j].job->hash_outputs && i < S[j].ri->n_files && rc == LM_OK; i++) {
+            char hex[65];
+            if ((rc = lm_file_sha256(S[j].ri->files[i].path, hex, err)) == LM_OK &&
+                (S[j].ri->files[i].sha256 = strdup(hex)) == NULL)
+                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+        phase_end(&S[j], LM_PHASE_HASH);
+    }
+    free(plans);
+    free(outs);
+    free(eo);
+    free(st);
+    return rc;
+}
+
+static lm_code merge_batch(const lm_merge_job *jobs, size_t n, lm_merge_report **reports, size_t *bad,
+                           size_t *n_committed, lm_err *err)
+{
+    if (n == 0 || jobs == NULL)
+        return lm_fail(err, LM_E_USAGE, "Usage", "a batch needs at least one job");
+    merge_state *S = calloc(n, sizeof *S);
+    char **canon = calloc(n, sizeof *canon);
+    size_t n_begun = 0;
+    lm_code rc = S && canon ? batch_check(jobs, n, canon, bad, err) : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t j = 0; j < n && rc == LM_OK; j++) { /* every job planned and checked before anything is written */
+        *bad = j;
+        n_begun = j + 1;
+        rc = merge_begin(&S[j], &jobs[j], j ? S[0].model : NULL, err);
+    }
+    if (rc == LM_OK && !jobs[0].dry_run)
+        rc = batch_write(S, n, bad, err);
+    for (size_t j = 0; j < n && rc == LM_OK; j++) {
+        *bad = j;
+        rc = merge_report(&S[j], reports ? &reports[j] : NULL, err);
+    }
+    if (rc != LM_OK)
+        for (size_t j = 0; reports && j < n; j++) {
+            lm_merge_report_free(reports[j]);
+            reports[j] = NULL;
+        }
+    for (size_t j = n_begun; j-- > 0;) { /* the shared model is closed with the first job */
+        *n_committed += S[j].committed;
+        merge_end(&S[j], rc);
+    }
+    for (size_t j = 0; canon && j < n; j++)
+        free(canon[j]);
+    free(canon);
+    free(S);
+    return rc;
+}
+
+lm_code lm_merge_batch(const lm_merge_job *jobs, size_t n_jobs, lm_merge_report **reports, size_t *failed_job,
+                       size_t *n_committed, lm_err *err)
+{
+    lm_err e;
+    lm_err_clear(&e);
+    size_t bad = 0, committed = 0;
+    for (size_t j = 0; reports && j < n_jobs; j++)
+        reports[j] = NULL;
+    lm_code rc = merge_batch(jobs, n_jobs, reports, &bad, &committed, &e);
+    if (rc != LM_OK && e.code == LM_OK)
+        lm_fail(&e, rc, NULL, "merge failed");
+    if (err != NULL && rc != LM_OK)
+        *err = e;
+    if (failed_job)
+        *failed_job = rc != LM_OK ? bad : 0;
+    if (n_committed)
+        *n_committed = committed;
     return rc;
 }
 

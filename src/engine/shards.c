@@ -328,6 +328,8 @@ static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp
         why = "unreadable";
     else if (strcmp(hex, ssha) != 0)
         why = "sha256 differs from its sidecar (corrupted)";
+    else if (C->shard_sha != NULL)
+        memcpy(C->shard_sha[k], hex, sizeof hex);
     cJSON_Delete(sc);
     return why;
 }

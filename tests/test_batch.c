@@ -1,0 +1,384 @@
+/* SPDX-License-Identifier: MIT */
+/* test_batch.c : `lora-merge batch BASE JOBS.json` / `--job ARGS...` (issue 14, part 2).  K jobs
+ * of different adapter types, weights and options in one pass: every output directory or file is
+ * byte-identical (diff -r, cmp) to the single merge `lora-merge BASE <the job's arguments>` run
+ * in another directory with the same relative OUT name, and so is its JSON report but for its
+ * timings; on a sharded base too.  Bad entries are refused with one line naming the job before
+ * anything is written, a batch whose last job turns out to change nothing once rounded commits no
+ * job, and faults injected through the LM_FAULT seam at every system call leave every OUT as it
+ * was (or committed, for the jobs the error line says were committed). */
+#include "th.h"
+
+#include <cJSON.h>
+#include <criterion/criterion.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+typedef struct {
+    char *tmp;
+    char bin[PATH_MAX], gen[PATH_MAX], gad[PATH_MAX];
+    char base[800];
+} bt_fix;
+
+static th_run_result bt_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static th_run_result bt_sh(const char *fmt, ...)
+{
+    char cmd[16384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    return th_sh(cmd);
+}
+
+#define BT_OK(...)                                                                                                     \
+    do {                                                                                                               \
+        th_run_result r_ = bt_sh(__VA_ARGS__);                                                                         \
+        cr_assert_eq(r_.status, 0, "exit %d: %s", r_.status, r_.err);                                                  \
+        th_run_free(&r_);                                                                                              \
+    } while (0)
+
+/* a generated model with every projection targeted, and adapters of several types for it */
+static void bt_setup_sized(bt_fix *F, int small)
+{
+    if (!th_gen_model_path(F->gen, sizeof F->gen))
+        cr_skip_test("needs %s", F->gen);
+    snprintf(F->gad, sizeof F->gad, "%.*s/gen_adapter", (int)(strrchr(F->gen, '/') - F->gen), F->gen);
+    F->tmp = th_tmpdir();
+    cr_assert_not_null(realpath(th_bin(), F->bin));
+    BT_OK("%s --out %s/m --hidden %d --inter %d --layers %d --vocab %d --heads 4 --kv-heads 2 --rank 4 --targets all "
+          "--seed 3 >/dev/null", F->gen, F->tmp, small ? 32 : 64, small ? 64 : 160, small ? 1 : 2, small ? 64 : 256);
+    snprintf(F->base, sizeof F->base, "%s/m/base", F->tmp);
+    static const char *const types[][2] = {{"dora", "--rank 4"}, {"loha", "--rank 4"}, {"road", "--block 16"},
+                                           {"oft", "--block 16"}, {"ia3", ""}, {"vera", "--rank 16"}};
+    for (size_t i = 0; i < (small ? 1 : sizeof types / sizeof *types); i++)
+        BT_OK("%s --base %s --out %s/%s --type %s %s --seed %zu >/dev/null", F->gad, F->base, F->tmp, types[i][0],
+              types[i][0], types[i][1], 10 + i);
+    BT_OK("mkdir -p %s/ref %s/bat", F->tmp, F->tmp);
+}
+
+static void bt_setup(bt_fix *F)
+{
+    bt_setup_sized(F, 0);
+}
+
+static void bt_teardown(bt_fix *F)
+{
+    th_rmrf(F->tmp);
+    free(F->tmp);
+}
+
+/* a report without what depends on the run's timing */
+static char *bt_report_key(const char *line)
+{
+    cJSON *j = cJSON_Parse(line);
+    cr_assert_not_null(j, "not a JSON report: %s", line);
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "timings");
+    cJSON_DeleteItemFromObjectCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "summary"), "seconds");
+    char *s = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    return s;
+}
+
+/* job k's arguments (after BASE) as one shell word list, and its OUT */
+typedef struct {
+    const char *args, *out;
+} bt_job;
+
+/* the single merges in ref/, the batch in bat/ (jobs [0, n_file) through JOBS.json, the rest
+ * through --job); every OUT and every report compared */
+static void bt_compare(const bt_fix *F, const char *base, const bt_job *jobs, size_t n, size_t n_file,
+                       const char *batch_opts)
+{
+    char **ref_reports = calloc(n, sizeof *ref_reports);
+    for (size_t k = 0; k < n; k++) {
+        th_run_result r = bt_sh("cd %s/ref && %s --json --threads 2 %s %s", F->tmp, F->bin, base, jobs[k].args);
+        cr_assert_eq(r.status, 0, "single merge %zu: %s", k, r.err);
+        ref_reports[k] = bt_report_key(r.out);
+        th_run_free(&r);
+    }
+    /* JOBS.json: each entry the job's arguments as strings (no shell quoting in them) */
+    char json[8192] = "[", path[1000];
+    for (size_t k = 0; k < n_file; k++) {
+        strcat(json, k ? ", [" : "[");
+        char copy[1000], *save = NULL;
+        snprintf(copy, sizeof copy, "%s", jobs[k].args);
+        int first = 1;
+        for (char *w = strtok_r(copy, " ", &save); w; w = strtok_r(NULL, " ", &save), first = 0) {
+            strcat(json, first ? "\"" : ", \"");
+            strcat(json, w);
+            strcat(json, "\"");
+        }
+        strcat(json, "]");
+    }
+    strcat(json, "]");
+    snprintf(path, sizeof path, "%s/jobs.json", F->tmp);
+    cr_assert_eq(th_write_file(path, json, strlen(json)), 0);
+    char cmdjobs[8192] = "";
+    for (size_t k = n_file; k < n; k++) {
+        strcat(cmdjobs, " --job ");
+        strcat(cmdjobs, jobs[k].args);
+    }
+    th_run_result r = bt_sh("cd %s/bat && %s batch --json --threads 2 %s %s %s %s", F->tmp, F->bin, batch_opts, base,
+                            n_file ? path : "", cmdjobs);
+    cr_assert_eq(r.status, 0, "batch: %s", r.err);
+    char *line = r.out;
+    for (size_t k = 0; k < n; k++) {
+        char *nl = strchr(line, '\n');
+        cr_assert_not_null(nl, "the batch printed %zu reports, not %zu", k, n);
+        *nl = '\0';
+        char *key = bt_report_key(line);
+        cr_assert_str_eq(key, ref_reports[k], "job %zu: the report differs from the single merge's", k + 1);
+        free(key);
+        line = nl + 1;
+        th_run_result d = bt_sh("cd %s && diff -r ref/%s bat/%s", F->tmp, jobs[k].out, jobs[k].out);
+        cr_assert_eq(d.status, 0, "job %zu (%s): differs from the single merge: %s%s", k + 1, jobs[k].out, d.out, d.err);
+        th_run_free(&d);
+        free(ref_reports[k]);
+    }
+    cr_assert_eq(th_count_temps(F->tmp), 0);
+    th_run_free(&r);
+    free(ref_reports);
+}
+
+Test(batch, outputs_equal_single_merges, .timeout = 300)
+{
+    bt_fix F;
+    bt_setup(&F);
+    char jb[8][600];
+    const char *t = F.tmp;
+    snprintf(jb[0], sizeof jb[0], "%s/m/adapter o1.safetensors", t);
+    snprintf(jb[1], sizeof jb[1], "--dtype f32 %s/dora o2/", t);
+    snprintf(jb[2], sizeof jb[2], "--scale 0.5 %s/loha --adapter-scaled %s/m/adapter -0.25 o3/", t, t);
+    snprintf(jb[3], sizeof jb[3], "--max-shard-size 40KB %s/road o4/", t); /* whole row groups: other tiles */
+    snprintf(jb[4], sizeof jb[4], "%s/oft o5.safetensors", t);
+    snprintf(jb[5], sizeof jb[5], "--dtype f16 %s/ia3 o6/", t);
+    snprintf(jb[6], sizeof jb[6], "%s/vera --adapter %s/dora o7/", t, t);
+    snprintf(jb[7], sizeof jb[7], "%s/m/adapter o8/", t); /* the same adapter as job 1, another OUT kind */
+    bt_job jobs[8] = {{jb[0], "o1.safetensors"}, {jb[1], "o2"}, {jb[2], "o3"}, {jb[3], "o4"},
+                      {jb[4], "o5.safetensors"}, {jb[5], "o6"}, {jb[6], "o7"}, {jb[7], "o8"}};
+    bt_compare(&F, F.base, jobs, 8, 5, "");
+    /* the batch again, over its own outputs (stale files of o4's earlier shards removed) with
+     * other thread counts and tile sizes: the same bytes */
+    BT_OK("cd %s/bat && %s batch -q --threads 1 --tile-elems 4096 %s --job %s --job %s --job %s", t, F.bin, F.base,
+          jb[3], jb[6], jb[1]);
+    BT_OK("cd %s && diff -r ref/o4 bat/o4 && diff -r ref/o7 bat/o7 && diff -r ref/o2 bat/o2", t);
+    bt_teardown(&F);
+}
+
+Test(batch, sharded_base, .timeout = 300)
+{
+    bt_fix F;
+    bt_setup(&F);
+    char sbase[900], jb[3][600];
+    snprintf(sbase, sizeof sbase, "%s/sbase", F.tmp);
+    BT_OK("%s -q --allow-noop --max-shard-size 60KB %s %s/m/adapter %s/", F.bin, F.base, F.tmp, sbase);
+    snprintf(jb[0], sizeof jb[0], "%s/m/adapter o1/", F.tmp);
+    snprintf(jb[1], sizeof jb[1], "--dtype f16 %s/dora o2.safetensors", F.tmp);
+    snprintf(jb[2], sizeof jb[2], "--max-shard-size 100KB %s/loha o3/", F.tmp);
+    bt_job jobs[3] = {{jb[0], "o1"}, {jb[1], "o2.safetensors"}, {jb[2], "o3"}};
+    bt_compare(&F, sbase, jobs, 3, 3, "-q");
+    char p[1000];
+    snprintf(p, sizeof p, "%s/bat/o3/model.safetensors.index.json", F.tmp);
+    cr_assert(th_exists(p), "o3 is not sharded");
+    bt_teardown(&F);
+}
+
+/* the names in dir, sorted, with sizes: what a refused batch must leave unchanged */
+static char *bt_listing(const char *dir)
+{
+    th_run_result r = bt_sh("cd %s && find . -printf '%%p %%s\\n' | sort", dir);
+    cr_assert_eq(r.status, 0);
+    char *s = r.out;
+    r.out = NULL;
+    th_run_free(&r);
+    return s;
+}
+
+static void bt_refused(const bt_fix *F, const char *args, int status, const char *needle)
+{
+    char *before = bt_listing(F->tmp);
+    th_run_result r = bt_sh("cd %s/bat && %s batch %s", F->tmp, F->bin, args);
+    cr_assert_eq(r.status, status, "`batch %s`: exit %d: %s", args, r.status, r.err);
+    cr_assert(strncmp(r.err, "error: ", 7) == 0 && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+              "`batch %s`: not one error line: %s", args, r.err);
+    cr_assert(strstr(r.err, needle) != NULL, "`batch %s`: the error does not say '%s': %s", args, needle, r.err);
+    char *after = bt_listing(F->tmp);
+    cr_assert_str_eq(after, before, "`batch %s` changed the directory", args);
+    free(before);
+    free(after);
+    th_run_free(&r);
+}
+
+Test(batch, bad_entries_refused_before_anything_is_written, .timeout = 300)
+{
+    bt_fix F;
+    bt_setup(&F);
+    const char *t = F.tmp;
+    char a[12000], p[1000];
+    /* an earlier merge in bat/old/: it must stay as it is */
+    BT_OK("cd %s/bat && %s -q %s %s/m/adapter old/", t, F.bin, F.base, t);
+    struct {
+        const char *json;
+        int status;
+        const char *needle;
+    } files[] = {
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"--dtype\", \"f8\", \"%s/dora\", \"n2/\"]]", 2, "job 2 (n2/): --dtype must be"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/nope\", \"n2/\"]]", 3, "job 2 (n2/): cannot open"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/dora\", \"--dtype\"]]", 2, "job 2 (--dtype): --dtype needs a value"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/dora\", \"n1\"]]", 2, "job 2 (n1): OUT 'n1' is also the output of job 1"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/dora\", \"n1/sub.safetensors\"]]", 2, "overlaps the output of job 1"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"--shards\", \"0/2\", \"%s/dora\", \"n2/\"]]", 2, "job 2 (n2/): --shards"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/dora\", \"n2.gguf\"]]", 2, "job 2 (n2.gguf)"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/dora\", \"../m/base\"]]", 2, "OutputIsInput: job 2 (../m/base)"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"--bogus\", \"%s/dora\", \"n2/\"]]", 2, "job 2 (n2/): unknown option '--bogus'"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/dora\", 7]]", 2, "job 2: argument 2 is not a non-empty string"},
+        {"[[\"%s/m/adapter\", \"n1/\"], {\"out\": \"%s\"}]", 2, "job 2: an entry is the job's arguments"},
+        {"[[\"%s/m/adapter\", \"n1/\"] [\"%s\"]]", 1, "InvalidJson"},
+        {"[]", 2, "non-empty JSON array"},
+    };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char js[2000], needle[400];
+        snprintf(js, sizeof js, files[i].json, t, t);
+        snprintf(needle, sizeof needle, files[i].needle, t);
+        snprintf(p, sizeof p, "%s/jobs.json", t);
+        cr_assert_eq(th_write_file(p, js, strlen(js)), 0);
+        snprintf(a, sizeof a, "%s %s", F.base, p);
+        bt_refused(&F, a, files[i].status, needle);
+    }
+    /* the same through --job; a job that changes nothing (a zero weight) and one that changes
+     * nothing once rounded, over an earlier merge: both found only after the tiles are written,
+     * and no job is committed, not even the first */
+    snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job", F.base, t);
+    bt_refused(&F, a, 2, "job 2: expected BASE ADAPTER_DIR OUT");
+    snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job --scale 0 %s/m/adapter n2/", F.base, t, t);
+    bt_refused(&F, a, 1, "NoOp: job 2 (n2/): the merge changes no element");
+    snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job --scale 1e-12 %s/m/adapter old/", F.base, t, t);
+    bt_refused(&F, a, 1, "NoOp: job 2 (old/): the merge changes no element");
+    snprintf(a, sizeof a, "%s/nobase --job %s/m/adapter n1/", t, t);
+    bt_refused(&F, a, 3, "job 1 (n1/): cannot open");
+    bt_refused(&F, "", 2, "batch takes BASE");
+    snprintf(a, sizeof a, "%s", F.base);
+    bt_refused(&F, a, 2, "batch needs jobs");
+    bt_teardown(&F);
+}
+
+/* ---- faults --------------------------------------------------------------------------------- */
+/* which model OUT holds: 1 the earlier one, 2 the new one, 0 none, -1 anything else */
+static int bt_state(const char *out, const char *old, const char *fresh)
+{
+    char p[1200], q[1200];
+    snprintf(p, sizeof p, "%s/model.safetensors", out);
+    snprintf(q, sizeof q, "%s/model.safetensors.index.json", out);
+    struct stat st;
+    if (!th_exists(out) || (stat(out, &st) == 0 && S_ISDIR(st.st_mode) && !th_exists(p) && !th_exists(q)))
+        return 0; /* no commit record: not a model (a commit that failed half-way) */
+    th_run_result r = bt_sh("diff -r %s %s >/dev/null 2>&1", out, old);
+    int state = r.status == 0 ? 1 : -1;
+    th_run_free(&r);
+    if (state < 0) {
+        r = bt_sh("diff -r %s %s >/dev/null 2>&1", out, fresh);
+        state = r.status == 0 ? 2 : -1;
+        th_run_free(&r);
+    }
+    return state;
+}
+
+/* the k-th call of kind fails, for every k: the batch either succeeds with both OUTs new, or
+ * fails with one line and leaves both as they were, but for the jobs its line says were committed */
+static int bt_sweep(const bt_fix *F, const char *kind, int *n_ok)
+{
+    const char *t = F->tmp;
+    int injected = 0;
+    for (int k = 1; k < 5000; k++) {
+        BT_OK("cd %s && rm -rf bat/o1.safetensors bat/o2 && cp old/o1.safetensors bat/ && cp -r old/o2 bat/ && "
+              "rm -f fault.log", t);
+        th_run_result r = bt_sh("cd %s/bat && LM_FAULT=%d:%s LM_FAULT_LOG=%s/fault.log %s batch -q --threads 1 %s "
+                                "--job --scale 0.5 %s/m/adapter o1.safetensors --job --scale 0.5 --max-shard-size 8KB "
+                                "%s/dora o2/", t, k, kind, t, F->bin, F->base, t, t);
+        char p[1000], site[64] = "";
+        size_t n;
+        snprintf(p, sizeof p, "%s/fault.log", t);
+        char *log = (char *)th_read_file(p, &n);
+        if (log == NULL || sscanf(log, "%*d %63s", site) != 1) {
+            free(log);
+            cr_assert_eq(r.status, 0, "%s k=%d (no fault reached): exit %d: %s", kind, k, r.status, r.err);
+            th_run_free(&r);
+            break;
+        }
+        free(log);
+        injected++;
+        char o1[1000], o2[1000], old1[1000], old2[1000], new1[1000], new2[1000];
+        snprintf(o1, sizeof o1, "%s/bat/o1.safetensors", t);
+        snprintf(o2, sizeof o2, "%s/bat/o2", t);
+        snprintf(old1, sizeof old1, "%s/old/o1.safetensors", t);
+        snprintf(old2, sizeof old2, "%s/old/o2", t);
+        snprintf(new1, sizeof new1, "%s/ref/o1.safetensors", t);
+        snprintf(new2, sizeof new2, "%s/ref/o2", t);
+        int s1 = bt_state(o1, old1, new1), s2 = bt_state(o2, old2, new2);
+        if (r.status == 0) {
+            (*n_ok)++;
+            cr_assert(s1 == 2 && s2 == 2, "%s k=%d at %s: exit 0 but the OUTs are %d %d", kind, k, site, s1, s2);
+        } else {
+            cr_assert(r.status == 3 || r.status == 4, "%s k=%d at %s: exit %d: %s", kind, k, site, r.status, r.err);
+            cr_assert(strncmp(r.err, "error: ", 7) == 0 && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                      "%s k=%d at %s: not one error line: %s", kind, k, site, r.err);
+            cr_assert(strstr(r.err, "job 1 (") || strstr(r.err, "job 2 ("), "%s k=%d: no job named: %s", kind, k, r.err);
+            if (strstr(r.err, "after job 1 of 2 was committed") != NULL)
+                cr_assert(s1 == 2 && (s2 == 1 || s2 == 0), "%s k=%d at %s: %d %d: %s", kind, k, site, s1, s2, r.err);
+            else
+                cr_assert(s1 == 1 && s2 == 1, "%s k=%d at %s: a failed batch changed an OUT (%d %d): %s", kind, k,
+                          site, s1, s2, r.err);
+        }
+        snprintf(p, sizeof p, "%s/bat", t);
+        cr_assert_eq(th_count_temps(o2) + th_count_temps(p), 0, "%s k=%d at %s: temporaries left", kind, k, site);
+        th_run_free(&r);
+    }
+    return injected;
+}
+
+Test(batch, faults_leave_every_out_as_before, .timeout = 900)
+{
+    bt_fix F;
+    bt_setup_sized(&F, 1); /* one layer: every call of the batch fails in turn */
+    const char *t = F.tmp;
+    BT_OK("mkdir -p %s/old && cd %s/old && %s -q %s %s/m/adapter o1.safetensors && %s -q --max-shard-size 8KB %s "
+          "%s/dora o2/", t, t, F.bin, F.base, t, F.bin, F.base, t);
+    BT_OK("cd %s/ref && %s -q --scale 0.5 %s %s/m/adapter o1.safetensors && %s -q --scale 0.5 --max-shard-size 8KB "
+          "%s %s/dora o2/", t, F.bin, F.base, t, F.bin, F.base, t);
+    static const char *const kinds[] = {"EIO", "short"};
+    for (int i = 0; i < 2; i++) {
+        if (getenv("LM_ASAN") != NULL && i > 0)
+            break; /* the plain build sweeps short counts too */
+        int ok = 0, n = bt_sweep(&F, kinds[i], &ok);
+        cr_assert_gt(n, 0, "%s: no fault reached", kinds[i]);
+        cr_log_info("batch, %s: %d faults injected, %d runs succeeded (exact outputs)", kinds[i], n, ok);
+    }
+    bt_teardown(&F);
+}
+
+/* a block-FP8 base: jobs that keep it quantized (changed blocks requantized, scales rewritten by
+ * the weights' tiles) beside one that writes it dequantized (--dtype: the scales leave the plan,
+ * so the jobs' plans have different tensors) */
+Test(batch, fp8_base_kept_and_dequantized, .timeout = 300)
+{
+    bt_fix F;
+    if (!th_gen_model_path(F.gen, sizeof F.gen))
+        cr_skip_test("needs %s", F.gen);
+    F.tmp = th_tmpdir();
+    cr_assert_not_null(realpath(th_bin(), F.bin));
+    BT_OK("%s --out %s/q --hidden 64 --inter 128 --layers 1 --vocab 64 --heads 4 --kv-heads 2 --rank 4 --targets all "
+          "--quant fp8 --block 16 >/dev/null && mkdir -p %s/ref %s/bat", F.gen, F.tmp, F.tmp, F.tmp);
+    char base[900], jb[3][600];
+    snprintf(base, sizeof base, "%s/q/base", F.tmp);
+    snprintf(jb[0], sizeof jb[0], "%s/q/adapter o1/", F.tmp);
+    snprintf(jb[1], sizeof jb[1], "--dtype bf16 %s/q/adapter o2.safetensors", F.tmp);
+    snprintf(jb[2], sizeof jb[2], "--scale 2 %s/q/adapter o3/", F.tmp);
+    bt_job jobs[3] = {{jb[0], "o1"}, {jb[1], "o2.safetensors"}, {jb[2], "o3"}};
+    bt_compare(&F, base, jobs, 3, 1, "");
+    bt_teardown(&F);
+}
