@@ -515,7 +515,7 @@ Test(merge_math, loha_and_lokr)
     mm_t k[3] = {mm_make("base_model.model.net.fc.lokr_w1_a", 2, k1a, 0.5, "F32"),
                  mm_make("base_model.model.net.fc.lokr_w1_b", 2, k1b, 0.5, "F32"),
                  mm_make("base_model.model.net.fc.lokr_w2", 2, k2, 0.5, "F32")};
-    mm_adapter(ad2, k, 3, "{\"peft_type\": \"LOKR\", \"r\": 8, \"alpha\": 4, \"rank_pattern\": {\"net.fc\": 16}, "
+    mm_adapter(ad2, k, 3, "{\"peft_type\": \"LOKR\", \"r\": 8, \"alpha\": 0.5, \"rank_pattern\": {\"net.fc\": 2}, "
                           "\"target_modules\": [\"fc\"]}");
     const char *argv[] = {th_bin(), "-q", base, ad, "--adapter-scaled", ad2, "-1.5", out, NULL};
     mm_merge_ok(argv);
@@ -530,7 +530,7 @@ Test(merge_math, loha_and_lokr)
             uint64_t p = o / 4, q = o % 4, u = i / 5, v = i % 5;
             for (uint64_t r = 0; r < 2; r++)
                 w1 += k[0].v[p * 2 + r] * k[1].v[r * 4 + u];
-            ref[o * 20 + i] = w.v[o * 20 + i] + t1 * t2 * 6.0 / 3.0 - 1.5 * w1 * k[2].v[q * 5 + v] * 4.0 / 16.0;
+            ref[o * 20 + i] = w.v[o * 20 + i] + t1 * t2 * 6.0 / 3.0 - 1.5 * w1 * k[2].v[q * 5 + v] * 0.5 / 2.0;
         }
     mm_check(out, w.name, "BF16", ref, w.n);
     free(ref);
