@@ -20,8 +20,10 @@ typedef enum {
                         (HRA's Householder vectors as trained: pairs that nearly cancel) */
     GEN_FP8_CODES,   /* F8_E4M3 codes: uniform random bytes, the NaN codes 0x7F/0xFF replaced by
                         0x7E/0xFE (every finite code, subnormals, zeros and +-448 appear) */
-    GEN_SORTED_INDEX /* [2, nnz] integers: distinct positions of an [irows, icols] matrix in row-major
+    GEN_SORTED_INDEX, /* [2, nnz] integers: distinct positions of an [irows, icols] matrix in row-major
                         order, row indices then column indices (SHiRA's mask as PEFT saves it) */
+    GEN_BYTES,       /* uniform random bytes (U8/I8 codes, packed 4-bit codes: every value appears) */
+    GEN_DATA         /* the bytes at `data` (a small tensor written as given) */
 } gen_fill;
 
 typedef struct {
@@ -34,6 +36,7 @@ typedef struct {
     gen_fill fill;
     float eps;              /* GEN_PAIRED */
     uint64_t irows, icols;  /* GEN_SORTED_INDEX */
+    const void *data;       /* GEN_DATA: n_elems * element size bytes */
     uint64_t stream;        /* the random stream: tensors with the same stream hold the same values
                                (0: the tensor's own index) */
 } gen_tensor;
@@ -128,6 +131,11 @@ static inline int gen_write_tensors(const char *prog, const char *path, const ge
                         uint8_t b = (uint8_t)(gen_splitmix(seed ^ (stream * 0xD1B54A32D192ED03ull) ^ gen_splitmix(first + i)) >> 56);
                         ((uint8_t *)out)[i] = (b & 0x7F) == 0x7F ? (uint8_t)(b ^ 1) : b;
                     }
+                } else if (gt->fill == GEN_BYTES) {
+                    for (uint64_t i = 0; i < cnt; i++)
+                        ((uint8_t *)out)[i] = (uint8_t)(gen_splitmix(seed ^ (stream * 0xD1B54A32D192ED03ull) ^ gen_splitmix(first + i)) >> 56);
+                } else if (gt->fill == GEN_DATA) {
+                    memcpy(out, (const uint8_t *)gt->data + first * esz, cnt * esz);
                 } else if (gt->fill == GEN_SORTED_INDEX) { /* I32 */
                     for (uint64_t i = 0; i < cnt; i++)
                         ((int32_t *)out)[i] = gen_index(gt, seed, stream, first + i);
