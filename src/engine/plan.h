@@ -44,6 +44,8 @@ typedef struct lm_plan_tensor {
     const lm_qtensor *q;         /* a quantized base weight (plan blob), or NULL */
     size_t scale_of;             /* a scale tensor rewritten by the tiles of weight scale_of - 1; 0: none */
     int drop;                    /* not written (a scale of a weight written dequantized); removed by the planner */
+    int sim_nf4;                 /* --simulate-nf4: the base values go through NF4 quantize/dequantize
+                                    (blocks of 64 over the flattened tensor) as they are loaded */
 } lm_plan_tensor;
 
 typedef struct lm_plan {

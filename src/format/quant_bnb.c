@@ -3,6 +3,7 @@
 #include "quant_bnb.h"
 
 #include <math.h>
+#include <string.h>
 
 /* kernels.cu nf4_dequantization_lut; functional.py get_4bit_type("nf4") holds the same f32s */
 const float LM_BNB_NF4[16] = {
@@ -101,7 +102,17 @@ unsigned lm_bnb_nf4_code(float x)
     return x > -0.8480964004993439f ? 1 : 0;
 }
 
-void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize)
+static float round_bf16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFFu) <= 0x7F800000u) /* not NaN */
+        u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, int round_to)
 {
     for (uint64_t b0 = 0; b0 < n; b0 += blocksize) {
         const uint64_t m = b0 + blocksize < n ? blocksize : n - b0;
@@ -112,4 +123,10 @@ void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize)
         for (uint64_t i = 0; i < m; i++)
             x[b0 + i] = LM_BNB_NF4[lm_bnb_nf4_code(x[b0 + i] * inv)] * amax;
     }
+    if (round_to == 1)
+        for (uint64_t i = 0; i < n; i++)
+            x[i] = round_bf16(x[i]);
+    else if (round_to == 2) /* the conversion rounds to nearest even */
+        for (uint64_t i = 0; i < n; i++)
+            x[i] = (float)(_Float16)x[i];
 }

@@ -49,8 +49,10 @@ unsigned lm_bnb_nf4_code(float x);
 
 /*! lm_bnb_nf4_roundtrip() : what QLoRA's forward sees for x[0..n) (n consecutive elements of the
  *  flattened tensor, starting on a block boundary): per block of `blocksize`, amax = max |x|,
- *  codes of x * (1.0f / amax) (kQuantizeBlockwise), then code * amax in f32.  An all-zero block
- *  gives -0 (1/0 = inf, 0 * inf = NaN -> code 0 = -1.0, as the kernel does). */
-void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize);
+ *  codes of x * (1.0f / amax) (kQuantizeBlockwise), then code * amax in f32 (kDequantizeBlockwise),
+ *  rounded to nearest even to the dtype bitsandbytes returns (quant_state.dtype, the weight's:
+ *  round_to 0 f32, 1 bf16, 2 f16).  An all-zero block gives -0 (1/0 = inf, 0 * inf = NaN ->
+ *  code 0 = -1.0, as the kernel does). */
+void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, int round_to);
 
 #endif
