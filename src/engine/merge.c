@@ -304,9 +304,6 @@ static lm_code mark_simulate_nf4(merge_state *S, lm_err *err)
 {
     if (!S->job->simulate_nf4)
         return LM_OK;
-    if (S->qs.fmt != LM_Q_NONE)
-        return lm_fail(err, LM_E_USAGE, "Usage", "--simulate-nf4 is for a 16-bit base, and this base is quantized "
-                       "(quant_method %s): its weights already are what the adapter saw", S->qs.method);
     size_t n_sim = 0, n_kept = 0;
     for (size_t i = 0; i < S->plan->n; i++) {
         lm_plan_tensor *t = &S->plan->t[i];
@@ -904,6 +901,11 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     phase_end(&S, LM_PHASE_OPEN);
     if ((rc = lm_base_quant_scheme(S.base_dir, &S.qs, err)) != LM_OK)
         goto done;
+    if (job->simulate_nf4 && S.qs.fmt != LM_Q_NONE) {
+        rc = lm_fail(err, LM_E_USAGE, "Usage", "--simulate-nf4 is for a 16-bit base, and this base is quantized "
+                     "(quant_method %s): its weights already are what the adapter saw", S.qs.method);
+        goto done;
+    }
     S.popts.quant = &S.qs;
     lm_base_info_read(S.base_dir, &S.bi);
     S.popts.model_type = S.bi.model_type;

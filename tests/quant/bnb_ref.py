@@ -14,6 +14,7 @@ computes the merge in float64 and checks lora-merge's output.
 Prints one line per check; exit 1 on the first failure."""
 import json
 import struct
+from fractions import Fraction
 import sys
 
 import numpy as np
@@ -32,10 +33,24 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
 FP4 = (np.array([0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
                 dtype=F32) / F32(12.0)).astype(F32)
 # kernels.cu dQuantizeNF4: the decision thresholds (x above a threshold takes the upper code)
-NF4_THRESH = np.array([-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-                       -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-                       0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-                       0.5016634166240692, 0.6427869200706482, 0.8614784181118011], dtype=F32)
+# float literals there, so each decimal is rounded ONCE to f32 (through a double, -0.8480964004993439
+# comes out one ulp off): f32_of_decimal
+def f32_of_decimal(text):
+    """the f32 nearest to the decimal text (ties to even), exactly"""
+    want = Fraction(text)
+    c = F32(float(want))
+    cands = [np.nextafter(c, F32(-np.inf)), c, np.nextafter(c, F32(np.inf))]
+    dist = [abs(Fraction(float(v)) - want) for v in cands]
+    best = min(dist)
+    picks = [v for v, d in zip(cands, dist) if d == best]
+    return picks[0] if len(picks) == 1 else [v for v in picks if int(v.view(np.uint32)) % 2 == 0][0]
+
+
+NF4_THRESH = np.array([f32_of_decimal(t) for t in (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011")], dtype=F32)
 INT8_SCALE = F32(7.874015718698502e-3)  # int8_vectorwise_dequant's 1/127
 
 
