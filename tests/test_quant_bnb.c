@@ -63,7 +63,7 @@ Test(quant_bnb, dequant_every_code)
         for (uint64_t e0 = 0; e0 < 3; e0++)
             for (uint64_t n = 0; e0 + n <= NE; n += n < 5 ? 1 : 61) {
                 memset(out, 0x55, sizeof out);
-                lm_bnb4_dequant(code, packed, absmax, BS, e0, n, out);
+                lm_bnb4_dequant(code, packed + e0 / 2, absmax, BS, e0, n, out);
                 for (uint64_t k = 0; k < n; k++) {
                     uint64_t e = e0 + k;
                     unsigned q = (e & 1) ? packed[e / 2] & 15u : packed[e / 2] >> 4; /* first element: high nibble */
@@ -297,5 +297,197 @@ Test(quant_bnb, simulate_nf4_refusals)
     cr_assert(strchr(r.err, '\n') == strrchr(r.err, '\n'), "one line: %s", r.err);
     cr_assert(!th_exists(out), "an output was left");
     th_run_free(&r);
+    bq_done(&f);
+}
+
+/* ---- bitsandbytes bases ----------------------------------------------------------------------- */
+static void bq_merge_check(const char *gen_args, const char *dtype_opt, const char *want_dtype, const char *inspect)
+{
+    bq_fx f;
+    bq_gen(&f, gen_args);
+    char out[1200], out2[1200], a[1300], b[1300], refargs[4000];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    th_run_result r = dtype_opt ? th_runv("-q", "--dtype", dtype_opt, f.base, f.ad, out, NULL)
+                                : th_runv("-q", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "%s: exit %d: %s", gen_args, r.status, r.err);
+    th_run_free(&r);
+    r = dtype_opt ? th_runv("-q", "--threads", "1", "--tile-elems", "50", "--dtype", dtype_opt, f.base, f.ad, out2, NULL)
+                  : th_runv("-q", "--threads", "1", "--tile-elems", "50", f.base, f.ad, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "%s: thread count or tile size changed the bytes", gen_args);
+    th_st st;
+    cr_assert_eq(th_st_read(a, &st), 0);
+    const th_tensor *w = th_st_find(&st, "model.layers.1.mlp.down_proj.weight");
+    cr_assert_not_null(w);
+    cr_assert_str_eq(w->dtype, want_dtype);
+    cr_assert(w->n_dims == 2 && w->shape[0] == 48 && w->shape[1] == 72, "down_proj comes out [48, 72]");
+    for (size_t i = 0; i < st.n; i++)
+        cr_assert(strstr(st.t[i].name, "absmax") == NULL && strstr(st.t[i].name, "quant_") == NULL &&
+                      strstr(st.t[i].name, ".SCB") == NULL && strstr(st.t[i].name, "weight_format") == NULL,
+                  "quant-state tensor '%s' written", st.t[i].name);
+    th_st_free(&st);
+    snprintf(a, sizeof a, "%s/config.json", out);
+    size_t n;
+    char *cfg = (char *)th_read_file(a, &n);
+    cr_assert(cfg != NULL && strstr(cfg, "quantization_config") == NULL, "quantization_config must go: %s", cfg);
+    free(cfg);
+    r = th_runv("inspect", f.base, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, inspect) != NULL, "inspect: %s", r.out);
+    th_run_free(&r);
+    snprintf(refargs, sizeof refargs, "'%s' '%s' '%s' %s", f.base, f.ad, out, want_dtype);
+    bq_ref("dequant", refargs);
+    bq_done(&f);
+}
+
+Test(quant_bnb, nf4_base)
+{
+    bq_merge_check("--quant bnb-nf4 --targets qv", NULL, "BF16", "quantization: bitsandbytes 4-bit NF4, blocks of 64, quant_method "
+                   "bitsandbytes, 14 quantized weights; merged output dequantized to BF16");
+}
+
+Test(quant_bnb, nf4_nested_base_f16)
+{
+    bq_merge_check("--quant bnb-nf4 --nested --dtype f16", NULL, "F16", "quantization: bitsandbytes 4-bit NF4, blocks "
+                   "of 64, nested absmax (double quant), quant_method bitsandbytes, 14 quantized weights; merged output "
+                   "dequantized to F16");
+}
+
+Test(quant_bnb, fp4_base_to_f32)
+{
+    bq_merge_check("--quant bnb-fp4 --nested", "f32", "F32", "bitsandbytes 4-bit FP4, blocks of 64, nested absmax");
+}
+
+Test(quant_bnb, int8_base)
+{
+    bq_merge_check("--quant bnb-int8 --targets qv", NULL, "BF16", "quantization: bitsandbytes 8-bit (I8, SCB per row), quant_method "
+                   "bitsandbytes, 14 quantized weights");
+}
+
+/* llm_int8_skip_modules: the listed module is a float tensor, merged and written as it is */
+Test(quant_bnb, skip_modules_kept)
+{
+    bq_merge_check("--quant bnb-nf4 --quant-skip o_proj", NULL, "BF16", "12 quantized weights");
+}
+
+/* ---- refusals: one line naming the tensor, no output ------------------------------------------ */
+/* replaces the first `from` in model.safetensors' header by `to` (the data stays) */
+static void bq_edit_header(const char *base, const char *from, const char *to)
+{
+    char path[1300];
+    snprintf(path, sizeof path, "%s/model.safetensors", base);
+    size_t n;
+    uint8_t *buf = th_read_file(path, &n);
+    cr_assert_not_null(buf);
+    uint64_t hl;
+    memcpy(&hl, buf, 8);
+    char *hdr = calloc(1, hl + strlen(to) + 16);
+    memcpy(hdr, buf + 8, hl);
+    char *p = strstr(hdr, from);
+    cr_assert_not_null(p, "'%s' not in the header", from);
+    size_t nh = hl - strlen(from) + strlen(to);
+    char *nhdr = calloc(1, nh + 16);
+    memcpy(nhdr, hdr, (size_t)(p - hdr));
+    memcpy(nhdr + (p - hdr), to, strlen(to));
+    memcpy(nhdr + (p - hdr) + strlen(to), p + strlen(from), hl - (size_t)(p - hdr) - strlen(from));
+    while (nh % 8)
+        nhdr[nh++] = ' ';
+    uint8_t *o = malloc(8 + nh + (n - 8 - hl));
+    uint64_t nh64 = nh;
+    memcpy(o, &nh64, 8);
+    memcpy(o + 8, nhdr, nh);
+    memcpy(o + 8 + nh, buf + 8 + hl, n - 8 - hl);
+    cr_assert_eq(th_write_file(path, o, 8 + nh + (n - 8 - hl)), 0);
+    free(o);
+    free(nhdr);
+    free(hdr);
+    free(buf);
+}
+
+/* replaces the first `from` in the data of tensor `name` by `to` (same length) */
+static void bq_edit_data(const char *base, const char *name, const void *from, const void *to, size_t len)
+{
+    char path[1300];
+    snprintf(path, sizeof path, "%s/model.safetensors", base);
+    th_st st;
+    cr_assert_eq(th_st_read(path, &st), 0);
+    const th_tensor *t = th_st_find(&st, name);
+    cr_assert_not_null(t, "%s", name);
+    size_t off = (size_t)(t->data - st.buf), k = 0;
+    while (k + len <= t->n_bytes && memcmp(t->data + k, from, len) != 0)
+        k++;
+    cr_assert(k + len <= t->n_bytes, "pattern not in %s", name);
+    memcpy(st.buf + off + k, to, len);
+    cr_assert_eq(th_write_file(path, st.buf, st.n_buf), 0);
+    th_st_free(&st);
+}
+
+static void bq_refused(const bq_fx *f, const char *want1, const char *want2)
+{
+    char out[1200];
+    snprintf(out, sizeof out, "%s/out", f->tmp);
+    th_run_result r = th_runv("-q", f->base, f->ad, out, NULL);
+    cr_assert_neq(r.status, 0, "accepted; want a refusal naming %s", want1);
+    cr_assert(strstr(r.err, want1) != NULL && strstr(r.err, want2) != NULL, "stderr: %s", r.err);
+    cr_assert(strchr(r.err, '\n') == strrchr(r.err, '\n'), "one line: %s", r.err);
+    cr_assert(!th_exists(out), "an output was left");
+    th_run_free(&r);
+}
+
+#define QP "model.layers.0.self_attn.q_proj.weight"
+
+Test(quant_bnb, refusals)
+{
+    bq_fx f;
+    bq_gen(&f, "--quant bnb-nf4");
+    bq_edit_header(f.base, QP ".absmax\"", QP ".absmax_gone\"");
+    bq_refused(&f, QP, "has no '" QP ".absmax'");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-nf4");
+    bq_edit_header(f.base, QP ".quant_map\"", QP ".quant_map_gone\"");
+    bq_refused(&f, QP, "has no '" QP ".quant_map'");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-nf4"); /* 36 absmax F32 read as 72 F16 */
+    bq_edit_header(f.base, "\"" QP ".absmax\":{\"dtype\":\"F32\",\"shape\":[36]",
+                   "\"" QP ".absmax\":{\"dtype\":\"F16\",\"shape\":[72]");
+    bq_refused(&f, QP ".absmax", "is F16 with 72 elements; the quant_state of '" QP "' needs F32 with 36");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-nf4"); /* a quant_map that is not bitsandbytes' table */
+    float one = 1.0f, other = 0.999f;
+    bq_edit_data(f.base, QP ".quant_map", &one, &other, 4);
+    bq_refused(&f, QP ".quant_map", "is not bitsandbytes' NF4 table");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-nf4 --nested");
+    bq_edit_header(f.base, QP ".nested_absmax\"", QP ".nested_gone\"");
+    bq_refused(&f, QP, "has no '" QP ".nested_absmax'");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-nf4"); /* the JSON's shape disagrees with the packed bytes */
+    bq_edit_data(f.base, QP ".quant_state.bitsandbytes__nf4", "[48, 48]", "[48, 46]", 8);
+    bq_refused(&f, QP, "holds 1152 bytes; its quant_state shape [48, 46] packs into 1104");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-fp4"); /* quant_type in the JSON against the tensor's name */
+    bq_edit_data(f.base, QP ".quant_state.bitsandbytes__fp4", "\"fp4\"", "\"nf4\"", 5);
+    bq_refused(&f, QP ".quant_state.bitsandbytes__fp4", "says quant_type 'nf4'");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-nf4"); /* the quant_state is gone: the absmax has no weight to belong to */
+    bq_edit_header(f.base, QP ".quant_state.bitsandbytes__nf4\"", QP ".qs_gone\"");
+    bq_refused(&f, QP ".absmax", "has no '" QP ".quant_state.bitsandbytes__nf4'");
+    bq_done(&f);
+
+    bq_gen(&f, "--quant bnb-int8"); /* SCB of the wrong length */
+    bq_edit_header(f.base, "\"model.layers.0.self_attn.q_proj.SCB\":{\"dtype\":\"F32\",\"shape\":[48]",
+                   "\"model.layers.0.self_attn.q_proj.SCB\":{\"dtype\":\"F16\",\"shape\":[96]");
+    bq_refused(&f, "model.layers.0.self_attn.q_proj.SCB", "needs F32 with 48 (one per row)");
     bq_done(&f);
 }

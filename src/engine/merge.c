@@ -337,7 +337,8 @@ static lm_code check_vocabulary(merge_state *S, lm_err *err)
     int resized = 0;
     for (size_t i = 0; i < p->n; i++) {
         const lm_plan_tensor *t = &p->t[i];
-        if (t->base == NULL || t->n_dims != 2 || t->base->info->shape[0] == t->shape[0])
+        if (t->base == NULL || t->n_dims != 2 || t->base->info->shape[0] == t->shape[0] ||
+            (t->q != NULL && t->shape == t->q->view.shape)) /* a packed weight's stored shape is not its own */
             continue;
         resized = 1;
         if (t->n_ops != 1) {

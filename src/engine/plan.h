@@ -28,6 +28,7 @@ typedef struct lm_qtensor {
     uint64_t tile_rows;          /* tiles are whole multiples of these rows (br, or every row when
                                   * requantizing needs the whole tensor's amax) */
     uint64_t row_bytes;          /* bytes of codes per row (cols for 8-bit codes, cols / 2 packed 4-bit) */
+    const void *ext;             /* the format's own (plan blob; bitsandbytes: lm_bnb_qinfo), or NULL */
     lm_tensor_info view;         /* what the methods see (dtype F32) */
 } lm_qtensor;
 

@@ -36,23 +36,24 @@ void lm_bnb4_dequant(const float *code, const uint8_t *packed, const float *absm
                      uint64_t e0, uint64_t n, float *dst)
 {
     uint64_t e = e0, end = e0 + n;
+    const uint64_t b0 = e0 >> 1; /* packed[0] is byte b0 of the tensor */
     if ((e & 1) && e < end) { /* starts on a low nibble */
-        *dst++ = code[packed[e >> 1] & 15] * absmax[e / blocksize];
+        *dst++ = code[packed[(e >> 1) - b0] & 15] * absmax[e / blocksize];
         e++;
     }
     while (e < end) {
         const uint64_t b = e / blocksize, stop = (b + 1) * blocksize < end ? (b + 1) * blocksize : end;
         const float a = absmax[b];
         for (; e + 1 < stop; e += 2) {
-            const uint8_t v = packed[e >> 1];
+            const uint8_t v = packed[(e >> 1) - b0];
             *dst++ = code[v >> 4] * a;
             *dst++ = code[v & 15] * a;
         }
         if (e < stop) { /* one element left in the block: a high nibble */
-            *dst++ = code[packed[e >> 1] >> 4] * a;
+            *dst++ = code[packed[(e >> 1) - b0] >> 4] * a;
             e++;
             if (e < end) {
-                *dst++ = code[packed[e >> 1] & 15] * absmax[e / blocksize];
+                *dst++ = code[packed[(e >> 1) - b0] & 15] * absmax[e / blocksize];
                 e++;
             }
         }

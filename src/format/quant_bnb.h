@@ -28,8 +28,9 @@ extern const float LM_BNB_FP4[16];
 /* the constant int8_vectorwise_dequant multiplies by, as f32 */
 #define LM_BNB_INT8_SCALE 7.874015718698502e-3f
 
-/*! lm_bnb4_dequant() : n elements from element e0 of the flattened tensor: `packed` is the
- *  tensor's first byte, absmax its (f32) block maxima, code LM_BNB_NF4 or LM_BNB_FP4 */
+/*! lm_bnb4_dequant() : n elements from element e0 of the flattened tensor: `packed` is the byte
+ *  that holds element e0 (byte e0 / 2 of the tensor), absmax the tensor's (f32) block maxima,
+ *  code LM_BNB_NF4 or LM_BNB_FP4 */
 void lm_bnb4_dequant(const float *code, const uint8_t *packed, const float *absmax, uint64_t blocksize,
                      uint64_t e0, uint64_t n, float *dst);
 

@@ -116,7 +116,12 @@ def adapter(adir):
     for name, (dt, shp, a, raw) in t.items():
         mod = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
         mods.setdefault(mod, {})["A" if ".lora_A." in name else "B"] = a.astype(np.float64)
-    return {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
+    deltas = {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
+    ABS.update({m: abs(scale) * (np.abs(v["B"]) @ np.abs(v["A"])) for m, v in mods.items()})
+    return deltas
+
+
+ABS = {}  # module -> |scale| * |B| @ |A|: the size of the low-rank product's terms
 
 
 def dequant4(base, name):
@@ -159,9 +164,11 @@ def is_state(name):
 
 def check_merged(name, w, x, oa, dt):
     """output oa (dtype dt) against the exact f64 merge x = w + delta: within half an ulp of dt
-    plus the f32 rounding of the merge (a few f32 ulps of the largest term)"""
+    plus the f32 rounding of the merge (a few f32 ulps of the largest term: the base, the result,
+    or the low-rank product's terms, which an f32 sum may cancel)"""
     got = oa.astype(np.float64)
-    big = np.maximum(np.maximum(np.abs(w), np.abs(x)), np.abs(x - w))
+    mod = name[:-len(".weight")]
+    big = np.maximum(np.maximum(np.abs(w), np.abs(x)), ABS.get(mod, np.abs(x - w)))
     tol = 0.5 * ulp(x, dt) + 4 * ulp(big, "F32") + 1e-30
     err = np.abs(got - x)
     if (err > tol).any():
@@ -184,8 +191,19 @@ def check_dequant(bdir, adir, odir, dt):
             continue
         four = any(k.startswith(name + ".quant_state.") for k in base)
         eight = bdt == "I8" and name.endswith(".weight") and name[:-len(".weight")] + ".SCB" in base
-        if not four and not eight:
-            if out[name][3] != raw:
+        if not four and not eight:  # kept as it is (llm_int8_skip_modules ...), merged when targeted
+            mod = name[:-len(".weight")]
+            odt = out[name][0]
+            if odt not in (bdt, dt):  # kept, or converted by an explicit --dtype
+                fail("%s: an unquantized tensor changed dtype (%s -> %s)" % (name, bdt, odt))
+            if mod in deltas:
+                w = a.astype(np.float64)
+                check_merged(name, w, w + deltas[mod], out[name][2], odt)
+                nm += 1
+            elif odt != bdt:
+                if not np.array_equal(out[name][2].astype(np.float64), to_dtype(a.astype(F32), odt)):
+                    fail(name + ": an unquantized tensor converted wrongly")
+            elif out[name][3] != raw:
                 fail(name + ": an unquantized tensor changed")
             nu += 1
             continue
