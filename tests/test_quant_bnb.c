@@ -332,8 +332,12 @@ static void bq_merge_check(const char *gen_args, const char *dtype_opt, const ch
     th_st_free(&st);
     snprintf(a, sizeof a, "%s/config.json", out);
     size_t n;
-    char *cfg = (char *)th_read_file(a, &n);
-    cr_assert(cfg != NULL && strstr(cfg, "quantization_config") == NULL, "quantization_config must go: %s", cfg);
+    uint8_t *raw = th_read_file(a, &n); /* not NUL-terminated */
+    cr_assert_not_null(raw);
+    char *cfg = calloc(1, n + 1);
+    memcpy(cfg, raw, n);
+    free(raw);
+    cr_assert(strstr(cfg, "quantization_config") == NULL, "quantization_config must go: %s", cfg);
     free(cfg);
     r = th_runv("inspect", f.base, NULL);
     cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
