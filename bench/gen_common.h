@@ -20,9 +20,10 @@ typedef enum {
                         (HRA's Householder vectors as trained: pairs that nearly cancel) */
     GEN_FP8_CODES,   /* F8_E4M3 codes: uniform random bytes, the NaN codes 0x7F/0xFF replaced by
                         0x7E/0xFE (every finite code, subnormals, zeros and +-448 appear) */
+    GEN_BYTES,       /* U8: uniform random integers in [offset, offset + amp] (packed 4-bit codes:
+                        0 .. 255; E8M0 scales: a few exponents) */
     GEN_SORTED_INDEX, /* [2, nnz] integers: distinct positions of an [irows, icols] matrix in row-major
                         order, row indices then column indices (SHiRA's mask as PEFT saves it) */
-    GEN_BYTES,       /* uniform random bytes (U8/I8 codes, packed 4-bit codes: every value appears) */
     GEN_DATA         /* the bytes at `data` (a small tensor written as given) */
 } gen_fill;
 
@@ -132,8 +133,10 @@ static inline int gen_write_tensors(const char *prog, const char *path, const ge
                         ((uint8_t *)out)[i] = (b & 0x7F) == 0x7F ? (uint8_t)(b ^ 1) : b;
                     }
                 } else if (gt->fill == GEN_BYTES) {
+                    uint64_t span = (uint64_t)gt->amp + 1;
                     for (uint64_t i = 0; i < cnt; i++)
-                        ((uint8_t *)out)[i] = (uint8_t)(gen_splitmix(seed ^ (stream * 0xD1B54A32D192ED03ull) ^ gen_splitmix(first + i)) >> 56);
+                        ((uint8_t *)out)[i] = (uint8_t)((uint64_t)gt->offset +
+                            gen_splitmix(seed ^ (stream * 0xD1B54A32D192ED03ull) ^ gen_splitmix(first + i)) % span);
                 } else if (gt->fill == GEN_DATA) {
                     memcpy(out, (const uint8_t *)gt->data + first * esz, cnt * esz);
                 } else if (gt->fill == GEN_SORTED_INDEX) { /* I32 */

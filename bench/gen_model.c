@@ -17,7 +17,9 @@
  *   and down_proj [E, H, I].
  *   --quant fp8: the linear projections as a block-FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 layout):
  *   W F8_E4M3 (random codes: every finite code appears) and W_scale_inv F32 [ceil(out/B),
- *   ceil(in/B)] (B = --block, default 128), config.json with quantization_config
+ *   ceil(in/B)] (B = --block, default 128); with --experts E --fused-experts also the expert stacks, as
+ *   transformers' FP8Experts holds them: P F8_E4M3 [E, out, in], P_scale_inv F32 [E, ceil(out/B),
+ *   ceil(in/B)]; config.json with quantization_config
  *   {"quant_method": "fp8", "weight_block_size": [B, B]}; embeddings, norms and lm_head stay float.
  *   --quant ct-fp8[-channel|-group|-block]: a compressed-tensors float-quantized checkpoint
  *   (llm-compressor's FP8 / FP8_DYNAMIC / group / FP8_BLOCK schemes): W F8_E4M3 and W_scale per
@@ -33,6 +35,11 @@
  *   U8 [] = 0.  config.json: quantization_config as BitsAndBytesConfig.to_dict() writes it.
  *   --quant-skip P (P a projection, e.g. o_proj): P stays float and is listed in
  *   llm_int8_skip_modules.
+ *   --quant mxfp4 (with --experts E): a gpt-oss-shaped model: mlp.router.weight/bias and the experts
+ *   as MXFP4, mlp.experts.gate_up_proj_blocks U8 [E, 2I, H/32, 16] (random bytes: every code)
+ *   with _scales U8 [E, 2I, H/32] (E8M0, five exponents around the weights' size) and _bias
+ *   [E, 2I], down_proj_blocks [E, H, I/32, 16], _scales, _bias [E, H]; quantization_config
+ *   {"quant_method": "mxfp4", "modules_to_not_convert": [...]} as gpt-oss ships it.
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
 #include "gen_common.h"
@@ -106,9 +113,10 @@ static size_t gen_bnb4(gen_tensor *g, long l, const char *proj, uint64_t o, uint
         n++;                                                                                       \
     } while (0)
     G("", (ne + 1) / 2, 2, LM_DT_U8, GEN_BYTES);
+    g[n - 1].amp = 255.0f; /* every byte */
     G(".absmax", nblk, 1, nested ? LM_DT_U8 : LM_DT_F32, nested ? GEN_BYTES : GEN_UNIFORM);
-    g[n - 1].amp = 0.5f * wamp;
-    g[n - 1].offset = wamp;
+    g[n - 1].amp = nested ? 255.0f : 0.5f * wamp;
+    g[n - 1].offset = nested ? 0.0f : wamp;
     G(".quant_map", 16, 1, LM_DT_F32, GEN_DATA);
     g[n - 1].data = strcmp(qt, "nf4") == 0 ? LM_BNB_NF4 : LM_BNB_FP4;
     if (nested) {
@@ -177,13 +185,18 @@ int main(int argc, char **argv)
 #undef ARG
     }
     if (out == NULL || hidden <= 0 || heads <= 0 || hidden % heads != 0 || kv <= 0 || layers <= 0 || vocab <= 0 ||
-        inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0 &&
+        inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0 && strcmp(quant, "mxfp4") != 0 &&
         strcmp(quant, "bnb-nf4") != 0 && strcmp(quant, "bnb-fp4") != 0 && strcmp(quant, "bnb-int8") != 0 &&
         !(ct = strcmp(quant, "ct-fp8") == 0 ? 1 : strcmp(quant, "ct-fp8-channel") == 0 ? 2
               : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4 : 0))) {
         fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads); "
-                        "--quant takes fp8, ct-fp8, ct-fp8-channel, ct-fp8-group, ct-fp8-block, bnb-nf4, bnb-fp4 or "
-                        "bnb-int8\n");
+                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group ct-fp8-block, bnb-nf4, bnb-fp4 or bnb-int8\n");
+        return 2;
+    }
+    const int mx = quant != NULL && strcmp(quant, "mxfp4") == 0;
+    if (mx && (experts <= 0 || hidden % 32 != 0 || inter % 32 != 0)) {
+        fprintf(stderr, "gen_model: --quant mxfp4 writes gpt-oss experts: it needs --experts E and hidden and inter "
+                        "multiples of 32\n");
         return 2;
     }
     lm_kernels k;
@@ -198,7 +211,7 @@ int main(int argc, char **argv)
 
     const int bnb4 = quant != NULL && strncmp(quant, "bnb-", 4) == 0 && strcmp(quant, "bnb-int8") != 0;
     const int bnb8 = quant != NULL && strcmp(quant, "bnb-int8") == 0;
-    size_t nb = 3 + (24 + 7 * 6 + 3 * (size_t)experts) * (size_t)layers, n = 0;
+    size_t nb = 3 + (24 + 7 * 6 + 6 * (size_t)experts) * (size_t)layers, n = 0;
     char **jsons = calloc(nb, sizeof *jsons); /* the packed quant_state JSON of each 4-bit weight */
     size_t n_json = 0;
     float dmap[256];
@@ -206,6 +219,8 @@ int main(int argc, char **argv)
     static const uint8_t zero_byte = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
+    /* MXFP4 scales 2^(s - 127) around wamp / 2.5 (E2M1 magnitudes average about 2.6), s0 .. s0 + 4 */
+    long mx_scale0 = 127 + (long)floor(log2(wamp / 2.5)) - 2;
 #define T(nm, d0, d1, nd, amp_, off_)                                                              \
     do {                                                                                           \
         snprintf(g[n].name, sizeof g[n].name, "%s", nm);                                           \
@@ -236,7 +251,9 @@ int main(int argc, char **argv)
                               &jsons[n_json++]) - 1;
             } else if (bnb8) {
                 g[n - 1].dtype = LM_DT_I8;
-                g[n - 1].fill = GEN_BYTES;
+                g[n - 1].fill = GEN_BYTES; /* every byte */
+                g[n - 1].amp = 255.0f;
+                g[n - 1].offset = 0.0f;
                 snprintf(nm, sizeof nm, "model.layers.%ld.%s.SCB", l, proj[p]);
                 T(nm, o, 1, 1, 0.5f * wamp, 2.0f * wamp);
                 g[n - 1].dtype = LM_DT_F32;
@@ -258,7 +275,7 @@ int main(int argc, char **argv)
                     T(nm, 1, 1, 1, 0.001f, 0.01f);
                     g[n - 1].dtype = LM_DT_F32;
                 }
-            } else if (quant != NULL) { /* codes, then the block scales (values ~ wamp: scale ~ wamp / 448) */
+            } else if (quant != NULL && !mx) { /* codes, then the block scales (values ~ wamp: scale ~ wamp / 448) */
                 g[n - 1].dtype = LM_DT_F8_E4M3;
                 g[n - 1].fill = GEN_FP8_CODES;
                 snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale_inv", l, proj[p]);
@@ -266,18 +283,58 @@ int main(int argc, char **argv)
                 g[n - 1].dtype = LM_DT_F32;
             }
         }
-        if (experts) {
+        if (experts && mx) { /* gpt-oss: router, and the experts as MXFP4 blocks / scales with a bias */
+            snprintf(nm, sizeof nm, "model.layers.%ld.mlp.router.weight", l);
+            T(nm, experts, hidden, 2, wamp, 0.0f);
+            snprintf(nm, sizeof nm, "model.layers.%ld.mlp.router.bias", l);
+            T(nm, experts, 1, 1, wamp, 0.0f);
+            for (int p = 0; p < 2; p++) { /* gate_up [E, 2I, H/32, 16], down [E, H, I/32, 16] */
+                const char *pn = p ? "down_proj" : "gate_up_proj";
+                uint64_t o = (uint64_t)(p ? hidden : 2 * inter), ng = (uint64_t)(p ? inter : hidden) / 32;
+                snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_blocks", l, pn);
+                T(nm, experts, o, 4, 255.0f, 0.0f);
+                g[n - 1].shape[2] = ng;
+                g[n - 1].shape[3] = 16;
+                g[n - 1].dtype = LM_DT_U8;
+                g[n - 1].fill = GEN_BYTES;
+                snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_scales", l, pn);
+                T(nm, experts, o, 3, 4.0f, (float)mx_scale0);
+                g[n - 1].shape[2] = ng;
+                g[n - 1].dtype = LM_DT_U8;
+                g[n - 1].fill = GEN_BYTES;
+                snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_bias", l, pn);
+                T(nm, experts, o, 2, wamp, 0.0f);
+            }
+        } else if (experts) {
             snprintf(nm, sizeof nm, "model.layers.%ld.mlp.gate.weight", l);
             T(nm, experts, hidden, 2, wamp, 0.0f);
             for (int p = 0; fused && p < 2; p++) { /* [E, 2I, H], [E, H, I] */
-                snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s", l, p ? "down_proj" : "gate_up_proj");
-                T(nm, experts, p ? hidden : 2 * inter, 3, wamp, 0.0f);
-                g[n - 1].shape[2] = (uint64_t)(p ? inter : hidden);
+                const char *pn = p ? "down_proj" : "gate_up_proj";
+                long o = p ? hidden : 2 * inter, in = p ? inter : hidden;
+                snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s", l, pn);
+                T(nm, experts, o, 3, wamp, 0.0f);
+                g[n - 1].shape[2] = (uint64_t)in;
+                if (quant != NULL && !ct) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
+                    g[n - 1].dtype = LM_DT_F8_E4M3;
+                    g[n - 1].fill = GEN_FP8_CODES;
+                    snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_scale_inv", l, pn);
+                    T(nm, experts, (o + block - 1) / block, 3, 0.5f * wamp / 448.0f, wamp / 448.0f);
+                    g[n - 1].shape[2] = (uint64_t)((in + block - 1) / block);
+                    g[n - 1].dtype = LM_DT_F32;
+                }
             }
             for (long e = 0; e < experts && !fused; e++)
                 for (int p = 4; p < 7; p++) {
+                    long o = p == 6 ? hidden : inter, in = p == 6 ? inter : hidden;
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight", l, e, proj[p] + 4);
-                    T(nm, p == 6 ? hidden : inter, p == 6 ? inter : hidden, 2, wamp, 0.0f);
+                    T(nm, o, in, 2, wamp, 0.0f);
+                    if (quant != NULL && !ct) { /* Qwen3-FP8: every expert's weight with its block scales */
+                        g[n - 1].dtype = LM_DT_F8_E4M3;
+                        g[n - 1].fill = GEN_FP8_CODES;
+                        snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%ld.%s.weight_scale_inv", l, e, proj[p] + 4);
+                        T(nm, (o + block - 1) / block, (in + block - 1) / block, 2, 0.5f * wamp / 448.0f, wamp / 448.0f);
+                        g[n - 1].dtype = LM_DT_F32;
+                    }
                 }
         }
         snprintf(nm, sizeof nm, "model.layers.%ld.post_attention_layernorm.weight", l);
@@ -328,7 +385,8 @@ int main(int argc, char **argv)
                    "\"intermediate_size\": %ld, \"num_hidden_layers\": %ld, \"num_attention_heads\": %ld, "
                    "\"num_key_value_heads\": %ld, \"vocab_size\": %ld, \"tie_word_embeddings\": false, "
                    "\"torch_dtype\": \"%s\"%s}\n",
-                experts ? "Qwen3MoeForCausalLM" : "LlamaForCausalLM", experts ? "qwen3_moe" : "llama", experts, hidden,
+                mx ? "GptOssForCausalLM" : experts ? "Qwen3MoeForCausalLM" : "LlamaForCausalLM",
+                mx ? "gpt_oss" : experts ? "qwen3_moe" : "llama", experts, hidden,
                 inter, layers, heads, kv, vocab, dtn, qcfg);
         fclose(f);
     }

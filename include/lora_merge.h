@@ -297,8 +297,8 @@ typedef struct lm_merge_report {
     double seconds;          /* wall time of the whole job */
     int n_threads;
     const char *kernels;     /* kernel variant used ("avx2" ...) */
-    size_t n_exact_tensors;  /* tensors computed exactly (every delta low-rank): each element the
-                                exact value rounded once */
+    size_t n_exact_tensors;  /* tensors on a certified path (every delta low-rank, an IA3 scaling,
+                                ...; see the README): each element the exact value rounded once */
     uint64_t n_recomputed;   /* elements of those the fast path could not certify, recomputed
                                 in f64 (per tensor in the JSON report: "recomputed") */
     size_t n_notes;

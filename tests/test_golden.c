@@ -211,6 +211,7 @@ ParameterizedTest(golden_case *gc, golden, peft_case, .timeout = 120)
         "OSF",
         "FROD",
         "UNILORA",
+        "ADAMSS",
     };
     int lora = 0;
     for (size_t i = 0; i < sizeof merged / sizeof *merged; i++)

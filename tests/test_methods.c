@@ -1455,6 +1455,56 @@ static void gen_deft_alpha(mt_ctx *c) /* alpha 6, r 4: s = 1.5 */
 
 static void gen_deft_para(mt_ctx *c) { deft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 3, 1.0, 1); }
 
+static void gen_deft_qr(mt_ctx *c) /* decomposition_method "qr", alpha 6, r 4 (s = 1.5); a Conv1D */
+{
+    deft(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0), 4, 1.5, 0);
+    deft(c, mt_module(c, "transformer.h.0.attn.c_attn", C1D, 39, 43, 0), 4, 1.5, 0);
+    c->mod[0].q[1] = c->mod[1].q[1] = 1;
+}
+
+/* the Q [n, r] of P [n, r]'s reduced QR by Householder reflections with LAPACK's convention (dlarfg:
+ * beta = -sign(alpha) |x|, no reflection when the part below the diagonal is zero), accumulated as
+ * orgqr forms it: Q = H_0 ... H_{r-1} I[:, :r].  torch.linalg.qr's Q (its signs matter: Q R) */
+static double *householder_q(const double *P, uint64_t n, uint64_t r)
+{
+    double *A = malloc(n * r * sizeof(double)), *V = calloc(n * r, sizeof(double)), *tau = calloc(r, sizeof(double));
+    memcpy(A, P, n * r * sizeof(double));
+    for (uint64_t j = 0; j < r; j++) {
+        double alpha = A[j * r + j], xn = 0;
+        for (uint64_t i = j + 1; i < n; i++)
+            xn += A[i * r + j] * A[i * r + j];
+        if (xn == 0)
+            continue; /* H_j = I */
+        double beta = -copysign(sqrt(alpha * alpha + xn), alpha);
+        tau[j] = (beta - alpha) / beta;
+        V[j * r + j] = 1;
+        for (uint64_t i = j + 1; i < n; i++)
+            V[i * r + j] = A[i * r + j] / (alpha - beta);
+        for (uint64_t c = j; c < r; c++) { /* A <- (I - tau v vᵀ) A */
+            double d = 0;
+            for (uint64_t i = j; i < n; i++)
+                d += V[i * r + j] * A[i * r + c];
+            for (uint64_t i = j; i < n; i++)
+                A[i * r + c] -= tau[j] * V[i * r + j] * d;
+        }
+    }
+    double *Q = calloc(n * r, sizeof(double));
+    for (uint64_t c = 0; c < r; c++)
+        Q[c * r + c] = 1;
+    for (uint64_t jj = r; jj-- > 0;) /* Q <- H_j Q, last reflection first */
+        for (uint64_t c = 0; c < r; c++) {
+            double d = 0;
+            for (uint64_t i = jj; i < n; i++)
+                d += V[i * r + jj] * Q[i * r + c];
+            for (uint64_t i = jj; i < n; i++)
+                Q[i * r + c] -= tau[jj] * V[i * r + jj] * d;
+        }
+    free(A);
+    free(V);
+    free(tau);
+    return Q;
+}
+
 static void bad_deft(mt_ctx *c) /* deft_R with one row too many */
 {
     mt_mod *m = mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 37, 43, 0);
@@ -1467,19 +1517,21 @@ static double *delta_deft(const mt_ctx *c, const mt_mod *m)
     const double *P = mt_get(c, m, "deft_P"), *R = m->q[0] ? NULL : mt_get(c, m, "deft_R");
     double *w = mt_W(c, m), *d = calloc(m->O * m->I, sizeof(double));
     uint64_t r = (uint64_t)m->r;
+    double *Q = m->q[1] ? householder_q(P, m->O, r) : NULL; /* qr: Q_P = right = Q */
     double *inj = calloc(r * m->I, sizeof(double)); /* s R - relu(P)^T W */
     for (uint64_t q = 0; q < r; q++)
         for (uint64_t i = 0; i < m->I; i++) {
             double f = 0;
             for (uint64_t o = 0; o < m->O; o++)
-                f += fmax(P[o * r + q], 0.0) * w[o * m->I + i];
+                f += (Q ? Q[o * r + q] : fmax(P[o * r + q], 0.0)) * w[o * m->I + i];
             inj[q * m->I + i] = (R ? m->p * R[q * m->I + i] : 0.0) - f;
         }
     for (uint64_t o = 0; o < m->O; o++)
         for (uint64_t i = 0; i < m->I; i++)
             for (uint64_t q = 0; q < r; q++)
-                d[o * m->I + i] += P[o * r + q] * inj[q * m->I + i];
+                d[o * m->I + i] += (Q ? Q[o * r + q] : P[o * r + q]) * inj[q * m->I + i];
     free(inj);
+    free(Q);
     free(w);
     return d;
 }
@@ -2034,6 +2086,277 @@ static double *delta_tinylora(const mt_ctx *c, const mt_mod *m)
                 for (uint64_t q = 0; q < r; q++)
                     d[o * m->I + i] += B[o * r + j] * R[j * r + q] * A[q * m->I + i];
     return d;
+}
+
+/* ---- ADAMSS (docs/adapter-types.md): rows of subspace k += B_k A_k newB, the rows from KMeans ---- */
+/* The reference clusters as PEFT does, written here from torch's svd_lowrank algebra and sklearn's
+ * KMeans: U = [W | b] V / |.| (wide) or [W | b] ([W | b]ᵀ [W | b])⁻¹ V / |.| (square, tall: normal
+ * equations by Gauss-Jordan), rounded to float; centered; initial centers from numpy's legacy
+ * RandomState(123456789).choice(n, K, replace=False, p=uniform) (MT19937, 53-bit doubles, the
+ * cumulated p searched, duplicates dropped, chosen entries zeroed); Lloyd for at most 10 rounds
+ * (strict convergence on unchanged labels, else the summed squared center shift against 1e-4 x the
+ * mean feature variance), then the labels of the last centers.  The rows of X V are drawn around
+ * K well-separated points, so that no label is a near tie. */
+static double as_udouble(mt19937 *g)
+{
+    uint32_t a = mt19937_next(g) >> 5, b = mt19937_next(g) >> 6;
+    return (a * 67108864.0 + b) / 9007199254740992.0;
+}
+
+static void as_labels(const double *Wa, uint64_t m, uint64_t n, const double *V, uint64_t q, int K, int *lab)
+{
+    double *U = calloc(m * q, sizeof(double));
+    if (m < n) {
+        for (uint64_t i = 0; i < m; i++)
+            for (uint64_t j = 0; j < q; j++)
+                for (uint64_t t = 0; t < n; t++)
+                    U[i * q + j] += Wa[i * n + t] * V[t * q + j];
+    } else { /* Y = (WᵀW)⁻¹ V by Gauss-Jordan on [WᵀW | V], then U = W Y */
+        uint64_t w = n + q;
+        double *G = calloc(n * w, sizeof(double));
+        for (uint64_t a = 0; a < n; a++) {
+            for (uint64_t b = 0; b < n; b++)
+                for (uint64_t i = 0; i < m; i++)
+                    G[a * w + b] += Wa[i * n + a] * Wa[i * n + b];
+            for (uint64_t j = 0; j < q; j++)
+                G[a * w + n + j] = V[a * q + j];
+        }
+        for (uint64_t c = 0; c < n; c++) {
+            uint64_t p = c;
+            for (uint64_t r = c + 1; r < n; r++)
+                if (fabs(G[r * w + c]) > fabs(G[p * w + c]))
+                    p = r;
+            for (uint64_t k = 0; k < w; k++) {
+                double t = G[c * w + k];
+                G[c * w + k] = G[p * w + k];
+                G[p * w + k] = t;
+            }
+            double d = G[c * w + c];
+            for (uint64_t k = 0; k < w; k++)
+                G[c * w + k] /= d;
+            for (uint64_t r = 0; r < n; r++)
+                if (r != c) {
+                    double f = G[r * w + c];
+                    for (uint64_t k = 0; k < w; k++)
+                        G[r * w + k] -= f * G[c * w + k];
+                }
+        }
+        for (uint64_t i = 0; i < m; i++)
+            for (uint64_t j = 0; j < q; j++)
+                for (uint64_t t = 0; t < n; t++)
+                    U[i * q + j] += Wa[i * n + t] * G[t * w + n + j];
+        free(G);
+    }
+    for (uint64_t j = 0; j < q; j++) {
+        double s = 0;
+        for (uint64_t i = 0; i < m; i++)
+            s += U[i * q + j] * U[i * q + j];
+        for (uint64_t i = 0; i < m; i++)
+            U[i * q + j] = (double)(float)(U[i * q + j] / sqrt(s));
+    }
+    double tol = 0;
+    for (uint64_t j = 0; j < q; j++) {
+        double mu = 0, v = 0;
+        for (uint64_t i = 0; i < m; i++)
+            mu += U[i * q + j] / (double)m;
+        for (uint64_t i = 0; i < m; i++) {
+            U[i * q + j] -= mu;
+            v += U[i * q + j] * U[i * q + j] / (double)m;
+        }
+        tol += v * 1e-4 / (double)q;
+    }
+    /* RandomState(123456789).choice(m, K, replace=False, p=ones/m) */
+    mt19937 g;
+    mt19937_seed(&g, 123456789u);
+    double *p = malloc(m * sizeof(double)), *cdf = malloc(m * sizeof(double));
+    for (uint64_t i = 0; i < m; i++)
+        p[i] = (double)(1.0f / (float)m);
+    int seeds[8], got = 0;
+    while (got < K) {
+        double x[8];
+        int want = K - got, before = got;
+        for (int t = 0; t < want; t++)
+            x[t] = as_udouble(&g);
+        for (int t = 0; t < got; t++)
+            p[seeds[t]] = 0;
+        double s = 0;
+        for (uint64_t i = 0; i < m; i++)
+            cdf[i] = (s += p[i]);
+        for (int t = 0; t < want; t++) {
+            uint64_t i = 0;
+            while (i < m && cdf[i] / s <= x[t])
+                i++;
+            int dup = 0;
+            for (int u = before; u < got; u++)
+                dup |= seeds[u] == (int)i;
+            if (!dup)
+                seeds[got++] = (int)i;
+        }
+    }
+    double C[8 * 8], Cn[8 * 8];
+    for (int k = 0; k < K; k++)
+        for (uint64_t j = 0; j < q; j++)
+            C[k * q + j] = U[(uint64_t)seeds[k] * q + j];
+    int *old = malloc(m * sizeof(int)), strict = 0;
+    for (uint64_t i = 0; i < m; i++)
+        old[i] = -1;
+    for (int it = 0; it < 11; it++) {
+        for (uint64_t i = 0; i < m; i++) {
+            double best = INFINITY;
+            for (int k = 0; k < K; k++) {
+                double d = 0;
+                for (uint64_t j = 0; j < q; j++)
+                    d += (U[i * q + j] - C[k * q + j]) * (U[i * q + j] - C[k * q + j]);
+                if (d < best) {
+                    best = d;
+                    lab[i] = k;
+                }
+            }
+        }
+        if (it == 10 || strict)
+            break; /* the labels of the last centers */
+        double shift = 0;
+        for (int k = 0; k < K; k++) {
+            int nk = 0;
+            for (uint64_t j = 0; j < q; j++)
+                Cn[k * q + j] = 0;
+            for (uint64_t i = 0; i < m; i++)
+                if (lab[i] == k) {
+                    nk++;
+                    for (uint64_t j = 0; j < q; j++)
+                        Cn[k * q + j] += U[i * q + j];
+                }
+            cr_assert_gt(nk, 0, "reference: an empty cluster");
+            for (uint64_t j = 0; j < q; j++) {
+                Cn[k * q + j] /= nk;
+                shift += (Cn[k * q + j] - C[k * q + j]) * (Cn[k * q + j] - C[k * q + j]);
+                C[k * q + j] = Cn[k * q + j];
+            }
+        }
+        int same = memcmp(old, lab, m * sizeof(int)) == 0;
+        memcpy(old, lab, m * sizeof(int));
+        if (same)
+            break; /* strict: these labels stand (the centers moved, the labels do not) */
+        if (shift <= tol)
+            strict = 1; /* one more assignment with the new centers */
+    }
+    free(old);
+    free(p);
+    free(cdf);
+    free(U);
+}
+
+/* the augmented base [W | b] of a module, logical [O, I (+1)] */
+static double *as_waug(const mt_ctx *c, const mt_mod *m, uint64_t *n)
+{
+    *n = m->I + (m->b >= 0);
+    double *w = malloc(m->O * *n * sizeof(double));
+    for (uint64_t o = 0; o < m->O; o++) {
+        for (uint64_t i = 0; i < m->I; i++)
+            w[o * *n + i] = c->base[m->w].v[o * m->I + i];
+        if (m->b >= 0)
+            w[o * *n + m->I] = c->base[m->b].v[o];
+    }
+    return w;
+}
+
+/* a module whose U rows cluster around K points; q = 3; bad: subspace 1's B one row short, 0's one long */
+static void adamss_mod(mt_ctx *c, mt_mod *m, int K, int bad)
+{
+    const uint64_t q = 3;
+    uint64_t n = m->I + (m->b >= 0);
+    m->r = K;
+    mt_t *W = &c->base[m->w];
+    static const double pts[4][3] = {{1, 0, 0.2}, {0, 1, -0.3}, {-0.7, -0.6, 0.1}, {0.2, -0.9, 1}};
+    for (uint64_t o = 0; o < m->O; o++) { /* [W | b] = X Vᵀ + small, V = the first q unit vectors */
+        uint64_t g = (o * 7 + 3) % (uint64_t)K;
+        for (uint64_t i = 0; i < n; i++) {
+            double x = i < q ? 0.05 * (pts[g][i] + 0.05 * th_rand_normal(&c->rng)) : 0.004 * th_rand_normal(&c->rng);
+            if (i < m->I)
+                mt_set(W, o * m->I + i, x);
+            else
+                mt_set(&c->base[m->b], o, x);
+        }
+    }
+    mt_t *nb = mt_part(c, m, "adamss_newB", SH(q, n), 0, 0);
+    for (uint64_t j = 0; j < q; j++) { /* mostly the first q unit vectors; the last column (a bias) too */
+        mt_set(nb, j * n + j, 1.0);
+        mt_set(nb, j * n + n - 1, 0.3 - 0.2 * (double)j);
+    }
+    double *Wa = as_waug(c, m, &n), V[64 * 3];
+    for (uint64_t t = 0; t < n; t++)
+        for (uint64_t j = 0; j < q; j++)
+            V[t * q + j] = nb->v[j * n + t];
+    int lab[64], cnt[4] = {0};
+    as_labels(Wa, m->O, n, V, q, K, lab);
+    free(Wa);
+    for (uint64_t o = 0; o < m->O; o++)
+        cnt[lab[o]]++;
+    for (int k = 0; k < K; k++) {
+        char nm[32];
+        uint64_t rk = k == 1 ? 2 : 1, len = (uint64_t)cnt[k] + (bad ? (k == 0) - (k == 1) : 0);
+        snprintf(nm, sizeof nm, "adamss_A.%d", k);
+        mt_part(c, m, nm, SH(rk, q), 0, 0.5);
+        snprintf(nm, sizeof nm, "adamss_B.%d", k);
+        mt_part(c, m, nm, SH(len, rk), 0, 0.3);
+    }
+}
+
+static void gen_adamss_k(mt_ctx *c, int bad)
+{
+    adamss_mod(c, mt_module(c, "model.layers.0.self_attn.q_proj", LIN, 13, 17, 0), 3, bad); /* wide */
+    adamss_mod(c, mt_module(c, "model.layers.0.mlp.down_proj", LIN, 21, 6, 1), 3, 0);       /* tall, bias */
+}
+static void gen_adamss(mt_ctx *c) { gen_adamss_k(c, 0); }
+static void bad_adamss(mt_ctx *c) { gen_adamss_k(c, 1); }
+
+static void ref_adamss(mt_ctx *c)
+{
+    for (int mi = 0; mi < c->nm; mi++) {
+        const mt_mod *m = &c->mod[mi];
+        uint64_t n, q = 3;
+        double *Wa = as_waug(c, m, &n), V[64 * 3];
+        const double *nb = mt_get(c, m, "adamss_newB");
+        for (uint64_t t = 0; t < n; t++)
+            for (uint64_t j = 0; j < q; j++)
+                V[t * q + j] = nb[j * n + t];
+        int lab[64];
+        as_labels(Wa, m->O, n, V, q, m->r, lab);
+        for (int k = 0; k < m->r; k++) { /* subspace k: its rows ascending, += B_k A_k newB */
+            char na[32], nbn[32];
+            snprintf(na, sizeof na, "adamss_A.%d", k);
+            snprintf(nbn, sizeof nbn, "adamss_B.%d", k);
+            const mt_t *A = mt_opt(c, m, na), *B = mt_opt(c, m, nbn);
+            uint64_t rk = A->shape[0], at = 0;
+            for (uint64_t o = 0; o < m->O; o++) {
+                if (lab[o] != k)
+                    continue;
+                for (uint64_t i = 0; i < n; i++) {
+                    double d = 0;
+                    for (uint64_t a = 0; a < rk; a++)
+                        for (uint64_t t = 0; t < q; t++)
+                            d += B->v[at * rk + a] * A->v[a * q + t] * nb[t * n + i];
+                    if (i < m->I)
+                        Wa[o * n + i] += m->s * d;
+                    else
+                        Wa[o * n + i] += m->s * d;
+                }
+                at++;
+            }
+            cr_assert_eq(at, B->shape[0], "reference: subspace %d has %llu rows, B %llu", k, (unsigned long long)at,
+                         (unsigned long long)B->shape[0]);
+        }
+        double *rw = mt_ref_of(c, m->w);
+        for (uint64_t o = 0; o < m->O; o++)
+            for (uint64_t i = 0; i < m->I; i++)
+                rw[o * m->I + i] = Wa[o * n + i];
+        if (m->b >= 0) {
+            double *rb = mt_ref_of(c, m->b);
+            for (uint64_t o = 0; o < m->O; o++)
+                rb[o] = Wa[o * n + m->I];
+        }
+        free(Wa);
+    }
 }
 
 /* ---- UNILORA (docs/adapter-types.md): B A with A[j, i] = θ[iA[j, i]] / sqrt(count of iA[j, i]) ------ */
@@ -2782,7 +3105,10 @@ static const mt_row mt_rows[] = {
     {"DEFT", 0, NULL, delta_deft,
      {{"relu, Linear and Conv1D", "{\"peft_type\": \"DEFT\", \"r\": 3, " TGT_QC "}", gen_deft},
       {"alpha 6", "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 6, " TGT_QV "}", gen_deft_alpha},
-      {"para", "{\"peft_type\": \"DEFT\", \"r\": 3, \"para\": true, " TGT_QV "}", gen_deft_para}},
+      {"para", "{\"peft_type\": \"DEFT\", \"r\": 3, \"para\": true, " TGT_QV "}", gen_deft_para},
+      {"qr, alpha 6, Linear and Conv1D",
+       "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 6, \"decomposition_method\": \"qr\", " TGT_QC "}",
+       gen_deft_qr}},
      {"deft_R one row too many", NULL, bad_deft},
      "model.layers.0.self_attn.q_proj"},
     {"OFT", 0, ref_oft, NULL,
@@ -2854,6 +3180,13 @@ static const mt_row mt_rows[] = {
        gen_tinylora_tied}},
      {"down_proj's tinylora_P drawn from another seed", NULL, bad_tinylora},
      "model.layers.0.mlp.down_proj"},
+    {"ADAMSS", 1, ref_adamss, NULL,
+     {{"rows of each subspace from the KMeans of the base's singular vectors; wide Linear, tall Linear with bias",
+       "{\"peft_type\": \"ADAMSS\", \"r\": 3, \"num_subspaces\": 3, "
+       "\"target_modules\": [\"q_proj\", \"down_proj\"]}",
+       gen_adamss}},
+     {"q_proj's subspaces 0 and 1 one row longer and shorter than the clustering", NULL, bad_adamss},
+     "model.layers.0.self_attn.q_proj"},
     {"UNILORA", 1, NULL, delta_unilora,
      {{"indices regenerated (numpy's PCG64) in llama's module order, choice + shuffle",
        "{\"peft_type\": \"UNILORA\", \"r\": 2, \"theta_d_length\": 24, \"proj_seed\": 7, "
@@ -3224,6 +3557,7 @@ MT_TEST(PSOFT)
 MT_TEST(OSF)
 MT_TEST(FROD)
 MT_TEST(UNILORA)
+MT_TEST(ADAMSS)
 MT_TEST(TINYLORA)
 MT_TEST(PEANUT)
 MT_TEST(SUPERTUNING)
@@ -3298,6 +3632,7 @@ Test(methods, table_is_complete)
         "OSF",
         "FROD",
         "UNILORA",
+        "ADAMSS",
         "TINYLORA",
         "PEANUT",
         "SUPERTUNING",

@@ -3,6 +3,7 @@
 #include "exec.h"
 
 #include "compat.h"
+#include "exec_exact.h"
 #include "exec_lowrank.h"
 #include "exec_quant.h"
 #include "gemm_tile.h"
@@ -86,7 +87,7 @@ typedef struct {
     lm_prepared *prep;   /* [n_ops], or NULL */
     double *col_scale;   /* column DoRA: per-column factors (the column pass), or NULL */
     lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
-    int uses_exact;      /* the tensor takes the exact path (decided before the run) */
+    lm_exact_kind exact_kind; /* the certified path it takes (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
@@ -208,7 +209,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
         }
         if (rc == LM_OK && t->q != NULL)
             rc = lm_xq_load_scales(t, J->model, &rt->qscale, err);
-        if (rc == LM_OK && rt->uses_exact && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
+        if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc != LM_OK) {
             lm_err_set_tensor(err, t->name);
@@ -658,7 +659,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     const uint8_t *src = tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
-    if (J->rt[ti].uses_exact) { /* base bytes -> output bytes; the statistics from the bytes written */
+    if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
         if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
         const uint8_t *xsrc = src;
@@ -680,7 +681,13 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const w
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
-    apply_ops(J, ti, 0, t->n_ops, &tile);
+    if (J->rt[ti].exact_kind == LM_EXACT_SCALE) /* one rounding of the exact product (exec_exact.h) */
+        __atomic_add_fetch(&J->rt[ti].n_recomputed,
+                           lm_exact_scale_tile(ws->acc, r0, nr, t->cols, J->rt[ti].prep[0].a, t->ops[0].axis,
+                                               lm_kdtype_of(t->dtype), !J->lowrank_flags),
+                           __ATOMIC_RELAXED);
+    else
+        apply_ops(J, ti, 0, t->n_ops, &tile);
     lm_qstats qs = {0};
     if (requant) {
         *n_pieces = lm_xq_requant(t, J->rt[ti].qscale, ws->acc, ws->codes, r0, nr, ws->out, ws->qscales, &qs, pieces);
@@ -708,6 +715,28 @@ static lm_code base_ended(const lm_st_file *f, const char *tensor, lm_err *err)
             tensor);
     lm_err_set_path(err, lm_st_path(f));
     return LM_E_IO;
+}
+
+/* A tile of rows (e, o) of a weight written as [E, in, out] (gpt-oss MXFP4 experts with --dtype,
+ * plan_quant_mx.c): per expert the tile covers, its k rows go transposed into columns o .. o + k
+ * of that expert's `in` rows, one write per row (buf: room for the tile). */
+static lm_code write_transposed(lm_st_writer *w, uint64_t dst, const lm_plan_tensor *t, const uint8_t *out, uint64_t r0,
+                                uint64_t nr, uint8_t *buf, lm_err *err)
+{
+    const uint64_t O = t->q->view.shape[1], In = t->cols;
+    const size_t esz = lm_dtype_bits(t->dtype) / 8;
+    for (uint64_t r = r0; r < r0 + nr;) {
+        const uint64_t e = r / O, o0 = r % O, k = O - o0 < r0 + nr - r ? O - o0 : r0 + nr - r;
+        for (uint64_t i = 0; i < k; i++)
+            for (uint64_t h = 0; h < In; h++)
+                memcpy(buf + (h * k + i) * esz, out + ((r - r0 + i) * In + h) * esz, esz);
+        for (uint64_t h = 0; h < In; h++)
+            if (lm_st_writer_pwrite(w, buf + h * k * esz, (size_t)(k * esz), dst + ((e * In + h) * O + o0) * esz,
+                                    err) != LM_OK)
+                return err->code;
+        r += k;
+    }
+    return LM_OK;
 }
 
 static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const workspace *ws, lm_err *err)
@@ -757,7 +786,9 @@ static lm_code run_task(job *J, const task *tk, struct tile_stat *ts, const work
     size_t n_pieces = 0;
     lm_code rc = compute_tile(J, tk->tensor, r0, nr, ws, ts, pieces, &n_pieces, err);
     uint64_t row = t->q != NULL && t->dtype == t->src_dtype ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->dtype) / 8);
-    if (rc == LM_OK)
+    if (rc == LM_OK && t->q != NULL && t->q->out_transposed)
+        rc = write_transposed(w, dst, t, ws->out, r0, nr, (uint8_t *)ws->scratch, err);
+    else if (rc == LM_OK)
         rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * row), dst + r0 * row, err);
     for (size_t k = 0; k < n_pieces && rc == LM_OK; k++) { /* the tile's scales, in the scale tensors */
         lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];
@@ -980,12 +1011,11 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
     return LM_OK;
 }
 
-/* the tensors that take the exact low-rank path (exec_lowrank.h) */
+/* the tensors that take a certified path (exec_exact.h) */
 static void mark_exact_tensors(job *J)
 {
     for (size_t i = 0; i < J->plan->n; i++)
-        J->rt[i].uses_exact = J->rt[i].tiles_left > 0 && J->plan->t[i].q == NULL &&
-                              lm_lowrank_tensor_eligible(&J->plan->t[i]);
+        J->rt[i].exact_kind = J->rt[i].tiles_left > 0 ? lm_exact_kind_of(&J->plan->t[i]) : LM_EXACT_NONE;
 }
 
 /* the exact path's counters, per tensor (opts->recomputed) and in total */
@@ -994,8 +1024,8 @@ static void exact_stats(const job *J, const lm_exec_opts *opts, lm_exec_stats *s
     for (size_t i = 0; i < J->plan->n; i++) {
         const tensor_rt *rt = &J->rt[i];
         if (opts && opts->recomputed)
-            opts->recomputed[i] = rt->uses_exact ? rt->n_recomputed : UINT64_MAX;
-        if (rt->uses_exact) {
+            opts->recomputed[i] = rt->exact_kind != LM_EXACT_NONE ? rt->n_recomputed : UINT64_MAX;
+        if (rt->exact_kind != LM_EXACT_NONE) {
             st->n_exact_tensors++;
             st->n_exact_elems += J->plan->t[i].rows * J->plan->t[i].cols;
             st->n_recomputed += rt->n_recomputed;

@@ -5,6 +5,7 @@
 #include "lm_error.h"
 #include "plan_quant_bnb.h"
 #include "quant_bnb.h"
+#include "quant_mx.h"
 #include "st_reader.h"
 
 #include <stdlib.h>
@@ -67,6 +68,9 @@ static void dequant_tile(const lm_plan_tensor *t, const float *tscales, float gl
     const lm_qtensor *q = t->q;
     (void)global;
     switch (q->fmt) {
+    case LM_Q_MXFP4: /* E2M1 pairs times the E8M0 scale of their group of 32 */
+        lm_mxfp4_dequant(codes, tscales, nr, t->cols, dst);
+        break;
     default: /* FP8 codes times the scale of their block */
         lm_fp8_block_dequant(codes, tscales, q->scols, q->br, q->bc, nr, t->cols, dst);
         break;
@@ -104,6 +108,9 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
     switch (q->fmt) {
     case LM_Q_CT_FP8: /* compressed-tensors' rule, scales in their dtype */
         lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype, out, qbuf, st);
+        break;
+    case LM_Q_MXFP4: /* triton_kernels' downcast_to_mxfp_torch (transformers' quantize_to_mxfp4) */
+        lm_mxfp4_requant(acc, codes0, s0, nr, t->cols, out, qbuf, st);
         break;
     default: /* block FP8 (transformers' FineGrainedFP8 rule) */
         lm_fp8_block_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, out, qbuf, st);

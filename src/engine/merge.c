@@ -406,6 +406,13 @@ static int output_quantized(const lm_plan *p)
         for (size_t k = 0; k < sizeof quant / sizeof *quant; k++)
             if (name_ends_with(t->name, quant[k]) || strstr(t->name, ".quant_state.") != NULL)
                 return 1;
+        /* parameters (no ".weight"): gpt-oss MXFP4 "P_blocks"/"P_scales", FP8 experts "P_scale_inv" */
+        static const char *const param_quant[] = {"_blocks", "_scales", "_scale_inv"};
+        for (size_t k = 0; k < sizeof param_quant / sizeof *param_quant; k++) {
+            size_t n = strlen(t->name), m = strlen(param_quant[k]);
+            if (n > m && strcmp(t->name + n - m, param_quant[k]) == 0 && (k > 0 || t->dtype == LM_DT_U8))
+                return 1;
+        }
         lm_dtype d = t->dtype;
         if (name_ends_with(t->name, ".weight") && d != LM_DT_F16 && d != LM_DT_BF16 && d != LM_DT_F32 &&
             d != LM_DT_F64 && d != LM_DT_BOOL)

@@ -6,10 +6,13 @@
 
 #include "compat.h"
 #include "lm_error.h"
+#include "lm_kernels.h"
+#include "lm_sys.h"
 #include "peft_match.h"
 #include "st_reader.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -511,6 +514,68 @@ const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i)
     if (ctx->P->views != NULL && ctx->P->views[i] != NULL)
         return ctx->P->views[i];
     return lm_model_tensor(ctx->P->model, (size_t)i)->info;
+}
+
+lm_code lm_ctx_base_f64(lm_plan_ctx *ctx, long i, double *out, lm_err *err)
+{
+    const lm_model_entry *e = lm_model_tensor(ctx->P->model, (size_t)i);
+    const lm_tensor_info *t = e->info;
+    lm_dtype dt = t->dtype;
+    if ((ctx->P->views != NULL && ctx->P->views[i] != NULL) ||
+        !(dt == LM_DT_BF16 || dt == LM_DT_F16 || dt == LM_DT_F32 || dt == LM_DT_F64)) {
+        lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedDType", "the merge needs this weight's values while planning, "
+                "which lora-merge reads from BF16, F16, F32 and F64 tensors only (this one is %s%s)",
+                lm_dtype_name(dt), ctx->P->views != NULL && ctx->P->views[i] != NULL ? ", quantized" : "");
+        lm_err_set_tensor(err, t->name);
+        return LM_E_UNSUPPORTED;
+    }
+    const lm_st_file *f = lm_model_file(ctx->P->model, e->file);
+    size_t esz = lm_dtype_bits(dt) / 8, n = (size_t)t->n_elems;
+    uint8_t *raw = malloc(n * esz + 1);
+    if (raw == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    int fd = lm_st_fd(f);
+    size_t got = 0;
+    if (fd < 0)
+        memcpy(raw, lm_st_data(f) + t->begin, n * esz), got = n * esz;
+    while (got < n * esz) {
+        ssize_t k = lm_sys_pread(fd, raw + got, n * esz - got, (off_t)(lm_st_data_offset(f) + t->begin + got));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            free(raw);
+            if (k == 0)
+                lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated "
+                        "while the merge read it; nothing was written", t->name);
+            else
+                lm_fail_errno(err, errno, "cannot read tensor '%s'", t->name);
+            lm_err_set_path(err, lm_st_path(f));
+            return LM_E_IO;
+        }
+        got += (size_t)k;
+    }
+    for (size_t k = 0; k < n; k++) {
+        const uint8_t *p = raw + k * esz;
+        if (dt == LM_DT_F64) {
+            memcpy(&out[k], p, 8);
+        } else if (dt == LM_DT_F32) {
+            float v;
+            memcpy(&v, p, 4);
+            out[k] = v;
+        } else {
+            uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+            float v;
+            if (dt == LM_DT_BF16) {
+                uint32_t u = (uint32_t)h << 16;
+                memcpy(&v, &u, 4);
+            } else {
+                lm_f16_to_f32_ref(&h, &v, 1);
+            }
+            out[k] = v;
+        }
+    }
+    free(raw);
+    return LM_OK;
 }
 
 long lm_ctx_module_bias(lm_plan_ctx *ctx, const char *module)

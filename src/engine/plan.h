@@ -20,7 +20,7 @@ typedef struct lm_qtensor {
     lm_qformat fmt;
     const lm_model_entry *scale; /* the scale tensor (weight_scale_inv, weight_scale ...) */
     size_t scale_index;          /* its model entry / plan index (before dropping) */
-    lm_dtype scale_dtype;        /* of scale: F32, BF16, F16 or F8_E4M3 (read exactly as f32) */
+    lm_dtype scale_dtype;        /* of scale: F32, BF16, F16, F8_E4M3 or U8 = E8M0 (read exactly as f32) */
     const lm_model_entry *scale2; /* a second, per-tensor scale (NVFP4's global scale), or NULL */
     size_t scale2_index;
     uint64_t br, bc;             /* block rows and columns (one scale each) */
@@ -30,6 +30,8 @@ typedef struct lm_qtensor {
     uint64_t row_bytes;          /* bytes of codes per row (cols for 8-bit codes, cols / 2 packed 4-bit) */
     const void *ext;             /* the format's own (plan blob; bitsandbytes: lm_bnb_qinfo), or NULL */
     lm_tensor_info view;         /* what the methods see (dtype F32) */
+    int out_transposed;          /* written dequantized as [E, in, out] from the view's rows [E, out, in]
+                                  * (gpt-oss MXFP4 experts, plan_quant_mx.c) */
 } lm_qtensor;
 
 typedef struct lm_plan_tensor {
@@ -96,6 +98,12 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
  *  @return LM_OK, or an error naming the tensor (missing scale, bad scale shape or dtype). */
 lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
                              const lm_tensor_info **views, lm_err *err);
+/*! lm_plan_quant_is_mx_blocks() / lm_plan_quant_attach_mx() : (plan_quant_mx.c) a gpt-oss MXFP4
+ *  "P_blocks" tensor, and marking it (its view [E, out, in], its scales; --dtype: renamed P,
+ *  [E, in, out]).  @return LM_OK, or an error naming the blocks or scales */
+int lm_plan_quant_is_mx_blocks(const lm_qscheme *s, const lm_tensor_info *w);
+lm_code lm_plan_quant_attach_mx(lm_plan *p, const lm_model *model, const lm_plan_opts *o, size_t i,
+                                const lm_tensor_info **views, lm_err *err);
 /*! lm_plan_quant_finish() : after planning: the scales of changed weights kept quantized are
  *  written by the weights' tiles; dropped tensors leave the plan.  @return LM_OK or NOMEM. */
 lm_code lm_plan_quant_finish(lm_plan *p, lm_err *err);

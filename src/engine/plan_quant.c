@@ -25,7 +25,9 @@ static lm_code q_fail(lm_err *err, const char *tensor, const char *fmt, const ch
     return LM_E_MISMATCH;
 }
 
-/* block FP8: W F8_E4M3 [out, in] with W_scale_inv F32 [ceil(out/br), ceil(in/bc)] */
+/* block FP8: W F8_E4M3 [out, in] with W_scale_inv F32 [ceil(out/br), ceil(in/bc)], or an expert
+ * stack P [E, out, in] with P_scale_inv [E, ceil(out/br), ceil(in/bc)] (transformers' FP8Experts),
+ * tiled as [E*out, in]: with out a multiple of br its scale rows are the 2-D grid's */
 static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qscheme *s, size_t i, lm_qtensor **out,
                                 lm_err *err)
 {
@@ -44,16 +46,24 @@ static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qsch
     const lm_tensor_info *sc = se->info;
     uint64_t br = s && s->fmt == LM_Q_FP8_BLOCK ? s->block_rows : 128;
     uint64_t bc = s && s->fmt == LM_Q_FP8_BLOCK ? s->block_cols : 128;
-    if (w->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "block FP8 weight '%s' is %zu-D: only 2-D "
-                       "weights are dequantized", w->name, w->n_dims);
+    const size_t nd = w->n_dims;
+    if (nd != 2 && nd != 3)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "block FP8 weight '%s' is %zu-D: 2-D "
+                       "weights and 3-D expert stacks are dequantized", w->name, nd);
+    const uint64_t E = nd == 3 ? w->shape[0] : 1, O = w->shape[nd - 2], I = w->shape[nd - 1];
+    if (nd == 3 && O % br != 0)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "block FP8 expert stack '%s' has %llu rows "
+                       "per expert, not a multiple of the block's %llu", w->name, (unsigned long long)O,
+                       (unsigned long long)br);
     if (sc->dtype != LM_DT_F32)
         return q_fail(err, sc->name, "scale tensor '%s' is %s: block FP8 scales must be F32", sc->name,
                       lm_dtype_name(sc->dtype));
-    uint64_t want_r = ceil_div(w->shape[0], br), want_c = ceil_div(w->shape[1], bc);
-    if (sc->n_dims != 2 || sc->shape[0] != want_r || sc->shape[1] != want_c) {
-        char a[160], b[64];
-        snprintf(a, sizeof a, "%s [%llu, %llu]", sc->name, (unsigned long long)want_r, (unsigned long long)want_c);
+    uint64_t want_r = ceil_div(O, br), want_c = ceil_div(I, bc);
+    if (sc->n_dims != nd || (nd == 3 && sc->shape[0] != E) || sc->shape[nd - 2] != want_r || sc->shape[nd - 1] != want_c) {
+        char a[200], b[64], e[32] = "";
+        if (nd == 3)
+            snprintf(e, sizeof e, "%llu, ", (unsigned long long)E);
+        snprintf(a, sizeof a, "%s [%s%llu, %llu]", sc->name, e, (unsigned long long)want_r, (unsigned long long)want_c);
         snprintf(b, sizeof b, "%llux%llu", (unsigned long long)br, (unsigned long long)bc);
         return q_fail(err, sc->name, "scale tensor has the wrong shape: expected %s for blocks of %s",
                       a, b);
@@ -67,10 +77,12 @@ static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qsch
     q->scale_dtype = LM_DT_F32;
     q->br = br;
     q->bc = bc;
-    q->srows = want_r;
+    q->srows = E * want_r;
     q->scols = want_c;
     q->tile_rows = br;
-    q->row_bytes = w->shape[1];
+    q->row_bytes = I;
+    p->t[i].rows = E * O;
+    p->t[i].cols = I;
     q->view = *w;
     q->view.dtype = LM_DT_F32;
     *out = q;
@@ -83,6 +95,11 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
     size_t n = lm_model_n_tensors(model);
     for (size_t i = 0; i < n; i++) {
         const lm_tensor_info *w = lm_model_tensor(model, i)->info;
+        if (lm_plan_quant_is_mx_blocks(s, w)) {
+            if (lm_plan_quant_attach_mx(p, model, o, i, views, err) != LM_OK)
+                return err->code;
+            continue;
+        }
         if (s != NULL && lm_qscheme_skips(s, w->name))
             continue;
         int bnb = 0; /* bitsandbytes: the tensors decide (plan_quant_bnb.c) */

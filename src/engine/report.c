@@ -4,7 +4,7 @@
  * prints nothing (the CLI does). */
 #include "report.h"
 
-#include "exec_lowrank.h"
+#include "exec_exact.h"
 #include "inputs.h"
 #include "lm_error.h"
 #include "method.h"
@@ -285,7 +285,7 @@ lm_code lm_report_plan_exact(lm_report_impl *ri, const lm_plan *p, lm_err *err)
     if (ri->recomputed == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (size_t i = 0; i < p->n; i++) /* a dry run does not change them */
-        ri->recomputed[i] = lm_lowrank_tensor_eligible(&p->t[i]) ? 0 : UINT64_MAX;
+        ri->recomputed[i] = lm_exact_kind_of(&p->t[i]) != LM_EXACT_NONE ? 0 : UINT64_MAX;
     return LM_OK;
 }
 
@@ -729,6 +729,30 @@ static int inspect_bnb(const lm_model *m, const lm_qscheme *s, char *buf, size_t
     return 1;
 }
 
+/* an MXFP4 (gpt-oss) model: its "P_blocks" U8 tensors that have "P_scales" */
+static void inspect_mx(const lm_model *m, char *buf, size_t cap, cJSON *root)
+{
+    size_t n_q = 0;
+    for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
+        const lm_tensor_info *t = lm_model_tensor(m, i)->info;
+        size_t n = strlen(t->name);
+        char name[1100];
+        if (t->dtype != LM_DT_U8 || n < 7 || strcmp(t->name + n - 7, "_blocks") != 0)
+            continue;
+        snprintf(name, sizeof name, "%.*s_scales", (int)(n - 7), t->name);
+        n_q += lm_model_find(m, name, NULL) != NULL;
+    }
+    const char *fmt = "MXFP4 (E2M1 blocks, E8M0 scales per 32)";
+    snprintf(buf, cap, "quantization: %s, quant_method mxfp4, %zu quantized weights\n", fmt, n_q);
+    if (root) {
+        cJSON *q = cJSON_AddObjectToObject(root, "quantization");
+        cJSON_AddStringToObject(q, "format", fmt);
+        cJSON_AddStringToObject(q, "quant_method", "mxfp4");
+        cJSON_AddNumberToObject(q, "group", 32);
+        cJSON_AddNumberToObject(q, "quantized_weights", (double)n_q);
+    }
+}
+
 /* the quantization format of a model: its config's scheme and the quantized weights found */
 static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t cap, cJSON *root)
 {
@@ -745,6 +769,11 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         return;
     }
     if (inspect_bnb(m, &s, buf, cap, root)) {
+        lm_qscheme_free(&s);
+        return;
+    }
+    if (s.fmt == LM_Q_MXFP4) {
+        inspect_mx(m, buf, cap, root);
         lm_qscheme_free(&s);
         return;
     }

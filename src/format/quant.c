@@ -4,6 +4,7 @@
 
 #include "lm_error.h"
 #include "quant_ct.h"
+#include "quant_mx.h"
 #include "st_json.h"
 
 #include <math.h>
@@ -20,7 +21,7 @@ static const st_json_node *member(const st_json_doc *d, const st_json_node *o, c
 }
 
 /* methods whose tensors lora-merge reads as they are (float weights, or refused by dtype) */
-static const char *const KNOWN_OTHER[] = {"bitsandbytes", "gptq", "awq", "compressed-tensors", "mxfp4", "modelopt",
+static const char *const KNOWN_OTHER[] = {"bitsandbytes", "gptq", "awq", "compressed-tensors", "modelopt",
                                           "fbgemm_fp8", "torchao", "hqq", "quanto", "eetq", "bitnet", "aqlm",
                                           "gptqmodel", "vptq", "higgs", "spqr", "fp_quant", "auto-round", "quark"};
 
@@ -127,6 +128,8 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
     if (strcmp(s->method, "compressed-tensors") == 0) {
         if ((rc = lm_qscheme_parse_ct(&d, qc, s, err)) != LM_OK)
             goto done;
+    } else if (strcmp(s->method, "mxfp4") == 0) {
+        s->fmt = LM_Q_MXFP4;
     } else if (strcmp(s->method, "fp8") == 0) {
         s->fmt = LM_Q_FP8_BLOCK;
         if ((rc = parse_block(&d, qc, s, err)) != LM_OK)
@@ -441,6 +444,9 @@ void lm_q_scales_to_f32(lm_dtype dt, const void *src, size_t n, float *dst)
             memcpy(&h, b + 2 * i, 2);
             dst[i] = f16_value(h);
             break;
+        case LM_DT_U8: /* E8M0 (MXFP4) */
+            dst[i] = lm_e8m0_value(b[i]);
+            break;
         default: /* F8_E4M3 */
             dst[i] = e4m3_decode(b[i]);
             break;
@@ -464,6 +470,9 @@ void lm_q_scales_from_f32(lm_dtype dt, const float *src, size_t n, void *dst)
         case LM_DT_F16:
             h = f32_to_f16(src[i]);
             memcpy(b + 2 * i, &h, 2);
+            break;
+        case LM_DT_U8: /* E8M0 (MXFP4): the scales are powers of two */
+            b[i] = lm_e8m0_from_f32(src[i]);
             break;
         default: /* F8_E4M3 */
             b[i] = lm_f32_to_fp8_e4m3(src[i]);

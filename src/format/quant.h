@@ -18,6 +18,7 @@ typedef enum {
     LM_Q_MO_NVFP4,   /* ModelOpt NVFP4 (hf_quant_config.json): weight U8, weight_scale, weight_scale_2 */
     LM_Q_BNB4,       /* bitsandbytes load_in_4bit: packed NF4/FP4 codes, absmax per 64 (quant_bnb.h) */
     LM_Q_BNB8,       /* bitsandbytes load_in_8bit: I8 weight, SCB per row */
+    LM_Q_MXFP4,      /* quant_method "mxfp4" (gpt-oss): P_blocks U8 (E2M1 pairs), P_scales U8 (E8M0) per 32 */
     LM_Q_OTHER,      /* a method lora-merge knows but does not dequantize (the tensors decide) */
 } lm_qformat;
 
@@ -44,7 +45,7 @@ void lm_qscheme_free(lm_qscheme *s);
 /*! lm_qscheme_skips() : 1 when the module of tensor name is listed as not quantized */
 int lm_qscheme_skips(const lm_qscheme *s, const char *name);
 
-/* ---- scale tensors: F32, BF16, F16 or F8_E4M3 ---- */
+/* ---- scale tensors: F32, BF16, F16, F8_E4M3, or U8 holding E8M0 (MXFP4) ---- */
 /*! lm_q_scales_to_f32() : n scales of dtype dt (bytes src, any alignment) to f32, exactly */
 void lm_q_scales_to_f32(lm_dtype dt, const void *src, size_t n, float *dst);
 /*! lm_q_scales_from_f32() : n f32 scales to dtype dt, rounded to nearest even (F8_E4M3

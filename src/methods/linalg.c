@@ -369,3 +369,44 @@ int lm_qr_q(double *A, size_t m, size_t n)
     free(a);
     return info != 0 ? -2 : 0;
 }
+typedef void (*dgels_fn)(const char *trans, const int *m, const int *n, const int *nrhs, double *a, const int *lda,
+                         double *b, const int *ldb, double *work, const int *lwork, int *info);
+
+int lm_min_norm_solve(const double *W, size_t m, size_t n, const double *V, size_t q, double *X)
+{
+    dgels_fn gels = (dgels_fn)lm_blas_sym("dgels_");
+    if (gels == NULL)
+        return -3;
+    if (m < n || m > INT32_MAX || q > INT32_MAX || (double)m * (double)(n > q ? n : q) > INT32_MAX)
+        return -2;
+    int im = (int)m, in = (int)n, iq = (int)q, info = 0, lwork = -1;
+    double wq = 0, *a = malloc(m * n * sizeof *a), *b = malloc(m * q * sizeof *b);
+    if (a == NULL || b == NULL) {
+        free(a);
+        free(b);
+        return -1;
+    }
+    for (size_t i = 0; i < m; i++) /* column-major copies */
+        for (size_t j = 0; j < n; j++)
+            a[i + j * m] = W[i * n + j];
+    memset(b, 0, m * q * sizeof *b);
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < q; j++)
+            b[i + j * m] = V[i * q + j];
+    gels("T", &im, &in, &iq, a, &im, b, &im, &wq, &lwork, &info);
+    lwork = info == 0 && wq >= 1 && wq < (double)INT32_MAX ? (int)wq : (int)(n + (m > q ? m : q)) * 64;
+    double *work = info == 0 ? malloc((size_t)lwork * sizeof *work) : NULL;
+    int rc = info != 0 ? -2 : work == NULL ? -1 : 0;
+    if (rc == 0) {
+        gels("T", &im, &in, &iq, a, &im, b, &im, work, &lwork, &info);
+        rc = info != 0 ? -2 : 0;
+    }
+    if (rc == 0)
+        for (size_t i = 0; i < m; i++)
+            for (size_t j = 0; j < q; j++)
+                X[i * q + j] = b[i + j * m];
+    free(work);
+    free(a);
+    free(b);
+    return rc;
+}

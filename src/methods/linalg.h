@@ -77,4 +77,9 @@ int lm_solve_rows(const double *V, size_t n, double *B, size_t nrhs);
  *  failed or bad sizes, -3 no LAPACK. */
 int lm_qr_q(double *A, size_t m, size_t n);
 
+/*! lm_min_norm_solve() : X [m, q] = the least-norm solution of Wᵀ X = V for the row-major W [m, n]
+ *  (m >= n, full column rank) and V [n, q]: X = W (WᵀW)⁻¹ V, by LAPACK's dgels (QR of W).
+ *  Allocates its workspace.  @return 0, -1 when out of memory, -2 when W is rank-deficient, m < n
+ *  or the sizes exceed LAPACK's 32-bit integers, -3 when OpenBLAS's LAPACK cannot be loaded. */
+int lm_min_norm_solve(const double *W, size_t m, size_t n, const double *V, size_t q, double *X);
 #endif

@@ -22,7 +22,10 @@
  * gate_up_proj[e] = cat(gate[e], up[e]), gate rows first; down_proj[e] = down[e]).  Then every
  * expert tensor gets an ordinary low-rank op of rank r with its slice of the factors.  Either way
  * every op is LOWRANK, so the tensors take the exact low-rank path (each element the exact
- * value rounded once).  The adapter's expert count must be the base's: every expert of the adapter is
+ * value rounded once).  A gpt-oss MXFP4 base holds "<param>_blocks" (transformers dequantizes it
+ * to the parameter [E, in, out]); the planner's F32 view of it is [E, out, in], so the delta is
+ * added there transposed once more (P[e] += delta_e^T is W[e] += delta_e), and a square one is
+ * always in_out (gpt-oss's experts are is_transposed).  The adapter's expert count must be the base's: every expert of the adapter is
  * merged exactly once, and a base with more or fewer experts is refused. */
 #include "lora.h"
 
@@ -48,6 +51,8 @@ typedef struct {
 typedef struct {
     const char *pname;    /* "gate_up_proj" (borrowed from the config) */
     int fused;            /* 1: one tensor (2-D, or 3-D [E, d1, d2]); 0: one tensor per expert and part */
+    int stored_t;         /* fused, MXFP4 (gpt-oss): the base holds "<param>_blocks", whose view is
+                             [E, d2, d1], the parameter's experts transposed */
     long bi;              /* fused: the tensor */
     int nd;               /* fused: its rank (2 or 3) */
     uint64_t E, d1, d2;   /* E = 1 for a 2-D parameter; per expert: E is the base's expert count */
@@ -199,6 +204,22 @@ static lm_code find_param(lm_plan_ctx *ctx, const char *mpath, param_store *ps, 
         lm_err_set_tensor(err, mpath);
         return err->code;
     }
+    /* gpt-oss MXFP4: transformers dequantizes "<param>_blocks" [E, out, in/32, 16] into the
+     * parameter [E, in, out]; the planner's view of the blocks is [E, out, in] */
+    snprintf(buf, sizeof buf, "%s.%s_blocks", mpath, ps->pname);
+    lm_err_clear(&local);
+    bi = lm_ctx_base_named(ctx, buf, &local);
+    if (bi >= 0 && lm_ctx_base(ctx, bi)->n_dims == 3 && lm_ctx_base(ctx, bi)->dtype == LM_DT_F32) {
+        const lm_tensor_info *W = lm_ctx_base(ctx, bi);
+        ps->fused = 1;
+        ps->stored_t = 1;
+        ps->bi = bi;
+        ps->nd = 3;
+        ps->E = W->shape[0];
+        ps->d1 = W->shape[2];
+        ps->d2 = W->shape[1];
+        return LM_OK;
+    }
     return find_split(ctx, mpath, ps, err);
 }
 
@@ -303,6 +324,8 @@ static lm_code assign_group(lm_plan_ctx *ctx, param_mod *g, size_t n, param_stor
         cand[hit].taken = m;
         g[k].ps = &cand[hit];
         g[k].layouts = layouts_fitting(&cand[hit], A, B);
+        if (cand[hit].stored_t && g[k].layouts == 3) /* gpt-oss experts are is_transposed: [E, in, out] */
+            g[k].layouts = 2;
     }
     return LM_OK;
 }
@@ -373,18 +396,21 @@ static lm_code add_ops(lm_plan_ctx *ctx, const param_mod *pm, lm_lora_scale_fn s
     const lm_module *m = pm->m;
     double s = scale_of(cfg, pm->r, pm->alpha);
     uint64_t r = (uint64_t)pm->r, in = pm->in_out ? ps->d1 : ps->d2, out = pm->in_out ? ps->d2 : ps->d1;
-    expert_params ep = {LM_LORA_EXPERTS, m->part[LORA_A], m->part[LORA_B], ps->E, r, 0, 0, ps->d1, ps->d2, pm->in_out};
-    if (ps->fused && ps->nd == 3 && lm_ctx_view_rows(ctx, ps->bi, ps->E * ps->d1, err) != 0) {
+    /* the tensor's experts are [d1, d2], or (stored_t) [d2, d1] with the delta transposed once more */
+    uint64_t t1 = ps->stored_t ? ps->d2 : ps->d1, t2 = ps->stored_t ? ps->d1 : ps->d2;
+    int t_io = pm->in_out ^ ps->stored_t;
+    expert_params ep = {LM_LORA_EXPERTS, m->part[LORA_A], m->part[LORA_B], ps->E, r, 0, 0, t1, t2, t_io};
+    if (ps->fused && ps->nd == 3 && lm_ctx_view_rows(ctx, ps->bi, ps->E * t1, err) != 0) {
         lm_err_set_tensor(err, m->path);
         return err->code;
     }
-    if (ps->fused) { /* expert e: rows e*d1 .. of the view [E*d1, d2] (a 2-D parameter: E = 1) */
+    if (ps->fused) { /* expert e: rows e*t1 .. of the view [E*t1, t2] (a 2-D parameter: E = 1) */
         for (uint64_t e = 0; e < ps->E; e++) {
-            lm_op *op = lm_ctx_add_delta(ctx, ps->bi, LM_OP_LOWRANK, "lora", m->path, r, in, out, pm->in_out, s,
+            lm_op *op = lm_ctx_add_delta(ctx, ps->bi, LM_OP_LOWRANK, "lora", m->path, r, in, out, t_io, s,
                                          sizeof ep, err);
             if (op == NULL)
                 return LM_E_NOMEM;
-            op->row0 = e * ps->d1;
+            op->row0 = e * t1;
             ep.e = e;
             *(expert_params *)op->params = ep;
         }

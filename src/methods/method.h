@@ -167,6 +167,10 @@ size_t lm_ctx_adapter_index(const lm_plan_ctx *ctx);
 const lm_ts_tensor *lm_ctx_shared(const lm_plan_ctx *ctx, const char *name);
 /* base tensor i's header */
 const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i);
+/* base tensor i's values in double (BF16, F16, F32, F64; not a quantized weight), read now: for a
+ * type whose plan depends on the base (AdaMSS's clustering).  out: n_elems doubles.  LM_OK or an
+ * error naming the tensor */
+lm_code lm_ctx_base_f64(lm_plan_ctx *ctx, long i, double *out, lm_err *err);
 /* the number of base tensors (entries 0 .. n - 1) */
 size_t lm_ctx_n_base(const lm_plan_ctx *ctx);
 /* the base's config.json model_type ("llama"), or NULL when it has none */

@@ -39,6 +39,7 @@ extern const lm_method lm_method_psoft;
 extern const lm_method lm_method_osf;
 extern const lm_method lm_method_frod;
 extern const lm_method lm_method_unilora;
+extern const lm_method lm_method_adamss;
 
 /* one type a line (helpers add types in parallel) */
 static const lm_method *const METHODS[] = {
@@ -76,6 +77,7 @@ static const lm_method *const METHODS[] = {
     &lm_method_osf,
     &lm_method_frod,
     &lm_method_unilora,
+    &lm_method_adamss,
 };
 
 const lm_method *lm_method_find(const char *peft_type)

@@ -386,8 +386,9 @@ static lm_code unilora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared
 static void unilora_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)
 {
     const unilora_cfg *f = cfg->mcfg;
-    snprintf(buf, cap, "r: %ld, theta_d_length: %ld, proj_seed: %ld, save_indices: %s\n", f->r, f->length, f->seed,
-             f->save_indices ? "true" : "false");
+    snprintf(buf, cap, "r: %ld, theta_d_length: %ld, proj_seed: %ld, save_indices: %s%s\n", f->r, f->length, f->seed,
+             f->save_indices ? "true" : "false", f->save_indices ? "" : " (the layers come from the base and "
+             "target_modules at merge time, their indices drawn again in model order)");
 }
 
 static const lm_part unilora_parts[] = {{"unilora_indices_A", UIA, -1, 1}, {"unilora_indices_B", UIB, -1, 1},

@@ -21,7 +21,6 @@ static const char *const PEFT_REFUSES[] = {"POLY", "XLORA", "LILY", "SHADOW"};
 /* PEFT merges these; lora-merge does not implement them yet */
 static const char *const NOT_YET[] = {
     "BONE",
-    "ADAMSS",
 };
 
 static int in_list(const char *s, const char *const *list, size_t n)

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: MIT */
+/* exec_exact.h : which certified path a computed tensor takes (issue 10: every element the exact
+ * value of PEFT's formula rounded once), and the paths that are not the low-rank kernel's:
+ *  - LM_EXACT_LOWRANK: every op low-rank (exec_lowrank.h: the lowrank kernel, bound + f64/exact
+ *    recomputation);
+ *  - LM_EXACT_SCALE: one scaling op (IA3: W * l per row or column).  The f32 product p = fl32(W l)
+ *    is the exact product rounded once; rounding p to bf16/f16 is then the correctly rounded
+ *    result except where p is exactly a rounding midpoint of the output dtype (the second
+ *    rounding would break the tie by evenness instead of by the exact value).  Those elements are
+ *    recomputed in f64 (the product of two f32 values is exact there) and p is moved one f32 ulp
+ *    towards the exact product, off the midpoint, which the output rounding then resolves the
+ *    right way (proof at lm_exact_scale_tile);
+ * Everything else is computed in f32 and rounded once (not certified). */
+#ifndef LM_EXEC_EXACT_H
+#define LM_EXEC_EXACT_H
+
+#include "lm_kernels.h"
+#include "plan.h"
+
+typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE } lm_exact_kind;
+
+/*! lm_exact_kind_of() : the certified path tensor t takes (LM_EXACT_NONE: the f32 path).  Depends on
+ *  the plan only, so --dry-run reports what a real run does. */
+lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t);
+
+/*! lm_exact_scale_tile() :
+ *  acc [nr, cols] holds W (exact f32 values of rows r0 ..); on return acc[e] = fl32(W[e] * f)
+ *  with f = s[r0 + row] (axis 0) or s[col] (axis 1), except that an element whose fl32 product
+ *  is a rounding midpoint of out while the exact product is not, is moved one f32 ulp towards
+ *  the exact product (only when certify).  Rounding acc to out (RNE) then gives the exact
+ *  product rounded once.  @return the elements recomputed in f64 (moved or checked). */
+uint64_t lm_exact_scale_tile(float *acc, uint64_t r0, uint64_t nr, uint64_t cols, const float *s, int axis,
+                             lm_kdtype out, int certify);
+
+/*! lm_exact_is_midpoint() : 1 if the f32 value x lies exactly halfway between two neighbouring
+ *  values of dtype out (bf16 or f16; an f32 output has no midpoints among f32 values), the
+ *  overflow thresholds included (f16 65520, bf16 0x7F7F8000). */
+int lm_exact_is_midpoint(float x, lm_kdtype out);
+
+#endif
