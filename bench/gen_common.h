@@ -23,8 +23,9 @@ typedef enum {
                         0x7E/0xFE (every finite code, subnormals, zeros and +-448 appear) */
     GEN_BYTES,       /* U8: uniform random integers in [offset, offset + amp] (packed 4-bit codes:
                         0 .. 255; E8M0 scales: a few exponents) */
-    GEN_SORTED_INDEX /* [2, nnz] integers: distinct positions of an [irows, icols] matrix in row-major
+    GEN_SORTED_INDEX, /* [2, nnz] integers: distinct positions of an [irows, icols] matrix in row-major
                         order, row indices then column indices (SHiRA's mask as PEFT saves it) */
+    GEN_DATA         /* the bytes at `data` (a small tensor written as given) */
 } gen_fill;
 
 typedef struct {
@@ -37,6 +38,7 @@ typedef struct {
     gen_fill fill;
     float eps;              /* GEN_PAIRED */
     uint64_t irows, icols;  /* GEN_SORTED_INDEX */
+    const void *data;       /* GEN_DATA: n_elems * element size bytes */
     uint64_t stream;        /* the random stream: tensors with the same stream hold the same values
                                (0: the tensor's own index) */
 } gen_tensor;
@@ -136,6 +138,8 @@ static inline int gen_write_tensors(const char *prog, const char *path, const ge
                     for (uint64_t i = 0; i < cnt; i++)
                         ((uint8_t *)out)[i] = (uint8_t)((uint64_t)gt->offset +
                             gen_splitmix(seed ^ (stream * 0xD1B54A32D192ED03ull) ^ gen_splitmix(first + i)) % span);
+                } else if (gt->fill == GEN_DATA) {
+                    memcpy(out, (const uint8_t *)gt->data + first * esz, cnt * esz);
                 } else if (gt->fill == GEN_SORTED_INDEX) { /* I32 */
                     for (uint64_t i = 0; i < cnt; i++)
                         ((int32_t *)out)[i] = gen_index(gt, seed, stream, first + i);

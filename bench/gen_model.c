@@ -30,6 +30,15 @@
  *   every E2M1 code), W_scale F8_E4M3 [out, in/16], W_global_scale F32 [1].  --quant
  *   modelopt-nvfp4: ModelOpt's NVFP4 export: W U8 [out, in/2], W_scale F8_E4M3 [out, in/16],
  *   W_scale_2 F32 [] (= 1 / the global scale), input_scale F32 [], and hf_quant_config.json.
+ *   --quant bnb-nf4|bnb-fp4 [--nested]: the projections as transformers saves a bitsandbytes 4-bit
+ *   model: W U8 [(out*in+1)/2, 1] (random bytes: every code in both nibbles), W.absmax F32 per 64
+ *   elements (--nested: U8 codes, W.nested_absmax F32 per 256 of them, W.nested_quant_map F32
+ *   [256], the offset in the JSON), W.quant_map F32 [16] (bitsandbytes' table),
+ *   W.quant_state.bitsandbytes__nf4/fp4 U8 (the packed JSON: quant_type, blocksize, dtype, shape
+ *   ...).  --quant bnb-int8: W I8 [out, in] (random), <module>.SCB F32 [out], <module>.weight_format
+ *   U8 [] = 0.  config.json: quantization_config as BitsAndBytesConfig.to_dict() writes it.
+ *   --quant-skip P (P a projection, e.g. o_proj): P stays float and is listed in
+ *   llm_int8_skip_modules.
  *   --quant mxfp4 (with --experts E): a gpt-oss-shaped model: mlp.router.weight/bias and the experts
  *   as MXFP4, mlp.experts.gate_up_proj_blocks U8 [E, 2I, H/32, 16] (random bytes: every code)
  *   with _scales U8 [E, 2I, H/32] (E8M0, five exponents around the weights' size) and _bias
@@ -38,6 +47,7 @@
  *   writes DIR/base/model.safetensors, DIR/base/config.json,
  *          DIR/adapter/adapter_config.json, DIR/adapter/adapter_model.safetensors */
 #include "gen_common.h"
+#include "quant_bnb.h"
 
 #include <errno.h>
 #include <math.h>
@@ -54,14 +64,97 @@ static lm_dtype parse_dt(const char *s)
     return dt;
 }
 
+/* bitsandbytes' 8-bit dynamic map (functional.py create_dynamic_map(), signed, 7 exponent bits),
+ * computed in double: the nested_quant_map a double-quantized checkpoint stores (the readers
+ * use the stored values, so only their order and range matter here) */
+static void gen_dynamic_map(float *map)
+{
+    double d[256];
+    int k = 0;
+    for (int i = 0; i < 7; i++) {
+        int items = (1 << i) + 1; /* fraction_items, signed: 2^i + 1 boundaries */
+        for (int j = 0; j + 1 < items; j++) {
+            double b0 = 0.1 + 0.9 * j / (items - 1), b1 = 0.1 + 0.9 * (j + 1) / (items - 1);
+            double m = pow(10.0, -6 + i) * (b0 + b1) / 2;
+            d[k++] = m;
+            d[k++] = -m;
+        }
+    }
+    d[k++] = 0.0;
+    d[k++] = 1.0;
+    while (k < 256)
+        d[k++] = 0.0;
+    for (int i = 1; i < 256; i++) /* sort */
+        for (int j = i; j > 0 && d[j - 1] > d[j]; j--) {
+            double t = d[j];
+            d[j] = d[j - 1];
+            d[j - 1] = t;
+        }
+    for (int i = 0; i < 256; i++)
+        map[i] = (float)d[i];
+}
+
+/* one bitsandbytes 4-bit weight: g[0] (the weight as planned: name, shape, dtype) becomes the
+ * packed codes, followed by its quant-state tensors.  @return the tensors written at g */
+static size_t gen_bnb4(gen_tensor *g, long l, const char *proj, uint64_t o, uint64_t in, const char *qt, long nested,
+                       float wamp, lm_dtype dt, const float *dmap, char **json)
+{
+    const uint64_t ne = o * in, nblk = (ne + 63) / 64, nblk2 = (nblk + 255) / 256;
+    const float offset = wamp;
+    const char *dtn = dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32";
+    size_t n = 0;
+    char base[160];
+    snprintf(base, sizeof base, "model.layers.%ld.%s.weight", l, proj);
+#define G(suffix, d0, nd, dtype_, fill_)                                                           \
+    do {                                                                                           \
+        memset(&g[n], 0, sizeof g[n]);                                                             \
+        snprintf(g[n].name, sizeof g[n].name, "%s%s", base, suffix);                               \
+        g[n].dtype = dtype_;                                                                       \
+        g[n].n_dims = nd;                                                                          \
+        g[n].shape[0] = (uint64_t)(d0);                                                            \
+        g[n].shape[1] = 1;                                                                         \
+        g[n].fill = fill_;                                                                         \
+        n++;                                                                                       \
+    } while (0)
+    G("", (ne + 1) / 2, 2, LM_DT_U8, GEN_BYTES);
+    g[n - 1].amp = 255.0f; /* every byte */
+    G(".absmax", nblk, 1, nested ? LM_DT_U8 : LM_DT_F32, nested ? GEN_BYTES : GEN_UNIFORM);
+    g[n - 1].amp = nested ? 255.0f : 0.5f * wamp;
+    g[n - 1].offset = nested ? 0.0f : wamp;
+    G(".quant_map", 16, 1, LM_DT_F32, GEN_DATA);
+    g[n - 1].data = strcmp(qt, "nf4") == 0 ? LM_BNB_NF4 : LM_BNB_FP4;
+    if (nested) {
+        G(".nested_absmax", nblk2, 1, LM_DT_F32, GEN_UNIFORM);
+        g[n - 1].amp = 0.25f * wamp;
+        g[n - 1].offset = 0.5f * wamp;
+        G(".nested_quant_map", 256, 1, LM_DT_F32, GEN_DATA);
+        g[n - 1].data = dmap;
+    }
+    char js[512];
+    int len = nested ? snprintf(js, sizeof js, "{\"quant_type\": \"%s\", \"blocksize\": 64, \"dtype\": \"%s\", "
+                                "\"shape\": [%llu, %llu], \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", "
+                                "\"nested_offset\": %.9g}", qt, dtn, (unsigned long long)o, (unsigned long long)in,
+                                (double)offset)
+                     : snprintf(js, sizeof js, "{\"quant_type\": \"%s\", \"blocksize\": 64, \"dtype\": \"%s\", "
+                                "\"shape\": [%llu, %llu]}", qt, dtn, (unsigned long long)o, (unsigned long long)in);
+    *json = strdup(js);
+    char suffix[64];
+    snprintf(suffix, sizeof suffix, ".quant_state.bitsandbytes__%s", qt);
+    G(suffix, len, 1, LM_DT_U8, GEN_DATA);
+    g[n - 1].data = *json;
+#undef G
+    return n;
+}
+
 int main(int argc, char **argv)
 {
     const char *out = NULL, *targets = "all";
     long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0,
          fused = 0, block = 128;
-    const char *quant = NULL;
+    const char *quant = NULL, *qskip = NULL;
     int ct = 0; /* compressed-tensors FP8: 1 tensor, 2 channel, 3 group, 4 block */
     int nv = 0; /* NVFP4: 1 compressed-tensors, 2 ModelOpt */
+    long nested = 0;
     double alpha = 16;
     uint64_t seed = 1;
     lm_dtype dt = LM_DT_BF16, adt = LM_DT_F32;
@@ -84,23 +177,26 @@ int main(int argc, char **argv)
         else if (ARG("--experts")) experts = atol(v);
         else if (ARG("--quant")) quant = v;
         else if (ARG("--block")) block = atol(v);
+        else if (ARG("--quant-skip")) qskip = v;
+        else if (strcmp(a, "--nested") == 0) nested = 1;
         else if (strcmp(a, "--no-adapter") == 0) no_adapter = 1;
         else if (strcmp(a, "--fused-experts") == 0) fused = 1;
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]|nvfp4|modelopt-nvfp4] [--block B]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]|nvfp4|modelopt-nvfp4|bnb-nf4|bnb-fp4|bnb-int8] [--block B] [--nested] [--quant-skip P]\n");
             return 2;
         }
 #undef ARG
     }
     if (out == NULL || hidden <= 0 || heads <= 0 || hidden % heads != 0 || kv <= 0 || layers <= 0 || vocab <= 0 ||
         inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0 && strcmp(quant, "mxfp4") != 0 &&
+        strcmp(quant, "bnb-nf4") != 0 && strcmp(quant, "bnb-fp4") != 0 && strcmp(quant, "bnb-int8") != 0 &&
         !(ct = strcmp(quant, "ct-fp8") == 0 ? 1 : strcmp(quant, "ct-fp8-channel") == 0 ? 2
               : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4 : 0) &&
         !(nv = strcmp(quant, "nvfp4") == 0 ? 1 : strcmp(quant, "modelopt-nvfp4") == 0 ? 2 : 0))) {
         fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads); "
-                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group, ct-fp8-block, nvfp4 or modelopt-nvfp4\n");
+                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group, ct-fp8-block, nvfp4, modelopt-nvfp4, bnb-nf4, bnb-fp4 or bnb-int8\n");
         return 2;
     }
     const int mx = quant != NULL && strcmp(quant, "mxfp4") == 0;
@@ -119,7 +215,14 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/adapter", out);
     mkdir(path, 0777);
 
-    size_t nb = 3 + (32 + 6 * (size_t)experts) * (size_t)layers, n = 0;
+    const int bnb4 = quant != NULL && strncmp(quant, "bnb-", 4) == 0 && strcmp(quant, "bnb-int8") != 0;
+    const int bnb8 = quant != NULL && strcmp(quant, "bnb-int8") == 0;
+    size_t nb = 3 + (32 + 7 * 6 + 6 * (size_t)experts) * (size_t)layers, n = 0;
+    char **jsons = calloc(nb, sizeof *jsons); /* the packed quant_state JSON of each 4-bit weight */
+    size_t n_json = 0;
+    float dmap[256];
+    gen_dynamic_map(dmap);
+    static const uint8_t zero_byte = 0;
     gen_tensor *g = calloc(nb, sizeof *g);
     float wamp = (float)(1.7 / sqrt((double)hidden));
     /* MXFP4 scales 2^(s - 127) around wamp / 2.5 (E2M1 magnitudes average about 2.6), s0 .. s0 + 4 */
@@ -147,7 +250,25 @@ int main(int argc, char **argv)
             long in = p == 6 ? inter : hidden;
             snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight", l, proj[p]);
             T(nm, o, in, 2, wamp, 0.0f);
-            if (nv) { /* packed codes, FP8 group scales in [112, 336], the second scale: values ~ wamp */
+            if (qskip != NULL && strstr(proj[p], qskip) != NULL) {
+                /* kept float (llm_int8_skip_modules) */
+            } else if (bnb4) {
+                n += gen_bnb4(g + n - 1, l, proj[p], (uint64_t)o, (uint64_t)in, quant + 4, nested, wamp, dt, dmap,
+                              &jsons[n_json++]) - 1;
+            } else if (bnb8) {
+                g[n - 1].dtype = LM_DT_I8;
+                g[n - 1].fill = GEN_BYTES; /* every byte */
+                g[n - 1].amp = 255.0f;
+                g[n - 1].offset = 0.0f;
+                snprintf(nm, sizeof nm, "model.layers.%ld.%s.SCB", l, proj[p]);
+                T(nm, o, 1, 1, 0.5f * wamp, 2.0f * wamp);
+                g[n - 1].dtype = LM_DT_F32;
+                snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_format", l, proj[p]);
+                T(nm, 1, 1, 0, 0.0f, 0.0f);
+                g[n - 1].dtype = LM_DT_U8;
+                g[n - 1].fill = GEN_DATA;
+                g[n - 1].data = &zero_byte;
+            } else if (nv) { /* packed codes, FP8 group scales in [112, 336], the second scale: values ~ wamp */
                 const float gscale = 2688.0f / (2.0f * wamp); /* compressed-tensors' global scale */
                 if (nv == 1) {
                     snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_packed", l, proj[p]);
@@ -219,7 +340,7 @@ int main(int argc, char **argv)
                 snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s", l, pn);
                 T(nm, experts, o, 3, wamp, 0.0f);
                 g[n - 1].shape[2] = (uint64_t)in;
-                if (quant != NULL && !ct && !nv) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
+                if (quant != NULL && !ct && !nv && !bnb4 && !bnb8) { /* transformers' FP8Experts: P F8_E4M3, P_scale_inv [E, O/B, I/B] */
                     g[n - 1].dtype = LM_DT_F8_E4M3;
                     g[n - 1].fill = GEN_FP8_CODES;
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_scale_inv", l, pn);
@@ -250,10 +371,25 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/base/model.safetensors", out);
     if (gen_write_tensors("gen_model", path, g, n, seed, &k) != 0)
         return 1;
-    char qcfg[1024] = "";
+    for (size_t j = 0; j < n_json; j++)
+        free(jsons[j]);
+    free(jsons);
+    char qcfg[1024] = "", skipl[96] = "null";
+    if (qskip != NULL)
+        snprintf(skipl, sizeof skipl, "[\"%.80s\"]", qskip);
+    const char *dtn = dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32";
     if (mx)
         snprintf(qcfg, sizeof qcfg, ", \"num_local_experts\": %ld, \"quantization_config\": {\"modules_to_not_convert\": [\"model.layers.*.self_attn\", "
                  "\"model.layers.*.mlp.router\", \"model.embed_tokens\", \"lm_head\"], \"quant_method\": \"mxfp4\"}", experts);
+    else if (bnb4 || bnb8)
+        snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"_load_in_4bit\": %s, \"_load_in_8bit\": %s, "
+                 "\"bnb_4bit_compute_dtype\": \"%s\", \"bnb_4bit_quant_storage\": \"uint8\", \"bnb_4bit_quant_type\": "
+                 "\"%s\", \"bnb_4bit_use_double_quant\": %s, \"llm_int8_enable_fp32_cpu_offload\": false, "
+                 "\"llm_int8_has_fp16_weight\": false, \"llm_int8_skip_modules\": %s, \"llm_int8_threshold\": 6.0, "
+                 "\"load_in_4bit\": %s, \"load_in_8bit\": %s, \"quant_method\": \"bitsandbytes\"}",
+                 bnb4 ? "true" : "false", bnb8 ? "true" : "false", bnb4 ? dtn : "float32",
+                 bnb4 ? quant + 4 : "fp4", nested ? "true" : "false", skipl, bnb4 ? "true" : "false",
+                 bnb8 ? "true" : "false");
     else if (ct) {
         static const char *const strat[] = {"", "tensor", "channel", "group", "block"};
         char gs[32] = "null", bs[48] = "null";
@@ -288,7 +424,7 @@ int main(int argc, char **argv)
                    "\"torch_dtype\": \"%s\"%s}\n",
                 mx ? "GptOssForCausalLM" : experts ? "Qwen3MoeForCausalLM" : "LlamaForCausalLM",
                 mx ? "gpt_oss" : experts ? "qwen3_moe" : "llama", experts, hidden,
-                inter, layers, heads, kv, vocab, dt == LM_DT_BF16 ? "bfloat16" : dt == LM_DT_F16 ? "float16" : "float32", qcfg);
+                inter, layers, heads, kv, vocab, dtn, qcfg);
         fclose(f);
     }
     if (nv == 2) {

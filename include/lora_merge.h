@@ -263,6 +263,10 @@ typedef struct lm_merge_job {
     unsigned shard_index, shard_count;
     const char *const *record_args; /* worker: the command line recorded for `finalize OUT` */
     size_t n_record_args;
+    int simulate_nf4;       /* QLoRA adapters on a 16-bit base: every 2-D weight the merge changes
+                               (not embeddings, not the output head) first goes through
+                               bitsandbytes' NF4 quantize/dequantize (blocks of 64, rounded to the
+                               weight's dtype), what the adapter saw in training, then is merged */
 } lm_merge_job;
 
 enum { LM_SHARDS_NONE = 0, LM_SHARDS_WORKER = 1, LM_SHARDS_INDEX = 2 };

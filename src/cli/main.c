@@ -71,6 +71,8 @@ static const char USAGE[] =
     "                          command with --shards index) then checks them and writes the index\n"
     "  --copy-file NAME        with a directory OUT: copy NAME from the base (or adapter) directory too\n"
     "                          (repeatable; only model files are copied by default)\n"
+    "  --simulate-nf4          QLoRA adapter on a 16-bit base: merge into the NF4-quantized-then-\n"
+    "                          dequantized weights the adapter was trained on (bitsandbytes, blocks of 64)\n"
     "  --allow-noop            accept a merge that changes nothing (by default an error)\n"
     "  --strict                warnings are errors (exit status 5), found before anything is written\n"
     "  --dry-run               check everything, print the plan and the files; write nothing\n"
@@ -486,9 +488,11 @@ static int parse_option(cli_args *c, int argc, char **argv, int *i)
         return 0;
     }
     static const char *const flags[] = {"--allow-noop", "--strict", "--dry-run", "--json", "--fsync", "-q", "--quiet",
-                                        "--progress", "--exactness-off" /* hidden: benchmarks (see lora_merge.h) */};
+                                        "--progress", "--exactness-off" /* hidden: benchmarks (see lora_merge.h) */,
+                                        "--simulate-nf4"};
     int *const targets[] = {&c->job.allow_noop, &c->job.strict, &c->job.dry_run, &c->json, &c->job.do_fsync,
-                            &c->quiet, &c->quiet, &c->force_progress, &c->job.exactness_off};
+                            &c->quiet, &c->quiet, &c->force_progress, &c->job.exactness_off,
+                            &c->job.simulate_nf4};
     for (size_t k = 0; k < sizeof flags / sizeof *flags; k++)
         if (strcmp(name, flags[k]) == 0) {
             *targets[k] = 1;

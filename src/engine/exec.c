@@ -10,6 +10,7 @@
 #include "lm_error.h"
 #include "lm_sys.h"
 #include "output.h"
+#include "quant_bnb.h"
 #include "st_reader.h"
 #include "st_writer.h"
 
@@ -377,6 +378,8 @@ static void src_to_f32(const job *J, size_t ti, const uint8_t *src, uint64_t r0,
         lm_xq_dequant(t, J->rt[ti].qscale, src, r0, nr, dst);
     else
         to_f32(J->k, t->src_dtype, src, dst, (size_t)(nr * t->cols));
+    if (t->sim_nf4) /* tiles start on a block (lm_plan_tile_rows) */
+        lm_bnb_nf4_roundtrip(dst, nr * t->cols, 64, t->src_dtype == LM_DT_BF16 ? 1 : t->src_dtype == LM_DT_F16 ? 2 : 0);
 }
 
 static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
@@ -670,7 +673,13 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
         if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
-        lm_code rc = compute_tile_exact(J, ti, r0, nr, src, ws, err); /* src stays intact */
+        const uint8_t *xsrc = src;
+        if (t->sim_nf4) { /* the NF4 round trip, exactly in the base's dtype (qscales: unused here) */
+            src_to_f32(J, ti, src, r0, nr, ws->acc);
+            from_f32(J->k, t->src_dtype, ws->acc, ws->qscales, n);
+            xsrc = (const uint8_t *)ws->qscales;
+        }
+        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, err); /* src stays intact */
         if (rc == LM_OK && ts != NULL)
             stats_after(J, t, ws, base_bytes, n, n_base, ts);
         return rc;

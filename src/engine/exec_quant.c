@@ -3,6 +3,8 @@
 #include "exec_quant.h"
 
 #include "lm_error.h"
+#include "plan_quant_bnb.h"
+#include "quant_bnb.h"
 #include "quant_mx.h"
 #include "st_reader.h"
 
@@ -14,6 +16,24 @@ static const uint8_t *entry_bytes(const lm_model *model, const lm_model_entry *e
     return lm_st_data(lm_model_file(model, e->file)) + e->info->begin;
 }
 
+/* a bitsandbytes 4-bit weight's absmax as f32: stored, or decoded from the nested ones */
+static lm_code bnb4_absmax(const lm_bnb_qinfo *b, const lm_model *model, float *dst, const char *name, lm_err *err)
+{
+    if (b->nested_absmax == NULL) {
+        memcpy(dst, entry_bytes(model, b->absmax), (size_t)b->n_absmax * sizeof(float));
+        return LM_OK;
+    }
+    uint64_t n2 = b->nested_absmax->info->n_elems;
+    float map[256], *a2 = malloc((size_t)n2 * sizeof *a2 + 1);
+    if (a2 == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", name);
+    memcpy(map, entry_bytes(model, b->nested_map), sizeof map);
+    memcpy(a2, entry_bytes(model, b->nested_absmax), (size_t)n2 * sizeof *a2);
+    lm_bnb_nested_absmax(entry_bytes(model, b->absmax), b->n_absmax, map, a2, b->nested_blocksize, b->offset, dst);
+    free(a2);
+    return LM_OK;
+}
+
 lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float **scales, lm_err *err)
 {
     const lm_qtensor *q = t->q;
@@ -21,9 +41,17 @@ lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float 
     *scales = malloc((n + 2) * sizeof **scales);
     if (*scales == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", t->name);
-    lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
     (*scales)[n] = 1.0f;
     (*scales)[n + 1] = -1.0f; /* the merged amax, when the format needs it (lm_xq_set_amax()) */
+    if (q->fmt == LM_Q_BNB4) {
+        lm_code rc = bnb4_absmax(q->ext, model, *scales, t->name, err);
+        if (rc != LM_OK) {
+            free(*scales);
+            *scales = NULL;
+        }
+        return rc;
+    }
+    lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
     if (q->scale2 != NULL)
         lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), 1, *scales + n);
     return LM_OK;
@@ -57,6 +85,15 @@ void lm_xq_dequant(const lm_plan_tensor *t, const float *scales, const uint8_t *
                    float *dst)
 {
     const lm_qtensor *q = t->q;
+    if (q->fmt == LM_Q_BNB4) { /* blocks of the flattened tensor: element r0 * cols on (cols even: a byte) */
+        const lm_bnb_qinfo *b = q->ext;
+        lm_bnb4_dequant(b->code, src, scales, b->blocksize, r0 * t->cols, nr * t->cols, dst);
+        return;
+    }
+    if (q->fmt == LM_Q_BNB8) { /* one SCB a row */
+        lm_bnb_int8_dequant((const int8_t *)src, scales + r0, nr, t->cols, dst);
+        return;
+    }
     dequant_tile(t, scales + (r0 / q->br) * q->scols, scales[q->srows * q->scols], src, nr, dst);
 }
 

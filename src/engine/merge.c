@@ -300,6 +300,37 @@ static const lm_plan_tensor *find_output(const lm_plan *p, const char *const *na
     return found;
 }
 
+/* --simulate-nf4: the weights QLoRA quantized (bitsandbytes replaces every nn.Linear but the output
+ * head; embeddings and 1-D tensors stay float) and the adapter changes go through NF4 as they
+ * are loaded.  Refused on a quantized base, and when no weight qualifies. */
+static lm_code mark_simulate_nf4(merge_state *S, lm_err *err)
+{
+    if (!S->job->simulate_nf4)
+        return LM_OK;
+    size_t n_sim = 0, n_kept = 0;
+    for (size_t i = 0; i < S->plan->n; i++) {
+        lm_plan_tensor *t = &S->plan->t[i];
+        if (t->base == NULL || t->n_ops == 0 || t->ops[0].kind == LM_OP_REPLACE)
+            continue;
+        int linear = t->n_dims == 2 && t->q == NULL && name_ends_with(t->name, ".weight") &&
+                     (t->src_dtype == LM_DT_BF16 || t->src_dtype == LM_DT_F16 || t->src_dtype == LM_DT_F32);
+        for (size_t k = 0; linear && k < N_EMBED_NAMES; k++)
+            linear = !name_ends_with(t->name, EMBED_NAMES[k]);
+        for (size_t k = 0; linear && k < N_HEAD_NAMES; k++)
+            linear = !name_ends_with(t->name, HEAD_NAMES[k]);
+        t->sim_nf4 = linear;
+        n_sim += linear;
+        n_kept += !linear;
+    }
+    if (n_sim == 0)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--simulate-nf4: the merge changes no 2-D linear weight of a "
+                       "16-bit base (embeddings, the output head and 1-D tensors are not quantized by QLoRA)");
+    lm_report_note(S->ri, "--simulate-nf4: %zu weights merged into their bitsandbytes NF4 round trip (blocks of 64, "
+                   "no double quantization)%s", n_sim, n_kept ? "; embeddings, output head and 1-D tensors merged "
+                   "into their stored values" : "");
+    return LM_OK;
+}
+
 /* A vocabulary resized by a saved embedding or head must stay one vocabulary: the input
  * embedding and a separate output head with the same number of rows, and nothing else applied to
  * a resized tensor (its other ops were planned for the base's shape). */
@@ -309,7 +340,8 @@ static lm_code check_vocabulary(merge_state *S, lm_err *err)
     int resized = 0;
     for (size_t i = 0; i < p->n; i++) {
         const lm_plan_tensor *t = &p->t[i];
-        if (t->base == NULL || t->n_dims != 2 || t->base->info->shape[0] == t->shape[0])
+        if (t->base == NULL || t->n_dims != 2 || t->base->info->shape[0] == t->shape[0] ||
+            (t->q != NULL && t->shape == t->q->view.shape)) /* a packed weight's stored shape is not its own */
             continue;
         resized = 1;
         if (t->n_ops != 1) {
@@ -896,6 +928,9 @@ static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *mo
     phase_end(S, LM_PHASE_OPEN);
     if ((rc = lm_base_quant_scheme(S->base_dir, &S->qs, err)) != LM_OK)
         return rc;
+    if (job->simulate_nf4 && S->qs.fmt != LM_Q_NONE)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--simulate-nf4 is for a 16-bit base, and this base is quantized "
+                       "(quant_method %s): its weights already are what the adapter saw", S->qs.method);
     S->popts.quant = &S->qs;
     lm_base_info_read(S->base_dir, &S->bi);
     S->popts.model_type = S->bi.model_type;
@@ -904,6 +939,8 @@ static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *mo
         return err->code;
     lm_report_take_notes(S->ri, S->plan);
     note_adapters(S->ri, S->ads, job->n_adapters);
+    if ((rc = mark_simulate_nf4(S, err)) != LM_OK)
+        return rc;
     if ((rc = check_noop(S, err)) != LM_OK || (rc = check_vocabulary(S, err)) != LM_OK ||
         (rc = lm_report_plan_exact(S->ri, S->plan, err)) != LM_OK)
         return rc;

@@ -112,6 +112,13 @@ uint64_t lm_plan_tile_rows(const lm_plan_tensor *t, uint64_t tile_elems)
         if (g > 1)
             tr = tr < g ? g : tr - tr % g;
     }
+    if (t->sim_nf4 && t->cols % 64 != 0) { /* tiles start on an NF4 block (64 elements) */
+        uint64_t g = 64;
+        while (t->cols % g != 0)
+            g /= 2;
+        g = 64 / g;
+        tr = tr < g ? g : tr - tr % g;
+    }
     if (t->q != NULL && t->q->tile_rows > 1) /* whole blocks: each tile requantizes its own */
         tr = tr < t->q->tile_rows ? t->q->tile_rows : tr - tr % t->q->tile_rows;
     return tr;

@@ -30,6 +30,7 @@ typedef struct lm_qtensor {
     uint64_t row_bytes;          /* bytes of codes per row (cols for 8-bit codes, cols / 2 packed 4-bit) */
     int needs_amax;              /* requantizing needs the merged tensor's amax (a per-tensor scale):
                                   * the executor computes it in a pass before the tiles */
+    const void *ext;             /* the format's own (plan blob; bitsandbytes: lm_bnb_qinfo), or NULL */
     lm_tensor_info view;         /* what the methods see (dtype F32) */
     int out_transposed;          /* written dequantized as [E, in, out] from the view's rows [E, out, in]
                                   * (gpt-oss MXFP4 experts, plan_quant_mx.c) */
@@ -48,6 +49,8 @@ typedef struct lm_plan_tensor {
     const lm_qtensor *q;         /* a quantized base weight (plan blob), or NULL */
     size_t scale_of;             /* a scale tensor rewritten by the tiles of weight scale_of - 1; 0: none */
     int drop;                    /* not written (a scale of a weight written dequantized); removed by the planner */
+    int sim_nf4;                 /* --simulate-nf4: the base values go through NF4 quantize/dequantize
+                                    (blocks of 64 over the flattened tensor) as they are loaded */
 } lm_plan_tensor;
 
 typedef struct lm_plan {

@@ -6,6 +6,7 @@
 #include "plan.h"
 
 #include "lm_error.h"
+#include "plan_quant_bnb.h"
 #include "plan_quant_ct.h"
 
 #include <stdio.h>
@@ -101,6 +102,11 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
         }
         if (s != NULL && lm_qscheme_skips(s, w->name))
             continue;
+        int bnb = 0; /* bitsandbytes: the tensors decide (plan_quant_bnb.c) */
+        if (lm_plan_bnb_attach(p, model, s, o, i, views, &bnb, err) != LM_OK)
+            return err->code;
+        if (bnb)
+            continue;
         lm_qtensor *q;
         if (lm_plan_attach_ct(p, model, s, i, &q, err) != LM_OK)
             return err->code;
@@ -123,6 +129,9 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
             lm_plan_ct_drop_extras(p, model, w->name);
         }
     }
+    for (size_t i = 0; i < n; i++) /* quant-state tensors whose weight is not a bitsandbytes weight */
+        if (lm_bnb_orphan_state(p, model, i, err) != LM_OK)
+            return err->code;
     return LM_OK;
 }
 

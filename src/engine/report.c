@@ -10,6 +10,7 @@
 #include "method.h"
 #include "model_files.h"
 #include "output.h"
+#include "plan_quant_bnb.h"
 
 #include <cJSON.h>
 #include <math.h>
@@ -699,6 +700,35 @@ static lm_code inspect_adapter(const char *path, int as_json, char **text, lm_er
     return LM_OK;
 }
 
+/* a bitsandbytes model: 1 and its line in buf (and root's "quantization"), else 0 */
+static int inspect_bnb(const lm_model *m, const lm_qscheme *s, char *buf, size_t cap, cJSON *root)
+{
+    lm_bnb_summary b;
+    lm_bnb_summarize(m, &b);
+    size_t n4 = b.n_nf4 + b.n_fp4;
+    if (n4 + b.n_int8 == 0 && s->fmt != LM_Q_BNB4 && s->fmt != LM_Q_BNB8)
+        return 0;
+    char fmt[160];
+    if (n4 > 0)
+        snprintf(fmt, sizeof fmt, "bitsandbytes 4-bit %s, blocks of %llu%s", b.n_fp4 == 0 ? "NF4" : b.n_nf4 == 0 ? "FP4"
+                 : "NF4/FP4", (unsigned long long)b.blocksize, b.n_nested == n4 ? ", nested absmax (double quant)"
+                 : b.n_nested ? ", some with nested absmax" : "");
+    else
+        snprintf(fmt, sizeof fmt, "bitsandbytes %s", b.n_int8 ? "8-bit (I8, SCB per row)" : "(no quantized weight found)");
+    lm_dtype dt = s->torch_dtype != LM_DT_BOOL ? s->torch_dtype : n4 && b.dtype != LM_DT_BOOL ? b.dtype : LM_DT_BF16;
+    snprintf(buf, cap, "quantization: %s, quant_method %s, %zu quantized weights; merged output dequantized to %s "
+             "(--dtype to choose)\n", fmt, s->method[0] ? s->method : "-", n4 + b.n_int8, lm_dtype_name(dt));
+    if (root) {
+        cJSON *q = cJSON_AddObjectToObject(root, "quantization");
+        cJSON_AddStringToObject(q, "format", fmt);
+        cJSON_AddStringToObject(q, "quant_method", s->method);
+        cJSON_AddNumberToObject(q, "blocksize", (double)b.blocksize);
+        cJSON_AddNumberToObject(q, "quantized_weights", (double)(n4 + b.n_int8));
+        cJSON_AddStringToObject(q, "dequantized_dtype", lm_dtype_name(dt));
+    }
+    return 1;
+}
+
 /* an MXFP4 (gpt-oss) model: its "P_blocks" U8 tensors that have "P_scales" */
 static void inspect_mx(const lm_model *m, char *buf, size_t cap, cJSON *root)
 {
@@ -736,6 +766,10 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         snprintf(buf, cap, "quantization: refused: %s\n", e.msg);
         if (root)
             cJSON_AddStringToObject(root, "quantization_error", e.msg);
+        return;
+    }
+    if (inspect_bnb(m, &s, buf, cap, root)) {
+        lm_qscheme_free(&s);
         return;
     }
     if (s.fmt == LM_Q_MXFP4) {

@@ -27,8 +27,8 @@ static const char *const KNOWN_OTHER[] = {"bitsandbytes", "gptq", "awq", "compre
 
 static lm_code parse_skip(const st_json_doc *d, const st_json_node *qc, lm_qscheme *s, lm_err *err)
 {
-    static const char *const keys[] = {"modules_to_not_convert", "ignore", "ignored_layers"};
-    for (size_t k = 0; k < 3; k++) {
+    static const char *const keys[] = {"modules_to_not_convert", "ignore", "ignored_layers", "llm_int8_skip_modules"};
+    for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
         const st_json_node *a = member(d, qc, keys[k]);
         if (a == NULL || a->type != ST_JSON_ARRAY)
             continue;
@@ -69,6 +69,41 @@ static lm_code parse_block(const st_json_doc *d, const st_json_node *qc, lm_qsch
     return LM_OK;
 }
 
+static int json_true(const st_json_doc *d, const st_json_node *o, const char *key)
+{
+    const st_json_node *v = member(d, o, key);
+    return v != NULL && v->type == ST_JSON_TRUE;
+}
+
+/* bitsandbytes (transformers' BitsAndBytesConfig.to_dict()): load_in_4bit / load_in_8bit (or
+ * their _load_in_* twins) say which; the tensors decide the rest (quant_bnb.h) */
+static void parse_bnb(const st_json_doc *d, const st_json_node *qc, lm_qscheme *s)
+{
+    if (json_true(d, qc, "load_in_4bit") || json_true(d, qc, "_load_in_4bit"))
+        s->fmt = LM_Q_BNB4;
+    else if (json_true(d, qc, "load_in_8bit") || json_true(d, qc, "_load_in_8bit"))
+        s->fmt = LM_Q_BNB8;
+    else
+        s->fmt = LM_Q_OTHER;
+    const st_json_node *qt = member(d, qc, "bnb_4bit_quant_type");
+    if (qt != NULL && qt->type == ST_JSON_STRING)
+        snprintf(s->bnb_quant_type, sizeof s->bnb_quant_type, "%s", st_json_str(d, qt));
+    s->bnb_double_quant = json_true(d, qc, "bnb_4bit_use_double_quant");
+}
+
+/* torch_dtype (transformers < 4.56) or dtype */
+static lm_dtype parse_torch_dtype(const st_json_doc *d, const st_json_node *root)
+{
+    const st_json_node *v = member(d, root, "torch_dtype");
+    if (v == NULL || v->type != ST_JSON_STRING)
+        v = member(d, root, "dtype");
+    if (v == NULL || v->type != ST_JSON_STRING)
+        return LM_DT_BOOL;
+    const char *t = st_json_str(d, v);
+    return strcmp(t, "bfloat16") == 0 ? LM_DT_BF16 : strcmp(t, "float16") == 0 ? LM_DT_F16
+           : strcmp(t, "float32") == 0 ? LM_DT_F32 : LM_DT_BOOL;
+}
+
 lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
 {
     memset(s, 0, sizeof *s);
@@ -77,6 +112,7 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
     lm_code rc = LM_OK;
     if (text == NULL || st_json_parse(&d, text, n) != ST_JSON_OK || st_json_root(&d)->type != ST_JSON_OBJECT)
         goto done; /* config.json's own problems are reported where it is copied */
+    s->torch_dtype = parse_torch_dtype(&d, st_json_root(&d));
     const st_json_node *qc = member(&d, st_json_root(&d), "quantization_config");
     if (qc == NULL)
         qc = member(&d, st_json_root(&d), "compression_config");
@@ -102,6 +138,8 @@ lm_code lm_qscheme_parse(const char *text, size_t n, lm_qscheme *s, lm_err *err)
         s->fmt = LM_Q_FP8_BLOCK;
         if ((rc = parse_block(&d, qc, s, err)) != LM_OK)
             goto done;
+    } else if (strcmp(s->method, "bitsandbytes") == 0) {
+        parse_bnb(&d, qc, s);
     } else {
         int known = 0;
         for (size_t i = 0; i < sizeof KNOWN_OTHER / sizeof *KNOWN_OTHER; i++)

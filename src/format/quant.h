@@ -16,6 +16,8 @@ typedef enum {
     LM_Q_CT_FP8,     /* compressed-tensors float-quantized: F8_E4M3 weight, weight_scale (tensor/channel/group/block) */
     LM_Q_CT_NVFP4,   /* compressed-tensors nvfp4-pack-quantized: weight_packed, weight_scale, weight_global_scale */
     LM_Q_MO_NVFP4,   /* ModelOpt NVFP4 (hf_quant_config.json): weight U8, weight_scale, weight_scale_2 */
+    LM_Q_BNB4,       /* bitsandbytes load_in_4bit: packed NF4/FP4 codes, absmax per 64 (quant_bnb.h) */
+    LM_Q_BNB8,       /* bitsandbytes load_in_8bit: I8 weight, SCB per row */
     LM_Q_MXFP4,      /* quant_method "mxfp4" (gpt-oss): P_blocks U8 (E2M1 pairs), P_scales U8 (E8M0) per 32 */
     LM_Q_OTHER,      /* a method lora-merge knows but does not dequantize (the tensors decide) */
 } lm_qformat;
@@ -27,7 +29,11 @@ typedef struct lm_qscheme {
     char ct_strategy[16];       /* compressed-tensors: the float weights' strategy ("" when not given) */
     uint64_t group_size;        /* compressed-tensors group / tensor_group weights; ModelOpt group_size */
     int asymmetric;             /* compressed-tensors: the float weights are not symmetric (refused) */
-    char **skip;                /* owned: modules_to_not_convert / ignore entries */
+    char **skip;                /* owned: modules_to_not_convert / ignore / llm_int8_skip_modules entries */
+    lm_dtype torch_dtype;       /* config.json's torch_dtype (or dtype) when F16, BF16 or F32, else
+                                   LM_DT_BOOL: the dtype bitsandbytes weights dequantize to */
+    char bnb_quant_type[8];     /* bnb_4bit_quant_type ("nf4", "fp4"), "" when absent */
+    int bnb_double_quant;       /* bnb_4bit_use_double_quant */
     size_t n_skip;
 } lm_qscheme;
 
