@@ -2,6 +2,8 @@
 /* quant_bnb.c : bitsandbytes' 4-bit and 8-bit codecs (see quant_bnb.h). */
 #include "quant_bnb.h"
 
+#include "lm_kernels.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -127,7 +129,7 @@ void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, int round_to
     if (round_to == 1)
         for (uint64_t i = 0; i < n; i++)
             x[i] = round_bf16(x[i]);
-    else if (round_to == 2) /* the conversion rounds to nearest even */
+    else if (round_to == 2) /* to nearest even (not _Float16: clang has no such type on older x86) */
         for (uint64_t i = 0; i < n; i++)
-            x[i] = (float)(_Float16)x[i];
+            x[i] = lm_f16_to_f32_1(lm_f32_to_f16_1(x[i]));
 }
