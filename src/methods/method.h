@@ -258,6 +258,11 @@ void lm_ts_to_f32(const lm_ts_tensor *t, uint64_t off, size_t n, float *dst, con
 float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err);
 /* n_bytes (zeroed) owned by p */
 void *lm_prep_alloc(lm_prepared *p, size_t n_bytes, lm_err *err);
+/* the end of a prepare that derives its factors in f64: p->a = a64 [n_a] rounded to f32 once,
+ * p->a64 = a64, and, when b64 is not NULL, p->b = b64 [n_b] rounded, p->b64 = b64 (b64 NULL: p->b
+ * stays as the method set it, the saved tensor's view, and p->b64 is NULL).  a64 and b64 stay
+ * owned by p (lm_prep_alloc).  @return LM_OK, or LM_E_NOMEM (*err filled) */
+lm_code lm_prep_publish64(lm_prepared *p, const double *a64, size_t n_a, const double *b64, size_t n_b, lm_err *err);
 /* an integer element of an integer (or float holding integers) tensor; -1 for other dtypes */
 int64_t lm_ts_index(const lm_ts_tensor *t, uint64_t i);
 
