@@ -105,6 +105,12 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     cr_assert_eq(remove(p), 0);
     snprintf(p, sizeof p, "%s/.model-00005-of-00010.safetensors.lm-tmp-Ab12Cd", F.out);
     cr_assert_eq(th_write_file(p, "partial", 7), 0);
+    /* and what a worker killed while recording the plan or a sidecar leaves (the kill above does
+     * that at times, under load: finalize then left .lora-merge-shards behind) */
+    snprintf(p, sizeof p, "%s/.lora-merge-shards/.plan.json.lm-tmp-Qq11Ww", F.out);
+    cr_assert_eq(th_write_file(p, "{", 1), 0);
+    snprintf(p, sizeof p, "%s/.lora-merge-shards/.model-00003-of-00010.safetensors.json.lm-tmp-Zz99Yy", F.out);
+    cr_assert_eq(th_write_file(p, "{", 1), 0);
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 1, "finalize accepted a shard without sidecar: %s", r.err);
     cr_assert(strstr(r.err, "ShardsIncomplete") && strstr(r.err, "model-00005-of-00010.safetensors (no sidecar"),
