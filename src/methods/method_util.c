@@ -114,6 +114,23 @@ float *lm_prep_floats(lm_prepared *p, size_t n_floats, lm_err *err)
     return lm_prep_alloc(p, n_floats * sizeof(float), err);
 }
 
+lm_code lm_prep_publish64(lm_prepared *p, const double *a64, size_t n_a, const double *b64, size_t n_b, lm_err *err)
+{
+    float *a = lm_prep_floats(p, n_a, err), *b = a != NULL && b64 != NULL ? lm_prep_floats(p, n_b, err) : NULL;
+    if (a == NULL || (b64 != NULL && b == NULL))
+        return err->code;
+    for (size_t e = 0; e < n_a; e++)
+        a[e] = (float)a64[e];
+    for (size_t e = 0; b != NULL && e < n_b; e++)
+        b[e] = (float)b64[e];
+    p->a = a;
+    p->a64 = a64;
+    if (b64 != NULL)
+        p->b = b;
+    p->b64 = b64;
+    return LM_OK;
+}
+
 void lm_prep_read(lm_prepared *p, const lm_ts_tensor *t)
 {
     for (size_t i = 0; i < p->n_read; i++)
