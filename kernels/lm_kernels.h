@@ -390,6 +390,32 @@ static inline uint16_t lm_f32_to_f16_1(float f)
     return (uint16_t)(sign | m);
 }
 
+/* x rounded to f32 by round-to-odd: towards zero, with the last bit set when x is not an f32
+ * value (NaN stays NaN; beyond FLT_MAX: FLT_MAX).  Rounding the result once more, RNE, to a format
+ * of at most 22 significant bits is x rounded once to that format (round64.c) */
+static inline float lm_f64_to_f32_odd_1(double x)
+{
+    const float f = (float)x; /* RNE */
+    const double b = (double)f, ax = x < 0 ? -x : x, ab = b < 0 ? -b : b;
+    uint32_t u = lm_f32_bits(f);
+    u -= ab > ax;                   /* rounded away from zero: one step back (f != 0 here) */
+    u |= (uint32_t)((b != x) & (x == x)); /* inexact: the sticky bit */
+    return lm_f32_from_bits(u);
+}
+
+/* x rounded once (RNE) to bf16 (out LM_KDT_BF16) or f16, as bits; finite x beyond the format's
+ * range gives inf (the caller refuses such a tensor) */
+static inline uint16_t lm_f64_to_16_1(double x, lm_kdtype out)
+{
+    const float f = lm_f64_to_f32_odd_1(x);
+    return out == LM_KDT_BF16 ? lm_f32_to_bf16_1(f) : lm_f32_to_f16_1(f);
+}
+
+/*! lm_f64_round() : n f64 values rounded once, RNE, to out (f32: the C cast; bf16/f16:
+ *  lm_f64_to_16_1), into dst (n elements of out).  Subnormal results are exact roundings too;
+ *  finite values beyond the range become inf, which the caller counts and refuses. */
+void lm_f64_round(const double *src, void *dst, lm_kdtype out, size_t n);
+
 #ifdef __cplusplus
 }
 #endif

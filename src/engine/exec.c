@@ -401,6 +401,8 @@ typedef struct {
     uint8_t *codes;    /* a quantized weight kept quantized: the base's codes of the tile */
     float *qscales;    /* and the tile's new scales (lm_xq_requant()'s buffer) */
     uint8_t *raw;      /* a batch: the input bytes of a tile that several jobs compute (else NULL) */
+    double *acc64;     /* LM_EXACT_F64 tensors: the tile in f64 (max_elems), and the methods' f64 */
+    double *scratch64; /* scratch (2 max_elems + 64); NULL when no tensor takes that path */
 } workspace;
 
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
@@ -477,6 +479,34 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%llu merged values exceed the %s range (they would be "
                 "written as inf; rows %llu..%llu)", (unsigned long long)st.n_overflow, lm_dtype_name(t->dtype),
                 (unsigned long long)r0, (unsigned long long)(r0 + nr - 1));
+    else
+        return LM_OK;
+    lm_err_set_tensor(err, t->name);
+    return LM_E_MISMATCH;
+}
+
+/* the f64 path's refusals, as check_finite's: ws->acc still holds the base tile (f32, exact),
+ * ws->acc64 the results before rounding, ws->out the rounded ones */
+static lm_code check_finite64(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const size_t bad_out = t->dtype == LM_DT_F32 ? J->k->count_nonfinite_f32((const float *)(const void *)ws->out, n)
+                           : J->k->count_nonfinite_16((const uint16_t *)(const void *)ws->out, n,
+                                                      t->dtype == LM_DT_F16 ? 0x7C00u : 0x7F80u);
+    if (bad_out == 0)
+        return LM_OK;
+    size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n), bad64 = 0;
+    for (size_t e = 0; e < n; e++)
+        bad64 += !isfinite(ws->acc64[e]);
+    if (bad64 > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%zu inf/NaN in rows %llu.."
+                "%llu): an adapter's delta overflows", bad64 - bad_in, (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
+    else if (bad_out > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
+                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(t->dtype), (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
     else
         return LM_OK;
     lm_err_set_tensor(err, t->name);
@@ -691,6 +721,16 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     /* src may be in the scratch the methods use: the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
+    if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* f64 ops, one rounding (exec_exact.h) */
+        const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
+        J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
+        lm_exact_f64_apply(t, J->rt[ti].prep, &t64);
+        lm_f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
+        __atomic_add_fetch(&J->rt[ti].n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
+        if (ts != NULL)
+            stats_after(J, t, ws, base_bytes, n, n_base, ts);
+        return check_finite64(J, ti, r0, nr, ws, err);
+    }
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     if (J->rt[ti].exact_kind == LM_EXACT_SCALE) /* one rounding of the exact product (exec_exact.h) */
         __atomic_add_fetch(&J->rt[ti].n_recomputed,
@@ -813,9 +853,13 @@ static lm_code run_task(job *J, const task *tk, const uint8_t *shared, struct ti
     return rc;
 }
 
-static int alloc_workspace(workspace *ws, size_t max_elems)
+/* f64: room for the LM_EXACT_F64 tiles too */
+static int alloc_workspace(workspace *ws, size_t max_elems, int f64)
 {
     memset(ws, 0, sizeof *ws);
+    if (f64 && ((ws->acc64 = malloc(max_elems * sizeof(double))) == NULL ||
+                (ws->scratch64 = malloc((2 * max_elems + 64) * sizeof(double))) == NULL))
+        return 0;
     ws->acc = malloc(max_elems * sizeof(float));
     ws->out = malloc(max_elems * sizeof(double));
     ws->scratch = malloc((4 * max_elems + 64) * sizeof(float));
@@ -842,6 +886,8 @@ static void free_workspace(workspace *ws)
     free(ws->codes);
     free(ws->qscales);
     free(ws->raw);
+    free(ws->acc64);
+    free(ws->scratch64);
 }
 
 /* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
@@ -864,7 +910,7 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
         workspace ws;
         lm_err lerr;
         lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1))
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0))
             lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (uint64_t k = 0; k < n_tiles; k++) {
@@ -931,7 +977,7 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
         workspace ws;
         lm_err lerr;
         lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1))
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0))
             lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (uint64_t k = 0; k < n_tiles; k++) {
@@ -1424,16 +1470,19 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
     size_t max_elems = 1;
     for (size_t j = 0; j < B->n_jobs; j++)
         max_elems = B->Js[j].max_elems > max_elems ? B->Js[j].max_elems : max_elems;
-    int failed = 0, want_stats = 0;
-    for (size_t j = 0; j < B->n_jobs; j++)
+    int failed = 0, want_stats = 0, want64 = 0;
+    for (size_t j = 0; j < B->n_jobs; j++) {
         want_stats |= B->Js[j].tstat != NULL;
+        for (size_t i = 0; i < B->Js[j].plan->n && !B->Js[j].lowrank_flags; i++)
+            want64 |= B->Js[j].rt[i].exact_kind == LM_EXACT_F64;
+    }
 #pragma omp parallel num_threads(n_threads)
     {
         workspace ws;
         lm_err local;
         lm_err_clear(&local);
         size_t local_job = 0;
-        if (!alloc_workspace(&ws, max_elems) || (want_stats && !alloc_stats_workspace(&ws, max_elems)) ||
+        if (!alloc_workspace(&ws, max_elems, want64) || (want_stats && !alloc_stats_workspace(&ws, max_elems)) ||
             (B->n_jobs > 1 && (ws.raw = malloc(max_elems * sizeof(double) + 64)) == NULL))
             lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)

@@ -31,7 +31,116 @@ lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
         return LM_EXACT_NONE;
     if (t->n_ops == 1 && t->ops[0].kind == LM_OP_SCALE && kernel_dtype(t->ops[0].src->dtype))
         return LM_EXACT_SCALE; /* the factors are exact in f32 */
-    return LM_EXACT_NONE;
+    if (t->sim_nf4)
+        return LM_EXACT_NONE;
+    int has_method = 0;
+    for (size_t o = 0; o < t->n_ops; o++) {
+        const lm_op *op = &t->ops[o];
+        switch (op->kind) {
+        case LM_OP_METHOD:
+            if (op->method == NULL || op->method->apply_tile64 == NULL)
+                return LM_EXACT_NONE;
+            has_method = 1;
+            break;
+        case LM_OP_LOWRANK: break;
+        case LM_OP_ROWS:
+        case LM_OP_ADD:
+        case LM_OP_SCALE: /* their f32 view of src must be its exact values */
+            if (op->src == NULL || !kernel_dtype(op->src->dtype))
+                return LM_EXACT_NONE;
+            break;
+        default: return LM_EXACT_NONE; /* REPLACE, NORM (DoRA) */
+        }
+    }
+    return has_method ? LM_EXACT_F64 : LM_EXACT_NONE;
+}
+
+/* ---- the f64 forms of the engine's ops (as exec.c's f32 ones) ------------------------------ */
+static void f64_rows(const lm_op *op, const float *src, const lm_tile64 *t)
+{
+    for (size_t q = 0; q < op->n_rows; q++) {
+        const uint64_t row = (uint64_t)op->rows[q];
+        if (row < t->r0 || row >= t->r0 + t->nr)
+            continue;
+        double *d = t->acc + (row - t->r0) * t->cols;
+        const float *s = src + q * t->cols;
+        for (uint64_t c = 0; c < t->cols; c++)
+            d[c] = (double)s[c];
+    }
+}
+
+/* W += scale * B' A' (axis 1: transposed) on the rows of the op's block, sums in f64 (k
+ * ascending) from the f64 factors when the method made them, else from the exact f32 ones */
+static void f64_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const uint64_t end = op->row0 + (op->axis ? op->in : op->out);
+    const uint64_t lo = t->r0 > op->row0 ? t->r0 : op->row0, hi = t->r0 + t->nr < end ? t->r0 + t->nr : end;
+    const uint64_t R = op->rank, cols = t->cols;
+    for (uint64_t row = lo; row < hi; row++) {
+        double *d = t->acc + (row - t->r0) * cols, *y = t->scratch;
+        const uint64_t i = row - op->row0;
+        for (uint64_t c = 0; c < cols; c++)
+            y[c] = 0.0;
+        for (uint64_t k = 0; k < R; k++) {
+            /* axis 0: row i of B' times row k of A'; axis 1: A'[k, i] times column k of B' */
+            const double f = op->axis ? (p->a64 ? p->a64[k * op->in + i] : (double)p->a[k * op->in + i])
+                                      : (p->b64 ? p->b64[i * R + k] : (double)p->b[i * R + k]);
+            if (!op->axis) {
+                if (p->a64)
+                    for (uint64_t c = 0; c < cols; c++)
+                        y[c] += f * p->a64[k * cols + c];
+                else
+                    for (uint64_t c = 0; c < cols; c++)
+                        y[c] += f * (double)p->a[k * cols + c];
+            } else {
+                if (p->b64)
+                    for (uint64_t c = 0; c < cols; c++)
+                        y[c] += f * p->b64[c * R + k];
+                else
+                    for (uint64_t c = 0; c < cols; c++)
+                        y[c] += f * (double)p->b[c * R + k];
+            }
+        }
+        for (uint64_t c = 0; c < cols; c++)
+            d[c] += op->scale * y[c];
+    }
+}
+
+static void f64_scale(const lm_op *op, const float *f, const lm_tile64 *t)
+{
+    for (uint64_t r = 0; r < t->nr; r++) {
+        double *row = t->acc + r * t->cols;
+        if (op->axis == 0) {
+            const double s = (double)f[t->r0 + r];
+            for (uint64_t c = 0; c < t->cols; c++)
+                row[c] *= s;
+        } else {
+            for (uint64_t c = 0; c < t->cols; c++)
+                row[c] *= (double)f[c];
+        }
+    }
+}
+
+void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile)
+{
+    const size_t n = (size_t)(tile->nr * tile->cols);
+    for (size_t o = 0; o < t->n_ops; o++) {
+        const lm_op *op = &t->ops[o];
+        const lm_prepared *p = &prep[o];
+        switch (op->kind) {
+        case LM_OP_ROWS: f64_rows(op, p->a, tile); break;
+        case LM_OP_LOWRANK: f64_lowrank(op, p, tile); break;
+        case LM_OP_ADD: {
+            const float *x = p->a + tile->r0 * tile->cols;
+            for (size_t e = 0; e < n; e++)
+                tile->acc[e] += op->scale * (double)x[e];
+            break;
+        }
+        case LM_OP_SCALE: f64_scale(op, p->a, tile); break;
+        case LM_OP_METHOD: op->method->apply_tile64(op, p, tile); break;
+        default: break; /* lm_exact_kind_of admits no other kind */
+        }
+    }
 }
 
 int lm_exact_is_midpoint(float x, lm_kdtype out)

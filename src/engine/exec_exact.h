@@ -10,6 +10,13 @@
  *    recomputed in f64 (the product of two f32 values is exact there) and p is moved one f32 ulp
  *    towards the exact product, off the midpoint, which the output rounding then resolves the
  *    right way (proof at lm_exact_scale_tile);
+ *  - LM_EXACT_F64: every op is a method op with an f64 form (lm_method.apply_tile64: OFT ...) or
+ *    an engine op this file computes in f64 (ROWS, LOWRANK, ADD, SCALE), mixed in any order (a
+ *    rotation after a LoRA of another adapter): the tile is widened to f64 exactly, the ops
+ *    applied in plan order in f64, and each element rounded ONCE from f64 to the output dtype
+ *    (lm_f64_round: round-to-odd to f32 then RNE, no double rounding).  Every element is
+ *    computed in f64, so --json counts them all as recomputed.  The error is that of the f64
+ *    evaluation of PEFT's formula (float64 noise, as issue 10 allows), never an f32 intermediate.
  * Everything else is computed in f32 and rounded once (not certified). */
 #ifndef LM_EXEC_EXACT_H
 #define LM_EXEC_EXACT_H
@@ -17,7 +24,7 @@
 #include "lm_kernels.h"
 #include "plan.h"
 
-typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE } lm_exact_kind;
+typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64 } lm_exact_kind;
 
 /*! lm_exact_kind_of() : the certified path tensor t takes (LM_EXACT_NONE: the f32 path).  Depends on
  *  the plan only, so --dry-run reports what a real run does. */
@@ -31,6 +38,11 @@ lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t);
  *  product rounded once.  @return the elements recomputed in f64 (moved or checked). */
 uint64_t lm_exact_scale_tile(float *acc, uint64_t r0, uint64_t nr, uint64_t cols, const float *s, int axis,
                              lm_kdtype out, int certify);
+
+/*! lm_exact_f64_apply() :
+ *  Ops [0, n_ops) of tensor t on the f64 tile (LM_EXACT_F64 tensors only: lm_exact_kind_of said
+ *  so), with their prepared factors prep[n_ops]. */
+void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile);
 
 /*! lm_exact_is_midpoint() : 1 if the f32 value x lies exactly halfway between two neighbouring
  *  values of dtype out (bf16 or f16; an f32 output has no midpoints among f32 values), the

@@ -88,6 +88,19 @@ typedef struct lm_tile {
     const lm_kernels *k;
 } lm_tile;
 
+/* The same tile in f64, for the exact path (engine/exec_exact.h, LM_EXACT_F64): acc holds the
+ * tensor's values exactly (bf16/f16/f32 bases widened), every op of the tensor updates it in f64
+ * in plan order, and the engine rounds each element ONCE from f64 to the output dtype.  So an
+ * apply_tile64 computes PEFT's formula in double precision from the stored adapter values (its
+ * prepared factors built in f64 where it derives them: Cayley transforms, Householder products),
+ * never through an f32 intermediate, and leaves the rounding to the engine. */
+typedef struct lm_tile64 {
+    double *acc;      /* nr * cols, row-major: W on entry, the result on return */
+    double *scratch;  /* room for 2 * nr * cols + 64 doubles, contents undefined */
+    uint64_t r0, nr, rows, cols;
+    const lm_kernels *k;
+} lm_tile64;
+
 /* ---- the adapter's tensors, grouped by module -------------------------------------------- */
 #define LM_MAX_PARTS 40
 
@@ -142,8 +155,14 @@ typedef struct lm_method {
     lm_code (*plan_adapter)(lm_plan_ctx *ctx, const lm_module *const *mods, size_t n, lm_err *err);
     /* LOWRANK and METHOD ops: builds what apply needs; fails only when out of memory */
     lm_code (*prepare)(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err);
-    /* METHOD ops: updates the tile; never fails */
+    /* METHOD ops: updates the tile; never fails.  The fast f32 path: tensors no certified path
+     * takes, and every tensor under the benchmark's --exactness-off */
     void (*apply_tile)(const lm_op *op, const lm_prepared *p, const lm_tile *t);
+    /* METHOD ops, optional: the same update in f64 (lm_tile64), from the same prepare().  A tensor
+     * whose every op is such a method op or an engine op with an f64 form (ROWS, LOWRANK, ADD,
+     * SCALE) takes the exact f64 path: computed in f64, rounded once (issue 10); NULL: the type is
+     * not certified (its tensors stay on the f32 path).  Never fails */
+    void (*apply_tile64)(const lm_op *op, const lm_prepared *p, const lm_tile64 *t);
     /* inspect: what the module does ("oft (block rotations, Cayley-Neumann)"); may be NULL */
     void (*describe)(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap);
     /* inspect: the type's settings, whole lines ("r: 8, lora_alpha: 16, scale: 2 (alpha/r)\n");
@@ -241,6 +260,23 @@ lm_code lm_cfg_disagrees(const lm_plan_ctx *ctx, lm_err *err, const char *module
  *  differ.  Not checked when the file gives no 'r', when it has a rank_pattern this type does not
  *  read, or for adapters of other tools (their config is made here). */
 lm_code lm_cfg_rank_is(lm_plan_ctx *ctx, lm_err *err, const char *module, uint64_t rank, const char *tensor);
+/*! lm_cfg_checked() : 1 when the adapter's config is a file of its own that the tensors can be
+ *  checked against (0 for adapters of other tools: their config is made here). */
+int lm_cfg_checked(const lm_plan_ctx *ctx);
+/*! A "<key>_pattern" dict as C3A and FourierFT read it (block_size_pattern, n_frequency_pattern):
+ *  PEFT takes the value of the first key k with re.match(rf".*\.{k}$", module), else of the key
+ *  equal to the module's path, else the type's default. */
+typedef struct lm_suffix_pattern {
+    size_t n;
+    char **keys;
+    long *vals;            /* -1: not a positive integer (not checked) */
+    struct lm_regex **re;  /* NULL: a key this regex engine cannot match within its budget */
+} lm_suffix_pattern;
+/* reads root[name] (absent or null: empty); a value that is not an object: InvalidConfig */
+lm_code lm_suffix_pattern_parse(const cJSON *root, const char *name, lm_suffix_pattern *sp, lm_err *err);
+void lm_suffix_pattern_free(lm_suffix_pattern *sp);
+/* 1 with *val when a key applies to module, 0 when none does, -1 when it cannot be told here */
+int lm_suffix_pattern_lookup(const lm_suffix_pattern *sp, const char *module, long *val);
 lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *module, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 int lm_is_gpt2_conv1d(const char *module);

@@ -4,7 +4,8 @@
  * transform (exact, or PEFT's Cayley-Neumann series) of the skew matrix whose upper triangle
  * oft_R stores (optionally projected: coft); block_share keeps one block.  The rotations are
  * built in double when a tensor's first tile is claimed and applied to each tile by the
- * rot_blocks kernel (one fused multiply-add chain per element, SIMD across a block's lanes). */
+ * rot_blocks kernel (one fused multiply-add chain per element, SIMD across a block's lanes), or,
+ * on the exact path (apply_tile64), from the same f64 rotations in f64 (lm_rotate_blocks64). */
 #include "oft.h"
 
 #include "linalg.h"
@@ -122,16 +123,18 @@ static lm_code oft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
 }
 
 /* per block, the skew matrix Q from the stored upper triangle (row-major), optionally projected
- * (coft), then R by the Cayley-Neumann series or exactly; [n_rot, bs, bs] in f32 */
+ * (coft), then R by the Cayley-Neumann series or exactly; [n_rot, bs, bs] transposed, in f32
+ * (p->a, the fast path) and f64 (p->data, the exact path) */
 static lm_code oft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const oft_params *pr = op->params;
     uint64_t bs = pr->bs, nbl = pr->q->shape[0], tri = pr->q->shape[1];
     const float *q = lm_prep_view(p, pr->q, k, err);
     float *R = q ? lm_prep_floats(p, (size_t)(nbl * bs * bs), err) : NULL;
-    double *Q = R ? malloc((size_t)(bs * bs) * 6 * sizeof *Q) : NULL;
+    double *R64 = R ? lm_prep_alloc(p, (size_t)(nbl * bs * bs) * sizeof *R64, err) : NULL;
+    double *Q = R64 ? malloc((size_t)(bs * bs) * 6 * sizeof *Q) : NULL;
     if (Q == NULL)
-        return R ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+        return R64 ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
     double *S = Q + bs * bs, *work = S + bs * bs;
     for (uint64_t j = 0; j < nbl; j++) {
         memset(Q, 0, (size_t)(bs * bs) * sizeof *Q);
@@ -155,12 +158,35 @@ static lm_code oft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
         else
             lm_cayley_exact(Q, S, (size_t)bs, work);
         for (uint64_t a = 0; a < bs; a++) /* transposed, for lm_rotate_blocks */
-            for (uint64_t b = 0; b < bs; b++)
+            for (uint64_t b = 0; b < bs; b++) {
                 R[j * bs * bs + b * bs + a] = (float)S[a * bs + b];
+                R64[j * bs * bs + b * bs + a] = S[a * bs + b];
+            }
     }
     free(Q);
     p->a = R;
+    p->data = R64;
     return LM_OK;
+}
+
+void lm_rotate_blocks64(const lm_tile64 *t, const double *RT, uint64_t n_rot, uint64_t bs)
+{
+    const uint64_t nb = t->cols / bs;
+    double *y = t->scratch;
+    for (uint64_t r = 0; r < t->nr; r++)
+        for (uint64_t j = 0; j < nb; j++) {
+            double *x = t->acc + r * t->cols + j * bs;
+            const double *M = RT + (n_rot == 1 ? 0 : j) * bs * bs;
+            for (uint64_t a = 0; a < bs; a++)
+                y[a] = 0.0;
+            for (uint64_t b = 0; b < bs; b++) { /* y_a += R[a, b] x_b, b ascending */
+                const double xb = x[b];
+                const double *m = M + b * bs;
+                for (uint64_t a = 0; a < bs; a++)
+                    y[a] += m[a] * xb;
+            }
+            memcpy(x, y, (size_t)bs * sizeof *x);
+        }
 }
 
 void lm_rotate_blocks(const lm_tile *t, const float *RT, uint64_t n_rot, uint64_t bs)
@@ -172,6 +198,12 @@ static void oft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
     const oft_params *pr = op->params;
     lm_rotate_blocks(t, p->a, pr->q->shape[0], pr->bs);
+}
+
+static void oft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const oft_params *pr = op->params;
+    lm_rotate_blocks64(t, p->data, pr->q->shape[0], pr->bs);
 }
 
 static void oft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -192,5 +224,6 @@ const lm_method lm_method_oft = {
     .plan_module = oft_plan_module,
     .prepare = oft_prepare,
     .apply_tile = oft_apply,
+    .apply_tile64 = oft_apply64,
     .describe = oft_describe,
 };

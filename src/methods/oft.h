@@ -10,4 +10,8 @@
  *  rotation shared by all blocks) or cols / bs.  Uses the tile's scratch. */
 void lm_rotate_blocks(const lm_tile *t, const float *RT, uint64_t n_rot, uint64_t bs);
 
+/*! lm_rotate_blocks64() : the same in f64 on an exact-path tile (y_a = sum_b R_j[a, b] x_b, b
+ *  ascending, in double), RT in f64.  Uses the tile's scratch. */
+void lm_rotate_blocks64(const lm_tile64 *t, const double *RT, uint64_t n_rot, uint64_t bs);
+
 #endif

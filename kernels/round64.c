@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: MIT */
+/* round64.c : f64 values rounded ONCE to bf16, f16 or f32 (round to nearest, ties to even), for
+ * the exact f64 tile path (engine/exec_exact.h, LM_EXACT_F64).  f32 outputs: the C cast, which is
+ * that rounding.  bf16/f16: x is first rounded to f32 by round-to-odd (truncate towards zero,
+ * then set the last bit when anything was dropped), and that f32 value rounded RNE by the
+ * reference conversions (lm_f32_to_bf16_1 / lm_f32_to_f16_1).  Round-to-odd to a format with
+ * at least p + 2 bits followed by RNE to p bits is the correctly rounded result (Boldo and
+ * Melquiond, "Emulation of FMA and correctly-rounded sums: proved algorithms using rounding to
+ * odd", IEEE TC 2008): f32 keeps >= 13 bits more than f16 and >= 16 more than bf16 at every
+ * magnitude where those have a quantum, subnormals of both included, so the odd bit stands
+ * below the rounding position and records whether x was above the f32 value.  Beyond FLT_MAX
+ * the odd truncation is FLT_MAX itself (odd), which rounds to inf in both narrower formats, as
+ * x does.  No FTZ/DAZ assumed; the default rounding mode (to nearest) is. */
+#include "lm_kernels.h"
+
+#include <math.h>
+
+/* the same operations per element on every build (no FMA: -ffp-contract=off), so a clone
+ * chosen by the CPU writes the same bits */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define R64_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define R64_CLONES
+#endif
+
+R64_CLONES void lm_f64_round(const double *src, void *dst, lm_kdtype out, size_t n)
+{
+    if (out == LM_KDT_F32) {
+        float *d = dst;
+        for (size_t i = 0; i < n; i++)
+            d[i] = (float)src[i];
+        return;
+    }
+    uint16_t *d = dst;
+    for (size_t i = 0; i < n; i++)
+        d[i] = lm_f64_to_16_1(src[i], out);
+}

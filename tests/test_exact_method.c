@@ -1,0 +1,550 @@
+/* SPDX-License-Identifier: MIT */
+/* test_exact_method.c : issue 10 for the method types on the f64 tile path (LM_EXACT_F64:
+ * lm_method.apply_tile64): every element the value of PEFT's formula evaluated in f64 and rounded
+ * ONCE to the output dtype.
+ *  - the rounding kernel (lm_f64_round: round-to-odd to f32, then RNE) against a rounding written
+ *    here on the f64 bits in integer arithmetic, on every class of value;
+ *  - per type, generated adversarial cases merged by the binary (th_run) and compared with PEFT's
+ *    formula computed here independently in long double from the stored values: results that
+ *    nearly cancel (an f32 evaluation gets many of them wrong), tiny changes (results within an
+ *    ulp of the base), subnormal results, an f16 overflow refused naming the tensor.  The
+ *    reference carries a bound on f64 noise (the rule allows any rounding where the exact value
+ *    lies within float64 noise of a midpoint); elements whose rounding that bound leaves
+ *    ambiguous may take either neighbour and are counted (a small fraction), all others must be
+ *    the nearest value.
+ * For each: the same bytes with --threads 1/2, --tile-elems and --kernels ref; --json says exact
+ * and counts every element as recomputed. */
+#include "th.h"
+
+#include "lm_kernels.h"
+
+#include <cJSON.h>
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* ---- the rounding kernel --------------------------------------------------------------------- */
+
+/* x rounded to nearest even in a format of p significant bits, minimum normal exponent emin and
+ * maximum exponent emax, as (sign, integer significand m, exponent q: value m 2^q), decided on the
+ * integer bits of x only; *inf set on overflow.  Independent of round64.c (no float arithmetic). */
+static void xm_round_bits(double x, int p, int emin, int emax, int *neg, uint64_t *m, int *q, int *inf)
+{
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    *neg = (int)(u >> 63);
+    *inf = 0;
+    const int be = (int)((u >> 52) & 0x7FF);
+    uint64_t f = u & ((1ull << 52) - 1);
+    int e; /* x = f 2^e, f an integer */
+    if (be == 0) {
+        e = -1074;
+    } else {
+        f |= 1ull << 52;
+        e = be - 1075;
+    }
+    if (f == 0) {
+        *m = 0;
+        *q = 0;
+        return;
+    }
+    int top = 63 - __builtin_clzll(f) + e; /* exponent of the leading bit */
+    int E = top < emin ? emin : top;
+    int qq = E - (p - 1); /* the quantum's exponent */
+    uint64_t mm;
+    if (qq <= e) {
+        mm = f << (e - qq); /* exact (f < 2^53, shift keeps it under 2^64 for our formats) */
+    } else {
+        const int sh = qq - e;
+        if (sh > 60) {
+            mm = 0; /* below half the quantum: no, f < 2^53 <= 2^(sh-1) */
+        } else {
+            const uint64_t rem = f & ((1ull << sh) - 1), half = 1ull << (sh - 1);
+            mm = f >> sh;
+            if (rem > half || (rem == half && (mm & 1)))
+                mm++;
+        }
+    }
+    if (mm == (1ull << p)) { /* carried into the next binade */
+        mm >>= 1;
+        qq++;
+    }
+    if (mm != 0 && (63 - __builtin_clzll(mm)) + qq > emax)
+        *inf = 1;
+    *m = mm;
+    *q = qq;
+}
+
+/* the expected output bits of x in dtype t */
+static uint32_t xm_expect_bits(double x, lm_kdtype t)
+{
+    const int p = t == LM_KDT_F32 ? 24 : t == LM_KDT_BF16 ? 8 : 11;
+    const int emin = t == LM_KDT_F16 ? -14 : -126, emax = t == LM_KDT_F16 ? 15 : 127;
+    const int ebits = t == LM_KDT_F16 ? 5 : 8, mbits = p - 1, bias = (1 << (ebits - 1)) - 1;
+    int neg, q, inf;
+    uint64_t m;
+    xm_round_bits(x, p, emin, emax, &neg, &m, &q, &inf);
+    uint32_t b;
+    if (inf) {
+        b = ((1u << ebits) - 1) << mbits;
+    } else if (m == 0) {
+        b = 0;
+    } else if (m < (1ull << (p - 1))) { /* subnormal: q == emin - (p - 1) */
+        b = (uint32_t)m;
+    } else {
+        b = ((uint32_t)(q + (p - 1) + bias) << mbits) | (uint32_t)(m & ((1ull << mbits) - 1));
+    }
+    return b | ((uint32_t)neg << (ebits + mbits));
+}
+
+static uint64_t g_r64 = 0x5eed64;
+
+static uint64_t xm_next(void)
+{
+    g_r64 ^= g_r64 << 13;
+    g_r64 ^= g_r64 >> 7;
+    g_r64 ^= g_r64 << 17;
+    return g_r64;
+}
+
+static double xm_from_bits(uint64_t u)
+{
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
+}
+
+/* values around every rounding boundary of the three formats: midpoints and their neighbours in
+ * f64, subnormals of each, the overflow thresholds, plus random bit patterns */
+static size_t xm_round_inputs(double *v, size_t cap)
+{
+    size_t n = 0;
+    const int ps[3] = {24, 8, 11};
+    const int emins[3] = {-126, -126, -14};
+    for (int f = 0; f < 3; f++)
+        for (int e = emins[f] - ps[f] - 2; e <= (f == 2 ? 16 : 128) && n + 64 < cap; e++)
+            for (int k = 0; k < 6; k++) {
+                /* a random significand of the format at exponent e, plus half a quantum */
+                const int E = e < emins[f] ? emins[f] : e, q = E - (ps[f] - 1);
+                const uint64_t m = (xm_next() >> (64 - ps[f])) | (e >= emins[f] ? 1ull << (ps[f] - 1) : 0);
+                const double mid = ldexp((double)m + 0.5, q);
+                const double sgn = (xm_next() & 1) ? -1.0 : 1.0;
+                v[n++] = sgn * mid;
+                v[n++] = sgn * nextafter(mid, 0);
+                v[n++] = sgn * nextafter(mid, INFINITY);
+                v[n++] = sgn * ldexp((double)m, q);
+            }
+    const double specials[] = {0.0, -0.0, 65504.0, 65519.99, 65520.0, 65520.00000001, -65520.0, 0x1p-24, 0x1p-25,
+                               0x1.0000000000001p-25, 0x1p-26, 0x1.fep127, 0x1.fefffffffffffp127, 0x1.ffp127,
+                               0x1.ffffffp127, 0x1.fffffe8p127, 0x1p128, 0x1p-133, 0x1p-134, 0x1.8p-134, 0x1p-149,
+                               0x1p-150, 0x1.0000000000001p-150, 0x1p-151, 4.9e-324, 1e300, -1e300, 3.4028235e38};
+    for (size_t i = 0; i < sizeof specials / sizeof specials[0]; i++)
+        v[n++] = specials[i];
+    while (n < cap) {
+        uint64_t u = xm_next();
+        /* exponents near the formats' ranges mostly */
+        const uint64_t be = 1023 + (uint64_t)((int)(xm_next() % 300) - 160);
+        u = (u & 0x800FFFFFFFFFFFFFull) | (be << 52);
+        v[n++] = xm_from_bits(u);
+    }
+    return n;
+}
+
+Test(exact_method, f64_round_once_matches_integer_rounding, .timeout = 60)
+{
+    enum { N = 200000 };
+    double *v = malloc(N * sizeof *v);
+    uint32_t *o32 = malloc(N * sizeof *o32);
+    uint16_t *o16 = malloc(N * sizeof *o16);
+    cr_assert(v && o32 && o16);
+    const size_t n = xm_round_inputs(v, N);
+    const lm_kdtype ts[3] = {LM_KDT_F32, LM_KDT_BF16, LM_KDT_F16};
+    for (int k = 0; k < 3; k++) {
+        uint64_t double_wrong = 0;
+        /* odd lengths and offsets: every tail */
+        for (size_t off = 0; off < 3; off++) {
+            const size_t len = n - off - (off * 7) % 5;
+            if (ts[k] == LM_KDT_F32)
+                lm_f64_round(v + off, o32 + off, ts[k], len);
+            else
+                lm_f64_round(v + off, o16 + off, ts[k], len);
+            for (size_t i = off; i < off + len; i++) {
+                const uint32_t want = xm_expect_bits(v[i], ts[k]);
+                const uint32_t got = ts[k] == LM_KDT_F32 ? o32[i] : o16[i];
+                cr_assert_eq(got, want, "dtype %d: %a rounds to 0x%x, the kernel wrote 0x%x", (int)ts[k], v[i], want,
+                             got);
+                if (ts[k] == LM_KDT_BF16)
+                    double_wrong += lm_f32_to_bf16_1((float)v[i]) != want;
+                else if (ts[k] == LM_KDT_F16)
+                    double_wrong += lm_f32_to_f16_1((float)v[i]) != want;
+                /* the scalar form agrees */
+                if (ts[k] != LM_KDT_F32)
+                    cr_assert_eq(lm_f64_to_16_1(v[i], ts[k]), want);
+            }
+        }
+        if (ts[k] != LM_KDT_F32) /* the inputs do reach cases that f64 -> f32 -> out gets wrong */
+            cr_assert_gt(double_wrong, 100, "dtype %d: only %llu double-rounding cases", (int)ts[k],
+                         (unsigned long long)double_wrong);
+    }
+    /* NaN stays NaN */
+    const double nan = NAN;
+    uint16_t h;
+    lm_f64_round(&nan, &h, LM_KDT_BF16, 1);
+    cr_assert((h & 0x7F80u) == 0x7F80u && (h & 0x7Fu) != 0);
+    lm_f64_round(&nan, &h, LM_KDT_F16, 1);
+    cr_assert((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu) != 0);
+    free(v);
+    free(o32);
+    free(o16);
+}
+
+/* ---- cases on disk ------------------------------------------------------------------------- */
+#define XM_MAX 12
+
+typedef struct {
+    char name[160];
+    char dtype[8];
+    int nd;
+    uint64_t shape[4];
+    uint64_t n;
+    double *v; /* as stored */
+} xm_t;
+
+typedef struct {
+    xm_t t[XM_MAX];
+    int n;
+} xm_set;
+
+static xm_t *xm_add(xm_set *s, const char *name, const char *dtype, int nd, uint64_t d0, uint64_t d1)
+{
+    cr_assert_lt(s->n, XM_MAX);
+    xm_t *t = &s->t[s->n++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
+    t->nd = nd;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    t->n = nd == 1 ? d0 : d0 * d1;
+    t->v = calloc(t->n, sizeof(double));
+    return t;
+}
+
+static void xm_write(const char *path, const xm_set *s)
+{
+    th_out_tensor o[XM_MAX];
+    for (int k = 0; k < s->n; k++) {
+        memset(&o[k], 0, sizeof o[k]);
+        o[k].name = s->t[k].name;
+        o[k].dtype = s->t[k].dtype;
+        o[k].n_dims = s->t[k].nd;
+        o[k].shape[0] = s->t[k].shape[0];
+        o[k].shape[1] = s->t[k].shape[1];
+        o[k].values = s->t[k].v;
+    }
+    cr_assert_eq(th_st_write(path, o, (size_t)s->n), 0, "cannot write %s", path);
+}
+
+static void xm_free(xm_set *s)
+{
+    for (int k = 0; k < s->n; k++)
+        free(s->t[k].v);
+    s->n = 0;
+}
+
+typedef struct {
+    char *dir;
+    char base[600], adir[600], out[600];
+} xm_case;
+
+static void xm_case_write(xm_case *c, const xm_set *base, const xm_set *ad, const char *cfg)
+{
+    c->dir = th_tmpdir();
+    cr_assert_not_null(c->dir);
+    snprintf(c->base, sizeof c->base, "%s/base.safetensors", c->dir);
+    snprintf(c->adir, sizeof c->adir, "%s/adapter", c->dir);
+    snprintf(c->out, sizeof c->out, "%s/out.safetensors", c->dir);
+    cr_assert_eq(mkdir(c->adir, 0755), 0);
+    xm_write(c->base, base);
+    char p[700];
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", c->adir);
+    xm_write(p, ad);
+    cr_assert_eq(th_write_text(c->adir, "adapter_config.json", cfg), 0);
+}
+
+static th_run_result xm_merge(const xm_case *c, const char *out, const char *const *opts)
+{
+    const char *argv[24];
+    int n = 0;
+    argv[n++] = th_bin();
+    argv[n++] = "--json";
+    for (; opts && *opts; opts++)
+        argv[n++] = *opts;
+    argv[n++] = c->base;
+    argv[n++] = c->adir;
+    argv[n++] = out;
+    argv[n] = NULL;
+    return th_run(NULL, argv);
+}
+
+static void xm_json_tensor(const char *json, const char *name, int *exact, double *recomputed)
+{
+    cJSON *js = cJSON_Parse(json);
+    cr_assert_not_null(js, "--json output is not JSON: %s", json);
+    const cJSON *ct = cJSON_GetObjectItem(js, "changed_tensors"), *e;
+    int found = 0;
+    cJSON_ArrayForEach(e, ct)
+    {
+        if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(e, "name")), name) != 0)
+            continue;
+        found = 1;
+        *exact = cJSON_IsTrue(cJSON_GetObjectItem(e, "exact"));
+        const cJSON *r = cJSON_GetObjectItem(e, "recomputed");
+        *recomputed = cJSON_IsNumber(r) ? r->valuedouble : -1;
+    }
+    cJSON_Delete(js);
+    cr_assert(found, "%s is not among the changed tensors: %s", name, json);
+}
+
+static double *xm_out_values(const char *path, const char *name, uint64_t n)
+{
+    th_st o;
+    cr_assert_eq(th_st_read(path, &o), 0, "output %s unreadable", path);
+    const th_tensor *t = th_st_find(&o, name);
+    cr_assert_not_null(t, "%s missing from the output", name);
+    cr_assert_eq(t->n_elems, n);
+    double *v = th_to_f64(t);
+    th_st_free(&o);
+    return v;
+}
+
+/* Every element: ref (long double) +- bnd (a bound on f64 evaluation noise) rounds to one value,
+ * which out must be; or the interval straddles a boundary and out is one of its two roundings
+ * (counted in *n_amb).  @return how many elements a plain f32 evaluation (y32) gets wrong. */
+static uint64_t xm_check(const double *out, const long double *ref, const long double *bnd, const float *y32,
+                         uint64_t n, const char *dtype, const char *what, uint64_t *n_amb)
+{
+    uint64_t f32_wrong = 0;
+    for (uint64_t e = 0; e < n; e++) {
+        const double lo = th_round_to((double)(ref[e] - bnd[e]), dtype), hi = th_round_to((double)(ref[e] + bnd[e]), dtype);
+        const double want = th_round_to((double)ref[e], dtype);
+        if (lo == hi) {
+            cr_assert(out[e] == want || (out[e] == 0 && want == 0),
+                      "%s: element %llu is %a, the f64 value %La rounded once is %a", what, (unsigned long long)e,
+                      out[e], ref[e], want);
+            f32_wrong += th_round_to((double)y32[e], dtype) != want;
+        } else {
+            cr_assert(out[e] == lo || out[e] == hi, "%s: element %llu is %a, neither %a nor %a (value %La +- %Lg)",
+                      what, (unsigned long long)e, out[e], lo, hi, ref[e], bnd[e]);
+            (*n_amb)++;
+        }
+    }
+    return f32_wrong;
+}
+
+/* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
+static void xm_same_bytes(const xm_case *c, const char *what)
+{
+    static const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
+                                        {"--threads", "2", "--tile-elems", "64", NULL},
+                                        {"--threads", "2", "--kernels", "ref", NULL}};
+    for (int k = 0; k < 3; k++) {
+        char o[700];
+        snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
+        th_run_result r = xm_merge(c, o, v[k]);
+        cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status, r.err);
+        th_run_free(&r);
+        cr_assert(th_files_equal(o, c->out), "%s: variant %d (%s %s %s %s) changed the bytes", what, k, v[k][0],
+                  v[k][1], v[k][2], v[k][3]);
+    }
+}
+
+/* the merged tensor checked against ref/bnd/y32; --json exact with every element recomputed */
+static uint64_t xm_verify(const xm_case *c, const th_run_result *r, const char *name, uint64_t n,
+                          const long double *ref, const long double *bnd, const float *y32, const char *odt,
+                          const char *what)
+{
+    double *o = xm_out_values(c->out, name, n);
+    uint64_t amb = 0;
+    const uint64_t wrong = xm_check(o, ref, bnd, y32, n, odt, what, &amb);
+    free(o);
+    int exact;
+    double rec;
+    xm_json_tensor(r->out, name, &exact, &rec);
+    cr_assert(exact, "%s: --json does not say exact", what);
+    cr_assert_eq((uint64_t)rec, n, "%s: --json says %g recomputed, the f64 path computes all %llu", what, rec,
+                 (unsigned long long)n);
+    cr_assert_leq(amb, n / 50 + 1, "%s: %llu of %llu elements within f64 noise of a boundary", what,
+                  (unsigned long long)amb, (unsigned long long)n);
+    fprintf(stderr, "exact_method/%s: %llu of %llu elements an f32 evaluation gets wrong, %llu within f64 noise of a "
+            "boundary, all others the nearest value\n", what, (unsigned long long)wrong, (unsigned long long)n,
+            (unsigned long long)amb);
+    return wrong;
+}
+
+static uint64_t g_rng = 0x0f7;
+
+/* ---- OFT --------------------------------------------------------------------------------------- */
+/* PEFT (OFTLayer, Cayley-Neumann, num_cayley_neumann_terms 5): Q_j skew from the stored upper
+ * triangle, R_j = I + 2Q + 2Q^2 + 2Q^3 + Q^4; merged W' = W @ blockdiag(R_j)^T, i.e. block j of a
+ * row x becomes R_j x. */
+enum { XM_BS = 8 };
+
+static void xm_oft_R(const double *tri, long double R[XM_BS][XM_BS])
+{
+    long double Q[XM_BS][XM_BS] = {{0}}, P[XM_BS][XM_BS], T[XM_BS][XM_BS];
+    int t = 0;
+    for (int a = 0; a < XM_BS; a++)
+        for (int b = a + 1; b < XM_BS; b++, t++) {
+            Q[a][b] = tri[t];
+            Q[b][a] = -tri[t];
+        }
+    memcpy(P, Q, sizeof P);
+    for (int a = 0; a < XM_BS; a++)
+        for (int b = 0; b < XM_BS; b++)
+            R[a][b] = (a == b) + 2 * Q[a][b];
+    for (int k = 2; k <= 4; k++) { /* P = Q^k */
+        for (int a = 0; a < XM_BS; a++)
+            for (int b = 0; b < XM_BS; b++) {
+                long double s = 0;
+                for (int i = 0; i < XM_BS; i++)
+                    s += P[a][i] * Q[i][b];
+                T[a][b] = s;
+            }
+        memcpy(P, T, sizeof P);
+        for (int a = 0; a < XM_BS; a++)
+            for (int b = 0; b < XM_BS; b++)
+                R[a][b] += (k < 4 ? 2 : 1) * P[a][b];
+    }
+}
+
+typedef enum { XM_CANCEL, XM_TINY, XM_SUBNORMAL } xm_mode;
+
+/* OFT on q_proj [O, I] (blocks of 8): mode CANCEL makes each block of a row R_j^T e with one large
+ * target component and the others 2^-12 or less, so after rounding the base, the rotated values
+ * but one are the rounding residue of large ones (cancellation by 2^8 .. 2^24); TINY rotates by
+ * 1e-7 (results within an ulp of the base); SUBNORMAL does CANCEL at a scale whose results are
+ * subnormal in the output dtype */
+static void xm_oft_case(const char *bdt, xm_mode mode)
+{
+    const uint64_t O = 24, I = 32, nb = I / XM_BS, tri = XM_BS * (XM_BS - 1) / 2;
+    xm_set base = {0}, ad = {0};
+    xm_t *w = xm_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
+    xm_t *other = xm_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
+    xm_t *q = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight", "F32", 2, nb, tri);
+    for (uint64_t e = 0; e < other->n; e++)
+        other->v[e] = th_round_to(0.01 * (double)e, bdt);
+    const double qs = mode == XM_TINY ? 1e-7 : 0.08;
+    for (uint64_t e = 0; e < q->n; e++)
+        q->v[e] = (double)(float)(qs * th_rand_normal(&g_rng));
+    long double R[4][XM_BS][XM_BS];
+    for (uint64_t j = 0; j < nb; j++)
+        xm_oft_R(q->v + j * tri, R[j]);
+    /* the scale of the base: subnormal results of the output dtype */
+    const double scale = mode != XM_SUBNORMAL ? 1.0 : !strcmp(bdt, "F16") ? 0x1p-10 : 0x1p-118;
+    for (uint64_t r = 0; r < O; r++)
+        for (uint64_t j = 0; j < nb; j++) {
+            long double e[XM_BS];
+            const int main_k = (int)((r + j) % XM_BS);
+            for (int a = 0; a < XM_BS; a++)
+                e[a] = a == main_k ? (0.5 + fabs(th_rand_uniform(&g_rng))) * (r % 2 ? -1 : 1)
+                                   : ldexpl(th_rand_uniform(&g_rng), -12 - (int)(r % 3) * 8);
+            for (int b = 0; b < XM_BS; b++) {
+                long double x = 0;
+                if (mode == XM_TINY)
+                    x = 0.05 * th_rand_normal(&g_rng);
+                else
+                    for (int a = 0; a < XM_BS; a++)
+                        x += R[j][a][b] * e[a]; /* R^T e */
+                w->v[r * I + j * XM_BS + b] = th_round_to((double)x * scale, bdt);
+            }
+        }
+    xm_case c;
+    xm_case_write(&c, &base, &ad,
+                  "{\"peft_type\": \"OFT\", \"target_modules\": [\"q_proj\"], \"r\": 0, \"oft_block_size\": 8, "
+                  "\"use_cayley_neumann\": true, \"num_cayley_neumann_terms\": 5, \"coft\": false, "
+                  "\"block_share\": false}");
+    th_run_result res = xm_merge(&c, c.out, NULL);
+    cr_assert_eq(res.status, 0, "OFT %s: exit %d: %s", bdt, res.status, res.err);
+    long double *ref = malloc(w->n * sizeof *ref), *bnd = malloc(w->n * sizeof *bnd);
+    float *y32 = malloc(w->n * sizeof *y32);
+    for (uint64_t r = 0; r < O; r++)
+        for (uint64_t j = 0; j < nb; j++)
+            for (int a = 0; a < XM_BS; a++) {
+                long double s = 0, sa = 0;
+                float s32 = 0;
+                for (int b = 0; b < XM_BS; b++) {
+                    const double x = w->v[r * I + j * XM_BS + b];
+                    s += R[j][a][b] * x;
+                    sa += fabsl(R[j][a][b] * x);
+                    s32 = fmaf((float)R[j][a][b], (float)x, s32);
+                }
+                const uint64_t e = r * I + j * XM_BS + (uint64_t)a;
+                ref[e] = s;
+                /* f64 noise: the rotation built by products of Q (a few roundings per entry) and an
+                 * 8-term sum: well under 2^-48 of sum |R x| */
+                bnd[e] = ldexpl(sa, -48);
+                y32[e] = s32;
+            }
+    char what[96];
+    snprintf(what, sizeof what, "oft %s %s", bdt, mode == XM_CANCEL ? "cancel" : mode == XM_TINY ? "tiny" : "subnormal");
+    const uint64_t wrong = xm_verify(&c, &res, w->name, w->n, ref, bnd, y32, bdt, what);
+    if (mode == XM_CANCEL) /* the construction is adversarial */
+        cr_assert_gt(wrong, 0, "%s: an f32 evaluation gets every element right: not adversarial", what);
+    th_run_free(&res);
+    xm_same_bytes(&c, what);
+    free(ref);
+    free(bnd);
+    free(y32);
+    xm_free(&base);
+    xm_free(&ad);
+    th_rmrf(c.dir);
+    free(c.dir);
+}
+
+Test(exact_method, oft_bf16, .timeout = 60)
+{
+    xm_oft_case("BF16", XM_CANCEL);
+    xm_oft_case("BF16", XM_TINY);
+    xm_oft_case("BF16", XM_SUBNORMAL);
+}
+Test(exact_method, oft_f16, .timeout = 60)
+{
+    xm_oft_case("F16", XM_CANCEL);
+    xm_oft_case("F16", XM_TINY);
+    xm_oft_case("F16", XM_SUBNORMAL);
+}
+Test(exact_method, oft_f32, .timeout = 60)
+{
+    xm_oft_case("F32", XM_CANCEL);
+    xm_oft_case("F32", XM_TINY);
+    xm_oft_case("F32", XM_SUBNORMAL);
+}
+
+/* a rotated f16 value beyond 65504 is refused naming the tensor, nothing written */
+Test(exact_method, oft_f16_overflow_refused, .timeout = 60)
+{
+    xm_set base = {0}, ad = {0};
+    xm_t *w = xm_add(&base, "model.layers.0.self_attn.q_proj.weight", "F16", 2, 2, 8);
+    xm_t *q = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight", "F32", 2, 1, 28);
+    for (uint64_t e = 0; e < w->n; e++)
+        w->v[e] = 60000;
+    for (uint64_t e = 0; e < q->n; e++)
+        q->v[e] = 0.25;
+    xm_case c;
+    xm_case_write(&c, &base, &ad,
+                  "{\"peft_type\": \"OFT\", \"target_modules\": [\"q_proj\"], \"r\": 0, \"oft_block_size\": 8}");
+    th_run_result r = xm_merge(&c, c.out, NULL);
+    cr_assert_neq(r.status, 0, "an f16 overflow was written: %s", r.out);
+    cr_assert(strstr(r.err, "model.layers.0.self_attn.q_proj.weight") != NULL && strstr(r.err, "F16") != NULL,
+              "the error does not name the tensor and the dtype: %s", r.err);
+    cr_assert(!th_exists(c.out), "an output was left");
+    th_run_free(&r);
+    xm_free(&base);
+    xm_free(&ad);
+    th_rmrf(c.dir);
+    free(c.dir);
+}
