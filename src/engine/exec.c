@@ -1275,7 +1275,10 @@ static lm_code commit_job(job *J, lm_err *err)
     for (size_t sh = 0; sh < J->n_shards; sh++) {
         if (J->w[sh] == NULL)
             continue;
-        lm_code rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
+        lm_code rc;
+        if (opts && opts->commit_paths && (rc = lm_st_writer_retarget(J->w[sh], opts->commit_paths[sh], err)) != LM_OK)
+            return rc;
+        rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
         J->w[sh] = NULL;
         if (rc != LM_OK)
             return rc;
