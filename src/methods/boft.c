@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* boft.c : BOFT (peft-merge.md §5.7) with one butterfly factor (the only form PEFT loads without
  * its CUDA extension): W <- diag(s) (W @ blockdiag(R_j)^T), R_j the exact Cayley transform of
- * the skew part (X_j - X_j^T)/2 of boft_R's blocks, s = boft_s [out, 1]. */
+ * the skew part (X_j - X_j^T)/2 of boft_R's blocks, s = boft_s [out, 1].  The rotations are
+ * built in f64 and kept in f32 (the fast path) and f64 (the exact path, apply_tile64). */
 #include "oft.h"
 
 #include "linalg.h"
@@ -90,9 +91,10 @@ static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     uint64_t nbl = pr->R->shape[1], bs = pr->R->shape[2];
     const float *X = lm_prep_view(p, pr->R, k, err), *s = X ? lm_prep_view(p, pr->s, k, err) : NULL;
     float *R = s ? lm_prep_floats(p, (size_t)(nbl * bs * bs), err) : NULL;
-    double *Q = R ? malloc((size_t)(bs * bs) * 4 * sizeof *Q) : NULL;
+    double *R64 = R ? lm_prep_alloc(p, (size_t)(nbl * bs * bs) * sizeof *R64, err) : NULL;
+    double *Q = R64 ? malloc((size_t)(bs * bs) * 4 * sizeof *Q) : NULL;
     if (Q == NULL)
-        return R ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+        return R64 ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
     double *S = Q + bs * bs, *work = S + bs * bs;
     for (uint64_t j = 0; j < nbl; j++) {
         for (uint64_t a = 0; a < bs; a++)
@@ -100,12 +102,15 @@ static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
                 Q[a * bs + b] = 0.5 * ((double)X[(j * bs + a) * bs + b] - (double)X[(j * bs + b) * bs + a]);
         lm_cayley_exact(Q, S, (size_t)bs, work);
         for (uint64_t a = 0; a < bs; a++) /* transposed, for lm_rotate_blocks */
-            for (uint64_t b = 0; b < bs; b++)
+            for (uint64_t b = 0; b < bs; b++) {
                 R[j * bs * bs + b * bs + a] = (float)S[a * bs + b];
+                R64[j * bs * bs + b * bs + a] = S[a * bs + b];
+            }
     }
     free(Q);
     p->a = R;
     p->b = s;
+    p->data = R64;
     return LM_OK;
 }
 
@@ -116,6 +121,19 @@ static void boft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     for (uint64_t r = 0; r < t->nr; r++) { /* then each output row scaled by s */
         float *x = t->acc + r * t->cols;
         const float f = p->b[t->r0 + r];
+        for (uint64_t c = 0; c < t->cols; c++)
+            x[c] *= f;
+    }
+}
+
+/* the same in f64: each rotated value times s (exact f32 values) in f64 */
+static void boft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const boft_params *pr = op->params;
+    lm_rotate_blocks64(t, p->data, pr->R->shape[1], pr->R->shape[2]);
+    for (uint64_t r = 0; r < t->nr; r++) {
+        double *x = t->acc + r * t->cols;
+        const double f = (double)p->b[t->r0 + r];
         for (uint64_t c = 0; c < t->cols; c++)
             x[c] *= f;
     }
@@ -133,4 +151,5 @@ const lm_method lm_method_boft = {
     .plan_module = boft_plan_module,
     .prepare = boft_prepare,
     .apply_tile = boft_apply,
+    .apply_tile64 = boft_apply64,
 };
