@@ -8,6 +8,7 @@
 #include "linalg.h"
 #include "lm_error.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -110,8 +111,7 @@ static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     free(Q);
     p->a = R;
     p->b = s;
-    p->data = R64;
-    return LM_OK;
+    return lm_rot_prep_make(p, R, R64, nbl, bs, err);
 }
 
 static void boft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
@@ -129,14 +129,38 @@ static void boft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 /* the same in f64: each rotated value times s (exact f32 values) in f64 */
 static void boft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
 {
-    const boft_params *pr = op->params;
-    lm_rotate_blocks64(t, p->data, pr->R->shape[1], pr->R->shape[2]);
+    const lm_rot_prep *rp = p->data;
+    (void)op;
+    lm_rotate_blocks64(t, rp->RT64, rp->n_rot, rp->bs);
     for (uint64_t r = 0; r < t->nr; r++) {
         double *x = t->acc + r * t->cols;
         const double f = (double)p->b[t->r0 + r];
         for (uint64_t c = 0; c < t->cols; c++)
             x[c] *= f;
     }
+}
+
+/* the rotation's bound B scaled: |fl32(f r32) - fl64(f Y64)| <= |f| B + 2^-24 |fl32(f r32)| (1 + u)
+ * + 2^-149 + 2^-53 |f Y64|: within |f| B (1 + 2^-20) + 2^-23 |y| + 2^-149 */
+static void boft_apply_bound(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound)
+{
+    (void)op;
+    lm_rotate_blocks_bound(t, p->data, bound);
+    for (uint64_t r = 0; r < t->nr; r++) {
+        float *x = t->acc + r * t->cols, *bd = bound + r * t->cols;
+        const float f = p->b[t->r0 + r], af = fabsf(f) * (1.0f + 0x1p-20f);
+        for (uint64_t c = 0; c < t->cols; c++) {
+            x[c] *= f;
+            bd[c] = bd[c] * af + fabsf(x[c]) * 0x1p-23f + 0x1p-149f;
+        }
+    }
+}
+
+static double boft_elem64(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
+                          uint64_t cols)
+{
+    (void)op, (void)cols;
+    return lm_rot_elem64(p->data, in, col) * (double)p->b[row];
 }
 
 static const lm_part boft_parts[] = {{"boft_R", BR, -1, 1}, {"boft_s", BS, -1, 1}};
@@ -152,4 +176,6 @@ const lm_method lm_method_boft = {
     .prepare = boft_prepare,
     .apply_tile = boft_apply,
     .apply_tile64 = boft_apply64,
+    .apply_tile_bound = boft_apply_bound,
+    .elem64 = boft_elem64,
 };
