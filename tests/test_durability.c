@@ -196,63 +196,29 @@ Test(durability, fsync_flushes_every_file_and_directory, .timeout = 240)
     free(tmp);
 }
 
+/* cut to the 8-byte length and the header: every tensor's bytes are gone */
+static void du_cut_to_header(void *ctx)
+{
+    const char *victim = ctx;
+    int fd = open(victim, O_RDONLY);
+    uint8_t len8[8];
+    cr_assert(fd >= 0 && pread(fd, len8, 8, 0) == 8);
+    close(fd);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | len8[i];
+    cr_assert_eq(truncate(victim, (off_t)(8 + hlen)), 0);
+}
+
 /* the merge (argv) held in its first copy_file_range; there the base is cut to its header; then
  * it goes on.  @return exit status, *err_text what followed the stall line */
 static int du_merge_cut(const char *const *argv, const char *victim, char **err_text)
 {
-    int in[2], errp[2];
-    cr_assert_eq(pipe(in), 0);
-    cr_assert_eq(pipe(errp), 0);
-    pid_t pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        dup2(in[0], 0);
-        dup2(errp[1], 2);
-        close(in[1]);
-        close(errp[0]);
-        setenv("LM_FAULT", "1:stall:copy_file_range", 1);
-        execv(th_bin(), (char *const *)argv);
-        _exit(121);
-    }
-    close(in[0]);
-    close(errp[1]);
-    char buf[8192];
-    size_t n = 0;
-    const char *mark = "stalled in copy_file_range\n";
-    int stalled = 0;
-    while (!stalled && n + 1 < sizeof buf) {
-        ssize_t k = read(errp[0], buf + n, sizeof buf - 1 - n);
-        if (k <= 0)
-            break;
-        n += (size_t)k;
-        buf[n] = '\0';
-        stalled = strstr(buf, mark) != NULL;
-    }
-    if (stalled) { /* cut to the 8-byte length and the header: every tensor's bytes are gone */
-        int fd = open(victim, O_RDONLY);
-        uint8_t len8[8];
-        cr_assert(fd >= 0 && pread(fd, len8, 8, 0) == 8);
-        close(fd);
-        uint64_t hlen = 0;
-        for (int i = 7; i >= 0; i--)
-            hlen = hlen << 8 | len8[i];
-        cr_assert_eq(truncate(victim, (off_t)(8 + hlen)), 0);
-    }
-    signal(SIGPIPE, SIG_IGN);
-    if (stalled)
-        cr_assert_eq(write(in[1], "x", 1), 1);
-    close(in[1]);
-    ssize_t k;
-    while (n + 1 < sizeof buf && (k = read(errp[0], buf + n, sizeof buf - 1 - n)) > 0)
-        n += (size_t)k;
-    buf[n] = '\0';
-    close(errp[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    cr_assert(stalled, "the merge never copied base bytes with copy_file_range (exit %d): %s",
-              WIFEXITED(status) ? WEXITSTATUS(status) : -1, buf);
-    *err_text = strdup(strstr(buf, mark) + strlen(mark));
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    static const char *const env[] = {"LM_FAULT=1:stall:copy_file_range", NULL};
+    th_held_result r = th_run_held(argv, env, "stalled in copy_file_range\n", 0, du_cut_to_header, (void *)victim);
+    cr_assert(r.held, "the merge never copied base bytes with copy_file_range (exit %d): %s", r.status, r.err);
+    *err_text = r.err;
+    return r.status;
 }
 
 Test(durability, base_truncated_mid_copy_is_a_changed_input, .timeout = 120)
@@ -299,47 +265,15 @@ Test(durability, base_truncated_mid_copy_is_a_changed_input, .timeout = 120)
     free(tmp);
 }
 
-/* runs argv held inside its k-th pwrite (the output being written), then SIGKILLs it */
+/* runs argv held inside its third pwrite (the output being written), then SIGKILLs it */
 static void du_kill_while_writing(const char *const *argv, int named)
 {
-    int errp[2], in[2];
-    cr_assert_eq(pipe(errp), 0);
-    cr_assert_eq(pipe(in), 0);
-    pid_t pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        dup2(in[0], 0); /* the stall reads stdin: nothing is written there, the kill comes first */
-        dup2(errp[1], 2);
-        close(errp[0]);
-        close(in[1]);
-        setenv("LM_FAULT", "3:stall:pwrite", 1);
-        if (named)
-            setenv("LM_NO_TMPFILE", "1", 1);
-        else
-            unsetenv("LM_NO_TMPFILE");
-        execv(du_bin(), (char *const *)argv);
-        _exit(121);
-    }
-    close(errp[1]);
-    close(in[0]);
-    char buf[4096];
-    size_t n = 0;
-    int stalled = 0;
-    while (!stalled && n + 1 < sizeof buf) {
-        ssize_t k = read(errp[0], buf + n, sizeof buf - 1 - n);
-        if (k <= 0)
-            break;
-        n += (size_t)k;
-        buf[n] = '\0';
-        stalled = strstr(buf, "stalled in pwrite") != NULL;
-    }
-    kill(pid, SIGKILL);
-    int st;
-    waitpid(pid, &st, 0);
-    close(errp[0]);
-    close(in[1]);
-    cr_assert(stalled, "the merge never wrote its output: %s", buf);
-    cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    /* the stall reads stdin: nothing is written there, the kill comes first */
+    const char *const env[] = {"LM_FAULT=3:stall:pwrite", named ? "LM_NO_TMPFILE=1" : "LM_NO_TMPFILE", NULL};
+    th_held_result r = th_run_held(argv, env, "stalled in pwrite", 1, NULL, NULL);
+    cr_assert(r.held, "the merge never wrote its output: %s", r.err);
+    cr_assert_eq(r.status, 128 + SIGKILL, "exit %d: %s", r.status, r.err);
+    free(r.err);
 }
 
 /* entries of dir, stages' contents counted too */

@@ -61,56 +61,30 @@ static void li_change_file(const char *path, li_change how)
     }
 }
 
+typedef struct {
+    const char *victim;
+    li_change how;
+} li_at;
+
+static void li_at_pause(void *ctx)
+{
+    const li_at *a = ctx;
+    if (a->how != LI_NONE)
+        li_change_file(a->victim, a->how);
+}
+
 /* runs the merge held before its commit, applies `how` to `victim` there; returns the exit
  * status and the stderr text (malloc'd) */
 static int li_merge(const char *base, const char *adir, const char *out, const char *victim, li_change how,
                     char **err_text)
 {
-    int in[2], errp[2];
-    cr_assert_eq(pipe(in), 0);
-    cr_assert_eq(pipe(errp), 0);
-    pid_t pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        dup2(in[0], 0);
-        dup2(errp[1], 2);
-        close(in[1]);
-        close(errp[0]);
-        setenv("LM_TEST_PAUSE_BEFORE_COMMIT", "1", 1);
-        execl(th_bin(), th_bin(), "-q", "--threads", "2", base, adir, out, (char *)NULL);
-        _exit(121);
-    }
-    close(in[0]);
-    close(errp[1]);
-    char buf[8192];
-    size_t n = 0;
-    int paused = 0;
-    while (!paused && n + 1 < sizeof buf) { /* until the pause line, or the end of stderr */
-        ssize_t k = read(errp[0], buf + n, sizeof buf - 1 - n);
-        if (k <= 0)
-            break;
-        n += (size_t)k;
-        buf[n] = '\0';
-        paused = strstr(buf, "paused before commit\n") != NULL;
-    }
-    if (paused && how != LI_NONE)
-        li_change_file(victim, how);
-    signal(SIGPIPE, SIG_IGN);
-    if (paused)
-        cr_assert_eq(write(in[1], "x", 1), 1);
-    close(in[1]);
-    ssize_t k;
-    while (n + 1 < sizeof buf && (k = read(errp[0], buf + n, sizeof buf - 1 - n)) > 0)
-        n += (size_t)k;
-    buf[n] = '\0';
-    close(errp[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    cr_assert(paused, "the merge did not pause before its commit (exit %d): %s",
-              WIFEXITED(status) ? WEXITSTATUS(status) : -1, buf);
-    char *line = strstr(buf, "paused before commit\n") + strlen("paused before commit\n");
-    *err_text = strdup(line);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    const char *argv[] = {th_bin(), "-q", "--threads", "2", base, adir, out, NULL};
+    static const char *const env[] = {"LM_TEST_PAUSE_BEFORE_COMMIT=1", NULL};
+    li_at at = {victim, how};
+    th_held_result r = th_run_held(argv, env, "paused before commit\n", 0, li_at_pause, &at);
+    cr_assert(r.held, "the merge did not pause before its commit (exit %d): %s", r.status, r.err);
+    *err_text = r.err;
+    return r.status;
 }
 
 /* a fresh copy of base and adapter under tmp/run, so each case changes its own files */

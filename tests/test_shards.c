@@ -105,6 +105,12 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     cr_assert_eq(remove(p), 0);
     snprintf(p, sizeof p, "%s/.model-00005-of-00010.safetensors.lm-tmp-Ab12Cd", F.out);
     cr_assert_eq(th_write_file(p, "partial", 7), 0);
+    /* and what a worker killed while recording the plan or a sidecar leaves (the kill above does
+     * that at times, under load: finalize then left .lora-merge-shards behind) */
+    snprintf(p, sizeof p, "%s/.lora-merge-shards/.plan.json.lm-tmp-Qq11Ww", F.out);
+    cr_assert_eq(th_write_file(p, "{", 1), 0);
+    snprintf(p, sizeof p, "%s/.lora-merge-shards/.model-00003-of-00010.safetensors.json.lm-tmp-Zz99Yy", F.out);
+    cr_assert_eq(th_write_file(p, "{", 1), 0);
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 1, "finalize accepted a shard without sidecar: %s", r.err);
     cr_assert(strstr(r.err, "ShardsIncomplete") && strstr(r.err, "model-00005-of-00010.safetensors (no sidecar"),
@@ -253,6 +259,31 @@ Test(shards, usage_errors)
     cr_assert(!th_exists(F.out), "a refused worker created OUT");
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 2, "%s", r.err);
+    th_run_free(&r);
+    sh_teardown(&F);
+}
+
+/* the README's Slurm and Kubernetes examples, run as written (tests/readme_cluster.sh: fake
+ * sbatch and kubectl run the array tasks / completion indexes here, one after another, with the
+ * schedulers' variables set): every flag exists, the commands chain, and the merged directory
+ * (16 workers over the 10 input shards, then finalize) is the single merge's */
+Test(shards, readme_slurm_and_kubernetes_examples_run)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    /* the reference under the examples' names (the model card names the base and adapter), in
+     * the base's shards */
+    cr_assert_eq(sh_ok("cd %s && mkdir -p n/models n/adapters && ln -s %s n/models/Llama-3.1-405B && ln -s %s "
+                       "n/adapters/my-lora && %s -q --max-shard-size 200KB n/models/Llama-3.1-405B n/adapters/my-lora "
+                       "ref/merged-405b/", F.tmp, F.base, F.ad, F.bin), 0);
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "sh tests/readme_cluster.sh README.md %s %s/readme %s %s", F.bin, F.tmp, F.base, F.ad);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    int n_out = 0;
+    for (char *line = strtok(r.out, "\n"); line != NULL; line = strtok(NULL, "\n"), n_out++)
+        cr_assert_eq(sh_ok("diff -r %s/ref/merged-405b %s >&2", F.tmp, line), 0, "%s differs from the single merge", line);
+    cr_assert_eq(n_out, 2, "%s", r.out);
     th_run_free(&r);
     sh_teardown(&F);
 }

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +78,75 @@ th_run_result th_run(const char *cwd, const char *const *argv)
     r.err = slurp_fd(efd);
     close(ofd);
     close(efd);
+    return r;
+}
+
+th_held_result th_run_held(const char *const *argv, const char *const *env, const char *mark, int kill_it,
+                           void (*at)(void *ctx), void *ctx)
+{
+    th_held_result r = {-1, 0, NULL};
+    int in[2], errp[2];
+    if (pipe(in) != 0)
+        return r;
+    if (pipe(errp) != 0) {
+        close(in[0]);
+        close(in[1]);
+        return r;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(errp[1], 2);
+        close(in[1]);
+        close(errp[0]);
+        for (; env != NULL && *env != NULL; env++) {
+            const char *eq = strchr(*env, '=');
+            char name[256];
+            snprintf(name, sizeof name, "%.*s", eq ? (int)(eq - *env) : (int)strlen(*env), *env);
+            if (eq != NULL)
+                setenv(name, eq + 1, 1);
+            else
+                unsetenv(name);
+        }
+        execv(argv[0], (char *const *)argv);
+        _exit(121);
+    }
+    close(in[0]);
+    close(errp[1]);
+    char buf[8192];
+    size_t n = 0;
+    buf[0] = '\0';
+    while (pid > 0 && !r.held && n + 1 < sizeof buf) { /* until the mark, or the end of stderr */
+        ssize_t k = read(errp[0], buf + n, sizeof buf - 1 - n);
+        if (k <= 0)
+            break;
+        n += (size_t)k;
+        buf[n] = '\0';
+        r.held = strstr(buf, mark) != NULL;
+    }
+    if (r.held && at != NULL)
+        at(ctx);
+    if (kill_it && pid > 0) {
+        kill(pid, SIGKILL);
+    } else {
+        signal(SIGPIPE, SIG_IGN);
+        if (r.held && write(in[1], "x", 1) != 1)
+            r.held = 0;
+        close(in[1]);
+        in[1] = -1;
+        ssize_t k;
+        while (n + 1 < sizeof buf && (k = read(errp[0], buf + n, sizeof buf - 1 - n)) > 0)
+            n += (size_t)k;
+        buf[n] = '\0';
+    }
+    if (in[1] >= 0)
+        close(in[1]);
+    close(errp[0]);
+    int st = 0;
+    if (pid > 0 && waitpid(pid, &st, 0) == pid)
+        r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    const char *after = strstr(buf, mark);
+    r.err = strdup(after != NULL ? after + strlen(mark) : buf);
     return r;
 }
 

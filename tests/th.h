@@ -32,6 +32,19 @@ th_run_result th_runv(const char *first, ...);
 th_run_result th_sh(const char *cmd);
 void th_run_free(th_run_result *r);
 
+/* a run held at a test seam (LM_TEST_PAUSE_BEFORE_COMMIT, LM_FAULT=k:stall:<call>: one line on
+ * stderr, then one byte read from stdin): argv (argv[0] the program's path) runs with env's entries
+ * ("NAME=value", or "NAME" to unset; NULL-terminated, env may be NULL) and stdin a pipe; once
+ * `mark` shows on its stderr, at(ctx) runs there (may be NULL: e.g. an input is changed), then the
+ * run is let go (one byte on stdin), or SIGKILLed when kill_it, and waited for. */
+typedef struct {
+    int status; /* exit status, or 128+signal */
+    int held;   /* 1: the mark came (at ran) */
+    char *err;  /* malloc'd: stderr after the mark, or all of it when the mark never came */
+} th_held_result;
+th_held_result th_run_held(const char *const *argv, const char *const *env, const char *mark, int kill_it,
+                           void (*at)(void *ctx), void *ctx);
+
 /* bench/gen_model beside $LM_BIN (e.g. build/bench/gen_model): 1 and the path in buf if it is
  * there and executable, else 0 (the caller skips visibly) */
 int th_gen_model_path(char *buf, size_t cap);

@@ -631,6 +631,27 @@ void lm_out_clean_stale_temps(const lm_out_target *o, lm_report_impl *r)
     free(dir);
 }
 
+void lm_out_clean_dead_temps_in(const char *dir, lm_report_impl *r)
+{
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = dfd >= 0 ? fdopendir(dup(dfd)) : NULL;
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        if (!is_temp_name(de->d_name))
+            continue;
+        int fd = lock_if_dead(dfd, de->d_name, 0);
+        if (fd < 0)
+            continue;
+        if (unlinkat(dfd, de->d_name, 0) == 0 && r != NULL)
+            lm_report_note(r, "removed %s, left by an interrupted run", de->d_name);
+        close(fd);
+    }
+    if (d != NULL)
+        closedir(d);
+    if (dfd >= 0)
+        close(dfd);
+}
+
 lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
 {
     int fd = lm_sys_open(path, O_RDONLY | O_CLOEXEC, 0);

@@ -112,6 +112,11 @@ void lm_out_remove_stale(lm_out_target *o, lm_report_impl *r);
  *  anything under OUT/.lora-merge-shards/.  Each removed name is noted in r (when r != NULL). */
 void lm_out_clean_stale_temps(const lm_out_target *o, lm_report_impl *r);
 
+/*! lm_out_clean_dead_temps_in() : removes the temporary files (".<name>.lm-tmp-XXXXXX") in dir
+ *  whose lock is free (their writer is dead), and nothing else; each removed name is noted in r
+ *  (when r != NULL). */
+void lm_out_clean_dead_temps_in(const char *dir, lm_report_impl *r);
+
 /*! lm_base_directory() : the directory holding the base's files (the base itself when it is a
  *  directory); malloc'd, NULL when out of memory. */
 char *lm_base_directory(const char *base_path);

@@ -271,23 +271,19 @@ static lm_code record_plan(const lm_shard_ctx *C, const char *fp, lm_err *err)
         cJSON_AddItemToArray(args, cJSON_CreateString(C->job->record_args[i]));
     char *text = cJSON_Print(root);
     cJSON_Delete(root);
-    size_t n_tmp = path ? strlen(path) + 32 : 0;
-    char *tmp = path ? malloc(n_tmp) : NULL;
     lm_code rc = LM_OK;
-    if (text == NULL || tmp == NULL) {
+    int existed = 0;
+    if (text == NULL || path == NULL) {
         rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto done;
     }
-    snprintf(tmp, n_tmp, "%s.%ld.tmp", path, (long)getpid());
-    if ((rc = lm_write_file_atomic(tmp, text, strlen(text), err)) != LM_OK)
-        goto done;
-    int linked = link(tmp, path) == 0, e = errno;
-    unlink(tmp);
-    if (!linked && e != EEXIST) {
-        rc = lm_fail_errno(err, e, "cannot record the shard plan");
+    /* never a name of its own that a SIGKILL could leave behind, but a locked temporary file
+     * (removed by finalize when its writer is dead) */
+    if ((rc = lm_write_file_new(path, text, strlen(text), &existed, err)) != LM_OK) {
         lm_err_set_path(err, path);
         goto done;
     }
+    int linked = !existed;
     cJSON *had = linked ? NULL : read_json(path);
     const char *other = had ? json_str(had, "fingerprint") : NULL;
     if (!linked && (other == NULL || strcmp(other, fp) != 0)) {
@@ -300,7 +296,6 @@ static lm_code record_plan(const lm_shard_ctx *C, const char *fp, lm_err *err)
     cJSON_Delete(had);
 done:
     free(text);
-    free(tmp);
     free(path);
     return rc;
 }
@@ -486,8 +481,10 @@ static void remove_records(const lm_shard_ctx *C)
     char *pp = sidecar_path(C->ot, PLAN_NAME), *sd = lm_path_join(C->ot->dir, LM_SHARDS_DIR);
     if (pp != NULL)
         unlink(pp);
-    if (sd != NULL)
+    if (sd != NULL) {
+        lm_out_clean_dead_temps_in(sd, C->ri); /* a killed worker's temporary plan or sidecar */
         rmdir(sd); /* only when empty: another plan's files are never removed */
+    }
     free(pp);
     free(sd);
 }

@@ -755,3 +755,53 @@ lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_b
     }
     return LM_OK;
 }
+
+lm_code lm_write_file_new(const char *path, const void *data, size_t n_bytes, int *existed, lm_err *err)
+{
+    char *tmp = temp_name_for(path);
+    if (tmp == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    sigset_t old_mask;
+    cleanup_block(&old_mask);
+    int fd = create_locked_temp(tmp), e = fd < 0 ? errno : 0;
+    lm_cleanup_slot *slot = fd >= 0 ? lm_cleanup_register(tmp) : NULL;
+    cleanup_unblock(&old_mask);
+    const uint8_t *p = data;
+    size_t left = n_bytes;
+    while (fd >= 0 && left > 0 && e == 0) {
+        ssize_t k = lm_sys_write(fd, p, left);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            e = k < 0 ? errno : EIO;
+        else {
+            p += k;
+            left -= (size_t)k;
+        }
+    }
+    mode_t mask = umask(0);
+    umask(mask);
+    if (fd >= 0 && e == 0 && lm_sys_fchmod(fd, 0666 & ~mask) != 0)
+        e = errno;
+    *existed = 0;
+    /* linked, then the temporary name removed, while still locked: whatever kills this process
+     * leaves at most a temporary file whose lock is free */
+    if (fd >= 0 && e == 0 && link(tmp, path) != 0) {
+        if (errno == EEXIST)
+            *existed = 1;
+        else
+            e = errno;
+    }
+    if (fd >= 0) {
+        unlink(tmp);
+        close(fd);
+    }
+    lm_cleanup_unregister(slot);
+    free(tmp);
+    if (e != 0) {
+        lm_fail_errno(err, e, "cannot write the file");
+        lm_err_set_path(err, path);
+        return LM_E_IO;
+    }
+    return LM_OK;
+}

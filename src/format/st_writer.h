@@ -73,6 +73,12 @@ lm_code lm_write_file_atomic_mode(const char *path, const void *data, size_t n_b
 lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_bytes, unsigned mode, int do_fsync,
                                   lm_err *err);
 
+/*! lm_write_file_new() : creates path holding data unless path exists (never replaced): the
+ *  bytes go to a locked temporary file beside it (".<name>.lm-tmp-XXXXXX", lock held until it is
+ *  removed, so a killed writer's leftover is a temporary file with a free lock), linked to path.
+ *  @return LM_OK with *existed 0 (created) or 1 (path was there: nothing changed), or an error. */
+lm_code lm_write_file_new(const char *path, const void *data, size_t n_bytes, int *existed, lm_err *err);
+
 /*! lm_json_escape() : appends s as a JSON string body (no quotes) to buf; @return new length,
  *  or (size_t)-1 if cap is too small. */
 size_t lm_json_escape(char *buf, size_t used, size_t cap, const char *s);

@@ -398,12 +398,12 @@ static lm_code adamss_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
     uint64_t R = op->rank, in = op->in, out = op->out, q = pr->q, n = pr->newB->shape[1], nt = q * n;
     for (int s = 0; s < pr->K; s++)
         nt += pr->A[s]->n_elems + pr->B[s]->n_elems;
-    /* the adapter tensors as f32 in one block (up to 39 of them), then the factors */
-    float *f = lm_prep_floats(p, (size_t)(nt + R * in + out * R), err);
+    /* the adapter tensors as f32 in one block (up to 39 of them) */
+    float *f = lm_prep_floats(p, (size_t)nt, err);
     double *d = lm_prep_alloc(p, (size_t)(R * in + out * R) * sizeof(double), err);
     if (f == NULL || d == NULL)
         return LM_E_NOMEM;
-    float *nb = f, *at_f = f + q * n, *fa = f + nt;
+    float *nb = f, *at_f = f + q * n;
     lm_ts_to_f32(pr->newB, 0, (size_t)(q * n), nb, k);
     double *A2 = d, *B2 = d + R * in;
     uint64_t r0 = 0, at = 0;
@@ -425,13 +425,7 @@ static lm_code adamss_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
                 B2[(uint64_t)pr->rows[at] * R + r0 + a] = (double)B[i * rk + a];
         r0 += rk;
     }
-    for (uint64_t e = 0; e < R * in + out * R; e++)
-        fa[e] = (float)d[e];
-    p->a = fa;
-    p->b = fa + R * in;
-    p->a64 = A2;
-    p->b64 = B2;
-    return LM_OK;
+    return lm_prep_publish64(p, A2, (size_t)(R * in), B2, (size_t)(out * R), err);
 }
 
 static void adamss_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

@@ -59,6 +59,11 @@ static lm_code deft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
         (R != NULL && (R->n_dims != 2 || R->shape[0] != P->shape[1] || !lm_is_float_dtype(R->dtype))))
         return lm_mismatch(err, m->path, "deft_P / deft_R must be [out, r] and [r, in] float matrices");
     uint64_t out = P->shape[0], r = P->shape[1], in;
+    /* PEFT makes deft_P [out, min(r, out)] ('r', no pattern) */
+    const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
+    if (lm_cfg_checked(ctx) && cfg->r_given && r != ((uint64_t)cfg->r < out ? (uint64_t)cfg->r : out))
+        return lm_cfg_disagrees(ctx, err, m->path, "r", cfg->r, "deft_P is [%llu, %llu] (PEFT makes [out, "
+                                "min(r, out)])", (unsigned long long)out, (unsigned long long)r);
     if (dc->qr && r > out)
         return lm_mismatch(err, m->path, "deft_P is [%llu, %llu]: \"qr\" needs r <= out (PEFT caps r at out)",
                            (unsigned long long)out, (unsigned long long)r);
@@ -117,13 +122,11 @@ static lm_code deft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     uint64_t r = op->rank, in = op->in, out = op->out;
     const float *P = lm_prep_view(p, pr->P, k, err), *W = p->base;
     const float *R = P && pr->R ? lm_prep_view(p, pr->R, k, err) : NULL;
-    float *a2 = P ? lm_prep_floats(p, (size_t)(r * in), err) : NULL;
-    double *a64 = a2 ? lm_prep_alloc(p, (size_t)(r * in) * sizeof(double), err) : NULL;
+    double *a64 = P ? lm_prep_alloc(p, (size_t)(r * in) * sizeof(double), err) : NULL;
     if (a64 == NULL || (pr->R != NULL && R == NULL))
         return LM_E_NOMEM;
     const double *q = NULL;
-    float *b2 = NULL;
-    if (pr->qr && ((q = deft_qr(P, out, r, p, err)) == NULL || (b2 = lm_prep_floats(p, (size_t)(out * r), err)) == NULL))
+    if (pr->qr && (q = deft_qr(P, out, r, p, err)) == NULL)
         return err->code;
     for (uint64_t o = 0; o < out; o++)
         for (uint64_t c = 0; c < r; c++) {
@@ -134,18 +137,10 @@ static lm_code deft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
             for (uint64_t i = 0; i < in; i++) /* logical W[o, i]: stored [in, out] when transposed */
                 f[i] -= rq * (double)(pr->transposed ? W[i * out + o] : W[o * in + i]);
         }
-    for (uint64_t e = 0; e < r * in; e++) {
-        if (R != NULL)
-            a64[e] += pr->s * (double)R[e];
-        a2[e] = (float)a64[e];
-    }
-    for (uint64_t e = 0; q != NULL && e < out * r; e++)
-        b2[e] = (float)q[e];
-    p->a = a2;
-    p->a64 = a64;
-    p->b = q ? b2 : P;
-    p->b64 = q;
-    return LM_OK;
+    for (uint64_t e = 0; R != NULL && e < r * in; e++)
+        a64[e] += pr->s * (double)R[e];
+    p->b = P; /* relu: the saved P (qr: Q_P, rounded, in its place) */
+    return lm_prep_publish64(p, a64, (size_t)(r * in), q, (size_t)(out * r), err);
 }
 
 static void deft_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

@@ -192,10 +192,9 @@ static lm_code frod_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     const float *sv = lam ? lm_prep_view(p, pr->sval, k, err) : NULL;
     double *b64 = sv ? lm_prep_alloc(p, out * in * sizeof(double), err) : NULL;
     double *a64 = b64 ? lm_prep_alloc(p, in * in * sizeof(double), err) : NULL;
-    float *a = a64 ? lm_prep_floats(p, in * in, err) : NULL, *b = a ? lm_prep_floats(p, out * in, err) : NULL;
-    double *w = b ? malloc((2 * out * in + in * in) * sizeof(double)) : NULL;
+    double *w = a64 ? malloc((2 * out * in + in * in) * sizeof(double)) : NULL;
     if (w == NULL)
-        return b == NULL ? LM_E_NOMEM : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        return a64 == NULL ? LM_E_NOMEM : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     double *bi = w + out * in, *vd = bi + out * in;
     lm_prep_read(p, pr->idx);
     for (size_t o = 0; o < out; o++) /* logical W [out, in] */
@@ -251,15 +250,7 @@ static lm_code frod_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     }
     free(um);
     free(w);
-    for (size_t e = 0; e < in * in; e++)
-        a[e] = (float)a64[e];
-    for (size_t e = 0; e < out * in; e++)
-        b[e] = (float)b64[e];
-    p->a = a;
-    p->b = b;
-    p->a64 = a64;
-    p->b64 = b64;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, in * in, b64, out * in, err);
 }
 
 static void frod_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

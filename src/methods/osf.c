@@ -132,8 +132,7 @@ static lm_code osf_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
     const float *V = S ? lm_prep_view(p, pr->V, k, err) : NULL;
     double *b64 = V ? lm_prep_alloc(p, out * K * sizeof(double), err) : NULL;
     double *a64 = b64 ? lm_prep_alloc(p, K * in * sizeof(double), err) : NULL;
-    float *a = a64 ? lm_prep_floats(p, K * in, err) : NULL, *b = a ? lm_prep_floats(p, out * K, err) : NULL;
-    if (b == NULL) {
+    if (a64 == NULL) {
         free(Uw);
         return LM_E_NOMEM;
     }
@@ -148,15 +147,7 @@ static lm_code osf_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
             a64[(L + c) * in + i] = V[c * in + i];
         }
     free(Uw);
-    for (size_t e = 0; e < K * in; e++)
-        a[e] = (float)a64[e];
-    for (size_t e = 0; e < out * K; e++)
-        b[e] = (float)b64[e];
-    p->a = a;
-    p->b = b;
-    p->a64 = a64;
-    p->b64 = b64;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, K * in, b64, out * K, err);
 }
 
 static void osf_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

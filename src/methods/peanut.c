@@ -151,10 +151,9 @@ static lm_code peanut_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
     const peanut_params *pr = op->params;
     uint64_t r = op->rank, in = op->in, out = op->out, d = (uint64_t)pr->depth;
     const float *A = lm_prep_view(p, pr->A, k, err), *W = p->base;
-    float *a2 = lm_prep_floats(p, (size_t)(r * in), err);
     double *a64 = lm_prep_alloc(p, (size_t)(r * in) * sizeof(double), err);
     double *H = malloc((size_t)((d + 1) * in * r + r) * sizeof(double));
-    if (A == NULL || a2 == NULL || a64 == NULL || H == NULL || (p->b = lm_prep_view(p, pr->B, k, err)) == NULL) {
+    if (A == NULL || a64 == NULL || H == NULL || (p->b = lm_prep_view(p, pr->B, k, err)) == NULL) {
         free(H);
         return err->code ? err->code : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
@@ -188,14 +187,10 @@ static lm_code peanut_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
         layer(cur, D, H + (d - 1 - s) * in * r, in, r, pr->act, row);
     }
     for (uint64_t q = 0; q < r; q++)
-        for (uint64_t i = 0; i < in; i++) {
+        for (uint64_t i = 0; i < in; i++)
             a64[q * in + i] = cur[i * r + q];
-            a2[q * in + i] = (float)cur[i * r + q];
-        }
     free(H);
-    p->a = a2;
-    p->a64 = a64;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, (size_t)(r * in), NULL, 0, err);
 }
 
 static void peanut_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

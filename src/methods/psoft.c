@@ -155,10 +155,8 @@ static lm_code psoft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *
     const float *w = lm_prep_view(p, pr->w, k, err);
     const float *va = pr->va ? lm_prep_view(p, pr->va, k, err) : NULL, *vb = pr->vb ? lm_prep_view(p, pr->vb, k, err) : NULL;
     double *b64 = lm_prep_alloc(p, out * r * sizeof(double), err), *a64 = lm_prep_alloc(p, r * in * sizeof(double), err);
-    float *a = lm_prep_floats(p, r * in, err), *b = lm_prep_floats(p, out * r, err);
     double *tmp = malloc((r * in + r + 2 * r * r) * sizeof(double));
-    if (w == NULL || (pr->va && va == NULL) || (pr->vb && vb == NULL) || b64 == NULL || a64 == NULL || a == NULL ||
-        b == NULL || tmp == NULL) {
+    if (w == NULL || (pr->va && va == NULL) || (pr->vb && vb == NULL) || b64 == NULL || a64 == NULL || tmp == NULL) {
         free(tmp);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
@@ -188,15 +186,7 @@ static lm_code psoft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *
             Vh[q * in + i] *= sqrt(S[q] / pr->scaling);
     lm_matmul_d(R, Vh, a64, r, r, in); /* A' = (R - I) A */
     free(tmp);
-    for (size_t e = 0; e < r * in; e++)
-        a[e] = (float)a64[e];
-    for (size_t e = 0; e < out * r; e++)
-        b[e] = (float)b64[e];
-    p->a = a;
-    p->b = b;
-    p->a64 = a64;
-    p->b64 = b64;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, r * in, b64, out * r, err);
 }
 
 static void psoft_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

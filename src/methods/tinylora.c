@@ -181,9 +181,8 @@ static lm_code tinylora_prepare(const lm_op *op, const lm_kernels *k, lm_prepare
     uint64_t r = op->rank, in = op->in, u = pr->v->n_elems;
     const float *A = lm_prep_view(p, pr->A, k, err), *P = lm_prep_view(p, pr->P, k, err);
     const float *v = lm_prep_view(p, pr->v, k, err);
-    float *a2 = lm_prep_floats(p, (size_t)(r * in), err);
     double *a64 = lm_prep_alloc(p, (size_t)(r * in + r * r) * sizeof(double), err);
-    if (A == NULL || P == NULL || v == NULL || a2 == NULL || a64 == NULL ||
+    if (A == NULL || P == NULL || v == NULL || a64 == NULL ||
         (p->b = lm_prep_view(p, pr->B, k, err)) == NULL)
         return LM_E_NOMEM;
     double *R = a64 + r * in;
@@ -199,11 +198,8 @@ static lm_code tinylora_prepare(const lm_op *op, const lm_kernels *k, lm_prepare
             for (uint64_t q = 0; q < r; q++)
                 s += R[j * r + q] * (double)A[q * in + i];
             a64[j * in + i] = s;
-            a2[j * in + i] = (float)s;
         }
-    p->a = a2;
-    p->a64 = a64;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, (size_t)(r * in), NULL, 0, err);
 }
 
 static void tinylora_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)

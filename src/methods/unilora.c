@@ -352,7 +352,6 @@ static lm_code unilora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared
     const unilora_params *pr = op->params;
     uint64_t r = op->rank, na = r * op->in, nb = op->out * r;
     const float *th = lm_prep_view(p, pr->theta, k, err);
-    float *a = lm_prep_floats(p, (size_t)(na + nb), err);
     double *a64 = lm_prep_alloc(p, (size_t)(na + nb) * sizeof(double), err);
     const float *sv[2] = {NULL, NULL};
     if (pr->ia == NULL) {
@@ -361,26 +360,19 @@ static lm_code unilora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared
         lm_prep_read(p, pr->sa[0]);
         lm_prep_read(p, pr->sa[1]);
     }
-    if (th == NULL || a == NULL || a64 == NULL || (pr->ia == NULL && (sv[0] == NULL || sv[1] == NULL)))
+    if (th == NULL || a64 == NULL || (pr->ia == NULL && (sv[0] == NULL || sv[1] == NULL)))
         return LM_E_NOMEM;
     for (uint64_t e = 0; e < na + nb; e++) {
         int w = e >= na;
         uint64_t j = w ? e - na : e;
-        double x;
         if (pr->ia != NULL) {
             uint32_t q = w ? pr->ib[j] : pr->ia[j];
-            x = (double)th[q] * (double)pr->scale[q];
+            a64[e] = (double)th[q] * (double)pr->scale[q];
         } else {
-            x = (double)th[lm_ts_index(pr->sa[w], j)] * (double)sv[w][j];
+            a64[e] = (double)th[lm_ts_index(pr->sa[w], j)] * (double)sv[w][j];
         }
-        a64[e] = x;
-        a[e] = (float)x;
     }
-    p->a = a;
-    p->b = a + na;
-    p->a64 = a64;
-    p->b64 = a64 + na;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, (size_t)na, a64 + na, (size_t)nb, err);
 }
 
 static void unilora_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)
