@@ -3150,7 +3150,7 @@ static const mt_row mt_rows[] = {
      {"road_theta one short", NULL, bad_road},
      "model.layers.0.self_attn.q_proj"},
     {"SHIRA", 1, NULL, delta_shira,
-     {{"repeated indices", "{\"peft_type\": \"SHIRA\", \"r\": 4, " TGT_QV "}", gen_shira}},
+     {{"repeated indices", "{\"peft_type\": \"SHIRA\", " TGT_QV "}", gen_shira}},
      {"a row index past the weight", NULL, bad_shira},
      "model.layers.0.self_attn.q_proj"},
     {"SUPERTUNING", 1, NULL, delta_supertuning,

@@ -258,14 +258,34 @@ Test(plan_checks, config_values_the_tensors_contradict_are_refused, .timeout = 1
         const char *type, *key;
         double value;
         const char *kind;
+        const char *json, *shows; /* the key's JSON value and what the message shows, when not `value` */
     } cases[] = {
-        {"oft", "oft_block_size", 1e9, "ConfigMismatch"}, {"oft", "oft_block_size", 3, "ConfigMismatch"},
-        {"oft", "r", 4, "InvalidConfig"}, /* both r and oft_block_size: PEFT's OFTConfig refuses it too */
-        {"boft", "boft_block_size", 1e9, "ConfigMismatch"}, {"boft", "boft_block_size", 8, "ConfigMismatch"},
-        {"boft", "boft_n_butterfly_factor", 1e9, "ConfigMismatch"}, {"boft", "boft_block_num", 1e9, "InvalidConfig"},
-        {"hra", "r", 1e9, "ConfigMismatch"}, {"miss", "r", 1e9, "ConfigMismatch"}, {"vera", "r", 1e9, "ConfigMismatch"},
-        {"vera", "r", 4, "ConfigMismatch"}, {"pvera", "r", 1e9, "ConfigMismatch"}, {"delora", "r", 1e9, "ConfigMismatch"},
-        {"hira", "r", 1e9, "ConfigMismatch"},
+        {"oft", "oft_block_size", 1e9, "ConfigMismatch", NULL, NULL},
+        {"oft", "oft_block_size", 3, "ConfigMismatch", NULL, NULL},
+        {"oft", "r", 4, "InvalidConfig", NULL, NULL}, /* both r and oft_block_size: PEFT's OFTConfig refuses it too */
+        {"boft", "boft_block_size", 1e9, "ConfigMismatch", NULL, NULL},
+        {"boft", "boft_block_size", 8, "ConfigMismatch", NULL, NULL},
+        {"boft", "boft_n_butterfly_factor", 1e9, "ConfigMismatch", NULL, NULL},
+        {"boft", "boft_block_num", 1e9, "InvalidConfig", NULL, NULL},
+        {"hra", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        {"miss", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        {"vera", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        {"vera", "r", 4, "ConfigMismatch", NULL, NULL},
+        {"pvera", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        {"delora", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        {"hira", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        /* LoKr, FourierFT, C3A, SHiRA, GLoRA, DeFT (all exit 0 before) */
+        {"lokr", "decompose_factor", 2, "ConfigMismatch", NULL, NULL},
+        {"fourierft", "n_frequency", 1e9, "ConfigMismatch", NULL, NULL},
+        {"fourierft", "n_frequency", 59, "ConfigMismatch", NULL, NULL},
+        {"fourierft", "n_frequency_pattern", 30, "ConfigMismatch", "{\"q_proj\": 30}", NULL},
+        {"c3a", "block_size", 1e9, "ConfigMismatch", NULL, NULL},
+        {"c3a", "block_size", 8, "ConfigMismatch", NULL, NULL},
+        {"c3a", "block_size_pattern", 2, "ConfigMismatch", "{\"nomatch\": 4, \"v_proj\": 2}", NULL},
+        {"shira", "r", 1e9, "ConfigMismatch", NULL, NULL}, {"shira", "r", 2, "ConfigMismatch", NULL, NULL},
+        {"glora", "r", 1e9, "ConfigMismatch", NULL, NULL},
+        {"glora", "config_A_B", 0, "ConfigMismatch", "\"vector\"", "\"lora\""},
+        {"deft", "r", 1e9, "ConfigMismatch", NULL, NULL}, {"deft", "r", 8, "ConfigMismatch", NULL, NULL},
     };
     char *tmp = th_tmpdir();
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -284,7 +304,10 @@ Test(plan_checks, config_values_the_tensors_contradict_are_refused, .timeout = 1
         free(text);
         cr_assert_not_null(root);
         cJSON_DeleteItemFromObjectCaseSensitive(root, cases[i].key);
-        cJSON_AddNumberToObject(root, cases[i].key, cases[i].value);
+        if (cases[i].json != NULL)
+            cJSON_AddItemToObject(root, cases[i].key, cJSON_Parse(cases[i].json));
+        else
+            cJSON_AddNumberToObject(root, cases[i].key, cases[i].value);
         text = cJSON_Print(root);
         cJSON_Delete(root);
         cr_assert_eq(th_write_file(cfgp, text, strlen(text)), 0);
@@ -294,6 +317,8 @@ Test(plan_checks, config_values_the_tensors_contradict_are_refused, .timeout = 1
         r = th_runv(g, ad, out, NULL);
         char val[32];
         snprintf(val, sizeof val, "%.0f", cases[i].value);
+        if (cases[i].shows != NULL)
+            snprintf(val, sizeof val, "%s", cases[i].shows);
         cr_expect_eq(r.status, 1, "%s %s=%s: exit %d: %s", cases[i].type, cases[i].key, val, r.status, r.err);
         cr_expect(strstr(r.err, cases[i].kind) != NULL && strstr(r.err, "adapter_config.json") != NULL &&
                       strstr(r.err, cases[i].key) != NULL && strstr(r.err, val) != NULL,
@@ -301,6 +326,53 @@ Test(plan_checks, config_values_the_tensors_contradict_are_refused, .timeout = 1
                   cases[i].kind, r.err);
         cr_expect(!th_exists(out));
         th_run_free(&r);
+    }
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* LoKr with both factors split, as PEFT makes them for W [16, 16] at r 1 with decompose_both (and
+ * decompose_factor -1 or 4: w1, w2 4 x 4): merges; decompose_both false (PEFT keeps w1 whole) or
+ * decompose_factor 2 (PEFT makes w1 [2, 2], w2 [8, 8]) contradict the tensors (exit 0 before) */
+Test(plan_checks, lokr_decompose_keys_the_factors_contradict_are_refused)
+{
+    char *tmp = th_tmpdir(), base[600], ad[600], p[700], out[700];
+    snprintf(base, sizeof base, "%s/base.safetensors", tmp);
+    snprintf(ad, sizeof ad, "%s/adapter", tmp);
+    snprintf(out, sizeof out, "%s/out.safetensors", tmp);
+    uint64_t w[2] = {16, 16}, fa[2] = {4, 1}, fb[2] = {1, 4};
+    th_out_tensor bt[1] = {pc_tensor("model.layers.0.q_proj.weight", "F32", 2, w, 0.1, 0)};
+    pc_write(base, bt, 1);
+    th_out_tensor at[4] = {pc_tensor("base_model.model.model.layers.0.q_proj.lokr_w1_a", "F32", 2, fa, 0.5, 0),
+                           pc_tensor("base_model.model.model.layers.0.q_proj.lokr_w1_b", "F32", 2, fb, 0.5, 0),
+                           pc_tensor("base_model.model.model.layers.0.q_proj.lokr_w2_a", "F32", 2, fa, 0.5, 0),
+                           pc_tensor("base_model.model.model.layers.0.q_proj.lokr_w2_b", "F32", 2, fb, 0.5, 0)};
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", ad);
+    mkdir(ad, 0777);
+    pc_write(p, at, 4);
+    static const struct {
+        const char *extra, *key; /* key NULL: merges */
+    } cases[] = {
+        {"\"decompose_both\": true, \"decompose_factor\": -1", NULL},
+        {"\"decompose_both\": true, \"decompose_factor\": 4", NULL},
+        {"\"decompose_both\": false", "\"decompose_both\": 0"},
+        {"\"decompose_both\": true, \"decompose_factor\": 2", "\"decompose_factor\": 2"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char cfg[400];
+        snprintf(cfg, sizeof cfg, "{\"peft_type\": \"LOKR\", \"r\": 1, \"alpha\": 1, %s, "
+                 "\"target_modules\": [\"q_proj\"]}", cases[i].extra);
+        pc_config(ad, cfg);
+        if (cases[i].key != NULL) {
+            const char *ads[1] = {ad};
+            pc_refused_both_ways(tmp, ads, 1, base, "ConfigMismatch", cases[i].key);
+            continue;
+        }
+        const char *argv[] = {th_bin(), "-q", base, ad, out, NULL};
+        th_run_result r = th_run(NULL, argv);
+        cr_assert_eq(r.status, 0, "%s: exit %d: %s", cases[i].extra, r.status, r.err);
+        th_run_free(&r);
+        remove(out);
     }
     th_rmrf(tmp);
     free(tmp);

@@ -5,6 +5,44 @@
 
 #include "lm_error.h"
 
+#include <stdlib.h>
+
+typedef struct {
+    long block_size; /* 0: not in the file */
+    lm_suffix_pattern pattern;
+} c3a_cfg;
+
+static lm_code c3a_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    c3a_cfg *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    c->mcfg = f;
+    if (lm_cfg_int(root, "block_size", &f->block_size, err))
+        return err->code;
+    return lm_suffix_pattern_parse(root, "block_size_pattern", &f->pattern, err);
+}
+
+static void c3a_free_config(void *mcfg)
+{
+    if (mcfg == NULL)
+        return;
+    lm_suffix_pattern_free(&((c3a_cfg *)mcfg)->pattern);
+    free(mcfg);
+}
+
+/* the block size PEFT built the module with (block_size_pattern, block_size) against the kernel's */
+static lm_code c3a_check_config(lm_plan_ctx *ctx, const lm_module *m, uint64_t b, lm_err *err)
+{
+    const c3a_cfg *f = lm_ctx_adapter(ctx)->cfg->mcfg;
+    long v = f->block_size;
+    int got = lm_suffix_pattern_lookup(&f->pattern, m->path, &v);
+    if (!lm_cfg_checked(ctx) || got < 0 || (got == 0 && f->block_size == 0) || (uint64_t)v == b)
+        return LM_OK;
+    return lm_cfg_disagrees(ctx, err, m->path, got ? "block_size_pattern" : "block_size", v,
+                            "c3a_kernel has blocks of %llu", (unsigned long long)b);
+}
+
 static lm_code c3a_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     long bi = lm_ctx_weight_2d(ctx, m->path, err);
@@ -17,6 +55,8 @@ static lm_code c3a_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err
     if (kr->n_dims != 3 || b == 0 || kr->shape[0] * b != o || kr->shape[1] * b != in || !lm_is_float_dtype(kr->dtype))
         return lm_mismatch(err, m->path, "c3a_kernel must be [out/b, in/b, b] for base '%s' [%llu, %llu]", W->name,
                            (unsigned long long)o, (unsigned long long)in);
+    if (c3a_check_config(ctx, m, b, err) != LM_OK)
+        return err->code;
     lm_op *op = lm_ctx_add_op(ctx, bi, LM_OP_METHOD, "c3a", m->path, err);
     if (op == NULL)
         return LM_E_NOMEM;
@@ -59,6 +99,8 @@ const lm_method lm_method_c3a = {
     .summary = "c3a (block-circulant delta)",
     .parts = c3a_parts,
     .n_parts = 1,
+    .parse_config = c3a_parse,
+    .free_config = c3a_free_config,
     .plan_module = c3a_plan_module,
     .prepare = c3a_prepare,
     .apply_tile = c3a_apply,

@@ -59,6 +59,11 @@ static lm_code deft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
         (R != NULL && (R->n_dims != 2 || R->shape[0] != P->shape[1] || !lm_is_float_dtype(R->dtype))))
         return lm_mismatch(err, m->path, "deft_P / deft_R must be [out, r] and [r, in] float matrices");
     uint64_t out = P->shape[0], r = P->shape[1], in;
+    /* PEFT makes deft_P [out, min(r, out)] ('r', no pattern) */
+    const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
+    if (lm_cfg_checked(ctx) && cfg->r_given && r != ((uint64_t)cfg->r < out ? (uint64_t)cfg->r : out))
+        return lm_cfg_disagrees(ctx, err, m->path, "r", cfg->r, "deft_P is [%llu, %llu] (PEFT makes [out, "
+                                "min(r, out)])", (unsigned long long)out, (unsigned long long)r);
     if (dc->qr && r > out)
         return lm_mismatch(err, m->path, "deft_P is [%llu, %llu]: \"qr\" needs r <= out (PEFT caps r at out)",
                            (unsigned long long)out, (unsigned long long)r);

@@ -21,6 +21,8 @@
 typedef struct {
     double scaling; /* (150) */
     long seed;      /* random_loc_seed (777) */
+    long n_frequency; /* 0: not in the file */
+    lm_suffix_pattern pattern; /* n_frequency_pattern */
 } fourierft_cfg;
 
 typedef struct {
@@ -43,9 +45,30 @@ static lm_code fourierft_parse(const cJSON *root, lm_adapter_config *c, lm_err *
     c->mcfg = f;
     f->scaling = 150.0;
     f->seed = 777;
-    if (lm_cfg_num(root, "scaling", &f->scaling, err) || lm_cfg_int(root, "random_loc_seed", &f->seed, err))
+    if (lm_cfg_num(root, "scaling", &f->scaling, err) || lm_cfg_int(root, "random_loc_seed", &f->seed, err) ||
+        lm_cfg_int(root, "n_frequency", &f->n_frequency, err))
         return err->code;
-    return LM_OK;
+    return lm_suffix_pattern_parse(root, "n_frequency_pattern", &f->pattern, err);
+}
+
+static void fourierft_free_config(void *mcfg)
+{
+    if (mcfg == NULL)
+        return;
+    lm_suffix_pattern_free(&((fourierft_cfg *)mcfg)->pattern);
+    free(mcfg);
+}
+
+/* PEFT makes fourierft_spectrum [n_frequency] (n_frequency_pattern, n_frequency) */
+static lm_code fourierft_check_config(lm_plan_ctx *ctx, const lm_module *m, uint64_t n, lm_err *err)
+{
+    const fourierft_cfg *f = lm_ctx_adapter(ctx)->cfg->mcfg;
+    long v = f->n_frequency;
+    int got = lm_suffix_pattern_lookup(&f->pattern, m->path, &v);
+    if (!lm_cfg_checked(ctx) || got < 0 || (got == 0 && f->n_frequency == 0) || (uint64_t)v == n)
+        return LM_OK;
+    return lm_cfg_disagrees(ctx, err, m->path, got ? "n_frequency_pattern" : "n_frequency", v,
+                            "fourierft_spectrum holds %llu", (unsigned long long)n);
 }
 
 static lm_code fourierft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
@@ -59,6 +82,8 @@ static lm_code fourierft_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_er
     int conv1d_names = lm_is_gpt2_conv1d(m->path);
     if (W->n_dims != 2 || sp->n_dims != 1 || !lm_is_float_dtype(sp->dtype))
         return lm_mismatch(err, m->path, "FourierFT needs a 1-D fourierft_spectrum and a 2-D base weight");
+    if (fourierft_check_config(ctx, m, sp->n_elems, err) != LM_OK)
+        return err->code;
     uint64_t out = conv1d_names ? W->shape[1] : W->shape[0], in = conv1d_names ? W->shape[0] : W->shape[1];
     if (sp->n_elems > out * in)
         return lm_mismatch(err, m->path, "fourierft_spectrum has more entries than the weight");
@@ -168,6 +193,7 @@ const lm_method lm_method_fourierft = {
     .parts = fourierft_parts,
     .n_parts = 1,
     .parse_config = fourierft_parse,
+    .free_config = fourierft_free_config,
     .plan_module = fourierft_plan_module,
     .prepare = fourierft_prepare,
     .apply_tile = fourierft_apply,

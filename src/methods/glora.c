@@ -128,8 +128,22 @@ static lm_code glora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *e
     glora_path a, b;
     if (glora_path_of(m, A_XD, 'A', out, in, &a, err) || glora_path_of(m, B_XD, 'B', out, in, &b, err))
         return err->code;
-    if (a.kind != gc->ab || b.kind != gc->ab)
-        return lm_mismatch(err, m->path, "the glora_A / glora_B tensors do not have the form config_A_B says");
+    if (a.kind != gc->ab || b.kind != gc->ab) {
+        static const char *const names[] = {"none", "lora", "vector", "constant"};
+        lm_module_fail(err, LM_E_MISMATCH, "ConfigMismatch", m->path, "adapter_config.json has \"config_A_B\": \"%s\", "
+                       "but glora_%c is of the form \"%s\"", names[gc->ab], a.kind != gc->ab ? 'A' : 'B',
+                       names[a.kind != gc->ab ? a.kind : b.kind]);
+        lm_err_set_path(err, lm_ctx_adapter(ctx)->config_path);
+        return err->code;
+    }
+    /* PEFT makes Xd [out, r] and Xu [r, in] ('r', no pattern) */
+    const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
+    for (int i = 0; i < 2 && lm_cfg_checked(ctx) && cfg->r_given; i++) {
+        const glora_path *p = i ? &b : &a;
+        if (p->kind == G_LORA && p->xd->shape[1] != (uint64_t)cfg->r)
+            return lm_cfg_disagrees(ctx, err, m->path, "r", cfg->r, "glora_%c.Xd is [%llu, %llu]", i ? 'B' : 'A',
+                                    (unsigned long long)p->xd->shape[0], (unsigned long long)p->xd->shape[1]);
+    }
     if (lm_ctx_module_bias(ctx, m->path) >= 0) {
         for (int s = C_XD; s < N_SLOTS; s++)
             if (!glora_all_zero(m->part[s]))

@@ -30,6 +30,77 @@ typedef struct {
     const float *w1, *w2; /* whole factors [a, c] and [kb, kd] */
 } lokr_prep;
 
+typedef struct {
+    int db, uee;                /* decompose_both, use_effective_conv2d (-1: not in the file) */
+    long df;                    /* decompose_factor */
+    int df_given;
+} lokr_cfg;
+
+static lm_code lokr_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
+{
+    lokr_cfg *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    c->mcfg = f;
+    const cJSON *db = lm_cfg_field(root, "decompose_both"), *uee = lm_cfg_field(root, "use_effective_conv2d");
+    f->db = db ? lm_cfg_truthy(db) : -1;
+    f->uee = uee ? lm_cfg_truthy(uee) : -1;
+    f->df_given = lm_cfg_field(root, "decompose_factor") != NULL;
+    f->df = -1;
+    return lm_cfg_int(root, "decompose_factor", &f->df, err);
+}
+
+/* PEFT's factorization(dimension, factor) (tuners/lokr/layer.py): m <= n, m * n = dim */
+static void lokr_factorize(uint64_t dim, long factor, uint64_t *m, uint64_t *n)
+{
+    *m = 1;
+    *n = dim;
+    if (factor > 0 && dim % (uint64_t)factor == 0) {
+        *m = (uint64_t)factor;
+        *n = dim / *m;
+        return;
+    }
+    while (*m < *n && factor != 0 && (factor == -1 || factor > 0)) {
+        uint64_t nm = *m + 1;
+        while (dim % nm != 0)
+            nm++;
+        if (nm + dim / nm > 1 + dim || (factor > 0 && nm > (uint64_t)factor))
+            break;
+        *m = nm;
+        *n = dim / nm;
+    }
+    if (*m > *n) {
+        uint64_t t = *m;
+        *m = *n;
+        *n = t;
+    }
+}
+
+/* the factors' forms and shapes against decompose_factor, decompose_both and use_effective_conv2d
+ * when the file gives them (PEFT builds the tensors from them) */
+static lm_code lokr_check_config(lm_plan_ctx *ctx, const lm_module *m, const lm_tensor_info *W, const uint64_t *abcd,
+                                 lm_err *err)
+{
+    const lokr_cfg *f = lm_ctx_adapter(ctx)->cfg->mcfg;
+    if (f == NULL || !lm_cfg_checked(ctx) || W->shape[0] == 0 || W->shape[1] == 0 || W->n_elems == 0)
+        return LM_OK;
+    uint64_t kk = W->n_elems / (W->shape[0] * W->shape[1]), fa, fb, fc, fd;
+    lokr_factorize(W->shape[0], f->df, &fa, &fb);
+    lokr_factorize(W->shape[1], f->df, &fc, &fd);
+    if (f->df_given && (fa != abcd[0] || fb != abcd[1] || fc != abcd[2] || fd != abcd[3] / kk))
+        return lm_cfg_disagrees(ctx, err, m->path, "decompose_factor", f->df, "the factors are w1 [%llu, %llu] and "
+                                "w2 [%llu, %llu] where PEFT makes [%llu, %llu] and [%llu, %llu]",
+                                (unsigned long long)abcd[0], (unsigned long long)abcd[2],
+                                (unsigned long long)abcd[1], (unsigned long long)(abcd[3] / kk),
+                                (unsigned long long)fa, (unsigned long long)fc, (unsigned long long)fb,
+                                (unsigned long long)fd);
+    if (f->db == 0 && m->part[W1] == NULL)
+        return lm_cfg_disagrees(ctx, err, m->path, "decompose_both", 0, "w1 is split into lokr_w1_a and lokr_w1_b");
+    if (f->uee == 0 && m->part[T2] != NULL)
+        return lm_cfg_disagrees(ctx, err, m->path, "use_effective_conv2d", 0, "the module has lokr_t2");
+    return LM_OK;
+}
+
 /* w2's [b, d*k...] for the kron, from its whole, flat or CP form; 0 with *err when it does not fit */
 static int w2_shape(const lm_module *m, const lm_tensor_info *W, const lm_ts_tensor *const *f, long r, uint64_t *b,
                     uint64_t *d, lm_err *err)
@@ -104,6 +175,9 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
         return err->code;
     uint64_t a = f[0]->shape[0], c = w1_split ? f[1]->shape[1] : f[0]->shape[1], b, d;
     if (!w2_shape(m, W, f, r, &b, &d, err))
+        return err->code;
+    const uint64_t abcd[4] = {a, b, c, d};
+    if (a * b == W->shape[0] && c * d == cols && lokr_check_config(ctx, m, W, abcd, err) != LM_OK)
         return err->code;
     if (a * b != W->shape[0] || c * d != cols)
         return lm_mismatch(err, m->path, "kron of w1 [%llu, %llu] and w2 [%llu, %llu] is [%llu, %llu] but base "
@@ -223,6 +297,7 @@ const lm_method lm_method_lokr = {
     .parts = lokr_parts,
     .n_parts = sizeof lokr_parts / sizeof *lokr_parts,
     .flags = LM_M_PATTERNS | LM_M_ALPHA_KEY,
+    .parse_config = lokr_parse,
     .plan_module = lokr_plan_module,
     .prepare = lokr_prepare,
     .apply_tile = lokr_apply,

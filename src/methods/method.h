@@ -260,6 +260,23 @@ lm_code lm_cfg_disagrees(const lm_plan_ctx *ctx, lm_err *err, const char *module
  *  differ.  Not checked when the file gives no 'r', when it has a rank_pattern this type does not
  *  read, or for adapters of other tools (their config is made here). */
 lm_code lm_cfg_rank_is(lm_plan_ctx *ctx, lm_err *err, const char *module, uint64_t rank, const char *tensor);
+/*! lm_cfg_checked() : 1 when the adapter's config is a file of its own that the tensors can be
+ *  checked against (0 for adapters of other tools: their config is made here). */
+int lm_cfg_checked(const lm_plan_ctx *ctx);
+/*! A "<key>_pattern" dict as C3A and FourierFT read it (block_size_pattern, n_frequency_pattern):
+ *  PEFT takes the value of the first key k with re.match(rf".*\.{k}$", module), else of the key
+ *  equal to the module's path, else the type's default. */
+typedef struct lm_suffix_pattern {
+    size_t n;
+    char **keys;
+    long *vals;            /* -1: not a positive integer (not checked) */
+    struct lm_regex **re;  /* NULL: a key this regex engine cannot match within its budget */
+} lm_suffix_pattern;
+/* reads root[name] (absent or null: empty); a value that is not an object: InvalidConfig */
+lm_code lm_suffix_pattern_parse(const cJSON *root, const char *name, lm_suffix_pattern *sp, lm_err *err);
+void lm_suffix_pattern_free(lm_suffix_pattern *sp);
+/* 1 with *val when a key applies to module, 0 when none does, -1 when it cannot be told here */
+int lm_suffix_pattern_lookup(const lm_suffix_pattern *sp, const char *module, long *val);
 lm_code lm_module_fail(lm_err *err, lm_code code, const char *kind, const char *module, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 int lm_is_gpt2_conv1d(const char *module);

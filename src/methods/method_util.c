@@ -4,6 +4,7 @@
 #include "method.h"
 
 #include "lm_error.h"
+#include "pyregex.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -69,6 +70,79 @@ lm_code lm_cfg_rank_is(lm_plan_ctx *ctx, lm_err *err, const char *module, uint64
         return LM_OK;
     return lm_cfg_disagrees(ctx, err, module, r == cfg->r ? "r" : "rank_pattern", r, "%s holds rank %llu", tensor,
                             (unsigned long long)rank);
+}
+
+int lm_cfg_checked(const lm_plan_ctx *ctx)
+{
+    return lm_ctx_adapter(ctx)->foreign == NULL;
+}
+
+lm_code lm_suffix_pattern_parse(const cJSON *root, const char *name, lm_suffix_pattern *sp, lm_err *err)
+{
+    memset(sp, 0, sizeof *sp);
+    const cJSON *f = lm_cfg_field(root, name);
+    if (f == NULL || cJSON_IsNull(f))
+        return LM_OK;
+    if (!cJSON_IsObject(f))
+        return lm_fail(err, LM_E_FORMAT, "InvalidConfig", "'%s' must be an object", name);
+    size_t n = (size_t)cJSON_GetArraySize(f);
+    sp->keys = calloc(n ? n : 1, sizeof *sp->keys);
+    sp->vals = calloc(n ? n : 1, sizeof *sp->vals);
+    sp->re = calloc(n ? n : 1, sizeof *sp->re);
+    if (sp->keys == NULL || sp->vals == NULL || sp->re == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (const cJSON *e = f->child; e != NULL; e = e->next, sp->n++) {
+        size_t i = sp->n, lk = strlen(e->string);
+        double v = cJSON_IsNumber(e) ? e->valuedouble : 0;
+        sp->vals[i] = v >= 1 && v <= 1e15 && v == (double)(long)v ? (long)v : -1;
+        char *re = malloc(lk + 8);
+        if ((sp->keys[i] = strdup(e->string)) == NULL || re == NULL) {
+            free(re);
+            sp->n++;
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        }
+        snprintf(re, lk + 8, ".*\\.%s$", e->string);
+        lm_err ignored = {0};
+        sp->re[i] = lm_regex_compile(re, &ignored); /* NULL: this key is never checked */
+        free(re);
+    }
+    return LM_OK;
+}
+
+void lm_suffix_pattern_free(lm_suffix_pattern *sp)
+{
+    for (size_t i = 0; i < sp->n; i++) {
+        free(sp->keys[i]);
+        lm_regex_free(sp->re[i]);
+    }
+    free(sp->keys);
+    free(sp->vals);
+    free(sp->re);
+    memset(sp, 0, sizeof *sp);
+}
+
+int lm_suffix_pattern_lookup(const lm_suffix_pattern *sp, const char *module, long *val)
+{
+    for (size_t i = 0; i < sp->n; i++) {
+        if (sp->re[i] == NULL)
+            return -1; /* PEFT may take this key here: cannot tell */
+        int m = lm_regex_exec(sp->re[i], module, strlen(module), 0, 100000, NULL, 0);
+        if (m < 0) { /* over the budget: drop the key, so each one costs this once */
+            lm_regex_free(sp->re[i]);
+            sp->re[i] = NULL;
+            return -1;
+        }
+        if (m == 1) {
+            *val = sp->vals[i];
+            return *val > 0 ? 1 : -1;
+        }
+    }
+    for (size_t i = 0; i < sp->n; i++)
+        if (strcmp(sp->keys[i], module) == 0) {
+            *val = sp->vals[i];
+            return *val > 0 ? 1 : -1;
+        }
+    return 0;
 }
 
 const char *lm_leaf_of(const char *module)

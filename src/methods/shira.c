@@ -55,6 +55,12 @@ static lm_code shira_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *e
         return lm_mismatch(err, m->path, "SHiRA needs shira_weight [nnz] and shira_indices [2, nnz]");
     if (ix->dtype != LM_DT_I32 && ix->dtype != LM_DT_I64 && ix->dtype != LM_DT_F32)
         return lm_mismatch(err, m->path, "shira_indices has dtype %s", lm_dtype_name(ix->dtype));
+    /* PEFT makes r * (out + in) entries ('r', no pattern) */
+    const lm_adapter_config *cfg = lm_ctx_adapter(ctx)->cfg;
+    if (lm_cfg_checked(ctx) && cfg->r_given &&
+        (w->n_elems % (o + in) != 0 || w->n_elems / (o + in) != (uint64_t)cfg->r))
+        return lm_cfg_disagrees(ctx, err, m->path, "r", cfg->r, "shira_weight holds %llu entries, not r * (out + in) "
+                                "with out + in = %llu", (unsigned long long)w->n_elems, (unsigned long long)(o + in));
     /* the indices are data: checked here, so that a bad one fails before anything is written;
      * kept in the adapter, not copied (prepare sorts them per tensor) */
     uint64_t nnz = w->n_elems;
