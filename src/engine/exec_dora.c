@@ -98,6 +98,8 @@ int lm_dora_tensor_eligible(const lm_plan_tensor *t)
         const lm_op *op = &t->ops[o];
         if (op->kind == LM_OP_NORM && op->src != NULL && kdtype(op->src->dtype))
             norms++;
+        else if (op->kind == LM_OP_REPLACE && o == 0) /* the tiles load the replacement (its dtype: src_dtype) */
+            continue;
         else if (!(op->kind == LM_OP_LOWRANK && op_whole(op, t) && op->rank > 0 && op->rank <= LM_LOWRANK_MAX_K))
             return 0;
     }
@@ -332,6 +334,8 @@ static void block_f64(const lm_dora_tensor *f, const float *w, uint64_t i0, size
     for (size_t o = 0; o < upto; o++) {
         const lm_op *op = &t->ops[o];
         const dlr *L = &f->lr[o];
+        if (op->kind == LM_OP_REPLACE) /* op 0: w holds the replacement */
+            continue;
         if (op->kind == LM_OP_LOWRANK) {
             lr_block(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n);
         } else {

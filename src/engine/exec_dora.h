@@ -36,7 +36,8 @@ typedef struct lm_dora_stats {
 
 /*! lm_dora_tensor_eligible() : 1 if tensor t takes this path: bf16/f16/f32 base and output, not
  *  quantized, every op LOWRANK (its factors cover the whole 2-D view) or NORM (magnitudes in
- *  bf16/f16/f32), at least one NORM. */
+ *  bf16/f16/f32) but a REPLACE first (modules_to_save, trainable tokens: the tiles start from the
+ *  replacement), at least one NORM. */
 int lm_dora_tensor_eligible(const lm_plan_tensor *t);
 
 /*! lm_dora_tensor_create() : the f64 factors of t's low-rank ops in the tiles' orientation, and
