@@ -5,6 +5,7 @@
  * (tests/quant/quant_ref.py, numpy only; skipped visibly without /usr/bin/python3 + numpy):
  * dequantization, the merge in float64, the format's requantization rule, unchanged blocks kept
  * byte for byte; and the refusals (unknown quant_method, missing scale, bad scale shape/dtype). */
+#include "plan.h"
 #include "quant.h"
 #include "th.h"
 
@@ -198,6 +199,66 @@ Test(quant, fp8_block_requant_every_width)
     requant_width(300, 600); /* two row segments (256 + 44) */
 }
 
+/* each library's rule for its list of unquantized modules, on the module (the tensor name without
+ * its last component): transformers' should_convert_module (re.match or a suffix), compressed-
+ * tensors' ignore ("re:" patterns, else the exact name), ModelOpt's exclude_modules (fnmatch),
+ * vLLM's ignored_layers (exact) */
+static int skips(const char *cfg, const char *name)
+{
+    lm_qscheme s;
+    lm_err err;
+    lm_err_clear(&err);
+    cr_assert_eq(lm_qscheme_parse(cfg, strlen(cfg), &s, &err), LM_OK, "%s", err.msg);
+    int k = lm_plan_quant_skips(&s, name);
+    lm_qscheme_free(&s);
+    return k;
+}
+
+static int skips_hf(const char *hq, const char *name)
+{
+    lm_qscheme s;
+    lm_err err;
+    lm_err_clear(&err);
+    cr_assert_eq(lm_qscheme_parse_hf_quant(hq, strlen(hq), &s, &err), LM_OK, "%s", err.msg);
+    int k = lm_plan_quant_skips(&s, name);
+    lm_qscheme_free(&s);
+    return k;
+}
+
+Test(quant, skip_lists_follow_each_library)
+{
+    const char *hf = "{\"quantization_config\": {\"quant_method\": \"fp8\", \"modules_to_not_convert\": "
+                     "[\"lm_head\", \"model.layers.0.mlp\", \"model.layers.*.self_attn\", \"fc1\"]}}";
+    cr_assert(skips(hf, "lm_head.weight"));
+    cr_assert(skips(hf, "model.layers.0.mlp.up_proj.weight"));       /* a prefix */
+    cr_assert(skips(hf, "model.layers.0.mlp_x.weight"), "re.match has no end anchor: transformers skips it too");
+    cr_assert(!skips(hf, "model.layers.10.mlp.up_proj.weight"));
+    cr_assert(skips(hf, "model.layers.7.self_attn.q_proj.weight"));  /* the regex */
+    cr_assert(skips(hf, "model.decoder.layers.23.fc1.weight"));      /* a suffix */
+    cr_assert(!skips(hf, "model.layers.7.mlp.down_proj.weight"));
+    cr_assert(!skips(hf, "model.lm_head_x.y.weight"));
+    const char *ct = "{\"quantization_config\": {\"quant_method\": \"compressed-tensors\", \"format\": "
+                     "\"float-quantized\", \"ignore\": [\"lm_head\", \"re:.*mlp\\\\.down_proj$\"]}}";
+    cr_assert(skips(ct, "lm_head.weight"));
+    cr_assert(skips(ct, "model.layers.3.mlp.down_proj.weight"));
+    cr_assert(!skips(ct, "model.layers.3.mlp.up_proj.weight"));
+    cr_assert(!skips(ct, "model.lm_head.weight"), "compressed-tensors compares whole names");
+    const char *vl = "{\"quantization_config\": {\"quant_method\": \"fp8\", \"ignored_layers\": "
+                     "[\"model.layers.0.self_attn.q_proj\"]}}";
+    cr_assert(skips(vl, "model.layers.0.self_attn.q_proj.weight"));
+    cr_assert(!skips(vl, "model.layers.0.self_attn.q_proj_x.weight"));
+    cr_assert(!skips(vl, "model.layers.10.self_attn.q_proj.weight"));
+    const char *mo = "{\"quantization\": {\"quant_algo\": \"FP8\", \"exclude_modules\": [\"lm_head\", "
+                     "\"model.layers.1*\", \"*.mlp.gat[!x]\"]}}";
+    cr_assert(skips_hf(mo, "lm_head.weight"));
+    cr_assert(skips_hf(mo, "model.layers.1.mlp.up_proj.weight"));
+    cr_assert(skips_hf(mo, "model.layers.12.mlp.up_proj.weight"));   /* fnmatch: * crosses dots */
+    cr_assert(!skips_hf(mo, "model.layers.2.mlp.up_proj.weight"));
+    cr_assert(skips_hf(mo, "model.layers.2.mlp.gate.weight"));       /* [!x] */
+    cr_assert(!skips_hf(mo, "model.layers.2.mlp.gatx.weight"));
+    cr_assert(!skips_hf(mo, "model.lm_head.weight"), "fnmatch matches the whole name");
+}
+
 Test(quant, scheme_parse)
 {
     lm_qscheme s;
@@ -209,10 +270,9 @@ Test(quant, scheme_parse)
     cr_assert_eq(s.fmt, LM_Q_FP8_BLOCK);
     cr_assert_eq(s.block_rows, 64);
     cr_assert_eq(s.block_cols, 32);
-    cr_assert(lm_qscheme_skips(&s, "lm_head.weight"));
-    cr_assert(lm_qscheme_skips(&s, "model.layers.0.mlp.up_proj.weight"));
-    cr_assert(!lm_qscheme_skips(&s, "model.layers.0.mlp_x.weight"));
-    cr_assert(!lm_qscheme_skips(&s, "model.layers.10.mlp.up_proj.weight"));
+    cr_assert(lm_plan_quant_skips(&s, "lm_head.weight"));
+    cr_assert(lm_plan_quant_skips(&s, "model.layers.0.mlp.up_proj.weight"));
+    cr_assert(!lm_plan_quant_skips(&s, "model.layers.10.mlp.up_proj.weight"));
     lm_qscheme_free(&s);
     const char *unknown = "{\"quantization_config\": {\"quant_method\": \"frobnicate\"}}";
     cr_assert_eq(lm_qscheme_parse(unknown, strlen(unknown), &s, &err), LM_E_UNSUPPORTED);

@@ -5,6 +5,7 @@
  * skipped visibly without /usr/bin/python3 + numpy): dequantization, the merge in float64, the
  * library's requantization rule, unchanged tensors and blocks kept byte for byte, --dtype; and the
  * refusals (missing scale, scale shape, scale dtype, a strategy the config contradicts). */
+#include "plan.h"
 #include "quant.h"
 #include "th.h"
 
@@ -167,7 +168,7 @@ Test(quant_ct, scheme_parse)
     cr_assert_str_eq(s.ct_strategy, "block");
     cr_assert_eq(s.block_rows, 64);
     cr_assert_eq(s.block_cols, 32);
-    cr_assert(lm_qscheme_skips(&s, "lm_head.weight"));
+    cr_assert(lm_plan_quant_skips(&s, "lm_head.weight"));
     lm_qscheme_free(&s);
     const char *bad = "{\"quantization_config\": {\"quant_method\": \"compressed-tensors\", \"config_groups\": "
                       "{\"g\": {\"weights\": {\"num_bits\": 8, \"type\": \"float\", \"block_structure\": [64]}}}}}";

@@ -100,6 +100,10 @@ lm_code lm_plan_describe_modules(const lm_adapter *ad, char **text, lm_err *err)
  *  @return LM_OK, or an error naming the tensor (missing scale, bad scale shape or dtype). */
 lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
                              const lm_tensor_info **views, lm_err *err);
+/*! lm_plan_quant_skips() : (plan_quant.c) 1 when the module of tensor name (the name without
+ *  its last component) is listed as left unquantized, by its entry's library rule
+ *  (lm_qskip_rule); an entry that is no valid pattern for the regex subset matches only exactly */
+int lm_plan_quant_skips(const lm_qscheme *s, const char *name);
 /*! lm_plan_quant_is_mx_blocks() / lm_plan_quant_attach_mx() : (plan_quant_mx.c) a gpt-oss MXFP4
  *  "P_blocks" tensor, and marking it (its view [E, out, in], its scales; --dtype: renamed P,
  *  [E, in, out]).  @return LM_OK, or an error naming the blocks or scales */

@@ -8,6 +8,7 @@
 #include "lm_error.h"
 #include "plan_quant_bnb.h"
 #include "plan_quant_ct.h"
+#include "pyregex.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +90,90 @@ static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qsch
     return LM_OK;
 }
 
+/* re.match(pattern, s) (fullmatch when full); a pattern outside the regex subset: equality */
+static int re_match(const char *pattern, const char *s, int full)
+{
+    lm_err err;
+    lm_err_clear(&err);
+    lm_regex *re = lm_regex_compile(pattern, &err);
+    if (re == NULL)
+        return strcmp(pattern, s) == 0;
+    int m = full ? lm_regex_fullmatch(re, s) : lm_regex_match(re, s, NULL, NULL);
+    lm_regex_free(re);
+    return m == 1;
+}
+
+/* fnmatch's pattern as a regex (Python's fnmatch.translate: * ? [seq] [!seq], the rest literal) */
+static int glob_match(const char *glob, const char *s)
+{
+    size_t n = strlen(glob);
+    char *re = malloc(4 * n + 1), *o = re;
+    if (re == NULL)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        const char c = glob[i];
+        const char *close = c == '[' ? strchr(glob + i + 1 + (glob[i + 1] == '!') + 1, ']') : NULL;
+        if (c == '*') {
+            *o++ = '.';
+            *o++ = '*';
+        } else if (c == '?') {
+            *o++ = '.';
+        } else if (close != NULL) { /* a class: its characters as they are, [! as [^ */
+            *o++ = '[';
+            size_t j = i + 1;
+            if (glob[j] == '!') {
+                *o++ = '^';
+                j++;
+            }
+            for (; glob + j < close; j++) {
+                if (glob[j] == '\\' || glob[j] == '[')
+                    *o++ = '\\';
+                *o++ = glob[j];
+            }
+            *o++ = ']';
+            i = (size_t)(close - glob);
+        } else {
+            if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'))
+                *o++ = '\\';
+            *o++ = c;
+        }
+    }
+    *o = '\0';
+    int m = re_match(re, s, 1);
+    free(re);
+    return m;
+}
+
+int lm_plan_quant_skips(const lm_qscheme *s, const char *name)
+{
+    const char *dot = strrchr(name, '.');
+    char module[1100];
+    snprintf(module, sizeof module, "%.*s", dot ? (int)(dot - name) : (int)strlen(name), name);
+    const size_t nm = strlen(module);
+    for (size_t i = 0; s != NULL && i < s->n_skip; i++) {
+        const char *k = s->skip[i];
+        const size_t nk = strlen(k);
+        int hit;
+        switch (s->skip_rule[i]) {
+        case LM_QSKIP_CT:
+            hit = strncmp(k, "re:", 3) == 0 ? re_match(k + 3, module, 0) : strcmp(k, module) == 0;
+            break;
+        case LM_QSKIP_GLOB:
+            hit = glob_match(k, module);
+            break;
+        case LM_QSKIP_EXACT:
+            hit = strcmp(k, module) == 0;
+            break;
+        default: /* transformers: a pattern matched at the start, or a suffix */
+            hit = (nk <= nm && strcmp(module + nm - nk, k) == 0) || re_match(k, module, 0);
+            break;
+        }
+        if (hit)
+            return 1;
+    }
+    return 0;
+}
+
 lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
                              const lm_tensor_info **views, lm_err *err)
 {
@@ -100,7 +185,7 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
                 return err->code;
             continue;
         }
-        if (s != NULL && lm_qscheme_skips(s, w->name))
+        if (s != NULL && lm_plan_quant_skips(s, w->name))
             continue;
         int bnb = 0; /* bitsandbytes: the tensors decide (plan_quant_bnb.c) */
         if (lm_plan_bnb_attach(p, model, s, o, i, views, &bnb, err) != LM_OK)

@@ -36,7 +36,7 @@ static lm_code mx_fail(lm_err *err, const char *tensor, const char *fmt, const c
 int lm_plan_quant_is_mx_blocks(const lm_qscheme *s, const lm_tensor_info *w)
 {
     return s != NULL && s->fmt == LM_Q_MXFP4 && w->dtype == LM_DT_U8 && ends_with(w->name, "_blocks") &&
-           !lm_qscheme_skips(s, w->name);
+           !lm_plan_quant_skips(s, w->name);
 }
 
 /* the blocks and their scales: [E, O, G, 16] and [E, O, G] */

@@ -25,24 +25,34 @@ static const char *const KNOWN_OTHER[] = {"bitsandbytes", "gptq", "awq", "compre
                                           "fbgemm_fp8", "torchao", "hqq", "quanto", "eetq", "bitnet", "aqlm",
                                           "gptqmodel", "vptq", "higgs", "spqr", "fp_quant", "auto-round", "quark"};
 
+lm_code lm_qscheme_add_skip(lm_qscheme *s, const char *entry, lm_qskip_rule rule, lm_err *err)
+{
+    char **ns = realloc(s->skip, (s->n_skip + 1) * sizeof *ns);
+    if (ns != NULL)
+        s->skip = ns;
+    unsigned char *nr = ns != NULL ? realloc(s->skip_rule, s->n_skip + 1) : NULL;
+    if (nr != NULL)
+        s->skip_rule = nr;
+    if (ns == NULL || nr == NULL || (s->skip[s->n_skip] = strdup(entry)) == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    s->skip_rule[s->n_skip++] = (unsigned char)rule;
+    return LM_OK;
+}
+
+/* the lists of modules left unquantized, each read with its library's rule: compressed-tensors'
+ * ignore, vLLM's ignored_layers, and transformers' lists for every other method */
 static lm_code parse_skip(const st_json_doc *d, const st_json_node *qc, lm_qscheme *s, lm_err *err)
 {
     static const char *const keys[] = {"modules_to_not_convert", "ignore", "ignored_layers", "llm_int8_skip_modules"};
+    const int ct = strcmp(s->method, "compressed-tensors") == 0;
     for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
         const st_json_node *a = member(d, qc, keys[k]);
         if (a == NULL || a->type != ST_JSON_ARRAY)
             continue;
-        for (const st_json_node *c = st_json_child(d, a); c != NULL; c = st_json_next(d, c)) {
-            if (c->type != ST_JSON_STRING)
-                continue;
-            char **ns = realloc(s->skip, (s->n_skip + 1) * sizeof *ns);
-            if (ns == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            s->skip = ns;
-            if ((s->skip[s->n_skip] = strdup(st_json_str(d, c))) == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            s->n_skip++;
-        }
+        const lm_qskip_rule rule = k == 2 ? LM_QSKIP_EXACT : k == 1 && ct ? LM_QSKIP_CT : LM_QSKIP_HF;
+        for (const st_json_node *c = st_json_child(d, a); c != NULL; c = st_json_next(d, c))
+            if (c->type == ST_JSON_STRING && lm_qscheme_add_skip(s, st_json_str(d, c), rule, err) != LM_OK)
+                return err->code;
     }
     return LM_OK;
 }
@@ -164,23 +174,8 @@ void lm_qscheme_free(lm_qscheme *s)
     for (size_t i = 0; i < s->n_skip; i++)
         free(s->skip[i]);
     free(s->skip);
+    free(s->skip_rule);
     memset(s, 0, sizeof *s);
-}
-
-/* "lm_head" skips "lm_head.weight" and "model.lm_head.weight"; a component match, as
- * transformers' `key in name` test, but never in the middle of a component */
-int lm_qscheme_skips(const lm_qscheme *s, const char *name)
-{
-    for (size_t i = 0; i < s->n_skip; i++) {
-        const char *k = s->skip[i];
-        size_t n = strlen(k);
-        if (n == 0)
-            continue;
-        for (const char *p = strstr(name, k); p != NULL; p = strstr(p + 1, k))
-            if ((p == name || p[-1] == '.') && (p[n] == '\0' || p[n] == '.'))
-                return 1;
-    }
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -22,6 +22,15 @@ typedef enum {
     LM_Q_OTHER,      /* a method lora-merge knows but does not dequantize (the tensors decide) */
 } lm_qformat;
 
+/* how a modules_to_not_convert / ignore entry names modules (of a tensor "<module>.<param>"),
+ * each library's own rule */
+typedef enum {
+    LM_QSKIP_HF = 0, /* transformers' should_convert_module: re.match(entry, module) or module.endswith(entry) */
+    LM_QSKIP_CT,     /* compressed-tensors' match_name: "re:P" is re.match(P, module), else module == entry */
+    LM_QSKIP_GLOB,   /* ModelOpt's exclude_modules (as vLLM reads them): fnmatch(module, entry) */
+    LM_QSKIP_EXACT,  /* vLLM's ignored_layers: module == entry */
+} lm_qskip_rule;
+
 typedef struct lm_qscheme {
     lm_qformat fmt;
     char method[32];            /* quant_method as written ("" when absent) */
@@ -30,6 +39,7 @@ typedef struct lm_qscheme {
     uint64_t group_size;        /* compressed-tensors group / tensor_group weights; ModelOpt group_size */
     int asymmetric;             /* compressed-tensors: the float weights are not symmetric (refused) */
     char **skip;                /* owned: modules_to_not_convert / ignore / llm_int8_skip_modules entries */
+    unsigned char *skip_rule;   /* owned: each entry's lm_qskip_rule */
     lm_dtype torch_dtype;       /* config.json's torch_dtype (or dtype) when F16, BF16 or F32, else
                                    LM_DT_BOOL: the dtype bitsandbytes weights dequantize to */
     char bnb_quant_type[8];     /* bnb_4bit_quant_type ("nf4", "fp4"), "" when absent */
@@ -45,8 +55,8 @@ void lm_qscheme_free(lm_qscheme *s);
 /*! lm_qscheme_parse_hf_quant() : ModelOpt's hf_quant_config.json text[0..n) ("quantization":
  *  quant_algo, group_size, exclude_modules).  @return LM_OK, or LM_E_FORMAT (not that object) */
 lm_code lm_qscheme_parse_hf_quant(const char *text, size_t n, lm_qscheme *s, lm_err *err);
-/*! lm_qscheme_skips() : 1 when the module of tensor name is listed as not quantized */
-int lm_qscheme_skips(const lm_qscheme *s, const char *name);
+/*! lm_qscheme_add_skip() : appends entry (copied) with its rule.  @return LM_OK or LM_E_NOMEM */
+lm_code lm_qscheme_add_skip(lm_qscheme *s, const char *entry, lm_qskip_rule rule, lm_err *err);
 
 /* ---- scale tensors: F32, BF16, F16, F8_E4M3, or U8 holding E8M0 (MXFP4) ---- */
 /*! lm_q_scales_to_f32() : n scales of dtype dt (bytes src, any alignment) to f32, exactly */

@@ -88,15 +88,8 @@ static lm_code parse_modelopt(const st_json_doc *d, const st_json_node *qo, lm_q
     for (size_t k = 0; k < 2; k++) {
         const st_json_node *arr = member(d, qo, keys[k]);
         for (v = arr && arr->type == ST_JSON_ARRAY ? st_json_child(d, arr) : NULL; v != NULL; v = st_json_next(d, v)) {
-            if (v->type != ST_JSON_STRING)
-                continue;
-            char **ns = realloc(s->skip, (s->n_skip + 1) * sizeof *ns);
-            if (ns == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            s->skip = ns;
-            if ((s->skip[s->n_skip] = strdup(st_json_str(d, v))) == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-            s->n_skip++;
+            if (v->type == ST_JSON_STRING && lm_qscheme_add_skip(s, st_json_str(d, v), LM_QSKIP_GLOB, err) != LM_OK)
+                return err->code;
         }
     }
     return LM_OK;
