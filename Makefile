@@ -149,13 +149,17 @@ fuzz-replay: all $(FUZZ_REPLAY)
 	$(Q)for f in $(FUZZ_REPLAY); do n=$$(basename $$f -replay); $$f tests/fuzz/corpus/$$n || exit 1; done
 
 # everything: sanitizer build, fuzz corpus replay and smoke, then the unit suite last
-# (its summary line is the last thing printed)
-test: deps-quiet all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
+# (its summary line is the last thing printed).  Its three builds (plain, sanitizers, libFuzzer)
+# run TEST_JOBS compilers at once, as the unit suites run 2 jobs (the packages come first, alone)
+TEST_JOBS ?= 2
+TEST_J = $(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(TEST_JOBS))
+test: deps-quiet
+	$(Q)$(MAKE) --no-print-directory $(TEST_J) all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter
 	$(Q)$(MAKE) --no-print-directory lint
-	$(Q)$(MAKE) --no-print-directory fuzz-replay
+	$(Q)$(MAKE) --no-print-directory $(TEST_J) fuzz-replay
 	$(Q)$(MAKE) --no-print-directory packaging-test
-	$(Q)$(MAKE) --no-print-directory asan
-	$(Q)$(MAKE) --no-print-directory fuzz-smoke
+	$(Q)$(MAKE) --no-print-directory $(TEST_J) asan
+	$(Q)$(MAKE) --no-print-directory $(TEST_J) fuzz-smoke
 	$(Q)LM_BIN=$(BIN) $(UNIT) --jobs 2
 
 asan:
