@@ -93,6 +93,10 @@ typedef struct lm_lowrank {
     uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
     uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
     int bs_exact;     /* 1 if every Bs[i,k] == s_k * B_ik exactly */
+    int a_f32, b_f32; /* 1 if Af == A (every A_kj an f32 value), Bf == Bs: the scalar fallback then
+                         reads column j of A from the panels and row i of B from Bf (in cache while
+                         the vector path works there) instead of At and Bs (in a large tensor, a
+                         cache miss each per recomputed element) */
     float *bnd_rf, *bnd_cf;  /* [rows], [cols]: f32 path, e_ij = fma(bnd_rf[i], bnd_cf[j], c0) */
     double *bnd_rd, *bnd_cd; /* [rows], [cols]: f64 path, same form; +inf: never certified */
 } lm_lowrank;

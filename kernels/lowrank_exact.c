@@ -199,7 +199,7 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
     lr->col_nf = lr_carve(&p, cols, 1);
 
     /* rows of B: copies, exactness, sums of squares (+inf marks a row that never certifies) */
-    int exactB32 = 1, exactB64 = 1, exactA32 = 1;
+    int exactB32 = 1, exactB64 = 1, exactA32 = 1, sameB32 = 1;
     uint8_t *pow2 = lr_carve(&p, K, 1);
     for (size_t k = 0; k < K; k++) {
         int e;
@@ -214,6 +214,7 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
             const float f = (float)x;
             lr->Bs[i * K + k] = x;
             lr->Bf[i * K + k] = f;
+            sameB32 &= (double)f == x;
             if (!isfinite(s[k]) || !isfinite(B[i * K + k]))
                 lr->row_nf[i] = 1;
             const double ax = fabs(x);
@@ -271,6 +272,8 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
         for (size_t k = 0; k < K; k++)
             memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
     lr->bs_exact = exactB64;
+    lr->a_f32 = exactA32;
+    lr->b_f32 = sameB32;
     /* the constants of the proof (r' = r / (1 - r) rounded up generously) */
     const double rB32 = exactB32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
     const double rA32 = exactA32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
@@ -491,11 +494,39 @@ static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, size_t j)
     return 1;
 }
 
+/* column j of A (K values, exact): from the f32 panels when A is exact in f32 (the vector path has
+ * just read them, so they are in L1), else At */
+#define LR_COLBUF 256
+static const double *lr_col(const lm_lowrank *lr, size_t j, double *buf)
+{
+    const size_t K = lr->K;
+    if (!lr->a_f32 || K > LR_COLBUF)
+        return lr->At + j * K;
+    size_t stride;
+    const float *a = lm_lr_panel(lr, j, 1, &stride);
+    for (size_t k = 0; k < K; k++)
+        buf[k] = (double)a[k * stride];
+    return buf;
+}
+
+/* row i of Bs (K values): from Bf when every Bs value is an f32 one, else Bs */
+static const double *lr_row(const lm_lowrank *lr, size_t i, double *buf)
+{
+    const size_t K = lr->K;
+    if (!lr->b_f32 || K > LR_COLBUF)
+        return lr->Bs + i * K;
+    const float *b = lr->Bf + i * K;
+    for (size_t k = 0; k < K; k++)
+        buf[k] = (double)b[k];
+    return buf;
+}
+
 LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, size_t j, float w,
                                lm_kdtype out_dtype, lm_lowrank_stats *st)
 {
     const size_t K = lr->K;
-    const double *Bs = lr->Bs + i * K, *Aj = lr->At + j * K;
+    double colbuf[LR_COLBUF], rowbuf[LR_COLBUF];
+    const double *Bs = lr_row(lr, i, rowbuf), *Aj = lr_col(lr, j, colbuf);
     uint32_t bits;
     if (!isfinite(w) || lr->row_nf[i] || lr->col_nf[j]) { /* the IEEE evaluation: +-inf or NaN */
         double d = 0;

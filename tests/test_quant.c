@@ -127,6 +127,77 @@ Test(quant, fp8_block_round_trip)
             cr_assert_eq(s2[i], s[i]);
 }
 
+/* every block changed, for block widths that use the 16-lane chunks, their tail, both, or the
+ * row segments of 256: the codes against the brute-force nearest code of x * (448 / amax), and
+ * the reported numbers against sums in double (they are f32 partial sums: a relative tolerance) */
+static void requant_width(uint64_t bc, uint64_t cols)
+{
+    enum { R = 12, BR = 8 };
+    const uint64_t sc = (cols + bc - 1) / bc, sr = (R + BR - 1) / BR, n = R * cols;
+    uint8_t *q = malloc(n), *q2 = malloc(n);
+    float *x = malloc(n * sizeof *x), *s = malloc(sr * sc * sizeof *s), *s2 = malloc(sr * sc * sizeof *s2);
+    uint64_t rng = 3 + bc;
+    for (uint64_t i = 0; i < n; i++) {
+        q[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+        if ((q[i] & 0x7F) == 0x7F)
+            q[i] ^= 1;
+    }
+    for (uint64_t i = 0; i < sr * sc; i++)
+        s[i] = (float)(1e-3 * (1.5 + th_rand_uniform(&rng)));
+    lm_fp8_block_dequant(q, s, sc, BR, bc, R, cols, x);
+    for (uint64_t i = 0; i < n; i++) /* a delta of about a grid step */
+        x[i] += (float)(2e-3 * (th_rand_uniform(&rng) - 0.5));
+    lm_qstats st = {0};
+    lm_fp8_block_requant(x, q, s, sc, BR, bc, R, cols, q2, s2, &st);
+    cr_assert_eq(st.n_blocks, sr * sc);
+    cr_assert_eq(st.n_blocks_kept, 0);
+    cr_assert_eq(st.n_nonfinite_blocks, 0);
+    double emax = 0, esum = 0, d2 = 0, e2 = 0;
+    uint64_t changed = 0;
+    for (uint64_t bi = 0; bi < sr * sc; bi++) {
+        const uint64_t r0 = bi / sc * BR, c0 = bi % sc * bc;
+        double amax = 0;
+        for (uint64_t r = r0; r < r0 + BR && r < R; r++)
+            for (uint64_t c = c0; c < c0 + bc && c < cols; c++)
+                amax = fmax(amax, fabs(x[r * cols + c]));
+        const float sf = 448.0f / (float)amax, inv = 1.0f / sf;
+        cr_assert_eq((double)s2[bi], (double)inv, "block %llu: scale", (unsigned long long)bi);
+        for (uint64_t r = r0; r < r0 + BR && r < R; r++)
+            for (uint64_t c = c0; c < c0 + bc && c < cols; c++) {
+                const float xv = x[r * cols + c];
+                const unsigned want = e4m3_nearest((double)(xv * sf));
+                cr_assert_eq(q2[r * cols + c], want, "width %llu, row %llu col %llu: %#x, want %#x",
+                             (unsigned long long)bc, (unsigned long long)r, (unsigned long long)c, q2[r * cols + c], want);
+                const double dq = (double)(float)((float)e4m3_def(want) * inv) - xv;
+                const double d = xv - (double)(float)((float)e4m3_def(q[r * cols + c]) * s[bi]);
+                emax = fmax(emax, fabs(dq) / amax);
+                esum += fabs(dq) / amax;
+                d2 += d * d;
+                e2 += dq * dq;
+                changed++;
+            }
+    }
+    cr_assert_eq(st.n_changed, changed);
+    cr_assert_eq(st.n_err, n);
+    cr_assert(fabs(st.err_max - emax) <= 1e-6 * emax, "err_max %.9g, want %.9g", st.err_max, emax);
+    cr_assert(fabs(st.err_sum - esum) <= 1e-4 * esum, "err_sum %.9g, want %.9g", st.err_sum, esum);
+    cr_assert(fabs(st.d2 - d2) <= 1e-4 * d2, "d2 %.9g, want %.9g", st.d2, d2);
+    cr_assert(fabs(st.e2 - e2) <= 1e-4 * e2, "e2 %.9g, want %.9g", st.e2, e2);
+    free(q);
+    free(q2);
+    free(x);
+    free(s);
+    free(s2);
+}
+
+Test(quant, fp8_block_requant_every_width)
+{
+    requant_width(16, 48);   /* whole chunks */
+    requant_width(40, 100);  /* two chunks and a tail of 8; the last block 20 wide */
+    requant_width(7, 30);    /* tails only */
+    requant_width(300, 600); /* two row segments (256 + 44) */
+}
+
 Test(quant, scheme_parse)
 {
     lm_qscheme s;

@@ -797,6 +797,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
         ts->n_changed = qs.n_changed;
         stats_after(J, t, ws, base_bytes, n, n_base, ts);
     }
+    if (requant && t->q->fmt == LM_Q_FP8_BLOCK && qs.n_nonfinite_blocks == 0)
+        return LM_OK; /* block FP8's requantizer saw every value finite (its amax): no second scan */
     return check_finite(J, ti, r0, nr, ws, err);
 }
 

@@ -259,7 +259,8 @@ static inline uint32_t e4m3_encode(float x, float *qv)
 }
 
 /* the value of code c from its bits (no table lookup, so the loops vectorize): normal codes
- * move their exponent and mantissa into an f32's, subnormals are m * 2^-9, 0x7F/0xFF NaN */
+ * move their exponent and mantissa into an f32's, subnormals are m * 2^-9, 0x7F/0xFF NaN.  (Not
+ * the shorter f32-subnormal product by 2^120: subnormal operands cost a microcode assist.) */
 static inline float e4m3_decode(uint32_t c)
 {
     const uint32_t sign = (c & 0x80u) << 24, m = c & 7u;
@@ -294,66 +295,166 @@ LM_CLONES void lm_fp8_block_dequant(const uint8_t *q, const float *scale, uint64
 
 /* one block: amax (on the bits: |x| orders as its bits, NaN above everything), and whether it
  * equals the base's dequantized values (checked up to the first difference) */
-static inline __attribute__((always_inline)) float block_amax(const float *x, const uint8_t *q0, float s0, uint64_t nr, uint64_t w, uint64_t cols,
-                        int *same)
+/* one row of a block into its amax (on the bits: |x| orders as its bits, NaN above everything)
+ * and into whether the block equals the base's dequantized values (checked up to the first
+ * difference) */
+static inline __attribute__((always_inline)) void row_amax(const float *xr, const uint8_t *qr, float s0, uint64_t w,
+                                                           uint32_t *amax, int *same)
+{
+    int eq = *same;
+    for (uint64_t c = 0; eq && c < w; c++)
+        eq = xr[c] == e4m3_decode(qr[c]) * s0;
+    uint32_t m = *amax;
+    for (uint64_t c = 0; c < w; c++) {
+        const uint32_t a = f32_bits(xr[c]) & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    *amax = m;
+    *same = eq;
+}
+
+/* a block's amax and sameness (nr rows of w) */
+static inline __attribute__((always_inline)) float block_amax(const float *x, const uint8_t *q0, float s0, uint64_t nr,
+                                                              uint64_t w, uint64_t cols, int *same)
 {
     uint32_t amax = 0;
-    int eq = 1;
-    for (uint64_t r = 0; r < nr; r++) {
-        const float *xr = x + r * cols;
-        const uint8_t *qr = q0 + r * cols;
-        for (uint64_t c = 0; eq && c < w; c++)
-            eq = xr[c] == e4m3_decode(qr[c]) * s0;
-        for (uint64_t c = 0; c < w; c++) {
-            const uint32_t a = f32_bits(xr[c]) & 0x7FFFFFFFu;
-            amax = a > amax ? a : amax;
-        }
-    }
-    *same = eq;
+    *same = 1;
+    for (uint64_t r = 0; r < nr; r++)
+        row_amax(x + r * cols, q0 + r * cols, s0, w, &amax, same);
     return bits_f32(amax);
 }
 
+/* 16 lanes written with the vector extensions of GCC and clang: every operation is the scalar
+ * one (e4m3_encode, one IEEE operation per float step) lane by lane, so the vector code and the
+ * scalar tail give the same values; each clone lowers them to its own width.  Bytes are never
+ * widened inside these (GCC 12 does it byte by byte): the base's values come from a plain loop
+ * the vectorizer handles, the changed codes are counted by another. */
 #define LANES 16
-/* one changed block, h x w, with the new scale s (inv = 1 / s); the error sums go through
- * LANES partial sums so the loop vectorizes (they are only reported) */
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef uint8_t v16b_unaligned __attribute__((vector_size(16), aligned(1)));
+
+/* e4m3_encode for |x| < 464 (block_encode's x * s: |x| <= amax times 448 / amax rounded), where
+ * saturation and NaN never apply.  (Pointers, not vector arguments: no vector calling
+ * convention is involved.) */
+static inline __attribute__((always_inline)) void e4m3_encode_in_range_v(const v16f *x, v16u *code, v16f *qv)
+{
+    const v16u u = (v16u)*x, a = u & 0x7FFFFFFFu;
+    const v16f sub = (v16f)a + 16384.0f;
+    const v16u r = a + 0x7FFFFu + ((a >> 20) & 1u);
+    const v16u is_sub = (v16u)(a < 0x3C800000u);
+    const v16u c = (((v16u)sub - 0x46800000u) & is_sub) | (((r >> 20) - 960u) & ~is_sub);
+    *qv = (v16f)(((v16u)(sub - 16384.0f) & is_sub) | (r & 0xFFF00000u & ~is_sub));
+    *code = ((u >> 24) & 0x80u) | c;
+}
+
+/* per-lane partial results of block_encode: lane k takes the elements whose column in the
+ * block is k modulo LANES, row after row, so every clone sums the same values in the same order */
+typedef struct {
+    v16f sum, d2, e2;
+    v16u emax;
+} enc_lanes;
+
+/* the lanes' numbers for the value coded v (magnitude) of x and its base value b: the error
+ * relative to the block's amax, the squares of the delta and of the requantization error */
+static inline __attribute__((always_inline)) void lane_stats(const v16f *x, const v16f *val, const v16f *base,
+                                                             float inv, float ramax, enc_lanes *L)
+{
+    const v16f xv = *x, v = *val, b = *base;
+    const v16f dq = (v16f)((v16u)v | ((v16u)xv & 0x80000000u)) * inv - xv, d = xv - b;
+    const v16u e = (v16u)(dq * ramax) & 0x7FFFFFFFu, gt = (v16u)(e > L->emax);
+    L->emax = (e & gt) | (L->emax & ~gt);
+    L->sum += (v16f)e;
+    L->d2 += d * d;
+    L->e2 += dq * dq;
+}
+
+/* LANES elements of a changed block (in range): their codes and the lanes' numbers */
+static inline __attribute__((always_inline)) void encode_lanes(const float *x, const float *base, float s, float inv,
+                                                               float ramax, uint8_t *q, enc_lanes *L)
+{
+    const v16f xv = *(const v16f_unaligned *)x, xs = xv * s; /* (a memcpy loads it piece by piece) */
+    v16f v;
+    v16u code;
+    e4m3_encode_in_range_v(&xs, &code, &v);
+    *(v16b_unaligned *)q = __builtin_convertvector(code, v16b);
+    const v16f b = *(const v16f_unaligned *)base;
+    lane_stats(&xv, &v, &b, inv, ramax, L);
+}
+
+/* the same for one element (any x), into lane k */
+static inline void encode_one(float x, float b, float s, float inv, float ramax, uint8_t *q, enc_lanes *L, int k)
+{
+    float v;
+    *q = (uint8_t)e4m3_encode(x * s, &v);
+    const float dq = copysignf(v, x) * inv - x, d = x - b;
+    const uint32_t e = f32_bits(dq * ramax) & 0x7FFFFFFFu;
+    L->emax[k] = e > L->emax[k] ? e : L->emax[k];
+    L->sum[k] += bits_f32(e);
+    L->d2[k] += d * d;
+    L->e2[k] += dq * dq;
+}
+
+/* the next block of the block row (w 0: none), whose amax and sameness block_encode finds */
+typedef struct {
+    const float *x;
+    const uint8_t *q0;
+    float s0;
+    uint64_t w;
+    uint32_t amax;
+    int same;
+} next_block;
+
+#define SEG 256 /* columns of a row segment (a multiple of LANES) */
+
+/* one changed block, h x w, with the new scale s (inv = 1 / s): each row in segments of SEG
+ * columns (the base's values of the segment; its codes in chunks of LANES, then the tail; the
+ * changed codes counted).  Row by row it also reads the next block (its amax, sameness and codes),
+ * so that block is in the cache when its turn comes and its loads overlap this block's arithmetic */
 static inline __attribute__((always_inline)) void block_encode(const float *xb, const uint8_t *q0b, float s0, uint64_t h, uint64_t w, uint64_t cols,
-                         float s, float inv, float amax, uint8_t *qb, lm_qstats *st)
+                         float s, float inv, float amax, uint8_t *qb, next_block *nb, lm_qstats *st)
 {
     const float ramax = 1.0f / amax;
+    const int in_range = isfinite(s); /* amax >= 448 / FLT_MAX: every x * s is within +-464 */
+    enc_lanes L;
+    float base[SEG];
     uint64_t changed = 0;
-    uint32_t emax = f32_bits((float)st->err_max);
-    float fsum[LANES] = {0}, fd2[LANES] = {0}, fe2[LANES] = {0};
+    memset(&L, 0, sizeof L);
+    nb->amax = 0;
+    nb->same = 1;
     for (uint64_t r = 0; r < h; r++) {
         const float *xr = xb + r * cols;
         const uint8_t *q0r = q0b + r * cols;
         uint8_t *qr = qb + r * cols;
-        uint32_t rmax = 0, rchanged = 0;
-        for (uint64_t c0 = 0; c0 < w; c0 += LANES) {
-            const uint64_t n = c0 + LANES <= w ? LANES : w - c0;
-            for (uint64_t k = 0; k < n; k++) {
-                const float x = xr[c0 + k];
-                float v;
-                const uint32_t code = e4m3_encode(x * s, &v);
-                qr[c0 + k] = (uint8_t)code;
-                rchanged += code != q0r[c0 + k];
-                const float dq = copysignf(v, x) * inv - x, d = x - e4m3_decode(q0r[c0 + k]) * s0;
-                const uint32_t e = f32_bits(dq * ramax) & 0x7FFFFFFFu;
-                rmax = e > rmax ? e : rmax;
-                fsum[k] += bits_f32(e);
-                fd2[k] += d * d;
-                fe2[k] += dq * dq;
-            }
+        for (uint64_t c1 = 0; c1 < w; c1 += SEG) {
+            const uint64_t n = w - c1 < SEG ? w - c1 : SEG;
+            for (uint64_t c = 0; c < n; c++)
+                base[c] = e4m3_decode(q0r[c1 + c]) * s0;
+            uint64_t c0 = 0;
+            for (; in_range && c0 + LANES <= n; c0 += LANES)
+                encode_lanes(xr + c1 + c0, base + c0, s, inv, ramax, qr + c1 + c0, &L);
+            for (; c0 < n; c0++)
+                encode_one(xr[c1 + c0], base[c0], s, inv, ramax, qr + c1 + c0, &L, (int)(c0 % LANES));
+            for (uint64_t c = 0; c < n; c++)
+                changed += qr[c1 + c] != q0r[c1 + c];
         }
-        changed += inv != s0 ? w : rchanged;
-        emax = rmax > emax ? rmax : emax;
+        if (nb->w > 0) {
+            for (uint64_t b = 0; b < nb->w; b += 64)
+                __builtin_prefetch(nb->q0 + r * cols + b);
+            row_amax(nb->x + r * cols, nb->q0 + r * cols, nb->s0, nb->w, &nb->amax, &nb->same);
+        }
     }
     double esum = 0, d2 = 0, e2 = 0;
+    uint32_t emax = f32_bits((float)st->err_max);
     for (int k = 0; k < LANES; k++) {
-        esum += fsum[k];
-        d2 += fd2[k];
-        e2 += fe2[k];
+        esum += L.sum[k];
+        d2 += L.d2[k];
+        e2 += L.e2[k];
+        emax = L.emax[k] > emax ? L.emax[k] : emax;
     }
-    st->n_changed += changed;
+    st->n_changed += inv != s0 ? h * w : changed;
     st->err_max = bits_f32(emax);
     st->err_sum += esum;
     st->d2 += d2;
@@ -366,30 +467,38 @@ LM_CLONES void lm_fp8_block_requant(const float *x, const uint8_t *q0, const flo
 {
     for (uint64_t r0 = 0; r0 < nr; r0 += br) {
         const uint64_t h = r0 + br < nr ? br : nr - r0;
+        int same;
+        float amax = block_amax(x + r0 * cols, q0 + r0 * cols, scale0[(r0 / br) * scols], h, bc < cols ? bc : cols,
+                                cols, &same);
         for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
             const uint64_t w = c0 + bc < cols ? bc : cols - c0, bi = (r0 / br) * scols + c0 / bc;
             const float *xb = x + r0 * cols + c0;
             const uint8_t *q0b = q0 + r0 * cols + c0;
             uint8_t *qb = q + r0 * cols + c0;
-            int same;
-            const float amax = block_amax(xb, q0b, scale0[bi], h, w, cols, &same);
+            next_block nb = {xb + w, q0b + w, c0 + w < cols ? scale0[bi + 1] : 0.0f, 0, 0, 1};
+            nb.w = c0 + w >= cols ? 0 : c0 + w + bc < cols ? bc : cols - c0 - w;
             st->n_blocks++;
+            st->n_nonfinite_blocks += !isfinite(amax);
             if (same || !(amax > 0.0f) || !isfinite(amax)) { /* unchanged, all zero (or non-finite: refused later) */
                 out_scale[bi] = scale0[bi];
                 for (uint64_t r = 0; r < h; r++)
                     memcpy(qb + r * cols, q0b + r * cols, w);
                 if (same) {
                     st->n_blocks_kept++;
-                    continue;
+                } else {
+                    for (uint64_t r = 0; r < h; r++)
+                        for (uint64_t c = 0; c < w; c++)
+                            qb[r * cols + c] = lm_f32_to_fp8_e4m3(xb[r * cols + c] / scale0[bi]);
                 }
-                for (uint64_t r = 0; r < h; r++)
-                    for (uint64_t c = 0; c < w; c++)
-                        qb[r * cols + c] = lm_f32_to_fp8_e4m3(xb[r * cols + c] / scale0[bi]);
+                if (nb.w > 0)
+                    amax = block_amax(nb.x, nb.q0, nb.s0, h, nb.w, cols, &same);
                 continue;
             }
             const float s = 448.0f / amax, inv = 1.0f / s;
             out_scale[bi] = inv;
-            block_encode(xb, q0b, scale0[bi], h, w, cols, s, inv, amax, qb, st);
+            block_encode(xb, q0b, scale0[bi], h, w, cols, s, inv, amax, qb, &nb, st);
+            amax = bits_f32(nb.amax);
+            same = nb.same;
         }
     }
 }

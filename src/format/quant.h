@@ -78,6 +78,7 @@ typedef struct lm_qstats {
     double err_max, err_sum; /* |dequant(requant(x)) - x| / amax of its block */
     uint64_t n_err;
     double d2, e2;          /* sums of (x - base)^2 and (dequant(requant(x)) - x)^2, changed blocks */
+    uint64_t n_nonfinite_blocks; /* block FP8: blocks holding inf or NaN (their amax is not finite) */
 } lm_qstats;
 
 /*! lm_fp8_block_requant() :
@@ -85,7 +86,8 @@ typedef struct lm_qstats {
  *  transformers' FineGrainedFP8 quantizer: s = 448 / amax(|block|), q = fp8(clamp(x * s)),
  *  scale_inv = 1 / s.  A block whose merged values all equal the base's dequantized values
  *  (base codes q0, scales scale0) keeps its codes and scale, so an unchanged tensor gives
- *  identical bytes; a block of zeros keeps its scale.  out_scale: the tile's block rows. */
+ *  identical bytes; a block of zeros keeps its scale.  out_scale: the tile's block rows.  Every
+ *  value is seen by the amax: st->n_nonfinite_blocks counts the blocks that are not finite. */
 void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
                           uint64_t bc, uint64_t nr, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
 

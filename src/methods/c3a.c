@@ -92,6 +92,26 @@ static void c3a_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
+/* the exact path: W + scale * kernel / in in f64 (PEFT's formula; its own float32 FFT and base-dtype
+ * division are roundings the rule does not keep), rounded once by the engine */
+static void c3a_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const uint64_t b = op->rank, nq = t->cols / b;
+    const double f = op->scale / (double)op->in;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r, pp = R / b, u = R % b;
+        double *row = t->acc + r * t->cols;
+        for (uint64_t q = 0; q < nq; q++) {
+            const float *kv = p->a + (pp * nq + q) * b;
+            double *seg = row + q * b;
+            for (uint64_t v = 0; v < u; v++)
+                seg[v] += (double)kv[v + b - u] * f;
+            for (uint64_t v = u; v < b; v++)
+                seg[v] += (double)kv[v - u] * f;
+        }
+    }
+}
+
 static const lm_part c3a_parts[] = {{"c3a_kernel", 0, -1, 1}};
 
 const lm_method lm_method_c3a = {
@@ -104,4 +124,5 @@ const lm_method lm_method_c3a = {
     .plan_module = c3a_plan_module,
     .prepare = c3a_prepare,
     .apply_tile = c3a_apply,
+    .apply_tile64 = c3a_apply64,
 };

@@ -6,7 +6,8 @@
  * [b, d*kh*kw], and so are the flat form (w2_b [r, d*k...]) and the CP form of Conv1d/Conv2d
  * (lokr_t2 [r, r, kh, kw]: w2[p, q, x] = sum_{i,j} t2[i, j, x] w2_a[i, p] w2_b[j, q], built in
  * prepare).  A whole 3-D lokr_w2 (Conv1d) is refused: PEFT's kron then pads w1 in front and
- * reshapes a scrambled kernel. */
+ * reshapes a scrambled kernel.  The exact path (apply_tile64) builds the whole factors in f64 from
+ * the stored values and adds their Kronecker product in f64. */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -27,7 +28,9 @@ typedef struct {
 } lokr_params;
 
 typedef struct {
-    const float *w1, *w2; /* whole factors [a, c] and [kb, kd] */
+    const float *w1, *w2;   /* whole factors [a, c] and [kb, kd] (f32 products, as PEFT: the f32 path) */
+    const double *d1, *d2;  /* the same in f64 (products summed in f64 from the stored values: the
+                               exact path) */
 } lokr_prep;
 
 typedef struct {
@@ -205,38 +208,56 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     return LM_OK;
 }
 
-/* a whole factor: x, or x @ y when decomposed (f32 products, as PEFT) */
-static const float *whole(lm_prepared *p, const lm_ts_tensor *x, const lm_ts_tensor *y, const lm_kernels *k,
-                          lm_err *err)
+/* a whole factor [rows, cols]: x, or x @ y when decomposed; *f32: the f32 product (as PEFT: the f32
+ * path), *f64: the product summed in f64 from the stored values (k ascending; the exact path).  One
+ * block holds both (a prepare owns at most LM_PREP_OWNED blocks).  @return 0, -1 out of memory */
+static int whole(lm_prepared *p, const lm_ts_tensor *x, const lm_ts_tensor *y, const lm_kernels *k, const float **f32,
+                 const double **f64, lm_err *err)
 {
-    const float *X = lm_prep_view(p, x, k, err);
-    if (X == NULL || y == NULL)
-        return X;
-    const float *Y = lm_prep_view(p, y, k, err);
-    float *out = Y ? lm_prep_floats(p, (size_t)(x->shape[0] * y->shape[1]), err) : NULL;
-    if (out == NULL)
-        return NULL;
-    lm_gemm_tile_nn(k, out, (size_t)x->shape[0], (size_t)y->shape[1], X, Y, (size_t)x->shape[1], 1.0f);
-    return out;
+    const float *X = lm_prep_view(p, x, k, err), *Y = y ? lm_prep_view(p, y, k, err) : NULL;
+    if (X == NULL || (y != NULL && Y == NULL))
+        return -1;
+    const uint64_t rows = x->shape[0], inner = y ? x->shape[1] : 0, cols = y ? y->shape[1] : x->n_elems / rows;
+    const size_t n = (size_t)(rows * cols);
+    double *d = lm_prep_alloc(p, n * (sizeof(double) + (y ? sizeof(float) : 0)), err);
+    if (d == NULL)
+        return -1;
+    for (uint64_t i = 0; i < rows; i++)
+        for (uint64_t j = 0; j < cols; j++) {
+            double acc = y ? 0.0 : (double)X[i * cols + j];
+            for (uint64_t q = 0; q < inner; q++)
+                acc += (double)X[i * inner + q] * (double)Y[q * cols + j];
+            d[i * cols + j] = acc;
+        }
+    *f64 = d;
+    *f32 = X;
+    if (y != NULL) {
+        float *out = (float *)(void *)(d + n);
+        lm_gemm_tile_nn(k, out, (size_t)rows, (size_t)cols, X, Y, (size_t)inner, 1.0f);
+        *f32 = out;
+    }
+    return 0;
 }
 
 static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const lokr_params *pr = op->params;
     lokr_prep *lp = lm_prep_alloc(p, sizeof *lp, err);
-    if (lp == NULL || (lp->w1 = whole(p, pr->w1, pr->w1b, k, err)) == NULL)
+    if (lp == NULL || whole(p, pr->w1, pr->w1b, k, &lp->w1, &lp->d1, err) != 0)
         return LM_E_NOMEM;
     p->data = lp;
     if (pr->t2 == NULL)
-        return (lp->w2 = whole(p, pr->w2, pr->w2b, k, err)) == NULL ? LM_E_NOMEM : LM_OK;
+        return whole(p, pr->w2, pr->w2b, k, &lp->w2, &lp->d2, err) != 0 ? LM_E_NOMEM : LM_OK;
     /* CP: w2[q, (v, x)] = sum_i w2_a[i, q] U[i, (v, x)], U[i, v, x] = sum_j t2[i, j, x] w2_b[j, v]
-     * (f64, rounded once) */
+     * (f64; the f32 path's copy rounded once) */
     const uint64_t r = pr->t2->shape[0], kb = pr->kb, dd = pr->w2b->shape[1], kk = pr->kd / dd;
+    const size_t n2 = (size_t)(kb * pr->kd);
     const float *t = lm_prep_view(p, pr->t2, k, err), *wa = lm_prep_view(p, pr->w2, k, err),
                 *wb = lm_prep_view(p, pr->w2b, k, err);
-    float *w2 = lm_prep_floats(p, (size_t)(kb * pr->kd), err);
-    if (t == NULL || wa == NULL || wb == NULL || w2 == NULL)
+    double *d2 = t && wa && wb ? lm_prep_alloc(p, n2 * (sizeof(double) + sizeof(float)), err) : NULL;
+    if (d2 == NULL)
         return LM_E_NOMEM;
+    float *w2 = (float *)(void *)(d2 + n2);
     double *U = malloc((size_t)(r * pr->kd) * sizeof *U + 1);
     if (U == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
@@ -247,9 +268,11 @@ static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
             for (uint64_t i = 0; i < r; i++)
                 acc += (double)wa[i * kb + q] * U[i * pr->kd + e];
             w2[q * pr->kd + e] = (float)acc;
+            d2[q * pr->kd + e] = acc;
         }
     free(U);
     lp->w2 = w2;
+    lp->d2 = d2;
     return LM_OK;
 }
 
@@ -269,6 +292,27 @@ static void lokr_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
             float *seg = row + u * kd;
             for (uint64_t v = 0; v < kd; v++)
                 seg[v] += a * w2row[v] * s;
+        }
+    }
+}
+
+/* the exact path: W[p*kb + q, u*kd + v] += w1[p, u] * w2[q, v] * scale in f64, rounded once by the
+ * engine */
+static void lokr_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const lokr_params *pr = op->params;
+    const lokr_prep *lp = p->data;
+    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
+    const double s = op->scale;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
+        double *row = t->acc + r * t->cols;
+        const double *w2row = lp->d2 + q * kd;
+        for (uint64_t u = 0; u < w1_cols; u++) {
+            const double a = lp->d1[pi * w1_cols + u] * s;
+            double *seg = row + u * kd;
+            for (uint64_t v = 0; v < kd; v++)
+                seg[v] += a * w2row[v];
         }
     }
 }
@@ -301,6 +345,7 @@ const lm_method lm_method_lokr = {
     .plan_module = lokr_plan_module,
     .prepare = lokr_prepare,
     .apply_tile = lokr_apply,
+    .apply_tile64 = lokr_apply64,
     .describe = lokr_describe,
     .describe_config = lokr_describe_config,
 };

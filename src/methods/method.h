@@ -60,7 +60,7 @@ typedef struct lm_op {
 
 /* What prepare() builds for one op; everything in owned[] is freed with free() after the
  * tensor's last tile. */
-#define LM_PREP_OWNED 8
+#define LM_PREP_OWNED 12
 typedef struct lm_prepared {
     const float *a, *b; /* LOWRANK: A' [rank, in] and B' [out, rank], row-major f32;
                            generic ops: a = op->src as f32 */

@@ -68,7 +68,10 @@ static lm_code randlora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err
 
 /* A_flat [r*nb, m]: row k*nb + b = lambda[k, b] * A_all[k, 0, :m] * gamma[b, :];
  * B_flat [M, nb*r]: column b*r + k = B_all[:M, b, k]; delta = B_flat @ A_flat is [M, m],
- * transposed when the layer's out is the smaller side */
+ * transposed when the layer's out is the smaller side (PEFT pairs A_flat's row q with B_flat's
+ * column q, whatever the indices mean).  a and b are PEFT's f32 factors (the f32 path); a64 and b64
+ * the exact terms for the certified path: lambda_flat[q] moves to B's side, so that each factor
+ * element is a product of two floats, exact in f64 (A_all * gamma, B_all * lambda). */
 static lm_code randlora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const randlora_params *pr = op->params;
@@ -78,7 +81,9 @@ static lm_code randlora_prepare(const lm_op *op, const lm_kernels *k, lm_prepare
     const float *x0 = lm_prep_view(p, pr->lambda, k, err), *x1 = x0 ? lm_prep_view(p, pr->gamma, k, err) : NULL;
     const float *x2 = x1 ? lm_prep_view(p, pr->A, k, err) : NULL, *x3 = x2 ? lm_prep_view(p, pr->B, k, err) : NULL;
     float *A = x3 ? lm_prep_floats(p, (size_t)(K * in), err) : NULL, *B = A ? lm_prep_floats(p, (size_t)(out * K), err) : NULL;
-    if (B == NULL)
+    double *A64 = B ? lm_prep_alloc(p, (size_t)(K * in) * sizeof *A64, err) : NULL;
+    double *B64 = A64 ? lm_prep_alloc(p, (size_t)(out * K) * sizeof *B64, err) : NULL;
+    if (B64 == NULL)
         return LM_E_NOMEM;
     int flip = !(out == M && in == mn);
     for (uint64_t kk = 0; kk < r; kk++)
@@ -86,23 +91,33 @@ static lm_code randlora_prepare(const lm_op *op, const lm_kernels *k, lm_prepare
             for (uint64_t j = 0; j < mn; j++) {
                 uint64_t q = kk * nb + b;
                 float v = x0[kk * nb + b] * x2[kk * dmin + j] * x1[b * mn + j];
-                if (!flip)
+                double v64 = (double)x2[kk * dmin + j] * (double)x1[b * mn + j];
+                if (!flip) {
                     A[q * in + j] = v;
-                else
+                    A64[q * in + j] = v64;
+                } else {
                     B[j * K + q] = v;
+                    B64[j * K + q] = v64;
+                }
             }
     for (uint64_t row = 0; row < M; row++)
         for (uint64_t b = 0; b < nb; b++)
             for (uint64_t kk = 0; kk < r; kk++) {
                 uint64_t q = b * r + kk;
                 float v = x3[(row * NB + b) * r + kk];
-                if (!flip)
+                double v64 = (double)v * (double)x0[q]; /* lambda of A_flat's row q */
+                if (!flip) {
                     B[row * K + q] = v;
-                else
+                    B64[row * K + q] = v64;
+                } else {
                     A[q * in + row] = v;
+                    A64[q * in + row] = v64;
+                }
             }
     p->a = A;
     p->b = B;
+    p->a64 = A64;
+    p->b64 = B64;
     return LM_OK;
 }
 

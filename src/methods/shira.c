@@ -2,7 +2,8 @@
 /* shira.c : SHiRA (peft-merge.md §5.14): W[rows[t], cols[t]] += scale * shira_weight[t].
  * The indices are data: checked when planning (a bad one fails before anything is written) and
  * sorted by row per tensor when its first tile is claimed, so a tile touches only its own
- * entries and memory is one module's indices at a time. */
+ * entries and memory is one module's indices at a time.  The exact path (apply_tile64) adds the
+ * same entries in f64. */
 #include "method.h"
 
 #include "lm_error.h"
@@ -119,6 +120,19 @@ static void shira_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
+/* the exact path: the same entries added in f64 (scale * w exact to f64 noise), rounded once by the
+ * engine */
+static void shira_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const shira_prep *sp = p->data;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r;
+        double *row = t->acc + r * t->cols;
+        for (uint64_t e = sp->row_start[R]; e < sp->row_start[R + 1]; e++)
+            row[sp->col[e]] += (double)p->a[sp->wi[e]] * op->scale;
+    }
+}
+
 static const lm_part shira_parts[] = {{"shira_weight", SW, -1, 1}, {"shira_indices", SI, -1, 1}};
 
 const lm_method lm_method_shira = {
@@ -129,4 +143,5 @@ const lm_method lm_method_shira = {
     .plan_module = shira_plan_module,
     .prepare = shira_prepare,
     .apply_tile = shira_apply,
+    .apply_tile64 = shira_apply64,
 };

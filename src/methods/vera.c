@@ -69,7 +69,9 @@ static lm_code vera_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     return lm_vera_add(ctx, m, "vera", A, B, lb, ld, r, err);
 }
 
-/* see vera.h */
+/* see vera.h.  The f32 slices are PEFT's products rounded to f32 (the f32 path); a64 and b64 hold
+ * the same products in f64, where a product of two floats is exact, so that the certified path
+ * (exec_lowrank.c) sums the exact terms lambda_b[o] B[o, q] lambda_d[q] A[q, j] */
 lm_code lm_vera_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const lm_vera_params *pr = op->params;
@@ -77,16 +79,24 @@ lm_code lm_vera_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm
     const float *A = lm_prep_view(p, pr->A, k, err), *B = lm_prep_view(p, pr->B, k, err);
     const float *lb = lm_prep_view(p, pr->lb, k, err), *ld = lm_prep_view(p, pr->ld, k, err);
     float *a2 = lm_prep_floats(p, (size_t)(r * op->in), err), *b2 = lm_prep_floats(p, (size_t)(op->out * r), err);
-    if (A == NULL || B == NULL || lb == NULL || ld == NULL || a2 == NULL || b2 == NULL)
+    double *a64 = a2 && b2 ? lm_prep_alloc(p, (size_t)(r * op->in) * sizeof *a64, err) : NULL;
+    double *b64 = a64 ? lm_prep_alloc(p, (size_t)(op->out * r) * sizeof *b64, err) : NULL;
+    if (A == NULL || B == NULL || lb == NULL || ld == NULL || b64 == NULL)
         return LM_E_NOMEM;
     for (uint64_t q = 0; q < r; q++)
-        for (uint64_t j = 0; j < op->in; j++)
+        for (uint64_t j = 0; j < op->in; j++) {
             a2[q * op->in + j] = ld[q] * A[q * lda + j];
+            a64[q * op->in + j] = (double)ld[q] * (double)A[q * lda + j];
+        }
     for (uint64_t o = 0; o < op->out; o++)
-        for (uint64_t q = 0; q < r; q++)
+        for (uint64_t q = 0; q < r; q++) {
             b2[o * r + q] = lb[o] * B[o * r + q];
+            b64[o * r + q] = (double)lb[o] * (double)B[o * r + q];
+        }
     p->a = a2;
     p->b = b2;
+    p->a64 = a64;
+    p->b64 = b64;
     return LM_OK;
 }
 

@@ -13,7 +13,8 @@ typedef struct {
 /* plans the op W += (lambda_b * B[:out]) @ (lambda_d[:r] * A[:r, :in]) of module m */
 lm_code lm_vera_add(lm_plan_ctx *ctx, const lm_module *m, const char *name, const lm_ts_tensor *A,
                     const lm_ts_tensor *B, const lm_ts_tensor *lb, const lm_ts_tensor *ld, uint64_t r, lm_err *err);
-/* A' = lambda_d[:r] * A[:r, :in] ([rank, in]) and B' = lambda_b * B[:out, :] ([out, rank]) */
+/* A' = lambda_d[:r] * A[:r, :in] ([rank, in]) and B' = lambda_b * B[:out, :] ([out, rank]): in f32 (a, b)
+ * and exactly in f64 (a64, b64) */
 lm_code lm_vera_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err);
 
 #endif

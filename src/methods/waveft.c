@@ -242,12 +242,11 @@ static lm_code waveft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
     return LM_OK;
 }
 
-static void waveft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+/* d [nr, cols] <- the unscaled delta of rows r0 .. r0+nr, in f64 */
+static void waveft_delta(const waveft_prep *wp, uint64_t tr0, uint64_t nr, uint64_t tcols, double *d)
 {
-    const waveft_prep *wp = p->data;
-    double *d = (double *)t->scratch; /* the tile's delta, nr x cols */
-    memset(d, 0, (size_t)(t->nr * t->cols) * sizeof *d);
-    int64_t r0 = (int64_t)t->r0, r1 = r0 + (int64_t)t->nr, L = wp->len, cols = (int64_t)t->cols;
+    memset(d, 0, (size_t)(nr * tcols) * sizeof *d);
+    int64_t r0 = (int64_t)tr0, r1 = r0 + (int64_t)nr, L = wp->len, cols = (int64_t)tcols;
     uint64_t lo = 0, hi = wp->n; /* first coefficient whose block reaches row r0 */
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
@@ -271,8 +270,23 @@ static void waveft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t
             }
         }
     }
+}
+
+static void waveft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+{
+    double *d = (double *)t->scratch; /* the tile's delta, nr x cols */
+    waveft_delta(p->data, t->r0, t->nr, t->cols, d);
     for (uint64_t i = 0; i < t->nr * t->cols; i++)
         t->acc[i] += (float)(d[i] * op->scale);
+}
+
+/* the exact path: the same f64 delta added in f64, rounded once by the engine */
+static void waveft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    double *d = t->scratch;
+    waveft_delta(p->data, t->r0, t->nr, t->cols, d);
+    for (uint64_t i = 0; i < t->nr * t->cols; i++)
+        t->acc[i] += d[i] * op->scale;
 }
 
 static void waveft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -294,5 +308,6 @@ const lm_method lm_method_waveft = {
     .plan_module = waveft_plan_module,
     .prepare = waveft_prepare,
     .apply_tile = waveft_apply,
+    .apply_tile64 = waveft_apply64,
     .describe = waveft_describe,
 };
