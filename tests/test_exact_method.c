@@ -725,3 +725,118 @@ Test(exact_method, f16_overflow_refused, .timeout = 60)
     xm_f16_overflow("{\"peft_type\": \"HRA\", \"target_modules\": [\"q_proj\"], \"r\": 1}",
                     "base_model.model.model.layers.0.self_attn.q_proj.hra_u", 2, 8, 1, -1.0, NULL, 0, 0);
 }
+
+/* ---- element-wise types: MiSS, HiRA, RoAd ------------------------------------------------------ */
+/* q_proj [8, 32]; each reference in long double from the stored values, bound 2^-48 of the sum of
+ * the terms' magnitudes (a handful of f64 roundings; RoAd's cos/sin in f64 within 1 ulp) */
+enum { XE_O = 8, XE_I = 32, XE_R = 4 };
+
+static void xm_elem_case(const char *type, const char *bdt)
+{
+    xm_set base = {0}, ad = {0};
+    xm_t *w = xm_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, XE_O, XE_I);
+    const uint64_t n = w->n;
+    long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
+    float *y32 = malloc(n * sizeof *y32);
+    char cfg[400];
+    for (uint64_t e = 0; e < n; e++)
+        w->v[e] = th_round_to(0.05 * th_rand_normal(&g_rng), bdt);
+    if (!strcmp(type, "MISS")) { /* W[o, c] += block[c mod r, o]: half the elements W = -block + residue */
+        xm_t *b = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.miss_block", "F32", 2, XE_R, XE_O);
+        for (uint64_t e = 0; e < b->n; e++)
+            b->v[e] = (double)(float)(0.05 * th_rand_normal(&g_rng) * (e % 3 ? 1 : 1e-4));
+        for (uint64_t o = 0; o < XE_O; o++)
+            for (uint64_t c = 0; c < XE_I; c++) {
+                const uint64_t e = o * XE_I + c;
+                const double d = b->v[(c % XE_R) * XE_O + o];
+                if (c % 2)
+                    w->v[e] = th_round_to(-d + ldexp(th_rand_uniform(&g_rng), -30), bdt);
+                ref[e] = (long double)w->v[e] + d;
+                bnd[e] = 0; /* W + d is exact in f64: every element, ties included, must be the nearest */
+                y32[e] = (float)w->v[e] + (float)d;
+            }
+        snprintf(cfg, sizeof cfg, "{\"peft_type\": \"MISS\", \"target_modules\": [\"q_proj\"], \"r\": %d, \"mini_r\": 1}",
+                 XE_R);
+    } else if (!strcmp(type, "HIRA")) { /* W' = W + W * (B A): B A = -1 + small */
+        xm_t *A = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_A", "F32", 2, XE_R, XE_I);
+        xm_t *B = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_B", "F32", 2, XE_O, XE_R);
+        /* 1 + B A ~ 1e-6 (a cancellation by 2^20); f32 outputs 1e-3 (2^10: deeper, f64 noise reaches
+         * an f32 ulp of the result) */
+        const double sm = strcmp(bdt, "F32") ? 1e-3 : 3e-2;
+        for (uint64_t e = 0; e < A->n; e++)
+            A->v[e] = e < XE_I ? 1.0 : (double)(float)(th_rand_normal(&g_rng) * sm);
+        for (uint64_t e = 0; e < B->n; e++)
+            B->v[e] = e % XE_R == 0 ? -1.0 : (double)(float)(th_rand_normal(&g_rng) * sm);
+        for (uint64_t o = 0; o < XE_O; o++)
+            for (uint64_t c = 0; c < XE_I; c++) {
+                long double p = 0, pa = 0;
+                float p32 = 0;
+                for (uint64_t k = 0; k < XE_R; k++) {
+                    p += (long double)B->v[o * XE_R + k] * A->v[k * XE_I + c];
+                    pa += fabsl((long double)B->v[o * XE_R + k] * A->v[k * XE_I + c]);
+                    p32 = fmaf((float)B->v[o * XE_R + k], (float)A->v[k * XE_I + c], p32);
+                }
+                const uint64_t e = o * XE_I + c;
+                ref[e] = (long double)w->v[e] + (long double)w->v[e] * p;
+                bnd[e] = ldexpl(fabsl((long double)w->v[e]) * (1 + pa), -49);
+                y32[e] = (float)w->v[e] + (float)w->v[e] * p32;
+            }
+        snprintf(cfg, sizeof cfg, "{\"peft_type\": \"HIRA\", \"target_modules\": [\"q_proj\"], \"r\": %d}", XE_R);
+    } else { /* RoAd road_1, groups of 4: rows p, q = p + 2 share (c, s) = alpha (cos, sin) theta;
+              * p <- c W_p - s W_q, q <- s W_p + c W_q; W_q = (c / s) W_p + residue cancels row p */
+        const uint64_t nt = XE_O / 2;
+        xm_t *th = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.road_theta", "F32", 1, nt, 0);
+        xm_t *al = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.road_alpha", "F32", 1, nt, 0);
+        for (uint64_t t = 0; t < nt; t++) {
+            th->v[t] = (double)(float)(0.3 + 0.5 * th_rand_uniform(&g_rng));
+            al->v[t] = (double)(float)(1.0 + 0.1 * th_rand_uniform(&g_rng));
+        }
+        for (uint64_t G = 0; G < XE_O / 4; G++)
+            for (uint64_t x = 0; x < 2; x++) {
+                const uint64_t p = G * 4 + x, q = p + 2, t = G * 2 + x;
+                const long double cv = al->v[t] * cosl(th->v[t]), sv = al->v[t] * sinl(th->v[t]);
+                for (uint64_t c = 0; c < XE_I; c++)
+                    if (c % 2)
+                        w->v[q * XE_I + c] = th_round_to(th_round_to((double)(cv / sv * w->v[p * XE_I + c]), "BF16"),
+                                                         bdt); /* a residue of 2^-8 relative */
+                for (uint64_t c = 0; c < XE_I; c++) {
+                    const long double a = w->v[p * XE_I + c], b = w->v[q * XE_I + c];
+                    ref[p * XE_I + c] = cv * a - sv * b;
+                    ref[q * XE_I + c] = sv * a + cv * b;
+                    bnd[p * XE_I + c] = bnd[q * XE_I + c] = ldexpl(fabsl(cv * a) + fabsl(sv * b), -49);
+                    y32[p * XE_I + c] = (float)cv * (float)a - (float)sv * (float)b;
+                    y32[q * XE_I + c] = (float)sv * (float)a + (float)cv * (float)b;
+                }
+            }
+        snprintf(cfg, sizeof cfg, "{\"peft_type\": \"ROAD\", \"target_modules\": [\"q_proj\"], \"group_size\": 4, "
+                 "\"variant\": \"road_1\"}");
+    }
+    xm_case c;
+    xm_case_write(&c, &base, &ad, cfg);
+    th_run_result res = xm_merge(&c, c.out, NULL);
+    cr_assert_eq(res.status, 0, "%s %s: exit %d: %s", type, bdt, res.status, res.err);
+    char what[64];
+    snprintf(what, sizeof what, "%s %s", type, bdt);
+    uint64_t rec = 0;
+    xm_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+    th_run_free(&res);
+    xm_same_bytes(&c, what);
+    free(ref);
+    free(bnd);
+    free(y32);
+    xm_free(&base);
+    xm_free(&ad);
+    th_rmrf(c.dir);
+    free(c.dir);
+}
+
+static void xm_elem_all(const char *type)
+{
+    xm_elem_case(type, "BF16");
+    xm_elem_case(type, "F16");
+    xm_elem_case(type, "F32");
+}
+
+Test(exact_method, miss, .timeout = 60) { xm_elem_all("MISS"); }
+Test(exact_method, hira, .timeout = 60) { xm_elem_all("HIRA"); }
+Test(exact_method, road, .timeout = 60) { xm_elem_all("ROAD"); }

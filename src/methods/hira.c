@@ -69,6 +69,32 @@ static void hira_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
         t->acc[i] += t->acc[i] * t1[i] * s;
 }
 
+/* the same in f64: W + s W (B A), the product's sums in f64 (k ascending) */
+static void hira_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const uint64_t R = op->rank, cols = t->cols;
+    double *y = t->scratch;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        const uint64_t i = t->r0 + r;
+        for (uint64_t c = 0; c < cols; c++)
+            y[c] = 0.0;
+        for (uint64_t k = 0; k < R; k++) {
+            if (!op->axis) { /* B [out, r] row i, A [r, in] */
+                const double f = (double)p->b[i * R + k];
+                for (uint64_t c = 0; c < cols; c++)
+                    y[c] += f * (double)p->a[k * cols + c];
+            } else { /* stored [in, out]: (B A)^T[i, c] = sum_k A[k, i] B[c, k] */
+                const double f = (double)p->a[k * op->in + i];
+                for (uint64_t c = 0; c < cols; c++)
+                    y[c] += f * (double)p->b[c * R + k];
+            }
+        }
+        double *w = t->acc + r * cols;
+        for (uint64_t c = 0; c < cols; c++)
+            w[c] += w[c] * y[c] * op->scale;
+    }
+}
+
 static const lm_part hira_parts[] = {
     {"hira_A", HA, -1, 1}, {"hira_B", HB, -1, 1}, {"hira_embedding_A", HEA, -1, 1}, {"hira_embedding_B", HEB, -1, 1},
 };
@@ -81,4 +107,5 @@ const lm_method lm_method_hira = {
     .plan_module = hira_plan_module,
     .prepare = hira_prepare,
     .apply_tile = hira_apply,
+    .apply_tile64 = hira_apply64,
 };

@@ -94,6 +94,27 @@ static void miss_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
+/* the same in f64 */
+static void miss_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const miss_params *pr = op->params;
+    const uint64_t r = op->rank, w = pr->width;
+    double *v = t->scratch; /* this row's column of the block, times the scale */
+    const uint64_t used = r < t->cols ? r : t->cols;
+    for (uint64_t i = 0; i < t->nr; i++) {
+        double *row = t->acc + i * t->cols;
+        const uint64_t oi = (t->r0 + i) % w;
+        for (uint64_t j = 0; j < used; j++)
+            v[j] = (double)p->a[j * w + oi] * op->scale;
+        for (uint64_t c0 = 0; c0 < t->cols; c0 += r) {
+            const uint64_t n = t->cols - c0 < r ? t->cols - c0 : r;
+            double *seg = row + c0;
+            for (uint64_t j = 0; j < n; j++)
+                seg[j] += v[j];
+        }
+    }
+}
+
 static void miss_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
     (void)m;
@@ -111,5 +132,6 @@ const lm_method lm_method_miss = {
     .plan_module = miss_plan_module,
     .prepare = miss_prepare,
     .apply_tile = miss_apply,
+    .apply_tile64 = miss_apply64,
     .describe = miss_describe,
 };

@@ -88,7 +88,8 @@ static lm_code road_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     uint64_t o = pr->out, g = pr->g, h = g / 2;
     const float *th = lm_prep_view(p, pr->theta, k, err), *al = th ? lm_prep_view(p, pr->alpha, k, err) : NULL;
     float *cs = al ? lm_prep_floats(p, (size_t)(2 * o), err) : NULL;
-    if (cs == NULL)
+    double *cs64 = cs ? lm_prep_alloc(p, (size_t)(2 * o) * sizeof *cs64, err) : NULL;
+    if (cs64 == NULL)
         return LM_E_NOMEM;
     for (uint64_t q = 0; q < o; q++) {
         uint64_t G = q / g, x = q % g;
@@ -106,8 +107,11 @@ static lm_code road_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
         }
         cs[q] = (float)cv;
         cs[o + q] = (float)sv;
+        cs64[q] = cv;
+        cs64[o + q] = sv;
     }
     p->a = cs;
+    p->data = cs64; /* the exact path's factors, in f64 */
     return LM_OK;
 }
 
@@ -130,6 +134,25 @@ static void road_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
         }
 }
 
+/* the same in f64 from the f64 factors */
+static void road_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const road_params *pr = op->params;
+    const double *A = p->data;
+    uint64_t g = pr->g, h = g / 2, n_out = pr->out, cols = t->cols;
+    for (uint64_t G = 0; G < t->nr / g; G++)
+        for (uint64_t x = 0; x < h; x++) {
+            uint64_t pp = G * g + x, q = pp + h, P0 = t->r0 + pp, Q0 = t->r0 + q;
+            double *restrict wp = t->acc + pp * cols, *restrict wq = t->acc + q * cols;
+            const double cp = A[P0], sp = A[n_out + P0], cq = A[Q0], sq = A[n_out + Q0];
+            for (uint64_t c = 0; c < cols; c++) {
+                const double a = wp[c], b = wq[c];
+                wp[c] = cp * a - sp * b;
+                wq[c] = sq * a + cq * b;
+            }
+        }
+}
+
 static const lm_part road_parts[] = {{"road_theta", RT, -1, 1}, {"road_alpha", RA, -1, 1}};
 
 const lm_method lm_method_road = {
@@ -142,4 +165,5 @@ const lm_method lm_method_road = {
     .plan_module = road_plan_module,
     .prepare = road_prepare,
     .apply_tile = road_apply,
+    .apply_tile64 = road_apply64,
 };
