@@ -688,6 +688,51 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
     pthread_mutex_unlock(J->prep_lock);
 }
 
+/* LM_EXACT_F64, the certified f32 form (lm_exact_certify_fast): ws->acc holds the input tile; the
+ * op's f32 result and bounds, then the output bits, the uncertain elements from f64 (exec_exact.h).
+ * The input tile and the bounds live in ws->acc64 (room for 2 n floats) */
+static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+                                    struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    float *in = (float *)(void *)ws->acc64, *bound = in + n;
+    memcpy(in, ws->acc, n * sizeof *in);
+    const lm_op *op = &t->ops[0];
+    const lm_prepared *p = &J->rt[ti].prep[0];
+    lm_certify_stats cs = {0};
+    /* 16 rows at a time (whole row groups), so that the input rows are still in
+     * cache when the uncertain elements are recomputed from them */
+    uint64_t sub = 16, g = op->row_align > 1 ? op->row_align : 1; /* rot_blocks does 8 rows at once */
+    sub = sub < g ? g : sub - sub % g;
+    for (uint64_t q = 0; q < nr; q += sub) {
+        const uint64_t k = nr - q < sub ? nr - q : sub;
+        const size_t e0 = (size_t)(q * t->cols);
+        const lm_tile tile = {ws->acc + e0, ws->scratch, r0 + q, k, t->rows, t->cols, J->k};
+        op->method->apply_tile_bound(op, p, &tile, bound + e0);
+        lm_exact_certify_tile(op, p, ws->acc + e0, bound + e0, in + e0, r0 + q, k, t->cols, lm_kdtype_of(t->dtype),
+                              (uint16_t *)(void *)ws->out + e0, &cs);
+    }
+    __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
+    if (ts != NULL)
+        stats_after(J, t, ws, base_bytes, n, n_base, ts);
+    if (cs.n_overflow + cs.n_nonfinite == 0)
+        return LM_OK;
+    const size_t bad_in = J->k->count_nonfinite_f32(in, n);
+    if (cs.n_nonfinite > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%llu inf/NaN in rows %llu.."
+                "%llu): an adapter's delta overflows", (unsigned long long)(cs.n_nonfinite - bad_in),
+                (unsigned long long)r0, (unsigned long long)(r0 + nr - 1));
+    else if (cs.n_overflow > 0)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%llu merged values exceed the %s range (they would be "
+                "written as inf; rows %llu..%llu)", (unsigned long long)cs.n_overflow, lm_dtype_name(t->dtype),
+                (unsigned long long)r0, (unsigned long long)(r0 + nr - 1));
+    else
+        return LM_OK;
+    lm_err_set_tensor(err, t->name);
+    return LM_E_MISMATCH;
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -721,6 +766,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     /* src may be in the scratch the methods use: the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
+    if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t))
+        return compute_tile_certify(J, ti, r0, nr, ws, ts, base_bytes, n_base, err);
     if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* f64 ops, one rounding (exec_exact.h) */
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
@@ -1275,7 +1322,10 @@ static lm_code commit_job(job *J, lm_err *err)
     for (size_t sh = 0; sh < J->n_shards; sh++) {
         if (J->w[sh] == NULL)
             continue;
-        lm_code rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
+        lm_code rc;
+        if (opts && opts->commit_paths && (rc = lm_st_writer_retarget(J->w[sh], opts->commit_paths[sh], err)) != LM_OK)
+            return rc;
+        rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
         J->w[sh] = NULL;
         if (rc != LM_OK)
             return rc;
