@@ -989,6 +989,7 @@ int th_copy_tree(const char *from, const char *to)
     }
     free_names(v, n);
     return rc;
+}
 
 void th_quant_ref(const char *script, const char *args)
 {

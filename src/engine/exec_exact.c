@@ -2,6 +2,7 @@
 /* exec_exact.c : see exec_exact.h. */
 #include "exec_exact.h"
 
+#include "exec_dora.h"
 #include "exec_lowrank.h"
 
 #include <math.h>
@@ -26,6 +27,8 @@ lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
         return LM_EXACT_NONE;
     if (lm_lowrank_tensor_eligible(t))
         return LM_EXACT_LOWRANK;
+    if (!t->sim_nf4 && lm_dora_tensor_eligible(t))
+        return LM_EXACT_DORA; /* low-rank and DoRA ops (exec_dora.h) */
     if (t->base == NULL || t->n_ops == 0 || !kernel_dtype(t->src_dtype) || !kernel_dtype(t->dtype) || t->rows == 0 ||
         t->cols == 0)
         return LM_EXACT_NONE;

@@ -21,6 +21,10 @@
  *    result plus a rigorous bound on the distance to the f64 value; where the bound's interval
  *    rounds to one value that is the f64 value's rounding, the rest are computed in f64 one by one
  *    (elem64), so the bytes are the f64 path's and --json counts only those as recomputed.
+ *  - LM_EXACT_DORA: low-rank deltas and DoRA rescalings (LM_OP_NORM) only (exec_dora.h): f64 from
+ *    the exact factors, rounded once; one low-rank op and a row NORM (PEFT's DoRA on a Linear)
+ *    certified element by element by a bound, the rows it cannot certify recomputed with V in
+ *    double-double;
  * Everything else is computed in f32 and rounded once (not certified). */
 #ifndef LM_EXEC_EXACT_H
 #define LM_EXEC_EXACT_H
@@ -28,7 +32,7 @@
 #include "lm_kernels.h"
 #include "plan.h"
 
-typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64 } lm_exact_kind;
+typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64, LM_EXACT_DORA } lm_exact_kind;
 
 /*! lm_exact_kind_of() : the certified path tensor t takes (LM_EXACT_NONE: the f32 path).  Depends on
  *  the plan only, so --dry-run reports what a real run does. */
