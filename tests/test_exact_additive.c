@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* test_exact_additive.c : issue 10 for the additive method types on the f64 tile path
- * (apply_tile64): LoHa, LoKr, FourierFT, WaveFT, C3A, SHiRA.  Per type, an adapter with random
+ * (apply_tile64): FourierFT, WaveFT, C3A, SHiRA (LoHa, LoKr: not yet, see below).  Per type, an adapter with random
  * stored values is merged by the binary onto a base built from its delta, and every element is
  * compared with PEFT's formula evaluated here in long double from the stored values (independent
  * of the tool: its own loops, its own cosines, no FFT), rounded once:
@@ -460,8 +460,10 @@ static void xa_type_all(xa_type ty)
     xa_run_case(ty, "F16", XA_OVERFLOW);
 }
 
-Test(exact_additive, loha, .timeout = 120) { xa_type_all(XA_LOHA); }
-Test(exact_additive, lokr, .timeout = 120) { xa_type_all(XA_LOKR); }
+/* LoHa: its f64 tile path (both rank-r products in f64 per tile) measured 10.7x the LoRA merge in
+ * the methods bench (issue 9's target 2.0x), so LoHa stays on the f32 path, not certified; the
+ * XA_LOHA case is kept for when it is (an f32 pass with a bound and f64 recomputation).  LoKr
+ * likewise: 3.95x through the f64 tile path (target 1.5x), not certified yet */
 Test(exact_additive, fourierft, .timeout = 120) { xa_type_all(XA_FOURIERFT); }
 Test(exact_additive, waveft, .timeout = 120) { xa_type_all(XA_WAVEFT); }
 Test(exact_additive, c3a, .timeout = 120) { xa_type_all(XA_C3A); }

@@ -5,9 +5,7 @@
  * form of Conv1d/Conv2d (use_effective_conv2d: hada_t1/t2 [r, r, kh, kw], w_a [r, o], w_b [r, i])
  *     R_j[p, q, x, y] = sum_{a,b} t_j[a, b, x, y] w_j_a[a, p] w_j_b[b, q]
  * is the same product once prepare has built w_j_a^T [o, r] and U_j[a, (q, x, y)] = sum_b
- * t_j[a, b, x, y] w_j_b[b, q] (f64, rounded once), so a tile is still two small products.  The exact
- * path (apply_tile64) keeps the factors (U_j unrounded) in f64 and computes both products and
- * their Hadamard product in f64. */
+ * t_j[a, b, x, y] w_j_b[b, q] (f64, rounded once), so a tile is still two small products. */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -28,8 +26,7 @@ typedef struct {
 } loha_params;
 
 typedef struct {
-    const float *f[4];  /* the f32 path: w1a [o, r], w1b [r, cols], w2a, w2b (CP: w_j_a^T, U_j) */
-    const double *d[4]; /* the exact path: the same in f64 (CP: U_j not rounded to f32) */
+    const float *f[4];
 } loha_prep;
 
 /* CP form: t_j [r, r, kh, kw], w_j_a [r, o], w_j_b [r, i] against the kernel W [o, i, k...] */
@@ -114,29 +111,6 @@ static lm_code loha_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     return LM_OK;
 }
 
-/* lp->d: the factors in f64, in one block (a prepare owns at most LM_PREP_OWNED): the f32 ones
- * widened (exact), except the CP form's U_j, taken from u64 [2][r, cols] (f64, not rounded) */
-static lm_code loha_prepare64(const lm_op *op, const loha_params *pr, loha_prep *lp, lm_prepared *p, const double *u64,
-                              lm_err *err)
-{
-    const uint64_t r = op->rank, o = pr->t[0] ? pr->o : pr->f[0]->shape[0];
-    const uint64_t cols = pr->t[0] ? pr->i * pr->kk : pr->f[1]->shape[1];
-    const size_t na = (size_t)(o * r), nb = (size_t)(r * cols);
-    double *blk = lm_prep_alloc(p, 2 * (na + nb) * sizeof *blk, err);
-    if (blk == NULL)
-        return LM_E_NOMEM;
-    for (int j = 0; j < 2; j++) {
-        double *a = blk + (size_t)j * (na + nb), *b = a + na;
-        for (size_t e = 0; e < na; e++)
-            a[e] = (double)lp->f[2 * j][e];
-        for (size_t e = 0; e < nb; e++)
-            b[e] = u64 ? u64[(size_t)j * nb + e] : (double)lp->f[2 * j + 1][e];
-        lp->d[2 * j] = a;
-        lp->d[2 * j + 1] = b;
-    }
-    return LM_OK;
-}
-
 static lm_code loha_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const loha_params *pr = op->params;
@@ -148,12 +122,12 @@ static lm_code loha_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
             return LM_E_NOMEM;
     p->data = lp;
     if (pr->t[0] == NULL)
-        return loha_prepare64(op, pr, lp, p, NULL, err);
+        return LM_OK;
     /* CP: f[2j] <- w_j_a^T [o, r]; f[2j+1] <- U_j [r, i * kk] */
     const uint64_t r = op->rank, o = pr->o, in = pr->i, kk = pr->kk;
     const size_t nu = (size_t)(r * in * kk);
     float *blk = lm_prep_floats(p, 2 * ((size_t)(o * r) + nu), err); /* one block: at most 8 owned */
-    double *u64 = blk ? malloc(2 * nu * sizeof *u64 + 1) : NULL;
+    double *u64 = blk ? malloc(nu * sizeof *u64 + 1) : NULL;
     if (blk != NULL && u64 == NULL)
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (int j = 0; j < 2 && u64 != NULL; j++) {
@@ -166,17 +140,16 @@ static lm_code loha_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
         for (uint64_t a = 0; a < r; a++)
             for (uint64_t q = 0; q < o; q++)
                 waT[q * r + a] = wa[a * o + q];
-        lm_tucker_fold(tj, wb, (size_t)r, (size_t)in, (size_t)kk, u64 + (size_t)j * nu);
+        lm_tucker_fold(tj, wb, (size_t)r, (size_t)in, (size_t)kk, u64);
         for (size_t e = 0; e < nu; e++)
-            U[e] = (float)u64[(size_t)j * nu + e];
+            U[e] = (float)u64[e];
         lp->f[2 * j] = waT;
         lp->f[2 * j + 1] = U;
     }
     if (u64 == NULL)
         return LM_E_NOMEM;
-    const lm_code rc = loha_prepare64(op, pr, lp, p, u64, err);
     free(u64);
-    return rc;
+    return LM_OK;
 }
 
 static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
@@ -190,53 +163,6 @@ static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     lm_gemm_tile_nn(t->k, t2, (size_t)t->nr, (size_t)t->cols, lp->f[2] + t->r0 * r, lp->f[3], r, 1.0f);
     for (size_t i = 0; i < n; i++)
         t->acc[i] += t1[i] * t2[i] * s;
-}
-
-/* LH_NB columns of one row of the exact path: x = w1a_i . w1b[:, j..], y likewise (f64, k ascending,
- * in registers), row += x * y * s.  Vectorised across the columns only, so every clone sums in the
- * same order (the same bytes on every CPU). */
-enum { LH_NB = 16 };
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define LH_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LH_CLONES
-#endif
-
-LH_CLONES static void loha_row64(const double *a1, const double *b1, const double *a2, const double *b2, size_t r,
-                                 size_t cols, double s, double *row)
-{
-    size_t j = 0;
-    for (; j + LH_NB <= cols; j += LH_NB) {
-        double x[LH_NB] = {0}, y[LH_NB] = {0};
-        for (size_t k = 0; k < r; k++) {
-            const double *p1 = b1 + k * cols + j, *p2 = b2 + k * cols + j, c1 = a1[k], c2 = a2[k];
-            for (int v = 0; v < LH_NB; v++) {
-                x[v] += c1 * p1[v];
-                y[v] += c2 * p2[v];
-            }
-        }
-        for (int v = 0; v < LH_NB; v++)
-            row[j + v] += x[v] * y[v] * s;
-    }
-    for (; j < cols; j++) {
-        double x = 0, y = 0;
-        for (size_t k = 0; k < r; k++) {
-            x += a1[k] * b1[k * cols + j];
-            y += a2[k] * b2[k * cols + j];
-        }
-        row[j] += x * y * s;
-    }
-}
-
-/* the exact path: both products and their Hadamard product in f64, rounded once by the engine */
-static void loha_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
-{
-    const loha_prep *lp = p->data;
-    const size_t r = (size_t)op->rank;
-    for (uint64_t i = 0; i < t->nr; i++)
-        loha_row64(lp->d[0] + (t->r0 + i) * r, lp->d[1], lp->d[2] + (t->r0 + i) * r, lp->d[3], r, (size_t)t->cols,
-                   op->scale, t->acc + i * t->cols);
 }
 
 static void loha_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -268,7 +194,6 @@ const lm_method lm_method_loha = {
     .plan_module = loha_plan_module,
     .prepare = loha_prepare,
     .apply_tile = loha_apply,
-    .apply_tile64 = loha_apply64,
     .describe = loha_describe,
     .describe_config = loha_describe_config,
 };

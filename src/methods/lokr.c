@@ -6,8 +6,9 @@
  * [b, d*kh*kw], and so are the flat form (w2_b [r, d*k...]) and the CP form of Conv1d/Conv2d
  * (lokr_t2 [r, r, kh, kw]: w2[p, q, x] = sum_{i,j} t2[i, j, x] w2_a[i, p] w2_b[j, q], built in
  * prepare).  A whole 3-D lokr_w2 (Conv1d) is refused: PEFT's kron then pads w1 in front and
- * reshapes a scrambled kernel.  The exact path (apply_tile64) builds the whole factors in f64 from
- * the stored values and adds their Kronecker product in f64. */
+ * reshapes a scrambled kernel.  prepare also builds the whole factors in f64 (d1, d2) for an exact
+ * path; LoKr has no apply_tile64 yet: through the engine's f64 tile path it measured 3.95x the LoRA
+ * merge in the methods bench (issue 9's target 1.5x), so its tensors stay on the f32 path. */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -296,27 +297,6 @@ static void lokr_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
-/* the exact path: W[p*kb + q, u*kd + v] += w1[p, u] * w2[q, v] * scale in f64, rounded once by the
- * engine */
-static void lokr_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
-{
-    const lokr_params *pr = op->params;
-    const lokr_prep *lp = p->data;
-    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
-    const double s = op->scale;
-    for (uint64_t r = 0; r < t->nr; r++) {
-        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
-        double *row = t->acc + r * t->cols;
-        const double *w2row = lp->d2 + q * kd;
-        for (uint64_t u = 0; u < w1_cols; u++) {
-            const double a = lp->d1[pi * w1_cols + u] * s;
-            double *seg = row + u * kd;
-            for (uint64_t v = 0; v < kd; v++)
-                seg[v] += a * w2row[v];
-        }
-    }
-}
-
 static void lokr_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
     snprintf(buf, cap, "lokr%s r=%ld alpha=%g", m->part[T2] ? " (CP form of a convolution)" : "", cfg->r,
@@ -345,7 +325,6 @@ const lm_method lm_method_lokr = {
     .plan_module = lokr_plan_module,
     .prepare = lokr_prepare,
     .apply_tile = lokr_apply,
-    .apply_tile64 = lokr_apply64,
     .describe = lokr_describe,
     .describe_config = lokr_describe_config,
 };
