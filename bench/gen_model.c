@@ -25,7 +25,9 @@
  *   (llm-compressor's FP8 / FP8_DYNAMIC / group / FP8_BLOCK schemes): W F8_E4M3 and W_scale per
  *   tensor (F32 [1], with an input_scale F32 [1] as the static FP8 scheme saves), per channel
  *   (BF16 [out, 1]), per group of B columns (BF16 [out, in/B]) or per B x B block (F32), and the
- *   quantization_config compressed-tensors writes (config_groups, ignore ["lm_head"]).
+ *   quantization_config compressed-tensors writes (config_groups, ignore ["lm_head"]).  --quant
+ *   modelopt-fp8: ModelOpt's FP8 export: W F8_E4M3, W_scale F32 [] and input_scale F32 [] (scalars),
+ *   hf_quant_config.json (quant_algo FP8) and no quantization_config in config.json.
  *   --quant nvfp4: compressed-tensors nvfp4-pack-quantized: W_packed U8 [out, in/2] (random bytes:
  *   every E2M1 code), W_scale F8_E4M3 [out, in/16], W_global_scale F32 [1].  --quant
  *   modelopt-nvfp4: ModelOpt's NVFP4 export: W U8 [out, in/2], W_scale F8_E4M3 [out, in/16],
@@ -152,7 +154,7 @@ int main(int argc, char **argv)
     long hidden = 256, inter = 688, layers = 4, vocab = 1024, heads = 8, kv = 4, rank = 8, no_adapter = 0, experts = 0,
          fused = 0, block = 128;
     const char *quant = NULL, *qskip = NULL;
-    int ct = 0; /* compressed-tensors FP8: 1 tensor, 2 channel, 3 group, 4 block */
+    int ct = 0; /* compressed-tensors FP8: 1 tensor, 2 channel, 3 group, 4 block; 5 ModelOpt FP8 */
     int nv = 0; /* NVFP4: 1 compressed-tensors, 2 ModelOpt */
     long nested = 0;
     double alpha = 16;
@@ -184,7 +186,7 @@ int main(int argc, char **argv)
         else {
             fprintf(stderr, "usage: gen_model --out DIR [--hidden H] [--inter I] [--layers L] [--vocab V] [--heads N] "
                             "[--kv-heads K] [--rank R] [--alpha A] [--dtype bf16|f16|f32] [--adapter-dtype f32|bf16|f16] "
-                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]|nvfp4|modelopt-nvfp4|bnb-nf4|bnb-fp4|bnb-int8] [--block B] [--nested] [--quant-skip P]\n");
+                            "[--targets qv|all] [--seed S] [--no-adapter] [--experts E] [--fused-experts] [--quant fp8|ct-fp8[-channel|-group|-block]|modelopt-fp8|nvfp4|modelopt-nvfp4|bnb-nf4|bnb-fp4|bnb-int8] [--block B] [--nested] [--quant-skip P]\n");
             return 2;
         }
 #undef ARG
@@ -193,10 +195,11 @@ int main(int argc, char **argv)
         inter <= 0 || rank <= 0 || block <= 0 || (quant != NULL && strcmp(quant, "fp8") != 0 && strcmp(quant, "mxfp4") != 0 &&
         strcmp(quant, "bnb-nf4") != 0 && strcmp(quant, "bnb-fp4") != 0 && strcmp(quant, "bnb-int8") != 0 &&
         !(ct = strcmp(quant, "ct-fp8") == 0 ? 1 : strcmp(quant, "ct-fp8-channel") == 0 ? 2
-              : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4 : 0) &&
+              : strcmp(quant, "ct-fp8-group") == 0 ? 3 : strcmp(quant, "ct-fp8-block") == 0 ? 4
+              : strcmp(quant, "modelopt-fp8") == 0 ? 5 : 0) &&
         !(nv = strcmp(quant, "nvfp4") == 0 ? 1 : strcmp(quant, "modelopt-nvfp4") == 0 ? 2 : 0))) {
         fprintf(stderr, "gen_model: --out DIR is required and sizes must be positive (hidden divisible by heads); "
-                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group, ct-fp8-block, nvfp4, modelopt-nvfp4, bnb-nf4, bnb-fp4 or bnb-int8\n");
+                        "--quant takes fp8, mxfp4, ct-fp8, ct-fp8-channel, ct-fp8-group, ct-fp8-block, modelopt-fp8, nvfp4, modelopt-nvfp4, bnb-nf4, bnb-fp4 or bnb-int8\n");
         return 2;
     }
     const int mx = quant != NULL && strcmp(quant, "mxfp4") == 0;
@@ -292,13 +295,13 @@ int main(int argc, char **argv)
                 g[n - 1].dtype = LM_DT_F8_E4M3;
                 g[n - 1].fill = GEN_FP8_CODES;
                 snprintf(nm, sizeof nm, "model.layers.%ld.%s.weight_scale", l, proj[p]);
-                long s0 = ct == 1 ? 1 : ct == 4 ? (o + block - 1) / block : o;
-                long s1 = ct == 1 || ct == 2 ? 1 : (in + block - 1) / block;
-                T(nm, s0, s1, ct == 1 ? 1 : 2, 0.5f * wamp / 448.0f, wamp / 448.0f);
+                long s0 = ct == 1 || ct == 5 ? 1 : ct == 4 ? (o + block - 1) / block : o;
+                long s1 = ct == 1 || ct == 2 || ct == 5 ? 1 : (in + block - 1) / block;
+                T(nm, s0, s1, ct == 5 ? 0 : ct == 1 ? 1 : 2, 0.5f * wamp / 448.0f, wamp / 448.0f);
                 g[n - 1].dtype = ct == 2 || ct == 3 ? LM_DT_BF16 : LM_DT_F32;
-                if (ct == 1) {
+                if (ct == 1 || ct == 5) { /* ModelOpt: scalars, shape [] */
                     snprintf(nm, sizeof nm, "model.layers.%ld.%s.input_scale", l, proj[p]);
-                    T(nm, 1, 1, 1, 0.001f, 0.01f);
+                    T(nm, 1, 1, ct == 5 ? 0 : 1, 0.001f, 0.01f);
                     g[n - 1].dtype = LM_DT_F32;
                 }
             } else if (quant != NULL && !mx) { /* codes, then the block scales (values ~ wamp: scale ~ wamp / 448) */
@@ -390,7 +393,7 @@ int main(int argc, char **argv)
                  bnb4 ? "true" : "false", bnb8 ? "true" : "false", bnb4 ? dtn : "float32",
                  bnb4 ? quant + 4 : "fp4", nested ? "true" : "false", skipl, bnb4 ? "true" : "false",
                  bnb8 ? "true" : "false");
-    else if (ct) {
+    else if (ct && ct != 5) {
         static const char *const strat[] = {"", "tensor", "channel", "group", "block"};
         char gs[32] = "null", bs[48] = "null";
         if (ct == 3)
@@ -412,7 +415,7 @@ int main(int argc, char **argv)
                  "\"observer\": \"minmax\", \"scale_dtype\": \"torch.float8_e4m3fn\"}, \"input_activations\": null, "
                  "\"output_activations\": null, \"format\": \"nvfp4-pack-quantized\"}}, \"ignore\": [\"lm_head\"], "
                  "\"kv_cache_scheme\": null}");
-    } else if (quant != NULL && nv == 0)
+    } else if (quant != NULL && nv == 0 && ct != 5)
         snprintf(qcfg, sizeof qcfg, ", \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", "
                  "\"quant_method\": \"fp8\", \"weight_block_size\": [%ld, %ld]}", block, block);
     snprintf(path, sizeof path, "%s/base/config.json", out);
@@ -427,13 +430,14 @@ int main(int argc, char **argv)
                 inter, layers, heads, kv, vocab, dtn, qcfg);
         fclose(f);
     }
-    if (nv == 2) {
+    if (nv == 2 || ct == 5) {
         snprintf(path, sizeof path, "%s/base/hf_quant_config.json", out);
         f = fopen(path, "w");
         if (f) {
             fprintf(f, "{\n  \"producer\": {\"name\": \"modelopt\", \"version\": \"0.29.0\"},\n  \"quantization\": "
-                       "{\"quant_algo\": \"NVFP4\", \"kv_cache_quant_algo\": null, \"group_size\": 16, "
-                       "\"exclude_modules\": [\"lm_head\"]}\n}\n");
+                       "{\"quant_algo\": \"%s\", \"kv_cache_quant_algo\": null,%s "
+                       "\"exclude_modules\": [\"lm_head\"]}\n}\n", ct == 5 ? "FP8" : "NVFP4",
+                    ct == 5 ? "" : " \"group_size\": 16,");
             fclose(f);
         }
     }

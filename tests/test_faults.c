@@ -198,7 +198,7 @@ static void ft_all_kinds(int dir)
 Test(faults, every_call_of_a_file_merge, .timeout = 600) { ft_all_kinds(0); }
 Test(faults, every_call_of_a_sharded_directory_merge, .timeout = 600)
 {
-    if (getenv("LM_ASAN") != NULL) /* ~250 runs: the plain build covers it; the file sweep runs here */
+    if (getenv("LM_ASAN") != NULL) /* ~600 runs: the plain build covers it; the file sweep runs here */
         cr_skip_test("the directory fault sweep is skipped under LM_ASAN=1 (runs in the plain build)");
     ft_all_kinds(1);
 }

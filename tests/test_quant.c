@@ -252,26 +252,12 @@ static void qt_free(qt_fx *f)
     free(f->tmp);
 }
 
-static int have_numpy(void)
-{
-    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
-    int ok = r.status == 0;
-    th_run_free(&r);
-    return ok;
-}
-
-/* runs the reference in mode on base/adapter/out; skipped visibly without numpy */
+/* runs the reference in mode on base/adapter/out (th_quant_ref) */
 static void qt_ref(const char *mode, const char *a, const char *b, const char *c, const char *d)
 {
-    if (!have_numpy())
-        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
-    char cmd[5000];
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/quant_ref.py %s '%s' '%s' '%s' %s 2>&1", mode, a, b, c,
-             d ? d : "");
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "reference %s: %s", mode, r.out);
-    cr_log_info("%s: %s", mode, r.out);
-    th_run_free(&r);
+    char args[5000];
+    snprintf(args, sizeof args, "%s '%s' '%s' '%s' %s", mode, a, b, c, d ? d : "");
+    th_quant_ref("quant_ref.py", args);
 }
 
 static char *qt_read(const char *path)

@@ -238,20 +238,12 @@ static void bq_done(bq_fx *f)
     free(f->tmp);
 }
 
-/* tests/quant/bnb_ref.py MODE ARGS; skipped visibly without numpy */
+/* tests/quant/bnb_ref.py MODE ARGS (th_quant_ref) */
 static void bq_ref(const char *mode, const char *args)
 {
-    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
-    int ok = r.status == 0;
-    th_run_free(&r);
-    if (!ok)
-        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
-    char cmd[5000];
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/bnb_ref.py %s %s 2>&1", mode, args);
-    r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "reference %s: %s", mode, r.out);
-    cr_log_info("%s: %s", mode, r.out);
-    th_run_free(&r);
+    char a[5000];
+    snprintf(a, sizeof a, "%s %s", mode, args);
+    th_quant_ref("bnb_ref.py", a);
 }
 
 /* the merged weights of 16-bit bases (bf16, f16, f32) are the NF4 round trips of the base plus

@@ -202,27 +202,13 @@ static void ct_free(ct_fx *f)
     free(f->tmp);
 }
 
-static int have_numpy(void)
-{
-    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
-    int ok = r.status == 0;
-    th_run_free(&r);
-    return ok;
-}
-
-/* runs a reference (script in tests/quant) in mode; skipped visibly without numpy */
+/* runs a reference (script in tests/quant) in mode (th_quant_ref) */
 static void ct_ref(const char *script, const char *mode, const char *a, const char *b, const char *c,
                    const char *d)
 {
-    if (!have_numpy())
-        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
-    char cmd[5000];
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/%s %s '%s' '%s' '%s' %s 2>&1", script, mode, a, b, c,
-             d ? d : "");
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "reference %s: %s", mode, r.out);
-    cr_log_info("%s: %s", mode, r.out);
-    th_run_free(&r);
+    char args[5000];
+    snprintf(args, sizeof args, "%s '%s' '%s' '%s' %s", mode, a, b, c, d ? d : "");
+    th_quant_ref(script, args);
 }
 
 static void ct_merge(const char *base, const char *ad, const char *out, const char *o1, const char *o2,
@@ -280,6 +266,44 @@ Test(quant_ct, fp8_strategies_keep_and_dtype, .timeout = 120)
         ct_ref("ct_ref.py", "ct-fp8-dtype", f.base, f.ad, outf, NULL);
         ct_free(&f);
     }
+}
+
+/* ModelOpt's FP8 export (hf_quant_config.json, quant_algo FP8; weight_scale F32 []): kept with
+ * ModelOpt's rule (amax / 448, codes fp8(x / scale)) and hf_quant_config.json; --dtype f32 drops
+ * the scalars and hf_quant_config.json */
+Test(quant_ct, modelopt_fp8_keep_and_dtype, .timeout = 120)
+{
+    ct_fx f;
+    ct_gen(&f, "modelopt-fp8", NULL);
+    char out[1200], out2[1200], outf[1200], a[1300], b[1300];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    snprintf(outf, sizeof outf, "%s/outf", f.tmp);
+    ct_merge(f.base, f.ad, out, NULL, NULL, NULL, NULL);
+    ct_merge(f.base, f.ad, out2, "--threads", "1", "--tile-elems", "64");
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    snprintf(a, sizeof a, "%s/hf_quant_config.json", out);
+    cr_assert(th_exists(a), "hf_quant_config.json must stay with the quantized output");
+    ct_merge(f.base, f.ad, outf, "--dtype", "f32", NULL, NULL);
+    snprintf(a, sizeof a, "%s/hf_quant_config.json", outf);
+    cr_assert(!th_exists(a), "hf_quant_config.json must not describe a dequantized output");
+    th_st st;
+    snprintf(a, sizeof a, "%s/model.safetensors", outf);
+    cr_assert_eq(th_st_read(a, &st), 0);
+    cr_assert_null(th_st_find(&st, "model.layers.0.self_attn.q_proj.weight_scale"), "scales must be dropped");
+    cr_assert_null(th_st_find(&st, "model.layers.0.self_attn.q_proj.input_scale"), "input_scale must be dropped");
+    cr_assert_str_eq(th_st_find(&st, "model.layers.0.self_attn.q_proj.weight")->dtype, "F32");
+    th_st_free(&st);
+    ct_ref("ct_ref.py", "mo-fp8-keep", f.base, f.ad, out, NULL);
+    ct_ref("ct_ref.py", "mo-fp8-dtype", f.base, f.ad, outf, NULL);
+    th_run_result r = th_runv("inspect", f.base, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.out, "quantization: ModelOpt FP8 (F8_E4M3, weight_scale per tensor), quant_method modelopt, "
+                            "strategy tensor, 14 quantized weights") != NULL, "%s", r.out);
+    th_run_free(&r);
+    ct_free(&f);
 }
 
 /* an adapter touching the first 16 rows of q_proj: per channel, every other row keeps its bytes,

@@ -218,20 +218,10 @@ static void mx_free(mx_fx *f)
     free(f->tmp);
 }
 
-/* tests/quant/mx_ref.py MODE ARGS...; skipped visibly without numpy */
+/* tests/quant/mx_ref.py MODE ARGS... (th_quant_ref) */
 static void mx_ref(const char *args)
 {
-    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
-    int ok = r.status == 0;
-    th_run_free(&r);
-    if (!ok)
-        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
-    char cmd[5000];
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/mx_ref.py %s 2>&1", args);
-    r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "reference %s: %s", args, r.out);
-    cr_log_info("%s: %s", args, r.out);
-    th_run_free(&r);
+    th_quant_ref("mx_ref.py", args);
 }
 
 static int file_has(const char *path, const char *needle)

@@ -2,6 +2,8 @@
 /* th.c : test helpers (see th.h).  Deliberately shares no code with src/. */
 #include "th.h"
 
+#include <criterion/criterion.h>
+
 #include <cJSON.h>
 #include <dirent.h>
 #include <errno.h>
@@ -987,4 +989,19 @@ int th_copy_tree(const char *from, const char *to)
     }
     free_names(v, n);
     return rc;
+}
+
+void th_quant_ref(const char *script, const char *args)
+{
+    th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");
+    int ok = r.status == 0;
+    th_run_free(&r);
+    if (!ok)
+        cr_skip_test("the independent reference needs /usr/bin/python3 with numpy (apt-get install python3-numpy)");
+    char cmd[6000];
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/quant/%s %s 2>&1", script, args);
+    r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "reference %s %s: %s", script, args, r.out);
+    cr_log_info("%s %.80s: %s", script, args, r.out);
+    th_run_free(&r);
 }

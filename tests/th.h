@@ -49,6 +49,11 @@ th_held_result th_run_held(const char *const *argv, const char *const *env, cons
  * there and executable, else 0 (the caller skips visibly) */
 int th_gen_model_path(char *buf, size_t cap);
 
+/* th_quant_ref() : the independent numpy reference of a quantized-base test,
+ *  `/usr/bin/python3 tests/quant/SCRIPT ARGS`, must exit 0 (its line is logged); the test is
+ *  skipped visibly when /usr/bin/python3 has no numpy */
+void th_quant_ref(const char *script, const char *args);
+
 /* mkdtemp under $TMPDIR; th_rmrf() removes a tree */
 char *th_tmpdir(void);
 void th_rmrf(const char *path);

@@ -798,6 +798,7 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
                           ? "ModelOpt NVFP4 (U8 E2M1 pairs, weight_scale F8_E4M3 per group, weight_scale_2)"
                       : nv ? "compressed-tensors NVFP4 (weight_packed U8 E2M1 pairs, weight_scale F8_E4M3 per group, "
                              "weight_global_scale)"
+                      : ct && strcmp(s.method, "modelopt") == 0 ? "ModelOpt FP8 (F8_E4M3, weight_scale per tensor)"
                       : ct ? "compressed-tensors FP8 (F8_E4M3, weight_scale)"
                       : s.fmt == LM_Q_FP8_BLOCK || (s.fmt == LM_Q_NONE && n_q) ? "block FP8 (F8_E4M3, weight_scale_inv)"
                       : "not dequantized by lora-merge";

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """ct_ref.py : an independent reference for compressed-tensors and ModelOpt quantized bases
-(test_quant_ct.c).  numpy only, no code from src/; the safetensors reader and the E4M3 table come
-from quant_ref.py (the same directory).  Each format is dequantized from its definition in the
+(test_quant_ct.c).  numpy only, no code from src/; the safetensors reader, the E4M3 table, the FP8
+dequantization and the partial adapter come from quant_ref.py (the same directory).  Each format is dequantized from its definition in the
 library's source (compressed-tensors forward.py _dequantize: x_q * scale, scale / global_scale
 for NVFP4; ModelOpt NVFP4QTensor.dequantize: e2m1 * (weight_scale * weight_scale_2)), the merge
 computed in float64, and the output checked against the library's requantization rule.
 
   ct_ref.py ct-fp8-keep BASE ADAPTER OUT      compressed-tensors FP8 kept quantized
   ct_ref.py ct-fp8-dtype BASE ADAPTER OUT     written as F32 (--dtype f32)
+  ct_ref.py mo-fp8-keep|mo-fp8-dtype BASE ADAPTER OUT       ModelOpt FP8 (hf_quant_config.json,
+                                              quant_algo FP8: weight x weight_scale, one F32 scale;
+                                              export: (weight / (amax / 448)).to(float8_e4m3fn))
   ct_ref.py nvfp4-keep|nvfp4-dtype BASE ADAPTER OUT         compressed-tensors NVFP4
   ct_ref.py mo-nvfp4-keep|mo-nvfp4-dtype BASE ADAPTER OUT   ModelOpt NVFP4
   ct_ref.py partial-adapter BASE ADAPTER_DIR MODULE ROWS AMP   a LoRA touching ROWS rows of MODULE
@@ -20,12 +23,17 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_ref import E4M3, adapter, e4m3_encode, fail, read_st, write_st  # noqa: E402
+from quant_ref import E4M3, adapter, e4m3_encode, fail, fp8_dequant, partial_adapter, read_st  # noqa: E402
 
 ULP = {"F32": 2.0 ** -23, "BF16": 2.0 ** -7, "F16": 2.0 ** -10}
 
 
 def ct_args(bdir):
+    if os.path.exists(bdir + "/hf_quant_config.json"):  # ModelOpt FP8: one F32 scale per tensor
+        qa = json.load(open(bdir + "/hf_quant_config.json"))["quantization"]
+        if qa.get("quant_algo") != "FP8":
+            fail("hf_quant_config.json: quant_algo %s" % qa.get("quant_algo"))
+        return None, {"strategy": "tensor"}
     qc = json.load(open(bdir + "/config.json"))["quantization_config"]
     for g in qc.get("config_groups", {}).values():
         w = g.get("weights") or {}
@@ -51,21 +59,18 @@ def fp8_blocks(shp, sshape, w):
     fail("strategy " + st)
 
 
-def expand(s, br, bc, shp):
-    s = s.reshape(-1, s.shape[-1]) if s.ndim >= 2 else s.reshape(1, 1)
-    return np.repeat(np.repeat(s.astype(np.float64), br, 0), bc, 1)[:shp[0], :shp[1]]
-
-
 def check_ct_fp8(mode, bdir, adir, odir):
     qc, wargs = ct_args(bdir)
     base, _ = read_st(bdir + "/model.safetensors")
     out, _ = read_st(odir + "/model.safetensors")
     deltas = adapter(adir)
     ocfg = json.load(open(odir + "/config.json"))
-    if mode == "keep" and ocfg.get("quantization_config", {}).get("quant_method") != "compressed-tensors":
-        fail("quantization_config not kept")
-    if mode == "dtype" and "quantization_config" in ocfg:
-        fail("quantization_config kept in a dequantized output")
+    hq = os.path.exists(odir + "/hf_quant_config.json")
+    kept = hq if qc is None else ocfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    if mode == "keep" and not kept:
+        fail("the quantization config was not kept")
+    if mode == "dtype" and (hq or "quantization_config" in ocfg):
+        fail("quantization config kept in a dequantized output")
     n_w = n_codes = n_near = n_kept = n_blocks = 0
     for name, (dt, shp, a, raw) in base.items():
         if name.endswith(".weight_scale") or name.endswith(".input_scale"):
@@ -81,7 +86,7 @@ def check_ct_fp8(mode, bdir, adir, odir):
             continue
         sdt, sshape, s, sraw = base[name + "_scale"]
         br, bc = fp8_blocks(shp, sshape, wargs)
-        w = (E4M3[a] * expand(s, br, bc, shp)).astype(np.float32).astype(np.float64)  # x_q * scale, in f32
+        w = fp8_dequant(a, s.reshape(-1, s.shape[-1]) if s.ndim >= 2 else s.reshape(1, 1), br, bc)  # x_q * scale
         x = w + deltas[mod] if mod in deltas else w
         odt, oshp, oa, oraw = out[name]
         n_w += 1
@@ -115,7 +120,8 @@ def check_ct_fp8(mode, bdir, adir, odir):
                         fail("%s block (%d,%d): unchanged but not kept" % (name, r0, c0))
                     n_kept += 1
                     continue
-                want_s = np.abs(xb).max() / 448.0  # calculate_qparams: max_val_pos / (bit_range / 2)
+                # calculate_qparams: max_val_pos / (bit_range / 2); ModelOpt get_scaling_factor: amax / maxbound
+                want_s = np.abs(xb).max() / 448.0
                 if abs(s_out - want_s) > 0.51 * ULP[sdt] * want_s * 2 + 1e-30:
                     fail("%s block (%d,%d): scale %.9g, want amax/448 = %.9g rounded to %s" % (
                         name, r0, c0, s_out, want_s, sdt))
@@ -270,30 +276,11 @@ def check_nvfp4(mode, bdir, adir, odir, modelopt):
           "recomputed" % (n_w, n_groups, n_kept, n_codes, n_near, n_global))
 
 
-def partial_adapter(bdir, adir, module, rows, amp):
-    """a LoRA adapter touching the first rows output rows of module (its weight stored as
-    .weight, or packed as .weight_packed / a U8 .weight: two values a byte)"""
-    base, _ = read_st(bdir + "/model.safetensors")
-    dt, shp, _, _ = base[module + ".weight"] if module + ".weight" in base else base[module + ".weight_packed"]
-    o, i = shp[0], shp[1] * (2 if dt == "U8" else 1)
-    rng = np.random.default_rng(7)
-    A = (rng.standard_normal((4, i)) * 0.1).astype(np.float32)
-    B = np.zeros((o, 4), np.float32)
-    B[:rows] = rng.standard_normal((rows, 4)).astype(np.float32) * amp
-    pre = "base_model.model." + module
-    write_st(adir + "/adapter_model.safetensors", {pre + ".lora_A.weight": ("F32", A),
-                                                   pre + ".lora_B.weight": ("F32", B)})
-    with open(adir + "/adapter_config.json", "w") as f:
-        json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [module.rsplit(".", 1)[1]],
-                   "lora_dropout": 0.0, "bias": "none"}, f)
-    print("ok")
-
-
 if __name__ == "__main__":
     m = sys.argv[1]
-    if m == "ct-fp8-keep":
+    if m in ("ct-fp8-keep", "mo-fp8-keep"):
         check_ct_fp8("keep", *sys.argv[2:5])
-    elif m == "ct-fp8-dtype":
+    elif m in ("ct-fp8-dtype", "mo-fp8-dtype"):
         check_ct_fp8("dtype", *sys.argv[2:5])
     elif m in ("nvfp4-keep", "nvfp4-dtype", "mo-nvfp4-keep", "mo-nvfp4-dtype"):
         check_nvfp4(m.rsplit("-", 1)[1], *sys.argv[2:5], modelopt=m.startswith("mo-"))

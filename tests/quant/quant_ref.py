@@ -186,9 +186,11 @@ def check_fp8(mode, bdir, adir, odir):
 
 
 def partial_adapter(bdir, adir, module, rows, amp):
+    """a LoRA adapter touching the first ROWS output rows of module (its weight stored as
+    .weight, or packed as .weight_packed / a U8 .weight: two values a byte)"""
     base, _ = read_st(bdir + "/model.safetensors")
-    w = base[module + ".weight"]
-    o, i = w[1]
+    dt, shp, _, _ = base[module + ".weight"] if module + ".weight" in base else base[module + ".weight_packed"]
+    o, i = shp[0], shp[1] * (2 if dt == "U8" else 1)
     rng = np.random.default_rng(7)
     A = (rng.standard_normal((4, i)) * 0.1).astype(np.float32)
     B = np.zeros((o, 4), np.float32)
