@@ -900,12 +900,19 @@ static void gen_vera_mods(mt_ctx *c, uint64_t lb_short)
 static void gen_vera(mt_ctx *c) { gen_vera_mods(c, 0); }
 static void bad_vera(mt_ctx *c) { gen_vera_mods(c, 1); } /* q_proj's lambda_b one short */
 
-static double *delta_vera(const mt_ctx *c, const mt_mod *m)
+/* (λ_b ⊙ B[:o]) @ (λ_d[:r] ⊙ A[:r, :i]) from the shared <t>_A and <t>_B [o_max, r]: VeRA's r is
+ * A's rows; PVeRA's A has 2r (rows r .. 2r of A and λ_d, the log-variance, are not merged) */
+static double *delta_vera_like(const mt_ctx *c, const mt_mod *m, const char *t)
 {
-    const mt_t *A = mt_find(c, "base_model.vera_A"), *B = mt_find(c, "base_model.vera_B");
+    char an[64], bn[64], lbn[64], ldn[64];
+    snprintf(an, sizeof an, "base_model.%s_A", t);
+    snprintf(bn, sizeof bn, "base_model.%s_B", t);
+    snprintf(lbn, sizeof lbn, "%s_lambda_b", t);
+    snprintf(ldn, sizeof ldn, "%s_lambda_d", t);
+    const mt_t *A = mt_find(c, an), *B = mt_find(c, bn);
     cr_assert(A && B);
-    uint64_t r = A->shape[0], imax = A->shape[1];
-    const double *lb = mt_get(c, m, "vera_lambda_b"), *ld = mt_get(c, m, "vera_lambda_d");
+    uint64_t r = B->shape[1], imax = A->shape[1];
+    const double *lb = mt_get(c, m, lbn), *ld = mt_get(c, m, ldn);
     double *d = calloc(m->O * m->I, sizeof(double));
     for (uint64_t o = 0; o < m->O; o++)
         for (uint64_t i = 0; i < m->I; i++)
@@ -913,6 +920,8 @@ static double *delta_vera(const mt_ctx *c, const mt_mod *m)
                 d[o * m->I + i] += lb[o] * B->v[o * r + j] * ld[j] * A->v[j * imax + i];
     return d;
 }
+
+static double *delta_vera(const mt_ctx *c, const mt_mod *m) { return delta_vera_like(c, m, "vera"); }
 
 /* ---- PVERA (docs/adapter-types.md): VeRA on the mean half: (λ_b ⊙ B[:o]) @ (λ_d[:r] ⊙ A[:r, :i]) -- */
 static void gen_pvera_mods(mt_ctx *c, uint64_t a_rows)
@@ -931,19 +940,7 @@ static void gen_pvera_mods(mt_ctx *c, uint64_t a_rows)
 static void gen_pvera(mt_ctx *c) { gen_pvera_mods(c, 10); }
 static void bad_pvera(mt_ctx *c) { gen_pvera_mods(c, 5); } /* A with r rows, not 2r */
 
-static double *delta_pvera(const mt_ctx *c, const mt_mod *m)
-{
-    const mt_t *A = mt_find(c, "base_model.pvera_A"), *B = mt_find(c, "base_model.pvera_B");
-    cr_assert(A && B);
-    uint64_t r = B->shape[1], imax = A->shape[1];
-    const double *lb = mt_get(c, m, "pvera_lambda_b"), *ld = mt_get(c, m, "pvera_lambda_d");
-    double *d = calloc(m->O * m->I, sizeof(double));
-    for (uint64_t o = 0; o < m->O; o++)
-        for (uint64_t i = 0; i < m->I; i++)
-            for (uint64_t j = 0; j < r; j++) /* rows r .. 2r of A and λ_d (the log-variance) are not merged */
-                d[o * m->I + i] += lb[o] * B->v[o * r + j] * ld[j] * A->v[j * imax + i];
-    return d;
-}
+static double *delta_pvera(const mt_ctx *c, const mt_mod *m) { return delta_vera_like(c, m, "pvera"); }
 
 /* ---- RANDLORA (§5.13; layer.py get_scaled_bases): the two flattenings pair different (k, b) ----- */
 static void gen_randlora_mods(mt_ctx *c, int bad)
