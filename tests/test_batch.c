@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 typedef struct {
     char *tmp;
@@ -277,33 +278,43 @@ static int bt_state(const char *out, const char *old, const char *fresh)
     struct stat st;
     if (!th_exists(out) || (stat(out, &st) == 0 && S_ISDIR(st.st_mode) && !th_exists(p) && !th_exists(q)))
         return 0; /* no commit record: not a model (a commit that failed half-way) */
-    th_run_result r = bt_sh("diff -r %s %s >/dev/null 2>&1", out, old);
-    int state = r.status == 0 ? 1 : -1;
-    th_run_free(&r);
-    if (state < 0) {
-        r = bt_sh("diff -r %s %s >/dev/null 2>&1", out, fresh);
-        state = r.status == 0 ? 2 : -1;
-        th_run_free(&r);
-    }
-    return state;
+    return th_same_tree(out, old) ? 1 : th_same_tree(out, fresh) ? 2 : -1; /* diff -r, in process */
 }
 
 /* the k-th call of kind fails, for every k: the batch either succeeds with both OUTs new, or
- * fails with one line and leaves both as they were, but for the jobs its line says were committed */
+ * fails with one line and leaves both as they were, but for the jobs its line says were committed.
+ * One process a run (the batch itself): OUTs reset, compared and the fault log read in process. */
 static int bt_sweep(const bt_fix *F, const char *kind, int *n_ok)
 {
     const char *t = F->tmp;
+    char bat[900], ad1[900], ad2[900], logp[900];
+    snprintf(bat, sizeof bat, "%s/bat", t);
+    snprintf(ad1, sizeof ad1, "%s/m/adapter", t);
+    snprintf(ad2, sizeof ad2, "%s/dora", t);
+    snprintf(logp, sizeof logp, "%s/fault.log", t);
+    const char *argv[] = {F->bin, "batch", "-q", "--threads", "1", F->base, "--job", "--scale", "0.5", ad1,
+                          "o1.safetensors", "--job", "--scale", "0.5", "--max-shard-size", "8KB", ad2, "o2/", NULL};
+    setenv("LM_FAULT_LOG", logp, 1);
     int injected = 0;
     for (int k = 1; k < 5000; k++) {
-        BT_OK("cd %s && rm -rf bat/o1.safetensors bat/o2 && cp old/o1.safetensors bat/ && cp -r old/o2 bat/ && "
-              "rm -f fault.log", t);
-        th_run_result r = bt_sh("cd %s/bat && LM_FAULT=%d:%s LM_FAULT_LOG=%s/fault.log %s batch -q --threads 1 %s "
-                                "--job --scale 0.5 %s/m/adapter o1.safetensors --job --scale 0.5 --max-shard-size 8KB "
-                                "%s/dora o2/", t, k, kind, t, F->bin, F->base, t, t);
-        char p[1000], site[64] = "";
+        char o1[1000], o2[1000], old1[1000], old2[1000], new1[1000], new2[1000], fault[64];
+        snprintf(o1, sizeof o1, "%s/bat/o1.safetensors", t);
+        snprintf(o2, sizeof o2, "%s/bat/o2", t);
+        snprintf(old1, sizeof old1, "%s/old/o1.safetensors", t);
+        snprintf(old2, sizeof old2, "%s/old/o2", t);
+        snprintf(new1, sizeof new1, "%s/ref/o1.safetensors", t);
+        snprintf(new2, sizeof new2, "%s/ref/o2", t);
+        th_rmrf(o1);
+        th_rmrf(o2);
+        cr_assert(th_copy_tree(old1, o1) == 0 && th_copy_tree(old2, o2) == 0, "k=%d: cannot reset the OUTs", k);
+        unlink(logp);
+        snprintf(fault, sizeof fault, "%d:%s", k, kind);
+        setenv("LM_FAULT", fault, 1);
+        th_run_result r = th_run(bat, argv);
+        unsetenv("LM_FAULT");
+        char site[64] = "";
         size_t n;
-        snprintf(p, sizeof p, "%s/fault.log", t);
-        char *log = (char *)th_read_file(p, &n);
+        char *log = (char *)th_read_file(logp, &n);
         if (log == NULL || sscanf(log, "%*d %63s", site) != 1) {
             free(log);
             cr_assert_eq(r.status, 0, "%s k=%d (no fault reached): exit %d: %s", kind, k, r.status, r.err);
@@ -312,13 +323,6 @@ static int bt_sweep(const bt_fix *F, const char *kind, int *n_ok)
         }
         free(log);
         injected++;
-        char o1[1000], o2[1000], old1[1000], old2[1000], new1[1000], new2[1000];
-        snprintf(o1, sizeof o1, "%s/bat/o1.safetensors", t);
-        snprintf(o2, sizeof o2, "%s/bat/o2", t);
-        snprintf(old1, sizeof old1, "%s/old/o1.safetensors", t);
-        snprintf(old2, sizeof old2, "%s/old/o2", t);
-        snprintf(new1, sizeof new1, "%s/ref/o1.safetensors", t);
-        snprintf(new2, sizeof new2, "%s/ref/o2", t);
         int s1 = bt_state(o1, old1, new1), s2 = bt_state(o2, old2, new2);
         if (r.status == 0) {
             (*n_ok)++;
@@ -334,10 +338,10 @@ static int bt_sweep(const bt_fix *F, const char *kind, int *n_ok)
                 cr_assert(s1 == 1 && s2 == 1, "%s k=%d at %s: a failed batch changed an OUT (%d %d): %s", kind, k,
                           site, s1, s2, r.err);
         }
-        snprintf(p, sizeof p, "%s/bat", t);
-        cr_assert_eq(th_count_temps(o2) + th_count_temps(p), 0, "%s k=%d at %s: temporaries left", kind, k, site);
+        cr_assert_eq(th_count_temps(o2) + th_count_temps(bat), 0, "%s k=%d at %s: temporaries left", kind, k, site);
         th_run_free(&r);
     }
+    unsetenv("LM_FAULT_LOG");
     return injected;
 }
 

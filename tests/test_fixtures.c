@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* test_fixtures.c : every real LoRA adapter of ../shared/fixtures/adapters merged into a base
- * synthesised from its shapes (as that folder's README says), in BF16, F16 and F32, and checked
+ * synthesised from its shapes (as that folder's README says), in BF16, F16 and F32 (the .bin one
+ * and opencalm's single 12.6M-element module kind in BF16), each kind of module once, and checked
  * element by element against W + scale * B@A computed here in double precision from the stored
  * inputs.  Full tensors in the adapter (classification heads) must come out added or replaced.
  * Needs ../shared (skips visibly without it). */
@@ -39,7 +40,9 @@ ParameterizedTestParameters(fixtures, adapter_merge)
     fx_case *c = cr_malloc(na * 3 * sizeof *c);
     for (size_t a = 0; a < na; a++)
         for (size_t d = 0; d < 3; d++, n++) {
-            if (strstr(FX_ADAPTERS[a], "adapter-bin") && d > 0) { /* the .bin one is large: one dtype */
+            /* the .bin one (used whole) and the one whose single module kind is 12.6M elements: one
+             * dtype (the three dtypes are merged with every other adapter) */
+            if ((strstr(FX_ADAPTERS[a], "adapter-bin") || strstr(FX_ADAPTERS[a], "opencalm")) && d > 0) {
                 n--;
                 continue;
             }
@@ -144,11 +147,14 @@ ParameterizedTest(fx_case *fc, fixtures, adapter_merge, .timeout = 120)
     fx_tensor *at;
     size_t nat = load_adapter(dir, &at);
     char *tmp = th_tmpdir();
-    /* Keep the test small: modules in file order until about 3M base elements (at least one);
-     * the others are dropped from a trimmed copy of the adapter (same config, same dtypes and
-     * values).  The .bin adapter is used whole (small enough). */
+    /* Keep the test small: each kind of module once, the first in file order (a kind: the name
+     * with its layer numbers left out, and the shapes of A and B; further layers of a kind take
+     * the same path through the merge); the others are dropped from a trimmed copy of the adapter
+     * (same config, same dtypes and values), full tensors (heads) all kept.  The .bin adapter is
+     * used whole (small enough). */
     int is_bin = strstr(fc->adapter, "adapter-bin") != NULL;
-    uint64_t budget = 3000000, used = 0;
+    char (*kinds)[320] = calloc(nat, sizeof *kinds);
+    size_t n_kinds = 0;
     for (size_t i = 0; i < nat; i++) {
         const char *suf = strstr(at[i].name, ".lora_A.weight");
         if (suf == NULL || is_bin)
@@ -157,16 +163,38 @@ ParameterizedTest(fx_case *fc, fixtures, adapter_merge, .timeout = 120)
         snprintf(bname, sizeof bname, "%.*s.lora_B.weight", (int)(suf - at[i].name), at[i].name);
         const fx_tensor *B = find_t(at, nat, bname);
         cr_assert_not_null(B, "%s: no lora_B for %s", fc->adapter, at[i].name);
-        uint64_t ne = at[i].shape[1] * B->shape[0];
-        if (used > 0 && used + ne > budget) { /* drop this module: mark both factors */
+        char kind[320];
+        size_t kn = 0;
+        int in_num = 0; /* inside a number that follows a dot: ".12." -> ".#." */
+        for (const char *c = at[i].name; *c && kn + 1 < 200; c++) {
+            int digit = *c >= '0' && *c <= '9';
+            if (digit && (in_num || (c > at[i].name && c[-1] == '.'))) {
+                if (!in_num)
+                    kind[kn++] = '#';
+                in_num = 1;
+            } else {
+                kind[kn++] = *c;
+                in_num = 0;
+            }
+        }
+        snprintf(kind + kn, sizeof kind - kn, " %llux%llu %llux%llu", (unsigned long long)at[i].shape[0],
+                 (unsigned long long)at[i].shape[1], (unsigned long long)B->shape[0],
+                 (unsigned long long)B->shape[1]);
+        size_t q = 0;
+        while (q < n_kinds && strcmp(kinds[q], kind) != 0)
+            q++;
+        if (q < n_kinds) { /* a kind seen before: drop this module, both factors */
             at[i].name[0] = '\0';
             for (size_t j = 0; j < nat; j++)
                 if (strcmp(at[j].name, bname) == 0)
                     at[j].name[0] = '\0';
         } else {
-            used += ne;
+            snprintf(kinds[n_kinds++], sizeof kinds[0], "%s", kind);
         }
     }
+    free(kinds);
+    if (!is_bin)
+        cr_log_info("%s/%s: %zu kinds of module", fc->adapter, fc->dtype, n_kinds);
     if (!is_bin) {
         char adir[1100];
         snprintf(adir, sizeof adir, "%s/adapter", tmp);

@@ -195,6 +195,44 @@ Test(outdir, failed_commit_leaves_the_earlier_model_or_none)
     free(f.tmp);
 }
 
+/* Issue 15 item 2 for an OUT that did not exist: the k-th rename fails, for every k (the shards
+ * into the stage, the small files, the moves into OUT, the record): one error line, exit 3 and no
+ * OUT at all, so nothing that looks like a partial model (before: a failure after the earlier
+ * records' removal left the moved files in the new directory); both with O_TMPFILE and named
+ * temporary files.  The rename after the last is not reached: that run merges. */
+Test(outdir, failed_commit_into_a_new_directory_leaves_none, .timeout = 240)
+{
+    od_fx f;
+    od_fx_make(&f);
+    char log[800], cmd[6000];
+    snprintf(log, sizeof log, "%s/fault.log", f.tmp);
+    int swept[2] = {0, 0};
+    for (int named = 0; named < 2; named++)
+        for (int k = 1; k < 100; k++) {
+            th_rmrf(f.out);
+            unlink(log);
+            snprintf(cmd, sizeof cmd, "%sLM_FAULT=%d:EIO:rename LM_FAULT_LOG='%s' '%s' -q --max-shard-size 600KB '%s' "
+                     "'%s' '%s'", named ? "LM_NO_TMPFILE=1 " : "", k, log, th_bin(), f.base_dir, f.ad, f.out);
+            th_run_result r = th_sh(cmd);
+            if (!th_exists(log)) { /* no k-th rename: a complete merge */
+                cr_assert_eq(r.status, 0, "k=%d: exit %d: %s", k, r.status, r.err);
+                cr_assert_eq(th_model_is(f.out, f.ref_a, f.ref_b), 1);
+                th_run_free(&r);
+                break;
+            }
+            swept[named]++;
+            cr_assert_eq(r.status, 3, "rename %d failed: exit %d: %s", k, r.status, r.err);
+            cr_assert_eq(strchr(r.err, '\n'), r.err + strlen(r.err) - 1, "not one line: %s", r.err);
+            cr_assert(!th_exists(f.out), "rename %d failed: OUT was left (%d names)", k, th_count_entries(f.out));
+            th_run_free(&r);
+        }
+    cr_log_info("renames failed in turn: %d (O_TMPFILE), %d (named temporary files)", swept[0], swept[1]);
+    cr_assert_gt(swept[0], 4);
+    cr_assert_gt(swept[1], 4);
+    th_rmrf(f.tmp);
+    free(f.tmp);
+}
+
 /* files the process has open (its unnamed O_TMPFILE shards among them) */
 static int od_open_files(pid_t pid)
 {

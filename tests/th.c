@@ -912,6 +912,85 @@ int th_count_temps(const char *dir)
     return n;
 }
 
+static int name_cmp(const void *x, const void *y) { return strcmp(*(char *const *)x, *(char *const *)y); }
+
+/* the names in dir but . and .., sorted (malloc'd, *n of them); NULL when dir cannot be read */
+static char **sorted_names(const char *dir, size_t *n)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return NULL;
+    size_t cap = 16;
+    char **v = malloc(cap * sizeof *v);
+    *n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        if (*n == cap)
+            v = realloc(v, (cap *= 2) * sizeof *v);
+        v[(*n)++] = strdup(de->d_name);
+    }
+    closedir(d);
+    qsort(v, *n, sizeof *v, name_cmp);
+    return v;
+}
+
+static void free_names(char **v, size_t n)
+{
+    for (size_t i = 0; v != NULL && i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
+int th_same_tree(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (lstat(a, &sa) != 0 || lstat(b, &sb) != 0)
+        return 0;
+    if (S_ISREG(sa.st_mode) && S_ISREG(sb.st_mode))
+        return th_files_equal(a, b);
+    if (!S_ISDIR(sa.st_mode) || !S_ISDIR(sb.st_mode))
+        return 0;
+    size_t na = 0, nb = 0;
+    char **va = sorted_names(a, &na), **vb = sorted_names(b, &nb);
+    int same = va != NULL && vb != NULL && na == nb;
+    for (size_t i = 0; same && i < na; i++) {
+        char pa[4096], pb[4096];
+        same = strcmp(va[i], vb[i]) == 0 && th_path(pa, sizeof pa, a, va[i]) == 0 &&
+               th_path(pb, sizeof pb, b, vb[i]) == 0 && th_same_tree(pa, pb);
+    }
+    free_names(va, na);
+    free_names(vb, nb);
+    return same;
+}
+
+int th_copy_tree(const char *from, const char *to)
+{
+    struct stat st;
+    if (lstat(from, &st) != 0)
+        return -1;
+    if (S_ISREG(st.st_mode)) {
+        size_t n;
+        uint8_t *b = th_read_file(from, &n);
+        int rc = b != NULL ? th_write_file(to, b, n) : -1;
+        free(b);
+        return rc;
+    }
+    if (!S_ISDIR(st.st_mode) || mkdir(to, 0777) != 0)
+        return -1;
+    size_t n = 0;
+    char **v = sorted_names(from, &n);
+    int rc = v != NULL ? 0 : -1;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        char pf[4096], pt[4096];
+        rc = th_path(pf, sizeof pf, from, v[i]) == 0 && th_path(pt, sizeof pt, to, v[i]) == 0 ? th_copy_tree(pf, pt)
+                                                                                              : -1;
+    }
+    free_names(v, n);
+    return rc;
+}
+
 void th_quant_ref(const char *script, const char *args)
 {
     th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");

@@ -143,6 +143,11 @@ double th_rand_normal(uint64_t *state);
 /* the model directory `dir` holds: 1/2 when every tensor (through the index, or model.safetensors)
  * equals ref_a's/ref_b's, 0 when it holds none, -1 for a mixed or broken one */
 int th_model_is(const char *dir, const char *ref_a, const char *ref_b);
+/* 1 when a and b hold the same: two regular files with the same bytes, or two directories with
+ * the same names (hidden ones too) whose entries are the same in turn (diff -r, in process) */
+int th_same_tree(const char *a, const char *b);
+/* copies the regular file, or the directory tree, from to to (which must not exist); 0 on success */
+int th_copy_tree(const char *from, const char *to);
 /* names in dir that a run leaves only while it runs: stages and temporary files */
 int th_count_temps(const char *dir);
 

@@ -3,6 +3,7 @@
 #include "exec.h"
 
 #include "compat.h"
+#include "exec_dora.h"
 #include "exec_exact.h"
 #include "exec_lowrank.h"
 #include "exec_quant.h"
@@ -88,6 +89,7 @@ typedef struct {
     lm_prepared *prep;   /* [n_ops], or NULL */
     double *col_scale;   /* column DoRA: per-column factors (the column pass), or NULL */
     lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
+    lm_dora_tensor *dora;     /* low-rank and DoRA ops (LM_EXACT_DORA, exactness on), or NULL */
     lm_exact_kind exact_kind; /* the certified path it takes (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
@@ -161,6 +163,8 @@ static void tensor_release(job *J, size_t ti)
     free(rt->col_scale);
     free(rt->qscale);
     lm_lowrank_tensor_free(rt->exact);
+    lm_dora_tensor_free(rt->dora);
+    rt->dora = NULL;
     rt->qscale = NULL;
     rt->prep = NULL;
     rt->col_scale = NULL;
@@ -219,6 +223,9 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             t->q->needs_amax)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
+            rc = LM_E_NOMEM;
+        if (rc == LM_OK && rt->exact_kind == LM_EXACT_DORA && !J->lowrank_flags &&
+            (rt->dora = lm_dora_tensor_create(t, rt->prep, lm_kdtype_of(t->dtype), err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc != LM_OK) {
             lm_err_set_tensor(err, t->name);
@@ -408,6 +415,26 @@ typedef struct {
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
  * case costs one scan of the output; only when it finds something is the input tile read again
  * to tell values the base already had from ones the merge made. */
+/* the refusal of a tile whose merged values are not finite (bad_merged of them, where the input had
+ * bad_in) or exceed the output dtype's range (bad_out non-finite in the output): LM_OK when
+ * neither happened */
+static lm_code refuse_nonfinite(const lm_plan_tensor *t, uint64_t r0, uint64_t nr, size_t bad_in, size_t bad_merged,
+                                size_t bad_out, lm_err *err)
+{
+    if (bad_merged > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%zu inf/NaN in rows %llu.."
+                "%llu): an adapter's delta overflows", bad_merged - bad_in, (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
+    else if (bad_out > bad_in)
+        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
+                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(t->dtype), (unsigned long long)r0,
+                (unsigned long long)(r0 + nr - 1));
+    else
+        return LM_OK;
+    lm_err_set_tensor(err, t->name);
+    return LM_E_MISMATCH;
+}
+
 static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
@@ -421,18 +448,7 @@ static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
     if (load_tile(J, ti, ws->acc, (uint8_t *)ws->scratch, r0, nr, err) != LM_OK)
         return LM_E_IO;
     size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n);
-    if (bad_f32 > bad_in)
-        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%zu inf/NaN in rows %llu.."
-                "%llu): an adapter's delta overflows", bad_f32 - bad_in, (unsigned long long)r0,
-                (unsigned long long)(r0 + nr - 1));
-    else if (bad_out > bad_in)
-        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
-                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(t->dtype), (unsigned long long)r0,
-                (unsigned long long)(r0 + nr - 1));
-    else
-        return LM_OK;
-    lm_err_set_tensor(err, t->name);
-    return LM_E_MISMATCH;
+    return refuse_nonfinite(t, r0, nr, bad_in, bad_f32, bad_out, err);
 }
 
 
@@ -499,18 +515,7 @@ static lm_code check_finite64(const job *J, size_t ti, uint64_t r0, uint64_t nr,
     size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n), bad64 = 0;
     for (size_t e = 0; e < n; e++)
         bad64 += !isfinite(ws->acc64[e]);
-    if (bad64 > bad_in)
-        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "the merged values are not finite (%zu inf/NaN in rows %llu.."
-                "%llu): an adapter's delta overflows", bad64 - bad_in, (unsigned long long)r0,
-                (unsigned long long)(r0 + nr - 1));
-    else if (bad_out > bad_in)
-        lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
-                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(t->dtype), (unsigned long long)r0,
-                (unsigned long long)(r0 + nr - 1));
-    else
-        return LM_OK;
-    lm_err_set_tensor(err, t->name);
-    return LM_E_MISMATCH;
+    return refuse_nonfinite(t, r0, nr, bad_in, bad64, bad_out, err);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -688,6 +693,62 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
     pthread_mutex_unlock(J->prep_lock);
 }
 
+/* LM_EXACT_F64, the certified f32 form (lm_exact_certify_fast): ws->acc holds the input tile; the
+ * op's f32 result and bounds, then the output bits, the uncertain elements from f64 (exec_exact.h).
+ * The input tile and the bounds live in ws->acc64 (room for 2 n floats) */
+static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+                                    struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    float *in = (float *)(void *)ws->acc64, *bound = in + n;
+    memcpy(in, ws->acc, n * sizeof *in);
+    const lm_op *op = &t->ops[0];
+    const lm_prepared *p = &J->rt[ti].prep[0];
+    lm_certify_stats cs = {0};
+    /* 16 rows at a time (whole row groups), so that the input rows are still in
+     * cache when the uncertain elements are recomputed from them */
+    uint64_t sub = 16, g = op->row_align > 1 ? op->row_align : 1; /* rot_blocks does 8 rows at once */
+    sub = sub < g ? g : sub - sub % g;
+    for (uint64_t q = 0; q < nr; q += sub) {
+        const uint64_t k = nr - q < sub ? nr - q : sub;
+        const size_t e0 = (size_t)(q * t->cols);
+        const lm_tile tile = {ws->acc + e0, ws->scratch, r0 + q, k, t->rows, t->cols, J->k};
+        op->method->apply_tile_bound(op, p, &tile, bound + e0);
+        lm_exact_certify_tile(op, p, ws->acc + e0, bound + e0, in + e0, r0 + q, k, t->cols, lm_kdtype_of(t->dtype),
+                              (uint16_t *)(void *)ws->out + e0, &cs);
+    }
+    __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
+    if (ts != NULL)
+        stats_after(J, t, ws, base_bytes, n, n_base, ts);
+    if (cs.n_overflow + cs.n_nonfinite == 0)
+        return LM_OK;
+    const size_t bad_in = J->k->count_nonfinite_f32(in, n);
+    return refuse_nonfinite(t, r0, nr, bad_in, (size_t)cs.n_nonfinite, bad_in + (size_t)cs.n_overflow, err);
+}
+
+/* the DoRA path (exec_dora.h): base rows in f32 (ws->acc, exact) -> output bytes; the same
+ * refusals as check_finite (a finite value beyond the output's range, inf/NaN the base did not
+ * have) */
+static lm_code compute_tile_dora(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    tensor_rt *rt = &J->rt[ti];
+    lm_dora_stats st = {0};
+    /* the scratch holds 4 max_elems floats >= lm_dora_ws_doubles(nr, cols) doubles */
+    if (lm_dora_tensor_run(rt->dora, J->k, ws->acc, r0, nr, rt->col_scale, ws->out, lm_kdtype_of(t->dtype),
+                           (double *)(void *)ws->scratch, &st) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+        lm_err_set_tensor(err, t->name);
+        return LM_E_NOMEM;
+    }
+    __atomic_add_fetch(&rt->n_recomputed, st.n_uncertified, __ATOMIC_RELAXED);
+    if (st.n_overflow + st.n_nonfinite == 0)
+        return LM_OK;
+    const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, (size_t)(nr * t->cols));
+    return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -721,6 +782,14 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     /* src may be in the scratch the methods use: the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
+    if (J->rt[ti].dora != NULL) { /* low-rank and DoRA ops, certified (exec_dora.h) */
+        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, err);
+        if (rc == LM_OK && ts != NULL)
+            stats_after(J, t, ws, base_bytes, n, n_base, ts);
+        return rc;
+    }
+    if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t))
+        return compute_tile_certify(J, ti, r0, nr, ws, ts, base_bytes, n_base, err);
     if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* f64 ops, one rounding (exec_exact.h) */
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
@@ -988,9 +1057,14 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
             uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
             if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
                 continue;
+            double *p = part + k * t->cols;
+            if (J->rt[ti].dora != NULL) { /* the rows in f64 (exec_dora.h) */
+                if (lm_dora_col_sumsq(J->rt[ti].dora, ws.acc, r0, nr, d, p) != 0)
+                    lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+                continue;
+            }
             lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
             apply_ops(J, ti, 0, d, &tile);
-            double *p = part + k * t->cols;
             for (uint64_t r = 0; r < nr; r++)
                 for (uint64_t c = 0; c < t->cols; c++)
                     p[c] += (double)ws.acc[r * t->cols + c] * (double)ws.acc[r * t->cols + c];
@@ -1275,7 +1349,10 @@ static lm_code commit_job(job *J, lm_err *err)
     for (size_t sh = 0; sh < J->n_shards; sh++) {
         if (J->w[sh] == NULL)
             continue;
-        lm_code rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
+        lm_code rc;
+        if (opts && opts->commit_paths && (rc = lm_st_writer_retarget(J->w[sh], opts->commit_paths[sh], err)) != LM_OK)
+            return rc;
+        rc = lm_st_writer_commit(J->w[sh], opts ? opts->do_fsync : 0, err);
         J->w[sh] = NULL;
         if (rc != LM_OK)
             return rc;

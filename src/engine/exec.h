@@ -38,6 +38,9 @@ typedef struct lm_exec_opts {
      * error aborts the run and leaves nothing */
     lm_code (*before_commit)(void *ctx, lm_err *err);
     void *before_commit_ctx;
+    /* NULL, or per file (shard_paths' order; [0] for one file): where the finished file is renamed
+     * instead of its path, read when committing, after before_commit (which may fill it) */
+    const char *const *commit_paths;
     /* called once the files are renamed into place (may be NULL), with before_commit_ctx */
     lm_code (*after_commit)(void *ctx, lm_err *err);
     /* shard workers (shards.h): with one_shard, only shard only_shard is computed and written

@@ -2,6 +2,7 @@
 /* exec_exact.c : see exec_exact.h. */
 #include "exec_exact.h"
 
+#include "exec_dora.h"
 #include "exec_lowrank.h"
 
 #include <math.h>
@@ -26,6 +27,8 @@ lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
         return LM_EXACT_NONE;
     if (lm_lowrank_tensor_eligible(t))
         return LM_EXACT_LOWRANK;
+    if (!t->sim_nf4 && lm_dora_tensor_eligible(t))
+        return LM_EXACT_DORA; /* low-rank and DoRA ops (exec_dora.h) */
     if (t->base == NULL || t->n_ops == 0 || !kernel_dtype(t->src_dtype) || !kernel_dtype(t->dtype) || t->rows == 0 ||
         t->cols == 0)
         return LM_EXACT_NONE;
@@ -119,6 +122,91 @@ static void f64_scale(const lm_op *op, const float *f, const lm_tile64 *t)
                 row[c] *= (double)f[c];
         }
     }
+}
+
+int lm_exact_certify_fast(const lm_plan_tensor *t)
+{
+    if (t->n_ops != 1 || (t->dtype != LM_DT_BF16 && t->dtype != LM_DT_F16))
+        return 0;
+    const lm_op *op = &t->ops[0];
+    return op->kind == LM_OP_METHOD && op->method->apply_tile_bound != NULL && op->method->elem64 != NULL &&
+           op->method->apply_tile64 != NULL;
+}
+
+/* the output bits of lo and hi equal and finite: a mask bit per element of a chunk of 64.  lo, hi
+ * = y -+ b', b' = b (1 + 2^-20) + |y| 2^-22: the f32 sums y -+ b' round outwards of y -+ b (their
+ * rounding error is at most 2^-24 (|y| + b')), and RNE is monotone, so every value in
+ * [y - b, y + b] rounds like them */
+static inline __attribute__((always_inline)) void certify_ends(const float *y, const float *b, size_t i, float *lo,
+                                                               float *hi)
+{
+    const float w = b[i] * (1.0f + 0x1p-20f) + fabsf(y[i]) * 0x1p-22f;
+    *lo = y[i] - w;
+    *hi = y[i] + w;
+}
+
+/* bf16: lm_f32_to_bf16_1 without its NaN case, which certification does not need: a NaN end (y
+ * or b NaN, inf - inf) still gives an all-ones exponent, so it is never certified; vectorizes */
+XE_CLONES static void certify_bf16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
+{
+    for (size_t i = 0; i < n; i++) {
+        float lo, hi;
+        certify_ends(y, b, i, &lo, &hi);
+        const uint32_t ul = lm_f32_bits(lo), uh = lm_f32_bits(hi);
+        const uint16_t bl = (uint16_t)((ul + 0x7FFFu + ((ul >> 16) & 1u)) >> 16);
+        const uint16_t bh = (uint16_t)((uh + 0x7FFFu + ((uh >> 16) & 1u)) >> 16);
+        dst[i] = bl;
+        unc[i] = (uint8_t)((bl != bh) | ((bl & 0x7F80u) == 0x7F80u));
+    }
+}
+
+XE_CLONES static void certify_f16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
+{
+    for (size_t i = 0; i < n; i++) {
+        float lo, hi;
+        certify_ends(y, b, i, &lo, &hi);
+        const uint16_t bl = lm_f32_to_f16_1(lo), bh = lm_f32_to_f16_1(hi);
+        dst[i] = bl;
+        unc[i] = (uint8_t)((bl != bh) | ((bl & 0x7C00u) == 0x7C00u));
+    }
+}
+
+void lm_exact_certify_tile(const lm_op *op, const lm_prepared *p, const float *y, const float *bound,
+                           const float *in, uint64_t r0, uint64_t nr, uint64_t cols, lm_kdtype out, uint16_t *dst,
+                           lm_certify_stats *st)
+{
+    const uint16_t em = out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
+    enum { CH = 256 };
+    uint8_t unc[CH];
+    for (uint64_t r = 0; r < nr; r++)
+        for (uint64_t c0 = 0; c0 < cols; c0 += CH) {
+            const size_t n = (size_t)(cols - c0 < CH ? cols - c0 : CH);
+            const size_t e0 = (size_t)(r * cols + c0);
+            if (out == LM_KDT_BF16)
+                certify_bf16(y + e0, bound + e0, n, dst + e0, unc);
+            else
+                certify_f16(y + e0, bound + e0, n, dst + e0, unc);
+            for (size_t i = 0; i < n; i++) {
+                if ((i & 7) == 0 && i + 8 <= n) { /* eight at a time: most are certified */
+                    uint64_t w8;
+                    memcpy(&w8, unc + i, 8);
+                    if (w8 == 0) {
+                        i += 7;
+                        continue;
+                    }
+                }
+                if (!unc[i])
+                    continue;
+                const double v = op->method->elem64(op, p, in + r * cols, r0 + r, c0 + i, cols);
+                const uint16_t bits = lm_f64_to_16_1(v, out);
+                dst[e0 + i] = bits;
+                st->n_recomputed++;
+                if (!isfinite(v))
+                    st->n_nonfinite++;
+                else if ((bits & em) == em)
+                    st->n_overflow++;
+            }
+        }
 }
 
 void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile)

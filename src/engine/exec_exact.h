@@ -17,6 +17,14 @@
  *    (lm_f64_round: round-to-odd to f32 then RNE, no double rounding).  Every element is
  *    computed in f64, so --json counts them all as recomputed.  The error is that of the f64
  *    evaluation of PEFT's formula (float64 noise, as issue 10 allows), never an f32 intermediate.
+ *    For bf16/f16 outputs a type may offer a faster equivalent (lm_exact_certify_fast): its f32
+ *    result plus a rigorous bound on the distance to the f64 value; where the bound's interval
+ *    rounds to one value that is the f64 value's rounding, the rest are computed in f64 one by one
+ *    (elem64), so the bytes are the f64 path's and --json counts only those as recomputed.
+ *  - LM_EXACT_DORA: low-rank deltas and DoRA rescalings (LM_OP_NORM) only (exec_dora.h): f64 from
+ *    the exact factors, rounded once; one low-rank op and a row NORM (PEFT's DoRA on a Linear)
+ *    certified element by element by a bound, the rows it cannot certify recomputed with V in
+ *    double-double;
  * Everything else is computed in f32 and rounded once (not certified). */
 #ifndef LM_EXEC_EXACT_H
 #define LM_EXEC_EXACT_H
@@ -24,7 +32,7 @@
 #include "lm_kernels.h"
 #include "plan.h"
 
-typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64 } lm_exact_kind;
+typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64, LM_EXACT_DORA } lm_exact_kind;
 
 /*! lm_exact_kind_of() : the certified path tensor t takes (LM_EXACT_NONE: the f32 path).  Depends on
  *  the plan only, so --dry-run reports what a real run does. */
@@ -43,6 +51,27 @@ uint64_t lm_exact_scale_tile(float *acc, uint64_t r0, uint64_t nr, uint64_t cols
  *  Ops [0, n_ops) of tensor t on the f64 tile (LM_EXACT_F64 tensors only: lm_exact_kind_of said
  *  so), with their prepared factors prep[n_ops]. */
 void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile);
+
+/* what lm_exact_certify_tile did */
+typedef struct {
+    uint64_t n_recomputed; /* elements the bound left uncertain: computed by elem64 in f64 */
+    uint64_t n_overflow;   /* of those, a finite value beyond the output's range (written as inf) */
+    uint64_t n_nonfinite;  /* of those, an inf/NaN value */
+} lm_certify_stats;
+
+/*! lm_exact_certify_fast() : 1 if tensor t (LM_EXACT_F64) may take the certified f32 form: one
+ *  METHOD op with apply_tile_bound and elem64, a bf16 or f16 output (an f32 output's f32 result
+ *  is never within its own ulp: those take the f64 tile). */
+int lm_exact_certify_fast(const lm_plan_tensor *t);
+
+/*! lm_exact_certify_tile() :
+ *  y [nr, cols]: the f32 results of op on rows r0 .. (apply_tile_bound), bound: their bounds, in:
+ *  the input rows (f32, exact).  Writes dst (out: bf16 or f16) with RNE(y[e]) where y[e] +-
+ *  bound[e] (widened by the rounding of that sum) rounds to one finite value, which is then the
+ *  rounding of the f64 value; elsewhere RNE(op->method->elem64(...)), counted in st. */
+void lm_exact_certify_tile(const lm_op *op, const lm_prepared *p, const float *y, const float *bound,
+                           const float *in, uint64_t r0, uint64_t nr, uint64_t cols, lm_kdtype out, uint16_t *dst,
+                           lm_certify_stats *st);
 
 /*! lm_exact_is_midpoint() : 1 if the f32 value x lies exactly halfway between two neighbouring
  *  values of dtype out (bf16 or f16; an f32 output has no midpoints among f32 values), the

@@ -108,7 +108,7 @@ typedef struct {
     lm_exec_stats st;
     double t_phase, t0;
     int model_shared;           /* a batch job: the model is the first job's */
-    int committed;              /* a batch job: its OUT holds the new model */
+    int committed;              /* its OUT holds the new model */
 } merge_state;
 
 static void phase_end(merge_state *S, int phase)
@@ -771,6 +771,16 @@ static lm_code check_changes(void *ctx, lm_err *err)
     return check_strict(S, err);
 }
 
+/* every file complete and the merge judged: a directory OUT's stage is made now, so that nothing
+ * but unnamed files exists in OUT until here (output.h) */
+static lm_code check_then_stage(void *ctx, lm_err *err)
+{
+    merge_state *S = ctx;
+    if (check_changes(S, err) != LM_OK)
+        return err->code;
+    return lm_out_stage_begin(&S->ot, err);
+}
+
 static void exec_opts(merge_state *S, char **paths, lm_exec_opts *eo_out)
 {
     const lm_merge_job *job = S->job;
@@ -789,8 +799,9 @@ static void exec_opts(merge_state *S, char **paths, lm_exec_opts *eo_out)
     eo.shard_of = S->ot.shard_of;
     eo.stats = S->tstats;
     eo.stats_norms = job->tensor_norms;
-    eo.before_commit = check_changes;
+    eo.before_commit = check_then_stage;
     eo.before_commit_ctx = S;
+    eo.commit_paths = (const char *const *)S->ot.write_paths; /* filled by check_then_stage */
     *eo_out = eo;
 }
 
@@ -801,6 +812,8 @@ static lm_code run_shards(merge_state *S, lm_err *err)
 {
     lm_exec_opts eo;
     exec_opts(S, S->ot.paths, &eo);
+    eo.before_commit = check_changes; /* no stage */
+    eo.commit_paths = NULL;
     int fin = S->job->shard_mode == LM_SHARDS_INDEX;
     char(*sha)[65] = fin && S->job->hash_outputs ? calloc(S->ot.n_shards + 1, sizeof *sha) : NULL;
     if (fin && S->job->hash_outputs && sha == NULL)
@@ -833,9 +846,9 @@ static lm_code write_output(merge_state *S, lm_err *err)
     if ((rc = lm_out_make_dir(&S->ot, err)) != LM_OK)
         return rc;
     lm_out_clean_stale_temps(&S->ot, S->ri);
-    if ((rc = lm_out_stage_begin(&S->ot, err)) != LM_OK)
+    if ((rc = lm_out_stage_paths(&S->ot, err)) != LM_OK)
         return rc;
-    char **paths = S->ot.write_paths ? S->ot.write_paths : S->ot.paths;
+    char **paths = S->ot.paths;
     lm_exec_opts eo;
     exec_opts(S, paths, &eo);
     if ((rc = lm_exec_run(S->plan, S->model, S->ads, paths[0], &eo, &S->st, err)) != LM_OK)
@@ -845,6 +858,7 @@ static lm_code write_output(merge_state *S, lm_err *err)
     phase_end(S, LM_PHASE_WRITE);
     if (S->ot.is_dir && (rc = lm_out_commit(&S->ot, &S->side, job->do_fsync, S->ri, err)) != LM_OK)
         return rc;
+    S->committed = 1;
     phase_end(S, LM_PHASE_FINISH);
     if (job->hash_outputs) {
         for (size_t i = 0; i < S->ri->n_files; i++) {
@@ -990,8 +1004,11 @@ static lm_code merge_report(merge_state *S, lm_merge_report **report, lm_err *er
 static void merge_end(merge_state *S, lm_code rc)
 {
     lm_out_stage_abort(&S->ot);
-    if (rc != LM_OK && S->ot.created_dir && !S->committed)
+    if (rc != LM_OK && S->ot.created_dir && !S->committed) {
+        if (S->job->shard_mode == LM_SHARDS_NONE) /* shard jobs share OUT: never theirs alone */
+            lm_out_remove_moved_in(&S->ot, &S->side); /* a commit that failed after (a) */
         rmdir(S->ot.dir);
+    }
     state_free(S);
 }
 
@@ -1097,9 +1114,9 @@ static lm_code batch_write(merge_state *S, size_t n, size_t *bad, lm_err *err)
         if ((rc = lm_out_make_dir(&S[j].ot, err)) != LM_OK)
             break;
         lm_out_clean_stale_temps(&S[j].ot, S[j].ri);
-        if ((rc = lm_out_stage_begin(&S[j].ot, err)) != LM_OK)
+        if ((rc = lm_out_stage_paths(&S[j].ot, err)) != LM_OK)
             break;
-        char **paths = S[j].ot.write_paths ? S[j].ot.write_paths : S[j].ot.paths;
+        char **paths = S[j].ot.paths;
         exec_opts(&S[j], paths, &eo[j]);
         eo[j].after_commit = batch_commit;
         plans[j] = S[j].plan;

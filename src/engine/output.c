@@ -394,6 +394,15 @@ static lm_code fail_path(lm_err *err, int e, const char *path, const char *what)
     return LM_E_IO;
 }
 
+lm_code lm_out_stage_paths(lm_out_target *o, lm_err *err)
+{
+    if (!o->is_dir || o->write_paths != NULL)
+        return LM_OK;
+    if ((o->write_paths = calloc(o->n_shards + 1, sizeof *o->write_paths)) == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    return LM_OK;
+}
+
 lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
 {
     if (!o->is_dir || o->stage != NULL)
@@ -401,12 +410,10 @@ lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err)
     char name[64];
     snprintf(name, sizeof name, LM_STAGE_PREFIX "%ld.XXXXXX", (long)getpid());
     o->stage_fd = -1;
-    if ((o->stage = lm_path_join(o->dir, name)) == NULL ||
-        (o->write_paths = calloc(o->n_shards + 1, sizeof *o->write_paths)) == NULL) {
-        free(o->stage);
-        o->stage = NULL;
+    if (lm_out_stage_paths(o, err) != LM_OK)
+        return err->code;
+    if ((o->stage = lm_path_join(o->dir, name)) == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    }
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old); /* created and registered with no signal in between */
@@ -467,6 +474,20 @@ void lm_out_stage_abort(lm_out_target *o)
     o->stage_fd = -1;
     free(o->stage);
     o->stage = NULL;
+}
+
+void lm_out_remove_moved_in(const lm_out_target *o, const lm_side_plan *side)
+{
+    if (!o->is_dir || !o->created_dir)
+        return;
+    for (size_t i = 0; i <= o->n_shards + side->n; i++) {
+        const char *name = i < o->n_shards ? name_of(o->paths[i]) : i < o->n_shards + side->n
+                         ? side->f[i - o->n_shards].name : LM_INDEX_NAME;
+        char *p = lm_path_join(o->dir, name);
+        if (p != NULL)
+            unlink(p);
+        free(p);
+    }
 }
 
 int lm_out_fsync_dir(const char *dir)

@@ -30,7 +30,7 @@ typedef struct lm_out_target {
     char *stage;         /* owned: OUT/.lora-merge-stage.<pid>.XXXXXX while the model is written */
     int stage_fd;        /* the stage, flock'd (LOCK_EX) for the whole run: a live stage is never cleaned */
     struct lm_cleanup_slot *stage_slot; /* its signal-time cleanup registration */
-    char **write_paths;  /* owned: where each shard is written (in the stage); NULL: paths */
+    char **write_paths;  /* owned: where each shard is renamed at the commit (in the stage); NULL: paths */
 } lm_out_target;
 
 #define LM_STAGE_PREFIX ".lora-merge-stage."
@@ -73,17 +73,25 @@ lm_code lm_out_make_dir(lm_out_target *o, lm_err *err);
  * A directory OUT holds a model when it holds its commit record: model.safetensors.index.json
  * (sharded) or model.safetensors (one file); a directory with neither is not a model (loaders
  * and lora-merge refuse it).  So:
- *   1. lm_out_stage_begin(): everything is written into a stage, OUT/.lora-merge-stage.<pid>.XXXXXX,
- *      created inside OUT so that every later step is a rename within one file system, and
- *      flock'd for the whole run (a stage whose lock is free belongs to a dead run);
+ *   0. the weight files are written as unnamed files (O_TMPFILE; else flock'd temporary names)
+ *      in OUT: until the commit, a failure or a SIGKILL leaves nothing in OUT;
+ *   1. lm_out_stage_begin(), once every file is complete and checked: the stage,
+ *      OUT/.lora-merge-stage.<pid>.XXXXXX, created inside OUT so that every later step is a rename
+ *      within one file system, and flock'd until the end (a stage whose lock is free belongs to
+ *      a dead run); the weight files are renamed into it (lm_st_writer_retarget);
  *   2. lm_out_commit(): the index and side files into the stage; then (a) OUT's commit records
  *      are removed (OUT holds no model from here), (b) every staged file but the new record is
  *      renamed into OUT, (c) the earlier merge's stale files are removed, (d) the new record is
  *      renamed into OUT last, (e) the stage is removed.  --fsync syncs every file, and OUT after
  *      (a) and after (d).
- * A failure before (a) leaves OUT as it was; after (a), OUT holds no model (a rerun completes it).
+ * A failure before (a) leaves OUT as it was; after (a), OUT holds no model (a rerun completes it),
+ * and an OUT this run created is removed with what was moved into it (lm_out_remove_moved_in).
  * Shard workers (--shards) write into OUT directly and do not stage: finalize writes the index
  * last, the same rule. */
+
+/*! lm_out_stage_paths() : allocates o->write_paths (entries NULL until lm_out_stage_begin()), the
+ *  executor's commit_paths, for a directory OUT (no-op for a file OUT). */
+lm_code lm_out_stage_paths(lm_out_target *o, lm_err *err);
 
 /*! lm_out_stage_begin() : creates and locks the stage of a directory OUT (no-op for a file OUT)
  *  and points o->write_paths into it. */
@@ -91,6 +99,11 @@ lm_code lm_out_stage_begin(lm_out_target *o, lm_err *err);
 
 /*! lm_out_commit() : steps 2 (a)-(e) above; every removed name recorded in r. */
 lm_code lm_out_commit(lm_out_target *o, const lm_side_plan *side, int do_fsync, lm_report_impl *r, lm_err *err);
+
+/*! lm_out_remove_moved_in() : for a directory OUT this run created, after a failed commit: removes
+ *  what lm_out_commit() may have moved in (the weight files, side files, the index), so that the
+ *  directory can be removed too (nothing else is ever in a directory of ours). */
+void lm_out_remove_moved_in(const lm_out_target *o, const lm_side_plan *side);
 
 /*! lm_out_stage_abort() : removes the stage and what is in it (no-op without a stage). */
 void lm_out_stage_abort(lm_out_target *o);

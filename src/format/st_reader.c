@@ -656,30 +656,35 @@ static int snapshot_fd(int in, uint64_t n)
     if (ftruncate(m, (off_t)n) != 0)
         goto fail;
     loff_t off_in = 0, off_out = 0;
+    int cfr = 1; /* copy_file_range until the kernel refuses it once (EXDEV ... : a file and a memfd on
+                    most kernels), then pread/pwrite for the rest, without asking again per chunk */
     while ((uint64_t)off_in < n) {
-        ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)(n - (uint64_t)off_in), 0);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
-            char buf[1 << 16];
-            ssize_t r = pread(in, buf, sizeof buf < n - (uint64_t)off_in ? sizeof buf : (size_t)(n - (uint64_t)off_in),
-                              off_in);
-            if (r < 0 && errno == EINTR)
+        if (cfr) {
+            ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)(n - (uint64_t)off_in), 0);
+            if (k < 0 && errno == EINTR)
                 continue;
-            if (r <= 0 || pwrite(m, buf, (size_t)r, off_out) != r) {
-                if (r == 0)
-                    errno = ESTALE;
-                goto fail;
+            if (k > 0)
+                continue;
+            if (k < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
+                cfr = 0;
+                continue;
             }
-            off_in += r;
-            off_out += r;
-            continue;
-        }
-        if (k <= 0) {
             if (k == 0)
                 errno = ESTALE; /* shorter than its size: truncated while copied */
             goto fail;
         }
+        char buf[1 << 16];
+        ssize_t r =
+            pread(in, buf, sizeof buf < n - (uint64_t)off_in ? sizeof buf : (size_t)(n - (uint64_t)off_in), off_in);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0 || pwrite(m, buf, (size_t)r, off_out) != r) {
+            if (r == 0)
+                errno = ESTALE;
+            goto fail;
+        }
+        off_in += r;
+        off_out += r;
     }
     if (fcntl(m, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
         goto fail;

@@ -636,6 +636,16 @@ lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
     return LM_OK;
 }
 
+lm_code lm_st_writer_retarget(lm_st_writer *w, const char *out_path, lm_err *err)
+{
+    char *p = strdup(out_path);
+    if (p == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    free(w->out_path);
+    w->out_path = p;
+    return LM_OK;
+}
+
 lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
 {
     if (lm_st_writer_finish(w, do_fsync, err) != LM_OK) {

@@ -56,6 +56,11 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
  *  from its creation to its rename: one whose lock is free belongs to a dead process. */
 lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err);
 
+/*! lm_st_writer_retarget() : the file is renamed to out_path instead when committed (a path in the
+ *  same file system: a directory OUT's stage, made only at the commit); its temporary name stays
+ *  beside the first path.  LM_OK, or out of memory (the writer unchanged). */
+lm_code lm_st_writer_retarget(lm_st_writer *w, const char *out_path, lm_err *err);
+
 /*! lm_st_writer_commit() : optionally fsyncs, closes and renames the temporary file over
  *  out_path; frees w.  On failure the temporary file is removed. */
 lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err);

@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /* boft.c : BOFT (peft-merge.md §5.7) with one butterfly factor (the only form PEFT loads without
  * its CUDA extension): W <- diag(s) (W @ blockdiag(R_j)^T), R_j the exact Cayley transform of
- * the skew part (X_j - X_j^T)/2 of boft_R's blocks, s = boft_s [out, 1]. */
+ * the skew part (X_j - X_j^T)/2 of boft_R's blocks, s = boft_s [out, 1].  The rotations are
+ * built in f64 and kept in f32 (the fast path) and f64 (the exact path, apply_tile64). */
 #include "oft.h"
 
 #include "linalg.h"
 #include "lm_error.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -90,9 +92,10 @@ static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     uint64_t nbl = pr->R->shape[1], bs = pr->R->shape[2];
     const float *X = lm_prep_view(p, pr->R, k, err), *s = X ? lm_prep_view(p, pr->s, k, err) : NULL;
     float *R = s ? lm_prep_floats(p, (size_t)(nbl * bs * bs), err) : NULL;
-    double *Q = R ? malloc((size_t)(bs * bs) * 4 * sizeof *Q) : NULL;
+    double *R64 = R ? lm_prep_alloc(p, (size_t)(nbl * bs * bs) * sizeof *R64, err) : NULL;
+    double *Q = R64 ? malloc((size_t)(bs * bs) * 4 * sizeof *Q) : NULL;
     if (Q == NULL)
-        return R ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+        return R64 ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
     double *S = Q + bs * bs, *work = S + bs * bs;
     for (uint64_t j = 0; j < nbl; j++) {
         for (uint64_t a = 0; a < bs; a++)
@@ -100,13 +103,15 @@ static lm_code boft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
                 Q[a * bs + b] = 0.5 * ((double)X[(j * bs + a) * bs + b] - (double)X[(j * bs + b) * bs + a]);
         lm_cayley_exact(Q, S, (size_t)bs, work);
         for (uint64_t a = 0; a < bs; a++) /* transposed, for lm_rotate_blocks */
-            for (uint64_t b = 0; b < bs; b++)
+            for (uint64_t b = 0; b < bs; b++) {
                 R[j * bs * bs + b * bs + a] = (float)S[a * bs + b];
+                R64[j * bs * bs + b * bs + a] = S[a * bs + b];
+            }
     }
     free(Q);
     p->a = R;
     p->b = s;
-    return LM_OK;
+    return lm_rot_prep_make(p, R, R64, nbl, bs, err);
 }
 
 static void boft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
@@ -121,6 +126,43 @@ static void boft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
+/* the same in f64: each rotated value times s (exact f32 values) in f64 */
+static void boft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const lm_rot_prep *rp = p->data;
+    (void)op;
+    lm_rotate_blocks64(t, rp->RT64, rp->n_rot, rp->bs);
+    for (uint64_t r = 0; r < t->nr; r++) {
+        double *x = t->acc + r * t->cols;
+        const double f = (double)p->b[t->r0 + r];
+        for (uint64_t c = 0; c < t->cols; c++)
+            x[c] *= f;
+    }
+}
+
+/* the rotation's bound B scaled: |fl32(f r32) - fl64(f Y64)| <= |f| B + 2^-24 |fl32(f r32)| (1 + u)
+ * + 2^-149 + 2^-53 |f Y64|: within |f| B (1 + 2^-20) + 2^-23 |y| + 2^-149 */
+static void boft_apply_bound(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound)
+{
+    (void)op;
+    lm_rotate_blocks_bound(t, p->data, bound);
+    for (uint64_t r = 0; r < t->nr; r++) {
+        float *x = t->acc + r * t->cols, *bd = bound + r * t->cols;
+        const float f = p->b[t->r0 + r], af = fabsf(f) * (1.0f + 0x1p-20f);
+        for (uint64_t c = 0; c < t->cols; c++) {
+            x[c] *= f;
+            bd[c] = bd[c] * af + fabsf(x[c]) * 0x1p-23f + 0x1p-149f;
+        }
+    }
+}
+
+static double boft_elem64(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
+                          uint64_t cols)
+{
+    (void)op, (void)cols;
+    return lm_rot_elem64(p->data, in, col) * (double)p->b[row];
+}
+
 static const lm_part boft_parts[] = {{"boft_R", BR, -1, 1}, {"boft_s", BS, -1, 1}};
 
 const lm_method lm_method_boft = {
@@ -133,4 +175,7 @@ const lm_method lm_method_boft = {
     .plan_module = boft_plan_module,
     .prepare = boft_prepare,
     .apply_tile = boft_apply,
+    .apply_tile64 = boft_apply64,
+    .apply_tile_bound = boft_apply_bound,
+    .elem64 = boft_elem64,
 };

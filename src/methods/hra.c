@@ -3,7 +3,8 @@
  * kernels (seen as [o, i*k*k], as PEFT does), H = H_0 H_1 ... H_{r-1} the Householder
  * reflections I - 2 u u^T of the normalised columns of hra_u [in, r] (or, with apply_GS, of
  * their Gram-Schmidt orthonormalisation: H = I - 2 Q^T Q).  Applied in its compact WY form
- * W - ((W U^T) T) U, two rank-r products through BLAS per tile. */
+ * W - ((W U^T) T) U, two rank-r products through BLAS per tile.  The exact path (apply_tile64)
+ * applies the same form in f64 with U and T built in f64 (no f32 unit vectors). */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -27,6 +28,7 @@ typedef struct {
     const float *U;  /* [r, in]: the unit vectors as rows */
     const float *Ut; /* [in, r]: U transposed (the tile's first product reads it by rows) */
     const float *T;  /* [r, r] */
+    const double *U64, *T64; /* the same in f64 (the exact path) */
 } hra_prep;
 
 static lm_code hra_parse(const cJSON *root, lm_adapter_config *c, lm_err *err)
@@ -86,6 +88,20 @@ static lm_code hra_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
     }
     for (size_t i = 0; i < r * r; i++)
         T[i] = (float)Td[i];
+    double *U64 = lm_prep_alloc(p, (r * n + r * r) * sizeof *U64, err), *T64 = U64 ? U64 + r * n : NULL;
+    if (U64 == NULL) {
+        free(work);
+        return LM_E_NOMEM;
+    }
+    lm_unit_rows_d(V, n, r, pr->gs, U64);
+    if (pr->gs) {
+        for (size_t j = 0; j < r; j++)
+            T64[j * r + j] = 2.0;
+    } else {
+        lm_householder_wy_d(U64, r, n, T64, work);
+    }
+    hp->U64 = U64;
+    hp->T64 = T64;
     free(work);
     for (size_t q = 0; q < r; q++)
         for (size_t j = 0; j < n; j++)
@@ -108,6 +124,35 @@ static void hra_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     t->k->gemm_rows(0, 0, nr, cols, r, -1.0f, P2, r, hp->U, cols, 1.0f, t->acc, cols); /* X -= P2 U */
 }
 
+/* the same in f64: x <- x - ((x U^T) T) U, sums in f64 */
+static void hra_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const hra_prep *hp = p->data;
+    const size_t r = (size_t)op->rank, cols = (size_t)t->cols;
+    double *P = t->scratch, *P2 = t->scratch + r;
+    for (size_t row = 0; row < (size_t)t->nr; row++) {
+        double *x = t->acc + row * cols;
+        for (size_t q = 0; q < r; q++) {
+            const double *u = hp->U64 + q * cols;
+            double d = 0;
+            for (size_t j = 0; j < cols; j++)
+                d += x[j] * u[j];
+            P[q] = d;
+        }
+        for (size_t q = 0; q < r; q++) {
+            double d = 0;
+            for (size_t l = 0; l < r; l++)
+                d += P[l] * hp->T64[l * r + q];
+            P2[q] = d;
+        }
+        for (size_t q = 0; q < r; q++) {
+            const double *u = hp->U64 + q * cols, f = P2[q];
+            for (size_t j = 0; j < cols; j++)
+                x[j] -= f * u[j];
+        }
+    }
+}
+
 static void hra_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
     (void)m;
@@ -126,5 +171,6 @@ const lm_method lm_method_hra = {
     .plan_module = hra_plan_module,
     .prepare = hra_prepare,
     .apply_tile = hra_apply,
+    .apply_tile64 = hra_apply64,
     .describe = hra_describe,
 };

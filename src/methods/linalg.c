@@ -164,6 +164,49 @@ void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q
     }
 }
 
+void lm_householder_wy_d(const double *U, size_t r, size_t n, double *T, double *work)
+{
+    memset(T, 0, r * r * sizeof *T);
+    for (size_t j = 0; j < r; j++) {
+        for (size_t i = 0; i < j; i++) {
+            double d = 0;
+            for (size_t x = 0; x < n; x++)
+                d += U[i * n + x] * U[j * n + x];
+            work[i] = d;
+        }
+        for (size_t i = 0; i < j; i++) {
+            double v = 0;
+            for (size_t l = i; l < j; l++)
+                v += T[i * r + l] * work[l];
+            T[i * r + j] = -2.0 * v;
+        }
+        T[j * r + j] = 2.0;
+    }
+}
+
+void lm_unit_rows_d(const float *V, size_t n, size_t r, int gram_schmidt, double *Q)
+{
+    for (size_t j = 0; j < r; j++) {
+        double *v = Q + j * n;
+        for (size_t x = 0; x < n; x++)
+            v[x] = V[x * r + j];
+        if (gram_schmidt) /* classical: the projections of V's column j */
+            for (size_t l = 0; l < j; l++) {
+                double d = 0;
+                for (size_t x = 0; x < n; x++)
+                    d += Q[l * n + x] * (double)V[x * r + j];
+                for (size_t x = 0; x < n; x++)
+                    v[x] -= d * Q[l * n + x];
+            }
+        double ss = 0;
+        for (size_t x = 0; x < n; x++)
+            ss += v[x] * v[x];
+        const double nrm = sqrt(ss);
+        for (size_t x = 0; x < n; x++)
+            v[x] = ss > 0 ? v[x] / nrm : 0.0;
+    }
+}
+
 void lm_twiddles(double *tw, uint64_t n)
 {
     const double two_pi = 6.283185307179586476925286766559;

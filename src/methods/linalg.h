@@ -30,6 +30,12 @@ void lm_householder_wy(const float *U, size_t r, size_t n, double *T, double *wo
  *  f32.  A zero column stays zero.  work: n doubles. */
 void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q, double *work);
 
+/*! lm_householder_wy_d() / lm_unit_rows_d() : the same in f64 throughout (the exact path's
+ *  factors: no f32 rounding of the unit vectors), Q [r, n] in double; lm_unit_rows_d divides by
+ *  the norm as PEFT does (U / ||U||) and needs no work array. */
+void lm_householder_wy_d(const double *U, size_t r, size_t n, double *T, double *work);
+void lm_unit_rows_d(const float *V, size_t n, size_t r, int gram_schmidt, double *Q);
+
 /* A sparse 2-D spectrum whose inverse DFT is wanted row by row (FourierFT): entry t sits at
  * (rho[t], gamma[t]) of an n_rows x n_cols grid with value s[t]. */
 typedef struct {

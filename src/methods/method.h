@@ -163,6 +163,17 @@ typedef struct lm_method {
      * SCALE) takes the exact f64 path: computed in f64, rounded once (issue 10); NULL: the type is
      * not certified (its tensors stay on the f32 path).  Never fails */
     void (*apply_tile64)(const lm_op *op, const lm_prepared *p, const lm_tile64 *t);
+    /* METHOD ops, optional (with apply_tile64 and elem64): the exact path's fast form for bf16/f16
+     * outputs of a tensor with this one op.  t->acc gets apply_tile's f32 result and bound[e] an
+     * upper bound of |acc[e] - the value apply_tile64 computes| (+inf or NaN: unknown).  The
+     * engine writes RNE(acc[e]) where acc[e] +- bound[e] rounds to one finite value (then it is
+     * the f64 value's rounding too) and asks elem64 for the others (exec_exact.h) */
+    void (*apply_tile_bound)(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound);
+    /* the f64 value of element (row, col) from the input row `in` (its cols values, f32, exact): PEFT's
+     * formula in f64 as apply_tile64 computes it, the sums in any order the bound covers (so the
+     * certified elements are the f64 path's; these may differ from it within f64 noise) */
+    double (*elem64)(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
+                     uint64_t cols);
     /* inspect: what the module does ("oft (block rotations, Cayley-Neumann)"); may be NULL */
     void (*describe)(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap);
     /* inspect: the type's settings, whole lines ("r: 8, lora_alpha: 16, scale: 2 (alpha/r)\n");

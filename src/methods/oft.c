@@ -165,11 +165,91 @@ static lm_code oft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
     }
     free(Q);
     p->a = R;
-    p->data = R64;
+    return lm_rot_prep_make(p, R, R64, nbl, bs, err);
+}
+
+lm_code lm_rot_prep_make(lm_prepared *p, const float *RT, const double *RT64, uint64_t n_rot, uint64_t bs, lm_err *err)
+{
+    lm_rot_prep *rp = lm_prep_alloc(p, sizeof *rp, err);
+    float *rn = rp ? lm_prep_floats(p, (size_t)(n_rot * bs), err) : NULL;
+    double *R64 = rn ? lm_prep_alloc(p, (size_t)(n_rot * bs * bs) * sizeof *R64, err) : NULL;
+    if (R64 == NULL)
+        return LM_E_NOMEM;
+    for (uint64_t j = 0; j < n_rot; j++)
+        for (uint64_t a = 0; a < bs; a++)
+            for (uint64_t b = 0; b < bs; b++)
+                R64[(j * bs + a) * bs + b] = RT64[j * bs * bs + b * bs + a];
+    for (uint64_t j = 0; j < n_rot; j++)
+        for (uint64_t a = 0; a < bs; a++) {
+            double ss = 0; /* exact enough: relative error < 2^-45, covered by the margin */
+            for (uint64_t b = 0; b < bs; b++)
+                ss += (double)RT[j * bs * bs + b * bs + a] * (double)RT[j * bs * bs + b * bs + a];
+            rn[j * bs + a] = (float)(sqrt(ss) * (1.0 + 0x1p-20)); /* rounded up: margin > f32 rounding */
+        }
+    rp->RT = RT;
+    rp->RT64 = RT64;
+    rp->R64 = R64;
+    rp->rn = rn;
+    rp->n_rot = n_rot;
+    rp->bs = bs;
+    p->data = rp;
     return LM_OK;
 }
 
-void lm_rotate_blocks64(const lm_tile64 *t, const double *RT, uint64_t n_rot, uint64_t bs)
+/* Bound.  y_a = fl(sum_b R32[a,b] x_b) by bs fmaf roundings from 0 (rot_blocks):
+ * |y_a - sum R32 x| <= bs u S + bs eta with S = sum_b |R32[a,b] x_b|, u = 2^-24, eta = 2^-150
+ * (underflow).  |sum (R32 - R64) x| <= u S (1 + u) (R32 = fl32(R64)).  The f64 sum of
+ * lm_rotate_blocks64 is within bs 2^-53 S (1 + u) of sum R64 x.  So |y_a - Y64_a| <= (bs + 2) u S
+ * (1 + 2^-20) + bs eta, and S <= ||R32[a,:]||_2 ||x||_2 (rn: rounded up) with ||x||_2 <=
+ * sqrtf(fl(sum x_b^2)) (1 + (bs + 2) u) + 2^-70 (each square and sum rounded: bs + 1 roundings,
+ * the sqrt one more; squares below 2^-150 lost: at most bs 2^-150 in all, whose root is < 2^-70
+ * for bs < 2^10).  c1 = (bs + 4) u covers the first factors and the two f32 products forming the
+ * bound (each rounding at most u relative, outwards by the slack); c0 = bs 2^-149 covers
+ * underflow and the bound's own rounding near 0. */
+void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound)
+{
+    const uint64_t bs = rp->bs, nb = t->cols / bs;
+    const float c1 = (float)(bs + 4) * 0x1p-24f, c0 = (float)bs * 0x1p-149f, cx = 1.0f + (float)(bs + 2) * 0x1p-24f;
+    for (uint64_t r = 0; r < t->nr; r++)
+        for (uint64_t j = 0; j < nb; j++) {
+            const float *x = t->acc + r * t->cols + j * bs;
+            float ss = 0.0f;
+            for (uint64_t b = 0; b < bs; b++)
+                ss += x[b] * x[b];
+            const float xn = (sqrtf(ss) * cx + 0x1p-70f) * c1;
+            const float *rn = rp->rn + (rp->n_rot == 1 ? 0 : j) * bs;
+            float *bd = bound + r * t->cols + j * bs;
+            for (uint64_t a = 0; a < bs; a++)
+                bd[a] = rn[a] * xn + c0;
+        }
+    t->k->rot_blocks(t->acc, (size_t)t->nr, (size_t)t->cols, rp->RT, (size_t)rp->n_rot, (size_t)bs, t->scratch);
+}
+
+double lm_rot_elem64(const lm_rot_prep *rp, const float *x, uint64_t col)
+{
+    const uint64_t bs = rp->bs, j = col / bs, a = col % bs;
+    const double *m = rp->R64 + ((rp->n_rot == 1 ? 0 : j) * bs + a) * bs;
+    const float *xb = x + j * bs;
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    uint64_t b = 0;
+    for (; b + 4 <= bs; b += 4)
+        for (int q = 0; q < 4; q++)
+            s[q] += m[b + (uint64_t)q] * (double)xb[b + (uint64_t)q];
+    for (; b < bs; b++)
+        s[b % 4] += m[b] * (double)xb[b];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+/* built for AVX-512 and AVX2 too (an ifunc picks one), vectorized across a block's lanes (-O3 for
+ * this function: gcc's -O2 leaves a loop of run-time length scalar); no FMA contraction
+ * (-ffp-contract=off), so every clone computes the same products and sums */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define ROT64_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3")))
+#else
+#define ROT64_CLONES
+#endif
+
+ROT64_CLONES void lm_rotate_blocks64(const lm_tile64 *t, const double *RT, uint64_t n_rot, uint64_t bs)
 {
     const uint64_t nb = t->cols / bs;
     double *y = t->scratch;
@@ -202,8 +282,22 @@ static void oft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 
 static void oft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
 {
-    const oft_params *pr = op->params;
-    lm_rotate_blocks64(t, p->data, pr->q->shape[0], pr->bs);
+    const lm_rot_prep *rp = p->data;
+    (void)op;
+    lm_rotate_blocks64(t, rp->RT64, rp->n_rot, rp->bs);
+}
+
+static void oft_apply_bound(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound)
+{
+    (void)op;
+    lm_rotate_blocks_bound(t, p->data, bound);
+}
+
+static double oft_elem64(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
+                         uint64_t cols)
+{
+    (void)op, (void)row, (void)cols;
+    return lm_rot_elem64(p->data, in, col);
 }
 
 static void oft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -225,5 +319,7 @@ const lm_method lm_method_oft = {
     .prepare = oft_prepare,
     .apply_tile = oft_apply,
     .apply_tile64 = oft_apply64,
+    .apply_tile_bound = oft_apply_bound,
+    .elem64 = oft_elem64,
     .describe = oft_describe,
 };

@@ -10,6 +10,29 @@
  *  rotation shared by all blocks) or cols / bs.  Uses the tile's scratch. */
 void lm_rotate_blocks(const lm_tile *t, const float *RT, uint64_t n_rot, uint64_t bs);
 
+/* a tensor's rotations as the three paths use them (p->data of OFT and BOFT) */
+typedef struct lm_rot_prep {
+    const float *RT;    /* [n_rot, bs, bs] transposed, f32 (the fast path) */
+    const double *RT64; /* the same in f64 (the exact path) */
+    const double *R64;  /* [n_rot, bs, bs] not transposed (lm_rot_elem64 reads a row of R_j) */
+    const float *rn;    /* [n_rot, bs]: ||row a of R_j in f32||_2, rounded up (the bound) */
+    uint64_t n_rot, bs;
+} lm_rot_prep;
+
+/*! lm_rot_prep_make() : p->data <- an lm_rot_prep of RT (f32) and RT64, owned by p.  LM_OK or
+ *  LM_E_NOMEM */
+lm_code lm_rot_prep_make(lm_prepared *p, const float *RT, const double *RT64, uint64_t n_rot, uint64_t bs, lm_err *err);
+
+/*! lm_rotate_blocks_bound() : lm_rotate_blocks (the f32 result in t->acc) and bound[e] >= |acc[e]
+ *  - the value lm_rotate_blocks64 computes| (the fmaf chain's bs roundings, R's rounding to f32
+ *  and the f64 sum's, by Cauchy-Schwarz with the row's block norm; underflow included; +inf when
+ *  the norm overflows) */
+void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound);
+
+/*! lm_rot_elem64() : element col of a row x (f32 values) after the rotation, in f64 (four
+ *  chains: b = m mod 4, then (s0 + s1) + (s2 + s3); within the bound's f64 term) */
+double lm_rot_elem64(const lm_rot_prep *rp, const float *x, uint64_t col);
+
 /*! lm_rotate_blocks64() : the same in f64 on an exact-path tile (y_a = sum_b R_j[a, b] x_b, b
  *  ascending, in double), RT in f64.  Uses the tile's scratch. */
 void lm_rotate_blocks64(const lm_tile64 *t, const double *RT, uint64_t n_rot, uint64_t bs);
