@@ -138,9 +138,11 @@ static lm_code attach_nvfp4(lm_plan *p, const lm_model *model, const lm_qscheme 
         snprintf(want, sizeof want, "%s%s", base, se == NULL ? "_scale" : name2);
         return ct_fail(err, w->name, "%s: the packed weight has no scale tensor '%s'", lib, want);
     }
-    if (w->n_dims != 2)
-        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "%s weight '%s' is %zu-D: only 2-D weights "
-                       "are dequantized", lib, w->name, w->n_dims);
+    if (w->n_dims != 2) /* an expert stack: one second scale per expert, each following its expert's
+                           merged amax, where the amax pass and the tiles see the tensor as one */
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "%s weight '%s' is %zu-D (an expert "
+                       "stack): per-expert second scales are not supported; merge into the unquantized original",
+                       lib, w->name, w->n_dims);
     const lm_tensor_info *sc = se->info, *g = se2->info;
     const uint64_t R = w->shape[0], C = 2 * w->shape[1];
     uint64_t gsz = s && s->group_size ? s->group_size : 16;
