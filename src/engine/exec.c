@@ -283,12 +283,6 @@ static void op_scale(const lm_op *op, const float *f, const lm_tile *t)
 }
 
 /* DoRA's factor m / (norm + eps), or LyCORIS's w * (that - 1) + 1 for a multiplier w (in f64) */
-static double norm_factor(const lm_op *op, double m, double ss)
-{
-    double f = m / (sqrt(ss) + op->eps);
-    return op->mix ? op->scale * (f - 1.0) + 1.0 : f;
-}
-
 /* DoRA: rows rescaled to m / ||row|| (axis 0), or columns by the column pass's factors */
 static void op_norm(const lm_op *op, const float *m, const double *col_scale, const lm_tile *t)
 {
@@ -296,7 +290,7 @@ static void op_norm(const lm_op *op, const float *m, const double *col_scale, co
         float *row = t->acc + r * t->cols;
         if (op->axis == 0) {
             const double ss = t->k->sumsq(row, (size_t)t->cols);
-            const float f = (float)norm_factor(op, (double)m[t->r0 + r], ss);
+            const float f = (float)lm_dora_factor(op, (double)m[t->r0 + r], ss);
             for (uint64_t c = 0; c < t->cols; c++)
                 row[c] *= f;
         } else {
@@ -1094,7 +1088,7 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
             for (uint64_t k = 0; k < n_tiles; k++)
                 ss += part[k * t->cols + c];
         for (uint64_t c = c0; c < c0 + g && c < t->cols; c++)
-            scale[c] = norm_factor(op, (double)m[c0 / g], ss);
+            scale[c] = lm_dora_factor(op, (double)m[c0 / g], ss);
     }
     free(part);
     J->rt[ti].col_scale = scale;

@@ -314,9 +314,11 @@ XD_CLONES static void scale_cols(double *x, size_t n, const double *f)
         x[j] *= f[j];
 }
 
-/* DoRA's factor m / (norm + eps), or LyCORIS's w (that - 1) + 1 (exec.c's norm_factor) */
-static double factor(const lm_op *op, double m, double ss)
+double lm_dora_factor(const lm_op *op, double m, double ss)
 {
+    if (!isfinite(ss)) /* the squares of V overflow even f64: the delta overflows, and the result is
+                          NaN (refused as a non-finite result), not m / inf = 0 */
+        return NAN;
     const double f = m / (sqrt(ss) + op->eps);
     return op->mix ? op->scale * (f - 1.0) + 1.0 : f;
 }
@@ -342,7 +344,7 @@ static void block_f64(const lm_dora_tensor *f, const float *w, uint64_t i0, size
             for (size_t i = 0; i < rb; i++) {
                 double *x = X + i * n;
                 if (op->axis == 0)
-                    scale_row(x, n, factor(op, (double)f->prep[o].a[i0 + i], sumsq8(x, n)));
+                    scale_row(x, n, lm_dora_factor(op, (double)f->prep[o].a[i0 + i], sumsq8(x, n)));
                 else
                     scale_cols(x, n, col_scale);
             }
@@ -543,7 +545,7 @@ static void row_dd(const lm_dora_tensor *f, const float *w, uint64_t i, double *
         const double v1 = wj + ph, bb = v1 - wj, e1 = (wj - (v1 - bb)) + (ph - bb);
         x[j] = v1 + (e1 + (phe + s * lo));
     }
-    scale_row(x, n, factor(&f->t->ops[1], (double)f->prep[1].a[i], sumsq8(x, n)));
+    scale_row(x, n, lm_dora_factor(&f->t->ops[1], (double)f->prep[1].a[i], sumsq8(x, n)));
 }
 
 int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t r0, uint64_t nr,
@@ -565,7 +567,7 @@ int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float
             size_t bad = n;
             if (f->bounded) { /* op 1, the row NORM, here: its factor and the bound */
                 const lm_op *nm = &f->t->ops[1];
-                const double ss = sumsq8(x, n), F = factor(nm, (double)f->prep[1].a[row], ss);
+                const double ss = sumsq8(x, n), F = lm_dora_factor(nm, (double)f->prep[1].a[row], ss);
                 row_bound rbd;
                 if (row_bound_of(f, row, ss, k->sumsq(wr, n) * (1 + 0x1p-20), F, &rbd)) {
                     bad = bounded_row(x, wr, f->kap, n, &rbd, o32, ot);

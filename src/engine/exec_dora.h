@@ -60,4 +60,9 @@ int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float
 /*! lm_dora_ws_doubles() : the workspace of lm_dora_tensor_run() for nr rows (at most 2 nr cols) */
 size_t lm_dora_ws_doubles(uint64_t nr, uint64_t cols);
 
+/*! lm_dora_factor() : the DoRA factor of a row (or column) whose squared norm is ss: m / (sqrt(ss) +
+ *  op->eps), or LyCORIS's op->scale (f - 1) + 1 when op->mix; NaN when ss is not finite (a delta
+ *  that overflows: the caller's non-finite check refuses it).  Used by the f32 and exact paths. */
+double lm_dora_factor(const lm_op *op, double m, double ss);
+
 #endif
