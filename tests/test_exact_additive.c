@@ -14,6 +14,7 @@
  * elements it leaves ambiguous may take either neighbour (counted, a small fraction).  The
  * same bytes with --threads 1/2, --tile-elems and --kernels ref; --json says exact. */
 #include "th.h"
+#include "th_exact.h"
 
 #include "lm_kernels.h"
 #include "torch_rng.h"
@@ -27,190 +28,6 @@
 #include <sys/stat.h>
 
 /* ---- cases on disk ------------------------------------------------------------------------- */
-#define XA_MAX 12
-
-typedef struct {
-    char name[160];
-    char dtype[8];
-    int nd;
-    uint64_t shape[4];
-    uint64_t n;
-    double *v; /* as stored */
-} xa_t;
-
-typedef struct {
-    xa_t t[XA_MAX];
-    int n;
-} xa_set;
-
-static xa_t *xa_add(xa_set *s, const char *name, const char *dtype, int nd, uint64_t d0, uint64_t d1)
-{
-    cr_assert_lt(s->n, XA_MAX);
-    xa_t *t = &s->t[s->n++];
-    memset(t, 0, sizeof *t);
-    snprintf(t->name, sizeof t->name, "%s", name);
-    snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
-    t->nd = nd;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->n = nd == 1 ? d0 : d0 * d1;
-    t->v = calloc(t->n, sizeof(double));
-    return t;
-}
-
-static void xa_write(const char *path, const xa_set *s)
-{
-    th_out_tensor o[XA_MAX];
-    for (int k = 0; k < s->n; k++) {
-        memset(&o[k], 0, sizeof o[k]);
-        o[k].name = s->t[k].name;
-        o[k].dtype = s->t[k].dtype;
-        o[k].n_dims = s->t[k].nd;
-        o[k].shape[0] = s->t[k].shape[0];
-        o[k].shape[1] = s->t[k].shape[1];
-        o[k].shape[2] = s->t[k].shape[2];
-        o[k].values = s->t[k].v;
-    }
-    cr_assert_eq(th_st_write(path, o, (size_t)s->n), 0, "cannot write %s", path);
-}
-
-static void xa_free(xa_set *s)
-{
-    for (int k = 0; k < s->n; k++)
-        free(s->t[k].v);
-    s->n = 0;
-}
-
-typedef struct {
-    char *dir;
-    char base[600], adir[600], out[600];
-} xa_case;
-
-static void xa_case_write(xa_case *c, const xa_set *base, const xa_set *ad, const char *cfg)
-{
-    c->dir = th_tmpdir();
-    cr_assert_not_null(c->dir);
-    snprintf(c->base, sizeof c->base, "%s/base.safetensors", c->dir);
-    snprintf(c->adir, sizeof c->adir, "%s/adapter", c->dir);
-    snprintf(c->out, sizeof c->out, "%s/out.safetensors", c->dir);
-    cr_assert_eq(mkdir(c->adir, 0755), 0);
-    xa_write(c->base, base);
-    char p[700];
-    snprintf(p, sizeof p, "%s/adapter_model.safetensors", c->adir);
-    xa_write(p, ad);
-    cr_assert_eq(th_write_text(c->adir, "adapter_config.json", cfg), 0);
-}
-
-static th_run_result xa_merge(const xa_case *c, const char *out, const char *const *opts)
-{
-    const char *argv[24];
-    int n = 0;
-    argv[n++] = th_bin();
-    argv[n++] = "--json";
-    for (; opts && *opts; opts++)
-        argv[n++] = *opts;
-    argv[n++] = c->base;
-    argv[n++] = c->adir;
-    argv[n++] = out;
-    argv[n] = NULL;
-    return th_run(NULL, argv);
-}
-
-static void xa_json_tensor(const char *json, const char *name, int *exact, double *recomputed)
-{
-    cJSON *js = cJSON_Parse(json);
-    cr_assert_not_null(js, "--json output is not JSON: %s", json);
-    const cJSON *ct = cJSON_GetObjectItem(js, "changed_tensors"), *e;
-    int found = 0;
-    cJSON_ArrayForEach(e, ct)
-    {
-        if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(e, "name")), name) != 0)
-            continue;
-        found = 1;
-        *exact = cJSON_IsTrue(cJSON_GetObjectItem(e, "exact"));
-        const cJSON *r = cJSON_GetObjectItem(e, "recomputed");
-        *recomputed = cJSON_IsNumber(r) ? r->valuedouble : -1;
-    }
-    cJSON_Delete(js);
-    cr_assert(found, "%s is not among the changed tensors: %s", name, json);
-}
-
-static double *xa_out_values(const char *path, const char *name, uint64_t n)
-{
-    th_st o;
-    cr_assert_eq(th_st_read(path, &o), 0, "output %s unreadable", path);
-    const th_tensor *t = th_st_find(&o, name);
-    cr_assert_not_null(t, "%s missing from the output", name);
-    cr_assert_eq(t->n_elems, n);
-    double *v = th_to_f64(t);
-    th_st_free(&o);
-    return v;
-}
-
-/* Every element: ref (long double) +- bnd (a bound on f64 evaluation noise) rounds to one value,
- * which out must be; or the interval straddles a boundary and out is one of its two roundings
- * (counted in *n_amb).  @return how many elements a plain f32 evaluation (y32) gets wrong. */
-static uint64_t xa_check(const double *out, const long double *ref, const long double *bnd, const float *y32,
-                         uint64_t n, const char *dtype, const char *what, uint64_t *n_amb)
-{
-    uint64_t f32_wrong = 0;
-    for (uint64_t e = 0; e < n; e++) {
-        const double lo = th_round_to((double)(ref[e] - bnd[e]), dtype), hi = th_round_to((double)(ref[e] + bnd[e]), dtype);
-        const double want = th_round_to((double)ref[e], dtype);
-        if (lo == hi) {
-            cr_assert(out[e] == want || (out[e] == 0 && want == 0),
-                      "%s: element %llu is %a, the f64 value %La rounded once is %a", what, (unsigned long long)e,
-                      out[e], ref[e], want);
-            f32_wrong += th_round_to((double)y32[e], dtype) != want;
-        } else {
-            cr_assert(out[e] == lo || out[e] == hi, "%s: element %llu is %a, neither %a nor %a (value %La +- %Lg)",
-                      what, (unsigned long long)e, out[e], lo, hi, ref[e], bnd[e]);
-            (*n_amb)++;
-        }
-    }
-    return f32_wrong;
-}
-
-/* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
-static void xa_same_bytes(const xa_case *c, const char *what)
-{
-    static const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
-                                        {"--threads", "2", "--tile-elems", "64", NULL},
-                                        {"--threads", "2", "--kernels", "ref", NULL}};
-    for (int k = 0; k < 3; k++) {
-        char o[700];
-        snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
-        th_run_result r = xa_merge(c, o, v[k]);
-        cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status, r.err);
-        th_run_free(&r);
-        cr_assert(th_files_equal(o, c->out), "%s: variant %d (%s %s %s %s) changed the bytes", what, k, v[k][0],
-                  v[k][1], v[k][2], v[k][3]);
-    }
-}
-
-/* the merged tensor checked against ref/bnd/y32; --json exact with every element recomputed */
-static uint64_t xa_verify(const xa_case *c, const th_run_result *r, const char *name, uint64_t n,
-                          const long double *ref, const long double *bnd, const float *y32, const char *odt,
-                          const char *what)
-{
-    double *o = xa_out_values(c->out, name, n);
-    uint64_t amb = 0;
-    const uint64_t wrong = xa_check(o, ref, bnd, y32, n, odt, what, &amb);
-    free(o);
-    int exact;
-    double rec;
-    xa_json_tensor(r->out, name, &exact, &rec);
-    cr_assert(exact, "%s: --json does not say exact", what);
-    cr_assert_eq((uint64_t)rec, n, "%s: --json says %g recomputed, the f64 path computes all %llu", what, rec,
-                 (unsigned long long)n);
-    cr_assert_leq(amb, n / 50 + 1, "%s: %llu of %llu elements within f64 noise of a boundary", what,
-                  (unsigned long long)amb, (unsigned long long)n);
-    fprintf(stderr, "exact_additive/%s: %llu of %llu elements an f32 evaluation gets wrong, %llu within f64 noise of a "
-            "boundary, all others the nearest value\n", what, (unsigned long long)wrong, (unsigned long long)n,
-            (unsigned long long)amb);
-    return wrong;
-}
-
 static uint64_t g_rng = 0xadd1;
 
 typedef enum { XA_CANCEL, XA_TINY, XA_HUGE, XA_SUBNORMAL, XA_OVERFLOW } xa_mode;
@@ -228,11 +45,11 @@ static double xa_val(double g)
     return (double)(float)(g * th_rand_normal(&g_rng));
 }
 
-static xa_t *xa_param(xa_set *ad, const char *part, int nd, uint64_t d0, uint64_t d1, double g)
+static tx_t *xa_param(tx_set *ad, const char *part, int nd, uint64_t d0, uint64_t d1, double g)
 {
     char nm[160];
     snprintf(nm, sizeof nm, XA_MOD "%s", part);
-    xa_t *t = xa_add(ad, nm, "F32", nd, d0, d1);
+    tx_t *t = tx_add(ad, nm, "F32", nd, d0, d1);
     for (uint64_t e = 0; e < t->n; e++)
         t->v[e] = xa_val(g);
     return t;
@@ -240,15 +57,15 @@ static xa_t *xa_param(xa_set *ad, const char *part, int nd, uint64_t d0, uint64_
 
 /* the adapter of type ty with gain g (the delta is linear in g), its config, and the delta
  * (long double, PEFT's formula from the stored values) with mag = the same sum of absolute terms */
-static const char *xa_adapter(xa_type ty, double g, xa_set *ad, long double *D, long double *mag)
+static const char *xa_adapter(xa_type ty, double g, tx_set *ad, long double *D, long double *mag)
 {
     const uint64_t O = XA_O, I = XA_I, R = XA_R;
     for (uint64_t e = 0; e < O * I; e++)
         D[e] = mag[e] = 0;
     switch (ty) {
     case XA_LOHA: { /* (w1a @ w1b) * (w2a @ w2b) * alpha / r */
-        xa_t *a1 = xa_param(ad, "hada_w1_a", 2, O, R, g), *b1 = xa_param(ad, "hada_w1_b", 2, R, I, 0.5);
-        xa_t *a2 = xa_param(ad, "hada_w2_a", 2, O, R, 0.5), *b2 = xa_param(ad, "hada_w2_b", 2, R, I, 0.5);
+        tx_t *a1 = xa_param(ad, "hada_w1_a", 2, O, R, g), *b1 = xa_param(ad, "hada_w1_b", 2, R, I, 0.5);
+        tx_t *a2 = xa_param(ad, "hada_w2_a", 2, O, R, 0.5), *b2 = xa_param(ad, "hada_w2_b", 2, R, I, 0.5);
         for (uint64_t o = 0; o < O; o++)
             for (uint64_t i = 0; i < I; i++) {
                 long double x = 0, y = 0, ax = 0, ay = 0;
@@ -265,8 +82,8 @@ static const char *xa_adapter(xa_type ty, double g, xa_set *ad, long double *D, 
     }
     case XA_LOKR: { /* kron(w1, w2_a @ w2_b) * alpha / r: w1 [4, 4], w2 [6, 8] */
         const uint64_t a = 4, c = 4, kb = 6, kd = 8;
-        xa_t *w1 = xa_param(ad, "lokr_w1", 2, a, c, g);
-        xa_t *wa = xa_param(ad, "lokr_w2_a", 2, kb, R, 0.5), *wb = xa_param(ad, "lokr_w2_b", 2, R, kd, 0.5);
+        tx_t *w1 = xa_param(ad, "lokr_w1", 2, a, c, g);
+        tx_t *wa = xa_param(ad, "lokr_w2_a", 2, kb, R, 0.5), *wb = xa_param(ad, "lokr_w2_b", 2, R, kd, 0.5);
         for (uint64_t p = 0; p < a; p++)
             for (uint64_t q = 0; q < kb; q++)
                 for (uint64_t u = 0; u < c; u++)
@@ -285,7 +102,7 @@ static const char *xa_adapter(xa_type ty, double g, xa_set *ad, long double *D, 
     case XA_FOURIERFT:
     case XA_WAVEFT: { /* spectrum at randperm(O * I, seed)[:n]: FourierFT Re(ifft2(S)) * scaling;
                          WaveFT without the transform (use_idwt false): S * scaling */
-        xa_t *s = xa_param(ad, ty == XA_FOURIERFT ? "fourierft_spectrum" : "waveft_spectrum", 1, XA_NF, 0, g);
+        tx_t *s = xa_param(ad, ty == XA_FOURIERFT ? "fourierft_spectrum" : "waveft_spectrum", 1, XA_NF, 0, g);
         uint64_t pos[XA_NF];
         cr_assert_eq(lm_randperm_prefix(O * I, 777, XA_NF, pos), 0);
         const long double sc = ty == XA_FOURIERFT ? 150.0L / (O * I) : 25.0L;
@@ -314,7 +131,7 @@ static const char *xa_adapter(xa_type ty, double g, xa_set *ad, long double *D, 
     case XA_C3A: { /* W[p b + u, q b + v] += kernel[p, q, (v - u) mod b] / in */
         char nm[160];
         snprintf(nm, sizeof nm, XA_MOD "c3a_kernel");
-        xa_t *k = xa_add(ad, nm, "F32", 2, O / XA_B, (I / XA_B) * XA_B); /* written 2-D, reshaped below */
+        tx_t *k = tx_add(ad, nm, "F32", 2, O / XA_B, (I / XA_B) * XA_B); /* written 2-D, reshaped below */
         for (uint64_t e = 0; e < k->n; e++)
             k->v[e] = xa_val(g);
         k->nd = 3;
@@ -330,10 +147,10 @@ static const char *xa_adapter(xa_type ty, double g, xa_set *ad, long double *D, 
     }
     case XA_SHIRA: { /* W[idx[0, t], idx[1, t]] += w[t], repeated entries included */
         const uint64_t nnz = 300;
-        xa_t *w = xa_param(ad, "shira_weight", 1, nnz, 0, g);
+        tx_t *w = xa_param(ad, "shira_weight", 1, nnz, 0, g);
         char nm[160];
         snprintf(nm, sizeof nm, XA_MOD "shira_indices");
-        xa_t *ix = xa_add(ad, nm, "I64", 2, 2, nnz);
+        tx_t *ix = tx_add(ad, nm, "I64", 2, 2, nnz);
         for (uint64_t t = 0; t < nnz; t++) {
             ix->v[t] = (double)(th_rand_u64(&g_rng) % O);
             ix->v[nnz + t] = (double)(th_rand_u64(&g_rng) % I);
@@ -374,9 +191,9 @@ static void xa_run_case(xa_type ty, const char *bdt, xa_mode mode)
         g *= 32; /* kernel / in */
     if (mode == XA_SUBNORMAL && !f16 && ty != XA_WAVEFT) /* WaveFT: scaling 25 does it */
         g *= 16; /* a normal delta whose residue against bf16 (2^-8 of it) is subnormal */
-    xa_set base = {0}, ad = {0};
-    xa_t *w = xa_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
-    xa_t *other = xa_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
+    tx_t *other = tx_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
     for (uint64_t e = 0; e < other->n; e++)
         other->v[e] = th_round_to(0.01 * (double)e, bdt);
     const char *cfg = xa_adapter(ty, g, &ad, D, mag);
@@ -397,9 +214,9 @@ static void xa_run_case(xa_type ty, const char *bdt, xa_mode mode)
         case XA_OVERFLOW: w->v[e] = D[e] < 0 ? -60000.0 : 60000.0; break;
         }
     }
-    xa_case c;
-    xa_case_write(&c, &base, &ad, cfg);
-    th_run_result res = xa_merge(&c, c.out, NULL);
+    tx_case c;
+    tx_case_write(&c, &base, &ad, cfg);
+    th_run_result res = tx_merge(&c, c.out, NULL);
     char what[96];
     snprintf(what, sizeof what, "%s %s %s", XA_TYPE_NAMES[ty], bdt, XA_MODE_NAMES[mode]);
     if (mode == XA_OVERFLOW) {
@@ -421,12 +238,15 @@ static void xa_run_case(xa_type ty, const char *bdt, xa_mode mode)
             /* an f32 evaluation: the delta rounded to f32, then the f32 sum */
             y32[e] = (float)w->v[e] + (float)D[e];
         }
-        const uint64_t wrong = xa_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what);
+        uint64_t rec = 0;
+        const uint64_t wrong = tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+        cr_assert_eq(rec, n, "%s: --json says %llu recomputed, the f64 path computes all %llu", what,
+                     (unsigned long long)rec, (unsigned long long)n); /* these types have no f32 form */
         /* bf16: the residue is often exact in f32; C3A's delta (kernel / 32) is exact in f32 */
         if (mode == XA_CANCEL && strcmp(bdt, "BF16") != 0 && ty != XA_C3A)
             cr_assert_gt(wrong, 0, "%s: an f32 evaluation gets every element right: not adversarial", what);
         if (mode == XA_SUBNORMAL) { /* the construction reaches the subnormal range */
-            double *o = xa_out_values(c.out, w->name, n);
+            double *o = tx_out_values(c.out, w->name, n);
             uint64_t sub = 0, nz = 0; /* of the elements the delta changes (SHiRA, WaveFT: sparse) */
             for (uint64_t e = 0; e < n; e++) {
                 nz += D[e] != 0;
@@ -437,7 +257,7 @@ static void xa_run_case(xa_type ty, const char *bdt, xa_mode mode)
                          (unsigned long long)nz);
         }
         if (mode == XA_CANCEL)
-            xa_same_bytes(&c, what);
+            tx_same_bytes(&c, what);
     }
     th_run_free(&res);
     free(D);
@@ -445,8 +265,8 @@ static void xa_run_case(xa_type ty, const char *bdt, xa_mode mode)
     free(ref);
     free(bnd);
     free(y32);
-    xa_free(&base);
-    xa_free(&ad);
+    tx_free(&base);
+    tx_free(&ad);
     th_rmrf(c.dir);
     free(c.dir);
 }

@@ -15,6 +15,7 @@
  * The bytes are the same for every kernel variant the CPU runs, --threads 1/2 and --tile-elems
  * 100; --json says the tensors are exact and counts the elements not certified ("recomputed"). */
 #include "th.h"
+#include "th_exact.h"
 
 #include "lm_kernels.h"
 
@@ -26,58 +27,6 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#define XD_MAX 8
-
-typedef struct {
-    char name[160];
-    const char *dtype;
-    int nd;
-    uint64_t shape[2];
-    uint64_t n;
-    double *v; /* as stored */
-} xd_t;
-
-typedef struct {
-    xd_t t[XD_MAX];
-    int n;
-} xd_set;
-
-static xd_t *xd_add(xd_set *s, const char *name, const char *dtype, int nd, uint64_t d0, uint64_t d1)
-{
-    cr_assert_lt(s->n, XD_MAX);
-    xd_t *t = &s->t[s->n++];
-    memset(t, 0, sizeof *t);
-    snprintf(t->name, sizeof t->name, "%s", name);
-    t->dtype = dtype;
-    t->nd = nd;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->n = nd == 1 ? d0 : d0 * d1;
-    t->v = calloc(t->n, sizeof(double));
-    return t;
-}
-
-static void xd_write(const char *path, const xd_set *s)
-{
-    th_out_tensor o[XD_MAX];
-    for (int k = 0; k < s->n; k++) {
-        memset(&o[k], 0, sizeof o[k]);
-        o[k].name = s->t[k].name;
-        o[k].dtype = s->t[k].dtype;
-        o[k].n_dims = s->t[k].nd;
-        o[k].shape[0] = s->t[k].shape[0];
-        o[k].shape[1] = s->t[k].shape[1];
-        o[k].values = s->t[k].v;
-    }
-    cr_assert_eq(th_st_write(path, o, (size_t)s->n), 0, "cannot write %s", path);
-}
-
-static void xd_free(xd_set *s)
-{
-    for (int k = 0; k < s->n; k++)
-        free(s->t[k].v);
-    s->n = 0;
-}
 
 static uint64_t g_rng = 0xd02a;
 
@@ -207,7 +156,7 @@ static void xd_case_init(xd_case *c)
     snprintf(c->out, sizeof c->out, "%s/out.safetensors", c->dir);
 }
 
-static void xd_case_adapter(xd_case *c, const xd_set *ad, const char *cfg)
+static void xd_case_adapter(xd_case *c, const tx_set *ad, const char *cfg)
 {
     char *a = c->adir[c->n_ad];
     snprintf(a, 600, "%s/ad%d", c->dir, c->n_ad);
@@ -215,7 +164,7 @@ static void xd_case_adapter(xd_case *c, const xd_set *ad, const char *cfg)
     cr_assert_eq(mkdir(a, 0755), 0);
     char p[700];
     snprintf(p, sizeof p, "%s/adapter_model.safetensors", a);
-    xd_write(p, ad);
+    tx_write(p, ad);
     cr_assert_eq(th_write_text(a, "adapter_config.json", cfg), 0);
 }
 
@@ -243,26 +192,6 @@ static th_run_result xd_merge(const xd_case *c, const char *out, const char *con
     argv[n++] = out;
     argv[n] = NULL;
     return th_run(NULL, argv);
-}
-
-/* the changed tensor `name` of a --json report: its "exact" and "recomputed" */
-static void xd_json_tensor(const char *json, const char *name, int *exact, double *recomputed)
-{
-    cJSON *js = cJSON_Parse(json);
-    cr_assert_not_null(js, "--json output is not JSON: %s", json);
-    const cJSON *ct = cJSON_GetObjectItem(js, "changed_tensors"), *e;
-    int found = 0;
-    cJSON_ArrayForEach(e, ct)
-    {
-        if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(e, "name")), name) != 0)
-            continue;
-        found = 1;
-        *exact = cJSON_IsTrue(cJSON_GetObjectItem(e, "exact"));
-        const cJSON *r = cJSON_GetObjectItem(e, "recomputed");
-        *recomputed = cJSON_IsNumber(r) ? r->valuedouble : -1;
-    }
-    cJSON_Delete(js);
-    cr_assert(found, "%s is not among the changed tensors: %s", name, json);
 }
 
 /* every element of output tensor `name` equal to ref rounded once to odt; @return how many an f32
@@ -310,15 +239,15 @@ static void xd_same_bytes(const xd_case *c, const char *what)
     }
 }
 
-static void xd_adapter_tensors(xd_set *ad, const char *mod, const xd_dora *d, int conv1d)
+static void xd_adapter_tensors(tx_set *ad, const char *mod, const xd_dora *d, int conv1d)
 {
     char n[200];
     snprintf(n, sizeof n, "base_model.model.%s.lora_A.weight", mod);
-    memcpy(xd_add(ad, n, "F32", 2, d->r, d->I)->v, d->A, d->r * d->I * sizeof(double));
+    memcpy(tx_add(ad, n, "F32", 2, d->r, d->I)->v, d->A, d->r * d->I * sizeof(double));
     snprintf(n, sizeof n, "base_model.model.%s.lora_B.weight", mod);
-    memcpy(xd_add(ad, n, "F32", 2, d->O, d->r)->v, d->B, d->O * d->r * sizeof(double));
+    memcpy(tx_add(ad, n, "F32", 2, d->O, d->r)->v, d->B, d->O * d->r * sizeof(double));
     snprintf(n, sizeof n, "base_model.model.%s.lora_magnitude_vector", mod);
-    memcpy(xd_add(ad, n, "F32", 1, d->O, 0)->v, d->m, d->O * sizeof(double));
+    memcpy(tx_add(ad, n, "F32", 1, d->O, 0)->v, d->m, d->O * sizeof(double));
     (void)conv1d;
 }
 
@@ -332,16 +261,16 @@ static void xd_rows_and_columns(const char *bdt)
 {
     const char *odt = bdt;
     const uint64_t O = 48, I = 37, r = 4, O2 = 40, I2 = 24;
-    xd_set base = {0}, ad = {0}, ad2 = {0};
+    tx_set base = {0}, ad = {0}, ad2 = {0};
     xd_dora q, c;
     xd_dora_alloc(&q, O, I, r, 2.0);
     xd_dora_alloc(&c, O2, I2, r, 2.0);
     double *Wq = calloc(O * I, sizeof(double)), *Wc = calloc(O2 * I2, sizeof(double));
     xd_dora_fill(&q, Wq, bdt, odt, 1);
     xd_dora_fill(&c, Wc, bdt, odt, 0);
-    xd_t *bq = xd_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
+    tx_t *bq = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
     memcpy(bq->v, Wq, O * I * sizeof(double));
-    xd_t *bc = xd_add(&base, "transformer.h.0.attn.c_attn.weight", bdt, 2, I2, O2); /* [in, out] */
+    tx_t *bc = tx_add(&base, "transformer.h.0.attn.c_attn.weight", bdt, 2, I2, O2); /* [in, out] */
     for (uint64_t o = 0; o < O2; o++)
         for (uint64_t i = 0; i < I2; i++)
             bc->v[i * O2 + o] = Wc[o * I2 + i];
@@ -349,7 +278,7 @@ static void xd_rows_and_columns(const char *bdt)
     xd_adapter_tensors(&ad2, "transformer.h.0.attn.c_attn", &c, 1);
     xd_case cs;
     xd_case_init(&cs);
-    xd_write(cs.base, &base);
+    tx_write(cs.base, &base);
     xd_case_adapter(&cs, &ad, XD_CFG(4, 8, "\"q_proj\"", "false"));
     xd_case_adapter(&cs, &ad2, XD_CFG(4, 8, "\"c_attn\"", "true"));
     th_run_result res = xd_merge(&cs, cs.out, NULL);
@@ -370,7 +299,7 @@ static void xd_rows_and_columns(const char *bdt)
     for (int k = 0; k < 2; k++) {
         int exact;
         double rec;
-        xd_json_tensor(res.out, names[k], &exact, &rec);
+        tx_json_tensor(res.out, names[k], &exact, &rec);
         cr_assert(exact, "%s: --json does not say exact: %s", names[k], res.out);
         cr_assert(rec >= 0, "%s: no recomputed count", names[k]);
         fprintf(stderr, "exact_dora %s %s: %.0f elements not certified by the bound (rounded once from f64)\n", bdt,
@@ -387,9 +316,9 @@ static void xd_rows_and_columns(const char *bdt)
     free(rc);
     xd_dora_free(&q);
     xd_dora_free(&c);
-    xd_free(&base);
-    xd_free(&ad);
-    xd_free(&ad2);
+    tx_free(&base);
+    tx_free(&ad);
+    tx_free(&ad2);
     xd_case_free(&cs);
 }
 
@@ -403,7 +332,7 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
 {
     const char *bdt = "BF16";
     const uint64_t O = 24, I = 33, r = 3;
-    xd_set base = {0}, a1 = {0}, am = {0}, a2 = {0};
+    tx_set base = {0}, a1 = {0}, am = {0}, a2 = {0};
     xd_dora d1, d2, l1, l2;
     xd_dora_alloc(&d1, O, I, r, 2.0);
     xd_dora_alloc(&d2, O, I, r, 2.0);
@@ -414,8 +343,8 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
     xd_dora_fill(&d2, tmp, bdt, bdt, 0); /* d2's factors; its magnitudes fit W + d1 roughly */
     xd_dora_fill(&l2, W2, bdt, bdt, 0);
     xd_dora_fill(&l1, tmp, bdt, bdt, 0);
-    xd_t *bv = xd_add(&base, "model.layers.0.self_attn.v_proj.weight", bdt, 2, O, I);
-    xd_t *bo = xd_add(&base, "model.layers.0.self_attn.o_proj.weight", bdt, 2, O, I);
+    tx_t *bv = tx_add(&base, "model.layers.0.self_attn.v_proj.weight", bdt, 2, O, I);
+    tx_t *bo = tx_add(&base, "model.layers.0.self_attn.o_proj.weight", bdt, 2, O, I);
     memcpy(bv->v, W, O * I * sizeof(double));
     memcpy(bo->v, W2, O * I * sizeof(double));
     xd_adapter_tensors(&a1, "model.layers.0.self_attn.v_proj", &d1, 0);
@@ -423,13 +352,13 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
     /* o_proj: a plain LoRA adapter (between the two), then adapter 2's DoRA */
     char n[200];
     snprintf(n, sizeof n, "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight");
-    memcpy(xd_add(&am, n, "F32", 2, r, I)->v, l1.A, r * I * sizeof(double));
+    memcpy(tx_add(&am, n, "F32", 2, r, I)->v, l1.A, r * I * sizeof(double));
     snprintf(n, sizeof n, "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight");
-    memcpy(xd_add(&am, n, "F32", 2, O, r)->v, l1.B, O * r * sizeof(double));
+    memcpy(tx_add(&am, n, "F32", 2, O, r)->v, l1.B, O * r * sizeof(double));
     xd_adapter_tensors(&a2, "model.layers.0.self_attn.o_proj", &l2, 0);
     xd_case cs;
     xd_case_init(&cs);
-    xd_write(cs.base, &base);
+    tx_write(cs.base, &base);
     xd_case_adapter(&cs, &a1, XD_CFG(3, 6, "\"v_proj\"", "false"));
     xd_case_adapter(&cs, &am, "{\"peft_type\": \"LORA\", \"r\": 3, \"lora_alpha\": 6, \"target_modules\": [\"o_proj\"]}");
     xd_case_adapter(&cs, &a2, XD_CFG(3, 6, "\"v_proj\", \"o_proj\"", "false"));
@@ -445,7 +374,7 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
     xd_check(cs.out, bo->name, W2, O * I, bdt, "LoRA then DoRA");
     int exact;
     double rec;
-    xd_json_tensor(res.out, bv->name, &exact, &rec);
+    tx_json_tensor(res.out, bv->name, &exact, &rec);
     cr_assert(exact, "stacked DoRA: --json does not say exact");
     th_run_free(&res);
     xd_same_bytes(&cs, "stacked");
@@ -456,10 +385,10 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
     xd_dora_free(&d2);
     xd_dora_free(&l1);
     xd_dora_free(&l2);
-    xd_free(&base);
-    xd_free(&a1);
-    xd_free(&am);
-    xd_free(&a2);
+    tx_free(&base);
+    tx_free(&a1);
+    tx_free(&am);
+    tx_free(&a2);
     xd_case_free(&cs);
 }
 
@@ -467,17 +396,17 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
 Test(exact_dora, f16_overflow_refused, .timeout = 60)
 {
     const uint64_t O = 6, I = 5, r = 2;
-    xd_set base = {0}, ad = {0};
+    tx_set base = {0}, ad = {0};
     xd_dora d;
     xd_dora_alloc(&d, O, I, r, 2.0);
     double *W = calloc(O * I, sizeof(double));
     xd_dora_fill(&d, W, "F16", "F16", 0);
     d.m[3] = 1e6; /* row 3 scaled to ~1e6 */
-    memcpy(xd_add(&base, "model.layers.0.mlp.up_proj.weight", "F16", 2, O, I)->v, W, O * I * sizeof(double));
+    memcpy(tx_add(&base, "model.layers.0.mlp.up_proj.weight", "F16", 2, O, I)->v, W, O * I * sizeof(double));
     xd_adapter_tensors(&ad, "model.layers.0.mlp.up_proj", &d, 0);
     xd_case cs;
     xd_case_init(&cs);
-    xd_write(cs.base, &base);
+    tx_write(cs.base, &base);
     xd_case_adapter(&cs, &ad, XD_CFG(2, 4, "\"up_proj\"", "false"));
     th_run_result res = xd_merge(&cs, cs.out, NULL);
     cr_assert_neq(res.status, 0, "an f16 overflow was written: %s", res.out);
@@ -487,7 +416,7 @@ Test(exact_dora, f16_overflow_refused, .timeout = 60)
     th_run_free(&res);
     free(W);
     xd_dora_free(&d);
-    xd_free(&base);
-    xd_free(&ad);
+    tx_free(&base);
+    tx_free(&ad);
     xd_case_free(&cs);
 }

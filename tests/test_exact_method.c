@@ -15,6 +15,7 @@
  * For each: the same bytes with --threads 1/2, --tile-elems and --kernels ref; --json says exact
  * and counts every element as recomputed. */
 #include "th.h"
+#include "th_exact.h"
 
 #include "lm_kernels.h"
 
@@ -202,197 +203,6 @@ Test(exact_method, f64_round_once_matches_integer_rounding, .timeout = 60)
 }
 
 /* ---- cases on disk ------------------------------------------------------------------------- */
-#define XM_MAX 12
-
-typedef struct {
-    char name[160];
-    char dtype[8];
-    int nd;
-    uint64_t shape[4];
-    uint64_t n;
-    double *v; /* as stored */
-} xm_t;
-
-typedef struct {
-    xm_t t[XM_MAX];
-    int n;
-} xm_set;
-
-static xm_t *xm_add(xm_set *s, const char *name, const char *dtype, int nd, uint64_t d0, uint64_t d1)
-{
-    cr_assert_lt(s->n, XM_MAX);
-    xm_t *t = &s->t[s->n++];
-    memset(t, 0, sizeof *t);
-    snprintf(t->name, sizeof t->name, "%s", name);
-    snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
-    t->nd = nd;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->n = nd == 1 ? d0 : d0 * d1;
-    t->v = calloc(t->n, sizeof(double));
-    return t;
-}
-
-static void xm_write(const char *path, const xm_set *s)
-{
-    th_out_tensor o[XM_MAX];
-    for (int k = 0; k < s->n; k++) {
-        memset(&o[k], 0, sizeof o[k]);
-        o[k].name = s->t[k].name;
-        o[k].dtype = s->t[k].dtype;
-        o[k].n_dims = s->t[k].nd;
-        for (int d = 0; d < 4; d++)
-            o[k].shape[d] = s->t[k].shape[d];
-        o[k].values = s->t[k].v;
-    }
-    cr_assert_eq(th_st_write(path, o, (size_t)s->n), 0, "cannot write %s", path);
-}
-
-static void xm_free(xm_set *s)
-{
-    for (int k = 0; k < s->n; k++)
-        free(s->t[k].v);
-    s->n = 0;
-}
-
-typedef struct {
-    char *dir;
-    char base[600], adir[600], out[600];
-} xm_case;
-
-static void xm_case_write(xm_case *c, const xm_set *base, const xm_set *ad, const char *cfg)
-{
-    c->dir = th_tmpdir();
-    cr_assert_not_null(c->dir);
-    snprintf(c->base, sizeof c->base, "%s/base.safetensors", c->dir);
-    snprintf(c->adir, sizeof c->adir, "%s/adapter", c->dir);
-    snprintf(c->out, sizeof c->out, "%s/out.safetensors", c->dir);
-    cr_assert_eq(mkdir(c->adir, 0755), 0);
-    xm_write(c->base, base);
-    char p[700];
-    snprintf(p, sizeof p, "%s/adapter_model.safetensors", c->adir);
-    xm_write(p, ad);
-    cr_assert_eq(th_write_text(c->adir, "adapter_config.json", cfg), 0);
-}
-
-static th_run_result xm_merge(const xm_case *c, const char *out, const char *const *opts)
-{
-    const char *argv[24];
-    int n = 0;
-    argv[n++] = th_bin();
-    argv[n++] = "--json";
-    for (; opts && *opts; opts++)
-        argv[n++] = *opts;
-    argv[n++] = c->base;
-    argv[n++] = c->adir;
-    argv[n++] = out;
-    argv[n] = NULL;
-    return th_run(NULL, argv);
-}
-
-static void xm_json_tensor(const char *json, const char *name, int *exact, double *recomputed)
-{
-    cJSON *js = cJSON_Parse(json);
-    cr_assert_not_null(js, "--json output is not JSON: %s", json);
-    const cJSON *ct = cJSON_GetObjectItem(js, "changed_tensors"), *e;
-    int found = 0;
-    cJSON_ArrayForEach(e, ct)
-    {
-        if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(e, "name")), name) != 0)
-            continue;
-        found = 1;
-        *exact = cJSON_IsTrue(cJSON_GetObjectItem(e, "exact"));
-        const cJSON *r = cJSON_GetObjectItem(e, "recomputed");
-        *recomputed = cJSON_IsNumber(r) ? r->valuedouble : -1;
-    }
-    cJSON_Delete(js);
-    cr_assert(found, "%s is not among the changed tensors: %s", name, json);
-}
-
-static double *xm_out_values(const char *path, const char *name, uint64_t n)
-{
-    th_st o;
-    cr_assert_eq(th_st_read(path, &o), 0, "output %s unreadable", path);
-    const th_tensor *t = th_st_find(&o, name);
-    cr_assert_not_null(t, "%s missing from the output", name);
-    cr_assert_eq(t->n_elems, n);
-    double *v = th_to_f64(t);
-    th_st_free(&o);
-    return v;
-}
-
-/* Every element: ref (long double) +- bnd (a bound on f64 evaluation noise) rounds to one value,
- * which out must be; or the interval straddles a boundary and out is one of its two roundings
- * (counted in *n_amb).  @return how many elements a plain f32 evaluation (y32) gets wrong. */
-static uint64_t xm_check(const double *out, const long double *ref, const long double *bnd, const float *y32,
-                         uint64_t n, const char *dtype, const char *what, uint64_t *n_amb)
-{
-    uint64_t f32_wrong = 0;
-    for (uint64_t e = 0; e < n; e++) {
-        const double lo = th_round_to((double)(ref[e] - bnd[e]), dtype), hi = th_round_to((double)(ref[e] + bnd[e]), dtype);
-        const double want = th_round_to((double)ref[e], dtype);
-        if (lo == hi) {
-            cr_assert(out[e] == want || (out[e] == 0 && want == 0),
-                      "%s: element %llu is %a, the f64 value %La rounded once is %a", what, (unsigned long long)e,
-                      out[e], ref[e], want);
-            f32_wrong += th_round_to((double)y32[e], dtype) != want;
-        } else {
-            cr_assert(out[e] >= lo && out[e] <= hi, "%s: element %llu is %a, outside [%a, %a] (value %La +- %Lg)",
-                      what, (unsigned long long)e, out[e], lo, hi, ref[e], bnd[e]);
-            (*n_amb)++;
-        }
-    }
-    return f32_wrong;
-}
-
-/* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
-static void xm_same_bytes(const xm_case *c, const char *what)
-{
-    static const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
-                                        {"--threads", "2", "--tile-elems", "64", NULL},
-                                        {"--threads", "2", "--kernels", "ref", NULL}};
-    for (int k = 0; k < 3; k++) {
-        char o[700];
-        snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
-        th_run_result r = xm_merge(c, o, v[k]);
-        cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status, r.err);
-        th_run_free(&r);
-        cr_assert(th_files_equal(o, c->out), "%s: variant %d (%s %s %s %s) changed the bytes", what, k, v[k][0],
-                  v[k][1], v[k][2], v[k][3]);
-    }
-}
-
-/* the merged tensor checked against ref/bnd/y32; --json exact with every element recomputed */
-static uint64_t xm_verify(const xm_case *c, const th_run_result *r, const char *name, uint64_t n,
-                          const long double *ref, const long double *bnd, const float *y32, const char *odt,
-                          const char *what, uint64_t *recomputed)
-{
-    double *o = xm_out_values(c->out, name, n);
-    uint64_t amb = 0;
-    const uint64_t wrong = xm_check(o, ref, bnd, y32, n, odt, what, &amb);
-    free(o);
-    int exact;
-    double rec;
-    xm_json_tensor(r->out, name, &exact, &rec);
-    cr_assert(exact, "%s: --json does not say exact", what);
-    /* f32 outputs: every element computed in f64; bf16/f16: those the f32 form's bound left
-     * uncertain (all, for a type without one) */
-    if (!strcmp(odt, "F32"))
-        cr_assert_eq((uint64_t)rec, n, "%s: --json says %g recomputed, the f64 path computes all %llu", what, rec,
-                     (unsigned long long)n);
-    else
-        cr_assert(rec >= 0 && (uint64_t)rec <= n, "%s: --json says %g recomputed of %llu", what, rec,
-                  (unsigned long long)n);
-    if (recomputed != NULL)
-        *recomputed = (uint64_t)rec;
-    cr_assert_leq(amb, n / 50 + 1, "%s: %llu of %llu elements within f64 noise of a boundary", what,
-                  (unsigned long long)amb, (unsigned long long)n);
-    fprintf(stderr, "exact_method/%s: %llu of %llu elements an f32 evaluation gets wrong, %llu within f64 noise of a "
-            "boundary, all others the nearest value; %g recomputed in f64\n", what, (unsigned long long)wrong,
-            (unsigned long long)n, (unsigned long long)amb, rec);
-    return wrong;
-}
-
 static uint64_t g_rng = 0x0f7;
 
 /* ---- row transforms: OFT, BOFT, HRA ------------------------------------------------------------ */
@@ -484,7 +294,7 @@ static void xm_boft_R(const double *X, long double R[XM_BS][XM_BS])
 }
 
 /* the adapter of `type` (OFT, BOFT, HRA) for q_proj [O, I] with magnitude qs, and its M, s */
-static void xm_rot_adapter(const char *type, double qs, int gs, xm_set *ad, xm_rot *T)
+static void xm_rot_adapter(const char *type, double qs, int gs, tx_set *ad, xm_rot *T)
 {
     memset(T, 0, sizeof *T);
     T->type = type;
@@ -494,8 +304,8 @@ static void xm_rot_adapter(const char *type, double qs, int gs, xm_set *ad, xm_r
     if (!strcmp(type, "OFT") || !strcmp(type, "BOFT")) {
         const int oft = !strcmp(type, "OFT");
         const uint64_t per = oft ? XM_BS * (XM_BS - 1) / 2 : XM_BS * XM_BS;
-        xm_t *q = oft ? xm_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight", "F32", 2, nb, per)
-                      : xm_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.boft_R", "F32", 2, nb, per);
+        tx_t *q = oft ? tx_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight", "F32", 2, nb, per)
+                      : tx_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.boft_R", "F32", 2, nb, per);
         if (!oft) { /* [1, nb, bs, bs] */
             q->nd = 4;
             q->shape[0] = 1;
@@ -520,7 +330,7 @@ static void xm_rot_adapter(const char *type, double qs, int gs, xm_set *ad, xm_r
                      "\"coft\": false, \"block_share\": false}", XM_BS);
             T->bnd_exp = 48;
         } else {
-            xm_t *s = xm_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.boft_s", "F32", 2, XM_O, 1);
+            tx_t *s = tx_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.boft_s", "F32", 2, XM_O, 1);
             for (int r = 0; r < XM_O; r++)
                 T->s[r] = s->v[r] = (double)(float)(1.0 + (r % 5 == 0 ? 1e-7 : 0.3) * th_rand_uniform(&g_rng));
             snprintf(T->cfg, sizeof T->cfg, "{\"peft_type\": \"BOFT\", \"target_modules\": [\"q_proj\"], "
@@ -532,7 +342,7 @@ static void xm_rot_adapter(const char *type, double qs, int gs, xm_set *ad, xm_r
     /* HRA: hra_u [I, r]; u_i its normalised columns (Gram-Schmidt with apply_GS); H = prod (I - 2 u_i u_i^T)
      * (apply_GS: I - 2 sum u_i u_i^T); W' = W @ H, so y_a = sum_b H[b, a] x_b: M = H^T */
     enum { RK = 4 };
-    xm_t *u = xm_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.hra_u", "F32", 2, XM_I, RK);
+    tx_t *u = tx_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.hra_u", "F32", 2, XM_I, RK);
     for (uint64_t e = 0; e < u->n; e++)
         u->v[e] = (double)(float)(th_rand_normal(&g_rng) * (e % 3 == 0 ? qs : 1.0));
     long double U[RK][XM_I], H[XM_I][XM_I], H2[XM_I][XM_I];
@@ -586,9 +396,9 @@ typedef enum { XM_CANCEL, XM_TINY, XM_SUBNORMAL } xm_mode;
  * base); SUBNORMAL does CANCEL at a scale whose results are subnormal in the output dtype */
 static void xm_rot_case(const char *type, const char *bdt, xm_mode mode, int gs)
 {
-    xm_set base = {0}, ad = {0};
-    xm_t *w = xm_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, XM_O, XM_I);
-    xm_t *other = xm_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, XM_I);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, XM_O, XM_I);
+    tx_t *other = tx_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, XM_I);
     for (uint64_t e = 0; e < other->n; e++)
         other->v[e] = th_round_to(0.01 * (double)e, bdt);
     xm_rot *T = malloc(sizeof *T);
@@ -614,9 +424,9 @@ static void xm_rot_case(const char *type, const char *bdt, xm_mode mode, int gs)
             w->v[r * XM_I + (uint64_t)b] = th_round_to((double)x * scale, bdt);
         }
     }
-    xm_case c;
-    xm_case_write(&c, &base, &ad, T->cfg);
-    th_run_result res = xm_merge(&c, c.out, NULL);
+    tx_case c;
+    tx_case_write(&c, &base, &ad, T->cfg);
+    th_run_result res = tx_merge(&c, c.out, NULL);
     cr_assert_eq(res.status, 0, "%s %s: exit %d: %s", type, bdt, res.status, res.err);
     long double *ref = malloc(w->n * sizeof *ref), *bnd = malloc(w->n * sizeof *bnd);
     float *y32 = malloc(w->n * sizeof *y32);
@@ -639,20 +449,20 @@ static void xm_rot_case(const char *type, const char *bdt, xm_mode mode, int gs)
     snprintf(what, sizeof what, "%s%s %s %s", type, gs ? "-GS" : "", bdt,
              mode == XM_CANCEL ? "cancel" : mode == XM_TINY ? "tiny" : "subnormal");
     uint64_t rec = 0;
-    const uint64_t wrong = xm_verify(&c, &res, w->name, w->n, ref, bnd, y32, bdt, what, &rec);
+    const uint64_t wrong = tx_verify(&c, &res, w->name, w->n, ref, bnd, y32, bdt, what, &rec);
     if (mode == XM_CANCEL) /* the construction is adversarial */
         cr_assert_gt(wrong, 0, "%s: an f32 evaluation gets every element right: not adversarial", what);
     if (mode == XM_TINY && strcmp(bdt, "F32") != 0 && strcmp(type, "HRA") != 0) /* the f32 form's bound is tight */
         cr_assert_lt(rec, w->n / 4, "%s: %llu of %llu elements recomputed: the bound certifies too few", what,
                      (unsigned long long)rec, (unsigned long long)w->n);
     th_run_free(&res);
-    xm_same_bytes(&c, what);
+    tx_same_bytes(&c, what);
     free(ref);
     free(bnd);
     free(y32);
     free(T);
-    xm_free(&base);
-    xm_free(&ad);
+    tx_free(&base);
+    tx_free(&ad);
     th_rmrf(c.dir);
     free(c.dir);
 }
@@ -683,9 +493,9 @@ Test(exact_method, hra_f32, .timeout = 60)
 static void xm_f16_overflow(const char *cfg, const char *part, int nd, uint64_t d0, uint64_t d1, double v,
                             const char *part2, uint64_t n2, double v2)
 {
-    xm_set base = {0}, ad = {0};
-    xm_t *w = xm_add(&base, "model.layers.0.self_attn.q_proj.weight", "F16", 2, 8, 8);
-    xm_t *q = xm_add(&ad, part, "F32", nd == 4 ? 2 : nd, d0, d1);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", "F16", 2, 8, 8);
+    tx_t *q = tx_add(&ad, part, "F32", nd == 4 ? 2 : nd, d0, d1);
     if (nd == 4) {
         q->nd = 4;
         q->shape[0] = 1;
@@ -693,7 +503,7 @@ static void xm_f16_overflow(const char *cfg, const char *part, int nd, uint64_t 
         q->shape[2] = q->shape[3] = 8;
     }
     if (part2 != NULL) {
-        xm_t *q2 = xm_add(&ad, part2, "F32", 2, n2, 1);
+        tx_t *q2 = tx_add(&ad, part2, "F32", 2, n2, 1);
         for (uint64_t e = 0; e < q2->n; e++)
             q2->v[e] = v2;
     }
@@ -701,16 +511,16 @@ static void xm_f16_overflow(const char *cfg, const char *part, int nd, uint64_t 
         w->v[e] = 60000;
     for (uint64_t e = 0; e < q->n; e++)
         q->v[e] = v < 0 ? (e == 0 ? 1 / sqrt(8.0) - 1 : 1 / sqrt(8.0)) : v * (e % 2 ? 1 : -1);
-    xm_case c;
-    xm_case_write(&c, &base, &ad, cfg);
-    th_run_result r = xm_merge(&c, c.out, NULL);
+    tx_case c;
+    tx_case_write(&c, &base, &ad, cfg);
+    th_run_result r = tx_merge(&c, c.out, NULL);
     cr_assert_neq(r.status, 0, "an f16 overflow was written: %s", r.out);
     cr_assert(strstr(r.err, "model.layers.0.self_attn.q_proj.weight") != NULL && strstr(r.err, "F16") != NULL,
               "the error does not name the tensor and the dtype: %s", r.err);
     cr_assert(!th_exists(c.out), "an output was left");
     th_run_free(&r);
-    xm_free(&base);
-    xm_free(&ad);
+    tx_free(&base);
+    tx_free(&ad);
     th_rmrf(c.dir);
     free(c.dir);
 }
@@ -733,8 +543,8 @@ enum { XE_O = 8, XE_I = 32, XE_R = 4 };
 
 static void xm_elem_case(const char *type, const char *bdt)
 {
-    xm_set base = {0}, ad = {0};
-    xm_t *w = xm_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, XE_O, XE_I);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, XE_O, XE_I);
     const uint64_t n = w->n;
     long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
     float *y32 = malloc(n * sizeof *y32);
@@ -742,7 +552,7 @@ static void xm_elem_case(const char *type, const char *bdt)
     for (uint64_t e = 0; e < n; e++)
         w->v[e] = th_round_to(0.05 * th_rand_normal(&g_rng), bdt);
     if (!strcmp(type, "MISS")) { /* W[o, c] += block[c mod r, o]: half the elements W = -block + residue */
-        xm_t *b = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.miss_block", "F32", 2, XE_R, XE_O);
+        tx_t *b = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.miss_block", "F32", 2, XE_R, XE_O);
         for (uint64_t e = 0; e < b->n; e++)
             b->v[e] = (double)(float)(0.05 * th_rand_normal(&g_rng) * (e % 3 ? 1 : 1e-4));
         for (uint64_t o = 0; o < XE_O; o++)
@@ -758,8 +568,8 @@ static void xm_elem_case(const char *type, const char *bdt)
         snprintf(cfg, sizeof cfg, "{\"peft_type\": \"MISS\", \"target_modules\": [\"q_proj\"], \"r\": %d, \"mini_r\": 1}",
                  XE_R);
     } else if (!strcmp(type, "HIRA")) { /* W' = W + W * (B A): B A = -1 + small */
-        xm_t *A = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_A", "F32", 2, XE_R, XE_I);
-        xm_t *B = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_B", "F32", 2, XE_O, XE_R);
+        tx_t *A = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_A", "F32", 2, XE_R, XE_I);
+        tx_t *B = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_B", "F32", 2, XE_O, XE_R);
         /* 1 + B A ~ 1e-6 (a cancellation by 2^20); f32 outputs 1e-3 (2^10: deeper, f64 noise reaches
          * an f32 ulp of the result) */
         const double sm = strcmp(bdt, "F32") ? 1e-3 : 3e-2;
@@ -785,8 +595,8 @@ static void xm_elem_case(const char *type, const char *bdt)
     } else { /* RoAd road_1, groups of 4: rows p, q = p + 2 share (c, s) = alpha (cos, sin) theta;
               * p <- c W_p - s W_q, q <- s W_p + c W_q; W_q = (c / s) W_p + residue cancels row p */
         const uint64_t nt = XE_O / 2;
-        xm_t *th = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.road_theta", "F32", 1, nt, 0);
-        xm_t *al = xm_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.road_alpha", "F32", 1, nt, 0);
+        tx_t *th = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.road_theta", "F32", 1, nt, 0);
+        tx_t *al = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.road_alpha", "F32", 1, nt, 0);
         for (uint64_t t = 0; t < nt; t++) {
             th->v[t] = (double)(float)(0.3 + 0.5 * th_rand_uniform(&g_rng));
             al->v[t] = (double)(float)(1.0 + 0.1 * th_rand_uniform(&g_rng));
@@ -811,21 +621,21 @@ static void xm_elem_case(const char *type, const char *bdt)
         snprintf(cfg, sizeof cfg, "{\"peft_type\": \"ROAD\", \"target_modules\": [\"q_proj\"], \"group_size\": 4, "
                  "\"variant\": \"road_1\"}");
     }
-    xm_case c;
-    xm_case_write(&c, &base, &ad, cfg);
-    th_run_result res = xm_merge(&c, c.out, NULL);
+    tx_case c;
+    tx_case_write(&c, &base, &ad, cfg);
+    th_run_result res = tx_merge(&c, c.out, NULL);
     cr_assert_eq(res.status, 0, "%s %s: exit %d: %s", type, bdt, res.status, res.err);
     char what[64];
     snprintf(what, sizeof what, "%s %s", type, bdt);
     uint64_t rec = 0;
-    xm_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+    tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
     th_run_free(&res);
-    xm_same_bytes(&c, what);
+    tx_same_bytes(&c, what);
     free(ref);
     free(bnd);
     free(y32);
-    xm_free(&base);
-    xm_free(&ad);
+    tx_free(&base);
+    tx_free(&ad);
     th_rmrf(c.dir);
     free(c.dir);
 }

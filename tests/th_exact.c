@@ -1,0 +1,187 @@
+/* SPDX-License-Identifier: MIT */
+/* th_exact.c : see th_exact.h. */
+#include "th_exact.h"
+
+#include <cJSON.h>
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+tx_t *tx_add(tx_set *s, const char *name, const char *dtype, int nd,
+             uint64_t d0, uint64_t d1) {
+  cr_assert_lt(s->n, TX_MAX);
+  tx_t *t = &s->t[s->n++];
+  memset(t, 0, sizeof *t);
+  snprintf(t->name, sizeof t->name, "%s", name);
+  snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
+  t->nd = nd;
+  t->shape[0] = d0;
+  t->shape[1] = d1;
+  t->n = nd == 1 ? d0 : d0 * d1;
+  t->v = calloc(t->n, sizeof(double));
+  return t;
+}
+
+void tx_write(const char *path, const tx_set *s) {
+  th_out_tensor o[TX_MAX];
+  for (int k = 0; k < s->n; k++) {
+    memset(&o[k], 0, sizeof o[k]);
+    o[k].name = s->t[k].name;
+    o[k].dtype = s->t[k].dtype;
+    o[k].n_dims = s->t[k].nd;
+    for (int d = 0; d < 4; d++)
+      o[k].shape[d] = s->t[k].shape[d];
+    o[k].values = s->t[k].v;
+  }
+  cr_assert_eq(th_st_write(path, o, (size_t)s->n), 0, "cannot write %s", path);
+}
+
+void tx_free(tx_set *s) {
+  for (int k = 0; k < s->n; k++)
+    free(s->t[k].v);
+  s->n = 0;
+}
+
+void tx_case_write(tx_case *c, const tx_set *base, const tx_set *ad,
+                   const char *cfg) {
+  c->dir = th_tmpdir();
+  cr_assert_not_null(c->dir);
+  snprintf(c->base, sizeof c->base, "%s/base.safetensors", c->dir);
+  snprintf(c->adir, sizeof c->adir, "%s/adapter", c->dir);
+  snprintf(c->out, sizeof c->out, "%s/out.safetensors", c->dir);
+  cr_assert_eq(mkdir(c->adir, 0755), 0);
+  tx_write(c->base, base);
+  char p[700];
+  snprintf(p, sizeof p, "%s/adapter_model.safetensors", c->adir);
+  tx_write(p, ad);
+  cr_assert_eq(th_write_text(c->adir, "adapter_config.json", cfg), 0);
+}
+
+th_run_result tx_merge(const tx_case *c, const char *out,
+                       const char *const *opts) {
+  const char *argv[24];
+  int n = 0;
+  argv[n++] = th_bin();
+  argv[n++] = "--json";
+  for (; opts && *opts; opts++)
+    argv[n++] = *opts;
+  argv[n++] = c->base;
+  argv[n++] = c->adir;
+  argv[n++] = out;
+  argv[n] = NULL;
+  return th_run(NULL, argv);
+}
+
+void tx_json_tensor(const char *json, const char *name, int *exact,
+                    double *recomputed) {
+  cJSON *js = cJSON_Parse(json);
+  cr_assert_not_null(js, "--json output is not JSON: %s", json);
+  const cJSON *ct = cJSON_GetObjectItem(js, "changed_tensors"), *e;
+  int found = 0;
+  cJSON_ArrayForEach(e, ct) {
+    if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(e, "name")), name) != 0)
+      continue;
+    found = 1;
+    *exact = cJSON_IsTrue(cJSON_GetObjectItem(e, "exact"));
+    const cJSON *r = cJSON_GetObjectItem(e, "recomputed");
+    *recomputed = cJSON_IsNumber(r) ? r->valuedouble : -1;
+  }
+  cJSON_Delete(js);
+  cr_assert(found, "%s is not among the changed tensors: %s", name, json);
+}
+
+double *tx_out_values(const char *path, const char *name, uint64_t n) {
+  th_st o;
+  cr_assert_eq(th_st_read(path, &o), 0, "output %s unreadable", path);
+  const th_tensor *t = th_st_find(&o, name);
+  cr_assert_not_null(t, "%s missing from the output", name);
+  cr_assert_eq(t->n_elems, n);
+  double *v = th_to_f64(t);
+  th_st_free(&o);
+  return v;
+}
+
+/* Every element: ref (long double) +- bnd (a bound on f64 evaluation noise)
+ * rounds to one value, which out must be; or the interval straddles a boundary
+ * and out is one of its two roundings (counted in *n_amb).  @return how many
+ * elements a plain f32 evaluation (y32) gets wrong. */
+uint64_t tx_check(const double *out, const long double *ref,
+                  const long double *bnd, const float *y32, uint64_t n,
+                  const char *dtype, const char *what, uint64_t *n_amb) {
+  uint64_t f32_wrong = 0;
+  for (uint64_t e = 0; e < n; e++) {
+    const double lo = th_round_to((double)(ref[e] - bnd[e]), dtype),
+                 hi = th_round_to((double)(ref[e] + bnd[e]), dtype);
+    const double want = th_round_to((double)ref[e], dtype);
+    if (lo == hi) {
+      cr_assert(out[e] == want || (out[e] == 0 && want == 0),
+                "%s: element %llu is %a, the f64 value %La rounded once is %a",
+                what, (unsigned long long)e, out[e], ref[e], want);
+      f32_wrong += th_round_to((double)y32[e], dtype) != want;
+    } else {
+      cr_assert(out[e] >= lo && out[e] <= hi,
+                "%s: element %llu is %a, outside [%a, %a] (value %La +- %Lg)",
+                what, (unsigned long long)e, out[e], lo, hi, ref[e], bnd[e]);
+      (*n_amb)++;
+    }
+  }
+  return f32_wrong;
+}
+
+/* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
+void tx_same_bytes(const tx_case *c, const char *what) {
+  const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
+                               {"--threads", "2", "--tile-elems", "64", NULL},
+                               {"--threads", "2", "--kernels", "ref", NULL}};
+  for (int k = 0; k < 3; k++) {
+    char o[700];
+    snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
+    th_run_result r = tx_merge(c, o, v[k]);
+    cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status,
+                 r.err);
+    th_run_free(&r);
+    cr_assert(th_files_equal(o, c->out),
+              "%s: variant %d (%s %s %s %s) changed the bytes", what, k,
+              v[k][0], v[k][1], v[k][2], v[k][3]);
+  }
+}
+
+/* the merged tensor checked against ref/bnd/y32; --json exact with every
+ * element recomputed */
+uint64_t tx_verify(const tx_case *c, const th_run_result *r, const char *name,
+                   uint64_t n, const long double *ref, const long double *bnd,
+                   const float *y32, const char *odt, const char *what,
+                   uint64_t *recomputed) {
+  double *o = tx_out_values(c->out, name, n);
+  uint64_t amb = 0;
+  const uint64_t wrong = tx_check(o, ref, bnd, y32, n, odt, what, &amb);
+  free(o);
+  int exact;
+  double rec;
+  tx_json_tensor(r->out, name, &exact, &rec);
+  cr_assert(exact, "%s: --json does not say exact", what);
+  /* f32 outputs: every element computed in f64; bf16/f16: those the f32 form's
+   * bound left uncertain (all, for a type without one) */
+  if (!strcmp(odt, "F32"))
+    cr_assert_eq(
+        (uint64_t)rec, n,
+        "%s: --json says %g recomputed, the f64 path computes all %llu", what,
+        rec, (unsigned long long)n);
+  else
+    cr_assert(rec >= 0 && (uint64_t)rec <= n,
+              "%s: --json says %g recomputed of %llu", what, rec,
+              (unsigned long long)n);
+  if (recomputed != NULL)
+    *recomputed = (uint64_t)rec;
+  cr_assert_leq(amb, n / 50 + 1,
+                "%s: %llu of %llu elements within f64 noise of a boundary",
+                what, (unsigned long long)amb, (unsigned long long)n);
+  fprintf(stderr,
+          "%s: %llu of %llu elements an f32 evaluation gets wrong, %llu within "
+          "f64 noise of a "
+          "boundary, all others the nearest value; %g recomputed in f64\n",
+          what, (unsigned long long)wrong, (unsigned long long)n,
+          (unsigned long long)amb, rec);
+  return wrong;
+}
