@@ -700,6 +700,26 @@ lm_code lm_st_writer_commit(lm_st_writer *w, int do_fsync, lm_err *err)
 /* ------------------------------------------------------------------------------------------ */
 /* small files (index, copied config files): temp file beside the destination + rename          */
 /* ------------------------------------------------------------------------------------------ */
+/* the n_bytes of data written to fd (a new temporary file), then its mode set to mode & 0777 less
+ * the umask; @return 0 or the errno of the failing call */
+static int write_small(int fd, const void *data, size_t n_bytes, unsigned mode)
+{
+    const uint8_t *p = data;
+    size_t left = n_bytes;
+    while (left > 0) {
+        ssize_t k = lm_sys_write(fd, p, left);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return k < 0 ? errno : EIO;
+        p += k;
+        left -= (size_t)k;
+    }
+    mode_t mask = umask(0);
+    umask(mask);
+    return lm_sys_fchmod(fd, (mode_t)(mode & 0777) & ~mask) != 0 ? errno : 0;
+}
+
 lm_code lm_write_file_atomic(const char *path, const void *data, size_t n_bytes, lm_err *err)
 {
     return lm_write_file_atomic_mode(path, data, n_bytes, 0666, err);
@@ -728,24 +748,7 @@ lm_code lm_write_file_atomic_sync(const char *path, const void *data, size_t n_b
         lm_err_set_path(err, path);
         return LM_E_IO;
     }
-    const uint8_t *p = data;
-    size_t left = n_bytes;
-    int e = 0;
-    while (left > 0 && e == 0) {
-        ssize_t k = lm_sys_write(fd, p, left);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            e = k < 0 ? errno : EIO;
-        else {
-            p += k;
-            left -= (size_t)k;
-        }
-    }
-    mode_t mask = umask(0);
-    umask(mask);
-    if (e == 0 && lm_sys_fchmod(fd, (mode_t)(mode & 0777) & ~mask) != 0)
-        e = errno;
+    int e = write_small(fd, data, n_bytes, mode);
     if (e == 0 && do_fsync && lm_sys_fsync(fd) != 0)
         e = errno;
     /* renamed while still locked, so no other run's cleanup can take it for a dead one's */
@@ -776,23 +779,8 @@ lm_code lm_write_file_new(const char *path, const void *data, size_t n_bytes, in
     int fd = create_locked_temp(tmp), e = fd < 0 ? errno : 0;
     lm_cleanup_slot *slot = fd >= 0 ? lm_cleanup_register(tmp) : NULL;
     cleanup_unblock(&old_mask);
-    const uint8_t *p = data;
-    size_t left = n_bytes;
-    while (fd >= 0 && left > 0 && e == 0) {
-        ssize_t k = lm_sys_write(fd, p, left);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            e = k < 0 ? errno : EIO;
-        else {
-            p += k;
-            left -= (size_t)k;
-        }
-    }
-    mode_t mask = umask(0);
-    umask(mask);
-    if (fd >= 0 && e == 0 && lm_sys_fchmod(fd, 0666 & ~mask) != 0)
-        e = errno;
+    if (fd >= 0)
+        e = write_small(fd, data, n_bytes, 0666);
     *existed = 0;
     /* linked, then the temporary name removed, while still locked: whatever kills this process
      * leaves at most a temporary file whose lock is free */
