@@ -577,11 +577,19 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     snprintf(sbase, sizeof sbase, "%s/base-%dshards", mdir, bc->shards);
     snprintf(stamp, sizeof stamp, "%s/model.safetensors.index.json", sbase);
     snprintf(out, sizeof out, "%s/shards-out/", dir);
+    snprintf(size, sizeof size, "%ld", file_size(base) / bc->shards + (1 << 20));
     long rss;
     int st = 0;
-    if (file_size(stamp) <= 0) {
+    /* BENCH_SHARDS_INPUT=file: no sharded copy of the base (half the disk): the merge and the
+     * workers read the one base file and split the output by --max-shard-size (the same shards;
+     * each worker still reads only its shards' tensors) */
+    const char *input = getenv("BENCH_SHARDS_INPUT");
+    int from_file = input != NULL && strcmp(input, "file") == 0;
+    if (from_file) {
+        snprintf(sbase, sizeof sbase, "%s", base);
+        fprintf(stderr, "bench: workers read %s, output split by --max-shard-size %s\n", base, size);
+    } else if (file_size(stamp) <= 0) {
         rm_rf(sbase);
-        snprintf(size, sizeof size, "%ld", file_size(base) / bc->shards + (1 << 20));
         char *argv[] = {(char *)bin, "-q", "--allow-noop", "--max-shard-size", size, (char *)base, (char *)adapter, sbase, NULL};
         fprintf(stderr, "bench: writing the base in %d shards to %s ...\n", bc->shards, sbase);
         run_timed(argv, NULL, &rss, &st);
@@ -598,7 +606,14 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     int n_sh = 0;
     for (int r = 0; r < runs; r++) {
         rm_rf(out);
-        char *margv[] = {(char *)bin, "-q", "--threads", "2", sbase, (char *)adapter, out, NULL};
+        char *margv[] = {(char *)bin, "-q", "--threads", "2", sbase, (char *)adapter, out, NULL, NULL, NULL};
+        if (from_file) { /* the same command with --max-shard-size SIZE before the paths */
+            margv[4] = "--max-shard-size";
+            margv[5] = size;
+            margv[6] = sbase;
+            margv[7] = (char *)adapter;
+            margv[8] = out;
+        }
         t1[r] = run_timed(margv, NULL, &rss, &st);
         c1[r] = g_last_cpu;
         if (st != 0) {
@@ -614,7 +629,11 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
             snprintf(spec, sizeof spec, "%d/%d", w, W);
             start[w] = now();
             if ((pid[w] = fork()) == 0) {
-                execl(bin, bin, "-q", "--threads", "1", "--shards", spec, sbase, adapter, out, (char *)NULL);
+                if (from_file)
+                    execl(bin, bin, "-q", "--threads", "1", "--max-shard-size", size, "--shards", spec, sbase, adapter,
+                          out, (char *)NULL);
+                else
+                    execl(bin, bin, "-q", "--threads", "1", "--shards", spec, sbase, adapter, out, (char *)NULL);
                 _exit(127);
             }
         }
