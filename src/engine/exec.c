@@ -788,7 +788,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
         lm_exact_f64_apply(t, J->rt[ti].prep, &t64);
-        lm_f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
+        J->k->f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
         __atomic_add_fetch(&J->rt[ti].n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
         if (ts != NULL)
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
