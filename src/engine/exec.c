@@ -102,14 +102,15 @@ typedef struct {
 /* The adapter tensors a tensor's ops read are dropped from the process once it is done (its
  * pages would stay mapped, and resident memory is bounded by the tensors in flight).  madvise
  * interrupts every core the process runs on (a TLB shootdown), so the ranges are gathered and
- * dropped DROP_BATCH bytes at a time, adjacent ones (the next module's factors) merged. */
+ * dropped DROP_BATCH bytes at a time per job of the run, adjacent ones (the next module's
+ * factors) merged.  One list for every job of a batch, under their prep_lock. */
 #define DROP_BATCH ((uint64_t)2 << 20)
 #define DROP_RANGES 16
 
 typedef struct {
     uintptr_t lo[DROP_RANGES], hi[DROP_RANGES];
     size_t n;
-    uint64_t bytes;
+    uint64_t bytes, batch; /* gathered; dropped when bytes reach batch */
 } drop_list;
 
 typedef struct {
@@ -134,7 +135,7 @@ typedef struct {
     size_t n_tasks;
     lm_exec_stats st;
     size_t max_elems;        /* f32 elements of its largest tile */
-    drop_list drops;         /* adapter pages to drop (under prep_lock) */
+    drop_list *drops;        /* adapter pages to drop (under prep_lock, shared by a batch's jobs) */
 } job;
 
 /* the base file a tensor's bytes come from (NULL when they come from an adapter) */
@@ -184,7 +185,7 @@ static void drops_add(drop_list *d, const lm_ts_tensor *t)
         d->hi[i] = hi > d->hi[i] ? hi : d->hi[i];
     }
     d->bytes += d->hi[i] - d->lo[i];
-    if (d->bytes >= DROP_BATCH)
+    if (d->bytes >= d->batch)
         drops_flush(d);
 }
 
@@ -205,7 +206,7 @@ static void tensor_release(job *J, size_t ti)
     tensor_rt *rt = &J->rt[ti];
     if (rt->prep != NULL)
         for (size_t o = 0; o < J->plan->t[ti].n_ops; o++)
-            prepared_free(&rt->prep[o], &J->drops);
+            prepared_free(&rt->prep[o], J->drops);
     free(rt->prep);
     free(rt->col_scale);
     free(rt->qscale);
@@ -1630,7 +1631,8 @@ static lm_code commit_job(job *J, lm_err *err)
 
 /* one job's state, its tasks and its output files (temporary files from here on) */
 static lm_code job_init(job *J, const lm_plan *plan, const lm_model *model, const char *out_path,
-                        const lm_exec_opts *opts, const lm_kernels *k, pthread_mutex_t *lock, int n_threads, lm_err *err)
+                        const lm_exec_opts *opts, const lm_kernels *k, pthread_mutex_t *lock, drop_list *drops,
+                        int n_threads, lm_err *err)
 {
     lm_code rc;
     memset(J, 0, sizeof *J);
@@ -1639,6 +1641,7 @@ static lm_code job_init(job *J, const lm_plan *plan, const lm_model *model, cons
     J->k = k;
     J->opts = opts;
     J->prep_lock = lock;
+    J->drops = drops;
     J->tile_elems = opts ? opts->tile_elems : 0;
     J->lowrank_flags = opts && opts->exactness_off ? LM_LOWRANK_UNCERTIFIED : 0;
     J->n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
@@ -1676,7 +1679,6 @@ static void job_free(job *J, int abort_writers)
     if (J->rt != NULL)
         for (size_t i = 0; i < J->plan->n; i++)
             tensor_release(J, i);
-    drops_flush(&J->drops);
     free(J->rt);
     free(J->w);
     free(J->local);
@@ -1878,7 +1880,7 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
  * before any is committed; then job by job, its files renamed into place and its after_commit */
 static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, const lm_model *model,
                           const char *const *out_paths, const lm_exec_opts *opts, pthread_mutex_t *lock,
-                          size_t *n_init, size_t *failed_job, lm_err *err)
+                          drop_list *drops, size_t *n_init, size_t *failed_job, lm_err *err)
 {
     const lm_exec_opts *o0 = opts;
     lm_kernels kern;
@@ -1897,7 +1899,7 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
     batch B = {Js, n_jobs, 0, 0};
     for (size_t j = 0; j < n_jobs; j++) {
         *failed_job = j;
-        rc = job_init(&Js[j], plans[j], model, out_paths[j], opts ? &opts[j] : NULL, k, lock, n_threads, err);
+        rc = job_init(&Js[j], plans[j], model, out_paths[j], opts ? &opts[j] : NULL, k, lock, drops, n_threads, err);
         *n_init = j + 1;
         if (rc != LM_OK)
             return rc;
@@ -1931,14 +1933,19 @@ lm_code lm_exec_run_batch(size_t n_jobs, const lm_plan *const *plans, const lm_m
     size_t n_init = 0, failed = 0;
     pthread_mutex_t lock;
     pthread_mutex_init(&lock, NULL);
+    drop_list drops;
+    memset(&drops, 0, sizeof drops);
+    drops.batch = DROP_BATCH * (n_jobs < 16 ? n_jobs : 16);
     job *Js = calloc(n_jobs + 1, sizeof *Js);
     lm_code rc = Js == NULL ? lm_fail(&local_err, LM_E_NOMEM, NULL, "out of memory")
-                            : exec_batch(Js, n_jobs, plans, model, out_paths, opts, &lock, &n_init, &failed, &local_err);
+                            : exec_batch(Js, n_jobs, plans, model, out_paths, opts, &lock, &drops, &n_init, &failed,
+                                         &local_err);
     for (size_t j = 0; j < n_init; j++) {
         if (rc == LM_OK && stats)
             stats[j] = Js[j].st;
         job_free(&Js[j], rc != LM_OK);
     }
+    drops_flush(&drops);
     free(Js);
     pthread_mutex_destroy(&lock);
     if (rc != LM_OK) {
