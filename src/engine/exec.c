@@ -252,19 +252,22 @@ static void op_rows(const lm_op *op, const float *src, const lm_tile *t)
     }
 }
 
-/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out) */
-static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out), columns c0 .. c0 + w
+ * (each element's value does not depend on which columns a call covers: lm_kernels.h) */
+static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t, uint64_t c0, uint64_t w)
 {
     const uint64_t end = op->row0 + (op->axis ? op->in : op->out);
     const uint64_t lo = t->r0 > op->row0 ? t->r0 : op->row0, hi = t->r0 + t->nr < end ? t->r0 + t->nr : end;
     if (lo >= hi)
         return;
-    float *acc = t->acc + (lo - t->r0) * t->cols;
+    float *acc = t->acc + (lo - t->r0) * t->cols + c0;
     const uint64_t i = lo - op->row0;
     if (!op->axis)
-        lm_gemm_tile_nn(t->k, acc, hi - lo, t->cols, p->b + i * op->rank, p->a, op->rank, (float)op->scale);
+        t->k->gemm_rows(0, 0, hi - lo, w, op->rank, (float)op->scale, p->b + i * op->rank, op->rank, p->a + c0, t->cols,
+                        1.0f, acc, t->cols);
     else
-        lm_gemm_tile_tt(t->k, acc, hi - lo, t->cols, p->a + i, op->in, p->b, op->rank, (float)op->scale);
+        t->k->gemm_rows(1, 1, hi - lo, w, op->rank, (float)op->scale, p->a + i, op->in, p->b + c0 * op->rank, op->rank,
+                        1.0f, acc, t->cols);
 }
 
 static void op_scale(const lm_op *op, const float *f, const lm_tile *t)
@@ -311,7 +314,7 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, const lm_
         switch (op->kind) {
         case LM_OP_REPLACE: break; /* the tile was loaded from the replacement */
         case LM_OP_ROWS: op_rows(op, p->a, t); break;
-        case LM_OP_LOWRANK: op_lowrank(op, p, t); break;
+        case LM_OP_LOWRANK: op_lowrank(op, p, t, 0, t->cols); break;
         case LM_OP_ADD: t->k->axpy(t->acc, (float)op->scale, p->a + t->r0 * t->cols, (size_t)(t->nr * t->cols)); break;
         case LM_OP_SCALE: op_scale(op, p->a, t); break;
         case LM_OP_NORM: op_norm(op, p->a, rt->col_scale, t); break;
@@ -743,6 +746,60 @@ static lm_code compute_tile_dora(job *J, size_t ti, uint64_t r0, uint64_t nr, co
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
+/* a block FP8 weight kept quantized whose ops are all low-rank: its tiles are dequantized, merged
+ * and requantized one block at a time (lm_xq_merge_tile) */
+static int fused_tile(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (!lm_xq_fused(t) || J->rt[ti].exact_kind != LM_EXACT_NONE || J->rt[ti].dora != NULL || t->n_ops == 0)
+        return 0;
+    for (size_t o = 0; o < t->n_ops; o++)
+        if (t->ops[o].kind != LM_OP_LOWRANK)
+            return 0;
+    return 1;
+}
+
+typedef struct {
+    const job *J;
+    size_t ti;
+    float *acc;
+    uint64_t r0;
+} fused_ctx;
+
+/* lm_xq_apply_fn: the low-rank ops on rows rr .. rr + h, columns c0 .. c0 + w of the tile */
+static void fused_apply(void *arg, uint64_t rr, uint64_t h, uint64_t c0, uint64_t w)
+{
+    const fused_ctx *c = arg;
+    const lm_plan_tensor *t = &c->J->plan->t[c->ti];
+    const lm_tile tile = {c->acc + rr * t->cols, NULL, c->r0 + rr, h, t->rows, t->cols, c->J->k};
+    for (size_t o = 0; o < t->n_ops; o++)
+        op_lowrank(&t->ops[o], &c->J->rt[c->ti].prep[o], &tile, c0, w);
+}
+
+/* fused_tile()'s tiles: src (the codes) stays intact, ws->acc ends as the merged tile, so the
+ * statistics and the refusals are check_finite's as for the other tiles */
+static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
+                                  const workspace *ws, struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces,
+                                  lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const uint8_t *base_bytes = NULL;
+    size_t n_base = 0;
+    if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+        return LM_E_IO;
+    fused_ctx c = {J, ti, ws->acc, r0};
+    lm_qstats qs = {0};
+    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
+                                 pieces);
+    quant_stats_add(J, ti, &qs);
+    if (ts != NULL) {
+        ts->n_changed = qs.n_changed;
+        stats_after(J, t, ws, base_bytes, n, n_base, ts);
+    }
+    return qs.n_nonfinite_blocks == 0 ? LM_OK : check_finite(J, ti, r0, nr, ws, err);
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -769,6 +826,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
             stats_after(J, t, ws, base_bytes, n, n_base, ts);
         return rc;
     }
+    if (fused_tile(J, ti))
+        return compute_tile_fused(J, ti, r0, nr, src, ws, ts, pieces, n_pieces, err);
     src_to_f32(J, ti, src, r0, nr, ws->acc);
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
