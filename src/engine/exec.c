@@ -1014,22 +1014,21 @@ static void free_workspace(workspace *ws)
     free(ws->scratch64);
 }
 
-/* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
- * scale): requantizing needs the merged tensor's amax before any tile is written.  The merged
- * tiles are computed once for it (the max does not depend on the order) and again when written;
- * memory stays a tile per thread.  release: free the prepared factors after (no column pass
- * holds them). */
-static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm_err *err)
+/* the work of one tile of a pass over a whole tensor (for_each_tile): rows r0 .. r0 + nr, tile k,
+ * loaded as f32 in ws->acc */
+typedef lm_code (*tile_fn)(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                           void *ctx, lm_err *err);
+
+/* fn on every tile (tr rows) of tensor ti, n_threads threads with a workspace each, the tiles in
+ * any order: the first error stops the pass (the others skip their remaining tiles) */
+static lm_code for_each_tile(const job *J, size_t ti, uint64_t tr, int n_threads, tile_fn fn, void *ctx, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    if (tensor_prepare(J, ti, err) != LM_OK)
-        return err->code;
-    uint64_t tr = lm_plan_tile_rows(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
-    uint32_t amax = 0;
+    const uint64_t n_tiles = (t->rows + tr - 1) / tr;
     int failed = 0;
     lm_err shared_err;
     lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads) reduction(max : amax)
+#pragma omp parallel num_threads(n_threads)
     {
         workspace ws;
         lm_err lerr;
@@ -1043,17 +1042,10 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
             uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
             if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
                 continue;
-            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
-            apply_ops(J, ti, 0, t->n_ops, &tile);
-            for (uint64_t e = 0; e < nr * t->cols; e++) { /* |x| orders as its bits; NaN above inf */
-                uint32_t u;
-                memcpy(&u, &ws.acc[e], 4);
-                u &= 0x7FFFFFFFu;
-                amax = u > amax ? u : amax;
-            }
+            fn(J, ti, k, r0, nr, &ws, ctx, &lerr);
         }
         if (lerr.code != LM_OK) {
-#pragma omp critical(lm_amaxpass_error)
+#pragma omp critical(lm_tilepass_error)
             {
                 if (!failed)
                     shared_err = lerr;
@@ -1066,10 +1058,76 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
         *err = shared_err;
         return shared_err.code;
     }
+    return LM_OK;
+}
+
+/* quant_amax_pass's tile: the merged tile's amax (on the bits) into ctx's slot k */
+static lm_code amax_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                         void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    apply_ops(J, ti, 0, t->n_ops, &tile);
+    uint32_t amax = 0;
+    for (uint64_t e = 0; e < nr * t->cols; e++) { /* |x| orders as its bits; NaN above inf */
+        uint32_t u;
+        memcpy(&u, &ws->acc[e], 4);
+        u &= 0x7FFFFFFFu;
+        amax = u > amax ? u : amax;
+    }
+    ((uint32_t *)ctx)[k] = amax;
+    return LM_OK;
+}
+
+/* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
+ * scale): requantizing needs the merged tensor's amax before any tile is written.  The merged
+ * tiles are computed once for it (the max does not depend on the order) and again when written;
+ * memory stays a tile per thread.  release: free the prepared factors after (no column pass
+ * holds them). */
+static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (tensor_prepare(J, ti, err) != LM_OK)
+        return err->code;
+    uint64_t tr = lm_plan_tile_rows(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
+    uint32_t *part = calloc((size_t)n_tiles + 1, sizeof *part), amax = 0;
+    if (part == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the amax of '%s'", t->name);
+    if (for_each_tile(J, ti, tr, n_threads, amax_tile, part, err) != LM_OK) {
+        free(part);
+        return err->code;
+    }
+    for (uint64_t k = 0; k < n_tiles; k++)
+        amax = part[k] > amax ? part[k] : amax;
+    free(part);
     memcpy(&J->rt[ti].qamax, &amax, 4);
     lm_xq_set_amax(t, J->rt[ti].qscale, J->rt[ti].qamax);
     if (release)
         tensor_release(J, ti); /* prepared again by its first tile */
+    return LM_OK;
+}
+
+/* column_dora_pass's tile: the squared column sums of W + dW (the ops before the norm, op d)
+ * into ctx's row k */
+typedef struct {
+    double *part;
+    size_t d;
+} colsum_ctx;
+
+static lm_code colsum_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                           void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const colsum_ctx *c = ctx;
+    double *p = c->part + k * t->cols;
+    if (J->rt[ti].dora != NULL) /* the rows in f64 (exec_dora.h) */
+        return lm_dora_col_sumsq(J->rt[ti].dora, ws->acc, r0, nr, c->d, p) == 0
+                   ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    apply_ops(J, ti, 0, c->d, &tile);
+    for (uint64_t r = 0; r < nr; r++)
+        for (uint64_t col = 0; col < t->cols; col++)
+            p[col] += (double)ws->acc[r * t->cols + col] * (double)ws->acc[r * t->cols + col];
     return LM_OK;
 }
 
@@ -1093,50 +1151,11 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
         free(scale);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the DoRA column norms of '%s'", t->name);
     }
-    int failed = 0;
-    lm_err shared_err;
-    lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err lerr;
-        lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0))
-            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (uint64_t k = 0; k < n_tiles; k++) {
-            if (lerr.code != LM_OK)
-                continue;
-            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
-            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
-                continue;
-            double *p = part + k * t->cols;
-            if (J->rt[ti].dora != NULL) { /* the rows in f64 (exec_dora.h) */
-                if (lm_dora_col_sumsq(J->rt[ti].dora, ws.acc, r0, nr, d, p) != 0)
-                    lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
-                continue;
-            }
-            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
-            apply_ops(J, ti, 0, d, &tile);
-            for (uint64_t r = 0; r < nr; r++)
-                for (uint64_t c = 0; c < t->cols; c++)
-                    p[c] += (double)ws.acc[r * t->cols + c] * (double)ws.acc[r * t->cols + c];
-        }
-        if (lerr.code != LM_OK) {
-#pragma omp critical(lm_colpass_error)
-            {
-                if (!failed)
-                    shared_err = lerr;
-                failed = 1;
-            }
-        }
-        free_workspace(&ws);
-    }
-    if (failed) {
+    colsum_ctx cc = {part, d};
+    if (for_each_tile(J, ti, tr, n_threads, colsum_tile, &cc, err) != LM_OK) {
         free(part);
         free(scale);
-        *err = shared_err;
-        return shared_err.code;
+        return err->code;
     }
     const float *m = J->rt[ti].prep[d].a;
     const lm_op *op = &t->ops[d];
