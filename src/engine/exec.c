@@ -246,6 +246,8 @@ static lm_code method_prepare(job *J, size_t ti, const lm_op *op, lm_prepared *p
     return rc;
 }
 
+static lm_code sim_double_absmax(const job *J, size_t ti, float **out, lm_err *err);
+
 /* every op of tensor ti prepared (once, by the first thread that needs it) */
 static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
 {
@@ -267,6 +269,8 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
         }
+        if (rc == LM_OK && t->sim_nf4 == 2)
+            rc = sim_double_absmax(J, ti, &rt->qscale, err);
         if (rc == LM_OK && t->q != NULL && (rc = lm_xq_load_scales(t, J->model, &rt->qscale, err)) == LM_OK &&
             t->q->needs_amax && rt->qamax != NULL)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
@@ -430,8 +434,39 @@ static void src_to_f32(const job *J, size_t ti, const uint8_t *src, uint64_t r0,
         lm_xq_dequant(t, J->rt[ti].qscale, src, r0, nr, dst);
     else
         to_f32(J->k, t->src_dtype, src, dst, (size_t)(nr * t->cols));
-    if (t->sim_nf4) /* tiles start on a block (lm_plan_tile_rows) */
-        lm_bnb_nf4_roundtrip(dst, nr * t->cols, 64, t->src_dtype == LM_DT_BF16 ? 1 : t->src_dtype == LM_DT_F16 ? 2 : 0);
+    if (t->sim_nf4) /* tiles start on a block (lm_plan_tile_rows); double quantization: the tensor's absmax */
+        lm_bnb_nf4_roundtrip(dst, nr * t->cols, 64, t->sim_nf4 == 2 ? J->rt[ti].qscale + r0 * t->cols / 64 : NULL,
+                             t->src_dtype == LM_DT_BF16 ? 1 : t->src_dtype == LM_DT_F16 ? 2 : 0);
+}
+
+/* --simulate-nf4=double: the absmax dequantize_4bit would use for every block of 64 of the base
+ * weight (double quantization needs all of them: their mean), from one pass over its rows */
+static lm_code sim_double_absmax(const job *J, size_t ti, float **out, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint64_t n = t->rows * t->cols, chunk = t->cols >= 65536 ? 1 : 65536 / t->cols;
+    float *amax = malloc((size_t)(n / 64 + 1) * sizeof *amax), *buf = malloc((size_t)(chunk * t->cols) * sizeof *buf);
+    uint8_t *raw = malloc((size_t)(chunk * t->cols) * (lm_dtype_bits(t->src_dtype) / 8));
+    lm_code rc = amax && buf && raw ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for '%s'", t->name);
+    for (uint64_t r0 = 0; rc == LM_OK && r0 < t->rows; r0 += chunk) {
+        const uint64_t nr = r0 + chunk <= t->rows ? chunk : t->rows - r0;
+        const uint8_t *src = tile_bytes(J, ti, raw, r0, nr, err);
+        if (src == NULL) {
+            rc = LM_E_IO;
+            break;
+        }
+        to_f32(J->k, t->src_dtype, src, buf, (size_t)(nr * t->cols));
+        lm_bnb_block_amax(buf, nr * t->cols, 64, amax + r0 * t->cols / 64);
+    }
+    free(buf);
+    free(raw);
+    if (rc != LM_OK) {
+        free(amax);
+        return rc;
+    }
+    lm_bnb_double_quant(amax, n / 64, amax);
+    *out = amax;
+    return LM_OK;
 }
 
 static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
