@@ -232,7 +232,7 @@ size_t lm_count_nonfinite_16_avx512(const uint16_t *x, size_t n, uint16_t exp_ma
 void lm_rot_blocks_ref(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
 void lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
 void lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
-void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y);
+void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y, size_t ys);
 void lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a0, size_t a1, float *y);
 void lm_gemm_rows_ref(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A,

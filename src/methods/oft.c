@@ -220,33 +220,48 @@ lm_code lm_rot_prep_make(lm_prepared *p, const float *RT, const double *RT64, ui
  * products and sums, each at most u relative, and the 2^-52 terms) and c0 = bs 2^-149
  * (underflow, and the bound's own rounding near 0).  An inf or NaN anywhere makes the bound
  * inf or NaN: never certified. */
-void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound)
+/* built for AVX-512 and AVX2 too (an ifunc picks one); the same IEEE operations in each (no
+ * contraction: -ffp-contract=off), so the same bits */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define ROT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ROT_CLONES
+#endif
+
+/* one row: x (its input, replaced by its bound), v (D x, replaced by y); e: cols floats */
+ROT_CLONES static void row_bound(float *x, float *v, float *e, const lm_rot_prep *rp, uint64_t cols)
 {
-    const uint64_t bs = rp->bs, nb = t->cols / bs, n = t->nr * t->cols;
+    const uint64_t bs = rp->bs, nb = cols / bs;
     const float c1 = (float)(bs + 4) * 0x1p-24f, c0 = (float)bs * 0x1p-149f, cx = 1.0f + (float)(bs + 2) * 0x1p-24f;
     const float cy = 0x1p-24f * (1.0f + 0x1p-20f), ca = (float)bs * 0x1p-52f;
-    memcpy(bound, t->acc, (size_t)n * sizeof *bound); /* x, until its bound replaces it */
-    t->k->rot_blocks(t->acc, (size_t)t->nr, (size_t)t->cols, rp->DT, (size_t)rp->n_rot, (size_t)bs, t->scratch);
-    for (uint64_t r = 0; r < t->nr; r++)
-        for (uint64_t j = 0; j < nb; j++) {
-            const uint64_t o = r * t->cols + j * bs;
-            float *v = t->acc + o, *bd = bound + o;
-            float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            uint64_t b = 0;
-            for (; b + 8 <= bs; b += 8)
-                for (int q = 0; q < 8; q++)
-                    l[q] += bd[b + (uint64_t)q] * bd[b + (uint64_t)q];
-            for (; b < bs; b++)
-                l[b % 8] += bd[b] * bd[b];
-            const float ss = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-            const float xn = (sqrtf(ss) * cx + 0x1p-70f) * c1;
-            const float *dn = rp->dn + (rp->n_rot == 1 ? 0 : j) * bs;
-            for (uint64_t a = 0; a < bs; a++) {
-                const float x = bd[a], y = x + v[a];
-                v[a] = y;
-                bd[a] = ((dn[a] * xn + fabsf(y) * cy) + fabsf(x) * ca) + c0;
-            }
-        }
+    for (uint64_t j = 0; j < nb; j++) { /* e = dn_a xn of the block */
+        const float *xb = x + j * bs;
+        float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        uint64_t b = 0;
+        for (; b + 8 <= bs; b += 8)
+            for (int q = 0; q < 8; q++)
+                l[q] += xb[b + (uint64_t)q] * xb[b + (uint64_t)q];
+        for (; b < bs; b++)
+            l[b % 8] += xb[b] * xb[b];
+        const float ss = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        const float xn = (sqrtf(ss) * cx + 0x1p-70f) * c1;
+        const float *dn = rp->dn + (rp->n_rot == 1 ? 0 : j) * bs;
+        for (uint64_t a = 0; a < bs; a++)
+            e[j * bs + a] = dn[a] * xn;
+    }
+    for (uint64_t c = 0; c < cols; c++) {
+        const float xc = x[c], y = xc + v[c];
+        v[c] = y;
+        x[c] = ((e[c] + fabsf(y) * cy) + fabsf(xc) * ca) + c0;
+    }
+}
+
+void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound)
+{
+    memcpy(bound, t->acc, (size_t)(t->nr * t->cols) * sizeof *bound); /* x, until its bound replaces it */
+    t->k->rot_blocks(t->acc, (size_t)t->nr, (size_t)t->cols, rp->DT, (size_t)rp->n_rot, (size_t)rp->bs, t->scratch);
+    for (uint64_t r = 0; r < t->nr; r++) /* the scratch (2 nr cols floats) is free again */
+        row_bound(bound + r * t->cols, t->acc + r * t->cols, t->scratch, rp, t->cols);
 }
 
 double lm_rot_elem64(const lm_rot_prep *rp, const float *x, uint64_t col)
