@@ -21,6 +21,7 @@
 
 #include <cJSON.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -521,9 +522,54 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     return same ? 0 : 1;
 }
 
+/* the shards' sidecars (before finalize removes them): each shard's wall and CPU seconds as its
+ * worker measured them.  @return the number of shards read, in name order (k) */
+typedef struct {
+    char name[128];
+    double bytes, wall, cpu;
+} shard_time;
+
+static int cmp_shard_time(const void *a, const void *b)
+{
+    return strcmp(((const shard_time *)a)->name, ((const shard_time *)b)->name);
+}
+
+static int read_shard_times(const char *out, shard_time *t, int max)
+{
+    char dir[4500];
+    snprintf(dir, sizeof dir, "%s/.lora-merge-shards", out);
+    DIR *d = opendir(dir);
+    int n = 0;
+    struct dirent *de;
+    while (d != NULL && n < max && (de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (de->d_name[0] == '.' || len < 17 || strcmp(de->d_name + len - 17, ".safetensors.json") != 0)
+            continue;
+        char path[4800], buf[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        FILE *f = fopen(path, "rb");
+        size_t nb = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+        if (f)
+            fclose(f);
+        buf[nb] = '\0';
+        cJSON *j = cJSON_Parse(buf);
+        snprintf(t[n].name, sizeof t[n].name, "%.*s", (int)(len - 5), de->d_name);
+        t[n].bytes = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "bytes"));
+        t[n].wall = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "seconds"));
+        t[n].cpu = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "cpu_seconds"));
+        cJSON_Delete(j);
+        n++;
+    }
+    if (d != NULL)
+        closedir(d);
+    qsort(t, (size_t)n, sizeof *t, cmp_shard_time);
+    return n;
+}
+
 /* the base in bc->shards shards (made once by a merge with --max-shard-size); one 2-thread merge
- * of it against 4 workers of 1 thread started together, then finalize; per worker its wall and
- * CPU time, and the speed-up N machines would give */
+ * of it against 4 workers of 1 thread started together, then finalize; per worker and per shard
+ * its wall and CPU time (the machine is shared: CPU is the steady figure), and the speed-up N
+ * machines would give */
 static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir, const char *mdir, const char *base,
                           const char *adapter, int runs)
 {
@@ -544,13 +590,17 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
             return 1;
         }
     }
-    enum { W = 4 };
+    enum { W = 4, MAX_SHARDS = 256 };
     double *t1 = calloc((size_t)runs, sizeof *t1), *tw = calloc((size_t)runs, sizeof *tw);
-    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0;
+    double *c1 = calloc((size_t)runs, sizeof *c1), *cw = calloc((size_t)runs, sizeof *cw);
+    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0;
+    static shard_time sh[MAX_SHARDS];
+    int n_sh = 0;
     for (int r = 0; r < runs; r++) {
         rm_rf(out);
         char *margv[] = {(char *)bin, "-q", "--threads", "2", sbase, (char *)adapter, out, NULL};
         t1[r] = run_timed(margv, NULL, &rss, &st);
+        c1[r] = g_last_cpu;
         if (st != 0) {
             fprintf(stderr, "bench: the 2-thread merge failed (%d)\n", st);
             return 1;
@@ -568,6 +618,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                 _exit(127);
             }
         }
+        cw[r] = 0;
         for (int done = 0; done < W; done++) {
             struct rusage ru;
             int wst;
@@ -577,16 +628,20 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                     wall[w] = now() - start[w];
                     cpu[w] = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
                              1e-6 * ru.ru_stime.tv_usec;
+                    cw[r] += cpu[w];
                     if (!WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
                         fprintf(stderr, "bench: worker %d failed\n", w);
                         return 1;
                     }
                 }
         }
+        n_sh = read_shard_times(out, sh, MAX_SHARDS);
         char *fargv[] = {(char *)bin, "-q", "finalize", out, NULL};
         double tf0 = now();
         run_timed(fargv, NULL, &rss, &st);
         t_fin = now() - tf0;
+        c_fin = g_last_cpu;
+        cw[r] += c_fin;
         tw[r] = now() - t0;
         if (st != 0) {
             fprintf(stderr, "bench: finalize failed (%d)\n", st);
@@ -594,7 +649,8 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         }
     }
     rm_rf(out);
-    double m1 = median(t1, runs), mw = median(tw, runs), ratio = mw / m1, slowest = 0;
+    double m1 = median(t1, runs), mw = median(tw, runs), ratio = mw / m1;
+    double mc1 = median(c1, runs), mcw = median(cw, runs);
     print_machine(2);
     printf("%-6s %6s %24s %30s %7s %s\n", "case", "shards", "one merge 2 thr s", "4 workers 1 thr + finalize s", "ratio",
            "targets");
@@ -603,16 +659,53 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     snprintf(b, sizeof b, "%.2f (%.2f-%.2f)", mw, tw[0], tw[runs - 1]);
     printf("%-6s %6d %24s %30s %7.3f ratio<=%.2f %s\n", bc->name, bc->shards, a, b, ratio, bc->max_ratio,
            ratio <= bc->max_ratio ? "ok" : "MISSED");
+    printf("CPU (user+system, median): one merge %.2f s, the 4 workers + finalize %.2f s (%.3f)\n", mc1, mcw, mcw / mc1);
+    /* per worker: its shards' own seconds (sidecars) and the rest, the fixed cost every worker pays
+     * (headers, plan, the adapters hashed for the fingerprint, start and exit) */
+    double fixed[W] = {0}, sum_cpu = 0;
+    for (int k = 0; k < n_sh; k++)
+        sum_cpu += sh[k].cpu;
     for (int w = 0; w < W; w++) {
-        printf("  worker %d/%d (last run): %.2f s wall, %.2f s CPU\n", w, W, wall[w], cpu[w]);
-        slowest = cpu[w] > slowest ? cpu[w] : slowest;
+        double sc = 0, swl = 0;
+        int ns = 0;
+        for (int k = w; k < n_sh; k += W) {
+            sc += sh[k].cpu;
+            swl += sh[k].wall;
+            ns++;
+        }
+        fixed[w] = cpu[w] - sc;
+        printf("  worker %d/%d (last run): %.2f s wall, %.2f s CPU: %d shards %.2f s wall %.2f s CPU, the rest %.2f s "
+               "CPU\n", w, W, wall[w], cpu[w], ns, swl, sc, fixed[w]);
     }
-    printf("  finalize (re-hashes every shard): %.2f s\n", t_fin);
-    printf("expected on %d machines (each worker alone, CPU-bound; shared storage fast enough): the slowest worker's "
-           "CPU time %.2f s + finalize %.2f s against the one merge's %.2f s: %.1fx\n", W, slowest, t_fin, m1,
-           m1 / (slowest + t_fin));
+    for (int k = 0; k < n_sh; k++)
+        printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (worker %d)\n", sh[k].name, sh[k].bytes * 1e-9, sh[k].wall,
+               sh[k].cpu, k % W);
+    printf("  finalize: %.2f s wall, %.2f s CPU (default check: size and identity, no shard read back)\n", t_fin,
+           c_fin);
+    /* N machines like this one, each running worker i alone (2 threads) on its own disk: worker
+     * i's shards take their share of the one merge's time (their CPU share of all shards), plus
+     * the fixed cost; then finalize */
+    double max_fixed = 0;
+    for (int w = 0; w < W; w++)
+        max_fixed = fixed[w] > max_fixed ? fixed[w] : max_fixed;
+    printf("expected on N machines (worker i's shards at the one merge's rate, by their CPU share; + the fixed cost "
+           "%.2f s; + finalize %.2f s):", max_fixed, t_fin);
+    for (int N = 2; N <= 16 && sum_cpu > 0; N *= 2) {
+        double worst = 0;
+        for (int i = 0; i < N; i++) {
+            double si = 0;
+            for (int k = i; k < n_sh; k += N)
+                si += sh[k].cpu;
+            worst = si > worst ? si : worst;
+        }
+        double tn = m1 * worst / sum_cpu + max_fixed + t_fin;
+        printf(" N=%d %.2f s (%.1fx)", N, tn, m1 / tn);
+    }
+    printf("\n");
     free(t1);
     free(tw);
+    free(c1);
+    free(cw);
     return 0;
 }
 

@@ -31,7 +31,10 @@
  *   --quant nvfp4: compressed-tensors nvfp4-pack-quantized: W_packed U8 [out, in/2] (random bytes:
  *   every E2M1 code), W_scale F8_E4M3 [out, in/16], W_global_scale F32 [1].  --quant
  *   modelopt-nvfp4: ModelOpt's NVFP4 export: W U8 [out, in/2], W_scale F8_E4M3 [out, in/16],
- *   W_scale_2 F32 [] (= 1 / the global scale), input_scale F32 [], and hf_quant_config.json.
+ *   W_scale_2 F32 [] (= 1 / the global scale), input_scale F32 [], and hf_quant_config.json; with
+ *   --experts E --fused-experts also the expert stacks as gpt-oss's NVFP4 exports name them, P U8
+ *   [E, out, in/2], P_weight_scale [E, out, in/16], P_weight_scale_2 per expert [E] (gate_up_proj)
+ *   or one [] (down_proj).
  *   --quant bnb-nf4|bnb-fp4 [--nested]: the projections as transformers saves a bitsandbytes 4-bit
  *   model: W U8 [(out*in+1)/2, 1] (random bytes: every code in both nibbles), W.absmax F32 per 64
  *   elements (--nested: U8 codes, W.nested_absmax F32 per 256 of them, W.nested_quant_map F32
@@ -349,6 +352,23 @@ int main(int argc, char **argv)
                     snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_scale_inv", l, pn);
                     T(nm, experts, (o + block - 1) / block, 3, 0.5f * wamp / 448.0f, wamp / 448.0f);
                     g[n - 1].shape[2] = (uint64_t)((in + block - 1) / block);
+                    g[n - 1].dtype = LM_DT_F32;
+                } else if (nv == 2) { /* ModelOpt NVFP4 stacks: P U8 [E, O, I/2], P_weight_scale F8_E4M3
+                                         [E, O, I/16], P_weight_scale_2 F32 per expert [E] (gate_up_proj)
+                                         or one [] (down_proj), P_input_scale [] */
+                    const float g2 = 2.0f * wamp / 2688.0f;
+                    g[n - 1].dtype = LM_DT_U8;
+                    g[n - 1].fill = GEN_FP8_CODES;
+                    g[n - 1].shape[2] = (uint64_t)(in / 2);
+                    snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_weight_scale", l, pn);
+                    T(nm, experts, o, 3, 112.0f, 224.0f);
+                    g[n - 1].shape[2] = (uint64_t)(in / 16);
+                    g[n - 1].dtype = LM_DT_F8_E4M3;
+                    snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_weight_scale_2", l, pn);
+                    T(nm, experts, 1, p ? 0 : 1, 0.25f * g2, 1.25f * g2);
+                    g[n - 1].dtype = LM_DT_F32;
+                    snprintf(nm, sizeof nm, "model.layers.%ld.mlp.experts.%s_input_scale", l, pn);
+                    T(nm, 1, 1, 0, 0.0f, 0.002f);
                     g[n - 1].dtype = LM_DT_F32;
                 }
             }

@@ -267,6 +267,10 @@ typedef struct lm_merge_job {
                                (not embeddings, not the output head) first goes through
                                bitsandbytes' NF4 quantize/dequantize (blocks of 64, rounded to the
                                weight's dtype), what the adapter saw in training, then is merged */
+    int shard_verify;       /* shard jobs: read every shard back and compare its sha256 with its
+                               sidecar (finalize, and a worker's kept shards); otherwise only a
+                               shard whose size or identity (inode, mtime, ctime) changed since
+                               its worker recorded it is read back */
 } lm_merge_job;
 
 enum { LM_SHARDS_NONE = 0, LM_SHARDS_WORKER = 1, LM_SHARDS_INDEX = 2 };

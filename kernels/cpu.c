@@ -114,6 +114,8 @@ static void set_ref(lm_kernels *k)
     k->gemm_rows = lm_gemm_rows_ref;
     k->count_diff_16 = lm_count_diff_16_ref;
     k->count_diff_32 = lm_count_diff_32_ref;
+    k->f64_round = lm_f64_round_ref;
+    k->wy64 = lm_wy64_ref;
     k->name = "ref";
 }
 
@@ -135,6 +137,8 @@ static void set_avx2(lm_kernels *k)
     k->gemm_rows = lm_gemm_rows_avx2;
     k->count_diff_16 = lm_count_diff_16_avx2;
     k->count_diff_32 = lm_count_diff_32_avx2;
+    k->f64_round = lm_f64_round_avx2;
+    k->wy64 = lm_wy64_avx2;
     k->name = "avx2";
 }
 
@@ -155,6 +159,8 @@ static void set_avx512(lm_kernels *k)
     k->gemm_rows = lm_gemm_rows_avx512;
     k->count_diff_16 = lm_count_diff_16_avx512;
     k->count_diff_32 = lm_count_diff_32_avx512;
+    k->f64_round = lm_f64_round_avx512;
+    k->wy64 = lm_wy64_avx512;
     k->name = "avx512";
 }
 #endif

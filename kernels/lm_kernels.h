@@ -171,6 +171,11 @@ typedef struct lm_kernels {
     lm_gemm_rows_fn gemm_rows;
     size_t (*count_diff_16)(const uint16_t *a, const uint16_t *b, size_t n); /* i with a[i] != b[i] */
     size_t (*count_diff_32)(const uint32_t *a, const uint32_t *b, size_t n);
+    /* f64 values rounded once to out (lm_f64_round_ref, kernels/round64.c) */
+    void (*f64_round)(const double *src, void *dst, lm_kdtype out, size_t n);
+    /* each row x of X [nr, cols] (f64) becomes x - ((x U^T) T) U; U [r, cols], T [r, r];
+     * scratch: 2 nr r doubles (lm_wy64_ref, kernels/wy64_ref.c) */
+    void (*wy64)(double *X, size_t nr, size_t cols, const double *U, size_t r, const double *T, double *scratch);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -415,10 +420,21 @@ static inline uint16_t lm_f64_to_16_1(double x, lm_kdtype out)
     return out == LM_KDT_BF16 ? lm_f32_to_bf16_1(f) : lm_f32_to_f16_1(f);
 }
 
-/*! lm_f64_round() : n f64 values rounded once, RNE, to out (f32: the C cast; bf16/f16:
- *  lm_f64_to_16_1), into dst (n elements of out).  Subnormal results are exact roundings too;
- *  finite values beyond the range become inf, which the caller counts and refuses. */
-void lm_f64_round(const double *src, void *dst, lm_kdtype out, size_t n);
+/* lm_f64_round_<variant>() (slot f64_round) : n f64 values rounded once, RNE, to out (f32: the C
+ *  cast; bf16/f16: lm_f64_to_16_1), into dst (n elements of out).  Subnormal results are exact
+ *  roundings too; finite values beyond the range become inf, which the caller counts and refuses.
+ *  kernels/round64*.c */
+void lm_f64_round_ref(const double *src, void *dst, lm_kdtype out, size_t n);
+void lm_f64_round_avx2(const double *src, void *dst, lm_kdtype out, size_t n);
+void lm_f64_round_avx512(const double *src, void *dst, lm_kdtype out, size_t n);
+/* kernels/wy64_*.c, and the reference's pieces the variants share */
+void lm_wy64_ref(double *X, size_t nr, size_t cols, const double *U, size_t r, const double *T, double *scratch);
+void lm_wy64_avx2(double *X, size_t nr, size_t cols, const double *U, size_t r, const double *T, double *scratch);
+void lm_wy64_avx512(double *X, size_t nr, size_t cols, const double *U, size_t r, const double *T, double *scratch);
+double lm_dot8_ref(const double *x, const double *u, size_t n);
+double lm_dot8_lanes(const double *l);
+void lm_wy64_mid(const double *p, size_t nr, size_t r, const double *T, double *p2);
+void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
 
 #ifdef __cplusplus
 }

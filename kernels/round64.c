@@ -15,15 +15,9 @@
 
 #include <math.h>
 
-/* the same operations per element on every build (no FMA: -ffp-contract=off), so a clone
- * chosen by the CPU writes the same bits */
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define R64_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define R64_CLONES
-#endif
-
-R64_CLONES void lm_f64_round(const double *src, void *dst, lm_kdtype out, size_t n)
+/* the reference (slot f64_round of lm_kernels; round64_avx2.c and round64_avx512.c are the
+ * vector variants, bit for bit) */
+void lm_f64_round_ref(const double *src, void *dst, lm_kdtype out, size_t n)
 {
     if (out == LM_KDT_F32) {
         float *d = dst;

@@ -154,6 +154,8 @@ static size_t xm_round_inputs(double *v, size_t cap)
     return n;
 }
 
+/* every kernel variant the CPU has (slot f64_round): the integer rounding on every input, and
+ * the reference's bits on NaN and inf inputs with payloads too */
 Test(exact_method, f64_round_once_matches_integer_rounding, .timeout = 60)
 {
     enum { N = 200000 };
@@ -163,40 +165,62 @@ Test(exact_method, f64_round_once_matches_integer_rounding, .timeout = 60)
     cr_assert(v && o32 && o16);
     const size_t n = xm_round_inputs(v, N);
     const lm_kdtype ts[3] = {LM_KDT_F32, LM_KDT_BF16, LM_KDT_F16};
-    for (int k = 0; k < 3; k++) {
-        uint64_t double_wrong = 0;
-        /* odd lengths and offsets: every tail */
-        for (size_t off = 0; off < 3; off++) {
-            const size_t len = n - off - (off * 7) % 5;
-            if (ts[k] == LM_KDT_F32)
-                lm_f64_round(v + off, o32 + off, ts[k], len);
-            else
-                lm_f64_round(v + off, o16 + off, ts[k], len);
-            for (size_t i = off; i < off + len; i++) {
-                const uint32_t want = xm_expect_bits(v[i], ts[k]);
-                const uint32_t got = ts[k] == LM_KDT_F32 ? o32[i] : o16[i];
-                cr_assert_eq(got, want, "dtype %d: %a rounds to 0x%x, the kernel wrote 0x%x", (int)ts[k], v[i], want,
-                             got);
-                if (ts[k] == LM_KDT_BF16)
-                    double_wrong += lm_f32_to_bf16_1((float)v[i]) != want;
-                else if (ts[k] == LM_KDT_F16)
-                    double_wrong += lm_f32_to_f16_1((float)v[i]) != want;
-                /* the scalar form agrees */
-                if (ts[k] != LM_KDT_F32)
-                    cr_assert_eq(lm_f64_to_16_1(v[i], ts[k]), want);
+    static const char *const variants[] = {"ref", "avx2", "avx512"};
+    int n_variants = 0;
+    for (int vi = 0; vi < 3; vi++) {
+        lm_kernels kv;
+        if (lm_kernels_select(&kv, variants[vi]) != 0)
+            continue;
+        n_variants++;
+        for (int k = 0; k < 3; k++) {
+            uint64_t double_wrong = 0;
+            /* odd lengths and offsets: every tail */
+            for (size_t off = 0; off < 3; off++) {
+                const size_t len = n - off - (off * 7) % 5;
+                if (ts[k] == LM_KDT_F32)
+                    kv.f64_round(v + off, o32 + off, ts[k], len);
+                else
+                    kv.f64_round(v + off, o16 + off, ts[k], len);
+                for (size_t i = off; i < off + len; i++) {
+                    const uint32_t want = xm_expect_bits(v[i], ts[k]);
+                    const uint32_t got = ts[k] == LM_KDT_F32 ? o32[i] : o16[i];
+                    cr_assert_eq(got, want, "%s, dtype %d: %a rounds to 0x%x, the kernel wrote 0x%x", variants[vi],
+                                 (int)ts[k], v[i], want, got);
+                    if (ts[k] == LM_KDT_BF16)
+                        double_wrong += lm_f32_to_bf16_1((float)v[i]) != want;
+                    else if (ts[k] == LM_KDT_F16)
+                        double_wrong += lm_f32_to_f16_1((float)v[i]) != want;
+                    /* the scalar form agrees */
+                    if (ts[k] != LM_KDT_F32)
+                        cr_assert_eq(lm_f64_to_16_1(v[i], ts[k]), want);
+                }
             }
+            if (ts[k] != LM_KDT_F32) /* the inputs do reach cases that f64 -> f32 -> out gets wrong */
+                cr_assert_gt(double_wrong, 100, "dtype %d: only %llu double-rounding cases", (int)ts[k],
+                             (unsigned long long)double_wrong);
         }
-        if (ts[k] != LM_KDT_F32) /* the inputs do reach cases that f64 -> f32 -> out gets wrong */
-            cr_assert_gt(double_wrong, 100, "dtype %d: only %llu double-rounding cases", (int)ts[k],
-                         (unsigned long long)double_wrong);
+        /* NaN stays NaN; NaN payloads and infinities as the reference writes them */
+        double sp[37];
+        for (int i = 0; i < 37; i++)
+            sp[i] = xm_from_bits(0x7FF0000000000000ull | ((uint64_t)(i % 2) << 63) |
+                                 (i < 2 ? 0 : xm_next() >> (i % 3 == 0 ? 12 : 40)));
+        for (int k = 0; k < 3; k++) {
+            uint32_t w32[37], g32[37];
+            uint16_t w16[37], g16[37];
+            void *want = ts[k] == LM_KDT_F32 ? (void *)w32 : (void *)w16, *got = ts[k] == LM_KDT_F32 ? (void *)g32 : (void *)g16;
+            lm_f64_round_ref(sp, want, ts[k], 37);
+            kv.f64_round(sp, got, ts[k], 37);
+            cr_assert(memcmp(want, got, ts[k] == LM_KDT_F32 ? sizeof w32 : sizeof w16) == 0, "%s: NaN/inf bits, dtype %d",
+                      variants[vi], (int)ts[k]);
+        }
+        const double nan = NAN;
+        uint16_t h;
+        kv.f64_round(&nan, &h, LM_KDT_BF16, 1);
+        cr_assert((h & 0x7F80u) == 0x7F80u && (h & 0x7Fu) != 0);
+        kv.f64_round(&nan, &h, LM_KDT_F16, 1);
+        cr_assert((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu) != 0);
     }
-    /* NaN stays NaN */
-    const double nan = NAN;
-    uint16_t h;
-    lm_f64_round(&nan, &h, LM_KDT_BF16, 1);
-    cr_assert((h & 0x7F80u) == 0x7F80u && (h & 0x7Fu) != 0);
-    lm_f64_round(&nan, &h, LM_KDT_F16, 1);
-    cr_assert((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu) != 0);
+    cr_assert_geq(n_variants, 1);
     free(v);
     free(o32);
     free(o16);

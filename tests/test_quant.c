@@ -498,7 +498,7 @@ Test(quant, fp8_refusals)
     qt_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "F32", 4, 4);
-    qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "expected model.layers.0.mlp.up_proj.weight_scale_inv [5, 4]");
+    qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "is [4, 4]: expected [5, 4]");
     qt_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16", 5, 4);

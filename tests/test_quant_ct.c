@@ -604,6 +604,47 @@ Test(quant_ct, nvfp4_unchanged_groups_identical)
     }
 }
 
+/* ModelOpt NVFP4 expert stacks (gpt-oss's NVFP4 exports: P U8 [E, O, I/2], P_weight_scale
+ * [E, O, I/16], P_weight_scale_2 per expert [E] (gate_up_proj) or one value (down_proj)) merged
+ * through target_parameters.  Kept: each expert's second scale follows its own merged amax (expert 0
+ * untouched: its groups keep their bytes; expert 1 pushed past its second scale: recomputed, the
+ * others kept), the same bytes for any thread count and tile size (tiles across experts); --dtype
+ * f32: P F32 [E, O, I], the scales dropped */
+Test(quant_ct, nvfp4_expert_stacks_keep_and_dtype, .timeout = 120)
+{
+    ct_fx f;
+    ct_gen(&f, "modelopt-nvfp4", "--experts 3 --fused-experts --inter 48 --layers 1 --targets all");
+    char out[1200], out2[1200], outf[1200], a[1300], b[1300];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    snprintf(outf, sizeof outf, "%s/outf", f.tmp);
+    ct_ref("ct_ref.py", "nv-saturate", f.base, "model.layers.0.mlp.experts.gate_up_proj", "1", NULL);
+    snprintf(a, sizeof a, "zero-expert '%s' 0", f.ad);
+    th_quant_ref("mx_ref.py", a);
+    th_run_result r = th_runv("--json", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    /* gate_up_proj 3 x 96 rows x 4 groups, expert 0's kept; down_proj 3 x 64 x 3, expert 0's kept */
+    cr_assert(strstr(r.out, "\"requantized\":{\"blocks\":1152,\"blocks_kept\":384,") != NULL, "%s", r.out);
+    cr_assert(strstr(r.out, "\"requantized\":{\"blocks\":576,\"blocks_kept\":192,") != NULL, "%s", r.out);
+    th_run_free(&r);
+    ct_merge(f.base, f.ad, out2, "--threads", "1", "--tile-elems", "2560"); /* 40 rows: tiles across experts */
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    ct_ref("ct_ref.py", "mo-nvfp4-experts-keep", f.base, f.ad, out, NULL);
+    ct_merge(f.base, f.ad, outf, "--dtype", "f32", NULL, NULL);
+    th_st st;
+    snprintf(a, sizeof a, "%s/model.safetensors", outf);
+    cr_assert_eq(th_st_read(a, &st), 0);
+    const th_tensor *w = th_st_find(&st, "model.layers.0.mlp.experts.gate_up_proj");
+    cr_assert(w != NULL && strcmp(w->dtype, "F32") == 0 && w->n_dims == 3 && w->shape[2] == 64,
+              "gate_up_proj F32 [3, 96, 64] expected");
+    cr_assert_null(th_st_find(&st, "model.layers.0.mlp.experts.gate_up_proj_input_scale"));
+    th_st_free(&st);
+    ct_ref("ct_ref.py", "mo-nvfp4-experts-dtype", f.base, f.ad, outf, NULL);
+    ct_free(&f);
+}
+
 Test(quant_ct, nvfp4_inspect)
 {
     ct_fx f;

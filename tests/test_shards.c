@@ -135,6 +135,11 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     sh_teardown(&F);
 }
 
+/* What finalize checks without --verify: present, sidecar of this plan, size, and the file's
+ * identity (inode, mtime, ctime) as its worker recorded it; a shard whose identity changed is read
+ * back and hashed.  So a byte changed in place, a truncation and a file renamed over a shard are
+ * all caught without reading the others; only a change that leaves the identity alone (here: the
+ * sidecar's sha256 forged, as bytes rotting below the filesystem would look) needs --verify. */
 Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
 {
     sh_fix F;
@@ -142,32 +147,57 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     for (int i = 1; i >= 0; i--)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
     char p[1000], q[1000];
-    /* one byte of shard 4's data changed (same size), shard 7 gone */
+    /* one byte of shard 4's data changed in place (same size), shard 7 gone, shard 9 truncated,
+     * shard 6 replaced by a copy with one byte changed (renamed over it) */
     snprintf(p, sizeof p, "%s/model-00004-of-00010.safetensors", F.out);
     cr_assert_eq(sh_ok("printf 'Z' | dd of=%s bs=1 seek=5000 conv=notrunc 2>/dev/null", p), 0);
     snprintf(q, sizeof q, "%s/model-00007-of-00010.safetensors", F.out);
     cr_assert_eq(remove(q), 0);
+    cr_assert_eq(sh_ok("truncate -s -1 %s/model-00009-of-00010.safetensors", F.out), 0);
+    cr_assert_eq(sh_ok("cd %s && cp model-00006-of-00010.safetensors t && printf 'Z' | dd of=t bs=1 seek=6000 "
+                       "conv=notrunc 2>/dev/null && mv t model-00006-of-00010.safetensors", F.out), 0);
+    /* shard 2's sidecar records another sha256, its file untouched */
+    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"sha256\":[^\"]*\"\\)./\\1x/' "
+                       "model-00002-of-00010.safetensors.json >t && grep -q '\"sha256\":.*\"x' t && "
+                       "mv t model-00002-of-00010.safetensors.json", F.out), 0);
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 1, "%s", r.err);
-    cr_assert(strstr(r.err, "2 of 10 shards"), "%s", r.err);
+    cr_assert(strstr(r.err, "4 of 10 shards"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00007-of-00010.safetensors (missing)"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00009-of-00010.safetensors (wrong size)"), "%s", r.err);
+    cr_assert(!strstr(r.err, "model-00002"), "shard 2 was read back without --verify: %s", r.err);
     th_run_free(&r);
     snprintf(p, sizeof p, "%s/config.json", F.out);
     cr_assert(!th_exists(p), "a refused finalize wrote config.json");
-    /* the same refusal through --shards index with the workers' arguments */
     char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd / && %s --verify finalize %s", F.bin, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 1, "%s", r.err);
+    cr_assert(strstr(r.err, "5 of 10 shards"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    th_run_free(&r);
+    cr_assert(!th_exists(p), "a refused finalize wrote config.json");
+    /* the same refusal through --shards index with the workers' arguments */
     snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards index %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 1, "%s", r.err);
     th_run_free(&r);
-    /* the workers rerun (worker 1 owns 4: it is rewritten; worker 0 owns 7) */
-    cr_assert_eq(worker(&F, 1, 2, ""), 0);
+    /* the workers rerun: worker 0 rewrites 7 and 9; worker 1 rewrites 4 and 6, and with --verify 2 */
     cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    snprintf(cmd, sizeof cmd, "cd %s && %s --verify --shards 1/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.err, "(3 written, 2 kept)"), "%s", r.err);
+    th_run_free(&r);
     snprintf(cmd, sizeof cmd, "cd / && %s --json finalize %s", F.bin, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
-    /* --json: every file's sha256 (the shards' from finalize's verification), as sha256sum says */
+    /* --json: every file's sha256 (the shards' from their sidecars: none read back, their
+     * workers' identities unchanged), as sha256sum says */
+    cr_assert(strstr(r.out, "10 shards checked by size and the identity their workers recorded (inode, mtime, ctime), "
+                            "0 read back"), "%s", r.out);
     cJSON *rep = cJSON_Parse(r.out), *f;
     int n_files = 0;
     cr_assert_not_null(rep, "%s", r.out);
@@ -255,6 +285,11 @@ Test(shards, usage_errors)
     th_run_result u = sh_run(cmd);
     cr_assert_eq(u.status, 2, "%s", u.err);
     cr_assert(strstr(u.err, "needs a directory OUT"), "%s", u.err);
+    th_run_free(&u);
+    snprintf(cmd, sizeof cmd, "%s --verify %s %s %s/", F.bin, F.base, F.ad, F.out);
+    u = sh_run(cmd);
+    cr_assert_eq(u.status, 2, "%s", u.err);
+    cr_assert(strstr(u.err, "--verify is for shard jobs"), "%s", u.err);
     th_run_free(&u);
     cr_assert(!th_exists(F.out), "a refused worker created OUT");
     th_run_result r = finalize(&F);

@@ -69,6 +69,8 @@ static const char USAGE[] =
     "  --shards I/N            worker I of N: write only output shards k with k % N == I into the\n"
     "                          directory OUT (resumable); `lora-merge finalize OUT` (or the same\n"
     "                          command with --shards index) then checks them and writes the index\n"
+    "  --verify                shard jobs: read every shard back to compare its sha256 (by default\n"
+    "                          only shards whose size, inode, mtime or ctime changed are re-read)\n"
     "  --copy-file NAME        with a directory OUT: copy NAME from the base (or adapter) directory too\n"
     "                          (repeatable; only model files are copied by default)\n"
     "  --simulate-nf4          QLoRA adapter on a 16-bit base: merge into the NF4-quantized-then-\n"
@@ -489,10 +491,10 @@ static int parse_option(cli_args *c, int argc, char **argv, int *i)
     }
     static const char *const flags[] = {"--allow-noop", "--strict", "--dry-run", "--json", "--fsync", "-q", "--quiet",
                                         "--progress", "--exactness-off" /* hidden: benchmarks (see lora_merge.h) */,
-                                        "--simulate-nf4"};
+                                        "--simulate-nf4", "--verify"};
     int *const targets[] = {&c->job.allow_noop, &c->job.strict, &c->job.dry_run, &c->json, &c->job.do_fsync,
                             &c->quiet, &c->quiet, &c->force_progress, &c->job.exactness_off,
-                            &c->job.simulate_nf4};
+                            &c->job.simulate_nf4, &c->job.shard_verify};
     for (size_t k = 0; k < sizeof flags / sizeof *flags; k++)
         if (strcmp(name, flags[k]) == 0) {
             *targets[k] = 1;
@@ -570,18 +572,27 @@ static void std_fds(void)
 static int run(int argc, char **argv);
 static int cmd_batch(int argc, char **argv, int at);
 
-/* the command line a shard worker recorded, minus --shards: finalize replays it */
+/* the command line a shard worker recorded, minus what is the worker's own (--shards, --verify,
+ * --threads, and what it prints: -q, --json, --progress): finalize replays it after its own
+ * options */
 static void record_args(cli_args *c, int argc, char **argv)
 {
     static const char *rec[256];
+    static const char *const own[] = {"--shards", "--threads", "--verify", "-q", "--quiet", "--json", "--progress"};
     size_t n = 0;
     for (int i = 1; i < argc && n < sizeof rec / sizeof *rec; i++) {
-        if (strcmp(argv[i], "--shards") == 0) {
-            i++;
-            continue;
+        int skip = 0;
+        for (size_t k = 0; k < sizeof own / sizeof *own && !skip; k++) {
+            size_t len = strlen(own[k]);
+            if (strcmp(argv[i], own[k]) == 0)
+                skip = 1 + option_values(own[k]);
+            else if (strncmp(argv[i], own[k], len) == 0 && argv[i][len] == '=')
+                skip = 1;
         }
-        if (strncmp(argv[i], "--shards=", 9) != 0)
+        if (skip == 0)
             rec[n++] = argv[i];
+        else
+            i += skip - 1;
     }
     c->job.record_args = rec;
     c->job.n_record_args = n;
@@ -702,6 +713,8 @@ static int merge_job_of(cli_args *c, int argc, char **argv)
     job->copy_files = c->copy_files;
     job->n_copy_files = c->n_copy;
     job->hash_outputs = c->json;
+    if (job->shard_verify && job->shard_mode == LM_SHARDS_NONE)
+        return usage_error("--verify is for shard jobs (--shards I/N, finalize)%s", "");
     if (job->shard_mode == LM_SHARDS_WORKER)
         record_args(c, argc, argv);
     job->tensor_norms = c->json;

@@ -95,7 +95,7 @@ typedef struct {
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
     float *qscale;       /* a quantized weight: its scale grid in f32, or NULL */
-    float qamax;         /* q->needs_amax: the merged tensor's amax (quant_amax_pass) */
+    float *qamax;        /* q->needs_amax: the merged amaxes (quant_amax_pass), or NULL */
     lm_qstats qst;       /* what requantizing its tiles did (under prep_lock) */
 } tensor_rt;
 
@@ -220,7 +220,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
                 rc = LM_E_NOMEM;
         }
         if (rc == LM_OK && t->q != NULL && (rc = lm_xq_load_scales(t, J->model, &rt->qscale, err)) == LM_OK &&
-            t->q->needs_amax)
+            t->q->needs_amax && rt->qamax != NULL)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
@@ -601,14 +601,14 @@ static lm_code stats_before(const job *J, size_t ti, const workspace *ws, const 
 
 /* the tile's values as written (ws->out), in f32: exact for every output dtype but F64, whose
  * values are the f32 tile widened (only the non-exact path writes F64) */
-static const float *written_f32(const job *J, const lm_plan_tensor *t, const workspace *ws, size_t n)
+static const float *written_f32(const job *J, const lm_plan_tensor *t, const workspace *ws, uint64_t r0, size_t n)
 {
     if (t->dtype == LM_DT_F32)
         return (const float *)(const void *)ws->out;
     if (t->dtype == LM_DT_F64)
         return ws->acc;
     if (t->q != NULL && t->dtype == t->src_dtype) { /* the codes written, with the tile's new scales */
-        lm_xq_dequant_written(t, ws->qscales, ws->out, 0, n / t->cols, ws->scratch);
+        lm_xq_dequant_written(t, ws->qscales, ws->out, r0, n / t->cols, ws->scratch);
         return ws->scratch;
     }
     to_f32(J->k, t->dtype, ws->out, ws->scratch, n); /* the methods' scratch is free again */
@@ -617,12 +617,12 @@ static const float *written_f32(const job *J, const lm_plan_tensor *t, const wor
 
 /* after the ops and the rounding: the counts and norms of the values written */
 static void stats_after(const job *J, const lm_plan_tensor *t, const workspace *ws, const uint8_t *base_bytes,
-                        size_t n, size_t n_base, struct tile_stat *ts)
+                        uint64_t r0, size_t n, size_t n_base, struct tile_stat *ts)
 {
     if (base_bytes != NULL)
         ts->n_changed = count_changed(J->k, ws->out, base_bytes, n_base, lm_dtype_bits(t->dtype) / 8) + (n - n_base);
     if (J->stats_norms) { /* the differences in f32 (rounded once each), their squares summed in double */
-        const float *w = written_f32(J, t, ws, n);
+        const float *w = written_f32(J, t, ws, r0, n);
         for (size_t i = 0; i < n; i++)
             ws->scratch[i] = w[i] - ws->base_f32[i];
         ts->d2 = J->k->sumsq(ws->scratch, n);
@@ -714,7 +714,7 @@ static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr,
     }
     __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
     if (ts != NULL)
-        stats_after(J, t, ws, base_bytes, n, n_base, ts);
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
     if (cs.n_overflow + cs.n_nonfinite == 0)
         return LM_OK;
     const size_t bad_in = J->k->count_nonfinite_f32(in, n);
@@ -766,7 +766,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
         }
         lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, err); /* src stays intact */
         if (rc == LM_OK && ts != NULL)
-            stats_after(J, t, ws, base_bytes, n, n_base, ts);
+            stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
     }
     src_to_f32(J, ti, src, r0, nr, ws->acc);
@@ -779,7 +779,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     if (J->rt[ti].dora != NULL) { /* low-rank and DoRA ops, certified (exec_dora.h) */
         lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, err);
         if (rc == LM_OK && ts != NULL)
-            stats_after(J, t, ws, base_bytes, n, n_base, ts);
+            stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
     }
     if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t))
@@ -788,10 +788,10 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
         lm_exact_f64_apply(t, J->rt[ti].prep, &t64);
-        lm_f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
+        J->k->f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
         __atomic_add_fetch(&J->rt[ti].n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
         if (ts != NULL)
-            stats_after(J, t, ws, base_bytes, n, n_base, ts);
+            stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return check_finite64(J, ti, r0, nr, ws, err);
     }
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
@@ -811,7 +811,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     }
     if (ts != NULL) {
         ts->n_changed = qs.n_changed;
-        stats_after(J, t, ws, base_bytes, n, n_base, ts);
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
     }
     if (requant && t->q->fmt == LM_Q_FP8_BLOCK && qs.n_nonfinite_blocks == 0)
         return LM_OK; /* block FP8's requantizer saw every value finite (its amax): no second scan */
@@ -966,16 +966,24 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
     if (tensor_prepare(J, ti, err) != LM_OK)
         return err->code;
     uint64_t tr = lm_plan_tile_rows(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
-    uint32_t amax = 0;
+    const size_t ns = lm_xq_amax_slots(t); /* one amax per second scale (NVFP4 expert stacks: per expert) */
+    uint32_t *amax = calloc(ns, sizeof *amax);
+    float *famax = malloc(ns * sizeof *famax);
+    if (amax == NULL || famax == NULL) {
+        free(amax);
+        free(famax);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the amaxes of '%s'", t->name);
+    }
     int failed = 0;
     lm_err shared_err;
     lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads) reduction(max : amax)
+#pragma omp parallel num_threads(n_threads)
     {
         workspace ws;
         lm_err lerr;
         lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0))
+        uint32_t *mine = calloc(ns, sizeof *mine);
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0) || mine == NULL)
             lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (uint64_t k = 0; k < n_tiles; k++) {
@@ -986,28 +994,30 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
                 continue;
             lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
             apply_ops(J, ti, 0, t->n_ops, &tile);
-            for (uint64_t e = 0; e < nr * t->cols; e++) { /* |x| orders as its bits; NaN above inf */
-                uint32_t u;
-                memcpy(&u, &ws.acc[e], 4);
-                u &= 0x7FFFFFFFu;
-                amax = u > amax ? u : amax;
-            }
+            lm_xq_tile_amax(t, ws.acc, r0, nr, mine);
         }
-        if (lerr.code != LM_OK) {
 #pragma omp critical(lm_amaxpass_error)
-            {
-                if (!failed)
-                    shared_err = lerr;
+        {
+            if (lerr.code != LM_OK && !failed) {
+                shared_err = lerr;
                 failed = 1;
             }
+            for (size_t k = 0; mine != NULL && k < ns; k++) /* a max: the same whatever the order */
+                amax[k] = mine[k] > amax[k] ? mine[k] : amax[k];
         }
+        free(mine);
         free_workspace(&ws);
     }
     if (failed) {
+        free(amax);
+        free(famax);
         *err = shared_err;
         return shared_err.code;
     }
-    memcpy(&J->rt[ti].qamax, &amax, 4);
+    memcpy(famax, amax, ns * sizeof *famax);
+    free(amax);
+    free(J->rt[ti].qamax);
+    J->rt[ti].qamax = famax;
     lm_xq_set_amax(t, J->rt[ti].qscale, J->rt[ti].qamax);
     if (release)
         tensor_release(J, ti); /* prepared again by its first tile */
@@ -1400,8 +1410,10 @@ static void job_free(job *J, int abort_writers)
         for (size_t sh = 0; sh < J->n_shards; sh++)
             lm_st_writer_abort(J->w[sh]);
     if (J->rt != NULL)
-        for (size_t i = 0; i < J->plan->n; i++)
+        for (size_t i = 0; i < J->plan->n; i++) {
             tensor_release(J, i);
+            free(J->rt[i].qamax);
+        }
     free(J->rt);
     free(J->w);
     free(J->local);

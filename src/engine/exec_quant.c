@@ -34,15 +34,33 @@ static lm_code bnb4_absmax(const lm_bnb_qinfo *b, const lm_model *model, float *
     return LM_OK;
 }
 
+/* the second scales: how many, and the rows each covers */
+static uint64_t n2_of(const lm_qtensor *q)
+{
+    return q->n_scale2 ? q->n_scale2 : 1;
+}
+
+static uint64_t rows2_of(const lm_plan_tensor *t)
+{
+    return t->q->scale2_rows ? t->q->scale2_rows : t->rows;
+}
+
+size_t lm_xq_amax_slots(const lm_plan_tensor *t)
+{
+    return (size_t)n2_of(t->q);
+}
+
 lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float **scales, lm_err *err)
 {
     const lm_qtensor *q = t->q;
-    size_t n = (size_t)(q->srows * q->scols);
-    *scales = malloc((n + 2) * sizeof **scales);
+    size_t n = (size_t)(q->srows * q->scols), n2 = (size_t)n2_of(q);
+    *scales = malloc((n + 2 * n2) * sizeof **scales);
     if (*scales == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", t->name);
-    (*scales)[n] = 1.0f;
-    (*scales)[n + 1] = -1.0f; /* the merged amax, when the format needs it (lm_xq_set_amax()) */
+    for (size_t k = 0; k < n2; k++) {
+        (*scales)[n + k] = 1.0f;
+        (*scales)[n + n2 + k] = -1.0f; /* the merged amax, when the format needs it (lm_xq_set_amax()) */
+    }
     if (q->fmt == LM_Q_BNB4) {
         lm_code rc = bnb4_absmax(q->ext, model, *scales, t->name, err);
         if (rc != LM_OK) {
@@ -53,7 +71,7 @@ lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float 
     }
     lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
     if (q->scale2 != NULL)
-        lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), 1, *scales + n);
+        lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), n2, *scales + n);
     return LM_OK;
 }
 
@@ -63,17 +81,23 @@ static size_t tile_scales(const lm_qtensor *q, uint64_t nr)
     return (size_t)((nr + q->br - 1) / q->br * q->scols);
 }
 
-static void dequant_tile(const lm_plan_tensor *t, const float *tscales, float global, const uint8_t *codes,
-                         uint64_t nr, float *dst)
+/* rows [r0, r0 + nr) from their codes; g: the second scales of those rows (g[0] for row r0's) */
+static void dequant_tile(const lm_plan_tensor *t, const float *tscales, const float *g, const uint8_t *codes,
+                         uint64_t r0, uint64_t nr, float *dst)
 {
     const lm_qtensor *q = t->q;
     switch (q->fmt) {
     case LM_Q_MXFP4: /* E2M1 pairs times the E8M0 scale of their group of 32 */
         lm_mxfp4_dequant(codes, tscales, nr, t->cols, dst);
         break;
-    case LM_Q_CT_NVFP4:
+    case LM_Q_CT_NVFP4: /* each run of rows with its second scale (br = 1: a row of group scales a row) */
     case LM_Q_MO_NVFP4:
-        lm_nvfp4_dequant(codes, tscales, global, q->fmt == LM_Q_MO_NVFP4, q->bc, nr, t->cols, dst);
+        for (uint64_t r = r0, R2 = rows2_of(t); r < r0 + nr;) {
+            uint64_t end = (r / R2 + 1) * R2 < r0 + nr ? (r / R2 + 1) * R2 : r0 + nr, k = r - r0;
+            lm_nvfp4_dequant(codes + k * q->row_bytes, tscales + k * q->scols, g[r / R2 - r0 / R2],
+                             q->fmt == LM_Q_MO_NVFP4, q->bc, end - r, t->cols, dst + k * t->cols);
+            r = end;
+        }
         break;
     default: /* FP8 codes times the scale of their block */
         lm_fp8_block_dequant(codes, tscales, q->scols, q->br, q->bc, nr, t->cols, dst);
@@ -94,12 +118,29 @@ void lm_xq_dequant(const lm_plan_tensor *t, const float *scales, const uint8_t *
         lm_bnb_int8_dequant((const int8_t *)src, scales + r0, nr, t->cols, dst);
         return;
     }
-    dequant_tile(t, scales + (r0 / q->br) * q->scols, scales[q->srows * q->scols], src, nr, dst);
+    dequant_tile(t, scales + (r0 / q->br) * q->scols, scales + q->srows * q->scols + r0 / rows2_of(t), src, r0, nr,
+                 dst);
 }
 
-void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, float amax)
+void lm_xq_tile_amax(const lm_plan_tensor *t, const float *acc, uint64_t r0, uint64_t nr, uint32_t *slots)
 {
-    scales[t->q->srows * t->q->scols + 1] = amax;
+    const uint64_t R2 = rows2_of(t);
+    for (uint64_t r = r0; r < r0 + nr; r++) { /* |x| orders as its bits; NaN above inf */
+        uint32_t m = slots[r / R2];
+        for (uint64_t c = 0; c < t->cols; c++) {
+            uint32_t u;
+            memcpy(&u, &acc[(r - r0) * t->cols + c], 4);
+            u &= 0x7FFFFFFFu;
+            m = u > m ? u : m;
+        }
+        slots[r / R2] = m;
+    }
+}
+
+void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, const float *amax)
+{
+    const size_t n2 = (size_t)n2_of(t->q);
+    memcpy(scales + t->q->srows * t->q->scols + n2, amax, n2 * sizeof *amax);
 }
 
 size_t lm_xq_qbuf_floats(size_t max_elems)
@@ -111,18 +152,24 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
                      uint64_t r0, uint64_t nr, uint8_t *out, float *qbuf, lm_qstats *st, lm_xq_piece pieces[2])
 {
     const lm_qtensor *q = t->q;
-    const size_t ns = tile_scales(q, nr);
+    const size_t ns = tile_scales(q, nr), n = (size_t)(q->srows * q->scols), n2 = (size_t)n2_of(q);
+    const uint64_t R2 = rows2_of(t), e0 = r0 / R2, ne = (r0 + nr - 1) / R2 - e0 + 1; /* second scales touched */
     const float *s0 = scales + (r0 / q->br) * q->scols;
-    qbuf[ns] = scales[q->srows * q->scols];
+    qbuf[ns] = scales[n];
     switch (q->fmt) {
-    case LM_Q_CT_NVFP4: /* the whole tensor (tile_rows = rows): its amax decides the second scale */
+    case LM_Q_CT_NVFP4: /* each run of rows under one second scale, which that run's amax decides */
     case LM_Q_MO_NVFP4:
-        lm_nvfp4_requant(acc, codes0, s0, scales[q->srows * q->scols], q->fmt == LM_Q_MO_NVFP4, q->bc,
-                         scales[q->srows * q->scols + 1], nr, t->cols, out, qbuf, qbuf + ns, st);
+        for (uint64_t r = r0; r < r0 + nr;) {
+            const uint64_t e = r / R2, end = (e + 1) * R2 < r0 + nr ? (e + 1) * R2 : r0 + nr, k = r - r0;
+            lm_nvfp4_requant(acc + k * t->cols, codes0 + k * q->row_bytes, s0 + k * q->scols, scales[n + e],
+                             q->fmt == LM_Q_MO_NVFP4, q->bc, scales[n + n2 + e], end - r, t->cols,
+                             out + k * q->row_bytes, qbuf + k * q->scols, qbuf + ns + (e - e0), st);
+            r = end;
+        }
         break;
     case LM_Q_CT_FP8: /* compressed-tensors' rule, scales in their dtype */
         lm_ct_fp8_requant(acc, codes0, s0, q->scols, q->br, q->bc, nr, t->cols, q->scale_dtype,
-                          q->needs_amax ? scales[q->srows * q->scols + 1] : -1.0f, out, qbuf, st);
+                          q->needs_amax ? scales[n + n2] : -1.0f, out, qbuf, st);
         break;
     case LM_Q_MXFP4: /* triton_kernels' downcast_to_mxfp_torch (transformers' quantize_to_mxfp4) */
         lm_mxfp4_requant(acc, codes0, s0, nr, t->cols, out, qbuf, st);
@@ -134,19 +181,18 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
     const size_t esz = lm_dtype_bits(q->scale_dtype) / 8;
     void *enc = qbuf;
     if (q->scale_dtype != LM_DT_F32) {
-        enc = qbuf + ns + 1;
+        enc = qbuf + ns + ne;
         lm_q_scales_from_f32(q->scale_dtype, qbuf, ns, enc);
     }
     pieces[0] = (lm_xq_piece){q->scale_index, (r0 / q->br) * q->scols * esz, ns * esz, enc};
     if (q->scale2 == NULL)
         return 1;
-    pieces[1] = (lm_xq_piece){q->scale2_index, 0, sizeof(float), qbuf + ns};
+    pieces[1] = (lm_xq_piece){q->scale2_index, e0 * sizeof(float), (size_t)ne * sizeof(float), qbuf + ns};
     return 2;
 }
 
 void lm_xq_dequant_written(const lm_plan_tensor *t, const float *qbuf, const uint8_t *out, uint64_t r0,
                            uint64_t nr, float *dst)
 {
-    (void)r0;
-    dequant_tile(t, qbuf, qbuf[tile_scales(t->q, nr)], out, nr, dst);
+    dequant_tile(t, qbuf, qbuf + tile_scales(t->q, nr), out, r0, nr, dst);
 }

@@ -16,12 +16,19 @@ typedef struct {
 } lm_xq_piece;
 
 /*! lm_xq_load_scales() : the whole scale grid of t as f32 (malloc'd into *scales), converted
- *  exactly from the scale dtype, then the second (global) scale at [srows * scols] (1 when the
- *  format has none).  @return LM_OK, or LM_E_NOMEM */
+ *  exactly from the scale dtype, then the second (global) scales at [srows * scols] (1 when the
+ *  format has none), then room for their amaxes.  @return LM_OK, or LM_E_NOMEM */
 lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float **scales, lm_err *err);
 
-/*! lm_xq_set_amax() : the merged tensor's amax (q->needs_amax), into the loaded scales */
-void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, float amax);
+/*! lm_xq_amax_slots() : how many amaxes requantizing t needs (q->needs_amax): one per second
+ *  scale (an NVFP4 expert stack: one per expert), else one */
+size_t lm_xq_amax_slots(const lm_plan_tensor *t);
+/*! lm_xq_tile_amax() : the merged rows acc [r0, r0 + nr) into slots[lm_xq_amax_slots()] (as the
+ *  bits of |x|: a max over them is the max of |x|, NaN above inf) */
+void lm_xq_tile_amax(const lm_plan_tensor *t, const float *acc, uint64_t r0, uint64_t nr, uint32_t *slots);
+/*! lm_xq_set_amax() : the merged amaxes (q->needs_amax, lm_xq_amax_slots() of them) into the
+ *  loaded scales */
+void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, const float *amax);
 
 /*! lm_xq_dequant() : rows [r0, r0 + nr) of t from their codes src (q->row_bytes a row) to f32 dst */
 void lm_xq_dequant(const lm_plan_tensor *t, const float *scales, const uint8_t *src, uint64_t r0, uint64_t nr,

@@ -21,15 +21,19 @@ typedef struct lm_qtensor {
     const lm_model_entry *scale; /* the scale tensor (weight_scale_inv, weight_scale ...) */
     size_t scale_index;          /* its model entry / plan index (before dropping) */
     lm_dtype scale_dtype;        /* of scale: F32, BF16, F16, F8_E4M3 or U8 = E8M0 (read exactly as f32) */
-    const lm_model_entry *scale2; /* a second, per-tensor scale (NVFP4's global scale), or NULL */
+    const lm_model_entry *scale2; /* NVFP4's second (global) scales, or NULL */
     size_t scale2_index;
+    uint64_t n_scale2;           /* how many (0: one); each covers scale2_rows consecutive rows, whose
+                                  * merged amax it follows (an expert stack: one per expert) */
+    uint64_t scale2_rows;
     uint64_t br, bc;             /* block rows and columns (one scale each) */
     uint64_t srows, scols;       /* the scale grid */
     uint64_t tile_rows;          /* tiles are whole multiples of these rows (br, or every row when
                                   * requantizing needs the whole tensor's amax) */
     uint64_t row_bytes;          /* bytes of codes per row (cols for 8-bit codes, cols / 2 packed 4-bit) */
-    int needs_amax;              /* requantizing needs the merged tensor's amax (a per-tensor scale):
-                                  * the executor computes it in a pass before the tiles */
+    int needs_amax;              /* requantizing needs the merged tensor's amax (a per-tensor scale;
+                                  * NVFP4: one per second scale): the executor computes it in a pass
+                                  * before the tiles */
     const void *ext;             /* the format's own (plan blob; bitsandbytes: lm_bnb_qinfo), or NULL */
     lm_tensor_info view;         /* what the methods see (dtype F32) */
     int out_transposed;          /* written dequantized as [E, in, out] from the view's rows [E, out, in]
@@ -110,6 +114,11 @@ int lm_plan_quant_skips(const lm_qscheme *s, const char *name);
 int lm_plan_quant_is_mx_blocks(const lm_qscheme *s, const lm_tensor_info *w);
 lm_code lm_plan_quant_attach_mx(lm_plan *p, const lm_model *model, const lm_plan_opts *o, size_t i,
                                 const lm_tensor_info **views, lm_err *err);
+/*! lm_plan_quant_scale_shape() : (plan_quant.c) LM_OK when the scale tensor sc has the shape
+ *  want[0..n); else a one-line QuantScale error naming it: "<fmt> scale tensor '<name>' is [..]:
+ *  expected [..] (<why>)" */
+lm_code lm_plan_quant_scale_shape(const lm_tensor_info *sc, const uint64_t *want, size_t n, const char *fmt,
+                                  const char *why, lm_err *err);
 /*! lm_plan_quant_finish() : after planning: the scales of changed weights kept quantized are
  *  written by the weights' tiles; dropped tensors leave the plan.  @return LM_OK or NOMEM. */
 lm_code lm_plan_quant_finish(lm_plan *p, lm_err *err);

@@ -59,16 +59,11 @@ static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qsch
     if (sc->dtype != LM_DT_F32)
         return q_fail(err, sc->name, "scale tensor '%s' is %s: block FP8 scales must be F32", sc->name,
                       lm_dtype_name(sc->dtype));
-    uint64_t want_r = ceil_div(O, br), want_c = ceil_div(I, bc);
-    if (sc->n_dims != nd || (nd == 3 && sc->shape[0] != E) || sc->shape[nd - 2] != want_r || sc->shape[nd - 1] != want_c) {
-        char a[200], b[64], e[32] = "";
-        if (nd == 3)
-            snprintf(e, sizeof e, "%llu, ", (unsigned long long)E);
-        snprintf(a, sizeof a, "%s [%s%llu, %llu]", sc->name, e, (unsigned long long)want_r, (unsigned long long)want_c);
-        snprintf(b, sizeof b, "%llux%llu", (unsigned long long)br, (unsigned long long)bc);
-        return q_fail(err, sc->name, "scale tensor has the wrong shape: expected %s for blocks of %s",
-                      a, b);
-    }
+    uint64_t want_r = ceil_div(O, br), want_c = ceil_div(I, bc), want[3] = {E, want_r, want_c};
+    char why[64];
+    snprintf(why, sizeof why, "blocks of %llux%llu", (unsigned long long)br, (unsigned long long)bc);
+    if (lm_plan_quant_scale_shape(sc, want + 3 - nd, nd, "block FP8", why, err) != LM_OK)
+        return err->code;
     lm_qtensor *q = lm_plan_blob(p, sizeof *q);
     if (q == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
@@ -88,6 +83,23 @@ static lm_code attach_fp8_block(lm_plan *p, const lm_model *model, const lm_qsch
     q->view.dtype = LM_DT_F32;
     *out = q;
     return LM_OK;
+}
+
+lm_code lm_plan_quant_scale_shape(const lm_tensor_info *sc, const uint64_t *want, size_t n, const char *fmt,
+                                  const char *why, lm_err *err)
+{
+    int same = sc->n_dims == n;
+    for (size_t d = 0; same && d < n; d++)
+        same = sc->shape[d] == want[d];
+    if (same)
+        return LM_OK;
+    char a[1300], b[200];
+    lm_shape_str(b, sizeof b, sc->n_dims, sc->shape);
+    snprintf(a, sizeof a, "%s scale tensor '%s' is %s", fmt, sc->name, b);
+    lm_shape_str(b, sizeof b, n, want);
+    lm_fail(err, LM_E_MISMATCH, "QuantScale", "%s: expected %s (%s)", a, b, why);
+    lm_err_set_tensor(err, sc->name);
+    return LM_E_MISMATCH;
 }
 
 /* re.match(pattern, s) (fullmatch when full); a pattern outside the regex subset: equality */
@@ -201,6 +213,7 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
             continue;
         p->t[i].q = q;
         p->t[i].cols = q->view.shape[q->view.n_dims - 1]; /* 2-D, or an expert stack [E, out, in] */
+        p->t[i].rows = q->view.n_elems / p->t[i].cols;
         views[i] = &q->view;
         if (o->out_dtype_set) { /* written dequantized: the scales go */
             p->t[i].dtype = o->out_dtype;

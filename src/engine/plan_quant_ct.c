@@ -20,15 +20,6 @@ static lm_code ct_fail(lm_err *err, const char *tensor, const char *fmt, const c
     return LM_E_MISMATCH;
 }
 
-static void shape_str(const lm_tensor_info *t, char *buf, size_t cap)
-{
-    size_t k = (size_t)snprintf(buf, cap, "[");
-    for (size_t d = 0; d < t->n_dims && k < cap; d++)
-        k += (size_t)snprintf(buf + k, cap - k, "%s%llu", d ? ", " : "", (unsigned long long)t->shape[d]);
-    if (k < cap)
-        snprintf(buf + k, cap - k, "]");
-}
-
 /* the sibling "<weight>" + suffix of entry w, or NULL */
 static const lm_model_entry *sibling(const lm_model *model, const char *wname, const char *suffix, size_t *idx)
 {
@@ -75,8 +66,8 @@ static lm_code ct_fp8_grid(const lm_qscheme *s, const lm_tensor_info *w, const l
         q->bc = s->block_cols;
     } else {
         char a[200], b[200], ws[64], ss[64];
-        shape_str(w, ws, sizeof ws);
-        shape_str(sc, ss, sizeof ss);
+        lm_shape_str(ws, sizeof ws, w->n_dims, w->shape);
+        lm_shape_str(ss, sizeof ss, sc->n_dims, sc->shape);
         snprintf(a, sizeof a, "'%s' %s", sc->name, ss);
         snprintf(b, sizeof b, "%s (per tensor [1], per channel [%llu, 1], per group [%llu, %llu/g]%s)", ws,
                  (unsigned long long)R, (unsigned long long)R, (unsigned long long)C,
@@ -125,34 +116,45 @@ static lm_code attach_ct_fp8(lm_plan *p, const lm_model *model, const lm_qscheme
 }
 
 /* NVFP4: packed codes U8 [R, C/2], weight_scale F8_E4M3 [R, C/g], the second scale F32 (one
- * value); name2: weight_global_scale (compressed-tensors) or weight_scale_2 (ModelOpt) */
+ * value); name2: weight_global_scale (compressed-tensors) or weight_scale_2 (ModelOpt).  An expert
+ * stack: codes [E, R, C/2], scales [E, R, C/g], the second scale one value, or one per expert ([E],
+ * [E, 1], [E, 1, 1]) or per k-th of an expert's rows ([E, k]: vLLM's w13 gate and up halves);
+ * each follows the merged amax of its rows.  base: the siblings' stem ("<m>.weight", ModelOpt's
+ * expert parameter "P_weight") */
 static lm_code attach_nvfp4(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_tensor_info *w,
-                            lm_qformat fmt, const char *name2, lm_qtensor **out, lm_err *err)
+                            lm_qformat fmt, const char *base, const char *name2, lm_qtensor **out, lm_err *err)
 {
     const char *lib = fmt == LM_Q_MO_NVFP4 ? "ModelOpt NVFP4" : "compressed-tensors NVFP4";
     size_t si, si2;
-    char want[1200], base[1100]; /* base: "<m>.weight" (compressed-tensors: without "_packed") */
-    snprintf(base, sizeof base, "%.*s", (int)(strlen(w->name) - (fmt == LM_Q_MO_NVFP4 ? 0 : 7)), w->name);
+    char want[1200];
     const lm_model_entry *se = sibling(model, base, "_scale", &si), *se2 = sibling(model, base, name2, &si2);
     if (se == NULL || se2 == NULL) {
         snprintf(want, sizeof want, "%s%s", base, se == NULL ? "_scale" : name2);
         return ct_fail(err, w->name, "%s: the packed weight has no scale tensor '%s'", lib, want);
     }
-    if (w->n_dims != 2) /* an expert stack: one second scale per expert, each following its expert's
-                           merged amax, where the amax pass and the tiles see the tensor as one */
-        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "%s weight '%s' is %zu-D (an expert "
-                       "stack): per-expert second scales are not supported; merge into the unquantized original",
-                       lib, w->name, w->n_dims);
+    const size_t nd = w->n_dims;
+    if (nd != 2 && nd != 3)
+        return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "%s weight '%s' is %zu-D: 2-D weights "
+                       "and 3-D expert stacks are dequantized", lib, w->name, nd);
     const lm_tensor_info *sc = se->info, *g = se2->info;
-    const uint64_t R = w->shape[0], C = 2 * w->shape[1];
+    const uint64_t E = nd == 3 ? w->shape[0] : 1, R = w->shape[nd - 2], C = 2 * w->shape[nd - 1];
     uint64_t gsz = s && s->group_size ? s->group_size : 16;
     if (sc->dtype != LM_DT_F8_E4M3)
         return ct_fail(err, sc->name, "scale tensor '%s' is %s: NVFP4 group scales must be F8_E4M3", sc->name,
                        lm_dtype_name(sc->dtype));
-    if (g->dtype != LM_DT_F32 || g->n_elems != 1 || g->n_dims > 1) {
-        snprintf(want, sizeof want, "'%s' (%s, %llu values)", g->name, lm_dtype_name(g->dtype),
-                 (unsigned long long)g->n_elems);
-        return ct_fail(err, g->name, "second scale %s: NVFP4 wants one F32 value (%s)", want, name2 + 1);
+    /* the second scales: one, or (a stack) k per expert with k dividing R */
+    const uint64_t n2 = g->n_elems, k2 = n2 / E;
+    int g_ok = g->dtype == LM_DT_F32 && g->n_dims <= 1 && n2 == 1;
+    if (nd == 3 && g->dtype == LM_DT_F32 && n2 > 1 && n2 % E == 0 && R % k2 == 0 && g->n_dims >= 1 &&
+        g->shape[0] == E)
+        g_ok = g->n_dims == 1 || (g->n_dims == 2 && g->shape[1] == k2) ||
+               (g->n_dims == 3 && g->shape[1] == k2 && g->shape[2] == 1);
+    if (!g_ok) {
+        lm_shape_str(want, sizeof want, g->n_dims, g->shape);
+        char a[1300];
+        snprintf(a, sizeof a, "'%s' (%s %s)", g->name, lm_dtype_name(g->dtype), want);
+        return ct_fail(err, g->name, "second scale %s: NVFP4 wants one F32 value%s", a,
+                       nd == 3 ? ", or one per expert" : "");
     }
     if (gsz % 2 != 0 || C % gsz != 0) {
         char a[160], b[64];
@@ -160,16 +162,14 @@ static lm_code attach_nvfp4(lm_plan *p, const lm_model *model, const lm_qscheme 
         snprintf(b, sizeof b, "%llu", (unsigned long long)gsz);
         return ct_fail(err, w->name, "NVFP4 weight %s: not a whole number of groups of %s", a, b);
     }
-    if (sc->n_dims != 2 || sc->shape[0] != R || sc->shape[1] != C / gsz) {
-        char a[200], b[200], ss[64];
-        shape_str(sc, ss, sizeof ss);
-        snprintf(a, sizeof a, "'%s' %s", sc->name, ss);
-        snprintf(b, sizeof b, "[%llu, %llu] (weight [%llu, %llu] in groups of %llu)", (unsigned long long)R,
-                 (unsigned long long)(C / gsz), (unsigned long long)R, (unsigned long long)C, (unsigned long long)gsz);
-        return ct_fail(err, sc->name, "scale tensor %s has the wrong shape: expected %s", a, b);
-    }
+    const uint64_t wsc[3] = {E, R, C / gsz};
+    char why[200];
+    snprintf(why, sizeof why, "weight [%s%llu, %llu] in groups of %llu", nd == 3 ? "E, " : "", (unsigned long long)R,
+             (unsigned long long)C, (unsigned long long)gsz);
+    if (lm_plan_quant_scale_shape(sc, wsc + 3 - nd, nd, "NVFP4", why, err) != LM_OK)
+        return err->code;
     lm_qtensor *q = lm_plan_blob(p, sizeof *q);
-    uint64_t *shape = lm_plan_blob(p, 2 * sizeof *shape);
+    uint64_t *shape = lm_plan_blob(p, 3 * sizeof *shape);
     if (q == NULL || shape == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     q->fmt = fmt;
@@ -178,18 +178,20 @@ static lm_code attach_nvfp4(lm_plan *p, const lm_model *model, const lm_qscheme 
     q->scale_dtype = LM_DT_F8_E4M3;
     q->scale2 = se2;
     q->scale2_index = si2;
+    q->n_scale2 = n2;
+    q->scale2_rows = E * R / n2;
     q->br = 1;
     q->bc = gsz;
-    q->srows = R;
+    q->srows = E * R;
     q->scols = C / gsz;
     q->tile_rows = 1;
-    q->needs_amax = 1; /* the second scale follows the whole tensor's amax */
+    q->needs_amax = 1; /* each second scale follows the merged amax of its rows */
     q->row_bytes = C / 2;
-    shape[0] = R;
-    shape[1] = C;
+    memcpy(shape, w->shape, nd * sizeof *shape);
+    shape[nd - 1] = C;
     q->view = *w;
     q->view.shape = shape;
-    q->view.n_elems = R * C;
+    q->view.n_elems = E * R * C;
     q->view.dtype = LM_DT_F32;
     *out = q;
     return LM_OK;
@@ -208,15 +210,20 @@ lm_code lm_plan_attach_ct(lm_plan *p, const lm_model *model, const lm_qscheme *s
     size_t si;
     const lm_model_entry *se;
     *out = NULL;
+    char stem[1100];
     if (ends_with(w->name, ".weight_packed")) {
         if (w->dtype != LM_DT_U8)
             return lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "base tensor '%s' is %s: compressed-"
                            "tensors pack-quantized integer weights are not dequantized by lora-merge; merge into the "
                            "unquantized original model", w->name, lm_dtype_name(w->dtype));
-        return attach_nvfp4(p, model, s, w, LM_Q_CT_NVFP4, "_global_scale", out, err);
+        snprintf(stem, sizeof stem, "%.*s", (int)(strlen(w->name) - 7), w->name); /* "<m>.weight" */
+        return attach_nvfp4(p, model, s, w, LM_Q_CT_NVFP4, stem, "_global_scale", out, err);
     }
-    if (w->dtype == LM_DT_U8 && ends_with(w->name, ".weight") && sibling(model, w->name, "_scale_2", &si) != NULL)
-        return attach_nvfp4(p, model, s, w, LM_Q_MO_NVFP4, "_scale_2", out, err);
+    /* ModelOpt: "<m>.weight" U8 with "<m>.weight_scale_2"; an expert parameter "P" U8 with
+     * "P_weight_scale_2" (the NVFP4 exports of gpt-oss and other fused-expert models) */
+    snprintf(stem, sizeof stem, "%s%s", w->name, ends_with(w->name, ".weight") ? "" : "_weight");
+    if (w->dtype == LM_DT_U8 && sibling(model, stem, "_scale_2", &si) != NULL)
+        return attach_nvfp4(p, model, s, w, LM_Q_MO_NVFP4, stem, "_scale_2", out, err);
     if (w->dtype == LM_DT_F8_E4M3) {
         if (sibling(model, w->name, "_scale_inv", &si) != NULL)
             return LM_OK; /* block FP8 */
@@ -236,13 +243,13 @@ void lm_plan_ct_drop_extras(lm_plan *p, const lm_model *model, const char *wname
 {
     static const char *const sfx[] = {".weight", ".weight_packed"};
     size_t n = strlen(wname), idx;
+    char name[1100];
+    snprintf(name, sizeof name, "%s_input_scale", wname); /* ModelOpt's expert parameter "P" */
     for (size_t k = 0; k < 2; k++) {
         size_t ns = strlen(sfx[k]);
-        if (n <= ns || strcmp(wname + n - ns, sfx[k]) != 0)
-            continue;
-        char name[1100];
-        snprintf(name, sizeof name, "%.*s.input_scale", (int)(n - ns), wname);
-        if (lm_model_find(model, name, &idx) != NULL)
-            p->t[idx].drop = 1;
+        if (n > ns && strcmp(wname + n - ns, sfx[k]) == 0)
+            snprintf(name, sizeof name, "%.*s.input_scale", (int)(n - ns), wname);
     }
+    if (lm_model_find(model, name, &idx) != NULL)
+        p->t[idx].drop = 1;
 }

@@ -42,7 +42,7 @@ int lm_plan_quant_is_mx_blocks(const lm_qscheme *s, const lm_tensor_info *w)
 /* the blocks and their scales: [E, O, G, 16] and [E, O, G] */
 static lm_code check_mx(const lm_tensor_info *w, const lm_model_entry *se, const char *sname, lm_err *err)
 {
-    char a[200], b[200];
+    char a[200];
     if (w->n_dims != 4 || w->shape[3] != 16) {
         lm_shape_str(a, sizeof a, w->n_dims, w->shape);
         lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "MXFP4 blocks '%s' are %s: expected [E, out, "
@@ -58,17 +58,7 @@ static lm_code check_mx(const lm_tensor_info *w, const lm_model_entry *se, const
         return mx_fail(err, sc->name, "scale tensor '%s' is %s: MXFP4 scales are U8 (E8M0)", a,
                        lm_dtype_name(sc->dtype));
     }
-    int same = sc->n_dims + 1 == w->n_dims;
-    for (size_t d = 0; same && d < sc->n_dims; d++)
-        same = sc->shape[d] == w->shape[d];
-    if (!same) {
-        lm_shape_str(a, sizeof a, sc->n_dims, sc->shape);
-        lm_shape_str(b, sizeof b, w->n_dims - 1, w->shape);
-        char msg[300];
-        snprintf(msg, sizeof msg, "%s is %s", sc->name, a);
-        return mx_fail(err, sc->name, "MXFP4 scale tensor %s: expected %s, one scale per group of 32", msg, b);
-    }
-    return LM_OK;
+    return lm_plan_quant_scale_shape(sc, w->shape, w->n_dims - 1, "MXFP4", "one scale per group of 32", err);
 }
 
 lm_code lm_plan_quant_attach_mx(lm_plan *p, const lm_model *model, const lm_plan_opts *o, size_t i,

@@ -14,13 +14,17 @@
  * Worker I of N writes the shards k with k % N == I and nothing else, straight into OUT (no
  * staging directory: the workers share OUT).  Each shard goes through a temporary name, its
  * sha256 is read back from the complete temporary file, it is renamed into place, then its
- * sidecar OUT/.lora-merge-shards/<shard>.json (fingerprint, size, sha256) is written.  A shard
- * whose sidecar matches the plan and whose bytes hash to the recorded sha256 is skipped on a
- * rerun.  Workers never remove anything but their own temporary files.
+ * sidecar OUT/.lora-merge-shards/<shard>.json (fingerprint, size, sha256, and the file's identity:
+ * inode, mtime, ctime) is written.  Workers never remove anything but their own temporary files.
  *
- * Finalize verifies every shard (present, sidecar of this plan, size, sha256), refuses naming
- * the ones that are not, then writes the side files, model.safetensors.index.json LAST (the
- * commit record), removes files of an earlier merge and the sidecars. */
+ * A shard is complete and verified when it is present, its sidecar is of this plan, its size is
+ * the plan's, and either its identity is still the recorded one (nothing changed it through the
+ * filesystem since its worker hashed it: a write in place, a truncation, a file renamed over it
+ * all change ctime at least, which only the kernel sets) or, read back, it hashes to the
+ * sidecar's sha256.  With job->shard_verify every shard is read back.  A rerun skips shards
+ * complete and verified; finalize verifies every shard, refuses naming the ones that are not,
+ * then writes the side files, model.safetensors.index.json LAST (the commit record), removes
+ * files of an earlier merge and the sidecars. */
 #ifndef LM_SHARDS_H
 #define LM_SHARDS_H
 

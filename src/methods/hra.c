@@ -4,7 +4,8 @@
  * reflections I - 2 u u^T of the normalised columns of hra_u [in, r] (or, with apply_GS, of
  * their Gram-Schmidt orthonormalisation: H = I - 2 Q^T Q).  Applied in its compact WY form
  * W - ((W U^T) T) U, two rank-r products through BLAS per tile.  The exact path (apply_tile64)
- * applies the same form in f64 with U and T built in f64 (no f32 unit vectors). */
+ * applies the same form in f64 with U and T built in f64 (no f32 unit vectors), by the wy64
+ * kernel (kernels/wy64_*.c). */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -124,33 +125,12 @@ static void hra_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     t->k->gemm_rows(0, 0, nr, cols, r, -1.0f, P2, r, hp->U, cols, 1.0f, t->acc, cols); /* X -= P2 U */
 }
 
-/* the same in f64: x <- x - ((x U^T) T) U, sums in f64 */
+/* the same in f64: x <- x - ((x U^T) T) U, sums in f64 (the wy64 kernel: the scratch holds
+ * 2 nr cols >= 2 nr r doubles) */
 static void hra_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
 {
     const hra_prep *hp = p->data;
-    const size_t r = (size_t)op->rank, cols = (size_t)t->cols;
-    double *P = t->scratch, *P2 = t->scratch + r;
-    for (size_t row = 0; row < (size_t)t->nr; row++) {
-        double *x = t->acc + row * cols;
-        for (size_t q = 0; q < r; q++) {
-            const double *u = hp->U64 + q * cols;
-            double d = 0;
-            for (size_t j = 0; j < cols; j++)
-                d += x[j] * u[j];
-            P[q] = d;
-        }
-        for (size_t q = 0; q < r; q++) {
-            double d = 0;
-            for (size_t l = 0; l < r; l++)
-                d += P[l] * hp->T64[l * r + q];
-            P2[q] = d;
-        }
-        for (size_t q = 0; q < r; q++) {
-            const double *u = hp->U64 + q * cols, f = P2[q];
-            for (size_t j = 0; j < cols; j++)
-                x[j] -= f * u[j];
-        }
-    }
+    t->k->wy64(t->acc, (size_t)t->nr, (size_t)t->cols, hp->U64, (size_t)op->rank, hp->T64, t->scratch);
 }
 
 static void hra_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)

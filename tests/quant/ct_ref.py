@@ -14,6 +14,11 @@ computed in float64, and the output checked against the library's requantization
                                               export: (weight / (amax / 448)).to(float8_e4m3fn))
   ct_ref.py nvfp4-keep|nvfp4-dtype BASE ADAPTER OUT         compressed-tensors NVFP4
   ct_ref.py mo-nvfp4-keep|mo-nvfp4-dtype BASE ADAPTER OUT   ModelOpt NVFP4
+  ct_ref.py mo-nvfp4-experts-keep|mo-nvfp4-experts-dtype BASE ADAPTER OUT
+                                              ModelOpt NVFP4 expert stacks (P, P_weight_scale,
+                                              P_weight_scale_2 per expert or one), target_parameters
+  ct_ref.py nv-saturate BASE NAME E           expert E of stack NAME: its first group at the top of
+                                              its second scale's range
   ct_ref.py partial-adapter BASE ADAPTER_DIR MODULE ROWS AMP   a LoRA touching ROWS rows of MODULE
 Prints one line; exit 1 on the first failure."""
 import json
@@ -23,7 +28,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_ref import E4M3, adapter, e4m3_encode, fail, fp8_dequant, partial_adapter, read_st  # noqa: E402
+from quant_ref import E4M3, adapter, e4m3_encode, fail, fp8_dequant, partial_adapter, read_st, write_st  # noqa: E402
 
 ULP = {"F32": 2.0 ** -23, "BF16": 2.0 ** -7, "F16": 2.0 ** -10}
 
@@ -183,6 +188,118 @@ def nv_dequant(codes, s8, g, gsz, modelopt):
     return (E2M1[codes].astype(np.float32) * eff).astype(np.float32).astype(np.float64)
 
 
+def nv_check_kept(name, x, w, codes, s8, g, amax, ocodes, os8v, og, gsz, modelopt, cnt):
+    """one NVFP4 weight (or expert) kept quantized: x the merged float64 values, w the base's, amax
+    the merged amax its second scale g follows; the output's codes, group scales and second scale
+    og against the library's rule.  cnt: groups, kept, codes checked, near-tie differences.
+    Returns 1 when the second scale was recomputed."""
+    top = amax / (6 * g) if modelopt else amax / 6 * g
+    recomputed = 0
+    if og != g:  # recomputed by the library's rule: only when the old one no longer covers the tensor
+        want = amax / 2688.0 if modelopt else 2688.0 / amax
+        if top <= 448 * (1 - 1e-6) or abs(og - want) > 1e-6 * want:
+            fail("%s: second scale %.9g (was %.9g), want %s" % (name, og, g, want if top > 448 else "kept"))
+        recomputed = 1
+    elif top > 448 * (1 + 1e-6):
+        fail("%s: second scale kept though amax %.6g no longer fits it" % (name, amax))
+    r, c = codes.shape
+    eff = nv_eff(os8v, og, modelopt)
+    for i in range(r):
+        for j in range(c // gsz):
+            sl = slice(j * gsz, (j + 1) * gsz)
+            cnt[0] += 1
+            if og == g and np.array_equal(x[i, sl], w[i, sl]):
+                if not (np.array_equal(ocodes[i, sl], codes[i, sl]) and os8v[i, j] == s8[i, j]):
+                    fail("%s group (%d,%d): unchanged but not kept" % (name, i, j))
+                cnt[1] += 1
+                continue
+            ga = np.abs(x[i, sl]).max()
+            target = ga / (6 * og) if modelopt else ga / 6 * og
+            if modelopt:
+                target = max(target, 2.0 ** -9) if target > 0 else 1.0
+            if abs(os8v[i, j] - target) > target / 16 * 1.001 + 1e-12:
+                fail("%s group (%d,%d): scale %.6g, want fp8(%.6g)" % (name, i, j, os8v[i, j], target))
+            want, tie = e2m1_encode(x[i, sl] / eff[i, j])
+            got = ocodes[i, sl]
+            bad = want != got
+            cnt[2] += gsz
+            if bad.any():
+                if (tie[bad] > 1e-3).any():
+                    k = int(np.argwhere(bad & (tie > 1e-3))[0][0])
+                    fail("%s group (%d,%d) element %d: code %d, want %d" % (name, i, j, k, got[k], want[k]))
+                cnt[3] += int(bad.sum())
+    return recomputed
+
+
+def check_nvfp4_experts(mode, bdir, adir, odir):
+    """ModelOpt NVFP4 expert stacks P U8 [E, O, I/2], P_weight_scale [E, O, I/16], P_weight_scale_2
+    one value or one per expert ([E]: each expert's second scale follows its own merged amax), the
+    adapter's target_parameters delta added as P[e] += delta_e (mx_ref.adapter_deltas); kept NVFP4
+    (ModelOpt's rule, expert by expert) or --dtype f32 (P F32 [E, O, I], the scales dropped)"""
+    from mx_ref import adapter_deltas
+    base, _ = read_st(bdir + "/model.safetensors")
+    out, _ = read_st(odir + "/model.safetensors")
+    E = json.load(open(bdir + "/config.json"))["num_experts"]
+    deltas = adapter_deltas(adir, E)
+    n_w = n_global = n_per_expert = 0
+    cnt = [0, 0, 0, 0]
+    for name, (dt, shp, a, raw) in base.items():
+        if dt != "U8" or len(shp) != 3 or name + "_weight_scale_2" not in base:
+            continue
+        s8all = E4M3[base[name + "_weight_scale"][2]]
+        g2 = base[name + "_weight_scale_2"][2].reshape(-1).astype(np.float64)
+        per_expert = g2.size == E
+        n_per_expert += per_expert
+        w = [nv_dequant(unpack(a[e]), s8all[e], g2[e if per_expert else 0], 16, True) for e in range(E)]
+        d = deltas.get(name)
+        x = [w[e] + d[e] if d is not None else w[e] for e in range(E)]
+        n_w += 1
+        if mode == "dtype":
+            odt, oshp, oa, _ = out[name]
+            if odt != "F32" or tuple(oshp) != (E, shp[1], 2 * shp[2]):
+                fail("%s is %s %s, not F32 [E, O, I]" % (name, odt, oshp))
+            for sfx in ("_weight_scale", "_weight_scale_2", "_input_scale"):
+                if name + sfx in out:
+                    fail(name + sfx + " written in a dequantized output")
+            for e in range(E):
+                err = np.abs(oa[e].astype(np.float64) - x[e]).max()
+                if err > 1e-6 * np.abs(x[e]).max():
+                    fail("%s expert %d: max error %.3g" % (name, e, err))
+            continue
+        oa = out[name][2]
+        os8 = E4M3[out[name + "_weight_scale"][2]]
+        og2 = out[name + "_weight_scale_2"][2].reshape(-1).astype(np.float64)
+        if og2.size != g2.size:
+            fail(name + ": the second scales changed shape")
+        tamax = max(np.abs(xe).max() for xe in x)
+        for e in range(E):
+            ge = e if per_expert else 0
+            n_global += nv_check_kept("%s[%d]" % (name, e), x[e], w[e], unpack(a[e]), s8all[e], g2[ge],
+                                      np.abs(x[e]).max() if per_expert else tamax, unpack(oa[e]), os8[e],
+                                      og2[ge], 16, True, cnt)
+    if n_w == 0 or n_per_expert == 0:
+        fail("no NVFP4 expert stacks with per-expert second scales")
+    print("ok %d NVFP4 expert stacks (%d with per-expert second scales), %d groups (%d kept), %d codes checked, "
+          "%d near-tie differences, %d second scales recomputed" % (n_w, n_per_expert, *cnt, n_global))
+
+
+def nv_saturate(bdir, name, e):
+    """expert e of the NVFP4 stack NAME: its first group (row 0) all code 6.0 with group scale 448,
+    so that its amax is the largest its second scale covers and a positive delta there needs a
+    new second scale (rewrites BASE/model.safetensors in place)"""
+    t, _ = read_st(bdir + "/model.safetensors")
+    new = {}
+    for n, (dt, shp, a, raw) in t.items():
+        a = np.frombuffer(raw, np.uint16).reshape(shp) if dt == "BF16" else a.copy()
+        if n == name:
+            a[e, 0, :8] = 0x77
+        elif n == name + "_weight_scale":
+            a[e, 0, 0] = 0x7E
+        new[n] = (dt, a)
+    write_st(bdir + "/model.safetensors", new)
+    print("ok")
+
+
 def check_nvfp4(mode, bdir, adir, odir, modelopt):
     base, _ = read_st(bdir + "/model.safetensors")
     out, _ = read_st(odir + "/model.safetensors")
@@ -195,7 +312,8 @@ def check_nvfp4(mode, bdir, adir, odir, modelopt):
     if mode == "dtype" and (hq or "quantization_config" in ocfg):
         fail("quantization config kept in a dequantized output")
     wsfx, gsfx = (".weight", ".weight_scale_2") if modelopt else (".weight_packed", ".weight_global_scale")
-    n_w = n_groups = n_kept = n_codes = n_near = n_global = 0
+    n_w = n_global = 0
+    cnt = [0, 0, 0, 0]  # groups, kept, codes checked, near-tie differences
     for name, (dt, shp, a, raw) in base.items():
         if name.endswith(".weight_scale") or name.endswith(gsfx) or name.endswith(".input_scale"):
             if mode == "dtype" and name in out:
@@ -235,45 +353,10 @@ def check_nvfp4(mode, bdir, adir, odir, modelopt):
             if oraw != raw or os8[3] != base[stem + ".weight_scale"][3] or og != g:
                 fail(name + ": untouched quantized weight or its scales changed")
             continue
-        amax = np.abs(x).max()
-        top = amax / (6 * g) if modelopt else amax / 6 * g
-        if og != g:  # recomputed by the library's rule: only when the old one no longer covers the tensor
-            want = amax / 2688.0 if modelopt else 2688.0 / amax
-            if top <= 448 * (1 - 1e-6) or abs(og - want) > 1e-6 * want:
-                fail("%s: second scale %.9g (was %.9g), want %s" % (name, og, g, want if top > 448 else "kept"))
-            n_global += 1
-        elif top > 448 * (1 + 1e-6):
-            fail("%s: second scale kept though amax %.6g no longer fits it" % (name, amax))
-        ocodes = unpack(oa)
-        os8v = E4M3[os8[2]]
-        r, c = codes.shape
-        eff = nv_eff(os8v, og, modelopt)
-        for i in range(r):
-            for j in range(c // gsz):
-                sl = slice(j * gsz, (j + 1) * gsz)
-                n_groups += 1
-                if og == g and np.array_equal(x[i, sl], w[i, sl]):
-                    if not (np.array_equal(ocodes[i, sl], codes[i, sl]) and os8v[i, j] == s8[i, j]):
-                        fail("%s group (%d,%d): unchanged but not kept" % (name, i, j))
-                    n_kept += 1
-                    continue
-                ga = np.abs(x[i, sl]).max()
-                target = ga / (6 * og) if modelopt else ga / 6 * og
-                if modelopt:
-                    target = max(target, 2.0 ** -9) if target > 0 else 1.0
-                if abs(os8v[i, j] - target) > target / 16 * 1.001 + 1e-12:
-                    fail("%s group (%d,%d): scale %.6g, want fp8(%.6g)" % (name, i, j, os8v[i, j], target))
-                want, tie = e2m1_encode(x[i, sl] / eff[i, j])
-                got = ocodes[i, sl]
-                bad = want != got
-                n_codes += gsz
-                if bad.any():
-                    if (tie[bad] > 1e-3).any():
-                        k = int(np.argwhere(bad & (tie > 1e-3))[0][0])
-                        fail("%s group (%d,%d) element %d: code %d, want %d" % (name, i, j, k, got[k], want[k]))
-                    n_near += int(bad.sum())
+        n_global += nv_check_kept(name, x, w, codes, s8, g, np.abs(x).max(), unpack(oa), E4M3[os8[2]], og, gsz,
+                                  modelopt, cnt)
     print("ok %d weights, %d groups (%d kept), %d codes checked, %d near-tie differences, %d second scales "
-          "recomputed" % (n_w, n_groups, n_kept, n_codes, n_near, n_global))
+          "recomputed" % (n_w, *cnt, n_global))
 
 
 if __name__ == "__main__":
@@ -284,6 +367,10 @@ if __name__ == "__main__":
         check_ct_fp8("dtype", *sys.argv[2:5])
     elif m in ("nvfp4-keep", "nvfp4-dtype", "mo-nvfp4-keep", "mo-nvfp4-dtype"):
         check_nvfp4(m.rsplit("-", 1)[1], *sys.argv[2:5], modelopt=m.startswith("mo-"))
+    elif m in ("mo-nvfp4-experts-keep", "mo-nvfp4-experts-dtype"):
+        check_nvfp4_experts(m.rsplit("-", 1)[1], *sys.argv[2:5])
+    elif m == "nv-saturate":
+        nv_saturate(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif m == "partial-adapter":
         partial_adapter(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6]))
     else:
