@@ -12,7 +12,8 @@
  *  - an f16 result beyond 65504 refused naming the tensor, nothing written.
  * bf16, f16 and f32 bases (output = base dtype).  --json says exact; for bf16/f16 outputs of TINY
  * only a few elements are recomputed (the f32 form is used); the same bytes with --threads 1/2,
- * --tile-elems and --kernels ref. */
+ * --tile-elems and --kernels ref.  GLoRA and Super-Tuning (computed in f64): near-ties that their f32
+ * path's second rounding gets wrong. */
 #include "th.h"
 #include "th_exact.h"
 
@@ -204,6 +205,92 @@ static void xl_type_all(xl_type ty)
         for (int m = XL_CANCEL; m <= XL_SUBNORMAL; m++)
             xl_run_case(ty, dts[d], (xl_mode)m);
     xl_run_case(ty, "F16", XL_OVERFLOW);
+}
+
+/* ---- GLoRA and Super-Tuning: computed in f64, rounded once ---------------------------------
+ * The trap is double rounding: their f32 path (GLoRA's f64 value rounded to f32; Super-Tuning's
+ * f32 sum) lands on a bf16/f16 rounding midpoint m where the f64 value is m + a hair, and the
+ * second rounding breaks the tie by evenness.  Each element's value is built as such a near-tie:
+ * W random, m the midpoint above |1.3 W|, GLoRA: A = fl32(m / W - 1) (full buffers, B = 0), so W +
+ * W A is within ~2^-25 |m| of m; Super-Tuning: m - W one f32 ulp off, at every position. */
+static double xl_midpoint(double x, const char *dt)
+{
+    int e;
+    frexp(x, &e); /* x in [2^(e-1), 2^e): the dtype's quantum there is 2^(e-1-p) */
+    const double q = ldexp(1.0, e - 1 - (!strcmp(dt, "BF16") ? 7 : 10));
+    return (floor(x / q) + 0.5) * q;
+}
+
+static void xl_run_double(int supertuning, const char *bdt)
+{
+    const uint64_t O = XL_O, I = XL_I, n = O * I;
+    long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
+    float *y32 = malloc(n * sizeof *y32);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
+    tx_t *other = tx_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
+    for (uint64_t e = 0; e < other->n; e++)
+        other->v[e] = th_round_to(0.01 * (double)e, bdt);
+    tx_t *a, *b;
+    const char *cfg;
+    if (supertuning) {
+        a = tx_add(&ad, XL_MOD "supertuning_values", "F32", 1, n, 0);
+        b = tx_add(&ad, XL_MOD "supertuning_indices", "I32", 1, n, 0);
+        cfg = "{\"peft_type\": \"SUPERTUNING\", \"target_modules\": [\"q_proj\"], \"r\": null}";
+    } else {
+        a = tx_add(&ad, XL_MOD "glora_A.zeros", "F32", 2, O, I);
+        b = tx_add(&ad, XL_MOD "glora_B.zeros", "F32", 2, O, I);
+        cfg = "{\"peft_type\": \"GLORA\", \"target_modules\": [\"q_proj\"], \"r\": 4, \"config_A_B\": \"none\", "
+              "\"config_C\": \"none\", \"config_D_E\": \"constant\"}";
+    }
+    for (uint64_t e = 0; e < n; e++) {
+        const double x = th_round_to((0.5 + 0.4 * th_rand_normal(&g_rng)) * (e % 2 ? -1 : 1), bdt);
+        w->v[e] = x == 0 ? th_round_to(0.25, bdt) : x;
+        const double m = copysign(xl_midpoint(fabs(1.3 * w->v[e]), bdt), w->v[e]);
+        if (supertuning) {
+            b->v[e] = (double)e; /* every position once */
+            /* m - W is exact in f32; one f32 ulp of it off (< 2^-24 |m|: |m - W| < |m| / 2), so
+             * that W + value is a hair off m and its f32 sum is m */
+            a->v[e] = (double)nextafterf((float)(m - w->v[e]), th_rand_normal(&g_rng) > 0 ? INFINITY : -INFINITY);
+            ref[e] = (long double)w->v[e] + a->v[e];
+            y32[e] = (float)w->v[e] + (float)a->v[e];
+        } else {
+            a->v[e] = (double)(float)(m / w->v[e] - 1.0);
+            b->v[e] = 0;
+            ref[e] = (long double)w->v[e] + (long double)w->v[e] * a->v[e];
+            y32[e] = (float)ref[e]; /* GLoRA's f32 path: the f64 value rounded to f32 */
+        }
+        bnd[e] = ldexpl(fabsl(ref[e]), -51);
+    }
+    tx_case c;
+    tx_case_write(&c, &base, &ad, cfg);
+    th_run_result res = tx_merge(&c, c.out, NULL);
+    char what[96];
+    snprintf(what, sizeof what, "%s %s near-ties", supertuning ? "supertuning" : "glora", bdt);
+    cr_assert_eq(res.status, 0, "%s: exit %d: %s", what, res.status, res.err);
+    uint64_t rec = 0;
+    const uint64_t wrong = tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+    cr_assert_eq(rec, n, "%s: --json says %llu recomputed, the f64 path computes all %llu", what,
+                 (unsigned long long)rec, (unsigned long long)n);
+    cr_assert_gt(wrong, n / 8, "%s: the f32 path then a second rounding gets only %llu wrong: not adversarial", what,
+                 (unsigned long long)wrong);
+    tx_same_bytes(&c, what);
+    th_run_free(&res);
+    free(ref);
+    free(bnd);
+    free(y32);
+    tx_free(&base);
+    tx_free(&ad);
+    th_rmrf(c.dir);
+    free(c.dir);
+}
+
+Test(exact_lyco, glora_supertuning_double_rounding, .timeout = 60)
+{
+    for (int st = 0; st < 2; st++) {
+        xl_run_double(st, "BF16");
+        xl_run_double(st, "F16");
+    }
 }
 
 Test(exact_lyco, loha, .timeout = 120) { xl_type_all(XL_LOHA); }
