@@ -286,30 +286,14 @@ Test(quant, scheme_parse)
 }
 
 /* ---- merges into generated checkpoints -------------------------------------------------------- */
-typedef struct {
-    char *tmp;
-    char base[1100], ad[1100];
-} qt_fx;
+typedef th_qfx qt_fx;
 
 static void qt_gen(qt_fx *f, const char *quant, const char *extra)
 {
-    char gen[1200], cmd[4000];
-    if (!th_gen_model_path(gen, sizeof gen))
-        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
-    f->tmp = th_tmpdir();
-    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
-             "--rank 4 --quant %s --block 16 %s 2>&1", gen, f->tmp, quant, extra ? extra : "");
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
-    th_run_free(&r);
-    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
-    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
-}
-
-static void qt_free(qt_fx *f)
-{
-    th_rmrf(f->tmp);
-    free(f->tmp);
+    char args[3000];
+    snprintf(args, sizeof args, "--hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
+             "--rank 4 --quant %s --block 16 %s", quant, extra ? extra : "");
+    th_qgen(f, args);
 }
 
 /* runs the reference in mode on base/adapter/out (th_quant_ref) */
@@ -378,7 +362,7 @@ Test(quant, fp8_block_keep_and_dtype)
     free(cfg);
     qt_ref("fp8-keep", f.base, f.ad, out, NULL);
     qt_ref("fp8-dtype", f.base, f.ad, outf, NULL);
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 /* an adapter touching the first block row only: every other block keeps its bytes */
@@ -409,7 +393,7 @@ Test(quant, fp8_block_unchanged_blocks_identical)
     cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL || strstr(r.out, "QuantizedDeltaLost") != NULL,
               "no warning: %s %s", r.out, r.err);
     th_run_free(&r);
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 Test(quant, fp8_inspect)
@@ -421,7 +405,7 @@ Test(quant, fp8_inspect)
     cr_assert(strstr(r.out, "quantization: block FP8 (F8_E4M3, weight_scale_inv), quant_method fp8, blocks 16x16, "
                             "14 quantized weights") != NULL, "%s", r.out);
     th_run_free(&r);
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 /* ---- refusals --------------------------------------------------------------------------------- */
@@ -495,22 +479,22 @@ Test(quant, fp8_refusals)
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, "model.layers.0.self_attn.q_proj.weight_scale_inv", NULL, NULL, 0, 0);
     qt_refused(&f, "model.layers.0.self_attn.q_proj.weight_scale_inv", "no scale tensor");
-    qt_free(&f);
+    th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "F32", 4, 4);
     qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "is [4, 4]: expected [5, 4]");
-    qt_free(&f);
+    th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16", 5, 4);
     qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16");
-    qt_free(&f);
+    th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     char cfg[1300];
     snprintf(cfg, sizeof cfg, "%s/config.json", f.base);
     th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
                                          "\"frobnicate\"}}");
     qt_refused(&f, "frobnicate", "config.json");
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 /* a GPTQ/AWQ-packed base (qweight/qzeros/scales/g_idx where weight would be): refused naming the
@@ -552,6 +536,6 @@ Test(quant, gptq_awq_packed_base_refused)
                  "\"bits\": 4, \"group_size\": 128}}", methods[mi]);
         th_write_text(f.base, "config.json", cfg);
         qt_refused(&f, ".qweight' (GPTQ/AWQ", "merge into the unquantized original model");
-        qt_free(&f);
+        th_qfx_free(&f);
     }
 }

@@ -212,30 +212,14 @@ Test(quant_bnb, nf4_roundtrip_blocks)
 }
 
 /* ---- merges ------------------------------------------------------------------------------------ */
-typedef struct {
-    char *tmp;
-    char base[1100], ad[1100];
-} bq_fx;
+typedef th_qfx bq_fx;
 
-static void bq_gen(bq_fx *f, const char *args)
+static void bq_gen(bq_fx *f, const char *args_)
 {
-    char gen[1200], cmd[4000];
-    if (!th_gen_model_path(gen, sizeof gen))
-        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
-    f->tmp = th_tmpdir();
-    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 48 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
-             "--rank 4 --alpha 32 %s 2>&1", gen, f->tmp, args);
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
-    th_run_free(&r);
-    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
-    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
-}
-
-static void bq_done(bq_fx *f)
-{
-    th_rmrf(f->tmp);
-    free(f->tmp);
+    char args[3000];
+    snprintf(args, sizeof args, "--hidden 48 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 --rank 4 "
+             "--alpha 32 %s", args_);
+    th_qgen(f, args);
 }
 
 /* tests/quant/bnb_ref.py MODE ARGS (th_quant_ref) */
@@ -272,7 +256,7 @@ Test(quant_bnb, simulate_nf4_merges)
         cr_assert(th_files_equal(a, b), "%s: thread count or tile size changed the bytes", dts[d]);
         snprintf(refargs, sizeof refargs, "'%s' '%s' '%s'", f.base, f.ad, out);
         bq_ref("simulate", refargs);
-        bq_done(&f);
+        th_qfx_free(&f);
     }
 }
 
@@ -289,7 +273,7 @@ Test(quant_bnb, simulate_nf4_refusals)
     cr_assert(strchr(r.err, '\n') == strrchr(r.err, '\n'), "one line: %s", r.err);
     cr_assert(!th_exists(out), "an output was left");
     th_run_free(&r);
-    bq_done(&f);
+    th_qfx_free(&f);
 }
 
 /* ---- bitsandbytes bases ----------------------------------------------------------------------- */
@@ -337,7 +321,7 @@ static void bq_merge_check(const char *gen_args, const char *dtype_opt, const ch
     th_run_free(&r);
     snprintf(refargs, sizeof refargs, "'%s' '%s' '%s' %s", f.base, f.ad, out, want_dtype);
     bq_ref("dequant", refargs);
-    bq_done(&f);
+    th_qfx_free(&f);
 }
 
 Test(quant_bnb, nf4_base)
@@ -442,48 +426,48 @@ Test(quant_bnb, refusals)
     bq_gen(&f, "--quant bnb-nf4");
     bq_edit_header(f.base, QP ".absmax\"", QP ".absmax_gone\"");
     bq_refused(&f, QP, "has no '" QP ".absmax'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4");
     bq_edit_header(f.base, QP ".quant_map\"", QP ".quant_map_gone\"");
     bq_refused(&f, QP, "has no '" QP ".quant_map'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* 36 absmax F32 read as 72 F16 */
     bq_edit_header(f.base, "\"" QP ".absmax\":{\"dtype\":\"F32\",\"shape\":[36]",
                    "\"" QP ".absmax\":{\"dtype\":\"F16\",\"shape\":[72]");
     bq_refused(&f, QP ".absmax", "is F16 with 72 elements; the quant_state of '" QP "' needs F32 with 36");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* a quant_map that is not bitsandbytes' table */
     float one = 1.0f, other = 0.999f;
     bq_edit_data(f.base, QP ".quant_map", &one, &other, 4);
     bq_refused(&f, QP ".quant_map", "is not bitsandbytes' NF4 table");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4 --nested");
     bq_edit_header(f.base, QP ".nested_absmax\"", QP ".nested_gone\"");
     bq_refused(&f, QP, "has no '" QP ".nested_absmax'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* the JSON's shape disagrees with the packed bytes */
     bq_edit_data(f.base, QP ".quant_state.bitsandbytes__nf4", "[48, 48]", "[48, 46]", 8);
     bq_refused(&f, QP, "holds 1152 bytes; its quant_state shape [48, 46] packs into 1104");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-fp4"); /* quant_type in the JSON against the tensor's name */
     bq_edit_data(f.base, QP ".quant_state.bitsandbytes__fp4", "\"fp4\"", "\"nf4\"", 5);
     bq_refused(&f, QP ".quant_state.bitsandbytes__fp4", "says quant_type 'nf4'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* the quant_state is gone: the absmax has no weight to belong to */
     bq_edit_header(f.base, QP ".quant_state.bitsandbytes__nf4\"", QP ".qs_gone\"");
     bq_refused(&f, QP ".absmax", "has no '" QP ".quant_state.bitsandbytes__nf4'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-int8"); /* SCB of the wrong length */
     bq_edit_header(f.base, "\"model.layers.0.self_attn.q_proj.SCB\":{\"dtype\":\"F32\",\"shape\":[48]",
                    "\"model.layers.0.self_attn.q_proj.SCB\":{\"dtype\":\"F16\",\"shape\":[96]");
     bq_refused(&f, "model.layers.0.self_attn.q_proj.SCB", "needs F32 with 48 (one per row)");
-    bq_done(&f);
+    th_qfx_free(&f);
 }

@@ -67,4 +67,14 @@ uint64_t tx_verify(const tx_case *c, const th_run_result *r, const char *name,
                    const float *y32, const char *odt, const char *what,
                    uint64_t *recomputed);
 
+/* r, a merge into out, refused: non-zero exit, stderr naming `tensor` and
+ * `word` (the dtype, "F16"), out not created */
+void tx_assert_refused(const th_run_result *r, const char *out,
+                       const char *tensor, const char *word);
+
+/* base and ad written with cfg (tx_case_write) and merged: refused as
+ * tx_assert_refused says; frees base, ad and the case */
+void tx_expect_refused(tx_set *base, tx_set *ad, const char *cfg,
+                       const char *tensor, const char *word);
+
 #endif

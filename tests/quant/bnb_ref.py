@@ -13,14 +13,16 @@ computes the merge in float64 and checks lora-merge's output.
   bnb_ref.py tables                                       prints the NF4 and FP4 tables as f32 bits
 Prints one line per check; exit 1 on the first failure."""
 import json
-import struct
+import os
 from fractions import Fraction
 import sys
 
 import numpy as np
 
-DT = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
-      "I32": np.int32, "I64": np.int64}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quant_ref  # noqa: E402  (numpy only: the safetensors reader, the LoRA factors)
+from quant_ref import fail, lora_factors  # noqa: E402
+
 F32 = np.float32
 
 # functional.py get_4bit_type("nf4"): the data list, as torch.tensor() stores it (f32), divided by
@@ -55,39 +57,7 @@ INT8_SCALE = F32(7.874015718698502e-3)  # int8_vectorwise_dequant's 1/127
 
 
 def read_st(path):
-    with open(path, "rb") as f:
-        buf = f.read()
-    (n,) = struct.unpack("<Q", buf[:8])
-    hdr = json.loads(buf[8:8 + n])
-    hdr.pop("__metadata__", None)
-    out = {}
-    for name, t in hdr.items():
-        b, e = t["data_offsets"]
-        raw = buf[8 + n + b:8 + n + e]
-        if t["dtype"] == "BF16":
-            a = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(F32)
-        else:
-            a = np.frombuffer(raw, dtype=DT[t["dtype"]])
-        out[name] = (t["dtype"], tuple(t["shape"]), a.reshape(t["shape"]) if t["shape"] else a, raw)
-    return out
-
-
-def write_st(path, tensors):
-    hdr, blobs, off = {}, [], 0
-    for name, (dt, arr) in tensors.items():
-        raw = np.ascontiguousarray(arr).tobytes()
-        hdr[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    h = json.dumps(hdr).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
-def fail(msg):
-    print("FAIL " + msg)
-    sys.exit(1)
+    return quant_ref.read_st(path)[0]
 
 
 def to_dtype(x, dt):
@@ -109,16 +79,9 @@ def ulp(x, dt):
 
 
 def adapter(adir):
-    cfg = json.load(open(adir + "/adapter_config.json"))
-    t = read_st(adir + "/adapter_model.safetensors")
-    scale = cfg["lora_alpha"] / cfg["r"]
-    mods = {}
-    for name, (dt, shp, a, raw) in t.items():
-        mod = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
-        mods.setdefault(mod, {})["A" if ".lora_A." in name else "B"] = a.astype(np.float64)
-    deltas = {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
+    scale, mods = lora_factors(adir)
     ABS.update({m: abs(scale) * (np.abs(v["B"]) @ np.abs(v["A"])) for m, v in mods.items()})
-    return deltas
+    return {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
 
 
 ABS = {}  # module -> |scale| * |B| @ |A|: the size of the low-rank product's terms
