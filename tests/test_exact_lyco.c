@@ -192,10 +192,7 @@ static void xl_run_case(xl_type ty, const char *bdt, xl_mode mode)
     free(ref);
     free(bnd);
     free(y32);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 static void xl_type_all(xl_type ty)
@@ -279,10 +276,7 @@ static void xl_run_double(int supertuning, const char *bdt)
     free(ref);
     free(bnd);
     free(y32);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 Test(exact_lyco, glora_supertuning_double_rounding, .timeout = 60)
