@@ -36,23 +36,6 @@ static uint64_t xe_check_exact(const double *out, const double *ref, uint64_t n,
     return twice_wrong;
 }
 
-/* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
-static void xe_same_bytes(const tx_case *c, const char *what)
-{
-    static const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
-                                        {"--threads", "2", "--tile-elems", "100", NULL},
-                                        {"--threads", "2", "--kernels", "ref", NULL}};
-    for (int k = 0; k < 3; k++) {
-        char o[700];
-        snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
-        th_run_result r = tx_merge(c, o, v[k]);
-        cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status, r.err);
-        th_run_free(&r);
-        cr_assert(th_files_equal(o, c->out), "%s: variant %d (%s %s %s %s) changed the bytes", what, k, v[k][0],
-                  v[k][1], v[k][2], v[k][3]);
-    }
-}
-
 /* ---- IA3 ------------------------------------------------------------------------------------ */
 
 /* the midpoint of dtype just above |v| (away from zero), signed like v; v != 0 */
@@ -155,7 +138,7 @@ static void xe_ia3_case(const char *bdt)
         cr_assert_gt(wrong_twice, O / 4, "IA3 %s: the adversarial construction produced only %llu cases", bdt,
                      (unsigned long long)wrong_twice);
     th_run_free(&r);
-    xe_same_bytes(&c, bdt);
+    tx_same_bytes(&c, bdt);
     free(ru);
     free(rb);
     free(rd);
