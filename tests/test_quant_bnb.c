@@ -178,7 +178,7 @@ Test(quant_bnb, nf4_roundtrip_blocks)
         x[i] = 0.0f;
     x[195] = 3.0f;
     memcpy(y, x, sizeof x);
-    lm_bnb_nf4_roundtrip(y, N, 64, 0);
+    lm_bnb_nf4_roundtrip(y, N, 64, NULL, 0);
     for (int b0 = 0; b0 < N; b0 += 64) {
         int m = b0 + 64 <= N ? 64 : N - b0;
         float amax = 0;
@@ -200,7 +200,7 @@ Test(quant_bnb, nf4_roundtrip_blocks)
     /* rounded to bf16: the f32 values rounded to nearest even */
     float z[N];
     memcpy(z, x, sizeof x);
-    lm_bnb_nf4_roundtrip(z, N, 64, 1);
+    lm_bnb_nf4_roundtrip(z, N, 64, NULL, 1);
     for (int i = 0; i < N; i++) {
         uint32_t u;
         memcpy(&u, &y[i], 4);
@@ -258,6 +258,42 @@ Test(quant_bnb, simulate_nf4_merges)
         bq_ref("simulate", refargs);
         th_qfx_free(&f);
     }
+}
+
+/* --simulate-nf4=double (bnb_4bit_use_double_quant): the absmax of each block of 64 through
+ * bitsandbytes' double quantization (mean offset, 8-bit dynamic map over blocks of 256) before the
+ * NF4 round trip; weights of 768 blocks (three nested blocks), the same bytes for any thread count
+ * and tile size, checked by tests/quant/bnb_ref.py simulate-double, and not the plain round trip */
+Test(quant_bnb, simulate_nf4_double_quant)
+{
+    bq_fx f;
+    char out[1200], out2[1200], out3[1200], a[1300], b[1300], refargs[4000];
+    bq_gen(&f, "--dtype bf16 --hidden 256 --inter 192 --layers 1 --targets all");
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    snprintf(out3, sizeof out3, "%s/out3", f.tmp);
+    th_run_result r = th_runv("--simulate-nf4=double", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "NF4 round trip (blocks of 64, absmax double-quantized)") != NULL, "%s", r.err);
+    th_run_free(&r);
+    r = th_runv("-q", "--simulate-nf4=double", "--threads", "1", "--tile-elems", "40", f.base, f.ad, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    r = th_runv("-q", "--simulate-nf4", f.base, f.ad, out3, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(b, sizeof b, "%s/model.safetensors", out3);
+    cr_assert(!th_files_equal(a, b), "double quantization changed nothing");
+    snprintf(refargs, sizeof refargs, "'%s' '%s' '%s'", f.base, f.ad, out);
+    bq_ref("simulate-double", refargs);
+    r = th_runv("-q", "--simulate-nf4=triple", f.base, f.ad, out3, NULL);
+    cr_assert_eq(r.status, 2, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "--simulate-nf4=triple: the only value is 'double'") != NULL, "%s", r.err);
+    th_run_free(&r);
+    th_qfx_free(&f);
 }
 
 Test(quant_bnb, simulate_nf4_refusals)
