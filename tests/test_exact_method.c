@@ -485,10 +485,7 @@ static void xm_rot_case(const char *type, const char *bdt, xm_mode mode, int gs)
     free(bnd);
     free(y32);
     free(T);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 static void xm_rot_all(const char *type, const char *bdt, int gs)
@@ -647,10 +644,7 @@ static void xm_elem_case(const char *type, const char *bdt)
     free(ref);
     free(bnd);
     free(y32);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 static void xm_elem_all(const char *type)

@@ -159,10 +159,7 @@ static void xe_ia3_case(const char *bdt)
     free(ru);
     free(rb);
     free(rd);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 Test(exact_types, ia3_products_rounded_once_bf16, .timeout = 60) { xe_ia3_case("BF16"); }

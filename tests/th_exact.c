@@ -58,6 +58,13 @@ void tx_case_write(tx_case *c, const tx_set *base, const tx_set *ad,
   cr_assert_eq(th_write_text(c->adir, "adapter_config.json", cfg), 0);
 }
 
+void tx_case_free(tx_case *c, tx_set *base, tx_set *ad) {
+  tx_free(base);
+  tx_free(ad);
+  th_rmrf(c->dir);
+  free(c->dir);
+}
+
 th_run_result tx_merge(const tx_case *c, const char *out,
                        const char *const *opts) {
   const char *argv[24];
@@ -201,8 +208,5 @@ void tx_expect_refused(tx_set *base, tx_set *ad, const char *cfg,
   th_run_result r = tx_merge(&c, c.out, NULL);
   tx_assert_refused(&r, c.out, tensor, word);
   th_run_free(&r);
-  tx_free(base);
-  tx_free(ad);
-  th_rmrf(c.dir);
-  free(c.dir);
+  tx_case_free(&c, base, ad);
 }

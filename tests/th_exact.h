@@ -41,6 +41,9 @@ void tx_free(tx_set *s);
 void tx_case_write(tx_case *c, const tx_set *base, const tx_set *ad,
                    const char *cfg);
 
+/* base and ad freed, the case's directory removed and freed */
+void tx_case_free(tx_case *c, tx_set *base, tx_set *ad);
+
 th_run_result tx_merge(const tx_case *c, const char *out,
                        const char *const *opts);
 

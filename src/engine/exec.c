@@ -99,6 +99,20 @@ typedef struct {
     lm_qstats qst;       /* what requantizing its tiles did (under prep_lock) */
 } tensor_rt;
 
+/* The adapter tensors a tensor's ops read are dropped from the process once it is done (its
+ * pages would stay mapped, and resident memory is bounded by the tensors in flight).  madvise
+ * interrupts every core the process runs on (a TLB shootdown), so the ranges are gathered and
+ * dropped DROP_BATCH bytes at a time per job of the run, adjacent ones (the next module's
+ * factors) merged.  One list for every job of a batch, under their prep_lock. */
+#define DROP_BATCH ((uint64_t)2 << 20)
+#define DROP_RANGES 16
+
+typedef struct {
+    uintptr_t lo[DROP_RANGES], hi[DROP_RANGES];
+    size_t n;
+    uint64_t bytes, batch; /* gathered; dropped when bytes reach batch */
+} drop_list;
+
 typedef struct {
     const lm_plan *plan;
     const lm_model *model;
@@ -121,6 +135,7 @@ typedef struct {
     size_t n_tasks;
     lm_exec_stats st;
     size_t max_elems;        /* f32 elements of its largest tile */
+    drop_list *drops;        /* adapter pages to drop (under prep_lock, shared by a batch's jobs) */
 } job;
 
 /* the base file a tensor's bytes come from (NULL when they come from an adapter) */
@@ -141,14 +156,47 @@ static const uint8_t *tensor_src_bytes(const job *J, size_t ti)
     return lm_st_data(f) + t->base->info->begin;
 }
 
-static void prepared_free(lm_prepared *p)
+static void drops_flush(drop_list *d)
+{
+    for (size_t i = 0; i < d->n; i++)
+        lm_drop_mapped_pages((const void *)d->lo[i], (uint64_t)(d->hi[i] - d->lo[i]));
+    d->n = 0;
+    d->bytes = 0;
+}
+
+/* tensor t's pages to drop (now, or with the next batch) */
+static void drops_add(drop_list *d, const lm_ts_tensor *t)
+{
+    if (t == NULL || !t->file_backed || t->shared || t->n_bytes == 0)
+        return;
+    const uintptr_t lo = (uintptr_t)t->data, hi = lo + (uintptr_t)t->n_bytes;
+    size_t i = 0;
+    while (i < d->n && !(lo <= d->hi[i] && d->lo[i] <= hi))
+        i++;
+    if (i == d->n) {
+        if (d->n == DROP_RANGES)
+            drops_flush(d);
+        i = d->n++;
+        d->lo[i] = lo;
+        d->hi[i] = hi;
+    } else { /* overlaps or touches range i: one range */
+        d->bytes -= d->hi[i] - d->lo[i];
+        d->lo[i] = lo < d->lo[i] ? lo : d->lo[i];
+        d->hi[i] = hi > d->hi[i] ? hi : d->hi[i];
+    }
+    d->bytes += d->hi[i] - d->lo[i];
+    if (d->bytes >= d->batch)
+        drops_flush(d);
+}
+
+static void prepared_free(lm_prepared *p, drop_list *d)
 {
     if (p->destroy != NULL)
         p->destroy(p);
     for (size_t i = 0; i < p->n_owned; i++)
         free(p->owned[i]);
     for (size_t i = 0; i < p->n_read; i++)
-        lm_ts_drop_pages(p->read[i]);
+        drops_add(d, p->read[i]);
     memset(p, 0, sizeof *p);
 }
 
@@ -158,7 +206,7 @@ static void tensor_release(job *J, size_t ti)
     tensor_rt *rt = &J->rt[ti];
     if (rt->prep != NULL)
         for (size_t o = 0; o < J->plan->t[ti].n_ops; o++)
-            prepared_free(&rt->prep[o]);
+            prepared_free(&rt->prep[o], J->drops);
     free(rt->prep);
     free(rt->col_scale);
     free(rt->qscale);
@@ -256,19 +304,22 @@ static void op_rows(const lm_op *op, const float *src, const lm_tile *t)
     }
 }
 
-/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out) */
-static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out), columns c0 .. c0 + w
+ * (each element's value does not depend on which columns a call covers: lm_kernels.h) */
+static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t, uint64_t c0, uint64_t w)
 {
     const uint64_t end = op->row0 + (op->axis ? op->in : op->out);
     const uint64_t lo = t->r0 > op->row0 ? t->r0 : op->row0, hi = t->r0 + t->nr < end ? t->r0 + t->nr : end;
     if (lo >= hi)
         return;
-    float *acc = t->acc + (lo - t->r0) * t->cols;
+    float *acc = t->acc + (lo - t->r0) * t->cols + c0;
     const uint64_t i = lo - op->row0;
     if (!op->axis)
-        lm_gemm_tile_nn(t->k, acc, hi - lo, t->cols, p->b + i * op->rank, p->a, op->rank, (float)op->scale);
+        t->k->gemm_rows(0, 0, hi - lo, w, op->rank, (float)op->scale, p->b + i * op->rank, op->rank, p->a + c0, t->cols,
+                        1.0f, acc, t->cols);
     else
-        lm_gemm_tile_tt(t->k, acc, hi - lo, t->cols, p->a + i, op->in, p->b, op->rank, (float)op->scale);
+        t->k->gemm_rows(1, 1, hi - lo, w, op->rank, (float)op->scale, p->a + i, op->in, p->b + c0 * op->rank, op->rank,
+                        1.0f, acc, t->cols);
 }
 
 static void op_scale(const lm_op *op, const float *f, const lm_tile *t)
@@ -315,7 +366,7 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, const lm_
         switch (op->kind) {
         case LM_OP_REPLACE: break; /* the tile was loaded from the replacement */
         case LM_OP_ROWS: op_rows(op, p->a, t); break;
-        case LM_OP_LOWRANK: op_lowrank(op, p, t); break;
+        case LM_OP_LOWRANK: op_lowrank(op, p, t, 0, t->cols); break;
         case LM_OP_ADD: t->k->axpy(t->acc, (float)op->scale, p->a + t->r0 * t->cols, (size_t)(t->nr * t->cols)); break;
         case LM_OP_SCALE: op_scale(op, p->a, t); break;
         case LM_OP_NORM: op_norm(op, p->a, rt->col_scale, t); break;
@@ -428,9 +479,15 @@ static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint
 }
 
 /* per-thread buffers, room for max_elems f32 elements per tile */
+#define WQ_BUFS 3 /* output buffers per thread: the tile being computed and two waiting for the writer */
+
 typedef struct {
     float *acc;
-    uint8_t *out;   /* the tile in the output dtype */
+    uint8_t *out;   /* the tile in the output dtype: outs[cur] */
+    uint8_t *outs[WQ_BUFS]; /* handed to the write queue in turn, busy[] until written */
+    int busy[WQ_BUFS];      /* queued writes of each (under the queue's lock) */
+    int cur;
+    size_t out_bytes;       /* of each */
     float *scratch; /* the raw read buffer, then the methods' scratch: 4 max_elems + 64 floats */
     uint8_t *base_out; /* statistics: the base tile in the output dtype (NULL: not measured) */
     float *base_f32;   /* statistics: the base tile in f32 */
@@ -778,6 +835,60 @@ static lm_code compute_tile_dora(job *J, size_t ti, uint64_t r0, uint64_t nr, co
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
+/* a block FP8 weight kept quantized whose ops are all low-rank: its tiles are dequantized, merged
+ * and requantized one block at a time (lm_xq_merge_tile) */
+static int fused_tile(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (!lm_xq_fused(t) || J->rt[ti].exact_kind != LM_EXACT_NONE || J->rt[ti].dora != NULL || t->n_ops == 0)
+        return 0;
+    for (size_t o = 0; o < t->n_ops; o++)
+        if (t->ops[o].kind != LM_OP_LOWRANK)
+            return 0;
+    return 1;
+}
+
+typedef struct {
+    const job *J;
+    size_t ti;
+    float *acc;
+    uint64_t r0;
+} fused_ctx;
+
+/* lm_xq_apply_fn: the low-rank ops on rows rr .. rr + h, columns c0 .. c0 + w of the tile */
+static void fused_apply(void *arg, uint64_t rr, uint64_t h, uint64_t c0, uint64_t w)
+{
+    const fused_ctx *c = arg;
+    const lm_plan_tensor *t = &c->J->plan->t[c->ti];
+    const lm_tile tile = {c->acc + rr * t->cols, NULL, c->r0 + rr, h, t->rows, t->cols, c->J->k};
+    for (size_t o = 0; o < t->n_ops; o++)
+        op_lowrank(&t->ops[o], &c->J->rt[c->ti].prep[o], &tile, c0, w);
+}
+
+/* fused_tile()'s tiles: src (the codes) stays intact, ws->acc ends as the merged tile, so the
+ * statistics and the refusals are check_finite's as for the other tiles */
+static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
+                                  const workspace *ws, struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces,
+                                  lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const uint8_t *base_bytes = NULL;
+    size_t n_base = 0;
+    if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+        return LM_E_IO;
+    fused_ctx c = {J, ti, ws->acc, r0};
+    lm_qstats qs = {0};
+    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
+                                 pieces);
+    quant_stats_add(J, ti, &qs);
+    if (ts != NULL) {
+        ts->n_changed = qs.n_changed;
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
+    }
+    return qs.n_nonfinite_blocks == 0 ? LM_OK : check_finite(J, ti, r0, nr, ws, err);
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -804,6 +915,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
     }
+    if (fused_tile(J, ti))
+        return compute_tile_fused(J, ti, r0, nr, src, ws, ts, pieces, n_pieces, err);
     src_to_f32(J, ti, src, r0, nr, ws->acc);
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
@@ -890,59 +1003,275 @@ static lm_code write_transposed(lm_st_writer *w, uint64_t dst, const lm_plan_ten
     return LM_OK;
 }
 
-static lm_code run_task(job *J, const task *tk, const uint8_t *shared, struct tile_stat *ts, const workspace *ws,
-                       lm_err *err)
+/* ------------------------------------------------------------------------------------------ */
+/* the write queue: one thread writes at a time                                                 */
+/* ------------------------------------------------------------------------------------------ */
+/* Writes into one file take its inode lock for the whole copy into the page cache (ext4), so two
+ * threads writing at once take turns, and the one waiting spins on the lock.  Instead a thread
+ * with a finished tile queues it and, when no thread is writing, takes the writer's role and
+ * writes the queue until it is empty; when one is, it goes on to its next tile in another of its
+ * buffers (WQ_BUFS), waiting only when all of them are queued.  The copies of unchanged tensors
+ * are queued too (no buffer) and done by the writer in slices, the queued tiles first, so that a
+ * copy never keeps a computing thread waiting for a buffer long.  Same bytes at the same offsets
+ * as before: the order of the writes is all that changes. */
+#define WQ_SLICE ((uint64_t)4 << 20) /* bytes of a copy done before the queued tiles are looked at again */
+
+typedef struct {
+    job *J;
+    size_t jb;          /* the job's index in the batch (the failed job) */
+    lm_st_writer *w;    /* a tile's file */
+    const uint8_t *buf; /* a tile's bytes, or NULL: a copy task */
+    uint64_t n, off;    /* a tile: bytes and where they go; a copy: bytes done so far (off) */
+    const task *tk;     /* a copy: its task */
+    int *busy;          /* a tile: its buffer's count of queued writes, decremented once written */
+} wq_item;
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;    /* a buffer was written, or the role was given up */
+    wq_item *tiles;       /* ring of cap_tiles (every queued write holds a busy buffer: never full) */
+    size_t cap_tiles, head_tiles, n_tiles;
+    wq_item *copies;      /* [head_copies, n_copies) queued, cap_copies never exceeded (no move) */
+    size_t head_copies, n_copies, cap_copies;
+    int writing;          /* a thread holds the writer's role; 0: the queue is empty */
+    int failed;           /* the first error of the run (err, failed_job); queued writes after it are dropped */
+    lm_err err;
+    size_t failed_job;
+} wqueue;
+
+/* the run's first error; q->mu held */
+static void wq_fail_locked(wqueue *q, const lm_err *e, size_t jb)
+{
+    if (!q->failed) {
+        q->err = *e;
+        q->failed_job = jb;
+        __atomic_store_n(&q->failed, 1, __ATOMIC_RELEASE);
+    }
+}
+
+static void wq_fail(wqueue *q, const lm_err *e, size_t jb)
+{
+    pthread_mutex_lock(&q->mu);
+    wq_fail_locked(q, e, jb);
+    pthread_mutex_unlock(&q->mu);
+}
+
+static int wq_failed(wqueue *q)
+{
+    return __atomic_load_n(&q->failed, __ATOMIC_ACQUIRE);
+}
+
+/* bytes [from, from + count) of copy task tk (counted from its first byte): copy_file_range, in the
+ * kernel (the bytes never pass through, or stay in, this process); plain writes from the mapping
+ * where the kernel cannot */
+static lm_code copy_task_bytes(const job *J, const task *tk, uint64_t from, uint64_t count, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[tk->tensor];
+    lm_st_writer *w = J->w[J->shard_of ? J->shard_of[tk->tensor] : 0];
+    const uint64_t dst = lm_st_writer_tensor_offset(w, J->local[tk->tensor]) + tk->first + from;
+    const uint8_t *src = tensor_src_bytes(J, tk->tensor) + tk->first + from;
+    const lm_st_file *f = tensor_src_file(J, tk->tensor);
+    if (f == NULL || lm_st_fd(f) < 0)
+        return lm_st_writer_pwrite(w, src, (size_t)count, dst, err);
+    loff_t in = (loff_t)(lm_st_data_offset(f) + t->base->info->begin + tk->first + from);
+    loff_t outp = (loff_t)dst;
+    uint64_t left = count;
+    while (left > 0) {
+        ssize_t k = lm_sys_copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left);
+        if (k <= 0) {
+            if (k < 0 && errno == EINTR)
+                continue;
+            /* the base ends early: a changed input, not a write error on OUT (and the mapping the
+             * fallbacks below read would SIGBUS past the new end) */
+            int e = k < 0 ? errno : 0;
+            if (k == 0 || base_shrank(f, (uint64_t)in + left))
+                return base_ended(f, t->name, err);
+            if (e == ENOSPC || e == EFBIG || e == EIO || e == EDQUOT) /* said by the plain write */
+                return lm_st_writer_pwrite(w, src + (count - left), (size_t)left, dst + (count - left), err);
+            break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
+        }
+        left -= (uint64_t)k;
+    }
+    if (left == 0)
+        return LM_OK;
+    const uint64_t done = count - left;
+    lm_code rc = lm_st_writer_pwrite(w, src + done, (size_t)left, dst + done, err);
+    lm_drop_mapped_pages(src + done, left);
+    return rc;
+}
+
+/* The writer's loop: the queued tiles, else a slice of the oldest copy, until the queue is empty.
+ * Called with q->mu held and the role taken; the lock is let go around each write. */
+static void wq_drain(wqueue *q)
+{
+    for (;;) {
+        wq_item it;
+        lm_err e;
+        lm_err_clear(&e);
+        lm_code rc = LM_OK;
+        const int skip = q->failed;
+        if (q->n_tiles > 0) {
+            it = q->tiles[q->head_tiles];
+            q->head_tiles = (q->head_tiles + 1) % q->cap_tiles;
+            q->n_tiles--;
+            pthread_mutex_unlock(&q->mu);
+            if (!skip)
+                rc = lm_st_writer_pwrite(it.w, it.buf, (size_t)it.n, it.off, &e);
+            pthread_mutex_lock(&q->mu);
+            if (--*it.busy == 0)
+                pthread_cond_broadcast(&q->cv);
+        } else if (q->head_copies < q->n_copies) {
+            it = q->copies[q->head_copies];
+            const uint64_t n = it.tk->count - it.off < WQ_SLICE ? it.tk->count - it.off : WQ_SLICE;
+            pthread_mutex_unlock(&q->mu);
+            if (!skip)
+                rc = copy_task_bytes(it.J, it.tk, it.off, n, &e);
+            pthread_mutex_lock(&q->mu);
+            wq_item *c = &q->copies[q->head_copies];
+            c->off += n;
+            if (skip || c->off >= c->tk->count)
+                q->head_copies++;
+        } else {
+            return;
+        }
+        if (rc != LM_OK)
+            wq_fail_locked(q, &e, it.jb);
+    }
+}
+
+/* the queue written by this thread if no other is writing it; q->mu held */
+static void wq_kick_locked(wqueue *q)
+{
+    if (q->writing)
+        return;
+    q->writing = 1;
+    wq_drain(q);
+    q->writing = 0;
+    pthread_cond_broadcast(&q->cv);
+}
+
+/* queues n bytes at buf for offset off of w (busy: the count of queued writes of buf's buffer); q->mu held */
+static void wq_put_locked(wqueue *q, job *J, size_t jb, lm_st_writer *w, const uint8_t *buf, uint64_t n,
+                          uint64_t off, int *busy)
+{
+    q->tiles[(q->head_tiles + q->n_tiles) % q->cap_tiles] = (wq_item){J, jb, w, buf, n, off, NULL, busy};
+    q->n_tiles++;
+    ++*busy;
+}
+
+/* the copy task queued; done by the thread that writes the queue */
+static void wq_put_copy(wqueue *q, job *J, size_t jb, const task *tk)
+{
+    pthread_mutex_lock(&q->mu);
+    if (q->n_copies < q->cap_copies) /* room for every copy task of the run (run_groups) */
+        q->copies[q->n_copies++] = (wq_item){J, jb, NULL, NULL, 0, 0, tk, NULL};
+    wq_kick_locked(q);
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* ws->out: one of this thread's buffers with no write queued (the first such: the warmest), after
+ * waiting for the writer if every one is queued */
+static void wq_next_buffer(wqueue *q, workspace *ws)
+{
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        int i = 0;
+        while (i < WQ_BUFS && ws->busy[i])
+            i++;
+        if (i < WQ_BUFS) {
+            ws->cur = i;
+            ws->out = ws->outs[i];
+            break;
+        }
+        if (!q->writing) /* cannot happen (an idle writer leaves the queue empty): write it here */
+            wq_kick_locked(q);
+        else
+            pthread_cond_wait(&q->cv, &q->mu);
+    }
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* every buffer of ws written (before they are freed) */
+static void wq_wait_buffers(wqueue *q, workspace *ws)
+{
+    pthread_mutex_lock(&q->mu);
+    for (int i = 0; i < WQ_BUFS; i++)
+        while (ws->busy[i]) {
+            if (!q->writing)
+                wq_kick_locked(q);
+            else
+                pthread_cond_wait(&q->cv, &q->mu);
+        }
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* the writer's role for writes done here and now (the queue written first) */
+static void wq_role_take(wqueue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    while (q->writing)
+        pthread_cond_wait(&q->cv, &q->mu);
+    q->writing = 1;
+    wq_drain(q);
+    pthread_mutex_unlock(&q->mu);
+}
+
+static void wq_role_give(wqueue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    wq_drain(q);
+    q->writing = 0;
+    pthread_cond_broadcast(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* Task tk of job jb: a copy is queued; a tile is computed into ws->out, which is queued for the
+ * writer (the tile's new scales too, copied behind it), and ws->out becomes another buffer. */
+static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint8_t *shared, struct tile_stat *ts,
+                        workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
     lm_st_writer *w = J->w[J->shard_of ? J->shard_of[tk->tensor] : 0];
     uint64_t dst = lm_st_writer_tensor_offset(w, J->local[tk->tensor]);
     if (tk->copy) {
-        const uint8_t *src = tensor_src_bytes(J, tk->tensor);
-        const lm_st_file *f = tensor_src_file(J, tk->tensor);
-        if (f != NULL && lm_st_fd(f) >= 0) {
-            /* in-kernel copy: the bytes never pass through (or stay in) this process */
-            loff_t in = (loff_t)(lm_st_data_offset(f) + t->base->info->begin + tk->first);
-            loff_t outp = (loff_t)(dst + tk->first);
-            uint64_t left = tk->count;
-            while (left > 0) {
-                ssize_t k = lm_sys_copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left);
-                if (k <= 0) {
-                    if (k < 0 && errno == EINTR)
-                        continue;
-                    /* the base ends early: a changed input, not a write error on OUT (and the
-                     * mapping the fallbacks below read would SIGBUS past the new end) */
-                    int e = k < 0 ? errno : 0;
-                    if (k == 0 || base_shrank(f, (uint64_t)in + left))
-                        return base_ended(f, t->name, err);
-                    if (e == ENOSPC || e == EFBIG || e == EIO || e == EDQUOT) /* said by the plain write */
-                        return lm_st_writer_pwrite(w, src + (tk->count - left) + tk->first, (size_t)left,
-                                                   dst + tk->first + (tk->count - left), err);
-                    break; /* not supported here (EXDEV, EINVAL, ...): plain writes below */
-                }
-                left -= (uint64_t)k;
-            }
-            if (left == 0)
-                return LM_OK;
-            uint64_t done = tk->count - left;
-            lm_code rc = lm_st_writer_pwrite(w, src + tk->first + done, (size_t)left, dst + tk->first + done, err);
-            lm_drop_mapped_pages(src + tk->first + done, left);
-            return rc;
-        }
-        return lm_st_writer_pwrite(w, src + tk->first, (size_t)tk->count, dst + tk->first, err);
+        wq_put_copy(q, J, jb, tk);
+        return LM_OK;
     }
     uint64_t r0 = tk->first, nr = tk->count;
     lm_xq_piece pieces[2];
     size_t n_pieces = 0;
     lm_code rc = compute_tile(J, tk->tensor, r0, nr, shared, ws, ts, pieces, &n_pieces, err);
     uint64_t row = t->q != NULL && t->dtype == t->src_dtype ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->dtype) / 8);
-    if (rc == LM_OK && t->q != NULL && t->q->out_transposed)
-        rc = write_transposed(w, dst, t, ws->out, r0, nr, (uint8_t *)ws->scratch, err);
-    else if (rc == LM_OK)
-        rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * row), dst + r0 * row, err);
-    for (size_t k = 0; k < n_pieces && rc == LM_OK; k++) { /* the tile's scales, in the scale tensors */
-        lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];
-        uint64_t sdst = lm_st_writer_tensor_offset(sw, J->local[pieces[k].tensor]);
-        rc = lm_st_writer_pwrite(sw, pieces[k].bytes, pieces[k].n_bytes, sdst + pieces[k].offset, err);
+    uint64_t used = nr * row;
+    for (size_t k = 0; k < n_pieces; k++)
+        used += pieces[k].n_bytes;
+    if (rc == LM_OK && ((t->q != NULL && t->q->out_transposed) || used > ws->out_bytes)) {
+        wq_role_take(q); /* one write per row, from the scratch: written here */
+        if (t->q != NULL && t->q->out_transposed)
+            rc = write_transposed(w, dst, t, ws->out, r0, nr, (uint8_t *)ws->scratch, err);
+        else
+            rc = lm_st_writer_pwrite(w, ws->out, (size_t)(nr * row), dst + r0 * row, err);
+        for (size_t k = 0; k < n_pieces && rc == LM_OK; k++) { /* the tile's scales, in the scale tensors */
+            lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];
+            uint64_t sdst = lm_st_writer_tensor_offset(sw, J->local[pieces[k].tensor]);
+            rc = lm_st_writer_pwrite(sw, pieces[k].bytes, pieces[k].n_bytes, sdst + pieces[k].offset, err);
+        }
+        wq_role_give(q);
+    } else if (rc == LM_OK) {
+        uint8_t *buf = ws->out;
+        uint64_t at = nr * row;
+        pthread_mutex_lock(&q->mu);
+        wq_put_locked(q, J, jb, w, buf, nr * row, dst + r0 * row, &ws->busy[ws->cur]);
+        for (size_t k = 0; k < n_pieces; k++) { /* the tile's scales, in the scale tensors */
+            lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];
+            uint64_t sdst = lm_st_writer_tensor_offset(sw, J->local[pieces[k].tensor]);
+            memcpy(buf + at, pieces[k].bytes, pieces[k].n_bytes);
+            wq_put_locked(q, J, jb, sw, buf + at, pieces[k].n_bytes, sdst + pieces[k].offset, &ws->busy[ws->cur]);
+            at += pieces[k].n_bytes;
+        }
+        wq_kick_locked(q);
+        pthread_mutex_unlock(&q->mu);
+        wq_next_buffer(q, ws);
     }
     tensor_rt *rt = &J->rt[tk->tensor];
     if (__atomic_sub_fetch(&rt->tiles_left, 1, __ATOMIC_ACQ_REL) == 0) { /* the tensor's last tile */
@@ -953,19 +1282,23 @@ static lm_code run_task(job *J, const task *tk, const uint8_t *shared, struct ti
     return rc;
 }
 
-/* f64: room for the LM_EXACT_F64 tiles too */
-static int alloc_workspace(workspace *ws, size_t max_elems, int f64)
+/* f64: room for the LM_EXACT_F64 tiles too; n_out output buffers (1 .. WQ_BUFS) */
+static int alloc_workspace(workspace *ws, size_t max_elems, int f64, int n_out)
 {
     memset(ws, 0, sizeof *ws);
     if (f64 && ((ws->acc64 = malloc(max_elems * sizeof(double))) == NULL ||
                 (ws->scratch64 = malloc((2 * max_elems + 64) * sizeof(double))) == NULL))
         return 0;
     ws->acc = malloc(max_elems * sizeof(float));
-    ws->out = malloc(max_elems * sizeof(double));
+    ws->out_bytes = max_elems * sizeof(double);
+    for (int i = 0; i < n_out; i++)
+        if ((ws->outs[i] = malloc(ws->out_bytes)) == NULL)
+            return 0;
+    ws->out = ws->outs[0];
     ws->scratch = malloc((4 * max_elems + 64) * sizeof(float));
     ws->codes = malloc(max_elems + 64);
     ws->qscales = malloc(lm_xq_qbuf_floats(max_elems) * sizeof(float));
-    return ws->acc != NULL && ws->out != NULL && ws->scratch != NULL && ws->codes != NULL && ws->qscales != NULL;
+    return ws->acc != NULL && ws->scratch != NULL && ws->codes != NULL && ws->qscales != NULL;
 }
 
 /* the statistics' buffers (only when they are measured) */
@@ -979,7 +1312,8 @@ static int alloc_stats_workspace(workspace *ws, size_t max_elems)
 static void free_workspace(workspace *ws)
 {
     free(ws->acc);
-    free(ws->out);
+    for (int i = 0; i < WQ_BUFS; i++)
+        free(ws->outs[i]);
     free(ws->scratch);
     free(ws->base_out);
     free(ws->base_f32);
@@ -988,6 +1322,64 @@ static void free_workspace(workspace *ws)
     free(ws->raw);
     free(ws->acc64);
     free(ws->scratch64);
+}
+
+/* the work of one tile of a pass over a whole tensor (for_each_tile): rows r0 .. r0 + nr, tile k,
+ * loaded as f32 in ws->acc */
+typedef lm_code (*tile_fn)(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                           void *ctx, lm_err *err);
+
+/* fn on every tile (tr rows) of tensor ti, n_threads threads with a workspace each, the tiles in
+ * any order: the first error stops the pass (the others skip their remaining tiles) */
+static lm_code for_each_tile(const job *J, size_t ti, uint64_t tr, int n_threads, tile_fn fn, void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint64_t n_tiles = (t->rows + tr - 1) / tr;
+    int failed = 0;
+    lm_err shared_err;
+    lm_err_clear(&shared_err);
+#pragma omp parallel num_threads(n_threads)
+    {
+        workspace ws;
+        lm_err lerr;
+        lm_err_clear(&lerr);
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0, 1))
+            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
+#pragma omp for schedule(dynamic, 1)
+        for (uint64_t k = 0; k < n_tiles; k++) {
+            if (lerr.code != LM_OK)
+                continue;
+            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
+            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
+                continue;
+            fn(J, ti, k, r0, nr, &ws, ctx, &lerr);
+        }
+        if (lerr.code != LM_OK) {
+#pragma omp critical(lm_tilepass_error)
+            {
+                if (!failed)
+                    shared_err = lerr;
+                failed = 1;
+            }
+        }
+        free_workspace(&ws);
+    }
+    if (failed) {
+        *err = shared_err;
+        return shared_err.code;
+    }
+    return LM_OK;
+}
+
+/* quant_amax_pass's tile: the merged tile's amaxes (lm_xq_tile_amax) into ctx's slots of tile k */
+static lm_code amax_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                         void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    apply_ops(J, ti, 0, t->n_ops, &tile);
+    lm_xq_tile_amax(t, ws->acc, r0, nr, (uint32_t *)ctx + k * lm_xq_amax_slots(t));
+    return LM_OK;
 }
 
 /* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
@@ -1002,60 +1394,54 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
         return err->code;
     uint64_t tr = lm_plan_tile_rows(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
     const size_t ns = lm_xq_amax_slots(t); /* one amax per second scale (NVFP4 expert stacks: per expert) */
-    uint32_t *amax = calloc(ns, sizeof *amax);
+    uint32_t *part = calloc((size_t)n_tiles * ns + 1, sizeof *part); /* per tile */
     float *famax = malloc(ns * sizeof *famax);
-    if (amax == NULL || famax == NULL) {
-        free(amax);
+    if (part == NULL || famax == NULL) {
+        free(part);
         free(famax);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the amaxes of '%s'", t->name);
     }
-    int failed = 0;
-    lm_err shared_err;
-    lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err lerr;
-        lm_err_clear(&lerr);
-        uint32_t *mine = calloc(ns, sizeof *mine);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0) || mine == NULL)
-            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (uint64_t k = 0; k < n_tiles; k++) {
-            if (lerr.code != LM_OK)
-                continue;
-            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
-            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
-                continue;
-            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
-            apply_ops(J, ti, 0, t->n_ops, &tile);
-            lm_xq_tile_amax(t, ws.acc, r0, nr, mine);
-        }
-#pragma omp critical(lm_amaxpass_error)
-        {
-            if (lerr.code != LM_OK && !failed) {
-                shared_err = lerr;
-                failed = 1;
-            }
-            for (size_t k = 0; mine != NULL && k < ns; k++) /* a max: the same whatever the order */
-                amax[k] = mine[k] > amax[k] ? mine[k] : amax[k];
-        }
-        free(mine);
-        free_workspace(&ws);
-    }
-    if (failed) {
-        free(amax);
+    if (for_each_tile(J, ti, tr, n_threads, amax_tile, part, err) != LM_OK) {
+        free(part);
         free(famax);
-        *err = shared_err;
-        return shared_err.code;
+        return err->code;
     }
-    memcpy(famax, amax, ns * sizeof *famax);
-    free(amax);
+    for (size_t i = 0; i < ns; i++) { /* a max: the same whatever the order */
+        uint32_t m = 0;
+        for (uint64_t k = 0; k < n_tiles; k++)
+            m = part[k * ns + i] > m ? part[k * ns + i] : m;
+        memcpy(&famax[i], &m, sizeof m);
+    }
+    free(part);
     free(J->rt[ti].qamax);
     J->rt[ti].qamax = famax;
     lm_xq_set_amax(t, J->rt[ti].qscale, J->rt[ti].qamax);
     if (release)
         tensor_release(J, ti); /* prepared again by its first tile */
+    return LM_OK;
+}
+
+/* column_dora_pass's tile: the squared column sums of W + dW (the ops before the norm, op d)
+ * into ctx's row k */
+typedef struct {
+    double *part;
+    size_t d;
+} colsum_ctx;
+
+static lm_code colsum_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                           void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const colsum_ctx *c = ctx;
+    double *p = c->part + k * t->cols;
+    if (J->rt[ti].dora != NULL) /* the rows in f64 (exec_dora.h) */
+        return lm_dora_col_sumsq(J->rt[ti].dora, ws->acc, r0, nr, c->d, p) == 0
+                   ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    apply_ops(J, ti, 0, c->d, &tile);
+    for (uint64_t r = 0; r < nr; r++)
+        for (uint64_t col = 0; col < t->cols; col++)
+            p[col] += (double)ws->acc[r * t->cols + col] * (double)ws->acc[r * t->cols + col];
     return LM_OK;
 }
 
@@ -1079,50 +1465,11 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
         free(scale);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the DoRA column norms of '%s'", t->name);
     }
-    int failed = 0;
-    lm_err shared_err;
-    lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err lerr;
-        lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0))
-            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (uint64_t k = 0; k < n_tiles; k++) {
-            if (lerr.code != LM_OK)
-                continue;
-            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
-            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
-                continue;
-            double *p = part + k * t->cols;
-            if (J->rt[ti].dora != NULL) { /* the rows in f64 (exec_dora.h) */
-                if (lm_dora_col_sumsq(J->rt[ti].dora, ws.acc, r0, nr, d, p) != 0)
-                    lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
-                continue;
-            }
-            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
-            apply_ops(J, ti, 0, d, &tile);
-            for (uint64_t r = 0; r < nr; r++)
-                for (uint64_t c = 0; c < t->cols; c++)
-                    p[c] += (double)ws.acc[r * t->cols + c] * (double)ws.acc[r * t->cols + c];
-        }
-        if (lerr.code != LM_OK) {
-#pragma omp critical(lm_colpass_error)
-            {
-                if (!failed)
-                    shared_err = lerr;
-                failed = 1;
-            }
-        }
-        free_workspace(&ws);
-    }
-    if (failed) {
+    colsum_ctx cc = {part, d};
+    if (for_each_tile(J, ti, tr, n_threads, colsum_tile, &cc, err) != LM_OK) {
         free(part);
         free(scale);
-        *err = shared_err;
-        return shared_err.code;
+        return err->code;
     }
     const float *m = J->rt[ti].prep[d].a;
     const lm_op *op = &t->ops[d];
@@ -1401,7 +1748,8 @@ static lm_code commit_job(job *J, lm_err *err)
 
 /* one job's state, its tasks and its output files (temporary files from here on) */
 static lm_code job_init(job *J, const lm_plan *plan, const lm_model *model, const char *out_path,
-                        const lm_exec_opts *opts, const lm_kernels *k, pthread_mutex_t *lock, int n_threads, lm_err *err)
+                        const lm_exec_opts *opts, const lm_kernels *k, pthread_mutex_t *lock, drop_list *drops,
+                        int n_threads, lm_err *err)
 {
     lm_code rc;
     memset(J, 0, sizeof *J);
@@ -1410,6 +1758,7 @@ static lm_code job_init(job *J, const lm_plan *plan, const lm_model *model, cons
     J->k = k;
     J->opts = opts;
     J->prep_lock = lock;
+    J->drops = drops;
     J->tile_elems = opts ? opts->tile_elems : 0;
     J->lowrank_flags = opts && opts->exactness_off ? LM_LOWRANK_UNCERTIFIED : 0;
     J->n_shards = opts && opts->n_shards > 1 ? opts->n_shards : 1;
@@ -1562,7 +1911,8 @@ static void progress_add(batch *B, const job *J, const task *tk)
 }
 
 /* one group: the shared tile read once (several jobs computing it), then each job's task */
-static lm_code run_group(batch *B, const member *m, size_t n, const workspace *ws, size_t *failed_job, lm_err *err)
+static lm_code run_group(batch *B, wqueue *q, const member *m, size_t n, workspace *ws, size_t *failed_job,
+                         lm_err *err)
 {
     const uint8_t *shared = NULL;
     *failed_job = m[0].job;
@@ -1576,64 +1926,80 @@ static lm_code run_group(batch *B, const member *m, size_t n, const workspace *w
         job *J = &B->Js[m[i].job];
         const task *tk = &J->tasks[m[i].task];
         *failed_job = m[i].job;
-        if (run_task(J, tk, shared, J->tstat ? &J->tstat[m[i].task] : NULL, ws, err) != LM_OK)
+        if (run_task(q, J, m[i].job, tk, shared, J->tstat ? &J->tstat[m[i].task] : NULL, ws, err) != LM_OK)
             return err->code;
         progress_add(B, J, tk);
     }
     return LM_OK;
 }
 
-/* the groups on n_threads threads; the first error (and its job) into err */
+/* the groups on n_threads threads, their writes through one queue; the first error (and its job)
+ * into err */
 static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_groups, int n_threads,
                           size_t *failed_job, lm_err *err)
 {
-    size_t max_elems = 1;
-    for (size_t j = 0; j < B->n_jobs; j++)
+    size_t max_elems = 1, n_copies = 0;
+    for (size_t j = 0; j < B->n_jobs; j++) {
         max_elems = B->Js[j].max_elems > max_elems ? B->Js[j].max_elems : max_elems;
-    int failed = 0, want_stats = 0, want64 = 0;
+        for (size_t t = 0; t < B->Js[j].n_tasks; t++)
+            n_copies += B->Js[j].tasks[t].copy != 0;
+    }
+    int want_stats = 0, want64 = 0;
     for (size_t j = 0; j < B->n_jobs; j++) {
         want_stats |= B->Js[j].tstat != NULL;
         for (size_t i = 0; i < B->Js[j].plan->n && !B->Js[j].lowrank_flags; i++)
             want64 |= B->Js[j].rt[i].exact_kind == LM_EXACT_F64;
     }
+    wqueue q;
+    memset(&q, 0, sizeof q);
+    q.cap_tiles = (size_t)n_threads * WQ_BUFS * 3; /* a tile and its scales (two pieces) per buffer */
+    q.cap_copies = n_copies;
+    q.tiles = malloc(q.cap_tiles * sizeof *q.tiles);
+    q.copies = malloc((n_copies + 1) * sizeof *q.copies);
+    if (q.tiles == NULL || q.copies == NULL) {
+        free(q.tiles);
+        free(q.copies);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    pthread_mutex_init(&q.mu, NULL);
+    pthread_cond_init(&q.cv, NULL);
 #pragma omp parallel num_threads(n_threads)
     {
         workspace ws;
         lm_err local;
         lm_err_clear(&local);
         size_t local_job = 0;
-        if (!alloc_workspace(&ws, max_elems, want64) || (want_stats && !alloc_stats_workspace(&ws, max_elems)) ||
+        if (!alloc_workspace(&ws, max_elems, want64, WQ_BUFS) ||
+            (want_stats && !alloc_stats_workspace(&ws, max_elems)) ||
             (B->n_jobs > 1 && (ws.raw = malloc(max_elems * sizeof(double) + 64)) == NULL))
             lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
-        for (size_t q = 0; q < n_groups; q++) {
-            int stop;
-#pragma omp atomic read
-            stop = failed;
-            if (stop || local.code != LM_OK)
+        for (size_t k = 0; k < n_groups; k++) {
+            if (wq_failed(&q) || local.code != LM_OK)
                 continue;
-            run_group(B, &m[g[q]], g[q + 1] - g[q], &ws, &local_job, &local);
+            run_group(B, &q, &m[g[k]], g[k + 1] - g[k], &ws, &local_job, &local);
         }
-        if (local.code != LM_OK) {
-#pragma omp critical(lm_error)
-            {
-                if (!failed) {
-                    *err = local;
-                    *failed_job = local_job;
-                }
-                failed = 1;
-            }
-        }
+        if (local.code != LM_OK)
+            wq_fail(&q, &local, local_job);
+        wq_wait_buffers(&q, &ws);
         free_workspace(&ws);
     }
-    return failed ? err->code : LM_OK;
+    pthread_mutex_destroy(&q.mu);
+    pthread_cond_destroy(&q.cv);
+    free(q.tiles);
+    free(q.copies);
+    if (!q.failed)
+        return LM_OK;
+    *err = q.err;
+    *failed_job = q.failed_job;
+    return err->code;
 }
 
 /* the run of n_jobs plans over one model: every job's files written and checked (before_commit)
  * before any is committed; then job by job, its files renamed into place and its after_commit */
 static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, const lm_model *model,
                           const char *const *out_paths, const lm_exec_opts *opts, pthread_mutex_t *lock,
-                          size_t *n_init, size_t *failed_job, lm_err *err)
+                          drop_list *drops, size_t *n_init, size_t *failed_job, lm_err *err)
 {
     const lm_exec_opts *o0 = opts;
     lm_kernels kern;
@@ -1652,7 +2018,7 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
     batch B = {Js, n_jobs, 0, 0};
     for (size_t j = 0; j < n_jobs; j++) {
         *failed_job = j;
-        rc = job_init(&Js[j], plans[j], model, out_paths[j], opts ? &opts[j] : NULL, k, lock, n_threads, err);
+        rc = job_init(&Js[j], plans[j], model, out_paths[j], opts ? &opts[j] : NULL, k, lock, drops, n_threads, err);
         *n_init = j + 1;
         if (rc != LM_OK)
             return rc;
@@ -1686,14 +2052,19 @@ lm_code lm_exec_run_batch(size_t n_jobs, const lm_plan *const *plans, const lm_m
     size_t n_init = 0, failed = 0;
     pthread_mutex_t lock;
     pthread_mutex_init(&lock, NULL);
+    drop_list drops;
+    memset(&drops, 0, sizeof drops);
+    drops.batch = DROP_BATCH * (n_jobs < 16 ? n_jobs : 16);
     job *Js = calloc(n_jobs + 1, sizeof *Js);
     lm_code rc = Js == NULL ? lm_fail(&local_err, LM_E_NOMEM, NULL, "out of memory")
-                            : exec_batch(Js, n_jobs, plans, model, out_paths, opts, &lock, &n_init, &failed, &local_err);
+                            : exec_batch(Js, n_jobs, plans, model, out_paths, opts, &lock, &drops, &n_init, &failed,
+                                         &local_err);
     for (size_t j = 0; j < n_init; j++) {
         if (rc == LM_OK && stats)
             stats[j] = Js[j].st;
         job_free(&Js[j], rc != LM_OK);
     }
+    drops_flush(&drops);
     free(Js);
     pthread_mutex_destroy(&lock);
     if (rc != LM_OK) {

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static char *join(const char *a, const char *b)
 {
@@ -166,59 +167,99 @@ static lm_code load_safetensors(lm_adapter *a, lm_err *err)
     return LM_OK;
 }
 
-/* index of the first non-finite value, or -1 */
-static long first_non_finite(const lm_ts_tensor *t)
+/* 1 when one of the n values at p (dtype dt) is inf or NaN: no early exit, so that the loops
+ * vectorise; the index is looked for only then */
+static int any_non_finite(const uint8_t *p, size_t n, lm_dtype dt)
 {
-    const uint8_t *p = t->data;
-    for (uint64_t i = 0; i < t->n_elems; i++) {
-        switch (t->dtype) {
-        case LM_DT_F32: {
+    unsigned bad = 0;
+    switch (dt) {
+    case LM_DT_F32:
+        for (size_t i = 0; i < n; i++) {
             uint32_t u;
             memcpy(&u, p + 4 * i, 4);
-            if ((u & 0x7f800000u) == 0x7f800000u)
-                return (long)i;
-            break;
+            bad |= (u & 0x7f800000u) == 0x7f800000u;
         }
-        case LM_DT_F16: {
+        break;
+    case LM_DT_F16:
+    case LM_DT_BF16: {
+        const uint16_t m = dt == LM_DT_F16 ? 0x7c00u : 0x7f80u;
+        for (size_t i = 0; i < n; i++) {
             uint16_t u;
             memcpy(&u, p + 2 * i, 2);
-            if ((u & 0x7c00u) == 0x7c00u)
-                return (long)i;
-            break;
+            bad |= (uint16_t)(u & m) == m;
         }
-        case LM_DT_BF16: {
-            uint16_t u;
-            memcpy(&u, p + 2 * i, 2);
-            if ((u & 0x7f80u) == 0x7f80u)
-                return (long)i;
-            break;
-        }
-        case LM_DT_F64: {
+        break;
+    }
+    case LM_DT_F64:
+        for (size_t i = 0; i < n; i++) {
             uint64_t u;
             memcpy(&u, p + 8 * i, 8);
-            if ((u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
-                return (long)i;
-            break;
+            bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
         }
-        default:
-            return -1;
-        }
+        break;
+    default:
+        break;
     }
+    return bad != 0;
+}
+
+/* index of the first non-finite value of the n at p, or -1 */
+static long first_non_finite(const uint8_t *p, size_t n, lm_dtype dt)
+{
+    const size_t esz = dt == LM_DT_F64 ? 8 : dt == LM_DT_F32 ? 4 : 2;
+    for (size_t i = 0; i < n; i++)
+        if (any_non_finite(p + i * esz, 1, dt))
+            return (long)i;
     return -1;
 }
 
+/* Every value of every float tensor finite.  The bytes of a tensor in the adapter's file (a
+ * snapshot in memory) are read with pread in chunks rather than through its mapping: no page
+ * faults, and no pages to drop after (an madvise that interrupts every core the process ran on). */
 static lm_code check_finite(const lm_adapter *a, lm_err *err)
 {
+    enum { CHUNK = 1 << 20 }; /* bytes, a multiple of every element size */
+    const lm_st_file *st = a->ts->st;
+    const int fd = st != NULL ? lm_st_fd(st) : -1;
+    uint8_t *buf = NULL;
     for (size_t i = 0; i < a->ts->n; i++) {
-        long bad = first_non_finite(&a->ts->t[i]);
-        lm_ts_drop_pages(&a->ts->t[i]); /* read again when merged: not kept resident meanwhile */
+        const lm_ts_tensor *t = &a->ts->t[i];
+        const lm_dtype dt = t->dtype;
+        if (dt != LM_DT_F32 && dt != LM_DT_F16 && dt != LM_DT_BF16 && dt != LM_DT_F64)
+            continue;
+        const size_t esz = lm_dtype_bits(dt) / 8;
+        long bad = -1;
+        if (t->file_backed && fd >= 0 && (buf != NULL || (buf = malloc(CHUNK)) != NULL)) {
+            const uint64_t at = (uint64_t)((const uint8_t *)t->data - lm_st_data(st)) + lm_st_data_offset(st);
+            for (uint64_t done = 0; done < t->n_bytes && bad < 0;) {
+                const size_t want = t->n_bytes - done < CHUNK ? (size_t)(t->n_bytes - done) : CHUNK;
+                ssize_t k = pread(fd, buf, want, (off_t)(at + done));
+                if (k < 0 && errno == EINTR)
+                    continue;
+                if (k != (ssize_t)want) { /* cannot happen (a sealed copy in memory): the mapping */
+                    bad = first_non_finite(t->data, (size_t)t->n_elems, dt);
+                    lm_ts_drop_pages(t);
+                    break;
+                }
+                if (any_non_finite(buf, want / esz, dt))
+                    bad = (long)(done / esz) + first_non_finite(buf, want / esz, dt);
+                done += want;
+            }
+        } else if (any_non_finite(t->data, (size_t)t->n_elems, dt)) {
+            bad = first_non_finite(t->data, (size_t)t->n_elems, dt);
+            lm_ts_drop_pages(t); /* read again when merged: not kept resident meanwhile */
+        } else {
+            lm_ts_drop_pages(t);
+        }
         if (bad >= 0) {
+            free(buf);
             lm_fail(err, LM_E_FORMAT, "NonFinite", "adapter tensor '%s' holds a non-finite value (inf or NaN) at element %ld",
-                    a->ts->t[i].name, bad);
+                    t->name, bad);
             lm_err_set_path(err, a->weights_path);
             return LM_E_FORMAT;
         }
     }
+    free(buf);
     return LM_OK;
 }
 
