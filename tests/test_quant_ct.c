@@ -620,6 +620,9 @@ Test(quant_ct, nvfp4_expert_stacks_keep_and_dtype, .timeout = 120)
     cr_assert_null(th_st_find(&st, "model.layers.0.mlp.experts.gate_up_proj_input_scale"));
     th_st_free(&st);
     ct_ref("ct_ref.py", "mo-nvfp4-experts-dtype", f.base, f.ad, outf, NULL);
+    th_run_result r = th_runv("inspect", f.base, NULL); /* the 4 attention weights and the 2 stacks */
+    cr_assert(strstr(r.out, "group size 16, 6 quantized weights (2 of them 3-D expert stacks)") != NULL, "%s", r.out);
+    th_run_free(&r);
     th_qfx_free(&f);
 }
 

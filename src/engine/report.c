@@ -777,18 +777,22 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         lm_qscheme_free(&s);
         return;
     }
-    size_t n_q = 0, n_ct = 0, n_nv = 0, n_mo = 0;
+    size_t n_q = 0, n_ct = 0, n_nv = 0, n_mo = 0, n_stack = 0;
     for (size_t i = 0; i < lm_model_n_tensors(m); i++) {
         const lm_tensor_info *t = lm_model_tensor(m, i)->info;
         char name[1100];
+        const size_t before = n_q + n_ct + n_nv + n_mo;
         snprintf(name, sizeof name, "%s_scale_inv", t->name);
         n_q += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
         snprintf(name, sizeof name, "%s_scale", t->name);
         n_ct += t->dtype == LM_DT_F8_E4M3 && lm_model_find(m, name, NULL) != NULL;
-        snprintf(name, sizeof name, "%s_scale_2", t->name);
-        n_mo += t->dtype == LM_DT_U8 && lm_model_find(m, name, NULL) != NULL;
+        snprintf(name, sizeof name, "%s_scale_2", t->name); /* ModelOpt: "<m>.weight", or an expert stack "P" */
+        int mo = lm_model_find(m, name, NULL) != NULL;
+        snprintf(name, sizeof name, "%s_weight_scale_2", t->name);
+        n_mo += t->dtype == LM_DT_U8 && (mo || lm_model_find(m, name, NULL) != NULL);
         size_t nl = strlen(t->name);
         n_nv += t->dtype == LM_DT_U8 && nl > 14 && strcmp(t->name + nl - 14, ".weight_packed") == 0;
+        n_stack += t->n_dims == 3 && n_q + n_ct + n_nv + n_mo > before;
     }
     if (s.fmt == LM_Q_NONE && n_q + n_ct + n_nv + n_mo == 0)
         return;
@@ -819,8 +823,11 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
                  (unsigned long long)s.block_cols);
     else
         snprintf(blocks, sizeof blocks, "strategy %s", s.ct_strategy[0] ? s.ct_strategy : "from the scale shapes");
-    snprintf(buf, cap, "quantization: %s, quant_method %s, %s, %zu quantized weights\n", fmt,
-             s.method[0] ? s.method : "-", blocks, ct ? n_ct : n_q);
+    char stacks[64] = "";
+    if (n_stack)
+        snprintf(stacks, sizeof stacks, " (%zu of them 3-D expert stacks)", n_stack);
+    snprintf(buf, cap, "quantization: %s, quant_method %s, %s, %zu quantized weights%s\n", fmt,
+             s.method[0] ? s.method : "-", blocks, ct ? n_ct : n_q, stacks);
     if (root) {
         cJSON *q = cJSON_AddObjectToObject(root, "quantization");
         cJSON_AddStringToObject(q, "format", fmt);
@@ -833,6 +840,8 @@ static void inspect_quant(const lm_model *m, const char *dir, char *buf, size_t 
         if (!ct || strcmp(s.ct_strategy, "block") == 0)
             cJSON_AddItemToObject(q, "block", json_shape(2, (const uint64_t[]){s.block_rows, s.block_cols}));
         cJSON_AddNumberToObject(q, "quantized_weights", (double)(ct ? n_ct : n_q));
+        if (n_stack)
+            cJSON_AddNumberToObject(q, "expert_stacks", (double)n_stack);
     }
     lm_qscheme_free(&s);
 }

@@ -290,8 +290,11 @@ def nv_saturate(bdir, name, e):
     t, _ = read_st(bdir + "/model.safetensors")
     new = {}
     for n, (dt, shp, a, raw) in t.items():
-        a = np.frombuffer(raw, np.uint16).reshape(shp) if dt == "BF16" else a.copy()
+        a = (np.frombuffer(raw, np.uint16).reshape(shp) if dt == "BF16" else a).copy()
         if n == name:
+            if dt != "U8" or len(shp) != 3:
+                fail("%s is %s %s, not an NVFP4 expert stack (a gen_model older than its --quant "
+                     "modelopt-nvfp4 --fused-experts?)" % (name, dt, list(shp)))
             a[e, 0, :8] = 0x77
         elif n == name + "_weight_scale":
             a[e, 0, 0] = 0x7E
