@@ -184,6 +184,13 @@ static void ft_all_kinds(int dir)
     static const char *const kinds[] = {"EIO", "ENOSPC", "EINTR", "short"};
     int total = 0;
     for (int i = 0; i < 4; i++) { /* EIO first: ENOSPC leaves out the allocations EIO covered */
+        /* under ASan, ENOSPC's runs walk EIO's error paths again (the one place that tells errnos
+         * apart, exec.c's fallback from copy_file_range to write, treats ENOSPC as EIO), so only the
+         * plain build sweeps it (its exits, messages and OUTs asserted there) */
+        if (i == 1 && getenv("LM_ASAN") != NULL) {
+            cr_log_info("ENOSPC: swept in the plain build (EIO's paths, already run under ASan)");
+            continue;
+        }
         int ok = 0, same = 0, n = ft_sweep(&f, dir, kinds[i], &ok, &same);
         cr_assert_gt(n, 0, "%s: no fault was ever reached: the seam is not wired", kinds[i]);
         cr_log_info("%s merge, %s: %d faults injected, %d runs still succeeded (exact output), %d allocations "
