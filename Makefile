@@ -174,7 +174,8 @@ asan:
 	  build-asan/tests/unit --jobs 2 >build-asan/unit.log 2>&1 || { tail -50 build-asan/unit.log; exit 1; }
 	@tail -1 build-asan/unit.log
 
-# libFuzzer (clang): `make fuzz` runs each target FUZZ_SECONDS (default 60); fuzz-smoke ~30 s total
+# libFuzzer (clang): `make fuzz` runs each target FUZZ_SECONDS (default 60); fuzz-smoke ~30 s of
+# fuzzing in all, two targets at a time (~18 s)
 FUZZ_SECONDS ?= 60
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined
@@ -194,18 +195,23 @@ fuzz-bin: $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/libfuzzer/%)
 # the shared fixtures (when present) seed the corpora too: read in place, never copied
 FUZZ_SEEDS_fuzz_st_header = $(wildcard ../shared/fixtures/safetensors/*/ ../shared/fixtures/safetensors/*/*/)
 FUZZ_SEEDS_fuzz_adapter_config = $(wildcard ../shared/fixtures/adapters/*/ ../shared/fixtures/peft-golden/*/adapter/)
+# FUZZ_JOBS targets at a time (fuzz-smoke: TEST_JOBS); a failing target fails the run
+FUZZ_JOBS ?= 1
 fuzz: fuzz-bin
-	$(Q)for t in $(FUZZ_SRCS); do n=$$(basename $$t .c); mkdir -p $(BUILD)/libfuzzer/corpus-$$n; \
+	$(Q)one() { n=$$(basename $$1 .c); mkdir -p $(BUILD)/libfuzzer/corpus-$$n; \
 	  seeds="$(FUZZ_SEEDS_fuzz_st_header)"; [ $$n = fuzz_st_header ] || seeds=""; \
 	  [ $$n != fuzz_adapter_config ] || seeds="$(FUZZ_SEEDS_fuzz_adapter_config)"; \
 	  $(BUILD)/libfuzzer/$$n -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
-	    $(BUILD)/libfuzzer/corpus-$$n tests/fuzz/corpus/$$n $$seeds || exit 1; done
+	    $(BUILD)/libfuzzer/corpus-$$n tests/fuzz/corpus/$$n $$seeds; }; \
+	  pids=(); for t in $(FUZZ_SRCS); do one $$t & pids+=($$!); \
+	    if [ $${#pids[@]} -ge $(FUZZ_JOBS) ]; then wait $${pids[0]} || exit 1; pids=("$${pids[@]:1}"); fi; done; \
+	  for p in "$${pids[@]}"; do wait $$p || exit 1; done
 
 fuzz-smoke:
 	$(Q)if command -v $(FUZZ_CC) >/dev/null 2>&1; then \
 	  n=$$(ls $(FUZZ_SRCS) | wc -l); s=$$((30 / (n > 0 ? n : 1))); [ $$s -ge 5 ] || s=5; \
 	  $(MAKE) --no-print-directory fuzz-bin && \
-	  $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$$s 2>&1 | grep -E "^#[0-9]+ *DONE|ERROR|SUMMARY|Done" ; \
+	  $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$$s FUZZ_JOBS=$(TEST_JOBS) 2>&1 | grep -E "^#[0-9]+ *DONE|ERROR|SUMMARY|Done" ; \
 	  test $${PIPESTATUS[0]:-0} -eq 0; \
 	else echo "fuzz-smoke: SKIPPED (no $(FUZZ_CC); install clang to run it)"; fi
 

@@ -577,11 +577,19 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     snprintf(sbase, sizeof sbase, "%s/base-%dshards", mdir, bc->shards);
     snprintf(stamp, sizeof stamp, "%s/model.safetensors.index.json", sbase);
     snprintf(out, sizeof out, "%s/shards-out/", dir);
+    snprintf(size, sizeof size, "%ld", file_size(base) / bc->shards + (1 << 20));
     long rss;
     int st = 0;
-    if (file_size(stamp) <= 0) {
+    /* BENCH_SHARDS_INPUT=file: no sharded copy of the base (half the disk): the merge and the
+     * workers read the one base file and split the output by --max-shard-size (the same shards;
+     * each worker still reads only its shards' tensors) */
+    const char *input = getenv("BENCH_SHARDS_INPUT");
+    int from_file = input != NULL && strcmp(input, "file") == 0;
+    if (from_file) {
+        snprintf(sbase, sizeof sbase, "%s", base);
+        fprintf(stderr, "bench: workers read %s, output split by --max-shard-size %s\n", base, size);
+    } else if (file_size(stamp) <= 0) {
         rm_rf(sbase);
-        snprintf(size, sizeof size, "%ld", file_size(base) / bc->shards + (1 << 20));
         char *argv[] = {(char *)bin, "-q", "--allow-noop", "--max-shard-size", size, (char *)base, (char *)adapter, sbase, NULL};
         fprintf(stderr, "bench: writing the base in %d shards to %s ...\n", bc->shards, sbase);
         run_timed(argv, NULL, &rss, &st);
@@ -598,7 +606,14 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     int n_sh = 0;
     for (int r = 0; r < runs; r++) {
         rm_rf(out);
-        char *margv[] = {(char *)bin, "-q", "--threads", "2", sbase, (char *)adapter, out, NULL};
+        char *margv[] = {(char *)bin, "-q", "--threads", "2", sbase, (char *)adapter, out, NULL, NULL, NULL};
+        if (from_file) { /* the same command with --max-shard-size SIZE before the paths */
+            margv[4] = "--max-shard-size";
+            margv[5] = size;
+            margv[6] = sbase;
+            margv[7] = (char *)adapter;
+            margv[8] = out;
+        }
         t1[r] = run_timed(margv, NULL, &rss, &st);
         c1[r] = g_last_cpu;
         if (st != 0) {
@@ -614,7 +629,11 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
             snprintf(spec, sizeof spec, "%d/%d", w, W);
             start[w] = now();
             if ((pid[w] = fork()) == 0) {
-                execl(bin, bin, "-q", "--threads", "1", "--shards", spec, sbase, adapter, out, (char *)NULL);
+                if (from_file)
+                    execl(bin, bin, "-q", "--threads", "1", "--max-shard-size", size, "--shards", spec, sbase, adapter,
+                          out, (char *)NULL);
+                else
+                    execl(bin, bin, "-q", "--threads", "1", "--shards", spec, sbase, adapter, out, (char *)NULL);
                 _exit(127);
             }
         }
@@ -682,14 +701,15 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                sh[k].cpu, k % W);
     printf("  finalize: %.2f s wall, %.2f s CPU (default check: size and identity, no shard read back)\n", t_fin,
            c_fin);
-    /* N machines like this one, each running worker i alone (2 threads) on its own disk: worker
-     * i's shards take their share of the one merge's time (their CPU share of all shards), plus
-     * the fixed cost; then finalize */
+    /* N machines, each running worker i alone, CPU-bound (storage that keeps up; the machine here
+     * is shared, so CPU seconds are the steady measure): worker i takes its shards' CPU seconds
+     * plus the fixed cost, then finalize; against the one merge's CPU seconds.  Both sides are
+     * CPU per process, so more threads per machine scale them alike */
     double max_fixed = 0;
     for (int w = 0; w < W; w++)
         max_fixed = fixed[w] > max_fixed ? fixed[w] : max_fixed;
-    printf("expected on N machines (worker i's shards at the one merge's rate, by their CPU share; + the fixed cost "
-           "%.2f s; + finalize %.2f s):", max_fixed, t_fin);
+    printf("expected on N machines (CPU-bound: worker i = its shards' CPU + the fixed %.2f s, then finalize %.2f s "
+           "CPU; against the one merge's %.2f s CPU):", max_fixed, c_fin, mc1);
     for (int N = 2; N <= 16 && sum_cpu > 0; N *= 2) {
         double worst = 0;
         for (int i = 0; i < N; i++) {
@@ -698,8 +718,8 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                 si += sh[k].cpu;
             worst = si > worst ? si : worst;
         }
-        double tn = m1 * worst / sum_cpu + max_fixed + t_fin;
-        printf(" N=%d %.2f s (%.1fx)", N, tn, m1 / tn);
+        double tn = worst + max_fixed + c_fin;
+        printf(" N=%d %.2f s (%.1fx)", N, tn, mc1 / tn);
     }
     printf("\n");
     free(t1);

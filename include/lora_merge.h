@@ -266,7 +266,8 @@ typedef struct lm_merge_job {
     int simulate_nf4;       /* QLoRA adapters on a 16-bit base: every 2-D weight the merge changes
                                (not embeddings, not the output head) first goes through
                                bitsandbytes' NF4 quantize/dequantize (blocks of 64, rounded to the
-                               weight's dtype), what the adapter saw in training, then is merged */
+                               weight's dtype), what the adapter saw in training, then is merged;
+                               2: with double quantization (bnb_4bit_use_double_quant) */
     int shard_verify;       /* shard jobs: read every shard back and compare its sha256 with its
                                sidecar (finalize, and a worker's kept shards); otherwise only a
                                shard whose size or identity (inode, mtime, ctime) changed since

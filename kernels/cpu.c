@@ -116,6 +116,7 @@ static void set_ref(lm_kernels *k)
     k->count_diff_32 = lm_count_diff_32_ref;
     k->f64_round = lm_f64_round_ref;
     k->wy64 = lm_wy64_ref;
+    k->lr64 = lm_lr64_ref;
     k->name = "ref";
 }
 
@@ -139,6 +140,7 @@ static void set_avx2(lm_kernels *k)
     k->count_diff_32 = lm_count_diff_32_avx2;
     k->f64_round = lm_f64_round_avx2;
     k->wy64 = lm_wy64_avx2;
+    k->lr64 = lm_lr64_avx2;
     k->name = "avx2";
 }
 
@@ -161,6 +163,7 @@ static void set_avx512(lm_kernels *k)
     k->count_diff_32 = lm_count_diff_32_avx512;
     k->f64_round = lm_f64_round_avx512;
     k->wy64 = lm_wy64_avx512;
+    k->lr64 = lm_lr64_avx512;
     k->name = "avx512";
 }
 #endif

@@ -176,6 +176,9 @@ typedef struct lm_kernels {
     /* each row x of X [nr, cols] (f64) becomes x - ((x U^T) T) U; U [r, cols], T [r, r];
      * scratch: 2 nr r doubles (lm_wy64_ref, kernels/wy64_ref.c) */
     void (*wy64)(double *X, size_t nr, size_t cols, const double *U, size_t r, const double *T, double *scratch);
+    /* rb rows of n columns: X = w + s R C (w f32, or X itself when w is NULL), the sums in f64 by
+     * fma chains; C in panels of LM_LR64_PANEL columns (lm_lr64_ref, kernels/lr64_ref.c) */
+    void (*lr64)(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -229,7 +232,7 @@ size_t lm_count_nonfinite_16_avx512(const uint16_t *x, size_t n, uint16_t exp_ma
 void lm_rot_blocks_ref(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
 void lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
 void lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
-void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y);
+void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y, size_t ys);
 void lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a0, size_t a1, float *y);
 void lm_gemm_rows_ref(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha, const float *A,
@@ -434,6 +437,13 @@ void lm_wy64_avx512(double *X, size_t nr, size_t cols, const double *U, size_t r
 double lm_dot8_ref(const double *x, const double *u, size_t n);
 double lm_dot8_lanes(const double *l);
 void lm_wy64_mid(const double *p, size_t nr, size_t r, const double *T, double *p2);
+#define LM_LR64_PANEL 32
+void lm_lr64_ref(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
+void lm_lr64_avx2(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
+void lm_lr64_avx512(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
+                    size_t n);
+void lm_lr64_tail(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
+                  size_t n);
 void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
 
 #ifdef __cplusplus

@@ -11,9 +11,10 @@
 
 #define T256 __attribute__((target("avx,avx2,fma")))
 
-/* rows x[0..8) (row stride cols) of one block, lanes [a0, a0 + 8) into y (8 x bs); the
- * accumulators stay in registers (a constant row count) */
-void T256 lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y)
+/* rows x[0..8) (row stride cols) of one block, lanes [a0, a0 + 8) into y (8 rows, row stride ys;
+ * y may be x itself: every load comes before the stores); the accumulators stay in registers (a
+ * constant row count) */
+void T256 lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y, size_t ys)
 {
     __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0, v4 = v0, v5 = v0, v6 = v0, v7 = v0;
     for (size_t b = 0; b < bs; b++) {
@@ -28,13 +29,13 @@ void T256 lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size
         v7 = _mm256_fmadd_ps(c, _mm256_set1_ps(x[7 * cols + b]), v7);
     }
     _mm256_storeu_ps(y + a0, v0);
-    _mm256_storeu_ps(y + bs + a0, v1);
-    _mm256_storeu_ps(y + 2 * bs + a0, v2);
-    _mm256_storeu_ps(y + 3 * bs + a0, v3);
-    _mm256_storeu_ps(y + 4 * bs + a0, v4);
-    _mm256_storeu_ps(y + 5 * bs + a0, v5);
-    _mm256_storeu_ps(y + 6 * bs + a0, v6);
-    _mm256_storeu_ps(y + 7 * bs + a0, v7);
+    _mm256_storeu_ps(y + ys + a0, v1);
+    _mm256_storeu_ps(y + 2 * ys + a0, v2);
+    _mm256_storeu_ps(y + 3 * ys + a0, v3);
+    _mm256_storeu_ps(y + 4 * ys + a0, v4);
+    _mm256_storeu_ps(y + 5 * ys + a0, v5);
+    _mm256_storeu_ps(y + 6 * ys + a0, v6);
+    _mm256_storeu_ps(y + 7 * ys + a0, v7);
 }
 
 /* one row, lanes [a0, a0 + 8) */
@@ -55,9 +56,17 @@ void T256 lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float
         for (size_t r = 0; r < n_rows; r += 8) {
             size_t g = n_rows - r < 8 ? n_rows - r : 8;
             float *x = acc + r * cols + j * bs;
+            if (bs == 8) { /* one lane group: the results straight into x */
+                if (g == 8)
+                    lm_rot_lanes8x8_avx2(x, cols, R, bs, 0, x, cols);
+                else
+                    for (size_t i = 0; i < g; i++)
+                        lm_rot_lanes8x1_avx2(x + i * cols, R, bs, 0, x + i * cols);
+                continue;
+            }
             for (size_t a = 0; a < full8; a += 8) {
                 if (g == 8)
-                    lm_rot_lanes8x8_avx2(x, cols, R, bs, a, y);
+                    lm_rot_lanes8x8_avx2(x, cols, R, bs, a, y, bs);
                 else
                     for (size_t i = 0; i < g; i++)
                         lm_rot_lanes8x1_avx2(x + i * cols, R, bs, a, y + i * bs);

@@ -11,9 +11,11 @@
 
 #define T512 __attribute__((target("avx,avx2,fma,avx512f")))
 
-/* rows x[0..8) (row stride cols) of one block, lanes [a0, a0 + 16) into y (8 x bs); the
- * accumulators stay in registers (a constant row count) */
-static inline void T512 lanes16x8(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y)
+/* rows x[0..8) (row stride cols) of one block, lanes [a0, a0 + 16) into y (8 rows, row stride
+ * ys; y may be x itself: every load comes before the stores); the accumulators stay in registers
+ * (a constant row count) */
+static inline void T512 lanes16x8(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y,
+                                  size_t ys)
 {
     __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0, v4 = v0, v5 = v0, v6 = v0, v7 = v0;
     for (size_t b = 0; b < bs; b++) {
@@ -28,13 +30,13 @@ static inline void T512 lanes16x8(const float *x, size_t cols, const float *R, s
         v7 = _mm512_fmadd_ps(c, _mm512_set1_ps(x[7 * cols + b]), v7);
     }
     _mm512_storeu_ps(y + a0, v0);
-    _mm512_storeu_ps(y + bs + a0, v1);
-    _mm512_storeu_ps(y + 2 * bs + a0, v2);
-    _mm512_storeu_ps(y + 3 * bs + a0, v3);
-    _mm512_storeu_ps(y + 4 * bs + a0, v4);
-    _mm512_storeu_ps(y + 5 * bs + a0, v5);
-    _mm512_storeu_ps(y + 6 * bs + a0, v6);
-    _mm512_storeu_ps(y + 7 * bs + a0, v7);
+    _mm512_storeu_ps(y + ys + a0, v1);
+    _mm512_storeu_ps(y + 2 * ys + a0, v2);
+    _mm512_storeu_ps(y + 3 * ys + a0, v3);
+    _mm512_storeu_ps(y + 4 * ys + a0, v4);
+    _mm512_storeu_ps(y + 5 * ys + a0, v5);
+    _mm512_storeu_ps(y + 6 * ys + a0, v6);
+    _mm512_storeu_ps(y + 7 * ys + a0, v7);
 }
 
 /* one row, lanes [a0, a0 + 16) */
@@ -55,17 +57,31 @@ void T512 lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const flo
         for (size_t r = 0; r < n_rows; r += 8) {
             size_t g = n_rows - r < 8 ? n_rows - r : 8;
             float *x = acc + r * cols + j * bs;
+            if (bs == 16 || bs == 8) { /* one lane group: the results straight into x */
+                for (size_t i = 0; i < (g == 8 ? 1 : g); i++) {
+                    float *xi = x + i * cols;
+                    if (bs == 16 && g == 8)
+                        lanes16x8(xi, cols, R, bs, 0, xi, cols);
+                    else if (bs == 16)
+                        lanes16x1(xi, R, bs, 0, xi);
+                    else if (g == 8)
+                        lm_rot_lanes8x8_avx2(xi, cols, R, bs, 0, xi, cols);
+                    else
+                        lm_rot_lanes8x1_avx2(xi, R, bs, 0, xi);
+                }
+                continue;
+            }
             size_t a = 0;
             for (; a < full16; a += 16) {
                 if (g == 8)
-                    lanes16x8(x, cols, R, bs, a, y);
+                    lanes16x8(x, cols, R, bs, a, y, bs);
                 else
                     for (size_t i = 0; i < g; i++)
                         lanes16x1(x + i * cols, R, bs, a, y + i * bs);
             }
             for (; a < full8; a += 8) { /* the AVX2 code (VEX encoded, same results) */
                 if (g == 8)
-                    lm_rot_lanes8x8_avx2(x, cols, R, bs, a, y);
+                    lm_rot_lanes8x8_avx2(x, cols, R, bs, a, y, bs);
                 else
                     for (size_t i = 0; i < g; i++)
                         lm_rot_lanes8x1_avx2(x + i * cols, R, bs, a, y + i * bs);

@@ -265,10 +265,7 @@ static void xa_run_case(xa_type ty, const char *bdt, xa_mode mode)
     free(ref);
     free(bnd);
     free(y32);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 static void xa_type_all(xa_type ty)

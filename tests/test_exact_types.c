@@ -36,23 +36,6 @@ static uint64_t xe_check_exact(const double *out, const double *ref, uint64_t n,
     return twice_wrong;
 }
 
-/* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
-static void xe_same_bytes(const tx_case *c, const char *what)
-{
-    static const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
-                                        {"--threads", "2", "--tile-elems", "100", NULL},
-                                        {"--threads", "2", "--kernels", "ref", NULL}};
-    for (int k = 0; k < 3; k++) {
-        char o[700];
-        snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
-        th_run_result r = tx_merge(c, o, v[k]);
-        cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status, r.err);
-        th_run_free(&r);
-        cr_assert(th_files_equal(o, c->out), "%s: variant %d (%s %s %s %s) changed the bytes", what, k, v[k][0],
-                  v[k][1], v[k][2], v[k][3]);
-    }
-}
-
 /* ---- IA3 ------------------------------------------------------------------------------------ */
 
 /* the midpoint of dtype just above |v| (away from zero), signed like v; v != 0 */
@@ -155,14 +138,11 @@ static void xe_ia3_case(const char *bdt)
         cr_assert_gt(wrong_twice, O / 4, "IA3 %s: the adversarial construction produced only %llu cases", bdt,
                      (unsigned long long)wrong_twice);
     th_run_free(&r);
-    xe_same_bytes(&c, bdt);
+    tx_same_bytes(&c, bdt);
     free(ru);
     free(rb);
     free(rd);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_case_free(&c, &base, &ad);
 }
 
 Test(exact_types, ia3_products_rounded_once_bf16, .timeout = 60) { xe_ia3_case("BF16"); }
@@ -180,16 +160,6 @@ Test(exact_types, ia3_f16_overflow_refused, .timeout = 60)
     w->v[7] = 60000;
     for (uint64_t i = 0; i < 5; i++)
         l->v[i] = 1.5;
-    tx_case c;
-    tx_case_write(&c, &base, &ad, "{\"peft_type\": \"IA3\", \"target_modules\": [\"up_proj\"], \"feedforward_modules\": []}");
-    th_run_result r = tx_merge(&c, c.out, NULL);
-    cr_assert_neq(r.status, 0, "an f16 overflow was written: %s", r.out);
-    cr_assert(strstr(r.err, "model.layers.0.mlp.up_proj.weight") != NULL && strstr(r.err, "F16") != NULL,
-              "the error does not name the tensor and the dtype: %s", r.err);
-    cr_assert(!th_exists(c.out), "an output was left");
-    th_run_free(&r);
-    tx_free(&base);
-    tx_free(&ad);
-    th_rmrf(c.dir);
-    free(c.dir);
+    tx_expect_refused(&base, &ad, "{\"peft_type\": \"IA3\", \"target_modules\": [\"up_proj\"], \"feedforward_modules\": []}",
+                      "model.layers.0.mlp.up_proj.weight", "F16");
 }

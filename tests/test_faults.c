@@ -93,7 +93,7 @@ static int ft_is(const char *site, const char *const *names)
 #define FT_MAX_K 5000
 /* the EIO sweep's call at each k (EIO and ENOSPC count the same calls, so the calls before the k-th
  * are the same in both; an allocation fails alike for both, NULL with ENOMEM: src/core/lm_sys.c) */
-static char ft_eio_site[FT_MAX_K][16];
+static char ft_eio_site[FT_MAX_K][64]; /* as long as `site` below */
 static int ft_eio_n;
 
 /* one sweep: every k until the fault is no longer reached, but for ENOSPC the k whose call is an

@@ -88,3 +88,63 @@ Test(kernels64, wy64_variants_match_the_reference_and_long_double)
             }
     (void)compared;
 }
+
+/* lr64 (DoRA's f64 rows): with and without the f32 base rows, column counts around the 32-column
+ * panels, row counts around the four-row blocks, ranks 1 .. 17 */
+Test(kernels64, lr64_variants_match_the_reference_and_long_double)
+{
+    static const char *const variants[] = {"avx2", "avx512"};
+    static const size_t colss[] = {5, 32, 33, 64, 70};
+    static const size_t rows[] = {1, 3, 4, 5, 8};
+    static const size_t ranks[] = {1, 2, 16, 17};
+    lm_kernels ref;
+    lm_kernels_select(&ref, "ref");
+    for (size_t ci = 0; ci < sizeof colss / sizeof *colss; ci++)
+        for (size_t ri = 0; ri < sizeof rows / sizeof *rows; ri++)
+            for (size_t ki = 0; ki < sizeof ranks / sizeof *ranks; ki++)
+                for (int with_w = 0; with_w < 2; with_w++) {
+                    const size_t n = colss[ci], rb = rows[ri], K = ranks[ki], full = n / LM_LR64_PANEL * LM_LR64_PANEL;
+                    const size_t tail = n - full;
+                    double *R = malloc(rb * K * sizeof *R), *C = malloc(K * n * sizeof *C), *Cp = malloc(K * n * sizeof *Cp);
+                    double *X0 = malloc(rb * n * sizeof *X0), *a = malloc(rb * n * sizeof *a), *b = malloc(rb * n * sizeof *b);
+                    float *w = malloc(rb * n * sizeof *w);
+                    cr_assert(R && C && Cp && X0 && a && b && w);
+                    const double s = 1.75 + k64_value();
+                    for (size_t i = 0; i < rb * K; i++)
+                        R[i] = k64_value();
+                    for (size_t i = 0; i < K * n; i++)
+                        C[i] = k64_value();
+                    for (size_t i = 0; i < rb * n; i++) {
+                        X0[i] = k64_value();
+                        w[i] = (float)k64_value();
+                    }
+                    for (size_t k = 0; k < K; k++)
+                        for (size_t j = 0; j < n; j++)
+                            Cp[j < full ? (j / LM_LR64_PANEL) * K * LM_LR64_PANEL + k * LM_LR64_PANEL + j % LM_LR64_PANEL
+                                        : full * K + k * tail + (j - full)] = C[k * n + j];
+                    memcpy(a, X0, rb * n * sizeof *a);
+                    ref.lr64(a, with_w ? w : NULL, s, R, Cp, K, rb, n);
+                    for (size_t i = 0; i < rb; i++)
+                        for (size_t j = 0; j < n; j++) {
+                            long double t = 0, m = 0;
+                            for (size_t k = 0; k < K; k++) {
+                                t += (long double)R[i * K + k] * C[k * n + j];
+                                m += fabsl((long double)R[i * K + k] * C[k * n + j]);
+                            }
+                            const long double base = with_w ? (long double)w[i * n + j] : (long double)X0[i * n + j];
+                            const long double want = base + (long double)s * t;
+                            const long double tol = (long double)(K + 3) * 0x1p-53L * (fabsl((long double)s) * m + fabsl(base));
+                            cr_assert_leq(fabsl(a[i * n + j] - want), tol, "n %zu rows %zu K %zu: %zu,%zu", n, rb, K, i, j);
+                        }
+                    for (size_t v = 0; v < 2; v++) {
+                        lm_kernels k;
+                        if (lm_kernels_select(&k, variants[v]) != 0)
+                            continue;
+                        memcpy(b, X0, rb * n * sizeof *b);
+                        k.lr64(b, with_w ? w : NULL, s, R, Cp, K, rb, n);
+                        cr_assert(memcmp(a, b, rb * n * sizeof *a) == 0, "%s n %zu rows %zu K %zu w %d differs from ref",
+                                  variants[v], n, rb, K, with_w);
+                    }
+                    free(R), free(C), free(Cp), free(X0), free(a), free(b), free(w);
+                }
+}

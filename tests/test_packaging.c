@@ -107,10 +107,14 @@ Test(packaging, license_file)
  * a new file needs "SPDX-License-Identifier: MIT" in a comment on its first line (after #!) */
 Test(packaging, spdx_tags)
 {
-    th_run_result r = th_sh("for f in $(ls src/*/*.c src/*/*.h include/*.h kernels/*.c kernels/*.h tests/*.c tests/*.h "
+    /* one awk reading the first 3 lines of each file (not a head | grep per file), printing those
+     * without the tag (an empty file too) */
+    th_run_result r = th_sh("awk 'BEGIN { for (i = 1; i < ARGC; i++) { ok = 0; "
+                            "for (k = 0; k < 3 && (getline l < ARGV[i]) > 0; k++) if (l ~ /SPDX-License-Identifier: MIT/) ok = 1; "
+                            "close(ARGV[i]); if (!ok) print ARGV[i] } }' "
+                            "$(ls src/*/*.c src/*/*.h include/*.h kernels/*.c kernels/*.h tests/*.c tests/*.h "
                             "tests/fuzz/*.c bench/*.c tests/*.sh tests/lint/*.sh bench/*.sh Makefile lora_merge.pc.in "
-                            "doc/lora-merge.1 2>/dev/null); do head -3 \"$f\" | grep -q 'SPDX-License-Identifier: MIT' "
-                            "|| echo \"$f\"; done");
+                            "doc/lora-merge.1 2>/dev/null)");
     cr_assert_eq(r.status, 0);
     cr_assert_eq(r.out[0], '\0', "files without an SPDX tag in their first 3 lines:\n%s", r.out);
     th_run_free(&r);

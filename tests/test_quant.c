@@ -131,6 +131,9 @@ Test(quant, fp8_block_round_trip)
 /* every block changed, for block widths that use the 16-lane chunks, their tail, both, or the
  * row segments of 256: the codes against the brute-force nearest code of x * (448 / amax), and
  * the reported numbers against sums in double (they are f32 partial sums: a relative tolerance) */
+static void requant_width_check(const float *x, const uint8_t *q, const float *s, uint64_t bc, uint64_t cols,
+                                uint64_t R, uint64_t BR, const uint8_t *q2, const float *s2, const lm_qstats *stp);
+
 static void requant_width(uint64_t bc, uint64_t cols)
 {
     enum { R = 12, BR = 8 };
@@ -150,6 +153,43 @@ static void requant_width(uint64_t bc, uint64_t cols)
         x[i] += (float)(2e-3 * (th_rand_uniform(&rng) - 0.5));
     lm_qstats st = {0};
     lm_fp8_block_requant(x, q, s, sc, BR, bc, R, cols, q2, s2, &st);
+    requant_width_check(x, q, s, bc, cols, R, BR, q2, s2, &st);
+    /* the fused tiles' functions, block by block: the base's values (against the codes' values
+     * times the scale), then the same codes, scales and numbers */
+    float *xd = malloc(n * sizeof *xd), *base = malloc(BR * bc * sizeof *base);
+    lm_qstats st3 = {0};
+    for (uint64_t bi = 0; bi < sr * sc; bi++) {
+        const uint64_t r0 = bi / sc * BR, c0 = bi % sc * bc, h = R - r0 < BR ? R - r0 : BR;
+        const uint64_t w = cols - c0 < bc ? cols - c0 : bc, e = r0 * cols + c0;
+        lm_fp8_dequant_block(q + e, s[bi], h, w, cols, xd + e, base);
+        for (uint64_t r = 0; r < h; r++)
+            for (uint64_t c = 0; c < w; c++) {
+                const double v = (double)(float)(e4m3_def(q[e + r * cols + c]) * s[bi]);
+                cr_assert_eq((double)xd[e + r * cols + c], v);
+                cr_assert_eq((double)base[r * w + c], v);
+                xd[e + r * cols + c] = x[e + r * cols + c]; /* the merge */
+            }
+        lm_fp8_requant_block(xd + e, base, q + e, s[bi], h, w, cols, q2 + e, s2 + bi, &st3);
+    }
+    requant_width_check(x, q, s, bc, cols, R, BR, q2, s2, &st3);
+    cr_assert(st3.err_max == st.err_max && st3.err_sum == st.err_sum && st3.d2 == st.d2 && st3.e2 == st.e2,
+              "the block functions' numbers differ from the tile's");
+    free(xd);
+    free(base);
+    free(q);
+    free(q2);
+    free(x);
+    free(s);
+    free(s2);
+}
+
+/* requant_width's expectations: the codes against the brute-force nearest code, the numbers
+ * against sums in double */
+static void requant_width_check(const float *x, const uint8_t *q, const float *s, uint64_t bc, uint64_t cols,
+                                uint64_t R, uint64_t BR, const uint8_t *q2, const float *s2, const lm_qstats *stp)
+{
+    const uint64_t sc = (cols + bc - 1) / bc, sr = (R + BR - 1) / BR, n = R * cols;
+    const lm_qstats st = *stp;
     cr_assert_eq(st.n_blocks, sr * sc);
     cr_assert_eq(st.n_blocks_kept, 0);
     cr_assert_eq(st.n_nonfinite_blocks, 0);
@@ -184,11 +224,6 @@ static void requant_width(uint64_t bc, uint64_t cols)
     cr_assert(fabs(st.err_sum - esum) <= 1e-4 * esum, "err_sum %.9g, want %.9g", st.err_sum, esum);
     cr_assert(fabs(st.d2 - d2) <= 1e-4 * d2, "d2 %.9g, want %.9g", st.d2, d2);
     cr_assert(fabs(st.e2 - e2) <= 1e-4 * e2, "e2 %.9g, want %.9g", st.e2, e2);
-    free(q);
-    free(q2);
-    free(x);
-    free(s);
-    free(s2);
 }
 
 Test(quant, fp8_block_requant_every_width)
@@ -197,6 +232,55 @@ Test(quant, fp8_block_requant_every_width)
     requant_width(40, 100);  /* two chunks and a tail of 8; the last block 20 wide */
     requant_width(7, 30);    /* tails only */
     requant_width(300, 600); /* two row segments (256 + 44) */
+}
+
+/* a changed block whose amax stays, with a base scale that is already 1 / (448 / amax): the scale
+ * stays and only the codes that moved count as changed (128 rows of 200: the counts of the byte
+ * lanes are summed more than once), by the tile function and the block functions */
+Test(quant, fp8_block_requant_scale_kept)
+{
+    enum { R = 128, C = 200 };
+    uint8_t *q = malloc(R * C), *q2 = malloc(R * C), *q3 = malloc(R * C);
+    float *x = malloc(R * C * sizeof *x), *xd = malloc(R * C * sizeof *xd), *base = malloc(R * C * sizeof *base);
+    const float s = 0x1p-10f;
+    uint64_t rng = 11;
+    for (int i = 0; i < R * C; i++) {
+        q[i] = (uint8_t)(th_rand_u64(&rng) >> 56);
+        if ((q[i] & 0x7F) >= 0x7E)
+            q[i] = (uint8_t)(q[i] - 2);
+    }
+    q[5 * C + 7] = 0x7E; /* 448: the amax, 448 * 2^-10 */
+    lm_fp8_block_dequant(q, &s, 1, R, C, R, C, x);
+    uint64_t want = 0;
+    for (int i = 0; i < R * C; i += 3) /* every third value a grid step up */
+        if ((q[i] & 0x7F) < 0x7D && i != 5 * C + 7) {
+            x[i] = (float)(e4m3_def((uint8_t)(q[i] + 1)) * s);
+            want++;
+        }
+    float s2 = 0, s3 = 0;
+    lm_qstats st = {0}, st3 = {0};
+    lm_fp8_block_requant(x, q, &s, 1, R, C, R, C, q2, &s2, &st);
+    lm_fp8_dequant_block(q, s, R, C, C, xd, base);
+    memcpy(xd, x, R * C * sizeof *x);
+    lm_fp8_requant_block(xd, base, q, s, R, C, C, q3, &s3, &st3);
+    cr_assert_eq((double)s2, (double)s);
+    cr_assert_eq((double)s3, (double)s);
+    uint64_t moved = 0;
+    for (int i = 0; i < R * C; i++) {
+        const unsigned code = e4m3_nearest((double)(x[i] * (448.0f / (448.0f * s))));
+        cr_assert_eq(q2[i], code, "element %d: %#x, want %#x", i, q2[i], code);
+        cr_assert_eq(q3[i], code, "element %d: %#x, want %#x", i, q3[i], code);
+        moved += code != q[i];
+    }
+    cr_assert_eq(moved, want);
+    cr_assert_eq(st.n_changed, want);
+    cr_assert_eq(st3.n_changed, want);
+    free(q);
+    free(q2);
+    free(q3);
+    free(x);
+    free(xd);
+    free(base);
 }
 
 /* each library's rule for its list of unquantized modules, on the module (the tensor name without
@@ -286,30 +370,14 @@ Test(quant, scheme_parse)
 }
 
 /* ---- merges into generated checkpoints -------------------------------------------------------- */
-typedef struct {
-    char *tmp;
-    char base[1100], ad[1100];
-} qt_fx;
+typedef th_qfx qt_fx;
 
 static void qt_gen(qt_fx *f, const char *quant, const char *extra)
 {
-    char gen[1200], cmd[4000];
-    if (!th_gen_model_path(gen, sizeof gen))
-        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
-    f->tmp = th_tmpdir();
-    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
-             "--rank 4 --quant %s --block 16 %s 2>&1", gen, f->tmp, quant, extra ? extra : "");
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
-    th_run_free(&r);
-    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
-    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
-}
-
-static void qt_free(qt_fx *f)
-{
-    th_rmrf(f->tmp);
-    free(f->tmp);
+    char args[3000];
+    snprintf(args, sizeof args, "--hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
+             "--rank 4 --quant %s --block 16 %s", quant, extra ? extra : "");
+    th_qgen(f, args);
 }
 
 /* runs the reference in mode on base/adapter/out (th_quant_ref) */
@@ -350,6 +418,19 @@ Test(quant, fp8_block_keep_and_dtype)
     snprintf(a, sizeof a, "%s/model.safetensors", out);
     snprintf(b, sizeof b, "%s/model.safetensors", out2);
     cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    /* every kernel variant (the low-rank products of the fused tiles) gives the same bytes */
+    static const char *const variants[] = {"ref", "avx2", "avx512"};
+    for (size_t v = 0; v < 3; v++) {
+        th_rmrf(out2);
+        r = th_runv("-q", "--kernels", variants[v], f.base, f.ad, out2, NULL);
+        if (r.status == 2 && strstr(r.err, "cannot run on this CPU") != NULL) {
+            cr_log_info("--kernels %s: not on this CPU, not compared", variants[v]);
+        } else {
+            cr_assert_eq(r.status, 0, "--kernels %s: exit %d: %s", variants[v], r.status, r.err);
+            cr_assert(th_files_equal(a, b), "--kernels %s changed the bytes", variants[v]);
+        }
+        th_run_free(&r);
+    }
     th_st st;
     cr_assert_eq(th_st_read(a, &st), 0);
     const th_tensor *w = th_st_find(&st, "model.layers.1.mlp.down_proj.weight");
@@ -378,7 +459,7 @@ Test(quant, fp8_block_keep_and_dtype)
     free(cfg);
     qt_ref("fp8-keep", f.base, f.ad, out, NULL);
     qt_ref("fp8-dtype", f.base, f.ad, outf, NULL);
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 /* an adapter touching the first block row only: every other block keeps its bytes */
@@ -409,7 +490,7 @@ Test(quant, fp8_block_unchanged_blocks_identical)
     cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL || strstr(r.out, "QuantizedDeltaLost") != NULL,
               "no warning: %s %s", r.out, r.err);
     th_run_free(&r);
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 Test(quant, fp8_inspect)
@@ -421,7 +502,7 @@ Test(quant, fp8_inspect)
     cr_assert(strstr(r.out, "quantization: block FP8 (F8_E4M3, weight_scale_inv), quant_method fp8, blocks 16x16, "
                             "14 quantized weights") != NULL, "%s", r.out);
     th_run_free(&r);
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 /* ---- refusals --------------------------------------------------------------------------------- */
@@ -495,22 +576,22 @@ Test(quant, fp8_refusals)
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, "model.layers.0.self_attn.q_proj.weight_scale_inv", NULL, NULL, 0, 0);
     qt_refused(&f, "model.layers.0.self_attn.q_proj.weight_scale_inv", "no scale tensor");
-    qt_free(&f);
+    th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "F32", 4, 4);
     qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "is [4, 4]: expected [5, 4]");
-    qt_free(&f);
+    th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16", 5, 4);
     qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16");
-    qt_free(&f);
+    th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     char cfg[1300];
     snprintf(cfg, sizeof cfg, "%s/config.json", f.base);
     th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
                                          "\"frobnicate\"}}");
     qt_refused(&f, "frobnicate", "config.json");
-    qt_free(&f);
+    th_qfx_free(&f);
 }
 
 /* a GPTQ/AWQ-packed base (qweight/qzeros/scales/g_idx where weight would be): refused naming the
@@ -552,6 +633,6 @@ Test(quant, gptq_awq_packed_base_refused)
                  "\"bits\": 4, \"group_size\": 128}}", methods[mi]);
         th_write_text(f.base, "config.json", cfg);
         qt_refused(&f, ".qweight' (GPTQ/AWQ", "merge into the unquantized original model");
-        qt_free(&f);
+        th_qfx_free(&f);
     }
 }

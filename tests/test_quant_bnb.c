@@ -178,7 +178,7 @@ Test(quant_bnb, nf4_roundtrip_blocks)
         x[i] = 0.0f;
     x[195] = 3.0f;
     memcpy(y, x, sizeof x);
-    lm_bnb_nf4_roundtrip(y, N, 64, 0);
+    lm_bnb_nf4_roundtrip(y, N, 64, NULL, 0);
     for (int b0 = 0; b0 < N; b0 += 64) {
         int m = b0 + 64 <= N ? 64 : N - b0;
         float amax = 0;
@@ -200,7 +200,7 @@ Test(quant_bnb, nf4_roundtrip_blocks)
     /* rounded to bf16: the f32 values rounded to nearest even */
     float z[N];
     memcpy(z, x, sizeof x);
-    lm_bnb_nf4_roundtrip(z, N, 64, 1);
+    lm_bnb_nf4_roundtrip(z, N, 64, NULL, 1);
     for (int i = 0; i < N; i++) {
         uint32_t u;
         memcpy(&u, &y[i], 4);
@@ -212,30 +212,14 @@ Test(quant_bnb, nf4_roundtrip_blocks)
 }
 
 /* ---- merges ------------------------------------------------------------------------------------ */
-typedef struct {
-    char *tmp;
-    char base[1100], ad[1100];
-} bq_fx;
+typedef th_qfx bq_fx;
 
-static void bq_gen(bq_fx *f, const char *args)
+static void bq_gen(bq_fx *f, const char *args_)
 {
-    char gen[1200], cmd[4000];
-    if (!th_gen_model_path(gen, sizeof gen))
-        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
-    f->tmp = th_tmpdir();
-    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 48 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
-             "--rank 4 --alpha 32 %s 2>&1", gen, f->tmp, args);
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
-    th_run_free(&r);
-    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
-    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
-}
-
-static void bq_done(bq_fx *f)
-{
-    th_rmrf(f->tmp);
-    free(f->tmp);
+    char args[3000];
+    snprintf(args, sizeof args, "--hidden 48 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 --rank 4 "
+             "--alpha 32 %s", args_);
+    th_qgen(f, args);
 }
 
 /* tests/quant/bnb_ref.py MODE ARGS (th_quant_ref) */
@@ -272,8 +256,44 @@ Test(quant_bnb, simulate_nf4_merges)
         cr_assert(th_files_equal(a, b), "%s: thread count or tile size changed the bytes", dts[d]);
         snprintf(refargs, sizeof refargs, "'%s' '%s' '%s'", f.base, f.ad, out);
         bq_ref("simulate", refargs);
-        bq_done(&f);
+        th_qfx_free(&f);
     }
+}
+
+/* --simulate-nf4=double (bnb_4bit_use_double_quant): the absmax of each block of 64 through
+ * bitsandbytes' double quantization (mean offset, 8-bit dynamic map over blocks of 256) before the
+ * NF4 round trip; weights of 768 blocks (three nested blocks), the same bytes for any thread count
+ * and tile size, checked by tests/quant/bnb_ref.py simulate-double, and not the plain round trip */
+Test(quant_bnb, simulate_nf4_double_quant)
+{
+    bq_fx f;
+    char out[1200], out2[1200], out3[1200], a[1300], b[1300], refargs[4000];
+    bq_gen(&f, "--dtype bf16 --hidden 256 --inter 192 --layers 1 --targets all");
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    snprintf(out2, sizeof out2, "%s/out2", f.tmp);
+    snprintf(out3, sizeof out3, "%s/out3", f.tmp);
+    th_run_result r = th_runv("--simulate-nf4=double", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "NF4 round trip (blocks of 64, absmax double-quantized)") != NULL, "%s", r.err);
+    th_run_free(&r);
+    r = th_runv("-q", "--simulate-nf4=double", "--threads", "1", "--tile-elems", "40", f.base, f.ad, out2, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(a, sizeof a, "%s/model.safetensors", out);
+    snprintf(b, sizeof b, "%s/model.safetensors", out2);
+    cr_assert(th_files_equal(a, b), "thread count or tile size changed the bytes");
+    r = th_runv("-q", "--simulate-nf4", f.base, f.ad, out3, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    th_run_free(&r);
+    snprintf(b, sizeof b, "%s/model.safetensors", out3);
+    cr_assert(!th_files_equal(a, b), "double quantization changed nothing");
+    snprintf(refargs, sizeof refargs, "'%s' '%s' '%s'", f.base, f.ad, out);
+    bq_ref("simulate-double", refargs);
+    r = th_runv("-q", "--simulate-nf4=triple", f.base, f.ad, out3, NULL);
+    cr_assert_eq(r.status, 2, "exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "--simulate-nf4=triple: the only value is 'double'") != NULL, "%s", r.err);
+    th_run_free(&r);
+    th_qfx_free(&f);
 }
 
 Test(quant_bnb, simulate_nf4_refusals)
@@ -289,7 +309,7 @@ Test(quant_bnb, simulate_nf4_refusals)
     cr_assert(strchr(r.err, '\n') == strrchr(r.err, '\n'), "one line: %s", r.err);
     cr_assert(!th_exists(out), "an output was left");
     th_run_free(&r);
-    bq_done(&f);
+    th_qfx_free(&f);
 }
 
 /* ---- bitsandbytes bases ----------------------------------------------------------------------- */
@@ -337,7 +357,7 @@ static void bq_merge_check(const char *gen_args, const char *dtype_opt, const ch
     th_run_free(&r);
     snprintf(refargs, sizeof refargs, "'%s' '%s' '%s' %s", f.base, f.ad, out, want_dtype);
     bq_ref("dequant", refargs);
-    bq_done(&f);
+    th_qfx_free(&f);
 }
 
 Test(quant_bnb, nf4_base)
@@ -442,48 +462,48 @@ Test(quant_bnb, refusals)
     bq_gen(&f, "--quant bnb-nf4");
     bq_edit_header(f.base, QP ".absmax\"", QP ".absmax_gone\"");
     bq_refused(&f, QP, "has no '" QP ".absmax'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4");
     bq_edit_header(f.base, QP ".quant_map\"", QP ".quant_map_gone\"");
     bq_refused(&f, QP, "has no '" QP ".quant_map'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* 36 absmax F32 read as 72 F16 */
     bq_edit_header(f.base, "\"" QP ".absmax\":{\"dtype\":\"F32\",\"shape\":[36]",
                    "\"" QP ".absmax\":{\"dtype\":\"F16\",\"shape\":[72]");
     bq_refused(&f, QP ".absmax", "is F16 with 72 elements; the quant_state of '" QP "' needs F32 with 36");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* a quant_map that is not bitsandbytes' table */
     float one = 1.0f, other = 0.999f;
     bq_edit_data(f.base, QP ".quant_map", &one, &other, 4);
     bq_refused(&f, QP ".quant_map", "is not bitsandbytes' NF4 table");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4 --nested");
     bq_edit_header(f.base, QP ".nested_absmax\"", QP ".nested_gone\"");
     bq_refused(&f, QP, "has no '" QP ".nested_absmax'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* the JSON's shape disagrees with the packed bytes */
     bq_edit_data(f.base, QP ".quant_state.bitsandbytes__nf4", "[48, 48]", "[48, 46]", 8);
     bq_refused(&f, QP, "holds 1152 bytes; its quant_state shape [48, 46] packs into 1104");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-fp4"); /* quant_type in the JSON against the tensor's name */
     bq_edit_data(f.base, QP ".quant_state.bitsandbytes__fp4", "\"fp4\"", "\"nf4\"", 5);
     bq_refused(&f, QP ".quant_state.bitsandbytes__fp4", "says quant_type 'nf4'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-nf4"); /* the quant_state is gone: the absmax has no weight to belong to */
     bq_edit_header(f.base, QP ".quant_state.bitsandbytes__nf4\"", QP ".qs_gone\"");
     bq_refused(&f, QP ".absmax", "has no '" QP ".quant_state.bitsandbytes__nf4'");
-    bq_done(&f);
+    th_qfx_free(&f);
 
     bq_gen(&f, "--quant bnb-int8"); /* SCB of the wrong length */
     bq_edit_header(f.base, "\"model.layers.0.self_attn.q_proj.SCB\":{\"dtype\":\"F32\",\"shape\":[48]",
                    "\"model.layers.0.self_attn.q_proj.SCB\":{\"dtype\":\"F16\",\"shape\":[96]");
     bq_refused(&f, "model.layers.0.self_attn.q_proj.SCB", "needs F32 with 48 (one per row)");
-    bq_done(&f);
+    th_qfx_free(&f);
 }

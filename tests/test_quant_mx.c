@@ -191,31 +191,15 @@ Test(quant_mx, changed_group_rule)
 }
 
 /* ---- merges into generated gpt-oss-shaped checkpoints --------------------------------------- */
-typedef struct {
-    char *tmp;
-    char base[1100], ad[1100];
-} mx_fx;
+typedef th_qfx mx_fx;
 
 /* bench/gen_model --quant Q --experts 4 (gpt-oss MXFP4, or FP8 expert stacks) */
 static void mx_gen(mx_fx *f, const char *quant, const char *extra)
 {
-    char gen[1200], cmd[4000];
-    if (!th_gen_model_path(gen, sizeof gen))
-        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
-    f->tmp = th_tmpdir();
-    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 96 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
-             "--rank 4 --experts 4 --quant %s %s 2>&1", gen, f->tmp, quant, extra ? extra : "");
-    th_run_result r = th_sh(cmd);
-    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
-    th_run_free(&r);
-    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
-    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
-}
-
-static void mx_free(mx_fx *f)
-{
-    th_rmrf(f->tmp);
-    free(f->tmp);
+    char args[3000];
+    snprintf(args, sizeof args, "--hidden 64 --inter 96 --layers 2 --vocab 32 --heads 4 --kv-heads 2 "
+             "--rank 4 --experts 4 --quant %s %s", quant, extra ? extra : "");
+    th_qgen(f, args);
 }
 
 /* tests/quant/mx_ref.py MODE ARGS... (th_quant_ref) */
@@ -276,7 +260,7 @@ Test(quant_mx, mxfp4_keep_and_dtype)
     mx_ref(args);
     snprintf(args, sizeof args, "dtype '%s' '%s' '%s'", f.base, f.ad, outd);
     mx_ref(args);
-    mx_free(&f);
+    th_qfx_free(&f);
 }
 
 /* an adapter whose expert 1 has a zero delta: its groups keep their bytes (report: kept) */
@@ -295,7 +279,7 @@ Test(quant_mx, mxfp4_unchanged_expert_identical)
     th_run_free(&r);
     snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
     mx_ref(args);
-    mx_free(&f);
+    th_qfx_free(&f);
 }
 
 /* E8M0 edge scales in the base: 0 (2^-127, values 2^-128 ..) and 255 (NaN, its group stays NaN,
@@ -315,7 +299,7 @@ Test(quant_mx, mxfp4_edge_scales)
     th_run_free(&r);
     snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
     mx_ref(args);
-    mx_free(&f);
+    th_qfx_free(&f);
 }
 
 static void mx_refused(mx_fx *f, const char *edit, const char *want1, const char *want2)
@@ -347,7 +331,7 @@ Test(quant_mx, mxfp4_refusals)
         mx_fx f;
         mx_gen(&f, "mxfp4", NULL);
         mx_refused(&f, cases[i].edit, cases[i].want1, cases[i].want2);
-        mx_free(&f);
+        th_qfx_free(&f);
     }
 }
 
@@ -360,7 +344,7 @@ Test(quant_mx, mxfp4_inspect)
     cr_assert(strstr(r.out, "quantization: MXFP4 (E2M1 blocks, E8M0 scales per 32), quant_method mxfp4, "
                             "4 quantized weights") != NULL, "%s", r.out);
     th_run_free(&r);
-    mx_free(&f);
+    th_qfx_free(&f);
 }
 
 /* ---- block FP8 expert parameters ------------------------------------------------------------ */
@@ -386,7 +370,7 @@ Test(quant_mx, fp8_expert_stacks_and_per_expert)
         mx_ref(args);
         snprintf(args, sizeof args, "fp8-experts dtype '%s' '%s' '%s'", f.base, f.ad, outd);
         mx_ref(args);
-        mx_free(&f);
+        th_qfx_free(&f);
     }
 }
 
@@ -403,7 +387,7 @@ Test(quant_mx, fp8_expert_stack_partial_block_refused)
               "%s", r.err);
     cr_assert(!th_exists(out), "an output was left");
     th_run_free(&r);
-    mx_free(&f);
+    th_qfx_free(&f);
 }
 
 /* a square down_proj [E, H, H] (gpt-oss-20b's is 2880 x 2880): with gate_up_proj in the adapter,
@@ -413,27 +397,19 @@ Test(quant_mx, mxfp4_square_down_proj)
 {
     for (int alone = 0; alone < 2; alone++) {
         mx_fx f;
-        char gen[1200], cmd[4000], out[1200], args[4000];
-        if (!th_gen_model_path(gen, sizeof gen))
-            cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
-        f.tmp = th_tmpdir();
-        snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' --hidden 64 --inter 64 --layers 1 --vocab 32 --heads 4 "
-                 "--kv-heads 2 --rank 4 --experts 2 --quant mxfp4 2>&1", gen, f.tmp);
-        th_run_result r = th_sh(cmd);
-        cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
-        th_run_free(&r);
-        snprintf(f.base, sizeof f.base, "%s/m/base", f.tmp);
-        snprintf(f.ad, sizeof f.ad, "%s/m/adapter", f.tmp);
+        char out[1200], args[4000];
+        th_qgen(&f, "--hidden 64 --inter 64 --layers 1 --vocab 32 --heads 4 --kv-heads 2 --rank 4 --experts 2 "
+                "--quant mxfp4");
         if (alone) {
             snprintf(args, sizeof args, "only-down '%s'", f.ad);
             mx_ref(args);
         }
         snprintf(out, sizeof out, "%s/out", f.tmp);
-        r = th_runv("-q", f.base, f.ad, out, NULL);
+        th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
         cr_assert_eq(r.status, 0, "alone %d: exit %d: %s", alone, r.status, r.err);
         th_run_free(&r);
         snprintf(args, sizeof args, "keep '%s' '%s' '%s'", f.base, f.ad, out);
         mx_ref(args);
-        mx_free(&f);
+        th_qfx_free(&f);
     }
 }

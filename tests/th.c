@@ -991,6 +991,26 @@ int th_copy_tree(const char *from, const char *to)
     return rc;
 }
 
+void th_qgen(th_qfx *f, const char *args)
+{
+    char gen[1200], cmd[4000];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen);
+    f->tmp = th_tmpdir();
+    snprintf(cmd, sizeof cmd, "'%s' --out '%s/m' %s 2>&1", gen, f->tmp, args);
+    th_run_result r = th_sh(cmd);
+    cr_assert_eq(r.status, 0, "gen_model failed: %s", r.out);
+    th_run_free(&r);
+    snprintf(f->base, sizeof f->base, "%s/m/base", f->tmp);
+    snprintf(f->ad, sizeof f->ad, "%s/m/adapter", f->tmp);
+}
+
+void th_qfx_free(th_qfx *f)
+{
+    th_rmrf(f->tmp);
+    free(f->tmp);
+}
+
 void th_quant_ref(const char *script, const char *args)
 {
     th_run_result r = th_sh("/usr/bin/python3 -c 'import numpy' 2>&1");

@@ -58,6 +58,13 @@ void tx_case_write(tx_case *c, const tx_set *base, const tx_set *ad,
   cr_assert_eq(th_write_text(c->adir, "adapter_config.json", cfg), 0);
 }
 
+void tx_case_free(tx_case *c, tx_set *base, tx_set *ad) {
+  tx_free(base);
+  tx_free(ad);
+  th_rmrf(c->dir);
+  free(c->dir);
+}
+
 th_run_result tx_merge(const tx_case *c, const char *out,
                        const char *const *opts) {
   const char *argv[24];
@@ -184,4 +191,22 @@ uint64_t tx_verify(const tx_case *c, const th_run_result *r, const char *name,
           what, (unsigned long long)wrong, (unsigned long long)n,
           (unsigned long long)amb, rec);
   return wrong;
+}
+
+void tx_assert_refused(const th_run_result *r, const char *out,
+                       const char *tensor, const char *word) {
+  cr_assert_neq(r->status, 0, "an f16 overflow was written: %s", r->out);
+  cr_assert(strstr(r->err, tensor) != NULL && strstr(r->err, word) != NULL,
+            "the error does not name the tensor and the dtype: %s", r->err);
+  cr_assert(!th_exists(out), "an output was left");
+}
+
+void tx_expect_refused(tx_set *base, tx_set *ad, const char *cfg,
+                       const char *tensor, const char *word) {
+  tx_case c;
+  tx_case_write(&c, base, ad, cfg);
+  th_run_result r = tx_merge(&c, c.out, NULL);
+  tx_assert_refused(&r, c.out, tensor, word);
+  th_run_free(&r);
+  tx_case_free(&c, base, ad);
 }

@@ -41,6 +41,9 @@ void tx_free(tx_set *s);
 void tx_case_write(tx_case *c, const tx_set *base, const tx_set *ad,
                    const char *cfg);
 
+/* base and ad freed, the case's directory removed and freed */
+void tx_case_free(tx_case *c, tx_set *base, tx_set *ad);
+
 th_run_result tx_merge(const tx_case *c, const char *out,
                        const char *const *opts);
 
@@ -66,5 +69,15 @@ uint64_t tx_verify(const tx_case *c, const th_run_result *r, const char *name,
                    uint64_t n, const long double *ref, const long double *bnd,
                    const float *y32, const char *odt, const char *what,
                    uint64_t *recomputed);
+
+/* r, a merge into out, refused: non-zero exit, stderr naming `tensor` and
+ * `word` (the dtype, "F16"), out not created */
+void tx_assert_refused(const th_run_result *r, const char *out,
+                       const char *tensor, const char *word);
+
+/* base and ad written with cfg (tx_case_write) and merged: refused as
+ * tx_assert_refused says; frees base, ad and the case */
+void tx_expect_refused(tx_set *base, tx_set *ad, const char *cfg,
+                       const char *tensor, const char *word);
 
 #endif

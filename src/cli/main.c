@@ -74,7 +74,8 @@ static const char USAGE[] =
     "  --copy-file NAME        with a directory OUT: copy NAME from the base (or adapter) directory too\n"
     "                          (repeatable; only model files are copied by default)\n"
     "  --simulate-nf4          QLoRA adapter on a 16-bit base: merge into the NF4-quantized-then-\n"
-    "                          dequantized weights the adapter was trained on (bitsandbytes, blocks of 64)\n"
+    "                          dequantized weights the adapter was trained on (bitsandbytes, blocks of 64;\n"
+    "                          =double: with bnb_4bit_use_double_quant)\n"
     "  --allow-noop            accept a merge that changes nothing (by default an error)\n"
     "  --strict                warnings are errors (exit status 5), found before anything is written\n"
     "  --dry-run               check everything, print the plan and the files; write nothing\n"
@@ -488,6 +489,12 @@ static int parse_option(cli_args *c, int argc, char **argv, int *i)
     if (strcmp(name, "--version") == 0) {
         printf("%s\n", lm_version_text());
         return 0;
+    }
+    if (strcmp(name, "--simulate-nf4") == 0 && val != NULL) { /* bnb_4bit_use_double_quant */
+        if (strcmp(val, "double") != 0)
+            return usage_error("--simulate-nf4=%s: the only value is 'double' (bnb_4bit_use_double_quant)", val);
+        c->job.simulate_nf4 = 2;
+        return CLI_CONTINUE;
     }
     static const char *const flags[] = {"--allow-noop", "--strict", "--dry-run", "--json", "--fsync", "-q", "--quiet",
                                         "--progress", "--exactness-off" /* hidden: benchmarks (see lora_merge.h) */,

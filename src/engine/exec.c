@@ -248,6 +248,8 @@ static lm_code method_prepare(job *J, size_t ti, const lm_op *op, lm_prepared *p
     return rc;
 }
 
+static lm_code sim_double_absmax(const job *J, size_t ti, float **out, lm_err *err);
+
 /* every op of tensor ti prepared (once, by the first thread that needs it) */
 static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
 {
@@ -269,6 +271,8 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
         }
+        if (rc == LM_OK && t->sim_nf4 == 2)
+            rc = sim_double_absmax(J, ti, &rt->qscale, err);
         if (rc == LM_OK && t->q != NULL && (rc = lm_xq_load_scales(t, J->model, &rt->qscale, err)) == LM_OK &&
             t->q->needs_amax && rt->qamax != NULL)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
@@ -324,19 +328,22 @@ static void op_rows(const lm_op *op, const float *src, const lm_tile *t)
     }
 }
 
-/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out) */
-static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t)
+/* the rows of the tile inside the op's block row0 .. row0 + (axis ? in : out), columns c0 .. c0 + w
+ * (each element's value does not depend on which columns a call covers: lm_kernels.h) */
+static void op_lowrank(const lm_op *op, const lm_prepared *p, const lm_tile *t, uint64_t c0, uint64_t w)
 {
     const uint64_t end = op->row0 + (op->axis ? op->in : op->out);
     const uint64_t lo = t->r0 > op->row0 ? t->r0 : op->row0, hi = t->r0 + t->nr < end ? t->r0 + t->nr : end;
     if (lo >= hi)
         return;
-    float *acc = t->acc + (lo - t->r0) * t->cols;
+    float *acc = t->acc + (lo - t->r0) * t->cols + c0;
     const uint64_t i = lo - op->row0;
     if (!op->axis)
-        lm_gemm_tile_nn(t->k, acc, hi - lo, t->cols, p->b + i * op->rank, p->a, op->rank, (float)op->scale);
+        t->k->gemm_rows(0, 0, hi - lo, w, op->rank, (float)op->scale, p->b + i * op->rank, op->rank, p->a + c0, t->cols,
+                        1.0f, acc, t->cols);
     else
-        lm_gemm_tile_tt(t->k, acc, hi - lo, t->cols, p->a + i, op->in, p->b, op->rank, (float)op->scale);
+        t->k->gemm_rows(1, 1, hi - lo, w, op->rank, (float)op->scale, p->a + i, op->in, p->b + c0 * op->rank, op->rank,
+                        1.0f, acc, t->cols);
 }
 
 static void op_scale(const lm_op *op, const float *f, const lm_tile *t)
@@ -383,7 +390,7 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, const lm_
         switch (op->kind) {
         case LM_OP_REPLACE: break; /* the tile was loaded from the replacement */
         case LM_OP_ROWS: op_rows(op, p->a, t); break;
-        case LM_OP_LOWRANK: op_lowrank(op, p, t); break;
+        case LM_OP_LOWRANK: op_lowrank(op, p, t, 0, t->cols); break;
         case LM_OP_ADD: t->k->axpy(t->acc, (float)op->scale, p->a + t->r0 * t->cols, (size_t)(t->nr * t->cols)); break;
         case LM_OP_SCALE: op_scale(op, p->a, t); break;
         case LM_OP_NORM: op_norm(op, p->a, rt->col_scale, t); break;
@@ -451,8 +458,39 @@ static void src_to_f32(const job *J, size_t ti, const uint8_t *src, uint64_t r0,
         lm_xq_dequant(t, J->rt[ti].qscale, src, r0, nr, dst);
     else
         to_f32(J->k, t->src_dtype, src, dst, (size_t)(nr * t->cols));
-    if (t->sim_nf4) /* tiles start on a block (lm_plan_tile_rows) */
-        lm_bnb_nf4_roundtrip(dst, nr * t->cols, 64, t->src_dtype == LM_DT_BF16 ? 1 : t->src_dtype == LM_DT_F16 ? 2 : 0);
+    if (t->sim_nf4) /* tiles start on a block (lm_plan_tile_rows); double quantization: the tensor's absmax */
+        lm_bnb_nf4_roundtrip(dst, nr * t->cols, 64, t->sim_nf4 == 2 ? J->rt[ti].qscale + r0 * t->cols / 64 : NULL,
+                             t->src_dtype == LM_DT_BF16 ? 1 : t->src_dtype == LM_DT_F16 ? 2 : 0);
+}
+
+/* --simulate-nf4=double: the absmax dequantize_4bit would use for every block of 64 of the base
+ * weight (double quantization needs all of them: their mean), from one pass over its rows */
+static lm_code sim_double_absmax(const job *J, size_t ti, float **out, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint64_t n = t->rows * t->cols, chunk = t->cols >= 65536 ? 1 : 65536 / t->cols;
+    float *amax = malloc((size_t)(n / 64 + 1) * sizeof *amax), *buf = malloc((size_t)(chunk * t->cols) * sizeof *buf);
+    uint8_t *raw = malloc((size_t)(chunk * t->cols) * (lm_dtype_bits(t->src_dtype) / 8));
+    lm_code rc = amax && buf && raw ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for '%s'", t->name);
+    for (uint64_t r0 = 0; rc == LM_OK && r0 < t->rows; r0 += chunk) {
+        const uint64_t nr = r0 + chunk <= t->rows ? chunk : t->rows - r0;
+        const uint8_t *src = tile_bytes(J, ti, raw, r0, nr, err);
+        if (src == NULL) {
+            rc = LM_E_IO;
+            break;
+        }
+        to_f32(J->k, t->src_dtype, src, buf, (size_t)(nr * t->cols));
+        lm_bnb_block_amax(buf, nr * t->cols, 64, amax + r0 * t->cols / 64);
+    }
+    free(buf);
+    free(raw);
+    if (rc != LM_OK) {
+        free(amax);
+        return rc;
+    }
+    lm_bnb_double_quant(amax, n / 64, amax);
+    *out = amax;
+    return LM_OK;
 }
 
 static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint64_t r0, uint64_t nr, lm_err *err)
@@ -821,6 +859,60 @@ static lm_code compute_tile_dora(job *J, size_t ti, uint64_t r0, uint64_t nr, co
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
+/* a block FP8 weight kept quantized whose ops are all low-rank: its tiles are dequantized, merged
+ * and requantized one block at a time (lm_xq_merge_tile) */
+static int fused_tile(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    if (!lm_xq_fused(t) || J->rt[ti].exact_kind != LM_EXACT_NONE || J->rt[ti].dora != NULL || t->n_ops == 0)
+        return 0;
+    for (size_t o = 0; o < t->n_ops; o++)
+        if (t->ops[o].kind != LM_OP_LOWRANK)
+            return 0;
+    return 1;
+}
+
+typedef struct {
+    const job *J;
+    size_t ti;
+    float *acc;
+    uint64_t r0;
+} fused_ctx;
+
+/* lm_xq_apply_fn: the low-rank ops on rows rr .. rr + h, columns c0 .. c0 + w of the tile */
+static void fused_apply(void *arg, uint64_t rr, uint64_t h, uint64_t c0, uint64_t w)
+{
+    const fused_ctx *c = arg;
+    const lm_plan_tensor *t = &c->J->plan->t[c->ti];
+    const lm_tile tile = {c->acc + rr * t->cols, NULL, c->r0 + rr, h, t->rows, t->cols, c->J->k};
+    for (size_t o = 0; o < t->n_ops; o++)
+        op_lowrank(&t->ops[o], &c->J->rt[c->ti].prep[o], &tile, c0, w);
+}
+
+/* fused_tile()'s tiles: src (the codes) stays intact, ws->acc ends as the merged tile, so the
+ * statistics and the refusals are check_finite's as for the other tiles */
+static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
+                                  const workspace *ws, struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces,
+                                  lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const uint8_t *base_bytes = NULL;
+    size_t n_base = 0;
+    if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+        return LM_E_IO;
+    fused_ctx c = {J, ti, ws->acc, r0};
+    lm_qstats qs = {0};
+    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
+                                 pieces);
+    quant_stats_add(J, ti, &qs);
+    if (ts != NULL) {
+        ts->n_changed = qs.n_changed;
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
+    }
+    return qs.n_nonfinite_blocks == 0 ? LM_OK : check_finite(J, ti, r0, nr, ws, err);
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -848,6 +940,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
     }
+    if (fused_tile(J, ti))
+        return compute_tile_fused(J, ti, r0, nr, src, ws, ts, pieces, n_pieces, err);
     src_to_f32(J, ti, src, r0, nr, ws->acc);
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
@@ -1255,6 +1349,64 @@ static void free_workspace(workspace *ws)
     free(ws->scratch64);
 }
 
+/* the work of one tile of a pass over a whole tensor (for_each_tile): rows r0 .. r0 + nr, tile k,
+ * loaded as f32 in ws->acc */
+typedef lm_code (*tile_fn)(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                           void *ctx, lm_err *err);
+
+/* fn on every tile (tr rows) of tensor ti, n_threads threads with a workspace each, the tiles in
+ * any order: the first error stops the pass (the others skip their remaining tiles) */
+static lm_code for_each_tile(const job *J, size_t ti, uint64_t tr, int n_threads, tile_fn fn, void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const uint64_t n_tiles = (t->rows + tr - 1) / tr;
+    int failed = 0;
+    lm_err shared_err;
+    lm_err_clear(&shared_err);
+#pragma omp parallel num_threads(n_threads)
+    {
+        workspace ws;
+        lm_err lerr;
+        lm_err_clear(&lerr);
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0, 1))
+            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
+#pragma omp for schedule(dynamic, 1)
+        for (uint64_t k = 0; k < n_tiles; k++) {
+            if (lerr.code != LM_OK)
+                continue;
+            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
+            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
+                continue;
+            fn(J, ti, k, r0, nr, &ws, ctx, &lerr);
+        }
+        if (lerr.code != LM_OK) {
+#pragma omp critical(lm_tilepass_error)
+            {
+                if (!failed)
+                    shared_err = lerr;
+                failed = 1;
+            }
+        }
+        free_workspace(&ws);
+    }
+    if (failed) {
+        *err = shared_err;
+        return shared_err.code;
+    }
+    return LM_OK;
+}
+
+/* quant_amax_pass's tile: the merged tile's amaxes (lm_xq_tile_amax) into ctx's slots of tile k */
+static lm_code amax_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                         void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    apply_ops(J, ti, 0, t->n_ops, &tile);
+    lm_xq_tile_amax(t, ws->acc, r0, nr, (uint32_t *)ctx + k * lm_xq_amax_slots(t));
+    return LM_OK;
+}
+
 /* A quantized weight with one scale for the whole tensor (a per-tensor FP8 scale, NVFP4's second
  * scale): requantizing needs the merged tensor's amax before any tile is written.  The merged
  * tiles are computed once for it (the max does not depend on the order) and again when written;
@@ -1267,60 +1419,54 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
         return err->code;
     uint64_t tr = lm_plan_tile_rows(t, J->tile_elems), n_tiles = (t->rows + tr - 1) / tr;
     const size_t ns = lm_xq_amax_slots(t); /* one amax per second scale (NVFP4 expert stacks: per expert) */
-    uint32_t *amax = calloc(ns, sizeof *amax);
+    uint32_t *part = calloc((size_t)n_tiles * ns + 1, sizeof *part); /* per tile */
     float *famax = malloc(ns * sizeof *famax);
-    if (amax == NULL || famax == NULL) {
-        free(amax);
+    if (part == NULL || famax == NULL) {
+        free(part);
         free(famax);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the amaxes of '%s'", t->name);
     }
-    int failed = 0;
-    lm_err shared_err;
-    lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err lerr;
-        lm_err_clear(&lerr);
-        uint32_t *mine = calloc(ns, sizeof *mine);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0, 1) || mine == NULL)
-            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (uint64_t k = 0; k < n_tiles; k++) {
-            if (lerr.code != LM_OK)
-                continue;
-            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
-            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
-                continue;
-            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
-            apply_ops(J, ti, 0, t->n_ops, &tile);
-            lm_xq_tile_amax(t, ws.acc, r0, nr, mine);
-        }
-#pragma omp critical(lm_amaxpass_error)
-        {
-            if (lerr.code != LM_OK && !failed) {
-                shared_err = lerr;
-                failed = 1;
-            }
-            for (size_t k = 0; mine != NULL && k < ns; k++) /* a max: the same whatever the order */
-                amax[k] = mine[k] > amax[k] ? mine[k] : amax[k];
-        }
-        free(mine);
-        free_workspace(&ws);
-    }
-    if (failed) {
-        free(amax);
+    if (for_each_tile(J, ti, tr, n_threads, amax_tile, part, err) != LM_OK) {
+        free(part);
         free(famax);
-        *err = shared_err;
-        return shared_err.code;
+        return err->code;
     }
-    memcpy(famax, amax, ns * sizeof *famax);
-    free(amax);
+    for (size_t i = 0; i < ns; i++) { /* a max: the same whatever the order */
+        uint32_t m = 0;
+        for (uint64_t k = 0; k < n_tiles; k++)
+            m = part[k * ns + i] > m ? part[k * ns + i] : m;
+        memcpy(&famax[i], &m, sizeof m);
+    }
+    free(part);
     free(J->rt[ti].qamax);
     J->rt[ti].qamax = famax;
     lm_xq_set_amax(t, J->rt[ti].qscale, J->rt[ti].qamax);
     if (release)
         tensor_release(J, ti); /* prepared again by its first tile */
+    return LM_OK;
+}
+
+/* column_dora_pass's tile: the squared column sums of W + dW (the ops before the norm, op d)
+ * into ctx's row k */
+typedef struct {
+    double *part;
+    size_t d;
+} colsum_ctx;
+
+static lm_code colsum_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint64_t nr, const workspace *ws,
+                           void *ctx, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const colsum_ctx *c = ctx;
+    double *p = c->part + k * t->cols;
+    if (J->rt[ti].dora != NULL) /* the rows in f64 (exec_dora.h) */
+        return lm_dora_col_sumsq(J->rt[ti].dora, ws->acc, r0, nr, c->d, p) == 0
+                   ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    apply_ops(J, ti, 0, c->d, &tile);
+    for (uint64_t r = 0; r < nr; r++)
+        for (uint64_t col = 0; col < t->cols; col++)
+            p[col] += (double)ws->acc[r * t->cols + col] * (double)ws->acc[r * t->cols + col];
     return LM_OK;
 }
 
@@ -1344,50 +1490,11 @@ static lm_code column_dora_pass(job *J, size_t ti, int n_threads, lm_err *err)
         free(scale);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the DoRA column norms of '%s'", t->name);
     }
-    int failed = 0;
-    lm_err shared_err;
-    lm_err_clear(&shared_err);
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err lerr;
-        lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0, 1))
-            lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (uint64_t k = 0; k < n_tiles; k++) {
-            if (lerr.code != LM_OK)
-                continue;
-            uint64_t r0 = k * tr, nr = r0 + tr <= t->rows ? tr : t->rows - r0;
-            if (load_tile(J, ti, ws.acc, (uint8_t *)ws.scratch, r0, nr, &lerr) != LM_OK)
-                continue;
-            double *p = part + k * t->cols;
-            if (J->rt[ti].dora != NULL) { /* the rows in f64 (exec_dora.h) */
-                if (lm_dora_col_sumsq(J->rt[ti].dora, ws.acc, r0, nr, d, p) != 0)
-                    lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
-                continue;
-            }
-            lm_tile tile = {ws.acc, ws.scratch, r0, nr, t->rows, t->cols, J->k};
-            apply_ops(J, ti, 0, d, &tile);
-            for (uint64_t r = 0; r < nr; r++)
-                for (uint64_t c = 0; c < t->cols; c++)
-                    p[c] += (double)ws.acc[r * t->cols + c] * (double)ws.acc[r * t->cols + c];
-        }
-        if (lerr.code != LM_OK) {
-#pragma omp critical(lm_colpass_error)
-            {
-                if (!failed)
-                    shared_err = lerr;
-                failed = 1;
-            }
-        }
-        free_workspace(&ws);
-    }
-    if (failed) {
+    colsum_ctx cc = {part, d};
+    if (for_each_tile(J, ti, tr, n_threads, colsum_tile, &cc, err) != LM_OK) {
         free(part);
         free(scale);
-        *err = shared_err;
-        return shared_err.code;
+        return err->code;
     }
     const float *m = J->rt[ti].prep[d].a;
     const lm_op *op = &t->ops[d];

@@ -54,7 +54,7 @@
 enum {
     LANES = 8, /* the row norm's partial sums */
     RB = 8,    /* rows per block: a block's products share each panel of C in L1 */
-    JW = 32    /* columns per panel */
+    JW = LM_LR64_PANEL /* columns per panel (the lr64 kernel's) */
 };
 
 typedef struct {
@@ -239,53 +239,6 @@ static inline __attribute__((always_inline)) uint32_t round_out(double x, lm_kdt
 
 /* ---- the f64 rows ---------------------------------------------------------------------------- */
 
-/* t = sum_k R[i K + k] C[k, j] for i < rb (one fma per term, k ascending from 0, whatever the
- * blocking): X[i n + j] = fl(w[i n + j] + fl(s t)) (w: the base rows, f32) or, without w,
- * X += s t.  Cp: C in panels (dlr.Cp): a panel (K x JW) stays in L1 for the block's rows, the JW
- * sums in registers. */
-XD_CLONES static void lr_block(double *X, const float *w, double s, const double *R, const double *Cp, size_t K,
-                               size_t rb, size_t n)
-{
-    const size_t full = n / JW * JW, tail = n - full;
-    for (size_t j0 = 0; j0 < full; j0 += JW) {
-        const double *P = Cp + j0 * K;
-        for (size_t i = 0; i < rb; i++) {
-            double acc[JW];
-#pragma GCC unroll 32
-            for (int q = 0; q < JW; q++)
-                acc[q] = 0;
-            const double *r = R + i * K;
-            for (size_t k = 0; k < K; k++) {
-                const double rk = r[k];
-                const double *c = P + k * JW;
-#pragma GCC unroll 32
-                for (int q = 0; q < JW; q++)
-                    acc[q] = fma(rk, c[q], acc[q]);
-            }
-            double *x = X + i * n + j0;
-            if (w != NULL) {
-                const float *wr = w + i * n + j0;
-#pragma GCC unroll 32
-                for (int q = 0; q < JW; q++)
-                    x[q] = (double)wr[q] + s * acc[q];
-            } else {
-#pragma GCC unroll 32
-                for (int q = 0; q < JW; q++)
-                    x[q] += s * acc[q];
-            }
-        }
-    }
-    const double *P = Cp + full * K;
-    for (size_t i = 0; i < rb && tail > 0; i++)
-        for (size_t j = 0; j < tail; j++) {
-            double acc = 0;
-            for (size_t k = 0; k < K; k++)
-                acc = fma(R[i * K + k], P[k * tail + j], acc);
-            const size_t e = i * n + full + j;
-            X[e] = (w != NULL ? (double)w[e] : X[e]) + s * acc;
-        }
-}
-
 /* sum of x[j]^2 in LANES lanes (lane j % LANES), the lanes summed in order */
 XD_CLONES static double sumsq8(const double *x, size_t n)
 {
@@ -325,8 +278,8 @@ double lm_dora_factor(const lm_op *op, double m, double ss)
 
 /* rows i0 .. i0+rb (tensor rows; w: the first one's base values) after ops 0 .. upto-1, in f64,
  * into X [rb x n] (the certified rows: upto = 1, their NORM applied by the caller) */
-static void block_f64(const lm_dora_tensor *f, const float *w, uint64_t i0, size_t rb, size_t upto,
-                      const double *col_scale, double *X)
+static void block_f64(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t i0, size_t rb,
+                      size_t upto, const double *col_scale, double *X)
 {
     const lm_plan_tensor *t = f->t;
     const size_t n = (size_t)t->cols;
@@ -339,7 +292,9 @@ static void block_f64(const lm_dora_tensor *f, const float *w, uint64_t i0, size
         if (op->kind == LM_OP_REPLACE) /* op 0: w holds the replacement */
             continue;
         if (op->kind == LM_OP_LOWRANK) {
-            lr_block(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n);
+            /* t = sum_k R[i K + k] C[k, j] (fma chains, k ascending from 0): X = fl(w + fl(s t)) or,
+             * without w, X += s t (kernels/lr64_ref.c) */
+            k->lr64(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n);
         } else {
             for (size_t i = 0; i < rb; i++) {
                 double *x = X + i * n;
@@ -355,12 +310,14 @@ static void block_f64(const lm_dora_tensor *f, const float *w, uint64_t i0, size
 int lm_dora_col_sumsq(const lm_dora_tensor *f, const float *w, uint64_t r0, uint64_t nr, size_t upto, double *ss)
 {
     const size_t n = (size_t)f->t->cols;
+    lm_kernels k; /* the CPU's variant (every variant writes the same bits) */
+    lm_kernels_select(&k, NULL);
     double *X = malloc(RB * n * sizeof *X + 1);
     if (X == NULL)
         return -1;
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
-        block_f64(f, w + b0 * n, r0 + b0, rb, upto, NULL, X);
+        block_f64(f, &k, w + b0 * n, r0 + b0, rb, upto, NULL, X);
         for (size_t i = 0; i < rb; i++)
             for (size_t j = 0; j < n; j++)
                 ss[j] += X[i * n + j] * X[i * n + j];
@@ -558,7 +515,7 @@ int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float
         return -1;
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
-        block_f64(f, w + b0 * n, r0 + b0, rb, f->bounded ? 1 : f->t->n_ops, col_scale, X);
+        block_f64(f, k, w + b0 * n, r0 + b0, rb, f->bounded ? 1 : f->t->n_ops, col_scale, X);
         for (size_t i = 0; i < rb; i++) {
             double *x = X + i * n;
             const float *wr = w + (b0 + i) * n;

@@ -147,8 +147,9 @@ static inline __attribute__((always_inline)) void certify_ends(const float *y, c
 
 /* bf16: lm_f32_to_bf16_1 without its NaN case, which certification does not need: a NaN end (y
  * or b NaN, inf - inf) still gives an all-ones exponent, so it is never certified; vectorizes */
-XE_CLONES static void certify_bf16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
+XE_CLONES static unsigned certify_bf16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
 {
+    unsigned any = 0;
     for (size_t i = 0; i < n; i++) {
         float lo, hi;
         certify_ends(y, b, i, &lo, &hi);
@@ -157,18 +158,23 @@ XE_CLONES static void certify_bf16(const float *y, const float *b, size_t n, uin
         const uint16_t bh = (uint16_t)((uh + 0x7FFFu + ((uh >> 16) & 1u)) >> 16);
         dst[i] = bl;
         unc[i] = (uint8_t)((bl != bh) | ((bl & 0x7F80u) == 0x7F80u));
+        any |= unc[i];
     }
+    return any;
 }
 
-XE_CLONES static void certify_f16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
+XE_CLONES static unsigned certify_f16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
 {
+    unsigned any = 0;
     for (size_t i = 0; i < n; i++) {
         float lo, hi;
         certify_ends(y, b, i, &lo, &hi);
         const uint16_t bl = lm_f32_to_f16_1(lo), bh = lm_f32_to_f16_1(hi);
         dst[i] = bl;
         unc[i] = (uint8_t)((bl != bh) | ((bl & 0x7C00u) == 0x7C00u));
+        any |= unc[i];
     }
+    return any;
 }
 
 void lm_exact_certify_tile(const lm_op *op, const lm_prepared *p, const float *y, const float *bound,
@@ -182,11 +188,9 @@ void lm_exact_certify_tile(const lm_op *op, const lm_prepared *p, const float *y
         for (uint64_t c0 = 0; c0 < cols; c0 += CH) {
             const size_t n = (size_t)(cols - c0 < CH ? cols - c0 : CH);
             const size_t e0 = (size_t)(r * cols + c0);
-            if (out == LM_KDT_BF16)
-                certify_bf16(y + e0, bound + e0, n, dst + e0, unc);
-            else
-                certify_f16(y + e0, bound + e0, n, dst + e0, unc);
-            for (size_t i = 0; i < n; i++) {
+            const unsigned any = out == LM_KDT_BF16 ? certify_bf16(y + e0, bound + e0, n, dst + e0, unc)
+                                                    : certify_f16(y + e0, bound + e0, n, dst + e0, unc);
+            for (size_t i = 0; any && i < n; i++) {
                 if ((i & 7) == 0 && i + 8 <= n) { /* eight at a time: most are certified */
                     uint64_t w8;
                     memcpy(&w8, unc + i, 8);

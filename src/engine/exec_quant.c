@@ -191,6 +191,35 @@ size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *
     return 2;
 }
 
+int lm_xq_fused(const lm_plan_tensor *t)
+{
+    return t->q != NULL && t->q->fmt == LM_Q_FP8_BLOCK && t->dtype == t->src_dtype && !t->q->out_transposed &&
+           t->q->scale_dtype == LM_DT_F32 && t->q->scale2 == NULL && !t->sim_nf4;
+}
+
+size_t lm_xq_merge_tile(const lm_plan_tensor *t, const float *scales, const uint8_t *codes0, uint64_t r0, uint64_t nr,
+                        float *acc, lm_xq_apply_fn apply, void *ctx, uint8_t *out, float *qbuf, lm_qstats *st,
+                        lm_xq_piece pieces[2])
+{
+    const lm_qtensor *q = t->q;
+    const uint64_t cols = t->cols, br = q->br, bc = q->bc;
+    const float *s0 = scales + (r0 / br) * q->scols;
+    const size_t ns = tile_scales(q, nr);
+    float *base = qbuf + (ns + 16) / 16 * 16; /* a block's base values (lm_xq_qbuf_floats: room) */
+    for (uint64_t rr = 0; rr < nr; rr += br) { /* tiles start on a block row (lm_plan_tile_rows) */
+        const uint64_t h = rr + br < nr ? br : nr - rr;
+        for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
+            const uint64_t w = c0 + bc < cols ? bc : cols - c0, bi = (rr / br) * q->scols + c0 / bc, e = rr * cols + c0;
+            lm_fp8_dequant_block(codes0 + e, s0[bi], h, w, cols, acc + e, base);
+            apply(ctx, rr, h, c0, w);
+            lm_fp8_requant_block(acc + e, base, codes0 + e, s0[bi], h, w, cols, out + e, qbuf + bi, st);
+        }
+    }
+    qbuf[ns] = scales[q->srows * q->scols]; /* (lm_xq_dequant_written() reads it) */
+    pieces[0] = (lm_xq_piece){q->scale_index, (r0 / br) * q->scols * sizeof(float), ns * sizeof(float), qbuf};
+    return 1;
+}
+
 void lm_xq_dequant_written(const lm_plan_tensor *t, const float *qbuf, const uint8_t *out, uint64_t r0,
                            uint64_t nr, float *dst)
 {

@@ -44,6 +44,21 @@ size_t lm_xq_qbuf_floats(size_t max_elems);
 size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *acc, const uint8_t *codes0,
                      uint64_t r0, uint64_t nr, uint8_t *out, float *qbuf, lm_qstats *st, lm_xq_piece pieces[2]);
 
+/* the ops of a tile on rows [rr, rr + h) of it, columns [c0, c0 + w) only (elementwise ops) */
+typedef void (*lm_xq_apply_fn)(void *ctx, uint64_t rr, uint64_t h, uint64_t c0, uint64_t w);
+
+/*! lm_xq_fused() : 1 when lm_xq_merge_tile() does t's tiles (block FP8 kept quantized), given
+ *  that its ops are elementwise (each merged element depends on its own base element only) */
+int lm_xq_fused(const lm_plan_tensor *t);
+
+/*! lm_xq_merge_tile() : dequantize, merge and requantize rows [r0, r0 + nr) block by block while
+ *  each block is in the cache: the block's codes (codes0) to f32 into acc (the tile, row stride
+ *  cols), apply(ctx, ...) on it, then its new codes and scale as lm_xq_requant() would (the same
+ *  bytes, scales and st); acc ends as the merged tile.  @return the number of pieces */
+size_t lm_xq_merge_tile(const lm_plan_tensor *t, const float *scales, const uint8_t *codes0, uint64_t r0, uint64_t nr,
+                        float *acc, lm_xq_apply_fn apply, void *ctx, uint8_t *out, float *qbuf, lm_qstats *st,
+                        lm_xq_piece pieces[2]);
+
 /*! lm_xq_dequant_written() : the values lm_xq_requant() wrote (codes out, scales in qbuf) as f32 */
 void lm_xq_dequant_written(const lm_plan_tensor *t, const float *qbuf, const uint8_t *out, uint64_t r0,
                            uint64_t nr, float *dst);

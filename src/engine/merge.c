@@ -318,7 +318,7 @@ static lm_code mark_simulate_nf4(merge_state *S, lm_err *err)
             linear = !name_ends_with(t->name, EMBED_NAMES[k]);
         for (size_t k = 0; linear && k < N_HEAD_NAMES; k++)
             linear = !name_ends_with(t->name, HEAD_NAMES[k]);
-        t->sim_nf4 = linear;
+        t->sim_nf4 = linear ? S->job->simulate_nf4 : 0; /* 2: with double quantization */
         n_sim += linear;
         n_kept += !linear;
     }
@@ -326,8 +326,8 @@ static lm_code mark_simulate_nf4(merge_state *S, lm_err *err)
         return lm_fail(err, LM_E_USAGE, "Usage", "--simulate-nf4: the merge changes no 2-D linear weight of a "
                        "16-bit base (embeddings, the output head and 1-D tensors are not quantized by QLoRA)");
     lm_report_note(S->ri, "--simulate-nf4: %zu weights merged into their bitsandbytes NF4 round trip (blocks of 64, "
-                   "no double quantization)%s", n_sim, n_kept ? "; embeddings, output head and 1-D tensors merged "
-                   "into their stored values" : "");
+                   "%s)%s", n_sim, S->job->simulate_nf4 == 2 ? "absmax double-quantized" : "no double quantization",
+                   n_kept ? "; embeddings, output head and 1-D tensors merged into their stored values" : "");
     return LM_OK;
 }
 

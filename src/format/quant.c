@@ -432,8 +432,9 @@ static inline __attribute__((always_inline)) void block_encode(const float *xb, 
                 encode_lanes(xr + c1 + c0, base + c0, s, inv, ramax, qr + c1 + c0, &L);
             for (; c0 < n; c0++)
                 encode_one(xr[c1 + c0], base[c0], s, inv, ramax, qr + c1 + c0, &L, (int)(c0 % LANES));
-            for (uint64_t c = 0; c < n; c++)
-                changed += qr[c1 + c] != q0r[c1 + c];
+            if (inv == s0) /* (else every value counts: below) */
+                for (uint64_t c = 0; c < n; c++)
+                    changed += qr[c1 + c] != q0r[c1 + c];
         }
         if (nb->w > 0) {
             for (uint64_t b = 0; b < nb->w; b += 64)
@@ -496,6 +497,120 @@ LM_CLONES void lm_fp8_block_requant(const float *x, const uint8_t *q0, const flo
             same = nb.same;
         }
     }
+}
+
+LM_CLONES void lm_fp8_dequant_block(const uint8_t *q, float s, uint64_t h, uint64_t w, uint64_t cols, float *dst,
+                                    float *base)
+{
+    for (uint64_t r = 0; r < h; r++)
+        for (uint64_t c = 0; c < w; c++) {
+            const float v = e4m3_decode(q[r * cols + c]) * s;
+            dst[r * cols + c] = v;
+            base[r * w + c] = v;
+        }
+}
+
+/* bytes that differ between a and b (n of them), 64 at a time: the lanes count to at most 255
+ * before they are summed */
+typedef uint8_t v64b __attribute__((vector_size(64)));
+typedef uint8_t v64b_unaligned __attribute__((vector_size(64), aligned(1)));
+typedef uint64_t v8q __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) uint64_t v64b_sum(v64b v)
+{
+    v8q x = (v8q)v;
+    x = (x & 0x00FF00FF00FF00FFu) + ((x >> 8) & 0x00FF00FF00FF00FFu);
+    x = (x & 0x0000FFFF0000FFFFu) + ((x >> 16) & 0x0000FFFF0000FFFFu);
+    x = (x & 0xFFFFFFFFu) + (x >> 32);
+    uint64_t t = 0;
+    for (int k = 0; k < 8; k++)
+        t += x[k];
+    return t;
+}
+
+static uint64_t count_diff_rows(const uint8_t *a, const uint8_t *b, uint64_t h, uint64_t w, uint64_t cols)
+{
+    uint64_t n = 0;
+    v64b acc = {0};
+    unsigned k = 0;
+    for (uint64_t r = 0; r < h; r++) {
+        uint64_t c = 0;
+        for (; c + 64 <= w; c += 64) {
+            const v64b x = *(const v64b_unaligned *)(a + r * cols + c), y = *(const v64b_unaligned *)(b + r * cols + c);
+            acc -= (v64b)(x != y);
+            if (++k == 255) {
+                n += v64b_sum(acc);
+                acc = (v64b){0};
+                k = 0;
+            }
+        }
+        for (; c < w; c++)
+            n += a[r * cols + c] != b[r * cols + c];
+    }
+    return n + v64b_sum(acc);
+}
+
+LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uint8_t *q0, float s0, uint64_t h,
+                                    uint64_t w, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st)
+{
+    uint32_t am = 0;
+    int same = 1;
+    for (uint64_t r = 0; r < h; r++) { /* the amax (on the bits, as row_amax) and the sameness */
+        const float *xr = x + r * cols, *br = base + r * w;
+        int eq = same;
+        for (uint64_t c = 0; eq && c < w; c++)
+            eq = xr[c] == br[c];
+        same = eq;
+        for (uint64_t c = 0; c < w; c++) {
+            const uint32_t a = f32_bits(xr[c]) & 0x7FFFFFFFu;
+            am = a > am ? a : am;
+        }
+    }
+    const float amax = bits_f32(am);
+    st->n_blocks++;
+    st->n_nonfinite_blocks += !isfinite(amax);
+    if (same || !(amax > 0.0f) || !isfinite(amax)) { /* as block_requant */
+        *out_scale = s0;
+        for (uint64_t r = 0; r < h; r++)
+            memcpy(q + r * cols, q0 + r * cols, w);
+        if (same) {
+            st->n_blocks_kept++;
+        } else {
+            for (uint64_t r = 0; r < h; r++)
+                for (uint64_t c = 0; c < w; c++)
+                    q[r * cols + c] = lm_f32_to_fp8_e4m3(x[r * cols + c] / s0);
+        }
+        return;
+    }
+    const float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
+    *out_scale = inv;
+    const int in_range = isfinite(s); /* as block_encode, lane k the columns k modulo LANES */
+    enc_lanes L;
+    memset(&L, 0, sizeof L);
+    for (uint64_t r = 0; r < h; r++) {
+        const float *xr = x + r * cols, *br = base + r * w;
+        uint8_t *qr = q + r * cols;
+        uint64_t c0 = 0;
+        for (; in_range && c0 + LANES <= w; c0 += LANES)
+            encode_lanes(xr + c0, br + c0, s, inv, ramax, qr + c0, &L);
+        for (; c0 < w; c0++)
+            encode_one(xr[c0], br[c0], s, inv, ramax, qr + c0, &L, (int)(c0 % LANES));
+    }
+    double esum = 0, d2 = 0, e2 = 0;
+    uint32_t emax = f32_bits((float)st->err_max);
+    for (int k = 0; k < LANES; k++) {
+        esum += L.sum[k];
+        d2 += L.d2[k];
+        e2 += L.e2[k];
+        emax = L.emax[k] > emax ? L.emax[k] : emax;
+    }
+    /* a new scale changes every value: the codes are counted only under the base's scale */
+    st->n_changed += inv != s0 ? h * w : count_diff_rows(q, q0, h, w, cols);
+    st->err_max = bits_f32(emax);
+    st->err_sum += esum;
+    st->d2 += d2;
+    st->e2 += e2;
+    st->n_err += h * w;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -101,6 +101,17 @@ typedef struct lm_qstats {
 void lm_fp8_block_requant(const float *x, const uint8_t *q0, const float *scale0, uint64_t scols, uint64_t br,
                           uint64_t bc, uint64_t nr, uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
 
+/* the same one block at a time (block FP8's fused tiles, exec_quant.c): a block of h x w
+ * elements, row stride cols, with the base's scale s */
+/*! lm_fp8_dequant_block() : codes q -> dst, each code's value times s (lm_fp8_block_dequant()'s
+ *  values), and the same values into base (row stride w) */
+void lm_fp8_dequant_block(const uint8_t *q, float s, uint64_t h, uint64_t w, uint64_t cols, float *dst, float *base);
+/*! lm_fp8_requant_block() : one block of lm_fp8_block_requant(): merged x, the base's values base
+ *  (row stride w, lm_fp8_dequant_block()'s) and codes q0 -> codes q and the block's scale
+ *  *out_scale; st as lm_fp8_block_requant() sums it (blocks in the same order: the same sums) */
+void lm_fp8_requant_block(const float *x, const float *base, const uint8_t *q0, float s, uint64_t h, uint64_t w,
+                          uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
+
 /* ---- compressed-tensors and ModelOpt (quant_ct.c) ---- */
 /*! lm_ct_fp8_requant() :
  *  As lm_fp8_block_requant() (blocks of br x bc, one f32 scale each, unchanged blocks keep codes

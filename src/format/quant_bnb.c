@@ -115,16 +115,16 @@ static float round_bf16(float x)
     return x;
 }
 
-void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, int round_to)
+void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, const float *absmax_dq, int round_to)
 {
-    for (uint64_t b0 = 0; b0 < n; b0 += blocksize) {
+    for (uint64_t b0 = 0, k = 0; b0 < n; b0 += blocksize, k++) {
         const uint64_t m = b0 + blocksize < n ? blocksize : n - b0;
         float amax = -INFINITY; /* -FLT_MAX in the kernel; fmaxf skips a NaN the same way */
         for (uint64_t i = 0; i < m; i++)
             amax = fmaxf(amax, fabsf(x[b0 + i]));
-        const float inv = 1.0f / amax;
+        const float inv = 1.0f / amax, a = absmax_dq != NULL ? absmax_dq[k] : amax;
         for (uint64_t i = 0; i < m; i++)
-            x[b0 + i] = LM_BNB_NF4[lm_bnb_nf4_code(x[b0 + i] * inv)] * amax;
+            x[b0 + i] = LM_BNB_NF4[lm_bnb_nf4_code(x[b0 + i] * inv)] * a;
     }
     if (round_to == 1)
         for (uint64_t i = 0; i < n; i++)
@@ -132,4 +132,96 @@ void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, int round_to
     else if (round_to == 2) /* to nearest even (not _Float16: clang has no such type on older x86) */
         for (uint64_t i = 0; i < n; i++)
             x[i] = lm_f16_to_f32_1(lm_f32_to_f16_1(x[i]));
+}
+
+void lm_bnb_block_amax(const float *x, uint64_t n, uint64_t blocksize, float *amax)
+{
+    for (uint64_t b0 = 0, k = 0; b0 < n; b0 += blocksize, k++) {
+        const uint64_t m = b0 + blocksize < n ? blocksize : n - b0;
+        float a = -INFINITY;
+        for (uint64_t i = 0; i < m; i++)
+            a = fmaxf(a, fabsf(x[b0 + i]));
+        amax[k] = a;
+    }
+}
+
+/* torch.linspace(0.1, 1, steps) in f32, the kernel's scalar formula: start + step * i below the
+ * half, end - step * (steps - 1 - i) from it */
+static float linspace_f32(int steps, int i)
+{
+    const float start = 0.1f, end = 1.0f, step = (end - start) / (float)(steps - 1);
+    return i < steps / 2 ? start + step * (float)i : end - step * (float)(steps - 1 - i);
+}
+
+void lm_bnb_dynamic_map(float map[256])
+{
+    int k = 0;
+    for (int i = 0; i < 7; i++) { /* max_exponent_bits 7, signed: 2^i + 1 boundaries */
+        const int steps = (1 << i) + 1;
+        const float scale = (float)pow(10.0, (double)(i - 6)); /* Python's 10 ** (i - 6), then f32 */
+        for (int j = 0; j + 1 < steps; j++) {
+            const float mean = (linspace_f32(steps, j) + linspace_f32(steps, j + 1)) / 2.0f;
+            map[k++] = scale * mean;
+            map[k++] = -(scale * mean);
+        }
+    }
+    map[k++] = 0.0f;
+    map[k++] = 1.0f;
+    while (k < 256)
+        map[k++] = 0.0f;
+    for (int i = 1; i < 256; i++) /* data.sort() */
+        for (int j = i; j > 0 && map[j - 1] > map[j]; j--) {
+            float t = map[j];
+            map[j] = map[j - 1];
+            map[j - 1] = t;
+        }
+}
+
+/* kernels.cu dQuantize<0>: the binary search over the sorted map, then the nearer of the two
+ * neighbours by their f32 midpoint (x on a midpoint takes the pivot) */
+static unsigned dquantize(const float *code, float x)
+{
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f, val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255)
+        upper = code[upper_pivot];
+    if (lower_pivot == 0)
+        lower = code[lower_pivot];
+    if (x > val)
+        return x > (upper + val) * 0.5f ? (unsigned)upper_pivot : (unsigned)pivot;
+    return x < (lower + val) * 0.5f ? (unsigned)lower_pivot : (unsigned)pivot;
+}
+
+void lm_bnb_double_quant(const float *amax, uint64_t n, float *out)
+{
+    float map[256];
+    lm_bnb_dynamic_map(map);
+    double sum = 0.0, c = 0.0; /* Neumaier: the mean of the f32 maxima, rounded once to f32 */
+    for (uint64_t i = 0; i < n; i++) {
+        const double t = sum + amax[i];
+        c += fabs(sum) >= fabs((double)amax[i]) ? (sum - t) + amax[i] : ((double)amax[i] - t) + sum;
+        sum = t;
+    }
+    const float offset = n ? (float)((sum + c) / (double)n) : 0.0f;
+    for (uint64_t b0 = 0; b0 < n; b0 += 256) {
+        const uint64_t m = b0 + 256 < n ? 256 : n - b0;
+        float a2 = -INFINITY;
+        for (uint64_t i = 0; i < m; i++) /* _absmax -= offset (f32), then quantize_blockwise's amax */
+            a2 = fmaxf(a2, fabsf(amax[b0 + i] - offset));
+        const float inv = 1.0f / a2;
+        for (uint64_t i = 0; i < m; i++) /* dequantize_blockwise, then absmax += offset (f32) */
+            out[b0 + i] = map[dquantize(map, (amax[b0 + i] - offset) * inv)] * a2 + offset;
+    }
 }

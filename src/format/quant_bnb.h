@@ -50,10 +50,29 @@ unsigned lm_bnb_nf4_code(float x);
 
 /*! lm_bnb_nf4_roundtrip() : what QLoRA's forward sees for x[0..n) (n consecutive elements of the
  *  flattened tensor, starting on a block boundary): per block of `blocksize`, amax = max |x|,
- *  codes of x * (1.0f / amax) (kQuantizeBlockwise), then code * amax in f32 (kDequantizeBlockwise),
+ *  codes of x * (1.0f / amax) (kQuantizeBlockwise), then code * absmax in f32 (kDequantizeBlockwise),
  *  rounded to nearest even to the dtype bitsandbytes returns (quant_state.dtype, the weight's:
- *  round_to 0 f32, 1 bf16, 2 f16).  An all-zero block gives -0 (1/0 = inf, 0 * inf = NaN ->
- *  code 0 = -1.0, as the kernel does). */
-void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, int round_to);
+ *  round_to 0 f32, 1 bf16, 2 f16).  absmax: amax itself (absmax_dq NULL), or absmax_dq[k] for the
+ *  k-th block (double quantization: lm_bnb_double_quant()).  An all-zero block gives -0 (1/0 =
+ *  inf, 0 * inf = NaN -> code 0 = -1.0, as the kernel does). */
+void lm_bnb_nf4_roundtrip(float *x, uint64_t n, uint64_t blocksize, const float *absmax_dq, int round_to);
+
+/*! lm_bnb_block_amax() : amax[k] = max |x| of the k-th block of `blocksize` of x[0..n) */
+void lm_bnb_block_amax(const float *x, uint64_t n, uint64_t blocksize, float *amax);
+
+/*! lm_bnb_dynamic_map() : create_dynamic_map(signed=True) (the 8-bit map double quantization
+ *  uses) as f32: torch.linspace(0.1, 1, 2^i + 1) by the kernel's scalar formula, the means of
+ *  neighbours, times f32(10^(i-6)), with 0 and 1, sorted.  torch's vectorized linspace rounds a
+ *  few of the 256 values one ulp differently on some CPUs (the map saved with a checkpoint is
+ *  what that machine computed). */
+void lm_bnb_dynamic_map(float map[256]);
+
+/*! lm_bnb_double_quant() : bitsandbytes' double quantization of a 4-bit weight's n block maxima
+ *  (quantize_4bit with compress_statistics): offset = their mean (f32, rounded once; torch's
+ *  reduction order may give an ulp more or less), amax - offset (f32) quantized with the dynamic
+ *  map in blocks of 256 (kQuantizeBlockwise, dQuantize's binary search and midpoints), then
+ *  what dequantize_4bit uses: map[q] * absmax2 + offset, each step f32, into out[0..n) (out may
+ *  be amax) */
+void lm_bnb_double_quant(const float *amax, uint64_t n, float *out);
 
 #endif

@@ -163,36 +163,33 @@ static lm_code fourierft_prepare(const lm_op *op, const lm_kernels *k, lm_prepar
     return LM_OK;
 }
 
+/* each row's inverse FFT (f64) added to the tile's row: one body for both paths, T the tile's element
+ * type (the f32 path rounds each term to float; the exact path adds it in f64, no f32 intermediate,
+ * and the engine rounds once).  Scratch: (C/2 + 1) complex, then C reals: 2 C + 2 <= 2 nr cols */
+#define FOURIERFT_ROWS(T, p, t)                                                   \
+    do {                                                                          \
+        const fourierft_prep *fp = (p)->data;                                     \
+        double *h = (double *)(t)->scratch;                                       \
+        double *y = h + 2 * (fp->sp.n_cols / 2 + 1);                              \
+        for (uint64_t i = 0; i < (t)->nr; i++) {                                  \
+            lm_half_spectrum_row(&fp->sp, (t)->r0 + i, h);                        \
+            fftw_execute_dft_c2r(fp->plan, (fftw_complex *)h, y);                 \
+            T *row = (t)->acc + i * (t)->cols;                                    \
+            for (uint64_t c = 0; c < fp->sp.n_cols; c++)                          \
+                row[c] += (T)(y[c] * fp->sp.norm);                                \
+        }                                                                         \
+    } while (0)
+
 static void fourierft_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
     (void)op;
-    const fourierft_prep *fp = p->data;
-    double *h = (double *)t->scratch; /* (C/2 + 1) complex, then C reals */
-    double *y = h + 2 * (fp->sp.n_cols / 2 + 1);
-    for (uint64_t i = 0; i < t->nr; i++) {
-        lm_half_spectrum_row(&fp->sp, t->r0 + i, h);
-        fftw_execute_dft_c2r(fp->plan, (fftw_complex *)h, y);
-        float *row = t->acc + i * t->cols;
-        for (uint64_t c = 0; c < fp->sp.n_cols; c++)
-            row[c] += (float)(y[c] * fp->sp.norm);
-    }
+    FOURIERFT_ROWS(float, p, t);
 }
 
-/* the exact path: the same f64 inverse FFT, added in f64 (no f32 intermediate), rounded once by the
- * engine */
 static void fourierft_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
 {
     (void)op;
-    const fourierft_prep *fp = p->data;
-    double *h = t->scratch; /* (C/2 + 1) complex, then C reals: 2 C + 2 <= 2 nr cols + 64 */
-    double *y = h + 2 * (fp->sp.n_cols / 2 + 1);
-    for (uint64_t i = 0; i < t->nr; i++) {
-        lm_half_spectrum_row(&fp->sp, t->r0 + i, h);
-        fftw_execute_dft_c2r(fp->plan, (fftw_complex *)h, y);
-        double *row = t->acc + i * t->cols;
-        for (uint64_t c = 0; c < fp->sp.n_cols; c++)
-            row[c] += y[c] * fp->sp.norm;
-    }
+    FOURIERFT_ROWS(double, p, t);
 }
 
 static void fourierft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)

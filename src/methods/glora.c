@@ -4,7 +4,9 @@
  * scalar ("constant") or a full [out, in] buffer ("none": PEFT saves it as `.zeros` and uses the
  * values it loads).  Their kind is read from the tensors present, and checked against config_A_B.
  * The bias form b + b ⊙ D + E + W @ C applies only to layers with a bias; there it is refused
- * unless C, D and E are all zero (W @ C would need the weight while the bias is merged). */
+ * unless C, D and E are all zero (W @ C would need the weight while the bias is merged).
+ * Exact path (issue 10): every element is computed in f64 from the stored values (glora_apply64),
+ * rounded once by the engine. */
 #include "method.h"
 
 #include "lm_error.h"
@@ -217,6 +219,20 @@ static void glora_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
+/* the same in f64, rounded once by the engine (exec_exact.h: LM_EXACT_F64): glora_apply's f64 value
+ * without its rounding to f32 (which the engine's rounding to bf16/f16 would round a second time) */
+static void glora_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const glora_prep *g = p->data;
+    for (uint64_t i = 0; i < t->nr; i++) {
+        double *row = t->acc + i * t->cols;
+        for (uint64_t c = 0; c < t->cols; c++) {
+            const double w = row[c];
+            row[c] = w + (w * glora_at(g, 0, t->r0 + i, c, op->in) + glora_at(g, 1, t->r0 + i, c, op->in));
+        }
+    }
+}
+
 static void glora_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
     (void)m;
@@ -242,5 +258,6 @@ const lm_method lm_method_glora = {
     .plan_module = glora_plan_module,
     .prepare = glora_prepare,
     .apply_tile = glora_apply,
+    .apply_tile64 = glora_apply64,
     .describe = glora_describe,
 };

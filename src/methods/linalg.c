@@ -121,17 +121,27 @@ void lm_cayley_neumann(const double *Q, double *R, size_t bs, uint64_t terms, do
     }
 }
 
-void lm_householder_wy(const float *U, size_t r, size_t n, double *T, double *work)
+/* u_i . u_j of the rows of U [., n], given in f32 (Uf) or f64 (Ud, when Uf is NULL); in double */
+static double row_dot(const float *Uf, const double *Ud, size_t i, size_t j, size_t n)
+{
+    double d = 0;
+    if (Uf != NULL)
+        for (size_t x = 0; x < n; x++)
+            d += (double)Uf[i * n + x] * (double)Uf[j * n + x];
+    else
+        for (size_t x = 0; x < n; x++)
+            d += Ud[i * n + x] * Ud[j * n + x];
+    return d;
+}
+
+/* lm_householder_wy() and lm_householder_wy_d(): one body, U's rows in f32 (Uf) or f64 (Ud) */
+static void householder_wy(const float *Uf, const double *Ud, size_t r, size_t n, double *T, double *work)
 {
     memset(T, 0, r * r * sizeof *T);
     for (size_t j = 0; j < r; j++) {
         /* T[0:j, j] = -2 T[0:j, 0:j] (U[0:j] u_j) */
-        for (size_t i = 0; i < j; i++) {
-            double d = 0;
-            for (size_t x = 0; x < n; x++)
-                d += (double)U[i * n + x] * (double)U[j * n + x];
-            work[i] = d;
-        }
+        for (size_t i = 0; i < j; i++)
+            work[i] = row_dot(Uf, Ud, i, j, n);
         for (size_t i = 0; i < j; i++) {
             double v = 0;
             for (size_t l = i; l < j; l++)
@@ -140,6 +150,11 @@ void lm_householder_wy(const float *U, size_t r, size_t n, double *T, double *wo
         }
         T[j * r + j] = 2.0;
     }
+}
+
+void lm_householder_wy(const float *U, size_t r, size_t n, double *T, double *work)
+{
+    householder_wy(U, NULL, r, n, T, work);
 }
 
 void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q, double *v)
@@ -166,22 +181,7 @@ void lm_unit_rows(const float *V, size_t n, size_t r, int gram_schmidt, float *Q
 
 void lm_householder_wy_d(const double *U, size_t r, size_t n, double *T, double *work)
 {
-    memset(T, 0, r * r * sizeof *T);
-    for (size_t j = 0; j < r; j++) {
-        for (size_t i = 0; i < j; i++) {
-            double d = 0;
-            for (size_t x = 0; x < n; x++)
-                d += U[i * n + x] * U[j * n + x];
-            work[i] = d;
-        }
-        for (size_t i = 0; i < j; i++) {
-            double v = 0;
-            for (size_t l = i; l < j; l++)
-                v += T[i * r + l] * work[l];
-            T[i * r + j] = -2.0 * v;
-        }
-        T[j * r + j] = 2.0;
-    }
+    householder_wy(NULL, U, r, n, T, work);
 }
 
 void lm_unit_rows_d(const float *V, size_t n, size_t r, int gram_schmidt, double *Q)

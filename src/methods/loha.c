@@ -5,7 +5,13 @@
  * form of Conv1d/Conv2d (use_effective_conv2d: hada_t1/t2 [r, r, kh, kw], w_a [r, o], w_b [r, i])
  *     R_j[p, q, x, y] = sum_{a,b} t_j[a, b, x, y] w_j_a[a, p] w_j_b[b, q]
  * is the same product once prepare has built w_j_a^T [o, r] and U_j[a, (q, x, y)] = sum_b
- * t_j[a, b, x, y] w_j_b[b, q] (f64, rounded once), so a tile is still two small products. */
+ * t_j[a, b, x, y] w_j_b[b, q] (f64, rounded once), so a tile is still two small products.
+ * Exact path (issue 10): PEFT's formula in f64 is W + (P1 P2) s with P_j = sum_k w_j_a[i, k]
+ * w_j_b[k, c] summed in f64, k ascending, from the stored values (CP: from U_j in f64)
+ * (apply_tile64, elem64).  bf16/f16 outputs take the certified f32 form (apply_tile_bound): the
+ * f32 result with a per-element bound (each rank-r f32 product within (r + 2) 2^-24 ||row|| ||col||
+ * of P_j, then the Hadamard product's error), the elements it leaves uncertain recomputed by
+ * elem64 (exec_exact.h). */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -13,6 +19,7 @@
 #include "lm_error.h"
 #include "lycoris.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +34,77 @@ typedef struct {
 
 typedef struct {
     const float *f[4];
+    const double *u64[2]; /* CP: U_j [r, cols] in f64 (f[2j+1] is it rounded to f32); else NULL: f[2j+1] exact */
+    const double *at[2];  /* [cols, r]: f[2j+1] (CP: U_j in f64) transposed, for elem64 (a column's r values
+                             in one place) */
+    const double *nb[2];  /* [o]: ||row i of f[2j]||_2 + 2^-62 (rounded up) */
+    const float *cc;      /* [cols]: (||column c of f[1]||_2 + 2^-62) (||column c of f[3]||_2 + 2^-62), rounded
+                             up (CP: of U_j, f32 or f64, the larger) */
+    double kappa;         /* the bound's factor (loha_apply_bound) */
+    float s;              /* fl32(op->scale) (loha_apply's) */
+    uint64_t cols;
 } loha_prep;
+
+/* x (f64, >= 0) rounded up to f32 (the factor covers the conversion and a few f64 roundings in
+ * x), at least the smallest normal (a subnormal operand in the bound's loop costs a microcode
+ * assist per operation); inf when it overflows, NaN stays NaN */
+static float up32(double x)
+{
+    const float f = (float)(x * (1.0 + 0x1p-22));
+    return f >= 0x1p-126f || f != f ? f : 0x1p-126f; /* a NaN stays NaN */
+}
+
+/* the bound's row and column norms (loha_apply_bound) */
+static lm_code loha_norms(const lm_op *op, loha_prep *lp, uint64_t o, uint64_t cols, lm_prepared *p, lm_err *err)
+{
+    const uint64_t r = op->rank;
+    double *nb = lm_prep_alloc(p, 2 * ((size_t)o + (size_t)(cols * r)) * sizeof *nb + cols * sizeof(float) + 1, err);
+    double *cn = nb ? malloc(2 * (size_t)cols * sizeof *cn + 1) : NULL;
+    if (cn == NULL)
+        return nb ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+    float *cc = (float *)(void *)(nb + 2 * ((size_t)o + (size_t)(cols * r)));
+    for (int j = 0; j < 2; j++) {
+        double *at = nb + 2 * o + (size_t)j * (size_t)(cols * r);
+        const float *A = lp->f[2 * j + 1];
+        const double *U = lp->u64[j];
+        for (uint64_t k = 0; k < r; k++)
+            for (uint64_t c = 0; c < cols; c++)
+                at[c * r + k] = U ? U[k * cols + c] : (double)A[k * cols + c];
+        lp->at[j] = at;
+    }
+    const double m = 1.0 + 0x1p-40; /* the f64 sums of squares and the root: a few 2^-53 each */
+    for (int j = 0; j < 2; j++) {
+        const float *B = lp->f[2 * j], *A = lp->f[2 * j + 1];
+        for (uint64_t i = 0; i < o; i++) {
+            double ss = 0;
+            for (uint64_t k = 0; k < r; k++)
+                ss += (double)B[i * r + k] * (double)B[i * r + k];
+            nb[j * o + i] = sqrt(ss) * m + 0x1p-62;
+        }
+        for (uint64_t c = 0; c < cols; c++) {
+            double ss = 0;
+            for (uint64_t k = 0; k < r; k++) {
+                /* CP: the larger of |U32| and |U64| (the norms bound the sums over either) */
+                double a = fabs((double)A[k * cols + c]);
+                if (lp->u64[j] != NULL && fabs(lp->u64[j][k * cols + c]) > a)
+                    a = fabs(lp->u64[j][k * cols + c]);
+                ss += a * a;
+            }
+            cn[j * cols + c] = sqrt(ss) * m + 0x1p-62;
+        }
+        lp->nb[j] = nb + j * o;
+    }
+    for (uint64_t c = 0; c < cols; c++)
+        cc[c] = up32(cn[c] * cn[cols + c]);
+    free(cn);
+    lp->cc = cc;
+    const double g = (double)(r + 2) * 0x1p-24 / (1.0 - (double)(r + 2) * 0x1p-24) * m, S = fabs(op->scale) * m;
+    lp->s = (float)op->scale;
+    const double ds = fabs((double)lp->s - op->scale) * m;
+    lp->kappa = ((0x1.01p-23 * S + ds) * (1 + g) * (1 + g) + S * g * (3 + 2 * g)) * (1.0 + 0x1p-17);
+    lp->cols = cols;
+    return LM_OK;
+}
 
 /* CP form: t_j [r, r, kh, kw], w_j_a [r, o], w_j_b [r, i] against the kernel W [o, i, k...] */
 static lm_code check_cp(const lm_module *m, const lm_tensor_info *W, const lm_ts_tensor *const *f,
@@ -122,34 +199,31 @@ static lm_code loha_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
             return LM_E_NOMEM;
     p->data = lp;
     if (pr->t[0] == NULL)
-        return LM_OK;
+        return loha_norms(op, lp, pr->f[0]->shape[0], pr->f[1]->shape[1], p, err);
     /* CP: f[2j] <- w_j_a^T [o, r]; f[2j+1] <- U_j [r, i * kk] */
     const uint64_t r = op->rank, o = pr->o, in = pr->i, kk = pr->kk;
     const size_t nu = (size_t)(r * in * kk);
-    float *blk = lm_prep_floats(p, 2 * ((size_t)(o * r) + nu), err); /* one block: at most 8 owned */
-    double *u64 = blk ? malloc(nu * sizeof *u64 + 1) : NULL;
-    if (blk != NULL && u64 == NULL)
-        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    for (int j = 0; j < 2 && u64 != NULL; j++) {
+    float *blk = lm_prep_floats(p, 2 * ((size_t)(o * r) + nu), err); /* one block: at most 10 owned */
+    double *u64 = blk ? lm_prep_alloc(p, 2 * nu * sizeof *u64 + 1, err) : NULL;
+    if (u64 == NULL)
+        return LM_E_NOMEM;
+    for (int j = 0; j < 2; j++) {
         const float *wa = lp->f[2 * j], *wb = lp->f[2 * j + 1], *tj = lm_prep_view(p, pr->t[j], k, err);
         float *waT = blk + (size_t)j * ((size_t)(o * r) + nu), *U = waT + o * r;
-        if (tj == NULL) {
-            free(u64);
+        double *uj = u64 + (size_t)j * nu;
+        if (tj == NULL)
             return LM_E_NOMEM;
-        }
         for (uint64_t a = 0; a < r; a++)
             for (uint64_t q = 0; q < o; q++)
                 waT[q * r + a] = wa[a * o + q];
-        lm_tucker_fold(tj, wb, (size_t)r, (size_t)in, (size_t)kk, u64);
+        lm_tucker_fold(tj, wb, (size_t)r, (size_t)in, (size_t)kk, uj);
         for (size_t e = 0; e < nu; e++)
-            U[e] = (float)u64[e];
+            U[e] = (float)uj[e];
         lp->f[2 * j] = waT;
         lp->f[2 * j + 1] = U;
+        lp->u64[j] = uj;
     }
-    if (u64 == NULL)
-        return LM_E_NOMEM;
-    free(u64);
-    return LM_OK;
+    return loha_norms(op, lp, o, in * kk, p, err);
 }
 
 static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
@@ -163,6 +237,111 @@ static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     lm_gemm_tile_nn(t->k, t2, (size_t)t->nr, (size_t)t->cols, lp->f[2] + t->r0 * r, lp->f[3], r, 1.0f);
     for (size_t i = 0; i < n; i++)
         t->acc[i] += t1[i] * t2[i] * s;
+}
+
+/* P_j of row i, column c in f64 (k ascending from 0, as loha_apply64) */
+static inline double loha_p64(const loha_prep *lp, int j, uint64_t r, uint64_t i, uint64_t c)
+{
+    const float *B = lp->f[2 * j] + i * r;
+    const double *a = lp->at[j] + c * r;
+    double acc = 0.0;
+    for (uint64_t k = 0; k < r; k++)
+        acc += (double)B[k] * a[k];
+    return acc;
+}
+
+static double loha_elem64(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
+                          uint64_t cols)
+{
+    const loha_prep *lp = p->data;
+    (void)cols;
+    return (double)in[col] + loha_p64(lp, 0, op->rank, row, col) * loha_p64(lp, 1, op->rank, row, col) * op->scale;
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define LH_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3")))
+#else
+#define LH_CLONES
+#endif
+
+/* y[c] = sum_k b[k] A[k, c] in f64, k ascending (A f32, or U f64) */
+LH_CLONES static void loha_row64(const float *b, const float *A, const double *U, uint64_t r, uint64_t cols, double *y)
+{
+    for (uint64_t c = 0; c < cols; c++)
+        y[c] = 0.0;
+    for (uint64_t k = 0; k < r; k++) {
+        const double f = (double)b[k];
+        if (U != NULL) {
+            const double *u = U + k * cols;
+            for (uint64_t c = 0; c < cols; c++)
+                y[c] += f * u[c];
+        } else {
+            const float *a = A + k * cols;
+            for (uint64_t c = 0; c < cols; c++)
+                y[c] += f * (double)a[c];
+        }
+    }
+}
+
+LH_CLONES static void loha_comb64(double *x, const double *y1, const double *y2, double s, uint64_t cols)
+{
+    for (uint64_t c = 0; c < cols; c++)
+        x[c] += y1[c] * y2[c] * s;
+}
+
+static void loha_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const loha_prep *lp = p->data;
+    const uint64_t r = op->rank, cols = t->cols;
+    double *y1 = t->scratch, *y2 = t->scratch + cols;
+    for (uint64_t q = 0; q < t->nr; q++) {
+        const uint64_t i = t->r0 + q;
+        loha_row64(lp->f[0] + i * r, lp->f[1], lp->u64[0], r, cols, y1);
+        loha_row64(lp->f[2] + i * r, lp->f[3], lp->u64[1], r, cols, y2);
+        loha_comb64(t->acc + q * cols, y1, y2, op->scale, cols);
+    }
+}
+
+/* Bound of the certified f32 form.  t1, t2: the f32 products (gemm_rows: r fused multiply-adds from
+ * 0, each rounding at most u |partial| + 2^-150, u = 2^-24), so |t_j - P_j| <= E_j = gamma N_j + ke
+ * with N_j = ||b||_2 ||a||_2 >= sum_k |b_k a_k| (b: row i of f[2j], a: column c of f[2j+1]): r u
+ * (1 + r u) of the sum for the FMA chain, r 2^-53 for P_j's f64 sum, u for CP's U rounded to f32
+ * (gamma = (r + 2) u / (1 - (r + 2) u)), ke = (r + 1) 2^-149 the underflow; and |t_j| <= T_j = N_j
+ * (1 + gamma) + ke.  Then y = fl(x + fl(fl(t1 t2) s)) against v = fl(x + fl(fl(P1 P2) S)) as LoKr's
+ * (lokr.c, a = t1, b = t2): everything but the sum's rounding is at most
+ *   C = ((C_t S' + ds) T1 T2 + S' (T1 E2 + E1 (T2 + E2))) M + K
+ * (S' >= |S|, ds >= |s - S|, C_t = 2^-23 (1 + 2^-8), M = 1 + 2^-17, K = 2^-144).  With N_j' = N_j +
+ * ke / gamma: E_j <= gamma N_j', T_j <= (1 + gamma) N_j', so C <= kappa N1' N2' + K, kappa = ((C_t S'
+ * + ds) (1 + gamma)^2 + S' gamma (3 + 2 gamma)) M; and N_j' <= (||b|| + h) (||a|| + h) with h = 2^-62
+ * >= sqrt(ke / gamma).  So C <= R cc[c] + K: R = kappa (nb_1[i]) (nb_2[i]) per row, cc[c] per column
+ * (the norms with h added, rounded up; R and cc at least 2^-126: the smallest normal keeps subnormal
+ * operands, a microcode assist each, out of the loop), and bound = C_y |y| + R cc[c] + 2^-125 (K,
+ * the underflow of R cc[c]), C_y = 2^-24 (1 + 2^-7) (the f64 terms of |v| and the f32 roundings of
+ * the bound, R's and cc's included in their rounding up).  inf/NaN anywhere: uncertain (elem64). */
+LH_CLONES static void loha_row_bound(float *restrict x, const float *restrict t1, const float *restrict t2, float s,
+                                     float R, const float *restrict cc, uint64_t n, float *restrict bound)
+{
+    const float cy = 0x1.02p-24f;
+    for (uint64_t c = 0; c < n; c++) {
+        const float y = x[c] + t1[c] * t2[c] * s;
+        bound[c] = (cy * fabsf(y) + R * cc[c]) + 0x1p-125f;
+        x[c] = y;
+    }
+}
+
+static void loha_apply_bound(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound)
+{
+    const loha_prep *lp = p->data;
+    float *t1 = t->scratch, *t2 = t->scratch + t->nr * t->cols;
+    const size_t n = (size_t)(t->nr * t->cols), r = (size_t)op->rank;
+    memset(t->scratch, 0, 2 * n * sizeof *t->scratch);
+    lm_gemm_tile_nn(t->k, t1, (size_t)t->nr, (size_t)t->cols, lp->f[0] + t->r0 * r, lp->f[1], r, 1.0f);
+    lm_gemm_tile_nn(t->k, t2, (size_t)t->nr, (size_t)t->cols, lp->f[2] + t->r0 * r, lp->f[3], r, 1.0f);
+    for (uint64_t q = 0; q < t->nr; q++) {
+        const size_t e0 = (size_t)(q * t->cols);
+        const double R = lp->kappa * lp->nb[0][t->r0 + q] * lp->nb[1][t->r0 + q];
+        loha_row_bound(t->acc + e0, t1 + e0, t2 + e0, lp->s, up32(R), lp->cc, t->cols, bound + e0);
+    }
 }
 
 static void loha_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -194,6 +373,9 @@ const lm_method lm_method_loha = {
     .plan_module = loha_plan_module,
     .prepare = loha_prepare,
     .apply_tile = loha_apply,
+    .apply_tile64 = loha_apply64,
+    .apply_tile_bound = loha_apply_bound,
+    .elem64 = loha_elem64,
     .describe = loha_describe,
     .describe_config = loha_describe_config,
 };

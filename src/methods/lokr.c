@@ -6,9 +6,13 @@
  * [b, d*kh*kw], and so are the flat form (w2_b [r, d*k...]) and the CP form of Conv1d/Conv2d
  * (lokr_t2 [r, r, kh, kw]: w2[p, q, x] = sum_{i,j} t2[i, j, x] w2_a[i, p] w2_b[j, q], built in
  * prepare).  A whole 3-D lokr_w2 (Conv1d) is refused: PEFT's kron then pads w1 in front and
- * reshapes a scrambled kernel.  prepare also builds the whole factors in f64 (d1, d2) for an exact
- * path; LoKr has no apply_tile64 yet: through the engine's f64 tile path it measured 3.95x the LoRA
- * merge in the methods bench (issue 9's target 1.5x), so its tensors stay on the f32 path. */
+ * reshapes a scrambled kernel.
+ * Exact path (issue 10): prepare also builds the whole factors in f64 (d1, d2: the decomposed ones
+ * summed in f64 from the stored values; a whole factor is its stored values), and PEFT's formula in
+ * f64 is W + (d1[p, u] d2[q, v]) s (apply_tile64, elem64; the product of two whole factors is exact
+ * in f64).  bf16/f16 outputs take the certified f32 form (apply_tile_bound): the f32 result with a
+ * bound from e1, e2 = |f32 factor - f64 factor| (per element, from prepare), the elements it leaves
+ * uncertain recomputed by elem64 (exec_exact.h). */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -16,6 +20,7 @@
 #include "lm_error.h"
 #include "lycoris.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +37,10 @@ typedef struct {
     const float *w1, *w2;   /* whole factors [a, c] and [kb, kd] (f32 products, as PEFT: the f32 path) */
     const double *d1, *d2;  /* the same in f64 (products summed in f64 from the stored values: the
                                exact path) */
+    const float *e1, *e2;   /* upper bounds of |w - d| per element (NULL: a whole factor, w = d) */
+    const double *bq, *ebq; /* per row q of w2: the largest |w2[q, v]| and e2[q, v] (0 without e2) */
+    float s;                /* fl32(op->scale) (lokr_apply's) */
+    double ds, sabs;        /* >= |s - op->scale|, >= |op->scale| */
 } lokr_prep;
 
 typedef struct {
@@ -209,18 +218,35 @@ static lm_code lokr_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *er
     return LM_OK;
 }
 
+/* x (f64, >= 0) rounded up to f32 (the factor covers the conversion and a few f64 roundings in
+ * x), at least the smallest normal (a subnormal operand in the bound's loop costs a microcode
+ * assist per operation); inf when it overflows, NaN stays NaN */
+static float up32(double x)
+{
+    const float f = (float)(x * (1.0 + 0x1p-22));
+    return f >= 0x1p-126f || f != f ? f : 0x1p-126f; /* a NaN stays NaN */
+}
+
+/* e[i] >= |w[i] - d[i]| (the f64 difference is within 2^-53 of its value) */
+static const float *err_bounds(const float *w, const double *d, size_t n, float *e)
+{
+    for (size_t i = 0; i < n; i++)
+        e[i] = up32(fabs((double)w[i] - d[i]));
+    return e;
+}
+
 /* a whole factor [rows, cols]: x, or x @ y when decomposed; *f32: the f32 product (as PEFT: the f32
  * path), *f64: the product summed in f64 from the stored values (k ascending; the exact path).  One
  * block holds both (a prepare owns at most LM_PREP_OWNED blocks).  @return 0, -1 out of memory */
 static int whole(lm_prepared *p, const lm_ts_tensor *x, const lm_ts_tensor *y, const lm_kernels *k, const float **f32,
-                 const double **f64, lm_err *err)
+                 const double **f64, const float **ebound, lm_err *err)
 {
     const float *X = lm_prep_view(p, x, k, err), *Y = y ? lm_prep_view(p, y, k, err) : NULL;
     if (X == NULL || (y != NULL && Y == NULL))
         return -1;
     const uint64_t rows = x->shape[0], inner = y ? x->shape[1] : 0, cols = y ? y->shape[1] : x->n_elems / rows;
     const size_t n = (size_t)(rows * cols);
-    double *d = lm_prep_alloc(p, n * (sizeof(double) + (y ? sizeof(float) : 0)), err);
+    double *d = lm_prep_alloc(p, n * (sizeof(double) + (y ? 2 * sizeof(float) : 0)), err);
     if (d == NULL)
         return -1;
     for (uint64_t i = 0; i < rows; i++)
@@ -236,26 +262,51 @@ static int whole(lm_prepared *p, const lm_ts_tensor *x, const lm_ts_tensor *y, c
         float *out = (float *)(void *)(d + n);
         lm_gemm_tile_nn(k, out, (size_t)rows, (size_t)cols, X, Y, (size_t)inner, 1.0f);
         *f32 = out;
+        *ebound = err_bounds(out, d, n, out + n);
     }
     return 0;
+}
+
+/* bq, ebq from w2 and e2 (lokr_apply_bound) */
+static lm_code row_maxima(const lokr_params *pr, lokr_prep *lp, lm_prepared *p, lm_err *err)
+{
+    double *bq = lm_prep_alloc(p, 2 * (size_t)pr->kb * sizeof *bq, err), *ebq = bq ? bq + pr->kb : NULL;
+    if (bq == NULL)
+        return LM_E_NOMEM;
+    for (uint64_t q = 0; q < pr->kb; q++) {
+        double m = 0, me = 0;
+        for (uint64_t v = 0; v < pr->kd; v++) {
+            const double b = fabs((double)lp->w2[q * pr->kd + v]), e = lp->e2 ? (double)lp->e2[q * pr->kd + v] : 0.0;
+            m = b > m || b != b ? b : m; /* a NaN stays: the bound is then NaN, nothing certified */
+            me = e > me || e != e ? e : me;
+        }
+        bq[q] = m;
+        ebq[q] = me;
+    }
+    lp->bq = bq;
+    lp->ebq = ebq;
+    return LM_OK;
 }
 
 static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p, lm_err *err)
 {
     const lokr_params *pr = op->params;
     lokr_prep *lp = lm_prep_alloc(p, sizeof *lp, err);
-    if (lp == NULL || whole(p, pr->w1, pr->w1b, k, &lp->w1, &lp->d1, err) != 0)
+    if (lp == NULL || whole(p, pr->w1, pr->w1b, k, &lp->w1, &lp->d1, &lp->e1, err) != 0)
         return LM_E_NOMEM;
     p->data = lp;
+    lp->s = (float)op->scale;
+    lp->ds = fabs((double)lp->s - op->scale) * (1.0 + 0x1p-40);
+    lp->sabs = fabs(op->scale) * (1.0 + 0x1p-40);
     if (pr->t2 == NULL)
-        return whole(p, pr->w2, pr->w2b, k, &lp->w2, &lp->d2, err) != 0 ? LM_E_NOMEM : LM_OK;
+        return whole(p, pr->w2, pr->w2b, k, &lp->w2, &lp->d2, &lp->e2, err) != 0 ? LM_E_NOMEM : row_maxima(pr, lp, p, err);
     /* CP: w2[q, (v, x)] = sum_i w2_a[i, q] U[i, (v, x)], U[i, v, x] = sum_j t2[i, j, x] w2_b[j, v]
      * (f64; the f32 path's copy rounded once) */
     const uint64_t r = pr->t2->shape[0], kb = pr->kb, dd = pr->w2b->shape[1], kk = pr->kd / dd;
     const size_t n2 = (size_t)(kb * pr->kd);
     const float *t = lm_prep_view(p, pr->t2, k, err), *wa = lm_prep_view(p, pr->w2, k, err),
                 *wb = lm_prep_view(p, pr->w2b, k, err);
-    double *d2 = t && wa && wb ? lm_prep_alloc(p, n2 * (sizeof(double) + sizeof(float)), err) : NULL;
+    double *d2 = t && wa && wb ? lm_prep_alloc(p, n2 * (sizeof(double) + 2 * sizeof(float)), err) : NULL;
     if (d2 == NULL)
         return LM_E_NOMEM;
     float *w2 = (float *)(void *)(d2 + n2);
@@ -274,7 +325,8 @@ static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     free(U);
     lp->w2 = w2;
     lp->d2 = d2;
-    return LM_OK;
+    lp->e2 = err_bounds(w2, d2, n2, w2 + n2);
+    return row_maxima(pr, lp, p, err);
 }
 
 /* W[p*kb + q, u*kd + v] += w1[p, u] * w2[q, v] * scale */
@@ -293,6 +345,85 @@ static void lokr_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
             float *seg = row + u * kd;
             for (uint64_t v = 0; v < kd; v++)
                 seg[v] += a * w2row[v] * s;
+        }
+    }
+}
+
+/* W[p*kb + q, u*kd + v] += d1[p, u] * d2[q, v] * scale in f64 (exec_exact.h: rounded once by the engine) */
+static void lokr_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const lokr_params *pr = op->params;
+    const lokr_prep *lp = p->data;
+    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
+    const double s = op->scale;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
+        double *row = t->acc + r * t->cols;
+        const double *d2row = lp->d2 + q * kd;
+        for (uint64_t u = 0; u < w1_cols; u++) {
+            const double a = lp->d1[pi * w1_cols + u];
+            double *seg = row + u * kd;
+            for (uint64_t v = 0; v < kd; v++)
+                seg[v] += a * d2row[v] * s;
+        }
+    }
+}
+
+static double lokr_elem64(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
+                          uint64_t cols)
+{
+    const lokr_params *pr = op->params;
+    const lokr_prep *lp = p->data;
+    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = cols / kd;
+    return (double)in[col] + lp->d1[(row / kb) * w1_cols + col / kd] * lp->d2[(row % kb) * kd + col % kd] * op->scale;
+}
+
+/* Bound of the certified f32 form.  y = fl(x + t), t = fl(fl(a b) s) (lokr_apply: a = w1[p, u], b =
+ * w2[q, v], s = fl32(S), S = op->scale); the f64 value is v = fl(x + fl(fl(d1 d2) S)) with
+ * |a - d1| <= e1, |b - d2| <= e2 (prepare).  With u = 2^-24:
+ *   |y - (x + t)| <= u |y|                       (the sum's rounding; exact when subnormal)
+ *   |t - a b s| <= 2u |t| (1 + 2u) + 2^-148      (two roundings, underflow included)
+ *   |a b s - d1 d2 S| <= |a b| |s - S| + |S| (|a| e2 + e1 (|b| + e2))
+ *   the f64 roundings of v: <= 2^-52 (|v| + |t - v + x|) (3 of them, relative 2^-53 each)
+ * Over one segment (a and e1 fixed, b and e2 a row of w2: |b| <= bq, e2 <= ebq, |t| <= S' |a| bq
+ * (1 + 2u)) everything but the sum's rounding is at most the segment's constant
+ *   C = ((C_t S' + ds) |a| bq + S' (|a| ebq + e1 (bq + ebq))) M + K
+ * (S' >= |S|, ds >= |s - S|, C_t = 2^-23 (1 + 2^-8), M = 1 + 2^-17 for the 2^-52 terms and the
+ * (1 + 2u) factors, K = 2^-144; f64, rounded up to f32, at least 2^-126: the smallest normal keeps
+ * subnormal operands, a microcode assist each, out of the loop; results that small are
+ * recomputed).  So bound = C_y |y| + C, C_y = 2^-24 (1 + 2^-7) (the f64 terms of |v| and the
+ * element's two f32 roundings of the bound).  An inf or NaN term leaves the element uncertain. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define LK_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3")))
+#else
+#define LK_CLONES
+#endif
+
+LK_CLONES static void lokr_seg_bound(float *restrict x, const float *restrict b, float a, float s, float C, uint64_t n,
+                                     float *restrict bound)
+{
+    const float cy = 0x1.02p-24f;
+    for (uint64_t v = 0; v < n; v++) {
+        const float y = x[v] + a * b[v] * s;
+        bound[v] = cy * fabsf(y) + C;
+        x[v] = y;
+    }
+}
+
+static void lokr_apply_bound(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound)
+{
+    const lokr_params *pr = op->params;
+    const lokr_prep *lp = p->data;
+    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
+    const double ct = 0x1.01p-23, M = 1.0 + 0x1p-17, K = 0x1p-144, S = lp->sabs;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
+        const double bq = lp->bq[q], ebq = lp->ebq[q];
+        for (uint64_t u = 0; u < w1_cols; u++) {
+            const uint64_t i1 = pi * w1_cols + u, e0 = r * t->cols + u * kd;
+            const double A = fabs((double)lp->w1[i1]), e1 = lp->e1 ? (double)lp->e1[i1] : 0.0;
+            const double C = ((ct * S + lp->ds) * A * bq + S * (A * ebq + e1 * (bq + ebq))) * M + K;
+            lokr_seg_bound(t->acc + e0, lp->w2 + q * kd, lp->w1[i1], lp->s, up32(C), kd, bound + e0);
         }
     }
 }
@@ -325,6 +456,9 @@ const lm_method lm_method_lokr = {
     .plan_module = lokr_plan_module,
     .prepare = lokr_prepare,
     .apply_tile = lokr_apply,
+    .apply_tile64 = lokr_apply64,
+    .apply_tile_bound = lokr_apply_bound,
+    .elem64 = lokr_elem64,
     .describe = lokr_describe,
     .describe_config = lokr_describe_config,
 };

@@ -171,58 +171,97 @@ static lm_code oft_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p,
 lm_code lm_rot_prep_make(lm_prepared *p, const float *RT, const double *RT64, uint64_t n_rot, uint64_t bs, lm_err *err)
 {
     lm_rot_prep *rp = lm_prep_alloc(p, sizeof *rp, err);
-    float *rn = rp ? lm_prep_floats(p, (size_t)(n_rot * bs), err) : NULL;
-    double *R64 = rn ? lm_prep_alloc(p, (size_t)(n_rot * bs * bs) * sizeof *R64, err) : NULL;
+    float *dn = rp ? lm_prep_floats(p, (size_t)(n_rot * bs), err) : NULL;
+    float *DT = dn ? lm_prep_floats(p, (size_t)(n_rot * bs * bs), err) : NULL;
+    double *R64 = DT ? lm_prep_alloc(p, (size_t)(n_rot * bs * bs) * sizeof *R64, err) : NULL;
     if (R64 == NULL)
         return LM_E_NOMEM;
     for (uint64_t j = 0; j < n_rot; j++)
         for (uint64_t a = 0; a < bs; a++)
-            for (uint64_t b = 0; b < bs; b++)
-                R64[(j * bs + a) * bs + b] = RT64[j * bs * bs + b * bs + a];
+            for (uint64_t b = 0; b < bs; b++) {
+                const uint64_t e = j * bs * bs + b * bs + a;
+                R64[(j * bs + a) * bs + b] = RT64[e];
+                DT[e] = (float)(RT64[e] - (a == b ? 1.0 : 0.0));
+            }
     for (uint64_t j = 0; j < n_rot; j++)
         for (uint64_t a = 0; a < bs; a++) {
             double ss = 0; /* exact enough: relative error < 2^-45, covered by the margin */
             for (uint64_t b = 0; b < bs; b++)
-                ss += (double)RT[j * bs * bs + b * bs + a] * (double)RT[j * bs * bs + b * bs + a];
-            rn[j * bs + a] = (float)(sqrt(ss) * (1.0 + 0x1p-20)); /* rounded up: margin > f32 rounding */
+                ss += (double)DT[j * bs * bs + b * bs + a] * (double)DT[j * bs * bs + b * bs + a];
+            /* rounded up: the margin > f32 rounding; 2^-100 covers D's subnormal roundings */
+            dn[j * bs + a] = (float)(sqrt(ss) * (1.0 + 0x1p-20) + 0x1p-100);
         }
     rp->RT = RT;
     rp->RT64 = RT64;
     rp->R64 = R64;
-    rp->rn = rn;
+    rp->DT = DT;
+    rp->dn = dn;
     rp->n_rot = n_rot;
     rp->bs = bs;
     p->data = rp;
     return LM_OK;
 }
 
-/* Bound.  y_a = fl(sum_b R32[a,b] x_b) by bs fmaf roundings from 0 (rot_blocks):
- * |y_a - sum R32 x| <= bs u S + bs eta with S = sum_b |R32[a,b] x_b|, u = 2^-24, eta = 2^-150
- * (underflow).  |sum (R32 - R64) x| <= u S (1 + u) (R32 = fl32(R64)).  The f64 sum of
- * lm_rotate_blocks64 is within bs 2^-53 S (1 + u) of sum R64 x.  So |y_a - Y64_a| <= (bs + 2) u S
- * (1 + 2^-20) + bs eta, and S <= ||R32[a,:]||_2 ||x||_2 (rn: rounded up) with ||x||_2 <=
- * sqrtf(fl(sum x_b^2)) (1 + (bs + 2) u) + 2^-70 (each square and sum rounded: bs + 1 roundings,
- * the sqrt one more; squares below 2^-150 lost: at most bs 2^-150 in all, whose root is < 2^-70
- * for bs < 2^10).  c1 = (bs + 4) u covers the first factors and the two f32 products forming the
- * bound (each rounding at most u relative, outwards by the slack); c0 = bs 2^-149 covers
- * underflow and the bound's own rounding near 0. */
+/* Bound.  The certified form computes y_a = fl(x_a + v_a), v_a = fl(sum_b D32[a,b] x_b) by bs
+ * fmaf roundings from 0 (rot_blocks with D in place of R), D32 = fl32(fl64(R64 - I)): for the
+ * near-identity rotations of OFT and BOFT, D is small, and so is the bound (R itself gives bs u
+ * ||x||, most of the rounding intervals of a bf16 value).  With Z_a = sum_b R64[a,b] x_b, the
+ * value certified, u = 2^-24, eta = 2^-150 (underflow) and dn_a >= ||D32[a,:]||_2 + 2^-100:
+ *   |R64 - I - D32| <= (u + 2^-53 (1 + u)) |D32| elementwise (plus 2^-150 for a subnormal D32,
+ *   within u 2^-100 ||x||), so |Z_a - x_a - sum D32 x| <= (u + 2^-52) dn_a ||x||;
+ *   |v_a - sum D32 x| <= gamma_bs sum |D32[a,b] x_b| + bs eta <= bs u (1 + bs u) dn_a ||x|| + bs eta;
+ *   |y_a - (x_a + v_a)| <= u |y_a| (an f32 sum: exact when subnormal).
+ * The f64 sums of lm_rotate_blocks64 and lm_rot_elem64 are within bs 2^-53 (1 + u)
+ * (|x_a| + dn_a ||x||) of Z_a (|R64[a,b]| <= [a = b] + |D64[a,b]|): the bound covers them too.
+ * ||x||_2 <= sqrtf(fl(sum x_b^2)) (1 + (bs + 2) u) + 2^-70 (any order of the bs squares and sums:
+ * bs + 1 roundings, the sqrt one more; squares below 2^-150 lost: at most bs 2^-150 in all,
+ * whose root is < 2^-70 for bs < 2^10).  So bound_a = dn_a xn c1 + |y_a| u (1 + 2^-20) +
+ * |x_a| bs 2^-52 + c0 with c1 = (bs + 4) u (it also covers the f32 roundings of the bound's
+ * products and sums, each at most u relative, and the 2^-52 terms) and c0 = bs 2^-149
+ * (underflow, and the bound's own rounding near 0).  An inf or NaN anywhere makes the bound
+ * inf or NaN: never certified. */
+/* built for AVX-512 and AVX2 too (an ifunc picks one); the same IEEE operations in each (no
+ * contraction: -ffp-contract=off), so the same bits */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define ROT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ROT_CLONES
+#endif
+
+/* one row: x (its input, replaced by its bound), v (D x, replaced by y); e: cols floats */
+ROT_CLONES static void row_bound(float *x, float *v, float *e, const lm_rot_prep *rp, uint64_t cols)
+{
+    const uint64_t bs = rp->bs, nb = cols / bs;
+    const float c1 = (float)(bs + 4) * 0x1p-24f, c0 = (float)bs * 0x1p-149f, cx = 1.0f + (float)(bs + 2) * 0x1p-24f;
+    const float cy = 0x1p-24f * (1.0f + 0x1p-20f), ca = (float)bs * 0x1p-52f;
+    for (uint64_t j = 0; j < nb; j++) { /* e = dn_a xn of the block */
+        const float *xb = x + j * bs;
+        float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        uint64_t b = 0;
+        for (; b + 8 <= bs; b += 8)
+            for (int q = 0; q < 8; q++)
+                l[q] += xb[b + (uint64_t)q] * xb[b + (uint64_t)q];
+        for (; b < bs; b++)
+            l[b % 8] += xb[b] * xb[b];
+        const float ss = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        const float xn = (sqrtf(ss) * cx + 0x1p-70f) * c1;
+        const float *dn = rp->dn + (rp->n_rot == 1 ? 0 : j) * bs;
+        for (uint64_t a = 0; a < bs; a++)
+            e[j * bs + a] = dn[a] * xn;
+    }
+    for (uint64_t c = 0; c < cols; c++) {
+        const float xc = x[c], y = xc + v[c];
+        v[c] = y;
+        x[c] = ((e[c] + fabsf(y) * cy) + fabsf(xc) * ca) + c0;
+    }
+}
+
 void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound)
 {
-    const uint64_t bs = rp->bs, nb = t->cols / bs;
-    const float c1 = (float)(bs + 4) * 0x1p-24f, c0 = (float)bs * 0x1p-149f, cx = 1.0f + (float)(bs + 2) * 0x1p-24f;
-    for (uint64_t r = 0; r < t->nr; r++)
-        for (uint64_t j = 0; j < nb; j++) {
-            const float *x = t->acc + r * t->cols + j * bs;
-            float ss = 0.0f;
-            for (uint64_t b = 0; b < bs; b++)
-                ss += x[b] * x[b];
-            const float xn = (sqrtf(ss) * cx + 0x1p-70f) * c1;
-            const float *rn = rp->rn + (rp->n_rot == 1 ? 0 : j) * bs;
-            float *bd = bound + r * t->cols + j * bs;
-            for (uint64_t a = 0; a < bs; a++)
-                bd[a] = rn[a] * xn + c0;
-        }
-    t->k->rot_blocks(t->acc, (size_t)t->nr, (size_t)t->cols, rp->RT, (size_t)rp->n_rot, (size_t)bs, t->scratch);
+    memcpy(bound, t->acc, (size_t)(t->nr * t->cols) * sizeof *bound); /* x, until its bound replaces it */
+    t->k->rot_blocks(t->acc, (size_t)t->nr, (size_t)t->cols, rp->DT, (size_t)rp->n_rot, (size_t)rp->bs, t->scratch);
+    for (uint64_t r = 0; r < t->nr; r++) /* the scratch (2 nr cols floats) is free again */
+        row_bound(bound + r * t->cols, t->acc + r * t->cols, t->scratch, rp, t->cols);
 }
 
 double lm_rot_elem64(const lm_rot_prep *rp, const float *x, uint64_t col)

@@ -15,7 +15,8 @@ typedef struct lm_rot_prep {
     const float *RT;    /* [n_rot, bs, bs] transposed, f32 (the fast path) */
     const double *RT64; /* the same in f64 (the exact path) */
     const double *R64;  /* [n_rot, bs, bs] not transposed (lm_rot_elem64 reads a row of R_j) */
-    const float *rn;    /* [n_rot, bs]: ||row a of R_j in f32||_2, rounded up (the bound) */
+    const float *DT;    /* [n_rot, bs, bs] transposed, f32: R64 - I rounded (the certified form) */
+    const float *dn;    /* [n_rot, bs]: ||row a of D_j||_2 rounded up, plus 2^-100 (its bound) */
     uint64_t n_rot, bs;
 } lm_rot_prep;
 
@@ -23,10 +24,11 @@ typedef struct lm_rot_prep {
  *  LM_E_NOMEM */
 lm_code lm_rot_prep_make(lm_prepared *p, const float *RT, const double *RT64, uint64_t n_rot, uint64_t bs, lm_err *err);
 
-/*! lm_rotate_blocks_bound() : lm_rotate_blocks (the f32 result in t->acc) and bound[e] >= |acc[e]
- *  - the value lm_rotate_blocks64 computes| (the fmaf chain's bs roundings, R's rounding to f32
- *  and the f64 sum's, by Cauchy-Schwarz with the row's block norm; underflow included; +inf when
- *  the norm overflows) */
+/*! lm_rotate_blocks_bound() : the rotation in f32 as x + (R - I) x (the f32 result in t->acc)
+ *  and bound[e] >= |acc[e] - the exact sum of R64 x| and >= |acc[e] - the value
+ *  lm_rotate_blocks64 computes| (the fmaf chain's roundings, D's rounding to f32, the last sum,
+ *  the f64 sums', by Cauchy-Schwarz with the block norm of D; underflow included; inf or NaN
+ *  when the norm overflows) */
 void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound);
 
 /*! lm_rot_elem64() : element col of a row x (f32 values) after the rotation, in f64 (four

@@ -115,42 +115,36 @@ static lm_code road_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     return LM_OK;
 }
 
-/* rows p, q = p + g/2 of each group: p <- c_p W_p - s_p W_q, q <- s_q W_p + c_q W_q */
+/* rows p, q = p + g/2 of each group: p <- c_p W_p - s_p W_q, q <- s_q W_p + c_q W_q, in double.
+ * One body for both paths: T is the tile's element type, A the factors (the f32 path's floats
+ * from p->a, the exact path's doubles from p->data); for T = double the cast is a no-op. */
+#define ROAD_ROTATE(T, A, op, t)                                                                    \
+    do {                                                                                            \
+        const road_params *pr = (op)->params;                                                       \
+        uint64_t g = pr->g, h = g / 2, n_out = pr->out, cols = (t)->cols;                           \
+        for (uint64_t G = 0; G < (t)->nr / g; G++)                                                  \
+            for (uint64_t x = 0; x < h; x++) {                                                      \
+                uint64_t pp = G * g + x, q = pp + h, P0 = (t)->r0 + pp, Q0 = (t)->r0 + q;           \
+                T *restrict wp = (t)->acc + pp * cols, *restrict wq = (t)->acc + q * cols;          \
+                const double cp = (A)[P0], sp = (A)[n_out + P0], cq = (A)[Q0], sq = (A)[n_out + Q0]; \
+                for (uint64_t c = 0; c < cols; c++) {                                               \
+                    const double a = wp[c], b = wq[c];                                              \
+                    wp[c] = (T)(cp * a - sp * b);                                                   \
+                    wq[c] = (T)(sq * a + cq * b);                                                   \
+                }                                                                                   \
+            }                                                                                       \
+    } while (0)
+
 static void road_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
-    const road_params *pr = op->params;
     const float *A = p->a;
-    uint64_t g = pr->g, h = g / 2, n_out = pr->out, cols = t->cols;
-    for (uint64_t G = 0; G < t->nr / g; G++)
-        for (uint64_t x = 0; x < h; x++) {
-            uint64_t pp = G * g + x, q = pp + h, P0 = t->r0 + pp, Q0 = t->r0 + q;
-            float *restrict wp = t->acc + pp * cols, *restrict wq = t->acc + q * cols;
-            const double cp = A[P0], sp = A[n_out + P0], cq = A[Q0], sq = A[n_out + Q0];
-            for (uint64_t c = 0; c < cols; c++) {
-                const double a = wp[c], b = wq[c];
-                wp[c] = (float)(cp * a - sp * b);
-                wq[c] = (float)(sq * a + cq * b);
-            }
-        }
+    ROAD_ROTATE(float, A, op, t);
 }
 
-/* the same in f64 from the f64 factors */
 static void road_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
 {
-    const road_params *pr = op->params;
     const double *A = p->data;
-    uint64_t g = pr->g, h = g / 2, n_out = pr->out, cols = t->cols;
-    for (uint64_t G = 0; G < t->nr / g; G++)
-        for (uint64_t x = 0; x < h; x++) {
-            uint64_t pp = G * g + x, q = pp + h, P0 = t->r0 + pp, Q0 = t->r0 + q;
-            double *restrict wp = t->acc + pp * cols, *restrict wq = t->acc + q * cols;
-            const double cp = A[P0], sp = A[n_out + P0], cq = A[Q0], sq = A[n_out + Q0];
-            for (uint64_t c = 0; c < cols; c++) {
-                const double a = wp[c], b = wq[c];
-                wp[c] = cp * a - sp * b;
-                wq[c] = sq * a + cq * b;
-            }
-        }
+    ROAD_ROTATE(double, A, op, t);
 }
 
 static const lm_part road_parts[] = {{"road_theta", RT, -1, 1}, {"road_alpha", RA, -1, 1}};

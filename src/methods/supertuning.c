@@ -3,7 +3,9 @@
  * supertuning_values scatter-added at supertuning_indices (positions into W.reshape(-1), W
  * [out, in]; repeated positions add up), and with 'r' set (the "Supra" hybrid) a LoRA delta
  * (lora_alpha / r) * supertuning_lora_B @ supertuning_lora_A on top.  The indices are data:
- * checked when planning and sorted by row per tensor when its first tile is claimed, as SHiRA's. */
+ * checked when planning and sorted by row per tensor when its first tile is claimed, as SHiRA's.
+ * Exact path (issue 10): the values added in f64 (st_apply64), the LoRA part by the engine's f64
+ * LOWRANK, rounded once. */
 #include "method.h"
 
 #include "lm_error.h"
@@ -145,6 +147,18 @@ static void st_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
     }
 }
 
+/* the same in f64 (exec_exact.h: LM_EXACT_F64; the LoRA part is the engine's LOWRANK op) */
+static void st_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
+{
+    const st_prep *sp = p->data;
+    for (uint64_t r = 0; r < t->nr; r++) {
+        uint64_t R = t->r0 + r;
+        double *row = t->acc + r * t->cols;
+        for (uint64_t e = sp->row_start[R]; e < sp->row_start[R + 1]; e++)
+            row[sp->col[e]] += (double)p->a[sp->vi[e]] * op->scale;
+    }
+}
+
 static void st_describe_config(const lm_adapter_config *cfg, char *buf, size_t cap)
 {
     const st_cfg *f = cfg->mcfg;
@@ -170,5 +184,6 @@ const lm_method lm_method_supertuning = {
     .plan_module = st_plan_module,
     .prepare = st_prepare,
     .apply_tile = st_apply,
+    .apply_tile64 = st_apply64,
     .describe_config = st_describe_config,
 };

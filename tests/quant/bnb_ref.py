@@ -10,17 +10,23 @@ computes the merge in float64 and checks lora-merge's output.
         tensors gone, quantization_config removed, every other tensor identical
   bnb_ref.py simulate BASE_DIR ADAPTER_DIR OUT_DIR        --simulate-nf4: each merged weight of the
         16-bit base first through NF4 quantize/dequantize (blocks of 64), then merged
+  bnb_ref.py simulate-double BASE_DIR ADAPTER_DIR OUT_DIR --simulate-nf4=double: the same with the
+        absmax double-quantized (quantize_4bit compress_statistics: the mean offset, the 8-bit
+        dynamic map in blocks of 256, dQuantize as kernels.cu writes it)
   bnb_ref.py tables                                       prints the NF4 and FP4 tables as f32 bits
 Prints one line per check; exit 1 on the first failure."""
 import json
-import struct
+import math
+import os
 from fractions import Fraction
 import sys
 
 import numpy as np
 
-DT = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
-      "I32": np.int32, "I64": np.int64}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quant_ref  # noqa: E402  (numpy only: the safetensors reader, the LoRA factors)
+from quant_ref import fail, lora_factors  # noqa: E402
+
 F32 = np.float32
 
 # functional.py get_4bit_type("nf4"): the data list, as torch.tensor() stores it (f32), divided by
@@ -55,39 +61,7 @@ INT8_SCALE = F32(7.874015718698502e-3)  # int8_vectorwise_dequant's 1/127
 
 
 def read_st(path):
-    with open(path, "rb") as f:
-        buf = f.read()
-    (n,) = struct.unpack("<Q", buf[:8])
-    hdr = json.loads(buf[8:8 + n])
-    hdr.pop("__metadata__", None)
-    out = {}
-    for name, t in hdr.items():
-        b, e = t["data_offsets"]
-        raw = buf[8 + n + b:8 + n + e]
-        if t["dtype"] == "BF16":
-            a = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(F32)
-        else:
-            a = np.frombuffer(raw, dtype=DT[t["dtype"]])
-        out[name] = (t["dtype"], tuple(t["shape"]), a.reshape(t["shape"]) if t["shape"] else a, raw)
-    return out
-
-
-def write_st(path, tensors):
-    hdr, blobs, off = {}, [], 0
-    for name, (dt, arr) in tensors.items():
-        raw = np.ascontiguousarray(arr).tobytes()
-        hdr[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    h = json.dumps(hdr).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
-def fail(msg):
-    print("FAIL " + msg)
-    sys.exit(1)
+    return quant_ref.read_st(path)[0]
 
 
 def to_dtype(x, dt):
@@ -109,16 +83,9 @@ def ulp(x, dt):
 
 
 def adapter(adir):
-    cfg = json.load(open(adir + "/adapter_config.json"))
-    t = read_st(adir + "/adapter_model.safetensors")
-    scale = cfg["lora_alpha"] / cfg["r"]
-    mods = {}
-    for name, (dt, shp, a, raw) in t.items():
-        mod = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
-        mods.setdefault(mod, {})["A" if ".lora_A." in name else "B"] = a.astype(np.float64)
-    deltas = {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
+    scale, mods = lora_factors(adir)
     ABS.update({m: abs(scale) * (np.abs(v["B"]) @ np.abs(v["A"])) for m, v in mods.items()})
-    return deltas
+    return {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
 
 
 ABS = {}  # module -> |scale| * |B| @ |A|: the size of the low-rank product's terms
@@ -222,22 +189,82 @@ def check_dequant(bdir, adir, odir, dt):
     print("ok %d 4-bit and %d 8-bit weights dequantized (%d merged), %d other tensors identical" % (n4, n8, nm, nu))
 
 
-def nf4_roundtrip(x):
-    """kernels.cu kQuantizeBlockwise(NF4) then kDequantizeBlockwise, per block of 64 (f32)"""
+def dynamic_map():
+    """functional.py create_dynamic_map(signed=True) in f32: torch.linspace(0.1, 1, 2^i + 1) (its
+    scalar formula: start + step * j below the half, end - step * (steps - 1 - j) from it), the
+    means of neighbours, times 10 ** (i - 6) as f32, with 0 and 1, sorted"""
+    data = []
+    for i in range(7):
+        steps = 2 ** i + 1
+        start, end = F32(0.1), F32(1.0)
+        step = F32((end - start) / F32(steps - 1))
+        b = [F32(start + step * F32(j)) if j < steps // 2 else F32(end - step * F32(steps - 1 - j))
+             for j in range(steps)]
+        scale = F32(10.0 ** (i - 6))
+        for j in range(steps - 1):
+            m = F32(F32(b[j] + b[j + 1]) / F32(2.0))
+            data += [F32(scale * m), F32(-scale * m)]
+    data += [F32(0.0), F32(1.0)]
+    data += [F32(0.0)] * (256 - len(data))
+    return np.sort(np.array(data, dtype=F32))
+
+
+def dquantize(code, x):
+    """kernels.cu dQuantize<0> as written: binary search, then the f32 midpoint of the neighbours"""
+    pivot, upper_pivot, lower_pivot = 127, 255, 0
+    lower, upper, val = F32(-1.0), F32(1.0), code[127]
+    i = 64
+    while i > 0:
+        if x > val:
+            lower_pivot, lower, pivot = pivot, val, pivot + i
+        else:
+            upper_pivot, upper, pivot = pivot, val, pivot - i
+        val = code[pivot]
+        i >>= 1
+    if upper_pivot == 255:
+        upper = code[255]
+    if lower_pivot == 0:
+        lower = code[0]
+    if x > val:
+        return upper_pivot if x > F32((upper + val) * F32(0.5)) else pivot
+    return lower_pivot if x < F32((lower + val) * F32(0.5)) else pivot
+
+
+def double_quant_absmax(amax):
+    """quantize_4bit(compress_statistics=True) then dequantize_4bit's absmax: offset = the mean
+    (exact, rounded once to f32), absmax - offset in blocks of 256 with the dynamic map"""
+    code = dynamic_map()
+    offset = F32(math.fsum(float(v) for v in amax) / amax.size)
+    c = (amax - offset).astype(F32)
+    out = np.empty_like(amax)
+    for b0 in range(0, c.size, 256):
+        blk = c[b0:b0 + 256]
+        a2 = np.abs(blk).max().astype(F32)
+        inv = F32(F32(1.0) / a2)
+        for k, v in enumerate(blk):
+            q = dquantize(code, F32(v * inv))
+            out[b0 + k] = F32(F32(code[q] * a2) + offset)
+    return out
+
+
+def nf4_roundtrip(x, double=False):
+    """kernels.cu kQuantizeBlockwise(NF4) then kDequantizeBlockwise, per block of 64 (f32); double:
+    with the absmax double-quantized (bnb_4bit_use_double_quant)"""
     flat = x.reshape(-1).astype(F32)
     out = np.empty_like(flat)
-    for b0 in range(0, flat.size, 64):
+    amax = np.array([np.abs(flat[b0:b0 + 64]).max() for b0 in range(0, flat.size, 64)], dtype=F32)
+    used = double_quant_absmax(amax) if double else amax
+    for k, b0 in enumerate(range(0, flat.size, 64)):
         blk = flat[b0:b0 + 64]
-        amax = np.abs(blk).max().astype(F32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            s = (blk * (F32(1.0) / amax)).astype(F32)
+            s = (blk * (F32(1.0) / amax[k])).astype(F32)
         code = np.searchsorted(NF4_THRESH, s, side="left")  # thresholds below s
         code[np.isnan(s)] = 0  # every comparison false: the tree's lowest code
-        out[b0:b0 + 64] = (NF4[code] * amax).astype(F32)
+        out[b0:b0 + 64] = (NF4[code] * used[k]).astype(F32)
     return out.reshape(x.shape)
 
 
-def check_simulate(bdir, adir, odir):
+def check_simulate(bdir, adir, odir, double=False):
     base = read_st(bdir + "/model.safetensors")
     out = read_st(odir + "/model.safetensors")
     deltas = adapter(adir)
@@ -249,7 +276,7 @@ def check_simulate(bdir, adir, odir):
             if oraw != raw:
                 fail(name + ": an untouched tensor changed")
             continue
-        w = to_dtype(nf4_roundtrip(a.astype(F32)), bdt)  # what the adapter saw: bnb's output dtype
+        w = to_dtype(nf4_roundtrip(a.astype(F32), double), bdt)  # what the adapter saw: bnb's output dtype
         check_merged(name, w, w + deltas[mod], oa, odt)
         # and it is not the plain merge
         plain = a.astype(np.float64) + deltas[mod]
@@ -265,6 +292,8 @@ if __name__ == "__main__":
         check_dequant(*sys.argv[2:6])
     elif m == "simulate":
         check_simulate(*sys.argv[2:5])
+    elif m == "simulate-double":
+        check_simulate(*sys.argv[2:5], double=True)
     elif m == "tables":
         print(" ".join("%08x" % v for v in NF4.view(np.uint32)))
         print(" ".join("%08x" % v for v in FP4.view(np.uint32)))

@@ -88,14 +88,20 @@ def fail(msg):
     sys.exit(1)
 
 
-def adapter(adir):
+def lora_factors(adir):
+    """a LoRA adapter's scale and {module: {"A": lora_A, "B": lora_B}} in f64"""
     cfg = json.load(open(adir + "/adapter_config.json"))
     t, _ = read_st(adir + "/adapter_model.safetensors")
-    scale = cfg["lora_alpha"] / cfg["r"]
     mods = {}
     for name, (dt, shp, a, raw) in t.items():
         mod = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
         mods.setdefault(mod, {})["A" if ".lora_A." in name else "B"] = a.astype(np.float64)
+    return cfg["lora_alpha"] / cfg["r"], mods
+
+
+def adapter(adir):
+    """{module: scale * B @ A} in f64"""
+    scale, mods = lora_factors(adir)
     return {m: scale * (v["B"] @ v["A"]) for m, v in mods.items()}
 
 

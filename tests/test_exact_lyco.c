@@ -1,0 +1,293 @@
+/* SPDX-License-Identifier: MIT */
+/* test_exact_lyco.c : issue 10 for LoHa and LoKr (certified: an f32 pass with a rigorous bound per
+ * element, the elements it leaves uncertain recomputed in f64; f32 outputs computed in f64).  Per
+ * form (LoHa; LoKr with w2 = w2_a @ w2_b, with both factors whole, with w1 = w1_a @ w1_b), an
+ * adapter with random stored values is merged by the binary onto a base built from its delta, and
+ * every element is compared with PEFT's formula evaluated here in long double from the stored
+ * values, rounded once:
+ *  - CANCEL: W = -(the delta rounded to bf16), so the result is the small residue (an f32
+ *    evaluation gets some of them wrong, asserted for f16/f32);
+ *  - TINY: the delta ~1e-9 of W;  HUGE: W ~1e-6 of the delta;
+ *  - SUBNORMAL: CANCEL at a scale whose results are subnormal in the output dtype;
+ *  - an f16 result beyond 65504 refused naming the tensor, nothing written.
+ * bf16, f16 and f32 bases (output = base dtype).  --json says exact; for bf16/f16 outputs of TINY
+ * only a few elements are recomputed (the f32 form is used); the same bytes with --threads 1/2,
+ * --tile-elems and --kernels ref.  GLoRA and Super-Tuning (computed in f64): near-ties that their f32
+ * path's second rounding gets wrong. */
+#include "th.h"
+#include "th_exact.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t g_rng = 0x10c0;
+
+typedef enum { XL_CANCEL, XL_TINY, XL_HUGE, XL_SUBNORMAL, XL_OVERFLOW } xl_mode;
+typedef enum { XL_LOHA, XL_LOKR, XL_LOKR_WHOLE, XL_LOKR_SPLIT1 } xl_type;
+
+static const char *const XL_TYPE_NAMES[] = {"loha", "lokr", "lokr (whole factors)", "lokr (w1_a @ w1_b)"};
+static const char *const XL_MODE_NAMES[] = {"cancel", "tiny", "huge", "subnormal", "overflow"};
+
+enum { XL_O = 24, XL_I = 40, XL_R = 4 };
+#define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
+
+/* a stored f32 adapter value: g * normal, exact in f32 */
+static double xl_val(double g)
+{
+    return (double)(float)(g * th_rand_normal(&g_rng));
+}
+
+static tx_t *xl_param(tx_set *ad, const char *part, uint64_t d0, uint64_t d1, double g)
+{
+    char nm[160];
+    snprintf(nm, sizeof nm, XL_MOD "%s", part);
+    tx_t *t = tx_add(ad, nm, "F32", 2, d0, d1);
+    for (uint64_t e = 0; e < t->n; e++)
+        t->v[e] = xl_val(g);
+    return t;
+}
+
+/* the adapter with gain g on its first factor, its config, the delta (long double, PEFT's formula
+ * from the stored values; scale alpha / r = 2) and mag = the same with absolute values */
+static const char *xl_adapter(xl_type ty, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t O = XL_O, I = XL_I, R = XL_R;
+    if (ty == XL_LOHA) { /* (w1a @ w1b) * (w2a @ w2b) * alpha / r */
+        tx_t *a1 = xl_param(ad, "hada_w1_a", O, R, g), *b1 = xl_param(ad, "hada_w1_b", R, I, 0.5);
+        tx_t *a2 = xl_param(ad, "hada_w2_a", O, R, 0.5), *b2 = xl_param(ad, "hada_w2_b", R, I, 0.5);
+        for (uint64_t o = 0; o < O; o++)
+            for (uint64_t i = 0; i < I; i++) {
+                long double x = 0, y = 0, ax = 0, ay = 0;
+                for (uint64_t k = 0; k < R; k++) {
+                    x += (long double)a1->v[o * R + k] * b1->v[k * I + i];
+                    y += (long double)a2->v[o * R + k] * b2->v[k * I + i];
+                    ax += fabsl((long double)a1->v[o * R + k] * b1->v[k * I + i]);
+                    ay += fabsl((long double)a2->v[o * R + k] * b2->v[k * I + i]);
+                }
+                D[o * I + i] = x * y * 2;
+                mag[o * I + i] = ax * ay * 2;
+            }
+        return "{\"peft_type\": \"LOHA\", \"target_modules\": [\"q_proj\"], \"r\": 4, \"alpha\": 8}";
+    }
+    /* kron(w1, w2) * alpha / r: w1 [a, c] = [4, 5], w2 [kb, kd] = [6, 8] */
+    const uint64_t a = 4, c = 5, kb = O / a, kd = I / c;
+    long double w1[4 * 5], m1[4 * 5], *w2 = malloc(kb * kd * sizeof *w2), *m2 = malloc(kb * kd * sizeof *m2);
+    if (ty == XL_LOKR_SPLIT1) {
+        tx_t *xa = xl_param(ad, "lokr_w1_a", a, R, g), *xb = xl_param(ad, "lokr_w1_b", R, c, 0.5);
+        for (uint64_t p = 0; p < a * c; p++) {
+            w1[p] = m1[p] = 0;
+            for (uint64_t k = 0; k < R; k++) {
+                w1[p] += (long double)xa->v[(p / c) * R + k] * xb->v[k * c + p % c];
+                m1[p] += fabsl((long double)xa->v[(p / c) * R + k] * xb->v[k * c + p % c]);
+            }
+        }
+    } else {
+        tx_t *x = xl_param(ad, "lokr_w1", a, c, g);
+        for (uint64_t p = 0; p < a * c; p++)
+            m1[p] = fabsl(w1[p] = x->v[p]);
+    }
+    if (ty == XL_LOKR) {
+        tx_t *wa = xl_param(ad, "lokr_w2_a", kb, R, 0.5), *wb = xl_param(ad, "lokr_w2_b", R, kd, 0.5);
+        for (uint64_t q = 0; q < kb * kd; q++) {
+            w2[q] = m2[q] = 0;
+            for (uint64_t k = 0; k < R; k++) {
+                w2[q] += (long double)wa->v[(q / kd) * R + k] * wb->v[k * kd + q % kd];
+                m2[q] += fabsl((long double)wa->v[(q / kd) * R + k] * wb->v[k * kd + q % kd]);
+            }
+        }
+    } else {
+        tx_t *x = xl_param(ad, "lokr_w2", kb, kd, 0.5);
+        for (uint64_t q = 0; q < kb * kd; q++)
+            m2[q] = fabsl(w2[q] = x->v[q]);
+    }
+    for (uint64_t p = 0; p < a; p++)
+        for (uint64_t q = 0; q < kb; q++)
+            for (uint64_t u = 0; u < c; u++)
+                for (uint64_t v = 0; v < kd; v++) {
+                    const uint64_t e = (p * kb + q) * I + u * kd + v;
+                    D[e] = w1[p * c + u] * w2[q * kd + v] * 2;
+                    mag[e] = m1[p * c + u] * m2[q * kd + v] * 2;
+                }
+    free(w2);
+    free(m2);
+    return "{\"peft_type\": \"LOKR\", \"target_modules\": [\"q_proj\"], \"r\": 4, \"alpha\": 8}";
+}
+
+static void xl_run_case(xl_type ty, const char *bdt, xl_mode mode)
+{
+    const uint64_t O = XL_O, I = XL_I, n = O * I;
+    long double *D = malloc(n * sizeof *D), *mag = malloc(n * sizeof *mag);
+    long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
+    float *y32 = malloc(n * sizeof *y32);
+    const int f16 = !strcmp(bdt, "F16");
+    /* TINY: the delta far under an ulp of W ~0.05 (bf16 2^-12, f16 2^-15, f32 2^-28) */
+    const double tiny = !strcmp(bdt, "BF16") ? 1e-4 : f16 ? 1.5e-5 : 1e-9;
+    double g = mode == XL_TINY ? tiny : mode == XL_HUGE ? 4.0 : mode == XL_SUBNORMAL ? (f16 ? 0x1p-11 : 0x1p-118) : 0.5;
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
+    tx_t *other = tx_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
+    for (uint64_t e = 0; e < other->n; e++)
+        other->v[e] = th_round_to(0.01 * (double)e, bdt);
+    const char *cfg = xl_adapter(ty, g, &ad, D, mag);
+    if (mode == XL_OVERFLOW) { /* the delta ~8000 at its largest (the first factor scaled), W 60000 with its sign */
+        long double m = 0;
+        for (uint64_t e = 0; e < n; e++)
+            m = fabsl(D[e]) > m ? fabsl(D[e]) : m;
+        tx_t *f = &ad.t[0];
+        for (uint64_t e = 0; e < f->n; e++)
+            f->v[e] = (double)(float)(f->v[e] * (double)(8000 / m));
+    }
+    for (uint64_t e = 0; e < n; e++) {
+        switch (mode) {
+        case XL_CANCEL:
+        case XL_SUBNORMAL: w->v[e] = th_round_to(-th_round_to((double)D[e], "BF16"), bdt); break;
+        case XL_TINY: w->v[e] = th_round_to(0.05 * th_rand_normal(&g_rng), bdt); break;
+        case XL_HUGE: w->v[e] = th_round_to(1e-6 * th_rand_normal(&g_rng), bdt); break;
+        case XL_OVERFLOW: w->v[e] = D[e] < 0 ? -60000.0 : 60000.0; break;
+        }
+    }
+    tx_case c;
+    tx_case_write(&c, &base, &ad, cfg);
+    th_run_result res = tx_merge(&c, c.out, NULL);
+    char what[96];
+    snprintf(what, sizeof what, "%s %s %s", XL_TYPE_NAMES[ty], bdt, XL_MODE_NAMES[mode]);
+    if (mode == XL_OVERFLOW) {
+        cr_assert_neq(res.status, 0, "%s: exit 0, the result overflows f16", what);
+        cr_assert(strstr(res.err, "q_proj.weight") != NULL, "%s: the error does not name the tensor: %s", what, res.err);
+        cr_assert(!th_exists(c.out), "%s: an output was written", what);
+    } else {
+        cr_assert_eq(res.status, 0, "%s: exit %d: %s", what, res.status, res.err);
+        for (uint64_t e = 0; e < n; e++) {
+            ref[e] = w->v[e] + D[e];
+            /* f64 noise: a few roundings per term of the delta (its sums of r products, the
+             * products of the two factors, the scale), and the final sum */
+            bnd[e] = ldexpl(mag[e], -49) + ldexpl(fabsl(ref[e]), -52);
+            y32[e] = (float)w->v[e] + (float)D[e]; /* an f32 evaluation */
+        }
+        uint64_t rec = 0;
+        const uint64_t wrong = tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+        if (mode == XL_CANCEL && strcmp(bdt, "BF16") != 0)
+            cr_assert_gt(wrong, 0, "%s: an f32 evaluation gets every element right: not adversarial", what);
+        if (mode == XL_TINY && strcmp(bdt, "F32") != 0) /* the f32 form certifies nearly all */
+            cr_assert_lt(rec, n / 10, "%s: %llu of %llu recomputed: the f32 form's bound is not used", what,
+                         (unsigned long long)rec, (unsigned long long)n);
+        if (mode == XL_SUBNORMAL) { /* the construction reaches the subnormal range */
+            double *o = tx_out_values(c.out, w->name, n);
+            uint64_t sub = 0;
+            for (uint64_t e = 0; e < n; e++)
+                sub += o[e] != 0 && fabs(o[e]) < (f16 ? 0x1p-14 : 0x1p-126);
+            free(o);
+            cr_assert_gt(sub, n / 4, "%s: only %llu of %llu results subnormal", what, (unsigned long long)sub,
+                         (unsigned long long)n);
+        }
+        if (mode == XL_CANCEL)
+            tx_same_bytes(&c, what);
+    }
+    th_run_free(&res);
+    free(D);
+    free(mag);
+    free(ref);
+    free(bnd);
+    free(y32);
+    tx_case_free(&c, &base, &ad);
+}
+
+static void xl_type_all(xl_type ty)
+{
+    static const char *const dts[3] = {"BF16", "F16", "F32"};
+    for (int d = 0; d < 3; d++)
+        for (int m = XL_CANCEL; m <= XL_SUBNORMAL; m++)
+            xl_run_case(ty, dts[d], (xl_mode)m);
+    xl_run_case(ty, "F16", XL_OVERFLOW);
+}
+
+/* ---- GLoRA and Super-Tuning: computed in f64, rounded once ---------------------------------
+ * The trap is double rounding: their f32 path (GLoRA's f64 value rounded to f32; Super-Tuning's
+ * f32 sum) lands on a bf16/f16 rounding midpoint m where the f64 value is m + a hair, and the
+ * second rounding breaks the tie by evenness.  Each element's value is built as such a near-tie:
+ * W random, m the midpoint above |1.3 W|, GLoRA: A = fl32(m / W - 1) (full buffers, B = 0), so W +
+ * W A is within ~2^-25 |m| of m; Super-Tuning: m - W one f32 ulp off, at every position. */
+static double xl_midpoint(double x, const char *dt)
+{
+    int e;
+    frexp(x, &e); /* x in [2^(e-1), 2^e): the dtype's quantum there is 2^(e-1-p) */
+    const double q = ldexp(1.0, e - 1 - (!strcmp(dt, "BF16") ? 7 : 10));
+    return (floor(x / q) + 0.5) * q;
+}
+
+static void xl_run_double(int supertuning, const char *bdt)
+{
+    const uint64_t O = XL_O, I = XL_I, n = O * I;
+    long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
+    float *y32 = malloc(n * sizeof *y32);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O, I);
+    tx_t *other = tx_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
+    for (uint64_t e = 0; e < other->n; e++)
+        other->v[e] = th_round_to(0.01 * (double)e, bdt);
+    tx_t *a, *b;
+    const char *cfg;
+    if (supertuning) {
+        a = tx_add(&ad, XL_MOD "supertuning_values", "F32", 1, n, 0);
+        b = tx_add(&ad, XL_MOD "supertuning_indices", "I32", 1, n, 0);
+        cfg = "{\"peft_type\": \"SUPERTUNING\", \"target_modules\": [\"q_proj\"], \"r\": null}";
+    } else {
+        a = tx_add(&ad, XL_MOD "glora_A.zeros", "F32", 2, O, I);
+        b = tx_add(&ad, XL_MOD "glora_B.zeros", "F32", 2, O, I);
+        cfg = "{\"peft_type\": \"GLORA\", \"target_modules\": [\"q_proj\"], \"r\": 4, \"config_A_B\": \"none\", "
+              "\"config_C\": \"none\", \"config_D_E\": \"constant\"}";
+    }
+    for (uint64_t e = 0; e < n; e++) {
+        const double x = th_round_to((0.5 + 0.4 * th_rand_normal(&g_rng)) * (e % 2 ? -1 : 1), bdt);
+        w->v[e] = x == 0 ? th_round_to(0.25, bdt) : x;
+        const double m = copysign(xl_midpoint(fabs(1.3 * w->v[e]), bdt), w->v[e]);
+        if (supertuning) {
+            b->v[e] = (double)e; /* every position once */
+            /* m - W is exact in f32; one f32 ulp of it off (< 2^-24 |m|: |m - W| < |m| / 2), so
+             * that W + value is a hair off m and its f32 sum is m */
+            a->v[e] = (double)nextafterf((float)(m - w->v[e]), th_rand_normal(&g_rng) > 0 ? INFINITY : -INFINITY);
+            ref[e] = (long double)w->v[e] + a->v[e];
+            y32[e] = (float)w->v[e] + (float)a->v[e];
+        } else {
+            a->v[e] = (double)(float)(m / w->v[e] - 1.0);
+            b->v[e] = 0;
+            ref[e] = (long double)w->v[e] + (long double)w->v[e] * a->v[e];
+            y32[e] = (float)ref[e]; /* GLoRA's f32 path: the f64 value rounded to f32 */
+        }
+        bnd[e] = ldexpl(fabsl(ref[e]), -51);
+    }
+    tx_case c;
+    tx_case_write(&c, &base, &ad, cfg);
+    th_run_result res = tx_merge(&c, c.out, NULL);
+    char what[96];
+    snprintf(what, sizeof what, "%s %s near-ties", supertuning ? "supertuning" : "glora", bdt);
+    cr_assert_eq(res.status, 0, "%s: exit %d: %s", what, res.status, res.err);
+    uint64_t rec = 0;
+    const uint64_t wrong = tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+    cr_assert_eq(rec, n, "%s: --json says %llu recomputed, the f64 path computes all %llu", what,
+                 (unsigned long long)rec, (unsigned long long)n);
+    cr_assert_gt(wrong, n / 8, "%s: the f32 path then a second rounding gets only %llu wrong: not adversarial", what,
+                 (unsigned long long)wrong);
+    tx_same_bytes(&c, what);
+    th_run_free(&res);
+    free(ref);
+    free(bnd);
+    free(y32);
+    tx_case_free(&c, &base, &ad);
+}
+
+Test(exact_lyco, glora_supertuning_double_rounding, .timeout = 60)
+{
+    for (int st = 0; st < 2; st++) {
+        xl_run_double(st, "BF16");
+        xl_run_double(st, "F16");
+    }
+}
+
+Test(exact_lyco, loha, .timeout = 120) { xl_type_all(XL_LOHA); }
+Test(exact_lyco, lokr, .timeout = 120) { xl_type_all(XL_LOKR); }
+Test(exact_lyco, lokr_whole, .timeout = 120) { xl_type_all(XL_LOKR_WHOLE); }
+Test(exact_lyco, lokr_split_w1, .timeout = 120) { xl_type_all(XL_LOKR_SPLIT1); }
