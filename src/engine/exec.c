@@ -94,6 +94,8 @@ typedef struct {
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
     int ready;           /* prep is filled (atomic, release/acquire) */
+    int ahead;           /* a thread took its preparation ahead of its tiles (atomic; prepare_ahead) */
+    size_t next;         /* the next tensor computed after it, in task order (SIZE_MAX: none) */
     float *qscale;       /* a quantized weight: its scale grid in f32, or NULL */
     float *qamax;        /* q->needs_amax: the merged amaxes (quant_amax_pass), or NULL */
     lm_qstats qst;       /* what requantizing its tiles did (under prep_lock) */
@@ -288,6 +290,28 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
     }
     pthread_mutex_unlock(J->prep_lock);
     return rc;
+}
+
+/* Tensor ti is prepared and its tiles under way: the first thread here prepares the next tensor
+ * now (its factors, and for the certified low-rank path the first segment's), while the other
+ * threads compute ti's tiles, so that none waits for them at that tensor's first tile.  Two
+ * tensors' factors are in memory at once instead of one.  A failure is left for the tensor's own
+ * tiles to meet and report. */
+static void prepare_ahead(job *J, size_t ti)
+{
+    const size_t nx = J->rt[ti].next;
+    if (nx == SIZE_MAX || __atomic_load_n(&J->rt[nx].ready, __ATOMIC_ACQUIRE) ||
+        __atomic_load_n(&J->rt[nx].tiles_left, __ATOMIC_ACQUIRE) == 0 ||
+        __atomic_exchange_n(&J->rt[nx].ahead, 1, __ATOMIC_ACQ_REL))
+        return;
+    lm_err e;
+    lm_err_clear(&e);
+    if (tensor_prepare(J, nx, &e) != LM_OK)
+        return;
+    pthread_mutex_lock(J->prep_lock); /* its tiles may all be done already: released under this lock */
+    if (J->rt[nx].exact != NULL)
+        (void)lm_lowrank_tensor_warm(J->rt[nx].exact, 0);
+    pthread_mutex_unlock(J->prep_lock);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -898,6 +922,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     const uint8_t *base_bytes = NULL;
     if (tensor_prepare(J, ti, err) != LM_OK)
         return err->code;
+    prepare_ahead(J, ti);
     const uint8_t *src = shared ? shared : tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
@@ -1626,6 +1651,14 @@ static lm_code make_tasks(job *J, task **tasks_out, size_t *n_out, lm_exec_stats
             }
         }
     }
+    for (size_t i = 0; i < plan->n; i++)
+        J->rt[i].next = SIZE_MAX;
+    for (size_t q = 0, last = SIZE_MAX; q < n_tasks; q++) /* computed tensors: each one's next */
+        if (!tasks[q].copy && tasks[q].tensor != last) {
+            if (last != SIZE_MAX)
+                J->rt[last].next = tasks[q].tensor;
+            last = tasks[q].tensor;
+        }
     *tasks_out = tasks;
     *n_out = n_tasks;
     return LM_OK;
@@ -1821,6 +1854,8 @@ typedef struct {
 static int member_cmp(const void *pa, const void *pb)
 {
     const member *a = pa, *b = pb;
+    if (a->copy != b->copy) /* copies first (see make_groups) */
+        return b->copy - a->copy;
     if (a->file != b->file)
         return a->file < b->file ? -1 : 1;
     if (a->file != SIZE_MAX) {
@@ -1877,8 +1912,23 @@ static lm_code make_groups(job *Js, size_t n_jobs, member **members, size_t **gr
     for (size_t j = 0; j < n_jobs; j++)
         for (size_t q = 0; q < Js[j].n_tasks; q++)
             member_key(&Js[j], j, q, &m[k++]);
-    if (n_jobs > 1)
+    /* The copies of unchanged tensors first: the thread that writes does them while the others
+     * compute, instead of one thread copying the last tensors (lm_head) alone at the end */
+    if (n_jobs > 1) {
         qsort(m, n, sizeof *m, member_cmp);
+    } else {
+        size_t c = 0;
+        for (size_t i = 0; i < n; i++)
+            c += m[i].copy != 0;
+        member *tmp = malloc((n + 1) * sizeof *tmp);
+        if (tmp != NULL) { /* stable: copies in data order, then the tiles in data order */
+            size_t a = 0, b = c;
+            for (size_t i = 0; i < n; i++)
+                tmp[m[i].copy ? a++ : b++] = m[i];
+            memcpy(m, tmp, n * sizeof *m);
+            free(tmp);
+        }
+    }
     for (size_t i = 0; i < n; i++)
         if (i == 0 || n_jobs == 1 || !member_same(&m[i - 1], &m[i]))
             g[ng++] = i;

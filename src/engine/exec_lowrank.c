@@ -221,6 +221,14 @@ static int segment_ready(lm_lowrank_tensor *f, segment *g)
     return rc;
 }
 
+int lm_lowrank_tensor_warm(lm_lowrank_tensor *f, uint64_t r0)
+{
+    size_t g = 0;
+    while (g + 1 < f->n_seg && f->seg[g + 1].lo <= r0)
+        g++;
+    return g < f->n_seg && __atomic_load_n(&f->seg[g].state, __ATOMIC_ACQUIRE) == 0 ? segment_ready(f, &f->seg[g]) : 0;
+}
+
 int lm_lowrank_tensor_run(lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
                           lm_lowrank_stats *st)

@@ -30,6 +30,11 @@ int lm_lowrank_tensor_eligible(const lm_plan_tensor *t);
 lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err);
 void lm_lowrank_tensor_free(lm_lowrank_tensor *f);
 
+/*! lm_lowrank_tensor_warm() : builds now the factors of the segment holding row r0 (the first
+ *  tile's run would), so that a thread can make them ahead of the tiles.  @return 0, -1 when out
+ *  of memory (the tile that needs them says so). */
+int lm_lowrank_tensor_warm(lm_lowrank_tensor *f, uint64_t r0);
+
 /*! lm_lowrank_tensor_run() : rows r0 .. r0+nr of the tensor through the kernel k->lowrank, from
  *  the base bytes w (w_dtype, row-major, cols per row) to out (out_dtype): one call per block of
  *  rows whose ops are the same (st: counters added to).  Every row of the tensor is computed
