@@ -516,9 +516,10 @@ typedef uint8_t v64b __attribute__((vector_size(64)));
 typedef uint8_t v64b_unaligned __attribute__((vector_size(64), aligned(1)));
 typedef uint64_t v8q __attribute__((vector_size(64)));
 
-static inline __attribute__((always_inline)) uint64_t v64b_sum(v64b v)
+/* the lanes' sum; by pointer: a 64-byte vector argument changes the ABI without AVX-512 (-Wpsabi) */
+static inline __attribute__((always_inline)) uint64_t v64b_sum(const v64b *v)
 {
-    v8q x = (v8q)v;
+    v8q x = (v8q)*v;
     x = (x & 0x00FF00FF00FF00FFu) + ((x >> 8) & 0x00FF00FF00FF00FFu);
     x = (x & 0x0000FFFF0000FFFFu) + ((x >> 16) & 0x0000FFFF0000FFFFu);
     x = (x & 0xFFFFFFFFu) + (x >> 32);
@@ -539,7 +540,7 @@ static uint64_t count_diff_rows(const uint8_t *a, const uint8_t *b, uint64_t h, 
             const v64b x = *(const v64b_unaligned *)(a + r * cols + c), y = *(const v64b_unaligned *)(b + r * cols + c);
             acc -= (v64b)(x != y);
             if (++k == 255) {
-                n += v64b_sum(acc);
+                n += v64b_sum(&acc);
                 acc = (v64b){0};
                 k = 0;
             }
@@ -547,7 +548,7 @@ static uint64_t count_diff_rows(const uint8_t *a, const uint8_t *b, uint64_t h, 
         for (; c < w; c++)
             n += a[r * cols + c] != b[r * cols + c];
     }
-    return n + v64b_sum(acc);
+    return n + v64b_sum(&acc);
 }
 
 LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uint8_t *q0, float s0, uint64_t h,
