@@ -385,7 +385,7 @@ static void clocks(double *wall, double *cpu)
 /* the sidecar of shard k, once it is in place: what finalize checks, and for the record (a
  * scheduler's view of the shard's cost) the wall and CPU seconds its worker spent on it */
 static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, const char *sha, double seconds,
-                             double cpu_seconds, lm_err *err)
+                             double cpu_seconds, const lm_exec_stats *es, lm_err *err)
 {
     struct stat st;
     if (stat(C->ot->paths[k], &st) != 0) {
@@ -409,6 +409,8 @@ static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, co
     cJSON_AddStringToObject(o, "ctime_ns", ct);
     cJSON_AddNumberToObject(o, "seconds", seconds);
     cJSON_AddNumberToObject(o, "cpu_seconds", cpu_seconds);
+    cJSON_AddNumberToObject(o, "hash_cpu_seconds", es->hash_cpu_seconds); /* of cpu_seconds */
+    cJSON_AddNumberToObject(o, "threads", es->n_threads);
     char *text = cJSON_Print(o);
     cJSON_Delete(o);
     lm_code rc = path && text ? lm_write_file_atomic(path, text, strlen(text), err)
@@ -454,7 +456,7 @@ static lm_code write_one_shard(lm_shard_ctx *C, size_t k, const char *fp, lm_err
     C->st->bytes_computed += st.bytes_computed;
     C->st->n_tiles += st.n_tiles;
     C->st->n_threads = st.n_threads;
-    return write_sidecar(C, k, fp, sha, w1 - w0, c1 - c0, err);
+    return write_sidecar(C, k, fp, sha, w1 - w0, c1 - c0, &st, err);
 }
 
 lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
