@@ -122,6 +122,9 @@ typedef struct lm_lowrank_stats {
     uint64_t n_exact;       /* of those, rounded from the exact fixed-point value (level 3) */
     uint64_t n_overflow;    /* finite exact value beyond the output's range: written as +-inf */
     uint64_t n_nonfinite;   /* NaN or inf inputs (see above) */
+    uint64_t n_changed;     /* w_dtype == out_dtype: elements whose output bits differ from W's
+                               (counted in the store pass, so the caller needs no second pass over
+                               the tile; right in place too); other dtype pairs: 0 */
 } lm_lowrank_stats;
 
 static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_stats *src)
@@ -131,6 +134,7 @@ static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_
     dst->n_exact += src->n_exact;
     dst->n_overflow += src->n_overflow;
     dst->n_nonfinite += src->n_nonfinite;
+    dst->n_changed += src->n_changed;
 }
 
 /* the tile kernel (slot lowrank of lm_kernels):
