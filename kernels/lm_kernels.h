@@ -89,7 +89,9 @@ typedef struct lm_lowrank {
                          kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
                          bytes apart, for power-of-two widths all in the same few L1 sets, and for
                          K = 256 over more 4 KiB pages than the TLB holds (lm_lr_panel) */
-    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time) */
+    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time), made
+                         only when a column cannot come from the panels (A not exact in f32, or
+                         K > 256); else NULL */
     uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
     uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
     int bs_exact;     /* 1 if every Bs[i,k] == s_k * B_ik exactly */
