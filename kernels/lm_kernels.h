@@ -89,7 +89,9 @@ typedef struct lm_lowrank {
                          kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
                          bytes apart, for power-of-two widths all in the same few L1 sets, and for
                          K = 256 over more 4 KiB pages than the TLB holds (lm_lr_panel) */
-    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time) */
+    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time), made
+                         only when a column cannot come from the panels (A not exact in f32, or
+                         K > 256); else NULL */
     uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
     uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
     int bs_exact;     /* 1 if every Bs[i,k] == s_k * B_ik exactly */
@@ -122,6 +124,9 @@ typedef struct lm_lowrank_stats {
     uint64_t n_exact;       /* of those, rounded from the exact fixed-point value (level 3) */
     uint64_t n_overflow;    /* finite exact value beyond the output's range: written as +-inf */
     uint64_t n_nonfinite;   /* NaN or inf inputs (see above) */
+    uint64_t n_changed;     /* w_dtype == out_dtype: elements whose output bits differ from W's
+                               (counted in the store pass, so the caller needs no second pass over
+                               the tile; right in place too); other dtype pairs: 0 */
 } lm_lowrank_stats;
 
 static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_stats *src)
@@ -131,6 +136,7 @@ static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_
     dst->n_exact += src->n_exact;
     dst->n_overflow += src->n_overflow;
     dst->n_nonfinite += src->n_nonfinite;
+    dst->n_changed += src->n_changed;
 }
 
 /* the tile kernel (slot lowrank of lm_kernels):
