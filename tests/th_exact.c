@@ -3,6 +3,7 @@
 #include "th_exact.h"
 
 #include <cJSON.h>
+#include <math.h>
 #include <criterion/criterion.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -209,4 +210,126 @@ void tx_expect_refused(tx_set *base, tx_set *ad, const char *cfg,
   tx_assert_refused(&r, c.out, tensor, word);
   th_run_free(&r);
   tx_case_free(&c, base, ad);
+}
+
+/* the largest |delta| */
+static long double tx_max_abs(const long double *D, uint64_t n) {
+  long double m = 0;
+  for (uint64_t e = 0; e < n; e++)
+    m = fabsl(D[e]) > m ? fabsl(D[e]) : m;
+  return m;
+}
+
+static const char *const TX_MODE_NAMES[] = {"cancel", "tiny", "huge",
+                                            "subnormal", "overflow"};
+
+/* the result's checks (the merge succeeded) */
+static void tx_check_case(const tx_type *ty, const tx_case *c,
+                          const th_run_result *res, const tx_t *w,
+                          const long double *D, const long double *mag,
+                          const char *bdt, tx_mode mode, const char *what) {
+  const uint64_t n = w->n;
+  const int f16 = !strcmp(bdt, "F16");
+  long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
+  float *y32 = malloc(n * sizeof *y32);
+  for (uint64_t e = 0; e < n; e++) {
+    ref[e] = w->v[e] + D[e];
+    /* f64 noise: a few roundings per term of the delta, and the final sum */
+    bnd[e] = ty->noise_log2 ? ldexpl(mag[e], ty->noise_log2) +
+                                  ldexpl(fabsl(ref[e]), -52)
+                            : 0;
+    y32[e] = (float)w->v[e] + (float)D[e]; /* an f32 evaluation */
+  }
+  uint64_t rec = 0;
+  const uint64_t wrong =
+      tx_verify(c, res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+  if (!ty->f32_form)
+    cr_assert_eq(rec, n,
+                 "%s: --json says %llu recomputed, the f64 path computes all "
+                 "%llu",
+                 what, (unsigned long long)rec, (unsigned long long)n);
+  else if (mode == TX_TINY && strcmp(bdt, "F32") != 0)
+    cr_assert_lt(rec, n / 10,
+                 "%s: %llu of %llu recomputed: the f32 form's bound is not "
+                 "used",
+                 what, (unsigned long long)rec, (unsigned long long)n);
+  /* bf16: the residue is often exact in f32 */
+  if (mode == TX_CANCEL && strcmp(bdt, "BF16") != 0 && !ty->delta_f32_exact)
+    cr_assert_gt(wrong, 0,
+                 "%s: an f32 evaluation gets every element right: not "
+                 "adversarial",
+                 what);
+  if (mode == TX_SUBNORMAL) { /* the construction reaches the subnormal range */
+    double *o = tx_out_values(c->out, w->name, n);
+    uint64_t sub = 0, nz = 0; /* of the elements the delta changes */
+    for (uint64_t e = 0; e < n; e++) {
+      nz += D[e] != 0;
+      sub += D[e] != 0 && o[e] != 0 && fabs(o[e]) < (f16 ? 0x1p-14 : 0x1p-126);
+    }
+    free(o);
+    cr_assert_gt(sub, nz / 4, "%s: only %llu of %llu results subnormal", what,
+                 (unsigned long long)sub, (unsigned long long)nz);
+  }
+  if (mode == TX_CANCEL)
+    tx_same_bytes(c, what);
+  free(ref);
+  free(bnd);
+  free(y32);
+}
+
+void tx_run_case(const tx_type *ty, const char *bdt, tx_mode mode) {
+  const uint64_t O = ty->rows, I = ty->cols, n = O * I;
+  long double *D = malloc(n * sizeof *D), *mag = malloc(n * sizeof *mag);
+  tx_set base = {0}, ad = {0};
+  tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, O,
+                   I);
+  tx_t *other =
+      tx_add(&base, "model.layers.0.self_attn.k_proj.weight", bdt, 2, 4, I);
+  for (uint64_t e = 0; e < other->n; e++)
+    other->v[e] = th_round_to(0.01 * (double)e, bdt);
+  const char *cfg = ty->adapter(ty, ty->gain(ty, bdt, mode), &ad, D, mag);
+  if (mode == TX_OVERFLOW) { /* the delta ~8000 at its largest (its first
+                                tensor scaled), W 60000 with its sign */
+    const long double m = tx_max_abs(D, n);
+    tx_t *f = &ad.t[0];
+    for (uint64_t e = 0; e < f->n; e++)
+      f->v[e] = (double)(float)(f->v[e] * (double)(8000 / m));
+  }
+  for (uint64_t e = 0; e < n; e++) {
+    switch (mode) {
+    case TX_CANCEL:
+    case TX_SUBNORMAL:
+      w->v[e] = th_round_to(-th_round_to((double)D[e], "BF16"), bdt);
+      break;
+    case TX_TINY: w->v[e] = th_round_to(0.05 * th_rand_normal(ty->rng), bdt); break;
+    case TX_HUGE: w->v[e] = th_round_to(1e-6 * th_rand_normal(ty->rng), bdt); break;
+    case TX_OVERFLOW: w->v[e] = D[e] < 0 ? -60000.0 : 60000.0; break;
+    }
+  }
+  tx_case c;
+  tx_case_write(&c, &base, &ad, cfg);
+  th_run_result res = tx_merge(&c, c.out, NULL);
+  char what[96];
+  snprintf(what, sizeof what, "%s %s %s", ty->name, bdt, TX_MODE_NAMES[mode]);
+  if (mode == TX_OVERFLOW) {
+    cr_assert_neq(res.status, 0, "%s: exit 0, the result overflows f16", what);
+    cr_assert(strstr(res.err, "q_proj.weight") != NULL,
+              "%s: the error does not name the tensor: %s", what, res.err);
+    cr_assert(!th_exists(c.out), "%s: an output was written", what);
+  } else {
+    cr_assert_eq(res.status, 0, "%s: exit %d: %s", what, res.status, res.err);
+    tx_check_case(ty, &c, &res, w, D, mag, bdt, mode, what);
+  }
+  th_run_free(&res);
+  free(D);
+  free(mag);
+  tx_case_free(&c, &base, &ad);
+}
+
+void tx_run_type(const tx_type *ty) {
+  static const char *const dts[3] = {"BF16", "F16", "F32"};
+  for (int d = 0; d < 3; d++)
+    for (int m = TX_CANCEL; m <= TX_SUBNORMAL; m++)
+      tx_run_case(ty, dts[d], (tx_mode)m);
+  tx_run_case(ty, "F16", TX_OVERFLOW);
 }

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* th_exact.h : the exactness tests' toolkit (test_exact_method.c,
+/* th_exact.h : the exactness tests' toolkit (test_exact_method.c, test_exact_lyco.c,
  * test_exact_additive.c): tensors built in f64 and written as a base and an
  * adapter, merged by the binary with --json, the output checked element by
  * element against a long-double reference rounded once. */
@@ -69,6 +69,45 @@ uint64_t tx_verify(const tx_case *c, const th_run_result *r, const char *name,
                    uint64_t n, const long double *ref, const long double *bnd,
                    const float *y32, const char *odt, const char *what,
                    uint64_t *recomputed);
+
+/* ---- one runner for the adversarial cases of a type (test_exact_additive.c,
+ * test_exact_lyco.c) ---- */
+typedef enum { TX_CANCEL, TX_TINY, TX_HUGE, TX_SUBNORMAL, TX_OVERFLOW } tx_mode;
+
+typedef struct tx_type tx_type;
+struct tx_type {
+  const char *name;
+  int id;              /* the file's own type */
+  uint64_t rows, cols; /* the q_proj weight the adapter changes */
+  /* the adapter at gain g (its first tensor, ad->t[0], scales the delta
+   * linearly) written into ad; D: its delta in long double from the stored
+   * values (PEFT's formula), mag: the same sum of absolute terms.  @return
+   * its adapter_config.json */
+  const char *(*adapter)(const tx_type *ty, double g, tx_set *ad,
+                         long double *D, long double *mag);
+  /* the gain of mode on a base of dtype bdt */
+  double (*gain)(const tx_type *ty, const char *bdt, tx_mode mode);
+  int noise_log2;  /* f64 noise: mag 2^noise_log2 + |ref| 2^-52; 0: the f64
+                      evaluation is exact here (every element the nearest) */
+  int f32_form;    /* bf16/f16 outputs take an f32 form with a bound (TINY:
+                      under a tenth recomputed); else the f64 tile path (every
+                      element recomputed) */
+  int delta_f32_exact; /* the delta is exact in f32: CANCEL does not trap an
+                          f32 evaluation */
+  uint64_t *rng;        /* the file's random stream (W's values too) */
+};
+
+/* Merges ty's adapter onto a base built from its delta in mode: CANCEL W =
+ * -(the delta rounded to bf16); TINY the delta far under an ulp of W ~0.05;
+ * HUGE W ~1e-6 of the delta; SUBNORMAL CANCEL at a scale whose results are
+ * subnormal; OVERFLOW (f16) the delta ~8000, W 60000 with its sign, refused.
+ * Every element checked against the reference (tx_verify), --json exact with
+ * the recomputed count ty says; CANCEL: the same bytes across threads, tiles
+ * and kernels (tx_same_bytes). */
+void tx_run_case(const tx_type *ty, const char *bdt, tx_mode mode);
+
+/* tx_run_case for bf16, f16 and f32 bases in every mode, and f16 OVERFLOW */
+void tx_run_type(const tx_type *ty);
 
 /* r, a merge into out, refused: non-zero exit, stderr naming `tensor` and
  * `word` (the dtype, "F16"), out not created */

@@ -392,6 +392,27 @@ static inline void encode_one(float x, float b, float s, float inv, float ramax,
     L->e2[k] += dq * dq;
 }
 
+/* a block that keeps the base's scale s0 (h x w, row stride cols): unchanged (same: its codes
+ * too), all zero, or not finite (refused later; its codes under s0).  @return 0 when the block
+ * needs a new scale (nothing written) */
+static int keep_block(const float *x, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols, int same,
+                      float amax, uint8_t *q, float *out_scale, lm_qstats *st)
+{
+    if (!same && amax > 0.0f && isfinite(amax))
+        return 0;
+    *out_scale = s0;
+    if (same) {
+        st->n_blocks_kept++;
+        for (uint64_t r = 0; r < h; r++)
+            memcpy(q + r * cols, q0 + r * cols, w);
+        return 1;
+    }
+    for (uint64_t r = 0; r < h; r++)
+        for (uint64_t c = 0; c < w; c++)
+            q[r * cols + c] = lm_f32_to_fp8_e4m3(x[r * cols + c] / s0);
+    return 1;
+}
+
 /* the next block of the block row (w 0: none), whose amax and sameness block_encode finds */
 typedef struct {
     const float *x;
@@ -475,17 +496,7 @@ LM_CLONES void lm_fp8_block_requant(const float *x, const uint8_t *q0, const flo
             nb.w = c0 + w >= cols ? 0 : c0 + w + bc < cols ? bc : cols - c0 - w;
             st->n_blocks++;
             st->n_nonfinite_blocks += !isfinite(amax);
-            if (same || !(amax > 0.0f) || !isfinite(amax)) { /* unchanged, all zero (or non-finite: refused later) */
-                out_scale[bi] = scale0[bi];
-                for (uint64_t r = 0; r < h; r++)
-                    memcpy(qb + r * cols, q0b + r * cols, w);
-                if (same) {
-                    st->n_blocks_kept++;
-                } else {
-                    for (uint64_t r = 0; r < h; r++)
-                        for (uint64_t c = 0; c < w; c++)
-                            qb[r * cols + c] = lm_f32_to_fp8_e4m3(xb[r * cols + c] / scale0[bi]);
-                }
+            if (keep_block(xb, q0b, scale0[bi], h, w, cols, same, amax, qb, &out_scale[bi], st)) {
                 if (nb.w > 0)
                     amax = block_amax(nb.x, nb.q0, nb.s0, h, nb.w, cols, &same);
                 continue;
@@ -570,19 +581,8 @@ LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uin
     const float amax = bits_f32(am);
     st->n_blocks++;
     st->n_nonfinite_blocks += !isfinite(amax);
-    if (same || !(amax > 0.0f) || !isfinite(amax)) { /* as block_requant */
-        *out_scale = s0;
-        for (uint64_t r = 0; r < h; r++)
-            memcpy(q + r * cols, q0 + r * cols, w);
-        if (same) {
-            st->n_blocks_kept++;
-        } else {
-            for (uint64_t r = 0; r < h; r++)
-                for (uint64_t c = 0; c < w; c++)
-                    q[r * cols + c] = lm_f32_to_fp8_e4m3(x[r * cols + c] / s0);
-        }
+    if (keep_block(x, q0, s0, h, w, cols, same, amax, q, out_scale, st))
         return;
-    }
     const float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
     *out_scale = inv;
     const int in_range = isfinite(s); /* as block_encode, lane k the columns k modulo LANES */

@@ -329,44 +329,62 @@ static lm_code lokr_prepare(const lm_op *op, const lm_kernels *k, lm_prepared *p
     return row_maxima(pr, lp, p, err);
 }
 
+/* The tile's segments: row r of the tile (tensor row R = r0 + r = p*kb + q), columns u*kd .. u*kd + kd,
+ * which take w1[p, u] * w2[q, :] * scale.  fn(ctx, e0, i1, q) for each: e0 the segment's first
+ * element in the tile, i1 = p*w1_cols + u the w1 element, q the w2 row.  The one loop of the f32,
+ * f64 and bound forms below. */
+typedef void (*lokr_seg_fn)(void *ctx, uint64_t e0, uint64_t i1, uint64_t q);
+
+static void lokr_segments(const lokr_params *pr, uint64_t r0, uint64_t nr, uint64_t cols, lokr_seg_fn fn, void *ctx)
+{
+    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = cols / kd;
+    for (uint64_t r = 0; r < nr; r++) {
+        const uint64_t R = r0 + r, pi = R / kb, q = R % kb;
+        for (uint64_t u = 0; u < w1_cols; u++)
+            fn(ctx, r * cols + u * kd, pi * w1_cols + u, q);
+    }
+}
+
+typedef struct {
+    const lokr_prep *lp;
+    uint64_t kd;
+    float *acc;   /* the f32 tile (lokr_apply, lokr_apply_bound) */
+    double *acc64; /* the f64 tile (lokr_apply64) */
+    float s;
+    double s64;
+    float *bound; /* lokr_apply_bound */
+} lokr_seg_ctx;
+
+static void seg_add32(void *ctx, uint64_t e0, uint64_t i1, uint64_t q)
+{
+    const lokr_seg_ctx *c = ctx;
+    const float a = c->lp->w1[i1], s = c->s, *w2row = c->lp->w2 + q * c->kd;
+    float *seg = c->acc + e0;
+    for (uint64_t v = 0; v < c->kd; v++)
+        seg[v] += a * w2row[v] * s;
+}
+
 /* W[p*kb + q, u*kd + v] += w1[p, u] * w2[q, v] * scale */
 static void lokr_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
 {
-    const lokr_params *pr = op->params;
-    const lokr_prep *lp = p->data;
-    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
-    const float s = (float)op->scale;
-    for (uint64_t r = 0; r < t->nr; r++) {
-        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
-        float *row = t->acc + r * t->cols;
-        const float *w2row = lp->w2 + q * kd;
-        for (uint64_t u = 0; u < w1_cols; u++) {
-            const float a = lp->w1[pi * w1_cols + u];
-            float *seg = row + u * kd;
-            for (uint64_t v = 0; v < kd; v++)
-                seg[v] += a * w2row[v] * s;
-        }
-    }
+    lokr_seg_ctx c = {.lp = p->data, .kd = ((const lokr_params *)op->params)->kd, .acc = t->acc, .s = (float)op->scale};
+    lokr_segments(op->params, t->r0, t->nr, t->cols, seg_add32, &c);
+}
+
+static void seg_add64(void *ctx, uint64_t e0, uint64_t i1, uint64_t q)
+{
+    const lokr_seg_ctx *c = ctx;
+    const double a = c->lp->d1[i1], s = c->s64, *d2row = c->lp->d2 + q * c->kd;
+    double *seg = c->acc64 + e0;
+    for (uint64_t v = 0; v < c->kd; v++)
+        seg[v] += a * d2row[v] * s;
 }
 
 /* W[p*kb + q, u*kd + v] += d1[p, u] * d2[q, v] * scale in f64 (exec_exact.h: rounded once by the engine) */
 static void lokr_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 *t)
 {
-    const lokr_params *pr = op->params;
-    const lokr_prep *lp = p->data;
-    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
-    const double s = op->scale;
-    for (uint64_t r = 0; r < t->nr; r++) {
-        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
-        double *row = t->acc + r * t->cols;
-        const double *d2row = lp->d2 + q * kd;
-        for (uint64_t u = 0; u < w1_cols; u++) {
-            const double a = lp->d1[pi * w1_cols + u];
-            double *seg = row + u * kd;
-            for (uint64_t v = 0; v < kd; v++)
-                seg[v] += a * d2row[v] * s;
-        }
-    }
+    lokr_seg_ctx c = {.lp = p->data, .kd = ((const lokr_params *)op->params)->kd, .acc64 = t->acc, .s64 = op->scale};
+    lokr_segments(op->params, t->r0, t->nr, t->cols, seg_add64, &c);
 }
 
 static double lokr_elem64(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
@@ -410,22 +428,21 @@ LK_CLONES static void lokr_seg_bound(float *restrict x, const float *restrict b,
     }
 }
 
+static void seg_bound(void *ctx, uint64_t e0, uint64_t i1, uint64_t q)
+{
+    const lokr_seg_ctx *c = ctx;
+    const lokr_prep *lp = c->lp;
+    const double ct = 0x1.01p-23, M = 1.0 + 0x1p-17, K = 0x1p-144, S = lp->sabs;
+    const double bq = lp->bq[q], ebq = lp->ebq[q];
+    const double A = fabs((double)lp->w1[i1]), e1 = lp->e1 ? (double)lp->e1[i1] : 0.0;
+    const double C = ((ct * S + lp->ds) * A * bq + S * (A * ebq + e1 * (bq + ebq))) * M + K;
+    lokr_seg_bound(c->acc + e0, lp->w2 + q * c->kd, lp->w1[i1], lp->s, up32(C), c->kd, c->bound + e0);
+}
+
 static void lokr_apply_bound(const lm_op *op, const lm_prepared *p, const lm_tile *t, float *bound)
 {
-    const lokr_params *pr = op->params;
-    const lokr_prep *lp = p->data;
-    const uint64_t kb = pr->kb, kd = pr->kd, w1_cols = t->cols / kd;
-    const double ct = 0x1.01p-23, M = 1.0 + 0x1p-17, K = 0x1p-144, S = lp->sabs;
-    for (uint64_t r = 0; r < t->nr; r++) {
-        uint64_t R = t->r0 + r, pi = R / kb, q = R % kb;
-        const double bq = lp->bq[q], ebq = lp->ebq[q];
-        for (uint64_t u = 0; u < w1_cols; u++) {
-            const uint64_t i1 = pi * w1_cols + u, e0 = r * t->cols + u * kd;
-            const double A = fabs((double)lp->w1[i1]), e1 = lp->e1 ? (double)lp->e1[i1] : 0.0;
-            const double C = ((ct * S + lp->ds) * A * bq + S * (A * ebq + e1 * (bq + ebq))) * M + K;
-            lokr_seg_bound(t->acc + e0, lp->w2 + q * kd, lp->w1[i1], lp->s, up32(C), kd, bound + e0);
-        }
-    }
+    lokr_seg_ctx c = {.lp = p->data, .kd = ((const lokr_params *)op->params)->kd, .acc = t->acc, .bound = bound};
+    lokr_segments(op->params, t->r0, t->nr, t->cols, seg_bound, &c);
 }
 
 static void lokr_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
