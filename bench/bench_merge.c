@@ -526,7 +526,7 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
  * worker measured them.  @return the number of shards read, in name order (k) */
 typedef struct {
     char name[128];
-    double bytes, wall, cpu;
+    double bytes, wall, cpu, hash; /* hash: CPU seconds of cpu spent on the sidecar's sha256 */
 } shard_time;
 
 static int cmp_shard_time(const void *a, const void *b)
@@ -557,6 +557,8 @@ static int read_shard_times(const char *out, shard_time *t, int max)
         t[n].bytes = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "bytes"));
         t[n].wall = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "seconds"));
         t[n].cpu = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "cpu_seconds"));
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "hash_cpu_seconds");
+        t[n].hash = cJSON_IsNumber(h) ? h->valuedouble : 0;
         cJSON_Delete(j);
         n++;
     }
@@ -681,9 +683,11 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     printf("CPU (user+system, median): one merge %.2f s, the 4 workers + finalize %.2f s (%.3f)\n", mc1, mcw, mcw / mc1);
     /* per worker: its shards' own seconds (sidecars) and the rest, the fixed cost every worker pays
      * (headers, plan, the adapters hashed for the fingerprint, start and exit) */
-    double fixed[W] = {0}, sum_cpu = 0;
-    for (int k = 0; k < n_sh; k++)
+    double fixed[W] = {0}, sum_cpu = 0, sum_hash = 0, max_fixed = 0;
+    for (int k = 0; k < n_sh; k++) {
         sum_cpu += sh[k].cpu;
+        sum_hash += sh[k].hash;
+    }
     for (int w = 0; w < W; w++) {
         double sc = 0, swl = 0;
         int ns = 0;
@@ -693,21 +697,28 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
             ns++;
         }
         fixed[w] = cpu[w] - sc;
+        max_fixed = fixed[w] > max_fixed ? fixed[w] : max_fixed;
         printf("  worker %d/%d (last run): %.2f s wall, %.2f s CPU: %d shards %.2f s wall %.2f s CPU, the rest %.2f s "
                "CPU\n", w, W, wall[w], cpu[w], ns, swl, sc, fixed[w]);
     }
     for (int k = 0; k < n_sh; k++)
-        printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (worker %d)\n", sh[k].name, sh[k].bytes * 1e-9, sh[k].wall,
-               sh[k].cpu, k % W);
+        printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (%.2f s of it its sha256, %.2f GB/s) (worker %d)\n",
+               sh[k].name, sh[k].bytes * 1e-9, sh[k].wall, sh[k].cpu, sh[k].hash,
+               sh[k].hash > 0 ? sh[k].bytes * 1e-9 / sh[k].hash : 0.0, k % W);
     printf("  finalize: %.2f s wall, %.2f s CPU (default check: size and identity, no shard read back)\n", t_fin,
            c_fin);
+    /* the workers' CPU by phase (last run), against the one merge's */
+    double c_all = 0;
+    for (int w = 0; w < W; w++)
+        c_all += cpu[w];
+    printf("CPU by phase (last run): the shards' merge work %.2f s (the one merge: %.2f s), their sha256 %.2f s "
+           "(hashed as written), the workers' fixed costs %.2f s (%d x ~%.2f: headers, plan, fingerprint), finalize "
+           "%.2f s; total %.2f s\n", sum_cpu - sum_hash, mc1, sum_hash, c_all - sum_cpu, W, (c_all - sum_cpu) / W, c_fin,
+           c_all + c_fin);
     /* N machines, each running worker i alone, CPU-bound (storage that keeps up; the machine here
      * is shared, so CPU seconds are the steady measure): worker i takes its shards' CPU seconds
      * plus the fixed cost, then finalize; against the one merge's CPU seconds.  Both sides are
      * CPU per process, so more threads per machine scale them alike */
-    double max_fixed = 0;
-    for (int w = 0; w < W; w++)
-        max_fixed = fixed[w] > max_fixed ? fixed[w] : max_fixed;
     printf("expected on N machines (CPU-bound: worker i = its shards' CPU + the fixed %.2f s, then finalize %.2f s "
            "CPU; against the one merge's %.2f s CPU):", max_fixed, c_fin, mc1);
     for (int N = 2; N <= 16 && sum_cpu > 0; N *= 2) {
