@@ -904,8 +904,11 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         return LM_E_IO;
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
-    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
-                                 pieces);
+    const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
+    const lm_xq_term term = {J->rt[ti].prep[0].b, J->rt[ti].prep[0].a, op->rank, op->row0, op->out, (float)op->scale};
+    *n_pieces = lm_xq_merge_tile(t, J->k, J->rt[ti].qscale, src, r0, nr, ws->acc,
+                                 t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
+                                 ws->out, ws->qscales, &qs, pieces);
     quant_stats_add(J, ti, &qs);
     if (ts != NULL) {
         ts->n_changed = qs.n_changed;
