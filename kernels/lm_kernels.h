@@ -89,7 +89,9 @@ typedef struct lm_lowrank {
                          kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
                          bytes apart, for power-of-two widths all in the same few L1 sets, and for
                          K = 256 over more 4 KiB pages than the TLB holds (lm_lr_panel) */
-    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time) */
+    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time), made
+                         only when a column cannot come from the panels (A not exact in f32, or
+                         K > 256); else NULL */
     uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
     uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
     int bs_exact;     /* 1 if every Bs[i,k] == s_k * B_ik exactly */
@@ -122,6 +124,9 @@ typedef struct lm_lowrank_stats {
     uint64_t n_exact;       /* of those, rounded from the exact fixed-point value (level 3) */
     uint64_t n_overflow;    /* finite exact value beyond the output's range: written as +-inf */
     uint64_t n_nonfinite;   /* NaN or inf inputs (see above) */
+    uint64_t n_changed;     /* w_dtype == out_dtype: elements whose output bits differ from W's
+                               (counted in the store pass, so the caller needs no second pass over
+                               the tile; right in place too); other dtype pairs: 0 */
 } lm_lowrank_stats;
 
 static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_stats *src)
@@ -131,6 +136,7 @@ static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_
     dst->n_exact += src->n_exact;
     dst->n_overflow += src->n_overflow;
     dst->n_nonfinite += src->n_nonfinite;
+    dst->n_changed += src->n_changed;
 }
 
 /* the tile kernel (slot lowrank of lm_kernels):
@@ -186,6 +192,15 @@ typedef void (*lm_fp8_merge_fn)(const uint8_t *q0, size_t ldq, float s0, size_t 
                                 float *x, size_t ldx, lm_fp8_lanes *L);
 typedef void (*lm_fp8_encode_fn)(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
                                  const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+/* the certified rotation's row (slot rot_cert; kernels/rotcert_ref.c): dn [n_rot, bs] the rows'
+ * norms of D = R - I (rounded up), f BOFT's row factor when scaled, out bf16 or f16 */
+typedef struct lm_rotcert {
+    const float *dn;
+    size_t n_rot, bs;
+    float f;
+    int scaled;
+    lm_kdtype out;
+} lm_rotcert;
 
 typedef struct lm_kernels {
     void (*bf16_to_f32)(const uint16_t *src, float *dst, size_t n);
@@ -216,6 +231,10 @@ typedef struct lm_kernels {
     void (*lr64)(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
     lm_fp8_merge_fn fp8_merge;   /* block FP8 (above); NULL: quant.c's own block functions */
     lm_fp8_encode_fn fp8_encode;
+    /* one row of the certified rotation: x the input, v = D x (cols floats), e: cols floats, left
+     * holding the block terms dn_a xn; dst the output bits, unc 1 where not certified; @return any unc (rotcert_ref.c) */
+    unsigned (*rot_cert)(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                         uint8_t *unc);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -490,6 +509,18 @@ void lm_lr64_avx512(double *X, const float *w, double s, const double *R, const 
 void lm_lr64_tail(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
                   size_t n);
 void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
+
+/* kernels/rotcert_*.c, and the reference's pieces the variants share */
+unsigned lm_rot_cert_ref(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                         uint8_t *unc);
+unsigned lm_rot_cert_avx2(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                          uint8_t *unc);
+unsigned lm_rot_cert_avx512(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e,
+                            uint16_t *dst, uint8_t *unc);
+void lm_rotcert_norms_ref(const float *x, size_t cols, const lm_rotcert *rc, float *e);
+void lm_rotcert_norms_avx2(const float *x, size_t cols, const lm_rotcert *rc, float *e);
+unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, size_t n, const lm_rotcert *rc,
+                              uint16_t *dst, uint8_t *unc);
 
 #ifdef __cplusplus
 }
