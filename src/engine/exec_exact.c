@@ -21,10 +21,31 @@ static int kernel_dtype(lm_dtype dt)
     return dt == LM_DT_BF16 || dt == LM_DT_F16 || dt == LM_DT_F32;
 }
 
+lm_dtype lm_exact_out_dtype(const lm_plan_tensor *t)
+{
+    if (t->q == NULL || t->dtype != t->src_dtype)
+        return t->dtype;
+    return t->q->fmt == LM_Q_MXFP4 ? LM_DT_BF16 : LM_DT_F32;
+}
+
+static lm_exact_kind kind_of(const lm_plan_tensor *t);
+
 lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
 {
-    if (t->q != NULL)
+    if (t->q == NULL)
+        return kind_of(t);
+    /* the dequantized tile is an f32 base (exact), rounded to lm_exact_out_dtype() */
+    lm_plan_tensor v = *t;
+    v.q = NULL;
+    v.src_dtype = LM_DT_F32;
+    v.dtype = lm_exact_out_dtype(t);
+    if (t->sim_nf4 || (t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE)) /* the tiles are the codes' */
         return LM_EXACT_NONE;
+    return kind_of(&v);
+}
+
+static lm_exact_kind kind_of(const lm_plan_tensor *t)
+{
     if (lm_lowrank_tensor_eligible(t))
         return LM_EXACT_LOWRANK;
     if (!t->sim_nf4 && lm_dora_tensor_eligible(t))
@@ -126,7 +147,8 @@ static void f64_scale(const lm_op *op, const float *f, const lm_tile64 *t)
 
 int lm_exact_certify_fast(const lm_plan_tensor *t)
 {
-    if (t->n_ops != 1 || (t->dtype != LM_DT_BF16 && t->dtype != LM_DT_F16))
+    const lm_dtype od = lm_exact_out_dtype(t);
+    if (t->n_ops != 1 || (od != LM_DT_BF16 && od != LM_DT_F16))
         return 0;
     const lm_op *op = &t->ops[0];
     return op->kind == LM_OP_METHOD && op->method->apply_tile_bound != NULL && op->method->elem64 != NULL &&

@@ -25,6 +25,12 @@
  *    the exact factors, rounded once; one low-rank op and a row NORM (PEFT's DoRA on a Linear)
  *    certified element by element by a bound, the rows it cannot certify recomputed with V in
  *    double-double;
+ * A quantized base weight (t->q, exec_quant.h) takes the same paths from its dequantized tile,
+ * whose values are exact f32 (every code of every format maps to one f32 value): the tensor is
+ * seen as an f32 base (lm_exact_kind_of), and its exact values are rounded once to
+ * lm_exact_out_dtype(): the output dtype with --dtype, or, kept quantized, the input dtype of the
+ * format's requantization rule (f32; bf16 for MXFP4, whose rule rounds to bf16 first), which the
+ * requantizer then applies as the library does to a tensor of those values.
  * Everything else is computed in f32 and rounded once (not certified). */
 #ifndef LM_EXEC_EXACT_H
 #define LM_EXEC_EXACT_H
@@ -37,6 +43,12 @@ typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64
 /*! lm_exact_kind_of() : the certified path tensor t takes (LM_EXACT_NONE: the f32 path).  Depends on
  *  the plan only, so --dry-run reports what a real run does. */
 lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t);
+
+/*! lm_exact_out_dtype() : the dtype a certified path rounds t's exact values to: t->dtype, but for
+ *  a quantized weight kept quantized (t->q, t->dtype the codes' dtype) the input dtype of its
+ *  format's requantization rule: LM_DT_BF16 for MXFP4 (transformers' quantize_to_mxfp4 rounds
+ *  the weight to bf16 first), LM_DT_F32 for the others (their rules take the f32 merged value). */
+lm_dtype lm_exact_out_dtype(const lm_plan_tensor *t);
 
 /*! lm_exact_scale_tile() :
  *  acc [nr, cols] holds W (exact f32 values of rows r0 ..); on return acc[e] = fl32(W[e] * f)
