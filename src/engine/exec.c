@@ -937,7 +937,7 @@ static lm_code exact_values(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
     } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags) {
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n);
-        lm_exact_f64_apply(t, rt->prep, &t64);
+        lm_exact_f64_apply(t, rt->prep, rt->col_scale, 0, t->n_ops, &t64);
         J->k->f64_round(ws->acc64, ws->out, lm_kdtype_of(lm_exact_out_dtype(t)), n);
         __atomic_add_fetch(&rt->n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
         rc = check_finite64(J, ti, r0, nr, ws, err);
@@ -1031,7 +1031,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* f64 ops, one rounding (exec_exact.h) */
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
-        lm_exact_f64_apply(t, J->rt[ti].prep, &t64);
+        lm_exact_f64_apply(t, J->rt[ti].prep, J->rt[ti].col_scale, 0, t->n_ops, &t64);
         J->k->f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
         __atomic_add_fetch(&J->rt[ti].n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
         if (ts != NULL)
@@ -1543,6 +1543,12 @@ static lm_code colsum_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uin
     if (J->rt[ti].dora != NULL) /* the rows in f64 (exec_dora.h) */
         return lm_dora_col_sumsq(J->rt[ti].dora, ws->acc, r0, nr, c->d, p) == 0
                    ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+    if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* the ops before the norm in f64 (exec_exact.h) */
+        const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
+        J->k->f32_to_f64(ws->acc, ws->acc64, (size_t)(nr * t->cols));
+        lm_exact_f64_colsumsq(t, J->rt[ti].prep, c->d, &t64, p);
+        return LM_OK;
+    }
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, c->d, &tile);
     for (uint64_t r = 0; r < nr; r++)

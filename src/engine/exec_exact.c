@@ -73,7 +73,11 @@ static lm_exact_kind kind_of(const lm_plan_tensor *t)
             if (op->src == NULL || !kernel_dtype(op->src->dtype))
                 return LM_EXACT_NONE;
             break;
-        default: return LM_EXACT_NONE; /* REPLACE, NORM (DoRA) */
+        case LM_OP_NORM: /* the magnitudes exact in f32 (a column NORM: the column pass in f64) */
+            if (op->src == NULL || !kernel_dtype(op->src->dtype))
+                return LM_EXACT_NONE;
+            break;
+        default: return LM_EXACT_NONE; /* REPLACE */
         }
     }
     return has_method ? LM_EXACT_F64 : LM_EXACT_NONE;
@@ -235,10 +239,31 @@ void lm_exact_certify_tile(const lm_op *op, const lm_prepared *p, const float *y
         }
 }
 
-void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile)
+/* the DoRA rescaling of the tile's rows (per row: m[row] / (||row|| + eps), the squares summed in
+ * f64 in column order) or columns (col_scale) */
+static void f64_norm(const lm_op *op, const float *m, const double *col_scale, const lm_tile64 *t)
+{
+    for (uint64_t r = 0; r < t->nr; r++) {
+        double *x = t->acc + r * t->cols;
+        if (op->axis == 0) {
+            double ss = 0;
+            for (uint64_t c = 0; c < t->cols; c++)
+                ss += x[c] * x[c];
+            const double f = lm_dora_factor(op, (double)m[t->r0 + r], ss);
+            for (uint64_t c = 0; c < t->cols; c++)
+                x[c] *= f;
+        } else {
+            for (uint64_t c = 0; c < t->cols; c++)
+                x[c] *= col_scale[c];
+        }
+    }
+}
+
+void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const double *col_scale, size_t o0,
+                        size_t o1, const lm_tile64 *tile)
 {
     const size_t n = (size_t)(tile->nr * tile->cols);
-    for (size_t o = 0; o < t->n_ops; o++) {
+    for (size_t o = o0; o < o1; o++) {
         const lm_op *op = &t->ops[o];
         const lm_prepared *p = &prep[o];
         switch (op->kind) {
@@ -252,9 +277,19 @@ void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const 
         }
         case LM_OP_SCALE: f64_scale(op, p->a, tile); break;
         case LM_OP_METHOD: op->method->apply_tile64(op, p, tile); break;
+        case LM_OP_NORM: f64_norm(op, p->a, col_scale, tile); break;
         default: break; /* lm_exact_kind_of admits no other kind */
         }
     }
+}
+
+void lm_exact_f64_colsumsq(const lm_plan_tensor *t, const lm_prepared *prep, size_t upto, const lm_tile64 *tile,
+                           double *ss)
+{
+    lm_exact_f64_apply(t, prep, NULL, 0, upto, tile);
+    for (uint64_t r = 0; r < tile->nr; r++)
+        for (uint64_t c = 0; c < tile->cols; c++)
+            ss[c] += tile->acc[r * tile->cols + c] * tile->acc[r * tile->cols + c];
 }
 
 int lm_exact_is_midpoint(float x, lm_kdtype out)

@@ -11,7 +11,9 @@
  *    towards the exact product, off the midpoint, which the output rounding then resolves the
  *    right way (proof at lm_exact_scale_tile);
  *  - LM_EXACT_F64: every op is a method op with an f64 form (lm_method.apply_tile64: OFT ...) or
- *    an engine op this file computes in f64 (ROWS, LOWRANK, ADD, SCALE), mixed in any order (a
+ *    an engine op this file computes in f64 (ROWS, LOWRANK, ADD, SCALE; NORM: LyCORIS's
+ *    dora_scale after a LoHa or LoKr delta, V in f64, its norm, factor and product in f64,
+ *    eps and multiplier as lycoris.c says), mixed in any order (a
  *    rotation after a LoRA of another adapter): the tile is widened to f64 exactly, the ops
  *    applied in plan order in f64, and each element rounded ONCE from f64 to the output dtype
  *    (lm_f64_round: round-to-odd to f32 then RNE, no double rounding).  Every element is
@@ -60,9 +62,18 @@ uint64_t lm_exact_scale_tile(float *acc, uint64_t r0, uint64_t nr, uint64_t cols
                              lm_kdtype out, int certify);
 
 /*! lm_exact_f64_apply() :
- *  Ops [0, n_ops) of tensor t on the f64 tile (LM_EXACT_F64 tensors only: lm_exact_kind_of said
- *  so), with their prepared factors prep[n_ops]. */
-void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile);
+ *  Ops [o0, o1) of tensor t on the f64 tile (LM_EXACT_F64 tensors only: lm_exact_kind_of said
+ *  so), with their prepared factors prep[n_ops].  A NORM op (LyCORIS's dora_scale on a LoHa or
+ *  LoKr module: V, the value after the ops before it, rescaled): per row, each row's factor
+ *  lm_dora_factor(m[row], sum of V^2 in f64); per column, col_scale (the column pass's factors,
+ *  from the same f64 values: lm_exact_f64_colsumsq). */
+void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const double *col_scale, size_t o0,
+                        size_t o1, const lm_tile64 *tile);
+
+/*! lm_exact_f64_colsumsq() : column DoRA's pass on an LM_EXACT_F64 tensor: the tile's values
+ *  after ops [0, upto) (f64), each column's squares added to ss[cols] in row order. */
+void lm_exact_f64_colsumsq(const lm_plan_tensor *t, const lm_prepared *prep, size_t upto, const lm_tile64 *tile,
+                           double *ss);
 
 /* what lm_exact_certify_tile did */
 typedef struct {
