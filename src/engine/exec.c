@@ -861,15 +861,12 @@ static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t 
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
-/* a block FP8 weight kept quantized whose ops are all low-rank, exactness off (the benchmark's
- * comparison): its tiles are dequantized, merged in f32 and requantized one block at a time
- * (lm_xq_merge_tile) */
+/* a block FP8 weight kept quantized whose ops are all low-rank (not certified: exec_exact.c): its
+ * tiles are dequantized, merged and requantized one block at a time (lm_xq_merge_tile) */
 static int fused_tile(const job *J, size_t ti)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    /* a certified tensor takes its exact path (compute_tile_qexact), but with exactness off */
-    if (!lm_xq_fused(t) || (J->rt[ti].exact_kind != LM_EXACT_NONE && !J->lowrank_flags) || J->rt[ti].dora != NULL ||
-        t->n_ops == 0)
+    if (!lm_xq_fused(t) || J->rt[ti].exact_kind != LM_EXACT_NONE || J->rt[ti].dora != NULL || t->n_ops == 0)
         return 0;
     for (size_t o = 0; o < t->n_ops; o++)
         if (t->ops[o].kind != LM_OP_LOWRANK)
