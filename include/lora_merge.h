@@ -300,7 +300,7 @@ typedef struct lm_merge_report {
     uint64_t out_bytes;      /* size of the output file (0 on a dry run) */
     double lowrank_gflop;    /* work of the low-rank products */
     double seconds;          /* wall time of the whole job */
-    int n_threads;
+    int n_threads;           /* the threads used; finalize: the most a worker used (its sidecars), 0 if unknown */
     const char *kernels;     /* kernel variant used ("avx2" ...) */
     size_t n_exact_tensors;  /* tensors on a certified path (every delta low-rank, an IA3 scaling,
                                 ...; see the README): each element the exact value rounded once */

@@ -529,11 +529,14 @@ static void print_report(const cli_args *c, const lm_merge_report *rep)
         print_files(rep, 1);
         printf("dry run: nothing written\n");
     } else if (!c->quiet) {
+        char threads[32] = ""; /* finalize: the workers' (left out when their sidecars do not say) */
+        if (rep->n_threads > 0)
+            snprintf(threads, sizeof threads, "%d threads, ", rep->n_threads);
         printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
-               "%zu added), %.2f GB in %.2f s (%.2f GB/s, %d threads, kernels %s)\n",
+               "%zu added), %.2f GB in %.2f s (%.2f GB/s, %skernels %s)\n",
                job->n_adapters, job->n_adapters == 1 ? "" : "s", job->out_path, rep->n_tensors, rep->n_changed,
                rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
-               rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, rep->n_threads, rep->kernels);
+               rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, threads, rep->kernels);
         if (rep->out_kind != NULL && strcmp(rep->out_kind, "directory") == 0)
             print_files(rep, 0);
     }

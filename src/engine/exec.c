@@ -905,8 +905,11 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         return LM_E_IO;
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
-    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
-                                 pieces);
+    const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
+    const lm_xq_term term = {J->rt[ti].prep[0].b, J->rt[ti].prep[0].a, op->rank, op->row0, op->out, (float)op->scale};
+    *n_pieces = lm_xq_merge_tile(t, J->k, J->rt[ti].qscale, src, r0, nr, ws->acc,
+                                 t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
+                                 ws->out, ws->qscales, &qs, pieces);
     quant_stats_add(J, ti, &qs);
     if (ts != NULL) {
         ts->n_changed = qs.n_changed;
@@ -1170,7 +1173,10 @@ static lm_code copy_task_bytes(const job *J, const task *tk, uint64_t from, uint
     loff_t outp = (loff_t)dst;
     uint64_t left = count;
     while (left > 0) {
+        const uint64_t at = (uint64_t)outp;
         ssize_t k = lm_sys_copy_file_range(lm_st_fd(f), &in, lm_st_writer_fd(w), &outp, (size_t)left);
+        if (k > 0) /* a shard worker's hash: these bytes read back once its prefix reaches them */
+            lm_st_writer_note_written(w, at, (uint64_t)k);
         if (k <= 0) {
             if (k < 0 && errno == EINTR)
                 continue;
@@ -1685,6 +1691,8 @@ static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *op
             rc = err->code;
             goto done;
         }
+        if (J->one_shard && opts->sha256_hex != NULL && (rc = lm_st_writer_hash_begin(J->w[sh], err)) != LM_OK)
+            goto done; /* a shard worker: the sidecar's sha256, computed as the shard is written */
         *bytes_written += lm_st_writer_file_bytes(J->w[sh]);
     }
 done:
@@ -1835,8 +1843,7 @@ static lm_code finish_job(job *J, lm_err *err)
         if (J->w[sh] != NULL && (rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
             return rc;
     if (J->one_shard && opts->sha256_hex != NULL &&
-        (rc = lm_fd_sha256(lm_st_writer_fd(J->w[J->only_shard]), lm_st_writer_out_path(J->w[J->only_shard]), opts->sha256_hex,
-                           err)) != LM_OK)
+        (rc = lm_st_writer_hash_end(J->w[J->only_shard], opts->sha256_hex, &J->st.hash_cpu_seconds, err)) != LM_OK)
         return rc;
     if (J->tstat != NULL)
         stats_reduce(J, J->tasks, J->n_tasks, opts->stats);

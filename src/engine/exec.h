@@ -45,7 +45,8 @@ typedef struct lm_exec_opts {
     lm_code (*after_commit)(void *ctx, lm_err *err);
     /* shard workers (shards.h): with one_shard, only shard only_shard is computed and written
      * (the other shards' tensors are not read); sha256_hex (may be NULL) then receives that
-     * file's sha256, read back from the complete temporary file before it is renamed */
+     * file's sha256, computed as the file is written (lm_st_writer_hash_begin), before it is
+     * renamed; the stats' hash_cpu_seconds what hashing took */
     int one_shard;
     size_t only_shard;
     char *sha256_hex; /* [65] */
@@ -59,6 +60,7 @@ typedef struct lm_exec_stats {
     uint64_t n_exact_elems;   /* their elements */
     uint64_t n_recomputed;    /* of those, recomputed in f64 (not certified by the fast path) */
     uint64_t n_fixed_point;   /* of those, rounded from the exact fixed-point value */
+    double hash_cpu_seconds;  /* sha256_hex: CPU seconds spent hashing the shard */
 } lm_exec_stats;
 
 /*! lm_exec_run() :

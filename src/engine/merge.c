@@ -973,6 +973,15 @@ static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *mo
     return LM_OK;
 }
 
+/* the threads the report gives: the run's; finalize's, the workers' (from their sidecars; 0, left
+ * out, when unknown): it writes no tensor itself */
+static int report_threads(const merge_state *S)
+{
+    if (S->job->shard_mode == LM_SHARDS_INDEX || S->st.n_threads > 0)
+        return S->st.n_threads;
+    return S->job->n_threads;
+}
+
 /* the report of a merge done (or planned) */
 static lm_code merge_report(merge_state *S, lm_merge_report **report, lm_err *err)
 {
@@ -980,7 +989,7 @@ static lm_code merge_report(merge_state *S, lm_merge_report **report, lm_err *er
     S->ri->pub.seconds = now_seconds() - S->t0;
     lm_report_ctx c = {job, S->ads, (const char *const *)NULL, S->plan, job->dry_run ? NULL : S->tstats,
                        job->out_path ? (S->ot.is_dir ? "directory" : "file") : NULL,
-                       S->out_dtype, S->st.n_threads ? S->st.n_threads : job->n_threads, S->kern.name, S->st.bytes_written,
+                       S->out_dtype, report_threads(S), S->kern.name, S->st.bytes_written,
                        S->st.n_exact_tensors, S->st.n_recomputed};
     const char *shas[64];
     const char **sha_ptrs = job->n_adapters <= 64 ? shas : malloc(job->n_adapters * sizeof *sha_ptrs);

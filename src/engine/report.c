@@ -454,7 +454,10 @@ lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err
         cJSON_AddNumberToObject(s, "n_warnings", (double)ri->n_warnings);
         cJSON_AddNumberToObject(s, "lowrank_gflop", r->lowrank_gflop);
         cJSON_AddNumberToObject(s, "seconds", r->seconds);
-        cJSON_AddNumberToObject(s, "threads", r->n_threads);
+        if (r->n_threads > 0)
+            cJSON_AddNumberToObject(s, "threads", r->n_threads);
+        else /* finalize, with sidecars that do not say */
+            cJSON_AddNullToObject(s, "threads");
         cJSON_AddStringToObject(s, "kernels", r->kernels ? r->kernels : "");
         cJSON_AddNumberToObject(s, "n_exact_tensors", (double)r->n_exact_tensors);
         cJSON_AddNumberToObject(s, "n_recomputed", (double)r->n_recomputed);

@@ -338,7 +338,7 @@ static int sidecar_id_matches(const cJSON *sc, const file_id *id)
  * then the sidecar's sha256 (computed by the worker from the complete file) stands.  A shard whose
  * identity changed, or every shard with `verify`, is read again and hashed (*rehashed set). */
 static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp, int verify, int *rehashed,
-                                 lm_err *err)
+                                 int *threads, lm_err *err)
 {
     const char *leaf = leaf_of(C->ot->paths[k]);
     struct stat st;
@@ -366,6 +366,8 @@ static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp
         why = "sha256 differs from its sidecar (corrupted)";
     if (why[0] == '\0' && C->shard_sha != NULL)
         memcpy(C->shard_sha[k], hex, sizeof hex);
+    const cJSON *th = sc ? cJSON_GetObjectItemCaseSensitive(sc, "threads") : NULL;
+    *threads = why[0] == '\0' && cJSON_IsNumber(th) && th->valuedouble >= 1 ? (int)th->valuedouble : 0;
     cJSON_Delete(sc);
     return why;
 }
@@ -385,7 +387,7 @@ static void clocks(double *wall, double *cpu)
 /* the sidecar of shard k, once it is in place: what finalize checks, and for the record (a
  * scheduler's view of the shard's cost) the wall and CPU seconds its worker spent on it */
 static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, const char *sha, double seconds,
-                             double cpu_seconds, lm_err *err)
+                             double cpu_seconds, const lm_exec_stats *es, lm_err *err)
 {
     struct stat st;
     if (stat(C->ot->paths[k], &st) != 0) {
@@ -409,6 +411,8 @@ static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, co
     cJSON_AddStringToObject(o, "ctime_ns", ct);
     cJSON_AddNumberToObject(o, "seconds", seconds);
     cJSON_AddNumberToObject(o, "cpu_seconds", cpu_seconds);
+    cJSON_AddNumberToObject(o, "hash_cpu_seconds", es->hash_cpu_seconds); /* of cpu_seconds */
+    cJSON_AddNumberToObject(o, "threads", es->n_threads);
     char *text = cJSON_Print(o);
     cJSON_Delete(o);
     lm_code rc = path && text ? lm_write_file_atomic(path, text, strlen(text), err)
@@ -454,7 +458,7 @@ static lm_code write_one_shard(lm_shard_ctx *C, size_t k, const char *fp, lm_err
     C->st->bytes_computed += st.bytes_computed;
     C->st->n_tiles += st.n_tiles;
     C->st->n_threads = st.n_threads;
-    return write_sidecar(C, k, fp, sha, w1 - w0, c1 - c0, err);
+    return write_sidecar(C, k, fp, sha, w1 - w0, c1 - c0, &st, err);
 }
 
 lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
@@ -469,8 +473,8 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
         n_mine++;
         lm_err e;
         lm_err_clear(&e);
-        int rehashed;
-        if (shard_problem(C, k, fp, C->job->shard_verify, &rehashed, &e)[0] == '\0') {
+        int rehashed, threads;
+        if (shard_problem(C, k, fp, C->job->shard_verify, &rehashed, &threads, &e)[0] == '\0') {
             n_done++;
             lm_report_note(C->ri, "shard %s already complete and verified: kept", leaf_of(C->ot->paths[k]));
             continue;
@@ -512,10 +516,11 @@ static lm_code check_all_shards(const lm_shard_ctx *C, const char *fp, lm_err *e
     if (rc != LM_OK)
         return rc;
     const char **whys = calloc(C->ot->n_shards, sizeof *whys);
-    int *rehashed = calloc(C->ot->n_shards, sizeof *rehashed);
-    if (whys == NULL || rehashed == NULL) {
+    int *rehashed = calloc(C->ot->n_shards, sizeof *rehashed), *threads = calloc(C->ot->n_shards, sizeof *threads);
+    if (whys == NULL || rehashed == NULL || threads == NULL) {
         free(whys);
         free(rehashed);
+        free(threads);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
     int n_threads = C->eo->n_threads > 0 ? C->eo->n_threads : 0;
@@ -524,12 +529,16 @@ static lm_code check_all_shards(const lm_shard_ctx *C, const char *fp, lm_err *e
     for (size_t k = 0; k < C->ot->n_shards; k++) {
         lm_err e;
         lm_err_clear(&e);
-        whys[k] = shard_problem(C, k, fp, C->job->shard_verify, &rehashed[k], &e);
+        whys[k] = shard_problem(C, k, fp, C->job->shard_verify, &rehashed[k], &threads[k], &e);
     }
     size_t n_rehashed = 0;
-    for (size_t k = 0; k < C->ot->n_shards; k++)
+    C->st->n_threads = 0; /* the report's threads: the most a worker used (sidecars), 0 (left out) if unknown */
+    for (size_t k = 0; k < C->ot->n_shards; k++) {
         n_rehashed += rehashed[k] != 0;
+        C->st->n_threads = threads[k] > C->st->n_threads ? threads[k] : C->st->n_threads;
+    }
     free(rehashed);
+    free(threads);
     if (C->job->shard_verify)
         lm_report_note(C->ri, "--verify: %zu of the %zu shards read back and hashed", n_rehashed, C->ot->n_shards);
     else

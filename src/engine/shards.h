@@ -13,9 +13,10 @@
  *
  * Worker I of N writes the shards k with k % N == I and nothing else, straight into OUT (no
  * staging directory: the workers share OUT).  Each shard goes through a temporary name, its
- * sha256 is read back from the complete temporary file, it is renamed into place, then its
- * sidecar OUT/.lora-merge-shards/<shard>.json (fingerprint, size, sha256, and the file's identity:
- * inode, mtime, ctime) is written.  Workers never remove anything but their own temporary files.
+ * sha256 is computed as it is written (lm_st_writer_hash_begin: no read-back of the finished
+ * file), it is renamed into place, then its sidecar OUT/.lora-merge-shards/<shard>.json
+ * (fingerprint, size, sha256, and the file's identity: inode, mtime, ctime; for the record the
+ * worker's seconds, hashing CPU and threads) is written.  Workers never remove anything but their own temporary files.
  *
  * A shard is complete and verified when it is present, its sidecar is of this plan, its size is
  * the plan's, and either its identity is still the recorded one (nothing changed it through the

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <openssl/evp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -34,6 +35,8 @@ struct lm_st_writer {
     uint64_t *offsets;  /* absolute */
     uint64_t *n_bytes;
     uint64_t file_bytes;
+    uint64_t data_start; /* 8 + the header's length */
+    struct writer_hash *hash; /* lm_st_writer_hash_begin(), or NULL */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -277,10 +280,13 @@ static lm_code tensor_bytes(const lm_out_tensor *t, uint64_t *out, lm_err *err)
 /* ------------------------------------------------------------------------------------------ */
 /* open / write / commit                                                                        */
 /* ------------------------------------------------------------------------------------------ */
+static void hash_free(struct writer_hash *h);
+
 static void writer_free(lm_st_writer *w)
 {
     if (w == NULL)
         return;
+    hash_free(w->hash);
     if (w->fd >= 0)
         close(w->fd);
     lm_cleanup_unregister(w->cleanup_slot);
@@ -488,6 +494,7 @@ static lm_st_writer *writer_layout(const char *out_path, const lm_out_tensor *te
     for (size_t i = 0; i < n; i++)
         w->offsets[i] += 8 + header_len;
     w->file_bytes = 8 + header_len + pos;
+    w->data_start = 8 + header_len;
     *sb_out = sb;
     return w;
 fail:
@@ -583,10 +590,13 @@ int lm_st_writer_fd(const lm_st_writer *w) { return w->fd; }
 const char *lm_st_writer_temp_path(const lm_st_writer *w) { return w->anon ? NULL : w->tmp_path; }
 const char *lm_st_writer_out_path(const lm_st_writer *w) { return w->out_path; }
 
+static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint64_t n);
+
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err)
 {
     const uint8_t *p = buf;
+    const uint64_t off0 = offset, n0 = n_bytes;
     while (n_bytes > 0) {
         size_t chunk = n_bytes > ((size_t)1 << 30) ? ((size_t)1 << 30) : n_bytes;
         ssize_t k = lm_sys_pwrite(w->fd, p, chunk, (off_t)offset);
@@ -607,6 +617,175 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
         n_bytes -= (size_t)k;
         offset += (uint64_t)k;
     }
+    if (w->hash != NULL) /* once the bytes are in the file (another thread's catch-up may read them) */
+        hash_written(w, buf, off0, n0);
+    return LM_OK;
+}
+
+/* ---- the sha256 of the file as it is written (lm_st_writer_hash_begin) ----------------------
+ * [0, done) is hashed.  A write that reaches done is hashed from the writer's own buffer; one
+ * beyond it is kept as a range (sorted, disjoint, touching ranges merged) and hashed once the
+ * prefix reaches it, read back from the file: the page cache, just written.  With one thread the
+ * tiles land in file order, the copies of untouched tensors (in-kernel, never in a buffer here)
+ * ahead of them, so what is read back is the copies only. */
+typedef struct {
+    uint64_t lo, hi;
+} wrange;
+
+struct writer_hash {
+    pthread_mutex_t mu;
+    EVP_MD_CTX *md;
+    uint64_t done;
+    wrange *r;
+    size_t n_r, cap_r;
+    uint8_t *buf; /* the read-back buffer (HASH_BUF), made at the first read */
+    int err;      /* errno of a failed read-back, or ENOMEM: reported by lm_st_writer_hash_end() */
+    double cpu;   /* thread CPU seconds spent hashing */
+};
+#define HASH_BUF ((size_t)4 << 20)
+
+static void hash_free(struct writer_hash *h)
+{
+    if (h == NULL)
+        return;
+    EVP_MD_CTX_free(h->md);
+    pthread_mutex_destroy(&h->mu);
+    free(h->r);
+    free(h->buf);
+    free(h);
+}
+
+static double thread_cpu(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* bytes [h->done, end) hashed, read from the file; h->mu held */
+static void hash_read_to(lm_st_writer *w, struct writer_hash *h, uint64_t end)
+{
+    if (h->err)
+        return;
+    if (h->buf == NULL && (h->buf = malloc(HASH_BUF)) == NULL) {
+        h->err = ENOMEM;
+        return;
+    }
+    while (h->done < end) {
+        size_t want = end - h->done < HASH_BUF ? (size_t)(end - h->done) : HASH_BUF;
+        ssize_t k = lm_sys_pread(w->fd, h->buf, want, (off_t)h->done);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            h->err = k < 0 ? errno : EIO;
+            return;
+        }
+        EVP_DigestUpdate(h->md, h->buf, (size_t)k);
+        h->done += (uint64_t)k;
+    }
+}
+
+/* [off, off + n) is in the file (buf: the same bytes, or NULL) */
+static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint64_t n)
+{
+    struct writer_hash *h = w->hash;
+    if (n == 0)
+        return;
+    pthread_mutex_lock(&h->mu);
+    double c0 = thread_cpu();
+    if (h->err == 0 && buf != NULL && off <= h->done && off + n > h->done) {
+        EVP_DigestUpdate(h->md, buf + (h->done - off), (size_t)(off + n - h->done));
+        h->done = off + n;
+    } else if (h->err == 0 && off + n > h->done) { /* a range ahead of the prefix: kept */
+        size_t i = 0;
+        while (i < h->n_r && h->r[i].hi < off)
+            i++;
+        if (i < h->n_r && h->r[i].lo <= off + n) { /* touches range i (writes never overlap) */
+            h->r[i].lo = off < h->r[i].lo ? off : h->r[i].lo;
+            h->r[i].hi = off + n > h->r[i].hi ? off + n : h->r[i].hi;
+            if (i + 1 < h->n_r && h->r[i + 1].lo <= h->r[i].hi) { /* and range i + 1 */
+                h->r[i].hi = h->r[i + 1].hi > h->r[i].hi ? h->r[i + 1].hi : h->r[i].hi;
+                memmove(&h->r[i + 1], &h->r[i + 2], (h->n_r - i - 2) * sizeof *h->r);
+                h->n_r--;
+            }
+        } else {
+            if (h->n_r == h->cap_r) {
+                size_t cap = h->cap_r ? 2 * h->cap_r : 64;
+                wrange *r = realloc(h->r, cap * sizeof *r);
+                if (r == NULL) {
+                    h->err = ENOMEM;
+                    goto out;
+                }
+                h->r = r;
+                h->cap_r = cap;
+            }
+            memmove(&h->r[i + 1], &h->r[i], (h->n_r - i) * sizeof *h->r);
+            h->r[i] = (wrange){off, off + n};
+            h->n_r++;
+        }
+    }
+    /* the ranges the prefix now reaches: read back */
+    size_t k = 0;
+    while (k < h->n_r && h->r[k].lo <= h->done && h->err == 0) {
+        if (h->r[k].hi > h->done)
+            hash_read_to(w, h, h->r[k].hi);
+        k++;
+    }
+    memmove(h->r, h->r + k, (h->n_r - k) * sizeof *h->r);
+    h->n_r -= k;
+out:
+    h->cpu += thread_cpu() - c0;
+    pthread_mutex_unlock(&h->mu);
+}
+
+lm_code lm_st_writer_hash_begin(lm_st_writer *w, lm_err *err)
+{
+    struct writer_hash *h = calloc(1, sizeof *h);
+    if (h == NULL || (h->md = EVP_MD_CTX_new()) == NULL || EVP_DigestInit_ex(h->md, EVP_sha256(), NULL) != 1) {
+        if (h != NULL)
+            EVP_MD_CTX_free(h->md);
+        free(h);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    pthread_mutex_init(&h->mu, NULL);
+    w->hash = h;
+    hash_written(w, NULL, 0, w->data_start); /* the header, written by lm_st_writer_open() */
+    return LM_OK;
+}
+
+void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_bytes)
+{
+    if (w->hash != NULL)
+        hash_written(w, NULL, offset, n_bytes);
+}
+
+lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds, lm_err *err)
+{
+    lm_code rc;
+    if (w->hash == NULL && (rc = lm_st_writer_hash_begin(w, err)) != LM_OK) /* not hashed so far: all read back */
+        return rc;
+    struct writer_hash *h = w->hash;
+    pthread_mutex_lock(&h->mu);
+    double c0 = thread_cpu();
+    hash_read_to(w, h, w->file_bytes); /* what was never written (none, normally) read as it is */
+    h->n_r = 0;
+    h->cpu += thread_cpu() - c0;
+    int e = h->err;
+    pthread_mutex_unlock(&h->mu);
+    if (e != 0) {
+        lm_fail_errno(err, e, "cannot read the output file back to hash it");
+        lm_err_set_path(err, w->out_path);
+        return e == ENOMEM ? LM_E_NOMEM : LM_E_IO;
+    }
+    unsigned char md[32];
+    unsigned n_md = 0;
+    EVP_DigestFinal_ex(h->md, md, &n_md);
+    for (unsigned i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    if (cpu_seconds != NULL)
+        *cpu_seconds = h->cpu;
+    hash_free(h);
+    w->hash = NULL;
     return LM_OK;
 }
 
