@@ -118,6 +118,7 @@ static void set_ref(lm_kernels *k)
     k->wy64 = lm_wy64_ref;
     k->lr64 = lm_lr64_ref;
     k->rot_cert = lm_rot_cert_ref;
+    k->dora_cert = lm_dora_cert_ref;
     k->name = "ref";
 }
 
@@ -143,6 +144,7 @@ static void set_avx2(lm_kernels *k)
     k->wy64 = lm_wy64_avx2;
     k->lr64 = lm_lr64_avx2;
     k->rot_cert = lm_rot_cert_avx2;
+    k->dora_cert = lm_dora_cert_avx2;
     k->name = "avx2";
 }
 
@@ -167,6 +169,7 @@ static void set_avx512(lm_kernels *k)
     k->wy64 = lm_wy64_avx512;
     k->lr64 = lm_lr64_avx512;
     k->rot_cert = lm_rot_cert_avx512;
+    k->dora_cert = lm_dora_cert_avx512;
     k->name = "avx512";
 }
 #endif
