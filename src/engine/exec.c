@@ -566,7 +566,7 @@ static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
  * check_finite (a finite exact value beyond the output's range, or inf/NaN made from finite
  * base values) */
 static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
-                                  const workspace *ws, lm_err *err)
+                                  const workspace *ws, uint64_t *n_changed, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
@@ -580,6 +580,7 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     }
     __atomic_add_fetch(&rt->n_recomputed, st.n_recomputed, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rt->n_fixed_point, st.n_exact, __ATOMIC_RELAXED);
+    *n_changed = st.n_changed;
     if (st.n_overflow + st.n_nonfinite == 0)
         return LM_OK;
     size_t bad_in = 0; /* non-finite base values (src may be unaligned: a mapping) */
@@ -929,8 +930,11 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         return LM_E_IO;
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
-    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
-                                 pieces);
+    const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
+    const lm_xq_term term = {J->rt[ti].prep[0].b, J->rt[ti].prep[0].a, op->rank, op->row0, op->out, (float)op->scale};
+    *n_pieces = lm_xq_merge_tile(t, J->k, J->rt[ti].qscale, src, r0, nr, ws->acc,
+                                 t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
+                                 ws->out, ws->qscales, &qs, pieces);
     quant_stats_add(J, ti, &qs);
     if (ts != NULL) {
         ts->n_changed = qs.n_changed;
@@ -953,7 +957,10 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     if (src == NULL)
         return LM_E_IO;
     if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
-        if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+        /* one dtype in and out: the kernel counts the changed elements as it stores them (no
+         * second pass over the tile); else they are compared after */
+        const int kernel_counts = t->dtype == t->src_dtype && !t->sim_nf4 && !J->stats_norms && t->q == NULL;
+        if (ts != NULL && !kernel_counts && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
         const uint8_t *xsrc = src;
         if (t->sim_nf4) { /* the NF4 round trip, exactly in the base's dtype (qscales: unused here) */
@@ -961,8 +968,11 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
             from_f32(J->k, t->src_dtype, ws->acc, ws->qscales, n);
             xsrc = (const uint8_t *)ws->qscales;
         }
-        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, err); /* src stays intact */
-        if (rc == LM_OK && ts != NULL)
+        uint64_t changed = 0;
+        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, &changed, err); /* src stays intact */
+        if (rc == LM_OK && ts != NULL && kernel_counts)
+            ts->n_changed = changed;
+        else if (rc == LM_OK && ts != NULL)
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
     }
