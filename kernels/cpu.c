@@ -119,6 +119,7 @@ static void set_ref(lm_kernels *k)
     k->lr64 = lm_lr64_ref;
     k->fp8_merge = lm_fp8_merge_ref;
     k->fp8_encode = lm_fp8_encode_ref;
+    k->rot_cert = lm_rot_cert_ref;
     k->name = "ref";
 }
 
@@ -145,6 +146,7 @@ static void set_avx2(lm_kernels *k)
     k->lr64 = lm_lr64_avx2;
     k->fp8_merge = NULL; /* (no AVX2 variant: quant.c's block functions, built for AVX2 too) */
     k->fp8_encode = NULL;
+    k->rot_cert = lm_rot_cert_avx2;
     k->name = "avx2";
 }
 
@@ -170,6 +172,7 @@ static void set_avx512(lm_kernels *k)
     k->lr64 = lm_lr64_avx512;
     k->fp8_merge = lm_fp8_merge_avx512;
     k->fp8_encode = lm_fp8_encode_avx512;
+    k->rot_cert = lm_rot_cert_avx512;
     k->name = "avx512";
 }
 #endif

@@ -181,32 +181,37 @@ F8_TARGET void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size
     _mm512_storeu_ps(L->d2, S.d2);
 }
 
-/* 16 values' codes (lanes outside m: 0), and the lanes' numbers */
+/* 16 values' codes (lanes outside m: 0) into qp, or into *out (not NULL), and the lanes' numbers */
 F8_INLINE void f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, __m512 ramax, const uint8_t *q0p,
-                        uint8_t *qp, __m512 *sum, __m512 *e2, __m512i *emax, uint64_t *n_diff)
+                        uint8_t *qp, __m512 *sum, __m512 *e2, __m512i *emax, uint64_t *n_diff, __m512i *out)
 {
     const __m512 xv = _mm512_maskz_loadu_ps(m, xp);
     const __m512i u = _mm512_castps_si512(_mm512_mul_ps(xv, s));
     const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(0x7FFFF)),
-                                       _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1)));
-    __m512i c = _mm512_sub_epi32(_mm512_srli_epi32(r, 20), _mm512_set1_epi32(960));
+    /* the rounding on the signed bits (|x * s| < 2^31 as bits: no carry into the sign): v the
+     * value coded with x's sign (x * s has it), bits 20.. + 0x40 the code's 7 low bits (the
+     * exponent rebiased: -960 = +0x40 modulo 128; bit 7 clear for every code up to 0x7E) */
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFFF)),
+                                       _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1)));
+    __m512i c = _mm512_add_epi32(_mm512_srli_epi32(r, 20), _mm512_set1_epi32(0x40));
     __m512i v = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFF00000u));
     const __mmask16 sub = _mm512_mask_cmplt_epu32_mask(m, a, _mm512_set1_epi32(0x3C800000));
     if (sub) { /* below 2^-6: steps of 2^-9 */
         const __m512 sa = _mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f));
         c = _mm512_mask_sub_epi32(c, sub, _mm512_castps_si512(sa), _mm512_set1_epi32(0x46800000));
-        v = _mm512_mask_mov_epi32(v, sub, _mm512_castps_si512(_mm512_sub_ps(sa, _mm512_set1_ps(16384.0f))));
+        v = _mm512_mask_or_epi32(v, sub, _mm512_castps_si512(_mm512_sub_ps(sa, _mm512_set1_ps(16384.0f))),
+                                 _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u)));
     }
-    c = _mm512_maskz_mov_epi32(m, c);
-    /* the sign: bit 31 of u into bit 7 */
-    c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80)));
-    _mm512_mask_cvtepi32_storeu_epi8(qp, m, c);
+    /* the code: its 7 low bits (c & 0x7F), and bit 31 of u as bit 7 (u >> 24 & ~0x7F) */
+    c = _mm512_maskz_ternarylogic_epi32(m, c, _mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x7F), 0xE4);
+    if (out != NULL) /* (the caller stores it) */
+        *out = c;
+    else
+        _mm512_mask_cvtepi32_storeu_epi8(qp, m, c);
     if (q0p != NULL)
         *n_diff += (uint64_t)__builtin_popcount(
             (unsigned)_mm512_mask_cmpneq_epi32_mask(m, c, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q0p))));
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(xv), _mm512_set1_epi32((int)0x80000000u));
-    const __m512 dq = _mm512_sub_ps(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(v, sign)), inv), xv);
+    const __m512 dq = _mm512_sub_ps(_mm512_mul_ps(_mm512_castsi512_ps(v), inv), xv);
     const __m512i e = _mm512_maskz_and_epi32(m, _mm512_castps_si512(_mm512_mul_ps(dq, ramax)),
                                              _mm512_set1_epi32(0x7FFFFFFF));
     *emax = _mm512_max_epu32(*emax, e);
@@ -228,14 +233,25 @@ F8_TARGET void lm_fp8_encode_avx512(const float *x, size_t ldx, size_t h, size_t
         uint8_t *qr = q + i * ldo;
         const uint8_t *q0r = q0 != NULL ? q0 + i * ldq : NULL;
         size_t j = 0;
-        if (q0r == NULL)
+        if (q0r == NULL) { /* 64 codes packed into one store (vpmovdb to memory is slow on AMD) */
+            for (; j + 64 <= wf; j += 64) {
+                __m512i c[4];
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; g++)
+                    f8_enc16(xr + j + 16 * g, 0xFFFF, vs, vinv, vr, NULL, NULL, &sum, &e2, &emax, &n_diff, &c[g]);
+                /* in each 128-bit lane l: c0[4l..4l+3] c1[..] c2[..] c3[..] (codes < 256: no saturation) */
+                const __m512i p = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+                _mm512_storeu_si512(qr + j, _mm512_permutexvar_epi32(
+                                                _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), p));
+            }
             for (; j < wf; j += 16)
-                f8_enc16(xr + j, 0xFFFF, vs, vinv, vr, NULL, qr + j, &sum, &e2, &emax, &n_diff);
-        else
+                f8_enc16(xr + j, 0xFFFF, vs, vinv, vr, NULL, qr + j, &sum, &e2, &emax, &n_diff, NULL);
+        } else {
             for (; j < wf; j += 16)
-                f8_enc16(xr + j, 0xFFFF, vs, vinv, vr, q0r + j, qr + j, &sum, &e2, &emax, &n_diff);
+                f8_enc16(xr + j, 0xFFFF, vs, vinv, vr, q0r + j, qr + j, &sum, &e2, &emax, &n_diff, NULL);
+        }
         if (j < w)
-            f8_enc16(xr + j, last, vs, vinv, vr, q0r != NULL ? q0r + j : NULL, qr + j, &sum, &e2, &emax, &n_diff);
+            f8_enc16(xr + j, last, vs, vinv, vr, q0r != NULL ? q0r + j : NULL, qr + j, &sum, &e2, &emax, &n_diff, NULL);
     }
     _mm512_storeu_ps(L->sum, sum);
     _mm512_storeu_ps(L->e2, e2);

@@ -192,6 +192,15 @@ typedef void (*lm_fp8_merge_fn)(const uint8_t *q0, size_t ldq, float s0, size_t 
                                 float *x, size_t ldx, lm_fp8_lanes *L);
 typedef void (*lm_fp8_encode_fn)(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
                                  const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+/* the certified rotation's row (slot rot_cert; kernels/rotcert_ref.c): dn [n_rot, bs] the rows'
+ * norms of D = R - I (rounded up), f BOFT's row factor when scaled, out bf16 or f16 */
+typedef struct lm_rotcert {
+    const float *dn;
+    size_t n_rot, bs;
+    float f;
+    int scaled;
+    lm_kdtype out;
+} lm_rotcert;
 
 typedef struct lm_kernels {
     void (*bf16_to_f32)(const uint16_t *src, float *dst, size_t n);
@@ -222,6 +231,10 @@ typedef struct lm_kernels {
     void (*lr64)(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
     lm_fp8_merge_fn fp8_merge;   /* block FP8 (above); NULL: quant.c's own block functions */
     lm_fp8_encode_fn fp8_encode;
+    /* one row of the certified rotation: x the input, v = D x (cols floats), e: cols floats, left
+     * holding the block terms dn_a xn; dst the output bits, unc 1 where not certified; @return any unc (rotcert_ref.c) */
+    unsigned (*rot_cert)(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                         uint8_t *unc);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -496,6 +509,18 @@ void lm_lr64_avx512(double *X, const float *w, double s, const double *R, const 
 void lm_lr64_tail(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
                   size_t n);
 void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
+
+/* kernels/rotcert_*.c, and the reference's pieces the variants share */
+unsigned lm_rot_cert_ref(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                         uint8_t *unc);
+unsigned lm_rot_cert_avx2(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                          uint8_t *unc);
+unsigned lm_rot_cert_avx512(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e,
+                            uint16_t *dst, uint8_t *unc);
+void lm_rotcert_norms_ref(const float *x, size_t cols, const lm_rotcert *rc, float *e);
+void lm_rotcert_norms_avx2(const float *x, size_t cols, const lm_rotcert *rc, float *e);
+unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, size_t n, const lm_rotcert *rc,
+                              uint16_t *dst, uint8_t *unc);
 
 #ifdef __cplusplus
 }

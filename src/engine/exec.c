@@ -817,6 +817,30 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
     pthread_mutex_unlock(J->prep_lock);
 }
 
+/* compute_tile_certify() for a method with certify_tile: the bound and the rounding in one sweep
+ * (ws->acc, the input, left intact) */
+static lm_code compute_tile_certify1(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+                                     struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const lm_op *op = &t->ops[0];
+    const lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    lm_cert_counts cs = {0};
+    if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(t->dtype), (uint16_t *)(void *)ws->out,
+                                 &cs) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a tile of '%s'", t->name);
+        return LM_E_NOMEM;
+    }
+    __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
+    if (ts != NULL)
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
+    if (cs.n_overflow + cs.n_nonfinite == 0)
+        return LM_OK;
+    const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n);
+    return refuse_nonfinite(t, r0, nr, bad_in, (size_t)cs.n_nonfinite, bad_in + (size_t)cs.n_overflow, err);
+}
+
 /* LM_EXACT_F64, the certified f32 form (lm_exact_certify_fast): ws->acc holds the input tile; the
  * op's f32 result and bounds, then the output bits, the uncertain elements from f64 (exec_exact.h).
  * The input tile and the bounds live in ws->acc64 (room for 2 n floats) */
@@ -825,11 +849,13 @@ static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr,
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     const size_t n = (size_t)(nr * t->cols);
-    float *in = (float *)(void *)ws->acc64, *bound = in + n;
-    memcpy(in, ws->acc, n * sizeof *in);
     const lm_op *op = &t->ops[0];
     const lm_prepared *p = &J->rt[ti].prep[0];
     lm_certify_stats cs = {0};
+    if (op->method->certify_tile != NULL) /* one sweep; ws->acc stays the input */
+        return compute_tile_certify1(J, ti, r0, nr, ws, ts, base_bytes, n_base, err);
+    float *in = (float *)(void *)ws->acc64, *bound = in + n;
+    memcpy(in, ws->acc, n * sizeof *in);
     /* 16 rows at a time (whole row groups), so that the input rows are still in
      * cache when the uncertain elements are recomputed from them */
     uint64_t sub = 16, g = op->row_align > 1 ? op->row_align : 1; /* rot_blocks does 8 rows at once */

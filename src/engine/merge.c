@@ -824,7 +824,7 @@ static lm_code run_shards(merge_state *S, lm_err *err)
     char(*sha)[65] = fin && S->job->hash_outputs ? calloc(S->ot.n_shards + 1, sizeof *sha) : NULL;
     if (fin && S->job->hash_outputs && sha == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st, sha};
+    lm_shard_ctx C = {S->job, S->plan, S->model, S->ads, &S->ot, &S->side, S->ri, &eo, &S->st, sha, S->ad_sha256};
     lm_code rc = fin ? lm_shards_finalize(&C, err) : lm_shards_work(&C, err);
     phase_end(S, LM_PHASE_WRITE);
     /* finalize --json: the sha256 of every file, the shards' from their verification (not read again) */

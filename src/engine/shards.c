@@ -154,7 +154,9 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
         md_f64(md, ad->weight);
         for (int f = 0; f < 2 && rc == LM_OK; f++) {
             char hex[65] = "";
-            if (files[f] != NULL)
+            if (f == 0 && C->ad_sha256 != NULL && files[0] != NULL) /* the provenance's: not read twice */
+                memcpy(hex, C->ad_sha256[a], sizeof hex);
+            else if (files[f] != NULL)
                 rc = lm_file_sha256(files[f], hex, err);
             md_str(md, hex);
         }

@@ -48,6 +48,7 @@ typedef struct lm_shard_ctx {
     const lm_exec_opts *eo;      /* threads, kernels ...: copied per shard */
     lm_exec_stats *st;           /* accumulated over the shards written */
     char (*shard_sha)[65];       /* finalize: [n_shards] receives each verified shard's sha256 (may be NULL) */
+    char (*ad_sha256)[65];       /* each adapter's weights file's sha256, hashed already (may be NULL) */
 } lm_shard_ctx;
 
 /*! lm_shards_layout() : the output layout every worker computes alike (see above). */
