@@ -306,12 +306,25 @@ static void prepare_ahead(job *J, size_t ti)
         return;
     lm_err e;
     lm_err_clear(&e);
-    if (tensor_prepare(J, nx, &e) != LM_OK)
+    if (tensor_prepare(J, nx, &e) != LM_OK || J->rt[nx].exact_kind != LM_EXACT_LOWRANK)
         return;
-    pthread_mutex_lock(J->prep_lock); /* its tiles may all be done already: released under this lock */
-    if (J->rt[nx].exact != NULL)
-        (void)lm_lowrank_tensor_warm(J->rt[nx].exact, 0);
-    pthread_mutex_unlock(J->prep_lock);
+    /* The first segment's factors are made outside prep_lock, so that a thread releasing the
+     * tensor it has just finished (under that lock) does not wait for them.  Its tiles may all be
+     * done meanwhile: the warm-up holds one more "tile" and whoever brings the count to zero
+     * releases the tensor. */
+    tensor_rt *rt = &J->rt[nx];
+    uint64_t n = __atomic_load_n(&rt->tiles_left, __ATOMIC_ACQUIRE);
+    do {
+        if (n == 0)
+            return;
+    } while (!__atomic_compare_exchange_n(&rt->tiles_left, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    if (rt->exact != NULL) /* still prepared: the count held it */
+        (void)lm_lowrank_tensor_warm(rt->exact, 0);
+    if (__atomic_sub_fetch(&rt->tiles_left, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_lock(J->prep_lock);
+        tensor_release(J, nx);
+        pthread_mutex_unlock(J->prep_lock);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
