@@ -239,7 +239,8 @@ static int file_has(const char *dir, const char *file, const char *needle)
 }
 
 /* every strategy: kept quantized (the library's rule), the same bytes for any thread count and
- * tile size, and --dtype f32 (scales, input_scale and quantization_config dropped) */
+ * tile size, and --dtype f32 (scales, input_scale and quantization_config dropped); per channel
+ * also --dtype bf16 */
 Test(quant_ct, fp8_strategies_keep_and_dtype, .timeout = 120)
 {
     static const char *const q[] = {"ct-fp8", "ct-fp8-channel", "ct-fp8-group", "ct-fp8-block"};
@@ -261,6 +262,17 @@ Test(quant_ct, fp8_strategies_keep_and_dtype, .timeout = 120)
         th_st_free(&st);
         ct_ref("ct_ref.py", "ct-fp8-keep", f.base, f.ad, out, NULL);
         ct_ref("ct_ref.py", "ct-fp8-dtype", f.base, f.ad, outf, NULL);
+        if (k == 1) { /* per channel, --dtype bf16: the dequantized merge rounded once to BF16 */
+            char outb[1200];
+            snprintf(outb, sizeof outb, "%s/outb", f.tmp);
+            ct_merge(f.base, f.ad, outb, "--dtype", "bf16", NULL, NULL);
+            snprintf(a, sizeof a, "%s/model.safetensors", outb);
+            cr_assert_eq(th_st_read(a, &st), 0);
+            cr_assert_null(th_st_find(&st, "model.layers.1.mlp.down_proj.weight_scale"), "scales must be dropped");
+            cr_assert_str_eq(th_st_find(&st, "model.layers.1.mlp.down_proj.weight")->dtype, "BF16");
+            th_st_free(&st);
+            ct_ref("ct_ref.py", "ct-fp8-dtype", f.base, f.ad, outb, NULL);
+        }
         th_qfx_free(&f);
     }
 }
