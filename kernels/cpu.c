@@ -111,6 +111,7 @@ static void set_ref(lm_kernels *k)
     k->count_nonfinite_16 = lm_count_nonfinite_16_ref;
     k->lowrank = lm_lowrank_ref;
     k->rot_blocks = lm_rot_blocks_ref;
+    k->rot_blocks_to = lm_rot_blocks_to_ref;
     k->gemm_rows = lm_gemm_rows_ref;
     k->count_diff_16 = lm_count_diff_16_ref;
     k->count_diff_32 = lm_count_diff_32_ref;
@@ -139,6 +140,7 @@ static void set_avx2(lm_kernels *k)
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx2;
     k->lowrank = lm_lowrank_avx2;
     k->rot_blocks = lm_rot_blocks_avx2;
+    k->rot_blocks_to = lm_rot_blocks_to_avx2;
     k->gemm_rows = lm_gemm_rows_avx2;
     k->count_diff_16 = lm_count_diff_16_avx2;
     k->count_diff_32 = lm_count_diff_32_avx2;
@@ -166,6 +168,7 @@ static void set_avx512(lm_kernels *k)
     k->count_nonfinite_16 = lm_count_nonfinite_16_avx512;
     k->lowrank = lm_lowrank_avx512;
     k->rot_blocks = lm_rot_blocks_avx512;
+    k->rot_blocks_to = lm_rot_blocks_to_avx512;
     k->gemm_rows = lm_gemm_rows_avx512;
     k->count_diff_16 = lm_count_diff_16_avx512;
     k->count_diff_32 = lm_count_diff_32_avx512;

@@ -234,6 +234,9 @@ typedef struct lm_kernels {
     /* every row of acc [n_rows, cols] becomes x @ blockdiag(R_j)^T; RT: the blocks transposed,
      * [n_rot, bs, bs] with n_rot 1 (shared) or cols/bs; y: scratch of 8 bs floats (rotate_ref.c) */
     void (*rot_blocks)(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+    /* the same from src into dst (src == dst: rot_blocks) */
+    void (*rot_blocks_to)(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT, size_t n_rot,
+                          size_t bs, float *y);
     /* C = beta C + alpha op(A) op(B), row-major, row-independent (gemm_rows_ref.c) */
     lm_gemm_rows_fn gemm_rows;
     size_t (*count_diff_16)(const uint16_t *a, const uint16_t *b, size_t n); /* i with a[i] != b[i] */
@@ -309,6 +312,12 @@ size_t lm_count_nonfinite_16_avx512(const uint16_t *x, size_t n, uint16_t exp_ma
 void lm_rot_blocks_ref(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
 void lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
 void lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y);
+void lm_rot_blocks_to_ref(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT, size_t n_rot,
+                          size_t bs, float *y);
+void lm_rot_blocks_to_avx2(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT, size_t n_rot,
+                           size_t bs, float *y);
+void lm_rot_blocks_to_avx512(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT, size_t n_rot,
+                             size_t bs, float *y);
 void lm_rot_lanes8x8_avx2(const float *x, size_t cols, const float *R, size_t bs, size_t a0, float *y, size_t ys);
 void lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t a0, float *y);
 void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a0, size_t a1, float *y);

@@ -47,21 +47,22 @@ void T256 lm_rot_lanes8x1_avx2(const float *x, const float *R, size_t bs, size_t
     _mm256_storeu_ps(y + a0, v);
 }
 
-void T256 lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs,
-                             float *y)
+void T256 lm_rot_blocks_to_avx2(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT,
+                                size_t n_rot, size_t bs, float *y)
 {
     size_t nb = cols / bs, full8 = bs - bs % 8;
     for (size_t j = 0; j < nb; j++) {
         const float *R = RT + (n_rot == 1 ? 0 : j) * bs * bs;
         for (size_t r = 0; r < n_rows; r += 8) {
             size_t g = n_rows - r < 8 ? n_rows - r : 8;
-            float *x = acc + r * cols + j * bs;
-            if (bs == 8) { /* one lane group: the results straight into x */
+            const float *x = src + r * cols + j * bs;
+            float *d = dst + r * cols + j * bs;
+            if (bs == 8) { /* one lane group: the results straight into d */
                 if (g == 8)
-                    lm_rot_lanes8x8_avx2(x, cols, R, bs, 0, x, cols);
+                    lm_rot_lanes8x8_avx2(x, cols, R, bs, 0, d, cols);
                 else
                     for (size_t i = 0; i < g; i++)
-                        lm_rot_lanes8x1_avx2(x + i * cols, R, bs, 0, x + i * cols);
+                        lm_rot_lanes8x1_avx2(x + i * cols, R, bs, 0, d + i * cols);
                 continue;
             }
             for (size_t a = 0; a < full8; a += 8) {
@@ -74,8 +75,14 @@ void T256 lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float
             for (size_t i = 0; i < g; i++)
                 lm_rot_block_lanes_ref(x + i * cols, R, bs, full8, bs, y + i * bs);
             for (size_t i = 0; i < g; i++)
-                memcpy(x + i * cols, y + i * bs, bs * sizeof *x);
+                memcpy(d + i * cols, y + i * bs, bs * sizeof *d);
         }
     }
+}
+
+void T256 lm_rot_blocks_avx2(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs,
+                             float *y)
+{
+    lm_rot_blocks_to_avx2(acc, acc, n_rows, cols, RT, n_rot, bs, y);
 }
 #endif

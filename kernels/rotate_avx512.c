@@ -48,26 +48,28 @@ static inline void T512 lanes16x1(const float *x, const float *R, size_t bs, siz
     _mm512_storeu_ps(y + a0, v);
 }
 
-void T512 lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs,
-                               float *y)
+void T512 lm_rot_blocks_to_avx512(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT,
+                                  size_t n_rot, size_t bs, float *y)
 {
     size_t nb = cols / bs, full16 = bs - bs % 16, full8 = bs - bs % 8;
     for (size_t j = 0; j < nb; j++) {
         const float *R = RT + (n_rot == 1 ? 0 : j) * bs * bs;
         for (size_t r = 0; r < n_rows; r += 8) {
             size_t g = n_rows - r < 8 ? n_rows - r : 8;
-            float *x = acc + r * cols + j * bs;
-            if (bs == 16 || bs == 8) { /* one lane group: the results straight into x */
+            const float *x = src + r * cols + j * bs;
+            float *d = dst + r * cols + j * bs;
+            if (bs == 16 || bs == 8) { /* one lane group: the results straight into d */
                 for (size_t i = 0; i < (g == 8 ? 1 : g); i++) {
-                    float *xi = x + i * cols;
+                    const float *xi = x + i * cols;
+                    float *di = d + i * cols;
                     if (bs == 16 && g == 8)
-                        lanes16x8(xi, cols, R, bs, 0, xi, cols);
+                        lanes16x8(xi, cols, R, bs, 0, di, cols);
                     else if (bs == 16)
-                        lanes16x1(xi, R, bs, 0, xi);
+                        lanes16x1(xi, R, bs, 0, di);
                     else if (g == 8)
-                        lm_rot_lanes8x8_avx2(xi, cols, R, bs, 0, xi, cols);
+                        lm_rot_lanes8x8_avx2(xi, cols, R, bs, 0, di, cols);
                     else
-                        lm_rot_lanes8x1_avx2(xi, R, bs, 0, xi);
+                        lm_rot_lanes8x1_avx2(xi, R, bs, 0, di);
                 }
                 continue;
             }
@@ -89,8 +91,14 @@ void T512 lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const flo
             for (size_t i = 0; i < g; i++)
                 lm_rot_block_lanes_ref(x + i * cols, R, bs, a, bs, y + i * bs);
             for (size_t i = 0; i < g; i++)
-                memcpy(x + i * cols, y + i * bs, bs * sizeof *x);
+                memcpy(d + i * cols, y + i * bs, bs * sizeof *d);
         }
     }
+}
+
+void T512 lm_rot_blocks_avx512(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs,
+                               float *y)
+{
+    lm_rot_blocks_to_avx512(acc, acc, n_rows, cols, RT, n_rot, bs, y);
 }
 #endif

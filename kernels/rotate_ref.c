@@ -20,13 +20,18 @@ void lm_rot_block_lanes_ref(const float *x, const float *RT, size_t bs, size_t a
     }
 }
 
-void lm_rot_blocks_ref(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y)
+void lm_rot_blocks_to_ref(const float *src, float *dst, size_t n_rows, size_t cols, const float *RT, size_t n_rot,
+                          size_t bs, float *y)
 {
     size_t nb = cols / bs;
     for (size_t r = 0; r < n_rows; r++)
         for (size_t j = 0; j < nb; j++) {
-            float *x = acc + r * cols + j * bs;
-            lm_rot_block_lanes_ref(x, RT + (n_rot == 1 ? 0 : j) * bs * bs, bs, 0, bs, y);
-            memcpy(x, y, bs * sizeof *x);
+            lm_rot_block_lanes_ref(src + r * cols + j * bs, RT + (n_rot == 1 ? 0 : j) * bs * bs, bs, 0, bs, y);
+            memcpy(dst + r * cols + j * bs, y, bs * sizeof *dst);
         }
+}
+
+void lm_rot_blocks_ref(float *acc, size_t n_rows, size_t cols, const float *RT, size_t n_rot, size_t bs, float *y)
+{
+    lm_rot_blocks_to_ref(acc, acc, n_rows, cols, RT, n_rot, bs, y);
 }

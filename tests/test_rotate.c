@@ -36,8 +36,11 @@ Test(rotate, variants_match_the_reference_and_a_double_product)
                     RT[i] = rt_value();
                 for (size_t i = 0; i < nr * cols; i++)
                     x[i] = rt_value();
-                memcpy(a, x, nr * cols * sizeof *a);
-                ref.rot_blocks(a, nr, cols, RT, n_rot, bs, y);
+                memset(a, 0, nr * cols * sizeof *a);
+                ref.rot_blocks_to(x, a, nr, cols, RT, n_rot, bs, y);
+                memcpy(b, x, nr * cols * sizeof *b);
+                ref.rot_blocks(b, nr, cols, RT, n_rot, bs, y);
+                cr_assert(memcmp(a, b, nr * cols * sizeof *a) == 0, "ref: in place and not differ");
                 for (size_t r = 0; r < nr; r++) /* y_a = sum_b R[a, b] x_b = sum_b RT[b, a] x_b */
                     for (size_t j = 0; j < nb; j++)
                         for (size_t q = 0; q < bs; q++) {
@@ -58,6 +61,10 @@ Test(rotate, variants_match_the_reference_and_a_double_product)
                     k.rot_blocks(b, nr, cols, RT, n_rot, bs, y);
                     cr_assert(memcmp(a, b, nr * cols * sizeof *a) == 0, "%s bs %zu rows %zu shared %d differs from ref",
                               variants[v], bs, nr, shared);
+                    memset(b, 0, nr * cols * sizeof *b); /* out of place: x stays, b gets the same */
+                    k.rot_blocks_to(x, b, nr, cols, RT, n_rot, bs, y);
+                    cr_assert(memcmp(a, b, nr * cols * sizeof *a) == 0, "%s rot_blocks_to bs %zu rows %zu shared %d "
+                              "differs", variants[v], bs, nr, shared);
                 }
                 free(RT);
                 free(x);

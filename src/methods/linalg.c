@@ -8,9 +8,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* built for AVX-512 and AVX2 too (an ifunc picks one): the same products and sums in each (no
+ * contraction: -ffp-contract=off), so the same bits */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define MM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MM_CLONES
+#endif
+
 /* C[a, b] accumulates its terms in x order, as a dot product would, but row by row so the b
  * loop vectorizes */
-void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n)
+MM_CLONES void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n)
 {
     for (size_t a = 0; a < m; a++) {
         double *restrict c = C + a * n;

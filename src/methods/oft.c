@@ -285,8 +285,7 @@ int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_
     uint8_t *unc = (uint8_t *)(y + 8 * bs);
     for (uint64_t r = 0; r < t->nr; r += 8) {
         const uint64_t g = t->nr - r < 8 ? t->nr - r : 8;
-        memcpy(v, t->acc + r * cols, (size_t)(g * cols) * sizeof *v);
-        t->k->rot_blocks(v, (size_t)g, (size_t)cols, rp->DT, (size_t)rp->n_rot, (size_t)bs, y);
+        t->k->rot_blocks_to(t->acc + r * cols, v, (size_t)g, (size_t)cols, rp->DT, (size_t)rp->n_rot, (size_t)bs, y);
         for (uint64_t i = 0; i < g; i++) {
             const float *x = t->acc + (r + i) * cols;
             uint16_t *d = dst + (r + i) * cols;
