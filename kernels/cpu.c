@@ -117,6 +117,9 @@ static void set_ref(lm_kernels *k)
     k->f64_round = lm_f64_round_ref;
     k->wy64 = lm_wy64_ref;
     k->lr64 = lm_lr64_ref;
+    k->fp8_merge = lm_fp8_merge_ref;
+    k->fp8_encode = lm_fp8_encode_ref;
+    k->rot_cert = lm_rot_cert_ref;
     k->name = "ref";
 }
 
@@ -141,6 +144,9 @@ static void set_avx2(lm_kernels *k)
     k->f64_round = lm_f64_round_avx2;
     k->wy64 = lm_wy64_avx2;
     k->lr64 = lm_lr64_avx2;
+    k->fp8_merge = NULL; /* (no AVX2 variant: quant.c's block functions, built for AVX2 too) */
+    k->fp8_encode = NULL;
+    k->rot_cert = lm_rot_cert_avx2;
     k->name = "avx2";
 }
 
@@ -164,6 +170,9 @@ static void set_avx512(lm_kernels *k)
     k->f64_round = lm_f64_round_avx512;
     k->wy64 = lm_wy64_avx512;
     k->lr64 = lm_lr64_avx512;
+    k->fp8_merge = lm_fp8_merge_avx512;
+    k->fp8_encode = lm_fp8_encode_avx512;
+    k->rot_cert = lm_rot_cert_avx512;
     k->name = "avx512";
 }
 #endif

@@ -89,7 +89,9 @@ typedef struct lm_lowrank {
                          kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
                          bytes apart, for power-of-two widths all in the same few L1 sets, and for
                          K = 256 over more 4 KiB pages than the TLB holds (lm_lr_panel) */
-    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time) */
+    double *At;       /* [cols x K] A transposed (the scalar fallback reads a column at a time), made
+                         only when a column cannot come from the panels (A not exact in f32, or
+                         K > 256); else NULL */
     uint8_t *row_nf;  /* [rows] 1 if some s_k or B_ik is NaN or infinite */
     uint8_t *col_nf;  /* [cols] 1 if some A_kj is NaN or infinite */
     int bs_exact;     /* 1 if every Bs[i,k] == s_k * B_ik exactly */
@@ -122,6 +124,9 @@ typedef struct lm_lowrank_stats {
     uint64_t n_exact;       /* of those, rounded from the exact fixed-point value (level 3) */
     uint64_t n_overflow;    /* finite exact value beyond the output's range: written as +-inf */
     uint64_t n_nonfinite;   /* NaN or inf inputs (see above) */
+    uint64_t n_changed;     /* w_dtype == out_dtype: elements whose output bits differ from W's
+                               (counted in the store pass, so the caller needs no second pass over
+                               the tile; right in place too); other dtype pairs: 0 */
 } lm_lowrank_stats;
 
 static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_stats *src)
@@ -131,6 +136,7 @@ static inline void lm_lowrank_stats_add(lm_lowrank_stats *dst, const lm_lowrank_
     dst->n_exact += src->n_exact;
     dst->n_overflow += src->n_overflow;
     dst->n_nonfinite += src->n_nonfinite;
+    dst->n_changed += src->n_changed;
 }
 
 /* the tile kernel (slot lowrank of lm_kernels):
@@ -151,6 +157,50 @@ typedef void (*lm_lowrank_fn)(const lm_lowrank *lr, size_t row0, size_t n_rows, 
 typedef void (*lm_gemm_rows_fn)(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                                 const float *A, size_t lda, const float *B, size_t ldb, float beta, float *C,
                                 size_t ldc);
+
+/* ---- block FP8 merged with a low-rank term, one block at a time (kernels/fp8_*.c) ---------------
+ * A block of h x w E4M3FN codes q0 (row stride ldq) with the base's scale s0, and one low-rank
+ * term; quant.c (lm_fp8_merge_block) runs the two passes with transformers' FineGrainedFP8 rule.
+ *  fp8_merge:  x[i][j] = dq(q0[i][j]) * s0 (dq the code's exact value, NaN for 0x7F / 0xFF),
+ *              and for r_lo <= i < r_hi that plus alpha * acc (acc the chain of fmaf over p of
+ *              B[i][p] * A[p][j] from 0: gemm_rows with beta 1), each rounded once.  Fills L:
+ *              amax (max |x| as bits, NaN above inf), same (every x == dq * s0), d2[k] (the f32
+ *              sum of (x - dq * s0)^2 over the columns j = k mod 16, row after row, columns in
+ *              order); sum, e2, emax and n_diff zero.
+ *  fp8_encode: s finite (so |x * s| <= 448.0001), inv = 1 / s, ramax = 1 / amax: the code of
+ *              x * s rounded to nearest even into q (row stride ldo), and L's sum[k], e2[k],
+ *              emax[k] over the same lanes, v the magnitude coded and dq = (v with x's sign) *
+ *              inv - x: sum += |dq * ramax|, e2 += dq * dq, emax = max of |dq * ramax|'s bits;
+ *              n_diff: the codes that differ from q0's (q0 NULL: 0).  L's other fields untouched.
+ * Every variant computes every value with the same f32 operations: the same bytes and numbers. */
+typedef struct lm_fp8_term {
+    const float *B; /* row i's factors at B + (i - r_lo) * ldb */
+    const float *A; /* A[p * lda + j], p < K */
+    size_t ldb, lda, K, r_lo, r_hi;
+    float alpha;
+} lm_fp8_term;
+
+typedef struct lm_fp8_lanes {
+    float d2[16], sum[16], e2[16];
+    uint32_t emax[16];
+    uint32_t amax;
+    int same;
+    uint64_t n_diff;
+} lm_fp8_lanes;
+
+typedef void (*lm_fp8_merge_fn)(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t,
+                                float *x, size_t ldx, lm_fp8_lanes *L);
+typedef void (*lm_fp8_encode_fn)(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
+                                 const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+/* the certified rotation's row (slot rot_cert; kernels/rotcert_ref.c): dn [n_rot, bs] the rows'
+ * norms of D = R - I (rounded up), f BOFT's row factor when scaled, out bf16 or f16 */
+typedef struct lm_rotcert {
+    const float *dn;
+    size_t n_rot, bs;
+    float f;
+    int scaled;
+    lm_kdtype out;
+} lm_rotcert;
 
 typedef struct lm_kernels {
     void (*bf16_to_f32)(const uint16_t *src, float *dst, size_t n);
@@ -179,6 +229,12 @@ typedef struct lm_kernels {
     /* rb rows of n columns: X = w + s R C (w f32, or X itself when w is NULL), the sums in f64 by
      * fma chains; C in panels of LM_LR64_PANEL columns (lm_lr64_ref, kernels/lr64_ref.c) */
     void (*lr64)(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
+    lm_fp8_merge_fn fp8_merge;   /* block FP8 (above); NULL: quant.c's own block functions */
+    lm_fp8_encode_fn fp8_encode;
+    /* one row of the certified rotation: x the input, v = D x (cols floats), e: cols floats, left
+     * holding the block terms dn_a xn; dst the output bits, unc 1 where not certified; @return any unc (rotcert_ref.c) */
+    unsigned (*rot_cert)(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                         uint8_t *unc);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -253,6 +309,14 @@ double lm_sumsq_avx512(const float *x, size_t n);
 /* the reference's pieces the variants share: the tail into the lanes, and the lanes' sum */
 void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes);
 double lm_sumsq_lanes(const double *lanes);
+void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
+                      size_t ldx, lm_fp8_lanes *L);
+void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
+                       const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
+                         size_t ldx, lm_fp8_lanes *L);
+void lm_fp8_encode_avx512(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
+                          const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
 /* ---- low-rank kernel: preparation, variants, shared scalar code (kernels/lowrank_*.c) ------- */
 /*! lm_lowrank_ws_bytes() :
  *  @return the workspace lm_lowrank_prepare() needs for these sizes (64-byte aligned inside),
@@ -445,6 +509,18 @@ void lm_lr64_avx512(double *X, const float *w, double s, const double *R, const 
 void lm_lr64_tail(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
                   size_t n);
 void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
+
+/* kernels/rotcert_*.c, and the reference's pieces the variants share */
+unsigned lm_rot_cert_ref(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                         uint8_t *unc);
+unsigned lm_rot_cert_avx2(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
+                          uint8_t *unc);
+unsigned lm_rot_cert_avx512(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e,
+                            uint16_t *dst, uint8_t *unc);
+void lm_rotcert_norms_ref(const float *x, size_t cols, const lm_rotcert *rc, float *e);
+void lm_rotcert_norms_avx2(const float *x, size_t cols, const lm_rotcert *rc, float *e);
+unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, size_t n, const lm_rotcert *rc,
+                              uint16_t *dst, uint8_t *unc);
 
 #ifdef __cplusplus
 }

@@ -97,7 +97,7 @@ LR2_INLINE void lr2_store_uncertified(__m256 r, void *o, lm_kdtype ot, lm_lowran
 }
 
 /* 8 lanes of the f32 path */
-LR2_INLINE void lr2_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m256 d, const void *wp,
+LR2_INLINE void lr2_finish_f32_body(const lm_lowrank *lr, size_t i, size_t j, __m256 d, const void *wp,
                                lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
                                lm_lowrank_stats *st)
 {
@@ -132,7 +132,7 @@ LR2_INLINE void lr2_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m256 
 }
 
 /* 4 lanes of the f64 path (f32 output) */
-LR2_INLINE void lr2_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m256d d, const void *wp,
+LR2_INLINE void lr2_finish_f64_body(const lm_lowrank *lr, size_t i, size_t j, __m256d d, const void *wp,
                                lm_kdtype wt, void *op, lm_lowrank_stats *st)
 {
     const __m128 w = lr2_load_w4(wp, wt);
@@ -153,6 +153,55 @@ LR2_INLINE void lr2_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m256d
         _mm_storeu_ps(wv, w);
         lm_lowrank_patch(lr, i, j, wv, ~ok & 0xFu, op, LM_KDT_F32, st);
     }
+}
+
+/* elements of n bytes (16 or 32) at out whose bits differ from those of in (esz: 2 or 4) */
+LR2_INLINE unsigned lr2_changed(__m256i in, const void *out, size_t n, size_t esz)
+{
+    unsigned eq; /* a bit per equal byte */
+    if (n == 16)
+        eq = (unsigned)_mm_movemask_epi8(
+            _mm_cmpeq_epi8(_mm256_castsi256_si128(in), _mm_loadu_si128((const __m128i *)out)));
+    else
+        eq = (unsigned)_mm256_movemask_epi8(_mm256_cmpeq_epi8(in, _mm256_loadu_si256((const __m256i *)out)));
+    const unsigned all = n == 16 ? 0xFFFFu : 0xFFFFFFFFu, ne = ~eq & all;
+    /* an element differs when any of its bytes does: fold each element's bytes onto its first */
+    unsigned first = esz == 2 ? (ne | ne >> 1) & 0x55555555u : (ne | ne >> 1 | ne >> 2 | ne >> 3) & 0x11111111u;
+    return (unsigned)__builtin_popcount(first);
+}
+
+LR2_INLINE __m256i lr2_raw(const void *p, size_t n)
+{
+    return n == 16 ? _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p))
+                   : _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* the finishes, and when W and the output have one dtype the lanes whose bits changed counted
+ * (W read before the store: the output may be W itself) */
+LR2_INLINE void lr2_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m256 d, const void *wp,
+                               lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
+                               lm_lowrank_stats *st)
+{
+    if (wt != ot) {
+        lr2_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
+        return;
+    }
+    const size_t esz = wt == LM_KDT_F32 ? 4 : 2;
+    const __m256i in = lr2_raw(wp, 8 * esz);
+    lr2_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
+    st->n_changed += lr2_changed(in, op, 8 * esz, esz);
+}
+
+LR2_INLINE void lr2_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m256d d, const void *wp,
+                               lm_kdtype wt, void *op, lm_lowrank_stats *st)
+{
+    if (wt != LM_KDT_F32) {
+        lr2_finish_f64_body(lr, i, j, d, wp, wt, op, st);
+        return;
+    }
+    const __m256i in = lr2_raw(wp, 16);
+    lr2_finish_f64_body(lr, i, j, d, wp, wt, op, st);
+    st->n_changed += lr2_changed(in, op, 16, 4);
 }
 
 /* mr rows x 8 columns, f32 path, four chains per row (12 ymm accumulators for mr = 3) */

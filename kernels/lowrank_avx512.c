@@ -77,7 +77,7 @@ LR5_INLINE void lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_lowran
 }
 
 /* 16 lanes of the f32 path: r = W + d, bound, certify, store; failures to the shared code */
-LR5_INLINE void lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
+LR5_INLINE void lr5_finish_f32_body(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
                                lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
                                lm_lowrank_stats *st)
 {
@@ -112,7 +112,7 @@ LR5_INLINE void lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 
 }
 
 /* 8 lanes of the f64 path (f32 output) */
-LR5_INLINE void lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
+LR5_INLINE void lr5_finish_f64_body(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
                                lm_kdtype wt, void *op, lm_lowrank_stats *st)
 {
     const __m256 w = lr5_load_w8(wp, wt);
@@ -132,6 +132,53 @@ LR5_INLINE void lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d
         _mm256_storeu_ps(wv, w);
         lm_lowrank_patch(lr, i, j, wv, (uint32_t)(uint8_t)~ok, op, LM_KDT_F32, st);
     }
+}
+
+/* elements of n bytes (32 or 64) at out whose bits differ from those of in (esz: 2 or 4) */
+LR5_INLINE unsigned lr5_changed(__m512i in, const void *out, size_t n, size_t esz)
+{
+    if (n == 32) {
+        const __m256i a = _mm512_castsi512_si256(in), b = _mm256_loadu_si256((const __m256i *)out);
+        return esz == 2 ? (unsigned)__builtin_popcount(_mm256_cmpneq_epi16_mask(a, b))
+                        : (unsigned)__builtin_popcount(_mm256_cmpneq_epi32_mask(a, b));
+    }
+    const __m512i b = _mm512_loadu_si512(out);
+    return esz == 2 ? (unsigned)__builtin_popcountll(_mm512_cmpneq_epi16_mask(in, b))
+                    : (unsigned)__builtin_popcount(_mm512_cmpneq_epi32_mask(in, b));
+}
+
+/* W's n bytes (32 or 64) at p */
+LR5_INLINE __m512i lr5_raw(const void *p, size_t n)
+{
+    return n == 32 ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_si512(p);
+}
+
+/* the finishes, and when W and the output have one dtype the lanes whose bits changed counted
+ * (W read before the store: the output may be W itself) */
+LR5_INLINE void lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
+                               lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
+                               lm_lowrank_stats *st)
+{
+    if (wt != ot) {
+        lr5_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
+        return;
+    }
+    const size_t esz = wt == LM_KDT_F32 ? 4 : 2;
+    const __m512i in = lr5_raw(wp, 16 * esz);
+    lr5_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
+    st->n_changed += lr5_changed(in, op, 16 * esz, esz);
+}
+
+LR5_INLINE void lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
+                               lm_kdtype wt, void *op, lm_lowrank_stats *st)
+{
+    if (wt != LM_KDT_F32) {
+        lr5_finish_f64_body(lr, i, j, d, wp, wt, op, st);
+        return;
+    }
+    const __m512i in = lr5_raw(wp, 32);
+    lr5_finish_f64_body(lr, i, j, d, wp, wt, op, st);
+    st->n_changed += lr5_changed(in, op, 32, 4);
 }
 
 /* mr rows (tensor rows i ..) x 16*nv columns from j, f32 path: four accumulators per row and

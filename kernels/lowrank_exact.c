@@ -131,6 +131,10 @@ static int lr_ws_add(size_t *total, size_t n, size_t sz)
     return 1;
 }
 
+/* K up to which the scalar code takes column j of an A exact in f32 from the panels (lr_col); A
+ * transposed (At) is made only for the other cases */
+#define LR_COLBUF 256
+
 /* the K-dependent constant of level 1's f32 bound: h = ceil(K/4) + 2 roundings per product */
 static size_t lr_depth4(size_t K)
 {
@@ -148,7 +152,8 @@ size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K)
         !lr_ws_add(&t, rows, sizeof(float)) || !lr_ws_add(&t, cols, sizeof(float)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
-        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1) || !lr_ws_add(&t, K, 1))
+        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1) || !lr_ws_add(&t, K, 1) ||
+        !lr_ws_add(&t, cols, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)))
         return 0;
     return t;
 }
@@ -166,9 +171,42 @@ static float lr_up_f32(double x)
     if (!(x <= FLT_MAX))
         return INFINITY;
     float f = (float)x;
-    if ((double)f < x)
-        f = nextafterf(f, INFINITY);
+    if ((double)f < x) { /* the next float up: f >= 0 is finite, so its bits + 1 (no libm call) */
+        uint32_t u;
+        memcpy(&u, &f, sizeof u);
+        u++;
+        memcpy(&f, &u, sizeof f);
+    }
     return f;
+}
+
+/* fmaxf / fmax for a constant m (not NaN): x when x > m, else m (m when x is NaN, as fmax), inline */
+static float lr_atleast_f(float x, float m)
+{
+    return x > m ? x : m;
+}
+
+static double lr_atleast_d(double x, double m)
+{
+    return x > m ? x : m;
+}
+
+/* row k of A (ak, n values) into the column accumulators: its f32 copy (fk), the sums of the
+ * squares of the copies (n32) and of the values (n64), the smallest nonzero magnitude (amin), and
+ * inexact[j] = 1 once a finite value is not exact in f32.  No branch, no aliasing: vectorized. */
+static void lr_col_sums(const double *restrict ak, float *restrict fk, double *restrict n32, double *restrict n64,
+                        double *restrict amin, double *restrict inexact, size_t n)
+{
+    for (size_t j = 0; j < n; j++) {
+        const double a = ak[j], fa = fabs(a);
+        const float f = (float)a;
+        fk[j] = f;
+        inexact[j] = (double)f != a && fa <= DBL_MAX ? 1.0 : inexact[j];
+        const double m = a != 0 ? fa : INFINITY;
+        amin[j] = m < amin[j] ? m : amin[j];
+        n32[j] += (double)f * (double)f;
+        n64[j] += a * a;
+    }
 }
 
 LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
@@ -240,33 +278,40 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
         n32r[i] = sqrt(ss32);
         lr->bnd_rd[i] = sqrt(ss64);
     }
-    /* columns of A, summed row by row (A is row-major) */
+    /* columns of A, summed row by row (A is row-major), k ascending for each column, in a loop with
+     * no branch (it vectorizes): the sums, the smallest nonzero |A_kj| and whether every value is
+     * exact in f32.  A column whose f64 sum is not finite (a NaN or an infinity in it, or an
+     * overflow) is looked at again value by value; in the others every value is finite, and the
+     * f32 copy leaves the normal range exactly where a nonzero |A_kj| < 2^-126 or a copy overflows
+     * (then its f32 sum is infinite). */
+    double *amin = lr_carve(&p, cols, sizeof(double)), *inexact = lr_carve(&p, cols, sizeof(double));
     for (size_t j = 0; j < cols; j++) {
-        n32c[j] = lr->bnd_cd[j] = 0;
-        lr->col_nf[j] = 0;
+        n32c[j] = lr->bnd_cd[j] = inexact[j] = 0;
+        amin[j] = INFINITY;
     }
-    /* A transposed in 32 x 32 blocks (a column at a time would miss the cache on every write) */
-    for (size_t k0 = 0; k0 < K; k0 += 32)
-        for (size_t j0 = 0; j0 < cols; j0 += 32)
-            for (size_t j = j0; j < j0 + 32 && j < cols; j++)
-                for (size_t k = k0; k < k0 + 32 && k < K; k++)
-                    lr->At[j * K + k] = A[k * cols + j];
-    for (size_t k = 0; k < K; k++) {
-        for (size_t j = 0; j < cols; j++) {
-            const double a = A[k * cols + j];
-            const float f = (float)a;
-            lr->Af[k * cols + j] = f;
-            if (!isfinite(a)) {
-                n32c[j] = lr->bnd_cd[j] = INFINITY;
-                lr->col_nf[j] = 1;
-                continue;
-            }
-            if (a != 0 && (fabs(a) < 0x1p-126 || !isfinite(f)))
-                n32c[j] = INFINITY;
-            exactA32 &= (double)f == a;
-            n32c[j] += (double)f * (double)f;
-            lr->bnd_cd[j] += a * a;
-        }
+    for (size_t k = 0; k < K; k++)
+        lr_col_sums(A + k * cols, lr->Af + k * cols, n32c, lr->bnd_cd, amin, inexact, cols);
+    for (size_t j = 0; j < cols; j++) {
+        exactA32 &= inexact[j] == 0;
+        lr->col_nf[j] = 0;
+        if (!(lr->bnd_cd[j] <= DBL_MAX)) /* rare: the column value by value */
+            for (size_t k = 0; k < K; k++)
+                lr->col_nf[j] |= !isfinite(A[k * cols + j]);
+        if (lr->col_nf[j])
+            n32c[j] = lr->bnd_cd[j] = INFINITY;
+        else if (amin[j] < 0x1p-126)
+            n32c[j] = INFINITY;
+    }
+    /* A transposed, in 32 x 32 blocks (a column at a time would miss the cache on every write),
+     * only when the scalar code cannot take the columns from the panels (lr_col) */
+    if (!exactA32 || K > LR_COLBUF) {
+        for (size_t k0 = 0; k0 < K; k0 += 32)
+            for (size_t j0 = 0; j0 < cols; j0 += 32)
+                for (size_t j = j0; j < j0 + 32 && j < cols; j++)
+                    for (size_t k = k0; k < k0 + 32 && k < K; k++)
+                        lr->At[j * K + k] = A[k * cols + j];
+    } else {
+        lr->At = NULL;
     }
     for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
         for (size_t k = 0; k < K; k++)
@@ -282,14 +327,14 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
     const double margin = 1 + 0x1p-19;
     /* never below the smallest subnormal, so that a product of two factors is never 0 * inf */
     for (size_t i = 0; i < rows; i++) {
-        lr->bnd_rf[i] = fmaxf(lr_up_f32(c32 * margin * n32r[i]), 0x1p-149f);
-        lr->bnd_rd[i] = fmax(c64 * margin * lr->bnd_rd[i], 0x1p-1074);
+        lr->bnd_rf[i] = lr_atleast_f(lr_up_f32(c32 * margin * n32r[i]), 0x1p-149f);
+        lr->bnd_rd[i] = lr_atleast_d(c64 * margin * lr->bnd_rd[i], 0x1p-1074);
         if (isnan(lr->bnd_rd[i]))
             lr->bnd_rd[i] = INFINITY;
     }
     for (size_t j = 0; j < cols; j++) {
-        lr->bnd_cf[j] = fmaxf(lr_up_f32(margin * sqrt(n32c[j])), 0x1p-149f);
-        lr->bnd_cd[j] = fmax(margin * sqrt(lr->bnd_cd[j]), 0x1p-1074);
+        lr->bnd_cf[j] = lr_atleast_f(lr_up_f32(margin * sqrt(n32c[j])), 0x1p-149f);
+        lr->bnd_cd[j] = lr_atleast_d(margin * sqrt(lr->bnd_cd[j]), 0x1p-1074);
         if (isnan(lr->bnd_cd[j]))
             lr->bnd_cd[j] = INFINITY;
     }
@@ -409,8 +454,9 @@ static uint32_t lr_round_acc(const uint64_t *D, int lo, int hi, int neg, lm_kdty
     return lr_round_f64(neg ? -v : v, t); /* representable: no second rounding */
 }
 
-/* W + sum_k s_k B_ik A_kj, exactly, rounded to the output dtype (all inputs finite) */
-static uint32_t lr_exact(const lm_lowrank *lr, size_t i, size_t j, float w, lm_kdtype t)
+/* W + sum_k s_k B_ik A_kj, exactly, rounded to the output dtype (all inputs finite); Aj: column j
+ * of A (lr_col) */
+static uint32_t lr_exact(const lm_lowrank *lr, size_t i, const double *Aj, float w, lm_kdtype t)
 {
     lr_acc a;
     a.lo = 1;
@@ -422,7 +468,7 @@ static uint32_t lr_exact(const lm_lowrank *lr, size_t i, size_t j, float w, lm_k
         const uint64_t M[3] = {m, 0, 0};
         lr_acc_add(&a, w < 0, M, e - LR_XMIN);
     }
-    const double *Bi = lr->B + i * lr->K, *Aj = lr->At + j * lr->K;
+    const double *Bi = lr->B + i * lr->K;
     for (size_t k = 0; k < lr->K; k++) {
         const double x = lr->s[k], y = Bi[k], z = Aj[k];
         if (x == 0 || y == 0 || z == 0)
@@ -484,10 +530,10 @@ static int lr_level2_exact(const lm_lowrank *lr, const double *Bs, const double 
     return q != INT32_MAX && q + 52 < 1024 && (S + fabs((double)w)) * (1 + 0x1p-30) < ldexp(1.0, q + 52);
 }
 
-/* 1 if every term s_k B_ik A_kj of element (i, j) is zero */
-static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, size_t j)
+/* 1 if every term s_k B_ik A_kj of element (i, j) is zero (Aj: column j of A) */
+static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, const double *Aj)
 {
-    const double *Bi = lr->B + i * lr->K, *Aj = lr->At + j * lr->K;
+    const double *Bi = lr->B + i * lr->K;
     for (size_t k = 0; k < lr->K; k++)
         if (lr->s[k] != 0 && Bi[k] != 0 && Aj[k] != 0)
             return 0;
@@ -495,8 +541,7 @@ static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, size_t j)
 }
 
 /* column j of A (K values, exact): from the f32 panels when A is exact in f32 (the vector path has
- * just read them, so they are in L1), else At */
-#define LR_COLBUF 256
+ * just read them, so they are in L1), else At (made by prepare only then: lr_needs_at) */
 static const double *lr_col(const lm_lowrank *lr, size_t j, double *buf)
 {
     const size_t K = lr->K;
@@ -548,7 +593,7 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
             S[m] = fma(fabs(Bs[k + m]), fabs(Aj[k + m]), S[m]);
         }
         const double dd = (d[0] + d[1]) + (d[2] + d[3]), SS = (S[0] + S[1]) + (S[2] + S[3]);
-        if (SS == 0 && lr_all_terms_zero(lr, i, j)) { /* the delta is exactly zero: W, rounded */
+        if (SS == 0 && lr_all_terms_zero(lr, i, Aj)) { /* the delta is exactly zero: W, rounded */
             bits = lr_round_f64((double)w, out_dtype);
             goto done;
         }
@@ -565,12 +610,12 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
             bits = lr_round_f64(r, out_dtype);
             goto done;
         }
-    } else if (lr_all_terms_zero(lr, i, j)) {
+    } else if (lr_all_terms_zero(lr, i, Aj)) {
         bits = lr_round_f64((double)w, out_dtype);
         goto done;
     }
     st->n_exact++;
-    bits = lr_exact(lr, i, j, w, out_dtype);
+    bits = lr_exact(lr, i, Aj, w, out_dtype);
 done:
     if (!lm_lr_finite_bits(bits, out_dtype))
         st->n_overflow++;

@@ -96,9 +96,21 @@ void lm_lowrank_row_ref(const lm_lowrank *lr, size_t i, size_t j0, size_t j1, co
                         lm_kdtype w_dtype, void *out_row, lm_kdtype out_dtype, unsigned flags,
                         lm_lowrank_stats *st)
 {
+    const size_t wsz = w_dtype == LM_KDT_F32 ? 4 : 2;
     for (size_t j = j0; j < j1; j++) {
         const float wv = lr_load_w(w_row, w_dtype, j);
-        lr_store(out_row, out_dtype, j, lr_one(lr, i, j, wv, out_dtype, flags, st));
+        uint32_t in; /* W's bits, read before the store (out_row may be w_row) */
+        if (wsz == 4) {
+            memcpy(&in, (const char *)w_row + 4 * j, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, (const char *)w_row + 2 * j, 2);
+            in = h;
+        }
+        const uint32_t o = lr_one(lr, i, j, wv, out_dtype, flags, st);
+        lr_store(out_row, out_dtype, j, o);
+        if (w_dtype == out_dtype)
+            st->n_changed += o != in;
     }
 }
 

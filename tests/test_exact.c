@@ -404,6 +404,11 @@ static lm_lowrank_stats xt_verify(const xt_case *c, size_t row0, size_t n_rows, 
                  ref.st.n_overflow, n_inf);
     cr_assert_eq(ref.st.n_nonfinite, 0);
     cr_assert_leq(ref.st.n_exact, ref.st.n_recomputed);
+    size_t n_diff = 0; /* the changed elements, counted here from the bits (one dtype in and out) */
+    for (size_t e = 0; e < n_rows * c->cols && c->wt == c->ot; e++)
+        n_diff += xt_get(ref.out, c->ot, e) != xt_encode(c->W[row0 * c->cols + e], c->wt);
+    cr_assert_eq(ref.st.n_changed, n_diff, "%s: %" PRIu64 " changed elements counted, %zu differ", what,
+                 ref.st.n_changed, n_diff);
     const size_t osz = xt_dt_size(c->ot);
     for (size_t v = 0; v < nk; v++)
         for (int layout = 0; layout < 3; layout++) {
@@ -419,8 +424,9 @@ static lm_lowrank_stats xt_verify(const xt_case *c, size_t row0, size_t n_rows, 
                             xt_get(r.out, c->ot, e), xt_get(ref.out, c->ot, e));
             cr_assert(memcmp(&r.st, &ref.st, sizeof r.st) == 0,
                       "%s: variant %s counters differ: recomputed %" PRIu64 " vs %" PRIu64 ", exact %" PRIu64
-                      " vs %" PRIu64,
-                      what, ks[v].name, r.st.n_recomputed, ref.st.n_recomputed, r.st.n_exact, ref.st.n_exact);
+                      " vs %" PRIu64 ", changed %" PRIu64 " vs %" PRIu64,
+                      what, ks[v].name, r.st.n_recomputed, ref.st.n_recomputed, r.st.n_exact, ref.st.n_exact,
+                      r.st.n_changed, ref.st.n_changed);
             free(r.out);
         }
     (void)osz;

@@ -283,6 +283,117 @@ Test(quant, fp8_block_requant_scale_kept)
     free(base);
 }
 
+/* ---- block FP8's kernels (lm_kernels.h fp8_merge, fp8_encode) through lm_fp8_merge_block ------
+ * every variant this CPU runs, bit for bit against the block functions composed (the base's
+ * values by lm_fp8_dequant_block, the term by gemm_rows' reference, lm_fp8_requant_block): the
+ * merged values, codes, scale and every number */
+typedef struct {
+    uint64_t h, w, cols, K, r_lo, r_hi;
+    float s0, alpha, bscale; /* base scale, the term's factor, B's magnitude */
+    int codes;               /* 0 random finite, 1 with NaN codes, 2 small (|code| < 0x40), 3 amax kept */
+    int expect;              /* 0 a new scale, 1 kept, 2 not finite, 3 the scale kept, 4 scale 0 (out of range) */
+} fk_case;
+
+static int fk_same_float(float a, float b)
+{
+    return (isnan(a) && isnan(b)) || memcmp(&a, &b, 4) == 0;
+}
+
+static void fk_run(const lm_kernels *k, const fk_case *c, uint64_t seed)
+{
+    const uint64_t h = c->h, w = c->w, cols = c->cols, K = c->K, n = h * cols;
+    uint8_t *q0 = malloc(n), *qa = calloc(n, 1), *qb = calloc(n, 1);
+    float *acc = malloc(n * sizeof *acc), *base = malloc(h * w * sizeof *base), *x = malloc(h * w * sizeof *x);
+    float *A = malloc(K * cols * sizeof *A), *B = malloc(h * K * sizeof *B);
+    uint64_t rng = seed;
+    for (uint64_t i = 0; i < n; i++) {
+        uint8_t b = (uint8_t)(th_rand_u64(&rng) >> 56);
+        if (c->codes != 1 && (b & 0x7F) == 0x7F)
+            b ^= 1;
+        if (c->codes >= 2)
+            b &= 0xBF; /* below 2 */
+        q0[i] = b;
+    }
+    if (c->codes == 3)
+        q0[1] = 0x7E; /* row 0 (outside the term): the amax stays 448 s0 */
+    for (uint64_t i = 0; i < K * cols; i++)
+        A[i] = (float)th_rand_normal(&rng);
+    for (uint64_t i = 0; i < h * K; i++)
+        B[i] = (float)(th_rand_normal(&rng) * c->bscale);
+    lm_fp8_dequant_block(q0, c->s0, h, w, cols, acc, base);
+    if (c->r_hi > c->r_lo)
+        lm_gemm_rows_ref(0, 0, c->r_hi - c->r_lo, w, K, c->alpha, B, K, A, cols, 1.0f, acc + c->r_lo * cols, cols);
+    float sa = -1, sb = -2;
+    lm_qstats sta = {0}, stb = {0};
+    lm_fp8_requant_block(acc, base, q0, c->s0, h, w, cols, qa, &sa, &sta);
+    const lm_fp8_term t = {B, A, K, cols, K, c->r_lo, c->r_hi, c->alpha};
+    lm_fp8_merge_block(k, q0, c->s0, h, w, cols, &t, x, w, qb, &sb, &stb);
+    for (uint64_t r = 0; r < h; r++)
+        for (uint64_t j = 0; j < w; j++)
+            cr_assert(fk_same_float(x[r * w + j], acc[r * cols + j]), "%s h %llu w %llu: x[%llu][%llu] %a, want %a",
+                      k->name, (unsigned long long)h, (unsigned long long)w, (unsigned long long)r,
+                      (unsigned long long)j, (double)x[r * w + j], (double)acc[r * cols + j]);
+    for (uint64_t r = 0; r < h; r++)
+        cr_assert_eq(memcmp(qa + r * cols, qb + r * cols, w), 0, "%s h %llu w %llu: the codes of row %llu", k->name,
+                     (unsigned long long)h, (unsigned long long)w, (unsigned long long)r);
+    cr_assert(fk_same_float(sa, sb), "%s: scale %a, want %a", k->name, (double)sb, (double)sa);
+    cr_assert(sta.n_changed == stb.n_changed && sta.n_blocks == stb.n_blocks && sta.n_blocks_kept == stb.n_blocks_kept &&
+              sta.n_err == stb.n_err && sta.n_nonfinite_blocks == stb.n_nonfinite_blocks,
+              "%s h %llu w %llu: counts differ (changed %llu, want %llu)", k->name, (unsigned long long)h,
+              (unsigned long long)w, (unsigned long long)stb.n_changed, (unsigned long long)sta.n_changed);
+    cr_assert(memcmp(&sta.err_max, &stb.err_max, 8) == 0 && memcmp(&sta.err_sum, &stb.err_sum, 8) == 0 &&
+              memcmp(&sta.d2, &stb.d2, 8) == 0 && memcmp(&sta.e2, &stb.e2, 8) == 0,
+              "%s h %llu w %llu: numbers differ (err_max %a/%a err_sum %a/%a d2 %a/%a e2 %a/%a)", k->name,
+              (unsigned long long)h, (unsigned long long)w, stb.err_max, sta.err_max, stb.err_sum, sta.err_sum,
+              stb.d2, sta.d2, stb.e2, sta.e2);
+    switch (c->expect) { /* what the case is there for */
+    case 0: cr_assert(sta.n_blocks_kept == 0 && sta.n_changed == h * w && sa != c->s0); break;
+    case 1: cr_assert(sta.n_blocks_kept == 1 && sa == c->s0); break;
+    case 2: cr_assert(sta.n_nonfinite_blocks == 1); break;
+    case 3: cr_assert(sta.n_blocks_kept == 0 && sa == c->s0 && sta.n_changed > 0 && sta.n_changed < h * w); break;
+    default: cr_assert(sta.n_blocks_kept == 0 && sa == 0.0f); break;
+    }
+    free(q0);
+    free(qa);
+    free(qb);
+    free(acc);
+    free(base);
+    free(x);
+    free(A);
+    free(B);
+}
+
+Test(quant, fp8_merge_block_every_variant)
+{
+    static const fk_case cases[] = {
+        {128, 128, 200, 16, 0, 128, 0x1p-7f, 0.5f, 1e-3f, 0, 0},  /* a whole block, every row merged */
+        {37, 40, 100, 3, 5, 30, 1e-3f, 2.0f, 1e-3f, 0, 0},        /* two vectors and a tail of 8; some rows */
+        {9, 200, 230, 16, 0, 9, 1e-3f, 1.0f, 1e-3f, 0, 0},        /* wider than 128: a row at a time */
+        {16, 7, 7, 5, 1, 16, 1e-3f, 1.0f, 1e-3f, 0, 0},           /* a tail only */
+        {20, 64, 64, 8, 0, 0, 1e-3f, 1.0f, 1e-3f, 0, 1},          /* no term rows: kept */
+        {20, 64, 64, 8, 0, 20, 1e-3f, 0.0f, 1e-3f, 0, 1},         /* alpha 0: kept */
+        {24, 48, 64, 4, 0, 24, 1e-3f, 1.0f, 1e-3f, 1, 2},         /* NaN codes: not finite */
+        {33, 80, 96, 16, 0, 33, 0x1p-3f, 1.0f, 1e-2f, 2, 0},      /* small codes: subnormal codes and x * s */
+        {16, 32, 32, 4, 0, 16, 0x1p125f, 1.0f, 0x1p120f, 2, 0},   /* 256 s0 overflows */
+        {16, 32, 32, 4, 0, 16, 0x1p-140f, 1.0f, 1e-45f, 2, 4},    /* amax under 448 / FLT_MAX: x * s out of range */
+        {128, 128, 128, 16, 1, 128, 0x1p-10f, 1.0f, 1e-6f, 3, 3}, /* the amax and scale stay: changed codes counted */
+    };
+    static const char *const names[] = {"ref", "avx2", "avx512"};
+    int ran = 0;
+    for (int v = 0; v < 3; v++) {
+        lm_kernels k;
+        if (lm_kernels_select(&k, names[v]) != 0 || k.fp8_merge == NULL) {
+            fprintf(stderr, "quant fp8_merge_block: variant %s SKIPPED (%s)\n", names[v],
+                    lm_kernels_select(&k, names[v]) != 0 ? "this CPU cannot run it" : "no fp8 kernels");
+            continue;
+        }
+        for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+            fk_run(&k, &cases[i], 100 + i);
+        ran++;
+    }
+    cr_assert(ran >= 1);
+}
+
 /* each library's rule for its list of unquantized modules, on the module (the tensor name without
  * its last component): transformers' should_convert_module (re.match or a suffix), compressed-
  * tensors' ignore ("re:" patterns, else the exact name), ModelOpt's exclude_modules (fnmatch),

@@ -66,3 +66,92 @@ Test(rotate, variants_match_the_reference_and_a_double_product)
                 free(y);
             }
 }
+
+/* an f32 value near a rounding midpoint of bf16 (low half 0x8000) or f16 (13 dropped bits
+ * 0x1000), a few f32 ulps off it, so that some elements are left uncertain */
+static float rt_near_mid(float x, int bf16, int off)
+{
+    uint32_t u = lm_f32_bits(x);
+    u = bf16 ? (u & 0xFFFF0000u) | 0x8000u : (u & 0xFFFFE000u) | 0x1000u;
+    return lm_f32_from_bits(u + (uint32_t)off);
+}
+
+/* rot_cert (the certified rotation's row, rotcert_ref.c): every variant bit for bit the reference
+ * (dst, unc, the flag and the block terms left in e) for block sizes 2 .. 40, shared and per-block norms, bf16 and f16,
+ * scaled (BOFT) or not, with elements near the outputs' midpoints, zeros, subnormals, values
+ * beyond f16's range, inf and NaN; the reference's certified elements checked in double: the
+ * interval of the main bound term around (x + v) f rounds to dst at both ends */
+Test(rotate, rot_cert_variants_match_the_reference_which_certifies_soundly)
+{
+    static const char *const variants[] = {"avx2", "avx512"};
+    static const size_t sizes[] = {2, 5, 8, 16, 24, 32, 40};
+    lm_kernels ref;
+    lm_kernels_select(&ref, "ref");
+    size_t certified = 0, uncertain = 0;
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+        for (int mode = 0; mode < 8; mode++) {
+            const size_t bs = sizes[si], nb = 1 + (size_t)mode % 3 + 3 * (si % 2), cols = nb * bs;
+            const int shared = mode & 1, bf16 = (mode >> 1) & 1, scaled = (mode >> 2) & 1;
+            float *x = malloc(cols * sizeof *x), *v = malloc(cols * sizeof *v), *dn = malloc(cols * sizeof *dn);
+            float *e = malloc(cols * sizeof *e), *e1 = malloc(cols * sizeof *e1);
+            uint16_t *d0 = malloc(cols * sizeof *d0), *d1 = malloc(cols * sizeof *d1);
+            uint8_t *u0 = malloc(cols), *u1 = malloc(cols);
+            cr_assert(x && v && dn && e && e1 && d0 && d1 && u0 && u1);
+            for (size_t c = 0; c < cols; c++) {
+                x[c] = rt_value() * (bf16 ? 4.0f : 0.5f);
+                v[c] = rt_value() * 0x1p-6f;
+                dn[c] = fabsf(rt_value()) * 0x1p-5f;
+                if (c % 7 == 3) /* the result y = x + v near a midpoint */
+                    x[c] = rt_near_mid(x[c] + v[c], bf16, (int)(c % 5) - 2) - v[c];
+            }
+            if (nb > 3 && bs > 4) { /* in the last block, which they leave uncertain (its norm) */
+                float *xl = x + cols - bs, *vl = v + cols - bs;
+                xl[0] = 0.0f, vl[0] = 0.0f;
+                xl[1] = 0x1p-140f, vl[1] = -0x1p-141f;
+                xl[2] = bf16 ? 0x1p127f : 70000.0f;
+                if (mode & 1)
+                    xl[3] = INFINITY, vl[4] = NAN;
+            }
+            const lm_rotcert rc = {dn, shared ? 1 : nb, bs, scaled ? -1.375f + rt_value() : 1.0f, scaled,
+                                   bf16 ? LM_KDT_BF16 : LM_KDT_F16};
+            const unsigned any0 = ref.rot_cert(x, v, cols, &rc, e, d0, u0);
+            unsigned seen = 0;
+            for (size_t c = 0; c < cols; c++) {
+                seen |= u0[c];
+                if (u0[c]) {
+                    uncertain++;
+                    continue;
+                }
+                certified++;
+                /* the main term of the bound: ||D_a|| ||x_block|| (bs + 4) 2^-24 (the rest is small) */
+                const size_t j = c / bs, a = c % bs;
+                double ss = 0;
+                for (size_t b = 0; b < bs; b++)
+                    ss += (double)x[j * bs + b] * x[j * bs + b];
+                const double y = ((double)x[c] + (double)v[c]) * (double)rc.f;
+                const double b = (double)dn[(shared ? 0 : j) * bs + a] * sqrt(ss) * (double)(bs + 4) * 0x1p-24 *
+                                 fabs((double)rc.f);
+                const uint16_t lo = lm_f64_to_16_1(y - b, rc.out), hi = lm_f64_to_16_1(y + b, rc.out);
+                cr_assert(lo == d0[c] && hi == d0[c], "bs %zu mode %d: element %zu certified as %04x, bound [%04x, %04x]",
+                          bs, mode, c, d0[c], lo, hi);
+            }
+            cr_assert_eq(any0 != 0, seen != 0);
+            for (size_t q = 0; q < 2; q++) {
+                lm_kernels k;
+                if (lm_kernels_select(&k, variants[q]) != 0)
+                    continue;
+                memset(d1, 0xA5, cols * sizeof *d1);
+                const unsigned any1 = k.rot_cert(x, v, cols, &rc, e1, d1, u1);
+                cr_assert(memcmp(e, e1, cols * sizeof *e) == 0, "%s bs %zu mode %d: block terms differ", variants[q],
+                          bs, mode);
+                cr_assert(memcmp(u0, u1, cols) == 0 && (any0 != 0) == (any1 != 0), "%s bs %zu mode %d: unc differs",
+                          variants[q], bs, mode);
+                for (size_t c = 0; c < cols; c++)
+                    cr_assert(d0[c] == d1[c], "%s bs %zu mode %d: element %zu %04x, ref %04x", variants[q], bs, mode, c,
+                              d1[c], d0[c]);
+            }
+            free(x), free(v), free(dn), free(e), free(e1), free(d0), free(d1), free(u0), free(u1);
+        }
+    /* both kinds occur: the comparison covers the certification, not only the rounding */
+    cr_assert(certified > 3 * uncertain && uncertain > 20, "certified %zu, uncertain %zu", certified, uncertain);
+}

@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 
 #include "lora_merge.h"
+#include "st_reader.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -930,6 +931,50 @@ Test(st_reader, random_mutations, .timeout = 120)
 #define RDT_B                                                              \
     "{\"beta\":{\"dtype\":\"I16\",\"shape\":[2],\"data_offsets\":[0,4]},"  \
     "\"gamma\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}"
+
+/* a snapshot opened hashed: the sha256 made while the bytes were copied is sha256sum's, for a
+ * file of several copy slices (3 MB and an odd tail) and for a small one; unhashed: none */
+Test(st_reader, snapshot_sha256, .timeout = 30)
+{
+    char *dir = rdt_tmpdir();
+    static const size_t sizes[] = {3 * 1024 * 1024 + 17, 100};
+    for (size_t c = 0; c < 2; c++) {
+        char hdr[200], path[1024], cmd[1200], want[65] = {0}, got[65];
+        snprintf(hdr, sizeof hdr, "{\"t\":{\"dtype\":\"U8\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}}",
+                 sizes[c], sizes[c]);
+        size_t n;
+        uint8_t *b = rdt_make(hdr, strlen(hdr), sizes[c], &n);
+        uint64_t rng = 42 + c;
+        for (size_t i = 8 + strlen(hdr); i < n; i++) /* varied bytes: a misplaced chunk would show */
+            b[i] = (uint8_t)(rdt_rand(&rng) >> 56);
+        rdt_write(dir, "a.safetensors", b, n);
+        free(b);
+        snprintf(path, sizeof path, "%s/a.safetensors", dir);
+        snprintf(cmd, sizeof cmd, "sha256sum '%s'", path);
+        FILE *p = popen(cmd, "r");
+        cr_assert_not_null(p);
+        cr_assert_eq(fread(want, 1, 64, p), 64);
+        pclose(p);
+        lm_err e;
+        lm_err_clear(&e);
+        lm_st_file *f = lm_st_open_snapshot_hashed(path, &e);
+        cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
+        cr_assert_eq(lm_st_snapshot_sha256(f, got), 0);
+        cr_assert_str_eq(got, want, "size %zu", sizes[c]);
+        cr_assert_eq(lm_st_snapshot_sha256(f, got), 0, "asked twice");
+        cr_assert_str_eq(got, want);
+        lm_st_close(f);
+        f = lm_st_open_snapshot(path, &e);
+        cr_assert_not_null(f);
+        cr_expect_eq(lm_st_snapshot_sha256(f, got), -1, "not hashed: no hash");
+        lm_st_close(f);
+        f = lm_st_open_snapshot_hashed(path, &e); /* closed without asking: the thread is joined */
+        cr_assert_not_null(f);
+        lm_st_close(f);
+    }
+    rdt_rmtree(dir);
+    free(dir);
+}
 
 static char *rdt_model_dir(void)
 {

@@ -566,7 +566,7 @@ static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
  * check_finite (a finite exact value beyond the output's range, or inf/NaN made from finite
  * base values) */
 static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
-                                  const workspace *ws, lm_err *err)
+                                  const workspace *ws, uint64_t *n_changed, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
@@ -580,6 +580,7 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     }
     __atomic_add_fetch(&rt->n_recomputed, st.n_recomputed, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rt->n_fixed_point, st.n_exact, __ATOMIC_RELAXED);
+    *n_changed = st.n_changed;
     if (st.n_overflow + st.n_nonfinite == 0)
         return LM_OK;
     size_t bad_in = 0; /* non-finite base values (src may be unaligned: a mapping) */
@@ -803,6 +804,30 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
     pthread_mutex_unlock(J->prep_lock);
 }
 
+/* compute_tile_certify() for a method with certify_tile: the bound and the rounding in one sweep
+ * (ws->acc, the input, left intact) */
+static lm_code compute_tile_certify1(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+                                     struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const lm_op *op = &t->ops[0];
+    const lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    lm_cert_counts cs = {0};
+    if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(t->dtype), (uint16_t *)(void *)ws->out,
+                                 &cs) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a tile of '%s'", t->name);
+        return LM_E_NOMEM;
+    }
+    __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
+    if (ts != NULL)
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
+    if (cs.n_overflow + cs.n_nonfinite == 0)
+        return LM_OK;
+    const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n);
+    return refuse_nonfinite(t, r0, nr, bad_in, (size_t)cs.n_nonfinite, bad_in + (size_t)cs.n_overflow, err);
+}
+
 /* LM_EXACT_F64, the certified f32 form (lm_exact_certify_fast): ws->acc holds the input tile; the
  * op's f32 result and bounds, then the output bits, the uncertain elements from f64 (exec_exact.h).
  * The input tile and the bounds live in ws->acc64 (room for 2 n floats) */
@@ -811,11 +836,13 @@ static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr,
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     const size_t n = (size_t)(nr * t->cols);
-    float *in = (float *)(void *)ws->acc64, *bound = in + n;
-    memcpy(in, ws->acc, n * sizeof *in);
     const lm_op *op = &t->ops[0];
     const lm_prepared *p = &J->rt[ti].prep[0];
     lm_certify_stats cs = {0};
+    if (op->method->certify_tile != NULL) /* one sweep; ws->acc stays the input */
+        return compute_tile_certify1(J, ti, r0, nr, ws, ts, base_bytes, n_base, err);
+    float *in = (float *)(void *)ws->acc64, *bound = in + n;
+    memcpy(in, ws->acc, n * sizeof *in);
     /* 16 rows at a time (whole row groups), so that the input rows are still in
      * cache when the uncertain elements are recomputed from them */
     uint64_t sub = 16, g = op->row_align > 1 ? op->row_align : 1; /* rot_blocks does 8 rows at once */
@@ -903,8 +930,11 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         return LM_E_IO;
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
-    *n_pieces = lm_xq_merge_tile(t, J->rt[ti].qscale, src, r0, nr, ws->acc, fused_apply, &c, ws->out, ws->qscales, &qs,
-                                 pieces);
+    const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
+    const lm_xq_term term = {J->rt[ti].prep[0].b, J->rt[ti].prep[0].a, op->rank, op->row0, op->out, (float)op->scale};
+    *n_pieces = lm_xq_merge_tile(t, J->k, J->rt[ti].qscale, src, r0, nr, ws->acc,
+                                 t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
+                                 ws->out, ws->qscales, &qs, pieces);
     quant_stats_add(J, ti, &qs);
     if (ts != NULL) {
         ts->n_changed = qs.n_changed;
@@ -927,7 +957,10 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     if (src == NULL)
         return LM_E_IO;
     if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
-        if (ts != NULL && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+        /* one dtype in and out: the kernel counts the changed elements as it stores them (no
+         * second pass over the tile); else they are compared after */
+        const int kernel_counts = t->dtype == t->src_dtype && !t->sim_nf4 && !J->stats_norms && t->q == NULL;
+        if (ts != NULL && !kernel_counts && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
         const uint8_t *xsrc = src;
         if (t->sim_nf4) { /* the NF4 round trip, exactly in the base's dtype (qscales: unused here) */
@@ -935,8 +968,11 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
             from_f32(J->k, t->src_dtype, ws->acc, ws->qscales, n);
             xsrc = (const uint8_t *)ws->qscales;
         }
-        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, err); /* src stays intact */
-        if (rc == LM_OK && ts != NULL)
+        uint64_t changed = 0;
+        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, &changed, err); /* src stays intact */
+        if (rc == LM_OK && ts != NULL && kernel_counts)
+            ts->n_changed = changed;
+        else if (rc == LM_OK && ts != NULL)
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
     }

@@ -126,18 +126,28 @@ void lm_lowrank_tensor_free(lm_lowrank_tensor *f)
     free(f);
 }
 
-/* element (r, i) of the op's A' [rank, in] and (o, r) of B' [out, rank], f64 when the method
- * made them in f64, else the f32 values (exact in f64) */
-static double fa(const lm_prepared *p, const lm_op *op, uint64_t r, uint64_t i)
+/* dst[r * dld + c] = src[r * rs + c * cs] for r < nr, c < nc, from the f64 values when the
+ * method made them (src64), else the f32 ones (exact in f64).  The four loops are plain
+ * conversions the compiler vectorizes when cs == 1 (no per-element test of which source). */
+static void copy_f64(double *dst, size_t dld, const float *src32, const double *src64, size_t rs, size_t cs,
+                     size_t nr, size_t nc)
 {
-    const size_t e = (size_t)(r * op->in + i);
-    return p->a64 ? p->a64[e] : (double)p->a[e];
-}
-
-static double fb(const lm_prepared *p, const lm_op *op, uint64_t o, uint64_t r)
-{
-    const size_t e = (size_t)(o * op->rank + r);
-    return p->b64 ? p->b64[e] : (double)p->b[e];
+    for (size_t r = 0; r < nr; r++) {
+        double *d = dst + r * dld;
+        if (src64 != NULL && cs == 1) {
+            memcpy(d, src64 + r * rs, nc * sizeof *d);
+        } else if (src64 != NULL) {
+            for (size_t c = 0; c < nc; c++)
+                d[c] = src64[r * rs + c * cs];
+        } else if (cs == 1) {
+            const float *f = src32 + r * rs;
+            for (size_t c = 0; c < nc; c++)
+                d[c] = (double)f[c];
+        } else {
+            for (size_t c = 0; c < nc; c++)
+                d[c] = (double)src32[r * rs + c * cs];
+        }
+    }
 }
 
 /* segment g's factors: the terms of every op covering it, concatenated along k in op order.
@@ -165,14 +175,18 @@ static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared 
         const size_t rank = (size_t)op->rank, off = (size_t)(g->lo - op->row0);
         if (!covers(op, g->lo, g->lo + g->n))
             continue;
+        const size_t in = (size_t)op->in;
         for (size_t q = 0; q < rank; q++)
             g->s[k0 + q] = op->scale;
-        for (size_t i = 0; i < rows; i++)
-            for (size_t q = 0; q < rank; q++)
-                g->B[i * K + k0 + q] = op->axis ? fa(p, op, q, off + i) : fb(p, op, off + i, q);
-        for (size_t q = 0; q < rank; q++)
-            for (size_t j = 0; j < cols; j++)
-                g->A[(k0 + q) * cols + j] = op->axis ? fb(p, op, j, q) : fa(p, op, q, j);
+        /* A' is [rank, in] (element (q, x) at q * in + x), B' [out, rank] (element (o, q) at o * rank + q) */
+        if (!op->axis) { /* B side: rows off .. of B'; A side: A' */
+            copy_f64(g->B + k0, K, p->b64 ? NULL : p->b + off * rank, p->b64 ? p->b64 + off * rank : NULL, rank, 1, rows,
+                     rank);
+            copy_f64(g->A + k0 * cols, cols, p->a, p->a64, in, 1, rank, cols);
+        } else { /* B side: columns off .. of A', transposed; A side: B' transposed */
+            copy_f64(g->B + k0, K, p->a64 ? NULL : p->a + off, p->a64 ? p->a64 + off : NULL, 1, in, rows, rank);
+            copy_f64(g->A + k0 * cols, cols, p->b, p->b64, 1, rank, rank, cols);
+        }
         k0 += rank;
     }
     return lm_lowrank_prepare(&g->lr, rows, cols, K, g->B, g->A, g->s, g->ws, ws_bytes);

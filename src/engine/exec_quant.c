@@ -197,24 +197,64 @@ int lm_xq_fused(const lm_plan_tensor *t)
            t->q->scale_dtype == LM_DT_F32 && t->q->scale2 == NULL && !t->sim_nf4;
 }
 
-size_t lm_xq_merge_tile(const lm_plan_tensor *t, const float *scales, const uint8_t *codes0, uint64_t r0, uint64_t nr,
-                        float *acc, lm_xq_apply_fn apply, void *ctx, uint8_t *out, float *qbuf, lm_qstats *st,
-                        lm_xq_piece pieces[2])
+/* one block by the kernels (lm_fp8_merge_block): the term's rows of the block, A's columns of the
+ * block packed (K rows of w floats) when room allows (rows cols * 4 bytes apart would share a few
+ * L1 sets), the merged values into x (h x w) */
+static void merge_block_k(const lm_kernels *k, const lm_xq_term *term, const uint8_t *q0, float s0, uint64_t R,
+                          uint64_t h, uint64_t c0, uint64_t w, uint64_t cols, float *x, float *apack, size_t room,
+                          uint8_t *q, float *out_scale, lm_qstats *st)
+{
+    lm_fp8_term ft = {term->B, term->A + c0, (size_t)term->K, (size_t)cols, (size_t)term->K, 0, 0, term->alpha};
+    const uint64_t lo = term->row0 > R ? term->row0 : R, hi = term->row0 + term->n < R + h ? term->row0 + term->n : R + h;
+    if (lo < hi) {
+        ft.B = term->B + (lo - term->row0) * term->K;
+        ft.r_lo = (size_t)(lo - R);
+        ft.r_hi = (size_t)(hi - R);
+        if (term->K * w <= room) {
+            for (uint64_t p = 0; p < term->K; p++)
+                memcpy(apack + p * w, term->A + p * cols + c0, (size_t)w * sizeof *apack);
+            ft.A = apack;
+            ft.lda = (size_t)w;
+        }
+    }
+    lm_fp8_merge_block(k, q0, s0, h, w, cols, &ft, x, w, q, out_scale, st);
+}
+
+size_t lm_xq_merge_tile(const lm_plan_tensor *t, const lm_kernels *k, const float *scales, const uint8_t *codes0,
+                        uint64_t r0, uint64_t nr, float *acc, const lm_xq_term *term, lm_xq_apply_fn apply, void *ctx,
+                        uint8_t *out, float *qbuf, lm_qstats *st, lm_xq_piece pieces[2])
 {
     const lm_qtensor *q = t->q;
     const uint64_t cols = t->cols, br = q->br, bc = q->bc;
     const float *s0 = scales + (r0 / br) * q->scols;
-    const size_t ns = tile_scales(q, nr);
-    float *base = qbuf + (ns + 16) / 16 * 16; /* a block's base values (lm_xq_qbuf_floats: room) */
+    const size_t ns = tile_scales(q, nr), off = (ns + 16) / 16 * 16;
+    const size_t room = (size_t)(2 * nr * cols + 128) - off; /* lm_xq_qbuf_floats(): qbuf's floats past off */
+    float *base = qbuf + off; /* a block's base values (lm_xq_qbuf_floats: room), or its merged values */
+    const int kern = term != NULL && k->fp8_merge != NULL;
+    const uint64_t nonfinite0 = st->n_nonfinite_blocks;
     for (uint64_t rr = 0; rr < nr; rr += br) { /* tiles start on a block row (lm_plan_tile_rows) */
         const uint64_t h = rr + br < nr ? br : nr - rr;
         for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
             const uint64_t w = c0 + bc < cols ? bc : cols - c0, bi = (rr / br) * q->scols + c0 / bc, e = rr * cols + c0;
+            if (kern) {
+                merge_block_k(k, term, codes0 + e, s0[bi], r0 + rr, h, c0, w, cols, base, base + h * w,
+                              room - (size_t)(h * w), out + e, qbuf + bi, st);
+                continue;
+            }
             lm_fp8_dequant_block(codes0 + e, s0[bi], h, w, cols, acc + e, base);
             apply(ctx, rr, h, c0, w);
             lm_fp8_requant_block(acc + e, base, codes0 + e, s0[bi], h, w, cols, out + e, qbuf + bi, st);
         }
     }
+    if (kern && st->n_nonfinite_blocks != nonfinite0) /* the merged tile into acc, for the caller's checks */
+        for (uint64_t rr = 0; rr < nr; rr += br) {
+            const uint64_t h = rr + br < nr ? br : nr - rr;
+            for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
+                const uint64_t w = c0 + bc < cols ? bc : cols - c0, bi = (rr / br) * q->scols + c0 / bc;
+                lm_fp8_dequant_block(codes0 + rr * cols + c0, s0[bi], h, w, cols, acc + rr * cols + c0, base);
+                apply(ctx, rr, h, c0, w);
+            }
+        }
     qbuf[ns] = scales[q->srows * q->scols]; /* (lm_xq_dequant_written() reads it) */
     pieces[0] = (lm_xq_piece){q->scale_index, (r0 / br) * q->scols * sizeof(float), ns * sizeof(float), qbuf};
     return 1;

@@ -51,13 +51,24 @@ typedef void (*lm_xq_apply_fn)(void *ctx, uint64_t rr, uint64_t h, uint64_t c0, 
  *  that its ops are elementwise (each merged element depends on its own base element only) */
 int lm_xq_fused(const lm_plan_tensor *t);
 
+/* a fused tensor's one low-rank op (exec.c op_lowrank, not transposed): rows row0 .. row0 + n - 1
+ * of the tensor get alpha * B A, B [n, K] and A [K, cols] row-major f32, by gemm_rows' chains */
+typedef struct lm_xq_term {
+    const float *B, *A;
+    uint64_t K, row0, n;
+    float alpha;
+} lm_xq_term;
+
 /*! lm_xq_merge_tile() : dequantize, merge and requantize rows [r0, r0 + nr) block by block while
  *  each block is in the cache: the block's codes (codes0) to f32 into acc (the tile, row stride
  *  cols), apply(ctx, ...) on it, then its new codes and scale as lm_xq_requant() would (the same
- *  bytes, scales and st); acc ends as the merged tile.  @return the number of pieces */
-size_t lm_xq_merge_tile(const lm_plan_tensor *t, const float *scales, const uint8_t *codes0, uint64_t r0, uint64_t nr,
-                        float *acc, lm_xq_apply_fn apply, void *ctx, uint8_t *out, float *qbuf, lm_qstats *st,
-                        lm_xq_piece pieces[2]);
+ *  bytes, scales and st).  With term (t's only op: apply's effect) and kernels k that have
+ *  fp8_merge, each block instead in two passes of those (lm_fp8_merge_block), the merged values
+ *  in qbuf.  acc ends as the merged tile when some block is not finite (st->n_nonfinite_blocks;
+ *  always without term).  @return the number of pieces */
+size_t lm_xq_merge_tile(const lm_plan_tensor *t, const lm_kernels *k, const float *scales, const uint8_t *codes0,
+                        uint64_t r0, uint64_t nr, float *acc, const lm_xq_term *term, lm_xq_apply_fn apply, void *ctx,
+                        uint8_t *out, float *qbuf, lm_qstats *st, lm_xq_piece pieces[2]);
 
 /*! lm_xq_dequant_written() : the values lm_xq_requant() wrote (codes out, scales in qbuf) as f32 */
 void lm_xq_dequant_written(const lm_plan_tensor *t, const float *qbuf, const uint8_t *out, uint64_t r0,

@@ -507,9 +507,15 @@ static lm_code provenance(merge_state *S, lm_err *err)
     return LM_OK;
 }
 
+/* each adapter's sha256: of the snapshot its weights were read from, hashed while it was copied
+ * (lm_st_open_snapshot_hashed), else of its weights file */
 static lm_code hash_adapters(merge_state *S, lm_err *err)
 {
     for (size_t i = 0; i < S->job->n_adapters; i++) {
+        lm_st_file *st = S->ads[i]->ts != NULL ? S->ads[i]->ts->st : NULL;
+        if (st != NULL && strcmp(lm_st_path(st), S->ads[i]->weights_path) == 0 &&
+            lm_st_snapshot_sha256(st, S->ad_sha256[i]) == 0)
+            continue;
         lm_code rc = lm_file_sha256(S->ads[i]->weights_path, S->ad_sha256[i], err);
         if (rc != LM_OK)
             return rc;

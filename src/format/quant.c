@@ -392,11 +392,11 @@ static inline void encode_one(float x, float b, float s, float inv, float ramax,
     L->e2[k] += dq * dq;
 }
 
-/* a block that keeps the base's scale s0 (h x w, row stride cols): unchanged (same: its codes
- * too), all zero, or not finite (refused later; its codes under s0).  @return 0 when the block
- * needs a new scale (nothing written) */
-static int keep_block(const float *x, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols, int same,
-                      float amax, uint8_t *q, float *out_scale, lm_qstats *st)
+/* a block that keeps the base's scale s0 (h x w; codes row stride cols, x row stride ldx):
+ * unchanged (same: its codes too), all zero, or not finite (refused later; its codes under s0).
+ * @return 0 when the block needs a new scale (nothing written) */
+static int keep_block(const float *x, uint64_t ldx, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                      int same, float amax, uint8_t *q, float *out_scale, lm_qstats *st)
 {
     if (!same && amax > 0.0f && isfinite(amax))
         return 0;
@@ -409,7 +409,7 @@ static int keep_block(const float *x, const uint8_t *q0, float s0, uint64_t h, u
     }
     for (uint64_t r = 0; r < h; r++)
         for (uint64_t c = 0; c < w; c++)
-            q[r * cols + c] = lm_f32_to_fp8_e4m3(x[r * cols + c] / s0);
+            q[r * cols + c] = lm_f32_to_fp8_e4m3(x[r * ldx + c] / s0);
     return 1;
 }
 
@@ -496,7 +496,7 @@ LM_CLONES void lm_fp8_block_requant(const float *x, const uint8_t *q0, const flo
             nb.w = c0 + w >= cols ? 0 : c0 + w + bc < cols ? bc : cols - c0 - w;
             st->n_blocks++;
             st->n_nonfinite_blocks += !isfinite(amax);
-            if (keep_block(xb, q0b, scale0[bi], h, w, cols, same, amax, qb, &out_scale[bi], st)) {
+            if (keep_block(xb, cols, q0b, scale0[bi], h, w, cols, same, amax, qb, &out_scale[bi], st)) {
                 if (nb.w > 0)
                     amax = block_amax(nb.x, nb.q0, nb.s0, h, nb.w, cols, &same);
                 continue;
@@ -581,7 +581,7 @@ LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uin
     const float amax = bits_f32(am);
     st->n_blocks++;
     st->n_nonfinite_blocks += !isfinite(amax);
-    if (keep_block(x, q0, s0, h, w, cols, same, amax, q, out_scale, st))
+    if (keep_block(x, cols, q0, s0, h, w, cols, same, amax, q, out_scale, st))
         return;
     const float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
     *out_scale = inv;
@@ -607,6 +607,56 @@ LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uin
     }
     /* a new scale changes every value: the codes are counted only under the base's scale */
     st->n_changed += inv != s0 ? h * w : count_diff_rows(q, q0, h, w, cols);
+    st->err_max = bits_f32(emax);
+    st->err_sum += esum;
+    st->d2 += d2;
+    st->e2 += e2;
+    st->n_err += h * w;
+}
+
+void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                        const lm_fp8_term *term, float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st)
+{
+    lm_fp8_lanes L;
+    k->fp8_merge(q0, (size_t)cols, s0, (size_t)h, (size_t)w, term, x, (size_t)ldx, &L);
+    const float amax = bits_f32(L.amax);
+    st->n_blocks++;
+    st->n_nonfinite_blocks += !isfinite(amax);
+    if (keep_block(x, ldx, q0, s0, h, w, cols, L.same, amax, q, out_scale, st))
+        return;
+    const float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
+    *out_scale = inv;
+    const uint8_t *cq = inv == s0 ? q0 : NULL; /* a new scale changes every value: counted only under s0 */
+    if (isfinite(s)) {
+        k->fp8_encode(x, (size_t)ldx, (size_t)h, (size_t)w, s, inv, ramax, cq, (size_t)cols, q, (size_t)cols, &L);
+    } else { /* amax below 448 / FLT_MAX: x * s out of range, encode_one's saturating rule */
+        memset(L.sum, 0, sizeof L.sum);
+        memset(L.e2, 0, sizeof L.e2);
+        memset(L.emax, 0, sizeof L.emax);
+        L.n_diff = 0;
+        for (uint64_t r = 0; r < h; r++)
+            for (uint64_t c = 0; c < w; c++) {
+                const float xv = x[r * ldx + c];
+                float v;
+                const uint8_t code = (uint8_t)e4m3_encode(xv * s, &v);
+                q[r * cols + c] = code;
+                L.n_diff += cq != NULL && code != cq[r * cols + c];
+                const float dq = copysignf(v, xv) * inv - xv;
+                const uint32_t e = f32_bits(dq * ramax) & 0x7FFFFFFFu;
+                L.emax[c % 16] = e > L.emax[c % 16] ? e : L.emax[c % 16];
+                L.sum[c % 16] += bits_f32(e);
+                L.e2[c % 16] += dq * dq;
+            }
+    }
+    double esum = 0, d2 = 0, e2 = 0;
+    uint32_t emax = f32_bits((float)st->err_max);
+    for (int j = 0; j < 16; j++) {
+        esum += L.sum[j];
+        d2 += L.d2[j];
+        e2 += L.e2[j];
+        emax = L.emax[j] > emax ? L.emax[j] : emax;
+    }
+    st->n_changed += cq == NULL ? h * w : L.n_diff;
     st->err_max = bits_f32(emax);
     st->err_sum += esum;
     st->d2 += d2;

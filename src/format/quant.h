@@ -5,6 +5,7 @@
 #ifndef LM_QUANT_H
 #define LM_QUANT_H
 
+#include "lm_kernels.h"
 #include "lora_merge.h"
 
 #include <stddef.h>
@@ -111,6 +112,13 @@ void lm_fp8_dequant_block(const uint8_t *q, float s, uint64_t h, uint64_t w, uin
  *  *out_scale; st as lm_fp8_block_requant() sums it (blocks in the same order: the same sums) */
 void lm_fp8_requant_block(const float *x, const float *base, const uint8_t *q0, float s, uint64_t h, uint64_t w,
                           uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
+
+/*! lm_fp8_merge_block() : lm_fp8_dequant_block(), one low-rank term (gemm_rows' chains, rows
+ *  term->r_lo .. r_hi of the block) and lm_fp8_requant_block() in two passes of k's kernels
+ *  (k->fp8_merge, k->fp8_encode, non-NULL; lm_kernels.h): the same codes, scale, numbers and
+ *  merged values x (h x w, row stride ldx, the caller's scratch) */
+void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                        const lm_fp8_term *term, float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st);
 
 /* ---- compressed-tensors and ModelOpt (quant_ct.c) ---- */
 /*! lm_ct_fp8_requant() :

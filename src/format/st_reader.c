@@ -12,6 +12,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/evp.h>
+#include <pthread.h>
 #include <stdalign.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,8 +93,26 @@ typedef struct st_chunk {
     alignas(8) unsigned char data[];
 } st_chunk;
 
+/* The sha256 of a snapshot's bytes, computed by a thread of its own while the copy is made and
+ * after (the merge's start goes on meanwhile): one pass over the bytes for the copy and the
+ * hash, and the hash off the serial start.  It reads the memfd with pread (a mapping would count
+ * its pages in the process's resident memory). */
+typedef struct st_hasher {
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int fd;            /* the memfd (borrowed: closed only after the thread is joined) */
+    uint64_t n, done;  /* bytes in all, bytes copied so far (under mu) */
+    int stop;          /* the copy failed: give up (under mu) */
+    int ok;            /* hex holds the digest (read after the join) */
+    char hex[65];
+} st_hasher;
+
 struct lm_st_file {
     char *path;                /* owned: the path, or the name given to lm_st_open_buffer */
+    st_hasher *hasher;         /* owned: a hashed snapshot's hash, until joined (lm_st_snapshot_sha256) */
+    int sha_state;             /* 0 not asked yet, 1 sha_hex valid, -1 no hash */
+    char sha_hex[65];
     int fd;                    /* -1 for a buffer; a snapshot's memfd */
     int snapshot;              /* fd is a copy of path's bytes (lm_st_open_snapshot) */
     int have_stat;             /* opened: the file as it was when read */
@@ -150,10 +170,17 @@ static const char *tensor_name_of(const void *ctx, size_t i)
     return ((const lm_st_file *)ctx)->tensors[i].name;
 }
 
+static int hasher_join(st_hasher *h, char hex[65]);
+
 void lm_st_close(lm_st_file *f)
 {
     if (f == NULL)
         return;
+    if (f->hasher != NULL) {
+        char hex[65];
+        (void)hasher_join(f->hasher, hex);
+        f->hasher = NULL;
+    }
     if (f->map != NULL)
         munmap(f->map, f->map_bytes);
     if (f->fd >= 0)
@@ -646,25 +673,139 @@ int lm_st_input_changed(const lm_st_file *f)
     return !same_file_state(&f->opened, &now);
 }
 
-/* Copies the n bytes of regular file `in` into a new sealed memfd; -1 with errno (ESTALE: the
- * file did not hold n bytes while it was copied). */
-static int snapshot_fd(int in, uint64_t n)
+static void *hasher_main(void *arg)
 {
+    st_hasher *h = arg;
+    const size_t cap = (size_t)1 << 20;
+    unsigned char *buf = malloc(cap);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    int ok = buf != NULL && ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+    uint64_t at = 0;
+    while (ok && at < h->n) {
+        pthread_mutex_lock(&h->mu);
+        while (h->done == at && !h->stop)
+            pthread_cond_wait(&h->cv, &h->mu);
+        const uint64_t upto = h->done;
+        ok = !h->stop;
+        pthread_mutex_unlock(&h->mu);
+        while (ok && at < upto) {
+            const size_t want = upto - at < cap ? (size_t)(upto - at) : cap;
+            const ssize_t k = pread(h->fd, buf, want, (off_t)at);
+            if (k < 0 && errno == EINTR)
+                continue;
+            ok = k > 0 && EVP_DigestUpdate(ctx, buf, (size_t)k) == 1;
+            at += ok ? (uint64_t)k : 0;
+        }
+    }
+    unsigned char md[32];
+    unsigned n_md = 0;
+    if (ok && EVP_DigestFinal_ex(ctx, md, &n_md) == 1 && n_md == 32) {
+        for (unsigned i = 0; i < 32; i++)
+            snprintf(h->hex + 2 * i, 3, "%02x", md[i]);
+        h->ok = 1;
+    }
+    EVP_MD_CTX_free(ctx);
+    free(buf);
+    return NULL;
+}
+
+/* a hasher for the n bytes of memfd fd, its thread started; NULL if it cannot be (no hash then) */
+static st_hasher *hasher_start(int fd, uint64_t n)
+{
+    st_hasher *h = calloc(1, sizeof *h);
+    if (h == NULL)
+        return NULL;
+    h->fd = fd;
+    h->n = n;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    if (pthread_create(&h->th, NULL, hasher_main, h) != 0) {
+        pthread_mutex_destroy(&h->mu);
+        pthread_cond_destroy(&h->cv);
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+/* the copy reached `done` bytes (stop: it failed) */
+static void hasher_progress(st_hasher *h, uint64_t done, int stop)
+{
+    if (h == NULL)
+        return;
+    pthread_mutex_lock(&h->mu);
+    h->done = done;
+    h->stop |= stop;
+    pthread_cond_signal(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* waits for the hash, frees h; 0 and hex filled, or -1 (no hash) */
+static int hasher_join(st_hasher *h, char hex[65])
+{
+    if (h == NULL)
+        return -1;
+    pthread_join(h->th, NULL);
+    const int ok = h->ok;
+    if (ok)
+        memcpy(hex, h->hex, 65);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
+    free(h);
+    return ok ? 0 : -1;
+}
+
+int lm_st_snapshot_sha256(lm_st_file *f, char hex[65])
+{
+    if (f == NULL)
+        return -1;
+    if (f->sha_state == 0) {
+        f->sha_state = f->hasher != NULL && hasher_join(f->hasher, f->sha_hex) == 0 ? 1 : -1;
+        f->hasher = NULL;
+    }
+    if (f->sha_state != 1)
+        return -1;
+    memcpy(hex, f->sha_hex, 65);
+    return 0;
+}
+
+/* Copies the n bytes of regular file `in` into a new sealed memfd; -1 with errno (ESTALE: the
+ * file did not hold n bytes while it was copied).  hashed: *hasher receives a hasher of the
+ * copy's bytes (NULL when none could be started), which the caller joins or frees. */
+static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher)
+{
+    st_hasher *h = NULL;
+    char *big = NULL;
+    if (hasher != NULL)
+        *hasher = NULL;
     int m = memfd_create("lora-merge-input", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (m < 0)
         return -1;
     if (ftruncate(m, (off_t)n) != 0)
         goto fail;
+    if (hashed && n > 0)
+        h = hasher_start(m, n);
+    char small[1 << 16], *buf = small;
+    size_t cap = sizeof small;
+    if (n > ((uint64_t)1 << 20) && (big = malloc((size_t)1 << 20)) != NULL) {
+        buf = big; /* fewer system calls, and the hash's progress in larger steps */
+        cap = (size_t)1 << 20;
+    }
     loff_t off_in = 0, off_out = 0;
     int cfr = 1; /* copy_file_range until the kernel refuses it once (EXDEV ... : a file and a memfd on
                     most kernels), then pread/pwrite for the rest, without asking again per chunk */
     while ((uint64_t)off_in < n) {
         if (cfr) {
-            ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)(n - (uint64_t)off_in), 0);
+            /* in slices when hashed, so that the hash follows the copy */
+            const uint64_t left = n - (uint64_t)off_in;
+            const uint64_t slice = h != NULL && left > ((uint64_t)1 << 22) ? (uint64_t)1 << 22 : left;
+            ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)slice, 0);
             if (k < 0 && errno == EINTR)
                 continue;
-            if (k > 0)
+            if (k > 0) {
+                hasher_progress(h, (uint64_t)off_out, 0);
                 continue;
+            }
             if (k < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
                 cfr = 0;
                 continue;
@@ -673,9 +814,7 @@ static int snapshot_fd(int in, uint64_t n)
                 errno = ESTALE; /* shorter than its size: truncated while copied */
             goto fail;
         }
-        char buf[1 << 16];
-        ssize_t r =
-            pread(in, buf, sizeof buf < n - (uint64_t)off_in ? sizeof buf : (size_t)(n - (uint64_t)off_in), off_in);
+        ssize_t r = pread(in, buf, cap < n - (uint64_t)off_in ? cap : (size_t)(n - (uint64_t)off_in), off_in);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0 || pwrite(m, buf, (size_t)r, off_out) != r) {
@@ -685,18 +824,31 @@ static int snapshot_fd(int in, uint64_t n)
         }
         off_in += r;
         off_out += r;
+        hasher_progress(h, (uint64_t)off_out, 0);
     }
+    free(big);
+    big = NULL;
     if (fcntl(m, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
         goto fail;
+    if (hasher != NULL)
+        *hasher = h;
+    else if (h != NULL)
+        (void)hasher_join(h, (char[65]){0});
     return m;
 fail:;
     int e = errno;
+    free(big);
+    hasher_progress(h, 0, 1);
+    if (h != NULL) {
+        char hex[65];
+        (void)hasher_join(h, hex); /* before the memfd it reads is closed */
+    }
     close(m);
     errno = e;
     return -1;
 }
 
-lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err)
+static lm_st_file *open_snapshot(const char *path, int hashed, lm_err *err)
 {
     lm_st_file *f = lm_st_open(path, err);
     if (f == NULL || f->fd < 0 || f->map == NULL)
@@ -704,11 +856,16 @@ lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err)
     /* the first open validated the file in place; now the bytes are copied once and checked again
      * from the copy, which is what every later read sees */
     struct stat before = f->opened, after;
-    int m = snapshot_fd(f->fd, (uint64_t)before.st_size);
+    st_hasher *h = NULL;
+    int m = snapshot_fd(f->fd, (uint64_t)before.st_size, hashed, &h);
     int e = errno;
     int changed = m >= 0 && (fstat(f->fd, &after) != 0 || !same_file_state(&before, &after));
     lm_st_close(f);
     if (m < 0 || changed) {
+        if (h != NULL) {
+            char hex[65];
+            (void)hasher_join(h, hex);
+        }
         if (m >= 0)
             close(m);
         if (m < 0 && e != ESTALE) {
@@ -721,10 +878,15 @@ lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err)
         return NULL;
     }
     if ((f = file_new(path, err)) == NULL) {
+        if (h != NULL) {
+            char hex[65];
+            (void)hasher_join(h, hex);
+        }
         close(m);
         goto fail;
     }
     f->fd = m;
+    f->hasher = h;
     f->snapshot = 1;
     f->have_stat = 1;
     f->opened = before;
@@ -742,6 +904,16 @@ fail:
     lm_err_set_path(err, path);
     lm_st_close(f);
     return NULL;
+}
+
+lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err)
+{
+    return open_snapshot(path, 0, err);
+}
+
+lm_st_file *lm_st_open_snapshot_hashed(const char *path, lm_err *err)
+{
+    return open_snapshot(path, 1, err);
 }
 
 lm_st_file *lm_st_open(const char *path, lm_err *err)

@@ -31,6 +31,15 @@ void lm_drop_mapped_pages(const void *p, uint64_t n);
  *  only drops this process's pages of it.  lm_st_path() is the original path. */
 lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err);
 
+/*! lm_st_open_snapshot_hashed() : lm_st_open_snapshot(), and the sha256 of the copied bytes
+ *  computed by a thread of its own while they are copied and after (lm_st_snapshot_sha256). */
+lm_st_file *lm_st_open_snapshot_hashed(const char *path, lm_err *err);
+
+/*! lm_st_snapshot_sha256() : waits for the sha256 of f's bytes (a snapshot opened hashed) and puts
+ *  it as 64 lowercase hex digits into hex.  @return 0, or -1 when f has none (not a hashed
+ *  snapshot, too short to be copied, or the hash could not be made): the caller hashes the file. */
+int lm_st_snapshot_sha256(lm_st_file *f, char hex[65]);
+
 /*! lm_st_input_changed() : 1 when the file f was opened from (the original of a snapshot) is no
  *  longer what was read: another size, modification or change time, or (by path, for a snapshot)
  *  another inode.  0 for buffers and unchanged files. */

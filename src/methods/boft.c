@@ -163,6 +163,12 @@ static double boft_elem64(const lm_op *op, const lm_prepared *p, const float *in
     return lm_rot_elem64(p->data, in, col) * (double)p->b[row];
 }
 
+static int boft_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                             lm_cert_counts *st)
+{
+    return lm_rot_certify_tile(op, p, p->b, t, out, dst, st);
+}
+
 static const lm_part boft_parts[] = {{"boft_R", BR, -1, 1}, {"boft_s", BS, -1, 1}};
 
 const lm_method lm_method_boft = {
@@ -178,4 +184,5 @@ const lm_method lm_method_boft = {
     .apply_tile64 = boft_apply64,
     .apply_tile_bound = boft_apply_bound,
     .elem64 = boft_elem64,
+    .certify_tile = boft_certify_tile,
 };

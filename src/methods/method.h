@@ -101,6 +101,13 @@ typedef struct lm_tile64 {
     const lm_kernels *k;
 } lm_tile64;
 
+/* what a certify_tile hook recomputed in f64 (exec_exact.h's lm_certify_stats) */
+typedef struct lm_cert_counts {
+    uint64_t n_recomputed; /* elements the bound left uncertain: elem64 */
+    uint64_t n_overflow;   /* of those, a finite value beyond the output's range (written as inf) */
+    uint64_t n_nonfinite;  /* of those, an inf/NaN value */
+} lm_cert_counts;
+
 /* ---- the adapter's tensors, grouped by module -------------------------------------------- */
 #define LM_MAX_PARTS 40
 
@@ -174,6 +181,12 @@ typedef struct lm_method {
      * certified elements are the f64 path's; these may differ from it within f64 noise) */
     double (*elem64)(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
                      uint64_t cols);
+    /* METHOD ops, optional (with the three above): apply_tile_bound and the engine's certify pass
+     * in one sweep over the tile.  t->acc holds the input rows (left intact), dst [nr, cols] gets
+     * every element's output bits (out: bf16 or f16), the bytes the two passes write; the elements
+     * it recomputed by elem64 are counted in st.  -1: out of memory */
+    int (*certify_tile)(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                        struct lm_cert_counts *st);
     /* inspect: what the module does ("oft (block rotations, Cayley-Neumann)"); may be NULL */
     void (*describe)(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap);
     /* inspect: the type's settings, whole lines ("r: 8, lora_alpha: 16, scale: 2 (alpha/r)\n");

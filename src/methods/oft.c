@@ -264,6 +264,61 @@ void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *boun
         row_bound(bound + r * t->cols, t->acc + r * t->cols, t->scratch, rp, t->cols);
 }
 
+/* ---- the certified form in one sweep (lm_rot_certify_tile) ---------------------------------
+ * The same f32 operations as lm_rotate_blocks_bound (+ BOFT's row scaling, boft_apply_bound) and
+ * the engine's certification (exec_exact.c: certify_bf16, certify_f16) element by element, with
+ * nothing stored between them (the rot_cert kernel, kernels/rotcert_ref.c): the same bounds, the
+ * same certified elements, the same bytes. */
+
+int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_scale, const lm_tile *t, lm_kdtype out,
+                        uint16_t *dst, lm_cert_counts *st)
+{
+    const lm_rot_prep *rp = p->data;
+    const uint64_t cols = t->cols, bs = rp->bs;
+    const uint16_t em = out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
+    lm_rotcert rc = {rp->dn, (size_t)rp->n_rot, (size_t)bs, 1.0f, row_scale != NULL, out};
+    /* v: 8 rows of D x; e: a row's block terms; y: rot_blocks' scratch; unc: a row's flags */
+    float *v = malloc((size_t)(8 * cols + cols + 8 * bs) * sizeof *v + (size_t)cols + 64);
+    if (v == NULL)
+        return -1;
+    float *e = v + 8 * cols, *y = e + cols;
+    uint8_t *unc = (uint8_t *)(y + 8 * bs);
+    for (uint64_t r = 0; r < t->nr; r += 8) {
+        const uint64_t g = t->nr - r < 8 ? t->nr - r : 8;
+        memcpy(v, t->acc + r * cols, (size_t)(g * cols) * sizeof *v);
+        t->k->rot_blocks(v, (size_t)g, (size_t)cols, rp->DT, (size_t)rp->n_rot, (size_t)bs, y);
+        for (uint64_t i = 0; i < g; i++) {
+            const float *x = t->acc + (r + i) * cols;
+            uint16_t *d = dst + (r + i) * cols;
+            if (row_scale != NULL)
+                rc.f = row_scale[t->r0 + r + i];
+            const unsigned any = t->k->rot_cert(x, v + i * cols, (size_t)cols, &rc, e, d, unc);
+            for (uint64_t c = 0; any && c < cols; c++) {
+                if ((c & 7) == 0 && c + 8 <= cols) { /* eight at a time: most are certified */
+                    uint64_t w8;
+                    memcpy(&w8, unc + c, 8);
+                    if (w8 == 0) {
+                        c += 7;
+                        continue;
+                    }
+                }
+                if (!unc[c])
+                    continue;
+                const double x64 = op->method->elem64(op, p, x, t->r0 + r + i, c, cols);
+                const uint16_t bits = lm_f64_to_16_1(x64, out);
+                d[c] = bits;
+                st->n_recomputed++;
+                if (!isfinite(x64))
+                    st->n_nonfinite++;
+                else if ((bits & em) == em)
+                    st->n_overflow++;
+            }
+        }
+    }
+    free(v);
+    return 0;
+}
+
 double lm_rot_elem64(const lm_rot_prep *rp, const float *x, uint64_t col)
 {
     const uint64_t bs = rp->bs, j = col / bs, a = col % bs;
@@ -339,6 +394,12 @@ static double oft_elem64(const lm_op *op, const lm_prepared *p, const float *in,
     return lm_rot_elem64(p->data, in, col);
 }
 
+static int oft_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                            lm_cert_counts *st)
+{
+    return lm_rot_certify_tile(op, p, NULL, t, out, dst, st);
+}
+
 static void oft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
 {
     (void)m;
@@ -360,5 +421,6 @@ const lm_method lm_method_oft = {
     .apply_tile64 = oft_apply64,
     .apply_tile_bound = oft_apply_bound,
     .elem64 = oft_elem64,
+    .certify_tile = oft_certify_tile,
     .describe = oft_describe,
 };

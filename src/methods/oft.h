@@ -31,6 +31,12 @@ lm_code lm_rot_prep_make(lm_prepared *p, const float *RT, const double *RT64, ui
  *  when the norm overflows) */
 void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *bound);
 
+/*! lm_rot_certify_tile() : lm_rotate_blocks_bound (then, row_scale not NULL, each row r times
+ *  row_scale[r] with boft_apply_bound's bound) and the engine's certification (exec_exact.h) in one
+ *  sweep over the tile: the certify_tile hook of OFT and BOFT (method.h), p->data an lm_rot_prep */
+int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_scale, const lm_tile *t, lm_kdtype out,
+                        uint16_t *dst, lm_cert_counts *st);
+
 /*! lm_rot_elem64() : element col of a row x (f32 values) after the rotation, in f64 (four
  *  chains: b = m mod 4, then (s0 + s1) + (s2 + s3); within the bound's f64 term) */
 double lm_rot_elem64(const lm_rot_prep *rp, const float *x, uint64_t col);

@@ -147,7 +147,8 @@ void lm_adapter_free(lm_adapter *a)
 
 static lm_code load_safetensors(lm_adapter *a, lm_err *err)
 {
-    lm_st_file *f = lm_st_open_snapshot(a->weights_path, err); /* read once: later changes cannot reach the merge */
+    /* read once: later changes cannot reach the merge; hashed on the way (merge.c: hash_adapters) */
+    lm_st_file *f = lm_st_open_snapshot_hashed(a->weights_path, err);
     if (f == NULL)
         return err ? err->code : LM_E_FORMAT;
     a->ts = lm_ts_create(a->weights_path);
