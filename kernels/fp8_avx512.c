@@ -1,14 +1,16 @@
 /* SPDX-License-Identifier: MIT */
 /* fp8_avx512.c : AVX-512 variant of block FP8 merged with a low-rank term, bit for bit the
  * reference (fp8_ref.c).
- *  merge: rows in pairs (blocks up to 128 wide; wider ones a row at a time, 128 columns a pass),
- *  the term's fma chains in registers over p, as gemm_rows runs them; the codes' values by way of
+ *  merge: the term's rows in fours, in panels of 64 columns (4 A loads and 4 broadcasts feed 16
+ *  fmas; the differences kept for the d2 lanes, added row after row once the 4 rows are done),
+ *  then pairs; blocks wider than 128 a row at a time, 128 columns a pass; the term's fma chains
+ *  in registers over p, as gemm_rows runs them; the codes' values by way of
  *  f16 (a code's bits moved into an f16's are its value times 2^-8, exact, and vcvtph2ps widens
  *  them, subnormals included), times 256 s0 (exact unless that overflows: then times 256, then
  *  times s0), NaN codes patched to the f16 NaN; x, its amax, sameness and d2 lanes in one pass,
  *  rows in order (so d2's lanes add the reference's values in the reference's order).
  *  encode: the mantissa rounded in the integer bits, the lanes below 2^-6 (rare: a branch) by
- *  the sum with 2^14; the codes narrowed by vpmovdb. */
+ *  the sum with 2^14; the codes packed 64 to a store. */
 #include "lm_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -111,11 +113,80 @@ F8_INLINE void f8_rows(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_
         }
 }
 
+/* 4 term rows from row i, columns j0 .. j0 + 16 pv (pv <= 4; the block's last vector masked by
+ * last when it is here): the chains (4 A loads and 4 broadcasts feed 16 fmas), x, amax and
+ * sameness; the differences x - base into dd (row stride 16 F8_MAXV) for the d2 lanes */
+F8_INLINE void f8_quad_panel(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_term *t, size_t i, size_t j0,
+                             size_t pv, int has_last, __mmask16 last, float *x, size_t ldx, float *dd)
+{
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (size_t r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (size_t v = 0; v < pv; v++)
+            acc[r][v] = _mm512_setzero_ps();
+    const float *B0 = t->B + (i - t->r_lo) * t->ldb;
+    const size_t ldb = t->ldb;
+    for (size_t p = 0; p < t->K; p++) {
+        const float *Ap = t->A + p * t->lda + j0;
+        __m512 b[4];
+#pragma GCC unroll 4
+        for (size_t v = 0; v < pv; v++) {
+            b[v] = _mm512_maskz_loadu_ps(has_last && v + 1 == pv ? last : 0xFFFF, Ap + 16 * v);
+            __asm__("" : "+v"(b[v]));
+        }
+#pragma GCC unroll 4
+        for (size_t r = 0; r < 4; r++) {
+            const __m512 a = _mm512_set1_ps(B0[r * ldb + p]);
+#pragma GCC unroll 4
+            for (size_t v = 0; v < pv; v++)
+                acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+        }
+    }
+    const __m512 al = _mm512_set1_ps(t->alpha);
+#pragma GCC unroll 4
+    for (size_t r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (size_t v = 0; v < pv; v++) {
+            const __mmask16 m = has_last && v + 1 == pv ? last : 0xFFFF;
+            const size_t j = j0 + 16 * v;
+            const __m512 c = f8_base(S, q0 + (i + r) * ldq + j, m);
+            const __m512 xv = _mm512_add_ps(c, _mm512_mul_ps(al, acc[r][v]));
+            S->amax = _mm512_max_epu32(S->amax, _mm512_and_si512(_mm512_castps_si512(xv), _mm512_set1_epi32(0x7FFFFFFF)));
+            S->diff |= _mm512_mask_cmp_ps_mask(m, xv, c, _CMP_NEQ_UQ);
+            _mm512_mask_storeu_ps(x + (i + r) * ldx + j, m, xv);
+            _mm512_storeu_ps(dd + r * 16 * F8_MAXV + j, _mm512_maskz_sub_ps(m, xv, c));
+        }
+}
+
+/* 4 term rows, nv vectors wide: the panels, then the d2 lanes row after row */
+F8_INLINE void f8_quad(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_term *t, size_t i, size_t nv,
+                       __mmask16 last, float *x, size_t ldx)
+{
+    float dd[4 * 16 * F8_MAXV] __attribute__((aligned(64)));
+    if (nv <= 4) {
+        f8_quad_panel(S, q0, ldq, t, i, 0, nv, 1, last, x, ldx, dd);
+    } else {
+        f8_quad_panel(S, q0, ldq, t, i, 0, 4, 0, last, x, ldx, dd);
+        f8_quad_panel(S, q0, ldq, t, i, 64, nv - 4, 1, last, x, ldx, dd);
+    }
+#pragma GCC unroll 4
+    for (size_t r = 0; r < 4; r++)
+#pragma GCC unroll 8
+        for (size_t v = 0; v < nv; v++) {
+            const __m512 d = _mm512_load_ps(dd + r * 16 * F8_MAXV + 16 * v);
+            S->d2 = _mm512_add_ps(S->d2, _mm512_mul_ps(d, d));
+        }
+}
+
 /* rows [i0, i1) of the block, all term rows or none; nv, last: the block's width (<= 128) */
 F8_INLINE void f8_span(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_term *t, int term, size_t i0,
                        size_t i1, size_t nv, __mmask16 last, float *x, size_t ldx)
 {
     size_t i = i0;
+    if (term)
+        for (; i + 4 <= i1; i += 4)
+            f8_quad(S, q0, ldq, t, i, nv, last, x, ldx);
     for (; i + 2 <= i1; i += 2)
         f8_rows(S, q0, ldq, t, term, i, 2, 0, nv, last, x, ldx);
     if (i < i1)

@@ -368,6 +368,7 @@ Test(quant, fp8_merge_block_every_variant)
     static const fk_case cases[] = {
         {128, 128, 200, 16, 0, 128, 0x1p-7f, 0.5f, 1e-3f, 0, 0},  /* a whole block, every row merged */
         {37, 40, 100, 3, 5, 30, 1e-3f, 2.0f, 1e-3f, 0, 0},        /* two vectors and a tail of 8; some rows */
+        {14, 100, 120, 7, 0, 14, 1e-3f, 1.0f, 1e-3f, 0, 0},       /* panels of 4 and 3 vectors (a tail of 4) */
         {9, 200, 230, 16, 0, 9, 1e-3f, 1.0f, 1e-3f, 0, 0},        /* wider than 128: a row at a time */
         {16, 7, 7, 5, 1, 16, 1e-3f, 1.0f, 1e-3f, 0, 0},           /* a tail only */
         {20, 64, 64, 8, 0, 0, 1e-3f, 1.0f, 1e-3f, 0, 1},          /* no term rows: kept */
