@@ -673,6 +673,12 @@ int lm_st_input_changed(const lm_st_file *f)
     return !same_file_state(&f->opened, &now);
 }
 
+/* Hashers running at once, at most ST_HASHERS: a batch opens many adapters one after another, and
+ * hashing is slower than copying, so unbounded they would pile up (a thread and a buffer each);
+ * past the limit a snapshot is not hashed on the way (its file is hashed when needed). */
+#define ST_HASHERS 2
+static int st_hashers_running;
+
 static void *hasher_main(void *arg)
 {
     st_hasher *h = arg;
@@ -706,15 +712,22 @@ static void *hasher_main(void *arg)
     }
     EVP_MD_CTX_free(ctx);
     free(buf);
+    __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL); /* its slot free for the next */
     return NULL;
 }
 
 /* a hasher for the n bytes of memfd fd, its thread started; NULL if it cannot be (no hash then) */
 static st_hasher *hasher_start(int fd, uint64_t n)
 {
-    st_hasher *h = calloc(1, sizeof *h);
-    if (h == NULL)
+    if (__atomic_add_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL) > ST_HASHERS) {
+        __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL);
         return NULL;
+    }
+    st_hasher *h = calloc(1, sizeof *h);
+    if (h == NULL) {
+        __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL);
+        return NULL;
+    }
     h->fd = fd;
     h->n = n;
     pthread_mutex_init(&h->mu, NULL);
@@ -723,6 +736,7 @@ static st_hasher *hasher_start(int fd, uint64_t n)
         pthread_mutex_destroy(&h->mu);
         pthread_cond_destroy(&h->cv);
         free(h);
+        __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL);
         return NULL;
     }
     return h;
