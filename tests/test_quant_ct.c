@@ -239,7 +239,8 @@ static int file_has(const char *dir, const char *file, const char *needle)
 }
 
 /* every strategy: kept quantized (the library's rule), the same bytes for any thread count and
- * tile size, and --dtype f32 (scales, input_scale and quantization_config dropped) */
+ * tile size, and --dtype f32 (scales, input_scale and quantization_config dropped); per channel
+ * also --dtype bf16 */
 Test(quant_ct, fp8_strategies_keep_and_dtype, .timeout = 120)
 {
     static const char *const q[] = {"ct-fp8", "ct-fp8-channel", "ct-fp8-group", "ct-fp8-block"};
@@ -261,6 +262,17 @@ Test(quant_ct, fp8_strategies_keep_and_dtype, .timeout = 120)
         th_st_free(&st);
         ct_ref("ct_ref.py", "ct-fp8-keep", f.base, f.ad, out, NULL);
         ct_ref("ct_ref.py", "ct-fp8-dtype", f.base, f.ad, outf, NULL);
+        if (k == 1) { /* per channel, --dtype bf16: the dequantized merge rounded once to BF16 */
+            char outb[1200];
+            snprintf(outb, sizeof outb, "%s/outb", f.tmp);
+            ct_merge(f.base, f.ad, outb, "--dtype", "bf16", NULL, NULL);
+            snprintf(a, sizeof a, "%s/model.safetensors", outb);
+            cr_assert_eq(th_st_read(a, &st), 0);
+            cr_assert_null(th_st_find(&st, "model.layers.1.mlp.down_proj.weight_scale"), "scales must be dropped");
+            cr_assert_str_eq(th_st_find(&st, "model.layers.1.mlp.down_proj.weight")->dtype, "BF16");
+            th_st_free(&st);
+            ct_ref("ct_ref.py", "ct-fp8-dtype", f.base, f.ad, outb, NULL);
+        }
         th_qfx_free(&f);
     }
 }
@@ -679,9 +691,8 @@ Test(quant_ct, nvfp4_refusals)
 /* DoRA, LoHa, OFT and IA3 adapters merged into block FP8, NVFP4 (both libraries) and bitsandbytes
  * 4-bit / 8-bit bases (each format with one type, each type at least once): kept quantized (bitsandbytes: written dequantized) the merge succeeds, and
  * with --dtype f32 it gives what merging into the base dequantized by tests/quant/deq_ref.py (numpy,
- * from the formats' definitions) gives: the same bytes for IA3 (its f32 product is exact); DoRA,
- * OFT and LoHa take the certified exact path on a float base but not yet on a quantized one, so
- * within 4e-7 of each tensor's amax (a few f32 roundings) */
+ * from the formats' definitions) gives: the same bytes, every type taking its certified path from
+ * the dequantized tile (the exact merge rounded once); adversarial cases: test_exact_quant.c */
 Test(quant_ct, every_adapter_type_on_every_format, .timeout = 120)
 {
     static const struct {
@@ -717,8 +728,7 @@ Test(quant_ct, every_adapter_type_on_every_format, .timeout = 120)
         th_run_free(&r);
         ct_merge(f.base, ad, o1, "--dtype", "f32", NULL, NULL);
         ct_merge(deq, ad, o2, "--dtype", "f32", NULL, NULL);
-        int exact = strcmp(ty, "ia3") == 0;
-        snprintf(args, sizeof args, "same '%s' '%s' %s", o1, o2, exact ? "" : "4e-7");
+        snprintf(args, sizeof args, "same '%s' '%s'", o1, o2);
         th_quant_ref("deq_ref.py", args);
         th_qfx_free(&f);
     }
