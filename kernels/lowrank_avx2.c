@@ -176,32 +176,32 @@ LR2_INLINE __m256i lr2_raw(const void *p, size_t n)
                    : _mm256_loadu_si256((const __m256i *)p);
 }
 
-/* the finishes, and when W and the output have one dtype the lanes whose bits changed counted
- * (W read before the store: the output may be W itself) */
-LR2_INLINE void lr2_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m256 d, const void *wp,
-                               lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
-                               lm_lowrank_stats *st)
+/* the finishes; when W and the output have one dtype they return how many lanes' bits changed
+ * (W read before the store: the output may be W itself), else 0; summed per block by the callers */
+LR2_INLINE unsigned lr2_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m256 d, const void *wp,
+                                   lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
+                                   lm_lowrank_stats *st)
 {
     if (wt != ot) {
         lr2_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
-        return;
+        return 0;
     }
     const size_t esz = wt == LM_KDT_F32 ? 4 : 2;
     const __m256i in = lr2_raw(wp, 8 * esz);
     lr2_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
-    st->n_changed += lr2_changed(in, op, 8 * esz, esz);
+    return lr2_changed(in, op, 8 * esz, esz);
 }
 
-LR2_INLINE void lr2_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m256d d, const void *wp,
-                               lm_kdtype wt, void *op, lm_lowrank_stats *st)
+LR2_INLINE unsigned lr2_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m256d d, const void *wp,
+                                   lm_kdtype wt, void *op, lm_lowrank_stats *st)
 {
     if (wt != LM_KDT_F32) {
         lr2_finish_f64_body(lr, i, j, d, wp, wt, op, st);
-        return;
+        return 0;
     }
     const __m256i in = lr2_raw(wp, 16);
     lr2_finish_f64_body(lr, i, j, d, wp, wt, op, st);
-    st->n_changed += lr2_changed(in, op, 16, 4);
+    return lr2_changed(in, op, 16, 4);
 }
 
 /* mr rows x 8 columns, f32 path, four chains per row (12 ymm accumulators for mr = 3) */
@@ -228,11 +228,14 @@ LR2_INLINE void lr2_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
             for (size_t r = 0; r < mr; r++)
                 acc[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(b + r * K + k + m), av, acc[r][m]);
         }
+    unsigned changed = 0;
 #pragma GCC unroll 3
     for (size_t r = 0; r < mr; r++) {
         const __m256 d = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
-        lr2_finish_f32(lr, i + r, j, d, wp + r * wstride + j * wsz, wt, op + r * ostride + j * osz, ot, flags, st);
+        changed += lr2_finish_f32(lr, i + r, j, d, wp + r * wstride + j * wsz, wt, op + r * ostride + j * osz, ot,
+                                  flags, st);
     }
+    st->n_changed += changed;
 }
 
 LR2_INLINE void lr2_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t j, size_t nv,
@@ -257,12 +260,14 @@ LR2_INLINE void lr2_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t 
                 acc[r][1] = _mm256_fmadd_pd(bk, a1, acc[r][1]);
         }
     }
+    unsigned changed = 0;
 #pragma GCC unroll 4
     for (size_t r = 0; r < mr; r++)
 #pragma GCC unroll 2
         for (size_t v = 0; v < nv; v++)
-            lr2_finish_f64(lr, i + r, j + 4 * v, acc[r][v], wp + r * wstride + (j + 4 * v) * wsz, wt,
-                           op + r * ostride + (j + 4 * v) * 4, st);
+            changed += lr2_finish_f64(lr, i + r, j + 4 * v, acc[r][v], wp + r * wstride + (j + 4 * v) * wsz, wt,
+                                      op + r * ostride + (j + 4 * v) * 4, st);
+    st->n_changed += changed;
 }
 
 /* Loop order: column panels outside, rows inside, so the panel of A (K x 8 values) stays in L1

@@ -153,32 +153,33 @@ LR5_INLINE __m512i lr5_raw(const void *p, size_t n)
     return n == 32 ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_si512(p);
 }
 
-/* the finishes, and when W and the output have one dtype the lanes whose bits changed counted
- * (W read before the store: the output may be W itself) */
-LR5_INLINE void lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
-                               lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
-                               lm_lowrank_stats *st)
+/* the finishes; when W and the output have one dtype they return how many lanes' bits changed
+ * (W read before the store: the output may be W itself), else 0.  The callers sum the counts in a
+ * register and add them to st once per block, not through memory per vector. */
+LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
+                                   lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
+                                   lm_lowrank_stats *st)
 {
     if (wt != ot) {
         lr5_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
-        return;
+        return 0;
     }
     const size_t esz = wt == LM_KDT_F32 ? 4 : 2;
     const __m512i in = lr5_raw(wp, 16 * esz);
     lr5_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
-    st->n_changed += lr5_changed(in, op, 16 * esz, esz);
+    return lr5_changed(in, op, 16 * esz, esz);
 }
 
-LR5_INLINE void lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
-                               lm_kdtype wt, void *op, lm_lowrank_stats *st)
+LR5_INLINE unsigned lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
+                                   lm_kdtype wt, void *op, lm_lowrank_stats *st)
 {
     if (wt != LM_KDT_F32) {
         lr5_finish_f64_body(lr, i, j, d, wp, wt, op, st);
-        return;
+        return 0;
     }
     const __m512i in = lr5_raw(wp, 32);
     lr5_finish_f64_body(lr, i, j, d, wp, wt, op, st);
-    st->n_changed += lr5_changed(in, op, 32, 4);
+    return lr5_changed(in, op, 32, 4);
 }
 
 /* mr rows (tensor rows i ..) x 16*nv columns from j, f32 path: four accumulators per row and
@@ -216,15 +217,17 @@ LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
                     acc[r][1][m] = _mm512_fmadd_ps(bk, a1, acc[r][1][m]);
             }
         }
+    unsigned changed = 0;
 #pragma GCC unroll 4
     for (size_t r = 0; r < mr; r++)
 #pragma GCC unroll 2
         for (size_t v = 0; v < nv; v++) {
             const __m512 d = _mm512_add_ps(_mm512_add_ps(acc[r][v][0], acc[r][v][1]),
                                            _mm512_add_ps(acc[r][v][2], acc[r][v][3]));
-            lr5_finish_f32(lr, i + r, j + 16 * v, d, wp + r * wstride + (j + 16 * v) * wsz, wt,
-                           op + r * ostride + (j + 16 * v) * osz, ot, flags, st);
+            changed += lr5_finish_f32(lr, i + r, j + 16 * v, d, wp + r * wstride + (j + 16 * v) * wsz, wt,
+                                      op + r * ostride + (j + 16 * v) * osz, ot, flags, st);
         }
+    st->n_changed += changed;
 }
 
 /* the same for the f64 path: mr rows x 8*nv columns */
@@ -250,12 +253,14 @@ LR5_INLINE void lr5_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t 
                 acc[r][1] = _mm512_fmadd_pd(bk, a1, acc[r][1]);
         }
     }
+    unsigned changed = 0;
 #pragma GCC unroll 4
     for (size_t r = 0; r < mr; r++)
 #pragma GCC unroll 2
         for (size_t v = 0; v < nv; v++)
-            lr5_finish_f64(lr, i + r, j + 8 * v, acc[r][v], wp + r * wstride + (j + 8 * v) * wsz, wt,
-                           op + r * ostride + (j + 8 * v) * 4, st);
+            changed += lr5_finish_f64(lr, i + r, j + 8 * v, acc[r][v], wp + r * wstride + (j + 8 * v) * wsz, wt,
+                                      op + r * ostride + (j + 8 * v) * 4, st);
+    st->n_changed += changed;
 }
 
 /* Loop order: column panels outside, rows inside, so the panel of A (K x 32 values, contiguous
