@@ -956,11 +956,16 @@ int main(int argc, char **argv)
     char *loose_argv[] = {bin, "-q", "--exactness-off", "--threads", thr, base, adapter, out, NULL};
     double *tf = calloc((size_t)runs, sizeof *tf), *tm = calloc((size_t)runs, sizeof *tm);
     double *tx = calloc((size_t)runs, sizeof *tx);
+    /* CPU seconds (user + system) of each run: on a loaded machine the wall times mostly say how
+     * busy it was, the CPU times what each command cost */
+    double *cf = calloc((size_t)runs, sizeof *cf), *cm = calloc((size_t)runs, sizeof *cm);
+    double *cx = calloc((size_t)runs, sizeof *cx);
     long rss_f = 0, rss_m = 0;
     for (int r = 0; r < runs; r++) {
         unlink(out);
         sync();
         tf[r] = run_timed(cat_argv, out, &rss, &st);
+        cf[r] = g_last_cpu;
         if (st != 0) {
             fprintf(stderr, "bench: cat failed\n");
             return 1;
@@ -969,6 +974,7 @@ int main(int argc, char **argv)
         unlink(out);
         sync();
         tm[r] = run_timed(merge_argv, NULL, &rss, &st);
+        cm[r] = g_last_cpu;
         if (st != 0) {
             fprintf(stderr, "bench: lora-merge failed with status %d\n", st);
             return 1;
@@ -981,6 +987,7 @@ int main(int argc, char **argv)
         unlink(out);
         sync();
         tx[r] = run_timed(loose_argv, NULL, &rss, &st);
+        cx[r] = g_last_cpu;
         if (st != 0) {
             fprintf(stderr, "bench: lora-merge --exactness-off failed with status %d\n", st);
             return 1;
@@ -1012,10 +1019,16 @@ int main(int argc, char **argv)
         printf("exactness: merge %.3f s exact, %.3f s (%.3f-%.3f) with --exactness-off: it costs %+.1f%%%s\n", mm, mx,
                tx[0], tx[runs - 1], 100 * (mm / mx - 1),
                bc->max_ratio > 0 ? (mm / mx - 1 <= 0.05 ? " (target <= 5% ok)" : " (target <= 5% MISSED)") : "");
+        const double ccf = median(cf, runs), ccm = median(cm, runs), ccx = median(cx, runs);
+        printf("CPU (user+system, median): floor %.2f s, merge %.2f s (%.2f per thread of %d), exactness off %.2f s "
+               "(exactness %+.1f%% of CPU)\n", ccf, ccm, ccm / threads, threads, ccx, 100 * (ccm / ccx - 1));
     }
     free(tf);
     free(tm);
     free(tx);
+    free(cf);
+    free(cm);
+    free(cx);
     remove_own_dir(own_dir && !keep, dir);
     return 0;
 }

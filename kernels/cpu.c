@@ -120,6 +120,7 @@ static void set_ref(lm_kernels *k)
     k->fp8_merge = lm_fp8_merge_ref;
     k->fp8_encode = lm_fp8_encode_ref;
     k->rot_cert = lm_rot_cert_ref;
+    k->dora_cert = lm_dora_cert_ref;
     k->name = "ref";
 }
 
@@ -147,6 +148,7 @@ static void set_avx2(lm_kernels *k)
     k->fp8_merge = NULL; /* (no AVX2 variant: quant.c's block functions, built for AVX2 too) */
     k->fp8_encode = NULL;
     k->rot_cert = lm_rot_cert_avx2;
+    k->dora_cert = lm_dora_cert_avx2;
     k->name = "avx2";
 }
 
@@ -173,6 +175,7 @@ static void set_avx512(lm_kernels *k)
     k->fp8_merge = lm_fp8_merge_avx512;
     k->fp8_encode = lm_fp8_encode_avx512;
     k->rot_cert = lm_rot_cert_avx512;
+    k->dora_cert = lm_dora_cert_avx512;
     k->name = "avx512";
 }
 #endif

@@ -202,6 +202,23 @@ typedef struct lm_rotcert {
     lm_kdtype out;
 } lm_rotcert;
 
+/* a certified DoRA row's constants (slot dora_cert; kernels/doracert_ref.c, exec_dora.c's proof):
+ * F the row's factor, E a bound of every element's e_j, eF, A0, A1, A2 the terms of e_j */
+typedef struct lm_dora_cert {
+    double F, E, eF, A0, A1, A2;
+} lm_dora_cert;
+
+/* an output format as dora_cert rounds to it: s = 52 - mantissa bits, obits its width, subscale
+ * 1 / its subnormal quantum, bias (its exponent rebased from f64's) << mantissa bits, rmin / rinf
+ * the rounded f64 bits of its smallest normal value / of infinity, amin the f64 bits of the
+ * smallest normal value, oinf its infinity's bits */
+typedef struct lm_dora_fmt {
+    int s, obits;
+    double subscale;
+    uint64_t bias, rmin, rinf, amin, oinf;
+} lm_dora_fmt;
+extern const lm_dora_fmt lm_dora_fmts[3];
+
 typedef struct lm_kernels {
     void (*bf16_to_f32)(const uint16_t *src, float *dst, size_t n);
     void (*f32_to_bf16)(const float *src, uint16_t *dst, size_t n);
@@ -235,6 +252,10 @@ typedef struct lm_kernels {
      * holding the block terms dn_a xn; dst the output bits, unc 1 where not certified; @return any unc (rotcert_ref.c) */
     unsigned (*rot_cert)(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
                          uint8_t *unc);
+    /* a certified DoRA row: y = v F rounded once to out (dst: n elements of out) where the row's
+     * bound certifies it; @return the elements it does not certify (doracert_ref.c) */
+    size_t (*dora_cert)(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
+                        lm_kdtype out, void *dst);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -510,6 +531,13 @@ void lm_lr64_tail(double *X, const float *w, double s, const double *R, const do
                   size_t n);
 void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
 
+/* kernels/doracert_*.c */
+size_t lm_dora_cert_ref(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
+                        lm_kdtype out, void *dst);
+size_t lm_dora_cert_avx2(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
+                         lm_kdtype out, void *dst);
+size_t lm_dora_cert_avx512(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
+                           lm_kdtype out, void *dst);
 /* kernels/rotcert_*.c, and the reference's pieces the variants share */
 unsigned lm_rot_cert_ref(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
                          uint8_t *unc);

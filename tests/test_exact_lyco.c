@@ -218,3 +218,126 @@ Test(exact_lyco, loha, .timeout = 120) { tx_run_type(&XL_TYPES[XL_LOHA]); }
 Test(exact_lyco, lokr, .timeout = 120) { tx_run_type(&XL_TYPES[XL_LOKR]); }
 Test(exact_lyco, lokr_whole, .timeout = 120) { tx_run_type(&XL_TYPES[XL_LOKR_WHOLE]); }
 Test(exact_lyco, lokr_split_w1, .timeout = 120) { tx_run_type(&XL_TYPES[XL_LOKR_SPLIT1]); }
+
+/* ---- LyCORIS's dora_scale on LoHa and LoKr modules: computed in f64, rounded once ------------
+ * lycoris/modules/loha.py, lokr.py (get_merged_weight, apply_weight_decompose): V = W + dW (dW
+ * with alpha / r, not the multiplier), f = dora_scale / (||V|| + 2^-23) per output row (dora_scale
+ * [out, 1], wd_on_out) or per input column ([1, in]), W' = V f.  W cancels the delta to a residue
+ * (W = -(dW rounded to bf16)), so V is small and f large: an f32 evaluation of V misses most
+ * elements, the f64 one (V exact but for f64 noise, the norm and the factor in f64) none.  The
+ * reference carries the f64 noise through the norm (the row's or column's ||E|| / ||V||). */
+#define XD_K "lora_unet_blk_"
+
+static tx_t *xd_param(tx_set *ad, const char *part, uint64_t d0, uint64_t d1, double g)
+{
+    char nm[160];
+    snprintf(nm, sizeof nm, XD_K "%s", part);
+    tx_t *t = tx_add(ad, nm, "F32", 2, d0, d1);
+    for (uint64_t e = 0; e < t->n; e++)
+        t->v[e] = xl_val(g);
+    return t;
+}
+
+/* loha: LoHa r 4, alpha 8 (s 2), dora_scale per output row; else LoKr with whole factors w1 [4, 5],
+ * w2 [6, 8] (s 1: LyCORIS forces alpha = r), per input column */
+static void xd_run(int loha, const char *bdt)
+{
+    const uint64_t O = XL_O, I = XL_I, n = O * I;
+    long double *D = malloc(n * sizeof *D), *mag = malloc(n * sizeof *mag), *ref = malloc(n * sizeof *ref),
+                *bnd = malloc(n * sizeof *bnd);
+    float *y32 = malloc(n * sizeof *y32);
+    tx_set base = {0}, ad = {0};
+    tx_t *w = tx_add(&base, loha ? "blk.loha.weight" : "blk.lokr.weight", bdt, 2, O, I);
+    if (loha) {
+        tx_t *a1 = xd_param(&ad, "loha.hada_w1_a", O, 4, 0.5), *b1 = xd_param(&ad, "loha.hada_w1_b", 4, I, 0.5);
+        tx_t *a2 = xd_param(&ad, "loha.hada_w2_a", O, 4, 0.5), *b2 = xd_param(&ad, "loha.hada_w2_b", 4, I, 0.5);
+        for (uint64_t o = 0; o < O; o++)
+            for (uint64_t i = 0; i < I; i++) {
+                long double x = 0, y = 0, ax = 0, ay = 0;
+                for (uint64_t k = 0; k < 4; k++) {
+                    x += (long double)a1->v[o * 4 + k] * b1->v[k * I + i];
+                    y += (long double)a2->v[o * 4 + k] * b2->v[k * I + i];
+                    ax += fabsl((long double)a1->v[o * 4 + k] * b1->v[k * I + i]);
+                    ay += fabsl((long double)a2->v[o * 4 + k] * b2->v[k * I + i]);
+                }
+                D[o * I + i] = x * y * 2;
+                mag[o * I + i] = ax * ay * 2;
+            }
+    } else {
+        tx_t *w1 = xd_param(&ad, "lokr.lokr_w1", 4, 5, 0.5), *w2 = xd_param(&ad, "lokr.lokr_w2", 6, 8, 0.5);
+        for (uint64_t p = 0; p < 4; p++)
+            for (uint64_t q = 0; q < 6; q++)
+                for (uint64_t u = 0; u < 5; u++)
+                    for (uint64_t v = 0; v < 8; v++) {
+                        const uint64_t e = (p * 6 + q) * I + u * 8 + v;
+                        D[e] = (long double)w1->v[p * 5 + u] * w2->v[q * 8 + v];
+                        mag[e] = fabsl(D[e]);
+                    }
+    }
+    tx_t *al = tx_add(&ad, loha ? XD_K "loha.alpha" : XD_K "lokr.alpha", "F32", 1, 1, 0);
+    al->nd = 0;
+    al->v[0] = loha ? 8 : 1;
+    const uint64_t ng = loha ? O : I; /* the norms: per row, or per column */
+    tx_t *ds = tx_add(&ad, loha ? XD_K "loha.dora_scale" : XD_K "lokr.dora_scale", "F32", 2, loha ? O : 1, loha ? 1 : I);
+    for (uint64_t g = 0; g < ng; g++)
+        ds->v[g] = (double)(float)(0.5 + 0.25 * th_rand_normal(&g_rng));
+    float *v32 = malloc(n * sizeof *v32);
+    for (uint64_t e = 0; e < n; e++) {
+        w->v[e] = th_round_to(-th_round_to((double)D[e], "BF16"), bdt);
+        ref[e] = w->v[e] + D[e]; /* V */
+        v32[e] = (float)w->v[e] + (float)D[e];
+    }
+    for (uint64_t g = 0; g < ng; g++) {
+        long double ss = 0, e2 = 0;
+        float ss32 = 0;
+        for (uint64_t k = 0; k < (loha ? I : O); k++) {
+            const uint64_t e = loha ? g * I + k : k * I + g;
+            ss += ref[e] * ref[e];
+            e2 += ldexpl(mag[e], -49) * ldexpl(mag[e], -49);
+            ss32 += v32[e] * v32[e];
+        }
+        const long double f = ds->v[g] / (sqrtl(ss) + 0x1p-23L), relf = sqrtl(e2) / sqrtl(ss) + 0x1p-45L;
+        const float f32 = (float)ds->v[g] / (sqrtf(ss32) + 0x1p-23f);
+        for (uint64_t k = 0; k < (loha ? I : O); k++) {
+            const uint64_t e = loha ? g * I + k : k * I + g;
+            bnd[e] = f * (fabsl(ref[e]) * relf + ldexpl(mag[e], -49));
+            ref[e] *= f;
+            bnd[e] += ldexpl(fabsl(ref[e]), -52);
+            y32[e] = v32[e] * f32;
+        }
+    }
+    tx_case c;
+    tx_case_write(&c, &base, &ad, "{}");
+    snprintf(c.adir, sizeof c.adir, "%.500s/lyco.safetensors", c.dir);
+    tx_write(c.adir, &ad);
+    th_run_result res = tx_merge(&c, c.out, NULL);
+    char what[96];
+    snprintf(what, sizeof what, "%s + dora_scale %s cancel", loha ? "loha" : "lokr", bdt);
+    cr_assert_eq(res.status, 0, "%s: exit %d: %s", what, res.status, res.err);
+    uint64_t rec = 0;
+    const uint64_t wrong = tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+    cr_assert_eq(rec, n, "%s: %llu recomputed, the f64 path computes all %llu", what, (unsigned long long)rec,
+                 (unsigned long long)n);
+    /* bf16, f16: the f32 residue's error (2^-15, 2^-12 of it) reaches a boundary now and then */
+    cr_assert_gt(wrong, strcmp(bdt, "F32") ? 0 : n / 8, "%s: an f32 evaluation gets only %llu wrong: not adversarial",
+                 what, (unsigned long long)wrong);
+    if (!strcmp(bdt, "F16"))
+        tx_same_bytes(&c, what);
+    th_run_free(&res);
+    free(D);
+    free(mag);
+    free(ref);
+    free(bnd);
+    free(y32);
+    free(v32);
+    tx_case_free(&c, &base, &ad);
+}
+
+Test(exact_lyco, loha_lokr_dora_scale, .timeout = 60)
+{
+    static const char *const dts[3] = {"BF16", "F16", "F32"};
+    for (int d = 0; d < 3; d++) {
+        xd_run(1, dts[d]);
+        xd_run(0, dts[d]);
+    }
+}

@@ -148,3 +148,103 @@ Test(kernels64, lr64_variants_match_the_reference_and_long_double)
                     free(R), free(C), free(Cp), free(X0), free(a), free(b), free(w);
                 }
 }
+
+/* x rounded to nearest even in out (bf16, f16, f32), as bits: the independent rounding of the
+ * dora_cert test (long double, scaled by the quantum at x's binade) */
+static uint32_t k64_round_out(long double x, lm_kdtype out)
+{
+    const int p = out == LM_KDT_BF16 ? 8 : out == LM_KDT_F16 ? 11 : 24, emin = out == LM_KDT_F16 ? -14 : -126;
+    const int emax = out == LM_KDT_F16 ? 15 : 127;
+    const uint32_t sign = signbit(x) ? (out == LM_KDT_F32 ? 0x80000000u : 0x8000u) : 0u;
+    const long double ax = fabsl(x);
+    int e = ax > 0 ? ilogbl(ax) : emin;
+    e = e < emin ? emin : e;
+    const long double q = ldexpl(1.0L, e - p + 1), val = nearbyintl(ax / q) * q;
+    if (val >= ldexpl(1.0L, emax + 1))
+        return sign | (out == LM_KDT_BF16 ? 0x7F80u : out == LM_KDT_F16 ? 0x7C00u : 0x7F800000u);
+    const float fv = (float)val; /* exact: val is a value of out */
+    uint32_t u;
+    memcpy(&u, &fv, sizeof u);
+    return sign | (out == LM_KDT_BF16 ? u >> 16 : out == LM_KDT_F16 ? lm_f32_to_f16_1(fv) : u);
+}
+
+/* dora_cert (a certified DoRA row, doracert_ref.c): every variant bit for bit the reference (the
+ * bits and the count) for lengths around the vector widths, the three outputs, a tight and a loose
+ * row bound E (the precise test then decides), results near the outputs' midpoints, zeros,
+ * subnormal outputs, overflow, inf and NaN; the reference's certified elements (one at a time)
+ * checked in long double: y -+ 0.999 e_j rounds to the bits written */
+Test(kernels64, dora_cert_variants_match_the_reference_which_certifies_soundly)
+{
+    static const char *const variants[] = {"avx2", "avx512"};
+    static const lm_kdtype outs[] = {LM_KDT_BF16, LM_KDT_F16, LM_KDT_F32};
+    static const size_t lens[] = {1, 3, 4, 8, 13, 67};
+    lm_kernels ref;
+    lm_kernels_select(&ref, "ref");
+    size_t certified = 0, uncertain = 0, sub = 0;
+    for (size_t oi = 0; oi < 3; oi++)
+        for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
+            for (int loose = 0; loose < 2; loose++) {
+                const lm_kdtype out = outs[oi];
+                const size_t n = lens[li], ob = out == LM_KDT_F32 ? 4 : 2;
+                double *v = malloc(n * sizeof *v), *kap = malloc(n * sizeof *kap);
+                float *w = malloc(n * sizeof *w);
+                uint8_t *d0 = malloc(n * 4), *d1 = malloc(n * 4), *d2 = malloc(4);
+                cr_assert(v && kap && w && d0 && d1 && d2);
+                lm_dora_cert c = {1.0 + 0x1p-30, 0, 0x1p-46, 0x1p-60, 0x1p-48, 0x1p-50};
+                c.E = loose ? 0x1p-12 : 0x1p-40; /* E >= every e_j here when |v| stays below 2^8 */
+                const double mid = out == LM_KDT_BF16 ? 1.0 + 0x1p-8 : out == LM_KDT_F16 ? 1.0 + 0x1p-11 : 1.0 + 0x1p-24;
+                for (size_t j = 0; j < n; j++) {
+                    v[j] = k64_value() * (out == LM_KDT_F16 ? 8.0 : 0.25);
+                    w[j] = (float)k64_value();
+                    kap[j] = fabs(k64_value());
+                    if (j % 5 == 2) { /* y near a midpoint: -2, -1/2, 1/2, 2 times ~e (2^-46) away */
+                        static const double offs[] = {-2.0, -0.5, 0.5, 2.0};
+                        v[j] = (mid + offs[(j / 5) % 4] * 0x1p-46) / (1.0 + 0x1p-30) * (j % 2 ? -1.0 : 1.0);
+                    }
+                    if (j % 11 == 6 && out == LM_KDT_F16)
+                        v[j] = k64_value() * 0x1p-16; /* subnormal f16 results */
+                }
+                if (n > 8) {
+                    v[0] = 0.0, v[1] = -0.0, v[3] = 1e300, v[7] = out == LM_KDT_F32 ? 0x1p-140 : 70000.0;
+                    v[8] = out == LM_KDT_F16 ? 3e5 : 1e39; /* beyond the range by one exponent bit */
+                    /* rounds exactly to the output's infinity (beyond its last midpoint) */
+                    v[6] = (out == LM_KDT_BF16 ? 0x1.ffcp127 : out == LM_KDT_F16 ? 65530.0 : 0x1.ffffff8p127) / c.F;
+                    if (loose)
+                        v[4] = INFINITY, v[5] = NAN;
+                }
+                const size_t bad0 = ref.dora_cert(v, w, kap, n, &c, out, d0);
+                size_t bad1 = 0;
+                for (size_t j = 0; j < n; j++) {
+                    const size_t b = ref.dora_cert(v + j, w + j, kap + j, 1, &c, out, d2);
+                    cr_assert(memcmp(d2, d0 + j * ob, ob) == 0, "the row and element %zu alone differ", j);
+                    bad1 += b;
+                    if (b) {
+                        uncertain++;
+                        continue;
+                    }
+                    certified++;
+                    const double y = v[j] * c.F, av = fabs(v[j]);
+                    const long double e = ((long double)c.A1 * kap[j] + c.A0 + c.A2 * (fabsl((long double)w[j]) + 2.0L * av) +
+                                           (long double)c.eF * av) * 0.999L;
+                    uint32_t got = 0;
+                    memcpy(&got, d0 + j * ob, ob);
+                    const uint32_t lo = k64_round_out((long double)y - e, out), hi = k64_round_out((long double)y + e, out);
+                    cr_assert(lo == got && hi == got, "out %d n %zu loose %d: element %zu (%a) certified as %x, "
+                              "its bound rounds to [%x, %x]", (int)out, n, loose, j, y, got, lo, hi);
+                    sub += out == LM_KDT_F16 && (got & 0x7C00u) == 0 && (got & 0x3FFu) != 0;
+                }
+                cr_assert_eq(bad0, bad1);
+                for (size_t q = 0; q < 2; q++) {
+                    lm_kernels k;
+                    if (lm_kernels_select(&k, variants[q]) != 0)
+                        continue;
+                    memset(d1, 0xA5, n * 4);
+                    const size_t badv = k.dora_cert(v, w, kap, n, &c, out, d1);
+                    cr_assert(badv == bad0 && memcmp(d0, d1, n * ob) == 0, "%s out %d n %zu loose %d differs from ref",
+                              variants[q], (int)out, n, loose);
+                }
+                free(v), free(kap), free(w), free(d0), free(d1), free(d2);
+            }
+    cr_assert(certified > 3 * uncertain && uncertain > 10 && sub > 3, "certified %zu, uncertain %zu, f16 subnormal %zu",
+              certified, uncertain, sub);
+}

@@ -139,13 +139,25 @@ uint64_t tx_check(const double *out, const long double *ref,
 
 /* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
 void tx_same_bytes(const tx_case *c, const char *what) {
-  const char *const v[3][7] = {{"--threads", "1", "--tile-elems", "100", NULL},
+  tx_same_bytes_with(c, what, NULL);
+}
+
+void tx_same_bytes_with(const tx_case *c, const char *what,
+                        const char *const *extra) {
+  const char *const v[3][5] = {{"--threads", "1", "--tile-elems", "100", NULL},
                                {"--threads", "2", "--tile-elems", "64", NULL},
                                {"--threads", "2", "--kernels", "ref", NULL}};
   for (int k = 0; k < 3; k++) {
     char o[700];
     snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, k);
-    th_run_result r = tx_merge(c, o, v[k]);
+    const char *opts[12];
+    int n = 0;
+    for (int i = 0; v[k][i] != NULL; i++)
+      opts[n++] = v[k][i];
+    for (int i = 0; extra != NULL && extra[i] != NULL && n < 11; i++)
+      opts[n++] = extra[i];
+    opts[n] = NULL;
+    th_run_result r = tx_merge(c, o, opts);
     cr_assert_eq(r.status, 0, "%s, variant %d: exit %d: %s", what, k, r.status,
                  r.err);
     th_run_free(&r);

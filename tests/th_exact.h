@@ -62,6 +62,9 @@ uint64_t tx_check(const double *out, const long double *ref,
 
 /* the same bytes with --threads 1 and 2, --tile-elems 100 and --kernels ref */
 void tx_same_bytes(const tx_case *c, const char *what);
+/* the same with options extra (NULL-terminated) added to every run */
+void tx_same_bytes_with(const tx_case *c, const char *what,
+                        const char *const *extra);
 
 /* the merged tensor checked against ref/bnd/y32; --json exact with every
  * element recomputed */

@@ -279,7 +279,7 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_DORA && !J->lowrank_flags &&
-            (rt->dora = lm_dora_tensor_create(t, rt->prep, lm_kdtype_of(t->dtype), err)) == NULL)
+            (rt->dora = lm_dora_tensor_create(t, rt->prep, lm_kdtype_of(lm_exact_out_dtype(t)), err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc != LM_OK) {
             lm_err_set_tensor(err, t->name);
@@ -306,12 +306,25 @@ static void prepare_ahead(job *J, size_t ti)
         return;
     lm_err e;
     lm_err_clear(&e);
-    if (tensor_prepare(J, nx, &e) != LM_OK)
+    if (tensor_prepare(J, nx, &e) != LM_OK || J->rt[nx].exact_kind != LM_EXACT_LOWRANK)
         return;
-    pthread_mutex_lock(J->prep_lock); /* its tiles may all be done already: released under this lock */
-    if (J->rt[nx].exact != NULL)
-        (void)lm_lowrank_tensor_warm(J->rt[nx].exact, 0);
-    pthread_mutex_unlock(J->prep_lock);
+    /* The first segment's factors are made outside prep_lock, so that a thread releasing the
+     * tensor it has just finished (under that lock) does not wait for them.  Its tiles may all be
+     * done meanwhile: the warm-up holds one more "tile" and whoever brings the count to zero
+     * releases the tensor. */
+    tensor_rt *rt = &J->rt[nx];
+    uint64_t n = __atomic_load_n(&rt->tiles_left, __ATOMIC_ACQUIRE);
+    do {
+        if (n == 0)
+            return;
+    } while (!__atomic_compare_exchange_n(&rt->tiles_left, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    if (rt->exact != NULL) /* still prepared: the count held it */
+        (void)lm_lowrank_tensor_warm(rt->exact, 0);
+    if (__atomic_sub_fetch(&rt->tiles_left, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_lock(J->prep_lock);
+        tensor_release(J, nx);
+        pthread_mutex_unlock(J->prep_lock);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -537,7 +550,7 @@ static lm_code refuse_nonfinite(const lm_plan_tensor *t, uint64_t r0, uint64_t n
                 (unsigned long long)(r0 + nr - 1));
     else if (bad_out > bad_in)
         lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%zu merged values exceed the %s range (they would be "
-                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(t->dtype), (unsigned long long)r0,
+                "written as inf; rows %llu..%llu)", bad_out - bad_in, lm_dtype_name(lm_exact_out_dtype(t)), (unsigned long long)r0,
                 (unsigned long long)(r0 + nr - 1));
     else
         return LM_OK;
@@ -565,15 +578,16 @@ static lm_code check_finite(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
 /* the exact path: base bytes -> output bytes in one kernel call; the same refusals as
  * check_finite (a finite exact value beyond the output's range, or inf/NaN made from finite
  * base values) */
-static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
+static lm_code compute_tile_exact(const job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src, lm_dtype src_dt,
                                   const workspace *ws, uint64_t *n_changed, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
     size_t n = (size_t)(nr * t->cols);
+    const lm_dtype od = lm_exact_out_dtype(t);
     lm_lowrank_stats st = {0};
-    if (lm_lowrank_tensor_run(rt->exact, J->k, r0, nr, src, lm_kdtype_of(t->src_dtype), ws->out,
-                              lm_kdtype_of(t->dtype), t->cols, J->lowrank_flags, &st) != 0) {
+    if (lm_lowrank_tensor_run(rt->exact, J->k, r0, nr, src, lm_kdtype_of(src_dt), ws->out, lm_kdtype_of(od), t->cols,
+                              J->lowrank_flags, &st) != 0) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the low-rank factors");
         lm_err_set_tensor(err, t->name);
         return LM_E_NOMEM;
@@ -585,14 +599,14 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         return LM_OK;
     size_t bad_in = 0; /* non-finite base values (src may be unaligned: a mapping) */
     for (size_t e = 0; e < n; e++) {
-        if (t->src_dtype == LM_DT_F32) {
+        if (src_dt == LM_DT_F32) {
             uint32_t u;
             memcpy(&u, src + 4 * e, 4);
             bad_in += (u & 0x7F800000u) == 0x7F800000u;
         } else {
             uint16_t h;
             memcpy(&h, src + 2 * e, 2);
-            const uint16_t m = t->src_dtype == LM_DT_F16 ? 0x7C00u : 0x7F80u;
+            const uint16_t m = src_dt == LM_DT_F16 ? 0x7C00u : 0x7F80u;
             bad_in += (h & m) == m;
         }
     }
@@ -604,7 +618,7 @@ static lm_code compute_tile_exact(job *J, size_t ti, uint64_t r0, uint64_t nr, c
                 (unsigned long long)(r0 + nr - 1));
     else if (st.n_overflow > 0 && !J->lowrank_flags)
         lm_fail(err, LM_E_MISMATCH, "NonFiniteResult", "%llu merged values exceed the %s range (they would be "
-                "written as inf; rows %llu..%llu)", (unsigned long long)st.n_overflow, lm_dtype_name(t->dtype),
+                "written as inf; rows %llu..%llu)", (unsigned long long)st.n_overflow, lm_dtype_name(od),
                 (unsigned long long)r0, (unsigned long long)(r0 + nr - 1));
     else
         return LM_OK;
@@ -618,9 +632,10 @@ static lm_code check_finite64(const job *J, size_t ti, uint64_t r0, uint64_t nr,
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     const size_t n = (size_t)(nr * t->cols);
-    const size_t bad_out = t->dtype == LM_DT_F32 ? J->k->count_nonfinite_f32((const float *)(const void *)ws->out, n)
+    const lm_dtype od = lm_exact_out_dtype(t);
+    const size_t bad_out = od == LM_DT_F32 ? J->k->count_nonfinite_f32((const float *)(const void *)ws->out, n)
                            : J->k->count_nonfinite_16((const uint16_t *)(const void *)ws->out, n,
-                                                      t->dtype == LM_DT_F16 ? 0x7C00u : 0x7F80u);
+                                                      od == LM_DT_F16 ? 0x7C00u : 0x7F80u);
     if (bad_out == 0)
         return LM_OK;
     size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n), bad64 = 0;
@@ -831,7 +846,7 @@ static lm_code compute_tile_certify1(job *J, size_t ti, uint64_t r0, uint64_t nr
 /* LM_EXACT_F64, the certified f32 form (lm_exact_certify_fast): ws->acc holds the input tile; the
  * op's f32 result and bounds, then the output bits, the uncertain elements from f64 (exec_exact.h).
  * The input tile and the bounds live in ws->acc64 (room for 2 n floats) */
-static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+static lm_code compute_tile_certify(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
                                     struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
@@ -852,7 +867,7 @@ static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr,
         const size_t e0 = (size_t)(q * t->cols);
         const lm_tile tile = {ws->acc + e0, ws->scratch, r0 + q, k, t->rows, t->cols, J->k};
         op->method->apply_tile_bound(op, p, &tile, bound + e0);
-        lm_exact_certify_tile(op, p, ws->acc + e0, bound + e0, in + e0, r0 + q, k, t->cols, lm_kdtype_of(t->dtype),
+        lm_exact_certify_tile(op, p, ws->acc + e0, bound + e0, in + e0, r0 + q, k, t->cols, lm_kdtype_of(lm_exact_out_dtype(t)),
                               (uint16_t *)(void *)ws->out + e0, &cs);
     }
     __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
@@ -867,13 +882,13 @@ static lm_code compute_tile_certify(job *J, size_t ti, uint64_t r0, uint64_t nr,
 /* the DoRA path (exec_dora.h): base rows in f32 (ws->acc, exact) -> output bytes; the same
  * refusals as check_finite (a finite value beyond the output's range, inf/NaN the base did not
  * have) */
-static lm_code compute_tile_dora(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
     lm_dora_stats st = {0};
     /* the scratch holds 4 max_elems floats >= lm_dora_ws_doubles(nr, cols) doubles */
-    if (lm_dora_tensor_run(rt->dora, J->k, ws->acc, r0, nr, rt->col_scale, ws->out, lm_kdtype_of(t->dtype),
+    if (lm_dora_tensor_run(rt->dora, J->k, ws->acc, r0, nr, rt->col_scale, ws->out, lm_kdtype_of(lm_exact_out_dtype(t)),
                            (double *)(void *)ws->scratch, &st) != 0) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
         lm_err_set_tensor(err, t->name);
@@ -886,8 +901,8 @@ static lm_code compute_tile_dora(job *J, size_t ti, uint64_t r0, uint64_t nr, co
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
-/* a block FP8 weight kept quantized whose ops are all low-rank: its tiles are dequantized, merged
- * and requantized one block at a time (lm_xq_merge_tile) */
+/* a block FP8 weight kept quantized whose ops are all low-rank (not certified: exec_exact.c): its
+ * tiles are dequantized, merged and requantized one block at a time (lm_xq_merge_tile) */
 static int fused_tile(const job *J, size_t ti)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
@@ -943,6 +958,71 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     return qs.n_nonfinite_blocks == 0 ? LM_OK : check_finite(J, ti, r0, nr, ws, err);
 }
 
+/* The certified paths from the f32 tile in ws->acc (exact: a quantized weight's dequantized
+ * tile) to ws->out in lm_exact_out_dtype(t), with their refusals (exec_exact.h); the elements
+ * recomputed counted in the tensor's rt. */
+static lm_code exact_values(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    tensor_rt *rt = &J->rt[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    lm_code rc;
+    if (rt->exact_kind == LM_EXACT_LOWRANK) {
+        uint64_t changed; /* (the statistics compare the bytes) */
+        rc = compute_tile_exact(J, ti, r0, nr, (const uint8_t *)ws->acc, LM_DT_F32, ws, &changed, err);
+    } else if (rt->dora != NULL) {
+        rc = compute_tile_dora(J, ti, r0, nr, ws, err);
+    } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t)) {
+        rc = compute_tile_certify(J, ti, r0, nr, ws, NULL, NULL, 0, err);
+        memcpy(ws->acc, ws->acc64, n * sizeof *ws->acc); /* the input tile again (the checks' base) */
+    } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags) {
+        const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
+        J->k->f32_to_f64(ws->acc, ws->acc64, n);
+        lm_exact_f64_apply(t, rt->prep, rt->col_scale, 0, t->n_ops, &t64);
+        J->k->f64_round(ws->acc64, ws->out, lm_kdtype_of(lm_exact_out_dtype(t)), n);
+        __atomic_add_fetch(&rt->n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
+        rc = check_finite64(J, ti, r0, nr, ws, err);
+    } else { /* LM_EXACT_SCALE, or exactness off: f32 ops, rounded once */
+        lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+        const lm_dtype od = lm_exact_out_dtype(t);
+        if (rt->exact_kind == LM_EXACT_SCALE)
+            __atomic_add_fetch(&rt->n_recomputed,
+                               lm_exact_scale_tile(ws->acc, r0, nr, t->cols, rt->prep[0].a, t->ops[0].axis,
+                                                   lm_kdtype_of(od), !J->lowrank_flags),
+                               __ATOMIC_RELAXED);
+        else
+            apply_ops(J, ti, 0, t->n_ops, &tile);
+        from_f32(J->k, od, ws->acc, ws->out, n);
+        rc = LM_OK; /* the caller's check_finite */
+    }
+    return rc;
+}
+
+/* A quantized weight on a certified path (exec_exact.h): ws->acc holds its dequantized tile.
+ * --dtype: its exact values rounded once are the output.  Kept quantized: they are rounded once
+ * to the rule's input dtype (lm_exact_out_dtype), widened into ws->acc, and requantized. */
+static lm_code compute_tile_qexact(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+                                   struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_xq_piece *pieces,
+                                   size_t *n_pieces, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const size_t n = (size_t)(nr * t->cols);
+    const int requant = t->dtype == t->src_dtype;
+    if (exact_values(J, ti, r0, nr, ws, err) != LM_OK)
+        return err->code;
+    lm_qstats qs = {0};
+    if (requant) {
+        to_f32(J->k, lm_exact_out_dtype(t), ws->out, ws->acc, n);
+        *n_pieces = lm_xq_requant(t, J->rt[ti].qscale, ws->acc, ws->codes, r0, nr, ws->out, ws->qscales, &qs, pieces);
+        quant_stats_add(J, ti, &qs);
+    }
+    if (ts != NULL) {
+        ts->n_changed = qs.n_changed;
+        stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
+    }
+    return check_finite(J, ti, r0, nr, ws, err);
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -956,10 +1036,10 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     const uint8_t *src = shared ? shared : tile_bytes(J, ti, (uint8_t *)ws->scratch, r0, nr, err);
     if (src == NULL)
         return LM_E_IO;
-    if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK) { /* base bytes -> output bytes; the statistics from the bytes written */
+    if (J->rt[ti].exact_kind == LM_EXACT_LOWRANK && t->q == NULL) { /* base bytes -> output bytes; the statistics from the bytes written */
         /* one dtype in and out: the kernel counts the changed elements as it stores them (no
          * second pass over the tile); else they are compared after */
-        const int kernel_counts = t->dtype == t->src_dtype && !t->sim_nf4 && !J->stats_norms && t->q == NULL;
+        const int kernel_counts = t->dtype == t->src_dtype && !t->sim_nf4 && !J->stats_norms;
         if (ts != NULL && !kernel_counts && stats_before(J, ti, ws, src, 1, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
             return LM_E_IO;
         const uint8_t *xsrc = src;
@@ -969,7 +1049,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
             xsrc = (const uint8_t *)ws->qscales;
         }
         uint64_t changed = 0;
-        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, ws, &changed, err); /* src stays intact */
+        lm_code rc = compute_tile_exact(J, ti, r0, nr, xsrc, t->src_dtype, ws, &changed, err); /* src stays intact */
         if (rc == LM_OK && ts != NULL && kernel_counts)
             ts->n_changed = changed;
         else if (rc == LM_OK && ts != NULL)
@@ -985,6 +1065,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     /* src may be in the scratch the methods use: the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
+    if (t->q != NULL && J->rt[ti].exact_kind != LM_EXACT_NONE)
+        return compute_tile_qexact(J, ti, r0, nr, ws, ts, base_bytes, n_base, pieces, n_pieces, err);
     if (J->rt[ti].dora != NULL) { /* low-rank and DoRA ops, certified (exec_dora.h) */
         lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, err);
         if (rc == LM_OK && ts != NULL)
@@ -996,7 +1078,7 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* f64 ops, one rounding (exec_exact.h) */
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n); /* ws->acc keeps the base tile for the checks */
-        lm_exact_f64_apply(t, J->rt[ti].prep, &t64);
+        lm_exact_f64_apply(t, J->rt[ti].prep, J->rt[ti].col_scale, 0, t->n_ops, &t64);
         J->k->f64_round(ws->acc64, ws->out, lm_kdtype_of(t->dtype), n);
         __atomic_add_fetch(&J->rt[ti].n_recomputed, (uint64_t)n, __ATOMIC_RELAXED);
         if (ts != NULL)
@@ -1407,7 +1489,7 @@ static lm_code for_each_tile(const job *J, size_t ti, uint64_t tr, int n_threads
         workspace ws;
         lm_err lerr;
         lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, 0, 1))
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, J->rt[ti].exact_kind == LM_EXACT_F64, 1))
             lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (uint64_t k = 0; k < n_tiles; k++) {
@@ -1440,8 +1522,14 @@ static lm_code amax_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uint6
                          void *ctx, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
-    apply_ops(J, ti, 0, t->n_ops, &tile);
+    if (J->rt[ti].exact_kind != LM_EXACT_NONE) { /* the values the tiles will requantize (compute_tile_qexact) */
+        if (exact_values(J, ti, r0, nr, ws, err) != LM_OK)
+            return err->code;
+        to_f32(J->k, lm_exact_out_dtype(t), ws->out, ws->acc, (size_t)(nr * t->cols));
+    } else {
+        lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+        apply_ops(J, ti, 0, t->n_ops, &tile);
+    }
     lm_xq_tile_amax(t, ws->acc, r0, nr, (uint32_t *)ctx + k * lm_xq_amax_slots(t));
     return LM_OK;
 }
@@ -1465,11 +1553,15 @@ static lm_code quant_amax_pass(job *J, size_t ti, int n_threads, int release, lm
         free(famax);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the amaxes of '%s'", t->name);
     }
+    /* the tiles are computed again when written: --json counts their recomputed elements once */
+    const uint64_t rec0 = J->rt[ti].n_recomputed, fix0 = J->rt[ti].n_fixed_point;
     if (for_each_tile(J, ti, tr, n_threads, amax_tile, part, err) != LM_OK) {
         free(part);
         free(famax);
         return err->code;
     }
+    J->rt[ti].n_recomputed = rec0;
+    J->rt[ti].n_fixed_point = fix0;
     for (size_t i = 0; i < ns; i++) { /* a max: the same whatever the order */
         uint32_t m = 0;
         for (uint64_t k = 0; k < n_tiles; k++)
@@ -1501,6 +1593,12 @@ static lm_code colsum_tile(const job *J, size_t ti, uint64_t k, uint64_t r0, uin
     if (J->rt[ti].dora != NULL) /* the rows in f64 (exec_dora.h) */
         return lm_dora_col_sumsq(J->rt[ti].dora, ws->acc, r0, nr, c->d, p) == 0
                    ? LM_OK : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
+    if (J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags) { /* the ops before the norm in f64 (exec_exact.h) */
+        const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
+        J->k->f32_to_f64(ws->acc, ws->acc64, (size_t)(nr * t->cols));
+        lm_exact_f64_colsumsq(t, J->rt[ti].prep, c->d, &t64, p);
+        return LM_OK;
+    }
     lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     apply_ops(J, ti, 0, c->d, &tile);
     for (uint64_t r = 0; r < nr; r++)

@@ -430,7 +430,7 @@ static void round_row(const lm_kernels *k, const double *x, size_t n, float *o32
 /* ---- certified rows -------------------------------------------------------------------------- */
 
 typedef struct {
-    double F, eF, A0, A1, A2;
+    double F, eF, A0, A1, A2, E;
 } row_bound;
 
 /* row i's factor F~ (as the f64 row computes it) and bound constants (proof (b) - (e)); @return 0
@@ -459,28 +459,25 @@ static int row_bound_of(const lm_dora_tensor *f, uint64_t i, double ss, double s
     rb->A1 = g * s * f->rc[i];
     rb->A0 = g * s * f->tau + 0x1p-1060;
     rb->A2 = g * 0x1p-52 * (1 + 0x1p-20);
-    return 1;
+    /* E >= every element's e_j (the dora_cert kernel): kap_j <= AF, |w_j| <= sqrt(ssw), |v_j| <= ||v|| <=
+     * vmax by (c), |y_j| <= |F| vmax (1 + 2^-52), term by term; (1 + 2^-40) for E's own roundings */
+    const double vmax = nn * (1 + (n + 64) * 0x1p-52);
+    rb->E = ((rb->A1 * f->AF + rb->A0 + rb->A2 * (sqrt(ssw) + 2 * vmax) + eF * vmax) * (1 + 0x1p-40) +
+             0x1p-50 * fabs(F) * vmax * (1 + 0x1p-52)) *
+                (1 + 0x1p-40) +
+            0x1p-1059;
+    return isfinite(rb->E);
 }
 
-/* y = v F~ rounded into o32, each element checked against its bound (proof (e), (f));
- * @return the elements not certified (their o32 is to be redone) */
-XD_CLONES static size_t bounded_row(const double *v, const float *w, const double *kap, size_t n,
-                                    const row_bound *rb, float *o32, lm_kdtype ot)
-{
-    const ofmt f = OFMT[ot];
-    size_t bad = 0;
-    const double F = rb->F, eF = rb->eF, A0 = rb->A0, A1 = rb->A1, A2 = rb->A2;
-    for (size_t j = 0; j < n; j++) {
-        const double y = v[j] * F, av = fabs(v[j]);
-        /* |s t_j| <= |w_j| + |v_j| (1 + 2^-52): A2 carries the factor 2 (1 + 2^-20) */
-        const double e = (A1 * kap[j] + A0 + A2 * (fabs((double)w[j]) + 2 * av) + eF * av) * (1 + 0x1p-40) +
-                         0x1p-50 * fabs(y) + 0x1p-1060;
-        uint32_t ok;
-        o32[j] = round_certify(y, e, f, &ok);
-        bad += !ok;
-    }
-    return bad;
-}
+/* y = v F~ rounded once, each element checked against its bound (proof (e), (f)): the dora_cert
+ * kernel (kernels/doracert_ref.c) with the row's constants.  e_j there is
+ *   ((((A1 kap_j + A0) + A2 (|w_j| + 2 |v_j|)) + eF |v_j|) (1 + 2^-40) + 2^-50 |y_j|) + 2^-1060
+ * (|s t_j| <= |w_j| + |v_j| (1 + 2^-52): A2 carries the factor 2 (1 + 2^-20)); a first test with
+ * E >= e_j for the whole row certifies nearly every element by the rounding of y -+ E alone, and
+ * certifying by any upper bound gives the same bytes: RNE(Y_j).  (f) as there: [fl(y - e),
+ * fl(y + e)] contains Y_j (the 2^-50 |y_j| covers those roundings while e <= 7 |y_j|; beyond, the
+ * ends differ in sign and nothing is certified), RNE is monotone, and the ends' roundings are
+ * the exact RNE of f64 values (integer rounding of the bits, subnormal results scaled exactly). */
 
 /* the bounded tensors' row i again with V in double-double (an uncertified row: the f64 V may have
  * lost bits to cancellation): t = sum_k R C exactly up to ~2^-104 (TwoProd by fma, TwoSum),
@@ -521,17 +518,14 @@ int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float
             const float *wr = w + (b0 + i) * n;
             unsigned char *o = (unsigned char *)out + (b0 + i) * n * osz;
             const uint64_t row = r0 + b0 + i;
-            size_t bad = n;
             if (f->bounded) { /* op 1, the row NORM, here: its factor and the bound */
                 const lm_op *nm = &f->t->ops[1];
                 const double ss = sumsq8(x, n), F = lm_dora_factor(nm, (double)f->prep[1].a[row], ss);
                 row_bound rbd;
                 if (row_bound_of(f, row, ss, k->sumsq(wr, n) * (1 + 0x1p-20), F, &rbd)) {
-                    bad = bounded_row(x, wr, f->kap, n, &rbd, o32, ot);
-                    if (bad == 0) {
-                        emit(k, o32, n, o, ot);
+                    const lm_dora_cert c = {rbd.F, rbd.E, rbd.eF, rbd.A0, rbd.A1, rbd.A2};
+                    if (k->dora_cert(x, wr, f->kap, n, &c, ot, o) == 0)
                         continue;
-                    }
                 }
                 row_dd(f, wr, row, x); /* recomputed: V in double-double */
             }

@@ -4,6 +4,7 @@
 
 #include "exec_dora.h"
 #include "exec_lowrank.h"
+#include "exec_quant.h"
 
 #include <math.h>
 #include <string.h>
@@ -21,10 +22,39 @@ static int kernel_dtype(lm_dtype dt)
     return dt == LM_DT_BF16 || dt == LM_DT_F16 || dt == LM_DT_F32;
 }
 
+lm_dtype lm_exact_out_dtype(const lm_plan_tensor *t)
+{
+    if (t->q == NULL || t->dtype != t->src_dtype)
+        return t->dtype;
+    return t->q->fmt == LM_Q_MXFP4 ? LM_DT_BF16 : LM_DT_F32;
+}
+
+static lm_exact_kind kind_of(const lm_plan_tensor *t);
+
 lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
 {
-    if (t->q != NULL)
+    if (t->q == NULL)
+        return kind_of(t);
+    /* the dequantized tile is an f32 base (exact), rounded to lm_exact_out_dtype() */
+    lm_plan_tensor v = *t;
+    v.q = NULL;
+    v.src_dtype = LM_DT_F32;
+    v.dtype = lm_exact_out_dtype(t);
+    if (t->sim_nf4 || (t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE)) /* the tiles are the codes' */
         return LM_EXACT_NONE;
+    /* block FP8 kept quantized with low-rank ops only (the FP8 bench's case): the fused f32 tiles
+     * (lm_xq_merge_tile), not certified yet: an exact f32 value per element through the f64
+     * product is 3x their CPU time */
+    int lowrank_only = t->n_ops > 0;
+    for (size_t o = 0; o < t->n_ops; o++)
+        lowrank_only &= t->ops[o].kind == LM_OP_LOWRANK;
+    if (lowrank_only && lm_xq_fused(t))
+        return LM_EXACT_NONE;
+    return kind_of(&v);
+}
+
+static lm_exact_kind kind_of(const lm_plan_tensor *t)
+{
     if (lm_lowrank_tensor_eligible(t))
         return LM_EXACT_LOWRANK;
     if (!t->sim_nf4 && lm_dora_tensor_eligible(t))
@@ -52,7 +82,11 @@ lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
             if (op->src == NULL || !kernel_dtype(op->src->dtype))
                 return LM_EXACT_NONE;
             break;
-        default: return LM_EXACT_NONE; /* REPLACE, NORM (DoRA) */
+        case LM_OP_NORM: /* the magnitudes exact in f32 (a column NORM: the column pass in f64) */
+            if (op->src == NULL || !kernel_dtype(op->src->dtype))
+                return LM_EXACT_NONE;
+            break;
+        default: return LM_EXACT_NONE; /* REPLACE */
         }
     }
     return has_method ? LM_EXACT_F64 : LM_EXACT_NONE;
@@ -126,7 +160,8 @@ static void f64_scale(const lm_op *op, const float *f, const lm_tile64 *t)
 
 int lm_exact_certify_fast(const lm_plan_tensor *t)
 {
-    if (t->n_ops != 1 || (t->dtype != LM_DT_BF16 && t->dtype != LM_DT_F16))
+    const lm_dtype od = lm_exact_out_dtype(t);
+    if (t->n_ops != 1 || (od != LM_DT_BF16 && od != LM_DT_F16))
         return 0;
     const lm_op *op = &t->ops[0];
     return op->kind == LM_OP_METHOD && op->method->apply_tile_bound != NULL && op->method->elem64 != NULL &&
@@ -213,10 +248,31 @@ void lm_exact_certify_tile(const lm_op *op, const lm_prepared *p, const float *y
         }
 }
 
-void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile)
+/* the DoRA rescaling of the tile's rows (per row: m[row] / (||row|| + eps), the squares summed in
+ * f64 in column order) or columns (col_scale) */
+static void f64_norm(const lm_op *op, const float *m, const double *col_scale, const lm_tile64 *t)
+{
+    for (uint64_t r = 0; r < t->nr; r++) {
+        double *x = t->acc + r * t->cols;
+        if (op->axis == 0) {
+            double ss = 0;
+            for (uint64_t c = 0; c < t->cols; c++)
+                ss += x[c] * x[c];
+            const double f = lm_dora_factor(op, (double)m[t->r0 + r], ss);
+            for (uint64_t c = 0; c < t->cols; c++)
+                x[c] *= f;
+        } else {
+            for (uint64_t c = 0; c < t->cols; c++)
+                x[c] *= col_scale[c];
+        }
+    }
+}
+
+void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const double *col_scale, size_t o0,
+                        size_t o1, const lm_tile64 *tile)
 {
     const size_t n = (size_t)(tile->nr * tile->cols);
-    for (size_t o = 0; o < t->n_ops; o++) {
+    for (size_t o = o0; o < o1; o++) {
         const lm_op *op = &t->ops[o];
         const lm_prepared *p = &prep[o];
         switch (op->kind) {
@@ -230,9 +286,19 @@ void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const 
         }
         case LM_OP_SCALE: f64_scale(op, p->a, tile); break;
         case LM_OP_METHOD: op->method->apply_tile64(op, p, tile); break;
+        case LM_OP_NORM: f64_norm(op, p->a, col_scale, tile); break;
         default: break; /* lm_exact_kind_of admits no other kind */
         }
     }
+}
+
+void lm_exact_f64_colsumsq(const lm_plan_tensor *t, const lm_prepared *prep, size_t upto, const lm_tile64 *tile,
+                           double *ss)
+{
+    lm_exact_f64_apply(t, prep, NULL, 0, upto, tile);
+    for (uint64_t r = 0; r < tile->nr; r++)
+        for (uint64_t c = 0; c < tile->cols; c++)
+            ss[c] += tile->acc[r * tile->cols + c] * tile->acc[r * tile->cols + c];
 }
 
 int lm_exact_is_midpoint(float x, lm_kdtype out)

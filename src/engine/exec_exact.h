@@ -11,7 +11,9 @@
  *    towards the exact product, off the midpoint, which the output rounding then resolves the
  *    right way (proof at lm_exact_scale_tile);
  *  - LM_EXACT_F64: every op is a method op with an f64 form (lm_method.apply_tile64: OFT ...) or
- *    an engine op this file computes in f64 (ROWS, LOWRANK, ADD, SCALE), mixed in any order (a
+ *    an engine op this file computes in f64 (ROWS, LOWRANK, ADD, SCALE; NORM: LyCORIS's
+ *    dora_scale after a LoHa or LoKr delta, V in f64, its norm, factor and product in f64,
+ *    eps and multiplier as lycoris.c says), mixed in any order (a
  *    rotation after a LoRA of another adapter): the tile is widened to f64 exactly, the ops
  *    applied in plan order in f64, and each element rounded ONCE from f64 to the output dtype
  *    (lm_f64_round: round-to-odd to f32 then RNE, no double rounding).  Every element is
@@ -25,6 +27,12 @@
  *    the exact factors, rounded once; one low-rank op and a row NORM (PEFT's DoRA on a Linear)
  *    certified element by element by a bound, the rows it cannot certify recomputed with V in
  *    double-double;
+ * A quantized base weight (t->q, exec_quant.h) takes the same paths from its dequantized tile,
+ * whose values are exact f32 (every code of every format maps to one f32 value): the tensor is
+ * seen as an f32 base (lm_exact_kind_of), and its exact values are rounded once to
+ * lm_exact_out_dtype(): the output dtype with --dtype, or, kept quantized, the input dtype of the
+ * format's requantization rule (f32; bf16 for MXFP4, whose rule rounds to bf16 first), which the
+ * requantizer then applies as the library does to a tensor of those values.
  * Everything else is computed in f32 and rounded once (not certified). */
 #ifndef LM_EXEC_EXACT_H
 #define LM_EXEC_EXACT_H
@@ -38,6 +46,12 @@ typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64
  *  the plan only, so --dry-run reports what a real run does. */
 lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t);
 
+/*! lm_exact_out_dtype() : the dtype a certified path rounds t's exact values to: t->dtype, but for
+ *  a quantized weight kept quantized (t->q, t->dtype the codes' dtype) the input dtype of its
+ *  format's requantization rule: LM_DT_BF16 for MXFP4 (transformers' quantize_to_mxfp4 rounds
+ *  the weight to bf16 first), LM_DT_F32 for the others (their rules take the f32 merged value). */
+lm_dtype lm_exact_out_dtype(const lm_plan_tensor *t);
+
 /*! lm_exact_scale_tile() :
  *  acc [nr, cols] holds W (exact f32 values of rows r0 ..); on return acc[e] = fl32(W[e] * f)
  *  with f = s[r0 + row] (axis 0) or s[col] (axis 1), except that an element whose fl32 product
@@ -48,9 +62,18 @@ uint64_t lm_exact_scale_tile(float *acc, uint64_t r0, uint64_t nr, uint64_t cols
                              lm_kdtype out, int certify);
 
 /*! lm_exact_f64_apply() :
- *  Ops [0, n_ops) of tensor t on the f64 tile (LM_EXACT_F64 tensors only: lm_exact_kind_of said
- *  so), with their prepared factors prep[n_ops]. */
-void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const lm_tile64 *tile);
+ *  Ops [o0, o1) of tensor t on the f64 tile (LM_EXACT_F64 tensors only: lm_exact_kind_of said
+ *  so), with their prepared factors prep[n_ops].  A NORM op (LyCORIS's dora_scale on a LoHa or
+ *  LoKr module: V, the value after the ops before it, rescaled): per row, each row's factor
+ *  lm_dora_factor(m[row], sum of V^2 in f64); per column, col_scale (the column pass's factors,
+ *  from the same f64 values: lm_exact_f64_colsumsq). */
+void lm_exact_f64_apply(const lm_plan_tensor *t, const lm_prepared *prep, const double *col_scale, size_t o0,
+                        size_t o1, const lm_tile64 *tile);
+
+/*! lm_exact_f64_colsumsq() : column DoRA's pass on an LM_EXACT_F64 tensor: the tile's values
+ *  after ops [0, upto) (f64), each column's squares added to ss[cols] in row order. */
+void lm_exact_f64_colsumsq(const lm_plan_tensor *t, const lm_prepared *prep, size_t upto, const lm_tile64 *tile,
+                           double *ss);
 
 /* what lm_exact_certify_tile did */
 typedef struct {

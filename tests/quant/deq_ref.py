@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 """deq_ref.py : an independent dequantization of a whole quantized checkpoint (test_quant_ct.c's
 every-adapter-type test).  numpy only, no code from src/: the formats' definitions are the other
-references' (quant_ref.py block FP8, ct_ref.py NVFP4, bnb_ref.py bitsandbytes 4-bit and 8-bit).
+references' (quant_ref.py block FP8, ct_ref.py compressed-tensors FP8 and NVFP4, bnb_ref.py
+bitsandbytes 4-bit and 8-bit).
 
   deq_ref.py dequant BASE_DIR OUT_DIR
         writes OUT_DIR/model.safetensors: every quantized weight as its F32 values under the
@@ -20,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bnb_ref import dequant4, dequant8, is_state  # noqa: E402
-from ct_ref import E4M3, nv_dequant, unpack  # noqa: E402
+from ct_ref import E4M3, ct_args, fp8_blocks, nv_dequant, unpack  # noqa: E402
 from quant_ref import fail, fp8_dequant, read_st, write_st  # noqa: E402
 
 
@@ -34,6 +35,12 @@ def dequant(bdir, odir):
         if dt == "F8_E4M3" and name + "_scale_inv" in base:  # block FP8
             out[name] = ("F32", fp8_dequant(a, base[name + "_scale_inv"][2], br, bc).astype(np.float32))
             drop.add(name + "_scale_inv")
+        elif dt == "F8_E4M3" and name + "_scale" in base:  # compressed-tensors FP8: x_q * scale
+            s = base[name + "_scale"][2]
+            br_, bc_ = fp8_blocks(shp, s.shape, ct_args(bdir)[1])
+            s2 = s.reshape(-1, s.shape[-1]) if s.ndim >= 2 else s.reshape(1, 1)
+            out[name] = ("F32", fp8_dequant(a, s2, br_, bc_).astype(np.float32))
+            drop.update([name + "_scale", name[:-len(".weight")] + ".input_scale"])
         elif dt == "U8" and (name.endswith(".weight_packed") or name + "_scale_2" in base):  # NVFP4
             stem = name[:-len("_packed")] if name.endswith("_packed") else name
             mo = not name.endswith("_packed")
