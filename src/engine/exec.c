@@ -821,7 +821,7 @@ static void quant_stats_add(job *J, size_t ti, const lm_qstats *qs)
 
 /* compute_tile_certify() for a method with certify_tile: the bound and the rounding in one sweep
  * (ws->acc, the input, left intact) */
-static lm_code compute_tile_certify1(job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+static lm_code compute_tile_certify1(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
                                      struct tile_stat *ts, const uint8_t *base_bytes, size_t n_base, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
@@ -829,7 +829,7 @@ static lm_code compute_tile_certify1(job *J, size_t ti, uint64_t r0, uint64_t nr
     const lm_op *op = &t->ops[0];
     const lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
     lm_cert_counts cs = {0};
-    if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(t->dtype), (uint16_t *)(void *)ws->out,
+    if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(lm_exact_out_dtype(t)), (uint16_t *)(void *)ws->out,
                                  &cs) != 0) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a tile of '%s'", t->name);
         return LM_E_NOMEM;
