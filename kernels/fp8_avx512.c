@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* fp8_avx512.c : AVX-512 variant of block FP8 merged with a low-rank term, bit for bit the
  * reference (fp8_ref.c).
- *  merge: the term's rows in fours, in panels of 64 columns (4 A loads and 4 broadcasts feed 16
- *  fmas; the differences kept for the d2 lanes, added row after row once the 4 rows are done),
+ *  merge: the term's rows six at a time, in panels of 64 columns (4 A loads and 6 broadcasts feed
+ *  24 fmas; the differences kept for the d2 lanes, added row after row once the rows are done),
  *  then pairs; blocks wider than 128 a row at a time, 128 columns a pass; the term's fma chains
  *  in registers over p, as gemm_rows runs them; the codes' values by way of
  *  f16 (a code's bits moved into an f16's are its value times 2^-8, exact, and vcvtph2ps widens
@@ -20,6 +20,7 @@
 #define F8_TARGET __attribute__((target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 #define F8_INLINE static inline __attribute__((always_inline)) F8_TARGET
 #define F8_MAXV 8 /* vectors of 16 columns a row per pass */
+#define F8_QR 6   /* term rows a panel pass (4 A loads and 6 broadcasts feed 24 fmas) */
 
 static inline __mmask16 f8_mask(size_t n)
 {
@@ -113,15 +114,15 @@ F8_INLINE void f8_rows(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_
         }
 }
 
-/* 4 term rows from row i, columns j0 .. j0 + 16 pv (pv <= 4; the block's last vector masked by
- * last when it is here): the chains (4 A loads and 4 broadcasts feed 16 fmas), x, amax and
+/* F8_QR term rows from row i, columns j0 .. j0 + 16 pv (pv <= 4; the block's last vector masked
+ * by last when it is here): the chains (F8_QR x pv fmas a p), x, amax and
  * sameness; the differences x - base into dd (row stride 16 F8_MAXV) for the d2 lanes */
 F8_INLINE void f8_quad_panel(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_term *t, size_t i, size_t j0,
                              size_t pv, int has_last, __mmask16 last, float *x, size_t ldx, float *dd)
 {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (size_t r = 0; r < 4; r++)
+    __m512 acc[F8_QR][4];
+#pragma GCC unroll 8
+    for (size_t r = 0; r < F8_QR; r++)
 #pragma GCC unroll 4
         for (size_t v = 0; v < pv; v++)
             acc[r][v] = _mm512_setzero_ps();
@@ -135,8 +136,8 @@ F8_INLINE void f8_quad_panel(f8_state *S, const uint8_t *q0, size_t ldq, const l
             b[v] = _mm512_maskz_loadu_ps(has_last && v + 1 == pv ? last : 0xFFFF, Ap + 16 * v);
             __asm__("" : "+v"(b[v]));
         }
-#pragma GCC unroll 4
-        for (size_t r = 0; r < 4; r++) {
+#pragma GCC unroll 8
+        for (size_t r = 0; r < F8_QR; r++) {
             const __m512 a = _mm512_set1_ps(B0[r * ldb + p]);
 #pragma GCC unroll 4
             for (size_t v = 0; v < pv; v++)
@@ -144,8 +145,8 @@ F8_INLINE void f8_quad_panel(f8_state *S, const uint8_t *q0, size_t ldq, const l
         }
     }
     const __m512 al = _mm512_set1_ps(t->alpha);
-#pragma GCC unroll 4
-    for (size_t r = 0; r < 4; r++)
+#pragma GCC unroll 8
+    for (size_t r = 0; r < F8_QR; r++)
 #pragma GCC unroll 4
         for (size_t v = 0; v < pv; v++) {
             const __mmask16 m = has_last && v + 1 == pv ? last : 0xFFFF;
@@ -159,19 +160,19 @@ F8_INLINE void f8_quad_panel(f8_state *S, const uint8_t *q0, size_t ldq, const l
         }
 }
 
-/* 4 term rows, nv vectors wide: the panels, then the d2 lanes row after row */
+/* F8_QR term rows, nv vectors wide: the panels, then the d2 lanes row after row */
 F8_INLINE void f8_quad(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_term *t, size_t i, size_t nv,
                        __mmask16 last, float *x, size_t ldx)
 {
-    float dd[4 * 16 * F8_MAXV] __attribute__((aligned(64)));
+    float dd[F8_QR * 16 * F8_MAXV] __attribute__((aligned(64)));
     if (nv <= 4) {
         f8_quad_panel(S, q0, ldq, t, i, 0, nv, 1, last, x, ldx, dd);
     } else {
         f8_quad_panel(S, q0, ldq, t, i, 0, 4, 0, last, x, ldx, dd);
         f8_quad_panel(S, q0, ldq, t, i, 64, nv - 4, 1, last, x, ldx, dd);
     }
-#pragma GCC unroll 4
-    for (size_t r = 0; r < 4; r++)
+#pragma GCC unroll 8
+    for (size_t r = 0; r < F8_QR; r++)
 #pragma GCC unroll 8
         for (size_t v = 0; v < nv; v++) {
             const __m512 d = _mm512_load_ps(dd + r * 16 * F8_MAXV + 16 * v);
@@ -185,7 +186,7 @@ F8_INLINE void f8_span(f8_state *S, const uint8_t *q0, size_t ldq, const lm_fp8_
 {
     size_t i = i0;
     if (term)
-        for (; i + 4 <= i1; i += 4)
+        for (; i + F8_QR <= i1; i += F8_QR)
             f8_quad(S, q0, ldq, t, i, nv, last, x, ldx);
     for (; i + 2 <= i1; i += 2)
         f8_rows(S, q0, ldq, t, term, i, 2, 0, nv, last, x, ldx);
