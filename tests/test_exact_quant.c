@@ -265,3 +265,59 @@ Test(exact_quant, nvfp4, .timeout = 120) { xq_format("nvfp4", 1, XQ_LOHA); }
 Test(exact_quant, modelopt_nvfp4, .timeout = 120) { xq_format("modelopt-nvfp4", 1, XQ_LOKR); }
 Test(exact_quant, bnb_nf4, .timeout = 120) { xq_format("bnb-nf4", 0, XQ_DORA); }
 Test(exact_quant, bnb_int8, .timeout = 120) { xq_format("bnb-int8", 0, XQ_LORA); }
+
+/* ---- OFT and BOFT (the certified f32 form: one sweep of bound and certification) ------------- */
+/* An OFT adapter on an NVFP4 base and a BOFT one on a block FP8 base (bench/gen_adapter against
+ * the base as deq_ref.py dequantizes it), merged with --dtype f16 and bf16: the same bytes as the
+ * merge into that dequantized base (every element the exact merge rounded once), --json exact
+ * with the f32 form's few recomputed elements; kept quantized: exact (the f64 path, f32 values
+ * for the rule).  Kept MXFP4 cannot take them: only LoRA reaches gpt-oss's expert parameters
+ * (target_parameters), covered by quant_mx. */
+Test(exact_quant, oft_boft_one_sweep, .timeout = 120)
+{
+    static const char *const cases[2][2] = {{"nvfp4", "oft"}, {"fp8", "boft"}};
+    char gen_ad[1300];
+    if (!th_gen_model_path(gen_ad, sizeof gen_ad))
+        cr_skip_test("needs %s", gen_ad);
+    memcpy(gen_ad + strlen(gen_ad) - strlen("gen_model"), "gen_adapter", sizeof "gen_adapter");
+    for (int k = 0; k < 2; k++) {
+        xq_base b;
+        xq_base_make(&b, cases[k][0]);
+        char args[4000], deq[1200], ad[1200], o1[1200], o2[1200];
+        snprintf(deq, sizeof deq, "%s/deq", b.f.tmp);
+        snprintf(ad, sizeof ad, "%s/ad", b.f.tmp);
+        snprintf(args, sizeof args, "'%s' --base '%s' --out '%s' --type %s --rank 4 --block 16 2>&1", gen_ad, deq, ad,
+                 cases[k][1]);
+        th_run_result r = th_sh(args);
+        cr_assert_eq(r.status, 0, "gen_adapter %s: %s", cases[k][1], r.out);
+        th_run_free(&r);
+        static const char *const dts[2] = {"f16", "bf16"};
+        for (int d = 0; d < 2; d++) {
+            snprintf(o1, sizeof o1, "%s/o1%d", b.f.tmp, d);
+            snprintf(o2, sizeof o2, "%s/o2%d", b.f.tmp, d);
+            r = th_runv("--json", "--dtype", dts[d], b.f.base, ad, o1, NULL);
+            cr_assert_eq(r.status, 0, "%s into %s --dtype %s: exit %d: %s", cases[k][1], cases[k][0], dts[d], r.status,
+                         r.err);
+            int exact;
+            double rec;
+            tx_json_tensor(r.out, XQ_W, &exact, &rec);
+            cr_assert(exact && rec >= 0 && rec < XQ_N * XQ_N / 10, "%s into %s --dtype %s: exact %d, %g recomputed",
+                      cases[k][1], cases[k][0], dts[d], exact, rec);
+            th_run_free(&r);
+            r = th_runv("-q", "--dtype", dts[d], deq, ad, o2, NULL);
+            cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+            th_run_free(&r);
+            snprintf(args, sizeof args, "same '%s' '%s'", o1, o2);
+            th_quant_ref("deq_ref.py", args);
+        }
+        snprintf(o1, sizeof o1, "%s/kept", b.f.tmp);
+        r = th_runv("--json", b.f.base, ad, o1, NULL);
+        cr_assert_eq(r.status, 0, "%s into %s kept: exit %d: %s", cases[k][1], cases[k][0], r.status, r.err);
+        int exact;
+        double rec;
+        tx_json_tensor(r.out, strcmp(cases[k][0], "nvfp4") ? XQ_W : XQ_W "_packed", &exact, &rec);
+        cr_assert(exact, "%s into %s kept: --json does not say exact", cases[k][1], cases[k][0]);
+        th_run_free(&r);
+        xq_base_free(&b);
+    }
+}
