@@ -91,6 +91,7 @@ typedef struct {
     lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
     lm_dora_tensor *dora;     /* low-rank and DoRA ops (LM_EXACT_DORA, exactness on), or NULL */
     lm_xq_bound *xqb;         /* block FP8 kept, one low-rank op: the certified fused tiles' bound, or NULL */
+    float *xq_apack;          /* and its A packed by column block (lm_xq_pack_a), or NULL */
     lm_exact_kind exact_kind; /* the certified path it takes (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
@@ -217,6 +218,8 @@ static void tensor_release(job *J, size_t ti)
     lm_dora_tensor_free(rt->dora);
     lm_xq_bound_free(rt->xqb);
     rt->xqb = NULL;
+    free(rt->xq_apack);
+    rt->xq_apack = NULL;
     rt->dora = NULL;
     rt->qscale = NULL;
     rt->prep = NULL;
@@ -294,10 +297,17 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
+        if (rc == LM_OK && lm_xq_fused(t) && t->n_ops == 1 && t->ops[0].kind == LM_OP_LOWRANK && !t->ops[0].axis &&
+            J->k->fp8_merge != NULL) { /* the kernels' A, once (NULL: packed per block) */
+            const lm_op *op = &t->ops[0];
+            const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
+                                     op->scale, NULL, NULL, NULL, NULL};
+            rt->xq_apack = lm_xq_pack_a(t, &term);
+        }
         if (rc == LM_OK && fused_certifiable(J, ti)) { /* (NULL: the certified tiles of the other paths) */
             const lm_op *op = &t->ops[0];
             const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
-                                     op->scale, NULL, NULL, NULL};
+                                     op->scale, rt->xq_apack, NULL, NULL, NULL};
             rt->xqb = lm_xq_bound_make(t, &term);
         }
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_DORA && !J->lowrank_flags &&
@@ -949,7 +959,7 @@ static int fused_tile(const job *J, size_t ti)
  * the low-rank path's when that does not settle it (its factors then made) */
 typedef struct {
     const lm_xq_term *term;
-    uint64_t cols;
+    uint64_t cols, bc;
     lm_lowrank_tensor *f;
     int failed; /* out of memory for the factors */
 } fused_exact_ctx;
@@ -958,7 +968,7 @@ static float fused_exact(void *arg, uint64_t row, uint64_t col, float w)
 {
     fused_exact_ctx *c = arg;
     float x = 0.0f;
-    if (lm_xq_exact(c->term, c->cols, row, col, w, &x) != 0 && lm_lowrank_tensor_exact_f32(c->f, row, col, w, &x) != 0)
+    if (lm_xq_exact(c->term, c->cols, c->bc, row, col, w, &x) != 0 && lm_lowrank_tensor_exact_f32(c->f, row, col, w, &x) != 0)
         c->failed = 1;
     return x;
 }
@@ -995,10 +1005,10 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
     tensor_rt *rt = &J->rt[ti];
-    fused_exact_ctx fx = {NULL, t->cols, rt->exact, 0};
+    fused_exact_ctx fx = {NULL, t->cols, t->q->bc, rt->exact, 0};
     const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
     const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
-                             op->scale, rt->xqb, fused_exact, &fx};
+                             op->scale, rt->xq_apack, rt->xqb, fused_exact, &fx};
     fx.term = &term;
     *n_pieces = lm_xq_merge_tile(t, J->k, rt->qscale, src, r0, nr, ws->acc,
                                  t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
