@@ -827,7 +827,7 @@ static lm_code compute_tile_certify1(const job *J, size_t ti, uint64_t r0, uint6
     const lm_plan_tensor *t = &J->plan->t[ti];
     const size_t n = (size_t)(nr * t->cols);
     const lm_op *op = &t->ops[0];
-    const lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    const lm_tile tile = {ws->acc, NULL, r0, nr, t->rows, t->cols, J->k}; /* no scratch: src stays (compute_tile) */
     lm_cert_counts cs = {0};
     if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(lm_exact_out_dtype(t)), (uint16_t *)(void *)ws->out,
                                  &cs) != 0) {
@@ -1030,6 +1030,23 @@ static lm_code compute_tile_qexact(job *J, size_t ti, uint64_t r0, uint64_t nr, 
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
+/* tensor ti's tiles take compute_tile_certify1: a method's one-sweep certification, which leaves
+ * the scratch, and so the input bytes read there, intact */
+static int certify1_tile(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    return t->q == NULL && J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t) &&
+           t->ops[0].method->certify_tile != NULL;
+}
+
+/* a DoRA tile whose input bytes (src, intact: the rows go after them) are the base as written,
+ * which the DoRA kernel compares with what it stores (one dtype in and out, no norms asked) */
+static int dora_counts(const job *J, const lm_plan_tensor *t, const uint8_t *src)
+{
+    return t->dtype == t->src_dtype && !J->stats_norms && (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) &&
+           (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0;
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -1069,18 +1086,15 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
         memcpy(ws->codes, src, (size_t)(nr * t->q->row_bytes));
-    const int dora = J->rt[ti].dora != NULL && t->q == NULL;
-    if (dora && ts != NULL && t->dtype == t->src_dtype && !J->stats_norms &&
-        (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) && (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0) {
-        /* the input bytes are the base as written and stay intact: the DoRA kernel counts the
-         * changed elements as it stores them */
+    const int dora = J->rt[ti].dora != NULL && t->q == NULL, src_stays = dora || certify1_tile(J, ti);
+    if (dora && ts != NULL && dora_counts(J, t, src)) { /* the kernel counts the changed elements */
         uint64_t changed = 0;
         lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, src, &changed, err);
         ts->n_changed = changed;
         return rc;
     }
-    /* src may be in the scratch the methods use (not DoRA's): the base bytes are copied */
-    if (ts != NULL && stats_before(J, ti, ws, src, dora, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+    /* src may be in the scratch the methods use (not src_stays'): the base bytes are copied */
+    if (ts != NULL && stats_before(J, ti, ws, src, src_stays, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     if (t->q != NULL && J->rt[ti].exact_kind != LM_EXACT_NONE)
         return compute_tile_qexact(J, ti, r0, nr, ws, ts, base_bytes, n_base, pieces, n_pieces, err);
