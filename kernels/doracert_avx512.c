@@ -27,7 +27,7 @@ static inline __m512i T512 prec8(__m512d x, const lm_dora_fmt *f, __m128i sc, __
 }
 
 size_t T512 lm_dora_cert_avx512(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                                lm_kdtype out, void *dst)
+                                lm_kdtype out, void *dst, const void *base, size_t *n_changed)
 {
     const lm_dora_fmt *f = &lm_dora_fmts[out];
     const __m128i sc = _mm_cvtsi32_si128(f->s), ssh = _mm_cvtsi32_si128(63 - f->s - (f->obits - 1));
@@ -43,7 +43,7 @@ size_t T512 lm_dora_cert_avx512(const double *v, const float *w, const double *k
     const __m512d A1 = _mm512_set1_pd(c->A1), A2 = _mm512_set1_pd(c->A2), eF = _mm512_set1_pd(c->eF);
     const __m512d g40 = _mm512_set1_pd(1 + 0x1p-40), t50 = _mm512_set1_pd(0x1p-50), t1060 = _mm512_set1_pd(0x1p-1060);
     const int o32 = f->obits == 32;
-    size_t bad = 0, j = 0;
+    size_t bad = 0, changed = 0, j = 0;
     for (; j + 8 <= n; j += 8) {
         const __m512d vj = _mm512_loadu_pd(v + j), y = _mm512_mul_pd(vj, F);
         const __m512i ul = _mm512_castpd_si512(_mm512_sub_pd(y, E)), uh = _mm512_castpd_si512(_mm512_add_pd(y, E));
@@ -69,15 +69,30 @@ size_t T512 lm_dora_cert_avx512(const double *v, const float *w, const double *k
             o = _mm512_mask_blend_epi64(ok, _mm512_or_si512(m, _mm512_and_si512(_mm512_srl_epi64(pl, psh), sgn)), o);
             ok |= ok2;
         }
-        if (o32)
-            _mm256_storeu_si256((__m256i *)(void *)((uint32_t *)dst + j), _mm512_cvtepi64_epi32(o));
-        else
-            _mm_storeu_si128((__m128i *)(void *)((uint16_t *)dst + j), _mm512_cvtepi64_epi16(o));
+        if (o32) {
+            const __m256i o4 = _mm512_cvtepi64_epi32(o);
+            _mm256_storeu_si256((__m256i *)(void *)((uint32_t *)dst + j), o4);
+            if (base != NULL)
+                changed += (size_t)__builtin_popcount((unsigned)_mm256_cmpneq_epi32_mask(
+                    o4, _mm256_loadu_si256((const __m256i *)(const void *)((const uint32_t *)base + j))));
+        } else {
+            const __m128i o2 = _mm512_cvtepi64_epi16(o);
+            _mm_storeu_si128((__m128i *)(void *)((uint16_t *)dst + j), o2);
+            if (base != NULL)
+                changed += (size_t)__builtin_popcount((unsigned)_mm_cmpneq_epi16_mask(
+                    o2, _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)base + j))));
+        }
         bad += 8 - (size_t)__builtin_popcount((unsigned)ok);
     }
-    if (j < n)
-        bad += lm_dora_cert_ref(v + j, w + j, kap + j, n - j, c, out, o32 ? (void *)((uint32_t *)dst + j)
-                                                                         : (void *)((uint16_t *)dst + j));
+    if (j < n) {
+        const size_t ob = o32 ? 4 : 2;
+        size_t ct = 0;
+        bad += lm_dora_cert_ref(v + j, w + j, kap + j, n - j, c, out, (unsigned char *)dst + j * ob,
+                                base != NULL ? (const unsigned char *)base + j * ob : NULL, &ct);
+        changed += ct;
+    }
+    if (base != NULL)
+        *n_changed = changed;
     return bad;
 }
 #endif

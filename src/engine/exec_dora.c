@@ -277,9 +277,10 @@ double lm_dora_factor(const lm_op *op, double m, double ss)
 }
 
 /* rows i0 .. i0+rb (tensor rows; w: the first one's base values) after ops 0 .. upto-1, in f64,
- * into X [rb x n] (the certified rows: upto = 1, their NORM applied by the caller) */
+ * into X [rb x n] (the certified rows: upto = 1, their NORM applied by the caller, which takes
+ * the rows' sums of squares of X and w from op 0's lr64 into ssx, ssw: NULL else) */
 static void block_f64(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t i0, size_t rb,
-                      size_t upto, const double *col_scale, double *X)
+                      size_t upto, const double *col_scale, double *X, double *ssx, double *ssw)
 {
     const lm_plan_tensor *t = f->t;
     const size_t n = (size_t)t->cols;
@@ -294,7 +295,8 @@ static void block_f64(const lm_dora_tensor *f, const lm_kernels *k, const float 
         if (op->kind == LM_OP_LOWRANK) {
             /* t = sum_k R[i K + k] C[k, j] (fma chains, k ascending from 0): X = fl(w + fl(s t)) or,
              * without w, X += s t (kernels/lr64_ref.c) */
-            k->lr64(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n);
+            k->lr64(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n, o == 0 ? ssx : NULL,
+                    o == 0 ? ssw : NULL);
         } else {
             for (size_t i = 0; i < rb; i++) {
                 double *x = X + i * n;
@@ -317,7 +319,7 @@ int lm_dora_col_sumsq(const lm_dora_tensor *f, const float *w, uint64_t r0, uint
         return -1;
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
-        block_f64(f, &k, w + b0 * n, r0 + b0, rb, upto, NULL, X);
+        block_f64(f, &k, w + b0 * n, r0 + b0, rb, upto, NULL, X, NULL, NULL);
         for (size_t i = 0; i < rb; i++)
             for (size_t j = 0; j < n; j++)
                 ss[j] += X[i * n + j] * X[i * n + j];
@@ -503,33 +505,44 @@ static void row_dd(const lm_dora_tensor *f, const float *w, uint64_t i, double *
 }
 
 int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t r0, uint64_t nr,
-                       const double *col_scale, void *out, lm_kdtype ot, double *ws, lm_dora_stats *st)
+                       const double *col_scale, void *out, lm_kdtype ot, const void *base, double *ws, lm_dora_stats *st)
 {
     const size_t n = (size_t)f->t->cols, osz = ot == LM_KDT_F32 ? 4 : 2;
     double *X = ws;
     float *o32 = malloc(n * sizeof *o32 + 1);
     if (o32 == NULL)
         return -1;
+    double ssx[RB], ssw[RB];
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
-        block_f64(f, k, w + b0 * n, r0 + b0, rb, f->bounded ? 1 : f->t->n_ops, col_scale, X);
+        if (f->bounded)
+            block_f64(f, k, w + b0 * n, r0 + b0, rb, 1, col_scale, X, ssx, ssw);
+        else
+            block_f64(f, k, w + b0 * n, r0 + b0, rb, f->t->n_ops, col_scale, X, NULL, NULL);
         for (size_t i = 0; i < rb; i++) {
             double *x = X + i * n;
             const float *wr = w + (b0 + i) * n;
             unsigned char *o = (unsigned char *)out + (b0 + i) * n * osz;
+            const unsigned char *bs = base != NULL ? (const unsigned char *)base + (b0 + i) * n * osz : NULL;
             const uint64_t row = r0 + b0 + i;
             if (f->bounded) { /* op 1, the row NORM, here: its factor and the bound */
                 const lm_op *nm = &f->t->ops[1];
-                const double ss = sumsq8(x, n), F = lm_dora_factor(nm, (double)f->prep[1].a[row], ss);
+                const double ss = ssx[i], F = lm_dora_factor(nm, (double)f->prep[1].a[row], ss);
                 row_bound rbd;
-                if (row_bound_of(f, row, ss, k->sumsq(wr, n) * (1 + 0x1p-20), F, &rbd)) {
+                if (row_bound_of(f, row, ss, ssw[i] * (1 + 0x1p-20), F, &rbd)) {
                     const lm_dora_cert c = {rbd.F, rbd.E, rbd.eF, rbd.A0, rbd.A1, rbd.A2};
-                    if (k->dora_cert(x, wr, f->kap, n, &c, ot, o) == 0)
+                    size_t ch = 0;
+                    if (k->dora_cert(x, wr, f->kap, n, &c, ot, o, bs, &ch) == 0) {
+                        st->n_changed += ch;
                         continue;
+                    }
                 }
                 row_dd(f, wr, row, x); /* recomputed: V in double-double */
             }
             round_row(k, x, n, o32, o, ot, st);
+            if (bs != NULL)
+                st->n_changed += osz == 2 ? k->count_diff_16((const uint16_t *)(const void *)o, (const uint16_t *)(const void *)bs, n)
+                                          : k->count_diff_32((const uint32_t *)(const void *)o, (const uint32_t *)(const void *)bs, n);
             st->n_uncertified += n; /* the row recomputed, each element rounded once from f64 */
             st->rows_uncertified++;
         }
