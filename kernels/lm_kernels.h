@@ -247,8 +247,10 @@ typedef struct lm_kernels {
      * scratch: 2 nr r doubles (lm_wy64_ref, kernels/wy64_ref.c) */
     void (*wy64)(double *X, size_t nr, size_t cols, const double *U, size_t r, const double *T, double *scratch);
     /* rb rows of n columns: X = w + s R C (w f32, or X itself when w is NULL), the sums in f64 by
-     * fma chains; C in panels of LM_LR64_PANEL columns (lm_lr64_ref, kernels/lr64_ref.c) */
-    void (*lr64)(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
+     * fma chains; C in panels of LM_LR64_PANEL columns; ssx, ssw (each NULL or rb doubles): the
+     * rows' sums of squares of X and of w, in fixed lanes (lm_lr64_ref, kernels/lr64_ref.c) */
+    void (*lr64)(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n,
+                 double *ssx, double *ssw);
     lm_fp8_merge_fn fp8_merge;   /* block FP8 (above); NULL: quant.c's own block functions */
     lm_fp8_encode_fn fp8_encode;
     /* one row of the certified rotation: x the input, v = D x (cols floats), e: cols floats, left
@@ -256,9 +258,10 @@ typedef struct lm_kernels {
     unsigned (*rot_cert)(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
                          uint8_t *unc);
     /* a certified DoRA row: y = v F rounded once to out (dst: n elements of out) where the row's
-     * bound certifies it; @return the elements it does not certify (doracert_ref.c) */
+     * bound certifies it; base (or NULL): the base row in out, *n_changed = the elements written
+     * that differ from it; @return the elements it does not certify (doracert_ref.c) */
     size_t (*dora_cert)(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                        lm_kdtype out, void *dst);
+                        lm_kdtype out, void *dst, const void *base, size_t *n_changed);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -532,21 +535,26 @@ double lm_dot8_ref(const double *x, const double *u, size_t n);
 double lm_dot8_lanes(const double *l);
 void lm_wy64_mid(const double *p, size_t nr, size_t r, const double *T, double *p2);
 #define LM_LR64_PANEL 32
-void lm_lr64_ref(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
-void lm_lr64_avx2(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n);
+void lm_lr64_ref(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n,
+                 double *ssx, double *ssw);
+void lm_lr64_avx2(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb, size_t n,
+                  double *ssx, double *ssw);
 void lm_lr64_avx512(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
-                    size_t n);
+                    size_t n, double *ssx, double *ssw);
 void lm_lr64_tail(double *X, const float *w, double s, const double *R, const double *Cp, size_t K, size_t rb,
                   size_t n);
+void lm_lr64_tail_sumsq(const double *x, const float *w, size_t n, double *lx, double *lw);
+double lm_lr64_sumsq8(const double *x, size_t n);
+double lm_lr64_lanes8(const double *l);
 void lm_wy64_update_ref(double *x, const double *U, size_t cols, size_t r, const double *p2, size_t j0, size_t j1);
 
 /* kernels/doracert_*.c */
 size_t lm_dora_cert_ref(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                        lm_kdtype out, void *dst);
+                        lm_kdtype out, void *dst, const void *base, size_t *n_changed);
 size_t lm_dora_cert_avx2(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                         lm_kdtype out, void *dst);
+                         lm_kdtype out, void *dst, const void *base, size_t *n_changed);
 size_t lm_dora_cert_avx512(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                           lm_kdtype out, void *dst);
+                           lm_kdtype out, void *dst, const void *base, size_t *n_changed);
 /* kernels/rotcert_*.c, and the reference's pieces the variants share */
 unsigned lm_rot_cert_ref(const float *x, const float *v, size_t cols, const lm_rotcert *rc, float *e, uint16_t *dst,
                          uint8_t *unc);

@@ -896,23 +896,30 @@ static lm_code compute_tile_certify(const job *J, size_t ti, uint64_t r0, uint64
 
 /* the DoRA path (exec_dora.h): base rows in f32 (ws->acc, exact) -> output bytes; the same
  * refusals as check_finite (a finite value beyond the output's range, inf/NaN the base did not
- * have) */
-static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws, lm_err *err)
+ * have).  base (or NULL): the tile's base bytes in the output dtype, *changed then the elements
+ * written that differ.  The f64 rows go to the scratch after the tile's input bytes (which the
+ * statistics may still read there) */
+static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
+                                 const uint8_t *base, uint64_t *changed, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
     lm_dora_stats st = {0};
-    /* the scratch holds 4 max_elems floats >= lm_dora_ws_doubles(nr, cols) doubles */
+    /* the input bytes take at most n floats (4-byte dtypes at most here), lm_dora_ws_doubles(nr,
+     * cols) at most 2 n: within the scratch's 4 max_elems + 64 floats */
+    const size_t n = (size_t)(nr * t->cols);
     if (lm_dora_tensor_run(rt->dora, J->k, ws->acc, r0, nr, rt->col_scale, ws->out, lm_kdtype_of(lm_exact_out_dtype(t)),
-                           (double *)(void *)ws->scratch, &st) != 0) {
+                           base, (double *)(void *)(ws->scratch + ((n + 1) & ~(size_t)1)), &st) != 0) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
         lm_err_set_tensor(err, t->name);
         return LM_E_NOMEM;
     }
     __atomic_add_fetch(&rt->n_recomputed, st.n_uncertified, __ATOMIC_RELAXED);
+    if (changed != NULL)
+        *changed = st.n_changed;
     if (st.n_overflow + st.n_nonfinite == 0)
         return LM_OK;
-    const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, (size_t)(nr * t->cols));
+    const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n);
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
@@ -986,7 +993,7 @@ static lm_code exact_values(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
         uint64_t changed; /* (the statistics compare the bytes) */
         rc = compute_tile_exact(J, ti, r0, nr, (const uint8_t *)ws->acc, LM_DT_F32, ws, &changed, err);
     } else if (rt->dora != NULL) {
-        rc = compute_tile_dora(J, ti, r0, nr, ws, err);
+        rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, err);
     } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t)) {
         rc = compute_tile_certify(J, ti, r0, nr, ws, NULL, NULL, 0, err);
         memcpy(ws->acc, ws->acc64, n * sizeof *ws->acc); /* the input tile again (the checks' base) */
@@ -1077,13 +1084,23 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
         memcpy(ws->codes, src, (size_t)(nr * t->q->row_bytes));
-    /* src may be in the scratch the methods use: the base bytes are copied */
-    if (ts != NULL && stats_before(J, ti, ws, src, 0, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+    const int dora = J->rt[ti].dora != NULL && t->q == NULL;
+    if (dora && ts != NULL && t->dtype == t->src_dtype && !J->stats_norms &&
+        (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) && (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0) {
+        /* the input bytes are the base as written and stay intact: the DoRA kernel counts the
+         * changed elements as it stores them */
+        uint64_t changed = 0;
+        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, src, &changed, err);
+        ts->n_changed = changed;
+        return rc;
+    }
+    /* src may be in the scratch the methods use (not DoRA's): the base bytes are copied */
+    if (ts != NULL && stats_before(J, ti, ws, src, dora, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     if (t->q != NULL && J->rt[ti].exact_kind != LM_EXACT_NONE)
         return compute_tile_qexact(J, ti, r0, nr, ws, ts, base_bytes, n_base, pieces, n_pieces, err);
-    if (J->rt[ti].dora != NULL) { /* low-rank and DoRA ops, certified (exec_dora.h) */
-        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, err);
+    if (dora) { /* low-rank and DoRA ops, certified (exec_dora.h) */
+        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, err);
         if (rc == LM_OK && ts != NULL)
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;
