@@ -289,6 +289,10 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
                 rc = method_prepare(J, ti, op, p, err);
             else if (op->kind != LM_OP_REPLACE && (p->a = lm_prep_view(p, op->src, J->k, err)) == NULL)
                 rc = LM_E_NOMEM;
+            /* the adapter tensors its tiles read through the mapping, mapped now in one call each
+             * rather than a page fault every few pages as they are first read (dropped as before) */
+            for (size_t i = 0; rc == LM_OK && i < p->n_read; i++)
+                lm_populate_read(p->read[i]->data, p->read[i]->n_bytes);
         }
         if (rc == LM_OK && t->sim_nf4 == 2)
             rc = sim_double_absmax(J, ti, &rt->qscale, err);
@@ -565,7 +569,18 @@ typedef struct {
     uint8_t *raw;      /* a batch: the input bytes of a tile that several jobs compute (else NULL) */
     double *acc64;     /* LM_EXACT_F64 tensors: the tile in f64 (max_elems), and the methods' f64 */
     double *scratch64; /* scratch (2 max_elems + 64); NULL when no tensor takes that path */
+    size_t ready_scratch, ready_acc, ready_out[WQ_BUFS]; /* bytes of each made present (ws_ready) */
 } workspace;
+
+/* [0, want) of buffer p present, ready (*ready) bytes of it already: a page written for the
+ * first time costs a fault each (~14 us on a virtual machine), populated ahead ~0.7 us */
+static void ws_populate(void *p, size_t *ready, size_t want)
+{
+    if (want > *ready) {
+        lm_populate((uint8_t *)p + *ready, want - *ready);
+        *ready = want;
+    }
+}
 
 /* A merge must not create inf or NaN, in f32 or when rounding to a narrower dtype.  The common
  * case costs one scan of the output; only when it finds something is the input tile read again
@@ -859,7 +874,7 @@ static lm_code compute_tile_certify1(const job *J, size_t ti, uint64_t r0, uint6
     const lm_plan_tensor *t = &J->plan->t[ti];
     const size_t n = (size_t)(nr * t->cols);
     const lm_op *op = &t->ops[0];
-    const lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    const lm_tile tile = {ws->acc, NULL, r0, nr, t->rows, t->cols, J->k}; /* no scratch: src stays (compute_tile) */
     lm_cert_counts cs = {0};
     if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(lm_exact_out_dtype(t)), (uint16_t *)(void *)ws->out,
                                  &cs) != 0) {
@@ -1095,6 +1110,23 @@ static lm_code compute_tile_qexact(job *J, size_t ti, uint64_t r0, uint64_t nr, 
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
+/* tensor ti's tiles take compute_tile_certify1: a method's one-sweep certification, which leaves
+ * the scratch, and so the input bytes read there, intact */
+static int certify1_tile(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    return t->q == NULL && J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t) &&
+           t->ops[0].method->certify_tile != NULL;
+}
+
+/* a DoRA tile whose input bytes (src, intact: the rows go after them) are the base as written,
+ * which the DoRA kernel compares with what it stores (one dtype in and out, no norms asked) */
+static int dora_counts(const job *J, const lm_plan_tensor *t, const uint8_t *src)
+{
+    return t->dtype == t->src_dtype && !J->stats_norms && (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) &&
+           (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0;
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -1134,18 +1166,15 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
         memcpy(ws->codes, src, (size_t)(nr * t->q->row_bytes));
-    const int dora = J->rt[ti].dora != NULL && t->q == NULL;
-    if (dora && ts != NULL && t->dtype == t->src_dtype && !J->stats_norms &&
-        (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) && (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0) {
-        /* the input bytes are the base as written and stay intact: the DoRA kernel counts the
-         * changed elements as it stores them */
+    const int dora = J->rt[ti].dora != NULL && t->q == NULL, src_stays = dora || certify1_tile(J, ti);
+    if (dora && ts != NULL && dora_counts(J, t, src)) { /* the kernel counts the changed elements */
         uint64_t changed = 0;
         lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, src, &changed, err);
         ts->n_changed = changed;
         return rc;
     }
-    /* src may be in the scratch the methods use (not DoRA's): the base bytes are copied */
-    if (ts != NULL && stats_before(J, ti, ws, src, dora, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+    /* src may be in the scratch the methods use (not src_stays'): the base bytes are copied */
+    if (ts != NULL && stats_before(J, ti, ws, src, src_stays, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     if (t->q != NULL && J->rt[ti].exact_kind != LM_EXACT_NONE)
         return compute_tile_qexact(J, ti, r0, nr, ws, ts, base_bytes, n_base, pieces, n_pieces, err);
@@ -1468,8 +1497,18 @@ static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint
     uint64_t r0 = tk->first, nr = tk->count;
     lm_xq_piece pieces[2];
     size_t n_pieces = 0;
-    lm_code rc = compute_tile(J, tk->tensor, r0, nr, shared, ws, ts, pieces, &n_pieces, err);
     uint64_t row = t->q != NULL && t->dtype == t->src_dtype ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->dtype) / 8);
+    /* the buffers this tile writes, present before it: the input bytes read into the scratch, the
+     * output bytes (and the scales after them) and, but on the low-rank kernel's path and the fused
+     * block FP8 one (a block at a time), the f32 tile */
+    const uint64_t in_row = t->q != NULL ? t->q->row_bytes : t->cols * (lm_dtype_bits(t->src_dtype) / 8);
+    if (shared == NULL)
+        ws_populate(ws->scratch, &ws->ready_scratch, (size_t)(nr * in_row));
+    const size_t out_want = (size_t)(nr * row) + (t->q != NULL ? 4096 : 0);
+    ws_populate(ws->out, &ws->ready_out[ws->cur], out_want < ws->out_bytes ? out_want : ws->out_bytes);
+    if ((J->rt[tk->tensor].exact_kind != LM_EXACT_LOWRANK || t->q != NULL || t->sim_nf4) && !fused_tile(J, tk->tensor))
+        ws_populate(ws->acc, &ws->ready_acc, (size_t)(nr * t->cols) * sizeof(float));
+    lm_code rc = compute_tile(J, tk->tensor, r0, nr, shared, ws, ts, pieces, &n_pieces, err);
     uint64_t used = nr * row;
     for (size_t k = 0; k < n_pieces; k++)
         used += pieces[k].n_bytes;

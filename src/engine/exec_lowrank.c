@@ -2,6 +2,8 @@
 /* exec_lowrank.c : see exec_lowrank.h. */
 #include "exec_lowrank.h"
 
+#include "st_reader.h"
+
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,6 +167,10 @@ static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared 
     g->ws = ws_bytes ? malloc(ws_bytes) : NULL;
     if (g->B == NULL || g->A == NULL || g->s == NULL || g->ws == NULL)
         return -1;
+    /* written whole just below: present in one call each rather than a page fault a page */
+    lm_populate(g->B, rows * K * sizeof *g->B);
+    lm_populate(g->A, K * cols * sizeof *g->A);
+    lm_populate(g->ws, ws_bytes);
     /* op o's terms are k0 .. k0 + rank - 1.  axis 0: W [out, in] += B' A'; axis 1: W [in, out]
      * += (B' A')^T, so the tile's B side is A'^T and its A side B'^T; the segment's row i is the
      * op's row lo + i - row0 */
