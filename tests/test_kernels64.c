@@ -200,7 +200,7 @@ Test(kernels64, dora_cert_variants_match_the_reference_which_certifies_soundly)
 {
     static const char *const variants[] = {"avx2", "avx512"};
     static const lm_kdtype outs[] = {LM_KDT_BF16, LM_KDT_F16, LM_KDT_F32};
-    static const size_t lens[] = {1, 3, 4, 8, 13, 67};
+    static const size_t lens[] = {1, 3, 4, 8, 13, 16, 29, 67};
     lm_kernels ref;
     lm_kernels_select(&ref, "ref");
     size_t certified = 0, uncertain = 0, sub = 0;
@@ -282,6 +282,6 @@ Test(kernels64, dora_cert_variants_match_the_reference_which_certifies_soundly)
                 }
                 free(v), free(kap), free(w), free(d0), free(d1), free(d2), free(bs);
             }
-    cr_assert(certified > 3 * uncertain && uncertain > 10 && sub > 3, "certified %zu, uncertain %zu, f16 subnormal %zu",
+    cr_assert(certified > 2 * uncertain && uncertain > 10 && sub > 3, "certified %zu, uncertain %zu, f16 subnormal %zu",
               certified, uncertain, sub);
 }

@@ -61,11 +61,18 @@ typedef struct {
     size_t K;
     double s;
     double *R;  /* [rows x K]: the row side in the tiles' orientation (NULL: not a low-rank op) */
-    double *C;  /* [K x cols] */
-    double *Cp; /* C in panels: for each JW columns a [K x JW] block, then the last cols % JW
-                   columns [K x tail].  A panel's rows are contiguous: in C they lie cols * 8
-                   bytes apart, for power-of-two widths in the same few L1 sets */
+    double *Cp; /* the column side C [K x cols] in panels: for each JW columns a [K x JW] block,
+                   then the last cols % JW columns [K x tail].  A panel's rows are contiguous: in
+                   C they would lie cols * 8 bytes apart, for power-of-two widths in the same few
+                   L1 sets */
 } dlr;
+
+/* element (k, j) of C in the panels */
+static inline double cp_at(const double *Cp, size_t K, size_t cols, size_t k, size_t j)
+{
+    const size_t full = cols / JW * JW;
+    return Cp[j < full ? (j / JW) * K * JW + k * JW + j % JW : full * K + k * (cols - full) + (j - full)];
+}
 
 struct lm_dora_tensor {
     const lm_plan_tensor *t;
@@ -112,7 +119,6 @@ void lm_dora_tensor_free(lm_dora_tensor *f)
         return;
     for (size_t o = 0; f->lr != NULL && o < f->t->n_ops; o++) {
         free(f->lr[o].R);
-        free(f->lr[o].C);
         free(f->lr[o].Cp);
     }
     free(f->lr);
@@ -121,17 +127,39 @@ void lm_dora_tensor_free(lm_dora_tensor *f)
     free(f);
 }
 
-/* the op's exact factor elements: A' (r, i) and B' (o, r) */
-static double fa(const lm_prepared *p, const lm_op *op, uint64_t r, uint64_t i)
+/* n factor values (f64 or f32, exact in f64) from src with stride st into dst */
+static void widen(double *dst, const double *s64, const float *s32, size_t st, size_t n)
 {
-    const size_t e = (size_t)(r * op->in + i);
-    return p->a64 ? p->a64[e] : (double)p->a[e];
+    if (s64 != NULL)
+        for (size_t e = 0; e < n; e++)
+            dst[e] = s64[e * st];
+    else
+        for (size_t e = 0; e < n; e++)
+            dst[e] = (double)s32[e * st];
 }
 
-static double fb(const lm_prepared *p, const lm_op *op, uint64_t o, uint64_t r)
+/* op o's R and Cp from its prepared factors A' [rank, in] and B' [out, rank]: axis 0 (W [out, in]
+ * += B' A'): R = B', C = A'; axis 1 (W [in, out] += (B' A')^T): R = A'^T, C = B'^T */
+static void factors_f64(dlr *L, const lm_prepared *p, const lm_op *op, size_t rows, size_t cols)
 {
-    const size_t e = (size_t)(o * op->rank + r);
-    return p->b64 ? p->b64[e] : (double)p->b[e];
+    const size_t K = L->K, full = cols / JW * JW, tail = cols - full;
+    const size_t in = (size_t)op->in, rk = (size_t)op->rank;
+    for (size_t i = 0; i < rows; i++) { /* R [i, k]: B' (i, k) or A' (k, i) */
+        const size_t e = op->axis ? i : i * rk;
+        if (op->axis)
+            widen(L->R + i * K, p->a64 ? p->a64 + e : NULL, p->a64 ? NULL : p->a + e, in, K);
+        else
+            widen(L->R + i * K, p->b64 ? p->b64 + e : NULL, p->b64 ? NULL : p->b + e, 1, K);
+    }
+    for (size_t k = 0; k < K; k++) /* C [k, j]: A' (k, j) or B' (j, k), into the panels */
+        for (size_t j0 = 0; j0 < cols; j0 += JW) {
+            const size_t w = j0 < full ? JW : tail, e = op->axis ? j0 * rk + k : k * in + j0;
+            double *d = j0 < full ? L->Cp + j0 * K + k * JW : L->Cp + full * K + k * tail;
+            if (op->axis)
+                widen(d, p->b64 ? p->b64 + e : NULL, p->b64 ? NULL : p->b + e, rk, w);
+            else
+                widen(d, p->a64 ? p->a64 + e : NULL, p->a64 ? NULL : p->a + e, 1, w);
+        }
 }
 
 /* the certified rows' bound factors (proof (a)) */
@@ -151,9 +179,14 @@ static int bound_prepare(lm_dora_tensor *f)
             q += L->R[i * K + k] * L->R[i * K + k];
         f->rc[i] = c * sqrt(q) * (1 + 0x1p-30);
     }
-    for (size_t k = 0; k < K; k++)
-        for (size_t j = 0; j < cols; j++)
-            f->kap[j] += L->C[k * cols + j] * L->C[k * cols + j];
+    const size_t full = cols / JW * JW, tail = cols - full;
+    for (size_t j0 = 0; j0 < cols; j0 += JW) { /* kap_j = sum over k ascending of C_kj^2 */
+        const size_t w = j0 < full ? JW : tail;
+        const double *P = j0 < full ? L->Cp + j0 * K : L->Cp + full * K;
+        for (size_t k = 0; k < K; k++)
+            for (size_t q = 0; q < w; q++)
+                f->kap[j0 + q] += P[k * w + q] * P[k * w + q];
+    }
     double af = 0;
     for (size_t j = 0; j < cols; j++) {
         f->kap[j] = sqrt(f->kap[j]) * (1 + 0x1p-30);
@@ -186,23 +219,10 @@ lm_dora_tensor *lm_dora_tensor_create(const lm_plan_tensor *t, const lm_prepared
         L->K = K;
         L->s = op->scale;
         L->R = malloc(rows * K * sizeof *L->R + 1);
-        L->C = malloc(K * cols * sizeof *L->C + 1);
-        if (L->R == NULL || L->C == NULL)
+        L->Cp = malloc(K * cols * sizeof *L->Cp + 1);
+        if (L->R == NULL || L->Cp == NULL)
             goto nomem;
-        /* axis 0: W [out, in] += B' A'; axis 1: W [in, out] += (B' A')^T: row side A'^T, column side B'^T */
-        for (size_t i = 0; i < rows; i++)
-            for (size_t k = 0; k < K; k++)
-                L->R[i * K + k] = op->axis ? fa(&prep[o], op, k, i) : fb(&prep[o], op, i, k);
-        for (size_t k = 0; k < K; k++)
-            for (size_t j = 0; j < cols; j++)
-                L->C[k * cols + j] = op->axis ? fb(&prep[o], op, j, k) : fa(&prep[o], op, k, j);
-        if ((L->Cp = malloc(K * cols * sizeof *L->Cp + 1)) == NULL)
-            goto nomem;
-        const size_t full = cols / JW * JW, tail = cols - full;
-        for (size_t k = 0; k < K; k++)
-            for (size_t j = 0; j < cols; j++)
-                L->Cp[j < full ? (j / JW) * K * JW + k * JW + j % JW : full * K + k * tail + (j - full)] =
-                    L->C[k * cols + j];
+        factors_f64(L, &prep[o], op, rows, cols);
     }
     if (t->n_ops == 2 && t->ops[0].kind == LM_OP_LOWRANK && t->ops[1].kind == LM_OP_NORM && t->ops[1].axis == 0 &&
         bound_prepare(f) != 0)
@@ -492,7 +512,7 @@ static void row_dd(const lm_dora_tensor *f, const float *w, uint64_t i, double *
     for (size_t j = 0; j < n; j++) {
         double hi = 0, lo = 0;
         for (size_t k = 0; k < K; k++) {
-            const double c = L->C[k * n + j], p = R[k] * c, pe = fma(R[k], c, -p);
+            const double c = cp_at(L->Cp, K, n, k, j), p = R[k] * c, pe = fma(R[k], c, -p);
             const double sum = hi + p, bb = sum - hi, err = (hi - (sum - bb)) + (p - bb);
             hi = sum;
             lo += err + pe;
