@@ -79,6 +79,7 @@ static double now(void)
 
 /* runs argv with stdout to out_path (or /dev/null); returns wall seconds, *rss_kb the child's peak */
 static double g_last_cpu; /* user + system CPU seconds of the last run_timed() (its children included) */
+static double g_last_read_gb; /* GB it read from the disk (not the page cache): ru_inblock */
 
 static double run_timed(char *const *argv, const char *out_path, long *rss_kb, int *status)
 {
@@ -97,6 +98,7 @@ static double run_timed(char *const *argv, const char *out_path, long *rss_kb, i
     memset(&ru, 0, sizeof ru);
     wait4(pid, &st, 0, &ru);
     double t = now() - t0;
+    g_last_read_gb = (double)ru.ru_inblock * 512e-9;
     g_last_cpu = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
                  1e-6 * ru.ru_stime.tv_usec;
     *rss_kb = ru.ru_maxrss;
@@ -501,31 +503,33 @@ static void file_sha(const char *path, char hex[65])
 }
 
 /* one timed phase of run_batch: started with no dirty pages (sync first, untimed), timed to its
- * exit (*t, *c: wall and CPU seconds) and then to the end of the sync that follows (*td: the wall
- * seconds until its outputs are on the disk).  @return the exit status */
-static int batch_phase(char *const *argv, double *t, double *c, double *td, long *rss)
+ * exit (*t, *c: wall and CPU seconds) and, with durable, to the end of the sync that follows (*td:
+ * the wall seconds until its outputs are on the disk).  @return the exit status */
+static int batch_phase(char *const *argv, int durable, double *t, double *c, double *td, long *rss)
 {
     int st = 0;
     sync();
     double t0 = now();
     *t = run_timed(argv, NULL, rss, &st);
     *c = g_last_cpu;
-    sync();
+    if (durable)
+        sync();
     *td = now() - t0;
     return st;
 }
 
 /* K LoRA adapters (r 16, every projection, seeds 1..K): 8 merges one after the other against
  * one batch of the same 8 jobs, and the two floors (the K outputs' bytes written, no compute),
- * in an order that alternates between runs.  Every phase starts with no dirty pages (sync, not
- * timed), so none pays for the writeback of another's outputs; each is timed to its exit, and to
- * the end of the sync after it (its outputs on the disk).  The batch's outputs are compared with
+ * in an order that alternates between runs.  Every phase starts with no dirty pages (the last
+ * phase's outputs removed, then sync, not timed), so none pays for the writeback of another's
+ * outputs; each is timed to its exit, and with BENCH_DURABLE=1 to the end of the sync after it
+ * (its outputs on the disk: the disk then writes 4 K outputs a run).  The batch's outputs are compared with
  * the merges' by sha256 in the first run (after the timed phases); at most K outputs are on the
  * disk at a time. */
 static int run_batch(const bench_case *bc, const char *bdir, const char *bin, const char *dir, const char *mdir,
                      const char *base, int runs, int threads)
 {
-    int K = bc->batch;
+    int K = bc->batch, durable = getenv("BENCH_DURABLE") != NULL && atoi(getenv("BENCH_DURABLE")) > 0;
     char gen_adapter[4200], thr[16], opts[64][128], adirs[64][4400], outs[64][4400], refs[64][4400];
     snprintf(gen_adapter, sizeof gen_adapter, "%s/gen_adapter", bdir);
     snprintf(thr, sizeof thr, "%d", threads);
@@ -592,15 +596,16 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
                     c0 += g_last_cpu;
                     rss_s = rss > rss_s ? rss : rss_s;
                 }
-                sync();
+                if (durable)
+                    sync();
                 t[p][r] = sd0;
                 c[p][r] = c0;
                 d[p][r] = now() - t0;
             } else if (p == 1) {
-                st = batch_phase(bargv, &t[p][r], &c[p][r], &d[p][r], &rss);
+                st = batch_phase(bargv, durable, &t[p][r], &c[p][r], &d[p][r], &rss);
                 rss_b = rss > rss_b ? rss : rss_b;
             } else {
-                st = batch_phase(p == 2 ? targv : fargv, &t[p][r], &c[p][r], &d[p][r], &rss);
+                st = batch_phase(p == 2 ? targv : fargv, durable, &t[p][r], &c[p][r], &d[p][r], &rss);
             }
             if (st != 0) {
                 fprintf(stderr, "bench: %s failed with status %d\n",
@@ -643,15 +648,18 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
            "same %d jobs (one read of the base); base %.2f GB, page cache warm; %d runs, the phases' order alternated, "
            "each phase started after a sync (no dirty pages), medians\n", K, K, (double)file_size(base) * 1e-9, runs);
     printf("CPU (user+system, median): K merges %.2f s, one batch %.2f s (%.3f)\n", mc[0], mc[1], mc[1] / mc[0]);
-    printf("to the outputs on the disk (the phase and the sync after it): K merges %.2f s (%.2f-%.2f), one batch "
-           "%.2f s (%.2f-%.2f): ratio %.3f\n", md[0], lod[0], hid[0], md[1], lod[1], hid[1], md[1] / md[0]);
+    if (durable)
+        printf("to the outputs on the disk (the phase and the sync after it): K merges %.2f s (%.2f-%.2f), one batch "
+               "%.2f s (%.2f-%.2f): ratio %.3f\n", md[0], lod[0], hid[0], md[1], lod[1], hid[1], md[1] / md[0]);
     double fl = m[2] < m[3] ? m[2] : m[3], fld = md[2] < md[3] ? md[2] : md[3];
     printf("the floor, writing the %d outputs' bytes and nothing else (same runs): `tee` of the base to %d files "
-           "%.2f s wall (%.2f-%.2f), %.2f s CPU, %.2f s to the disk; the same by %d threads (a tee each, K/%d files) "
-           "%.2f s wall (%.2f-%.2f), %.2f s CPU, %.2f s to the disk\n", K, K, m[2], lo[2], hi[2], mc[2], md[2],
-           threads, threads, m[3], lo[3], hi[3], mc[3], md[3]);
-    printf("floor ratio (the better floor / the K merges): %.3f (to the disk: %.3f); the batch / the floor: %.3f%s\n",
-           fl / m[0], fld / md[0], m[1] / fl,
+           "%.2f s wall (%.2f-%.2f), %.2f s CPU; the same by %d threads (a tee each, K/%d files) %.2f s wall "
+           "(%.2f-%.2f), %.2f s CPU\n", K, K, m[2], lo[2], hi[2], mc[2], threads, threads, m[3], lo[3], hi[3], mc[3]);
+    if (durable)
+        printf("the floors to the disk: `tee` %.2f s, threads %.2f s: %.3f of the K merges'\n", md[2], md[3],
+               fld / md[0]);
+    printf("floor ratio (the better floor / the K merges): %.3f; the batch / the floor: %.3f%s\n", fl / m[0],
+           m[1] / fl,
            fl / m[0] > bc->max_ratio && bc->max_ratio > 0 ? "; the target ratio is below the floor: no batch can "
                                                            "meet it here (writing the outputs alone takes longer)" : "");
     for (int p = 0; p < NP; p++) {
@@ -743,7 +751,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     enum { W = 4, MAX_SHARDS = 256 };
     double *t1 = calloc((size_t)runs, sizeof *t1), *tw = calloc((size_t)runs, sizeof *tw);
     double *c1 = calloc((size_t)runs, sizeof *c1), *cw = calloc((size_t)runs, sizeof *cw);
-    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0;
+    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0, rd_w[W] = {0}, rd_1 = 0;
     static shard_time sh[MAX_SHARDS];
     int n_sh = 0;
     /* the base read through the page cache before each side (untimed): the 8B's base and output
@@ -765,6 +773,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         }
         t1[r] = run_timed(margv, NULL, &rss, &st);
         c1[r] = g_last_cpu;
+        rd_1 = g_last_read_gb;
         if (st != 0) {
             fprintf(stderr, "bench: the 2-thread merge failed (%d)\n", st);
             return 1;
@@ -799,6 +808,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                     cpu[w] = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
                              1e-6 * ru.ru_stime.tv_usec;
                     cw[r] += cpu[w];
+                    rd_w[w] = (double)ru.ru_inblock * 512e-9;
                     if (!WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
                         fprintf(stderr, "bench: worker %d failed\n", w);
                         return 1;
@@ -848,8 +858,13 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         fixed[w] = cpu[w] - sc;
         max_fixed = fixed[w] > max_fixed ? fixed[w] : max_fixed;
         printf("  worker %d/%d (last run): %.2f s wall, %.2f s CPU: %d shards %.2f s wall %.2f s CPU, the rest %.2f s "
-               "CPU\n", w, W, wall[w], cpu[w], ns, swl, sc, fixed[w]);
+               "CPU; %.2f GB read from the disk\n", w, W, wall[w], cpu[w], ns, swl, sc, fixed[w], rd_w[w]);
     }
+    double rd_all = 0;
+    for (int w = 0; w < W; w++)
+        rd_all += rd_w[w];
+    printf("  read from the disk, not the page cache (the base was read through the cache before each side; base and "
+           "output do not both fit in memory): the one merge %.2f GB, the workers %.2f GB (last run)\n", rd_1, rd_all);
     for (int k = 0; k < n_sh; k++)
         printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (%.2f s of it its sha256, %.2f GB/s) (worker %d)\n",
                sh[k].name, sh[k].bytes * 1e-9, sh[k].wall, sh[k].cpu, sh[k].hash,
