@@ -31,7 +31,7 @@ static inline __m256i T256 prec4(__m256d x, const lm_dora_fmt *f, __m128i sc, __
 }
 
 size_t T256 lm_dora_cert_avx2(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                              lm_kdtype out, void *dst)
+                              lm_kdtype out, void *dst, const void *base, size_t *n_changed)
 {
     const lm_dora_fmt *f = &lm_dora_fmts[out];
     const __m128i sc = _mm_cvtsi32_si128(f->s), ssh = _mm_cvtsi32_si128(63 - f->s - (f->obits - 1));
@@ -51,7 +51,9 @@ size_t T256 lm_dora_cert_avx2(const double *v, const float *w, const double *kap
                                             -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i lanes16 = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1), lanes32 = _mm256_setr_epi32(0, 2, 4, 6, 1, 1, 1, 1);
     const int o32 = f->obits == 32;
-    size_t bad = 0, j = 0;
+    /* the bits written (the low 16 or 32 of each lane), to compare with the base's */
+    const __m256i omask = _mm256_set1_epi64x(o32 ? 0xFFFFFFFFll : 0xFFFFll);
+    size_t bad = 0, changed = 0, j = 0;
     for (; j + 4 <= n; j += 4) {
         const __m256d vj = _mm256_loadu_pd(v + j), y = _mm256_mul_pd(vj, F);
         const __m256i ul = _mm256_castpd_si256(_mm256_sub_pd(y, E)), uh = _mm256_castpd_si256(_mm256_add_pd(y, E));
@@ -84,10 +86,22 @@ size_t T256 lm_dora_cert_avx2(const double *v, const float *w, const double *kap
             _mm_storel_epi64((__m128i *)(void *)((uint16_t *)dst + j),
                              _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(o, pick16), lanes16)));
         bad += 4 - (size_t)__builtin_popcount((unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(ok)));
+        if (base != NULL) {
+            const __m256i b = o32 ? _mm256_cvtepu32_epi64(_mm_loadu_si128((const __m128i *)(const void *)((const uint32_t *)base + j)))
+                                  : _mm256_cvtepu16_epi64(_mm_loadl_epi64((const __m128i *)(const void *)((const uint16_t *)base + j)));
+            const __m256i same = _mm256_cmpeq_epi64(_mm256_and_si256(o, omask), b);
+            changed += 4 - (size_t)__builtin_popcount((unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(same)));
+        }
     }
-    if (j < n)
-        bad += lm_dora_cert_ref(v + j, w + j, kap + j, n - j, c, out, o32 ? (void *)((uint32_t *)dst + j)
-                                                                         : (void *)((uint16_t *)dst + j));
+    if (j < n) {
+        const size_t ob = o32 ? 4 : 2;
+        size_t ct = 0;
+        bad += lm_dora_cert_ref(v + j, w + j, kap + j, n - j, c, out, (unsigned char *)dst + j * ob,
+                                base != NULL ? (const unsigned char *)base + j * ob : NULL, &ct);
+        changed += ct;
+    }
+    if (base != NULL)
+        *n_changed = changed;
     return bad;
 }
 #endif

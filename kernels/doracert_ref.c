@@ -11,7 +11,9 @@
  *     output (magnitude bits and sign; subnormal results too: |x| over the subnormal quantum,
  *     exact, to an integer by + 2^52 - 2^52); certified when both give the same finite value.
  * Uncertified elements get the precise test's bits of lo (the caller recomputes their row).
- * The SIMD variants do the same operations lane by lane: the same bits and the same count. */
+ * base (or NULL): the base row in the output dtype; *n_changed = the elements whose bits
+ * written differ from it (the merge's statistics, without a pass of their own).
+ * The SIMD variants do the same operations lane by lane: the same bits and the same counts. */
 #include "lm_kernels.h"
 
 #include <math.h>
@@ -49,8 +51,9 @@ static inline uint64_t prec_bits(double x, const lm_dora_fmt *f)
 }
 
 size_t lm_dora_cert_ref(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
-                        lm_kdtype out, void *dst)
+                        lm_kdtype out, void *dst, const void *base, size_t *n_changed)
 {
+    size_t changed = 0;
     const lm_dora_fmt *f = &lm_dora_fmts[out];
     const uint64_t half = (1ull << (f->s - 1)) - 1, magr = (1ull << (63 - f->s)) - 1, sgn = 1ull << (f->obits - 1);
     size_t bad = 0;
@@ -70,10 +73,15 @@ size_t lm_dora_cert_ref(const double *v, const float *w, const double *kap, size
             o = m | ((pl >> (64 - f->obits)) & sgn);
             bad += !(pl == prec_bits(y + e, f) && m < f->oinf);
         }
-        if (f->obits == 32)
+        if (f->obits == 32) {
             ((uint32_t *)dst)[j] = (uint32_t)o;
-        else
+            changed += base != NULL && (uint32_t)o != ((const uint32_t *)base)[j];
+        } else {
             ((uint16_t *)dst)[j] = (uint16_t)o;
+            changed += base != NULL && (uint16_t)o != ((const uint16_t *)base)[j];
+        }
     }
+    if (base != NULL)
+        *n_changed = changed;
     return bad;
 }

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 
 static uint64_t g_rng = 0xd02a;
@@ -416,4 +417,100 @@ Test(exact_dora, f16_overflow_refused, .timeout = 60)
     tx_free(&base);
     tx_free(&ad);
     xd_case_free(&cs);
+}
+
+/* The elements a merge changed, counted by the DoRA kernel as it stores them (a run without
+ * --json: no norms measured, one dtype in and out), in the warning about a merge that changes
+ * few elements: "(N of M)" equals the elements whose bytes differ from the base's, counted here,
+ * for every kernel variant and for small tiles.  Rows of 52 values +-a and 12 values +-2a (norm
+ * 10 a exactly) with m = 10 a and no delta: F = 1, unchanged and certified.  Row 1 has a zero
+ * instead of an a (a zero is never certified: the row is recomputed and its changes counted from
+ * its bytes); rows 2 and 3 a delta on a few columns, m their norm rounded to f32 (F within
+ * 2^-24 of 1: bf16 and f16 change only those columns). */
+static void xd_changed_count(const char *dt)
+{
+    const uint64_t O = 256, I = 64, r = 2;
+    tx_set base = {0}, ad = {0};
+    xd_dora d;
+    xd_dora_alloc(&d, O, I, r, 2.0);
+    double *W = calloc(O * I, sizeof(double));
+    for (uint64_t o = 0; o < O; o++) {
+        const double a = ldexp(1.0, -(int)(o % 5) - 3);
+        for (uint64_t j = 0; j < I; j++)
+            W[o * I + j] = (j % 16 < 3 ? 2 * a : a) * ((j + o) % 3 ? 1 : -1);
+        d.m[o] = 10 * a;
+    }
+    W[I + 5] = 0.0;
+    d.B[2 * r] = 1.0, d.B[3 * r + 1] = 1.0;
+    d.A[20] = 0x1p-6, d.A[30] = -0x1p-7, d.A[40] = 0x1p-8, d.A[I + 50] = 0x1p-7;
+    for (uint64_t o = 2; o < 4; o++) {
+        double v[64], ss = 0;
+        xd_row_v(&d, W, o, v);
+        for (uint64_t j = 0; j < I; j++)
+            ss += v[j] * v[j];
+        d.m[o] = (double)(float)sqrt(ss);
+    }
+    memcpy(tx_add(&base, "model.layers.0.self_attn.q_proj.weight", dt, 2, O, I)->v, W, O * I * sizeof(double));
+    xd_adapter_tensors(&ad, "model.layers.0.self_attn.q_proj", &d, 0);
+    xd_case cs;
+    xd_case_init(&cs);
+    tx_write(cs.base, &base);
+    xd_case_adapter(&cs, &ad, XD_CFG(2, 4, "\"q_proj\"", "false"));
+    static const char *const names[] = {"ref", "avx2", "avx512"};
+    uint64_t want = 0;
+    for (int v = 0; v < 4; v++) {
+        lm_kernels k;
+        if (v < 3 && lm_kernels_select(&k, names[v]) != 0)
+            continue;
+        const char *argv[] = {th_bin(), "-q", "--kernels", v < 3 ? names[v] : "ref", "--threads", v < 3 ? "2" : "1",
+                              v < 3 ? cs.base : "--tile-elems", v < 3 ? cs.adir[0] : "100", v < 3 ? cs.out : cs.base,
+                              v < 3 ? NULL : cs.adir[0], cs.out, NULL};
+        unlink(cs.out);
+        th_run_result res = th_run(NULL, argv);
+        cr_assert_eq(res.status, 0, "%s run %d: exit %d: %s", dt, v, res.status, res.err);
+        th_st a, b;
+        cr_assert(th_st_read(cs.base, &a) == 0 && th_st_read(cs.out, &b) == 0);
+        const th_tensor *ta = th_st_find(&a, "model.layers.0.self_attn.q_proj.weight");
+        const th_tensor *tb = th_st_find(&b, "model.layers.0.self_attn.q_proj.weight");
+        cr_assert(ta && tb && ta->n_bytes == tb->n_bytes && strcmp(tb->dtype, dt) == 0);
+        const size_t es = ta->n_bytes / (O * I);
+        uint64_t diff = 0, row1 = 0;
+        for (uint64_t e = 0; e < O * I; e++) {
+            const int dif = memcmp(ta->data + e * es, tb->data + e * es, es) != 0;
+            diff += (uint64_t)dif;
+            row1 += (uint64_t)(dif && e / I == 1);
+        }
+        th_st_free(&a);
+        th_st_free(&b);
+        const char *wn = strstr(res.err, "FewElementsChanged");
+        unsigned long long n_got = 0, m_got = 0;
+        cr_assert(wn != NULL && (wn = strstr(wn, "(")) != NULL && sscanf(wn, "(%llu of %llu)", &n_got, &m_got) == 2,
+                  "%s run %d: no count of the changed elements: %s", dt, v, res.err);
+        cr_assert(n_got == diff && m_got == O * I, "%s run %d (%s): %llu of %llu changed reported, %llu differ", dt, v,
+                  v < 3 ? names[v] : "--tile-elems 100", n_got, m_got, (unsigned long long)diff);
+        cr_assert(row1 > 0 && row1 < I && diff > row1 && diff <= row1 + (strcmp(dt, "F32") ? 8 : 2 * I), "%s: row 1 changed %llu, all %llu", dt,
+                  (unsigned long long)row1, (unsigned long long)diff);
+        want = want ? want : diff;
+        cr_assert_eq(diff, want, "%s: the variants write different bytes", dt);
+        th_run_free(&res);
+    }
+    th_run_result res = xd_merge(&cs, cs.out, NULL); /* row 1 is not certified: "recomputed" */
+    int exact;
+    double rec;
+    tx_json_tensor(res.out, "model.layers.0.self_attn.q_proj.weight", &exact, &rec);
+    cr_assert(res.status == 0 && exact && rec >= (double)I && (rec == (double)I || strcmp(dt, "F32") == 0),
+              "%s: recomputed %.0f", dt, rec);
+    th_run_free(&res);
+    free(W);
+    xd_dora_free(&d);
+    tx_free(&base);
+    tx_free(&ad);
+    xd_case_free(&cs);
+}
+
+Test(exact_dora, changed_count_in_the_kernel, .timeout = 60)
+{
+    xd_changed_count("BF16");
+    xd_changed_count("F16");
+    xd_changed_count("F32");
 }

@@ -933,11 +933,11 @@ Test(st_reader, random_mutations, .timeout = 120)
     "\"gamma\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}"
 
 /* a snapshot opened hashed: the sha256 made while the bytes were copied is sha256sum's, for a
- * file of several copy slices (3 MB and an odd tail) and for a small one; unhashed: none */
+ * file of several copy slices (9 MB and an odd tail) and for a small one; unhashed: none */
 Test(st_reader, snapshot_sha256, .timeout = 30)
 {
     char *dir = rdt_tmpdir();
-    static const size_t sizes[] = {3 * 1024 * 1024 + 17, 100};
+    static const size_t sizes[] = {9 * 1024 * 1024 + 17, 100}; /* more chunks than the copy's ring of buffers */
     for (size_t c = 0; c < 2; c++) {
         char hdr[200], path[1024], cmd[1200], want[65] = {0}, got[65];
         snprintf(hdr, sizeof hdr, "{\"t\":{\"dtype\":\"U8\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}}",
@@ -970,6 +970,74 @@ Test(st_reader, snapshot_sha256, .timeout = 30)
         lm_st_close(f);
         f = lm_st_open_snapshot_hashed(path, &e); /* closed without asking: the thread is joined */
         cr_assert_not_null(f);
+        lm_st_close(f);
+    }
+    rdt_rmtree(dir);
+    free(dir);
+}
+
+/* A hashed snapshot looks at its float tensors' values as it copies them (the adapter's
+ * finiteness check): one inf or NaN anywhere, the element across a copy chunk's end (1 MiB,
+ * 2 MiB: the header's length puts both inside an element) included, in F32, F64 or BF16, and it
+ * says not all finite; with none, all finite; unhashed, not looked at. */
+Test(st_reader, snapshot_all_finite, .timeout = 30)
+{
+    char *dir = rdt_tmpdir(), path[1024];
+    snprintf(path, sizeof path, "%s/a.safetensors", dir);
+    enum { NF = 300000, ND = 150000, NH = 100000 };
+    const size_t df = 3, dd = df + 4 * NF, dh = dd + 8 * ND, n_data = dh + 2 * NH;
+    char hdr[600];
+    int pad = 0;
+    size_t n_hdr = 0;
+    for (;; pad++) { /* spaces after the JSON until 1 MiB and 2 MiB fall inside elements */
+        snprintf(hdr, sizeof hdr,
+                 "{\"u\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[0,3]},"
+                 "\"f\":{\"dtype\":\"F32\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]},"
+                 "\"d\":{\"dtype\":\"F64\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]},"
+                 "\"h\":{\"dtype\":\"BF16\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]}}%*s",
+                 NF, df, dd, ND, dd, dh, NH, dh, n_data, pad, "");
+        n_hdr = strlen(hdr);
+        const size_t s = 8 + n_hdr;
+        if (((1u << 20) - s - df) % 4 != 0 && ((2u << 20) - s - dd) % 8 > 1)
+            break;
+    }
+    const size_t ds = 8 + n_hdr;
+    /* where each case puts its value: byte offset in the data, dtype size, value bits */
+    const struct {
+        size_t at;
+        int esz;
+        uint64_t bits;
+    } cases[] = {
+        {0, 0, 0}, /* all finite */
+        {df + ((1u << 20) - ds - df) / 4 * 4, 4, 0x7f800000u},                     /* F32 inf across 1 MiB */
+        {df + 4 * (NF - 1), 4, 0xffc00001u},                                       /* F32 NaN, the last */
+        {dd + ((2u << 20) - ds - dd) / 8 * 8, 8, 0x7ff8000000000000ull},           /* F64 NaN across 2 MiB */
+        {dd, 8, 0xfff0000000000000ull},                                            /* F64 -inf, the first */
+        {dh + 2 * 777, 2, 0x7f80u},                                                /* BF16 inf */
+        {dh + 2 * (NH - 1), 2, 0xff81u},                                           /* BF16 NaN, the last */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        size_t n;
+        uint8_t *b = rdt_make(hdr, n_hdr, n_data, &n), *d = b + ds;
+        for (size_t i = 0; i < NF; i++)
+            memcpy(d + df + 4 * i, &(uint32_t){0x3f800000u + (uint32_t)i}, 4);
+        for (size_t i = 0; i < ND; i++)
+            memcpy(d + dd + 8 * i, &(uint64_t){0xbff0000000000000ull + i}, 8);
+        for (size_t i = 0; i < NH; i++)
+            memcpy(d + dh + 2 * i, &(uint16_t){(uint16_t)(0x3f80u + i % 127)}, 2);
+        for (int k = 0; k < cases[c].esz; k++)
+            d[cases[c].at + (size_t)k] = (uint8_t)(cases[c].bits >> (8 * k));
+        rdt_write(dir, "a.safetensors", b, n);
+        free(b);
+        lm_err e;
+        lm_err_clear(&e);
+        lm_st_file *f = lm_st_open_snapshot_hashed(path, &e);
+        cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
+        cr_expect_eq(lm_st_snapshot_all_finite(f), c == 0, "case %zu (byte %zu of the data)", c, cases[c].at);
+        lm_st_close(f);
+        f = lm_st_open_snapshot(path, &e);
+        cr_assert_not_null(f);
+        cr_expect_eq(lm_st_snapshot_all_finite(f), 0, "unhashed: not looked at");
         lm_st_close(f);
     }
     rdt_rmtree(dir);

@@ -61,11 +61,18 @@ typedef struct {
     size_t K;
     double s;
     double *R;  /* [rows x K]: the row side in the tiles' orientation (NULL: not a low-rank op) */
-    double *C;  /* [K x cols] */
-    double *Cp; /* C in panels: for each JW columns a [K x JW] block, then the last cols % JW
-                   columns [K x tail].  A panel's rows are contiguous: in C they lie cols * 8
-                   bytes apart, for power-of-two widths in the same few L1 sets */
+    double *Cp; /* the column side C [K x cols] in panels: for each JW columns a [K x JW] block,
+                   then the last cols % JW columns [K x tail].  A panel's rows are contiguous: in
+                   C they would lie cols * 8 bytes apart, for power-of-two widths in the same few
+                   L1 sets */
 } dlr;
+
+/* element (k, j) of C in the panels */
+static inline double cp_at(const double *Cp, size_t K, size_t cols, size_t k, size_t j)
+{
+    const size_t full = cols / JW * JW;
+    return Cp[j < full ? (j / JW) * K * JW + k * JW + j % JW : full * K + k * (cols - full) + (j - full)];
+}
 
 struct lm_dora_tensor {
     const lm_plan_tensor *t;
@@ -112,7 +119,6 @@ void lm_dora_tensor_free(lm_dora_tensor *f)
         return;
     for (size_t o = 0; f->lr != NULL && o < f->t->n_ops; o++) {
         free(f->lr[o].R);
-        free(f->lr[o].C);
         free(f->lr[o].Cp);
     }
     free(f->lr);
@@ -121,17 +127,39 @@ void lm_dora_tensor_free(lm_dora_tensor *f)
     free(f);
 }
 
-/* the op's exact factor elements: A' (r, i) and B' (o, r) */
-static double fa(const lm_prepared *p, const lm_op *op, uint64_t r, uint64_t i)
+/* n factor values (f64 or f32, exact in f64) from src with stride st into dst */
+static void widen(double *dst, const double *s64, const float *s32, size_t st, size_t n)
 {
-    const size_t e = (size_t)(r * op->in + i);
-    return p->a64 ? p->a64[e] : (double)p->a[e];
+    if (s64 != NULL)
+        for (size_t e = 0; e < n; e++)
+            dst[e] = s64[e * st];
+    else
+        for (size_t e = 0; e < n; e++)
+            dst[e] = (double)s32[e * st];
 }
 
-static double fb(const lm_prepared *p, const lm_op *op, uint64_t o, uint64_t r)
+/* op o's R and Cp from its prepared factors A' [rank, in] and B' [out, rank]: axis 0 (W [out, in]
+ * += B' A'): R = B', C = A'; axis 1 (W [in, out] += (B' A')^T): R = A'^T, C = B'^T */
+static void factors_f64(dlr *L, const lm_prepared *p, const lm_op *op, size_t rows, size_t cols)
 {
-    const size_t e = (size_t)(o * op->rank + r);
-    return p->b64 ? p->b64[e] : (double)p->b[e];
+    const size_t K = L->K, full = cols / JW * JW, tail = cols - full;
+    const size_t in = (size_t)op->in, rk = (size_t)op->rank;
+    for (size_t i = 0; i < rows; i++) { /* R [i, k]: B' (i, k) or A' (k, i) */
+        const size_t e = op->axis ? i : i * rk;
+        if (op->axis)
+            widen(L->R + i * K, p->a64 ? p->a64 + e : NULL, p->a64 ? NULL : p->a + e, in, K);
+        else
+            widen(L->R + i * K, p->b64 ? p->b64 + e : NULL, p->b64 ? NULL : p->b + e, 1, K);
+    }
+    for (size_t k = 0; k < K; k++) /* C [k, j]: A' (k, j) or B' (j, k), into the panels */
+        for (size_t j0 = 0; j0 < cols; j0 += JW) {
+            const size_t w = j0 < full ? JW : tail, e = op->axis ? j0 * rk + k : k * in + j0;
+            double *d = j0 < full ? L->Cp + j0 * K + k * JW : L->Cp + full * K + k * tail;
+            if (op->axis)
+                widen(d, p->b64 ? p->b64 + e : NULL, p->b64 ? NULL : p->b + e, rk, w);
+            else
+                widen(d, p->a64 ? p->a64 + e : NULL, p->a64 ? NULL : p->a + e, 1, w);
+        }
 }
 
 /* the certified rows' bound factors (proof (a)) */
@@ -151,9 +179,14 @@ static int bound_prepare(lm_dora_tensor *f)
             q += L->R[i * K + k] * L->R[i * K + k];
         f->rc[i] = c * sqrt(q) * (1 + 0x1p-30);
     }
-    for (size_t k = 0; k < K; k++)
-        for (size_t j = 0; j < cols; j++)
-            f->kap[j] += L->C[k * cols + j] * L->C[k * cols + j];
+    const size_t full = cols / JW * JW, tail = cols - full;
+    for (size_t j0 = 0; j0 < cols; j0 += JW) { /* kap_j = sum over k ascending of C_kj^2 */
+        const size_t w = j0 < full ? JW : tail;
+        const double *P = j0 < full ? L->Cp + j0 * K : L->Cp + full * K;
+        for (size_t k = 0; k < K; k++)
+            for (size_t q = 0; q < w; q++)
+                f->kap[j0 + q] += P[k * w + q] * P[k * w + q];
+    }
     double af = 0;
     for (size_t j = 0; j < cols; j++) {
         f->kap[j] = sqrt(f->kap[j]) * (1 + 0x1p-30);
@@ -186,23 +219,10 @@ lm_dora_tensor *lm_dora_tensor_create(const lm_plan_tensor *t, const lm_prepared
         L->K = K;
         L->s = op->scale;
         L->R = malloc(rows * K * sizeof *L->R + 1);
-        L->C = malloc(K * cols * sizeof *L->C + 1);
-        if (L->R == NULL || L->C == NULL)
+        L->Cp = malloc(K * cols * sizeof *L->Cp + 1);
+        if (L->R == NULL || L->Cp == NULL)
             goto nomem;
-        /* axis 0: W [out, in] += B' A'; axis 1: W [in, out] += (B' A')^T: row side A'^T, column side B'^T */
-        for (size_t i = 0; i < rows; i++)
-            for (size_t k = 0; k < K; k++)
-                L->R[i * K + k] = op->axis ? fa(&prep[o], op, k, i) : fb(&prep[o], op, i, k);
-        for (size_t k = 0; k < K; k++)
-            for (size_t j = 0; j < cols; j++)
-                L->C[k * cols + j] = op->axis ? fb(&prep[o], op, j, k) : fa(&prep[o], op, k, j);
-        if ((L->Cp = malloc(K * cols * sizeof *L->Cp + 1)) == NULL)
-            goto nomem;
-        const size_t full = cols / JW * JW, tail = cols - full;
-        for (size_t k = 0; k < K; k++)
-            for (size_t j = 0; j < cols; j++)
-                L->Cp[j < full ? (j / JW) * K * JW + k * JW + j % JW : full * K + k * tail + (j - full)] =
-                    L->C[k * cols + j];
+        factors_f64(L, &prep[o], op, rows, cols);
     }
     if (t->n_ops == 2 && t->ops[0].kind == LM_OP_LOWRANK && t->ops[1].kind == LM_OP_NORM && t->ops[1].axis == 0 &&
         bound_prepare(f) != 0)
@@ -277,9 +297,10 @@ double lm_dora_factor(const lm_op *op, double m, double ss)
 }
 
 /* rows i0 .. i0+rb (tensor rows; w: the first one's base values) after ops 0 .. upto-1, in f64,
- * into X [rb x n] (the certified rows: upto = 1, their NORM applied by the caller) */
+ * into X [rb x n] (the certified rows: upto = 1, their NORM applied by the caller, which takes
+ * the rows' sums of squares of X and w from op 0's lr64 into ssx, ssw: NULL else) */
 static void block_f64(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t i0, size_t rb,
-                      size_t upto, const double *col_scale, double *X)
+                      size_t upto, const double *col_scale, double *X, double *ssx, double *ssw)
 {
     const lm_plan_tensor *t = f->t;
     const size_t n = (size_t)t->cols;
@@ -294,7 +315,8 @@ static void block_f64(const lm_dora_tensor *f, const lm_kernels *k, const float 
         if (op->kind == LM_OP_LOWRANK) {
             /* t = sum_k R[i K + k] C[k, j] (fma chains, k ascending from 0): X = fl(w + fl(s t)) or,
              * without w, X += s t (kernels/lr64_ref.c) */
-            k->lr64(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n);
+            k->lr64(X, o == 0 ? w : NULL, L->s, L->R + i0 * L->K, L->Cp, L->K, rb, n, o == 0 ? ssx : NULL,
+                    o == 0 ? ssw : NULL);
         } else {
             for (size_t i = 0; i < rb; i++) {
                 double *x = X + i * n;
@@ -317,7 +339,7 @@ int lm_dora_col_sumsq(const lm_dora_tensor *f, const float *w, uint64_t r0, uint
         return -1;
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
-        block_f64(f, &k, w + b0 * n, r0 + b0, rb, upto, NULL, X);
+        block_f64(f, &k, w + b0 * n, r0 + b0, rb, upto, NULL, X, NULL, NULL);
         for (size_t i = 0; i < rb; i++)
             for (size_t j = 0; j < n; j++)
                 ss[j] += X[i * n + j] * X[i * n + j];
@@ -490,7 +512,7 @@ static void row_dd(const lm_dora_tensor *f, const float *w, uint64_t i, double *
     for (size_t j = 0; j < n; j++) {
         double hi = 0, lo = 0;
         for (size_t k = 0; k < K; k++) {
-            const double c = L->C[k * n + j], p = R[k] * c, pe = fma(R[k], c, -p);
+            const double c = cp_at(L->Cp, K, n, k, j), p = R[k] * c, pe = fma(R[k], c, -p);
             const double sum = hi + p, bb = sum - hi, err = (hi - (sum - bb)) + (p - bb);
             hi = sum;
             lo += err + pe;
@@ -503,33 +525,44 @@ static void row_dd(const lm_dora_tensor *f, const float *w, uint64_t i, double *
 }
 
 int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t r0, uint64_t nr,
-                       const double *col_scale, void *out, lm_kdtype ot, double *ws, lm_dora_stats *st)
+                       const double *col_scale, void *out, lm_kdtype ot, const void *base, double *ws, lm_dora_stats *st)
 {
     const size_t n = (size_t)f->t->cols, osz = ot == LM_KDT_F32 ? 4 : 2;
     double *X = ws;
     float *o32 = malloc(n * sizeof *o32 + 1);
     if (o32 == NULL)
         return -1;
+    double ssx[RB], ssw[RB];
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
-        block_f64(f, k, w + b0 * n, r0 + b0, rb, f->bounded ? 1 : f->t->n_ops, col_scale, X);
+        if (f->bounded)
+            block_f64(f, k, w + b0 * n, r0 + b0, rb, 1, col_scale, X, ssx, ssw);
+        else
+            block_f64(f, k, w + b0 * n, r0 + b0, rb, f->t->n_ops, col_scale, X, NULL, NULL);
         for (size_t i = 0; i < rb; i++) {
             double *x = X + i * n;
             const float *wr = w + (b0 + i) * n;
             unsigned char *o = (unsigned char *)out + (b0 + i) * n * osz;
+            const unsigned char *bs = base != NULL ? (const unsigned char *)base + (b0 + i) * n * osz : NULL;
             const uint64_t row = r0 + b0 + i;
             if (f->bounded) { /* op 1, the row NORM, here: its factor and the bound */
                 const lm_op *nm = &f->t->ops[1];
-                const double ss = sumsq8(x, n), F = lm_dora_factor(nm, (double)f->prep[1].a[row], ss);
+                const double ss = ssx[i], F = lm_dora_factor(nm, (double)f->prep[1].a[row], ss);
                 row_bound rbd;
-                if (row_bound_of(f, row, ss, k->sumsq(wr, n) * (1 + 0x1p-20), F, &rbd)) {
+                if (row_bound_of(f, row, ss, ssw[i] * (1 + 0x1p-20), F, &rbd)) {
                     const lm_dora_cert c = {rbd.F, rbd.E, rbd.eF, rbd.A0, rbd.A1, rbd.A2};
-                    if (k->dora_cert(x, wr, f->kap, n, &c, ot, o) == 0)
+                    size_t ch = 0;
+                    if (k->dora_cert(x, wr, f->kap, n, &c, ot, o, bs, &ch) == 0) {
+                        st->n_changed += ch;
                         continue;
+                    }
                 }
                 row_dd(f, wr, row, x); /* recomputed: V in double-double */
             }
             round_row(k, x, n, o32, o, ot, st);
+            if (bs != NULL)
+                st->n_changed += osz == 2 ? k->count_diff_16((const uint16_t *)(const void *)o, (const uint16_t *)(const void *)bs, n)
+                                          : k->count_diff_32((const uint32_t *)(const void *)o, (const uint32_t *)(const void *)bs, n);
             st->n_uncertified += n; /* the row recomputed, each element rounded once from f64 */
             st->rows_uncertified++;
         }

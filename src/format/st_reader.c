@@ -94,17 +94,24 @@ typedef struct st_chunk {
 } st_chunk;
 
 /* The sha256 of a snapshot's bytes, computed by a thread of its own while the copy is made and
- * after (the merge's start goes on meanwhile): one pass over the bytes for the copy and the
- * hash, and the hash off the serial start.  It reads the memfd with pread (a mapping would count
- * its pages in the process's resident memory). */
+ * after (the merge's start goes on meanwhile), from the copy's own buffers: the copy reads each
+ * chunk of the file into a free buffer of the ring, writes it into the memfd and hands it over;
+ * the hasher hashes it and gives it back.  The bytes are read once, and never read back from the
+ * memfd (a re-read through a mapping would also count its pages in the resident memory). */
+#define ST_RING 4                   /* buffers of the ring */
+#define ST_CHUNK ((size_t)1 << 18)  /* bytes of a buffer */
+
 typedef struct st_hasher {
     pthread_t th;
     pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int fd;            /* the memfd (borrowed: closed only after the thread is joined) */
-    uint64_t n, done;  /* bytes in all, bytes copied so far (under mu) */
-    int stop;          /* the copy failed: give up (under mu) */
-    int ok;            /* hex holds the digest (read after the join) */
+    pthread_cond_t cv;             /* a chunk given, a chunk hashed, the end, or the hasher gone */
+    unsigned char *ring[ST_RING];
+    size_t len[ST_RING];
+    uint64_t given, hashed;        /* chunks handed over / hashed so far (under mu) */
+    int end;                       /* every chunk handed over (under mu) */
+    int stop;                      /* the copy failed: give up (under mu) */
+    int gone;                      /* the thread is done with the ring (under mu) */
+    int ok;                        /* hex holds the digest (read after the join) */
     char hex[65];
 } st_hasher;
 
@@ -115,6 +122,7 @@ struct lm_st_file {
     char sha_hex[65];
     int fd;                    /* -1 for a buffer; a snapshot's memfd */
     int snapshot;              /* fd is a copy of path's bytes (lm_st_open_snapshot) */
+    int all_finite;            /* a hashed snapshot whose float tensors were all seen finite as it was copied */
     int have_stat;             /* opened: the file as it was when read */
     struct stat opened;
     void *map;                 /* owned mapping (munmap), NULL for buffers and short files */
@@ -674,7 +682,7 @@ int lm_st_input_changed(const lm_st_file *f)
 }
 
 /* Hashers running at once, at most ST_HASHERS: a batch opens many adapters one after another, and
- * hashing is slower than copying, so unbounded they would pile up (a thread and a buffer each);
+ * hashing is slower than copying, so unbounded they would pile up (a thread and a ring each);
  * past the limit a snapshot is not hashed on the way (its file is hashed when needed). */
 #define ST_HASHERS 2
 static int st_hashers_running;
@@ -682,27 +690,25 @@ static int st_hashers_running;
 static void *hasher_main(void *arg)
 {
     st_hasher *h = arg;
-    const size_t cap = (size_t)1 << 20;
-    unsigned char *buf = malloc(cap);
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    int ok = buf != NULL && ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
-    uint64_t at = 0;
-    while (ok && at < h->n) {
-        pthread_mutex_lock(&h->mu);
-        while (h->done == at && !h->stop)
+    int ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (ok && h->hashed == h->given && !h->end && !h->stop)
             pthread_cond_wait(&h->cv, &h->mu);
-        const uint64_t upto = h->done;
-        ok = !h->stop;
+        ok = ok && !h->stop;
+        if (!ok || h->hashed == h->given)
+            break;
+        const size_t slot = (size_t)(h->hashed % ST_RING), len = h->len[slot];
         pthread_mutex_unlock(&h->mu);
-        while (ok && at < upto) {
-            const size_t want = upto - at < cap ? (size_t)(upto - at) : cap;
-            const ssize_t k = pread(h->fd, buf, want, (off_t)at);
-            if (k < 0 && errno == EINTR)
-                continue;
-            ok = k > 0 && EVP_DigestUpdate(ctx, buf, (size_t)k) == 1;
-            at += ok ? (uint64_t)k : 0;
-        }
+        ok = EVP_DigestUpdate(ctx, h->ring[slot], len) == 1;
+        pthread_mutex_lock(&h->mu);
+        h->hashed++;
+        pthread_cond_broadcast(&h->cv);
     }
+    h->gone = 1; /* the copy may use every buffer now */
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
     unsigned char md[32];
     unsigned n_md = 0;
     if (ok && EVP_DigestFinal_ex(ctx, md, &n_md) == 1 && n_md == 32) {
@@ -711,46 +717,68 @@ static void *hasher_main(void *arg)
         h->ok = 1;
     }
     EVP_MD_CTX_free(ctx);
-    free(buf);
     __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL); /* its slot free for the next */
     return NULL;
 }
 
-/* a hasher for the n bytes of memfd fd, its thread started; NULL if it cannot be (no hash then) */
-static st_hasher *hasher_start(int fd, uint64_t n)
+static void hasher_free(st_hasher *h)
+{
+    for (size_t i = 0; i < ST_RING; i++)
+        free(h->ring[i]);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
+    free(h);
+}
+
+/* a hasher with its ring, its thread started; NULL if it cannot be (no hash then) */
+static st_hasher *hasher_start(void)
 {
     if (__atomic_add_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL) > ST_HASHERS) {
         __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL);
         return NULL;
     }
     st_hasher *h = calloc(1, sizeof *h);
-    if (h == NULL) {
-        __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL);
-        return NULL;
+    int ok = h != NULL;
+    for (size_t i = 0; ok && i < ST_RING; i++)
+        if ((ok = (h->ring[i] = malloc(ST_CHUNK)) != NULL))
+            lm_populate(h->ring[i], ST_CHUNK);
+    if (h != NULL) {
+        pthread_mutex_init(&h->mu, NULL);
+        pthread_cond_init(&h->cv, NULL);
     }
-    h->fd = fd;
-    h->n = n;
-    pthread_mutex_init(&h->mu, NULL);
-    pthread_cond_init(&h->cv, NULL);
-    if (pthread_create(&h->th, NULL, hasher_main, h) != 0) {
-        pthread_mutex_destroy(&h->mu);
-        pthread_cond_destroy(&h->cv);
-        free(h);
+    if (!ok || pthread_create(&h->th, NULL, hasher_main, h) != 0) {
+        if (h != NULL)
+            hasher_free(h);
         __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL);
         return NULL;
     }
     return h;
 }
 
-/* the copy reached `done` bytes (stop: it failed) */
-static void hasher_progress(st_hasher *h, uint64_t done, int stop)
+/* the buffer the copy's next chunk goes into, once the hasher is done with it */
+static unsigned char *hasher_buffer(st_hasher *h)
+{
+    pthread_mutex_lock(&h->mu);
+    while (h->given - h->hashed == ST_RING && !h->gone)
+        pthread_cond_wait(&h->cv, &h->mu);
+    unsigned char *b = h->ring[h->given % ST_RING];
+    pthread_mutex_unlock(&h->mu);
+    return b;
+}
+
+/* that buffer holds the next len bytes of the copy (len 0: the copy is complete; stop: it failed) */
+static void hasher_give(st_hasher *h, size_t len, int stop)
 {
     if (h == NULL)
         return;
     pthread_mutex_lock(&h->mu);
-    h->done = done;
-    h->stop |= stop;
-    pthread_cond_signal(&h->cv);
+    if (stop)
+        h->stop = 1;
+    else if (len == 0)
+        h->end = 1;
+    else
+        h->len[h->given++ % ST_RING] = len;
+    pthread_cond_broadcast(&h->cv);
     pthread_mutex_unlock(&h->mu);
 }
 
@@ -763,9 +791,7 @@ static int hasher_join(st_hasher *h, char hex[65])
     const int ok = h->ok;
     if (ok)
         memcpy(hex, h->hex, 65);
-    pthread_mutex_destroy(&h->mu);
-    pthread_cond_destroy(&h->cv);
-    free(h);
+    hasher_free(h);
     return ok ? 0 : -1;
 }
 
@@ -783,10 +809,115 @@ int lm_st_snapshot_sha256(lm_st_file *f, char hex[65])
     return 0;
 }
 
+int lm_any_non_finite(const uint8_t *p, size_t n, lm_dtype dt)
+{
+    unsigned bad = 0; /* no early exit, so that the loops vectorise */
+    switch (dt) {
+    case LM_DT_F32:
+        for (size_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, p + 4 * i, 4);
+            bad |= (u & 0x7f800000u) == 0x7f800000u;
+        }
+        break;
+    case LM_DT_F16:
+    case LM_DT_BF16: {
+        const uint16_t m = dt == LM_DT_F16 ? 0x7c00u : 0x7f80u;
+        for (size_t i = 0; i < n; i++) {
+            uint16_t u;
+            memcpy(&u, p + 2 * i, 2);
+            bad |= (uint16_t)(u & m) == m;
+        }
+        break;
+    }
+    case LM_DT_F64:
+        for (size_t i = 0; i < n; i++) {
+            uint64_t u;
+            memcpy(&u, p + 8 * i, 8);
+            bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+        }
+        break;
+    default:
+        break;
+    }
+    return bad != 0;
+}
+
+/* The float tensors of the file being copied (their file offsets, in file order), looked at
+ * for inf and NaN chunk by chunk while the chunk is in the copy's buffer: the adapter's
+ * finiteness check (adapter_load.c) then has nothing left to read. */
+typedef struct {
+    uint64_t lo, hi;
+    lm_dtype dt;
+    unsigned esz;
+} st_span;
+
+typedef struct {
+    st_span *s;
+    size_t n, k;   /* k: the first span not wholly before the copy's position */
+    int bad;       /* a non-finite value seen */
+    int complete;  /* every chunk was looked at */
+} st_scan;
+
+static int span_cmp(const void *a, const void *b)
+{
+    const st_span *x = a, *y = b;
+    return x->lo < y->lo ? -1 : x->lo > y->lo;
+}
+
+/* the scan of f's float tensors; 0 (no scan: out of memory) or 1 */
+static int scan_init(st_scan *sc, const lm_st_file *f)
+{
+    memset(sc, 0, sizeof *sc);
+    if ((sc->s = malloc((f->n_tensors + 1) * sizeof *sc->s)) == NULL)
+        return 0;
+    for (size_t i = 0; i < f->n_tensors; i++) {
+        const lm_tensor_info *t = &f->tensors[i];
+        if ((t->dtype == LM_DT_F32 || t->dtype == LM_DT_F16 || t->dtype == LM_DT_BF16 || t->dtype == LM_DT_F64) &&
+            t->end > t->begin)
+            sc->s[sc->n++] = (st_span){f->data_offset + t->begin, f->data_offset + t->end, t->dtype,
+                                       lm_dtype_bits(t->dtype) / 8};
+    }
+    qsort(sc->s, sc->n, sizeof *sc->s, span_cmp);
+    sc->complete = 1;
+    return 1;
+}
+
+/* the end of a chunk [a, b): b, or earlier so that it splits no element of a float tensor */
+static uint64_t scan_cut(const st_scan *sc, uint64_t a, uint64_t b)
+{
+    for (size_t j = sc != NULL ? sc->k : 0; sc != NULL && j < sc->n && sc->s[j].lo < b; j++)
+        if (sc->s[j].hi > b) {
+            const uint64_t c = b - (b - sc->s[j].lo) % sc->s[j].esz;
+            return c > a ? c : b;
+        }
+    return b;
+}
+
+/* the n bytes at buf, the file's bytes from offset a */
+static void scan_chunk(st_scan *sc, const uint8_t *buf, uint64_t a, uint64_t n)
+{
+    if (sc == NULL)
+        return;
+    const uint64_t b = a + n;
+    while (sc->k < sc->n && sc->s[sc->k].hi <= a)
+        sc->k++;
+    for (size_t j = sc->k; j < sc->n && sc->s[j].lo < b; j++) {
+        const st_span *s = &sc->s[j];
+        const uint64_t lo = s->lo > a ? s->lo : a, hi = s->hi < b ? s->hi : b;
+        if ((lo - s->lo) % s->esz != 0 || (hi - s->lo) % s->esz != 0) {
+            sc->complete = 0; /* a chunk cut inside an element (a short read): not seen whole */
+            continue;
+        }
+        sc->bad |= lm_any_non_finite(buf + (lo - a), (size_t)((hi - lo) / s->esz), s->dt);
+    }
+}
+
 /* Copies the n bytes of regular file `in` into a new sealed memfd; -1 with errno (ESTALE: the
  * file did not hold n bytes while it was copied).  hashed: *hasher receives a hasher of the
- * copy's bytes (NULL when none could be started), which the caller joins or frees. */
-static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher)
+ * copy's bytes (NULL when none could be started), which the caller joins or frees.  sc (or NULL):
+ * the float tensors to look at as their bytes pass. */
+static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, st_scan *sc)
 {
     st_hasher *h = NULL;
     char *big = NULL;
@@ -798,28 +929,28 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher)
     if (ftruncate(m, (off_t)n) != 0)
         goto fail;
     if (hashed && n > 0)
-        h = hasher_start(m, n);
+        h = hasher_start();
     char small[1 << 16], *buf = small;
     size_t cap = sizeof small;
-    if (n > ((uint64_t)1 << 20) && (big = malloc((size_t)1 << 20)) != NULL) {
-        buf = big; /* fewer system calls, and the hash's progress in larger steps */
-        cap = (size_t)1 << 20;
+    if (h != NULL) {
+        cap = ST_CHUNK;
+    } else if (n > ((uint64_t)1 << 20) && (big = malloc(ST_CHUNK)) != NULL) {
+        buf = big; /* fewer system calls */
+        cap = ST_CHUNK;
+        lm_populate(big, ST_CHUNK);
     }
     loff_t off_in = 0, off_out = 0;
-    int cfr = 1; /* copy_file_range until the kernel refuses it once (EXDEV ... : a file and a memfd on
-                    most kernels), then pread/pwrite for the rest, without asking again per chunk */
+    /* copy_file_range (in the kernel: the bytes never pass here) when neither the hash nor the scan
+     * needs them, until the kernel refuses it once (EXDEV ... : a file and a memfd on most
+     * kernels), then pread/pwrite for the rest, without asking again per chunk */
+    int cfr = h == NULL && sc == NULL;
     while ((uint64_t)off_in < n) {
         if (cfr) {
-            /* in slices when hashed, so that the hash follows the copy */
-            const uint64_t left = n - (uint64_t)off_in;
-            const uint64_t slice = h != NULL && left > ((uint64_t)1 << 22) ? (uint64_t)1 << 22 : left;
-            ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)slice, 0);
+            ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)(n - (uint64_t)off_in), 0);
             if (k < 0 && errno == EINTR)
                 continue;
-            if (k > 0) {
-                hasher_progress(h, (uint64_t)off_out, 0);
+            if (k > 0)
                 continue;
-            }
             if (k < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
                 cfr = 0;
                 continue;
@@ -828,7 +959,11 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher)
                 errno = ESTALE; /* shorter than its size: truncated while copied */
             goto fail;
         }
-        ssize_t r = pread(in, buf, cap < n - (uint64_t)off_in ? cap : (size_t)(n - (uint64_t)off_in), off_in);
+        if (h != NULL)
+            buf = (char *)hasher_buffer(h);
+        const uint64_t end = (uint64_t)off_in + cap < n ? (uint64_t)off_in + cap : n;
+        const size_t want = (size_t)(scan_cut(sc, (uint64_t)off_in, end) - (uint64_t)off_in);
+        ssize_t r = pread(in, buf, want, off_in);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0 || pwrite(m, buf, (size_t)r, off_out) != r) {
@@ -836,14 +971,16 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher)
                 errno = ESTALE;
             goto fail;
         }
+        scan_chunk(sc, (const uint8_t *)buf, (uint64_t)off_in, (uint64_t)r);
+        hasher_give(h, (size_t)r, 0);
         off_in += r;
         off_out += r;
-        hasher_progress(h, (uint64_t)off_out, 0);
     }
     free(big);
     big = NULL;
     if (fcntl(m, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
         goto fail;
+    hasher_give(h, 0, 0);
     if (hasher != NULL)
         *hasher = h;
     else if (h != NULL)
@@ -852,10 +989,10 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher)
 fail:;
     int e = errno;
     free(big);
-    hasher_progress(h, 0, 1);
+    hasher_give(h, 0, 1);
     if (h != NULL) {
         char hex[65];
-        (void)hasher_join(h, hex); /* before the memfd it reads is closed */
+        (void)hasher_join(h, hex); /* before the ring it reads is freed */
     }
     close(m);
     errno = e;
@@ -871,11 +1008,16 @@ static lm_st_file *open_snapshot(const char *path, int hashed, lm_err *err)
      * from the copy, which is what every later read sees */
     struct stat before = f->opened, after;
     st_hasher *h = NULL;
-    int m = snapshot_fd(f->fd, (uint64_t)before.st_size, hashed, &h);
+    st_scan scan;
+    const int scanned = hashed && scan_init(&scan, f);
+    int m = snapshot_fd(f->fd, (uint64_t)before.st_size, hashed, &h, scanned ? &scan : NULL);
     int e = errno;
     int changed = m >= 0 && (fstat(f->fd, &after) != 0 || !same_file_state(&before, &after));
+    int all_finite = scanned && scan.complete && !scan.bad;
     lm_st_close(f);
     if (m < 0 || changed) {
+        if (scanned)
+            free(scan.s);
         if (h != NULL) {
             char hex[65];
             (void)hasher_join(h, hex);
@@ -897,6 +1039,8 @@ static lm_st_file *open_snapshot(const char *path, int hashed, lm_err *err)
             (void)hasher_join(h, hex);
         }
         close(m);
+        if (scanned)
+            free(scan.s);
         goto fail;
     }
     f->fd = m;
@@ -911,13 +1055,30 @@ static lm_st_file *open_snapshot(const char *path, int hashed, lm_err *err)
         goto fail;
     }
     f->map_bytes = (size_t)before.st_size;
-    if (st_validate(f, f->map, (uint64_t)before.st_size, err) != LM_OK)
+    if (st_validate(f, f->map, (uint64_t)before.st_size, err) != LM_OK) {
+        if (scanned)
+            free(scan.s);
         goto fail;
+    }
+    if (scanned) { /* the copy's float tensors are the ones looked at (the same header, surely: the same file state) */
+        st_scan now = {0};
+        all_finite = all_finite && scan_init(&now, f) && now.n == scan.n;
+        for (size_t j = 0; all_finite && j < scan.n; j++)
+            all_finite = now.s[j].lo == scan.s[j].lo && now.s[j].hi == scan.s[j].hi && now.s[j].dt == scan.s[j].dt;
+        free(now.s);
+        free(scan.s);
+    }
+    f->all_finite = all_finite;
     return f;
 fail:
     lm_err_set_path(err, path);
     lm_st_close(f);
     return NULL;
+}
+
+int lm_st_snapshot_all_finite(const lm_st_file *f)
+{
+    return f != NULL && f->all_finite;
 }
 
 lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err)
@@ -1003,6 +1164,35 @@ void lm_drop_mapped_pages(const void *p, uint64_t n)
     uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
     if (n > 0)
         madvise((void *)a, (size_t)(e - a), MADV_DONTNEED);
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+void lm_populate(void *p, size_t n)
+{
+    static long page;
+    if (page == 0)
+        page = sysconf(_SC_PAGESIZE);
+    const uintptr_t a = ((uintptr_t)p + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1),
+                    e = ((uintptr_t)p + n) & ~(uintptr_t)(page - 1);
+    if (e > a) /* best effort: an older kernel refuses the advice (EINVAL), and the pages fault in as used */
+        (void)madvise((void *)a, (size_t)(e - a), MADV_POPULATE_WRITE);
+}
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+void lm_populate_read(const void *p, uint64_t n)
+{
+    static long page;
+    if (page == 0)
+        page = sysconf(_SC_PAGESIZE);
+    const uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
+    if (n > 0) /* best effort, as lm_populate() */
+        (void)madvise((void *)a, (size_t)(e - a), MADV_POPULATE_READ);
 }
 
 const char *lm_st_path(const lm_st_file *f)

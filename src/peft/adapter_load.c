@@ -168,48 +168,12 @@ static lm_code load_safetensors(lm_adapter *a, lm_err *err)
     return LM_OK;
 }
 
-/* 1 when one of the n values at p (dtype dt) is inf or NaN: no early exit, so that the loops
- * vectorise; the index is looked for only then */
-static int any_non_finite(const uint8_t *p, size_t n, lm_dtype dt)
-{
-    unsigned bad = 0;
-    switch (dt) {
-    case LM_DT_F32:
-        for (size_t i = 0; i < n; i++) {
-            uint32_t u;
-            memcpy(&u, p + 4 * i, 4);
-            bad |= (u & 0x7f800000u) == 0x7f800000u;
-        }
-        break;
-    case LM_DT_F16:
-    case LM_DT_BF16: {
-        const uint16_t m = dt == LM_DT_F16 ? 0x7c00u : 0x7f80u;
-        for (size_t i = 0; i < n; i++) {
-            uint16_t u;
-            memcpy(&u, p + 2 * i, 2);
-            bad |= (uint16_t)(u & m) == m;
-        }
-        break;
-    }
-    case LM_DT_F64:
-        for (size_t i = 0; i < n; i++) {
-            uint64_t u;
-            memcpy(&u, p + 8 * i, 8);
-            bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
-        }
-        break;
-    default:
-        break;
-    }
-    return bad != 0;
-}
-
 /* index of the first non-finite value of the n at p, or -1 */
 static long first_non_finite(const uint8_t *p, size_t n, lm_dtype dt)
 {
     const size_t esz = dt == LM_DT_F64 ? 8 : dt == LM_DT_F32 ? 4 : 2;
     for (size_t i = 0; i < n; i++)
-        if (any_non_finite(p + i * esz, 1, dt))
+        if (lm_any_non_finite(p + i * esz, 1, dt))
             return (long)i;
     return -1;
 }
@@ -222,11 +186,14 @@ static lm_code check_finite(const lm_adapter *a, lm_err *err)
     enum { CHUNK = 1 << 20 }; /* bytes, a multiple of every element size */
     const lm_st_file *st = a->ts->st;
     const int fd = st != NULL ? lm_st_fd(st) : -1;
+    /* a snapshot's tensors were looked at as they were copied (a PEFT file: its tensors are the
+     * file's, one for one); the others, and any where a value was not finite, are read here */
+    const int seen = st != NULL && lm_st_snapshot_all_finite(st);
     uint8_t *buf = NULL;
     for (size_t i = 0; i < a->ts->n; i++) {
         const lm_ts_tensor *t = &a->ts->t[i];
         const lm_dtype dt = t->dtype;
-        if (dt != LM_DT_F32 && dt != LM_DT_F16 && dt != LM_DT_BF16 && dt != LM_DT_F64)
+        if ((dt != LM_DT_F32 && dt != LM_DT_F16 && dt != LM_DT_BF16 && dt != LM_DT_F64) || (seen && t->file_backed))
             continue;
         const size_t esz = lm_dtype_bits(dt) / 8;
         long bad = -1;
@@ -242,11 +209,11 @@ static lm_code check_finite(const lm_adapter *a, lm_err *err)
                     lm_ts_drop_pages(t);
                     break;
                 }
-                if (any_non_finite(buf, want / esz, dt))
+                if (lm_any_non_finite(buf, want / esz, dt))
                     bad = (long)(done / esz) + first_non_finite(buf, want / esz, dt);
                 done += want;
             }
-        } else if (any_non_finite(t->data, (size_t)t->n_elems, dt)) {
+        } else if (lm_any_non_finite(t->data, (size_t)t->n_elems, dt)) {
             bad = first_non_finite(t->data, (size_t)t->n_elems, dt);
             lm_ts_drop_pages(t); /* read again when merged: not kept resident meanwhile */
         } else {
