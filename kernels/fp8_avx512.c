@@ -246,16 +246,41 @@ F8_TARGET void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size
                   _mm512_setzero_si512(), 0, _mm512_setzero_ps()};
     const size_t lo = t->r_lo < h ? t->r_lo : h, hi = t->r_hi < h ? t->r_hi : h;
     f8_span_any(&S, q0, ldq, t, 0, 0, lo, w, x, ldx);
+    const uint32_t b1 = (uint32_t)_mm512_reduce_max_epu32(S.amax); /* the rows before the term's */
     f8_span_any(&S, q0, ldq, t, 1, lo, hi > lo ? hi : lo, w, x, ldx);
+    const uint32_t a12 = (uint32_t)_mm512_reduce_max_epu32(S.amax);
+    S.amax = _mm512_setzero_si512(); /* the rows after them */
     f8_span_any(&S, q0, ldq, t, 0, hi > lo ? hi : lo, h, w, x, ldx);
-    L->amax = (uint32_t)_mm512_reduce_max_epu32(S.amax);
+    const uint32_t b3 = (uint32_t)_mm512_reduce_max_epu32(S.amax);
+    L->amax = a12 > b3 ? a12 : b3;
+    L->amax_b = b1 > b3 ? b1 : b3;
     L->same = S.diff == 0;
     _mm512_storeu_ps(L->d2, S.d2);
 }
 
-/* 16 values' codes (lanes outside m: 0) into qp, or into *out (not NULL), and the lanes' numbers */
-F8_INLINE void f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, __m512 ramax, const uint8_t *q0p,
-                        uint8_t *qp, __m512 *sum, __m512 *e2, __m512i *emax, uint64_t *n_diff, __m512i *out)
+/* the certification (lm_fp8_cert): a checked row's thresholds and the flags found */
+typedef struct {
+    const __m512i *T; /* the row's thresholds */
+    __m512 ers;       /* its bound below 2^-6 */
+    __m512i thr;
+    uint32_t *flag;
+    size_t n;
+} f8_chk;
+
+/* the flagged lanes of f (bit l: element idx + l) appended (rare) */
+static inline __attribute__((always_inline)) void f8_flag(f8_chk *k, uint64_t f, uint32_t idx)
+{
+    while (f) {
+        k->flag[k->n++] = idx + (uint32_t)__builtin_ctzll(f);
+        f &= f - 1;
+    }
+}
+
+/* 16 values' codes (lanes outside m: 0) into qp, or into *out (not NULL), and the lanes' numbers;
+ * checked: @return the lanes flagged (lm_fp8_cert) */
+F8_INLINE unsigned f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, __m512 ramax, const uint8_t *q0p,
+                            uint8_t *qp, __m512 *sum, __m512 *e2, __m512i *emax, uint64_t *n_diff, __m512i *out,
+                            int checked, const f8_chk *chk)
 {
     const __m512 xv = _mm512_maskz_loadu_ps(m, xp);
     const __m512i u = _mm512_castps_si512(_mm512_mul_ps(xv, s));
@@ -268,11 +293,25 @@ F8_INLINE void f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, __m5
     __m512i c = _mm512_add_epi32(_mm512_srli_epi32(r, 20), _mm512_set1_epi32(0x40));
     __m512i v = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFF00000u));
     const __mmask16 sub = _mm512_mask_cmplt_epu32_mask(m, a, _mm512_set1_epi32(0x3C800000));
+    unsigned f = 0;
+    if (checked) { /* |y| >= 2^-6: the bits' distance to the nearest midpoint; the amax candidates */
+        const __m512i d = _mm512_abs_epi32(
+            _mm512_sub_epi32(_mm512_and_si512(a, _mm512_set1_epi32(0xFFFFF)), _mm512_set1_epi32(0x80000)));
+        const __m512i t = _mm512_permutexvar_epi32(_mm512_srli_epi32(a, 23), *chk->T);
+        f = (unsigned)(_mm512_mask_cmple_epi32_mask(m & (__mmask16)~sub, d, t) |
+                       _mm512_mask_cmpge_epu32_mask(m, a, chk->thr));
+    }
     if (sub) { /* below 2^-6: steps of 2^-9 */
         const __m512 sa = _mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f));
+        const __m512 rs = _mm512_sub_ps(sa, _mm512_set1_ps(16384.0f));
         c = _mm512_mask_sub_epi32(c, sub, _mm512_castps_si512(sa), _mm512_set1_epi32(0x46800000));
-        v = _mm512_mask_or_epi32(v, sub, _mm512_castps_si512(_mm512_sub_ps(sa, _mm512_set1_ps(16384.0f))),
-                                 _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u)));
+        v = _mm512_mask_or_epi32(v, sub, _mm512_castps_si512(rs), _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u)));
+        if (checked) { /* the distance to the nearest odd multiple of 2^-10, or to zero */
+            const __m512 af = _mm512_castsi512_ps(a);
+            const __m512 dm = _mm512_sub_ps(_mm512_set1_ps(0x1p-10f), _mm512_abs_ps(_mm512_sub_ps(af, rs)));
+            f |= (unsigned)_mm512_mask_cmp_ps_mask(sub, _mm512_min_ps(dm, af),
+                                                   _mm512_fmadd_ps(af, _mm512_set1_ps(0x1p-19f), chk->ers), _CMP_LE_OQ);
+        }
     }
     /* the code: its 7 low bits (c & 0x7F), and bit 31 of u as bit 7 (u >> 24 & ~0x7F) */
     c = _mm512_maskz_ternarylogic_epi32(m, c, _mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x7F), 0xE4);
@@ -289,46 +328,86 @@ F8_INLINE void f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, __m5
     *emax = _mm512_max_epu32(*emax, e);
     *sum = _mm512_add_ps(*sum, _mm512_castsi512_ps(e));
     *e2 = _mm512_add_ps(*e2, _mm512_maskz_mul_ps(m, dq, dq));
+    return f;
+}
+
+typedef struct {
+    __m512 s, inv, ramax, sum, e2;
+    __m512i emax;
+    uint64_t n_diff;
+} f8_enc;
+
+/* row i: its w codes (checked: flagged into chk, idx the row's first element) */
+F8_INLINE void f8_enc_row(f8_enc *E, const float *xr, const uint8_t *q0r, uint8_t *qr, size_t w, int checked,
+                          f8_chk *chk, uint32_t idx)
+{
+    const size_t wf = w / 16 * 16;
+    size_t j = 0;
+    unsigned f;
+    if (q0r == NULL) { /* 64 codes packed into one store (vpmovdb to memory is slow on AMD) */
+        for (; j + 64 <= wf; j += 64) {
+            __m512i c[4];
+            uint64_t f4 = 0;
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++)
+                f4 |= (uint64_t)f8_enc16(xr + j + 16 * g, 0xFFFF, E->s, E->inv, E->ramax, NULL, NULL, &E->sum, &E->e2,
+                                         &E->emax, &E->n_diff, &c[g], checked, chk)
+                      << (16 * g);
+            /* in each 128-bit lane l: c0[4l..4l+3] c1[..] c2[..] c3[..] (codes < 256: no saturation) */
+            const __m512i p = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+            _mm512_storeu_si512(qr + j, _mm512_permutexvar_epi32(
+                                            _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), p));
+            if (checked && f4)
+                f8_flag(chk, f4, idx + (uint32_t)j);
+        }
+        for (; j < wf; j += 16)
+            if ((f = f8_enc16(xr + j, 0xFFFF, E->s, E->inv, E->ramax, NULL, qr + j, &E->sum, &E->e2, &E->emax,
+                              &E->n_diff, NULL, checked, chk)) != 0)
+                f8_flag(chk, f, idx + (uint32_t)j);
+    } else {
+        for (; j < wf; j += 16)
+            if ((f = f8_enc16(xr + j, 0xFFFF, E->s, E->inv, E->ramax, q0r + j, qr + j, &E->sum, &E->e2, &E->emax,
+                              &E->n_diff, NULL, checked, chk)) != 0)
+                f8_flag(chk, f, idx + (uint32_t)j);
+    }
+    if (j < w && (f = f8_enc16(xr + j, f8_mask(w - wf), E->s, E->inv, E->ramax, q0r != NULL ? q0r + j : NULL, qr + j,
+                               &E->sum, &E->e2, &E->emax, &E->n_diff, NULL, checked, chk)) != 0)
+        f8_flag(chk, f, idx + (uint32_t)j);
 }
 
 F8_TARGET void lm_fp8_encode_avx512(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
-                                    const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L)
+                                    const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L,
+                                    lm_fp8_cert *cert)
 {
-    const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv), vr = _mm512_set1_ps(ramax);
-    __m512 sum = _mm512_setzero_ps(), e2 = _mm512_setzero_ps();
-    __m512i emax = _mm512_setzero_si512();
-    uint64_t n_diff = 0;
-    const size_t wf = w / 16 * 16;
-    const __mmask16 last = f8_mask(w - wf);
+    f8_enc E = {_mm512_set1_ps(s), _mm512_set1_ps(inv), _mm512_set1_ps(ramax), _mm512_setzero_ps(),
+                _mm512_setzero_ps(), _mm512_setzero_si512(), 0};
+    /* 2^(151 - E(k)) (lm_fp8_cert) */
+    const __m512 P = _mm512_setr_ps(0x1p23f, 0x1p22f, 0x1p21f, 0x1p20f, 0x1p19f, 0x1p18f, 0x1p17f, 0x1p16f, 0x1p15f,
+                                    0x1p30f, 0x1p29f, 0x1p28f, 0x1p27f, 0x1p26f, 0x1p25f, 0x1p24f);
+    f8_chk chk = {NULL, _mm512_setzero_ps(), _mm512_set1_epi32(cert != NULL ? (int)cert->thr : 0),
+                  cert != NULL ? cert->flag : NULL, 0};
     for (size_t i = 0; i < h; i++) {
         const float *xr = x + i * ldx;
         uint8_t *qr = q + i * ldo;
         const uint8_t *q0r = q0 != NULL ? q0 + i * ldq : NULL;
-        size_t j = 0;
-        if (q0r == NULL) { /* 64 codes packed into one store (vpmovdb to memory is slow on AMD) */
-            for (; j + 64 <= wf; j += 64) {
-                __m512i c[4];
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++)
-                    f8_enc16(xr + j + 16 * g, 0xFFFF, vs, vinv, vr, NULL, NULL, &sum, &e2, &emax, &n_diff, &c[g]);
-                /* in each 128-bit lane l: c0[4l..4l+3] c1[..] c2[..] c3[..] (codes < 256: no saturation) */
-                const __m512i p = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
-                _mm512_storeu_si512(qr + j, _mm512_permutexvar_epi32(
-                                                _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), p));
-            }
-            for (; j < wf; j += 16)
-                f8_enc16(xr + j, 0xFFFF, vs, vinv, vr, NULL, qr + j, &sum, &e2, &emax, &n_diff, NULL);
+        if (cert != NULL && cert->erow[i] > 0.0f) {
+            const float Es = cert->erow[i] * s;
+            const __m512 t = _mm512_min_ps(_mm512_mul_ps(_mm512_set1_ps(Es), P), _mm512_set1_ps(0x1p21f));
+            const __m512i T = _mm512_add_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
+                                               _mm512_set1_epi32(32));
+            chk.T = &T;
+            chk.ers = _mm512_set1_ps(Es * 1.0001f + 0x1p-140f);
+            f8_enc_row(&E, xr, q0r, qr, w, 1, &chk, (uint32_t)(i * w));
         } else {
-            for (; j < wf; j += 16)
-                f8_enc16(xr + j, 0xFFFF, vs, vinv, vr, q0r + j, qr + j, &sum, &e2, &emax, &n_diff, NULL);
+            f8_enc_row(&E, xr, q0r, qr, w, 0, &chk, 0);
         }
-        if (j < w)
-            f8_enc16(xr + j, last, vs, vinv, vr, q0r != NULL ? q0r + j : NULL, qr + j, &sum, &e2, &emax, &n_diff, NULL);
     }
-    _mm512_storeu_ps(L->sum, sum);
-    _mm512_storeu_ps(L->e2, e2);
-    _mm512_storeu_si512(L->emax, emax);
-    L->n_diff = n_diff;
+    if (cert != NULL)
+        cert->n_flag = chk.n;
+    _mm512_storeu_ps(L->sum, E.sum);
+    _mm512_storeu_ps(L->e2, E.e2);
+    _mm512_storeu_si512(L->emax, E.emax);
+    L->n_diff = E.n_diff;
 }
 
 #else

@@ -54,6 +54,8 @@ void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t 
             x[i * ldx + j] = v;
             const uint32_t a = f8_bits(v) & 0x7FFFFFFFu;
             L->amax = a > L->amax ? a : L->amax;
+            if (i < t->r_lo || i >= t->r_hi)
+                L->amax_b = a > L->amax_b ? a : L->amax_b;
             L->same &= v == c;
             const float d = v - c;
             L->d2[j % 16] += d * d;
@@ -78,18 +80,56 @@ static unsigned f8_encode(float y, float *v)
     return ((u >> 24) & 0x80u) | c;
 }
 
+/* the row's thresholds (lm_fp8_cert): T[k] for the biased exponent E(k) of |y| */
+static void f8_row_thresholds(float Es, int32_t T[16])
+{
+    for (unsigned k = 0; k < 16; k++) {
+        const unsigned E = k >= 9 ? 112 + k : 128 + k;
+        const float p = f8_float((151u - E + 127u) << 23); /* 2^(151 - E): 2^15 .. 2^30 */
+        T[k] = (int32_t)ceilf(fminf(Es * p, 0x1p21f)) + 32;
+    }
+}
+
+/* 1 if the element y (a: |y|'s bits) of a checked row is flagged (lm_fp8_cert; ers: the row's
+ * bound below 2^-6) */
+static int f8_flagged(uint32_t a, const int32_t T[16], float ers, uint32_t thr)
+{
+    if (a >= thr)
+        return 1;
+    if (a < 0x3C800000u) { /* the distance to the nearest odd multiple of 2^-10, or to zero */
+        const float af = f8_float(a), r = (af + 16384.0f) - 16384.0f;
+        const float dm = 0x1p-10f - fabsf(af - r);
+        return fminf(dm, af) <= fmaf(af, 0x1p-19f, ers);
+    }
+    const int32_t d = (int32_t)(a & 0xFFFFFu) - 0x80000;
+    return (d < 0 ? -d : d) <= T[(a >> 23) & 15u];
+}
+
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
-                       const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L)
+                       const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L, lm_fp8_cert *cert)
 {
     memset(L->sum, 0, sizeof L->sum);
     memset(L->e2, 0, sizeof L->e2);
     memset(L->emax, 0, sizeof L->emax);
     L->n_diff = 0;
-    for (size_t i = 0; i < h; i++)
+    if (cert != NULL)
+        cert->n_flag = 0;
+    for (size_t i = 0; i < h; i++) {
+        int32_t T[16];
+        float ers = 0.0f;
+        const int chk = cert != NULL && cert->erow[i] > 0.0f;
+        if (chk) {
+            const float Es = cert->erow[i] * s;
+            f8_row_thresholds(Es, T);
+            ers = Es * 1.0001f + 0x1p-140f;
+        }
         for (size_t j = 0; j < w; j++) {
             const float xv = x[i * ldx + j];
             float v;
-            const unsigned c = f8_encode(xv * s, &v);
+            const float y = xv * s;
+            const unsigned c = f8_encode(y, &v);
+            if (chk && f8_flagged(f8_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
+                cert->flag[cert->n_flag++] = (uint32_t)(i * w + j);
             q[i * ldo + j] = (uint8_t)c;
             if (q0 != NULL)
                 L->n_diff += c != q0[i * ldq + j];
@@ -100,4 +140,5 @@ void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, 
             L->sum[k] += f8_float(e);
             L->e2[k] += dq * dq;
         }
+    }
 }

@@ -164,15 +164,19 @@ typedef void (*lm_gemm_rows_fn)(int trans_a, int trans_b, size_t m, size_t n, si
  *  fp8_merge:  x[i][j] = dq(q0[i][j]) * s0 (dq the code's exact value, NaN for 0x7F / 0xFF),
  *              and for r_lo <= i < r_hi that plus alpha * acc (acc the chain of fmaf over p of
  *              B[i][p] * A[p][j] from 0: gemm_rows with beta 1), each rounded once.  Fills L:
- *              amax (max |x| as bits, NaN above inf), same (every x == dq * s0), d2[k] (the f32
- *              sum of (x - dq * s0)^2 over the columns j = k mod 16, row after row, columns in
- *              order); sum, e2, emax and n_diff zero.
+ *              amax (max |x| as bits, NaN above inf; amax_b: over the rows outside the term),
+ *              same (every x == dq * s0), d2[k] (the f32 sum of (x - dq * s0)^2 over the
+ *              columns j = k mod 16, row after row, columns in order); sum, e2, emax and n_diff
+ *              zero.
  *  fp8_encode: s finite (so |x * s| <= 448.0001), inv = 1 / s, ramax = 1 / amax: the code of
  *              x * s rounded to nearest even into q (row stride ldo), and L's sum[k], e2[k],
  *              emax[k] over the same lanes, v the magnitude coded and dq = (v with x's sign) *
  *              inv - x: sum += |dq * ramax|, e2 += dq * dq, emax = max of |dq * ramax|'s bits;
  *              n_diff: the codes that differ from q0's (q0 NULL: 0).  L's other fields untouched.
- * Every variant computes every value with the same f32 operations: the same bytes and numbers. */
+ *              c (NULL: none) flags the elements whose code the rule might give differently
+ *              for the exact value (lm_fp8_cert) into c->flag, i * w + j ascending.
+ * Every variant computes every value with the same f32 operations: the same bytes and numbers,
+ * the same flags. */
 typedef struct lm_fp8_term {
     const float *B; /* row i's factors at B + (i - r_lo) * ldb */
     const float *A; /* A[p * lda + j], p < K */
@@ -183,15 +187,34 @@ typedef struct lm_fp8_term {
 typedef struct lm_fp8_lanes {
     float d2[16], sum[16], e2[16];
     uint32_t emax[16];
-    uint32_t amax;
+    uint32_t amax, amax_b; /* max |x| as bits: every row; the rows outside r_lo .. r_hi (their x exact) */
     int same;
     uint64_t n_diff;
 } lm_fp8_lanes;
 
+/* The certification of fp8_encode (quant.c's lm_fp8_merge_block has the proof).  Row i of the
+ * block with erow[i] > 0 is checked: with y = x * s (f32), a its magnitude's bits and af = |y|,
+ * an element is flagged when a >= thr (it may hold the block's amax); when a >= 0x3C800000
+ * (|y| >= 2^-6) and |(a & 0xFFFFF) - 0x80000| <= T[a >> 23 & 15]: the bits' distance to the
+ * nearest rounding midpoint of the E4M3 grid (every midpoint of the normal codes has those 20
+ * low bits 0x80000) within the row's bound; below, when fminf(2^-10 - |af - r|, af) <=
+ * fmaf(af, 2^-19, Ers), r = (af + 2^14) - 2^14 (E4M3's subnormal grid, and zero's sign).  Per
+ * checked row, Es = erow[i] * s, Ers = Es * 1.0001f + 2^-140 (f32) and T[k] =
+ * (int32_t)ceilf(fminf(Es * 2^(151 - E(k)), 2^21)) + 32, E(k) = k >= 9 ? 112 + k : 128 + k the
+ * biased exponents 121 .. 136 (|y| in [2^-6, 2^9)).  erow[i] == 0: the row is not checked (its
+ * x are exact). */
+typedef struct lm_fp8_cert {
+    const float *erow; /* h values */
+    uint32_t thr;      /* 0xFFFFFFFF: no element is an amax candidate */
+    uint32_t *flag;    /* room for h * w */
+    size_t n_flag;     /* out */
+} lm_fp8_cert;
+
 typedef void (*lm_fp8_merge_fn)(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t,
                                 float *x, size_t ldx, lm_fp8_lanes *L);
 typedef void (*lm_fp8_encode_fn)(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
-                                 const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+                                 const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L,
+                                 lm_fp8_cert *c);
 /* the certified rotation's row (slot rot_cert; kernels/rotcert_ref.c): dn [n_rot, bs] the rows'
  * norms of D = R - I (rounded up), f BOFT's row factor when scaled, out bf16 or f16 */
 typedef struct lm_rotcert {
@@ -345,11 +368,11 @@ double lm_sumsq_lanes(const double *lanes);
 void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
                       size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
-                       const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+                       const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L, lm_fp8_cert *c);
 void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
                          size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_avx512(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
-                          const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L);
+                          const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L, lm_fp8_cert *c);
 /* ---- low-rank kernel: preparation, variants, shared scalar code (kernels/lowrank_*.c) ------- */
 /*! lm_lowrank_ws_bytes() :
  *  @return the workspace lm_lowrank_prepare() needs for these sizes (64-byte aligned inside),

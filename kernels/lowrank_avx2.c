@@ -114,10 +114,15 @@ LR2_INLINE void lr2_finish_f32_body(const lm_lowrank *lr, size_t i, size_t j, __
     const __m256 lo = _mm256_sub_ps(r, e), hi = _mm256_add_ps(r, e);
     const float rmax = ot == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
     unsigned ok = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(absr, _mm256_set1_ps(rmax), _CMP_LT_OQ));
-    if (ot == LM_KDT_BF16) {
-        const __m256i blo = lr2_bf16(lo), bhi = lr2_bf16(hi);
-        ok &= lr2_mask32(_mm256_cmpeq_epi32(blo, bhi));
-        _mm_storeu_si128((__m128i *)op, lr2_pack16(blo));
+    if (ot == LM_KDT_BF16) { /* from the bits, as the reference ((f) in lowrank_exact.c) */
+        const __m256i half = _mm256_set1_epi32(0x8000), low = _mm256_set1_epi32(0xFFFF), z = _mm256_setzero_si256();
+        const __m256i tl = _mm256_add_epi32(_mm256_castps_si256(lo), half);
+        const __m256i th = _mm256_add_epi32(_mm256_castps_si256(hi), half);
+        const __m256i q = _mm256_srli_epi32(tl, 16);
+        const __m256i tie = _mm256_or_si256(_mm256_cmpeq_epi32(_mm256_and_si256(tl, low), z),
+                                            _mm256_cmpeq_epi32(_mm256_and_si256(th, low), z));
+        ok &= lr2_mask32(_mm256_andnot_si256(tie, _mm256_cmpeq_epi32(q, _mm256_srli_epi32(th, 16))));
+        _mm_storeu_si128((__m128i *)op, lr2_pack16(q));
     } else {
         const __m128i hlo = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
         const __m128i hhi = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT);

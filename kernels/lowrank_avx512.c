@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /* lowrank_avx512.c : AVX-512 (F, BW, VL, DQ) + F16C variant of the low-rank tile kernel, bit for
  * bit the reference (lowrank_ref.c; contract in lm_kernels.h, proof in lowrank_exact.c).
- * Blocks of 4 rows x 16 columns with four accumulation chains each (f32 path, bf16/f16 outputs) or
- * 4 rows x 16 columns in one chain (f64 path, f32 outputs): the accumulators stay in registers
- * over k, one A vector load serves four rows, B is broadcast.  Each lane performs the reference's operations in the reference's order, so r,
- * the bound and the certification decision are the reference's; lanes that fail it go to the
- * shared scalar code (lm_lowrank_patch), column tails to lm_lowrank_row_ref. */
+ * Blocks of 3 rows x 32 columns with four accumulation chains each (f32 path, bf16/f16 outputs:
+ * 24 accumulators) or 4 rows x 16 columns in one chain (f64 path, f32 outputs): the accumulators
+ * stay in registers over k, each A vector load serves every row of the block, B is broadcast.
+ * Each lane performs the reference's operations in the reference's order, so r, the bound and the
+ * certification decision are the reference's; lanes that fail it go to the shared scalar code
+ * (lm_lowrank_patch), column tails to lm_lowrank_row_ref. */
 #include "lm_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -16,17 +17,6 @@
 
 #define LR5_MR 4     /* rows per block, at most */
 #define LR5_MR_F32 3 /* f32 path: 3 rows x 2 vectors x 4 chains = 24 accumulators of the 32 zmm */
-
-/* 16 base values (dtype t) from p -> f32, exactly as lm_bf16_to_f32_1 / lm_f16_to_f32_1 */
-LR5_INLINE __m512 lr5_load_w16(const void *p, lm_kdtype t)
-{
-    if (t == LM_KDT_F32)
-        return _mm512_loadu_ps(p);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    if (t == LM_KDT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 /* 8 base values -> f32 */
 LR5_INLINE __m256 lr5_load_w8(const void *p, lm_kdtype t)
@@ -47,15 +37,47 @@ LR5_INLINE __m512i lr5_bf16(__m512 x)
     return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
 }
 
-/* the "exactness off" finish of 16 lanes: RNE of r, NaN canonical; counters as the reference */
-LR5_INLINE void lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_lowrank_stats *st)
+/* 16 values of dtype t as bits, the form the finishes count changed elements in: f32 and bf16
+ * in 32-bit lanes (bf16 zero-extended: the form its conversions work in), f16 in the 16-bit lanes
+ * of the low half */
+LR5_INLINE __m512i lr5_bits16(const void *p, lm_kdtype t)
+{
+    if (t == LM_KDT_F32)
+        return _mm512_loadu_si512(p);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return t == LM_KDT_F16 ? _mm512_castsi256_si512(h) : _mm512_cvtepu16_epi32(h);
+}
+
+/* 16 base values of dtype t at p -> f32 (*w), exactly as lm_bf16_to_f32_1 / lm_f16_to_f32_1; returns
+ * their bits as lr5_bits16 */
+LR5_INLINE __m512i lr5_load_w16(const void *p, lm_kdtype t, __m512 *w)
+{
+    const __m512i u = lr5_bits16(p, t);
+    *w = t == LM_KDT_F32   ? _mm512_castsi512_ps(u)
+         : t == LM_KDT_F16 ? _mm512_cvtph_ps(_mm512_castsi512_si256(u))
+                           : _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    return u;
+}
+
+/* how many of 16 elements differ, both in lr5_bits16's form of dtype t */
+LR5_INLINE unsigned lr5_ndiff(__m512i a, __m512i b, lm_kdtype t)
+{
+    if (t == LM_KDT_F16)
+        return (unsigned)__builtin_popcount(_mm256_cmpneq_epi16_mask(_mm512_castsi512_si256(a),
+                                                                     _mm512_castsi512_si256(b)));
+    return (unsigned)__builtin_popcount(_mm512_cmpneq_epi32_mask(a, b));
+}
+
+/* the "exactness off" finish of 16 lanes: RNE of r, NaN canonical; counters as the reference.
+ * Returns the output bits (lr5_bits16's form). */
+LR5_INLINE __m512i lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_lowrank_stats *st)
 {
     const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
     __mmask16 fin;
+    __m512i b;
     if (ot == LM_KDT_BF16) {
-        const __m512i b = _mm512_mask_blend_epi32(nan, lr5_bf16(r), _mm512_set1_epi32(LM_LR_NAN_BF16));
-        fin = _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7F80)),
-                                       _mm512_set1_epi32(0x7F80));
+        b = _mm512_mask_blend_epi32(nan, lr5_bf16(r), _mm512_set1_epi32(LM_LR_NAN_BF16));
+        fin = _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7F80)), _mm512_set1_epi32(0x7F80));
         _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(b));
     } else if (ot == LM_KDT_F16) {
         const __m256i h = _mm256_mask_blend_epi16(nan, _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT),
@@ -63,9 +85,9 @@ LR5_INLINE void lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_lowran
         fin = _mm256_cmpneq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x7C00)),
                                        _mm256_set1_epi16(0x7C00));
         _mm256_storeu_si256((__m256i *)o, h);
+        b = _mm512_castsi256_si512(h);
     } else {
-        const __m512i b = _mm512_mask_blend_epi32(nan, _mm512_castps_si512(r),
-                                                  _mm512_set1_epi32((int)LM_LR_NAN_F32));
+        b = _mm512_mask_blend_epi32(nan, _mm512_castps_si512(r), _mm512_set1_epi32((int)LM_LR_NAN_F32));
         fin = _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7F800000)),
                                        _mm512_set1_epi32(0x7F800000));
         _mm512_storeu_si512(o, b);
@@ -74,18 +96,28 @@ LR5_INLINE void lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_lowran
         st->n_nonfinite += (uint64_t)__builtin_popcount(nan);
         st->n_overflow += (uint64_t)__builtin_popcount((unsigned)(~fin & ~nan) & 0xFFFFu);
     }
+    return b;
 }
 
-/* 16 lanes of the f32 path: r = W + d, bound, certify, store; failures to the shared code */
-LR5_INLINE void lr5_finish_f32_body(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
-                               lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
-                               lm_lowrank_stats *st)
+/* 16 lanes of the f32 path: r = W + d, bound, certify, store; failures to the shared code.
+ * Returns, when W and the output have one dtype, how many lanes' bits changed (compared in
+ * registers, W read before the store: the output may be W itself), else 0.  The callers sum the
+ * counts in a register and add them to st once per block, not through memory per vector.
+ * bf16 certification straight from the bits of lo and hi: with tl = bits(lo) + 0x8000 and th =
+ * bits(hi) + 0x8000, equal top halves put both in [m, m') between two consecutive bf16 midpoints
+ * m, m' (in the order of the bits, which is the order of the magnitudes), and nonzero low halves
+ * keep both off m, so every value between them rounds (RNE, no tie) to top(tl) (see (f) in
+ * lowrank_exact.c); the reference applies the same test. */
+LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
+                                   lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
+                                   lm_lowrank_stats *st)
 {
-    const __m512 w = lr5_load_w16(wp, wt);
+    __m512 w;
+    const __m512i in = lr5_load_w16(wp, wt, &w);
     const __m512 r = _mm512_add_ps(w, d);
     if (flags & LM_LOWRANK_UNCERTIFIED) {
-        lr5_store_uncertified(r, op, ot, st);
-        return;
+        const __m512i b = lr5_store_uncertified(r, op, ot, st);
+        return wt == ot ? lr5_ndiff(in, b, ot) : 0;
     }
     __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(lr->bnd_rf[i]), _mm512_loadu_ps(lr->bnd_cf + j),
                                _mm512_set1_ps(LM_LR_C0F));
@@ -94,26 +126,35 @@ LR5_INLINE void lr5_finish_f32_body(const lm_lowrank *lr, size_t i, size_t j, __
     const __m512 lo = _mm512_sub_ps(r, e), hi = _mm512_add_ps(r, e);
     const float rmax = ot == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
     __mmask16 ok = _mm512_cmp_ps_mask(absr, _mm512_set1_ps(rmax), _CMP_LT_OQ);
+    __m512i b;
     if (ot == LM_KDT_BF16) {
-        const __m512i blo = lr5_bf16(lo), bhi = lr5_bf16(hi);
-        ok = _mm512_mask_cmpeq_epi32_mask(ok, blo, bhi);
-        _mm256_storeu_si256((__m256i *)op, _mm512_cvtepi32_epi16(blo));
+        const __m512i half = _mm512_set1_epi32(0x8000);
+        const __m512i tl = _mm512_add_epi32(_mm512_castps_si512(lo), half);
+        const __m512i th = _mm512_add_epi32(_mm512_castps_si512(hi), half);
+        ok = _mm512_mask_testn_epi32_mask(ok, _mm512_xor_si512(tl, th), _mm512_set1_epi32((int)0xFFFF0000u));
+        ok = _mm512_mask_test_epi32_mask(ok, tl, _mm512_set1_epi32(0xFFFF));
+        ok = _mm512_mask_test_epi32_mask(ok, th, _mm512_set1_epi32(0xFFFF));
+        b = _mm512_srli_epi32(tl, 16);
+        _mm256_storeu_si256((__m256i *)op, _mm512_cvtepi32_epi16(b));
     } else {
         const __m256i hlo = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
         const __m256i hhi = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT);
         ok = _mm256_mask_cmpeq_epi16_mask(ok, hlo, hhi);
         _mm256_storeu_si256((__m256i *)op, hlo);
+        b = _mm512_castsi256_si512(hlo);
     }
     if (__builtin_expect(ok != 0xFFFF, 0)) {
         float wv[16];
         _mm512_storeu_ps(wv, w);
         lm_lowrank_patch(lr, i, j, wv, (uint32_t)(uint16_t)~ok, op, ot, st);
+        return wt == ot ? lr5_ndiff(in, lr5_bits16(op, ot), ot) : 0; /* the patched lanes too */
     }
+    return wt == ot ? lr5_ndiff(in, b, ot) : 0;
 }
 
-/* 8 lanes of the f64 path (f32 output) */
-LR5_INLINE void lr5_finish_f64_body(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
-                               lm_kdtype wt, void *op, lm_lowrank_stats *st)
+/* 8 lanes of the f64 path (f32 output); the count as lr5_finish_f32's */
+LR5_INLINE unsigned lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
+                                   lm_kdtype wt, void *op, lm_lowrank_stats *st)
 {
     const __m256 w = lr5_load_w8(wp, wt);
     const __m512d r = _mm512_add_pd(_mm512_cvtps_pd(w), d);
@@ -127,59 +168,16 @@ LR5_INLINE void lr5_finish_f64_body(const lm_lowrank *lr, size_t i, size_t j, __
     const __mmask8 ok = _mm256_mask_cmpeq_epi32_mask(
         _mm512_cmp_pd_mask(absr, _mm512_set1_pd((double)LM_LR_RMAX_F32), _CMP_LT_OQ), flo, fhi);
     _mm256_storeu_si256((__m256i *)op, flo);
+    const __m256i in = _mm256_castps_si256(w); /* W's bits when W is f32 */
     if (__builtin_expect(ok != 0xFF, 0)) {
         float wv[8];
         _mm256_storeu_ps(wv, w);
         lm_lowrank_patch(lr, i, j, wv, (uint32_t)(uint8_t)~ok, op, LM_KDT_F32, st);
+        return wt == LM_KDT_F32 ? (unsigned)__builtin_popcount(
+                                      _mm256_cmpneq_epi32_mask(in, _mm256_loadu_si256((const __m256i *)op)))
+                                : 0;
     }
-}
-
-/* elements of n bytes (32 or 64) at out whose bits differ from those of in (esz: 2 or 4) */
-LR5_INLINE unsigned lr5_changed(__m512i in, const void *out, size_t n, size_t esz)
-{
-    if (n == 32) {
-        const __m256i a = _mm512_castsi512_si256(in), b = _mm256_loadu_si256((const __m256i *)out);
-        return esz == 2 ? (unsigned)__builtin_popcount(_mm256_cmpneq_epi16_mask(a, b))
-                        : (unsigned)__builtin_popcount(_mm256_cmpneq_epi32_mask(a, b));
-    }
-    const __m512i b = _mm512_loadu_si512(out);
-    return esz == 2 ? (unsigned)__builtin_popcountll(_mm512_cmpneq_epi16_mask(in, b))
-                    : (unsigned)__builtin_popcount(_mm512_cmpneq_epi32_mask(in, b));
-}
-
-/* W's n bytes (32 or 64) at p */
-LR5_INLINE __m512i lr5_raw(const void *p, size_t n)
-{
-    return n == 32 ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_si512(p);
-}
-
-/* the finishes; when W and the output have one dtype they return how many lanes' bits changed
- * (W read before the store: the output may be W itself), else 0.  The callers sum the counts in a
- * register and add them to st once per block, not through memory per vector. */
-LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
-                                   lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
-                                   lm_lowrank_stats *st)
-{
-    if (wt != ot) {
-        lr5_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
-        return 0;
-    }
-    const size_t esz = wt == LM_KDT_F32 ? 4 : 2;
-    const __m512i in = lr5_raw(wp, 16 * esz);
-    lr5_finish_f32_body(lr, i, j, d, wp, wt, op, ot, flags, st);
-    return lr5_changed(in, op, 16 * esz, esz);
-}
-
-LR5_INLINE unsigned lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
-                                   lm_kdtype wt, void *op, lm_lowrank_stats *st)
-{
-    if (wt != LM_KDT_F32) {
-        lr5_finish_f64_body(lr, i, j, d, wp, wt, op, st);
-        return 0;
-    }
-    const __m512i in = lr5_raw(wp, 32);
-    lr5_finish_f64_body(lr, i, j, d, wp, wt, op, st);
-    return lr5_changed(in, op, 32, 4);
+    return wt == LM_KDT_F32 ? (unsigned)__builtin_popcount(_mm256_cmpneq_epi32_mask(in, flo)) : 0;
 }
 
 /* mr rows (tensor rows i ..) x 16*nv columns from j, f32 path: four accumulators per row and
@@ -263,9 +261,12 @@ LR5_INLINE void lr5_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t 
     st->n_changed += changed;
 }
 
-/* Loop order: column panels outside, rows inside, so the panel of A (K x 32 values, contiguous
- * in Afp) stays in L1 while every row of the tile passes over it (rows in blocks of mr, then one by one); the column
- * tail goes to the reference, row by row. */
+/* Loop order: rows outside (blocks of mr, then one by one), columns inside, so that each block
+ * reads its rows of W and writes its rows of the output from left to right, whole cache lines in
+ * sequence (with the panels outside, every 32 columns of every row were a line of its own, 4 KiB
+ * apart for a 2048-column bf16 tile: the stores waited for their lines; 10-25% slower), while the
+ * panels of A (K x 32 values each, contiguous in Afp, 128 KiB for K = 16 and 2048 columns) stream
+ * from L2.  The column tail goes to the reference, row by row. */
 /* the whole tile for one (W dtype, output dtype) pair: both are constants at each call below, so
  * every dtype test in the loops disappears */
 LR5_INLINE void lr5_tile(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w, lm_kdtype w_dtype,
@@ -280,36 +281,44 @@ LR5_INLINE void lr5_tile(const lm_lowrank *lr, size_t row0, size_t n_rows, const
     char *op = out;
     size_t j = 0;
     if (out_dtype != LM_KDT_F32 || (flags & LM_LOWRANK_UNCERTIFIED)) {
-        for (; j + 32 <= cols; j += 32) {
-            size_t i = 0;
-            for (; i + LR5_MR_F32 <= n_rows; i += LR5_MR_F32)
-                lr5_block_f32(lr, row0 + i, LR5_MR_F32, j, 2, wp + i * wstride, wstride, w_dtype,
+        const size_t j32 = cols / 32 * 32;
+        j = cols / 16 * 16; /* then the reference */
+        size_t i = 0;
+        for (; i + LR5_MR_F32 <= n_rows; i += LR5_MR_F32) {
+            for (size_t jb = 0; jb < j32; jb += 32)
+                lr5_block_f32(lr, row0 + i, LR5_MR_F32, jb, 2, wp + i * wstride, wstride, w_dtype,
                               op + i * ostride, ostride, out_dtype, flags, &c);
-            for (; i < n_rows; i++)
-                lr5_block_f32(lr, row0 + i, 1, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
-                              ostride, out_dtype, flags, &c);
+            if (j > j32)
+                lr5_block_f32(lr, row0 + i, LR5_MR_F32, j32, 1, wp + i * wstride, wstride, w_dtype,
+                              op + i * ostride, ostride, out_dtype, flags, &c);
         }
-        if (j + 16 <= cols) {
-            for (size_t i = 0; i < n_rows; i++)
-                lr5_block_f32(lr, row0 + i, 1, j, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+        for (; i < n_rows; i++) {
+            for (size_t jb = 0; jb < j32; jb += 32)
+                lr5_block_f32(lr, row0 + i, 1, jb, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, out_dtype, flags, &c);
-            j += 16;
+            if (j > j32)
+                lr5_block_f32(lr, row0 + i, 1, j32, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, out_dtype, flags, &c);
         }
     } else {
-        for (; j + 16 <= cols; j += 16) {
-            size_t i = 0;
-            for (; i + LR5_MR <= n_rows; i += LR5_MR)
-                lr5_block_f64(lr, row0 + i, LR5_MR, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+        const size_t j16 = cols / 16 * 16;
+        j = cols / 8 * 8;
+        size_t i = 0;
+        for (; i + LR5_MR <= n_rows; i += LR5_MR) {
+            for (size_t jb = 0; jb < j16; jb += 16)
+                lr5_block_f64(lr, row0 + i, LR5_MR, jb, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, &c);
-            for (; i < n_rows; i++)
-                lr5_block_f64(lr, row0 + i, 1, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+            if (j > j16)
+                lr5_block_f64(lr, row0 + i, LR5_MR, j16, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, &c);
         }
-        if (j + 8 <= cols) {
-            for (size_t i = 0; i < n_rows; i++)
-                lr5_block_f64(lr, row0 + i, 1, j, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+        for (; i < n_rows; i++) {
+            for (size_t jb = 0; jb < j16; jb += 16)
+                lr5_block_f64(lr, row0 + i, 1, jb, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, &c);
-            j += 8;
+            if (j > j16)
+                lr5_block_f64(lr, row0 + i, 1, j16, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, &c);
         }
     }
     if (j < cols)

@@ -43,6 +43,17 @@
  *     lo <= r < T and hi >= r > -T lie inside the finite range.  The same f32 operations in the
  *     same order give the same r, e2, lo, hi in every variant, so even the decision (hence the
  *     counters) is identical.
+ *     bf16 outputs take a sufficient form of that test, straight from the bits (no RNE of lo and
+ *     hi): tl = bits(lo) + 2^15, th = bits(hi) + 2^15 (unsigned, 32 bits), certified when
+ *     |r| < T, tl >> 16 == th >> 16 and neither tl nor th has a zero low half; the result is
+ *     tl >> 16.  Why: finite floats of one sign are ordered as their bits (magnitude order), and
+ *     the bf16 values are the bit patterns q 2^16, with midpoints q 2^16 +- 2^15.  tl >> 16 == q
+ *     means bits(lo) in [q 2^16 - 2^15, q 2^16 + 2^15), a zero low half of tl means bits(lo) is
+ *     the midpoint q 2^16 - 2^15 itself; so both bit patterns lie strictly between the two
+ *     midpoints around q (no carry reaches the sign bit: |lo|, |hi| <= inf), lo and hi have one
+ *     sign (it is bit 31 of tl and th), every v between them is strictly between those midpoints
+ *     too, and RNE(v) = q with no tie: the bits of a bf16 value, finite since |r| < T as above.
+ *     Subnormals need no exception: the bf16 subnormals are the f32 ones with a zero low half.
  * f64 path (f32 outputs): the same with u = 2^-53, eta = 2^-1075, one chain (h = K), b_k = Bs[i,k]
  * = fl64(s_k B_ik) (rB = 2^-53, or 0 if all exact; rows with a nonzero |b_k| < 2^-1022 or a
  * non-finite one never certify), a_k = A_kj (exact: rA = 0), c0 = 2^-1020 (LM_LR_C0D, LM_LR_CRD),

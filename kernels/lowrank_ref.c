@@ -68,7 +68,11 @@ static uint32_t lr_one(const lm_lowrank *lr, size_t i, size_t j, float w, lm_kdt
         e = fmaf(fabsf(r), LM_LR_CRF, e);
         const float lo = r - e, hi = r + e;
         const float rmax = out_dtype == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
-        if (fabsf(r) < rmax) {
+        if (fabsf(r) < rmax && out_dtype == LM_KDT_BF16) { /* from the bits ((f) in lowrank_exact.c) */
+            const uint32_t tl = lm_f32_bits(lo) + 0x8000u, th = lm_f32_bits(hi) + 0x8000u;
+            if (((tl ^ th) >> 16) == 0 && (tl & 0xFFFFu) != 0 && (th & 0xFFFFu) != 0)
+                return tl >> 16;
+        } else if (fabsf(r) < rmax) {
             const uint32_t blo = lr_cvt(lo, out_dtype);
             if (blo == lr_cvt(hi, out_dtype))
                 return blo;

@@ -628,6 +628,57 @@ Test(exact, exact_midpoints)
     }
 }
 
+/* bf16 outputs are certified from the bits of the interval's ends ((f) in lowrank_exact.c): an end
+ * exactly on a bf16 midpoint must send the element to the f64 path, whichever end and sign (the
+ * end nearer zero is the one only the tie test catches).  W (f32) is chosen per element so that
+ * the level-1 interval documented in lm_kernels.h (K = 1: d = fl(b a), r = fl(W + d),
+ * e = fma(|r|, 2^-22, fma(bnd_rf, bnd_cf, 2^-125))) ends on a midpoint: every element must be
+ * recomputed, by every variant alike, and come out exact. */
+Test(exact, bf16_interval_end_on_midpoint)
+{
+    uint64_t rng = xt_seed("bf16_interval_end_on_midpoint");
+    const size_t rows = 4, cols = 45; /* a 32-column panel, a 16-column block... and a tail */
+    xt_case c = xt_case_new(rows, cols, 1, LM_KDT_F32, LM_KDT_BF16);
+    c.s[0] = 1;
+    for (size_t i = 0; i < rows; i++) /* d = b a of the result's sign: |W| = |r - d| < 2, exact */
+        c.B[i] = i % 2 ? -2 : 2;
+    for (size_t j = 0; j < cols; j++)
+        c.A[j] = (double)(float)(1 + (double)(th_rand_u64(&rng) % 1000) / 2000);
+    void *ws;
+    const lm_lowrank lr = xt_prepare(&c, &ws);
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < cols; j++) {
+            const int upper_end = i < 2, neg = i % 2; /* which end lands on the midpoint */
+            const float d = (float)(c.B[i] * c.A[j]); /* exact: fl(b a) */
+            const float e1 = fmaf(lr.bnd_rf[i], lr.bnd_cf[j], 0x1p-125f);
+            int found = 0;
+            float M = 0;
+            for (int attempt = 0; attempt < 64 && !found; attempt++) { /* a midpoint, then r near it */
+                const uint32_t q = 0x3F80u + (uint32_t)(th_rand_u64(&rng) % 128u); /* a bf16 in [1, 2) */
+                const uint32_t mb = (q << 16) | 0x8000u | (neg ? 0x80000000u : 0);
+                memcpy(&M, &mb, 4);
+                float r = upper_end ? M - e1 : M + e1;
+                for (int step = 0; step < 64; step++)
+                    r = nextafterf(r, -INFINITY);
+                for (int step = 0; step < 128 && !found; step++, r = nextafterf(r, INFINITY)) {
+                    const float e2 = fmaf(fabsf(r), 0x1p-22f, e1);
+                    const float W = r - d;
+                    if ((upper_end ? r + e2 : r - e2) == M && W + d == r && r - e2 != r + e2) {
+                        c.W[i * cols + j] = W;
+                        found = 1;
+                    }
+                }
+            }
+            cr_assert(found, "test bug: no W puts the interval's %s end on %a (row %zu col %zu)",
+                      upper_end ? "upper" : "lower", (double)M, i, j);
+        }
+    free(ws);
+    const lm_lowrank_stats st = xt_verify(&c, 0, rows, "interval end on a bf16 midpoint");
+    cr_assert_eq(st.n_recomputed, rows * cols, "%" PRIu64 " of %zu elements recomputed", st.n_recomputed,
+                 rows * cols);
+    xt_case_free(&c);
+}
+
 /* every variant's table has the kernel, and the ref table the reference */
 Test(exact, kernel_slot_filled)
 {

@@ -11,8 +11,11 @@
  * m / ||row||) is exact here, and a plain f32 evaluation of it gets many wrong (asserted).  Merged
  * with --dtype bf16, f16 and f32, every element must be the reference rounded once; an f16 result
  * beyond 65504 is refused naming the tensor; --json says exact; the same bytes with --threads
- * 1/2, --tile-elems and --kernels ref (one type per format), kept quantized too (kept block FP8
- * with low-rank ops only: the fused f32 tiles, --json exact false). */
+ * 1/2, --tile-elems and --kernels ref (one type per format), kept quantized too.
+ * Kept block FP8 (LoRA: the certified fused tiles): merged values built next to rounding
+ * midpoints of the FP8 grid, on the side their exact value says but within an f32 evaluation's
+ * error of them: the codes and scales written must be the library's rule applied to the
+ * correctly rounded f32 values (README: "rounded once" for a kept format). */
 #include "th.h"
 #include "th_exact.h"
 
@@ -215,9 +218,7 @@ static void xq_type_on(const xq_base *b, const char *q, xq_type ty, int k, int k
         int exact;
         double rc;
         tx_json_tensor(r.out, strcmp(q, "nvfp4") ? XQ_W : XQ_W "_packed", &exact, &rc);
-        /* kept block FP8 with low-rank ops only takes the fused f32 tiles, not certified yet */
-        const int fused = !strcmp(q, "fp8") && ty == XQ_LORA;
-        cr_assert(exact == !fused, "%s into %s kept: --json says exact %d", XQ_TYPE_NAMES[ty], q, exact);
+        cr_assert(exact, "%s into %s kept: --json does not say exact", XQ_TYPE_NAMES[ty], q);
         th_run_free(&r);
         if (bytes)
             xq_same_bytes(&c, "kept", NULL);
@@ -320,4 +321,122 @@ Test(exact_quant, oft_boft_one_sweep, .timeout = 120)
         th_run_free(&r);
         xq_base_free(&b);
     }
+}
+
+/* ---- kept block FP8: the rule applied to the correctly rounded values ------------------------ */
+static double e4m3_value(unsigned c)
+{
+    const double s = (c & 0x80) ? -1.0 : 1.0;
+    const unsigned e = (c >> 3) & 15, m = c & 7;
+    return e == 0 ? s * m * ldexp(1.0, -9) : s * (1.0 + m / 8.0) * ldexp(1.0, (int)e - 7);
+}
+
+/* the nearest finite code by brute force, ties to the even code, beyond 448 saturating */
+static unsigned e4m3_code(float x)
+{
+    static double v[0x7F];
+    if (v[1] == 0)
+        for (unsigned c = 0; c < 0x7F; c++)
+            v[c] = e4m3_value(c);
+    const double a = fabs((double)x) > 448.0 ? 448.0 : fabs((double)x);
+    unsigned best = 0;
+    for (unsigned c = 1; c <= 0x7E; c++) {
+        const double d = fabs(v[c] - a), db = fabs(v[best] - a);
+        if (d < db || (d == db && (c & 1) == 0))
+            best = c;
+    }
+    return best | (signbit(x) ? 0x80u : 0u);
+}
+
+/* transformers' FineGrainedFP8 rule on the f32 values x of a br x bc block (row stride N): the
+ * codes into q, the scale_inv returned */
+static float fp8_block_rule(const float *x, unsigned *q, uint64_t br, uint64_t bc)
+{
+    float amax = 0;
+    for (uint64_t r = 0; r < br; r++)
+        for (uint64_t c = 0; c < bc; c++)
+            amax = fabsf(x[r * XQ_N + c]) > amax ? fabsf(x[r * XQ_N + c]) : amax;
+    const float s = 448.0f / amax;
+    for (uint64_t r = 0; r < br; r++)
+        for (uint64_t c = 0; c < bc; c++) {
+            volatile float p = x[r * XQ_N + c] * s; /* f32 */
+            q[r * XQ_N + c] = e4m3_code(p);
+        }
+    return 1.0f / s;
+}
+
+/* Every 16 x 16 block of q_proj gets merged values next to midpoints m of the FP8 grid (m / s,
+ * s = 448 / T the block's scale with its largest value T = 2 max |W|), small against W so that
+ * the delta nearly cancels W and an f32 evaluation of W + delta misses the exact value by more
+ * than its distance to the midpoint.  The codes and scales written must be the rule applied to
+ * the exact values rounded once to f32. */
+Test(exact_quant, fp8_block_kept_near_midpoints, .timeout = 60)
+{
+    xq_base b;
+    xq_base_make(&b, "fp8");
+    const uint64_t N = XQ_N, n = N * N, BS = 16;
+    const double s = 2.0, c = (double)(1.0f / 3.0f);
+    tx_set ad = {0};
+    tx_t *a = xq_param(&ad, "lora_A.weight", N, N), *B = xq_param(&ad, "lora_B.weight", N, N);
+    for (uint64_t i = 0; i < N; i++)
+        a->v[i * N + i] = c;
+    float *x32 = malloc(n * sizeof *x32), *y32 = malloc(n * sizeof *y32);
+    for (uint64_t r0 = 0; r0 < N; r0 += BS)
+        for (uint64_t c0 = 0; c0 < N; c0 += BS) {
+            double T = 0;
+            for (uint64_t r = r0; r < r0 + BS; r++)
+                for (uint64_t k = c0; k < c0 + BS; k++)
+                    T = fabs(b.w[r * N + k]) > T ? fabs(b.w[r * N + k]) : T;
+            T = T > 0 ? 2 * T : 1.0;
+            for (uint64_t r = r0; r < r0 + BS; r++)
+                for (uint64_t k = c0; k < c0 + BS; k++) {
+                    const uint64_t e = r * N + k;
+                    double target = T; /* the block's first element: its amax */
+                    if (r != r0 || k != c0) { /* a midpoint of codes of 0.5 .. 8 (scaled), either sign */
+                        const unsigned code = 0x30 + (unsigned)(th_rand_u64(&g_rng) % 32);
+                        const double m = (e4m3_value(code) + e4m3_value(code + 1)) / 2;
+                        target = (th_rand_u64(&g_rng) & 1 ? -m : m) * T / 448.0;
+                    }
+                    B->v[e] = (double)(float)((target - b.w[e]) / (s * c));
+                    x32[e] = (float)((long double)b.w[e] + (long double)s * c * B->v[e]); /* exact, rounded once */
+                    y32[e] = (float)b.w[e] + (float)(s * c) * (float)B->v[e];           /* an f32 evaluation */
+                }
+        }
+    tx_case cs;
+    xq_case(&cs, &b, &ad, "{\"peft_type\": \"LORA\", \"target_modules\": [\"q_proj\"], \"r\": 64, \"lora_alpha\": 128}",
+            0);
+    th_run_result res = tx_merge(&cs, cs.out, NULL);
+    cr_assert_eq(res.status, 0, "exit %d: %s", res.status, res.err);
+    th_st o;
+    cr_assert_eq(th_st_read(cs.out, &o), 0);
+    const th_tensor *q = th_st_find(&o, XQ_W), *si = th_st_find(&o, XQ_W "_scale_inv");
+    cr_assert(q != NULL && si != NULL && !strcmp(q->dtype, "F8_E4M3") && !strcmp(si->dtype, "F32"));
+    unsigned *want = malloc(n * sizeof *want), *f32w = malloc(n * sizeof *f32w);
+    uint64_t f32_wrong = 0;
+    for (uint64_t r0 = 0; r0 < N; r0 += BS)
+        for (uint64_t c0 = 0; c0 < N; c0 += BS) {
+            const float inv = fp8_block_rule(x32 + r0 * N + c0, want + r0 * N + c0, BS, BS);
+            fp8_block_rule(y32 + r0 * N + c0, f32w + r0 * N + c0, BS, BS);
+            float got;
+            memcpy(&got, si->data + ((r0 / BS) * (N / BS) + c0 / BS) * 4, 4);
+            cr_assert(got == inv, "block (%llu, %llu): scale_inv %a, the rule on the exact values gives %a",
+                      (unsigned long long)r0, (unsigned long long)c0, (double)got, (double)inv);
+        }
+    for (uint64_t e = 0; e < n; e++) {
+        cr_assert_eq(q->data[e], want[e], "element %llu: code %#x, the rule on the exact value %a gives %#x",
+                     (unsigned long long)e, q->data[e], (double)x32[e], want[e]);
+        f32_wrong += f32w[e] != want[e];
+    }
+    cr_log_info("kept block FP8: %llu of %llu codes an f32 evaluation gets wrong", (unsigned long long)f32_wrong,
+                (unsigned long long)n);
+    cr_assert_gt(f32_wrong, n / 20, "an f32 evaluation gets only %llu codes wrong: not adversarial",
+                 (unsigned long long)f32_wrong);
+    th_st_free(&o);
+    th_run_free(&res);
+    free(want);
+    free(f32w);
+    free(x32);
+    free(y32);
+    tx_free(&ad);
+    xq_base_free(&b);
 }

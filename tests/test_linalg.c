@@ -23,6 +23,43 @@ static double max_abs_diff(const double *a, const double *b, size_t n)
     return m;
 }
 
+/* lm_matmul_d's definition: C[a, b] = sum over x ascending of fl(A[a, x] B[x, b]), each sum
+ * rounded (no fma); its 32-column form (four rows at a time in vector registers) and the general
+ * loop give exactly that, for row counts on and off its blocks of four */
+Test(linalg, matmul_d_sums_in_x_order_bit_for_bit)
+{
+    static const size_t ms[] = {1, 4, 5, 8, 32}, ks[] = {1, 7, 32};
+    static const size_t ns[] = {32, 31, 33};
+    uint64_t st = 77;
+    for (size_t mi = 0; mi < 5; mi++)
+        for (size_t ki = 0; ki < 3; ki++)
+            for (size_t ni = 0; ni < 3; ni++) {
+                const size_t m = ms[mi], k = ks[ki], n = ns[ni];
+                double *A = malloc(m * k * sizeof *A), *B = malloc(k * n * sizeof *B), *C = malloc(m * n * sizeof *C);
+                cr_assert(A && B && C);
+                for (size_t i = 0; i < m * k + k * n; i++) {
+                    st = st * 6364136223846793005ull + 1442695040888963407ull;
+                    const double v = (double)(st >> 11) / 9007199254740992.0 - 0.5;
+                    if (i < m * k)
+                        A[i] = v;
+                    else
+                        B[i - m * k] = v;
+                }
+                lm_matmul_d(A, B, C, m, k, n);
+                for (size_t a = 0; a < m; a++)
+                    for (size_t b = 0; b < n; b++) {
+                        double want = 0;
+                        for (size_t x = 0; x < k; x++) {
+                            const volatile double p = A[a * k + x] * B[x * n + b]; /* rounded: no fma */
+                            want += p;
+                        }
+                        cr_assert(C[a * n + b] == want, "m %zu k %zu n %zu: C[%zu, %zu] = %a, want %a", m, k, n, a, b,
+                                  C[a * n + b], want);
+                    }
+                free(A), free(B), free(C);
+            }
+}
+
 Test(linalg, cayley_of_a_2x2_skew_matrix)
 {
     /* Q = [[0, a], [-a, 0]]: (I - Q)(I + Q)^-1 = [[1 - a^2, -2a], [2a, 1 - a^2]] / (1 + a^2) */

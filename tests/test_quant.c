@@ -327,7 +327,7 @@ static void fk_run(const lm_kernels *k, const fk_case *c, uint64_t seed)
     lm_qstats sta = {0}, stb = {0};
     lm_fp8_requant_block(acc, base, q0, c->s0, h, w, cols, qa, &sa, &sta);
     const lm_fp8_term t = {B, A, K, cols, K, c->r_lo, c->r_hi, c->alpha};
-    lm_fp8_merge_block(k, q0, c->s0, h, w, cols, &t, x, w, qb, &sb, &stb);
+    lm_fp8_merge_block(k, q0, c->s0, h, w, cols, &t, x, w, qb, &sb, &stb, NULL);
     for (uint64_t r = 0; r < h; r++)
         for (uint64_t j = 0; j < w; j++)
             cr_assert(fk_same_float(x[r * w + j], acc[r * cols + j]), "%s h %llu w %llu: x[%llu][%llu] %a, want %a",
@@ -746,5 +746,171 @@ Test(quant, gptq_awq_packed_base_refused)
         th_write_text(f.base, "config.json", cfg);
         qt_refused(&f, ".qweight' (GPTQ/AWQ", "merge into the unquantized original model");
         th_qfx_free(&f);
+    }
+}
+
+/* ---- block FP8 certified (lm_fp8_bound): the rule on the exact values ----------------------
+ * A = c I (K = w columns), so that each merged value v = w + s c B_ij is set on its own: values
+ * built next to the FP8 grid's rounding midpoints (scaled by the block's amax), below 2^-6 (the
+ * subnormal codes) and around zero, two near the amax whose f32 order may differ from the exact
+ * one, all as cancellations of the base value so that the kernels' f32 x miss the exact value by
+ * many of its ulps.  The exact values X (RN32 of v, in long double with the sum checked exact)
+ * and the rule on them (transformers' FineGrainedFP8: amax, s = 448 / amax, the nearest code of
+ * fl(X s) by brute force) are this test's; every variant must write those codes and that scale,
+ * flag the same elements, and the f32 values must get some codes wrong (else not adversarial).
+ * bound_scale < 1 breaks the bound (the failure it must cause is checked by hand, see the note). */
+typedef struct {
+    uint64_t h, w, r_lo;
+    double s;       /* the term's scale (a power of two: s c B exact in long double) */
+    int keep_scale; /* a base row holds 448 s0: the amax and scale stay */
+} fc_case;
+
+static float fc_X[64 * 80];
+static unsigned fc_calls;
+
+static float fc_exact(void *ctx, uint64_t row, uint64_t col, float w)
+{
+    (void)w;
+    fc_calls++;
+    return fc_X[row * *(const uint64_t *)ctx + col];
+}
+
+static void fc_run(const lm_kernels *k, const fc_case *cs, uint64_t seed, uint64_t *n_flag_out, uint64_t *f32_wrong)
+{
+    const uint64_t h = cs->h, w = cs->w, cols = w + 16, K = w, nt = h - cs->r_lo;
+    const float s0 = 0x1p-8f, c = 1.0f / 3.0f;
+    uint8_t *q0 = malloc(h * cols), *q = calloc(h * cols, 1);
+    float *A = calloc(K * w, sizeof *A), *B = malloc(nt * K * sizeof *B), *x = malloc(h * w * sizeof *x);
+    float *W = malloc(h * w * sizeof *W), erow[64];
+    uint32_t *flag = malloc(2 * h * w * sizeof *flag);
+    uint64_t rng = seed;
+    double wmax = 0;
+    for (uint64_t i = 0; i < h; i++)
+        for (uint64_t j = 0; j < cols; j++) {
+            uint8_t b = (uint8_t)(th_rand_u64(&rng) >> 56) & 0xF7; /* below 448 */
+            if ((b & 0x7F) == 0x7F)
+                b ^= 1;
+            q0[i * cols + j] = b;
+            if (j < w) {
+                W[i * w + j] = (float)(e4m3_def(b) * s0);
+                wmax = fabs(W[i * w + j]) > wmax ? fabs(W[i * w + j]) : wmax;
+            }
+        }
+    if (cs->keep_scale)
+        q0[0] = 0x7E, W[0] = 448.0f * s0;
+    for (uint64_t p = 0; p < K; p++)
+        A[p * w + p] = c;
+    const double T = cs->keep_scale ? 448.0 * s0 * 0.75 : 2 * wmax; /* the block's largest value */
+    for (uint64_t i = 0; i < h; i++)
+        for (uint64_t j = 0; j < w; j++) {
+            long double X = W[i * w + j];
+            if (i >= cs->r_lo) {
+                const unsigned kind = (unsigned)(th_rand_u64(&rng) % 16);
+                static const double offs[] = {0, 0x1p-23, -0x1p-23, 0x1p-21, -0x1p-21, 0x1p-15, -0x1p-12};
+                const double sg = th_rand_u64(&rng) & 1 ? -1.0 : 1.0, eps = offs[th_rand_u64(&rng) % 7];
+                double target;
+                if (i == cs->r_lo && j < 2) /* the amax, and a near tie */
+                    target = T * (1 - (double)j * 0x1p-23);
+                else if (kind < 11) /* a small delta */
+                    target = W[i * w + j] * (1 + sg * 0x1p-12);
+                else if (kind < 14) { /* next to a midpoint of normal codes */
+                    const unsigned cd = 0x08 + (unsigned)(th_rand_u64(&rng) % 0x75);
+                    target = sg * (e4m3_def(cd) + e4m3_def(cd + 1)) / 2 * T / 448.0 * (1 + eps);
+                } else if (kind < 15) { /* next to a subnormal midpoint */
+                    const unsigned m = (unsigned)(th_rand_u64(&rng) % 8);
+                    target = sg * (m + 0.5) * 0x1p-9 * T / 448.0 * (1 + eps);
+                } else { /* around zero */
+                    target = sg * T * 0x1p-30 * (double)(th_rand_u64(&rng) % 4);
+                }
+                const float b = (float)((target - W[i * w + j]) / (cs->s * c));
+                B[(i - cs->r_lo) * K + j] = b;
+                const long double p = (long double)cs->s * c * b, t = (long double)W[i * w + j] + p;
+                cr_assert(t - (long double)W[i * w + j] == p, "the long double sum is not exact");
+                X = t;
+            }
+            fc_X[i * w + j] = (float)X; /* (exact: one rounding) */
+        }
+    /* the test's own bound: 1.05 (K + 2) 2^-24 |s| ||b_i|| max ||a_j|| + (|s| (K + 1) + 2) 2^-149 */
+    for (uint64_t i = 0; i < h; i++) {
+        double nb = 0;
+        for (uint64_t p = 0; i >= cs->r_lo && p < K; p++)
+            nb += (double)B[(i - cs->r_lo) * K + p] * B[(i - cs->r_lo) * K + p];
+        const double e = 1.05 * (double)(K + 2) * 0x1p-24 * fabs(cs->s) * sqrt(nb) * c +
+                         (fabs(cs->s) * (double)(K + 1) + 2) * 0x1p-149;
+        erow[i] = i >= cs->r_lo ? nextafterf((float)e, INFINITY) : 0.0f;
+    }
+    /* the rule on the exact values */
+    float amax = 0;
+    int same = 1;
+    for (uint64_t e = 0; e < h * w; e++) {
+        amax = fabsf(fc_X[e]) > amax ? fabsf(fc_X[e]) : amax;
+        same &= fc_X[e] == W[e];
+    }
+    cr_assert(!same);
+    const float sc = 448.0f / amax, inv = 1.0f / sc;
+    const lm_fp8_term t = {B, A, K, w, K, cs->r_lo, h, (float)cs->s};
+    lm_fp8_bound bd = {erow, fc_exact, (void *)&w, 0, 0, flag, 0};
+    float got_scale = -1;
+    lm_qstats st = {0};
+    fc_calls = 0;
+    lm_fp8_merge_block(k, q0, s0, h, w, cols, &t, x, w, q, &got_scale, &st, &bd);
+    cr_assert(got_scale == inv, "%s: scale_inv %a, the rule on the exact values gives %a", k->name, (double)got_scale,
+              (double)inv);
+    cr_assert(bd.n_exact == fc_calls && fc_calls > 0 && fc_calls < nt * w * 3 / 4, "%s: %u exact values", k->name, fc_calls);
+    uint64_t wrong = 0, changed = 0;
+    for (uint64_t i = 0; i < h; i++)
+        for (uint64_t j = 0; j < w; j++) {
+            volatile float y = fc_X[i * w + j] * sc; /* f32 */
+            const unsigned want = e4m3_nearest(y);
+            cr_assert_eq(q[i * cols + j], want, "%s: element (%llu, %llu): code %#x, the rule on the exact %a gives %#x",
+                         k->name, (unsigned long long)i, (unsigned long long)j, q[i * cols + j], (double)fc_X[i * w + j],
+                         want);
+            changed += want != q0[i * cols + j];
+            /* the same rule on the f32 value the kernels computed (x holds X where made exact) */
+            float xf = W[i * w + j];
+            if (i >= cs->r_lo)
+                xf = W[i * w + j] + (float)cs->s * (B[(i - cs->r_lo) * K + j] * c);
+            volatile float yf = xf * sc;
+            wrong += e4m3_nearest(yf) != want;
+        }
+    if (cs->keep_scale)
+        cr_assert(inv == s0 && st.n_changed == changed, "%s: the scale stays: %llu changed codes counted, want %llu",
+                  k->name, (unsigned long long)st.n_changed, (unsigned long long)changed);
+    *n_flag_out = bd.n_exact;
+    *f32_wrong = wrong;
+    free(q0);
+    free(q);
+    free(A);
+    free(B);
+    free(x);
+    free(W);
+    free(flag);
+}
+
+Test(quant, fp8_merge_block_certified)
+{
+    static const fc_case cases[] = {
+        {64, 80, 2, 2.0, 0},  /* a tail of 16, two exact rows */
+        {48, 64, 0, 0.5, 0},  /* every row */
+        {33, 48, 5, 4.0, 1},  /* the scale stays: the changed codes counted */
+    };
+    static const char *const names[] = {"ref", "avx2", "avx512"};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        uint64_t n_ref = UINT64_MAX, wrong = 0;
+        for (int v = 0; v < 3; v++) {
+            lm_kernels k;
+            if (lm_kernels_select(&k, names[v]) != 0 || k.fp8_merge == NULL) {
+                fprintf(stderr, "quant fp8_merge_block_certified: variant %s SKIPPED\n", names[v]);
+                continue;
+            }
+            uint64_t n;
+            fc_run(&k, &cases[i], 900 + i, &n, &wrong);
+            cr_assert(n_ref == UINT64_MAX || n == n_ref, "%s flags %llu elements, ref %llu", names[v],
+                      (unsigned long long)n, (unsigned long long)n_ref);
+            n_ref = n;
+        }
+        cr_log_info("case %zu: %llu exact values; the f32 values get %llu codes wrong", i, (unsigned long long)n_ref,
+                    (unsigned long long)wrong);
+        cr_assert(wrong > 0, "case %zu: the f32 values get every code right: not adversarial", i);
     }
 }

@@ -90,6 +90,7 @@ typedef struct {
     double *col_scale;   /* column DoRA: per-column factors (the column pass), or NULL */
     lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
     lm_dora_tensor *dora;     /* low-rank and DoRA ops (LM_EXACT_DORA, exactness on), or NULL */
+    lm_xq_bound *xqb;         /* block FP8 kept, one low-rank op: the certified fused tiles' bound, or NULL */
     lm_exact_kind exact_kind; /* the certified path it takes (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
@@ -214,6 +215,8 @@ static void tensor_release(job *J, size_t ti)
     free(rt->qscale);
     lm_lowrank_tensor_free(rt->exact);
     lm_dora_tensor_free(rt->dora);
+    lm_xq_bound_free(rt->xqb);
+    rt->xqb = NULL;
     rt->dora = NULL;
     rt->qscale = NULL;
     rt->prep = NULL;
@@ -250,6 +253,19 @@ static lm_code method_prepare(job *J, size_t ti, const lm_op *op, lm_prepared *p
 
 static lm_code sim_double_absmax(const job *J, size_t ti, float **out, lm_err *err);
 
+static int fused_tile(const job *J, size_t ti);
+
+/* block FP8 kept quantized, one low-rank op (not transposed, factors exact in f32) on the
+ * certified low-rank path: its tiles take the fused kernels, certified (lm_xq_merge_tile) */
+static int fused_certifiable(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const tensor_rt *rt = &J->rt[ti];
+    return rt->exact_kind == LM_EXACT_LOWRANK && rt->exact != NULL && !J->lowrank_flags && lm_xq_fused(t) &&
+           t->n_ops == 1 && t->ops[0].kind == LM_OP_LOWRANK && !t->ops[0].axis && J->k->fp8_merge != NULL &&
+           rt->prep[0].a64 == NULL && rt->prep[0].b64 == NULL;
+}
+
 /* every op of tensor ti prepared (once, by the first thread that needs it) */
 static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
 {
@@ -282,6 +298,12 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
+        if (rc == LM_OK && fused_certifiable(J, ti)) { /* (NULL: the certified tiles of the other paths) */
+            const lm_op *op = &t->ops[0];
+            const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
+                                     op->scale, NULL, NULL, NULL};
+            rt->xqb = lm_xq_bound_make(t, &term);
+        }
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_DORA && !J->lowrank_flags &&
             (rt->dora = lm_dora_tensor_create(t, rt->prep, lm_kdtype_of(lm_exact_out_dtype(t)), err)) == NULL)
             rc = LM_E_NOMEM;
@@ -310,8 +332,8 @@ static void prepare_ahead(job *J, size_t ti)
         return;
     lm_err e;
     lm_err_clear(&e);
-    if (tensor_prepare(J, nx, &e) != LM_OK || J->rt[nx].exact_kind != LM_EXACT_LOWRANK)
-        return;
+    if (tensor_prepare(J, nx, &e) != LM_OK || J->rt[nx].exact_kind != LM_EXACT_LOWRANK || fused_tile(J, nx))
+        return; /* (the fused tiles make the factors only when an element needs them) */
     /* The first segment's factors are made outside prep_lock, so that a thread releasing the
      * tensor it has just finished (under that lock) does not wait for them.  Its tiles may all be
      * done meanwhile: the warm-up holds one more "tile" and whoever brings the count to zero
@@ -842,7 +864,7 @@ static lm_code compute_tile_certify1(const job *J, size_t ti, uint64_t r0, uint6
     const lm_plan_tensor *t = &J->plan->t[ti];
     const size_t n = (size_t)(nr * t->cols);
     const lm_op *op = &t->ops[0];
-    const lm_tile tile = {ws->acc, ws->scratch, r0, nr, t->rows, t->cols, J->k};
+    const lm_tile tile = {ws->acc, NULL, r0, nr, t->rows, t->cols, J->k}; /* no scratch: src stays (compute_tile) */
     lm_cert_counts cs = {0};
     if (op->method->certify_tile(op, &J->rt[ti].prep[0], &tile, lm_kdtype_of(lm_exact_out_dtype(t)), (uint16_t *)(void *)ws->out,
                                  &cs) != 0) {
@@ -923,17 +945,37 @@ static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t 
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
 
-/* a block FP8 weight kept quantized whose ops are all low-rank (not certified: exec_exact.c): its
- * tiles are dequantized, merged and requantized one block at a time (lm_xq_merge_tile) */
+/* a block FP8 weight kept quantized whose ops are all low-rank: its tiles are dequantized, merged
+ * and requantized one block at a time (lm_xq_merge_tile), certified (rt->xqb) or with exactness
+ * off or no certified path (exec_exact.h) */
 static int fused_tile(const job *J, size_t ti)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
-    if (!lm_xq_fused(t) || J->rt[ti].exact_kind != LM_EXACT_NONE || J->rt[ti].dora != NULL || t->n_ops == 0)
+    const tensor_rt *rt = &J->rt[ti];
+    if (!lm_xq_fused(t) || rt->dora != NULL || t->n_ops == 0)
         return 0;
     for (size_t o = 0; o < t->n_ops; o++)
         if (t->ops[o].kind != LM_OP_LOWRANK)
             return 0;
-    return 1;
+    return rt->exact_kind == LM_EXACT_NONE || J->lowrank_flags || rt->xqb != NULL;
+}
+
+/* lm_fp8_exact_fn of the certified fused tiles: the exact value (f32) by an f64 evaluation, or
+ * the low-rank path's when that does not settle it (its factors then made) */
+typedef struct {
+    const lm_xq_term *term;
+    uint64_t cols;
+    lm_lowrank_tensor *f;
+    int failed; /* out of memory for the factors */
+} fused_exact_ctx;
+
+static float fused_exact(void *arg, uint64_t row, uint64_t col, float w)
+{
+    fused_exact_ctx *c = arg;
+    float x = 0.0f;
+    if (lm_xq_exact(c->term, c->cols, row, col, w, &x) != 0 && lm_lowrank_tensor_exact_f32(c->f, row, col, w, &x) != 0)
+        c->failed = 1;
+    return x;
 }
 
 typedef struct {
@@ -967,11 +1009,24 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
         return LM_E_IO;
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
+    tensor_rt *rt = &J->rt[ti];
+    fused_exact_ctx fx = {NULL, t->cols, rt->exact, 0};
     const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
-    const lm_xq_term term = {J->rt[ti].prep[0].b, J->rt[ti].prep[0].a, op->rank, op->row0, op->out, (float)op->scale};
-    *n_pieces = lm_xq_merge_tile(t, J->k, J->rt[ti].qscale, src, r0, nr, ws->acc,
+    const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
+                             op->scale, rt->xqb, fused_exact, &fx};
+    fx.term = &term;
+    *n_pieces = lm_xq_merge_tile(t, J->k, rt->qscale, src, r0, nr, ws->acc,
                                  t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
                                  ws->out, ws->qscales, &qs, pieces);
+    if (rt->xqb != NULL) { /* the rows done with the exact path's factors (freed after the last) */
+        lm_lowrank_tensor_done(rt->exact, r0, nr);
+        __atomic_add_fetch(&rt->n_recomputed, qs.n_exact, __ATOMIC_RELAXED);
+        if (fx.failed) {
+            lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the low-rank factors");
+            lm_err_set_tensor(err, t->name);
+            return LM_E_NOMEM;
+        }
+    }
     quant_stats_add(J, ti, &qs);
     if (ts != NULL) {
         ts->n_changed = qs.n_changed;
@@ -1045,6 +1100,23 @@ static lm_code compute_tile_qexact(job *J, size_t ti, uint64_t r0, uint64_t nr, 
     return check_finite(J, ti, r0, nr, ws, err);
 }
 
+/* tensor ti's tiles take compute_tile_certify1: a method's one-sweep certification, which leaves
+ * the scratch, and so the input bytes read there, intact */
+static int certify1_tile(const job *J, size_t ti)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    return t->q == NULL && J->rt[ti].exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t) &&
+           t->ops[0].method->certify_tile != NULL;
+}
+
+/* a DoRA tile whose input bytes (src, intact: the rows go after them) are the base as written,
+ * which the DoRA kernel compares with what it stores (one dtype in and out, no norms asked) */
+static int dora_counts(const job *J, const lm_plan_tensor *t, const uint8_t *src)
+{
+    return t->dtype == t->src_dtype && !J->stats_norms && (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) &&
+           (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0;
+}
+
 /* shared: the tile's input bytes, read once for every job of a batch (NULL: read here) */
 static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *shared, const workspace *ws,
                             struct tile_stat *ts, lm_xq_piece *pieces, size_t *n_pieces, lm_err *err)
@@ -1084,18 +1156,15 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
         memcpy(ws->codes, src, (size_t)(nr * t->q->row_bytes));
-    const int dora = J->rt[ti].dora != NULL && t->q == NULL;
-    if (dora && ts != NULL && t->dtype == t->src_dtype && !J->stats_norms &&
-        (t->n_ops == 0 || t->ops[0].kind != LM_OP_REPLACE) && (uintptr_t)src % (lm_dtype_bits(t->dtype) / 8) == 0) {
-        /* the input bytes are the base as written and stay intact: the DoRA kernel counts the
-         * changed elements as it stores them */
+    const int dora = J->rt[ti].dora != NULL && t->q == NULL, src_stays = dora || certify1_tile(J, ti);
+    if (dora && ts != NULL && dora_counts(J, t, src)) { /* the kernel counts the changed elements */
         uint64_t changed = 0;
         lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, src, &changed, err);
         ts->n_changed = changed;
         return rc;
     }
-    /* src may be in the scratch the methods use (not DoRA's): the base bytes are copied */
-    if (ts != NULL && stats_before(J, ti, ws, src, dora, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
+    /* src may be in the scratch the methods use (not src_stays'): the base bytes are copied */
+    if (ts != NULL && stats_before(J, ti, ws, src, src_stays, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     if (t->q != NULL && J->rt[ti].exact_kind != LM_EXACT_NONE)
         return compute_tile_qexact(J, ti, r0, nr, ws, ts, base_bytes, n_base, pieces, n_pieces, err);

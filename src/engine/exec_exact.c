@@ -4,7 +4,6 @@
 
 #include "exec_dora.h"
 #include "exec_lowrank.h"
-#include "exec_quant.h"
 
 #include <math.h>
 #include <string.h>
@@ -41,14 +40,6 @@ lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t)
     v.src_dtype = LM_DT_F32;
     v.dtype = lm_exact_out_dtype(t);
     if (t->sim_nf4 || (t->n_ops > 0 && t->ops[0].kind == LM_OP_REPLACE)) /* the tiles are the codes' */
-        return LM_EXACT_NONE;
-    /* block FP8 kept quantized with low-rank ops only (the FP8 bench's case): the fused f32 tiles
-     * (lm_xq_merge_tile), not certified yet: an exact f32 value per element through the f64
-     * product is 3x their CPU time */
-    int lowrank_only = t->n_ops > 0;
-    for (size_t o = 0; o < t->n_ops; o++)
-        lowrank_only &= t->ops[o].kind == LM_OP_LOWRANK;
-    if (lowrank_only && lm_xq_fused(t))
         return LM_EXACT_NONE;
     return kind_of(&v);
 }

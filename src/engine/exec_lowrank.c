@@ -249,19 +249,37 @@ int lm_lowrank_tensor_warm(lm_lowrank_tensor *f, uint64_t r0)
     return g < f->n_seg && __atomic_load_n(&f->seg[g].state, __ATOMIC_ACQUIRE) == 0 ? segment_ready(f, &f->seg[g]) : 0;
 }
 
+/* the segment holding row r */
+static size_t segment_of(const lm_lowrank_tensor *f, uint64_t r)
+{
+    size_t g = 0, h = f->n_seg;
+    while (h - g > 1) {
+        const size_t mid = g + (h - g) / 2;
+        if (f->seg[mid].lo <= r)
+            g = mid;
+        else
+            h = mid;
+    }
+    return g;
+}
+
+/* n rows of segment s computed: its last ones free it */
+static void segment_rows_done(lm_lowrank_tensor *f, segment *s, uint64_t n)
+{
+    if (__atomic_sub_fetch(&s->rows_left, n, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_lock(&f->lock);
+        segment_free(s);
+        __atomic_store_n(&s->state, 2, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&f->lock);
+    }
+}
+
 int lm_lowrank_tensor_run(lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0, uint64_t nr, const void *w,
                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
                           lm_lowrank_stats *st)
 {
     const size_t wsz = w_dtype == LM_KDT_F32 ? 4 : 2, osz = out_dtype == LM_KDT_F32 ? 4 : 2;
-    size_t g = 0, h = f->n_seg; /* the segment holding row r0 */
-    while (h - g > 1) {
-        const size_t mid = g + (h - g) / 2;
-        if (f->seg[mid].lo <= r0)
-            g = mid;
-        else
-            h = mid;
-    }
+    size_t g = segment_of(f, r0);
     for (uint64_t row = r0; row < r0 + nr; g++) {
         segment *s = &f->seg[g];
         const uint64_t hi = s->lo + s->n < r0 + nr ? s->lo + s->n : r0 + nr;
@@ -270,13 +288,29 @@ int lm_lowrank_tensor_run(lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0
             return -1;
         k->lowrank(&s->lr, (size_t)(row - s->lo), (size_t)(hi - row), (const unsigned char *)w + skip * wsz, w_dtype,
                    (size_t)cols, (unsigned char *)out + skip * osz, out_dtype, (size_t)cols, flags, st);
-        if (__atomic_sub_fetch(&s->rows_left, hi - row, __ATOMIC_ACQ_REL) == 0) { /* its last rows */
-            pthread_mutex_lock(&f->lock);
-            segment_free(s);
-            __atomic_store_n(&s->state, 2, __ATOMIC_RELEASE);
-            pthread_mutex_unlock(&f->lock);
-        }
+        segment_rows_done(f, s, hi - row); /* its last rows free it */
         row = hi;
     }
     return 0;
+}
+
+int lm_lowrank_tensor_exact_f32(lm_lowrank_tensor *f, uint64_t row, uint64_t col, float w, float *x)
+{
+    segment *s = &f->seg[segment_of(f, row)];
+    if (segment_ready(f, s) != 0)
+        return -1;
+    lm_lowrank_stats st = {0};
+    const uint32_t b = lm_lowrank_fallback_1(&s->lr, (size_t)(row - s->lo), (size_t)col, w, LM_KDT_F32, &st);
+    memcpy(x, &b, sizeof *x);
+    return 0;
+}
+
+void lm_lowrank_tensor_done(lm_lowrank_tensor *f, uint64_t r0, uint64_t nr)
+{
+    for (uint64_t row = r0, g = segment_of(f, r0); row < r0 + nr; g++) {
+        segment *s = &f->seg[g];
+        const uint64_t end = s->lo + s->n < r0 + nr ? s->lo + s->n : r0 + nr;
+        segment_rows_done(f, s, end - row);
+        row = end;
+    }
 }

@@ -43,6 +43,14 @@ int lm_lowrank_tensor_run(lm_lowrank_tensor *f, const lm_kernels *k, uint64_t r0
                           lm_kdtype w_dtype, void *out, lm_kdtype out_dtype, uint64_t cols, unsigned flags,
                           lm_lowrank_stats *st);
 
+/*! lm_lowrank_tensor_exact_f32() : element (row, col)'s exact merged value rounded once to f32
+ *  into *x (w: its base value), for a caller that computes the rows some other way (the rows
+ *  stay counted as not done until lm_lowrank_tensor_done()).  @return 0, -1 when out of memory */
+int lm_lowrank_tensor_exact_f32(lm_lowrank_tensor *f, uint64_t row, uint64_t col, float w, float *x);
+/*! lm_lowrank_tensor_done() : rows r0 .. r0+nr computed by such a caller (lm_lowrank_tensor_run
+ *  counts its own); the last rows of a segment free its factors */
+void lm_lowrank_tensor_done(lm_lowrank_tensor *f, uint64_t r0, uint64_t nr);
+
 /*! lm_kdtype_of() : the kernel's name for a dtype (bf16, f16, f32 only). */
 lm_kdtype lm_kdtype_of(lm_dtype dt);
 

@@ -8,6 +8,8 @@
 #include "quant_mx.h"
 #include "st_reader.h"
 
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -145,7 +147,7 @@ void lm_xq_set_amax(const lm_plan_tensor *t, float *scales, const float *amax)
 
 size_t lm_xq_qbuf_floats(size_t max_elems)
 {
-    return 2 * max_elems + 128;
+    return 4 * max_elems + 256;
 }
 
 size_t lm_xq_requant(const lm_plan_tensor *t, const float *scales, const float *acc, const uint8_t *codes0,
@@ -197,12 +199,175 @@ int lm_xq_fused(const lm_plan_tensor *t)
            t->q->scale_dtype == LM_DT_F32 && t->q->scale2 == NULL && !t->sim_nf4;
 }
 
+/* ---- the fused term's bound (certified tiles) ------------------------------------------------
+ * The kernel's x for a term row i (fp8_merge: acc the chain of K fmaf from 0 over b_k a_k, B's and
+ * A's f32 values, x = fl(c + fl(alpha acc)), alpha = fl32(s)) against the exact merged value
+ * v = c + s sum_k b_k a_k and X = RN32(v).  u = 2^-24, S = sum_k |b_k a_k|, eta = 2^-150 (the
+ * absolute error of one rounding in the subnormal range; sums there are exact).
+ *  acc = sum b_k a_k + e1, |e1| <= ((1 + u)^K - 1) S + K eta (1 + u)^K;  alpha = s (1 + d2) when
+ *  |s| is 0 or in [2^-126, FLT_MAX] (|d2| <= u); fl(alpha acc) = alpha acc (1 + d1) + n1:
+ *  |fl(alpha acc) - s sum| <= |s| S g + (|s| K (1 + 2^-20) + 1) eta, g = (1 + u)^(K+2) - 1 <=
+ *  1.01 (K + 2) u for (K + 2) u <= 2^-7.  x = fl(c + t): |x - (c + t)| <= u' |x|.  |X - v| <= u |v| +
+ *  eta.  So |X - x| <= (1 + u)(|s| S g) + (u + u')(1 + 2^-20) |x| + (|s| K + 2)(1 + 2^-20) eta, and
+ *  with S <= ||b_i.|| ||a_.j|| (Cauchy-Schwarz): erow = 1.02 (K + 2) u |s| ||b_i.|| max_j ||a_.j||
+ *  + (|s| (K + 1) + 2) 2^-149, rounded up (the norms in f64 from f32 values: relative error far
+ *  below the 1.02's slack), and 2^-21 |x| covers the rest (lm_fp8_bound). */
+struct lm_xq_bound {
+    double *rf;  /* [n]: 1.02 (K + 2) u |s| ||b_i.|| */
+    double *cfm; /* [ceil(cols / bc)]: the largest ||a_.j|| of the block's columns */
+    double c0;
+};
+
+void lm_xq_bound_free(lm_xq_bound *b)
+{
+    if (b == NULL)
+        return;
+    free(b->rf);
+    free(b->cfm);
+    free(b);
+}
+
+lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term)
+{
+    const double s = term->s;
+    const uint64_t K = term->K, cols = t->cols, bc = t->q->bc, nb = (cols + bc - 1) / bc;
+    const double as = fabs(s);
+    if (K == 0 || (double)(K + 2) * 0x1p-24 > 0x1p-7 || !(as == 0 || (as >= 0x1p-126 && as <= FLT_MAX)))
+        return NULL;
+    lm_xq_bound *b = calloc(1, sizeof *b);
+    double *cn = malloc((size_t)cols * sizeof *cn + 1);
+    if (b == NULL || cn == NULL || (b->rf = malloc((size_t)term->n * sizeof *b->rf + 1)) == NULL ||
+        (b->cfm = malloc((size_t)nb * sizeof *b->cfm + 1)) == NULL) {
+        free(cn);
+        lm_xq_bound_free(b);
+        return NULL;
+    }
+    const double g = 1.02 * (double)(K + 2) * 0x1p-24 * as;
+    for (uint64_t i = 0; i < term->n; i++) {
+        double ss = 0;
+        for (uint64_t p = 0; p < K; p++)
+            ss += (double)term->B[i * K + p] * (double)term->B[i * K + p];
+        b->rf[i] = g * sqrt(ss); /* (inf or NaN: the blocks take exact values) */
+    }
+    for (uint64_t j = 0; j < cols; j++)
+        cn[j] = 0;
+    for (uint64_t p = 0; p < K; p++)
+        for (uint64_t j = 0; j < cols; j++)
+            cn[j] += (double)term->A[p * cols + j] * (double)term->A[p * cols + j];
+    for (uint64_t c = 0; c < nb; c++) {
+        double m = 0;
+        for (uint64_t j = c * bc; j < cols && j < (c + 1) * bc; j++)
+            m = !(cn[j] <= m) ? cn[j] : m; /* (NaN kept) */
+        b->cfm[c] = sqrt(m);
+    }
+    b->c0 = (as * (double)(K + 1) + 2) * 0x1p-149;
+    free(cn);
+    return b;
+}
+
+/* the exponent of the lowest set bit of x (finite, nonzero) */
+static int lowbit(double x)
+{
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    const int e = (int)((u >> 52) & 0x7FF);
+    const uint64_t m = (u & 0xFFFFFFFFFFFFFull) | (e ? 1ull << 52 : 0);
+    return (e ? e : 1) - 1075 + __builtin_ctzll(m);
+}
+
+/* M 2^q (|M| < 2^127) rounded to nearest even f32 (+0 for 0): the f32 quantum at it is 2^g, g =
+ * max(E - 23, -149) for M 2^q in [2^E, 2^(E+1)); M is rounded at bit g - q in the integer, and
+ * the f32 of (mantissa < 2^24) 2^g is exact (or inf beyond the range) */
+__extension__ static float round_f32(__int128 M, int q)
+{
+    if (M == 0)
+        return 0.0f;
+    const int neg = M < 0;
+    unsigned __int128 m = neg ? -(unsigned __int128)M : (unsigned __int128)M;
+    const uint64_t hi = (uint64_t)(m >> 64);
+    const int top = hi ? 127 - __builtin_clzll(hi) : 63 - __builtin_clzll((uint64_t)m);
+    int g = top + q - 23;
+    g = g < -149 ? -149 : g;
+    const int sh = g - q; /* bits of m below the quantum */
+    if (sh > 0) {
+        if (sh > 127)
+            m = 0;
+        else {
+            const unsigned __int128 half = (unsigned __int128)1 << (sh - 1), low = m & ((half << 1) - 1);
+            m >>= sh;
+            if (low > half || (low == half && (m & 1)))
+                m++;
+        }
+    } else {
+        m <<= -sh; /* (top + q < -126 + 23: small) */
+    }
+    const float f = ldexpf((float)(uint64_t)m, g);
+    return neg ? -f : f;
+}
+
+/* Exact values in f64.  p_k = b_k a_k (f32 values) is exact in f64 (48 bits; a nonzero one is a
+ * multiple of 2^-298, and so is every partial sum, which is thus never subnormal); d = their
+ * chain from 0 (K roundings), S' = the chain of |p_k|, r = fl(w + fl(s d)): |v - r| <= |s| S ((1 +
+ * u)^(K+1) - 1) + u' |r| (u = 2^-53) + 2^-1075 (fl(s d) subnormal), S <= S' (1 + 2 K u), so e =
+ * 1.02 (K + 2) u |s| S' + 2^-51 |r| + 2^-1070 (f64, its own roundings in the slack) gives lo =
+ * r - e <= v <= hi = r + e, and RN32 being monotone, RN32(v) is RN32(lo) when that equals RN32(hi)
+ * (the bits, so that zero's sign counts; (float) of a double rounds once).  Else, with s a power
+ * of two, when w and every s p_k are multiples of 2^q and |w| + |s| S' (1 + 2^-30) < 2^(q+120),
+ * v is the sum of the integers w 2^-q and s p_k 2^-q times 2^q, computed exactly in 128 bits
+ * and rounded once (round_f32).  Every p_k zero (or s zero): v = w, sign included (the low-rank
+ * path's rule); an exact zero sum: +0. */
+int lm_xq_exact(const lm_xq_term *term, uint64_t cols, uint64_t row, uint64_t col, float w, float *x)
+{
+    const uint64_t K = term->K;
+    const float *b = term->B + (row - term->row0) * K, *a = term->A + col;
+    double d = 0, S = 0;
+    for (uint64_t p = 0; p < K; p++) {
+        const double pk = (double)b[p] * (double)a[p * cols];
+        d += pk;
+        S += fabs(pk);
+    }
+    if (S == 0 || term->s == 0) {
+        *x = w;
+        return isfinite(w) ? 0 : -1;
+    }
+    const double r = (double)w + term->s * d;
+    const double e = 1.02 * (double)(K + 2) * 0x1p-53 * fabs(term->s) * S + 0x1p-51 * fabs(r) + 0x1p-1070;
+    const float lo = (float)(r - e), hi = (float)(r + e);
+    uint32_t ul, uh;
+    memcpy(&ul, &lo, 4);
+    memcpy(&uh, &hi, 4);
+    if (ul == uh && isfinite(lo) && isfinite(e)) {
+        *x = lo;
+        return 0;
+    }
+    int es = 0;
+    if (!isfinite(r) || !(S < 0x1p1000) || !(fabs(term->s) >= 0x1p-700 && fabs(term->s) <= 0x1p700) ||
+        frexp(term->s, &es) != (term->s < 0 ? -0.5 : 0.5)) /* (s p_k exact in f64) */
+        return -1;
+    int q = w != 0 ? lowbit((double)w) : 1 << 20; /* every term a multiple of 2^q */
+    for (uint64_t p = 0; p < K; p++) {
+        const double pk = (double)b[p] * (double)a[p * cols] * term->s;
+        q = pk != 0 && lowbit(pk) < q ? lowbit(pk) : q;
+    }
+    /* below 2^(q+120) each, at most 2^7 of them (K <= 2^17 - 2 is checked with the bound, but
+     * the sum needs K + 1 < 2^7): the sum of the integers m 2^-q in 128 bits, exactly */
+    if (K + 1 >= 128 || q < -1100 || q > 900 ||
+        !((fabs((double)w) + fabs(term->s) * S) * (1 + 0x1p-30) < ldexp(1.0, q + 120)))
+        return -1;
+    __extension__ __int128 M = (__int128)ldexp((double)w, -q);
+    for (uint64_t p = 0; p < K; p++)
+        M += (__int128)ldexp((double)b[p] * (double)a[p * cols] * term->s, -q);
+    *x = round_f32(M, q);
+    return 0;
+}
+
 /* one block by the kernels (lm_fp8_merge_block): the term's rows of the block, A's columns of the
  * block packed (K rows of w floats) when room allows (rows cols * 4 bytes apart would share a few
- * L1 sets), the merged values into x (h x w) */
+ * L1 sets), the merged values into x (h x w); with term->bound the rows' bounds into erow (h) and
+ * the flags into flag (2 h w) */
 static void merge_block_k(const lm_kernels *k, const lm_xq_term *term, const uint8_t *q0, float s0, uint64_t R,
-                          uint64_t h, uint64_t c0, uint64_t w, uint64_t cols, float *x, float *apack, size_t room,
-                          uint8_t *q, float *out_scale, lm_qstats *st)
+                          uint64_t h, uint64_t c0, uint64_t w, uint64_t cols, uint64_t bc, float *x, float *erow,
+                          uint32_t *flag, float *apack, size_t room, uint8_t *q, float *out_scale, lm_qstats *st)
 {
     lm_fp8_term ft = {term->B, term->A + c0, (size_t)term->K, (size_t)cols, (size_t)term->K, 0, 0, term->alpha};
     const uint64_t lo = term->row0 > R ? term->row0 : R, hi = term->row0 + term->n < R + h ? term->row0 + term->n : R + h;
@@ -217,7 +382,29 @@ static void merge_block_k(const lm_kernels *k, const lm_xq_term *term, const uin
             ft.lda = (size_t)w;
         }
     }
-    lm_fp8_merge_block(k, q0, s0, h, w, cols, &ft, x, w, q, out_scale, st);
+    if (term->bound == NULL) {
+        lm_fp8_merge_block(k, q0, s0, h, w, cols, &ft, x, w, q, out_scale, st, NULL);
+        return;
+    }
+    const lm_xq_bound *b = term->bound;
+    const double cf = b->cfm[c0 / bc], bc0 = b->c0;
+    for (uint64_t i = 0; i < h; i++)
+        erow[i] = 0.0f;
+    if (lo < hi) { /* rounded up: the float, one up where it fell below (inf, NaN kept) */
+        const double *rf = b->rf + (lo - term->row0);
+        float *er = erow + (lo - R);
+        for (uint64_t i = 0; i < hi - lo; i++) {
+            const double e = rf[i] * cf + bc0;
+            const float f = (float)e;
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            u += (uint32_t)((double)f < e);
+            memcpy(&er[i], &u, 4);
+        }
+    }
+    lm_fp8_bound bd = {erow, term->exact, term->ctx, R, c0, flag, 0};
+    lm_fp8_merge_block(k, q0, s0, h, w, cols, &ft, x, w, q, out_scale, st, &bd);
+    st->n_exact += bd.n_exact;
 }
 
 size_t lm_xq_merge_tile(const lm_plan_tensor *t, const lm_kernels *k, const float *scales, const uint8_t *codes0,
@@ -228,8 +415,10 @@ size_t lm_xq_merge_tile(const lm_plan_tensor *t, const lm_kernels *k, const floa
     const uint64_t cols = t->cols, br = q->br, bc = q->bc;
     const float *s0 = scales + (r0 / br) * q->scols;
     const size_t ns = tile_scales(q, nr), off = (ns + 16) / 16 * 16;
-    const size_t room = (size_t)(2 * nr * cols + 128) - off; /* lm_xq_qbuf_floats(): qbuf's floats past off */
-    float *base = qbuf + off; /* a block's base values (lm_xq_qbuf_floats: room), or its merged values */
+    const size_t room = (size_t)(4 * nr * cols + 256) - off; /* lm_xq_qbuf_floats(): qbuf's floats past off */
+    /* a block's base values or merged values (h w), then with a bound its rows' bounds (h, to a
+     * multiple of 16) and flags (2 h w), then A's packed columns in what is left */
+    float *base = qbuf + off;
     const int kern = term != NULL && k->fp8_merge != NULL;
     const uint64_t nonfinite0 = st->n_nonfinite_blocks;
     for (uint64_t rr = 0; rr < nr; rr += br) { /* tiles start on a block row (lm_plan_tile_rows) */
@@ -237,8 +426,11 @@ size_t lm_xq_merge_tile(const lm_plan_tensor *t, const lm_kernels *k, const floa
         for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
             const uint64_t w = c0 + bc < cols ? bc : cols - c0, bi = (rr / br) * q->scols + c0 / bc, e = rr * cols + c0;
             if (kern) {
-                merge_block_k(k, term, codes0 + e, s0[bi], r0 + rr, h, c0, w, cols, base, base + h * w,
-                              room - (size_t)(h * w), out + e, qbuf + bi, st);
+                const size_t nb = term->bound != NULL ? (size_t)(h + 15) / 16 * 16 + 2 * (size_t)(h * w) : 0;
+                float *erow = base + h * w;
+                merge_block_k(k, term, codes0 + e, s0[bi], r0 + rr, h, c0, w, cols, bc, base, erow,
+                              (uint32_t *)(void *)(erow + (h + 15) / 16 * 16), base + h * w + nb,
+                              room - (size_t)(h * w) - nb, out + e, qbuf + bi, st);
                 continue;
             }
             lm_fp8_dequant_block(codes0 + e, s0[bi], h, w, cols, acc + e, base);

@@ -53,19 +53,36 @@ int lm_xq_fused(const lm_plan_tensor *t);
 
 /* a fused tensor's one low-rank op (exec.c op_lowrank, not transposed): rows row0 .. row0 + n - 1
  * of the tensor get alpha * B A, B [n, K] and A [K, cols] row-major f32, by gemm_rows' chains */
+typedef struct lm_xq_bound lm_xq_bound;
 typedef struct lm_xq_term {
     const float *B, *A;
     uint64_t K, row0, n;
     float alpha;
+    double s;                 /* the op's scale (alpha = fl32(s)) */
+    const lm_xq_bound *bound; /* NULL: the f32 values requantized (not certified) */
+    lm_fp8_exact_fn exact;    /* with bound: the exact values (lm_fp8_bound) */
+    void *ctx;
 } lm_xq_term;
+
+/*! lm_xq_bound_make() : the certification's bound factors of a fused tensor's term (B, A, K of
+ *  term, its scale s: alpha = fl32(s)), for lm_xq_merge_tile() (exec_quant.c has the bound).
+ *  @return NULL when out of memory or when the term's form is outside the proof (K, s) */
+lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term);
+
+/*! lm_xq_exact() : the term's element (row, col) merged into its base value w exactly, rounded
+ *  once to f32 into *x, when an f64 evaluation with its error bound settles it.  @return 0, or -1
+ *  (then the low-rank path's exact value: lm_lowrank_tensor_exact_f32()) */
+int lm_xq_exact(const lm_xq_term *term, uint64_t cols, uint64_t row, uint64_t col, float w, float *x);
+void lm_xq_bound_free(lm_xq_bound *b);
 
 /*! lm_xq_merge_tile() : dequantize, merge and requantize rows [r0, r0 + nr) block by block while
  *  each block is in the cache: the block's codes (codes0) to f32 into acc (the tile, row stride
  *  cols), apply(ctx, ...) on it, then its new codes and scale as lm_xq_requant() would (the same
  *  bytes, scales and st).  With term (t's only op: apply's effect) and kernels k that have
  *  fp8_merge, each block instead in two passes of those (lm_fp8_merge_block), the merged values
- *  in qbuf.  acc ends as the merged tile when some block is not finite (st->n_nonfinite_blocks;
- *  always without term).  @return the number of pieces */
+ *  in qbuf; with term->bound, certified (the rule on the exact values, lm_fp8_merge_block(); the
+ *  elements made exact counted in st->n_exact).  acc ends as the merged tile when some block is
+ *  not finite (st->n_nonfinite_blocks; always without term).  @return the number of pieces */
 size_t lm_xq_merge_tile(const lm_plan_tensor *t, const lm_kernels *k, const float *scales, const uint8_t *codes0,
                         uint64_t r0, uint64_t nr, float *acc, const lm_xq_term *term, lm_xq_apply_fn apply, void *ctx,
                         uint8_t *out, float *qbuf, lm_qstats *st, lm_xq_piece pieces[2]);

@@ -7,6 +7,7 @@
 #include "quant_mx.h"
 #include "st_json.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -614,54 +615,220 @@ LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uin
     st->n_err += h * w;
 }
 
-void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
-                        const lm_fp8_term *term, float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st)
+/* the block's lanes summed into st (n_changed: its changed codes) */
+static void fp8_block_stats(uint64_t h, uint64_t w, uint64_t n_changed, const lm_fp8_lanes *L, lm_qstats *st)
 {
-    lm_fp8_lanes L;
-    k->fp8_merge(q0, (size_t)cols, s0, (size_t)h, (size_t)w, term, x, (size_t)ldx, &L);
-    const float amax = bits_f32(L.amax);
+    double esum = 0, d2 = 0, e2 = 0;
+    uint32_t emax = f32_bits((float)st->err_max);
+    for (int j = 0; j < 16; j++) {
+        esum += L->sum[j];
+        d2 += L->d2[j];
+        e2 += L->e2[j];
+        emax = L->emax[j] > emax ? L->emax[j] : emax;
+    }
+    st->n_changed += n_changed;
+    st->err_max = bits_f32(emax);
+    st->err_sum += esum;
+    st->d2 += d2;
+    st->e2 += e2;
+    st->n_err += h * w;
+}
+
+/* the block's x (h x w, row stride ldx) requantized by the rule: kept, or a new scale and the
+ * codes (k->fp8_encode); the numbers into st */
+static void fp8_encode_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                             const float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st,
+                             lm_fp8_lanes *L)
+{
+    const float amax = bits_f32(L->amax);
     st->n_blocks++;
     st->n_nonfinite_blocks += !isfinite(amax);
-    if (keep_block(x, ldx, q0, s0, h, w, cols, L.same, amax, q, out_scale, st))
+    if (keep_block(x, ldx, q0, s0, h, w, cols, L->same, amax, q, out_scale, st))
         return;
     const float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
     *out_scale = inv;
     const uint8_t *cq = inv == s0 ? q0 : NULL; /* a new scale changes every value: counted only under s0 */
     if (isfinite(s)) {
-        k->fp8_encode(x, (size_t)ldx, (size_t)h, (size_t)w, s, inv, ramax, cq, (size_t)cols, q, (size_t)cols, &L);
+        k->fp8_encode(x, (size_t)ldx, (size_t)h, (size_t)w, s, inv, ramax, cq, (size_t)cols, q, (size_t)cols, L, NULL);
     } else { /* amax below 448 / FLT_MAX: x * s out of range, encode_one's saturating rule */
-        memset(L.sum, 0, sizeof L.sum);
-        memset(L.e2, 0, sizeof L.e2);
-        memset(L.emax, 0, sizeof L.emax);
-        L.n_diff = 0;
+        memset(L->sum, 0, sizeof L->sum);
+        memset(L->e2, 0, sizeof L->e2);
+        memset(L->emax, 0, sizeof L->emax);
+        L->n_diff = 0;
         for (uint64_t r = 0; r < h; r++)
             for (uint64_t c = 0; c < w; c++) {
                 const float xv = x[r * ldx + c];
                 float v;
                 const uint8_t code = (uint8_t)e4m3_encode(xv * s, &v);
                 q[r * cols + c] = code;
-                L.n_diff += cq != NULL && code != cq[r * cols + c];
+                L->n_diff += cq != NULL && code != cq[r * cols + c];
                 const float dq = copysignf(v, xv) * inv - xv;
                 const uint32_t e = f32_bits(dq * ramax) & 0x7FFFFFFFu;
-                L.emax[c % 16] = e > L.emax[c % 16] ? e : L.emax[c % 16];
-                L.sum[c % 16] += bits_f32(e);
-                L.e2[c % 16] += dq * dq;
+                L->emax[c % 16] = e > L->emax[c % 16] ? e : L->emax[c % 16];
+                L->sum[c % 16] += bits_f32(e);
+                L->e2[c % 16] += dq * dq;
             }
     }
-    double esum = 0, d2 = 0, e2 = 0;
-    uint32_t emax = f32_bits((float)st->err_max);
-    for (int j = 0; j < 16; j++) {
-        esum += L.sum[j];
-        d2 += L.d2[j];
-        e2 += L.e2[j];
-        emax = L.emax[j] > emax ? L.emax[j] : emax;
+    fp8_block_stats(h, w, cq == NULL ? h * w : L->n_diff, L, st);
+}
+
+/* ---- certification (lm_fp8_bound) -----------------------------------------------------------
+ * Proof.  Let X be the exact merged value of an element rounded once to f32 (RN32), x the
+ * kernel's f32 value, |X - x| <= erow[i] + 2^-21 |x| (the caller's bound, which covers the term's
+ * chain, the add and RN32 itself; erow 0: x = X).  The rule maps X to fl(X * s) and that to its
+ * E4M3 code; fl, RN32 and the E4M3 rounding are monotone.  y = fl(x s), y' = fl(X s), Es =
+ * fl(erow s).
+ * (a) The codes, |y| >= 2^-6.  |y' - y| <= D := s erow + 2^-21 |x s| + 2^-24 (|y| + |y'|) <=
+ *     Es (1 + 2^-23) + 11 ulp(y) (ulp(y) = 2^(e-23) for |y| in [2^e, 2^(e+1))).  When D < |y| / 2,
+ *     y' lies within one binade below y's (or above), so the f32 bits of y and y' differ by at
+ *     most 2 D / ulp(y) <= Es 2^(24-e) + 23 (the kernel's T adds 32 after a ceiling).  Over
+ *     |y| >= 2^-6 every rounding midpoint of the E4M3 grid has the 20 low bits 0x80000 (a
+ *     binade's 8 codes are its 3 top mantissa bits; the last midpoint below 2^-6, 7.5 x 2^-9, is
+ *     2^20 bits below it), so when the bits' distance d from y to the nearest pattern ...0x80000
+ *     exceeds T, no midpoint lies between y and y' or on y': they get the same code (no tie
+ *     either), and d > T gives D <= 2^18 ulp(y) < |y| / 2 as used.  The kernel flags d <= T.
+ * (b) |y| < 2^-6: the codes are the multiples of 2^-9 (to 2^-6 and its neighbour 9 x 2^-9), the
+ *     midpoints the odd multiples of 2^-10, and zero's sign is the code's.  Here D <= Es (1 +
+ *     2^-23) + 2^-20 |y| + 2^-147 (the subnormal f32 range adds 2^-150 per rounding) <= Ers +
+ *     2^-19 |y|, Ers = Es 1.0001 + 2^-140 (f32), and the distance of y to the nearest midpoint,
+ *     2^-10 - |y - r| (r = |y| rounded to 2^-9: (|y| + 2^14) - 2^14), or to zero (|y|), exact
+ *     where it is the smaller, must exceed it; the kernel flags the others.
+ * (c) The amax is max |X|.  With E = max erow + 2^-21 amax_x (amax_x = max |x|), every element
+ *     has |X - x| <= E.  The rows outside the term are exact (their max, amax_b).  A term
+ *     element with |x| < thr <= amax_x - 2 E has |X| < amax_x - E, below the exact value of the
+ *     element holding amax_x (a term element, then |x| >= thr and it is flagged) or below
+ *     amax_b (when that holds it): amax = max(amax_b, |X| of the flagged).  The kernel flags
+ *     |y| >= fl(thr s), which every |x| >= thr has (monotone).  A new amax (rare) changes s:
+ *     the codes are made again with it, flagged by (a) and (b) only.
+ * (d) Kept: a block keeps its codes and scale when every X equals its base value c.  An element
+ *     with |x - c| > erow + 2^-21 |x| has X != c: the block changes.  Blocks with no such
+ *     element, with a bound or x not finite, or a scale out of range, take X for every element
+ *     of the term's rows (the rule on exact values).
+ * The flagged elements take X (exact()), their codes made again from it. */
+
+/* 1 if an element of a checked row surely changed (X != its base value, (d)) */
+static int fp8_surely_changed(const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols, const float *x,
+                              uint64_t ldx, const float *erow)
+{
+    for (uint64_t r = 0; r < h; r++) {
+        if (!(erow[r] > 0.0f))
+            continue;
+        for (uint64_t c = 0; c < w; c++) {
+            const double xv = x[r * ldx + c], d = fabs(xv - (double)(e4m3_decode(q0[r * cols + c]) * s0));
+            if (d > ((double)erow[r] + 0x1p-20 * fabs(xv)) * (1 + 0x1p-40))
+                return 1;
+        }
     }
-    st->n_changed += cq == NULL ? h * w : L.n_diff;
-    st->err_max = bits_f32(emax);
-    st->err_sum += esum;
-    st->d2 += d2;
-    st->e2 += e2;
-    st->n_err += h * w;
+    return 0;
+}
+
+/* element (i, j) exact: X into x, counted */
+static float fp8_exact1(lm_fp8_bound *bd, const uint8_t *q0, float s0, uint64_t cols, float *x, uint64_t ldx,
+                        uint64_t i, uint64_t j)
+{
+    const float X = bd->exact(bd->ctx, bd->row0 + i, bd->col0 + j, e4m3_decode(q0[i * cols + j]) * s0);
+    x[i * ldx + j] = X;
+    bd->n_exact++;
+    return X;
+}
+
+/* every element of the checked rows exact, L's amax and sameness from the exact values */
+static void fp8_exact_block(lm_fp8_bound *bd, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                            float *x, uint64_t ldx, lm_fp8_lanes *L)
+{
+    uint32_t am = 0;
+    int same = 1;
+    for (uint64_t r = 0; r < h; r++)
+        for (uint64_t c = 0; c < w; c++) {
+            const float X = bd->erow[r] > 0.0f ? fp8_exact1(bd, q0, s0, cols, x, ldx, r, c) : x[r * ldx + c];
+            const uint32_t a = f32_bits(X) & 0x7FFFFFFFu;
+            am = a > am ? a : am;
+            same &= X == e4m3_decode(q0[r * cols + c]) * s0;
+        }
+    L->amax = am;
+    L->same = same;
+}
+
+/* the certified encode ((a) to (c)): 0 done, -1 the block takes exact values throughout */
+static int fp8_certified(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                         float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st, lm_fp8_lanes *L,
+                         lm_fp8_bound *bd)
+{
+    float amax = bits_f32(L->amax), emax = 0.0f;
+    for (uint64_t r = 0; r < h; r++) {
+        if (!(bd->erow[r] < FLT_MAX) || bd->erow[r] < 0.0f) /* (NaN included) */
+            return -1;
+        emax = bd->erow[r] > emax ? bd->erow[r] : emax;
+    }
+    if (!isfinite(amax) || L->same || !fp8_surely_changed(q0, s0, h, w, cols, x, ldx, bd->erow))
+        return -1;
+    const double thr_d = (double)amax * (1 - 0x1p-19) - 2 * (double)emax;
+    float thr = (float)thr_d;
+    if (!(thr_d > 0) || !(448.0f / amax < FLT_MAX))
+        return -1;
+    if ((double)thr > thr_d)
+        thr = nextafterf(thr, 0.0f);
+    float s = 448.0f / amax, inv = 1.0f / s, ramax = 1.0f / amax;
+    const uint8_t *cq = inv == s0 ? q0 : NULL;
+    lm_fp8_cert cert = {bd->erow, f32_bits(thr * s), bd->flag, 0};
+    k->fp8_encode(x, (size_t)ldx, (size_t)h, (size_t)w, s, inv, ramax, cq, (size_t)cols, q, (size_t)cols, L, &cert);
+    const size_t n1 = cert.n_flag;
+    uint32_t am = L->amax_b;
+    for (size_t f = 0; f < n1; f++) {
+        const uint32_t a = f32_bits(fp8_exact1(bd, q0, s0, cols, x, ldx, bd->flag[f] / w, bd->flag[f] % w)) & 0x7FFFFFFFu;
+        am = a > am ? a : am;
+    }
+    size_t n2 = 0;
+    if (am != L->amax) { /* a new amax: the codes again with its scale, the flagged of (a), (b) exact too */
+        amax = bits_f32(am);
+        if (!(amax > 0.0f) || !isfinite(amax) || !(448.0f / amax < FLT_MAX))
+            return -1;
+        s = 448.0f / amax;
+        inv = 1.0f / s;
+        ramax = 1.0f / amax;
+        cq = inv == s0 ? q0 : NULL;
+        cert.thr = 0xFFFFFFFFu;
+        cert.flag = bd->flag + n1;
+        k->fp8_encode(x, (size_t)ldx, (size_t)h, (size_t)w, s, inv, ramax, cq, (size_t)cols, q, (size_t)cols, L, &cert);
+        n2 = cert.n_flag;
+        for (size_t f = 0, g = 0; f < n2; f++) { /* (both lists ascending) the new ones */
+            const uint32_t e = bd->flag[n1 + f];
+            while (g < n1 && bd->flag[g] < e)
+                g++;
+            if (g == n1 || bd->flag[g] != e)
+                (void)fp8_exact1(bd, q0, s0, cols, x, ldx, e / w, e % w);
+        }
+    }
+    L->amax = am;
+    st->n_blocks++;
+    *out_scale = inv;
+    for (size_t f = 0; f < n1 + n2; f++) { /* the exact elements' codes */
+        const uint64_t i = bd->flag[f] / w, j = bd->flag[f] % w;
+        float v;
+        const uint8_t code = (uint8_t)e4m3_encode(x[i * ldx + j] * s, &v), old = q[i * cols + j];
+        q[i * cols + j] = code;
+        if (cq != NULL)
+            L->n_diff = L->n_diff + (code != cq[i * cols + j]) - (old != cq[i * cols + j]);
+    }
+    fp8_block_stats(h, w, cq == NULL ? h * w : L->n_diff, L, st);
+    return 0;
+}
+
+void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
+                        const lm_fp8_term *term, float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st,
+                        lm_fp8_bound *bd)
+{
+    lm_fp8_lanes L;
+    k->fp8_merge(q0, (size_t)cols, s0, (size_t)h, (size_t)w, term, x, (size_t)ldx, &L);
+    int checked = 0;
+    for (uint64_t r = 0; bd != NULL && r < h && !checked; r++)
+        checked = !(bd->erow[r] == 0.0f);
+    if (checked) {
+        if (fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd) == 0)
+            return;
+        fp8_exact_block(bd, q0, s0, h, w, cols, x, ldx, &L);
+    }
+    fp8_encode_block(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L);
 }
 
 /* ------------------------------------------------------------------------------------------ */

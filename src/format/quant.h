@@ -90,6 +90,7 @@ typedef struct lm_qstats {
     uint64_t n_err;
     double d2, e2;          /* sums of (x - base)^2 and (dequant(requant(x)) - x)^2, changed blocks */
     uint64_t n_nonfinite_blocks; /* block FP8: blocks holding inf or NaN (their amax is not finite) */
+    uint64_t n_exact;            /* block FP8, certified fused tiles: elements made exact */
 } lm_qstats;
 
 /*! lm_fp8_block_requant() :
@@ -113,12 +114,30 @@ void lm_fp8_dequant_block(const uint8_t *q, float s, uint64_t h, uint64_t w, uin
 void lm_fp8_requant_block(const float *x, const float *base, const uint8_t *q0, float s, uint64_t h, uint64_t w,
                           uint64_t cols, uint8_t *q, float *out_scale, lm_qstats *st);
 
+/* the exact merged value of element (row, col) of a tensor rounded once to f32, w its base value */
+typedef float (*lm_fp8_exact_fn)(void *ctx, uint64_t row, uint64_t col, float w);
+
+/* lm_fp8_merge_block()'s certification (the proof in quant.c): the block's element (i, j) is
+ * element (row0 + i, col0 + j) of its tensor */
+typedef struct lm_fp8_bound {
+    const float *erow; /* h: row i's kernel values x and exact values X (RN32) have
+                          |X - x| <= erow[i] + 2^-21 |x|; 0: the row is outside the term (x exact) */
+    lm_fp8_exact_fn exact;
+    void *ctx;
+    uint64_t row0, col0;
+    uint32_t *flag;   /* scratch: 2 h w */
+    uint64_t n_exact; /* elements computed by exact(), added to */
+} lm_fp8_bound;
+
 /*! lm_fp8_merge_block() : lm_fp8_dequant_block(), one low-rank term (gemm_rows' chains, rows
  *  term->r_lo .. r_hi of the block) and lm_fp8_requant_block() in two passes of k's kernels
  *  (k->fp8_merge, k->fp8_encode, non-NULL; lm_kernels.h): the same codes, scale, numbers and
- *  merged values x (h x w, row stride ldx, the caller's scratch) */
+ *  merged values x (h x w, row stride ldx, the caller's scratch).  bd not NULL: the codes, scale
+ *  and kept block are the rule's on the exact values X (bd->exact() for the few elements whose
+ *  result x's bound does not settle it); the numbers (err_*, d2, e2) stay x's. */
 void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
-                        const lm_fp8_term *term, float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st);
+                        const lm_fp8_term *term, float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st,
+                        lm_fp8_bound *bd);
 
 /* ---- compressed-tensors and ModelOpt (quant_ct.c) ---- */
 /*! lm_ct_fp8_requant() :

@@ -16,10 +16,42 @@
 #define MM_CLONES
 #endif
 
+typedef double v8d __attribute__((vector_size(64)));
+
 /* C[a, b] accumulates its terms in x order, as a dot product would, but row by row so the b
- * loop vectorizes */
+ * loop vectorizes.  Rows of 32 (OFT's usual block size, the Cayley-Neumann products of every
+ * block of a tensor), four at a time, are summed in local rows the compiler keeps in registers:
+ * the same products and sums in the same order, without a store and a load of C per term */
 MM_CLONES void lm_matmul_d(const double *A, const double *B, double *C, size_t m, size_t k, size_t n)
 {
+    if (n == 32 && m % 4 == 0) { /* four rows at a time: 16 independent vector sums */
+        for (size_t a = 0; a < m; a += 4) {
+            v8d c[4][4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++)
+                    c[i][q] = (v8d){0, 0, 0, 0, 0, 0, 0, 0};
+            for (size_t x = 0; x < k; x++) {
+                v8d b[4];
+                memcpy(b, B + x * 32, sizeof b);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    const double f = A[(a + (size_t)i) * k + x];
+                    const v8d fv = {f, f, f, f, f, f, f, f};
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; q++)
+                        c[i][q] += fv * b[q];
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++)
+                    memcpy(C + (a + (size_t)i) * 32 + q * 8, &c[i][q], sizeof c[i][q]);
+        }
+        return;
+    }
     for (size_t a = 0; a < m; a++) {
         double *restrict c = C + a * n;
         for (size_t b = 0; b < n; b++)
