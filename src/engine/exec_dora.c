@@ -38,6 +38,8 @@
  * is correctly rounded), so the bytes do not depend on the kernel variant or the tiles. */
 #include "exec_dora.h"
 
+#include "st_reader.h"
+
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -222,6 +224,8 @@ lm_dora_tensor *lm_dora_tensor_create(const lm_plan_tensor *t, const lm_prepared
         L->Cp = malloc(K * cols * sizeof *L->Cp + 1);
         if (L->R == NULL || L->Cp == NULL)
             goto nomem;
+        lm_populate(L->R, rows * K * sizeof *L->R); /* written whole: no page fault per page */
+        lm_populate(L->Cp, K * cols * sizeof *L->Cp);
         factors_f64(L, &prep[o], op, rows, cols);
     }
     if (t->n_ops == 2 && t->ops[0].kind == LM_OP_LOWRANK && t->ops[1].kind == LM_OP_NORM && t->ops[1].axis == 0 &&
