@@ -80,6 +80,7 @@ static double now(void)
 /* runs argv with stdout to out_path (or /dev/null); returns wall seconds, *rss_kb the child's peak */
 static double g_last_cpu; /* user + system CPU seconds of the last run_timed() (its children included) */
 static double g_last_sys; /* of which system */
+static double g_last_read_gb; /* GB it read from the disk (not the page cache): ru_inblock */
 
 static double run_timed(char *const *argv, const char *out_path, long *rss_kb, int *status)
 {
@@ -98,6 +99,7 @@ static double run_timed(char *const *argv, const char *out_path, long *rss_kb, i
     memset(&ru, 0, sizeof ru);
     wait4(pid, &st, 0, &ru);
     double t = now() - t0;
+    g_last_read_gb = (double)ru.ru_inblock * 512e-9;
     g_last_sys = (double)ru.ru_stime.tv_sec + 1e-6 * ru.ru_stime.tv_usec;
     g_last_cpu = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + g_last_sys;
     *rss_kb = ru.ru_maxrss;
@@ -501,14 +503,34 @@ static void file_sha(const char *path, char hex[65])
         pclose(p);
 }
 
+/* one timed phase of run_batch: started with no dirty pages (sync first, untimed), timed to its
+ * exit (*t, *c: wall and CPU seconds) and, with durable, to the end of the sync that follows (*td:
+ * the wall seconds until its outputs are on the disk).  @return the exit status */
+static int batch_phase(char *const *argv, int durable, double *t, double *c, double *td, long *rss)
+{
+    int st = 0;
+    sync();
+    double t0 = now();
+    *t = run_timed(argv, NULL, rss, &st);
+    *c = g_last_cpu;
+    if (durable)
+        sync();
+    *td = now() - t0;
+    return st;
+}
+
 /* K LoRA adapters (r 16, every projection, seeds 1..K): 8 merges one after the other against
- * one batch of the same 8 jobs, alternated; the batch's outputs compared with the merges' (in the
- * first run, by sha256 while each file is still in the page cache: a cmp of the 2 K files read
- * back from the disk would disturb the floors timed after it) */
+ * one batch of the same 8 jobs, and the two floors (the K outputs' bytes written, no compute),
+ * in an order that alternates between runs.  Every phase starts with no dirty pages (the last
+ * phase's outputs removed, then sync, not timed), so none pays for the writeback of another's
+ * outputs; each is timed to its exit, and with BENCH_DURABLE=1 to the end of the sync after it
+ * (its outputs on the disk: the disk then writes 4 K outputs a run).  The batch's outputs are compared with
+ * the merges' by sha256 in the first run (after the timed phases); at most K outputs are on the
+ * disk at a time. */
 static int run_batch(const bench_case *bc, const char *bdir, const char *bin, const char *dir, const char *mdir,
                      const char *base, int runs, int threads)
 {
-    int K = bc->batch;
+    int K = bc->batch, durable = getenv("BENCH_DURABLE") != NULL && atoi(getenv("BENCH_DURABLE")) > 0;
     char gen_adapter[4200], thr[16], opts[64][128], adirs[64][4400], outs[64][4400], refs[64][4400];
     snprintf(gen_adapter, sizeof gen_adapter, "%s/gen_adapter", bdir);
     snprintf(thr, sizeof thr, "%d", threads);
@@ -534,10 +556,15 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
         bargv[nb++] = outs[i];
     }
     bargv[nb] = NULL;
-    double *ts = calloc((size_t)runs, sizeof *ts), *tb = calloc((size_t)runs, sizeof *tb);
-    double *tt = calloc((size_t)runs, sizeof *tt), *cs = calloc((size_t)runs, sizeof *cs);
-    double *cb = calloc((size_t)runs, sizeof *cb), *ct = calloc((size_t)runs, sizeof *ct);
-    double *tw = calloc((size_t)runs, sizeof *tw), *cw = calloc((size_t)runs, sizeof *cw);
+    /* per phase (0: the K merges, 1: the batch, 2: tee, 3: the threaded floor) and run: wall to
+     * exit, CPU, wall to the outputs on the disk */
+    enum { NP = 4 };
+    double *t[NP], *c[NP], *d[NP];
+    for (int p = 0; p < NP; p++) {
+        t[p] = calloc((size_t)runs, sizeof *t[p]);
+        c[p] = calloc((size_t)runs, sizeof *c[p]);
+        d[p] = calloc((size_t)runs, sizeof *d[p]);
+    }
     /* the floor, two ways: the base copied to K files by one `tee` (one read, K writes of the same
      * bytes, one thread), and the same by `threads` threads (--floor-write) */
     char kk[16];
@@ -551,85 +578,96 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     char *targv[] = {"sh", "-c", tee_cmd, NULL};
     long rss, rss_s = 0, rss_b = 0;
     int st = 0, same = 1;
-    static char ref_sha[64][65];
+    static char ref_sha[64][65], out_sha[64][65];
+    static const int orders[2][NP] = {{0, 1, 2, 3}, {1, 0, 3, 2}};
     for (int r = 0; r < runs; r++) {
-        rm_rf(rd);
-        mkdir(rd, 0777);
-        ts[r] = 0;
-        for (int i = 0; i < K; i++) {
-            char *margv[] = {(char *)bin, "-q", "--threads", thr, (char *)base, adirs[i], refs[i], NULL};
-            ts[r] += run_timed(margv, NULL, &rss, &st);
-            cs[r] += g_last_cpu;
-            if (r == 0)
-                file_sha(refs[i], ref_sha[i]);
-            rss_s = rss > rss_s ? rss : rss_s;
+        for (int q = 0; q < NP; q++) {
+            int p = orders[r % 2][q];
+            rm_rf(od);
+            rm_rf(rd);
+            mkdir(od, 0777);
+            mkdir(rd, 0777);
+            double t0 = now(), c0 = 0, sd0 = 0;
+            if (p == 0) { /* the K merges, one after the other: one phase (each pays for the last's writeback) */
+                sync();
+                t0 = now();
+                for (int i = 0; i < K && st == 0; i++) {
+                    char *margv[] = {(char *)bin, "-q", "--threads", thr, (char *)base, adirs[i], refs[i], NULL};
+                    sd0 += run_timed(margv, NULL, &rss, &st);
+                    c0 += g_last_cpu;
+                    rss_s = rss > rss_s ? rss : rss_s;
+                }
+                if (durable)
+                    sync();
+                t[p][r] = sd0;
+                c[p][r] = c0;
+                d[p][r] = now() - t0;
+            } else if (p == 1) {
+                st = batch_phase(bargv, durable, &t[p][r], &c[p][r], &d[p][r], &rss);
+                rss_b = rss > rss_b ? rss : rss_b;
+            } else {
+                st = batch_phase(p == 2 ? targv : fargv, durable, &t[p][r], &c[p][r], &d[p][r], &rss);
+            }
             if (st != 0) {
-                fprintf(stderr, "bench: merge %d failed with status %d\n", i, st);
+                fprintf(stderr, "bench: %s failed with status %d\n",
+                        p == 0 ? "a merge" : p == 1 ? "the batch" : p == 2 ? "tee" : "the floor (--floor-write)", st);
                 return 1;
             }
-        }
-        rm_rf(od);
-        mkdir(od, 0777);
-        tb[r] = run_timed(bargv, NULL, &rss, &st);
-        cb[r] = g_last_cpu;
-        rss_b = rss > rss_b ? rss : rss_b;
-        if (st != 0) {
-            fprintf(stderr, "bench: batch failed with status %d\n", st);
-            return 1;
-        }
-        for (int i = 0; i < K && r == 0; i++) { /* the batch's outputs are the merges' */
-            char hex[65];
-            file_sha(outs[i], hex);
-            same &= hex[0] != '\0' && strcmp(hex, ref_sha[i]) == 0;
-        }
-        rm_rf(od); /* room on the disk for the next run's references */
-        rm_rf(rd);
-        mkdir(od, 0777);
-        tt[r] = run_timed(targv, NULL, &rss, &st);
-        ct[r] = g_last_cpu;
-        rm_rf(od);
-        mkdir(od, 0777);
-        tw[r] = run_timed(fargv, NULL, &rss, &st);
-        cw[r] = g_last_cpu;
-        rm_rf(od);
-        if (st != 0) {
-            fprintf(stderr, "bench: the floor (--floor-write) failed with status %d\n", st);
-            return 1;
+            for (int i = 0; i < K && r == 0 && p == 0; i++) /* the outputs' sha256, after the timed phase */
+                file_sha(refs[i], ref_sha[i]);
+            for (int i = 0; i < K && r == 0 && p == 1; i++)
+                file_sha(outs[i], out_sha[i]);
+            for (int i = 0; i < K && r == 0 && q == NP - 1; i++) /* both sides hashed by now */
+                same &= ref_sha[i][0] != '\0' && strcmp(ref_sha[i], out_sha[i]) == 0;
         }
     }
+    rm_rf(od);
     rm_rf(rd);
-    double ms = median(ts, runs), mb = median(tb, runs), ratio = mb / ms;
+    double m[NP], mc[NP], md[NP], lo[NP], hi[NP], lod[NP], hid[NP];
+    for (int p = 0; p < NP; p++) {
+        m[p] = median(t[p], runs); /* sorts: [0] and [runs - 1] are then the least and the most */
+        lo[p] = t[p][0];
+        hi[p] = t[p][runs - 1];
+        mc[p] = median(c[p], runs);
+        md[p] = median(d[p], runs);
+        lod[p] = d[p][0];
+        hid[p] = d[p][runs - 1];
+    }
+    double ratio = m[1] / m[0];
     print_machine(threads);
     printf("%-6s %3s %26s %26s %7s %11s %11s %s\n", "case", "K", "K merges s (min-max)", "one batch s (min-max)",
            "ratio", "merge RSS", "batch RSS", "targets");
     char s1[64], b1[64];
-    snprintf(s1, sizeof s1, "%.2f (%.2f-%.2f)", ms, ts[0], ts[runs - 1]);
-    snprintf(b1, sizeof b1, "%.2f (%.2f-%.2f)", mb, tb[0], tb[runs - 1]);
+    snprintf(s1, sizeof s1, "%.2f (%.2f-%.2f)", m[0], lo[0], hi[0]);
+    snprintf(b1, sizeof b1, "%.2f (%.2f-%.2f)", m[1], lo[1], hi[1]);
     char tg[64] = "no target";
     if (bc->max_ratio > 0)
         snprintf(tg, sizeof tg, "ratio<=%.2f %s", bc->max_ratio, ratio <= bc->max_ratio ? "ok" : "MISSED");
     printf("%-6s %3d %26s %26s %7.3f %8.0f MB %8.0f MB %s; outputs %s\n", bc->name, K, s1, b1, ratio, rss_s / 1024.0,
            rss_b / 1024.0, tg, same ? "identical to the merges'" : "DIFFER from the merges'");
     printf("K merges: the %d merges one after another (each reads the base); one batch: `lora-merge batch` with the "
-           "same %d jobs (one read of the base); base %.2f GB, page cache warm\n", K, K, (double)file_size(base) * 1e-9);
-    double mt = median(tt, runs), mcs = median(cs, runs), mcb = median(cb, runs), mct = median(ct, runs);
-    double mw = median(tw, runs), mcw = median(cw, runs), fl = mt < mw ? mt : mw;
-    printf("CPU (user+system, median): K merges %.2f s, one batch %.2f s (%.3f)\n", mcs, mcb, mcb / mcs);
-    printf("the floor, writing the %d outputs' bytes and nothing else (page cache warm, same runs): `tee` of the base "
-           "to %d files %.2f s wall (%.2f-%.2f), %.2f s CPU; the same by %d threads (a tee each, K/%d files) %.2f s "
-           "wall (%.2f-%.2f), %.2f s CPU\n", K, K, mt, tt[0], tt[runs - 1], mct, threads, threads, mw, tw[0], tw[runs - 1],
-           mcw);
-    printf("floor ratio (the better floor / the K merges): %.3f; the batch / the floor: %.3f%s\n", fl / ms, mb / fl,
-           fl / ms > bc->max_ratio && bc->max_ratio > 0 ? "; the target ratio is below the floor: no batch can meet it "
-                                                          "here (writing the outputs alone takes longer)" : "");
-    free(ts);
-    free(tb);
-    free(tt);
-    free(cs);
-    free(cb);
-    free(ct);
-    free(tw);
-    free(cw);
+           "same %d jobs (one read of the base); base %.2f GB, page cache warm; %d runs, the phases' order alternated, "
+           "each phase started after a sync (no dirty pages), medians\n", K, K, (double)file_size(base) * 1e-9, runs);
+    printf("CPU (user+system, median): K merges %.2f s, one batch %.2f s (%.3f)\n", mc[0], mc[1], mc[1] / mc[0]);
+    if (durable)
+        printf("to the outputs on the disk (the phase and the sync after it): K merges %.2f s (%.2f-%.2f), one batch "
+               "%.2f s (%.2f-%.2f): ratio %.3f\n", md[0], lod[0], hid[0], md[1], lod[1], hid[1], md[1] / md[0]);
+    double fl = m[2] < m[3] ? m[2] : m[3], fld = md[2] < md[3] ? md[2] : md[3];
+    printf("the floor, writing the %d outputs' bytes and nothing else (same runs): `tee` of the base to %d files "
+           "%.2f s wall (%.2f-%.2f), %.2f s CPU; the same by %d threads (a tee each, K/%d files) %.2f s wall "
+           "(%.2f-%.2f), %.2f s CPU\n", K, K, m[2], lo[2], hi[2], mc[2], threads, threads, m[3], lo[3], hi[3], mc[3]);
+    if (durable)
+        printf("the floors to the disk: `tee` %.2f s, threads %.2f s: %.3f of the K merges'\n", md[2], md[3],
+               fld / md[0]);
+    printf("floor ratio (the better floor / the K merges): %.3f; the batch / the floor: %.3f%s\n", fl / m[0],
+           m[1] / fl,
+           fl / m[0] > bc->max_ratio && bc->max_ratio > 0 ? "; the target ratio is below the floor: no batch can "
+                                                           "meet it here (writing the outputs alone takes longer)" : "");
+    for (int p = 0; p < NP; p++) {
+        free(t[p]);
+        free(c[p]);
+        free(d[p]);
+    }
     return same ? 0 : 1;
 }
 
@@ -714,7 +752,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     enum { W = 4, MAX_SHARDS = 256 };
     double *t1 = calloc((size_t)runs, sizeof *t1), *tw = calloc((size_t)runs, sizeof *tw);
     double *c1 = calloc((size_t)runs, sizeof *c1), *cw = calloc((size_t)runs, sizeof *cw);
-    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0;
+    double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0, rd_w[W] = {0}, rd_1 = 0;
     static shard_time sh[MAX_SHARDS];
     int n_sh = 0;
     /* the base read through the page cache before each side (untimed): the 8B's base and output
@@ -736,6 +774,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         }
         t1[r] = run_timed(margv, NULL, &rss, &st);
         c1[r] = g_last_cpu;
+        rd_1 = g_last_read_gb;
         if (st != 0) {
             fprintf(stderr, "bench: the 2-thread merge failed (%d)\n", st);
             return 1;
@@ -770,6 +809,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                     cpu[w] = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
                              1e-6 * ru.ru_stime.tv_usec;
                     cw[r] += cpu[w];
+                    rd_w[w] = (double)ru.ru_inblock * 512e-9;
                     if (!WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
                         fprintf(stderr, "bench: worker %d failed\n", w);
                         return 1;
@@ -819,8 +859,13 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         fixed[w] = cpu[w] - sc;
         max_fixed = fixed[w] > max_fixed ? fixed[w] : max_fixed;
         printf("  worker %d/%d (last run): %.2f s wall, %.2f s CPU: %d shards %.2f s wall %.2f s CPU, the rest %.2f s "
-               "CPU\n", w, W, wall[w], cpu[w], ns, swl, sc, fixed[w]);
+               "CPU; %.2f GB read from the disk\n", w, W, wall[w], cpu[w], ns, swl, sc, fixed[w], rd_w[w]);
     }
+    double rd_all = 0;
+    for (int w = 0; w < W; w++)
+        rd_all += rd_w[w];
+    printf("  read from the disk, not the page cache (the base was read through the cache before each side; base and "
+           "output do not both fit in memory): the one merge %.2f GB, the workers %.2f GB (last run)\n", rd_1, rd_all);
     for (int k = 0; k < n_sh; k++)
         printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (%.2f s of it its sha256, %.2f GB/s) (worker %d)\n",
                sh[k].name, sh[k].bytes * 1e-9, sh[k].wall, sh[k].cpu, sh[k].hash,

@@ -147,8 +147,8 @@ static void set_avx2(lm_kernels *k)
     k->f64_round = lm_f64_round_avx2;
     k->wy64 = lm_wy64_avx2;
     k->lr64 = lm_lr64_avx2;
-    k->fp8_merge = NULL; /* (no AVX2 variant: quant.c's block functions, built for AVX2 too) */
-    k->fp8_encode = NULL;
+    k->fp8_merge = lm_fp8_merge_avx2;
+    k->fp8_encode = lm_fp8_encode_avx2;
     k->rot_cert = lm_rot_cert_avx2;
     k->dora_cert = lm_dora_cert_avx2;
     k->name = "avx2";

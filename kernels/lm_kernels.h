@@ -369,6 +369,10 @@ void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t 
                       size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
                        const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L, lm_fp8_cert *c);
+void lm_fp8_merge_avx2(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
+                       size_t ldx, lm_fp8_lanes *L);
+void lm_fp8_encode_avx2(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
+                        const uint8_t *q0, size_t ldq, uint8_t *q, size_t ldo, lm_fp8_lanes *L, lm_fp8_cert *c);
 void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
                          size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_avx512(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
