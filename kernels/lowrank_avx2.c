@@ -336,9 +336,13 @@ void LR2_TARGET lm_lowrank_avx2(const lm_lowrank *lr, size_t row0, size_t n_rows
                                   lm_kdtype w_dtype, size_t ldw, void *out, lm_kdtype out_dtype,
                                   size_t ldo, unsigned flags, lm_lowrank_stats *st)
 {
+    /* a local copy: the stores through out cannot reach it, so the factors' pointers and sizes
+     * stay in registers instead of being reloaded after every store (exact path, 2048x2048 bf16
+     * tensor: -4%) */
+    const lm_lowrank L = *lr;
 #define LR_CASE(wt, ot)                                                                            \
     if (w_dtype == (wt) && out_dtype == (ot)) {                                                    \
-        lr2_tile(lr, row0, n_rows, w, (wt), ldw, out, (ot), ldo, flags, st);                       \
+        lr2_tile(&L, row0, n_rows, w, (wt), ldw, out, (ot), ldo, flags, st);                       \
         return;                                                                                    \
     }
     LR_CASE(LM_KDT_BF16, LM_KDT_BF16)
