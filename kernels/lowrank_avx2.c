@@ -275,9 +275,10 @@ LR2_INLINE void lr2_block_f64(const lm_lowrank *lr, size_t i, size_t mr, size_t 
     st->n_changed += changed;
 }
 
-/* Loop order: column panels outside, rows inside, so the panel of A (K x 8 values) stays in L1
- * while every row of the tile passes over it (rows in blocks of mr, then one by one); the column
- * tail goes to the reference, row by row. */
+/* Loop order: rows outside (blocks of mr, then one by one), columns inside, as lowrank_avx512.c:
+ * each block reads its rows of W and writes its rows of the output left to right, whole cache
+ * lines in sequence, while the panels of A stream from L2.  The column tail goes to the
+ * reference, row by row. */
 /* the whole tile for one (W dtype, output dtype) pair: both are constants at each call below, so
  * every dtype test in the loops disappears */
 LR2_INLINE void lr2_tile(const lm_lowrank *lr, size_t row0, size_t n_rows, const void *w, lm_kdtype w_dtype,
@@ -292,30 +293,35 @@ LR2_INLINE void lr2_tile(const lm_lowrank *lr, size_t row0, size_t n_rows, const
     char *op = out;
     size_t j = 0;
     if (out_dtype != LM_KDT_F32 || (flags & LM_LOWRANK_UNCERTIFIED)) {
-        for (; j + 8 <= cols; j += 8) {
-            size_t i = 0;
-            for (; i + LR2_MR_F32 <= n_rows; i += LR2_MR_F32)
-                lr2_block_f32(lr, row0 + i, LR2_MR_F32, j, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+        j = cols / 8 * 8;
+        size_t i = 0;
+        for (; i + LR2_MR_F32 <= n_rows; i += LR2_MR_F32)
+            for (size_t jb = 0; jb < j; jb += 8)
+                lr2_block_f32(lr, row0 + i, LR2_MR_F32, jb, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, out_dtype, flags, &c);
-            for (; i < n_rows; i++)
-                lr2_block_f32(lr, row0 + i, 1, j, wp + i * wstride, wstride, w_dtype, op + i * ostride,
-                              ostride, out_dtype, flags, &c);
-        }
+        for (; i < n_rows; i++)
+            for (size_t jb = 0; jb < j; jb += 8)
+                lr2_block_f32(lr, row0 + i, 1, jb, wp + i * wstride, wstride, w_dtype, op + i * ostride, ostride,
+                              out_dtype, flags, &c);
     } else {
-        for (; j + 8 <= cols; j += 8) {
-            size_t i = 0;
-            for (; i + LR2_MR_F64 <= n_rows; i += LR2_MR_F64)
-                lr2_block_f64(lr, row0 + i, LR2_MR_F64, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+        const size_t j8 = cols / 8 * 8;
+        j = cols / 4 * 4;
+        size_t i = 0;
+        for (; i + LR2_MR_F64 <= n_rows; i += LR2_MR_F64) {
+            for (size_t jb = 0; jb < j8; jb += 8)
+                lr2_block_f64(lr, row0 + i, LR2_MR_F64, jb, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, &c);
-            for (; i < n_rows; i++)
-                lr2_block_f64(lr, row0 + i, 1, j, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+            if (j > j8)
+                lr2_block_f64(lr, row0 + i, LR2_MR_F64, j8, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, &c);
         }
-        if (j + 4 <= cols) {
-            for (size_t i = 0; i < n_rows; i++)
-                lr2_block_f64(lr, row0 + i, 1, j, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+        for (; i < n_rows; i++) {
+            for (size_t jb = 0; jb < j8; jb += 8)
+                lr2_block_f64(lr, row0 + i, 1, jb, 2, wp + i * wstride, wstride, w_dtype, op + i * ostride,
                               ostride, &c);
-            j += 4;
+            if (j > j8)
+                lr2_block_f64(lr, row0 + i, 1, j8, 1, wp + i * wstride, wstride, w_dtype, op + i * ostride,
+                              ostride, &c);
         }
     }
     if (j < cols)

@@ -100,32 +100,15 @@ static lr_fmt lr_fmt_of(lm_kdtype t)
     return t == LM_KDT_BF16 ? bf16 : t == LM_KDT_F16 ? f16 : f32;
 }
 
-/* x (any double) rounded to nearest, ties to even, in the output dtype, as bits.  Exact by
- * construction: scale |x| (a power of two, exact) so that the output's quantum at |x| becomes 1,
- * rint() (to nearest even), scale back; the result is representable in f32, so the last
- * conversion is exact.  NaN -> canonical NaN; overflow -> +-inf. */
+/* x (any double) rounded to nearest, ties to even, in the output dtype, as bits: one rounding (f32:
+ * the C cast; bf16/f16: lm_f64_to_16_1, round to odd in f32 then RNE, subnormals included), with no
+ * libm call (frexp, ldexp and rint made this a tenth of the recomputation's time).  NaN ->
+ * canonical NaN; beyond the finite range -> +-inf. */
 static uint32_t lr_round_f64(double x, lm_kdtype t)
 {
     if (isnan(x))
         return lm_lr_nan_bits(t);
-    const lr_fmt f = lr_fmt_of(t);
-    const int neg = signbit(x) != 0;
-    double a = fabs(x);
-    if (a != 0 && !isinf(a)) {
-        int e;
-        frexp(a, &e); /* a in [2^(e-1), 2^e) */
-        const int E = e - 1 < f.emin ? f.emin : e - 1;
-        const int q = E - (f.p - 1); /* exponent of the output's quantum at a */
-        a = ldexp(rint(ldexp(a, -q)), q);
-    }
-    if (a >= ldexp(1.0, f.emax + 1))
-        a = INFINITY;
-    const float v = neg ? -(float)a : (float)a;
-    switch (t) {
-    case LM_KDT_BF16: return lm_f32_bits(v) >> 16; /* representable: the low half is zero */
-    case LM_KDT_F16: return lm_f32_to_f16_1(v);    /* representable: no rounding happens */
-    default: return lm_f32_bits(v);
-    }
+    return t == LM_KDT_F32 ? lm_f32_bits((float)x) : lm_f64_to_16_1(x, t);
 }
 
 /* ---- preparation ---------------------------------------------------------------------------- */

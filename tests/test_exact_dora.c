@@ -175,13 +175,13 @@ static void xd_case_free(xd_case *c)
     free(c->dir);
 }
 
-/* lora-merge --json [opts] base ad0 [--adapter ad1 ...] out */
-static th_run_result xd_merge(const xd_case *c, const char *out, const char *const *opts)
+/* lora-merge --json (or -q) [opts] base ad0 [--adapter ad1 ...] out */
+static th_run_result xd_merge2(const xd_case *c, const char *out, const char *const *opts, int json)
 {
     const char *argv[32];
     int n = 0;
     argv[n++] = th_bin();
-    argv[n++] = "--json";
+    argv[n++] = json ? "--json" : "-q";
     for (; opts && *opts; opts++)
         argv[n++] = *opts;
     for (int k = 1; k < c->n_ad; k++) {
@@ -193,6 +193,11 @@ static th_run_result xd_merge(const xd_case *c, const char *out, const char *con
     argv[n++] = out;
     argv[n] = NULL;
     return th_run(NULL, argv);
+}
+
+static th_run_result xd_merge(const xd_case *c, const char *out, const char *const *opts)
+{
+    return xd_merge2(c, out, opts, 1);
 }
 
 /* every element of output tensor `name` equal to ref rounded once to odt; @return how many an f32
@@ -219,10 +224,17 @@ static uint64_t xd_check(const char *path, const char *name, const double *ref, 
     return twice;
 }
 
-/* the same bytes for every kernel variant, --threads 1 and --tile-elems 100 */
+/* the same bytes for every kernel variant, --threads 1 and --tile-elems 100, and without --json
+ * (no norms measured: the DoRA tiles read their input bytes a block of rows at a time) */
 static void xd_same_bytes(const xd_case *c, const char *what)
 {
     static const char *const names[] = {"ref", "avx2", "avx512"};
+    char o[700];
+    snprintf(o, sizeof o, "%s/quiet.safetensors", c->dir);
+    th_run_result rq = xd_merge2(c, o, NULL, 0);
+    cr_assert_eq(rq.status, 0, "%s, without --json: exit %d: %s", what, rq.status, rq.err);
+    th_run_free(&rq);
+    cr_assert(th_files_equal(o, c->out), "%s: the run without --json changed the bytes", what);
     for (int v = 0; v < 4; v++) {
         lm_kernels k;
         if (v < 3 && lm_kernels_select(&k, names[v]) != 0) {
@@ -231,7 +243,6 @@ static void xd_same_bytes(const xd_case *c, const char *what)
         }
         const char *const o1[] = {"--threads", "2", "--kernels", v < 3 ? names[v] : "ref", NULL};
         const char *const o2[] = {"--threads", "1", "--tile-elems", "100", NULL};
-        char o[700];
         snprintf(o, sizeof o, "%s/det%d.safetensors", c->dir, v);
         th_run_result r = xd_merge(c, o, v < 3 ? o1 : o2);
         cr_assert_eq(r.status, 0, "%s, run %d: exit %d: %s", what, v, r.status, r.err);
@@ -393,7 +404,8 @@ Test(exact_dora, stacked_adapters, .timeout = 120)
     xd_case_free(&cs);
 }
 
-/* an f16 result beyond 65504 (it would be written as inf) is refused naming the tensor */
+/* an f16 result beyond 65504 (it would be written as inf) is refused naming the tensor, with
+ * and without --json */
 Test(exact_dora, f16_overflow_refused, .timeout = 60)
 {
     const uint64_t O = 6, I = 5, r = 2;
@@ -410,6 +422,9 @@ Test(exact_dora, f16_overflow_refused, .timeout = 60)
     tx_write(cs.base, &base);
     xd_case_adapter(&cs, &ad, XD_CFG(2, 4, "\"up_proj\"", "false"));
     th_run_result res = xd_merge(&cs, cs.out, NULL);
+    tx_assert_refused(&res, cs.out, "model.layers.0.mlp.up_proj.weight", "F16");
+    th_run_free(&res);
+    res = xd_merge2(&cs, cs.out, NULL, 0); /* without --json: the tile's input bytes read block by block */
     tx_assert_refused(&res, cs.out, "model.layers.0.mlp.up_proj.weight", "F16");
     th_run_free(&res);
     free(W);

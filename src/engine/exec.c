@@ -91,6 +91,7 @@ typedef struct {
     lm_lowrank_tensor *exact; /* every op low-rank: the exact path's factors, or NULL */
     lm_dora_tensor *dora;     /* low-rank and DoRA ops (LM_EXACT_DORA, exactness on), or NULL */
     lm_xq_bound *xqb;         /* block FP8 kept, one low-rank op: the certified fused tiles' bound, or NULL */
+    float *xq_apack;          /* and its A packed by column block (lm_xq_pack_a), or NULL */
     lm_exact_kind exact_kind; /* the certified path it takes (decided before the run) */
     uint64_t tiles_left; /* compute tiles not done yet (atomic) */
     uint64_t n_recomputed, n_fixed_point; /* the exact path's counters (atomic) */
@@ -217,6 +218,8 @@ static void tensor_release(job *J, size_t ti)
     lm_dora_tensor_free(rt->dora);
     lm_xq_bound_free(rt->xqb);
     rt->xqb = NULL;
+    free(rt->xq_apack);
+    rt->xq_apack = NULL;
     rt->dora = NULL;
     rt->qscale = NULL;
     rt->prep = NULL;
@@ -298,10 +301,17 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
             rc = LM_E_NOMEM;
+        if (rc == LM_OK && lm_xq_fused(t) && t->n_ops == 1 && t->ops[0].kind == LM_OP_LOWRANK && !t->ops[0].axis &&
+            J->k->fp8_merge != NULL) { /* the kernels' A, once (NULL: packed per block) */
+            const lm_op *op = &t->ops[0];
+            const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
+                                     op->scale, NULL, NULL, NULL, NULL};
+            rt->xq_apack = lm_xq_pack_a(t, &term);
+        }
         if (rc == LM_OK && fused_certifiable(J, ti)) { /* (NULL: the certified tiles of the other paths) */
             const lm_op *op = &t->ops[0];
             const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
-                                     op->scale, NULL, NULL, NULL};
+                                     op->scale, rt->xq_apack, NULL, NULL, NULL};
             rt->xqb = lm_xq_bound_make(t, &term);
         }
         if (rc == LM_OK && rt->exact_kind == LM_EXACT_DORA && !J->lowrank_flags &&
@@ -918,11 +928,12 @@ static lm_code compute_tile_certify(const job *J, size_t ti, uint64_t r0, uint64
 
 /* the DoRA path (exec_dora.h): base rows in f32 (ws->acc, exact) -> output bytes; the same
  * refusals as check_finite (a finite value beyond the output's range, inf/NaN the base did not
- * have).  base (or NULL): the tile's base bytes in the output dtype, *changed then the elements
- * written that differ.  The f64 rows go to the scratch after the tile's input bytes (which the
- * statistics may still read there) */
+ * have).  raw (or NULL: ws->acc holds the f32 tile): the tile's input bytes, converted a block
+ * of rows at a time.  base (or NULL): the tile's base bytes in the output dtype, *changed then
+ * the elements written that differ.  The f64 rows go to the scratch after the tile's input bytes
+ * (which the statistics may still read there) */
 static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t nr, const workspace *ws,
-                                 const uint8_t *base, uint64_t *changed, lm_err *err)
+                                 const uint8_t *raw, const uint8_t *base, uint64_t *changed, lm_err *err)
 {
     const lm_plan_tensor *t = &J->plan->t[ti];
     tensor_rt *rt = &J->rt[ti];
@@ -930,8 +941,9 @@ static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t 
     /* the input bytes take at most n floats (4-byte dtypes at most here), lm_dora_ws_doubles(nr,
      * cols) at most 2 n: within the scratch's 4 max_elems + 64 floats */
     const size_t n = (size_t)(nr * t->cols);
-    if (lm_dora_tensor_run(rt->dora, J->k, ws->acc, r0, nr, rt->col_scale, ws->out, lm_kdtype_of(lm_exact_out_dtype(t)),
-                           base, (double *)(void *)(ws->scratch + ((n + 1) & ~(size_t)1)), &st) != 0) {
+    if (lm_dora_tensor_run(rt->dora, J->k, raw != NULL ? NULL : ws->acc, raw, r0, nr, rt->col_scale, ws->out,
+                           lm_kdtype_of(lm_exact_out_dtype(t)), base, (double *)(void *)(ws->scratch + ((n + 1) & ~(size_t)1)),
+                           &st) != 0) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a DoRA row");
         lm_err_set_tensor(err, t->name);
         return LM_E_NOMEM;
@@ -941,6 +953,8 @@ static lm_code compute_tile_dora(const job *J, size_t ti, uint64_t r0, uint64_t 
         *changed = st.n_changed;
     if (st.n_overflow + st.n_nonfinite == 0)
         return LM_OK;
+    if (raw != NULL) /* the base tile in f32, for the refusal's count */
+        src_to_f32(J, ti, raw, r0, nr, ws->acc);
     const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, n);
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)st.n_nonfinite, bad_in + (size_t)st.n_overflow, err);
 }
@@ -964,7 +978,7 @@ static int fused_tile(const job *J, size_t ti)
  * the low-rank path's when that does not settle it (its factors then made) */
 typedef struct {
     const lm_xq_term *term;
-    uint64_t cols;
+    uint64_t cols, bc;
     lm_lowrank_tensor *f;
     int failed; /* out of memory for the factors */
 } fused_exact_ctx;
@@ -973,7 +987,7 @@ static float fused_exact(void *arg, uint64_t row, uint64_t col, float w)
 {
     fused_exact_ctx *c = arg;
     float x = 0.0f;
-    if (lm_xq_exact(c->term, c->cols, row, col, w, &x) != 0 && lm_lowrank_tensor_exact_f32(c->f, row, col, w, &x) != 0)
+    if (lm_xq_exact(c->term, c->cols, c->bc, row, col, w, &x) != 0 && lm_lowrank_tensor_exact_f32(c->f, row, col, w, &x) != 0)
         c->failed = 1;
     return x;
 }
@@ -1010,10 +1024,10 @@ static lm_code compute_tile_fused(job *J, size_t ti, uint64_t r0, uint64_t nr, c
     fused_ctx c = {J, ti, ws->acc, r0};
     lm_qstats qs = {0};
     tensor_rt *rt = &J->rt[ti];
-    fused_exact_ctx fx = {NULL, t->cols, rt->exact, 0};
+    fused_exact_ctx fx = {NULL, t->cols, t->q->bc, rt->exact, 0};
     const lm_op *op = &t->ops[0]; /* one op not transposed: the kernels' two passes (lm_xq_merge_tile) */
     const lm_xq_term term = {rt->prep[0].b, rt->prep[0].a, op->rank, op->row0, op->out, (float)op->scale,
-                             op->scale, rt->xqb, fused_exact, &fx};
+                             op->scale, rt->xq_apack, rt->xqb, fused_exact, &fx};
     fx.term = &term;
     *n_pieces = lm_xq_merge_tile(t, J->k, rt->qscale, src, r0, nr, ws->acc,
                                  t->n_ops == 1 && !op->axis ? &term : NULL, fused_apply, &c,
@@ -1048,7 +1062,7 @@ static lm_code exact_values(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
         uint64_t changed; /* (the statistics compare the bytes) */
         rc = compute_tile_exact(J, ti, r0, nr, (const uint8_t *)ws->acc, LM_DT_F32, ws, &changed, err);
     } else if (rt->dora != NULL) {
-        rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, err);
+        rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, NULL, err);
     } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t)) {
         rc = compute_tile_certify(J, ti, r0, nr, ws, NULL, NULL, 0, err);
         memcpy(ws->acc, ws->acc64, n * sizeof *ws->acc); /* the input tile again (the checks' base) */
@@ -1152,24 +1166,24 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
     }
     if (fused_tile(J, ti))
         return compute_tile_fused(J, ti, r0, nr, src, ws, ts, pieces, n_pieces, err);
+    const int dora = J->rt[ti].dora != NULL && t->q == NULL, src_stays = dora || certify1_tile(J, ti);
+    if (dora && ts != NULL && dora_counts(J, t, src)) { /* the input bytes, converted and counted in the kernels */
+        uint64_t changed = 0;
+        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, src, src, &changed, err);
+        ts->n_changed = changed;
+        return rc;
+    }
     src_to_f32(J, ti, src, r0, nr, ws->acc);
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */
         memcpy(ws->codes, src, (size_t)(nr * t->q->row_bytes));
-    const int dora = J->rt[ti].dora != NULL && t->q == NULL, src_stays = dora || certify1_tile(J, ti);
-    if (dora && ts != NULL && dora_counts(J, t, src)) { /* the kernel counts the changed elements */
-        uint64_t changed = 0;
-        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, src, &changed, err);
-        ts->n_changed = changed;
-        return rc;
-    }
     /* src may be in the scratch the methods use (not src_stays'): the base bytes are copied */
     if (ts != NULL && stats_before(J, ti, ws, src, src_stays, r0, nr, n, &base_bytes, &n_base, err) != LM_OK)
         return LM_E_IO;
     if (t->q != NULL && J->rt[ti].exact_kind != LM_EXACT_NONE)
         return compute_tile_qexact(J, ti, r0, nr, ws, ts, base_bytes, n_base, pieces, n_pieces, err);
     if (dora) { /* low-rank and DoRA ops, certified (exec_dora.h) */
-        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, err);
+        lm_code rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, NULL, err);
         if (rc == LM_OK && ts != NULL)
             stats_after(J, t, ws, base_bytes, r0, n, n_base, ts);
         return rc;

@@ -524,24 +524,43 @@ static void row_dd(const lm_dora_tensor *f, const float *w, uint64_t i, double *
     scale_row(x, n, lm_dora_factor(&f->t->ops[1], (double)f->prep[1].a[i], sumsq8(x, n)));
 }
 
-int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t r0, uint64_t nr,
-                       const double *col_scale, void *out, lm_kdtype ot, const void *base, double *ws, lm_dora_stats *st)
+/* rows [b0, b0 + rb) of the input bytes raw (the tensor's src dtype) as f32 into dst */
+static void raw_rows(const lm_dora_tensor *f, const lm_kernels *k, const void *raw, uint64_t b0, size_t rb, float *dst)
+{
+    const size_t n = (size_t)f->t->cols, m = rb * n;
+    const lm_dtype dt = f->t->src_dtype;
+    const unsigned char *src = (const unsigned char *)raw + b0 * n * (dt == LM_DT_F32 ? 4 : 2);
+    if (dt == LM_DT_BF16)
+        k->bf16_to_f32((const uint16_t *)(const void *)src, dst, m);
+    else if (dt == LM_DT_F16)
+        k->f16_to_f32((const uint16_t *)(const void *)src, dst, m);
+    else
+        memcpy(dst, src, m * sizeof *dst);
+}
+
+int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, const void *raw, uint64_t r0,
+                       uint64_t nr, const double *col_scale, void *out, lm_kdtype ot, const void *base, double *ws,
+                       lm_dora_stats *st)
 {
     const size_t n = (size_t)f->t->cols, osz = ot == LM_KDT_F32 ? 4 : 2;
     double *X = ws;
-    float *o32 = malloc(n * sizeof *o32 + 1);
+    /* o32: a row's f32 values; wb: a block's base rows converted from raw */
+    float *o32 = malloc((n + (w == NULL ? RB * n : 0)) * sizeof *o32 + 1), *wb = o32 + n;
     if (o32 == NULL)
         return -1;
     double ssx[RB], ssw[RB];
     for (uint64_t b0 = 0; b0 < nr; b0 += RB) {
         const size_t rb = (size_t)(nr - b0 < RB ? nr - b0 : RB);
+        const float *wblk = w != NULL ? w + b0 * n : wb;
+        if (w == NULL)
+            raw_rows(f, k, raw, b0, rb, wb);
         if (f->bounded)
-            block_f64(f, k, w + b0 * n, r0 + b0, rb, 1, col_scale, X, ssx, ssw);
+            block_f64(f, k, wblk, r0 + b0, rb, 1, col_scale, X, ssx, ssw);
         else
-            block_f64(f, k, w + b0 * n, r0 + b0, rb, f->t->n_ops, col_scale, X, NULL, NULL);
+            block_f64(f, k, wblk, r0 + b0, rb, f->t->n_ops, col_scale, X, NULL, NULL);
         for (size_t i = 0; i < rb; i++) {
             double *x = X + i * n;
-            const float *wr = w + (b0 + i) * n;
+            const float *wr = wblk + i * n;
             unsigned char *o = (unsigned char *)out + (b0 + i) * n * osz;
             const unsigned char *bs = base != NULL ? (const unsigned char *)base + (b0 + i) * n * osz : NULL;
             const uint64_t row = r0 + b0 + i;

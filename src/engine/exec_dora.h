@@ -55,11 +55,13 @@ int lm_dora_col_sumsq(const lm_dora_tensor *f, const float *w, uint64_t r0, uint
 
 /*! lm_dora_tensor_run() : rows r0 .. r0+nr of the tensor from the base rows w (f32, exact) to out
  *  (out_dtype, as written), col_scale: the column factors (f64) when the tensor has a column NORM.
- *  base (or NULL): the base rows in out_dtype, then st->n_changed counts the elements written that
- *  differ from them.  ws: lm_dora_ws_doubles(nr, cols) doubles.  st: counters added to.  @return 0 */
-int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, uint64_t r0, uint64_t nr,
-                       const double *col_scale, void *out, lm_kdtype out_dtype, const void *base, double *ws,
-                       lm_dora_stats *st);
+ *  w NULL: the base rows are raw, the input bytes in the tensor's src dtype (bf16, f16 or f32),
+ *  converted a block of rows at a time (while in cache).  base (or NULL): the base rows in
+ *  out_dtype, then st->n_changed counts the elements written that differ from them.
+ *  ws: lm_dora_ws_doubles(nr, cols) doubles.  st: counters added to.  @return 0, -1 out of memory */
+int lm_dora_tensor_run(const lm_dora_tensor *f, const lm_kernels *k, const float *w, const void *raw, uint64_t r0,
+                       uint64_t nr, const double *col_scale, void *out, lm_kdtype out_dtype, const void *base,
+                       double *ws, lm_dora_stats *st);
 /*! lm_dora_ws_doubles() : the workspace of lm_dora_tensor_run() for nr rows (at most 2 nr cols) */
 size_t lm_dora_ws_doubles(uint64_t nr, uint64_t cols);
 

@@ -251,9 +251,14 @@ lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term)
     }
     for (uint64_t j = 0; j < cols; j++)
         cn[j] = 0;
-    for (uint64_t p = 0; p < K; p++)
-        for (uint64_t j = 0; j < cols; j++)
-            cn[j] += (double)term->A[p * cols + j] * (double)term->A[p * cols + j];
+    for (uint64_t c0 = 0; c0 < cols; c0 += bc) { /* (from the packed A when there: read once) */
+        const uint64_t w = c0 + bc < cols ? bc : cols - c0;
+        const float *a = term->Ap != NULL ? term->Ap + c0 * K : term->A + c0;
+        const uint64_t lda = term->Ap != NULL ? w : cols;
+        for (uint64_t p = 0; p < K; p++)
+            for (uint64_t j = 0; j < w; j++)
+                cn[c0 + j] += (double)a[p * lda + j] * (double)a[p * lda + j];
+    }
     for (uint64_t c = 0; c < nb; c++) {
         double m = 0;
         for (uint64_t j = c * bc; j < cols && j < (c + 1) * bc; j++)
@@ -263,6 +268,18 @@ lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term)
     b->c0 = (as * (double)(K + 1) + 2) * 0x1p-149;
     free(cn);
     return b;
+}
+
+float *lm_xq_pack_a(const lm_plan_tensor *t, const lm_xq_term *term)
+{
+    const uint64_t K = term->K, cols = t->cols, bc = t->q->bc;
+    float *p = malloc((size_t)(K * cols) * sizeof *p + 1);
+    for (uint64_t c0 = 0; p != NULL && c0 < cols; c0 += bc) {
+        const uint64_t w = c0 + bc < cols ? bc : cols - c0;
+        for (uint64_t k = 0; k < K; k++)
+            memcpy(p + c0 * K + k * w, term->A + k * cols + c0, (size_t)w * sizeof *p);
+    }
+    return p;
 }
 
 /* the exponent of the lowest set bit of x (finite, nonzero) */
@@ -316,10 +333,14 @@ __extension__ static float round_f32(__int128 M, int q)
  * v is the sum of the integers w 2^-q and s p_k 2^-q times 2^q, computed exactly in 128 bits
  * and rounded once (round_f32).  Every p_k zero (or s zero): v = w, sign included (the low-rank
  * path's rule); an exact zero sum: +0. */
-int lm_xq_exact(const lm_xq_term *term, uint64_t cols, uint64_t row, uint64_t col, float w, float *x)
+int lm_xq_exact(const lm_xq_term *term, uint64_t cols, uint64_t bc, uint64_t row, uint64_t col, float w, float *x)
 {
-    const uint64_t K = term->K;
+    const uint64_t K = term->K, c0 = col / bc * bc;
     const float *b = term->B + (row - term->row0) * K, *a = term->A + col;
+    if (term->Ap != NULL) { /* the packed block's column (in the cache: the kernels have just read it) */
+        a = term->Ap + c0 * K + (col - c0);
+        cols = c0 + bc < cols ? bc : cols - c0;
+    }
     double d = 0, S = 0;
     for (uint64_t p = 0; p < K; p++) {
         const double pk = (double)b[p] * (double)a[p * cols];
@@ -375,7 +396,10 @@ static void merge_block_k(const lm_kernels *k, const lm_xq_term *term, const uin
         ft.B = term->B + (lo - term->row0) * term->K;
         ft.r_lo = (size_t)(lo - R);
         ft.r_hi = (size_t)(hi - R);
-        if (term->K * w <= room) {
+        if (term->Ap != NULL) {
+            ft.A = term->Ap + c0 * term->K;
+            ft.lda = (size_t)w;
+        } else if (term->K * w <= room) {
             for (uint64_t p = 0; p < term->K; p++)
                 memcpy(apack + p * w, term->A + p * cols + c0, (size_t)w * sizeof *apack);
             ft.A = apack;

@@ -59,6 +59,7 @@ typedef struct lm_xq_term {
     uint64_t K, row0, n;
     float alpha;
     double s;                 /* the op's scale (alpha = fl32(s)) */
+    const float *Ap;          /* A packed by column block (lm_xq_pack_a), or NULL: packed per block */
     const lm_xq_bound *bound; /* NULL: the f32 values requantized (not certified) */
     lm_fp8_exact_fn exact;    /* with bound: the exact values (lm_fp8_bound) */
     void *ctx;
@@ -69,10 +70,16 @@ typedef struct lm_xq_term {
  *  @return NULL when out of memory or when the term's form is outside the proof (K, s) */
 lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term);
 
-/*! lm_xq_exact() : the term's element (row, col) merged into its base value w exactly, rounded
+/*! lm_xq_pack_a() : the term's A [K, cols] packed once per tensor for lm_xq_merge_tile(): column
+ *  block b (bc = t->q->bc columns, w of them for the last) as K rows of w floats at b K bc.
+ *  @return malloc'ed, or NULL when out of memory */
+float *lm_xq_pack_a(const lm_plan_tensor *t, const lm_xq_term *term);
+
+/*! lm_xq_exact() : the term's element (row, col) (cols a row, column blocks of bc: term->Ap's
+ *  layout) merged into its base value w exactly, rounded
  *  once to f32 into *x, when an f64 evaluation with its error bound settles it.  @return 0, or -1
  *  (then the low-rank path's exact value: lm_lowrank_tensor_exact_f32()) */
-int lm_xq_exact(const lm_xq_term *term, uint64_t cols, uint64_t row, uint64_t col, float w, float *x);
+int lm_xq_exact(const lm_xq_term *term, uint64_t cols, uint64_t bc, uint64_t row, uint64_t col, float w, float *x);
 void lm_xq_bound_free(lm_xq_bound *b);
 
 /*! lm_xq_merge_tile() : dequantize, merge and requantize rows [r0, r0 + nr) block by block while
