@@ -26,6 +26,7 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <math.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -671,6 +672,31 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     return same ? 0 : 1;
 }
 
+/* GB/s of SHA-256 over one message in memory (OpenSSL, the sidecars' hash; CPU time of this
+ * thread, so the machine's load does not count): what one stream can do on this CPU.  With
+ * SHA-NI one message is bound by the latency of its rounds, not by the bytes */
+static double sha256_one_stream_gbs(void)
+{
+    const size_t n = (size_t)64 << 20;
+    uint8_t *buf = malloc(n), md[32];
+    unsigned n_md = 0;
+    if (buf == NULL)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        buf[i] = (uint8_t)(i * 131 + (i >> 11));
+    double best = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+        EVP_Digest(buf, n, md, &n_md, EVP_sha256(), NULL);
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+        double t = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+        best = t > 0 && (double)n * 1e-9 / t > best ? (double)n * 1e-9 / t : best;
+    }
+    free(buf);
+    return best;
+}
+
 /* the shards' sidecars (before finalize removes them): each shard's wall and CPU seconds as its
  * worker measured them.  @return the number of shards read, in name order (k) */
 typedef struct {
@@ -880,6 +906,12 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
            "(hashed as written), the workers' fixed costs %.2f s (%d x ~%.2f: headers, plan, fingerprint), finalize "
            "%.2f s; total %.2f s\n", sum_cpu - sum_hash, mc1, sum_hash, c_all - sum_cpu, W, (c_all - sum_cpu) / W, c_fin,
            c_all + c_fin);
+    double bytes_all = 0;
+    for (int k = 0; k < n_sh; k++)
+        bytes_all += sh[k].bytes;
+    printf("sha256: the shards hashed at %.2f GB/s of CPU; one message in memory on this CPU (OpenSSL, no I/O) %.2f "
+           "GB/s: a shard's sha256 is one message, so this is its limit\n",
+           sum_hash > 0 ? bytes_all * 1e-9 / sum_hash : 0.0, sha256_one_stream_gbs());
     /* N machines, each running worker i alone, CPU-bound (storage that keeps up; the machine here
      * is shared, so CPU seconds are the steady measure): worker i takes its shards' CPU seconds
      * plus the fixed cost, then finalize; against the one merge's CPU seconds.  Both sides are
