@@ -33,20 +33,6 @@ static float f2_float(uint32_t u)
     return x;
 }
 
-/* the exact value of an E4M3FN code (fp8_ref.c's f8_value) */
-static float f2_value(uint8_t c)
-{
-    const unsigned e = (c >> 3) & 15u, m = c & 7u;
-    float v;
-    if (e == 15 && m == 7)
-        v = f2_float(0x7FC00000u);
-    else if (e == 0)
-        v = (float)m * 0x1p-9f;
-    else
-        v = f2_float(((e + 120u) << 23) | (m << 20));
-    return (c & 0x80u) ? f2_float(f2_bits(v) | 0x80000000u) : v;
-}
-
 /* the values of 8 codes times 2^-8 (f16 bits: the code sign-extended, shifted by 7, bit 14
  * cleared; NaN codes 0x7F | sign -> 0x7E00 | sign), widened */
 F2_INLINE __m256 f2_dq8(const uint8_t *p)
@@ -85,7 +71,7 @@ F2_INLINE void f2_take(f2_state *S, __m256 x, __m256 c, float *dst)
 static void f2_one(f2_state *S, const uint8_t *q0, float s0, const lm_fp8_term *t, int term, size_t i, size_t j,
                    float *x, float *d2, uint32_t *amax, int *same)
 {
-    const float c = f2_value(q0[j]) * s0;
+    const float c = lm_fp8_code_value(q0[j]) * s0;
     float v = c;
     if (term) {
         const float *b = t->B + (i - t->r_lo) * t->ldb;

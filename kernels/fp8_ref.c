@@ -21,8 +21,9 @@ static float f8_float(uint32_t u)
     return x;
 }
 
-/* the exact value of an E4M3FN code: m 2^-9 below the normals, (1 + m / 8) 2^(e - 7) above */
-static float f8_value(uint8_t c)
+/* the exact value of an E4M3FN code: m 2^-9 below the normals, (1 + m / 8) 2^(e - 7) above (also the
+ * AVX2 variant's column tails) */
+float lm_fp8_code_value(uint8_t c)
 {
     const unsigned e = (c >> 3) & 15u, m = c & 7u;
     float v;
@@ -42,7 +43,7 @@ void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t 
     L->same = 1;
     for (size_t i = 0; i < h; i++)
         for (size_t j = 0; j < w; j++) {
-            const float c = f8_value(q0[i * ldq + j]) * s0;
+            const float c = lm_fp8_code_value(q0[i * ldq + j]) * s0;
             float v = c;
             if (i >= t->r_lo && i < t->r_hi) {
                 const float *b = t->B + (i - t->r_lo) * t->ldb;

@@ -365,6 +365,7 @@ double lm_sumsq_avx512(const float *x, size_t n);
 /* the reference's pieces the variants share: the tail into the lanes, and the lanes' sum */
 void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes);
 double lm_sumsq_lanes(const double *lanes);
+float lm_fp8_code_value(uint8_t c); /* the exact value of an E4M3FN code (NaN for 0x7F / 0xFF) */
 void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
                       size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
