@@ -265,36 +265,6 @@ F2_INLINE unsigned f2_enc8(f2_enc *E, const float *xp, int hh, int checked, cons
     return f;
 }
 
-/* the reference's element (fp8_ref.c), lanes in memory */
-static unsigned f2_encode1(float y, float *v)
-{
-    const uint32_t u = f2_bits(y), a = u & 0x7FFFFFFFu;
-    unsigned c;
-    if (a < 0x3C800000u) {
-        const float sub = f2_float(a) + 16384.0f;
-        c = f2_bits(sub) - 0x46800000u;
-        *v = sub - 16384.0f;
-    } else {
-        const uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
-        c = (r >> 20) - 960u;
-        *v = f2_float(r & 0xFFF00000u);
-    }
-    return ((u >> 24) & 0x80u) | c;
-}
-
-static int f2_flagged1(uint32_t a, const int32_t T[16], float ers, uint32_t thr)
-{
-    if (a >= thr)
-        return 1;
-    if (a < 0x3C800000u) {
-        const float af = f2_float(a), r = (af + 16384.0f) - 16384.0f;
-        const float dm = 0x1p-10f - fabsf(af - r);
-        return fminf(dm, af) <= fmaf(af, 0x1p-19f, ers);
-    }
-    const int32_t d = (int32_t)(a & 0xFFFFFu) - 0x80000;
-    return (d < 0 ? -d : d) <= T[(a >> 23) & 15u];
-}
-
 /* row i: its w codes (checked: flags appended to c->flag from idx) */
 F2_INLINE void f2_enc_row(f2_enc *E, const float *xr, const uint8_t *q0r, uint8_t *qr, size_t w, float s, float inv,
                           float ramax, int checked, const f2_chk *k, float ers, lm_fp8_cert *cert, uint32_t idx)
@@ -331,8 +301,8 @@ F2_INLINE void f2_enc_row(f2_enc *E, const float *xr, const uint8_t *q0r, uint8_
     for (size_t j = wf; j < w; j++) {
         const float xv = xr[j], y = xv * s;
         float v;
-        const unsigned c = f2_encode1(y, &v);
-        if (checked && f2_flagged1(f2_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
+        const unsigned c = lm_fp8_encode1(y, &v);
+        if (checked && lm_fp8_flagged1(f2_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
             cert->flag[cert->n_flag++] = idx + (uint32_t)j;
         qr[j] = (uint8_t)c;
         if (q0r != NULL)

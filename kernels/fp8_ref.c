@@ -65,7 +65,7 @@ void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t 
 
 /* the code of y (|y| <= 464) rounded to nearest even, and the magnitude it codes: below 2^-6 in
  * steps of 2^-9 (the sum with 2^14 rounds there), above by the mantissa rounded to 3 bits */
-static unsigned f8_encode(float y, float *v)
+unsigned lm_fp8_encode1(float y, float *v)
 {
     const uint32_t u = f8_bits(y), a = u & 0x7FFFFFFFu;
     unsigned c;
@@ -93,7 +93,7 @@ static void f8_row_thresholds(float Es, int32_t T[16])
 
 /* 1 if the element y (a: |y|'s bits) of a checked row is flagged (lm_fp8_cert; ers: the row's
  * bound below 2^-6) */
-static int f8_flagged(uint32_t a, const int32_t T[16], float ers, uint32_t thr)
+int lm_fp8_flagged1(uint32_t a, const int32_t T[16], float ers, uint32_t thr)
 {
     if (a >= thr)
         return 1;
@@ -128,8 +128,8 @@ void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, 
             const float xv = x[i * ldx + j];
             float v;
             const float y = xv * s;
-            const unsigned c = f8_encode(y, &v);
-            if (chk && f8_flagged(f8_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
+            const unsigned c = lm_fp8_encode1(y, &v);
+            if (chk && lm_fp8_flagged1(f8_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
                 cert->flag[cert->n_flag++] = (uint32_t)(i * w + j);
             q[i * ldo + j] = (uint8_t)c;
             if (q0 != NULL)

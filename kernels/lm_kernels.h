@@ -366,6 +366,10 @@ double lm_sumsq_avx512(const float *x, size_t n);
 void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes);
 double lm_sumsq_lanes(const double *lanes);
 float lm_fp8_code_value(uint8_t c); /* the exact value of an E4M3FN code (NaN for 0x7F / 0xFF) */
+/* fp8_ref.c's element steps, also the AVX2 variant's column tails: the code of y (|y| <= 464) and the
+ * magnitude it codes; whether |y|'s bits a need the exact value (lm_fp8_cert's thresholds) */
+unsigned lm_fp8_encode1(float y, float *v);
+int lm_fp8_flagged1(uint32_t a, const int32_t T[16], float ers, uint32_t thr);
 void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
                       size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
