@@ -229,6 +229,19 @@ typedef struct lm_rotcert {
     lm_kdtype out;
 } lm_rotcert;
 
+/* a row block of the certified LoHa merge (slot loha_cert; kernels/lohacert_ref.c, the bound's
+ * proof in src/methods/loha.c): Ap[j] the factor A_j [r, cols] in panels of LM_LOHA_PANEL columns,
+ * each [r, LM_LOHA_PANEL] contiguous, the last one padded with zeros (A_j[p][c] at Ap[j][(c / P)
+ * r P + p P + c % P]); cc [cols] the columns' bound factors; s the f32 scale; out bf16 or f16 */
+#define LM_LOHA_PANEL 32
+typedef struct lm_lohacert {
+    const float *Ap[2];
+    const float *cc;
+    size_t r, cols;
+    float s;
+    lm_kdtype out;
+} lm_lohacert;
+
 /* a certified DoRA row's constants (slot dora_cert; kernels/doracert_ref.c, exec_dora.c's proof):
  * F the row's factor, E a bound of every element's e_j, eF, A0, A1, A2 the terms of e_j */
 typedef struct lm_dora_cert {
@@ -289,6 +302,12 @@ typedef struct lm_kernels {
      * that differ from it; @return the elements it does not certify (doracert_ref.c) */
     size_t (*dora_cert)(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
                         lm_kdtype out, void *dst, const void *base, size_t *n_changed);
+    /* nr rows of the certified LoHa merge: x [nr, cols] the input rows, B1, B2 [nr, r] the rows'
+     * factors, R [nr] the rows' bound factors; dst [nr, cols] the output bits, unc [nr, (cols + 15)
+     * / 16] bit c % 16 of word c / 16 set where column c is not certified; @return any unc
+     * (lohacert_ref.c) */
+    unsigned (*loha_cert)(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -611,6 +630,15 @@ void lm_rotcert_norms_avx2(const float *x, size_t cols, const lm_rotcert *rc, fl
 unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, size_t n, const lm_rotcert *rc,
                               uint16_t *dst, uint8_t *unc);
 
+/* kernels/lohacert_*.c; the reference's columns c0 .. cols (c0 a multiple of 16), the variants' tails */
+unsigned lm_loha_cert_ref(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+unsigned lm_loha_cert_avx2(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                           const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+unsigned lm_loha_cert_avx512(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                             const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+unsigned lm_loha_cert_cols_ref(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                               const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, size_t c0);
 #ifdef __cplusplus
 }
 #endif
