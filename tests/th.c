@@ -524,6 +524,14 @@ double th_spacing(double x, const char *dtype)
     return ldexp(1.0, e - mb);
 }
 
+float th_near_mid(float x, int bf16, int off)
+{
+    union { float f; uint32_t u; } v = {.f = x};
+    v.u = bf16 ? (v.u & 0xFFFF0000u) | 0x8000u : (v.u & 0xFFFFE000u) | 0x1000u;
+    v.u += (uint32_t)off;
+    return v.f;
+}
+
 double th_round_to(double x, const char *dtype)
 {
     if (!isfinite(x))

@@ -139,6 +139,9 @@ int th_torch_save(const char *path, int root, const th_out_tensor *t, size_t n, 
 double th_round_to(double x, const char *dtype);   /* nearest value of dtype, ties to even */
 double th_spacing(double x, const char *dtype);    /* ulp of dtype at |x| (subnormals included) */
 uint64_t th_encode(double x, const char *dtype);   /* bits of th_round_to(x) in dtype */
+/* an f32 value moved to a rounding midpoint of bf16 (low half 0x8000; bf16 != 0) or f16 (13 dropped
+ * bits 0x1000), then off f32 ulps from it: elements a certified kernel leaves uncertain */
+float th_near_mid(float x, int bf16, int off);
 
 /* ---- the golden rule (golden_check.py compare_tensor) ------------------------------------------ */
 typedef struct {
