@@ -77,13 +77,17 @@ typedef enum lm_kdtype { LM_KDT_F32 = 0, LM_KDT_BF16 = 1, LM_KDT_F16 = 2 } lm_kd
 
 typedef struct lm_lowrank {
     size_t rows, cols, K;
-    const double *B;  /* [rows x K], B[i*K + k]  (borrowed: must outlive every kernel call) */
-    const double *A;  /* [K x cols], A[k*cols + j] (borrowed) */
+    const double *B;  /* [rows x K], B[i*K + k]  (borrowed: must outlive every kernel call); NULL
+                         when prepared from f32 factors (lm_lowrank_prepare_f32: B32) */
+    const double *A;  /* [K x cols], A[k*cols + j] (borrowed; from f32 factors: a copy in the
+                         workspace when the f64 path needs it, else NULL) */
     const double *s;  /* [K] scales (borrowed) */
+    const float *B32; /* lm_lowrank_prepare_f32: B [rows x K] in f32 (borrowed), else NULL */
     /* in the caller's workspace (lm_lowrank_prepare fills them; read-only afterwards): */
-    double *Bs;       /* [rows x K] fl64(s_k * B_ik) */
+    double *Bs;       /* [rows x K] fl64(s_k * B_ik); from f32 factors made only for the f64 path
+                         or K > 256 (the scalar code forms s_k * B_ik itself otherwise), else NULL */
     float *Bf;        /* [rows x K] fl32(Bs) */
-    float *Af;        /* [K x cols] fl32(A) */
+    float *Af;        /* [K x cols] fl32(A) (from f32 factors: A itself, borrowed) */
     float *Afp;       /* Af again in panels of LM_LR_PANEL columns, each [K x 32] contiguous (full
                          panels only: the last cols % 32 columns are read from Af).  The vector
                          kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
@@ -415,6 +419,14 @@ size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K);
  *  @return 0, or -1 (ws too small, K too large, sizes overflow): lr is then unusable. */
 int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
                        const double *A, const double *s, void *ws, size_t ws_bytes);
+/*! lm_lowrank_ws_bytes_f32(), lm_lowrank_prepare_f32() :
+ *  The same for factors that are f32 values (B [rows x K], A [K x cols], contiguous, borrowed),
+ *  without f64 copies of them: the results are those lm_lowrank_prepare() gives for the same
+ *  values in f64, bit for bit.  f64_path: 1 if the kernel will be called for f32 outputs with the
+ *  exactness on (the f64 path then needs Bs and A in f64, made in ws), else 0. */
+size_t lm_lowrank_ws_bytes_f32(size_t rows, size_t cols, size_t K, int f64_path);
+int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const float *B, const float *A,
+                           const double *s, int f64_path, void *ws, size_t ws_bytes);
 /*! lm_lowrank_fallback_1() :
  *  Levels 2 and 3 for element (i, j) of the tensor with base value w (exact in f32): the
  *  correctly rounded result as out_dtype bits (low 16 bits for bf16/f16).  Updates st's
