@@ -139,7 +139,7 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
  * identity (inode, mtime, ctime) as its worker recorded it; a shard whose identity changed is read
  * back and hashed.  So a byte changed in place, a truncation and a file renamed over a shard are
  * all caught without reading the others; only a change that leaves the identity alone (here: the
- * sidecar's sha256 forged, as bytes rotting below the filesystem would look) needs --verify. */
+ * sidecar's sha256x4 forged, as bytes rotting below the filesystem would look) needs --verify. */
 Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
 {
     sh_fix F;
@@ -147,6 +147,22 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     for (int i = 1; i >= 0; i--)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
     char p[1000], q[1000];
+    /* every sidecar's sha256x4 is the shard's, computed independently (OpenSSL's SHA-256 of
+     * its lanes, th_sha256x4_ref) */
+    for (int k = 1; k <= 10; k++) {
+        char sc[1000], shard[1000], ref[65];
+        snprintf(sc, sizeof sc, "%s/.lora-merge-shards/model-%05d-of-00010.safetensors.json", F.out, k);
+        snprintf(shard, sizeof shard, "%s/model-%05d-of-00010.safetensors", F.out, k);
+        size_t n = 0;
+        uint8_t *text = th_read_file(sc, &n);
+        cJSON *j = text ? cJSON_ParseWithLength((const char *)text, n) : NULL;
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "sha256x4");
+        cr_assert(cJSON_IsString(h), "%s: no sha256x4", sc);
+        cr_assert_eq(th_file_sha256x4(shard, ref), 0);
+        cr_assert_str_eq(h->valuestring, ref, "%s", shard);
+        cJSON_Delete(j);
+        free(text);
+    }
     /* one byte of shard 4's data changed in place (same size), shard 7 gone, shard 9 truncated,
      * shard 6 replaced by a copy with one byte changed (renamed over it) */
     snprintf(p, sizeof p, "%s/model-00004-of-00010.safetensors", F.out);
@@ -156,15 +172,15 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     cr_assert_eq(sh_ok("truncate -s -1 %s/model-00009-of-00010.safetensors", F.out), 0);
     cr_assert_eq(sh_ok("cd %s && cp model-00006-of-00010.safetensors t && printf 'Z' | dd of=t bs=1 seek=6000 "
                        "conv=notrunc 2>/dev/null && mv t model-00006-of-00010.safetensors", F.out), 0);
-    /* shard 2's sidecar records another sha256, its file untouched */
-    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"sha256\":[^\"]*\"\\)./\\1x/' "
-                       "model-00002-of-00010.safetensors.json >t && grep -q '\"sha256\":.*\"x' t && "
+    /* shard 2's sidecar records another sha256x4, its file untouched */
+    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"sha256x4\":[^\"]*\"\\)./\\1x/' "
+                       "model-00002-of-00010.safetensors.json >t && grep -q '\"sha256x4\":.*\"x' t && "
                        "mv t model-00002-of-00010.safetensors.json", F.out), 0);
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 1, "%s", r.err);
     cr_assert(strstr(r.err, "4 of 10 shards"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00007-of-00010.safetensors (missing)"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00009-of-00010.safetensors (wrong size)"), "%s", r.err);
     cr_assert(!strstr(r.err, "model-00002"), "shard 2 was read back without --verify: %s", r.err);
@@ -176,7 +192,7 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     r = sh_run(cmd);
     cr_assert_eq(r.status, 1, "%s", r.err);
     cr_assert(strstr(r.err, "5 of 10 shards"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
     th_run_free(&r);
     cr_assert(!th_exists(p), "a refused finalize wrote config.json");
     /* the same refusal through --shards index with the workers' arguments */
@@ -194,10 +210,11 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     snprintf(cmd, sizeof cmd, "cd / && %s --json finalize %s", F.bin, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
-    /* --json: every file's sha256 (the shards' from their sidecars: none read back, their
-     * workers' identities unchanged), as sha256sum says */
+    /* --json: every file's sha256, as sha256sum says (the shards' read back for it: the sidecars
+     * hold sha256x4; their workers' identities unchanged) */
     cr_assert(strstr(r.out, "10 shards checked by size and the identity their workers recorded (inode, mtime, ctime), "
                             "0 read back"), "%s", r.out);
+    cr_assert(strstr(r.out, "--json: every shard read back for its sha256"), "%s", r.out);
     cJSON *rep = cJSON_Parse(r.out), *f;
     int n_files = 0;
     cr_assert_not_null(rep, "%s", r.out);
