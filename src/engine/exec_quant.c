@@ -214,8 +214,15 @@ int lm_xq_fused(const lm_plan_tensor *t)
  *  with S <= ||b_i.|| ||a_.j|| (Cauchy-Schwarz): erow = 1.02 (K + 2) u |s| ||b_i.|| max_j ||a_.j||
  *  + (|s| (K + 1) + 2) 2^-149, rounded up (the norms in f64 from f32 values: relative error far
  *  below the 1.02's slack), and 2^-21 |x| covers the rest (lm_fp8_bound). */
+/* e rounded up to f32 (inf beyond its range, NaN kept) */
+static float f32_up(double e)
+{
+    const float f = (float)e;
+    return (double)f < e ? nextafterf(f, INFINITY) : f;
+}
+
 struct lm_xq_bound {
-    double *rf;  /* [n]: 1.02 (K + 2) u |s| ||b_i.|| */
+    float *rf;   /* [n]: 1.02 (K + 2) u |s| ||b_i.||, rounded up to f32 */
     double *cfm; /* [ceil(cols / bc)]: the largest ||a_.j|| of the block's columns */
     double c0;
 };
@@ -249,7 +256,7 @@ lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term)
         double ss = 0;
         for (uint64_t p = 0; p < K; p++)
             ss += (double)term->B[i * K + p] * (double)term->B[i * K + p];
-        b->rf[i] = g * sqrt(ss); /* (inf or NaN: the blocks take exact values) */
+        b->rf[i] = f32_up(g * sqrt(ss)); /* (inf or NaN: the blocks take exact values) */
     }
     for (uint64_t j = 0; j < cols; j++)
         cn[j] = 0;
@@ -415,20 +422,19 @@ static void merge_block_k(const lm_kernels *k, const lm_xq_term *term, const uin
         return;
     }
     const lm_xq_bound *b = term->bound;
-    const double cf = b->cfm[c0 / bc], bc0 = b->c0;
     for (uint64_t i = 0; i < h; i++)
         erow[i] = 0.0f;
-    if (lo < hi) { /* rounded up: the float, one up where it fell below (inf, NaN kept) */
-        const double *rf = b->rf + (lo - term->row0);
+    if (lo < hi) {
+        /* at least rf_i cf + c0 in f32 (a loop the compiler vectorizes): with rf_i rounded up,
+         * cf' >= cf (1 + 2^-22) and c0' >= c0 (1 + 2^-22) + 2^-149, fl(rf_i cf') >= rf_i cf (1 +
+         * 2^-22)(1 - 2^-24) (or minus 2^-150 when subnormal, which the 2^-149 covers), and the
+         * sum, (rf_i cf + c0)(1 + 2^-23) or more, loses at most 2^-24 of itself rounding (inf
+         * and NaN propagate: the block takes exact values) */
+        const float cf = f32_up(b->cfm[c0 / bc] * (1 + 0x1p-22)), bc0 = f32_up(b->c0 * (1 + 0x1p-22) + 0x1p-149);
+        const float *rf = b->rf + (lo - term->row0);
         float *er = erow + (lo - R);
-        for (uint64_t i = 0; i < hi - lo; i++) {
-            const double e = rf[i] * cf + bc0;
-            const float f = (float)e;
-            uint32_t u;
-            memcpy(&u, &f, 4);
-            u += (uint32_t)((double)f < e);
-            memcpy(&er[i], &u, 4);
-        }
+        for (uint64_t i = 0; i < hi - lo; i++)
+            er[i] = rf[i] * cf + bc0;
     }
     lm_fp8_bound bd = {erow, term->exact, term->ctx, R, c0, flag, 0};
     lm_fp8_merge_block(k, q0, s0, h, w, cols, &ft, x, w, q, out_scale, st, &bd);
