@@ -122,6 +122,7 @@ static void set_ref(lm_kernels *k)
     k->fp8_encode = lm_fp8_encode_ref;
     k->rot_cert = lm_rot_cert_ref;
     k->dora_cert = lm_dora_cert_ref;
+    k->loha_cert = lm_loha_cert_ref;
     k->name = "ref";
 }
 
@@ -151,6 +152,7 @@ static void set_avx2(lm_kernels *k)
     k->fp8_encode = lm_fp8_encode_avx2;
     k->rot_cert = lm_rot_cert_avx2;
     k->dora_cert = lm_dora_cert_avx2;
+    k->loha_cert = lm_loha_cert_avx2;
     k->name = "avx2";
 }
 
@@ -179,6 +181,7 @@ static void set_avx512(lm_kernels *k)
     k->fp8_encode = lm_fp8_encode_avx512;
     k->rot_cert = lm_rot_cert_avx512;
     k->dora_cert = lm_dora_cert_avx512;
+    k->loha_cert = lm_loha_cert_avx512;
     k->name = "avx512";
 }
 #endif

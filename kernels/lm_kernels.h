@@ -77,13 +77,17 @@ typedef enum lm_kdtype { LM_KDT_F32 = 0, LM_KDT_BF16 = 1, LM_KDT_F16 = 2 } lm_kd
 
 typedef struct lm_lowrank {
     size_t rows, cols, K;
-    const double *B;  /* [rows x K], B[i*K + k]  (borrowed: must outlive every kernel call) */
-    const double *A;  /* [K x cols], A[k*cols + j] (borrowed) */
+    const double *B;  /* [rows x K], B[i*K + k]  (borrowed: must outlive every kernel call); NULL
+                         when prepared from f32 factors (lm_lowrank_prepare_f32: B32) */
+    const double *A;  /* [K x cols], A[k*cols + j] (borrowed; from f32 factors: a copy in the
+                         workspace when the f64 path needs it, else NULL) */
     const double *s;  /* [K] scales (borrowed) */
+    const float *B32; /* lm_lowrank_prepare_f32: B [rows x K] in f32 (borrowed), else NULL */
     /* in the caller's workspace (lm_lowrank_prepare fills them; read-only afterwards): */
-    double *Bs;       /* [rows x K] fl64(s_k * B_ik) */
+    double *Bs;       /* [rows x K] fl64(s_k * B_ik); from f32 factors made only for the f64 path
+                         or K > 256 (the scalar code forms s_k * B_ik itself otherwise), else NULL */
     float *Bf;        /* [rows x K] fl32(Bs) */
-    float *Af;        /* [K x cols] fl32(A) */
+    float *Af;        /* [K x cols] fl32(A) (from f32 factors: A itself, borrowed) */
     float *Afp;       /* Af again in panels of LM_LR_PANEL columns, each [K x 32] contiguous (full
                          panels only: the last cols % 32 columns are read from Af).  The vector
                          kernels stream one panel per row block; in Af a panel's K rows lie cols * 4
@@ -168,10 +172,11 @@ typedef void (*lm_gemm_rows_fn)(int trans_a, int trans_b, size_t m, size_t n, si
  *              same (every x == dq * s0), d2[k] (the f32 sum of (x - dq * s0)^2 over the
  *              columns j = k mod 16, row after row, columns in order); sum, e2, emax and n_diff
  *              zero.
- *  fp8_encode: s finite (so |x * s| <= 448.0001), inv = 1 / s, ramax = 1 / amax: the code of
- *              x * s rounded to nearest even into q (row stride ldo), and L's sum[k], e2[k],
- *              emax[k] over the same lanes, v the magnitude coded and dq = (v with x's sign) *
- *              inv - x: sum += |dq * ramax|, e2 += dq * dq, emax = max of |dq * ramax|'s bits;
+ *  fp8_encode: s finite (so |x * s| <= 448.0001): the code of y = x * s rounded to nearest even
+ *              into q (row stride ldo), and L's sum[k], e2[k], emax[k] over the same lanes, v
+ *              the magnitude coded and e = (v with y's sign) - y (exact): sum += |e|, e2 += e * e,
+ *              emax = max of |e|'s bits (the caller scales them: e / (s amax) is the error
+ *              relative to the amax, e / s in x's units; inv and ramax are not used);
  *              n_diff: the codes that differ from q0's (q0 NULL: 0).  L's other fields untouched.
  *              c (NULL: none) flags the elements whose code the rule might give differently
  *              for the exact value (lm_fp8_cert) into c->flag, i * w + j ascending.
@@ -224,6 +229,19 @@ typedef struct lm_rotcert {
     int scaled;
     lm_kdtype out;
 } lm_rotcert;
+
+/* a row block of the certified LoHa merge (slot loha_cert; kernels/lohacert_ref.c, the bound's
+ * proof in src/methods/loha.c): Ap[j] the factor A_j [r, cols] in panels of LM_LOHA_PANEL columns,
+ * each [r, LM_LOHA_PANEL] contiguous, the last one padded with zeros (A_j[p][c] at Ap[j][(c / P)
+ * r P + p P + c % P]); cc [cols] the columns' bound factors; s the f32 scale; out bf16 or f16 */
+#define LM_LOHA_PANEL 32
+typedef struct lm_lohacert {
+    const float *Ap[2];
+    const float *cc;
+    size_t r, cols;
+    float s;
+    lm_kdtype out;
+} lm_lohacert;
 
 /* a certified DoRA row's constants (slot dora_cert; kernels/doracert_ref.c, exec_dora.c's proof):
  * F the row's factor, E a bound of every element's e_j, eF, A0, A1, A2 the terms of e_j */
@@ -285,6 +303,12 @@ typedef struct lm_kernels {
      * that differ from it; @return the elements it does not certify (doracert_ref.c) */
     size_t (*dora_cert)(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
                         lm_kdtype out, void *dst, const void *base, size_t *n_changed);
+    /* nr rows of the certified LoHa merge: x [nr, cols] the input rows, B1, B2 [nr, r] the rows'
+     * factors, R [nr] the rows' bound factors; dst [nr, cols] the output bits, unc [nr, (cols + 15)
+     * / 16] bit c % 16 of word c / 16 set where column c is not certified; @return any unc
+     * (lohacert_ref.c) */
+    unsigned (*loha_cert)(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -396,6 +420,14 @@ size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K);
  *  @return 0, or -1 (ws too small, K too large, sizes overflow): lr is then unusable. */
 int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
                        const double *A, const double *s, void *ws, size_t ws_bytes);
+/*! lm_lowrank_ws_bytes_f32(), lm_lowrank_prepare_f32() :
+ *  The same for factors that are f32 values (B [rows x K], A [K x cols], contiguous, borrowed),
+ *  without f64 copies of them: the results are those lm_lowrank_prepare() gives for the same
+ *  values in f64, bit for bit.  f64_path: 1 if the kernel will be called for f32 outputs with the
+ *  exactness on (the f64 path then needs Bs and A in f64, made in ws), else 0. */
+size_t lm_lowrank_ws_bytes_f32(size_t rows, size_t cols, size_t K, int f64_path);
+int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const float *B, const float *A,
+                           const double *s, int f64_path, void *ws, size_t ws_bytes);
 /*! lm_lowrank_fallback_1() :
  *  Levels 2 and 3 for element (i, j) of the tensor with base value w (exact in f32): the
  *  correctly rounded result as out_dtype bits (low 16 bits for bf16/f16).  Updates st's
@@ -599,6 +631,15 @@ void lm_rotcert_norms_avx2(const float *x, size_t cols, const lm_rotcert *rc, fl
 unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, size_t n, const lm_rotcert *rc,
                               uint16_t *dst, uint8_t *unc);
 
+/* kernels/lohacert_*.c; the reference's columns c0 .. cols (c0 a multiple of 16), the variants' tails */
+unsigned lm_loha_cert_ref(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+unsigned lm_loha_cert_avx2(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                           const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+unsigned lm_loha_cert_avx512(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                             const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+unsigned lm_loha_cert_cols_ref(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
+                               const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, size_t c0);
 #ifdef __cplusplus
 }
 #endif

@@ -135,21 +135,35 @@ static size_t lr_depth4(size_t K)
     return (K + 3) / 4 + 2;
 }
 
-size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K)
+/* the workspace of lr_prepare: src32 when the factors are f32 values (no Af, and At, Bs and an f64
+ * A only where needed: lr_ws_needs) */
+static size_t lr_ws_bytes(size_t rows, size_t cols, size_t K, int src32, int f64_path)
 {
     if (K > LM_LOWRANK_MAX_K || (K != 0 && (rows > SIZE_MAX / K || cols > SIZE_MAX / K)))
         return 0;
+    const int keep_bs = !src32 || f64_path || K > LR_COLBUF, at = !src32 || K > LR_COLBUF;
     size_t t = 64; /* alignment slack */
-    if (!lr_ws_add(&t, rows * K, sizeof(double)) || !lr_ws_add(&t, rows * K, sizeof(float)) ||
-        !lr_ws_add(&t, K * cols, sizeof(float)) || !lr_ws_add(&t, K * cols, sizeof(double)) ||
+    if (!lr_ws_add(&t, keep_bs ? rows * K : 0, sizeof(double)) || !lr_ws_add(&t, rows * K, sizeof(float)) ||
+        !lr_ws_add(&t, src32 ? 0 : K * cols, sizeof(float)) || !lr_ws_add(&t, at ? K * cols : 0, sizeof(double)) ||
+        !lr_ws_add(&t, src32 && f64_path ? K * cols : 0, sizeof(double)) ||
         !lr_ws_add(&t, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float)) ||
         !lr_ws_add(&t, rows, sizeof(float)) || !lr_ws_add(&t, cols, sizeof(float)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
-        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1) || !lr_ws_add(&t, K, 1) ||
+        !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1) || !lr_ws_add(&t, K, sizeof(long long)) ||
         !lr_ws_add(&t, cols, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)))
         return 0;
     return t;
+}
+
+size_t lm_lowrank_ws_bytes(size_t rows, size_t cols, size_t K)
+{
+    return lr_ws_bytes(rows, cols, K, 0, 1);
+}
+
+size_t lm_lowrank_ws_bytes_f32(size_t rows, size_t cols, size_t K, int f64_path)
+{
+    return lr_ws_bytes(rows, cols, K, 1, f64_path != 0);
 }
 
 static void *lr_carve(unsigned char **p, size_t n, size_t sz)
@@ -203,23 +217,142 @@ static void lr_col_sums(const double *restrict ak, float *restrict fk, double *r
     }
 }
 
-LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
-                       const double *A, const double *s, void *ws, size_t ws_bytes)
+/* the same for a row of f32 values: their f32 copies are themselves (no fk, no inexact), so n32 is
+ * n64 (the caller copies it) */
+static void lr_col_sums_f32(const float *restrict ak, double *restrict n64, double *restrict amin, size_t n)
 {
-    const size_t need = lm_lowrank_ws_bytes(rows, cols, K);
+    for (size_t j = 0; j < n; j++) {
+        const double a = (double)ak[j], fa = fabs(a);
+        const double m = a != 0 ? fa : INFINITY;
+        amin[j] = m < amin[j] ? m : amin[j];
+        n64[j] += a * a;
+    }
+}
+
+/* B's value (i, k), from the f64 or the f32 factors */
+static inline double lr_b(const lm_lowrank *lr, size_t i, size_t k)
+{
+    return lr->B != NULL ? lr->B[i * lr->K + k] : (double)lr->B32[i * lr->K + k];
+}
+
+/* four lanes of doubles, of 64-bit masks (-1 true, 0 false), of floats: GCC/clang vector extensions
+ * (each operation is the scalar one per lane, IEEE, no reassociation) */
+typedef double lr_v4d __attribute__((vector_size(32)));
+typedef long long lr_v4l __attribute__((vector_size(32)));
+typedef float lr_v4f __attribute__((vector_size(16)));
+
+/* the lanes of x (lr_v4d) where m (lr_v4l) is set replaced by +inf (a macro: a function returning
+ * a 32-byte vector has another ABI in the clone without AVX, which gcc warns about) */
+#define LR_INF_WHERE(m, x) ((lr_v4d)(((lr_v4l)(x) & ~(m)) | ((lr_v4l)lr_inf4 & (m))))
+static const lr_v4d lr_inf4 = {INFINITY, INFINITY, INFINITY, INFINITY};
+
+/* One row of B (bd or bf, K values): Bs (bs, when kept) and Bf, the sums of the squares of the f32
+ * and the f64 copies (+inf: the row never certifies on that path), whether a value is NaN or
+ * infinite (*nf), and the tensor's flags (&= : Bf == Bs, every s_k B_ik exact in f64, every Bf
+ * value exact and normal).  Four lanes at a time, lane m summing k = m, m+4, ... (then (s0 + s1) +
+ * (s2 + s3)), with no branch: a nonzero product outside the normal range, a non-finite one and one
+ * that underflowed to zero add +inf to the sums (they stay +inf).  Lanes past K are s = b = 0,
+ * which changes nothing.  ex4: the exactness test of s_k B_ik when s_k is not a power of two
+ * (NULL: every s_k is one); pow2m: -1 where s_k is a power of two. */
+static inline __attribute__((always_inline)) void lr_row_pass(const double *restrict bd, const float *restrict bf,
+                                                              const double *restrict s, const long long *restrict pow2m,
+                                                              int all_pow2, size_t K, double *restrict bs,
+                                                              float *restrict bfo, double *ss32o, double *ss64o,
+                                                              uint8_t *nf, int *same, int *exact64o, int *exact32o)
+{
+    const lr_v4d zero = {0, 0, 0, 0}, dmax = {DBL_MAX, DBL_MAX, DBL_MAX, DBL_MAX};
+    const lr_v4d fmax = {FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX}, t960 = {0x1p-960, 0x1p-960, 0x1p-960, 0x1p-960};
+    const lr_v4d t126 = {0x1p-126, 0x1p-126, 0x1p-126, 0x1p-126};
+    const lr_v4d t1022 = {0x1p-1022, 0x1p-1022, 0x1p-1022, 0x1p-1022};
+    const lr_v4l absm = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    lr_v4d s32 = zero, s64 = zero;
+    lr_v4l nfv = {0, 0, 0, 0}, sm = ~nfv, e64 = ~nfv, e32 = ~nfv;
+    for (size_t k = 0; k < K; k += 4) {
+        lr_v4d b = zero, sk = zero;
+        lr_v4l p2 = {0, 0, 0, 0}, exf = {0, 0, 0, 0};
+        if (k + 4 <= K) {
+            if (bd != NULL) {
+                memcpy(&b, bd + k, sizeof b);
+            } else {
+                lr_v4f b4;
+                memcpy(&b4, bf + k, sizeof b4);
+                b = __builtin_convertvector(b4, lr_v4d);
+            }
+            memcpy(&sk, s + k, sizeof sk);
+            memcpy(&p2, pow2m + k, sizeof p2);
+        } else {
+            for (size_t m = 0; k + m < K; m++) {
+                b[m] = bd != NULL ? bd[k + m] : (double)bf[k + m];
+                sk[m] = s[k + m];
+                p2[m] = pow2m[k + m];
+            }
+        }
+        const lr_v4d x = sk * b, ax = (lr_v4d)((lr_v4l)x & absm);
+        const lr_v4f f = __builtin_convertvector(x, lr_v4f);
+        const lr_v4d fd = __builtin_convertvector(f, lr_v4d);
+        if (!all_pow2) /* the product's rounding error tells */
+            for (size_t m = 0; m < 4 && k + m < K; m++)
+                exf[m] = fma(sk[m], b[m], -x[m]) == 0 ? -1 : 0;
+        if (k + 4 <= K) {
+            if (bs != NULL)
+                memcpy(bs + k, &x, sizeof x);
+            memcpy(bfo + k, &f, sizeof f);
+        } else {
+            for (size_t m = 0; k + m < K; m++) {
+                if (bs != NULL)
+                    bs[k + m] = x[m];
+                bfo[k + m] = f[m];
+            }
+        }
+        const lr_v4l exact32 = fd == x;
+        sm &= exact32;
+        nfv |= ~(((lr_v4d)((lr_v4l)sk & absm) <= dmax) & ((lr_v4d)((lr_v4l)b & absm) <= dmax));
+        /* non-finite, or the product underflowed to zero */
+        const lr_v4l bad = ~(ax <= dmax) | ((x == zero) & (sk != zero) & (b != zero));
+        const lr_v4l nz = x != zero;
+        /* a power-of-two scale (1 included) multiplies exactly in this range */
+        const lr_v4l ex = (ax >= t960) & (p2 | exf);
+        const lr_v4l out32 = (ax < t126) | ~((lr_v4d)((lr_v4l)fd & absm) <= fmax);
+        e64 &= bad | ~nz | ex;
+        e32 &= bad | ~nz | out32 | (ex & exact32);
+        s32 += LR_INF_WHERE(bad | (nz & out32), fd * fd);
+        s64 += LR_INF_WHERE(bad | (nz & (ax < t1022)), x * x);
+    }
+    *ss32o = (s32[0] + s32[1]) + (s32[2] + s32[3]);
+    *ss64o = (s64[0] + s64[1]) + (s64[2] + s64[3]);
+    *nf = (uint8_t)((nfv[0] | nfv[1] | nfv[2] | nfv[3]) != 0);
+    *same &= (sm[0] & sm[1] & sm[2] & sm[3]) != 0;
+    *exact64o &= (e64[0] & e64[1] & e64[2] & e64[3]) != 0;
+    *exact32o &= (e32[0] & e32[1] & e32[2] & e32[3]) != 0;
+}
+
+/* lm_lowrank_prepare (B, A in f64) and lm_lowrank_prepare_f32 (B32, A32) */
+static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B, const float *B32,
+                      const double *A, const float *A32, const double *s, int f64_path, void *ws, size_t ws_bytes)
+{
+    const int src32 = B == NULL;
+    const size_t need = lr_ws_bytes(rows, cols, K, src32, f64_path);
     if (need == 0 || ws == NULL || ws_bytes < need)
         return -1;
+    const int keep_bs = !src32 || f64_path || K > LR_COLBUF, at = !src32 || K > LR_COLBUF;
     unsigned char *p = (unsigned char *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
     lr->rows = rows;
     lr->cols = cols;
     lr->K = K;
     lr->B = B;
-    lr->A = A;
+    lr->B32 = B32;
     lr->s = s;
-    lr->Bs = lr_carve(&p, rows * K, sizeof(double));
+    lr->Bs = keep_bs ? lr_carve(&p, rows * K, sizeof(double)) : NULL;
     lr->Bf = lr_carve(&p, rows * K, sizeof(float));
-    lr->Af = lr_carve(&p, K * cols, sizeof(float));
-    lr->At = lr_carve(&p, K * cols, sizeof(double));
+    lr->Af = src32 ? (float *)(uintptr_t)A32 : lr_carve(&p, K * cols, sizeof(float));
+    lr->At = at ? lr_carve(&p, K * cols, sizeof(double)) : NULL;
+    if (src32 && f64_path) { /* the f64 path reads A in f64 */
+        double *a64 = lr_carve(&p, K * cols, sizeof(double));
+        for (size_t e = 0; e < K * cols; e++)
+            a64[e] = (double)A32[e];
+        A = a64;
+    }
+    lr->A = A;
     lr->Afp = lr_carve(&p, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float));
     lr->bnd_rf = lr_carve(&p, rows, sizeof(float));
     lr->bnd_cf = lr_carve(&p, cols, sizeof(float));
@@ -232,43 +365,22 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
 
     /* rows of B: copies, exactness, sums of squares (+inf marks a row that never certifies) */
     int exactB32 = 1, exactB64 = 1, exactA32 = 1, sameB32 = 1;
-    uint8_t *pow2 = lr_carve(&p, K, 1);
+    long long *pow2 = lr_carve(&p, K, sizeof(long long));
+    int all_pow2 = 1;
     for (size_t k = 0; k < K; k++) {
         int e;
         const double m = frexp(s[k], &e);
-        pow2[k] = isfinite(s[k]) && (m == 0.5 || m == -0.5);
+        pow2[k] = isfinite(s[k]) && (m == 0.5 || m == -0.5) ? -1 : 0;
+        all_pow2 &= pow2[k] != 0;
     }
     for (size_t i = 0; i < rows; i++) {
-        double ss32 = 0, ss64 = 0;
-        lr->row_nf[i] = 0;
-        for (size_t k = 0; k < K; k++) {
-            const double x = s[k] * B[i * K + k];
-            const float f = (float)x;
-            lr->Bs[i * K + k] = x;
-            lr->Bf[i * K + k] = f;
-            sameB32 &= (double)f == x;
-            if (!isfinite(s[k]) || !isfinite(B[i * K + k]))
-                lr->row_nf[i] = 1;
-            const double ax = fabs(x);
-            if (!isfinite(x) || (x == 0 && s[k] != 0 && B[i * K + k] != 0)) {
-                ss32 = ss64 = INFINITY; /* non-finite, or the product underflowed to zero */
-                continue;
-            }
-            if (x != 0) {
-                /* a power-of-two scale (1 included) multiplies exactly in this range; else
-                 * the product's rounding error tells */
-                const int exact64 = ax >= 0x1p-960 && (pow2[k] || fma(s[k], B[i * K + k], -x) == 0);
-                if (ax < 0x1p-1022)
-                    ss64 = INFINITY;
-                exactB64 &= exact64;
-                if (ax < 0x1p-126 || !isfinite(f))
-                    ss32 = INFINITY;
-                else
-                    exactB32 &= exact64 && (double)f == x;
-            }
-            ss32 += (double)f * (double)f;
-            ss64 += x * x;
-        }
+        double ss32, ss64;
+        if (src32)
+            lr_row_pass(NULL, B32 + i * K, s, pow2, all_pow2, K, lr->Bs ? lr->Bs + i * K : NULL, lr->Bf + i * K, &ss32,
+                        &ss64, &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
+        else
+            lr_row_pass(B + i * K, NULL, s, pow2, all_pow2, K, lr->Bs + i * K, lr->Bf + i * K, &ss32, &ss64,
+                        &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
         n32r[i] = sqrt(ss32);
         lr->bnd_rd[i] = sqrt(ss64);
     }
@@ -277,20 +389,25 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
      * exact in f32.  A column whose f64 sum is not finite (a NaN or an infinity in it, or an
      * overflow) is looked at again value by value; in the others every value is finite, and the
      * f32 copy leaves the normal range exactly where a nonzero |A_kj| < 2^-126 or a copy overflows
-     * (then its f32 sum is infinite). */
+     * (then its f32 sum is infinite).  f32 values are their own copies: n32 = n64. */
     double *amin = lr_carve(&p, cols, sizeof(double)), *inexact = lr_carve(&p, cols, sizeof(double));
     for (size_t j = 0; j < cols; j++) {
         n32c[j] = lr->bnd_cd[j] = inexact[j] = 0;
         amin[j] = INFINITY;
     }
     for (size_t k = 0; k < K; k++)
-        lr_col_sums(A + k * cols, lr->Af + k * cols, n32c, lr->bnd_cd, amin, inexact, cols);
+        if (src32)
+            lr_col_sums_f32(A32 + k * cols, lr->bnd_cd, amin, cols);
+        else
+            lr_col_sums(A + k * cols, lr->Af + k * cols, n32c, lr->bnd_cd, amin, inexact, cols);
     for (size_t j = 0; j < cols; j++) {
+        if (src32)
+            n32c[j] = lr->bnd_cd[j];
         exactA32 &= inexact[j] == 0;
         lr->col_nf[j] = 0;
         if (!(lr->bnd_cd[j] <= DBL_MAX)) /* rare: the column value by value */
             for (size_t k = 0; k < K; k++)
-                lr->col_nf[j] |= !isfinite(A[k * cols + j]);
+                lr->col_nf[j] |= !isfinite(src32 ? (double)A32[k * cols + j] : A[k * cols + j]);
         if (lr->col_nf[j])
             n32c[j] = lr->bnd_cd[j] = INFINITY;
         else if (amin[j] < 0x1p-126)
@@ -303,7 +420,7 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
             for (size_t j0 = 0; j0 < cols; j0 += 32)
                 for (size_t j = j0; j < j0 + 32 && j < cols; j++)
                     for (size_t k = k0; k < k0 + 32 && k < K; k++)
-                        lr->At[j * K + k] = A[k * cols + j];
+                        lr->At[j * K + k] = src32 ? (double)A32[k * cols + j] : A[k * cols + j];
     } else {
         lr->At = NULL;
     }
@@ -333,6 +450,22 @@ LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, s
             lr->bnd_cd[j] = INFINITY;
     }
     return 0;
+}
+
+LR_FMA_CLONES int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                                     const double *A, const double *s, void *ws, size_t ws_bytes)
+{
+    if (B == NULL || A == NULL)
+        return -1;
+    return lr_prepare(lr, rows, cols, K, B, NULL, A, NULL, s, 1, ws, ws_bytes);
+}
+
+LR_FMA_CLONES int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const float *B,
+                                         const float *A, const double *s, int f64_path, void *ws, size_t ws_bytes)
+{
+    if (B == NULL || A == NULL)
+        return -1;
+    return lr_prepare(lr, rows, cols, K, NULL, B, NULL, A, s, f64_path != 0, ws, ws_bytes);
 }
 
 /* ---- level 3: the exact value in fixed point ------------------------------------------------- */
@@ -462,9 +595,8 @@ static uint32_t lr_exact(const lm_lowrank *lr, size_t i, const double *Aj, float
         const uint64_t M[3] = {m, 0, 0};
         lr_acc_add(&a, w < 0, M, e - LR_XMIN);
     }
-    const double *Bi = lr->B + i * lr->K;
     for (size_t k = 0; k < lr->K; k++) {
-        const double x = lr->s[k], y = Bi[k], z = Aj[k];
+        const double x = lr->s[k], y = lr_b(lr, i, k), z = Aj[k];
         if (x == 0 || y == 0 || z == 0)
             continue;
         uint64_t mx, my, mz;
@@ -527,9 +659,8 @@ static int lr_level2_exact(const lm_lowrank *lr, const double *Bs, const double 
 /* 1 if every term s_k B_ik A_kj of element (i, j) is zero (Aj: column j of A) */
 static int lr_all_terms_zero(const lm_lowrank *lr, size_t i, const double *Aj)
 {
-    const double *Bi = lr->B + i * lr->K;
     for (size_t k = 0; k < lr->K; k++)
-        if (lr->s[k] != 0 && Bi[k] != 0 && Aj[k] != 0)
+        if (lr->s[k] != 0 && lr_b(lr, i, k) != 0 && Aj[k] != 0)
             return 0;
     return 1;
 }
@@ -548,15 +679,22 @@ static const double *lr_col(const lm_lowrank *lr, size_t j, double *buf)
     return buf;
 }
 
-/* row i of Bs (K values): from Bf when every Bs value is an f32 one, else Bs */
+/* row i of Bs (K values): from Bf when every Bs value is an f32 one, else Bs, or without Bs (f32
+ * factors, K <= LR_COLBUF) the products s_k B_ik formed here as prepare forms them */
 static const double *lr_row(const lm_lowrank *lr, size_t i, double *buf)
 {
     const size_t K = lr->K;
-    if (!lr->b_f32 || K > LR_COLBUF)
+    if (lr->b_f32 && K <= LR_COLBUF) {
+        const float *b = lr->Bf + i * K;
+        for (size_t k = 0; k < K; k++)
+            buf[k] = (double)b[k];
+        return buf;
+    }
+    if (lr->Bs != NULL)
         return lr->Bs + i * K;
-    const float *b = lr->Bf + i * K;
+    const float *b = lr->B32 + i * K;
     for (size_t k = 0; k < K; k++)
-        buf[k] = (double)b[k];
+        buf[k] = lr->s[k] * (double)b[k];
     return buf;
 }
 

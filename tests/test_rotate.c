@@ -4,6 +4,7 @@
  * 8-row groups, shared and per-block rotations; the reference against a double-precision
  * product within the bound of a fused chain of bs terms. */
 #include "lm_kernels.h"
+#include "th.h"
 
 #include <criterion/criterion.h>
 #include <math.h>
@@ -74,15 +75,6 @@ Test(rotate, variants_match_the_reference_and_a_double_product)
             }
 }
 
-/* an f32 value near a rounding midpoint of bf16 (low half 0x8000) or f16 (13 dropped bits
- * 0x1000), a few f32 ulps off it, so that some elements are left uncertain */
-static float rt_near_mid(float x, int bf16, int off)
-{
-    uint32_t u = lm_f32_bits(x);
-    u = bf16 ? (u & 0xFFFF0000u) | 0x8000u : (u & 0xFFFFE000u) | 0x1000u;
-    return lm_f32_from_bits(u + (uint32_t)off);
-}
-
 /* rot_cert (the certified rotation's row, rotcert_ref.c): every variant bit for bit the reference
  * (dst, unc, the flag and the block terms left in e) for block sizes 2 .. 40, shared and per-block norms, bf16 and f16,
  * scaled (BOFT) or not, with elements near the outputs' midpoints, zeros, subnormals, values
@@ -109,7 +101,7 @@ Test(rotate, rot_cert_variants_match_the_reference_which_certifies_soundly)
                 v[c] = rt_value() * 0x1p-6f;
                 dn[c] = fabsf(rt_value()) * 0x1p-5f;
                 if (c % 7 == 3) /* the result y = x + v near a midpoint */
-                    x[c] = rt_near_mid(x[c] + v[c], bf16, (int)(c % 5) - 2) - v[c];
+                    x[c] = th_near_mid(x[c] + v[c], bf16, (int)(c % 5) - 2) - v[c];
             }
             if (nb > 3 && bs > 4) { /* in the last block, which they leave uncertain (its norm) */
                 float *xl = x + cols - bs, *vl = v + cols - bs;

@@ -87,6 +87,33 @@ static th_run_result finalize(const sh_fix *F)
     return sh_run(cmd);
 }
 
+/* the shards worker `i` of `n` must write (README): the largest first (ties: lower k), each to the
+ * worker with the fewest bytes so far (ties: the lower one); from the reference's file sizes */
+static void expected_owners(const sh_fix *F, int n, int owner[10])
+{
+    long long size[10], load[16] = {0};
+    int taken[10] = {0};
+    for (int k = 0; k < 10; k++) {
+        char p[1000];
+        struct stat st;
+        snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F->ref, k + 1);
+        cr_assert_eq(stat(p, &st), 0, "%s", p);
+        size[k] = (long long)st.st_size;
+    }
+    for (int step = 0; step < 10; step++) {
+        int big = -1, w = 0;
+        for (int k = 0; k < 10; k++)
+            if (!taken[k] && (big < 0 || size[k] > size[big]))
+                big = k;
+        for (int j = 1; j < n; j++)
+            if (load[j] < load[w])
+                w = j;
+        taken[big] = 1;
+        owner[big] = w;
+        load[w] += size[big];
+    }
+}
+
 Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
 {
     sh_fix F;
@@ -119,14 +146,24 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     th_run_free(&r);
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", F.out);
     cr_assert(!th_exists(p), "a refused finalize wrote the index");
-    /* the rerun of worker 0 keeps its verified shards and rewrites shard 5 */
-    char cmd[9000];
-    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 0/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    /* the rerun of shard 5's worker keeps its other, verified, shards and rewrites shard 5 */
+    int owner[10], n_mine = 0, other = -1;
+    expected_owners(&F, 4, owner);
+    for (int k = 0; k < 10; k++)
+        if (owner[k] == owner[4]) {
+            n_mine++;
+            other = k != 4 ? k : other;
+        }
+    cr_assert(other >= 0);
+    char cmd[9000], want[200];
+    snprintf(cmd, sizeof cmd, "cd %s && %s --shards %d/4 %s %s %s/", F.tmp, F.bin, owner[4], F.base, F.ad, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
-    cr_assert(strstr(r.err, "shard model-00001-of-00010.safetensors already complete and verified"), "%s", r.err);
+    snprintf(want, sizeof want, "shard model-%05d-of-00010.safetensors already complete and verified", other + 1);
+    cr_assert(strstr(r.err, want), "%s", r.err);
     cr_assert(strstr(r.err, "removed .model-00005-of-00010.safetensors.lm-tmp-Ab12Cd"), "%s", r.err);
-    cr_assert(strstr(r.err, "(1 written, 2 kept)"), "%s", r.err);
+    snprintf(want, sizeof want, "(1 written, %d kept)", n_mine - 1);
+    cr_assert(strstr(r.err, want), "%s: %s", want, r.err);
     th_run_free(&r);
     r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
@@ -139,7 +176,7 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
  * identity (inode, mtime, ctime) as its worker recorded it; a shard whose identity changed is read
  * back and hashed.  So a byte changed in place, a truncation and a file renamed over a shard are
  * all caught without reading the others; only a change that leaves the identity alone (here: the
- * sidecar's sha256 forged, as bytes rotting below the filesystem would look) needs --verify. */
+ * sidecar's sha256x4 forged, as bytes rotting below the filesystem would look) needs --verify. */
 Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
 {
     sh_fix F;
@@ -147,6 +184,22 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     for (int i = 1; i >= 0; i--)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
     char p[1000], q[1000];
+    /* every sidecar's sha256x4 is the shard's, computed independently (OpenSSL's SHA-256 of
+     * its lanes, th_sha256x4_ref) */
+    for (int k = 1; k <= 10; k++) {
+        char sc[1000], shard[1000], ref[65];
+        snprintf(sc, sizeof sc, "%s/.lora-merge-shards/model-%05d-of-00010.safetensors.json", F.out, k);
+        snprintf(shard, sizeof shard, "%s/model-%05d-of-00010.safetensors", F.out, k);
+        size_t n = 0;
+        uint8_t *text = th_read_file(sc, &n);
+        cJSON *j = text ? cJSON_ParseWithLength((const char *)text, n) : NULL;
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "sha256x4");
+        cr_assert(cJSON_IsString(h), "%s: no sha256x4", sc);
+        cr_assert_eq(th_file_sha256x4(shard, ref), 0);
+        cr_assert_str_eq(h->valuestring, ref, "%s", shard);
+        cJSON_Delete(j);
+        free(text);
+    }
     /* one byte of shard 4's data changed in place (same size), shard 7 gone, shard 9 truncated,
      * shard 6 replaced by a copy with one byte changed (renamed over it) */
     snprintf(p, sizeof p, "%s/model-00004-of-00010.safetensors", F.out);
@@ -156,15 +209,15 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     cr_assert_eq(sh_ok("truncate -s -1 %s/model-00009-of-00010.safetensors", F.out), 0);
     cr_assert_eq(sh_ok("cd %s && cp model-00006-of-00010.safetensors t && printf 'Z' | dd of=t bs=1 seek=6000 "
                        "conv=notrunc 2>/dev/null && mv t model-00006-of-00010.safetensors", F.out), 0);
-    /* shard 2's sidecar records another sha256, its file untouched */
-    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"sha256\":[^\"]*\"\\)./\\1x/' "
-                       "model-00002-of-00010.safetensors.json >t && grep -q '\"sha256\":.*\"x' t && "
+    /* shard 2's sidecar records another sha256x4, its file untouched */
+    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"sha256x4\":[^\"]*\"\\)./\\1x/' "
+                       "model-00002-of-00010.safetensors.json >t && grep -q '\"sha256x4\":.*\"x' t && "
                        "mv t model-00002-of-00010.safetensors.json", F.out), 0);
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 1, "%s", r.err);
     cr_assert(strstr(r.err, "4 of 10 shards"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00007-of-00010.safetensors (missing)"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00009-of-00010.safetensors (wrong size)"), "%s", r.err);
     cr_assert(!strstr(r.err, "model-00002"), "shard 2 was read back without --verify: %s", r.err);
@@ -176,7 +229,7 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     r = sh_run(cmd);
     cr_assert_eq(r.status, 1, "%s", r.err);
     cr_assert(strstr(r.err, "5 of 10 shards"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (sha256 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
     th_run_free(&r);
     cr_assert(!th_exists(p), "a refused finalize wrote config.json");
     /* the same refusal through --shards index with the workers' arguments */
@@ -184,20 +237,34 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     r = sh_run(cmd);
     cr_assert_eq(r.status, 1, "%s", r.err);
     th_run_free(&r);
-    /* the workers rerun: worker 0 rewrites 7 and 9; worker 1 rewrites 4 and 6, and with --verify 2 */
-    cr_assert_eq(worker(&F, 0, 2, ""), 0);
-    snprintf(cmd, sizeof cmd, "cd %s && %s --verify --shards 1/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
-    r = sh_run(cmd);
-    cr_assert_eq(r.status, 0, "%s", r.err);
-    cr_assert(strstr(r.err, "(3 written, 2 kept)"), "%s", r.err);
-    th_run_free(&r);
+    /* the workers rerun: each rewrites its shards of 4, 6, 7 and 9; the one of shard 2 runs with
+     * --verify, so rewrites 2 as well */
+    int owner[10];
+    expected_owners(&F, 2, owner);
+    const int v = owner[1]; /* shard 2's */
+    int n_bad[2] = {0, 0}, n_mine[2] = {0, 0};
+    for (int k = 0; k < 10; k++) {
+        n_mine[owner[k]]++;
+        n_bad[owner[k]] += k == 3 || k == 5 || k == 6 || k == 8 || k == 1;
+    }
+    for (int w = 0; w < 2; w++) {
+        char want[100];
+        snprintf(cmd, sizeof cmd, "cd %s && %s %s --shards %d/2 %s %s %s/", F.tmp, F.bin, w == v ? "--verify" : "", w,
+                 F.base, F.ad, F.out);
+        r = sh_run(cmd);
+        cr_assert_eq(r.status, 0, "%s", r.err);
+        snprintf(want, sizeof want, "(%d written, %d kept)", n_bad[w], n_mine[w] - n_bad[w]);
+        cr_assert(strstr(r.err, want), "worker %d: %s: %s", w, want, r.err);
+        th_run_free(&r);
+    }
     snprintf(cmd, sizeof cmd, "cd / && %s --json finalize %s", F.bin, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
-    /* --json: every file's sha256 (the shards' from their sidecars: none read back, their
-     * workers' identities unchanged), as sha256sum says */
+    /* --json: every file's sha256, as sha256sum says (the shards' read back for it: the sidecars
+     * hold sha256x4; their workers' identities unchanged) */
     cr_assert(strstr(r.out, "10 shards checked by size and the identity their workers recorded (inode, mtime, ctime), "
                             "0 read back"), "%s", r.out);
+    cr_assert(strstr(r.out, "--json: every shard read back for its sha256"), "%s", r.out);
     cJSON *rep = cJSON_Parse(r.out), *f;
     int n_files = 0;
     cr_assert_not_null(rep, "%s", r.out);
@@ -229,15 +296,29 @@ Test(shards, fingerprint_refuses_a_worker_with_other_options)
     sh_fix F;
     sh_setup(&F, "");
     cr_assert_eq(worker(&F, 0, 3, ""), 0);
+    /* worker 0 of 3 wrote its shards, balanced by bytes, and no other; the sizes here differ
+     * (the size split), so that is not k % 3 */
+    int owner[10], differs = 0;
+    expected_owners(&F, 3, owner);
+    for (int k = 0; k < 10; k++) {
+        char p[1000];
+        snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F.out, k + 1);
+        cr_assert_eq(th_exists(p), owner[k] == 0, "shard %d: owner %d, written by worker 0: %d", k + 1, owner[k],
+                     th_exists(p));
+        differs |= owner[k] != k % 3;
+    }
+    cr_assert(differs, "the shards' sizes give k %% 3: the test shows nothing");
     char cmd[9000];
     snprintf(cmd, sizeof cmd, "cd %s && %s -q --scale 0.5 --shards 1/3 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
     th_run_result r = sh_run(cmd);
     cr_assert_eq(r.status, 2, "%s", r.err);
     cr_assert(strstr(r.err, "PlanMismatch"), "%s", r.err);
     th_run_free(&r);
-    char p[1000];
-    snprintf(p, sizeof p, "%s/model-00002-of-00010.safetensors", F.out);
-    cr_assert(!th_exists(p), "the refused worker wrote its shard");
+    for (int k = 0; k < 10; k++) {
+        char p[1000];
+        snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F.out, k + 1);
+        cr_assert(owner[k] == 0 || !th_exists(p), "the refused worker wrote its shard %d", k + 1);
+    }
     snprintf(cmd, sizeof cmd, "cd %s && %s -q --dtype f32 --shards 2/3 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 2, "%s", r.err);

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <math.h>
+#include <openssl/evp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -291,6 +292,38 @@ uint64_t th_file_hash(const char *path)
     return h ^ n;
 }
 
+void th_sha256x4_ref(const uint8_t *d, size_t n, char hex[65])
+{
+    uint8_t md[4][32], root[32];
+    uint8_t *lane = malloc(n / 4 + 64);
+    for (size_t j = 0; j < 4; j++) {
+        size_t k = 0;
+        for (size_t i = 64 * j; i < n; i += 256) { /* block i / 64, i / 64 % 4 == j */
+            size_t m = n - i < 64 ? n - i : 64;
+            memcpy(lane + k, d + i, m);
+            k += m;
+        }
+        unsigned nm = 0;
+        EVP_Digest(lane, k, md[j], &nm, EVP_sha256(), NULL);
+    }
+    free(lane);
+    unsigned nm = 0;
+    EVP_Digest(md, sizeof md, root, &nm, EVP_sha256(), NULL);
+    for (int i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", root[i]);
+}
+
+int th_file_sha256x4(const char *path, char hex[65])
+{
+    size_t n;
+    uint8_t *b = th_read_file(path, &n);
+    if (b == NULL)
+        return -1;
+    th_sha256x4_ref(b, n, hex);
+    free(b);
+    return 0;
+}
+
 int th_files_equal(const char *a, const char *b)
 {
     size_t na, nb;
@@ -489,6 +522,14 @@ double th_spacing(double x, const char *dtype)
     frexp(x, &e);
     e = x == 0 ? emin : (e - 1 < emin ? emin : e - 1);
     return ldexp(1.0, e - mb);
+}
+
+float th_near_mid(float x, int bf16, int off)
+{
+    union { float f; uint32_t u; } v = {.f = x};
+    v.u = bf16 ? (v.u & 0xFFFF0000u) | 0x8000u : (v.u & 0xFFFFE000u) | 0x1000u;
+    v.u += (uint32_t)off;
+    return v.f;
 }
 
 double th_round_to(double x, const char *dtype)

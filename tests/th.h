@@ -72,6 +72,10 @@ int th_exists(const char *path);
 int th_count_entries(const char *dir);
 /* FNV-1a 64 of a whole file (0 if unreadable) */
 uint64_t th_file_hash(const char *path);
+/* sha256x4 (src/core/lm_sha256.h) computed independently: each lane gathered and hashed by
+ * OpenSSL's SHA-256, then the lanes' digests.  th_file_sha256x4: of a whole file (-1 unreadable) */
+void th_sha256x4_ref(const uint8_t *d, size_t n, char hex[65]);
+int th_file_sha256x4(const char *path, char hex[65]);
 /* "dir/name" into dst: 0, or -1 when it does not fit */
 int th_path(char *dst, size_t cap, const char *dir, const char *name);
 /* text into dir/name: 0, or -1 */
@@ -135,6 +139,9 @@ int th_torch_save(const char *path, int root, const th_out_tensor *t, size_t n, 
 double th_round_to(double x, const char *dtype);   /* nearest value of dtype, ties to even */
 double th_spacing(double x, const char *dtype);    /* ulp of dtype at |x| (subnormals included) */
 uint64_t th_encode(double x, const char *dtype);   /* bits of th_round_to(x) in dtype */
+/* an f32 value moved to a rounding midpoint of bf16 (low half 0x8000; bf16 != 0) or f16 (13 dropped
+ * bits 0x1000), then off f32 ulps from it: elements a certified kernel leaves uncertain */
+float th_near_mid(float x, int bf16, int off);
 
 /* ---- the golden rule (golden_check.py compare_tensor) ------------------------------------------ */
 typedef struct {

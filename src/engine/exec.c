@@ -1065,7 +1065,8 @@ static lm_code exact_values(const job *J, size_t ti, uint64_t r0, uint64_t nr, c
         rc = compute_tile_dora(J, ti, r0, nr, ws, NULL, NULL, NULL, err);
     } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags && lm_exact_certify_fast(t)) {
         rc = compute_tile_certify(J, ti, r0, nr, ws, NULL, NULL, 0, err);
-        memcpy(ws->acc, ws->acc64, n * sizeof *ws->acc); /* the input tile again (the checks' base) */
+        if (t->ops[0].method->certify_tile == NULL) /* (certify_tile leaves ws->acc intact) */
+            memcpy(ws->acc, ws->acc64, n * sizeof *ws->acc); /* the input tile again (the checks' base) */
     } else if (rt->exact_kind == LM_EXACT_F64 && !J->lowrank_flags) {
         const lm_tile64 t64 = {ws->acc64, ws->scratch64, r0, nr, t->rows, t->cols, J->k};
         J->k->f32_to_f64(ws->acc, ws->acc64, n);

@@ -45,7 +45,7 @@ typedef struct lm_exec_opts {
     lm_code (*after_commit)(void *ctx, lm_err *err);
     /* shard workers (shards.h): with one_shard, only shard only_shard is computed and written
      * (the other shards' tensors are not read); sha256_hex (may be NULL) then receives that
-     * file's sha256, computed as the file is written (lm_st_writer_hash_begin), before it is
+     * file's sha256x4 (lm_sha256.h), computed as the file is written (lm_st_writer_hash_begin), before it is
      * renamed; the stats' hash_cpu_seconds what hashing took */
     int one_shard;
     size_t only_shard;

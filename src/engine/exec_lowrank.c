@@ -2,6 +2,7 @@
 /* exec_lowrank.c : see exec_lowrank.h. */
 #include "exec_lowrank.h"
 
+#include "exec_exact.h"
 #include "st_reader.h"
 
 #include <pthread.h>
@@ -156,10 +157,30 @@ static void copy_f64(double *dst, size_t dld, const float *src32, const double *
  * @return 0, or -1 when out of memory */
 static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared *prep)
 {
-    size_t K = 0;
+    size_t K = 0, n_cover = 0, o1 = 0;
     for (size_t o = 0; o < t->n_ops; o++)
-        K += covers(&t->ops[o], g->lo, g->lo + g->n) ? (size_t)t->ops[o].rank : 0;
+        if (covers(&t->ops[o], g->lo, g->lo + g->n)) {
+            K += (size_t)t->ops[o].rank;
+            n_cover++;
+            o1 = o;
+        }
     const size_t rows = (size_t)g->n, cols = (size_t)t->cols;
+    if (n_cover == 1 && !t->ops[o1].axis && prep[o1].b64 == NULL && prep[o1].a64 == NULL) {
+        /* one op, not transposed, f32 factors (the common case): the kernel reads them where they
+         * are, with no f64 copies (its f64 path, for f32 outputs, makes the ones it needs) */
+        const lm_op *op = &t->ops[o1];
+        const int f64_path = lm_exact_out_dtype(t) == LM_DT_F32;
+        const size_t ws_bytes = lm_lowrank_ws_bytes_f32(rows, cols, K, f64_path);
+        g->s = malloc(K * sizeof *g->s + 1);
+        g->ws = ws_bytes ? malloc(ws_bytes) : NULL;
+        if (g->s == NULL || g->ws == NULL)
+            return -1;
+        lm_populate(g->ws, ws_bytes);
+        for (size_t q = 0; q < K; q++)
+            g->s[q] = op->scale;
+        return lm_lowrank_prepare_f32(&g->lr, rows, cols, K, prep[o1].b + (size_t)(g->lo - op->row0) * K,
+                                      prep[o1].a, g->s, f64_path, g->ws, ws_bytes);
+    }
     const size_t ws_bytes = lm_lowrank_ws_bytes(rows, cols, K);
     g->B = malloc(rows * K * sizeof *g->B + 1);
     g->A = malloc(K * cols * sizeof *g->A + 1);

@@ -3,6 +3,8 @@
 #include "shards.h"
 
 #include "lm_error.h"
+#include "lm_sha256.h"
+#include "lm_sys.h"
 #include "st_writer.h"
 
 #include <cJSON.h>
@@ -139,7 +141,7 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
         EVP_MD_CTX_free(md);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
-    md_str(md, "lora-merge shard plan 1");
+    md_str(md, "lora-merge shard plan 2"); /* 2: the sidecars hold sha256x4 */
     md_str(md, LM_VERSION_STRING);
     md_u64(md, C->ot->n_shards);
     for (size_t k = 0; k < C->ot->n_shards; k++) {
@@ -335,9 +337,59 @@ static int sidecar_id_matches(const cJSON *sc, const file_id *id)
     return 1;
 }
 
+/* the file read back: its sha256x4 into x4 and, unless NULL, its plain sha256 into plain (one
+ * read for both).  LM_OK, or an I/O error naming the file */
+static lm_code file_hashes(const char *path, char x4[65], char *plain, lm_err *err)
+{
+    enum { BUF = 4 << 20 };
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    uint8_t *buf = fd >= 0 ? malloc(BUF) : NULL;
+    if (fd < 0 || buf == NULL) {
+        lm_code rc = fd < 0 ? lm_fail_errno(err, errno, "cannot open the shard to hash it")
+                            : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        lm_err_set_path(err, path);
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    lm_sha256x4_ctx c;
+    lm_sha256_ctx s;
+    lm_sha256x4_init(&c);
+    lm_sha256_init(&s);
+    uint64_t off = 0;
+    lm_code rc = LM_OK;
+    for (;;) {
+        ssize_t k = lm_sys_pread(fd, buf, BUF, (off_t)off);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            rc = lm_fail_errno(err, errno, "cannot read the shard back to hash it");
+            lm_err_set_path(err, path);
+            break;
+        }
+        if (k == 0)
+            break;
+        lm_sha256x4_update(&c, buf, (size_t)k);
+        if (plain != NULL)
+            lm_sha256_update(&s, buf, (size_t)k);
+        off += (uint64_t)k;
+    }
+    free(buf);
+    close(fd);
+    uint8_t md[32];
+    lm_sha256x4_final(&c, md);
+    lm_sha256_hex(md, x4);
+    if (plain != NULL) {
+        lm_sha256_final(&s, md);
+        lm_sha256_hex(md, plain);
+    }
+    return rc;
+}
+
 /* why shard k is not complete and verified ("" when it is).  The cheap check: present, a sidecar
  * of this plan, the planned size, and the identity the worker recorded (inode, mtime, ctime):
- * then the sidecar's sha256 (computed by the worker from the complete file) stands.  A shard whose
+ * then the sidecar's sha256x4 (computed by the worker from the complete file) stands.  A shard whose
  * identity changed, or every shard with `verify`, is read again and hashed (*rehashed set). */
 static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp, int verify, int *rehashed,
                                  int *threads, lm_err *err)
@@ -351,23 +403,29 @@ static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp
     cJSON *sc = sp ? read_json(sp) : NULL;
     free(sp);
     const char *why = "";
-    const char *sfp = sc ? json_str(sc, "fingerprint") : NULL, *ssha = sc ? json_str(sc, "sha256") : NULL;
+    const char *sfp = sc ? json_str(sc, "fingerprint") : NULL, *ssha = sc ? json_str(sc, "sha256x4") : NULL;
     file_id id = id_of(&st);
-    char hex[65];
+    char hex[65], plain[65];
+    /* finalize --json (shard_sha): the report's plain sha256, read back (the sidecar holds sha256x4) */
+    char *want_plain = C->shard_sha != NULL ? plain : NULL;
     if (sfp == NULL || ssha == NULL || strlen(ssha) != 64)
         why = "no sidecar (not completed by a worker)";
     else if (strcmp(sfp, fp) != 0)
         why = "written for another plan";
     else if ((uint64_t)st.st_size != C->ot->shard_bytes[k])
         why = "wrong size";
-    else if (!verify && sidecar_id_matches(sc, &id))
-        memcpy(hex, ssha, sizeof hex);
-    else if ((*rehashed = 1, lm_file_sha256(C->ot->paths[k], hex, err)) != LM_OK)
-        why = "unreadable";
-    else if (strcmp(hex, ssha) != 0)
-        why = "sha256 differs from its sidecar (corrupted)";
+    else {
+        int same = !verify && sidecar_id_matches(sc, &id);
+        *rehashed = !same;
+        if (same && want_plain == NULL)
+            memcpy(hex, ssha, sizeof hex);
+        else if (file_hashes(C->ot->paths[k], hex, want_plain, err) != LM_OK)
+            why = "unreadable";
+        else if (strcmp(hex, ssha) != 0) /* read back (for the plain sha256 too): checked as well */
+            why = "sha256x4 differs from its sidecar (corrupted)";
+    }
     if (why[0] == '\0' && C->shard_sha != NULL)
-        memcpy(C->shard_sha[k], hex, sizeof hex);
+        memcpy(C->shard_sha[k], plain, sizeof plain);
     const cJSON *th = sc ? cJSON_GetObjectItemCaseSensitive(sc, "threads") : NULL;
     *threads = why[0] == '\0' && cJSON_IsNumber(th) && th->valuedouble >= 1 ? (int)th->valuedouble : 0;
     cJSON_Delete(sc);
@@ -407,7 +465,7 @@ static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, co
     cJSON_AddStringToObject(o, "shard", leaf_of(C->ot->paths[k]));
     cJSON_AddStringToObject(o, "fingerprint", fp);
     cJSON_AddNumberToObject(o, "bytes", (double)C->ot->shard_bytes[k]);
-    cJSON_AddStringToObject(o, "sha256", sha);
+    cJSON_AddStringToObject(o, "sha256x4", sha);
     cJSON_AddStringToObject(o, "inode", ino);
     cJSON_AddStringToObject(o, "mtime_ns", mt);
     cJSON_AddStringToObject(o, "ctime_ns", ct);
@@ -463,6 +521,44 @@ static lm_code write_one_shard(lm_shard_ctx *C, size_t k, const char *fp, lm_err
     return write_sidecar(C, k, fp, sha, w1 - w0, c1 - c0, &st, err);
 }
 
+typedef struct {
+    uint64_t bytes;
+    size_t k;
+} shard_size;
+
+static int cmp_larger_first(const void *a, const void *b)
+{
+    const shard_size *x = a, *y = b;
+    if (x->bytes != y->bytes)
+        return x->bytes > y->bytes ? -1 : 1;
+    return x->k < y->k ? -1 : x->k > y->k;
+}
+
+int lm_shards_owners(const uint64_t *bytes, size_t n, unsigned count, unsigned *owner)
+{
+    shard_size *order = malloc((n ? n : 1) * sizeof *order);
+    uint64_t *load = calloc(count ? count : 1, sizeof *load);
+    if (order == NULL || load == NULL || count == 0) {
+        free(order);
+        free(load);
+        return -1;
+    }
+    for (size_t k = 0; k < n; k++)
+        order[k] = (shard_size){bytes[k], k};
+    qsort(order, n, sizeof *order, cmp_larger_first);
+    for (size_t i = 0; i < n; i++) {
+        unsigned best = 0;
+        for (unsigned w = 1; w < count; w++)
+            if (load[w] < load[best])
+                best = w;
+        owner[order[i].k] = best;
+        load[best] += order[i].bytes;
+    }
+    free(order);
+    free(load);
+    return 0;
+}
+
 lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
 {
     char fp[65];
@@ -470,8 +566,15 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
     if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = prepare_dirs(C, err)) != LM_OK ||
         (rc = record_plan(C, fp, err)) != LM_OK)
         return rc;
+    unsigned *owner = malloc((C->ot->n_shards ? C->ot->n_shards : 1) * sizeof *owner);
+    if (owner == NULL || lm_shards_owners(C->ot->shard_bytes, C->ot->n_shards, C->job->shard_count, owner) != 0) {
+        free(owner);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
     size_t n_mine = 0, n_done = 0;
-    for (size_t k = C->job->shard_index; k < C->ot->n_shards && rc == LM_OK; k += C->job->shard_count) {
+    for (size_t k = 0; k < C->ot->n_shards && rc == LM_OK; k++) {
+        if (owner[k] != C->job->shard_index)
+            continue;
         n_mine++;
         lm_err e;
         lm_err_clear(&e);
@@ -482,8 +585,10 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
             continue;
         }
         int lock = lock_shard(C->ot, k, err);
-        if (lock == -2)
+        if (lock == -2) {
+            free(owner);
             return err->code;
+        }
         if (lock == -1) { /* two workers given the same index: one writes, the other says so */
             rc = lm_fail(err, LM_E_USAGE, "Usage", "shard %s is being written by another live worker (the same "
                          "--shards index given twice?)", leaf_of(C->ot->paths[k]));
@@ -493,6 +598,7 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
         rc = write_one_shard(C, k, fp, err);
         close(lock);
     }
+    free(owner);
     if (rc == LM_OK)
         lm_report_note(C->ri, "shard worker %u of %u: %zu of the %zu shards (%zu written, %zu kept); run "
                               "`lora-merge finalize %s` once every worker is done",
@@ -545,8 +651,9 @@ static lm_code check_all_shards(const lm_shard_ctx *C, const char *fp, lm_err *e
         lm_report_note(C->ri, "--verify: %zu of the %zu shards read back and hashed", n_rehashed, C->ot->n_shards);
     else
         lm_report_note(C->ri, "%zu shards checked by size and the identity their workers recorded (inode, mtime, "
-                              "ctime), %zu read back and hashed because it changed; --verify reads every shard back",
-                       C->ot->n_shards, n_rehashed);
+                              "ctime), %zu read back and hashed because it changed; --verify reads every shard back%s",
+                       C->ot->n_shards, n_rehashed, C->shard_sha != NULL ? " (--json: every shard read back for its "
+                       "sha256, the sidecars holding sha256x4, and checked against it)" : "");
     char list[900];
     size_t used = 0, n_bad = 0;
     list[0] = '\0';

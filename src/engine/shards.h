@@ -11,18 +11,20 @@
  * OUT/.lora-merge-shards/plan.json by the first worker; a worker with another fingerprint
  * (other adapters or options) is refused.
  *
- * Worker I of N writes the shards k with k % N == I and nothing else, straight into OUT (no
+ * Worker I of N writes the shards k with lm_shards_owners()[k] == I (balanced by bytes; with
+ * shards of equal size k % N == I) and nothing else, straight into OUT (no
  * staging directory: the workers share OUT).  Each shard goes through a temporary name, its
- * sha256 is computed as it is written (lm_st_writer_hash_begin: no read-back of the finished
+ * sha256x4 (lm_sha256.h: the sha256 of four interleaved lanes of the file, hashed ~1.8x as fast
+ * as one message) is computed as it is written (lm_st_writer_hash_begin: no read-back of the finished
  * file), it is renamed into place, then its sidecar OUT/.lora-merge-shards/<shard>.json
- * (fingerprint, size, sha256, and the file's identity: inode, mtime, ctime; for the record the
+ * (fingerprint, size, sha256x4, and the file's identity: inode, mtime, ctime; for the record the
  * worker's seconds, hashing CPU and threads) is written.  Workers never remove anything but their own temporary files.
  *
  * A shard is complete and verified when it is present, its sidecar is of this plan, its size is
  * the plan's, and either its identity is still the recorded one (nothing changed it through the
  * filesystem since its worker hashed it: a write in place, a truncation, a file renamed over it
  * all change ctime at least, which only the kernel sets) or, read back, it hashes to the
- * sidecar's sha256.  With job->shard_verify every shard is read back.  A rerun skips shards
+ * sidecar's sha256x4.  With job->shard_verify every shard is read back.  A rerun skips shards
  * complete and verified; finalize verifies every shard, refuses naming the ones that are not,
  * then writes the side files, model.safetensors.index.json LAST (the commit record), removes
  * files of an earlier merge and the sidecars. */
@@ -47,7 +49,8 @@ typedef struct lm_shard_ctx {
     lm_report_impl *ri;
     const lm_exec_opts *eo;      /* threads, kernels ...: copied per shard */
     lm_exec_stats *st;           /* accumulated over the shards written */
-    char (*shard_sha)[65];       /* finalize: [n_shards] receives each verified shard's sha256 (may be NULL) */
+    char (*shard_sha)[65];       /* finalize: [n_shards] receives each verified shard's plain
+                                  * sha256, read back (--json; may be NULL) */
     char (*ad_sha256)[65];       /* each adapter's weights file's sha256, hashed already (may be NULL) */
 } lm_shard_ctx;
 
@@ -57,6 +60,12 @@ lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_pla
 
 /*! lm_shards_fingerprint() : sha256 (hex) of everything that decides the output's bytes. */
 lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err);
+
+/*! lm_shards_owners() : owner[k] = the worker (0 .. count-1) that writes shard k of n, balanced
+ *  by bytes: the shards taken largest first (ties: lower k), each given to the worker with the
+ *  fewest bytes so far (ties: the lower worker).  Shards of equal size go round-robin, k % count.
+ *  0, or -1 out of memory. */
+int lm_shards_owners(const uint64_t *bytes, size_t n, unsigned count, unsigned *owner);
 
 /*! lm_shards_work() : worker job->shard_index of job->shard_count (see above). */
 lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err);

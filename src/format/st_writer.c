@@ -5,11 +5,11 @@
 
 #include "compat.h"
 #include "lm_error.h"
+#include "lm_sha256.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <openssl/evp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -622,7 +622,7 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
     return LM_OK;
 }
 
-/* ---- the sha256 of the file as it is written (lm_st_writer_hash_begin) ----------------------
+/* ---- the sha256x4 of the file as it is written (lm_st_writer_hash_begin; lm_sha256.h) -------
  * [0, done) is hashed.  A write that reaches done is hashed from the writer's own buffer; one
  * beyond it is kept as a range (sorted, disjoint, touching ranges merged) and hashed once the
  * prefix reaches it, read back from the file: the page cache, just written.  With one thread the
@@ -634,7 +634,7 @@ typedef struct {
 
 struct writer_hash {
     pthread_mutex_t mu;
-    EVP_MD_CTX *md;
+    lm_sha256x4_ctx md;
     uint64_t done;
     wrange *r;
     size_t n_r, cap_r;
@@ -648,7 +648,6 @@ static void hash_free(struct writer_hash *h)
 {
     if (h == NULL)
         return;
-    EVP_MD_CTX_free(h->md);
     pthread_mutex_destroy(&h->mu);
     free(h->r);
     free(h->buf);
@@ -680,7 +679,7 @@ static void hash_read_to(lm_st_writer *w, struct writer_hash *h, uint64_t end)
             h->err = k < 0 ? errno : EIO;
             return;
         }
-        EVP_DigestUpdate(h->md, h->buf, (size_t)k);
+        lm_sha256x4_update(&h->md, h->buf, (size_t)k);
         h->done += (uint64_t)k;
     }
 }
@@ -694,7 +693,7 @@ static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint
     pthread_mutex_lock(&h->mu);
     double c0 = thread_cpu();
     if (h->err == 0 && buf != NULL && off <= h->done && off + n > h->done) {
-        EVP_DigestUpdate(h->md, buf + (h->done - off), (size_t)(off + n - h->done));
+        lm_sha256x4_update(&h->md, buf + (h->done - off), (size_t)(off + n - h->done));
         h->done = off + n;
     } else if (h->err == 0 && off + n > h->done) { /* a range ahead of the prefix: kept */
         size_t i = 0;
@@ -741,12 +740,9 @@ out:
 lm_code lm_st_writer_hash_begin(lm_st_writer *w, lm_err *err)
 {
     struct writer_hash *h = calloc(1, sizeof *h);
-    if (h == NULL || (h->md = EVP_MD_CTX_new()) == NULL || EVP_DigestInit_ex(h->md, EVP_sha256(), NULL) != 1) {
-        if (h != NULL)
-            EVP_MD_CTX_free(h->md);
-        free(h);
+    if (h == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    }
+    lm_sha256x4_init(&h->md);
     pthread_mutex_init(&h->mu, NULL);
     w->hash = h;
     hash_written(w, NULL, 0, w->data_start); /* the header, written by lm_st_writer_open() */
@@ -777,11 +773,9 @@ lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds
         lm_err_set_path(err, w->out_path);
         return e == ENOMEM ? LM_E_NOMEM : LM_E_IO;
     }
-    unsigned char md[32];
-    unsigned n_md = 0;
-    EVP_DigestFinal_ex(h->md, md, &n_md);
-    for (unsigned i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    uint8_t md[32];
+    lm_sha256x4_final(&h->md, md);
+    lm_sha256_hex(md, hex);
     if (cpu_seconds != NULL)
         *cpu_seconds = h->cpu;
     hash_free(h);

@@ -11,7 +11,8 @@
  * (apply_tile64, elem64).  bf16/f16 outputs take the certified f32 form (apply_tile_bound): the
  * f32 result with a per-element bound (each rank-r f32 product within (r + 2) 2^-24 ||row|| ||col||
  * of P_j, then the Hadamard product's error), the elements it leaves uncertain recomputed by
- * elem64 (exec_exact.h). */
+ * elem64 (exec_exact.h); the engine takes the same form in one sweep (certify_tile: the loha_cert
+ * kernel, kernels/lohacert_ref.c, then the uncertain elements eight at a time). */
 #include "method.h"
 
 #include "gemm_tile.h"
@@ -35,11 +36,12 @@ typedef struct {
 typedef struct {
     const float *f[4];
     const double *u64[2]; /* CP: U_j [r, cols] in f64 (f[2j+1] is it rounded to f32); else NULL: f[2j+1] exact */
-    const double *at[2];  /* [cols, r]: f[2j+1] (CP: U_j in f64) transposed, for elem64 (a column's r values
-                             in one place) */
+    const double *at[2];  /* CP: U_j in f64 transposed [cols, r], for elem64 (a column's r values in one
+                             place); else NULL: elem64 reads f[2j+1] (exact) from the panels ap[j] */
     const double *nb[2];  /* [o]: ||row i of f[2j]||_2 + 2^-62 (rounded up) */
     const float *cc;      /* [cols]: (||column c of f[1]||_2 + 2^-62) (||column c of f[3]||_2 + 2^-62), rounded
                              up (CP: of U_j, f32 or f64, the larger) */
+    const float *ap[2];   /* f[2j+1] in the loha_cert kernel's panels (lm_lohacert) */
     double kappa;         /* the bound's factor (loha_apply_bound) */
     float s;              /* fl32(op->scale) (loha_apply's) */
     uint64_t cols;
@@ -57,19 +59,31 @@ static float up32(double x)
 /* the bound's row and column norms (loha_apply_bound) */
 static lm_code loha_norms(const lm_op *op, loha_prep *lp, uint64_t o, uint64_t cols, lm_prepared *p, lm_err *err)
 {
-    const uint64_t r = op->rank;
-    double *nb = lm_prep_alloc(p, 2 * ((size_t)o + (size_t)(cols * r)) * sizeof *nb + cols * sizeof(float) + 1, err);
-    double *cn = nb ? malloc(2 * (size_t)cols * sizeof *cn + 1) : NULL;
+    const uint64_t r = op->rank, P = LM_LOHA_PANEL, np = (cols + P - 1) / P;
+    /* the panels first (64-byte aligned), then nb, at (CP only) and cc */
+    const size_t npan = (size_t)(np * r * P), nat = lp->u64[0] != NULL ? (size_t)(cols * r) : 0;
+    char *blk = lm_prep_alloc(p, 2 * npan * sizeof(float) + 2 * ((size_t)o + nat) * sizeof(double) +
+                                     cols * sizeof(float) + 64, err);
+    double *cn = blk ? malloc(2 * (size_t)cols * sizeof *cn + 1) : NULL;
     if (cn == NULL)
-        return nb ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
-    float *cc = (float *)(void *)(nb + 2 * ((size_t)o + (size_t)(cols * r)));
+        return blk ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_E_NOMEM;
+    float *pan = (float *)(void *)(blk + (64 - (uintptr_t)blk % 64) % 64);
     for (int j = 0; j < 2; j++) {
-        double *at = nb + 2 * o + (size_t)j * (size_t)(cols * r);
+        float *ap = pan + (size_t)j * npan; /* zeroed: the last panel's padding */
         const float *A = lp->f[2 * j + 1];
+        for (uint64_t k = 0; k < r; k++)
+            for (uint64_t c = 0; c < cols; c++)
+                ap[(c / P) * r * P + k * P + c % P] = A[k * cols + c];
+        lp->ap[j] = ap;
+    }
+    double *nb = (double *)(void *)(pan + 2 * npan);
+    float *cc = (float *)(void *)(nb + 2 * ((size_t)o + nat));
+    for (int j = 0; j < 2 && nat > 0; j++) {
+        double *at = nb + 2 * o + (size_t)j * nat;
         const double *U = lp->u64[j];
         for (uint64_t k = 0; k < r; k++)
             for (uint64_t c = 0; c < cols; c++)
-                at[c * r + k] = U ? U[k * cols + c] : (double)A[k * cols + c];
+                at[c * r + k] = U[k * cols + c];
         lp->at[j] = at;
     }
     const double m = 1.0 + 0x1p-40; /* the f64 sums of squares and the root: a few 2^-53 each */
@@ -239,14 +253,21 @@ static void loha_apply(const lm_op *op, const lm_prepared *p, const lm_tile *t)
         t->acc[i] += t1[i] * t2[i] * s;
 }
 
-/* P_j of row i, column c in f64 (k ascending from 0, as loha_apply64) */
+/* P_j of row i, column c in f64 (k ascending from 0, as loha_apply64): A_j's column from at[j]
+ * (CP) or the panels */
 static inline double loha_p64(const loha_prep *lp, int j, uint64_t r, uint64_t i, uint64_t c)
 {
     const float *B = lp->f[2 * j] + i * r;
-    const double *a = lp->at[j] + c * r;
     double acc = 0.0;
-    for (uint64_t k = 0; k < r; k++)
-        acc += (double)B[k] * a[k];
+    if (lp->at[j] != NULL) {
+        const double *a = lp->at[j] + c * r;
+        for (uint64_t k = 0; k < r; k++)
+            acc += (double)B[k] * a[k];
+    } else {
+        const float *a = lp->ap[j] + (c / LM_LOHA_PANEL) * r * LM_LOHA_PANEL + c % LM_LOHA_PANEL;
+        for (uint64_t k = 0; k < r; k++)
+            acc += (double)B[k] * (double)a[k * LM_LOHA_PANEL];
+    }
     return acc;
 }
 
@@ -317,7 +338,15 @@ static void loha_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 
  * (the norms with h added, rounded up; R and cc at least 2^-126: the smallest normal keeps subnormal
  * operands, a microcode assist each, out of the loop), and bound = C_y |y| + R cc[c] + 2^-125 (K,
  * the underflow of R cc[c]), C_y = 2^-24 (1 + 2^-7) (the f64 terms of |v| and the f32 roundings of
- * the bound, R's and cc's included in their rounding up).  inf/NaN anywhere: uncertain (elem64). */
+ * the bound, R's and cc's included in their rounding up).  inf/NaN anywhere: uncertain (elem64).
+ * The one-sweep form (loha_cert, kernels/lohacert_ref.c) rests on the same analysis in real terms:
+ * |y - v| <= B = 2^-24 (1 + 2^-8) |y| + kappa nb_1[i] nb_2[i] cc[c] + K (the 2^-8, like the 2^-7
+ * above, is ample for v's f64 terms).  Its ends lo, hi = fl(y -+ w) contain [y - B, y + B] when w (1
+ * - u) >= B + u |y| (the sums' rounding, at most u (|y| + w)).  With w = fl(fl(fma(|y|, ky, fl(R'
+ * cc[c]))) + 2^-124), ky = 2^-23 (1 + 2^-8 + 2^-18), R' = kappa nb_1[i] nb_2[i] (1 + 2^-17) rounded
+ * up: each of the three roundings loses at most a factor 1 - u and 2^-150 (underflow), so w (1 - u)
+ * >= |y| ky (1 - u)^3 + R' cc (1 - u)^4 + 2^-124 (1 - u)^2 - 2^-149, and ky (1 - u)^3 >= 2^-23 (1 +
+ * 2^-9), R' (1 - u)^4 >= kappa nb_1 nb_2, 2^-124 (1 - u)^2 - 2^-149 >= K. */
 LH_CLONES static void loha_row_bound(float *restrict x, const float *restrict t1, const float *restrict t2, float s,
                                      float R, const float *restrict cc, uint64_t n, float *restrict bound)
 {
@@ -342,6 +371,117 @@ static void loha_apply_bound(const lm_op *op, const lm_prepared *p, const lm_til
         const double R = lp->kappa * lp->nb[0][t->r0 + q] * lp->nb[1][t->r0 + q];
         loha_row_bound(t->acc + e0, t1 + e0, t2 + e0, lp->s, up32(R), lp->cc, t->cols, bound + e0);
     }
+}
+
+/* ---- the certified form in one sweep (loha_certify_tile) ------------------------------------
+ * The kernel (loha_cert, kernels/lohacert_ref.c) computes loha_apply_bound's y with the same f32
+ * operations, then its own ends (the proof above, after loha_apply_bound's) and their rounding,
+ * element by element with nothing stored between them; every certified element is RNE of the f64
+ * value, as are the others (elem64's), so the bytes are those of the two-pass form.  The elements it leaves uncertain are recomputed LH_BATCH at a time (loha_batch64),
+ * each exactly as loha_elem64: the same f64 operations in the same order per element. */
+enum { LH_BATCH = 8, LH_ROWS = 16 };
+
+/* p_j[l] = P_j of element (row[l], col[l]) as loha_p64 (k ascending from 0, no contraction), the
+ * LH_BATCH chains interleaved; A_j's columns from at[j] (CP) or the panels (in cache: the kernel
+ * has just read them) */
+LH_CLONES static void loha_batch64(const loha_prep *lp, uint64_t r, const uint64_t *row, const uint64_t *col,
+                                   double *p1, double *p2)
+{
+    const int cp = lp->at[0] != NULL;
+    const uint64_t P = LM_LOHA_PANEL, st = cp ? 1 : P;
+    const float *B1 = lp->f[0], *B2 = lp->f[2];
+    uint64_t ob[LH_BATCH], oa[LH_BATCH];
+    double s1[LH_BATCH], s2[LH_BATCH];
+    for (int l = 0; l < LH_BATCH; l++) {
+        ob[l] = row[l] * r;
+        oa[l] = cp ? col[l] * r : (col[l] / P) * r * P + col[l] % P;
+        s1[l] = s2[l] = 0.0;
+    }
+    if (cp)
+        for (uint64_t k = 0; k < r; k++)
+            for (int l = 0; l < LH_BATCH; l++) {
+                s1[l] += (double)B1[ob[l] + k] * lp->at[0][oa[l] + k * st];
+                s2[l] += (double)B2[ob[l] + k] * lp->at[1][oa[l] + k * st];
+            }
+    else
+        for (uint64_t k = 0; k < r; k++)
+            for (int l = 0; l < LH_BATCH; l++) {
+                s1[l] += (double)B1[ob[l] + k] * (double)lp->ap[0][oa[l] + k * st];
+                s2[l] += (double)B2[ob[l] + k] * (double)lp->ap[1][oa[l] + k * st];
+            }
+    for (int l = 0; l < LH_BATCH; l++) {
+        p1[l] = s1[l];
+        p2[l] = s2[l];
+    }
+}
+
+/* the n <= LH_BATCH elements (q[l], col[l]) of the tile (rows from t->r0): their f64 values
+ * rounded once into dst, counted in st */
+static void loha_flush(const lm_op *op, const loha_prep *lp, const lm_tile *t, lm_kdtype out, const uint64_t *q,
+                       const uint64_t *col, size_t n, uint16_t *dst, lm_cert_counts *st)
+{
+    const uint16_t em = out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
+    uint64_t row[LH_BATCH], c[LH_BATCH];
+    double p1[LH_BATCH], p2[LH_BATCH];
+    for (size_t l = 0; l < LH_BATCH; l++) { /* unused lanes repeat the first */
+        row[l] = t->r0 + q[l < n ? l : 0];
+        c[l] = col[l < n ? l : 0];
+    }
+    loha_batch64(lp, op->rank, row, c, p1, p2);
+    for (size_t l = 0; l < n; l++) {
+        const size_t e = (size_t)(q[l] * t->cols + col[l]);
+        const double v = (double)t->acc[e] + p1[l] * p2[l] * op->scale;
+        const uint16_t bits = lm_f64_to_16_1(v, out);
+        dst[e] = bits;
+        st->n_recomputed++;
+        if (!isfinite(v))
+            st->n_nonfinite++;
+        else if ((bits & em) == em)
+            st->n_overflow++;
+    }
+}
+
+static int loha_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                             lm_cert_counts *st)
+{
+    const loha_prep *lp = p->data;
+    const uint64_t cols = t->cols, r = op->rank, nw = (cols + 15) / 16;
+    uint16_t *unc = malloc((size_t)(LH_ROWS * nw) * sizeof *unc + 1);
+    if (unc == NULL)
+        return -1;
+    const lm_lohacert lc = {{lp->ap[0], lp->ap[1]}, lp->cc, (size_t)r, (size_t)cols, lp->s, out};
+    float R[LH_ROWS];
+    uint64_t bq[LH_BATCH], bc[LH_BATCH];
+    size_t n = 0;
+    for (uint64_t q0 = 0; q0 < t->nr; q0 += LH_ROWS) {
+        const uint64_t h = t->nr - q0 < LH_ROWS ? t->nr - q0 : LH_ROWS, i0 = t->r0 + q0;
+        for (uint64_t i = 0; i < h; i++)
+            R[i] = up32(lp->kappa * lp->nb[0][i0 + i] * lp->nb[1][i0 + i] * (1.0 + 0x1p-17)); /* R' */
+        if (!t->k->loha_cert(t->acc + q0 * cols, (size_t)h, lp->f[0] + i0 * r, lp->f[2] + i0 * r, R, &lc,
+                             dst + q0 * cols, unc))
+            continue;
+        for (uint64_t i = 0; i < h; i++)
+            for (uint64_t w = 0; w < nw; w += 4) { /* four words at a time: most are 0 */
+                uint64_t bits = 0;
+                if (w + 4 <= nw)
+                    memcpy(&bits, unc + i * nw + w, sizeof bits);
+                else
+                    for (uint64_t v = w; v < nw; v++)
+                        bits |= (uint64_t)unc[i * nw + v] << (16 * (v - w));
+                for (; bits != 0; bits &= bits - 1) {
+                    bq[n] = q0 + i;
+                    bc[n] = w * 16 + (uint64_t)__builtin_ctzll(bits);
+                    if (++n == LH_BATCH) {
+                        loha_flush(op, lp, t, out, bq, bc, n, dst, st);
+                        n = 0;
+                    }
+                }
+            }
+    }
+    if (n > 0)
+        loha_flush(op, lp, t, out, bq, bc, n, dst, st);
+    free(unc);
+    return 0;
 }
 
 static void loha_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -376,6 +516,7 @@ const lm_method lm_method_loha = {
     .apply_tile64 = loha_apply64,
     .apply_tile_bound = loha_apply_bound,
     .elem64 = loha_elem64,
+    .certify_tile = loha_certify_tile,
     .describe = loha_describe,
     .describe_config = loha_describe_config,
 };
