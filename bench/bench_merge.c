@@ -507,15 +507,19 @@ static void file_sha(const char *path, char hex[65])
 }
 
 /* one timed phase of run_batch: started with no dirty pages (sync first, untimed), timed to its
- * exit (*t, *c: wall and CPU seconds) and, with durable, to the end of the sync that follows (*td:
- * the wall seconds until its outputs are on the disk).  @return the exit status */
-static int batch_phase(char *const *argv, int durable, double *t, double *c, double *td, long *rss)
+ * exit (*t, *c, *sy: wall, CPU and system CPU seconds; *gb: GB it read from the disk) and, with
+ * durable, to the end of the sync that follows (*td: the wall seconds until its outputs are on the
+ * disk).  @return the exit status */
+static int batch_phase(char *const *argv, int durable, double *t, double *c, double *sy, double *gb, double *td,
+                       long *rss)
 {
     int st = 0;
     sync();
     double t0 = now();
     *t = run_timed(argv, NULL, rss, &st);
     *c = g_last_cpu;
+    *sy = g_last_sys;
+    *gb = g_last_read_gb;
     if (durable)
         sync();
     *td = now() - t0;
@@ -560,14 +564,23 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     }
     bargv[nb] = NULL;
     /* per phase (0: the K merges, 1: the batch, 2: tee, 3: the threaded floor) and run: wall to
-     * exit, CPU, wall to the outputs on the disk */
+     * exit, CPU, system CPU, GB read from the disk, wall to the outputs on the disk */
     enum { NP = 4 };
-    double *t[NP], *c[NP], *d[NP];
+    double *t[NP], *c[NP], *sy[NP], *gb[NP], *d[NP];
     for (int p = 0; p < NP; p++) {
         t[p] = calloc((size_t)runs, sizeof *t[p]);
         c[p] = calloc((size_t)runs, sizeof *c[p]);
+        sy[p] = calloc((size_t)runs, sizeof *sy[p]);
+        gb[p] = calloc((size_t)runs, sizeof *gb[p]);
         d[p] = calloc((size_t)runs, sizeof *d[p]);
     }
+    /* every phase starts with the base and the adapters in the page cache (read here, not timed):
+     * the phase before may have pushed some of them out with its outputs */
+    char warm_cmd[64 * 4500 + 4500];
+    size_t wu = (size_t)snprintf(warm_cmd, sizeof warm_cmd, "exec cat '%s'", base);
+    for (int i = 0; i < K; i++)
+        wu += (size_t)snprintf(warm_cmd + wu, sizeof warm_cmd - wu, " '%s'/*", adirs[i]);
+    char *wargv[] = {"sh", "-c", warm_cmd, NULL};
     /* the floor, two ways: the base copied to K files by one `tee` (one read, K writes of the same
      * bytes, one thread), and the same by `threads` threads (--floor-write) */
     char kk[16];
@@ -590,7 +603,8 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
             rm_rf(rd);
             mkdir(od, 0777);
             mkdir(rd, 0777);
-            double t0 = now(), c0 = 0, sd0 = 0;
+            run_timed(wargv, NULL, &rss, &st);
+            double t0 = now(), c0 = 0, sd0 = 0, sy0 = 0, gb0 = 0;
             if (p == 0) { /* the K merges, one after the other: one phase (each pays for the last's writeback) */
                 sync();
                 t0 = now();
@@ -598,18 +612,23 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
                     char *margv[] = {(char *)bin, "-q", "--threads", thr, (char *)base, adirs[i], refs[i], NULL};
                     sd0 += run_timed(margv, NULL, &rss, &st);
                     c0 += g_last_cpu;
+                    sy0 += g_last_sys;
+                    gb0 += g_last_read_gb;
                     rss_s = rss > rss_s ? rss : rss_s;
                 }
                 if (durable)
                     sync();
                 t[p][r] = sd0;
                 c[p][r] = c0;
+                sy[p][r] = sy0;
+                gb[p][r] = gb0;
                 d[p][r] = now() - t0;
             } else if (p == 1) {
-                st = batch_phase(bargv, durable, &t[p][r], &c[p][r], &d[p][r], &rss);
+                st = batch_phase(bargv, durable, &t[p][r], &c[p][r], &sy[p][r], &gb[p][r], &d[p][r], &rss);
                 rss_b = rss > rss_b ? rss : rss_b;
             } else {
-                st = batch_phase(p == 2 ? targv : fargv, durable, &t[p][r], &c[p][r], &d[p][r], &rss);
+                st = batch_phase(p == 2 ? targv : fargv, durable, &t[p][r], &c[p][r], &sy[p][r], &gb[p][r], &d[p][r],
+                                 &rss);
             }
             if (st != 0) {
                 fprintf(stderr, "bench: %s failed with status %d\n",
@@ -626,8 +645,15 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     }
     rm_rf(od);
     rm_rf(rd);
-    double m[NP], mc[NP], md[NP], lo[NP], hi[NP], lod[NP], hid[NP];
+    double m[NP], mc[NP], md[NP], lo[NP], hi[NP], lod[NP], hid[NP], msy[NP], mgb[NP], cores[NP];
     for (int p = 0; p < NP; p++) {
+        double *u = calloc((size_t)runs, sizeof *u); /* cores busy: each run's CPU / its wall */
+        for (int r = 0; r < runs; r++)
+            u[r] = t[p][r] > 0 ? c[p][r] / t[p][r] : 0;
+        cores[p] = median(u, runs);
+        free(u);
+        msy[p] = median(sy[p], runs);
+        mgb[p] = median(gb[p], runs);
         m[p] = median(t[p], runs); /* sorts: [0] and [runs - 1] are then the least and the most */
         lo[p] = t[p][0];
         hi[p] = t[p][runs - 1];
@@ -651,14 +677,17 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     printf("K merges: the %d merges one after another (each reads the base); one batch: `lora-merge batch` with the "
            "same %d jobs (one read of the base); base %.2f GB, page cache warm; %d runs, the phases' order alternated, "
            "each phase started after a sync (no dirty pages), medians\n", K, K, (double)file_size(base) * 1e-9, runs);
-    printf("CPU (user+system, median): K merges %.2f s, one batch %.2f s (%.3f)\n", mc[0], mc[1], mc[1] / mc[0]);
+    printf("CPU (user+system, median): K merges %.2f s, one batch %.2f s (%.3f); of which system %.2f s and %.2f s; "
+           "cores busy (CPU / wall, median of the runs) %.2f and %.2f of %d; GB read from the disk %.2f and %.2f\n",
+           mc[0], mc[1], mc[1] / mc[0], msy[0], msy[1], cores[0], cores[1], threads, mgb[0], mgb[1]);
     if (durable)
         printf("to the outputs on the disk (the phase and the sync after it): K merges %.2f s (%.2f-%.2f), one batch "
                "%.2f s (%.2f-%.2f): ratio %.3f\n", md[0], lod[0], hid[0], md[1], lod[1], hid[1], md[1] / md[0]);
     double fl = m[2] < m[3] ? m[2] : m[3], fld = md[2] < md[3] ? md[2] : md[3];
     printf("the floor, writing the %d outputs' bytes and nothing else (same runs): `tee` of the base to %d files "
            "%.2f s wall (%.2f-%.2f), %.2f s CPU; the same by %d threads (a tee each, K/%d files) %.2f s wall "
-           "(%.2f-%.2f), %.2f s CPU\n", K, K, m[2], lo[2], hi[2], mc[2], threads, threads, m[3], lo[3], hi[3], mc[3]);
+           "(%.2f-%.2f), %.2f s CPU (system %.2f s and %.2f s)\n", K, K, m[2], lo[2], hi[2], mc[2], threads, threads, m[3],
+           lo[3], hi[3], mc[3], msy[2], msy[3]);
     if (durable)
         printf("the floors to the disk: `tee` %.2f s, threads %.2f s: %.3f of the K merges'\n", md[2], md[3],
                fld / md[0]);
@@ -669,6 +698,8 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     for (int p = 0; p < NP; p++) {
         free(t[p]);
         free(c[p]);
+        free(sy[p]);
+        free(gb[p]);
         free(d[p]);
     }
     return same ? 0 : 1;

@@ -168,6 +168,12 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
     BT_OK("cd %s/bat && %s batch -q --threads 1 --tile-elems 4096 %s --job %s --job %s --job %s", t, F.bin, F.base,
           jb[3], jb[6], jb[1]);
     BT_OK("cd %s && diff -r ref/o4 bat/o4 && diff -r ref/o7 bat/o7 && diff -r ref/o2 bat/o2", t);
+    /* three threads and small tiles: many tiles queued at once in each job's lane, the jobs'
+     * outputs written by several threads at a time */
+    BT_OK("cd %s/bat && %s batch -q --threads 3 --tile-elems 1024 %s --job %s --job %s --job %s --job %s", t, F.bin,
+          F.base, jb[0], jb[3], jb[5], jb[7]);
+    BT_OK("cd %s && cmp ref/o1.safetensors bat/o1.safetensors && diff -r ref/o4 bat/o4 && diff -r ref/o6 bat/o6 && "
+          "diff -r ref/o8 bat/o8", t);
     bt_teardown(&F);
 }
 
@@ -281,10 +287,12 @@ static int bt_state(const char *out, const char *old, const char *fresh)
     return th_same_tree(out, old) ? 1 : th_same_tree(out, fresh) ? 2 : -1; /* diff -r, in process */
 }
 
-/* the k-th call of kind fails, for every k: the batch either succeeds with both OUTs new, or
- * fails with one line and leaves both as they were, but for the jobs its line says were committed.
- * One process a run (the batch itself): OUTs reset, compared and the fault log read in process. */
-static int bt_sweep(const bt_fix *F, const char *kind, int *n_ok)
+/* the k-th call of kind fails, for every k (every step-th: 1, 1 + step, ...): the batch either
+ * succeeds with both OUTs new, or fails with one line and leaves both as they were, but for the
+ * jobs its line says were committed.  One process a run (the batch itself): OUTs reset, compared
+ * and the fault log read in process.  threads: "1", or more (the two jobs' outputs then written by
+ * two threads at once, a failed write in one while the other goes on) */
+static int bt_sweep(const bt_fix *F, const char *kind, const char *threads, int step, int *n_ok)
 {
     const char *t = F->tmp;
     char bat[900], ad1[900], ad2[900], logp[900];
@@ -292,11 +300,11 @@ static int bt_sweep(const bt_fix *F, const char *kind, int *n_ok)
     snprintf(ad1, sizeof ad1, "%s/m/adapter", t);
     snprintf(ad2, sizeof ad2, "%s/dora", t);
     snprintf(logp, sizeof logp, "%s/fault.log", t);
-    const char *argv[] = {F->bin, "batch", "-q", "--threads", "1", F->base, "--job", "--scale", "0.5", ad1,
+    const char *argv[] = {F->bin, "batch", "-q", "--threads", threads, F->base, "--job", "--scale", "0.5", ad1,
                           "o1.safetensors", "--job", "--scale", "0.5", "--max-shard-size", "8KB", ad2, "o2/", NULL};
     setenv("LM_FAULT_LOG", logp, 1);
     int injected = 0;
-    for (int k = 1; k < 5000; k++) {
+    for (int k = 1; k < 5000; k += step) {
         char o1[1000], o2[1000], old1[1000], old2[1000], new1[1000], new2[1000], fault[64];
         snprintf(o1, sizeof o1, "%s/bat/o1.safetensors", t);
         snprintf(o2, sizeof o2, "%s/bat/o2", t);
@@ -358,9 +366,14 @@ Test(batch, faults_leave_every_out_as_before, .timeout = 900)
     for (int i = 0; i < 2; i++) {
         if (getenv("LM_ASAN") != NULL && i > 0)
             break; /* the plain build sweeps short counts too */
-        int ok = 0, n = bt_sweep(&F, kinds[i], &ok);
+        int ok = 0, n = bt_sweep(&F, kinds[i], "1", 1, &ok);
         cr_assert_gt(n, 0, "%s: no fault reached", kinds[i]);
         cr_log_info("batch, %s: %d faults injected, %d runs succeeded (exact outputs)", kinds[i], n, ok);
+    }
+    if (getenv("LM_ASAN") == NULL) { /* with two threads (every third call): the jobs' writers at once */
+        int ok = 0, n = bt_sweep(&F, "EIO", "2", 3, &ok);
+        cr_assert_gt(n, 0, "EIO, 2 threads: no fault reached");
+        cr_log_info("batch, EIO, 2 threads: %d faults injected, %d runs succeeded (exact outputs)", n, ok);
     }
     bt_teardown(&F);
 }

@@ -1263,16 +1263,19 @@ static lm_code write_transposed(lm_st_writer *w, uint64_t dst, const lm_plan_ten
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* the write queue: one thread writes at a time                                                 */
+/* the write queue: one thread writes an output at a time                                     */
 /* ------------------------------------------------------------------------------------------ */
 /* Writes into one file take its inode lock for the whole copy into the page cache (ext4), so two
  * threads writing at once take turns, and the one waiting spins on the lock.  Instead a thread
- * with a finished tile queues it and, when no thread is writing, takes the writer's role and
- * writes the queue until it is empty; when one is, it goes on to its next tile in another of its
- * buffers (WQ_BUFS), waiting only when all of them are queued.  The copies of unchanged tensors
- * are queued too (no buffer) and done by the writer in slices, the queued tiles first, so that a
- * copy never keeps a computing thread waiting for a buffer long.  Same bytes at the same offsets
- * as before: the order of the writes is all that changes. */
+ * with a finished tile queues it and, when no thread is writing that job's files, takes the
+ * writer's role for them and writes their queue (its lane) until it is empty; when one is, it
+ * goes on to its next tile in another of its buffers (WQ_BUFS), waiting only when all of them
+ * are queued.  The copies of unchanged tensors are queued too (no buffer) and done by the writer
+ * in slices, the queued tiles first, so that a copy never keeps a computing thread waiting for a
+ * buffer long.  A batch has a lane per job: its K outputs are written by as many threads at once
+ * (writing its outputs is most of a batch's work; one writer for all of them left the other
+ * threads waiting for their buffers).  Same bytes at the same offsets as before: the order of the
+ * writes is all that changes. */
 #define WQ_SLICE ((uint64_t)4 << 20) /* bytes of a copy done before the queued tiles are looked at again */
 
 typedef struct {
@@ -1285,14 +1288,20 @@ typedef struct {
     int *busy;          /* a tile: its buffer's count of queued writes, decremented once written */
 } wq_item;
 
+/* one job's writes (all of its files) */
 typedef struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;    /* a buffer was written, or the role was given up */
     wq_item *tiles;       /* ring of cap_tiles (every queued write holds a busy buffer: never full) */
     size_t cap_tiles, head_tiles, n_tiles;
     wq_item *copies;      /* [head_copies, n_copies) queued, cap_copies never exceeded (no move) */
     size_t head_copies, n_copies, cap_copies;
-    int writing;          /* a thread holds the writer's role; 0: the queue is empty */
+    int writing;          /* a thread holds the lane's writer's role; 0: the lane is empty */
+} wq_lane;
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;    /* a buffer was written, or a role was given up */
+    wq_lane *lanes;       /* one per job */
+    size_t n_lanes;
     int failed;           /* the first error of the run (err, failed_job); queued writes after it are dropped */
     lm_err err;
     size_t failed_job;
@@ -1362,9 +1371,9 @@ static lm_code copy_task_bytes(const job *J, const task *tk, uint64_t from, uint
     return rc;
 }
 
-/* The writer's loop: the queued tiles, else a slice of the oldest copy, until the queue is empty.
- * Called with q->mu held and the role taken; the lock is let go around each write. */
-static void wq_drain(wqueue *q)
+/* The writer's loop on lane L: its queued tiles, else a slice of its oldest copy, until it is
+ * empty.  Called with q->mu held and L's role taken; the lock is let go around each write. */
+static void wq_drain(wqueue *q, wq_lane *L)
 {
     for (;;) {
         wq_item it;
@@ -1372,27 +1381,27 @@ static void wq_drain(wqueue *q)
         lm_err_clear(&e);
         lm_code rc = LM_OK;
         const int skip = q->failed;
-        if (q->n_tiles > 0) {
-            it = q->tiles[q->head_tiles];
-            q->head_tiles = (q->head_tiles + 1) % q->cap_tiles;
-            q->n_tiles--;
+        if (L->n_tiles > 0) {
+            it = L->tiles[L->head_tiles];
+            L->head_tiles = (L->head_tiles + 1) % L->cap_tiles;
+            L->n_tiles--;
             pthread_mutex_unlock(&q->mu);
             if (!skip)
                 rc = lm_st_writer_pwrite(it.w, it.buf, (size_t)it.n, it.off, &e);
             pthread_mutex_lock(&q->mu);
             if (--*it.busy == 0)
                 pthread_cond_broadcast(&q->cv);
-        } else if (q->head_copies < q->n_copies) {
-            it = q->copies[q->head_copies];
+        } else if (L->head_copies < L->n_copies) {
+            it = L->copies[L->head_copies];
             const uint64_t n = it.tk->count - it.off < WQ_SLICE ? it.tk->count - it.off : WQ_SLICE;
             pthread_mutex_unlock(&q->mu);
             if (!skip)
                 rc = copy_task_bytes(it.J, it.tk, it.off, n, &e);
             pthread_mutex_lock(&q->mu);
-            wq_item *c = &q->copies[q->head_copies];
+            wq_item *c = &L->copies[L->head_copies];
             c->off += n;
             if (skip || c->off >= c->tk->count)
-                q->head_copies++;
+                L->head_copies++;
         } else {
             return;
         }
@@ -1401,38 +1410,56 @@ static void wq_drain(wqueue *q)
     }
 }
 
-/* the queue written by this thread if no other is writing it; q->mu held */
-static void wq_kick_locked(wqueue *q)
+/* lane L written by this thread if no other is writing it; q->mu held */
+static void wq_kick_locked(wqueue *q, wq_lane *L)
 {
-    if (q->writing)
+    if (L->writing)
         return;
-    q->writing = 1;
-    wq_drain(q);
-    q->writing = 0;
+    L->writing = 1;
+    wq_drain(q, L);
+    L->writing = 0;
     pthread_cond_broadcast(&q->cv);
 }
 
-/* queues n bytes at buf for offset off of w (busy: the count of queued writes of buf's buffer); q->mu held */
-static void wq_put_locked(wqueue *q, job *J, size_t jb, lm_st_writer *w, const uint8_t *buf, uint64_t n,
+/* every lane with queued writes and no writer written here: cannot happen (an idle writer leaves
+ * its lane empty), kept so that a waiting thread can never wait for nobody; q->mu held.
+ * @return 1 when one was */
+static int wq_kick_idle_locked(wqueue *q)
+{
+    int kicked = 0;
+    for (size_t i = 0; i < q->n_lanes; i++) {
+        wq_lane *L = &q->lanes[i];
+        if (!L->writing && (L->n_tiles > 0 || L->head_copies < L->n_copies)) {
+            wq_kick_locked(q, L);
+            kicked = 1;
+        }
+    }
+    return kicked;
+}
+
+/* queues n bytes at buf for offset off of w in lane L (busy: the count of queued writes of buf's
+ * buffer); q->mu held */
+static void wq_put_locked(wq_lane *L, job *J, size_t jb, lm_st_writer *w, const uint8_t *buf, uint64_t n,
                           uint64_t off, int *busy)
 {
-    q->tiles[(q->head_tiles + q->n_tiles) % q->cap_tiles] = (wq_item){J, jb, w, buf, n, off, NULL, busy};
-    q->n_tiles++;
+    L->tiles[(L->head_tiles + L->n_tiles) % L->cap_tiles] = (wq_item){J, jb, w, buf, n, off, NULL, busy};
+    L->n_tiles++;
     ++*busy;
 }
 
-/* the copy task queued; done by the thread that writes the queue */
+/* the copy task queued in job jb's lane; done by the thread that writes the lane */
 static void wq_put_copy(wqueue *q, job *J, size_t jb, const task *tk)
 {
     pthread_mutex_lock(&q->mu);
-    if (q->n_copies < q->cap_copies) /* room for every copy task of the run (run_groups) */
-        q->copies[q->n_copies++] = (wq_item){J, jb, NULL, NULL, 0, 0, tk, NULL};
-    wq_kick_locked(q);
+    wq_lane *L = &q->lanes[jb];
+    if (L->n_copies < L->cap_copies) /* room for every copy task of the job (run_groups) */
+        L->copies[L->n_copies++] = (wq_item){J, jb, NULL, NULL, 0, 0, tk, NULL};
+    wq_kick_locked(q, L);
     pthread_mutex_unlock(&q->mu);
 }
 
 /* ws->out: one of this thread's buffers with no write queued (the first such: the warmest), after
- * waiting for the writer if every one is queued */
+ * waiting for the writers if every one is queued */
 static void wq_next_buffer(wqueue *q, workspace *ws)
 {
     pthread_mutex_lock(&q->mu);
@@ -1445,9 +1472,7 @@ static void wq_next_buffer(wqueue *q, workspace *ws)
             ws->out = ws->outs[i];
             break;
         }
-        if (!q->writing) /* cannot happen (an idle writer leaves the queue empty): write it here */
-            wq_kick_locked(q);
-        else
+        if (!wq_kick_idle_locked(q))
             pthread_cond_wait(&q->cv, &q->mu);
     }
     pthread_mutex_unlock(&q->mu);
@@ -1458,31 +1483,28 @@ static void wq_wait_buffers(wqueue *q, workspace *ws)
 {
     pthread_mutex_lock(&q->mu);
     for (int i = 0; i < WQ_BUFS; i++)
-        while (ws->busy[i]) {
-            if (!q->writing)
-                wq_kick_locked(q);
-            else
+        while (ws->busy[i])
+            if (!wq_kick_idle_locked(q))
                 pthread_cond_wait(&q->cv, &q->mu);
-        }
     pthread_mutex_unlock(&q->mu);
 }
 
-/* the writer's role for writes done here and now (the queue written first) */
-static void wq_role_take(wqueue *q)
+/* lane L's writer's role for writes done here and now (the lane written first) */
+static void wq_role_take(wqueue *q, wq_lane *L)
 {
     pthread_mutex_lock(&q->mu);
-    while (q->writing)
+    while (L->writing)
         pthread_cond_wait(&q->cv, &q->mu);
-    q->writing = 1;
-    wq_drain(q);
+    L->writing = 1;
+    wq_drain(q, L);
     pthread_mutex_unlock(&q->mu);
 }
 
-static void wq_role_give(wqueue *q)
+static void wq_role_give(wqueue *q, wq_lane *L)
 {
     pthread_mutex_lock(&q->mu);
-    wq_drain(q);
-    q->writing = 0;
+    wq_drain(q, L);
+    L->writing = 0;
     pthread_cond_broadcast(&q->cv);
     pthread_mutex_unlock(&q->mu);
 }
@@ -1518,7 +1540,7 @@ static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint
     for (size_t k = 0; k < n_pieces; k++)
         used += pieces[k].n_bytes;
     if (rc == LM_OK && ((t->q != NULL && t->q->out_transposed) || used > ws->out_bytes)) {
-        wq_role_take(q); /* one write per row, from the scratch: written here */
+        wq_role_take(q, &q->lanes[jb]); /* one write per row, from the scratch: written here */
         if (t->q != NULL && t->q->out_transposed)
             rc = write_transposed(w, dst, t, ws->out, r0, nr, (uint8_t *)ws->scratch, err);
         else
@@ -1528,20 +1550,21 @@ static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint
             uint64_t sdst = lm_st_writer_tensor_offset(sw, J->local[pieces[k].tensor]);
             rc = lm_st_writer_pwrite(sw, pieces[k].bytes, pieces[k].n_bytes, sdst + pieces[k].offset, err);
         }
-        wq_role_give(q);
+        wq_role_give(q, &q->lanes[jb]);
     } else if (rc == LM_OK) {
         uint8_t *buf = ws->out;
         uint64_t at = nr * row;
+        wq_lane *L = &q->lanes[jb];
         pthread_mutex_lock(&q->mu);
-        wq_put_locked(q, J, jb, w, buf, nr * row, dst + r0 * row, &ws->busy[ws->cur]);
+        wq_put_locked(L, J, jb, w, buf, nr * row, dst + r0 * row, &ws->busy[ws->cur]);
         for (size_t k = 0; k < n_pieces; k++) { /* the tile's scales, in the scale tensors */
             lm_st_writer *sw = J->w[J->shard_of ? J->shard_of[pieces[k].tensor] : 0];
             uint64_t sdst = lm_st_writer_tensor_offset(sw, J->local[pieces[k].tensor]);
             memcpy(buf + at, pieces[k].bytes, pieces[k].n_bytes);
-            wq_put_locked(q, J, jb, sw, buf + at, pieces[k].n_bytes, sdst + pieces[k].offset, &ws->busy[ws->cur]);
+            wq_put_locked(L, J, jb, sw, buf + at, pieces[k].n_bytes, sdst + pieces[k].offset, &ws->busy[ws->cur]);
             at += pieces[k].n_bytes;
         }
-        wq_kick_locked(q);
+        wq_kick_locked(q, L);
         pthread_mutex_unlock(&q->mu);
         wq_next_buffer(q, ws);
     }
@@ -2224,9 +2247,11 @@ static void progress_add(batch *B, const job *J, const task *tk)
     }
 }
 
-/* one group: the shared tile read once (several jobs computing it), then each job's task */
-static lm_code run_group(batch *B, wqueue *q, const member *m, size_t n, workspace *ws, size_t *failed_job,
-                         lm_err *err)
+/* one group: the shared tile read once (several jobs computing it), then each job's task, from
+ * the member `first` on (the groups' threads start at different jobs: fewer of their tiles wait
+ * for the same job's writer) */
+static lm_code run_group(batch *B, wqueue *q, const member *m, size_t n, size_t first, workspace *ws,
+                         size_t *failed_job, lm_err *err)
 {
     const uint8_t *shared = NULL;
     *failed_job = m[0].job;
@@ -2236,28 +2261,68 @@ static lm_code run_group(batch *B, wqueue *q, const member *m, size_t n, workspa
         if ((shared = tile_bytes(J, tk->tensor, ws->raw, tk->first, tk->count, err)) == NULL)
             return LM_E_IO;
     }
-    for (size_t i = 0; i < n; i++) {
-        job *J = &B->Js[m[i].job];
-        const task *tk = &J->tasks[m[i].task];
-        *failed_job = m[i].job;
-        if (run_task(q, J, m[i].job, tk, shared, J->tstat ? &J->tstat[m[i].task] : NULL, ws, err) != LM_OK)
+    for (size_t k = 0; k < n; k++) {
+        const member *mi = &m[(first + k) % n];
+        job *J = &B->Js[mi->job];
+        const task *tk = &J->tasks[mi->task];
+        *failed_job = mi->job;
+        if (run_task(q, J, mi->job, tk, shared, J->tstat ? &J->tstat[mi->task] : NULL, ws, err) != LM_OK)
             return err->code;
         progress_add(B, J, tk);
     }
     return LM_OK;
 }
 
-/* the groups on n_threads threads, their writes through one queue; the first error (and its job)
- * into err */
+/* the write queue of a run: a lane per job, each with room for every buffer's writes and for all
+ * of its job's copy tasks */
+static lm_code wq_init(wqueue *q, const batch *B, int n_threads, lm_err *err)
+{
+    memset(q, 0, sizeof *q);
+    const size_t cap_tiles = (size_t)n_threads * WQ_BUFS * 3; /* a tile and its scales (two pieces) per buffer */
+    size_t n_copies = 0;
+    for (size_t j = 0; j < B->n_jobs; j++)
+        for (size_t t = 0; t < B->Js[j].n_tasks; t++)
+            n_copies += B->Js[j].tasks[t].copy != 0;
+    q->n_lanes = B->n_jobs;
+    q->lanes = calloc(B->n_jobs, sizeof *q->lanes);
+    wq_item *tiles = malloc(B->n_jobs * cap_tiles * sizeof *tiles), *copies = malloc((n_copies + 1) * sizeof *copies);
+    if (q->lanes == NULL || tiles == NULL || copies == NULL) {
+        free(q->lanes);
+        free(tiles);
+        free(copies);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    for (size_t j = 0, c = 0; j < B->n_jobs; j++) {
+        wq_lane *L = &q->lanes[j];
+        L->tiles = tiles + j * cap_tiles;
+        L->cap_tiles = cap_tiles;
+        L->copies = copies + c;
+        for (size_t t = 0; t < B->Js[j].n_tasks; t++)
+            L->cap_copies += B->Js[j].tasks[t].copy != 0;
+        c += L->cap_copies;
+    }
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->cv, NULL);
+    return LM_OK;
+}
+
+static void wq_free(wqueue *q)
+{
+    pthread_mutex_destroy(&q->mu);
+    pthread_cond_destroy(&q->cv);
+    free(q->lanes[0].tiles);
+    free(q->lanes[0].copies);
+    free(q->lanes);
+}
+
+/* the groups on n_threads threads, their writes through the write queue; the first error (and its
+ * job) into err */
 static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_groups, int n_threads,
                           size_t *failed_job, lm_err *err)
 {
-    size_t max_elems = 1, n_copies = 0;
-    for (size_t j = 0; j < B->n_jobs; j++) {
+    size_t max_elems = 1;
+    for (size_t j = 0; j < B->n_jobs; j++)
         max_elems = B->Js[j].max_elems > max_elems ? B->Js[j].max_elems : max_elems;
-        for (size_t t = 0; t < B->Js[j].n_tasks; t++)
-            n_copies += B->Js[j].tasks[t].copy != 0;
-    }
     int want_stats = 0, want64 = 0;
     for (size_t j = 0; j < B->n_jobs; j++) {
         want_stats |= B->Js[j].tstat != NULL;
@@ -2265,18 +2330,9 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
             want64 |= B->Js[j].rt[i].exact_kind == LM_EXACT_F64;
     }
     wqueue q;
-    memset(&q, 0, sizeof q);
-    q.cap_tiles = (size_t)n_threads * WQ_BUFS * 3; /* a tile and its scales (two pieces) per buffer */
-    q.cap_copies = n_copies;
-    q.tiles = malloc(q.cap_tiles * sizeof *q.tiles);
-    q.copies = malloc((n_copies + 1) * sizeof *q.copies);
-    if (q.tiles == NULL || q.copies == NULL) {
-        free(q.tiles);
-        free(q.copies);
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    }
-    pthread_mutex_init(&q.mu, NULL);
-    pthread_cond_init(&q.cv, NULL);
+    lm_code rc = wq_init(&q, B, n_threads, err);
+    if (rc != LM_OK)
+        return rc;
 #pragma omp parallel num_threads(n_threads)
     {
         workspace ws;
@@ -2291,17 +2347,14 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
         for (size_t k = 0; k < n_groups; k++) {
             if (wq_failed(&q) || local.code != LM_OK)
                 continue;
-            run_group(B, &q, &m[g[k]], g[k + 1] - g[k], &ws, &local_job, &local);
+            run_group(B, &q, &m[g[k]], g[k + 1] - g[k], k, &ws, &local_job, &local);
         }
         if (local.code != LM_OK)
             wq_fail(&q, &local, local_job);
         wq_wait_buffers(&q, &ws);
         free_workspace(&ws);
     }
-    pthread_mutex_destroy(&q.mu);
-    pthread_cond_destroy(&q.cv);
-    free(q.tiles);
-    free(q.copies);
+    wq_free(&q);
     if (!q.failed)
         return LM_OK;
     *err = q.err;
