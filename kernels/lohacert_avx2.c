@@ -12,36 +12,39 @@
 #define L2_INLINE static inline __attribute__((always_inline)) T256
 
 typedef struct {
-    __m256 cy, c125, w20, t22, s, sign;
-    __m256i r7, one;
+    __m256 ky, c124, s, sign;
+    __m256i h8, lo16, e8;
     __m128i em;
     int bf16;
 } l2_consts;
-
-/* 8 lanes of f32 bits rounded to bf16 (lm_f32_to_bf16_1's integer rounding) or f16 */
-L2_INLINE __m128i l2_round(const l2_consts *k, __m256 v)
-{
-    if (!k->bf16)
-        return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i h = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(u, k->r7), _mm256_and_si256(_mm256_srli_epi32(u, 16), k->one)), 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
 
 /* the element operations of 8 lanes (lohacert_ref.c); stores the low end's bits, @return the
  * uncertain lanes as 8 bits */
 L2_INLINE unsigned l2_elems(const l2_consts *k, __m256 t1, __m256 t2, const float *x, __m256 rcc, uint16_t *dst)
 {
     const __m256 y = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_mul_ps(_mm256_mul_ps(t1, t2), k->s));
-    const __m256 ay = _mm256_andnot_ps(k->sign, y);
-    const __m256 b = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(k->cy, ay), rcc), k->c125);
-    const __m256 w = _mm256_add_ps(_mm256_mul_ps(b, k->w20), _mm256_mul_ps(ay, k->t22));
-    const __m128i bl = l2_round(k, _mm256_sub_ps(y, w)), bh = l2_round(k, _mm256_add_ps(y, w));
+    const __m256 w = _mm256_add_ps(_mm256_fmadd_ps(_mm256_andnot_ps(k->sign, y), k->ky, rcc), k->c124);
+    const __m256 lo = _mm256_sub_ps(y, w), hi = _mm256_add_ps(y, w);
+    const __m256i ul = _mm256_castps_si256(lo), z = _mm256_setzero_si256();
+    __m256i bad = _mm256_cmpeq_epi32(_mm256_and_si256(ul, k->e8), k->e8); /* lo NaN or inf */
+    if (k->bf16) {
+        const __m256i a = _mm256_add_epi32(ul, k->h8), b = _mm256_add_epi32(_mm256_castps_si256(hi), k->h8);
+        const __m256i h = _mm256_srli_epi32(a, 16);
+        _mm_storeu_si128((__m128i *)(void *)dst, _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+        bad = _mm256_or_si256(bad, _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_srli_epi32(_mm256_xor_si256(a, b), 16), z),
+                                                       _mm256_set1_epi32(-1)));
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(a, k->lo16), z));
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(b, k->lo16), z));
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(a, k->e8), k->e8));
+        return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(bad));
+    }
+    const __m128i bl = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m128i bh = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_storeu_si128((__m128i *)(void *)dst, bl);
     const __m128i ne = _mm_xor_si128(_mm_cmpeq_epi16(bl, bh), _mm_set1_epi16(-1));
     const __m128i m = _mm_or_si128(ne, _mm_cmpeq_epi16(_mm_and_si128(bl, k->em), k->em));
-    return (unsigned)_mm_movemask_epi8(_mm_packs_epi16(m, _mm_setzero_si128())) & 0xFFu;
+    return ((unsigned)_mm_movemask_epi8(_mm_packs_epi16(m, _mm_setzero_si128())) & 0xFFu) |
+           (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(bad));
 }
 
 /* rows q0 .. q0 + mr (mr <= 2, a constant at every call), columns c0 .. c0 + 16 */
@@ -84,10 +87,9 @@ L2_INLINE unsigned l2_block(const l2_consts *k, const float *x, size_t q0, size_
 unsigned T256 lm_loha_cert_avx2(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
                                 const lm_lohacert *lc, uint16_t *dst, uint16_t *unc)
 {
-    const l2_consts k = {_mm256_set1_ps(0x1.02p-24f), _mm256_set1_ps(0x1p-125f), _mm256_set1_ps(1.0f + 0x1p-20f),
-                         _mm256_set1_ps(0x1p-22f), _mm256_set1_ps(lc->s), _mm256_set1_ps(-0.0f),
-                         _mm256_set1_epi32(0x7FFF), _mm256_set1_epi32(1),
-                         _mm_set1_epi16((short)(lc->out == LM_KDT_BF16 ? 0x7F80 : 0x7C00)), lc->out == LM_KDT_BF16};
+    const l2_consts k = {_mm256_set1_ps(0x1.01004p-23f), _mm256_set1_ps(0x1p-124f), _mm256_set1_ps(lc->s),
+                         _mm256_set1_ps(-0.0f), _mm256_set1_epi32(0x8000), _mm256_set1_epi32(0xFFFF),
+                         _mm256_set1_epi32(0x7F800000), _mm_set1_epi16(0x7C00), lc->out == LM_KDT_BF16};
     const size_t nc = lc->cols / 16 * 16;
     unsigned any = 0;
     for (size_t c0 = 0; c0 < nc; c0 += 16) {

@@ -12,34 +12,31 @@
 #define L5_INLINE static inline __attribute__((always_inline)) T512
 
 typedef struct {
-    __m512 cy, c125, w20, t22, s;
-    __m512i r7, one;
+    __m512 ky, c124, s;
+    __m512i h8, lo16, e8, one16;
     __m256i em;
     int bf16;
 } l5_consts;
 
-/* the element operations of one vector: y, the bound, the rounding of both ends; stores the low
- * end's bits, @return the uncertain lanes */
+/* the element operations of one vector (lohacert_ref.c): y, the ends, their rounding; stores the
+ * low end's bits, @return the uncertain lanes */
 L5_INLINE __mmask16 l5_elems(const l5_consts *k, __m512 t1, __m512 t2, const float *x, __m512 rcc, uint16_t *dst)
 {
     const __m512 y = _mm512_add_ps(_mm512_loadu_ps(x), _mm512_mul_ps(_mm512_mul_ps(t1, t2), k->s));
-    const __m512 ay = _mm512_abs_ps(y);
-    const __m512 b = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(k->cy, ay), rcc), k->c125);
-    const __m512 w = _mm512_add_ps(_mm512_mul_ps(b, k->w20), _mm512_mul_ps(ay, k->t22));
+    const __m512 w = _mm512_add_ps(_mm512_fmadd_ps(_mm512_abs_ps(y), k->ky, rcc), k->c124);
     const __m512 lo = _mm512_sub_ps(y, w), hi = _mm512_add_ps(y, w);
-    __m256i bl, bh;
+    const __mmask16 nf = _mm512_fpclass_ps_mask(lo, 0x99); /* NaN or inf */
     if (k->bf16) {
-        const __m512i ul = _mm512_castps_si512(lo), uh = _mm512_castps_si512(hi);
-        bl = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_add_epi32(ul, k->r7), _mm512_and_si512(_mm512_srli_epi32(ul, 16), k->one)), 16));
-        bh = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_add_epi32(uh, k->r7), _mm512_and_si512(_mm512_srli_epi32(uh, 16), k->one)), 16));
-    } else {
-        bl = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        bh = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i a = _mm512_add_epi32(_mm512_castps_si512(lo), k->h8);
+        const __m512i b = _mm512_add_epi32(_mm512_castps_si512(hi), k->h8);
+        _mm256_storeu_si256((__m256i *)(void *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16)));
+        return nf | _mm512_cmpge_epu32_mask(_mm512_xor_si512(a, b), k->one16) | _mm512_testn_epi32_mask(a, k->lo16) |
+               _mm512_testn_epi32_mask(b, k->lo16) | _mm512_cmpeq_epi32_mask(_mm512_and_si512(a, k->e8), k->e8);
     }
+    const __m256i bl = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i bh = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256((__m256i *)(void *)dst, bl);
-    return _mm256_cmpneq_epi16_mask(bl, bh) | _mm256_cmpeq_epi16_mask(_mm256_and_si256(bl, k->em), k->em);
+    return nf | _mm256_cmpneq_epi16_mask(bl, bh) | _mm256_cmpeq_epi16_mask(_mm256_and_si256(bl, k->em), k->em);
 }
 
 /* the element operations of rows q0 .. q0 + mr of panel j from the products t[i][v] (t1) and
@@ -93,10 +90,9 @@ L5_INLINE unsigned l5_block(const l5_consts *k, const float *x, size_t q0, size_
 unsigned T512 lm_loha_cert_avx512(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
                                   const lm_lohacert *lc, uint16_t *dst, uint16_t *unc)
 {
-    const l5_consts k = {_mm512_set1_ps(0x1.02p-24f), _mm512_set1_ps(0x1p-125f), _mm512_set1_ps(1.0f + 0x1p-20f),
-                         _mm512_set1_ps(0x1p-22f), _mm512_set1_ps(lc->s), _mm512_set1_epi32(0x7FFF),
-                         _mm512_set1_epi32(1), _mm256_set1_epi16(lc->out == LM_KDT_BF16 ? 0x7F80 : 0x7C00),
-                         lc->out == LM_KDT_BF16};
+    const l5_consts k = {_mm512_set1_ps(0x1.01004p-23f), _mm512_set1_ps(0x1p-124f), _mm512_set1_ps(lc->s),
+                         _mm512_set1_epi32(0x8000), _mm512_set1_epi32(0xFFFF), _mm512_set1_epi32(0x7F800000),
+                         _mm512_set1_epi32(0x10000), _mm256_set1_epi16(0x7C00), lc->out == LM_KDT_BF16};
     const size_t np = lc->cols / LM_LOHA_PANEL;
     unsigned any = 0;
     for (size_t j = 0; j < np; j++) {

@@ -341,3 +341,54 @@ Test(exact_lyco, loha_lokr_dora_scale, .timeout = 60)
         xd_run(0, dts[d]);
     }
 }
+
+/* ---- NaN in the base ----------------------------------------------------------------------
+ * An f32 base holding NaNs whose bits plus a rounding increment carry out of the exponent
+ * (0x7FFFFFFF, 0xFFFFFFFF) merged into bf16 (--dtype): each stays NaN.  The certified f32 forms
+ * round the ends of an element's interval by adding to its bits; a NaN end must never count as
+ * certified (the LoHa kernel, and exec_exact.c's certify_bf16 that LoKr takes, wrote 0x8000 and
+ * 0x0000 here). */
+Test(exact_lyco, nan_base_stays_nan, .timeout = 60)
+{
+    static const uint32_t nan_bits[3] = {0x7FFFFFFFu, 0xFFFFFFFFu, 0x7FC00000u};
+    const float marker = 1234.5f; /* written where the NaNs go, then replaced in the file */
+    for (int ty = 0; ty < 2; ty++) {
+        const tx_type *tt = &XL_TYPES[ty == 0 ? XL_LOHA : XL_LOKR];
+        const uint64_t n = (uint64_t)XL_O * XL_I;
+        long double *D = malloc(n * sizeof *D), *mag = malloc(n * sizeof *mag);
+        tx_set base = {0}, ad = {0};
+        tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", "F32", 2, XL_O, XL_I);
+        const char *cfg = tt->adapter(tt, 0.5, &ad, D, mag);
+        for (uint64_t e = 0; e < n; e++)
+            w->v[e] = e % 97 == 5 ? (double)marker : xl_val(0.05);
+        tx_case c;
+        tx_case_write(&c, &base, &ad, cfg);
+        size_t nb = 0;
+        uint8_t *bytes = th_read_file(c.base, &nb);
+        cr_assert_not_null(bytes);
+        int k = 0;
+        for (size_t o = 0; o + 4 <= nb; o++) {
+            float f;
+            memcpy(&f, bytes + o, 4);
+            if (f == marker && o % 4 == nb % 4) {
+                memcpy(bytes + o, &nan_bits[k % 3], 4);
+                k++;
+            }
+        }
+        cr_assert_eq((uint64_t)k, (n + 91) / 97, "%s: %d markers replaced", tt->name, k);
+        cr_assert_eq(th_write_file(c.base, bytes, nb), 0);
+        free(bytes);
+        static const char *const opts[] = {"--dtype", "bf16", NULL};
+        th_run_result res = tx_merge(&c, c.out, opts);
+        cr_assert_eq(res.status, 0, "%s: exit %d: %s", tt->name, res.status, res.err);
+        double *out = tx_out_values(c.out, w->name, n);
+        for (uint64_t e = 0; e < n; e++)
+            cr_assert(e % 97 == 5 ? isnan(out[e]) : isfinite(out[e]), "%s: element %llu is %g", tt->name,
+                      (unsigned long long)e, out[e]);
+        free(out);
+        th_run_free(&res);
+        free(D);
+        free(mag);
+        tx_case_free(&c, &base, &ad);
+    }
+}

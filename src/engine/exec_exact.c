@@ -171,8 +171,9 @@ static inline __attribute__((always_inline)) void certify_ends(const float *y, c
     *hi = y[i] + w;
 }
 
-/* bf16: lm_f32_to_bf16_1 without its NaN case, which certification does not need: a NaN end (y
- * or b NaN, inf - inf) still gives an all-ones exponent, so it is never certified; vectorizes */
+/* bf16: lm_f32_to_bf16_1 without its NaN case; a NaN end (y or b NaN, inf - inf) is never
+ * certified: its bits plus the increment may carry out of the exponent (0x7FFFFFFF gives 0x8000),
+ * so lo's own exponent is tested (hi NaN with lo finite makes lo infinite); vectorizes */
 XE_CLONES static unsigned certify_bf16(const float *y, const float *b, size_t n, uint16_t *dst, uint8_t *unc)
 {
     unsigned any = 0;
@@ -183,7 +184,7 @@ XE_CLONES static unsigned certify_bf16(const float *y, const float *b, size_t n,
         const uint16_t bl = (uint16_t)((ul + 0x7FFFu + ((ul >> 16) & 1u)) >> 16);
         const uint16_t bh = (uint16_t)((uh + 0x7FFFu + ((uh >> 16) & 1u)) >> 16);
         dst[i] = bl;
-        unc[i] = (uint8_t)((bl != bh) | ((bl & 0x7F80u) == 0x7F80u));
+        unc[i] = (uint8_t)((bl != bh) | ((bl & 0x7F80u) == 0x7F80u) | ((ul & 0x7F800000u) == 0x7F800000u));
         any |= unc[i];
     }
     return any;

@@ -338,7 +338,15 @@ static void loha_apply64(const lm_op *op, const lm_prepared *p, const lm_tile64 
  * (the norms with h added, rounded up; R and cc at least 2^-126: the smallest normal keeps subnormal
  * operands, a microcode assist each, out of the loop), and bound = C_y |y| + R cc[c] + 2^-125 (K,
  * the underflow of R cc[c]), C_y = 2^-24 (1 + 2^-7) (the f64 terms of |v| and the f32 roundings of
- * the bound, R's and cc's included in their rounding up).  inf/NaN anywhere: uncertain (elem64). */
+ * the bound, R's and cc's included in their rounding up).  inf/NaN anywhere: uncertain (elem64).
+ * The one-sweep form (loha_cert, kernels/lohacert_ref.c) rests on the same analysis in real terms:
+ * |y - v| <= B = 2^-24 (1 + 2^-8) |y| + kappa nb_1[i] nb_2[i] cc[c] + K (the 2^-8, like the 2^-7
+ * above, is ample for v's f64 terms).  Its ends lo, hi = fl(y -+ w) contain [y - B, y + B] when w (1
+ * - u) >= B + u |y| (the sums' rounding, at most u (|y| + w)).  With w = fl(fl(fma(|y|, ky, fl(R'
+ * cc[c]))) + 2^-124), ky = 2^-23 (1 + 2^-8 + 2^-18), R' = kappa nb_1[i] nb_2[i] (1 + 2^-17) rounded
+ * up: each of the three roundings loses at most a factor 1 - u and 2^-150 (underflow), so w (1 - u)
+ * >= |y| ky (1 - u)^3 + R' cc (1 - u)^4 + 2^-124 (1 - u)^2 - 2^-149, and ky (1 - u)^3 >= 2^-23 (1 +
+ * 2^-9), R' (1 - u)^4 >= kappa nb_1 nb_2, 2^-124 (1 - u)^2 - 2^-149 >= K. */
 LH_CLONES static void loha_row_bound(float *restrict x, const float *restrict t1, const float *restrict t2, float s,
                                      float R, const float *restrict cc, uint64_t n, float *restrict bound)
 {
@@ -366,10 +374,10 @@ static void loha_apply_bound(const lm_op *op, const lm_prepared *p, const lm_til
 }
 
 /* ---- the certified form in one sweep (loha_certify_tile) ------------------------------------
- * The kernel (loha_cert, kernels/lohacert_ref.c) does loha_apply_bound's f32 operations and the
- * engine's certification (exec_exact.c: certify_ends, certify_bf16, certify_f16) element by
- * element with nothing stored between them: the same bounds, the same certified elements, the
- * same bytes.  The elements it leaves uncertain are recomputed LH_BATCH at a time (loha_batch64),
+ * The kernel (loha_cert, kernels/lohacert_ref.c) computes loha_apply_bound's y with the same f32
+ * operations, then its own ends (the proof above, after loha_apply_bound's) and their rounding,
+ * element by element with nothing stored between them; every certified element is RNE of the f64
+ * value, as are the others (elem64's), so the bytes are those of the two-pass form.  The elements it leaves uncertain are recomputed LH_BATCH at a time (loha_batch64),
  * each exactly as loha_elem64: the same f64 operations in the same order per element. */
 enum { LH_BATCH = 8, LH_ROWS = 16 };
 
@@ -448,7 +456,7 @@ static int loha_certify_tile(const lm_op *op, const lm_prepared *p, const lm_til
     for (uint64_t q0 = 0; q0 < t->nr; q0 += LH_ROWS) {
         const uint64_t h = t->nr - q0 < LH_ROWS ? t->nr - q0 : LH_ROWS, i0 = t->r0 + q0;
         for (uint64_t i = 0; i < h; i++)
-            R[i] = up32(lp->kappa * lp->nb[0][i0 + i] * lp->nb[1][i0 + i]);
+            R[i] = up32(lp->kappa * lp->nb[0][i0 + i] * lp->nb[1][i0 + i] * (1.0 + 0x1p-17)); /* R' */
         if (!t->k->loha_cert(t->acc + q0 * cols, (size_t)h, lp->f[0] + i0 * r, lp->f[2] + i0 * r, R, &lc,
                              dst + q0 * cols, unc))
             continue;
