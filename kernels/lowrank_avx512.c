@@ -196,7 +196,8 @@ LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m5
     }
     const __m512 c0 = _mm512_set1_ps(LM_LR_C0F), crf = _mm512_set1_ps(LM_LR_CRF), rmax = _mm512_set1_ps(LM_LR_RMAX_F32);
     const __m512 brf = _mm512_set1_ps(lr->bnd_rf[i]);
-    const __m512i half = _mm512_set1_epi32(0x8000), top = _mm512_set1_epi32((int)0xFFFF0000u), low = _mm512_set1_epi32(0xFFFF);
+    const __m512i half = _mm512_set1_epi32(0x8000);
+    const __m512i low_idx = _mm512_sub_epi16(out_idx, _mm512_set1_epi16(1)); /* word 2k (k < 16), 32 + 2k */
     const __m512 a0 = _mm512_abs_ps(r0), a1 = _mm512_abs_ps(r1);
     __m512 e0 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j), c0);
     __m512 e1 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j + 16), c0);
@@ -206,16 +207,16 @@ LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m5
     const __m512i th0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(r0, e0)), half);
     const __m512i tl1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(r1, e1)), half);
     const __m512i th1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(r1, e1)), half);
-    __mmask16 ok0 = _mm512_cmp_ps_mask(a0, rmax, _CMP_LT_OQ), ok1 = _mm512_cmp_ps_mask(a1, rmax, _CMP_LT_OQ);
-    ok0 = _mm512_mask_testn_epi32_mask(ok0, _mm512_xor_si512(tl0, th0), top);
-    ok1 = _mm512_mask_testn_epi32_mask(ok1, _mm512_xor_si512(tl1, th1), top);
-    ok0 = _mm512_mask_test_epi32_mask(ok0, tl0, low);
-    ok1 = _mm512_mask_test_epi32_mask(ok1, tl1, low);
-    ok0 = _mm512_mask_test_epi32_mask(ok0, th0, low);
-    ok1 = _mm512_mask_test_epi32_mask(ok1, th1, low);
+    const __mmask16 ok0 = _mm512_cmp_ps_mask(a0, rmax, _CMP_LT_OQ), ok1 = _mm512_cmp_ps_mask(a1, rmax, _CMP_LT_OQ);
+    /* the test of lr5_finish_f32 on the 32 elements at once: the top halves of tl and th gathered
+     * (the result is tl's) and compared as words; both low halves nonzero where the smaller is:
+     * the low words of min(tl, th) (word-wise) gathered and tested */
     const __m512i packed = _mm512_permutex2var_epi16(tl0, out_idx, tl1);
+    const __m512i packed_h = _mm512_permutex2var_epi16(th0, out_idx, th1);
+    const __m512i lows = _mm512_permutex2var_epi16(_mm512_min_epu16(tl0, th0), low_idx, _mm512_min_epu16(tl1, th1));
     _mm512_storeu_si512(op, packed);
-    const uint32_t ok = (uint32_t)ok0 | (uint32_t)ok1 << 16;
+    const uint32_t ok = ((uint32_t)ok0 | (uint32_t)ok1 << 16) & (uint32_t)_mm512_cmpeq_epi16_mask(packed, packed_h) &
+                        (uint32_t)_mm512_test_epi16_mask(lows, lows);
     if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
         float wv[32];
         _mm512_storeu_ps(wv, w0);

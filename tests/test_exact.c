@@ -713,6 +713,65 @@ Test(exact, bf16_interval_end_on_midpoint)
     xt_case_free(&c);
 }
 
+/* The same with bf16 W and output, which the AVX-512 kernel finishes 32 columns at once: W = 0
+ * and r = d = b A_j, so A_j (shared by the rows: every row has the same b) is what puts an end of
+ * the interval on a midpoint.  The bound depends on A_j (its column norm), so A is solved for
+ * again until the prepared bounds agree with it. */
+Test(exact, bf16_bf16_interval_end_on_midpoint)
+{
+    uint64_t rng = xt_seed("bf16_bf16_interval_end_on_midpoint");
+    const size_t rows = 4, cols = 45; /* a block of 3 rows and a single one; a panel, a 16-column block, a tail */
+    for (int cfg = 0; cfg < 4; cfg++) {
+        const int upper_end = cfg < 2, neg = cfg % 2;
+        xt_case c = xt_case_new(rows, cols, 1, LM_KDT_BF16, LM_KDT_BF16);
+        c.s[0] = 1;
+        for (size_t i = 0; i < rows; i++)
+            c.B[i] = 2;
+        for (size_t e = 0; e < rows * cols; e++)
+            c.W[e] = 0;
+        float M[45];
+        for (size_t j = 0; j < cols; j++) { /* a midpoint of the result's sign, A_j near it */
+            const uint32_t q = 0x3F80u + (uint32_t)(th_rand_u64(&rng) % 128u);
+            const uint32_t mb = (q << 16) | 0x8000u | (neg ? 0x80000000u : 0);
+            memcpy(&M[j], &mb, 4);
+            c.A[j] = (double)(M[j] / 2);
+        }
+        int settled = 0;
+        for (int round = 0; round < 20 && !settled; round++) {
+            void *ws;
+            const lm_lowrank lr = xt_prepare(&c, &ws);
+            settled = 1;
+            for (size_t j = 0; j < cols; j++) {
+                const float e1 = fmaf(lr.bnd_rf[0], lr.bnd_cf[j], 0x1p-125f);
+                float r = (float)(2 * c.A[j]);
+                int hit = 0;
+                for (int step = 0; step < 64; step++) /* the end of r's interval against M, from below */
+                    r = nextafterf(r, -INFINITY);
+                for (int step = 0; step < 128 && !hit; step++, r = nextafterf(r, INFINITY)) {
+                    const float e2 = fmaf(fabsf(r), 0x1p-22f, e1);
+                    hit = (upper_end ? r + e2 : r - e2) == M[j] && r - e2 != r + e2;
+                    if (hit && (double)(r / 2) != c.A[j]) {
+                        c.A[j] = (double)(r / 2);
+                        settled = 0;
+                    }
+                }
+                if (!hit) { /* not reachable from here: start again nearer */
+                    const float e2 = fmaf(fabsf(M[j]), 0x1p-22f, e1);
+                    c.A[j] = (double)((upper_end ? M[j] - e2 : M[j] + e2) / 2);
+                    settled = 0;
+                }
+            }
+            free(ws);
+        }
+        cr_assert(settled, "test bug: no A puts the intervals' %s ends on the midpoints (%s)",
+                  upper_end ? "upper" : "lower", neg ? "negative" : "positive");
+        const lm_lowrank_stats st = xt_verify(&c, 0, rows, "bf16 -> bf16 interval end on a bf16 midpoint");
+        cr_assert_eq(st.n_recomputed, rows * cols, "%" PRIu64 " of %zu elements recomputed", st.n_recomputed,
+                     rows * cols);
+        xt_case_free(&c);
+    }
+}
+
 /* every variant's table has the kernel, and the ref table the reference */
 Test(exact, kernel_slot_filled)
 {
