@@ -252,11 +252,17 @@ lm_xq_bound *lm_xq_bound_make(const lm_plan_tensor *t, const lm_xq_term *term)
         return NULL;
     }
     const double g = 1.02 * (double)(K + 2) * 0x1p-24 * as;
-    for (uint64_t i = 0; i < term->n; i++) {
-        double ss = 0;
-        for (uint64_t p = 0; p < K; p++)
-            ss += (double)term->B[i * K + p] * (double)term->B[i * K + p];
-        b->rf[i] = f32_up(g * sqrt(ss)); /* (inf or NaN: the blocks take exact values) */
+    for (uint64_t i = 0; i < term->n; i++) { /* (four partial sums: any order keeps the error far
+                                                 below the slack) */
+        const float *bi = term->B + i * K;
+        double s4[4] = {0, 0, 0, 0};
+        uint64_t p = 0;
+        for (; p + 4 <= K; p += 4)
+            for (int l = 0; l < 4; l++)
+                s4[l] += (double)bi[p + l] * (double)bi[p + l];
+        for (; p < K; p++)
+            s4[0] += (double)bi[p] * (double)bi[p];
+        b->rf[i] = f32_up(g * sqrt((s4[0] + s4[1]) + (s4[2] + s4[3]))); /* (inf or NaN: the blocks take exact values) */
     }
     for (uint64_t j = 0; j < cols; j++)
         cn[j] = 0;
