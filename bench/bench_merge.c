@@ -18,6 +18,7 @@
 #include "gen_common.h"
 #include "lm_kernels.h"
 #include "lm_sha256.h"
+#include "shards.h"
 #include "lora_merge.h"
 
 #include <cJSON.h>
@@ -879,14 +880,23 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     /* per worker: its shards' own seconds (sidecars) and the rest, the fixed cost every worker pays
      * (headers, plan, the adapters hashed for the fingerprint, start and exit) */
     double fixed[W] = {0}, sum_cpu = 0, sum_hash = 0, max_fixed = 0;
+    /* which worker wrote which shard: the tool's assignment (balanced by bytes), over the shards'
+     * sizes from the sidecars; the same for N machines below */
+    static uint64_t sh_bytes[MAX_SHARDS];
+    static unsigned own_w[MAX_SHARDS], own_n[MAX_SHARDS];
     for (int k = 0; k < n_sh; k++) {
         sum_cpu += sh[k].cpu;
         sum_hash += sh[k].hash;
+        sh_bytes[k] = (uint64_t)sh[k].bytes;
     }
+    if (lm_shards_owners(sh_bytes, (size_t)n_sh, W, own_w) != 0)
+        return 1;
     for (int w = 0; w < W; w++) {
         double sc = 0, swl = 0;
         int ns = 0;
-        for (int k = w; k < n_sh; k += W) {
+        for (int k = 0; k < n_sh; k++) {
+            if (own_w[k] != (unsigned)w)
+                continue;
             sc += sh[k].cpu;
             swl += sh[k].wall;
             ns++;
@@ -904,7 +914,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     for (int k = 0; k < n_sh; k++)
         printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (%.2f s of it its sha256x4, %.2f GB/s) (worker %d)\n",
                sh[k].name, sh[k].bytes * 1e-9, sh[k].wall, sh[k].cpu, sh[k].hash,
-               sh[k].hash > 0 ? sh[k].bytes * 1e-9 / sh[k].hash : 0.0, k % W);
+               sh[k].hash > 0 ? sh[k].bytes * 1e-9 / sh[k].hash : 0.0, (int)own_w[k]);
     printf("  finalize: %.2f s wall, %.2f s CPU (default check: size and identity, no shard read back)\n", t_fin,
            c_fin);
     /* the workers' CPU by phase (last run), against the one merge's */
@@ -930,10 +940,13 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
            "CPU; against the one merge's %.2f s CPU):", max_fixed, c_fin, mc1);
     for (int N = 2; N <= 16 && sum_cpu > 0; N *= 2) {
         double worst = 0;
+        if (lm_shards_owners(sh_bytes, (size_t)n_sh, (unsigned)N, own_n) != 0)
+            return 1;
         for (int i = 0; i < N; i++) {
             double si = 0;
-            for (int k = i; k < n_sh; k += N)
-                si += sh[k].cpu;
+            for (int k = 0; k < n_sh; k++)
+                if (own_n[k] == (unsigned)i)
+                    si += sh[k].cpu;
             worst = si > worst ? si : worst;
         }
         double tn = worst + max_fixed + c_fin;

@@ -255,8 +255,10 @@ typedef struct lm_merge_job {
     int tensor_norms;       /* measure ||dW|| and ||W|| of every computed tensor for the report
                                (a pass in double over them; changed elements are always counted) */
     /* shard jobs (0.3): a directory OUT written by several processes (README "Shard jobs").
-     * shard_mode LM_SHARDS_WORKER: this process writes only the output shards k with
-     * k % shard_count == shard_index (each through a temporary name, renamed when complete, with
+     * shard_mode LM_SHARDS_WORKER: this process writes only its output shards, balanced by bytes
+     * (largest first, each to the worker with the fewest bytes so far, ties to the lower k and
+     * worker: with shards of equal size k % shard_count == shard_index), each through a
+     * temporary name, renamed when complete, with
      * a sidecar in OUT/.lora-merge-shards/); shards already complete and verified are skipped.
      * LM_SHARDS_INDEX: checks every shard, then writes the index, side files and report. */
     int shard_mode;         /* LM_SHARDS_NONE (0), LM_SHARDS_WORKER, LM_SHARDS_INDEX */

@@ -257,11 +257,12 @@ F2_INLINE unsigned f2_enc8(f2_enc *E, const float *xp, int hh, int checked, cons
     }
     *code = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi32(0x7F)),
                             _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80)));
-    const __m256 dq = _mm256_sub_ps(_mm256_mul_ps(_mm256_castsi256_ps(v), E->inv), xv);
-    const __m256i e = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(dq, E->ramax)), _mm256_set1_epi32(0x7FFFFFFF));
+    /* the error in the scaled domain, exact: v (y's sign) - y */
+    const __m256 ey = _mm256_sub_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(u));
+    const __m256i e = _mm256_and_si256(_mm256_castps_si256(ey), _mm256_set1_epi32(0x7FFFFFFF));
     E->emax[hh] = _mm256_max_epu32(E->emax[hh], e);
     E->sum[hh] = _mm256_add_ps(E->sum[hh], _mm256_castsi256_ps(e));
-    E->e2[hh] = _mm256_add_ps(E->e2[hh], _mm256_mul_ps(dq, dq));
+    E->e2[hh] = _mm256_add_ps(E->e2[hh], _mm256_mul_ps(ey, ey));
     return f;
 }
 
@@ -307,12 +308,12 @@ F2_INLINE void f2_enc_row(f2_enc *E, const float *xr, const uint8_t *q0r, uint8_
         qr[j] = (uint8_t)c;
         if (q0r != NULL)
             E->n_diff += c != q0r[j];
-        const float dq = f2_float(f2_bits(v) | (f2_bits(xv) & 0x80000000u)) * inv - xv;
-        const uint32_t e = f2_bits(dq * ramax) & 0x7FFFFFFFu;
+        const float ey = f2_float(f2_bits(v) | (f2_bits(y) & 0x80000000u)) - y; /* (exact) */
+        const uint32_t e = f2_bits(ey) & 0x7FFFFFFFu;
         const size_t l = j % 16;
         emax[l] = e > emax[l] ? e : emax[l];
         sum[l] += f2_float(e);
-        e2[l] += dq * dq;
+        e2[l] += ey * ey;
     }
     for (int hh = 0; hh < 2; hh++) {
         E->sum[hh] = _mm256_loadu_ps(sum + 8 * hh);

@@ -322,12 +322,12 @@ F8_INLINE unsigned f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, 
     if (q0p != NULL)
         *n_diff += (uint64_t)__builtin_popcount(
             (unsigned)_mm512_mask_cmpneq_epi32_mask(m, c, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q0p))));
-    const __m512 dq = _mm512_sub_ps(_mm512_mul_ps(_mm512_castsi512_ps(v), inv), xv);
-    const __m512i e = _mm512_maskz_and_epi32(m, _mm512_castps_si512(_mm512_mul_ps(dq, ramax)),
-                                             _mm512_set1_epi32(0x7FFFFFFF));
+    /* the error in the scaled domain, exact: v (y's sign) - y */
+    const __m512 ey = _mm512_sub_ps(_mm512_castsi512_ps(v), _mm512_castsi512_ps(u));
+    const __m512i e = _mm512_maskz_and_epi32(m, _mm512_castps_si512(ey), _mm512_set1_epi32(0x7FFFFFFF));
     *emax = _mm512_max_epu32(*emax, e);
     *sum = _mm512_add_ps(*sum, _mm512_castsi512_ps(e));
-    *e2 = _mm512_add_ps(*e2, _mm512_maskz_mul_ps(m, dq, dq));
+    *e2 = _mm512_add_ps(*e2, _mm512_maskz_mul_ps(m, ey, ey));
     return f;
 }
 

@@ -134,12 +134,12 @@ void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, 
             q[i * ldo + j] = (uint8_t)c;
             if (q0 != NULL)
                 L->n_diff += c != q0[i * ldq + j];
-            const float dq = f8_float(f8_bits(v) | (f8_bits(xv) & 0x80000000u)) * inv - xv;
-            const uint32_t e = f8_bits(dq * ramax) & 0x7FFFFFFFu;
+            const float ey = f8_float(f8_bits(v) | (f8_bits(y) & 0x80000000u)) - y; /* (exact) */
+            const uint32_t e = f8_bits(ey) & 0x7FFFFFFFu;
             const size_t k = j % 16;
             L->emax[k] = e > L->emax[k] ? e : L->emax[k];
             L->sum[k] += f8_float(e);
-            L->e2[k] += dq * dq;
+            L->e2[k] += ey * ey;
         }
     }
 }

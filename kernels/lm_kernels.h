@@ -172,10 +172,11 @@ typedef void (*lm_gemm_rows_fn)(int trans_a, int trans_b, size_t m, size_t n, si
  *              same (every x == dq * s0), d2[k] (the f32 sum of (x - dq * s0)^2 over the
  *              columns j = k mod 16, row after row, columns in order); sum, e2, emax and n_diff
  *              zero.
- *  fp8_encode: s finite (so |x * s| <= 448.0001), inv = 1 / s, ramax = 1 / amax: the code of
- *              x * s rounded to nearest even into q (row stride ldo), and L's sum[k], e2[k],
- *              emax[k] over the same lanes, v the magnitude coded and dq = (v with x's sign) *
- *              inv - x: sum += |dq * ramax|, e2 += dq * dq, emax = max of |dq * ramax|'s bits;
+ *  fp8_encode: s finite (so |x * s| <= 448.0001): the code of y = x * s rounded to nearest even
+ *              into q (row stride ldo), and L's sum[k], e2[k], emax[k] over the same lanes, v
+ *              the magnitude coded and e = (v with y's sign) - y (exact): sum += |e|, e2 += e * e,
+ *              emax = max of |e|'s bits (the caller scales them: e / (s amax) is the error
+ *              relative to the amax, e / s in x's units; inv and ramax are not used);
  *              n_diff: the codes that differ from q0's (q0 NULL: 0).  L's other fields untouched.
  *              c (NULL: none) flags the elements whose code the rule might give differently
  *              for the exact value (lm_fp8_cert) into c->flag, i * w + j ascending.

@@ -152,6 +152,80 @@ LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m
     return wt == ot ? lr5_ndiff(in, b, ot) : 0;
 }
 
+/* bf16 W and output, the 32 columns j .. j+31 of row i (d0: columns j .., d1: j + 16 ..): W read
+ * as one vector of 32 values and spread into the high halves of two f32 vectors by word
+ * permutations, the 32 results (the high halves of the rounded bits) gathered by one permutation
+ * and stored as one vector, the changed ones counted on the 32 words at once.  Per lane the
+ * operations and decisions of lr5_finish_f32 (and lr5_store_uncertified), so the same bits and
+ * counters; it spares the two 32 -> 16 bit narrowings, the widenings, the shifts and a compare
+ * per 32 elements. */
+LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m512 d0, __m512 d1, const void *wp,
+                                  void *op, unsigned flags, lm_lowrank_stats *st)
+{
+    const __m512i raw = _mm512_loadu_si512(wp);
+    /* word 2k+1 of the widening indices: W's word k (k < 16), 16 + k; the even words are zeroed */
+    const __m512i lo_idx = _mm512_set_epi32(15 << 16, 14 << 16, 13 << 16, 12 << 16, 11 << 16, 10 << 16, 9 << 16,
+                                            8 << 16, 7 << 16, 6 << 16, 5 << 16, 4 << 16, 3 << 16, 2 << 16, 1 << 16, 0);
+    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(16 << 16));
+    /* word k of the result: word 2k+1 of the first vector (k < 16), of the second (k >= 16) */
+    const __m512i out_idx = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                             27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, lo_idx, raw));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, hi_idx, raw));
+    const __m512 r0 = _mm512_add_ps(w0, d0), r1 = _mm512_add_ps(w1, d1);
+    if (flags & LM_LOWRANK_UNCERTIFIED) {
+        /* RNE in the high half: u + lsb + 0x7FFF (as lr5_bf16, without the shift), NaN canonical */
+        const __m512i one = _mm512_set1_epi32(1 << 16), bias = _mm512_set1_epi32(0x7FFF);
+        const __m512i nanb = _mm512_set1_epi32((int)(LM_LR_NAN_BF16 << 16)), em = _mm512_set1_epi32(0x7F800000);
+        const __m512i u0 = _mm512_castps_si512(r0), u1 = _mm512_castps_si512(r1);
+        const __mmask16 n0 = _mm512_cmp_ps_mask(r0, r0, _CMP_UNORD_Q), n1 = _mm512_cmp_ps_mask(r1, r1, _CMP_UNORD_Q);
+        const __m512i h0 = _mm512_mask_blend_epi32(
+            n0, _mm512_add_epi32(u0, _mm512_add_epi32(_mm512_srli_epi32(_mm512_and_si512(u0, one), 16), bias)), nanb);
+        const __m512i h1 = _mm512_mask_blend_epi32(
+            n1, _mm512_add_epi32(u1, _mm512_add_epi32(_mm512_srli_epi32(_mm512_and_si512(u1, one), 16), bias)), nanb);
+        const __mmask16 f0 = _mm512_cmpneq_epi32_mask(_mm512_and_si512(h0, em), em);
+        const __mmask16 f1 = _mm512_cmpneq_epi32_mask(_mm512_and_si512(h1, em), em);
+        const __m512i packed = _mm512_permutex2var_epi16(h0, out_idx, h1);
+        _mm512_storeu_si512(op, packed);
+        const unsigned nan = (unsigned)n0 | (unsigned)n1 << 16, fin = (unsigned)f0 | (unsigned)f1 << 16;
+        if (__builtin_expect(nan | ~fin, 0)) {
+            st->n_nonfinite += (uint64_t)__builtin_popcount(nan);
+            st->n_overflow += (uint64_t)__builtin_popcount(~fin & ~nan);
+        }
+        return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(packed, raw));
+    }
+    const __m512 c0 = _mm512_set1_ps(LM_LR_C0F), crf = _mm512_set1_ps(LM_LR_CRF), rmax = _mm512_set1_ps(LM_LR_RMAX_F32);
+    const __m512 brf = _mm512_set1_ps(lr->bnd_rf[i]);
+    const __m512i half = _mm512_set1_epi32(0x8000), top = _mm512_set1_epi32((int)0xFFFF0000u), low = _mm512_set1_epi32(0xFFFF);
+    const __m512 a0 = _mm512_abs_ps(r0), a1 = _mm512_abs_ps(r1);
+    __m512 e0 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j), c0);
+    __m512 e1 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j + 16), c0);
+    e0 = _mm512_fmadd_ps(a0, crf, e0);
+    e1 = _mm512_fmadd_ps(a1, crf, e1);
+    const __m512i tl0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(r0, e0)), half);
+    const __m512i th0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(r0, e0)), half);
+    const __m512i tl1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(r1, e1)), half);
+    const __m512i th1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(r1, e1)), half);
+    __mmask16 ok0 = _mm512_cmp_ps_mask(a0, rmax, _CMP_LT_OQ), ok1 = _mm512_cmp_ps_mask(a1, rmax, _CMP_LT_OQ);
+    ok0 = _mm512_mask_testn_epi32_mask(ok0, _mm512_xor_si512(tl0, th0), top);
+    ok1 = _mm512_mask_testn_epi32_mask(ok1, _mm512_xor_si512(tl1, th1), top);
+    ok0 = _mm512_mask_test_epi32_mask(ok0, tl0, low);
+    ok1 = _mm512_mask_test_epi32_mask(ok1, tl1, low);
+    ok0 = _mm512_mask_test_epi32_mask(ok0, th0, low);
+    ok1 = _mm512_mask_test_epi32_mask(ok1, th1, low);
+    const __m512i packed = _mm512_permutex2var_epi16(tl0, out_idx, tl1);
+    _mm512_storeu_si512(op, packed);
+    const uint32_t ok = (uint32_t)ok0 | (uint32_t)ok1 << 16;
+    if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
+        float wv[32];
+        _mm512_storeu_ps(wv, w0);
+        _mm512_storeu_ps(wv + 16, w1);
+        lm_lowrank_patch(lr, i, j, wv, ~ok, op, LM_KDT_BF16, st);
+        return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(_mm512_loadu_si512(op), raw)); /* patched too */
+    }
+    return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(packed, raw));
+}
+
 /* 8 lanes of the f64 path (f32 output); the count as lr5_finish_f32's */
 LR5_INLINE unsigned lr5_finish_f64(const lm_lowrank *lr, size_t i, size_t j, __m512d d, const void *wp,
                                    lm_kdtype wt, void *op, lm_lowrank_stats *st)
@@ -216,6 +290,18 @@ LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
             }
         }
     unsigned changed = 0;
+    if (wt == LM_KDT_BF16 && ot == LM_KDT_BF16 && nv == 2) {
+#pragma GCC unroll 4
+        for (size_t r = 0; r < mr; r++) {
+            const __m512 d0 = _mm512_add_ps(_mm512_add_ps(acc[r][0][0], acc[r][0][1]),
+                                            _mm512_add_ps(acc[r][0][2], acc[r][0][3]));
+            const __m512 d1 = _mm512_add_ps(_mm512_add_ps(acc[r][1][0], acc[r][1][1]),
+                                            _mm512_add_ps(acc[r][1][2], acc[r][1][3]));
+            changed += lr5_finish_bb(lr, i + r, j, d0, d1, wp + r * wstride + j * 2, op + r * ostride + j * 2, flags, st);
+        }
+        st->n_changed += changed;
+        return;
+    }
 #pragma GCC unroll 4
     for (size_t r = 0; r < mr; r++)
 #pragma GCC unroll 2

@@ -220,7 +220,10 @@ static void requant_width_check(const float *x, const uint8_t *q, const float *s
     }
     cr_assert_eq(st.n_changed, changed);
     cr_assert_eq(st.n_err, n);
-    cr_assert(fabs(st.err_max - emax) <= 1e-6 * emax, "err_max %.9g, want %.9g", st.err_max, emax);
+    /* the errors are taken in y = x * s, |v - fl(x s)| / (s amax), against |fl(v inv) - x| / amax
+     * here: they differ by the roundings of x s, of inv and of v inv, each at most 2^-24 of 448 /
+     * (s amax), so by at most 3 2^-24 in all */
+    cr_assert(fabs(st.err_max - emax) <= 4 * 0x1p-24, "err_max %.9g, want %.9g", st.err_max, emax);
     cr_assert(fabs(st.err_sum - esum) <= 1e-4 * esum, "err_sum %.9g, want %.9g", st.err_sum, esum);
     cr_assert(fabs(st.d2 - d2) <= 1e-4 * d2, "d2 %.9g, want %.9g", st.d2, d2);
     cr_assert(fabs(st.e2 - e2) <= 1e-4 * e2, "e2 %.9g, want %.9g", st.e2, e2);

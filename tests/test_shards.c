@@ -87,6 +87,33 @@ static th_run_result finalize(const sh_fix *F)
     return sh_run(cmd);
 }
 
+/* the shards worker `i` of `n` must write (README): the largest first (ties: lower k), each to the
+ * worker with the fewest bytes so far (ties: the lower one); from the reference's file sizes */
+static void expected_owners(const sh_fix *F, int n, int owner[10])
+{
+    long long size[10], load[16] = {0};
+    int taken[10] = {0};
+    for (int k = 0; k < 10; k++) {
+        char p[1000];
+        struct stat st;
+        snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F->ref, k + 1);
+        cr_assert_eq(stat(p, &st), 0, "%s", p);
+        size[k] = (long long)st.st_size;
+    }
+    for (int step = 0; step < 10; step++) {
+        int big = -1, w = 0;
+        for (int k = 0; k < 10; k++)
+            if (!taken[k] && (big < 0 || size[k] > size[big]))
+                big = k;
+        for (int j = 1; j < n; j++)
+            if (load[j] < load[w])
+                w = j;
+        taken[big] = 1;
+        owner[big] = w;
+        load[w] += size[big];
+    }
+}
+
 Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
 {
     sh_fix F;
@@ -119,14 +146,24 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     th_run_free(&r);
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", F.out);
     cr_assert(!th_exists(p), "a refused finalize wrote the index");
-    /* the rerun of worker 0 keeps its verified shards and rewrites shard 5 */
-    char cmd[9000];
-    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 0/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    /* the rerun of shard 5's worker keeps its other, verified, shards and rewrites shard 5 */
+    int owner[10], n_mine = 0, other = -1;
+    expected_owners(&F, 4, owner);
+    for (int k = 0; k < 10; k++)
+        if (owner[k] == owner[4]) {
+            n_mine++;
+            other = k != 4 ? k : other;
+        }
+    cr_assert(other >= 0);
+    char cmd[9000], want[200];
+    snprintf(cmd, sizeof cmd, "cd %s && %s --shards %d/4 %s %s %s/", F.tmp, F.bin, owner[4], F.base, F.ad, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
-    cr_assert(strstr(r.err, "shard model-00001-of-00010.safetensors already complete and verified"), "%s", r.err);
+    snprintf(want, sizeof want, "shard model-%05d-of-00010.safetensors already complete and verified", other + 1);
+    cr_assert(strstr(r.err, want), "%s", r.err);
     cr_assert(strstr(r.err, "removed .model-00005-of-00010.safetensors.lm-tmp-Ab12Cd"), "%s", r.err);
-    cr_assert(strstr(r.err, "(1 written, 2 kept)"), "%s", r.err);
+    snprintf(want, sizeof want, "(1 written, %d kept)", n_mine - 1);
+    cr_assert(strstr(r.err, want), "%s: %s", want, r.err);
     th_run_free(&r);
     r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
@@ -200,13 +237,26 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     r = sh_run(cmd);
     cr_assert_eq(r.status, 1, "%s", r.err);
     th_run_free(&r);
-    /* the workers rerun: worker 0 rewrites 7 and 9; worker 1 rewrites 4 and 6, and with --verify 2 */
-    cr_assert_eq(worker(&F, 0, 2, ""), 0);
-    snprintf(cmd, sizeof cmd, "cd %s && %s --verify --shards 1/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
-    r = sh_run(cmd);
-    cr_assert_eq(r.status, 0, "%s", r.err);
-    cr_assert(strstr(r.err, "(3 written, 2 kept)"), "%s", r.err);
-    th_run_free(&r);
+    /* the workers rerun: each rewrites its shards of 4, 6, 7 and 9; the one of shard 2 runs with
+     * --verify, so rewrites 2 as well */
+    int owner[10];
+    expected_owners(&F, 2, owner);
+    const int v = owner[1]; /* shard 2's */
+    int n_bad[2] = {0, 0}, n_mine[2] = {0, 0};
+    for (int k = 0; k < 10; k++) {
+        n_mine[owner[k]]++;
+        n_bad[owner[k]] += k == 3 || k == 5 || k == 6 || k == 8 || k == 1;
+    }
+    for (int w = 0; w < 2; w++) {
+        char want[100];
+        snprintf(cmd, sizeof cmd, "cd %s && %s %s --shards %d/2 %s %s %s/", F.tmp, F.bin, w == v ? "--verify" : "", w,
+                 F.base, F.ad, F.out);
+        r = sh_run(cmd);
+        cr_assert_eq(r.status, 0, "%s", r.err);
+        snprintf(want, sizeof want, "(%d written, %d kept)", n_bad[w], n_mine[w] - n_bad[w]);
+        cr_assert(strstr(r.err, want), "worker %d: %s: %s", w, want, r.err);
+        th_run_free(&r);
+    }
     snprintf(cmd, sizeof cmd, "cd / && %s --json finalize %s", F.bin, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
@@ -246,15 +296,29 @@ Test(shards, fingerprint_refuses_a_worker_with_other_options)
     sh_fix F;
     sh_setup(&F, "");
     cr_assert_eq(worker(&F, 0, 3, ""), 0);
+    /* worker 0 of 3 wrote its shards, balanced by bytes, and no other; the sizes here differ
+     * (the size split), so that is not k % 3 */
+    int owner[10], differs = 0;
+    expected_owners(&F, 3, owner);
+    for (int k = 0; k < 10; k++) {
+        char p[1000];
+        snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F.out, k + 1);
+        cr_assert_eq(th_exists(p), owner[k] == 0, "shard %d: owner %d, written by worker 0: %d", k + 1, owner[k],
+                     th_exists(p));
+        differs |= owner[k] != k % 3;
+    }
+    cr_assert(differs, "the shards' sizes give k %% 3: the test shows nothing");
     char cmd[9000];
     snprintf(cmd, sizeof cmd, "cd %s && %s -q --scale 0.5 --shards 1/3 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
     th_run_result r = sh_run(cmd);
     cr_assert_eq(r.status, 2, "%s", r.err);
     cr_assert(strstr(r.err, "PlanMismatch"), "%s", r.err);
     th_run_free(&r);
-    char p[1000];
-    snprintf(p, sizeof p, "%s/model-00002-of-00010.safetensors", F.out);
-    cr_assert(!th_exists(p), "the refused worker wrote its shard");
+    for (int k = 0; k < 10; k++) {
+        char p[1000];
+        snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F.out, k + 1);
+        cr_assert(owner[k] == 0 || !th_exists(p), "the refused worker wrote its shard %d", k + 1);
+    }
     snprintf(cmd, sizeof cmd, "cd %s && %s -q --dtype f32 --shards 2/3 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 2, "%s", r.err);

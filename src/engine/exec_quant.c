@@ -71,6 +71,8 @@ lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float 
         }
         return rc;
     }
+    /* the mapped scales made present in one call (rather than a page fault as they are read) */
+    lm_populate_read(entry_bytes(model, q->scale), (uint64_t)n * (lm_dtype_bits(q->scale_dtype) / 8));
     lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
     if (q->scale2 != NULL)
         lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), n2, *scales + n);
@@ -274,6 +276,8 @@ float *lm_xq_pack_a(const lm_plan_tensor *t, const lm_xq_term *term)
 {
     const uint64_t K = term->K, cols = t->cols, bc = t->q->bc;
     float *p = malloc((size_t)(K * cols) * sizeof *p + 1);
+    if (p != NULL) /* written whole: present in one call, not a fault per page */
+        lm_populate(p, (size_t)(K * cols) * sizeof *p);
     for (uint64_t c0 = 0; p != NULL && c0 < cols; c0 += bc) {
         const uint64_t w = c0 + bc < cols ? bc : cols - c0;
         for (uint64_t k = 0; k < K; k++)

@@ -639,10 +639,16 @@ static lm_code prepare_output(merge_state *S, lm_err *err)
     }
     /* the files, in the order they are written */
     int worker = job->shard_mode == LM_SHARDS_WORKER; /* a worker writes its shards only */
+    unsigned *owner = worker ? malloc((S->ot.n_shards ? S->ot.n_shards : 1) * sizeof *owner) : NULL;
+    if (worker && (owner == NULL || lm_shards_owners(S->ot.shard_bytes, S->ot.n_shards, job->shard_count, owner) != 0)) {
+        free(owner);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
     for (size_t i = 0; i < S->ot.n_shards; i++)
-        if (!worker || i % job->shard_count == job->shard_index)
+        if (!worker || owner[i] == job->shard_index)
             lm_report_file(S->ri, name_in(S->ot.paths[i]), S->ot.paths[i], "weights", "merge", S->ot.shard_bytes[i],
                            NULL);
+    free(owner);
     if (worker)
         return S->ri->oom ? lm_fail(err, LM_E_NOMEM, NULL, "out of memory") : LM_OK;
     if (S->ot.index_text != NULL) {

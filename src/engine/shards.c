@@ -521,6 +521,44 @@ static lm_code write_one_shard(lm_shard_ctx *C, size_t k, const char *fp, lm_err
     return write_sidecar(C, k, fp, sha, w1 - w0, c1 - c0, &st, err);
 }
 
+typedef struct {
+    uint64_t bytes;
+    size_t k;
+} shard_size;
+
+static int cmp_larger_first(const void *a, const void *b)
+{
+    const shard_size *x = a, *y = b;
+    if (x->bytes != y->bytes)
+        return x->bytes > y->bytes ? -1 : 1;
+    return x->k < y->k ? -1 : x->k > y->k;
+}
+
+int lm_shards_owners(const uint64_t *bytes, size_t n, unsigned count, unsigned *owner)
+{
+    shard_size *order = malloc((n ? n : 1) * sizeof *order);
+    uint64_t *load = calloc(count ? count : 1, sizeof *load);
+    if (order == NULL || load == NULL || count == 0) {
+        free(order);
+        free(load);
+        return -1;
+    }
+    for (size_t k = 0; k < n; k++)
+        order[k] = (shard_size){bytes[k], k};
+    qsort(order, n, sizeof *order, cmp_larger_first);
+    for (size_t i = 0; i < n; i++) {
+        unsigned best = 0;
+        for (unsigned w = 1; w < count; w++)
+            if (load[w] < load[best])
+                best = w;
+        owner[order[i].k] = best;
+        load[best] += order[i].bytes;
+    }
+    free(order);
+    free(load);
+    return 0;
+}
+
 lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
 {
     char fp[65];
@@ -528,8 +566,15 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
     if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = prepare_dirs(C, err)) != LM_OK ||
         (rc = record_plan(C, fp, err)) != LM_OK)
         return rc;
+    unsigned *owner = malloc((C->ot->n_shards ? C->ot->n_shards : 1) * sizeof *owner);
+    if (owner == NULL || lm_shards_owners(C->ot->shard_bytes, C->ot->n_shards, C->job->shard_count, owner) != 0) {
+        free(owner);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
     size_t n_mine = 0, n_done = 0;
-    for (size_t k = C->job->shard_index; k < C->ot->n_shards && rc == LM_OK; k += C->job->shard_count) {
+    for (size_t k = 0; k < C->ot->n_shards && rc == LM_OK; k++) {
+        if (owner[k] != C->job->shard_index)
+            continue;
         n_mine++;
         lm_err e;
         lm_err_clear(&e);
@@ -540,8 +585,10 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
             continue;
         }
         int lock = lock_shard(C->ot, k, err);
-        if (lock == -2)
+        if (lock == -2) {
+            free(owner);
             return err->code;
+        }
         if (lock == -1) { /* two workers given the same index: one writes, the other says so */
             rc = lm_fail(err, LM_E_USAGE, "Usage", "shard %s is being written by another live worker (the same "
                          "--shards index given twice?)", leaf_of(C->ot->paths[k]));
@@ -551,6 +598,7 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
         rc = write_one_shard(C, k, fp, err);
         close(lock);
     }
+    free(owner);
     if (rc == LM_OK)
         lm_report_note(C->ri, "shard worker %u of %u: %zu of the %zu shards (%zu written, %zu kept); run "
                               "`lora-merge finalize %s` once every worker is done",

@@ -11,7 +11,8 @@
  * OUT/.lora-merge-shards/plan.json by the first worker; a worker with another fingerprint
  * (other adapters or options) is refused.
  *
- * Worker I of N writes the shards k with k % N == I and nothing else, straight into OUT (no
+ * Worker I of N writes the shards k with lm_shards_owners()[k] == I (balanced by bytes; with
+ * shards of equal size k % N == I) and nothing else, straight into OUT (no
  * staging directory: the workers share OUT).  Each shard goes through a temporary name, its
  * sha256x4 (lm_sha256.h: the sha256 of four interleaved lanes of the file, hashed ~1.8x as fast
  * as one message) is computed as it is written (lm_st_writer_hash_begin: no read-back of the finished
@@ -59,6 +60,12 @@ lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_pla
 
 /*! lm_shards_fingerprint() : sha256 (hex) of everything that decides the output's bytes. */
 lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err);
+
+/*! lm_shards_owners() : owner[k] = the worker (0 .. count-1) that writes shard k of n, balanced
+ *  by bytes: the shards taken largest first (ties: lower k), each given to the worker with the
+ *  fewest bytes so far (ties: the lower worker).  Shards of equal size go round-robin, k % count.
+ *  0, or -1 out of memory. */
+int lm_shards_owners(const uint64_t *bytes, size_t n, unsigned count, unsigned *owner);
 
 /*! lm_shards_work() : worker job->shard_index of job->shard_count (see above). */
 lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err);

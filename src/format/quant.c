@@ -353,18 +353,21 @@ typedef struct {
     v16u emax;
 } enc_lanes;
 
-/* the lanes' numbers for the value coded v (magnitude) of x and its base value b: the error
- * relative to the block's amax, the squares of the delta and of the requantization error */
-static inline __attribute__((always_inline)) void lane_stats(const v16f *x, const v16f *val, const v16f *base,
-                                                             float inv, float ramax, enc_lanes *L)
+/* the lanes' numbers for x, y = x * s, the value coded v (magnitude) of y and x's base value b:
+ * the requantization error in y's units, e = v (y's sign) - y (exact: v and y are within a
+ * factor 2, or both below 2^-6 where v is a multiple of 2^-9), its magnitude's max and sum and
+ * its square (fp8_lanes_into() makes them relative to the amax, in x's units), and the square
+ * of the delta */
+static inline __attribute__((always_inline)) void lane_stats(const v16f *x, const v16f *y, const v16f *val,
+                                                             const v16f *base, enc_lanes *L)
 {
-    const v16f xv = *x, v = *val, b = *base;
-    const v16f dq = (v16f)((v16u)v | ((v16u)xv & 0x80000000u)) * inv - xv, d = xv - b;
-    const v16u e = (v16u)(dq * ramax) & 0x7FFFFFFFu, gt = (v16u)(e > L->emax);
+    const v16f xv = *x, yv = *y, v = *val, b = *base;
+    const v16f ey = (v16f)((v16u)v | ((v16u)yv & 0x80000000u)) - yv, d = xv - b;
+    const v16u e = (v16u)ey & 0x7FFFFFFFu, gt = (v16u)(e > L->emax);
     L->emax = (e & gt) | (L->emax & ~gt);
     L->sum += (v16f)e;
     L->d2 += d * d;
-    L->e2 += dq * dq;
+    L->e2 += ey * ey;
 }
 
 /* LANES elements of a changed block (in range): their codes and the lanes' numbers */
@@ -377,20 +380,52 @@ static inline __attribute__((always_inline)) void encode_lanes(const float *x, c
     e4m3_encode_in_range_v(&xs, &code, &v);
     *(v16b_unaligned *)q = __builtin_convertvector(code, v16b);
     const v16f b = *(const v16f_unaligned *)base;
-    lane_stats(&xv, &v, &b, inv, ramax, L);
+    lane_stats(&xv, &xs, &v, &b, L);
 }
 
-/* the same for one element (any x), into lane k */
+/* the same for one element (any x), into lane k; s not finite (amax below 448 / FLT_MAX, out of
+ * lane_stats' range): the error in x's units, dq = (v with x's sign) inv - x, relative to the amax
+ * (ramax = 1 / amax) */
 static inline void encode_one(float x, float b, float s, float inv, float ramax, uint8_t *q, enc_lanes *L, int k)
 {
     float v;
-    *q = (uint8_t)e4m3_encode(x * s, &v);
-    const float dq = copysignf(v, x) * inv - x, d = x - b;
-    const uint32_t e = f32_bits(dq * ramax) & 0x7FFFFFFFu;
+    const float y = x * s, d = x - b;
+    *q = (uint8_t)e4m3_encode(y, &v);
+    const float ey = isfinite(s) ? copysignf(v, y) - y : copysignf(v, x) * inv - x;
+    const uint32_t e = f32_bits(isfinite(s) ? ey : ey * ramax) & 0x7FFFFFFFu;
     L->emax[k] = e > L->emax[k] ? e : L->emax[k];
     L->sum[k] += bits_f32(e);
     L->d2[k] += d * d;
-    L->e2[k] += dq * dq;
+    L->e2[k] += ey * ey;
+}
+
+/* a block's lanes (n of each) into st: e2 times ke2, the errors times kerr (fp8_lanes_k()) */
+static void fp8_lanes_into(const float *sum, const float *d2l, const float *e2l, const uint32_t *emaxl, int n,
+                           double kerr, double ke2, lm_qstats *st)
+{
+    double esum = 0, d2 = 0, e2 = 0;
+    uint32_t emax = 0;
+    for (int k = 0; k < n; k++) {
+        esum += sum[k];
+        d2 += d2l[k];
+        e2 += e2l[k];
+        emax = emaxl[k] > emax ? emaxl[k] : emax;
+    }
+    const double em = (double)bits_f32(emax) * kerr;
+    st->err_max = em > st->err_max ? em : st->err_max;
+    st->err_sum += esum * kerr;
+    st->d2 += d2;
+    st->e2 += e2 * ke2;
+}
+
+/* the lanes' factors for a block requantized with s = 448 / amax: the errors in y = x s relative
+ * to the amax (1 / (s amax)) and their squares in x's units (1 / s^2); s not finite: the lanes
+ * hold them in x's units relative to the amax already */
+static void fp8_lanes_k(float s, float amax, double *kerr, double *ke2)
+{
+    const int f = isfinite(s);
+    *kerr = f ? 1.0 / ((double)s * (double)amax) : 1.0;
+    *ke2 = f ? 1.0 / ((double)s * (double)s) : 1.0;
 }
 
 /* a block that keeps the base's scale s0 (h x w; codes row stride cols, x row stride ldx):
@@ -464,19 +499,16 @@ static inline __attribute__((always_inline)) void block_encode(const float *xb, 
             row_amax(nb->x + r * cols, nb->q0 + r * cols, nb->s0, nb->w, &nb->amax, &nb->same);
         }
     }
-    double esum = 0, d2 = 0, e2 = 0;
-    uint32_t emax = f32_bits((float)st->err_max);
-    for (int k = 0; k < LANES; k++) {
-        esum += L.sum[k];
-        d2 += L.d2[k];
-        e2 += L.e2[k];
-        emax = L.emax[k] > emax ? L.emax[k] : emax;
-    }
+    float ls[LANES], ld[LANES], le[LANES];
+    uint32_t lm[LANES];
+    memcpy(ls, &L.sum, sizeof ls);
+    memcpy(ld, &L.d2, sizeof ld);
+    memcpy(le, &L.e2, sizeof le);
+    memcpy(lm, &L.emax, sizeof lm);
+    double kerr, ke2;
+    fp8_lanes_k(s, amax, &kerr, &ke2);
+    fp8_lanes_into(ls, ld, le, lm, LANES, kerr, ke2, st);
     st->n_changed += inv != s0 ? h * w : changed;
-    st->err_max = bits_f32(emax);
-    st->err_sum += esum;
-    st->d2 += d2;
-    st->e2 += e2;
     st->n_err += h * w;
 }
 
@@ -598,39 +630,29 @@ LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uin
         for (; c0 < w; c0++)
             encode_one(xr[c0], br[c0], s, inv, ramax, qr + c0, &L, (int)(c0 % LANES));
     }
-    double esum = 0, d2 = 0, e2 = 0;
-    uint32_t emax = f32_bits((float)st->err_max);
-    for (int k = 0; k < LANES; k++) {
-        esum += L.sum[k];
-        d2 += L.d2[k];
-        e2 += L.e2[k];
-        emax = L.emax[k] > emax ? L.emax[k] : emax;
-    }
+    float ls[LANES], ld[LANES], le[LANES];
+    uint32_t lm[LANES];
+    memcpy(ls, &L.sum, sizeof ls);
+    memcpy(ld, &L.d2, sizeof ld);
+    memcpy(le, &L.e2, sizeof le);
+    memcpy(lm, &L.emax, sizeof lm);
+    double kerr, ke2;
+    fp8_lanes_k(s, amax, &kerr, &ke2);
+    fp8_lanes_into(ls, ld, le, lm, LANES, kerr, ke2, st);
     /* a new scale changes every value: the codes are counted only under the base's scale */
     st->n_changed += inv != s0 ? h * w : count_diff_rows(q, q0, h, w, cols);
-    st->err_max = bits_f32(emax);
-    st->err_sum += esum;
-    st->d2 += d2;
-    st->e2 += e2;
     st->n_err += h * w;
 }
 
-/* the block's lanes summed into st (n_changed: its changed codes) */
-static void fp8_block_stats(uint64_t h, uint64_t w, uint64_t n_changed, const lm_fp8_lanes *L, lm_qstats *st)
+/* the block's lanes summed into st (n_changed: its changed codes; s, amax: its new scale and amax,
+ * fp8_lanes_k()) */
+static void fp8_block_stats(uint64_t h, uint64_t w, uint64_t n_changed, const lm_fp8_lanes *L, float s, float amax,
+                            lm_qstats *st)
 {
-    double esum = 0, d2 = 0, e2 = 0;
-    uint32_t emax = f32_bits((float)st->err_max);
-    for (int j = 0; j < 16; j++) {
-        esum += L->sum[j];
-        d2 += L->d2[j];
-        e2 += L->e2[j];
-        emax = L->emax[j] > emax ? L->emax[j] : emax;
-    }
+    double kerr, ke2;
+    fp8_lanes_k(s, amax, &kerr, &ke2);
+    fp8_lanes_into(L->sum, L->d2, L->e2, L->emax, 16, kerr, ke2, st);
     st->n_changed += n_changed;
-    st->err_max = bits_f32(emax);
-    st->err_sum += esum;
-    st->d2 += d2;
-    st->e2 += e2;
     st->n_err += h * w;
 }
 
@@ -669,7 +691,7 @@ static void fp8_encode_block(const lm_kernels *k, const uint8_t *q0, float s0, u
                 L->e2[c % 16] += dq * dq;
             }
     }
-    fp8_block_stats(h, w, cq == NULL ? h * w : L->n_diff, L, st);
+    fp8_block_stats(h, w, cq == NULL ? h * w : L->n_diff, L, s, amax, st);
 }
 
 /* ---- certification (lm_fp8_bound) -----------------------------------------------------------
@@ -752,14 +774,9 @@ static void fp8_exact_block(lm_fp8_bound *bd, const uint8_t *q0, float s0, uint6
 /* the certified encode ((a) to (c)): 0 done, -1 the block takes exact values throughout */
 static int fp8_certified(const lm_kernels *k, const uint8_t *q0, float s0, uint64_t h, uint64_t w, uint64_t cols,
                          float *x, uint64_t ldx, uint8_t *q, float *out_scale, lm_qstats *st, lm_fp8_lanes *L,
-                         lm_fp8_bound *bd)
+                         lm_fp8_bound *bd, float emax)
 {
-    float amax = bits_f32(L->amax), emax = 0.0f;
-    for (uint64_t r = 0; r < h; r++) {
-        if (!(bd->erow[r] < FLT_MAX) || bd->erow[r] < 0.0f) /* (NaN included) */
-            return -1;
-        emax = bd->erow[r] > emax ? bd->erow[r] : emax;
-    }
+    float amax = bits_f32(L->amax);
     if (!isfinite(amax) || L->same || !fp8_surely_changed(q0, s0, h, w, cols, x, ldx, bd->erow))
         return -1;
     const double thr_d = (double)amax * (1 - 0x1p-19) - 2 * (double)emax;
@@ -774,8 +791,10 @@ static int fp8_certified(const lm_kernels *k, const uint8_t *q0, float s0, uint6
     k->fp8_encode(x, (size_t)ldx, (size_t)h, (size_t)w, s, inv, ramax, cq, (size_t)cols, q, (size_t)cols, L, &cert);
     const size_t n1 = cert.n_flag;
     uint32_t am = L->amax_b;
+    const uint32_t w32 = (uint32_t)w; /* (h w < 2^32: the flags' row and column by a 32-bit division) */
     for (size_t f = 0; f < n1; f++) {
-        const uint32_t a = f32_bits(fp8_exact1(bd, q0, s0, cols, x, ldx, bd->flag[f] / w, bd->flag[f] % w)) & 0x7FFFFFFFu;
+        const uint32_t e = bd->flag[f], i = e / w32;
+        const uint32_t a = f32_bits(fp8_exact1(bd, q0, s0, cols, x, ldx, i, e - i * w32)) & 0x7FFFFFFFu;
         am = a > am ? a : am;
     }
     size_t n2 = 0;
@@ -796,21 +815,21 @@ static int fp8_certified(const lm_kernels *k, const uint8_t *q0, float s0, uint6
             while (g < n1 && bd->flag[g] < e)
                 g++;
             if (g == n1 || bd->flag[g] != e)
-                (void)fp8_exact1(bd, q0, s0, cols, x, ldx, e / w, e % w);
+                (void)fp8_exact1(bd, q0, s0, cols, x, ldx, e / w32, e % w32);
         }
     }
     L->amax = am;
     st->n_blocks++;
     *out_scale = inv;
     for (size_t f = 0; f < n1 + n2; f++) { /* the exact elements' codes */
-        const uint64_t i = bd->flag[f] / w, j = bd->flag[f] % w;
+        const uint32_t i = bd->flag[f] / w32, j = bd->flag[f] - i * w32;
         float v;
         const uint8_t code = (uint8_t)e4m3_encode(x[i * ldx + j] * s, &v), old = q[i * cols + j];
         q[i * cols + j] = code;
         if (cq != NULL)
             L->n_diff = L->n_diff + (code != cq[i * cols + j]) - (old != cq[i * cols + j]);
     }
-    fp8_block_stats(h, w, cq == NULL ? h * w : L->n_diff, L, st);
+    fp8_block_stats(h, w, cq == NULL ? h * w : L->n_diff, L, s, amax, st);
     return 0;
 }
 
@@ -820,11 +839,16 @@ void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64
 {
     lm_fp8_lanes L;
     k->fp8_merge(q0, (size_t)cols, s0, (size_t)h, (size_t)w, term, x, (size_t)ldx, &L);
-    int checked = 0;
-    for (uint64_t r = 0; bd != NULL && r < h && !checked; r++)
-        checked = !(bd->erow[r] == 0.0f);
+    int checked = 0, ok = 1;
+    float emax = 0.0f; /* the rows' largest bound; ok: each finite and >= 0 (NaN not) */
+    for (uint64_t r = 0; bd != NULL && r < h; r++) {
+        const float e = bd->erow[r];
+        checked |= !(e == 0.0f);
+        ok &= e < FLT_MAX && e >= 0.0f;
+        emax = e > emax ? e : emax;
+    }
     if (checked) {
-        if (fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd) == 0)
+        if (ok && fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd, emax) == 0)
             return;
         fp8_exact_block(bd, q0, s0, h, w, cols, x, ldx, &L);
     }
