@@ -233,14 +233,17 @@ typedef struct lm_rotcert {
 /* a row block of the certified LoHa merge (slot loha_cert; kernels/lohacert_ref.c, the bound's
  * proof in src/methods/loha.c): Ap[j] the factor A_j [r, cols] in panels of LM_LOHA_PANEL columns,
  * each [r, LM_LOHA_PANEL] contiguous, the last one padded with zeros (A_j[p][c] at Ap[j][(c / P)
- * r P + p P + c % P]); cc [cols] the columns' bound factors; s the f32 scale; out bf16 or f16 */
+ * r P + p P + c % P]); cc [cols] the columns' bound factors; s the f32 scale; in the input rows'
+ * dtype (f32, bf16 or f16: converted exactly as they are read); out bf16 or f16; count (in == out
+ * only): the elements whose stored bits differ from the input's are counted */
 #define LM_LOHA_PANEL 32
 typedef struct lm_lohacert {
     const float *Ap[2];
     const float *cc;
     size_t r, cols;
     float s;
-    lm_kdtype out;
+    lm_kdtype in, out;
+    int count;
 } lm_lohacert;
 
 /* a certified DoRA row's constants (slot dora_cert; kernels/doracert_ref.c, exec_dora.c's proof):
@@ -303,12 +306,12 @@ typedef struct lm_kernels {
      * that differ from it; @return the elements it does not certify (doracert_ref.c) */
     size_t (*dora_cert)(const double *v, const float *w, const double *kap, size_t n, const lm_dora_cert *c,
                         lm_kdtype out, void *dst, const void *base, size_t *n_changed);
-    /* nr rows of the certified LoHa merge: x [nr, cols] the input rows, B1, B2 [nr, r] the rows'
-     * factors, R [nr] the rows' bound factors; dst [nr, cols] the output bits, unc [nr, (cols + 15)
-     * / 16] bit c % 16 of word c / 16 set where column c is not certified; @return any unc
-     * (lohacert_ref.c) */
-    unsigned (*loha_cert)(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
-                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
+    /* nr rows of the certified LoHa merge: x [nr, cols] the input rows (lc->in), B1, B2 [nr, r] the
+     * rows' factors, R [nr] the rows' bound factors; dst [nr, cols] the output bits, unc [nr, (cols
+     * + 15) / 16] bit c % 16 of word c / 16 set where column c is not certified; *n_changed += the
+     * elements counted (lc->count); @return any unc (lohacert_ref.c) */
+    unsigned (*loha_cert)(const void *x, size_t nr, const float *B1, const float *B2, const float *R,
+                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, uint64_t *n_changed);
     const char *name; /* "ref", "avx2", "avx512"; static storage */
 } lm_kernels;
 
@@ -632,14 +635,21 @@ unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, si
                               uint16_t *dst, uint8_t *unc);
 
 /* kernels/lohacert_*.c; the reference's columns c0 .. cols (c0 a multiple of 16), the variants' tails */
-unsigned lm_loha_cert_ref(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
-                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
-unsigned lm_loha_cert_avx2(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
-                           const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
-unsigned lm_loha_cert_avx512(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
-                             const lm_lohacert *lc, uint16_t *dst, uint16_t *unc);
-unsigned lm_loha_cert_cols_ref(const float *x, size_t nr, const float *B1, const float *B2, const float *R,
-                               const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, size_t c0);
+unsigned lm_loha_cert_ref(const void *x, size_t nr, const float *B1, const float *B2, const float *R,
+                          const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, uint64_t *n_changed);
+unsigned lm_loha_cert_avx2(const void *x, size_t nr, const float *B1, const float *B2, const float *R,
+                           const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, uint64_t *n_changed);
+unsigned lm_loha_cert_avx512(const void *x, size_t nr, const float *B1, const float *B2, const float *R,
+                             const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, uint64_t *n_changed);
+unsigned lm_loha_cert_cols_ref(const void *x, size_t nr, const float *B1, const float *B2, const float *R,
+                               const lm_lohacert *lc, uint16_t *dst, uint16_t *unc, uint64_t *n_changed, size_t c0);
+/* element e of x in lc->in, as f32 (exact) */
+static inline float lm_loha_x(const void *x, lm_kdtype in, size_t e)
+{
+    return in == LM_KDT_F32    ? ((const float *)x)[e]
+           : in == LM_KDT_BF16 ? lm_bf16_to_f32_1(((const uint16_t *)x)[e])
+                               : lm_f16_to_f32_1(((const uint16_t *)x)[e]);
+}
 #ifdef __cplusplus
 }
 #endif

@@ -14,6 +14,7 @@
  * only a few elements are recomputed (the f32 form is used); the same bytes with --threads 1/2,
  * --tile-elems and --kernels ref.  GLoRA and Super-Tuning (computed in f64): near-ties that their f32
  * path's second rounding gets wrong. */
+#include "lm_kernels.h"
 #include "th.h"
 #include "th_exact.h"
 
@@ -22,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static uint64_t g_rng = 0x10c0;
 
@@ -387,6 +389,66 @@ Test(exact_lyco, nan_base_stays_nan, .timeout = 60)
                       (unsigned long long)e, out[e]);
         free(out);
         th_run_free(&res);
+        free(D);
+        free(mag);
+        tx_case_free(&c, &base, &ad);
+    }
+}
+
+/* ---- the changed count of the one-sweep LoHa path ----------------------------------------
+ * bf16 and f16 bases (one dtype in and out, no --json: the kernel counts the output bits that
+ * differ from the input's, and the elements recomputed in f64 mend the count): rows 0 and 1 without
+ * a delta on a zero base (recomputed, unchanged: the kernel's bits there differ from the base),
+ * five elements cancelling the delta (recomputed, changed), the others too large for the delta to
+ * move (certified, unchanged).  The FewElementsChanged warning's count equals the elements whose
+ * bytes differ, counted here, for every kernel variant. */
+Test(exact_lyco, loha_changed_count, .timeout = 60)
+{
+    static const char *const dts[2] = {"BF16", "F16"}, *const variants[3] = {"ref", "avx2", "avx512"};
+    for (int d = 0; d < 2; d++) {
+        const tx_type *tt = &XL_TYPES[XL_LOHA];
+        const uint64_t n = (uint64_t)XL_O * XL_I;
+        long double *D = malloc(n * sizeof *D), *mag = malloc(n * sizeof *mag);
+        tx_set base = {0}, ad = {0};
+        tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", dts[d], 2, XL_O, XL_I);
+        const char *cfg = tt->adapter(tt, 0.5, &ad, D, mag);
+        for (int q = 0; q < ad.n; q++)
+            if (strstr(ad.t[q].name, "hada_w1_a") != NULL)
+                memset(ad.t[q].v, 0, 2 * XL_R * sizeof(double));
+        for (uint64_t e = 0; e < n; e++)
+            w->v[e] = e < 2 * XL_I                  ? 0.0
+                      : e % 173 == 7 && D[e] != 0.0 ? th_round_to(-(double)D[e], dts[d])
+                                                    : (e % 2 ? 1 : -1) * (fabs((double)D[e]) * 8192.0 + 1.0);
+        for (uint64_t e = 0; e < n; e++)
+            w->v[e] = th_round_to(w->v[e], dts[d]);
+        tx_case c;
+        tx_case_write(&c, &base, &ad, cfg);
+        for (int v = 0; v < 3; v++) {
+            lm_kernels k;
+            if (lm_kernels_select(&k, variants[v]) != 0)
+                continue;
+            const char *argv[] = {th_bin(), "--kernels", variants[v], c.base, c.adir, c.out, NULL};
+            unlink(c.out);
+            th_run_result res = th_run(NULL, argv);
+            cr_assert_eq(res.status, 0, "%s %s: exit %d: %s", dts[d], variants[v], res.status, res.err);
+            th_st a, b;
+            cr_assert(th_st_read(c.base, &a) == 0 && th_st_read(c.out, &b) == 0);
+            const th_tensor *ta = th_st_find(&a, w->name), *tb = th_st_find(&b, w->name);
+            cr_assert(ta && tb && ta->n_bytes == tb->n_bytes && ta->n_bytes == 2 * n);
+            uint64_t diff = 0;
+            for (uint64_t e = 0; e < n; e++)
+                diff += memcmp(ta->data + 2 * e, tb->data + 2 * e, 2) != 0;
+            th_st_free(&a);
+            th_st_free(&b);
+            const char *wn = strstr(res.err, "FewElementsChanged");
+            unsigned long long got = 0, all = 0;
+            cr_assert(wn != NULL && (wn = strstr(wn, "(")) != NULL && sscanf(wn, "(%llu of %llu)", &got, &all) == 2,
+                      "%s %s: no count of the changed elements (%llu differ): %s", dts[d], variants[v],
+                      (unsigned long long)diff, res.err);
+            cr_assert(got == diff && all == n && diff >= 3, "%s %s: %llu changed reported, %llu differ", dts[d],
+                      variants[v], got, (unsigned long long)diff);
+            th_run_free(&res);
+        }
         free(D);
         free(mag);
         tx_case_free(&c, &base, &ad);

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* test_lohacert.c : the certified LoHa kernel (loha_cert, kernels/lohacert_*.c): every variant bit
- * for bit the reference (output bits, uncertain bits, the flag) for widths around the 16- and
- * 32-column blocks, row counts around the 2- and 4-row blocks, ranks 1 .. 17, bf16 and f16; and
+ * for bit the reference (output bits, uncertain bits, the flag, the changes counted) for widths
+ * around the 16- and 32-column blocks, row counts around the 2- and 4-row blocks, ranks 1 .. 17,
+ * bf16 and f16 outputs, inputs in f32 or in the output's dtype (then the changes counted against a
+ * count made here); and
  * the reference's certified elements checked against the value computed here in long double,
  * x + (P1 P2) s with P_j = sum_p B_j[q][p] A_j[p][c], rounded once: with a valid bound (loha.c's
  * form: R[q] cc[c] >= the f32 products' error), every certified element is that value's rounding,
@@ -40,9 +42,10 @@ Test(lohacert, variants_match_the_reference_which_certifies_soundly)
                 const lm_kdtype out = bf16 ? LM_KDT_BF16 : LM_KDT_F16;
                 float *A[2], *Ap[2], *B[2], *x = malloc(nr * cols * sizeof *x), *cc = malloc(cols * sizeof *cc);
                 float *R = malloc(nr * sizeof *R);
+                uint16_t *x16 = malloc(nr * cols * 2);
                 uint16_t *d0 = malloc(nr * cols * 2), *d1 = malloc(nr * cols * 2);
                 uint16_t *u0 = malloc(nr * nw * 2), *u1 = malloc(nr * nw * 2);
-                cr_assert(x && cc && R && d0 && d1 && u0 && u1);
+                cr_assert(x && cc && R && x16 && d0 && d1 && u0 && u1);
                 const float s = 0.75f + lt_value();
                 for (int j = 0; j < 2; j++) {
                     A[j] = malloc(r * cols * sizeof(float));
@@ -91,7 +94,6 @@ Test(lohacert, variants_match_the_reference_which_certifies_soundly)
                         if (c % 11 == 4) /* cancelling: the result tiny */
                             xv = -(float)d;
                         x[q * cols + c] = xv;
-                        v[q * cols + c] = (long double)xv + d;
                     }
                 }
                 if (cols > 8) { /* special values */
@@ -99,18 +101,37 @@ Test(lohacert, variants_match_the_reference_which_certifies_soundly)
                     x[4 + nr % 2] = nr % 2 ? INFINITY : NAN;
                     /* NaNs whose bits plus a rounding increment carry out of the exponent */
                     x[6] = lm_f32_from_bits(0x7FFFFFFFu), x[7] = lm_f32_from_bits(0xFFFFFFFFu);
-                    for (int e = 0; e < 8; e++) {
+                }
+                /* the input in f32 or in the output's dtype (then the changes counted): x16 its bits,
+                 * x its values, v the exact results from them */
+                const lm_kdtype in = (wi + ki) % 3 == 0 ? LM_KDT_F32 : out;
+                for (size_t e = 0; e < nr * cols && in != LM_KDT_F32; e++) {
+                    x16[e] = bf16 ? lm_f32_to_bf16_1(x[e]) : lm_f32_to_f16_1(x[e]);
+                    x[e] = bf16 ? lm_bf16_to_f32_1(x16[e]) : lm_f16_to_f32_1(x16[e]);
+                }
+                for (size_t q = 0; q < nr; q++)
+                    for (size_t c = 0; c < cols; c++) {
                         long double p1 = 0, p2 = 0;
                         for (size_t p = 0; p < r; p++) {
-                            p1 += (long double)B[0][p] * A[0][p * cols + (size_t)e];
-                            p2 += (long double)B[1][p] * A[1][p * cols + (size_t)e];
+                            p1 += (long double)B[0][q * r + p] * A[0][p * cols + c];
+                            p2 += (long double)B[1][q * r + p] * A[1][p * cols + c];
                         }
-                        v[e] = (long double)x[e] + p1 * p2 * (long double)s;
+                        v[q * cols + c] = (long double)x[q * cols + c] + p1 * p2 * (long double)s;
                     }
-                }
-                const lm_lohacert lc = {{Ap[0], Ap[1]}, cc, r, cols, s, out};
+                const void *xin = in == LM_KDT_F32 ? (const void *)x : (const void *)x16;
+                const lm_lohacert lc = {{Ap[0], Ap[1]}, cc, r, cols, s, in, out, in != LM_KDT_F32};
                 memset(u0, 0xA5, nr * nw * 2);
-                const unsigned any0 = ref.loha_cert(x, nr, B[0], B[1], R, &lc, d0, u0);
+                uint64_t ch0 = 7, ch1;
+                const unsigned any0 = ref.loha_cert(xin, nr, B[0], B[1], R, &lc, d0, u0, &ch0);
+                if (in != LM_KDT_F32) { /* the changes, counted here */
+                    uint64_t want = 7;
+                    for (size_t e = 0; e < nr * cols; e++)
+                        want += d0[e] != x16[e];
+                    cr_assert_eq(ch0, want, "cols %zu rows %zu r %zu: %llu changes counted, %llu", cols, nr, r,
+                                 (unsigned long long)ch0, (unsigned long long)want);
+                } else {
+                    cr_assert_eq(ch0, 7);
+                }
                 unsigned seen = 0;
                 for (size_t q = 0; q < nr; q++) {
                     cr_assert(cols % 16 == 0 || (u0[q * nw + nw - 1] >> (cols % 16)) == 0, "bits past the row's end");
@@ -137,7 +158,9 @@ Test(lohacert, variants_match_the_reference_which_certifies_soundly)
                         continue;
                     memset(d1, 0x5A, nr * cols * 2);
                     memset(u1, 0x5A, nr * nw * 2);
-                    const unsigned any1 = k.loha_cert(x, nr, B[0], B[1], R, &lc, d1, u1);
+                    ch1 = 7;
+                    const unsigned any1 = k.loha_cert(xin, nr, B[0], B[1], R, &lc, d1, u1, &ch1);
+                    cr_assert_eq(ch1, ch0, "%s cols %zu rows %zu r %zu: the changes differ", variants[vi], cols, nr, r);
                     cr_assert((any0 != 0) == (any1 != 0), "%s cols %zu rows %zu r %zu: the flag differs", variants[vi],
                               cols, nr, r);
                     cr_assert(memcmp(u0, u1, nr * nw * 2) == 0, "%s cols %zu rows %zu r %zu: unc differs", variants[vi],
@@ -148,7 +171,7 @@ Test(lohacert, variants_match_the_reference_which_certifies_soundly)
                 }
                 for (int j = 0; j < 2; j++)
                     free(A[j]), free(Ap[j]), free(B[j]);
-                free(x), free(cc), free(R), free(d0), free(d1), free(u0), free(u1), free(v);
+                free(x), free(x16), free(cc), free(R), free(d0), free(d1), free(u0), free(u1), free(v);
             }
     /* both kinds occur: the comparison covers the certification, not only the rounding */
     cr_assert(certified > 2 * uncertain && uncertain > 100, "certified %zu, uncertain %zu", certified, uncertain);

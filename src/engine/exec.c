@@ -890,6 +890,32 @@ static lm_code compute_tile_certify1(const job *J, size_t ti, uint64_t r0, uint6
     return refuse_nonfinite(t, r0, nr, bad_in, (size_t)cs.n_nonfinite, bad_in + (size_t)cs.n_overflow, err);
 }
 
+/* compute_tile_certify1() from the tile's input bytes src (intact), converted and, ts not NULL,
+ * the changes counted in the method's kernel (certify_raw: no f32 tile, no count pass) */
+static lm_code compute_tile_certify_raw(const job *J, size_t ti, uint64_t r0, uint64_t nr, const uint8_t *src,
+                                        const workspace *ws, struct tile_stat *ts, lm_err *err)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    const lm_op *op = &t->ops[0];
+    const lm_tile tile = {NULL, NULL, r0, nr, t->rows, t->cols, J->k};
+    lm_cert_counts cs = {0};
+    uint64_t changed = 0;
+    if (op->method->certify_raw(op, &J->rt[ti].prep[0], &tile, src, lm_kdtype_of(t->src_dtype),
+                                lm_kdtype_of(lm_exact_out_dtype(t)), (uint16_t *)(void *)ws->out, &cs,
+                                ts != NULL ? &changed : NULL) != 0) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory for a tile of '%s'", t->name);
+        return LM_E_NOMEM;
+    }
+    __atomic_add_fetch(&J->rt[ti].n_recomputed, cs.n_recomputed, __ATOMIC_RELAXED);
+    if (ts != NULL)
+        ts->n_changed = changed;
+    if (cs.n_overflow + cs.n_nonfinite == 0)
+        return LM_OK;
+    src_to_f32(J, ti, src, r0, nr, ws->acc); /* the base tile, for the refusal's count */
+    const size_t bad_in = J->k->count_nonfinite_f32(ws->acc, (size_t)(nr * t->cols));
+    return refuse_nonfinite(t, r0, nr, bad_in, (size_t)cs.n_nonfinite, bad_in + (size_t)cs.n_overflow, err);
+}
+
 /* LM_EXACT_F64, the certified f32 form (lm_exact_certify_fast): ws->acc holds the input tile; the
  * op's f32 result and bounds, then the output bits, the uncertain elements from f64 (exec_exact.h).
  * The input tile and the bounds live in ws->acc64 (room for 2 n floats) */
@@ -1124,6 +1150,16 @@ static int certify1_tile(const job *J, size_t ti)
            t->ops[0].method->certify_tile != NULL;
 }
 
+/* a certify1_tile() tile that takes the method's certify_raw: the statistics it needs are the
+ * changed count (one dtype in and out) or none */
+static int certify_raw_tile(const job *J, size_t ti, const uint8_t *src, const struct tile_stat *ts)
+{
+    const lm_plan_tensor *t = &J->plan->t[ti];
+    return certify1_tile(J, ti) && t->ops[0].method->certify_raw != NULL && !t->sim_nf4 &&
+           (uintptr_t)src % (lm_dtype_bits(t->src_dtype) / 8) == 0 &&
+           (ts == NULL || (!J->stats_norms && t->dtype == t->src_dtype));
+}
+
 /* a DoRA tile whose input bytes (src, intact: the rows go after them) are the base as written,
  * which the DoRA kernel compares with what it stores (one dtype in and out, no norms asked) */
 static int dora_counts(const job *J, const lm_plan_tensor *t, const uint8_t *src)
@@ -1174,6 +1210,8 @@ static lm_code compute_tile(job *J, size_t ti, uint64_t r0, uint64_t nr, const u
         ts->n_changed = changed;
         return rc;
     }
+    if (certify_raw_tile(J, ti, src, ts))
+        return compute_tile_certify_raw(J, ti, r0, nr, src, ws, ts, err);
     src_to_f32(J, ti, src, r0, nr, ws->acc);
     const int requant = t->q != NULL && t->dtype == t->src_dtype;
     if (requant) /* src may be in the scratch the methods use */

@@ -415,24 +415,38 @@ LH_CLONES static void loha_batch64(const loha_prep *lp, uint64_t r, const uint64
     }
 }
 
+/* where the tile is: x its input rows (in: f32, bf16 or f16), changed (or NULL) the count of
+ * output elements whose bits differ from x's (in == out) */
+typedef struct {
+    const lm_tile *t;
+    const void *x;
+    lm_kdtype in, out;
+    uint16_t *dst;
+    uint64_t *changed;
+} loha_run;
+
 /* the n <= LH_BATCH elements (q[l], col[l]) of the tile (rows from t->r0): their f64 values
- * rounded once into dst, counted in st */
-static void loha_flush(const lm_op *op, const loha_prep *lp, const lm_tile *t, lm_kdtype out, const uint64_t *q,
-                       const uint64_t *col, size_t n, uint16_t *dst, lm_cert_counts *st)
+ * rounded once into dst, counted in st (and the changed count mended) */
+static void loha_flush(const lm_op *op, const loha_prep *lp, const loha_run *u, const uint64_t *q,
+                       const uint64_t *col, size_t n, lm_cert_counts *st)
 {
-    const uint16_t em = out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
+    const uint16_t em = u->out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
     uint64_t row[LH_BATCH], c[LH_BATCH];
     double p1[LH_BATCH], p2[LH_BATCH];
     for (size_t l = 0; l < LH_BATCH; l++) { /* unused lanes repeat the first */
-        row[l] = t->r0 + q[l < n ? l : 0];
+        row[l] = u->t->r0 + q[l < n ? l : 0];
         c[l] = col[l < n ? l : 0];
     }
     loha_batch64(lp, op->rank, row, c, p1, p2);
     for (size_t l = 0; l < n; l++) {
-        const size_t e = (size_t)(q[l] * t->cols + col[l]);
-        const double v = (double)t->acc[e] + p1[l] * p2[l] * op->scale;
-        const uint16_t bits = lm_f64_to_16_1(v, out);
-        dst[e] = bits;
+        const size_t e = (size_t)(q[l] * u->t->cols + col[l]);
+        const double v = (double)lm_loha_x(u->x, u->in, e) + p1[l] * p2[l] * op->scale;
+        const uint16_t bits = lm_f64_to_16_1(v, u->out);
+        if (u->changed != NULL) { /* the kernel counted the bits it stored there */
+            const uint16_t b0 = ((const uint16_t *)u->x)[e];
+            *u->changed = *u->changed + (bits != b0) - (u->dst[e] != b0);
+        }
+        u->dst[e] = bits;
         st->n_recomputed++;
         if (!isfinite(v))
             st->n_nonfinite++;
@@ -441,24 +455,26 @@ static void loha_flush(const lm_op *op, const loha_prep *lp, const lm_tile *t, l
     }
 }
 
-static int loha_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
-                             lm_cert_counts *st)
+static int loha_certify(const lm_op *op, const lm_prepared *p, const loha_run *u, lm_cert_counts *st)
 {
     const loha_prep *lp = p->data;
+    const lm_tile *t = u->t;
     const uint64_t cols = t->cols, r = op->rank, nw = (cols + 15) / 16;
+    const size_t esz = u->in == LM_KDT_F32 ? 4 : 2;
     uint16_t *unc = malloc((size_t)(LH_ROWS * nw) * sizeof *unc + 1);
     if (unc == NULL)
         return -1;
-    const lm_lohacert lc = {{lp->ap[0], lp->ap[1]}, lp->cc, (size_t)r, (size_t)cols, lp->s, out};
+    const lm_lohacert lc = {{lp->ap[0], lp->ap[1]}, lp->cc, (size_t)r, (size_t)cols, lp->s, u->in, u->out,
+                            u->changed != NULL};
     float R[LH_ROWS];
-    uint64_t bq[LH_BATCH], bc[LH_BATCH];
+    uint64_t bq[LH_BATCH], bc[LH_BATCH], changed = 0;
     size_t n = 0;
     for (uint64_t q0 = 0; q0 < t->nr; q0 += LH_ROWS) {
         const uint64_t h = t->nr - q0 < LH_ROWS ? t->nr - q0 : LH_ROWS, i0 = t->r0 + q0;
         for (uint64_t i = 0; i < h; i++)
             R[i] = up32(lp->kappa * lp->nb[0][i0 + i] * lp->nb[1][i0 + i] * (1.0 + 0x1p-17)); /* R' */
-        if (!t->k->loha_cert(t->acc + q0 * cols, (size_t)h, lp->f[0] + i0 * r, lp->f[2] + i0 * r, R, &lc,
-                             dst + q0 * cols, unc))
+        if (!t->k->loha_cert((const char *)u->x + q0 * cols * esz, (size_t)h, lp->f[0] + i0 * r, lp->f[2] + i0 * r,
+                             R, &lc, u->dst + q0 * cols, unc, &changed))
             continue;
         for (uint64_t i = 0; i < h; i++)
             for (uint64_t w = 0; w < nw; w += 4) { /* four words at a time: most are 0 */
@@ -472,16 +488,36 @@ static int loha_certify_tile(const lm_op *op, const lm_prepared *p, const lm_til
                     bq[n] = q0 + i;
                     bc[n] = w * 16 + (uint64_t)__builtin_ctzll(bits);
                     if (++n == LH_BATCH) {
-                        loha_flush(op, lp, t, out, bq, bc, n, dst, st);
+                        if (u->changed != NULL) /* the kernel's count first: the flush mends it */
+                            *u->changed += changed, changed = 0;
+                        loha_flush(op, lp, u, bq, bc, n, st);
                         n = 0;
                     }
                 }
             }
     }
+    if (u->changed != NULL)
+        *u->changed += changed;
     if (n > 0)
-        loha_flush(op, lp, t, out, bq, bc, n, dst, st);
+        loha_flush(op, lp, u, bq, bc, n, st);
     free(unc);
     return 0;
+}
+
+static int loha_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                             lm_cert_counts *st)
+{
+    const loha_run u = {t, t->acc, LM_KDT_F32, out, dst, NULL};
+    return loha_certify(op, p, &u, st);
+}
+
+static int loha_certify_raw(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                            lm_kdtype out, uint16_t *dst, lm_cert_counts *st, uint64_t *n_changed)
+{
+    if (n_changed != NULL)
+        *n_changed = 0;
+    const loha_run u = {t, raw, in, out, dst, n_changed};
+    return loha_certify(op, p, &u, st);
 }
 
 static void loha_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -517,6 +553,7 @@ const lm_method lm_method_loha = {
     .apply_tile_bound = loha_apply_bound,
     .elem64 = loha_elem64,
     .certify_tile = loha_certify_tile,
+    .certify_raw = loha_certify_raw,
     .describe = loha_describe,
     .describe_config = loha_describe_config,
 };

@@ -187,6 +187,12 @@ typedef struct lm_method {
      * it recomputed by elem64 are counted in st.  -1: out of memory */
     int (*certify_tile)(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
                         struct lm_cert_counts *st);
+    /* METHOD ops, optional (with certify_tile): the same from the tile's input bytes raw [nr, cols]
+     * of dtype in (f32, bf16 or f16), converted as they are read (t->acc and t->scratch unused);
+     * n_changed (or NULL; in == out only) gets the count of output elements whose bits differ
+     * from raw's.  -1: out of memory */
+    int (*certify_raw)(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                       lm_kdtype out, uint16_t *dst, struct lm_cert_counts *st, uint64_t *n_changed);
     /* inspect: what the module does ("oft (block rotations, Cayley-Neumann)"); may be NULL */
     void (*describe)(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap);
     /* inspect: the type's settings, whole lines ("r: 8, lora_alpha: 16, scale: 2 (alpha/r)\n");
