@@ -428,6 +428,20 @@ static void fp8_lanes_k(float s, float amax, double *kerr, double *ke2)
     *ke2 = f ? 1.0 / ((double)s * (double)s) : 1.0;
 }
 
+/* block_encode's lanes into st, for a block requantized with s and amax (fp8_lanes_k()) */
+static void enc_lanes_into(const enc_lanes *L, float s, float amax, lm_qstats *st)
+{
+    float ls[LANES], ld[LANES], le[LANES];
+    uint32_t lm[LANES];
+    memcpy(ls, &L->sum, sizeof ls);
+    memcpy(ld, &L->d2, sizeof ld);
+    memcpy(le, &L->e2, sizeof le);
+    memcpy(lm, &L->emax, sizeof lm);
+    double kerr, ke2;
+    fp8_lanes_k(s, amax, &kerr, &ke2);
+    fp8_lanes_into(ls, ld, le, lm, LANES, kerr, ke2, st);
+}
+
 /* a block that keeps the base's scale s0 (h x w; codes row stride cols, x row stride ldx):
  * unchanged (same: its codes too), all zero, or not finite (refused later; its codes under s0).
  * @return 0 when the block needs a new scale (nothing written) */
@@ -499,15 +513,7 @@ static inline __attribute__((always_inline)) void block_encode(const float *xb, 
             row_amax(nb->x + r * cols, nb->q0 + r * cols, nb->s0, nb->w, &nb->amax, &nb->same);
         }
     }
-    float ls[LANES], ld[LANES], le[LANES];
-    uint32_t lm[LANES];
-    memcpy(ls, &L.sum, sizeof ls);
-    memcpy(ld, &L.d2, sizeof ld);
-    memcpy(le, &L.e2, sizeof le);
-    memcpy(lm, &L.emax, sizeof lm);
-    double kerr, ke2;
-    fp8_lanes_k(s, amax, &kerr, &ke2);
-    fp8_lanes_into(ls, ld, le, lm, LANES, kerr, ke2, st);
+    enc_lanes_into(&L, s, amax, st);
     st->n_changed += inv != s0 ? h * w : changed;
     st->n_err += h * w;
 }
@@ -630,15 +636,7 @@ LM_CLONES void lm_fp8_requant_block(const float *x, const float *base, const uin
         for (; c0 < w; c0++)
             encode_one(xr[c0], br[c0], s, inv, ramax, qr + c0, &L, (int)(c0 % LANES));
     }
-    float ls[LANES], ld[LANES], le[LANES];
-    uint32_t lm[LANES];
-    memcpy(ls, &L.sum, sizeof ls);
-    memcpy(ld, &L.d2, sizeof ld);
-    memcpy(le, &L.e2, sizeof le);
-    memcpy(lm, &L.emax, sizeof lm);
-    double kerr, ke2;
-    fp8_lanes_k(s, amax, &kerr, &ke2);
-    fp8_lanes_into(ls, ld, le, lm, LANES, kerr, ke2, st);
+    enc_lanes_into(&L, s, amax, st);
     /* a new scale changes every value: the codes are counted only under the base's scale */
     st->n_changed += inv != s0 ? h * w : count_diff_rows(q, q0, h, w, cols);
     st->n_err += h * w;
