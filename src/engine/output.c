@@ -3,6 +3,7 @@
 #include "output.h"
 
 #include "lm_error.h"
+#include "lm_sha256.h"
 #include "st_writer.h"
 
 #include <cJSON.h>
@@ -11,7 +12,6 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
-#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -688,15 +688,22 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err)
 
 lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err)
 {
+    return lm_fd_hashes(fd, path, hex, NULL, err);
+}
+
+lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *x4, lm_err *err)
+{
     lm_code rc = LM_OK;
     off_t pos = 0;
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     size_t cap = (size_t)4 << 20;
     unsigned char *buf = malloc(cap);
-    if (ctx == NULL || buf == NULL || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
-        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        goto done;
-    }
+    if (buf == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    lm_sha256_ctx s;
+    lm_sha256x4_ctx c;
+    lm_sha256_init(&s);
+    lm_sha256x4_init(&c);
     for (;;) {
         ssize_t k = pread(fd, buf, cap, pos);
         if (k < 0 && errno == EINTR)
@@ -707,20 +714,25 @@ lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err)
             lm_fail_errno(err, errno, "cannot read the file back to hash it");
             lm_err_set_path(err, path);
             rc = LM_E_IO;
-            goto done;
+            break;
         }
         if (k == 0)
             break;
-        EVP_DigestUpdate(ctx, buf, (size_t)k);
+        if (plain != NULL)
+            lm_sha256_update(&s, buf, (size_t)k);
+        if (x4 != NULL)
+            lm_sha256x4_update(&c, buf, (size_t)k);
     }
-    unsigned char md[32];
-    unsigned n_md = 0;
-    EVP_DigestFinal_ex(ctx, md, &n_md);
-    for (unsigned i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", md[i]);
-done:
-    EVP_MD_CTX_free(ctx);
     free(buf);
+    uint8_t md[32];
+    if (rc == LM_OK && plain != NULL) {
+        lm_sha256_final(&s, md);
+        lm_sha256_hex(md, plain);
+    }
+    if (rc == LM_OK && x4 != NULL) {
+        lm_sha256x4_final(&c, md);
+        lm_sha256_hex(md, x4);
+    }
     return rc;
 }
 

@@ -341,49 +341,14 @@ static int sidecar_id_matches(const cJSON *sc, const file_id *id)
  * read for both).  LM_OK, or an I/O error naming the file */
 static lm_code file_hashes(const char *path, char x4[65], char *plain, lm_err *err)
 {
-    enum { BUF = 4 << 20 };
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    uint8_t *buf = fd >= 0 ? malloc(BUF) : NULL;
-    if (fd < 0 || buf == NULL) {
-        lm_code rc = fd < 0 ? lm_fail_errno(err, errno, "cannot open the shard to hash it")
-                            : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    if (fd < 0) {
+        lm_fail_errno(err, errno, "cannot open the shard to hash it");
         lm_err_set_path(err, path);
-        if (fd >= 0)
-            close(fd);
-        return rc;
+        return LM_E_IO;
     }
-    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-    lm_sha256x4_ctx c;
-    lm_sha256_ctx s;
-    lm_sha256x4_init(&c);
-    lm_sha256_init(&s);
-    uint64_t off = 0;
-    lm_code rc = LM_OK;
-    for (;;) {
-        ssize_t k = lm_sys_pread(fd, buf, BUF, (off_t)off);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0) {
-            rc = lm_fail_errno(err, errno, "cannot read the shard back to hash it");
-            lm_err_set_path(err, path);
-            break;
-        }
-        if (k == 0)
-            break;
-        lm_sha256x4_update(&c, buf, (size_t)k);
-        if (plain != NULL)
-            lm_sha256_update(&s, buf, (size_t)k);
-        off += (uint64_t)k;
-    }
-    free(buf);
+    lm_code rc = lm_fd_hashes(fd, path, plain, x4, err);
     close(fd);
-    uint8_t md[32];
-    lm_sha256x4_final(&c, md);
-    lm_sha256_hex(md, x4);
-    if (plain != NULL) {
-        lm_sha256_final(&s, md);
-        lm_sha256_hex(md, plain);
-    }
     return rc;
 }
 
