@@ -20,6 +20,7 @@
 
 #include <cJSON.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,8 +89,17 @@ static lm_code check_not_input(const char *out, const lm_model *m, lm_adapter *c
 /* ------------------------------------------------------------------------------------------ */
 /* the state of one merge                                                                       */
 /* ------------------------------------------------------------------------------------------ */
+/* an adapter of a batch job opened ahead, on one of the batch's threads (batch_preopen): the
+ * adapter, or the error its opening gave */
+typedef struct {
+    lm_adapter *a;
+    lm_err err;
+    int done;
+} preopened;
+
 typedef struct {
     const lm_merge_job *job;
+    preopened *pre;             /* job->n_adapters opened ahead (a batch), or NULL */
     lm_report_impl *ri;
     lm_model *model;
     lm_adapter **ads;           /* job->n_adapters */
@@ -140,7 +150,15 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
                               "reader; the safetensors output can be the base of later merges", (double)bytes * 1e-9);
     }
     for (size_t i = 0; i < job->n_adapters; i++) {
-        S->ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, S->model, job->formats, err);
+        if (S->pre != NULL && S->pre[i].done) { /* the same call, made ahead */
+            S->ads[i] = S->pre[i].a;
+            S->pre[i].a = NULL;
+            if (S->ads[i] == NULL)
+                *err = S->pre[i].err;
+        } else {
+            S->ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, S->model, job->formats,
+                                             err);
+        }
         if (S->ads[i] == NULL) {
             lm_inputs_explain("adapter", job->adapters[i].dir, err);
             return err->code;
@@ -927,12 +945,14 @@ static lm_code check_options(merge_state *S, lm_err *err)
 }
 
 /* everything up to the first byte written: the inputs opened (model: NULL, or a batch's shared
- * one), planned and checked, OUT decided and its side files read */
-static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *model, lm_err *err)
+ * one; pre: NULL, or the job's adapters opened ahead), planned and checked, OUT decided and its
+ * side files read */
+static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *model, preopened *pre, lm_err *err)
 {
     lm_code rc = LM_OK;
     memset(S, 0, sizeof *S);
     S->job = job;
+    S->pre = pre;
     S->t0 = S->t_phase = now_seconds();
     S->model = model;
     S->model_shared = model != NULL;
@@ -1038,7 +1058,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     merge_state S;
     if (report)
         *report = NULL;
-    lm_code rc = merge_begin(&S, job, NULL, err);
+    lm_code rc = merge_begin(&S, job, NULL, NULL, err);
     if (rc == LM_OK && !job->dry_run)
         rc = job->shard_mode ? run_shards(&S, err) : write_output(&S, err);
     if (rc == LM_OK)
@@ -1076,6 +1096,74 @@ static char *out_canonical(const char *out)
     free(parent);
     free(rp);
     return c;
+}
+
+/* The batch's adapters after the first job's, opened ahead on the batch's threads: opening one
+ * (the snapshot copy, its sha256, the inf/NaN scan) is most of a job's set-up, and the jobs are
+ * then begun one by one in order, as before, each taking its adapters (or the error the same
+ * call gave) from here.  Each thread hashes the snapshots it copies itself. */
+typedef struct {
+    const lm_merge_job *jobs;
+    lm_model *model;
+    preopened **pre;     /* [job][adapter]; NULL for a job left to open its own */
+    size_t n_jobs;
+    size_t next;         /* the next (job, adapter) to open, counted over the jobs in order */
+} batch_pre;
+
+static void *preopen_main(void *arg)
+{
+    batch_pre *B = arg;
+    lm_st_snapshot_hash_here(1);
+    for (;;) {
+        size_t k = __atomic_fetch_add(&B->next, 1, __ATOMIC_RELAXED), j = 0;
+        while (j < B->n_jobs && k >= B->jobs[j].n_adapters) {
+            k -= B->jobs[j].n_adapters;
+            j++;
+        }
+        if (j == B->n_jobs)
+            break;
+        if (B->pre[j] == NULL)
+            continue;
+        const lm_merge_job *J = &B->jobs[j];
+        preopened *p = &B->pre[j][k];
+        lm_err_clear(&p->err);
+        p->a = lm_adapter_open_with(J->adapters[k].dir, J->adapters[k].weight, B->model, J->formats, &p->err);
+        p->done = 1;
+    }
+    lm_st_snapshot_hash_here(0);
+    return NULL;
+}
+
+/* pre[j] for jobs 1.. whose inputs pass lm_inputs_precheck (the others open nothing ahead: the
+ * check refuses what could block an open, a FIFO ...), opened on up to n_threads threads (the
+ * calling one too).  Nothing is reported here: a failure is the job's, when it is begun. */
+static void batch_preopen(const lm_merge_job *jobs, size_t n, lm_model *model, preopened **pre)
+{
+    batch_pre B = {jobs, model, pre, n, 0};
+    size_t items = 0;
+    for (size_t j = 1; j < n; j++) {
+        lm_err e;
+        lm_err_clear(&e);
+        if (jobs[j].n_adapters == 0 || lm_inputs_precheck(&jobs[j], &e) != LM_OK)
+            continue;
+        if ((pre[j] = calloc(jobs[j].n_adapters, sizeof *pre[j])) == NULL)
+            return; /* out of memory: the jobs open their own */
+        items += jobs[j].n_adapters;
+    }
+    B.next = jobs[0].n_adapters; /* the first job's are open */
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t T = jobs[0].n_threads > 0 ? (size_t)jobs[0].n_threads : cores > 0 ? (size_t)cores : 1;
+    T = T < items ? T : items;
+    if (T < 2)
+        return; /* one thread: the jobs open their own, in order */
+    pthread_t th[64];
+    size_t started = 0;
+    T = T < 64 ? T : 64;
+    while (started + 1 < T && pthread_create(&th[started], NULL, preopen_main, &B) == 0)
+        started++;
+    preopen_main(&B);
+    for (size_t t = 0; t < started; t++)
+        pthread_join(th[t], NULL);
 }
 
 /* the batch's shared options, and no two jobs writing the same OUT (or one inside another's) */
@@ -1175,12 +1263,16 @@ static lm_code merge_batch(const lm_merge_job *jobs, size_t n, lm_merge_report *
         return lm_fail(err, LM_E_USAGE, "Usage", "a batch needs at least one job");
     merge_state *S = calloc(n, sizeof *S);
     char **canon = calloc(n, sizeof *canon);
+    preopened **pre = calloc(n, sizeof *pre);
     size_t n_begun = 0;
-    lm_code rc = S && canon ? batch_check(jobs, n, canon, bad, err) : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    lm_code rc = S && canon && pre ? batch_check(jobs, n, canon, bad, err)
+                                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (size_t j = 0; j < n && rc == LM_OK; j++) { /* every job planned and checked before anything is written */
         *bad = j;
         n_begun = j + 1;
-        rc = merge_begin(&S[j], &jobs[j], j ? S[0].model : NULL, err);
+        rc = merge_begin(&S[j], &jobs[j], j ? S[0].model : NULL, pre[j], err);
+        if (j == 0 && rc == LM_OK && n > 1)
+            batch_preopen(jobs, n, S[0].model, pre);
     }
     if (rc == LM_OK && !jobs[0].dry_run)
         rc = batch_write(S, n, bad, err);
@@ -1199,6 +1291,12 @@ static lm_code merge_batch(const lm_merge_job *jobs, size_t n, lm_merge_report *
     }
     for (size_t j = 0; canon && j < n; j++)
         free(canon[j]);
+    for (size_t j = 0; pre && j < n; j++) { /* the adapters of jobs not begun (an earlier one failed) */
+        for (size_t i = 0; pre[j] && i < jobs[j].n_adapters; i++)
+            lm_adapter_free(pre[j][i].a);
+        free(pre[j]);
+    }
+    free(pre);
     free(canon);
     free(S);
     return rc;
