@@ -811,6 +811,62 @@ static lm_code check_then_stage(void *ctx, lm_err *err)
     return lm_out_stage_begin(&S->ot, err);
 }
 
+/* --json: the sha256 of report files (read back), a file a thread on up to n_threads threads (0:
+ * every core): K outputs of a batch, or the shards of one merge, are not read back one after
+ * another on one core.  Every file is hashed; the first failure in the files' order is returned
+ * (*bad its index), as when they were hashed in turn. */
+typedef struct {
+    lm_merge_file **f;
+    lm_code *rc;
+    lm_err *err;
+    size_t n, next;
+} hash_pool;
+
+static void *hash_main(void *arg)
+{
+    hash_pool *H = arg;
+    for (;;) {
+        size_t i = __atomic_fetch_add(&H->next, 1, __ATOMIC_RELAXED);
+        if (i >= H->n)
+            break;
+        char hex[65];
+        lm_err_clear(&H->err[i]);
+        H->rc[i] = lm_file_sha256(H->f[i]->path, hex, &H->err[i]);
+        if (H->rc[i] == LM_OK && (H->f[i]->sha256 = strdup(hex)) == NULL)
+            H->rc[i] = lm_fail(&H->err[i], LM_E_NOMEM, NULL, "out of memory");
+    }
+    return NULL;
+}
+
+static lm_code hash_files(lm_merge_file **f, size_t n, int n_threads, size_t *bad, lm_err *err)
+{
+    hash_pool H = {f, calloc(n + 1, sizeof *H.rc), calloc(n + 1, sizeof *H.err), n, 0};
+    if (H.rc == NULL || H.err == NULL) {
+        free(H.rc);
+        free(H.err);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t T = n_threads > 0 ? (size_t)n_threads : cores > 0 ? (size_t)cores : 1;
+    T = T < n ? T : n;
+    pthread_t th[64];
+    size_t started = 0;
+    while (started + 1 < T && started < 64 && pthread_create(&th[started], NULL, hash_main, &H) == 0)
+        started++;
+    hash_main(&H);
+    for (size_t t = 0; t < started; t++)
+        pthread_join(th[t], NULL);
+    lm_code rc = LM_OK;
+    for (size_t i = 0; i < n && rc == LM_OK; i++)
+        if ((rc = H.rc[i]) != LM_OK) {
+            *err = H.err[i];
+            *bad = i;
+        }
+    free(H.rc);
+    free(H.err);
+    return rc;
+}
+
 static void exec_opts(merge_state *S, char **paths, lm_exec_opts *eo_out)
 {
     const lm_merge_job *job = S->job;
@@ -891,14 +947,16 @@ static lm_code write_output(merge_state *S, lm_err *err)
     S->committed = 1;
     phase_end(S, LM_PHASE_FINISH);
     if (job->hash_outputs) {
-        for (size_t i = 0; i < S->ri->n_files; i++) {
-            char hex[65];
-            if ((rc = lm_file_sha256(S->ri->files[i].path, hex, err)) != LM_OK)
-                return rc;
-            S->ri->files[i].sha256 = strdup(hex);
-            if (S->ri->files[i].sha256 == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        }
+        lm_merge_file **f = malloc((S->ri->n_files + 1) * sizeof *f);
+        if (f == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        for (size_t i = 0; i < S->ri->n_files; i++)
+            f[i] = &S->ri->files[i];
+        size_t bad = 0;
+        rc = hash_files(f, S->ri->n_files, job->n_threads, &bad, err);
+        free(f);
+        if (rc != LM_OK)
+            return rc;
         phase_end(S, LM_PHASE_HASH);
     }
     return LM_OK;
@@ -1239,16 +1297,26 @@ static lm_code batch_write(merge_state *S, size_t n, size_t *bad, lm_err *err)
     }
     if (rc == LM_OK && S[0].job->progress) /* the last call says "all of it" */
         S[0].job->progress(S[0].job->progress_ctx, 1, 1);
-    for (size_t j = 0; j < n && rc == LM_OK; j++) {
-        *bad = j;
-        for (size_t i = 0; S[j].job->hash_outputs && i < S[j].ri->n_files && rc == LM_OK; i++) {
-            char hex[65];
-            if ((rc = lm_file_sha256(S[j].ri->files[i].path, hex, err)) == LM_OK &&
-                (S[j].ri->files[i].sha256 = strdup(hex)) == NULL)
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    /* --json: every job's files hashed together, on the batch's threads */
+    size_t n_files = 0, k = 0;
+    for (size_t j = 0; j < n && rc == LM_OK; j++)
+        n_files += S[j].job->hash_outputs ? S[j].ri->n_files : 0;
+    lm_merge_file **f = rc == LM_OK && n_files > 0 ? malloc(n_files * sizeof *f) : NULL;
+    size_t *job_of = f != NULL ? malloc(n_files * sizeof *job_of) : NULL;
+    if (n_files > 0 && rc == LM_OK && job_of == NULL)
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t j = 0; j < n && rc == LM_OK; j++)
+        for (size_t i = 0; S[j].job->hash_outputs && i < S[j].ri->n_files; i++) {
+            job_of[k] = j;
+            f[k++] = &S[j].ri->files[i];
         }
+    size_t bad_file = 0;
+    if (rc == LM_OK && n_files > 0 && (rc = hash_files(f, n_files, S[0].job->n_threads, &bad_file, err)) != LM_OK)
+        *bad = job_of[bad_file];
+    for (size_t j = 0; j < n && rc == LM_OK; j++)
         phase_end(&S[j], LM_PHASE_HASH);
-    }
+    free(f);
+    free(job_of);
     free(plans);
     free(outs);
     free(eo);
