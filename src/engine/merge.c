@@ -211,6 +211,7 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
         preopen_run(&B, job->n_adapters, job->n_threads);
         S->pre = own;
     }
+    lm_st_snapshot_hash_here(job->n_threads == 1); /* one thread asked for: the copying one hashes too */
     for (size_t i = 0; i < job->n_adapters && rc == LM_OK; i++) {
         if (S->pre != NULL && S->pre[i].done) { /* the same call, made ahead */
             S->ads[i] = S->pre[i].a;
@@ -226,6 +227,7 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
             rc = err->code;
         }
     }
+    lm_st_snapshot_hash_here(0);
     if (own != NULL) { /* those after a failure */
         for (size_t i = 0; i < job->n_adapters; i++)
             lm_adapter_free(own[i].a);
