@@ -28,7 +28,8 @@
  * (d) Cauchy-Schwarz: S <= ||b_i.||_2 ||a_.j||_2.  prepare() stores bnd_rf[i] >= c (1 + 2^-20)
  *     ||b_i.||_2 and bnd_cf[j] >= (1 + 2^-20) ||a_.j||_2: norms of the f32 copies computed in f64
  *     (relative error < 2^-32 for K <= 2^20), times (1 + 2^-19), rounded up to f32.
- * (e) Every variant computes, in f32 with RNE:  e1 = fma(bnd_rf[i], bnd_cf[j], c0),
+ * (e) f16 outputs (bf16 outputs: (g)).  Every variant computes, in f32 with RNE:
+ *     e1 = fma(bnd_rf[i], bnd_cf[j], c0),
  *     e2 = fma(|r|, 4u, e1), lo = r - e2, hi = r + e2, with c0 = 2^-125 (LM_LR_C0F, LM_LR_CRF).
  *     e1 >= c0 is normal, so e1 >= (1 - u)(bnd_rf bnd_cf + c0) and e2 >= (1 - u)(4u|r| + e1).
  *     lo = fl(r - e2) <= r - e2 + u|r - e2| <= r - e2 + u(|r| + e2), so lo <= r - D holds if
@@ -43,17 +44,41 @@
  *     lo <= r < T and hi >= r > -T lie inside the finite range.  The same f32 operations in the
  *     same order give the same r, e2, lo, hi in every variant, so even the decision (hence the
  *     counters) is identical.
- *     bf16 outputs take a sufficient form of that test, straight from the bits (no RNE of lo and
- *     hi): tl = bits(lo) + 2^15, th = bits(hi) + 2^15 (unsigned, 32 bits), certified when
- *     |r| < T, tl >> 16 == th >> 16 and neither tl nor th has a zero low half; the result is
- *     tl >> 16.  Why: finite floats of one sign are ordered as their bits (magnitude order), and
- *     the bf16 values are the bit patterns q 2^16, with midpoints q 2^16 +- 2^15.  tl >> 16 == q
- *     means bits(lo) in [q 2^16 - 2^15, q 2^16 + 2^15), a zero low half of tl means bits(lo) is
- *     the midpoint q 2^16 - 2^15 itself; so both bit patterns lie strictly between the two
- *     midpoints around q (no carry reaches the sign bit: |lo|, |hi| <= inf), lo and hi have one
- *     sign (it is bit 31 of tl and th), every v between them is strictly between those midpoints
- *     too, and RNE(v) = q with no tie: the bits of a bf16 value, finite since |r| < T as above.
- *     Subnormals need no exception: the bf16 subnormals are the f32 ones with a zero low half.
+ * (g) bf16 outputs: no |r| term; the ends are widened on their bits, and the test reads the bits.
+ *     Every variant computes, in f32 with RNE, e1 = fma(bnd_rf[i], bnd_cf[j], c0) as in (e),
+ *     lo = r - e1, hi = r + e1, then on the bits (unsigned, 32 bits) m = min(bits(lo), bits(hi)),
+ *     M = max(bits(lo), bits(hi)), tm = m + (2^15 - 3), tM = M + (2^15 + 1) (LM_LR_BF16_NEAR,
+ *     _FAR), and certifies when |r| < T = 2^127 and tm >> 16 == tM >> 16 =: q; q is the result.
+ *     Facts used: floats of one sign are ordered as their bits (magnitude order); bits + 1 is the
+ *     next float away from zero, at a distance >= ulp(x) above x and >= ulp(x) / 2 below it
+ *     (ulp(x) = 2^(E - 23) for x in [2^E, 2^(E+1)), E >= -126); RNE errs by at most half the ulp
+ *     of its result: |fl(x) - x| <= ulp(fl(x)) / 2.  The bf16 values are the patterns q 2^16,
+ *     their rounding boundaries the midpoints q 2^16 +- 2^15.
+ *     (1) The test puts the bit patterns m - 2 and M + 1 strictly between the midpoints around q:
+ *     tm >> 16 == q says m - 2 - 1 + 2^15 >= q 2^16, i.e. m - 2 > q 2^16 - 2^15, and tM >> 16 ==
+ *     q says M + 1 + 2^15 < (q + 1) 2^16.  No addition wraps: |r| < T leaves r finite, lo and hi
+ *     finite or infinite, never NaN (e1 is never NaN, (f)), so m, M <= 0xFF800000.  So m and M,
+ *     hence lo and hi, have the sign of q (bit 31 of q 2^16 - 2^15 and (q + 1) 2^16 alike).  Say
+ *     it is + (the other case is this one negated: RNE is symmetric, lo and hi trade places).
+ *     Then 0 <= lo <= hi, m = bits(lo), M = bits(hi).
+ *     (2) Sizes.  e1 >= c0 = 2^-125 (a nonnegative product plus c0, rounded).  lo's sign bit is
+ *     clear, so L = r - e1 >= 0 (a negative L rounds to a negative float or -0) and r >= e1 > 0;
+ *     H = r + e1 > 2^-125, hi = fl(H) >= 2^-125: q >= the bf16 pattern of 2^-125, normal, and
+ *     lo > the midpoint below q >= 2^-126: lo, r, hi are normal.  lo and hi lie between the
+ *     midpoints around q, q in [2^F, 2^(F+1)), q -+ 2^(F-8) at most, so hi / lo < (1 + 2^-8) /
+ *     (1 - 2^-8) < 1.008; and lo <= r <= hi (L <= r <= H, RNE monotone, r a float).
+ *     (3) Upper end.  By (a)-(b), |v - (W + d)| <= D' := c S + 2 (K + 3) eta, and e1 >= D' since
+ *     (1 - u)(1 + 2^-20)^2 >= 1 and (1 - u) 2^-125 >= 2 (K + 3) 2^-150 (as in (e)).  r = fl(W + d)
+ *     errs by <= ulp(r) / 2 <= ulp(hi) / 2 (r <= hi), and hi >= H - ulp(hi) / 2.  So
+ *     v <= r + ulp(r) / 2 + D' <= H + ulp(hi) / 2 <= hi + ulp(hi) <= the float of bits M + 1.
+ *     (4) Lower end.  Likewise v >= r - ulp(r) / 2 - e1 = L - ulp(r) / 2 and L >= lo - ulp(lo) / 2,
+ *     so v >= lo - (ulp(lo) + ulp(r)) / 2.  With lo in [2^E, 2^(E+1)): if r < 2^(E+1), ulp(r) =
+ *     ulp(lo) and two steps down from lo cover ulp(lo) (ulp(lo) / 2 each at least); else r is in
+ *     the next binade (r <= 1.008 lo), ulp(r) = 2 ulp(lo), and lo > 2^(E+1) / 1.008 is far above
+ *     2^E, so the two steps cover 2 ulp(lo) >= 1.5 ulp(lo).  So v >= the float of bits m - 2.
+ *     (5) So v lies strictly between the midpoints around q: RNE(v) = q, no tie, a finite bf16
+ *     (q <= the pattern of 2^127 since |lo| <= |r| < 2^127, tM and tm agreeing on it).
+ *     Subnormal bf16 results are never certified here ((2)); the f64 levels handle them.
  * f64 path (f32 outputs): the same with u = 2^-53, eta = 2^-1075, one chain (h = K), b_k = Bs[i,k]
  * = fl64(s_k B_ik) (rB = 2^-53, or 0 if all exact; rows with a nonzero |b_k| < 2^-1022 or a
  * non-finite one never certify), a_k = A_kj (exact: rA = 0), c0 = 2^-1020 (LM_LR_C0D, LM_LR_CRD),
