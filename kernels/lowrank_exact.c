@@ -92,6 +92,11 @@
  * S' = fl(sum_k |b_k||A_kj|) by the same tree, so S <= (S' + 2(K+3) eta) / (1 - u)^h.  Then
  * e1 = fma((h + 2) u, S', c0): (g + r'B) / (1 - u)^h <= (h + 1) u (1 + 2^-32) <= (h + 2) u (1 - u)^3.
  * lo and hi are rounded directly from f64 to the output dtype (lr_round_f64, no double rounding).
+ * bf16 outputs try a sufficient test first, as the old level 1 did: fl32(lo) and fl32(hi), whose
+ * bits (+ 2^15) agree on the top half q, both low halves nonzero, q finite.  Then fl32(lo) and
+ * fl32(hi) lie strictly between the bf16 midpoints around q, which are f32 values, so lo and hi do
+ * too (f64 -> f32 rounding is monotone: lo <= mu would give fl32(lo) <= mu), RNE(lo) = RNE(hi) = q,
+ * and the full test would certify q as well: the same decision, two conversions cheaper.
  * If that does not certify either, level 2 may still prove its own result exact: when s_k B_ik
  * was exact in f64 for the whole tensor and W and every product b_k A_kj are multiples of 2^q
  * with |W| + sum |b_k A_kj| < 2^(q+52) (bounded through S'), every product, partial sum and
@@ -780,6 +785,12 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
         e = fma(fabs(r), LM_LR_CRD, e);
         const double lo = r - e, hi = r + e;
         if (!isnan(lo) && !isnan(hi)) {
+            if (out_dtype == LM_KDT_BF16) { /* the f32 roundings' bits first (Level 2 above) */
+                const uint32_t tl = lm_f32_bits((float)lo) + 0x8000u, th = lm_f32_bits((float)hi) + 0x8000u;
+                if (((tl ^ th) >> 16) == 0 && (tl & 0xFFFFu) != 0 && (th & 0xFFFFu) != 0 &&
+                    (tl & 0x7F800000u) != 0x7F800000u)
+                    return tl >> 16;
+            }
             bits = lr_round_f64(lo, out_dtype);
             if (bits == lr_round_f64(hi, out_dtype) && lm_lr_finite_bits(bits, out_dtype))
                 return bits;
