@@ -3,8 +3,8 @@
  * (bs a multiple of 8): the eight lanes l_q of a ymm register summed in b order, then the
  * reference's tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) by three exchanges (lane q
  * with q ^ 4, q ^ 2, q ^ 1: every lane ends with the same sum, additions commute), other block
- * sizes by the reference.  Elements: eight lanes of the reference's operations, the tail by the
- * reference. */
+ * sizes by the reference.  Elements: eight lanes of the reference's operations (lo's inf or NaN
+ * test on its 32-bit lanes, packed to the 16-bit lanes of the rest), the tail by the reference. */
 #include "lm_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -52,7 +52,7 @@ unsigned T256 lm_rot_cert_avx2(const float *x, const float *v, size_t cols, cons
     const __m256 c0 = _mm256_set1_ps((float)rc->bs * 0x1p-149f), f = _mm256_set1_ps(rc->f);
     const __m256 af = _mm256_set1_ps(fabsf(rc->f) * (1.0f + 0x1p-20f)), t23 = _mm256_set1_ps(0x1p-23f);
     const __m256 t149 = _mm256_set1_ps(0x1p-149f), w20 = _mm256_set1_ps(1.0f + 0x1p-20f), t22 = _mm256_set1_ps(0x1p-22f);
-    const __m256i r7 = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    const __m256i r7 = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), e8 = _mm256_set1_epi32(0x7F800000);
     const int bf16 = rc->out == LM_KDT_BF16, scaled = rc->scaled;
     const __m128i em = _mm_set1_epi16(bf16 ? 0x7F80 : 0x7C00), one8 = _mm_set1_epi8(1);
     unsigned any = 0;
@@ -84,8 +84,12 @@ unsigned T256 lm_rot_cert_avx2(const float *x, const float *v, size_t cols, cons
             bh = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }
         _mm_storeu_si128((__m128i *)(void *)(dst + c), bl);
-        /* 0xFFFF where certified: equal ends and a finite exponent */
-        const __m128i ok = _mm_andnot_si128(_mm_cmpeq_epi16(_mm_and_si128(bl, em), em), _mm_cmpeq_epi16(bl, bh));
+        /* lo inf or NaN (its exponent all ones), as 16-bit lanes */
+        const __m256i nf = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(lo), e8), e8);
+        const __m128i nf16 = _mm_packs_epi32(_mm256_castsi256_si128(nf), _mm256_extracti128_si256(nf, 1));
+        /* 0xFFFF where certified: equal ends, a finite exponent and a finite lo */
+        const __m128i ok = _mm_andnot_si128(_mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(bl, em), em), nf16),
+                                            _mm_cmpeq_epi16(bl, bh));
         const __m128i u8 = _mm_andnot_si128(_mm_packs_epi16(ok, ok), one8);
         _mm_storel_epi64((__m128i *)(void *)(unc + c), u8);
         any |= (unsigned)(_mm_cvtsi128_si64(u8) != 0);

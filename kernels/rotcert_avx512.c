@@ -74,7 +74,8 @@ unsigned T512 lm_rot_cert_avx512(const float *x, const float *v, size_t cols, co
             bh = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }
         _mm256_storeu_si256((__m256i *)(void *)(dst + c), bl);
-        const __mmask16 m = _mm256_cmpneq_epi16_mask(bl, bh) | _mm256_cmpeq_epi16_mask(_mm256_and_si256(bl, em), em);
+        const __mmask16 m = _mm256_cmpneq_epi16_mask(bl, bh) | _mm256_cmpeq_epi16_mask(_mm256_and_si256(bl, em), em) |
+                            _mm512_fpclass_ps_mask(lo, 0x99); /* lo NaN or inf */
         _mm_storeu_si128((__m128i *)(void *)(unc + c), _mm_maskz_set1_epi8(m, 1));
         any |= m;
     }

@@ -11,8 +11,10 @@
  *                       w = b (1 + 2^-20) + |y| 2^-22, lo = y - w, hi = y + w (f32 operations, in
  *                       this order, no contraction);
  *                       dst = RNE_out(lo) (bf16: the integer rounding of lm_f32_to_bf16_1 without
- *                       its NaN case; f16: lm_f32_to_f16_1), unc = RNE_out(hi) differs or has an
- *                       all-ones exponent.
+ *                       its NaN case; f16: lm_f32_to_f16_1), unc = RNE_out(hi) differs, dst has an
+ *                       all-ones exponent, or lo is inf or NaN (a NaN's bits plus the bf16 rounding
+ *                       increment may carry out of its exponent: 0x7FFFFFFF rounds to 0x8000, -0,
+ *                       and a NaN in a block makes every lo of the block NaN through its norm).
  * The SIMD variants do the same operations lane by lane: the same bits. */
 #include "lm_kernels.h"
 
@@ -55,9 +57,10 @@ unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, si
             b = b * af + fabsf(y) * 0x1p-23f + 0x1p-149f;
         }
         const float w = b * (1.0f + 0x1p-20f) + fabsf(y) * 0x1p-22f, lo = y - w, hi = y + w;
+        const uint32_t ul = lm_f32_bits(lo);
         uint16_t bl, bh;
         if (rc->out == LM_KDT_BF16) {
-            const uint32_t ul = lm_f32_bits(lo), uh = lm_f32_bits(hi);
+            const uint32_t uh = lm_f32_bits(hi);
             bl = (uint16_t)((ul + 0x7FFFu + ((ul >> 16) & 1u)) >> 16);
             bh = (uint16_t)((uh + 0x7FFFu + ((uh >> 16) & 1u)) >> 16);
         } else {
@@ -65,7 +68,7 @@ unsigned lm_rotcert_elems_ref(const float *x, const float *v, const float *e, si
             bh = lm_f32_to_f16_1(hi);
         }
         dst[c] = bl;
-        unc[c] = (uint8_t)((bl != bh) | ((bl & em) == em));
+        unc[c] = (uint8_t)((bl != bh) | ((bl & em) == em) | ((ul & 0x7F800000u) == 0x7F800000u));
         any |= unc[c];
     }
     return any;

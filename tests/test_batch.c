@@ -11,6 +11,7 @@
 
 #include <cJSON.h>
 #include <criterion/criterion.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -271,6 +272,31 @@ Test(batch, bad_entries_refused_before_anything_is_written, .timeout = 300)
     bt_refused(&F, a, 1, "NoOp: job 2 (n2/): the merge changes no element");
     snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job --scale 1e-12 %s/m/adapter old/", F.base, t, t);
     bt_refused(&F, a, 1, "NoOp: job 2 (old/): the merge changes no element");
+    /* the adapters after the first job's are opened ahead on two threads: the error is still the
+     * first failing job's, in job order (job 2's options, not job 4's missing adapter nor job 3's
+     * non-finite one, which fail when opened) */
+    char nan_dir[1000], nan_w[1100], m_ad[1000];
+    snprintf(nan_dir, sizeof nan_dir, "%s/nan", t);
+    snprintf(m_ad, sizeof m_ad, "%s/m/adapter", t);
+    snprintf(nan_w, sizeof nan_w, "%s/adapter_model.safetensors", nan_dir);
+    cr_assert_eq(th_copy_tree(m_ad, nan_dir), 0);
+    {
+        struct stat st;
+        int fd = open(nan_w, O_WRONLY);
+        cr_assert(fd >= 0 && fstat(fd, &st) == 0);
+        static const uint8_t nan32[4] = {0x00, 0x00, 0xc0, 0x7f}; /* the last tensor's last element */
+        cr_assert_eq(pwrite(fd, nan32, 4, st.st_size - 4), 4);
+        close(fd);
+    }
+    snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job --dtype f8 %s/dora n2/ --job %s/nan n3/ "
+             "--job %s/nope n4/", F.base, t, t, t, t);
+    bt_refused(&F, a, 2, "job 2 (n2/): --dtype must be");
+    snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job %s/dora n2/ --job %s/nope n3/ "
+             "--job %s/nan n4/", F.base, t, t, t, t);
+    bt_refused(&F, a, 3, "job 3 (n3/): cannot open");
+    snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job %s/dora n2/ --job %s/nan n3/ "
+             "--job %s/nope n4/", F.base, t, t, t, t);
+    bt_refused(&F, a, 1, "NonFinite: job 3 (n3/): adapter tensor");
     snprintf(a, sizeof a, "%s/nobase --job %s/m/adapter n1/", t, t);
     bt_refused(&F, a, 3, "job 1 (n1/): cannot open");
     bt_refused(&F, "", 2, "batch takes BASE");

@@ -154,3 +154,57 @@ Test(rotate, rot_cert_variants_match_the_reference_which_certifies_soundly)
     /* both kinds occur: the comparison covers the certification, not only the rounding */
     cr_assert(certified > 3 * uncertain && uncertain > 20, "certified %zu, uncertain %zu", certified, uncertain);
 }
+
+/* rot_cert never certifies an element whose interval end is inf or NaN.  A NaN base element with
+ * the bits 0x7FFFFFFF, 0xFFFFFFFF or 0x7FFF8000 makes its block's norm, and so every lo of the
+ * block, that NaN; its bits plus the bf16 rounding increment carry out of the exponent (0x8000,
+ * -0, or 0x0000, +0), where a missing check certified the block's elements as zeros.  Every
+ * variant, bf16 and f16, scaled or not, block sizes taking each norm path (5: the reference's,
+ * 8: AVX-512's two blocks per register, 16: AVX2's), the poisoned blocks in the vector body and
+ * in the tail; the clean blocks certify, and every variant's dst and unc are the reference's. */
+Test(rotate, rot_cert_never_certifies_a_nan_or_inf_end)
+{
+    static const char *const variants[] = {"ref", "avx2", "avx512"};
+    static const size_t sizes[] = {5, 8, 16};
+    static const uint32_t poison[] = {0x7FFFFFFFu, 0xFFFFFFFFu, 0x7FFF8000u, 0x7F800000u, 0xFF800000u};
+    enum { NB = 7, NP = sizeof poison / sizeof *poison };
+    lm_kernels ref;
+    lm_kernels_select(&ref, "ref");
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+        for (int mode = 0; mode < 4; mode++) {
+            const size_t bs = sizes[si], cols = NB * bs;
+            const int bf16 = mode & 1, scaled = mode >> 1;
+            float x[NB * 16], v[NB * 16], dn[16], e[NB * 16];
+            uint16_t d0[NB * 16], d1[NB * 16];
+            uint8_t u0[NB * 16], u1[NB * 16];
+            for (size_t c = 0; c < cols; c++)
+                x[c] = rt_value(), v[c] = rt_value() * 0x1p-6f;
+            for (size_t a = 0; a < bs; a++)
+                dn[a] = fabsf(rt_value()) * 0x1p-5f;
+            for (size_t p = 0; p < NP; p++) /* blocks 1 .. 5, element (p + a) % bs; blocks 0 and 6 clean */
+                x[(1 + p) * bs + (p + 2) % bs] = lm_f32_from_bits(poison[p]);
+            const lm_rotcert rc = {dn, 1, bs, scaled ? -1.375f : 1.0f, scaled, bf16 ? LM_KDT_BF16 : LM_KDT_F16};
+            ref.rot_cert(x, v, cols, &rc, e, d0, u0);
+            for (size_t q = 0; q < sizeof variants / sizeof *variants; q++) {
+                lm_kernels k;
+                if (lm_kernels_select(&k, variants[q]) != 0)
+                    continue;
+                memset(d1, 0xA5, sizeof d1);
+                memset(u1, 0xA5, sizeof u1);
+                const unsigned any = k.rot_cert(x, v, cols, &rc, e, d1, u1);
+                size_t certified = 0;
+                for (size_t c = 0; c < cols; c++) {
+                    const size_t j = c / bs;
+                    if (j >= 1 && j <= NP)
+                        cr_assert(u1[c] == 1, "%s bs %zu mode %d: element %zu of the block with %08x certified as %04x",
+                                  variants[q], bs, mode, c, poison[j - 1], d1[c]);
+                    else
+                        certified += u1[c] == 0;
+                    cr_assert(u1[c] == u0[c] && d1[c] == d0[c], "%s bs %zu mode %d: element %zu differs from ref",
+                              variants[q], bs, mode, c);
+                }
+                cr_assert(any != 0 && certified > bs, "%s bs %zu mode %d: %zu certified", variants[q], bs, mode,
+                          certified);
+            }
+        }
+}
