@@ -175,6 +175,11 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
           F.base, jb[0], jb[3], jb[5], jb[7]);
     BT_OK("cd %s && cmp ref/o1.safetensors bat/o1.safetensors && diff -r ref/o4 bat/o4 && diff -r ref/o6 bat/o6 && "
           "diff -r ref/o8 bat/o8", t);
+    /* drop-behind with a 4 KB step (the outputs' pages written back and dropped from 8 KB behind
+     * each write on, while the other threads' tiles still land in them): the same bytes */
+    BT_OK("cd %s/bat && rm -rf o2 o4 o5.safetensors && LM_DROP_BEHIND=4096 %s batch -q --threads 3 --tile-elems 1024 "
+          "%s --job %s --job %s --job %s", t, F.bin, F.base, jb[1], jb[3], jb[4]);
+    BT_OK("cd %s && diff -r ref/o2 bat/o2 && diff -r ref/o4 bat/o4 && cmp ref/o5.safetensors bat/o5.safetensors", t);
     bt_teardown(&F);
 }
 
