@@ -11,6 +11,7 @@
 
 #include <cJSON.h>
 #include <criterion/criterion.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -174,6 +175,11 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
           F.base, jb[0], jb[3], jb[5], jb[7]);
     BT_OK("cd %s && cmp ref/o1.safetensors bat/o1.safetensors && diff -r ref/o4 bat/o4 && diff -r ref/o6 bat/o6 && "
           "diff -r ref/o8 bat/o8", t);
+    /* drop-behind with a 4 KB step (the outputs' pages written back and dropped from 8 KB behind
+     * each write on, while the other threads' tiles still land in them): the same bytes */
+    BT_OK("cd %s/bat && rm -rf o2 o4 o5.safetensors && LM_DROP_BEHIND=4096 %s batch -q --threads 3 --tile-elems 1024 "
+          "%s --job %s --job %s --job %s", t, F.bin, F.base, jb[1], jb[3], jb[4]);
+    BT_OK("cd %s && diff -r ref/o2 bat/o2 && diff -r ref/o4 bat/o4 && cmp ref/o5.safetensors bat/o5.safetensors", t);
     bt_teardown(&F);
 }
 
@@ -266,6 +272,43 @@ Test(batch, bad_entries_refused_before_anything_is_written, .timeout = 300)
     bt_refused(&F, a, 1, "NoOp: job 2 (n2/): the merge changes no element");
     snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job --scale 1e-12 %s/m/adapter old/", F.base, t, t);
     bt_refused(&F, a, 1, "NoOp: job 2 (old/): the merge changes no element");
+    /* the adapters after the first job's are opened ahead on two threads: the error is still the
+     * first failing job's, in job order (job 2's options, not job 4's missing adapter nor job 3's
+     * non-finite one, which fail when opened) */
+    char nan_dir[1000], nan_w[1100], m_ad[1000];
+    snprintf(nan_dir, sizeof nan_dir, "%s/nan", t);
+    snprintf(m_ad, sizeof m_ad, "%s/m/adapter", t);
+    snprintf(nan_w, sizeof nan_w, "%s/adapter_model.safetensors", nan_dir);
+    cr_assert_eq(th_copy_tree(m_ad, nan_dir), 0);
+    {
+        struct stat st;
+        int fd = open(nan_w, O_WRONLY);
+        cr_assert(fd >= 0 && fstat(fd, &st) == 0);
+        static const uint8_t nan32[4] = {0x00, 0x00, 0xc0, 0x7f}; /* the last tensor's last element */
+        cr_assert_eq(pwrite(fd, nan32, 4, st.st_size - 4), 4);
+        close(fd);
+    }
+    snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job --dtype f8 %s/dora n2/ --job %s/nan n3/ "
+             "--job %s/nope n4/", F.base, t, t, t, t);
+    bt_refused(&F, a, 2, "job 2 (n2/): --dtype must be");
+    snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job %s/dora n2/ --job %s/nope n3/ "
+             "--job %s/nan n4/", F.base, t, t, t, t);
+    bt_refused(&F, a, 3, "job 3 (n3/): cannot open");
+    snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job %s/dora n2/ --job %s/nan n3/ "
+             "--job %s/nope n4/", F.base, t, t, t, t);
+    bt_refused(&F, a, 1, "NonFinite: job 3 (n3/): adapter tensor");
+    /* a single merge's several adapters are opened together too: the first failing one is named */
+    for (int order = 0; order < 2; order++) {
+        th_run_result r = bt_sh("cd %s/bat && %s -q --threads 2 %s %s/m/adapter --adapter %s/%s --adapter %s/%s s1/",
+                                t, F.bin, F.base, t, t, order ? "nan" : "nope", t, order ? "nope" : "nan");
+        cr_assert(r.status != 0 && strstr(r.err, order ? "NonFinite" : "cannot open") != NULL &&
+                  strstr(r.err, order ? "/nan/" : "/nope") != NULL && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                  "order %d: exit %d: %s", order, r.status, r.err);
+        char s1[1000];
+        snprintf(s1, sizeof s1, "%s/bat/s1", t);
+        cr_assert(!th_exists(s1), "order %d: s1/ was made", order);
+        th_run_free(&r);
+    }
     snprintf(a, sizeof a, "%s/nobase --job %s/m/adapter n1/", t, t);
     bt_refused(&F, a, 3, "job 1 (n1/): cannot open");
     bt_refused(&F, "", 2, "batch takes BASE");

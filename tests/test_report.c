@@ -293,6 +293,36 @@ Test(report, json_errors_on_stdout)
     rp_free(&f);
 }
 
+/* --json on a directory OUT in shards, two threads: the files are read back for their sha256 on
+ * both threads, and every file's is sha256sum's */
+Test(report, json_sha256_of_every_file)
+{
+    rp_fx f;
+    rp_make(&f);
+    char out[800];
+    snprintf(out, sizeof out, "%s/outdir/", f.tmp);
+    th_run_result r = rp_run("--json", "--threads", "2", "--max-shard-size", "40", f.base, f.ad, out, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    cJSON *j = cJSON_Parse(r.out);
+    cr_assert_not_null(j);
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(j, "files");
+    cr_assert_geq(cJSON_GetArraySize(files), 4, "%s", r.out); /* two shards, the index, config.json ... */
+    for (int i = 0; i < cJSON_GetArraySize(files); i++) {
+        const cJSON *fi = cJSON_GetArrayItem(files, i);
+        const char *path = cJSON_GetObjectItemCaseSensitive(fi, "path")->valuestring;
+        char cmd[1600];
+        snprintf(cmd, sizeof cmd, "sha256sum '%s' | cut -c1-64", path);
+        th_run_result s = th_sh(cmd);
+        cr_assert_geq(strlen(s.out), 64, "%s", path);
+        s.out[64] = '\0';
+        cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(fi, "sha256")->valuestring, s.out, "%s", path);
+        th_run_free(&s);
+    }
+    cJSON_Delete(j);
+    th_run_free(&r);
+    rp_free(&f);
+}
+
 Test(report, json_report_fields)
 {
     rp_fx f;

@@ -933,7 +933,8 @@ Test(st_reader, random_mutations, .timeout = 120)
     "\"gamma\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}"
 
 /* a snapshot opened hashed: the sha256 made while the bytes were copied is sha256sum's, for a
- * file of several copy slices (9 MB and an odd tail) and for a small one; unhashed: none */
+ * file of several copy slices (9 MB and an odd tail) and for a small one, hashed by a thread of
+ * its own or by the copying thread; unhashed: none */
 Test(st_reader, snapshot_sha256, .timeout = 30)
 {
     char *dir = rdt_tmpdir();
@@ -957,13 +958,18 @@ Test(st_reader, snapshot_sha256, .timeout = 30)
         pclose(p);
         lm_err e;
         lm_err_clear(&e);
-        lm_st_file *f = lm_st_open_snapshot_hashed(path, &e);
-        cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
-        cr_assert_eq(lm_st_snapshot_sha256(f, got), 0);
-        cr_assert_str_eq(got, want, "size %zu", sizes[c]);
-        cr_assert_eq(lm_st_snapshot_sha256(f, got), 0, "asked twice");
-        cr_assert_str_eq(got, want);
-        lm_st_close(f);
+        lm_st_file *f = NULL;
+        for (int here = 0; here < 2; here++) { /* by a hasher thread; by this thread as it copies */
+            lm_st_snapshot_hash_here(here);
+            f = lm_st_open_snapshot_hashed(path, &e);
+            lm_st_snapshot_hash_here(0);
+            cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
+            cr_assert_eq(lm_st_snapshot_sha256(f, got), 0);
+            cr_assert_str_eq(got, want, "size %zu, hashed here %d", sizes[c], here);
+            cr_assert_eq(lm_st_snapshot_sha256(f, got), 0, "asked twice");
+            cr_assert_str_eq(got, want);
+            lm_st_close(f);
+        }
         f = lm_st_open_snapshot(path, &e);
         cr_assert_not_null(f);
         cr_expect_eq(lm_st_snapshot_sha256(f, got), -1, "not hashed: no hash");

@@ -2400,6 +2400,25 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
     return err->code;
 }
 
+/* A batch whose outputs are more than half of the memory writes them with drop-behind
+ * (lm_st_writer_drop_behind, advised every DROP_STEP bytes): they cannot stay in the page cache
+ * anyway, and reusing the pages of the bytes already written back costs less than taking fresh
+ * ones (and leaves the base cached).  A single merge's output is left in the page cache (it is
+ * often read next).  LM_DROP_BEHIND decides instead (the tests): 0 off, 1 on, N > 1 on with a step
+ * of N bytes.  @return the step, 0: off */
+#define DROP_STEP ((uint64_t)8 << 20)
+
+static uint64_t drop_behind_step(size_t n_jobs, uint64_t out_bytes)
+{
+    const char *e = getenv("LM_DROP_BEHIND");
+    if (e != NULL && *e != '\0') {
+        const long long v = atoll(e);
+        return v <= 0 ? 0 : v == 1 ? DROP_STEP : (uint64_t)v;
+    }
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    return n_jobs > 1 && pages > 0 && page > 0 && out_bytes > (uint64_t)pages * (uint64_t)page / 2 ? DROP_STEP : 0;
+}
+
 /* the run of n_jobs plans over one model: every job's files written and checked (before_commit)
  * before any is committed; then job by job, its files renamed into place and its after_commit */
 static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, const lm_model *model,
@@ -2429,6 +2448,11 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
             return rc;
         B.total_bytes += Js[j].st.bytes_written;
     }
+    const uint64_t drop_step = drop_behind_step(n_jobs, B.total_bytes);
+    for (size_t j = 0; j < n_jobs && drop_step > 0; j++)
+        for (size_t sh = 0; sh < Js[j].n_shards; sh++)
+            if (Js[j].w[sh] != NULL)
+                lm_st_writer_drop_behind(Js[j].w[sh], drop_step);
     member *m = NULL;
     size_t *g = NULL, n_groups = 0;
     if ((rc = make_groups(Js, n_jobs, &m, &g, &n_groups, err)) == LM_OK)

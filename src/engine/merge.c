@@ -20,6 +20,7 @@
 
 #include <cJSON.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,8 +89,17 @@ static lm_code check_not_input(const char *out, const lm_model *m, lm_adapter *c
 /* ------------------------------------------------------------------------------------------ */
 /* the state of one merge                                                                       */
 /* ------------------------------------------------------------------------------------------ */
+/* an adapter of a batch job opened ahead, on one of the batch's threads (batch_preopen): the
+ * adapter, or the error its opening gave */
+typedef struct {
+    lm_adapter *a;
+    lm_err err;
+    int done;
+} preopened;
+
 typedef struct {
     const lm_merge_job *job;
+    preopened *pre;             /* job->n_adapters opened ahead (a batch), or NULL */
     lm_report_impl *ri;
     lm_model *model;
     lm_adapter **ads;           /* job->n_adapters */
@@ -118,6 +128,62 @@ static void phase_end(merge_state *S, int phase)
     S->t_phase = t;
 }
 
+/* Adapters opened ahead on the merge's threads: a merge's own when it has several, a batch's
+ * after the first job's.  Opening one (the snapshot copy, its sha256, the inf/NaN scan) is most of
+ * a job's set-up; the jobs then take their adapters in order, as before, each its adapter or the
+ * error the same call gave, and report the first failure.  Each thread hashes the snapshots it
+ * copies itself. */
+typedef struct {
+    const lm_merge_job *jobs;
+    lm_model *model;
+    preopened **pre;     /* [job][adapter]; NULL for a job left to open its own */
+    size_t n_jobs;
+    size_t next;         /* the next (job, adapter) to open, counted over the jobs in order */
+} batch_pre;
+
+static void *preopen_main(void *arg)
+{
+    batch_pre *B = arg;
+    lm_st_snapshot_hash_here(1);
+    for (;;) {
+        size_t k = __atomic_fetch_add(&B->next, 1, __ATOMIC_RELAXED), j = 0;
+        while (j < B->n_jobs && k >= B->jobs[j].n_adapters) {
+            k -= B->jobs[j].n_adapters;
+            j++;
+        }
+        if (j == B->n_jobs)
+            break;
+        if (B->pre[j] == NULL)
+            continue;
+        const lm_merge_job *J = &B->jobs[j];
+        preopened *p = &B->pre[j][k];
+        lm_err_clear(&p->err);
+        p->a = lm_adapter_open_with(J->adapters[k].dir, J->adapters[k].weight, B->model, J->formats, &p->err);
+        p->done = 1;
+    }
+    lm_st_snapshot_hash_here(0);
+    return NULL;
+}
+
+/* B->next .. B->next + items - 1 opened on up to n_threads threads (0: every core), the calling
+ * one too; with one, nothing (the job opens its own) */
+static void preopen_run(batch_pre *B, size_t items, int n_threads)
+{
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t T = n_threads > 0 ? (size_t)n_threads : cores > 0 ? (size_t)cores : 1;
+    T = T < items ? T : items;
+    T = T < 64 ? T : 64;
+    if (T < 2)
+        return;
+    pthread_t th[64];
+    size_t started = 0;
+    while (started + 1 < T && pthread_create(&th[started], NULL, preopen_main, B) == 0)
+        started++;
+    preopen_main(B);
+    for (size_t t = 0; t < started; t++)
+        pthread_join(th[t], NULL);
+}
+
 /* the base and the adapters, with an error that says what a file is when it is not what was
  * expected (an LFS pointer, a GGUF file ...) */
 static lm_code open_inputs(merge_state *S, lm_err *err)
@@ -139,14 +205,36 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
         lm_report_note(S->ri, "the base is a PyTorch checkpoint, read into memory (%.2f GB) by the restricted "
                               "reader; the safetensors output can be the base of later merges", (double)bytes * 1e-9);
     }
-    for (size_t i = 0; i < job->n_adapters; i++) {
-        S->ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, S->model, job->formats, err);
+    preopened *own = NULL; /* several adapters of this merge: opened ahead, together */
+    if (S->pre == NULL && job->n_adapters > 1 && (own = calloc(job->n_adapters, sizeof *own)) != NULL) {
+        batch_pre B = {job, S->model, &own, 1, 0};
+        preopen_run(&B, job->n_adapters, job->n_threads);
+        S->pre = own;
+    }
+    lm_st_snapshot_hash_here(job->n_threads == 1); /* one thread asked for: the copying one hashes too */
+    for (size_t i = 0; i < job->n_adapters && rc == LM_OK; i++) {
+        if (S->pre != NULL && S->pre[i].done) { /* the same call, made ahead */
+            S->ads[i] = S->pre[i].a;
+            S->pre[i].a = NULL;
+            if (S->ads[i] == NULL)
+                *err = S->pre[i].err;
+        } else {
+            S->ads[i] = lm_adapter_open_with(job->adapters[i].dir, job->adapters[i].weight, S->model, job->formats,
+                                             err);
+        }
         if (S->ads[i] == NULL) {
             lm_inputs_explain("adapter", job->adapters[i].dir, err);
-            return err->code;
+            rc = err->code;
         }
     }
-    return LM_OK;
+    lm_st_snapshot_hash_here(0);
+    if (own != NULL) { /* those after a failure */
+        for (size_t i = 0; i < job->n_adapters; i++)
+            lm_adapter_free(own[i].a);
+        free(own);
+        S->pre = NULL;
+    }
+    return rc;
 }
 
 /* what the adapter loader noticed (formats read, renames) goes into the report */
@@ -793,6 +881,62 @@ static lm_code check_then_stage(void *ctx, lm_err *err)
     return lm_out_stage_begin(&S->ot, err);
 }
 
+/* --json: the sha256 of report files (read back), a file a thread on up to n_threads threads (0:
+ * every core): K outputs of a batch, or the shards of one merge, are not read back one after
+ * another on one core.  Every file is hashed; the first failure in the files' order is returned
+ * (*bad its index), as when they were hashed in turn. */
+typedef struct {
+    lm_merge_file **f;
+    lm_code *rc;
+    lm_err *err;
+    size_t n, next;
+} hash_pool;
+
+static void *hash_main(void *arg)
+{
+    hash_pool *H = arg;
+    for (;;) {
+        size_t i = __atomic_fetch_add(&H->next, 1, __ATOMIC_RELAXED);
+        if (i >= H->n)
+            break;
+        char hex[65];
+        lm_err_clear(&H->err[i]);
+        H->rc[i] = lm_file_sha256(H->f[i]->path, hex, &H->err[i]);
+        if (H->rc[i] == LM_OK && (H->f[i]->sha256 = strdup(hex)) == NULL)
+            H->rc[i] = lm_fail(&H->err[i], LM_E_NOMEM, NULL, "out of memory");
+    }
+    return NULL;
+}
+
+static lm_code hash_files(lm_merge_file **f, size_t n, int n_threads, size_t *bad, lm_err *err)
+{
+    hash_pool H = {f, calloc(n + 1, sizeof *H.rc), calloc(n + 1, sizeof *H.err), n, 0};
+    if (H.rc == NULL || H.err == NULL) {
+        free(H.rc);
+        free(H.err);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t T = n_threads > 0 ? (size_t)n_threads : cores > 0 ? (size_t)cores : 1;
+    T = T < n ? T : n;
+    pthread_t th[64];
+    size_t started = 0;
+    while (started + 1 < T && started < 64 && pthread_create(&th[started], NULL, hash_main, &H) == 0)
+        started++;
+    hash_main(&H);
+    for (size_t t = 0; t < started; t++)
+        pthread_join(th[t], NULL);
+    lm_code rc = LM_OK;
+    for (size_t i = 0; i < n && rc == LM_OK; i++)
+        if ((rc = H.rc[i]) != LM_OK) {
+            *err = H.err[i];
+            *bad = i;
+        }
+    free(H.rc);
+    free(H.err);
+    return rc;
+}
+
 static void exec_opts(merge_state *S, char **paths, lm_exec_opts *eo_out)
 {
     const lm_merge_job *job = S->job;
@@ -873,14 +1017,16 @@ static lm_code write_output(merge_state *S, lm_err *err)
     S->committed = 1;
     phase_end(S, LM_PHASE_FINISH);
     if (job->hash_outputs) {
-        for (size_t i = 0; i < S->ri->n_files; i++) {
-            char hex[65];
-            if ((rc = lm_file_sha256(S->ri->files[i].path, hex, err)) != LM_OK)
-                return rc;
-            S->ri->files[i].sha256 = strdup(hex);
-            if (S->ri->files[i].sha256 == NULL)
-                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-        }
+        lm_merge_file **f = malloc((S->ri->n_files + 1) * sizeof *f);
+        if (f == NULL)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        for (size_t i = 0; i < S->ri->n_files; i++)
+            f[i] = &S->ri->files[i];
+        size_t bad = 0;
+        rc = hash_files(f, S->ri->n_files, job->n_threads, &bad, err);
+        free(f);
+        if (rc != LM_OK)
+            return rc;
         phase_end(S, LM_PHASE_HASH);
     }
     return LM_OK;
@@ -927,12 +1073,14 @@ static lm_code check_options(merge_state *S, lm_err *err)
 }
 
 /* everything up to the first byte written: the inputs opened (model: NULL, or a batch's shared
- * one), planned and checked, OUT decided and its side files read */
-static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *model, lm_err *err)
+ * one; pre: NULL, or the job's adapters opened ahead), planned and checked, OUT decided and its
+ * side files read */
+static lm_code merge_begin(merge_state *S, const lm_merge_job *job, lm_model *model, preopened *pre, lm_err *err)
 {
     lm_code rc = LM_OK;
     memset(S, 0, sizeof *S);
     S->job = job;
+    S->pre = pre;
     S->t0 = S->t_phase = now_seconds();
     S->model = model;
     S->model_shared = model != NULL;
@@ -1038,7 +1186,7 @@ static lm_code merge_run(const lm_merge_job *job, lm_merge_report **report, lm_e
     merge_state S;
     if (report)
         *report = NULL;
-    lm_code rc = merge_begin(&S, job, NULL, err);
+    lm_code rc = merge_begin(&S, job, NULL, NULL, err);
     if (rc == LM_OK && !job->dry_run)
         rc = job->shard_mode ? run_shards(&S, err) : write_output(&S, err);
     if (rc == LM_OK)
@@ -1076,6 +1224,26 @@ static char *out_canonical(const char *out)
     free(parent);
     free(rp);
     return c;
+}
+
+/* pre[j] for jobs 1.. whose inputs pass lm_inputs_precheck (the others open nothing ahead: the
+ * check refuses what could block an open, a FIFO ...), opened on up to n_threads threads (the
+ * calling one too).  Nothing is reported here: a failure is the job's, when it is begun. */
+static void batch_preopen(const lm_merge_job *jobs, size_t n, lm_model *model, preopened **pre)
+{
+    batch_pre B = {jobs, model, pre, n, 0};
+    size_t items = 0;
+    for (size_t j = 1; j < n; j++) {
+        lm_err e;
+        lm_err_clear(&e);
+        if (jobs[j].n_adapters == 0 || lm_inputs_precheck(&jobs[j], &e) != LM_OK)
+            continue;
+        if ((pre[j] = calloc(jobs[j].n_adapters, sizeof *pre[j])) == NULL)
+            return; /* out of memory: the jobs open their own */
+        items += jobs[j].n_adapters;
+    }
+    B.next = jobs[0].n_adapters; /* the first job's are open */
+    preopen_run(&B, items, jobs[0].n_threads);
 }
 
 /* the batch's shared options, and no two jobs writing the same OUT (or one inside another's) */
@@ -1151,16 +1319,26 @@ static lm_code batch_write(merge_state *S, size_t n, size_t *bad, lm_err *err)
     }
     if (rc == LM_OK && S[0].job->progress) /* the last call says "all of it" */
         S[0].job->progress(S[0].job->progress_ctx, 1, 1);
-    for (size_t j = 0; j < n && rc == LM_OK; j++) {
-        *bad = j;
-        for (size_t i = 0; S[j].job->hash_outputs && i < S[j].ri->n_files && rc == LM_OK; i++) {
-            char hex[65];
-            if ((rc = lm_file_sha256(S[j].ri->files[i].path, hex, err)) == LM_OK &&
-                (S[j].ri->files[i].sha256 = strdup(hex)) == NULL)
-                rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    /* --json: every job's files hashed together, on the batch's threads */
+    size_t n_files = 0, k = 0;
+    for (size_t j = 0; j < n && rc == LM_OK; j++)
+        n_files += S[j].job->hash_outputs ? S[j].ri->n_files : 0;
+    lm_merge_file **f = rc == LM_OK && n_files > 0 ? malloc(n_files * sizeof *f) : NULL;
+    size_t *job_of = f != NULL ? malloc(n_files * sizeof *job_of) : NULL;
+    if (n_files > 0 && rc == LM_OK && job_of == NULL)
+        rc = lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    for (size_t j = 0; j < n && rc == LM_OK; j++)
+        for (size_t i = 0; S[j].job->hash_outputs && i < S[j].ri->n_files; i++) {
+            job_of[k] = j;
+            f[k++] = &S[j].ri->files[i];
         }
+    size_t bad_file = 0;
+    if (rc == LM_OK && n_files > 0 && (rc = hash_files(f, n_files, S[0].job->n_threads, &bad_file, err)) != LM_OK)
+        *bad = job_of[bad_file];
+    for (size_t j = 0; j < n && rc == LM_OK; j++)
         phase_end(&S[j], LM_PHASE_HASH);
-    }
+    free(f);
+    free(job_of);
     free(plans);
     free(outs);
     free(eo);
@@ -1175,12 +1353,16 @@ static lm_code merge_batch(const lm_merge_job *jobs, size_t n, lm_merge_report *
         return lm_fail(err, LM_E_USAGE, "Usage", "a batch needs at least one job");
     merge_state *S = calloc(n, sizeof *S);
     char **canon = calloc(n, sizeof *canon);
+    preopened **pre = calloc(n, sizeof *pre);
     size_t n_begun = 0;
-    lm_code rc = S && canon ? batch_check(jobs, n, canon, bad, err) : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    lm_code rc = S && canon && pre ? batch_check(jobs, n, canon, bad, err)
+                                   : lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (size_t j = 0; j < n && rc == LM_OK; j++) { /* every job planned and checked before anything is written */
         *bad = j;
         n_begun = j + 1;
-        rc = merge_begin(&S[j], &jobs[j], j ? S[0].model : NULL, err);
+        rc = merge_begin(&S[j], &jobs[j], j ? S[0].model : NULL, pre[j], err);
+        if (j == 0 && rc == LM_OK && n > 1)
+            batch_preopen(jobs, n, S[0].model, pre);
     }
     if (rc == LM_OK && !jobs[0].dry_run)
         rc = batch_write(S, n, bad, err);
@@ -1199,6 +1381,12 @@ static lm_code merge_batch(const lm_merge_job *jobs, size_t n, lm_merge_report *
     }
     for (size_t j = 0; canon && j < n; j++)
         free(canon[j]);
+    for (size_t j = 0; pre && j < n; j++) { /* the adapters of jobs not begun (an earlier one failed) */
+        for (size_t i = 0; pre[j] && i < jobs[j].n_adapters; i++)
+            lm_adapter_free(pre[j][i].a);
+        free(pre[j]);
+    }
+    free(pre);
     free(canon);
     free(S);
     return rc;

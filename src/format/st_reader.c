@@ -8,6 +8,7 @@
 
 #include "compat.h"
 #include "lm_error.h"
+#include "lm_sha256.h"
 #include "st_json.h"
 
 #include <errno.h>
@@ -683,9 +684,16 @@ int lm_st_input_changed(const lm_st_file *f)
 
 /* Hashers running at once, at most ST_HASHERS: a batch opens many adapters one after another, and
  * hashing is slower than copying, so unbounded they would pile up (a thread and a ring each);
- * past the limit a snapshot is not hashed on the way (its file is hashed when needed). */
+ * past the limit a snapshot is hashed by the thread that copies it, from the copy's buffer (the
+ * bytes are still read once). */
 #define ST_HASHERS 2
 static int st_hashers_running;
+static _Thread_local int st_hash_here; /* lm_st_snapshot_hash_here() */
+
+void lm_st_snapshot_hash_here(int on)
+{
+    st_hash_here = on != 0;
+}
 
 static void *hasher_main(void *arg)
 {
@@ -915,12 +923,16 @@ static void scan_chunk(st_scan *sc, const uint8_t *buf, uint64_t a, uint64_t n)
 
 /* Copies the n bytes of regular file `in` into a new sealed memfd; -1 with errno (ESTALE: the
  * file did not hold n bytes while it was copied).  hashed: *hasher receives a hasher of the
- * copy's bytes (NULL when none could be started), which the caller joins or frees.  sc (or NULL):
- * the float tensors to look at as their bytes pass. */
-static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, st_scan *sc)
+ * copy's bytes, which the caller joins or frees; when none is started (ST_HASHERS are running, or
+ * this thread hashes its own: lm_st_snapshot_hash_here), the copy is hashed here, chunk by chunk
+ * from its buffer, and hex_here receives the digest.  sc (or NULL): the float tensors to look at
+ * as their bytes pass. */
+static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, char hex_here[65], st_scan *sc)
 {
     st_hasher *h = NULL;
     char *big = NULL;
+    lm_sha256_ctx here;
+    int by_here = 0;
     if (hasher != NULL)
         *hasher = NULL;
     int m = memfd_create("lora-merge-input", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -928,8 +940,12 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, st_sc
         return -1;
     if (ftruncate(m, (off_t)n) != 0)
         goto fail;
-    if (hashed && n > 0)
+    if (hashed && n > 0 && !st_hash_here)
         h = hasher_start();
+    if (hashed && h == NULL) {
+        lm_sha256_init(&here);
+        by_here = 1;
+    }
     char small[1 << 16], *buf = small;
     size_t cap = sizeof small;
     if (h != NULL) {
@@ -943,7 +959,7 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, st_sc
     /* copy_file_range (in the kernel: the bytes never pass here) when neither the hash nor the scan
      * needs them, until the kernel refuses it once (EXDEV ... : a file and a memfd on most
      * kernels), then pread/pwrite for the rest, without asking again per chunk */
-    int cfr = h == NULL && sc == NULL;
+    int cfr = !hashed && sc == NULL;
     while ((uint64_t)off_in < n) {
         if (cfr) {
             ssize_t k = copy_file_range(in, &off_in, m, &off_out, (size_t)(n - (uint64_t)off_in), 0);
@@ -973,6 +989,8 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, st_sc
         }
         scan_chunk(sc, (const uint8_t *)buf, (uint64_t)off_in, (uint64_t)r);
         hasher_give(h, (size_t)r, 0);
+        if (by_here)
+            lm_sha256_update(&here, buf, (size_t)r);
         off_in += r;
         off_out += r;
     }
@@ -981,6 +999,11 @@ static int snapshot_fd(int in, uint64_t n, int hashed, st_hasher **hasher, st_sc
     if (fcntl(m, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
         goto fail;
     hasher_give(h, 0, 0);
+    if (by_here && hex_here != NULL) {
+        uint8_t md[32];
+        lm_sha256_final(&here, md);
+        lm_sha256_hex(md, hex_here);
+    }
     if (hasher != NULL)
         *hasher = h;
     else if (h != NULL)
@@ -1010,7 +1033,8 @@ static lm_st_file *open_snapshot(const char *path, int hashed, lm_err *err)
     st_hasher *h = NULL;
     st_scan scan;
     const int scanned = hashed && scan_init(&scan, f);
-    int m = snapshot_fd(f->fd, (uint64_t)before.st_size, hashed, &h, scanned ? &scan : NULL);
+    char hex_here[65] = "";
+    int m = snapshot_fd(f->fd, (uint64_t)before.st_size, hashed, &h, hex_here, scanned ? &scan : NULL);
     int e = errno;
     int changed = m >= 0 && (fstat(f->fd, &after) != 0 || !same_file_state(&before, &after));
     int all_finite = scanned && scan.complete && !scan.bad;
@@ -1045,6 +1069,10 @@ static lm_st_file *open_snapshot(const char *path, int hashed, lm_err *err)
     }
     f->fd = m;
     f->hasher = h;
+    if (h == NULL && hex_here[0] != '\0') { /* hashed by this thread */
+        memcpy(f->sha_hex, hex_here, sizeof hex_here);
+        f->sha_state = 1;
+    }
     f->snapshot = 1;
     f->have_stat = 1;
     f->opened = before;

@@ -43,8 +43,15 @@ void lm_populate_read(const void *p, uint64_t n);
 lm_st_file *lm_st_open_snapshot(const char *path, lm_err *err);
 
 /*! lm_st_open_snapshot_hashed() : lm_st_open_snapshot(), and the sha256 of the copied bytes
- *  computed by a thread of its own while they are copied and after (lm_st_snapshot_sha256). */
+ *  (lm_st_snapshot_sha256), from the copy's buffers: computed by a thread of its own while they
+ *  are copied and after, or by the calling thread as it copies (see lm_st_snapshot_hash_here). */
 lm_st_file *lm_st_open_snapshot_hashed(const char *path, lm_err *err);
+
+/*! lm_st_snapshot_hash_here() : 1: the snapshots this thread opens hashed are hashed by this
+ *  thread as it copies them (from the copy's buffer), not by a thread of their own; for callers
+ *  that already open several at once on threads of their own.  0 (the default): a hasher thread
+ *  while fewer than two run, else this thread. */
+void lm_st_snapshot_hash_here(int on);
 
 /*! lm_st_snapshot_sha256() : waits for the sha256 of f's bytes (a snapshot opened hashed) and puts
  *  it as 64 lowercase hex digits into hex.  @return 0, or -1 when f has none (not a hashed

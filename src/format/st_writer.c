@@ -37,6 +37,8 @@ struct lm_st_writer {
     uint64_t file_bytes;
     uint64_t data_start; /* 8 + the header's length */
     struct writer_hash *hash; /* lm_st_writer_hash_begin(), or NULL */
+    uint64_t db_step;    /* lm_st_writer_drop_behind(), or 0 */
+    uint64_t db_last;    /* the end of the range last advised (atomic) */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -592,6 +594,33 @@ const char *lm_st_writer_out_path(const lm_st_writer *w) { return w->out_path; }
 
 static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint64_t n);
 
+/* Drop-behind: the pages of the file well behind a write are handed to the disk and, once written
+ * back, dropped from the page cache, so that the next writes reuse the same memory.  A batch's K
+ * outputs are more than the page cache holds: without it, every page it writes is one the kernel
+ * has to find (fresh memory, which on a virtual machine that returns free memory to its host costs
+ * a host fault per page: several times the copy), and the page cache fills with outputs that push
+ * the base out.  POSIX_FADV_DONTNEED starts the write-back of the dirty pages in its range (without
+ * waiting for it) and drops the clean ones; the range [end - 2 step - 4 step, end - 2 step) behind
+ * each write, advised once per step of progress, sees each page four times: the first starts its
+ * write-back, a later one drops it.  Pages still dirty or under write-back when the window has
+ * passed them are left to the kernel's own write-back and reclaim.  Only an advice: the bytes
+ * written never depend on it (a page dropped before a later write fills the rest of it is read
+ * back by the kernel). */
+void lm_st_writer_drop_behind(lm_st_writer *w, uint64_t step) { w->db_step = step; }
+
+static void drop_behind(lm_st_writer *w, uint64_t end)
+{
+    const uint64_t step = w->db_step, lag = 2 * step;
+    if (step == 0 || w->hash != NULL || end < lag + step) /* hashing: its catch-up reads the file back */
+        return;
+    const uint64_t b = (end - lag) / step * step;
+    uint64_t last = __atomic_load_n(&w->db_last, __ATOMIC_RELAXED);
+    if (b == last || !__atomic_compare_exchange_n(&w->db_last, &last, b, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return; /* this step advised already (or by another thread just now) */
+    const uint64_t a = b > 4 * step ? b - 4 * step : 0;
+    (void)posix_fadvise(w->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED);
+}
+
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err)
 {
@@ -619,6 +648,7 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
     }
     if (w->hash != NULL) /* once the bytes are in the file (another thread's catch-up may read them) */
         hash_written(w, buf, off0, n0);
+    drop_behind(w, off0 + n0);
     return LM_OK;
 }
 
@@ -753,6 +783,7 @@ void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_byte
 {
     if (w->hash != NULL)
         hash_written(w, NULL, offset, n_bytes);
+    drop_behind(w, offset + n_bytes);
 }
 
 lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds, lm_err *err)
