@@ -46,8 +46,9 @@ extern "C" {
  *     FMAs in four interleaved chains (chain m takes k = m, m+4, ...; d = (c0 + c1) + (c2 + c3)),
  *     r = W + d in f32; f32 outputs accumulate in f64 (one chain, k ascending).  A rigorous bound e
  *     on |exact - r| (from the row norm of B and the column norm of A) gives an interval
- *     [r - e, r + e]; when both ends round to the same finite output value, that value is the
- *     correctly rounded result (rounding is monotone) and is written.
+ *     [r - e, r + e] (bf16 outputs: r -+ the row/column part of e, each end then moved outwards
+ *     by one or two f32 ulps on its bits); when both ends round to the same finite output value,
+ *     that value is the correctly rounded result (rounding is monotone) and is written.
  *  2. otherwise (typically 1e-5 to 1e-3 of the elements), scalar code shared by every variant
  *     recomputes the element in f64 with a tighter bound (sum_k |s_k B_ik A_kj| evaluated
  *     per element) and certifies it the same way;
@@ -462,7 +463,13 @@ void lm_lowrank_avx512(const lm_lowrank *lr, size_t row0, size_t n_rows, const v
 
 /* the constants every variant's level-1 bound uses (see lowrank_exact.c for the proof) */
 #define LM_LR_C0F 0x1p-125f  /* f32 path: absolute term of e (normal, covers underflow) */
-#define LM_LR_CRF 0x1p-22f   /* f32 path: coefficient of |r| in e (4u) */
+#define LM_LR_CRF 0x1p-22f   /* f32 path, f16 outputs: coefficient of |r| in e (4u) */
+/* f32 path, bf16 outputs: the interval's ends widened on their bits instead of by a |r| term (see
+ * (g) in lowrank_exact.c): the end nearer zero by 2 ulps, the other by 1, then + 2^15 to put the
+ * bf16 rounding boundaries on the top halves; the nearer end's offset has one more to make its
+ * test strict (an end on a midpoint is not certified) */
+#define LM_LR_BF16_NEAR 0x7FFDu /* 0x8000 - 2 - 1 */
+#define LM_LR_BF16_FAR 0x8001u  /* 0x8000 + 1 */
 #define LM_LR_C0D 0x1p-1020  /* f64 path */
 #define LM_LR_CRD 0x1p-51    /* f64 path (4u) */
 /* level 1 certifies an element only if |r| < LM_LR_RMAX_<out>: then equal roundings of lo and hi

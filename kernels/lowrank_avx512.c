@@ -103,11 +103,11 @@ LR5_INLINE __m512i lr5_store_uncertified(__m512 r, void *o, lm_kdtype ot, lm_low
  * Returns, when W and the output have one dtype, how many lanes' bits changed (compared in
  * registers, W read before the store: the output may be W itself), else 0.  The callers sum the
  * counts in a register and add them to st once per block, not through memory per vector.
- * bf16 certification straight from the bits of lo and hi: with tl = bits(lo) + 0x8000 and th =
- * bits(hi) + 0x8000, equal top halves put both in [m, m') between two consecutive bf16 midpoints
- * m, m' (in the order of the bits, which is the order of the magnitudes), and nonzero low halves
- * keep both off m, so every value between them rounds (RNE, no tie) to top(tl) (see (f) in
- * lowrank_exact.c); the reference applies the same test. */
+ * bf16 outputs are certified from the bits of lo = r - e1 and hi = r + e1: the end nearer zero
+ * (the smaller pattern) moved 2 floats toward zero, the other 1 away, both must lie strictly
+ * between the two bf16 midpoints around the result, which the offsets LM_LR_BF16_NEAR / _FAR
+ * turn into one compare of top halves ((g) in lowrank_exact.c); the reference applies the same
+ * test. */
 LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m512 d, const void *wp,
                                    lm_kdtype wt, void *op, lm_kdtype ot, unsigned flags,
                                    lm_lowrank_stats *st)
@@ -122,21 +122,19 @@ LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m
     __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(lr->bnd_rf[i]), _mm512_loadu_ps(lr->bnd_cf + j),
                                _mm512_set1_ps(LM_LR_C0F));
     const __m512 absr = _mm512_abs_ps(r);
-    e = _mm512_fmadd_ps(absr, _mm512_set1_ps(LM_LR_CRF), e);
-    const __m512 lo = _mm512_sub_ps(r, e), hi = _mm512_add_ps(r, e);
     const float rmax = ot == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
     __mmask16 ok = _mm512_cmp_ps_mask(absr, _mm512_set1_ps(rmax), _CMP_LT_OQ);
     __m512i b;
-    if (ot == LM_KDT_BF16) {
-        const __m512i half = _mm512_set1_epi32(0x8000);
-        const __m512i tl = _mm512_add_epi32(_mm512_castps_si512(lo), half);
-        const __m512i th = _mm512_add_epi32(_mm512_castps_si512(hi), half);
-        ok = _mm512_mask_testn_epi32_mask(ok, _mm512_xor_si512(tl, th), _mm512_set1_epi32((int)0xFFFF0000u));
-        ok = _mm512_mask_test_epi32_mask(ok, tl, _mm512_set1_epi32(0xFFFF));
-        ok = _mm512_mask_test_epi32_mask(ok, th, _mm512_set1_epi32(0xFFFF));
-        b = _mm512_srli_epi32(tl, 16);
+    if (ot == LM_KDT_BF16) { /* ends widened on their bits ((g) in lowrank_exact.c) */
+        const __m512i bl = _mm512_castps_si512(_mm512_sub_ps(r, e)), bh = _mm512_castps_si512(_mm512_add_ps(r, e));
+        const __m512i tm = _mm512_add_epi32(_mm512_min_epu32(bl, bh), _mm512_set1_epi32(LM_LR_BF16_NEAR));
+        const __m512i tM = _mm512_add_epi32(_mm512_max_epu32(bl, bh), _mm512_set1_epi32(LM_LR_BF16_FAR));
+        ok = _mm512_mask_testn_epi32_mask(ok, _mm512_xor_si512(tm, tM), _mm512_set1_epi32((int)0xFFFF0000u));
+        b = _mm512_srli_epi32(tm, 16);
         _mm256_storeu_si256((__m256i *)op, _mm512_cvtepi32_epi16(b));
     } else {
+        e = _mm512_fmadd_ps(absr, _mm512_set1_ps(LM_LR_CRF), e);
+        const __m512 lo = _mm512_sub_ps(r, e), hi = _mm512_add_ps(r, e);
         const __m256i hlo = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
         const __m256i hhi = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT);
         ok = _mm256_mask_cmpeq_epi16_mask(ok, hlo, hhi);
@@ -194,29 +192,25 @@ LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m5
         }
         return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(packed, raw));
     }
-    const __m512 c0 = _mm512_set1_ps(LM_LR_C0F), crf = _mm512_set1_ps(LM_LR_CRF), rmax = _mm512_set1_ps(LM_LR_RMAX_F32);
+    const __m512 c0 = _mm512_set1_ps(LM_LR_C0F), rmax = _mm512_set1_ps(LM_LR_RMAX_F32);
     const __m512 brf = _mm512_set1_ps(lr->bnd_rf[i]);
-    const __m512i half = _mm512_set1_epi32(0x8000);
-    const __m512i low_idx = _mm512_sub_epi16(out_idx, _mm512_set1_epi16(1)); /* word 2k (k < 16), 32 + 2k */
-    const __m512 a0 = _mm512_abs_ps(r0), a1 = _mm512_abs_ps(r1);
-    __m512 e0 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j), c0);
-    __m512 e1 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j + 16), c0);
-    e0 = _mm512_fmadd_ps(a0, crf, e0);
-    e1 = _mm512_fmadd_ps(a1, crf, e1);
-    const __m512i tl0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(r0, e0)), half);
-    const __m512i th0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(r0, e0)), half);
-    const __m512i tl1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(r1, e1)), half);
-    const __m512i th1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(r1, e1)), half);
-    const __mmask16 ok0 = _mm512_cmp_ps_mask(a0, rmax, _CMP_LT_OQ), ok1 = _mm512_cmp_ps_mask(a1, rmax, _CMP_LT_OQ);
-    /* the test of lr5_finish_f32 on the 32 elements at once: the top halves of tl and th gathered
-     * (the result is tl's) and compared as words; both low halves nonzero where the smaller is:
-     * the low words of min(tl, th) (word-wise) gathered and tested */
-    const __m512i packed = _mm512_permutex2var_epi16(tl0, out_idx, tl1);
-    const __m512i packed_h = _mm512_permutex2var_epi16(th0, out_idx, th1);
-    const __m512i lows = _mm512_permutex2var_epi16(_mm512_min_epu16(tl0, th0), low_idx, _mm512_min_epu16(tl1, th1));
+    const __m512i near = _mm512_set1_epi32(LM_LR_BF16_NEAR), far = _mm512_set1_epi32(LM_LR_BF16_FAR);
+    const __m512 e0 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j), c0);
+    const __m512 e1 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j + 16), c0);
+    const __m512i bl0 = _mm512_castps_si512(_mm512_sub_ps(r0, e0)), bh0 = _mm512_castps_si512(_mm512_add_ps(r0, e0));
+    const __m512i bl1 = _mm512_castps_si512(_mm512_sub_ps(r1, e1)), bh1 = _mm512_castps_si512(_mm512_add_ps(r1, e1));
+    const __m512i tm0 = _mm512_add_epi32(_mm512_min_epu32(bl0, bh0), near);
+    const __m512i tM0 = _mm512_add_epi32(_mm512_max_epu32(bl0, bh0), far);
+    const __m512i tm1 = _mm512_add_epi32(_mm512_min_epu32(bl1, bh1), near);
+    const __m512i tM1 = _mm512_add_epi32(_mm512_max_epu32(bl1, bh1), far);
+    const __mmask16 ok0 = _mm512_cmp_ps_mask(_mm512_abs_ps(r0), rmax, _CMP_LT_OQ);
+    const __mmask16 ok1 = _mm512_cmp_ps_mask(_mm512_abs_ps(r1), rmax, _CMP_LT_OQ);
+    /* the test of lr5_finish_f32 on the 32 elements at once: the top halves of tm and tM gathered
+     * (the result is tm's) and compared as words */
+    const __m512i packed = _mm512_permutex2var_epi16(tm0, out_idx, tm1);
+    const __m512i packed_h = _mm512_permutex2var_epi16(tM0, out_idx, tM1);
     _mm512_storeu_si512(op, packed);
-    const uint32_t ok = ((uint32_t)ok0 | (uint32_t)ok1 << 16) & (uint32_t)_mm512_cmpeq_epi16_mask(packed, packed_h) &
-                        (uint32_t)_mm512_test_epi16_mask(lows, lows);
+    const uint32_t ok = ((uint32_t)ok0 | (uint32_t)ok1 << 16) & (uint32_t)_mm512_cmpeq_epi16_mask(packed, packed_h);
     if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
         float wv[32];
         _mm512_storeu_ps(wv, w0);

@@ -17,22 +17,27 @@
  *     (two roundings, both in the normal range), or rB = 0 if every copy of the tensor was exact;
  *     likewise |a_k - A_kj| <= rA |A_kj|.  With r' = r / (1 - r), |s_k B_ik| <= |b_k| / (1 - rB), so
  *     |P_k - b_k a_k| <= |s_k B_ik - b_k||A_kj| + |b_k||A_kj - a_k| <= (r'B (1 + r'A) + r'A)|b_k a_k|
- *     and |sum P_k - sum b_k a_k| <= (r'A + r'B + r'A r'B) S.
+ *     and |sum P_k - sum b_k a_k| <= rho S, rho = r'A + r'B + r'A r'B.
  * (b) Accumulation.  Chain m (m = 0..3) is c_m = fl(b_k a_k + c_m) over k = m, m+4, ... (one FMA
- *     each, from c_m = 0), then d = fl(fl(c0 + c1) + fl(c2 + c3)).  Each product passes through at
- *     most h = ceil(K/4) + 2 roundings and there are at most K + 3 of them, so
- *     |d - sum b_k a_k| <= ((1 + u)^h - 1) S + (K + 3) eta (1 + u)^h <= g S + 2 (K + 3) eta,
- *     g = h u / (1 - h u) <= 1.07 h u for K <= 2^20 (h u <= 2^-6).
+ *     each, from c_m = 0), then d = fl(fl(c0 + c1) + fl(c2 + c3)).  Product k, at position k / 4
+ *     of its chain's n = ceil((K - k % 4) / 4) terms, passes through h_k = n - k / 4 + 2
+ *     roundings (h_k <= H = ceil(K/4) + 2), and there are at most K + 3 roundings, so
+ *     |d - sum b_k a_k| <= sum_k ((1 + u)^h_k - 1)|b_k a_k| + (K + 3) eta (1 + u)^H
+ *                       <= sum_k g_k |b_k a_k| + 2 (K + 3) eta,   g_k = h_k G, G = u / (1 - H u)
+ *     (H u <= 2^-6 for K <= 2^20).
  * (c) r = fl(W + d): |r - (W + d)| <= u|W + d| <= u'|r|, u' = u / (1 - u).
- *     So |v - r| <= D := u'|r| + c S + 2 (K + 3) eta,   c = g + r'A + r'B + r'A r'B.
- * (d) Cauchy-Schwarz: S <= ||b_i.||_2 ||a_.j||_2.  prepare() stores bnd_rf[i] >= c (1 + 2^-20)
- *     ||b_i.||_2 and bnd_cf[j] >= (1 + 2^-20) ||a_.j||_2: norms of the f32 copies computed in f64
- *     (relative error < 2^-32 for K <= 2^20), times (1 + 2^-19), rounded up to f32.
- * (e) Every variant computes, in f32 with RNE:  e1 = fma(bnd_rf[i], bnd_cf[j], c0),
+ *     So |v - r| <= D := u'|r| + C + 2 (K + 3) eta,   C = sum_k (g_k + rho)|b_k a_k|.
+ * (d) Cauchy-Schwarz: C <= (G ||(h_k b_k)_k||_2 + rho ||b_i.||_2) ||a_.j||_2.  prepare() stores
+ *     bnd_rf[i] >= (1 + 2^-20)(G ||(h_k b_k)||_2 + rho ||b_i.||_2) and bnd_cf[j] >= (1 + 2^-20)
+ *     ||a_.j||_2: norms of the f32 copies computed in f64 (relative error < 2^-32 for K <= 2^20;
+ *     G and h_k^2 too), times (1 + 2^-19), rounded up to f32.  So bnd_rf[i] bnd_cf[j] >=
+ *     (1 + 2^-20)^2 C.
+ * (e) f16 outputs (bf16 outputs: (g)).  Every variant computes, in f32 with RNE:
+ *     e1 = fma(bnd_rf[i], bnd_cf[j], c0),
  *     e2 = fma(|r|, 4u, e1), lo = r - e2, hi = r + e2, with c0 = 2^-125 (LM_LR_C0F, LM_LR_CRF).
  *     e1 >= c0 is normal, so e1 >= (1 - u)(bnd_rf bnd_cf + c0) and e2 >= (1 - u)(4u|r| + e1).
  *     lo = fl(r - e2) <= r - e2 + u|r - e2| <= r - e2 + u(|r| + e2), so lo <= r - D holds if
- *     (1 - u) e2 >= D + u|r| = (u + u')|r| + c S + 2 (K + 3) eta, which it does term by term:
+ *     (1 - u) e2 >= D + u|r| = (u + u')|r| + C + 2 (K + 3) eta, which it does term by term:
  *     (1 - u)^2 4u >= u + u';  (1 - u)^3 (1 + 2^-20)^2 >= 1;  (1 - u)^3 2^-125 >= 2^22 eta.
  *     Symmetrically hi >= r + D.  Overflow or NaN anywhere leaves lo or hi NaN or infinite.
  * (f) So lo <= v <= hi.  Rounding to the output dtype is monotone: if RNE(lo) and RNE(hi) are the
@@ -43,18 +48,43 @@
  *     lo <= r < T and hi >= r > -T lie inside the finite range.  The same f32 operations in the
  *     same order give the same r, e2, lo, hi in every variant, so even the decision (hence the
  *     counters) is identical.
- *     bf16 outputs take a sufficient form of that test, straight from the bits (no RNE of lo and
- *     hi): tl = bits(lo) + 2^15, th = bits(hi) + 2^15 (unsigned, 32 bits), certified when
- *     |r| < T, tl >> 16 == th >> 16 and neither tl nor th has a zero low half; the result is
- *     tl >> 16.  Why: finite floats of one sign are ordered as their bits (magnitude order), and
- *     the bf16 values are the bit patterns q 2^16, with midpoints q 2^16 +- 2^15.  tl >> 16 == q
- *     means bits(lo) in [q 2^16 - 2^15, q 2^16 + 2^15), a zero low half of tl means bits(lo) is
- *     the midpoint q 2^16 - 2^15 itself; so both bit patterns lie strictly between the two
- *     midpoints around q (no carry reaches the sign bit: |lo|, |hi| <= inf), lo and hi have one
- *     sign (it is bit 31 of tl and th), every v between them is strictly between those midpoints
- *     too, and RNE(v) = q with no tie: the bits of a bf16 value, finite since |r| < T as above.
- *     Subnormals need no exception: the bf16 subnormals are the f32 ones with a zero low half.
- * f64 path (f32 outputs): the same with u = 2^-53, eta = 2^-1075, one chain (h = K), b_k = Bs[i,k]
+ * (g) bf16 outputs: no |r| term; the ends are widened on their bits, and the test reads the bits.
+ *     Every variant computes, in f32 with RNE, e1 = fma(bnd_rf[i], bnd_cf[j], c0) as in (e),
+ *     lo = r - e1, hi = r + e1, then on the bits (unsigned, 32 bits) m = min(bits(lo), bits(hi)),
+ *     M = max(bits(lo), bits(hi)), tm = m + (2^15 - 3), tM = M + (2^15 + 1) (LM_LR_BF16_NEAR,
+ *     _FAR), and certifies when |r| < T = 2^127 and tm >> 16 == tM >> 16 =: q; q is the result.
+ *     Facts used: floats of one sign are ordered as their bits (magnitude order); bits + 1 is the
+ *     next float away from zero, at a distance >= ulp(x) above x and >= ulp(x) / 2 below it
+ *     (ulp(x) = 2^(E - 23) for x in [2^E, 2^(E+1)), E >= -126); RNE errs by at most half the ulp
+ *     of its result: |fl(x) - x| <= ulp(fl(x)) / 2.  The bf16 values are the patterns q 2^16,
+ *     their rounding boundaries the midpoints q 2^16 +- 2^15.
+ *     (1) The test puts the bit patterns m - 2 and M + 1 strictly between the midpoints around q:
+ *     tm >> 16 == q says m - 2 - 1 + 2^15 >= q 2^16, i.e. m - 2 > q 2^16 - 2^15, and tM >> 16 ==
+ *     q says M + 1 + 2^15 < (q + 1) 2^16.  No addition wraps: |r| < T leaves r finite, lo and hi
+ *     finite or infinite, never NaN (e1 is never NaN, (f)), so m, M <= 0xFF800000.  So m and M,
+ *     hence lo and hi, have the sign of q (bit 31 of q 2^16 - 2^15 and (q + 1) 2^16 alike).  Say
+ *     it is + (the other case is this one negated: RNE is symmetric, lo and hi trade places).
+ *     Then 0 <= lo <= hi, m = bits(lo), M = bits(hi).
+ *     (2) Sizes.  e1 >= c0 = 2^-125 (a nonnegative product plus c0, rounded).  lo's sign bit is
+ *     clear, so L = r - e1 >= 0 (a negative L rounds to a negative float or -0) and r >= e1 > 0;
+ *     H = r + e1 > 2^-125, hi = fl(H) >= 2^-125: q >= the bf16 pattern of 2^-125, normal, and
+ *     lo > the midpoint below q >= 2^-126: lo, r, hi are normal.  lo and hi lie between the
+ *     midpoints around q, q in [2^F, 2^(F+1)), q -+ 2^(F-8) at most, so hi / lo < (1 + 2^-8) /
+ *     (1 - 2^-8) < 1.008; and lo <= r <= hi (L <= r <= H, RNE monotone, r a float).
+ *     (3) Upper end.  By (a)-(b), |v - (W + d)| <= D' := C + 2 (K + 3) eta, and e1 >= D' since
+ *     (1 - u)(1 + 2^-20)^2 >= 1 and (1 - u) 2^-125 >= 2 (K + 3) 2^-150 (as in (e)).  r = fl(W + d)
+ *     errs by <= ulp(r) / 2 <= ulp(hi) / 2 (r <= hi), and hi >= H - ulp(hi) / 2.  So
+ *     v <= r + ulp(r) / 2 + D' <= H + ulp(hi) / 2 <= hi + ulp(hi) <= the float of bits M + 1.
+ *     (4) Lower end.  Likewise v >= r - ulp(r) / 2 - e1 = L - ulp(r) / 2 and L >= lo - ulp(lo) / 2,
+ *     so v >= lo - (ulp(lo) + ulp(r)) / 2.  With lo in [2^E, 2^(E+1)): if r < 2^(E+1), ulp(r) =
+ *     ulp(lo) and two steps down from lo cover ulp(lo) (ulp(lo) / 2 each at least); else r is in
+ *     the next binade (r <= 1.008 lo), ulp(r) = 2 ulp(lo), and lo > 2^(E+1) / 1.008 is far above
+ *     2^E, so the two steps cover 2 ulp(lo) >= 1.5 ulp(lo).  So v >= the float of bits m - 2.
+ *     (5) So v lies strictly between the midpoints around q: RNE(v) = q, no tie, a finite bf16
+ *     (q <= the pattern of 2^127 since |lo| <= |r| < 2^127, tM and tm agreeing on it).
+ *     Subnormal bf16 results are never certified here ((2)); the f64 levels handle them.
+ * f64 path (f32 outputs): (a)-(f) with u = 2^-53, eta = 2^-1075, one chain and every h_k taken as
+ * H = K (bnd_rd[i] >= (1 + 2^-20)(1.07 K u + rho) ||b_i.||_2), b_k = Bs[i,k]
  * = fl64(s_k B_ik) (rB = 2^-53, or 0 if all exact; rows with a nonzero |b_k| < 2^-1022 or a
  * non-finite one never certify), a_k = A_kj (exact: rA = 0), c0 = 2^-1020 (LM_LR_C0D, LM_LR_CRD),
  * and lo, hi rounded once from f64 to f32.
@@ -62,6 +92,11 @@
  * S' = fl(sum_k |b_k||A_kj|) by the same tree, so S <= (S' + 2(K+3) eta) / (1 - u)^h.  Then
  * e1 = fma((h + 2) u, S', c0): (g + r'B) / (1 - u)^h <= (h + 1) u (1 + 2^-32) <= (h + 2) u (1 - u)^3.
  * lo and hi are rounded directly from f64 to the output dtype (lr_round_f64, no double rounding).
+ * bf16 outputs try a sufficient test first, as the old level 1 did: fl32(lo) and fl32(hi), whose
+ * bits (+ 2^15) agree on the top half q, both low halves nonzero, q finite.  Then fl32(lo) and
+ * fl32(hi) lie strictly between the bf16 midpoints around q, which are f32 values, so lo and hi do
+ * too (f64 -> f32 rounding is monotone: lo <= mu would give fl32(lo) <= mu), RNE(lo) = RNE(hi) = q,
+ * and the full test would certify q as well: the same decision, two conversions cheaper.
  * If that does not certify either, level 2 may still prove its own result exact: when s_k B_ik
  * was exact in f64 for the whole tensor and W and every product b_k A_kj are multiples of 2^q
  * with |W| + sum |b_k A_kj| < 2^(q+52) (bounded through S'), every product, partial sum and
@@ -151,6 +186,7 @@ static size_t lr_ws_bytes(size_t rows, size_t cols, size_t K, int src32, int f64
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
         !lr_ws_add(&t, rows, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)) ||
         !lr_ws_add(&t, rows, 1) || !lr_ws_add(&t, cols, 1) || !lr_ws_add(&t, K, sizeof(long long)) ||
+        !lr_ws_add(&t, K, sizeof(double)) || !lr_ws_add(&t, rows, sizeof(double)) ||
         !lr_ws_add(&t, cols, sizeof(double)) || !lr_ws_add(&t, cols, sizeof(double)))
         return 0;
     return t;
@@ -256,8 +292,9 @@ static const lr_v4d lr_inf4 = {INFINITY, INFINITY, INFINITY, INFINITY};
  * (NULL: every s_k is one); pow2m: -1 where s_k is a power of two. */
 static inline __attribute__((always_inline)) void lr_row_pass(const double *restrict bd, const float *restrict bf,
                                                               const double *restrict s, const long long *restrict pow2m,
-                                                              int all_pow2, size_t K, double *restrict bs,
-                                                              float *restrict bfo, double *ss32o, double *ss64o,
+                                                              const double *restrict hsq, int all_pow2, size_t K,
+                                                              double *restrict bs, float *restrict bfo, double *ss32o,
+                                                              double *ss32ho, double *ss64o,
                                                               uint8_t *nf, int *same, int *exact64o, int *exact32o)
 {
     const lr_v4d zero = {0, 0, 0, 0}, dmax = {DBL_MAX, DBL_MAX, DBL_MAX, DBL_MAX};
@@ -265,10 +302,10 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
     const lr_v4d t126 = {0x1p-126, 0x1p-126, 0x1p-126, 0x1p-126};
     const lr_v4d t1022 = {0x1p-1022, 0x1p-1022, 0x1p-1022, 0x1p-1022};
     const lr_v4l absm = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
-    lr_v4d s32 = zero, s64 = zero;
+    lr_v4d s32 = zero, s32h = zero, s64 = zero;
     lr_v4l nfv = {0, 0, 0, 0}, sm = ~nfv, e64 = ~nfv, e32 = ~nfv;
     for (size_t k = 0; k < K; k += 4) {
-        lr_v4d b = zero, sk = zero;
+        lr_v4d b = zero, sk = zero, hk = zero;
         lr_v4l p2 = {0, 0, 0, 0}, exf = {0, 0, 0, 0};
         if (k + 4 <= K) {
             if (bd != NULL) {
@@ -279,11 +316,13 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
                 b = __builtin_convertvector(b4, lr_v4d);
             }
             memcpy(&sk, s + k, sizeof sk);
+            memcpy(&hk, hsq + k, sizeof hk);
             memcpy(&p2, pow2m + k, sizeof p2);
         } else {
             for (size_t m = 0; k + m < K; m++) {
                 b[m] = bd != NULL ? bd[k + m] : (double)bf[k + m];
                 sk[m] = s[k + m];
+                hk[m] = hsq[k + m];
                 p2[m] = pow2m[k + m];
             }
         }
@@ -316,9 +355,11 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
         e64 &= bad | ~nz | ex;
         e32 &= bad | ~nz | out32 | (ex & exact32);
         s32 += LR_INF_WHERE(bad | (nz & out32), fd * fd);
+        s32h += LR_INF_WHERE(bad | (nz & out32), hk * (fd * fd));
         s64 += LR_INF_WHERE(bad | (nz & (ax < t1022)), x * x);
     }
     *ss32o = (s32[0] + s32[1]) + (s32[2] + s32[3]);
+    *ss32ho = (s32h[0] + s32h[1]) + (s32h[2] + s32h[3]);
     *ss64o = (s64[0] + s64[1]) + (s64[2] + s64[3]);
     *nf = (uint8_t)((nfv[0] | nfv[1] | nfv[2] | nfv[3]) != 0);
     *same &= (sm[0] & sm[1] & sm[2] & sm[3]) != 0;
@@ -359,6 +400,7 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
     lr->bnd_rd = lr_carve(&p, rows, sizeof(double));
     lr->bnd_cd = lr_carve(&p, cols, sizeof(double));
     double *n32r = lr_carve(&p, rows, sizeof(double)); /* raw norms of the f32 copies */
+    double *n32h = lr_carve(&p, rows, sizeof(double)); /* the same weighted by h_k ((b) above) */
     double *n32c = lr_carve(&p, cols, sizeof(double));
     lr->row_nf = lr_carve(&p, rows, 1);
     lr->col_nf = lr_carve(&p, cols, 1);
@@ -367,6 +409,13 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
     int exactB32 = 1, exactB64 = 1, exactA32 = 1, sameB32 = 1;
     long long *pow2 = lr_carve(&p, K, sizeof(long long));
     int all_pow2 = 1;
+    /* h_k^2: term k (chain k % 4, position k / 4 of its n = ceil((K - k % 4) / 4) terms) passes
+     * through h_k = n - k / 4 + 2 roundings of the f32 path */
+    double *hsq = lr_carve(&p, K, sizeof(double));
+    for (size_t k = 0; k < K; k++) {
+        const double h = (double)((K - k % 4 + 3) / 4 - k / 4 + 2);
+        hsq[k] = h * h;
+    }
     for (size_t k = 0; k < K; k++) {
         int e;
         const double m = frexp(s[k], &e);
@@ -374,14 +423,15 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
         all_pow2 &= pow2[k] != 0;
     }
     for (size_t i = 0; i < rows; i++) {
-        double ss32, ss64;
+        double ss32, ss32h, ss64;
         if (src32)
-            lr_row_pass(NULL, B32 + i * K, s, pow2, all_pow2, K, lr->Bs ? lr->Bs + i * K : NULL, lr->Bf + i * K, &ss32,
-                        &ss64, &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
+            lr_row_pass(NULL, B32 + i * K, s, pow2, hsq, all_pow2, K, lr->Bs ? lr->Bs + i * K : NULL, lr->Bf + i * K,
+                        &ss32, &ss32h, &ss64, &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
         else
-            lr_row_pass(B + i * K, NULL, s, pow2, all_pow2, K, lr->Bs + i * K, lr->Bf + i * K, &ss32, &ss64,
-                        &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
+            lr_row_pass(B + i * K, NULL, s, pow2, hsq, all_pow2, K, lr->Bs + i * K, lr->Bf + i * K, &ss32, &ss32h,
+                        &ss64, &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
         n32r[i] = sqrt(ss32);
+        n32h[i] = sqrt(ss32h);
         lr->bnd_rd[i] = sqrt(ss64);
     }
     /* columns of A, summed row by row (A is row-major), k ascending for each column, in a loop with
@@ -433,12 +483,13 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
     /* the constants of the proof (r' = r / (1 - r) rounded up generously) */
     const double rB32 = exactB32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
     const double rA32 = exactA32 ? 0 : 0x1p-24 * (1 + 0x1p-21);
-    const double c32 = 1.07 * (double)lr_depth4(K) * 0x1p-24 + rA32 + rB32 + rA32 * rB32;
+    /* f32 path: g_k <= h_k u / (1 - H u) with H = max h_k, then the copies' rho, for every k */
+    const double g32 = 0x1p-24 / (1 - (double)lr_depth4(K) * 0x1p-24), rho32 = rA32 + rB32 + rA32 * rB32;
     const double c64 = 1.07 * (double)K * 0x1p-53 + (exactB64 ? 0 : 0x1p-53 * (1 + 0x1p-50));
     const double margin = 1 + 0x1p-19;
     /* never below the smallest subnormal, so that a product of two factors is never 0 * inf */
     for (size_t i = 0; i < rows; i++) {
-        lr->bnd_rf[i] = lr_atleast_f(lr_up_f32(c32 * margin * n32r[i]), 0x1p-149f);
+        lr->bnd_rf[i] = lr_atleast_f(lr_up_f32(margin * (g32 * n32h[i] + rho32 * n32r[i])), 0x1p-149f);
         lr->bnd_rd[i] = lr_atleast_d(c64 * margin * lr->bnd_rd[i], 0x1p-1074);
         if (isnan(lr->bnd_rd[i]))
             lr->bnd_rd[i] = INFINITY;
@@ -734,6 +785,12 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
         e = fma(fabs(r), LM_LR_CRD, e);
         const double lo = r - e, hi = r + e;
         if (!isnan(lo) && !isnan(hi)) {
+            if (out_dtype == LM_KDT_BF16) { /* the f32 roundings' bits first (Level 2 above) */
+                const uint32_t tl = lm_f32_bits((float)lo) + 0x8000u, th = lm_f32_bits((float)hi) + 0x8000u;
+                if (((tl ^ th) >> 16) == 0 && (tl & 0xFFFFu) != 0 && (th & 0xFFFFu) != 0 &&
+                    (tl & 0x7F800000u) != 0x7F800000u)
+                    return tl >> 16;
+            }
             bits = lr_round_f64(lo, out_dtype);
             if (bits == lr_round_f64(hi, out_dtype) && lm_lr_finite_bits(bits, out_dtype))
                 return bits;

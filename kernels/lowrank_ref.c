@@ -64,18 +64,20 @@ static uint32_t lr_one(const lm_lowrank *lr, size_t i, size_t j, float w, lm_kdt
             st->n_overflow += !lm_lr_finite_bits(o, out_dtype);
             return o;
         }
-        float e = fmaf(lr->bnd_rf[i], lr->bnd_cf[j], LM_LR_C0F);
-        e = fmaf(fabsf(r), LM_LR_CRF, e);
-        const float lo = r - e, hi = r + e;
-        const float rmax = out_dtype == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
-        if (fabsf(r) < rmax && out_dtype == LM_KDT_BF16) { /* from the bits ((f) in lowrank_exact.c) */
-            const uint32_t tl = lm_f32_bits(lo) + 0x8000u, th = lm_f32_bits(hi) + 0x8000u;
-            if (((tl ^ th) >> 16) == 0 && (tl & 0xFFFFu) != 0 && (th & 0xFFFFu) != 0)
-                return tl >> 16;
-        } else if (fabsf(r) < rmax) {
-            const uint32_t blo = lr_cvt(lo, out_dtype);
-            if (blo == lr_cvt(hi, out_dtype))
-                return blo;
+        const float e1 = fmaf(lr->bnd_rf[i], lr->bnd_cf[j], LM_LR_C0F);
+        if (out_dtype == LM_KDT_BF16) { /* ends widened on their bits ((g) in lowrank_exact.c) */
+            const uint32_t bl = lm_f32_bits(r - e1), bh = lm_f32_bits(r + e1);
+            const uint32_t tm = (bl < bh ? bl : bh) + LM_LR_BF16_NEAR, tM = (bl < bh ? bh : bl) + LM_LR_BF16_FAR;
+            if (fabsf(r) < LM_LR_RMAX_F32 && (tm >> 16) == (tM >> 16))
+                return tm >> 16;
+        } else { /* f16: (e), (f) */
+            const float e = fmaf(fabsf(r), LM_LR_CRF, e1);
+            const float lo = r - e, hi = r + e;
+            if (fabsf(r) < LM_LR_RMAX_F16) {
+                const uint32_t blo = lr_cvt(lo, out_dtype);
+                if (blo == lr_cvt(hi, out_dtype))
+                    return blo;
+            }
         }
     } else {
         const double *b = lr->Bs + i * K;

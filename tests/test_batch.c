@@ -297,6 +297,18 @@ Test(batch, bad_entries_refused_before_anything_is_written, .timeout = 300)
     snprintf(a, sizeof a, "--threads 2 %s --job %s/m/adapter n1/ --job %s/dora n2/ --job %s/nan n3/ "
              "--job %s/nope n4/", F.base, t, t, t, t);
     bt_refused(&F, a, 1, "NonFinite: job 3 (n3/): adapter tensor");
+    /* a single merge's several adapters are opened together too: the first failing one is named */
+    for (int order = 0; order < 2; order++) {
+        th_run_result r = bt_sh("cd %s/bat && %s -q --threads 2 %s %s/m/adapter --adapter %s/%s --adapter %s/%s s1/",
+                                t, F.bin, F.base, t, t, order ? "nan" : "nope", t, order ? "nope" : "nan");
+        cr_assert(r.status != 0 && strstr(r.err, order ? "NonFinite" : "cannot open") != NULL &&
+                  strstr(r.err, order ? "/nan/" : "/nope") != NULL && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                  "order %d: exit %d: %s", order, r.status, r.err);
+        char s1[1000];
+        snprintf(s1, sizeof s1, "%s/bat/s1", t);
+        cr_assert(!th_exists(s1), "order %d: s1/ was made", order);
+        th_run_free(&r);
+    }
     snprintf(a, sizeof a, "%s/nobase --job %s/m/adapter n1/", t, t);
     bt_refused(&F, a, 3, "job 1 (n1/): cannot open");
     bt_refused(&F, "", 2, "batch takes BASE");

@@ -662,12 +662,24 @@ Test(exact, exact_midpoints)
     }
 }
 
-/* bf16 outputs are certified from the bits of the interval's ends ((f) in lowrank_exact.c): an end
- * exactly on a bf16 midpoint must send the element to the f64 path, whichever end and sign (the
- * end nearer zero is the one only the tie test catches).  W (f32) is chosen per element so that
- * the level-1 interval documented in lm_kernels.h (K = 1: d = fl(b a), r = fl(W + d),
- * e = fma(|r|, 2^-22, fma(bnd_rf, bnd_cf, 2^-125))) ends on a midpoint: every element must be
- * recomputed, by every variant alike, and come out exact. */
+/* bf16 outputs are certified from the bits of the interval's ends ((g) in lowrank_exact.c): with
+ * lo = r - e1, hi = r + e1 (e1 = fma(bnd_rf, bnd_cf, 2^-125)), the end nearer zero moved 2 floats
+ * toward zero and the other 1 float away must lie strictly between the bf16 midpoints around the
+ * result.  xt_widened_on_midpoint says whether the r of magnitude a puts the widened end `near`
+ * (or the far one) exactly on the midpoint pattern mu: such an element must go to the f64 path,
+ * by every variant alike, and come out exact.  An offset one float smaller certifies them (the
+ * near end's test must be strict too), which the recomputed counts below catch. */
+static int xt_widened_on_midpoint(float a, float e1, uint32_t mu, int near)
+{
+    return near ? lm_f32_bits(a - e1) - 2u == mu : lm_f32_bits(a + e1) + 1u == mu;
+}
+
+/* the midpoint pattern (magnitude) below (near end) or above (far end) the bf16 value of pattern q */
+static uint32_t xt_midpoint(uint32_t q, int near)
+{
+    return near ? (q << 16) - 0x8000u : (q << 16) + 0x8000u;
+}
+
 Test(exact, bf16_interval_end_on_midpoint)
 {
     uint64_t rng = xt_seed("bf16_interval_end_on_midpoint");
@@ -682,29 +694,28 @@ Test(exact, bf16_interval_end_on_midpoint)
     const lm_lowrank lr = xt_prepare(&c, &ws);
     for (size_t i = 0; i < rows; i++)
         for (size_t j = 0; j < cols; j++) {
-            const int upper_end = i < 2, neg = i % 2; /* which end lands on the midpoint */
+            const int near = i < 2, neg = i % 2; /* which widened end lands on the midpoint */
             const float d = (float)(c.B[i] * c.A[j]); /* exact: fl(b a) */
             const float e1 = fmaf(lr.bnd_rf[i], lr.bnd_cf[j], 0x1p-125f);
             int found = 0;
-            float M = 0;
-            for (int attempt = 0; attempt < 64 && !found; attempt++) { /* a midpoint, then r near it */
-                const uint32_t q = 0x3F80u + (uint32_t)(th_rand_u64(&rng) % 128u); /* a bf16 in [1, 2) */
-                const uint32_t mb = (q << 16) | 0x8000u | (neg ? 0x80000000u : 0);
-                memcpy(&M, &mb, 4);
-                float r = upper_end ? M - e1 : M + e1;
+            uint32_t mu = 0;
+            for (int attempt = 0; attempt < 64 && !found; attempt++) { /* a midpoint, then |r| near it */
+                mu = xt_midpoint(0x3F81u + (uint32_t)(th_rand_u64(&rng) % 126u), near); /* in (1, 2) */
+                float M;
+                memcpy(&M, &mu, 4);
+                float a = near ? M + e1 : M - e1;
                 for (int step = 0; step < 64; step++)
-                    r = nextafterf(r, -INFINITY);
-                for (int step = 0; step < 128 && !found; step++, r = nextafterf(r, INFINITY)) {
-                    const float e2 = fmaf(fabsf(r), 0x1p-22f, e1);
-                    const float W = r - d;
-                    if ((upper_end ? r + e2 : r - e2) == M && W + d == r && r - e2 != r + e2) {
+                    a = nextafterf(a, -INFINITY);
+                for (int step = 0; step < 128 && !found; step++, a = nextafterf(a, INFINITY)) {
+                    const float r = neg ? -a : a, W = r - d;
+                    if (xt_widened_on_midpoint(a, e1, mu, near) && W + d == r) {
                         c.W[i * cols + j] = W;
                         found = 1;
                     }
                 }
             }
-            cr_assert(found, "test bug: no W puts the interval's %s end on %a (row %zu col %zu)",
-                      upper_end ? "upper" : "lower", (double)M, i, j);
+            cr_assert(found, "test bug: no W puts the interval's %s end on %#x (row %zu col %zu)", near ? "near" : "far",
+                      mu, i, j);
         }
     free(ws);
     const lm_lowrank_stats st = xt_verify(&c, 0, rows, "interval end on a bf16 midpoint");
@@ -722,19 +733,19 @@ Test(exact, bf16_bf16_interval_end_on_midpoint)
     uint64_t rng = xt_seed("bf16_bf16_interval_end_on_midpoint");
     const size_t rows = 4, cols = 45; /* a block of 3 rows and a single one; a panel, a 16-column block, a tail */
     for (int cfg = 0; cfg < 4; cfg++) {
-        const int upper_end = cfg < 2, neg = cfg % 2;
+        const int near = cfg < 2, neg = cfg % 2;
         xt_case c = xt_case_new(rows, cols, 1, LM_KDT_BF16, LM_KDT_BF16);
         c.s[0] = 1;
         for (size_t i = 0; i < rows; i++)
             c.B[i] = 2;
         for (size_t e = 0; e < rows * cols; e++)
             c.W[e] = 0;
-        float M[45];
-        for (size_t j = 0; j < cols; j++) { /* a midpoint of the result's sign, A_j near it */
-            const uint32_t q = 0x3F80u + (uint32_t)(th_rand_u64(&rng) % 128u);
-            const uint32_t mb = (q << 16) | 0x8000u | (neg ? 0x80000000u : 0);
-            memcpy(&M[j], &mb, 4);
-            c.A[j] = (double)(M[j] / 2);
+        uint32_t mu[45];
+        for (size_t j = 0; j < cols; j++) { /* a midpoint (magnitude), A_j of the result's sign near it */
+            mu[j] = xt_midpoint(0x3F81u + (uint32_t)(th_rand_u64(&rng) % 126u), near);
+            float M;
+            memcpy(&M, &mu[j], 4);
+            c.A[j] = (double)((neg ? -M : M) / 2);
         }
         int settled = 0;
         for (int round = 0; round < 20 && !settled; round++) {
@@ -743,28 +754,29 @@ Test(exact, bf16_bf16_interval_end_on_midpoint)
             settled = 1;
             for (size_t j = 0; j < cols; j++) {
                 const float e1 = fmaf(lr.bnd_rf[0], lr.bnd_cf[j], 0x1p-125f);
-                float r = (float)(2 * c.A[j]);
+                float a = fabsf((float)(2 * c.A[j]));
                 int hit = 0;
-                for (int step = 0; step < 64; step++) /* the end of r's interval against M, from below */
-                    r = nextafterf(r, -INFINITY);
-                for (int step = 0; step < 128 && !hit; step++, r = nextafterf(r, INFINITY)) {
-                    const float e2 = fmaf(fabsf(r), 0x1p-22f, e1);
-                    hit = (upper_end ? r + e2 : r - e2) == M[j] && r - e2 != r + e2;
-                    if (hit && (double)(r / 2) != c.A[j]) {
-                        c.A[j] = (double)(r / 2);
+                for (int step = 0; step < 64; step++) /* the widened end against mu, from below */
+                    a = nextafterf(a, -INFINITY);
+                for (int step = 0; step < 128 && !hit; step++, a = nextafterf(a, INFINITY)) {
+                    hit = xt_widened_on_midpoint(a, e1, mu[j], near);
+                    if (hit && (double)((neg ? -a : a) / 2) != c.A[j]) {
+                        c.A[j] = (double)((neg ? -a : a) / 2);
                         settled = 0;
                     }
                 }
                 if (!hit) { /* not reachable from here: start again nearer */
-                    const float e2 = fmaf(fabsf(M[j]), 0x1p-22f, e1);
-                    c.A[j] = (double)((upper_end ? M[j] - e2 : M[j] + e2) / 2);
+                    float M;
+                    memcpy(&M, &mu[j], 4);
+                    const float a0 = near ? M + e1 : M - e1;
+                    c.A[j] = (double)((neg ? -a0 : a0) / 2);
                     settled = 0;
                 }
             }
             free(ws);
         }
-        cr_assert(settled, "test bug: no A puts the intervals' %s ends on the midpoints (%s)",
-                  upper_end ? "upper" : "lower", neg ? "negative" : "positive");
+        cr_assert(settled, "test bug: no A puts the intervals' %s ends on the midpoints (%s)", near ? "near" : "far",
+                  neg ? "negative" : "positive");
         const lm_lowrank_stats st = xt_verify(&c, 0, rows, "bf16 -> bf16 interval end on a bf16 midpoint");
         cr_assert_eq(st.n_recomputed, rows * cols, "%" PRIu64 " of %zu elements recomputed", st.n_recomputed,
                      rows * cols);

@@ -514,6 +514,37 @@ static char *qt_read(const char *path)
     return buf;
 }
 
+/* the scales are read with pread (exec_quant.c scales_read), not through the mapping: a read error
+ * injected into each pread in turn (LM_FAULT, one thread: a fixed order) fails the merge with one
+ * line naming the tensor and the file, no output, and reaches a scale tensor before the run gets
+ * past every read (through the mapping, no pread would ever be a scale's) */
+Test(quant, fp8_scales_read_errors_name_the_tensor, .timeout = 120)
+{
+    qt_fx f;
+    qt_gen(&f, "fp8", NULL);
+    char out[1200], spec[32];
+    snprintf(out, sizeof out, "%s/out", f.tmp);
+    int scale_seen = 0, k = 1;
+    for (; k <= 200 && !scale_seen; k++) {
+        snprintf(spec, sizeof spec, "%d:EIO:pread", k);
+        setenv("LM_FAULT", spec, 1);
+        th_run_result r = th_runv("-q", "--threads", "1", f.base, f.ad, out, NULL);
+        unsetenv("LM_FAULT");
+        if (r.status == 0) { /* past every pread */
+            th_run_free(&r);
+            break;
+        }
+        cr_assert_eq(r.status, 3, "pread %d failing: exit %d: %s", k, r.status, r.err);
+        cr_assert(strstr(r.err, "cannot read tensor '") != NULL && strstr(r.err, f.base) != NULL &&
+                  strchr(r.err, '\n') == strrchr(r.err, '\n'), "pread %d failing: %s", k, r.err);
+        cr_assert(!th_exists(out), "pread %d failing left %s", k, out);
+        scale_seen = strstr(r.err, "_scale_inv'") != NULL;
+        th_run_free(&r);
+    }
+    cr_assert(scale_seen, "no scale tensor was read with pread (%d reads failed in turn)", k - 1);
+    th_qfx_free(&f);
+}
+
 Test(quant, fp8_block_keep_and_dtype)
 {
     qt_fx f;

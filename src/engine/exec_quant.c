@@ -3,11 +3,13 @@
 #include "exec_quant.h"
 
 #include "lm_error.h"
+#include "lm_sys.h"
 #include "plan_quant_bnb.h"
 #include "quant_bnb.h"
 #include "quant_mx.h"
 #include "st_reader.h"
 
+#include <errno.h>
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -18,26 +20,73 @@ static const uint8_t *entry_bytes(const lm_model *model, const lm_model_entry *e
     return lm_st_data(lm_model_file(model, e->file)) + e->info->begin;
 }
 
-/* a bitsandbytes 4-bit weight's absmax as f32: stored, or decoded from the nested ones */
-static lm_code bnb4_absmax(const lm_bnb_qinfo *b, const lm_model *model, float *dst, const char *name, lm_err *err)
+/* the nb bytes of entry e of the base into dst.  Read with pread when the file has a descriptor:
+ * through the mapping, where the page cache holds the base in 2 MB folios, the first touch maps
+ * the whole folio, which must be made present and dropped again (~0.2 ms a tensor, 2.3% of the
+ * fp8 bench's CPU, against a few us for the pread), and a file cut under the merge would raise
+ * SIGBUS.  Otherwise the mapped bytes, made present in one call and then dropped (resident, 2 MB
+ * a tensor would stay: +288 MB of peak RSS on the fp8 bench read cold). */
+static lm_code entry_read(const lm_model *model, const lm_model_entry *e, void *dst, uint64_t nb, lm_err *err)
 {
-    if (b->nested_absmax == NULL) {
-        memcpy(dst, entry_bytes(model, b->absmax), (size_t)b->n_absmax * sizeof(float));
-        lm_drop_mapped_pages(entry_bytes(model, b->absmax), (uint64_t)b->n_absmax * sizeof(float));
+    const lm_st_file *f = lm_model_file(model, e->file);
+    if (lm_st_fd(f) < 0) {
+        lm_populate_read(entry_bytes(model, e), nb);
+        memcpy(dst, entry_bytes(model, e), (size_t)nb);
+        lm_drop_mapped_pages(entry_bytes(model, e), nb);
         return LM_OK;
     }
-    uint64_t n2 = b->nested_absmax->info->n_elems;
-    float map[256], *a2 = malloc((size_t)n2 * sizeof *a2 + 1);
-    if (a2 == NULL)
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", name);
-    memcpy(map, entry_bytes(model, b->nested_map), sizeof map);
-    memcpy(a2, entry_bytes(model, b->nested_absmax), (size_t)n2 * sizeof *a2);
-    lm_bnb_nested_absmax(entry_bytes(model, b->absmax), b->n_absmax, map, a2, b->nested_blocksize, b->offset, dst);
-    /* the mapped pages read dropped, as lm_xq_load_scales() does */
-    lm_drop_mapped_pages(entry_bytes(model, b->absmax), (uint64_t)b->n_absmax);
-    lm_drop_mapped_pages(entry_bytes(model, b->nested_absmax), n2 * sizeof *a2);
-    free(a2);
+    const uint64_t off = lm_st_data_offset(f) + e->info->begin;
+    for (uint64_t got = 0; got < nb;) {
+        const ssize_t k = lm_sys_pread(lm_st_fd(f), (uint8_t *)dst + got, (size_t)(nb - got), (off_t)(off + got));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) { /* (the header said more: the file was cut while the merge read it) */
+            if (k == 0)
+                lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated "
+                        "while the merge read it; nothing was written", e->info->name);
+            else
+                lm_fail_errno(err, errno, "cannot read tensor '%s'", e->info->name);
+            lm_err_set_path(err, lm_st_path(f));
+            return LM_E_IO;
+        }
+        got += (uint64_t)k;
+    }
     return LM_OK;
+}
+
+/* n scales of dtype dt, entry e of the base, as f32 into dst (entry_read) */
+static lm_code scales_read(const lm_model *model, const lm_model_entry *e, lm_dtype dt, size_t n, float *dst,
+                           const char *name, lm_err *err)
+{
+    const uint64_t nb = (uint64_t)n * (lm_dtype_bits(dt) / 8);
+    uint8_t *raw = malloc((size_t)nb + 1);
+    if (raw == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", name);
+    const lm_code rc = entry_read(model, e, raw, nb, err);
+    if (rc == LM_OK)
+        lm_q_scales_to_f32(dt, raw, n, dst);
+    free(raw);
+    return rc;
+}
+
+/* a bitsandbytes 4-bit weight's absmax as f32: stored, or decoded from the nested ones (entry_read) */
+static lm_code bnb4_absmax(const lm_bnb_qinfo *b, const lm_model *model, float *dst, const char *name, lm_err *err)
+{
+    if (b->nested_absmax == NULL)
+        return entry_read(model, b->absmax, dst, (uint64_t)b->n_absmax * sizeof(float), err);
+    const uint64_t n2 = b->nested_absmax->info->n_elems;
+    float map[256], *a2 = malloc((size_t)n2 * sizeof *a2 + 1);
+    uint8_t *codes = malloc((size_t)b->n_absmax + 1);
+    lm_code rc = a2 != NULL && codes != NULL
+                     ? LM_OK
+                     : lm_fail(err, LM_E_NOMEM, NULL, "out of memory for the scales of '%s'", name);
+    if (rc == LM_OK && (rc = entry_read(model, b->nested_map, map, sizeof map, err)) == LM_OK &&
+        (rc = entry_read(model, b->nested_absmax, a2, n2 * sizeof *a2, err)) == LM_OK &&
+        (rc = entry_read(model, b->absmax, codes, (uint64_t)b->n_absmax, err)) == LM_OK)
+        lm_bnb_nested_absmax(codes, b->n_absmax, map, a2, b->nested_blocksize, b->offset, dst);
+    free(codes);
+    free(a2);
+    return rc;
 }
 
 /* the second scales: how many, and the rows each covers */
@@ -75,18 +124,14 @@ lm_code lm_xq_load_scales(const lm_plan_tensor *t, const lm_model *model, float 
         }
         return rc;
     }
-    /* the mapped scales made present in one call (rather than a page fault as they are read), then
-     * dropped: where the base's page cache holds 2 MB folios, every touch maps 2 MB, which would
-     * stay resident (+288 MB of peak RSS on the fp8 bench read cold) */
-    const uint64_t nb = (uint64_t)n * (lm_dtype_bits(q->scale_dtype) / 8);
-    lm_populate_read(entry_bytes(model, q->scale), nb);
-    lm_q_scales_to_f32(q->scale_dtype, entry_bytes(model, q->scale), n, *scales);
-    lm_drop_mapped_pages(entry_bytes(model, q->scale), nb);
-    if (q->scale2 != NULL) {
-        lm_q_scales_to_f32(LM_DT_F32, entry_bytes(model, q->scale2), n2, *scales + n);
-        lm_drop_mapped_pages(entry_bytes(model, q->scale2), (uint64_t)n2 * sizeof(float));
+    lm_code rc = scales_read(model, q->scale, q->scale_dtype, n, *scales, t->name, err);
+    if (rc == LM_OK && q->scale2 != NULL)
+        rc = scales_read(model, q->scale2, LM_DT_F32, n2, *scales + n, t->name, err);
+    if (rc != LM_OK) {
+        free(*scales);
+        *scales = NULL;
     }
-    return LM_OK;
+    return rc;
 }
 
 /* the tile's scales: the block rows its rows cover */

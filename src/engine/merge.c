@@ -128,6 +128,62 @@ static void phase_end(merge_state *S, int phase)
     S->t_phase = t;
 }
 
+/* Adapters opened ahead on the merge's threads: a merge's own when it has several, a batch's
+ * after the first job's.  Opening one (the snapshot copy, its sha256, the inf/NaN scan) is most of
+ * a job's set-up; the jobs then take their adapters in order, as before, each its adapter or the
+ * error the same call gave, and report the first failure.  Each thread hashes the snapshots it
+ * copies itself. */
+typedef struct {
+    const lm_merge_job *jobs;
+    lm_model *model;
+    preopened **pre;     /* [job][adapter]; NULL for a job left to open its own */
+    size_t n_jobs;
+    size_t next;         /* the next (job, adapter) to open, counted over the jobs in order */
+} batch_pre;
+
+static void *preopen_main(void *arg)
+{
+    batch_pre *B = arg;
+    lm_st_snapshot_hash_here(1);
+    for (;;) {
+        size_t k = __atomic_fetch_add(&B->next, 1, __ATOMIC_RELAXED), j = 0;
+        while (j < B->n_jobs && k >= B->jobs[j].n_adapters) {
+            k -= B->jobs[j].n_adapters;
+            j++;
+        }
+        if (j == B->n_jobs)
+            break;
+        if (B->pre[j] == NULL)
+            continue;
+        const lm_merge_job *J = &B->jobs[j];
+        preopened *p = &B->pre[j][k];
+        lm_err_clear(&p->err);
+        p->a = lm_adapter_open_with(J->adapters[k].dir, J->adapters[k].weight, B->model, J->formats, &p->err);
+        p->done = 1;
+    }
+    lm_st_snapshot_hash_here(0);
+    return NULL;
+}
+
+/* B->next .. B->next + items - 1 opened on up to n_threads threads (0: every core), the calling
+ * one too; with one, nothing (the job opens its own) */
+static void preopen_run(batch_pre *B, size_t items, int n_threads)
+{
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t T = n_threads > 0 ? (size_t)n_threads : cores > 0 ? (size_t)cores : 1;
+    T = T < items ? T : items;
+    T = T < 64 ? T : 64;
+    if (T < 2)
+        return;
+    pthread_t th[64];
+    size_t started = 0;
+    while (started + 1 < T && pthread_create(&th[started], NULL, preopen_main, B) == 0)
+        started++;
+    preopen_main(B);
+    for (size_t t = 0; t < started; t++)
+        pthread_join(th[t], NULL);
+}
+
 /* the base and the adapters, with an error that says what a file is when it is not what was
  * expected (an LFS pointer, a GGUF file ...) */
 static lm_code open_inputs(merge_state *S, lm_err *err)
@@ -149,7 +205,14 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
         lm_report_note(S->ri, "the base is a PyTorch checkpoint, read into memory (%.2f GB) by the restricted "
                               "reader; the safetensors output can be the base of later merges", (double)bytes * 1e-9);
     }
-    for (size_t i = 0; i < job->n_adapters; i++) {
+    preopened *own = NULL; /* several adapters of this merge: opened ahead, together */
+    if (S->pre == NULL && job->n_adapters > 1 && (own = calloc(job->n_adapters, sizeof *own)) != NULL) {
+        batch_pre B = {job, S->model, &own, 1, 0};
+        preopen_run(&B, job->n_adapters, job->n_threads);
+        S->pre = own;
+    }
+    lm_st_snapshot_hash_here(job->n_threads == 1); /* one thread asked for: the copying one hashes too */
+    for (size_t i = 0; i < job->n_adapters && rc == LM_OK; i++) {
         if (S->pre != NULL && S->pre[i].done) { /* the same call, made ahead */
             S->ads[i] = S->pre[i].a;
             S->pre[i].a = NULL;
@@ -161,10 +224,17 @@ static lm_code open_inputs(merge_state *S, lm_err *err)
         }
         if (S->ads[i] == NULL) {
             lm_inputs_explain("adapter", job->adapters[i].dir, err);
-            return err->code;
+            rc = err->code;
         }
     }
-    return LM_OK;
+    lm_st_snapshot_hash_here(0);
+    if (own != NULL) { /* those after a failure */
+        for (size_t i = 0; i < job->n_adapters; i++)
+            lm_adapter_free(own[i].a);
+        free(own);
+        S->pre = NULL;
+    }
+    return rc;
 }
 
 /* what the adapter loader noticed (formats read, renames) goes into the report */
@@ -1156,42 +1226,6 @@ static char *out_canonical(const char *out)
     return c;
 }
 
-/* The batch's adapters after the first job's, opened ahead on the batch's threads: opening one
- * (the snapshot copy, its sha256, the inf/NaN scan) is most of a job's set-up, and the jobs are
- * then begun one by one in order, as before, each taking its adapters (or the error the same
- * call gave) from here.  Each thread hashes the snapshots it copies itself. */
-typedef struct {
-    const lm_merge_job *jobs;
-    lm_model *model;
-    preopened **pre;     /* [job][adapter]; NULL for a job left to open its own */
-    size_t n_jobs;
-    size_t next;         /* the next (job, adapter) to open, counted over the jobs in order */
-} batch_pre;
-
-static void *preopen_main(void *arg)
-{
-    batch_pre *B = arg;
-    lm_st_snapshot_hash_here(1);
-    for (;;) {
-        size_t k = __atomic_fetch_add(&B->next, 1, __ATOMIC_RELAXED), j = 0;
-        while (j < B->n_jobs && k >= B->jobs[j].n_adapters) {
-            k -= B->jobs[j].n_adapters;
-            j++;
-        }
-        if (j == B->n_jobs)
-            break;
-        if (B->pre[j] == NULL)
-            continue;
-        const lm_merge_job *J = &B->jobs[j];
-        preopened *p = &B->pre[j][k];
-        lm_err_clear(&p->err);
-        p->a = lm_adapter_open_with(J->adapters[k].dir, J->adapters[k].weight, B->model, J->formats, &p->err);
-        p->done = 1;
-    }
-    lm_st_snapshot_hash_here(0);
-    return NULL;
-}
-
 /* pre[j] for jobs 1.. whose inputs pass lm_inputs_precheck (the others open nothing ahead: the
  * check refuses what could block an open, a FIFO ...), opened on up to n_threads threads (the
  * calling one too).  Nothing is reported here: a failure is the job's, when it is begun. */
@@ -1209,19 +1243,7 @@ static void batch_preopen(const lm_merge_job *jobs, size_t n, lm_model *model, p
         items += jobs[j].n_adapters;
     }
     B.next = jobs[0].n_adapters; /* the first job's are open */
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    size_t T = jobs[0].n_threads > 0 ? (size_t)jobs[0].n_threads : cores > 0 ? (size_t)cores : 1;
-    T = T < items ? T : items;
-    if (T < 2)
-        return; /* one thread: the jobs open their own, in order */
-    pthread_t th[64];
-    size_t started = 0;
-    T = T < 64 ? T : 64;
-    while (started + 1 < T && pthread_create(&th[started], NULL, preopen_main, &B) == 0)
-        started++;
-    preopen_main(&B);
-    for (size_t t = 0; t < started; t++)
-        pthread_join(th[t], NULL);
+    preopen_run(&B, items, jobs[0].n_threads);
 }
 
 /* the batch's shared options, and no two jobs writing the same OUT (or one inside another's) */
