@@ -433,7 +433,19 @@ typedef struct {
     size_t n;
     const char *dir;
     int first, step, K, failed;
+    uint64_t drop; /* > 0: written with the batch's drop-behind, this step (lm_st_writer_drop_behind) */
 } floor_arg;
+
+/* the drop-behind step the batch of K outputs of n bytes takes (exec.c: drop_behind_step), 0: none */
+static uint64_t batch_drop_step(int K, uint64_t n)
+{
+    const char *e = getenv("LM_DROP_BEHIND");
+    if (e != NULL && *e != '\0')
+        return atoll(e) <= 0 ? 0 : atoll(e) == 1 ? (uint64_t)8 << 20 : (uint64_t)atoll(e);
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    return K > 1 && pages > 0 && page > 0 && (uint64_t)K * n > (uint64_t)pages * (uint64_t)page / 2 ? (uint64_t)8 << 20
+                                                                                                     : 0;
+}
 
 static void *floor_thread(void *p)
 {
@@ -462,6 +474,12 @@ static void *floor_thread(void *p)
                 else
                     done += k;
             }
+        const uint64_t end = off + (uint64_t)got, st = a->drop; /* st_writer.c's drop_behind, per file */
+        if (st > 0 && end >= 3 * st)
+            for (int f = 0; f < nf; f++) {
+                const uint64_t b = (end - 2 * st) / st * st, lo = b > 4 * st ? b - 4 * st : 0;
+                (void)posix_fadvise(fds[f], (off_t)lo, (off_t)(b - lo), POSIX_FADV_DONTNEED);
+            }
         off += (size_t)got;
     }
     for (int f = 0; f < nf; f++)
@@ -482,7 +500,7 @@ static int floor_write(const char *base, const char *dir, int K, int T)
     floor_arg a[64];
     int failed = 0;
     for (int t = 0; t < T; t++) {
-        a[t] = (floor_arg){fd, (size_t)st.st_size, dir, t, T, K, 0};
+        a[t] = (floor_arg){fd, (size_t)st.st_size, dir, t, T, K, 0, batch_drop_step(K, (uint64_t)st.st_size)};
         if (pthread_create(&th[t], NULL, floor_thread, &a[t]) != 0)
             return 1;
     }
@@ -491,6 +509,24 @@ static int floor_write(const char *base, const char *dir, int K, int T)
         failed |= a[t].failed;
     }
     return failed;
+}
+
+/* pages the kernel reclaimed so far (/proc/vmstat): v[0] by kswapd, v[1] directly by the
+ * allocating tasks (pgsteal_*) */
+static void vm_reclaimed(double v[2])
+{
+    FILE *f = fopen("/proc/vmstat", "r");
+    char name[128];
+    unsigned long long x;
+    v[0] = v[1] = 0;
+    while (f != NULL && fscanf(f, "%127s %llu", name, &x) == 2) {
+        if (!strcmp(name, "pgsteal_kswapd"))
+            v[0] = (double)x;
+        else if (!strcmp(name, "pgsteal_direct"))
+            v[1] = (double)x;
+    }
+    if (f != NULL)
+        fclose(f);
 }
 
 /* sha256 of a file (sha256sum), into hex[65]; "" when it cannot be read */
@@ -566,8 +602,10 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     /* per phase (0: the K merges, 1: the batch, 2: tee, 3: the threaded floor) and run: wall to
      * exit, CPU, system CPU, GB read from the disk, wall to the outputs on the disk */
     enum { NP = 4 };
-    double *t[NP], *c[NP], *sy[NP], *gb[NP], *d[NP];
+    double *t[NP], *c[NP], *sy[NP], *gb[NP], *d[NP], *rk[NP], *rd_[NP]; /* rk, rd_: GB reclaimed, kswapd and direct */
     for (int p = 0; p < NP; p++) {
+        rk[p] = calloc((size_t)runs, sizeof *rk[p]);
+        rd_[p] = calloc((size_t)runs, sizeof *rd_[p]);
         t[p] = calloc((size_t)runs, sizeof *t[p]);
         c[p] = calloc((size_t)runs, sizeof *c[p]);
         sy[p] = calloc((size_t)runs, sizeof *sy[p]);
@@ -604,7 +642,8 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
             mkdir(od, 0777);
             mkdir(rd, 0777);
             run_timed(wargv, NULL, &rss, &st);
-            double t0 = now(), c0 = 0, sd0 = 0, sy0 = 0, gb0 = 0;
+            double t0 = now(), c0 = 0, sd0 = 0, sy0 = 0, gb0 = 0, v0[2], v1[2];
+            vm_reclaimed(v0);
             if (p == 0) { /* the K merges, one after the other: one phase (each pays for the last's writeback) */
                 sync();
                 t0 = now();
@@ -630,6 +669,9 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
                 st = batch_phase(p == 2 ? targv : fargv, durable, &t[p][r], &c[p][r], &sy[p][r], &gb[p][r], &d[p][r],
                                  &rss);
             }
+            vm_reclaimed(v1);
+            rk[p][r] = (v1[0] - v0[0]) * 4096e-9;
+            rd_[p][r] = (v1[1] - v0[1]) * 4096e-9;
             if (st != 0) {
                 fprintf(stderr, "bench: %s failed with status %d\n",
                         p == 0 ? "a merge" : p == 1 ? "the batch" : p == 2 ? "tee" : "the floor (--floor-write)", st);
@@ -645,8 +687,10 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     }
     rm_rf(od);
     rm_rf(rd);
-    double m[NP], mc[NP], md[NP], lo[NP], hi[NP], lod[NP], hid[NP], msy[NP], mgb[NP], cores[NP];
+    double m[NP], mc[NP], md[NP], lo[NP], hi[NP], lod[NP], hid[NP], msy[NP], mgb[NP], cores[NP], mrk[NP], mrd[NP];
     for (int p = 0; p < NP; p++) {
+        mrk[p] = median(rk[p], runs);
+        mrd[p] = median(rd_[p], runs);
         double *u = calloc((size_t)runs, sizeof *u); /* cores busy: each run's CPU / its wall */
         for (int r = 0; r < runs; r++)
             u[r] = t[p][r] > 0 ? c[p][r] / t[p][r] : 0;
@@ -685,12 +729,16 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
                "%.2f s (%.2f-%.2f): ratio %.3f\n", md[0], lod[0], hid[0], md[1], lod[1], hid[1], md[1] / md[0]);
     double fl = m[2] < m[3] ? m[2] : m[3], fld = md[2] < md[3] ? md[2] : md[3];
     printf("the floor, writing the %d outputs' bytes and nothing else (same runs): `tee` of the base to %d files "
-           "%.2f s wall (%.2f-%.2f), %.2f s CPU; the same by %d threads (a tee each, K/%d files) %.2f s wall "
-           "(%.2f-%.2f), %.2f s CPU (system %.2f s and %.2f s)\n", K, K, m[2], lo[2], hi[2], mc[2], threads, threads, m[3],
-           lo[3], hi[3], mc[3], msy[2], msy[3]);
+           "%.2f s wall (%.2f-%.2f), %.2f s CPU; the same by %d threads (a tee each, K/%d files%s) %.2f s wall "
+           "(%.2f-%.2f), %.2f s CPU (system %.2f s and %.2f s)\n", K, K, m[2], lo[2], hi[2], mc[2], threads, threads,
+           batch_drop_step(K, file_size(base)) > 0 ? ", with the batch's drop-behind" : "", m[3], lo[3], hi[3], mc[3],
+           msy[2], msy[3]);
     if (durable)
         printf("the floors to the disk: `tee` %.2f s, threads %.2f s: %.3f of the K merges'\n", md[2], md[3],
                fld / md[0]);
+    printf("page cache reclaimed during each phase (GB, median; by kswapd + directly by the phase's tasks): K merges "
+           "%.2f + %.2f, one batch %.2f + %.2f, tee %.2f + %.2f, threads %.2f + %.2f\n", mrk[0], mrd[0], mrk[1], mrd[1],
+           mrk[2], mrd[2], mrk[3], mrd[3]);
     printf("floor ratio (the better floor / the K merges): %.3f; the batch / the floor: %.3f%s\n", fl / m[0],
            m[1] / fl,
            fl / m[0] > bc->max_ratio && bc->max_ratio > 0 ? "; the target ratio is below the floor: no batch can "
@@ -701,6 +749,8 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
         free(sy[p]);
         free(gb[p]);
         free(d[p]);
+        free(rk[p]);
+        free(rd_[p]);
     }
     return same ? 0 : 1;
 }
