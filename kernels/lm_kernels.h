@@ -470,6 +470,7 @@ void lm_lowrank_avx512(const lm_lowrank *lr, size_t row0, size_t n_rows, const v
  * test strict (an end on a midpoint is not certified) */
 #define LM_LR_BF16_NEAR 0x7FFDu /* 0x8000 - 2 - 1 */
 #define LM_LR_BF16_FAR 0x8001u  /* 0x8000 + 1 */
+#define LM_LR_BF16_QMAX 0x7F80u /* certified magnitudes are below it: finite, the end nearer zero >= 0 */
 #define LM_LR_C0D 0x1p-1020  /* f64 path */
 #define LM_LR_CRD 0x1p-51    /* f64 path (4u) */
 /* level 1 certifies an element only if |r| < LM_LR_RMAX_<out>: then equal roundings of lo and hi

@@ -110,16 +110,19 @@ LR2_INLINE void lr2_finish_f32_body(const lm_lowrank *lr, size_t i, size_t j, __
     const __m256 absr = _mm256_and_ps(r, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
     __m256 e = _mm256_fmadd_ps(_mm256_set1_ps(lr->bnd_rf[i]), _mm256_loadu_ps(lr->bnd_cf + j),
                                _mm256_set1_ps(LM_LR_C0F));
-    const float rmax = ot == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
-    unsigned ok = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(absr, _mm256_set1_ps(rmax), _CMP_LT_OQ));
-    if (ot == LM_KDT_BF16) { /* ends widened on their bits, as the reference ((g) in lowrank_exact.c) */
-        const __m256i bl = _mm256_castps_si256(_mm256_sub_ps(r, e)), bh = _mm256_castps_si256(_mm256_add_ps(r, e));
-        const __m256i tm = _mm256_add_epi32(_mm256_min_epu32(bl, bh), _mm256_set1_epi32(LM_LR_BF16_NEAR));
-        const __m256i tM = _mm256_add_epi32(_mm256_max_epu32(bl, bh), _mm256_set1_epi32(LM_LR_BF16_FAR));
+    unsigned ok;
+    if (ot == LM_KDT_BF16) { /* |r|'s ends widened on their bits, as the reference ((g) in lowrank_exact.c) */
+        const __m256i tm = _mm256_add_epi32(_mm256_castps_si256(_mm256_sub_ps(absr, e)),
+                                            _mm256_set1_epi32(LM_LR_BF16_NEAR));
+        const __m256i tM = _mm256_add_epi32(_mm256_castps_si256(_mm256_add_ps(absr, e)),
+                                            _mm256_set1_epi32(LM_LR_BF16_FAR));
         const __m256i q = _mm256_srli_epi32(tm, 16);
-        ok &= lr2_mask32(_mm256_cmpeq_epi32(q, _mm256_srli_epi32(tM, 16)));
-        _mm_storeu_si128((__m128i *)op, lr2_pack16(q));
+        ok = lr2_mask32(_mm256_and_si256(_mm256_cmpeq_epi32(q, _mm256_srli_epi32(tM, 16)),
+                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(LM_LR_BF16_QMAX), q)));
+        const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(r), 16), _mm256_set1_epi32(0x8000));
+        _mm_storeu_si128((__m128i *)op, lr2_pack16(_mm256_or_si256(q, sign)));
     } else {
+        ok = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(absr, _mm256_set1_ps(LM_LR_RMAX_F16), _CMP_LT_OQ));
         e = _mm256_fmadd_ps(absr, _mm256_set1_ps(LM_LR_CRF), e);
         const __m256 lo = _mm256_sub_ps(r, e), hi = _mm256_add_ps(r, e);
         const __m128i hlo = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);

@@ -122,17 +122,21 @@ LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m
     __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(lr->bnd_rf[i]), _mm512_loadu_ps(lr->bnd_cf + j),
                                _mm512_set1_ps(LM_LR_C0F));
     const __m512 absr = _mm512_abs_ps(r);
-    const float rmax = ot == LM_KDT_F16 ? LM_LR_RMAX_F16 : LM_LR_RMAX_F32;
-    __mmask16 ok = _mm512_cmp_ps_mask(absr, _mm512_set1_ps(rmax), _CMP_LT_OQ);
+    __mmask16 ok;
     __m512i b;
-    if (ot == LM_KDT_BF16) { /* ends widened on their bits ((g) in lowrank_exact.c) */
-        const __m512i bl = _mm512_castps_si512(_mm512_sub_ps(r, e)), bh = _mm512_castps_si512(_mm512_add_ps(r, e));
-        const __m512i tm = _mm512_add_epi32(_mm512_min_epu32(bl, bh), _mm512_set1_epi32(LM_LR_BF16_NEAR));
-        const __m512i tM = _mm512_add_epi32(_mm512_max_epu32(bl, bh), _mm512_set1_epi32(LM_LR_BF16_FAR));
-        ok = _mm512_mask_testn_epi32_mask(ok, _mm512_xor_si512(tm, tM), _mm512_set1_epi32((int)0xFFFF0000u));
-        b = _mm512_srli_epi32(tm, 16);
+    if (ot == LM_KDT_BF16) { /* |r|'s ends widened on their bits ((g) in lowrank_exact.c) */
+        const __m512i tm = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(absr, e)),
+                                            _mm512_set1_epi32(LM_LR_BF16_NEAR));
+        const __m512i tM = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(absr, e)),
+                                            _mm512_set1_epi32(LM_LR_BF16_FAR));
+        ok = _mm512_testn_epi32_mask(_mm512_xor_si512(tm, tM), _mm512_set1_epi32((int)0xFFFF0000u));
+        ok = _mm512_mask_cmplt_epu32_mask(ok, tm, _mm512_set1_epi32((int)(LM_LR_BF16_QMAX << 16)));
+        /* the magnitude's top half with r's sign */
+        b = _mm512_ternarylogic_epi32(_mm512_srli_epi32(tm, 16), _mm512_srli_epi32(_mm512_castps_si512(r), 16),
+                                      _mm512_set1_epi32(0x8000), 0xF8); /* A | (B & C) */
         _mm256_storeu_si256((__m256i *)op, _mm512_cvtepi32_epi16(b));
     } else {
+        ok = _mm512_cmp_ps_mask(absr, _mm512_set1_ps(LM_LR_RMAX_F16), _CMP_LT_OQ);
         e = _mm512_fmadd_ps(absr, _mm512_set1_ps(LM_LR_CRF), e);
         const __m512 lo = _mm512_sub_ps(r, e), hi = _mm512_add_ps(r, e);
         const __m256i hlo = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
@@ -192,25 +196,25 @@ LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m5
         }
         return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(packed, raw));
     }
-    const __m512 c0 = _mm512_set1_ps(LM_LR_C0F), rmax = _mm512_set1_ps(LM_LR_RMAX_F32);
-    const __m512 brf = _mm512_set1_ps(lr->bnd_rf[i]);
+    const __m512 c0 = _mm512_set1_ps(LM_LR_C0F), brf = _mm512_set1_ps(lr->bnd_rf[i]);
     const __m512i near = _mm512_set1_epi32(LM_LR_BF16_NEAR), far = _mm512_set1_epi32(LM_LR_BF16_FAR);
     const __m512 e0 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j), c0);
     const __m512 e1 = _mm512_fmadd_ps(brf, _mm512_loadu_ps(lr->bnd_cf + j + 16), c0);
-    const __m512i bl0 = _mm512_castps_si512(_mm512_sub_ps(r0, e0)), bh0 = _mm512_castps_si512(_mm512_add_ps(r0, e0));
-    const __m512i bl1 = _mm512_castps_si512(_mm512_sub_ps(r1, e1)), bh1 = _mm512_castps_si512(_mm512_add_ps(r1, e1));
-    const __m512i tm0 = _mm512_add_epi32(_mm512_min_epu32(bl0, bh0), near);
-    const __m512i tM0 = _mm512_add_epi32(_mm512_max_epu32(bl0, bh0), far);
-    const __m512i tm1 = _mm512_add_epi32(_mm512_min_epu32(bl1, bh1), near);
-    const __m512i tM1 = _mm512_add_epi32(_mm512_max_epu32(bl1, bh1), far);
-    const __mmask16 ok0 = _mm512_cmp_ps_mask(_mm512_abs_ps(r0), rmax, _CMP_LT_OQ);
-    const __mmask16 ok1 = _mm512_cmp_ps_mask(_mm512_abs_ps(r1), rmax, _CMP_LT_OQ);
+    const __m512 a0 = _mm512_abs_ps(r0), a1 = _mm512_abs_ps(r1);
+    const __m512i tm0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(a0, e0)), near);
+    const __m512i tM0 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(a0, e0)), far);
+    const __m512i tm1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(a1, e1)), near);
+    const __m512i tM1 = _mm512_add_epi32(_mm512_castps_si512(_mm512_add_ps(a1, e1)), far);
     /* the test of lr5_finish_f32 on the 32 elements at once: the top halves of tm and tM gathered
-     * (the result is tm's) and compared as words */
-    const __m512i packed = _mm512_permutex2var_epi16(tm0, out_idx, tm1);
-    const __m512i packed_h = _mm512_permutex2var_epi16(tM0, out_idx, tM1);
+     * and compared as words, the magnitudes below LM_LR_BF16_QMAX; the result is tm's with the
+     * sign of r (its top words gathered too) */
+    const __m512i mag = _mm512_permutex2var_epi16(tm0, out_idx, tm1);
+    const __m512i mag_h = _mm512_permutex2var_epi16(tM0, out_idx, tM1);
+    const __m512i rtop = _mm512_permutex2var_epi16(_mm512_castps_si512(r0), out_idx, _mm512_castps_si512(r1));
+    const __m512i packed = _mm512_ternarylogic_epi32(mag, rtop, _mm512_set1_epi16((short)0x8000), 0xF8); /* A | (B & C) */
     _mm512_storeu_si512(op, packed);
-    const uint32_t ok = ((uint32_t)ok0 | (uint32_t)ok1 << 16) & (uint32_t)_mm512_cmpeq_epi16_mask(packed, packed_h);
+    const uint32_t ok = (uint32_t)_mm512_mask_cmplt_epu16_mask(_mm512_cmpeq_epi16_mask(mag, mag_h), mag,
+                                                               _mm512_set1_epi16((short)LM_LR_BF16_QMAX));
     if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
         float wv[32];
         _mm512_storeu_ps(wv, w0);

@@ -50,21 +50,25 @@
  *     counters) is identical.
  * (g) bf16 outputs: no |r| term; the ends are widened on their bits, and the test reads the bits.
  *     Every variant computes, in f32 with RNE, e1 = fma(bnd_rf[i], bnd_cf[j], c0) as in (e),
- *     lo = r - e1, hi = r + e1, then on the bits (unsigned, 32 bits) m = min(bits(lo), bits(hi)),
- *     M = max(bits(lo), bits(hi)), tm = m + (2^15 - 3), tM = M + (2^15 + 1) (LM_LR_BF16_NEAR,
- *     _FAR), and certifies when |r| < T = 2^127 and tm >> 16 == tM >> 16 =: q; q is the result.
+ *     a = |r|, lo = a - e1, hi = a + e1, then on the bits (unsigned, 32 bits) tm = bits(lo) +
+ *     (2^15 - 3), tM = bits(hi) + (2^15 + 1) (LM_LR_BF16_NEAR, _FAR), and certifies when
+ *     tm >> 16 == tM >> 16 =: q and q < 0x7F80 (LM_LR_BF16_QMAX); the result is q with r's sign
+ *     bit.  RNE is symmetric (fl(-x) = -fl(x)): negating W and every b_k negates d, r and v and
+ *     leaves a, e1, lo and hi as they are, so it suffices to take r's sign bit clear (a = r) and
+ *     show RNE(v) = q; with the sign bit set, RNE(v) = -q, q with the sign bit.
  *     Facts used: floats of one sign are ordered as their bits (magnitude order); bits + 1 is the
  *     next float away from zero, at a distance >= ulp(x) above x and >= ulp(x) / 2 below it
  *     (ulp(x) = 2^(E - 23) for x in [2^E, 2^(E+1)), E >= -126); RNE errs by at most half the ulp
  *     of its result: |fl(x) - x| <= ulp(fl(x)) / 2.  The bf16 values are the patterns q 2^16,
  *     their rounding boundaries the midpoints q 2^16 +- 2^15.
- *     (1) The test puts the bit patterns m - 2 and M + 1 strictly between the midpoints around q:
- *     tm >> 16 == q says m - 2 - 1 + 2^15 >= q 2^16, i.e. m - 2 > q 2^16 - 2^15, and tM >> 16 ==
- *     q says M + 1 + 2^15 < (q + 1) 2^16.  No addition wraps: |r| < T leaves r finite, lo and hi
- *     finite or infinite, never NaN (e1 is never NaN, (f)), so m, M <= 0xFF800000.  So m and M,
- *     hence lo and hi, have the sign of q (bit 31 of q 2^16 - 2^15 and (q + 1) 2^16 alike).  Say
- *     it is + (the other case is this one negated: RNE is symmetric, lo and hi trade places).
- *     Then 0 <= lo <= hi, m = bits(lo), M = bits(hi).
+ *     (1) The test puts the bit patterns m - 2 and M + 1, m = bits(lo), M = bits(hi), strictly
+ *     between the midpoints around q: tm >> 16 == q says m - 2 - 1 + 2^15 >= q 2^16, i.e.
+ *     m - 2 > q 2^16 - 2^15, and tM >> 16 == q says M + 1 + 2^15 < (q + 1) 2^16.  No addition
+ *     wraps: hi = fl(a + e1) is +0 .. +inf or a NaN with the sign bit clear (a is |r|, e1 > 0 is
+ *     never NaN, (f)), M <= 0x7FFFFFFF; lo is that or a negative float down to -inf (0xFF800000).
+ *     q < 0x7F80 then says m, M < 0x7F800000: lo and hi are finite floats with the sign bit clear
+ *     (a NaN or inf r gives NaN or inf ends, q >= 0x7F80), so 0 <= lo <= hi, and q is a finite
+ *     bf16 magnitude.
  *     (2) Sizes.  e1 >= c0 = 2^-125 (a nonnegative product plus c0, rounded).  lo's sign bit is
  *     clear, so L = r - e1 >= 0 (a negative L rounds to a negative float or -0) and r >= e1 > 0;
  *     H = r + e1 > 2^-125, hi = fl(H) >= 2^-125: q >= the bf16 pattern of 2^-125, normal, and
@@ -80,8 +84,7 @@
  *     ulp(lo) and two steps down from lo cover ulp(lo) (ulp(lo) / 2 each at least); else r is in
  *     the next binade (r <= 1.008 lo), ulp(r) = 2 ulp(lo), and lo > 2^(E+1) / 1.008 is far above
  *     2^E, so the two steps cover 2 ulp(lo) >= 1.5 ulp(lo).  So v >= the float of bits m - 2.
- *     (5) So v lies strictly between the midpoints around q: RNE(v) = q, no tie, a finite bf16
- *     (q <= the pattern of 2^127 since |lo| <= |r| < 2^127, tM and tm agreeing on it).
+ *     (5) So v lies strictly between the midpoints around q: RNE(v) = q, no tie, a finite bf16.
  *     Subnormal bf16 results are never certified here ((2)); the f64 levels handle them.
  * f64 path (f32 outputs): (a)-(f) with u = 2^-53, eta = 2^-1075, one chain and every h_k taken as
  * H = K (bnd_rd[i] >= (1 + 2^-20)(1.07 K u + rho) ||b_i.||_2), b_k = Bs[i,k]

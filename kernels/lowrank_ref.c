@@ -65,11 +65,11 @@ static uint32_t lr_one(const lm_lowrank *lr, size_t i, size_t j, float w, lm_kdt
             return o;
         }
         const float e1 = fmaf(lr->bnd_rf[i], lr->bnd_cf[j], LM_LR_C0F);
-        if (out_dtype == LM_KDT_BF16) { /* ends widened on their bits ((g) in lowrank_exact.c) */
-            const uint32_t bl = lm_f32_bits(r - e1), bh = lm_f32_bits(r + e1);
-            const uint32_t tm = (bl < bh ? bl : bh) + LM_LR_BF16_NEAR, tM = (bl < bh ? bh : bl) + LM_LR_BF16_FAR;
-            if (fabsf(r) < LM_LR_RMAX_F32 && (tm >> 16) == (tM >> 16))
-                return tm >> 16;
+        if (out_dtype == LM_KDT_BF16) { /* |r|'s ends widened on their bits ((g) in lowrank_exact.c) */
+            const float ar = fabsf(r);
+            const uint32_t tm = lm_f32_bits(ar - e1) + LM_LR_BF16_NEAR, tM = lm_f32_bits(ar + e1) + LM_LR_BF16_FAR;
+            if ((tm >> 16) == (tM >> 16) && (tm >> 16) < LM_LR_BF16_QMAX)
+                return (tm >> 16) | ((lm_f32_bits(r) >> 16) & 0x8000u);
         } else { /* f16: (e), (f) */
             const float e = fmaf(fabsf(r), LM_LR_CRF, e1);
             const float lo = r - e, hi = r + e;
