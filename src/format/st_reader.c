@@ -1184,11 +1184,21 @@ int lm_st_in_mapping(const lm_st_file *f, const void *p, uint64_t n)
     return m != NULL && b >= m && n <= f->map_bytes && (size_t)(b - m) <= f->map_bytes - n;
 }
 
-void lm_drop_mapped_pages(const void *p, uint64_t n)
+/* the page size, asked once (threads that race ask twice and store the same value) */
+static long page_size(void)
 {
     static long page;
-    if (page == 0)
-        page = sysconf(_SC_PAGESIZE);
+    long k = __atomic_load_n(&page, __ATOMIC_RELAXED);
+    if (k == 0) {
+        k = sysconf(_SC_PAGESIZE);
+        __atomic_store_n(&page, k, __ATOMIC_RELAXED);
+    }
+    return k;
+}
+
+void lm_drop_mapped_pages(const void *p, uint64_t n)
+{
+    const long page = page_size();
     uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
     if (n > 0)
         madvise((void *)a, (size_t)(e - a), MADV_DONTNEED);
@@ -1200,9 +1210,7 @@ void lm_drop_mapped_pages(const void *p, uint64_t n)
 
 void lm_populate(void *p, size_t n)
 {
-    static long page;
-    if (page == 0)
-        page = sysconf(_SC_PAGESIZE);
+    const long page = page_size();
     const uintptr_t a = ((uintptr_t)p + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1),
                     e = ((uintptr_t)p + n) & ~(uintptr_t)(page - 1);
     if (e > a) /* best effort: an older kernel refuses the advice (EINVAL), and the pages fault in as used */
@@ -1215,9 +1223,7 @@ void lm_populate(void *p, size_t n)
 
 void lm_populate_read(const void *p, uint64_t n)
 {
-    static long page;
-    if (page == 0)
-        page = sysconf(_SC_PAGESIZE);
+    const long page = page_size();
     const uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), e = (uintptr_t)p + (uintptr_t)n;
     if (n > 0) /* best effort, as lm_populate() */
         (void)madvise((void *)a, (size_t)(e - a), MADV_POPULATE_READ);
