@@ -165,23 +165,34 @@ static void *preopen_main(void *arg)
     return NULL;
 }
 
-/* B->next .. B->next + items - 1 opened on up to n_threads threads (0: every core), the calling
- * one too; with one, nothing (the job opens its own) */
-static void preopen_run(batch_pre *B, size_t items, int n_threads)
+/* the threads for items pieces of work asked for n_threads (0: every core), at most 64 */
+static size_t pool_threads(int n_threads, size_t items)
 {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     size_t T = n_threads > 0 ? (size_t)n_threads : cores > 0 ? (size_t)cores : 1;
     T = T < items ? T : items;
-    T = T < 64 ? T : 64;
-    if (T < 2)
-        return;
+    return T < 64 ? T : 64;
+}
+
+/* fn(arg) on T threads, the calling one too (fewer when a thread cannot be started) */
+static void pool_run(void *(*fn)(void *), void *arg, size_t T)
+{
     pthread_t th[64];
     size_t started = 0;
-    while (started + 1 < T && pthread_create(&th[started], NULL, preopen_main, B) == 0)
+    while (started + 1 < T && pthread_create(&th[started], NULL, fn, arg) == 0)
         started++;
-    preopen_main(B);
+    fn(arg);
     for (size_t t = 0; t < started; t++)
         pthread_join(th[t], NULL);
+}
+
+/* B->next .. B->next + items - 1 opened on up to n_threads threads (0: every core), the calling
+ * one too; with one, nothing (the job opens its own) */
+static void preopen_run(batch_pre *B, size_t items, int n_threads)
+{
+    const size_t T = pool_threads(n_threads, items);
+    if (T >= 2)
+        pool_run(preopen_main, B, T);
 }
 
 /* the base and the adapters, with an error that says what a file is when it is not what was
@@ -916,16 +927,7 @@ static lm_code hash_files(lm_merge_file **f, size_t n, int n_threads, size_t *ba
         free(H.err);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    size_t T = n_threads > 0 ? (size_t)n_threads : cores > 0 ? (size_t)cores : 1;
-    T = T < n ? T : n;
-    pthread_t th[64];
-    size_t started = 0;
-    while (started + 1 < T && started < 64 && pthread_create(&th[started], NULL, hash_main, &H) == 0)
-        started++;
-    hash_main(&H);
-    for (size_t t = 0; t < started; t++)
-        pthread_join(th[t], NULL);
+    pool_run(hash_main, &H, pool_threads(n_threads, n));
     lm_code rc = LM_OK;
     for (size_t i = 0; i < n && rc == LM_OK; i++)
         if ((rc = H.rc[i]) != LM_OK) {
