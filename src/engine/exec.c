@@ -452,31 +452,6 @@ static void apply_ops(const job *J, size_t ti, size_t from, size_t to, const lm_
 /* ------------------------------------------------------------------------------------------ */
 /* tiles                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
-/* n_bytes of base file f at offset (from the start of its file) into dst */
-static lm_code pread_all(const lm_st_file *f, uint64_t off, uint8_t *dst, uint64_t n_bytes, const char *tensor,
-                         lm_err *err)
-{
-    uint64_t got = 0;
-    while (got < n_bytes) {
-        ssize_t k = lm_sys_pread(lm_st_fd(f), dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k == 0) { /* its header said more: the file was cut while the merge read it */
-            lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated while "
-                    "the merge read it; nothing was written", tensor);
-            lm_err_set_path(err, lm_st_path(f));
-            return LM_E_IO;
-        }
-        if (k < 0) {
-            lm_fail_errno(err, errno, "cannot read tensor '%s'", tensor);
-            lm_err_set_path(err, lm_st_path(f));
-            return LM_E_IO;
-        }
-        got += (uint64_t)k;
-    }
-    return LM_OK;
-}
-
 /* Loads rows [r0, r0+nr) of tensor ti as f32.  Base bytes are read with pread into `raw`
  * rather than through the mapping: the mapping would leave pages resident (the kernel maps
  * neighbouring pages on every fault), and resident memory must stay bounded by the tiles in
@@ -489,7 +464,7 @@ static const uint8_t *tile_bytes(const job *J, size_t ti, uint8_t *raw, uint64_t
     const lm_st_file *f = tensor_src_file(J, ti);
     const uint8_t *src;
     if (f != NULL && lm_st_fd(f) >= 0 && raw != NULL) {
-        if (pread_all(f, lm_st_data_offset(f) + t->base->info->begin + rel, raw, n_bytes, t->name, err) != LM_OK)
+        if (lm_base_pread(f, lm_st_data_offset(f) + t->base->info->begin + rel, raw, n_bytes, t->name, err) != LM_OK)
             return NULL;
         src = raw;
     } else {
@@ -737,7 +712,7 @@ static uint64_t load_base_rows(const job *J, size_t ti, float *dst, uint8_t *raw
     uint64_t rel = r0 * cols * esz, n_bytes = have * cols * esz;
     const uint8_t *src = lm_st_data(f) + bt->begin + rel;
     if (lm_st_fd(f) >= 0) {
-        if (pread_all(f, lm_st_data_offset(f) + bt->begin + rel, raw, n_bytes, t->name, err) != LM_OK)
+        if (lm_base_pread(f, lm_st_data_offset(f) + bt->begin + rel, raw, n_bytes, t->name, err) != LM_OK)
             return UINT64_MAX;
         src = raw;
     }

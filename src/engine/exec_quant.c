@@ -9,7 +9,6 @@
 #include "quant_mx.h"
 #include "st_reader.h"
 
-#include <errno.h>
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -35,23 +34,7 @@ static lm_code entry_read(const lm_model *model, const lm_model_entry *e, void *
         lm_drop_mapped_pages(entry_bytes(model, e), nb);
         return LM_OK;
     }
-    const uint64_t off = lm_st_data_offset(f) + e->info->begin;
-    for (uint64_t got = 0; got < nb;) {
-        const ssize_t k = lm_sys_pread(lm_st_fd(f), (uint8_t *)dst + got, (size_t)(nb - got), (off_t)(off + got));
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0) { /* (the header said more: the file was cut while the merge read it) */
-            if (k == 0)
-                lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated "
-                        "while the merge read it; nothing was written", e->info->name);
-            else
-                lm_fail_errno(err, errno, "cannot read tensor '%s'", e->info->name);
-            lm_err_set_path(err, lm_st_path(f));
-            return LM_E_IO;
-        }
-        got += (uint64_t)k;
-    }
-    return LM_OK;
+    return lm_base_pread(f, lm_st_data_offset(f) + e->info->begin, dst, nb, e->info->name, err);
 }
 
 /* n scales of dtype dt, entry e of the base, as f32 into dst (entry_read) */

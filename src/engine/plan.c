@@ -526,6 +526,28 @@ const lm_tensor_info *lm_ctx_base(const lm_plan_ctx *ctx, long i)
     return lm_model_tensor(ctx->P->model, (size_t)i)->info;
 }
 
+/* n_bytes of base file f at offset off (from the start of its file) into dst, for tensor `tensor`
+ * (declared in plan.h) */
+lm_code lm_base_pread(const lm_st_file *f, uint64_t off, void *dst, uint64_t n_bytes, const char *tensor, lm_err *err)
+{
+    for (uint64_t got = 0; got < n_bytes;) {
+        const ssize_t k = lm_sys_pread(lm_st_fd(f), (uint8_t *)dst + got, (size_t)(n_bytes - got), (off_t)(off + got));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) { /* k 0: its header said more, the file was cut while the merge read it */
+            if (k == 0)
+                lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated "
+                        "while the merge read it; nothing was written", tensor);
+            else
+                lm_fail_errno(err, errno, "cannot read tensor '%s'", tensor);
+            lm_err_set_path(err, lm_st_path(f));
+            return LM_E_IO;
+        }
+        got += (uint64_t)k;
+    }
+    return LM_OK;
+}
+
 lm_code lm_ctx_base_f64(lm_plan_ctx *ctx, long i, double *out, lm_err *err)
 {
     const lm_model_entry *e = lm_model_tensor(ctx->P->model, (size_t)i);
@@ -544,25 +566,11 @@ lm_code lm_ctx_base_f64(lm_plan_ctx *ctx, long i, double *out, lm_err *err)
     uint8_t *raw = malloc(n * esz + 1);
     if (raw == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    int fd = lm_st_fd(f);
-    size_t got = 0;
-    if (fd < 0)
-        memcpy(raw, lm_st_data(f) + t->begin, n * esz), got = n * esz;
-    while (got < n * esz) {
-        ssize_t k = lm_sys_pread(fd, raw + got, n * esz - got, (off_t)(lm_st_data_offset(f) + t->begin + got));
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0) {
-            free(raw);
-            if (k == 0)
-                lm_fail(err, LM_E_IO, "InputChanged", "the file ends before tensor '%s' does: it was truncated "
-                        "while the merge read it; nothing was written", t->name);
-            else
-                lm_fail_errno(err, errno, "cannot read tensor '%s'", t->name);
-            lm_err_set_path(err, lm_st_path(f));
-            return LM_E_IO;
-        }
-        got += (size_t)k;
+    if (lm_st_fd(f) < 0) {
+        memcpy(raw, lm_st_data(f) + t->begin, n * esz);
+    } else if (lm_base_pread(f, lm_st_data_offset(f) + t->begin, raw, n * esz, t->name, err) != LM_OK) {
+        free(raw);
+        return LM_E_IO;
     }
     for (size_t k = 0; k < n; k++) {
         const uint8_t *p = raw + k * esz;

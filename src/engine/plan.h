@@ -122,6 +122,10 @@ lm_code lm_plan_quant_scale_shape(const lm_tensor_info *sc, const uint64_t *want
 /*! lm_plan_quant_finish() : after planning: the scales of changed weights kept quantized are
  *  written by the weights' tiles; dropped tensors leave the plan.  @return LM_OK or NOMEM. */
 lm_code lm_plan_quant_finish(lm_plan *p, lm_err *err);
+/*! lm_base_pread() : n_bytes of base file f at offset off (from the start of the file) into dst,
+ *  with pread (EINTR retried); a short file (cut during the merge: InputChanged) or a read error is
+ *  a one-line error naming the tensor and the file.  f must have a descriptor. */
+lm_code lm_base_pread(const lm_st_file *f, uint64_t off, void *dst, uint64_t n_bytes, const char *tensor, lm_err *err);
 /*! plan_blob() : n_bytes zeroed, freed with the plan */
 void *lm_plan_blob(lm_plan *p, size_t n_bytes);
 
