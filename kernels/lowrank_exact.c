@@ -370,6 +370,15 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
     *exact32o &= (e32[0] & e32[1] & e32[2] & e32[3]) != 0;
 }
 
+/* Afp: Af's full panels of LM_LR_PANEL columns, each [K x 32] contiguous */
+static void lr_panels(lm_lowrank *lr)
+{
+    const size_t K = lr->K, cols = lr->cols;
+    for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
+        for (size_t k = 0; k < K; k++)
+            memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
+}
+
 /* lm_lowrank_prepare (B, A in f64) and lm_lowrank_prepare_f32 (B32, A32) */
 static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B, const float *B32,
                       const double *A, const float *A32, const double *s, int f64_path, void *ws, size_t ws_bytes)
@@ -477,9 +486,7 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
     } else {
         lr->At = NULL;
     }
-    for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
-        for (size_t k = 0; k < K; k++)
-            memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
+    lr_panels(lr);
     lr->bs_exact = exactB64;
     lr->a_f32 = exactA32;
     lr->b_f32 = sameB32;
@@ -523,6 +530,65 @@ LR_FMA_CLONES int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t col
     if (B == NULL || A == NULL)
         return -1;
     return lr_prepare(lr, rows, cols, K, NULL, B, NULL, A, s, f64_path != 0, ws, ws_bytes);
+}
+
+/* ---- exactness off: what the uncertified kernel reads, and nothing else ----------------------
+ * Bf, Af and its panels, the same bits as lr_prepare makes them (Bf = fl32(fl64(s_k B_ik)), Af =
+ * fl32(A_kj)): no bound factors, no non-finite flags, no Bs or At, O((rows + cols) K) conversions
+ * and copies only.  So --exactness-off no longer pays for bounds it never reads, and the
+ * exactness's measured cost is the whole of it. */
+static size_t lr_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int src32)
+{
+    if (K > LM_LOWRANK_MAX_K || (K != 0 && (rows > SIZE_MAX / K || cols > SIZE_MAX / K)))
+        return 0;
+    size_t t = 64; /* alignment slack */
+    if (!lr_ws_add(&t, rows * K, sizeof(float)) || !lr_ws_add(&t, src32 ? 0 : K * cols, sizeof(float)) ||
+        !lr_ws_add(&t, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float)))
+        return 0;
+    return t;
+}
+
+size_t lm_lowrank_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int src32)
+{
+    return lr_ws_bytes_uncertified(rows, cols, K, src32 != 0);
+}
+
+int lm_lowrank_prepare_uncertified(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                                   const double *A, const float *B32, const float *A32, const double *s, void *ws,
+                                   size_t ws_bytes)
+{
+    const int src32 = B == NULL;
+    if (src32 ? B32 == NULL || A32 == NULL || A != NULL : A == NULL || B32 != NULL || A32 != NULL)
+        return -1;
+    const size_t need = lr_ws_bytes_uncertified(rows, cols, K, src32);
+    if (need == 0 || ws == NULL || ws_bytes < need)
+        return -1;
+    unsigned char *p = (unsigned char *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
+    memset(lr, 0, sizeof *lr);
+    lr->rows = rows;
+    lr->cols = cols;
+    lr->K = K;
+    lr->B = B;
+    lr->B32 = B32;
+    lr->A = A;
+    lr->s = s;
+    lr->Bf = lr_carve(&p, rows * K, sizeof(float));
+    lr->Af = src32 ? (float *)(uintptr_t)A32 : lr_carve(&p, K * cols, sizeof(float));
+    lr->Afp = lr_carve(&p, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float));
+    for (size_t i = 0; i < rows; i++) {
+        float *restrict bf = lr->Bf + i * K;
+        if (src32)
+            for (size_t k = 0; k < K; k++)
+                bf[k] = (float)(s[k] * (double)B32[i * K + k]);
+        else
+            for (size_t k = 0; k < K; k++)
+                bf[k] = (float)(s[k] * B[i * K + k]);
+    }
+    if (!src32)
+        for (size_t e = 0; e < K * cols; e++)
+            lr->Af[e] = (float)A[e];
+    lr_panels(lr);
+    return 0;
 }
 
 /* ---- level 3: the exact value in fixed point ------------------------------------------------- */
