@@ -115,11 +115,13 @@
 #include <string.h>
 
 /* The fused multiply-adds here are fma() calls: without -mfma (this file is built for any x86-64)
- * each is a call into libm, about ten times the cost of the instruction.  The two functions with
- * fma() in a loop are built twice, for CPUs with FMA and without, the choice made once at load
- * (an ifunc).  fma() is correctly rounded either way, so both give the same bits. */
+ * each is a call into libm, about ten times the cost of the instruction.  The functions with
+ * fma() in a loop, and the preparations, are built three times, for CPUs with AVX-512 (x86-64-v4:
+ * the preparation's loops, vectorized, take half the time of the fma build's), with FMA and
+ * without, the choice made once at load (an ifunc).  fma() is correctly rounded in every build,
+ * and no loop is reassociated (no -ffast-math), so all three give the same bits. */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define LR_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#define LR_FMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "fma", "default")))
 #else
 #define LR_FMA_CLONES
 #endif
@@ -241,7 +243,7 @@ static double lr_atleast_d(double x, double m)
 /* row k of A (ak, n values) into the column accumulators: its f32 copy (fk), the sums of the
  * squares of the copies (n32) and of the values (n64), the smallest nonzero magnitude (amin), and
  * inexact[j] = 1 once a finite value is not exact in f32.  No branch, no aliasing: vectorized. */
-static void lr_col_sums(const double *restrict ak, float *restrict fk, double *restrict n32, double *restrict n64,
+static inline __attribute__((always_inline)) void lr_col_sums(const double *restrict ak, float *restrict fk, double *restrict n32, double *restrict n64,
                         double *restrict amin, double *restrict inexact, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
@@ -258,7 +260,7 @@ static void lr_col_sums(const double *restrict ak, float *restrict fk, double *r
 
 /* the same for a row of f32 values: their f32 copies are themselves (no fk, no inexact), so n32 is
  * n64 (the caller copies it) */
-static void lr_col_sums_f32(const float *restrict ak, double *restrict n64, double *restrict amin, size_t n)
+static inline __attribute__((always_inline)) void lr_col_sums_f32(const float *restrict ak, double *restrict n64, double *restrict amin, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
         const double a = (double)ak[j], fa = fabs(a);
@@ -553,9 +555,9 @@ size_t lm_lowrank_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int s
     return lr_ws_bytes_uncertified(rows, cols, K, src32 != 0);
 }
 
-int lm_lowrank_prepare_uncertified(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
-                                   const double *A, const float *B32, const float *A32, const double *s, void *ws,
-                                   size_t ws_bytes)
+LR_FMA_CLONES int lm_lowrank_prepare_uncertified(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                                                 const double *A, const float *B32, const float *A32, const double *s,
+                                                 void *ws, size_t ws_bytes)
 {
     const int src32 = B == NULL;
     if (src32 ? B32 == NULL || A32 == NULL || A != NULL : A == NULL || B32 != NULL || A32 != NULL)
