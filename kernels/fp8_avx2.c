@@ -14,6 +14,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #define F2_INLINE static inline __attribute__((always_inline))
@@ -205,9 +206,8 @@ typedef struct {
 } f2_enc;
 
 typedef struct {
-    __m256i Tlo, Thi; /* the row's thresholds (lm_fp8_cert), lanes 0-7 and 8-15 */
-    __m256 ers;
-    __m256i thr;
+    __m256 ers, ers2; /* the row's Ers (lm_fp8_cert), 2 Ers */
+    __m256i thr1;     /* thr - 1 (0x7FFFFFFF for thr above: |y|'s bits are never greater) */
 } f2_chk;
 
 /* 8 values' codes into *code and lanes hh of the numbers; checked: @return the lanes flagged */
@@ -222,18 +222,6 @@ F2_INLINE unsigned f2_enc8(f2_enc *E, const float *xp, int hh, int checked, cons
     __m256i v = _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFF00000u));
     const __m256i sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3C800000), a);
     unsigned f = 0;
-    if (checked) { /* |y| >= 2^-6: the bits' distance to the nearest midpoint; the amax candidates */
-        const __m256i d = _mm256_abs_epi32(
-            _mm256_sub_epi32(_mm256_and_si256(a, _mm256_set1_epi32(0xFFFFF)), _mm256_set1_epi32(0x80000)));
-        const __m256i idx = _mm256_srli_epi32(a, 23);
-        const __m256 t = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_permutevar8x32_epi32(k->Tlo, idx)),
-                                          _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(k->Thi, idx)),
-                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-        const __m256i le = _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(d, _mm256_castps_si256(t)), sub),
-                                               _mm256_set1_epi32(-1));
-        const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(a, k->thr), a);
-        f = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(le, ge)));
-    }
     if (_mm256_movemask_ps(_mm256_castsi256_ps(sub))) { /* below 2^-6: steps of 2^-9 */
         const __m256 af = _mm256_castsi256_ps(a);
         const __m256 sa = _mm256_add_ps(af, _mm256_set1_ps(16384.0f));
@@ -260,6 +248,13 @@ F2_INLINE unsigned f2_enc8(f2_enc *E, const float *xp, int hh, int checked, cons
     /* the error in the scaled domain, exact: v (y's sign) - y */
     const __m256 ey = _mm256_sub_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(u));
     const __m256i e = _mm256_and_si256(_mm256_castps_si256(ey), _mm256_set1_epi32(0x7FFFFFFF));
+    if (checked) { /* |y| >= 2^-6: within 2 Ers of the nearest midpoint, fl(e + 2 Ers) >= h - 22 ulp(y) (as
+                      bits, less those of 2^E: no overflow there); the amax candidates (a > thr - 1) */
+        const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(e), k->ers2)),
+                                           _mm256_and_si256(a, _mm256_set1_epi32(0x7F800000)));
+        const __m256i fa = _mm256_andnot_si256(sub, _mm256_cmpgt_epi32(t, _mm256_set1_epi32(-0x020002C0 - 1)));
+        f |= (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(fa, _mm256_cmpgt_epi32(a, k->thr1))));
+    }
     E->emax[hh] = _mm256_max_epu32(E->emax[hh], e);
     E->sum[hh] = _mm256_add_ps(E->sum[hh], _mm256_castsi256_ps(e));
     E->e2[hh] = _mm256_add_ps(E->e2[hh], _mm256_mul_ps(ey, ey));
@@ -291,25 +286,22 @@ F2_INLINE void f2_enc_row(f2_enc *E, const float *xr, const uint8_t *q0r, uint8_
         return;
     float sum[16], e2[16];
     uint32_t emax[16];
-    int32_t T[16];
     for (int hh = 0; hh < 2; hh++) {
         _mm256_storeu_ps(sum + 8 * hh, E->sum[hh]);
         _mm256_storeu_ps(e2 + 8 * hh, E->e2[hh]);
         _mm256_storeu_si256((__m256i *)(void *)(emax + 8 * hh), E->emax[hh]);
     }
-    _mm256_storeu_si256((__m256i *)(void *)T, k->Tlo);
-    _mm256_storeu_si256((__m256i *)(void *)(T + 8), k->Thi);
     for (size_t j = wf; j < w; j++) {
         const float xv = xr[j], y = xv * s;
         float v;
         const unsigned c = lm_fp8_encode1(y, &v);
-        if (checked && lm_fp8_flagged1(f2_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
+        const float ey = f2_float(f2_bits(v) | (f2_bits(y) & 0x80000000u)) - y; /* (exact) */
+        const uint32_t e = f2_bits(ey) & 0x7FFFFFFFu;
+        if (checked && lm_fp8_flagged1(f2_bits(y) & 0x7FFFFFFFu, f2_float(e), ers, cert->thr))
             cert->flag[cert->n_flag++] = idx + (uint32_t)j;
         qr[j] = (uint8_t)c;
         if (q0r != NULL)
             E->n_diff += c != q0r[j];
-        const float ey = f2_float(f2_bits(v) | (f2_bits(y) & 0x80000000u)) - y; /* (exact) */
-        const uint32_t e = f2_bits(ey) & 0x7FFFFFFFu;
         const size_t l = j % 16;
         emax[l] = e > emax[l] ? e : emax[l];
         sum[l] += f2_float(e);
@@ -332,11 +324,8 @@ void lm_fp8_encode_avx2(const float *x, size_t ldx, size_t h, size_t w, float s,
     E.sum[0] = E.sum[1] = E.e2[0] = E.e2[1] = _mm256_setzero_ps();
     E.emax[0] = E.emax[1] = _mm256_setzero_si256();
     E.n_diff = 0;
-    /* 2^(151 - E(k)) (lm_fp8_cert), k = 0 .. 7 and 8 .. 15 */
-    const __m256 Plo = _mm256_setr_ps(0x1p23f, 0x1p22f, 0x1p21f, 0x1p20f, 0x1p19f, 0x1p18f, 0x1p17f, 0x1p16f);
-    const __m256 Phi = _mm256_setr_ps(0x1p15f, 0x1p30f, 0x1p29f, 0x1p28f, 0x1p27f, 0x1p26f, 0x1p25f, 0x1p24f);
-    f2_chk k = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_ps(),
-                _mm256_set1_epi32(cert != NULL ? (int)cert->thr : 0)};
+    const uint32_t thr = cert != NULL ? cert->thr : 0;
+    f2_chk k = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_set1_epi32(thr > 0x7FFFFFFFu ? 0x7FFFFFFF : (int)thr - 1)};
     if (cert != NULL)
         cert->n_flag = 0;
     for (size_t i = 0; i < h; i++) {
@@ -344,13 +333,9 @@ void lm_fp8_encode_avx2(const float *x, size_t ldx, size_t h, size_t w, float s,
         uint8_t *qr = q + i * ldo;
         const uint8_t *q0r = q0 != NULL ? q0 + i * ldq : NULL;
         if (cert != NULL && cert->erow[i] > 0.0f) {
-            const float Es = cert->erow[i] * s, ers = Es * 1.0001f + 0x1p-140f;
-            const __m256 lim = _mm256_set1_ps(0x1p21f), es = _mm256_set1_ps(Es);
-            k.Tlo = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_ceil_ps(_mm256_min_ps(_mm256_mul_ps(es, Plo), lim))),
-                                     _mm256_set1_epi32(32));
-            k.Thi = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_ceil_ps(_mm256_min_ps(_mm256_mul_ps(es, Phi), lim))),
-                                     _mm256_set1_epi32(32));
+            const float ers = cert->erow[i] * s * 1.0001f + 0x1p-140f;
             k.ers = _mm256_set1_ps(ers);
+            k.ers2 = _mm256_set1_ps(ers + ers);
             f2_enc_row(&E, xr, q0r, qr, w, s, inv, ramax, 1, &k, ers, cert, (uint32_t)(i * w));
         } else {
             f2_enc_row(&E, xr, q0r, qr, w, s, inv, ramax, 0, &k, 0.0f, cert, 0);

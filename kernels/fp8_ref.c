@@ -81,19 +81,9 @@ unsigned lm_fp8_encode1(float y, float *v)
     return ((u >> 24) & 0x80u) | c;
 }
 
-/* the row's thresholds (lm_fp8_cert): T[k] for the biased exponent E(k) of |y| */
-static void f8_row_thresholds(float Es, int32_t T[16])
-{
-    for (unsigned k = 0; k < 16; k++) {
-        const unsigned E = k >= 9 ? 112 + k : 128 + k;
-        const float p = f8_float((151u - E + 127u) << 23); /* 2^(151 - E): 2^15 .. 2^30 */
-        T[k] = (int32_t)ceilf(fminf(Es * p, 0x1p21f)) + 32;
-    }
-}
-
-/* 1 if the element y (a: |y|'s bits) of a checked row is flagged (lm_fp8_cert; ers: the row's
- * bound below 2^-6) */
-int lm_fp8_flagged1(uint32_t a, const int32_t T[16], float ers, uint32_t thr)
+/* 1 if the element y (a: |y|'s bits, e: |v - y|, v the value coded) of a checked row is flagged
+ * (lm_fp8_cert; ers: the row's Ers) */
+int lm_fp8_flagged1(uint32_t a, float e, float ers, uint32_t thr)
 {
     if (a >= thr)
         return 1;
@@ -102,8 +92,7 @@ int lm_fp8_flagged1(uint32_t a, const int32_t T[16], float ers, uint32_t thr)
         const float dm = 0x1p-10f - fabsf(af - r);
         return fminf(dm, af) <= fmaf(af, 0x1p-19f, ers);
     }
-    const int32_t d = (int32_t)(a & 0xFFFFFu) - 0x80000;
-    return (d < 0 ? -d : d) <= T[(a >> 23) & 15u];
+    return f8_bits(e + (ers + ers)) >= (a & 0x7F800000u) - 0x020002C0u;
 }
 
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
@@ -116,26 +105,22 @@ void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, 
     if (cert != NULL)
         cert->n_flag = 0;
     for (size_t i = 0; i < h; i++) {
-        int32_t T[16];
         float ers = 0.0f;
         const int chk = cert != NULL && cert->erow[i] > 0.0f;
-        if (chk) {
-            const float Es = cert->erow[i] * s;
-            f8_row_thresholds(Es, T);
-            ers = Es * 1.0001f + 0x1p-140f;
-        }
+        if (chk)
+            ers = cert->erow[i] * s * 1.0001f + 0x1p-140f;
         for (size_t j = 0; j < w; j++) {
             const float xv = x[i * ldx + j];
             float v;
             const float y = xv * s;
             const unsigned c = lm_fp8_encode1(y, &v);
-            if (chk && lm_fp8_flagged1(f8_bits(y) & 0x7FFFFFFFu, T, ers, cert->thr))
+            const float ey = f8_float(f8_bits(v) | (f8_bits(y) & 0x80000000u)) - y; /* (exact) */
+            const uint32_t e = f8_bits(ey) & 0x7FFFFFFFu;
+            if (chk && lm_fp8_flagged1(f8_bits(y) & 0x7FFFFFFFu, f8_float(e), ers, cert->thr))
                 cert->flag[cert->n_flag++] = (uint32_t)(i * w + j);
             q[i * ldo + j] = (uint8_t)c;
             if (q0 != NULL)
                 L->n_diff += c != q0[i * ldq + j];
-            const float ey = f8_float(f8_bits(v) | (f8_bits(y) & 0x80000000u)) - y; /* (exact) */
-            const uint32_t e = f8_bits(ey) & 0x7FFFFFFFu;
             const size_t k = j % 16;
             L->emax[k] = e > L->emax[k] ? e : L->emax[k];
             L->sum[k] += f8_float(e);

@@ -199,16 +199,15 @@ typedef struct lm_fp8_lanes {
 } lm_fp8_lanes;
 
 /* The certification of fp8_encode (quant.c's lm_fp8_merge_block has the proof).  Row i of the
- * block with erow[i] > 0 is checked: with y = x * s (f32), a its magnitude's bits and af = |y|,
- * an element is flagged when a >= thr (it may hold the block's amax); when a >= 0x3C800000
- * (|y| >= 2^-6) and |(a & 0xFFFFF) - 0x80000| <= T[a >> 23 & 15]: the bits' distance to the
- * nearest rounding midpoint of the E4M3 grid (every midpoint of the normal codes has those 20
- * low bits 0x80000) within the row's bound; below, when fminf(2^-10 - |af - r|, af) <=
- * fmaf(af, 2^-19, Ers), r = (af + 2^14) - 2^14 (E4M3's subnormal grid, and zero's sign).  Per
- * checked row, Es = erow[i] * s, Ers = Es * 1.0001f + 2^-140 (f32) and T[k] =
- * (int32_t)ceilf(fminf(Es * 2^(151 - E(k)), 2^21)) + 32, E(k) = k >= 9 ? 112 + k : 128 + k the
- * biased exponents 121 .. 136 (|y| in [2^-6, 2^9)).  erow[i] == 0: the row is not checked (its
- * x are exact). */
+ * block with erow[i] > 0 is checked: with y = x * s (f32), a its magnitude's bits, af = |y| and
+ * e = |v - y| (v the value coded, y's sign), an element is flagged when a >= thr (it may hold
+ * the block's amax); when a >= 0x3C800000 (|y| >= 2^-6) and the bits of fl(e + 2 Ers) are at
+ * least (a & 0x7F800000) - 0x020002C0, the bits of h - 22 ulp(y) (h = 2^-4 2^E, half the grid
+ * step of y's binade [2^E, 2^(E+1)), ulp(y) = 2^(E-23)): y within twice the row's bound of the
+ * nearest rounding midpoint; below, when fminf(2^-10 - |af - r|, af) <= fmaf(af, 2^-19, Ers), r =
+ * (af + 2^14) - 2^14 (E4M3's subnormal grid, and zero's sign).  Per checked row, Ers =
+ * erow[i] * s * 1.0001f + 2^-140 (f32).  erow[i] == 0: the row is not checked (its x are
+ * exact). */
 typedef struct lm_fp8_cert {
     const float *erow; /* h values */
     uint32_t thr;      /* 0xFFFFFFFF: no element is an amax candidate */
@@ -395,9 +394,9 @@ void lm_sumsq_ref_tail(const float *x, size_t n, double *lanes);
 double lm_sumsq_lanes(const double *lanes);
 float lm_fp8_code_value(uint8_t c); /* the exact value of an E4M3FN code (NaN for 0x7F / 0xFF) */
 /* fp8_ref.c's element steps, also the AVX2 variant's column tails: the code of y (|y| <= 464) and the
- * magnitude it codes; whether |y|'s bits a need the exact value (lm_fp8_cert's thresholds) */
+ * magnitude it codes; whether |y|'s bits a (e = |v - y|) need the exact value (lm_fp8_cert) */
 unsigned lm_fp8_encode1(float y, float *v);
-int lm_fp8_flagged1(uint32_t a, const int32_t T[16], float ers, uint32_t thr);
+int lm_fp8_flagged1(uint32_t a, float e, float ers, uint32_t thr);
 void lm_fp8_merge_ref(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t, float *x,
                       size_t ldx, lm_fp8_lanes *L);
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,
@@ -432,6 +431,16 @@ int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const
 size_t lm_lowrank_ws_bytes_f32(size_t rows, size_t cols, size_t K, int f64_path);
 int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const float *B, const float *A,
                            const double *s, int f64_path, void *ws, size_t ws_bytes);
+/*! lm_lowrank_ws_bytes_uncertified(), lm_lowrank_prepare_uncertified() :
+ *  For LM_LOWRANK_UNCERTIFIED only (the benchmark's exactness off): Bf, Af and the panels, the
+ *  same bits as the two above make them, and no bound factors, non-finite flags, Bs or At (left
+ *  NULL), so lr must never be used without that flag (nor by lm_lowrank_fallback_1).  The factors
+ *  are B and A in f64 (B32 and A32 NULL), or B32 and A32, f32 values (B and A NULL; src32 = 1).
+ *  @return as lm_lowrank_ws_bytes() and lm_lowrank_prepare(). */
+size_t lm_lowrank_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int src32);
+int lm_lowrank_prepare_uncertified(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                                   const double *A, const float *B32, const float *A32, const double *s, void *ws,
+                                   size_t ws_bytes);
 /*! lm_lowrank_fallback_1() :
  *  Levels 2 and 3 for element (i, j) of the tensor with base value w (exact in f32): the
  *  correctly rounded result as out_dtype bits (low 16 bits for bf16/f16).  Updates st's

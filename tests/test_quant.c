@@ -921,6 +921,45 @@ static void fc_run(const lm_kernels *k, const fc_case *cs, uint64_t seed, uint64
     free(flag);
 }
 
+/* lm_fp8_cert (a) next to the bottom of a binade: y = 2^E (1 + 2^-20) codes as 2^E, its own
+ * grid's midpoint is h = 2^(E-4) above, but the binade below ends with a midpoint h / 2 under
+ * 2^E, so a bound Ers = 0.6 h reaches it (a y' there codes one step lower): every such element
+ * is flagged; with Ers = 0.2 h it cannot move the code and none is.  Rows of 64 (the AVX-512
+ * variant's unmasked groups) and 80 (a tail), every variant. */
+Test(quant, fp8_cert_flags_the_midpoint_of_the_binade_below)
+{
+    static const int E[] = {0, 3, 8};
+    static const size_t W[] = {64, 80};
+    static const char *const names[] = {"ref", "avx2", "avx512"};
+    float x[3 * 80], erow[3];
+    uint8_t q[3 * 80];
+    uint32_t flag[2 * 3 * 80];
+    for (int v = 0; v < 3; v++) {
+        lm_kernels k;
+        if (lm_kernels_select(&k, names[v]) != 0 || k.fp8_encode == NULL) {
+            fprintf(stderr, "quant fp8_cert_flags_the_midpoint_of_the_binade_below: variant %s SKIPPED\n", names[v]);
+            continue;
+        }
+        for (size_t wi = 0; wi < 2; wi++)
+            for (int far = 0; far < 2; far++) {
+                const size_t w = W[wi];
+                for (size_t i = 0; i < 3; i++) {
+                    for (size_t j = 0; j < w; j++)
+                        x[i * w + j] = ldexpf(1.0f + 0x1p-20f, E[i]) * (j % 2 ? -1.0f : 1.0f);
+                    /* Ers = erow 1.0001 + 2^-140 (s = 1) */
+                    erow[i] = ldexpf(far ? 0.2f : 0.6f, E[i] - 4) / 1.0001f;
+                }
+                lm_fp8_lanes L;
+                lm_fp8_cert cert = {erow, 0xFFFFFFFFu, flag, 0};
+                k.fp8_encode(x, w, 3, w, 1.0f, 1.0f, 1.0f / 448, NULL, w, q, w, &L, &cert);
+                cr_assert_eq(cert.n_flag, far ? 0 : 3 * w, "%s, w %zu, Ers %s h: %zu flagged", names[v], w,
+                             far ? "0.2" : "0.6", cert.n_flag);
+                for (size_t i = 0; i < 3; i++)
+                    cr_assert_eq(q[i * w + 1], 0x80 | q[i * w], "%s: the codes of +-2^%d", names[v], E[i]);
+            }
+    }
+}
+
 Test(quant, fp8_merge_block_certified)
 {
     static const fc_case cases[] = {

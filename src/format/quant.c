@@ -699,14 +699,15 @@ static void fp8_encode_block(const lm_kernels *k, const uint8_t *q0, float s0, u
  * E4M3 code; fl, RN32 and the E4M3 rounding are monotone.  y = fl(x s), y' = fl(X s), Es =
  * fl(erow s).
  * (a) The codes, |y| >= 2^-6.  |y' - y| <= D := s erow + 2^-21 |x s| + 2^-24 (|y| + |y'|) <=
- *     Es (1 + 2^-23) + 11 ulp(y) (ulp(y) = 2^(e-23) for |y| in [2^e, 2^(e+1))).  When D < |y| / 2,
- *     y' lies within one binade below y's (or above), so the f32 bits of y and y' differ by at
- *     most 2 D / ulp(y) <= Es 2^(24-e) + 23 (the kernel's T adds 32 after a ceiling).  Over
- *     |y| >= 2^-6 every rounding midpoint of the E4M3 grid has the 20 low bits 0x80000 (a
- *     binade's 8 codes are its 3 top mantissa bits; the last midpoint below 2^-6, 7.5 x 2^-9, is
- *     2^20 bits below it), so when the bits' distance d from y to the nearest pattern ...0x80000
- *     exceeds T, no midpoint lies between y and y' or on y': they get the same code (no tie
- *     either), and d > T gives D <= 2^18 ulp(y) < |y| / 2 as used.  The kernel flags d <= T.
+ *     Es (1 + 2^-23) + 11 ulp(y) (ulp(y) = 2^(E-23) for |y| in [2^E, 2^(E+1))).  With g = 2^(E-3)
+ *     the E4M3 step of that binade, h = g / 2, v the value coded and e = |v - y| <= h, the
+ *     nearest rounding midpoint of y's binade is h - e from y; the binade below has its last
+ *     midpoint h / 2 below 2^E (below 2^-6: 2^-6 - 2^-10, h below), the binade above its first g
+ *     above 2^(E+1).  So no midpoint lies within (h - e) / 2 of y, and when 2 D < h - e, y and y'
+ *     get the same code (no tie either).  2 D <= 2 Ers + 22 ulp(y) (Ers >= Es (1 + 2^-23), below),
+ *     and h - 22 ulp(y) = 2^(E-23) (2^19 - 22) is an f32 (its bits (a & 0x7F800000) - 0x020002C0):
+ *     the kernel flags fl(e + 2 Ers) >= h - 22 ulp(y), so an element not flagged has e + 2 Ers <
+ *     h - 22 ulp(y) (rounding is monotone), hence 2 D < h - e.
  * (b) |y| < 2^-6: the codes are the multiples of 2^-9 (to 2^-6 and its neighbour 9 x 2^-9), the
  *     midpoints the odd multiples of 2^-10, and zero's sign is the code's.  Here D <= Es (1 +
  *     2^-23) + 2^-20 |y| + 2^-147 (the subnormal f32 range adds 2^-150 per rounding) <= Ers +
