@@ -1015,7 +1015,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     double c_all = 0;
     for (int w = 0; w < W; w++)
         c_all += cpu[w];
-    printf("CPU by phase (last run): the shards' merge work %.2f s (the one merge: %.2f s), their sha256 %.2f s "
+    printf("CPU by phase (last run): the shards' merge work %.2f s (the one merge: %.2f s), their sidecar hash %.2f s "
            "(XXH3-128, hashed as written), the workers' fixed costs %.2f s (%d x ~%.2f: headers, plan, fingerprint), finalize "
            "%.2f s; total %.2f s\n", sum_cpu - sum_hash, mc1, sum_hash, c_all - sum_cpu, W, (c_all - sum_cpu) / W, c_fin,
            c_all + c_fin);
