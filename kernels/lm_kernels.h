@@ -431,6 +431,16 @@ int lm_lowrank_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const
 size_t lm_lowrank_ws_bytes_f32(size_t rows, size_t cols, size_t K, int f64_path);
 int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const float *B, const float *A,
                            const double *s, int f64_path, void *ws, size_t ws_bytes);
+/*! lm_lowrank_ws_bytes_uncertified(), lm_lowrank_prepare_uncertified() :
+ *  For LM_LOWRANK_UNCERTIFIED only (the benchmark's exactness off): Bf, Af and the panels, the
+ *  same bits as the two above make them, and no bound factors, non-finite flags, Bs or At (left
+ *  NULL), so lr must never be used without that flag (nor by lm_lowrank_fallback_1).  The factors
+ *  are B and A in f64 (B32 and A32 NULL), or B32 and A32, f32 values (B and A NULL; src32 = 1).
+ *  @return as lm_lowrank_ws_bytes() and lm_lowrank_prepare(). */
+size_t lm_lowrank_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int src32);
+int lm_lowrank_prepare_uncertified(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                                   const double *A, const float *B32, const float *A32, const double *s, void *ws,
+                                   size_t ws_bytes);
 /*! lm_lowrank_fallback_1() :
  *  Levels 2 and 3 for element (i, j) of the tensor with base value w (exact in f32): the
  *  correctly rounded result as out_dtype bits (low 16 bits for bf16/f16).  Updates st's

@@ -115,11 +115,13 @@
 #include <string.h>
 
 /* The fused multiply-adds here are fma() calls: without -mfma (this file is built for any x86-64)
- * each is a call into libm, about ten times the cost of the instruction.  The two functions with
- * fma() in a loop are built twice, for CPUs with FMA and without, the choice made once at load
- * (an ifunc).  fma() is correctly rounded either way, so both give the same bits. */
+ * each is a call into libm, about ten times the cost of the instruction.  The functions with
+ * fma() in a loop, and the preparations, are built three times, for CPUs with AVX-512 (x86-64-v4:
+ * the preparation's loops, vectorized, take half the time of the fma build's), with FMA and
+ * without, the choice made once at load (an ifunc).  fma() is correctly rounded in every build,
+ * and no loop is reassociated (no -ffast-math), so all three give the same bits. */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define LR_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#define LR_FMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "fma", "default")))
 #else
 #define LR_FMA_CLONES
 #endif
@@ -241,7 +243,7 @@ static double lr_atleast_d(double x, double m)
 /* row k of A (ak, n values) into the column accumulators: its f32 copy (fk), the sums of the
  * squares of the copies (n32) and of the values (n64), the smallest nonzero magnitude (amin), and
  * inexact[j] = 1 once a finite value is not exact in f32.  No branch, no aliasing: vectorized. */
-static void lr_col_sums(const double *restrict ak, float *restrict fk, double *restrict n32, double *restrict n64,
+static inline __attribute__((always_inline)) void lr_col_sums(const double *restrict ak, float *restrict fk, double *restrict n32, double *restrict n64,
                         double *restrict amin, double *restrict inexact, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
@@ -258,7 +260,7 @@ static void lr_col_sums(const double *restrict ak, float *restrict fk, double *r
 
 /* the same for a row of f32 values: their f32 copies are themselves (no fk, no inexact), so n32 is
  * n64 (the caller copies it) */
-static void lr_col_sums_f32(const float *restrict ak, double *restrict n64, double *restrict amin, size_t n)
+static inline __attribute__((always_inline)) void lr_col_sums_f32(const float *restrict ak, double *restrict n64, double *restrict amin, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
         const double a = (double)ak[j], fa = fabs(a);
@@ -370,6 +372,15 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
     *exact32o &= (e32[0] & e32[1] & e32[2] & e32[3]) != 0;
 }
 
+/* Afp: Af's full panels of LM_LR_PANEL columns, each [K x 32] contiguous */
+static void lr_panels(lm_lowrank *lr)
+{
+    const size_t K = lr->K, cols = lr->cols;
+    for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
+        for (size_t k = 0; k < K; k++)
+            memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
+}
+
 /* lm_lowrank_prepare (B, A in f64) and lm_lowrank_prepare_f32 (B32, A32) */
 static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B, const float *B32,
                       const double *A, const float *A32, const double *s, int f64_path, void *ws, size_t ws_bytes)
@@ -477,9 +488,7 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
     } else {
         lr->At = NULL;
     }
-    for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
-        for (size_t k = 0; k < K; k++)
-            memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
+    lr_panels(lr);
     lr->bs_exact = exactB64;
     lr->a_f32 = exactA32;
     lr->b_f32 = sameB32;
@@ -523,6 +532,65 @@ LR_FMA_CLONES int lm_lowrank_prepare_f32(lm_lowrank *lr, size_t rows, size_t col
     if (B == NULL || A == NULL)
         return -1;
     return lr_prepare(lr, rows, cols, K, NULL, B, NULL, A, s, f64_path != 0, ws, ws_bytes);
+}
+
+/* ---- exactness off: what the uncertified kernel reads, and nothing else ----------------------
+ * Bf, Af and its panels, the same bits as lr_prepare makes them (Bf = fl32(fl64(s_k B_ik)), Af =
+ * fl32(A_kj)): no bound factors, no non-finite flags, no Bs or At, O((rows + cols) K) conversions
+ * and copies only.  So --exactness-off no longer pays for bounds it never reads, and the
+ * exactness's measured cost is the whole of it. */
+static size_t lr_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int src32)
+{
+    if (K > LM_LOWRANK_MAX_K || (K != 0 && (rows > SIZE_MAX / K || cols > SIZE_MAX / K)))
+        return 0;
+    size_t t = 64; /* alignment slack */
+    if (!lr_ws_add(&t, rows * K, sizeof(float)) || !lr_ws_add(&t, src32 ? 0 : K * cols, sizeof(float)) ||
+        !lr_ws_add(&t, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float)))
+        return 0;
+    return t;
+}
+
+size_t lm_lowrank_ws_bytes_uncertified(size_t rows, size_t cols, size_t K, int src32)
+{
+    return lr_ws_bytes_uncertified(rows, cols, K, src32 != 0);
+}
+
+LR_FMA_CLONES int lm_lowrank_prepare_uncertified(lm_lowrank *lr, size_t rows, size_t cols, size_t K, const double *B,
+                                                 const double *A, const float *B32, const float *A32, const double *s,
+                                                 void *ws, size_t ws_bytes)
+{
+    const int src32 = B == NULL;
+    if (src32 ? B32 == NULL || A32 == NULL || A != NULL : A == NULL || B32 != NULL || A32 != NULL)
+        return -1;
+    const size_t need = lr_ws_bytes_uncertified(rows, cols, K, src32);
+    if (need == 0 || ws == NULL || ws_bytes < need)
+        return -1;
+    unsigned char *p = (unsigned char *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
+    memset(lr, 0, sizeof *lr);
+    lr->rows = rows;
+    lr->cols = cols;
+    lr->K = K;
+    lr->B = B;
+    lr->B32 = B32;
+    lr->A = A;
+    lr->s = s;
+    lr->Bf = lr_carve(&p, rows * K, sizeof(float));
+    lr->Af = src32 ? (float *)(uintptr_t)A32 : lr_carve(&p, K * cols, sizeof(float));
+    lr->Afp = lr_carve(&p, K * (cols / LM_LR_PANEL * LM_LR_PANEL), sizeof(float));
+    for (size_t i = 0; i < rows; i++) {
+        float *restrict bf = lr->Bf + i * K;
+        if (src32)
+            for (size_t k = 0; k < K; k++)
+                bf[k] = (float)(s[k] * (double)B32[i * K + k]);
+        else
+            for (size_t k = 0; k < K; k++)
+                bf[k] = (float)(s[k] * B[i * K + k]);
+    }
+    if (!src32)
+        for (size_t e = 0; e < K * cols; e++)
+            lr->Af[e] = (float)A[e];
+    lr_panels(lr);
+    return 0;
 }
 
 /* ---- level 3: the exact value in fixed point ------------------------------------------------- */

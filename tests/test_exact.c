@@ -976,30 +976,56 @@ Test(exact, prepare_limits)
 }
 
 /* the "exactness off" switch: every variant gives the plain fused f32 result (checked against an
- * f32 evaluation written here), bit for bit */
+ * f32 evaluation written here), bit for bit, prepared whole or by lm_lowrank_prepare_uncertified
+ * (from the f64 factors, and from f32 ones when they are f32 values; its lr has no bound factors,
+ * so a kernel reading one would crash here) */
 Test(exact, uncertified_switch)
 {
     uint64_t rng = xt_seed("uncertified_switch");
-    for (size_t p = 0; p < XT_N_PAIRS; p++) {
-        xt_case c = xt_case_new(9, 53, 16, xt_pairs[p][0], xt_pairs[p][1]);
-        xt_fill_lora(&c, &rng, 0, 2);
+    for (size_t p = 0; p < 2 * XT_N_PAIRS; p++) {
+        const int f32_vals = p >= XT_N_PAIRS;
+        xt_case c = xt_case_new(9, 53, 16, xt_pairs[p % XT_N_PAIRS][0], xt_pairs[p % XT_N_PAIRS][1]);
+        xt_fill_lora(&c, &rng, f32_vals, 2);
         c.W[5] = NAN;
         lm_kernels ks[3];
         const size_t nk = xt_variants(ks, "uncertified_switch");
         void *ws;
-        const lm_lowrank lr = xt_prepare(&c, &ws);
-        xt_run ref = {0};
-        for (size_t v = 0; v < nk; v++) {
-            xt_run r = xt_execute(&ks[v], &lr, &c, 0, 9, 1, 1, 0, LM_LOWRANK_UNCERTIFIED);
-            cr_assert_eq(r.st.n_recomputed, 0);
-            if (v == 0) {
-                ref = r;
-                continue;
-            }
-            cr_assert(memcmp(r.out, ref.out, 9 * 53 * xt_dt_size(c.ot)) == 0, "%s differs", ks[v].name);
-            cr_assert(memcmp(&r.st, &ref.st, sizeof r.st) == 0);
-            free(r.out);
+        lm_lowrank lrs[3];
+        size_t n_lr = 2;
+        lrs[0] = xt_prepare(&c, &ws);
+        const size_t nu = lm_lowrank_ws_bytes_uncertified(9, 53, 16, 0), nu32 = lm_lowrank_ws_bytes_uncertified(9, 53, 16, 1);
+        cr_assert(nu > 0 && nu32 > 0 && nu32 < nu && nu < lm_lowrank_ws_bytes(9, 53, 16));
+        void *wsu = xt_alloc(nu), *wsu32 = xt_alloc(nu32);
+        cr_assert_eq(lm_lowrank_prepare_uncertified(&lrs[1], 9, 53, 16, c.B, c.A, NULL, NULL, c.s, wsu, nu - 1), -1);
+        cr_assert_eq(lm_lowrank_prepare_uncertified(&lrs[1], 9, 53, 16, c.B, c.A, NULL, NULL, c.s, wsu, nu), 0);
+        cr_assert(lrs[1].bnd_rf == NULL && lrs[1].bnd_cd == NULL && lrs[1].row_nf == NULL && lrs[1].At == NULL);
+        float *B32 = xt_alloc(9 * 16 * sizeof(float)), *A32 = xt_alloc(16 * 53 * sizeof(float));
+        for (size_t e = 0; e < 9 * 16; e++)
+            B32[e] = (float)c.B[e];
+        for (size_t e = 0; e < 16 * 53; e++)
+            A32[e] = (float)c.A[e];
+        if (f32_vals) {
+            cr_assert_eq(lm_lowrank_prepare_uncertified(&lrs[2], 9, 53, 16, NULL, NULL, B32, A32, c.s, wsu32, nu32), 0);
+            n_lr = 3;
         }
+        xt_run ref = {0};
+        for (size_t l = 0; l < n_lr; l++)
+            for (size_t v = 0; v < nk; v++) {
+                xt_run r = xt_execute(&ks[v], &lrs[l], &c, 0, 9, 1, 1, 0, LM_LOWRANK_UNCERTIFIED);
+                cr_assert_eq(r.st.n_recomputed, 0);
+                if (l == 0 && v == 0) {
+                    ref = r;
+                    continue;
+                }
+                cr_assert(memcmp(r.out, ref.out, 9 * 53 * xt_dt_size(c.ot)) == 0, "%s, preparation %zu differs",
+                          ks[v].name, l);
+                cr_assert(memcmp(&r.st, &ref.st, sizeof r.st) == 0);
+                free(r.out);
+            }
+        free(B32);
+        free(A32);
+        free(wsu);
+        free(wsu32);
         for (size_t i = 0; i < 9; i++)
             for (size_t j = 0; j < 53; j++) {
                 /* the documented evaluation: four FMA chains (k mod 4), (c0 + c1) + (c2 + c3) */

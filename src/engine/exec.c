@@ -299,7 +299,8 @@ static lm_code tensor_prepare(job *J, size_t ti, lm_err *err)
         if (rc == LM_OK && t->q != NULL && (rc = lm_xq_load_scales(t, J->model, &rt->qscale, err)) == LM_OK &&
             t->q->needs_amax && rt->qamax != NULL)
             lm_xq_set_amax(t, rt->qscale, rt->qamax);
-        if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK && (rt->exact = lm_lowrank_tensor_create(t, rt->prep, err)) == NULL)
+        if (rc == LM_OK && rt->exact_kind == LM_EXACT_LOWRANK &&
+            (rt->exact = lm_lowrank_tensor_create(t, rt->prep, J->lowrank_flags, err)) == NULL)
             rc = LM_E_NOMEM;
         if (rc == LM_OK && lm_xq_fused(t) && t->n_ops == 1 && t->ops[0].kind == LM_OP_LOWRANK && !t->ops[0].axis &&
             J->k->fp8_merge != NULL) { /* the kernels' A, once (NULL: packed per block) */

@@ -27,6 +27,7 @@ struct lm_lowrank_tensor {
     pthread_mutex_t lock;
     segment *seg;
     size_t n_seg;
+    unsigned flags; /* the kernel's flags: LM_LOWRANK_UNCERTIFIED prepares only what it reads */
 };
 
 static int kernel_dtype(lm_dtype dt)
@@ -155,8 +156,9 @@ static void copy_f64(double *dst, size_t dld, const float *src32, const double *
 
 /* segment g's factors: the terms of every op covering it, concatenated along k in op order.
  * @return 0, or -1 when out of memory */
-static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared *prep)
+static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared *prep, unsigned flags)
 {
+    const int uncert = (flags & LM_LOWRANK_UNCERTIFIED) != 0;
     size_t K = 0, n_cover = 0, o1 = 0;
     for (size_t o = 0; o < t->n_ops; o++)
         if (covers(&t->ops[o], g->lo, g->lo + g->n)) {
@@ -169,8 +171,9 @@ static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared 
         /* one op, not transposed, f32 factors (the common case): the kernel reads them where they
          * are, with no f64 copies (its f64 path, for f32 outputs, makes the ones it needs) */
         const lm_op *op = &t->ops[o1];
-        const int f64_path = lm_exact_out_dtype(t) == LM_DT_F32;
-        const size_t ws_bytes = lm_lowrank_ws_bytes_f32(rows, cols, K, f64_path);
+        const int f64_path = lm_exact_out_dtype(t) == LM_DT_F32 && !uncert;
+        const size_t ws_bytes = uncert ? lm_lowrank_ws_bytes_uncertified(rows, cols, K, 1)
+                                       : lm_lowrank_ws_bytes_f32(rows, cols, K, f64_path);
         g->s = malloc(K * sizeof *g->s + 1);
         g->ws = ws_bytes ? malloc(ws_bytes) : NULL;
         if (g->s == NULL || g->ws == NULL)
@@ -178,10 +181,14 @@ static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared 
         lm_populate(g->ws, ws_bytes);
         for (size_t q = 0; q < K; q++)
             g->s[q] = op->scale;
+        if (uncert)
+            return lm_lowrank_prepare_uncertified(&g->lr, rows, cols, K, NULL, NULL,
+                                                  prep[o1].b + (size_t)(g->lo - op->row0) * K, prep[o1].a, g->s,
+                                                  g->ws, ws_bytes);
         return lm_lowrank_prepare_f32(&g->lr, rows, cols, K, prep[o1].b + (size_t)(g->lo - op->row0) * K,
                                       prep[o1].a, g->s, f64_path, g->ws, ws_bytes);
     }
-    const size_t ws_bytes = lm_lowrank_ws_bytes(rows, cols, K);
+    const size_t ws_bytes = uncert ? lm_lowrank_ws_bytes_uncertified(rows, cols, K, 0) : lm_lowrank_ws_bytes(rows, cols, K);
     g->B = malloc(rows * K * sizeof *g->B + 1);
     g->A = malloc(K * cols * sizeof *g->A + 1);
     g->s = malloc(K * sizeof *g->s + 1);
@@ -216,10 +223,13 @@ static int segment_build(segment *g, const lm_plan_tensor *t, const lm_prepared 
         }
         k0 += rank;
     }
+    if (uncert)
+        return lm_lowrank_prepare_uncertified(&g->lr, rows, cols, K, g->B, g->A, NULL, NULL, g->s, g->ws, ws_bytes);
     return lm_lowrank_prepare(&g->lr, rows, cols, K, g->B, g->A, g->s, g->ws, ws_bytes);
 }
 
-lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err)
+lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, unsigned flags,
+                                            lm_err *err)
 {
     uint64_t *b = NULL;
     lm_lowrank_tensor *f = calloc(1, sizeof *f);
@@ -236,6 +246,7 @@ lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_pr
     f->t = t;
     f->prep = prep;
     f->n_seg = n_seg;
+    f->flags = flags;
     for (size_t g = 0; g < n_seg; g++) {
         f->seg[g].lo = b[g];
         f->seg[g].n = f->seg[g].rows_left = b[g + 1] - b[g];
@@ -252,7 +263,7 @@ static int segment_ready(lm_lowrank_tensor *f, segment *g)
     int rc = 0;
     pthread_mutex_lock(&f->lock);
     if (g->state == 0) {
-        rc = segment_build(g, f->t, f->prep);
+        rc = segment_build(g, f->t, f->prep, f->flags);
         if (rc == 0)
             __atomic_store_n(&g->state, 1, __ATOMIC_RELEASE);
         else

@@ -24,10 +24,13 @@ int lm_lowrank_tensor_eligible(const lm_plan_tensor *t);
 /*! lm_lowrank_tensor_create() :
  *  The state of tensor t's exact path: per block of rows that the same ops change, the f64
  *  factors of those ops (from prep[o], the op's method prepare) in the kernel's layout, built
- *  when a tile first reaches the block and freed after its last row.  @return the state, or NULL
- *  with *err (out of memory).  Ownership: lm_lowrank_tensor_free(); t and prep are borrowed until
- *  then. */
-lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, lm_err *err);
+ *  when a tile first reaches the block and freed after its last row.  flags: the kernel flags
+ *  every lm_lowrank_tensor_run() of it will pass (LM_LOWRANK_UNCERTIFIED, exactness off: only
+ *  what that kernel reads is prepared, and lm_lowrank_tensor_exact_f32() must not be called).
+ *  @return the state, or NULL with *err (out of memory).  Ownership: lm_lowrank_tensor_free(); t
+ *  and prep are borrowed until then. */
+lm_lowrank_tensor *lm_lowrank_tensor_create(const lm_plan_tensor *t, const lm_prepared *prep, unsigned flags,
+                                            lm_err *err);
 void lm_lowrank_tensor_free(lm_lowrank_tensor *f);
 
 /*! lm_lowrank_tensor_warm() : builds now the factors of the segment holding row r0 (the first
