@@ -4,9 +4,7 @@
  *  merge: the term's rows six at a time, in panels of 64 columns (4 A loads and 6 broadcasts feed
  *  24 fmas; the differences kept for the d2 lanes, added row after row once the rows are done),
  *  then pairs; blocks wider than 128 a row at a time, 128 columns a pass; the term's fma chains
- *  in registers over p, as gemm_rows runs them; the codes' values by way of f32 (a block with
- *  no NaN code and 2^120 s0 finite, checked first: the code's bits moved into an f32's are its
- *  value times 2^-120, times 2^120 s0), else by way of
+ *  in registers over p, as gemm_rows runs them; the codes' values by way of
  *  f16 (a code's bits moved into an f16's are its value times 2^-8, exact, and vcvtph2ps widens
  *  them, subnormals included), times 256 s0 (exact unless that overflows: then times 256, then
  *  times s0), NaN codes patched to the f16 NaN; x, its amax, sameness and d2 lanes in one pass,
@@ -19,7 +17,6 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -46,9 +43,8 @@ F8_INLINE __m512 f8_dq(const uint8_t *p, __mmask16 m)
 }
 
 typedef struct {
-    __m512 s256, s0, s0x; /* 256 s0, s0, 2^120 s0 */
-    int split;            /* 256 s0 overflows: times 256, then s0 */
-    int wide;             /* no NaN code in the block and 2^120 s0 finite: f8_base by way of f32 */
+    __m512 s256, s0; /* 256 s0, s0 */
+    int split;       /* 256 s0 overflows: times 256, then s0 */
     __m512i amax;
     __mmask16 diff;
     __m512 d2;
@@ -57,14 +53,6 @@ typedef struct {
 /* the code's value times s0, as the reference's dq(c) * s0 (one rounding) */
 F8_INLINE __m512 f8_base(const f8_state *S, const uint8_t *p, __mmask16 m)
 {
-    if (S->wide) { /* a code's magnitude bits moved into an f32's (bits 20..26) are its value times
-                      2^-120, subnormal codes included, the sign by the sign extension: times 2^120
-                      s0 (exact) it is the same product dq(c) * s0, rounded once */
-        const __m512i c = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p));
-        return _mm512_mul_ps(
-            _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(c, 20), _mm512_set1_epi32((int)0x87F00000u))),
-            S->s0x);
-    }
     const __m512 v = f8_dq(p, m);
     if (S->split)
         return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(256.0f)), S->s0);
@@ -257,17 +245,7 @@ F8_TARGET void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size
     if (h == 0 || w == 0)
         return;
     const float s256 = s0 * 256.0f;
-    /* a NaN code (0x7F | sign) anywhere in the block: the f16 way, which patches them */
-    __mmask64 nan = 0;
-    for (size_t i = 0; i < h; i++)
-        for (size_t j = 0; j < w; j += 64) {
-            const __mmask64 m = w - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (w - j)) - 1);
-            nan |= _mm512_mask_cmpeq_epi8_mask(m, _mm512_or_si512(_mm512_maskz_loadu_epi8(m, q0 + i * ldq + j),
-                                                                  _mm512_set1_epi8((char)0x80)),
-                                               _mm512_set1_epi8((char)0xFF));
-        }
-    f8_state S = {_mm512_set1_ps(s256), _mm512_set1_ps(s0), _mm512_set1_ps(s0 * 0x1p120f),
-                  !(s256 - s256 == 0.0f) && s0 - s0 == 0.0f, nan == 0 && fabsf(s0) < 0x1p8f,
+    f8_state S = {_mm512_set1_ps(s256), _mm512_set1_ps(s0), !(s256 - s256 == 0.0f) && s0 - s0 == 0.0f,
                   _mm512_setzero_si512(), 0, _mm512_setzero_ps()};
     const size_t lo = t->r_lo < h ? t->r_lo : h, hi = t->r_hi < h ? t->r_hi : h;
     f8_span_any(&S, q0, ldq, t, 0, 0, lo, w, x, ldx);
