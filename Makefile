@@ -26,9 +26,15 @@ LM_CPPFLAGS = -Iinclude -Isrc/core -Isrc/format -Isrc/peft -Isrc/methods -Isrc/e
 # -fPIC: the same objects make the static and the shared library
 LM_CFLAGS = -std=c11 -fvect-cost-model=cheap -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
             -fopenmp -ffp-contract=off -fvisibility=hidden -pthread -fPIC
-# OpenBLAS is not linked: kernels/gemm_tile.c loads it with dlopen when first used (issue 15)
-LINK_PKGS = $(filter-out openblas,$(PKGS))
+# OpenBLAS is not linked: kernels/gemm_tile.c loads it with dlopen when first used (issue 15);
+# nor are libzip (torch_bin.c) and FFTW (fourierft.c), loaded the same way, nor libcrypto (the
+# SHA-256 is src/core/lm_sha256.c): loading libzip (with the libcrypto, libbz2 and libz it
+# needs) and FFTW cost every run ~5 ms of one core before main().  The tests and benches link
+# them (TEST_LDLIBS): they write zips, compare with OpenSSL's SHA-256 and FFTW's transforms.
+LAZY_PKGS = openblas libzip fftw3 libcrypto
+LINK_PKGS = $(filter-out $(LAZY_PKGS),$(PKGS))
 LM_LDLIBS = $(shell $(PKG_CONFIG) --libs $(LINK_PKGS) 2>/dev/null) -ldl -fopenmp -lm -pthread
+TEST_LDLIBS = $(LM_LDLIBS) $(shell $(PKG_CONFIG) --libs libzip fftw3 libcrypto 2>/dev/null)
 
 SRCS = $(sort $(wildcard src/core/*.c src/format/*.c src/peft/*.c src/methods/*.c src/engine/*.c) $(wildcard kernels/*.c))
 OBJS = $(SRCS:%.c=$(BUILD)/%.o)
@@ -122,7 +128,7 @@ $(BIN): $(CLI_OBJS) $(LIB)
 # the tests need the test framework (deps), the library only the build packages (deps-build)
 $(TEST_OBJS): | deps-quiet
 $(UNIT): $(TEST_OBJS) $(LIB)
-	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ -lcriterion $(LM_LDLIBS)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ -lcriterion $(TEST_LDLIBS)
 
 # fuzz targets replayed over their corpus by a plain main() (no clang needed)
 $(BUILD)/fuzz/%-replay: $(BUILD)/tests/fuzz/%.o $(BUILD)/tests/fuzz/replay_main.o $(LIB)
@@ -131,7 +137,7 @@ $(BUILD)/fuzz/%-replay: $(BUILD)/tests/fuzz/%.o $(BUILD)/tests/fuzz/replay_main.
 
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	@mkdir -p $(@D)
-	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LM_LDLIBS)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(TEST_LDLIBS)
 
 # fast tier: unit tests, conformance, fixtures
 check: deps-quiet all $(UNIT) $(BUILD)/bench/gen_model $(BUILD)/bench/gen_adapter

@@ -436,14 +436,14 @@ typedef struct {
     uint64_t drop; /* > 0: written with the batch's drop-behind, this step (lm_st_writer_drop_behind) */
 } floor_arg;
 
-/* the drop-behind step the batch of K outputs of n bytes takes (exec.c: drop_behind_step), 0: none */
+/* the drop-behind step a run writing K outputs of n bytes takes (exec.c: drop_behind_step), 0: none */
 static uint64_t batch_drop_step(int K, uint64_t n)
 {
     const char *e = getenv("LM_DROP_BEHIND");
     if (e != NULL && *e != '\0')
         return atoll(e) <= 0 ? 0 : atoll(e) == 1 ? (uint64_t)8 << 20 : (uint64_t)atoll(e);
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    return K > 1 && pages > 0 && page > 0 && (uint64_t)K * n > (uint64_t)pages * (uint64_t)page / 2 ? (uint64_t)8 << 20
+    return K >= 1 && pages > 0 && page > 0 && (uint64_t)K * n > (uint64_t)pages * (uint64_t)page / 2 ? (uint64_t)8 << 20
                                                                                                      : 0;
 }
 
@@ -869,6 +869,10 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     enum { W = 4, MAX_SHARDS = 256 };
     double *t1 = calloc((size_t)runs, sizeof *t1), *tw = calloc((size_t)runs, sizeof *tw);
     double *c1 = calloc((size_t)runs, sizeof *c1), *cw = calloc((size_t)runs, sizeof *cw);
+    /* system CPU seconds, and page cache reclaimed (GB, kswapd + direct) during each side */
+    double *s1 = calloc((size_t)runs, sizeof *s1), *sw = calloc((size_t)runs, sizeof *sw);
+    double *rc1 = calloc((size_t)runs, sizeof *rc1), *rcw = calloc((size_t)runs, sizeof *rcw);
+    double vr0[2], vr1[2];
     double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0, rd_w[W] = {0}, rd_1 = 0;
     static shard_time sh[MAX_SHARDS];
     int n_sh = 0;
@@ -889,8 +893,12 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
             margv[7] = (char *)adapter;
             margv[8] = out;
         }
+        vm_reclaimed(vr0);
         t1[r] = run_timed(margv, NULL, &rss, &st);
+        vm_reclaimed(vr1);
+        rc1[r] = (vr1[0] - vr0[0] + vr1[1] - vr0[1]) * 4096e-9;
         c1[r] = g_last_cpu;
+        s1[r] = g_last_sys;
         rd_1 = g_last_read_gb;
         if (st != 0) {
             fprintf(stderr, "bench: the 2-thread merge failed (%d)\n", st);
@@ -899,6 +907,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         rm_rf(out);
         if (system(warm_cmd) != 0)
             fprintf(stderr, "bench: could not read the base through the cache\n");
+        vm_reclaimed(vr0);
         double t0 = now();
         pid_t pid[W];
         double start[W];
@@ -915,7 +924,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                 _exit(127);
             }
         }
-        cw[r] = 0;
+        cw[r] = sw[r] = 0;
         for (int done = 0; done < W; done++) {
             struct rusage ru;
             int wst;
@@ -926,6 +935,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
                     cpu[w] = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
                              1e-6 * ru.ru_stime.tv_usec;
                     cw[r] += cpu[w];
+                    sw[r] += (double)ru.ru_stime.tv_sec + 1e-6 * ru.ru_stime.tv_usec;
                     rd_w[w] = (double)ru.ru_inblock * 512e-9;
                     if (!WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
                         fprintf(stderr, "bench: worker %d failed\n", w);
@@ -940,7 +950,10 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
         t_fin = now() - tf0;
         c_fin = g_last_cpu;
         cw[r] += c_fin;
+        sw[r] += g_last_sys;
         tw[r] = now() - t0;
+        vm_reclaimed(vr1);
+        rcw[r] = (vr1[0] - vr0[0] + vr1[1] - vr0[1]) * 4096e-9;
         if (st != 0) {
             fprintf(stderr, "bench: finalize failed (%d)\n", st);
             return 1;
@@ -957,7 +970,9 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     snprintf(b, sizeof b, "%.2f (%.2f-%.2f)", mw, tw[0], tw[runs - 1]);
     printf("%-6s %6d %24s %30s %7.3f ratio<=%.2f %s\n", bc->name, bc->shards, a, b, ratio, bc->max_ratio,
            ratio <= bc->max_ratio ? "ok" : "MISSED");
-    printf("CPU (user+system, median): one merge %.2f s, the 4 workers + finalize %.2f s (%.3f)\n", mc1, mcw, mcw / mc1);
+    printf("CPU (user+system, median): one merge %.2f s, the 4 workers + finalize %.2f s (%.3f); of which system %.2f "
+           "and %.2f s; page cache reclaimed (GB, kswapd + direct, median) %.2f and %.2f\n", mc1, mcw, mcw / mc1,
+           median(s1, runs), median(sw, runs), median(rc1, runs), median(rcw, runs));
     /* per worker: its shards' own seconds (sidecars) and the rest, the fixed cost every worker pays
      * (headers, plan, the adapters hashed for the fingerprint, start and exit) */
     double fixed[W] = {0}, sum_cpu = 0, sum_hash = 0, max_fixed = 0;
@@ -1038,6 +1053,10 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     free(tw);
     free(c1);
     free(cw);
+    free(s1);
+    free(sw);
+    free(rc1);
+    free(rcw);
     return 0;
 }
 

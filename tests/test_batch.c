@@ -176,10 +176,37 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
     BT_OK("cd %s && cmp ref/o1.safetensors bat/o1.safetensors && diff -r ref/o4 bat/o4 && diff -r ref/o6 bat/o6 && "
           "diff -r ref/o8 bat/o8", t);
     /* drop-behind with a 4 KB step (the outputs' pages written back and dropped from 8 KB behind
-     * each write on, while the other threads' tiles still land in them): the same bytes */
-    BT_OK("cd %s/bat && rm -rf o2 o4 o5.safetensors && LM_DROP_BEHIND=4096 %s batch -q --threads 3 --tile-elems 1024 "
-          "%s --job %s --job %s --job %s", t, F.bin, F.base, jb[1], jb[3], jb[4]);
+     * each write on, while the other threads' tiles still land in them): the same bytes; and with
+     * --json, each weights file hashed as it is written (dropped only behind what is hashed): every
+     * file's sha256 in the reports is sha256sum's */
+    th_run_result r = bt_sh("cd %s/bat && rm -rf o2 o4 o5.safetensors && LM_DROP_BEHIND=4096 %s batch -q --json "
+                            "--threads 3 --tile-elems 1024 %s --job %s --job %s --job %s", t, F.bin, F.base, jb[1],
+                            jb[3], jb[4]);
+    cr_assert_eq(r.status, 0, "%s", r.err);
     BT_OK("cd %s && diff -r ref/o2 bat/o2 && diff -r ref/o4 bat/o4 && cmp ref/o5.safetensors bat/o5.safetensors", t);
+    int n_reports = 0, n_weights = 0;
+    for (char *line = r.out, *nl; (nl = strchr(line, '\n')) != NULL; line = nl + 1, n_reports++) {
+        *nl = '\0';
+        cJSON *j = cJSON_Parse(line);
+        cr_assert_not_null(j, "%s", line);
+        const cJSON *files = cJSON_GetObjectItemCaseSensitive(j, "files");
+        for (int i = 0; i < cJSON_GetArraySize(files); i++) {
+            const cJSON *fi = cJSON_GetArrayItem(files, i);
+            const char *path = cJSON_GetObjectItemCaseSensitive(fi, "path")->valuestring;
+            const cJSON *sha = cJSON_GetObjectItemCaseSensitive(fi, "sha256");
+            cr_assert(cJSON_IsString(sha), "%s: no sha256", path);
+            th_run_result s = bt_sh("cd %s/bat && sha256sum '%s' | cut -c1-64", t, path);
+            cr_assert_geq(strlen(s.out), 64, "%s", path);
+            s.out[64] = '\0';
+            cr_assert_str_eq(sha->valuestring, s.out, "%s", path);
+            n_weights += strcmp(cJSON_GetObjectItemCaseSensitive(fi, "kind")->valuestring, "weights") == 0;
+            th_run_free(&s);
+        }
+        cJSON_Delete(j);
+    }
+    cr_assert_eq(n_reports, 3);
+    cr_assert_geq(n_weights, 4, "o4 is in shards"); /* o2, o5 and o4's shards */
+    th_run_free(&r);
     bt_teardown(&F);
 }
 

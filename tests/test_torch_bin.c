@@ -16,6 +16,7 @@
 #include "lm_error.h"
 #include "pickle_reader.h"
 #include "tensor_set.h"
+#include "th.h"
 #include "torch_bin.h"
 
 #define TB_FIX "../shared/fixtures"
@@ -1325,4 +1326,34 @@ Test(pickle, forbidden_global_name_is_sanitized)
     cr_assert(strstr(err.msg, "....sys?tem'") != NULL, "%s", err.msg);
     cr_assert(strchr(err.msg, '\x1b') == NULL && strchr(err.msg, '\t') == NULL);
     free(p.b);
+}
+
+/* libzip is loaded on first use (torch_bin.c): when it cannot be, a zip checkpoint is refused in
+ * one line naming the file and the library, and nothing else changes (LM_FAULT's "dlopen": the
+ * load fails as a missing library would) */
+Test(torch_bin, zip_without_libzip_refused_in_one_line)
+{
+    char *tmp = th_tmpdir();
+    char path[1200], cmd[4000];
+    snprintf(path, sizeof path, "%s/adapter_model.bin", tmp);
+    static const double v[4] = {1, 2, 3, 4};
+    th_out_tensor t = {"base_model.model.lm_marker_tensor", "F32", 1, {4}, v};
+    cr_assert_eq(th_torch_save(path, 0, &t, 1, 0, "cpu"), 0);
+    for (int faulted = 0; faulted < 2; faulted++) {
+        snprintf(cmd, sizeof cmd, "%s'%s' inspect '%s'", faulted ? "LM_FAULT=1:EIO:dlopen " : "", th_bin(), path);
+        th_run_result r = th_sh(cmd);
+        if (faulted) {
+            cr_assert_neq(r.status, 0);
+            cr_assert(strstr(r.err, "MissingLibrary") != NULL && strstr(r.err, "libzip") != NULL &&
+                          strstr(r.err, path) != NULL, "%s", r.err);
+            cr_assert(strchr(r.err, '\n') == r.err + strlen(r.err) - 1, "not one line: %s", r.err);
+        } else { /* read: the tensor's name comes from inside the zip */
+            cr_assert(strstr(r.err, "MissingLibrary") == NULL, "%s", r.err);
+            cr_assert(strstr(r.out, "lm_marker_tensor") != NULL || strstr(r.err, "lm_marker_tensor") != NULL,
+                      "out: %s err: %s", r.out, r.err);
+        }
+        th_run_free(&r);
+    }
+    th_rmrf(tmp);
+    free(tmp);
 }

@@ -2,6 +2,7 @@
 /* lm_sys.c : the fault-injection seam (see lm_sys.h). */
 #include "lm_sys.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -161,6 +162,25 @@ DIR *lm_sys_opendir(const char *path)
         return NULL;
     }
     return opendir(path);
+}
+
+void *lm_sys_dlopen(const char *const *names, const char **why)
+{
+    int k = fault(C_SYS, "dlopen");
+    *why = "no library named";
+    if (k) {
+        *why = k == K_EIO ? "Input/output error (LM_FAULT)" : k == K_ENOSPC ? "No space left on device (LM_FAULT)"
+                                                                          : "Interrupted system call (LM_FAULT)";
+        return NULL;
+    }
+    for (size_t i = 0; names[i] != NULL; i++) {
+        void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (h != NULL)
+            return h;
+        const char *e = dlerror();
+        *why = e != NULL ? e : "cannot be loaded";
+    }
+    return NULL;
 }
 
 /* read/write family: a short count transfers half */

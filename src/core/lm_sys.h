@@ -45,6 +45,9 @@ int lm_sys_fstat(int fd, struct stat *st);
 int lm_sys_dup(int fd);
 int lm_sys_close_checked(int fd); /* close whose error matters (a flush) */
 DIR *lm_sys_opendir(const char *path);
+/* dlopen(RTLD_NOW | RTLD_LOCAL) of the first of names (NULL-terminated) that loads; one call
+ * "dlopen" for the faults.  NULL: *why (static or thread-local storage) says why */
+void *lm_sys_dlopen(const char *const *names, const char **why);
 void *lm_sys_malloc(size_t n);
 void *lm_sys_calloc(size_t n, size_t size);
 void *lm_sys_realloc(void *p, size_t n);

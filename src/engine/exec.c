@@ -1903,6 +1903,9 @@ static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *op
         }
         if (J->one_shard && opts->sha256_hex != NULL && (rc = lm_st_writer_hash_begin(J->w[sh], err)) != LM_OK)
             goto done; /* a shard worker: the sidecar's sha256, computed as the shard is written */
+        if (!J->one_shard && opts && opts->file_sha256 != NULL &&
+            (rc = lm_st_writer_hash_begin_sha256(J->w[sh], err)) != LM_OK)
+            goto done; /* the report's sha256 (--json) */
         *bytes_written += lm_st_writer_file_bytes(J->w[sh]);
     }
 done:
@@ -2055,6 +2058,12 @@ static lm_code finish_job(job *J, lm_err *err)
     if (J->one_shard && opts->sha256_hex != NULL &&
         (rc = lm_st_writer_hash_end(J->w[J->only_shard], opts->sha256_hex, &J->st.hash_cpu_seconds, err)) != LM_OK)
         return rc;
+    for (size_t sh = 0; !J->one_shard && opts && opts->file_sha256 != NULL && sh < J->n_shards; sh++) {
+        double c = 0;
+        if ((rc = lm_st_writer_hash_end(J->w[sh], opts->file_sha256[sh], &c, err)) != LM_OK)
+            return rc;
+        J->st.hash_cpu_seconds += c;
+    }
     if (J->tstat != NULL)
         stats_reduce(J, J->tasks, J->n_tasks, opts->stats);
     if (opts && opts->before_commit && (rc = opts->before_commit(opts->before_commit_ctx, err)) != LM_OK)
@@ -2376,15 +2385,18 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
     return err->code;
 }
 
-/* A batch whose outputs are more than half of the memory writes them with drop-behind
- * (lm_st_writer_drop_behind, advised every DROP_STEP bytes): they cannot stay in the page cache
- * anyway, and reusing the pages of the bytes already written back costs less than taking fresh
- * ones (and leaves the base cached).  A single merge's output is left in the page cache (it is
- * often read next).  LM_DROP_BEHIND decides instead (the tests): 0 off, 1 on, N > 1 on with a step
- * of N bytes.  @return the step, 0: off */
+/* A run whose output is more than half of the memory writes it with drop-behind
+ * (lm_st_writer_drop_behind, advised every DROP_STEP bytes): the output cannot stay in the page
+ * cache anyway, and reusing the pages of the bytes already written back costs less than taking
+ * fresh ones (and leaves the base cached).  The output is the whole of what the plans write: a
+ * batch's K outputs, one merge's file or shards, and for a shard worker the whole model too (all
+ * its plan's shards, which the workers on one machine write together), not only its own shards:
+ * the one rule for every way of merging one model.  A smaller output is left in the page cache
+ * (it is often read next).  LM_DROP_BEHIND decides instead (the tests, the benches): 0 off, 1 on,
+ * N > 1 on with a step of N bytes.  @return the step, 0: off */
 #define DROP_STEP ((uint64_t)8 << 20)
 
-static uint64_t drop_behind_step(size_t n_jobs, uint64_t out_bytes)
+static uint64_t drop_behind_step(uint64_t out_bytes)
 {
     const char *e = getenv("LM_DROP_BEHIND");
     if (e != NULL && *e != '\0') {
@@ -2392,7 +2404,20 @@ static uint64_t drop_behind_step(size_t n_jobs, uint64_t out_bytes)
         return v <= 0 ? 0 : v == 1 ? DROP_STEP : (uint64_t)v;
     }
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    return n_jobs > 1 && pages > 0 && page > 0 && out_bytes > (uint64_t)pages * (uint64_t)page / 2 ? DROP_STEP : 0;
+    return pages > 0 && page > 0 && out_bytes > (uint64_t)pages * (uint64_t)page / 2 ? DROP_STEP : 0;
+}
+
+/* the bytes of every tensor the plan writes (all shards; the headers left out) */
+static uint64_t plan_out_bytes(const lm_plan *p)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        uint64_t n = lm_dtype_bits(p->t[i].dtype);
+        for (size_t d = 0; d < p->t[i].n_dims; d++)
+            n *= p->t[i].shape[d];
+        total += n / 8;
+    }
+    return total;
 }
 
 /* the run of n_jobs plans over one model: every job's files written and checked (before_commit)
@@ -2416,6 +2441,7 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
     lm_blas_single_thread();
     lm_code rc;
     batch B = {Js, n_jobs, 0, 0};
+    uint64_t out_bytes = 0; /* every file of every plan (drop_behind_step) */
     for (size_t j = 0; j < n_jobs; j++) {
         *failed_job = j;
         rc = job_init(&Js[j], plans[j], model, out_paths[j], opts ? &opts[j] : NULL, k, lock, drops, n_threads, err);
@@ -2423,8 +2449,9 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
         if (rc != LM_OK)
             return rc;
         B.total_bytes += Js[j].st.bytes_written;
+        out_bytes += plan_out_bytes(plans[j]);
     }
-    const uint64_t drop_step = drop_behind_step(n_jobs, B.total_bytes);
+    const uint64_t drop_step = drop_behind_step(out_bytes);
     for (size_t j = 0; j < n_jobs && drop_step > 0; j++)
         for (size_t sh = 0; sh < Js[j].n_shards; sh++)
             if (Js[j].w[sh] != NULL)

@@ -50,6 +50,10 @@ typedef struct lm_exec_opts {
     int one_shard;
     size_t only_shard;
     char *sha256_hex; /* [65] */
+    /* NULL, or per file (shard_paths' order; [0] for one file; not with one_shard): its plain
+     * SHA-256 (64 hex digits), computed as it is written (lm_st_writer_hash_begin_sha256), so that
+     * the report (--json) need not read it back, which drop-behind would make a read from the disk */
+    char (*file_sha256)[65];
 } lm_exec_opts;
 
 typedef struct lm_exec_stats {

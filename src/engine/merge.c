@@ -115,6 +115,7 @@ typedef struct {
     char *meta_text[3];         /* provenance values in the output's __metadata__ */
     const char *out_dtype;      /* "BF16", "mixed" or NULL */
     lm_tensor_stats *tstats;    /* per plan tensor, measured by the executor */
+    char (*out_sha)[65];        /* --json: each weights file's sha256, computed as it was written */
     lm_exec_stats st;
     double t_phase, t0;
     int model_shared;           /* a batch job: the model is the first job's */
@@ -912,6 +913,9 @@ static void *hash_main(void *arg)
             break;
         char hex[65];
         lm_err_clear(&H->err[i]);
+        H->rc[i] = LM_OK;
+        if (H->f[i]->sha256 != NULL) /* hashed as it was written (out_sha_take) */
+            continue;
         H->rc[i] = lm_file_sha256(H->f[i]->path, hex, &H->err[i]);
         if (H->rc[i] == LM_OK && (H->f[i]->sha256 = strdup(hex)) == NULL)
             H->rc[i] = lm_fail(&H->err[i], LM_E_NOMEM, NULL, "out of memory");
@@ -960,7 +964,32 @@ static void exec_opts(merge_state *S, char **paths, lm_exec_opts *eo_out)
     eo.before_commit = check_then_stage;
     eo.before_commit_ctx = S;
     eo.commit_paths = (const char *const *)S->ot.write_paths; /* filled by check_then_stage */
+    eo.file_sha256 = S->out_sha;
     *eo_out = eo;
+}
+
+/* --json: the weights files hashed by the executor as they are written (exec.h: file_sha256), not
+ * read back after the commit (with drop-behind their pages are gone: a read from the disk) */
+static lm_code out_sha_alloc(merge_state *S, lm_err *err)
+{
+    if (!S->job->hash_outputs || S->job->shard_mode != LM_SHARDS_NONE)
+        return LM_OK;
+    if ((S->out_sha = calloc(S->ot.n_shards + 1, sizeof *S->out_sha)) == NULL)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    return LM_OK;
+}
+
+/* the report's weights files given the sha256 the executor computed (the others: hash_files) */
+static lm_code out_sha_take(merge_state *S, lm_err *err)
+{
+    for (size_t i = 0; S->out_sha != NULL && i < S->ri->n_files; i++) {
+        lm_merge_file *f = &S->ri->files[i];
+        for (size_t k = 0; k < S->ot.n_shards && f->sha256 == NULL; k++)
+            if (strcmp(f->path, S->ot.paths[k]) == 0 && S->out_sha[k][0] != '\0' &&
+                (f->sha256 = strdup(S->out_sha[k])) == NULL)
+                return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
+    return LM_OK;
 }
 
 /* shard jobs (shards.h): a worker writes its shards, finalize the rest, straight into OUT (the
@@ -970,6 +999,7 @@ static lm_code run_shards(merge_state *S, lm_err *err)
 {
     lm_exec_opts eo;
     exec_opts(S, S->ot.paths, &eo);
+    eo.file_sha256 = NULL; /* a worker's sidecar hash is its own (sha256_hex), finalize writes no weights */
     eo.before_commit = check_changes; /* no stage */
     eo.commit_paths = NULL;
     int fin = S->job->shard_mode == LM_SHARDS_INDEX;
@@ -1008,6 +1038,8 @@ static lm_code write_output(merge_state *S, lm_err *err)
         return rc;
     char **paths = S->ot.paths;
     lm_exec_opts eo;
+    if ((rc = out_sha_alloc(S, err)) != LM_OK)
+        return rc;
     exec_opts(S, paths, &eo);
     if ((rc = lm_exec_run(S->plan, S->model, S->ads, paths[0], &eo, &S->st, err)) != LM_OK)
         return rc;
@@ -1019,6 +1051,8 @@ static lm_code write_output(merge_state *S, lm_err *err)
     S->committed = 1;
     phase_end(S, LM_PHASE_FINISH);
     if (job->hash_outputs) {
+        if ((rc = out_sha_take(S, err)) != LM_OK)
+            return rc;
         lm_merge_file **f = malloc((S->ri->n_files + 1) * sizeof *f);
         if (f == NULL)
             return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
@@ -1049,6 +1083,7 @@ static void state_free(merge_state *S)
     free(S->ads);
     free(S->ad_sha256);
     free(S->tstats);
+    free(S->out_sha);
     for (int k = 0; k < 3; k++)
         free(S->meta_text[k]);
     if (!S->model_shared)
@@ -1308,6 +1343,8 @@ static lm_code batch_write(merge_state *S, size_t n, size_t *bad, lm_err *err)
         if ((rc = lm_out_stage_paths(&S[j].ot, err)) != LM_OK)
             break;
         char **paths = S[j].ot.paths;
+        if ((rc = out_sha_alloc(&S[j], err)) != LM_OK)
+            break;
         exec_opts(&S[j], paths, &eo[j]);
         eo[j].after_commit = batch_commit;
         plans[j] = S[j].plan;
@@ -1323,8 +1360,11 @@ static lm_code batch_write(merge_state *S, size_t n, size_t *bad, lm_err *err)
         S[0].job->progress(S[0].job->progress_ctx, 1, 1);
     /* --json: every job's files hashed together, on the batch's threads */
     size_t n_files = 0, k = 0;
-    for (size_t j = 0; j < n && rc == LM_OK; j++)
+    for (size_t j = 0; j < n && rc == LM_OK; j++) {
+        *bad = j;
         n_files += S[j].job->hash_outputs ? S[j].ri->n_files : 0;
+        rc = out_sha_take(&S[j], err);
+    }
     lm_merge_file **f = rc == LM_OK && n_files > 0 ? malloc(n_files * sizeof *f) : NULL;
     size_t *job_of = f != NULL ? malloc(n_files * sizeof *job_of) : NULL;
     if (n_files > 0 && rc == LM_OK && job_of == NULL)

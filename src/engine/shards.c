@@ -16,7 +16,6 @@
 #else
 static int omp_get_num_procs(void) { return 1; }
 #endif
-#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,34 +80,28 @@ lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_pla
 }
 
 /* ---- the plan's fingerprint ------------------------------------------------------------------ */
-static void md_str(EVP_MD_CTX *md, const char *s)
+static void md_str(lm_sha256_ctx *md, const char *s)
 {
-    EVP_DigestUpdate(md, s ? s : "(null)", strlen(s ? s : "(null)") + 1);
+    lm_sha256_update(md, s ? s : "(null)", strlen(s ? s : "(null)") + 1);
 }
 
-static void md_u64(EVP_MD_CTX *md, uint64_t v)
+static void md_u64(lm_sha256_ctx *md, uint64_t v)
 {
     char b[32];
     snprintf(b, sizeof b, "%llu", (unsigned long long)v);
     md_str(md, b);
 }
 
-static void md_f64(EVP_MD_CTX *md, double v)
+static void md_f64(lm_sha256_ctx *md, double v)
 {
     char b[40];
     snprintf(b, sizeof b, "%.17g", v);
     md_str(md, b);
 }
 
-static void hex32(const unsigned char *d, char hex[65])
-{
-    for (int i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", d[i]);
-}
-
 /* every tensor (name, dtype, shape, shard) and what is done to it (op kinds, adapters, ranks,
  * scales); the op parameters themselves come from the adapters' files, hashed whole */
-static void md_plan(EVP_MD_CTX *md, const lm_plan *p, const size_t *shard_of)
+static void md_plan(lm_sha256_ctx *md, const lm_plan *p, const size_t *shard_of)
 {
     md_u64(md, p->n);
     for (size_t i = 0; i < p->n; i++) {
@@ -136,11 +129,8 @@ static void md_plan(EVP_MD_CTX *md, const lm_plan *p, const size_t *shard_of)
 
 lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
 {
-    EVP_MD_CTX *md = EVP_MD_CTX_new();
-    if (md == NULL || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
-        EVP_MD_CTX_free(md);
-        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
-    }
+    lm_sha256_ctx ctx, *md = &ctx;
+    lm_sha256_init(md);
     md_str(md, "lora-merge shard plan 2"); /* 2: the sidecars hold sha256x4 */
     md_str(md, LM_VERSION_STRING);
     md_u64(md, C->ot->n_shards);
@@ -163,11 +153,9 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
             md_str(md, hex);
         }
     }
-    unsigned char d[32];
-    unsigned n_d = 0;
-    EVP_DigestFinal_ex(md, d, &n_d);
-    EVP_MD_CTX_free(md);
-    hex32(d, fp);
+    uint8_t d[32];
+    lm_sha256_final(md, d);
+    lm_sha256_hex(d, fp);
     return rc;
 }
 

@@ -13,7 +13,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <openssl/evp.h>
 #include <pthread.h>
 #include <stdalign.h>
 #include <stdio.h>
@@ -698,8 +697,9 @@ void lm_st_snapshot_hash_here(int on)
 static void *hasher_main(void *arg)
 {
     st_hasher *h = arg;
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    int ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+    lm_sha256_ctx ctx;
+    lm_sha256_init(&ctx);
+    int ok = 1;
     pthread_mutex_lock(&h->mu);
     for (;;) {
         while (ok && h->hashed == h->given && !h->end && !h->stop)
@@ -709,7 +709,7 @@ static void *hasher_main(void *arg)
             break;
         const size_t slot = (size_t)(h->hashed % ST_RING), len = h->len[slot];
         pthread_mutex_unlock(&h->mu);
-        ok = EVP_DigestUpdate(ctx, h->ring[slot], len) == 1;
+        lm_sha256_update(&ctx, h->ring[slot], len);
         pthread_mutex_lock(&h->mu);
         h->hashed++;
         pthread_cond_broadcast(&h->cv);
@@ -717,14 +717,12 @@ static void *hasher_main(void *arg)
     h->gone = 1; /* the copy may use every buffer now */
     pthread_cond_broadcast(&h->cv);
     pthread_mutex_unlock(&h->mu);
-    unsigned char md[32];
-    unsigned n_md = 0;
-    if (ok && EVP_DigestFinal_ex(ctx, md, &n_md) == 1 && n_md == 32) {
-        for (unsigned i = 0; i < 32; i++)
-            snprintf(h->hex + 2 * i, 3, "%02x", md[i]);
+    if (ok) {
+        uint8_t md[32];
+        lm_sha256_final(&ctx, md);
+        lm_sha256_hex(md, h->hex);
         h->ok = 1;
     }
-    EVP_MD_CTX_free(ctx);
     __atomic_sub_fetch(&st_hashers_running, 1, __ATOMIC_ACQ_REL); /* its slot free for the next */
     return NULL;
 }

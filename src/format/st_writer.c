@@ -39,6 +39,7 @@ struct lm_st_writer {
     struct writer_hash *hash; /* lm_st_writer_hash_begin(), or NULL */
     uint64_t db_step;    /* lm_st_writer_drop_behind(), or 0 */
     uint64_t db_last;    /* the end of the range last advised (atomic) */
+    uint64_t hashed_to;  /* hashed: the end of the hashed prefix (atomic), the most drop-behind drops */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -605,19 +606,32 @@ static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint
  * write-back, a later one drops it.  Pages still dirty or under write-back when the window has
  * passed them are left to the kernel's own write-back and reclaim.  Only an advice: the bytes
  * written never depend on it (a page dropped before a later write fills the rest of it is read
- * back by the kernel). */
+ * back by the kernel).
+ * A file hashed as it is written (lm_st_writer_hash_begin) is dropped only behind its hashed
+ * prefix: the bytes there are all written and hashed, while those ahead of it are still to be
+ * read back from the page cache (the in-kernel copies).  When the prefix jumps ahead (a copy read
+ * back at once), the window reaches back to the range last advised, so that each page of the
+ * jump is advised at least once. */
 void lm_st_writer_drop_behind(lm_st_writer *w, uint64_t step) { w->db_step = step; }
 
 static void drop_behind(lm_st_writer *w, uint64_t end)
 {
     const uint64_t step = w->db_step, lag = 2 * step;
-    if (step == 0 || w->hash != NULL || end < lag + step) /* hashing: its catch-up reads the file back */
+    if (step == 0)
+        return;
+    if (w->hash != NULL) { /* not beyond the hashed prefix: b <= hashed_to below */
+        const uint64_t h = __atomic_load_n(&w->hashed_to, __ATOMIC_ACQUIRE);
+        end = end < h + lag ? end : h + lag;
+    }
+    if (end < lag + step)
         return;
     const uint64_t b = (end - lag) / step * step;
     uint64_t last = __atomic_load_n(&w->db_last, __ATOMIC_RELAXED);
     if (b == last || !__atomic_compare_exchange_n(&w->db_last, &last, b, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
         return; /* this step advised already (or by another thread just now) */
-    const uint64_t a = b > 4 * step ? b - 4 * step : 0;
+    uint64_t a = b > 4 * step ? b - 4 * step : 0;
+    if (w->hash != NULL && last < a) /* the prefix jumped: every byte below b is written and hashed */
+        a = last;
     (void)posix_fadvise(w->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED);
 }
 
@@ -652,7 +666,7 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
     return LM_OK;
 }
 
-/* ---- the sha256x4 of the file as it is written (lm_st_writer_hash_begin; lm_sha256.h) -------
+/* ---- the sha256x4 (or SHA-256) of the file as it is written (lm_st_writer_hash_begin; lm_sha256.h)
  * [0, done) is hashed.  A write that reaches done is hashed from the writer's own buffer; one
  * beyond it is kept as a range (sorted, disjoint, touching ranges merged) and hashed once the
  * prefix reaches it, read back from the file: the page cache, just written.  With one thread the
@@ -664,7 +678,9 @@ typedef struct {
 
 struct writer_hash {
     pthread_mutex_t mu;
+    int plain;         /* lm_st_writer_hash_begin_sha256(): one SHA-256 message (md1), else sha256x4 (md) */
     lm_sha256x4_ctx md;
+    lm_sha256_ctx md1;
     uint64_t done;
     wrange *r;
     size_t n_r, cap_r;
@@ -682,6 +698,14 @@ static void hash_free(struct writer_hash *h)
     free(h->r);
     free(h->buf);
     free(h);
+}
+
+static void hash_update(struct writer_hash *h, const void *p, size_t n)
+{
+    if (h->plain)
+        lm_sha256_update(&h->md1, p, n);
+    else
+        lm_sha256x4_update(&h->md, p, n);
 }
 
 static double thread_cpu(void)
@@ -709,7 +733,7 @@ static void hash_read_to(lm_st_writer *w, struct writer_hash *h, uint64_t end)
             h->err = k < 0 ? errno : EIO;
             return;
         }
-        lm_sha256x4_update(&h->md, h->buf, (size_t)k);
+        hash_update(h, h->buf, (size_t)k);
         h->done += (uint64_t)k;
     }
 }
@@ -723,7 +747,7 @@ static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint
     pthread_mutex_lock(&h->mu);
     double c0 = thread_cpu();
     if (h->err == 0 && buf != NULL && off <= h->done && off + n > h->done) {
-        lm_sha256x4_update(&h->md, buf + (h->done - off), (size_t)(off + n - h->done));
+        hash_update(h, buf + (h->done - off), (size_t)(off + n - h->done));
         h->done = off + n;
     } else if (h->err == 0 && off + n > h->done) { /* a range ahead of the prefix: kept */
         size_t i = 0;
@@ -763,21 +787,27 @@ static void hash_written(lm_st_writer *w, const uint8_t *buf, uint64_t off, uint
     memmove(h->r, h->r + k, (h->n_r - k) * sizeof *h->r);
     h->n_r -= k;
 out:
+    __atomic_store_n(&w->hashed_to, h->done, __ATOMIC_RELEASE); /* for drop_behind() */
     h->cpu += thread_cpu() - c0;
     pthread_mutex_unlock(&h->mu);
 }
 
-lm_code lm_st_writer_hash_begin(lm_st_writer *w, lm_err *err)
+static lm_code hash_begin(lm_st_writer *w, int plain, lm_err *err)
 {
     struct writer_hash *h = calloc(1, sizeof *h);
     if (h == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    h->plain = plain;
     lm_sha256x4_init(&h->md);
+    lm_sha256_init(&h->md1);
     pthread_mutex_init(&h->mu, NULL);
     w->hash = h;
     hash_written(w, NULL, 0, w->data_start); /* the header, written by lm_st_writer_open() */
     return LM_OK;
 }
+
+lm_code lm_st_writer_hash_begin(lm_st_writer *w, lm_err *err) { return hash_begin(w, 0, err); }
+lm_code lm_st_writer_hash_begin_sha256(lm_st_writer *w, lm_err *err) { return hash_begin(w, 1, err); }
 
 void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_bytes)
 {
@@ -805,7 +835,10 @@ lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds
         return e == ENOMEM ? LM_E_NOMEM : LM_E_IO;
     }
     uint8_t md[32];
-    lm_sha256x4_final(&h->md, md);
+    if (h->plain)
+        lm_sha256_final(&h->md1, md);
+    else
+        lm_sha256x4_final(&h->md, md);
     lm_sha256_hex(md, hex);
     if (cpu_seconds != NULL)
         *cpu_seconds = h->cpu;
