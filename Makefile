@@ -16,7 +16,7 @@ Q = $(if $(V),,@)
 # Debian packages (installed when missing, as root): `make` installs only what the build needs;
 # `make test` / `make check` (through `make deps`) add the test framework, the lint tool and the
 # optional checkers (clang for the fuzz smoke, python3-numpy for independent checks)
-DEB_PKGS_BUILD = pkg-config libopenblas-dev libcjson-dev libzip-dev libfftw3-dev libssl-dev
+DEB_PKGS_BUILD = pkg-config libopenblas-dev libcjson-dev libzip-dev libfftw3-dev libssl-dev libxxhash-dev
 DEB_PKGS = $(DEB_PKGS_BUILD) libcriterion-dev pmccabe
 DEB_PKGS_OPTIONAL = clang libclang-rt-14-dev python3-numpy
 

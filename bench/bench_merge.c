@@ -17,7 +17,7 @@
 #include "gemm_tile.h"
 #include "gen_common.h"
 #include "lm_kernels.h"
-#include "lm_sha256.h"
+#include "lm_xxh128.h"
 #include "shards.h"
 #include "lora_merge.h"
 
@@ -755,11 +755,11 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     return same ? 0 : 1;
 }
 
-/* GB/s of SHA-256 over one message in memory (OpenSSL), or x4 of sha256x4 (lm_sha256.h, the
+/* GB/s of SHA-256 over one message in memory (OpenSSL), or with xxh of XXH3-128 (lm_xxh128.h, the
  * sidecars' hash), CPU time of this thread, so the machine's load does not count: what one
  * stream can do on this CPU.  With SHA-NI one message is bound by the latency of its rounds, not
- * by the bytes; sha256x4's four lanes overlap them */
-static double sha256_one_stream_gbs(int x4)
+ * by the bytes */
+static double hash_one_stream_gbs(int xxh)
 {
     const size_t n = (size_t)64 << 20;
     uint8_t *buf = malloc(n), md[32];
@@ -772,11 +772,9 @@ static double sha256_one_stream_gbs(int x4)
     for (int rep = 0; rep < 3; rep++) {
         struct timespec a, b;
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
-        if (x4) { /* the sidecars' sha256x4: four lanes of the one file at once */
-            lm_sha256x4_ctx c;
-            lm_sha256x4_init(&c);
-            lm_sha256x4_update(&c, buf, n);
-            lm_sha256x4_final(&c, md);
+        if (xxh) { /* the sidecars' XXH3-128 */
+            char hex[33];
+            lm_xxh128_of(buf, n, hex);
         } else {
             EVP_Digest(buf, n, md, &n_md, EVP_sha256(), NULL);
         }
@@ -792,7 +790,7 @@ static double sha256_one_stream_gbs(int x4)
  * worker measured them.  @return the number of shards read, in name order (k) */
 typedef struct {
     char name[128];
-    double bytes, wall, cpu, hash; /* hash: CPU seconds of cpu spent on the sidecar's sha256x4 */
+    double bytes, wall, cpu, hash; /* hash: CPU seconds of cpu spent on the sidecar's XXH3-128 */
 } shard_time;
 
 static int cmp_shard_time(const void *a, const void *b)
@@ -1008,7 +1006,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     printf("  read from the disk, not the page cache (the base was read through the cache before each side; base and "
            "output do not both fit in memory): the one merge %.2f GB, the workers %.2f GB (last run)\n", rd_1, rd_all);
     for (int k = 0; k < n_sh; k++)
-        printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (%.2f s of it its sha256x4, %.2f GB/s) (worker %d)\n",
+        printf("  shard %s: %.2f GB, %.2f s wall, %.2f s CPU (%.2f s of it its XXH3-128, %.2f GB/s) (worker %d)\n",
                sh[k].name, sh[k].bytes * 1e-9, sh[k].wall, sh[k].cpu, sh[k].hash,
                sh[k].hash > 0 ? sh[k].bytes * 1e-9 / sh[k].hash : 0.0, (int)own_w[k]);
     printf("  finalize: %.2f s wall, %.2f s CPU (default check: size and identity, no shard read back)\n", t_fin,
@@ -1018,16 +1016,15 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     for (int w = 0; w < W; w++)
         c_all += cpu[w];
     printf("CPU by phase (last run): the shards' merge work %.2f s (the one merge: %.2f s), their sha256 %.2f s "
-           "(sha256x4, hashed as written), the workers' fixed costs %.2f s (%d x ~%.2f: headers, plan, fingerprint), finalize "
+           "(XXH3-128, hashed as written), the workers' fixed costs %.2f s (%d x ~%.2f: headers, plan, fingerprint), finalize "
            "%.2f s; total %.2f s\n", sum_cpu - sum_hash, mc1, sum_hash, c_all - sum_cpu, W, (c_all - sum_cpu) / W, c_fin,
            c_all + c_fin);
     double bytes_all = 0;
     for (int k = 0; k < n_sh; k++)
         bytes_all += sh[k].bytes;
-    printf("sidecar hash (sha256x4, %s): the shards hashed at %.2f GB/s of CPU; in memory on this CPU (no I/O) "
-           "sha256x4 %.2f GB/s, one SHA-256 message (OpenSSL, what a plain sha256 of a shard is bound by) %.2f GB/s\n",
-           lm_sha256_variant(), sum_hash > 0 ? bytes_all * 1e-9 / sum_hash : 0.0, sha256_one_stream_gbs(1),
-           sha256_one_stream_gbs(0));
+    printf("sidecar hash (XXH3-128): the shards hashed at %.2f GB/s of CPU; in memory on this CPU (no I/O) "
+           "XXH3-128 %.2f GB/s, one SHA-256 message (OpenSSL, what a plain sha256 of a shard is bound by) %.2f GB/s\n",
+           sum_hash > 0 ? bytes_all * 1e-9 / sum_hash : 0.0, hash_one_stream_gbs(1), hash_one_stream_gbs(0));
     /* N machines, each running worker i alone, CPU-bound (storage that keeps up; the machine here
      * is shared, so CPU seconds are the steady measure): worker i takes its shards' CPU seconds
      * plus the fixed cost, then finalize; against the one merge's CPU seconds.  Both sides are

@@ -1,12 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /* test_sha256.c : src/core/lm_sha256.h on every path this CPU has (SHA-NI, portable C): SHA-256
- * against OpenSSL's, and sha256x4 against its definition computed independently
- * (th_sha256x4_ref: the lanes gathered by the test and hashed by OpenSSL), for lengths around
- * every block and group boundary, fed in pieces of assorted sizes; the definition itself against
- * Python's hashlib when /usr/bin/python3 is there. */
+ * against OpenSSL's for lengths around every block boundary, in two pieces; and lm_xxh128.h (the
+ * shard sidecars' XXH3-128) streamed in pieces against the library's one-shot call. */
 #include "th.h"
 
 #include "lm_sha256.h"
+#include "lm_xxh128.h"
 
 #include <criterion/criterion.h>
 #include <openssl/evp.h>
@@ -14,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 static uint8_t *sha_data(size_t n)
 {
@@ -28,26 +29,6 @@ static uint8_t *sha_data(size_t n)
     return d;
 }
 
-/* the pieces: sizes 1, 2, 5, ... up to ~70 KB, then again (so that the pending group is entered
- * and left at every offset) */
-static void x4_pieces(const uint8_t *d, size_t n, char hex[65])
-{
-    lm_sha256x4_ctx c;
-    lm_sha256x4_init(&c);
-    size_t off = 0, step = 1;
-    while (off < n) {
-        size_t m = step < n - off ? step : n - off;
-        lm_sha256x4_update(&c, d + off, m);
-        off += m;
-        step = step * 3 + 2;
-        if (step > 70000)
-            step = 1;
-    }
-    uint8_t md[32];
-    lm_sha256x4_final(&c, md);
-    lm_sha256_hex(md, hex);
-}
-
 static void check_lengths(void)
 {
     static const size_t lens[] = {0,   1,   55,  56,   63,   64,   65,    127,    128,    191,    192,   255,
@@ -57,17 +38,7 @@ static void check_lengths(void)
     uint8_t *d = sha_data(max);
     for (size_t i = 0; i < sizeof lens / sizeof *lens; i++) {
         size_t n = lens[i];
-        char got[65], ref[65], whole[65];
-        th_sha256x4_ref(d, n, ref);
-        x4_pieces(d, n, got);
-        cr_assert_str_eq(got, ref, "sha256x4 (%s) of %zu bytes in pieces", lm_sha256_variant(), n);
-        lm_sha256x4_ctx c;
-        lm_sha256x4_init(&c);
-        lm_sha256x4_update(&c, d, n);
         uint8_t md[32], om[32];
-        lm_sha256x4_final(&c, md);
-        lm_sha256_hex(md, whole);
-        cr_assert_str_eq(whole, ref, "sha256x4 (%s) of %zu bytes at once", lm_sha256_variant(), n);
         /* plain SHA-256, in two pieces */
         lm_sha256_ctx s;
         lm_sha256_init(&s);
@@ -93,27 +64,37 @@ Test(sha256, every_path_against_openssl)
         check_lengths();
 }
 
-/* sha256x4's definition (lm_sha256.h) in Python against the C reference th_sha256x4_ref */
-Test(sha256, x4_definition_in_python)
+/* lm_xxh128 (the shard sidecars' XXH3-128), streamed in pieces of assorted sizes, against the
+ * library's one-shot call over the whole buffer; and the digest of no bytes as xxhsum -H2 prints
+ * it (the byte order of the hex) */
+Test(sha256, xxh128_in_pieces)
 {
-    if (access("/usr/bin/python3", X_OK) != 0)
-        cr_skip_test("no /usr/bin/python3");
-    char *dir = th_tmpdir(), path[1200];
-    snprintf(path, sizeof path, "%s/d.bin", dir);
-    const size_t n = 5000;
-    uint8_t *d = sha_data(n);
-    cr_assert_eq(th_write_file(path, d, n), 0);
-    char cmd[1600], ref[65];
-    snprintf(cmd, sizeof cmd,
-             "/usr/bin/python3 -c 'import hashlib,sys; d=open(sys.argv[1],\"rb\").read(); "
-             "lanes=[b\"\".join(d[i:i+64] for i in range(64*j,len(d),256)) for j in range(4)]; "
-             "print(hashlib.sha256(b\"\".join(hashlib.sha256(l).digest() for l in lanes)).hexdigest())' %s",
-             path);
-    th_run_result r = th_sh(cmd);
-    th_sha256x4_ref(d, n, ref);
-    cr_assert(r.status == 0 && strncmp(r.out, ref, 64) == 0, "python %s, C %s", r.out, ref);
-    th_run_free(&r);
+    static const size_t lens[] = {0, 1, 16, 17, 128, 129, 240, 241, 1024, 1025, 65536, 100003, (1 << 20) + 77};
+    uint8_t *d = sha_data((1 << 20) + 77);
+    for (size_t i = 0; i < sizeof lens / sizeof *lens; i++) {
+        size_t n = lens[i], off = 0, step = 1;
+        lm_xxh128 *h = lm_xxh128_new();
+        cr_assert_not_null(h);
+        while (off < n) {
+            size_t m = step < n - off ? step : n - off;
+            lm_xxh128_update(h, d + off, m);
+            off += m;
+            step = step * 3 + 2;
+            if (step > 70000)
+                step = 1;
+        }
+        char got[33], ref[33];
+        lm_xxh128_hex(h, got);
+        lm_xxh128_free(h);
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits(d, n));
+        for (int k = 0; k < 16; k++)
+            snprintf(ref + 2 * k, 3, "%02x", c.digest[k]);
+        cr_assert_str_eq(got, ref, "XXH3-128 of %zu bytes in pieces", n);
+        lm_xxh128_of(d, n, got);
+        cr_assert_str_eq(got, ref, "XXH3-128 of %zu bytes at once", n);
+        if (n == 0)
+            cr_assert_str_eq(got, "99aa06d3014798d86001c324468d497f");
+    }
     free(d);
-    th_rmrf(dir);
-    free(dir);
 }

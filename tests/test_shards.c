@@ -168,7 +168,7 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     snprintf(want, sizeof want, "(1 written, %d kept)", n_mine - 1);
     cr_assert(strstr(r.err, want), "%s: %s", want, r.err);
     th_run_free(&r);
-    snprintf(cmd, sizeof cmd, "cd / && %s --verify finalize %s", F.bin, F.out); /* every sidecar's sha256x4 */
+    snprintf(cmd, sizeof cmd, "cd / && %s --verify finalize %s", F.bin, F.out); /* every sidecar's XXH3-128 */
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
     cr_assert(strstr(r.err, "10 of the 10 shards read back"), "%s", r.err);
@@ -181,7 +181,7 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
  * identity (inode, mtime, ctime) as its worker recorded it; a shard whose identity changed is read
  * back and hashed.  So a byte changed in place, a truncation and a file renamed over a shard are
  * all caught without reading the others; only a change that leaves the identity alone (here: the
- * sidecar's sha256x4 forged, as bytes rotting below the filesystem would look) needs --verify. */
+ * sidecar's XXH3-128 forged, as bytes rotting below the filesystem would look) needs --verify. */
 Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
 {
     sh_fix F;
@@ -189,8 +189,8 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     for (int i = 1; i >= 0; i--)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
     char p[1000], q[1000];
-    /* every sidecar's sha256x4 is the shard's, computed independently (OpenSSL's SHA-256 of
-     * its lanes, th_sha256x4_ref) */
+    /* every sidecar's XXH3-128 is the shard's, computed independently (the library's one-shot
+     * call over the whole file, th_file_xxh128); the sidecar says what it is, and holds no sha256x4 */
     for (int k = 1; k <= 10; k++) {
         char sc[1000], shard[1000], ref[65];
         snprintf(sc, sizeof sc, "%s/.lora-merge-shards/model-%05d-of-00010.safetensors.json", F.out, k);
@@ -198,9 +198,12 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
         size_t n = 0;
         uint8_t *text = th_read_file(sc, &n);
         cJSON *j = text ? cJSON_ParseWithLength((const char *)text, n) : NULL;
-        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "sha256x4");
-        cr_assert(cJSON_IsString(h), "%s: no sha256x4", sc);
-        cr_assert_eq(th_file_sha256x4(shard, ref), 0);
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "xxh3_128");
+        cr_assert(cJSON_IsString(h), "%s: no xxh3_128", sc);
+        cr_assert(!cJSON_GetObjectItemCaseSensitive(j, "sha256x4"), "%s", sc);
+        const cJSON *is = cJSON_GetObjectItemCaseSensitive(j, "xxh3_128_is");
+        cr_assert(cJSON_IsString(is) && strstr(is->valuestring, "not a cryptographic digest"), "%s", sc);
+        cr_assert_eq(th_file_xxh128(shard, ref), 0);
         cr_assert_str_eq(h->valuestring, ref, "%s", shard);
         cJSON_Delete(j);
         free(text);
@@ -214,15 +217,15 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     cr_assert_eq(sh_ok("truncate -s -1 %s/model-00009-of-00010.safetensors", F.out), 0);
     cr_assert_eq(sh_ok("cd %s && cp model-00006-of-00010.safetensors t && printf 'Z' | dd of=t bs=1 seek=6000 "
                        "conv=notrunc 2>/dev/null && mv t model-00006-of-00010.safetensors", F.out), 0);
-    /* shard 2's sidecar records another sha256x4, its file untouched */
-    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"sha256x4\":[^\"]*\"\\)./\\1x/' "
-                       "model-00002-of-00010.safetensors.json >t && grep -q '\"sha256x4\":.*\"x' t && "
+    /* shard 2's sidecar records another XXH3-128, its file untouched */
+    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\\(\"xxh3_128\":[^\"]*\"\\)./\\1x/' "
+                       "model-00002-of-00010.safetensors.json >t && grep -q '\"xxh3_128\":.*\"x' t && "
                        "mv t model-00002-of-00010.safetensors.json", F.out), 0);
     th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 1, "%s", r.err);
     cr_assert(strstr(r.err, "4 of 10 shards"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00004-of-00010.safetensors (XXH3-128 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00006-of-00010.safetensors (XXH3-128 differs from its sidecar (corrupted))"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00007-of-00010.safetensors (missing)"), "%s", r.err);
     cr_assert(strstr(r.err, "model-00009-of-00010.safetensors (wrong size)"), "%s", r.err);
     cr_assert(!strstr(r.err, "model-00002"), "shard 2 was read back without --verify: %s", r.err);
@@ -234,7 +237,7 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
     r = sh_run(cmd);
     cr_assert_eq(r.status, 1, "%s", r.err);
     cr_assert(strstr(r.err, "5 of 10 shards"), "%s", r.err);
-    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (sha256x4 differs from its sidecar (corrupted))"), "%s", r.err);
+    cr_assert(strstr(r.err, "model-00002-of-00010.safetensors (XXH3-128 differs from its sidecar (corrupted))"), "%s", r.err);
     th_run_free(&r);
     cr_assert(!th_exists(p), "a refused finalize wrote config.json");
     /* the same refusal through --shards index with the workers' arguments */
@@ -262,11 +265,27 @@ Test(shards, finalize_refuses_missing_and_corrupted_then_accepts)
         cr_assert(strstr(r.err, want), "worker %d: %s: %s", w, want, r.err);
         th_run_free(&r);
     }
+    /* sidecars of an older lora-merge (sha256x4, plan 2) are never trusted: shard 3's holds a
+     * sha256x4 instead of its XXH3-128, shard 5's another plan's fingerprint; finalize refuses
+     * both, their workers rewrite them */
+    cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && sed 's/\"xxh3_128\":\\([^\"]*\\)\"[0-9a-f]*\"/\"sha256x4\":\\1\"%064d\"/' "
+                       "model-00003-of-00010.safetensors.json >t && grep -q '\"sha256x4\"' t && "
+                       "mv t model-00003-of-00010.safetensors.json && "
+                       "sed 's/\\(\"fingerprint\":[^\"]*\"\\)./\\1x/' model-00005-of-00010.safetensors.json >t && "
+                       "grep -q '\"fingerprint\":.*\"x' t && mv t model-00005-of-00010.safetensors.json", F.out, 0), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 1, "%s", r.err);
+    cr_assert(strstr(r.err, "2 of 10 shards not complete and verified: model-00003-of-00010.safetensors (its sidecar "
+                            "has no XXH3-128 (corrupted)), model-00005-of-00010.safetensors (written for another "
+                            "plan)"), "%s", r.err);
+    th_run_free(&r);
+    for (int w = 0; w < 2; w++)
+        cr_assert_eq(worker(&F, w, 2, ""), 0);
     snprintf(cmd, sizeof cmd, "cd / && %s --json finalize %s", F.bin, F.out);
     r = sh_run(cmd);
     cr_assert_eq(r.status, 0, "%s", r.err);
     /* --json: every file's sha256, as sha256sum says (the shards' read back for it: the sidecars
-     * hold sha256x4; their workers' identities unchanged) */
+     * hold XXH3-128; their workers' identities unchanged) */
     cr_assert(strstr(r.out, "10 shards checked by size and the identity their workers recorded (inode, mtime, ctime), "
                             "0 read back"), "%s", r.out);
     cr_assert(strstr(r.out, "--json: every shard read back for its sha256"), "%s", r.out);

@@ -2,7 +2,7 @@
 /* test_writer.c : the safetensors writer's contract (src/st_writer.h), through the library:
  * header padded with spaces to a multiple of 8, data at the offsets it reports (in header order
  * or in a given data order), data written from two threads in any order reading back the same
- * with an independent reader (th_st_read) and with lm_st_open, and its sha256x4 computed as it is
+ * with an independent reader (th_st_read) and with lm_st_open, and its XXH3-128 computed as it is
  * written what OpenSSL says of its lanes; metadata kept and names
  * JSON-escaped (quotes, backslashes, control characters, UTF-8), abort leaving nothing,
  * commit replacing an existing file atomically, EFBIG under RLIMIT_FSIZE naming the file,
@@ -311,9 +311,9 @@ Test(writer, two_threads_any_order)
     uint64_t off[8];
     for (size_t i = 0; i < L.n; i++)
         off[i] = lm_st_writer_tensor_offset(w, i);
-    /* and the file's sha256x4 as it is written (a shard worker's sidecar): out of order, one
-     * tensor's odd chunks written behind the writer's back and told, against OpenSSL's SHA-256
-     * of its four lanes (th_sha256x4_ref) */
+    /* and the file's XXH3-128 as it is written (a shard worker's sidecar): out of order, one
+     * tensor's odd chunks written behind the writer's back and told, against the library's
+     * one-shot XXH3-128 of the whole file (th_file_xxh128) */
     cr_assert_eq(lm_st_writer_hash_begin(w, &err), LM_OK, "%s", err.msg);
     lm_st_writer_drop_behind(w, 4096); /* dropped behind the hashed prefix: the same bytes and hash */
     wr_thread_arg a[2] = {{w, L.n, 0, 0}, {w, L.n, 1, 0}};
@@ -330,8 +330,8 @@ Test(writer, two_threads_any_order)
     cr_assert_eq(lm_st_writer_commit(w, 1, &err), LM_OK, "%s", err.msg);
     wr_check_file(path, &L, off);
     char ref[65];
-    cr_assert_eq(th_file_sha256x4(path, ref), 0);
-    cr_assert_str_eq(hex, ref, "hashed %s, OpenSSL's SHA-256 of the lanes %s", hex, ref);
+    cr_assert_eq(th_file_xxh128(path, ref), 0);
+    cr_assert_str_eq(hex, ref, "hashed %s, XXH3-128 of the file %s", hex, ref);
     cr_assert_eq(th_count_entries(tmp), 1);
     th_rmrf(tmp);
     free(tmp);

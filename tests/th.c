@@ -11,6 +11,8 @@
 #include <ftw.h>
 #include <math.h>
 #include <openssl/evp.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -303,34 +305,18 @@ uint64_t th_file_hash(const char *path)
     return h ^ n;
 }
 
-void th_sha256x4_ref(const uint8_t *d, size_t n, char hex[65])
-{
-    uint8_t md[4][32], root[32];
-    uint8_t *lane = malloc(n / 4 + 64);
-    for (size_t j = 0; j < 4; j++) {
-        size_t k = 0;
-        for (size_t i = 64 * j; i < n; i += 256) { /* block i / 64, i / 64 % 4 == j */
-            size_t m = n - i < 64 ? n - i : 64;
-            memcpy(lane + k, d + i, m);
-            k += m;
-        }
-        unsigned nm = 0;
-        EVP_Digest(lane, k, md[j], &nm, EVP_sha256(), NULL);
-    }
-    free(lane);
-    unsigned nm = 0;
-    EVP_Digest(md, sizeof md, root, &nm, EVP_sha256(), NULL);
-    for (int i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", root[i]);
-}
-
-int th_file_sha256x4(const char *path, char hex[65])
+/* the XXH3-128 of a whole buffer, by the library's one-shot call (src/core/lm_xxh128.c streams,
+ * st_writer.c's hash-as-written reads parts back): 32 hex digits as `xxhsum -H2` writes them */
+int th_file_xxh128(const char *path, char hex[33])
 {
     size_t n;
     uint8_t *b = th_read_file(path, &n);
     if (b == NULL)
         return -1;
-    th_sha256x4_ref(b, n, hex);
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(b, n));
+    for (int i = 0; i < 16; i++)
+        snprintf(hex + 2 * i, 3, "%02x", c.digest[i]);
     free(b);
     return 0;
 }

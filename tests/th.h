@@ -72,10 +72,9 @@ int th_exists(const char *path);
 int th_count_entries(const char *dir);
 /* FNV-1a 64 of a whole file (0 if unreadable) */
 uint64_t th_file_hash(const char *path);
-/* sha256x4 (src/core/lm_sha256.h) computed independently: each lane gathered and hashed by
- * OpenSSL's SHA-256, then the lanes' digests.  th_file_sha256x4: of a whole file (-1 unreadable) */
-void th_sha256x4_ref(const uint8_t *d, size_t n, char hex[65]);
-int th_file_sha256x4(const char *path, char hex[65]);
+/* XXH3-128 of a whole file (the shard sidecars' hash) by the library's one-shot call, 32 hex
+ * digits (-1 unreadable) */
+int th_file_xxh128(const char *path, char hex[33]);
 /* "dir/name" into dst: 0, or -1 when it does not fit */
 int th_path(char *dst, size_t cap, const char *dir, const char *name);
 /* text into dir/name: 0, or -1 */

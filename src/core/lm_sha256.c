@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* lm_sha256.c : SHA-256, and sha256x4: four interleaved messages of one file (lm_sha256.h) */
+/* lm_sha256.c : SHA-256 (lm_sha256.h) */
 #include "lm_sha256.h"
 
 #include <stdio.h>
@@ -59,14 +59,6 @@ static void blocks_c(uint32_t h[8], const uint8_t *p, size_t nblk)
     }
 }
 
-
-/* the lanes' blocks: lane j's block g at p + stride * g + 64 * j */
-static void blocks4_c(uint32_t h[4][8], const uint8_t *p, size_t stride, size_t nblk)
-{
-    for (size_t g = 0; g < nblk; g++)
-        for (int j = 0; j < 4; j++)
-            blocks_c(h[j], p + stride * g + 64 * (size_t)j, 1);
-}
 
 /* ---- SHA-NI -------------------------------------------------------------------------------- */
 #ifdef LM_SHA_X86
@@ -144,58 +136,6 @@ SHANI static void blocks_shani(uint32_t h[8], const uint8_t *p, size_t nblk)
     shani_store(h, s0, s1);
 }
 
-
-/* four messages at once: their rounds interleaved, so that each sha256rnds2 waits less for the
- * one before it in its own chain */
-#define QROUND4(r)                                                                                                     \
-    do {                                                                                                               \
-        QROUND(s0[0], s1[0], m0, r);                                                                                   \
-        QROUND(s0[1], s1[1], m1, r);                                                                                   \
-        QROUND(s0[2], s1[2], m2, r);                                                                                   \
-        QROUND(s0[3], s1[3], m3, r);                                                                                   \
-    } while (0)
-
-SHANI static void blocks4_shani(uint32_t h[4][8], const uint8_t *p, size_t stride, size_t nblk)
-{
-    const __m128i MASK = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
-    __m128i s0[4], s1[4];
-    for (int j = 0; j < 4; j++)
-        shani_load(h[j], &s0[j], &s1[j]);
-    for (; nblk > 0; nblk--, p += stride) {
-        __m128i a0[4], a1[4], m0[4], m1[4], m2[4], m3[4];
-        for (int j = 0; j < 4; j++) {
-            a0[j] = s0[j];
-            a1[j] = s1[j];
-        }
-        LOADMSG(m0, p, MASK);
-        LOADMSG(m1, p + 64, MASK);
-        LOADMSG(m2, p + 128, MASK);
-        LOADMSG(m3, p + 192, MASK);
-        QROUND4(0);
-        QROUND4(1);
-        QROUND4(2);
-        QROUND4(3);
-        QROUND4(4);
-        QROUND4(5);
-        QROUND4(6);
-        QROUND4(7);
-        QROUND4(8);
-        QROUND4(9);
-        QROUND4(10);
-        QROUND4(11);
-        QROUND4(12);
-        QROUND4(13);
-        QROUND4(14);
-        QROUND4(15);
-        for (int j = 0; j < 4; j++) {
-            s0[j] = _mm_add_epi32(s0[j], a0[j]);
-            s1[j] = _mm_add_epi32(s1[j], a1[j]);
-        }
-    }
-    for (int j = 0; j < 4; j++)
-        shani_store(h[j], s0[j], s1[j]);
-}
-
 static int have_shani(void)
 {
     unsigned a, b, c, d;
@@ -232,17 +172,6 @@ static void blocks(uint32_t h[8], const uint8_t *p, size_t nblk)
     }
 #endif
     blocks_c(h, p, nblk);
-}
-
-static void blocks4(uint32_t h[4][8], const uint8_t *p, size_t stride, size_t nblk)
-{
-#ifdef LM_SHA_X86
-    if (use_shani()) {
-        blocks4_shani(h, p, stride, nblk);
-        return;
-    }
-#endif
-    blocks4_c(h, p, stride, nblk);
 }
 
 static const uint32_t H0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
@@ -293,59 +222,6 @@ void lm_sha256_final(lm_sha256_ctx *c, uint8_t out[32])
         out[4 * i + 2] = (uint8_t)(c->h[i] >> 8);
         out[4 * i + 3] = (uint8_t)c->h[i];
     }
-}
-
-/* ---- sha256x4 ------------------------------------------------------------------------------- */
-void lm_sha256x4_init(lm_sha256x4_ctx *c)
-{
-    for (int j = 0; j < 4; j++)
-        memcpy(c->h[j], H0, sizeof H0);
-    c->n = 0;
-    c->nb = 0;
-}
-
-void lm_sha256x4_update(lm_sha256x4_ctx *c, const void *data, size_t n)
-{
-    const uint8_t *p = data;
-    c->n += n;
-    if (c->nb > 0) {
-        size_t k = 256 - c->nb < n ? 256 - c->nb : n;
-        memcpy(c->buf + c->nb, p, k);
-        c->nb += k;
-        p += k;
-        n -= k;
-        if (c->nb < 256)
-            return;
-        blocks4(c->h, c->buf, 256, 1);
-        c->nb = 0;
-    }
-    if (n >= 256) {
-        blocks4(c->h, p, 256, n / 256);
-        p += n & ~(size_t)255;
-        n &= 255;
-    }
-    memcpy(c->buf, p, n);
-    c->nb = n;
-}
-
-void lm_sha256x4_final(lm_sha256x4_ctx *c, uint8_t out[32])
-{
-    uint8_t d[4][32];
-    const uint64_t whole = (c->n - c->nb) / 4; /* each lane's bytes in whole groups */
-    for (int j = 0; j < 4; j++) {
-        lm_sha256_ctx l;
-        memcpy(l.h, c->h[j], sizeof l.h);
-        l.n = whole;
-        l.nb = 0;
-        size_t lo = 64 * (size_t)j, hi = lo + 64 < c->nb ? lo + 64 : c->nb; /* its part of the last group */
-        if (hi > lo)
-            lm_sha256_update(&l, c->buf + lo, hi - lo);
-        lm_sha256_final(&l, d[j]);
-    }
-    lm_sha256_ctx r;
-    lm_sha256_init(&r);
-    lm_sha256_update(&r, d, sizeof d);
-    lm_sha256_final(&r, out);
 }
 
 void lm_sha256_hex(const uint8_t md[32], char hex[65])

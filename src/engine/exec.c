@@ -1901,7 +1901,7 @@ static lm_code open_writers(job *J, const char *out_path, const lm_exec_opts *op
             rc = err->code;
             goto done;
         }
-        if (J->one_shard && opts->sha256_hex != NULL && (rc = lm_st_writer_hash_begin(J->w[sh], err)) != LM_OK)
+        if (J->one_shard && opts->shard_hash_hex != NULL && (rc = lm_st_writer_hash_begin(J->w[sh], err)) != LM_OK)
             goto done; /* a shard worker: the sidecar's sha256, computed as the shard is written */
         if (!J->one_shard && opts && opts->file_sha256 != NULL &&
             (rc = lm_st_writer_hash_begin_sha256(J->w[sh], err)) != LM_OK)
@@ -2055,8 +2055,8 @@ static lm_code finish_job(job *J, lm_err *err)
     for (size_t sh = 0; sh < J->n_shards; sh++)
         if (J->w[sh] != NULL && (rc = lm_st_writer_finish(J->w[sh], opts ? opts->do_fsync : 0, err)) != LM_OK)
             return rc;
-    if (J->one_shard && opts->sha256_hex != NULL &&
-        (rc = lm_st_writer_hash_end(J->w[J->only_shard], opts->sha256_hex, &J->st.hash_cpu_seconds, err)) != LM_OK)
+    if (J->one_shard && opts->shard_hash_hex != NULL &&
+        (rc = lm_st_writer_hash_end(J->w[J->only_shard], opts->shard_hash_hex, &J->st.hash_cpu_seconds, err)) != LM_OK)
         return rc;
     for (size_t sh = 0; !J->one_shard && opts && opts->file_sha256 != NULL && sh < J->n_shards; sh++) {
         double c = 0;

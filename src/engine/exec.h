@@ -44,12 +44,12 @@ typedef struct lm_exec_opts {
     /* called once the files are renamed into place (may be NULL), with before_commit_ctx */
     lm_code (*after_commit)(void *ctx, lm_err *err);
     /* shard workers (shards.h): with one_shard, only shard only_shard is computed and written
-     * (the other shards' tensors are not read); sha256_hex (may be NULL) then receives that
-     * file's sha256x4 (lm_sha256.h), computed as the file is written (lm_st_writer_hash_begin), before it is
+     * (the other shards' tensors are not read); shard_hash_hex (may be NULL) then receives that
+     * file's XXH3-128 (lm_xxh128.h; 32 hex digits), computed as the file is written (lm_st_writer_hash_begin), before it is
      * renamed; the stats' hash_cpu_seconds what hashing took */
     int one_shard;
     size_t only_shard;
-    char *sha256_hex; /* [65] */
+    char *shard_hash_hex; /* [65] */
     /* NULL, or per file (shard_paths' order; [0] for one file; not with one_shard): its plain
      * SHA-256 (64 hex digits), computed as it is written (lm_st_writer_hash_begin_sha256), so that
      * the report (--json) need not read it back, which drop-behind would make a read from the disk */
@@ -64,7 +64,7 @@ typedef struct lm_exec_stats {
     uint64_t n_exact_elems;   /* their elements */
     uint64_t n_recomputed;    /* of those, recomputed in f64 (not certified by the fast path) */
     uint64_t n_fixed_point;   /* of those, rounded from the exact fixed-point value */
-    double hash_cpu_seconds;  /* sha256_hex: CPU seconds spent hashing the shard */
+    double hash_cpu_seconds;  /* shard_hash_hex: CPU seconds spent hashing the shard */
 } lm_exec_stats;
 
 /*! lm_exec_run() :

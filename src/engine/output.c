@@ -4,6 +4,7 @@
 
 #include "lm_error.h"
 #include "lm_sha256.h"
+#include "lm_xxh128.h"
 #include "st_writer.h"
 
 #include <cJSON.h>
@@ -691,19 +692,21 @@ lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err)
     return lm_fd_hashes(fd, path, hex, NULL, err);
 }
 
-lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *x4, lm_err *err)
+lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *xxh, lm_err *err)
 {
     lm_code rc = LM_OK;
     off_t pos = 0;
     size_t cap = (size_t)4 << 20;
     unsigned char *buf = malloc(cap);
-    if (buf == NULL)
+    lm_xxh128 *x = xxh != NULL ? lm_xxh128_new() : NULL;
+    if (buf == NULL || (xxh != NULL && x == NULL)) {
+        free(buf);
+        lm_xxh128_free(x);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
     (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     lm_sha256_ctx s;
-    lm_sha256x4_ctx c;
     lm_sha256_init(&s);
-    lm_sha256x4_init(&c);
     for (;;) {
         ssize_t k = pread(fd, buf, cap, pos);
         if (k < 0 && errno == EINTR)
@@ -720,8 +723,8 @@ lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *x4, lm_err *er
             break;
         if (plain != NULL)
             lm_sha256_update(&s, buf, (size_t)k);
-        if (x4 != NULL)
-            lm_sha256x4_update(&c, buf, (size_t)k);
+        if (x != NULL)
+            lm_xxh128_update(x, buf, (size_t)k);
     }
     free(buf);
     uint8_t md[32];
@@ -729,10 +732,9 @@ lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *x4, lm_err *er
         lm_sha256_final(&s, md);
         lm_sha256_hex(md, plain);
     }
-    if (rc == LM_OK && x4 != NULL) {
-        lm_sha256x4_final(&c, md);
-        lm_sha256_hex(md, x4);
-    }
+    if (rc == LM_OK && x != NULL)
+        lm_xxh128_hex(x, xxh);
+    lm_xxh128_free(x);
     return rc;
 }
 

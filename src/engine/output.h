@@ -147,7 +147,7 @@ lm_code lm_file_sha256(const char *path, char hex[65], lm_err *err);
  *  too), path naming it in errors. */
 lm_code lm_fd_sha256(int fd, const char *path, char hex[65], lm_err *err);
 /*! lm_fd_hashes() : one read of the open file for its plain sha256 (into plain[65]) and its
- *  sha256x4 (into x4[65], lm_sha256.h); either may be NULL. */
-lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *x4, lm_err *err);
+ *  XXH3-128 (into xxh[33], lm_xxh128.h); either may be NULL. */
+lm_code lm_fd_hashes(int fd, const char *path, char *plain, char *xxh, lm_err *err);
 
 #endif

@@ -131,7 +131,9 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
 {
     lm_sha256_ctx ctx, *md = &ctx;
     lm_sha256_init(md);
-    md_str(md, "lora-merge shard plan 2"); /* 2: the sidecars hold sha256x4 */
+    /* 3: the sidecars hold XXH3-128 (2: sha256x4): an older worker's sidecar is of another plan,
+     * so its shard is rewritten by a worker and refused by finalize, never trusted */
+    md_str(md, "lora-merge shard plan 3");
     md_str(md, LM_VERSION_STRING);
     md_u64(md, C->ot->n_shards);
     for (size_t k = 0; k < C->ot->n_shards; k++) {
@@ -325,9 +327,9 @@ static int sidecar_id_matches(const cJSON *sc, const file_id *id)
     return 1;
 }
 
-/* the file read back: its sha256x4 into x4 and, unless NULL, its plain sha256 into plain (one
+/* the file read back: its XXH3-128 into xxh and, unless NULL, its plain sha256 into plain (one
  * read for both).  LM_OK, or an I/O error naming the file */
-static lm_code file_hashes(const char *path, char x4[65], char *plain, lm_err *err)
+static lm_code file_hashes(const char *path, char xxh[33], char *plain, lm_err *err)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -335,14 +337,14 @@ static lm_code file_hashes(const char *path, char x4[65], char *plain, lm_err *e
         lm_err_set_path(err, path);
         return LM_E_IO;
     }
-    lm_code rc = lm_fd_hashes(fd, path, plain, x4, err);
+    lm_code rc = lm_fd_hashes(fd, path, plain, xxh, err);
     close(fd);
     return rc;
 }
 
 /* why shard k is not complete and verified ("" when it is).  The cheap check: present, a sidecar
  * of this plan, the planned size, and the identity the worker recorded (inode, mtime, ctime):
- * then the sidecar's sha256x4 (computed by the worker from the complete file) stands.  A shard whose
+ * then the sidecar's xxh3_128 (computed by the worker from the complete file) stands.  A shard whose
  * identity changed, or every shard with `verify`, is read again and hashed (*rehashed set). */
 static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp, int verify, int *rehashed,
                                  int *threads, lm_err *err)
@@ -356,26 +358,28 @@ static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp
     cJSON *sc = sp ? read_json(sp) : NULL;
     free(sp);
     const char *why = "";
-    const char *sfp = sc ? json_str(sc, "fingerprint") : NULL, *ssha = sc ? json_str(sc, "sha256x4") : NULL;
+    const char *sfp = sc ? json_str(sc, "fingerprint") : NULL, *ssha = sc ? json_str(sc, "xxh3_128") : NULL;
     file_id id = id_of(&st);
     char hex[65], plain[65];
-    /* finalize --json (shard_sha): the report's plain sha256, read back (the sidecar holds sha256x4) */
+    /* finalize --json (shard_sha): the report's plain sha256, read back (the sidecar holds XXH3-128) */
     char *want_plain = C->shard_sha != NULL ? plain : NULL;
-    if (sfp == NULL || ssha == NULL || strlen(ssha) != 64)
+    if (sfp == NULL)
         why = "no sidecar (not completed by a worker)";
-    else if (strcmp(sfp, fp) != 0)
+    else if (strcmp(sfp, fp) != 0) /* an older version's sidecar (sha256x4) too: another plan */
         why = "written for another plan";
+    else if (ssha == NULL || strlen(ssha) != 32)
+        why = "its sidecar has no XXH3-128 (corrupted)";
     else if ((uint64_t)st.st_size != C->ot->shard_bytes[k])
         why = "wrong size";
     else {
         int same = !verify && sidecar_id_matches(sc, &id);
         *rehashed = !same;
         if (same && want_plain == NULL)
-            memcpy(hex, ssha, sizeof hex);
+            memcpy(hex, ssha, 33);
         else if (file_hashes(C->ot->paths[k], hex, want_plain, err) != LM_OK)
             why = "unreadable";
         else if (strcmp(hex, ssha) != 0) /* read back (for the plain sha256 too): checked as well */
-            why = "sha256x4 differs from its sidecar (corrupted)";
+            why = "XXH3-128 differs from its sidecar (corrupted)";
     }
     if (why[0] == '\0' && C->shard_sha != NULL)
         memcpy(C->shard_sha[k], plain, sizeof plain);
@@ -418,7 +422,9 @@ static lm_code write_sidecar(const lm_shard_ctx *C, size_t k, const char *fp, co
     cJSON_AddStringToObject(o, "shard", leaf_of(C->ot->paths[k]));
     cJSON_AddStringToObject(o, "fingerprint", fp);
     cJSON_AddNumberToObject(o, "bytes", (double)C->ot->shard_bytes[k]);
-    cJSON_AddStringToObject(o, "sha256x4", sha);
+    cJSON_AddStringToObject(o, "xxh3_128", sha);
+    cJSON_AddStringToObject(o, "xxh3_128_is", "a 128-bit integrity check against truncation and corruption, not a "
+                            "cryptographic digest; finalize --json reports each file's SHA-256");
     cJSON_AddStringToObject(o, "inode", ino);
     cJSON_AddStringToObject(o, "mtime_ns", mt);
     cJSON_AddStringToObject(o, "ctime_ns", ct);
@@ -456,7 +462,7 @@ static lm_code write_one_shard(lm_shard_ctx *C, size_t k, const char *fp, lm_err
     char sha[65];
     eo.one_shard = 1;
     eo.only_shard = k;
-    eo.sha256_hex = sha;
+    eo.shard_hash_hex = sha;
     eo.before_commit = NULL;
     lm_exec_stats st;
     memset(&st, 0, sizeof st);
@@ -606,7 +612,7 @@ static lm_code check_all_shards(const lm_shard_ctx *C, const char *fp, lm_err *e
         lm_report_note(C->ri, "%zu shards checked by size and the identity their workers recorded (inode, mtime, "
                               "ctime), %zu read back and hashed because it changed; --verify reads every shard back%s",
                        C->ot->n_shards, n_rehashed, C->shard_sha != NULL ? " (--json: every shard read back for its "
-                       "sha256, the sidecars holding sha256x4, and checked against it)" : "");
+                       "sha256, the sidecars holding XXH3-128, and checked against it)" : "");
     char list[900];
     size_t used = 0, n_bad = 0;
     list[0] = '\0';

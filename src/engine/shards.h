@@ -14,17 +14,18 @@
  * Worker I of N writes the shards k with lm_shards_owners()[k] == I (balanced by bytes; with
  * shards of equal size k % N == I) and nothing else, straight into OUT (no
  * staging directory: the workers share OUT).  Each shard goes through a temporary name, its
- * sha256x4 (lm_sha256.h: the sha256 of four interleaved lanes of the file, hashed ~1.8x as fast
- * as one message) is computed as it is written (lm_st_writer_hash_begin: no read-back of the finished
- * file), it is renamed into place, then its sidecar OUT/.lora-merge-shards/<shard>.json
- * (fingerprint, size, sha256x4, and the file's identity: inode, mtime, ctime; for the record the
+ * XXH3-128 (lm_xxh128.h: a 128-bit integrity check against truncation and corruption, not a
+ * cryptographic digest; ~8x cheaper than SHA-256 with SHA-NI) is computed as it is written
+ * (lm_st_writer_hash_begin: no read-back of the finished file), it is renamed into place, then its
+ * sidecar OUT/.lora-merge-shards/<shard>.json
+ * (fingerprint, size, xxh3_128, and the file's identity: inode, mtime, ctime; for the record the
  * worker's seconds, hashing CPU and threads) is written.  Workers never remove anything but their own temporary files.
  *
  * A shard is complete and verified when it is present, its sidecar is of this plan, its size is
  * the plan's, and either its identity is still the recorded one (nothing changed it through the
  * filesystem since its worker hashed it: a write in place, a truncation, a file renamed over it
  * all change ctime at least, which only the kernel sets) or, read back, it hashes to the
- * sidecar's sha256x4.  With job->shard_verify every shard is read back.  A rerun skips shards
+ * sidecar's xxh3_128.  With job->shard_verify every shard is read back.  A rerun skips shards
  * complete and verified; finalize verifies every shard, refuses naming the ones that are not,
  * then writes the side files, model.safetensors.index.json LAST (the commit record), removes
  * files of an earlier merge and the sidecars. */

@@ -6,6 +6,7 @@
 #include "compat.h"
 #include "lm_error.h"
 #include "lm_sha256.h"
+#include "lm_xxh128.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -666,7 +667,7 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
     return LM_OK;
 }
 
-/* ---- the sha256x4 (or SHA-256) of the file as it is written (lm_st_writer_hash_begin; lm_sha256.h)
+/* ---- the XXH3-128 (or SHA-256) of the file as it is written (lm_st_writer_hash_begin; lm_xxh128.h)
  * [0, done) is hashed.  A write that reaches done is hashed from the writer's own buffer; one
  * beyond it is kept as a range (sorted, disjoint, touching ranges merged) and hashed once the
  * prefix reaches it, read back from the file: the page cache, just written.  With one thread the
@@ -678,8 +679,8 @@ typedef struct {
 
 struct writer_hash {
     pthread_mutex_t mu;
-    int plain;         /* lm_st_writer_hash_begin_sha256(): one SHA-256 message (md1), else sha256x4 (md) */
-    lm_sha256x4_ctx md;
+    int plain;         /* lm_st_writer_hash_begin_sha256(): SHA-256 (md1), else XXH3-128 (x) */
+    lm_xxh128 *x;
     lm_sha256_ctx md1;
     uint64_t done;
     wrange *r;
@@ -695,6 +696,7 @@ static void hash_free(struct writer_hash *h)
     if (h == NULL)
         return;
     pthread_mutex_destroy(&h->mu);
+    lm_xxh128_free(h->x);
     free(h->r);
     free(h->buf);
     free(h);
@@ -705,7 +707,7 @@ static void hash_update(struct writer_hash *h, const void *p, size_t n)
     if (h->plain)
         lm_sha256_update(&h->md1, p, n);
     else
-        lm_sha256x4_update(&h->md, p, n);
+        lm_xxh128_update(h->x, p, n);
 }
 
 static double thread_cpu(void)
@@ -798,7 +800,10 @@ static lm_code hash_begin(lm_st_writer *w, int plain, lm_err *err)
     if (h == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     h->plain = plain;
-    lm_sha256x4_init(&h->md);
+    if (!plain && (h->x = lm_xxh128_new()) == NULL) {
+        free(h);
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    }
     lm_sha256_init(&h->md1);
     pthread_mutex_init(&h->mu, NULL);
     w->hash = h;
@@ -834,12 +839,13 @@ lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds
         lm_err_set_path(err, w->out_path);
         return e == ENOMEM ? LM_E_NOMEM : LM_E_IO;
     }
-    uint8_t md[32];
-    if (h->plain)
+    if (h->plain) {
+        uint8_t md[32];
         lm_sha256_final(&h->md1, md);
-    else
-        lm_sha256x4_final(&h->md, md);
-    lm_sha256_hex(md, hex);
+        lm_sha256_hex(md, hex);
+    } else {
+        lm_xxh128_hex(h->x, hex);
+    }
     if (cpu_seconds != NULL)
         *cpu_seconds = h->cpu;
     hash_free(h);

@@ -49,8 +49,8 @@ const char *lm_st_writer_out_path(const lm_st_writer *w);
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err);
 
-/*! lm_st_writer_hash_begin() : from here on the file's sha256x4 (lm_sha256.h: four interleaved
- *  SHA-256 lanes, ~1.8x the speed of one message) is computed as it is written: the
+/*! lm_st_writer_hash_begin() : from here on the file's XXH3-128 (lm_xxh128.h: an integrity check,
+ *  not a cryptographic digest; a shard worker's sidecar) is computed as it is written: the
  *  bytes written at the end of the hashed prefix are hashed from the caller's buffer, the others
  *  once the prefix reaches them, read back from the file (the page cache, just written).  Bytes
  *  written into lm_st_writer_fd() by other means (copy_file_range) are told with
@@ -65,7 +65,8 @@ lm_code lm_st_writer_hash_begin_sha256(lm_st_writer *w, lm_err *err);
  *  it is written is dropped only behind its hashed prefix. */
 void lm_st_writer_drop_behind(lm_st_writer *w, uint64_t step);
 void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_bytes);
-/*! lm_st_writer_hash_end() : once every byte is written: the file's sha256x4, or SHA-256 (64 hex digits; what
+/*! lm_st_writer_hash_end() : once every byte is written: the file's XXH3-128 (32 hex digits), or its
+ *  SHA-256 (64; lm_st_writer_hash_begin_sha256); what
  *  was never written is read back as it is; without lm_st_writer_hash_begin(), the whole file),
  *  and the thread CPU seconds spent hashing (may be NULL). */
 lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds, lm_err *err);
