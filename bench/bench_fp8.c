@@ -7,8 +7,11 @@
  * (the fastest of --runs), the share of elements the certification recomputes and a hash of the
  * codes (the same for every variant).  Not run by `make check`.
  *
- * Usage: bench_fp8 [--runs N] [--step F] [--variant ref|avx2|avx512]
- *   --step F: the term's typical size in grid steps (default 1). */
+ * Usage: bench_fp8 [--runs N] [--step F] [--codes normal|random] [--variant ref|avx2|avx512]
+ *   --step F: the term's typical size in grid steps (default 1).
+ *   --codes random: every finite code equally likely, as gen_model --quant fp8 writes the fp8
+ *   bench's model (5.5% subnormal codes: 60% of the 16-code vectors hold one), instead of the
+ *   codes of N(0, 0.02) weights under their block's amax (almost none subnormal). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -60,7 +63,7 @@ static float bf_exact(void *ctx, uint64_t row, uint64_t col, float w)
     return (float)((double)w + (double)c->alpha * d);
 }
 
-static void bf_make(bf_case *c, double step)
+static void bf_make(bf_case *c, double step, int random_codes)
 {
     for (int b = 0; b < BF_NB; b++) { /* N(0, 0.02) weights, the block's scale amax / 448 */
         static float v[BF_H * BF_BC];
@@ -71,8 +74,18 @@ static void bf_make(bf_case *c, double step)
         }
         c->s0[b] = amax / 448;
         for (int i = 0; i < BF_H; i++)
-            for (int j = 0; j < BF_BC; j++)
-                c->q0[i * BF_W + b * BF_BC + j] = lm_f32_to_fp8_e4m3(v[i * BF_BC + j] / c->s0[b]);
+            for (int j = 0; j < BF_BC; j++) {
+                uint8_t q = lm_f32_to_fp8_e4m3(v[i * BF_BC + j] / c->s0[b]);
+                if (random_codes) { /* (xorshift64's top byte, NaN codes 0x7F / 0xFF skipped) */
+                    do {
+                        bf_rs ^= bf_rs << 13;
+                        bf_rs ^= bf_rs >> 7;
+                        bf_rs ^= bf_rs << 17;
+                        q = (uint8_t)(bf_rs >> 56);
+                    } while ((q & 0x7F) == 0x7F);
+                }
+                c->q0[i * BF_W + b * BF_BC + j] = q;
+            }
     }
     for (int i = 0; i < BF_H * BF_K; i++)
         c->B[i] = (float)(0.02 * bf_normal());
@@ -161,7 +174,7 @@ static void bf_run(const lm_kernels *k, bf_case *c, int runs)
 
 int main(int argc, char **argv)
 {
-    int runs = 30;
+    int runs = 30, random_codes = 0;
     double step = 1.0;
     const char *only = NULL;
     for (int i = 1; i < argc; i++) {
@@ -169,10 +182,12 @@ int main(int argc, char **argv)
             runs = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--step") && i + 1 < argc)
             step = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--codes") && i + 1 < argc && (!strcmp(argv[i + 1], "random") || !strcmp(argv[i + 1], "normal")))
+            random_codes = !strcmp(argv[++i], "random");
         else if (!strcmp(argv[i], "--variant") && i + 1 < argc)
             only = argv[++i];
         else {
-            fprintf(stderr, "usage: bench_fp8 [--runs N] [--step F] [--variant ref|avx2|avx512]\n");
+            fprintf(stderr, "usage: bench_fp8 [--runs N] [--step F] [--codes normal|random] [--variant ref|avx2|avx512]\n");
             return 2;
         }
     }
@@ -185,9 +200,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_fp8: out of memory\n");
         return 1;
     }
-    bf_make(c, step);
-    printf("block FP8 kernels, %d x %d tile of 128 x 128 blocks, K = %d, term ~%.2g grid steps; ns per element "
-           "(fastest of %d)\n", BF_H, BF_W, BF_K, step, runs);
+    bf_make(c, step, random_codes);
+    printf("block FP8 kernels, %d x %d tile of 128 x 128 blocks, %s codes, K = %d, term ~%.2g grid steps; ns per "
+           "element (fastest of %d)\n", BF_H, BF_W, random_codes ? "random" : "N(0, 0.02)", BF_K, step, runs);
     printf("variant    merge    encode  enc+cert  certified   recomp%%  codes\n");
     static const char *names[] = {"ref", "avx2", "avx512"};
     for (int v = 0; v < 3; v++) {

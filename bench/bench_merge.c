@@ -3,7 +3,8 @@
  * cached under BENCH_DIR), then alternates the copy floor (`cat base > out`) and the merge
  * (`lora-merge -q base adapter out`) several times, the output deleted and synced before every
  * run, and prints median and min-max wall times, the ratio merge/floor, GB/s, GFLOP/s of the
- * low-rank work and the peak resident memory of each (getrusage of the child).
+ * low-rank work and the peak resident memory of each (getrusage of the child); for 1b/8b/fp8 also
+ * how busy the machine was during the timed runs (CPU pressure, PSI) and the memory's state.
  *
  * --case methods (and methods-small): the same base, then an adapter of every adapter type
  * (bench/gen_adapter); per type, --dry-run once (the plan's GFLOP), then the LoRA r=16 merge and
@@ -84,9 +85,23 @@ static double now(void)
 static double g_last_cpu; /* user + system CPU seconds of the last run_timed() (its children included) */
 static double g_last_sys; /* of which system */
 static double g_last_read_gb; /* GB it read from the disk (not the page cache): ru_inblock */
+static double g_last_cpu_wait; /* seconds of it during which some runnable task waited for a CPU
+                                  (/proc/pressure/cpu "some"; NAN without PSI): the machine was busy */
+
+/* /proc/pressure/cpu's "some" total in seconds (NAN when the kernel has no PSI) */
+static double psi_cpu_some(void)
+{
+    FILE *f = fopen("/proc/pressure/cpu", "r");
+    unsigned long long us = 0;
+    int ok = f != NULL && fscanf(f, "some avg10=%*f avg60=%*f avg300=%*f total=%llu", &us) == 1;
+    if (f != NULL)
+        fclose(f);
+    return ok ? 1e-6 * (double)us : NAN;
+}
 
 static double run_timed(char *const *argv, const char *out_path, long *rss_kb, int *status)
 {
+    const double p0 = psi_cpu_some();
     double t0 = now();
     pid_t pid = fork();
     if (pid == 0) {
@@ -102,6 +117,7 @@ static double run_timed(char *const *argv, const char *out_path, long *rss_kb, i
     memset(&ru, 0, sizeof ru);
     wait4(pid, &st, 0, &ru);
     double t = now() - t0;
+    g_last_cpu_wait = psi_cpu_some() - p0;
     g_last_read_gb = (double)ru.ru_inblock * 512e-9;
     g_last_sys = (double)ru.ru_stime.tv_sec + 1e-6 * ru.ru_stime.tv_usec;
     g_last_cpu = (double)ru.ru_utime.tv_sec + 1e-6 * ru.ru_utime.tv_usec + g_last_sys;
@@ -525,6 +541,26 @@ static void vm_reclaimed(double v[2])
         else if (!strcmp(name, "pgsteal_direct"))
             v[1] = (double)x;
     }
+    if (f != NULL)
+        fclose(f);
+}
+
+/* the memory's state: *free_gb free now (/proc/vmstat nr_free_pages), *reported_gb given back to
+ * the host so far by free page reporting (NAN without it: not a virtual machine that reports) */
+static void mem_state(double *free_gb, double *reported_gb)
+{
+    FILE *f = fopen("/proc/vmstat", "r");
+    char name[128];
+    unsigned long long x;
+    *free_gb = *reported_gb = NAN;
+    while (f != NULL && fscanf(f, "%127s %llu", name, &x) == 2)
+        if (!strcmp(name, "nr_free_pages"))
+            *free_gb = (double)x * (double)sysconf(_SC_PAGESIZE) * 1e-9;
+    if (f != NULL)
+        fclose(f);
+    f = fopen("/sys/module/page_reporting/parameters/reported_kib", "r");
+    if (f != NULL && fscanf(f, "%llu", &x) == 1)
+        *reported_gb = (double)x * 1024e-9;
     if (f != NULL)
         fclose(f);
 }
@@ -1170,6 +1206,13 @@ int main(int argc, char **argv)
     /* system CPU seconds, and the ratio merge / floor of each run (the two timed one after the other) */
     double *sf = calloc((size_t)runs, sizeof *sf), *sm = calloc((size_t)runs, sizeof *sm);
     double *pr = calloc((size_t)runs, sizeof *pr);
+    /* the share of each timed run's wall during which some runnable task waited for a CPU (PSI):
+     * the floor is one thread and the merge two, so a busy machine (another job, write-back)
+     * slows the merge far more than the floor; and the runs with the merge under 10% */
+    double *wf = calloc((size_t)runs, sizeof *wf), *wm = calloc((size_t)runs, sizeof *wm);
+    double *qr = calloc((size_t)runs, sizeof *qr);
+    int n_quiet = 0;
+    double free0, rep0, free1, rep1;
     long rss_f = 0, rss_m = 0;
     /* Every timed command writes OUT just after the previous one's OUT was deleted, so that each
      * gets the page cache the last one freed: the first floor too, after this untimed copy (on a
@@ -1178,12 +1221,14 @@ int main(int argc, char **argv)
     unlink(out);
     sync();
     run_timed(cat_argv, out, &rss, &st);
+    mem_state(&free0, &rep0);
     for (int r = 0; r < runs; r++) {
         unlink(out);
         sync();
         tf[r] = run_timed(cat_argv, out, &rss, &st);
         cf[r] = g_last_cpu;
         sf[r] = g_last_sys;
+        wf[r] = g_last_cpu_wait / tf[r];
         if (st != 0) {
             fprintf(stderr, "bench: cat failed\n");
             return 1;
@@ -1194,7 +1239,10 @@ int main(int argc, char **argv)
         tm[r] = run_timed(merge_argv, NULL, &rss, &st);
         cm[r] = g_last_cpu;
         sm[r] = g_last_sys;
+        wm[r] = g_last_cpu_wait / tm[r];
         pr[r] = tm[r] / tf[r];
+        if (wm[r] < 0.1 && wf[r] < 0.1)
+            qr[n_quiet++] = pr[r];
         if (st != 0) {
             fprintf(stderr, "bench: lora-merge failed with status %d\n", st);
             return 1;
@@ -1215,6 +1263,7 @@ int main(int argc, char **argv)
     }
     unlink(out);
     sync();
+    mem_state(&free1, &rep1);
     double mf = median(tf, runs), mm = median(tm, runs), mx = median(tx, runs), mpr = median(pr, runs);
     print_machine(threads);
     double ratio = mm / mf, rss_mb = (double)rss_m / 1024.0;
@@ -1250,6 +1299,21 @@ int main(int argc, char **argv)
                "%.3f (%.3f-%.3f)%s\n", 100 * (tf[runs - 1] - tf[0]) / mf, mpr, pr[0], pr[runs - 1],
                bc->max_ratio > 0 && (mpr <= bc->max_ratio) != (ratio <= bc->max_ratio)
                    ? ": the two ratios disagree on the target, run again (BENCH_RUNS=7)" : "");
+        /* what the machine was doing: CPU contention and the memory's state */
+        const double pwf = median(wf, runs), pwm = median(wm, runs), qmed = n_quiet ? median(qr, n_quiet) : NAN;
+        if (pwm == pwm) { /* (NAN: no PSI in this kernel) */
+            printf("CPU pressure (PSI: share of the wall during which a runnable task waited for a CPU, median): "
+                   "floor %.0f%%, merge %.0f%%", 100 * pwf, 100 * pwm);
+            if (n_quiet > 0)
+                printf("; the %d run(s) with both under 10%%: ratio median %.3f", n_quiet, qmed);
+            printf("%s\n", pwm > 0.1 ? " -- the machine was busy: the merge (2 threads) loses more to other work "
+                                        "than the floor (1 thread), so the ratio above is the machine's, not the "
+                                        "merge's" : "");
+        }
+        printf("memory: %.1f GB free before the runs, %.1f GB after", free0, free1);
+        if (rep1 == rep1)
+            printf("; %.2f GB given back to the host (free page reporting) during them", rep1 - rep0);
+        printf("; every timed run starts with the output deleted and synced (the floor and the merge alike)\n");
     }
     free(tf);
     free(tm);
@@ -1260,6 +1324,9 @@ int main(int argc, char **argv)
     free(sf);
     free(sm);
     free(pr);
+    free(wf);
+    free(wm);
+    free(qr);
     remove_own_dir(own_dir && !keep, dir);
     return 0;
 }

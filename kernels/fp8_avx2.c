@@ -14,7 +14,6 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <string.h>
 
 #define F2_INLINE static inline __attribute__((always_inline))

@@ -10,14 +10,13 @@
  *  times s0), NaN codes patched to the f16 NaN; x, its amax, sameness and d2 lanes in one pass,
  *  rows in order (so d2's lanes add the reference's values in the reference's order).
  *  encode: the mantissa rounded in the integer bits, the lanes below 2^-6 (rare: a branch) by
- *  the sum with 2^14; the codes packed 64 to a store.  A row's groups of 64 first without masks
- *  or branches, tracking their least and largest |y| and the flag test's margin; a group with a
- *  lane below 2^-6 or flagged (rare) is made again lane by lane, its numbers restored first. */
+ *  the sum with 2^14; the codes packed 64 to a store.  (Groups of 64 made without masks or
+ *  branches and made again when a lane is below 2^-6 or flagged were slower on the fp8 bench's
+ *  random codes, 5.5% of them subnormal: bench_fp8 --codes random.) */
 #include "lm_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#include <stdint.h>
 #include <string.h>
 
 #define F8_TARGET __attribute__((target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
@@ -339,34 +338,6 @@ typedef struct {
     uint64_t n_diff;
 } f8_enc;
 
-/* 16 values' codes and the lanes' numbers as f8_enc16 makes them for lanes of |y| >= 2^-6; the
- * rest is left to the caller by what it tracks: amin, the least |y| bits (a lane below 2^-6: the
- * group again by f8_enc16), and checked, amx (the largest: >= thr) and fl, the largest bits of
- * fl(e + 2 Ers) less those of 2^E (>= -0x020002C0: flagged, lm_fp8_cert) */
-F8_INLINE __m512i f8_enc16f(const float *xp, __m512 s, __m512 *sum, __m512 *e2, __m512i *emax, int checked,
-                            __m512 ers2, __m512i *amin, __m512i *amx, __m512i *fl)
-{
-    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(xp), s));
-    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFFF)),
-                                       _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1)));
-    const __m512i c = _mm512_ternarylogic_epi32(_mm512_add_epi32(_mm512_srli_epi32(r, 20), _mm512_set1_epi32(0x40)),
-                                                _mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x7F), 0xE4);
-    const __m512 ey = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFF00000u))),
-                                    _mm512_castsi512_ps(u));
-    const __m512i e = _mm512_and_si512(_mm512_castps_si512(ey), _mm512_set1_epi32(0x7FFFFFFF));
-    *amin = _mm512_min_epu32(*amin, a);
-    if (checked) {
-        *amx = _mm512_max_epu32(*amx, a);
-        *fl = _mm512_max_epi32(*fl, _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(e), ers2)),
-                                                     _mm512_and_si512(a, _mm512_set1_epi32(0x7F800000))));
-    }
-    *emax = _mm512_max_epu32(*emax, e);
-    *sum = _mm512_add_ps(*sum, _mm512_castsi512_ps(e));
-    *e2 = _mm512_add_ps(*e2, _mm512_mul_ps(ey, ey));
-    return c;
-}
-
 /* row i: its w codes (checked: flagged into chk, idx the row's first element) */
 F8_INLINE void f8_enc_row(f8_enc *E, const float *xr, const uint8_t *q0r, uint8_t *qr, size_t w, int checked,
                           f8_chk *chk, uint32_t idx)
@@ -374,30 +345,17 @@ F8_INLINE void f8_enc_row(f8_enc *E, const float *xr, const uint8_t *q0r, uint8_
     const size_t wf = w / 16 * 16;
     size_t j = 0;
     unsigned f;
-    if (q0r == NULL) { /* 64 codes packed into one store (vpmovdb to memory is slow on AMD); a group
-                          with a lane below 2^-6 or a flag (rare) made again by f8_enc16 */
+    if (q0r == NULL) { /* 64 codes packed into one store (vpmovdb to memory is slow on AMD) */
         for (; j + 64 <= wf; j += 64) {
             __m512i c[4];
-            const __m512 sum0 = E->sum, e20 = E->e2;
-            const __m512i emax0 = E->emax;
-            __m512i amin = _mm512_set1_epi32(-1), amx = _mm512_setzero_si512(), fl = _mm512_set1_epi32(INT32_MIN);
+            uint64_t f4 = 0;
 #pragma GCC unroll 4
             for (int g = 0; g < 4; g++)
-                c[g] = f8_enc16f(xr + j + 16 * g, E->s, &E->sum, &E->e2, &E->emax, checked, chk->ers2, &amin, &amx, &fl);
-            int slow = _mm512_cmplt_epu32_mask(amin, _mm512_set1_epi32(0x3C800000)) != 0;
-            if (checked)
-                slow |= (_mm512_cmpge_epu32_mask(amx, chk->thr) | _mm512_cmpge_epi32_mask(fl, _mm512_set1_epi32(-0x020002C0))) != 0;
-            if (__builtin_expect(slow, 0)) {
-                E->sum = sum0, E->e2 = e20, E->emax = emax0;
-                uint64_t f4 = 0;
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++)
-                    f4 |= (uint64_t)f8_enc16(xr + j + 16 * g, 0xFFFF, E->s, E->inv, E->ramax, NULL, NULL, &E->sum, &E->e2,
-                                             &E->emax, &E->n_diff, &c[g], checked, chk)
-                          << (16 * g);
-                if (checked && f4)
-                    f8_flag(chk, f4, idx + (uint32_t)j);
-            }
+                f4 |= (uint64_t)f8_enc16(xr + j + 16 * g, 0xFFFF, E->s, E->inv, E->ramax, NULL, NULL, &E->sum, &E->e2,
+                                         &E->emax, &E->n_diff, &c[g], checked, chk)
+                      << (16 * g);
+            if (checked && f4)
+                f8_flag(chk, f4, idx + (uint32_t)j);
             /* in each 128-bit lane l: c0[4l..4l+3] c1[..] c2[..] c3[..] (codes < 256: no saturation) */
             const __m512i p = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
             _mm512_storeu_si512(qr + j, _mm512_permutexvar_epi32(

@@ -164,7 +164,7 @@ DIR *lm_sys_opendir(const char *path)
     return opendir(path);
 }
 
-void *lm_sys_dlopen(const char *const *names, const char **why)
+static void *lazy_dlopen(const char *const *names, const char **why)
 {
     int k = fault(C_SYS, "dlopen");
     *why = "no library named";
@@ -181,6 +181,34 @@ void *lm_sys_dlopen(const char *const *names, const char **why)
         *why = e != NULL ? e : "cannot be loaded";
     }
     return NULL;
+}
+
+static pthread_mutex_t g_lazy_mu = PTHREAD_MUTEX_INITIALIZER;
+
+lm_code lm_sys_lazy_load(lm_lazy_lib *L, lm_err *err)
+{
+    int st = __atomic_load_n(&L->state, __ATOMIC_ACQUIRE);
+    if (st == 0) {
+        pthread_mutex_lock(&g_lazy_mu);
+        if ((st = L->state) == 0) {
+            const char *why;
+            void *h = lazy_dlopen(L->names, &why);
+            st = h != NULL ? 1 : -1;
+            if (h == NULL)
+                snprintf(L->why, sizeof L->why, "%s", why);
+            for (size_t i = 0; st == 1 && L->syms[i] != NULL; i++)
+                if ((*L->slots[i] = dlsym(h, L->syms[i])) == NULL) {
+                    snprintf(L->why, sizeof L->why, "it has no %s", L->syms[i]);
+                    st = -1;
+                }
+            __atomic_store_n(&L->state, st, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&g_lazy_mu);
+    }
+    if (st == 1)
+        return LM_OK;
+    return lm_fail(err, LM_E_UNSUPPORTED, "MissingLibrary", "%s needs %s, which cannot be loaded: %s", L->needed_for,
+                   L->library, L->why);
 }
 
 /* read/write family: a short count transfers half */

@@ -19,6 +19,8 @@
 #ifndef LM_SYS_H
 #define LM_SYS_H
 
+#include "lm_error.h"
+
 #include <dirent.h>
 #include <stddef.h>
 #include <sys/stat.h>
@@ -45,9 +47,36 @@ int lm_sys_fstat(int fd, struct stat *st);
 int lm_sys_dup(int fd);
 int lm_sys_close_checked(int fd); /* close whose error matters (a flush) */
 DIR *lm_sys_opendir(const char *path);
-/* dlopen(RTLD_NOW | RTLD_LOCAL) of the first of names (NULL-terminated) that loads; one call
- * "dlopen" for the faults.  NULL: *why (static or thread-local storage) says why */
-void *lm_sys_dlopen(const char *const *names, const char **why);
+
+/* A shared library loaded on first use instead of linked (loading it at start-up cost every run,
+ * and few runs need it).  lm_sys_lazy_load(): once per process (thread-safe), the first of
+ * `names` that loads (one call "dlopen" for the faults), and slots[i] = the address of syms[i];
+ * LM_OK, or (then, and on every later call) MissingLibrary: "<needed_for> needs <library>, which
+ * cannot be loaded: <why>".  Define one as a static (state 0) beside the calls it serves. */
+typedef struct {
+    const char *const *names;  /* sonames to try in order, NULL-terminated */
+    const char *library;       /* e.g. "libzip (libzip.so.4)" */
+    const char *needed_for;    /* e.g. "reading a torch.save() zip checkpoint" */
+    const char *const *syms;   /* NULL-terminated */
+    void **const *slots;       /* one per symbol */
+    int state;                 /* 0 not tried, 1 loaded, -1 not loadable (why) */
+    char why[200];
+} lm_lazy_lib;
+lm_code lm_sys_lazy_load(lm_lazy_lib *L, lm_err *err);
+
+/* A file's lazily loaded library: FNS(X) lists its functions (X(name) each, as its header
+ * declares them); this defines the file's `lm_lazy_fns` (a pointer per function: call
+ * (*lm_lazy_fns.name)(...) once LIB is loaded) and LIB, the lm_lazy_lib that loads them. */
+#define LM_LAZY_FIELD(f) __typeof__(f) *f;
+#define LM_LAZY_NAME(f) #f,
+#define LM_LAZY_SLOT(f) (void **)&lm_lazy_fns.f,
+#define LM_LAZY_LIBRARY(LIB, FNS, library, needed_for, ...)                                                            \
+    static struct {                                                                                                   \
+        FNS(LM_LAZY_FIELD)                                                                                            \
+    } lm_lazy_fns;                                                                                                    \
+    static const char *const lm_lazy_names[] = {__VA_ARGS__, NULL}, *const lm_lazy_syms[] = {FNS(LM_LAZY_NAME) NULL}; \
+    static void **const lm_lazy_slots[] = {FNS(LM_LAZY_SLOT)};                                                        \
+    static lm_lazy_lib LIB = {lm_lazy_names, library, needed_for, lm_lazy_syms, lm_lazy_slots, 0, ""}
 void *lm_sys_malloc(size_t n);
 void *lm_sys_calloc(size_t n, size_t size);
 void *lm_sys_realloc(void *p, size_t n);

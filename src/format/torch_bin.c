@@ -10,10 +10,8 @@
 #include "lm_sys.h"
 #include "pickle_reader.h"
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,70 +23,35 @@
 /* libzip is loaded on first use, not linked: loading it (with the libcrypto, libbz2 and libz it
  * needs) cost every run ~3-5 ms of one core before main(), and only torch.save() zips need it.
  * The functions below are libzip's own, called through their addresses in the loaded library
- * (zip_available() first, at the two places an archive is opened). */
+ * (lz_lib loaded first, at the two places an archive is opened). */
 #define ZIP_FNS(X)                                                                                                    \
     X(zip_discard) X(zip_error_code_zip) X(zip_error_fini) X(zip_error_init) X(zip_error_init_with_code)              \
     X(zip_error_strerror) X(zip_fclose) X(zip_file_strerror) X(zip_fopen_index) X(zip_fread) X(zip_get_name)         \
     X(zip_get_num_entries) X(zip_name_locate) X(zip_open) X(zip_open_from_source) X(zip_source_buffer_create)        \
     X(zip_source_free) X(zip_stat_index) X(zip_stat_init) X(zip_strerror)
-#define ZIP_FIELD(f) __typeof__(f) *f;
-static struct {
-    ZIP_FNS(ZIP_FIELD)
-    int ok;
-    char why[200];
-} lz;
-static pthread_once_t lz_once = PTHREAD_ONCE_INIT;
+LM_LAZY_LIBRARY(lz_lib, ZIP_FNS, "libzip (libzip.so.4)", "reading a torch.save() zip checkpoint", "libzip.so.4",
+                "libzip.so");
 
-static void lz_load(void)
-{
-    static const char *const names[] = {"libzip.so.4", "libzip.so", NULL};
-    const char *why;
-    void *h = lm_sys_dlopen(names, &why);
-    if (h == NULL) {
-        snprintf(lz.why, sizeof lz.why, "%s", why);
-        return;
-    }
-    int ok = 1;
-#define ZIP_SYM(f)                                                                                                    \
-    if ((*(void **)&lz.f = dlsym(h, #f)) == NULL && ok) {                                                             \
-        ok = 0;                                                                                                       \
-        snprintf(lz.why, sizeof lz.why, "libzip has no %s", #f);                                                     \
-    }
-    ZIP_FNS(ZIP_SYM)
-#undef ZIP_SYM
-    lz.ok = ok;
-}
-
-/* LM_OK when libzip is loaded (the calls below may be made), else the error */
-static lm_code zip_available(lm_err *err)
-{
-    pthread_once(&lz_once, lz_load);
-    return lz.ok ? LM_OK
-                 : lm_fail(err, LM_E_UNSUPPORTED, "MissingLibrary",
-                           "reading a torch.save() zip checkpoint needs libzip (libzip.so.4), which cannot be loaded: %s",
-                           lz.why);
-}
-
-#define zip_discard (*lz.zip_discard)
-#define zip_error_code_zip (*lz.zip_error_code_zip)
-#define zip_error_fini (*lz.zip_error_fini)
-#define zip_error_init (*lz.zip_error_init)
-#define zip_error_init_with_code (*lz.zip_error_init_with_code)
-#define zip_error_strerror (*lz.zip_error_strerror)
-#define zip_fclose (*lz.zip_fclose)
-#define zip_file_strerror (*lz.zip_file_strerror)
-#define zip_fopen_index (*lz.zip_fopen_index)
-#define zip_fread (*lz.zip_fread)
-#define zip_get_name (*lz.zip_get_name)
-#define zip_get_num_entries (*lz.zip_get_num_entries)
-#define zip_name_locate (*lz.zip_name_locate)
-#define zip_open (*lz.zip_open)
-#define zip_open_from_source (*lz.zip_open_from_source)
-#define zip_source_buffer_create (*lz.zip_source_buffer_create)
-#define zip_source_free (*lz.zip_source_free)
-#define zip_stat_index (*lz.zip_stat_index)
-#define zip_stat_init (*lz.zip_stat_init)
-#define zip_strerror (*lz.zip_strerror)
+#define zip_discard (*lm_lazy_fns.zip_discard)
+#define zip_error_code_zip (*lm_lazy_fns.zip_error_code_zip)
+#define zip_error_fini (*lm_lazy_fns.zip_error_fini)
+#define zip_error_init (*lm_lazy_fns.zip_error_init)
+#define zip_error_init_with_code (*lm_lazy_fns.zip_error_init_with_code)
+#define zip_error_strerror (*lm_lazy_fns.zip_error_strerror)
+#define zip_fclose (*lm_lazy_fns.zip_fclose)
+#define zip_file_strerror (*lm_lazy_fns.zip_file_strerror)
+#define zip_fopen_index (*lm_lazy_fns.zip_fopen_index)
+#define zip_fread (*lm_lazy_fns.zip_fread)
+#define zip_get_name (*lm_lazy_fns.zip_get_name)
+#define zip_get_num_entries (*lm_lazy_fns.zip_get_num_entries)
+#define zip_name_locate (*lm_lazy_fns.zip_name_locate)
+#define zip_open (*lm_lazy_fns.zip_open)
+#define zip_open_from_source (*lm_lazy_fns.zip_open_from_source)
+#define zip_source_buffer_create (*lm_lazy_fns.zip_source_buffer_create)
+#define zip_source_free (*lm_lazy_fns.zip_source_free)
+#define zip_stat_index (*lm_lazy_fns.zip_stat_index)
+#define zip_stat_init (*lm_lazy_fns.zip_stat_init)
+#define zip_strerror (*lm_lazy_fns.zip_strerror)
 
 #define MAX_PICKLE_BYTES ((uint64_t)256 << 20)
 #define MAX_DEFLATE_RATIO 1032u /* deflate cannot expand more than this */
@@ -663,7 +626,7 @@ static lm_code load_buffer(const void *buf, size_t n_bytes, const char *name, lm
         zip_error_t ze;
         zip_source_t *src = NULL;
         zip_t *za = NULL;
-        if ((rc = zip_available(err)) != LM_OK)
+        if ((rc = lm_sys_lazy_load(&lz_lib, err)) != LM_OK)
             goto out;
         zip_error_init(&ze);
         src = zip_source_buffer_create(buf, n_bytes, 0, &ze);
@@ -724,7 +687,7 @@ static lm_code load_path(const char *path, lm_tensor_set **out, int *root_kind, 
     }
     if (looks_like_zip(head, (size_t)got)) {
         /* libzip reads the file itself, entry by entry */
-        if ((rc = zip_available(err)) != LM_OK)
+        if ((rc = lm_sys_lazy_load(&lz_lib, err)) != LM_OK)
             goto done;
         int zerr = 0;
         zip_t *za = zip_open(path, ZIP_RDONLY | ZIP_CHECKCONS, &zerr);

@@ -11,60 +11,23 @@
 #include "lm_sys.h"
 #include "torch_rng.h"
 
-#include <dlfcn.h>
 #include <fftw3.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* FFTW is loaded on first use, not linked: loading it cost every run ~2-3 ms of one core before
  * main(), and only FourierFT needs it.  Its functions are called through their addresses in the
- * loaded library (ft_available() first, in prepare). */
+ * loaded library (ft_lib loaded first, in prepare). */
 #define FT_FNS(X) X(fftw_destroy_plan) X(fftw_execute_dft_c2r) X(fftw_free) X(fftw_malloc) X(fftw_plan_dft_c2r_1d)
-#define FT_FIELD(f) __typeof__(f) *f;
-static struct {
-    FT_FNS(FT_FIELD)
-    int ok;
-    char why[200];
-} ft;
-static pthread_once_t ft_once = PTHREAD_ONCE_INIT;
+LM_LAZY_LIBRARY(ft_lib, FT_FNS, "FFTW (libfftw3.so.3)", "merging a FourierFT adapter", "libfftw3.so.3", "libfftw3.so");
 
-static void ft_load(void)
-{
-    static const char *const names[] = {"libfftw3.so.3", "libfftw3.so", NULL};
-    const char *why;
-    void *h = lm_sys_dlopen(names, &why);
-    if (h == NULL) {
-        snprintf(ft.why, sizeof ft.why, "%s", why);
-        return;
-    }
-    int ok = 1;
-#define FT_SYM(f)                                                                                                     \
-    if ((*(void **)&ft.f = dlsym(h, #f)) == NULL && ok) {                                                             \
-        ok = 0;                                                                                                       \
-        snprintf(ft.why, sizeof ft.why, "libfftw3 has no %s", #f);                                                   \
-    }
-    FT_FNS(FT_SYM)
-#undef FT_SYM
-    ft.ok = ok;
-}
-
-/* LM_OK when FFTW is loaded (the calls below may be made), else the error */
-static lm_code ft_available(lm_err *err)
-{
-    pthread_once(&ft_once, ft_load);
-    return ft.ok ? LM_OK
-                 : lm_fail(err, LM_E_UNSUPPORTED, "MissingLibrary",
-                           "merging a FourierFT adapter needs FFTW (libfftw3.so.3), which cannot be loaded: %s", ft.why);
-}
-
-#define fftw_destroy_plan (*ft.fftw_destroy_plan)
-#define fftw_execute_dft_c2r (*ft.fftw_execute_dft_c2r)
-#define fftw_free (*ft.fftw_free)
-#define fftw_malloc (*ft.fftw_malloc)
-#define fftw_plan_dft_c2r_1d (*ft.fftw_plan_dft_c2r_1d)
+#define fftw_destroy_plan (*lm_lazy_fns.fftw_destroy_plan)
+#define fftw_execute_dft_c2r (*lm_lazy_fns.fftw_execute_dft_c2r)
+#define fftw_free (*lm_lazy_fns.fftw_free)
+#define fftw_malloc (*lm_lazy_fns.fftw_malloc)
+#define fftw_plan_dft_c2r_1d (*lm_lazy_fns.fftw_plan_dft_c2r_1d)
 
 #define FT_MAX_ELEMS 214748364ull /* torch's randperm switches to 64-bit draws beyond (not reproduced) */
 
@@ -169,7 +132,7 @@ static lm_code fourierft_prepare(const lm_op *op, const lm_kernels *k, lm_prepar
 {
     const fourierft_params *pr = op->params;
     uint64_t n = pr->spectrum->n_elems;
-    if (ft_available(err) != LM_OK)
+    if (lm_sys_lazy_load(&ft_lib, err) != LM_OK)
         return err->code;
     fourierft_prep *fp = lm_prep_alloc(p, sizeof *fp, err);
     const float *s = fp ? lm_prep_view(p, pr->spectrum, k, err) : NULL;
