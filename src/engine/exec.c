@@ -2407,18 +2407,6 @@ static uint64_t drop_behind_step(uint64_t out_bytes)
     return pages > 0 && page > 0 && out_bytes > (uint64_t)pages * (uint64_t)page / 2 ? DROP_STEP : 0;
 }
 
-/* the bytes of every tensor the plan writes (all shards; the headers left out) */
-static uint64_t plan_out_bytes(const lm_plan *p)
-{
-    uint64_t total = 0;
-    for (size_t i = 0; i < p->n; i++) {
-        uint64_t n = lm_dtype_bits(p->t[i].dtype);
-        for (size_t d = 0; d < p->t[i].n_dims; d++)
-            n *= p->t[i].shape[d];
-        total += n / 8;
-    }
-    return total;
-}
 
 /* the run of n_jobs plans over one model: every job's files written and checked (before_commit)
  * before any is committed; then job by job, its files renamed into place and its after_commit */
@@ -2449,7 +2437,7 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
         if (rc != LM_OK)
             return rc;
         B.total_bytes += Js[j].st.bytes_written;
-        out_bytes += plan_out_bytes(plans[j]);
+        out_bytes += lm_plan_out_bytes(plans[j]);
     }
     const uint64_t drop_step = drop_behind_step(out_bytes);
     for (size_t j = 0; j < n_jobs && drop_step > 0; j++)

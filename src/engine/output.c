@@ -218,10 +218,7 @@ lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_p
     size_t sh = 0;
     for (size_t q = 0; q < p->n; q++) {
         const lm_plan_tensor *t = &p->t[p->data_order[q]];
-        uint64_t n = 1;
-        for (size_t d = 0; d < t->n_dims; d++)
-            n *= t->shape[d];
-        uint64_t bytes = n * lm_dtype_bits(t->dtype) / 8;
+        const uint64_t bytes = lm_plan_tensor_bytes(t);
         if (o->is_dir && used > 0 && used + bytes > max_bytes) {
             sh++;
             used = 0;
@@ -239,13 +236,7 @@ lm_code lm_out_layout_named(lm_out_target *o, const lm_merge_job *job, const lm_
     if (o->paths == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     o->n_shards = n_shards;
-    o->total_bytes = 0;
-    for (size_t i = 0; i < p->n; i++) {
-        uint64_t n = 1;
-        for (size_t d = 0; d < p->t[i].n_dims; d++)
-            n *= p->t[i].shape[d];
-        o->total_bytes += n * lm_dtype_bits(p->t[i].dtype) / 8;
-    }
+    o->total_bytes = lm_plan_out_bytes(p);
     for (size_t i = 0; i < n_shards; i++) {
         char name[64];
         if (!o->is_dir) {

@@ -100,6 +100,22 @@ void lm_plan_free(lm_plan *p)
     free(p);
 }
 
+uint64_t lm_plan_tensor_bytes(const lm_plan_tensor *t)
+{
+    uint64_t n = 1;
+    for (size_t d = 0; d < t->n_dims; d++)
+        n *= t->shape[d];
+    return n * lm_dtype_bits(t->dtype) / 8;
+}
+
+uint64_t lm_plan_out_bytes(const lm_plan *p)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < p->n; i++)
+        total += lm_plan_tensor_bytes(&p->t[i]);
+    return total;
+}
+
 uint64_t lm_plan_tile_rows(const lm_plan_tensor *t, uint64_t tile_elems)
 {
     if (tile_elems == 0)

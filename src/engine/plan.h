@@ -133,4 +133,9 @@ void *lm_plan_blob(lm_plan *p, size_t n_bytes);
  *  tile_elems only; 0 = the default) */
 uint64_t lm_plan_tile_rows(const lm_plan_tensor *t, uint64_t tile_elems);
 
+/*! lm_plan_tensor_bytes() : the bytes plan tensor t takes in the output (its shape in its dtype);
+ *  lm_plan_out_bytes() : the same summed over the plan (every shard; the headers left out) */
+uint64_t lm_plan_tensor_bytes(const lm_plan_tensor *t);
+uint64_t lm_plan_out_bytes(const lm_plan *p);
+
 #endif
