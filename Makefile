@@ -58,6 +58,9 @@ $(BUILD)/kernels/%_avx2.o: LM_VEC = -mavx2 -mf16c -mfma
 $(BUILD)/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx512vl -mavx512dq -mf16c -mfma
 $(BUILD)/libfuzzer/obj/kernels/%_avx2.o: LM_VEC = -mavx2 -mf16c -mfma
 $(BUILD)/libfuzzer/obj/kernels/%_avx512.o: LM_VEC = -mavx512f -mavx512bw -mavx512vl -mavx512dq -mf16c -mfma
+# the low-rank preparation's sqrt() inline (its arguments are never negative: errno is never set), so
+# that its loops over the rows and columns vectorize; the same correctly rounded results
+$(BUILD)/kernels/lowrank_exact.o $(BUILD)/libfuzzer/obj/kernels/lowrank_exact.o: LM_VEC = -fno-math-errno
 
 .SECONDARY:
 

@@ -214,19 +214,21 @@ static void *lr_carve(unsigned char **p, size_t n, size_t sz)
     return r;
 }
 
-/* the smallest float >= x (x >= 0); +inf for NaN, inf or beyond FLT_MAX */
-static float lr_up_f32(double x)
+/* the smallest float >= x (x >= 0); +inf for NaN, inf or beyond FLT_MAX: the next float up is
+ * f's bits + 1 (f >= 0 finite), the infinity chosen on the bits.  No branch and no conversion
+ * under a condition, so the loops over the rows and columns vectorize (sqrt() too: this file is
+ * built with -fno-math-errno, its arguments are never negative) */
+static inline float lr_up_f32(double x)
 {
-    if (!(x <= FLT_MAX))
-        return INFINITY;
-    float f = (float)x;
-    if ((double)f < x) { /* the next float up: f >= 0 is finite, so its bits + 1 (no libm call) */
-        uint32_t u;
-        memcpy(&u, &f, sizeof u);
-        u++;
-        memcpy(&f, &u, sizeof f);
-    }
-    return f;
+    const float f = (float)x;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += (double)f < x;
+    const uint32_t keep = -(uint32_t)(x <= FLT_MAX);
+    u = (u & keep) | (0x7F800000u & ~keep);
+    float g;
+    memcpy(&g, &u, sizeof g);
+    return g;
 }
 
 /* fmaxf / fmax for a constant m (not NaN): x when x > m, else m (m when x is NaN, as fmax), inline */
@@ -372,6 +374,137 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
     *exact32o &= (e32[0] & e32[1] & e32[2] & e32[3]) != 0;
 }
 
+/* 1 if every lane of v (0 or -1 each) is set */
+static inline int lr_all4(const lr_v4l *v)
+{
+    return ((*v)[0] & (*v)[1] & (*v)[2] & (*v)[3]) != 0;
+}
+
+/* the tensor's flags of lr_row_pass (-1: holds) over the rows lr_row_clean took */
+typedef struct lr_flags4 {
+    lr_v4l same, exact64, exact32;
+} lr_flags4;
+
+/* lr_row_clean's accumulators: its chain sums, whether the row is clean so far, its flags */
+typedef struct lr_clean {
+    lr_v4d c32, c32h, c64;
+    lr_v4l ok, same, exact64, exact32;
+} lr_clean;
+
+/* four terms k .. k+3 of lr_row_clean (b: B_ik, sk: s_k, hk: h_k^2, p2: pow2m), their copies to
+ * bs (when kept) and bfo.  lean: f32 factors and every s_k a power of two, where a clean term's
+ * product s_k B_ik is exact in f64 and in f32 (an f32 significand times 2^e inside the normal
+ * range), so its flags hold and its f64 square is its f32 one: nothing to compute for them */
+static inline __attribute__((always_inline)) void lr_clean4(lr_clean *a, const lr_v4d *b, const lr_v4d *sk,
+                                                            const lr_v4d *hk, const lr_v4l *p2, int all_pow2,
+                                                            int lean, double *restrict bs, float *restrict bfo)
+{
+    const lr_v4d zero = {0, 0, 0, 0}, fmax = {FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX};
+    const lr_v4d t126 = {0x1p-126, 0x1p-126, 0x1p-126, 0x1p-126};
+    const lr_v4l absm = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    const lr_v4d x = *sk * *b, ax = (lr_v4d)((lr_v4l)x & absm);
+    const lr_v4f f = __builtin_convertvector(x, lr_v4f);
+    if (bs != NULL)
+        memcpy(bs, &x, sizeof x);
+    memcpy(bfo, &f, sizeof f);
+    const lr_v4l in = (ax <= fmax) & (ax >= t126);
+    const lr_v4d q = lean ? x * x : __builtin_convertvector(f, lr_v4d) * __builtin_convertvector(f, lr_v4d);
+    a->c32 += q;
+    a->c32h += *hk * q;
+    if (lean) { /* s_k != 0: a zero product has B_ik zero or underflowed */
+        a->ok &= in | (*b == zero);
+        return;
+    }
+    const lr_v4l nz = x != zero;
+    a->ok &= in | (~nz & ((*b == zero) | (*sk == zero)));
+    lr_v4l ex = *p2;
+    if (!all_pow2) { /* the product's rounding error tells */
+        double xs[4], ss[4], bb[4];
+        long long e[4];
+        memcpy(xs, &x, sizeof xs);
+        memcpy(ss, sk, sizeof ss);
+        memcpy(bb, b, sizeof bb);
+        for (size_t m = 0; m < 4; m++)
+            e[m] = fma(ss[m], bb[m], -xs[m]) == 0 ? -1 : 0;
+        memcpy(&ex, e, sizeof ex);
+        ex |= *p2;
+    }
+    const lr_v4l exact32 = __builtin_convertvector(f, lr_v4d) == x;
+    a->same &= exact32;
+    a->exact64 &= ~nz | ex;
+    a->exact32 &= ~nz | (ex & exact32);
+    a->c64 += x * x;
+}
+
+/* lr_row_pass for a row with nothing special in it: 1 when every nonzero product s_k B_ik is in
+ * [2^-126, FLT_MAX] and every zero one has s_k or B_ik zero (so no s_k or B_ik is NaN or
+ * infinite, none underflowed, no f32 copy left the normal range: every "bad" and "out32" lane of
+ * lr_row_pass is clear, its sums add the plain squares and its flags reduce to the ones and-ed
+ * here into *fl); 0, with nothing but bs and bfo written, for the others, which lr_row_pass takes
+ * again.  The same lanes, terms and order as lr_row_pass (chain m adds k = m, m+4, ..., the lanes
+ * past K zeros), so the same sums bit for bit, in a fraction of its operations.  (Vectors of
+ * eight lanes would halve them again, but gcc makes scalar code of their compares in the
+ * target_clones builds.) */
+static inline __attribute__((always_inline)) int lr_row_clean(const double *restrict bd, const float *restrict bf,
+                                                               const double *restrict s, const long long *restrict pow2m,
+                                                               const double *restrict hsq, int all_pow2, int lean,
+                                                               size_t K, double *restrict bs, float *restrict bfo,
+                                                               double *ss32o, double *ss32ho, double *ss64o,
+                                                               lr_flags4 *fl)
+{
+    const lr_v4d zero = {0, 0, 0, 0};
+    const lr_v4l ones = {-1, -1, -1, -1};
+    lr_clean a = {zero, zero, zero, ones, ones, ones, ones};
+    size_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        lr_v4d b, sk, hk;
+        lr_v4l p2;
+        if (bd != NULL) {
+            memcpy(&b, bd + k, sizeof b);
+        } else {
+            lr_v4f b4;
+            memcpy(&b4, bf + k, sizeof b4);
+            b = __builtin_convertvector(b4, lr_v4d);
+        }
+        memcpy(&sk, s + k, sizeof sk);
+        memcpy(&hk, hsq + k, sizeof hk);
+        memcpy(&p2, pow2m + k, sizeof p2);
+        lr_clean4(&a, &b, &sk, &hk, &p2, all_pow2, lean, bs != NULL ? bs + k : NULL, bfo + k);
+    }
+    if (k < K) { /* the last 1-3 terms, the other lanes zeros */
+        double b[4] = {0, 0, 0, 0}, sk[4] = {0, 0, 0, 0}, hk[4] = {0, 0, 0, 0}, xs[4];
+        long long p2[4] = {0, 0, 0, 0};
+        float fs[4];
+        for (size_t m = 0; k + m < K; m++) {
+            b[m] = bd != NULL ? bd[k + m] : (double)bf[k + m];
+            sk[m] = s[k + m];
+            hk[m] = hsq[k + m];
+            p2[m] = pow2m[k + m];
+        }
+        lr_v4d bv, sv, hv;
+        lr_v4l pv;
+        memcpy(&bv, b, sizeof bv);
+        memcpy(&sv, sk, sizeof sv);
+        memcpy(&hv, hk, sizeof hv);
+        memcpy(&pv, p2, sizeof pv);
+        lr_clean4(&a, &bv, &sv, &hv, &pv, all_pow2, lean, xs, fs);
+        for (size_t m = 0; k + m < K; m++) {
+            if (bs != NULL)
+                bs[k + m] = xs[m];
+            bfo[k + m] = fs[m];
+        }
+    }
+    if (!lr_all4(&a.ok))
+        return 0;
+    fl->same &= a.same;
+    fl->exact64 &= a.exact64;
+    fl->exact32 &= a.exact32;
+    *ss32o = (a.c32[0] + a.c32[1]) + (a.c32[2] + a.c32[3]);
+    *ss32ho = (a.c32h[0] + a.c32h[1]) + (a.c32h[2] + a.c32h[3]);
+    *ss64o = lean ? *ss32o : (a.c64[0] + a.c64[1]) + (a.c64[2] + a.c64[3]);
+    return 1;
+}
+
 /* Afp: Af's full panels of LM_LR_PANEL columns, each [K x 32] contiguous */
 static void lr_panels(lm_lowrank *lr)
 {
@@ -379,6 +512,53 @@ static void lr_panels(lm_lowrank *lr)
     for (size_t j0 = 0; j0 + LM_LR_PANEL <= cols; j0 += LM_LR_PANEL)
         for (size_t k = 0; k < K; k++)
             memcpy(lr->Afp + (j0 * K + k * LM_LR_PANEL), lr->Af + k * cols + j0, LM_LR_PANEL * sizeof(float));
+}
+
+/* the rows of B (lr->Bs, Bf, row_nf; their squared norms n32r, n32h and lr->bnd_rd, square
+ * roots taken later) and the tensor's flags: a clean row (lr_row_clean) as lr_row_pass would take
+ * it, the others by lr_row_pass.  pow2, hsq: K values of workspace */
+static inline __attribute__((always_inline)) void lr_rows(lm_lowrank *lr, const double *B, const float *B32,
+                                                          long long *pow2, double *hsq, double *n32r, double *n32h,
+                                                          int *sameB32, int *exactB64, int *exactB32)
+{
+    const size_t rows = lr->rows, K = lr->K;
+    const double *s = lr->s;
+    const int src32 = B == NULL;
+    int all_pow2 = 1;
+    /* h_k^2: term k (chain k % 4, position k / 4 of its n = ceil((K - k % 4) / 4) terms) passes
+     * through h_k = n - k / 4 + 2 roundings of the f32 path */
+    for (size_t k = 0; k < K; k++) {
+        const double h = (double)((K - k % 4 + 3) / 4 - k / 4 + 2);
+        hsq[k] = h * h;
+    }
+    for (size_t k = 0; k < K; k++) {
+        int e;
+        const double m = frexp(s[k], &e);
+        pow2[k] = isfinite(s[k]) && (m == 0.5 || m == -0.5) ? -1 : 0;
+        all_pow2 &= pow2[k] != 0;
+    }
+    const int lean = src32 && all_pow2;
+    lr_flags4 fl;
+    fl.same = fl.exact64 = fl.exact32 = (lr_v4l){-1, -1, -1, -1};
+    for (size_t i = 0; i < rows; i++) {
+        double ss32, ss32h, ss64;
+        const double *bd = src32 ? NULL : B + i * K;
+        const float *bf = src32 ? B32 + i * K : NULL;
+        double *bs = lr->Bs ? lr->Bs + i * K : NULL;
+        /* lean and all_pow2 constants in each call: the common case's code has no test of them */
+        if (lean ? lr_row_clean(NULL, bf, s, pow2, hsq, 1, 1, K, bs, lr->Bf + i * K, &ss32, &ss32h, &ss64, &fl)
+                 : lr_row_clean(bd, bf, s, pow2, hsq, all_pow2, 0, K, bs, lr->Bf + i * K, &ss32, &ss32h, &ss64, &fl))
+            lr->row_nf[i] = 0;
+        else
+            lr_row_pass(bd, bf, s, pow2, hsq, all_pow2, K, bs, lr->Bf + i * K, &ss32, &ss32h, &ss64, &lr->row_nf[i],
+                        sameB32, exactB64, exactB32);
+        n32r[i] = ss32; /* the square roots in lr_prepare's last loop, which vectorizes */
+        n32h[i] = ss32h;
+        lr->bnd_rd[i] = ss64;
+    }
+    *sameB32 &= lr_all4(&fl.same);
+    *exactB64 &= lr_all4(&fl.exact64);
+    *exactB32 &= lr_all4(&fl.exact32);
 }
 
 /* lm_lowrank_prepare (B, A in f64) and lm_lowrank_prepare_f32 (B32, A32) */
@@ -422,32 +602,8 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
     /* rows of B: copies, exactness, sums of squares (+inf marks a row that never certifies) */
     int exactB32 = 1, exactB64 = 1, exactA32 = 1, sameB32 = 1;
     long long *pow2 = lr_carve(&p, K, sizeof(long long));
-    int all_pow2 = 1;
-    /* h_k^2: term k (chain k % 4, position k / 4 of its n = ceil((K - k % 4) / 4) terms) passes
-     * through h_k = n - k / 4 + 2 roundings of the f32 path */
     double *hsq = lr_carve(&p, K, sizeof(double));
-    for (size_t k = 0; k < K; k++) {
-        const double h = (double)((K - k % 4 + 3) / 4 - k / 4 + 2);
-        hsq[k] = h * h;
-    }
-    for (size_t k = 0; k < K; k++) {
-        int e;
-        const double m = frexp(s[k], &e);
-        pow2[k] = isfinite(s[k]) && (m == 0.5 || m == -0.5) ? -1 : 0;
-        all_pow2 &= pow2[k] != 0;
-    }
-    for (size_t i = 0; i < rows; i++) {
-        double ss32, ss32h, ss64;
-        if (src32)
-            lr_row_pass(NULL, B32 + i * K, s, pow2, hsq, all_pow2, K, lr->Bs ? lr->Bs + i * K : NULL, lr->Bf + i * K,
-                        &ss32, &ss32h, &ss64, &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
-        else
-            lr_row_pass(B + i * K, NULL, s, pow2, hsq, all_pow2, K, lr->Bs + i * K, lr->Bf + i * K, &ss32, &ss32h,
-                        &ss64, &lr->row_nf[i], &sameB32, &exactB64, &exactB32);
-        n32r[i] = sqrt(ss32);
-        n32h[i] = sqrt(ss32h);
-        lr->bnd_rd[i] = sqrt(ss64);
-    }
+    lr_rows(lr, B, B32, pow2, hsq, n32r, n32h, &sameB32, &exactB64, &exactB32);
     /* columns of A, summed row by row (A is row-major), k ascending for each column, in a loop with
      * no branch (it vectorizes): the sums, the smallest nonzero |A_kj| and whether every value is
      * exact in f32.  A column whose f64 sum is not finite (a NaN or an infinity in it, or an
@@ -504,16 +660,14 @@ static inline __attribute__((always_inline)) int lr_prepare(lm_lowrank *lr, size
      * and bnd_rd[i] (bnd_cf[j] and bnd_cd[j]) infinite (their sums are +inf), and a finite bnd_rf[i]
      * leaves bnd_rd[i] finite (every nonzero |fl64(s_k B_ik)| is then in [2^-126, ~FLT_MAX]) */
     for (size_t i = 0; i < rows; i++) {
-        lr->bnd_rf[i] = lr_atleast_f(lr_up_f32(margin * (g32 * n32h[i] + rho32 * n32r[i])), 0x1p-149f);
-        lr->bnd_rd[i] = lr_atleast_d(c64 * margin * lr->bnd_rd[i], 0x1p-1074);
-        if (isnan(lr->bnd_rd[i]))
-            lr->bnd_rd[i] = INFINITY;
+        lr->bnd_rf[i] = lr_atleast_f(lr_up_f32(margin * (g32 * sqrt(n32h[i]) + rho32 * sqrt(n32r[i]))), 0x1p-149f);
+        const double d = lr_atleast_d(c64 * margin * sqrt(lr->bnd_rd[i]), 0x1p-1074);
+        lr->bnd_rd[i] = d != d ? INFINITY : d;
     }
     for (size_t j = 0; j < cols; j++) {
         lr->bnd_cf[j] = lr_atleast_f(lr_up_f32(margin * sqrt(n32c[j])), 0x1p-149f);
-        lr->bnd_cd[j] = lr_atleast_d(margin * sqrt(lr->bnd_cd[j]), 0x1p-1074);
-        if (isnan(lr->bnd_cd[j]))
-            lr->bnd_cd[j] = INFINITY;
+        const double d = lr_atleast_d(margin * sqrt(lr->bnd_cd[j]), 0x1p-1074);
+        lr->bnd_cd[j] = d != d ? INFINITY : d;
     }
     return 0;
 }

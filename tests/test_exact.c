@@ -16,6 +16,7 @@
 
 #include <cJSON.h>
 #include <dirent.h>
+#include <float.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -956,6 +957,115 @@ Test(exact, factors_outside_f32_range)
             c.A[1 * 24 + j] *= 0x1p-140;        /* row 1's big B times tiny A: moderate products */
         xt_verify(&c, 0, 4, "outside f32");
         xt_case_free(&c);
+    }
+}
+
+/* ---- the row bound factors: sound, tight, infinite exactly where no certification is sound ---- */
+
+/* the values row i's copies take: the f64 product s_k B_ik and its f32 copy; *certify32 (f64):
+ * whether the f32 (f64) path may certify the row, by the conditions of the proof (lowrank_exact.c,
+ * (a) and the f64 path): every factor finite, no product underflowed to zero, every nonzero product
+ * (its f32 copy) in the normal f64 (f32) range (f64: and the sum of their squares finite) */
+static void xt_row_spec(const double *B, const double *s, size_t K, int *certify32, int *certify64, int *nf,
+                        long double *n2_32, long double *n2_h32, long double *n2_64)
+{
+    *certify32 = *certify64 = 1;
+    *nf = 0;
+    *n2_32 = *n2_h32 = *n2_64 = 0;
+    for (size_t k = 0; k < K; k++) {
+        const double x = s[k] * B[k];
+        const float f = (float)x;
+        *nf |= !isfinite(s[k]) || !isfinite(B[k]);
+        const int bad = !isfinite(x) || (x == 0 && s[k] != 0 && B[k] != 0);
+        *certify64 &= !bad && (x == 0 || fabs(x) >= 0x1p-1022);
+        *certify32 &= !bad && (x == 0 || (fabs(x) >= 0x1p-126 && fabsf(f) <= FLT_MAX));
+        const long double h = (long double)((K - k % 4 + 3) / 4 - k / 4 + 2); /* the roundings term k passes */
+        *n2_32 += (long double)f * f;
+        *n2_h32 += h * h * f * f;
+        *n2_64 += (long double)x * x;
+    }
+    *certify64 &= *n2_64 <= DBL_MAX; /* a sum of squares beyond the range: infinite, never certified */
+}
+
+/* rows of every kind (plain, zeros, a zero row, f32 subnormal factors whose products are or are not
+ * normal, products beyond FLT_MAX, f64 underflow, NaN and infinite factors), scales powers of two
+ * or not, prepared from f64 and (when they are f32 values) f32 factors: row_nf, and bnd_rf / bnd_rd
+ * infinite exactly where the proof forbids certifying, else between the bound the proof needs
+ * (computed here in long double) and 2^-18 above it */
+Test(exact, prepare_row_factors)
+{
+    uint64_t rng = xt_seed("prepare_row_factors");
+    static const double special[] = {0.0, 0x1p-127, 0x1p-140, 0x1.8p126, 0x1p127, 1e300, 1e-310, NAN, INFINITY, -0x1p-149};
+    const size_t nsp = sizeof special / sizeof special[0];
+    for (int pass = 0; pass < 24; pass++) {
+        const size_t K = 1 + (size_t)(th_rand_u64(&rng) % 24), rows = 40, cols = 5;
+        const int pow2 = pass % 2 == 0, f32_vals = pass % 4 < 2;
+        double *B = xt_alloc(rows * K * sizeof *B), *A = xt_alloc(K * cols * sizeof *A), *s = xt_alloc(K * sizeof *s);
+        for (size_t k = 0; k < K; k++)
+            s[k] = pow2 ? ldexp(1.0, (int)(th_rand_u64(&rng) % 5) - 2) : 0.3 + 0.1 * (double)(k % 7);
+        for (size_t e = 0; e < K * cols; e++)
+            A[e] = (float)(0.02 * th_rand_normal(&rng));
+        for (size_t i = 0; i < rows; i++)
+            for (size_t k = 0; k < K; k++) {
+                double v = 0.01 * th_rand_normal(&rng);
+                if (i % 3 == 1 && th_rand_u64(&rng) % 4 == 0)
+                    v = special[(i / 3 + k) % nsp];
+                if (i == 7)
+                    v = 0;
+                B[i * K + k] = f32_vals && isfinite(v) && fabs(v) <= FLT_MAX ? (double)(float)v : v;
+            }
+        for (int from32 = 0; from32 < 1 + f32_vals; from32++) {
+            lm_lowrank lr;
+            const size_t n = from32 ? lm_lowrank_ws_bytes_f32(rows, cols, K, 1) : lm_lowrank_ws_bytes(rows, cols, K);
+            void *ws = xt_alloc(n);
+            float *B32 = xt_alloc(rows * K * sizeof *B32), *A32 = xt_alloc(K * cols * sizeof *A32);
+            double *Bp = xt_alloc(rows * K * sizeof *Bp); /* the factors prepared, in f64 */
+            for (size_t e = 0; e < rows * K; e++) {
+                B32[e] = (float)B[e];
+                Bp[e] = from32 ? (double)B32[e] : B[e];
+            }
+            for (size_t e = 0; e < K * cols; e++)
+                A32[e] = (float)A[e];
+            if (from32)
+                cr_assert_eq(lm_lowrank_prepare_f32(&lr, rows, cols, K, B32, A32, s, 1, ws, n), 0);
+            else
+                cr_assert_eq(lm_lowrank_prepare(&lr, rows, cols, K, B, A, s, ws, n), 0);
+            /* the proof's rho (A's copies are exact; B's f32 copies are when every s_k is a power
+             * of two and B holds f32 values, else r' = u / (1 - u)) and G; the window's top end
+             * allows for rounding them up */
+            const long double u = 0x1p-24L, H = (long double)((K + 3) / 4 + 2), G = u / (1 - H * u);
+            const int exact32 = pow2 && f32_vals;
+            const long double rho_lo = exact32 ? 0 : u / (1 - u), rho_hi = exact32 ? 0 : u * (1 + 0x1p-20L);
+            const long double c64_lo = 1.07L * (long double)K * 0x1p-53L, c64_hi = c64_lo + 0x1p-52L;
+            for (size_t i = 0; i < rows; i++) {
+                int c32, c64, nf;
+                long double n2, n2h, n2d;
+                xt_row_spec(Bp + i * K, s, K, &c32, &c64, &nf, &n2, &n2h, &n2d);
+                cr_assert_eq(lr.row_nf[i], nf, "pass %d row %zu: row_nf %d, expected %d", pass, i, lr.row_nf[i], nf);
+                cr_assert_eq(isfinite(lr.bnd_rf[i]) != 0, c32, "pass %d (f32 factors %d) row %zu: bnd_rf %a", pass,
+                             from32, i, (double)lr.bnd_rf[i]);
+                cr_assert_eq(isfinite(lr.bnd_rd[i]) != 0, c64, "pass %d row %zu: bnd_rd %a", pass, i, lr.bnd_rd[i]);
+                if (c32) {
+                    const long double lo = (1 + 0x1p-20L) * (G * sqrtl(n2h) + rho_lo * sqrtl(n2));
+                    const long double hi = (1 + 0x1p-18L) * (G * sqrtl(n2h) + rho_hi * sqrtl(n2)) + 0x1p-149L;
+                    cr_assert(lr.bnd_rf[i] >= lo && lr.bnd_rf[i] <= hi, "pass %d row %zu: bnd_rf %a outside [%La, %La]",
+                              pass, i, (double)lr.bnd_rf[i], lo, hi);
+                }
+                if (c64) {
+                    const long double lo = (1 + 0x1p-20L) * c64_lo * sqrtl(n2d);
+                    const long double hi = (1 + 0x1p-18L) * c64_hi * sqrtl(n2d) + 0x1p-1074L;
+                    cr_assert(lr.bnd_rd[i] >= lo && lr.bnd_rd[i] <= hi, "pass %d row %zu: bnd_rd %a outside [%La, %La]",
+                              pass, i, lr.bnd_rd[i], lo, hi);
+                }
+            }
+            free(ws);
+            free(B32);
+            free(A32);
+            free(Bp);
+        }
+        free(B);
+        free(A);
+        free(s);
     }
 }
 
