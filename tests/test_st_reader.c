@@ -6,7 +6,9 @@
 #include <criterion/criterion.h>
 
 #include "lora_merge.h"
+#include "method.h"
 #include "st_reader.h"
+#include "tensor_set.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -978,6 +980,135 @@ Test(st_reader, snapshot_sha256, .timeout = 30)
         cr_assert_not_null(f);
         lm_st_close(f);
     }
+    rdt_rmtree(dir);
+    free(dir);
+}
+
+/* A snapshot's bytes read with pread (lm_st_snapshot_read) are the file's bytes as they were when
+ * it was opened, even after the file is overwritten (independent: the buffer that was written), at
+ * any offset and length; a range outside the mapping, and a file that is not a snapshot, are
+ * refused (-1: the caller reads the mapping).  The adapter's factors are read this way
+ * (lm_prep_view): same values as its mapping, no page of it mapped. */
+Test(st_reader, snapshot_read, .timeout = 30)
+{
+    char *dir = rdt_tmpdir(), path[1024];
+    snprintf(path, sizeof path, "%s/a.safetensors", dir);
+    enum { NF = 70001, NH = 50001 };
+    const size_t dh = 3 + 4 * (size_t)NF, n_data = dh + 2 * (size_t)NH;
+    char hdr[400];
+    snprintf(hdr, sizeof hdr,
+             "{\"u\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[0,3]},"
+             "\"f\":{\"dtype\":\"F32\",\"shape\":[%d],\"data_offsets\":[3,%zu]},"
+             "\"h\":{\"dtype\":\"BF16\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]}}",
+             NF, dh, NH, dh, n_data);
+    size_t n;
+    uint8_t *b = rdt_make(hdr, strlen(hdr), n_data, &n);
+    for (size_t i = 8 + strlen(hdr); i < n; i++)
+        b[i] = (uint8_t)(i * 131u + (i >> 9));
+    rdt_write(dir, "a.safetensors", b, n);
+    lm_err e;
+    lm_err_clear(&e);
+    lm_st_file *f = lm_st_open_snapshot(path, &e);
+    cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
+    uint8_t *other = malloc(n);
+    cr_assert_not_null(other);
+    for (size_t i = 0; i < n; i++) /* the same header, other data */
+        other[i] = i < 8 + strlen(hdr) ? b[i] : (uint8_t)~b[i];
+    rdt_write(dir, "a.safetensors", other, n); /* the file now holds other bytes: the snapshot does not */
+    const uint8_t *d = lm_st_data(f);
+    const size_t ds = (size_t)lm_st_data_offset(f);
+    cr_assert_eq(ds, 8 + strlen(hdr));
+    uint8_t *got = malloc(n_data);
+    cr_assert_not_null(got);
+    const struct {
+        size_t at, len;
+    } r[] = {{0, n_data}, {0, 1}, {3, 4 * (size_t)NF}, {dh + 1, 2 * (size_t)NH - 1}, {12345, 99999}, {n_data - 1, 1}};
+    for (size_t c = 0; c < sizeof r / sizeof *r; c++) {
+        memset(got, 0xa5, r[c].len);
+        cr_assert_eq(lm_st_snapshot_read(f, d + r[c].at, got, r[c].len), 0, "range %zu", c);
+        cr_expect_eq(memcmp(got, b + ds + r[c].at, r[c].len), 0, "range %zu: the bytes when opened", c);
+    }
+    cr_expect_eq(lm_st_snapshot_read(f, d + n_data - 1, got, 2), -1, "past the mapping's end");
+    cr_expect_eq(lm_st_snapshot_read(f, got, got, 1), -1, "not in the mapping");
+    lm_st_close(f);
+    f = lm_st_open(path, &e);
+    cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
+    cr_expect_eq(lm_st_snapshot_read(f, lm_st_data(f), got, 1), -1, "not a snapshot");
+    lm_st_close(f);
+    free(got);
+    free(other);
+    free(b);
+    rdt_rmtree(dir);
+    free(dir);
+}
+
+/* An adapter tensor of a snapshot viewed as f32 (lm_prep_view) is read with pread into memory the
+ * prepared op owns, never through the mapping (nothing recorded to drop): an F32 tensor's values
+ * bit for bit, a BF16 tensor's (more than one conversion chunk) as their bits shifted by 16 (the
+ * exact f32 of a bf16, computed here); a tensor every module reads (shared) stays the mapping. */
+Test(st_reader, snapshot_prep_view, .timeout = 30)
+{
+    char *dir = rdt_tmpdir(), path[1024];
+    snprintf(path, sizeof path, "%s/a.safetensors", dir);
+    enum { NF = 5000, NH = 40002, NG = 64 };
+    const size_t dh = 4 * (size_t)NF, dg = dh + 2 * (size_t)NH, n_data = dg + 4 * (size_t)NG;
+    char hdr[400];
+    int pad = 0;
+    size_t n_hdr;
+    do { /* data 8-aligned, as writers pad the header */
+        snprintf(hdr, sizeof hdr,
+                 "{\"f\":{\"dtype\":\"F32\",\"shape\":[%d],\"data_offsets\":[0,%zu]},"
+                 "\"h\":{\"dtype\":\"BF16\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]},"
+                 "\"g\":{\"dtype\":\"F32\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]}}%*s",
+                 NF, dh, NH, dh, dh + 2 * (size_t)NH, NG, dg, n_data, pad++, "");
+        n_hdr = strlen(hdr);
+    } while ((8 + n_hdr) % 8 != 0);
+    size_t n;
+    uint8_t *b = rdt_make(hdr, n_hdr, n_data, &n), *d = b + 8 + n_hdr;
+    for (size_t i = 0; i < NF + 0u; i++)
+        memcpy(d + 4 * i, &(uint32_t){0x3f800000u + (uint32_t)i * 977u}, 4);
+    for (size_t i = 0; i < NH + 0u; i++)
+        memcpy(d + dh + 2 * i, &(uint16_t){(uint16_t)(0x3c00u + i % 0x700u)}, 2);
+    for (size_t i = 0; i < NG + 0u; i++)
+        memcpy(d + dg + 4 * i, &(uint32_t){0xbf000000u + (uint32_t)i}, 4);
+    rdt_write(dir, "a.safetensors", b, n);
+    lm_err e;
+    lm_err_clear(&e);
+    lm_st_file *f = lm_st_open_snapshot(path, &e);
+    cr_assert_not_null(f, "%s: %s", e.kind, e.msg);
+    lm_tensor_set *ts = lm_ts_create(path);
+    cr_assert_not_null(ts);
+    ts->st = f;
+    for (size_t i = 0; i < lm_st_n_tensors(f); i++) {
+        const lm_tensor_info *t = lm_st_tensor(f, i);
+        cr_assert_eq(lm_ts_add(ts, t->name, t->dtype, t->n_dims, t->shape, lm_st_data(f) + t->begin, 0, &e), LM_OK);
+    }
+    const lm_ts_tensor *tf = lm_ts_find(ts, "f"), *th = lm_ts_find(ts, "h"), *tg = lm_ts_find(ts, "g");
+    cr_assert(tf && th && tg && tf->file_backed && th->file_backed && tg->file_backed);
+    ts->t[tg - ts->t].shared = 1;
+    lm_kernels k;
+    lm_kernels_select(&k, NULL);
+    lm_prepared p;
+    memset(&p, 0, sizeof p);
+    const float *vf = lm_prep_view(&p, tf, &k, &e), *vh = lm_prep_view(&p, th, &k, &e);
+    cr_assert(vf != NULL && vh != NULL);
+    cr_expect(vf != tf->data, "F32: a copy, not the mapping");
+    cr_expect_eq(memcmp(vf, d, 4 * (size_t)NF), 0, "F32: the file's values");
+    size_t bad = 0;
+    for (size_t i = 0; i < NH + 0u; i++) {
+        uint32_t u;
+        memcpy(&u, &vh[i], 4);
+        bad += u != (uint32_t)(0x3c00u + i % 0x700u) << 16;
+    }
+    cr_expect_eq(bad, 0, "BF16: %zu values not the exact f32", bad);
+    cr_expect_eq(p.n_read, 0, "read with pread: nothing of the mapping to drop");
+    const float *vg = lm_prep_view(&p, tg, &k, &e);
+    cr_expect(vg == tg->data, "shared: the mapping");
+    cr_expect_eq(p.n_read, 1);
+    for (size_t i = 0; i < p.n_owned; i++)
+        free(p.owned[i]);
+    lm_ts_free(ts);
+    free(b);
     rdt_rmtree(dir);
     free(dir);
 }

@@ -1102,6 +1102,22 @@ fail:
     return NULL;
 }
 
+int lm_st_snapshot_read(const lm_st_file *f, const void *p, void *dst, size_t n)
+{
+    if (f == NULL || !f->snapshot || f->fd < 0 || !lm_st_in_mapping(f, p, n))
+        return -1;
+    const uint64_t at = (uint64_t)((const uint8_t *)p - (const uint8_t *)f->map);
+    for (size_t done = 0; done < n;) {
+        ssize_t k = pread(f->fd, (uint8_t *)dst + done, n - done, (off_t)(at + done));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        done += (size_t)k;
+    }
+    return 0;
+}
+
 int lm_st_snapshot_all_finite(const lm_st_file *f)
 {
     return f != NULL && f->all_finite;

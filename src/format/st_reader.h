@@ -58,6 +58,12 @@ void lm_st_snapshot_hash_here(int on);
  *  snapshot, too short to be copied, or the hash could not be made): the caller hashes the file. */
 int lm_st_snapshot_sha256(lm_st_file *f, char hex[65]);
 
+/*! lm_st_snapshot_read() : the n bytes at p, a range of snapshot f's mapping, into dst by pread
+ *  from its sealed memfd (the same bytes, never changed): they are read without mapping a page
+ *  (no fault, nothing resident to drop after).  @return 0, or -1 when f is not a snapshot or the
+ *  range is not in its mapping (the caller reads the mapping). */
+int lm_st_snapshot_read(const lm_st_file *f, const void *p, void *dst, size_t n);
+
 /*! lm_st_snapshot_all_finite() : 1 when f is a hashed snapshot and every value of its F32, F16,
  *  BF16 and F64 tensors was seen finite (no inf, no NaN) as its bytes were copied; 0 otherwise
  *  (a value that is not, or not looked at). */

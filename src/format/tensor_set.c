@@ -152,11 +152,19 @@ lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_
     t->n_elems = n_elems;
     t->n_bytes = bits / 8;
     t->file_backed = !take_ownership && lm_st_in_mapping(ts->st, data, t->n_bytes);
+    t->file = t->file_backed ? ts->st : NULL;
     t->data = data;
     int found;
     ts->slots[slot_of(ts, t->name, &found)] = ts->n + 1;
     ts->n++;
     return LM_OK;
+}
+
+int lm_ts_read_bytes(const lm_ts_tensor *t, uint64_t off, void *dst, size_t n)
+{
+    if (!t->file_backed || off > t->n_bytes || n > t->n_bytes - off)
+        return -1;
+    return lm_st_snapshot_read(t->file, (const uint8_t *)t->data + off, dst, n);
 }
 
 void lm_ts_drop_pages(const lm_ts_tensor *t)

@@ -19,6 +19,7 @@ typedef struct lm_ts_tensor {
     uint64_t n_bytes;  /* n_elems * bits / 8 */
     const void *data;  /* contiguous, row-major, little-endian; owned or borrowed (see set) */
     int file_backed;   /* data lies in the set's safetensors file mapping (lm_ts_drop_pages) */
+    const lm_st_file *file; /* file_backed: that file */
     int shared;        /* read by every module (base_model.vera_A ...): its pages stay mapped for the
                           whole merge instead of being dropped after each tensor (set by the planner) */
 } lm_ts_tensor;
@@ -51,6 +52,10 @@ lm_code lm_ts_add(lm_tensor_set *ts, const char *name, lm_dtype dtype, size_t n_
  *  are not kept resident by having been looked at. */
 void lm_ts_drop_pages(const lm_ts_tensor *t);
 
+/*! lm_ts_read_bytes() : bytes [off, off + n) of tensor t's data into dst, read with pread when t
+ *  lies in a snapshot's mapping (lm_st_snapshot_read: no page of the mapping touched, nothing to
+ *  drop).  @return 0, or -1 when t does not (the caller reads t->data). */
+int lm_ts_read_bytes(const lm_ts_tensor *t, uint64_t off, void *dst, size_t n);
 /*! lm_ts_find() : by exact name, or NULL (hashed). */
 const lm_ts_tensor *lm_ts_find(const lm_tensor_set *ts, const char *name);
 
