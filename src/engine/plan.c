@@ -1184,6 +1184,28 @@ static lm_code check_tensors(const lm_plan *p, lm_err *err)
     return LM_OK;
 }
 
+/* a base whose config names a quantization lora-merge knows of but does not read (hqq, quanto,
+ * eetq, torchao ...: LM_Q_OTHER, the tensors decide) fails on its weights with "no base tensor"
+ * or "is I8: only float weights": say which format it is and what to do instead */
+static void name_unread_quant(const lm_qscheme *s, lm_err *e)
+{
+    static const char *const read[] = {"bitsandbytes", "compressed-tensors", "modelopt", "gptq", "awq"};
+    if (s == NULL || s->fmt != LM_Q_OTHER || s->method[0] == '\0' ||
+        (strcmp(e->kind, "NoMatchingTensor") != 0 && strcmp(e->kind, "UnsupportedDType") != 0))
+        return;
+    for (size_t i = 0; i < sizeof read / sizeof *read; i++)
+        if (strcmp(s->method, read[i]) == 0)
+            return; /* formats read from their tensors (gptq/awq: packed_weight says so) */
+    char msg[2 * sizeof e->msg];
+    snprintf(msg, sizeof msg, "the base is quantized with quant_method '%s' (config.json), which lora-merge does not "
+             "dequantize: merge into the unquantized original model (%s)", s->method, e->msg);
+    size_t n = strlen(msg) < sizeof e->msg ? strlen(msg) : sizeof e->msg - 1; /* the one line, cut if need be */
+    memcpy(e->msg, msg, n);
+    e->msg[n] = '\0';
+    snprintf(e->kind, sizeof e->kind, "UnsupportedQuantization");
+    e->code = LM_E_UNSUPPORTED;
+}
+
 static int cmp_data_order(const void *a, const void *b, void *ctx)
 {
     const lm_model_entry *x = lm_model_tensor(ctx, *(const size_t *)a);
@@ -1273,6 +1295,7 @@ lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size
 nomem:
     lm_fail(&local, LM_E_NOMEM, NULL, "out of memory");
 fail:
+    name_unread_quant(P.opts->quant, &local);
     if (err != NULL)
         *err = local;
     free(P.views);
