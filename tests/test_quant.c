@@ -787,8 +787,9 @@ Test(quant, gptq_awq_packed_base_refused)
 /* a quant_method lora-merge knows of but does not read (the tensors decide): the weights it
  * stores where "<module>.weight" would be a float, an I8 weight (eetq) or another tensor
  * (hqq's W_q), fail naming the quant_method and the way out, not with "no base tensor" or "only
- * float weights" alone; the same base under a config without quantization_config fails as before */
-Test(quant, unread_quant_methods_named)
+ * float weights" alone; the same base under a config without quantization_config fails as before.
+ * Then skip lists that name a quantized weight's module */
+Test(quant, unread_quant_methods_and_contradicting_skip_lists_named)
 {
     static const struct {
         const char *method, *drop, *change, *dtype, *was;
@@ -811,6 +812,21 @@ Test(quant, unread_quant_methods_named)
         qt_refused(&f, want, cases[k].was);
         th_qfx_free(&f);
     }
+    /* a skip list naming the module of a weight stored quantized: a checkpoint contradicting its
+     * config, said as such (not "F8_E4M3: only float weights", nor "has no quant_state") */
+    qt_fx f;
+    qt_gen(&f, "fp8", NULL);
+    th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
+                                         "\"fp8\", \"weight_block_size\": [16, 16], \"modules_to_not_convert\": [\"q_proj\"]}}");
+    qt_refused(&f, "'model.layers.0.self_attn.q_proj': config.json's quantization_config (fp8) lists this module as left "
+               "unquantized, but its weight is stored quantized", "is F8_E4M3");
+    th_qfx_free(&f);
+    qt_gen(&f, "bnb-nf4", NULL);
+    th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
+                                         "\"bitsandbytes\", \"load_in_4bit\": true, \"llm_int8_skip_modules\": [\"q_proj\"]}}");
+    qt_refused(&f, "lists the module of its weight 'model.layers.0.self_attn.q_proj.weight' as left unquantized",
+               "the checkpoint contradicts its config");
+    th_qfx_free(&f);
 }
 
 /* ---- block FP8 certified (lm_fp8_bound): the rule on the exact values ----------------------
