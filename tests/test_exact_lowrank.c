@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
-/* test_exact_lowrank.c : issue 10 for the low-rank types other than LoRA (test_exact.c): VeRA
- * and AdaLoRA, whose factors are prepared from several stored tensors before the certified
+/* test_exact_lowrank.c : issue 10 for the low-rank types other than LoRA (test_exact.c): VeRA,
+ * PVeRA and AdaLoRA, whose factors are prepared from several stored tensors before the certified
  * low-rank product.  Per type, an adapter with random stored values is merged by the binary onto
  * a base built from its delta, and every element is compared with PEFT's formula evaluated here
  * in long double from the stored values, rounded once (th_exact.c's runner):
@@ -21,7 +21,7 @@
 
 static uint64_t g_rng = 0x10a7;
 
-typedef enum { XL_VERA, XL_ADALORA } xl_type;
+typedef enum { XL_VERA, XL_ADALORA, XL_PVERA } xl_type;
 
 enum { XL_O = 24, XL_I = 32, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
@@ -47,12 +47,15 @@ static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long doub
     const uint64_t O = XL_O, I = XL_I, R = XL_R;
     for (uint64_t e = 0; e < O * I; e++)
         D[e] = mag[e] = 0;
-    if ((xl_type)tt->id == XL_VERA) {
-        /* (lambda_b[:, None] * B[:O]) @ (lambda_d[:, None] * A[:, :I]), A and B shared (larger) */
-        const tx_t *lb = xl_param(ad, XL_MOD "vera_lambda_b", O, 0, g);
-        const tx_t *ld = xl_param(ad, XL_MOD "vera_lambda_d", R, 0, 2.0);
-        const tx_t *A = xl_param(ad, "base_model.vera_A", R, I + 8, 1.0 / sqrt((double)I));
-        const tx_t *B = xl_param(ad, "base_model.vera_B", O + 8, R, 1.0);
+    if ((xl_type)tt->id != XL_ADALORA) {
+        /* (lambda_b[:, None] * B[:O]) @ (lambda_d[:, None] * A[:, :I]), A and B shared (larger);
+         * PVeRA: A and lambda_d have 2r rows (the mean, then the log-variance), the mean merged */
+        const int pv = (xl_type)tt->id == XL_PVERA;
+        const uint64_t RA = pv ? 2 * R : R;
+        const tx_t *lb = xl_param(ad, pv ? XL_MOD "pvera_lambda_b" : XL_MOD "vera_lambda_b", O, 0, g);
+        const tx_t *ld = xl_param(ad, pv ? XL_MOD "pvera_lambda_d" : XL_MOD "vera_lambda_d", RA, 0, 2.0);
+        const tx_t *A = xl_param(ad, pv ? "base_model.pvera_A" : "base_model.vera_A", RA, I + 8, 1.0 / sqrt((double)I));
+        const tx_t *B = xl_param(ad, pv ? "base_model.pvera_B" : "base_model.vera_B", O + 8, R, 1.0);
         for (uint64_t o = 0; o < O; o++)
             for (uint64_t i = 0; i < I; i++)
                 for (uint64_t q = 0; q < R; q++) {
@@ -60,8 +63,10 @@ static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long doub
                     D[o * I + i] += x;
                     mag[o * I + i] += fabsl(x);
                 }
-        return "{\"peft_type\": \"VERA\", \"r\": 4, \"target_modules\": [\"q_proj\"], \"save_projection\": true, "
-               "\"projection_prng_key\": 0, \"d_initial\": 0.1}";
+        return pv ? "{\"peft_type\": \"PVERA\", \"r\": 4, \"target_modules\": [\"q_proj\"], \"save_projection\": true, "
+                    "\"projection_prng_key\": 0, \"d_initial\": 0.1}"
+                  : "{\"peft_type\": \"VERA\", \"r\": 4, \"target_modules\": [\"q_proj\"], \"save_projection\": true, "
+                    "\"projection_prng_key\": 0, \"d_initial\": 0.1}";
     }
     /* AdaLoRA: B @ (A * E) * alpha / (init_r + 1e-5), the scale a double (PEFT: a Python float) */
     const tx_t *B = xl_param(ad, XL_MOD "lora_B", O, R, g);
@@ -85,7 +90,7 @@ static double xl_gain(const tx_type *tt, const char *bdt, tx_mode mode)
     (void)tt;
     const int f16 = !strcmp(bdt, "F16");
     const double tiny = !strcmp(bdt, "BF16") ? 1e-4 : f16 ? 1.5e-5 : 1e-9;
-    double g = mode == TX_TINY ? tiny : mode == TX_HUGE ? 4.0 : mode == TX_SUBNORMAL ? (f16 ? 0x1p-14 : 0x1p-122)
+    double g = mode == TX_TINY ? tiny : mode == TX_HUGE ? 4.0 : mode == TX_SUBNORMAL ? (f16 ? 0x1p-11 : 0x1p-122)
                : mode == TX_OVERFLOW ? 1.0 : 0.25;
     if (mode == TX_SUBNORMAL && !f16)
         g *= 16; /* a normal delta whose residue against bf16 (2^-8 of it) is subnormal */
@@ -99,7 +104,9 @@ static double xl_gain(const tx_type *tt, const char *bdt, tx_mode mode)
 static const tx_type XL_TYPES[] = {
     {"vera", XL_VERA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
     {"adalora", XL_ADALORA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
+    {"pvera", XL_PVERA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
 };
 
 Test(exact_lowrank, vera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VERA]); }
 Test(exact_lowrank, adalora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_ADALORA]); }
+Test(exact_lowrank, pvera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_PVERA]); }
