@@ -132,7 +132,7 @@ extract merge-job.yaml k8s
 for ex in slurm k8s; do
   E=$DIR/$ex
   root=/shared; [ $ex = k8s ] && root=/data
-  mkdir -p "$E/state" "$E$root/models" "$E$root/adapters" "$E$root/out"
+  mkdir -p "$E/state" "$E$root/models" "$E$root/adapters" # not $root/out: the example makes it
   ln -s "$BASE" "$E$root/models/Llama-3.1-405B"
   ln -s "$AD" "$E$root/adapters/my-lora"
   for f in "$E"/*; do # the example's paths, under E

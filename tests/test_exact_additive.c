@@ -149,10 +149,10 @@ static double xa_gain(const tx_type *tt, const char *bdt, tx_mode mode)
  * (ties included).  None has an f32 form: every element is recomputed.  C3A's delta (kernel / 32)
  * is exact in f32. */
 static const tx_type XA_TYPES[] = {
-    {"fourierft", XA_FOURIERFT, XA_O, XA_I, xa_adapter, xa_gain, -48, 0, 0, &g_rng},
-    {"waveft", XA_WAVEFT, XA_O, XA_I, xa_adapter, xa_gain, 0, 0, 0, &g_rng},
-    {"c3a", XA_C3A, XA_O, XA_I, xa_adapter, xa_gain, 0, 0, 1, &g_rng},
-    {"shira", XA_SHIRA, XA_O, XA_I, xa_adapter, xa_gain, 0, 0, 0, &g_rng},
+    {"fourierft", XA_FOURIERFT, XA_O, XA_I, xa_adapter, xa_gain, -48, 0, 0, &g_rng, 0},
+    {"waveft", XA_WAVEFT, XA_O, XA_I, xa_adapter, xa_gain, 0, 0, 0, &g_rng, 0},
+    {"c3a", XA_C3A, XA_O, XA_I, xa_adapter, xa_gain, 0, 0, 1, &g_rng, 0},
+    {"shira", XA_SHIRA, XA_O, XA_I, xa_adapter, xa_gain, 0, 0, 0, &g_rng, 0},
 };
 
 Test(exact_additive, fourierft, .timeout = 120) { tx_run_type(&XA_TYPES[XA_FOURIERFT]); }

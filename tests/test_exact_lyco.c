@@ -127,10 +127,10 @@ static double xl_gain(const tx_type *tt, const char *bdt, tx_mode mode)
 /* f64 noise: a few roundings per term of the delta (its sums of r products, the products of the
  * two factors, the scale); bf16/f16 outputs take the f32 form with its bound */
 static const tx_type XL_TYPES[] = {
-    {"loha", XL_LOHA, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng},
-    {"lokr", XL_LOKR, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng},
-    {"lokr (whole factors)", XL_LOKR_WHOLE, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng},
-    {"lokr (w1_a @ w1_b)", XL_LOKR_SPLIT1, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng},
+    {"loha", XL_LOHA, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng, 0},
+    {"lokr", XL_LOKR, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng, 0},
+    {"lokr (whole factors)", XL_LOKR_WHOLE, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng, 0},
+    {"lokr (w1_a @ w1_b)", XL_LOKR_SPLIT1, XL_O, XL_I, xl_adapter, xl_gain, -49, 1, 0, &g_rng, 0},
 };
 
 /* ---- GLoRA and Super-Tuning: computed in f64, rounded once ---------------------------------

@@ -671,7 +671,8 @@ static void qt_rewrite(const char *dir, const char *drop, const char *change, co
         const char *dt = ch ? dtype : t->dtype;
         uint64_t sh0 = ch ? d0 : t->shape[0], sh1 = ch ? d1 : (t->n_dims > 1 ? t->shape[1] : 0);
         int nd = ch ? 2 : t->n_dims;
-        size[i] = ch ? d0 * d1 * (strcmp(dt, "F32") == 0 ? 4 : 2) : t->n_bytes;
+        size[i] = ch ? d0 * d1 * (strcmp(dt, "F32") == 0 ? 4 : strcmp(dt, "I8") == 0 || strcmp(dt, "U8") == 0 ? 1 : 2)
+                     : t->n_bytes;
         used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": [%llu%s",
                                  off || used > 1 ? ", " : "", t->name, dt, (unsigned long long)sh0, nd > 1 ? ", " : "");
         if (nd > 1)
@@ -781,6 +782,51 @@ Test(quant, gptq_awq_packed_base_refused)
         qt_refused(&f, ".qweight' (GPTQ/AWQ", "merge into the unquantized original model");
         th_qfx_free(&f);
     }
+}
+
+/* a quant_method lora-merge knows of but does not read (the tensors decide): the weights it
+ * stores where "<module>.weight" would be a float, an I8 weight (eetq) or another tensor
+ * (hqq's W_q), fail naming the quant_method and the way out, not with "no base tensor" or "only
+ * float weights" alone; the same base under a config without quantization_config fails as before.
+ * Then skip lists that name a quantized weight's module */
+Test(quant, unread_quant_methods_and_contradicting_skip_lists_named)
+{
+    static const struct {
+        const char *method, *drop, *change, *dtype, *was;
+    } cases[] = {
+        {"eetq", NULL, "model.layers.0.self_attn.q_proj.weight", "I8", "is I8: only float weights"},
+        {"hqq", "model.layers.0.self_attn.q_proj.weight", NULL, NULL, "no base tensor"},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        qt_fx f;
+        th_qgen(&f, "--hidden 64 --inter 72 --layers 2 --vocab 32 --heads 4 --kv-heads 2 --rank 4");
+        qt_rewrite(f.base, cases[k].drop, cases[k].change, cases[k].dtype, 64, 64);
+        qt_refused(&f, "model.layers.0.self_attn.q_proj", cases[k].was); /* no quantization_config yet */
+        char cfg[200], want[200];
+        snprintf(cfg, sizeof cfg, "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": \"%s\"}}",
+                 cases[k].method);
+        th_write_text(f.base, "config.json", cfg);
+        snprintf(want, sizeof want, "UnsupportedQuantization: 'model.layers.0.self_attn.q_proj': the base is quantized "
+                 "with quant_method '%s'", cases[k].method);
+        qt_refused(&f, want, "merge into the unquantized original model");
+        qt_refused(&f, want, cases[k].was);
+        th_qfx_free(&f);
+    }
+    /* a skip list naming the module of a weight stored quantized: a checkpoint contradicting its
+     * config, said as such (not "F8_E4M3: only float weights", nor "has no quant_state") */
+    qt_fx f;
+    qt_gen(&f, "fp8", NULL);
+    th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
+                                         "\"fp8\", \"weight_block_size\": [16, 16], \"modules_to_not_convert\": [\"q_proj\"]}}");
+    qt_refused(&f, "'model.layers.0.self_attn.q_proj': config.json's quantization_config (fp8) lists this module as left "
+               "unquantized, but its weight is stored quantized", "is F8_E4M3");
+    th_qfx_free(&f);
+    qt_gen(&f, "bnb-nf4", NULL);
+    th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": "
+                                         "\"bitsandbytes\", \"load_in_4bit\": true, \"llm_int8_skip_modules\": [\"q_proj\"]}}");
+    qt_refused(&f, "lists the module of its weight 'model.layers.0.self_attn.q_proj.weight' as left unquantized",
+               "the checkpoint contradicts its config");
+    th_qfx_free(&f);
 }
 
 /* ---- block FP8 certified (lm_fp8_bound): the rule on the exact values ----------------------

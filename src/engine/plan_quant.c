@@ -228,7 +228,7 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
         }
     }
     for (size_t i = 0; i < n; i++) /* quant-state tensors whose weight is not a bitsandbytes weight */
-        if (lm_bnb_orphan_state(p, model, i, err) != LM_OK)
+        if (lm_bnb_orphan_state(p, model, s, i, err) != LM_OK)
             return err->code;
     return LM_OK;
 }

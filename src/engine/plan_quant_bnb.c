@@ -287,7 +287,7 @@ lm_code lm_plan_bnb_attach(lm_plan *p, const lm_model *model, const lm_qscheme *
     return attach8(p, model, s, o, i, views, found, err);
 }
 
-lm_code lm_bnb_orphan_state(const lm_plan *p, const lm_model *model, size_t i, lm_err *err)
+lm_code lm_bnb_orphan_state(const lm_plan *p, const lm_model *model, const lm_qscheme *s, size_t i, lm_err *err)
 {
     const char *name = lm_model_tensor(model, i)->info->name, *qs = strstr(name, ".quant_state.bitsandbytes__");
     size_t len = strlen(name), wlen = qs ? (size_t)(qs - name) : 0;
@@ -305,6 +305,10 @@ lm_code lm_bnb_orphan_state(const lm_plan *p, const lm_model *model, size_t i, l
         return state_fail(err, name, "'%s' is a bitsandbytes quant-state tensor but its weight '%s' is missing", name, w);
     if (p->t[wi].q != NULL && (p->t[wi].q->fmt == LM_Q_BNB4 || p->t[wi].q->fmt == LM_Q_BNB8))
         return LM_OK;
+    if (s != NULL && lm_plan_quant_skips(s, w))
+        return state_fail(err, name, "'%s' is a bitsandbytes quant-state tensor but config.json's "
+                          "quantization_config lists the module of its weight '%s' as left unquantized "
+                          "(llm_int8_skip_modules): the checkpoint contradicts its config", name, w);
     return state_fail(err, name, "'%s' is a bitsandbytes quant-state tensor but its weight '%s' has no "
                       "'%s.quant_state.bitsandbytes__nf4' (or __fp4): the 4-bit codes cannot be read", name, w, w);
 }

@@ -29,9 +29,9 @@ lm_code lm_plan_bnb_attach(lm_plan *p, const lm_model *model, const lm_qscheme *
 
 /*! lm_bnb_orphan_state() : a tensor that belongs to a bitsandbytes quant state ('.absmax',
  *  '.quant_map', '.nested_absmax', '.nested_quant_map', '.quant_state.bitsandbytes__*', '.SCB')
- *  whose weight is not a bitsandbytes weight (missing, or of another dtype): LM_E_MISMATCH naming
- *  it when model tensor i is one, else LM_OK */
-lm_code lm_bnb_orphan_state(const lm_plan *p, const lm_model *model, size_t i, lm_err *err);
+ *  whose weight is not a bitsandbytes weight (missing, of another dtype, or left as it is because
+ *  s's skip list names its module): LM_E_MISMATCH naming it when model tensor i is one, else LM_OK */
+lm_code lm_bnb_orphan_state(const lm_plan *p, const lm_model *model, const lm_qscheme *s, size_t i, lm_err *err);
 
 /* what `inspect` says of a bitsandbytes checkpoint */
 typedef struct lm_bnb_summary {
