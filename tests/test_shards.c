@@ -378,6 +378,115 @@ Test(shards, size_split_moe_identical)
     sh_teardown(&F);
 }
 
+/* writes the tensors of st that `pick` selects (or the others, want 0) as a safetensors file, their
+ * bytes as they are */
+static void raw_shard(const char *path, const th_st *st, int (*pick)(const char *), int want)
+{
+    static char hdr[1 << 16];
+    size_t used = (size_t)snprintf(hdr, sizeof hdr, "{");
+    uint64_t off = 0;
+    for (size_t i = 0; i < st->n; i++) {
+        const th_tensor *t = &st->t[i];
+        if (!pick(t->name) != !want)
+            continue;
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": [", off ? ", " : "",
+                                 t->name, t->dtype);
+        for (int d = 0; d < t->n_dims; d++)
+            used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%s%llu", d ? ", " : "", (unsigned long long)t->shape[d]);
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used, "], \"data_offsets\": [%llu, %llu]}", (unsigned long long)off,
+                                 (unsigned long long)(off + t->n_bytes));
+        off += t->n_bytes;
+    }
+    used += (size_t)snprintf(hdr + used, sizeof hdr - used, "}");
+    while (used % 8)
+        hdr[used++] = ' ';
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f, "%s", path);
+    uint64_t n = used;
+    fwrite(&n, 8, 1, f);
+    fwrite(hdr, 1, used, f);
+    for (size_t i = 0; i < st->n; i++)
+        if (!pick(st->t[i].name) == !want)
+            fwrite(st->t[i].data, 1, st->t[i].n_bytes, f);
+    fclose(f);
+}
+
+static int is_scale(const char *name)
+{
+    size_t n = strlen(name);
+    return n > 10 && strcmp(name + n - 10, "_scale_inv") == 0;
+}
+
+/* a block-FP8 base kept quantized: a changed weight's requantized tiles carry new scales for its
+ * scale tensor, which must be in the shard its worker writes.  (1) The size split with shards
+ * small enough to part weights from their scales (the workers crashed on a NULL writer there);
+ * (2) a sharded base whose scales are all stored in a shard of their own (as a shard boundary of
+ * a Hub checkpoint can fall between a weight and its scale_inv): the scales go with their
+ * weights, the finalized model holds the single merge's tensors, byte for byte */
+Test(shards, quantized_scales_stored_apart, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s", gen);
+    cr_assert_not_null(realpath(th_bin(), bin));
+    char *tmp = th_tmpdir();
+    cr_assert_eq(sh_ok("%s --out %s/m --hidden 256 --inter 512 --layers 2 --vocab 512 --heads 4 --kv-heads 2 --rank 8 "
+                       "--quant fp8 >/dev/null", gen, tmp), 0);
+    cr_assert_eq(sh_ok("cd %s && mkdir a b c d && %s -q --max-shard-size 100KB m/base m/adapter a/split/ 2>/dev/null", tmp,
+                       bin), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(sh_ok("cd %s && %s -q --max-shard-size 100KB --shards %d/2 m/base m/adapter b/split/ 2>/dev/null", tmp,
+                           bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/b/split", bin, tmp), 0);
+    cr_assert_eq(sh_ok("diff -r %s/a/split %s/b/split", tmp, tmp), 0);
+    /* (2) the base in two shards: every tensor but the scales, then the scales */
+    char p[1200];
+    th_st st;
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &st), 0);
+    cr_assert_eq(sh_ok("mkdir %s/sb && cp %s/m/base/config.json %s/sb/", tmp, tmp, tmp), 0);
+    snprintf(p, sizeof p, "%s/sb/model-00001-of-00002.safetensors", tmp);
+    raw_shard(p, &st, is_scale, 0);
+    snprintf(p, sizeof p, "%s/sb/model-00002-of-00002.safetensors", tmp);
+    raw_shard(p, &st, is_scale, 1);
+    static char idx[1 << 16];
+    size_t used = (size_t)snprintf(idx, sizeof idx, "{\"metadata\": {}, \"weight_map\": {");
+    for (size_t i = 0; i < st.n; i++)
+        used += (size_t)snprintf(idx + used, sizeof idx - used, "%s\"%s\": \"model-0000%d-of-00002.safetensors\"",
+                                 i ? ", " : "", st.t[i].name, is_scale(st.t[i].name) ? 2 : 1);
+    snprintf(idx + used, sizeof idx - used, "}}");
+    th_write_text(tmp, "sb/model.safetensors.index.json", idx);
+    th_st_free(&st);
+    for (int i = 1; i >= 0; i--)
+        cr_assert_eq(sh_ok("cd %s && %s -q --shards %d/2 sb m/adapter c/w/ 2>/dev/null", tmp, bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/c/w", bin, tmp), 0);
+    cr_assert_eq(sh_ok("cd %s && %s -q --shards 0/1 sb m/adapter d/w/ 2>/dev/null && %s -q finalize d/w && diff -r d/w c/w",
+                       tmp, bin, bin), 0);
+    /* every tensor as the single merge of the unsharded base writes it */
+    cr_assert_eq(sh_ok("cd %s && %s -q m/base m/adapter one.safetensors 2>/dev/null", tmp, bin), 0);
+    th_st one, sh[2];
+    snprintf(p, sizeof p, "%s/one.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &one), 0);
+    for (int k = 0; k < 2; k++) {
+        snprintf(p, sizeof p, "%s/c/w/model-0000%d-of-00002.safetensors", tmp, k + 1);
+        cr_assert_eq(th_st_read(p, &sh[k]), 0);
+    }
+    cr_assert_eq(sh[0].n + sh[1].n, one.n);
+    for (size_t i = 0; i < one.n; i++) {
+        const th_tensor *a = &one.t[i], *b = th_st_find(&sh[0], a->name);
+        cr_assert(b != NULL || !is_scale(a->name), "%s: not with its weight in shard 1", a->name);
+        if (b == NULL)
+            b = th_st_find(&sh[1], a->name);
+        cr_assert(b != NULL && b->n_bytes == a->n_bytes && memcmp(a->data, b->data, a->n_bytes) == 0,
+                  "%s differs from the single merge's", a->name);
+    }
+    th_st_free(&one);
+    th_st_free(&sh[0]);
+    th_st_free(&sh[1]);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
 Test(shards, usage_errors)
 {
     sh_fix F;
