@@ -726,7 +726,8 @@ Test(quant, fp8_refusals)
     th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "F32", 4, 4);
-    qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "is [4, 4]: expected [5, 4]");
+    qt_refused(&f, "/base/model.safetensors: QuantScale: block FP8 scale tensor 'model.layers.0.mlp.up_proj.weight_scale_inv'",
+               "is [4, 4]: expected [5, 4]"); /* the base file named, as every error names its file */
     th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16", 5, 4);
