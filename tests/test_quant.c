@@ -636,6 +636,12 @@ Test(quant, fp8_block_unchanged_blocks_identical)
     cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL || strstr(r.out, "QuantizedDeltaLost") != NULL,
               "no warning: %s %s", r.out, r.err);
     th_run_free(&r);
+    char out3[1200];
+    snprintf(out3, sizeof out3, "%s/out3", f.tmp);
+    r = th_runv("-q", "--strict", f.base, ad2, out3, NULL);
+    cr_assert_eq(r.status, 5, "--strict: exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL && !th_exists(out3), "%s", r.err);
+    th_run_free(&r);
     th_qfx_free(&f);
 }
 
