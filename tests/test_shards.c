@@ -487,6 +487,84 @@ Test(shards, quantized_scales_stored_apart, .timeout = 120)
     free(tmp);
 }
 
+static int is_embed(const char *name)
+{
+    return strstr(name, "embed_tokens") != NULL;
+}
+
+static int is_layer(const char *name) /* neither the embedding nor the head */
+{
+    return !is_embed(name) && strcmp(name, "lm_head.weight") != 0;
+}
+
+/* a tied model (no lm_head in the checkpoint) whose embedding is in another shard than the layers:
+ * the adapter's lm_head and embed_tokens deltas both land on the one embedding, planned globally,
+ * whichever worker writes it; the finalized tensors are the single merge's, byte for byte */
+Test(shards, tied_head_in_another_shard, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    if (!th_gen_model_path(gen, sizeof gen))
+        cr_skip_test("needs %s", gen);
+    cr_assert_not_null(realpath(th_bin(), bin));
+    char *tmp = th_tmpdir();
+    cr_assert_eq(sh_ok("%s --out %s/m --hidden 64 --inter 128 --layers 2 --vocab 96 --heads 4 --kv-heads 2 --no-adapter "
+                       ">/dev/null && %.*s/gen_adapter --base %s/m/base --out %s/ad --type lora --rank 4 "
+                       "--targets q_proj,lm_head,embed_tokens >/dev/null",
+                       gen, tmp, (int)(strrchr(gen, '/') - gen), gen, tmp, tmp), 0);
+    char p[1200];
+    th_st st;
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &st), 0);
+    cr_assert_eq(sh_ok("mkdir %s/sb %s/a %s/b", tmp, tmp, tmp), 0);
+    snprintf(p, sizeof p, "%s/sb/model-00001-of-00002.safetensors", tmp); /* no head: tied */
+    raw_shard(p, &st, is_layer, 1);
+    snprintf(p, sizeof p, "%s/sb/model-00002-of-00002.safetensors", tmp);
+    raw_shard(p, &st, is_embed, 1);
+    static char idx[1 << 16];
+    size_t used = (size_t)snprintf(idx, sizeof idx, "{\"metadata\": {}, \"weight_map\": {");
+    for (size_t i = 0, w = 0; i < st.n; i++)
+        if (strcmp(st.t[i].name, "lm_head.weight") != 0)
+            used += (size_t)snprintf(idx + used, sizeof idx - used, "%s\"%s\": \"model-0000%d-of-00002.safetensors\"",
+                                     w++ ? ", " : "", st.t[i].name, is_embed(st.t[i].name) ? 2 : 1);
+    snprintf(idx + used, sizeof idx - used, "}}");
+    th_write_text(tmp, "sb/model.safetensors.index.json", idx);
+    th_write_text(tmp, "sb/config.json", "{\"model_type\": \"llama\", \"tie_word_embeddings\": true, "
+                                         "\"torch_dtype\": \"bfloat16\"}");
+    th_st_free(&st);
+    cr_assert_eq(sh_ok("cd %s && %s -q sb ad a/w/", tmp, bin), 0); /* the single merge: one file */
+    for (int i = 1; i >= 0; i--)
+        cr_assert_eq(sh_ok("cd %s && %s -q --shards %d/2 sb ad b/w/", tmp, bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/b/w", bin, tmp), 0);
+    th_st one, sh[2];
+    snprintf(p, sizeof p, "%s/a/w/model.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &one), 0);
+    for (int k = 0; k < 2; k++) {
+        snprintf(p, sizeof p, "%s/b/w/model-0000%d-of-00002.safetensors", tmp, k + 1);
+        cr_assert_eq(th_st_read(p, &sh[k]), 0);
+    }
+    cr_assert_eq(sh[0].n + sh[1].n, one.n, "the tied head must not be added");
+    const th_tensor *e = th_st_find(&sh[1], "model.embed_tokens.weight"), *e0 = th_st_find(&one, "model.embed_tokens.weight");
+    cr_assert(e != NULL && e0 != NULL, "the embedding stays in shard 2");
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    th_st base;
+    cr_assert_eq(th_st_read(p, &base), 0);
+    const th_tensor *eb = th_st_find(&base, "model.embed_tokens.weight");
+    cr_assert(memcmp(eb->data, e->data, e->n_bytes) != 0, "the embedding is not merged");
+    for (size_t i = 0; i < one.n; i++) {
+        const th_tensor *a = &one.t[i], *b = th_st_find(&sh[0], a->name);
+        if (b == NULL)
+            b = th_st_find(&sh[1], a->name);
+        cr_assert(b != NULL && b->n_bytes == a->n_bytes && memcmp(a->data, b->data, a->n_bytes) == 0,
+                  "%s differs from the single merge's", a->name);
+    }
+    th_st_free(&base);
+    th_st_free(&one);
+    th_st_free(&sh[0]);
+    th_st_free(&sh[1]);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
 Test(shards, usage_errors)
 {
     sh_fix F;
