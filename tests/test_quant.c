@@ -636,6 +636,12 @@ Test(quant, fp8_block_unchanged_blocks_identical)
     cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL || strstr(r.out, "QuantizedDeltaLost") != NULL,
               "no warning: %s %s", r.out, r.err);
     th_run_free(&r);
+    char out3[1200];
+    snprintf(out3, sizeof out3, "%s/out3", f.tmp);
+    r = th_runv("-q", "--strict", f.base, ad2, out3, NULL);
+    cr_assert_eq(r.status, 5, "--strict: exit %d: %s", r.status, r.err);
+    cr_assert(strstr(r.err, "QuantizedDeltaLost") != NULL && !th_exists(out3), "%s", r.err);
+    th_run_free(&r);
     th_qfx_free(&f);
 }
 
@@ -726,7 +732,8 @@ Test(quant, fp8_refusals)
     th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "F32", 4, 4);
-    qt_refused(&f, "model.layers.0.mlp.up_proj.weight_scale_inv", "is [4, 4]: expected [5, 4]");
+    qt_refused(&f, "/base/model.safetensors: QuantScale: block FP8 scale tensor 'model.layers.0.mlp.up_proj.weight_scale_inv'",
+               "is [4, 4]: expected [5, 4]"); /* the base file named, as every error names its file */
     th_qfx_free(&f);
     qt_gen(&f, "fp8", NULL);
     qt_rewrite(f.base, NULL, "model.layers.0.mlp.up_proj.weight_scale_inv", "BF16", 5, 4);

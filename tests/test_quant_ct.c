@@ -687,6 +687,48 @@ Test(quant_ct, nvfp4_refusals)
     th_qfx_free(&f);
 }
 
+/* ---- detection from the tensors alone -------------------------------------------------------- */
+/* Issue 12: the format is detected from config.json's quantization_config, and from the tensors when
+ * the config is absent.  Every format gen_model writes, its config.json stripped of
+ * quantization_config (and hf_quant_config.json removed): --dtype f32 writes the same bytes as
+ * with the config, and the kept merge succeeds.  A compressed-tensors per-block scale cannot be
+ * told from a per-group one without the config's block_structure: refused naming the scale. */
+Test(quant_ct, formats_detected_without_config, .timeout = 120)
+{
+    static const char *const quants[] = {"fp8",   "ct-fp8",         "ct-fp8-channel", "ct-fp8-group", "modelopt-fp8",
+                                         "nvfp4", "modelopt-nvfp4", "bnb-nf4",        "bnb-fp4",      "bnb-int8",
+                                         "bnb-nf4 --nested", "ct-fp8-block"};
+    for (size_t k = 0; k < sizeof quants / sizeof *quants; k++) {
+        ct_fx f;
+        char args[1000], o1[1200], o2[1200], o3[1200], p[1300];
+        snprintf(args, sizeof args, "--hidden 256 --inter 384 --layers 1 --vocab 32 --heads 4 --kv-heads 2 --rank 4 "
+                 "--quant %s", quants[k]); /* 2 or 3 groups of 128 a row, 128x128 blocks */
+        th_qgen(&f, args);
+        snprintf(o1, sizeof o1, "%s/o1.safetensors", f.tmp);
+        snprintf(o2, sizeof o2, "%s/o2.safetensors", f.tmp);
+        snprintf(o3, sizeof o3, "%s/o3.safetensors", f.tmp);
+        ct_merge(f.base, f.ad, o1, "--dtype", "f32", NULL, NULL);
+        th_write_text(f.base, "config.json", "{\"model_type\": \"llama\", \"torch_dtype\": \"bfloat16\"}");
+        snprintf(p, sizeof p, "%s/hf_quant_config.json", f.base);
+        unlink(p);
+        th_run_result r = th_runv("-q", "--dtype", "f32", f.base, f.ad, o2, NULL);
+        if (strcmp(quants[k], "ct-fp8-block") == 0) {
+            cr_assert_eq(r.status, 1, "%s without config: exit %d: %s", quants[k], r.status, r.err);
+            cr_assert(strstr(r.err, "QuantScale") && strstr(r.err, "_scale' [2, 2] does not fit"), "%s", r.err);
+            th_run_free(&r);
+            th_qfx_free(&f);
+            continue;
+        }
+        cr_assert_eq(r.status, 0, "%s without config: exit %d: %s", quants[k], r.status, r.err);
+        th_run_free(&r);
+        cr_assert(th_files_equal(o1, o2), "%s: without its quantization_config the merge differs", quants[k]);
+        r = th_runv("-q", f.base, f.ad, o3, NULL);
+        cr_assert_eq(r.status, 0, "%s without config, kept: exit %d: %s", quants[k], r.status, r.err);
+        th_run_free(&r);
+        th_qfx_free(&f);
+    }
+}
+
 /* ---- every type of adapter on every format ------------------------------------------------------ */
 /* Every type bench/gen_adapter writes (BEFT aside: a Llama base has no biases), each merged into
  * one of the twelve formats gen_model writes, in turn (type t into format t mod 12: every format

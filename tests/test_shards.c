@@ -378,6 +378,202 @@ Test(shards, size_split_moe_identical)
     sh_teardown(&F);
 }
 
+/* writes the tensors of st that shard_of puts in shard k as a safetensors file, their bytes as
+ * they are */
+static void raw_shard(const char *path, const th_st *st, int (*shard_of)(const char *), int k)
+{
+    static char hdr[1 << 16];
+    size_t used = (size_t)snprintf(hdr, sizeof hdr, "{");
+    uint64_t off = 0;
+    for (size_t i = 0; i < st->n; i++) {
+        const th_tensor *t = &st->t[i];
+        if (shard_of(t->name) != k)
+            continue;
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": [", off ? ", " : "",
+                                 t->name, t->dtype);
+        for (int d = 0; d < t->n_dims; d++)
+            used += (size_t)snprintf(hdr + used, sizeof hdr - used, "%s%llu", d ? ", " : "", (unsigned long long)t->shape[d]);
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used, "], \"data_offsets\": [%llu, %llu]}", (unsigned long long)off,
+                                 (unsigned long long)(off + t->n_bytes));
+        off += t->n_bytes;
+    }
+    used += (size_t)snprintf(hdr + used, sizeof hdr - used, "}");
+    while (used % 8)
+        hdr[used++] = ' ';
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f, "%s", path);
+    uint64_t n = used;
+    fwrite(&n, 8, 1, f);
+    fwrite(hdr, 1, used, f);
+    for (size_t i = 0; i < st->n; i++)
+        if (shard_of(st->t[i].name) == k)
+            fwrite(st->t[i].data, 1, st->t[i].n_bytes, f);
+    fclose(f);
+}
+
+/* the base file `src` split into DIR/model-0000k-of-00002.safetensors as shard_of says (1, 2, or 0:
+ * left out), with its index */
+static void split_base(const char *src, const char *dir, int (*shard_of)(const char *))
+{
+    th_st st;
+    cr_assert_eq(th_st_read(src, &st), 0);
+    char p[1200];
+    static char idx[1 << 16];
+    size_t used = (size_t)snprintf(idx, sizeof idx, "{\"metadata\": {}, \"weight_map\": {"), w = 0;
+    for (int k = 1; k <= 2; k++) {
+        snprintf(p, sizeof p, "%s/model-0000%d-of-00002.safetensors", dir, k);
+        raw_shard(p, &st, shard_of, k);
+        for (size_t i = 0; i < st.n; i++)
+            if (shard_of(st.t[i].name) == k)
+                used += (size_t)snprintf(idx + used, sizeof idx - used, "%s\"%s\": \"model-0000%d-of-00002.safetensors\"",
+                                         w++ ? ", " : "", st.t[i].name, k);
+    }
+    snprintf(idx + used, sizeof idx - used, "}}");
+    th_write_text(dir, "model.safetensors.index.json", idx);
+    th_st_free(&st);
+}
+
+/* every tensor of the single merge `one` is in DIR's two shards with the same bytes, and no other */
+static void same_tensors(const char *one, const char *dir)
+{
+    th_st a, sh[2];
+    char p[1200];
+    cr_assert_eq(th_st_read(one, &a), 0);
+    for (int k = 0; k < 2; k++) {
+        snprintf(p, sizeof p, "%s/model-0000%d-of-00002.safetensors", dir, k + 1);
+        cr_assert_eq(th_st_read(p, &sh[k]), 0);
+    }
+    cr_assert_eq(sh[0].n + sh[1].n, a.n, "%s: another set of tensors than the single merge's", dir);
+    for (size_t i = 0; i < a.n; i++) {
+        const th_tensor *x = &a.t[i], *y = th_st_find(&sh[0], x->name);
+        if (y == NULL)
+            y = th_st_find(&sh[1], x->name);
+        cr_assert(y != NULL && y->n_bytes == x->n_bytes && memcmp(x->data, y->data, x->n_bytes) == 0,
+                  "%s differs from the single merge's", x->name);
+    }
+    th_st_free(&a);
+    th_st_free(&sh[0]);
+    th_st_free(&sh[1]);
+}
+
+static int is_scale(const char *name)
+{
+    size_t n = strlen(name);
+    return n > 10 && strcmp(name + n - 10, "_scale_inv") == 0;
+}
+
+static int scales_apart(const char *name)
+{
+    return is_scale(name) ? 2 : 1;
+}
+
+/* a block-FP8 base kept quantized: a changed weight's requantized tiles carry new scales for its
+ * scale tensor, which must be in the shard its worker writes.  (1) The size split with shards
+ * small enough to part weights from their scales (the workers crashed on a NULL writer there);
+ * (2) a sharded base whose scales are all stored in a shard of their own (as a shard boundary of
+ * a Hub checkpoint can fall between a weight and its scale_inv): the scales go with their
+ * weights, the finalized model holds the single merge's tensors, byte for byte */
+/* a temporary directory with a generated model in m/ (gen_model's args), bin the binary's path,
+ * gen gen_model's */
+static char *gen_in_tmp(char *bin, char *gen, size_t cap, const char *args)
+{
+    if (!th_gen_model_path(gen, cap))
+        cr_skip_test("needs %s", gen);
+    cr_assert_not_null(realpath(th_bin(), bin));
+    char *tmp = th_tmpdir();
+    cr_assert_eq(sh_ok("%s --out %s/m %s >/dev/null", gen, tmp, args), 0);
+    return tmp;
+}
+
+Test(shards, quantized_scales_stored_apart, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    char *tmp = gen_in_tmp(bin, gen, sizeof gen, "--hidden 256 --inter 512 --layers 2 --vocab 512 --heads 4 "
+                                                 "--kv-heads 2 --rank 8 --quant fp8");
+    cr_assert_eq(sh_ok("cd %s && mkdir a b c d && %s -q --max-shard-size 100KB m/base m/adapter a/split/ 2>/dev/null", tmp,
+                       bin), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(sh_ok("cd %s && %s -q --max-shard-size 100KB --shards %d/2 m/base m/adapter b/split/ 2>/dev/null", tmp,
+                           bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/b/split", bin, tmp), 0);
+    cr_assert_eq(sh_ok("diff -r %s/a/split %s/b/split", tmp, tmp), 0);
+    /* (2) the base in two shards: every tensor but the scales, then the scales */
+    char p[1200], q[1200];
+    cr_assert_eq(sh_ok("mkdir %s/sb && cp %s/m/base/config.json %s/sb/", tmp, tmp, tmp), 0);
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    snprintf(q, sizeof q, "%s/sb", tmp);
+    split_base(p, q, scales_apart);
+    for (int i = 1; i >= 0; i--)
+        cr_assert_eq(sh_ok("cd %s && %s -q --shards %d/2 sb m/adapter c/w/ 2>/dev/null", tmp, bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/c/w", bin, tmp), 0);
+    cr_assert_eq(sh_ok("cd %s && %s -q --shards 0/1 sb m/adapter d/w/ 2>/dev/null && %s -q finalize d/w && diff -r d/w c/w",
+                       tmp, bin, bin), 0);
+    /* every tensor as the single merge of the unsharded base writes it, the scales with their weights */
+    cr_assert_eq(sh_ok("cd %s && %s -q m/base m/adapter one.safetensors 2>/dev/null", tmp, bin), 0);
+    snprintf(p, sizeof p, "%s/one.safetensors", tmp);
+    snprintf(q, sizeof q, "%s/c/w", tmp);
+    same_tensors(p, q);
+    th_st s1;
+    snprintf(p, sizeof p, "%s/c/w/model-00001-of-00002.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &s1), 0);
+    for (size_t i = 0; i < s1.n; i++)
+        if (!is_scale(s1.t[i].name) && strstr(s1.t[i].name, "_proj.weight")) {
+            char sc[300];
+            snprintf(sc, sizeof sc, "%s_scale_inv", s1.t[i].name);
+            cr_assert_not_null(th_st_find(&s1, sc), "%s: not with its weight in shard 1", sc);
+        }
+    th_st_free(&s1);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+static int is_embed(const char *name)
+{
+    return strstr(name, "embed_tokens") != NULL;
+}
+
+static int tied_apart(const char *name) /* the embedding apart, no head */
+{
+    return is_embed(name) ? 2 : strcmp(name, "lm_head.weight") != 0;
+}
+
+/* a tied model (no lm_head in the checkpoint) whose embedding is in another shard than the layers:
+ * the adapter's lm_head and embed_tokens deltas both land on the one embedding, planned globally,
+ * whichever worker writes it; the finalized tensors are the single merge's, byte for byte */
+Test(shards, tied_head_in_another_shard, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    char *tmp = gen_in_tmp(bin, gen, sizeof gen, "--hidden 64 --inter 128 --layers 2 --vocab 96 --heads 4 --kv-heads 2 "
+                                                 "--no-adapter");
+    cr_assert_eq(sh_ok("%.*s/gen_adapter --base %s/m/base --out %s/ad --type lora --rank 4 "
+                       "--targets q_proj,lm_head,embed_tokens >/dev/null", (int)(strrchr(gen, '/') - gen), gen, tmp, tmp), 0);
+    char p[1200], q[1200];
+    cr_assert_eq(sh_ok("mkdir %s/sb %s/a %s/b", tmp, tmp, tmp), 0);
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    snprintf(q, sizeof q, "%s/sb", tmp);
+    split_base(p, q, tied_apart);
+    th_write_text(tmp, "sb/config.json", "{\"model_type\": \"llama\", \"tie_word_embeddings\": true, "
+                                         "\"torch_dtype\": \"bfloat16\"}");
+    cr_assert_eq(sh_ok("cd %s && %s -q sb ad a/w/", tmp, bin), 0); /* the single merge: one file */
+    for (int i = 1; i >= 0; i--)
+        cr_assert_eq(sh_ok("cd %s && %s -q --shards %d/2 sb ad b/w/", tmp, bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/b/w", bin, tmp), 0);
+    snprintf(p, sizeof p, "%s/a/w/model.safetensors", tmp);
+    snprintf(q, sizeof q, "%s/b/w", tmp);
+    same_tensors(p, q); /* no head added */
+    th_st base, s2;
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &base), 0);
+    snprintf(p, sizeof p, "%s/b/w/model-00002-of-00002.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &s2), 0);
+    const th_tensor *eb = th_st_find(&base, "model.embed_tokens.weight"), *e = th_st_find(&s2, "model.embed_tokens.weight");
+    cr_assert(e != NULL && memcmp(eb->data, e->data, e->n_bytes) != 0, "the embedding is not merged (in shard 2)");
+    th_st_free(&s2);
+    th_st_free(&base);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
 Test(shards, usage_errors)
 {
     sh_fix F;

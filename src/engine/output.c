@@ -229,9 +229,28 @@ lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_p
     return lm_out_layout_named(o, job, p, sh + 1, NULL, err);
 }
 
+/* a weight kept quantized has its scale tensors written with its tiles (the requantized blocks'
+ * new scales): they go to the weight's shard, whichever shard the split or the base put them in,
+ * so that a shard is written whole by whoever writes it (a shard worker writes one shard at a
+ * time, with no writer open for another) */
+static void scales_with_weights(lm_out_target *o, const lm_plan *p)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_qtensor *q = p->t[i].q;
+        if (q == NULL)
+            continue;
+        const size_t sc[2] = {q->scale ? q->scale_index : SIZE_MAX, q->scale2 ? q->scale2_index : SIZE_MAX};
+        const lm_model_entry *se[2] = {q->scale, q->scale2};
+        for (int k = 0; k < 2; k++) /* (indices valid while nothing is dropped: kept quantized) */
+            if (sc[k] < p->n && strcmp(p->t[sc[k]].name, se[k]->info->name) == 0)
+                o->shard_of[sc[k]] = o->shard_of[i];
+    }
+}
+
 lm_code lm_out_layout_named(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, size_t n_shards,
                             const char *const *names, lm_err *err)
 {
+    scales_with_weights(o, p);
     o->paths = calloc(n_shards, sizeof *o->paths);
     if (o->paths == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");

@@ -186,6 +186,15 @@ int lm_plan_quant_skips(const lm_qscheme *s, const char *name)
     return 0;
 }
 
+/* an error about model tensor i (a quantized weight, its scales or quant state) names the base
+ * file holding it, as every error names its file.  @return err->code */
+static lm_code in_file(const lm_model *model, size_t i, lm_err *err)
+{
+    if (err->path[0] == '\0')
+        lm_err_set_path(err, lm_st_path(lm_model_file(model, lm_model_tensor(model, i)->file)));
+    return err->code;
+}
+
 lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
                              const lm_tensor_info **views, lm_err *err)
 {
@@ -194,21 +203,21 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
         const lm_tensor_info *w = lm_model_tensor(model, i)->info;
         if (lm_plan_quant_is_mx_blocks(s, w)) {
             if (lm_plan_quant_attach_mx(p, model, o, i, views, err) != LM_OK)
-                return err->code;
+                return in_file(model, i, err);
             continue;
         }
         if (s != NULL && lm_plan_quant_skips(s, w->name))
             continue;
         int bnb = 0; /* bitsandbytes: the tensors decide (plan_quant_bnb.c) */
         if (lm_plan_bnb_attach(p, model, s, o, i, views, &bnb, err) != LM_OK)
-            return err->code;
+            return in_file(model, i, err);
         if (bnb)
             continue;
         lm_qtensor *q;
         if (lm_plan_attach_ct(p, model, s, i, &q, err) != LM_OK)
-            return err->code;
+            return in_file(model, i, err);
         if (q == NULL && w->dtype == LM_DT_F8_E4M3 && attach_fp8_block(p, model, s, i, &q, err) != LM_OK)
-            return err->code;
+            return in_file(model, i, err);
         if (q == NULL)
             continue;
         p->t[i].q = q;
@@ -229,7 +238,7 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
     }
     for (size_t i = 0; i < n; i++) /* quant-state tensors whose weight is not a bitsandbytes weight */
         if (lm_bnb_orphan_state(p, model, s, i, err) != LM_OK)
-            return err->code;
+            return in_file(model, i, err);
     return LM_OK;
 }
 
