@@ -977,12 +977,47 @@ static const double *lr_row(const lm_lowrank *lr, size_t i, double *buf)
     return buf;
 }
 
+/* level 2's sums: the four chains (term k in chain k % 4, k ascending) of the products b_k a_k
+ * and of their magnitudes, each chain one FMA a term, then (c0 + c1) + (c2 + c3).  b_k, a_k from
+ * the f32 copies when bf (row i of Bf) and af (column j of the panels, stride as) are given, else
+ * from Bs and Aj: each call has one or the other constant, so its loop has no test of them */
+static inline __attribute__((always_inline)) void lr_level2_sums(const float *bf, const float *af, size_t as,
+                                                                 const double *Bs, const double *Aj, size_t K,
+                                                                 double *dd, double *SS)
+{
+    double d[4] = {0, 0, 0, 0}, S[4] = {0, 0, 0, 0};
+    for (size_t k = 0; k < K; k++) {
+        const double b = bf != NULL ? (double)bf[k] : Bs[k], a = af != NULL ? (double)af[k * as] : Aj[k];
+        d[k % 4] = fma(b, a, d[k % 4]);
+        S[k % 4] = fma(fabs(b), fabs(a), S[k % 4]);
+    }
+    *dd = (d[0] + d[1]) + (d[2] + d[3]);
+    *SS = (S[0] + S[1]) + (S[2] + S[3]);
+}
+
+/* *Bs, *Aj (lr_row, lr_col) once, where a path needs them */
+static inline __attribute__((always_inline)) void lr_factors(const lm_lowrank *lr, size_t i, size_t j, double *rowbuf,
+                                                             double *colbuf, const double **Bs, const double **Aj)
+{
+    if (*Bs == NULL) {
+        *Bs = lr_row(lr, i, rowbuf);
+        *Aj = lr_col(lr, j, colbuf);
+    }
+}
+
 LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, size_t j, float w,
                                lm_kdtype out_dtype, lm_lowrank_stats *st)
 {
     const size_t K = lr->K;
     double colbuf[LR_COLBUF], rowbuf[LR_COLBUF];
-    const double *Bs = lr_row(lr, i, rowbuf), *Aj = lr_col(lr, j, colbuf);
+    /* when the f32 copies are the factors' values (b_f32, a_f32: what lr_row and lr_col would
+     * convert), level 2 reads them in place, as the vector code has just read them; the copies in
+     * f64 (lr_factors) are made for the rarer paths only: filled by scalar stores and read back
+     * as vectors, they stalled the loads (store forwarding) and took half of a recomputation */
+    const int direct = lr->b_f32 && lr->a_f32 && K <= LR_COLBUF;
+    size_t as = 0;
+    const float *bf = direct ? lr->Bf + i * K : NULL, *af = direct ? lm_lr_panel(lr, j, 1, &as) : NULL;
+    const double *Bs = NULL, *Aj = NULL;
     uint32_t bits;
     /* the level-1 bound factors of the element's path, which the vector code has just read (in
      * cache): both finite say (prepare) that no factor of row i or column j is NaN or infinite
@@ -992,6 +1027,7 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
     const int fin = out_dtype == LM_KDT_F32 ? lr->bnd_rd[i] < INFINITY && lr->bnd_cd[j] < INFINITY
                                             : lr->bnd_rf[i] < INFINITY && lr->bnd_cf[j] < INFINITY;
     if (!isfinite(w) || (!fin && (lr->row_nf[i] || lr->col_nf[j]))) { /* the IEEE evaluation: +-inf or NaN */
+        lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
         double d = 0;
         for (size_t k = 0; k < K; k++)
             d = fma(Bs[k], Aj[k], d);
@@ -999,21 +1035,19 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
         return lr_round_f64((double)w + d, out_dtype);
     }
     if (fin || lr->bnd_rd[i] < INFINITY) { /* every fl64(s_k B_ik) normal or zero: level 2 */
-        double d[4] = {0, 0, 0, 0}, S[4] = {0, 0, 0, 0};
-        size_t k = 0;
-        for (; k + 4 <= K; k += 4)
-            for (size_t m = 0; m < 4; m++) {
-                d[m] = fma(Bs[k + m], Aj[k + m], d[m]);
-                S[m] = fma(fabs(Bs[k + m]), fabs(Aj[k + m]), S[m]);
-            }
-        for (size_t m = 0; k + m < K; m++) {
-            d[m] = fma(Bs[k + m], Aj[k + m], d[m]);
-            S[m] = fma(fabs(Bs[k + m]), fabs(Aj[k + m]), S[m]);
+        double dd, SS;
+        if (direct) {
+            lr_level2_sums(bf, af, as, NULL, NULL, K, &dd, &SS);
+        } else {
+            lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
+            lr_level2_sums(NULL, NULL, 0, Bs, Aj, K, &dd, &SS);
         }
-        const double dd = (d[0] + d[1]) + (d[2] + d[3]), SS = (S[0] + S[1]) + (S[2] + S[3]);
-        if (SS == 0 && lr_all_terms_zero(lr, i, Aj)) { /* the delta is exactly zero: W, rounded */
-            bits = lr_round_f64((double)w, out_dtype);
-            goto done;
+        if (SS == 0) {
+            lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
+            if (lr_all_terms_zero(lr, i, Aj)) { /* the delta is exactly zero: W, rounded */
+                bits = lr_round_f64((double)w, out_dtype);
+                goto done;
+            }
         }
         const double r = (double)w + dd;
         double e = fma((double)(lr_depth4(K) + 2) * 0x1p-53, SS, LM_LR_C0D);
@@ -1030,13 +1064,17 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
             if (bits == lr_round_f64(hi, out_dtype) && lm_lr_finite_bits(bits, out_dtype))
                 return bits;
         }
+        lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
         if (isfinite(r) && lr_level2_exact(lr, Bs, Aj, w, SS)) {
             bits = lr_round_f64(r, out_dtype);
             goto done;
         }
-    } else if (lr_all_terms_zero(lr, i, Aj)) {
-        bits = lr_round_f64((double)w, out_dtype);
-        goto done;
+    } else {
+        lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
+        if (lr_all_terms_zero(lr, i, Aj)) {
+            bits = lr_round_f64((double)w, out_dtype);
+            goto done;
+        }
     }
     st->n_exact++;
     bits = lr_exact(lr, i, Aj, w, out_dtype);
