@@ -1982,7 +1982,8 @@ static void exact_stats(const job *J, const lm_exec_opts *opts, lm_exec_stats *s
     for (size_t i = 0; i < J->plan->n; i++) {
         const tensor_rt *rt = &J->rt[i];
         if (opts && opts->recomputed)
-            opts->recomputed[i] = rt->exact_kind != LM_EXACT_NONE ? rt->n_recomputed : UINT64_MAX;
+            opts->recomputed[i] = rt->exact_kind != LM_EXACT_NONE ? rt->n_recomputed
+                                  : lm_exact_by_copy(&J->plan->t[i]) ? 0 : UINT64_MAX;
         if (rt->exact_kind != LM_EXACT_NONE) {
             st->n_exact_tensors++;
             st->n_exact_elems += J->plan->t[i].rows * J->plan->t[i].cols;

@@ -57,30 +57,48 @@ static lm_exact_kind kind_of(const lm_plan_tensor *t)
         return LM_EXACT_SCALE; /* the factors are exact in f32 */
     if (t->sim_nf4)
         return LM_EXACT_NONE;
-    int has_method = 0;
+    int arith = 0; /* an op that computes (not only replaces values) */
     for (size_t o = 0; o < t->n_ops; o++) {
         const lm_op *op = &t->ops[o];
         switch (op->kind) {
         case LM_OP_METHOD:
             if (op->method == NULL || op->method->apply_tile64 == NULL)
                 return LM_EXACT_NONE;
-            has_method = 1;
+            arith = 1;
             break;
-        case LM_OP_LOWRANK: break;
+        case LM_OP_LOWRANK: arith = 1; break;
+        case LM_OP_REPLACE: /* op 0: the tiles are loaded from the replacement (src_dtype, exact in f32) */
+            if (o != 0)
+                return LM_EXACT_NONE;
+            break;
         case LM_OP_ROWS:
         case LM_OP_ADD:
-        case LM_OP_SCALE: /* their f32 view of src must be its exact values */
+        case LM_OP_SCALE:
+        case LM_OP_NORM: /* their f32 view of src must be its exact values (a column NORM: the column pass in f64) */
             if (op->src == NULL || !kernel_dtype(op->src->dtype))
                 return LM_EXACT_NONE;
+            arith |= op->kind != LM_OP_ROWS;
             break;
-        case LM_OP_NORM: /* the magnitudes exact in f32 (a column NORM: the column pass in f64) */
-            if (op->src == NULL || !kernel_dtype(op->src->dtype))
-                return LM_EXACT_NONE;
-            break;
-        default: return LM_EXACT_NONE; /* REPLACE */
+        default: return LM_EXACT_NONE;
         }
     }
-    return has_method ? LM_EXACT_F64 : LM_EXACT_NONE;
+    /* ops that only replace values (ROWS, REPLACE) leave each element the base's or an exact f32
+     * value rounded once on the f32 path (lm_exact_by_copy); the others (a bias or full delta
+     * added, low-rank terms beside them) are computed in f64 and rounded once */
+    return arith ? LM_EXACT_F64 : LM_EXACT_NONE;
+}
+
+int lm_exact_by_copy(const lm_plan_tensor *t)
+{
+    if (t->q != NULL || t->sim_nf4 || t->n_ops == 0 || !kernel_dtype(t->src_dtype) || !kernel_dtype(t->dtype))
+        return 0;
+    for (size_t o = 0; o < t->n_ops; o++) {
+        const lm_op *op = &t->ops[o];
+        if (!(op->kind == LM_OP_REPLACE && o == 0) &&
+            !(op->kind == LM_OP_ROWS && op->src != NULL && kernel_dtype(op->src->dtype)))
+            return 0;
+    }
+    return 1;
 }
 
 /* ---- the f64 forms of the engine's ops (as exec.c's f32 ones) ------------------------------ */

@@ -46,6 +46,11 @@ typedef enum { LM_EXACT_NONE = 0, LM_EXACT_LOWRANK, LM_EXACT_SCALE, LM_EXACT_F64
  *  the plan only, so --dry-run reports what a real run does. */
 lm_exact_kind lm_exact_kind_of(const lm_plan_tensor *t);
 
+/*! lm_exact_by_copy() : 1 if t's ops only replace values (a replacement tensor, rows of trainable
+ *  tokens) taken exactly in f32: the f32 path then writes every element rounded once (the base's
+ *  value or the replacement's), exact with no certified path; the report counts it exact. */
+int lm_exact_by_copy(const lm_plan_tensor *t);
+
 /*! lm_exact_out_dtype() : the dtype a certified path rounds t's exact values to: t->dtype, but for
  *  a quantized weight kept quantized (t->q, t->dtype the codes' dtype) the input dtype of its
  *  format's requantization rule: LM_DT_BF16 for MXFP4 (transformers' quantize_to_mxfp4 rounds

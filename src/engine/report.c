@@ -285,7 +285,7 @@ lm_code lm_report_plan_exact(lm_report_impl *ri, const lm_plan *p, lm_err *err)
     if (ri->recomputed == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     for (size_t i = 0; i < p->n; i++) /* a dry run does not change them */
-        ri->recomputed[i] = lm_exact_kind_of(&p->t[i]) != LM_EXACT_NONE ? 0 : UINT64_MAX;
+        ri->recomputed[i] = lm_exact_kind_of(&p->t[i]) != LM_EXACT_NONE || lm_exact_by_copy(&p->t[i]) ? 0 : UINT64_MAX;
     return LM_OK;
 }
 
