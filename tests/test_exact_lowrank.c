@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /* test_exact_lowrank.c : issue 10 for the low-rank types other than LoRA (test_exact.c): VeRA,
- * PVeRA and AdaLoRA, whose factors are prepared from several stored tensors before the certified
- * low-rank product.  Per type, an adapter with random stored values is merged by the binary onto
- * a base built from its delta, and every element is compared with PEFT's formula evaluated here
- * in long double from the stored values, rounded once (th_exact.c's runner):
+ * PVeRA, AdaLoRA, GraLoRA and RandLoRA (both orientations), whose factors are prepared from
+ * several stored tensors before the certified low-rank product.  Per type, an adapter with random
+ * stored values is merged by the binary onto a base built from its delta, and every element is
+ * compared with PEFT's formula evaluated here in long double from the stored values, rounded once
+ * (th_exact.c's runner):
  *  - CANCEL: W = -(the delta rounded to bf16), so the result is the small residue;
  *  - TINY: the delta ~1e-9 of W;  HUGE: W ~1e-6 of the delta;
  *  - SUBNORMAL: CANCEL at a scale whose results are subnormal in the output dtype;
@@ -21,7 +22,7 @@
 
 static uint64_t g_rng = 0x10a7;
 
-typedef enum { XL_VERA, XL_ADALORA, XL_PVERA } xl_type;
+typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T } xl_type;
 
 enum { XL_O = 24, XL_I = 32, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
@@ -40,13 +41,86 @@ static tx_t *xl_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, do
     return t;
 }
 
-/* the adapter with gain g (its first tensor scales the delta linearly), its config, and the
+/* the same, 3-D [d0, d1, d2] */
+static tx_t *xl_param3(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, uint64_t d2, double g)
+{
+    tx_t *t = xl_param(ad, name, d0, d1 * d2, g);
+    t->nd = 3;
+    t->shape[1] = d1;
+    t->shape[2] = d2;
+    return t;
+}
+
+/* D[e] += x, mag[e] += |x| */
+static void xl_term(long double *D, long double *mag, uint64_t e, long double x)
+{
+    D[e] += x;
+    mag[e] += fabsl(x);
+}
+
+/* GraLoRA, k = 2, r = 4 (sigma = 2), hybrid_r = 2: Delta[j o/k + y, n i/k + x] = sum_{t<sigma}
+ * A[n, x, j sigma + t] B[j, n sigma + t, y], plus B_gen @ A_gen, times alpha / (r + hybrid_r)
+ * (a Python float: the double 16/6) */
+static const char *xl_gralora(uint64_t O, uint64_t I, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t k = 2, R = 4, s = R / k, h = 2, ok = O / k, ik = I / k;
+    const tx_t *B = xl_param3(ad, XL_MOD "gralora_B", k, R, ok, g);
+    const tx_t *A = xl_param3(ad, XL_MOD "gralora_A", k, ik, R, 1.0 / sqrt((double)I));
+    const tx_t *Bg = xl_param(ad, XL_MOD "gralora_B_general.weight", O, h, g);
+    const tx_t *Ag = xl_param(ad, XL_MOD "gralora_A_general.weight", h, I, 1.0 / sqrt((double)I));
+    const long double sc = (long double)(16.0 / 6.0);
+    for (uint64_t j = 0; j < k; j++)
+        for (uint64_t n = 0; n < k; n++)
+            for (uint64_t y = 0; y < ok; y++)
+                for (uint64_t x = 0; x < ik; x++)
+                    for (uint64_t t = 0; t < s; t++)
+                        xl_term(D, mag, (j * ok + y) * I + n * ik + x,
+                                (long double)A->v[(n * ik + x) * R + j * s + t] * B->v[(j * R + n * s + t) * ok + y] * sc);
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t i = 0; i < I; i++)
+            for (uint64_t q = 0; q < h; q++)
+                xl_term(D, mag, o * I + i, (long double)Bg->v[o * h + q] * Ag->v[q * I + i] * sc);
+    return "{\"peft_type\": \"GRALORA\", \"r\": 4, \"hybrid_r\": 2, \"alpha\": 16, \"gralora_k\": 2, "
+           "\"target_modules\": [\"q_proj\"]}";
+}
+
+/* RandLoRA, r = 4, nb = 3: lambda [r, nb], gamma [nb, m], shared A_all [r, 1, Dmin] and B_all [Dmax,
+ * NB, r] wider than needed; m = min(O, I), M = max(O, I).  A_flat[q, j] = lambda[q / nb, q % nb]
+ * A_all[q / nb, 0, j] gamma[q % nb, j], B_flat[row, q] = B_all[row, q / r, q % r] (the two
+ * flattenings pair different (k, b)); Delta_Mm = B_flat @ A_flat, transposed when O < I; times
+ * randlora_alpha / r = 10 / 4 */
+static const char *xl_randlora(uint64_t O, uint64_t I, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t r = 4, nb = 3, m = O < I ? O : I, M = O < I ? I : O, dmin = m + 4, dmax = M + 8, NB = nb + 2;
+    const tx_t *lam = xl_param(ad, XL_MOD "randlora_lambda", r, nb, g);
+    const tx_t *gam = xl_param(ad, XL_MOD "randlora_gamma", nb, m, 1.0);
+    const tx_t *A = xl_param3(ad, "base_model.randlora_A", r, 1, dmin, 1.0 / sqrt((double)(r * nb)));
+    const tx_t *B = xl_param3(ad, "base_model.randlora_B", dmax, NB, r, 1.0);
+    for (uint64_t row = 0; row < M; row++)
+        for (uint64_t j = 0; j < m; j++)
+            for (uint64_t q = 0; q < r * nb; q++) {
+                const uint64_t e = O < I ? j * I + row : row * I + j;
+                xl_term(D, mag, e, (long double)B->v[(row * NB + q / r) * r + q % r] * lam->v[q] *
+                                       A->v[(q / nb) * dmin + j] * gam->v[(q % nb) * m + j] * 2.5L);
+            }
+    return "{\"peft_type\": \"RANDLORA\", \"r\": 4, \"randlora_alpha\": 10, \"save_projection\": true, "
+           "\"target_modules\": [\"q_proj\"]}";
+}
+
+/* the adapter with gain g (its first tensor scales the delta linearly; GraLoRA: its grid part,
+ * which is enough for OVERFLOW's refusal), its config, and the
  * delta in long double from the stored values (PEFT's formula) with mag = the sum of |terms| */
 static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long double *D, long double *mag)
 {
-    const uint64_t O = XL_O, I = XL_I, R = XL_R;
+    const uint64_t O = tt->rows, I = tt->cols, R = XL_R;
     for (uint64_t e = 0; e < O * I; e++)
         D[e] = mag[e] = 0;
+    switch ((xl_type)tt->id) {
+    case XL_GRALORA: return xl_gralora(O, I, g, ad, D, mag);
+    case XL_RANDLORA:
+    case XL_RANDLORA_T: return xl_randlora(O, I, g, ad, D, mag);
+    default: break;
+    }
     if ((xl_type)tt->id != XL_ADALORA) {
         /* (lambda_b[:, None] * B[:O]) @ (lambda_d[:, None] * A[:, :I]), A and B shared (larger);
          * PVeRA: A and lambda_d have 2r rows (the mean, then the log-variance), the mean merged */
@@ -105,8 +179,14 @@ static const tx_type XL_TYPES[] = {
     {"vera", XL_VERA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
     {"adalora", XL_ADALORA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
     {"pvera", XL_PVERA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
+    {"gralora", XL_GRALORA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
+    {"randlora", XL_RANDLORA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
+    {"randlora_t", XL_RANDLORA_T, XL_I, XL_O, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
 };
 
 Test(exact_lowrank, vera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VERA]); }
 Test(exact_lowrank, adalora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_ADALORA]); }
 Test(exact_lowrank, pvera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_PVERA]); }
+Test(exact_lowrank, gralora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_GRALORA]); }
+Test(exact_lowrank, randlora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_RANDLORA]); }
+Test(exact_lowrank, randlora_t, .timeout = 120) { tx_run_type(&XL_TYPES[XL_RANDLORA_T]); }
