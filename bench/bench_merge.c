@@ -527,19 +527,24 @@ static int floor_write(const char *base, const char *dir, int K, int T)
     return failed;
 }
 
-/* pages the kernel reclaimed so far (/proc/vmstat): v[0] by kswapd, v[1] directly by the
- * allocating tasks (pgsteal_*) */
-static void vm_reclaimed(double v[2])
+/* the page cache's counters (/proc/vmstat): v[0] pages reclaimed so far by kswapd, v[1] directly
+ * by the allocating tasks (pgsteal_*), v[2] pages written back so far (nr_written), v[3] pages
+ * dirty or under write-back now (nr_dirty + nr_writeback) */
+static void vm_reclaimed(double v[4])
 {
     FILE *f = fopen("/proc/vmstat", "r");
     char name[128];
     unsigned long long x;
-    v[0] = v[1] = 0;
+    v[0] = v[1] = v[2] = v[3] = 0;
     while (f != NULL && fscanf(f, "%127s %llu", name, &x) == 2) {
         if (!strcmp(name, "pgsteal_kswapd"))
             v[0] = (double)x;
         else if (!strcmp(name, "pgsteal_direct"))
             v[1] = (double)x;
+        else if (!strcmp(name, "nr_written"))
+            v[2] = (double)x;
+        else if (!strcmp(name, "nr_dirty") || !strcmp(name, "nr_writeback"))
+            v[3] += (double)x;
     }
     if (f != NULL)
         fclose(f);
@@ -598,6 +603,19 @@ static int batch_phase(char *const *argv, int durable, double *t, double *c, dou
     return st;
 }
 
+/* the median over the runs of x[r] / t[r] (0 where t[r] is 0); x and t are left as they are */
+static double median_per_second(const double *x, const double *t, int runs)
+{
+    double *u = calloc((size_t)runs, sizeof *u), v = 0;
+    if (u == NULL)
+        return 0;
+    for (int r = 0; r < runs; r++)
+        u[r] = t[r] > 0 ? x[r] / t[r] : 0;
+    v = median(u, runs);
+    free(u);
+    return v;
+}
+
 /* K LoRA adapters (r 16, every projection, seeds 1..K): 8 merges one after the other against
  * one batch of the same 8 jobs, and the two floors (the K outputs' bytes written, no compute),
  * in an order that alternates between runs.  Every phase starts with no dirty pages (the last
@@ -639,7 +657,10 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
      * exit, CPU, system CPU, GB read from the disk, wall to the outputs on the disk */
     enum { NP = 4 };
     double *t[NP], *c[NP], *sy[NP], *gb[NP], *d[NP], *rk[NP], *rd_[NP]; /* rk, rd_: GB reclaimed, kswapd and direct */
+    double *wb[NP], *lf[NP]; /* GB written back during the phase; GB dirty or under write-back at its end */
     for (int p = 0; p < NP; p++) {
+        wb[p] = calloc((size_t)runs, sizeof *wb[p]);
+        lf[p] = calloc((size_t)runs, sizeof *lf[p]);
         rk[p] = calloc((size_t)runs, sizeof *rk[p]);
         rd_[p] = calloc((size_t)runs, sizeof *rd_[p]);
         t[p] = calloc((size_t)runs, sizeof *t[p]);
@@ -678,7 +699,7 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
             mkdir(od, 0777);
             mkdir(rd, 0777);
             run_timed(wargv, NULL, &rss, &st);
-            double t0 = now(), c0 = 0, sd0 = 0, sy0 = 0, gb0 = 0, v0[2], v1[2];
+            double t0 = now(), c0 = 0, sd0 = 0, sy0 = 0, gb0 = 0, v0[4], v1[4];
             vm_reclaimed(v0);
             if (p == 0) { /* the K merges, one after the other: one phase (each pays for the last's writeback) */
                 sync();
@@ -708,6 +729,8 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
             vm_reclaimed(v1);
             rk[p][r] = (v1[0] - v0[0]) * 4096e-9;
             rd_[p][r] = (v1[1] - v0[1]) * 4096e-9;
+            wb[p][r] = (v1[2] - v0[2]) * 4096e-9;
+            lf[p][r] = v1[3] * 4096e-9;
             if (st != 0) {
                 fprintf(stderr, "bench: %s failed with status %d\n",
                         p == 0 ? "a merge" : p == 1 ? "the batch" : p == 2 ? "tee" : "the floor (--floor-write)", st);
@@ -724,14 +747,14 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     rm_rf(od);
     rm_rf(rd);
     double m[NP], mc[NP], md[NP], lo[NP], hi[NP], lod[NP], hid[NP], msy[NP], mgb[NP], cores[NP], mrk[NP], mrd[NP];
+    double mwb[NP], mwr[NP], mlf[NP]; /* medians: GB written back, its rate (GB / s of the phase's wall), GB left */
     for (int p = 0; p < NP; p++) {
+        mwr[p] = median_per_second(wb[p], t[p], runs);
+        mwb[p] = median(wb[p], runs);
+        mlf[p] = median(lf[p], runs);
         mrk[p] = median(rk[p], runs);
         mrd[p] = median(rd_[p], runs);
-        double *u = calloc((size_t)runs, sizeof *u); /* cores busy: each run's CPU / its wall */
-        for (int r = 0; r < runs; r++)
-            u[r] = t[p][r] > 0 ? c[p][r] / t[p][r] : 0;
-        cores[p] = median(u, runs);
-        free(u);
+        cores[p] = median_per_second(c[p], t[p], runs); /* cores busy: each run's CPU / its wall */
         msy[p] = median(sy[p], runs);
         mgb[p] = median(gb[p], runs);
         m[p] = median(t[p], runs); /* sorts: [0] and [runs - 1] are then the least and the most */
@@ -775,6 +798,10 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
     printf("page cache reclaimed during each phase (GB, median; by kswapd + directly by the phase's tasks): K merges "
            "%.2f + %.2f, one batch %.2f + %.2f, tee %.2f + %.2f, threads %.2f + %.2f\n", mrk[0], mrd[0], mrk[1], mrd[1],
            mrk[2], mrd[2], mrk[3], mrd[3]);
+    printf("written back by the kernel during each phase (GB, median; at GB/s of the phase's wall), and left dirty or "
+           "under write-back when it ended (GB): K merges %.2f (%.2f GB/s), %.2f left; one batch %.2f (%.2f GB/s), %.2f "
+           "left; tee %.2f (%.2f GB/s), %.2f left; threads %.2f (%.2f GB/s), %.2f left\n", mwb[0], mwr[0], mlf[0],
+           mwb[1], mwr[1], mlf[1], mwb[2], mwr[2], mlf[2], mwb[3], mwr[3], mlf[3]);
     printf("floor ratio (the better floor / the K merges): %.3f; the batch / the floor: %.3f%s\n", fl / m[0],
            m[1] / fl,
            fl / m[0] > bc->max_ratio && bc->max_ratio > 0 ? "; the target ratio is below the floor: no batch can "
@@ -787,6 +814,8 @@ static int run_batch(const bench_case *bc, const char *bdir, const char *bin, co
         free(d[p]);
         free(rk[p]);
         free(rd_[p]);
+        free(wb[p]);
+        free(lf[p]);
     }
     return same ? 0 : 1;
 }
@@ -906,7 +935,7 @@ static int run_shard_jobs(const bench_case *bc, const char *bin, const char *dir
     /* system CPU seconds, and page cache reclaimed (GB, kswapd + direct) during each side */
     double *s1 = calloc((size_t)runs, sizeof *s1), *sw = calloc((size_t)runs, sizeof *sw);
     double *rc1 = calloc((size_t)runs, sizeof *rc1), *rcw = calloc((size_t)runs, sizeof *rcw);
-    double vr0[2], vr1[2];
+    double vr0[4], vr1[4];
     double wall[W] = {0}, cpu[W] = {0}, t_fin = 0, c_fin = 0, rd_w[W] = {0}, rd_1 = 0;
     static shard_time sh[MAX_SHARDS];
     int n_sh = 0;

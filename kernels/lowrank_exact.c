@@ -289,6 +289,24 @@ typedef float lr_v4f __attribute__((vector_size(16)));
 #define LR_INF_WHERE(m, x) ((lr_v4d)(((lr_v4l)(x) & ~(m)) | ((lr_v4l)lr_inf4 & (m))))
 static const lr_v4d lr_inf4 = {INFINITY, INFINITY, INFINITY, INFINITY};
 
+/* terms k .. k + 3 of a row of B (bd, or bf widened), their scales, h_k^2 and power-of-two masks */
+static inline __attribute__((always_inline)) void lr_load4(const double *restrict bd, const float *restrict bf,
+                                                           const double *restrict s, const double *restrict hsq,
+                                                           const long long *restrict pow2m, size_t k, lr_v4d *b,
+                                                           lr_v4d *sk, lr_v4d *hk, lr_v4l *p2)
+{
+    if (bd != NULL) {
+        memcpy(b, bd + k, sizeof *b);
+    } else {
+        lr_v4f b4;
+        memcpy(&b4, bf + k, sizeof b4);
+        *b = __builtin_convertvector(b4, lr_v4d);
+    }
+    memcpy(sk, s + k, sizeof *sk);
+    memcpy(hk, hsq + k, sizeof *hk);
+    memcpy(p2, pow2m + k, sizeof *p2);
+}
+
 /* One row of B (bd or bf, K values): Bs (bs, when kept) and Bf, the sums of the squares of the f32
  * and the f64 copies (+inf: the row never certifies on that path), whether a value is NaN or
  * infinite (*nf), and the tensor's flags (&= : Bf == Bs, every s_k B_ik exact in f64, every Bf
@@ -315,16 +333,7 @@ static inline __attribute__((always_inline)) void lr_row_pass(const double *rest
         lr_v4d b = zero, sk = zero, hk = zero;
         lr_v4l p2 = {0, 0, 0, 0}, exf = {0, 0, 0, 0};
         if (k + 4 <= K) {
-            if (bd != NULL) {
-                memcpy(&b, bd + k, sizeof b);
-            } else {
-                lr_v4f b4;
-                memcpy(&b4, bf + k, sizeof b4);
-                b = __builtin_convertvector(b4, lr_v4d);
-            }
-            memcpy(&sk, s + k, sizeof sk);
-            memcpy(&hk, hsq + k, sizeof hk);
-            memcpy(&p2, pow2m + k, sizeof p2);
+            lr_load4(bd, bf, s, hsq, pow2m, k, &b, &sk, &hk, &p2);
         } else {
             for (size_t m = 0; k + m < K; m++) {
                 b[m] = bd != NULL ? bd[k + m] : (double)bf[k + m];
@@ -459,16 +468,7 @@ static inline __attribute__((always_inline)) int lr_row_clean(const double *rest
     for (; k + 4 <= K; k += 4) {
         lr_v4d b, sk, hk;
         lr_v4l p2;
-        if (bd != NULL) {
-            memcpy(&b, bd + k, sizeof b);
-        } else {
-            lr_v4f b4;
-            memcpy(&b4, bf + k, sizeof b4);
-            b = __builtin_convertvector(b4, lr_v4d);
-        }
-        memcpy(&sk, s + k, sizeof sk);
-        memcpy(&hk, hsq + k, sizeof hk);
-        memcpy(&p2, pow2m + k, sizeof p2);
+        lr_load4(bd, bf, s, hsq, pow2m, k, &b, &sk, &hk, &p2);
         lr_clean4(&a, &b, &sk, &hk, &p2, all_pow2, lean, bs != NULL ? bs + k : NULL, bfo + k);
     }
     if (k < K) { /* the last 1-3 terms, the other lanes zeros */

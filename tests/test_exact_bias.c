@@ -19,10 +19,7 @@ static uint64_t g_rng = 0xb1a5;
 
 static uint64_t xb_next(void)
 {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
+    return th_rand_u64(&g_rng);
 }
 
 /* one BEFT case: base q_proj (weight and bias, dtype), adapter beft_bias (f32), merged with
