@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* test_exact_lowrank.c : issue 10 for the low-rank types other than LoRA (test_exact.c): VeRA,
- * PVeRA, AdaLoRA, GraLoRA and RandLoRA (both orientations), whose factors are prepared from
- * several stored tensors before the certified low-rank product.  Per type, an adapter with random
+ * PVeRA, AdaLoRA, GraLoRA, RandLoRA (both orientations) and TinyLoRA, whose factors are
+ * prepared from several stored tensors before the certified low-rank product.  Per type, an adapter with random
  * stored values is merged by the binary onto a base built from its delta, and every element is
  * compared with PEFT's formula evaluated here in long double from the stored values, rounded once
  * (th_exact.c's runner):
@@ -22,7 +22,7 @@
 
 static uint64_t g_rng = 0x10a7;
 
-typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T } xl_type;
+typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T, XL_TINYLORA } xl_type;
 
 enum { XL_O = 24, XL_I = 32, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
@@ -107,9 +107,29 @@ static const char *xl_randlora(uint64_t O, uint64_t I, double g, tx_set *ad, lon
            "\"target_modules\": [\"q_proj\"]}";
 }
 
+/* TinyLoRA, r = 4, u = 8, one module (its layer index 0, group 0, whatever P's draw):
+ * Delta = B @ (sum_k v[k] P[k]) @ A */
+static const char *xl_tinylora(uint64_t O, uint64_t I, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t r = 4, u = 8;
+    const tx_t *B = xl_param(ad, XL_MOD "tinylora_B", O, r, g);
+    const tx_t *A = xl_param(ad, XL_MOD "tinylora_A", r, I, 1.0 / sqrt((double)I));
+    const tx_t *P = xl_param3(ad, XL_MOD "tinylora_P", u, r, r, 0.5);
+    const tx_t *v = xl_param(ad, "base_model.tinylora_v.0", u, 0, 0.5);
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t i = 0; i < I; i++)
+            for (uint64_t j = 0; j < r; j++)
+                for (uint64_t q = 0; q < r; q++)
+                    for (uint64_t k = 0; k < u; k++)
+                        xl_term(D, mag, o * I + i,
+                                (long double)B->v[o * r + j] * v->v[k] * P->v[(k * r + j) * r + q] * A->v[q * I + i]);
+    return "{\"peft_type\": \"TINYLORA\", \"r\": 4, \"u\": 8, \"projection_seed\": 42, \"weight_tying\": 0, "
+           "\"save_projection\": true, \"target_modules\": [\"q_proj\"]}";
+}
+
 /* the adapter with gain g (its first tensor scales the delta linearly; GraLoRA: its grid part,
- * which is enough for OVERFLOW's refusal), its config, and the
- * delta in long double from the stored values (PEFT's formula) with mag = the sum of |terms| */
+ * which is enough for OVERFLOW's refusal), its config, and the delta in long double from the
+ * stored values (PEFT's formula) with mag = the sum of |terms| */
 static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long double *D, long double *mag)
 {
     const uint64_t O = tt->rows, I = tt->cols, R = XL_R;
@@ -119,6 +139,7 @@ static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long doub
     case XL_GRALORA: return xl_gralora(O, I, g, ad, D, mag);
     case XL_RANDLORA:
     case XL_RANDLORA_T: return xl_randlora(O, I, g, ad, D, mag);
+    case XL_TINYLORA: return xl_tinylora(O, I, g, ad, D, mag);
     default: break;
     }
     if ((xl_type)tt->id != XL_ADALORA) {
@@ -182,6 +203,8 @@ static const tx_type XL_TYPES[] = {
     {"gralora", XL_GRALORA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
     {"randlora", XL_RANDLORA, XL_O, XL_I, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
     {"randlora_t", XL_RANDLORA_T, XL_I, XL_O, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
+    /* TinyLoRA: R = v P and R @ A summed in f64 (the a64 factor), 2^-50 of the terms */
+    {"tinylora", XL_TINYLORA, XL_O, XL_I, xl_adapter, xl_gain, -50, 1, 0, &g_rng, 1},
 };
 
 Test(exact_lowrank, vera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VERA]); }
@@ -190,3 +213,4 @@ Test(exact_lowrank, pvera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_PVERA]); }
 Test(exact_lowrank, gralora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_GRALORA]); }
 Test(exact_lowrank, randlora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_RANDLORA]); }
 Test(exact_lowrank, randlora_t, .timeout = 120) { tx_run_type(&XL_TYPES[XL_RANDLORA_T]); }
+Test(exact_lowrank, tinylora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_TINYLORA]); }
