@@ -75,7 +75,8 @@ static const char *xl_gralora(uint64_t O, uint64_t I, double g, tx_set *ad, long
                 for (uint64_t x = 0; x < ik; x++)
                     for (uint64_t t = 0; t < s; t++)
                         xl_term(D, mag, (j * ok + y) * I + n * ik + x,
-                                (long double)A->v[(n * ik + x) * R + j * s + t] * B->v[(j * R + n * s + t) * ok + y] * sc);
+                                (long double)A->v[(n * ik + x) * R + j * s + t] *
+                                    B->v[(j * R + n * s + t) * ok + y] * sc);
     for (uint64_t o = 0; o < O; o++)
         for (uint64_t i = 0; i < I; i++)
             for (uint64_t q = 0; q < h; q++)
