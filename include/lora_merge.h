@@ -288,7 +288,8 @@ typedef struct lm_merge_file {
     const char *path;    /* where it is (or would be, on a dry run) */
     const char *kind;    /* "weights", "index", "config", "generation_config", "tokenizer",
                             "chat_template", "processor", "license", "model_card", "extra" */
-    const char *origin;  /* "merge", "base", "adapter", "generated" */
+    const char *origin;  /* "merge", "base", "adapter", "generated"; "kept": a shard worker's shard
+                            already complete and verified, left as it was (not written) */
     uint64_t n_bytes;
     const char *sha256;  /* 64 lowercase hex digits, or NULL (not asked for, or a dry run) */
 } lm_merge_file;
@@ -319,7 +320,7 @@ typedef struct lm_merge_report {
     const lm_merge_file *files;  /* what was written (or would be, on a dry run), in order */
     size_t n_removed;
     const char *const *removed;  /* stale files of an earlier merge removed from a directory OUT */
-    uint64_t bytes_to_write;     /* all files, weights and others */
+    uint64_t bytes_to_write;     /* all files, weights and others, but kept shards (origin "kept") */
     const char *out_kind;        /* "file", "directory", or NULL (a dry run without OUT) */
 } lm_merge_report;
 

@@ -625,6 +625,23 @@ Test(quant, fp8_block_unchanged_blocks_identical)
     cr_assert(strstr(r.out, "QuantizedDeltaLost") == NULL, "%s", r.out);
     th_run_free(&r);
     qt_ref("fp8-keep", f.base, ad, out, NULL);
+    /* the text report (not --json) sums the requantization up after a real run: its figures
+     * checked against the reference's, from the base, the adapter and the output */
+    char outt[1200];
+    snprintf(outt, sizeof outt, "%s/outt", f.tmp);
+    r = th_runv(f.base, ad, outt, NULL);
+    cr_assert_eq(r.status, 0, "exit %d: %s", r.status, r.err);
+    const char *sum = strstr(r.err, "note: requantized 1 tensor: ");
+    unsigned long long n_ch = 0, n_el = 0;
+    double emax = -1;
+    cr_assert(sum != NULL && sscanf(sum, "note: requantized 1 tensor: %llu of %llu elements changed (code x scale); "
+                                    "error up to %lf of the block amax", &n_ch, &n_el, &emax) == 3, "%s", r.err);
+    cr_assert(strstr(sum, "worst model.layers.1.self_attn.q_proj.weight: ") && strstr(sum, "12 of 16 blocks kept"),
+              "%s", sum);
+    char args[100];
+    snprintf(args, sizeof args, "%llu %llu %.17g", n_ch, n_el, emax);
+    th_run_free(&r);
+    qt_ref("fp8-summary", f.base, ad, outt, args);
     /* a delta far below the FP8 step: said in a warning (and an error under --strict) */
     char ad2[1200], out2[1200];
     snprintf(ad2, sizeof ad2, "%s/tiny", f.tmp);

@@ -167,6 +167,23 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     cr_assert(strstr(r.err, "removed .model-00005-of-00010.safetensors.lm-tmp-Ab12Cd"), "%s", r.err);
     snprintf(want, sizeof want, "(1 written, %d kept)", n_mine - 1);
     cr_assert(strstr(r.err, want), "%s: %s", want, r.err);
+    /* the summary counts what was written: shard 5, its size the reference's */
+    struct stat st5;
+    snprintf(p, sizeof p, "%s/model-00005-of-00010.safetensors", F.ref);
+    cr_assert_eq(stat(p, &st5), 0);
+    snprintf(want, sizeof want, "wrote 1 file, %lld bytes; kept %d already complete and verified:\n",
+             (long long)st5.st_size, n_mine - 1);
+    cr_assert(strstr(r.out, want), "%s: %s", want, r.out);
+    th_run_free(&r);
+    /* run again: every shard kept, none written (the summary said "wrote N files") */
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    snprintf(want, sizeof want, "wrote 0 files, 0 bytes; kept %d already complete and verified:\n", n_mine);
+    cr_assert(strstr(r.out, want), "%s: %s", want, r.out);
+    int n_kept_lines = 0;
+    for (const char *q = r.out; (q = strstr(q, "weights (kept)\n")) != NULL; q++)
+        n_kept_lines++;
+    cr_assert_eq(n_kept_lines, n_mine, "%s", r.out);
     th_run_free(&r);
     snprintf(cmd, sizeof cmd, "cd / && %s --verify finalize %s", F.bin, F.out); /* every sidecar's XXH3-128 */
     r = sh_run(cmd);

@@ -274,8 +274,15 @@ static void print_files(const lm_merge_report *rep, int dry_run)
 {
     if (rep->n_files == 0)
         return;
-    printf("%s %zu file%s, %llu bytes:\n", dry_run ? "would write" : "wrote", rep->n_files, rep->n_files == 1 ? "" : "s",
+    size_t n_kept = 0; /* a shard worker's rerun: shards already complete and verified */
+    for (size_t i = 0; i < rep->n_files; i++)
+        n_kept += strcmp(rep->files[i].origin, "kept") == 0;
+    size_t n = rep->n_files - n_kept;
+    printf("%s %zu file%s, %llu bytes", dry_run ? "would write" : "wrote", n, n == 1 ? "" : "s",
            (unsigned long long)rep->bytes_to_write);
+    if (n_kept > 0)
+        printf("; kept %zu already complete and verified", n_kept);
+    printf(":\n");
     for (size_t i = 0; i < rep->n_files; i++) {
         const lm_merge_file *f = &rep->files[i];
         printf("  %-36s %12llu bytes  %s (%s)\n", f->path, (unsigned long long)f->n_bytes, f->kind, f->origin);

@@ -20,6 +20,7 @@
 
 #include <cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -779,27 +780,43 @@ static lm_code check_strict(merge_state *S, lm_err *err)
 
 #define LM_FEW_CHANGED_FRACTION 0.01 /* below 1% of the adapted tensors' elements: a warning */
 
-/* tensors written back quantized whose requantization error is as large as the adapter's delta:
- * most of the delta is below the format's grid step (a near no-op on them) */
-static void warn_requantized(merge_state *S)
+/* tensors written back quantized: a note sums up what requantization kept of the deltas (the
+ * worst tensor: the largest |Q-x|/|x-W|), and a warning names those whose requantization error is
+ * as large as the adapter's delta: most of the delta is below the format's grid step (a near
+ * no-op on them) */
+static void report_requantized(merge_state *S)
 {
     size_t n = 0, n_lost = 0;
+    const lm_tensor_stats *wst = NULL;
     const char *first = NULL;
-    double worst = 0;
+    double worst = 0, err_max = 0, d2 = 0, e2 = 0;
+    uint64_t changed = 0, elems = 0;
     for (size_t i = 0; i < S->plan->n; i++) {
         const lm_tensor_stats *st = &S->tstats[i];
         if (!st->valid || !st->has_quant || st->q_delta_norm <= 0)
             continue;
         n++;
+        changed += st->n_changed;
+        elems += st->n_elems;
+        err_max = st->q_err_max > err_max ? st->q_err_max : err_max;
+        d2 += st->q_delta_norm * st->q_delta_norm;
+        e2 += st->q_err_norm * st->q_err_norm;
         double r = st->q_err_norm / st->q_delta_norm;
-        if (r >= 0.5) {
-            n_lost++;
-            if (first == NULL || r > worst) {
-                first = S->plan->t[i].name;
-                worst = r;
-            }
+        if (first == NULL || r > worst) {
+            first = S->plan->t[i].name;
+            worst = r;
+            wst = st;
         }
+        n_lost += r >= 0.5;
     }
+    if (n == 0)
+        return;
+    lm_report_note(S->ri, "requantized %zu tensor%s: %llu of %llu elements changed (code x scale); error up to "
+                   "%.3g of the block amax, %.3g of the delta (|Q-x|/|x-W|); worst %s: %.3g of the delta, max %.3g "
+                   "mean %.3g of the block amax, %llu of %llu blocks kept", n, n == 1 ? "" : "s",
+                   (unsigned long long)changed, (unsigned long long)elems, err_max, sqrt(e2 / d2), first, worst,
+                   wst->q_err_max, wst->q_err_mean, (unsigned long long)wst->q_blocks_kept,
+                   (unsigned long long)wst->q_blocks);
     if (n_lost > 0)
         lm_report_warn(S->ri, "QuantizedDeltaLost", "requantizing %zu of the %zu changed quantized tensors loses as "
                        "much as half of the adapter's delta (requantization error / delta norm up to %.3g, on %s): "
@@ -865,7 +882,7 @@ static lm_code check_changes(void *ctx, lm_err *err)
         }
     if (n_adapted == 0)
         return LM_OK;
-    warn_requantized(S);
+    report_requantized(S);
     const char *dt = S->out_dtype ? S->out_dtype : "the output dtype";
     if (changed == 0) {
         char msg[300];

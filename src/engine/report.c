@@ -321,8 +321,8 @@ lm_code lm_report_finish(lm_report_impl *ri, const lm_report_ctx *c, lm_err *err
     r->n_recomputed = c->n_recomputed;
     r->out_kind = c->out_kind;
     r->bytes_to_write = 0;
-    for (size_t i = 0; i < ri->n_files; i++)
-        r->bytes_to_write += ri->files[i].n_bytes;
+    for (size_t i = 0; i < ri->n_files; i++) /* a worker's shard kept as it was is not written */
+        r->bytes_to_write += strcmp(ri->files[i].origin, "kept") != 0 ? ri->files[i].n_bytes : 0;
 
     cJSON_AddNumberToObject(root, "report_version", LM_REPORT_VERSION);
     cJSON_AddStringToObject(root, "tool", "lora-merge");

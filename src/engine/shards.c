@@ -541,6 +541,9 @@ lm_code lm_shards_work(lm_shard_ctx *C, lm_err *err)
         if (shard_problem(C, k, fp, C->job->shard_verify, &rehashed, &threads, &e)[0] == '\0') {
             n_done++;
             lm_report_note(C->ri, "shard %s already complete and verified: kept", leaf_of(C->ot->paths[k]));
+            for (size_t i = 0; i < C->ri->n_files; i++) /* the report's file: kept, not written */
+                if (strcmp(C->ri->files[i].path, C->ot->paths[k]) == 0)
+                    C->ri->files[i].origin = "kept";
             continue;
         }
         int lock = lock_shard(C->ot, k, err);

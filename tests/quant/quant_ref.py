@@ -6,6 +6,10 @@ computes the merge in float64 and checks lora-merge's output.
 
   quant_ref.py fp8-keep BASE_DIR ADAPTER_DIR OUT_DIR     block FP8 kept quantized
   quant_ref.py fp8-dtype BASE_DIR ADAPTER_DIR OUT_DIR    block FP8 written as F32 (--dtype f32)
+  quant_ref.py fp8-summary BASE_DIR ADAPTER_DIR OUT_DIR CHANGED ELEMS ERR_MAX
+        the text report's requantization summary: CHANGED of the ELEMS elements of the adapted
+        weights changed (code x scale), error up to ERR_MAX of the block amax (|Q - x| / amax of
+        the exact merged block x, over the changed blocks; printed to 3 digits)
   quant_ref.py partial-adapter BASE_DIR ADAPTER_DIR MODULE ROWS [AMP]
         writes a LoRA adapter touching only the first ROWS output rows of MODULE (q_proj), lora_B
         values of about AMP (default 0.05)
@@ -191,6 +195,34 @@ def check_fp8(mode, bdir, adir, odir):
         n_w, n_blocks, n_kept, n_codes, n_near))
 
 
+def fp8_summary(bdir, adir, odir, changed, elems, err_max):
+    br, bc = block_size(bdir)
+    base, _ = read_st(bdir + "/model.safetensors")
+    out, _ = read_st(odir + "/model.safetensors")
+    deltas = adapter(adir)
+    n_changed = n_elems = 0
+    emax = 0.0
+    for name, (dt, shp, a, raw) in base.items():
+        mod = name[:-len(".weight")] if name.endswith(".weight") else None
+        if dt != "F8_E4M3" or mod not in deltas:
+            continue
+        w = fp8_dequant(a, base[name + "_scale_inv"][2], br, bc)
+        x = w + deltas[mod]
+        q = fp8_dequant(out[name][2], out[name + "_scale_inv"][2], br, bc)
+        n_changed += int((q != w).sum())
+        n_elems += q.size
+        for r0 in range(0, shp[0], br):
+            for c0 in range(0, shp[1], bc):
+                xb, qb = x[r0:r0 + br, c0:c0 + bc], q[r0:r0 + br, c0:c0 + bc]
+                if not np.array_equal(qb, w[r0:r0 + br, c0:c0 + bc]):
+                    emax = max(emax, np.abs(qb - xb).max() / np.abs(xb).max())
+    if (n_changed, n_elems) != (changed, elems):
+        fail("report: %d of %d elements changed, want %d of %d" % (changed, elems, n_changed, n_elems))
+    if abs(err_max - emax) > 5e-3 * emax:
+        fail("report: error up to %.6g of the block amax, want %.6g" % (err_max, emax))
+    print("ok %d of %d elements changed, error up to %.6g of the block amax" % (n_changed, n_elems, emax))
+
+
 def partial_adapter(bdir, adir, module, rows, amp):
     """a LoRA adapter touching the first ROWS output rows of module (its weight stored as
     .weight, or packed as .weight_packed / a U8 .weight: two values a byte)"""
@@ -216,6 +248,8 @@ if __name__ == "__main__":
         check_fp8("keep", *sys.argv[2:5])
     elif m == "fp8-dtype":
         check_fp8("dtype", *sys.argv[2:5])
+    elif m == "fp8-summary":
+        fp8_summary(*sys.argv[2:5], int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7]))
     elif m == "partial-adapter":
         partial_adapter(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
                         float(sys.argv[6]) if len(sys.argv) > 6 else 0.05)
