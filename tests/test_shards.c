@@ -8,6 +8,7 @@
 
 #include <cJSON.h>
 #include <criterion/criterion.h>
+#include <glob.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -450,27 +451,72 @@ static void split_base(const char *src, const char *dir, int (*shard_of)(const c
     th_st_free(&st);
 }
 
-/* every tensor of the single merge `one` is in DIR's two shards with the same bytes, and no other */
+/* DIR's weight files: model.safetensors, or model-*.safetensors (glob order) */
+static size_t weight_files(const char *dir, glob_t *g)
+{
+    char pat[1200];
+    snprintf(pat, sizeof pat, "%s/model*.safetensors", dir);
+    cr_assert_eq(glob(pat, 0, NULL, g), 0, "no weight file in %s", dir);
+    return g->gl_pathc;
+}
+
+/* every tensor of the single merge `one` is in DIR's weight files with the same bytes, and no other */
 static void same_tensors(const char *one, const char *dir)
 {
-    th_st a, sh[2];
-    char p[1200];
+    th_st a, sh[8];
+    glob_t g;
+    size_t n = weight_files(dir, &g), total = 0;
+    cr_assert(n <= 8);
     cr_assert_eq(th_st_read(one, &a), 0);
-    for (int k = 0; k < 2; k++) {
-        snprintf(p, sizeof p, "%s/model-0000%d-of-00002.safetensors", dir, k + 1);
-        cr_assert_eq(th_st_read(p, &sh[k]), 0);
+    for (size_t k = 0; k < n; k++) {
+        cr_assert_eq(th_st_read(g.gl_pathv[k], &sh[k]), 0);
+        total += sh[k].n;
     }
-    cr_assert_eq(sh[0].n + sh[1].n, a.n, "%s: another set of tensors than the single merge's", dir);
+    cr_assert_eq(total, a.n, "%s: another set of tensors than the single merge's", dir);
     for (size_t i = 0; i < a.n; i++) {
-        const th_tensor *x = &a.t[i], *y = th_st_find(&sh[0], x->name);
-        if (y == NULL)
-            y = th_st_find(&sh[1], x->name);
+        const th_tensor *x = &a.t[i], *y = NULL;
+        for (size_t k = 0; k < n && y == NULL; k++)
+            y = th_st_find(&sh[k], x->name);
         cr_assert(y != NULL && y->n_bytes == x->n_bytes && memcmp(x->data, y->data, x->n_bytes) == 0,
                   "%s differs from the single merge's", x->name);
     }
     th_st_free(&a);
-    th_st_free(&sh[0]);
-    th_st_free(&sh[1]);
+    for (size_t k = 0; k < n; k++)
+        th_st_free(&sh[k]);
+    globfree(&g);
+}
+
+/* what a loader sees in DIR: one model.safetensors and no index, or an index naming exactly the
+ * weight files there; no weight file without a tensor */
+static void weight_files_as_indexed(const char *dir)
+{
+    glob_t g;
+    size_t n = weight_files(dir, &g);
+    char p[1300];
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
+    size_t len = 0;
+    uint8_t *text = th_read_file(p, &len);
+    cJSON *j = text ? cJSON_ParseWithLength((const char *)text, len) : NULL;
+    const cJSON *map = cJSON_GetObjectItemCaseSensitive(j, "weight_map"), *it;
+    cr_assert(n == 1 ? text == NULL && strcmp(strrchr(g.gl_pathv[0], '/'), "/model.safetensors") == 0 : map != NULL,
+              "%s: %zu weight files, index %s", dir, n, text ? "present" : "absent");
+    for (size_t k = 0; k < n; k++) {
+        th_st st;
+        cr_assert_eq(th_st_read(g.gl_pathv[k], &st), 0);
+        cr_assert(st.n > 0, "%s: a weight file without tensors", g.gl_pathv[k]);
+        th_st_free(&st);
+        int named = 0;
+        cJSON_ArrayForEach(it, map) named |= strcmp(it->valuestring, strrchr(g.gl_pathv[k], '/') + 1) == 0;
+        cr_assert(n == 1 || named, "%s: not named by the index", g.gl_pathv[k]);
+    }
+    cJSON_ArrayForEach(it, map)
+    {
+        snprintf(p, sizeof p, "%s/%s", dir, it->valuestring);
+        cr_assert(th_exists(p), "the index names %s, absent", p);
+    }
+    cJSON_Delete(j);
+    free(text);
+    globfree(&g);
 }
 
 static int is_scale(const char *name)
@@ -489,7 +535,8 @@ static int scales_apart(const char *name)
  * small enough to part weights from their scales (the workers crashed on a NULL writer there);
  * (2) a sharded base whose scales are all stored in a shard of their own (as a shard boundary of
  * a Hub checkpoint can fall between a weight and its scale_inv): the scales go with their
- * weights, the finalized model holds the single merge's tensors, byte for byte */
+ * weights (the planned shards left without a tensor get no file: a loader reads the index, or the
+ * one model.safetensors), the finalized model holds the single merge's tensors, byte for byte */
 /* a temporary directory with a generated model in m/ (gen_model's args), bin the binary's path,
  * gen gen_model's */
 static char *gen_in_tmp(char *bin, char *gen, size_t cap, const char *args)
@@ -514,8 +561,11 @@ Test(shards, quantized_scales_stored_apart, .timeout = 120)
                            bin, i), 0);
     cr_assert_eq(sh_ok("%s -q finalize %s/b/split", bin, tmp), 0);
     cr_assert_eq(sh_ok("diff -r %s/a/split %s/b/split", tmp, tmp), 0);
-    /* (2) the base in two shards: every tensor but the scales, then the scales */
+    /* the split planned shards holding only scales, now with their weights: no file for them */
     char p[1200], q[1200];
+    snprintf(p, sizeof p, "%s/b/split", tmp);
+    weight_files_as_indexed(p);
+    /* (2) the base in two shards: every tensor but the scales, then the scales */
     cr_assert_eq(sh_ok("mkdir %s/sb && cp %s/m/base/config.json %s/sb/", tmp, tmp, tmp), 0);
     snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
     snprintf(q, sizeof q, "%s/sb", tmp);
@@ -530,8 +580,9 @@ Test(shards, quantized_scales_stored_apart, .timeout = 120)
     snprintf(p, sizeof p, "%s/one.safetensors", tmp);
     snprintf(q, sizeof q, "%s/c/w", tmp);
     same_tensors(p, q);
+    weight_files_as_indexed(q); /* the scales' shard is gone: one model.safetensors */
     th_st s1;
-    snprintf(p, sizeof p, "%s/c/w/model-00001-of-00002.safetensors", tmp);
+    snprintf(p, sizeof p, "%s/c/w/model.safetensors", tmp);
     cr_assert_eq(th_st_read(p, &s1), 0);
     for (size_t i = 0; i < s1.n; i++)
         if (!is_scale(s1.t[i].name) && strstr(s1.t[i].name, "_proj.weight")) {

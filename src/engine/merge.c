@@ -731,12 +731,16 @@ static lm_code prepare_output(merge_state *S, lm_err *err)
             return rc;
         for (size_t i = 0; job->dry_run && i < S->ot.n_stale; i++) /* what a real run would remove */
             lm_report_removed(S->ri, S->ot.stale[i]);
-        if (S->ot.n_shards > 1 && job->shard_mode && job->max_shard_bytes == 0 && S->ot.n_shards == lm_model_n_files(S->model))
+        if (S->ot.mirrored)
             lm_report_note(S->ri, "output in %zu shards, each holding the tensors of the base's shard of the same name",
                            S->ot.n_shards);
         else if (S->ot.n_shards > 1)
             lm_report_note(S->ri, "output in %zu shards of at most %llu bytes, with " LM_INDEX_NAME, S->ot.n_shards,
                            (unsigned long long)(job->max_shard_bytes ? job->max_shard_bytes : LM_DEFAULT_SHARD_BYTES));
+        if (S->ot.n_dropped > 0)
+            lm_report_note(S->ri, "%zu planned shard%s held only the scales of weights kept quantized, written with "
+                           "their weights: no file for %s", S->ot.n_dropped, S->ot.n_dropped == 1 ? "" : "s",
+                           S->ot.n_dropped == 1 ? "it" : "them");
     }
     /* the files, in the order they are written */
     int worker = job->shard_mode == LM_SHARDS_WORKER; /* a worker writes its shards only */

@@ -247,10 +247,36 @@ static void scales_with_weights(lm_out_target *o, const lm_plan *p)
     }
 }
 
+/* the shards left without a tensor (they held only scales, now with their weights) dropped, the
+ * others renumbered in order, their names kept in names[] (when given): no empty file, and the
+ * index names every shard.  @return the shards left (at least one) */
+static size_t drop_empty_shards(lm_out_target *o, const lm_plan *p, size_t n_shards, const char **names)
+{
+    size_t *to = calloc(n_shards + 1, sizeof *to), n = 0;
+    if (to == NULL)
+        return 0;
+    for (size_t i = 0; i < p->n; i++)
+        to[o->shard_of[i]] = 1;
+    for (size_t k = 0; k < n_shards; k++)
+        if (to[k] || (k + 1 == n_shards && n == 0)) {
+            if (names != NULL)
+                names[n] = names[k];
+            to[k] = n++;
+        }
+    for (size_t i = 0; i < p->n; i++)
+        o->shard_of[i] = to[o->shard_of[i]];
+    free(to);
+    o->n_dropped = n_shards - n;
+    return n;
+}
+
 lm_code lm_out_layout_named(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, size_t n_shards,
-                            const char *const *names, lm_err *err)
+                            const char **names, lm_err *err)
 {
     scales_with_weights(o, p);
+    if ((n_shards = drop_empty_shards(o, p, n_shards, names)) == 0)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    names = n_shards > 1 ? names : NULL; /* one shard left: model.safetensors, no index */
     o->paths = calloc(n_shards, sizeof *o->paths);
     if (o->paths == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");

@@ -18,6 +18,8 @@ typedef struct lm_out_target {
     int is_dir, created_dir, dir_exists;
     char *dir;           /* owned: directory OUT, without a trailing slash */
     size_t n_shards;
+    size_t n_dropped;    /* planned shards left without a tensor (only scales, moved): no file */
+    int mirrored;        /* shard jobs: each shard holds the tensors of the base's shard of its name */
     char **paths;        /* owned: the weight files to write */
     size_t *shard_of;    /* owned: plan tensor -> shard */
     uint64_t *shard_bytes; /* owned: size of each weight file, header included */
@@ -54,10 +56,12 @@ lm_code lm_out_check_not_in(const lm_out_target *o, const char *const *dirs, siz
 lm_code lm_out_plan_shards(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, lm_err *err);
 
 /*! lm_out_layout_named() : the rest of the layout once o->shard_of (n_shards files) is decided:
- *  paths (names[k] in the directory, or the default names when names is NULL), total size,
- *  index text and exact shard sizes. */
+ *  the scales of weights kept quantized moved to their weights' shards, the shards left without
+ *  a tensor dropped (o->n_dropped; names[] compacted: a shard k keeps its name; one shard left is
+ *  model.safetensors), paths (names[k] in the directory, or the default names when names is
+ *  NULL), total size, index text and exact shard sizes. */
 lm_code lm_out_layout_named(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, size_t n_shards,
-                            const char *const *names, lm_err *err);
+                            const char **names, lm_err *err);
 
 /*! lm_out_scan_existing() :
  *  For a directory OUT that exists: the files of an earlier merge that the new one does not

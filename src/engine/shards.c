@@ -75,6 +75,7 @@ lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_pla
     for (size_t i = 0; i < p->n; i++) /* a tensor the adapter adds goes to the last shard */
         o->shard_of[i] = p->t[i].base ? p->t[i].base->file : n - 1;
     lm_code rc = lm_out_layout_named(o, job, p, n, names, err);
+    o->mirrored = o->n_shards > 1;
     free(names);
     return rc;
 }
