@@ -18,11 +18,12 @@
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static uint64_t g_rng = 0x10a7;
 
-typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T, XL_TINYLORA } xl_type;
+typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T, XL_TINYLORA, XL_DELORA, XL_VBLORA } xl_type;
 
 enum { XL_O = 24, XL_I = 32, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
@@ -128,6 +129,88 @@ static const char *xl_tinylora(uint64_t O, uint64_t I, double g, tx_set *ad, lon
            "\"save_projection\": true, \"target_modules\": [\"q_proj\"]}";
 }
 
+/* DeLoRA, r = 4: B diag(lambda / r / (max(|A[j, :]|, 1e-4) max(|B[:, j]|, 1e-4))) A, column i
+ * times w_norm[i]; lambda [1] scales it: 64 g itself, not a random draw (the normalised terms
+ * are ~1/64; one small draw of the single scale left F16 SUBNORMAL's residues below f16's
+ * subnormals, rounded to 0) */
+static const char *xl_delora(uint64_t O, uint64_t I, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t r = 4;
+    tx_t *lam = xl_param(ad, XL_MOD "delora_lambda", 1, 0, 1.0);
+    lam->v[0] = (double)(float)(64 * g);
+    const tx_t *A = xl_param(ad, XL_MOD "delora_A", r, I, 1.0);
+    const tx_t *B = xl_param(ad, XL_MOD "delora_B", O, r, 1.0);
+    const tx_t *wn = xl_param(ad, XL_MOD "delora_w_norm", I, 0, 1.0);
+    for (uint64_t q = 0; q < r; q++) {
+        long double na = 0, nb = 0;
+        for (uint64_t i = 0; i < I; i++)
+            na += (long double)A->v[q * I + i] * A->v[q * I + i];
+        for (uint64_t o = 0; o < O; o++)
+            nb += (long double)B->v[o * r + q] * B->v[o * r + q];
+        na = sqrtl(na) > 1e-4L ? sqrtl(na) : 1e-4L;
+        nb = sqrtl(nb) > 1e-4L ? sqrtl(nb) : 1e-4L;
+        const long double d = lam->v[0] / (long double)r / (na * nb);
+        for (uint64_t o = 0; o < O; o++)
+            for (uint64_t i = 0; i < I; i++)
+                xl_term(D, mag, o * I + i, (long double)B->v[o * r + q] * d * A->v[q * I + i] * wn->v[i]);
+    }
+    return "{\"peft_type\": \"DELORA\", \"r\": 4, \"delora_lambda\": 15, \"target_modules\": [\"q_proj\"]}";
+}
+
+/* one VB-LoRA row: the top 2 of the logits z[N] (no ties drawn), softmax weights, the mix of
+ * those bank rows (v), and the same with |bank| (m) */
+static void xl_vbmix(const double *z, const double *bank, uint64_t N, uint64_t L, long double *v, long double *m)
+{
+    uint64_t i0 = 0, i1 = 1;
+    for (uint64_t n = 0; n < N; n++)
+        i0 = z[n] > z[i0] ? n : i0;
+    i1 = i0 == 0 ? 1 : 0;
+    for (uint64_t n = 0; n < N; n++)
+        i1 = n != i0 && z[n] > z[i1] ? n : i1;
+    const long double e1 = expl((long double)z[i1] - z[i0]), w0 = 1 / (1 + e1), w1 = e1 / (1 + e1);
+    for (uint64_t l = 0; l < L; l++) {
+        v[l] = w0 * bank[i0 * L + l] + w1 * bank[i1 * L + l];
+        m[l] = w0 * fabsl((long double)bank[i0 * L + l]) + w1 * fabsl((long double)bank[i1 * L + l]);
+    }
+}
+
+/* VB-LoRA, r = 4, topk = 2, bank [8, 8]: A [r, I] and B [O, r] rows mixed from the bank by the
+ * softmax of each logit row's top 2 (A: logits [r, I/L, N]; B: [O/L, r, N], row block q, column
+ * a), Delta = B @ A; the bank (gain sqrt(g)) enters both factors */
+static const char *xl_vblora(uint64_t O, uint64_t I, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t r = 4, N = 8, L = 8;
+    const tx_t *V = xl_param(ad, "base_model.vblora_vector_bank", N, L, sqrt(g));
+    const tx_t *za = xl_param3(ad, XL_MOD "vblora_logits_A", r, I / L, N, 1.0);
+    const tx_t *zb = xl_param3(ad, XL_MOD "vblora_logits_B", O / L, r, N, 1.0);
+    long double *A = malloc(r * I * sizeof *A), *mA = malloc(r * I * sizeof *mA);
+    long double *B = malloc(O * r * sizeof *B), *mB = malloc(O * r * sizeof *mB), v[8], m[8];
+    for (uint64_t a = 0; a < r; a++)
+        for (uint64_t q = 0; q < I / L; q++) {
+            xl_vbmix(za->v + (a * (I / L) + q) * N, V->v, N, L, A + a * I + q * L, mA + a * I + q * L);
+        }
+    for (uint64_t q = 0; q < O / L; q++)
+        for (uint64_t a = 0; a < r; a++) {
+            xl_vbmix(zb->v + (q * r + a) * N, V->v, N, L, v, m);
+            for (uint64_t l = 0; l < L; l++) {
+                B[(q * L + l) * r + a] = v[l];
+                mB[(q * L + l) * r + a] = m[l];
+            }
+        }
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t i = 0; i < I; i++)
+            for (uint64_t a = 0; a < r; a++) {
+                D[o * I + i] += B[o * r + a] * A[a * I + i];
+                mag[o * I + i] += mB[o * r + a] * mA[a * I + i];
+            }
+    free(A);
+    free(mA);
+    free(B);
+    free(mB);
+    return "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 2, \"num_vectors\": 8, \"vector_length\": 8, "
+           "\"target_modules\": [\"q_proj\"]}";
+}
+
 /* the adapter with gain g (its first tensor scales the delta linearly; GraLoRA: its grid part,
  * which is enough for OVERFLOW's refusal), its config, and the delta in long double from the
  * stored values (PEFT's formula) with mag = the sum of |terms| */
@@ -141,6 +224,8 @@ static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long doub
     case XL_RANDLORA:
     case XL_RANDLORA_T: return xl_randlora(O, I, g, ad, D, mag);
     case XL_TINYLORA: return xl_tinylora(O, I, g, ad, D, mag);
+    case XL_DELORA: return xl_delora(O, I, g, ad, D, mag);
+    case XL_VBLORA: return xl_vblora(O, I, g, ad, D, mag);
     default: break;
     }
     if ((xl_type)tt->id != XL_ADALORA) {
@@ -206,6 +291,10 @@ static const tx_type XL_TYPES[] = {
     {"randlora_t", XL_RANDLORA_T, XL_I, XL_O, xl_adapter, xl_gain, -60, 1, 0, &g_rng, 1},
     /* TinyLoRA: R = v P and R @ A summed in f64 (the a64 factor): (u + r + 2) 2^-53 < 2^-48 of the terms */
     {"tinylora", XL_TINYLORA, XL_O, XL_I, xl_adapter, xl_gain, -48, 1, 0, &g_rng, 1},
+    /* DeLoRA: the f64 noise of the norms' square roots and quotient, 2^-48 of the terms */
+    {"delora", XL_DELORA, XL_O, XL_I, xl_adapter, xl_gain, -48, 1, 0, &g_rng, 1},
+    /* VB-LoRA: the f64 noise of the softmax's exp, 2^-48 of the terms */
+    {"vblora", XL_VBLORA, XL_O, XL_I, xl_adapter, xl_gain, -48, 1, 0, &g_rng, 1},
 };
 
 Test(exact_lowrank, vera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VERA]); }
@@ -215,3 +304,7 @@ Test(exact_lowrank, gralora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_GRALORA]
 Test(exact_lowrank, randlora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_RANDLORA]); }
 Test(exact_lowrank, randlora_t, .timeout = 120) { tx_run_type(&XL_TYPES[XL_RANDLORA_T]); }
 Test(exact_lowrank, tinylora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_TINYLORA]); }
+/* delora.c's scaled factor A rounded to f32 (no a64), a second rounding, fails this */
+Test(exact_lowrank, delora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_DELORA]); }
+/* each mixed row of A and B rounded to f32 (no a64/b64), a second rounding, fails this */
+Test(exact_lowrank, vblora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VBLORA]); }

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* delora.c : DeLoRA (peft-merge.md §5.14): W += B diag(lambda / r / (max(|A_j|, 1e-4)
  * max(|B_.j|, 1e-4))) A, columns scaled by the saved w_norm; a low-rank delta whose factors are
- * built when the tensor's first tile is claimed.  Conv1D layers are refused (PEFT does too). */
+ * built when the tensor's first tile is claimed (the scaled A in f64, published with its f32
+ * rounding).  Conv1D layers are refused (PEFT does too). */
 #include "method.h"
 
 #include "lm_error.h"
@@ -48,8 +49,8 @@ static lm_code delora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
     uint64_t K = op->rank, in = op->in, out = op->out;
     const float *a = lm_prep_view(p, pr->A, k, err), *b = a ? lm_prep_view(p, pr->B, k, err) : NULL;
     const float *l = b ? lm_prep_view(p, pr->lambda, k, err) : NULL, *wn = l ? lm_prep_view(p, pr->w_norm, k, err) : NULL;
-    float *A = wn ? lm_prep_floats(p, (size_t)(K * in), err) : NULL;
-    if (A == NULL)
+    double *a64 = wn ? lm_prep_alloc(p, (size_t)(K * in) * sizeof(double), err) : NULL;
+    if (a64 == NULL)
         return LM_E_NOMEM;
     double lambda = l[0];
     for (uint64_t j = 0; j < K; j++) {
@@ -60,11 +61,10 @@ static lm_code delora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
             nb += (double)b[o * K + j] * (double)b[o * K + j];
         double d = lambda / (double)K / (fmax(sqrt(na), 1e-4) * fmax(sqrt(nb), 1e-4));
         for (uint64_t i = 0; i < in; i++)
-            A[j * in + i] = (float)((double)a[j * in + i] * d * (double)wn[i]);
+            a64[j * in + i] = (double)a[j * in + i] * d * (double)wn[i];
     }
-    p->a = A;
     p->b = b;
-    return LM_OK;
+    return lm_prep_publish64(p, a64, (size_t)(K * in), NULL, 0, err);
 }
 
 static const lm_part delora_parts[] = {

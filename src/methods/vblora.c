@@ -2,7 +2,7 @@
 /* vblora.c : VB-LoRA (peft-merge.md §5.9): every r x L sub-vector of A and B mixed from the
  * shared vector bank [N, L] (base_model.vblora_vector_bank) with the softmax of its top-k logits
  * (or the saved top-k indices and k-1 weights, the last weight completing them to 1); then a
- * low-rank delta.  Saved indices are checked when planning. */
+ * low-rank delta with both factors mixed in f64.  Saved indices are checked when planning. */
 #include "method.h"
 
 #include "lm_error.h"
@@ -99,7 +99,7 @@ static lm_code vblora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
 /* one mixed vector (length L) from logits z[N] (top-k, softmax) or stored top-k indices and k-1
  * weights */
 static void vb_mix(const float *bank, uint64_t N, uint64_t L, uint64_t topk, const float *z, const lm_ts_tensor *ix,
-                   const float *wk, uint64_t slot, float *out)
+                   const float *wk, uint64_t slot, double *out)
 {
     int64_t idx[VB_MAX_TOPK] = {0};
     double w[VB_MAX_TOPK];
@@ -133,7 +133,7 @@ static void vb_mix(const float *bank, uint64_t N, uint64_t L, uint64_t topk, con
         double v = 0;
         for (uint64_t t = 0; t < topk; t++)
             v += w[t] * (double)bank[(uint64_t)idx[t] * L + l];
-        out[l] = (float)v;
+        out[l] = v;
     }
 }
 
@@ -152,10 +152,10 @@ static lm_code vblora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
     } else if ((x0 = lm_prep_view(p, pr->za, k, err)) == NULL || (x2 = lm_prep_view(p, pr->zb, k, err)) == NULL) {
         return LM_E_NOMEM;
     }
-    float *A = lm_prep_floats(p, (size_t)(K * in), err), *B = A ? lm_prep_floats(p, (size_t)(out * K), err) : NULL;
-    float *v = B ? lm_prep_floats(p, (size_t)L, err) : NULL;
-    if (v == NULL)
+    double *A = lm_prep_alloc(p, (size_t)(K * in + out * K + L) * sizeof(double), err);
+    if (A == NULL)
         return LM_E_NOMEM;
+    double *B = A + K * in, *v = B + out * K;
     for (uint64_t a = 0; a < K; a++) /* A [r, in]: row a, chunk q */
         for (uint64_t q = 0; q < ci; q++) {
             uint64_t slot = a * ci + q;
@@ -169,9 +169,7 @@ static lm_code vblora_prepare(const lm_op *op, const lm_kernels *k, lm_prepared 
             for (uint64_t l = 0; l < L; l++)
                 B[(q * L + l) * K + a] = v[l];
         }
-    p->a = A;
-    p->b = B;
-    return LM_OK;
+    return lm_prep_publish64(p, A, (size_t)(K * in), B, (size_t)(out * K), err);
 }
 
 static const lm_part vblora_parts[] = {
