@@ -986,10 +986,20 @@ static inline __attribute__((always_inline)) void lr_level2_sums(const float *bf
                                                                  double *dd, double *SS)
 {
     double d[4] = {0, 0, 0, 0}, S[4] = {0, 0, 0, 0};
-    for (size_t k = 0; k < K; k++) {
-        const double b = bf != NULL ? (double)bf[k] : Bs[k], a = af != NULL ? (double)af[k * as] : Aj[k];
-        d[k % 4] = fma(b, a, d[k % 4]);
-        S[k % 4] = fma(fabs(b), fabs(a), S[k % 4]);
+    size_t k = 0;
+    /* four terms a step, one per chain (a loop on k % 4 ran 1.5x slower at K = 256: VeRA) */
+    for (; k + 4 <= K; k += 4)
+        for (size_t m = 0; m < 4; m++) {
+            const double b = bf != NULL ? (double)bf[k + m] : Bs[k + m];
+            const double a = af != NULL ? (double)af[(k + m) * as] : Aj[k + m];
+            d[m] = fma(b, a, d[m]);
+            S[m] = fma(fabs(b), fabs(a), S[m]);
+        }
+    for (size_t m = 0; k + m < K; m++) {
+        const double b = bf != NULL ? (double)bf[k + m] : Bs[k + m];
+        const double a = af != NULL ? (double)af[(k + m) * as] : Aj[k + m];
+        d[m] = fma(b, a, d[m]);
+        S[m] = fma(fabs(b), fabs(a), S[m]);
     }
     *dd = (d[0] + d[1]) + (d[2] + d[3]);
     *SS = (S[0] + S[1]) + (S[2] + S[3]);
