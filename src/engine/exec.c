@@ -1318,6 +1318,7 @@ typedef struct {
     pthread_cond_t cv;    /* a buffer was written, or a role was given up */
     wq_lane *lanes;       /* one per job */
     size_t n_lanes;
+    int role_waiters;     /* threads waiting in wq_role_take() */
     int failed;           /* the first error of the run (err, failed_job); queued writes after it are dropped */
     lm_err err;
     size_t failed_job;
@@ -1388,9 +1389,14 @@ static lm_code copy_task_bytes(const job *J, const task *tk, uint64_t from, uint
 }
 
 /* The writer's loop on lane L: its queued tiles, else a slice of its oldest copy, until it is
- * empty.  Called with q->mu held and L's role taken; the lock is let go around each write. */
-static void wq_drain(wqueue *q, wq_lane *L)
+ * empty.  Called with q->mu held and L's role taken; the lock is let go around each write, and
+ * the threads waiting for a buffer this loop has written are woken only then, with the lock let
+ * go: woken while it is held, a thread wakes only to sleep again at once on that lock (a futex
+ * wait and wake more, each a few microseconds on a virtual machine).
+ * @return 1 when a buffer written last has threads to wake (the caller wakes them, the lock let go) */
+static int wq_drain(wqueue *q, wq_lane *L)
 {
+    int wake = 0;
     for (;;) {
         wq_item it;
         lm_err e;
@@ -1402,15 +1408,19 @@ static void wq_drain(wqueue *q, wq_lane *L)
             L->head_tiles = (L->head_tiles + 1) % L->cap_tiles;
             L->n_tiles--;
             pthread_mutex_unlock(&q->mu);
+            if (wake)
+                pthread_cond_broadcast(&q->cv);
             if (!skip)
                 rc = lm_st_writer_pwrite(it.w, it.buf, (size_t)it.n, it.off, &e);
             pthread_mutex_lock(&q->mu);
-            if (--*it.busy == 0)
-                pthread_cond_broadcast(&q->cv);
+            wake = --*it.busy == 0;
         } else if (L->head_copies < L->n_copies) {
             it = L->copies[L->head_copies];
             const uint64_t n = it.tk->count - it.off < WQ_SLICE ? it.tk->count - it.off : WQ_SLICE;
             pthread_mutex_unlock(&q->mu);
+            if (wake)
+                pthread_cond_broadcast(&q->cv);
+            wake = 0;
             if (!skip)
                 rc = copy_task_bytes(it.J, it.tk, it.off, n, &e);
             pthread_mutex_lock(&q->mu);
@@ -1419,22 +1429,23 @@ static void wq_drain(wqueue *q, wq_lane *L)
             if (skip || c->off >= c->tk->count)
                 L->head_copies++;
         } else {
-            return;
+            return wake;
         }
         if (rc != LM_OK)
             wq_fail_locked(q, &e, it.jb);
     }
 }
 
-/* lane L written by this thread if no other is writing it; q->mu held */
-static void wq_kick_locked(wqueue *q, wq_lane *L)
+/* lane L written by this thread if no other is writing it; q->mu held.  @return 1: the caller
+ * wakes the waiting threads (pthread_cond_broadcast) once it has let the lock go */
+static int wq_kick_locked(wqueue *q, wq_lane *L)
 {
     if (L->writing)
-        return;
+        return 0;
     L->writing = 1;
-    wq_drain(q, L);
+    int wake = wq_drain(q, L);
     L->writing = 0;
-    pthread_cond_broadcast(&q->cv);
+    return wake || q->role_waiters > 0;
 }
 
 /* every lane with queued writes and no writer written here: cannot happen (an idle writer leaves
@@ -1446,7 +1457,8 @@ static int wq_kick_idle_locked(wqueue *q)
     for (size_t i = 0; i < q->n_lanes; i++) {
         wq_lane *L = &q->lanes[i];
         if (!L->writing && (L->n_tiles > 0 || L->head_copies < L->n_copies)) {
-            wq_kick_locked(q, L);
+            if (wq_kick_locked(q, L))
+                pthread_cond_broadcast(&q->cv);
             kicked = 1;
         }
     }
@@ -1470,8 +1482,10 @@ static void wq_put_copy(wqueue *q, job *J, size_t jb, const task *tk)
     wq_lane *L = &q->lanes[jb];
     if (L->n_copies < L->cap_copies) /* room for every copy task of the job (run_groups) */
         L->copies[L->n_copies++] = (wq_item){J, jb, NULL, NULL, 0, 0, tk, NULL};
-    wq_kick_locked(q, L);
+    const int wake = wq_kick_locked(q, L);
     pthread_mutex_unlock(&q->mu);
+    if (wake)
+        pthread_cond_broadcast(&q->cv);
 }
 
 /* ws->out: one of this thread's buffers with no write queued (the first such: the warmest), after
@@ -1509,20 +1523,24 @@ static void wq_wait_buffers(wqueue *q, workspace *ws)
 static void wq_role_take(wqueue *q, wq_lane *L)
 {
     pthread_mutex_lock(&q->mu);
+    q->role_waiters++;
     while (L->writing)
         pthread_cond_wait(&q->cv, &q->mu);
+    q->role_waiters--;
     L->writing = 1;
-    wq_drain(q, L);
+    const int wake = wq_drain(q, L);
     pthread_mutex_unlock(&q->mu);
+    if (wake)
+        pthread_cond_broadcast(&q->cv);
 }
 
 static void wq_role_give(wqueue *q, wq_lane *L)
 {
     pthread_mutex_lock(&q->mu);
-    wq_drain(q, L);
+    (void)wq_drain(q, L);
     L->writing = 0;
-    pthread_cond_broadcast(&q->cv);
     pthread_mutex_unlock(&q->mu);
+    pthread_cond_broadcast(&q->cv);
 }
 
 /* Task tk of job jb: a copy is queued; a tile is computed into ws->out, which is queued for the
@@ -1580,8 +1598,10 @@ static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint
             wq_put_locked(L, J, jb, sw, buf + at, pieces[k].n_bytes, sdst + pieces[k].offset, &ws->busy[ws->cur]);
             at += pieces[k].n_bytes;
         }
-        wq_kick_locked(q, L);
+        const int wake = wq_kick_locked(q, L);
         pthread_mutex_unlock(&q->mu);
+        if (wake)
+            pthread_cond_broadcast(&q->cv);
         wq_next_buffer(q, ws);
     }
     tensor_rt *rt = &J->rt[tk->tensor];
