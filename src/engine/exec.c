@@ -1290,9 +1290,7 @@ static lm_code write_transposed(lm_st_writer *w, uint64_t dst, const lm_plan_ten
  * (writing its outputs is most of a batch's work; one writer for all of them left the other
  * threads waiting for their buffers).  Same bytes at the same offsets as before: the order of the
  * writes is all that changes. */
-#define WQ_SLICE ((uint64_t)1 << 20) /* bytes of a copy done before the queued tiles are looked at again: a
-                                     * thread whose buffers all wait for the writer (doing the copies
-                                     * of the unchanged tensors, first in the run) waits at most ~0.3 ms */
+#define WQ_SLICE ((uint64_t)1 << 20) /* bytes of a copy done before the queued tiles are looked at again */
 
 typedef struct {
     job *J;
@@ -2286,11 +2284,11 @@ static void progress_add(batch *B, const job *J, const task *tk)
         return;
     const lm_plan_tensor *t = &J->plan->t[tk->tensor];
     uint64_t b = tk->copy ? tk->count : tk->count * t->cols * (lm_dtype_bits(t->dtype) / 8);
-#pragma omp critical(lm_progress)
-    {
-        B->done_bytes += b;
-        o0->progress(o0->progress_ctx, B->done_bytes, B->total_bytes);
-    }
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&mu);
+    B->done_bytes += b;
+    o0->progress(o0->progress_ctx, B->done_bytes, B->total_bytes);
+    pthread_mutex_unlock(&mu);
 }
 
 /* one group: the shared tile read once (several jobs computing it), then each job's task, from
@@ -2361,6 +2359,43 @@ static void wq_free(wqueue *q)
     free(q->lanes);
 }
 
+/* what the workers of a run share */
+typedef struct {
+    batch *B;
+    wqueue *q;
+    const member *m;
+    const size_t *g;
+    size_t n_groups;
+    size_t next; /* the next group to run (atomic) */
+    size_t max_elems;
+    int want_stats, want64;
+} group_run;
+
+/* a worker: the groups in turn, each to the first thread free for it (the fastest thread runs
+ * the most), with a workspace of its own */
+static void *group_worker(void *arg)
+{
+    group_run *R = arg;
+    batch *B = R->B;
+    wqueue *q = R->q;
+    workspace ws;
+    lm_err local;
+    lm_err_clear(&local);
+    size_t local_job = 0;
+    if (!alloc_workspace(&ws, R->max_elems, R->want64, WQ_BUFS) ||
+        (R->want_stats && !alloc_stats_workspace(&ws, R->max_elems)) ||
+        (B->n_jobs > 1 && (ws.raw = malloc(R->max_elems * sizeof(double) + 64)) == NULL))
+        lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
+    for (size_t k; local.code == LM_OK && !wq_failed(q) &&
+                   (k = __atomic_fetch_add(&R->next, 1, __ATOMIC_RELAXED)) < R->n_groups;)
+        run_group(B, q, &R->m[R->g[k]], R->g[k + 1] - R->g[k], k, &ws, &local_job, &local);
+    if (local.code != LM_OK)
+        wq_fail(q, &local, local_job);
+    wq_wait_buffers(q, &ws);
+    free_workspace(&ws);
+    return NULL;
+}
+
 /* the groups on n_threads threads, their writes through the write queue; the first error (and its
  * job) into err */
 static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_groups, int n_threads,
@@ -2379,27 +2414,18 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
     lm_code rc = wq_init(&q, B, n_threads, err);
     if (rc != LM_OK)
         return rc;
-#pragma omp parallel num_threads(n_threads)
-    {
-        workspace ws;
-        lm_err local;
-        lm_err_clear(&local);
-        size_t local_job = 0;
-        if (!alloc_workspace(&ws, max_elems, want64, WQ_BUFS) ||
-            (want_stats && !alloc_stats_workspace(&ws, max_elems)) ||
-            (B->n_jobs > 1 && (ws.raw = malloc(max_elems * sizeof(double) + 64)) == NULL))
-            lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
-#pragma omp for schedule(dynamic, 1)
-        for (size_t k = 0; k < n_groups; k++) {
-            if (wq_failed(&q) || local.code != LM_OK)
-                continue;
-            run_group(B, &q, &m[g[k]], g[k + 1] - g[k], k, &ws, &local_job, &local);
-        }
-        if (local.code != LM_OK)
-            wq_fail(&q, &local, local_job);
-        wq_wait_buffers(&q, &ws);
-        free_workspace(&ws);
-    }
+    group_run R = {B, &q, m, g, n_groups, 0, max_elems, want_stats, want64};
+    /* plain threads, not an OpenMP team: a thread done first waits (sleeps) for the others in
+     * the write queue and the join, where libgomp's barriers spin; one that cannot be created
+     * leaves its share to the others (the output does not depend on their number) */
+    pthread_t *th = calloc((size_t)n_threads, sizeof *th);
+    int n_started = 0;
+    while (th != NULL && n_started < n_threads - 1 && pthread_create(&th[n_started], NULL, group_worker, &R) == 0)
+        n_started++;
+    group_worker(&R);
+    for (int i = 0; i < n_started; i++)
+        pthread_join(th[i], NULL);
+    free(th);
     wq_free(&q);
     if (!q.failed)
         return LM_OK;
