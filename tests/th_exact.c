@@ -245,8 +245,7 @@ static long double tx_max_abs(const long double *D, uint64_t n) {
 static const char *const TX_MODE_NAMES[] = {"cancel", "tiny", "huge",
                                             "subnormal", "overflow"};
 
-/* the result's checks (the merge succeeded) */
-static void tx_check_case(const tx_type *ty, const tx_case *c,
+void tx_check_case(const tx_type *ty, const tx_case *c,
                           const th_run_result *res, const tx_t *w,
                           const long double *D, const long double *mag,
                           const char *bdt, tx_mode mode, const char *what) {
