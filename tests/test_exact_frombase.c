@@ -16,7 +16,9 @@
  * bf16, f16 and f32 bases; every case is also merged with --exactness-off, which gets elements
  * wrong (asserted for CANCEL in f16 and f32, HUGE and SUBNORMAL in f32): the checks can fail.  PSOFT's delta depends on the signs LAPACK gives
  * the singular vectors (R mixes them, as in PEFT): the reference takes the sign pattern that the
- * output matches, among the 2^(r-1) that differ; every element is then checked against it. */
+ * output matches, among the 2^(r-1) that differ; every element is then checked against it.
+ * PEANuT's adversarial cases take relu at depth 1; peanut_activations checks every other act_fn
+ * (transformers' ACT2FN definitions) at depth 2 (the golden case has relu at depth 0 only). */
 #include "th.h"
 #include "th_exact.h"
 
@@ -90,19 +92,68 @@ static double fb_gain(const char *bdt, tx_mode mode)
     return !strcmp(bdt, "BF16") ? 1e-4 : !strcmp(bdt, "F16") ? 1.5e-5 : 1e-9;
 }
 
-/* the magnitude relu(s) carries: none where s, of magnitude m, is negative beyond f64's noise
- * (the result is exactly 0 however s was rounded) */
-static long double fb_relu_mag(long double s, long double m)
+/* PEANuT's activation (transformers' ACT2FN, from their definitions) and depth: the adversarial
+ * modes take relu, depth 1; exact_frombase/peanut_activations every other */
+typedef enum { FA_RELU, FA_GELU, FA_GELU_TANH, FA_SILU, FA_TANH, FA_SIGMOID, FA_LINEAR } fb_act;
+static struct {
+    fb_act act;
+    const char *name; /* act_fn as the config says it */
+    int depth;
+    double w_scale; /* > 0: W ~ w_scale (the activations' test), else the mode's */
+} g_pn = {FA_RELU, "relu", 1, 0};
+
+static long double fb_act_of(long double x)
 {
-    return s < -ldexpl(m, -40) ? 0 : m;
+    const long double c = sqrtl(2 / 3.14159265358979323846264338327950288L);
+    switch (g_pn.act) {
+    case FA_RELU: return x > 0 ? x : 0;
+    case FA_GELU: return 0.5L * x * (1 + erfl(x / sqrtl(2)));
+    case FA_GELU_TANH: return 0.5L * x * (1 + tanhl(c * (x + 0.044715L * x * x * x)));
+    case FA_SILU: return x / (1 + expl(-x));
+    case FA_TANH: return tanhl(x);
+    case FA_SIGMOID: return 1 / (1 + expl(-x));
+    case FA_LINEAR: return x;
+    }
+    return x;
 }
 
-/* ---- PEANuT, depth 1, relu: H0 = relu(W^T A^T), H = relu(relu(H0 E^T) D^T) + H0, delta = B H^T
- * (scaling 1); M: the same chain on absolute values (the f64 evaluation's magnitude) ---- */
+/* the magnitude act(s) carries when s has magnitude m: an error of s moves act(s) by at most
+ * 1.13 times it (the largest slope, GELU's), act's own rounding is of |act(s)|; relu: none where s
+ * is negative beyond f64's noise (the result is exactly 0 however s was rounded) */
+static long double fb_act_mag(long double s, long double m)
+{
+    if (g_pn.act == FA_RELU)
+        return s < -ldexpl(m, -40) ? 0 : m;
+    return 1.13L * m + fabsl(fb_act_of(s));
+}
+
+/* H [i, q] <- act(H M^T) (+ res), and its magnitude */
+static void fb_peanut_layer(long double *H, long double *Hm, const double *Mx, const long double *res,
+                            const long double *resm)
+{
+    long double out[FB_I * FB_R], outm[FB_I * FB_R];
+    for (uint64_t i = 0; i < FB_I; i++)
+        for (uint64_t q = 0; q < FB_R; q++) {
+            long double s = 0, m = 0;
+            for (uint64_t j = 0; j < FB_R; j++) {
+                s += H[i * FB_R + j] * Mx[q * FB_R + j];
+                m += Hm[i * FB_R + j] * fabs(Mx[q * FB_R + j]);
+            }
+            out[i * FB_R + q] = fb_act_of(s) + (res ? res[i * FB_R + q] : 0);
+            outm[i * FB_R + q] = fb_act_mag(s, m) + (resm ? resm[i * FB_R + q] : 0);
+        }
+    memcpy(H, out, sizeof out);
+    memcpy(Hm, outm, sizeof outm);
+}
+
+/* ---- PEANuT (scaling 1): H = act(W^T A^T); res_k = H, H = act(H E_k^T) for k < depth; H =
+ * act(H D_k^T) + res_{depth-1-k}; delta = B H^T.  M: the f64 evaluation's magnitude.  Tensors:
+ * A, B, the encoders, the decoders ---- */
 static void fb_peanut_h(const tx_t *w, const tx_set *ad, long double *H, long double *M)
 {
-    const double *A = ad->t[0].v, *E = ad->t[2].v, *Dd = ad->t[3].v;
-    long double H0[FB_I][FB_R], M0[FB_I][FB_R], H1[FB_I][FB_R], M1[FB_I][FB_R];
+    const double *A = ad->t[0].v;
+    const int d = g_pn.depth;
+    long double res[4][FB_I * FB_R], resm[4][FB_I * FB_R];
     for (uint64_t i = 0; i < FB_I; i++)
         for (uint64_t q = 0; q < FB_R; q++) {
             long double s = 0, m = 0;
@@ -110,33 +161,32 @@ static void fb_peanut_h(const tx_t *w, const tx_set *ad, long double *H, long do
                 s += (long double)w->v[o * FB_I + i] * A[q * FB_O + o];
                 m += fabsl((long double)w->v[o * FB_I + i] * A[q * FB_O + o]);
             }
-            H0[i][q] = s > 0 ? s : 0;
-            M0[i][q] = fb_relu_mag(s, m);
+            H[i * FB_R + q] = fb_act_of(s);
+            M[i * FB_R + q] = fb_act_mag(s, m);
         }
-    for (uint64_t i = 0; i < FB_I; i++)
-        for (uint64_t q = 0; q < FB_R; q++) {
-            long double s = 0, m = 0;
-            for (uint64_t j = 0; j < FB_R; j++) {
-                s += H0[i][j] * E[q * FB_R + j];
-                m += M0[i][j] * fabs(E[q * FB_R + j]);
-            }
-            H1[i][q] = s > 0 ? s : 0;
-            M1[i][q] = fb_relu_mag(s, m);
-        }
-    for (uint64_t i = 0; i < FB_I; i++)
-        for (uint64_t q = 0; q < FB_R; q++) {
-            long double s = 0, m = 0;
-            for (uint64_t j = 0; j < FB_R; j++) {
-                s += H1[i][j] * Dd[q * FB_R + j];
-                m += M1[i][j] * fabs(Dd[q * FB_R + j]);
-            }
-            H[i * FB_R + q] = (s > 0 ? s : 0) + H0[i][q];
-            M[i * FB_R + q] = fb_relu_mag(s, m) + M0[i][q];
-        }
+    for (int k = 0; k < d; k++) {
+        memcpy(res[k], H, sizeof res[k]);
+        memcpy(resm[k], M, sizeof resm[k]);
+        fb_peanut_layer(H, M, ad->t[2 + k].v, NULL, NULL);
+    }
+    for (int k = 0; k < d; k++)
+        fb_peanut_layer(H, M, ad->t[2 + d + k].v, res[d - 1 - k], resm[d - 1 - k]);
+}
+
+/* the encoders (gain ge) and decoders (gain gd), numbered as PEFT saves them */
+static void fb_peanut_layers(tx_set *ad, double ge, double gd)
+{
+    char n[200];
+    for (int k = 0; k < 2 * g_pn.depth; k++) {
+        snprintf(n, sizeof n, FB_MOD "peanut_%s.%d.weight", k < g_pn.depth ? "encoders" : "decoders",
+                 k % g_pn.depth);
+        fb_param(ad, n, FB_R, FB_R, k < g_pn.depth ? ge : gd);
+    }
 }
 
 static const char *fb_peanut(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
 {
+    static char cfg[300];
     tx_t *A = tx_add(ad, FB_MOD "peanut_A.weight", "F32", 2, FB_R, FB_O);
     tx_t *B = tx_add(ad, FB_MOD "peanut_B.weight", "F32", 2, FB_O, FB_R);
     if (mode == TX_CANCEL || mode == TX_SUBNORMAL || mode == TX_OVERFLOW) {
@@ -154,15 +204,13 @@ static const char *fb_peanut(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
                 A->v[q * FB_O + o] = in ? 0.5 : (double)(float)(0.25 * k * fabs(th_rand_normal(&g_rng)));
                 B->v[o * FB_R + q] = !in ? 0 : mode == TX_OVERFLOW ? 0.25 : -0.5;
             }
-        fb_param(ad, FB_MOD "peanut_encoders.0.weight", FB_R, FB_R, k);
-        fb_param(ad, FB_MOD "peanut_decoders.0.weight", FB_R, FB_R, 1.0);
+        fb_peanut_layers(ad, k, 1.0);
     } else {
         /* W random, A, E, D random; B drawn so that the delta is g at its typical size */
-        fb_random_w(w, bdt, mode == TX_TINY ? 0.05 : 1e-6);
+        fb_random_w(w, bdt, g_pn.w_scale > 0 ? g_pn.w_scale : mode == TX_TINY ? 0.05 : 1e-6);
         for (uint64_t e = 0; e < A->n; e++)
             A->v[e] = fb_val(0.5);
-        fb_param(ad, FB_MOD "peanut_encoders.0.weight", FB_R, FB_R, 0.5);
-        fb_param(ad, FB_MOD "peanut_decoders.0.weight", FB_R, FB_R, 0.5);
+        fb_peanut_layers(ad, 0.5, 0.5);
         long double H[FB_I * FB_R], M[FB_I * FB_R], ss = 0;
         fb_peanut_h(w, ad, H, M);
         for (uint64_t e = 0; e < FB_I * FB_R; e++)
@@ -171,8 +219,9 @@ static const char *fb_peanut(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
         for (uint64_t e = 0; e < B->n; e++)
             B->v[e] = fb_val(fb_gain(bdt, mode) / rms / 2);
     }
-    return "{\"peft_type\": \"PEANUT\", \"r\": 4, \"depth\": 1, \"act_fn\": \"relu\", \"scaling\": 1.0, "
-           "\"target_modules\": [\"q_proj\"]}";
+    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"PEANUT\", \"r\": 4, \"depth\": %d, \"act_fn\": \"%s\", "
+             "\"scaling\": 1.0, \"target_modules\": [\"q_proj\"]}", g_pn.depth, g_pn.name);
+    return cfg;
 }
 
 static void fb_peanut_delta(const tx_t *w, const tx_set *ad, long double *D, long double *mag)
@@ -570,5 +619,28 @@ static const tx_type FB_TYPES[] = {
 };
 
 Test(exact_frombase, peanut, .timeout = 120) { fb_run_type(&FB_TYPES[FB_PEANUT]); }
+/* every act_fn lora-merge accepts for PEANuT, at depth 2 (two residual pairs): W ~1 and a delta ~4
+ * (pre-activations of order 1, where the GELU variants differ), bf16, f16 and f32, every element
+ * against the formula in long double */
+Test(exact_frombase, peanut_activations, .timeout = 120)
+{
+    static const struct {
+        fb_act act;
+        const char *name;
+    } acts[] = {{FA_RELU, "relu"}, {FA_GELU, "gelu"}, {FA_GELU_TANH, "gelu_new"}, {FA_GELU_TANH, "gelu_pytorch_tanh"},
+                {FA_SILU, "silu"}, {FA_SILU, "swish"}, {FA_TANH, "tanh"}, {FA_SIGMOID, "sigmoid"},
+                {FA_LINEAR, "linear"}};
+    static const char *const dts[3] = {"BF16", "F16", "F32"};
+    for (size_t k = 0; k < sizeof acts / sizeof *acts; k++) {
+        tx_type ty = FB_TYPES[FB_PEANUT];
+        ty.name = acts[k].name;
+        g_pn.act = acts[k].act;
+        g_pn.name = acts[k].name;
+        g_pn.depth = 2;
+        g_pn.w_scale = 1.0;
+        for (int d = 0; d < 3; d++)
+            fb_run_case(&ty, dts[d], TX_HUGE);
+    }
+}
 Test(exact_frombase, deft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_DEFT]); }
 Test(exact_frombase, psoft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_PSOFT]); }
