@@ -19,7 +19,9 @@
  * the singular vectors (R mixes them, as in PEFT): the reference takes the sign pattern that the
  * output matches, among the 2^(r-1) that differ; every element is then checked against it.
  * PEANuT's adversarial cases take relu at depth 1; peanut_activations checks every other act_fn
- * (transformers' ACT2FN definitions) at depth 2 (the golden case has relu at depth 0 only). */
+ * (transformers' ACT2FN definitions) at depth 2 (the golden case has relu at depth 0 only).
+ * DeFT's "qr" and para, PSOFT's pissa_init, free R and Cayley-Neumann variants: *_variants (DeFT
+ * qr's delta depends on the signs of LAPACK's Householder Q columns: chosen as PSOFT's are). */
 #include "th.h"
 #include "th_exact.h"
 
@@ -54,7 +56,7 @@ static tx_t *fb_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, do
 /* the relative spread of a block's rows (CANCEL's residue): a few ulps of the base dtype */
 static double fb_spread(const char *bdt)
 {
-    return !strcmp(bdt, "BF16") ? 0x1p-6 : !strcmp(bdt, "F16") ? 0x1p-9 : 0x1p-14;
+    return !strcmp(bdt, "BF16") ? 0x1p-6 : !strcmp(bdt, "F16") ? 0x1p-9 : 0x1p-12;
 }
 
 /* CANCEL's and SUBNORMAL's scale of W: SUBNORMAL puts the residues (spread * x) under the
@@ -242,11 +244,18 @@ static void fb_peanut_delta(const tx_t *w, const tx_set *ad, long double *D, lon
         }
 }
 
-/* ---- DeFT, relu, alpha 8 (s = 2): delta = P (s R - relu(P)^T W) ---- */
+/* the DeFT variant: decomposition_method "qr" (else "relu"), para (no deft_R) */
+static struct {
+    int qr, para;
+} g_df;
+
+/* ---- DeFT, alpha 8 (s = 2): delta = Q_P (s R - right^T W); relu: Q_P = P, right = relu(P); qr:
+ * Q_P = right = the Q of P's reduced QR; para: no R ---- */
 static const char *fb_deft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
 {
+    static char cfg[300];
     tx_t *P = tx_add(ad, FB_MOD "deft_P", "F32", 2, FB_O, FB_R);
-    tx_t *R = tx_add(ad, FB_MOD "deft_R", "F32", 2, FB_R, FB_I);
+    tx_t *R = g_df.para ? NULL : tx_add(ad, FB_MOD "deft_R", "F32", 2, FB_R, FB_I);
     if (mode == TX_CANCEL || mode == TX_SUBNORMAL || mode == TX_OVERFLOW) {
         /* P: the block indicator / 2, small negative entries elsewhere (relu drops them from
          * right^T W, Q_P keeps them); s R / 2 the size of the residue (OVERFLOW: W 60000, s R
@@ -260,29 +269,66 @@ static const char *fb_deft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
         for (uint64_t o = 0; o < FB_O; o++)
             for (uint64_t c = 0; c < FB_R; c++)
                 P->v[o * FB_R + c] = o / FB_BLK == c ? 0.5 : -(double)(float)(0.25 * k * fabs(th_rand_normal(&g_rng)));
-        for (uint64_t e = 0; e < R->n; e++)
+        for (uint64_t e = 0; R != NULL && e < R->n; e++)
             R->v[e] = mode == TX_OVERFLOW ? 80000 : fb_val(x * k);
     } else {
+        /* TINY, relu: P ~g (para: sqrt(g), the delta being P relu(P)^T W), R ~0.5; qr: Q_P
+         * Q_P^T W is of W's size whatever P, so TINY is one more case with R ~g */
         fb_random_w(w, bdt, mode == TX_TINY ? 0.05 : 1e-6);
         const double g = fb_gain(bdt, mode);
         for (uint64_t e = 0; e < P->n; e++)
-            P->v[e] = fb_val(mode == TX_TINY ? g : 1.0);
-        for (uint64_t e = 0; e < R->n; e++)
-            R->v[e] = fb_val(mode == TX_TINY ? 0.5 : g / 4);
+            P->v[e] = fb_val(mode != TX_TINY || g_df.qr ? 1.0 : g_df.para ? sqrt(g) : g);
+        for (uint64_t e = 0; R != NULL && e < R->n; e++)
+            R->v[e] = fb_val(mode == TX_TINY ? (g_df.qr ? g : 0.5) : g / 4);
     }
-    return "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 8, \"decomposition_method\": \"relu\", \"para\": false, "
-           "\"target_modules\": [\"q_proj\"]}";
+    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 8, \"decomposition_method\": \"%s\", "
+             "\"para\": %s, \"target_modules\": [\"q_proj\"]}", g_df.qr ? "qr" : "relu", g_df.para ? "true" : "false");
+    return cfg;
 }
 
-static void fb_deft_delta(const tx_t *w, const tx_set *ad, long double *D, long double *mag)
+/* Q of P's reduced QR up to its columns' signs (modified Gram-Schmidt twice, long double) */
+static void fb_deft_q(const double *P, long double Q[FB_O][FB_R])
 {
-    const double *P = ad->t[0].v, *R = ad->t[1].v;
-    long double F[FB_R][FB_I], Fm[FB_R][FB_I]; /* s R - relu(P)^T W and its magnitude */
+    for (uint64_t c = 0; c < FB_R; c++) {
+        for (uint64_t o = 0; o < FB_O; o++)
+            Q[o][c] = P[o * FB_R + c];
+        for (int pass = 0; pass < 2; pass++)
+            for (uint64_t j = 0; j < c; j++) {
+                long double d = 0;
+                for (uint64_t o = 0; o < FB_O; o++)
+                    d += Q[o][j] * Q[o][c];
+                for (uint64_t o = 0; o < FB_O; o++)
+                    Q[o][c] -= d * Q[o][j];
+            }
+        long double nn = 0;
+        for (uint64_t o = 0; o < FB_O; o++)
+            nn += Q[o][c] * Q[o][c];
+        for (uint64_t o = 0; o < FB_O; o++)
+            Q[o][c] /= sqrtl(nn);
+    }
+}
+
+/* the delta; qr: with Q's column c negated where bit c of sigma is set (LAPACK's signs) */
+static void fb_deft_delta(const tx_t *w, const tx_set *ad, unsigned sigma, long double *D, long double *mag)
+{
+    const double *P = ad->t[0].v, *R = g_df.para ? NULL : ad->t[1].v;
+    long double Qp[FB_O][FB_R], right[FB_O][FB_R];
+    if (g_df.qr)
+        fb_deft_q(P, Qp);
+    for (uint64_t o = 0; o < FB_O; o++)
+        for (uint64_t c = 0; c < FB_R; c++) {
+            if (g_df.qr)
+                Qp[o][c] = (sigma >> c) & 1 ? -Qp[o][c] : Qp[o][c];
+            else
+                Qp[o][c] = P[o * FB_R + c];
+            right[o][c] = g_df.qr ? Qp[o][c] : P[o * FB_R + c] > 0 ? P[o * FB_R + c] : 0;
+        }
+    long double F[FB_R][FB_I], Fm[FB_R][FB_I]; /* s R - right^T W and its magnitude */
     for (uint64_t c = 0; c < FB_R; c++)
         for (uint64_t i = 0; i < FB_I; i++) {
-            long double s = FB_DEFT_S * R[c * FB_I + i], m = fabsl(s);
+            long double s = R ? FB_DEFT_S * R[c * FB_I + i] : 0, m = fabsl(s);
             for (uint64_t o = 0; o < FB_O; o++) {
-                const long double t = (long double)(P[o * FB_R + c] > 0 ? P[o * FB_R + c] : 0) * w->v[o * FB_I + i];
+                const long double t = right[o][c] * w->v[o * FB_I + i];
                 s -= t;
                 m += fabsl(t);
             }
@@ -293,8 +339,8 @@ static void fb_deft_delta(const tx_t *w, const tx_set *ad, long double *D, long 
         for (uint64_t i = 0; i < FB_I; i++) {
             long double s = 0, m = 0;
             for (uint64_t c = 0; c < FB_R; c++) {
-                s += P[o * FB_R + c] * F[c][i];
-                m += fabs(P[o * FB_R + c]) * Fm[c][i];
+                s += Qp[o][c] * F[c][i];
+                m += fabsl(Qp[o][c]) * Fm[c][i];
             }
             D[o * FB_I + i] = s;
             mag[o * FB_I + i] = m;
@@ -575,24 +621,32 @@ static const char *fb_build(const tx_type *ty, const char *bdt, tx_mode mode, tx
     return NULL;
 }
 
-/* D and mag from the stored values; PSOFT: with the sign pattern the output matches */
+/* the delta of sign pattern sigma (PSOFT's singular pairs, DeFT qr's Q columns; else none) */
+static void fb_delta_of(const tx_type *ty, const tx_t *w, const tx_set *ad, unsigned sigma, long double *D,
+                        long double *mag)
+{
+    if ((fb_type)ty->id == FB_PEANUT)
+        fb_peanut_delta(w, ad, D, mag);
+    else if ((fb_type)ty->id == FB_DEFT)
+        fb_deft_delta(w, ad, sigma, D, mag);
+    else
+        fb_psoft_delta(ad, sigma, D, mag);
+}
+
+/* D and mag from the stored values, with the sign pattern the output matches (the signs LAPACK
+ * gives singular vectors or Householder Q columns, which these deltas depend on as PEFT's do) */
 static void fb_delta(const tx_type *ty, const tx_case *c, const tx_t *w, const tx_set *ad, const char *bdt,
                      long double *D, long double *mag)
 {
-    if ((fb_type)ty->id == FB_PEANUT) {
-        fb_peanut_delta(w, ad, D, mag);
-        return;
-    }
-    if ((fb_type)ty->id == FB_DEFT) {
-        fb_deft_delta(w, ad, D, mag);
-        return;
-    }
-    fb_svd(w);
+    const unsigned n_sigma = (fb_type)ty->id == FB_PSOFT ? 1u << (FB_PR - 1)
+                             : (fb_type)ty->id == FB_DEFT && g_df.qr ? 1u << FB_R : 1;
+    if ((fb_type)ty->id == FB_PSOFT)
+        fb_svd(w);
     double *out = tx_out_values(c->out, w->name, w->n);
     uint64_t best_miss = UINT64_MAX;
     unsigned best = 0;
-    for (unsigned sigma = 0; sigma < 1u << (FB_PR - 1); sigma++) {
-        fb_psoft_delta(ad, sigma, D, mag);
+    for (unsigned sigma = 0; n_sigma > 1 && sigma < n_sigma; sigma++) {
+        fb_delta_of(ty, w, ad, sigma, D, mag);
         uint64_t miss = 0;
         for (uint64_t e = 0; e < w->n; e++)
             miss += th_round_to((double)(w->v[e] + D[e]), bdt) != out[e];
@@ -602,7 +656,7 @@ static void fb_delta(const tx_type *ty, const tx_case *c, const tx_t *w, const t
         }
     }
     free(out);
-    fb_psoft_delta(ad, best, D, mag);
+    fb_delta_of(ty, w, ad, best, D, mag);
 }
 
 /* --exactness-off on the same inputs: how many elements whose exact value rounds unambiguously it
@@ -705,6 +759,25 @@ Test(exact_frombase, peanut_activations, .timeout = 120)
     }
 }
 Test(exact_frombase, deft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_DEFT]); }
+/* DeFT's other variants, every mode but the f16 overflow: "qr" (Q_P = right = Q of P's QR, LAPACK's
+ * Householder signs, which the injection s Q_P R depends on) and para (no R: -P relu(P)^T W) */
+Test(exact_frombase, deft_variants, .timeout = 240)
+{
+    static const struct {
+        const char *name;
+        int qr, para;
+    } vs[] = {{"deft qr", 1, 0}, {"deft para", 0, 1}, {"deft qr para", 1, 1}};
+    static const char *const dts[3] = {"BF16", "F16", "F32"};
+    for (size_t k = 0; k < sizeof vs / sizeof *vs; k++) {
+        tx_type ty = FB_TYPES[FB_DEFT];
+        ty.name = vs[k].name;
+        g_df.qr = vs[k].qr;
+        g_df.para = vs[k].para;
+        for (int d = 0; d < 3; d++)
+            for (int m = TX_CANCEL; m <= TX_SUBNORMAL; m++)
+                fb_run_case(&ty, dts[d], (tx_mode)m);
+    }
+}
 Test(exact_frombase, psoft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_PSOFT]); }
 /* PSOFT's other variants, every mode but the f16 overflow: pissa_init (sqrt(S) on both sides of
  * R - I, which R's off-diagonal terms tell from psoft_init's S on the left), a free R with and
