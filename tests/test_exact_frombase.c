@@ -556,25 +556,7 @@ static void fb_psoft_m(const tx_set *ad, long double M[FB_PR][FB_PR])
                 L[a][b] = (a == b) - Q[a][b];
                 L[a][FB_PR + b] = a == b;
             }
-        for (int p = 0; p < FB_PR; p++) {
-            int best = p;
-            for (int a = p + 1; a < FB_PR; a++)
-                best = fabsl(L[a][p]) > fabsl(L[best][p]) ? a : best;
-            for (int b = 0; b < 2 * FB_PR; b++) {
-                const long double t = L[p][b];
-                L[p][b] = L[best][b];
-                L[best][b] = t;
-            }
-            const long double d = L[p][p];
-            for (int b = 0; b < 2 * FB_PR; b++)
-                L[p][b] /= d;
-            for (int a = 0; a < FB_PR; a++)
-                if (a != p) {
-                    const long double f = L[a][p];
-                    for (int b = 0; b < 2 * FB_PR; b++)
-                        L[a][b] -= f * L[p][b];
-                }
-        }
+        tx_gauss_jordan(&L[0][0], FB_PR); /* L -> [I | (I - Q)^-1] */
         for (int a = 0; a < FB_PR; a++)
             for (int b = 0; b < FB_PR; b++)
                 for (int j = 0; j < FB_PR; j++)
@@ -715,12 +697,20 @@ static void fb_run_case(const tx_type *ty, const char *bdt, tx_mode mode)
     tx_case_free(&c, &base, &ad);
 }
 
-static void fb_run_type(const tx_type *ty)
+/* ty's cases in modes first .. last, bf16, f16 and f32, under the name `name` */
+static void fb_run_modes(const tx_type *ty, const char *name, tx_mode first, tx_mode last)
 {
     static const char *const dts[3] = {"BF16", "F16", "F32"};
+    tx_type named = *ty;
+    named.name = name;
     for (int d = 0; d < 3; d++)
-        for (int m = TX_CANCEL; m <= TX_SUBNORMAL; m++)
-            fb_run_case(ty, dts[d], (tx_mode)m);
+        for (int m = (int)first; m <= (int)last; m++)
+            fb_run_case(&named, dts[d], (tx_mode)m);
+}
+
+static void fb_run_type(const tx_type *ty)
+{
+    fb_run_modes(ty, ty->name, TX_CANCEL, TX_SUBNORMAL);
     fb_run_case(ty, "F16", TX_OVERFLOW);
 }
 
@@ -746,16 +736,12 @@ Test(exact_frombase, peanut_activations, .timeout = 120)
     } acts[] = {{FA_RELU, "relu"}, {FA_GELU, "gelu"}, {FA_GELU_TANH, "gelu_new"}, {FA_GELU_TANH, "gelu_pytorch_tanh"},
                 {FA_SILU, "silu"}, {FA_SILU, "swish"}, {FA_TANH, "tanh"}, {FA_SIGMOID, "sigmoid"},
                 {FA_LINEAR, "linear"}};
-    static const char *const dts[3] = {"BF16", "F16", "F32"};
     for (size_t k = 0; k < sizeof acts / sizeof *acts; k++) {
-        tx_type ty = FB_TYPES[FB_PEANUT];
-        ty.name = acts[k].name;
         g_pn.act = acts[k].act;
         g_pn.name = acts[k].name;
         g_pn.depth = 2;
         g_pn.w_scale = 1.0;
-        for (int d = 0; d < 3; d++)
-            fb_run_case(&ty, dts[d], TX_HUGE);
+        fb_run_modes(&FB_TYPES[FB_PEANUT], acts[k].name, TX_HUGE, TX_HUGE);
     }
 }
 Test(exact_frombase, deft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_DEFT]); }
@@ -767,15 +753,10 @@ Test(exact_frombase, deft_variants, .timeout = 240)
         const char *name;
         int qr, para;
     } vs[] = {{"deft qr", 1, 0}, {"deft para", 0, 1}, {"deft qr para", 1, 1}};
-    static const char *const dts[3] = {"BF16", "F16", "F32"};
     for (size_t k = 0; k < sizeof vs / sizeof *vs; k++) {
-        tx_type ty = FB_TYPES[FB_DEFT];
-        ty.name = vs[k].name;
         g_df.qr = vs[k].qr;
         g_df.para = vs[k].para;
-        for (int d = 0; d < 3; d++)
-            for (int m = TX_CANCEL; m <= TX_SUBNORMAL; m++)
-                fb_run_case(&ty, dts[d], (tx_mode)m);
+        fb_run_modes(&FB_TYPES[FB_DEFT], vs[k].name, TX_CANCEL, TX_SUBNORMAL);
     }
 }
 Test(exact_frombase, psoft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_PSOFT]); }
@@ -792,18 +773,13 @@ Test(exact_frombase, psoft_variants, .timeout = 240)
     } vs[] = {{"psoft pissa_init", 1, 1, 1, 0, 5, -1}, {"psoft free R", 0, 0, 1, 0, 5, -1},
               {"psoft free R, no vectors", 0, 0, 0, 0, 5, -1}, {"psoft neumann 5", 0, 1, 1, 1, 5, -1},
               {"psoft neumann 3, eps 0.1", 0, 1, 1, 1, 3, 0.1}, {"psoft pissa_init, neumann 4", 1, 1, 1, 1, 4, -1}};
-    static const char *const dts[3] = {"BF16", "F16", "F32"};
     for (size_t k = 0; k < sizeof vs / sizeof *vs; k++) {
-        tx_type ty = FB_TYPES[FB_PSOFT];
-        ty.name = vs[k].name;
         g_ps.pissa = vs[k].pissa;
         g_ps.orth = vs[k].orth;
         g_ps.mag = vs[k].mag;
         g_ps.neumann = vs[k].neumann;
         g_ps.terms = vs[k].terms;
         g_ps.eps = vs[k].eps;
-        for (int d = 0; d < 3; d++)
-            for (int m = TX_CANCEL; m <= TX_SUBNORMAL; m++)
-                fb_run_case(&ty, dts[d], (tx_mode)m);
+        fb_run_modes(&FB_TYPES[FB_PSOFT], vs[k].name, TX_CANCEL, TX_SUBNORMAL);
     }
 }
