@@ -8,8 +8,9 @@
  *    nearly equal rows, and the adapter subtracts the block's mean (peanut_A / deft_P the block
  *    indicator / 2, peanut_B = -A^T); what is left is the rows' spread and the adapter's other,
  *    small terms (encoder/decoder layers, deft_R, deft_P's negative entries that relu drops).
- *    PSOFT: W = U S Vh with known singular triplets (Hadamard rows, exact), R = diag(vb) Cayley(Q)
- *    diag(va) with vb ~2^-10, so W + U S (R - I) Vh = U S R Vh is 2^-10 of W;
+ *    PSOFT: W of rank r (random orthonormal triplets) rounded to the base dtype, its SVD computed
+ *    here (one-sided Jacobi in long double), R = diag(vb) Cayley(Q) diag(va) with vb ~2^-8, so
+ *    W + U S (R - I) Vh = U S R Vh + the rounding's part of W, ~2^-8 of W;
  *  - TINY: the delta far under an ulp of W ~0.05;  HUGE: W ~1e-6 of the delta;
  *  - SUBNORMAL: CANCEL at a scale whose results are subnormal in the output dtype;
  *  - an f16 result beyond 65504 refused naming the tensor, nothing written.
@@ -18,7 +19,9 @@
  * the singular vectors (R mixes them, as in PEFT): the reference takes the sign pattern that the
  * output matches, among the 2^(r-1) that differ; every element is then checked against it.
  * PEANuT's adversarial cases take relu at depth 1; peanut_activations checks every other act_fn
- * (transformers' ACT2FN definitions) at depth 2 (the golden case has relu at depth 0 only). */
+ * (transformers' ACT2FN definitions) at depth 2 (the golden case has relu at depth 0 only).
+ * DeFT's "qr" and para, PSOFT's pissa_init, free R and Cayley-Neumann variants: *_variants (DeFT
+ * qr's delta depends on the signs of LAPACK's Householder Q columns: chosen as PSOFT's are). */
 #include "th.h"
 #include "th_exact.h"
 
@@ -53,7 +56,7 @@ static tx_t *fb_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, do
 /* the relative spread of a block's rows (CANCEL's residue): a few ulps of the base dtype */
 static double fb_spread(const char *bdt)
 {
-    return !strcmp(bdt, "BF16") ? 0x1p-6 : !strcmp(bdt, "F16") ? 0x1p-9 : 0x1p-14;
+    return !strcmp(bdt, "BF16") ? 0x1p-6 : !strcmp(bdt, "F16") ? 0x1p-9 : 0x1p-12;
 }
 
 /* CANCEL's and SUBNORMAL's scale of W: SUBNORMAL puts the residues (spread * x) under the
@@ -241,11 +244,18 @@ static void fb_peanut_delta(const tx_t *w, const tx_set *ad, long double *D, lon
         }
 }
 
-/* ---- DeFT, relu, alpha 8 (s = 2): delta = P (s R - relu(P)^T W) ---- */
+/* the DeFT variant: decomposition_method "qr" (else "relu"), para (no deft_R) */
+static struct {
+    int qr, para;
+} g_df;
+
+/* ---- DeFT, alpha 8 (s = 2): delta = Q_P (s R - right^T W); relu: Q_P = P, right = relu(P); qr:
+ * Q_P = right = the Q of P's reduced QR; para: no R ---- */
 static const char *fb_deft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
 {
+    static char cfg[300];
     tx_t *P = tx_add(ad, FB_MOD "deft_P", "F32", 2, FB_O, FB_R);
-    tx_t *R = tx_add(ad, FB_MOD "deft_R", "F32", 2, FB_R, FB_I);
+    tx_t *R = g_df.para ? NULL : tx_add(ad, FB_MOD "deft_R", "F32", 2, FB_R, FB_I);
     if (mode == TX_CANCEL || mode == TX_SUBNORMAL || mode == TX_OVERFLOW) {
         /* P: the block indicator / 2, small negative entries elsewhere (relu drops them from
          * right^T W, Q_P keeps them); s R / 2 the size of the residue (OVERFLOW: W 60000, s R
@@ -259,29 +269,66 @@ static const char *fb_deft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
         for (uint64_t o = 0; o < FB_O; o++)
             for (uint64_t c = 0; c < FB_R; c++)
                 P->v[o * FB_R + c] = o / FB_BLK == c ? 0.5 : -(double)(float)(0.25 * k * fabs(th_rand_normal(&g_rng)));
-        for (uint64_t e = 0; e < R->n; e++)
+        for (uint64_t e = 0; R != NULL && e < R->n; e++)
             R->v[e] = mode == TX_OVERFLOW ? 80000 : fb_val(x * k);
     } else {
+        /* TINY, relu: P ~g (para: sqrt(g), the delta being P relu(P)^T W), R ~0.5; qr: Q_P
+         * Q_P^T W is of W's size whatever P, so TINY is one more case with R ~g */
         fb_random_w(w, bdt, mode == TX_TINY ? 0.05 : 1e-6);
         const double g = fb_gain(bdt, mode);
         for (uint64_t e = 0; e < P->n; e++)
-            P->v[e] = fb_val(mode == TX_TINY ? g : 1.0);
-        for (uint64_t e = 0; e < R->n; e++)
-            R->v[e] = fb_val(mode == TX_TINY ? 0.5 : g / 4);
+            P->v[e] = fb_val(mode != TX_TINY || g_df.qr ? 1.0 : g_df.para ? sqrt(g) : g);
+        for (uint64_t e = 0; R != NULL && e < R->n; e++)
+            R->v[e] = fb_val(mode == TX_TINY ? (g_df.qr ? g : 0.5) : g / 4);
     }
-    return "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 8, \"decomposition_method\": \"relu\", \"para\": false, "
-           "\"target_modules\": [\"q_proj\"]}";
+    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 8, \"decomposition_method\": \"%s\", "
+             "\"para\": %s, \"target_modules\": [\"q_proj\"]}", g_df.qr ? "qr" : "relu", g_df.para ? "true" : "false");
+    return cfg;
 }
 
-static void fb_deft_delta(const tx_t *w, const tx_set *ad, long double *D, long double *mag)
+/* Q of P's reduced QR up to its columns' signs (modified Gram-Schmidt twice, long double) */
+static void fb_deft_q(const double *P, long double Q[FB_O][FB_R])
 {
-    const double *P = ad->t[0].v, *R = ad->t[1].v;
-    long double F[FB_R][FB_I], Fm[FB_R][FB_I]; /* s R - relu(P)^T W and its magnitude */
+    for (uint64_t c = 0; c < FB_R; c++) {
+        for (uint64_t o = 0; o < FB_O; o++)
+            Q[o][c] = P[o * FB_R + c];
+        for (int pass = 0; pass < 2; pass++)
+            for (uint64_t j = 0; j < c; j++) {
+                long double d = 0;
+                for (uint64_t o = 0; o < FB_O; o++)
+                    d += Q[o][j] * Q[o][c];
+                for (uint64_t o = 0; o < FB_O; o++)
+                    Q[o][c] -= d * Q[o][j];
+            }
+        long double nn = 0;
+        for (uint64_t o = 0; o < FB_O; o++)
+            nn += Q[o][c] * Q[o][c];
+        for (uint64_t o = 0; o < FB_O; o++)
+            Q[o][c] /= sqrtl(nn);
+    }
+}
+
+/* the delta; qr: with Q's column c negated where bit c of sigma is set (LAPACK's signs) */
+static void fb_deft_delta(const tx_t *w, const tx_set *ad, unsigned sigma, long double *D, long double *mag)
+{
+    const double *P = ad->t[0].v, *R = g_df.para ? NULL : ad->t[1].v;
+    long double Qp[FB_O][FB_R], right[FB_O][FB_R];
+    if (g_df.qr)
+        fb_deft_q(P, Qp);
+    for (uint64_t o = 0; o < FB_O; o++)
+        for (uint64_t c = 0; c < FB_R; c++) {
+            if (g_df.qr)
+                Qp[o][c] = (sigma >> c) & 1 ? -Qp[o][c] : Qp[o][c];
+            else
+                Qp[o][c] = P[o * FB_R + c];
+            right[o][c] = g_df.qr ? Qp[o][c] : P[o * FB_R + c] > 0 ? P[o * FB_R + c] : 0;
+        }
+    long double F[FB_R][FB_I], Fm[FB_R][FB_I]; /* s R - right^T W and its magnitude */
     for (uint64_t c = 0; c < FB_R; c++)
         for (uint64_t i = 0; i < FB_I; i++) {
-            long double s = FB_DEFT_S * R[c * FB_I + i], m = fabsl(s);
+            long double s = R ? FB_DEFT_S * R[c * FB_I + i] : 0, m = fabsl(s);
             for (uint64_t o = 0; o < FB_O; o++) {
-                const long double t = (long double)(P[o * FB_R + c] > 0 ? P[o * FB_R + c] : 0) * w->v[o * FB_I + i];
+                const long double t = right[o][c] * w->v[o * FB_I + i];
                 s -= t;
                 m += fabsl(t);
             }
@@ -292,8 +339,8 @@ static void fb_deft_delta(const tx_t *w, const tx_set *ad, long double *D, long 
         for (uint64_t i = 0; i < FB_I; i++) {
             long double s = 0, m = 0;
             for (uint64_t c = 0; c < FB_R; c++) {
-                s += P[o * FB_R + c] * F[c][i];
-                m += fabs(P[o * FB_R + c]) * Fm[c][i];
+                s += Qp[o][c] * F[c][i];
+                m += fabsl(Qp[o][c]) * Fm[c][i];
             }
             D[o * FB_I + i] = s;
             mag[o * FB_I + i] = m;
@@ -332,6 +379,13 @@ static void fb_orthonormal(double *x, int n, int len)
     }
 }
 
+/* the PSOFT variant: pissa_init (else psoft_init), psoft_orth, psoft_mag_a and _b, Cayley-Neumann
+ * with `terms` terms and eps (< 0: null); exact_frombase/psoft takes the defaults */
+static struct {
+    int pissa, orth, mag, neumann, terms;
+    double eps;
+} g_ps = {0, 1, 1, 0, 5, -1};
+
 static const char *fb_psoft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
 {
     const int f16 = !strcmp(bdt, "F16"), K = mode == TX_TINY || mode == TX_HUGE ? FB_K : FB_PR;
@@ -346,31 +400,47 @@ static const char *fb_psoft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
             w->v[o * FB_PI + i] = x;
             top = fabs(x) > top ? fabs(x) : top;
         }
-    /* the largest |W|: CANCEL 1; TINY 0.1; HUGE 1e-6; SUBNORMAL with residues (2^-10 of W) under
+    /* the largest |W|: CANCEL 1; TINY 0.1; HUGE 1e-6; SUBNORMAL with residues (2^-8 of W) under
      * the smallest normal; OVERFLOW 58000, 1.5 W beyond f16 */
     const double x = mode == TX_TINY ? 0.1 : mode == TX_HUGE ? 1e-6 : mode == TX_OVERFLOW ? 58000
                      : mode == TX_SUBNORMAL ? (f16 ? 0x1p-6 : 0x1p-118) : 1.0;
     for (uint64_t e = 0; e < w->n; e++)
         w->v[e] = th_round_to(w->v[e] * x / top, bdt);
-    /* the skew part, then vector_a, vector_b (CANCEL: R ~2^-10, so W + delta = U S R Vh + the
-     * part of W beyond r, both small) */
-    tx_t *q = fb_param(ad, FB_MOD "psoft_R.weight", FB_PR * (FB_PR - 1) / 2, 0, 0.3);
-    tx_t *va = fb_param(ad, FB_MOD "psoft_R.vector_a", FB_PR, 0, 1.0);
-    tx_t *vb = fb_param(ad, FB_MOD "psoft_R.vector_b", FB_PR, 0, 0x1p-10);
-    if (mode == TX_TINY || mode == TX_OVERFLOW) { /* R = I + 2Q ~ g; OVERFLOW: R = 1.5 I, 1.5 W */
+    /* the skew part (or the free R), then vector_a, vector_b (CANCEL: R ~2^-8, so W + delta =
+     * U S R Vh + the part of W beyond r, both small) */
+    const int orth = g_ps.orth, n_w = orth ? FB_PR * (FB_PR - 1) / 2 : FB_PR * FB_PR;
+    tx_t *q = fb_param(ad, FB_MOD "psoft_R.weight", (uint64_t)n_w, 0, orth || g_ps.mag ? 0.3 : 0x1p-10);
+    if (!orth) {
+        q->nd = 2;
+        q->shape[0] = q->shape[1] = FB_PR;
+    }
+    tx_t *va = g_ps.mag ? fb_param(ad, FB_MOD "psoft_R.vector_a", FB_PR, 0, 1.0) : NULL;
+    tx_t *vb = g_ps.mag ? fb_param(ad, FB_MOD "psoft_R.vector_b", FB_PR, 0, 0x1p-8) : NULL;
+    cr_assert(g_ps.mag || !orth || mode == TX_TINY, "an orthogonal R without vectors is never small nor huge");
+    if (mode == TX_TINY || mode == TX_OVERFLOW) { /* R = I + 2Q ~ g (free: I + g); OVERFLOW: R = 1.5 I, 1.5 W */
         for (uint64_t e = 0; e < q->n; e++)
-            q->v[e] = mode == TX_OVERFLOW ? 0 : fb_val(fb_gain(bdt, mode));
-        for (uint64_t e = 0; e < FB_PR; e++) {
+            q->v[e] = mode == TX_OVERFLOW ? 0 : (double)(float)(fb_val(fb_gain(bdt, mode)) + (!orth && e % (FB_PR + 1) == 0));
+        for (uint64_t e = 0; va != NULL && e < FB_PR; e++) {
             va->v[e] = 1;
             vb->v[e] = mode == TX_OVERFLOW ? 1.5 : 1;
         }
     } else if (mode == TX_HUGE) {
-        for (uint64_t e = 0; e < FB_PR; e++)
+        for (uint64_t e = 0; vb != NULL && e < FB_PR; e++)
             vb->v[e] = fb_val(4e6);
+        for (uint64_t e = 0; vb == NULL && e < q->n; e++)
+            q->v[e] = fb_val(4e6);
     }
-    return "{\"peft_type\": \"PSOFT\", \"r\": 3, \"psoft_alpha\": 32, \"psoft_orth\": true, \"psoft_mag_a\": true, "
-           "\"psoft_mag_b\": true, \"use_cayley_neumann\": false, \"ab_svd_init\": \"psoft_init\", "
-           "\"psoft_svd\": \"full\", \"target_modules\": [\"q_proj\"]}";
+    static char cfg[600];
+    char eps[32] = "null";
+    if (g_ps.eps >= 0)
+        snprintf(eps, sizeof eps, "%g", g_ps.eps);
+    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"PSOFT\", \"r\": 3, \"psoft_alpha\": 32, \"psoft_orth\": %s, "
+             "\"psoft_mag_a\": %s, \"psoft_mag_b\": %s, \"use_cayley_neumann\": %s, \"num_cayley_neumann_terms\": %d, "
+             "\"cayley_neumann_eps\": %s, \"ab_svd_init\": \"%s\", \"psoft_svd\": \"full\", "
+             "\"target_modules\": [\"q_proj\"]}", orth ? "true" : "false", g_ps.mag ? "true" : "false",
+             g_ps.mag ? "true" : "false", g_ps.neumann ? "true" : "false", g_ps.terms, eps,
+             g_ps.pissa ? "pissa_init" : "psoft_init");
+    return cfg;
 }
 
 /* g_svd from W [FB_O, FB_PI]: Jacobi rotations J orthogonalise the columns of W^T (W^T J = V S),
@@ -437,47 +507,64 @@ static void fb_svd(const tx_t *w)
     }
 }
 
-/* (I + Q)(I - Q)^-1 - I, scaled: rows by vb, columns by va, in long double (Gauss-Jordan) */
+/* R - I in long double: R = diag(vb) R0 diag(va), R0 the free matrix, or from the skew Q
+ * (projected to Frobenius norm eps when larger): Cayley (I + Q)(I - Q)^-1 (Gauss-Jordan), or
+ * PEFT's Neumann loop: I + 2Q (t = 2); I + 2Q + 2Q^2 + 2Q^3 + ... + 2Q^(t-2) + Q^(t-1) (t > 2; t = 3 as 4) */
 static void fb_psoft_m(const tx_set *ad, long double M[FB_PR][FB_PR])
 {
-    const double *w = ad->t[0].v, *va = ad->t[1].v, *vb = ad->t[2].v;
-    long double Q[FB_PR][FB_PR] = {{0}}, L[FB_PR][2 * FB_PR];
-    for (int a = 0, t = 0; a < FB_PR; a++)
+    const double *w = ad->t[0].v, *va = g_ps.mag ? ad->t[1].v : NULL, *vb = g_ps.mag ? ad->t[2].v : NULL;
+    long double Q[FB_PR][FB_PR] = {{0}}, R0[FB_PR][FB_PR] = {{0}}, L[FB_PR][2 * FB_PR];
+    for (int a = 0, t = 0; g_ps.orth && a < FB_PR; a++)
         for (int b = a + 1; b < FB_PR; b++, t++) {
             Q[a][b] = w[t];
             Q[b][a] = -(long double)w[t];
         }
-    for (int a = 0; a < FB_PR; a++)
-        for (int b = 0; b < FB_PR; b++) {
-            L[a][b] = (a == b) - Q[a][b];
-            L[a][FB_PR + b] = a == b;
-        }
-    for (int p = 0; p < FB_PR; p++) {
-        int best = p;
-        for (int a = p + 1; a < FB_PR; a++)
-            best = fabsl(L[a][p]) > fabsl(L[best][p]) ? a : best;
-        for (int b = 0; b < 2 * FB_PR; b++) {
-            const long double t = L[p][b];
-            L[p][b] = L[best][b];
-            L[best][b] = t;
-        }
-        const long double d = L[p][p];
-        for (int b = 0; b < 2 * FB_PR; b++)
-            L[p][b] /= d;
+    if (!g_ps.orth) {
         for (int a = 0; a < FB_PR; a++)
-            if (a != p) {
-                const long double f = L[a][p];
-                for (int b = 0; b < 2 * FB_PR; b++)
-                    L[a][b] -= f * L[p][b];
+            for (int b = 0; b < FB_PR; b++)
+                R0[a][b] = w[a * FB_PR + b];
+    } else if (g_ps.neumann) {
+        long double nn = 0;
+        for (int a = 0; a < FB_PR; a++)
+            for (int b = 0; b < FB_PR; b++)
+                nn += Q[a][b] * Q[a][b];
+        const long double f = g_ps.eps >= 0 && sqrtl(nn) > g_ps.eps ? g_ps.eps / (sqrtl(nn) + 1e-12L) : 1;
+        long double P[FB_PR][FB_PR], X[FB_PR][FB_PR];
+        for (int a = 0; a < FB_PR; a++)
+            for (int b = 0; b < FB_PR; b++) {
+                Q[a][b] *= f;
+                P[a][b] = Q[a][b];
+                R0[a][b] = a == b;
             }
+        const int t = g_ps.terms, top = t <= 1 ? 0 : t == 2 ? 1 : t == 3 ? 3 : t - 1;
+        for (int k = 1; k <= top; k++) {
+            const long double c = k == top && t > 2 ? 1 : 2;
+            for (int a = 0; a < FB_PR; a++)
+                for (int b = 0; b < FB_PR; b++)
+                    R0[a][b] += c * P[a][b];
+            for (int a = 0; a < FB_PR; a++)
+                for (int b = 0; b < FB_PR; b++) {
+                    X[a][b] = 0;
+                    for (int j = 0; j < FB_PR; j++)
+                        X[a][b] += P[a][j] * Q[j][b];
+                }
+            memcpy(P, X, sizeof P);
+        }
+    } else {
+        for (int a = 0; a < FB_PR; a++)
+            for (int b = 0; b < FB_PR; b++) {
+                L[a][b] = (a == b) - Q[a][b];
+                L[a][FB_PR + b] = a == b;
+            }
+        tx_gauss_jordan(&L[0][0], FB_PR); /* L -> [I | (I - Q)^-1] */
+        for (int a = 0; a < FB_PR; a++)
+            for (int b = 0; b < FB_PR; b++)
+                for (int j = 0; j < FB_PR; j++)
+                    R0[a][b] += ((a == j) + Q[a][j]) * L[j][FB_PR + b];
     }
     for (int a = 0; a < FB_PR; a++)
-        for (int b = 0; b < FB_PR; b++) {
-            long double s = 0;
-            for (int j = 0; j < FB_PR; j++)
-                s += ((a == j) + Q[a][j]) * L[j][FB_PR + b];
-            M[a][b] = vb[a] * s * va[b] - (a == b);
-        }
+        for (int b = 0; b < FB_PR; b++)
+            M[a][b] = (vb ? vb[a] : 1) * R0[a][b] * (va ? va[b] : 1) - (a == b);
 }
 
 /* the delta with singular vector signs sigma (bit a-1: pair a flipped; pair 0 kept) */
@@ -491,7 +578,10 @@ static void fb_psoft_delta(const tx_set *ad, unsigned sigma, long double *D, lon
             for (int a = 0; a < FB_PR; a++)
                 for (int b = 0; b < FB_PR; b++) {
                     const int sg = (a > 0 && (sigma >> (a - 1)) & 1) != (b > 0 && (sigma >> (b - 1)) & 1);
-                    const long double t = g_svd.U[o][a] * g_svd.S[a] * M[a][b] * g_svd.V[i][b];
+                    /* psoft_init: S_a on the left; pissa_init: sqrt(S_a / scaling) both sides,
+                     * times the op's scaling */
+                    const long double sab = g_ps.pissa ? sqrtl(g_svd.S[a] * g_svd.S[b]) : g_svd.S[a];
+                    const long double t = g_svd.U[o][a] * sab * M[a][b] * g_svd.V[i][b];
                     s += sg ? -t : t;
                     m += fabsl(t);
                 }
@@ -513,24 +603,32 @@ static const char *fb_build(const tx_type *ty, const char *bdt, tx_mode mode, tx
     return NULL;
 }
 
-/* D and mag from the stored values; PSOFT: with the sign pattern the output matches */
+/* the delta of sign pattern sigma (PSOFT's singular pairs, DeFT qr's Q columns; else none) */
+static void fb_delta_of(const tx_type *ty, const tx_t *w, const tx_set *ad, unsigned sigma, long double *D,
+                        long double *mag)
+{
+    if ((fb_type)ty->id == FB_PEANUT)
+        fb_peanut_delta(w, ad, D, mag);
+    else if ((fb_type)ty->id == FB_DEFT)
+        fb_deft_delta(w, ad, sigma, D, mag);
+    else
+        fb_psoft_delta(ad, sigma, D, mag);
+}
+
+/* D and mag from the stored values, with the sign pattern the output matches (the signs LAPACK
+ * gives singular vectors or Householder Q columns, which these deltas depend on as PEFT's do) */
 static void fb_delta(const tx_type *ty, const tx_case *c, const tx_t *w, const tx_set *ad, const char *bdt,
                      long double *D, long double *mag)
 {
-    if ((fb_type)ty->id == FB_PEANUT) {
-        fb_peanut_delta(w, ad, D, mag);
-        return;
-    }
-    if ((fb_type)ty->id == FB_DEFT) {
-        fb_deft_delta(w, ad, D, mag);
-        return;
-    }
-    fb_svd(w);
+    const unsigned n_sigma = (fb_type)ty->id == FB_PSOFT ? 1u << (FB_PR - 1)
+                             : (fb_type)ty->id == FB_DEFT && g_df.qr ? 1u << FB_R : 1;
+    if ((fb_type)ty->id == FB_PSOFT)
+        fb_svd(w);
     double *out = tx_out_values(c->out, w->name, w->n);
     uint64_t best_miss = UINT64_MAX;
     unsigned best = 0;
-    for (unsigned sigma = 0; sigma < 1u << (FB_PR - 1); sigma++) {
-        fb_psoft_delta(ad, sigma, D, mag);
+    for (unsigned sigma = 0; n_sigma > 1 && sigma < n_sigma; sigma++) {
+        fb_delta_of(ty, w, ad, sigma, D, mag);
         uint64_t miss = 0;
         for (uint64_t e = 0; e < w->n; e++)
             miss += th_round_to((double)(w->v[e] + D[e]), bdt) != out[e];
@@ -540,7 +638,7 @@ static void fb_delta(const tx_type *ty, const tx_case *c, const tx_t *w, const t
         }
     }
     free(out);
-    fb_psoft_delta(ad, best, D, mag);
+    fb_delta_of(ty, w, ad, best, D, mag);
 }
 
 /* --exactness-off on the same inputs: how many elements whose exact value rounds unambiguously it
@@ -599,12 +697,20 @@ static void fb_run_case(const tx_type *ty, const char *bdt, tx_mode mode)
     tx_case_free(&c, &base, &ad);
 }
 
-static void fb_run_type(const tx_type *ty)
+/* ty's cases in modes first .. last, bf16, f16 and f32, under the name `name` */
+static void fb_run_modes(const tx_type *ty, const char *name, tx_mode first, tx_mode last)
 {
     static const char *const dts[3] = {"BF16", "F16", "F32"};
+    tx_type named = *ty;
+    named.name = name;
     for (int d = 0; d < 3; d++)
-        for (int m = TX_CANCEL; m <= TX_SUBNORMAL; m++)
-            fb_run_case(ty, dts[d], (tx_mode)m);
+        for (int m = (int)first; m <= (int)last; m++)
+            fb_run_case(&named, dts[d], (tx_mode)m);
+}
+
+static void fb_run_type(const tx_type *ty)
+{
+    fb_run_modes(ty, ty->name, TX_CANCEL, TX_SUBNORMAL);
     fb_run_case(ty, "F16", TX_OVERFLOW);
 }
 
@@ -630,17 +736,50 @@ Test(exact_frombase, peanut_activations, .timeout = 120)
     } acts[] = {{FA_RELU, "relu"}, {FA_GELU, "gelu"}, {FA_GELU_TANH, "gelu_new"}, {FA_GELU_TANH, "gelu_pytorch_tanh"},
                 {FA_SILU, "silu"}, {FA_SILU, "swish"}, {FA_TANH, "tanh"}, {FA_SIGMOID, "sigmoid"},
                 {FA_LINEAR, "linear"}};
-    static const char *const dts[3] = {"BF16", "F16", "F32"};
     for (size_t k = 0; k < sizeof acts / sizeof *acts; k++) {
-        tx_type ty = FB_TYPES[FB_PEANUT];
-        ty.name = acts[k].name;
         g_pn.act = acts[k].act;
         g_pn.name = acts[k].name;
         g_pn.depth = 2;
         g_pn.w_scale = 1.0;
-        for (int d = 0; d < 3; d++)
-            fb_run_case(&ty, dts[d], TX_HUGE);
+        fb_run_modes(&FB_TYPES[FB_PEANUT], acts[k].name, TX_HUGE, TX_HUGE);
     }
 }
 Test(exact_frombase, deft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_DEFT]); }
+/* DeFT's other variants, every mode but the f16 overflow: "qr" (Q_P = right = Q of P's QR, LAPACK's
+ * Householder signs, which the injection s Q_P R depends on) and para (no R: -P relu(P)^T W) */
+Test(exact_frombase, deft_variants, .timeout = 240)
+{
+    static const struct {
+        const char *name;
+        int qr, para;
+    } vs[] = {{"deft qr", 1, 0}, {"deft para", 0, 1}, {"deft qr para", 1, 1}};
+    for (size_t k = 0; k < sizeof vs / sizeof *vs; k++) {
+        g_df.qr = vs[k].qr;
+        g_df.para = vs[k].para;
+        fb_run_modes(&FB_TYPES[FB_DEFT], vs[k].name, TX_CANCEL, TX_SUBNORMAL);
+    }
+}
 Test(exact_frombase, psoft, .timeout = 120) { fb_run_type(&FB_TYPES[FB_PSOFT]); }
+/* PSOFT's other variants, every mode but the f16 overflow: pissa_init (sqrt(S) on both sides of
+ * R - I, which R's off-diagonal terms tell from psoft_init's S on the left), a free R with and
+ * without the vectors, PEFT's Cayley-Neumann series (5 terms; 3 terms with the projection of Q to
+ * Frobenius norm 0.1), and pissa_init with 4 Neumann terms */
+Test(exact_frombase, psoft_variants, .timeout = 240)
+{
+    static const struct {
+        const char *name;
+        int pissa, orth, mag, neumann, terms;
+        double eps;
+    } vs[] = {{"psoft pissa_init", 1, 1, 1, 0, 5, -1}, {"psoft free R", 0, 0, 1, 0, 5, -1},
+              {"psoft free R, no vectors", 0, 0, 0, 0, 5, -1}, {"psoft neumann 5", 0, 1, 1, 1, 5, -1},
+              {"psoft neumann 3, eps 0.1", 0, 1, 1, 1, 3, 0.1}, {"psoft pissa_init, neumann 4", 1, 1, 1, 1, 4, -1}};
+    for (size_t k = 0; k < sizeof vs / sizeof *vs; k++) {
+        g_ps.pissa = vs[k].pissa;
+        g_ps.orth = vs[k].orth;
+        g_ps.mag = vs[k].mag;
+        g_ps.neumann = vs[k].neumann;
+        g_ps.terms = vs[k].terms;
+        g_ps.eps = vs[k].eps;
+        fb_run_modes(&FB_TYPES[FB_PSOFT], vs[k].name, TX_CANCEL, TX_SUBNORMAL);
+    }
+}

@@ -122,6 +122,10 @@ void tx_check_case(const tx_type *ty, const tx_case *c,
                    const long double *D, const long double *mag,
                    const char *bdt, tx_mode mode, const char *what);
 
+/* Gauss-Jordan with partial pivoting on the n x 2n long-double rows at A
+ * (row-major, [M | I]): A becomes [I | M^-1] */
+void tx_gauss_jordan(long double *A, int n);
+
 /* tx_run_case for bf16, f16 and f32 bases in every mode, and f16 OVERFLOW */
 void tx_run_type(const tx_type *ty);
 
