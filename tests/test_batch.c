@@ -290,13 +290,15 @@ Test(batch, bad_entries_refused_before_anything_is_written, .timeout = 300)
         snprintf(a, sizeof a, "%s %s", F.base, p);
         bt_refused(&F, a, files[i].status, needle);
     }
-    /* the same through --job; a job that changes nothing (a zero weight) and one that changes
-     * nothing once rounded, over an earlier merge: both found only after the tiles are written,
-     * and no job is committed, not even the first */
+    /* the same through --job; a job that changes nothing (a zero weight: found when planned, as a
+     * dry run finds it) and one that changes nothing once rounded, over an earlier merge (found only
+     * after the tiles are written): no job is committed, not even the first */
     snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job", F.base, t);
     bt_refused(&F, a, 2, "job 2: expected BASE ADAPTER_DIR OUT");
     snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job --scale 0 %s/m/adapter n2/", F.base, t, t);
-    bt_refused(&F, a, 1, "NoOp: job 2 (n2/): the merge changes no element");
+    bt_refused(&F, a, 1, "NoOp: job 2 (n2/): every delta of the adapter is multiplied by 0");
+    snprintf(a, sizeof a, "%s --job --dry-run %s/m/adapter n1/ --job --dry-run --scale 0 %s/m/adapter n2/", F.base, t, t);
+    bt_refused(&F, a, 1, "NoOp: job 2 (n2/): every delta of the adapter is multiplied by 0");
     snprintf(a, sizeof a, "%s --job %s/m/adapter n1/ --job --scale 1e-12 %s/m/adapter old/", F.base, t, t);
     bt_refused(&F, a, 1, "NoOp: job 2 (old/): the merge changes no element");
     /* the adapters after the first job's are opened ahead on two threads: the error is still the

@@ -23,7 +23,7 @@
 
 static uint64_t g_rng = 0x10a7;
 
-typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T, XL_TINYLORA, XL_DELORA, XL_VBLORA } xl_type;
+typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLORA_T, XL_TINYLORA, XL_DELORA, XL_VBLORA, XL_VBLORA_TOPK } xl_type;
 
 enum { XL_O = 24, XL_I = 32, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
@@ -211,6 +211,80 @@ static const char *xl_vblora(uint64_t O, uint64_t I, double g, tx_set *ad, long 
            "\"target_modules\": [\"q_proj\"]}";
 }
 
+/* one VB-LoRA row saved as PEFT's save_only_topk_weights saves it: the indices of the top 3 of
+ * random logits (U8 [.., 3]) and the first 2 of their softmax weights (F32 [.., 2]); v, m: the
+ * mix of those bank rows with the stored weights and the third 1 - w0 - w1 (what PEFT's load
+ * rebuilds: logits log(w), -inf elsewhere), and the same with |bank| */
+static void xl_vbtopk_row(tx_t *ix, tx_t *wt, uint64_t slot, const double *bank, uint64_t N, uint64_t L,
+                          long double *v, long double *m)
+{
+    double z[8];
+    int used[8] = {0}, idx[3];
+    for (uint64_t n = 0; n < N; n++)
+        z[n] = th_rand_normal(&g_rng);
+    for (int t = 0; t < 3; t++) {
+        int best = -1;
+        for (uint64_t n = 0; n < N; n++)
+            best = !used[n] && (best < 0 || z[n] > z[best]) ? (int)n : best;
+        used[best] = 1;
+        idx[t] = best;
+    }
+    long double e[3], sum = 0, w[3];
+    for (int t = 0; t < 3; t++)
+        sum += e[t] = expl((long double)z[idx[t]] - z[idx[0]]);
+    for (int t = 0; t < 3; t++)
+        ix->v[slot * 3 + (uint64_t)t] = idx[t];
+    for (int t = 0; t < 2; t++)
+        w[t] = wt->v[slot * 2 + (uint64_t)t] = (double)(float)(e[t] / sum);
+    w[2] = 1 - w[0] - w[1];
+    for (uint64_t l = 0; l < L; l++) {
+        v[l] = m[l] = 0;
+        for (int t = 0; t < 3; t++) {
+            v[l] += w[t] * bank[(uint64_t)idx[t] * L + l];
+            m[l] += w[t] * fabsl((long double)bank[(uint64_t)idx[t] * L + l]);
+        }
+    }
+}
+
+/* VB-LoRA, r = 4, topk = 3, bank [8, 8], saved with save_only_topk_weights: as xl_vblora, the rows
+ * from the stored indices and weights */
+static const char *xl_vbtopk(uint64_t O, uint64_t I, double g, tx_set *ad, long double *D, long double *mag)
+{
+    const uint64_t r = 4, N = 8, L = 8;
+    const tx_t *V = xl_param(ad, "base_model.vblora_vector_bank", N, L, sqrt(g));
+    tx_t *ia = xl_param3(ad, XL_MOD "vblora_logits_A_topk_indices", r, I / L, 3, 0);
+    tx_t *wa = xl_param3(ad, XL_MOD "vblora_logits_A_topk_weights", r, I / L, 2, 0);
+    tx_t *ib = xl_param3(ad, XL_MOD "vblora_logits_B_topk_indices", O / L, r, 3, 0);
+    tx_t *wb = xl_param3(ad, XL_MOD "vblora_logits_B_topk_weights", O / L, r, 2, 0);
+    snprintf(ia->dtype, sizeof ia->dtype, "U8");
+    snprintf(ib->dtype, sizeof ib->dtype, "U8");
+    long double *A = malloc(r * I * sizeof *A), *mA = malloc(r * I * sizeof *mA);
+    long double *B = malloc(O * r * sizeof *B), *mB = malloc(O * r * sizeof *mB), v[8], m[8];
+    for (uint64_t a = 0; a < r; a++)
+        for (uint64_t q = 0; q < I / L; q++)
+            xl_vbtopk_row(ia, wa, a * (I / L) + q, V->v, N, L, A + a * I + q * L, mA + a * I + q * L);
+    for (uint64_t q = 0; q < O / L; q++)
+        for (uint64_t a = 0; a < r; a++) {
+            xl_vbtopk_row(ib, wb, q * r + a, V->v, N, L, v, m);
+            for (uint64_t l = 0; l < L; l++) {
+                B[(q * L + l) * r + a] = v[l];
+                mB[(q * L + l) * r + a] = m[l];
+            }
+        }
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t i = 0; i < I; i++)
+            for (uint64_t a = 0; a < r; a++) {
+                D[o * I + i] += B[o * r + a] * A[a * I + i];
+                mag[o * I + i] += mB[o * r + a] * mA[a * I + i];
+            }
+    free(A);
+    free(mA);
+    free(B);
+    free(mB);
+    return "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 3, \"num_vectors\": 8, \"vector_length\": 8, "
+           "\"save_only_topk_weights\": true, \"target_modules\": [\"q_proj\"]}";
+}
+
 /* the adapter with gain g (its first tensor scales the delta linearly; GraLoRA: its grid part,
  * which is enough for OVERFLOW's refusal), its config, and the delta in long double from the
  * stored values (PEFT's formula) with mag = the sum of |terms| */
@@ -226,6 +300,7 @@ static const char *xl_adapter(const tx_type *tt, double g, tx_set *ad, long doub
     case XL_TINYLORA: return xl_tinylora(O, I, g, ad, D, mag);
     case XL_DELORA: return xl_delora(O, I, g, ad, D, mag);
     case XL_VBLORA: return xl_vblora(O, I, g, ad, D, mag);
+    case XL_VBLORA_TOPK: return xl_vbtopk(O, I, g, ad, D, mag);
     default: break;
     }
     if ((xl_type)tt->id != XL_ADALORA) {
@@ -295,6 +370,8 @@ static const tx_type XL_TYPES[] = {
     {"delora", XL_DELORA, XL_O, XL_I, xl_adapter, xl_gain, -48, 1, 0, &g_rng, 1},
     /* VB-LoRA: the f64 noise of the softmax's exp, 2^-48 of the terms */
     {"vblora", XL_VBLORA, XL_O, XL_I, xl_adapter, xl_gain, -48, 1, 0, &g_rng, 1},
+    /* VB-LoRA saved top-k: 1 - w0 - w1 and the mix's products and sums in f64, 2^-50 of the terms */
+    {"vblora_topk", XL_VBLORA_TOPK, XL_O, XL_I, xl_adapter, xl_gain, -50, 1, 0, &g_rng, 1},
 };
 
 Test(exact_lowrank, vera, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VERA]); }
@@ -308,3 +385,5 @@ Test(exact_lowrank, tinylora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_TINYLOR
 Test(exact_lowrank, delora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_DELORA]); }
 /* each mixed row of A and B rounded to f32 (no a64/b64), a second rounding, fails this */
 Test(exact_lowrank, vblora, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VBLORA]); }
+/* PEFT's save_only_topk_weights: the top-k indices and k-1 weights, the last completing them to 1 */
+Test(exact_lowrank, vblora_topk, .timeout = 120) { tx_run_type(&XL_TYPES[XL_VBLORA_TOPK]); }

@@ -290,26 +290,7 @@ static void xm_boft_R(const double *X, long double R[XM_BS][XM_BS])
             A[a][XM_BS + b] = (a == b);
             Im[a][b] = (a == b) - q;         /* I - Q */
         }
-    for (int c = 0; c < XM_BS; c++) { /* Gauss-Jordan with partial pivoting: A -> [I | (I + Q)^-1] */
-        int piv = c;
-        for (int r = c + 1; r < XM_BS; r++)
-            if (fabsl(A[r][c]) > fabsl(A[piv][c]))
-                piv = r;
-        for (int k = 0; k < 2 * XM_BS; k++) {
-            const long double t = A[c][k];
-            A[c][k] = A[piv][k];
-            A[piv][k] = t;
-        }
-        const long double d = A[c][c];
-        for (int k = 0; k < 2 * XM_BS; k++)
-            A[c][k] /= d;
-        for (int r = 0; r < XM_BS; r++)
-            if (r != c) {
-                const long double f = A[r][c];
-                for (int k = 0; k < 2 * XM_BS; k++)
-                    A[r][k] -= f * A[c][k];
-            }
-    }
+    tx_gauss_jordan(&A[0][0], XM_BS); /* A -> [I | (I + Q)^-1] */
     long double Inv[XM_BS][XM_BS];
     for (int a = 0; a < XM_BS; a++)
         for (int b = 0; b < XM_BS; b++)

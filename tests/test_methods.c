@@ -1059,6 +1059,7 @@ static void gen_vblora_k(mt_ctx *c, int topk, int saved, uint64_t bad_n)
 
 static void gen_vblora(mt_ctx *c) { gen_vblora_k(c, 2, 0, 0); }
 static void gen_vblora_topk(mt_ctx *c) { gen_vblora_k(c, 3, 1, 0); }
+static void gen_vblora_top1(mt_ctx *c) { gen_vblora_k(c, 1, 1, 0); } /* weights [.., 0]: each row one bank vector */
 static void bad_vblora(mt_ctx *c) { gen_vblora_k(c, 2, 0, VB_N - 1); } /* logits over 6 vectors, bank has 7 */
 
 /* the mixed vectors of one part: out[row * L + l] */
@@ -3056,7 +3057,11 @@ static const mt_row mt_rows[] = {
       {"saved top-k",
        "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 3, \"num_vectors\": 7, \"vector_length\": 3, "
        "\"save_only_topk_weights\": true, " TGT_QC "}",
-       gen_vblora_topk}},
+       gen_vblora_topk},
+      {"saved top-1",
+       "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 1, \"num_vectors\": 7, \"vector_length\": 3, "
+       "\"save_only_topk_weights\": true, " TGT_QC "}",
+       gen_vblora_top1}},
      {"logits over fewer vectors than the bank", NULL, bad_vblora},
      "model.layers.0.self_attn.q_proj"},
     {"DELORA", 1, NULL, delta_delora,

@@ -853,6 +853,34 @@ Test(quant, unread_quant_methods_and_contradicting_skip_lists_named)
     th_qfx_free(&f);
 }
 
+/* FP8 weights under a config naming a format that stores none (gptq, awq, hqq; block FP8 under
+ * compressed-tensors, compressed-tensors' weight_scale under "fp8"): the checkpoint contradicts its
+ * config, refused naming config.json, the quant_method and the weight (before: merged as FP8, the
+ * contradicting config copied into the output); the same checkpoints under their own config merge */
+Test(quant, fp8_weights_under_another_quant_method_refused, .timeout = 120)
+{
+    static const struct {
+        const char *quant, *method;
+    } cases[] = {{"fp8", "gptq"}, {"fp8", "awq"}, {"fp8", "hqq"}, {"fp8", "compressed-tensors"},
+                 {"ct-fp8-channel", "gptq"}, {"ct-fp8-channel", "fp8"}};
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        qt_fx f;
+        qt_gen(&f, cases[k].quant, "--block 128"); /* the default blocks: the scales fit any config */
+        char cfg[300], want[200], out[1200];
+        snprintf(out, sizeof out, "%s/own", f.tmp);
+        th_run_result r = th_runv("-q", f.base, f.ad, out, NULL);
+        cr_assert_eq(r.status, 0, "%s under its own config: exit %d: %s", cases[k].quant, r.status, r.err);
+        th_run_free(&r);
+        snprintf(cfg, sizeof cfg, "{\"model_type\": \"llama\", \"quantization_config\": {\"quant_method\": \"%s\", "
+                 "\"bits\": 4, \"group_size\": 128, \"weight_block_size\": [16, 16]}}", cases[k].method);
+        th_write_text(f.base, "config.json", cfg);
+        snprintf(want, sizeof want, "UnsupportedQuantization: 'model.layers.0.self_attn.q_proj.weight': config.json's "
+                 "quantization_config says quant_method '%s', but the weight is F8_E4M3", cases[k].method);
+        qt_refused(&f, want, "the checkpoint contradicts its config");
+        th_qfx_free(&f);
+    }
+}
+
 /* ---- block FP8 certified (lm_fp8_bound): the rule on the exact values ----------------------
  * A = c I (K = w columns), so that each merged value v = w + s c B_ij is set on its own: values
  * built next to the FP8 grid's rounding midpoints (scaled by the block's amax), below 2^-6 (the

@@ -434,6 +434,58 @@ Test(quant_ct, fp8_refusals)
     th_qfx_free(&f);
 }
 
+/* f's config.json with `from` replaced by `to` (once) */
+static void ct_config_sub(const ct_fx *f, const char *from, const char *to)
+{
+    char p[1300];
+    snprintf(p, sizeof p, "%s/config.json", f->base);
+    size_t n;
+    char *t = (char *)th_read_file(p, &n);
+    cr_assert_not_null(t);
+    char *at = strstr(t, from);
+    cr_assert_not_null(at, "config.json lacks %s", from);
+    char *u = malloc(n + strlen(to) + 1);
+    size_t k = (size_t)(at - t);
+    memcpy(u, t, k);
+    snprintf(u + k, n + strlen(to) + 1 - k, "%s%s", to, at + strlen(from));
+    cr_assert_eq(th_write_file(p, u, strlen(u)), 0);
+    free(t);
+    free(u);
+}
+
+/* compressed-tensors makes a group scale [R, ceil(C / group_size)] (lifecycle/initialize.py,
+ * strategy_cdiv): [R, 1] when no row is wider than a group.  Such a checkpoint (the per-channel one
+ * with strategy "group", group_size 128 >= 72) merges as the per-channel one does: the same grid
+ * and rule, the same bytes kept quantized and with --dtype bf16 (before: refused, "a per-channel
+ * scale but ... strategy is 'group'"); group_size 32 with one column a row is refused */
+Test(quant_ct, fp8_group_no_wider_than_rows)
+{
+    ct_fx ch, gr;
+    ct_gen(&ch, "ct-fp8-channel", NULL);
+    ct_gen(&gr, "ct-fp8-channel", NULL);
+    ct_config_sub(&gr, "\"strategy\": \"channel\", \"group_size\": null", "\"strategy\": \"group\", \"group_size\": 128");
+    char a[1300], b[1300], out[1200];
+    for (int d = 0; d < 2; d++) {
+        const char *o1 = d ? "--dtype" : NULL, *o2 = d ? "bf16" : NULL;
+        snprintf(a, sizeof a, "%s/out%d", ch.tmp, d);
+        snprintf(b, sizeof b, "%s/out%d", gr.tmp, d);
+        ct_merge(ch.base, ch.ad, a, o1, o2, NULL, NULL);
+        ct_merge(gr.base, gr.ad, b, o1, o2, NULL, NULL);
+        snprintf(a + strlen(a), sizeof a - strlen(a), "/model.safetensors");
+        snprintf(b + strlen(b), sizeof b - strlen(b), "/model.safetensors");
+        cr_assert(th_files_equal(a, b), "%s: a group scale [R, 1] merged otherwise than the per-channel one",
+                  d ? "--dtype bf16" : "kept quantized");
+    }
+    snprintf(out, sizeof out, "%s/out0", gr.tmp);
+    cr_assert(file_has(out, "config.json", "\"group_size\": 128"), "the config must stay as it was");
+    th_qfx_free(&gr);
+    ct_gen(&gr, "ct-fp8-channel", NULL);
+    ct_config_sub(&gr, "\"strategy\": \"channel\", \"group_size\": null", "\"strategy\": \"group\", \"group_size\": 32");
+    ct_refused(&gr, "weight_scale", "has 1 group per row (group size 64) but quantization_config says group_size 32");
+    th_qfx_free(&gr);
+    th_qfx_free(&ch);
+}
+
 /* ---- NVFP4 ------------------------------------------------------------------------------------ */
 /* E2M1 from its definition: sign bit 3, two exponent bits (bias 1), one mantissa bit */
 static double e2m1_def(unsigned c)

@@ -137,6 +137,76 @@ Test(report, all_zero_deltas_are_an_error)
     rp_noop_then_allowed(&f, "zero");
 }
 
+/* a zero weight (--scale 0) or alpha multiplies every delta by 0: refused when planned, so a dry
+ * run refuses it as the merge does, with the same line (before: --dry-run exit 0, the merge exit 1
+ * only after writing every tile, "changes no element once rounded") */
+Test(report, zero_weight_is_a_noop_dry_run_too)
+{
+    rp_fx f;
+    rp_make(&f);
+    th_run_result r = rp_run("--scale", "0", f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "NoOp", "every delta of the adapter is multiplied by 0");
+    th_run_result d = rp_run("--dry-run", "--scale", "0", f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &d, 1, NULL, NULL);
+    cr_assert_str_eq(d.err, r.err, "the dry run and the merge disagree");
+    th_run_free(&r);
+    th_run_free(&d);
+    /* an alpha of 0 is the same zero */
+    rp_adapter(&f, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 0, \"target_modules\": [\"q_proj\"]}", 0.1);
+    r = rp_run("--dry-run", f.base, f.ad, f.out, NULL);
+    rp_refused(&f, &r, 1, "NoOp", "multiplied by 0");
+    th_run_free(&r);
+    rp_noop_then_allowed(&f, "multiplied by 0");
+}
+
+/* which ops a zero weight empties, per kind (merge.c, op_scale_is_zero), on the golden fixtures:
+ * low-rank deltas (LoRA, VeRA, PEANuT, which derives its factors from the base), added deltas
+ * (BEFT) and the method ops that scale a delta (LoHa, LoKr, C3A, HiRA, FourierFT, MiSS, SHiRA,
+ * WaveFT) are refused by the dry run and the merge with the same line; DoRA at weight 0 still
+ * rescales W (m / ||W|| W), so both accept it and the merge changes the weights; IA3 (not a delta)
+ * takes no weight but 1 */
+Test(report, zero_weight_per_op_kind, .timeout = 120)
+{
+    if (!th_have_shared())
+        cr_skip_test("needs ../shared/fixtures");
+    static const struct {
+        const char *type;
+        int status; /* 1: NoOp; 0: merges; 2: refused for the weight itself (exit 1 too) */
+    } cases[] = {{"lora_qv", 1},  {"vera", 1},   {"peanut", 1}, {"beft", 1},      {"loha", 1},
+                 {"lokr", 1},     {"c3a", 1},    {"hira", 1},   {"fourierft", 1}, {"miss", 1},
+                 {"shira", 1},    {"waveft", 1}, {"lora_dora", 0}, {"ia3", 2}};
+    char *tmp = th_tmpdir();
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char base[600], ad[600], out[700];
+        snprintf(base, sizeof base, TH_SHARED "/peft-golden/%s/base", cases[i].type);
+        snprintf(ad, sizeof ad, TH_SHARED "/peft-golden/%s/adapter", cases[i].type);
+        snprintf(out, sizeof out, "%s/o", tmp);
+        th_run_result d = rp_run("--dry-run", "--scale", "0", base, ad, out, NULL);
+        th_run_result r = rp_run("--scale", "0", base, ad, out, NULL);
+        const char *t = cases[i].type;
+        if (cases[i].status == 0) {
+            cr_assert_eq(d.status, 0, "%s dry run: exit %d: %s", t, d.status, d.err);
+            cr_assert_eq(r.status, 0, "%s: exit %d: %s", t, r.status, r.err);
+            char in[700], o[800];
+            snprintf(in, sizeof in, "%s/model.safetensors", base);
+            snprintf(o, sizeof o, "%s/model.safetensors", out);
+            cr_assert(!th_files_equal(in, o), "%s at weight 0 wrote the base", t);
+        } else {
+            cr_assert_eq(r.status, d.status, "%s: the merge exits %d, the dry run %d: %s", t, r.status, d.status, d.err);
+            cr_assert_eq(r.status, 1, "%s: exit %d: %s", t, r.status, r.err);
+            cr_assert_str_eq(d.err, r.err, "%s: the dry run and the merge disagree", t);
+            cr_assert(strstr(r.err, cases[i].status == 1 ? "NoOp: every delta of the adapter is multiplied by 0"
+                                                         : "weight other than 1") != NULL, "%s: %s", t, r.err);
+            cr_assert(!th_exists(out), "%s: something was written", t);
+        }
+        th_run_free(&d);
+        th_run_free(&r);
+        th_rmrf(out);
+    }
+    th_rmrf(tmp);
+    free(tmp);
+}
+
 /* ============================================================================================ */
 /* the base an adapter declares; --strict                                                        */
 /* ============================================================================================ */

@@ -181,6 +181,11 @@ Test(shards, workers_shuffled_concurrent_killed_then_finalize_identical)
     cr_assert_eq(r.status, 0, "%s", r.err);
     snprintf(want, sizeof want, "wrote 0 files, 0 bytes; kept %d already complete and verified:\n", n_mine);
     cr_assert(strstr(r.out, want), "%s: %s", want, r.out);
+    /* and the first line says so too (it said "merged 1 adapter into ...: 0.00 GB in ...") */
+    char first[1200];
+    snprintf(first, sizeof first, "merged nothing into %s/: this worker's %d shard%s already complete and verified "
+             "(the plan: ", F.out, n_mine, n_mine == 1 ? " is" : "s are");
+    cr_assert(strncmp(r.out, first, strlen(first)) == 0, "%s: %s", first, r.out);
     int n_kept_lines = 0;
     for (const char *q = r.out; (q = strstr(q, "weights (kept)\n")) != NULL; q++)
         n_kept_lines++;

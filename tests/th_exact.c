@@ -234,6 +234,29 @@ void tx_expect_refused(tx_set *base, tx_set *ad, const char *cfg,
   tx_case_free(&c, base, ad);
 }
 
+void tx_gauss_jordan(long double *A, int n) {
+  for (int c = 0; c < n; c++) {
+    int piv = c;
+    for (int r = c + 1; r < n; r++)
+      if (fabsl(A[r * 2 * n + c]) > fabsl(A[piv * 2 * n + c]))
+        piv = r;
+    for (int k = 0; k < 2 * n; k++) {
+      const long double t = A[c * 2 * n + k];
+      A[c * 2 * n + k] = A[piv * 2 * n + k];
+      A[piv * 2 * n + k] = t;
+    }
+    const long double d = A[c * 2 * n + c];
+    for (int k = 0; k < 2 * n; k++)
+      A[c * 2 * n + k] /= d;
+    for (int r = 0; r < n; r++)
+      if (r != c) {
+        const long double f = A[r * 2 * n + c];
+        for (int k = 0; k < 2 * n; k++)
+          A[r * 2 * n + k] -= f * A[c * 2 * n + k];
+      }
+  }
+}
+
 /* the largest |delta| */
 static long double tx_max_abs(const long double *D, uint64_t n) {
   long double m = 0;
@@ -245,8 +268,7 @@ static long double tx_max_abs(const long double *D, uint64_t n) {
 static const char *const TX_MODE_NAMES[] = {"cancel", "tiny", "huge",
                                             "subnormal", "overflow"};
 
-/* the result's checks (the merge succeeded) */
-static void tx_check_case(const tx_type *ty, const tx_case *c,
+void tx_check_case(const tx_type *ty, const tx_case *c,
                           const th_run_result *res, const tx_t *w,
                           const long double *D, const long double *mag,
                           const char *bdt, tx_mode mode, const char *what) {

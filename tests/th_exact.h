@@ -112,6 +112,20 @@ struct tx_type {
  * and kernels (tx_same_bytes). */
 void tx_run_case(const tx_type *ty, const char *bdt, tx_mode mode);
 
+/* the checks of tx_run_case on a merge that succeeded (res, into c->out): W
+ * (w's stored values) + D against the output, with ty's noise bound on mag,
+ * --json's recomputed count, the f32 evaluation wrong somewhere (CANCEL, not
+ * bf16), subnormal results (SUBNORMAL), the same bytes across threads, tiles
+ * and kernels (CANCEL) */
+void tx_check_case(const tx_type *ty, const tx_case *c,
+                   const th_run_result *res, const tx_t *w,
+                   const long double *D, const long double *mag,
+                   const char *bdt, tx_mode mode, const char *what);
+
+/* Gauss-Jordan with partial pivoting on the n x 2n long-double rows at A
+ * (row-major, [M | I]): A becomes [I | M^-1] */
+void tx_gauss_jordan(long double *A, int n);
+
 /* tx_run_case for bf16, f16 and f32 bases in every mode, and f16 OVERFLOW */
 void tx_run_type(const tx_type *ty);
 

@@ -270,14 +270,20 @@ static int cmd_inspect(const char *path, int as_json)
     return 0;
 }
 
+/* the files of a shard worker's rerun already complete and verified, kept as they are */
+static size_t n_kept_files(const lm_merge_report *rep)
+{
+    size_t n_kept = 0;
+    for (size_t i = 0; i < rep->n_files; i++)
+        n_kept += strcmp(rep->files[i].origin, "kept") == 0;
+    return n_kept;
+}
+
 static void print_files(const lm_merge_report *rep, int dry_run)
 {
     if (rep->n_files == 0)
         return;
-    size_t n_kept = 0; /* a shard worker's rerun: shards already complete and verified */
-    for (size_t i = 0; i < rep->n_files; i++)
-        n_kept += strcmp(rep->files[i].origin, "kept") == 0;
-    size_t n = rep->n_files - n_kept;
+    size_t n_kept = n_kept_files(rep), n = rep->n_files - n_kept;
     printf("%s %zu file%s, %llu bytes", dry_run ? "would write" : "wrote", n, n == 1 ? "" : "s",
            (unsigned long long)rep->bytes_to_write);
     if (n_kept > 0)
@@ -539,11 +545,16 @@ static void print_report(const cli_args *c, const lm_merge_report *rep)
         char threads[32] = ""; /* finalize: the workers' (left out when their sidecars do not say) */
         if (rep->n_threads > 0)
             snprintf(threads, sizeof threads, "%d threads, ", rep->n_threads);
-        printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
-               "%zu added), %.2f GB in %.2f s (%.2f GB/s, %skernels %s)\n",
-               job->n_adapters, job->n_adapters == 1 ? "" : "s", job->out_path, rep->n_tensors, rep->n_changed,
-               rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
-               rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, threads, rep->kernels);
+        if (rep->n_files > 0 && n_kept_files(rep) == rep->n_files) /* a rerun with nothing left to write */
+            printf("merged nothing into %s: this worker's %zu shard%s already complete and verified (the plan: "
+                   "%zu tensors, %zu changed), checked in %.2f s\n", job->out_path, rep->n_files,
+                   rep->n_files == 1 ? " is" : "s are", rep->n_tensors, rep->n_changed, rep->seconds);
+        else
+            printf("merged %zu adapter%s into %s: %zu tensors, %zu changed (%zu low-rank deltas, %zu replaced, "
+                   "%zu added), %.2f GB in %.2f s (%.2f GB/s, %skernels %s)\n",
+                   job->n_adapters, job->n_adapters == 1 ? "" : "s", job->out_path, rep->n_tensors, rep->n_changed,
+                   rep->n_lowrank, rep->n_replaced, rep->n_added, (double)rep->out_bytes * 1e-9, rep->seconds,
+                   rep->seconds > 0 ? (double)rep->out_bytes * 1e-9 / rep->seconds : 0.0, threads, rep->kernels);
         if (rep->out_kind != NULL && strcmp(rep->out_kind, "directory") == 0)
             print_files(rep, 0);
     }

@@ -283,14 +283,31 @@ static int f32_all_one(const float *x, uint64_t n)
     return 1;
 }
 
-/* 1 when op provably changes nothing: a low-rank delta with a zero factor (lora_B is zero until
- * trained), a zero delta added, a scaling by ones.  Low-rank factors come from the method's own
- * prepare(), so this holds for every type whose delta is low-rank (LoRA, AdaLoRA, VeRA ...); the
- * check stops at the first non-zero element, so a trained adapter costs one prepare per op.
- * Ops whose effect cannot be read off their factors (replacements, DoRA norms, rotations and
- * other method ops) count as changing.  @return 1, 0, or -1 when out of memory */
+/* 1 when op's delta is multiplied by a zero scale (--scale 0, an adapter weighted 0, an alpha of
+ * 0): W += 0 * delta.  That is every LOWRANK and ADD op (method.h), and the METHOD ops of the types
+ * that take a weight (C3A, FourierFT, HiRA, LoHa, LoKr, MiSS, SHiRA, SuperTuning, WaveFT scale their
+ * delta by op->scale); a unit-weight type's METHOD op (IA3, OFT, BOFT, HRA, GLoRA, RoAd) is not a
+ * delta and leaves op->scale at 1 or unused.  A DoRA norm (NORM) still rescales W at scale 0: PEFT's
+ * m / ||W|| W; LyCORIS's factor is 1 there, but its delta is not weighted. */
+static int op_scale_is_zero(const lm_op *op)
+{
+    if (op->scale != 0.0)
+        return 0;
+    return op->kind == LM_OP_LOWRANK || op->kind == LM_OP_ADD ||
+           (op->kind == LM_OP_METHOD && op->method != NULL && !(op->method->flags & LM_M_UNIT_WEIGHT));
+}
+
+/* 1 when op provably changes nothing: a zero scale (op_scale_is_zero), a low-rank delta with a
+ * zero factor (lora_B is zero until trained), a zero delta added, a scaling by ones.  Low-rank
+ * factors come from the method's own prepare(), so this holds for every type whose delta is
+ * low-rank (LoRA, AdaLoRA, VeRA ...); the check stops at the first non-zero element, so a trained
+ * adapter costs one prepare per op.  Ops whose effect cannot be read off their factors
+ * (replacements, DoRA norms, rotations and other method ops) count as changing.  @return 1, 0, or
+ * -1 when out of memory */
 static int op_is_noop(const lm_op *op, const lm_kernels *k)
 {
+    if (op_scale_is_zero(op))
+        return 1;
     if (op->kind != LM_OP_LOWRANK && op->kind != LM_OP_ADD && op->kind != LM_OP_SCALE)
         return 0;
     lm_prepared p;
@@ -326,9 +343,11 @@ static lm_code check_noop(merge_state *S, lm_err *err)
     const lm_plan *p = S->plan;
     size_t n_ads = S->job->n_adapters;
     size_t *n_ops = calloc(n_ads, sizeof *n_ops), *n_live = calloc(n_ads, sizeof *n_live);
-    if (n_ops == NULL || n_live == NULL) {
+    size_t *n_zero = calloc(n_ads, sizeof *n_zero); /* ops multiplied by 0 */
+    if (n_ops == NULL || n_live == NULL || n_zero == NULL) {
         free(n_ops);
         free(n_live);
+        free(n_zero);
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     }
     for (size_t i = 0; i < p->n; i++) {
@@ -344,9 +363,11 @@ static lm_code check_noop(merge_state *S, lm_err *err)
             if (noop < 0) {
                 free(n_ops);
                 free(n_live);
+                free(n_zero);
                 return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
             }
             n_live[op->adapter] += !noop;
+            n_zero[op->adapter] += op_scale_is_zero(op);
         }
     }
     lm_code rc = LM_OK;
@@ -357,6 +378,10 @@ static lm_code check_noop(merge_state *S, lm_err *err)
             snprintf(msg, sizeof msg, "the adapter changes no tensor of the base: none of its %zu tensors lands on "
                                       "a module the base has and the config targets (see the notes)",
                      S->ads[a]->ts->n);
+        else if (n_live[a] == 0 && n_zero[a] == n_ops[a])
+            snprintf(msg, sizeof msg, "every delta of the adapter is multiplied by 0 (%zu operations; a weight of 0 "
+                                      "from --scale or --adapter-scaled, or an alpha of 0): the merged model would be "
+                                      "the base", n_ops[a]);
         else if (n_live[a] == 0)
             snprintf(msg, sizeof msg, "every delta of the adapter is zero (%zu operations; lora_B is zero until "
                                       "trained): the merged model would be the base", n_ops[a]);
@@ -371,6 +396,7 @@ static lm_code check_noop(merge_state *S, lm_err *err)
     }
     free(n_ops);
     free(n_live);
+    free(n_zero);
     return rc;
 }
 

@@ -195,6 +195,31 @@ static lm_code in_file(const lm_model *model, size_t i, lm_err *err)
     return err->code;
 }
 
+/* FP8 weights under a quantization_config whose quant_method writes none (gptq, awq, hqq,
+ * bitsandbytes, mxfp4 ...): the checkpoint contradicts its config, which a merge kept quantized
+ * would copy as it is; refused.  Block FP8 (weight_scale_inv) is transformers' "fp8"; a
+ * weight_scale beside an F8_E4M3 weight is written by compressed-tensors, ModelOpt, FBGEMM FP8 and
+ * Quark.  Without quant_method the tensors decide. */
+static lm_code check_fp8_method(const lm_qscheme *s, const lm_qtensor *q, const lm_model *model, const char *wname,
+                                lm_err *err)
+{
+    static const char *const ct_methods[] = {"compressed-tensors", "modelopt", "fbgemm_fp8", "quark"};
+    if (s == NULL || s->method[0] == '\0' || (q->fmt != LM_Q_FP8_BLOCK && q->fmt != LM_Q_CT_FP8))
+        return LM_OK;
+    int ok = q->fmt == LM_Q_FP8_BLOCK && strcmp(s->method, "fp8") == 0;
+    for (size_t k = 0; q->fmt == LM_Q_CT_FP8 && k < sizeof ct_methods / sizeof *ct_methods; k++)
+        ok |= strcmp(s->method, ct_methods[k]) == 0;
+    if (ok)
+        return LM_OK;
+    lm_fail(err, LM_E_UNSUPPORTED, "UnsupportedQuantization", "config.json's quantization_config says quant_method "
+            "'%s', but the weight is F8_E4M3 with the %s scale '%s' (%s): the checkpoint contradicts its config; "
+            "fix config.json or merge into the unquantized original model", s->method,
+            q->fmt == LM_Q_FP8_BLOCK ? "block FP8" : "FP8", lm_model_tensor(model, q->scale_index)->info->name,
+            q->fmt == LM_Q_FP8_BLOCK ? "quant_method fp8" : "compressed-tensors, ModelOpt, FBGEMM FP8 or Quark");
+    lm_err_set_tensor(err, wname);
+    return LM_E_UNSUPPORTED;
+}
+
 lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme *s, const lm_plan_opts *o,
                              const lm_tensor_info **views, lm_err *err)
 {
@@ -220,6 +245,8 @@ lm_code lm_plan_quant_attach(lm_plan *p, const lm_model *model, const lm_qscheme
             return in_file(model, i, err);
         if (q == NULL)
             continue;
+        if (check_fp8_method(s, q, model, w->name, err) != LM_OK)
+            return in_file(model, i, err);
         p->t[i].q = q;
         p->t[i].cols = q->view.shape[q->view.n_dims - 1]; /* 2-D, or an expert stack [E, out, in] */
         p->t[i].rows = q->view.n_elems / p->t[i].cols;

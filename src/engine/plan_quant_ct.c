@@ -32,7 +32,9 @@ static const lm_model_entry *sibling(const lm_model *model, const char *wname, c
 }
 
 /* compressed-tensors FP8: the strategy from the scale's shape (as compressed-tensors' own
- * dequantize() infers it), checked against the config's */
+ * dequantize() infers it), checked against the config's.  A group scale has ceil(C / group_size)
+ * columns (initialize.py, strategy_cdiv): one, [R, 1], when a row is no wider than a group, the
+ * grid of a per-channel scale */
 static lm_code ct_fp8_grid(const lm_qscheme *s, const lm_tensor_info *w, const lm_tensor_info *sc, lm_qtensor *q,
                            lm_err *err)
 {
@@ -44,18 +46,19 @@ static lm_code ct_fp8_grid(const lm_qscheme *s, const lm_tensor_info *w, const l
         got = "tensor";
         q->br = R;
         q->bc = C;
-    } else if (sc->n_dims == 2 && s0 == R && s1 == 1 && strcmp(want, "block") != 0) {
+    } else if (sc->n_dims == 2 && s0 == R && s1 == 1 && strcmp(want, "block") != 0 && strcmp(want, "group") != 0) {
         got = "channel";
         q->br = 1;
         q->bc = C;
-    } else if (sc->n_dims == 2 && s0 == R && s1 > 1 && C % s1 == 0 && strcmp(want, "block") != 0) {
+    } else if (sc->n_dims == 2 && s0 == R && (s1 > 1 || strcmp(want, "group") == 0) && C % s1 == 0 &&
+               strcmp(want, "block") != 0) {
         got = "group";
         q->br = 1;
         q->bc = C / s1;
-        if (s && s->group_size && s->group_size != q->bc) {
+        if (s && s->group_size && s->group_size != q->bc && !(s1 == 1 && s->group_size >= C)) {
             char a[160], b[64];
-            snprintf(a, sizeof a, "'%s' has %llu groups per row (group size %llu)", sc->name,
-                     (unsigned long long)s1, (unsigned long long)q->bc);
+            snprintf(a, sizeof a, "'%s' has %llu group%s per row (group size %llu)", sc->name,
+                     (unsigned long long)s1, s1 == 1 ? "" : "s", (unsigned long long)q->bc);
             snprintf(b, sizeof b, "%llu", (unsigned long long)s->group_size);
             return ct_fail(err, sc->name, "scale tensor %s but quantization_config says group_size %s", a, b);
         }
