@@ -237,7 +237,7 @@ typedef struct lm_merge_job {
     /* progress: may be NULL; called from worker threads, one at a time */
     void (*progress)(void *ctx, uint64_t done_bytes, uint64_t total_bytes);
     void *progress_ctx;
-    uint64_t tile_elems;    /* f32 elements per row tile (0 = default 2^18), for tests and
+    uint64_t tile_elems;    /* f32 elements per row tile (0 = default 2^19), for tests and
                                benchmarks: the output is the same for every thread count, but
                                products done by BLAS (most types other than LoRA) may differ in
                                the last bit between tile sizes, since BLAS picks its kernel by

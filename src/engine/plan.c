@@ -118,8 +118,12 @@ uint64_t lm_plan_out_bytes(const lm_plan *p)
 
 uint64_t lm_plan_tile_rows(const lm_plan_tensor *t, uint64_t tile_elems)
 {
-    if (tile_elems == 0)
-        tile_elems = (uint64_t)1 << 18;
+    if (tile_elems == 0) /* 2^19: a bf16 tile is one 1 MiB pread and one pwrite, and each call has a
+                          * fixed cost (2^18 made the 1b merge ~48 ms of CPU dearer, 2^17 ~130 ms);
+                          * larger writes risk covering a whole aligned 2 MiB range, which gets a
+                          * 2 MiB page-cache folio, often memory the VM's host has taken back (a
+                          * host fault on each page as it is first written: 4 MiB writes cost ~5x) */
+        tile_elems = (uint64_t)1 << 19;
     uint64_t tr = (t->cols == 0 || t->cols >= tile_elems) ? 1 : tile_elems / t->cols;
     if (tr > t->rows && t->rows > 0)
         tr = t->rows;
