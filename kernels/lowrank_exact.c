@@ -979,9 +979,10 @@ static const double *lr_row(const lm_lowrank *lr, size_t i, double *buf)
 
 /* level 2's sums: the four chains (term k in chain k % 4, k ascending) of the products b_k a_k
  * and of their magnitudes, each chain one FMA a term, then (c0 + c1) + (c2 + c3).  b_k, a_k from
- * the f32 copies when bf (row i of Bf) and af (column j of the panels, stride as) are given, else
- * from Bs and Aj: each call has one or the other constant, so its loop has no test of them */
-static inline __attribute__((always_inline)) void lr_level2_sums(const float *bf, const float *af, size_t as,
+ * the f32 copies bf (row i of Bf) and af (column j of the panels, stride as) when f32, else from
+ * Bs and Aj: f32 is a constant at each call, so its loop has no test of it (a test of bf != NULL
+ * stayed in the loop: bf is not known to be non-null where it is given) */
+static inline __attribute__((always_inline)) void lr_level2_sums(int f32, const float *bf, const float *af, size_t as,
                                                                  const double *Bs, const double *Aj, size_t K,
                                                                  double *dd, double *SS)
 {
@@ -989,8 +990,8 @@ static inline __attribute__((always_inline)) void lr_level2_sums(const float *bf
      * loop on m, gcc kept them in memory (a store and a load on every FMA's dependency chain) and
      * tested bf != NULL on every term: 90% of a recomputation's samples (perf, 1b bf16) */
     double d0 = 0, d1 = 0, d2 = 0, d3 = 0, S0 = 0, S1 = 0, S2 = 0, S3 = 0;
-#define LR_B(k) (bf != NULL ? (double)bf[k] : Bs[k])
-#define LR_A(k) (af != NULL ? (double)af[(k) * as] : Aj[k])
+#define LR_B(k) (f32 ? (double)bf[k] : Bs[k])
+#define LR_A(k) (f32 ? (double)af[(k) * as] : Aj[k])
 #define LR_TERM(d, S, k)                                                                           \
     do {                                                                                           \
         const double b_ = LR_B(k), a_ = LR_A(k);                                                   \
@@ -1060,10 +1061,10 @@ LR_FMA_CLONES uint32_t lm_lowrank_fallback_1(const lm_lowrank *lr, size_t i, siz
     if (fin || lr->bnd_rd[i] < INFINITY) { /* every fl64(s_k B_ik) normal or zero: level 2 */
         double dd, SS;
         if (direct) {
-            lr_level2_sums(bf, af, as, NULL, NULL, K, &dd, &SS);
+            lr_level2_sums(1, bf, af, as, NULL, NULL, K, &dd, &SS);
         } else {
             lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
-            lr_level2_sums(NULL, NULL, 0, Bs, Aj, K, &dd, &SS);
+            lr_level2_sums(0, NULL, NULL, 0, Bs, Aj, K, &dd, &SS);
         }
         if (SS == 0) {
             lr_factors(lr, i, j, rowbuf, colbuf, &Bs, &Aj);
