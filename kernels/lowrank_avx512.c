@@ -11,6 +11,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#include <string.h>
 
 #define LR5_TARGET __attribute__((target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 #define LR5_INLINE static inline __attribute__((always_inline)) LR5_TARGET
@@ -162,7 +163,7 @@ LR5_INLINE unsigned lr5_finish_f32(const lm_lowrank *lr, size_t i, size_t j, __m
  * counters; it spares the two 32 -> 16 bit narrowings, the widenings, the shifts and a compare
  * per 32 elements. */
 LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m512 d0, __m512 d1, const void *wp,
-                                  void *op, unsigned flags, lm_lowrank_stats *st)
+                                  void *op, unsigned flags, lm_lowrank_stats *st, uint32_t *fail, float *wsave)
 {
     const __m512i raw = _mm512_loadu_si512(wp);
     /* word 2k+1 of the widening indices: W's word k (k < 16), 16 + k; the even words are zeroed */
@@ -215,14 +216,30 @@ LR5_INLINE unsigned lr5_finish_bb(const lm_lowrank *lr, size_t i, size_t j, __m5
     _mm512_storeu_si512(op, packed);
     const uint32_t ok = (uint32_t)_mm512_mask_cmplt_epu16_mask(_mm512_cmpeq_epi16_mask(mag, mag_h), mag,
                                                                _mm512_set1_epi16((short)LM_LR_BF16_QMAX));
-    if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
-        float wv[32];
-        _mm512_storeu_ps(wv, w0);
-        _mm512_storeu_ps(wv + 16, w1);
-        lm_lowrank_patch(lr, i, j, wv, ~ok, op, LM_KDT_BF16, st);
-        return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(_mm512_loadu_si512(op), raw)); /* patched too */
+    if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) { /* patched by the caller (lr5_patch_bb) */
+        _mm512_storeu_ps(wsave, w0);
+        _mm512_storeu_ps(wsave + 16, w1);
+        *fail = ~ok;
+        return (unsigned)__builtin_popcount(_mm512_mask_cmpneq_epi16_mask(ok, packed, raw));
     }
     return (unsigned)__builtin_popcount(_mm512_cmpneq_epi16_mask(packed, raw));
+}
+
+/* the lanes `fail` of lr5_finish_bb's 32 (W's values in wv) recomputed and stored at op; returns
+ * how many of them differ from W (lr5_finish_bb counted the others) */
+static unsigned __attribute__((noinline, cold)) lr5_patch_bb(const lm_lowrank *lr, size_t i, size_t j,
+                                                               const float *wv, uint32_t fail, void *op,
+                                                               lm_lowrank_stats *st)
+{
+    lm_lowrank_patch(lr, i, j, wv, fail, op, LM_KDT_BF16, st);
+    unsigned n = 0;
+    for (uint32_t m = fail; m; m &= m - 1) {
+        const unsigned l = (unsigned)__builtin_ctz(m);
+        uint16_t o;
+        memcpy(&o, (const char *)op + 2 * l, 2);
+        n += o != (uint16_t)(lm_f32_bits(wv[l]) >> 16); /* W's bf16 bits: its f32 value's top half */
+    }
+    return n;
 }
 
 /* 8 lanes of the f64 path (f32 output); the count as lr5_finish_f32's */
@@ -290,14 +307,23 @@ LR5_INLINE void lr5_block_f32(const lm_lowrank *lr, size_t i, size_t mr, size_t 
         }
     unsigned changed = 0;
     if (wt == LM_KDT_BF16 && ot == LM_KDT_BF16 && nv == 2) {
+        /* the lanes the vector test did not certify are recomputed after the block's last row
+         * (W's values kept in wsave): no call among the rows, whose accumulators are live */
+        uint32_t fail[LR5_MR] = {0};
+        float wsave[LR5_MR][32];
 #pragma GCC unroll 4
         for (size_t r = 0; r < mr; r++) {
             const __m512 d0 = _mm512_add_ps(_mm512_add_ps(acc[r][0][0], acc[r][0][1]),
                                             _mm512_add_ps(acc[r][0][2], acc[r][0][3]));
             const __m512 d1 = _mm512_add_ps(_mm512_add_ps(acc[r][1][0], acc[r][1][1]),
                                             _mm512_add_ps(acc[r][1][2], acc[r][1][3]));
-            changed += lr5_finish_bb(lr, i + r, j, d0, d1, wp + r * wstride + j * 2, op + r * ostride + j * 2, flags, st);
+            changed += lr5_finish_bb(lr, i + r, j, d0, d1, wp + r * wstride + j * 2, op + r * ostride + j * 2, flags,
+                                     st, &fail[r], wsave[r]);
         }
+#pragma GCC unroll 4
+        for (size_t r = 0; r < mr; r++)
+            if (__builtin_expect(fail[r] != 0, 0))
+                changed += lr5_patch_bb(lr, i + r, j, wsave[r], fail[r], op + r * ostride + j * 2, st);
         st->n_changed += changed;
         return;
     }

@@ -532,6 +532,35 @@ Test(exact, cancellation_residual)
     }
 }
 
+/* a few lanes of each vector uncertified among certified ones, in some rows of a block and not in
+ * others (W = -delta on a sparse pattern): the SIMD variants recompute them after the block
+ * (avx512, bf16 W and output) and count the changed elements of both kinds; every variant must
+ * still give the reference's bits and counters, in place too */
+Test(exact, sparse_uncertified_lanes)
+{
+    uint64_t rng = xt_seed("sparse_uncertified_lanes");
+    for (size_t p = 0; p < XT_N_PAIRS; p++) {
+        xt_case c = xt_case_new(9, 70, 16, xt_pairs[p][0], xt_pairs[p][1]);
+        xt_fill_lora(&c, &rng, 1, 1);
+        size_t n_set = 0;
+        for (size_t i = 0; i < c.rows; i++)
+            for (size_t j = 0; j < c.cols; j++)
+                if (i % 3 != 1 && (i * 7 + j) % 11 == 0) {
+                    c.W[i * c.cols + j] = th_round_to(-xt_delta_approx(&c, i, j), xt_dt_name(c.wt));
+                    n_set++;
+                }
+        const lm_lowrank_stats st = xt_verify(&c, 0, 9, "sparse");
+        /* W's rounding residual beyond the f32 path's reach (bf16 W and output: the path
+         * recomputed after the block; f32 W); the others only mostly */
+        if ((c.wt == LM_KDT_BF16 && c.ot == LM_KDT_BF16) || c.wt == LM_KDT_F32)
+            cr_assert_gt(st.n_recomputed, 0, "%s->%s: nothing recomputed: the test is too weak", xt_dt_name(c.wt),
+                         xt_dt_name(c.ot));
+        cr_assert_lt(st.n_recomputed, c.rows * c.cols - n_set, "%s->%s: every element recomputed", xt_dt_name(c.wt),
+                     xt_dt_name(c.ot));
+        xt_case_free(&c);
+    }
+}
+
 /* W is exactly minus one rank-1 term (b_i a_j with short mantissas, representable in every
  * dtype), the other terms are 2^-30 or 2^-75 times smaller: the result is that tiny remainder,
  * beyond what an f64 sum can resolve for 2^-75 (level 3), down to exact zero when it is absent */
