@@ -826,6 +826,11 @@ int lm_st_snapshot_sha256(lm_st_file *f, char hex[65])
     return 0;
 }
 
+/* clones for AVX-512 and AVX2, chosen when the program loads: the snapshot's copy looks at every
+ * byte of the adapter with it (~1.8 ms for the 1b adapter's 50 MB with SSE2) */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#endif
 int lm_any_non_finite(const uint8_t *p, size_t n, lm_dtype dt)
 {
     unsigned bad = 0; /* no early exit, so that the loops vectorise */
