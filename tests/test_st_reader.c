@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1353,4 +1354,57 @@ Test(st_index, directories)
     rdt_check_err("none", &e, "IoError");
     rdt_rmtree(dir);
     free(dir);
+}
+
+/* the value of element i of a (p, dt) array, as a double (independent of lm_any_non_finite: the
+ * bits are decoded with C's own types, f16 through _Float16) */
+static double nf_value(const uint8_t *p, size_t i, lm_dtype dt)
+{
+    const size_t esz = dt == LM_DT_F64 ? 8 : dt == LM_DT_F32 ? 4 : 2;
+    union {
+        double d;
+        float f;
+        _Float16 h;
+        uint16_t b[2]; /* bf16: the high half of an f32 (little-endian) */
+    } v = {0};
+    memcpy(dt == LM_DT_BF16 ? (void *)&v.b[1] : (void *)&v, p + esz * i, esz);
+    return dt == LM_DT_F64 ? v.d : dt == LM_DT_F16 ? (double)v.h : (double)v.f;
+}
+
+/* lm_any_non_finite (vectorised, one clone per instruction set) says 1 exactly when an element is
+ * inf or NaN: every length up to 100 (the vector loops' tails), one special value (+inf, -inf,
+ * quiet and signalling NaN, or the largest finite, which is not) at every position, at an odd
+ * address, in F32, F64, F16 and BF16. */
+Test(st_reader, any_non_finite_every_position)
+{
+    static const lm_dtype dts[] = {LM_DT_F32, LM_DT_F64, LM_DT_F16, LM_DT_BF16};
+    static const uint64_t sp[4][5] = {
+        {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0x7f7fffffu},
+        {0x7ff0000000000000u, 0xfff0000000000000u, 0x7ff8000000000000u, 0x7ff0000000000001u, 0x7fefffffffffffffu},
+        {0x7c00u, 0xfc00u, 0x7e00u, 0x7c01u, 0x7bffu},
+        {0x7f80u, 0xff80u, 0x7fc0u, 0x7f81u, 0x7f7fu},
+    };
+    enum { N = 100 };
+    static uint8_t raw[8 * N + 1];
+    uint8_t *p = raw + 1;
+    for (size_t d = 0; d < 4; d++) {
+        const size_t esz = dts[d] == LM_DT_F64 ? 8 : dts[d] == LM_DT_F32 ? 4 : 2;
+        for (size_t n = 0; n <= N; n++)
+            for (size_t at = 0; at <= n; at++) /* at == n: no special value */
+                for (size_t s = 0; s < (at < n ? 5u : 1u); s++) {
+                    for (size_t i = 0; i < n; i++) { /* finite values of every sign and size */
+                        const uint64_t v = (uint64_t)(i * 2654435761u) & (esz == 8 ? 0xbfefffffffffffffu : esz == 4 ? 0xbf7fffffu : 0xbbffu);
+                        memcpy(p + esz * i, &v, esz);
+                    }
+                    if (at < n)
+                        memcpy(p + esz * at, &sp[d][s], esz);
+                    int want = 0;
+                    for (size_t i = 0; i < n; i++)
+                        want |= !isfinite(nf_value(p, i, dts[d]));
+                    cr_assert_eq(lm_any_non_finite(p, n, dts[d]), want, "dtype %zu, n %zu, special %zu at %zu", d, n, s,
+                                 at);
+                    if (at < n)
+                        cr_assert_eq(want, s < 4, "the reference: special %zu", s);
+                }
+    }
 }
