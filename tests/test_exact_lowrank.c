@@ -174,6 +174,22 @@ static void xl_vbmix(const double *z, const double *bank, uint64_t N, uint64_t L
     }
 }
 
+/* D += B A and mag += mB mA (B [O, r], A [r, I]); the four factors freed */
+static void xl_product_free(uint64_t O, uint64_t I, uint64_t r, long double *B, long double *mB, long double *A,
+                            long double *mA, long double *D, long double *mag)
+{
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t i = 0; i < I; i++)
+            for (uint64_t a = 0; a < r; a++) {
+                D[o * I + i] += B[o * r + a] * A[a * I + i];
+                mag[o * I + i] += mB[o * r + a] * mA[a * I + i];
+            }
+    free(A);
+    free(mA);
+    free(B);
+    free(mB);
+}
+
 /* VB-LoRA, r = 4, topk = 2, bank [8, 8]: A [r, I] and B [O, r] rows mixed from the bank by the
  * softmax of each logit row's top 2 (A: logits [r, I/L, N]; B: [O/L, r, N], row block q, column
  * a), Delta = B @ A; the bank (gain sqrt(g)) enters both factors */
@@ -197,16 +213,7 @@ static const char *xl_vblora(uint64_t O, uint64_t I, double g, tx_set *ad, long 
                 mB[(q * L + l) * r + a] = m[l];
             }
         }
-    for (uint64_t o = 0; o < O; o++)
-        for (uint64_t i = 0; i < I; i++)
-            for (uint64_t a = 0; a < r; a++) {
-                D[o * I + i] += B[o * r + a] * A[a * I + i];
-                mag[o * I + i] += mB[o * r + a] * mA[a * I + i];
-            }
-    free(A);
-    free(mA);
-    free(B);
-    free(mB);
+    xl_product_free(O, I, r, B, mB, A, mA, D, mag);
     return "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 2, \"num_vectors\": 8, \"vector_length\": 8, "
            "\"target_modules\": [\"q_proj\"]}";
 }
@@ -271,16 +278,7 @@ static const char *xl_vbtopk(uint64_t O, uint64_t I, double g, tx_set *ad, long 
                 mB[(q * L + l) * r + a] = m[l];
             }
         }
-    for (uint64_t o = 0; o < O; o++)
-        for (uint64_t i = 0; i < I; i++)
-            for (uint64_t a = 0; a < r; a++) {
-                D[o * I + i] += B[o * r + a] * A[a * I + i];
-                mag[o * I + i] += mB[o * r + a] * mA[a * I + i];
-            }
-    free(A);
-    free(mA);
-    free(B);
-    free(mB);
+    xl_product_free(O, I, r, B, mB, A, mA, D, mag);
     return "{\"peft_type\": \"VBLORA\", \"r\": 4, \"topk\": 3, \"num_vectors\": 8, \"vector_length\": 8, "
            "\"save_only_topk_weights\": true, \"target_modules\": [\"q_proj\"]}";
 }
