@@ -440,8 +440,11 @@ static void ct_config_sub(const ct_fx *f, const char *from, const char *to)
     char p[1300];
     snprintf(p, sizeof p, "%s/config.json", f->base);
     size_t n;
-    char *t = (char *)th_read_file(p, &n);
-    cr_assert_not_null(t);
+    char *raw = (char *)th_read_file(p, &n), *t = malloc(n + 1); /* th_read_file's bytes end without a NUL */
+    cr_assert(raw != NULL && t != NULL);
+    memcpy(t, raw, n);
+    t[n] = '\0';
+    free(raw);
     char *at = strstr(t, from);
     cr_assert_not_null(at, "config.json lacks %s", from);
     char *u = malloc(n + strlen(to) + 1);
