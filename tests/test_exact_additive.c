@@ -35,19 +35,13 @@ typedef enum { XA_FOURIERFT, XA_WAVEFT, XA_C3A, XA_SHIRA } xa_type;
 enum { XA_O = 24, XA_I = 32, XA_B = 8, XA_NF = 96 };
 #define XA_MOD "base_model.model.model.layers.0.self_attn.q_proj."
 
-/* a stored f32 adapter value: g * normal, exact in f32 */
-static double xa_val(double g)
-{
-    return (double)(float)(g * th_rand_normal(&g_rng));
-}
-
 static tx_t *xa_param(tx_set *ad, const char *part, int nd, uint64_t d0, uint64_t d1, double g)
 {
     char nm[160];
     snprintf(nm, sizeof nm, XA_MOD "%s", part);
     tx_t *t = tx_add(ad, nm, "F32", nd, d0, d1);
     for (uint64_t e = 0; e < t->n; e++)
-        t->v[e] = xa_val(g);
+        t->v[e] = tx_f32_normal(&g_rng, g);
     return t;
 }
 
@@ -94,7 +88,7 @@ static const char *xa_adapter(const tx_type *tt, double g, tx_set *ad, long doub
         snprintf(nm, sizeof nm, XA_MOD "c3a_kernel");
         tx_t *k = tx_add(ad, nm, "F32", 2, O / XA_B, (I / XA_B) * XA_B); /* written 2-D, reshaped below */
         for (uint64_t e = 0; e < k->n; e++)
-            k->v[e] = xa_val(g);
+            k->v[e] = tx_f32_normal(&g_rng, g);
         k->nd = 3;
         k->shape[1] = I / XA_B;
         k->shape[2] = XA_B;

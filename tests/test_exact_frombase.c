@@ -39,18 +39,9 @@ enum { FB_O = 16, FB_I = 32, FB_R = 4, FB_BLK = 4, FB_PI = 64, FB_PR = 3, FB_K =
 #define FB_MOD "base_model.model.model.layers.0.self_attn.q_proj."
 #define FB_DEFT_S 2.0L /* DeFT's alpha / r = 8 / 4 */
 
-/* a stored f32 value: g * normal, exact in f32 */
-static double fb_val(double g)
-{
-    return (double)(float)(g * th_rand_normal(&g_rng));
-}
-
 static tx_t *fb_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, double g)
 {
-    tx_t *t = tx_add(ad, name, "F32", d1 ? 2 : 1, d0, d1);
-    for (uint64_t e = 0; e < t->n; e++)
-        t->v[e] = fb_val(g);
-    return t;
+    return tx_param(ad, name, d0, d1, g, &g_rng);
 }
 
 /* the relative spread of a block's rows (CANCEL's residue): a few ulps of the base dtype */
@@ -212,7 +203,7 @@ static const char *fb_peanut(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
         /* W random, A, E, D random; B drawn so that the delta is g at its typical size */
         fb_random_w(w, bdt, g_pn.w_scale > 0 ? g_pn.w_scale : mode == TX_TINY ? 0.05 : 1e-6);
         for (uint64_t e = 0; e < A->n; e++)
-            A->v[e] = fb_val(0.5);
+            A->v[e] = tx_f32_normal(&g_rng, 0.5);
         fb_peanut_layers(ad, 0.5, 0.5);
         long double H[FB_I * FB_R], M[FB_I * FB_R], ss = 0;
         fb_peanut_h(w, ad, H, M);
@@ -220,7 +211,7 @@ static const char *fb_peanut(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
             ss += H[e] * H[e];
         const double rms = (double)sqrtl(ss / (FB_I * FB_R)) + 1e-300;
         for (uint64_t e = 0; e < B->n; e++)
-            B->v[e] = fb_val(fb_gain(bdt, mode) / rms / 2);
+            B->v[e] = tx_f32_normal(&g_rng, fb_gain(bdt, mode) / rms / 2);
     }
     snprintf(cfg, sizeof cfg, "{\"peft_type\": \"PEANUT\", \"r\": 4, \"depth\": %d, \"act_fn\": \"%s\", "
              "\"scaling\": 1.0, \"target_modules\": [\"q_proj\"]}", g_pn.depth, g_pn.name);
@@ -270,16 +261,16 @@ static const char *fb_deft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
             for (uint64_t c = 0; c < FB_R; c++)
                 P->v[o * FB_R + c] = o / FB_BLK == c ? 0.5 : -(double)(float)(0.25 * k * fabs(th_rand_normal(&g_rng)));
         for (uint64_t e = 0; R != NULL && e < R->n; e++)
-            R->v[e] = mode == TX_OVERFLOW ? 80000 : fb_val(x * k);
+            R->v[e] = mode == TX_OVERFLOW ? 80000 : tx_f32_normal(&g_rng, x * k);
     } else {
         /* TINY, relu: P ~g (para: sqrt(g), the delta being P relu(P)^T W), R ~0.5; qr: Q_P
          * Q_P^T W is of W's size whatever P, so TINY is one more case with R ~g */
         fb_random_w(w, bdt, mode == TX_TINY ? 0.05 : 1e-6);
         const double g = fb_gain(bdt, mode);
         for (uint64_t e = 0; e < P->n; e++)
-            P->v[e] = fb_val(mode != TX_TINY || g_df.qr ? 1.0 : g_df.para ? sqrt(g) : g);
+            P->v[e] = tx_f32_normal(&g_rng, mode != TX_TINY || g_df.qr ? 1.0 : g_df.para ? sqrt(g) : g);
         for (uint64_t e = 0; R != NULL && e < R->n; e++)
-            R->v[e] = fb_val(mode == TX_TINY ? (g_df.qr ? g : 0.5) : g / 4);
+            R->v[e] = tx_f32_normal(&g_rng, mode == TX_TINY ? (g_df.qr ? g : 0.5) : g / 4);
     }
     snprintf(cfg, sizeof cfg, "{\"peft_type\": \"DEFT\", \"r\": 4, \"alpha\": 8, \"decomposition_method\": \"%s\", "
              "\"para\": %s, \"target_modules\": [\"q_proj\"]}", g_df.qr ? "qr" : "relu", g_df.para ? "true" : "false");
@@ -419,16 +410,16 @@ static const char *fb_psoft(const char *bdt, tx_mode mode, tx_t *w, tx_set *ad)
     cr_assert(g_ps.mag || !orth || mode == TX_TINY, "an orthogonal R without vectors is never small nor huge");
     if (mode == TX_TINY || mode == TX_OVERFLOW) { /* R = I + 2Q ~ g (free: I + g); OVERFLOW: R = 1.5 I, 1.5 W */
         for (uint64_t e = 0; e < q->n; e++)
-            q->v[e] = mode == TX_OVERFLOW ? 0 : (double)(float)(fb_val(fb_gain(bdt, mode)) + (!orth && e % (FB_PR + 1) == 0));
+            q->v[e] = mode == TX_OVERFLOW ? 0 : (double)(float)(tx_f32_normal(&g_rng, fb_gain(bdt, mode)) + (!orth && e % (FB_PR + 1) == 0));
         for (uint64_t e = 0; va != NULL && e < FB_PR; e++) {
             va->v[e] = 1;
             vb->v[e] = mode == TX_OVERFLOW ? 1.5 : 1;
         }
     } else if (mode == TX_HUGE) {
         for (uint64_t e = 0; vb != NULL && e < FB_PR; e++)
-            vb->v[e] = fb_val(4e6);
+            vb->v[e] = tx_f32_normal(&g_rng, 4e6);
         for (uint64_t e = 0; vb == NULL && e < q->n; e++)
-            q->v[e] = fb_val(4e6);
+            q->v[e] = tx_f32_normal(&g_rng, 4e6);
     }
     static char cfg[600];
     char eps[32] = "null";

@@ -28,18 +28,9 @@ typedef enum { XL_VERA, XL_ADALORA, XL_PVERA, XL_GRALORA, XL_RANDLORA, XL_RANDLO
 enum { XL_O = 24, XL_I = 32, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
 
-/* a stored f32 value: g * normal, exact in f32 */
-static double xl_val(double g)
-{
-    return (double)(float)(g * th_rand_normal(&g_rng));
-}
-
 static tx_t *xl_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, double g)
 {
-    tx_t *t = tx_add(ad, name, "F32", d1 ? 2 : 1, d0, d1);
-    for (uint64_t e = 0; e < t->n; e++)
-        t->v[e] = xl_val(g);
-    return t;
+    return tx_param(ad, name, d0, d1, g, &g_rng);
 }
 
 /* the same, 3-D [d0, d1, d2] */

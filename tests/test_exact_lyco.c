@@ -32,19 +32,13 @@ typedef enum { XL_LOHA, XL_LOKR, XL_LOKR_WHOLE, XL_LOKR_SPLIT1 } xl_type;
 enum { XL_O = 24, XL_I = 40, XL_R = 4 };
 #define XL_MOD "base_model.model.model.layers.0.self_attn.q_proj."
 
-/* a stored f32 adapter value: g * normal, exact in f32 */
-static double xl_val(double g)
-{
-    return (double)(float)(g * th_rand_normal(&g_rng));
-}
-
 static tx_t *xl_param(tx_set *ad, const char *part, uint64_t d0, uint64_t d1, double g)
 {
     char nm[160];
     snprintf(nm, sizeof nm, XL_MOD "%s", part);
     tx_t *t = tx_add(ad, nm, "F32", 2, d0, d1);
     for (uint64_t e = 0; e < t->n; e++)
-        t->v[e] = xl_val(g);
+        t->v[e] = tx_f32_normal(&g_rng, g);
     return t;
 }
 
@@ -236,7 +230,7 @@ static tx_t *xd_param(tx_set *ad, const char *part, uint64_t d0, uint64_t d1, do
     snprintf(nm, sizeof nm, XD_K "%s", part);
     tx_t *t = tx_add(ad, nm, "F32", 2, d0, d1);
     for (uint64_t e = 0; e < t->n; e++)
-        t->v[e] = xl_val(g);
+        t->v[e] = tx_f32_normal(&g_rng, g);
     return t;
 }
 
@@ -362,7 +356,7 @@ Test(exact_lyco, nan_base_stays_nan, .timeout = 60)
         tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", "F32", 2, XL_O, XL_I);
         const char *cfg = tt->adapter(tt, 0.5, &ad, D, mag);
         for (uint64_t e = 0; e < n; e++)
-            w->v[e] = e % 97 == 5 ? (double)marker : xl_val(0.05);
+            w->v[e] = e % 97 == 5 ? (double)marker : tx_f32_normal(&g_rng, 0.05);
         tx_case c;
         tx_case_write(&c, &base, &ad, cfg);
         size_t nb = 0;

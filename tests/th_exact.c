@@ -378,3 +378,16 @@ void tx_run_type(const tx_type *ty) {
       tx_run_case(ty, dts[d], (tx_mode)m);
   tx_run_case(ty, "F16", TX_OVERFLOW);
 }
+
+double tx_f32_normal(uint64_t *rng, double g)
+{
+    return (double)(float)(g * th_rand_normal(rng));
+}
+
+tx_t *tx_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, double g, uint64_t *rng)
+{
+    tx_t *t = tx_add(ad, name, "F32", d1 ? 2 : 1, d0, d1);
+    for (uint64_t e = 0; e < t->n; e++)
+        t->v[e] = tx_f32_normal(rng, g);
+    return t;
+}

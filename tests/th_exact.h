@@ -126,6 +126,14 @@ void tx_check_case(const tx_type *ty, const tx_case *c,
  * (row-major, [M | I]): A becomes [I | M^-1] */
 void tx_gauss_jordan(long double *A, int n);
 
+/*! tx_f32_normal() : g times a normal draw from *rng, rounded to f32: a value an adapter stores
+ *  exactly */
+double tx_f32_normal(uint64_t *rng, double g);
+
+/*! tx_param() : an F32 tensor name of shape [d0] (d1 == 0) or [d0, d1], of tx_f32_normal(rng, g)
+ *  values */
+tx_t *tx_param(tx_set *ad, const char *name, uint64_t d0, uint64_t d1, double g, uint64_t *rng);
+
 /* tx_run_case for bf16, f16 and f32 bases in every mode, and f16 OVERFLOW */
 void tx_run_type(const tx_type *ty);
 
