@@ -175,10 +175,10 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
           F.base, jb[0], jb[3], jb[5], jb[7]);
     BT_OK("cd %s && cmp ref/o1.safetensors bat/o1.safetensors && diff -r ref/o4 bat/o4 && diff -r ref/o6 bat/o6 && "
           "diff -r ref/o8 bat/o8", t);
-    /* drop-behind with a 4 KB step (the outputs' pages written back and dropped from 8 KB behind
-     * each write on, while the other threads' tiles still land in them): the same bytes; and with
-     * --json, each weights file hashed as it is written (dropped only behind what is hashed): every
-     * file's sha256 in the reports is sha256sum's */
+    /* the large-output case forced (LM_DROP_BEHIND): direct I/O where the file system offers it,
+     * the partial pages of the tiles' ends kept until complete: the same bytes; and with --json,
+     * each weights file hashed as it is written: every file's sha256 in the reports is sha256sum's
+     * (the plain drop-behind's case: direct_io_same_bytes_as_plain_and_drop_behind) */
     th_run_result r = bt_sh("cd %s/bat && rm -rf o2 o4 o5.safetensors && LM_DROP_BEHIND=4096 %s batch -q --json "
                             "--threads 3 --tile-elems 1024 %s --job %s --job %s --job %s", t, F.bin, F.base, jb[1],
                             jb[3], jb[4]);
@@ -207,6 +207,39 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
     cr_assert_eq(n_reports, 3);
     cr_assert_geq(n_weights, 4, "o4 is in shards"); /* o2, o5 and o4's shards */
     th_run_free(&r);
+    bt_teardown(&F);
+}
+
+/* The large-output case (LM_DROP_BEHIND forced on small outputs): direct I/O (the tiles' and
+ * tensors' shared pages kept until complete, untouched tensors read and written directly), the plain
+ * writes with drop-behind (LM_DIRECT_IO=0), and OUT on tmpfs (no direct I/O offered: plain
+ * writes), for 1 and 2 threads, default and small tiles: every output the single merge's bytes. */
+Test(batch, direct_io_same_bytes_as_plain_and_drop_behind, .timeout = 300)
+{
+    bt_fix F;
+    bt_setup(&F);
+    const char *t = F.tmp;
+    char jobs[2000];
+    snprintf(jobs, sizeof jobs, "--job %s/m/adapter o1.safetensors --job --max-shard-size 40KB %s/road o4/ --job "
+             "%s/oft o5.safetensors --job --dtype f32 %s/dora o2/", t, t, t, t);
+    BT_OK("cd %s/ref && %s -q %s %s/m/adapter o1.safetensors && %s -q --max-shard-size 40KB %s %s/road o4/ && "
+          "%s -q %s %s/oft o5.safetensors && %s -q --dtype f32 %s %s/dora o2/", t, F.bin, F.base, t, F.bin, F.base, t,
+          F.bin, F.base, t, F.bin, F.base, t);
+    char shm[] = "/dev/shm/lm-test-batch-XXXXXX";
+    const int have_shm = mkdtemp(shm) != NULL;
+    static const char *const envs[] = {"LM_DROP_BEHIND=1", "LM_DROP_BEHIND=4096 LM_DIRECT_IO=0"};
+    for (int e = 0; e < 2; e++)
+        for (int th = 1; th <= 2; th++)
+            for (int small = 0; small < 2; small++)
+                for (int on_shm = 0; on_shm <= have_shm; on_shm++) {
+                    const char *dir = on_shm ? shm : "bat";
+                    BT_OK("cd %s && rm -rf %s/* && cd %s && %s %s batch -q --threads %d %s %s %s", t, dir, dir, envs[e],
+                          F.bin, th, small ? "--tile-elems 1024" : "", F.base, jobs);
+                    BT_OK("cd %s && cmp ref/o1.safetensors %s/o1.safetensors && diff -r ref/o4 %s/o4 && "
+                          "cmp ref/o5.safetensors %s/o5.safetensors && diff -r ref/o2 %s/o2", t, dir, dir, dir, dir);
+                }
+    if (have_shm)
+        th_rmrf(shm);
     bt_teardown(&F);
 }
 

@@ -337,6 +337,157 @@ Test(writer, two_threads_any_order)
     free(tmp);
 }
 
+/* ---- direct I/O (lm_st_writer_direct) ------------------------------------------------------------
+ * The same bytes written through direct I/O as plainly: tensors of 1 byte and of a few, tensors
+ * crossing page boundaries, a header that ends inside a page, a file whose size is not a multiple
+ * of 4096; each tensor written in pieces by two threads (from a buffer placed at its file offset's
+ * place in a page, from one that is not, and in 1000-byte chunks), hashed as written. */
+static const struct {
+    const char *name;
+    lm_dtype dt;
+    uint64_t rows, cols;
+} wr_dio_spec[] = {
+    {"a.one", LM_DT_U8, 1, 1},         {"b.big", LM_DT_BF16, 2051, 37}, {"c.two", LM_DT_U8, 1, 2},
+    {"d.pages", LM_DT_F32, 1024, 3},  {"e.one", LM_DT_BOOL, 1, 1},     {"f.odd", LM_DT_F16, 7, 1001},
+    {"g.tail", LM_DT_U8, 1, 4097},
+};
+#define WR_DIO_N (sizeof wr_dio_spec / sizeof *wr_dio_spec)
+
+typedef struct {
+    lm_st_writer *w;
+    int which; /* tensors i with i % 2 == which, back to front for 0 */
+    int failed;
+} wr_dio_arg;
+
+/* [first, first + cnt) of tensor i from a buffer whose address is (offset + skew) modulo 4096 */
+static int wr_dio_piece(lm_st_writer *w, size_t i, uint64_t first, uint64_t cnt, size_t skew)
+{
+    const uint64_t at = lm_st_writer_tensor_offset(w, i) + first;
+    uint8_t *mem = NULL;
+    if (posix_memalign((void **)&mem, 4096, cnt + 8192) != 0)
+        return 1;
+    uint8_t *buf = mem + (at + skew) % 4096;
+    for (uint64_t k = 0; k < cnt; k++)
+        buf[k] = wr_byte(i, first + k);
+    lm_err err;
+    lm_err_clear(&err);
+    int bad = lm_st_writer_pwrite(w, buf, (size_t)cnt, at, &err) != LM_OK;
+    free(mem);
+    return bad;
+}
+
+static void *wr_dio_thread(void *p)
+{
+    wr_dio_arg *a = p;
+    for (size_t ii = 0; ii < WR_DIO_N; ii++) {
+        size_t i = a->which ? ii : WR_DIO_N - 1 - ii;
+        if (i % 2 != (size_t)a->which)
+            continue;
+        const uint64_t nb = lm_st_writer_tensor_bytes(a->w, i), x = nb / 3, y = 2 * nb / 3;
+        a->failed |= wr_dio_piece(a->w, i, x, y - x, 0);  /* placed: its whole pages written from it */
+        a->failed |= wr_dio_piece(a->w, i, 0, x, 100);    /* not placed: through a bounce buffer */
+        for (uint64_t c = y; c < nb; c += 1000)            /* small pieces, inside and across pages */
+            a->failed |= wr_dio_piece(a->w, i, c, nb - c < 1000 ? nb - c : 1000, 7);
+    }
+    return NULL;
+}
+
+/* the layout written to dir/name by two threads, plainly (direct 0) or directly; @return
+ * lm_st_writer_direct()'s answer, hex: the XXH3-128 hashed as written */
+static int wr_dio_write(const char *dir, const char *name, int direct, char hex[65])
+{
+    char path[1200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    char names[WR_DIO_N][16];
+    uint64_t shapes[WR_DIO_N][2];
+    lm_out_tensor t[WR_DIO_N];
+    for (size_t i = 0; i < WR_DIO_N; i++) {
+        snprintf(names[i], sizeof names[i], "%s", wr_dio_spec[i].name);
+        shapes[i][0] = wr_dio_spec[i].rows;
+        shapes[i][1] = wr_dio_spec[i].cols;
+        t[i] = (lm_out_tensor){names[i], wr_dio_spec[i].dt, 2, shapes[i]};
+    }
+    const char *mk[] = {"pad"}, *mv[] = {"a header that does not end on a page boundary"};
+    lm_err err;
+    lm_err_clear(&err);
+    lm_st_writer *w = lm_st_writer_open(path, t, WR_DIO_N, NULL, mk, mv, 1, &err);
+    cr_assert_not_null(w, "%s", err.msg);
+    cr_assert_neq(lm_st_writer_tensor_offset(w, 0) % 4096, 0, "the header ends on a page boundary");
+    cr_assert_neq(lm_st_writer_file_bytes(w) % 4096, 0);
+    int on = direct ? lm_st_writer_direct(w) : 0;
+    cr_assert_eq(lm_st_writer_is_direct(w), on);
+    cr_assert_eq(lm_st_writer_hash_begin(w, &err), LM_OK, "%s", err.msg);
+    wr_dio_arg a[2] = {{w, 0, 0}, {w, 1, 0}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, wr_dio_thread, &a[i]), 0);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    cr_assert(!a[0].failed && !a[1].failed);
+    cr_assert_eq(lm_st_writer_direct(w), on, "turned on after data was written");
+    cr_assert_eq(lm_st_writer_hash_end(w, hex, NULL, &err), LM_OK, "%s", err.msg);
+    cr_assert_eq(lm_st_writer_commit(w, 0, &err), LM_OK, "%s", err.msg);
+    char ref[65];
+    cr_assert_eq(th_file_xxh128(path, ref), 0);
+    cr_assert_str_eq(hex, ref, "%s: hashed %s, XXH3-128 of the file %s", name, hex, ref);
+    /* every byte where an independent reader expects it */
+    th_st st;
+    cr_assert_eq(th_st_read(path, &st), 0, "independent reader refuses %s", path);
+    cr_assert_eq(st.n, WR_DIO_N);
+    for (size_t i = 0; i < st.n; i++)
+        for (uint64_t k = 0; k < st.t[i].n_bytes; k++)
+            cr_assert_eq(st.t[i].data[k], wr_byte(i, k), "%s %s byte %llu", name, st.t[i].name, (unsigned long long)k);
+    th_st_free(&st);
+    return on;
+}
+
+/* does the file system of dir say it takes direct I/O at page alignment (statx)? */
+static int wr_dio_supported(const char *dir)
+{
+    struct statx sx;
+    memset(&sx, 0, sizeof sx);
+    return statx(AT_FDCWD, dir, 0, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) &&
+           sx.stx_dio_offset_align > 0 && sx.stx_dio_offset_align <= 4096 && sx.stx_dio_mem_align > 0 &&
+           sx.stx_dio_mem_align <= 4096;
+}
+
+static void wr_dio_case(const char *tmp)
+{
+    char hp[65], hd[65];
+    cr_assert_eq(wr_dio_write(tmp, "plain.safetensors", 0, hp), 0);
+    char probe[1200];
+    snprintf(probe, sizeof probe, "%s/plain.safetensors", tmp);
+    const int want = wr_dio_supported(probe);
+    cr_assert_eq(wr_dio_write(tmp, "direct.safetensors", 1, hd), want, "direct I/O %s here", want ? "offered" : "not offered");
+    cr_assert_str_eq(hp, hd);
+    char a[1200], b[1200];
+    snprintf(a, sizeof a, "%s/plain.safetensors", tmp);
+    snprintf(b, sizeof b, "%s/direct.safetensors", tmp);
+    cr_assert(th_files_equal(a, b), "%s and %s differ", a, b);
+    setenv("LM_DIRECT_IO", "0", 1); /* turned off */
+    cr_assert_eq(wr_dio_write(tmp, "off.safetensors", 1, hd), 0);
+    unsetenv("LM_DIRECT_IO");
+}
+
+Test(writer, direct_io_same_bytes)
+{
+    char *tmp = th_tmpdir();
+    wr_dio_case(tmp);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* tmpfs opens O_DIRECT but says nothing of its alignment (statx): plain writes, the same bytes */
+Test(writer, direct_io_falls_back_on_tmpfs)
+{
+    char tmp[] = "/dev/shm/lm-test-dio-XXXXXX";
+    if (mkdtemp(tmp) == NULL)
+        cr_skip_test("no /dev/shm");
+    cr_assert(!wr_dio_supported(tmp), "/dev/shm takes direct I/O here: not the case tested");
+    wr_dio_case(tmp);
+    th_rmrf(tmp);
+}
+
 /* ---- names and metadata ----------------------------------------------------------------------- */
 Test(writer, escaped_names_and_metadata)
 {

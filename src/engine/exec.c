@@ -533,7 +533,9 @@ static lm_code load_tile(const job *J, size_t ti, float *acc, uint8_t *raw, uint
 typedef struct {
     float *acc;
     uint8_t *out;   /* the tile in the output dtype: outs[cur] */
-    uint8_t *outs[WQ_BUFS]; /* handed to the write queue in turn, busy[] until written */
+    uint8_t *outs[WQ_BUFS]; /* handed to the write queue in turn, busy[] until written (DIO_ROOM bytes
+                             * more, for the tile placed at its file offset's place in a page) */
+    int placed;             /* tiles placed in outs[] for direct writes (alloc_workspace) */
     int busy[WQ_BUFS];      /* queued writes of each (under the queue's lock) */
     int cur;
     size_t out_bytes;       /* of each */
@@ -547,6 +549,13 @@ typedef struct {
     double *scratch64; /* scratch (2 max_elems + 64); NULL when no tensor takes that path */
     size_t ready_scratch, ready_acc, ready_out[WQ_BUFS]; /* bytes of each made present (ws_ready) */
 } workspace;
+
+/* the output buffers of a run whose writes are direct (lm_st_writer_direct): a tile is computed at
+ * outs[i] + (its file offset modulo DIO_ROOM), so that its whole pages are written from where they
+ * are; in transparent huge pages (2 MB: a 1 MB write is then one request to the disk, where 4 KB
+ * pages make it two, the disk's segments being 254 pages here) */
+#define DIO_ROOM ((size_t)4096)
+#define HUGE_BYTES ((size_t)2 << 20)
 
 /* [0, want) of buffer p present, ready (*ready) bytes of it already: a page written for the
  * first time costs a fault each (~14 us on a virtual machine), populated ahead ~0.7 us */
@@ -1361,6 +1370,11 @@ static lm_code copy_task_bytes(const job *J, const task *tk, uint64_t from, uint
     if (f == NULL || lm_st_fd(f) < 0)
         return lm_st_writer_pwrite(w, src, (size_t)count, dst, err);
     loff_t in = (loff_t)(lm_st_data_offset(f) + t->base->info->begin + tk->first + from);
+    if (lm_st_writer_is_direct(w)) { /* read and written directly: no page cache for OUT */
+        uint64_t copied = 0;
+        lm_code rc = lm_st_writer_copy_fd(w, lm_st_fd(f), lm_st_path(f), (uint64_t)in, count, dst, &copied, err);
+        return rc == LM_OK && copied < count ? base_ended(f, t->name, err) : rc;
+    }
     loff_t outp = (loff_t)dst;
     uint64_t left = count;
     while (left > 0) {
@@ -1568,7 +1582,9 @@ static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint
     if (shared == NULL)
         ws_populate(ws->scratch, &ws->ready_scratch, (size_t)(nr * in_row));
     const size_t out_want = (size_t)(nr * row) + (t->q != NULL ? 4096 : 0);
-    ws_populate(ws->out, &ws->ready_out[ws->cur], out_want < ws->out_bytes ? out_want : ws->out_bytes);
+    const size_t shift = ws->placed ? (size_t)((dst + r0 * row) % DIO_ROOM) : 0;
+    ws->out = ws->outs[ws->cur] + shift;
+    ws_populate(ws->outs[ws->cur], &ws->ready_out[ws->cur], shift + (out_want < ws->out_bytes ? out_want : ws->out_bytes));
     if ((J->rt[tk->tensor].exact_kind != LM_EXACT_LOWRANK || t->q != NULL || t->sim_nf4) && !fused_tile(J, tk->tensor))
         ws_populate(ws->acc, &ws->ready_acc, (size_t)(nr * t->cols) * sizeof(float));
     lm_code rc = compute_tile(J, tk->tensor, r0, nr, shared, ws, ts, pieces, &n_pieces, err);
@@ -1615,8 +1631,22 @@ static lm_code run_task(wqueue *q, job *J, size_t jb, const task *tk, const uint
     return rc;
 }
 
-/* f64: room for the LM_EXACT_F64 tiles too; n_out output buffers (1 .. WQ_BUFS) */
-static int alloc_workspace(workspace *ws, size_t max_elems, int f64, int n_out)
+
+static uint8_t *alloc_out(size_t n, int placed)
+{
+    if (!placed)
+        return malloc(n);
+    void *p = NULL;
+    const size_t want = (n + DIO_ROOM + HUGE_BYTES - 1) / HUGE_BYTES * HUGE_BYTES;
+    if (posix_memalign(&p, HUGE_BYTES, want) != 0)
+        return NULL;
+    (void)madvise(p, want, MADV_HUGEPAGE);
+    return p;
+}
+
+/* f64: room for the LM_EXACT_F64 tiles too; n_out output buffers (1 .. WQ_BUFS); placed: for
+ * direct writes (alloc_out) */
+static int alloc_workspace(workspace *ws, size_t max_elems, int f64, int n_out, int placed)
 {
     memset(ws, 0, sizeof *ws);
     if (f64 && ((ws->acc64 = malloc(max_elems * sizeof(double))) == NULL ||
@@ -1624,8 +1654,9 @@ static int alloc_workspace(workspace *ws, size_t max_elems, int f64, int n_out)
         return 0;
     ws->acc = malloc(max_elems * sizeof(float));
     ws->out_bytes = max_elems * sizeof(double);
+    ws->placed = placed;
     for (int i = 0; i < n_out; i++)
-        if ((ws->outs[i] = malloc(ws->out_bytes)) == NULL)
+        if ((ws->outs[i] = alloc_out(ws->out_bytes, placed)) == NULL)
             return 0;
     ws->out = ws->outs[0];
     ws->scratch = malloc((4 * max_elems + 64) * sizeof(float));
@@ -1676,7 +1707,7 @@ static lm_code for_each_tile(const job *J, size_t ti, uint64_t tr, int n_threads
         workspace ws;
         lm_err lerr;
         lm_err_clear(&lerr);
-        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, J->rt[ti].exact_kind == LM_EXACT_F64, 1))
+        if (!alloc_workspace(&ws, (size_t)(tr * t->cols) + 1, J->rt[ti].exact_kind == LM_EXACT_F64, 1, 0))
             lm_fail(&lerr, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
 #pragma omp for schedule(dynamic, 1)
         for (uint64_t k = 0; k < n_tiles; k++) {
@@ -2373,6 +2404,7 @@ typedef struct {
     size_t next; /* the next group to run (atomic) */
     size_t max_elems;
     int want_stats, want64;
+    int placed; /* a file is written directly: tiles placed (alloc_workspace) */
 } group_run;
 
 /* a worker: the groups in turn, each to the first thread free for it (the fastest thread runs
@@ -2386,7 +2418,7 @@ static void *group_worker(void *arg)
     lm_err local;
     lm_err_clear(&local);
     size_t local_job = 0;
-    if (!alloc_workspace(&ws, R->max_elems, R->want64, WQ_BUFS) ||
+    if (!alloc_workspace(&ws, R->max_elems, R->want64, WQ_BUFS, R->placed) ||
         (R->want_stats && !alloc_stats_workspace(&ws, R->max_elems)) ||
         (B->n_jobs > 1 && (ws.raw = malloc(R->max_elems * sizeof(double) + 64)) == NULL))
         lm_fail(&local, LM_E_NOMEM, NULL, "out of memory for the tile workspace");
@@ -2418,7 +2450,11 @@ static lm_code run_groups(batch *B, const member *m, const size_t *g, size_t n_g
     lm_code rc = wq_init(&q, B, n_threads, err);
     if (rc != LM_OK)
         return rc;
-    group_run R = {B, &q, m, g, n_groups, 0, max_elems, want_stats, want64};
+    int placed = 0;
+    for (size_t j = 0; j < B->n_jobs; j++)
+        for (size_t sh = 0; sh < B->Js[j].n_shards; sh++)
+            placed |= B->Js[j].w[sh] != NULL && lm_st_writer_is_direct(B->Js[j].w[sh]);
+    group_run R = {B, &q, m, g, n_groups, 0, max_elems, want_stats, want64, placed};
     /* plain threads, not an OpenMP team: a thread done first waits (sleeps) for the others in
      * the write queue and the join, where libgomp's barriers spin; one that cannot be created
      * leaves its share to the others (the output does not depend on their number) */
@@ -2495,7 +2531,7 @@ static lm_code exec_batch(job *Js, size_t n_jobs, const lm_plan *const *plans, c
     const uint64_t drop_step = drop_behind_step(out_bytes);
     for (size_t j = 0; j < n_jobs && drop_step > 0; j++)
         for (size_t sh = 0; sh < Js[j].n_shards; sh++)
-            if (Js[j].w[sh] != NULL)
+            if (Js[j].w[sh] != NULL && !lm_st_writer_direct(Js[j].w[sh]))
                 lm_st_writer_drop_behind(Js[j].w[sh], drop_step);
     member *m = NULL;
     size_t *g = NULL, n_groups = 0;

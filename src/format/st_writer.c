@@ -41,6 +41,8 @@ struct lm_st_writer {
     uint64_t db_step;    /* lm_st_writer_drop_behind(), or 0 */
     uint64_t db_last;    /* the end of the range last advised (atomic) */
     uint64_t hashed_to;  /* hashed: the end of the hashed prefix (atomic), the most drop-behind drops */
+    struct writer_dio *dio; /* lm_st_writer_direct(), or NULL */
+    int wrote_data;      /* a write other than the header's was made (lm_st_writer_direct then refused) */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -286,11 +288,14 @@ static lm_code tensor_bytes(const lm_out_tensor *t, uint64_t *out, lm_err *err)
 /* ------------------------------------------------------------------------------------------ */
 static void hash_free(struct writer_hash *h);
 
+static void dio_free(struct writer_dio *d);
+
 static void writer_free(lm_st_writer *w)
 {
     if (w == NULL)
         return;
     hash_free(w->hash);
+    dio_free(w->dio);
     if (w->fd >= 0)
         close(w->fd);
     lm_cleanup_unregister(w->cleanup_slot);
@@ -580,6 +585,7 @@ lm_st_writer *lm_st_writer_open(const char *out_path, const lm_out_tensor *tenso
         lm_st_writer_pwrite(w, sb.buf, sb.used, 8, err) != LM_OK)
         goto fail;
     free(sb.buf);
+    w->wrote_data = 0; /* the header only */
     return w;
 fail:
     free(sb.buf);
@@ -636,18 +642,18 @@ static void drop_behind(lm_st_writer *w, uint64_t end)
     (void)posix_fadvise(w->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED);
 }
 
-lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
-                            lm_err *err)
+/* n_bytes at offset through fd: retries short writes; EFBIG, ENOSPC ... an error naming the output */
+static lm_code write_all(const lm_st_writer *w, int fd, const uint8_t *p, size_t n_bytes, uint64_t offset, lm_err *err)
 {
-    const uint8_t *p = buf;
-    const uint64_t off0 = offset, n0 = n_bytes;
     while (n_bytes > 0) {
         size_t chunk = n_bytes > ((size_t)1 << 30) ? ((size_t)1 << 30) : n_bytes;
-        ssize_t k = lm_sys_pwrite(w->fd, p, chunk, (off_t)offset);
+        ssize_t k = lm_sys_pwrite(fd, p, chunk, (off_t)offset);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
             int e = errno;
+            if (e == EINVAL && fd != w->fd)
+                return LM_E_UNSUPPORTED; /* direct I/O refused here (err untouched): written plainly */
             lm_fail_errno(err, e, "write failed at byte %llu", (unsigned long long)offset);
             lm_err_set_path(err, w->out_path);
             return LM_E_IO;
@@ -661,10 +667,316 @@ lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, ui
         n_bytes -= (size_t)k;
         offset += (uint64_t)k;
     }
-    if (w->hash != NULL) /* once the bytes are in the file (another thread's catch-up may read them) */
-        hash_written(w, buf, off0, n0);
-    drop_behind(w, off0 + n0);
     return LM_OK;
+}
+
+static lm_code dio_pwrite(lm_st_writer *w, const uint8_t *buf, uint64_t n, uint64_t off, lm_err *err);
+
+lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
+                            lm_err *err)
+{
+    w->wrote_data = 1;
+    if (w->dio != NULL)
+        return dio_pwrite(w, buf, n_bytes, offset, err);
+    lm_code rc = write_all(w, w->fd, buf, n_bytes, offset, err);
+    if (rc != LM_OK)
+        return rc;
+    if (w->hash != NULL) /* once the bytes are in the file (another thread's catch-up may read them) */
+        hash_written(w, buf, offset, n_bytes);
+    drop_behind(w, offset + n_bytes);
+    return LM_OK;
+}
+
+/* ---- direct I/O (lm_st_writer_direct): the bytes go from the caller's buffer to the disk, not
+ * through the page cache.  Only whole pages (DIO_PAGE, at offsets that are multiples of it) are
+ * written so: a write's first and last pages, when it starts or ends inside one, are shared with the
+ * neighbouring writes (tensors and tiles start anywhere), so their bytes are kept here (pages, one
+ * per partial page, its bytes so far) and the page is written once it has all of them; a page shared
+ * with the header gets the header's bytes when direct I/O is turned on, and the file's last page, when
+ * it ends inside one, is written plainly once complete (a direct write would have to write past the
+ * end).  So every page is written exactly once, whole, by one write: no page is both in the page
+ * cache and written directly.  The whole pages come from the caller's buffer when its address is a
+ * multiple of DIO_PAGE there (the executor places its tiles so: address == file offset modulo
+ * DIO_PAGE), else through a bounce buffer.  What is hashed (lm_st_writer_hash_begin) is told once in
+ * the file: the whole pages after their write, a kept page once written. */
+#define DIO_PAGE ((uint64_t)4096)
+#define DIO_BOUNCE ((size_t)1 << 20) /* a bounce buffer's bytes (plus a page: placed as the write) */
+
+typedef struct {
+    uint64_t page;  /* bytes [page * DIO_PAGE, + DIO_PAGE) */
+    uint64_t have;  /* of them given so far (writes never overlap) */
+    uint8_t *bytes; /* DIO_PAGE, aligned; zero where nothing was given */
+} dio_page;
+
+struct writer_dio {
+    int fd; /* the file again, opened O_DIRECT */
+    pthread_mutex_t mu;
+    dio_page *p; /* the pages kept, unsorted (few at a time: the writes' fronts) */
+    size_t n_p, cap_p;
+    uint8_t **spare; /* page buffers free for reuse */
+    size_t n_spare, cap_spare;
+    uint8_t **bounce; /* bounce buffers free for reuse (DIO_BOUNCE + DIO_PAGE, aligned) */
+    size_t n_bounce, cap_bounce;
+    int plain; /* a direct write was refused (EINVAL): plain writes from then on (atomic) */
+};
+
+static void dio_free(struct writer_dio *d)
+{
+    if (d == NULL)
+        return;
+    if (d->fd >= 0)
+        close(d->fd);
+    pthread_mutex_destroy(&d->mu);
+    for (size_t i = 0; i < d->n_p; i++)
+        free(d->p[i].bytes);
+    for (size_t i = 0; i < d->n_spare; i++)
+        free(d->spare[i]);
+    for (size_t i = 0; i < d->n_bounce; i++)
+        free(d->bounce[i]);
+    free(d->p);
+    free(d->spare);
+    free(d->bounce);
+    free(d);
+}
+
+/* pushes x on a free list (dropped when out of memory); d->mu held */
+static void dio_push(uint8_t ***list, size_t *n, size_t *cap, uint8_t *x)
+{
+    if (*n == *cap) {
+        size_t c = *cap ? 2 * *cap : 8;
+        uint8_t **l = realloc(*list, c * sizeof *l);
+        if (l == NULL) {
+            free(x);
+            return;
+        }
+        *list = l;
+        *cap = c;
+    }
+    (*list)[(*n)++] = x;
+}
+
+/* whole pages [off, off + n) from p (aligned) to the file: direct, or plainly once refused */
+static lm_code dio_write_pages(lm_st_writer *w, const uint8_t *p, uint64_t n, uint64_t off, lm_err *err)
+{
+    struct writer_dio *d = w->dio;
+    if (!__atomic_load_n(&d->plain, __ATOMIC_RELAXED)) {
+        lm_code rc = write_all(w, d->fd, p, (size_t)n, off, err);
+        if (rc != LM_E_UNSUPPORTED)
+            return rc;
+        __atomic_store_n(&d->plain, 1, __ATOMIC_RELAXED); /* a file system that opens O_DIRECT and refuses it */
+    }
+    return write_all(w, w->fd, p, (size_t)n, off, err);
+}
+
+/* page pg, complete: written (the file's last page plainly, its bytes only), then hashed */
+static lm_code dio_write_kept(lm_st_writer *w, dio_page *pg, lm_err *err)
+{
+    const uint64_t at = pg->page * DIO_PAGE;
+    const uint64_t n = w->file_bytes - at < DIO_PAGE ? w->file_bytes - at : DIO_PAGE;
+    lm_code rc = n == DIO_PAGE ? dio_write_pages(w, pg->bytes, n, at, err) : write_all(w, w->fd, pg->bytes, (size_t)n, at, err);
+    if (rc == LM_OK && w->hash != NULL)
+        hash_written(w, pg->bytes, at, n);
+    return rc;
+}
+
+/* bytes [off, off + n) of one page kept; *complete: the page now has all its bytes and is *done
+ * (no longer kept: the caller writes it and gives its buffer back).  d->mu held. */
+static lm_code dio_keep(lm_st_writer *w, const uint8_t *src, uint64_t n, uint64_t off, dio_page *done, int *complete)
+{
+    struct writer_dio *d = w->dio;
+    const uint64_t page = off / DIO_PAGE, at = page * DIO_PAGE;
+    const uint64_t want = w->file_bytes - at < DIO_PAGE ? w->file_bytes - at : DIO_PAGE;
+    size_t i = 0;
+    while (i < d->n_p && d->p[i].page != page)
+        i++;
+    if (i == d->n_p) {
+        if (d->n_p == d->cap_p) {
+            size_t c = d->cap_p ? 2 * d->cap_p : 16;
+            dio_page *np = realloc(d->p, c * sizeof *np);
+            if (np == NULL)
+                return LM_E_NOMEM;
+            d->p = np;
+            d->cap_p = c;
+        }
+        uint8_t *b = NULL;
+        if (d->n_spare > 0)
+            b = d->spare[--d->n_spare];
+        else if (posix_memalign((void **)&b, DIO_PAGE, DIO_PAGE) != 0)
+            return LM_E_NOMEM;
+        memset(b, 0, DIO_PAGE);
+        d->p[d->n_p++] = (dio_page){page, 0, b};
+    }
+    dio_page *pg = &d->p[i];
+    memcpy(pg->bytes + (off - at), src, (size_t)n);
+    pg->have += n;
+    *complete = pg->have >= want;
+    if (*complete) {
+        *done = *pg;
+        d->p[i] = d->p[--d->n_p];
+    }
+    return LM_OK;
+}
+
+/* a kept page written: its buffer back to the spares */
+static void dio_spare(struct writer_dio *d, uint8_t *b)
+{
+    pthread_mutex_lock(&d->mu);
+    dio_push(&d->spare, &d->n_spare, &d->cap_spare, b);
+    pthread_mutex_unlock(&d->mu);
+}
+
+static lm_code dio_pwrite(lm_st_writer *w, const uint8_t *buf, uint64_t n, uint64_t off, lm_err *err)
+{
+    struct writer_dio *d = w->dio;
+    if (n == 0)
+        return LM_OK;
+    const uint64_t end = off + n;
+    uint64_t a = (off + DIO_PAGE - 1) / DIO_PAGE * DIO_PAGE, b = end / DIO_PAGE * DIO_PAGE;
+    if (a > b) /* inside one page */
+        a = b = end;
+    /* the partial first and last pages: kept, written here once complete */
+    dio_page full[2];
+    int n_full = 0;
+    lm_code rc = LM_OK;
+    pthread_mutex_lock(&d->mu);
+    for (int side = 0; side < 2 && rc == LM_OK; side++) {
+        const uint64_t lo = side == 0 ? off : b, hi = side == 0 ? a : end;
+        if (hi <= lo)
+            continue;
+        int complete = 0;
+        rc = dio_keep(w, buf + (lo - off), hi - lo, lo, &full[n_full], &complete);
+        n_full += complete;
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (rc != LM_OK)
+        return lm_fail(err, rc, NULL, "out of memory");
+    for (int i = 0; i < n_full; i++) {
+        lm_code r = dio_write_kept(w, &full[i], err);
+        dio_spare(d, full[i].bytes);
+        if (r != LM_OK)
+            return r;
+    }
+    if (b <= a)
+        return LM_OK;
+    /* the whole pages: from buf when placed, else through a bounce buffer */
+    const uint8_t *p = buf + (a - off);
+    if (((uintptr_t)p & (DIO_PAGE - 1)) == 0) {
+        rc = dio_write_pages(w, p, b - a, a, err);
+    } else {
+        uint8_t *bb = NULL;
+        pthread_mutex_lock(&d->mu);
+        if (d->n_bounce > 0)
+            bb = d->bounce[--d->n_bounce];
+        pthread_mutex_unlock(&d->mu);
+        if (bb == NULL && posix_memalign((void **)&bb, DIO_PAGE, DIO_BOUNCE) != 0)
+            return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        for (uint64_t at = a; at < b && rc == LM_OK; at += DIO_BOUNCE) {
+            const uint64_t k = b - at < DIO_BOUNCE ? b - at : DIO_BOUNCE;
+            memcpy(bb, p + (at - a), (size_t)k);
+            rc = dio_write_pages(w, bb, k, at, err);
+        }
+        pthread_mutex_lock(&d->mu);
+        dio_push(&d->bounce, &d->n_bounce, &d->cap_bounce, bb);
+        pthread_mutex_unlock(&d->mu);
+    }
+    if (rc == LM_OK && w->hash != NULL)
+        hash_written(w, p, a, b - a);
+    return rc;
+}
+
+int lm_st_writer_is_direct(const lm_st_writer *w) { return w->dio != NULL; }
+
+lm_code lm_st_writer_copy_fd(lm_st_writer *w, int in_fd, const char *in_path, uint64_t in_off, uint64_t n,
+                             uint64_t offset, uint64_t *copied, lm_err *err)
+{
+    struct writer_dio *d = w->dio;
+    uint8_t *bb = NULL;
+    *copied = 0;
+    pthread_mutex_lock(&d->mu);
+    if (d->n_bounce > 0)
+        bb = d->bounce[--d->n_bounce];
+    pthread_mutex_unlock(&d->mu);
+    if (bb == NULL && posix_memalign((void **)&bb, DIO_PAGE, DIO_BOUNCE) != 0)
+        return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+    lm_code rc = LM_OK;
+    while (*copied < n && rc == LM_OK) {
+        const uint64_t at = offset + *copied, shift = at % DIO_PAGE, room = DIO_BOUNCE - shift;
+        const uint64_t want = n - *copied < room ? n - *copied : room;
+        ssize_t k = lm_sys_pread(in_fd, bb + shift, (size_t)want, (off_t)(in_off + *copied));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            lm_fail_errno(err, errno, "read failed at byte %llu", (unsigned long long)(in_off + *copied));
+            lm_err_set_path(err, in_path);
+            rc = LM_E_IO;
+        } else if (k == 0) {
+            break; /* in_fd ends early: *copied < n tells the caller */
+        } else if ((rc = lm_st_writer_pwrite(w, bb + shift, (size_t)k, at, err)) == LM_OK) {
+            *copied += (uint64_t)k;
+        }
+    }
+    pthread_mutex_lock(&d->mu);
+    dio_push(&d->bounce, &d->n_bounce, &d->cap_bounce, bb);
+    pthread_mutex_unlock(&d->mu);
+    return rc;
+}
+
+/* every page still kept (bytes never given: zero, as in the file) written */
+static lm_code dio_flush(lm_st_writer *w, lm_err *err)
+{
+    struct writer_dio *d = w->dio;
+    lm_code rc = LM_OK;
+    if (d == NULL)
+        return LM_OK;
+    pthread_mutex_lock(&d->mu);
+    while (d->n_p > 0 && rc == LM_OK) {
+        dio_page pg = d->p[--d->n_p];
+        rc = dio_write_kept(w, &pg, err);
+        dio_push(&d->spare, &d->n_spare, &d->cap_spare, pg.bytes);
+    }
+    pthread_mutex_unlock(&d->mu);
+    return rc;
+}
+
+int lm_st_writer_direct(lm_st_writer *w)
+{
+    const char *env = getenv("LM_DIRECT_IO");
+    if (w->dio != NULL || w->wrote_data || w->fd < 0 || (env != NULL && *env == '0'))
+        return w->dio != NULL;
+    struct statx sx;
+    memset(&sx, 0, sizeof sx);
+    /* what the file system says of direct I/O (Linux 6.1): none (tmpfs, most network and FUSE
+     * file systems) or one needing more than page alignment: the plain writes stay */
+    if (statx(w->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) != 0 || !(sx.stx_mask & STATX_DIOALIGN) ||
+        sx.stx_dio_offset_align == 0 || sx.stx_dio_offset_align > DIO_PAGE || sx.stx_dio_mem_align == 0 ||
+        sx.stx_dio_mem_align > DIO_PAGE)
+        return 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", w->fd);
+    struct writer_dio *d = calloc(1, sizeof *d);
+    if (d == NULL)
+        return 0;
+    pthread_mutex_init(&d->mu, NULL);
+    if ((d->fd = lm_sys_open(path, O_RDWR | O_DIRECT | O_CLOEXEC, 0)) < 0) {
+        dio_free(d);
+        return 0;
+    }
+    w->dio = d;
+    /* the header's last page, shared with the first tensor: kept with the header's bytes in it */
+    const uint64_t head = w->data_start % DIO_PAGE;
+    if (head != 0 && w->data_start < w->file_bytes) {
+        uint8_t tmp[DIO_PAGE];
+        const uint64_t at = w->data_start - head;
+        int complete = 0;
+        dio_page pg;
+        if (lm_sys_pread(w->fd, tmp, (size_t)head, (off_t)at) != (ssize_t)head ||
+            dio_keep(w, tmp, head, at, &pg, &complete) != LM_OK) {
+            w->dio = NULL;
+            dio_free(d);
+            return 0;
+        }
+    }
+    return 1;
 }
 
 /* ---- the XXH3-128 (or SHA-256) of the file as it is written (lm_st_writer_hash_begin; lm_xxh128.h)
@@ -816,6 +1128,7 @@ lm_code lm_st_writer_hash_begin_sha256(lm_st_writer *w, lm_err *err) { return ha
 
 void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_bytes)
 {
+    w->wrote_data = 1;
     if (w->hash != NULL)
         hash_written(w, NULL, offset, n_bytes);
     drop_behind(w, offset + n_bytes);
@@ -824,6 +1137,8 @@ void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_byte
 lm_code lm_st_writer_hash_end(lm_st_writer *w, char hex[65], double *cpu_seconds, lm_err *err)
 {
     lm_code rc;
+    if ((rc = dio_flush(w, err)) != LM_OK)
+        return rc;
     if (w->hash == NULL && (rc = lm_st_writer_hash_begin(w, err)) != LM_OK) /* not hashed so far: all read back */
         return rc;
     struct writer_hash *h = w->hash;
@@ -857,6 +1172,9 @@ lm_code lm_st_writer_finish(lm_st_writer *w, int do_fsync, lm_err *err)
 {
     if (w->fd < 0 || w->finished)
         return LM_OK;
+    lm_code rc = dio_flush(w, err);
+    if (rc != LM_OK)
+        return rc;
     /* the temp file was created 0600; give it the permissions a new file would get */
     mode_t mask = umask(0);
     umask(mask);

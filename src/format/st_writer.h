@@ -64,6 +64,18 @@ lm_code lm_st_writer_hash_begin_sha256(lm_st_writer *w, lm_err *err);
  *  outputs larger than the page cache; see st_writer.c); 0: off, the default.  A file hashed as
  *  it is written is dropped only behind its hashed prefix. */
 void lm_st_writer_drop_behind(lm_st_writer *w, uint64_t step);
+/*! lm_st_writer_direct() : the data from here on written with direct I/O (O_DIRECT: not through the
+ *  page cache; for outputs larger than it, instead of drop-behind), each page once whole (see
+ *  st_writer.c); the bytes written are the same.  Only before any write but the header's; not where
+ *  the file system offers no direct I/O (statx STATX_DIOALIGN: tmpfs, most network file systems)
+ *  or LM_DIRECT_IO=0 is set.  @return 1: on, 0: plain writes (as before). */
+int lm_st_writer_direct(lm_st_writer *w);
+int lm_st_writer_is_direct(const lm_st_writer *w);
+/*! lm_st_writer_copy_fd() : a direct writer's (lm_st_writer_is_direct) copy of n bytes of in_fd from
+ *  in_off to offset, read into a buffer placed for direct I/O (copy_file_range would go through
+ *  the page cache).  *copied < n with LM_OK: in_fd ended early; a read error names in_path. */
+lm_code lm_st_writer_copy_fd(lm_st_writer *w, int in_fd, const char *in_path, uint64_t in_off, uint64_t n,
+                             uint64_t offset, uint64_t *copied, lm_err *err);
 void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_bytes);
 /*! lm_st_writer_hash_end() : once every byte is written: the file's XXH3-128 (32 hex digits), or its
  *  SHA-256 (64; lm_st_writer_hash_begin_sha256); what
