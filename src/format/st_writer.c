@@ -675,7 +675,8 @@ static lm_code dio_pwrite(lm_st_writer *w, const uint8_t *buf, uint64_t n, uint6
 lm_code lm_st_writer_pwrite(lm_st_writer *w, const void *buf, size_t n_bytes, uint64_t offset,
                             lm_err *err)
 {
-    w->wrote_data = 1;
+    if (!__atomic_load_n(&w->wrote_data, __ATOMIC_RELAXED)) /* once: no shared line written per call */
+        __atomic_store_n(&w->wrote_data, 1, __ATOMIC_RELAXED);
     if (w->dio != NULL)
         return dio_pwrite(w, buf, n_bytes, offset, err);
     lm_code rc = write_all(w, w->fd, buf, n_bytes, offset, err);
@@ -1128,7 +1129,8 @@ lm_code lm_st_writer_hash_begin_sha256(lm_st_writer *w, lm_err *err) { return ha
 
 void lm_st_writer_note_written(lm_st_writer *w, uint64_t offset, uint64_t n_bytes)
 {
-    w->wrote_data = 1;
+    if (!__atomic_load_n(&w->wrote_data, __ATOMIC_RELAXED))
+        __atomic_store_n(&w->wrote_data, 1, __ATOMIC_RELAXED);
     if (w->hash != NULL)
         hash_written(w, NULL, offset, n_bytes);
     drop_behind(w, offset + n_bytes);
