@@ -826,6 +826,26 @@ static void dio_spare(struct writer_dio *d, uint8_t *b)
     pthread_mutex_unlock(&d->mu);
 }
 
+/* a bounce buffer (DIO_BOUNCE bytes, page-aligned), or NULL when out of memory */
+static uint8_t *dio_bounce_take(struct writer_dio *d)
+{
+    uint8_t *bb = NULL;
+    pthread_mutex_lock(&d->mu);
+    if (d->n_bounce > 0)
+        bb = d->bounce[--d->n_bounce];
+    pthread_mutex_unlock(&d->mu);
+    if (bb == NULL && posix_memalign((void **)&bb, DIO_PAGE, DIO_BOUNCE) != 0)
+        return NULL;
+    return bb;
+}
+
+static void dio_bounce_give(struct writer_dio *d, uint8_t *bb)
+{
+    pthread_mutex_lock(&d->mu);
+    dio_push(&d->bounce, &d->n_bounce, &d->cap_bounce, bb);
+    pthread_mutex_unlock(&d->mu);
+}
+
 static lm_code dio_pwrite(lm_st_writer *w, const uint8_t *buf, uint64_t n, uint64_t off, lm_err *err)
 {
     struct writer_dio *d = w->dio;
@@ -864,21 +884,15 @@ static lm_code dio_pwrite(lm_st_writer *w, const uint8_t *buf, uint64_t n, uint6
     if (((uintptr_t)p & (DIO_PAGE - 1)) == 0) {
         rc = dio_write_pages(w, p, b - a, a, err);
     } else {
-        uint8_t *bb = NULL;
-        pthread_mutex_lock(&d->mu);
-        if (d->n_bounce > 0)
-            bb = d->bounce[--d->n_bounce];
-        pthread_mutex_unlock(&d->mu);
-        if (bb == NULL && posix_memalign((void **)&bb, DIO_PAGE, DIO_BOUNCE) != 0)
+        uint8_t *bb = dio_bounce_take(d);
+        if (bb == NULL)
             return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         for (uint64_t at = a; at < b && rc == LM_OK; at += DIO_BOUNCE) {
             const uint64_t k = b - at < DIO_BOUNCE ? b - at : DIO_BOUNCE;
             memcpy(bb, p + (at - a), (size_t)k);
             rc = dio_write_pages(w, bb, k, at, err);
         }
-        pthread_mutex_lock(&d->mu);
-        dio_push(&d->bounce, &d->n_bounce, &d->cap_bounce, bb);
-        pthread_mutex_unlock(&d->mu);
+        dio_bounce_give(d, bb);
     }
     if (rc == LM_OK && w->hash != NULL)
         hash_written(w, p, a, b - a);
@@ -891,13 +905,9 @@ lm_code lm_st_writer_copy_fd(lm_st_writer *w, int in_fd, const char *in_path, ui
                              uint64_t offset, uint64_t *copied, lm_err *err)
 {
     struct writer_dio *d = w->dio;
-    uint8_t *bb = NULL;
     *copied = 0;
-    pthread_mutex_lock(&d->mu);
-    if (d->n_bounce > 0)
-        bb = d->bounce[--d->n_bounce];
-    pthread_mutex_unlock(&d->mu);
-    if (bb == NULL && posix_memalign((void **)&bb, DIO_PAGE, DIO_BOUNCE) != 0)
+    uint8_t *bb = dio_bounce_take(d);
+    if (bb == NULL)
         return lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     lm_code rc = LM_OK;
     while (*copied < n && rc == LM_OK) {
@@ -916,9 +926,7 @@ lm_code lm_st_writer_copy_fd(lm_st_writer *w, int in_fd, const char *in_path, ui
             *copied += (uint64_t)k;
         }
     }
-    pthread_mutex_lock(&d->mu);
-    dio_push(&d->bounce, &d->n_bounce, &d->cap_bounce, bb);
-    pthread_mutex_unlock(&d->mu);
+    dio_bounce_give(d, bb);
     return rc;
 }
 
