@@ -702,3 +702,89 @@ Test(shards, readme_slurm_and_kubernetes_examples_run)
     th_run_free(&r);
     sh_teardown(&F);
 }
+
+/* ---- audit (issue 14): spec parsing, fingerprint coverage ------------------------------------ */
+
+/* --shards I/N: decimal digits only.  strtoul alone took " 1/4", "+1/4", "1/ 4" and "1/+4" as 1/4;
+ * a leading zero is still a decimal number (printf %02d). */
+Test(shards, spec_digits_only)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const char *const bad[] = {" 1/4", "+1/4", "1/ 4", "1/+4", "1/4 ", "4/4", "-1/4", "1/0", "1/4x", "0x1/4",
+                                      "1/4/5", "", "/4", "1/", "0/1000001", "0/99999999999999999999",
+                                      "99999999999999999999/4", "Index"};
+    for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "%s --shards '%s' %s %s %s/", F.bin, bad[k], F.base, F.ad, F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "--shards '%s': exit %d: %s", bad[k], r.status, r.err);
+        cr_assert(strncmp(r.err, "error: --shards needs I/N", 25) == 0 && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                  "--shards '%s': %s", bad[k], r.err);
+        th_run_free(&r);
+        cr_assert(!th_exists(F.out), "--shards '%s': a refused worker created OUT", bad[k]);
+    }
+    /* 01/4 is worker 1 of 4: the same shards as 1/4 (kept on the second run) */
+    cr_assert_eq(sh_ok("cd %s && %s -q --shards 01/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out), 0);
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 1/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.err, " written, ") && strstr(r.err, "(0 written, "), "01/4 and 1/4 are not one worker: %s", r.err);
+    th_run_free(&r);
+    sh_teardown(&F);
+}
+
+/* every option that changes an output byte is in the plan's fingerprint (a worker given it is
+ * refused: PlanMismatch, exit 2, nothing written); those that do not (--threads, --kernels,
+ * --tile-elems on LoRA, -q, --fsync) are not, and such a worker completes the directory.
+ * --simulate-nf4 and --exactness-off were missing: a worker given them wrote shards of other bytes
+ * that finalize accepted (checked first: each of them changes the single merge's bytes). */
+Test(shards, fingerprint_covers_every_byte_changing_option, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const char *const changing[] = {"--simulate-nf4", "--exactness-off", "--scale 0.999", "--dtype f32",
+                                           "--adapter-scaled ad2 0.5"};
+    /* ad2: the adapter with one byte of its weights changed (its last element's low byte) */
+    cr_assert_eq(sh_ok("cd %s && cp -r %s ad2 && f=ad2/adapter_model.safetensors && s=$(stat -c %%s $f) && "
+                       "printf '\\001' | dd of=$f bs=1 seek=$((s - 4)) conv=notrunc 2>/dev/null", F.tmp, F.ad), 0);
+    cr_assert_eq(sh_ok("cd %s && %s -q %s %s one.safetensors", F.tmp, F.bin, F.base, F.ad), 0);
+    for (size_t k = 0; k < sizeof changing / sizeof *changing; k++)
+        cr_assert_eq(sh_ok("cd %s && %s -q %s %s %s two.safetensors && ! cmp -s one.safetensors two.safetensors", F.tmp,
+                           F.bin, changing[k], F.base, F.ad), 0, "%s does not change the merge: the test shows nothing",
+                     changing[k]);
+    cr_assert_eq(sh_ok("cd %s && %s -q %s ad2 two.safetensors && ! cmp -s one.safetensors two.safetensors", F.tmp, F.bin,
+                       F.base), 0);
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    int owner[10];
+    expected_owners(&F, 2, owner);
+    for (size_t k = 0; k < sizeof changing / sizeof *changing + 1; k++) {
+        const char *opt = k < sizeof changing / sizeof *changing ? changing[k] : NULL;
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 1/2 %s %s %s %s/", F.tmp, F.bin, opt ? opt : "", F.base,
+                 opt ? F.ad : "ad2", F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "a worker with %s was accepted: %s", opt ? opt : "another adapter", r.err);
+        cr_assert(strstr(r.err, "PlanMismatch") && strchr(r.err, '\n') == r.err + strlen(r.err) - 1, "%s", r.err);
+        th_run_free(&r);
+        for (int s = 0; s < 10; s++) {
+            char p[1000];
+            snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F.out, s + 1);
+            cr_assert(owner[s] == 0 || !th_exists(p), "%s: the refused worker wrote shard %d", opt ? opt : "ad2", s + 1);
+        }
+        cr_assert_eq(th_count_temps(F.out), 0);
+        /* finalize with the option is refused too */
+        snprintf(cmd, sizeof cmd, "cd %s && %s -q %s --shards index %s %s %s/", F.tmp, F.bin, opt ? opt : "", F.base,
+                 opt ? F.ad : "ad2", F.out);
+        r = sh_run(cmd);
+        cr_assert_neq(r.status, 0, "finalize with %s was accepted", opt ? opt : "another adapter");
+        th_run_free(&r);
+    }
+    cr_assert_eq(worker(&F, 1, 2, "--threads 1 --kernels ref --tile-elems 4096 --fsync"), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}

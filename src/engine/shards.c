@@ -113,6 +113,7 @@ static void md_plan(lm_sha256_ctx *md, const lm_plan *p, const size_t *shard_of)
         for (size_t d = 0; d < t->n_dims; d++)
             md_u64(md, t->shape[d]);
         md_u64(md, shard_of[i]);
+        md_u64(md, (uint64_t)t->sim_nf4); /* --simulate-nf4: other base values */
         md_u64(md, t->n_ops);
         for (size_t q = 0; q < t->n_ops; q++) {
             md_u64(md, (uint64_t)t->ops[q].kind);
@@ -136,6 +137,7 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
      * so its shard is rewritten by a worker and refused by finalize, never trusted */
     md_str(md, "lora-merge shard plan 3");
     md_str(md, LM_VERSION_STRING);
+    md_u64(md, (uint64_t)C->job->exactness_off); /* uncertified products: other bytes */
     md_u64(md, C->ot->n_shards);
     for (size_t k = 0; k < C->ot->n_shards; k++) {
         md_str(md, leaf_of(C->ot->paths[k]));
