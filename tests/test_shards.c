@@ -788,3 +788,89 @@ Test(shards, fingerprint_covers_every_byte_changing_option, .timeout = 120)
     cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
     sh_teardown(&F);
 }
+
+/* the names and sizes under dir, sorted: what a refused run must leave as it was */
+static char *sh_listing(const char *dir)
+{
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "cd %s && find . -printf '%%p %%s %%i\\n' | sort", dir);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 0);
+    char *s = r.out;
+    r.out = NULL;
+    th_run_free(&r);
+    return s;
+}
+
+/* OUT/.lora-merge-shards/plan.json damaged (not UTF-8, truncated, 100 MB, a directory, an
+ * argument not a string): a worker and finalize each refuse with one line naming plan.json
+ * (PlanMismatch, exit 2: finalize said "no shard plan here" as if no worker had run, and an
+ * argument not a string was "out of memory"), and change nothing; once it is removed, a worker
+ * records it again and the directory is finalized as the single merge */
+Test(shards, damaged_plan_file_refused_then_recorded_again, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    static const char *const damage[] = {"printf '\\377\\376{\"fingerprint\"' >P", "truncate -s 50 P", "truncate -s 100M P",
+                                         "rm P && mkdir P", "sed -i 's/\"args\":\\t*\\[/&7, /' P && grep -q '\\[7, ' P"};
+    char plan[1000];
+    snprintf(plan, sizeof plan, "%s/.lora-merge-shards/plan.json", F.out);
+    cr_assert_eq(sh_ok("cp %s %s/plan.good", plan, F.tmp), 0);
+    for (size_t d = 0; d < sizeof damage / sizeof *damage; d++) {
+        char cmd[9000];
+        cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && rm -rf P && cp %s/plan.good P && %s && rm -rf plan.json && "
+                           "mv P plan.json", F.out, F.tmp, damage[d]), 0);
+        char *before = sh_listing(F.out);
+        for (int fin = 0; fin < 2 + (d == 4); fin++) {
+            if (fin == 0)
+                snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 1/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+            else
+                snprintf(cmd, sizeof cmd, "cd / && %s -q finalize %s", F.bin, F.out);
+            th_run_result r = sh_run(cmd);
+            if (d == 4 && fin == 0) { /* the fingerprint is intact: the worker may go on */
+                cr_assert_eq(r.status, 0, "%s", r.err);
+                th_run_free(&r);
+                free(before);
+                before = sh_listing(F.out);
+                continue;
+            }
+            cr_assert_eq(r.status, 2, "%s, %s: exit %d: %s", damage[d], fin ? "finalize" : "worker", r.status, r.err);
+            cr_assert(strstr(r.err, ".lora-merge-shards/plan.json: PlanMismatch: ") && strstr(r.err, "damaged") &&
+                          strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                      "%s, %s: %s", damage[d], fin ? "finalize" : "worker", r.err);
+            th_run_free(&r);
+            char *after = sh_listing(F.out);
+            cr_assert_str_eq(after, before, "%s, %s: the directory changed", damage[d], fin ? "finalize" : "worker");
+            free(after);
+        }
+        free(before);
+    }
+    cr_assert_eq(sh_ok("rm -rf %s", plan), 0);
+    cr_assert_eq(worker(&F, 1, 2, ""), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* a plan of 1983 shards (one tensor each): plan.json is 72 KB, and was read through a 64 KB
+ * buffer, so the second worker found it "unreadable" (PlanMismatch) and finalize "no shard plan" */
+Test(shards, plan_larger_than_64k, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    char *tmp = gen_in_tmp(bin, gen, sizeof gen, "--hidden 16 --inter 32 --layers 220 --vocab 32 --heads 2 --kv-heads 1 "
+                                                 "--rank 2");
+    cr_assert_eq(sh_ok("cd %s && mkdir ref w && %s -q --max-shard-size 1 m/base m/adapter ref/out/", tmp, bin), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(sh_ok("cd %s && %s -q --max-shard-size 1 --shards %d/2 m/base m/adapter w/out/", tmp, bin, i), 0);
+    char p[1200];
+    snprintf(p, sizeof p, "%s/w/out/.lora-merge-shards/plan.json", tmp);
+    struct stat st;
+    cr_assert(stat(p, &st) == 0 && st.st_size > 65536, "plan.json is not larger than 64 KB: the test shows nothing");
+    cr_assert_eq(sh_ok("%s -q finalize %s/w/out", bin, tmp), 0);
+    cr_assert_eq(sh_ok("cd %s && ls ref/out | wc -l | grep -qx 1986 && diff -r ref/out w/out >&2", tmp), 0);
+    th_rmrf(tmp);
+    free(tmp);
+}

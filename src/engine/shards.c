@@ -236,15 +236,30 @@ static lm_code make_dir(const char *path, lm_err *err)
     return LM_E_IO;
 }
 
+/* a plan or sidecar (a regular file of at most 64 MiB: the plan lists every shard, so it is not
+ * bounded by a buffer: a plan of 1983 shards is 72 KB), or NULL (missing, unreadable, not JSON) */
 static cJSON *read_json(const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    struct stat st;
+    if (fd < 0)
         return NULL;
-    char buf[1 << 16];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    return cJSON_ParseWithLength(buf, n);
+    char *buf = NULL;
+    size_t n = 0;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= (64 << 20) &&
+        (buf = malloc((size_t)st.st_size + 1)) != NULL)
+        while (n < (size_t)st.st_size) {
+            ssize_t r = read(fd, buf + n, (size_t)st.st_size - n);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                break;
+            n += (size_t)r;
+        }
+    close(fd);
+    cJSON *j = buf != NULL && n == (size_t)st.st_size ? cJSON_ParseWithLength(buf, n) : NULL;
+    free(buf);
+    return j;
 }
 
 static const char *json_str(const cJSON *o, const char *key)
@@ -285,11 +300,15 @@ static lm_code record_plan(const lm_shard_ctx *C, const char *fp, lm_err *err)
     int linked = !existed;
     cJSON *had = linked ? NULL : read_json(path);
     const char *other = had ? json_str(had, "fingerprint") : NULL;
-    if (!linked && (other == NULL || strcmp(other, fp) != 0)) {
+    if (!linked && other == NULL) {
+        rc = lm_fail(err, LM_E_USAGE, "PlanMismatch", "the output directory's shard plan is damaged (not JSON with a "
+                     "fingerprint, or larger than 64 MiB): remove it, and a worker records it again");
+        lm_err_set_path(err, path);
+    } else if (!linked && strcmp(other, fp) != 0) {
         rc = lm_fail(err, LM_E_USAGE, "PlanMismatch",
                      "the output directory holds shards of another plan (fingerprint %.12s, this worker's %.12s): "
                      "every worker must get the same base, adapters and options (or remove the directory)",
-                     other ? other : "unreadable", fp);
+                     other, fp);
         lm_err_set_path(err, path);
     }
     cJSON_Delete(had);
@@ -723,6 +742,13 @@ lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, ch
     const cJSON *a = cJSON_GetObjectItemCaseSensitive(pj, "args");
     const char *dir = json_str(pj, "cwd");
     lm_code rc = LM_OK;
+    struct stat st;
+    if ((!cJSON_IsArray(a) || dir == NULL) && lstat(path, &st) == 0) {
+        rc = lm_fail(e, LM_E_USAGE, "PlanMismatch", "the shard plan is damaged (not JSON with the workers' args and "
+                     "cwd, or larger than 64 MiB): remove it and rerun one worker, which records it again");
+        lm_err_set_path(e, path);
+        goto done;
+    }
     if (!cJSON_IsArray(a) || dir == NULL) {
         rc = lm_fail(e, LM_E_USAGE, "Usage", "no shard plan here (no worker ran with --shards I/N into this directory, "
                      "or finalize already completed it)");
@@ -739,7 +765,13 @@ lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, ch
     const cJSON *it;
     cJSON_ArrayForEach(it, a)
     {
-        if (!cJSON_IsString(it) || ((*args)[*n_args] = strdup(it->valuestring)) == NULL) {
+        if (!cJSON_IsString(it)) {
+            rc = lm_fail(e, LM_E_USAGE, "PlanMismatch", "the shard plan is damaged (argument %zu is not a string): "
+                         "remove it and rerun one worker, which records it again", *n_args + 1);
+            lm_err_set_path(e, path);
+            goto done;
+        }
+        if (((*args)[*n_args] = strdup(it->valuestring)) == NULL) {
             rc = lm_fail(e, LM_E_NOMEM, NULL, "out of memory");
             goto done;
         }
