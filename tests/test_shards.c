@@ -874,3 +874,49 @@ Test(shards, plan_larger_than_64k, .timeout = 120)
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* a worker given another base with the same headers (the same files but the last mantissa bit of
+ * every 16-bit element flipped, as another revision of a checkpoint would differ: names, shapes,
+ * dtypes, offsets and index the same) was accepted, and finalize took the mixed directory; the
+ * fingerprint now samples the base's values.  The same base through another path (another mount
+ * point on another machine) is still the same plan. */
+Test(shards, fingerprint_samples_the_base_values, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(sh_ok("cd %s && cp -r %s sbase2 && ln -s %s mnt", F.tmp, F.base, F.base), 0);
+    for (int k = 1; k <= 10; k++) {
+        char p[1000];
+        snprintf(p, sizeof p, "%s/sbase2/model-%05d-of-00010.safetensors", F.tmp, k);
+        size_t n = 0;
+        uint8_t *b = th_read_file(p, &n);
+        uint64_t hl;
+        cr_assert(b != NULL && n > 8);
+        memcpy(&hl, b, 8);
+        for (size_t i = 8 + hl; i < n; i += 2)
+            b[i] ^= 1;
+        cr_assert_eq(th_write_file(p, b, n), 0);
+        free(b);
+    }
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    char *before = sh_listing(F.out), cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 1/2 sbase2 %s %s/", F.tmp, F.bin, F.ad, F.out);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "a worker given another base was accepted: %s", r.err);
+    cr_assert(strstr(r.err, "PlanMismatch"), "%s", r.err);
+    th_run_free(&r);
+    char *after = sh_listing(F.out);
+    cr_assert_str_eq(after, before, "the refused worker changed the directory");
+    free(after);
+    free(before);
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards index sbase2 %s %s/", F.tmp, F.bin, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "finalize given another base: %s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("cd %s && %s -q --shards 1/2 mnt %s %s/", F.tmp, F.bin, F.ad, F.out), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}

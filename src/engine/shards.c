@@ -129,6 +129,33 @@ static void md_plan(lm_sha256_ctx *md, const lm_plan *p, const size_t *shard_of)
     }
 }
 
+/* a sample of the base's values: two workers given bases with the same headers but other values
+ * (another revision of the checkpoint, the instruct model for the base: the names, shapes and
+ * index are the same) have other fingerprints.  32 bytes at the start and at the middle of every
+ * base tensor of the plan: two small reads a tensor, whichever input shard holds it (every worker
+ * has read every shard's header already) */
+static lm_code md_base_sample(lm_sha256_ctx *md, const lm_plan *p, const lm_model *m, lm_err *err)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        if (t->base == NULL)
+            continue;
+        const lm_st_file *f = lm_model_file(m, t->base->file);
+        const lm_tensor_info *ti = t->base->info;
+        uint64_t n = ti->end - ti->begin, at[2] = {0, n / 2};
+        for (int s = 0; s < 2; s++) {
+            uint8_t buf[32];
+            uint64_t len = n - at[s] < sizeof buf ? n - at[s] : sizeof buf;
+            if (lm_st_fd(f) < 0)
+                memcpy(buf, lm_st_data(f) + ti->begin + at[s], (size_t)len);
+            else if (lm_base_pread(f, lm_st_data_offset(f) + ti->begin + at[s], buf, len, t->name, err) != LM_OK)
+                return err->code;
+            lm_sha256_update(md, buf, (size_t)len);
+        }
+    }
+    return LM_OK;
+}
+
 lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
 {
     lm_sha256_ctx ctx, *md = &ctx;
@@ -144,7 +171,7 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
         md_u64(md, C->ot->shard_bytes[k]);
     }
     md_plan(md, C->plan, C->ot->shard_of);
-    lm_code rc = LM_OK;
+    lm_code rc = md_base_sample(md, C->plan, C->model, err);
     for (size_t a = 0; a < C->job->n_adapters && rc == LM_OK; a++) {
         const lm_adapter *ad = C->ads[a];
         const char *files[2] = {ad->weights_path, ad->config_path};
