@@ -789,11 +789,12 @@ Test(shards, fingerprint_covers_every_byte_changing_option, .timeout = 120)
     sh_teardown(&F);
 }
 
-/* the names and sizes under dir, sorted: what a refused run must leave as it was */
+/* the names, sizes and inodes under dir, sorted: what a refused run must leave as it was (but
+ * the lock files in .lora-merge-shards, which workers and finalize create to take them) */
 static char *sh_listing(const char *dir)
 {
     char cmd[1200];
-    snprintf(cmd, sizeof cmd, "cd %s && find . -printf '%%p %%s %%i\\n' | sort", dir);
+    snprintf(cmd, sizeof cmd, "cd %s && find . ! -name '*.lock' -printf '%%p %%s %%i\\n' | sort", dir);
     th_run_result r = sh_run(cmd);
     cr_assert_eq(r.status, 0);
     char *s = r.out;
@@ -914,6 +915,117 @@ Test(shards, fingerprint_samples_the_base_values, .timeout = 120)
     cr_assert_eq(r.status, 2, "finalize given another base: %s", r.err);
     th_run_free(&r);
     cr_assert_eq(sh_ok("cd %s && %s -q --shards 1/2 mnt %s %s/", F.tmp, F.bin, F.ad, F.out), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* a shard replaced by a symbolic link to its own bytes elsewhere: finalize accepted it (stat
+ * followed the link, the bytes hashed right), leaving a model that depends on a file outside OUT.
+ * Refused now, naming it (nothing written); its worker rewrites it as a file.  A directory in a
+ * shard's place: "not a regular file". */
+Test(shards, shard_replaced_by_a_symlink_refused)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    cr_assert_eq(sh_ok("cd %s && mv model-00003-of-00010.safetensors ../s3 && ln -s %s/w/s3 model-00003-of-00010.safetensors"
+                       " && rm model-00008-of-00010.safetensors && mkdir model-00008-of-00010.safetensors", F.out, F.tmp), 0);
+    char *before = sh_listing(F.out);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 1, "%s", r.err);
+    cr_assert(strstr(r.err, "2 of 10 shards not complete and verified: model-00003-of-00010.safetensors (a symbolic link, "
+                            "not the file its worker wrote), model-00008-of-00010.safetensors (not a regular file)"),
+              "%s", r.err);
+    th_run_free(&r);
+    char *after = sh_listing(F.out);
+    cr_assert_str_eq(after, before, "a refused finalize changed the directory");
+    free(before);
+    free(after);
+    cr_assert_eq(sh_ok("rmdir %s/model-00008-of-00010.safetensors", F.out), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    struct stat st;
+    char p[1000];
+    snprintf(p, sizeof p, "%s/model-00003-of-00010.safetensors", F.out);
+    cr_assert(lstat(p, &st) == 0 && S_ISREG(st.st_mode), "shard 3 is still a link");
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* two finalize steps at once (a retried dependent job), four times: the directory is the single
+ * merge's, nothing of the records left; one exits 0, the other 0 too or 2 saying the directory
+ * was finalized (it said all 10 shards lacked a sidecar: "rerun their workers") */
+Test(shards, two_finalize_at_once, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    for (int round = 0; round < 4; round++) {
+        cr_assert_eq(sh_ok("rm -rf %s", F.out), 0);
+        for (int i = 0; i < 2; i++)
+            cr_assert_eq(worker(&F, i, 2, ""), 0);
+        char cmd[16000];
+        snprintf(cmd, sizeof cmd, "cd / && (%s -q finalize %s 2>%s/e1; echo $? >%s/s1) & (%s -q finalize %s 2>%s/e2; "
+                 "echo $? >%s/s2) & wait; cat %s/s1 %s/s2 %s/e1 %s/e2", F.bin, F.out, F.tmp, F.tmp, F.bin, F.out, F.tmp,
+                 F.tmp, F.tmp, F.tmp, F.tmp, F.tmp);
+        th_run_result r = sh_run(cmd);
+        int s1 = -1, s2 = -1, n = 0;
+        cr_assert_eq(sscanf(r.out, "%d\n%d\n%n", &s1, &s2, &n), 2, "%s", r.out);
+        const char *errs = r.out + n;
+        cr_assert((s1 == 0 && (s2 == 0 || s2 == 2)) || (s2 == 0 && s1 == 2), "round %d: exits %d %d: %s", round, s1, s2,
+                  errs);
+        if (s1 + s2 == 2)
+            cr_assert(strstr(errs, "finalized already") || strstr(errs, "no shard plan here"), "round %d: %s", round, errs);
+        th_run_free(&r);
+        cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0, "round %d", round);
+    }
+    sh_teardown(&F);
+}
+
+/* the workers rerun with another N (4 then 3, as a resubmitted array of another size): the plan is
+ * the same (N is not in it), the second set keeps every shard the first completed and writes the
+ * rest; then a worker run after finalize (a late retry) rewrites its shards with the same bytes:
+ * the model stays the single merge's at every point, and once every worker and finalize rerun,
+ * nothing of the records is left */
+Test(shards, rerun_with_another_n_and_a_worker_after_finalize, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(worker(&F, 3, 4, ""), 0);
+    cr_assert_eq(worker(&F, 1, 4, ""), 0);
+    int total_written = 0;
+    for (int i = 0; i < 3; i++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "cd %s && %s --shards %d/3 %s %s %s/", F.tmp, F.bin, i, F.base, F.ad, F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 0, "%s", r.err);
+        int mine, n, written, kept;
+        const char *q = strstr(r.err, "shard worker ");
+        cr_assert(q && sscanf(q, "shard worker %*u of 3: %d of the %d shards (%d written, %d kept)", &mine, &n, &written,
+                              &kept) == 4, "%s", r.err);
+        total_written += written;
+        th_run_free(&r);
+    }
+    int owner4[10], n_first = 0;
+    expected_owners(&F, 4, owner4);
+    for (int k = 0; k < 10; k++)
+        n_first += owner4[k] == 1 || owner4[k] == 3;
+    cr_assert_eq(total_written, 10 - n_first, "the second set rewrote shards the first completed");
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    /* a late worker: every shard of the model the single merge's still (its records aside) */
+    cr_assert_eq(worker(&F, 0, 3, ""), 0);
+    cr_assert_eq(sh_ok("diff -r -x .lora-merge-shards %s %s >&2", F.ref, F.out), 0);
+    for (int i = 1; i < 3; i++)
+        cr_assert_eq(worker(&F, i, 3, ""), 0);
     r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
     th_run_free(&r);

@@ -201,33 +201,53 @@ static char *sidecar_path(const lm_out_target *o, const char *leaf)
     return p;
 }
 
-/* The lock of shard k: whoever writes the shard holds it (flock, released by the kernel when the
- * process dies, however it dies), so a temporary file of shard k is known to be abandoned when
- * the lock can be taken.  @return the locked descriptor, -1 when another live process holds it
- * (busy), -2 on an I/O error (err filled). */
+/* An exclusive flock on the lock file `path` (created; released by the kernel when the process
+ * dies, however it dies; a file, not the directory: NFS emulates flock with byte-range locks,
+ * which need a descriptor open for writing).  wait: block until it is free.  @return the locked
+ * descriptor, -1 when another live process holds it (busy), -2 on an I/O error (err filled). */
+static int lock_file(const char *path, int wait, lm_err *err)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        lm_fail_errno(err, errno, "cannot create the lock file");
+        lm_err_set_path(err, path);
+        return -2;
+    }
+    int r;
+    while ((r = flock(fd, LOCK_EX | (wait ? 0 : LOCK_NB))) != 0 && errno == EINTR)
+        ;
+    if (r != 0) {
+        int busy = errno == EWOULDBLOCK;
+        if (!busy) {
+            lm_fail_errno(err, errno, "cannot lock the lock file");
+            lm_err_set_path(err, path);
+        }
+        close(fd);
+        return busy ? -1 : -2;
+    }
+    return fd;
+}
+
+/* OUT/.lora-merge-shards/<leaf>.lock (malloc'd), or NULL */
+static char *lock_path(const lm_out_target *o, const char *leaf)
+{
+    char *path = sidecar_path(o, leaf);
+    if (path != NULL)
+        memcpy(path + strlen(path) - 5, ".lock", 5); /* <leaf>.json -> <leaf>.lock */
+    return path;
+}
+
+/* The lock of shard k: whoever writes the shard holds it, so a temporary file of shard k is known
+ * to be abandoned when the lock can be taken.  lock_file()'s results. */
 static int lock_shard(const lm_out_target *o, size_t k, lm_err *err)
 {
-    char *path = sidecar_path(o, leaf_of(o->paths[k]));
+    char *path = lock_path(o, leaf_of(o->paths[k]));
     if (path == NULL) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return -2;
     }
-    memcpy(path + strlen(path) - 5, ".lock", 5); /* <shard>.json -> <shard>.lock */
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-    if (fd < 0) {
-        lm_fail_errno(err, errno, "cannot create the shard's lock file");
-        lm_err_set_path(err, path);
-        free(path);
-        return -2;
-    }
+    int fd = lock_file(path, 0, err);
     free(path);
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        int busy = errno == EWOULDBLOCK;
-        if (!busy)
-            lm_fail_errno(err, errno, "cannot lock the shard's lock file");
-        close(fd);
-        return busy ? -1 : -2;
-    }
     return fd;
 }
 
@@ -401,8 +421,10 @@ static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp
     const char *leaf = leaf_of(C->ot->paths[k]);
     struct stat st;
     *rehashed = 0;
-    if (stat(C->ot->paths[k], &st) != 0)
+    if (lstat(C->ot->paths[k], &st) != 0)
         return "missing";
+    if (!S_ISREG(st.st_mode)) /* a link would leave the model relying on a file outside OUT */
+        return S_ISLNK(st.st_mode) ? "a symbolic link, not the file its worker wrote" : "not a regular file";
     char *sp = sidecar_path(C->ot, leaf);
     cJSON *sc = sp ? read_json(sp) : NULL;
     free(sp);
@@ -700,6 +722,10 @@ static void remove_records(const lm_shard_ctx *C)
     char *pp = sidecar_path(C->ot, PLAN_NAME), *sd = lm_path_join(C->ot->dir, LM_SHARDS_DIR);
     if (pp != NULL)
         unlink(pp);
+    char *fl = lock_path(C->ot, "finalize"); /* still held: a finalize waiting on it then finds no plan */
+    if (fl != NULL)
+        unlink(fl);
+    free(fl);
     if (sd != NULL) {
         lm_out_clean_dead_temps_in(sd, C->ri); /* a killed worker's temporary plan or sidecar */
         rmdir(sd); /* only when empty: another plan's files are never removed */
@@ -708,9 +734,51 @@ static void remove_records(const lm_shard_ctx *C)
     free(sd);
 }
 
-lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
+/* Two finalize steps at once (a retried dependent job): the second waits for the first, then
+ * finds the plan gone and the index committed, and says so (it said every shard had no sidecar:
+ * "rerun their workers").  @return the locked descriptor of OUT/.lora-merge-shards/finalize.lock,
+ * -2 when there is no plan and nothing committed (--shards index before any worker:
+ * check_all_shards() names the missing shards), or -1 (err filled) */
+static int lock_finalize(const lm_shard_ctx *C, lm_err *err)
 {
-    char fp[65];
+    char *lock = lock_path(C->ot, "finalize"), *plan = sidecar_path(C->ot, PLAN_NAME);
+    char *index = lm_path_join(C->ot->dir, C->ot->index_text != NULL ? LM_INDEX_NAME : leaf_of(C->ot->paths[0]));
+    int fd = -1;
+    struct stat st;
+    if (lock == NULL || plan == NULL || index == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    char *slash = strrchr(lock, '/');
+    *slash = '\0';
+    int have_dir = lstat(lock, &st) == 0;
+    *slash = '/';
+    if (have_dir && (fd = lock_file(lock, 1, err)) < 0)
+        goto done;
+    if (lstat(plan, &st) != 0) {
+        if (fd >= 0) { /* finalized meanwhile: this lock file is a leftover */
+            unlink(lock);
+            *slash = '\0';
+            rmdir(lock);
+            close(fd);
+        }
+        fd = -2;
+        if (lstat(index, &st) == 0) {
+            fd = -1;
+            lm_fail(err, LM_E_USAGE, "Usage", "the directory is finalized already (its shard plan removed, %s in "
+                    "place): another finalize completed it", leaf_of(index));
+            lm_err_set_path(err, C->ot->dir);
+        }
+    }
+done:
+    free(lock);
+    free(plan);
+    free(index);
+    return fd;
+}
+
+static lm_code finalize_locked(lm_shard_ctx *C, char fp[65], lm_err *err)
+{
     lm_code rc;
     if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = check_all_shards(C, fp, err)) != LM_OK)
         return rc;
@@ -750,6 +818,19 @@ lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
     for (size_t k = 0; k < C->ot->n_shards; k++)
         C->st->bytes_written += C->ot->shard_bytes[k];
     return LM_OK;
+}
+
+lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
+{
+    char fp[65];
+    lm_code rc;
+    int lock = lock_finalize(C, err);
+    if (lock == -1)
+        return err->code;
+    rc = finalize_locked(C, fp, err);
+    if (lock >= 0)
+        close(lock);
+    return rc;
 }
 
 lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, char **cwd, lm_err *err)
