@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 typedef struct {
     char *tmp;
@@ -1030,5 +1031,81 @@ Test(shards, rerun_with_another_n_and_a_worker_after_finalize, .timeout = 120)
     cr_assert_eq(r.status, 0, "%s", r.err);
     th_run_free(&r);
     cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* OUT as worker 1 of 2 leaves it (the plan records OUT's path: a copy would not do), then worker
+ * 0 run with LM_FAULT=fault and SIGKILLed at the stall when kill_it; @return its exit status
+ * (128 + 9 when killed), *held whether the k-th call was reached (LM_FAULT_LOG), *err its stderr */
+static int sh_faulted_worker(const sh_fix *F, const char *fault, int kill_it, int *held, char **err)
+{
+    cr_assert_eq(sh_ok("rm -rf %s", F->out), 0);
+    cr_assert_eq(worker(F, 1, 2, ""), 0);
+    char fenv[100], out[800], log[800], lenv[900];
+    snprintf(fenv, sizeof fenv, "LM_FAULT=%s", fault);
+    snprintf(out, sizeof out, "%s/", F->out);
+    snprintf(log, sizeof log, "%s/fault.log", F->tmp);
+    snprintf(lenv, sizeof lenv, "LM_FAULT_LOG=%s", log);
+    unlink(log);
+    const char *argv[] = {F->bin, "-q", "--threads", "1", "--shards", "0/2", F->base, F->ad, out, NULL};
+    const char *env[] = {fenv, lenv, NULL};
+    th_held_result r = th_run_held(argv, env, "stalled in ", kill_it, NULL, NULL);
+    *held = th_exists(log); /* the k-th call was reached */
+    *err = r.err;
+    return r.status;
+}
+
+/* worker 0 killed with SIGKILL at its k-th system call or allocation, for every 7th k (the
+ * LM_FAULT stall seam: deterministic points, with one thread), and failing with EIO at every 11th
+ * and ENOSPC at every 13th: each time one error line (exit 3 or 4) or success, then its rerun completes the
+ * directory, finalize accepts it, and it is the single merge's byte for byte with nothing left
+ * (diff -r: no temporary file, lock or record) */
+Test(shards, worker_killed_or_failing_at_every_call_then_rerun_identical, .timeout = 900)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const struct {
+        const char *kind;
+        int step, kill;
+    } sweeps[] = {{"stall", 7, 1}, {"EIO", 11, 0}, {"ENOSPC", 13, 0}};
+    for (size_t s = 0; s < sizeof sweeps / sizeof *sweeps; s++) {
+        int n_hit = 0;
+        for (int k = 1;; k += sweeps[s].step) {
+            char fault[64];
+            snprintf(fault, sizeof fault, "%d:%s", k, sweeps[s].kind);
+            int held = 0;
+            char *err = NULL;
+            int st = sh_faulted_worker(&F, fault, sweeps[s].kill, &held, &err);
+            if (sweeps[s].kill) {
+                if (!held) { /* past the worker's last call: it completed */
+                    cr_assert_eq(st, 0, "%s: %s", fault, err);
+                    free(err);
+                    break;
+                }
+                cr_assert_eq(st, 128 + 9, "%s: not killed: %s", fault, err);
+            } else {
+                cr_assert(st == 0 || ((st == 3 || st == 4) && strncmp(err, "error: ", 7) == 0 &&
+                                      strchr(err, '\n') == err + strlen(err) - 1),
+                          "%s: exit %d: %s", fault, st, err);
+                cr_assert_eq(th_count_temps(F.out), 0, "%s: a failed worker left a temporary file", fault);
+                if (!held) { /* past the worker's last call: the sweep is over */
+                    cr_assert_eq(st, 0, "%s: %s", fault, err);
+                    free(err);
+                    break;
+                }
+            }
+            free(err);
+            n_hit++;
+            cr_assert_eq(sh_ok("cd %s && %s -q --shards 0/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out), 0, "%s: rerun",
+                         fault);
+            th_run_result r = finalize(&F);
+            cr_assert_eq(r.status, 0, "%s: finalize: %s", fault, r.err);
+            th_run_free(&r);
+            cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0, "%s: not the single merge", fault);
+            cr_assert(k < 20000, "the sweep does not end");
+        }
+        cr_assert_gt(n_hit, 10, "%s: %d faults only", sweeps[s].kind, n_hit);
+        cr_log_info("worker 0: %d runs with %s", n_hit, sweeps[s].kind);
+    }
     sh_teardown(&F);
 }
