@@ -471,3 +471,88 @@ Test(batch, fp8_base_kept_and_dequantized, .timeout = 300)
     bt_compare(&F, base, jobs, 3, 1, "");
     bt_teardown(&F);
 }
+
+/* ---- audit (issue 14) ------------------------------------------------------------------------ */
+/* a job whose OUT is another job's input: the batch overwrote job 1's adapter_model.safetensors
+ * with job 2's merged model (each job checked only its own inputs).  Refused now before anything
+ * is written, in either order, through a symlinked directory too; and a directory OUT inside
+ * another job's adapter directory */
+Test(batch, out_over_another_jobs_input_refused, .timeout = 120)
+{
+    bt_fix F;
+    bt_setup_sized(&F, 1);
+    const char *t = F.tmp;
+    BT_OK("cd %s && cp -r m/adapter ad2 && ln -s ad2 lnk && cp -r m/adapter ad3", t);
+    char a[8000];
+    struct {
+        const char *jobs, *needle;
+    } cases[] = {
+        {"--job %s/ad2 y/ --job %s/m/adapter %s/ad2/adapter_model.safetensors",
+         "OutputIsInput: job 2 (%s/ad2/adapter_model.safetensors): the output is the same file as job 1's input"},
+        {"--job %s/m/adapter %s/ad2/adapter_model.safetensors --job %s/ad2 y/",
+         "OutputIsInput: job 1 (%s/ad2/adapter_model.safetensors): the output is the same file as job 2's input"},
+        {"--job %s/ad2 y/ --job %s/m/adapter %s/lnk/adapter_model.safetensors", "the same file as job 1's input"},
+        {"--job %s/ad2 y/ --job %s/m/adapter %s/ad2/adapter_config.json", "the same file as job 1's input"},
+        {"--job %s/ad2 y/ --job --adapter %s/ad3 %s/m/adapter %s/ad3/adapter_model.safetensors",
+         "the output is the same file as the input"}, /* its own (merge_begin's check) */
+        {"--job %s/ad2 y/ --job %s/m/adapter %s/ad2/sub/", "the output directory is inside the input directory"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        char jobs[4000], needle[1000];
+        snprintf(jobs, sizeof jobs, cases[c].jobs, t, t, t, t);
+        snprintf(needle, sizeof needle, cases[c].needle, t);
+        snprintf(a, sizeof a, "%s %s", F.base, jobs);
+        bt_refused(&F, a, 2, needle);
+    }
+    bt_teardown(&F);
+}
+
+/* JOBS.json that is not a list of argument lists, each refused with one line naming the problem
+ * (the file with line and column, or the job and argument), before anything is written.  It is read
+ * as strictly as adapter_config.json: a second value after the array (the batch ran the first
+ * array's jobs only) or bytes that are not UTF-8 are refused; an escaped character is a path like
+ * any other (here one that does not exist) */
+Test(batch, malformed_jobs_files_refused, .timeout = 120)
+{
+    bt_fix F;
+    bt_setup_sized(&F, 1);
+    const char *t = F.tmp;
+    char p[1000], a[3000];
+    snprintf(p, sizeof p, "%s/jobs.json", t);
+    struct {
+        const char *json;
+        int status;
+        const char *needle;
+    } files[] = {
+        {"{\"jobs\": [[\"%s/m/adapter\", \"n1/\"]]}", 2, "must be a non-empty JSON array of jobs"},
+        {"\"%s/m/adapter n1/\"", 2, "must be a non-empty JSON array of jobs"},
+        {"[[\"%s/m/adapter\", [\"n1/\"]]]", 2, "job 1: argument 2 is not a non-empty string"},
+        {"[[\"%s/m/adapter\", \"n1/\"], []]", 2, "job 2: an entry is the job's arguments"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"n2/\"]]", 2, "job 2: an entry is the job's arguments"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"\", \"n2/\"]]", 2, "job 2: argument 1 is not a non-empty string"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [null, \"n2/\"]]", 2, "job 2: argument 1 is not a non-empty string"},
+        {"[[\"%s/m/adapter\", \"n1/\"]], [[\"%s/m/adapter\", \"n2/\"]]", 1,
+         "InvalidJson: invalid JSON at line 1, column "}, /* was one job: cJSON stopped after the first value */
+        {"[[\"%s/m/adapter\", \"n1/\"]] x", 1, "unexpected data after the JSON value"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"%s/m/adapter\", \"n2/\", \"n3/\"]]", 2, "job 2 (n3/): expected BASE ADAPTER_DIR OUT"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"\\u00ff\\u00fe\", \"n2/\"]]", 3, "job 2 (n2/): cannot open"},
+        {"[[\"%s/m/adapter\", \"n1/\"], [\"\377\376\", \"n2/\"]]", 1, "InvalidUtf8: not valid UTF-8 at line 1"},
+    };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char js[2000], needle[400];
+        snprintf(js, sizeof js, files[i].json, t, t);
+        snprintf(needle, sizeof needle, "%s", files[i].needle);
+        cr_assert_eq(th_write_file(p, js, strlen(js)), 0);
+        snprintf(a, sizeof a, "%s %s", F.base, p);
+        bt_refused(&F, a, files[i].status, needle);
+    }
+    /* larger than 64 MiB (sparse), a directory, a FIFO: not read */
+    BT_OK("truncate -s 65M %s", p);
+    snprintf(a, sizeof a, "%s %s", F.base, p);
+    bt_refused(&F, a, 2, "the jobs file must be a regular file of at most 64 MiB");
+    BT_OK("rm %s && mkdir %s", p, p);
+    bt_refused(&F, a, 2, "the jobs file must be a regular file of at most 64 MiB");
+    BT_OK("rmdir %s && mkfifo %s", p, p);
+    bt_refused(&F, a, 2, "the jobs file must be a regular file of at most 64 MiB");
+    bt_teardown(&F);
+}

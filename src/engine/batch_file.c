@@ -5,6 +5,7 @@
  * what `lora-merge BASE <entry...>` means.  Nothing else is accepted. */
 #include "lora_merge.h"
 
+#include "adapter_config.h"
 #include "lm_error.h"
 
 #include <cJSON.h>
@@ -12,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define LM_JOBS_MAX_BYTES ((size_t)64 << 20) /* a jobs file is a list of command lines */
 
@@ -26,26 +29,35 @@ void lm_batch_jobs_free(char ***args, size_t n_jobs)
     free(args);
 }
 
+/* the jobs file, a regular file of at most 64 MiB (opened without blocking: a FIFO hung the batch) */
 static char *read_text(const char *path, size_t *n, lm_err *err)
 {
-    FILE *f = fopen(path, "rb");
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     struct stat st;
-    if (f == NULL || fstat(fileno(f), &st) != 0) {
+    if (fd < 0 || fstat(fd, &st) != 0) {
         lm_fail_errno(err, errno, "cannot read the jobs file");
         lm_err_set_path(err, path);
-        if (f)
-            fclose(f);
+        if (fd >= 0)
+            close(fd);
         return NULL;
     }
     if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size > LM_JOBS_MAX_BYTES) {
-        fclose(f);
+        close(fd);
         lm_fail(err, LM_E_USAGE, "Usage", "the jobs file must be a regular file of at most 64 MiB");
         lm_err_set_path(err, path);
         return NULL;
     }
     char *buf = malloc((size_t)st.st_size + 1);
-    *n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
-    fclose(f);
+    *n = 0;
+    while (buf != NULL && *n < (size_t)st.st_size) {
+        ssize_t r = read(fd, buf + *n, (size_t)st.st_size - *n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        *n += (size_t)r;
+    }
+    close(fd);
     if (buf == NULL)
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
     return buf;
@@ -80,12 +92,13 @@ lm_code lm_batch_jobs_read(const char *path, char ****args, size_t *n_jobs, lm_e
     char *text = read_text(path, &n_text, err);
     if (text == NULL)
         return err ? err->code : LM_E_IO;
-    cJSON *root = cJSON_ParseWithLength(text, n_text);
+    /* strict: cJSON alone stops after the first value, so `[[...]], [[...]]` was one job */
+    lm_code rc = lm_json_strict(text, n_text, err);
+    cJSON *root = rc == LM_OK ? cJSON_ParseWithLength(text, n_text) : NULL;
     free(text);
-    lm_code rc = LM_OK;
-    if (root == NULL)
+    if (rc == LM_OK && root == NULL)
         rc = lm_fail(err, LM_E_FORMAT, "InvalidJson", "the jobs file is not valid JSON");
-    else if (!cJSON_IsArray(root) || cJSON_GetArraySize(root) == 0)
+    else if (rc == LM_OK && (!cJSON_IsArray(root) || cJSON_GetArraySize(root) == 0))
         rc = lm_fail(err, LM_E_USAGE, "Usage", "the jobs file must be a non-empty JSON array of jobs, each the "
                      "arguments after BASE: [[\"lora-a\", \"out-a/\"], [\"--scale\", \"0.5\", \"lora-b\", \"out-b/\"]]");
     size_t n = rc == LM_OK ? (size_t)cJSON_GetArraySize(root) : 0, j = 0;
