@@ -680,9 +680,10 @@ Test(shards, usage_errors)
 }
 
 /* the README's Slurm and Kubernetes examples, run as written (tests/readme_cluster.sh: fake
- * sbatch and kubectl run the array tasks / completion indexes here, one after another, with the
- * schedulers' variables set): every flag exists, the commands chain, and the merged directory
- * (16 workers over the 10 input shards, then finalize) is the single merge's */
+ * sbatch and kubectl run the array tasks / completion indexes here, in a shuffled order, four
+ * tasks or 16 pods at a time, with the schedulers' variables set): every flag exists, the commands
+ * chain, and the merged directory (16 workers over the 10 input shards, then finalize) is the
+ * single merge's */
 Test(shards, readme_slurm_and_kubernetes_examples_run)
 {
     sh_fix F;
@@ -1055,9 +1056,10 @@ static int sh_faulted_worker(const sh_fix *F, const char *fault, int kill_it, in
     return r.status;
 }
 
-/* worker 0 killed with SIGKILL at its k-th system call or allocation, for every 7th k (the
- * LM_FAULT stall seam: deterministic points, with one thread), and failing with EIO at every 11th
- * and ENOSPC at every 13th: each time one error line (exit 3 or 4) or success, then its rerun completes the
+/* worker 0 (~370 system calls and allocations) killed with SIGKILL at its k-th, for every 31st k
+ * (the LM_FAULT stall seam: deterministic points, with one thread), and failing with EIO at every
+ * 61st and ENOSPC at every 73rd (the steps prime to each other: other points of every phase, the
+ * plan, the shards' writes, renames and sidecars; ~23 runs, ~8 s): each time one error line (exit 3 or 4) or success, then its rerun completes the
  * directory, finalize accepts it, and it is the single merge's byte for byte with nothing left
  * (diff -r: no temporary file, lock or record) */
 Test(shards, worker_killed_or_failing_at_every_call_then_rerun_identical, .timeout = 900)
@@ -1067,7 +1069,7 @@ Test(shards, worker_killed_or_failing_at_every_call_then_rerun_identical, .timeo
     static const struct {
         const char *kind;
         int step, kill;
-    } sweeps[] = {{"stall", 7, 1}, {"EIO", 11, 0}, {"ENOSPC", 13, 0}};
+    } sweeps[] = {{"stall", 31, 1}, {"EIO", 61, 0}, {"ENOSPC", 73, 0}};
     for (size_t s = 0; s < sizeof sweeps / sizeof *sweeps; s++) {
         int n_hit = 0;
         for (int k = 1;; k += sweeps[s].step) {
@@ -1104,7 +1106,7 @@ Test(shards, worker_killed_or_failing_at_every_call_then_rerun_identical, .timeo
             cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0, "%s: not the single merge", fault);
             cr_assert(k < 20000, "the sweep does not end");
         }
-        cr_assert_gt(n_hit, 10, "%s: %d faults only", sweeps[s].kind, n_hit);
+        cr_assert_geq(n_hit, 5, "%s: %d faults only", sweeps[s].kind, n_hit);
         cr_log_info("worker 0: %d runs with %s", n_hit, sweeps[s].kind);
     }
     sh_teardown(&F);
