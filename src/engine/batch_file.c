@@ -7,15 +7,13 @@
 
 #include "adapter_config.h"
 #include "lm_error.h"
+#include "st_reader.h"
 
 #include <cJSON.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #define LM_JOBS_MAX_BYTES ((size_t)64 << 20) /* a jobs file is a list of command lines */
 
@@ -29,37 +27,15 @@ void lm_batch_jobs_free(char ***args, size_t n_jobs)
     free(args);
 }
 
-/* the jobs file, a regular file of at most 64 MiB (opened without blocking: a FIFO hung the batch) */
+/* the jobs file, a regular file of at most 64 MiB (not waited on: a FIFO hung the batch) */
 static char *read_text(const char *path, size_t *n, lm_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        lm_fail_errno(err, errno, "cannot read the jobs file");
-        lm_err_set_path(err, path);
-        if (fd >= 0)
-            close(fd);
-        return NULL;
-    }
-    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size > LM_JOBS_MAX_BYTES) {
-        close(fd);
+    int why;
+    char *buf = lm_read_small_file(path, LM_JOBS_MAX_BYTES, n, &why, err);
+    if (buf == NULL && why != LM_READ_ERROR)
         lm_fail(err, LM_E_USAGE, "Usage", "the jobs file must be a regular file of at most 64 MiB");
-        lm_err_set_path(err, path);
-        return NULL;
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    *n = 0;
-    while (buf != NULL && *n < (size_t)st.st_size) {
-        ssize_t r = read(fd, buf + *n, (size_t)st.st_size - *n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        *n += (size_t)r;
-    }
-    close(fd);
     if (buf == NULL)
-        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        lm_err_set_path(err, path);
     return buf;
 }
 

@@ -5,6 +5,7 @@
 #include "lm_error.h"
 #include "lm_sha256.h"
 #include "lm_sys.h"
+#include "st_reader.h"
 #include "st_writer.h"
 
 #include <cJSON.h>
@@ -287,24 +288,12 @@ static lm_code make_dir(const char *path, lm_err *err)
  * bounded by a buffer: a plan of 1983 shards is 72 KB), or NULL (missing, unreadable, not JSON) */
 static cJSON *read_json(const char *path)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    struct stat st;
-    if (fd < 0)
-        return NULL;
-    char *buf = NULL;
+    lm_err e;
+    lm_err_clear(&e);
     size_t n = 0;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= (64 << 20) &&
-        (buf = malloc((size_t)st.st_size + 1)) != NULL)
-        while (n < (size_t)st.st_size) {
-            ssize_t r = read(fd, buf + n, (size_t)st.st_size - n);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r <= 0)
-                break;
-            n += (size_t)r;
-        }
-    close(fd);
-    cJSON *j = buf != NULL && n == (size_t)st.st_size ? cJSON_ParseWithLength(buf, n) : NULL;
+    int why;
+    char *buf = lm_read_small_file(path, (size_t)64 << 20, &n, &why, &e);
+    cJSON *j = buf != NULL ? cJSON_ParseWithLength(buf, n) : NULL;
     free(buf);
     return j;
 }
