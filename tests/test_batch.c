@@ -700,3 +700,31 @@ Test(batch, write_fault_in_any_of_six_jobs_leaves_every_out, .timeout = 300)
     unsetenv("LM_FAULT_LOG");
     bt_teardown(&F);
 }
+
+/* the types outputs_equal_single_merges does not cover (but BEFT: the generated model has no
+ * biases), 15 jobs of one batch, half through JOBS.json, every 4th with --dtype f32, files and
+ * directories: every output byte-identical to its single merge, its report the same but timings */
+Test(batch, more_types_equal_single_merges, .timeout = 300)
+{
+    bt_fix F;
+    bt_setup_sized(&F, 0);
+    static const char *const types[][2] = {
+        {"lokr", "--rank 4"},      {"boft", "--block 8"},     {"hra", "--rank 4"},         {"miss", "--rank 16"},
+        {"fourierft", "--n-frequency 100"}, {"adalora", "--rank 4"}, {"randlora", "--rank 8"}, {"vblora", "--block 16"},
+        {"delora", "--rank 4"},    {"gralora", "--rank 8"},   {"shira", "--rank 8"},       {"c3a", "--block 16"},
+        {"hira", "--rank 8"},      {"ln_tuning", ""},         {"trainable_tokens", ""}};
+    enum { NT = sizeof types / sizeof *types };
+    static char args[NT][700], outs[NT][32];
+    bt_job jobs[NT];
+    for (size_t i = 0; i < NT; i++) {
+        BT_OK("%s --base %s --out %s/x_%s --type %s %s --seed %zu >/dev/null", F.gad, F.base, F.tmp, types[i][0],
+              types[i][0], types[i][1], 40 + i);
+        snprintf(outs[i], sizeof outs[i], i % 3 ? "x%zu/" : "x%zu.safetensors", i);
+        snprintf(args[i], sizeof args[i], "%s%s/x_%s %s", i % 4 == 1 ? "--dtype f32 " : "", F.tmp, types[i][0], outs[i]);
+        if (outs[i][strlen(outs[i]) - 1] == '/')
+            outs[i][strlen(outs[i]) - 1] = '\0';
+        jobs[i] = (bt_job){args[i], outs[i]};
+    }
+    bt_compare(&F, F.base, jobs, NT, NT / 2, "");
+    bt_teardown(&F);
+}
