@@ -1172,3 +1172,53 @@ Test(shards, output_shard_k_is_input_shard_k_by_name_and_tensors, .timeout = 120
     th_rmrf(tmp);
     free(tmp);
 }
+
+/* OUT a file (with and without the slash): one line, exit 2, the file untouched, nothing beside
+ * it.  A worker of a million (index past the shards): writes none, says so.  Stray files in OUT
+ * at finalize: weights lora-merge would not write (other.safetensors) refused (OutputNotEmpty,
+ * nothing written); a shard name outside the plan (model-00011-of-00010) removed as an earlier
+ * merge's; another file (notes.txt) kept */
+Test(shards, out_not_a_directory_huge_n_and_stray_files)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(sh_ok("echo hi >%s/wf", F.tmp), 0);
+    for (int slash = 0; slash < 2; slash++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 0/2 %s %s wf%s", F.tmp, F.bin, F.base, F.ad, slash ? "/" : "");
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "%s", r.err);
+        cr_assert(strncmp(r.err, "error: ", 7) == 0 && strchr(r.err, '\n') == r.err + strlen(r.err) - 1 &&
+                      strstr(r.err, slash ? "Not a directory" : "--shards needs a directory OUT (e.g. 'merged/'), not "
+                                                                "the file 'wf'"), "%s", r.err);
+        th_run_free(&r);
+        cr_assert_eq(sh_ok("cd %s && test \"$(cat wf)\" = hi && test $(ls -A | grep -c wf) = 1", F.tmp), 0);
+    }
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 999999/1000000 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.err, "shard worker 999999 of 1000000: 0 of the 10 shards (0 written, 0 kept)"), "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("cd %s && test $(ls | grep -c safetensors) = 0", F.out), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    cr_assert_eq(sh_ok("cd %s && echo notes >notes.txt && cp model-00001-of-00010.safetensors other.safetensors && "
+                       "cp model-00001-of-00010.safetensors model-00011-of-00010.safetensors", F.out), 0);
+    char *before = sh_listing(F.out);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 2, "%s", r.err);
+    cr_assert(strstr(r.err, "OutputNotEmpty") && strstr(r.err, "'other.safetensors'"), "%s", r.err);
+    th_run_free(&r);
+    char *after = sh_listing(F.out);
+    cr_assert_str_eq(after, before, "a refused finalize changed the directory");
+    free(before);
+    free(after);
+    cr_assert_eq(sh_ok("rm %s/other.safetensors", F.out), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("cd %s && test \"$(cat notes.txt)\" = notes && rm notes.txt && diff -r %s %s >&2", F.out, F.ref,
+                       F.out), 0);
+    sh_teardown(&F);
+}

@@ -1144,9 +1144,12 @@ static lm_code check_options(merge_state *S, lm_err *err)
     int dir = S->ot.is_dir || job->out_path == NULL;
     if (job->max_shard_bytes && !dir)
         return lm_fail(err, LM_E_USAGE, "Usage", "--max-shard-size needs a directory OUT (e.g. 'merged/')");
-    if (job->shard_mode && (!S->ot.is_dir || (job->shard_mode == LM_SHARDS_WORKER &&
-                                               (job->shard_count == 0 || job->shard_index >= job->shard_count))))
-        return lm_fail(err, LM_E_USAGE, "Usage", "--shards I/N needs a directory OUT and 0 <= I < N");
+    if (job->shard_mode && !S->ot.is_dir)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--shards needs a directory OUT (e.g. 'merged/'), not the file '%s'",
+                       job->out_path ? job->out_path : "");
+    if (job->shard_mode == LM_SHARDS_WORKER && (job->shard_count == 0 || job->shard_index >= job->shard_count))
+        return lm_fail(err, LM_E_USAGE, "Usage", "--shards I/N needs 0 <= I < N (worker %u of %u)", job->shard_index,
+                       job->shard_count);
     if (job->n_copy_files && !dir)
         return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file needs a directory OUT (e.g. 'merged/')");
     if (!parse_dtype_opt(job->out_dtype, &S->popts.out_dtype_set, &S->popts.out_dtype))
