@@ -1222,3 +1222,27 @@ Test(shards, out_not_a_directory_huge_n_and_stray_files)
                        F.out), 0);
     sh_teardown(&F);
 }
+
+/* "workers read only their own input shards plus the adapter": worker 0 of 2 traced (strace -ff -y:
+ * a file per thread, so no call is split over two lines; one worker thread): from an input shard whose output it does not write, nothing but the fingerprint's
+ * 32-byte samples (the headers are mapped); from each of its own, tiles (preads) or copies
+ * (copy_file_range), which shows the trace sees the reads.  Skipped without strace. */
+Test(shards, a_worker_reads_only_its_own_input_shards)
+{
+    if (system("strace -V >/dev/null 2>&1") != 0)
+        cr_skip_test("needs strace");
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(sh_ok("cd %s && strace -ff -y -e trace=pread64,preadv,read,copy_file_range,sendfile,splice -o st "
+                       "%s -q --threads 1 --shards 0/2 %s %s %s/ && cat st.* >st.log", F.tmp, F.bin, F.base, F.ad, F.out), 0);
+    /* per input shard: other = 1 when worker 0 does not write its output; every call on it listed */
+    cr_assert_eq(sh_ok("cd %s && n_other=0 n_own=0; for f in %s/model-*.safetensors; do n=${f##*/}; "
+                       "grep -F \"$f>\" st.log >calls || true; "
+                       "if [ -e %s/$n ]; then grep -Eq '(copy_file_range|pread64)\\(' calls && n_own=$((n_own + 1)); "
+                       "else bad=$(grep -Ev '^pread64\\(.*, 32, [0-9]+\\) = 32$' calls || true); "
+                       "[ -z \"$bad\" ] || { echo \"$n (not this worker's): $bad\" >&2; exit 1; }; "
+                       "n_other=$((n_other + 1)); fi; done; n_out=$(ls %s | grep -c '^model-'); "
+                       "[ $n_own = $n_out ] && [ $n_other -gt 0 ] || { echo \"own $n_own of $n_out, other $n_other\" >&2; "
+                       "exit 1; }", F.tmp, F.base, F.out, F.out), 0);
+    sh_teardown(&F);
+}
