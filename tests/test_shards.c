@@ -805,6 +805,20 @@ static char *sh_listing(const char *dir)
     return s;
 }
 
+/* finalize refused: exit `status`, one line holding `needle`, OUT as it was */
+static void sh_finalize_refused(const sh_fix *F, int status, const char *needle)
+{
+    char *before = sh_listing(F->out);
+    th_run_result r = finalize(F);
+    cr_assert_eq(r.status, status, "%s", r.err);
+    cr_assert(strstr(r.err, needle) && strchr(r.err, '\n') == r.err + strlen(r.err) - 1, "%s: %s", needle, r.err);
+    th_run_free(&r);
+    char *after = sh_listing(F->out);
+    cr_assert_str_eq(after, before, "a refused finalize changed the directory");
+    free(before);
+    free(after);
+}
+
 /* OUT/.lora-merge-shards/plan.json damaged (not UTF-8, truncated, 100 MB, a directory, an
  * argument not a string): a worker and finalize each refuse with one line naming plan.json
  * (PlanMismatch, exit 2: finalize said "no shard plan here" as if no worker had run, and an
@@ -936,21 +950,12 @@ Test(shards, shard_replaced_by_a_symlink_refused)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
     cr_assert_eq(sh_ok("cd %s && mv model-00003-of-00010.safetensors ../s3 && ln -s %s/w/s3 model-00003-of-00010.safetensors"
                        " && rm model-00008-of-00010.safetensors && mkdir model-00008-of-00010.safetensors", F.out, F.tmp), 0);
-    char *before = sh_listing(F.out);
-    th_run_result r = finalize(&F);
-    cr_assert_eq(r.status, 1, "%s", r.err);
-    cr_assert(strstr(r.err, "2 of 10 shards not complete and verified: model-00003-of-00010.safetensors (a symbolic link, "
-                            "not the file its worker wrote), model-00008-of-00010.safetensors (not a regular file)"),
-              "%s", r.err);
-    th_run_free(&r);
-    char *after = sh_listing(F.out);
-    cr_assert_str_eq(after, before, "a refused finalize changed the directory");
-    free(before);
-    free(after);
+    sh_finalize_refused(&F, 1, "2 of 10 shards not complete and verified: model-00003-of-00010.safetensors (a symbolic "
+                               "link, not the file its worker wrote), model-00008-of-00010.safetensors (not a regular file)");
     cr_assert_eq(sh_ok("rmdir %s/model-00008-of-00010.safetensors", F.out), 0);
     for (int i = 0; i < 2; i++)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
-    r = finalize(&F);
+    th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
     th_run_free(&r);
     struct stat st;
@@ -1194,28 +1199,16 @@ Test(shards, out_not_a_directory_huge_n_and_stray_files)
         th_run_free(&r);
         cr_assert_eq(sh_ok("cd %s && test \"$(cat wf)\" = hi && test $(ls -A | grep -c wf) = 1", F.tmp), 0);
     }
-    char cmd[9000];
-    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 999999/1000000 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
-    th_run_result r = sh_run(cmd);
-    cr_assert_eq(r.status, 0, "%s", r.err);
-    cr_assert(strstr(r.err, "shard worker 999999 of 1000000: 0 of the 10 shards (0 written, 0 kept)"), "%s", r.err);
-    th_run_free(&r);
-    cr_assert_eq(sh_ok("cd %s && test $(ls | grep -c safetensors) = 0", F.out), 0);
+    cr_assert_eq(sh_ok("cd %s && %s --shards 999999/1000000 %s %s %s/ 2>err && grep -q 'shard worker 999999 of 1000000: "
+                       "0 of the 10 shards (0 written, 0 kept)' err && test $(ls %s | grep -c safetensors) = 0", F.tmp,
+                       F.bin, F.base, F.ad, F.out, F.out), 0);
     for (int i = 0; i < 2; i++)
         cr_assert_eq(worker(&F, i, 2, ""), 0);
     cr_assert_eq(sh_ok("cd %s && echo notes >notes.txt && cp model-00001-of-00010.safetensors other.safetensors && "
                        "cp model-00001-of-00010.safetensors model-00011-of-00010.safetensors", F.out), 0);
-    char *before = sh_listing(F.out);
-    r = finalize(&F);
-    cr_assert_eq(r.status, 2, "%s", r.err);
-    cr_assert(strstr(r.err, "OutputNotEmpty") && strstr(r.err, "'other.safetensors'"), "%s", r.err);
-    th_run_free(&r);
-    char *after = sh_listing(F.out);
-    cr_assert_str_eq(after, before, "a refused finalize changed the directory");
-    free(before);
-    free(after);
+    sh_finalize_refused(&F, 2, "OutputNotEmpty: the output directory holds 'other.safetensors'");
     cr_assert_eq(sh_ok("rm %s/other.safetensors", F.out), 0);
-    r = finalize(&F);
+    th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
     th_run_free(&r);
     cr_assert_eq(sh_ok("cd %s && test \"$(cat notes.txt)\" = notes && rm notes.txt && diff -r %s %s >&2", F.out, F.ref,
