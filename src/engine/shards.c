@@ -166,6 +166,9 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
     md_str(md, "lora-merge shard plan 3");
     md_str(md, LM_VERSION_STRING);
     md_u64(md, (uint64_t)C->job->exactness_off); /* uncertified products: other bytes */
+    /* exact elements are one rounding of the exact value whatever the tiles; uncertified products
+     * (BLAS-based types) may round a last bit otherwise with other tiles */
+    md_u64(md, C->job->exactness_off ? C->job->tile_elems : 0);
     md_u64(md, C->ot->n_shards);
     for (size_t k = 0; k < C->ot->n_shards; k++) {
         md_str(md, leaf_of(C->ot->paths[k]));
