@@ -301,6 +301,14 @@ int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_
                 rc.f = row_scale[t->r0 + r + i];
             const unsigned any = t->k->rot_cert(x, v + i * cols, (size_t)cols, &rc, e, d, unc);
             for (uint64_t c = 0; any && c < cols; c++) {
+                if ((c & 63) == 0 && c + 64 <= cols) { /* 64 at a time: a row has a few at most */
+                    uint64_t w[8];
+                    memcpy(w, unc + c, sizeof w);
+                    if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) == 0) {
+                        c += 63;
+                        continue;
+                    }
+                }
                 if ((c & 7) == 0 && c + 8 <= cols) { /* eight at a time: most are certified */
                     uint64_t w8;
                     memcpy(&w8, unc + c, 8);
