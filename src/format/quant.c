@@ -838,16 +838,17 @@ void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64
 {
     lm_fp8_lanes L;
     k->fp8_merge(q0, (size_t)cols, s0, (size_t)h, (size_t)w, term, x, (size_t)ldx, &L);
-    int checked = 0, ok = 1;
-    float emax = 0.0f; /* the rows' largest bound; ok: each finite and >= 0 (NaN not) */
+    /* on the bounds' bits (a loop that vectorizes): any one not +-0 (checked), the largest
+     * magnitude (emax), and bad: one negative (not -0), FLT_MAX or above, inf or NaN */
+    uint32_t any = 0, am = 0, bad = 0;
     for (uint64_t r = 0; bd != NULL && r < h; r++) {
-        const float e = bd->erow[r];
-        checked |= !(e == 0.0f);
-        ok &= e < FLT_MAX && e >= 0.0f;
-        emax = e > emax ? e : emax;
+        const uint32_t u = f32_bits(bd->erow[r]), a = u & 0x7FFFFFFFu;
+        any |= a;
+        am = a > am ? a : am;
+        bad |= (uint32_t)(u > 0x80000000u) | (uint32_t)(a >= 0x7F7FFFFFu);
     }
-    if (checked) {
-        if (ok && fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd, emax) == 0)
+    if (any != 0) {
+        if (!bad && fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd, bits_f32(am)) == 0)
             return;
         fp8_exact_block(bd, q0, s0, h, w, cols, x, ldx, &L);
     }
