@@ -205,7 +205,7 @@ typedef struct {
 } f2_enc;
 
 typedef struct {
-    __m256 ers, ers2; /* the row's Ers (lm_fp8_cert), 2 Ers */
+    __m256 ers, marg; /* the row's Ers (lm_fp8_cert), its margin (lm_fp8_margin) */
     __m256i thr1;     /* thr - 1 (0x7FFFFFFF for thr above: |y|'s bits are never greater) */
 } f2_chk;
 
@@ -247,9 +247,9 @@ F2_INLINE unsigned f2_enc8(f2_enc *E, const float *xp, int hh, int checked, cons
     /* the error in the scaled domain, exact: v (y's sign) - y */
     const __m256 ey = _mm256_sub_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(u));
     const __m256i e = _mm256_and_si256(_mm256_castps_si256(ey), _mm256_set1_epi32(0x7FFFFFFF));
-    if (checked) { /* |y| >= 2^-6: within 2 Ers of the nearest midpoint, fl(e + 2 Ers) >= h - 22 ulp(y) (as
+    if (checked) { /* |y| >= 2^-6: within M of the nearest midpoint, fl(e + M) >= h - 22 ulp(y) (as
                       bits, less those of 2^E: no overflow there); the amax candidates (a > thr - 1) */
-        const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(e), k->ers2)),
+        const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(e), k->marg)),
                                            _mm256_and_si256(a, _mm256_set1_epi32(0x7F800000)));
         const __m256i fa = _mm256_andnot_si256(sub, _mm256_cmpgt_epi32(t, _mm256_set1_epi32(-0x020002C0 - 1)));
         f |= (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(fa, _mm256_cmpgt_epi32(a, k->thr1))));
@@ -334,7 +334,7 @@ void lm_fp8_encode_avx2(const float *x, size_t ldx, size_t h, size_t w, float s,
         if (cert != NULL && cert->erow[i] > 0.0f) {
             const float ers = cert->erow[i] * s * 1.0001f + 0x1p-140f;
             k.ers = _mm256_set1_ps(ers);
-            k.ers2 = _mm256_set1_ps(ers + ers);
+            k.marg = _mm256_set1_ps(lm_fp8_margin(ers));
             f2_enc_row(&E, xr, q0r, qr, w, s, inv, ramax, 1, &k, ers, cert, (uint32_t)(i * w));
         } else {
             f2_enc_row(&E, xr, q0r, qr, w, s, inv, ramax, 0, &k, 0.0f, cert, 0);

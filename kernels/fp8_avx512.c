@@ -262,7 +262,7 @@ F8_TARGET void lm_fp8_merge_avx512(const uint8_t *q0, size_t ldq, float s0, size
 
 /* the certification (lm_fp8_cert): a checked row's Ers and the flags found */
 typedef struct {
-    __m512 ers, ers2; /* the row's Ers, 2 Ers */
+    __m512 ers, marg; /* the row's Ers, its margin M (lm_fp8_margin) */
     __m512i thr;
     uint32_t *flag;
     size_t n;
@@ -319,10 +319,10 @@ F8_INLINE unsigned f8_enc16(const float *xp, __mmask16 m, __m512 s, __m512 inv, 
     /* the error in the scaled domain, exact: v (y's sign) - y */
     const __m512 ey = _mm512_sub_ps(_mm512_castsi512_ps(v), _mm512_castsi512_ps(u));
     const __m512i e = _mm512_maskz_and_epi32(m, _mm512_castps_si512(ey), _mm512_set1_epi32(0x7FFFFFFF));
-    if (checked) /* |y| >= 2^-6: within 2 Ers of the nearest midpoint (fl(e + 2 Ers) >= h - 22 ulp(y));
+    if (checked) /* |y| >= 2^-6: within M of the nearest midpoint (fl(e + M) >= h - 22 ulp(y));
                     the amax candidates */
         f |= (unsigned)(_mm512_mask_cmpge_epu32_mask(
-                            m & (__mmask16)~sub, _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(e), chk->ers2)),
+                            m & (__mmask16)~sub, _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(e), chk->marg)),
                             _mm512_sub_epi32(_mm512_and_si512(a, _mm512_set1_epi32(0x7F800000)),
                                              _mm512_set1_epi32(0x020002C0))) |
                         _mm512_mask_cmpge_epu32_mask(m, a, chk->thr));
@@ -391,7 +391,7 @@ F8_TARGET void lm_fp8_encode_avx512(const float *x, size_t ldx, size_t h, size_t
         if (cert != NULL && cert->erow[i] > 0.0f) {
             const float ers = cert->erow[i] * s * 1.0001f + 0x1p-140f;
             chk.ers = _mm512_set1_ps(ers);
-            chk.ers2 = _mm512_set1_ps(ers + ers);
+            chk.marg = _mm512_set1_ps(lm_fp8_margin(ers));
             f8_enc_row(&E, xr, q0r, qr, w, 1, &chk, (uint32_t)(i * w));
         } else {
             f8_enc_row(&E, xr, q0r, qr, w, 0, &chk, 0);

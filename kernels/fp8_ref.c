@@ -92,7 +92,7 @@ int lm_fp8_flagged1(uint32_t a, float e, float ers, uint32_t thr)
         const float dm = 0x1p-10f - fabsf(af - r);
         return fminf(dm, af) <= fmaf(af, 0x1p-19f, ers);
     }
-    return f8_bits(e + (ers + ers)) >= (a & 0x7F800000u) - 0x020002C0u;
+    return f8_bits(e + lm_fp8_margin(ers)) >= (a & 0x7F800000u) - 0x020002C0u;
 }
 
 void lm_fp8_encode_ref(const float *x, size_t ldx, size_t h, size_t w, float s, float inv, float ramax,

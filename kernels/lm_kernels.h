@@ -201,19 +201,27 @@ typedef struct lm_fp8_lanes {
 /* The certification of fp8_encode (quant.c's lm_fp8_merge_block has the proof).  Row i of the
  * block with erow[i] > 0 is checked: with y = x * s (f32), a its magnitude's bits, af = |y| and
  * e = |v - y| (v the value coded, y's sign), an element is flagged when a >= thr (it may hold
- * the block's amax); when a >= 0x3C800000 (|y| >= 2^-6) and the bits of fl(e + 2 Ers) are at
+ * the block's amax); when a >= 0x3C800000 (|y| >= 2^-6) and the bits of fl(e + M) are at
  * least (a & 0x7F800000) - 0x020002C0, the bits of h - 22 ulp(y) (h = 2^-4 2^E, half the grid
- * step of y's binade [2^E, 2^(E+1)), ulp(y) = 2^(E-23)): y within twice the row's bound of the
- * nearest rounding midpoint; below, when fminf(2^-10 - |af - r|, af) <= fmaf(af, 2^-19, Ers), r =
- * (af + 2^14) - 2^14 (E4M3's subnormal grid, and zero's sign).  Per checked row, Ers =
- * erow[i] * s * 1.0001f + 2^-140 (f32).  erow[i] == 0: the row is not checked (its x are
- * exact). */
+ * step of y's binade [2^E, 2^(E+1)), ulp(y) = 2^(E-23)): y within the row's margin M =
+ * lm_fp8_margin(Ers) of the nearest rounding midpoint; below, when fminf(2^-10 - |af - r|, af) <=
+ * fmaf(af, 2^-19, Ers), r = (af + 2^14) - 2^14 (E4M3's subnormal grid, and zero's sign).  Per
+ * checked row, Ers = erow[i] * s * 1.0001f + 2^-140 (f32).  erow[i] == 0: the row is not checked
+ * (its x are exact). */
 typedef struct lm_fp8_cert {
     const float *erow; /* h values */
     uint32_t thr;      /* 0xFFFFFFFF: no element is an amax candidate */
     uint32_t *flag;    /* room for h * w */
     size_t n_flag;     /* out */
 } lm_fp8_cert;
+
+/* lm_fp8_cert's margin for a row's Ers: Ers itself when Ers <= 2^-12 (then Ers + 11 ulp(y) is
+ * below a quarter step of every binade from 2^-6 up: the midpoint that ends the binade below is
+ * out of reach), else 2 Ers (quant.c's proof, (a)) */
+static inline float lm_fp8_margin(float ers)
+{
+    return ers <= 0x1p-12f ? ers : ers + ers;
+}
 
 typedef void (*lm_fp8_merge_fn)(const uint8_t *q0, size_t ldq, float s0, size_t h, size_t w, const lm_fp8_term *t,
                                 float *x, size_t ldx, lm_fp8_lanes *L);

@@ -73,21 +73,28 @@ void T512 lm_rot_blocks_to_avx512(const float *src, float *dst, size_t n_rows, s
                 }
                 continue;
             }
+            /* another destination, a block of whole lane groups (OFT's 32): the results straight
+             * into d (no input is overwritten); else through y, the tail lanes by the reference */
+            const int direct = dst != src && full8 == bs;
+            float *yo = direct ? d : y;
+            const size_t ys = direct ? cols : bs;
             size_t a = 0;
             for (; a < full16; a += 16) {
                 if (g == 8)
-                    lanes16x8(x, cols, R, bs, a, y, bs);
+                    lanes16x8(x, cols, R, bs, a, yo, ys);
                 else
                     for (size_t i = 0; i < g; i++)
-                        lanes16x1(x + i * cols, R, bs, a, y + i * bs);
+                        lanes16x1(x + i * cols, R, bs, a, yo + i * ys);
             }
             for (; a < full8; a += 8) { /* the AVX2 code (VEX encoded, same results) */
                 if (g == 8)
-                    lm_rot_lanes8x8_avx2(x, cols, R, bs, a, y, bs);
+                    lm_rot_lanes8x8_avx2(x, cols, R, bs, a, yo, ys);
                 else
                     for (size_t i = 0; i < g; i++)
-                        lm_rot_lanes8x1_avx2(x + i * cols, R, bs, a, y + i * bs);
+                        lm_rot_lanes8x1_avx2(x + i * cols, R, bs, a, yo + i * ys);
             }
+            if (direct)
+                continue;
             for (size_t i = 0; i < g; i++)
                 lm_rot_block_lanes_ref(x + i * cols, R, bs, a, bs, y + i * bs);
             for (size_t i = 0; i < g; i++)

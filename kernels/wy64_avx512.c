@@ -3,7 +3,8 @@
  * holds the eight lanes of one dot product (lane m: columns j = m mod 8), the tail columns
  * enter lanes 0 .. cols % 8 - 1 by a masked fma (the other lanes kept as they are), and the
  * lanes are summed in the reference's order.  Dot products: four rows by four unit vectors per
- * pass (sixteen independent chains); the update: two rows per pass, sharing U's loads. */
+ * pass (sixteen independent chains); the update: four rows per pass (then two, one), sharing U's
+ * loads. */
 #include "lm_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,14 +68,14 @@ static INL void T512 update(double *X, size_t cols, const double *U, size_t r, c
 {
     const size_t n8 = cols - cols % 8;
     for (size_t j = 0; j < n8; j += 8) {
-        __m512d s[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+        __m512d s[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
         for (size_t q = 0; q < r; q++) {
             const __m512d u = _mm512_loadu_pd(U + q * cols + j);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int i = 0; i < RB; i++)
                 s[i] = _mm512_fmadd_pd(_mm512_set1_pd(p2[(size_t)i * r + q]), u, s[i]);
         }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int i = 0; i < RB; i++) {
             double *x = X + (size_t)i * cols + j;
             _mm512_storeu_pd(x, _mm512_sub_pd(_mm512_loadu_pd(x), s[i]));
@@ -104,7 +105,9 @@ void T512 lm_wy64_avx512(double *X, size_t nr, size_t cols, const double *U, siz
             dots(X + i * cols, cols, U, q, r, p + i * r, 1, 1);
     }
     lm_wy64_mid(p, nr, r, T, p2);
-    for (i = 0; i + 2 <= nr; i += 2)
+    for (i = 0; i + 4 <= nr; i += 4)
+        update(X + i * cols, cols, U, r, p2 + i * r, 4);
+    for (; i + 2 <= nr; i += 2)
         update(X + i * cols, cols, U, r, p2 + i * r, 2);
     for (; i < nr; i++)
         update(X + i * cols, cols, U, r, p2 + i * r, 1);

@@ -5,7 +5,8 @@
 # `$ cat merge.sbatch`, the one holding `$ cat merge-job.yaml`) is split into the files it shows
 # (`$ cat F` then F's text) and its commands (`$ ...`, with their continuation lines); the
 # commands run with `sh -e` in DIR/<example>, with fake `sbatch` and `kubectl` first in PATH that
-# run the jobs here, one task after another, with the variables the schedulers set
+# run the jobs here, the array tasks / completion indexes in a shuffled order (shuf), four tasks
+# (Slurm) or `parallelism` pods (Kubernetes) at a time, with the variables the schedulers set
 # (SLURM_ARRAY_TASK_ID, SLURM_CPUS_PER_TASK, SLURM_ARRAY_JOB_ID, JOB_COMPLETION_INDEX), and
 # `lora-merge` that is BIN.  The examples' /shared and /data are DIR/<example>/shared and
 # DIR/<example>/data, where models/Llama-3.1-405B is BASE and adapters/my-lora is ADAPTER.
@@ -54,16 +55,27 @@ tasks=$(echo "${array:-}" | tr ',' '\n' | while read -r r; do
   [ -n "$r" ] || continue
   case $r in *-*) seq "${r%-*}" "${r#*-}" ;; *) echo "$r" ;; esac
 done)
-st=ok
-for t in ${tasks:-none}; do
+# the array's tasks in a shuffled order, four at a time (as on four nodes); each task's status
+# in a file, the job ok when every one is
+tasks=$(printf '%s\n' ${tasks:-none} | shuf)
+echo "sbatch (fake): job $n runs its tasks in the order" $tasks >&2
+running=0
+for t in $tasks; do
   log=$(echo "${output:-slurm-%j.out}" | sed "s/%A/$n/g; s/%a/$t/g; s/%j/$n/g")
   if [ "$t" = none ]; then
-    env SLURM_JOB_ID=$n SLURM_CPUS_PER_TASK=$cpus sh -c "${wrap:-bash $script}" >"$log" 2>&1 || st=failed
+    (env SLURM_JOB_ID=$n SLURM_CPUS_PER_TASK=$cpus sh -c "${wrap:-bash $script}" >"$log" 2>&1; echo $? >"$state/st-$n-$t") &
   else
-    env SLURM_JOB_ID=$n SLURM_ARRAY_JOB_ID=$n SLURM_ARRAY_TASK_ID=$t SLURM_CPUS_PER_TASK=$cpus bash "$script" \
-      >"$log" 2>&1 || st=failed
+    (env SLURM_JOB_ID=$n SLURM_ARRAY_JOB_ID=$n SLURM_ARRAY_TASK_ID=$t SLURM_CPUS_PER_TASK=$cpus bash "$script" \
+      >"$log" 2>&1; echo $? >"$state/st-$n-$t") &
   fi
-  [ $st = ok ] || { echo "sbatch (fake): job $n task $t failed:" >&2; cat "$log" >&2; }
+  running=$((running + 1))
+  if [ $running = 4 ]; then wait; running=0; fi
+done
+wait
+st=ok
+for t in $tasks; do
+  log=$(echo "${output:-slurm-%j.out}" | sed "s/%A/$n/g; s/%a/$t/g; s/%j/$n/g")
+  [ "$(cat "$state/st-$n-$t")" = 0 ] || { st=failed; echo "sbatch (fake): job $n task $t failed:" >&2; cat "$log" >&2; }
 done
 echo $st >"$state/job-$n"
 if [ $parsable = 1 ]; then echo $n; else echo "Submitted batch job $n"; fi
@@ -86,16 +98,24 @@ case ${1:-} in
     # command: ["a", "b", ...] (plain strings) -> one argument a line
     sed -n 's/^ *command: *\[\(.*\)\] *$/\1/p' "$y" | sed 's/^"//; s/"$//; s/", "/\n/g' >"$state/cmd-$name"
     [ -s "$state/cmd-$name" ] || { echo "kubectl (fake): no command in $y" >&2; exit 1; }
-    st=complete
-    i=0
-    while [ $i -lt $n ]; do
+    par=$(sed -n 's/^  parallelism: *\([0-9]*\).*/\1/p' "$y"); par=${par:-1}
+    # the completion indexes in a shuffled order, `parallelism` pods at a time
+    order=$(seq 0 $((n - 1)) | shuf)
+    echo "kubectl (fake): job $name runs its indexes in the order" $order >&2
+    running=0
+    for i in $order; do
       idx=; [ "$mode" = Indexed ] && idx=$i
       # the container's command, its arguments one per line (none holds a newline)
-      if ! env ${idx:+JOB_COMPLETION_INDEX=$idx} sh -c 'set --; while IFS= read -r a; do set -- "$@" "$a"; done <"$0"; exec "$@"' \
-           "$state/cmd-$name" >"$state/log-$name-$i" 2>&1; then
-        st=failed; echo "kubectl (fake): job $name index $i failed:" >&2; cat "$state/log-$name-$i" >&2
-      fi
-      i=$((i + 1))
+      (env ${idx:+JOB_COMPLETION_INDEX=$idx} sh -c 'set --; while IFS= read -r a; do set -- "$@" "$a"; done <"$0"; exec "$@"' \
+           "$state/cmd-$name" >"$state/log-$name-$i" 2>&1; echo $? >"$state/st-$name-$i") &
+      running=$((running + 1))
+      if [ $running = "$par" ]; then wait; running=0; fi
+    done
+    wait
+    st=complete
+    for i in $order; do
+      [ "$(cat "$state/st-$name-$i")" = 0 ] ||
+        { st=failed; echo "kubectl (fake): job $name index $i failed:" >&2; cat "$state/log-$name-$i" >&2; }
     done
     echo $st >"$state/k8s-$name"
     echo "job.batch/$name created" ;;

@@ -509,6 +509,20 @@ Test(exact, every_shape_and_tail)
         }
 }
 
+/* A's panels beyond L2 (K = 64 x 2100 columns x 4 bytes > 512 KiB): the AVX-512 kernel takes the
+ * columns in groups over all the rows (lowrank_avx512.c), the tails (16 and 4 columns) after the
+ * last group; the same bytes and counters as the reference, every element exact */
+Test(exact, wide_a_in_column_groups, .timeout = 120)
+{
+    uint64_t rng = xt_seed("wide_a_in_column_groups");
+    for (size_t p = 0; p < 5; p++) {
+        xt_case c = xt_case_new(9, 2100, 64, xt_pairs[p][0], xt_pairs[p][1]);
+        xt_fill_lora(&c, &rng, (int)(p & 1), 2);
+        xt_verify(&c, 1, 7, "wide A");
+        xt_case_free(&c);
+    }
+}
+
 /* ---- adversarial tiles ------------------------------------------------------------------------ */
 
 /* W = -(the delta rounded to W's dtype): the result is the rounding residual of the delta, far

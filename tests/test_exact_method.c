@@ -532,32 +532,85 @@ Test(exact_method, f16_overflow_refused, .timeout = 60)
  * the terms' magnitudes (a handful of f64 roundings; RoAd's cos/sin in f64 within 1 ulp) */
 enum { XE_O = 8, XE_I = 32, XE_R = 4 };
 
-static void xm_elem_case(const char *type, const char *bdt)
+/* ---- the f64 tile by row blocks (lm_f64_rows_tile: MiSS, HRA) --------------------------------
+ * q_proj [40, 4096] (xm_elem_case_as, wide): a default tile is the whole tensor, which the f64
+ * form takes in 5 blocks of 8 rows, and --tile-elems 100 (a row per tile, tx_same_bytes) a row at
+ * a time: the same bytes.  Each element against long double: MiSS W + d exact (half the elements
+ * W = -d + a residue below bf16's ulp: cancellation to a tiny value; a few huge and subnormal
+ * bases); HRA the reflections applied in turn, within 2^-40 of the row's norm (f64 noise of
+ * 4096-term sums). */
+enum { XW_O = 40, XW_I = 4096, XW_R = 4 };
+
+/* MiSS on q_proj w [O, I], r = R: W[o, c] += block[c mod r, o], half the elements W = -block + a
+ * residue below W's ulp (cancellation to a tiny value); ref, bnd, y32 and the config filled */
+static void xm_miss(tx_set *ad, tx_t *w, uint64_t R, const char *bdt, long double *ref, long double *bnd, float *y32,
+                    char *cfg, size_t cap)
+{
+    const uint64_t O = w->shape[0], I = w->shape[1];
+    tx_t *b = tx_add(ad, "base_model.model.model.layers.0.self_attn.q_proj.miss_block", "F32", 2, R, O);
+    for (uint64_t e = 0; e < b->n; e++)
+        b->v[e] = (double)(float)(0.05 * th_rand_normal(&g_rng) * (e % 3 ? 1 : 1e-4));
+    for (uint64_t o = 0; o < O; o++)
+        for (uint64_t c = 0; c < I; c++) {
+            const uint64_t e = o * I + c;
+            const double d = b->v[(c % R) * O + o];
+            if (c % 2)
+                w->v[e] = th_round_to(-d + ldexp(th_rand_uniform(&g_rng), -30), bdt);
+            ref[e] = (long double)w->v[e] + d;
+            bnd[e] = 0; /* W + d is exact in f64: every element, ties included, must be the nearest */
+            y32[e] = (float)w->v[e] + (float)d;
+        }
+    snprintf(cfg, cap, "{\"peft_type\": \"MISS\", \"target_modules\": [\"q_proj\"], \"r\": %d, \"mini_r\": 1}",
+             (int)R);
+}
+
+/* wide: q_proj [XW_O, XW_I] (MiSS, HRA), with a few huge and subnormal base values; else
+ * [XE_O, XE_I] */
+static void xm_elem_case_as(const char *type, const char *bdt, int wide)
 {
     tx_set base = {0}, ad = {0};
-    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, XE_O, XE_I);
+    tx_t *w = tx_add(&base, "model.layers.0.self_attn.q_proj.weight", bdt, 2, wide ? XW_O : XE_O, wide ? XW_I : XE_I);
     const uint64_t n = w->n;
     long double *ref = malloc(n * sizeof *ref), *bnd = malloc(n * sizeof *bnd);
     float *y32 = malloc(n * sizeof *y32);
     char cfg[400];
+    const double big = !strcmp(bdt, "F16") ? 3e4 : 1e30, tiny = !strcmp(bdt, "F16") ? 0x1p-20 : 0x1p-130;
     for (uint64_t e = 0; e < n; e++)
-        w->v[e] = th_round_to(0.05 * th_rand_normal(&g_rng), bdt);
-    if (!strcmp(type, "MISS")) { /* W[o, c] += block[c mod r, o]: half the elements W = -block + residue */
-        tx_t *b = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.miss_block", "F32", 2, XE_R, XE_O);
-        for (uint64_t e = 0; e < b->n; e++)
-            b->v[e] = (double)(float)(0.05 * th_rand_normal(&g_rng) * (e % 3 ? 1 : 1e-4));
-        for (uint64_t o = 0; o < XE_O; o++)
-            for (uint64_t c = 0; c < XE_I; c++) {
-                const uint64_t e = o * XE_I + c;
-                const double d = b->v[(c % XE_R) * XE_O + o];
-                if (c % 2)
-                    w->v[e] = th_round_to(-d + ldexp(th_rand_uniform(&g_rng), -30), bdt);
-                ref[e] = (long double)w->v[e] + d;
-                bnd[e] = 0; /* W + d is exact in f64: every element, ties included, must be the nearest */
-                y32[e] = (float)w->v[e] + (float)d;
+        w->v[e] = th_round_to(0.05 * th_rand_normal(&g_rng) * (!wide ? 1 : e % 97 == 0 ? big : e % 89 == 0 ? tiny : 1), bdt);
+    if (!strcmp(type, "MISS")) {
+        xm_miss(&ad, w, wide ? XW_R : XE_R, bdt, ref, bnd, y32, cfg, sizeof cfg);
+    } else if (!strcmp(type, "HRA")) {
+        tx_t *u = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hra_u", "F32", 2, XW_I, XW_R);
+        for (uint64_t e = 0; e < u->n; e++)
+            u->v[e] = (double)(float)th_rand_normal(&g_rng);
+        long double *U = malloc(XW_R * XW_I * sizeof *U);
+        for (int i = 0; i < XW_R; i++) {
+            long double ss = 0;
+            for (int x = 0; x < XW_I; x++)
+                ss += (long double)u->v[x * XW_R + i] * u->v[x * XW_R + i];
+            for (int x = 0; x < XW_I; x++)
+                U[i * XW_I + x] = u->v[x * XW_R + i] / sqrtl(ss);
+        }
+        for (uint64_t o = 0; o < XW_O; o++) { /* y = x H_0 H_1 ...: each reflection in turn */
+            long double *y = ref + o * XW_I, nx = 0;
+            for (int x = 0; x < XW_I; x++) {
+                y[x] = w->v[o * XW_I + (uint64_t)x];
+                nx += y[x] * y[x];
             }
-        snprintf(cfg, sizeof cfg, "{\"peft_type\": \"MISS\", \"target_modules\": [\"q_proj\"], \"r\": %d, \"mini_r\": 1}",
-                 XE_R);
+            for (int i = 0; i < XW_R; i++) {
+                long double d = 0;
+                for (int x = 0; x < XW_I; x++)
+                    d += y[x] * U[i * XW_I + x];
+                for (int x = 0; x < XW_I; x++)
+                    y[x] -= 2 * d * U[i * XW_I + x];
+            }
+            for (int x = 0; x < XW_I; x++) {
+                bnd[o * XW_I + (uint64_t)x] = ldexpl(sqrtl(nx), -40);
+                y32[o * XW_I + (uint64_t)x] = (float)y[x];
+            }
+        }
+        free(U);
+        snprintf(cfg, sizeof cfg, "{\"peft_type\": \"HRA\", \"target_modules\": [\"q_proj\"], \"r\": %d}", XW_R);
     } else if (!strcmp(type, "HIRA")) { /* W' = W + W * (B A): B A = -1 + small */
         tx_t *A = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_A", "F32", 2, XE_R, XE_I);
         tx_t *B = tx_add(&ad, "base_model.model.model.layers.0.self_attn.q_proj.hira_B", "F32", 2, XE_O, XE_R);
@@ -617,15 +670,23 @@ static void xm_elem_case(const char *type, const char *bdt)
     th_run_result res = tx_merge(&c, c.out, NULL);
     cr_assert_eq(res.status, 0, "%s %s: exit %d: %s", type, bdt, res.status, res.err);
     char what[64];
-    snprintf(what, sizeof what, "%s %s", type, bdt);
+    snprintf(what, sizeof what, "%s %s [%llu, %llu]", type, bdt, (unsigned long long)w->shape[0],
+             (unsigned long long)w->shape[1]);
     uint64_t rec = 0;
     tx_verify(&c, &res, w->name, n, ref, bnd, y32, bdt, what, &rec);
+    cr_assert_eq(rec, n, "%s: --json says %llu recomputed, the f64 form computes all %llu", what,
+                 (unsigned long long)rec, (unsigned long long)n);
     th_run_free(&res);
     tx_same_bytes(&c, what);
     free(ref);
     free(bnd);
     free(y32);
     tx_case_free(&c, &base, &ad);
+}
+
+static void xm_elem_case(const char *type, const char *bdt)
+{
+    xm_elem_case_as(type, bdt, 0);
 }
 
 static void xm_elem_all(const char *type)
@@ -638,3 +699,16 @@ static void xm_elem_all(const char *type)
 Test(exact_method, miss, .timeout = 60) { xm_elem_all("MISS"); }
 Test(exact_method, hira, .timeout = 60) { xm_elem_all("HIRA"); }
 Test(exact_method, road, .timeout = 60) { xm_elem_all("ROAD"); }
+
+/* the f64 tile by row blocks (see XW_O) */
+Test(exact_method, miss_wide, .timeout = 120)
+{
+    xm_elem_case_as("MISS", "BF16", 1);
+    xm_elem_case_as("MISS", "F16", 1);
+}
+
+Test(exact_method, hra_wide, .timeout = 120)
+{
+    xm_elem_case_as("HRA", "BF16", 1);
+    xm_elem_case_as("HRA", "F16", 1);
+}

@@ -26,7 +26,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define MT_MAX 40
 #define MT_MODS 8
@@ -3672,4 +3674,88 @@ Test(methods, mt19937_reference_outputs)
     for (int k = 0; k < 10; k++)
         cr_assert_eq(seen[k], 1);
     free(p);
+}
+
+/* VB-LoRA saved with save_only_topk_weights: each row's k-1 weights w, the last 1 - sum(w) in their
+ * dtype, logs taken by PEFT's load.  A row whose weights sum above 1 once rounded to their dtype, or
+ * with a negative weight, loads as NaN there, and was merged with a negative last weight: refused
+ * (exit 1, one line naming the module, the tensor and the row; no output).  Rows that sum above 1
+ * only before that rounding load fine in PEFT (1 - 1 = 0, log 0 = -inf: weight 0) and are merged:
+ * 0.6f + 0.4f (f32: 1 + 2^-25.4, rounds to 1), bf16 0.5 + 0.50390625 (1 + 2^-8, a tie to 1). */
+static int vbw_merge(const char *tmp, const char *wdtype, double w0, double w1, th_run_result *out)
+{
+    char dir[1200], p[1300];
+    snprintf(dir, sizeof dir, "%s/ad", tmp);
+    th_rmrf(dir);
+    mkdir(dir, 0777);
+    th_write_text(dir, "adapter_config.json", "{\"peft_type\": \"VBLORA\", \"r\": 2, \"topk\": 3, \"num_vectors\": 4, "
+                                              "\"vector_length\": 4, \"save_only_topk_weights\": true, "
+                                              "\"target_modules\": [\"q_proj\"]}");
+    double bank[16], ia[12], ib[12], wa[8], wb[8];
+    for (int i = 0; i < 16; i++)
+        bank[i] = (i % 5) * 0.125 - 0.25;
+    for (int i = 0; i < 12; i++)
+        ia[i] = ib[i] = i % 3 == 0 ? 2 : i % 3 == 1 ? 0 : 3; /* each row the bank vectors 2, 0, 3 */
+    for (int i = 0; i < 8; i++)
+        wa[i] = wb[i] = i % 2 ? 0.25 : 0.5;
+    wb[6] = w0; /* B's last row (q = 1, a = 1) */
+    wb[7] = w1;
+#define VBM "base_model.model.model.layers.0.self_attn.q_proj."
+    th_out_tensor t[5] = {{"base_model.vblora_vector_bank", "F32", 2, {4, 4}, bank},
+                          {VBM "vblora_logits_A_topk_indices", "I64", 3, {2, 2, 3}, ia},
+                          {VBM "vblora_logits_A_topk_weights", wdtype, 3, {2, 2, 2}, wa},
+                          {VBM "vblora_logits_B_topk_indices", "I64", 3, {2, 2, 3}, ib},
+                          {VBM "vblora_logits_B_topk_weights", wdtype, 3, {2, 2, 2}, wb}};
+#undef VBM
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    cr_assert_eq(th_st_write(p, t, 5), 0);
+    snprintf(p, sizeof p, "%s/out.safetensors", tmp);
+    unlink(p);
+    char cmd[8500], bin[PATH_MAX];
+    cr_assert_not_null(realpath(th_bin(), bin));
+    snprintf(cmd, sizeof cmd, "cd %s && %s base.safetensors ad out.safetensors", tmp, bin);
+    *out = th_sh(cmd);
+    return th_exists(p);
+}
+
+Test(methods, vblora_topk_weights_summing_above_one_refused)
+{
+    char *tmp = th_tmpdir();
+    double w[64];
+    for (int i = 0; i < 64; i++)
+        w[i] = (i % 7) * 0.01;
+    th_out_tensor base = {"model.layers.0.self_attn.q_proj.weight", "F32", 2, {8, 8}, w};
+    char p[1200];
+    snprintf(p, sizeof p, "%s/base.safetensors", tmp);
+    cr_assert_eq(th_st_write(p, &base, 1), 0);
+    static const struct {
+        const char *dtype;
+        double w0, w1;
+        int ok;
+        const char *says;
+    } cases[] = {
+        {"F32", 0.5, 0.25, 1, NULL},
+        {"F32", 0.75, 0.3, 0, "row 3: its 2 saved top-k weights sum to 1.05000001, above 1"},
+        {"F32", 0.6, 0.4, 1, NULL},
+        {"F32", 1.25, -0.25, 0, "row 3 holds the weight -0.25"},
+        {"BF16", 0.5, 0.50390625, 1, NULL},
+        {"BF16", 0.5, 0.5078125, 0, "row 3: its 2 saved top-k weights sum to 1.0078125, above 1"},
+        {"F16", 0.5, 0.5009765625, 0, "above 1"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        th_run_result r;
+        int wrote = vbw_merge(tmp, cases[c].dtype, cases[c].w0, cases[c].w1, &r);
+        if (cases[c].ok) {
+            cr_assert(r.status == 0 && wrote, "case %zu: exit %d: %s", c, r.status, r.err);
+        } else {
+            cr_assert(r.status == 1 && !wrote, "case %zu: exit %d, output %d: %s", c, r.status, wrote, r.err);
+            cr_assert(strchr(r.err, '\n') == r.err + strlen(r.err) - 1 && strstr(r.err, "InvalidTensor") &&
+                          strstr(r.err, "model.layers.0.self_attn.q_proj") &&
+                          strstr(r.err, "vblora_logits_B_topk_weights' ") && strstr(r.err, cases[c].says),
+                      "case %zu: %s", c, r.err);
+        }
+        th_run_free(&r);
+    }
+    th_rmrf(tmp);
+    free(tmp);
 }

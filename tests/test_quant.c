@@ -1058,6 +1058,114 @@ Test(quant, fp8_cert_flags_the_midpoint_of_the_binade_below)
     }
 }
 
+/* a rounding midpoint of the E4M3 grid within dmax of |y| (2^-6 <= |y| < 2^8), from the grid's
+ * definition in long double: the midpoints of y's binade [2^E, 2^(E+1)) (step 2^(E-3)), the last
+ * one below 2^E (half the step below it: 2^(E-5); under 2^-6 the subnormal grid's 2^-10) and the
+ * first one above 2^(E+1) */
+static int fm_midpoint_within(float y, long double dmax, long double *dist)
+{
+    int ex;
+    const long double a = fabsl((long double)y);
+    (void)frexpl(a, &ex);
+    const int E = ex - 1;
+    long double m[10], best = INFINITY;
+    for (int k = 0; k < 8; k++)
+        m[k] = ldexpl(1, E) + (k + 0.5L) * ldexpl(1, E - 3);
+    m[8] = E > -6 ? ldexpl(1, E) - ldexpl(1, E - 5) : ldexpl(1, -6) - ldexpl(1, -10);
+    m[9] = ldexpl(1, E + 1) + ldexpl(1, E - 3);
+    for (int k = 0; k < 10; k++)
+        best = fabsl(m[k] - a) < best ? fabsl(m[k] - a) : best;
+    *dist = best;
+    return best <= dmax;
+}
+
+/* lm_fp8_cert (a) with its margin M (lm_fp8_margin: Ers up to 2^-12, then 2 Ers): rows whose Ers
+ * is either side of 2^-12, s = 1, values of every binade from 2^-6 to 2^7 placed next to the
+ * midpoints of their binade or just above its bottom (the binade below's last midpoint half a
+ * step under it), 0.15 to 2.5 Ers away; a last row (Ers 1.5 2^-9) of values just above 2^-4,
+ * whose nearest midpoint is the one below (2^-4 - 2^-9, within Ers: a margin of Ers would miss
+ * it).  Sound: every element with a midpoint within Ers + 11 ulp(y) of it (the bound on
+ * |fl(X s) - fl(x s)|, quant.c's proof; the midpoints from the grid's definition, not the
+ * kernels' test) is flagged, by every variant, and the variants flag the same.  The margin is
+ * used: with Ers <= 2^-12, most elements between Ers + 24 ulp(y) and 2 Ers from a midpoint of
+ * their binade are not flagged (those of the rows above are).  Rows of 88: the AVX-512 variant's
+ * groups of 64, a masked tail; the AVX2 variant's scalar tail. */
+Test(quant, fp8_cert_margin_sound)
+{
+    enum { H = 7, W = 88 };
+    static const float T[H] = {0x1p-30f, 0x1p-16f, 0x1p-13f, 0x1p-12f, 0x1p-11f, 0x1p-9f, 0x1.8p-9f};
+    static const float F[] = {0.15f, 0.5f, 0.75f, 0.95f, 1.0f, 1.25f, 1.5f, 1.75f, 2.5f};
+    static const char *const names[] = {"ref", "avx2", "avx512"};
+    float x[H * W], erow[H], ers[H];
+    uint8_t q[H * W];
+    uint32_t flag[2 * H * W], ref_flag[2 * H * W];
+    int mid[H * W]; /* placed next to a midpoint of its binade */
+    size_t ref_n = SIZE_MAX;
+    for (int i = 0; i < H; i++) {
+        erow[i] = T[i] / 1.0001f;
+        volatile float e = erow[i] * 1.0f * 1.0001f; /* lm_fp8_cert's Ers, s = 1 */
+        ers[i] = e + 0x1p-140f;
+        for (int j = 0; j < W; j++) {
+            const int E = -6 + j % 14, k = (j / 14) % 8, sg = j % 4 < 2 ? 1 : -1;
+            mid[i * W + j] = i < H - 1 && j % 3 != 0;
+            if (i == H - 1) { /* 2^-4 + (0 .. 0.5) 2^-9 */
+                x[i * W + j] = (float)(sg * (0x1p-4L + (j + 1) * 0x1p-10L / (W + 1)));
+                continue;
+            }
+            const long double site = mid[i * W + j] ? ldexpl(1, E) + (k + 0.5L) * ldexpl(1, E - 3) : ldexpl(1, E);
+            const long double d = (long double)F[(j / 3) % 9] * ers[i];
+            x[i * W + j] = (float)(sg * (!mid[i * W + j] || j % 2 ? site + d : site - d));
+        }
+    }
+    for (int v = 0; v < 3; v++) {
+        lm_kernels k;
+        if (lm_kernels_select(&k, names[v]) != 0 || k.fp8_encode == NULL) {
+            fprintf(stderr, "quant fp8_cert_margin_sound: variant %s SKIPPED\n", names[v]);
+            continue;
+        }
+        lm_fp8_lanes L;
+        lm_fp8_cert cert = {erow, 0xFFFFFFFFu, flag, 0};
+        k.fp8_encode(x, W, H, W, 1.0f, 1.0f, 1.0f / 448, NULL, W, q, W, &L, &cert);
+        int flagged[H * W] = {0};
+        for (size_t f = 0; f < cert.n_flag; f++)
+            flagged[flag[f]] = 1;
+        uint64_t gain = 0, gain_of = 0, must_n = 0;
+        for (int i = 0; i < H; i++)
+            for (int j = 0; j < W; j++) {
+                int ex;
+                (void)frexpf(x[i * W + j], &ex);
+                const long double ulp = ldexpl(1, ex - 1 - 23);
+                long double dist;
+                const int must = fm_midpoint_within(x[i * W + j], (long double)ers[i] + 11 * ulp, &dist);
+                must_n += must;
+                cr_assert(!must || flagged[i * W + j], "%s: row %d (Ers %a), y = %a: a midpoint %Lg away, not flagged",
+                          names[v], i, (double)ers[i], (double)x[i * W + j], dist);
+                if (mid[i * W + j] && dist >= ers[i] + 24 * ulp && dist <= 2 * (long double)ers[i]) {
+                    if (ers[i] <= 0x1p-12f) {
+                        gain_of++;
+                        gain += !flagged[i * W + j];
+                    } else {
+                        cr_assert(flagged[i * W + j], "%s: row %d (Ers %a > 2^-12), y = %a, %Lg from a midpoint: "
+                                  "the margin is 2 Ers, not flagged", names[v], i, (double)ers[i], (double)x[i * W + j],
+                                  dist);
+                    }
+                }
+            }
+        cr_assert(must_n > W, "%s: only %llu elements within reach of a midpoint: not adversarial", names[v],
+                  (unsigned long long)must_n);
+        cr_assert(gain_of > 20 && gain * 4 > gain_of * 3, "%s: %llu of %llu elements between Ers + 24 ulp and 2 Ers "
+                  "from a midpoint not flagged (Ers <= 2^-12: the margin is Ers)", names[v], (unsigned long long)gain,
+                  (unsigned long long)gain_of);
+        if (ref_n == SIZE_MAX) {
+            ref_n = cert.n_flag;
+            memcpy(ref_flag, flag, ref_n * sizeof *flag);
+        } else {
+            cr_assert(cert.n_flag == ref_n && !memcmp(flag, ref_flag, ref_n * sizeof *flag),
+                      "%s flags %zu elements, not the same as the first variant's %zu", names[v], cert.n_flag, ref_n);
+        }
+    }
+}
+
 Test(quant, fp8_merge_block_certified)
 {
     static const fc_case cases[] = {

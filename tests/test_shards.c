@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 typedef struct {
     char *tmp;
@@ -679,9 +680,10 @@ Test(shards, usage_errors)
 }
 
 /* the README's Slurm and Kubernetes examples, run as written (tests/readme_cluster.sh: fake
- * sbatch and kubectl run the array tasks / completion indexes here, one after another, with the
- * schedulers' variables set): every flag exists, the commands chain, and the merged directory
- * (16 workers over the 10 input shards, then finalize) is the single merge's */
+ * sbatch and kubectl run the array tasks / completion indexes here, in a shuffled order, four
+ * tasks or 16 pods at a time, with the schedulers' variables set): every flag exists, the commands
+ * chain, and the merged directory (16 workers over the 10 input shards, then finalize) is the
+ * single merge's */
 Test(shards, readme_slurm_and_kubernetes_examples_run)
 {
     sh_fix F;
@@ -700,5 +702,540 @@ Test(shards, readme_slurm_and_kubernetes_examples_run)
         cr_assert_eq(sh_ok("diff -r %s/ref/merged-405b %s >&2", F.tmp, line), 0, "%s differs from the single merge", line);
     cr_assert_eq(n_out, 2, "%s", r.out);
     th_run_free(&r);
+    sh_teardown(&F);
+}
+
+/* ---- audit (issue 14): spec parsing, fingerprint coverage ------------------------------------ */
+
+/* --shards I/N: decimal digits only.  strtoul alone took " 1/4", "+1/4", "1/ 4" and "1/+4" as 1/4;
+ * a leading zero is still a decimal number (printf %02d). */
+Test(shards, spec_digits_only)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const char *const bad[] = {" 1/4", "+1/4", "1/ 4", "1/+4", "1/4 ", "4/4", "-1/4", "1/0", "1/4x", "0x1/4",
+                                      "1/4/5", "", "/4", "1/", "0/1000001", "0/99999999999999999999",
+                                      "99999999999999999999/4", "Index"};
+    for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "%s --shards '%s' %s %s %s/", F.bin, bad[k], F.base, F.ad, F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "--shards '%s': exit %d: %s", bad[k], r.status, r.err);
+        cr_assert(strncmp(r.err, "error: --shards needs I/N", 25) == 0 && strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                  "--shards '%s': %s", bad[k], r.err);
+        th_run_free(&r);
+        cr_assert(!th_exists(F.out), "--shards '%s': a refused worker created OUT", bad[k]);
+    }
+    /* 01/4 is worker 1 of 4: the same shards as 1/4 (kept on the second run) */
+    cr_assert_eq(sh_ok("cd %s && %s -q --shards 01/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out), 0);
+    char cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s --shards 1/4 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    cr_assert(strstr(r.err, " written, ") && strstr(r.err, "(0 written, "), "01/4 and 1/4 are not one worker: %s", r.err);
+    th_run_free(&r);
+    sh_teardown(&F);
+}
+
+/* every option that changes an output byte is in the plan's fingerprint (a worker given it is
+ * refused: PlanMismatch, exit 2, nothing written); those that do not (--threads, --kernels,
+ * --tile-elems on LoRA, -q, --fsync) are not, and such a worker completes the directory.
+ * --simulate-nf4 and --exactness-off were missing: a worker given them wrote shards of other bytes
+ * that finalize accepted (checked first: each of them changes the single merge's bytes). */
+Test(shards, fingerprint_covers_every_byte_changing_option, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const char *const changing[] = {"--simulate-nf4", "--exactness-off", "--scale 0.999", "--dtype f32",
+                                           "--adapter-scaled ad2 0.5"};
+    /* ad2: the adapter with one byte of its weights changed (its last element's low byte) */
+    cr_assert_eq(sh_ok("cd %s && cp -r %s ad2 && f=ad2/adapter_model.safetensors && s=$(stat -c %%s $f) && "
+                       "printf '\\001' | dd of=$f bs=1 seek=$((s - 4)) conv=notrunc 2>/dev/null", F.tmp, F.ad), 0);
+    cr_assert_eq(sh_ok("cd %s && %s -q %s %s one.safetensors", F.tmp, F.bin, F.base, F.ad), 0);
+    for (size_t k = 0; k < sizeof changing / sizeof *changing; k++)
+        cr_assert_eq(sh_ok("cd %s && %s -q %s %s %s two.safetensors && ! cmp -s one.safetensors two.safetensors", F.tmp,
+                           F.bin, changing[k], F.base, F.ad), 0, "%s does not change the merge: the test shows nothing",
+                     changing[k]);
+    cr_assert_eq(sh_ok("cd %s && %s -q %s ad2 two.safetensors && ! cmp -s one.safetensors two.safetensors", F.tmp, F.bin,
+                       F.base), 0);
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    int owner[10];
+    expected_owners(&F, 2, owner);
+    for (size_t k = 0; k < sizeof changing / sizeof *changing + 1; k++) {
+        const char *opt = k < sizeof changing / sizeof *changing ? changing[k] : NULL;
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 1/2 %s %s %s %s/", F.tmp, F.bin, opt ? opt : "", F.base,
+                 opt ? F.ad : "ad2", F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "a worker with %s was accepted: %s", opt ? opt : "another adapter", r.err);
+        cr_assert(strstr(r.err, "PlanMismatch") && strchr(r.err, '\n') == r.err + strlen(r.err) - 1, "%s", r.err);
+        th_run_free(&r);
+        for (int s = 0; s < 10; s++) {
+            char p[1000];
+            snprintf(p, sizeof p, "%s/model-%05d-of-00010.safetensors", F.out, s + 1);
+            cr_assert(owner[s] == 0 || !th_exists(p), "%s: the refused worker wrote shard %d", opt ? opt : "ad2", s + 1);
+        }
+        cr_assert_eq(th_count_temps(F.out), 0);
+        /* finalize with the option is refused too */
+        snprintf(cmd, sizeof cmd, "cd %s && %s -q %s --shards index %s %s %s/", F.tmp, F.bin, opt ? opt : "", F.base,
+                 opt ? F.ad : "ad2", F.out);
+        r = sh_run(cmd);
+        cr_assert_neq(r.status, 0, "finalize with %s was accepted", opt ? opt : "another adapter");
+        th_run_free(&r);
+    }
+    cr_assert_eq(worker(&F, 1, 2, "--threads 1 --kernels ref --tile-elems 4096 --fsync"), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* the names, sizes and inodes under dir, sorted: what a refused run must leave as it was (but
+ * the lock files in .lora-merge-shards, which workers and finalize create to take them) */
+static char *sh_listing(const char *dir)
+{
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "cd %s && find . ! -name '*.lock' -printf '%%p %%s %%i\\n' | sort", dir);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 0);
+    char *s = r.out;
+    r.out = NULL;
+    th_run_free(&r);
+    return s;
+}
+
+/* finalize refused: exit `status`, one line holding `needle`, OUT as it was */
+static void sh_finalize_refused(const sh_fix *F, int status, const char *needle)
+{
+    char *before = sh_listing(F->out);
+    th_run_result r = finalize(F);
+    cr_assert_eq(r.status, status, "%s", r.err);
+    cr_assert(strstr(r.err, needle) && strchr(r.err, '\n') == r.err + strlen(r.err) - 1, "%s: %s", needle, r.err);
+    th_run_free(&r);
+    char *after = sh_listing(F->out);
+    cr_assert_str_eq(after, before, "a refused finalize changed the directory");
+    free(before);
+    free(after);
+}
+
+/* OUT/.lora-merge-shards/plan.json damaged (not UTF-8, truncated, 100 MB, a directory, an
+ * argument not a string): a worker and finalize each refuse with one line naming plan.json
+ * (PlanMismatch, exit 2: finalize said "no shard plan here" as if no worker had run, and an
+ * argument not a string was "out of memory"), and change nothing; once it is removed, a worker
+ * records it again and the directory is finalized as the single merge */
+Test(shards, damaged_plan_file_refused_then_recorded_again, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    static const char *const damage[] = {"printf '\\377\\376{\"fingerprint\"' >P", "truncate -s 50 P", "truncate -s 100M P",
+                                         "rm P && mkdir P", "sed -i 's/\"args\":\\t*\\[/&7, /' P && grep -q '\\[7, ' P"};
+    char plan[1000];
+    snprintf(plan, sizeof plan, "%s/.lora-merge-shards/plan.json", F.out);
+    cr_assert_eq(sh_ok("cp %s %s/plan.good", plan, F.tmp), 0);
+    for (size_t d = 0; d < sizeof damage / sizeof *damage; d++) {
+        char cmd[9000];
+        cr_assert_eq(sh_ok("cd %s/.lora-merge-shards && rm -rf P && cp %s/plan.good P && %s && rm -rf plan.json && "
+                           "mv P plan.json", F.out, F.tmp, damage[d]), 0);
+        char *before = sh_listing(F.out);
+        for (int fin = 0; fin < 2 + (d == 4); fin++) {
+            if (fin == 0)
+                snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 1/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out);
+            else
+                snprintf(cmd, sizeof cmd, "cd / && %s -q finalize %s", F.bin, F.out);
+            th_run_result r = sh_run(cmd);
+            if (d == 4 && fin == 0) { /* the fingerprint is intact: the worker may go on */
+                cr_assert_eq(r.status, 0, "%s", r.err);
+                th_run_free(&r);
+                free(before);
+                before = sh_listing(F.out);
+                continue;
+            }
+            cr_assert_eq(r.status, 2, "%s, %s: exit %d: %s", damage[d], fin ? "finalize" : "worker", r.status, r.err);
+            cr_assert(strstr(r.err, ".lora-merge-shards/plan.json: PlanMismatch: ") && strstr(r.err, "damaged") &&
+                          strchr(r.err, '\n') == r.err + strlen(r.err) - 1,
+                      "%s, %s: %s", damage[d], fin ? "finalize" : "worker", r.err);
+            th_run_free(&r);
+            char *after = sh_listing(F.out);
+            cr_assert_str_eq(after, before, "%s, %s: the directory changed", damage[d], fin ? "finalize" : "worker");
+            free(after);
+        }
+        free(before);
+    }
+    cr_assert_eq(sh_ok("rm -rf %s", plan), 0);
+    cr_assert_eq(worker(&F, 1, 2, ""), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* a plan of 1983 shards (one tensor each): plan.json is 72 KB, and was read through a 64 KB
+ * buffer, so the second worker found it "unreadable" (PlanMismatch) and finalize "no shard plan" */
+Test(shards, plan_larger_than_64k, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    char *tmp = gen_in_tmp(bin, gen, sizeof gen, "--hidden 16 --inter 32 --layers 220 --vocab 32 --heads 2 --kv-heads 1 "
+                                                 "--rank 2");
+    cr_assert_eq(sh_ok("cd %s && mkdir ref w && %s -q --max-shard-size 1 m/base m/adapter ref/out/", tmp, bin), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(sh_ok("cd %s && %s -q --max-shard-size 1 --shards %d/2 m/base m/adapter w/out/", tmp, bin, i), 0);
+    char p[1200];
+    snprintf(p, sizeof p, "%s/w/out/.lora-merge-shards/plan.json", tmp);
+    struct stat st;
+    cr_assert(stat(p, &st) == 0 && st.st_size > 65536, "plan.json is not larger than 64 KB: the test shows nothing");
+    cr_assert_eq(sh_ok("%s -q finalize %s/w/out", bin, tmp), 0);
+    cr_assert_eq(sh_ok("cd %s && ls ref/out | wc -l | grep -qx 1986 && diff -r ref/out w/out >&2", tmp), 0);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* a worker given another base with the same headers (the same files but the last mantissa bit of
+ * every 16-bit element flipped, as another revision of a checkpoint would differ: names, shapes,
+ * dtypes, offsets and index the same) was accepted, and finalize took the mixed directory; the
+ * fingerprint now samples the base's values.  The same base through another path (another mount
+ * point on another machine) is still the same plan. */
+Test(shards, fingerprint_samples_the_base_values, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(sh_ok("cd %s && cp -r %s sbase2 && ln -s %s mnt", F.tmp, F.base, F.base), 0);
+    for (int k = 1; k <= 10; k++) {
+        char p[1000];
+        snprintf(p, sizeof p, "%s/sbase2/model-%05d-of-00010.safetensors", F.tmp, k);
+        size_t n = 0;
+        uint8_t *b = th_read_file(p, &n);
+        uint64_t hl;
+        cr_assert(b != NULL && n > 8);
+        memcpy(&hl, b, 8);
+        for (size_t i = 8 + hl; i < n; i += 2)
+            b[i] ^= 1;
+        cr_assert_eq(th_write_file(p, b, n), 0);
+        free(b);
+    }
+    cr_assert_eq(worker(&F, 0, 2, ""), 0);
+    char *before = sh_listing(F.out), cmd[9000];
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 1/2 sbase2 %s %s/", F.tmp, F.bin, F.ad, F.out);
+    th_run_result r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "a worker given another base was accepted: %s", r.err);
+    cr_assert(strstr(r.err, "PlanMismatch"), "%s", r.err);
+    th_run_free(&r);
+    char *after = sh_listing(F.out);
+    cr_assert_str_eq(after, before, "the refused worker changed the directory");
+    free(after);
+    free(before);
+    snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards index sbase2 %s %s/", F.tmp, F.bin, F.ad, F.out);
+    r = sh_run(cmd);
+    cr_assert_eq(r.status, 2, "finalize given another base: %s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("cd %s && %s -q --shards 1/2 mnt %s %s/", F.tmp, F.bin, F.ad, F.out), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* a shard replaced by a symbolic link to its own bytes elsewhere: finalize accepted it (stat
+ * followed the link, the bytes hashed right), leaving a model that depends on a file outside OUT.
+ * Refused now, naming it (nothing written); its worker rewrites it as a file.  A directory in a
+ * shard's place: "not a regular file". */
+Test(shards, shard_replaced_by_a_symlink_refused)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    cr_assert_eq(sh_ok("cd %s && mv model-00003-of-00010.safetensors ../s3 && ln -s %s/w/s3 model-00003-of-00010.safetensors"
+                       " && rm model-00008-of-00010.safetensors && mkdir model-00008-of-00010.safetensors", F.out, F.tmp), 0);
+    sh_finalize_refused(&F, 1, "2 of 10 shards not complete and verified: model-00003-of-00010.safetensors (a symbolic "
+                               "link, not the file its worker wrote), model-00008-of-00010.safetensors (not a regular file)");
+    cr_assert_eq(sh_ok("rmdir %s/model-00008-of-00010.safetensors", F.out), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    struct stat st;
+    char p[1000];
+    snprintf(p, sizeof p, "%s/model-00003-of-00010.safetensors", F.out);
+    cr_assert(lstat(p, &st) == 0 && S_ISREG(st.st_mode), "shard 3 is still a link");
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* two finalize steps at once (a retried dependent job), four times: the directory is the single
+ * merge's, nothing of the records left; one exits 0, the other 0 too or 2 saying the directory
+ * was finalized (it said all 10 shards lacked a sidecar: "rerun their workers") */
+Test(shards, two_finalize_at_once, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    for (int round = 0; round < 4; round++) {
+        cr_assert_eq(sh_ok("rm -rf %s", F.out), 0);
+        for (int i = 0; i < 2; i++)
+            cr_assert_eq(worker(&F, i, 2, ""), 0);
+        char cmd[16000];
+        snprintf(cmd, sizeof cmd, "cd / && (%s -q finalize %s 2>%s/e1; echo $? >%s/s1) & (%s -q finalize %s 2>%s/e2; "
+                 "echo $? >%s/s2) & wait; cat %s/s1 %s/s2 %s/e1 %s/e2", F.bin, F.out, F.tmp, F.tmp, F.bin, F.out, F.tmp,
+                 F.tmp, F.tmp, F.tmp, F.tmp, F.tmp);
+        th_run_result r = sh_run(cmd);
+        int s1 = -1, s2 = -1, n = 0;
+        cr_assert_eq(sscanf(r.out, "%d\n%d\n%n", &s1, &s2, &n), 2, "%s", r.out);
+        const char *errs = r.out + n;
+        cr_assert((s1 == 0 && (s2 == 0 || s2 == 2)) || (s2 == 0 && s1 == 2), "round %d: exits %d %d: %s", round, s1, s2,
+                  errs);
+        if (s1 + s2 == 2)
+            cr_assert(strstr(errs, "finalized already") || strstr(errs, "no shard plan here"), "round %d: %s", round, errs);
+        th_run_free(&r);
+        cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0, "round %d", round);
+    }
+    sh_teardown(&F);
+}
+
+/* the workers rerun with another N (4 then 3, as a resubmitted array of another size): the plan is
+ * the same (N is not in it), the second set keeps every shard the first completed and writes the
+ * rest; then a worker run after finalize (a late retry) rewrites its shards with the same bytes:
+ * the model stays the single merge's at every point, and once every worker and finalize rerun,
+ * nothing of the records is left */
+Test(shards, rerun_with_another_n_and_a_worker_after_finalize, .timeout = 120)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(worker(&F, 3, 4, ""), 0);
+    cr_assert_eq(worker(&F, 1, 4, ""), 0);
+    int total_written = 0;
+    for (int i = 0; i < 3; i++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "cd %s && %s --shards %d/3 %s %s %s/", F.tmp, F.bin, i, F.base, F.ad, F.out);
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 0, "%s", r.err);
+        int mine, n, written, kept;
+        const char *q = strstr(r.err, "shard worker ");
+        cr_assert(q && sscanf(q, "shard worker %*u of 3: %d of the %d shards (%d written, %d kept)", &mine, &n, &written,
+                              &kept) == 4, "%s", r.err);
+        total_written += written;
+        th_run_free(&r);
+    }
+    int owner4[10], n_first = 0;
+    expected_owners(&F, 4, owner4);
+    for (int k = 0; k < 10; k++)
+        n_first += owner4[k] == 1 || owner4[k] == 3;
+    cr_assert_eq(total_written, 10 - n_first, "the second set rewrote shards the first completed");
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    /* a late worker: every shard of the model the single merge's still (its records aside) */
+    cr_assert_eq(worker(&F, 0, 3, ""), 0);
+    cr_assert_eq(sh_ok("diff -r -x .lora-merge-shards %s %s >&2", F.ref, F.out), 0);
+    for (int i = 1; i < 3; i++)
+        cr_assert_eq(worker(&F, i, 3, ""), 0);
+    r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    sh_teardown(&F);
+}
+
+/* OUT as worker 1 of 2 leaves it (the plan records OUT's path: a copy would not do), then worker
+ * 0 run with LM_FAULT=fault and SIGKILLed at the stall when kill_it; @return its exit status
+ * (128 + 9 when killed), *held whether the k-th call was reached (LM_FAULT_LOG), *err its stderr */
+static int sh_faulted_worker(const sh_fix *F, const char *fault, int kill_it, int *held, char **err)
+{
+    cr_assert_eq(sh_ok("rm -rf %s", F->out), 0);
+    cr_assert_eq(worker(F, 1, 2, ""), 0);
+    char fenv[100], out[800], log[800], lenv[900];
+    snprintf(fenv, sizeof fenv, "LM_FAULT=%s", fault);
+    snprintf(out, sizeof out, "%s/", F->out);
+    snprintf(log, sizeof log, "%s/fault.log", F->tmp);
+    snprintf(lenv, sizeof lenv, "LM_FAULT_LOG=%s", log);
+    unlink(log);
+    const char *argv[] = {F->bin, "-q", "--threads", "1", "--shards", "0/2", F->base, F->ad, out, NULL};
+    const char *env[] = {fenv, lenv, NULL};
+    th_held_result r = th_run_held(argv, env, "stalled in ", kill_it, NULL, NULL);
+    *held = th_exists(log); /* the k-th call was reached */
+    *err = r.err;
+    return r.status;
+}
+
+/* worker 0 (~370 system calls and allocations) killed with SIGKILL at its k-th, for every 31st k
+ * (the LM_FAULT stall seam: deterministic points, with one thread), and failing with EIO at every
+ * 61st and ENOSPC at every 73rd (the steps prime to each other: other points of every phase, the
+ * plan, the shards' writes, renames and sidecars; ~25 runs, ~5 CPU-s; a third of them under ASan):
+ * each time one error line (exit 3 or 4) or success, then its rerun completes the
+ * directory, finalize accepts it, and it is the single merge's byte for byte with nothing left
+ * (diff -r: no temporary file, lock or record) */
+Test(shards, worker_killed_or_failing_at_every_call_then_rerun_identical, .timeout = 900)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    static const struct {
+        const char *kind;
+        int step, kill;
+    } sweeps[] = {{"stall", 31, 1}, {"EIO", 61, 0}, {"ENOSPC", 73, 0}};
+    const int asan = getenv("LM_ASAN") != NULL; /* ~7x the CPU there (each start maps the shadow) */
+    for (size_t s = 0; s < sizeof sweeps / sizeof *sweeps; s++) {
+        int n_hit = 0;
+        for (int k = 1;; k += sweeps[s].step * (asan ? 3 : 1)) {
+            char fault[64];
+            snprintf(fault, sizeof fault, "%d:%s", k, sweeps[s].kind);
+            int held = 0;
+            char *err = NULL;
+            int st = sh_faulted_worker(&F, fault, sweeps[s].kill, &held, &err);
+            if (sweeps[s].kill) {
+                if (!held) { /* past the worker's last call: it completed */
+                    cr_assert_eq(st, 0, "%s: %s", fault, err);
+                    free(err);
+                    break;
+                }
+                cr_assert_eq(st, 128 + 9, "%s: not killed: %s", fault, err);
+            } else {
+                cr_assert(st == 0 || ((st == 3 || st == 4) && strncmp(err, "error: ", 7) == 0 &&
+                                      strchr(err, '\n') == err + strlen(err) - 1),
+                          "%s: exit %d: %s", fault, st, err);
+                cr_assert_eq(th_count_temps(F.out), 0, "%s: a failed worker left a temporary file", fault);
+                if (!held) { /* past the worker's last call: the sweep is over */
+                    cr_assert_eq(st, 0, "%s: %s", fault, err);
+                    free(err);
+                    break;
+                }
+            }
+            free(err);
+            n_hit++;
+            cr_assert_eq(sh_ok("cd %s && %s -q --shards 0/2 %s %s %s/", F.tmp, F.bin, F.base, F.ad, F.out), 0, "%s: rerun",
+                         fault);
+            th_run_result r = finalize(&F);
+            cr_assert_eq(r.status, 0, "%s: finalize: %s", fault, r.err);
+            th_run_free(&r);
+            cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0, "%s: not the single merge", fault);
+            cr_assert(k < 20000, "the sweep does not end");
+        }
+        cr_assert_geq(n_hit, asan ? 2 : 5, "%s: %d faults only", sweeps[s].kind, n_hit);
+        cr_log_info("worker 0: %d runs with %s", n_hit, sweeps[s].kind);
+    }
+    sh_teardown(&F);
+}
+
+static int half_split(const char *name) /* the layers in shard 1, everything else in shard 2 */
+{
+    return strstr(name, "layers.") != NULL ? 1 : 2;
+}
+
+/* a sharded base whose shards have names of their own (not model-0000k-of-0000n): output shard k
+ * is input shard k, the same name and exactly its tensors (a tensor the adapter adds: the last),
+ * whichever worker writes it; the tensors are the single merge's */
+Test(shards, output_shard_k_is_input_shard_k_by_name_and_tensors, .timeout = 120)
+{
+    char gen[4096], bin[PATH_MAX];
+    char *tmp = gen_in_tmp(bin, gen, sizeof gen, "--hidden 64 --inter 128 --layers 2 --vocab 96 --heads 4 --kv-heads 2 "
+                                                 "--rank 4");
+    char p[1200], q[1200];
+    cr_assert_eq(sh_ok("mkdir %s/sb && cp %s/m/base/config.json %s/sb/", tmp, tmp, tmp), 0);
+    snprintf(p, sizeof p, "%s/m/base/model.safetensors", tmp);
+    snprintf(q, sizeof q, "%s/sb", tmp);
+    split_base(p, q, half_split);
+    cr_assert_eq(sh_ok("cd %s/sb && mv model-00001-of-00002.safetensors layers.safetensors && "
+                       "mv model-00002-of-00002.safetensors rest.safetensors && "
+                       "sed -i 's/model-00001-of-00002/layers/g; s/model-00002-of-00002/rest/g' model.safetensors.index.json",
+                       tmp), 0);
+    for (int i = 1; i >= 0; i--)
+        cr_assert_eq(sh_ok("cd %s && %s -q --shards %d/2 sb m/adapter w/", tmp, bin, i), 0);
+    cr_assert_eq(sh_ok("%s -q finalize %s/w", bin, tmp), 0);
+    cr_assert_eq(sh_ok("cd %s && %s -q m/base m/adapter one.safetensors", tmp, bin), 0);
+    static const char *const names[] = {"layers.safetensors", "rest.safetensors"};
+    size_t n_total = 0;
+    th_st one;
+    for (int k = 0; k < 2; k++) {
+        th_st in, out;
+        snprintf(p, sizeof p, "%s/sb/%s", tmp, names[k]);
+        snprintf(q, sizeof q, "%s/w/%s", tmp, names[k]);
+        cr_assert_eq(th_st_read(p, &in), 0);
+        cr_assert_eq(th_st_read(q, &out), 0, "no output shard %s", names[k]);
+        cr_assert_eq(out.n, in.n, "%s: %zu tensors, its input shard %zu", names[k], out.n, in.n);
+        snprintf(p, sizeof p, "%s/one.safetensors", tmp);
+        cr_assert_eq(th_st_read(p, &one), 0);
+        for (size_t i = 0; i < in.n; i++) {
+            const th_tensor *x = th_st_find(&out, in.t[i].name), *y = th_st_find(&one, in.t[i].name);
+            cr_assert_not_null(x, "%s: %s is not in its output shard", names[k], in.t[i].name);
+            cr_assert(y != NULL && x->n_bytes == y->n_bytes && memcmp(x->data, y->data, x->n_bytes) == 0,
+                      "%s differs from the single merge's", x->name);
+        }
+        n_total += out.n;
+        th_st_free(&in);
+        th_st_free(&out);
+        th_st_free(&one);
+    }
+    snprintf(p, sizeof p, "%s/one.safetensors", tmp);
+    cr_assert_eq(th_st_read(p, &one), 0);
+    cr_assert_eq(n_total, one.n, "the shards hold %zu tensors, the single merge %zu", n_total, one.n);
+    th_st_free(&one);
+    cr_assert_eq(sh_ok("cd %s/w && grep -q '\"layers.safetensors\"' model.safetensors.index.json && "
+                       "grep -q '\"rest.safetensors\"' model.safetensors.index.json", tmp), 0);
+    th_rmrf(tmp);
+    free(tmp);
+}
+
+/* OUT a file (with and without the slash): one line, exit 2, the file untouched, nothing beside
+ * it.  A worker of a million (index past the shards): writes none, says so.  Stray files in OUT
+ * at finalize: weights lora-merge would not write (other.safetensors) refused (OutputNotEmpty,
+ * nothing written); a shard name outside the plan (model-00011-of-00010) removed as an earlier
+ * merge's; another file (notes.txt) kept */
+Test(shards, out_not_a_directory_huge_n_and_stray_files)
+{
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(sh_ok("echo hi >%s/wf", F.tmp), 0);
+    for (int slash = 0; slash < 2; slash++) {
+        char cmd[9000];
+        snprintf(cmd, sizeof cmd, "cd %s && %s -q --shards 0/2 %s %s wf%s", F.tmp, F.bin, F.base, F.ad, slash ? "/" : "");
+        th_run_result r = sh_run(cmd);
+        cr_assert_eq(r.status, 2, "%s", r.err);
+        cr_assert(strncmp(r.err, "error: ", 7) == 0 && strchr(r.err, '\n') == r.err + strlen(r.err) - 1 &&
+                      strstr(r.err, slash ? "Not a directory" : "--shards needs a directory OUT (e.g. 'merged/'), not "
+                                                                "the file 'wf'"), "%s", r.err);
+        th_run_free(&r);
+        cr_assert_eq(sh_ok("cd %s && test \"$(cat wf)\" = hi && test $(ls -A | grep -c wf) = 1", F.tmp), 0);
+    }
+    cr_assert_eq(sh_ok("cd %s && %s --shards 999999/1000000 %s %s %s/ 2>err && grep -q 'shard worker 999999 of 1000000: "
+                       "0 of the 10 shards (0 written, 0 kept)' err && test $(ls %s | grep -c safetensors) = 0", F.tmp,
+                       F.bin, F.base, F.ad, F.out, F.out), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(worker(&F, i, 2, ""), 0);
+    cr_assert_eq(sh_ok("cd %s && echo notes >notes.txt && cp model-00001-of-00010.safetensors other.safetensors && "
+                       "cp model-00001-of-00010.safetensors model-00011-of-00010.safetensors", F.out), 0);
+    sh_finalize_refused(&F, 2, "OutputNotEmpty: the output directory holds 'other.safetensors'");
+    cr_assert_eq(sh_ok("rm %s/other.safetensors", F.out), 0);
+    th_run_result r = finalize(&F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("cd %s && test \"$(cat notes.txt)\" = notes && rm notes.txt && diff -r %s %s >&2", F.out, F.ref,
+                       F.out), 0);
+    sh_teardown(&F);
+}
+
+/* "workers read only their own input shards plus the adapter": worker 0 of 2 traced (strace -ff -y:
+ * a file per thread, so no call is split over two lines; one worker thread): from an input shard whose output it does not write, nothing but the fingerprint's
+ * 32-byte samples (the headers are mapped); from each of its own, tiles (preads) or copies
+ * (copy_file_range), which shows the trace sees the reads.  Skipped without strace. */
+Test(shards, a_worker_reads_only_its_own_input_shards)
+{
+    if (system("strace -V >/dev/null 2>&1") != 0)
+        cr_skip_test("needs strace");
+    sh_fix F;
+    sh_setup(&F, "");
+    cr_assert_eq(sh_ok("cd %s && strace -ff -y -e trace=pread64,preadv,read,copy_file_range,sendfile,splice -o st "
+                       "%s -q --threads 1 --shards 0/2 %s %s %s/ && cat st.* >st.log", F.tmp, F.bin, F.base, F.ad, F.out), 0);
+    /* per input shard: other = 1 when worker 0 does not write its output; every call on it listed */
+    cr_assert_eq(sh_ok("cd %s && n_other=0 n_own=0; for f in %s/model-*.safetensors; do n=${f##*/}; "
+                       "grep -F \"$f>\" st.log >calls || true; "
+                       "if [ -e %s/$n ]; then grep -Eq '(copy_file_range|pread64)\\(' calls && n_own=$((n_own + 1)); "
+                       "else bad=$(grep -Ev '^pread64\\(.*, 32, [0-9]+\\) = 32$' calls || true); "
+                       "[ -z \"$bad\" ] || { echo \"$n (not this worker's): $bad\" >&2; exit 1; }; "
+                       "n_other=$((n_other + 1)); fi; done; n_out=$(ls %s | grep -c '^model-'); "
+                       "[ $n_own = $n_out ] && [ $n_other -gt 0 ] || { echo \"own $n_own of $n_out, other $n_other\" >&2; "
+                       "exit 1; }", F.tmp, F.base, F.out, F.out), 0);
     sh_teardown(&F);
 }

@@ -66,10 +66,11 @@ static const char USAGE[] =
     "  --threads N             worker threads (default: all cores); output identical for every N\n"
     "  --dtype auto|bf16|f16|f32  dtype of floating output tensors (default auto: keep the base's)\n"
     "  --max-shard-size SIZE   with a directory OUT: shards of at most SIZE (default 5GB)\n"
-    "  --shards I/N            worker I of N: write only output shards k with k % N == I into the\n"
-    "                          directory OUT (resumable); `lora-merge finalize OUT` (or the same\n"
-    "                          command with --shards index) then checks them and writes the index\n"
-    "  --verify                shard jobs: read every shard back to compare its sha256 (by default\n"
+    "  --shards I/N            worker I of N: write only this worker's output shards (balanced by\n"
+    "                          bytes) into the directory OUT (resumable); `lora-merge finalize OUT`\n"
+    "                          (or the same command with --shards index) then checks them and\n"
+    "                          writes the index\n"
+    "  --verify                shard jobs: read every shard back to compare its XXH3-128 (by default\n"
     "                          only shards whose size, inode, mtime or ctime changed are re-read)\n"
     "  --copy-file NAME        with a directory OUT: copy NAME from the base (or adapter) directory too\n"
     "                          (repeatable; only model files are copied by default)\n"
@@ -407,23 +408,18 @@ static int parse_numeric_option(cli_args *c, const char *name, const char *val)
     return CLI_CONTINUE;
 }
 
-/* --shards I/N (worker I of N) or --shards index (finalize) */
+/* --shards I/N (worker I of N) or --shards index (finalize); I and N decimal digits only (no
+ * sign, no blank: strtoul alone takes " 1/4" and "+1/4") */
 static int parse_shards(lm_merge_job *job, const char *val)
 {
     if (strcmp(val, "index") == 0) {
         job->shard_mode = LM_SHARDS_INDEX;
         return CLI_CONTINUE;
     }
-    char *end;
-    unsigned long i = strtoul(val, &end, 10), n = 0;
-    int ok = end != val && *end == '/' && val[0] != '-';
-    if (ok) {
-        const char *ns = end + 1;
-        n = strtoul(ns, &end, 10);
-        ok = end != ns && *end == '\0' && ns[0] != '-' && n >= 1 && n <= 1000000 && i < n;
-    }
-    if (!ok)
-        return usage_error("--shards needs I/N (worker I of N, 0 <= I < N) or 'index', not '%s'", val);
+    size_t n_i = strspn(val, "0123456789"), n_n = val[n_i] == '/' ? strspn(val + n_i + 1, "0123456789") : 0;
+    unsigned long i = strtoul(val, NULL, 10), n = n_n ? strtoul(val + n_i + 1, NULL, 10) : 0;
+    if (n_i == 0 || n_n == 0 || val[n_i + 1 + n_n] != '\0' || n < 1 || n > 1000000 || i >= n)
+        return usage_error("--shards needs I/N (worker I of N, 0 <= I < N <= 1000000) or 'index', not '%s'", val);
     job->shard_mode = LM_SHARDS_WORKER;
     job->shard_index = (unsigned)i;
     job->shard_count = (unsigned)n;

@@ -5,14 +5,15 @@
  * what `lora-merge BASE <entry...>` means.  Nothing else is accepted. */
 #include "lora_merge.h"
 
+#include "adapter_config.h"
 #include "lm_error.h"
+#include "st_reader.h"
 
 #include <cJSON.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #define LM_JOBS_MAX_BYTES ((size_t)64 << 20) /* a jobs file is a list of command lines */
 
@@ -26,28 +27,15 @@ void lm_batch_jobs_free(char ***args, size_t n_jobs)
     free(args);
 }
 
+/* the jobs file, a regular file of at most 64 MiB (not waited on: a FIFO hung the batch) */
 static char *read_text(const char *path, size_t *n, lm_err *err)
 {
-    FILE *f = fopen(path, "rb");
-    struct stat st;
-    if (f == NULL || fstat(fileno(f), &st) != 0) {
-        lm_fail_errno(err, errno, "cannot read the jobs file");
-        lm_err_set_path(err, path);
-        if (f)
-            fclose(f);
-        return NULL;
-    }
-    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size > LM_JOBS_MAX_BYTES) {
-        fclose(f);
+    int why;
+    char *buf = lm_read_small_file(path, LM_JOBS_MAX_BYTES, n, &why, err);
+    if (buf == NULL && why != LM_READ_ERROR)
         lm_fail(err, LM_E_USAGE, "Usage", "the jobs file must be a regular file of at most 64 MiB");
-        lm_err_set_path(err, path);
-        return NULL;
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    *n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
-    fclose(f);
     if (buf == NULL)
-        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        lm_err_set_path(err, path);
     return buf;
 }
 
@@ -80,12 +68,13 @@ lm_code lm_batch_jobs_read(const char *path, char ****args, size_t *n_jobs, lm_e
     char *text = read_text(path, &n_text, err);
     if (text == NULL)
         return err ? err->code : LM_E_IO;
-    cJSON *root = cJSON_ParseWithLength(text, n_text);
+    /* strict: cJSON alone stops after the first value, so `[[...]], [[...]]` was one job */
+    lm_code rc = lm_json_strict(text, n_text, err);
+    cJSON *root = rc == LM_OK ? cJSON_ParseWithLength(text, n_text) : NULL;
     free(text);
-    lm_code rc = LM_OK;
-    if (root == NULL)
+    if (rc == LM_OK && root == NULL)
         rc = lm_fail(err, LM_E_FORMAT, "InvalidJson", "the jobs file is not valid JSON");
-    else if (!cJSON_IsArray(root) || cJSON_GetArraySize(root) == 0)
+    else if (rc == LM_OK && (!cJSON_IsArray(root) || cJSON_GetArraySize(root) == 0))
         rc = lm_fail(err, LM_E_USAGE, "Usage", "the jobs file must be a non-empty JSON array of jobs, each the "
                      "arguments after BASE: [[\"lora-a\", \"out-a/\"], [\"--scale\", \"0.5\", \"lora-b\", \"out-b/\"]]");
     size_t n = rc == LM_OK ? (size_t)cJSON_GetArraySize(root) : 0, j = 0;

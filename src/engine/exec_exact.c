@@ -173,8 +173,8 @@ int lm_exact_certify_fast(const lm_plan_tensor *t)
     if (t->n_ops != 1 || (od != LM_DT_BF16 && od != LM_DT_F16))
         return 0;
     const lm_op *op = &t->ops[0];
-    return op->kind == LM_OP_METHOD && op->method->apply_tile_bound != NULL && op->method->elem64 != NULL &&
-           op->method->apply_tile64 != NULL;
+    return op->kind == LM_OP_METHOD && op->method->apply_tile64 != NULL &&
+           (op->method->certify_tile != NULL || (op->method->apply_tile_bound != NULL && op->method->elem64 != NULL));
 }
 
 /* the output bits of lo and hi equal and finite: a mask bit per element of a chunk of 64.  lo, hi

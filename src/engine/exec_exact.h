@@ -88,8 +88,9 @@ typedef struct {
 } lm_certify_stats;
 
 /*! lm_exact_certify_fast() : 1 if tensor t (LM_EXACT_F64) may take the certified f32 form: one
- *  METHOD op with apply_tile_bound and elem64, a bf16 or f16 output (an f32 output's f32 result
- *  is never within its own ulp: those take the f64 tile). */
+ *  METHOD op with apply_tile_bound and elem64, or with certify_tile (which may be the f64 tile
+ *  itself by row blocks: lm_f64_rows_tile), a bf16 or f16 output (an f32 output's f32 result is
+ *  never within its own ulp: those take the f64 tile). */
 int lm_exact_certify_fast(const lm_plan_tensor *t);
 
 /*! lm_exact_certify_tile() :

@@ -1144,9 +1144,12 @@ static lm_code check_options(merge_state *S, lm_err *err)
     int dir = S->ot.is_dir || job->out_path == NULL;
     if (job->max_shard_bytes && !dir)
         return lm_fail(err, LM_E_USAGE, "Usage", "--max-shard-size needs a directory OUT (e.g. 'merged/')");
-    if (job->shard_mode && (!S->ot.is_dir || (job->shard_mode == LM_SHARDS_WORKER &&
-                                               (job->shard_count == 0 || job->shard_index >= job->shard_count))))
-        return lm_fail(err, LM_E_USAGE, "Usage", "--shards I/N needs a directory OUT and 0 <= I < N");
+    if (job->shard_mode && !S->ot.is_dir)
+        return lm_fail(err, LM_E_USAGE, "Usage", "--shards needs a directory OUT (e.g. 'merged/'), not the file '%s'",
+                       job->out_path ? job->out_path : "");
+    if (job->shard_mode == LM_SHARDS_WORKER && (job->shard_count == 0 || job->shard_index >= job->shard_count))
+        return lm_fail(err, LM_E_USAGE, "Usage", "--shards I/N needs 0 <= I < N (worker %u of %u)", job->shard_index,
+                       job->shard_count);
     if (job->n_copy_files && !dir)
         return lm_fail(err, LM_E_USAGE, "Usage", "--copy-file needs a directory OUT (e.g. 'merged/')");
     if (!parse_dtype_opt(job->out_dtype, &S->popts.out_dtype_set, &S->popts.out_dtype))
@@ -1365,6 +1368,32 @@ static lm_code batch_check(const lm_merge_job *jobs, size_t n, char **canon, siz
     return LM_OK;
 }
 
+/* no job writes over another job's input: an adapter's weights or config file, or (a directory
+ * OUT) its directory.  (A job's own inputs and the shared base are checked by merge_begin.) */
+static lm_code batch_check_inputs(merge_state *S, size_t n, size_t *bad, lm_err *err)
+{
+    for (size_t j = 0; j < n; j++)
+        for (size_t k = 0; k < n; k++) {
+            *bad = j;
+            for (size_t a = 0; k != j && a < S[k].job->n_adapters; a++) {
+                const lm_adapter *ad = S[k].ads[a];
+                const char *inputs[2] = {ad->weights_path, ad->config_path};
+                for (size_t i = 0; i < S[j].ot.n_shards; i++)
+                    for (int f = 0; f < 2; f++)
+                        if (inputs[f] != NULL && lm_same_file(S[j].ot.paths[i], inputs[f])) {
+                            lm_fail(err, LM_E_USAGE, "OutputIsInput", "the output is the same file as job %zu's "
+                                    "input '%s'", k + 1, inputs[f]);
+                            lm_err_set_path(err, S[j].ot.paths[i]);
+                            return err->code;
+                        }
+                if (S[j].ot.is_dir && ad->foreign == NULL &&
+                    lm_out_check_not_in(&S[j].ot, (const char *const *)&ad->dir, 1, err) != LM_OK)
+                    return err->code;
+            }
+        }
+    return LM_OK;
+}
+
 /* a batch job's directory OUT, once its weight files are in the stage: the commit */
 static lm_code batch_commit(void *ctx, lm_err *err)
 {
@@ -1453,6 +1482,8 @@ static lm_code merge_batch(const lm_merge_job *jobs, size_t n, lm_merge_report *
         if (j == 0 && rc == LM_OK && n > 1)
             batch_preopen(jobs, n, S[0].model, pre);
     }
+    if (rc == LM_OK)
+        rc = batch_check_inputs(S, n, bad, err);
     if (rc == LM_OK && !jobs[0].dry_run)
         rc = batch_write(S, n, bad, err);
     for (size_t j = 0; j < n && rc == LM_OK; j++) {

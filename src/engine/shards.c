@@ -5,6 +5,7 @@
 #include "lm_error.h"
 #include "lm_sha256.h"
 #include "lm_sys.h"
+#include "st_reader.h"
 #include "st_writer.h"
 
 #include <cJSON.h>
@@ -113,6 +114,7 @@ static void md_plan(lm_sha256_ctx *md, const lm_plan *p, const size_t *shard_of)
         for (size_t d = 0; d < t->n_dims; d++)
             md_u64(md, t->shape[d]);
         md_u64(md, shard_of[i]);
+        md_u64(md, (uint64_t)t->sim_nf4); /* --simulate-nf4: other base values */
         md_u64(md, t->n_ops);
         for (size_t q = 0; q < t->n_ops; q++) {
             md_u64(md, (uint64_t)t->ops[q].kind);
@@ -128,6 +130,33 @@ static void md_plan(lm_sha256_ctx *md, const lm_plan *p, const size_t *shard_of)
     }
 }
 
+/* a sample of the base's values: two workers given bases with the same headers but other values
+ * (another revision of the checkpoint, the instruct model for the base: the names, shapes and
+ * index are the same) have other fingerprints.  32 bytes at the start and at the middle of every
+ * base tensor of the plan: two small reads a tensor, whichever input shard holds it (every worker
+ * has read every shard's header already) */
+static lm_code md_base_sample(lm_sha256_ctx *md, const lm_plan *p, const lm_model *m, lm_err *err)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        const lm_plan_tensor *t = &p->t[i];
+        if (t->base == NULL)
+            continue;
+        const lm_st_file *f = lm_model_file(m, t->base->file);
+        const lm_tensor_info *ti = t->base->info;
+        uint64_t n = ti->end - ti->begin, at[2] = {0, n / 2};
+        for (int s = 0; s < 2; s++) {
+            uint8_t buf[32];
+            uint64_t len = n - at[s] < sizeof buf ? n - at[s] : sizeof buf;
+            if (lm_st_fd(f) < 0)
+                memcpy(buf, lm_st_data(f) + ti->begin + at[s], (size_t)len);
+            else if (lm_base_pread(f, lm_st_data_offset(f) + ti->begin + at[s], buf, len, t->name, err) != LM_OK)
+                return err->code;
+            lm_sha256_update(md, buf, (size_t)len);
+        }
+    }
+    return LM_OK;
+}
+
 lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
 {
     lm_sha256_ctx ctx, *md = &ctx;
@@ -136,13 +165,17 @@ lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err)
      * so its shard is rewritten by a worker and refused by finalize, never trusted */
     md_str(md, "lora-merge shard plan 3");
     md_str(md, LM_VERSION_STRING);
+    md_u64(md, (uint64_t)C->job->exactness_off); /* uncertified products: other bytes */
+    /* exact elements are one rounding of the exact value whatever the tiles; uncertified products
+     * (BLAS-based types) may round a last bit otherwise with other tiles */
+    md_u64(md, C->job->exactness_off ? C->job->tile_elems : 0);
     md_u64(md, C->ot->n_shards);
     for (size_t k = 0; k < C->ot->n_shards; k++) {
         md_str(md, leaf_of(C->ot->paths[k]));
         md_u64(md, C->ot->shard_bytes[k]);
     }
     md_plan(md, C->plan, C->ot->shard_of);
-    lm_code rc = LM_OK;
+    lm_code rc = md_base_sample(md, C->plan, C->model, err);
     for (size_t a = 0; a < C->job->n_adapters && rc == LM_OK; a++) {
         const lm_adapter *ad = C->ads[a];
         const char *files[2] = {ad->weights_path, ad->config_path};
@@ -172,33 +205,53 @@ static char *sidecar_path(const lm_out_target *o, const char *leaf)
     return p;
 }
 
-/* The lock of shard k: whoever writes the shard holds it (flock, released by the kernel when the
- * process dies, however it dies), so a temporary file of shard k is known to be abandoned when
- * the lock can be taken.  @return the locked descriptor, -1 when another live process holds it
- * (busy), -2 on an I/O error (err filled). */
+/* An exclusive flock on the lock file `path` (created; released by the kernel when the process
+ * dies, however it dies; a file, not the directory: NFS emulates flock with byte-range locks,
+ * which need a descriptor open for writing).  wait: block until it is free.  @return the locked
+ * descriptor, -1 when another live process holds it (busy), -2 on an I/O error (err filled). */
+static int lock_file(const char *path, int wait, lm_err *err)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        lm_fail_errno(err, errno, "cannot create the lock file");
+        lm_err_set_path(err, path);
+        return -2;
+    }
+    int r;
+    while ((r = flock(fd, LOCK_EX | (wait ? 0 : LOCK_NB))) != 0 && errno == EINTR)
+        ;
+    if (r != 0) {
+        int busy = errno == EWOULDBLOCK;
+        if (!busy) {
+            lm_fail_errno(err, errno, "cannot lock the lock file");
+            lm_err_set_path(err, path);
+        }
+        close(fd);
+        return busy ? -1 : -2;
+    }
+    return fd;
+}
+
+/* OUT/.lora-merge-shards/<leaf>.lock (malloc'd), or NULL */
+static char *lock_path(const lm_out_target *o, const char *leaf)
+{
+    char *path = sidecar_path(o, leaf);
+    if (path != NULL)
+        memcpy(path + strlen(path) - 5, ".lock", 5); /* <leaf>.json -> <leaf>.lock */
+    return path;
+}
+
+/* The lock of shard k: whoever writes the shard holds it, so a temporary file of shard k is known
+ * to be abandoned when the lock can be taken.  lock_file()'s results. */
 static int lock_shard(const lm_out_target *o, size_t k, lm_err *err)
 {
-    char *path = sidecar_path(o, leaf_of(o->paths[k]));
+    char *path = lock_path(o, leaf_of(o->paths[k]));
     if (path == NULL) {
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         return -2;
     }
-    memcpy(path + strlen(path) - 5, ".lock", 5); /* <shard>.json -> <shard>.lock */
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-    if (fd < 0) {
-        lm_fail_errno(err, errno, "cannot create the shard's lock file");
-        lm_err_set_path(err, path);
-        free(path);
-        return -2;
-    }
+    int fd = lock_file(path, 0, err);
     free(path);
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        int busy = errno == EWOULDBLOCK;
-        if (!busy)
-            lm_fail_errno(err, errno, "cannot lock the shard's lock file");
-        close(fd);
-        return busy ? -1 : -2;
-    }
     return fd;
 }
 
@@ -234,15 +287,18 @@ static lm_code make_dir(const char *path, lm_err *err)
     return LM_E_IO;
 }
 
+/* a plan or sidecar (a regular file of at most 64 MiB: the plan lists every shard, so it is not
+ * bounded by a buffer: a plan of 1983 shards is 72 KB), or NULL (missing, unreadable, not JSON) */
 static cJSON *read_json(const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return NULL;
-    char buf[1 << 16];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    return cJSON_ParseWithLength(buf, n);
+    lm_err e;
+    lm_err_clear(&e);
+    size_t n = 0;
+    int why;
+    char *buf = lm_read_small_file(path, (size_t)64 << 20, &n, &why, &e);
+    cJSON *j = buf != NULL ? cJSON_ParseWithLength(buf, n) : NULL;
+    free(buf);
+    return j;
 }
 
 static const char *json_str(const cJSON *o, const char *key)
@@ -283,11 +339,15 @@ static lm_code record_plan(const lm_shard_ctx *C, const char *fp, lm_err *err)
     int linked = !existed;
     cJSON *had = linked ? NULL : read_json(path);
     const char *other = had ? json_str(had, "fingerprint") : NULL;
-    if (!linked && (other == NULL || strcmp(other, fp) != 0)) {
+    if (!linked && other == NULL) {
+        rc = lm_fail(err, LM_E_USAGE, "PlanMismatch", "the output directory's shard plan is damaged (not JSON with a "
+                     "fingerprint, or larger than 64 MiB): remove it, and a worker records it again");
+        lm_err_set_path(err, path);
+    } else if (!linked && strcmp(other, fp) != 0) {
         rc = lm_fail(err, LM_E_USAGE, "PlanMismatch",
                      "the output directory holds shards of another plan (fingerprint %.12s, this worker's %.12s): "
                      "every worker must get the same base, adapters and options (or remove the directory)",
-                     other ? other : "unreadable", fp);
+                     other, fp);
         lm_err_set_path(err, path);
     }
     cJSON_Delete(had);
@@ -353,8 +413,10 @@ static const char *shard_problem(const lm_shard_ctx *C, size_t k, const char *fp
     const char *leaf = leaf_of(C->ot->paths[k]);
     struct stat st;
     *rehashed = 0;
-    if (stat(C->ot->paths[k], &st) != 0)
+    if (lstat(C->ot->paths[k], &st) != 0)
         return "missing";
+    if (!S_ISREG(st.st_mode)) /* a link would leave the model relying on a file outside OUT */
+        return S_ISLNK(st.st_mode) ? "a symbolic link, not the file its worker wrote" : "not a regular file";
     char *sp = sidecar_path(C->ot, leaf);
     cJSON *sc = sp ? read_json(sp) : NULL;
     free(sp);
@@ -652,6 +714,10 @@ static void remove_records(const lm_shard_ctx *C)
     char *pp = sidecar_path(C->ot, PLAN_NAME), *sd = lm_path_join(C->ot->dir, LM_SHARDS_DIR);
     if (pp != NULL)
         unlink(pp);
+    char *fl = lock_path(C->ot, "finalize"); /* still held: a finalize waiting on it then finds no plan */
+    if (fl != NULL)
+        unlink(fl);
+    free(fl);
     if (sd != NULL) {
         lm_out_clean_dead_temps_in(sd, C->ri); /* a killed worker's temporary plan or sidecar */
         rmdir(sd); /* only when empty: another plan's files are never removed */
@@ -660,9 +726,51 @@ static void remove_records(const lm_shard_ctx *C)
     free(sd);
 }
 
-lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
+/* Two finalize steps at once (a retried dependent job): the second waits for the first, then
+ * finds the plan gone and the index committed, and says so (it said every shard had no sidecar:
+ * "rerun their workers").  @return the locked descriptor of OUT/.lora-merge-shards/finalize.lock,
+ * -2 when there is no plan and nothing committed (--shards index before any worker:
+ * check_all_shards() names the missing shards), or -1 (err filled) */
+static int lock_finalize(const lm_shard_ctx *C, lm_err *err)
 {
-    char fp[65];
+    char *lock = lock_path(C->ot, "finalize"), *plan = sidecar_path(C->ot, PLAN_NAME);
+    char *index = lm_path_join(C->ot->dir, C->ot->index_text != NULL ? LM_INDEX_NAME : leaf_of(C->ot->paths[0]));
+    int fd = -1;
+    struct stat st;
+    if (lock == NULL || plan == NULL || index == NULL) {
+        lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
+        goto done;
+    }
+    char *slash = strrchr(lock, '/');
+    *slash = '\0';
+    int have_dir = lstat(lock, &st) == 0;
+    *slash = '/';
+    if (have_dir && (fd = lock_file(lock, 1, err)) < 0)
+        goto done;
+    if (lstat(plan, &st) != 0) {
+        if (fd >= 0) { /* finalized meanwhile: this lock file is a leftover */
+            unlink(lock);
+            *slash = '\0';
+            rmdir(lock);
+            close(fd);
+        }
+        fd = -2;
+        if (lstat(index, &st) == 0) {
+            fd = -1;
+            lm_fail(err, LM_E_USAGE, "Usage", "the directory is finalized already (its shard plan removed, %s in "
+                    "place): another finalize completed it", leaf_of(index));
+            lm_err_set_path(err, C->ot->dir);
+        }
+    }
+done:
+    free(lock);
+    free(plan);
+    free(index);
+    return fd;
+}
+
+static lm_code finalize_locked(lm_shard_ctx *C, char fp[65], lm_err *err)
+{
     lm_code rc;
     if ((rc = lm_shards_fingerprint(C, fp, err)) != LM_OK || (rc = check_all_shards(C, fp, err)) != LM_OK)
         return rc;
@@ -704,6 +812,19 @@ lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
     return LM_OK;
 }
 
+lm_code lm_shards_finalize(lm_shard_ctx *C, lm_err *err)
+{
+    char fp[65];
+    lm_code rc;
+    int lock = lock_finalize(C, err);
+    if (lock == -1)
+        return err->code;
+    rc = finalize_locked(C, fp, err);
+    if (lock >= 0)
+        close(lock);
+    return rc;
+}
+
 lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, char **cwd, lm_err *err)
 {
     lm_err local;
@@ -721,6 +842,13 @@ lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, ch
     const cJSON *a = cJSON_GetObjectItemCaseSensitive(pj, "args");
     const char *dir = json_str(pj, "cwd");
     lm_code rc = LM_OK;
+    struct stat st;
+    if ((!cJSON_IsArray(a) || dir == NULL) && lstat(path, &st) == 0) {
+        rc = lm_fail(e, LM_E_USAGE, "PlanMismatch", "the shard plan is damaged (not JSON with the workers' args and "
+                     "cwd, or larger than 64 MiB): remove it and rerun one worker, which records it again");
+        lm_err_set_path(e, path);
+        goto done;
+    }
     if (!cJSON_IsArray(a) || dir == NULL) {
         rc = lm_fail(e, LM_E_USAGE, "Usage", "no shard plan here (no worker ran with --shards I/N into this directory, "
                      "or finalize already completed it)");
@@ -737,7 +865,13 @@ lm_code lm_shards_recorded(const char *out_dir, char ***args, size_t *n_args, ch
     const cJSON *it;
     cJSON_ArrayForEach(it, a)
     {
-        if (!cJSON_IsString(it) || ((*args)[*n_args] = strdup(it->valuestring)) == NULL) {
+        if (!cJSON_IsString(it)) {
+            rc = lm_fail(e, LM_E_USAGE, "PlanMismatch", "the shard plan is damaged (argument %zu is not a string): "
+                         "remove it and rerun one worker, which records it again", *n_args + 1);
+            lm_err_set_path(e, path);
+            goto done;
+        }
+        if (((*args)[*n_args] = strdup(it->valuestring)) == NULL) {
             rc = lm_fail(e, LM_E_NOMEM, NULL, "out of memory");
             goto done;
         }

@@ -59,7 +59,8 @@ typedef struct lm_shard_ctx {
 lm_code lm_shards_layout(lm_out_target *o, const lm_merge_job *job, const lm_plan *p, const lm_model *m,
                          lm_err *err);
 
-/*! lm_shards_fingerprint() : sha256 (hex) of everything that decides the output's bytes. */
+/*! lm_shards_fingerprint() : sha256 (hex) of everything that decides the output's bytes (the
+ *  base's values by a sample: 32 bytes at the start and the middle of every base tensor). */
 lm_code lm_shards_fingerprint(const lm_shard_ctx *C, char fp[65], lm_err *err);
 
 /*! lm_shards_owners() : owner[k] = the worker (0 .. count-1) that writes shard k of n, balanced

@@ -703,11 +703,15 @@ static void fp8_encode_block(const lm_kernels *k, const uint8_t *q0, float s0, u
  *     the E4M3 step of that binade, h = g / 2, v the value coded and e = |v - y| <= h, the
  *     nearest rounding midpoint of y's binade is h - e from y; the binade below has its last
  *     midpoint h / 2 below 2^E (below 2^-6: 2^-6 - 2^-10, h below), the binade above its first g
- *     above 2^(E+1).  So no midpoint lies within (h - e) / 2 of y, and when 2 D < h - e, y and y'
- *     get the same code (no tie either).  2 D <= 2 Ers + 22 ulp(y) (Ers >= Es (1 + 2^-23), below),
- *     and h - 22 ulp(y) = 2^(E-23) (2^19 - 22) is an f32 (its bits (a & 0x7F800000) - 0x020002C0):
- *     the kernel flags fl(e + 2 Ers) >= h - 22 ulp(y), so an element not flagged has e + 2 Ers <
- *     h - 22 ulp(y) (rounding is monotone), hence 2 D < h - e.
+ *     above 2^(E+1).  So no midpoint lies within min(h - e, h / 2) of y (the one below 2^E is
+ *     |y| - 2^E + h / 2 away), and when D is below both, y and y' get the same code (no tie
+ *     either).  D <= Ers + 11 ulp(y) (Ers >= Es (1 + 2^-23), below), and h - 22 ulp(y) = 2^(E-23)
+ *     (2^19 - 22) is an f32 (its bits (a & 0x7F800000) - 0x020002C0): the kernel flags fl(e + M)
+ *     >= h - 22 ulp(y), M = lm_fp8_margin(Ers), so an element not flagged has e + M < h - 22
+ *     ulp(y) (rounding is monotone).  M = Ers when Ers <= 2^-12: D < h - e - 11 ulp(y), and D <=
+ *     2^-12 + 11 ulp(y) < 2^-11 <= h / 2 (E >= -6).  Else M = 2 Ers: 2 D <= 2 Ers + 22 ulp(y) <
+ *     h - e, so D < (h - e) / 2, below both.  (The y of a bounded f32 merge are within far less
+ *     than 2^-12 of their exact values (|y| <= 448): M = Ers halves the elements flagged.)
  * (b) |y| < 2^-6: the codes are the multiples of 2^-9 (to 2^-6 and its neighbour 9 x 2^-9), the
  *     midpoints the odd multiples of 2^-10, and zero's sign is the code's.  Here D <= Es (1 +
  *     2^-23) + 2^-20 |y| + 2^-147 (the subnormal f32 range adds 2^-150 per rounding) <= Ers +
@@ -838,16 +842,17 @@ void lm_fp8_merge_block(const lm_kernels *k, const uint8_t *q0, float s0, uint64
 {
     lm_fp8_lanes L;
     k->fp8_merge(q0, (size_t)cols, s0, (size_t)h, (size_t)w, term, x, (size_t)ldx, &L);
-    int checked = 0, ok = 1;
-    float emax = 0.0f; /* the rows' largest bound; ok: each finite and >= 0 (NaN not) */
+    /* on the bounds' bits (a loop that vectorizes): any one not +-0 (checked), the largest
+     * magnitude (emax), and bad: one negative (not -0), FLT_MAX or above, inf or NaN */
+    uint32_t any = 0, am = 0, bad = 0;
     for (uint64_t r = 0; bd != NULL && r < h; r++) {
-        const float e = bd->erow[r];
-        checked |= !(e == 0.0f);
-        ok &= e < FLT_MAX && e >= 0.0f;
-        emax = e > emax ? e : emax;
+        const uint32_t u = f32_bits(bd->erow[r]), a = u & 0x7FFFFFFFu;
+        any |= a;
+        am = a > am ? a : am;
+        bad |= (uint32_t)(u > 0x80000000u) | (uint32_t)(a >= 0x7F7FFFFFu);
     }
-    if (checked) {
-        if (ok && fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd, emax) == 0)
+    if (any != 0) {
+        if (!bad && fp8_certified(k, q0, s0, h, w, cols, x, ldx, q, out_scale, st, &L, bd, bits_f32(am)) == 0)
             return;
         fp8_exact_block(bd, q0, s0, h, w, cols, x, ldx, &L);
     }

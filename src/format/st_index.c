@@ -163,12 +163,10 @@ fail:
 
 /* ---- index -------------------------------------------------------------------------------- */
 
-/* Reads a whole (small) file into a NUL-terminated malloc'd buffer. */
-static char *read_small_file(const char *path, size_t *n_out, lm_err *err)
+char *lm_read_small_file(const char *path, size_t max_bytes, size_t *n_out, int *why, lm_err *err)
 {
     char *buf = NULL;
-    if (lm_fail_not_regular(err, path) != LM_OK)
-        return NULL;
+    *why = LM_READ_ERROR;
     const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0) {
         lm_fail_errno(err, errno, "cannot open");
@@ -180,12 +178,12 @@ static char *read_small_file(const char *path, size_t *n_out, lm_err *err)
         goto done;
     }
     if (!S_ISREG(st.st_mode)) {
-        lm_fail_errno(err, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "not a regular file");
+        *why = S_ISDIR(st.st_mode) ? LM_READ_DIRECTORY : LM_READ_NOT_REGULAR;
         goto done;
     }
-    if ((uint64_t)st.st_size > INDEX_MAX_BYTES) {
-        lm_fail(err, LM_E_FORMAT, "InvalidIndex", "index file of %llu bytes is too large",
-                (unsigned long long)st.st_size);
+    if ((uint64_t)st.st_size > max_bytes) {
+        *why = LM_READ_TOO_LARGE;
+        *n_out = (size_t)st.st_size;
         goto done;
     }
     const size_t n = (size_t)st.st_size;
@@ -211,6 +209,20 @@ static char *read_small_file(const char *path, size_t *n_out, lm_err *err)
     *n_out = n;
 done:
     close(fd);
+    return buf;
+}
+
+/* the index file, whole */
+static char *read_small_file(const char *path, size_t *n_out, lm_err *err)
+{
+    if (lm_fail_not_regular(err, path) != LM_OK)
+        return NULL;
+    int why;
+    char *buf = lm_read_small_file(path, INDEX_MAX_BYTES, n_out, &why, err);
+    if (buf == NULL && why == LM_READ_TOO_LARGE)
+        lm_fail(err, LM_E_FORMAT, "InvalidIndex", "index file of %llu bytes is too large", (unsigned long long)*n_out);
+    else if (buf == NULL && why != LM_READ_ERROR)
+        lm_fail_errno(err, why == LM_READ_DIRECTORY ? EISDIR : EINVAL, "not a regular file");
     return buf;
 }
 

@@ -113,4 +113,12 @@ static inline uint64_t st_tensor_bytes(const lm_tensor_info *t)
     return t->end - t->begin;
 }
 
+/*! lm_read_small_file() : the whole regular file at path (at most max_bytes), NUL-terminated
+ *  (malloc'd), *n_out its size.  Opened without blocking (a FIFO is refused, never waited on),
+ *  read with EINTR retried.  NULL on failure, *why saying which: LM_READ_ERROR (err filled: cannot
+ *  open, stat or read, with errno; out of memory), or, err left for the caller's own words,
+ *  LM_READ_DIRECTORY, LM_READ_NOT_REGULAR, LM_READ_TOO_LARGE (*n_out = its size). */
+enum { LM_READ_ERROR, LM_READ_DIRECTORY, LM_READ_NOT_REGULAR, LM_READ_TOO_LARGE };
+char *lm_read_small_file(const char *path, size_t max_bytes, size_t *n_out, int *why, lm_err *err);
+
 #endif

@@ -166,7 +166,15 @@ static double boft_elem64(const lm_op *op, const lm_prepared *p, const float *in
 static int boft_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
                              lm_cert_counts *st)
 {
-    return lm_rot_certify_tile(op, p, p->b, t, out, dst, st);
+    return lm_rot_certify_tile(op, p, p->b, t, NULL, LM_KDT_F32, out, dst, st, NULL);
+}
+
+static int boft_certify_raw(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                            lm_kdtype out, uint16_t *dst, lm_cert_counts *st, uint64_t *n_changed)
+{
+    if (n_changed != NULL)
+        *n_changed = 0;
+    return lm_rot_certify_tile(op, p, p->b, t, raw, in, out, dst, st, n_changed);
 }
 
 static const lm_part boft_parts[] = {{"boft_R", BR, -1, 1}, {"boft_s", BS, -1, 1}};
@@ -185,4 +193,5 @@ const lm_method lm_method_boft = {
     .apply_tile_bound = boft_apply_bound,
     .elem64 = boft_elem64,
     .certify_tile = boft_certify_tile,
+    .certify_raw = boft_certify_raw,
 };

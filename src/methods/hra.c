@@ -152,5 +152,7 @@ const lm_method lm_method_hra = {
     .prepare = hra_prepare,
     .apply_tile = hra_apply,
     .apply_tile64 = hra_apply64,
+    .certify_tile = lm_f64_rows_tile,
+    .certify_raw = lm_f64_rows_raw,
     .describe = hra_describe,
 };

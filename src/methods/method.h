@@ -181,8 +181,9 @@ typedef struct lm_method {
      * certified elements are the f64 path's; these may differ from it within f64 noise) */
     double (*elem64)(const lm_op *op, const lm_prepared *p, const float *in, uint64_t row, uint64_t col,
                      uint64_t cols);
-    /* METHOD ops, optional (with the three above): apply_tile_bound and the engine's certify pass
-     * in one sweep over the tile.  t->acc holds the input rows (left intact), dst [nr, cols] gets
+    /* METHOD ops, optional (with apply_tile64, and with apply_tile_bound and elem64 if it certifies
+     * an f32 result): apply_tile_bound and the engine's certify pass in one sweep over the tile, or
+     * the f64 tile by row blocks (lm_f64_rows_tile).  t->acc holds the input rows (left intact), dst [nr, cols] gets
      * every element's output bits (out: bf16 or f16), the bytes the two passes write; the elements
      * it recomputed by elem64 are counted in st.  -1: out of memory */
     int (*certify_tile)(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
@@ -329,6 +330,13 @@ void *lm_prep_alloc(lm_prepared *p, size_t n_bytes, lm_err *err);
  * stays as the method set it, the saved tensor's view, and p->b64 is NULL).  a64 and b64 stay
  * owned by p (lm_prep_alloc).  @return LM_OK, or LM_E_NOMEM (*err filled) */
 lm_code lm_prep_publish64(lm_prepared *p, const double *a64, size_t n_a, const double *b64, size_t n_b, lm_err *err);
+/* certify_tile / certify_raw for a type whose exact form is its apply_tile64: the engine's f64
+ * tile (f32 -> f64, apply_tile64, one rounding by the f64_round kernel) a few rows at a time, so
+ * the f64 rows stay in the cache; the same bytes, every element counted recomputed */
+int lm_f64_rows_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                     lm_cert_counts *st);
+int lm_f64_rows_raw(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                    lm_kdtype out, uint16_t *dst, lm_cert_counts *st, uint64_t *n_changed);
 /* an integer element of an integer (or float holding integers) tensor; -1 for other dtypes */
 int64_t lm_ts_index(const lm_ts_tensor *t, uint64_t i);
 

@@ -6,6 +6,7 @@
 #include "lm_error.h"
 #include "pyregex.h"
 
+#include <math.h>
 #include <stdalign.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -299,4 +300,74 @@ int64_t lm_ts_index(const lm_ts_tensor *t, uint64_t i)
     case LM_DT_I64: { int64_t x; memcpy(&x, d + 8 * i, 8); return x; }
     default: return -1;
     }
+}
+
+/* ---- the f64 path a few rows at a time (lm_f64_rows_tile / lm_f64_rows_raw) ----------------
+ * The operations of the engine's LM_EXACT_F64 tile (exec.c: f32_to_f64, apply_tile64, f64_round,
+ * the same kernels) on row blocks of about LM_F64_ROWS_ELEMS elements, so that the f64 rows stay
+ * in the cache between the three passes instead of going to memory and back three times (a 2^19
+ * element tile is 4 MiB in f64).  An apply_tile64 computes each row from that row alone (tiles
+ * start at any row: the --tile size never changes a byte), so the blocks give the tile's bytes. */
+enum { LM_F64_ROWS_ELEMS = 32768 };
+
+static int f64_rows(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                    lm_kdtype out, uint16_t *dst, lm_cert_counts *st, uint64_t *n_changed)
+{
+    const lm_kernels *k = t->k;
+    const uint64_t cols = t->cols, al = op->row_align > 1 ? op->row_align : 1;
+    uint64_t g = LM_F64_ROWS_ELEMS / (cols ? cols : 1);
+    g = g < 4 ? 4 : g - g % 4; /* whole blocks of the f64 kernels' 4 rows */
+    g = g < al ? al : g - g % al;
+    g = g < t->nr ? g : t->nr;
+    const size_t n_max = (size_t)(g * cols);
+    double *acc = malloc((3 * n_max + 64) * sizeof *acc + (raw != NULL ? n_max * sizeof(float) : 0));
+    if (acc == NULL)
+        return -1;
+    double *scratch = acc + n_max; /* 2 n + 64, as lm_tile64 promises */
+    float *f32 = (float *)(void *)(scratch + 2 * n_max + 64);
+    const uint16_t em = out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
+    for (uint64_t q = 0; q < t->nr; q += g) {
+        const uint64_t nr = t->nr - q < g ? t->nr - q : g;
+        const size_t n = (size_t)(nr * cols), e0 = (size_t)(q * cols);
+        const float *x = t->acc != NULL ? t->acc + e0 : f32;
+        if (raw != NULL) {
+            if (in == LM_KDT_F32)
+                x = (const float *)raw + e0;
+            else if (in == LM_KDT_BF16)
+                k->bf16_to_f32((const uint16_t *)raw + e0, f32, n);
+            else
+                k->f16_to_f32((const uint16_t *)raw + e0, f32, n);
+        }
+        k->f32_to_f64(x, acc, n);
+        const lm_tile64 t64 = {acc, scratch, t->r0 + q, nr, t->rows, cols, k};
+        op->method->apply_tile64(op, p, &t64);
+        k->f64_round(acc, dst + e0, out, n);
+        const size_t bad = k->count_nonfinite_16(dst + e0, n, em);
+        if (bad != 0) { /* inf/NaN f64 values, the rest finite ones beyond the range */
+            size_t bad64 = 0;
+            for (size_t e = 0; e < n; e++)
+                bad64 += !isfinite(acc[e]);
+            st->n_nonfinite += bad64;
+            st->n_overflow += bad - bad64;
+        }
+        if (n_changed != NULL)
+            *n_changed += k->count_diff_16((const uint16_t *)raw + e0, dst + e0, n);
+    }
+    st->n_recomputed += t->nr * cols; /* every element computed in f64, as the engine's f64 path counts them */
+    free(acc);
+    return 0;
+}
+
+int lm_f64_rows_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
+                     lm_cert_counts *st)
+{
+    return f64_rows(op, p, t, NULL, LM_KDT_F32, out, dst, st, NULL);
+}
+
+int lm_f64_rows_raw(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                    lm_kdtype out, uint16_t *dst, lm_cert_counts *st, uint64_t *n_changed)
+{
+    if (n_changed != NULL)
+        *n_changed = 0;
+    return f64_rows(op, p, t, raw, in, out, dst, st, in == out ? n_changed : NULL);
 }

@@ -133,5 +133,7 @@ const lm_method lm_method_miss = {
     .prepare = miss_prepare,
     .apply_tile = miss_apply,
     .apply_tile64 = miss_apply64,
+    .certify_tile = lm_f64_rows_tile,
+    .certify_raw = lm_f64_rows_raw,
     .describe = miss_describe,
 };

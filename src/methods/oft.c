@@ -270,29 +270,45 @@ void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *boun
  * nothing stored between them (the rot_cert kernel, kernels/rotcert_ref.c): the same bounds, the
  * same certified elements, the same bytes. */
 
-int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_scale, const lm_tile *t, lm_kdtype out,
-                        uint16_t *dst, lm_cert_counts *st)
+int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_scale, const lm_tile *t,
+                        const void *raw, lm_kdtype in, lm_kdtype out, uint16_t *dst, lm_cert_counts *st,
+                        uint64_t *n_changed)
 {
     const lm_rot_prep *rp = p->data;
     const uint64_t cols = t->cols, bs = rp->bs;
     const uint16_t em = out == LM_KDT_BF16 ? 0x7F80u : 0x7C00u;
+    const int conv = raw != NULL && in != LM_KDT_F32; /* bf16/f16 rows converted into xs */
     lm_rotcert rc = {rp->dn, (size_t)rp->n_rot, (size_t)bs, 1.0f, row_scale != NULL, out};
-    /* v: 8 rows of D x; e: a row's block terms; y: rot_blocks' scratch; unc: a row's flags */
-    float *v = malloc((size_t)(8 * cols + cols + 8 * bs) * sizeof *v + (size_t)cols + 64);
+    /* v: 8 rows of D x; e: a row's block terms; y: rot_blocks' scratch; unc: a row's flags; xs:
+     * 8 input rows converted from raw */
+    float *v = malloc((size_t)((conv ? 16 : 8) * cols + cols + 8 * bs) * sizeof *v + (size_t)cols + 64);
     if (v == NULL)
         return -1;
-    float *e = v + 8 * cols, *y = e + cols;
-    uint8_t *unc = (uint8_t *)(y + 8 * bs);
+    float *e = v + 8 * cols, *y = e + cols, *xs = y + 8 * bs;
+    uint8_t *unc = (uint8_t *)(xs + (conv ? 8 * cols : 0));
     for (uint64_t r = 0; r < t->nr; r += 8) {
         const uint64_t g = t->nr - r < 8 ? t->nr - r : 8;
-        t->k->rot_blocks_to(t->acc + r * cols, v, (size_t)g, (size_t)cols, rp->DT, (size_t)rp->n_rot, (size_t)bs, y);
+        const float *x0 = raw == NULL ? t->acc + r * cols : conv ? xs : (const float *)raw + r * cols;
+        if (conv && in == LM_KDT_BF16)
+            t->k->bf16_to_f32((const uint16_t *)raw + r * cols, xs, (size_t)(g * cols));
+        else if (conv)
+            t->k->f16_to_f32((const uint16_t *)raw + r * cols, xs, (size_t)(g * cols));
+        t->k->rot_blocks_to(x0, v, (size_t)g, (size_t)cols, rp->DT, (size_t)rp->n_rot, (size_t)bs, y);
         for (uint64_t i = 0; i < g; i++) {
-            const float *x = t->acc + (r + i) * cols;
+            const float *x = x0 + i * cols;
             uint16_t *d = dst + (r + i) * cols;
             if (row_scale != NULL)
                 rc.f = row_scale[t->r0 + r + i];
             const unsigned any = t->k->rot_cert(x, v + i * cols, (size_t)cols, &rc, e, d, unc);
             for (uint64_t c = 0; any && c < cols; c++) {
+                if ((c & 63) == 0 && c + 64 <= cols) { /* 64 at a time: a row has a few at most */
+                    uint64_t w[8];
+                    memcpy(w, unc + c, sizeof w);
+                    if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) == 0) {
+                        c += 63;
+                        continue;
+                    }
+                }
                 if ((c & 7) == 0 && c + 8 <= cols) { /* eight at a time: most are certified */
                     uint64_t w8;
                     memcpy(&w8, unc + c, 8);
@@ -313,6 +329,8 @@ int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_
                     st->n_overflow++;
             }
         }
+        if (n_changed != NULL && in == out)
+            *n_changed += t->k->count_diff_16((const uint16_t *)raw + r * cols, dst + r * cols, (size_t)(g * cols));
     }
     free(v);
     return 0;
@@ -396,7 +414,15 @@ static double oft_elem64(const lm_op *op, const lm_prepared *p, const float *in,
 static int oft_certify_tile(const lm_op *op, const lm_prepared *p, const lm_tile *t, lm_kdtype out, uint16_t *dst,
                             lm_cert_counts *st)
 {
-    return lm_rot_certify_tile(op, p, NULL, t, out, dst, st);
+    return lm_rot_certify_tile(op, p, NULL, t, NULL, LM_KDT_F32, out, dst, st, NULL);
+}
+
+static int oft_certify_raw(const lm_op *op, const lm_prepared *p, const lm_tile *t, const void *raw, lm_kdtype in,
+                           lm_kdtype out, uint16_t *dst, lm_cert_counts *st, uint64_t *n_changed)
+{
+    if (n_changed != NULL)
+        *n_changed = 0;
+    return lm_rot_certify_tile(op, p, NULL, t, raw, in, out, dst, st, n_changed);
 }
 
 static void oft_describe(const lm_adapter_config *cfg, const lm_module *m, char *buf, size_t cap)
@@ -421,5 +447,6 @@ const lm_method lm_method_oft = {
     .apply_tile_bound = oft_apply_bound,
     .elem64 = oft_elem64,
     .certify_tile = oft_certify_tile,
+    .certify_raw = oft_certify_raw,
     .describe = oft_describe,
 };

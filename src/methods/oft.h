@@ -33,9 +33,12 @@ void lm_rotate_blocks_bound(const lm_tile *t, const lm_rot_prep *rp, float *boun
 
 /*! lm_rot_certify_tile() : lm_rotate_blocks_bound (then, row_scale not NULL, each row r times
  *  row_scale[r] with boft_apply_bound's bound) and the engine's certification (exec_exact.h) in one
- *  sweep over the tile: the certify_tile hook of OFT and BOFT (method.h), p->data an lm_rot_prep */
-int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_scale, const lm_tile *t, lm_kdtype out,
-                        uint16_t *dst, lm_cert_counts *st);
+ *  sweep over the tile: the certify_tile hook of OFT and BOFT (method.h), p->data an lm_rot_prep.
+ *  raw not NULL: the certify_raw hook, the input rows from raw (dtype in), converted 8 rows at a
+ *  time; n_changed (or NULL, in == out only) gets the output elements whose bits differ from raw's */
+int lm_rot_certify_tile(const lm_op *op, const lm_prepared *p, const float *row_scale, const lm_tile *t,
+                        const void *raw, lm_kdtype in, lm_kdtype out, uint16_t *dst, lm_cert_counts *st,
+                        uint64_t *n_changed);
 
 /*! lm_rot_elem64() : element col of a row x (f32 values) after the rotation, in f64 (four
  *  chains: b = m mod 4, then (s0 + s1) + (s2 + s3); within the bound's f64 term) */

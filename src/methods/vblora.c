@@ -40,6 +40,45 @@ static lm_code vblora_parse(const cJSON *root, lm_adapter_config *c, lm_err *err
     return LM_OK;
 }
 
+/* PEFT's load of save_only_topk_weights completes each row's k-1 weights w with 1 - sum(w),
+ * computed in their dtype, and takes the log of all k: a sum above 1 (or a negative weight) is a
+ * NaN there, where the merge would go on with a negative last weight.  Refused, naming the module
+ * and the row.  The sum is taken exactly (f64) and rounded to the weights' dtype once, as torch's
+ * sum of k-1 values is for k <= 3 (for larger k its order may round the last bit otherwise). */
+static lm_code vb_check_weights(const lm_ts_tensor *w, uint64_t topk, const char *module, lm_err *err)
+{
+    lm_kernels kr;
+    lm_kernels_select(&kr, "ref");
+    float v[VB_MAX_TOPK];
+    for (uint64_t row = 0; row < w->n_elems / (topk - 1); row++) {
+        lm_ts_to_f32(w, row * (topk - 1), (size_t)(topk - 1), v, &kr);
+        double sum = 0;
+        for (uint64_t t = 0; t + 1 < topk; t++) {
+            if (!(v[t] >= 0))
+                return lm_module_fail(err, LM_E_FORMAT, "InvalidTensor", module, "'%s' row %llu holds the weight %g, "
+                                      "not a softmax weight (PEFT's load takes its log)", w->name,
+                                      (unsigned long long)row, (double)v[t]);
+            sum += v[t];
+        }
+        float s32 = (float)sum, s = s32;
+        uint16_t h;
+        if (w->dtype == LM_DT_BF16) {
+            kr.f32_to_bf16(&s32, &h, 1);
+            kr.bf16_to_f32(&h, &s, 1);
+        } else if (w->dtype == LM_DT_F16) {
+            kr.f32_to_f16(&s32, &h, 1);
+            kr.f16_to_f32(&h, &s, 1);
+        }
+        if (w->dtype == LM_DT_F64 ? sum > 1 : s > 1.0f)
+            return lm_module_fail(err, LM_E_FORMAT, "InvalidTensor", module, "'%s' row %llu: its %llu saved top-k "
+                                  "weights sum to %.9g, above 1 (the last weight, 1 minus their sum, would be negative; "
+                                  "PEFT's load takes its log: NaN)", w->name, (unsigned long long)row,
+                                  (unsigned long long)(topk - 1), sum);
+    }
+    lm_ts_drop_pages(w);
+    return LM_OK;
+}
+
 static lm_code vblora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *err)
 {
     const vblora_cfg *vc = lm_ctx_adapter(ctx)->cfg->mcfg;
@@ -80,6 +119,8 @@ static lm_code vblora_plan_module(lm_plan_ctx *ctx, const lm_module *m, lm_err *
                                           (unsigned long long)N);
             }
             lm_ts_drop_pages(ix[s]);
+            if (topk > 1 && vb_check_weights(s ? wb : wa, topk, m->path, err) != LM_OK)
+                return err->code;
         }
     } else if (!lm_is_float_dtype(za->dtype) || !lm_is_float_dtype(zb->dtype)) {
         return lm_mismatch(err, m->path, "VB-LoRA logits are not float");

@@ -255,7 +255,7 @@ static void line_col(const char *s, size_t off, size_t *line, size_t *col)
  * the strict parser of the safetensors header checks the text first; a duplicate key is refused
  * rather than read either way.  (Python also takes NaN and Infinity, which are refused here
  * with every non-finite config value.) */
-static lm_code strict_json(const char *json, size_t n_bytes, lm_err *err)
+lm_code lm_json_strict(const char *json, size_t n_bytes, lm_err *err)
 {
     if (n_bytes >= 3 && memcmp(json, "\xef\xbb\xbf", 3) == 0)
         return lm_fail(err, LM_E_FORMAT, "InvalidJson",
@@ -317,7 +317,7 @@ lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, con
         lm_fail(err, LM_E_NOMEM, NULL, "out of memory");
         goto fail;
     }
-    if (strict_json(json, n_bytes, err) != LM_OK)
+    if (lm_json_strict(json, n_bytes, err) != LM_OK)
         goto fail;
     root = cJSON_ParseWithLengthOpts(json, n_bytes, &end, 0);
     if (root == NULL) {

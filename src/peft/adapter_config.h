@@ -75,6 +75,11 @@ lm_adapter_config *lm_adapter_config_load(const char *path, lm_err *err);
 lm_adapter_config *lm_adapter_config_parse(const char *json, size_t n_bytes, const char *path,
                                            lm_err *err);
 void lm_adapter_config_free(lm_adapter_config *c);
+/*! lm_json_strict() : LM_OK when json is what Python's json.load takes: one value and nothing
+ *  after it, UTF-8 without a BOM, no number Python refuses; and no key twice in an object (which
+ *  Python would read as the last).  Else InvalidJson, InvalidUtf8 or DuplicateKey with the line and
+ *  column (cJSON alone takes trailing data and any bytes in strings). */
+lm_code lm_json_strict(const char *json, size_t n_bytes, lm_err *err);
 
 /*! lm_peft_type_kind() : 1 mergeable and implemented (a method in the registry), 0 known but
  *  refused (message in *why, static), -1 unknown. */

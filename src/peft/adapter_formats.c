@@ -243,29 +243,13 @@ const lm_ts_tensor *fm_transposed(fm_ctx *c, const lm_ts_tensor *t, lm_err *err)
 
 char *fm_read_text(const char *path, size_t max_bytes, lm_err *err)
 {
-    FILE *f = fopen(path, "rb");
-    struct stat st;
-    if (f == NULL || fstat(fileno(f), &st) != 0) {
-        lm_fail_errno(err, errno, "cannot open");
+    size_t n = 0;
+    int why;
+    char *buf = lm_read_small_file(path, max_bytes, &n, &why, err);
+    if (buf == NULL && why != LM_READ_ERROR)
+        lm_fail(err, LM_E_FORMAT, "InvalidConfig", "cannot read the file, or it is larger than expected");
+    if (buf == NULL)
         lm_err_set_path(err, path);
-        if (f)
-            fclose(f);
-        return NULL;
-    }
-    /* as big as the file says (a config is a few kB), never more than max_bytes */
-    size_t want = st.st_size > 0 && (uint64_t)st.st_size < max_bytes ? (size_t)st.st_size : max_bytes;
-    char *buf = malloc(want + 2);
-    size_t n = buf ? fread(buf, 1, want + 1, f) : 0;
-    int bad = buf == NULL || ferror(f) || n > want;
-    fclose(f);
-    if (bad) {
-        lm_fail(err, buf == NULL ? LM_E_NOMEM : LM_E_FORMAT, "InvalidConfig",
-                buf == NULL ? "out of memory" : "cannot read the file, or it is larger than expected");
-        free(buf);
-        lm_err_set_path(err, path);
-        return NULL;
-    }
-    buf[n] = '\0';
     return buf;
 }
 
