@@ -214,7 +214,7 @@ Test(batch, outputs_equal_single_merges, .timeout = 300)
 
 /* The large-output case (LM_DROP_BEHIND forced on small outputs): direct I/O (the tiles' and
  * tensors' shared pages kept until complete, untouched tensors read and written directly), the plain
- * writes with drop-behind (LM_DIRECT_IO=0), and OUT on tmpfs (no direct I/O offered: plain
+ * writes with drop-behind (the default), and OUT on tmpfs (no direct I/O offered: plain
  * writes), for 1 and 2 threads, default and small tiles: every output the single merge's bytes. */
 Test(batch, direct_io_same_bytes_as_plain_and_drop_behind, .timeout = 300)
 {
@@ -229,7 +229,7 @@ Test(batch, direct_io_same_bytes_as_plain_and_drop_behind, .timeout = 300)
           F.bin, F.base, t, F.bin, F.base, t);
     char shm[] = "/dev/shm/lm-test-batch-XXXXXX";
     const int have_shm = mkdtemp(shm) != NULL;
-    static const char *const envs[] = {"LM_DROP_BEHIND=1", "LM_DROP_BEHIND=4096 LM_DIRECT_IO=0"};
+    static const char *const envs[] = {"LM_DROP_BEHIND=1 LM_DIRECT_IO=1", "LM_DROP_BEHIND=4096"};
     for (int e = 0; e < 2; e++)
         for (int th = 1; th <= 2; th++)
             for (int small = 0; small < 2; small++)

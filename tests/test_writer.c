@@ -454,6 +454,7 @@ static int wr_dio_supported(const char *dir)
 static void wr_dio_case(const char *tmp)
 {
     char hp[65], hd[65];
+    setenv("LM_DIRECT_IO", "1", 1); /* opt-in */
     cr_assert_eq(wr_dio_write(tmp, "plain.safetensors", 0, hp), 0);
     char probe[1200];
     snprintf(probe, sizeof probe, "%s/plain.safetensors", tmp);
@@ -466,7 +467,8 @@ static void wr_dio_case(const char *tmp)
     cr_assert(th_files_equal(a, b), "%s and %s differ", a, b);
     setenv("LM_DIRECT_IO", "0", 1); /* turned off */
     cr_assert_eq(wr_dio_write(tmp, "off.safetensors", 1, hd), 0);
-    unsetenv("LM_DIRECT_IO");
+    unsetenv("LM_DIRECT_IO"); /* the default: off */
+    cr_assert_eq(wr_dio_write(tmp, "default.safetensors", 1, hd), 0);
 }
 
 Test(writer, direct_io_same_bytes)

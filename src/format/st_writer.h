@@ -68,7 +68,7 @@ void lm_st_writer_drop_behind(lm_st_writer *w, uint64_t step);
  *  page cache; for outputs larger than it, instead of drop-behind), each page once whole (see
  *  st_writer.c); the bytes written are the same.  Only before any write but the header's; not where
  *  the file system offers no direct I/O (statx STATX_DIOALIGN: tmpfs, most network file systems)
- *  or LM_DIRECT_IO=0 is set.  @return 1: on, 0: plain writes (as before). */
+ *  or unless LM_DIRECT_IO=1 is set (opt-in).  @return 1: on, 0: plain writes. */
 int lm_st_writer_direct(lm_st_writer *w);
 int lm_st_writer_is_direct(const lm_st_writer *w);
 /*! lm_st_writer_copy_fd() : a direct writer's (lm_st_writer_is_direct) copy of n bytes of in_fd from
