@@ -400,7 +400,7 @@ LR5_INLINE void lr5_tile(const lm_lowrank *lr, size_t row0, size_t n_rows, const
          * panels that fit in L1 (at least one panel), every row of the tile over one group before
          * the next, so that each 3-row block reads them from L1 instead of streaming all of A from
          * L3 (VeRA's K = 256: A is 2-5.6 MiB; its merge's CPU time -23%) */
-        const size_t jl1 = LR5_A_L1 / (K * 4 * 32) * 32, jg = K * cols * 4 <= LR5_A_L2 ? j32 : jl1 > 32 ? jl1 : 32;
+        const size_t jl1 = K != 0 ? LR5_A_L1 / (K * 4 * 32) * 32 : 0, jg = K * cols * 4 <= LR5_A_L2 ? j32 : jl1 > 32 ? jl1 : 32;
         for (size_t j0 = 0; j0 < j32 || j0 == 0; j0 += jg) {
             const size_t j1 = j0 + jg < j32 ? j0 + jg : j32, last = j1 == j32;
             size_t i = 0;

@@ -1228,7 +1228,7 @@ Test(shards, a_worker_reads_only_its_own_input_shards)
         cr_skip_test("needs strace");
     sh_fix F;
     sh_setup(&F, "");
-    cr_assert_eq(sh_ok("cd %s && strace -ff -y -e trace=pread64,preadv,read,copy_file_range,sendfile,splice -o st "
+    cr_assert_eq(sh_ok("cd %s && ASAN_OPTIONS=detect_leaks=0 strace -ff -y -e trace=pread64,preadv,read,copy_file_range,sendfile,splice -o st "
                        "%s -q --threads 1 --shards 0/2 %s %s %s/ && cat st.* >st.log", F.tmp, F.bin, F.base, F.ad, F.out), 0);
     /* per input shard: other = 1 when worker 0 does not write its output; every call on it listed */
     cr_assert_eq(sh_ok("cd %s && n_other=0 n_own=0; for f in %s/model-*.safetensors; do n=${f##*/}; "
