@@ -89,6 +89,15 @@ static th_run_result finalize(const sh_fix *F)
     return sh_run(cmd);
 }
 
+/* finalize succeeds and OUT is the single merge's directory, byte for byte */
+static void finalize_identical(const sh_fix *F)
+{
+    th_run_result r = finalize(F);
+    cr_assert_eq(r.status, 0, "%s", r.err);
+    th_run_free(&r);
+    cr_assert_eq(sh_ok("diff -r %s %s >&2", F->ref, F->out), 0);
+}
+
 /* the shards worker `i` of `n` must write (README): the largest first (ties: lower k), each to the
  * worker with the fewest bytes so far (ties: the lower one); from the reference's file sizes */
 static void expected_owners(const sh_fix *F, int n, int owner[10])
@@ -786,10 +795,7 @@ Test(shards, fingerprint_covers_every_byte_changing_option, .timeout = 120)
         th_run_free(&r);
     }
     cr_assert_eq(worker(&F, 1, 2, "--threads 1 --kernels ref --tile-elems 4096 --fsync"), 0);
-    th_run_result r = finalize(&F);
-    cr_assert_eq(r.status, 0, "%s", r.err);
-    th_run_free(&r);
-    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    finalize_identical(&F);
     sh_teardown(&F);
 }
 
@@ -867,10 +873,7 @@ Test(shards, damaged_plan_file_refused_then_recorded_again, .timeout = 120)
     }
     cr_assert_eq(sh_ok("rm -rf %s", plan), 0);
     cr_assert_eq(worker(&F, 1, 2, ""), 0);
-    th_run_result r = finalize(&F);
-    cr_assert_eq(r.status, 0, "%s", r.err);
-    th_run_free(&r);
-    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    finalize_identical(&F);
     sh_teardown(&F);
 }
 
@@ -1026,16 +1029,13 @@ Test(shards, rerun_with_another_n_and_a_worker_after_finalize, .timeout = 120)
     for (int k = 0; k < 10; k++)
         n_first += owner4[k] == 1 || owner4[k] == 3;
     cr_assert_eq(total_written, 10 - n_first, "the second set rewrote shards the first completed");
-    th_run_result r = finalize(&F);
-    cr_assert_eq(r.status, 0, "%s", r.err);
-    th_run_free(&r);
-    cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
+    finalize_identical(&F);
     /* a late worker: every shard of the model the single merge's still (its records aside) */
     cr_assert_eq(worker(&F, 0, 3, ""), 0);
     cr_assert_eq(sh_ok("diff -r -x .lora-merge-shards %s %s >&2", F.ref, F.out), 0);
     for (int i = 1; i < 3; i++)
         cr_assert_eq(worker(&F, i, 3, ""), 0);
-    r = finalize(&F);
+    th_run_result r = finalize(&F);
     cr_assert_eq(r.status, 0, "%s", r.err);
     th_run_free(&r);
     cr_assert_eq(sh_ok("diff -r %s %s >&2", F.ref, F.out), 0);
